@@ -1,0 +1,315 @@
+//! Command-line parsing and the offline commands.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+
+use ublk_ploop::check::{check, Verdict};
+use ublk_ploop::convert::{convert, ConvertOptions};
+use ublk_ploop::io::{make_backend, BackendKind, Direct};
+use ublk_ploop::layers::header::{Header, HEADER_SIZE};
+use ublk_ploop::layers::{detect_format, Format, PloopLayer};
+use ublk_ploop::size::{format_size, parse_size};
+use ublk_ploop::{Error, Result};
+
+#[derive(Parser)]
+#[command(name = "ublk-ploop", version, about = "OpenVZ ploop images as Linux block devices through ublk")]
+struct Cli {
+    /// More log output (repeat for more); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// How image files are accessed; shared by every command that opens images.
+#[derive(Args, Clone)]
+struct IoArgs {
+    /// Bypass the host page cache: auto (O_DIRECT where the filesystem
+    /// allows it, else buffered with a warning), on, off.
+    #[arg(long, default_value = "auto", value_parser = |s: &str| s.parse::<Direct>())]
+    direct: Direct,
+    /// I/O engine for image files: uring or sync.
+    #[arg(long, default_value = "uring", value_parser = |s: &str| s.parse::<BackendKind>())]
+    backend: BackendKind,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create an empty expandable ploop image.
+    Create {
+        image: PathBuf,
+        /// Virtual disk size (K, M, G, T suffixes).
+        #[arg(long, value_parser = parse_size_arg)]
+        size: u64,
+        /// Cluster size, a power of two (default 1M).
+        #[arg(long, value_parser = parse_size_arg, default_value = "1M")]
+        cluster_size: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show an image's header and allocation.
+    Info {
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check an image for damage; exit 0 clean, 2 corrupt, 3 leaked space only.
+    Check {
+        image: PathBuf,
+        /// Fix what can be fixed (the image must not be in use).
+        #[arg(long)]
+        repair: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Flatten an image or a stack (bottom first) into a new image.
+    Convert {
+        /// Source images, bottom layer first, then the destination.
+        #[arg(required = true, num_args = 2..)]
+        paths: Vec<PathBuf>,
+        #[arg(long, value_enum, default_value = "ploop")]
+        to: ToFormat,
+        /// Cluster size of a ploop destination (default: the source's).
+        #[arg(long, value_parser = parse_size_arg)]
+        cluster_size: Option<u64>,
+        /// Print progress to stderr (default when stderr is a terminal).
+        #[arg(long)]
+        progress: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        io: IoArgs,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ToFormat {
+    Raw,
+    Ploop,
+}
+
+fn parse_size_arg(s: &str) -> std::result::Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ublk-ploop: error: {e}");
+            1
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}
+
+fn print_json<T: Serialize>(value: &T) {
+    println!("{}", serde_json::to_string_pretty(value).expect("serialisable"));
+}
+
+fn run(command: Command) -> Result<i32> {
+    match command {
+        Command::Create { image, size, cluster_size, json } => {
+            let header = PloopLayer::create(&image, size, cluster_size)?;
+            let info = InfoOut::from_header(&image, &header, 0, header.data_off_bytes());
+            if json {
+                print_json(&info);
+            } else {
+                println!(
+                    "created {}: {} disk, {} clusters",
+                    image.display(),
+                    format_size(size),
+                    format_size(cluster_size)
+                );
+            }
+            Ok(0)
+        }
+        Command::Info { images, json } => {
+            let infos = images.iter().map(|p| image_info(p)).collect::<Result<Vec<_>>>()?;
+            if json {
+                if infos.len() == 1 {
+                    print_json(&infos[0]);
+                } else {
+                    print_json(&infos);
+                }
+            } else {
+                infos.iter().for_each(print_info);
+            }
+            Ok(0)
+        }
+        Command::Check { image, repair, json } => {
+            let report = check(&image, repair)?;
+            if json {
+                print_json(&serde_json::json!({ "verdict": report.verdict(), "report": report }));
+            } else {
+                print_check(&report);
+            }
+            Ok(report.exit_code())
+        }
+        Command::Convert { mut paths, to, cluster_size, progress, json, io } => {
+            let dst = paths.pop().expect("clap requires two paths");
+            let opts = ConvertOptions {
+                to: match to {
+                    ToFormat::Raw => Format::Raw,
+                    ToFormat::Ploop => Format::Ploop,
+                },
+                cluster_size,
+                direct: io.direct,
+            };
+            let show = progress || std::io::stderr().is_terminal();
+            let mut last_pct = u64::MAX;
+            let mut report = |done: u64, total: u64| {
+                let pct = done * 100 / total.max(1);
+                if show && pct != last_pct {
+                    last_pct = pct;
+                    eprint!("\rconverting: {pct:3}% ({done}/{total} clusters)");
+                    if done == total {
+                        eprintln!();
+                    }
+                    let _ = std::io::stderr().flush();
+                }
+            };
+            let mut backend = make_backend(io.backend);
+            let stats = convert(backend.as_mut(), &paths, &dst, &opts, &mut report)?;
+            if json {
+                print_json(&stats);
+            } else {
+                println!(
+                    "converted {} layer(s) into {}: {} of {} clusters held data",
+                    paths.len(),
+                    dst.display(),
+                    stats.copied_clusters,
+                    stats.clusters
+                );
+            }
+            Ok(0)
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct InfoOut {
+    path: String,
+    format: Format,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    variant: Option<ublk_ploop::layers::header::Variant>,
+    disk_size: u64,
+    file_size: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster_size: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bat_entries: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    allocated_clusters: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_offset: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    in_use: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    flags: Option<u32>,
+}
+
+impl InfoOut {
+    fn from_header(path: &std::path::Path, h: &Header, allocated: u64, file_size: u64) -> InfoOut {
+        InfoOut {
+            path: path.display().to_string(),
+            format: Format::Ploop,
+            variant: Some(h.variant),
+            disk_size: h.size_bytes(),
+            file_size,
+            cluster_size: Some(h.cluster_bytes()),
+            bat_entries: Some(h.bat_entries),
+            allocated_clusters: Some(allocated),
+            data_offset: Some(h.data_off_bytes()),
+            in_use: Some(h.in_use == ublk_ploop::layers::header::IN_USE),
+            flags: Some(h.flags),
+        }
+    }
+}
+
+/// Header and allocation of an image, read without opening it as a layer
+/// (so it works on an image a daemon is serving).
+fn image_info(path: &std::path::Path) -> Result<InfoOut> {
+    use std::os::unix::fs::FileExt;
+    let format = detect_format(path)?;
+    let file = std::fs::File::open(path).map_err(|e| Error::io(e, path.display()))?;
+    let file_size = file.metadata().map_err(|e| Error::io(e, path.display()))?.len();
+    if format == Format::Raw {
+        return Ok(InfoOut {
+            path: path.display().to_string(),
+            format,
+            variant: None,
+            disk_size: file_size,
+            file_size,
+            cluster_size: None,
+            bat_entries: None,
+            allocated_clusters: None,
+            data_offset: None,
+            in_use: None,
+            flags: None,
+        });
+    }
+    let mut head = [0u8; HEADER_SIZE];
+    file.read_exact_at(&mut head, 0).map_err(|e| Error::io(e, path.display()))?;
+    let h = Header::parse(&head).map_err(|e| e.context(path.display()))?;
+    let mut bat = vec![0u8; (h.bat_end() - HEADER_SIZE as u64) as usize];
+    file.read_exact_at(&mut bat, HEADER_SIZE as u64)
+        .map_err(|e| Error::io(e, format_args!("{}: reading the BAT", path.display())))?;
+    let allocated = bat.chunks_exact(4).filter(|b| *b != [0, 0, 0, 0]).count() as u64;
+    Ok(InfoOut::from_header(path, &h, allocated, file_size))
+}
+
+fn print_info(i: &InfoOut) {
+    println!("image:        {}", i.path);
+    println!("format:       {:?}", i.format);
+    println!("disk size:    {} ({} bytes)", format_size(i.disk_size), i.disk_size);
+    println!("file size:    {} bytes", i.file_size);
+    if let (Some(v), Some(c), Some(n), Some(a)) = (i.variant, i.cluster_size, i.bat_entries, i.allocated_clusters) {
+        println!("variant:      {v:?}");
+        println!("cluster size: {}", format_size(c));
+        println!("clusters:     {a} of {n} allocated");
+        println!("in use:       {}", if i.in_use == Some(true) { "yes (open read-write, or not closed cleanly)" } else { "no" });
+    }
+}
+
+fn print_check(r: &ublk_ploop::check::CheckReport) {
+    println!("{}: {:?} image", r.path, r.format);
+    for e in &r.header_errors {
+        println!("  header: {e}");
+    }
+    if r.unclean {
+        println!("  in-use mark set: the image was not closed cleanly");
+    }
+    for b in &r.bad_entries {
+        println!("  BAT entry {} (value {}) {}", b.index, b.value, b.problem);
+    }
+    if r.leaked_clusters > 0 {
+        println!("  {} leaked cluster(s)", r.leaked_clusters);
+    }
+    for fix in &r.repairs {
+        println!("  repaired: {fix}");
+    }
+    let verdict = match r.verdict() {
+        Verdict::Clean => "no errors",
+        Verdict::Leaks => "leaked space only; `check --repair` gives it back",
+        Verdict::Corrupt => "DAMAGED; `check --repair` fixes what it can",
+    };
+    println!("  {} allocated cluster(s); {verdict}", r.allocated_clusters);
+}

@@ -1,0 +1,100 @@
+//! Flatten an image or a stack into a new raw or ploop image.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::io::{AlignedBuf, Direct, IoBackend};
+use crate::layers::{Format, PloopLayer};
+use crate::stack::{Stack, StackOptions};
+
+#[derive(Clone, Debug)]
+pub struct ConvertOptions {
+    pub to: Format,
+    /// Cluster size of a ploop destination; the source's when None.
+    pub cluster_size: Option<u64>,
+    pub direct: Direct,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct ConvertStats {
+    pub disk_size: u64,
+    pub clusters: u64,
+    /// Clusters that held non-zero data and were written.
+    pub copied_clusters: u64,
+    pub copied_bytes: u64,
+}
+
+/// Copy what `sources` (bottom first) show into a new image at `dst`.
+/// Zero clusters are not written, so the result stays sparse. `progress`
+/// is called with (clusters done, clusters total). On error the partial
+/// destination is removed.
+pub fn convert(
+    io: &mut dyn IoBackend,
+    sources: &[PathBuf],
+    dst: &Path,
+    opts: &ConvertOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<ConvertStats> {
+    let (src, _) = Stack::open(sources, &StackOptions { read_only: true, direct: opts.direct })?;
+    if dst.exists() {
+        return Err(Error::new(libc::EEXIST, format!("{}: destination exists; refusing to overwrite it", dst.display())));
+    }
+    let size = src.size();
+    match opts.to {
+        Format::Raw => {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(dst)
+                .map_err(|e| Error::io(e, dst.display()))?;
+            f.set_len(size).map_err(|e| Error::io(e, dst.display()))?;
+        }
+        Format::Ploop => {
+            PloopLayer::create(dst, size, opts.cluster_size.unwrap_or(src.cluster_size()))?;
+        }
+    }
+    let result = copy_all(io, &src, dst, opts, progress);
+    if result.is_err() {
+        let _ = std::fs::remove_file(dst);
+    }
+    result
+}
+
+fn copy_all(
+    io: &mut dyn IoBackend,
+    src: &Stack,
+    dst: &Path,
+    opts: &ConvertOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<ConvertStats> {
+    let (out, _) = Stack::open(&[dst.to_path_buf()], &StackOptions { read_only: false, direct: opts.direct })?;
+    let size = src.size();
+    let step = src.cluster_size();
+    let clusters = size.div_ceil(step);
+    let mut buf = AlignedBuf::zeroed(step as usize);
+    let mut stats = ConvertStats { disk_size: size, clusters, ..Default::default() };
+    for c in 0..clusters {
+        if src.owner_of(c).is_some() {
+            let offset = c * step;
+            let n = (size - offset).min(step) as usize;
+            src.read(io, offset, &mut buf[..n])?;
+            if !is_zero(&buf[..n]) {
+                out.write(io, offset, &buf[..n])?;
+                stats.copied_clusters += 1;
+                stats.copied_bytes += n as u64;
+            }
+        }
+        if c % 64 == 63 || c + 1 == clusters {
+            progress(c + 1, clusters);
+        }
+    }
+    out.close(io)?;
+    Ok(stats)
+}
+
+pub fn is_zero(buf: &[u8]) -> bool {
+    let (head, words, tail) = unsafe { buf.align_to::<u128>() };
+    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}

@@ -1,0 +1,72 @@
+//! One error type for the whole crate. It carries an errno so that the ublk
+//! frontend can complete a failed request with the right code, and a
+//! human-readable message so the CLI can say what went wrong.
+
+use std::fmt;
+use std::io;
+
+#[derive(Debug)]
+pub struct Error {
+    errno: i32,
+    msg: String,
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn new(errno: i32, msg: impl Into<String>) -> Self {
+        Error { errno, msg: msg.into() }
+    }
+    /// Bad input from the caller (a request out of range, a bad argument).
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        Self::new(libc::EINVAL, msg)
+    }
+    /// An image whose on-disk structures are inconsistent.
+    pub fn corrupt(msg: impl Into<String>) -> Self {
+        Self::new(libc::EUCLEAN, msg)
+    }
+    pub fn unsupported(msg: impl Into<String>) -> Self {
+        Self::new(libc::EOPNOTSUPP, msg)
+    }
+    pub fn io(err: io::Error, what: impl fmt::Display) -> Self {
+        let errno = err.raw_os_error().unwrap_or(libc::EIO);
+        Self::new(errno, format!("{what}: {err}"))
+    }
+    pub fn errno(&self) -> i32 {
+        self.errno
+    }
+    pub fn message(&self) -> &str {
+        &self.msg
+    }
+    /// Prefix the message with where it happened, keeping the errno.
+    pub fn context(self, what: impl fmt::Display) -> Self {
+        Error { errno: self.errno, msg: format!("{what}: {}", self.msg) }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.msg)
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<io::Error> for Error {
+    fn from(err: io::Error) -> Self {
+        let errno = err.raw_os_error().unwrap_or(libc::EIO);
+        Error { errno, msg: err.to_string() }
+    }
+}
+
+impl From<nix::Error> for Error {
+    fn from(err: nix::Error) -> Self {
+        Error { errno: err as i32, msg: err.desc().to_string() }
+    }
+}
+
+impl From<Error> for io::Error {
+    fn from(err: Error) -> Self {
+        io::Error::new(io::Error::from_raw_os_error(err.errno).kind(), err.msg)
+    }
+}

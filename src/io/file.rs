@@ -1,0 +1,101 @@
+//! Opening image files: O_DIRECT when the filesystem allows it, and the
+//! alignment that O_DIRECT transfers must then respect.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// Whether image files bypass the host page cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Direct {
+    /// O_DIRECT, or buffered I/O with a logged warning where refused.
+    #[default]
+    Auto,
+    /// O_DIRECT or fail: data is never cached twice.
+    On,
+    /// Buffered I/O (tests on filesystems without O_DIRECT, debugging).
+    Off,
+}
+
+impl std::str::FromStr for Direct {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Direct::Auto),
+            "on" | "yes" | "true" => Ok(Direct::On),
+            "off" | "no" | "false" => Ok(Direct::Off),
+            _ => Err(format!("'{s}': expected auto, on or off")),
+        }
+    }
+}
+
+/// An open image file and how it must be accessed.
+#[derive(Debug)]
+pub struct ImageFile {
+    pub file: File,
+    pub path: PathBuf,
+    pub writable: bool,
+    pub direct: bool,
+    /// Offsets and lengths of every transfer must be multiples of this.
+    pub block_size: u32,
+}
+
+impl ImageFile {
+    pub fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+    pub fn len(&self) -> Result<u64> {
+        Ok(self.file.metadata().map_err(|e| Error::io(e, self.path.display()))?.len())
+    }
+}
+
+pub fn open_image_file(path: &Path, writable: bool, direct: Direct) -> Result<ImageFile> {
+    let open = |flags: i32| {
+        OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .custom_flags(flags | libc::O_CLOEXEC)
+            .open(path)
+    };
+    let (file, is_direct) = match direct {
+        Direct::Off => (open(0), false),
+        Direct::On | Direct::Auto => match open(libc::O_DIRECT) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && direct == Direct::Auto => {
+                tracing::warn!(
+                    path = %path.display(),
+                    "filesystem refuses O_DIRECT; using buffered I/O, so image data is also cached by the host"
+                );
+                (open(0), false)
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                return Err(Error::new(
+                    libc::EINVAL,
+                    format!("{}: the filesystem does not support O_DIRECT (use --direct=off to allow buffered I/O)", path.display()),
+                ))
+            }
+            other => (other, true),
+        },
+    };
+    let file = file.map_err(|e| Error::io(e, path.display()))?;
+    let block_size = if is_direct { dio_alignment(&file) } else { 512 };
+    Ok(ImageFile { file, path: path.to_path_buf(), writable, direct: is_direct, block_size })
+}
+
+/// The O_DIRECT offset alignment the kernel reports (statx DIOALIGN), at
+/// least one sector; 4096 when the kernel cannot tell, which is always safe.
+fn dio_alignment(file: &File) -> u32 {
+    // SAFETY: statx fills the zeroed struct; the path is empty and
+    // AT_EMPTY_PATH makes it describe the descriptor itself.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    let rc = unsafe {
+        libc::statx(file.as_raw_fd(), c"".as_ptr(), libc::AT_EMPTY_PATH, libc::STATX_DIOALIGN, &mut stx)
+    };
+    if rc == 0 && stx.stx_mask & libc::STATX_DIOALIGN != 0 && stx.stx_dio_offset_align != 0 {
+        stx.stx_dio_offset_align.max(512)
+    } else {
+        4096
+    }
+}

@@ -1,0 +1,290 @@
+//! A ploop v2 (or v1) expandable image opened as a layer: BAT lookups for
+//! the I/O path, cluster allocation at the end of the file, and the
+//! crash-safe write-back of BAT changes.
+//!
+//! Ordering rule (the crash-safety contract): a BAT entry reaches the disk
+//! only in `flush`, after an fdatasync that made the cluster it points to
+//! durable. New entries are *published* in memory at allocation (so reads
+//! and writes use them at once) but only *committed* to the on-disk copy
+//! once the caller's data write finished; `flush` writes committed entries.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
+
+use crate::error::{Error, Result};
+use crate::io::{AlignedBuf, Direct, ImageFile, IoBackend, IoOp};
+
+use super::bat::{self, BatScan};
+use super::header::{Header, CLOSED, FLAG_EMPTY, HEADER_SIZE, IN_USE};
+
+pub struct PloopLayer {
+    file: ImageFile,
+    cluster: u64,
+    bat_unit: u64,
+    bat: Box<[AtomicU32]>,
+    meta: Mutex<Meta>,
+    /// Serialises flushes, so that each one's sync covers its own chunks.
+    flush_lock: Mutex<()>,
+}
+
+/// The on-disk copy of header + BAT, and the allocation cursor.
+struct Meta {
+    header: Header,
+    /// Header and BAT bytes exactly as they should be on disk, padded to a
+    /// whole number of I/O blocks.
+    disk: AlignedBuf,
+    /// Indexes of `block_size` chunks of `disk` that differ from the file.
+    dirty: BTreeSet<usize>,
+    /// Byte offset of the next cluster to allocate.
+    next_free: u64,
+}
+
+/// What opening found out that a caller may want to report.
+#[derive(Debug, Default, Clone)]
+pub struct OpenReport {
+    /// The in-use mark was set: the last writer did not close cleanly.
+    pub was_in_use: bool,
+    /// Bytes of unreferenced clusters cut from the end of the file.
+    pub trimmed_leak: u64,
+}
+
+impl PloopLayer {
+    /// Open an image. Damage to the BAT is refused (with a pointer to
+    /// `check --repair`); an unclean previous close is tolerated, its
+    /// leaked tail trimmed when writable.
+    pub fn open(mut file: ImageFile, direct: Direct) -> Result<(PloopLayer, OpenReport)> {
+        let path = file.path.display().to_string();
+        let file_len = file.len()?;
+        let mut first = AlignedBuf::zeroed(4096);
+        crate::io::SyncBackend::new()
+            .submit(&mut [IoOp::read(file.fd(), 0, &mut first)])
+            .map_err(|e| Error::io(e, &path))?;
+        let mut header = Header::parse(&first[..HEADER_SIZE.min(file_len as usize)]).map_err(|e| e.context(&path))?;
+        if file_len < header.bat_end() {
+            return Err(Error::corrupt(format!("{path}: file is truncated: {file_len} bytes, BAT ends at {}", header.bat_end())));
+        }
+        let cluster = header.cluster_bytes();
+        if file.direct && (cluster % file.block_size as u64 != 0 || header.data_off_bytes() % file.block_size as u64 != 0) {
+            // O_DIRECT could not address these clusters; fall back or refuse.
+            if direct == Direct::On {
+                return Err(Error::invalid(format!(
+                    "{path}: clusters are not aligned to the filesystem's O_DIRECT block of {} bytes",
+                    file.block_size
+                )));
+            }
+            tracing::warn!(path, "image clusters not aligned for O_DIRECT; using buffered I/O");
+            file = crate::io::open_image_file(&file.path, file.writable, Direct::Off)?;
+        }
+        let block = file.block_size as u64;
+        let meta_len = header.bat_end().next_multiple_of(block).min(header.data_off_bytes().max(block));
+        let mut disk = AlignedBuf::zeroed(meta_len as usize);
+        crate::io::SyncBackend::new()
+            .submit(&mut [IoOp::read(file.fd(), 0, &mut disk)])
+            .map_err(|e| Error::io(e, &path))?;
+        let mut values: Vec<u32> = disk[HEADER_SIZE..header.bat_end() as usize]
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+
+        let mut report = OpenReport { was_in_use: header.in_use == IN_USE, ..Default::default() };
+        let mut dirty = BTreeSet::new();
+        if header.ext_off_sectors != 0 && file.writable {
+            return Err(Error::unsupported(format!(
+                "{path}: image carries a format extension (e.g. dirty bitmaps) that would go stale; open it read-only"
+            )));
+        }
+        if header.flags & FLAG_EMPTY != 0 {
+            // "Nothing was written": whatever the BAT says is not data.
+            values.iter_mut().for_each(|v| *v = 0);
+            if file.writable {
+                header.flags &= !FLAG_EMPTY;
+                disk[HEADER_SIZE..header.bat_end() as usize].fill(0);
+                dirty.extend(0..(meta_len / block) as usize);
+            }
+        }
+        let scan: BatScan = bat::scan(&header, &values, file_len);
+        if let Some(first_bad) = scan.bad.first() {
+            return Err(Error::corrupt(format!(
+                "{path}: {} damaged BAT entries (entry {} {}); run `ublk-ploop check --repair {path}`",
+                scan.bad.len(),
+                first_bad.index,
+                first_bad.problem
+            )));
+        }
+        let data_off = header.data_off_bytes();
+        // Allocate past everything in the file, referenced or not: a leaked
+        // cluster may hold garbage that a partial write must not expose.
+        let mut next_free = data_off + file_len.saturating_sub(data_off).div_ceil(cluster) * cluster;
+        if file.writable {
+            if report.was_in_use {
+                tracing::warn!(path, "image was not closed cleanly (in-use mark set); BAT checked, no damage");
+            }
+            if file_len > scan.high_water {
+                // Unreferenced tail: a crash between allocation and flush,
+                // or another tool's preallocation. Safe to give back.
+                file.file.set_len(scan.high_water).map_err(|e| Error::io(e, &path))?;
+                report.trimmed_leak = file_len - scan.high_water;
+                next_free = scan.high_water;
+            }
+            header.in_use = IN_USE;
+            disk[..HEADER_SIZE].copy_from_slice(&header.to_bytes());
+            dirty.insert(0);
+        }
+        let bat: Box<[AtomicU32]> = values.into_iter().map(AtomicU32::new).collect();
+        let layer = PloopLayer {
+            cluster,
+            bat_unit: header.bat_unit(),
+            bat,
+            meta: Mutex::new(Meta { header, disk, dirty, next_free }),
+            flush_lock: Mutex::new(()),
+            file,
+        };
+        if layer.file.writable {
+            // The in-use mark must be on disk before any data changes.
+            let mut io = crate::io::SyncBackend::new();
+            layer.write_meta(&mut io)?;
+        }
+        Ok((layer, report))
+    }
+
+    /// Create a new, empty image file (fails if `path` exists).
+    pub fn create(path: &std::path::Path, size: u64, cluster: u64) -> Result<Header> {
+        let header = Header::new(size, cluster)?;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| Error::io(e, path.display()))?;
+        let mut meta = vec![0u8; header.data_off_bytes() as usize];
+        meta[..HEADER_SIZE].copy_from_slice(&header.to_bytes());
+        let result = crate::io::sync_write_all(&file, &meta, 0).and_then(|()| file.sync_all());
+        if let Err(e) = result {
+            let _ = std::fs::remove_file(path);
+            return Err(Error::io(e, path.display()));
+        }
+        Ok(header)
+    }
+
+    pub fn header(&self) -> Header {
+        self.meta.lock().unwrap().header.clone()
+    }
+    pub fn file(&self) -> &ImageFile {
+        &self.file
+    }
+    pub fn cluster_size(&self) -> u64 {
+        self.cluster
+    }
+    pub fn entries(&self) -> u64 {
+        self.bat.len() as u64
+    }
+    pub fn size(&self) -> u64 {
+        self.meta.lock().unwrap().header.size_bytes()
+    }
+
+    /// File offset of virtual cluster `c`, if allocated here.
+    #[inline]
+    pub fn lookup(&self, c: u64) -> Option<u64> {
+        match self.bat.get(c as usize)?.load(Ordering::Acquire) {
+            0 => None,
+            v => Some(v as u64 * self.bat_unit),
+        }
+    }
+
+    /// Reserve a fresh cluster at the end of the file. It reads as zeros.
+    pub fn reserve_cluster(&self) -> Result<u64> {
+        let mut meta = self.meta.lock().unwrap();
+        let offset = meta.next_free;
+        if meta.header.bat_value(offset).is_none() {
+            return Err(Error::new(libc::EFBIG, format!("{}: image too large for its BAT", self.file.path.display())));
+        }
+        let end = offset + self.cluster;
+        // SAFETY: plain syscall on our own descriptor.
+        let rc = unsafe { libc::fallocate(self.file.fd(), 0, offset as libc::off_t, self.cluster as libc::off_t) };
+        if rc != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
+                return Err(Error::io(err, format!("{}: allocating a cluster", self.file.path.display())));
+            }
+            self.file.file.set_len(end).map_err(|e| Error::io(e, self.file.path.display()))?;
+        }
+        meta.next_free = end;
+        Ok(offset)
+    }
+
+    /// Make virtual cluster `c` resolve to `offset` for I/O (memory only).
+    pub fn publish(&self, c: u64, offset: u64) {
+        let value = (offset / self.bat_unit) as u32;
+        self.bat[c as usize].store(value, Ordering::Release);
+    }
+
+    /// Queue the entry for `c` for the next flush: its data is written.
+    pub fn commit(&self, c: u64) {
+        let value = self.bat[c as usize].load(Ordering::Acquire);
+        let mut meta = self.meta.lock().unwrap();
+        let at = HEADER_SIZE + 4 * c as usize;
+        meta.disk[at..at + 4].copy_from_slice(&value.to_le_bytes());
+        let chunk = at / self.file.block_size as usize;
+        meta.dirty.insert(chunk);
+    }
+
+    /// Make every completed write durable, then the BAT entries that point
+    /// at them. A failed flush leaves the entries queued for the next one.
+    pub fn flush(&self, io: &mut dyn IoBackend) -> Result<()> {
+        let _serial = self.flush_lock.lock().unwrap();
+        let path = self.file.path.display();
+        io.sync_data(self.file.fd()).map_err(|e| Error::io(e, format_args!("{path}: flushing data")))?;
+        self.write_meta_locked(io)
+    }
+
+    fn write_meta(&self, io: &mut dyn IoBackend) -> Result<()> {
+        let _serial = self.flush_lock.lock().unwrap();
+        self.write_meta_locked(io)
+    }
+
+    /// Write the dirty chunks of header+BAT and sync them.
+    fn write_meta_locked(&self, io: &mut dyn IoBackend) -> Result<()> {
+        let block = self.file.block_size as usize;
+        let (chunks, bufs): (Vec<usize>, Vec<AlignedBuf>) = {
+            let mut meta = self.meta.lock().unwrap();
+            let taken = std::mem::take(&mut meta.dirty);
+            taken.into_iter().map(|i| (i, AlignedBuf::from_slice(&meta.disk[i * block..(i + 1) * block]))).unzip()
+        };
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        let fd = self.file.fd();
+        let mut ops: Vec<IoOp> = chunks.iter().zip(&bufs).map(|(&i, b)| IoOp::write(fd, (i * block) as u64, b)).collect();
+        let result = io.submit(&mut ops).and_then(|()| io.sync_data(fd));
+        if let Err(e) = result {
+            self.meta.lock().unwrap().dirty.extend(chunks);
+            return Err(Error::io(e, format_args!("{}: writing the BAT", self.file.path.display())));
+        }
+        Ok(())
+    }
+
+    /// Flush and clear the in-use mark: the image is consistent on disk.
+    pub fn close(&self, io: &mut dyn IoBackend) -> Result<()> {
+        if !self.file.writable {
+            return Ok(());
+        }
+        self.flush(io)?;
+        self.set_in_use(io, CLOSED)
+    }
+
+    fn set_in_use(&self, io: &mut dyn IoBackend, mark: u32) -> Result<()> {
+        {
+            let mut meta = self.meta.lock().unwrap();
+            meta.header.in_use = mark;
+            let bytes = meta.header.to_bytes();
+            meta.disk[..HEADER_SIZE].copy_from_slice(&bytes);
+            meta.dirty.insert(0);
+        }
+        self.write_meta(io)
+    }
+
+    /// The current BAT values (for check, merge and the tracker).
+    pub fn bat_values(&self) -> Vec<u32> {
+        self.bat.iter().map(|v| v.load(Ordering::Acquire)).collect()
+    }
+}

@@ -1,0 +1,16 @@
+//! ublk-ploop: OpenVZ ploop layered expandable images as Linux block
+//! devices. The engine (formats, stack, tracker, I/O backends) lives here
+//! and knows nothing of ublk, sockets or the command line; the frontends
+//! call into it.
+
+pub mod check;
+pub mod convert;
+pub mod error;
+pub mod io;
+pub mod layers;
+pub mod size;
+pub mod stack;
+pub mod tracker;
+
+pub use error::{Error, Result};
+pub use stack::{Seg, Stack, StackOptions};

@@ -1,0 +1,8 @@
+//! The `ublk-ploop` command: offline image tools and the ublk daemon.
+
+mod cli;
+mod ublk_target;
+
+fn main() {
+    std::process::exit(cli::main());
+}
