@@ -66,6 +66,58 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve an image (or a stack, bottom first) as /dev/ublkbN.
+    Add {
+        /// Image file; repeat for a stack, bottom layer first.
+        #[arg(long = "image", required = true)]
+        images: Vec<PathBuf>,
+        /// Device id (default: the kernel picks one).
+        #[arg(long)]
+        id: Option<u32>,
+        #[command(flatten)]
+        dev: DeviceArgs,
+        /// Stay in the foreground (for systemd and debugging).
+        #[arg(long)]
+        foreground: bool,
+    },
+    /// Stop devices: their daemons close the images cleanly.
+    Del {
+        #[arg(short = 'n', long = "number", required_unless_present = "all", conflicts_with = "all")]
+        id: Option<u32>,
+        /// Every ublk-ploop device.
+        #[arg(long)]
+        all: bool,
+    },
+    /// List ublk devices.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Attach a new daemon to a device whose daemon died (user recovery).
+    Recover {
+        #[arg(short = 'n', long = "number")]
+        id: u32,
+        #[arg(long)]
+        foreground: bool,
+    },
+    /// What the running kernel's ublk driver supports.
+    Features {
+        #[arg(long)]
+        json: bool,
+    },
+    /// A device's state, layers and I/O counters, from its daemon.
+    Status {
+        #[arg(short = 'n', long = "number")]
+        id: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run one device from a TOML config in the foreground, recovering it
+    /// if it survived its previous daemon (the systemd unit's command).
+    Serve {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Flatten an image or a stack (bottom first) into a new image.
     Convert {
         /// Source images, bottom layer first, then the destination.
@@ -84,6 +136,25 @@ enum Command {
         #[command(flatten)]
         io: IoArgs,
     },
+}
+
+/// Device settings shared by the commands that create a device.
+#[derive(Args, Clone)]
+struct DeviceArgs {
+    /// Number of hardware queues (one thread each).
+    #[arg(long, default_value_t = crate::config::DEFAULT_QUEUES)]
+    queues: u16,
+    /// Requests in flight per queue.
+    #[arg(long, default_value_t = crate::config::DEFAULT_DEPTH)]
+    depth: u16,
+    /// Serve the stack read-only (the top image is not modified).
+    #[arg(long)]
+    read_only: bool,
+    /// Group allowed on the control socket besides root.
+    #[arg(long)]
+    socket_group: Option<String>,
+    #[command(flatten)]
+    io: IoArgs,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -126,6 +197,91 @@ fn print_json<T: Serialize>(value: &T) {
 
 fn run(command: Command) -> Result<i32> {
     match command {
+        Command::Add { images, id, dev, foreground } => {
+            let config = crate::daemon::DeviceConfig {
+                images: crate::config::canonical_images(&images)?,
+                queues: crate::config::validate_queues(dev.queues)?,
+                depth: crate::config::validate_depth(dev.depth)?,
+                read_only: dev.read_only,
+                direct: dev.io.direct,
+                socket_gid: dev.socket_group.as_deref().map(crate::config::group_id).transpose()?,
+            };
+            let mode = crate::daemon::Mode::Add { id: id.map_or(-1, |i| i as i32) };
+            crate::daemon::start(config, mode, foreground)
+        }
+        Command::Del { id, all } => {
+            let ids = if all { our_devices() } else { vec![id.expect("clap requires -n or --all")] };
+            for id in ids {
+                crate::daemon::delete(id)?;
+                println!("deleted /dev/ublkb{id}");
+            }
+            Ok(0)
+        }
+        Command::List { json } => {
+            let devices = list_devices();
+            if json {
+                print_json(&devices);
+            } else if devices.is_empty() {
+                println!("no ublk devices");
+            } else {
+                for d in &devices {
+                    println!("{} {} pid {} {} {}", d["device"].as_str().unwrap_or("?"), d["state"].as_str().unwrap_or("?"),
+                        d["pid"], d["target"].as_str().unwrap_or("?"),
+                        d["images"].as_array().map(|a| a.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(" <- ")).unwrap_or_default());
+                }
+            }
+            Ok(0)
+        }
+        Command::Recover { id, foreground } => {
+            crate::daemon::require_ublk()?;
+            let config = crate::daemon::stored_config(id)?;
+            crate::daemon::wait_quiesced(id, std::time::Duration::from_secs(10))?;
+            crate::daemon::start(config, crate::daemon::Mode::Recover { id }, foreground)
+        }
+        Command::Features { json } => {
+            crate::daemon::require_ublk()?;
+            let bits = libublk::ctrl::UblkCtrl::get_features();
+            let names = bits.map(crate::ublk_target::feature_names).unwrap_or_default();
+            if json {
+                print_json(&serde_json::json!({ "features": bits, "names": names }));
+            } else {
+                match bits {
+                    Some(b) => println!("ublk features {b:#x}: {}", names.join(" ")),
+                    None => println!("the ublk driver does not report features (kernel older than 6.5)"),
+                }
+            }
+            Ok(0)
+        }
+        Command::Status { id, json } => {
+            let status = crate::control::request(id, "status", serde_json::Value::Null)?;
+            if json {
+                print_json(&status);
+            } else {
+                println!("{} (pid {}), {} bytes{}", status["device"].as_str().unwrap_or("?"), status["pid"], status["size"],
+                    if status["read_only"] == true { ", read-only" } else { "" });
+                for (i, l) in status["layers"].as_array().into_iter().flatten().enumerate() {
+                    println!("  layer {i}: {} ({}{})", l["path"].as_str().unwrap_or("?"), l["format"].as_str().unwrap_or("?"),
+                        if l["writable"] == true { ", writable" } else { "" });
+                }
+                println!("  counters: {}", status["counters"]);
+            }
+            Ok(0)
+        }
+        Command::Serve { config } => {
+            let (config, id) = crate::config::load(&config)?;
+            crate::daemon::require_ublk()?;
+            let mode = match id {
+                Some(id) if crate::ublk_target::open_ctrl(id).is_some() => {
+                    // The device outlived its daemon (a crash and a restart).
+                    crate::daemon::wait_quiesced(id, std::time::Duration::from_secs(10))?;
+                    tracing::warn!("device {id} exists without a daemon; recovering it");
+                    crate::daemon::Mode::Recover { id }
+                }
+                Some(id) => crate::daemon::Mode::Add { id: id as i32 },
+                None => crate::daemon::Mode::Add { id: -1 },
+            };
+            crate::daemon::start(config, mode, true)
+        }
         Command::Create { image, size, cluster_size, json } => {
             let header = PloopLayer::create(&image, size, cluster_size)?;
             let info = InfoOut::from_header(&image, &header, 0, header.data_off_bytes());
@@ -312,4 +468,38 @@ fn print_check(r: &ublk_ploop::check::CheckReport) {
         Verdict::Corrupt => "DAMAGED; `check --repair` fixes what it can",
     };
     println!("  {} allocated cluster(s); {verdict}", r.allocated_clusters);
+}
+
+/// Every ublk device, with what we know of ours.
+fn list_devices() -> Vec<serde_json::Value> {
+    let found = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    let sink = found.clone();
+    libublk::ctrl::UblkCtrl::for_each_dev_id(move |id| {
+        if let Some(ctrl) = crate::ublk_target::open_ctrl(id) {
+            let info = ctrl.dev_info();
+            let target = ctrl.get_target_type_from_json().unwrap_or_default();
+            let images = ctrl.get_target_data_from_json().and_then(|d| d.get("images").cloned()).unwrap_or_default();
+            sink.borrow_mut().push(serde_json::json!({
+                "id": id,
+                "device": format!("/dev/ublkb{id}"),
+                "state": crate::ublk_target::state_name(info.state),
+                "pid": info.ublksrv_pid,
+                "queues": info.nr_hw_queues,
+                "depth": info.queue_depth,
+                "target": target,
+                "images": images,
+            }));
+        }
+    });
+    let mut v = found.take();
+    v.sort_by_key(|d| d["id"].as_u64());
+    v
+}
+
+fn our_devices() -> Vec<u32> {
+    list_devices()
+        .iter()
+        .filter(|d| d["target"] == crate::daemon::TARGET_NAME)
+        .filter_map(|d| d["id"].as_u64().map(|i| i as u32))
+        .collect()
 }

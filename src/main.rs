@@ -1,6 +1,9 @@
 //! The `ublk-ploop` command: offline image tools and the ublk daemon.
 
 mod cli;
+mod config;
+mod control;
+mod daemon;
 mod ublk_target;
 
 fn main() {

@@ -237,9 +237,9 @@ impl Stack {
 
     /// Give cluster `c` a home in the top layer and return its file offset.
     /// With `copy_up`, the cluster's current content (from the layer that
-    /// holds it now) is written there first: the new BAT entry never points
-    /// at data older or newer than what the disk showed before, so a crash
-    /// at any point leaves each byte old or new, never zero by accident.
+    /// holds it now) is copied there and synced before the BAT entry is
+    /// written: the entry never points at bytes other than what the disk
+    /// showed before, so a crash at any point leaves each byte old or new.
     fn allocate(&self, io: &mut dyn IoBackend, c: u64, copy_up: bool) -> Result<u64> {
         let mut scratch = self.alloc.lock().unwrap();
         let top_index = self.top_index();
@@ -251,7 +251,7 @@ impl Stack {
         let Layer::Ploop(top) = self.top() else {
             unreachable!("a raw top layer holds every cluster");
         };
-        let offset = top.reserve_cluster()?;
+        let offset = top.reserve_cluster(io)?;
         if let (true, Some(i)) = (copy_up, below) {
             let src = &self.layers[i];
             let src_off = src.lookup(c, self.cluster).expect("owner map and BAT agree");
@@ -261,13 +261,12 @@ impl Stack {
                 .map_err(|e| Error::io(e, format_args!("{}: copy-up read", src.file().path.display())))?;
             io.submit(&mut [IoOp::write(top.file().fd(), offset, &buf[..n])])
                 .map_err(|e| Error::io(e, format_args!("{}: copy-up write", top.file().path.display())))?;
+            // Data before index: the copy is durable before the entry.
+            io.sync_data(top.file().fd())
+                .map_err(|e| Error::io(e, format_args!("{}: copy-up sync", top.file().path.display())))?;
         }
-        top.publish(c, offset);
+        top.link(io, c, offset)?;
         self.owner[c as usize].store(top_index, Ordering::Release);
-        // The cluster already holds the disk's current bytes (copied up, or
-        // zeros from a fresh allocation), so its entry may go to disk with
-        // the next flush, after that flush's data sync.
-        top.commit(c);
         Ok(offset)
     }
 
@@ -384,11 +383,18 @@ impl Stack {
 
     /// Flush and mark the top image cleanly closed.
     pub fn close(self, io: &mut dyn IoBackend) -> Result<()> {
+        self.mark_clean(io)
+    }
+
+    /// Flush and clear the in-use mark, for owners that share the stack
+    /// (the daemon) and so cannot consume it. No writes may follow.
+    pub fn mark_clean(&self, io: &mut dyn IoBackend) -> Result<()> {
         if self.read_only {
             return Ok(());
         }
         self.top().close(io)
     }
+
 
     /// Snapshot: create `path` as a new empty ploop image and make it the
     /// top; the old top becomes a read-only lower layer, cleanly closed.

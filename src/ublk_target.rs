@@ -1,2 +1,302 @@
-//! The ublk frontend: serves a `Stack` as /dev/ublkbN. It only translates
-//! ublk requests into engine calls; all image logic stays in the engine.
+//! The ublk frontend: serves a `Stack` as /dev/ublkbN.
+//!
+//! It only translates ublk requests into engine calls. Each queue thread
+//! runs one async task per tag on libublk's per-queue io_uring; image data
+//! moves on that same ring (no thread hop per request), from segments the
+//! engine plans. Cluster allocation, flush, discard and write-zeroes run
+//! synchronously inside the engine: they are rare (allocation happens once
+//! per cluster) or need ordering (flush).
+
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use io_uring::{opcode, types};
+use libublk::ctrl::UblkCtrl;
+use libublk::helpers::IoBuf;
+use libublk::io::{BufDesc, UblkDev, UblkQueue};
+use libublk::{sys, UblkError};
+use serde::Serialize;
+
+use ublk_ploop::io::SyncBackend;
+use ublk_ploop::{Seg, Stack};
+
+/// Largest request the kernel sends us; one cluster at the default size.
+pub const MAX_IO_BYTES: u32 = 1 << 20;
+
+/// Per-device I/O counters, shown by `status`.
+#[derive(Default, Serialize)]
+pub struct Counters {
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub write_bytes: AtomicU64,
+    pub flushes: AtomicU64,
+    pub discards: AtomicU64,
+    pub write_zeroes: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+/// What every queue thread shares.
+pub struct Device {
+    pub stack: Stack,
+    pub counters: Counters,
+}
+
+/// Fill in the device parameters from the stack.
+pub fn init_target(dev: &mut UblkDev, stack: &Stack, read_only: bool) -> Result<(), UblkError> {
+    let depth = dev.dev_info.queue_depth;
+    let tgt = &mut dev.tgt;
+    // Room for the ublk commands plus several image I/Os per request.
+    tgt.sq_depth = depth.saturating_mul(4).min(4096);
+    tgt.cq_depth = tgt.sq_depth.saturating_mul(2).min(8192);
+    dev.set_default_params(stack.size());
+    let p = &mut dev.tgt.params;
+    let block_shift = stack.block_size().trailing_zeros() as u8;
+    p.basic.logical_bs_shift = block_shift;
+    p.basic.physical_bs_shift = block_shift.max(12);
+    p.basic.io_min_shift = block_shift.max(12);
+    p.basic.io_opt_shift = stack.cluster_size().min(MAX_IO_BYTES as u64).trailing_zeros() as u8;
+    if read_only {
+        p.basic.attrs |= sys::UBLK_ATTR_READ_ONLY;
+    } else {
+        p.types |= sys::UBLK_PARAM_TYPE_DISCARD;
+        p.discard = sys::ublk_param_discard {
+            discard_granularity: stack.block_size().max(4096),
+            max_discard_sectors: u32::MAX >> 9,
+            max_write_zeroes_sectors: u32::MAX >> 9,
+            max_discard_segments: 1,
+            ..Default::default()
+        };
+    }
+    Ok(())
+}
+
+/// Body of one queue thread: a task per tag, all on the queue's ring.
+pub fn run_queue(qid: u16, dev: &UblkDev, device: Arc<Device>) {
+    let q = match UblkQueue::new(qid, dev) {
+        Ok(q) => Rc::new(q),
+        Err(e) => {
+            tracing::error!("queue {qid}: setup failed: {e}");
+            // Let start_dev fail instead of waiting for us forever.
+            dev.notify_buffer_registration_complete(true);
+            return;
+        }
+    };
+    let exe = Rc::new(smol::LocalExecutor::new());
+    let tasks: Vec<_> = q
+        .tags()
+        .map(|tag| {
+            let (q, device) = (q.clone(), device.clone());
+            exe.spawn(async move {
+                match io_task(&q, tag, &device).await {
+                    Ok(()) | Err(UblkError::QueueIsDown) => {}
+                    Err(e) => tracing::error!("queue {qid} tag {tag}: {e}"),
+                }
+            })
+        })
+        .collect();
+    let exe2 = exe.clone();
+    smol::block_on(exe.run(async move {
+        let run_ops = || while exe2.try_tick() {};
+        let done = || tasks.iter().all(|t| t.is_finished());
+        if let Err(e) = libublk::wait_and_handle_io_events(&q, Some(20), run_ops, done).await {
+            tracing::error!("queue {qid}: {e}");
+        }
+    }));
+}
+
+async fn io_task(q: &UblkQueue<'_>, tag: u16, device: &Device) -> Result<(), UblkError> {
+    let mut buf = IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize);
+    let mut segs = Vec::with_capacity(4);
+    q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf)).await?;
+    loop {
+        let res = handle(q, tag, buf.as_mut_slice(), &mut segs, device).await;
+        q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res).await?;
+    }
+}
+
+/// Serve one request; returns what the kernel expects: bytes moved for
+/// reads and writes, 0 for the rest, or -errno.
+async fn handle(q: &UblkQueue<'_>, tag: u16, buf: &mut [u8], segs: &mut Vec<Seg>, device: &Device) -> i32 {
+    let iod = q.get_iod(tag);
+    let op = iod.op_flags & 0xff;
+    let offset = iod.start_sector << 9;
+    let len = (iod.nr_sectors as usize) << 9;
+    let stack = &device.stack;
+    let c = &device.counters;
+    let result = match op {
+        sys::UBLK_IO_OP_READ => {
+            c.reads.fetch_add(1, Ordering::Relaxed);
+            c.read_bytes.fetch_add(len as u64, Ordering::Relaxed);
+            match stack.plan_read(offset, len, segs) {
+                Ok(()) => transfer(q, buf, segs, false).await,
+                Err(e) => Err(e.errno()),
+            }
+        }
+        sys::UBLK_IO_OP_WRITE => {
+            c.writes.fetch_add(1, Ordering::Relaxed);
+            c.write_bytes.fetch_add(len as u64, Ordering::Relaxed);
+            match stack.plan_write(&mut SyncBackend::new(), offset, len, segs) {
+                Ok(()) => transfer(q, buf, segs, true).await,
+                Err(e) => Err(e.errno()),
+            }
+        }
+        sys::UBLK_IO_OP_FLUSH => {
+            c.flushes.fetch_add(1, Ordering::Relaxed);
+            stack.flush(&mut SyncBackend::new()).map_err(|e| e.errno())
+        }
+        sys::UBLK_IO_OP_DISCARD => {
+            c.discards.fetch_add(1, Ordering::Relaxed);
+            stack.discard(&mut SyncBackend::new(), offset, len).map_err(|e| e.errno())
+        }
+        sys::UBLK_IO_OP_WRITE_ZEROES => {
+            c.write_zeroes.fetch_add(1, Ordering::Relaxed);
+            stack.write_zeroes(&mut SyncBackend::new(), offset, len).map_err(|e| e.errno())
+        }
+        _ => Err(libc::EOPNOTSUPP),
+    };
+    match result {
+        Ok(()) if op == sys::UBLK_IO_OP_READ || op == sys::UBLK_IO_OP_WRITE => len as i32,
+        Ok(()) => 0,
+        Err(errno) => {
+            c.errors.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(op, offset, len, errno, "request failed");
+            -errno
+        }
+    }
+}
+
+/// Move the planned segments between `buf` and the image files. All
+/// transfers of a request are in flight together: libublk pushes the SQE
+/// when the future is created.
+async fn transfer(q: &UblkQueue<'_>, buf: &mut [u8], segs: &[Seg], write: bool) -> Result<(), i32> {
+    let base = buf.as_mut_ptr();
+    let mut pending = Vec::with_capacity(segs.len());
+    for seg in segs {
+        match *seg {
+            Seg::Zero { buf_off, len } => buf[buf_off..buf_off + len].fill(0),
+            Seg::Data { fd, file_off, buf_off, len } => {
+                // SAFETY: buf_off + len is within the request, and `buf`
+                // outlives every future awaited below.
+                let ptr = unsafe { base.add(buf_off) };
+                pending.push((submit(q, write, fd, ptr, len, file_off), fd, ptr, len, file_off));
+            }
+        }
+    }
+    let mut first_err = None;
+    for (fut, fd, ptr, len, file_off) in pending {
+        let res = fut.await;
+        let outcome = finish_short(q, write, fd, ptr, len, file_off, res).await;
+        if let Err(errno) = outcome {
+            first_err.get_or_insert(errno);
+        }
+    }
+    first_err.map_or(Ok(()), Err)
+}
+
+fn submit<'a>(
+    q: &'a UblkQueue<'_>,
+    write: bool,
+    fd: i32,
+    ptr: *mut u8,
+    len: usize,
+    file_off: u64,
+) -> impl std::future::Future<Output = i32> + 'a {
+    let sqe = if write {
+        opcode::Write::new(types::Fd(fd), ptr, len as u32).offset(file_off).build()
+    } else {
+        opcode::Read::new(types::Fd(fd), ptr, len as u32).offset(file_off).build()
+    };
+    q.ublk_submit_sqe(sqe)
+}
+
+/// Complete a transfer the kernel did only partly: reads that hit the end
+/// of a file are zero-filled (bytes past EOF are holes), short writes are
+/// retried for the remainder, EAGAIN is retried.
+async fn finish_short(
+    q: &UblkQueue<'_>,
+    write: bool,
+    fd: i32,
+    ptr: *mut u8,
+    len: usize,
+    file_off: u64,
+    mut res: i32,
+) -> Result<(), i32> {
+    let mut done = 0usize;
+    loop {
+        if res == -libc::EAGAIN || res == -libc::EINTR {
+            // SAFETY: as in `transfer`.
+            res = submit(q, write, fd, unsafe { ptr.add(done) }, len - done, file_off + done as u64).await;
+            continue;
+        }
+        if res < 0 {
+            return Err(-res);
+        }
+        done += res as usize;
+        if done >= len {
+            return Ok(());
+        }
+        if !write {
+            // SAFETY: as in `transfer`.
+            unsafe { std::ptr::write_bytes(ptr.add(done), 0, len - done) };
+            return Ok(());
+        }
+        if res == 0 {
+            return Err(libc::EIO);
+        }
+        // SAFETY: as in `transfer`.
+        res = submit(q, write, fd, unsafe { ptr.add(done) }, len - done, file_off + done as u64).await;
+    }
+}
+
+/// Feature bits the running kernel's ublk driver reports, by name.
+pub fn feature_names(bits: u64) -> Vec<&'static str> {
+    const NAMES: &[(u32, &str)] = &[
+        (sys::UBLK_F_SUPPORT_ZERO_COPY, "zero_copy"),
+        (sys::UBLK_F_URING_CMD_COMP_IN_TASK, "uring_cmd_comp_in_task"),
+        (sys::UBLK_F_NEED_GET_DATA, "need_get_data"),
+        (sys::UBLK_F_USER_RECOVERY, "user_recovery"),
+        (sys::UBLK_F_USER_RECOVERY_REISSUE, "user_recovery_reissue"),
+        (sys::UBLK_F_UNPRIVILEGED_DEV, "unprivileged_dev"),
+        (sys::UBLK_F_CMD_IOCTL_ENCODE, "cmd_ioctl_encode"),
+        (sys::UBLK_F_USER_COPY, "user_copy"),
+        (sys::UBLK_F_ZONED, "zoned"),
+        (sys::UBLK_F_USER_RECOVERY_FAIL_IO, "user_recovery_fail_io"),
+        (sys::UBLK_F_UPDATE_SIZE, "update_size"),
+        (sys::UBLK_F_AUTO_BUF_REG, "auto_buf_reg"),
+        (sys::UBLK_F_QUIESCE, "quiesce"),
+        (sys::UBLK_F_PER_IO_DAEMON, "per_io_daemon"),
+    ];
+    NAMES.iter().filter(|(bit, _)| bits & *bit as u64 != 0).map(|(_, name)| *name).collect()
+}
+
+/// The device control flags we ask for, given what the kernel offers:
+/// recovery (re-issuing in-flight I/O to the new daemon) when available.
+pub fn wanted_flags(features: u64) -> u64 {
+    let mut flags = 0u64;
+    for bit in [sys::UBLK_F_USER_RECOVERY, sys::UBLK_F_USER_RECOVERY_REISSUE] {
+        if features & bit as u64 != 0 {
+            flags |= bit as u64;
+        }
+    }
+    flags
+}
+
+/// Device state as text.
+pub fn state_name(state: u16) -> &'static str {
+    match state as u32 {
+        sys::UBLK_S_DEV_LIVE => "live",
+        sys::UBLK_S_DEV_QUIESCED => "quiesced",
+        sys::UBLK_S_DEV_FAIL_IO => "fail_io",
+        _ => "dead",
+    }
+}
+
+/// Open an existing device's control handle; None when it does not exist.
+pub fn open_ctrl(id: u32) -> Option<UblkCtrl> {
+    if !std::path::Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists() {
+        return None;
+    }
+    UblkCtrl::new_simple(id as i32).ok()
+}

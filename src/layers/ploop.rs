@@ -2,11 +2,14 @@
 //! the I/O path, cluster allocation at the end of the file, and the
 //! crash-safe write-back of BAT changes.
 //!
-//! Ordering rule (the crash-safety contract): a BAT entry reaches the disk
-//! only in `flush`, after an fdatasync that made the cluster it points to
-//! durable. New entries are *published* in memory at allocation (so reads
-//! and writes use them at once) but only *committed* to the on-disk copy
-//! once the caller's data write finished; `flush` writes committed entries.
+//! Ordering rules (the crash-safety contract):
+//! - a BAT entry is written only when the cluster it points to already
+//!   holds the disk's current bytes durably: a fresh cluster (zeros, inside
+//!   a file size made durable when the file grew) or a copy-up that was
+//!   synced. So the entry may reach the disk at any moment after that.
+//! - the entry is written before the request that allocated it completes,
+//!   so a daemon that is killed loses nothing it acknowledged;
+//! - `flush` syncs data, then any header/BAT chunk still pending.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -24,8 +27,9 @@ pub struct PloopLayer {
     bat_unit: u64,
     bat: Box<[AtomicU32]>,
     meta: Mutex<Meta>,
-    /// Serialises flushes, so that each one's sync covers its own chunks.
-    flush_lock: Mutex<()>,
+    /// Serialises writes of header/BAT chunks, so that an older copy of a
+    /// chunk can never land after a newer one.
+    meta_io: Mutex<()>,
 }
 
 /// The on-disk copy of header + BAT, and the allocation cursor.
@@ -38,7 +42,12 @@ struct Meta {
     dirty: BTreeSet<usize>,
     /// Byte offset of the next cluster to allocate.
     next_free: u64,
+    /// End of the space grown ahead of `next_free` (durable file size).
+    prealloc_end: u64,
 }
+
+/// Clusters the file grows by at a time (each step costs one sync).
+const PREALLOC_CLUSTERS: u64 = 16;
 
 /// What opening found out that a caller may want to report.
 #[derive(Debug, Default, Clone)]
@@ -136,8 +145,8 @@ impl PloopLayer {
             cluster,
             bat_unit: header.bat_unit(),
             bat,
-            meta: Mutex::new(Meta { header, disk, dirty, next_free }),
-            flush_lock: Mutex::new(()),
+            meta: Mutex::new(Meta { header, disk, dirty, next_free, prealloc_end: next_free }),
+            meta_io: Mutex::new(()),
             file,
         };
         if layer.file.writable {
@@ -191,59 +200,74 @@ impl PloopLayer {
         }
     }
 
-    /// Reserve a fresh cluster at the end of the file. It reads as zeros.
-    pub fn reserve_cluster(&self) -> Result<u64> {
+    /// Reserve a fresh cluster at the end of the file. It reads as zeros,
+    /// and it lies inside the file size that is already durable: the file
+    /// is grown ahead in steps, each made durable before any BAT entry can
+    /// point into it, so an entry never points past EOF after a crash.
+    pub fn reserve_cluster(&self, io: &mut dyn IoBackend) -> Result<u64> {
         let mut meta = self.meta.lock().unwrap();
         let offset = meta.next_free;
+        let end = offset + self.cluster;
         if meta.header.bat_value(offset).is_none() {
             return Err(Error::new(libc::EFBIG, format!("{}: image too large for its BAT", self.file.path.display())));
         }
-        let end = offset + self.cluster;
-        // SAFETY: plain syscall on our own descriptor.
-        let rc = unsafe { libc::fallocate(self.file.fd(), 0, offset as libc::off_t, self.cluster as libc::off_t) };
-        if rc != 0 {
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
-                return Err(Error::io(err, format!("{}: allocating a cluster", self.file.path.display())));
+        if end > meta.prealloc_end {
+            let grow_to = end.max(meta.prealloc_end + PREALLOC_CLUSTERS * self.cluster);
+            let path = self.file.path.display();
+            let from = meta.prealloc_end.max(offset);
+            // SAFETY: plain syscall on our own descriptor.
+            let rc = unsafe {
+                libc::fallocate(self.file.fd(), 0, from as libc::off_t, (grow_to - from) as libc::off_t)
+            };
+            if rc != 0 {
+                let err = std::io::Error::last_os_error();
+                if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
+                    return Err(Error::io(err, format_args!("{path}: growing the image")));
+                }
+                self.file.file.set_len(grow_to).map_err(|e| Error::io(e, &path))?;
             }
-            self.file.file.set_len(end).map_err(|e| Error::io(e, self.file.path.display()))?;
+            io.sync_data(self.file.fd()).map_err(|e| Error::io(e, format_args!("{path}: growing the image")))?;
+            meta.prealloc_end = grow_to;
         }
         meta.next_free = end;
         Ok(offset)
     }
 
-    /// Make virtual cluster `c` resolve to `offset` for I/O (memory only).
-    pub fn publish(&self, c: u64, offset: u64) {
+    /// Point virtual cluster `c` at `offset`: in memory at once (so I/O
+    /// uses it), and on disk before returning (so that a killed daemon
+    /// loses nothing it acknowledged). The caller guarantees the cluster
+    /// already holds the disk's current bytes durably (fresh zeros, or a
+    /// copy-up followed by a sync), so the entry may reach the disk at
+    /// any moment without exposing wrong data after a power loss.
+    pub fn link(&self, io: &mut dyn IoBackend, c: u64, offset: u64) -> Result<()> {
         let value = (offset / self.bat_unit) as u32;
+        let _serial = self.meta_io.lock().unwrap();
         self.bat[c as usize].store(value, Ordering::Release);
+        {
+            let mut meta = self.meta.lock().unwrap();
+            let at = HEADER_SIZE + 4 * c as usize;
+            meta.disk[at..at + 4].copy_from_slice(&value.to_le_bytes());
+            meta.dirty.insert(at / self.file.block_size as usize);
+        }
+        self.write_meta_locked(io, false)
     }
 
-    /// Queue the entry for `c` for the next flush: its data is written.
-    pub fn commit(&self, c: u64) {
-        let value = self.bat[c as usize].load(Ordering::Acquire);
-        let mut meta = self.meta.lock().unwrap();
-        let at = HEADER_SIZE + 4 * c as usize;
-        meta.disk[at..at + 4].copy_from_slice(&value.to_le_bytes());
-        let chunk = at / self.file.block_size as usize;
-        meta.dirty.insert(chunk);
-    }
-
-    /// Make every completed write durable, then the BAT entries that point
-    /// at them. A failed flush leaves the entries queued for the next one.
+    /// Make every completed write durable, and the header/BAT with it.
     pub fn flush(&self, io: &mut dyn IoBackend) -> Result<()> {
-        let _serial = self.flush_lock.lock().unwrap();
+        let _serial = self.meta_io.lock().unwrap();
         let path = self.file.path.display();
         io.sync_data(self.file.fd()).map_err(|e| Error::io(e, format_args!("{path}: flushing data")))?;
-        self.write_meta_locked(io)
+        self.write_meta_locked(io, true)
     }
 
     fn write_meta(&self, io: &mut dyn IoBackend) -> Result<()> {
-        let _serial = self.flush_lock.lock().unwrap();
-        self.write_meta_locked(io)
+        let _serial = self.meta_io.lock().unwrap();
+        self.write_meta_locked(io, true)
     }
 
-    /// Write the dirty chunks of header+BAT and sync them.
-    fn write_meta_locked(&self, io: &mut dyn IoBackend) -> Result<()> {
+    /// Write the dirty chunks of header+BAT (and sync them if asked).
+    /// Chunks that fail stay dirty for the next attempt.
+    fn write_meta_locked(&self, io: &mut dyn IoBackend, sync: bool) -> Result<()> {
         let block = self.file.block_size as usize;
         let (chunks, bufs): (Vec<usize>, Vec<AlignedBuf>) = {
             let mut meta = self.meta.lock().unwrap();
@@ -255,7 +279,7 @@ impl PloopLayer {
         }
         let fd = self.file.fd();
         let mut ops: Vec<IoOp> = chunks.iter().zip(&bufs).map(|(&i, b)| IoOp::write(fd, (i * block) as u64, b)).collect();
-        let result = io.submit(&mut ops).and_then(|()| io.sync_data(fd));
+        let result = io.submit(&mut ops).and_then(|()| if sync { io.sync_data(fd) } else { Ok(()) });
         if let Err(e) = result {
             self.meta.lock().unwrap().dirty.extend(chunks);
             return Err(Error::io(e, format_args!("{}: writing the BAT", self.file.path.display())));
@@ -269,6 +293,10 @@ impl PloopLayer {
             return Ok(());
         }
         self.flush(io)?;
+        // Give back the space grown ahead; the file ends at its last cluster.
+        let end = self.meta.lock().unwrap().next_free;
+        self.file.file.set_len(end).map_err(|e| Error::io(e, self.file.path.display()))?;
+        self.meta.lock().unwrap().prealloc_end = end;
         self.set_in_use(io, CLOSED)
     }
 

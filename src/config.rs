@@ -1,0 +1,129 @@
+//! The per-instance TOML configuration read by `ublk-ploop serve`
+//! (the systemd unit's entry point).
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use ublk_ploop::io::Direct;
+use ublk_ploop::{Error, Result};
+
+use crate::daemon::DeviceConfig;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// One image, or use `images` for a stack (bottom first).
+    pub image: Option<PathBuf>,
+    pub images: Option<Vec<PathBuf>>,
+    /// Fixed device id: needed for recovery after a crash.
+    pub id: Option<u32>,
+    pub queues: Option<u16>,
+    pub depth: Option<u16>,
+    #[serde(default)]
+    pub read_only: bool,
+    pub direct: Option<String>,
+    /// Group (name or number) allowed to use the control socket.
+    pub socket_group: Option<String>,
+}
+
+pub const DEFAULT_QUEUES: u16 = 1;
+pub const DEFAULT_DEPTH: u16 = 128;
+
+pub fn load(path: &Path) -> Result<(DeviceConfig, Option<u32>)> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(e, path.display()))?;
+    let file: FileConfig = toml::from_str(&text).map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
+    let images = match (file.image, file.images) {
+        (Some(one), None) => vec![one],
+        (None, Some(many)) if !many.is_empty() => many,
+        (Some(_), Some(_)) => return Err(Error::invalid(format!("{}: set either `image` or `images`, not both", path.display()))),
+        _ => return Err(Error::invalid(format!("{}: no `image` (or `images`) given", path.display()))),
+    };
+    let direct = match file.direct.as_deref() {
+        None => Direct::Auto,
+        Some(s) => s.parse().map_err(|e: String| Error::invalid(format!("{}: direct: {e}", path.display())))?,
+    };
+    let config = DeviceConfig {
+        images: canonical_images(&images)?,
+        queues: validate_queues(file.queues.unwrap_or(DEFAULT_QUEUES))?,
+        depth: validate_depth(file.depth.unwrap_or(DEFAULT_DEPTH))?,
+        read_only: file.read_only,
+        direct,
+        socket_gid: file.socket_group.as_deref().map(group_id).transpose()?,
+    };
+    Ok((config, file.id))
+}
+
+/// Absolute paths, so the daemon (and a later `recover`) finds the files
+/// whatever its working directory.
+pub fn canonical_images(images: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    images.iter().map(|p| std::fs::canonicalize(p).map_err(|e| Error::io(e, p.display()))).collect()
+}
+
+pub fn validate_queues(q: u16) -> Result<u16> {
+    if q == 0 || q > 64 {
+        return Err(Error::invalid(format!("queues must be between 1 and 64, not {q}")));
+    }
+    Ok(q)
+}
+
+pub fn validate_depth(d: u16) -> Result<u16> {
+    if d == 0 || d > 4096 {
+        return Err(Error::invalid(format!("depth must be between 1 and 4096, not {d}")));
+    }
+    Ok(d)
+}
+
+/// A group name or number to a gid.
+pub fn group_id(name: &str) -> Result<u32> {
+    if let Ok(gid) = name.parse::<u32>() {
+        return Ok(gid);
+    }
+    let cname = std::ffi::CString::new(name).map_err(|_| Error::invalid("group name contains a NUL byte"))?;
+    // SAFETY: getgrnam returns a pointer into static storage or null; we copy
+    // the gid out at once and call it from one thread at startup.
+    let entry = unsafe { libc::getgrnam(cname.as_ptr()) };
+    if entry.is_null() {
+        return Err(Error::invalid(format!("unknown group '{name}'")));
+    }
+    Ok(unsafe { (*entry).gr_gid })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(name: &str, text: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ublk-ploop-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn reads_a_full_config() {
+        let img = write("a.img", "x");
+        let cfg = write("full.toml", &format!("image = {:?}\nid = 7\nqueues = 2\ndepth = 64\ndirect = \"off\"\nsocket_group = \"0\"\n", img));
+        let (c, id) = load(&cfg).unwrap();
+        assert_eq!(id, Some(7));
+        assert_eq!((c.queues, c.depth, c.direct, c.socket_gid), (2, 64, Direct::Off, Some(0)));
+        assert!(c.images[0].is_absolute());
+    }
+
+    #[test]
+    fn refuses_bad_configs() {
+        let img = write("b.img", "x");
+        for (name, text, needle) in [
+            ("none.toml", "id = 1\n".to_string(), "no `image`"),
+            ("typo.toml", format!("image = {img:?}\nqueus = 2\n"), "unknown field"),
+            ("q.toml", format!("image = {img:?}\nqueues = 0\n"), "queues"),
+            ("d.toml", format!("image = {img:?}\ndirect = \"maybe\"\n"), "direct"),
+            ("g.toml", format!("image = {img:?}\nsocket_group = \"no-such-group-here\"\n"), "unknown group"),
+            ("m.toml", "image = \"/nonexistent/x.img\"\n".to_string(), "nonexistent"),
+        ] {
+            let err = load(&write(name, &text)).err().unwrap_or_else(|| panic!("{name} accepted"));
+            assert!(err.message().contains(needle), "{name}: {err}");
+        }
+    }
+}

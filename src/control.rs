@@ -1,0 +1,297 @@
+//! The per-device control socket: newline-delimited JSON requests and
+//! replies, one connection at a time per client, peers checked by their
+//! kernel-reported credentials.
+//!
+//! Request:  {"version": 1, "cmd": "status"}
+//! Reply:    {"version": 1, "ok": true, "result": {...}}
+//!           {"version": 1, "ok": false, "error": "...", "errno": 22}
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use ublk_ploop::{Error, Result};
+
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Longest request line accepted; anything longer is refused unread.
+pub const MAX_REQUEST: usize = 64 * 1024;
+pub const SOCKET_DIR: &str = "/run/ublk-ploop";
+
+pub fn socket_path(dev_id: u32) -> PathBuf {
+    PathBuf::from(SOCKET_DIR).join(format!("{dev_id}.sock"))
+}
+
+#[derive(Deserialize)]
+struct Request {
+    version: Option<u32>,
+    cmd: String,
+    #[serde(default)]
+    #[allow(dead_code)]
+    args: Value,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct Reply {
+    pub version: u32,
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub errno: Option<i32>,
+}
+
+impl Reply {
+    fn ok(result: Value) -> Reply {
+        Reply { version: PROTOCOL_VERSION, ok: true, result: Some(result), error: None, errno: None }
+    }
+    fn err(e: &Error) -> Reply {
+        Reply { version: PROTOCOL_VERSION, ok: false, result: None, error: Some(e.message().to_string()), errno: Some(e.errno()) }
+    }
+}
+
+/// What the daemon answers requests with.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(&self, cmd: &str, args: &Value) -> Result<Value>;
+}
+
+/// Who may talk to the socket besides root and the daemon's own user.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Access {
+    pub group: Option<u32>,
+}
+
+pub struct Server {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    /// Bind the socket (replacing a stale one) and serve it in a thread.
+    pub fn start(path: &Path, access: Access, handler: Arc<dyn Handler>) -> Result<Server> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(e, dir.display()))?;
+        }
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(e, path.display())),
+        }
+        let listener = UnixListener::bind(path).map_err(|e| Error::io(e, path.display()))?;
+        let mode = if access.group.is_some() { 0o660 } else { 0o600 };
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| Error::io(e, path.display()))?;
+        if let Some(gid) = access.group {
+            std::os::unix::fs::chown(path, None, Some(gid)).map_err(|e| Error::io(e, path.display()))?;
+        }
+        listener.set_nonblocking(true).map_err(|e| Error::io(e, path.display()))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || accept_loop(listener, access, handler, stop2))
+            .map_err(|e| Error::io(e, "spawning the control thread"))?;
+        Ok(Server { path: path.to_path_buf(), stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn accept_loop(listener: UnixListener, access: Access, handler: Arc<dyn Handler>, stop: Arc<AtomicBool>) {
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let handler = handler.clone();
+                // One thread per client: a slow or hostile client cannot
+                // stall the others; each connection is bounded in time.
+                let _ = std::thread::Builder::new()
+                    .name("control-client".into())
+                    .spawn(move || serve_client(stream, access, handler.as_ref()));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => {
+                tracing::warn!("control socket accept: {e}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+/// Credentials of the peer, as the kernel saw them at connect time.
+fn peer_credentials(stream: &UnixStream) -> std::io::Result<libc::ucred> {
+    let mut cred = libc::ucred { pid: 0, uid: u32::MAX, gid: u32::MAX };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt fills `cred` of the size we pass.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(cred)
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn permitted(cred: &libc::ucred, access: Access) -> bool {
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    cred.uid == 0 || cred.uid == me || access.group.is_some_and(|g| g == cred.gid)
+}
+
+fn send(stream: &mut UnixStream, reply: &Reply) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(reply).expect("replies serialise");
+    line.push(b'\n');
+    stream.write_all(&line)
+}
+
+fn serve_client(stream: UnixStream, access: Access, handler: &dyn Handler) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(30)));
+    let mut out = match stream.try_clone() {
+        Ok(s) => s,
+        Err(_) => return,
+    };
+    match peer_credentials(&stream) {
+        Ok(cred) if permitted(&cred, access) => {}
+        Ok(cred) => {
+            tracing::warn!(uid = cred.uid, pid = cred.pid, "control request refused: not permitted");
+            let _ = send(&mut out, &Reply::err(&Error::new(libc::EACCES, "permission denied")));
+            return;
+        }
+        Err(e) => {
+            tracing::warn!("control socket: cannot read peer credentials: {e}");
+            return;
+        }
+    }
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut line = Vec::new();
+        let n = match (&mut reader).take(MAX_REQUEST as u64 + 1).read_until(b'\n', &mut line) {
+            Ok(n) => n,
+            Err(_) => return,
+        };
+        if n == 0 {
+            return;
+        }
+        if line.last() != Some(&b'\n') {
+            // Oversized (or cut off): refuse and drop the connection, since
+            // the rest of the line cannot be told apart from a next request.
+            let msg = if line.len() > MAX_REQUEST { "request too large" } else { "request not terminated by a newline" };
+            let _ = send(&mut out, &Reply::err(&Error::invalid(msg)));
+            return;
+        }
+        let reply = match serde_json::from_slice::<Request>(&line) {
+            Err(e) => Reply::err(&Error::invalid(format!("malformed request: {e}"))),
+            Ok(req) if req.version.is_some_and(|v| v != PROTOCOL_VERSION) => Reply::err(&Error::new(
+                libc::EPROTONOSUPPORT,
+                format!("protocol version {} not supported (this daemon speaks {PROTOCOL_VERSION})", req.version.unwrap()),
+            )),
+            Ok(req) => match handler.handle(&req.cmd, &req.args) {
+                Ok(v) => Reply::ok(v),
+                Err(e) => Reply::err(&e),
+            },
+        };
+        if send(&mut out, &reply).is_err() {
+            return;
+        }
+    }
+}
+
+/// Send one request to a device's daemon and return its result.
+pub fn request(dev_id: u32, cmd: &str, args: Value) -> Result<Value> {
+    let path = socket_path(dev_id);
+    let mut stream = UnixStream::connect(&path).map_err(|e| {
+        Error::io(e, format_args!("device {dev_id}: cannot reach its daemon at {}", path.display()))
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(60))).ok();
+    let mut line = serde_json::to_vec(&json!({ "version": PROTOCOL_VERSION, "cmd": cmd, "args": args })).unwrap();
+    line.push(b'\n');
+    stream.write_all(&line).map_err(|e| Error::io(e, path.display()))?;
+    let mut answer = String::new();
+    BufReader::new(stream).read_line(&mut answer).map_err(|e| Error::io(e, path.display()))?;
+    let reply: Reply = serde_json::from_str(&answer)
+        .map_err(|e| Error::new(libc::EPROTO, format!("device {dev_id}: unreadable reply from daemon: {e}")))?;
+    if reply.ok {
+        Ok(reply.result.unwrap_or(Value::Null))
+    } else {
+        Err(Error::new(reply.errno.unwrap_or(libc::EIO), reply.error.unwrap_or_else(|| "request failed".into())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Echo;
+    impl Handler for Echo {
+        fn handle(&self, cmd: &str, _args: &Value) -> Result<Value> {
+            match cmd {
+                "status" => Ok(json!({"alive": true})),
+                _ => Err(Error::invalid(format!("unknown command '{cmd}'"))),
+            }
+        }
+    }
+
+    fn roundtrip(path: &Path, payload: &[u8]) -> Vec<Value> {
+        let mut s = UnixStream::connect(path).unwrap();
+        s.write_all(payload).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+
+    #[test]
+    fn serves_good_requests_and_refuses_bad_ones() {
+        let dir = std::env::temp_dir().join(format!("ublk-ploop-ctl-{}", std::process::id()));
+        let path = dir.join("t.sock");
+        let server = Server::start(&path, Access::default(), Arc::new(Echo)).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+
+        let r = roundtrip(&path, b"{\"version\":1,\"cmd\":\"status\"}\n{\"cmd\":\"nope\"}\nnot json\n{\"version\":9,\"cmd\":\"status\"}\n");
+        assert_eq!(r.len(), 4);
+        assert_eq!(r[0]["ok"], true);
+        assert_eq!(r[0]["result"]["alive"], true);
+        assert_eq!(r[1]["ok"], false);
+        assert!(r[1]["error"].as_str().unwrap().contains("unknown command"));
+        assert_eq!(r[2]["ok"], false);
+        assert!(r[2]["error"].as_str().unwrap().contains("malformed"));
+        assert_eq!(r[3]["errno"], libc::EPROTONOSUPPORT);
+
+        // Oversized: one error, connection closed, server still serving.
+        let big = vec![b'x'; MAX_REQUEST + 100];
+        let r = roundtrip(&path, &big);
+        assert_eq!(r.len(), 1);
+        assert!(r[0]["error"].as_str().unwrap().contains("too large"));
+        let r = roundtrip(&path, b"{\"cmd\":\"status\"}\n");
+        assert_eq!(r[0]["ok"], true);
+        drop(server);
+        assert!(!path.exists());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

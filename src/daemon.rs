@@ -1,0 +1,425 @@
+//! The device daemon: opens the stack, creates (or recovers) the ublk
+//! device, serves its control socket, and closes the images cleanly when
+//! the device is stopped.
+
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
+use libublk::io::UblkDev;
+use libublk::{sys, UblkFlags};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use ublk_ploop::io::{Direct, SyncBackend};
+use ublk_ploop::{Error, Result, Stack, StackOptions};
+
+use crate::control::{self, Access, Handler};
+use crate::ublk_target::{self, Counters, Device};
+
+/// Our target name in the kernel's and libublk's records.
+pub const TARGET_NAME: &str = "ploop";
+
+/// Everything needed to (re)create a device; stored with the device so
+/// that `recover` can rebuild it after the daemon died.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DeviceConfig {
+    /// Layer images, bottom first, absolute paths.
+    pub images: Vec<PathBuf>,
+    pub queues: u16,
+    pub depth: u16,
+    pub read_only: bool,
+    #[serde(with = "direct_serde")]
+    pub direct: Direct,
+    /// Group allowed on the control socket (numeric gid).
+    pub socket_gid: Option<u32>,
+}
+
+mod direct_serde {
+    use super::Direct;
+    pub fn serialize<S: serde::Serializer>(d: &Direct, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(match d {
+            Direct::Auto => "auto",
+            Direct::On => "on",
+            Direct::Off => "off",
+        })
+    }
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Direct, D::Error> {
+        let s: String = serde::Deserialize::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// How the daemon reports "live" (or a failure) to whoever started it.
+pub enum Ready {
+    /// Print the device path on stdout; tell systemd when NOTIFY_SOCKET is set.
+    Foreground,
+    /// Write "ok ID" or "err MESSAGE" down this pipe to the waiting parent.
+    Pipe(OwnedFd),
+}
+
+pub enum Mode {
+    Add { id: i32 },
+    Recover { id: u32 },
+}
+
+/// Refuse early, with the fix, when the kernel has no ublk.
+pub fn require_ublk() -> Result<()> {
+    if std::path::Path::new("/dev/ublk-control").exists() {
+        return Ok(());
+    }
+    Err(Error::new(
+        libc::ENODEV,
+        "/dev/ublk-control is missing: this kernel has no ublk driver loaded. \
+         Load it with `modprobe ublk_drv`, or use a kernel built with CONFIG_BLK_DEV_UBLK",
+    ))
+}
+
+/// Start a device daemon. Unless `foreground`, fork: the parent returns
+/// once the device is live (printing its path) or failed.
+pub fn start(config: DeviceConfig, mode: Mode, foreground: bool) -> Result<i32> {
+    require_ublk()?;
+    // Open the images before forking so that bad input fails right here.
+    let (stack, reports) = Stack::open(&config.images, &StackOptions { read_only: config.read_only, direct: config.direct })?;
+    for (path, r) in config.images.iter().zip(&reports) {
+        if r.was_in_use {
+            tracing::warn!(image = %path.display(), trimmed = r.trimmed_leak, "image was not closed cleanly; checked, no damage");
+        }
+    }
+    if foreground {
+        return run(stack, config, mode, Ready::Foreground);
+    }
+    let (read_end, write_end) = pipe()?;
+    // SAFETY: single-threaded so far (no ring, no thread created yet).
+    match unsafe { libc::fork() } {
+        -1 => Err(Error::io(std::io::Error::last_os_error(), "fork")),
+        0 => {
+            drop(read_end);
+            detach();
+            let code = match run(stack, config, mode, Ready::Pipe(write_end)) {
+                Ok(code) => code,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    1
+                }
+            };
+            std::process::exit(code);
+        }
+        _child => {
+            drop(write_end);
+            drop(stack);
+            let mut answer = String::new();
+            let _ = std::fs::File::from(read_end).read_to_string(&mut answer);
+            match answer.trim().split_once(' ') {
+                Some(("ok", id)) => {
+                    println!("/dev/ublkb{id}");
+                    Ok(0)
+                }
+                Some(("err", msg)) => Err(Error::new(libc::EIO, msg.to_string())),
+                _ => Err(Error::new(libc::EIO, "the daemon exited before the device came up (see its log)")),
+            }
+        }
+    }
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 fills two descriptors we then own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(Error::io(std::io::Error::last_os_error(), "pipe"));
+    }
+    // SAFETY: fresh descriptors from pipe2.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Leave the caller's session and terminal; logs go to stderr, which is
+/// kept only when it is not a terminal (a file or journal), else dropped.
+fn detach() {
+    use std::io::IsTerminal;
+    // SAFETY: plain syscalls in the child after fork.
+    unsafe {
+        libc::setsid();
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        if null >= 0 {
+            libc::dup2(null, 0);
+            libc::dup2(null, 1);
+            if std::io::stderr().is_terminal() {
+                libc::dup2(null, 2);
+            }
+            libc::close(null);
+        }
+    }
+}
+
+fn report(ready: &mut Option<Ready>, outcome: std::result::Result<u32, String>) {
+    match ready.take() {
+        Some(Ready::Pipe(fd)) => {
+            let msg = match outcome {
+                Ok(id) => format!("ok {id}\n"),
+                Err(e) => format!("err {e}\n"),
+            };
+            let _ = std::fs::File::from(fd).write_all(msg.as_bytes());
+        }
+        Some(Ready::Foreground) => {
+            if let Ok(id) = outcome {
+                println!("/dev/ublkb{id}");
+                let _ = std::io::stdout().flush();
+                sd_notify(&format!("READY=1\nSTATUS=serving /dev/ublkb{id}\nMAINPID={}", std::process::id()));
+            }
+        }
+        None => {}
+    }
+}
+
+/// Tell systemd (Type=notify) about our state; a no-op outside systemd.
+fn sd_notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let path = path.to_string_lossy().into_owned();
+    let sock = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(_) => return,
+    };
+    let result = if let Some(abstract_name) = path.strip_prefix('@') {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name.as_bytes())
+            .and_then(|addr| sock.send_to_addr(state.as_bytes(), &addr))
+    } else {
+        sock.send_to(state.as_bytes(), &path)
+    };
+    if let Err(e) = result {
+        tracing::warn!("sd_notify: {e}");
+    }
+}
+
+/// Answers control-socket requests from the live device.
+struct DaemonHandler {
+    device: Arc<Device>,
+    dev_id: u32,
+    config: DeviceConfig,
+    started: Instant,
+}
+
+impl Handler for DaemonHandler {
+    fn handle(&self, cmd: &str, _args: &Value) -> Result<Value> {
+        let stack = &self.device.stack;
+        match cmd {
+            "status" => Ok(json!({
+                "device": format!("/dev/ublkb{}", self.dev_id),
+                "id": self.dev_id,
+                "pid": std::process::id(),
+                "uptime_secs": self.started.elapsed().as_secs(),
+                "size": stack.size(),
+                "cluster_size": stack.cluster_size(),
+                "block_size": stack.block_size(),
+                "read_only": stack.is_read_only(),
+                "layers": layers_json(stack),
+                "counters": serde_json::to_value(&self.device.counters).unwrap(),
+            })),
+            "info" => Ok(json!({
+                "device": format!("/dev/ublkb{}", self.dev_id),
+                "id": self.dev_id,
+                "config": serde_json::to_value(&self.config).unwrap(),
+                "version": env!("CARGO_PKG_VERSION"),
+            })),
+            "flush" => {
+                stack.flush(&mut SyncBackend::new())?;
+                Ok(json!({}))
+            }
+            _ => Err(Error::invalid(format!("unknown command '{cmd}' (known: status, info, flush)"))),
+        }
+    }
+}
+
+fn layers_json(stack: &Stack) -> Value {
+    let top = stack.depth() - 1;
+    Value::Array(
+        stack
+            .layers()
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                json!({
+                    "path": l.file().path.display().to_string(),
+                    "format": l.format(),
+                    "writable": i == top && !stack.is_read_only(),
+                    "direct_io": l.file().direct,
+                })
+            })
+            .collect(),
+    )
+}
+
+/// Block the stop signals in every thread; one thread waits for them and
+/// stops the device, which ends `run_target` in the main thread.
+fn install_stop_signals(dev_id: u32) {
+    // SAFETY: sigset manipulation on a local set, then a process-wide mask.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    let _ = std::thread::Builder::new().name("signals".into()).spawn(move || {
+        let mut sig = 0;
+        // SAFETY: waits on the set blocked above.
+        unsafe { libc::sigwait(&set, &mut sig) };
+        tracing::info!(signal = sig, "stopping device {dev_id}");
+        // A control handle of this thread's own (libublk's rings are per thread).
+        if let Ok(ctrl) = UblkCtrl::new_simple(dev_id as i32) {
+            let _ = ctrl.kill_dev();
+        }
+    });
+}
+
+fn run(stack: Stack, config: DeviceConfig, mode: Mode, ready: Ready) -> Result<i32> {
+    let mut ready = Some(ready);
+    let result = run_inner(stack, config, mode, &mut ready);
+    if let Err(e) = &result {
+        report(&mut ready, Err(e.to_string()));
+    }
+    result
+}
+
+fn ublk_err(e: libublk::UblkError, what: &str) -> Error {
+    Error::new(libc::EIO, format!("{what}: {e}"))
+}
+
+fn run_inner(stack: Stack, config: DeviceConfig, mode: Mode, ready: &mut Option<Ready>) -> Result<i32> {
+    let features = UblkCtrl::get_features().unwrap_or(0);
+    let ctrl = match mode {
+        Mode::Add { id } => UblkCtrlBuilder::default()
+            .name(TARGET_NAME)
+            .id(id)
+            .nr_queues(config.queues)
+            .depth(config.depth)
+            .io_buf_bytes(ublk_target::MAX_IO_BYTES)
+            .ctrl_flags(ublk_target::wanted_flags(features))
+            .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
+            .build()
+            .map_err(|e| ublk_err(e, "creating the ublk device"))?,
+        Mode::Recover { id } => {
+            let old = UblkCtrl::new_simple(id as i32).map_err(|e| ublk_err(e, "opening the device"))?;
+            let rc = old.start_user_recover().map_err(|e| ublk_err(e, "starting user recovery"))?;
+            if rc < 0 {
+                return Err(Error::new(-rc, format!("device {id}: the kernel refused recovery ({rc})")));
+            }
+            let info = old.dev_info();
+            UblkCtrlBuilder::default()
+                .name(TARGET_NAME)
+                .id(id as i32)
+                .nr_queues(info.nr_hw_queues)
+                .depth(info.queue_depth)
+                .io_buf_bytes(info.max_io_buf_bytes)
+                .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
+                .build()
+                .map_err(|e| ublk_err(e, "re-attaching to the device"))?
+        }
+    };
+    let dev_id = ctrl.dev_info().dev_id;
+    let device = Arc::new(Device { stack, counters: Counters::default() });
+    install_stop_signals(dev_id);
+    let handler = Arc::new(DaemonHandler { device: device.clone(), dev_id, config: config.clone(), started: Instant::now() });
+    let server = control::Server::start(&control::socket_path(dev_id), Access { group: config.socket_gid }, handler)?;
+
+    let read_only = config.read_only;
+    let target_json = serde_json::to_value(&config).expect("config serialises");
+    let dev_for_init = device.clone();
+    let tgt_init = move |dev: &mut UblkDev| {
+        ublk_target::init_target(dev, &dev_for_init.stack, read_only)?;
+        dev.set_target_json(target_json);
+        Ok(())
+    };
+    let dev_for_queues = device.clone();
+    let queue_fn = move |qid: u16, dev: &UblkDev| ublk_target::run_queue(qid, dev, dev_for_queues.clone());
+    let mut pending_ready = ready.take();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let on_live = move |c: &UblkCtrl| {
+        tracing::info!(device = %c.get_bdev_path(), "device is live");
+        report(&mut pending_ready, Ok(c.dev_info().dev_id));
+        let _ = tx.send(());
+    };
+    let served = ctrl.run_target(tgt_init, queue_fn, on_live);
+    let went_live = rx.try_recv().is_ok();
+
+    drop(server);
+    let closed = device.stack.mark_clean(&mut SyncBackend::new());
+    if matches!(mode, Mode::Recover { .. }) {
+        // A recovered control does not delete the device when dropped.
+        let _ = ctrl.del_dev();
+    }
+    served.map_err(|e| ublk_err(e, if went_live { "serving the device" } else { "starting the device" }))?;
+    closed?;
+    tracing::info!("device {dev_id} stopped; images closed cleanly");
+    Ok(0)
+}
+
+/// Stop a device: ask the kernel to stop it (its daemon then closes the
+/// images and exits), wait for the daemon, and delete the device.
+pub fn delete(id: u32) -> Result<()> {
+    require_ublk()?;
+    let ctrl = ublk_target::open_ctrl(id).ok_or_else(|| Error::new(libc::ENODEV, format!("no ublk device {id}")))?;
+    let pid = ctrl.dev_info().ublksrv_pid;
+    let _ = ctrl.kill_dev();
+    if pid > 0 {
+        wait_for_exit(pid, Duration::from_secs(60));
+    }
+    let rc = ctrl.del_dev().map_err(|e| ublk_err(e, "deleting the device"))?;
+    if rc < 0 && rc != -libc::ENOENT {
+        return Err(Error::new(-rc, format!("deleting device {id} failed")));
+    }
+    Ok(())
+}
+
+fn wait_for_exit(pid: i32, limit: Duration) {
+    let start = Instant::now();
+    // SAFETY: signal 0 only checks that the process exists.
+    while unsafe { libc::kill(pid, 0) } == 0 && start.elapsed() < limit {
+        // A zombie child of ours would linger; reap it if it is one.
+        unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The stored configuration of an existing device, for `recover`.
+pub fn stored_config(id: u32) -> Result<DeviceConfig> {
+    let ctrl = ublk_target::open_ctrl(id).ok_or_else(|| Error::new(libc::ENODEV, format!("no ublk device {id}")))?;
+    let target = ctrl.get_target_type_from_json().unwrap_or_default();
+    if target != TARGET_NAME {
+        return Err(Error::invalid(format!("device {id} is not a ublk-ploop device (target '{target}')")));
+    }
+    let data = ctrl
+        .get_target_data_from_json()
+        .ok_or_else(|| Error::new(libc::ENOENT, format!("device {id}: its stored configuration is missing")))?;
+    serde_json::from_value(data).map_err(|e| Error::invalid(format!("device {id}: stored configuration unreadable: {e}")))
+}
+
+/// Wait (briefly) until a device whose daemon died is ready for recovery.
+pub fn wait_quiesced(id: u32, limit: Duration) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        let ctrl = ublk_target::open_ctrl(id).ok_or_else(|| Error::new(libc::ENODEV, format!("no ublk device {id}")))?;
+        let info = ctrl.dev_info();
+        if info.flags & sys::UBLK_F_USER_RECOVERY as u64 == 0 {
+            return Err(Error::invalid(format!("device {id} was created without user recovery; it cannot be recovered")));
+        }
+        match info.state as u32 {
+            sys::UBLK_S_DEV_QUIESCED => return Ok(()),
+            sys::UBLK_S_DEV_LIVE if info.ublksrv_pid > 0 && unsafe { libc::kill(info.ublksrv_pid, 0) } == 0 => {
+                return Err(Error::new(libc::EBUSY, format!("device {id} is live, served by pid {}", info.ublksrv_pid)))
+            }
+            _ if start.elapsed() > limit => {
+                return Err(Error::new(
+                    libc::EBUSY,
+                    format!("device {id} is {} and not ready for recovery", ublk_target::state_name(info.state)),
+                ))
+            }
+            _ => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
