@@ -202,6 +202,10 @@ fn serve_client(stream: UnixStream, access: Access, handler: &dyn Handler) {
             // the rest of the line cannot be told apart from a next request.
             let msg = if line.len() > MAX_REQUEST { "request too large" } else { "request not terminated by a newline" };
             let _ = send(&mut out, &Reply::err(&Error::invalid(msg)));
+            // Closing with unread input would reset the connection and could
+            // destroy the reply; drain a bounded amount first.
+            let _ = out.shutdown(std::net::Shutdown::Write);
+            let _ = std::io::copy(&mut reader.take(16 << 20), &mut std::io::sink());
             return;
         }
         let reply = match serde_json::from_slice::<Request>(&line) {

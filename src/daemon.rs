@@ -369,6 +369,10 @@ pub fn delete(id: u32) -> Result<()> {
     if pid > 0 {
         wait_for_exit(pid, Duration::from_secs(60));
     }
+    if ublk_target::open_ctrl(id).is_none() {
+        // The daemon deleted it on its way out.
+        return Ok(());
+    }
     let rc = ctrl.del_dev().map_err(|e| ublk_err(e, "deleting the device"))?;
     if rc < 0 && rc != -libc::ENOENT {
         return Err(Error::new(-rc, format!("deleting device {id} failed")));

@@ -1,0 +1,226 @@
+#!/bin/bash
+# End-to-end scenarios for ublk-ploop, run inside the test VM (a kernel with
+# ublk_drv) by `tests/vm/run tests/vm/e2e.sh [SCENARIO...]`.
+#
+# Each scenario runs in its own process with `set -e`; the last line is a
+# "N passed, N failed" summary and the exit status is non-zero on failure.
+# The binary under test: $UBLK_PLOOP_BIN (default target/release/ublk-ploop).
+
+set -u
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+BIN=${UBLK_PLOOP_BIN:-$repo/target/release/ublk-ploop}
+SCRATCH=${UBLK_PLOOP_SCRATCH:?run this inside the VM: tests/vm/run tests/vm/e2e.sh}
+ALL="basic_fs fio_verify stack_layers control_socket kill_recover read_only"
+
+log() { echo "e2e[${SCENARIO:-main}]: $*"; }
+die() { log "FAIL: $*"; exit 1; }
+
+# /dev/ublkbN -> N
+dev_id() { echo "${1#/dev/ublkb}"; }
+
+# Wait until a block device node exists and has its size.
+wait_dev() {
+	for _ in $(seq 100); do
+		[ -b "$1" ] && [ "$(blockdev --getsize64 "$1" 2>/dev/null || echo 0)" -gt 0 ] && return 0
+		sleep 0.1
+	done
+	die "$1 did not appear"
+}
+
+daemon_pid() { "$BIN" status -n "$1" --json | sed -n 's/^ *"pid": *\([0-9]*\).*/\1/p'; }
+
+qemu_check() { qemu-img check -f parallels "$1" >/tmp/qcheck.out 2>&1 || { cat /tmp/qcheck.out; die "qemu-img check $1"; }; }
+
+# Write files of random data on a mounted filesystem; record checksums.
+write_files() { # dir count size_mb
+	for i in $(seq "$2"); do
+		head -c "$(($3 << 20))" /dev/urandom >"$1/file$i"
+	done
+	(cd "$1" && sha256sum file* >"$SCRATCH/sums.$SCENARIO")
+}
+verify_files() { (cd "$1" && sha256sum -c --quiet "$SCRATCH/sums.$SCENARIO") || die "checksums differ in $1"; }
+
+scenario_basic_fs() {
+	local img=$SCRATCH/basic.hdd mnt=/mnt/basic
+	"$BIN" create "$img" --size 1G
+	dev=$("$BIN" add --image "$img")
+	log "serving $img as $dev"
+	wait_dev "$dev"
+	mkfs.ext4 -q -F "$dev"
+	mkdir -p "$mnt"
+	mount "$dev" "$mnt"
+	write_files "$mnt" 6 40
+	umount "$mnt"
+	"$BIN" del -n "$(dev_id "$dev")"
+	[ ! -e "$dev" ] || die "$dev still exists after del"
+	"$BIN" check "$img"
+	qemu_check "$img"
+	dev=$("$BIN" add --image "$img")
+	wait_dev "$dev"
+	mount "$dev" "$mnt"
+	verify_files "$mnt"
+	umount "$mnt"
+	"$BIN" del -n "$(dev_id "$dev")"
+	"$BIN" check "$img"
+	qemu_check "$img"
+	log "240 MiB of files survived del/add; image clean"
+}
+
+scenario_fio_verify() {
+	local img=$SCRATCH/fio.hdd
+	"$BIN" create "$img" --size 256M --cluster-size 64K
+	dev=$("$BIN" add --image "$img" --queues 2 --depth 64)
+	wait_dev "$dev"
+	fio --name=verify --filename="$dev" --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k \
+		--iodepth=32 --size=96M --verify=crc32c --do_verify=1 --verify_fatal=1 --randrepeat=0 --verify_state_save=0 \
+		--output="$SCRATCH/fio.out" || { cat "$SCRATCH/fio.out"; die "fio verify"; }
+	grep -E "IOPS|err=" "$SCRATCH/fio.out" | head -3
+	"$BIN" del -n "$(dev_id "$dev")"
+	"$BIN" check "$img"
+	qemu_check "$img"
+}
+
+scenario_stack_layers() {
+	local base=$SCRATCH/base.hdd mid=$SCRATCH/mid.hdd top=$SCRATCH/top.hdd
+	"$BIN" create "$base" --size 128M
+	"$BIN" create "$mid" --size 128M
+	"$BIN" create "$top" --size 128M
+	# Lower layers get distinct data through their own devices first.
+	dev=$("$BIN" add --image "$base"); wait_dev "$dev"
+	dd if=/dev/urandom of="$SCRATCH/pat.base" bs=1M count=16 status=none
+	dd if="$SCRATCH/pat.base" of="$dev" bs=1M oflag=direct status=none
+	"$BIN" del -n "$(dev_id "$dev")"
+	dev=$("$BIN" add --image "$mid"); wait_dev "$dev"
+	dd if=/dev/urandom of="$SCRATCH/pat.mid" bs=1M count=8 status=none
+	dd if="$SCRATCH/pat.mid" of="$dev" bs=1M seek=8 oflag=direct status=none
+	"$BIN" del -n "$(dev_id "$dev")"
+	sum_base=$(sha256sum <"$base"); sum_mid=$(sha256sum <"$mid")
+	dev=$("$BIN" add --image "$base" --image "$mid" --image "$top"); wait_dev "$dev"
+	# Reads: the mid layer wins over the base where both hold data.
+	dd if="$dev" of="$SCRATCH/read.all" bs=1M count=24 iflag=direct status=none
+	cmp -n 8M "$SCRATCH/pat.base" "$SCRATCH/read.all" || die "base data"
+	cmp -n 8M "$SCRATCH/pat.mid" "$SCRATCH/read.all" 0 8M || die "mid data"
+	cmp -n 8M /dev/zero "$SCRATCH/read.all" 0 16M || die "unwritten range not zero"
+	# Writes go to the top only; sub-cluster writes copy the rest up.
+	dd if=/dev/urandom of="$SCRATCH/pat.top" bs=4k count=3 status=none
+	dd if="$SCRATCH/pat.top" of="$dev" bs=4k seek=1000 oflag=direct status=none
+	dd if="$dev" of="$SCRATCH/read.top" bs=4k skip=1000 count=3 iflag=direct status=none
+	cmp "$SCRATCH/pat.top" "$SCRATCH/read.top" || die "top data"
+	# The rest of that cluster still reads the mid/base data beneath it.
+	dd if="$dev" of="$SCRATCH/read.all" bs=1M count=24 iflag=direct status=none
+	cmp -n 4096000 "$SCRATCH/pat.base" "$SCRATCH/read.all" || die "data before the write"
+	cmp -n 4096000 "$SCRATCH/pat.base" "$SCRATCH/read.all" 4108288 4108288 || die "data after the write"
+	"$BIN" status -n "$(dev_id "$dev")"
+	"$BIN" del -n "$(dev_id "$dev")"
+	[ "$(sha256sum <"$base")" = "$sum_base" ] || die "base layer changed"
+	[ "$(sha256sum <"$mid")" = "$sum_mid" ] || die "mid layer changed"
+	for f in "$base" "$mid" "$top"; do "$BIN" check "$f"; qemu_check "$f"; done
+	"$BIN" info --json "$top" | grep -q '"allocated_clusters": 1' || die "top should hold exactly one cluster"
+}
+
+scenario_control_socket() {
+	local img=$SCRATCH/ctl.hdd
+	"$BIN" create "$img" --size 64M
+	dev=$("$BIN" add --image "$img"); wait_dev "$dev"
+	id=$(dev_id "$dev")
+	sock=/run/ublk-ploop/$id.sock
+	[ "$(stat -c %a "$sock")" = 600 ] || die "socket mode $(stat -c %a "$sock")"
+	python3 - "$sock" <<'PY' || die "hostile requests"
+import json, os, socket, sys
+path = sys.argv[1]
+def talk(payload):
+    s = socket.socket(socket.AF_UNIX); s.connect(path); s.sendall(payload); s.shutdown(socket.SHUT_WR)
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    return [json.loads(l) for l in data.decode().splitlines()]
+r = talk(b'not json\n{"cmd":"frobnicate"}\n{"version":99,"cmd":"status"}\n{"version":1,"cmd":"status"}\n')
+assert [x["ok"] for x in r] == [False, False, False, True], r
+assert "malformed" in r[0]["error"] and "unknown command" in r[1]["error"], r
+assert r[3]["result"]["size"] == 64 << 20, r
+r = talk(b"x" * 200000)
+assert len(r) == 1 and "too large" in r[0]["error"], r
+print("hostile requests refused; daemon still answering")
+PY
+	# A peer that is neither root nor the daemon's user is refused by its
+	# credentials even when the socket file itself lets it connect.
+	chmod 666 "$sock"
+	out=$(setpriv --reuid=65534 --regid=65534 --clear-groups "$BIN" status -n "$id" 2>&1) && die "non-root peer was served: $out"
+	echo "$out" | grep -q "permission denied" || die "unexpected refusal: $out"
+	# Still serving I/O.
+	dd if=/dev/urandom of="$dev" bs=64k count=16 oflag=direct status=none
+	"$BIN" status -n "$id" --json | grep -q '"writes"' || die "status after hostile input"
+	"$BIN" del -n "$id"
+	"$BIN" check "$img"
+}
+
+scenario_kill_recover() {
+	local img=$SCRATCH/kill.hdd
+	"$BIN" create "$img" --size 256M
+	dev=$("$BIN" add --image "$img" --queues 2 --depth 32); wait_dev "$dev"
+	id=$(dev_id "$dev")
+	"$BIN" features
+	# Writes into fresh clusters and overwrites, with checksummed blocks.
+	fio --name=kill --filename="$dev" --ioengine=io_uring --direct=1 --rw=randwrite --bs=16k \
+		--iodepth=16 --size=128M --verify=crc32c --do_verify=0 --randrepeat=1 --randseed=42 --verify_state_save=0 \
+		--output="$SCRATCH/fio-kill.out" &
+	fio_pid=$!
+	sleep 4
+	pid=$(daemon_pid "$id")
+	[ -n "$pid" ] || die "no daemon pid"
+	log "killing daemon $pid while fio writes"
+	kill -9 "$pid"
+	sleep 1
+	kill -0 "$fio_pid" 2>/dev/null || log "(fio finished before the kill took effect)"
+	"$BIN" list
+	"$BIN" recover -n "$id"
+	wait "$fio_pid" || { cat "$SCRATCH/fio-kill.out"; die "fio write phase failed across recovery"; }
+	fio --name=kill --filename="$dev" --ioengine=io_uring --direct=1 --rw=randwrite --bs=16k \
+		--iodepth=16 --size=128M --verify=crc32c --verify_only=1 --verify_fatal=1 --randrepeat=1 --randseed=42 --verify_state_save=0 \
+		--output="$SCRATCH/fio-verify.out" || { cat "$SCRATCH/fio-verify.out"; die "fio verify after recovery"; }
+	grep -E "err=|verify" "$SCRATCH/fio-verify.out" | head -3 || true
+	"$BIN" del -n "$id"
+	"$BIN" check "$img"
+	qemu_check "$img"
+}
+
+scenario_read_only() {
+	local img=$SCRATCH/ro.hdd
+	"$BIN" create "$img" --size 64M
+	dev=$("$BIN" add --image "$img"); wait_dev "$dev"
+	dd if=/dev/urandom of="$dev" bs=1M count=4 oflag=direct status=none
+	"$BIN" del -n "$(dev_id "$dev")"
+	sum=$(sha256sum <"$img")
+	dev=$("$BIN" add --image "$img" --read-only); wait_dev "$dev"
+	[ "$(blockdev --getro "$dev")" = 1 ] || die "device not read-only"
+	dd if=/dev/zero of="$dev" bs=4k count=1 oflag=direct status=none 2>/dev/null && die "write to read-only device succeeded"
+	dd if="$dev" of=/dev/null bs=1M count=8 iflag=direct status=none
+	"$BIN" del -n "$(dev_id "$dev")"
+	[ "$(sha256sum <"$img")" = "$sum" ] || die "read-only image changed"
+}
+
+if [ "${1:-}" = --scenario ]; then
+	SCENARIO=$2
+	set -eo pipefail
+	"scenario_$2"
+	exit 0
+fi
+
+[ -x "$BIN" ] || { echo "e2e: $BIN not built (cargo build --release)"; exit 2; }
+[ -c /dev/ublk-control ] || { echo "e2e: no /dev/ublk-control: run inside the VM (tests/vm/run $0)"; exit 2; }
+pass=0 fail=0 failed=""
+for s in ${*:-$ALL}; do
+	start=$(date +%s)
+	if "$0" --scenario "$s"; then
+		pass=$((pass + 1)); log "PASS $s ($(($(date +%s) - start)) s)"
+	else
+		fail=$((fail + 1)); failed="$failed $s"; log "FAIL $s ($(($(date +%s) - start)) s)"
+		"$BIN" del --all >/dev/null 2>&1 || true
+		umount /mnt/* >/dev/null 2>&1 || true
+	fi
+	rm -f "$SCRATCH"/*.hdd "$SCRATCH"/pat.* "$SCRATCH"/read.* "$SCRATCH"/sums.*
+done
+[ -z "$failed" ] || log "failed:$failed"
+echo "e2e: $pass passed, $fail failed"
+[ "$fail" -eq 0 ]
