@@ -24,6 +24,14 @@ pub struct CheckReport {
     pub file_size: u64,
     pub disk_size: u64,
     pub cluster_size: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub variant: Option<Variant>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bat_entries: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_offset: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flags: Option<u32>,
     pub allocated_clusters: u64,
     /// Header problems (an unreadable header makes everything else moot).
     pub header_errors: Vec<String>,
@@ -67,12 +75,23 @@ impl CheckReport {
 
 /// Check `path`; with `repair`, fix what can be fixed and report the image
 /// as it is afterwards (the actions taken are listed in `repairs`).
+/// Refuses an image another process has open for writing.
 pub fn check(path: &Path, repair: bool) -> Result<CheckReport> {
+    check_with(path, repair, true)
+}
+
+/// The same report without taking the lock, for `info` on an image that a
+/// daemon is serving (its BAT may change while being read).
+pub fn inspect(path: &Path) -> Result<CheckReport> {
+    check_with(path, false, false)
+}
+
+fn check_with(path: &Path, repair: bool, take_lock: bool) -> Result<CheckReport> {
     let format = detect_format(path)?;
     let file = OpenOptions::new().read(true).write(repair).open(path).map_err(|e| Error::io(e, path.display()))?;
     let lock = if repair { libc::LOCK_EX } else { libc::LOCK_SH };
     // SAFETY: plain syscall on our own descriptor.
-    if unsafe { libc::flock(file.as_raw_fd(), lock | libc::LOCK_NB) } != 0 {
+    if take_lock && unsafe { libc::flock(file.as_raw_fd(), lock | libc::LOCK_NB) } != 0 {
         return Err(Error::new(libc::EBUSY, format!("{}: image is in use by another process", path.display())));
     }
     let file_size = file.metadata().map_err(|e| Error::io(e, path.display()))?.len();
@@ -82,6 +101,10 @@ pub fn check(path: &Path, repair: bool) -> Result<CheckReport> {
         file_size,
         disk_size: file_size,
         cluster_size: 0,
+        variant: None,
+        bat_entries: None,
+        data_offset: None,
+        flags: None,
         allocated_clusters: 0,
         header_errors: vec![],
         bad_entries: vec![],
@@ -90,6 +113,9 @@ pub fn check(path: &Path, repair: bool) -> Result<CheckReport> {
         repairs: vec![],
     };
     if format == Format::Raw {
+        if file_size % 512 != 0 {
+            report.header_errors.push(format!("raw image size {file_size} is not a multiple of 512"));
+        }
         return Ok(report);
     }
     let mut head = [0u8; HEADER_SIZE];
@@ -107,6 +133,10 @@ pub fn check(path: &Path, repair: bool) -> Result<CheckReport> {
     };
     report.disk_size = header.size_bytes();
     report.cluster_size = header.cluster_bytes();
+    report.variant = Some(header.variant);
+    report.bat_entries = Some(header.bat_entries);
+    report.data_offset = Some(header.data_off_bytes());
+    report.flags = Some(header.flags);
     if file_size < header.bat_end() {
         report.header_errors.push(format!("file is truncated: {file_size} bytes, the BAT ends at {}", header.bat_end()));
         if repair {
@@ -189,7 +219,7 @@ pub fn check(path: &Path, repair: bool) -> Result<CheckReport> {
     }
     file.sync_all().map_err(|e| Error::io(e, path.display()))?;
     drop(file);
-    let mut after = check(path, false)?;
+    let mut after = check_with(path, false, false)?;
     after.repairs = repairs;
     Ok(after)
 }

@@ -9,10 +9,10 @@ use serde::Serialize;
 use ublk_ploop::check::{check, Verdict};
 use ublk_ploop::convert::{convert, ConvertOptions};
 use ublk_ploop::io::{make_backend, BackendKind, Direct};
-use ublk_ploop::layers::header::{Header, HEADER_SIZE};
-use ublk_ploop::layers::{detect_format, Format, PloopLayer};
+use ublk_ploop::layers::header::Header;
+use ublk_ploop::layers::{Format, PloopLayer};
 use ublk_ploop::size::{format_size, parse_size};
-use ublk_ploop::{Error, Result};
+use ublk_ploop::Result;
 
 #[derive(Parser)]
 #[command(name = "ublk-ploop", version, about = "OpenVZ ploop images as Linux block devices through ublk")]
@@ -168,7 +168,15 @@ fn parse_size_arg(s: &str) -> std::result::Result<u64, String> {
 }
 
 pub fn main() -> i32 {
-    let cli = Cli::parse();
+    // Usage errors exit 1, never 2: 2 is `check`'s "image is corrupt".
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { 1 } else { 0 };
+            let _ = e.print();
+            return code;
+        }
+    };
     init_logging(cli.verbose);
     match run(cli.command) {
         Ok(code) => code,
@@ -298,7 +306,9 @@ fn run(command: Command) -> Result<i32> {
             Ok(0)
         }
         Command::Info { images, json } => {
-            let infos = images.iter().map(|p| image_info(p)).collect::<Result<Vec<_>>>()?;
+            let found = images.iter().map(|p| image_info(p)).collect::<Result<Vec<_>>>()?;
+            let damaged = found.iter().any(|(_, problems)| !problems.is_empty());
+            let infos: Vec<InfoOut> = found.into_iter().map(|(i, _)| i).collect();
             if json {
                 if infos.len() == 1 {
                     print_json(&infos[0]);
@@ -308,7 +318,10 @@ fn run(command: Command) -> Result<i32> {
             } else {
                 infos.iter().for_each(print_info);
             }
-            Ok(0)
+            for i in infos.iter().filter(|i| !i.problems.is_empty()) {
+                eprintln!("ublk-ploop: {}: damaged: {} (run `ublk-ploop check`)", i.path, i.problems.join("; "));
+            }
+            Ok(if damaged { 2 } else { 0 })
         }
         Command::Check { image, repair, json } => {
             let report = check(&image, repair)?;
@@ -380,6 +393,9 @@ struct InfoOut {
     in_use: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     flags: Option<u32>,
+    /// Damage seen while reading (details: `check`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    problems: Vec<String>,
 }
 
 impl InfoOut {
@@ -396,40 +412,37 @@ impl InfoOut {
             data_offset: Some(h.data_off_bytes()),
             in_use: Some(h.in_use == ublk_ploop::layers::header::IN_USE),
             flags: Some(h.flags),
+            problems: vec![],
         }
     }
 }
 
 /// Header and allocation of an image, read without opening it as a layer
-/// (so it works on an image a daemon is serving).
-fn image_info(path: &std::path::Path) -> Result<InfoOut> {
-    use std::os::unix::fs::FileExt;
-    let format = detect_format(path)?;
-    let file = std::fs::File::open(path).map_err(|e| Error::io(e, path.display()))?;
-    let file_size = file.metadata().map_err(|e| Error::io(e, path.display()))?.len();
-    if format == Format::Raw {
-        return Ok(InfoOut {
-            path: path.display().to_string(),
-            format,
-            variant: None,
-            disk_size: file_size,
-            file_size,
-            cluster_size: None,
-            bat_entries: None,
-            allocated_clusters: None,
-            data_offset: None,
-            in_use: None,
-            flags: None,
-        });
+/// (so it works on an image a daemon is serving). Damage found on the way
+/// is returned with it.
+fn image_info(path: &std::path::Path) -> Result<(InfoOut, Vec<String>)> {
+    let r = ublk_ploop::check::inspect(path)?;
+    let mut problems = r.header_errors.clone();
+    problems.extend(r.bad_entries.iter().map(|b| format!("BAT entry {} {}", b.index, b.problem)));
+    if r.header_errors.is_empty() && r.format == Format::Ploop && r.variant.is_none() {
+        problems.push("unreadable header".into());
     }
-    let mut head = [0u8; HEADER_SIZE];
-    file.read_exact_at(&mut head, 0).map_err(|e| Error::io(e, path.display()))?;
-    let h = Header::parse(&head).map_err(|e| e.context(path.display()))?;
-    let mut bat = vec![0u8; (h.bat_end() - HEADER_SIZE as u64) as usize];
-    file.read_exact_at(&mut bat, HEADER_SIZE as u64)
-        .map_err(|e| Error::io(e, format_args!("{}: reading the BAT", path.display())))?;
-    let allocated = bat.chunks_exact(4).filter(|b| *b != [0, 0, 0, 0]).count() as u64;
-    Ok(InfoOut::from_header(path, &h, allocated, file_size))
+    let ploop = r.format == Format::Ploop && r.variant.is_some();
+    let info = InfoOut {
+        path: r.path,
+        format: r.format,
+        variant: r.variant,
+        disk_size: r.disk_size,
+        file_size: r.file_size,
+        cluster_size: ploop.then_some(r.cluster_size),
+        bat_entries: r.bat_entries,
+        allocated_clusters: ploop.then_some(r.allocated_clusters),
+        data_offset: r.data_offset,
+        in_use: ploop.then_some(r.unclean),
+        flags: r.flags,
+        problems: problems.clone(),
+    };
+    Ok((info, problems))
 }
 
 fn print_info(i: &InfoOut) {

@@ -71,12 +71,14 @@ fn copy_all(
 ) -> Result<ConvertStats> {
     let (out, _) = Stack::open(&[dst.to_path_buf()], &StackOptions { read_only: false, direct: opts.direct })?;
     let size = src.size();
-    let step = src.cluster_size();
+    // Zero detection at the finer of the two cluster sizes, so a sparse
+    // source stays sparse in a destination with smaller clusters.
+    let step = src.cluster_size().min(out.cluster_size());
     let clusters = size.div_ceil(step);
     let mut buf = AlignedBuf::zeroed(step as usize);
     let mut stats = ConvertStats { disk_size: size, clusters, ..Default::default() };
     for c in 0..clusters {
-        if src.owner_of(c).is_some() {
+        if src.owner_of(c * step / src.cluster_size()).is_some() {
             let offset = c * step;
             let n = (size - offset).min(step) as usize;
             src.read(io, offset, &mut buf[..n])?;

@@ -412,13 +412,15 @@ impl Stack {
                 return Err(e);
             }
         };
-        // The old top is made consistent on disk before anything depends on it.
-        self.top().close(io)?;
-        let old = self.layers.pop().expect("stack is never empty");
-        let old_path = old.file().path.clone();
-        drop(old);
-        let (old, _) = Layer::open(&old_path, false, self.direct)?;
-        self.layers.push(old);
+        // The old top is made consistent on disk, then demoted in place
+        // (its descriptor stays; only its lock and role change), so no step
+        // after the new file exists can leave the stack without a top.
+        let demoted = self.top().close(io).and_then(|()| self.layers.last_mut().expect("stack is never empty").demote());
+        if let Err(e) = demoted {
+            drop(new_top);
+            let _ = std::fs::remove_file(path);
+            return Err(e);
+        }
         self.layers.push(new_top);
         Ok(())
     }

@@ -46,6 +46,19 @@ pub fn detect_format(path: &Path) -> Result<Format> {
     if header::has_magic(&head) {
         return Ok(Format::Ploop);
     }
+    let len = file.len()?;
+    if len == 0 {
+        return Err(Error::invalid(format!("{}: empty file: neither a ploop image nor a usable raw disk", path.display())));
+    }
+    if head.starts_with(b"WithouFr") || head.starts_with(b"WithoutF") {
+        // Most of a ploop signature: a damaged header, not a raw disk whose
+        // "data" would be the image's own BAT.
+        return Err(Error::corrupt(format!(
+            "{}: damaged ploop signature {:?}; refusing to treat it as a raw disk",
+            path.display(),
+            String::from_utf8_lossy(&head[..16])
+        )));
+    }
     for (magic, name) in FOREIGN_MAGICS {
         if head.starts_with(magic) {
             return Err(Error::unsupported(format!("{}: {name} images are not supported as layers", path.display())));
@@ -106,6 +119,21 @@ impl Layer {
             Layer::Raw(l) => l.lookup(c, cluster),
         }
     }
+    /// Turn the writable top into a read-only lower layer, keeping its open
+    /// descriptor: the exclusive lock becomes a shared one. Call after
+    /// `close`, which left the image consistent and marked clean.
+    pub fn demote(&mut self) -> Result<()> {
+        let file = match self {
+            Layer::Ploop(l) => l.file_mut(),
+            Layer::Raw(l) => l.file_mut(),
+        };
+        if file.writable {
+            lock(file, false)?;
+            file.writable = false;
+        }
+        Ok(())
+    }
+
     pub fn flush(&self, io: &mut dyn IoBackend) -> Result<()> {
         match self {
             Layer::Ploop(l) => l.flush(io),
@@ -127,6 +155,7 @@ impl Layer {
 /// layer: a second daemon or tool on the same file would corrupt it. The
 /// lock dies with the descriptor, even on kill -9.
 pub(crate) fn lock(file: &ImageFile, exclusive: bool) -> Result<()> {
+    // Converting our own exclusive lock to a shared one is atomic in flock.
     let mode = if exclusive { libc::LOCK_EX } else { libc::LOCK_SH };
     // SAFETY: plain syscall on a descriptor we own.
     let rc = unsafe { libc::flock(file.fd(), mode | libc::LOCK_NB) };

@@ -91,7 +91,7 @@ impl PloopLayer {
         crate::io::SyncBackend::new()
             .submit(&mut [IoOp::read(file.fd(), 0, &mut disk)])
             .map_err(|e| Error::io(e, &path))?;
-        let mut values: Vec<u32> = disk[HEADER_SIZE..header.bat_end() as usize]
+        let values: Vec<u32> = disk[HEADER_SIZE..header.bat_end() as usize]
             .chunks_exact(4)
             .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
             .collect();
@@ -103,14 +103,10 @@ impl PloopLayer {
                 "{path}: image carries a format extension (e.g. dirty bitmaps) that would go stale; open it read-only"
             )));
         }
-        if header.flags & FLAG_EMPTY != 0 {
-            // "Nothing was written": whatever the BAT says is not data.
-            values.iter_mut().for_each(|v| *v = 0);
-            if file.writable {
-                header.flags &= !FLAG_EMPTY;
-                disk[HEADER_SIZE..header.bat_end() as usize].fill(0);
-                dirty.extend(0..(meta_len / block) as usize);
-            }
+        if header.flags & FLAG_EMPTY != 0 && file.writable {
+            // "Nothing written yet" stops being true with our first write.
+            // The BAT stays authoritative, as qemu and check treat it.
+            header.flags &= !FLAG_EMPTY;
         }
         let scan: BatScan = bat::scan(&header, &values, file_len);
         if let Some(first_bad) = scan.bad.first() {
@@ -180,6 +176,9 @@ impl PloopLayer {
     }
     pub fn file(&self) -> &ImageFile {
         &self.file
+    }
+    pub(crate) fn file_mut(&mut self) -> &mut ImageFile {
+        &mut self.file
     }
     pub fn cluster_size(&self) -> u64 {
         self.cluster
