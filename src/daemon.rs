@@ -270,6 +270,7 @@ fn install_stop_signals(dev_id: u32) {
         // SAFETY: waits on the set blocked above.
         unsafe { libc::sigwait(&set, &mut sig) };
         tracing::info!(signal = sig, "stopping device {dev_id}");
+        sd_notify("STOPPING=1");
         // A control handle of this thread's own (libublk's rings are per thread).
         if let Ok(ctrl) = UblkCtrl::new_simple(dev_id as i32) {
             let _ = ctrl.kill_dev();

@@ -11,7 +11,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 BIN=${UBLK_PLOOP_BIN:-$repo/target/release/ublk-ploop}
 SCRATCH=${UBLK_PLOOP_SCRATCH:?run this inside the VM: tests/vm/run tests/vm/e2e.sh}
-ALL="basic_fs fio_verify stack_layers control_socket kill_recover read_only"
+ALL="basic_fs fio_verify stack_layers control_socket kill_recover read_only serve_config"
 
 log() { echo "e2e[${SCENARIO:-main}]: $*"; }
 die() { log "FAIL: $*"; exit 1; }
@@ -198,6 +198,46 @@ scenario_read_only() {
 	dd if="$dev" of=/dev/null bs=1M count=8 iflag=direct status=none
 	"$BIN" del -n "$(dev_id "$dev")"
 	[ "$(sha256sum <"$img")" = "$sum" ] || die "read-only image changed"
+}
+
+# What systemd does with the unit: `serve --config` in the foreground with
+# NOTIFY_SOCKET set; a restart after a crash recovers; SIGTERM removes.
+scenario_serve_config() {
+	local img=$SCRATCH/ct.hdd cfg=$SCRATCH/ct.toml notify=/run/e2e-notify.sock
+	"$BIN" create "$img" --size 128M
+	printf 'image = "%s"\nid = 7\nqueues = 2\ndepth = 32\n' "$img" >"$cfg"
+	start_serve() {
+		rm -f "$notify" "$SCRATCH/notify.msg"
+		python3 - "$notify" "$SCRATCH/notify.msg" <<'PY' &
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); s.bind(sys.argv[1]); s.settimeout(60)
+while True:
+    msg = s.recv(4096).decode()
+    if "READY=1" in msg:
+        open(sys.argv[2], "w").write(msg); break
+PY
+		listener=$!
+		for _ in $(seq 50); do [ -S "$notify" ] && break; sleep 0.1; done
+		NOTIFY_SOCKET=$notify "$BIN" serve --config "$cfg" >"$SCRATCH/serve.out" 2>"$SCRATCH/serve.err" &
+		serve_pid=$!
+		wait "$listener" || die "no READY=1 from serve: $(cat "$SCRATCH/serve.err")"
+		grep -q "STATUS=serving /dev/ublkb7" "$SCRATCH/notify.msg" || die "READY message: $(cat "$SCRATCH/notify.msg")"
+		wait_dev /dev/ublkb7
+	}
+	start_serve
+	dd if=/dev/urandom of="$SCRATCH/pat.ct" bs=1M count=8 status=none
+	dd if="$SCRATCH/pat.ct" of=/dev/ublkb7 bs=1M oflag=direct status=none
+	log "crash: kill -9 $serve_pid, then start serve again as systemd's Restart= would"
+	kill -9 "$serve_pid"; wait "$serve_pid" 2>/dev/null || true
+	start_serve
+	grep -qi "recover" "$SCRATCH/serve.err" || die "second serve did not recover: $(cat "$SCRATCH/serve.err")"
+	dd if=/dev/ublkb7 of="$SCRATCH/read.ct" bs=1M count=8 iflag=direct status=none
+	cmp "$SCRATCH/pat.ct" "$SCRATCH/read.ct" || die "data lost across crash and recovery"
+	kill -TERM "$serve_pid"
+	wait "$serve_pid" || die "serve exited with $? on SIGTERM"
+	[ ! -e /dev/ublkb7 ] || die "device left behind after SIGTERM"
+	"$BIN" check "$img"
+	qemu_check "$img"
 }
 
 if [ "${1:-}" = --scenario ]; then
