@@ -87,6 +87,9 @@ enum Command {
         /// Every ublk-ploop device.
         #[arg(long)]
         all: bool,
+        /// Stop a device even while its filesystem is mounted.
+        #[arg(long)]
+        force: bool,
     },
     /// List ublk devices.
     List {
@@ -227,10 +230,10 @@ fn run(command: Command) -> Result<i32> {
             let mode = crate::daemon::Mode::Add { id: id.map_or(-1, |i| i as i32) };
             crate::daemon::start(config, mode, foreground)
         }
-        Command::Del { id, all } => {
+        Command::Del { id, all, force } => {
             let ids = if all { our_devices() } else { vec![id.expect("clap requires -n or --all")] };
             for id in ids {
-                crate::daemon::delete(id)?;
+                crate::daemon::delete(id, force)?;
                 println!("deleted /dev/ublkb{id}");
             }
             Ok(0)

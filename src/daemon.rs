@@ -280,20 +280,28 @@ fn install_stop_signals(dev_id: u32) {
 
 fn run(stack: Stack, config: DeviceConfig, mode: Mode, ready: Ready) -> Result<i32> {
     let mut ready = Some(ready);
-    let result = run_inner(stack, config, mode, &mut ready);
+    let device = Arc::new(Device { stack, counters: Counters::default() });
+    let result = run_inner(&device, config, mode, &mut ready);
     if let Err(e) = &result {
         report(&mut ready, Err(e.to_string()));
     }
-    result
+    // Whatever happened, the images are left consistent and marked clean.
+    let closed = device.stack.mark_clean(&mut SyncBackend::new());
+    let code = result?;
+    closed?;
+    Ok(code)
 }
 
 fn ublk_err(e: libublk::UblkError, what: &str) -> Error {
     Error::new(libc::EIO, format!("{what}: {e}"))
 }
 
-fn run_inner(stack: Stack, config: DeviceConfig, mode: Mode, ready: &mut Option<Ready>) -> Result<i32> {
+fn run_inner(device: &Arc<Device>, config: DeviceConfig, mode: Mode, ready: &mut Option<Ready>) -> Result<i32> {
     let features = UblkCtrl::get_features().unwrap_or(0);
     let ctrl = match mode {
+        Mode::Add { id } if id >= 0 && ublk_target::open_ctrl(id as u32).is_some() => {
+            return Err(Error::new(libc::EEXIST, format!("ublk device {id} already exists")));
+        }
         Mode::Add { id } => UblkCtrlBuilder::default()
             .name(TARGET_NAME)
             .id(id)
@@ -323,7 +331,6 @@ fn run_inner(stack: Stack, config: DeviceConfig, mode: Mode, ready: &mut Option<
         }
     };
     let dev_id = ctrl.dev_info().dev_id;
-    let device = Arc::new(Device { stack, counters: Counters::default() });
     install_stop_signals(dev_id);
     let handler = Arc::new(DaemonHandler { device: device.clone(), dev_id, config: config.clone(), started: Instant::now() });
     let server = control::Server::start(&control::socket_path(dev_id), Access { group: config.socket_gid }, handler)?;
@@ -349,22 +356,27 @@ fn run_inner(stack: Stack, config: DeviceConfig, mode: Mode, ready: &mut Option<
     let went_live = rx.try_recv().is_ok();
 
     drop(server);
-    let closed = device.stack.mark_clean(&mut SyncBackend::new());
     if matches!(mode, Mode::Recover { .. }) {
         // A recovered control does not delete the device when dropped.
         let _ = ctrl.del_dev();
     }
     served.map_err(|e| ublk_err(e, if went_live { "serving the device" } else { "starting the device" }))?;
-    closed?;
-    tracing::info!("device {dev_id} stopped; images closed cleanly");
+    tracing::info!("device {dev_id} stopped");
     Ok(0)
 }
 
 /// Stop a device: ask the kernel to stop it (its daemon then closes the
-/// images and exits), wait for the daemon, and delete the device.
-pub fn delete(id: u32) -> Result<()> {
+/// images and exits), wait for the daemon, and delete the device. A mounted
+/// device is refused unless `force`: its filesystem would see I/O errors.
+pub fn delete(id: u32, force: bool) -> Result<()> {
     require_ublk()?;
     let ctrl = ublk_target::open_ctrl(id).ok_or_else(|| Error::new(libc::ENODEV, format!("no ublk device {id}")))?;
+    let dev = format!("/dev/ublkb{id}");
+    if !force {
+        if let Some(on) = mount_point(&dev) {
+            return Err(Error::new(libc::EBUSY, format!("{dev} is mounted on {on}; unmount it first (or use --force)")));
+        }
+    }
     let pid = ctrl.dev_info().ublksrv_pid;
     let _ = ctrl.kill_dev();
     if pid > 0 {
@@ -379,6 +391,15 @@ pub fn delete(id: u32) -> Result<()> {
         return Err(Error::new(-rc, format!("deleting device {id} failed")));
     }
     Ok(())
+}
+
+/// Where `dev` is mounted, if anywhere (this mount namespace).
+fn mount_point(dev: &str) -> Option<String> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        (f.next()? == dev).then(|| f.next().unwrap_or("?").to_string())
+    })
 }
 
 fn wait_for_exit(pid: i32, limit: Duration) {

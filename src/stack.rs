@@ -37,6 +37,17 @@ pub enum Seg {
     Zero { buf_off: usize, len: usize },
 }
 
+/// See `Stack::flush_kind`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlushKind {
+    /// Read-only: nothing to make durable.
+    Nothing,
+    /// An fdatasync of this descriptor is the whole flush.
+    SyncData(RawFd),
+    /// Metadata writes are owed too: call `Stack::flush`.
+    Full,
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct StackOptions {
     /// Open every layer read-only (the top too).
@@ -373,6 +384,19 @@ impl Stack {
         io.submit(&mut ops).map_err(|e| Error::io(e, "writing image data"))
     }
 
+    /// What a flush needs: frontends with their own ring run the common
+    /// case (one data sync of the top file, which also covers the BAT
+    /// entries already written) asynchronously, and call `flush` otherwise.
+    pub fn flush_kind(&self) -> FlushKind {
+        if self.read_only {
+            return FlushKind::Nothing;
+        }
+        match self.top() {
+            Layer::Ploop(l) if l.has_pending_metadata() => FlushKind::Full,
+            top => FlushKind::SyncData(top.file().fd()),
+        }
+    }
+
     /// Make every completed write durable.
     pub fn flush(&self, io: &mut dyn IoBackend) -> Result<()> {
         if self.read_only {
@@ -419,6 +443,12 @@ impl Stack {
         if let Err(e) = demoted {
             drop(new_top);
             let _ = std::fs::remove_file(path);
+            // The old top goes on taking writes: it is in use again.
+            if let Layer::Ploop(top) = self.top() {
+                if let Err(mark) = top.reopen_in_use(io) {
+                    tracing::error!("{}: restoring the in-use mark: {mark}", top.file().path.display());
+                }
+            }
             return Err(e);
         }
         self.layers.push(new_top);

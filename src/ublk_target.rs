@@ -19,7 +19,7 @@ use libublk::{sys, UblkError};
 use serde::Serialize;
 
 use ublk_ploop::io::SyncBackend;
-use ublk_ploop::{Seg, Stack};
+use ublk_ploop::{FlushKind, Seg, Stack};
 
 /// Largest request the kernel sends us; one cluster at the default size.
 pub const MAX_IO_BYTES: u32 = 1 << 20;
@@ -144,7 +144,19 @@ async fn handle(q: &UblkQueue<'_>, tag: u16, buf: &mut [u8], segs: &mut Vec<Seg>
         }
         sys::UBLK_IO_OP_FLUSH => {
             c.flushes.fetch_add(1, Ordering::Relaxed);
-            stack.flush(&mut SyncBackend::new()).map_err(|e| e.errno())
+            match stack.flush_kind() {
+                FlushKind::Nothing => Ok(()),
+                // The usual case: one fdatasync, on the ring, not blocking
+                // the queue's other requests.
+                FlushKind::SyncData(fd) => {
+                    let sqe = opcode::Fsync::new(types::Fd(fd)).flags(types::FsyncFlags::DATASYNC).build();
+                    match q.ublk_submit_sqe(sqe).await {
+                        res if res < 0 => Err(-res),
+                        _ => Ok(()),
+                    }
+                }
+                FlushKind::Full => stack.flush(&mut SyncBackend::new()).map_err(|e| e.errno()),
+            }
         }
         sys::UBLK_IO_OP_DISCARD => {
             c.discards.fetch_add(1, Ordering::Relaxed);

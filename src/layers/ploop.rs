@@ -240,15 +240,22 @@ impl PloopLayer {
     /// any moment without exposing wrong data after a power loss.
     pub fn link(&self, io: &mut dyn IoBackend, c: u64, offset: u64) -> Result<()> {
         let value = (offset / self.bat_unit) as u32;
+        let at = HEADER_SIZE + 4 * c as usize;
         let _serial = self.meta_io.lock().unwrap();
-        self.bat[c as usize].store(value, Ordering::Release);
+        let previous = self.bat[c as usize].swap(value, Ordering::AcqRel);
         {
             let mut meta = self.meta.lock().unwrap();
-            let at = HEADER_SIZE + 4 * c as usize;
             meta.disk[at..at + 4].copy_from_slice(&value.to_le_bytes());
             meta.dirty.insert(at / self.file.block_size as usize);
         }
-        self.write_meta_locked(io, false)
+        let written = self.write_meta_locked(io, false);
+        if written.is_err() {
+            // The request fails, so the cluster must not appear later
+            // either: undo the entry in memory and in the pending chunk.
+            self.bat[c as usize].store(previous, Ordering::Release);
+            self.meta.lock().unwrap().disk[at..at + 4].copy_from_slice(&previous.to_le_bytes());
+        }
+        written
     }
 
     /// Make every completed write durable, and the header/BAT with it.
@@ -299,6 +306,14 @@ impl PloopLayer {
         self.set_in_use(io, CLOSED)
     }
 
+    /// Set the in-use mark again on a top that stays writable after a
+    /// `close` (a snapshot that failed half way). Even if this write fails,
+    /// the mark is in the pending header, so every later header write
+    /// carries it.
+    pub fn reopen_in_use(&self, io: &mut dyn IoBackend) -> Result<()> {
+        self.set_in_use(io, IN_USE)
+    }
+
     fn set_in_use(&self, io: &mut dyn IoBackend, mark: u32) -> Result<()> {
         {
             let mut meta = self.meta.lock().unwrap();
@@ -308,6 +323,11 @@ impl PloopLayer {
             meta.dirty.insert(0);
         }
         self.write_meta(io)
+    }
+
+    /// Header/BAT chunks whose write is still owed (after a failed write).
+    pub fn has_pending_metadata(&self) -> bool {
+        !self.meta.lock().unwrap().dirty.is_empty()
     }
 
     /// The current BAT values (for check, merge and the tracker).

@@ -51,6 +51,10 @@ scenario_basic_fs() {
 	mkdir -p "$mnt"
 	mount "$dev" "$mnt"
 	write_files "$mnt" 6 40
+	"$BIN" del -n "$(dev_id "$dev")" 2>"$SCRATCH/del.err" && die "del of a mounted device succeeded"
+	grep -q "is mounted" "$SCRATCH/del.err" || die "del refusal: $(cat "$SCRATCH/del.err")"
+	"$BIN" add --image "$img" 2>"$SCRATCH/add.err" && die "a second daemon opened the image"
+	grep -q "in use" "$SCRATCH/add.err" || die "second add: $(cat "$SCRATCH/add.err")"
 	umount "$mnt"
 	"$BIN" del -n "$(dev_id "$dev")"
 	[ ! -e "$dev" ] || die "$dev still exists after del"
@@ -256,7 +260,7 @@ for s in ${*:-$ALL}; do
 		pass=$((pass + 1)); log "PASS $s ($(($(date +%s) - start)) s)"
 	else
 		fail=$((fail + 1)); failed="$failed $s"; log "FAIL $s ($(($(date +%s) - start)) s)"
-		"$BIN" del --all >/dev/null 2>&1 || true
+		"$BIN" del --all --force >/dev/null 2>&1 || true
 		umount /mnt/* >/dev/null 2>&1 || true
 	fi
 	rm -f "$SCRATCH"/*.hdd "$SCRATCH"/pat.* "$SCRATCH"/read.* "$SCRATCH"/sums.*
