@@ -44,9 +44,13 @@ pub enum FlushKind {
     Nothing,
     /// An fdatasync of this descriptor is the whole flush.
     SyncData(RawFd),
-    /// Metadata writes are owed too: call `Stack::flush`.
-    Full,
 }
+
+/// What `plan_write` hands back: pass it to `finish_write` once the data
+/// transfers completed, before acknowledging the write.
+#[must_use = "a planned write must be finished with Stack::finish_write"]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriteTicket(Option<u64>);
 
 #[derive(Clone, Debug, Default)]
 pub struct StackOptions {
@@ -213,9 +217,17 @@ impl Stack {
             let seg = match self.owner_of(c) {
                 None => Seg::Zero { buf_off, len: n },
                 Some(i) => {
-                    let layer = &self.layers[i];
-                    match layer.lookup(c, self.cluster) {
-                        Some(base) => Seg::Data { fd: layer.file().fd(), file_off: base + within, buf_off, len: n },
+                    // The owner map can name the top for an instant after a
+                    // failed BAT write undid its entry: then look below.
+                    let found = Some(i)
+                        .filter(|&i| self.layers[i].lookup(c, self.cluster).is_some())
+                        .or_else(|| self.holder_below_top(c));
+                    match found {
+                        Some(i) => {
+                            let layer = &self.layers[i];
+                            let base = layer.lookup(c, self.cluster).expect("checked above");
+                            Seg::Data { fd: layer.file().fd(), file_off: base + within, buf_off, len: n }
+                        }
                         None => Seg::Zero { buf_off, len: n },
                     }
                 }
@@ -227,23 +239,28 @@ impl Stack {
 
     /// Resolve a write into segments of the top layer, allocating (and
     /// copying up from below) every cluster the top does not hold yet.
-    pub fn plan_write(&self, io: &mut dyn IoBackend, offset: u64, len: usize, segs: &mut Vec<Seg>) -> Result<()> {
+    /// The returned ticket goes to `finish_write` after the data is written.
+    pub fn plan_write(&self, io: &mut dyn IoBackend, offset: u64, len: usize, segs: &mut Vec<Seg>) -> Result<WriteTicket> {
         self.check_writable()?;
         self.check_range(offset, len)?;
         segs.clear();
         let top = self.top_index();
         let fd = self.top().file().fd();
         for (c, within, buf_off, n) in self.pieces(offset, len) {
-            let base = match self.owner_of(c) {
-                Some(i) if i as u8 == top => self.top().lookup(c, self.cluster).expect("owner map and BAT agree"),
-                _ => self.allocate(io, c, true)?,
+            let held = match self.owner_of(c) {
+                Some(i) if i as u8 == top => self.top().lookup(c, self.cluster),
+                _ => None,
+            };
+            let base = match held {
+                Some(base) => base,
+                None => self.allocate(io, c, true)?,
             };
             push_merged(segs, Seg::Data { fd, file_off: base + within, buf_off, len: n });
         }
         if let Some(t) = &self.tracker {
             t.mark_range(offset, len as u64);
         }
-        Ok(())
+        Ok(self.ticket())
     }
 
     /// Give cluster `c` a home in the top layer and return its file offset.
@@ -254,11 +271,11 @@ impl Stack {
     fn allocate(&self, io: &mut dyn IoBackend, c: u64, copy_up: bool) -> Result<u64> {
         let mut scratch = self.alloc.lock().unwrap();
         let top_index = self.top_index();
-        let below = self.owner_of(c);
-        if below == Some(top_index as usize) {
+        if let Some(base) = self.top().lookup(c, self.cluster) {
             // Another request allocated it while we waited.
-            return Ok(self.top().lookup(c, self.cluster).expect("owner map and BAT agree"));
+            return Ok(base);
         }
+        let below = self.holder_below_top(c);
         let Layer::Ploop(top) = self.top() else {
             unreachable!("a raw top layer holds every cluster");
         };
@@ -276,7 +293,7 @@ impl Stack {
             io.sync_data(top.file().fd())
                 .map_err(|e| Error::io(e, format_args!("{}: copy-up sync", top.file().path.display())))?;
         }
-        top.link(io, c, offset)?;
+        top.link(c, offset);
         self.owner[c as usize].store(top_index, Ordering::Release);
         Ok(offset)
     }
@@ -308,7 +325,7 @@ impl Stack {
         if let Some(t) = &self.tracker {
             t.mark_range(offset, len as u64);
         }
-        Ok(())
+        self.finish_write(io, self.ticket())
     }
 
     /// Discard a range: space the top layer holds there is released and
@@ -328,7 +345,8 @@ impl Stack {
         if let (true, Some(t)) = (changed, &self.tracker) {
             t.mark_range(offset, len as u64);
         }
-        Ok(())
+        // Punched clusters may have been linked by writes still in flight.
+        self.finish_write(io, self.ticket())
     }
 
     /// Make a piece of a top-layer cluster read as zeros.
@@ -373,7 +391,7 @@ impl Stack {
     /// Write `data` at `offset`.
     pub fn write(&self, io: &mut dyn IoBackend, offset: u64, data: &[u8]) -> Result<()> {
         let mut segs = Vec::new();
-        self.plan_write(io, offset, data.len(), &mut segs)?;
+        let ticket = self.plan_write(io, offset, data.len(), &mut segs)?;
         let mut ops: Vec<IoOp> = segs
             .iter()
             .map(|seg| match *seg {
@@ -381,20 +399,18 @@ impl Stack {
                 Seg::Zero { .. } => unreachable!("writes plan no zero segments"),
             })
             .collect();
-        io.submit(&mut ops).map_err(|e| Error::io(e, "writing image data"))
+        io.submit(&mut ops).map_err(|e| Error::io(e, "writing image data"))?;
+        self.finish_write(io, ticket)
     }
 
-    /// What a flush needs: frontends with their own ring run the common
-    /// case (one data sync of the top file, which also covers the BAT
-    /// entries already written) asynchronously, and call `flush` otherwise.
+    /// What a flush needs: every acknowledged write already has its BAT
+    /// entry written, so one data sync of the top file makes them all
+    /// durable; frontends with their own ring run it asynchronously.
     pub fn flush_kind(&self) -> FlushKind {
         if self.read_only {
             return FlushKind::Nothing;
         }
-        match self.top() {
-            Layer::Ploop(l) if l.has_pending_metadata() => FlushKind::Full,
-            top => FlushKind::SyncData(top.file().fd()),
-        }
+        FlushKind::SyncData(self.top().file().fd())
     }
 
     /// Make every completed write durable.
@@ -402,7 +418,49 @@ impl Stack {
         if self.read_only {
             return Ok(());
         }
-        self.top().flush(io)
+        match self.top() {
+            Layer::Ploop(top) => top.flush(io).map_err(|e| self.rolled_back(e)),
+            raw => raw.flush(io),
+        }
+    }
+
+    /// Complete a planned write whose data transfers succeeded: the BAT
+    /// entries it (or a concurrent write it relies on) linked are written
+    /// before it may be acknowledged. Writes finishing together share the
+    /// metadata writes.
+    pub fn finish_write(&self, io: &mut dyn IoBackend, ticket: WriteTicket) -> Result<()> {
+        match (ticket.0, self.top()) {
+            (Some(generation), Layer::Ploop(top)) => top.write_metadata(io, generation).map_err(|e| self.rolled_back(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// After a failed BAT write undid some entries of the top: resolve
+    /// those clusters to the layers below again.
+    fn rolled_back(&self, e: crate::layers::ploop::MetaError) -> Error {
+        if !e.rolled_back.is_empty() {
+            let _alloc = self.alloc.lock().unwrap();
+            for c in e.rolled_back {
+                if self.top().lookup(c, self.cluster).is_none() {
+                    let below = self.holder_below_top(c).map_or(NOBODY, |i| i as u8);
+                    self.owner[c as usize].store(below, Ordering::Release);
+                }
+            }
+        }
+        e.error
+    }
+
+    /// The topmost layer under the top that holds cluster `c`.
+    fn holder_below_top(&self, c: u64) -> Option<usize> {
+        let top = self.layers.len() - 1;
+        (0..top).rev().find(|&i| self.layers[i].lookup(c, self.cluster).is_some())
+    }
+
+    fn ticket(&self) -> WriteTicket {
+        match self.top() {
+            Layer::Ploop(top) => WriteTicket(top.unwritten()),
+            Layer::Raw(_) => WriteTicket(None),
+        }
     }
 
     /// Flush and mark the top image cleanly closed.

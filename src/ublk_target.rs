@@ -138,7 +138,11 @@ async fn handle(q: &UblkQueue<'_>, tag: u16, buf: &mut [u8], segs: &mut Vec<Seg>
             c.writes.fetch_add(1, Ordering::Relaxed);
             c.write_bytes.fetch_add(len as u64, Ordering::Relaxed);
             match stack.plan_write(&mut SyncBackend::new(), offset, len, segs) {
-                Ok(()) => transfer(q, buf, segs, true).await,
+                Ok(ticket) => match transfer(q, buf, segs, true).await {
+                    // New BAT entries are on disk before the write completes.
+                    Ok(()) => stack.finish_write(&mut SyncBackend::new(), ticket).map_err(|e| e.errno()),
+                    Err(errno) => Err(errno),
+                },
                 Err(e) => Err(e.errno()),
             }
         }
@@ -155,7 +159,6 @@ async fn handle(q: &UblkQueue<'_>, tag: u16, buf: &mut [u8], segs: &mut Vec<Seg>
                         _ => Ok(()),
                     }
                 }
-                FlushKind::Full => stack.flush(&mut SyncBackend::new()).map_err(|e| e.errno()),
             }
         }
         sys::UBLK_IO_OP_DISCARD => {

@@ -136,7 +136,7 @@ impl Layer {
 
     pub fn flush(&self, io: &mut dyn IoBackend) -> Result<()> {
         match self {
-            Layer::Ploop(l) => l.flush(io),
+            Layer::Ploop(l) => l.flush(io).map_err(|e| e.error),
             Layer::Raw(l) if l.file().writable => {
                 io.sync_data(l.file().fd()).map_err(|e| Error::io(e, l.file().path.display()))
             }

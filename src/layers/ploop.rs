@@ -44,10 +44,38 @@ struct Meta {
     next_free: u64,
     /// End of the space grown ahead of `next_free` (durable file size).
     prealloc_end: u64,
+    /// Generations of BAT changes: each `link` publishes one; `written`
+    /// is the newest whose chunk write finished; requests whose entries are
+    /// at or below `failed` (and above `written`) were rolled back.
+    published: u64,
+    written: u64,
+    failed: u64,
+    /// Linked entries not yet written: (generation, cluster, previous value).
+    pending: Vec<(u64, u64, u32)>,
 }
 
-/// Clusters the file grows by at a time (each step costs one sync).
+/// The file grows ahead by an eighth of its size, at least this many
+/// clusters and `PREALLOC_MIN` bytes, at most `PREALLOC_MAX`: each step
+/// costs an fallocate and a sync (and ext4's fallocate drains the file's
+/// in-flight direct I/O), so steps grow with the image. Unused space is
+/// given back on close, or trimmed on the next open after a crash.
 const PREALLOC_CLUSTERS: u64 = 16;
+const PREALLOC_MIN: u64 = 64 << 20;
+const PREALLOC_MAX: u64 = 1 << 30;
+
+/// A failed header/BAT write, with the clusters whose new entries were
+/// rolled back because of it (the stack re-resolves them).
+#[derive(Debug)]
+pub struct MetaError {
+    pub error: Error,
+    pub rolled_back: Vec<u64>,
+}
+
+impl From<Error> for MetaError {
+    fn from(error: Error) -> Self {
+        MetaError { error, rolled_back: vec![] }
+    }
+}
 
 /// What opening found out that a caller may want to report.
 #[derive(Debug, Default, Clone)]
@@ -141,14 +169,14 @@ impl PloopLayer {
             cluster,
             bat_unit: header.bat_unit(),
             bat,
-            meta: Mutex::new(Meta { header, disk, dirty, next_free, prealloc_end: next_free }),
+            meta: Mutex::new(Meta { header, disk, dirty, next_free, prealloc_end: next_free, published: 0, written: 0, failed: 0, pending: vec![] }),
             meta_io: Mutex::new(()),
             file,
         };
         if layer.file.writable {
             // The in-use mark must be on disk before any data changes.
             let mut io = crate::io::SyncBackend::new();
-            layer.write_meta(&mut io)?;
+            layer.write_meta(&mut io).map_err(|e| e.error)?;
         }
         Ok((layer, report))
     }
@@ -211,7 +239,10 @@ impl PloopLayer {
             return Err(Error::new(libc::EFBIG, format!("{}: image too large for its BAT", self.file.path.display())));
         }
         if end > meta.prealloc_end {
-            let grow_to = end.max(meta.prealloc_end + PREALLOC_CLUSTERS * self.cluster);
+            // Never grow past what the BAT can address in all.
+            let max_end = meta.header.data_off_bytes() + self.bat.len() as u64 * self.cluster;
+            let step = (meta.prealloc_end / 8).clamp(PREALLOC_MIN, PREALLOC_MAX).max(PREALLOC_CLUSTERS * self.cluster);
+            let grow_to = end.max((meta.prealloc_end + step).min(max_end));
             let path = self.file.path.display();
             let from = meta.prealloc_end.max(offset);
             // SAFETY: plain syscall on our own descriptor.
@@ -232,65 +263,107 @@ impl PloopLayer {
         Ok(offset)
     }
 
-    /// Point virtual cluster `c` at `offset`: in memory at once (so I/O
-    /// uses it), and on disk before returning (so that a killed daemon
-    /// loses nothing it acknowledged). The caller guarantees the cluster
-    /// already holds the disk's current bytes durably (fresh zeros, or a
-    /// copy-up followed by a sync), so the entry may reach the disk at
-    /// any moment without exposing wrong data after a power loss.
-    pub fn link(&self, io: &mut dyn IoBackend, c: u64, offset: u64) -> Result<()> {
+    /// Point virtual cluster `c` at `offset`, in memory (so I/O uses it at
+    /// once), and queue the BAT entry; returns its generation. The entry
+    /// reaches the disk with `write_metadata`, which the request that
+    /// needed it waits for before it completes, so a killed daemon loses
+    /// nothing it acknowledged. Concurrent allocations share chunk writes.
+    /// The caller guarantees the cluster already holds the disk's current
+    /// bytes durably (fresh zeros in grown-ahead space, or a synced
+    /// copy-up), so the entry may reach the disk at any moment without
+    /// exposing wrong data after a power loss.
+    pub fn link(&self, c: u64, offset: u64) -> u64 {
         let value = (offset / self.bat_unit) as u32;
         let at = HEADER_SIZE + 4 * c as usize;
-        let _serial = self.meta_io.lock().unwrap();
+        let mut meta = self.meta.lock().unwrap();
         let previous = self.bat[c as usize].swap(value, Ordering::AcqRel);
+        meta.disk[at..at + 4].copy_from_slice(&value.to_le_bytes());
+        meta.dirty.insert(at / self.file.block_size as usize);
+        meta.published += 1;
+        let generation = meta.published;
+        meta.pending.push((generation, c, previous));
+        generation
+    }
+
+    /// The newest linked generation not yet written, if any.
+    pub fn unwritten(&self) -> Option<u64> {
+        let meta = self.meta.lock().unwrap();
+        (meta.published > meta.written).then_some(meta.published)
+    }
+
+    /// Make sure every entry linked up to `generation` is written (not
+    /// synced). One call writes whatever is pending, so requests that
+    /// complete together share the writes. If the write fails, every entry
+    /// it carried is rolled back and its requests fail.
+    pub fn write_metadata(&self, io: &mut dyn IoBackend, generation: u64) -> std::result::Result<(), MetaError> {
+        let _serial = self.meta_io.lock().unwrap();
         {
-            let mut meta = self.meta.lock().unwrap();
-            meta.disk[at..at + 4].copy_from_slice(&value.to_le_bytes());
-            meta.dirty.insert(at / self.file.block_size as usize);
+            let meta = self.meta.lock().unwrap();
+            if meta.written >= generation {
+                return Ok(());
+            }
+            if generation <= meta.failed {
+                return Err(Error::new(libc::EIO, format!("{}: writing the BAT failed", self.file.path.display())).into());
+            }
         }
-        let written = self.write_meta_locked(io, false);
-        if written.is_err() {
-            // The request fails, so the cluster must not appear later
-            // either: undo the entry in memory and in the pending chunk.
-            self.bat[c as usize].store(previous, Ordering::Release);
-            self.meta.lock().unwrap().disk[at..at + 4].copy_from_slice(&previous.to_le_bytes());
-        }
-        written
+        self.write_meta_locked(io, false)
     }
 
-    /// Make every completed write durable, and the header/BAT with it.
-    pub fn flush(&self, io: &mut dyn IoBackend) -> Result<()> {
+    /// Make every acknowledged write durable: their BAT entries are
+    /// already written, so one data sync covers both; pending entries of
+    /// requests still in flight are written first, which is harmless.
+    pub fn flush(&self, io: &mut dyn IoBackend) -> std::result::Result<(), MetaError> {
         let _serial = self.meta_io.lock().unwrap();
+        self.write_meta_locked(io, false)?;
         let path = self.file.path.display();
-        io.sync_data(self.file.fd()).map_err(|e| Error::io(e, format_args!("{path}: flushing data")))?;
-        self.write_meta_locked(io, true)
+        io.sync_data(self.file.fd()).map_err(|e| Error::io(e, format_args!("{path}: flushing")))?;
+        Ok(())
     }
 
-    fn write_meta(&self, io: &mut dyn IoBackend) -> Result<()> {
+    fn write_meta(&self, io: &mut dyn IoBackend) -> std::result::Result<(), MetaError> {
         let _serial = self.meta_io.lock().unwrap();
         self.write_meta_locked(io, true)
     }
 
-    /// Write the dirty chunks of header+BAT (and sync them if asked).
-    /// Chunks that fail stay dirty for the next attempt.
-    fn write_meta_locked(&self, io: &mut dyn IoBackend, sync: bool) -> Result<()> {
+    /// Write the dirty chunks of header+BAT (and sync them if asked). On
+    /// failure the entries they carried for the first time are undone, in
+    /// memory and in the on-disk image, and reported.
+    fn write_meta_locked(&self, io: &mut dyn IoBackend, sync: bool) -> std::result::Result<(), MetaError> {
         let block = self.file.block_size as usize;
-        let (chunks, bufs): (Vec<usize>, Vec<AlignedBuf>) = {
+        let (snapshot, chunks, bufs): (u64, Vec<usize>, Vec<AlignedBuf>) = {
             let mut meta = self.meta.lock().unwrap();
             let taken = std::mem::take(&mut meta.dirty);
-            taken.into_iter().map(|i| (i, AlignedBuf::from_slice(&meta.disk[i * block..(i + 1) * block]))).unzip()
+            let (chunks, bufs) =
+                taken.into_iter().map(|i| (i, AlignedBuf::from_slice(&meta.disk[i * block..(i + 1) * block]))).unzip();
+            (meta.published, chunks, bufs)
         };
-        if chunks.is_empty() {
-            return Ok(());
-        }
         let fd = self.file.fd();
         let mut ops: Vec<IoOp> = chunks.iter().zip(&bufs).map(|(&i, b)| IoOp::write(fd, (i * block) as u64, b)).collect();
         let result = io.submit(&mut ops).and_then(|()| if sync { io.sync_data(fd) } else { Ok(()) });
-        if let Err(e) = result {
-            self.meta.lock().unwrap().dirty.extend(chunks);
-            return Err(Error::io(e, format_args!("{}: writing the BAT", self.file.path.display())));
+        let mut meta = self.meta.lock().unwrap();
+        match result {
+            Ok(()) => {
+                meta.written = meta.written.max(snapshot);
+                meta.pending.retain(|&(g, _, _)| g > snapshot);
+                Ok(())
+            }
+            Err(e) => {
+                meta.dirty.extend(chunks);
+                let mut rolled_back = vec![];
+                let undo: Vec<(u64, u64, u32)> = meta.pending.iter().copied().filter(|&(g, _, _)| g <= snapshot).collect();
+                for &(_, c, previous) in undo.iter().rev() {
+                    let at = HEADER_SIZE + 4 * c as usize;
+                    self.bat[c as usize].store(previous, Ordering::Release);
+                    meta.disk[at..at + 4].copy_from_slice(&previous.to_le_bytes());
+                    meta.dirty.insert(at / block);
+                    rolled_back.push(c);
+                }
+                meta.pending.retain(|&(g, _, _)| g > snapshot);
+                meta.failed = meta.failed.max(snapshot);
+                let error = Error::io(e, format_args!("{}: writing the BAT", self.file.path.display()));
+                Err(MetaError { error, rolled_back })
+            }
         }
-        Ok(())
     }
 
     /// Flush and clear the in-use mark: the image is consistent on disk.
@@ -298,7 +371,7 @@ impl PloopLayer {
         if !self.file.writable {
             return Ok(());
         }
-        self.flush(io)?;
+        self.flush(io).map_err(|e| e.error)?;
         // Give back the space grown ahead; the file ends at its last cluster.
         let end = self.meta.lock().unwrap().next_free;
         self.file.file.set_len(end).map_err(|e| Error::io(e, self.file.path.display()))?;
@@ -322,12 +395,7 @@ impl PloopLayer {
             meta.disk[..HEADER_SIZE].copy_from_slice(&bytes);
             meta.dirty.insert(0);
         }
-        self.write_meta(io)
-    }
-
-    /// Header/BAT chunks whose write is still owed (after a failed write).
-    pub fn has_pending_metadata(&self) -> bool {
-        !self.meta.lock().unwrap().dirty.is_empty()
+        self.write_meta(io).map_err(|e| e.error)
     }
 
     /// The current BAT values (for check, merge and the tracker).
