@@ -50,7 +50,7 @@ pub enum FlushKind {
 /// transfers completed, before acknowledging the write.
 #[must_use = "a planned write must be finished with Stack::finish_write"]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct WriteTicket(Option<u64>);
+pub struct WriteTicket(Option<(u64, u64)>);
 
 #[derive(Clone, Debug, Default)]
 pub struct StackOptions {
@@ -244,6 +244,7 @@ impl Stack {
         self.check_writable()?;
         self.check_range(offset, len)?;
         segs.clear();
+        let window = self.window_start();
         let top = self.top_index();
         let fd = self.top().file().fd();
         for (c, within, buf_off, n) in self.pieces(offset, len) {
@@ -253,14 +254,14 @@ impl Stack {
             };
             let base = match held {
                 Some(base) => base,
-                None => self.allocate(io, c, true)?,
+                None => self.allocate(io, c, true)?.0,
             };
             push_merged(segs, Seg::Data { fd, file_off: base + within, buf_off, len: n });
         }
         if let Some(t) = &self.tracker {
             t.mark_range(offset, len as u64);
         }
-        Ok(self.ticket())
+        Ok(self.ticket(window))
     }
 
     /// Give cluster `c` a home in the top layer and return its file offset.
@@ -268,14 +269,15 @@ impl Stack {
     /// holds it now) is copied there and synced before the BAT entry is
     /// written: the entry never points at bytes other than what the disk
     /// showed before, so a crash at any point leaves each byte old or new.
-    fn allocate(&self, io: &mut dyn IoBackend, c: u64, copy_up: bool) -> Result<u64> {
+    /// Also says whether the cluster is fresh (linked by this call).
+    fn allocate(&self, io: &mut dyn IoBackend, c: u64, copy_up: bool) -> Result<(u64, bool)> {
         let mut scratch = self.alloc.lock().unwrap();
         let top_index = self.top_index();
         if let Some(base) = self.top().lookup(c, self.cluster) {
             // Another request allocated it while we waited.
-            return Ok(base);
+            return Ok((base, false));
         }
-        let below = self.holder_below_top(c);
+        let below = self.holder_below(c);
         let Layer::Ploop(top) = self.top() else {
             unreachable!("a raw top layer holds every cluster");
         };
@@ -295,7 +297,7 @@ impl Stack {
         }
         top.link(c, offset);
         self.owner[c as usize].store(top_index, Ordering::Release);
-        Ok(offset)
+        Ok((offset, true))
     }
 
     /// Bytes of cluster `c` inside the disk (the last one may be partial).
@@ -307,25 +309,27 @@ impl Stack {
     pub fn write_zeroes(&self, io: &mut dyn IoBackend, offset: u64, len: usize) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, len)?;
-        let top = self.top_index() as usize;
+        let window = self.window_start();
         for (c, within, _, n) in self.pieces(offset, len) {
-            match self.owner_of(c) {
-                None => {}
-                Some(i) if i == top => self.punch_top(io, c, within, n)?,
-                Some(_) if within == 0 && n as u64 == self.cluster.min(self.size - c * self.cluster) => {
-                    // A fresh cluster already reads as zeros.
-                    self.allocate(io, c, false)?;
-                }
-                Some(_) => {
-                    self.allocate(io, c, true)?;
-                    self.punch_top(io, c, within, n)?;
+            // The top's own BAT decides what it holds (the owner map can
+            // lag for an instant behind a rolled-back entry).
+            if let Some(base) = self.top().lookup(c, self.cluster) {
+                self.punch_top(io, base + within, n)?;
+            } else if self.holder_below(c).is_some() {
+                // Lower data must be hidden by a cluster of the top.
+                let whole = within == 0 && n as u64 == self.cluster.min(self.size - c * self.cluster);
+                let (base, fresh) = self.allocate(io, c, !whole)?;
+                // A fresh cluster already reads as zeros; one that a
+                // concurrent write allocated first holds data to zero.
+                if !(whole && fresh) {
+                    self.punch_top(io, base + within, n)?;
                 }
             }
         }
         if let Some(t) = &self.tracker {
             t.mark_range(offset, len as u64);
         }
-        self.finish_write(io, self.ticket())
+        self.finish_write(io, self.ticket(window))
     }
 
     /// Discard a range: space the top layer holds there is released and
@@ -334,11 +338,11 @@ impl Stack {
     pub fn discard(&self, io: &mut dyn IoBackend, offset: u64, len: usize) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, len)?;
-        let top = self.top_index() as usize;
+        let window = self.window_start();
         let mut changed = false;
         for (c, within, _, n) in self.pieces(offset, len) {
-            if self.owner_of(c) == Some(top) {
-                self.punch_top(io, c, within, n)?;
+            if let Some(base) = self.top().lookup(c, self.cluster) {
+                self.punch_top(io, base + within, n)?;
                 changed = true;
             }
         }
@@ -346,20 +350,18 @@ impl Stack {
             t.mark_range(offset, len as u64);
         }
         // Punched clusters may have been linked by writes still in flight.
-        self.finish_write(io, self.ticket())
+        self.finish_write(io, self.ticket(window))
     }
 
-    /// Make a piece of a top-layer cluster read as zeros.
-    fn punch_top(&self, io: &mut dyn IoBackend, c: u64, within: u64, n: usize) -> Result<()> {
+    /// Make `n` bytes of the top file at `at` read as zeros.
+    fn punch_top(&self, io: &mut dyn IoBackend, at: u64, n: usize) -> Result<()> {
         let top = self.top();
-        let base = top.lookup(c, self.cluster).expect("top holds the cluster");
         let fd = top.file().fd();
-        match io.punch_hole(fd, base + within, n as u64) {
+        match io.punch_hole(fd, at, n as u64) {
             Ok(()) => Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
                 let zeros = AlignedBuf::zeroed(n);
-                io.submit(&mut [IoOp::write(fd, base + within, &zeros)])
-                    .map_err(|e| Error::io(e, top.file().path.display()))
+                io.submit(&mut [IoOp::write(fd, at, &zeros)]).map_err(|e| Error::io(e, top.file().path.display()))
             }
             Err(e) => Err(Error::io(e, format_args!("{}: punching a hole", top.file().path.display()))),
         }
@@ -430,7 +432,7 @@ impl Stack {
     /// metadata writes.
     pub fn finish_write(&self, io: &mut dyn IoBackend, ticket: WriteTicket) -> Result<()> {
         match (ticket.0, self.top()) {
-            (Some(generation), Layer::Ploop(top)) => top.write_metadata(io, generation).map_err(|e| self.rolled_back(e)),
+            (Some((lo, hi)), Layer::Ploop(top)) => top.write_metadata(io, lo, hi).map_err(|e| self.rolled_back(e)),
             _ => Ok(()),
         }
     }
@@ -450,15 +452,39 @@ impl Stack {
         e.error
     }
 
-    /// The topmost layer under the top that holds cluster `c`.
+    /// The topmost layer under the top that holds cluster `c`: the owner
+    /// map answers in O(1), unless it names the top (then look below).
+    fn holder_below(&self, c: u64) -> Option<usize> {
+        match self.owner_of(c) {
+            Some(i) if i as u8 != self.top_index() => Some(i),
+            Some(_) => self.holder_below_top(c),
+            None => None,
+        }
+    }
+
+    /// The same by scanning the layers (for when the owner map is stale).
     fn holder_below_top(&self, c: u64) -> Option<usize> {
         let top = self.layers.len() - 1;
         (0..top).rev().find(|&i| self.layers[i].lookup(c, self.cluster).is_some())
     }
 
-    fn ticket(&self) -> WriteTicket {
+    /// Where a request's window of BAT generations starts: read before it
+    /// looks anything up (see `PloopLayer::first_unwritten`).
+    fn window_start(&self) -> u64 {
         match self.top() {
-            Layer::Ploop(top) => WriteTicket(top.unwritten()),
+            Layer::Ploop(top) => top.first_unwritten(),
+            Layer::Raw(_) => u64::MAX,
+        }
+    }
+
+    /// The ticket for a request whose window started at `lo`: every BAT
+    /// entry it linked or found unwritten is in `lo..=published`.
+    fn ticket(&self, lo: u64) -> WriteTicket {
+        match self.top() {
+            Layer::Ploop(top) => {
+                let hi = top.published();
+                WriteTicket((hi >= lo).then_some((lo, hi)))
+            }
             Layer::Raw(_) => WriteTicket(None),
         }
     }

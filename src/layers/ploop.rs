@@ -44,12 +44,12 @@ struct Meta {
     next_free: u64,
     /// End of the space grown ahead of `next_free` (durable file size).
     prealloc_end: u64,
-    /// Generations of BAT changes: each `link` publishes one; `written`
-    /// is the newest whose chunk write finished; requests whose entries are
-    /// at or below `failed` (and above `written`) were rolled back.
+    /// Generations of BAT changes: each `link` publishes one; every
+    /// generation up to `written` is either on disk or was rolled back, and
+    /// `failed` lists the (inclusive) ranges that were rolled back.
     published: u64,
     written: u64,
-    failed: u64,
+    failed: Vec<(u64, u64)>,
     /// Linked entries not yet written: (generation, cluster, previous value).
     pending: Vec<(u64, u64, u32)>,
 }
@@ -169,7 +169,7 @@ impl PloopLayer {
             cluster,
             bat_unit: header.bat_unit(),
             bat,
-            meta: Mutex::new(Meta { header, disk, dirty, next_free, prealloc_end: next_free, published: 0, written: 0, failed: 0, pending: vec![] }),
+            meta: Mutex::new(Meta { header, disk, dirty, next_free, prealloc_end: next_free, published: 0, written: 0, failed: vec![], pending: vec![] }),
             meta_io: Mutex::new(()),
             file,
         };
@@ -285,25 +285,32 @@ impl PloopLayer {
         generation
     }
 
-    /// The newest linked generation not yet written, if any.
-    pub fn unwritten(&self) -> Option<u64> {
-        let meta = self.meta.lock().unwrap();
-        (meta.published > meta.written).then_some(meta.published)
+    /// The oldest generation that may still be unwritten: a request reads
+    /// this before it looks at the BAT, so every entry it can find that is
+    /// not yet on disk has a generation at or above it.
+    pub fn first_unwritten(&self) -> u64 {
+        self.meta.lock().unwrap().written + 1
     }
 
-    /// Make sure every entry linked up to `generation` is written (not
-    /// synced). One call writes whatever is pending, so requests that
-    /// complete together share the writes. If the write fails, every entry
-    /// it carried is rolled back and its requests fail.
-    pub fn write_metadata(&self, io: &mut dyn IoBackend, generation: u64) -> std::result::Result<(), MetaError> {
+    /// The newest linked generation.
+    pub fn published(&self) -> u64 {
+        self.meta.lock().unwrap().published
+    }
+
+    /// Make sure every entry linked in generations `lo..=hi` (the window a
+    /// request may depend on) is written, not synced. One call writes
+    /// whatever is pending, so requests that complete together share the
+    /// writes. If any of those generations was rolled back after a failed
+    /// write, the request fails: its data may sit in an unlinked cluster.
+    pub fn write_metadata(&self, io: &mut dyn IoBackend, lo: u64, hi: u64) -> std::result::Result<(), MetaError> {
         let _serial = self.meta_io.lock().unwrap();
         {
             let meta = self.meta.lock().unwrap();
-            if meta.written >= generation {
-                return Ok(());
-            }
-            if generation <= meta.failed {
+            if meta.failed.iter().any(|&(a, b)| a <= hi && lo <= b) {
                 return Err(Error::new(libc::EIO, format!("{}: writing the BAT failed", self.file.path.display())).into());
+            }
+            if meta.written >= hi {
+                return Ok(());
             }
         }
         self.write_meta_locked(io, false)
@@ -359,7 +366,11 @@ impl PloopLayer {
                     rolled_back.push(c);
                 }
                 meta.pending.retain(|&(g, _, _)| g > snapshot);
-                meta.failed = meta.failed.max(snapshot);
+                if snapshot > meta.written {
+                    let range = (meta.written + 1, snapshot);
+                    meta.failed.push(range);
+                    meta.written = snapshot;
+                }
                 let error = Error::io(e, format_args!("{}: writing the BAT", self.file.path.display()));
                 Err(MetaError { error, rolled_back })
             }
