@@ -144,9 +144,8 @@ fn check_with(path: &Path, repair: bool, take_lock: bool) -> Result<CheckReport>
         }
         return Ok(report);
     }
-    if header.variant == Variant::V1 && u32::from_le_bytes(head[40..44].try_into().unwrap()) != 0 {
-        report.header_errors.push("high 32 bits of the v1 disk size are not zero".into());
-    }
+    // (Non-zero high bits of a v1 disk size are ignored, as by qemu and by
+    // open; repair clears them.)
     match header.in_use {
         0 | CLOSED => {}
         IN_USE => report.unclean = true,

@@ -91,19 +91,29 @@ impl Stack {
             layers.push(layer);
             reports.push(report);
         }
-        Ok((Stack::from_layers(layers, opts)?, reports))
+        match Stack::from_layers(layers, opts) {
+            Ok(stack) => Ok((stack, reports)),
+            Err((e, layers)) => {
+                // The top was marked in use when it opened: leave it clean.
+                if let Some(top) = layers.last() {
+                    let _ = top.close(&mut crate::io::SyncBackend::new());
+                }
+                Err(e)
+            }
+        }
     }
 
-    fn from_layers(layers: Vec<Layer>, opts: &StackOptions) -> Result<Stack> {
+    fn from_layers(layers: Vec<Layer>, opts: &StackOptions) -> std::result::Result<Stack, (Error, Vec<Layer>)> {
         let mut cluster = None;
         for layer in &layers {
             if let Some(c) = layer.cluster_size() {
                 if *cluster.get_or_insert(c) != c {
-                    return Err(Error::invalid(format!(
+                    let e = Error::invalid(format!(
                         "{}: cluster size {c} differs from the other layers' {}",
                         layer.file().path.display(),
                         cluster.unwrap()
-                    )));
+                    ));
+                    return Err((e, layers));
                 }
             }
         }
@@ -121,9 +131,10 @@ impl Stack {
         }
         let block = layers.iter().map(|l| l.file().block_size).max().unwrap_or(512);
         if size % block as u64 != 0 {
-            return Err(Error::invalid(format!(
+            let e = Error::invalid(format!(
                 "disk size {size} is not a multiple of the O_DIRECT block size {block} of the image filesystem (try --direct=off)"
-            )));
+            ));
+            return Err((e, layers));
         }
         let read_only = opts.read_only || !top.file().writable;
         Ok(Stack { layers, owner, cluster, size, block, read_only, direct: opts.direct, alloc: Mutex::new(None), tracker: None })

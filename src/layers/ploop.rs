@@ -111,7 +111,12 @@ impl PloopLayer {
                 )));
             }
             tracing::warn!(path, "image clusters not aligned for O_DIRECT; using buffered I/O");
-            file = crate::io::open_image_file(&file.path, file.writable, Direct::Off)?;
+            // The lock belongs to the descriptor: drop the old one first
+            // (flock would conflict with ourselves), then lock the new one.
+            let (path, writable) = (file.path.clone(), file.writable);
+            drop(file);
+            file = crate::io::open_image_file(&path, writable, Direct::Off)?;
+            super::lock(&file, writable)?;
         }
         let block = file.block_size as u64;
         let meta_len = header.bat_end().next_multiple_of(block).min(header.data_off_bytes().max(block));
@@ -124,6 +129,13 @@ impl PloopLayer {
             .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
             .collect();
 
+        if ![0, IN_USE, CLOSED].contains(&header.in_use) {
+            // As `check` reports it: the format allows no other value.
+            return Err(Error::corrupt(format!(
+                "{path}: unknown in-use mark {:#x}; run `ublk-ploop check --repair {path}`",
+                header.in_use
+            )));
+        }
         let mut report = OpenReport { was_in_use: header.in_use == IN_USE, ..Default::default() };
         let mut dirty = BTreeSet::new();
         if header.ext_off_sectors != 0 && file.writable {
@@ -232,35 +244,51 @@ impl PloopLayer {
     /// is grown ahead in steps, each made durable before any BAT entry can
     /// point into it, so an entry never points past EOF after a crash.
     pub fn reserve_cluster(&self, io: &mut dyn IoBackend) -> Result<u64> {
-        let mut meta = self.meta.lock().unwrap();
-        let offset = meta.next_free;
-        let end = offset + self.cluster;
-        if meta.header.bat_value(offset).is_none() {
-            return Err(Error::new(libc::EFBIG, format!("{}: image too large for its BAT", self.file.path.display())));
-        }
-        if end > meta.prealloc_end {
-            // Never grow past what the BAT can address in all.
-            let max_end = meta.header.data_off_bytes() + self.bat.len() as u64 * self.cluster;
-            let step = (meta.prealloc_end / 8).clamp(PREALLOC_MIN, PREALLOC_MAX).max(PREALLOC_CLUSTERS * self.cluster);
-            let grow_to = end.max((meta.prealloc_end + step).min(max_end));
-            let path = self.file.path.display();
-            let from = meta.prealloc_end.max(offset);
-            // SAFETY: plain syscall on our own descriptor.
-            let rc = unsafe {
-                libc::fallocate(self.file.fd(), 0, from as libc::off_t, (grow_to - from) as libc::off_t)
-            };
-            if rc != 0 {
-                let err = std::io::Error::last_os_error();
-                if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
-                    return Err(Error::io(err, format_args!("{path}: growing the image")));
-                }
-                self.file.file.set_len(grow_to).map_err(|e| Error::io(e, &path))?;
+        // Callers serialise allocation (the stack's allocation lock), so
+        // only one thread grows the file; the meta lock is not held while it
+        // does, so links and BAT writes of other requests go on meanwhile.
+        let (offset, grow) = {
+            let meta = self.meta.lock().unwrap();
+            let offset = meta.next_free;
+            if meta.header.bat_value(offset).is_none() {
+                return Err(Error::new(libc::EFBIG, format!("{}: image too large for its BAT", self.file.path.display())));
             }
-            io.sync_data(self.file.fd()).map_err(|e| Error::io(e, format_args!("{path}: growing the image")))?;
-            meta.prealloc_end = grow_to;
+            let end = offset + self.cluster;
+            let grow = (end > meta.prealloc_end).then(|| {
+                // Never grow past what the BAT can address in all.
+                let max_end = meta.header.data_off_bytes() + self.bat.len() as u64 * self.cluster;
+                let step = (meta.prealloc_end / 8).clamp(PREALLOC_MIN, PREALLOC_MAX).max(PREALLOC_CLUSTERS * self.cluster);
+                (meta.prealloc_end.max(offset), end, end.max((meta.prealloc_end + step).min(max_end)))
+            });
+            (offset, grow)
+        };
+        if let Some((from, needed, wanted)) = grow {
+            // Short of space for a whole step: take just what this cluster needs.
+            let grown = match self.grow_file(from, wanted) {
+                Err(e) if e.errno() == libc::ENOSPC && wanted > needed => self.grow_file(from, needed).map(|()| needed),
+                other => other.map(|()| wanted),
+            }?;
+            io.sync_data(self.file.fd())
+                .map_err(|e| Error::io(e, format_args!("{}: growing the image", self.file.path.display())))?;
+            self.meta.lock().unwrap().prealloc_end = grown;
         }
-        meta.next_free = end;
+        self.meta.lock().unwrap().next_free = offset + self.cluster;
         Ok(offset)
+    }
+
+    /// Allocate file space `[from, to)` (it reads as zeros).
+    fn grow_file(&self, from: u64, to: u64) -> Result<()> {
+        let path = self.file.path.display();
+        // SAFETY: plain syscall on our own descriptor.
+        let rc = unsafe { libc::fallocate(self.file.fd(), 0, from as libc::off_t, (to - from) as libc::off_t) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
+            return Err(Error::io(err, format_args!("{path}: growing the image")));
+        }
+        self.file.file.set_len(to).map_err(|e| Error::io(e, &path))
     }
 
     /// Point virtual cluster `c` at `offset`, in memory (so I/O uses it at
