@@ -24,6 +24,10 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// Longest request line accepted; anything longer is refused unread.
 pub const MAX_REQUEST: usize = 64 * 1024;
 pub const SOCKET_DIR: &str = "/run/ublk-ploop";
+/// Clients served at once; more are refused with an error reply.
+pub const MAX_CLIENTS: usize = 16;
+/// A connection lives at most this long, however slowly it talks.
+const CONNECTION_DEADLINE: Duration = Duration::from_secs(120);
 
 pub fn socket_path(dev_id: u32) -> PathBuf {
     PathBuf::from(SOCKET_DIR).join(format!("{dev_id}.sock"))
@@ -115,15 +119,41 @@ impl Drop for Server {
 }
 
 fn accept_loop(listener: UnixListener, access: Access, handler: Arc<dyn Handler>, stop: Arc<AtomicBool>) {
+    let clients = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
-            Ok((stream, _)) => {
-                let handler = handler.clone();
-                // One thread per client: a slow or hostile client cannot
-                // stall the others; each connection is bounded in time.
-                let _ = std::thread::Builder::new()
-                    .name("control-client".into())
-                    .spawn(move || serve_client(stream, access, handler.as_ref()));
+            Ok((mut stream, _)) => {
+                let _ = stream.set_nonblocking(false);
+                // Credentials first: a refused peer costs no thread.
+                match peer_credentials(&stream) {
+                    Ok(cred) if permitted(&cred, access) => {}
+                    Ok(cred) => {
+                        tracing::warn!(uid = cred.uid, pid = cred.pid, "control request refused: not permitted");
+                        let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+                        let _ = send(&mut stream, &Reply::err(&Error::new(libc::EACCES, "permission denied")));
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!("control socket: cannot read peer credentials: {e}");
+                        continue;
+                    }
+                }
+                if clients.load(Ordering::Relaxed) >= MAX_CLIENTS {
+                    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+                    let _ = send(&mut stream, &Reply::err(&Error::new(libc::EBUSY, "too many control connections")));
+                    continue;
+                }
+                clients.fetch_add(1, Ordering::Relaxed);
+                let (handler, count) = (handler.clone(), clients.clone());
+                // One thread per client (at most MAX_CLIENTS): a slow client
+                // cannot stall the others; each connection has a deadline.
+                let spawned = std::thread::Builder::new().name("control-client".into()).spawn(move || {
+                    serve_client(stream, handler.as_ref());
+                    count.fetch_sub(1, Ordering::Relaxed);
+                });
+                if spawned.is_err() {
+                    clients.fetch_sub(1, Ordering::Relaxed);
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(50)),
             Err(e) => {
@@ -167,28 +197,20 @@ fn send(stream: &mut UnixStream, reply: &Reply) -> std::io::Result<()> {
     stream.write_all(&line)
 }
 
-fn serve_client(stream: UnixStream, access: Access, handler: &dyn Handler) {
-    let _ = stream.set_nonblocking(false);
+fn serve_client(stream: UnixStream, handler: &dyn Handler) {
+    let deadline = std::time::Instant::now() + CONNECTION_DEADLINE;
     let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
     let _ = stream.set_write_timeout(Some(Duration::from_secs(30)));
     let mut out = match stream.try_clone() {
         Ok(s) => s,
         Err(_) => return,
     };
-    match peer_credentials(&stream) {
-        Ok(cred) if permitted(&cred, access) => {}
-        Ok(cred) => {
-            tracing::warn!(uid = cred.uid, pid = cred.pid, "control request refused: not permitted");
-            let _ = send(&mut out, &Reply::err(&Error::new(libc::EACCES, "permission denied")));
-            return;
-        }
-        Err(e) => {
-            tracing::warn!("control socket: cannot read peer credentials: {e}");
-            return;
-        }
-    }
     let mut reader = BufReader::new(stream);
     loop {
+        if std::time::Instant::now() > deadline {
+            let _ = send(&mut out, &Reply::err(&Error::new(libc::ETIMEDOUT, "connection open too long; reconnect")));
+            return;
+        }
         let mut line = Vec::new();
         let n = match (&mut reader).take(MAX_REQUEST as u64 + 1).read_until(b'\n', &mut line) {
             Ok(n) => n,

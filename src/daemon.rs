@@ -265,13 +265,15 @@ fn install_stop_signals(dev_id: u32) {
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     };
-    let _ = std::thread::Builder::new().name("signals".into()).spawn(move || {
+    let _ = std::thread::Builder::new().name("signals".into()).spawn(move || loop {
         let mut sig = 0;
         // SAFETY: waits on the set blocked above.
         unsafe { libc::sigwait(&set, &mut sig) };
         tracing::info!(signal = sig, "stopping device {dev_id}");
         sd_notify("STOPPING=1");
-        // A control handle of this thread's own (libublk's rings are per thread).
+        // A control handle of this thread's own (libublk's rings are per
+        // thread). Keep listening: a stop sent before the device was live
+        // does nothing, and a later signal must still be heard.
         if let Ok(ctrl) = UblkCtrl::new_simple(dev_id as i32) {
             let _ = ctrl.kill_dev();
         }
@@ -345,19 +347,24 @@ fn run_inner(device: &Arc<Device>, config: DeviceConfig, mode: Mode, ready: &mut
     };
     let dev_for_queues = device.clone();
     let queue_fn = move |qid: u16, dev: &UblkDev| ublk_target::run_queue(qid, dev, dev_for_queues.clone());
-    let mut pending_ready = ready.take();
+    // Shared with the live callback; if the device never goes live, it is
+    // still here to carry the error back to whoever started us.
+    let shared_ready = Arc::new(std::sync::Mutex::new(ready.take()));
+    let ready_for_live = shared_ready.clone();
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let on_live = move |c: &UblkCtrl| {
         tracing::info!(device = %c.get_bdev_path(), "device is live");
-        report(&mut pending_ready, Ok(c.dev_info().dev_id));
+        report(&mut ready_for_live.lock().unwrap(), Ok(c.dev_info().dev_id));
         let _ = tx.send(());
     };
     let served = ctrl.run_target(tgt_init, queue_fn, on_live);
     let went_live = rx.try_recv().is_ok();
+    *ready = shared_ready.lock().unwrap().take();
 
     drop(server);
-    if matches!(mode, Mode::Recover { .. }) {
-        // A recovered control does not delete the device when dropped.
+    if matches!(mode, Mode::Recover { .. }) && served.is_ok() && went_live {
+        // A recovered control does not delete the device when dropped. A
+        // failed recovery leaves the device quiesced for another attempt.
         let _ = ctrl.del_dev();
     }
     served.map_err(|e| ublk_err(e, if went_live { "serving the device" } else { "starting the device" }))?;

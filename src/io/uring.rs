@@ -40,8 +40,16 @@ impl IoBackend for UringBackend {
         let sqe = opcode::Fsync::new(types::Fd(fd)).flags(types::FsyncFlags::DATASYNC).build().user_data(0);
         // SAFETY: the SQE references no memory.
         unsafe { self.ring.submission().push(&sqe) }.map_err(|_| io::Error::other("io_uring submission queue full"))?;
-        self.ring.submit_and_wait(1)?;
-        let cqe = self.ring.completion().next().ok_or_else(|| io::Error::other("io_uring lost a completion"))?;
+        let cqe = loop {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)) => continue,
+                Err(e) => return Err(e),
+            }
+            if let Some(cqe) = self.ring.completion().next() {
+                break cqe;
+            }
+        };
         if cqe.result() < 0 {
             return Err(io::Error::from_raw_os_error(-cqe.result()));
         }
@@ -82,7 +90,16 @@ impl UringBackend {
         }
         let mut pending = ops.len();
         while pending > 0 {
-            self.ring.submit_and_wait(pending)?;
+            // The kernel may still be writing into the buffers: never
+            // return before every op completed.
+            match self.ring.submit_and_wait(pending) {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)) => {}
+                Err(e) => {
+                    tracing::error!("io_uring wait failed with I/O in flight: {e}");
+                    std::process::abort();
+                }
+            }
             for cqe in self.ring.completion() {
                 slots[cqe.user_data() as usize].result = cqe.result();
                 pending -= 1;
