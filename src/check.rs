@@ -151,9 +151,15 @@ fn check_with(path: &Path, repair: bool, take_lock: bool) -> Result<CheckReport>
         IN_USE => report.unclean = true,
         other => report.header_errors.push(format!("unknown in-use mark {other:#x}")),
     }
-    let mut bat_bytes = vec![0u8; (header.bat_end() - HEADER_SIZE as u64) as usize];
+    let bat_len = (header.bat_end() - HEADER_SIZE as u64) as usize;
+    let mut bat_bytes = Vec::new();
+    bat_bytes.try_reserve_exact(bat_len).map_err(|_| Error::too_large(path.display(), 2 * bat_len as u64))?;
+    bat_bytes.resize(bat_len, 0);
     file.read_exact_at(&mut bat_bytes, HEADER_SIZE as u64).map_err(|e| Error::io(e, path.display()))?;
-    let mut values: Vec<u32> = bat_bytes.chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().unwrap())).collect();
+    let mut values: Vec<u32> = Vec::new();
+    values.try_reserve_exact(bat_len / 4).map_err(|_| Error::too_large(path.display(), 2 * bat_len as u64))?;
+    values.extend(bat_bytes.chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().unwrap())));
+    drop(bat_bytes);
     let scan = bat::scan(&header, &values, file_size);
     fill_scan(&mut report, &header, &scan, &file, file_size);
     if !repair || report.verdict() == Verdict::Clean {

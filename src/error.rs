@@ -25,6 +25,10 @@ impl Error {
     pub fn corrupt(msg: impl Into<String>) -> Self {
         Self::new(libc::EUCLEAN, msg)
     }
+    /// A structure from a file too large to hold in memory.
+    pub fn too_large(what: impl std::fmt::Display, bytes: u64) -> Self {
+        Self::new(libc::ENOMEM, format!("{what}: {bytes} bytes of metadata do not fit in memory"))
+    }
     pub fn unsupported(msg: impl Into<String>) -> Self {
         Self::new(libc::EOPNOTSUPP, msg)
     }

@@ -411,6 +411,17 @@ fn huge_bat_claim_does_not_allocate() {
         .expect_clean_failure()
         .mentions(&["truncated"]);
     open_err(&img, true);
+
+    // The same claim in a sparse file long enough to hold it: the sizes pass
+    // every structural check, and memory must still fail cleanly.
+    let sparse = dir.join("sparse.img");
+    std::fs::copy(&img, &sparse).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&sparse).unwrap().set_len(bat_end.next_multiple_of(M)).unwrap();
+    limited(&["info", p(&sparse)]).expect_clean_failure().mentions(&["do not fit in memory"]);
+    limited(&["check", p(&sparse)]).expect_clean_failure().mentions(&["do not fit in memory"]);
+    limited(&["convert", p(&sparse), p(&dir.join("y.raw")), "--to", "raw"])
+        .expect_clean_failure()
+        .mentions(&["do not fit in memory"]);
 }
 
 // ---------------------------------------------------------------------------

@@ -28,6 +28,15 @@ impl AlignedBuf {
         AlignedBuf { ptr, len, layout }
     }
 
+    /// Like `zeroed`, but None instead of aborting when memory is short
+    /// (for sizes that come from a file).
+    pub fn try_zeroed(len: usize) -> Option<Self> {
+        let layout = Layout::from_size_align(len.max(1).next_multiple_of(BUF_ALIGN), BUF_ALIGN).ok()?;
+        // SAFETY: layout has non-zero size.
+        let ptr = NonNull::new(unsafe { alloc_zeroed(layout) })?;
+        Some(AlignedBuf { ptr, len, layout })
+    }
+
     pub fn from_slice(data: &[u8]) -> Self {
         let mut buf = Self::zeroed(data.len());
         buf.copy_from_slice(data);

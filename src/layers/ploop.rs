@@ -120,14 +120,14 @@ impl PloopLayer {
         }
         let block = file.block_size as u64;
         let meta_len = header.bat_end().next_multiple_of(block).min(header.data_off_bytes().max(block));
-        let mut disk = AlignedBuf::zeroed(meta_len as usize);
+        // Sizes come from the file: fail, never abort, when they are absurd.
+        let mut disk = AlignedBuf::try_zeroed(meta_len as usize).ok_or_else(|| Error::too_large(&path, meta_len * 3))?;
         crate::io::SyncBackend::new()
             .submit(&mut [IoOp::read(file.fd(), 0, &mut disk)])
             .map_err(|e| Error::io(e, &path))?;
-        let values: Vec<u32> = disk[HEADER_SIZE..header.bat_end() as usize]
-            .chunks_exact(4)
-            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
-            .collect();
+        let mut values: Vec<u32> = Vec::new();
+        values.try_reserve_exact(header.bat_entries as usize).map_err(|_| Error::too_large(&path, meta_len * 3))?;
+        values.extend(disk[HEADER_SIZE..header.bat_end() as usize].chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().unwrap())));
 
         if ![0, IN_USE, CLOSED].contains(&header.in_use) {
             // As `check` reports it: the format allows no other value.
@@ -176,7 +176,10 @@ impl PloopLayer {
             disk[..HEADER_SIZE].copy_from_slice(&header.to_bytes());
             dirty.insert(0);
         }
-        let bat: Box<[AtomicU32]> = values.into_iter().map(AtomicU32::new).collect();
+        let mut bat: Vec<AtomicU32> = Vec::new();
+        bat.try_reserve_exact(values.len()).map_err(|_| Error::too_large(&path, meta_len * 3))?;
+        bat.extend(values.into_iter().map(AtomicU32::new));
+        let bat = bat.into_boxed_slice();
         let layer = PloopLayer {
             cluster,
             bat_unit: header.bat_unit(),
