@@ -5,7 +5,7 @@
 //! reopens, at random block-aligned offsets and lengths, and every read is
 //! compared with an in-memory model of the disk. A mismatch names the seed;
 //! rerun one seed with UBLK_PLOOP_MODEL_SEED=N. UBLK_PLOOP_MODEL_SEEDS sets
-//! how many seeds run (default 24).
+//! how many seeds run (default 48).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -244,7 +244,7 @@ fn random_operations_match_the_model() {
         run_seed(seed);
         return;
     }
-    let seeds: u64 = std::env::var("UBLK_PLOOP_MODEL_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(24);
+    let seeds: u64 = std::env::var("UBLK_PLOOP_MODEL_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(48);
     for seed in 1..=seeds {
         run_seed(seed);
     }
