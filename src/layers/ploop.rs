@@ -7,9 +7,11 @@
 //!   holds the disk's current bytes durably: a fresh cluster (zeros, inside
 //!   a file size made durable when the file grew) or a copy-up that was
 //!   synced. So the entry may reach the disk at any moment after that.
-//! - the entry is written before the request that allocated it completes,
-//!   so a daemon that is killed loses nothing it acknowledged;
-//! - `flush` syncs data, then any header/BAT chunk still pending.
+//! - the entry is written before the request that allocated it (or relied
+//!   on it) completes; writes that complete together share the chunk write
+//!   (`write_metadata`), so a daemon that is killed loses nothing it
+//!   acknowledged; a failed chunk write rolls back the entries it carried;
+//! - `flush` writes any chunk still pending, then syncs data and BAT at once.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU32, Ordering};
