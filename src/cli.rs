@@ -24,13 +24,22 @@ struct Cli {
     command: Command,
 }
 
-/// How image files are accessed; shared by every command that opens images.
+/// Whether image files bypass the host page cache; shared by every command
+/// that opens images.
 #[derive(Args, Clone)]
-struct IoArgs {
+struct DirectArg {
     /// Bypass the host page cache: auto (O_DIRECT where the filesystem
     /// allows it, else buffered with a warning), on, off.
     #[arg(long, default_value = "auto", value_parser = |s: &str| s.parse::<Direct>())]
     direct: Direct,
+}
+
+/// Offline tools also choose their I/O engine (the daemon always moves
+/// data on its per-queue io_uring).
+#[derive(Args, Clone)]
+struct IoArgs {
+    #[command(flatten)]
+    direct: DirectArg,
     /// I/O engine for image files: uring or sync.
     #[arg(long, default_value = "uring", value_parser = |s: &str| s.parse::<BackendKind>())]
     backend: BackendKind,
@@ -157,7 +166,7 @@ struct DeviceArgs {
     #[arg(long)]
     socket_group: Option<String>,
     #[command(flatten)]
-    io: IoArgs,
+    io: DirectArg,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -353,7 +362,7 @@ fn run(command: Command) -> Result<i32> {
                     ToFormat::Ploop => Format::Ploop,
                 },
                 cluster_size,
-                direct: io.direct,
+                direct: io.direct.direct,
             };
             let show = progress || std::io::stderr().is_terminal();
             let mut last_pct = u64::MAX;
