@@ -197,9 +197,6 @@ impl Header {
     pub fn bat_value(&self, offset: u64) -> Option<u32> {
         u32::try_from(offset / self.bat_unit()).ok()
     }
-    pub fn is_empty_flagged(&self) -> bool {
-        self.flags & FLAG_EMPTY != 0
-    }
 }
 
 fn validate_cluster(cluster: u64) -> Result<()> {

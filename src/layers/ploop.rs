@@ -216,9 +216,6 @@ impl PloopLayer {
         Ok(header)
     }
 
-    pub fn header(&self) -> Header {
-        self.meta.lock().unwrap().header.clone()
-    }
     pub fn file(&self) -> &ImageFile {
         &self.file
     }
@@ -227,9 +224,6 @@ impl PloopLayer {
     }
     pub fn cluster_size(&self) -> u64 {
         self.cluster
-    }
-    pub fn entries(&self) -> u64 {
-        self.bat.len() as u64
     }
     pub fn size(&self) -> u64 {
         self.meta.lock().unwrap().header.size_bytes()
@@ -440,10 +434,5 @@ impl PloopLayer {
             meta.dirty.insert(0);
         }
         self.write_meta(io).map_err(|e| e.error)
-    }
-
-    /// The current BAT values (for check, merge and the tracker).
-    pub fn bat_values(&self) -> Vec<u32> {
-        self.bat.iter().map(|v| v.load(Ordering::Acquire)).collect()
     }
 }
