@@ -706,10 +706,7 @@ const ALLOCS_PER_TURN: u64 = 4096;
 fn engine_alloc(cfg: &Cfg, secs: f64) -> Res<Run> {
     let path = cfg.path(ALLOC);
     let clusters = cfg.alloc_size / CLUSTER;
-    let mut total = Run::default();
-    let mut round = 0u64;
-    let wall = Instant::now();
-    while round == 0 || (total.secs < secs && total.ios < ALLOCS_PER_TURN && wall.elapsed().as_secs_f64() < 3.0 * secs + 2.0) {
+    alloc_rounds(secs, || {
         let _ = fs::remove_file(&path);
         PloopLayer::create(&path, cfg.alloc_size, CLUSTER).map_err(|e| format!("creating empty image: {e}"))?;
         let stack = open_stack(std::slice::from_ref(&path), false)?;
@@ -726,8 +723,17 @@ fn engine_alloc(cfg: &Cfg, secs: f64) -> Res<Run> {
         stack.close(&mut io).map_err(|e| format!("closing stack: {e}"))?;
         let flush = t.elapsed().as_secs_f64();
         fs::remove_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        total.add(&Run { rounds: 1, close_secs: flush, ..run });
-        round += 1;
+        Ok(Run { rounds: 1, close_secs: flush, ..run })
+    })
+}
+
+/// Run allocation rounds on fresh images until `secs` of I/O, or
+/// ALLOCS_PER_TURN allocations, or a wall-clock cap; at least one round.
+fn alloc_rounds(secs: f64, mut one_round: impl FnMut() -> Res<Run>) -> Res<Run> {
+    let mut total = Run::default();
+    let wall = Instant::now();
+    while total.rounds == 0 || (total.secs < secs && total.ios < ALLOCS_PER_TURN && wall.elapsed().as_secs_f64() < 3.0 * secs + 2.0) {
+        total.add(&one_round()?);
     }
     Ok(total)
 }
@@ -737,10 +743,7 @@ fn engine_alloc(cfg: &Cfg, secs: f64) -> Res<Run> {
 fn qemu_alloc(cfg: &Cfg, q: &mut Qemu, secs: f64) -> Res<Run> {
     let path = cfg.path(QEMU_ALLOC);
     let clusters = cfg.alloc_size / CLUSTER;
-    let mut total = Run::default();
-    let mut round = 0u64;
-    let wall = Instant::now();
-    while round == 0 || (total.secs < secs && total.ios < ALLOCS_PER_TURN && wall.elapsed().as_secs_f64() < 3.0 * secs + 2.0) {
+    alloc_rounds(secs, || {
         let _ = fs::remove_file(&path);
         let out = Command::new("qemu-img")
             .args(["create", "-q", "-f", "parallels", "-o"])
@@ -754,10 +757,8 @@ fn qemu_alloc(cfg: &Cfg, q: &mut Qemu, secs: f64) -> Res<Run> {
         }
         let t = q.run(&QemuJob { img: &path, write: true, count: clusters, depth: 32, bs: K4 as u64, step: CLUSTER })?;
         let _ = fs::remove_file(&path);
-        total.add(&Run { ios: clusters, bytes: clusters * K4 as u64, secs: t, rounds: 1, ..Default::default() });
-        round += 1;
-    }
-    Ok(total)
+        Ok(Run { ios: clusters, bytes: clusters * K4 as u64, secs: t, rounds: 1, ..Default::default() })
+    })
 }
 
 /// A parallels image with the same data for qemu: a byte copy of the ploop
