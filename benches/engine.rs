@@ -19,17 +19,18 @@
 
 use std::fmt::Write as _;
 use std::fs;
-use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
-use io_uring::{opcode, types, IoUring};
+use std::cell::RefCell;
+use std::rc::Rc;
+
 use serde_json::{json, Value};
-use ublk_ploop::io::{AlignedBuf, Direct, IoBackend, UringBackend};
+use ublk_ploop::io::{block_on, AlignedBuf, Direct, OwnRing, SyncIo};
 use ublk_ploop::layers::PloopLayer;
-use ublk_ploop::{Seg, Stack, StackOptions, WriteTicket};
+use ublk_ploop::{Stack, StackOptions};
 
 const MIB: u64 = 1 << 20;
 const CLUSTER: u64 = MIB;
@@ -100,14 +101,23 @@ const PLOOP: &str = "data.hds";
 const QEMU_IMG: &str = "qemu-data.hds";
 const ALLOC: &str = "alloc.hds";
 const QEMU_ALLOC: &str = "qemu-alloc.hds";
+const TOP: &str = "top.hds";
+const SWAP_BASE: &str = "swap-base.hds";
+/// Snapshots taken in the stall row.
+const SWAPS: usize = 40;
+
+fn swap_top_name(i: usize) -> String {
+    format!("swap-top-{i:02}.hds")
+}
 
 fn upper_name(i: usize) -> String {
     format!("upper-{i:02}.hds")
 }
 
 fn scratch_names() -> Vec<String> {
-    let mut v: Vec<String> = [RAW, PLOOP, QEMU_IMG, ALLOC, QEMU_ALLOC].iter().map(|s| s.to_string()).collect();
+    let mut v: Vec<String> = [RAW, PLOOP, QEMU_IMG, ALLOC, QEMU_ALLOC, TOP, SWAP_BASE].iter().map(|s| s.to_string()).collect();
     v.extend((1..DEEP).map(upper_name));
+    v.extend((0..SWAPS).map(swap_top_name));
     v
 }
 
@@ -203,18 +213,21 @@ fn on_path(tool: &str) -> bool {
 }
 
 fn open_stack(paths: &[PathBuf], read_only: bool) -> Res<Stack> {
-    Stack::open(paths, &StackOptions { read_only, direct: Direct::Auto })
+    block_on(Stack::open(&SyncIo, paths, &StackOptions { read_only, direct: Direct::Auto }))
         .map(|(s, _)| s)
         .map_err(|e| format!("opening stack: {e}"))
 }
 
-fn new_io() -> Res<UringBackend> {
-    UringBackend::new(16).map_err(|e| format!("io_uring setup: {e}"))
+fn new_ring() -> Res<OwnRing> {
+    OwnRing::new(256).map_err(|e| format!("io_uring setup: {e}"))
 }
 
 // ---------------------------------------------------------------------------
-// The engine driver: QD requests in flight on one io_uring, each planned by
-// the stack and executed as one SQE per data segment.
+// The engine driver: the daemon's structure on a ring of our own. Each
+// request in flight is a task that calls Stack::read/Stack::write with the
+// ring's I/O, exactly as a ublk queue's task per tag does; the ring thread
+// runs the runnable tasks, waits for completions and wakes the tasks whose
+// operations completed.
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Dir {
@@ -230,12 +243,12 @@ struct Run {
     secs: f64,
     /// CPU use in percent of one core (None when the tool does not say).
     cpu_pct: Option<f64>,
-    /// Engine only: mean time in plan_read/plan_write per request.
-    plan_ns: Option<f64>,
     /// Allocating rows: rounds run, and seconds spent closing (flushing)
     /// the images, which the rate does not count.
     rounds: u64,
     close_secs: f64,
+    /// Request latencies in microseconds, when asked for.
+    lat_us: Vec<u32>,
 }
 
 impl Run {
@@ -255,20 +268,20 @@ impl Run {
     }
     fn add(&mut self, o: &Run) {
         let cpu = |r: &Run| r.cpu_pct.unwrap_or(0.0) / 100.0 * r.secs;
-        let plan = |r: &Run| r.plan_ns.unwrap_or(0.0) * r.ios as f64;
         let total_cpu = cpu(self) + cpu(o);
-        let total_plan = plan(self) + plan(o);
         self.ios += o.ios;
         self.bytes += o.bytes;
         self.secs += o.secs;
         self.rounds += o.rounds;
         self.close_secs += o.close_secs;
+        self.lat_us.extend_from_slice(&o.lat_us);
         if o.cpu_pct.is_some() && self.secs > 0.0 {
             self.cpu_pct = Some(total_cpu / self.secs * 100.0);
         }
-        if o.plan_ns.is_some() && self.ios > 0 {
-            self.plan_ns = Some(total_plan / self.ios as f64);
-        }
+    }
+    /// Latency percentile in milliseconds.
+    fn lat_ms(&self, pct: f64) -> Option<f64> {
+        percentile_us(&self.lat_us, pct).map(|us| us / 1000.0)
     }
     fn to_json(&self) -> Value {
         json!({
@@ -277,11 +290,21 @@ impl Run {
             "ios": self.ios,
             "secs": round3(self.secs),
             "cpu_pct": self.cpu_pct.map(round1),
-            "plan_ns": self.plan_ns.map(round1),
             "rounds": self.rounds,
             "close_secs": round3(self.close_secs),
+            "p99_ms": self.lat_ms(99.0).map(round3),
         })
     }
+}
+
+fn percentile_us(samples: &[u32], pct: f64) -> Option<f64> {
+    if samples.is_empty() {
+        return None;
+    }
+    let mut v = samples.to_vec();
+    v.sort_unstable();
+    let i = ((pct / 100.0) * (v.len() - 1) as f64).round() as usize;
+    Some(v[i.min(v.len() - 1)] as f64)
 }
 
 fn round1(x: f64) -> f64 {
@@ -291,191 +314,87 @@ fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
-struct Slot {
-    buf: AlignedBuf,
-    segs: Vec<Seg>,
-    pending: u32,
-    /// For writes: finished (BAT entries written) before the request counts.
-    ticket: WriteTicket,
-}
+type Offsets = Box<dyn FnMut() -> Option<u64>>;
 
-struct Driver<'a> {
+/// One job: `qd` requests in flight of `bs` bytes at the offsets `next`
+/// gives, until the deadline or until `next` runs dry.
+struct Job<'a> {
     stack: &'a Stack,
-    io: &'a mut dyn IoBackend,
-    ring: IoUring,
-    slots: Vec<Slot>,
-    dir: Dir,
-    bs: usize,
-    start: Instant,
-    deadline: Duration,
-    active: usize,
-    completed: u64,
-    plan: Duration,
-}
-
-impl Driver<'_> {
-    /// Start requests on slot `idx` until one is in flight, the generator
-    /// runs dry or the deadline passed. Requests that are all-zero reads
-    /// complete at once.
-    fn start(&mut self, idx: usize, next: &mut dyn FnMut() -> Option<u64>) -> Res<()> {
-        loop {
-            if self.start.elapsed() >= self.deadline {
-                return Ok(());
-            }
-            let Some(off) = next() else { return Ok(()) };
-            let slot = &mut self.slots[idx];
-            let t = Instant::now();
-            slot.ticket = match self.dir {
-                Dir::Read => self.stack.plan_read(off, self.bs, &mut slot.segs).map(|()| WriteTicket::default()),
-                Dir::Write => self.stack.plan_write(self.io, off, self.bs, &mut slot.segs),
-            }
-            .map_err(|e| format!("planning {:?} {off}+{}: {e}", self.dir, self.bs))?;
-            self.plan += t.elapsed();
-            slot.pending = 0;
-            for seg in &slot.segs {
-                match *seg {
-                    Seg::Zero { buf_off, len } => slot.buf[buf_off..buf_off + len].fill(0),
-                    Seg::Data { fd, file_off, buf_off, len } => {
-                        // SAFETY: buf_off+len lies inside the slot's buffer,
-                        // which outlives the request (slots live until the
-                        // ring has drained).
-                        let ptr = unsafe { slot.buf.as_mut_ptr().add(buf_off) };
-                        let sqe = match self.dir {
-                            Dir::Read => opcode::Read::new(types::Fd(fd), ptr, len as u32).offset(file_off).build(),
-                            Dir::Write => opcode::Write::new(types::Fd(fd), ptr, len as u32).offset(file_off).build(),
-                        }
-                        .user_data(((idx as u64) << 32) | len as u64);
-                        // SAFETY: as above; the fd stays open as long as the stack.
-                        while unsafe { self.ring.submission().push(&sqe) }.is_err() {
-                            self.ring.submit().map_err(|e| format!("io_uring submit: {e}"))?;
-                        }
-                        slot.pending += 1;
-                    }
-                }
-            }
-            if slot.pending > 0 {
-                // Hand the request to the kernel now, as fio does (its
-                // iodepth_batch_submit=1): batching the resubmissions of a
-                // whole completion batch into one io_uring_enter costs
-                // ~20% of IOPS on virtio disks (measured).
-                self.ring.submit().map_err(|e| format!("io_uring submit: {e}"))?;
-                self.active += 1;
-                return Ok(());
-            }
-            self.completed += 1;
-        }
-    }
-}
-
-/// Run one workload through the engine: keep `qd` requests in flight until
-/// `deadline` or until `next` runs dry. Each request is planned, its SQEs
-/// queued and submitted at once; the loop then waits for any completion.
-fn drive(
-    stack: &Stack,
-    io: &mut dyn IoBackend,
     dir: Dir,
     bs: usize,
     qd: usize,
-    deadline: Duration,
-    next: &mut dyn FnMut() -> Option<u64>,
-) -> Res<Run> {
-    let entries = (qd * 4).next_power_of_two().clamp(8, 4096) as u32;
-    let ring = IoUring::new(entries).map_err(|e| format!("io_uring setup: {e}"))?;
-    let slots = (0..qd)
-        .map(|i| {
-            let mut buf = AlignedBuf::zeroed(bs);
-            if dir == Dir::Write {
-                gen_data(&mut buf, 0x5eed_0000 + i as u64 * bs as u64);
-            }
-            Slot { buf, segs: Vec::with_capacity(4), pending: 0, ticket: WriteTicket::default() }
-        })
-        .collect();
-    let cpu0 = cpu_secs();
-    let mut d = Driver {
-        stack,
-        io,
-        ring,
-        slots,
-        dir,
-        bs,
-        start: Instant::now(),
-        deadline,
-        active: 0,
-        completed: 0,
-        plan: Duration::ZERO,
-    };
-    let result = drive_loop(&mut d, qd, next);
-    // Never leave SQEs in flight into buffers we are about to free.
-    while d.active > 0 {
-        if let Err(e) = d.ring.submit_and_wait(1) {
-            if e.raw_os_error() != Some(libc::EINTR) {
-                eprintln!("io_uring drain failed after an error ({e}); aborting");
-                std::process::abort();
-            }
-        }
-        let done = d.ring.completion().count();
-        d.active = d.active.saturating_sub(done);
-    }
-    result?;
-    let secs = d.start.elapsed().as_secs_f64();
-    let cpu = cpu_secs() - cpu0;
-    Ok(Run {
-        ios: d.completed,
-        bytes: d.completed * bs as u64,
-        secs,
-        cpu_pct: Some(cpu / secs * 100.0),
-        plan_ns: Some(if d.completed > 0 { d.plan.as_nanos() as f64 / d.completed as f64 } else { 0.0 }),
-        ..Default::default()
-    })
+    next: Offsets,
+    /// Keep per-request latencies.
+    latency: bool,
 }
 
-fn drive_loop(d: &mut Driver<'_>, qd: usize, next: &mut dyn FnMut() -> Option<u64>) -> Res<()> {
-    for i in 0..qd {
-        d.start(i, next)?;
+#[derive(Default)]
+struct Tally {
+    ios: u64,
+    lat_us: Vec<u32>,
+    error: Option<String>,
+}
+
+/// Run jobs together on one ring (as one ublk queue serves everything its
+/// tasks are given) until `secs` have passed; one Run per job.
+fn drive(ring: &OwnRing, jobs: Vec<Job<'_>>, secs: Duration) -> Res<Vec<Run>> {
+    let io = ring.io();
+    let exe = async_executor::LocalExecutor::new();
+    let start = Instant::now();
+    let deadline = start + secs;
+    let cpu0 = cpu_secs();
+    let mut tallies = Vec::new();
+    let mut tasks = Vec::new();
+    for job in jobs {
+        let tally = Rc::new(RefCell::new(Tally::default()));
+        let next = Rc::new(RefCell::new(job.next));
+        for i in 0..job.qd {
+            let (tally, next, io) = (tally.clone(), next.clone(), &io);
+            let (stack, dir, bs, latency) = (job.stack, job.dir, job.bs, job.latency);
+            tasks.push(exe.spawn(async move {
+                let mut buf = AlignedBuf::zeroed(bs);
+                if dir == Dir::Write {
+                    gen_data(&mut buf, 0x5eed_0000 + i as u64 * bs as u64);
+                }
+                while Instant::now() < deadline {
+                    let Some(off) = (next.borrow_mut())() else { break };
+                    let t = Instant::now();
+                    let r = match dir {
+                        Dir::Read => stack.read(io, off, &mut buf).await,
+                        Dir::Write => stack.write(io, off, &buf).await,
+                    };
+                    let mut tally = tally.borrow_mut();
+                    if let Err(e) = r {
+                        tally.error.get_or_insert(format!("{dir:?} {off}+{bs}: {e}"));
+                        break;
+                    }
+                    tally.ios += 1;
+                    if latency {
+                        tally.lat_us.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                    }
+                }
+            }));
+        }
+        tallies.push((tally, job.bs));
     }
-    let mut cqes: Vec<(u64, i32)> = Vec::with_capacity(qd * 4);
-    let mut done: Vec<usize> = Vec::with_capacity(qd);
-    // `active` counts requests; a request's SQEs complete independently.
-    while d.active > 0 {
-        match d.ring.submit_and_wait(1) {
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-            Err(e) => return Err(format!("io_uring submit_and_wait: {e}")),
+    ring.run_tasks(&exe, || tasks.iter().all(|t| t.is_finished()));
+    let secs = start.elapsed().as_secs_f64();
+    let cpu = Some((cpu_secs() - cpu0) / secs * 100.0);
+    let mut runs = Vec::new();
+    for (tally, bs) in tallies {
+        let t = std::mem::take(&mut *tally.borrow_mut());
+        if let Some(e) = t.error {
+            return Err(e);
         }
-        cqes.clear();
-        cqes.extend(d.ring.completion().map(|c| (c.user_data(), c.result())));
-        done.clear();
-        for &(ud, res) in &cqes {
-            let idx = (ud >> 32) as usize;
-            let len = ud as u32;
-            if res < 0 {
-                return Err(format!("{:?} failed: {}", d.dir, io::Error::from_raw_os_error(-res)));
-            }
-            if res as u32 != len {
-                return Err(format!("short {:?}: {res} of {len} bytes", d.dir));
-            }
-            let slot = &mut d.slots[idx];
-            slot.pending -= 1;
-            if slot.pending == 0 {
-                done.push(idx);
-            }
-        }
-        // As the ublk target does: a write that linked clusters (or relies
-        // on ones just linked) completes once the BAT entries are written.
-        // Finishing the whole completion batch before starting new requests
-        // lets the batch share one metadata write.
-        let t = Instant::now();
-        for &idx in &done {
-            d.stack.finish_write(d.io, d.slots[idx].ticket).map_err(|e| format!("finishing a write: {e}"))?;
-        }
-        d.plan += t.elapsed();
-        for &idx in &done {
-            d.active -= 1;
-            d.completed += 1;
-            d.start(idx, next)?;
-        }
+        runs.push(Run { ios: t.ios, bytes: t.ios * bs as u64, secs, cpu_pct: cpu, lat_us: t.lat_us, ..Default::default() });
     }
-    Ok(())
+    Ok(runs)
+}
+
+fn drive_one(stack: &Stack, dir: Dir, bs: usize, qd: usize, secs: Duration, next: Offsets) -> Res<Run> {
+    let ring = new_ring()?;
+    let job = Job { stack, dir, bs, qd, next, latency: false };
+    Ok(drive(&ring, vec![job], secs)?.remove(0))
 }
 
 /// Uniform random `bs`-aligned offsets over the disk.
@@ -504,9 +423,8 @@ fn seq_offsets(size: u64, bs: usize) -> impl FnMut() -> Option<u64> {
 fn setup(cfg: &Cfg) -> Res<()> {
     let raw_path = cfg.path(RAW);
     let ploop_path = cfg.path(PLOOP);
-    PloopLayer::create(&ploop_path, cfg.size, CLUSTER).map_err(|e| format!("creating image: {e}"))?;
+    block_on(PloopLayer::create(&SyncIo, &ploop_path, cfg.size, CLUSTER)).map_err(|e| format!("creating image: {e}"))?;
     let stack = open_stack(&[ploop_path], false)?;
-    let mut io = new_io()?;
     let raw = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -519,14 +437,15 @@ fn setup(cfg: &Cfg) -> Res<()> {
     while off < cfg.size {
         let n = chunk.min((cfg.size - off) as usize);
         gen_data(&mut buf[..n], off);
-        stack.write(&mut io, off, &buf[..n]).map_err(|e| format!("filling image: {e}"))?;
+        block_on(stack.write(&SyncIo, off, &buf[..n])).map_err(|e| format!("filling image: {e}"))?;
         raw.write_all_at(&buf[..n], off).map_err(|e| format!("filling raw file: {e}"))?;
         off += n as u64;
     }
     raw.sync_all().map_err(|e| format!("{}: {e}", raw_path.display()))?;
-    stack.close(&mut io).map_err(|e| format!("closing image: {e}"))?;
+    block_on(stack.close(&SyncIo)).map_err(|e| format!("closing image: {e}"))?;
     for i in 1..DEEP {
-        PloopLayer::create(&cfg.path(&upper_name(i)), cfg.size, CLUSTER).map_err(|e| format!("creating upper layer: {e}"))?;
+        block_on(PloopLayer::create(&SyncIo, &cfg.path(&upper_name(i)), cfg.size, CLUSTER))
+            .map_err(|e| format!("creating upper layer: {e}"))?;
     }
     Ok(())
 }
@@ -683,11 +602,10 @@ impl Row {
 #[allow(clippy::too_many_arguments)]
 fn engine_rw(cfg: &Cfg, paths: &[PathBuf], read_only: bool, dir: Dir, bs: usize, qd: usize, seq: bool, secs: Duration) -> Res<Run> {
     let stack = open_stack(paths, read_only)?;
-    let mut io = new_io()?;
-    let mut next: Box<dyn FnMut() -> Option<u64>> =
+    let next: Offsets =
         if seq { Box::new(seq_offsets(cfg.size, bs)) } else { Box::new(random_offsets(cfg.size, bs, 0x1234_5678 ^ qd as u64)) };
-    let run = drive(&stack, &mut io, dir, bs, qd, secs, &mut *next)?;
-    stack.close(&mut io).map_err(|e| format!("closing stack: {e}"))?;
+    let run = drive_one(&stack, dir, bs, qd, secs, next)?;
+    block_on(stack.close(&SyncIo)).map_err(|e| format!("closing stack: {e}"))?;
     Ok(run)
 }
 
@@ -699,32 +617,119 @@ const ALLOCS_PER_TURN: u64 = 4096;
 
 /// Allocating 4k writes at QD32: every write lands in a cluster the image
 /// does not hold yet (the first 4k of each cluster, ascending, as qemu-img
-/// bench -w -s 4k -S 1M does), on
-/// fresh empty images, round after round until `secs` of I/O or
-/// ALLOCS_PER_TURN allocations.
+/// bench -w -s 4k -S 1M does), on fresh empty images, round after round
+/// until `secs` of I/O or ALLOCS_PER_TURN allocations. Every write is
+/// acknowledged only once its BAT entry is written (the kill -9 guarantee).
 /// Returns the I/O phase; the closing flush is counted apart.
 fn engine_alloc(cfg: &Cfg, secs: f64) -> Res<Run> {
     let path = cfg.path(ALLOC);
     let clusters = cfg.alloc_size / CLUSTER;
     alloc_rounds(secs, || {
         let _ = fs::remove_file(&path);
-        PloopLayer::create(&path, cfg.alloc_size, CLUSTER).map_err(|e| format!("creating empty image: {e}"))?;
+        block_on(PloopLayer::create(&SyncIo, &path, cfg.alloc_size, CLUSTER)).map_err(|e| format!("creating empty image: {e}"))?;
         let stack = open_stack(std::slice::from_ref(&path), false)?;
-        let mut io = new_io()?;
-        // The same workload as qemu-img bench -w -s 4k -S 1M: the first 4k
-        // of each cluster, ascending.
         let mut it = 0..clusters;
-        let mut next = move || it.next().map(|c| c * CLUSTER);
-        let run = drive(&stack, &mut io, Dir::Write, K4, 32, Duration::MAX, &mut next)?;
+        let next: Offsets = Box::new(move || it.next().map(|c| c * CLUSTER));
+        let run = drive_one(&stack, Dir::Write, K4, 32, Duration::from_secs(3600), next)?;
         if run.ios != clusters {
             return Err(format!("allocating run wrote {} of {clusters} clusters", run.ios));
         }
         let t = Instant::now();
-        stack.close(&mut io).map_err(|e| format!("closing stack: {e}"))?;
+        block_on(stack.close(&SyncIo)).map_err(|e| format!("closing stack: {e}"))?;
         let flush = t.elapsed().as_secs_f64();
+        drop(stack);
         fs::remove_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(Run { rounds: 1, close_secs: flush, ..run })
     })
+}
+
+/// Head-of-line blocking: 4k random reads at QD16 on one ring (one queue)
+/// over a full base under a fresh empty top, alone and then beside a job
+/// of 4k random writes into the top at `writer_qd`, whose first write to
+/// each cluster copies it up (1 MiB read, written, synced before the BAT
+/// entry). Both turns get a fresh top. Returns (alone, reads beside the
+/// writer, the writer).
+fn read_beside_copy_up(cfg: &Cfg, secs: Duration, writer_qd: usize) -> Res<(Run, Run, Run)> {
+    let top = cfg.path(TOP);
+    let turn = |with_writer: bool| -> Res<Vec<Run>> {
+        let _ = fs::remove_file(&top);
+        block_on(PloopLayer::create(&SyncIo, &top, cfg.size, CLUSTER)).map_err(|e| format!("creating top: {e}"))?;
+        let stack = open_stack(&[cfg.path(PLOOP), top.clone()], false)?;
+        let ring = new_ring()?;
+        let mut jobs = vec![Job {
+            stack: &stack,
+            dir: Dir::Read,
+            bs: K4,
+            qd: 16,
+            next: Box::new(random_offsets(cfg.size, K4, 0xbeef)),
+            latency: false,
+        }];
+        if with_writer {
+            jobs.push(Job {
+                stack: &stack,
+                dir: Dir::Write,
+                bs: K4,
+                qd: writer_qd,
+                next: Box::new(random_offsets(cfg.size, K4, 0xfeed)),
+                latency: false,
+            });
+        }
+        let runs = drive(&ring, jobs, secs)?;
+        block_on(stack.close(&SyncIo)).map_err(|e| format!("closing stack: {e}"))?;
+        drop(stack);
+        let _ = fs::remove_file(&top);
+        Ok(runs)
+    };
+    let (mut alone, mut beside, mut writer) = (Run::default(), Run::default(), Run::default());
+    for _ in 0..SLICES {
+        alone.add(&turn(false)?[0]);
+        let r = turn(true)?;
+        beside.add(&r[0]);
+        writer.add(&r[1]);
+    }
+    Ok((alone, beside, writer))
+}
+
+/// The stall of a stack change under load: 4k random writes at QD32 into
+/// the top of the full image while another thread pushes a new empty top
+/// `swaps` times (a snapshot each time). Returns the writes' run (with
+/// latencies) and each swap's stall: how long new requests were held
+/// (draining the ones in flight, then the swap itself).
+fn swap_stall(cfg: &Cfg, secs: Duration, swaps: usize) -> Res<(Run, Vec<Duration>)> {
+    let base = cfg.path(SWAP_BASE);
+    let _ = fs::remove_file(&base);
+    fs::copy(cfg.path(PLOOP), &base).map_err(|e| format!("copying image: {e}"))?;
+    let stack = open_stack(std::slice::from_ref(&base), false)?;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let result = std::thread::scope(|scope| {
+        let pusher = scope.spawn(|| -> Res<Vec<Duration>> {
+            let mut stalls = Vec::new();
+            let gap = secs / (swaps as u32 + 1);
+            for i in 0..swaps {
+                std::thread::sleep(gap);
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let path = cfg.path(&swap_top_name(i));
+                stalls.push(block_on(stack.push_layer(&SyncIo, &path)).map_err(|e| format!("snapshot {i}: {e}"))?);
+            }
+            Ok(stalls)
+        });
+        let ring = new_ring()?;
+        let job = Job { stack: &stack, dir: Dir::Write, bs: K4, qd: 32, next: Box::new(random_offsets(cfg.size, K4, 0x5a5a)), latency: true };
+        let run = drive(&ring, vec![job], secs);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let stalls = pusher.join().map_err(|_| "snapshot thread panicked".to_string())?;
+        Ok::<_, String>((run?.remove(0), stalls?))
+    });
+    let closed = block_on(stack.close(&SyncIo));
+    let layers = stack.paths();
+    drop(stack);
+    for p in layers {
+        let _ = fs::remove_file(p);
+    }
+    closed.map_err(|e| format!("closing stack: {e}"))?;
+    result
 }
 
 /// Run allocation rounds on fresh images until `secs` of I/O, or
@@ -881,11 +886,15 @@ fn run() -> Res<()> {
     let qimg = cfg.path(QEMU_IMG);
     let step4k = scatter_step(cfg.size, K4 as u64);
     let mut rows: Vec<Row> = Vec::new();
+    // UBLK_PLOOP_BENCH_ONLY=read,alloc,... runs only the groups named
+    // (read, write, seq, qd, alloc, hol, swap): for profiling one workload.
+    let only = std::env::var("UBLK_PLOOP_BENCH_ONLY").unwrap_or_default();
+    let want = |group: &str| only.is_empty() || only.split(',').any(|g| g.trim() == group);
     let progress = |s: &str| eprintln!("  [{:5.1}s] {s}", t_all.elapsed().as_secs_f64());
     let secs = |s: f64| Duration::from_secs_f64(s);
 
     // 4k random read QD32: stack depth 1, depth 16 and fio in turn.
-    {
+    if want("read") {
         progress("4k randread QD32: depth 1, depth 16, fio");
         let (mut d1, mut d16, mut f) = (Run::default(), Run::default(), None);
         let turn = cfg.secs / SLICES as f64;
@@ -912,7 +921,7 @@ fn run() -> Res<()> {
     }
 
     // 4k random overwrite QD32 on the allocated image.
-    {
+    if want("write") {
         progress("4k randwrite QD32 (allocated)");
         let mut r = Row::new("randwrite_4k_qd32", "4k randwrite QD32 (allocated)");
         let mut f = |s: f64| fio(&cfg, "randwrite", K4, 32, s);
@@ -936,6 +945,9 @@ fn run() -> Res<()> {
         (Dir::Read, "seqread_1m", format!("1M seqread QD{SEQ_QD}"), "read"),
         (Dir::Write, "seqwrite_1m", format!("1M seqwrite QD{SEQ_QD}"), "write"),
     ] {
+        if !want("seq") {
+            continue;
+        }
         progress(&label);
         let mut r = Row::new(key, label);
         let mut f = |s: f64| fio(&cfg, rw, MIB as usize, SEQ_QD, s);
@@ -954,7 +966,7 @@ fn run() -> Res<()> {
     }
 
     // Queue-depth scaling of random reads (informational, no target).
-    for qd in [1usize, 16] {
+    for qd in [1usize, 16].into_iter().filter(|_| want("qd")) {
         let label = format!("4k randread QD{qd}");
         progress(&label);
         let key = if qd == 1 { "randread_4k_qd1" } else { "randread_4k_qd16" };
@@ -971,7 +983,7 @@ fn run() -> Res<()> {
     }
 
     // Allocating writes on empty images, engine and qemu in turn.
-    {
+    if want("alloc") {
         progress("4k allocating writes QD32 (empty images)");
         let mut r = Row::new("allocwrite_4k_qd32", "4k alloc-write QD32 (empty img)");
         let mut qa = |s: f64| qemu_alloc(&cfg, &mut q, s);
@@ -984,8 +996,29 @@ fn run() -> Res<()> {
         rows.push(r);
     }
 
-    report(&cfg, &rows, &q, have_fio, have_qemu, &qemu_img_what, t_all.elapsed().as_secs_f64());
+    // Reads beside a job whose writes copy clusters up, on one ring.
+    if want("hol") {
+        progress("4k randread QD16 alone / beside a copy-up writer (QD1), one ring");
+    }
+    let hol = if want("hol") { Some(read_beside_copy_up(&cfg, secs(cfg.secs / SLICES as f64), 1)?) } else { None };
+
+    // Snapshots taken under write load: how long requests are held.
+    if want("swap") {
+        progress(&format!("{SWAPS} snapshots under 4k randwrite QD32"));
+    }
+    let swap = if want("swap") { Some(swap_stall(&cfg, secs(cfg.secs.max(2.0)), SWAPS)?) } else { None };
+
+    let load = UnderLoad { hol, swap };
+    report(&cfg, &rows, &load, &q, have_fio, have_qemu, &qemu_img_what, t_all.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// The rows measured under concurrent load.
+struct UnderLoad {
+    /// Reads alone, reads beside the copy-up writer, the writer.
+    hol: Option<(Run, Run, Run)>,
+    /// Writes during the snapshots, and each snapshot's stall.
+    swap: Option<(Run, Vec<Duration>)>,
 }
 
 // ---------------------------------------------------------------------------
@@ -1016,41 +1049,65 @@ fn ratio(a: Option<&Run>, b: &Option<Res<Run>>) -> Option<f64> {
     }
 }
 
-fn report(cfg: &Cfg, rows: &[Row], q: &Qemu, have_fio: bool, have_qemu: bool, qemu_img_what: &str, total_secs: f64) {
+#[allow(clippy::too_many_arguments)]
+fn report(cfg: &Cfg, rows: &[Row], load: &UnderLoad, q: &Qemu, have_fio: bool, have_qemu: bool, qemu_img_what: &str, total_secs: f64) {
     let mut out = String::new();
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "{:<34} | {:>8} {:>7} {:>5} {:>7} | {:>8} {:>7} {:>5} | {:>8} {:>7} | {:>5} {:>5}",
-        "workload", "(a)IOPS", "MiB/s", "CPU%", "plan ns", "(b)IOPS", "MiB/s", "CPU%", "(c)IOPS", "MiB/s", "a/b", "a/c"
+        "{:<34} | {:>8} {:>7} {:>5} | {:>8} {:>7} {:>5} | {:>8} {:>7} | {:>5} {:>5}",
+        "workload", "(a)IOPS", "MiB/s", "CPU%", "(b)IOPS", "MiB/s", "CPU%", "(c)IOPS", "MiB/s", "a/b", "a/c"
     );
-    let _ = writeln!(out, "{}", "-".repeat(136));
+    let _ = writeln!(out, "{}", "-".repeat(128));
     for r in rows {
         let e = r.engine.as_ref();
-        let (ei, em, ec, ep) = match e {
-            Some(run) => (
-                fmt_iops(run.iops()),
-                format!("{:.0}", run.mibps()),
-                run.cpu_pct.map(|c| format!("{c:.0}")).unwrap_or_default(),
-                run.plan_ns.map(|p| format!("{p:.0}")).unwrap_or_default(),
-            ),
-            None => ("-".into(), "-".into(), "-".into(), "-".into()),
-        };
+        let (ei, em, ec) = cell(&e.cloned().map(Ok));
         let (fi, fm, fc) = cell(&r.fio);
         let (qi, qm, _) = cell(&r.qemu);
         let ab = ratio(e, &r.fio).map(|x| format!("{x:.2}")).unwrap_or_else(|| "-".into());
         let ac = ratio(e, &r.qemu).map(|x| format!("{x:.2}")).unwrap_or_else(|| "-".into());
         let _ = writeln!(
             out,
-            "{:<34} | {:>8} {:>7} {:>5} {:>7} | {:>8} {:>7} {:>5} | {:>8} {:>7} | {:>5} {:>5}",
-            r.label, ei, em, ec, ep, fi, fm, fc, qi, qm, ab, ac
+            "{:<34} | {:>8} {:>7} {:>5} | {:>8} {:>7} {:>5} | {:>8} {:>7} | {:>5} {:>5}",
+            r.label, ei, em, ec, fi, fm, fc, qi, qm, ab, ac
+        );
+    }
+    let _ = writeln!(out);
+    if let Some((alone, beside, writer)) = &load.hol {
+        let _ = writeln!(
+        out,
+        "Head-of-line (one ring, 2-layer stack: full base, fresh top): 4k randread QD16 alone {} IOPS; beside a writer\n  \
+         (4k random writes QD1 into the top; each first write to a cluster copies 1 MiB up) {} IOPS = {:.2}x; the writer did {} IOPS",
+        fmt_iops(alone.iops()),
+        fmt_iops(beside.iops()),
+        beside.iops() / alone.iops().max(1.0),
+        fmt_iops(writer.iops())
+        );
+    }
+    let no_swap = (Run::default(), Vec::new());
+    let (writes, stalls) = load.swap.as_ref().unwrap_or(&no_swap);
+    let stall_us: Vec<u32> = stalls.iter().map(|d| d.as_micros() as u32).collect();
+    let ms = |pct| percentile_us(&stall_us, pct).map(|us| format!("{:.2}", us / 1000.0)).unwrap_or_else(|| "-".into());
+    if load.swap.is_some() {
+        let _ = writeln!(
+        out,
+        "Stack swap: {} snapshots (a new empty top each) under 4k randwrite QD32 ({} IOPS): requests held p50 {} ms,\n  \
+         p99 {} ms, max {} ms; write latency p50 {} ms, p99 {} ms, max {} ms",
+        stalls.len(),
+        fmt_iops(writes.iops()),
+        ms(50.0),
+        ms(99.0),
+        ms(100.0),
+        writes.lat_ms(50.0).map(|x| format!("{x:.2}")).unwrap_or_default(),
+        writes.lat_ms(99.0).map(|x| format!("{x:.2}")).unwrap_or_default(),
+        writes.lat_ms(100.0).map(|x| format!("{x:.2}")).unwrap_or_default(),
         );
     }
     let _ = writeln!(out);
     let _ = writeln!(out, "What each column measured:");
     let _ = writeln!(
         out,
-        "  (a) engine: Stack::plan_read/plan_write per request, one io_uring SQE per data segment, submitted at once\n      (one io_uring_enter per request, as fio does), QD requests in flight, O_DIRECT, on a fully written ploop image\n      (random rows: uniform random offsets; seq rows: ascending, wrapping). CPU% = this process (all threads) per\n      wall second; plan ns = mean time inside plan_* per request (allocation included)."
+        "  (a) engine: the daemon's request path (Stack::read/Stack::write, one task per request in flight, the engine's\n      I/O as SQEs on one io_uring that the thread enters once per round of runnable tasks, as a ublk queue does),\n      O_DIRECT, on a fully written ploop image (random rows: uniform random offsets; seq rows: ascending,\n      wrapping). CPU% = this process (all threads) per wall second."
     );
     if have_fio {
         let _ = writeln!(
@@ -1123,7 +1180,20 @@ fn report(cfg: &Cfg, rows: &[Row], q: &Qemu, have_fio: bool, have_qemu: bool, qe
         "allocwrite_4k_qd32",
         "4k allocating write QD32 a/c".into(),
         find("allocwrite_4k_qd32").and_then(|r| ratio(r.engine.as_ref(), &r.qemu)),
-        1.5,
+        1.0,
+    ));
+    let engine_iops = |key: &str| find(key).and_then(|r| r.engine.as_ref()).map(Run::iops).filter(|&x| x > 0.0);
+    targets.push((
+        "allocwrite_vs_allocated",
+        "4k allocating vs allocated write, engine".into(),
+        engine_iops("allocwrite_4k_qd32").zip(engine_iops("randwrite_4k_qd32")).map(|(a, b)| a / b),
+        0.7,
+    ));
+    targets.push((
+        "read_beside_copyup",
+        "4k randread QD16 beside copy-ups vs alone".into(),
+        load.hol.as_ref().filter(|(alone, _, _)| alone.iops() > 0.0).map(|(alone, beside, _)| beside.iops() / alone.iops()),
+        0.8,
     ));
     let depth = match (find("randread_4k_qd32").and_then(|r| r.engine.as_ref()), find("randread_4k_qd32_depth16").and_then(|r| r.engine.as_ref())) {
         (Some(d1), Some(d16)) if d1.iops() > 0.0 => Some(d16.iops() / d1.iops()),
@@ -1144,6 +1214,16 @@ fn report(cfg: &Cfg, rows: &[Row], q: &Qemu, have_fio: bool, have_qemu: bool, qe
         let _ = writeln!(out, "  {what:<44} {v:>7}  (target >= {goal:.2})  {verdict}");
         tj.insert(key.to_string(), json!({ "what": what, "ratio": val.map(round3), "target": goal, "verdict": verdict }));
     }
+    // Lower is better here.
+    let p99 = percentile_us(&stall_us, 99.0).map(|us| us / 1000.0);
+    let verdict = match p99 {
+        Some(v) if v < 10.0 => "PASS",
+        Some(_) => "MISS",
+        None => "SKIP",
+    };
+    let v = p99.map(|v| format!("{v:.2}")).unwrap_or_else(|| "n/a".into());
+    let _ = writeln!(out, "  {:<44} {v:>7}  (target < 10 ms)  {verdict}", "stack swap stall p99, ms");
+    tj.insert("swap_stall_p99_ms".into(), json!({ "what": "stack swap stall p99, ms", "value": p99.map(round3), "target": 10.0, "verdict": verdict }));
     let _ = writeln!(out, "  (total bench time {total_secs:.0} s, load avg now {})", loadavg());
     print!("{out}");
 
@@ -1179,6 +1259,15 @@ fn report(cfg: &Cfg, rows: &[Row], q: &Qemu, have_fio: bool, have_qemu: bool, qe
         "loadavg_end": loadavg(),
         "total_secs": round1(total_secs),
         "results": rj,
+        "head_of_line": load.hol.as_ref().map(|(alone, beside, writer)| json!({
+            "reads_alone": alone.to_json(),
+            "reads_beside_copy_up": beside.to_json(),
+            "copy_up_writer": writer.to_json(),
+        })),
+        "swap": load.swap.as_ref().map(|(writes, _)| json!({
+            "writes": writes.to_json(),
+            "stalls_ms": stall_us.iter().map(|&us| round3(us as f64 / 1000.0)).collect::<Vec<_>>(),
+        })),
         "targets": tj,
     });
     println!("BENCH_JSON {j}");

@@ -7,14 +7,17 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
+
+use nix::fcntl::FlockArg;
 
 use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::layers::bat::{self, BadEntry, EntryProblem};
-use crate::layers::header::{Header, Variant, CLOSED, HEADER_SIZE, IN_USE};
+use crate::io::Io;
+use crate::layers::header::{Header, Variant, CLOSED, HEADER_SIZE, IN_USE, SECTOR};
+use crate::layers::ploop::load;
 use crate::layers::{detect_format, Format};
 
 #[derive(Debug, Serialize)]
@@ -76,27 +79,35 @@ impl CheckReport {
 /// Check `path`; with `repair`, fix what can be fixed and report the image
 /// as it is afterwards (the actions taken are listed in `repairs`).
 /// Refuses an image another process has open for writing.
-pub fn check(path: &Path, repair: bool) -> Result<CheckReport> {
-    check_with(path, repair, true)
+pub async fn check<I: Io>(io: &I, path: &Path, repair: bool) -> Result<CheckReport> {
+    let mut report = check_with(io, path, repair, true).await?;
+    if repair && !report.repairs.is_empty() {
+        let repairs = std::mem::take(&mut report.repairs);
+        report = check_with(io, path, false, false).await?;
+        report.repairs = repairs;
+    }
+    Ok(report)
 }
 
 /// The same report without taking the lock, for `info` on an image that a
 /// daemon is serving (its BAT may change while being read).
-pub fn inspect(path: &Path) -> Result<CheckReport> {
-    check_with(path, false, false)
+pub async fn inspect<I: Io>(io: &I, path: &Path) -> Result<CheckReport> {
+    check_with(io, path, false, false).await
 }
 
-fn check_with(path: &Path, repair: bool, take_lock: bool) -> Result<CheckReport> {
-    let format = detect_format(path)?;
+async fn check_with<I: Io>(io: &I, path: &Path, repair: bool, take_lock: bool) -> Result<CheckReport> {
+    let format = detect_format(io, path).await?;
     let file = OpenOptions::new().read(true).write(repair).open(path).map_err(|e| Error::io(e, path.display()))?;
-    let lock = if repair { libc::LOCK_EX } else { libc::LOCK_SH };
-    // SAFETY: plain syscall on our own descriptor.
-    if take_lock && unsafe { libc::flock(file.as_raw_fd(), lock | libc::LOCK_NB) } != 0 {
+    let fd = file.as_raw_fd();
+    let lock = if repair { FlockArg::LockExclusiveNonblock } else { FlockArg::LockSharedNonblock };
+    #[allow(deprecated)] // Flock would own the file; we keep using it.
+    if take_lock && nix::fcntl::flock(fd, lock).is_err() {
         return Err(Error::new(libc::EBUSY, format!("{}: image is in use by another process", path.display())));
     }
-    let file_size = file.metadata().map_err(|e| Error::io(e, path.display()))?.len();
+    let name = path.display().to_string();
+    let file_size = load::file_len(fd, &name)?;
     let mut report = CheckReport {
-        path: path.display().to_string(),
+        path: name.clone(),
         format,
         file_size,
         disk_size: file_size,
@@ -118,18 +129,17 @@ fn check_with(path: &Path, repair: bool, take_lock: bool) -> Result<CheckReport>
         }
         return Ok(report);
     }
-    let mut head = [0u8; HEADER_SIZE];
-    let got = read_at_most(&file, &mut head, 0)?;
-    let header = match Header::parse(&head[..got]) {
-        Ok(h) => h,
-        Err(e) => {
+    let header = match load::read_header(io, fd, &name).await {
+        Ok(read) => read.header,
+        Err(e) if e.errno() == libc::EUCLEAN || e.errno() == libc::EOPNOTSUPP => {
             // Nothing below can be trusted without a header.
             report.header_errors.push(e.message().to_string());
             if repair {
-                return Err(Error::corrupt(format!("{}: header is damaged beyond automatic repair: {e}", path.display())));
+                return Err(Error::corrupt(format!("{name}: header is damaged beyond automatic repair: {e}")));
             }
             return Ok(report);
         }
+        Err(e) => return Err(e),
     };
     report.disk_size = header.size_bytes();
     report.cluster_size = header.cluster_bytes();
@@ -140,7 +150,7 @@ fn check_with(path: &Path, repair: bool, take_lock: bool) -> Result<CheckReport>
     if file_size < header.bat_end() {
         report.header_errors.push(format!("file is truncated: {file_size} bytes, the BAT ends at {}", header.bat_end()));
         if repair {
-            return Err(Error::corrupt(format!("{}: the BAT itself is truncated; cannot repair", path.display())));
+            return Err(Error::corrupt(format!("{name}: the BAT itself is truncated; cannot repair")));
         }
         return Ok(report);
     }
@@ -151,15 +161,7 @@ fn check_with(path: &Path, repair: bool, take_lock: bool) -> Result<CheckReport>
         IN_USE => report.unclean = true,
         other => report.header_errors.push(format!("unknown in-use mark {other:#x}")),
     }
-    let bat_len = (header.bat_end() - HEADER_SIZE as u64) as usize;
-    let mut bat_bytes = Vec::new();
-    bat_bytes.try_reserve_exact(bat_len).map_err(|_| Error::too_large(path.display(), 2 * bat_len as u64))?;
-    bat_bytes.resize(bat_len, 0);
-    file.read_exact_at(&mut bat_bytes, HEADER_SIZE as u64).map_err(|e| Error::io(e, path.display()))?;
-    let mut values: Vec<u32> = Vec::new();
-    values.try_reserve_exact(bat_len / 4).map_err(|_| Error::too_large(path.display(), 2 * bat_len as u64))?;
-    values.extend(bat_bytes.chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().unwrap())));
-    drop(bat_bytes);
+    let mut values = load::read_bat(io, fd, &header, SECTOR, &name).await?.values;
     let scan = bat::scan(&header, &values, file_size);
     fill_scan(&mut report, &header, &scan, &file, file_size);
     if !repair || report.verdict() == Verdict::Clean {
@@ -167,6 +169,7 @@ fn check_with(path: &Path, repair: bool, take_lock: bool) -> Result<CheckReport>
     }
 
     // Repair. 1: give each bad entry a fate; duplicates get a private copy.
+    let io_err = |e| Error::io(e, &name);
     let cluster = header.cluster_bytes();
     let mut end = header.data_off_bytes() + file_size.saturating_sub(header.data_off_bytes()).next_multiple_of(cluster);
     let mut buf = vec![0u8; cluster as usize];
@@ -176,8 +179,8 @@ fn check_with(path: &Path, repair: bool, take_lock: bool) -> Result<CheckReport>
         match bad.problem {
             EntryProblem::Duplicate => {
                 let from = bad.value as u64 * header.bat_unit();
-                file.read_exact_at(&mut buf, from).map_err(|e| Error::io(e, path.display()))?;
-                file.write_all_at(&buf, end).map_err(|e| Error::io(e, path.display()))?;
+                io.read_at(fd, &mut buf, from).await.map_err(io_err)?;
+                io.write_at(fd, &buf, end).await.map_err(io_err)?;
                 values[i] = header.bat_value(end).ok_or_else(|| Error::new(libc::EFBIG, "image too large to repair"))?;
                 repairs.push(format!("entry {i}: shared cluster copied to its own cluster"));
                 end += cluster;
@@ -188,30 +191,30 @@ fn check_with(path: &Path, repair: bool, take_lock: bool) -> Result<CheckReport>
             }
         }
     }
-    file.sync_data().map_err(|e| Error::io(e, path.display()))?;
+    io.sync_data(fd).await.map_err(io_err)?;
     // 2: the BAT and a clean header, durable.
     let mut fixed = header.clone();
     fixed.in_use = CLOSED;
-    let mut meta = Vec::with_capacity(header.bat_end() as usize);
+    let mut meta = Vec::with_capacity(HEADER_SIZE + 4 * values.len());
     meta.extend_from_slice(&fixed.to_bytes());
     if header.variant == Variant::V1 {
         meta[40..44].fill(0);
     }
     values.iter().for_each(|v| meta.extend_from_slice(&v.to_le_bytes()));
-    file.write_all_at(&meta, 0).map_err(|e| Error::io(e, path.display()))?;
-    file.sync_data().map_err(|e| Error::io(e, path.display()))?;
+    io.write_at(fd, &meta, 0).await.map_err(io_err)?;
+    io.sync_data(fd).await.map_err(io_err)?;
     if report.unclean || !report.header_errors.is_empty() {
         repairs.push("header: in-use mark cleared".into());
     }
     // 3: give leaked space back: holes in the middle, truncation at the end.
-    let file_size = file.metadata().map_err(|e| Error::io(e, path.display()))?.len();
+    let file_size = load::file_len(fd, &name)?;
     let rescan = bat::scan(&header, &values, file_size);
     let data_off = header.data_off_bytes();
     let mut punched = 0;
     for slot in rescan.used.iter_zeros() {
         let at = data_off + slot as u64 * cluster;
         if at + cluster <= rescan.high_water && !is_hole(&file, at, cluster) {
-            crate::io::punch_hole(file.as_raw_fd(), at, cluster).map_err(|e| Error::io(e, path.display()))?;
+            io.punch_hole(fd, at, cluster).await.map_err(io_err)?;
             punched += 1;
         }
     }
@@ -219,14 +222,12 @@ fn check_with(path: &Path, repair: bool, take_lock: bool) -> Result<CheckReport>
         repairs.push(format!("{punched} leaked clusters inside the file released"));
     }
     if file_size > rescan.high_water {
-        file.set_len(rescan.high_water).map_err(|e| Error::io(e, path.display()))?;
+        io.set_len(fd, rescan.high_water).await.map_err(io_err)?;
         repairs.push(format!("{} leaked bytes cut from the end of the file", file_size - rescan.high_water));
     }
-    file.sync_all().map_err(|e| Error::io(e, path.display()))?;
-    drop(file);
-    let mut after = check_with(path, false, false)?;
-    after.repairs = repairs;
-    Ok(after)
+    io.sync_data(fd).await.map_err(io_err)?;
+    report.repairs = repairs;
+    Ok(report)
 }
 
 fn fill_scan(report: &mut CheckReport, header: &Header, scan: &bat::BatScan, file: &File, file_size: u64) {
@@ -242,19 +243,6 @@ fn fill_scan(report: &mut CheckReport, header: &Header, scan: &bat::BatScan, fil
         .count() as u64;
     let tail = file_size.saturating_sub(scan.high_water).div_ceil(cluster);
     report.leaked_clusters = middle + tail;
-}
-
-fn read_at_most(file: &File, buf: &mut [u8], offset: u64) -> Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(done)
 }
 
 /// True when `[at, at+len)` holds no data blocks (a punched or never

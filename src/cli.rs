@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use ublk_ploop::check::{check, Verdict};
 use ublk_ploop::convert::{convert, ConvertOptions};
-use ublk_ploop::io::{make_backend, BackendKind, Direct};
+use ublk_ploop::io::{block_on, BackendKind, Direct, OwnRing, SyncIo};
 use ublk_ploop::layers::header::Header;
 use ublk_ploop::layers::{Format, PloopLayer};
 use ublk_ploop::size::{format_size, parse_size};
@@ -313,7 +313,7 @@ fn run(command: Command) -> Result<i32> {
             crate::daemon::start(config, mode, true)
         }
         Command::Create { image, size, cluster_size, json } => {
-            let header = PloopLayer::create(&image, size, cluster_size)?;
+            let header = block_on(PloopLayer::create(&SyncIo, &image, size, cluster_size))?;
             let info = InfoOut::from_header(&image, &header, 0, header.data_off_bytes());
             if json {
                 print_json(&info);
@@ -346,7 +346,7 @@ fn run(command: Command) -> Result<i32> {
             Ok(if damaged { 2 } else { 0 })
         }
         Command::Check { image, repair, json } => {
-            let report = check(&image, repair)?;
+            let report = block_on(check(&SyncIo, &image, repair))?;
             if json {
                 print_json(&serde_json::json!({ "verdict": report.verdict(), "report": report }));
             } else {
@@ -377,8 +377,13 @@ fn run(command: Command) -> Result<i32> {
                     let _ = std::io::stderr().flush();
                 }
             };
-            let mut backend = make_backend(io.backend);
-            let stats = convert(backend.as_mut(), &paths, &dst, &opts, &mut report)?;
+            let stats = match io.backend {
+                BackendKind::Sync => block_on(convert(&SyncIo, &paths, &dst, &opts, &mut report))?,
+                BackendKind::Uring => {
+                    let ring = OwnRing::new(64).map_err(|e| ublk_ploop::Error::io(e, "setting up io_uring"))?;
+                    ring.block_on(convert(&ring.io(), &paths, &dst, &opts, &mut report))?
+                }
+            };
             if json {
                 print_json(&stats);
             } else {
@@ -443,7 +448,7 @@ impl InfoOut {
 /// (so it works on an image a daemon is serving). Damage found on the way
 /// is returned with it.
 fn image_info(path: &std::path::Path) -> Result<(InfoOut, Vec<String>)> {
-    let r = ublk_ploop::check::inspect(path)?;
+    let r = block_on(ublk_ploop::check::inspect(&SyncIo, path))?;
     let mut problems = r.header_errors.clone();
     problems.extend(r.bad_entries.iter().map(|b| format!("BAT entry {} {}", b.index, b.problem)));
     if r.header_errors.is_empty() && r.format == Format::Ploop && r.variant.is_none() {

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::io::{AlignedBuf, Direct, IoBackend};
+use crate::io::{AlignedBuf, Direct, Io};
 use crate::layers::{Format, PloopLayer};
 use crate::stack::{Stack, StackOptions};
 
@@ -30,14 +30,14 @@ pub struct ConvertStats {
 /// Zero clusters are not written, so the result stays sparse. `progress`
 /// is called with (clusters done, clusters total). On error the partial
 /// destination is removed.
-pub fn convert(
-    io: &mut dyn IoBackend,
+pub async fn convert<I: Io>(
+    io: &I,
     sources: &[PathBuf],
     dst: &Path,
     opts: &ConvertOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<ConvertStats> {
-    let (src, _) = Stack::open(sources, &StackOptions { read_only: true, direct: opts.direct })?;
+    let (src, _) = Stack::open(io, sources, &StackOptions { read_only: true, direct: opts.direct }).await?;
     if dst.exists() {
         return Err(Error::new(libc::EEXIST, format!("{}: destination exists; refusing to overwrite it", dst.display())));
     }
@@ -52,24 +52,24 @@ pub fn convert(
             f.set_len(size).map_err(|e| Error::io(e, dst.display()))?;
         }
         Format::Ploop => {
-            PloopLayer::create(dst, size, opts.cluster_size.unwrap_or(src.cluster_size()))?;
+            PloopLayer::create(io, dst, size, opts.cluster_size.unwrap_or(src.cluster_size())).await?;
         }
     }
-    let result = copy_all(io, &src, dst, opts, progress);
+    let result = copy_all(io, &src, dst, opts, progress).await;
     if result.is_err() {
         let _ = std::fs::remove_file(dst);
     }
     result
 }
 
-fn copy_all(
-    io: &mut dyn IoBackend,
+async fn copy_all<I: Io>(
+    io: &I,
     src: &Stack,
     dst: &Path,
     opts: &ConvertOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<ConvertStats> {
-    let (out, _) = Stack::open(&[dst.to_path_buf()], &StackOptions { read_only: false, direct: opts.direct })?;
+    let (out, _) = Stack::open(io, &[dst.to_path_buf()], &StackOptions { read_only: false, direct: opts.direct }).await?;
     let size = src.size();
     // Zero detection at the finer of the two cluster sizes, so a sparse
     // source stays sparse in a destination with smaller clusters.
@@ -78,12 +78,12 @@ fn copy_all(
     let mut buf = AlignedBuf::zeroed(step as usize);
     let mut stats = ConvertStats { disk_size: size, clusters, ..Default::default() };
     for c in 0..clusters {
-        if src.owner_of(c * step / src.cluster_size()).is_some() {
+        if src.owner_of(c * step / src.cluster_size()).await.is_some() {
             let offset = c * step;
             let n = (size - offset).min(step) as usize;
-            src.read(io, offset, &mut buf[..n])?;
+            src.read(io, offset, &mut buf[..n]).await?;
             if !is_zero(&buf[..n]) {
-                out.write(io, offset, &buf[..n])?;
+                out.write(io, offset, &buf[..n]).await?;
                 stats.copied_clusters += 1;
                 stats.copied_bytes += n as u64;
             }
@@ -92,7 +92,7 @@ fn copy_all(
             progress(c + 1, clusters);
         }
     }
-    out.close(io)?;
+    out.close(io).await?;
     Ok(stats)
 }
 

@@ -14,7 +14,7 @@ use libublk::{sys, UblkFlags};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use ublk_ploop::io::{Direct, SyncBackend};
+use ublk_ploop::io::{block_on, Direct, SyncIo};
 use ublk_ploop::{Error, Result, Stack, StackOptions};
 
 use crate::control::{self, Access, Handler};
@@ -83,7 +83,8 @@ pub fn require_ublk() -> Result<()> {
 pub fn start(config: DeviceConfig, mode: Mode, foreground: bool) -> Result<i32> {
     require_ublk()?;
     // Open the images before forking so that bad input fails right here.
-    let (stack, reports) = Stack::open(&config.images, &StackOptions { read_only: config.read_only, direct: config.direct })?;
+    let opts = StackOptions { read_only: config.read_only, direct: config.direct };
+    let (stack, reports) = block_on(Stack::open(&SyncIo, &config.images, &opts))?;
     for (path, r) in config.images.iter().zip(&reports) {
         if r.was_in_use {
             tracing::warn!(image = %path.display(), trimmed = r.trimmed_leak, "image was not closed cleanly; checked, no damage");
@@ -225,7 +226,7 @@ impl Handler for DaemonHandler {
                 "version": env!("CARGO_PKG_VERSION"),
             })),
             "flush" => {
-                stack.flush(&mut SyncBackend::new())?;
+                block_on(stack.flush(&SyncIo))?;
                 Ok(json!({}))
             }
             _ => Err(Error::invalid(format!("unknown command '{cmd}' (known: status, info, flush)"))),
@@ -234,10 +235,10 @@ impl Handler for DaemonHandler {
 }
 
 fn layers_json(stack: &Stack) -> Value {
-    let top = stack.depth() - 1;
+    let layers = stack.layers();
+    let top = layers.len() - 1;
     Value::Array(
-        stack
-            .layers()
+        layers
             .iter()
             .enumerate()
             .map(|(i, l)| {
@@ -288,7 +289,7 @@ fn run(stack: Stack, config: DeviceConfig, mode: Mode, ready: Ready) -> Result<i
         report(&mut ready, Err(e.to_string()));
     }
     // Whatever happened, the images are left consistent and marked clean.
-    let closed = device.stack.mark_clean(&mut SyncBackend::new());
+    let closed = block_on(device.stack.close(&SyncIo));
     let code = result?;
     closed?;
     Ok(code)

@@ -13,4 +13,4 @@ pub mod stack;
 pub mod tracker;
 
 pub use error::{Error, Result};
-pub use stack::{FlushKind, Seg, Stack, StackOptions, WriteTicket};
+pub use stack::{Stack, StackOptions};

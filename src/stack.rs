@@ -2,55 +2,51 @@
 //! topmost layer that holds it, writes go to the top (copy-on-write from
 //! below on first touch).
 //!
+//! Every operation is an `async fn` over an [`Io`]: on a ublk queue's ring
+//! a request that waits (for a copy-up, the file growing, a metadata
+//! write) yields to the other requests of its queue instead of blocking
+//! them. Requests wait for one another only where they must:
+//! - a cluster being allocated (copied up) in the top is claimed; requests
+//!   that need that cluster wait for the claim, others go on (`busy`);
+//! - the layer list is behind a [`Gate`]: requests enter it, and a stack
+//!   change (a snapshot pushing a new top) closes it, waits for the
+//!   requests inside to leave, swaps the list and reopens it.
+//!
 //! Lookup cost does not depend on depth: `owner` keeps, per cluster, the
 //! index of the topmost layer that holds it, updated on every allocation.
-//!
-//! The I/O path is split in two so that a frontend can run the data
-//! transfers on its own ring: `plan_read`/`plan_write` turn a request into
-//! file segments (allocating clusters on the way, synchronously, through
-//! the given backend), and the caller moves the bytes. `read`/`write` do
-//! both for callers that just want the data.
 
+use std::collections::HashMap;
+use std::future::poll_fn;
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::io::{AlignedBuf, Direct, IoBackend, IoOp};
+use crate::io::wait::{Entered, Gate, WaitList};
+use crate::io::{block_on, join_all, AlignedBuf, BufPool, Direct, Io};
 use crate::layers::header::DEFAULT_CLUSTER;
-use crate::layers::{Layer, OpenReport, PloopLayer};
+use crate::layers::{Layer, MetaError, OpenReport, PloopLayer};
 use crate::tracker::Tracker;
 
 /// Deepest stack we serve: layer indexes must fit the u8 owner map, with
 /// one value left to mean "no layer".
 pub const MAX_DEPTH: usize = 255;
 const NOBODY: u8 = u8::MAX;
+/// Copy-up buffers kept for reuse.
+const KEEP_BUFS: usize = 8;
 
 /// One piece of a planned request, in request order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Seg {
+enum Seg {
     /// Transfer `len` bytes between the request buffer at `buf_off` and
     /// file `fd` at `file_off`.
     Data { fd: RawFd, file_off: u64, buf_off: usize, len: usize },
     /// The request buffer at `buf_off` reads as zeros.
     Zero { buf_off: usize, len: usize },
 }
-
-/// See `Stack::flush_kind`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FlushKind {
-    /// Read-only: nothing to make durable.
-    Nothing,
-    /// An fdatasync of this descriptor is the whole flush.
-    SyncData(RawFd),
-}
-
-/// What `plan_write` hands back: pass it to `finish_write` once the data
-/// transfers completed, before acknowledging the write.
-#[must_use = "a planned write must be finished with Stack::finish_write"]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct WriteTicket(Option<(u64, u64)>);
 
 #[derive(Clone, Debug, Default)]
 pub struct StackOptions {
@@ -59,23 +55,69 @@ pub struct StackOptions {
     pub direct: Direct,
 }
 
-pub struct Stack {
-    layers: Vec<Layer>,
+/// What requests share and a stack change swaps.
+struct Shape {
+    layers: Vec<Arc<Layer>>,
     owner: Box<[AtomicU8]>,
+    /// Closed cleanly: no more writes.
+    closed: bool,
+    tracker: Option<Arc<Tracker>>,
+}
+
+impl Shape {
+    fn top(&self) -> &Arc<Layer> {
+        self.layers.last().expect("stack is never empty")
+    }
+    fn top_index(&self) -> u8 {
+        (self.layers.len() - 1) as u8
+    }
+    fn owner_of(&self, c: u64) -> Option<usize> {
+        match self.owner.get(c as usize)?.load(Ordering::Acquire) {
+            NOBODY => None,
+            i => Some(i as usize),
+        }
+    }
+    /// The topmost layer under the top that holds cluster `c`: the owner
+    /// map answers in O(1), unless it names the top (then look below).
+    fn holder_below(&self, c: u64, cluster: u64) -> Option<usize> {
+        match self.owner_of(c) {
+            Some(i) if i as u8 != self.top_index() => Some(i),
+            Some(_) => self.holder_below_top(c, cluster),
+            None => None,
+        }
+    }
+    /// The same by scanning the layers (for when the owner map is stale).
+    fn holder_below_top(&self, c: u64, cluster: u64) -> Option<usize> {
+        let top = self.layers.len() - 1;
+        (0..top).rev().find(|&i| self.layers[i].lookup(c, cluster).is_some())
+    }
+    fn check_open(&self) -> Result<()> {
+        if self.closed {
+            return Err(Error::new(libc::ESHUTDOWN, "the stack was closed"));
+        }
+        Ok(())
+    }
+}
+
+pub struct Stack {
+    shape: Gate<Shape>,
     cluster: u64,
     size: u64,
     block: u32,
     read_only: bool,
     direct: Direct,
-    /// Serialises cluster allocation in the top layer, and holds the
-    /// copy-on-write buffer so that it is not reallocated per cluster.
-    alloc: Mutex<Option<AlignedBuf>>,
-    tracker: Option<Arc<Tracker>>,
+    /// Clusters of the top being allocated, with the requests waiting for
+    /// each (see `allocate`).
+    busy: Mutex<HashMap<u64, WaitList>>,
+    bufs: BufPool,
+    /// Former tops whose writes are not yet known durable: a flush syncs
+    /// them too until their snapshot has closed them.
+    retiring: Mutex<Vec<Arc<Layer>>>,
 }
 
 impl Stack {
     /// Open images bottom first; the last one is the top.
-    pub fn open(paths: &[PathBuf], opts: &StackOptions) -> Result<(Stack, Vec<OpenReport>)> {
+    pub async fn open<I: Io>(io: &I, paths: &[PathBuf], opts: &StackOptions) -> Result<(Stack, Vec<OpenReport>)> {
         if paths.is_empty() {
             return Err(Error::invalid("a stack needs at least one image"));
         }
@@ -83,12 +125,30 @@ impl Stack {
             return Err(Error::invalid(format!("stack of {} layers exceeds the limit of {MAX_DEPTH}", paths.len())));
         }
         reject_repeated_files(paths)?;
+        let lowers = &paths[..paths.len() - 1];
+        let mut repaired = vec![false; paths.len()];
+        if !opts.read_only {
+            // A lower layer still marked in use was being closed by a
+            // snapshot when the process died: open it read-write once (its
+            // BAT is checked and its grown-ahead tail trimmed, as on any
+            // unclean open) and close it, so it is clean before it serves
+            // as a read-only layer.
+            for (i, path) in lowers.iter().enumerate() {
+                if crate::layers::marked_in_use(io, path).await? {
+                    let (layer, _) = Layer::open(io, path, true, opts.direct).await?;
+                    layer.close(io).await?;
+                    tracing::warn!(image = %path.display(), "lower layer was left in use by a snapshot that did not finish; checked and closed");
+                    repaired[i] = true;
+                }
+            }
+        }
         let mut layers = Vec::with_capacity(paths.len());
         let mut reports = Vec::with_capacity(paths.len());
         for (i, path) in paths.iter().enumerate() {
             let writable = !opts.read_only && i + 1 == paths.len();
-            let (layer, report) = Layer::open(path, writable, opts.direct)?;
-            layers.push(layer);
+            let (layer, mut report) = Layer::open(io, path, writable, opts.direct).await?;
+            report.was_in_use |= repaired[i];
+            layers.push(Arc::new(layer));
             reports.push(report);
         }
         match Stack::from_layers(layers, opts) {
@@ -96,14 +156,14 @@ impl Stack {
             Err((e, layers)) => {
                 // The top was marked in use when it opened: leave it clean.
                 if let Some(top) = layers.last() {
-                    let _ = top.close(&mut crate::io::SyncBackend::new());
+                    let _ = top.close(io).await;
                 }
                 Err(e)
             }
         }
     }
 
-    fn from_layers(layers: Vec<Layer>, opts: &StackOptions) -> std::result::Result<Stack, (Error, Vec<Layer>)> {
+    fn from_layers(layers: Vec<Arc<Layer>>, opts: &StackOptions) -> std::result::Result<Stack, (Error, Vec<Arc<Layer>>)> {
         let mut cluster = None;
         for layer in &layers {
             if let Some(c) = layer.cluster_size() {
@@ -120,15 +180,7 @@ impl Stack {
         let cluster = cluster.unwrap_or(DEFAULT_CLUSTER);
         let top = layers.last().expect("checked non-empty");
         let size = top.size();
-        let clusters = size.div_ceil(cluster);
-        let owner: Box<[AtomicU8]> = (0..clusters).map(|_| AtomicU8::new(NOBODY)).collect();
-        for (index, layer) in layers.iter().enumerate() {
-            for (c, slot) in owner.iter().enumerate() {
-                if layer.lookup(c as u64, cluster).is_some() {
-                    slot.store(index as u8, Ordering::Relaxed);
-                }
-            }
-        }
+        let owner = owner_map(&layers, size, cluster);
         let block = layers.iter().map(|l| l.file().block_size).max().unwrap_or(512);
         if size % block as u64 != 0 {
             let e = Error::invalid(format!(
@@ -137,7 +189,18 @@ impl Stack {
             return Err((e, layers));
         }
         let read_only = opts.read_only || !top.file().writable;
-        Ok(Stack { layers, owner, cluster, size, block, read_only, direct: opts.direct, alloc: Mutex::new(None), tracker: None })
+        let shape = Shape { layers, owner, closed: false, tracker: None };
+        Ok(Stack {
+            shape: Gate::new(shape),
+            cluster,
+            size,
+            block,
+            read_only,
+            direct: opts.direct,
+            busy: Mutex::new(HashMap::new()),
+            bufs: BufPool::new(cluster as usize, KEEP_BUFS),
+            retiring: Mutex::new(Vec::new()),
+        })
     }
 
     pub fn size(&self) -> u64 {
@@ -150,36 +213,39 @@ impl Stack {
     pub fn block_size(&self) -> u32 {
         self.block
     }
-    pub fn depth(&self) -> usize {
-        self.layers.len()
-    }
-    pub fn layers(&self) -> &[Layer] {
-        &self.layers
-    }
     pub fn is_read_only(&self) -> bool {
         self.read_only
     }
-    fn top_index(&self) -> u8 {
-        (self.layers.len() - 1) as u8
-    }
-    fn top(&self) -> &Layer {
-        self.layers.last().expect("stack is never empty")
-    }
 
-    /// Attach (or detach) the write tracker; every later change is marked.
-    pub fn set_tracker(&mut self, tracker: Option<Arc<Tracker>>) {
-        self.tracker = tracker;
+    /// The layers now, bottom first. Waits while the stack changes: call
+    /// it from a thread of its own (the control socket, a test), never from
+    /// a task on a queue's ring.
+    pub fn layers(&self) -> Vec<Arc<Layer>> {
+        block_on(self.shape.enter()).layers.clone()
     }
-    pub fn tracker(&self) -> Option<&Arc<Tracker>> {
-        self.tracker.as_ref()
+    pub fn depth(&self) -> usize {
+        block_on(self.shape.enter()).layers.len()
     }
-
+    /// Paths of the layers, bottom first.
+    pub fn paths(&self) -> Vec<PathBuf> {
+        self.layers().iter().map(|l| l.file().path.clone()).collect()
+    }
     /// Index of the topmost layer holding cluster `c`, if any.
-    pub fn owner_of(&self, c: u64) -> Option<usize> {
-        match self.owner.get(c as usize)?.load(Ordering::Acquire) {
-            NOBODY => None,
-            i => Some(i as usize),
-        }
+    pub async fn owner_of(&self, c: u64) -> Option<usize> {
+        let shape = self.shape.enter().await;
+        shape.owner_of(c).filter(|&i| shape.layers[i].lookup(c, self.cluster).is_some()).or_else(|| {
+            shape.holder_below_top(c, self.cluster)
+        })
+    }
+    /// Requests inside the stack now.
+    pub fn in_flight(&self) -> usize {
+        self.shape.inside()
+    }
+
+    /// Attach (or detach) the write tracker: every change that completes
+    /// from now on is marked.
+    pub async fn set_tracker(&self, tracker: Option<Arc<Tracker>>) {
+        self.shape.exclusive().await.tracker = tracker;
     }
 
     fn check_range(&self, offset: u64, len: usize) -> Result<()> {
@@ -221,94 +287,121 @@ impl Stack {
     /// Resolve a read into file segments, merging neighbours that are
     /// contiguous in one file (a sequential read of adjacent clusters stays
     /// one transfer).
-    pub fn plan_read(&self, offset: u64, len: usize, segs: &mut Vec<Seg>) -> Result<()> {
-        self.check_range(offset, len)?;
-        segs.clear();
+    fn plan_read(&self, shape: &Shape, offset: u64, len: usize, segs: &mut Vec<Seg>) {
         for (c, within, buf_off, n) in self.pieces(offset, len) {
-            let seg = match self.owner_of(c) {
+            // The owner map can name the top for an instant after a failed
+            // BAT write undid its entry: then look below.
+            let found = shape
+                .owner_of(c)
+                .and_then(|i| Some((i, shape.layers[i].lookup(c, self.cluster)?)))
+                .or_else(|| shape.holder_below_top(c, self.cluster).map(|i| (i, shape.layers[i].lookup(c, self.cluster).unwrap())));
+            let seg = match found {
+                Some((i, base)) => Seg::Data { fd: shape.layers[i].file().fd(), file_off: base + within, buf_off, len: n },
                 None => Seg::Zero { buf_off, len: n },
-                Some(i) => {
-                    // The owner map can name the top for an instant after a
-                    // failed BAT write undid its entry: then look below.
-                    let found = Some(i)
-                        .filter(|&i| self.layers[i].lookup(c, self.cluster).is_some())
-                        .or_else(|| self.holder_below_top(c));
-                    match found {
-                        Some(i) => {
-                            let layer = &self.layers[i];
-                            let base = layer.lookup(c, self.cluster).expect("checked above");
-                            Seg::Data { fd: layer.file().fd(), file_off: base + within, buf_off, len: n }
-                        }
-                        None => Seg::Zero { buf_off, len: n },
-                    }
-                }
             };
             push_merged(segs, seg);
         }
-        Ok(())
     }
 
-    /// Resolve a write into segments of the top layer, allocating (and
-    /// copying up from below) every cluster the top does not hold yet.
-    /// The returned ticket goes to `finish_write` after the data is written.
-    pub fn plan_write(&self, io: &mut dyn IoBackend, offset: u64, len: usize, segs: &mut Vec<Seg>) -> Result<WriteTicket> {
+    /// Read into `buf` (any alignment; O_DIRECT-aligned buffers avoid a
+    /// copy). All transfers of the request are in flight together.
+    pub async fn read<I: Io>(&self, io: &I, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.check_range(offset, buf.len())?;
+        let shape = self.shape.enter().await;
+        let mut segs = Vec::with_capacity(2);
+        self.plan_read(&shape, offset, buf.len(), &mut segs);
+        read_segs(io, &segs, buf).await.map_err(|e| Error::io(e, "reading image data"))
+    }
+
+    /// Write `data` at `offset`: clusters the top lacks are allocated (and
+    /// copied up from below) first; the write completes once the BAT
+    /// entries it created or relies on are written.
+    pub async fn write<I: Io>(&self, io: &I, offset: u64, data: &[u8]) -> Result<()> {
         self.check_writable()?;
-        self.check_range(offset, len)?;
-        segs.clear();
-        let window = self.window_start();
-        let top = self.top_index();
-        let fd = self.top().file().fd();
-        for (c, within, buf_off, n) in self.pieces(offset, len) {
-            let held = match self.owner_of(c) {
-                Some(i) if i as u8 == top => self.top().lookup(c, self.cluster),
-                _ => None,
-            };
-            let base = match held {
-                Some(base) => base,
-                None => self.allocate(io, c, true)?.0,
-            };
-            push_merged(segs, Seg::Data { fd, file_off: base + within, buf_off, len: n });
-        }
-        if let Some(t) = &self.tracker {
-            t.mark_range(offset, len as u64);
-        }
-        Ok(self.ticket(window))
+        self.check_range(offset, data.len())?;
+        let shape = self.shape.enter().await;
+        shape.check_open()?;
+        let result = self.write_entered(io, &shape, offset, data).await;
+        mark(&shape, offset, data.len());
+        result
     }
 
-    /// Give cluster `c` a home in the top layer and return its file offset.
-    /// With `copy_up`, the cluster's current content (from the layer that
-    /// holds it now) is copied there and synced before the BAT entry is
-    /// written: the entry never points at bytes other than what the disk
-    /// showed before, so a crash at any point leaves each byte old or new.
-    /// Also says whether the cluster is fresh (linked by this call).
-    fn allocate(&self, io: &mut dyn IoBackend, c: u64, copy_up: bool) -> Result<(u64, bool)> {
-        let mut scratch = self.alloc.lock().unwrap();
-        let top_index = self.top_index();
-        if let Some(base) = self.top().lookup(c, self.cluster) {
-            // Another request allocated it while we waited.
+    async fn write_entered<I: Io>(&self, io: &I, shape: &Shape, offset: u64, data: &[u8]) -> Result<()> {
+        let top = shape.top();
+        let window = top.window_start();
+        let fd = top.file().fd();
+        let mut segs = Vec::with_capacity(2);
+        for (c, within, buf_off, n) in self.pieces(offset, data.len()) {
+            let base = match top.lookup(c, self.cluster) {
+                Some(base) => base,
+                None => self.allocate(io, shape, c, true).await?.0,
+            };
+            push_merged(&mut segs, Seg::Data { fd, file_off: base + within, buf_off, len: n });
+        }
+        // The BAT entries this write created (or found unwritten) may reach
+        // the disk before its data: each points at a cluster that already
+        // holds the disk's bytes durably. So the metadata write runs beside
+        // the data transfer, and the write completes when both did.
+        let meta = self.finish(io, shape, window);
+        let data = async { write_segs(io, &segs, data).await.map_err(|e| Error::io(e, "writing image data")) };
+        let (data, meta) = futures_lite::future::zip(data, meta).await;
+        data.and(meta)
+    }
+
+    /// Give cluster `c` a home in the top layer and return its file offset,
+    /// and whether this call linked it (a fresh cluster). With `copy_up`,
+    /// the cluster's current content (from the layer that holds it now) is
+    /// copied there and synced before the BAT entry is written: the entry
+    /// never points at bytes other than what the disk showed before, so a
+    /// crash at any point leaves each byte old or new.
+    ///
+    /// The cluster is claimed for the duration: other requests that need it
+    /// wait for this one; requests on other clusters go on.
+    async fn allocate<I: Io>(&self, io: &I, shape: &Shape, c: u64, copy_up: bool) -> Result<(u64, bool)> {
+        let top = shape.top();
+        let held = poll_fn(|cx| {
+            let mut busy = self.busy.lock().unwrap();
+            if let Some(base) = top.lookup(c, self.cluster) {
+                // Another request allocated it meanwhile.
+                return Poll::Ready(Some(base));
+            }
+            match busy.get_mut(&c) {
+                Some(waiters) => {
+                    waiters.register(cx);
+                    Poll::Pending
+                }
+                None => {
+                    busy.insert(c, WaitList::default());
+                    Poll::Ready(None)
+                }
+            }
+        })
+        .await;
+        if let Some(base) = held {
             return Ok((base, false));
         }
-        let below = self.holder_below(c);
-        let Layer::Ploop(top) = self.top() else {
-            unreachable!("a raw top layer holds every cluster");
-        };
-        let offset = top.reserve_cluster(io)?;
+        let _claim = Claim { stack: self, c };
+        let below = shape.holder_below(c, self.cluster);
+        let offset = top.reserve_cluster(io).await?;
         if let (true, Some(i)) = (copy_up, below) {
-            let src = &self.layers[i];
+            let src = &shape.layers[i];
             let src_off = src.lookup(c, self.cluster).expect("owner map and BAT agree");
-            let buf = scratch.get_or_insert_with(|| AlignedBuf::zeroed(self.cluster as usize));
-            let n = self.copy_len(c);
-            io.submit(&mut [IoOp::read(src.file().fd(), src_off, &mut buf[..n])])
-                .map_err(|e| Error::io(e, format_args!("{}: copy-up read", src.file().path.display())))?;
-            io.submit(&mut [IoOp::write(top.file().fd(), offset, &buf[..n])])
-                .map_err(|e| Error::io(e, format_args!("{}: copy-up write", top.file().path.display())))?;
-            // Data before index: the copy is durable before the entry.
-            io.sync_data(top.file().fd())
-                .map_err(|e| Error::io(e, format_args!("{}: copy-up sync", top.file().path.display())))?;
+            let mut buf = self.bufs.get();
+            let result = self.copy_up(io, src, src_off, top, offset, &mut buf[..self.copy_len(c)]).await;
+            self.bufs.put(buf);
+            result?;
         }
         top.link(c, offset);
-        self.owner[c as usize].store(top_index, Ordering::Release);
+        shape.owner[c as usize].store(shape.top_index(), Ordering::Release);
         Ok((offset, true))
+    }
+
+    /// Copy one cluster's bytes up and make them durable (data before index).
+    async fn copy_up<I: Io>(&self, io: &I, src: &Layer, src_off: u64, top: &Layer, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let (from, to) = (src.file(), top.file());
+        io.read_at(from.fd(), buf, src_off).await.map_err(|e| Error::io(e, format_args!("{}: copy-up read", from.path.display())))?;
+        io.write_at(to.fd(), buf, offset).await.map_err(|e| Error::io(e, format_args!("{}: copy-up write", to.path.display())))?;
+        top.sync_data(io).await.map_err(|e| Error::io(e, format_args!("{}: copy-up sync", to.path.display())))
     }
 
     /// Bytes of cluster `c` inside the disk (the last one may be partial).
@@ -317,242 +410,255 @@ impl Stack {
     }
 
     /// Zero a range: afterwards it reads as zeros, whatever lower layers hold.
-    pub fn write_zeroes(&self, io: &mut dyn IoBackend, offset: u64, len: usize) -> Result<()> {
+    pub async fn write_zeroes<I: Io>(&self, io: &I, offset: u64, len: usize) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, len)?;
-        let window = self.window_start();
+        let shape = self.shape.enter().await;
+        shape.check_open()?;
+        let result = self.write_zeroes_entered(io, &shape, offset, len).await;
+        mark(&shape, offset, len);
+        result
+    }
+
+    async fn write_zeroes_entered<I: Io>(&self, io: &I, shape: &Shape, offset: u64, len: usize) -> Result<()> {
+        let top = shape.top();
+        let window = top.window_start();
         for (c, within, _, n) in self.pieces(offset, len) {
             // The top's own BAT decides what it holds (the owner map can
             // lag for an instant behind a rolled-back entry).
-            if let Some(base) = self.top().lookup(c, self.cluster) {
-                self.punch_top(io, base + within, n)?;
-            } else if self.holder_below(c).is_some() {
+            if let Some(base) = top.lookup(c, self.cluster) {
+                punch(io, top, base + within, n).await?;
+            } else if shape.holder_below(c, self.cluster).is_some() {
                 // Lower data must be hidden by a cluster of the top.
                 let whole = within == 0 && n as u64 == self.cluster.min(self.size - c * self.cluster);
-                let (base, fresh) = self.allocate(io, c, !whole)?;
+                let (base, fresh) = self.allocate(io, shape, c, !whole).await?;
                 // A fresh cluster already reads as zeros; one that a
                 // concurrent write allocated first holds data to zero.
                 if !(whole && fresh) {
-                    self.punch_top(io, base + within, n)?;
+                    punch(io, top, base + within, n).await?;
                 }
             }
         }
-        if let Some(t) = &self.tracker {
-            t.mark_range(offset, len as u64);
-        }
-        self.finish_write(io, self.ticket(window))
+        self.finish(io, shape, window).await
     }
 
     /// Discard a range: space the top layer holds there is released and
     /// reads as zeros; data that lives only in lower (read-only) layers is
     /// left as it is, since reclaiming it would cost space, not save it.
-    pub fn discard(&self, io: &mut dyn IoBackend, offset: u64, len: usize) -> Result<()> {
+    pub async fn discard<I: Io>(&self, io: &I, offset: u64, len: usize) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, len)?;
-        let window = self.window_start();
+        let shape = self.shape.enter().await;
+        shape.check_open()?;
+        let top = shape.top();
+        let window = top.window_start();
         let mut changed = false;
+        let mut result = Ok(());
         for (c, within, _, n) in self.pieces(offset, len) {
-            if let Some(base) = self.top().lookup(c, self.cluster) {
-                self.punch_top(io, base + within, n)?;
+            if let Some(base) = top.lookup(c, self.cluster) {
                 changed = true;
+                result = punch(io, top, base + within, n).await;
+                if result.is_err() {
+                    break;
+                }
             }
-        }
-        if let (true, Some(t)) = (changed, &self.tracker) {
-            t.mark_range(offset, len as u64);
         }
         // Punched clusters may have been linked by writes still in flight.
-        self.finish_write(io, self.ticket(window))
-    }
-
-    /// Make `n` bytes of the top file at `at` read as zeros.
-    fn punch_top(&self, io: &mut dyn IoBackend, at: u64, n: usize) -> Result<()> {
-        let top = self.top();
-        let fd = top.file().fd();
-        match io.punch_hole(fd, at, n as u64) {
-            Ok(()) => Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                let zeros = AlignedBuf::zeroed(n);
-                io.submit(&mut [IoOp::write(fd, at, &zeros)]).map_err(|e| Error::io(e, top.file().path.display()))
-            }
-            Err(e) => Err(Error::io(e, format_args!("{}: punching a hole", top.file().path.display()))),
+        if result.is_ok() {
+            result = self.finish(io, &shape, window).await;
         }
-    }
-
-    /// Read into `buf` (any alignment; O_DIRECT-aligned buffers avoid a copy).
-    pub fn read(&self, io: &mut dyn IoBackend, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let mut segs = Vec::new();
-        self.plan_read(offset, buf.len(), &mut segs)?;
-        let mut ops = Vec::with_capacity(segs.len());
-        let mut rest = buf;
-        let mut at = 0;
-        for seg in segs {
-            let (buf_off, len) = match seg {
-                Seg::Data { buf_off, len, .. } | Seg::Zero { buf_off, len } => (buf_off, len),
-            };
-            debug_assert_eq!(buf_off, at);
-            let (piece, tail) = std::mem::take(&mut rest).split_at_mut(len);
-            rest = tail;
-            at += len;
-            match seg {
-                Seg::Data { fd, file_off, .. } => ops.push(IoOp::read(fd, file_off, piece)),
-                Seg::Zero { .. } => piece.fill(0),
-            }
+        if changed {
+            mark(&shape, offset, len);
         }
-        io.submit(&mut ops).map_err(|e| Error::io(e, "reading image data"))
+        result
     }
 
-    /// Write `data` at `offset`.
-    pub fn write(&self, io: &mut dyn IoBackend, offset: u64, data: &[u8]) -> Result<()> {
-        let mut segs = Vec::new();
-        let ticket = self.plan_write(io, offset, data.len(), &mut segs)?;
-        let mut ops: Vec<IoOp> = segs
-            .iter()
-            .map(|seg| match *seg {
-                Seg::Data { fd, file_off, buf_off, len } => IoOp::write(fd, file_off, &data[buf_off..buf_off + len]),
-                Seg::Zero { .. } => unreachable!("writes plan no zero segments"),
-            })
-            .collect();
-        io.submit(&mut ops).map_err(|e| Error::io(e, "writing image data"))?;
-        self.finish_write(io, ticket)
-    }
-
-    /// What a flush needs: every acknowledged write already has its BAT
-    /// entry written, so one data sync of the top file makes them all
-    /// durable; frontends with their own ring run it asynchronously.
-    pub fn flush_kind(&self) -> FlushKind {
-        if self.read_only {
-            return FlushKind::Nothing;
-        }
-        FlushKind::SyncData(self.top().file().fd())
-    }
-
-    /// Make every completed write durable.
-    pub fn flush(&self, io: &mut dyn IoBackend) -> Result<()> {
+    /// Make every completed write durable: their BAT entries are written
+    /// already, so a data sync of the top (and of a former top a snapshot
+    /// is still closing) covers them.
+    pub async fn flush<I: Io>(&self, io: &I) -> Result<()> {
         if self.read_only {
             return Ok(());
         }
-        match self.top() {
-            Layer::Ploop(top) => top.flush(io).map_err(|e| self.rolled_back(e)),
-            raw => raw.flush(io),
+        let shape = self.shape.enter().await;
+        shape.top().sync(io).await?;
+        let retiring = self.retiring.lock().unwrap().clone();
+        for layer in retiring {
+            layer.sync(io).await?;
         }
+        Ok(())
     }
 
-    /// Complete a planned write whose data transfers succeeded: the BAT
-    /// entries it (or a concurrent write it relies on) linked are written
-    /// before it may be acknowledged. Writes finishing together share the
-    /// metadata writes.
-    pub fn finish_write(&self, io: &mut dyn IoBackend, ticket: WriteTicket) -> Result<()> {
-        match (ticket.0, self.top()) {
-            (Some((lo, hi)), Layer::Ploop(top)) => top.write_metadata(io, lo, hi).map_err(|e| self.rolled_back(e)),
-            _ => Ok(()),
+    /// Complete a request whose data transfers succeeded: the BAT entries
+    /// it (or a concurrent request it relies on) linked since `window`
+    /// are written before it may be acknowledged.
+    async fn finish<I: Io>(&self, io: &I, shape: &Shape, window: Option<u64>) -> Result<()> {
+        let Some(lo) = window else { return Ok(()) };
+        let top = shape.top();
+        let hi = top.published();
+        if hi < lo {
+            return Ok(());
         }
+        top.write_metadata(io, lo, hi).await.map_err(|e| self.rolled_back(shape, e))
     }
 
     /// After a failed BAT write undid some entries of the top: resolve
-    /// those clusters to the layers below again.
-    fn rolled_back(&self, e: crate::layers::ploop::MetaError) -> Error {
+    /// those clusters to the layers below again, unless a request is
+    /// allocating one of them anew (it sets the owner itself).
+    fn rolled_back(&self, shape: &Shape, e: MetaError) -> Error {
         if !e.rolled_back.is_empty() {
-            let _alloc = self.alloc.lock().unwrap();
+            let busy = self.busy.lock().unwrap();
             for c in e.rolled_back {
-                if self.top().lookup(c, self.cluster).is_none() {
-                    let below = self.holder_below_top(c).map_or(NOBODY, |i| i as u8);
-                    self.owner[c as usize].store(below, Ordering::Release);
+                if !busy.contains_key(&c) && shape.top().lookup(c, self.cluster).is_none() {
+                    let below = shape.holder_below_top(c, self.cluster).map_or(NOBODY, |i| i as u8);
+                    shape.owner[c as usize].store(below, Ordering::Release);
                 }
             }
         }
         e.error
     }
 
-    /// The topmost layer under the top that holds cluster `c`: the owner
-    /// map answers in O(1), unless it names the top (then look below).
-    fn holder_below(&self, c: u64) -> Option<usize> {
-        match self.owner_of(c) {
-            Some(i) if i as u8 != self.top_index() => Some(i),
-            Some(_) => self.holder_below_top(c),
-            None => None,
-        }
-    }
-
-    /// The same by scanning the layers (for when the owner map is stale).
-    fn holder_below_top(&self, c: u64) -> Option<usize> {
-        let top = self.layers.len() - 1;
-        (0..top).rev().find(|&i| self.layers[i].lookup(c, self.cluster).is_some())
-    }
-
-    /// Where a request's window of BAT generations starts: read before it
-    /// looks anything up (see `PloopLayer::first_unwritten`).
-    fn window_start(&self) -> u64 {
-        match self.top() {
-            Layer::Ploop(top) => top.first_unwritten(),
-            Layer::Raw(_) => u64::MAX,
-        }
-    }
-
-    /// The ticket for a request whose window started at `lo`: every BAT
-    /// entry it linked or found unwritten is in `lo..=published`.
-    fn ticket(&self, lo: u64) -> WriteTicket {
-        match self.top() {
-            Layer::Ploop(top) => {
-                let hi = top.published();
-                WriteTicket((hi >= lo).then_some((lo, hi)))
-            }
-            Layer::Raw(_) => WriteTicket(None),
-        }
-    }
-
-    /// Flush and mark the top image cleanly closed.
-    pub fn close(self, io: &mut dyn IoBackend) -> Result<()> {
-        self.mark_clean(io)
-    }
-
-    /// Flush and clear the in-use mark, for owners that share the stack
-    /// (the daemon) and so cannot consume it. No writes may follow.
-    pub fn mark_clean(&self, io: &mut dyn IoBackend) -> Result<()> {
-        if self.read_only {
+    /// Flush and mark the top image cleanly closed; later writes fail.
+    /// Waits for the requests in flight.
+    pub async fn close<I: Io>(&self, io: &I) -> Result<()> {
+        let mut shape = self.shape.exclusive().await;
+        if shape.closed || self.read_only {
+            shape.closed = true;
             return Ok(());
         }
-        self.top().close(io)
+        shape.closed = true;
+        let retiring = std::mem::take(&mut *self.retiring.lock().unwrap());
+        for layer in retiring {
+            layer.close(io).await?;
+        }
+        shape.top().close(io).await
     }
 
-
-    /// Snapshot: create `path` as a new empty ploop image and make it the
-    /// top; the old top becomes a read-only lower layer, cleanly closed.
-    pub fn push_layer(&mut self, io: &mut dyn IoBackend, path: &Path) -> Result<()> {
+    /// Snapshot, online: create `path` as a new empty ploop image and make
+    /// it the top; the old top becomes a read-only lower layer, made
+    /// durable and marked clean. Requests are held only while the layer
+    /// list is swapped (after the ones in flight drained); returns how long
+    /// that was.
+    ///
+    /// If closing the old top fails after the swap, the new top stays (it
+    /// may hold writes already) and the error says so; the old top keeps
+    /// its in-use mark, so the next open checks it.
+    pub async fn push_layer<I: Io>(&self, io: &I, path: &Path) -> Result<Duration> {
         self.check_writable()?;
-        if self.layers.len() >= MAX_DEPTH {
-            return Err(Error::invalid(format!("stack already has the maximum of {MAX_DEPTH} layers")));
+        {
+            let shape = self.shape.enter().await;
+            shape.check_open()?;
+            if shape.layers.len() >= MAX_DEPTH {
+                return Err(Error::invalid(format!("stack already has the maximum of {MAX_DEPTH} layers")));
+            }
         }
-        PloopLayer::create(path, self.size, self.cluster)?;
-        let opened = Layer::open(path, true, self.direct);
-        let (new_top, _) = match opened {
-            Ok(v) => v,
+        PloopLayer::create(io, path, self.size, self.cluster).await?;
+        let new_top = match Layer::open(io, path, true, self.direct).await {
+            Ok((layer, _)) => Arc::new(layer),
             Err(e) => {
                 let _ = std::fs::remove_file(path);
                 return Err(e);
             }
         };
-        // The old top is made consistent on disk, then demoted in place
-        // (its descriptor stays; only its lock and role change), so no step
-        // after the new file exists can leave the stack without a top.
-        let demoted = self.top().close(io).and_then(|()| self.layers.last_mut().expect("stack is never empty").demote());
-        if let Err(e) = demoted {
-            drop(new_top);
-            let _ = std::fs::remove_file(path);
-            // The old top goes on taking writes: it is in use again.
-            if let Layer::Ploop(top) = self.top() {
-                if let Err(mark) = top.reopen_in_use(io) {
-                    tracing::error!("{}: restoring the in-use mark: {mark}", top.file().path.display());
-                }
+        let start = Instant::now();
+        let swapped = {
+            let mut shape = self.shape.exclusive().await;
+            if shape.closed || shape.layers.len() >= MAX_DEPTH {
+                Err(Error::new(libc::EBUSY, "the stack was closed or filled up meanwhile"))
+            } else {
+                let old = shape.top().clone();
+                self.retiring.lock().unwrap().push(old.clone());
+                shape.layers.push(new_top.clone());
+                Ok(old)
             }
-            return Err(e);
-        }
-        self.layers.push(new_top);
-        Ok(())
+        };
+        let stall = start.elapsed();
+        let old = match swapped {
+            Ok(old) => old,
+            Err(e) => {
+                let _ = new_top.close(io).await;
+                drop(new_top);
+                let _ = std::fs::remove_file(path);
+                return Err(e);
+            }
+        };
+        // The old top takes no more writes: make it durable and clean.
+        old.close(io).await.and_then(|()| old.demote()).map_err(|e| {
+            e.context(format_args!("snapshot taken, but closing the frozen layer {} failed", old.file().path.display()))
+        })?;
+        self.retiring.lock().unwrap().retain(|l| !Arc::ptr_eq(l, &old));
+        Ok(stall)
     }
+}
 
-    /// Paths of the layers, bottom first.
-    pub fn paths(&self) -> Vec<PathBuf> {
-        self.layers.iter().map(|l| l.file().path.clone()).collect()
+/// Releases a cluster claimed by `allocate`, waking the requests that wait
+/// for it (also when the allocation failed: they try again themselves).
+struct Claim<'a> {
+    stack: &'a Stack,
+    c: u64,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let waiters = self.stack.busy.lock().unwrap().remove(&self.c);
+        if let Some(mut w) = waiters {
+            drop(w.take());
+        }
+    }
+}
+
+fn mark(shape: &Entered<'_, Shape>, offset: u64, len: usize) {
+    if let Some(t) = &shape.tracker {
+        t.mark_range(offset, len as u64);
+    }
+}
+
+/// Make `n` bytes of `layer` at `at` read as zeros.
+async fn punch<I: Io>(io: &I, layer: &Layer, at: u64, n: usize) -> Result<()> {
+    let file = layer.file();
+    match io.punch_hole(file.fd(), at, n as u64).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+            let zeros = AlignedBuf::zeroed(n);
+            io.write_at(file.fd(), &zeros, at).await.map_err(|e| Error::io(e, file.path.display()))
+        }
+        Err(e) => Err(Error::io(e, format_args!("{}: punching a hole", file.path.display()))),
+    }
+}
+
+/// Move planned read segments into `buf`, all in flight together.
+async fn read_segs<I: Io>(io: &I, segs: &[Seg], buf: &mut [u8]) -> std::io::Result<()> {
+    if let [Seg::Data { fd, file_off, len, .. }] = *segs {
+        return io.read_at(fd, &mut buf[..len], file_off).await;
+    }
+    let mut futures = Vec::with_capacity(segs.len());
+    let mut rest = buf;
+    for seg in segs {
+        match *seg {
+            Seg::Zero { len, .. } => {
+                let (piece, tail) = std::mem::take(&mut rest).split_at_mut(len);
+                piece.fill(0);
+                rest = tail;
+            }
+            Seg::Data { fd, file_off, len, .. } => {
+                let (piece, tail) = std::mem::take(&mut rest).split_at_mut(len);
+                futures.push(io.read_at(fd, piece, file_off));
+                rest = tail;
+            }
+        }
+    }
+    join_all(futures).await.into_iter().collect()
+}
+
+/// Move planned write segments from `data`, all in flight together.
+async fn write_segs<I: Io>(io: &I, segs: &[Seg], data: &[u8]) -> std::io::Result<()> {
+    let transfer = |seg: &Seg| match *seg {
+        Seg::Data { fd, file_off, buf_off, len } => io.write_at(fd, &data[buf_off..buf_off + len], file_off),
+        Seg::Zero { .. } => unreachable!("writes plan no zero segments"),
+    };
+    match segs {
+        [one] => transfer(one).await,
+        _ => join_all(segs.iter().map(transfer).collect()).await.into_iter().collect(),
     }
 }
 
@@ -566,6 +672,19 @@ fn push_merged(segs: &mut Vec<Seg>, seg: Seg) {
         (Some(Seg::Zero { len, .. }), Seg::Zero { len: n, .. }) => *len += n,
         _ => segs.push(seg),
     }
+}
+
+/// Per cluster, the topmost layer that holds it.
+fn owner_map(layers: &[Arc<Layer>], size: u64, cluster: u64) -> Box<[AtomicU8]> {
+    let owner: Box<[AtomicU8]> = (0..size.div_ceil(cluster)).map(|_| AtomicU8::new(NOBODY)).collect();
+    for (index, layer) in layers.iter().enumerate() {
+        for (c, slot) in owner.iter().enumerate() {
+            if layer.lookup(c as u64, cluster).is_some() {
+                slot.store(index as u8, Ordering::Relaxed);
+            }
+        }
+    }
+    owner
 }
 
 /// The same file twice in one stack would be both read-only and writable.

@@ -1,25 +1,26 @@
 //! The ublk frontend: serves a `Stack` as /dev/ublkbN.
 //!
 //! It only translates ublk requests into engine calls. Each queue thread
-//! runs one async task per tag on libublk's per-queue io_uring; image data
-//! moves on that same ring (no thread hop per request), from segments the
-//! engine plans. Cluster allocation, flush, discard and write-zeroes run
-//! synchronously inside the engine: they are rare (allocation happens once
-//! per cluster) or need ordering (flush).
+//! runs one async task per tag on libublk's per-queue io_uring, and the
+//! engine's I/O runs on that same ring ([`QueueRing`]): a request that
+//! waits (a copy-up, the file growing, a BAT write, a stack change)
+//! yields, and the queue's other requests go on.
 
+use std::future::Future;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use io_uring::{opcode, types};
+use io_uring::{opcode, squeue, types};
 use libublk::ctrl::UblkCtrl;
 use libublk::helpers::IoBuf;
 use libublk::io::{BufDesc, UblkDev, UblkQueue};
 use libublk::{sys, UblkError};
 use serde::Serialize;
 
-use ublk_ploop::io::SyncBackend;
-use ublk_ploop::{FlushKind, Seg, Stack};
+use ublk_ploop::io::wait::{set_thread_kick, Kick};
+use ublk_ploop::io::{RingIo, Submit};
+use ublk_ploop::Stack;
 
 /// Largest request the kernel sends us; one cluster at the default size.
 pub const MAX_IO_BYTES: u32 = 1 << 20;
@@ -72,6 +73,22 @@ pub fn init_target(dev: &mut UblkDev, stack: &Stack, read_only: bool) -> Result<
     Ok(())
 }
 
+/// The queue's own ring, as the engine's I/O submits to it.
+pub struct QueueRing<'a> {
+    q: &'a UblkQueue<'a>,
+}
+
+impl Submit for QueueRing<'_> {
+    fn submit(&self, sqe: squeue::Entry) -> impl Future<Output = i32> {
+        let done = self.q.ublk_submit_sqe(sqe);
+        // Hand it to the kernel now instead of at the queue loop's next
+        // wait, so the request's I/O starts as soon as it is planned
+        // (measured on the same code path: benches/engine.rs).
+        let _ = libublk::io::with_task_io_ring_mut(|r| r.submit());
+        done
+    }
+}
+
 /// Body of one queue thread: a task per tag, all on the queue's ring.
 pub fn run_queue(qid: u16, dev: &UblkDev, device: Arc<Device>) {
     let q = match UblkQueue::new(qid, dev) {
@@ -83,6 +100,17 @@ pub fn run_queue(qid: u16, dev: &UblkDev, device: Arc<Device>) {
             return;
         }
     };
+    let kick = match Kick::new() {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::error!("queue {qid}: eventfd: {e}");
+            dev.notify_buffer_registration_complete(true);
+            return;
+        }
+    };
+    // Requests of other queues (and the control thread) that wake one of
+    // ours kick this eventfd, which the ring polls.
+    set_thread_kick(Some(kick.clone()));
     let exe = Rc::new(smol::LocalExecutor::new());
     let tasks: Vec<_> = q
         .tags()
@@ -96,6 +124,18 @@ pub fn run_queue(qid: u16, dev: &UblkDev, device: Arc<Device>) {
             })
         })
         .collect();
+    let q2 = q.clone();
+    exe.spawn(async move {
+        loop {
+            let poll = opcode::PollAdd::new(types::Fd(kick.fd()), libc::POLLIN as u32).build();
+            if q2.ublk_submit_sqe(poll).await < 0 {
+                tracing::error!("queue {qid}: polling the wake-up eventfd failed");
+                return;
+            }
+            kick.clear();
+        }
+    })
+    .detach();
     let exe2 = exe.clone();
     smol::block_on(exe.run(async move {
         let run_ops = || while exe2.try_tick() {};
@@ -104,21 +144,22 @@ pub fn run_queue(qid: u16, dev: &UblkDev, device: Arc<Device>) {
             tracing::error!("queue {qid}: {e}");
         }
     }));
+    set_thread_kick(None);
 }
 
 async fn io_task(q: &UblkQueue<'_>, tag: u16, device: &Device) -> Result<(), UblkError> {
+    let io = RingIo::new(QueueRing { q });
     let mut buf = IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize);
-    let mut segs = Vec::with_capacity(4);
     q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf)).await?;
     loop {
-        let res = handle(q, tag, buf.as_mut_slice(), &mut segs, device).await;
+        let res = handle(&io, q, tag, buf.as_mut_slice(), device).await;
         q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res).await?;
     }
 }
 
 /// Serve one request; returns what the kernel expects: bytes moved for
 /// reads and writes, 0 for the rest, or -errno.
-async fn handle(q: &UblkQueue<'_>, tag: u16, buf: &mut [u8], segs: &mut Vec<Seg>, device: &Device) -> i32 {
+async fn handle(io: &RingIo<QueueRing<'_>>, q: &UblkQueue<'_>, tag: u16, buf: &mut [u8], device: &Device) -> i32 {
     let iod = q.get_iod(tag);
     let op = iod.op_flags & 0xff;
     let offset = iod.start_sector << 9;
@@ -129,139 +170,41 @@ async fn handle(q: &UblkQueue<'_>, tag: u16, buf: &mut [u8], segs: &mut Vec<Seg>
         sys::UBLK_IO_OP_READ => {
             c.reads.fetch_add(1, Ordering::Relaxed);
             c.read_bytes.fetch_add(len as u64, Ordering::Relaxed);
-            match stack.plan_read(offset, len, segs) {
-                Ok(()) => transfer(q, buf, segs, false).await,
-                Err(e) => Err(e.errno()),
+            match buf.get_mut(..len) {
+                Some(data) => stack.read(io, offset, data).await,
+                None => Err(ublk_ploop::Error::invalid("request larger than the I/O buffer")),
             }
         }
         sys::UBLK_IO_OP_WRITE => {
             c.writes.fetch_add(1, Ordering::Relaxed);
             c.write_bytes.fetch_add(len as u64, Ordering::Relaxed);
-            match stack.plan_write(&mut SyncBackend::new(), offset, len, segs) {
-                Ok(ticket) => match transfer(q, buf, segs, true).await {
-                    // New BAT entries are on disk before the write completes.
-                    Ok(()) => stack.finish_write(&mut SyncBackend::new(), ticket).map_err(|e| e.errno()),
-                    Err(errno) => Err(errno),
-                },
-                Err(e) => Err(e.errno()),
+            match buf.get(..len) {
+                Some(data) => stack.write(io, offset, data).await,
+                None => Err(ublk_ploop::Error::invalid("request larger than the I/O buffer")),
             }
         }
         sys::UBLK_IO_OP_FLUSH => {
             c.flushes.fetch_add(1, Ordering::Relaxed);
-            match stack.flush_kind() {
-                FlushKind::Nothing => Ok(()),
-                // The usual case: one fdatasync, on the ring, not blocking
-                // the queue's other requests.
-                FlushKind::SyncData(fd) => {
-                    let sqe = opcode::Fsync::new(types::Fd(fd)).flags(types::FsyncFlags::DATASYNC).build();
-                    match q.ublk_submit_sqe(sqe).await {
-                        res if res < 0 => Err(-res),
-                        _ => Ok(()),
-                    }
-                }
-            }
+            stack.flush(io).await
         }
         sys::UBLK_IO_OP_DISCARD => {
             c.discards.fetch_add(1, Ordering::Relaxed);
-            stack.discard(&mut SyncBackend::new(), offset, len).map_err(|e| e.errno())
+            stack.discard(io, offset, len).await
         }
         sys::UBLK_IO_OP_WRITE_ZEROES => {
             c.write_zeroes.fetch_add(1, Ordering::Relaxed);
-            stack.write_zeroes(&mut SyncBackend::new(), offset, len).map_err(|e| e.errno())
+            stack.write_zeroes(io, offset, len).await
         }
-        _ => Err(libc::EOPNOTSUPP),
+        _ => Err(ublk_ploop::Error::new(libc::EOPNOTSUPP, "unsupported request")),
     };
     match result {
         Ok(()) if op == sys::UBLK_IO_OP_READ || op == sys::UBLK_IO_OP_WRITE => len as i32,
         Ok(()) => 0,
-        Err(errno) => {
+        Err(e) => {
             c.errors.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(op, offset, len, errno, "request failed");
-            -errno
+            tracing::debug!(op, offset, len, errno = e.errno(), "request failed: {e}");
+            -e.errno()
         }
-    }
-}
-
-/// Move the planned segments between `buf` and the image files. All
-/// transfers of a request are in flight together: libublk pushes the SQE
-/// when the future is created.
-async fn transfer(q: &UblkQueue<'_>, buf: &mut [u8], segs: &[Seg], write: bool) -> Result<(), i32> {
-    let base = buf.as_mut_ptr();
-    let mut pending = Vec::with_capacity(segs.len());
-    for seg in segs {
-        match *seg {
-            Seg::Zero { buf_off, len } => buf[buf_off..buf_off + len].fill(0),
-            Seg::Data { fd, file_off, buf_off, len } => {
-                // SAFETY: buf_off + len is within the request, and `buf`
-                // outlives every future awaited below.
-                let ptr = unsafe { base.add(buf_off) };
-                pending.push((submit(q, write, fd, ptr, len, file_off), fd, ptr, len, file_off));
-            }
-        }
-    }
-    let mut first_err = None;
-    for (fut, fd, ptr, len, file_off) in pending {
-        let res = fut.await;
-        let outcome = finish_short(q, write, fd, ptr, len, file_off, res).await;
-        if let Err(errno) = outcome {
-            first_err.get_or_insert(errno);
-        }
-    }
-    first_err.map_or(Ok(()), Err)
-}
-
-fn submit<'a>(
-    q: &'a UblkQueue<'_>,
-    write: bool,
-    fd: i32,
-    ptr: *mut u8,
-    len: usize,
-    file_off: u64,
-) -> impl std::future::Future<Output = i32> + 'a {
-    let sqe = if write {
-        opcode::Write::new(types::Fd(fd), ptr, len as u32).offset(file_off).build()
-    } else {
-        opcode::Read::new(types::Fd(fd), ptr, len as u32).offset(file_off).build()
-    };
-    q.ublk_submit_sqe(sqe)
-}
-
-/// Complete a transfer the kernel did only partly: reads that hit the end
-/// of a file are zero-filled (bytes past EOF are holes), short writes are
-/// retried for the remainder, EAGAIN is retried.
-async fn finish_short(
-    q: &UblkQueue<'_>,
-    write: bool,
-    fd: i32,
-    ptr: *mut u8,
-    len: usize,
-    file_off: u64,
-    mut res: i32,
-) -> Result<(), i32> {
-    let mut done = 0usize;
-    loop {
-        if res == -libc::EAGAIN || res == -libc::EINTR {
-            // SAFETY: as in `transfer`.
-            res = submit(q, write, fd, unsafe { ptr.add(done) }, len - done, file_off + done as u64).await;
-            continue;
-        }
-        if res < 0 {
-            return Err(-res);
-        }
-        done += res as usize;
-        if done >= len {
-            return Ok(());
-        }
-        if !write {
-            // SAFETY: as in `transfer`.
-            unsafe { std::ptr::write_bytes(ptr.add(done), 0, len - done) };
-            return Ok(());
-        }
-        if res == 0 {
-            return Err(libc::EIO);
-        }
-        // SAFETY: as in `transfer`.
-        res = submit(q, write, fd, unsafe { ptr.add(done) }, len - done, file_off + done as u64).await;
     }
 }
 

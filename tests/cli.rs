@@ -17,12 +17,11 @@ fn p(path: &Path) -> &str {
 
 /// Write `(virtual offset, bytes)` pieces into an image through the library.
 fn fill(img: &Path, pieces: &[(u64, Vec<u8>)]) {
-    let mut io = SyncBackend::new();
     let stack = open_stack(&[img], false);
     for (off, data) in pieces {
-        stack.write(&mut io, *off, data).unwrap();
+        block_on(stack.write(&SyncIo, *off, data)).unwrap();
     }
-    stack.close(&mut io).unwrap();
+    block_on(stack.close(&SyncIo)).unwrap();
 }
 
 #[test]

@@ -26,8 +26,9 @@
 //!
 //! Any failure names the fault (kind and index) and the operation index;
 //! a sweep runs all its fault points and then reports every failure.
-//! Not injected: the engine's own fallocate/ftruncate calls and the header
-//! write of `open`, which bypass the I/O backend.
+//! Every file operation of the engine goes through the injected I/O: reads,
+//! writes, syncs, punches, and the file's growth (fallocate) and trimming
+//! (ftruncate); the header write of `open` and the snapshot's new file too.
 //!
 //! The last two tests are minimal reproductions of what the sweeps found.
 //! UBLK_PLOOP_NO_QEMU=1 skips the qemu-img checks if qemu-img is missing.
@@ -40,9 +41,11 @@ use std::os::fd::RawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use common::{have_qemu, qemu_img, quiesced, retry_busy, TempDir, IN_USE};
+use std::cell::RefCell;
+
+use common::{have_qemu, qemu_img, quiesced, retry_busy, FaultIo, FaultPlan, TempDir, IN_USE};
 use ublk_ploop::check::{check, CheckReport};
-use ublk_ploop::io::{AlignedBuf, Direct, FaultBackend, FaultPlan, IoBackend, IoKind, IoOp, SyncBackend};
+use ublk_ploop::io::{block_on, AlignedBuf, Direct, Io, SyncIo};
 use ublk_ploop::layers::PloopLayer;
 use ublk_ploop::{Stack, StackOptions};
 
@@ -257,9 +260,9 @@ fn compare(ctx: &str, model: &Model, expect: &Expect, got: &[u8]) {
 }
 
 // ---------------------------------------------------------------------------
-// A backend that counts, injects faults where FaultBackend cannot (a chosen
-// sync or punch), and keeps an undo log of writes no sync made durable yet,
-// to simulate a power cut afterwards.
+// I/O that counts, injects a fault at a chosen operation, and keeps an undo
+// log of writes no sync made durable yet, to simulate a power cut
+// afterwards.
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
@@ -267,6 +270,10 @@ enum Kind {
     Write,
     Sync,
     Punch,
+    /// The file growing ahead (fallocate).
+    Grow,
+    /// The file's length set (trimming on open, giving space back on close).
+    Truncate,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -282,6 +289,21 @@ struct Counts {
     writes: u64,
     syncs: u64,
     punches: u64,
+    grows: u64,
+    truncates: u64,
+}
+
+impl Counts {
+    fn get(&mut self, kind: Kind) -> &mut u64 {
+        match kind {
+            Kind::Read => &mut self.reads,
+            Kind::Write => &mut self.writes,
+            Kind::Sync => &mut self.syncs,
+            Kind::Punch => &mut self.punches,
+            Kind::Grow => &mut self.grows,
+            Kind::Truncate => &mut self.truncates,
+        }
+    }
 }
 
 /// Which of the writes that no sync covered are lost in a power cut.
@@ -296,18 +318,24 @@ enum Cut {
     DataOnly,
 }
 
-struct Undo {
-    fd: RawFd,
-    path: PathBuf,
-    offset: u64,
-    old: AlignedBuf,
+/// A file, by identity: descriptor numbers are reused.
+type FileId = (u64, u64);
+
+fn file_id(fd: RawFd) -> FileId {
+    let st = nix::sys::stat::fstat(fd).expect("fstat");
+    (st.st_dev, st.st_ino)
 }
 
-struct Injector {
-    inner: FaultBackend<SyncBackend>,
-    fail_sync_at: Option<u64>,
-    fail_punch_at: Option<u64>,
-    sticky: bool,
+enum Undo {
+    /// Bytes a write or punch replaced.
+    Bytes { file: FileId, path: PathBuf, offset: u64, old: AlignedBuf },
+    /// The length a grow or truncate changed (lost in a full cut only).
+    Len { file: FileId, path: PathBuf, old: u64 },
+}
+
+#[derive(Default)]
+struct InjectorState {
+    fault: Option<Fault>,
     tripped: bool,
     /// Answer every punch_hole with EOPNOTSUPP.
     punch_unsupported: bool,
@@ -317,123 +345,161 @@ struct Injector {
     journal: Vec<Undo>,
 }
 
+struct Injector {
+    st: RefCell<InjectorState>,
+}
+
 fn eio() -> io::Error {
     io::Error::from_raw_os_error(libc::EIO)
 }
 
+fn fd_path(fd: RawFd) -> PathBuf {
+    fs::read_link(format!("/proc/self/fd/{fd}")).expect("naming a descriptor")
+}
+
 impl Injector {
     fn new(fault: Option<Fault>) -> Injector {
-        let mut plan = FaultPlan { errno: libc::EIO, ..Default::default() };
-        let (mut sync, mut punch, mut sticky) = (None, None, false);
-        if let Some(f) = fault {
-            sticky = f.sticky;
-            plan.sticky = f.sticky;
-            match f.kind {
-                Kind::Read => plan.fail_read_at = Some(f.index),
-                Kind::Write => plan.fail_write_at = Some(f.index),
-                Kind::Sync => sync = Some(f.index),
-                Kind::Punch => punch = Some(f.index),
-            }
-        }
-        Injector {
-            inner: FaultBackend::new(SyncBackend::new(), plan),
-            fail_sync_at: sync,
-            fail_punch_at: punch,
-            sticky,
-            tripped: false,
-            punch_unsupported: false,
-            counts: Counts::default(),
-            journaling: false,
-            journal: vec![],
-        }
+        Injector { st: RefCell::new(InjectorState { fault, ..Default::default() }) }
+    }
+    fn counts(&self) -> Counts {
+        self.st.borrow().counts
+    }
+    fn set_journaling(&self, on: bool) {
+        self.st.borrow_mut().journaling = on;
+    }
+    fn journal_len(&self) -> usize {
+        self.st.borrow().journal.len()
+    }
+    /// Fail the next operation of `kind` once.
+    fn fail_next(&self, kind: Kind) {
+        self.fail_after(kind, 0);
+    }
+    /// Fail, once, the operation of `kind` after `skip` more of them.
+    fn fail_after(&self, kind: Kind, skip: u64) {
+        let mut st = self.st.borrow_mut();
+        let index = *st.counts.get(kind) + skip;
+        st.fault = Some(Fault { kind, index, sticky: false });
+    }
+    fn clear_fault(&self) {
+        let mut st = self.st.borrow_mut();
+        st.fault = None;
+        st.tripped = false;
     }
 
-    fn dead(&self) -> bool {
-        self.tripped && self.sticky
+    /// Count an operation of `kind`; Err if it must fail.
+    fn enter(&self, kind: Kind) -> io::Result<()> {
+        let mut st = self.st.borrow_mut();
+        let index = *st.counts.get(kind);
+        *st.counts.get(kind) += 1;
+        let dead = st.tripped && st.fault.is_some_and(|f| f.sticky);
+        if dead || st.fault.is_some_and(|f| f.kind == kind && f.index == index) {
+            st.tripped = true;
+            return Err(eio());
+        }
+        Ok(())
+    }
+
+    fn journaling(&self) -> bool {
+        self.st.borrow().journaling
     }
 
     /// The current bytes of a range, to restore them in a power cut.
     fn pre_image(fd: RawFd, offset: u64, len: usize) -> Undo {
         let mut old = AlignedBuf::zeroed(len);
-        SyncBackend::new().submit(&mut [IoOp::read(fd, offset, &mut old)]).expect("reading a pre-image");
-        let path = fs::read_link(format!("/proc/self/fd/{fd}")).expect("naming a descriptor");
-        Undo { fd, path, offset, old }
+        block_on(SyncIo.read_at(fd, &mut old, offset)).expect("reading a pre-image");
+        Undo::Bytes { file: file_id(fd), path: fd_path(fd), offset, old }
+    }
+    fn pre_len(fd: RawFd) -> Undo {
+        let old = nix::sys::stat::fstat(fd).expect("fstat").st_size as u64;
+        Undo::Len { file: file_id(fd), path: fd_path(fd), old }
     }
 
     /// Undo what the cut loses, newest first. Call after the stack is gone.
     fn power_cut(&self, cut: Cut) -> usize {
+        let st = self.st.borrow();
         let mut undone = 0;
-        for u in self.journal.iter().rev() {
-            let meta = u.offset < DATA_OFF;
-            let lost = match cut {
-                Cut::None => false,
-                Cut::All => true,
-                Cut::MetaOnly => meta,
-                Cut::DataOnly => !meta,
+        for u in st.journal.iter().rev() {
+            let lost = match (cut, u) {
+                (Cut::None, _) => false,
+                (Cut::All, _) => true,
+                (Cut::MetaOnly, Undo::Bytes { offset, .. }) => *offset < DATA_OFF,
+                (Cut::DataOnly, Undo::Bytes { offset, .. }) => *offset >= DATA_OFF,
+                (_, Undo::Len { .. }) => false,
             };
-            if lost {
-                let f = fs::OpenOptions::new().write(true).open(&u.path).unwrap();
-                f.write_all_at(&u.old, u.offset).unwrap();
+            // A file removed since (a failed snapshot's new top) is gone.
+            let gone = match u {
+                Undo::Bytes { path, .. } | Undo::Len { path, .. } => !path.exists(),
+            };
+            if lost && !gone {
+                match u {
+                    Undo::Bytes { path, offset, old, .. } => {
+                        let f = fs::OpenOptions::new().write(true).open(path).unwrap();
+                        f.write_all_at(old, *offset).unwrap();
+                    }
+                    Undo::Len { path, old, .. } => {
+                        fs::OpenOptions::new().write(true).open(path).unwrap().set_len(*old).unwrap();
+                    }
+                }
                 undone += 1;
             }
         }
         undone
     }
+
+    fn record(&self, undo: Undo) {
+        self.st.borrow_mut().journal.push(undo);
+    }
 }
 
-impl IoBackend for Injector {
-    fn submit(&mut self, ops: &mut [IoOp<'_>]) -> io::Result<()> {
-        for op in ops.iter() {
-            match op.kind {
-                IoKind::Read(_) => self.counts.reads += 1,
-                IoKind::Write(_) => self.counts.writes += 1,
-            }
-        }
-        if self.dead() {
-            return Err(eio());
-        }
-        let pre: Vec<Undo> = ops
-            .iter()
-            .filter_map(|op| match op.kind {
-                IoKind::Write(b) if self.journaling => Some(Self::pre_image(op.fd, op.offset, b.len())),
-                _ => None,
-            })
-            .collect();
-        self.inner.submit(ops)?;
-        self.journal.extend(pre);
+impl Io for Injector {
+    async fn read_at(&self, fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.enter(Kind::Read)?;
+        SyncIo.read_at(fd, buf, offset).await
+    }
+
+    async fn write_at(&self, fd: RawFd, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.enter(Kind::Write)?;
+        let pre = self.journaling().then(|| Self::pre_image(fd, offset, buf.len()));
+        SyncIo.write_at(fd, buf, offset).await?;
+        pre.into_iter().for_each(|u| self.record(u));
         Ok(())
     }
 
-    fn sync_data(&mut self, fd: RawFd) -> io::Result<()> {
-        let index = self.counts.syncs;
-        self.counts.syncs += 1;
-        if self.dead() || self.fail_sync_at == Some(index) {
-            self.tripped = true;
-            return Err(eio());
-        }
-        self.inner.sync_data(fd)?;
-        self.journal.retain(|u| u.fd != fd);
+    async fn sync_data(&self, fd: RawFd) -> io::Result<()> {
+        self.enter(Kind::Sync)?;
+        SyncIo.sync_data(fd).await?;
+        let id = file_id(fd);
+        self.st.borrow_mut().journal.retain(|u| match u {
+            Undo::Bytes { file, .. } | Undo::Len { file, .. } => *file != id,
+        });
         Ok(())
     }
 
-    fn punch_hole(&mut self, fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
-        let index = self.counts.punches;
-        self.counts.punches += 1;
-        if self.dead() || self.fail_punch_at == Some(index) {
-            self.tripped = true;
-            return Err(eio());
-        }
-        if self.punch_unsupported {
+    async fn punch_hole(&self, fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
+        self.enter(Kind::Punch)?;
+        if self.st.borrow().punch_unsupported {
             return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
         }
-        let pre = self.journaling.then(|| Self::pre_image(fd, offset, len as usize));
-        self.inner.punch_hole(fd, offset, len)?;
-        self.journal.extend(pre);
+        let pre = self.journaling().then(|| Self::pre_image(fd, offset, len as usize));
+        SyncIo.punch_hole(fd, offset, len).await?;
+        pre.into_iter().for_each(|u| self.record(u));
         Ok(())
     }
 
-    fn name(&self) -> &'static str {
-        "injector"
+    async fn allocate(&self, fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
+        self.enter(Kind::Grow)?;
+        let pre = self.journaling().then(|| Self::pre_len(fd));
+        SyncIo.allocate(fd, offset, len).await?;
+        pre.into_iter().for_each(|u| self.record(u));
+        Ok(())
+    }
+
+    async fn set_len(&self, fd: RawFd, len: u64) -> io::Result<()> {
+        self.enter(Kind::Truncate)?;
+        let pre = self.journaling().then(|| Self::pre_len(fd));
+        SyncIo.set_len(fd, len).await?;
+        pre.into_iter().for_each(|u| self.record(u));
+        Ok(())
     }
 }
 
@@ -455,15 +521,18 @@ fn rw_cached() -> StackOptions {
 }
 
 fn open(paths: &[PathBuf], opts: &StackOptions, ctx: &str) -> (Stack, Vec<ublk_ploop::layers::OpenReport>) {
-    retry_busy(|| Stack::open(paths, opts)).unwrap_or_else(|e| panic!("{ctx}: reopening {paths:?}: {e}"))
+    open_with(&SyncIo, paths, opts, ctx)
+}
+
+fn open_with<I: Io>(io: &I, paths: &[PathBuf], opts: &StackOptions, ctx: &str) -> (Stack, Vec<ublk_ploop::layers::OpenReport>) {
+    retry_busy(|| block_on(Stack::open(io, paths, opts))).unwrap_or_else(|e| panic!("{ctx}: reopening {paths:?}: {e}"))
 }
 
 fn read_disk(stack: &Stack, ctx: &str) -> AlignedBuf {
-    let mut io = SyncBackend::new();
     let mut buf = AlignedBuf::zeroed(SIZE as usize);
     for (i, chunk) in buf.chunks_mut(1 << 20).enumerate() {
         let off = i as u64 * (1 << 20);
-        stack.read(&mut io, off, chunk).unwrap_or_else(|e| panic!("{ctx}: reading {off}: {e}"));
+        block_on(stack.read(&SyncIo, off, chunk)).unwrap_or_else(|e| panic!("{ctx}: reading {off}: {e}"));
     }
     buf
 }
@@ -485,9 +554,9 @@ struct State {
 /// Run `ops` (tags `tag0 + i`). Sticky mode stops at the first error and
 /// returns it; transient mode checks the failed op's range in the session
 /// (old or new per sector), adopts what it reads, and goes on.
-fn execute(
-    stack: &mut Stack,
-    io: &mut dyn IoBackend,
+fn execute<I: Io>(
+    stack: &Stack,
+    io: &I,
     st: &mut State,
     ops: &[Op],
     tag0: u64,
@@ -499,28 +568,32 @@ fn execute(
         let ctx = format!("{ctx}, op {i} {op:?}");
         let tag = tag0 + i as u64;
         let result = match op {
-            Op::Write(off, len) => stack.write(io, off, &payload(tag, off, len)),
-            Op::Zero(off, len) => stack.write_zeroes(io, off, len as usize),
-            Op::Discard(off, len) => stack.discard(io, off, len as usize),
-            Op::Flush => stack.flush(io),
+            Op::Write(off, len) => block_on(stack.write(io, off, &payload(tag, off, len))),
+            Op::Zero(off, len) => block_on(stack.write_zeroes(io, off, len as usize)),
+            Op::Discard(off, len) => block_on(stack.discard(io, off, len as usize)),
+            Op::Flush => block_on(stack.flush(io)),
             Op::Push => {
                 let dir = st.paths[0].parent().unwrap().to_path_buf();
                 let next = dir.join(format!("layer{}.img", st.paths.len()));
-                let r = quiesced(|| stack.push_layer(io, &next));
-                match &r {
-                    Ok(()) => {
+                let r = quiesced(|| block_on(stack.push_layer(io, &next))).map(drop);
+                // A snapshot fails before the swap (nothing changed) or
+                // after it, while closing the old top (the new top stays).
+                if stack.depth() > st.paths.len() {
+                    // Frozen for good only once its snapshot closed it: a
+                    // later flush or a power cut may still change the old
+                    // top of a snapshot that failed after the swap.
+                    if r.is_ok() {
                         let old_top = st.paths.last().unwrap().clone();
                         let bytes = fs::read(&old_top).unwrap();
                         st.lowers.push((old_top, bytes));
-                        st.paths.push(next);
-                        st.model.push_layer();
-                        assert_eq!(stack.depth(), st.paths.len(), "{ctx}");
                     }
-                    Err(_) => {
-                        assert!(!next.exists(), "{ctx}: failed push_layer left {} behind", next.display());
-                        assert_eq!(stack.depth(), st.paths.len(), "{ctx}");
-                    }
+                    st.paths.push(next);
+                    st.model.push_layer();
+                } else {
+                    assert!(r.is_err(), "{ctx}: push_layer succeeded without a new layer");
+                    assert!(!next.exists(), "{ctx}: failed push_layer left {} behind", next.display());
                 }
+                assert_eq!(stack.depth(), st.paths.len(), "{ctx}");
                 r
             }
         };
@@ -546,9 +619,7 @@ fn execute(
                     // The session must show old or new per sector, and
                     // the same again after the crash: adopt what it shows.
                     let mut got = AlignedBuf::zeroed(ch.new.len());
-                    stack
-                        .read(&mut SyncBackend::new(), ch.off, &mut got)
-                        .unwrap_or_else(|e| panic!("{ctx}: read after failed op: {e}"));
+                    block_on(stack.read(&SyncIo, ch.off, &mut got)).unwrap_or_else(|e| panic!("{ctx}: read after failed op: {e}"));
                     let range = ch.off as usize..ch.off as usize + ch.new.len();
                     let mut session = st.model.clone();
                     session.data[range.clone()].copy_from_slice(&got);
@@ -558,7 +629,7 @@ fn execute(
                     // discards do.
                     let top = stack.depth() - 1;
                     for c in 0..st.model.top_has.len() {
-                        st.model.top_has[c] = stack.owner_of(c as u64) == Some(top);
+                        st.model.top_has[c] = block_on(stack.owner_of(c as u64)) == Some(top);
                     }
                 }
                 failures.push(Failure { op: i, err: e.to_string(), change });
@@ -572,7 +643,7 @@ fn execute(
 // Checking the images after a crash.
 
 fn check_report(path: &Path, ctx: &str) -> CheckReport {
-    retry_busy(|| check(path, false)).unwrap_or_else(|e| panic!("{ctx}: check {}: {e}", path.display()))
+    retry_busy(|| block_on(check(&SyncIo, path, false))).unwrap_or_else(|e| panic!("{ctx}: check {}: {e}", path.display()))
 }
 
 /// `qemu-img check` on a copy of `path` whose in-use mark is cleared (qemu
@@ -644,7 +715,8 @@ fn verify_after_crash(st: &State, expect: &Expect, clean_after_close: bool, clos
     assert!(reports.last().unwrap().was_in_use || closed_ok, "{ctx}: reopen did not see the in-use mark");
     let again = read_disk(&stack, &format!("{ctx}, read-write reopen"));
     assert!(again[..] == got[..], "{ctx}: read-write reopen shows other data than read-only");
-    stack.close(&mut SyncBackend::new()).unwrap_or_else(|e| panic!("{ctx}: close after reopen: {e}"));
+    block_on(stack.close(&SyncIo)).unwrap_or_else(|e| panic!("{ctx}: close after reopen: {e}"));
+    drop(stack);
 
     let report = check_report(top, ctx);
     let code = report.exit_code();
@@ -655,6 +727,16 @@ fn verify_after_crash(st: &State, expect: &Expect, clean_after_close: bool, clos
     assert!(!in_use(top), "{ctx}: in-use mark left after close");
     if qemu {
         qemu_check_clean(top, ctx);
+    }
+    // A lower layer a failed snapshot left in use was checked and closed
+    // by the read-write open.
+    for path in &st.paths[..st.paths.len() - 1] {
+        let report = check_report(path, ctx);
+        assert!(
+            !report.unclean && report.header_errors.is_empty() && report.bad_entries.is_empty(),
+            "{ctx}: lower layer {} after reopen + close: {report:?}",
+            path.display()
+        );
     }
     let (stack, _) = open(&st.paths, &ro(), ctx);
     let last = read_disk(&stack, &format!("{ctx}, after close"));
@@ -683,14 +765,14 @@ impl Harness {
         let qemu = have_qemu();
         let dir = TempDir::new(&format!("crash-{tag}"));
         let base = dir.join("layer0.img");
-        PloopLayer::create(&base, SIZE, C).unwrap();
+        block_on(PloopLayer::create(&SyncIo, &base, SIZE, C)).unwrap();
         let mut st = State { paths: vec![base.clone()], lowers: vec![], model: Model::new() };
-        let (mut stack, _) = open(&st.paths, &rw(), "setup");
+        let (stack, _) = open(&st.paths, &rw(), "setup");
         assert!(stack.block_size() as u64 <= 4096, "O_DIRECT block {} too large for this test", stack.block_size());
-        let mut io = SyncBackend::new();
-        let failed = execute(&mut stack, &mut io, &mut st, &setup_ops(), SETUP_TAG0, false, "setup");
+        let failed = execute(&stack, &SyncIo, &mut st, &setup_ops(), SETUP_TAG0, false, "setup");
         assert!(failed.is_empty(), "setup: {}", failed[0].err);
-        stack.close(&mut io).unwrap();
+        block_on(stack.close(&SyncIo)).unwrap();
+        drop(stack);
         let mut pristine = vec![];
         for path in &st.paths {
             let head = fs::read(path).unwrap();
@@ -706,9 +788,8 @@ impl Harness {
         st.model.since.clear();
         let mut h = Harness { dir, pristine, model: st.model, ops: scenario(), counts: Counts::default(), qemu };
         // The reference run: no fault, then a crash right at the end.
-        let (counts, writes_seen) = h.run(None, Cut::None, "reference run (no fault)");
-        assert_eq!(counts.writes, writes_seen, "the injector and FaultBackend disagree on the write count");
-        assert!(counts.syncs > 0 && counts.punches > 0 && counts.reads > 0, "{counts:?}");
+        let counts = h.run(None, Cut::None, "reference run (no fault)");
+        assert!(counts.syncs > 0 && counts.punches > 0 && counts.reads > 0 && counts.grows > 0 && counts.truncates > 0, "{counts:?}");
         h.counts = counts;
         h
     }
@@ -741,14 +822,19 @@ impl Harness {
 
     /// One sticky run: the scenario until the fault, a crash (drop), the
     /// power cut if any, then every check. Returns what the run issued.
-    fn run(&self, fault: Option<Fault>, cut: Cut, ctx: &str) -> (Counts, u64) {
+    fn run(&self, fault: Option<Fault>, cut: Cut, ctx: &str) -> Counts {
         let name = ctx.replace(|c: char| !c.is_ascii_alphanumeric(), "_");
         let mut st = self.fresh(&name);
-        let mut io = Injector::new(fault);
-        io.journaling = cut != Cut::None;
-        let (mut stack, _) = open(&st.paths, &rw(), ctx);
-        let failures = execute(&mut stack, &mut io, &mut st, &self.ops, TAG0, false, ctx);
-        drop(stack); // the crash
+        let io = Injector::new(fault);
+        io.set_journaling(cut != Cut::None);
+        // Opening is part of the run: its header write and trimming see
+        // the faults too.
+        let opened = retry_busy(|| block_on(Stack::open(&io, &st.paths, &rw())));
+        let failures = match &opened {
+            Ok((stack, _)) => execute(stack, &io, &mut st, &self.ops, TAG0, false, ctx),
+            Err(e) => vec![Failure { op: usize::MAX, err: format!("open: {e}"), change: None }],
+        };
+        drop(opened); // the crash
         let failure = failures.first();
         match (fault, failure) {
             (None, Some(f)) => panic!("{ctx}: op {} failed without a fault: {}", f.op, f.err),
@@ -756,6 +842,7 @@ impl Harness {
             _ => {}
         }
         let ctx = match failure {
+            Some(f) if f.op == usize::MAX => format!("{ctx} ({})", f.err),
             Some(f) => format!("{ctx} (op {} {:?} failed: {})", f.op, self.ops[f.op], f.err),
             None => ctx.to_string(),
         };
@@ -764,10 +851,11 @@ impl Harness {
             Cut::None => Expect::Exact(failure.and_then(|f| f.change.as_ref())),
             _ => Expect::Since(&st.model.since),
         };
-        let closed_ok = failure.is_some_and(|f| self.ops[f.op] == Op::Push);
+        // A failed open may have marked the top in use or not yet.
+        let closed_ok = failure.is_some_and(|f| f.op == usize::MAX);
         verify_after_crash(&st, &expect, true, closed_ok, self.qemu, &ctx);
         fs::remove_dir_all(self.dir.join(&name)).unwrap();
-        (io.counts, io.inner.writes_seen())
+        io.counts()
     }
 
     /// One transient run: the fault fires once, the scenario goes on to
@@ -775,9 +863,19 @@ impl Harness {
     fn run_transient(&self, fault: Fault, ctx: &str) -> usize {
         let name = ctx.replace(|c: char| !c.is_ascii_alphanumeric(), "_");
         let mut st = self.fresh(&name);
-        let mut io = Injector::new(Some(fault));
-        let (mut stack, _) = open(&st.paths, &rw(), ctx);
-        let failures = execute(&mut stack, &mut io, &mut st, &self.ops, TAG0, true, ctx);
+        let io = Injector::new(Some(fault));
+        // Opened with the injector, so that its counts match the reference.
+        let (stack, _) = match retry_busy(|| block_on(Stack::open(&io, &st.paths, &rw()))) {
+            Ok(opened) => opened,
+            Err(e) => {
+                // The fault hit the open: it fails cleanly; nothing changed.
+                drop(e);
+                verify_after_crash(&st, &Expect::Exact(None), false, true, self.qemu, ctx);
+                fs::remove_dir_all(self.dir.join(&name)).unwrap();
+                return 1;
+            }
+        };
+        let failures = execute(&stack, &io, &mut st, &self.ops, TAG0, true, ctx);
         assert!(!failures.is_empty(), "{ctx}: the fault never fired");
         let ctx = format!(
             "{ctx} (failed: {})",
@@ -848,14 +946,19 @@ fn disk_dies_at_every_write() {
 }
 
 #[test]
-fn disk_dies_at_every_sync_punch_and_read() {
+fn disk_dies_at_every_sync_punch_read_grow_and_truncate() {
     let h = Harness::new("sync");
     let c = h.counts;
     let mut t = Tally::new();
     sweep(&h, &mut t, Kind::Sync, c.syncs, &[Cut::None]);
     sweep(&h, &mut t, Kind::Punch, c.punches, &[Cut::None]);
     sweep(&h, &mut t, Kind::Read, c.reads, &[Cut::None]);
-    t.finish(&format!("disk death at each of {} syncs, {} punches, {} reads", c.syncs, c.punches, c.reads));
+    sweep(&h, &mut t, Kind::Grow, c.grows, &[Cut::None, Cut::All]);
+    sweep(&h, &mut t, Kind::Truncate, c.truncates, &[Cut::None]);
+    t.finish(&format!(
+        "disk death at each of {} syncs, {} punches, {} reads, {} grows, {} truncates",
+        c.syncs, c.punches, c.reads, c.grows, c.truncates
+    ));
 }
 
 /// The disk dies at each write and each sync, then the power goes: the
@@ -897,7 +1000,14 @@ fn transient_faults_are_survived() {
     let h = Harness::new("transient");
     let c = h.counts;
     let mut t = Tally::new();
-    for (kind, n) in [(Kind::Write, c.writes), (Kind::Sync, c.syncs), (Kind::Punch, c.punches), (Kind::Read, c.reads)] {
+    for (kind, n) in [
+        (Kind::Write, c.writes),
+        (Kind::Sync, c.syncs),
+        (Kind::Punch, c.punches),
+        (Kind::Read, c.reads),
+        (Kind::Grow, c.grows),
+        (Kind::Truncate, c.truncates),
+    ] {
         for index in 0..n {
             t.one(|| {
                 h.run_transient(Fault { kind, index, sticky: false }, &format!("transient fault at {kind:?} #{index} of {n}"));
@@ -913,12 +1023,12 @@ fn transient_faults_are_survived() {
 /// A fresh single-layer image.
 fn single(dir: &TempDir, name: &str) -> Vec<PathBuf> {
     let p = dir.join(name);
-    PloopLayer::create(&p, SIZE, C).unwrap();
+    block_on(PloopLayer::create(&SyncIo, &p, SIZE, C)).unwrap();
     vec![p]
 }
 
-fn write_payload(stack: &Stack, io: &mut dyn IoBackend, tag: u64, off: u64, len: u64) -> ublk_ploop::Result<()> {
-    stack.write(io, off, &payload(tag, off, len))
+fn write_payload<I: Io>(stack: &Stack, io: &I, tag: u64, off: u64, len: u64) -> ublk_ploop::Result<()> {
+    block_on(stack.write(io, off, &payload(tag, off, len)))
 }
 
 #[test]
@@ -929,45 +1039,46 @@ fn failing_flush_returns_err_and_a_later_flush_makes_data_durable() {
     let mut model = Model::new();
     let ctx = "flush";
     let (stack, _) = open(&paths, &rw(), ctx);
-    let mut io = Injector::new(None);
-    io.journaling = true;
+    let io = Injector::new(None);
+    io.set_journaling(true);
 
-    write_payload(&stack, &mut io, 1, 2 * C, C).unwrap();
+    write_payload(&stack, &io, 1, 2 * C, C).unwrap();
     model.apply(Op::Write(2 * C, C), 1);
     // The data sync of the flush fails.
-    io.fail_sync_at = Some(io.counts.syncs);
-    let e = stack.flush(&mut io).expect_err("flush returned Ok although its data sync failed");
+    io.fail_next(Kind::Sync);
+    let e = block_on(stack.flush(&io)).expect_err("flush returned Ok although its data sync failed");
     assert_eq!(e.errno(), libc::EIO, "{e}");
-    assert!(!io.journal.is_empty(), "nothing was left to make durable?");
+    assert!(io.journal_len() > 0, "nothing was left to make durable?");
 
-    // A BAT write that fails leaves a chunk pending for the next flush...
-    io.inner = FaultBackend::new(
-        SyncBackend::new(),
-        FaultPlan { fail_write_at: Some(0), sticky: false, ..Default::default() },
-    );
-    write_payload(&stack, &mut io, 2, 3 * C, 4096).expect_err("write whose BAT update failed returned Ok");
+    // A BAT write that fails (the write after the data) leaves a chunk
+    // pending for the next flush...
+    io.fail_after(Kind::Write, 1);
+    let writes = io.counts().writes;
+    write_payload(&stack, &io, 2, 3 * C, 4096).expect_err("write whose BAT update failed returned Ok");
+    assert_eq!(io.counts().writes, writes + 2, "expected the data write, then the failing BAT write");
     // ... (with the failed entry undone), so the flush writes that chunk,
     // then syncs data and BAT together once: fail that sync.
-    io.fail_sync_at = Some(io.counts.syncs);
-    let syncs = io.counts.syncs;
-    stack.flush(&mut io).expect_err("flush returned Ok although its sync failed");
-    assert_eq!(io.counts.syncs, syncs + 1, "the failing flush did not get to its sync");
+    io.fail_next(Kind::Sync);
+    let (writes, syncs) = (io.counts().writes, io.counts().syncs);
+    block_on(stack.flush(&io)).expect_err("flush returned Ok although its sync failed");
+    assert_eq!(io.counts().writes, writes + 1, "the flush did not rewrite the rolled-back chunk");
+    assert_eq!(io.counts().syncs, syncs + 1, "the failing flush did not get to its sync");
 
-    // With FaultBackend failing every sync: writes in place still work,
-    // every flush fails.
-    io.inner = FaultBackend::new(SyncBackend::new(), FaultPlan { fail_sync: true, ..Default::default() });
-    write_payload(&stack, &mut io, 3, 2 * C + 4096, 8192).unwrap();
-    model.apply(Op::Write(2 * C + 4096, 8192), 3);
-    for _ in 0..2 {
-        stack.flush(&mut io).expect_err("flush returned Ok with every sync failing");
+    // Every sync failing: writes in place still work, every flush fails.
+    {
+        let failing = FaultIo::new(&io, FaultPlan { fail_sync: true, ..Default::default() });
+        write_payload(&stack, &failing, 3, 2 * C + 4096, 8192).unwrap();
+        model.apply(Op::Write(2 * C + 4096, 8192), 3);
+        for _ in 0..2 {
+            block_on(stack.flush(&failing)).expect_err("flush returned Ok with every sync failing");
+        }
     }
-    assert!(!io.journal.is_empty());
+    assert!(io.journal_len() > 0);
 
     // The disk recovers: the next flush succeeds and covers everything.
-    io.inner = FaultBackend::new(SyncBackend::new(), FaultPlan::default());
-    io.fail_sync_at = None;
-    stack.flush(&mut io).unwrap();
-    assert!(io.journal.is_empty(), "a successful flush left writes that are not durable");
+    io.clear_fault();
+    block_on(stack.flush(&io)).unwrap();
+    assert_eq!(io.journal_len(), 0, "a successful flush left writes that are not durable");
     drop(stack);
     // Power cut: nothing unsynced is left to lose, so all acknowledged
     // writes are there; the failed one's cluster (3) reads old (zeros).
@@ -985,7 +1096,7 @@ fn copy_up_read_error_fails_the_write_and_leaves_the_cluster_unallocated() {
     let top = stack.depth() - 1;
     let lower_view = |stack: &Stack, c: u64| {
         let mut b = AlignedBuf::zeroed(C as usize);
-        stack.read(&mut SyncBackend::new(), c * C, &mut b).unwrap();
+        block_on(stack.read(&SyncIo, c * C, &mut b)).unwrap();
         b
     };
     let top_entry = |path: &Path, c: u64| {
@@ -993,31 +1104,32 @@ fn copy_up_read_error_fails_the_write_and_leaves_the_cluster_unallocated() {
         fs::File::open(path).unwrap().read_exact_at(&mut b, 64 + 4 * c).unwrap();
         u32::from_le_bytes(b)
     };
+    let owner = |stack: &Stack, c: u64| block_on(stack.owner_of(c));
 
     // Cluster 1 lives in layer0. The copy-up read fails once.
-    let mut io = FaultBackend::new(SyncBackend::new(), FaultPlan { fail_read_at: Some(0), ..Default::default() });
+    let io = FaultIo::new(SyncIo, FaultPlan { fail_read_at: Some(0), ..Default::default() });
     let before = lower_view(&stack, 1);
     assert_eq!(&before[..], &st.model.data[C as usize..2 * C as usize]);
-    let e = write_payload(&stack, &mut io, 7, C + 8192, 4096).expect_err("write succeeded although its copy-up read failed");
+    let e = write_payload(&stack, &io, 7, C + 8192, 4096).expect_err("write succeeded although its copy-up read failed");
     assert_eq!(e.errno(), libc::EIO, "{e}");
-    assert_eq!(stack.owner_of(1), Some(0), "the cluster was given to the top although its copy-up failed");
+    assert_eq!(owner(&stack, 1), Some(0), "the cluster was given to the top although its copy-up failed");
     assert!(lower_view(&stack, 1)[..] == before[..], "a failed write changed what the cluster reads as");
     assert_eq!(top_entry(st.paths.last().unwrap(), 1), 0, "a BAT entry was written for a cluster whose copy-up failed");
     // The disk is fine again: the same write now works.
-    write_payload(&stack, &mut io, 7, C + 8192, 4096).unwrap();
+    write_payload(&stack, &io, 7, C + 8192, 4096).unwrap();
     st.model.apply(Op::Write(C + 8192, 4096), 7);
-    assert_eq!(stack.owner_of(1), Some(top));
+    assert_eq!(owner(&stack, 1), Some(top));
 
     // Cluster 10 lives in layer1; here the disk dies at the copy-up read.
-    let mut dead = FaultBackend::new(SyncBackend::new(), FaultPlan { fail_read_at: Some(0), sticky: true, ..Default::default() });
-    write_payload(&stack, &mut dead, 8, 10 * C, 4096).expect_err("write succeeded although its copy-up read failed");
-    assert_eq!(stack.owner_of(10), Some(1));
+    let dead = FaultIo::new(SyncIo, FaultPlan { fail_read_at: Some(0), sticky: true, ..Default::default() });
+    write_payload(&stack, &dead, 8, 10 * C, 4096).expect_err("write succeeded although its copy-up read failed");
+    assert_eq!(owner(&stack, 10), Some(1));
     drop(stack);
     assert_eq!(top_entry(st.paths.last().unwrap(), 10), 0, "a BAT entry was written for a cluster whose copy-up failed");
     {
         let (stack, _) = open(&st.paths, &ro(), ctx);
-        assert_eq!(stack.owner_of(10), Some(1), "after reopen the top holds a cluster whose copy-up failed");
-        assert_eq!(stack.owner_of(1), Some(top));
+        assert_eq!(owner(&stack, 10), Some(1), "after reopen the top holds a cluster whose copy-up failed");
+        assert_eq!(owner(&stack, 1), Some(top));
     }
     // The first, failed copy-up left a reserved cluster behind, below the
     // one the retry got: a leak inside the file, which only check --repair
@@ -1030,57 +1142,144 @@ fn punch_hole_unsupported_falls_back_to_writing_zeros() {
     let h = Harness::new("nopunch");
     let ctx = "punch_hole answers EOPNOTSUPP";
     let mut st = h.fresh("run");
-    let mut io = Injector::new(None);
-    io.punch_unsupported = true;
-    let (mut stack, _) = open(&st.paths, &rw(), ctx);
-    let failures = execute(&mut stack, &mut io, &mut st, &h.ops, TAG0, false, ctx);
+    let io = Injector::new(None);
+    io.st.borrow_mut().punch_unsupported = true;
+    let (stack, _) = open(&st.paths, &rw(), ctx);
+    let failures = execute(&stack, &io, &mut st, &h.ops, TAG0, false, ctx);
     assert!(failures.is_empty(), "{ctx}: op {} failed: {}", failures[0].op, failures[0].err);
-    assert!(io.counts.punches > 0);
+    assert!(io.counts().punches > 0);
     drop(stack);
     verify_after_crash(&st, &Expect::Exact(None), true, false, h.qemu, ctx);
 }
 
-// ---------------------------------------------------------------------------
-// Minimal reproductions of what the sweeps found.
-
-/// A snapshot whose close of the old top fails after (or while) writing the
-/// "closed" mark leaves the old top as the writable top, but with the
-/// closed mark in its in-memory header: every later BAT update rewrites the
-/// header chunk with that mark, so an image being written says "cleanly
-/// closed", and a crash goes unnoticed (check, info, qemu's repair-on-open).
 #[test]
-fn failed_snapshot_leaves_the_top_marked_in_use() {
+fn allocation_fails_cleanly_when_the_file_cannot_grow() {
+    // The grow-ahead step (fallocate) fails with ENOSPC for the whole step
+    // and for the one cluster: the write fails, reads and writes to
+    // clusters already held go on, and once space is back writes succeed.
+    const BIG: u64 = 4096 * C;
+    let dir = TempDir::new("crash-enospc");
+    let p = dir.join("g.img");
+    block_on(PloopLayer::create(&SyncIo, &p, BIG, C)).unwrap();
+    let paths = vec![p];
+    let ctx = "no space to grow";
+    let (stack, _) = open(&paths, &rw(), ctx);
+    let io = Injector::new(None);
+    // The first allocation grows the file by a whole step (64 MiB).
+    write_payload(&stack, &io, 1, 0, 4096).unwrap();
+    assert_eq!(io.counts().grows, 1);
+    /// The injector's I/O, with a host filesystem that is full.
+    struct NoGrow<'a>(&'a Injector);
+    impl Io for NoGrow<'_> {
+        async fn read_at(&self, fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            self.0.read_at(fd, buf, offset).await
+        }
+        async fn write_at(&self, fd: RawFd, buf: &[u8], offset: u64) -> io::Result<()> {
+            self.0.write_at(fd, buf, offset).await
+        }
+        async fn sync_data(&self, fd: RawFd) -> io::Result<()> {
+            self.0.sync_data(fd).await
+        }
+        async fn allocate(&self, _: RawFd, _: u64, _: u64) -> io::Result<()> {
+            Err(io::Error::from_raw_os_error(libc::ENOSPC))
+        }
+        async fn punch_hole(&self, fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
+            self.0.punch_hole(fd, offset, len).await
+        }
+        async fn set_len(&self, fd: RawFd, len: u64) -> io::Result<()> {
+            self.0.set_len(fd, len).await
+        }
+    }
+    let nogrow = NoGrow(&io);
+    // Use up the step; the write that needs more space must fail.
+    let mut failed = None;
+    for k in 1..BIG / C {
+        if let Err(e) = write_payload(&stack, &nogrow, 3, k * C, 4096) {
+            failed = Some((k, e));
+            break;
+        }
+    }
+    let (k, e) = failed.expect("no write needed the file to grow");
+    assert_eq!(e.errno(), libc::ENOSPC, "{e}");
+    let mut b = AlignedBuf::zeroed(4096);
+    block_on(stack.read(&nogrow, k * C, &mut b)).unwrap();
+    assert!(b.iter().all(|&x| x == 0), "a write that failed for space shows data");
+    write_payload(&stack, &nogrow, 4, 0, 4096).expect("an overwrite of a held cluster failed while the disk is full");
+    write_payload(&stack, &io, 5, k * C, 4096).expect("a write after space came back failed");
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    let report = check_report(&paths[0], ctx);
+    assert_eq!(report.exit_code(), 0, "{report:?}");
+}
+
+#[test]
+fn snapshot_failing_at_any_step_leaves_consistent_images() {
+    // Fail each write, sync, grow and truncate a snapshot issues, once.
+    // Before the layer swap nothing may change (no new file, same depth);
+    // after it the new top stays and the error says the old one was not
+    // closed. Either way writes go on, and after a crash every layer opens,
+    // shows the data, and ends up clean.
     let dir = TempDir::new("crash-snapfail");
+    let reference = {
+        let paths = single(&dir, "ref.img");
+        let (stack, _) = open(&paths, &rw(), "reference");
+        write_payload(&stack, &SyncIo, 1, C, 4096).unwrap();
+        let io = Injector::new(None);
+        let before = io.counts();
+        quiesced(|| block_on(stack.push_layer(&io, &dir.join("ref-next.img")))).unwrap();
+        let after = io.counts();
+        (after.writes - before.writes, after.syncs - before.syncs, after.grows - before.grows, after.truncates - before.truncates)
+    };
+    let (writes, syncs, grows, truncates) = reference;
+    assert!(writes >= 2 && syncs >= 2, "a snapshot issued {writes} writes and {syncs} syncs");
     let mut failed = vec![];
-    // Write #0 of the snapshot is the old top's "closed" header; sync #1
-    // is the sync after it (sync #0 is the flush's data sync).
-    for (n, fault) in [Fault { kind: Kind::Write, index: 0, sticky: false }, Fault { kind: Kind::Sync, index: 1, sticky: false }]
-        .into_iter()
-        .enumerate()
-    {
-        let ctx = format!("snapshot failing at {:?} #{}", fault.kind, fault.index);
-        let paths = single(&dir, &format!("s{n}.img"));
-        let next = dir.join(&format!("s{n}-next.img"));
-        let (mut stack, _) = open(&paths, &rw(), &ctx);
-        let mut good = SyncBackend::new();
-        write_payload(&stack, &mut good, 1, C, 4096).unwrap();
-        let mut io = Injector::new(Some(fault));
-        quiesced(|| stack.push_layer(&mut io, &next)).expect_err("snapshot succeeded despite the fault");
-        assert!(!next.exists(), "{ctx}: failed snapshot left its file behind");
-        assert_eq!(stack.depth(), 1);
-        // The stack goes on serving writes from the old top, then crashes.
-        write_payload(&stack, &mut good, 2, 5 * C, 4096).unwrap();
-        drop(stack);
-        if !in_use(&paths[0]) {
-            failed.push(format!(
-                "{ctx}: the top was written after the failed snapshot and then crashed, \
-                 but its header says cleanly closed (check: unclean = {})",
-                check_report(&paths[0], &ctx).unclean
-            ));
+    let mut n = 0;
+    for (kind, count) in [(Kind::Write, writes), (Kind::Sync, syncs), (Kind::Grow, grows), (Kind::Truncate, truncates)] {
+        for index in 0..count {
+            n += 1;
+            let ctx = format!("snapshot failing at its {kind:?} #{index}");
+            let mut paths = single(&dir, &format!("s{n}.img"));
+            let next = dir.join(&format!("s{n}-next.img"));
+            let (stack, _) = open(&paths, &rw(), &ctx);
+            write_payload(&stack, &SyncIo, 1, C, 4096).unwrap();
+            let io = Injector::new(Some(Fault { kind, index, sticky: false }));
+            let r = quiesced(|| block_on(stack.push_layer(&io, &next)));
+            if stack.depth() == 2 {
+                paths.push(next.clone());
+            } else if r.is_ok() || next.exists() {
+                failed.push(format!("{ctx}: depth 1 after {r:?}, new file exists: {}", next.exists()));
+                continue;
+            }
+            // Writes go on, then the process dies.
+            write_payload(&stack, &SyncIo, 2, 5 * C, 4096).unwrap();
+            drop(stack);
+            if !in_use(paths.last().unwrap()) {
+                failed.push(format!("{ctx}: the written top is not marked in use after the crash"));
+            }
+            let (stack, _) = open(&paths, &rw(), &ctx);
+            let mut b = AlignedBuf::zeroed(8 * C as usize);
+            block_on(stack.read(&SyncIo, 0, &mut b)).unwrap();
+            let mut want = vec![0u8; 8 * C as usize];
+            want[C as usize..C as usize + 4096].copy_from_slice(&payload(1, C, 4096));
+            want[5 * C as usize..5 * C as usize + 4096].copy_from_slice(&payload(2, 5 * C, 4096));
+            if b[..] != want[..] {
+                failed.push(format!("{ctx}: data differs after the crash"));
+            }
+            block_on(stack.close(&SyncIo)).unwrap();
+            drop(stack);
+            for p in &paths {
+                let report = check_report(p, &ctx);
+                if report.exit_code() != 0 {
+                    failed.push(format!("{ctx}: {} not clean after reopen + close: {report:?}", p.display()));
+                }
+            }
         }
     }
     assert!(failed.is_empty(), "{}", failed.join("\n"));
 }
+
+// ---------------------------------------------------------------------------
+// Minimal reproductions of what the sweeps found.
 
 /// When the BAT write of an allocation fails, `PloopLayer::link` keeps the
 /// new entry in its in-memory BAT and in the pending header/BAT chunk while
@@ -1094,32 +1293,32 @@ fn failed_bat_write_does_not_resurface_after_reopen() {
     let dir = TempDir::new("crash-batfail");
     let ctx = "write-zeroes whose BAT write failed";
     let mut paths = single(&dir, "b0.img");
-    let mut good = SyncBackend::new();
-    let (mut stack, _) = open(&paths, &rw(), ctx);
-    write_payload(&stack, &mut good, 1, 3 * C, C).unwrap();
+    let good = SyncIo;
+    let (stack, _) = open(&paths, &rw(), ctx);
+    write_payload(&stack, &good, 1, 3 * C, C).unwrap();
     let top = dir.join("b1.img");
-    quiesced(|| stack.push_layer(&mut good, &top)).unwrap();
+    quiesced(|| block_on(stack.push_layer(&good, &top))).unwrap();
     paths.push(top);
     let lower = payload(1, 3 * C, C);
 
-    let mut io = FaultBackend::new(SyncBackend::new(), FaultPlan { fail_write_at: Some(0), ..Default::default() });
-    stack.write_zeroes(&mut io, 3 * C, C as usize).expect_err("write-zeroes succeeded although its BAT write failed");
+    let io = FaultIo::new(SyncIo, FaultPlan { fail_write_at: Some(0), ..Default::default() });
+    block_on(stack.write_zeroes(&io, 3 * C, C as usize)).expect_err("write-zeroes succeeded although its BAT write failed");
     let mut seen = AlignedBuf::zeroed(C as usize);
-    stack.read(&mut good, 3 * C, &mut seen).unwrap();
+    block_on(stack.read(&good, 3 * C, &mut seen)).unwrap();
     assert!(seen[..] == lower[..], "{ctx}: the session does not show the old data after the failure");
     // An unrelated, successful write to another cluster.
-    write_payload(&stack, &mut good, 2, 9 * C, 4096).unwrap();
+    write_payload(&stack, &good, 2, 9 * C, 4096).unwrap();
     drop(stack);
 
     let (stack, _) = open(&paths, &ro(), ctx);
     let mut after = AlignedBuf::zeroed(C as usize);
-    stack.read(&mut good, 3 * C, &mut after).unwrap();
+    block_on(stack.read(&good, 3 * C, &mut after)).unwrap();
     assert!(
         after[..] == seen[..],
         "{ctx}: cluster 3 read as {} in the session after the error, but as {} after reopening \
          (owner after reopen: layer {:?})",
         describe(&seen),
         describe(&after),
-        stack.owner_of(3)
+        block_on(stack.owner_of(3))
     );
 }

@@ -1,21 +1,35 @@
 //! Group-committed BAT writes under failure: a request must never be
 //! acknowledged when an entry it relied on was rolled back, and one failed
 //! metadata write must not poison later, unrelated writes.
+//!
+//! The interleavings are built by hand: the requests are futures polled one
+//! at a time, and a scripted I/O holds a request inside its data write (so
+//! it has linked its cluster but not finished) or fails metadata writes.
 
+mod common;
+
+use std::cell::Cell;
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::task::Poll;
 
-use ublk_ploop::io::{Direct, FaultBackend, FaultPlan, IoBackend, IoOp, SyncBackend};
+use common::block_on;
+use futures_lite::future::poll_once;
+use ublk_ploop::io::{Direct, Io, SyncIo};
 use ublk_ploop::layers::PloopLayer;
-use ublk_ploop::{Seg, Stack, StackOptions};
+use ublk_ploop::{Stack, StackOptions};
 
 const C: u64 = 64 * 1024;
+/// With 64 clusters the BAT fits in the first cluster: data starts here.
+const DATA_OFF: u64 = C;
 
 fn fresh(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("ublk-ploop-gc-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let p = dir.join(format!("{tag}.hdd"));
     let _ = std::fs::remove_file(&p);
-    PloopLayer::create(&p, 64 * C, C).unwrap();
+    block_on(PloopLayer::create(&SyncIo, &p, 64 * C, C)).unwrap();
     p
 }
 
@@ -23,101 +37,200 @@ fn opts() -> StackOptions {
     StackOptions { read_only: false, direct: Direct::Auto }
 }
 
-/// Move a planned write's data, as a frontend does between plan and finish.
-fn transfer(segs: &[Seg], data: &[u8]) {
-    for s in segs {
-        if let Seg::Data { fd, file_off, buf_off, len } = *s {
-            SyncBackend::new().submit(&mut [IoOp::write(fd, file_off, &data[buf_off..buf_off + len])]).unwrap();
+fn open(paths: &[PathBuf]) -> Stack {
+    block_on(Stack::open(&SyncIo, paths, &opts())).unwrap().0
+}
+
+/// Syscall I/O with knobs: hold the next data write of a given length
+/// until released (4 KiB: a request's own data, after it linked its
+/// cluster; a whole cluster: a copy-up, before the link), or the next
+/// header/BAT write; and fail header/BAT writes.
+#[derive(Default)]
+struct Script {
+    hold_len: Cell<Option<usize>>,
+    hold_meta: Cell<bool>,
+    holding: Cell<bool>,
+    released: Cell<bool>,
+    fail_meta: Cell<bool>,
+}
+
+impl Io for Script {
+    async fn read_at(&self, fd: i32, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        SyncIo.read_at(fd, buf, offset).await
+    }
+    async fn write_at(&self, fd: i32, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        let hold_meta = offset < DATA_OFF && self.hold_meta.replace(false);
+        let hold_data = offset >= DATA_OFF && self.hold_len.get() == Some(buf.len());
+        if hold_meta || hold_data {
+            self.hold_len.set(None);
+            self.holding.set(true);
+            std::future::poll_fn(|cx| {
+                if self.released.get() {
+                    Poll::Ready(())
+                } else {
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                }
+            })
+            .await;
+            self.holding.set(false);
+            self.released.set(false);
         }
+        if offset < DATA_OFF && self.fail_meta.get() {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
+        SyncIo.write_at(fd, buf, offset).await
+    }
+    async fn sync_data(&self, fd: i32) -> std::io::Result<()> {
+        SyncIo.sync_data(fd).await
+    }
+    async fn allocate(&self, fd: i32, offset: u64, len: u64) -> std::io::Result<()> {
+        SyncIo.allocate(fd, offset, len).await
+    }
+    async fn punch_hole(&self, fd: i32, offset: u64, len: u64) -> std::io::Result<()> {
+        SyncIo.punch_hole(fd, offset, len).await
+    }
+    async fn set_len(&self, fd: i32, len: u64) -> std::io::Result<()> {
+        SyncIo.set_len(fd, len).await
     }
 }
 
-/// A backend whose first write fails (the BAT chunk write).
-fn failing() -> FaultBackend<SyncBackend> {
-    FaultBackend::new(SyncBackend::new(), FaultPlan { fail_write_at: Some(0), ..Default::default() })
+/// Poll a request once; it must now be held in its 4 KiB data write.
+fn start_held<F: Future>(io: &Script, f: Pin<&mut F>) {
+    start_held_at(io, f, 4096)
+}
+
+fn start_held_at<F: Future>(io: &Script, mut f: Pin<&mut F>, len: usize) {
+    io.hold_len.set(Some(len));
+    assert!(block_on(poll_once(f.as_mut())).is_none(), "the request finished instead of waiting");
+    assert!(io.holding.get(), "the request is not waiting in its data write");
 }
 
 fn read4k(stack: &Stack, off: u64) -> Vec<u8> {
     let mut b = vec![0u8; 4096];
-    stack.read(&mut SyncBackend::new(), off, &mut b).unwrap();
+    block_on(stack.read(&SyncIo, off, &mut b)).unwrap();
     b
 }
 
 #[test]
 fn a_write_relying_on_a_rolled_back_entry_is_not_acknowledged() {
     let p = fresh("rollback");
-    let (stack, _) = Stack::open(&[p.clone()], &opts()).unwrap();
-    let mut io = SyncBackend::new();
-    let mut segs = vec![];
     let data = vec![0xAAu8; 4096];
-    // A links cluster 0 and moves its data, but has not finished yet.
-    let ta = stack.plan_write(&mut io, 0, 4096, &mut segs).unwrap();
-    transfer(&segs, &data);
-    // B links cluster 1; the shared BAT write fails: both entries roll back.
-    let tb = stack.plan_write(&mut io, C, 4096, &mut segs).unwrap();
-    transfer(&segs, &data);
-    assert!(stack.finish_write(&mut failing(), tb).is_err());
-    // C links cluster 2 and succeeds, moving the written mark past A.
-    let tc = stack.plan_write(&mut io, 2 * C, 4096, &mut segs).unwrap();
-    transfer(&segs, &data);
-    stack.finish_write(&mut io, tc).unwrap();
-    // A must fail: its cluster is no longer linked.
-    let ra = stack.finish_write(&mut io, ta);
-    assert!(ra.is_err(), "a write whose BAT entry was rolled back was acknowledged");
-    assert_eq!(read4k(&stack, 0), vec![0; 4096], "the rolled-back cluster still shows data");
-    assert_eq!(read4k(&stack, 2 * C), data);
-    stack.close(&mut io).unwrap();
-    let (stack, _) = Stack::open(&[p.clone()], &opts()).unwrap();
+    let other = vec![0xBBu8; 4096];
+    {
+        let stack = open(std::slice::from_ref(&p));
+        let io = Script::default();
+        // X's BAT write is held: the next ones queue behind it.
+        let mut x = std::pin::pin!(stack.write(&io, 3 * C, &data));
+        io.hold_meta.set(true);
+        assert!(block_on(poll_once(x.as_mut())).is_none());
+        assert!(io.holding.get(), "X is not held in its BAT write");
+        // A links cluster 0 and moves its data; its entry waits to be written.
+        let mut a = std::pin::pin!(stack.write(&io, 0, &data));
+        assert!(block_on(poll_once(a.as_mut())).is_none());
+        // D writes into cluster 0 too: it allocates nothing but relies on
+        // A's entry, which is not on disk yet.
+        let mut d = std::pin::pin!(stack.write(&io, 8192, &other));
+        assert!(block_on(poll_once(d.as_mut())).is_none(), "D completed before A's entry was written");
+        // X's write goes through; the next one, carrying A's entry, fails.
+        io.released.set(true);
+        block_on(x).unwrap();
+        io.fail_meta.set(true);
+        assert!(block_on(a).is_err(), "a write whose BAT write failed was acknowledged");
+        io.fail_meta.set(false);
+        assert!(block_on(d).is_err(), "a write relying on a rolled-back entry was acknowledged");
+        // C links cluster 2 and succeeds.
+        block_on(stack.write(&io, 2 * C, &data)).unwrap();
+        assert_eq!(read4k(&stack, 0), vec![0; 4096], "the rolled-back cluster still shows data");
+        assert_eq!(read4k(&stack, 2 * C), data);
+        assert_eq!(read4k(&stack, 3 * C), data);
+        block_on(stack.close(&SyncIo)).unwrap();
+    }
+    let stack = open(std::slice::from_ref(&p));
     assert_eq!(read4k(&stack, 0), vec![0; 4096], "a failed write reappeared after reopen");
+    assert_eq!(read4k(&stack, 8192), vec![0; 4096], "a failed write reappeared after reopen");
     assert_eq!(read4k(&stack, 2 * C), data, "an acknowledged write was lost");
-    let report = ublk_ploop::check::check(&p, false);
     drop(stack);
-    assert!(report.is_err() || report.unwrap().bad_entries.is_empty());
+    let report = block_on(ublk_ploop::check::check(&SyncIo, &p, false)).unwrap();
+    assert!(report.bad_entries.is_empty(), "{report:?}");
 }
 
 #[test]
 fn one_failed_bat_write_does_not_fail_later_writes() {
     let p = fresh("sticky");
-    let (stack, _) = Stack::open(&[p], &opts()).unwrap();
-    let mut io = SyncBackend::new();
-    let mut segs = vec![];
+    let stack = open(&[p]);
+    let io = Script::default();
     let data = vec![0x11u8; 4096];
-    stack.write(&mut io, 0, &data).unwrap();
-    let tb = stack.plan_write(&mut io, C, 4096, &mut segs).unwrap();
-    assert!(stack.finish_write(&mut failing(), tb).is_err());
+    block_on(stack.write(&io, 0, &data)).unwrap();
+    io.fail_meta.set(true);
+    assert!(block_on(stack.write(&io, C, &data)).is_err());
+    io.fail_meta.set(false);
     for i in 0..3 {
-        stack.write(&mut io, 0, &data).unwrap_or_else(|e| panic!("overwrite {i} after an unrelated failure: {e}"));
+        block_on(stack.write(&io, 0, &data)).unwrap_or_else(|e| panic!("overwrite {i} after an unrelated failure: {e}"));
     }
     // And the failed cluster can be allocated again.
-    stack.write(&mut io, C, &data).unwrap();
+    block_on(stack.write(&io, C, &data)).unwrap();
     assert_eq!(read4k(&stack, C), data);
-    stack.close(&mut io).unwrap();
+    block_on(stack.close(&SyncIo)).unwrap();
 }
 
 #[test]
 fn whole_cluster_write_zeroes_zeroes_a_copied_up_cluster() {
-    // Lower layer with data, a top that got the cluster from a copy-up
-    // (a write planned but not finished); a whole-cluster write-zeroes
-    // must still zero it. (The two-queue race where the copy-up wins
-    // inside `allocate` is what `allocate`'s "fresh" flag is for; this
-    // single-threaded test pins the semantics, not the race.)
+    // Lower layer with data; a write copies cluster 0 up and is held before
+    // its data lands; a whole-cluster write-zeroes then runs to the end:
+    // it must zero the copied-up cluster, not leave lower data in it.
     let base = fresh("wz-base");
     {
-        let (s, _) = Stack::open(&[base.clone()], &opts()).unwrap();
-        s.write(&mut SyncBackend::new(), 0, &vec![7u8; C as usize]).unwrap();
-        s.close(&mut SyncBackend::new()).unwrap();
+        let s = open(std::slice::from_ref(&base));
+        block_on(s.write(&SyncIo, 0, &vec![7u8; C as usize])).unwrap();
+        block_on(s.close(&SyncIo)).unwrap();
     }
     let top = fresh("wz-top");
-    let (stack, _) = Stack::open(&[base, top], &opts()).unwrap();
-    let mut io = SyncBackend::new();
-    let mut segs = vec![];
-    // The "concurrent" write: planned (cluster copied up and linked) first.
-    let t = stack.plan_write(&mut io, 0, 4096, &mut segs).unwrap();
-    stack.write_zeroes(&mut io, 0, C as usize).unwrap();
-    transfer(&segs, &[9u8; 4096]);
-    stack.finish_write(&mut io, t).unwrap();
+    let stack = open(&[base, top]);
+    let io = Script::default();
+    let nines = [9u8; 4096];
+    let mut a = std::pin::pin!(stack.write(&io, 0, &nines));
+    start_held(&io, a.as_mut());
+    block_on(stack.write_zeroes(&io, 0, C as usize)).unwrap();
+    io.released.set(true);
+    block_on(a).unwrap();
     let mut all = vec![0u8; C as usize];
-    stack.read(&mut io, 0, &mut all).unwrap();
+    block_on(stack.read(&SyncIo, 0, &mut all)).unwrap();
+    assert_eq!(all[..4096], nines[..], "the held write's data is missing");
     assert!(all[4096..].iter().all(|&b| b == 0), "lower data survived a whole-cluster write-zeroes");
-    stack.close(&mut io).unwrap();
+    block_on(stack.close(&SyncIo)).unwrap();
+}
+
+#[test]
+fn a_request_waits_for_the_cluster_another_is_copying_up_and_others_do_not() {
+    // A copies cluster 0 up and is held in the copy (it holds the claim on
+    // the cluster); B writes another part of cluster 0 and must wait; C
+    // writes cluster 1 and completes while A is still held.
+    let base = fresh("wait-base");
+    {
+        let s = open(std::slice::from_ref(&base));
+        block_on(s.write(&SyncIo, 0, &vec![7u8; 2 * C as usize])).unwrap();
+        block_on(s.close(&SyncIo)).unwrap();
+    }
+    let top = fresh("wait-top");
+    let stack = open(&[base, top]);
+    let io = Script::default();
+    let (a_data, b_data, c_data) = ([1u8; 4096], [2u8; 8192], [3u8; 8192]);
+    let mut a = std::pin::pin!(stack.write(&io, 0, &a_data));
+    start_held_at(&io, a.as_mut(), C as usize);
+    let mut b = std::pin::pin!(stack.write(&io, 8192, &b_data));
+    assert!(block_on(poll_once(b.as_mut())).is_none(), "B wrote into a cluster still being copied up");
+    block_on(stack.write(&io, C + 8192, &c_data)).expect("a write to another cluster waited for the copy-up");
+    assert!(io.holding.get(), "A finished early");
+    io.released.set(true);
+    block_on(a).unwrap();
+    block_on(b).unwrap();
+    let mut all = vec![0u8; 2 * C as usize];
+    block_on(stack.read(&SyncIo, 0, &mut all)).unwrap();
+    let mut want = vec![7u8; 2 * C as usize];
+    want[..4096].copy_from_slice(&a_data);
+    want[8192..16384].copy_from_slice(&b_data);
+    want[C as usize + 8192..C as usize + 16384].copy_from_slice(&c_data);
+    assert!(all == want, "data after the interleaved copy-ups differs");
+    block_on(stack.close(&SyncIo)).unwrap();
 }

@@ -7,10 +7,13 @@
 //! rerun one seed with UBLK_PLOOP_MODEL_SEED=N. UBLK_PLOOP_MODEL_SEEDS sets
 //! how many seeds run (default 48).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use ublk_ploop::io::{AlignedBuf, Direct, IoBackend, SyncBackend, UringBackend};
+use common::AnyIo;
+use ublk_ploop::io::{block_on, AlignedBuf, Direct, SyncIo};
 use ublk_ploop::layers::PloopLayer;
 use ublk_ploop::{Stack, StackOptions};
 
@@ -92,13 +95,13 @@ impl Drop for Dir {
     }
 }
 
-fn open(paths: &[PathBuf]) -> Stack {
-    Stack::open(paths, &StackOptions { read_only: false, direct: Direct::Auto }).unwrap().0
+fn open(io: &AnyIo, paths: &[PathBuf]) -> Stack {
+    io.run(Stack::open(io, paths, &StackOptions { read_only: false, direct: Direct::Auto })).unwrap().0
 }
 
-fn verify_range(stack: &Stack, io: &mut dyn IoBackend, model: &Model, off: u64, len: usize, ctx: &str) {
+fn verify_range(stack: &Stack, io: &AnyIo, model: &Model, off: u64, len: usize, ctx: &str) {
     let mut buf = AlignedBuf::zeroed(len);
-    stack.read(io, off, &mut buf).unwrap_or_else(|e| panic!("{ctx}: read {off}+{len} failed: {e}"));
+    io.run(stack.read(io, off, &mut buf)).unwrap_or_else(|e| panic!("{ctx}: read {off}+{len} failed: {e}"));
     let want = &model.data[off as usize..off as usize + len];
     if &buf[..] != want {
         let first = buf.iter().zip(want).position(|(a, b)| a != b).unwrap();
@@ -111,7 +114,7 @@ fn verify_range(stack: &Stack, io: &mut dyn IoBackend, model: &Model, off: u64, 
     }
 }
 
-fn verify_all(stack: &Stack, io: &mut dyn IoBackend, model: &Model, ctx: &str) {
+fn verify_all(stack: &Stack, io: &AnyIo, model: &Model, ctx: &str) {
     let step = 1 << 20;
     let size = model.data.len() as u64;
     let mut off = 0;
@@ -131,7 +134,7 @@ fn run_seed(seed: u64) {
     let size = if cluster > 4096 && rng.chance(30) { (clusters - 1) * cluster + 4096 * (1 + rng.below(cluster / 4096 - 1)) } else { clusters * cluster };
     let max_depth = 1 + rng.below(16) as usize;
     let raw_base = rng.chance(20);
-    let mut io: Box<dyn IoBackend> = if seed % 2 == 0 { Box::new(SyncBackend::new()) } else { Box::new(UringBackend::new(32).unwrap()) };
+    let io = AnyIo::new(if seed % 2 == 0 { "sync" } else { "uring" });
     let ctx = format!("seed {seed} (cluster {cluster}, size {size}, depth<={max_depth}, raw base {raw_base}, backend {})", io.name());
 
     let base = dir.0.join("layer0.img");
@@ -139,10 +142,10 @@ fn run_seed(seed: u64) {
         let f = std::fs::File::create(&base).unwrap();
         f.set_len(size).unwrap();
     } else {
-        PloopLayer::create(&base, size, cluster).unwrap();
+        block_on(PloopLayer::create(&SyncIo, &base, size, cluster)).unwrap();
     }
     let mut paths = vec![base];
-    let mut stack = open(&paths);
+    let mut stack = open(&io, &paths);
     // A stack with no ploop layer uses the default cluster size; layers
     // pushed on top of it inherit the stack's.
     let cluster = stack.cluster_size();
@@ -167,57 +170,59 @@ fn run_seed(seed: u64) {
                 let mut data = AlignedBuf::zeroed(len as usize);
                 let fill = (rng.next() as u8).max(1);
                 data.iter_mut().enumerate().for_each(|(i, b)| *b = fill.wrapping_add((i / 512) as u8));
-                stack.write(io.as_mut(), off, &data).unwrap_or_else(|e| panic!("{ctx}: write failed: {e}"));
+                io.run(stack.write(&io, off, &data)).unwrap_or_else(|e| panic!("{ctx}: write failed: {e}"));
                 model.write(off, &data);
             }
-            35..=59 => verify_range(&stack, io.as_mut(), &model, off, len as usize, &ctx),
+            35..=59 => verify_range(&stack, &io, &model, off, len as usize, &ctx),
             60..=69 => {
-                stack.write_zeroes(io.as_mut(), off, len as usize).unwrap_or_else(|e| panic!("{ctx}: write_zeroes: {e}"));
+                io.run(stack.write_zeroes(&io, off, len as usize)).unwrap_or_else(|e| panic!("{ctx}: write_zeroes: {e}"));
                 model.write_zeroes(off, len);
             }
             70..=79 => {
-                stack.discard(io.as_mut(), off, len as usize).unwrap_or_else(|e| panic!("{ctx}: discard: {e}"));
+                io.run(stack.discard(&io, off, len as usize)).unwrap_or_else(|e| panic!("{ctx}: discard: {e}"));
                 model.discard(off, len);
             }
             80..=85 if paths.len() < max_depth => {
                 let next = dir.0.join(format!("layer{}.img", paths.len()));
-                stack.push_layer(io.as_mut(), &next).unwrap_or_else(|e| panic!("{ctx}: push_layer: {e}"));
+                io.run(stack.push_layer(&io, &next)).unwrap_or_else(|e| panic!("{ctx}: push_layer: {e}"));
                 paths.push(next);
                 model.push_layer();
                 assert_eq!(stack.depth(), paths.len());
             }
-            86..=89 => stack.flush(io.as_mut()).unwrap_or_else(|e| panic!("{ctx}: flush: {e}")),
+            86..=89 => io.run(stack.flush(&io)).unwrap_or_else(|e| panic!("{ctx}: flush: {e}")),
             90..=94 => {
-                stack.close(io.as_mut()).unwrap_or_else(|e| panic!("{ctx}: close: {e}"));
-                stack = open(&paths);
+                io.run(stack.close(&io)).unwrap_or_else(|e| panic!("{ctx}: close: {e}"));
+                drop(stack);
+                stack = open(&io, &paths);
             }
             95..=97 => {
                 // The process dies (no close, no flush): every completed
                 // write was acknowledged, so none may be lost, and reopening
                 // must accept the in-use mark and the grown-ahead tail.
                 drop(stack);
-                stack = open(&paths);
+                stack = open(&io, &paths);
             }
-            _ => verify_all(&stack, io.as_mut(), &model, &ctx),
+            _ => verify_all(&stack, &io, &model, &ctx),
         }
         if std::env::var_os("UBLK_PLOOP_MODEL_TRACE").is_some() {
-            verify_all(&stack, io.as_mut(), &model, &format!("{ctx}, traced"));
+            verify_all(&stack, &io, &model, &format!("{ctx}, traced"));
         }
     }
-    verify_all(&stack, io.as_mut(), &model, &format!("{ctx}, final"));
-    stack.close(io.as_mut()).unwrap();
+    verify_all(&stack, &io, &model, &format!("{ctx}, final"));
+    io.run(stack.close(&io)).unwrap();
+    drop(stack);
 
     // Independent checks on the files: our checker and qemu-img's.
     for path in &paths {
-        let report = ublk_ploop::check::check(path, false).unwrap();
+        let report = block_on(ublk_ploop::check::check(&SyncIo, path, false)).unwrap();
         assert_eq!(report.exit_code(), 0, "{ctx}: check of {} not clean: {report:?}", path.display());
         if !raw_base || path != &paths[0] {
             qemu_check(path, &ctx);
         }
     }
     // Reopen read-only and verify once more: what close wrote is what we read.
-    let (ro, _) = Stack::open(&paths, &StackOptions { read_only: true, direct: Direct::Auto }).unwrap();
-    verify_all(&ro, io.as_mut(), &model, &format!("{ctx}, after close"));
+    let (ro, _) = io.run(Stack::open(&io, &paths, &StackOptions { read_only: true, direct: Direct::Auto })).unwrap();
+    verify_all(&ro, &io, &model, &format!("{ctx}, after close"));
 }
 
 fn qemu_check(path: &Path, ctx: &str) {

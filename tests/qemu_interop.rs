@@ -90,11 +90,11 @@ fn qemu_written_image_reads_right(cluster: Option<u64>, tag: &str) {
     // Read through the library: whole disk in odd-sized chunks, then random
     // aligned reads.
     for name in ["sync", "uring"] {
-        let mut io = backend(name);
+        let io = AnyIo::new(name);
         let stack = open_stack(&[&img], true);
         assert_eq!(stack.size(), size);
         assert_eq!(stack.cluster_size(), cl);
-        let got = read_disk(&stack, io.as_mut(), 196 * 1024);
+        let got = read_disk(&stack, &io, 196 * 1024);
         assert_bytes_equal(&got, &model, &format!("library read ({name}) vs model"));
         let unit = stack.block_size() as u64;
         let mut rng = Rng::new(7);
@@ -103,10 +103,11 @@ fn qemu_written_image_reads_right(cluster: Option<u64>, tag: &str) {
             let len = len.min(size);
             let off = rng.below((size - len) / unit + 1) * unit;
             let mut buf = vec![0u8; len as usize];
-            stack.read(io.as_mut(), off, &mut buf).unwrap();
+            io.run(stack.read(&io, off, &mut buf)).unwrap();
             assert_bytes_equal(&buf, &model[off as usize..(off + len) as usize], &format!("read {off}+{len}"));
         }
-        stack.close(io.as_mut()).unwrap();
+        io.run(stack.close(&io)).unwrap();
+        drop(stack);
     }
     // A read-only open must not have touched the image.
     qemu_check_clean(&img);
@@ -198,7 +199,7 @@ fn engine_writes_pass_qemu(backend_name: &str, made_by_qemu: bool) {
     shadow.set_len(size).unwrap();
     let mut model = vec![0u8; size as usize];
 
-    let mut io = backend(backend_name);
+    let io = AnyIo::new(backend_name);
     let stack = open_stack(&[&img], false);
     assert_eq!((stack.size(), stack.cluster_size()), (size, cluster));
     let unit = stack.block_size() as u64;
@@ -217,7 +218,7 @@ fn engine_writes_pass_qemu(backend_name: &str, made_by_qemu: bool) {
         match op {
             Op::Write => {
                 let data = rng.bytes(len as usize);
-                stack.write(io.as_mut(), off, &data).unwrap_or_else(|e| panic!("op {i}: write {off}+{len}: {e}"));
+                io.run(stack.write(&io, off, &data)).unwrap_or_else(|e| panic!("op {i}: write {off}+{len}: {e}"));
                 shadow.write_all_at(&data, off).unwrap();
                 model[range].copy_from_slice(&data);
             }
@@ -225,8 +226,8 @@ fn engine_writes_pass_qemu(backend_name: &str, made_by_qemu: bool) {
                 // One layer: what the top does not hold reads as zeros
                 // anyway, so both leave the range reading as zeros.
                 match op {
-                    Op::Zero => stack.write_zeroes(io.as_mut(), off, len as usize),
-                    _ => stack.discard(io.as_mut(), off, len as usize),
+                    Op::Zero => io.run(stack.write_zeroes(&io, off, len as usize)),
+                    _ => io.run(stack.discard(&io, off, len as usize)),
                 }
                 .unwrap_or_else(|e| panic!("op {i}: {op:?} {off}+{len}: {e}"));
                 shadow.write_all_at(&vec![0u8; len as usize], off).unwrap();
@@ -234,12 +235,13 @@ fn engine_writes_pass_qemu(backend_name: &str, made_by_qemu: bool) {
             }
         }
         if i % 50 == 49 {
-            stack.flush(io.as_mut()).unwrap();
+            io.run(stack.flush(&io)).unwrap();
         }
     }
-    let got = read_disk(&stack, io.as_mut(), 3 * cluster as usize / 2);
+    let got = read_disk(&stack, &io, 3 * cluster as usize / 2);
     assert_bytes_equal(&got, &model, "library read-back before close");
-    stack.close(io.as_mut()).unwrap();
+    io.run(stack.close(&io)).unwrap();
+    drop(stack);
     drop(shadow);
     assert_ne!(in_use_mark(&img), IN_USE, "in-use mark left set after close");
 
@@ -296,8 +298,8 @@ fn stack_of_layers(backend_name: &str) {
         any_owned.extend(clusters_of(o, l, cluster));
     }
 
-    let mut io = backend(backend_name);
-    let mut stack = open_stack(&[&base], false);
+    let io = AnyIo::new(backend_name);
+    let stack = open_stack(&[&base], false);
     let unit = stack.block_size() as u64;
     let mut rng = Rng::new(if backend_name == "sync" { 3 } else { 4 });
     let mut layers = vec![base.clone()];
@@ -305,7 +307,7 @@ fn stack_of_layers(backend_name: &str) {
     let mut frozen: Vec<(PathBuf, (u64, u64))> = vec![];
     for n in 1..=3 {
         let path = dir.join(&format!("l{n}.img"));
-        quiesced(|| stack.push_layer(io.as_mut(), &path)).unwrap();
+        quiesced(|| io.run(stack.push_layer(&io, &path))).unwrap();
         let below = layers.last().unwrap().clone();
         frozen.push((below.clone(), fingerprint(&below)));
         layers.push(path);
@@ -328,19 +330,19 @@ fn stack_of_layers(backend_name: &str) {
             match op {
                 Op::Write => {
                     let data = rng.bytes(len as usize);
-                    stack.write(io.as_mut(), off, &data).unwrap();
+                    io.run(stack.write(&io, off, &data)).unwrap();
                     model[range].copy_from_slice(&data);
                     top_owned.extend(touched.clone());
                     any_owned.extend(touched);
                 }
                 Op::Zero => {
-                    stack.write_zeroes(io.as_mut(), off, len as usize).unwrap();
+                    io.run(stack.write_zeroes(&io, off, len as usize)).unwrap();
                     model[range].fill(0);
                     // Zeroing over lower data takes the cluster into the top.
                     top_owned.extend(touched.filter(|c| any_owned.contains(c)));
                 }
                 Op::Discard => {
-                    stack.discard(io.as_mut(), off, len as usize).unwrap();
+                    io.run(stack.discard(&io, off, len as usize)).unwrap();
                     // Only what the top holds is discarded; lower data stays.
                     for c in touched {
                         if top_owned.contains(&c) {
@@ -352,14 +354,15 @@ fn stack_of_layers(backend_name: &str) {
                 }
             }
             if i % 30 == 29 {
-                stack.flush(io.as_mut()).unwrap();
+                io.run(stack.flush(&io)).unwrap();
             }
         }
     }
     assert_eq!(stack.paths(), layers);
-    let got = read_disk(&stack, io.as_mut(), 320 * 1024);
+    let got = read_disk(&stack, &io, 320 * 1024);
     assert_bytes_equal(&got, &model, "stack read-back before close");
-    stack.close(io.as_mut()).unwrap();
+    io.run(stack.close(&io)).unwrap();
+    drop(stack);
 
     for (path, print) in &frozen {
         assert_eq!(&fingerprint(path), print, "{} changed after it became a lower layer", path.display());
@@ -394,7 +397,7 @@ fn stack_of_layers(backend_name: &str) {
     }
     // The library reads the stack back read-only the same way.
     let stack = open_stack(&layers, true);
-    let got = read_disk(&stack, io.as_mut(), 1 << 20);
+    let got = read_disk(&stack, &io, 1 << 20);
     assert_bytes_equal(&got, &model, "stack read-back after reopen");
 }
 
@@ -417,32 +420,33 @@ fn push_layer_survives_a_moved_top_and_fails_cleanly() {
     let base = dir.join("base.img");
     let cluster = 64 * K;
     ploop(["create", p(&base), "--size", "4M", "--cluster-size", "64K"]).ok();
-    let mut io = SyncBackend::new();
-    let mut stack = open_stack(&[&base], false);
+    let io = AnyIo::new("sync");
+    let stack = open_stack(&[&base], false);
     let data = pattern(5, cluster as usize);
-    stack.write(&mut io, 0, &data).unwrap();
+    io.run(stack.write(&io, 0, &data)).unwrap();
 
     // A target that exists: refused, untouched, stack unchanged.
     let taken = dir.join("taken.img");
     fs::write(&taken, b"not yours").unwrap();
-    let err = quiesced(|| stack.push_layer(&mut io, &taken)).expect_err("push_layer over an existing file succeeded");
+    let err = quiesced(|| io.run(stack.push_layer(&io, &taken))).expect_err("push_layer over an existing file succeeded");
     assert!(err.to_string().contains("exists"), "unexpected error: {err}");
     assert_eq!(fs::read(&taken).unwrap(), b"not yours", "push_layer clobbered an existing file");
     assert_eq!(stack.depth(), 1, "a failed push_layer changed the depth of the stack");
-    stack.write(&mut io, cluster, &data).expect("write after a failed push_layer");
+    io.run(stack.write(&io, cluster, &data)).expect("write after a failed push_layer");
 
     // The top moved away under us: the snapshot still works.
     let moved = dir.join("moved.img");
     fs::rename(&base, &moved).unwrap();
     let l1 = dir.join("l1.img");
-    quiesced(|| stack.push_layer(&mut io, &l1)).expect("push_layer after the top file was renamed");
+    quiesced(|| io.run(stack.push_layer(&io, &l1))).expect("push_layer after the top file was renamed");
     assert_eq!(stack.depth(), 2);
     let mut buf = vec![0u8; 2 * cluster as usize];
-    stack.read(&mut io, 0, &mut buf).expect("read after push_layer");
+    io.run(stack.read(&io, 0, &mut buf)).expect("read after push_layer");
     assert_bytes_equal(&buf[..cluster as usize], &data, "data below the new top");
     assert_bytes_equal(&buf[cluster as usize..], &data, "data written before the snapshot");
-    stack.write(&mut io, 2 * cluster, &data).expect("write to the new top");
-    stack.close(&mut io).expect("close");
+    io.run(stack.write(&io, 2 * cluster, &data)).expect("write to the new top");
+    io.run(stack.close(&io)).expect("close");
+    drop(stack);
     ploop(["check", p(&moved)]).ok();
     ploop(["check", p(&l1)]).ok();
 }
@@ -509,10 +513,11 @@ fn check_finds_and_repairs_shared_cluster() {
     assert_files_equal(&ours, &before);
 
     // The two virtual clusters are independent now.
-    let mut io = SyncBackend::new();
+    let io = AnyIo::new("sync");
     let stack = open_stack(&[&img], false);
-    stack.write(&mut io, 5 * cluster, &vec![0x99u8; c]).unwrap();
-    stack.close(&mut io).unwrap();
+    io.run(stack.write(&io, 5 * cluster, &vec![0x99u8; c])).unwrap();
+    io.run(stack.close(&io)).unwrap();
+    drop(stack);
     let last = dir.join("last.raw");
     qemu_to_raw(&img, &last);
     let last = fs::read(&last).unwrap();
@@ -537,11 +542,11 @@ fn unclean_close_is_detected_and_recovered() {
     let mut model = vec![0u8; size as usize];
     let first = pattern(1, 3 * cluster as usize + 4096);
     {
-        let mut io = SyncBackend::new();
+        let io = AnyIo::new("sync");
         let stack = open_stack(&[&img], false);
         assert_eq!(in_use_mark(&img), IN_USE, "in-use mark not set while open read-write");
-        stack.write(&mut io, cluster - 4096, &first).unwrap();
-        stack.flush(&mut io).unwrap();
+        io.run(stack.write(&io, cluster - 4096, &first)).unwrap();
+        io.run(stack.flush(&io)).unwrap();
         // Dropped without close: the process "crashed" after a flush.
         drop(stack);
     }
@@ -561,12 +566,13 @@ fn unclean_close_is_detected_and_recovered() {
     // Reopening read-write is allowed; the flushed data is there.
     let second = pattern(2, cluster as usize);
     {
-        let mut io = uring();
+        let io = AnyIo::new("uring");
         let stack = open_stack(&[&img], false);
-        let got = read_disk(&stack, &mut io, 1 << 20);
+        let got = read_disk(&stack, &io, 1 << 20);
         assert_bytes_equal(&got, &model, "data after unclean close");
-        stack.write(&mut io, 6 * cluster, &second).unwrap();
-        stack.close(&mut io).unwrap();
+        io.run(stack.write(&io, 6 * cluster, &second)).unwrap();
+        io.run(stack.close(&io)).unwrap();
+        drop(stack);
     }
     model[6 * cluster as usize..7 * cluster as usize].copy_from_slice(&second);
     assert_ne!(in_use_mark(&img), IN_USE, "in-use mark not cleared by close");
@@ -613,10 +619,11 @@ fn leaked_tail_is_reported_and_trimmed() {
     let cluster = 64 * K;
     ploop(["create", p(&img), "--size", "4M", "--cluster-size", "64K"]).ok();
     {
-        let mut io = SyncBackend::new();
+        let io = AnyIo::new("sync");
         let stack = open_stack(&[&img], false);
-        stack.write(&mut io, 0, &pattern(9, 2 * cluster as usize)).unwrap();
-        stack.close(&mut io).unwrap();
+        io.run(stack.write(&io, 0, &pattern(9, 2 * cluster as usize))).unwrap();
+        io.run(stack.close(&io)).unwrap();
+        drop(stack);
     }
     let before = dir.join("before.raw");
     qemu_to_raw(&img, &before);
@@ -664,15 +671,16 @@ fn read_write_open_trims_leaked_tail() {
     drop(f);
     let paths = [img.clone()];
     let (stack, reports) =
-        retry_busy(|| Stack::open(&paths, &StackOptions { read_only: false, direct: Direct::Auto })).unwrap();
+        retry_busy(|| block_on(Stack::open(&SyncIo, &paths, &StackOptions { read_only: false, direct: Direct::Auto }))).unwrap();
     assert_eq!(reports[0].trimmed_leak, 2 * cluster);
-    let mut io = SyncBackend::new();
+    let io = AnyIo::new("sync");
     // A new cluster must read as zeros, not as the garbage that was there.
-    stack.write(&mut io, 10 * cluster, &[0xeeu8; 4096]).unwrap();
+    io.run(stack.write(&io, 10 * cluster, &[0xeeu8; 4096])).unwrap();
     let mut buf = vec![0u8; cluster as usize];
-    stack.read(&mut io, 10 * cluster, &mut buf).unwrap();
+    io.run(stack.read(&io, 10 * cluster, &mut buf)).unwrap();
     assert!(buf[..4096].iter().all(|&b| b == 0xee) && buf[4096..].iter().all(|&b| b == 0));
-    stack.close(&mut io).unwrap();
+    io.run(stack.close(&io)).unwrap();
+    drop(stack);
     qemu_check_clean(&img);
     assert_eq!(file_len(&img), clean_len + cluster);
 }

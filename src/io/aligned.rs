@@ -80,3 +80,28 @@ pub(crate) fn is_aligned(buf: &[u8], align: usize) -> bool {
 /// Memory alignment (address and length) asked of callers' buffers before
 /// they go to O_DIRECT unchanged; anything else is bounced.
 pub(crate) const MEM_ALIGN: usize = 512;
+
+/// Reusable aligned buffers of one size (copy-up needs a cluster-sized
+/// buffer per cluster in flight; allocating and zeroing 1 MiB each time
+/// would cost more than the copy's bookkeeping).
+pub struct BufPool {
+    size: usize,
+    /// Buffers kept for reuse; more are allocated when all are out.
+    keep: usize,
+    free: std::sync::Mutex<Vec<AlignedBuf>>,
+}
+
+impl BufPool {
+    pub fn new(size: usize, keep: usize) -> BufPool {
+        BufPool { size, keep, free: std::sync::Mutex::new(Vec::new()) }
+    }
+    pub fn get(&self) -> AlignedBuf {
+        self.free.lock().unwrap().pop().unwrap_or_else(|| AlignedBuf::zeroed(self.size))
+    }
+    pub fn put(&self, buf: AlignedBuf) {
+        let mut free = self.free.lock().unwrap();
+        if free.len() < self.keep && buf.len() == self.size {
+            free.push(buf);
+        }
+    }
+}

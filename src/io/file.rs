@@ -47,6 +47,7 @@ impl ImageFile {
     pub fn fd(&self) -> RawFd {
         self.file.as_raw_fd()
     }
+    #[allow(clippy::len_without_is_empty)]
     pub fn len(&self) -> Result<u64> {
         Ok(self.file.metadata().map_err(|e| Error::io(e, self.path.display()))?.len())
     }

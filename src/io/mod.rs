@@ -1,91 +1,105 @@
-//! The engine's I/O backend: how image-file reads and writes are executed.
+//! How the engine touches image files: every read, write, sync, grow,
+//! punch and truncate of an image goes through the [`Io`] trait, so that
+//! one implementation can run them on a ublk queue's io_uring (where a
+//! request that waits for I/O yields to the others) and another can run
+//! them as plain syscalls (the offline tools), and tests can put faults
+//! under every byte.
 //!
-//! The engine decides *what* to read and write (see `Stack::plan_read`);
-//! a backend decides *how*. Tests plug the plain pread/pwrite backend and a
-//! fault-injecting one; the CLI and the daemon use io_uring.
+//! - [`SyncIo`]: pread/pwrite and friends; each future is ready at once.
+//! - [`RingIo`]: the operations as io_uring SQEs on any ring that can
+//!   [`Submit`] one and await its completion (the ublk queue's ring, or
+//!   [`OwnRing`], a ring of the engine's own for benchmarks and tools).
+//! - [`wait`]: how a request waits for another one (a cluster being copied
+//!   up, a metadata write, a stack change) without blocking its thread.
 
 mod aligned;
-mod fault;
 mod file;
+mod ring;
 mod sync;
 mod uring;
+pub mod wait;
 
-pub use aligned::AlignedBuf;
-pub use fault::{FaultBackend, FaultPlan};
+pub use aligned::{AlignedBuf, BufPool};
 pub use file::{open_image_file, Direct, ImageFile};
-pub use sync::SyncBackend;
-pub use uring::UringBackend;
+pub use ring::{RingIo, Submit};
+pub use sync::SyncIo;
+pub use uring::OwnRing;
+
+/// Run a future to completion on this thread, parking it while the future
+/// waits for another thread (the way offline callers use the engine).
+pub use futures_lite::future::block_on;
 
 use std::io;
 use std::os::fd::RawFd;
 
-/// One read or write of a contiguous file range.
-pub struct IoOp<'a> {
-    pub fd: RawFd,
-    pub offset: u64,
-    pub kind: IoKind<'a>,
+/// File I/O as the engine needs it. Futures may start their operation
+/// when first polled and must then be polled to completion: a ring cannot
+/// take back a transfer into a buffer it was given, so dropping one early
+/// aborts the process (see `ring.rs`). Reads past the end of a file return
+/// zeros (image files are sparse by nature; the engine checks that its
+/// metadata never points past EOF). Transfers are whole: a future resolves
+/// once every byte moved, or with the error that stopped it.
+#[allow(async_fn_in_trait)] // Futures on a queue ring are !Send by nature.
+pub trait Io {
+    async fn read_at(&self, fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    async fn write_at(&self, fd: RawFd, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Make completed writes to `fd` durable (fdatasync).
+    async fn sync_data(&self, fd: RawFd) -> io::Result<()>;
+    /// Allocate `[offset, offset + len)`, growing the file (fallocate mode 0):
+    /// the range reads as zeros and later writes there cannot fail for space.
+    async fn allocate(&self, fd: RawFd, offset: u64, len: u64) -> io::Result<()>;
+    /// Deallocate a range so that it reads as zeros; the size stays.
+    async fn punch_hole(&self, fd: RawFd, offset: u64, len: u64) -> io::Result<()>;
+    /// Set the file's length (ftruncate).
+    async fn set_len(&self, fd: RawFd, len: u64) -> io::Result<()>;
 }
 
-pub enum IoKind<'a> {
-    Read(&'a mut [u8]),
-    Write(&'a [u8]),
+impl<T: Io + ?Sized> Io for &T {
+    async fn read_at(&self, fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_at(fd, buf, offset).await
+    }
+    async fn write_at(&self, fd: RawFd, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_at(fd, buf, offset).await
+    }
+    async fn sync_data(&self, fd: RawFd) -> io::Result<()> {
+        (**self).sync_data(fd).await
+    }
+    async fn allocate(&self, fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
+        (**self).allocate(fd, offset, len).await
+    }
+    async fn punch_hole(&self, fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
+        (**self).punch_hole(fd, offset, len).await
+    }
+    async fn set_len(&self, fd: RawFd, len: u64) -> io::Result<()> {
+        (**self).set_len(fd, len).await
+    }
 }
 
-impl<'a> IoOp<'a> {
-    pub fn read(fd: RawFd, offset: u64, buf: &'a mut [u8]) -> Self {
-        IoOp { fd, offset, kind: IoKind::Read(buf) }
-    }
-    pub fn write(fd: RawFd, offset: u64, buf: &'a [u8]) -> Self {
-        IoOp { fd, offset, kind: IoKind::Write(buf) }
-    }
-    pub fn len(&self) -> usize {
-        match &self.kind {
-            IoKind::Read(b) => b.len(),
-            IoKind::Write(b) => b.len(),
+/// Run futures together and return their results in order: every one is
+/// polled to completion even when another fails (see [`Io`]).
+pub async fn join_all<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut futures: Vec<_> = futures.into_iter().map(|f| futures_lite::future::FutureExt::boxed_local(f)).collect();
+    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(move |cx| {
+        let mut pending = false;
+        for (f, out) in futures.iter_mut().zip(outputs.iter_mut()) {
+            if out.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *out = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
         }
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(outputs.iter_mut().map(|o| o.take().expect("all ready")).collect())
+        }
+    })
+    .await
 }
 
-/// Executes batches of file I/O. A batch completes as a whole: on return
-/// every op has transferred all its bytes, or an error is returned.
-/// Reads past the end of a file return zeros (image files are sparse by
-/// nature; the engine validates that metadata never points past EOF).
-pub trait IoBackend: Send {
-    /// Run all ops; they may be executed in any order and concurrently.
-    fn submit(&mut self, ops: &mut [IoOp<'_>]) -> io::Result<()>;
-    /// Make completed writes to `fd` durable.
-    fn sync_data(&mut self, fd: RawFd) -> io::Result<()>;
-    /// Deallocate a range so that it reads as zeros.
-    fn punch_hole(&mut self, fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
-        punch_hole(fd, offset, len)
-    }
-    fn name(&self) -> &'static str;
-}
-
-pub(crate) fn punch_hole(fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
-    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-    // SAFETY: plain syscall on a descriptor the caller owns.
-    let rc = unsafe { libc::fallocate(fd, mode, offset as libc::off_t, len as libc::off_t) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-pub(crate) fn fdatasync(fd: RawFd) -> io::Result<()> {
-    // SAFETY: plain syscall on a descriptor the caller owns.
-    if unsafe { libc::fdatasync(fd) } == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-/// Which backend to build, as named on the command line.
+/// Which I/O engine an offline command uses, as named on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BackendKind {
     Uring,
@@ -101,24 +115,4 @@ impl std::str::FromStr for BackendKind {
             _ => Err(format!("unknown I/O backend '{s}' (use uring or sync)")),
         }
     }
-}
-
-/// io_uring when the kernel allows it, else pread/pwrite with a warning.
-pub fn make_backend(kind: BackendKind) -> Box<dyn IoBackend> {
-    match kind {
-        BackendKind::Sync => Box::new(SyncBackend::new()),
-        BackendKind::Uring => match UringBackend::new(64) {
-            Ok(b) => Box::new(b),
-            Err(e) => {
-                tracing::warn!("io_uring unavailable ({e}); using pread/pwrite");
-                Box::new(SyncBackend::new())
-            }
-        },
-    }
-}
-
-/// Buffered write of a whole slice (image creation, repair), no alignment.
-pub(crate) fn sync_write_all(file: &std::fs::File, data: &[u8], offset: u64) -> io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    file.write_all_at(data, offset)
 }

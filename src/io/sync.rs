@@ -1,92 +1,102 @@
-//! The plain pread/pwrite backend: simple, obviously correct, the reference
-//! the io_uring backend is tested against.
+//! The plain-syscall implementation of [`Io`]: every future is ready when
+//! first polled. Offline tools use it, and it is the reference the ring
+//! implementation is tested against.
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{BorrowedFd, RawFd};
+
+use nix::fcntl::FallocateFlags;
 
 use super::aligned::{is_aligned, AlignedBuf, MEM_ALIGN};
-use super::{fdatasync, IoBackend, IoKind, IoOp};
+use super::Io;
 
-#[derive(Default)]
-pub struct SyncBackend;
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SyncIo;
 
-impl SyncBackend {
-    pub fn new() -> Self {
-        SyncBackend
+fn fd(raw: RawFd) -> BorrowedFd<'static> {
+    // SAFETY: callers pass descriptors of image files that outlive the call.
+    unsafe { BorrowedFd::borrow_raw(raw) }
+}
+
+fn retry<T>(mut f: impl FnMut() -> nix::Result<T>) -> io::Result<T> {
+    loop {
+        match f() {
+            Err(nix::errno::Errno::EINTR) => continue,
+            other => return other.map_err(io::Error::from),
+        }
     }
 }
 
 /// Read all of `buf` at `offset`; bytes past EOF read as zeros.
-pub(crate) fn pread_full(fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<()> {
+fn pread_full(raw: RawFd, buf: &mut [u8], offset: u64) -> io::Result<()> {
     let mut done = 0;
     while done < buf.len() {
-        let rest = &mut buf[done..];
-        // SAFETY: rest is a valid writable region.
-        let n = unsafe { libc::pread(fd, rest.as_mut_ptr().cast(), rest.len(), (offset + done as u64) as libc::off_t) };
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(err);
-        }
-        // A regular file reads short only at EOF: the rest is a hole.
-        if (n as usize) < rest.len() {
-            rest[n as usize..].fill(0);
+        let n = retry(|| nix::sys::uio::pread(fd(raw), &mut buf[done..], (offset + done as u64) as libc::off_t))?;
+        if n == 0 {
+            // A regular file reads short only at EOF: the rest is a hole.
+            buf[done..].fill(0);
             return Ok(());
         }
-        done += n as usize;
+        done += n;
     }
     Ok(())
 }
 
-pub(crate) fn pwrite_full(fd: RawFd, buf: &[u8], offset: u64) -> io::Result<()> {
+fn pwrite_full(raw: RawFd, buf: &[u8], offset: u64) -> io::Result<()> {
     let mut done = 0;
     while done < buf.len() {
-        let rest = &buf[done..];
-        // SAFETY: rest is a valid readable region.
-        let n = unsafe { libc::pwrite(fd, rest.as_ptr().cast(), rest.len(), (offset + done as u64) as libc::off_t) };
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(err);
-        }
+        let n = retry(|| nix::sys::uio::pwrite(fd(raw), &buf[done..], (offset + done as u64) as libc::off_t))?;
         if n == 0 {
             return Err(io::Error::new(io::ErrorKind::WriteZero, "short write"));
         }
-        done += n as usize;
+        done += n;
     }
     Ok(())
 }
 
-/// Run one op, bouncing through an aligned buffer when the caller's memory
-/// is not aligned (O_DIRECT would refuse it with EINVAL).
-pub(crate) fn run_op_sync(op: &mut IoOp<'_>) -> io::Result<()> {
-    let fd = op.fd;
-    let offset = op.offset;
-    match &mut op.kind {
-        IoKind::Read(buf) if is_aligned(buf, MEM_ALIGN) => pread_full(fd, buf, offset),
-        IoKind::Read(buf) => {
-            let mut bounce = AlignedBuf::zeroed(buf.len());
-            pread_full(fd, &mut bounce, offset)?;
-            buf.copy_from_slice(&bounce);
-            Ok(())
-        }
-        IoKind::Write(buf) if is_aligned(buf, MEM_ALIGN) => pwrite_full(fd, buf, offset),
-        IoKind::Write(buf) => pwrite_full(fd, &AlignedBuf::from_slice(buf), offset),
-    }
+pub(crate) fn fallocate(raw: RawFd, mode: FallocateFlags, offset: u64, len: u64) -> io::Result<()> {
+    retry(|| nix::fcntl::fallocate(raw, mode, offset as libc::off_t, len as libc::off_t))
 }
 
-impl IoBackend for SyncBackend {
-    fn submit(&mut self, ops: &mut [IoOp<'_>]) -> io::Result<()> {
-        ops.iter_mut().try_for_each(run_op_sync)
+pub(crate) fn ftruncate(raw: RawFd, len: u64) -> io::Result<()> {
+    retry(|| nix::unistd::ftruncate(fd(raw), len as libc::off_t))
+}
+
+pub(crate) const PUNCH: FallocateFlags = FallocateFlags::FALLOC_FL_PUNCH_HOLE.union(FallocateFlags::FALLOC_FL_KEEP_SIZE);
+
+impl Io for SyncIo {
+    async fn read_at(&self, raw: RawFd, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if is_aligned(buf, MEM_ALIGN) {
+            return pread_full(raw, buf, offset);
+        }
+        // O_DIRECT refuses unaligned memory: bounce.
+        let mut bounce = AlignedBuf::zeroed(buf.len());
+        pread_full(raw, &mut bounce, offset)?;
+        buf.copy_from_slice(&bounce);
+        Ok(())
     }
-    fn sync_data(&mut self, fd: RawFd) -> io::Result<()> {
-        fdatasync(fd)
+
+    async fn write_at(&self, raw: RawFd, buf: &[u8], offset: u64) -> io::Result<()> {
+        if is_aligned(buf, MEM_ALIGN) {
+            pwrite_full(raw, buf, offset)
+        } else {
+            pwrite_full(raw, &AlignedBuf::from_slice(buf), offset)
+        }
     }
-    fn name(&self) -> &'static str {
-        "sync"
+
+    async fn sync_data(&self, raw: RawFd) -> io::Result<()> {
+        retry(|| nix::unistd::fdatasync(raw))
+    }
+
+    async fn allocate(&self, raw: RawFd, offset: u64, len: u64) -> io::Result<()> {
+        fallocate(raw, FallocateFlags::empty(), offset, len)
+    }
+
+    async fn punch_hole(&self, raw: RawFd, offset: u64, len: u64) -> io::Result<()> {
+        fallocate(raw, PUNCH, offset, len)
+    }
+
+    async fn set_len(&self, raw: RawFd, len: u64) -> io::Result<()> {
+        ftruncate(raw, len)
     }
 }

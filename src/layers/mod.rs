@@ -8,9 +8,9 @@ pub mod raw;
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::io::{open_image_file, AlignedBuf, Direct, ImageFile, IoBackend, IoOp, SyncBackend};
+use crate::io::{open_image_file, AlignedBuf, Direct, ImageFile, Io};
 
-pub use ploop::{OpenReport, PloopLayer};
+pub use ploop::{MetaError, OpenReport, PloopLayer};
 pub use raw::RawLayer;
 
 /// The formats a layer file can have.
@@ -21,6 +21,7 @@ pub enum Format {
     Raw,
 }
 
+#[allow(clippy::large_enum_variant)] // Layers live behind an Arc, one per file.
 pub enum Layer {
     Ploop(PloopLayer),
     Raw(RawLayer),
@@ -37,12 +38,10 @@ const FOREIGN_MAGICS: &[(&[u8], &str)] = &[
 ];
 
 /// Detect the format of an image by its first bytes.
-pub fn detect_format(path: &Path) -> Result<Format> {
+pub async fn detect_format<I: Io>(io: &I, path: &Path) -> Result<Format> {
     let file = open_image_file(path, false, Direct::Off)?;
     let mut head = AlignedBuf::zeroed(4096);
-    SyncBackend::new()
-        .submit(&mut [IoOp::read(file.fd(), 0, &mut head)])
-        .map_err(|e| Error::io(e, path.display()))?;
+    io.read_at(file.fd(), &mut head, 0).await.map_err(|e| Error::io(e, path.display()))?;
     if header::has_magic(&head) {
         return Ok(Format::Ploop);
     }
@@ -67,14 +66,26 @@ pub fn detect_format(path: &Path) -> Result<Format> {
     Ok(Format::Raw)
 }
 
+/// True when `path` is a ploop image whose in-use mark is set (its last
+/// writer did not close it).
+pub async fn marked_in_use<I: Io>(io: &I, path: &Path) -> Result<bool> {
+    if detect_format(io, path).await? != Format::Ploop {
+        return Ok(false);
+    }
+    let file = open_image_file(path, false, Direct::Off)?;
+    let name = path.display().to_string();
+    let read = ploop::load::read_header(io, file.fd(), &name).await.map_err(|e| e.context(&name))?;
+    Ok(read.header.in_use == header::IN_USE)
+}
+
 impl Layer {
     /// Open a layer file, detecting its format.
-    pub fn open(path: &Path, writable: bool, direct: Direct) -> Result<(Layer, OpenReport)> {
-        let format = detect_format(path)?;
+    pub async fn open<I: Io>(io: &I, path: &Path, writable: bool, direct: Direct) -> Result<(Layer, OpenReport)> {
+        let format = detect_format(io, path).await?;
         let file = open_image_file(path, writable, direct)?;
         lock(&file, writable)?;
         match format {
-            Format::Ploop => PloopLayer::open(file, direct).map(|(l, r)| (Layer::Ploop(l), r)),
+            Format::Ploop => PloopLayer::open(io, file, direct).await.map(|(l, r)| (Layer::Ploop(l), r)),
             Format::Raw => {
                 let layer = RawLayer::open(file)?;
                 if layer.size() % 512 != 0 {
@@ -122,31 +133,82 @@ impl Layer {
     /// Turn the writable top into a read-only lower layer, keeping its open
     /// descriptor: the exclusive lock becomes a shared one. Call after
     /// `close`, which left the image consistent and marked clean.
-    pub fn demote(&mut self) -> Result<()> {
-        let file = match self {
-            Layer::Ploop(l) => l.file_mut(),
-            Layer::Raw(l) => l.file_mut(),
-        };
-        if file.writable {
-            lock(file, false)?;
-            file.writable = false;
+    pub fn demote(&self) -> Result<()> {
+        if self.file().writable {
+            lock(self.file(), false)?;
         }
         Ok(())
     }
 
-    pub fn flush(&self, io: &mut dyn IoBackend) -> Result<()> {
+    /// Reserve a fresh cluster at the end of the file (a top layer that
+    /// does not hold every cluster: a ploop image).
+    pub async fn reserve_cluster<I: Io>(&self, io: &I) -> Result<u64> {
         match self {
-            Layer::Ploop(l) => l.flush(io).map_err(|e| e.error),
+            Layer::Ploop(l) => l.reserve_cluster(io).await,
+            Layer::Raw(l) => Err(Error::unsupported(format!("{}: a raw layer allocates nothing", l.file().path.display()))),
+        }
+    }
+    /// Point cluster `c` at `offset` (see `PloopLayer::link`); returns the
+    /// generation of the change.
+    pub fn link(&self, c: u64, offset: u64) -> u64 {
+        match self {
+            Layer::Ploop(l) => l.link(c, offset),
+            Layer::Raw(_) => 0,
+        }
+    }
+    /// Where a request's window of metadata generations starts (see
+    /// `PloopLayer::first_unwritten`); None when the layer keeps none.
+    pub fn window_start(&self) -> Option<u64> {
+        match self {
+            Layer::Ploop(l) => Some(l.first_unwritten()),
+            Layer::Raw(_) => None,
+        }
+    }
+    pub fn published(&self) -> u64 {
+        match self {
+            Layer::Ploop(l) => l.published(),
+            Layer::Raw(_) => 0,
+        }
+    }
+    /// Write the metadata generations `lo..=hi` (see `PloopLayer::write_metadata`).
+    pub async fn write_metadata<I: Io>(&self, io: &I, lo: u64, hi: u64) -> std::result::Result<(), MetaError> {
+        match self {
+            Layer::Ploop(l) => l.write_metadata(io, lo, hi).await,
+            Layer::Raw(_) => Ok(()),
+        }
+    }
+    /// Make the writes to the file completed so far durable (shared with
+    /// concurrent callers where the format keeps a sync group).
+    pub async fn sync_data<I: Io>(&self, io: &I) -> std::io::Result<()> {
+        match self {
+            Layer::Ploop(l) => l.sync_data(io).await,
+            Layer::Raw(l) => io.sync_data(l.file().fd()).await,
+        }
+    }
+    /// Make acknowledged writes durable.
+    pub async fn sync<I: Io>(&self, io: &I) -> Result<()> {
+        match self {
+            Layer::Ploop(l) => l.flush(io).await,
             Layer::Raw(l) if l.file().writable => {
-                io.sync_data(l.file().fd()).map_err(|e| Error::io(e, l.file().path.display()))
+                io.sync_data(l.file().fd()).await.map_err(|e| Error::io(e, l.file().path.display()))
             }
             Layer::Raw(_) => Ok(()),
         }
     }
-    pub fn close(&self, io: &mut dyn IoBackend) -> Result<()> {
+    /// Leave the image consistent and (ploop) marked clean. No request may
+    /// be in flight.
+    pub async fn close<I: Io>(&self, io: &I) -> Result<()> {
         match self {
-            Layer::Ploop(l) => l.close(io),
-            Layer::Raw(_) => self.flush(io),
+            Layer::Ploop(l) => l.close(io).await,
+            Layer::Raw(_) => self.sync(io).await,
+        }
+    }
+    /// Mark a writable image in use again after a `close` (a snapshot that
+    /// failed after closing the old top).
+    pub async fn reopen_in_use<I: Io>(&self, io: &I) -> Result<()> {
+        match self {
+            Layer::Ploop(l) => l.reopen_in_use(io).await,
+            Layer::Raw(_) => Ok(()),
         }
     }
 }

@@ -17,9 +17,6 @@ impl RawLayer {
     pub fn file(&self) -> &ImageFile {
         &self.file
     }
-    pub(crate) fn file_mut(&mut self) -> &mut ImageFile {
-        &mut self.file
-    }
     pub fn size(&self) -> u64 {
         self.len
     }

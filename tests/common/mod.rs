@@ -530,41 +530,185 @@ impl ImageSpec {
 // ---------------------------------------------------------------------------
 // The engine as a library.
 
-pub use ublk_ploop::io::{Direct, IoBackend, SyncBackend, UringBackend};
+pub use ublk_ploop::io::{block_on, Direct, Io, OwnRing, RingIo, SyncIo};
 pub use ublk_ploop::{Stack, StackOptions};
 
 pub fn open_stack<P: AsRef<Path>>(paths: &[P], read_only: bool) -> Stack {
     let paths: Vec<PathBuf> = paths.iter().map(|p| p.as_ref().to_path_buf()).collect();
-    let (stack, _) = retry_busy(|| Stack::open(&paths, &StackOptions { read_only, direct: Direct::Auto }))
+    let (stack, _) = retry_busy(|| block_on(Stack::open(&SyncIo, &paths, &StackOptions { read_only, direct: Direct::Auto })))
         .unwrap_or_else(|e| panic!("opening {paths:?}: {e}"));
     stack
 }
 
-/// The io_uring backend; failing loudly if the kernel refuses io_uring.
-pub fn uring() -> UringBackend {
-    UringBackend::new(64).unwrap_or_else(|e| panic!("io_uring is not available here ({e}); the uring tests need it"))
+/// Either I/O implementation, for tests that run against both: the
+/// syscalls, or the ring (the code the daemon runs on its queues).
+#[allow(clippy::large_enum_variant)]
+pub enum AnyIo {
+    Sync(SyncIo),
+    Uring(RingIo<OwnRing>),
 }
 
-/// The two backends by name, for tests that run against both.
-pub fn backend(name: &str) -> Box<dyn IoBackend> {
-    match name {
-        "sync" => Box::new(SyncBackend::new()),
-        "uring" => Box::new(uring()),
-        _ => unreachable!(),
+impl AnyIo {
+    pub fn new(name: &str) -> AnyIo {
+        match name {
+            "sync" => AnyIo::Sync(SyncIo),
+            "uring" => AnyIo::Uring(RingIo::new(
+                OwnRing::new(64).unwrap_or_else(|e| panic!("io_uring is not available here ({e}); the uring tests need it")),
+            )),
+            _ => unreachable!(),
+        }
+    }
+    pub fn name(&self) -> &'static str {
+        match self {
+            AnyIo::Sync(_) => "sync",
+            AnyIo::Uring(_) => "uring",
+        }
+    }
+    /// Run an engine future that uses this I/O to completion.
+    pub fn run<F: std::future::Future>(&self, f: F) -> F::Output {
+        match self {
+            AnyIo::Sync(_) => block_on(f),
+            AnyIo::Uring(r) => r.ring().block_on(f),
+        }
+    }
+}
+
+impl Io for AnyIo {
+    async fn read_at(&self, fd: i32, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        match self {
+            AnyIo::Sync(i) => i.read_at(fd, buf, offset).await,
+            AnyIo::Uring(i) => i.read_at(fd, buf, offset).await,
+        }
+    }
+    async fn write_at(&self, fd: i32, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        match self {
+            AnyIo::Sync(i) => i.write_at(fd, buf, offset).await,
+            AnyIo::Uring(i) => i.write_at(fd, buf, offset).await,
+        }
+    }
+    async fn sync_data(&self, fd: i32) -> std::io::Result<()> {
+        match self {
+            AnyIo::Sync(i) => i.sync_data(fd).await,
+            AnyIo::Uring(i) => i.sync_data(fd).await,
+        }
+    }
+    async fn allocate(&self, fd: i32, offset: u64, len: u64) -> std::io::Result<()> {
+        match self {
+            AnyIo::Sync(i) => i.allocate(fd, offset, len).await,
+            AnyIo::Uring(i) => i.allocate(fd, offset, len).await,
+        }
+    }
+    async fn punch_hole(&self, fd: i32, offset: u64, len: u64) -> std::io::Result<()> {
+        match self {
+            AnyIo::Sync(i) => i.punch_hole(fd, offset, len).await,
+            AnyIo::Uring(i) => i.punch_hole(fd, offset, len).await,
+        }
+    }
+    async fn set_len(&self, fd: i32, len: u64) -> std::io::Result<()> {
+        match self {
+            AnyIo::Sync(i) => i.set_len(fd, len).await,
+            AnyIo::Uring(i) => i.set_len(fd, len).await,
+        }
     }
 }
 
 /// Read the whole disk through the library, in `chunk`-byte requests.
-pub fn read_disk(stack: &Stack, io: &mut dyn IoBackend, chunk: usize) -> Vec<u8> {
+pub fn read_disk(stack: &Stack, io: &AnyIo, chunk: usize) -> Vec<u8> {
     let size = stack.size() as usize;
     let mut out = vec![0u8; size];
     let mut at = 0;
     while at < size {
         let n = chunk.min(size - at);
-        stack.read(io, at as u64, &mut out[at..at + n]).unwrap_or_else(|e| panic!("reading {at}+{n}: {e}"));
+        io.run(stack.read(io, at as u64, &mut out[at..at + n])).unwrap_or_else(|e| panic!("reading {at}+{n}: {e}"));
         at += n;
     }
     out
+}
+
+// ---------------------------------------------------------------------------
+// Fault injection under the engine.
+
+/// When to fail. Counters are over the whole life of the I/O object.
+#[derive(Clone, Debug, Default)]
+pub struct FaultPlan {
+    /// Fail the write with this index (0-based), and every one after it
+    /// when `sticky`.
+    pub fail_write_at: Option<u64>,
+    /// Fail the read with this index (0-based).
+    pub fail_read_at: Option<u64>,
+    /// Fail every sync_data call.
+    pub fail_sync: bool,
+    /// Keep failing once the first fault fired (a dead disk).
+    pub sticky: bool,
+    /// errno to report (EIO when 0).
+    pub errno: i32,
+}
+
+/// I/O that fails on purpose, to prove the engine reports errors instead
+/// of acknowledging data it did not store.
+pub struct FaultIo<I: Io> {
+    pub inner: I,
+    plan: FaultPlan,
+    reads: std::cell::Cell<u64>,
+    writes: std::cell::Cell<u64>,
+    tripped: std::cell::Cell<bool>,
+}
+
+impl<I: Io> FaultIo<I> {
+    pub fn new(inner: I, plan: FaultPlan) -> Self {
+        FaultIo { inner, plan, reads: Default::default(), writes: Default::default(), tripped: Default::default() }
+    }
+    fn error(&self) -> std::io::Error {
+        self.tripped.set(true);
+        std::io::Error::from_raw_os_error(if self.plan.errno == 0 { libc::EIO } else { self.plan.errno })
+    }
+    fn dead(&self) -> bool {
+        self.tripped.get() && self.plan.sticky
+    }
+    fn count(counter: &std::cell::Cell<u64>) -> u64 {
+        let n = counter.get();
+        counter.set(n + 1);
+        n
+    }
+}
+
+impl<I: Io> Io for FaultIo<I> {
+    async fn read_at(&self, fd: i32, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        if self.dead() || self.plan.fail_read_at == Some(Self::count(&self.reads)) {
+            return Err(self.error());
+        }
+        self.inner.read_at(fd, buf, offset).await
+    }
+    async fn write_at(&self, fd: i32, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        if self.dead() || self.plan.fail_write_at == Some(Self::count(&self.writes)) {
+            return Err(self.error());
+        }
+        self.inner.write_at(fd, buf, offset).await
+    }
+    async fn sync_data(&self, fd: i32) -> std::io::Result<()> {
+        if self.dead() || self.plan.fail_sync {
+            return Err(self.error());
+        }
+        self.inner.sync_data(fd).await
+    }
+    async fn allocate(&self, fd: i32, offset: u64, len: u64) -> std::io::Result<()> {
+        if self.dead() {
+            return Err(self.error());
+        }
+        self.inner.allocate(fd, offset, len).await
+    }
+    async fn punch_hole(&self, fd: i32, offset: u64, len: u64) -> std::io::Result<()> {
+        if self.dead() {
+            return Err(self.error());
+        }
+        self.inner.punch_hole(fd, offset, len).await
+    }
+    async fn set_len(&self, fd: i32, len: u64) -> std::io::Result<()> {
+        if self.dead() {
+            return Err(self.error());
+        }
+        self.inner.set_len(fd, len).await
+    }
 }
 
 /// `len` bytes of a recognisable pattern seeded by `seed`.

@@ -1,0 +1,148 @@
+//! [`Io`] as io_uring operations on a ring the caller owns: the ublk
+//! queue's ring in the daemon, [`super::OwnRing`] in the benchmark and the
+//! tools. This is the one piece of code that moves image data on a ring:
+//! it retries short transfers and EAGAIN, zero-fills reads past EOF and
+//! bounces unaligned memory, whoever owns the ring.
+
+use std::future::Future;
+use std::io;
+use std::os::fd::RawFd;
+
+use io_uring::{opcode, squeue, types};
+
+use super::aligned::{is_aligned, AlignedBuf, MEM_ALIGN};
+use super::sync::{ftruncate, PUNCH};
+use super::Io;
+
+/// A ring that takes one SQE and completes it: the SQE is queued when
+/// `submit` is called (the owner enters the kernel with a batch later), and
+/// the future yields the CQE's result (bytes moved, or -errno).
+pub trait Submit {
+    fn submit(&self, sqe: squeue::Entry) -> impl Future<Output = i32>;
+}
+
+impl<S: Submit + ?Sized> Submit for &S {
+    fn submit(&self, sqe: squeue::Entry) -> impl Future<Output = i32> {
+        (**self).submit(sqe)
+    }
+}
+
+/// The engine's I/O as SQEs on `S`.
+pub struct RingIo<S> {
+    ring: S,
+}
+
+impl<S: Submit> RingIo<S> {
+    pub fn new(ring: S) -> Self {
+        RingIo { ring }
+    }
+    pub fn ring(&self) -> &S {
+        &self.ring
+    }
+
+    /// One SQE, awaited; EINTR and EAGAIN are retried.
+    async fn op(&self, build: impl Fn() -> squeue::Entry) -> io::Result<u32> {
+        loop {
+            let guard = InFlight;
+            let res = self.ring.submit(build()).await;
+            guard.done();
+            match res {
+                r if r == -libc::EAGAIN || r == -libc::EINTR => continue,
+                r if r < 0 => return Err(io::Error::from_raw_os_error(-r)),
+                r => return Ok(r as u32),
+            }
+        }
+    }
+
+    async fn read_aligned(&self, fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let rest = &mut buf[done..];
+            let (ptr, len) = (rest.as_mut_ptr(), rest.len() as u32);
+            let at = offset + done as u64;
+            let n = self.op(|| opcode::Read::new(types::Fd(fd), ptr, len).offset(at).build()).await? as usize;
+            if n == 0 {
+                // A regular file reads short only at EOF: the rest is a hole.
+                rest.fill(0);
+                return Ok(());
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    async fn write_aligned(&self, fd: RawFd, buf: &[u8], offset: u64) -> io::Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let rest = &buf[done..];
+            let (ptr, len) = (rest.as_ptr(), rest.len() as u32);
+            let at = offset + done as u64;
+            let n = self.op(|| opcode::Write::new(types::Fd(fd), ptr, len).offset(at).build()).await? as usize;
+            if n == 0 {
+                return Err(io::Error::new(io::ErrorKind::WriteZero, "short write"));
+            }
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+/// Armed while the kernel may still touch a buffer of ours. A future that
+/// is dropped before its CQE arrived would free memory the kernel writes
+/// into; the process dies instead of corrupting itself. The frontends never
+/// drop a request's future early (queues stop only between requests).
+struct InFlight;
+
+impl InFlight {
+    fn done(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        eprintln!("ublk-ploop: an io_uring operation was abandoned while in flight; aborting");
+        std::process::abort();
+    }
+}
+
+impl<S: Submit> Io for RingIo<S> {
+    async fn read_at(&self, fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if is_aligned(buf, MEM_ALIGN) {
+            return self.read_aligned(fd, buf, offset).await;
+        }
+        let mut bounce = AlignedBuf::zeroed(buf.len());
+        self.read_aligned(fd, &mut bounce, offset).await?;
+        buf.copy_from_slice(&bounce);
+        Ok(())
+    }
+
+    async fn write_at(&self, fd: RawFd, buf: &[u8], offset: u64) -> io::Result<()> {
+        if is_aligned(buf, MEM_ALIGN) {
+            self.write_aligned(fd, buf, offset).await
+        } else {
+            self.write_aligned(fd, &AlignedBuf::from_slice(buf), offset).await
+        }
+    }
+
+    async fn sync_data(&self, fd: RawFd) -> io::Result<()> {
+        self.op(|| opcode::Fsync::new(types::Fd(fd)).flags(types::FsyncFlags::DATASYNC).build()).await.map(drop)
+    }
+
+    async fn allocate(&self, fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
+        self.op(|| opcode::Fallocate::new(types::Fd(fd), len).offset(offset).mode(0).build()).await.map(drop)
+    }
+
+    async fn punch_hole(&self, fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
+        self.op(|| opcode::Fallocate::new(types::Fd(fd), len).offset(offset).mode(PUNCH.bits()).build()).await.map(drop)
+    }
+
+    async fn set_len(&self, fd: RawFd, len: u64) -> io::Result<()> {
+        match self.op(|| opcode::Ftruncate::new(types::Fd(fd), len).build()).await {
+            // Kernels before 6.9 have no ftruncate on the ring; it is rare
+            // (closing, trimming after a crash), so the syscall will do.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => ftruncate(fd, len),
+            other => other.map(drop),
+        }
+    }
+}

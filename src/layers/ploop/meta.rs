@@ -1,0 +1,191 @@
+//! BAT changes and their crash-safe write-back: linking an entry in memory,
+//! group-committing the chunk writes that carry it (one write in flight per
+//! image, the requests that finish meanwhile share the next one), and
+//! rolling entries back when such a write fails.
+
+use std::future::poll_fn;
+use std::sync::atomic::Ordering;
+use std::task::Poll;
+
+use crate::error::{Error, Result};
+use crate::io::{join_all, AlignedBuf, Io};
+use crate::layers::header::HEADER_SIZE;
+
+use super::PloopLayer;
+
+/// A failed header/BAT write, with the clusters whose new entries were
+/// rolled back because of it (the stack re-resolves them).
+#[derive(Debug)]
+pub struct MetaError {
+    pub error: Error,
+    pub rolled_back: Vec<u64>,
+}
+
+impl From<Error> for MetaError {
+    fn from(error: Error) -> Self {
+        MetaError { error, rolled_back: vec![] }
+    }
+}
+
+impl PloopLayer {
+    /// Point virtual cluster `c` at `offset`, in memory (so I/O uses it at
+    /// once), and queue the BAT entry; returns its generation. The entry
+    /// reaches the disk with `write_metadata`, which the request that
+    /// needed it waits for before it completes, so a killed daemon loses
+    /// nothing it acknowledged. Concurrent allocations share chunk writes.
+    /// The caller guarantees the cluster already holds the disk's current
+    /// bytes durably (fresh zeros in grown-ahead space, or a synced
+    /// copy-up), so the entry may reach the disk at any moment without
+    /// exposing wrong data after a power loss.
+    pub fn link(&self, c: u64, offset: u64) -> u64 {
+        let value = (offset / self.bat_unit) as u32;
+        let at = HEADER_SIZE + 4 * c as usize;
+        let mut meta = self.meta.lock().unwrap();
+        let previous = self.bat[c as usize].swap(value, Ordering::AcqRel);
+        meta.disk[at..at + 4].copy_from_slice(&value.to_le_bytes());
+        meta.dirty.insert(at / self.file.block_size as usize);
+        meta.published += 1;
+        let generation = meta.published;
+        meta.pending.push((generation, c, previous));
+        generation
+    }
+
+    /// The oldest generation that may still be unwritten: a request reads
+    /// this before it looks at the BAT, so every entry it can find that is
+    /// not yet on disk has a generation at or above it.
+    pub fn first_unwritten(&self) -> u64 {
+        self.meta.lock().unwrap().written + 1
+    }
+
+    /// The newest linked generation.
+    pub fn published(&self) -> u64 {
+        self.meta.lock().unwrap().published
+    }
+
+    /// Make sure every entry linked in generations `lo..=hi` (the window a
+    /// request may depend on) is written, not synced. A request that finds
+    /// a write in flight waits for it and then, if its generations are still
+    /// unwritten, writes whatever is pending: requests that complete
+    /// together share the writes. If any of those generations was rolled
+    /// back after a failed write, the request fails: its data may sit in an
+    /// unlinked cluster.
+    pub async fn write_metadata<I: Io>(&self, io: &I, lo: u64, hi: u64) -> std::result::Result<(), MetaError> {
+        loop {
+            let must_write = poll_fn(|cx| {
+                let mut meta = self.meta.lock().unwrap();
+                if meta.failed.iter().any(|&(a, b)| a <= hi && lo <= b) {
+                    return Poll::Ready(Err(MetaError::from(Error::new(
+                        libc::EIO,
+                        format!("{}: writing the BAT failed", self.file.path.display()),
+                    ))));
+                }
+                if meta.written >= hi {
+                    return Poll::Ready(Ok(false));
+                }
+                if meta.writing {
+                    meta.write_waiters.register(cx);
+                    return Poll::Pending;
+                }
+                meta.writing = true;
+                Poll::Ready(Ok(true))
+            })
+            .await?;
+            if !must_write {
+                return Ok(());
+            }
+            // On success the next turn finds the window written.
+            self.write_round(io, false).await?;
+        }
+    }
+
+    /// Write every dirty chunk (and sync if asked), waiting for a write in
+    /// flight first.
+    pub(super) async fn write_all_meta<I: Io>(&self, io: &I, sync: bool) -> std::result::Result<(), MetaError> {
+        poll_fn(|cx| {
+            let mut meta = self.meta.lock().unwrap();
+            if meta.writing {
+                meta.write_waiters.register(cx);
+                return Poll::Pending;
+            }
+            meta.writing = true;
+            Poll::Ready(())
+        })
+        .await;
+        self.write_round(io, sync).await
+    }
+
+    /// One metadata write: the dirty chunks of header+BAT, then a sync if
+    /// asked. The caller set `writing`; this clears it and wakes the
+    /// waiters. On failure the entries it carried for the first time are
+    /// undone, in memory and in the on-disk image, and reported.
+    async fn write_round<I: Io>(&self, io: &I, sync: bool) -> std::result::Result<(), MetaError> {
+        let block = self.file.block_size as usize;
+        let (snapshot, chunks, bufs): (u64, Vec<usize>, Vec<AlignedBuf>) = {
+            let mut meta = self.meta.lock().unwrap();
+            let taken = std::mem::take(&mut meta.dirty);
+            let (chunks, bufs) =
+                taken.into_iter().map(|i| (i, AlignedBuf::from_slice(&meta.disk[i * block..(i + 1) * block]))).unzip();
+            (meta.published, chunks, bufs)
+        };
+        let fd = self.file.fd();
+        let writes = chunks.iter().zip(&bufs).map(|(&i, b)| io.write_at(fd, b, (i * block) as u64)).collect();
+        let mut result = join_all(writes).await.into_iter().collect::<std::io::Result<Vec<()>>>().map(drop);
+        if result.is_ok() && sync {
+            result = io.sync_data(fd).await;
+        }
+        let (outcome, woken) = {
+            let mut meta = self.meta.lock().unwrap();
+            let outcome = match result {
+                Ok(()) => {
+                    meta.written = meta.written.max(snapshot);
+                    meta.pending.retain(|&(g, _, _)| g > snapshot);
+                    Ok(())
+                }
+                Err(e) => {
+                    meta.dirty.extend(chunks);
+                    let mut rolled_back = vec![];
+                    let undo: Vec<(u64, u64, u32)> =
+                        meta.pending.iter().copied().filter(|&(g, _, _)| g <= snapshot).collect();
+                    for &(_, c, previous) in undo.iter().rev() {
+                        let at = HEADER_SIZE + 4 * c as usize;
+                        self.bat[c as usize].store(previous, Ordering::Release);
+                        meta.disk[at..at + 4].copy_from_slice(&previous.to_le_bytes());
+                        meta.dirty.insert(at / block);
+                        rolled_back.push(c);
+                    }
+                    meta.pending.retain(|&(g, _, _)| g > snapshot);
+                    if snapshot > meta.written {
+                        let range = (meta.written + 1, snapshot);
+                        meta.failed.push(range);
+                        meta.written = snapshot;
+                    }
+                    let error = Error::io(e, format_args!("{}: writing the BAT", self.file.path.display()));
+                    Err(MetaError { error, rolled_back })
+                }
+            };
+            meta.writing = false;
+            (outcome, meta.write_waiters.take())
+        };
+        drop(woken);
+        outcome
+    }
+
+    /// A flush: every acknowledged write has its data and its BAT entries
+    /// written already, so one fdatasync makes them all durable. Chunks
+    /// still dirty (entries of requests in flight, or entries rolled back
+    /// after a failed write, whose old values must replace whatever that
+    /// write left on disk) are written first, so that nothing a session
+    /// stopped showing can come back after a crash.
+    pub async fn flush<I: Io>(&self, io: &I) -> Result<()> {
+        if !self.meta.lock().unwrap().dirty.is_empty() {
+            self.write_all_meta(io, false).await.map_err(|e| e.error)?;
+        }
+        self.sync_data(io).await.map_err(|e| Error::io(e, format_args!("{}: flushing", self.file.path.display())))
+    }
+
+    /// Make the writes to the file completed so far durable, sharing the
+    /// fdatasync with other requests that need one at the same time.
+    pub async fn sync_data<I: Io>(&self, io: &I) -> std::io::Result<()> {
+        self.syncs.sync(io, self.file.fd()).await
+    }
+}

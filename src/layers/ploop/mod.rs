@@ -1,0 +1,275 @@
+//! A ploop v2 (or v1) expandable image opened as a layer: BAT lookups for
+//! the I/O path (`mod.rs`), cluster allocation at the end of the file
+//! (`alloc.rs`), and the crash-safe write-back of BAT changes (`meta.rs`),
+//! on a header and BAT read by the loader `check` shares (`load.rs`).
+//!
+//! Ordering rules (the crash-safety contract):
+//! - a BAT entry is written only when the cluster it points to already
+//!   holds the disk's current bytes durably: a fresh cluster (zeros, inside
+//!   a file size made durable when the file grew) or a copy-up that was
+//!   synced. So the entry may reach the disk at any moment after that.
+//! - the entry is written before the request that allocated it (or relied
+//!   on it) completes; writes that complete together share the chunk write
+//!   (`write_metadata`), so a daemon that is killed loses nothing it
+//!   acknowledged; a failed chunk write rolls back the entries it carried;
+//! - a flush is one data sync of the file: every acknowledged write's data
+//!   and BAT entries were written before it was acknowledged.
+
+mod alloc;
+pub mod load;
+mod meta;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
+
+use crate::error::{Error, Result};
+use crate::io::{open_image_file, wait::SyncGroup, wait::WaitList, Direct, ImageFile, Io};
+
+use super::bat::{self, BatScan};
+use super::header::{Header, CLOSED, FLAG_EMPTY, HEADER_SIZE, IN_USE};
+
+pub use meta::MetaError;
+
+pub struct PloopLayer {
+    file: ImageFile,
+    cluster: u64,
+    bat_unit: u64,
+    /// The entries of the clusters the disk covers (see `load::used_entries`).
+    bat: Box<[AtomicU32]>,
+    meta: Mutex<Meta>,
+    /// Data syncs of the file, group-committed (copy-ups, flushes).
+    syncs: SyncGroup,
+}
+
+/// The on-disk copy of header + BAT, the allocation cursor, and the state
+/// of the metadata writes and of the file's growth.
+struct Meta {
+    header: Header,
+    /// Header and BAT bytes exactly as they should be on disk, padded to a
+    /// whole number of I/O blocks.
+    disk: crate::io::AlignedBuf,
+    /// Indexes of `block_size` chunks of `disk` that differ from the file.
+    dirty: BTreeSet<usize>,
+    /// Byte offset of the next cluster to allocate.
+    next_free: u64,
+    /// End of the space grown ahead of `next_free` (durable file size).
+    prealloc_end: u64,
+    /// A request is growing the file; others that need space wait.
+    growing: bool,
+    grow_waiters: WaitList,
+    /// Generations of BAT changes: each `link` publishes one; every
+    /// generation up to `written` is either on disk or was rolled back, and
+    /// `failed` lists the (inclusive) ranges that were rolled back.
+    published: u64,
+    written: u64,
+    failed: Vec<(u64, u64)>,
+    /// Linked entries not yet written: (generation, cluster, previous value).
+    pending: Vec<(u64, u64, u32)>,
+    /// A metadata write is in flight (one at a time, so an older copy of a
+    /// chunk can never land after a newer one); others wait for it.
+    writing: bool,
+    write_waiters: WaitList,
+}
+
+/// What opening found out that a caller may want to report.
+#[derive(Debug, Default, Clone)]
+pub struct OpenReport {
+    /// The in-use mark was set: the last writer did not close cleanly.
+    pub was_in_use: bool,
+    /// Bytes of unreferenced clusters cut from the end of the file.
+    pub trimmed_leak: u64,
+}
+
+impl PloopLayer {
+    /// Open an image. Damage to the BAT is refused (with a pointer to
+    /// `check --repair`); an unclean previous close is tolerated, its
+    /// leaked tail trimmed when writable.
+    pub async fn open<I: Io>(io: &I, mut file: ImageFile, direct: Direct) -> Result<(PloopLayer, OpenReport)> {
+        let path = file.path.display().to_string();
+        let read = load::read_header(io, file.fd(), &path).await.map_err(|e| e.context(&path))?;
+        let (mut header, file_len) = (read.header, read.file_len);
+        if file_len < header.bat_end() {
+            return Err(Error::corrupt(format!("{path}: file is truncated: {file_len} bytes, BAT ends at {}", header.bat_end())));
+        }
+        let cluster = header.cluster_bytes();
+        if file.direct && (cluster % file.block_size as u64 != 0 || header.data_off_bytes() % file.block_size as u64 != 0) {
+            // O_DIRECT could not address these clusters; fall back or refuse.
+            if direct == Direct::On {
+                return Err(Error::invalid(format!(
+                    "{path}: clusters are not aligned to the filesystem's O_DIRECT block of {} bytes",
+                    file.block_size
+                )));
+            }
+            tracing::warn!(path, "image clusters not aligned for O_DIRECT; using buffered I/O");
+            // The lock belongs to the descriptor: drop the old one first
+            // (flock would conflict with ourselves), then lock the new one.
+            let (p, writable) = (file.path.clone(), file.writable);
+            drop(file);
+            file = open_image_file(&p, writable, Direct::Off)?;
+            super::lock(&file, writable)?;
+        }
+        let block = file.block_size as u64;
+        let load::BatRead { meta: mut disk, values } = load::read_bat(io, file.fd(), &header, block, &path).await?;
+
+        if ![0, IN_USE, CLOSED].contains(&header.in_use) {
+            // As `check` reports it: the format allows no other value.
+            return Err(Error::corrupt(format!(
+                "{path}: unknown in-use mark {:#x}; run `ublk-ploop check --repair {path}`",
+                header.in_use
+            )));
+        }
+        let mut report = OpenReport { was_in_use: header.in_use == IN_USE, ..Default::default() };
+        let mut dirty = BTreeSet::new();
+        if header.ext_off_sectors != 0 && file.writable {
+            return Err(Error::unsupported(format!(
+                "{path}: image carries a format extension (e.g. dirty bitmaps) that would go stale; open it read-only"
+            )));
+        }
+        if header.flags & FLAG_EMPTY != 0 && file.writable {
+            // "Nothing written yet" stops being true with our first write.
+            // The BAT stays authoritative, as qemu and check treat it.
+            header.flags &= !FLAG_EMPTY;
+        }
+        let scan: BatScan = bat::scan(&header, &values, file_len);
+        if let Some(first_bad) = scan.bad.first() {
+            return Err(Error::corrupt(format!(
+                "{path}: {} damaged BAT entries (entry {} {}); run `ublk-ploop check --repair {path}`",
+                scan.bad.len(),
+                first_bad.index,
+                first_bad.problem
+            )));
+        }
+        let data_off = header.data_off_bytes();
+        // Allocate past everything in the file, referenced or not: a leaked
+        // cluster may hold garbage that a partial write must not expose.
+        let mut next_free = data_off + file_len.saturating_sub(data_off).div_ceil(cluster) * cluster;
+        if file.writable {
+            if report.was_in_use {
+                tracing::warn!(path, "image was not closed cleanly (in-use mark set); BAT checked, no damage");
+            }
+            if file_len > scan.high_water {
+                // Unreferenced tail: a crash between allocation and flush,
+                // or another tool's preallocation. Safe to give back.
+                io.set_len(file.fd(), scan.high_water).await.map_err(|e| Error::io(e, &path))?;
+                report.trimmed_leak = file_len - scan.high_water;
+                next_free = scan.high_water;
+            }
+            header.in_use = IN_USE;
+            disk[..HEADER_SIZE].copy_from_slice(&header.to_bytes());
+            dirty.insert(0);
+        }
+        let mut bat: Vec<AtomicU32> = Vec::new();
+        bat.try_reserve_exact(values.len()).map_err(|_| Error::too_large(&path, 4 * values.len() as u64))?;
+        bat.extend(values.into_iter().map(AtomicU32::new));
+        let layer = PloopLayer {
+            cluster,
+            bat_unit: header.bat_unit(),
+            bat: bat.into_boxed_slice(),
+            meta: Mutex::new(Meta {
+                header,
+                disk,
+                dirty,
+                next_free,
+                prealloc_end: next_free,
+                growing: false,
+                grow_waiters: WaitList::default(),
+                published: 0,
+                written: 0,
+                failed: vec![],
+                pending: vec![],
+                writing: false,
+                write_waiters: WaitList::default(),
+            }),
+            syncs: SyncGroup::default(),
+            file,
+        };
+        if layer.file.writable {
+            // The in-use mark must be on disk before any data changes.
+            layer.write_all_meta(io, true).await.map_err(|e| e.error)?;
+        }
+        Ok((layer, report))
+    }
+
+    /// Create a new, empty image file (fails if `path` exists).
+    pub async fn create<I: Io>(io: &I, path: &Path, size: u64, cluster: u64) -> Result<Header> {
+        use std::os::fd::AsRawFd;
+        let header = Header::new(size, cluster)?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| Error::io(e, path.display()))?;
+        let mut meta = vec![0u8; header.data_off_bytes() as usize];
+        meta[..HEADER_SIZE].copy_from_slice(&header.to_bytes());
+        let fd = file.as_raw_fd();
+        let mut result = io.write_at(fd, &meta, 0).await;
+        if result.is_ok() {
+            result = io.sync_data(fd).await;
+        }
+        if let Err(e) = result {
+            let _ = std::fs::remove_file(path);
+            return Err(Error::io(e, path.display()));
+        }
+        Ok(header)
+    }
+
+    pub fn file(&self) -> &ImageFile {
+        &self.file
+    }
+    pub fn cluster_size(&self) -> u64 {
+        self.cluster
+    }
+    pub fn size(&self) -> u64 {
+        self.meta.lock().unwrap().header.size_bytes()
+    }
+    pub fn header(&self) -> Header {
+        self.meta.lock().unwrap().header.clone()
+    }
+
+    /// File offset of virtual cluster `c`, if allocated here.
+    #[inline]
+    pub fn lookup(&self, c: u64) -> Option<u64> {
+        match self.bat.get(c as usize)?.load(Ordering::Acquire) {
+            0 => None,
+            v => Some(v as u64 * self.bat_unit),
+        }
+    }
+
+    /// Flush and clear the in-use mark: the image is consistent on disk.
+    /// The caller guarantees that no request is in flight.
+    pub async fn close<I: Io>(&self, io: &I) -> Result<()> {
+        if !self.file.writable {
+            return Ok(());
+        }
+        self.write_all_meta(io, false).await.map_err(|e| e.error)?;
+        let path = self.file.path.display();
+        io.sync_data(self.file.fd()).await.map_err(|e| Error::io(e, format_args!("{path}: flushing")))?;
+        // Give back the space grown ahead; the file ends at its last cluster.
+        let end = self.meta.lock().unwrap().next_free;
+        io.set_len(self.file.fd(), end).await.map_err(|e| Error::io(e, &path))?;
+        self.meta.lock().unwrap().prealloc_end = end;
+        self.set_in_use(io, CLOSED).await
+    }
+
+    /// Set the in-use mark again on a top that stays writable after a
+    /// `close` (a snapshot that failed half way). Even if this write fails,
+    /// the mark is in the pending header, so every later header write
+    /// carries it.
+    pub async fn reopen_in_use<I: Io>(&self, io: &I) -> Result<()> {
+        self.set_in_use(io, IN_USE).await
+    }
+
+    async fn set_in_use<I: Io>(&self, io: &I, mark: u32) -> Result<()> {
+        {
+            let mut meta = self.meta.lock().unwrap();
+            meta.header.in_use = mark;
+            let bytes = meta.header.to_bytes();
+            meta.disk[..HEADER_SIZE].copy_from_slice(&bytes);
+            meta.dirty.insert(0);
+        }
+        self.write_all_meta(io, true).await.map_err(|e| e.error)
+    }
+}
