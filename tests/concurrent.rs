@@ -1,0 +1,288 @@
+//! Concurrent requests against the model: writers on several threads (some
+//! blocking on syscalls, some running several requests at once on a ring
+//! of their own, as ublk queues do) share every cluster of a stack whose
+//! lower layer is full, so first writes copy clusters up while others wait
+//! for them; meanwhile another thread takes snapshots (a new top swapped in
+//! under the I/O).
+//!
+//! Each writer owns a stripe of every cluster, so its model is exact
+//! whatever the interleaving: it verifies its own bytes as it goes, and
+//! the whole disk is verified at the end, after a clean reopen and after an
+//! unclean one, with `check` and `qemu-img check` on every layer.
+//! UBLK_PLOOP_CONCURRENT_SEEDS sets how many seeds run (default 48);
+//! UBLK_PLOOP_CONCURRENT_SEED=N reruns one.
+
+mod common;
+
+use std::cell::RefCell;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use common::{have_qemu, qemu_check_clean, TempDir};
+use ublk_ploop::io::{block_on, AlignedBuf, Direct, Io, OwnRing, SyncIo};
+use ublk_ploop::layers::PloopLayer;
+use ublk_ploop::{Stack, StackOptions};
+
+const BLOCK: u64 = 4096;
+/// Writers on syscall threads, and ring threads with several writers each.
+const SYNC_THREADS: usize = 2;
+const RING_THREADS: usize = 2;
+const TASKS_PER_RING: usize = 3;
+const OWNERS: usize = SYNC_THREADS + RING_THREADS * TASKS_PER_RING;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Bytes no other write produces: (tag, disk offset) in every word.
+fn pattern(tag: u64, off: u64, len: usize) -> AlignedBuf {
+    let mut b = AlignedBuf::zeroed(len);
+    for (i, w) in b.chunks_exact_mut(8).enumerate() {
+        w.copy_from_slice(&((tag << 40) ^ (off / 8 + i as u64)).to_le_bytes());
+    }
+    b
+}
+
+struct Geometry {
+    cluster: u64,
+    clusters: u64,
+    stripe: u64,
+}
+
+impl Geometry {
+    fn size(&self) -> u64 {
+        self.cluster * self.clusters
+    }
+    /// Disk offset of `owner`'s stripe in cluster `c`.
+    fn stripe_at(&self, owner: usize, c: u64) -> u64 {
+        c * self.cluster + owner as u64 * self.stripe
+    }
+}
+
+/// One writer: its stripe of every cluster, as the disk must show it.
+struct Owner {
+    id: usize,
+    rng: Rng,
+    stripes: Vec<Vec<u8>>,
+    ops: usize,
+}
+
+impl Owner {
+    /// One random operation on its own bytes, checked against its model.
+    async fn step<I: Io>(&mut self, stack: &Stack, io: &I, g: &Geometry, tag: u64) -> Result<(), String> {
+        let c = self.rng.below(g.clusters);
+        let blocks = g.stripe / BLOCK;
+        let first = self.rng.below(blocks);
+        let n = 1 + self.rng.below(blocks - first);
+        let within = first * BLOCK;
+        let len = (n * BLOCK) as usize;
+        let off = g.stripe_at(self.id, c) + within;
+        let model = &mut self.stripes[c as usize][within as usize..within as usize + len];
+        let ctx = format!("owner {} op {} (cluster {c}, {off}+{len})", self.id, self.ops);
+        self.ops += 1;
+        match self.rng.below(10) {
+            0..=4 => {
+                let data = pattern(tag, off, len);
+                stack.write(io, off, &data).await.map_err(|e| format!("{ctx}: write: {e}"))?;
+                model.copy_from_slice(&data);
+            }
+            5 => {
+                stack.write_zeroes(io, off, len).await.map_err(|e| format!("{ctx}: write_zeroes: {e}"))?;
+                model.fill(0);
+            }
+            6 => stack.flush(io).await.map_err(|e| format!("{ctx}: flush: {e}"))?,
+            _ => {
+                let mut got = AlignedBuf::zeroed(len);
+                stack.read(io, off, &mut got).await.map_err(|e| format!("{ctx}: read: {e}"))?;
+                if got[..] != model[..] {
+                    let at = got.iter().zip(model.iter()).position(|(a, b)| a != b).unwrap();
+                    return Err(format!("{ctx}: byte {} of the read differs from what this writer wrote", at));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The whole disk as the owners' models say it is.
+fn expected(g: &Geometry, owners: &[Owner]) -> Vec<u8> {
+    let mut disk = vec![0u8; g.size() as usize];
+    for o in owners {
+        for c in 0..g.clusters {
+            let at = g.stripe_at(o.id, c) as usize;
+            disk[at..at + g.stripe as usize].copy_from_slice(&o.stripes[c as usize]);
+        }
+    }
+    disk
+}
+
+fn verify(stack: &Stack, want: &[u8], ctx: &str) {
+    let mut got = AlignedBuf::zeroed(want.len());
+    block_on(stack.read(&SyncIo, 0, &mut got)).unwrap_or_else(|e| panic!("{ctx}: reading the disk: {e}"));
+    if got[..] != want[..] {
+        let at = got.iter().zip(want).position(|(a, b)| a != b).unwrap();
+        panic!("{ctx}: disk byte {at} differs from the model");
+    }
+}
+
+fn open(paths: &[PathBuf], read_only: bool) -> Stack {
+    block_on(Stack::open(&SyncIo, paths, &StackOptions { read_only, direct: Direct::Auto })).unwrap().0
+}
+
+fn run_seed(seed: u64) {
+    let mut rng = Rng(seed);
+    let cluster = [32u64 << 10, 64 << 10, 128 << 10][rng.below(3) as usize];
+    let g = Geometry { cluster, clusters: 8 + rng.below(24), stripe: cluster / OWNERS as u64 };
+    let ops_per_owner = 40 + rng.below(40) as usize;
+    let snapshots = 1 + rng.below(3) as usize;
+    let ctx = format!("seed {seed} (cluster {cluster}, {} clusters, {snapshots} snapshots)", g.clusters);
+    let dir = TempDir::new(&format!("concurrent-{seed}"));
+
+    // A full lower layer: every cluster holds data, so every first write
+    // to a cluster in the top copies it up.
+    let base = dir.join("base.img");
+    block_on(PloopLayer::create(&SyncIo, &base, g.size(), cluster)).unwrap();
+    let lower = pattern(0xBA5E, 0, g.size() as usize);
+    {
+        let s = open(std::slice::from_ref(&base), false);
+        block_on(s.write(&SyncIo, 0, &lower)).unwrap();
+        block_on(s.close(&SyncIo)).unwrap();
+    }
+    let base_bytes = std::fs::read(&base).unwrap();
+    let top = dir.join("top0.img");
+    block_on(PloopLayer::create(&SyncIo, &top, g.size(), cluster)).unwrap();
+    let stack = open(&[base.clone(), top], false);
+    assert!(stack.block_size() as u64 <= BLOCK, "{ctx}: O_DIRECT block {} too large for this test", stack.block_size());
+
+    let mut owners: Vec<Owner> = (0..OWNERS)
+        .map(|id| Owner {
+            id,
+            rng: Rng(seed.wrapping_mul(1000) + id as u64),
+            stripes: (0..g.clusters)
+                .map(|c| {
+                    let at = g.stripe_at(id, c) as usize;
+                    lower[at..at + g.stripe as usize].to_vec()
+                })
+                .collect(),
+            ops: 0,
+        })
+        .collect();
+
+    let done_ops = AtomicUsize::new(0);
+    let total_ops = OWNERS * ops_per_owner;
+    let finished = AtomicBool::new(false);
+    let errors = Mutex::new(Vec::<String>::new());
+    let mut owner_iter = owners.iter_mut();
+    std::thread::scope(|s| {
+        // Snapshots in the middle of the I/O.
+        s.spawn(|| {
+            for i in 0..snapshots {
+                let at = total_ops * (i + 1) / (snapshots + 1);
+                while done_ops.load(Ordering::Relaxed) < at && !finished.load(Ordering::Relaxed) {
+                    std::thread::yield_now();
+                }
+                let path = dir.join(&format!("top{}.img", i + 1));
+                if let Err(e) = block_on(stack.push_layer(&SyncIo, &path)) {
+                    errors.lock().unwrap().push(format!("snapshot {i}: {e}"));
+                }
+            }
+        });
+        let (stack, g, done_ops, errors) = (&stack, &g, &done_ops, &errors);
+        let mut workers = vec![];
+        for _ in 0..SYNC_THREADS {
+            let owner = owner_iter.next().unwrap();
+            workers.push(s.spawn(move || {
+                for i in 0..ops_per_owner {
+                    let tag = (owner.id as u64) << 16 | i as u64 + 1;
+                    if let Err(e) = block_on(owner.step(stack, &SyncIo, g, tag)) {
+                        errors.lock().unwrap().push(e);
+                        return;
+                    }
+                    done_ops.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+        for _ in 0..RING_THREADS {
+            let mine: Vec<&mut Owner> = (0..TASKS_PER_RING).map(|_| owner_iter.next().unwrap()).collect();
+            workers.push(s.spawn(move || {
+                let ring = OwnRing::new(64).expect("io_uring");
+                let io = ring.io();
+                let exe = async_executor::LocalExecutor::new();
+                let tasks: Vec<_> = mine
+                    .into_iter()
+                    .map(|owner| {
+                        let io = &io;
+                        exe.spawn(async move {
+                            let owner = RefCell::new(owner);
+                            for i in 0..ops_per_owner {
+                                let mut o = owner.borrow_mut();
+                                let tag = (o.id as u64) << 16 | i as u64 + 1;
+                                if let Err(e) = o.step(stack, io, g, tag).await {
+                                    errors.lock().unwrap().push(e);
+                                    return;
+                                }
+                                done_ops.fetch_add(1, Ordering::Relaxed);
+                            }
+                        })
+                    })
+                    .collect();
+                ring.run_tasks(&exe, || tasks.iter().all(|t| t.is_finished()));
+            }));
+        }
+        for w in workers {
+            w.join().unwrap();
+        }
+        finished.store(true, Ordering::Relaxed);
+    });
+    let errors = errors.into_inner().unwrap();
+    assert!(errors.is_empty(), "{ctx}: {}", errors.join("\n"));
+    assert_eq!(stack.depth(), 2 + snapshots, "{ctx}: not every snapshot was taken");
+    assert_eq!(std::fs::read(&base).unwrap(), base_bytes, "{ctx}: the base layer changed");
+
+    let want = expected(&g, &owners);
+    verify(&stack, &want, &format!("{ctx}, at the end"));
+    let paths = stack.paths();
+    if seed % 2 == 0 {
+        block_on(stack.close(&SyncIo)).unwrap();
+        drop(stack);
+    } else {
+        // The process dies: nothing acknowledged may be missing.
+        drop(stack);
+        let s = open(&paths, false);
+        verify(&s, &want, &format!("{ctx}, after an unclean reopen"));
+        block_on(s.close(&SyncIo)).unwrap();
+    }
+    let s = open(&paths, true);
+    verify(&s, &want, &format!("{ctx}, after close"));
+    drop(s);
+    for p in &paths {
+        let report = block_on(ublk_ploop::check::check(&SyncIo, p, false)).unwrap();
+        assert_eq!(report.exit_code(), 0, "{ctx}: check {}: {report:?}", p.display());
+        if have_qemu() {
+            qemu_check_clean(p);
+        }
+    }
+}
+
+#[test]
+fn concurrent_writers_and_snapshots_match_the_model() {
+    if let Some(seed) = std::env::var("UBLK_PLOOP_CONCURRENT_SEED").ok().and_then(|s| s.parse().ok()) {
+        run_seed(seed);
+        return;
+    }
+    let seeds: u64 = std::env::var("UBLK_PLOOP_CONCURRENT_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(48);
+    for seed in 1..=seeds {
+        run_seed(seed);
+    }
+}
