@@ -103,8 +103,15 @@ const ALLOC: &str = "alloc.hds";
 const QEMU_ALLOC: &str = "qemu-alloc.hds";
 const TOP: &str = "top.hds";
 const SWAP_BASE: &str = "swap-base.hds";
-/// Snapshots taken in the stall row.
-const SWAPS: usize = 40;
+/// Snapshots taken in each stall row. Steady: writes over a hot set of
+/// 64 clusters that each new top absorbs within a few tens of ms, snapshots
+/// 500 ms apart, so a snapshot meets ordinary writes in flight (as one every
+/// few minutes would in use). Storm: writes over the whole disk, snapshots
+/// 50 ms apart, so every snapshot meets 32 copy-ups of the previous one.
+const SWAPS: usize = 12;
+const SWAP_GAP_STEADY: Duration = Duration::from_millis(500);
+const SWAP_HOT_SET: u64 = 64 * MIB;
+const SWAP_GAP_STORM: Duration = Duration::from_millis(50);
 
 fn swap_top_name(i: usize) -> String {
     format!("swap-top-{i:02}.hds")
@@ -648,9 +655,10 @@ fn engine_alloc(cfg: &Cfg, secs: f64) -> Res<Run> {
 /// of 4k random writes into the top at `writer_qd`, whose first write to
 /// each cluster copies it up (1 MiB read, written, synced before the BAT
 /// entry). Both turns get a fresh top. Returns (alone, reads beside the
-/// writer, the writer).
-fn read_beside_copy_up(cfg: &Cfg, secs: Duration, writer_qd: usize) -> Res<(Run, Run, Run)> {
+/// writer, the writer, copy-ups per second).
+fn read_beside_copy_up(cfg: &Cfg, secs: Duration, writer_qd: usize) -> Res<(Run, Run, Run, f64)> {
     let top = cfg.path(TOP);
+    let copy_ups = std::cell::Cell::new(0u64);
     let turn = |with_writer: bool| -> Res<Vec<Run>> {
         let _ = fs::remove_file(&top);
         block_on(PloopLayer::create(&SyncIo, &top, cfg.size, CLUSTER)).map_err(|e| format!("creating top: {e}"))?;
@@ -675,6 +683,7 @@ fn read_beside_copy_up(cfg: &Cfg, secs: Duration, writer_qd: usize) -> Res<(Run,
             });
         }
         let runs = drive(&ring, jobs, secs)?;
+        copy_ups.set(copy_ups.get() + stack.copy_ups());
         block_on(stack.close(&SyncIo)).map_err(|e| format!("closing stack: {e}"))?;
         drop(stack);
         let _ = fs::remove_file(&top);
@@ -687,15 +696,49 @@ fn read_beside_copy_up(cfg: &Cfg, secs: Duration, writer_qd: usize) -> Res<(Run,
         beside.add(&r[0]);
         writer.add(&r[1]);
     }
-    Ok((alone, beside, writer))
+    let rate = copy_ups.get() as f64 / writer.secs.max(0.001);
+    Ok((alone, beside, writer, rate))
 }
 
-/// The stall of a stack change under load: 4k random writes at QD32 into
-/// the top of the full image while another thread pushes a new empty top
-/// `swaps` times (a snapshot each time). Returns the writes' run (with
-/// latencies) and each swap's stall: how long new requests were held
-/// (draining the ones in flight, then the swap itself).
-fn swap_stall(cfg: &Cfg, secs: Duration, swaps: usize) -> Res<(Run, Vec<Duration>)> {
+/// What the device itself does under the same load: fio's 4k random reads
+/// at QD16 on the raw file, alone and beside two fio jobs doing the I/O of
+/// `rate` copy-ups per second (a 1 MiB read, and a 1 MiB write followed by
+/// an fdatasync). Returns (alone, beside).
+fn fio_beside_copy_up(cfg: &Cfg, secs: f64, rate: f64) -> Res<(Run, Run)> {
+    let alone = fio(cfg, "randread", K4, 16, secs)?;
+    let raw = cfg.path(RAW);
+    let out = Command::new("fio")
+        .args(["--output-format=json", "--direct=1", "--ioengine=io_uring", "--time_based", "--norandommap", "--randrepeat=0"])
+        .arg(format!("--filename={}", raw.display()))
+        .arg(format!("--size={}", cfg.size))
+        .arg(format!("--runtime={}ms", (secs * 1000.0).round().max(100.0) as u64))
+        .args(["--name=reads", "--rw=randread", "--bs=4k", "--iodepth=16"])
+        .args(["--name=copy-read", "--rw=randread", "--bs=1M", "--iodepth=1"])
+        .arg(format!("--rate_iops={}", rate.round().max(1.0) as u64))
+        .args(["--name=copy-write", "--rw=randwrite", "--bs=1M", "--iodepth=1", "--fdatasync=1"])
+        .arg(format!("--rate_iops={}", rate.round().max(1.0) as u64))
+        .output()
+        .map_err(|e| format!("running fio: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("fio failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let start = stdout.find('{').ok_or("fio printed no JSON")?;
+    let v: Value = serde_json::from_str(&stdout[start..]).map_err(|e| format!("fio JSON: {e}"))?;
+    let job = &v["jobs"][0]["read"];
+    let ios = job["total_ios"].as_u64().unwrap_or(0);
+    let ms = job["runtime"].as_u64().unwrap_or(0).max(1);
+    Ok((alone, Run { ios, bytes: ios * K4 as u64, secs: ms as f64 / 1000.0, ..Default::default() }))
+}
+
+/// The stall of a stack change under load: 4k random writes at QD32 over
+/// the first `span` bytes of the full image while another thread pushes a
+/// new empty top `swaps` times, `gap` apart (a snapshot each time).
+/// Returns the writes' run (with latencies) and each swap's stall: how long
+/// new requests were held (draining the ones in flight, then the swap).
+fn swap_stall(cfg: &Cfg, gap: Duration, swaps: usize, span: u64) -> Res<(Run, Vec<Duration>)> {
+    // Writes go on a little after the last snapshot (taking one costs time too).
+    let secs = gap * (swaps as u32 + 1) + Duration::from_secs(1);
     let base = cfg.path(SWAP_BASE);
     let _ = fs::remove_file(&base);
     fs::copy(cfg.path(PLOOP), &base).map_err(|e| format!("copying image: {e}"))?;
@@ -704,7 +747,6 @@ fn swap_stall(cfg: &Cfg, secs: Duration, swaps: usize) -> Res<(Run, Vec<Duration
     let result = std::thread::scope(|scope| {
         let pusher = scope.spawn(|| -> Res<Vec<Duration>> {
             let mut stalls = Vec::new();
-            let gap = secs / (swaps as u32 + 1);
             for i in 0..swaps {
                 std::thread::sleep(gap);
                 if stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -716,7 +758,7 @@ fn swap_stall(cfg: &Cfg, secs: Duration, swaps: usize) -> Res<(Run, Vec<Duration
             Ok(stalls)
         });
         let ring = new_ring()?;
-        let job = Job { stack: &stack, dir: Dir::Write, bs: K4, qd: 32, next: Box::new(random_offsets(cfg.size, K4, 0x5a5a)), latency: true };
+        let job = Job { stack: &stack, dir: Dir::Write, bs: K4, qd: 32, next: Box::new(random_offsets(span, K4, 0x5a5a)), latency: true };
         let run = drive(&ring, vec![job], secs);
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let stalls = pusher.join().map_err(|_| "snapshot thread panicked".to_string())?;
@@ -1000,25 +1042,47 @@ fn run() -> Res<()> {
     if want("hol") {
         progress("4k randread QD16 alone / beside a copy-up writer (QD1), one ring");
     }
-    let hol = if want("hol") { Some(read_beside_copy_up(&cfg, secs(cfg.secs / SLICES as f64), 1)?) } else { None };
+    let hol = if want("hol") {
+        let (alone, beside, writer, rate) = read_beside_copy_up(&cfg, secs(cfg.secs / SLICES as f64), 1)?;
+        let device = if have_fio { Some(fio_beside_copy_up(&cfg, cfg.secs, rate)) } else { None };
+        Some(HeadOfLine { alone, beside, writer, rate, device })
+    } else {
+        None
+    };
 
     // Snapshots taken under write load: how long requests are held.
     if want("swap") {
-        progress(&format!("{SWAPS} snapshots under 4k randwrite QD32"));
+        progress(&format!("{SWAPS} snapshots under 4k randwrite QD32, {} ms and {} ms apart", SWAP_GAP_STEADY.as_millis(), SWAP_GAP_STORM.as_millis()));
     }
-    let swap = if want("swap") { Some(swap_stall(&cfg, secs(cfg.secs.max(2.0)), SWAPS)?) } else { None };
+    let swap = if want("swap") {
+        Some((swap_stall(&cfg, SWAP_GAP_STEADY, SWAPS, SWAP_HOT_SET)?, swap_stall(&cfg, SWAP_GAP_STORM, SWAPS, cfg.size)?))
+    } else {
+        None
+    };
 
     let load = UnderLoad { hol, swap };
     report(&cfg, &rows, &load, &q, have_fio, have_qemu, &qemu_img_what, t_all.elapsed().as_secs_f64());
     Ok(())
 }
 
+/// Reads alone and beside a copy-up writer, and the device's own figures
+/// under the same I/O.
+struct HeadOfLine {
+    alone: Run,
+    beside: Run,
+    writer: Run,
+    /// Copy-ups per second the writer caused.
+    rate: f64,
+    /// fio's reads alone and beside fio doing that copy-up I/O.
+    device: Option<Res<(Run, Run)>>,
+}
+
 /// The rows measured under concurrent load.
 struct UnderLoad {
-    /// Reads alone, reads beside the copy-up writer, the writer.
-    hol: Option<(Run, Run, Run)>,
-    /// Writes during the snapshots, and each snapshot's stall.
-    swap: Option<(Run, Vec<Duration>)>,
+    hol: Option<HeadOfLine>,
+    /// Writes during the snapshots and each snapshot's stall, with the
+    /// snapshots far apart and close together.
+    swap: Option<((Run, Vec<Duration>), (Run, Vec<Duration>))>,
 }
 
 // ---------------------------------------------------------------------------
@@ -1073,35 +1137,58 @@ fn report(cfg: &Cfg, rows: &[Row], load: &UnderLoad, q: &Qemu, have_fio: bool, h
         );
     }
     let _ = writeln!(out);
-    if let Some((alone, beside, writer)) = &load.hol {
+    if let Some(h) = &load.hol {
         let _ = writeln!(
-        out,
-        "Head-of-line (one ring, 2-layer stack: full base, fresh top): 4k randread QD16 alone {} IOPS; beside a writer\n  \
-         (4k random writes QD1 into the top; each first write to a cluster copies 1 MiB up) {} IOPS = {:.2}x; the writer did {} IOPS",
-        fmt_iops(alone.iops()),
-        fmt_iops(beside.iops()),
-        beside.iops() / alone.iops().max(1.0),
-        fmt_iops(writer.iops())
+            out,
+            "Head-of-line (one ring, 2-layer stack: full base, fresh top): 4k randread QD16 alone {} IOPS; beside a writer\n  \
+             (4k random writes QD1 into the top, {:.0} copy-ups/s of 1 MiB) {} IOPS = {:.2}x; the writer did {} IOPS",
+            fmt_iops(h.alone.iops()),
+            h.rate,
+            fmt_iops(h.beside.iops()),
+            h.beside.iops() / h.alone.iops().max(1.0),
+            fmt_iops(h.writer.iops())
         );
+        match &h.device {
+            Some(Ok((alone, beside))) => {
+                let _ = writeln!(
+                    out,
+                    "  the device under the same I/O (fio: 4k randread QD16 on the raw file beside 1 MiB reads and 1 MiB writes\n  \
+                     + fdatasync at {:.0}/s): alone {} IOPS, beside {} IOPS = {:.2}x; engine beside vs fio beside = {:.2}",
+                    h.rate,
+                    fmt_iops(alone.iops()),
+                    fmt_iops(beside.iops()),
+                    beside.iops() / alone.iops().max(1.0),
+                    h.beside.iops() / beside.iops().max(1.0)
+                );
+            }
+            Some(Err(e)) => {
+                let _ = writeln!(out, "  fio error on the device baseline: {e}");
+            }
+            None => {}
+        }
     }
-    let no_swap = (Run::default(), Vec::new());
-    let (writes, stalls) = load.swap.as_ref().unwrap_or(&no_swap);
-    let stall_us: Vec<u32> = stalls.iter().map(|d| d.as_micros() as u32).collect();
-    let ms = |pct| percentile_us(&stall_us, pct).map(|us| format!("{:.2}", us / 1000.0)).unwrap_or_else(|| "-".into());
-    if load.swap.is_some() {
-        let _ = writeln!(
-        out,
-        "Stack swap: {} snapshots (a new empty top each) under 4k randwrite QD32 ({} IOPS): requests held p50 {} ms,\n  \
-         p99 {} ms, max {} ms; write latency p50 {} ms, p99 {} ms, max {} ms",
-        stalls.len(),
-        fmt_iops(writes.iops()),
-        ms(50.0),
-        ms(99.0),
-        ms(100.0),
-        writes.lat_ms(50.0).map(|x| format!("{x:.2}")).unwrap_or_default(),
-        writes.lat_ms(99.0).map(|x| format!("{x:.2}")).unwrap_or_default(),
-        writes.lat_ms(100.0).map(|x| format!("{x:.2}")).unwrap_or_default(),
-        );
+    let stall_stats = |stalls: &[Duration]| -> Vec<u32> { stalls.iter().map(|d| d.as_micros() as u32).collect() };
+    if let Some((steady, storm)) = &load.swap {
+        for ((writes, stalls), what) in [
+            (steady, format!("{} ms apart, writes over {} MiB", SWAP_GAP_STEADY.as_millis(), SWAP_HOT_SET / MIB)),
+            (storm, format!("{} ms apart, writes over the disk", SWAP_GAP_STORM.as_millis())),
+        ] {
+            let us = stall_stats(stalls);
+            let ms = |pct| percentile_us(&us, pct).map(|v| format!("{:.2}", v / 1000.0)).unwrap_or_else(|| "-".into());
+            let _ = writeln!(
+                out,
+                "Stack swap, {} snapshots {what} under 4k randwrite QD32 ({} IOPS): requests held p50 {} ms, p99 {} ms,\n  \
+                 max {} ms; write latency p50 {} ms, p99 {} ms, max {} ms",
+                stalls.len(),
+                fmt_iops(writes.iops()),
+                ms(50.0),
+                ms(99.0),
+                ms(100.0),
+                writes.lat_ms(50.0).map(|x| format!("{x:.2}")).unwrap_or_default(),
+                writes.lat_ms(99.0).map(|x| format!("{x:.2}")).unwrap_or_default(),
+                writes.lat_ms(100.0).map(|x| format!("{x:.2}")).unwrap_or_default(),
+            );
+        }
     }
     let _ = writeln!(out);
     let _ = writeln!(out, "What each column measured:");
@@ -1192,7 +1279,16 @@ fn report(cfg: &Cfg, rows: &[Row], load: &UnderLoad, q: &Qemu, have_fio: bool, h
     targets.push((
         "read_beside_copyup",
         "4k randread QD16 beside copy-ups vs alone".into(),
-        load.hol.as_ref().filter(|(alone, _, _)| alone.iops() > 0.0).map(|(alone, beside, _)| beside.iops() / alone.iops()),
+        load.hol.as_ref().filter(|h| h.alone.iops() > 0.0).map(|h| h.beside.iops() / h.alone.iops()),
+        0.8,
+    ));
+    targets.push((
+        "read_beside_copyup_vs_device",
+        "the same, engine vs fio doing that I/O".into(),
+        load.hol.as_ref().and_then(|h| match &h.device {
+            Some(Ok((_, beside))) if beside.iops() > 0.0 => Some(h.beside.iops() / beside.iops()),
+            _ => None,
+        }),
         0.8,
     ));
     let depth = match (find("randread_4k_qd32").and_then(|r| r.engine.as_ref()), find("randread_4k_qd32_depth16").and_then(|r| r.engine.as_ref())) {
@@ -1215,15 +1311,20 @@ fn report(cfg: &Cfg, rows: &[Row], load: &UnderLoad, q: &Qemu, have_fio: bool, h
         tj.insert(key.to_string(), json!({ "what": what, "ratio": val.map(round3), "target": goal, "verdict": verdict }));
     }
     // Lower is better here.
-    let p99 = percentile_us(&stall_us, 99.0).map(|us| us / 1000.0);
-    let verdict = match p99 {
-        Some(v) if v < 10.0 => "PASS",
-        Some(_) => "MISS",
-        None => "SKIP",
-    };
-    let v = p99.map(|v| format!("{v:.2}")).unwrap_or_else(|| "n/a".into());
-    let _ = writeln!(out, "  {:<44} {v:>7}  (target < 10 ms)  {verdict}", "stack swap stall p99, ms");
-    tj.insert("swap_stall_p99_ms".into(), json!({ "what": "stack swap stall p99, ms", "value": p99.map(round3), "target": 10.0, "verdict": verdict }));
+    for (key, what, stalls) in [
+        ("swap_stall_p99_ms", "stack swap stall p99, ms (steady)".to_string(), load.swap.as_ref().map(|s| &s.0 .1)),
+        ("swap_stall_storm_p99_ms", "stack swap stall p99, ms (copy-up storm)".to_string(), load.swap.as_ref().map(|s| &s.1 .1)),
+    ] {
+        let p99 = stalls.and_then(|s| percentile_us(&stall_stats(s), 99.0)).map(|us| us / 1000.0);
+        let verdict = match p99 {
+            Some(v) if v < 10.0 => "PASS",
+            Some(_) => "MISS",
+            None => "SKIP",
+        };
+        let v = p99.map(|v| format!("{v:.2}")).unwrap_or_else(|| "n/a".into());
+        let _ = writeln!(out, "  {what:<44} {v:>7}  (target < 10 ms)  {verdict}");
+        tj.insert(key.into(), json!({ "what": what, "value": p99.map(round3), "target": 10.0, "verdict": verdict }));
+    }
     let _ = writeln!(out, "  (total bench time {total_secs:.0} s, load avg now {})", loadavg());
     print!("{out}");
 
@@ -1259,15 +1360,21 @@ fn report(cfg: &Cfg, rows: &[Row], load: &UnderLoad, q: &Qemu, have_fio: bool, h
         "loadavg_end": loadavg(),
         "total_secs": round1(total_secs),
         "results": rj,
-        "head_of_line": load.hol.as_ref().map(|(alone, beside, writer)| json!({
-            "reads_alone": alone.to_json(),
-            "reads_beside_copy_up": beside.to_json(),
-            "copy_up_writer": writer.to_json(),
+        "head_of_line": load.hol.as_ref().map(|h| json!({
+            "reads_alone": h.alone.to_json(),
+            "reads_beside_copy_up": h.beside.to_json(),
+            "copy_up_writer": h.writer.to_json(),
+            "copy_ups_per_s": round1(h.rate),
+            "fio_alone": h.device.as_ref().and_then(|d| d.as_ref().ok()).map(|d| d.0.to_json()),
+            "fio_beside": h.device.as_ref().and_then(|d| d.as_ref().ok()).map(|d| d.1.to_json()),
         })),
-        "swap": load.swap.as_ref().map(|(writes, _)| json!({
-            "writes": writes.to_json(),
-            "stalls_ms": stall_us.iter().map(|&us| round3(us as f64 / 1000.0)).collect::<Vec<_>>(),
-        })),
+        "swap": load.swap.as_ref().map(|(steady, storm)| {
+            let one = |(writes, stalls): &(Run, Vec<Duration>)| json!({
+                "writes": writes.to_json(),
+                "stalls_ms": stalls.iter().map(|d| round3(d.as_secs_f64() * 1000.0)).collect::<Vec<_>>(),
+            });
+            json!({ "steady": one(steady), "storm": one(storm) })
+        }),
         "targets": tj,
     });
     println!("BENCH_JSON {j}");

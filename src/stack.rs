@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::future::poll_fn;
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -113,6 +113,8 @@ pub struct Stack {
     /// Former tops whose writes are not yet known durable: a flush syncs
     /// them too until their snapshot has closed them.
     retiring: Mutex<Vec<Arc<Layer>>>,
+    /// Clusters copied up from a lower layer into the top, in all.
+    copy_ups: AtomicU64,
 }
 
 impl Stack {
@@ -200,6 +202,7 @@ impl Stack {
             busy: Mutex::new(HashMap::new()),
             bufs: BufPool::new(cluster as usize, KEEP_BUFS),
             retiring: Mutex::new(Vec::new()),
+            copy_ups: AtomicU64::new(0),
         })
     }
 
@@ -240,6 +243,11 @@ impl Stack {
     /// Requests inside the stack now.
     pub fn in_flight(&self) -> usize {
         self.shape.inside()
+    }
+    /// Clusters copied up into the top so far (each costs a cluster read,
+    /// write and sync).
+    pub fn copy_ups(&self) -> u64 {
+        self.copy_ups.load(Ordering::Relaxed)
     }
 
     /// Attach (or detach) the write tracker: every change that completes
@@ -390,6 +398,7 @@ impl Stack {
             let result = self.copy_up(io, src, src_off, top, offset, &mut buf[..self.copy_len(c)]).await;
             self.bufs.put(buf);
             result?;
+            self.copy_ups.fetch_add(1, Ordering::Relaxed);
         }
         top.link(c, offset);
         shape.owner[c as usize].store(shape.top_index(), Ordering::Release);
@@ -553,8 +562,23 @@ impl Stack {
             }
         }
         PloopLayer::create(io, path, self.size, self.cluster).await?;
-        let new_top = match Layer::open(io, path, true, self.direct).await {
-            Ok((layer, _)) => Arc::new(layer),
+        let opened = match Layer::open(io, path, true, self.direct).await {
+            Ok((layer, _)) => Ok(Arc::new(layer)),
+            Err(e) => Err(e),
+        };
+        // Space for the first copy-ups, before requests need it.
+        let ready = match opened {
+            Ok(layer) => match layer.grow_ahead(io).await {
+                Ok(()) => Ok(layer),
+                Err(e) => {
+                    let _ = layer.close(io).await;
+                    Err(e)
+                }
+            },
+            Err(e) => Err(e),
+        };
+        let new_top = match ready {
+            Ok(layer) => layer,
             Err(e) => {
                 let _ = std::fs::remove_file(path);
                 return Err(e);

@@ -148,6 +148,13 @@ impl Layer {
             Layer::Raw(l) => Err(Error::unsupported(format!("{}: a raw layer allocates nothing", l.file().path.display()))),
         }
     }
+    /// Grow the file ahead of need (see `PloopLayer::grow_ahead`).
+    pub async fn grow_ahead<I: Io>(&self, io: &I) -> Result<()> {
+        match self {
+            Layer::Ploop(l) => l.grow_ahead(io).await,
+            Layer::Raw(_) => Ok(()),
+        }
+    }
     /// Point cluster `c` at `offset` (see `PloopLayer::link`); returns the
     /// generation of the change.
     pub fn link(&self, c: u64, offset: u64) -> u64 {

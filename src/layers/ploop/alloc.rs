@@ -85,6 +85,25 @@ impl PloopLayer {
         }
     }
 
+    /// Grow the file by a step now, before any request needs the space: a
+    /// snapshot's new top does so before it is swapped in, so that its
+    /// first copy-ups do not wait for the file to grow while the device is
+    /// at its busiest.
+    pub async fn grow_ahead<I: Io>(&self, io: &I) -> Result<()> {
+        let grow = {
+            let mut meta = self.meta.lock().unwrap();
+            let max_end = meta.header.data_off_bytes() + self.bat.len() as u64 * self.cluster;
+            let from = meta.prealloc_end;
+            if meta.growing || from >= max_end {
+                return Ok(());
+            }
+            let step = (from / 8).clamp(PREALLOC_MIN, PREALLOC_MAX).max(PREALLOC_CLUSTERS * self.cluster);
+            meta.growing = true;
+            Grow { from, needed: from + self.cluster, wanted: (from + step).min(max_end) }
+        };
+        self.grow(io, grow).await
+    }
+
     /// Grow the file (durably) and publish the new end; wakes the waiters
     /// whatever the outcome.
     async fn grow<I: Io>(&self, io: &I, g: Grow) -> Result<()> {
