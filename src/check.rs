@@ -18,7 +18,7 @@ use crate::layers::bat::{self, BadEntry, EntryProblem};
 use crate::io::Io;
 use crate::layers::header::{Header, Variant, CLOSED, HEADER_SIZE, IN_USE, SECTOR};
 use crate::layers::ploop::load;
-use crate::layers::{detect_format, Format};
+use crate::layers::{not_ploop, Format};
 
 #[derive(Debug, Serialize)]
 pub struct CheckReport {
@@ -79,11 +79,11 @@ impl CheckReport {
 /// Check `path`; with `repair`, fix what can be fixed and report the image
 /// as it is afterwards (the actions taken are listed in `repairs`).
 /// Refuses an image another process has open for writing.
-pub async fn check<I: Io>(io: &I, path: &Path, repair: bool) -> Result<CheckReport> {
-    let mut report = check_with(io, path, repair, true).await?;
+pub async fn check<I: Io>(io: &I, path: &Path, format: Format, repair: bool) -> Result<CheckReport> {
+    let mut report = check_with(io, path, format, repair, true).await?;
     if repair && !report.repairs.is_empty() {
         let repairs = std::mem::take(&mut report.repairs);
-        report = check_with(io, path, false, false).await?;
+        report = check_with(io, path, format, false, false).await?;
         report.repairs = repairs;
     }
     Ok(report)
@@ -91,12 +91,11 @@ pub async fn check<I: Io>(io: &I, path: &Path, repair: bool) -> Result<CheckRepo
 
 /// The same report without taking the lock, for `info` on an image that a
 /// daemon is serving (its BAT may change while being read).
-pub async fn inspect<I: Io>(io: &I, path: &Path) -> Result<CheckReport> {
-    check_with(io, path, false, false).await
+pub async fn inspect<I: Io>(io: &I, path: &Path, format: Format) -> Result<CheckReport> {
+    check_with(io, path, format, false, false).await
 }
 
-async fn check_with<I: Io>(io: &I, path: &Path, repair: bool, take_lock: bool) -> Result<CheckReport> {
-    let format = detect_format(io, path).await?;
+async fn check_with<I: Io>(io: &I, path: &Path, format: Format, repair: bool, take_lock: bool) -> Result<CheckReport> {
     let file = OpenOptions::new().read(true).write(repair).open(path).map_err(|e| Error::io(e, path.display()))?;
     let fd = file.as_raw_fd();
     let lock = if repair { FlockArg::LockExclusiveNonblock } else { FlockArg::LockSharedNonblock };
@@ -133,6 +132,7 @@ async fn check_with<I: Io>(io: &I, path: &Path, repair: bool, take_lock: bool) -
         Ok(read) => read.header,
         Err(e) if e.errno() == libc::EUCLEAN || e.errno() == libc::EOPNOTSUPP => {
             // Nothing below can be trusted without a header.
+            let e = if e.message().contains("not a ploop image") { not_ploop(io, path, e).await } else { e };
             report.header_errors.push(e.message().to_string());
             if repair {
                 return Err(Error::corrupt(format!("{name}: header is damaged beyond automatic repair: {e}")));

@@ -1,18 +1,19 @@
 //! Command-line parsing and the offline commands.
 
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
-use ublk_ploop::check::{check, Verdict};
+use ublk_ploop::check::{check, CheckReport, Verdict};
 use ublk_ploop::convert::{convert, ConvertOptions};
+use ublk_ploop::disk::{Disk, Guid};
 use ublk_ploop::io::{block_on, BackendKind, Direct, OwnRing, SyncIo};
 use ublk_ploop::layers::header::Header;
 use ublk_ploop::layers::{Format, PloopLayer};
 use ublk_ploop::size::{format_size, parse_size};
-use ublk_ploop::Result;
+use ublk_ploop::{Error, LayerSpec, Result};
 
 #[derive(Parser)]
 #[command(name = "ublk-ploop", version, about = "OpenVZ ploop images as Linux block devices through ublk")]
@@ -45,9 +46,33 @@ struct IoArgs {
     backend: BackendKind,
 }
 
+/// How image files are read: a disk directory's descriptor says it; plain
+/// files are ploop images unless declared raw.
+#[derive(Args, Clone)]
+struct FormatArg {
+    /// Format of image files given by path: ploop (default) or raw. A disk
+    /// directory's descriptor declares its own.
+    #[arg(long, value_parser = |s: &str| s.parse::<Format>())]
+    format: Option<Format>,
+}
+
+/// A device (online, through its daemon) or a disk directory (offline).
+#[derive(Args, Clone)]
+struct Target {
+    /// The device serving the disk.
+    #[arg(short = 'n', long = "number", conflicts_with = "dir", required_unless_present = "dir")]
+    id: Option<u32>,
+    /// A disk directory (or its DiskDescriptor.xml) no device serves.
+    dir: Option<PathBuf>,
+}
+
+fn parse_guid(s: &str) -> std::result::Result<Guid, String> {
+    s.parse().map_err(|e: Error| e.to_string())
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Create an empty expandable ploop image.
+    /// Create an empty expandable ploop image file.
     Create {
         image: PathBuf,
         /// Virtual disk size (K, M, G, T suffixes).
@@ -59,27 +84,51 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Show an image's header and allocation.
-    Info {
-        #[arg(required = true)]
-        images: Vec<PathBuf>,
+    /// Create a ploop disk directory: root.hds and DiskDescriptor.xml.
+    Init {
+        dir: PathBuf,
+        /// Virtual disk size (K, M, G, T suffixes).
+        #[arg(long, value_parser = parse_size_arg)]
+        size: u64,
+        /// Cluster size, a power of two from 32K to 64M (default 1M).
+        #[arg(long, value_parser = parse_size_arg, default_value = "1M")]
+        cluster_size: u64,
         #[arg(long)]
         json: bool,
     },
-    /// Check an image for damage; exit 0 clean, 2 corrupt, 3 leaked space only.
+    /// Show an image's (or a disk directory's) header and allocation.
+    Info {
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+        #[command(flatten)]
+        format: FormatArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check an image (or every delta of a disk directory) for damage;
+    /// exit 0 clean, 2 corrupt, 3 leaked space only.
     Check {
         image: PathBuf,
         /// Fix what can be fixed (the image must not be in use).
         #[arg(long)]
         repair: bool,
+        #[command(flatten)]
+        format: FormatArg,
         #[arg(long)]
         json: bool,
     },
-    /// Serve an image (or a stack, bottom first) as /dev/ublkbN.
+    /// Serve an image, a stack (bottom first) or a disk directory as /dev/ublkbN.
     Add {
-        /// Image file; repeat for a stack, bottom layer first.
+        /// Image file (repeat for a stack, bottom layer first), or one disk
+        /// directory (or its DiskDescriptor.xml).
         #[arg(long = "image", required = true)]
         images: Vec<PathBuf>,
+        #[command(flatten)]
+        format: FormatArg,
+        /// Serve this snapshot of the disk directory, read-only, beside the
+        /// device that serves the disk (as `ploop mount -r -u GUID`).
+        #[arg(long, value_parser = parse_guid)]
+        snapshot: Option<Guid>,
         /// Device id (default: the kernel picks one).
         #[arg(long)]
         id: Option<u32>,
@@ -117,7 +166,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// A device's state, layers and I/O counters, from its daemon.
+    /// A device's state, layers, I/O counters and running job, from its daemon.
     Status {
         #[arg(short = 'n', long = "number")]
         id: u32,
@@ -130,13 +179,18 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Flatten an image or a stack (bottom first) into a new image.
+    /// Flatten an image, a stack (bottom first) or a disk directory into a new image.
     Convert {
-        /// Source images, bottom layer first, then the destination.
+        /// Sources (bottom layer first, or one disk directory), then the destination.
         #[arg(required = true, num_args = 2..)]
         paths: Vec<PathBuf>,
         #[arg(long, value_enum, default_value = "ploop")]
         to: ToFormat,
+        #[command(flatten)]
+        format: FormatArg,
+        /// Convert this snapshot of the disk directory instead of its top.
+        #[arg(long, value_parser = parse_guid)]
+        snapshot: Option<Guid>,
         /// Cluster size of a ploop destination (default: the source's).
         #[arg(long, value_parser = parse_size_arg)]
         cluster_size: Option<u64>,
@@ -147,6 +201,55 @@ enum Command {
         json: bool,
         #[command(flatten)]
         io: IoArgs,
+    },
+    /// Take a snapshot: the top delta is frozen under a new GUID (printed)
+    /// and a new empty top takes the writes.
+    Snapshot {
+        #[command(flatten)]
+        target: Target,
+        /// GUID for the snapshot (default: a random one).
+        #[arg(short = 'u', long, value_parser = parse_guid)]
+        uuid: Option<Guid>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the snapshots of a disk (ploop's columns; * marks the top).
+    SnapshotList {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Merge a delta (the top by default) into its parent, online.
+    SnapshotMerge {
+        #[command(flatten)]
+        target: Target,
+        #[arg(short = 'u', long, value_parser = parse_guid)]
+        uuid: Option<Guid>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a snapshot (merged into its child when it has one).
+    SnapshotDelete {
+        #[command(flatten)]
+        target: Target,
+        #[arg(short = 'u', long, value_parser = parse_guid, required = true)]
+        uuid: Guid,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Switch the disk to a snapshot (roll back): its content on a new
+    /// empty top; the old top and what was written since are removed.
+    SnapshotSwitch {
+        #[command(flatten)]
+        target: Target,
+        #[arg(short = 'u', long, value_parser = parse_guid, required = true)]
+        uuid: Guid,
+        /// Switch even while the device's filesystem is mounted.
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -221,18 +324,53 @@ fn init_logging(verbose: u8) {
     }
 }
 
-fn print_json<T: Serialize>(value: &T) {
+pub fn print_json<T: Serialize>(value: &T) {
     println!("{}", serde_json::to_string_pretty(value).expect("serialisable"));
+}
+
+/// What image arguments name: one disk directory (its chain, or a
+/// snapshot's), or image files of one declared format. Paths come back
+/// absolute, so a daemon (and a later `recover`) finds them from anywhere.
+pub struct Resolved {
+    pub layers: Vec<LayerSpec>,
+    pub disk: Option<PathBuf>,
+}
+
+pub fn resolve_images(paths: &[PathBuf], format: Option<Format>, snapshot: Option<Guid>) -> Result<Resolved> {
+    match paths {
+        [one] if Disk::is_disk(one) => {
+            if format.is_some() {
+                return Err(Error::invalid(format!("{}: a disk directory declares its formats; drop --format", one.display())));
+            }
+            let disk = Disk::load(one)?;
+            Ok(Resolved { layers: disk.layers(snapshot)?, disk: Some(disk.dir) })
+        }
+        _ => {
+            if let Some(p) = paths.iter().find(|p| Disk::is_disk(p)) {
+                return Err(Error::invalid(format!("{}: a disk directory must be the only image given", p.display())));
+            }
+            if snapshot.is_some() {
+                return Err(Error::invalid("--snapshot needs a disk directory (a DiskDescriptor.xml) as the image"));
+            }
+            let format = format.unwrap_or_default();
+            let layers = crate::config::canonical_images(paths)?.into_iter().map(|path| LayerSpec { path, format }).collect();
+            Ok(Resolved { layers, disk: None })
+        }
+    }
 }
 
 fn run(command: Command) -> Result<i32> {
     match command {
-        Command::Add { images, id, dev, foreground } => {
+        Command::Add { images, format, snapshot, id, dev, foreground } => {
+            let resolved = resolve_images(&images, format.format, snapshot)?;
             let config = crate::daemon::DeviceConfig {
-                images: crate::config::canonical_images(&images)?,
+                images: resolved.layers,
+                disk: resolved.disk,
+                snapshot,
                 queues: crate::config::validate_queues(dev.queues)?,
                 depth: crate::config::validate_depth(dev.depth)?,
-                read_only: dev.read_only,
+                // A snapshot is served read-only, as `ploop mount -r -u` does.
+                read_only: dev.read_only || snapshot.is_some(),
                 direct: dev.io.direct,
                 socket_gid: dev.socket_group.as_deref().map(crate::config::group_id).transpose()?,
             };
@@ -256,8 +394,7 @@ fn run(command: Command) -> Result<i32> {
             } else {
                 for d in &devices {
                     println!("{} {} pid {} {} {}", d["device"].as_str().unwrap_or("?"), d["state"].as_str().unwrap_or("?"),
-                        d["pid"], d["target"].as_str().unwrap_or("?"),
-                        d["images"].as_array().map(|a| a.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(" <- ")).unwrap_or_default());
+                        d["pid"], d["target"].as_str().unwrap_or("?"), d["what"].as_str().unwrap_or(""));
                 }
             }
             Ok(0)
@@ -283,17 +420,11 @@ fn run(command: Command) -> Result<i32> {
             Ok(0)
         }
         Command::Status { id, json } => {
-            let status = crate::control::request(id, "status", serde_json::Value::Null)?;
+            let status: crate::protocol::Status = crate::control::request(id, crate::protocol::Request::Status)?;
             if json {
                 print_json(&status);
             } else {
-                println!("{} (pid {}), {} bytes{}", status["device"].as_str().unwrap_or("?"), status["pid"], status["size"],
-                    if status["read_only"] == true { ", read-only" } else { "" });
-                for (i, l) in status["layers"].as_array().into_iter().flatten().enumerate() {
-                    println!("  layer {i}: {} ({}{})", l["path"].as_str().unwrap_or("?"), l["format"].as_str().unwrap_or("?"),
-                        if l["writable"] == true { ", writable" } else { "" });
-                }
-                println!("  counters: {}", status["counters"]);
+                crate::snapshot_cmd::print_status(&status);
             }
             Ok(0)
         }
@@ -327,17 +458,46 @@ fn run(command: Command) -> Result<i32> {
             }
             Ok(0)
         }
-        Command::Info { images, json } => {
-            let found = images.iter().map(|p| image_info(p)).collect::<Result<Vec<_>>>()?;
+        Command::Init { dir, size, cluster_size, json } => {
+            let disk = block_on(Disk::init(&SyncIo, &dir, size, cluster_size))?;
+            if json {
+                print_json(&serde_json::json!({
+                    "dir": disk.dir,
+                    "descriptor": disk.xml_path(),
+                    "size": disk.desc.size(),
+                    "cluster_size": disk.desc.cluster_size(),
+                    "top": disk.desc.top,
+                }));
+            } else {
+                println!("created {}: {} disk, {} clusters, base {}", disk.xml_path().display(), format_size(size),
+                    format_size(cluster_size), disk.dir.join(ublk_ploop::disk::BASE_FILE).display());
+            }
+            Ok(0)
+        }
+        Command::Info { images, format, json } => {
+            let (disk, paths) = info_targets(&images, format.format)?;
+            let found = paths.iter().map(|(p, f)| image_info(p, *f)).collect::<Result<Vec<_>>>()?;
             let damaged = found.iter().any(|(_, problems)| !problems.is_empty());
             let infos: Vec<InfoOut> = found.into_iter().map(|(i, _)| i).collect();
             if json {
-                if infos.len() == 1 {
-                    print_json(&infos[0]);
-                } else {
-                    print_json(&infos);
+                match &disk {
+                    Some(d) => print_json(&serde_json::json!({
+                        "disk": d.dir,
+                        "size": d.desc.size(),
+                        "cluster_size": d.desc.cluster_size(),
+                        "top": d.desc.top,
+                        "snapshots": d.snapshot_rows(),
+                        "images": infos,
+                    })),
+                    None if infos.len() == 1 => print_json(&infos[0]),
+                    None => print_json(&infos),
                 }
             } else {
+                if let Some(d) = &disk {
+                    println!("disk:         {} ({} deltas, {} clusters)", d.xml_path().display(), d.desc.images.len(), format_size(d.desc.cluster_size()));
+                    println!("disk size:    {} ({} bytes)", format_size(d.desc.size()), d.desc.size());
+                    print!("{}", ublk_ploop::disk::format_snapshot_rows(&d.snapshot_rows()));
+                }
                 infos.iter().for_each(print_info);
             }
             for i in infos.iter().filter(|i| !i.problems.is_empty()) {
@@ -345,17 +505,33 @@ fn run(command: Command) -> Result<i32> {
             }
             Ok(if damaged { 2 } else { 0 })
         }
-        Command::Check { image, repair, json } => {
-            let report = block_on(check(&SyncIo, &image, repair))?;
-            if json {
-                print_json(&serde_json::json!({ "verdict": report.verdict(), "report": report }));
-            } else {
-                print_check(&report);
+        Command::Check { image, repair, format, json } => {
+            let (_, paths) = info_targets(std::slice::from_ref(&image), format.format)?;
+            let mut reports = Vec::new();
+            for (path, format) in &paths {
+                reports.push(block_on(check(&SyncIo, path, *format, repair))?);
             }
-            Ok(report.exit_code())
+            if json {
+                let one = |r: &CheckReport| serde_json::json!({ "verdict": r.verdict(), "report": r });
+                if reports.len() == 1 {
+                    print_json(&one(&reports[0]));
+                } else {
+                    print_json(&reports.iter().map(one).collect::<Vec<_>>());
+                }
+            } else {
+                reports.iter().for_each(print_check);
+            }
+            // The worst: corrupt (2) over leaks (3) over clean (0).
+            let code = reports.iter().map(|r| r.exit_code()).max_by_key(|c| match c {
+                2 => 2,
+                3 => 1,
+                _ => 0,
+            });
+            Ok(code.unwrap_or(0))
         }
-        Command::Convert { mut paths, to, cluster_size, progress, json, io } => {
+        Command::Convert { mut paths, to, format, snapshot, cluster_size, progress, json, io } => {
             let dst = paths.pop().expect("clap requires two paths");
+            let sources = resolve_images(&paths, format.format, snapshot)?.layers;
             let opts = ConvertOptions {
                 to: match to {
                     ToFormat::Raw => Format::Raw,
@@ -378,10 +554,10 @@ fn run(command: Command) -> Result<i32> {
                 }
             };
             let stats = match io.backend {
-                BackendKind::Sync => block_on(convert(&SyncIo, &paths, &dst, &opts, &mut report))?,
+                BackendKind::Sync => block_on(convert(&SyncIo, &sources, &dst, &opts, &mut report))?,
                 BackendKind::Uring => {
                     let ring = OwnRing::new(64).map_err(|e| ublk_ploop::Error::io(e, "setting up io_uring"))?;
-                    ring.block_on(convert(&ring.io(), &paths, &dst, &opts, &mut report))?
+                    ring.block_on(convert(&ring.io(), &sources, &dst, &opts, &mut report))?
                 }
             };
             if json {
@@ -389,7 +565,7 @@ fn run(command: Command) -> Result<i32> {
             } else {
                 println!(
                     "converted {} layer(s) into {}: {} of {} clusters held data",
-                    paths.len(),
+                    sources.len(),
                     dst.display(),
                     stats.copied_clusters,
                     stats.clusters
@@ -397,6 +573,38 @@ fn run(command: Command) -> Result<i32> {
             }
             Ok(0)
         }
+        Command::Snapshot { target, uuid, json } => crate::snapshot_cmd::snapshot(target.id, target.dir, uuid, json),
+        Command::SnapshotList { target, json } => crate::snapshot_cmd::list(target.id, target.dir, json),
+        Command::SnapshotMerge { target, uuid, json } => crate::snapshot_cmd::merge(target.id, target.dir, uuid, json),
+        Command::SnapshotDelete { target, uuid, json } => crate::snapshot_cmd::delete(target.id, target.dir, uuid, json),
+        Command::SnapshotSwitch { target, uuid, force, json } => crate::snapshot_cmd::switch(target.id, target.dir, uuid, force, json),
+    }
+}
+
+/// The files `info` and `check` look at: every delta a disk directory's
+/// descriptor names (with its format), or the files given.
+fn info_targets(paths: &[PathBuf], format: Option<Format>) -> Result<(Option<Disk>, Vec<(PathBuf, Format)>)> {
+    match paths {
+        [one] if Disk::is_disk(one) => {
+            if format.is_some() {
+                return Err(Error::invalid(format!("{}: a disk directory declares its formats; drop --format", one.display())));
+            }
+            let disk = Disk::load(one)?;
+            let files = disk
+                .desc
+                .images
+                .iter()
+                .map(|i| {
+                    let f = match i.kind {
+                        ublk_ploop::disk::ImageType::Compressed => Format::Ploop,
+                        ublk_ploop::disk::ImageType::Plain => Format::Raw,
+                    };
+                    (disk.file_path(i), f)
+                })
+                .collect();
+            Ok((Some(disk), files))
+        }
+        _ => Ok((None, paths.iter().map(|p| (p.clone(), format.unwrap_or_default())).collect())),
     }
 }
 
@@ -447,8 +655,8 @@ impl InfoOut {
 /// Header and allocation of an image, read without opening it as a layer
 /// (so it works on an image a daemon is serving). Damage found on the way
 /// is returned with it.
-fn image_info(path: &std::path::Path) -> Result<(InfoOut, Vec<String>)> {
-    let r = block_on(ublk_ploop::check::inspect(&SyncIo, path))?;
+fn image_info(path: &Path, format: Format) -> Result<(InfoOut, Vec<String>)> {
+    let r = block_on(ublk_ploop::check::inspect(&SyncIo, path, format))?;
     let mut problems = r.header_errors.clone();
     problems.extend(r.bad_entries.iter().map(|b| format!("BAT entry {} {}", b.index, b.problem)));
     if r.header_errors.is_empty() && r.format == Format::Ploop && r.variant.is_none() {
@@ -485,7 +693,7 @@ fn print_info(i: &InfoOut) {
     }
 }
 
-fn print_check(r: &ublk_ploop::check::CheckReport) {
+fn print_check(r: &CheckReport) {
     println!("{}: {:?} image", r.path, r.format);
     for e in &r.header_errors {
         println!("  header: {e}");
@@ -518,7 +726,19 @@ fn list_devices() -> Vec<serde_json::Value> {
         if let Some(ctrl) = crate::ublk_target::open_ctrl(id) {
             let info = ctrl.dev_info();
             let target = ctrl.get_target_type_from_json().unwrap_or_default();
-            let images = ctrl.get_target_data_from_json().and_then(|d| d.get("images").cloned()).unwrap_or_default();
+            let data = ctrl.get_target_data_from_json().unwrap_or_default();
+            let images = data.get("images").cloned().unwrap_or_default();
+            // What it serves, in a word: the disk directory, or the files.
+            let what = match data.get("disk").and_then(|d| d.as_str()) {
+                Some(dir) => match data.get("snapshot").and_then(|s| s.as_str()) {
+                    Some(snap) => format!("{dir} (snapshot {snap}, read-only)"),
+                    None => dir.to_string(),
+                },
+                None => images
+                    .as_array()
+                    .map(|a| a.iter().filter_map(|v| v.get("path").or(Some(v)).and_then(|p| p.as_str())).collect::<Vec<_>>().join(" <- "))
+                    .unwrap_or_default(),
+            };
             sink.borrow_mut().push(serde_json::json!({
                 "id": id,
                 "device": format!("/dev/ublkb{id}"),
@@ -528,6 +748,9 @@ fn list_devices() -> Vec<serde_json::Value> {
                 "depth": info.queue_depth,
                 "target": target,
                 "images": images,
+                "disk": data.get("disk"),
+                "snapshot": data.get("snapshot"),
+                "what": what,
             }));
         }
     });

@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use ublk_ploop::disk::{Disk, Guid};
 use ublk_ploop::io::Direct;
+use ublk_ploop::layers::Format;
 use ublk_ploop::{Error, Result};
 
 use crate::daemon::DeviceConfig;
@@ -13,9 +15,16 @@ use crate::daemon::DeviceConfig;
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
-    /// One image, or use `images` for a stack (bottom first).
+    /// A ploop disk directory (or its DiskDescriptor.xml): its descriptor
+    /// names the layers, and a restarted daemon follows it.
+    pub disk: Option<PathBuf>,
+    /// Serve this snapshot of `disk`, read-only.
+    pub snapshot: Option<String>,
+    /// One image file, or use `images` for a stack (bottom first).
     pub image: Option<PathBuf>,
     pub images: Option<Vec<PathBuf>>,
+    /// Format of `image`/`images`: ploop (default) or raw.
+    pub format: Option<String>,
     /// Fixed device id: needed for recovery after a crash.
     pub id: Option<u32>,
     pub queues: Option<u16>,
@@ -33,21 +42,32 @@ pub const DEFAULT_DEPTH: u16 = 128;
 pub fn load(path: &Path) -> Result<(DeviceConfig, Option<u32>)> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(e, path.display()))?;
     let file: FileConfig = toml::from_str(&text).map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
-    let images = match (file.image, file.images) {
-        (Some(one), None) => vec![one],
-        (None, Some(many)) if !many.is_empty() => many,
-        (Some(_), Some(_)) => return Err(Error::invalid(format!("{}: set either `image` or `images`, not both", path.display()))),
-        _ => return Err(Error::invalid(format!("{}: no `image` (or `images`) given", path.display()))),
+    let bad = |msg: String| Error::invalid(format!("{}: {msg}", path.display()));
+    let images = match (&file.disk, file.image, file.images) {
+        (Some(dir), None, None) => vec![dir.clone()],
+        (Some(_), _, _) => return Err(bad("set `disk`, or `image`/`images`, not both".into())),
+        (None, Some(one), None) => vec![one],
+        (None, None, Some(many)) if !many.is_empty() => many,
+        (None, Some(_), Some(_)) => return Err(bad("set either `image` or `images`, not both".into())),
+        _ => return Err(bad("no `disk`, `image` or `images` given".into())),
     };
+    let format = file.format.as_deref().map(|f| f.parse::<Format>().map_err(|e| bad(format!("format: {e}")))).transpose()?;
+    let snapshot = file.snapshot.as_deref().map(|g| g.parse::<Guid>().map_err(|e| bad(format!("snapshot: {e}")))).transpose()?;
+    if file.disk.is_some() && !Disk::is_disk(&images[0]) {
+        return Err(bad(format!("disk: {} holds no {}", images[0].display(), ublk_ploop::disk::DESCRIPTOR)));
+    }
+    let resolved = crate::cli::resolve_images(&images, format, snapshot).map_err(|e| e.context(path.display()))?;
     let direct = match file.direct.as_deref() {
         None => Direct::Auto,
         Some(s) => s.parse().map_err(|e: String| Error::invalid(format!("{}: direct: {e}", path.display())))?,
     };
     let config = DeviceConfig {
-        images: canonical_images(&images)?,
+        images: resolved.layers,
+        disk: resolved.disk,
+        snapshot,
         queues: validate_queues(file.queues.unwrap_or(DEFAULT_QUEUES))?,
         depth: validate_depth(file.depth.unwrap_or(DEFAULT_DEPTH))?,
-        read_only: file.read_only,
+        read_only: file.read_only || snapshot.is_some(),
         direct,
         socket_gid: file.socket_group.as_deref().map(group_id).transpose()?,
     };
@@ -108,14 +128,14 @@ mod tests {
         let (c, id) = load(&cfg).unwrap();
         assert_eq!(id, Some(7));
         assert_eq!((c.queues, c.depth, c.direct, c.socket_gid), (2, 64, Direct::Off, Some(0)));
-        assert!(c.images[0].is_absolute());
+        assert!(c.images[0].path.is_absolute());
     }
 
     #[test]
     fn refuses_bad_configs() {
         let img = write("b.img", "x");
         for (name, text, needle) in [
-            ("none.toml", "id = 1\n".to_string(), "no `image`"),
+            ("none.toml", "id = 1\n".to_string(), "no `disk`"),
             ("typo.toml", format!("image = {img:?}\nqueus = 2\n"), "unknown field"),
             ("q.toml", format!("image = {img:?}\nqueues = 0\n"), "queues"),
             ("d.toml", format!("image = {img:?}\ndirect = \"maybe\"\n"), "direct"),

@@ -1,10 +1,6 @@
 //! The per-device control socket: newline-delimited JSON requests and
-//! replies, one connection at a time per client, peers checked by their
-//! kernel-reported credentials.
-//!
-//! Request:  {"version": 1, "cmd": "status"}
-//! Reply:    {"version": 1, "ok": true, "result": {...}}
-//!           {"version": 1, "ok": false, "error": "...", "errno": 22}
+//! replies (the messages are in `protocol.rs`), one connection at a time
+//! per client, peers checked by their kernel-reported credentials.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
@@ -15,12 +11,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
 
 use ublk_ploop::{Error, Result};
 
-pub const PROTOCOL_VERSION: u32 = 1;
+use crate::protocol::{Envelope, Reply, Request, PROTOCOL_VERSION};
 /// Longest request line accepted; anything longer is refused unread.
 pub const MAX_REQUEST: usize = 64 * 1024;
 pub const SOCKET_DIR: &str = "/run/ublk-ploop";
@@ -33,27 +29,6 @@ pub fn socket_path(dev_id: u32) -> PathBuf {
     PathBuf::from(SOCKET_DIR).join(format!("{dev_id}.sock"))
 }
 
-#[derive(Deserialize)]
-struct Request {
-    version: Option<u32>,
-    cmd: String,
-    #[serde(default)]
-    #[allow(dead_code)]
-    args: Value,
-}
-
-#[derive(Serialize, Deserialize)]
-pub struct Reply {
-    pub version: u32,
-    pub ok: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub result: Option<Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub errno: Option<i32>,
-}
-
 impl Reply {
     fn ok(result: Value) -> Reply {
         Reply { version: PROTOCOL_VERSION, ok: true, result: Some(result), error: None, errno: None }
@@ -63,9 +38,35 @@ impl Reply {
     }
 }
 
+/// The commands, as named on the wire (for error messages).
+const COMMANDS: &str = "status, info, flush, snapshot, snapshot-list, snapshot-merge, snapshot-delete, snapshot-switch, job";
+
+/// Parse one request line: the version is checked before the command, and
+/// an unknown command is named as such.
+fn parse_request(line: &[u8]) -> Result<Request> {
+    let value: Value = serde_json::from_slice(line).map_err(|e| Error::invalid(format!("malformed request: {e}")))?;
+    if let Some(v) = value.get("version").filter(|v| !v.is_null()) {
+        if v.as_u64() != Some(PROTOCOL_VERSION as u64) {
+            return Err(Error::new(
+                libc::EPROTONOSUPPORT,
+                format!("protocol version {v} not supported (this daemon speaks {PROTOCOL_VERSION})"),
+            ));
+        }
+    }
+    match Envelope::from_value(value.clone()) {
+        Ok(env) => Ok(env.request),
+        Err(e) => match value.get("cmd").and_then(Value::as_str) {
+            Some(cmd) if !COMMANDS.split(", ").any(|c| c == cmd) => {
+                Err(Error::invalid(format!("unknown command '{cmd}' (known: {COMMANDS})")))
+            }
+            _ => Err(Error::invalid(format!("malformed request: {e}"))),
+        },
+    }
+}
+
 /// What the daemon answers requests with.
 pub trait Handler: Send + Sync + 'static {
-    fn handle(&self, cmd: &str, args: &Value) -> Result<Value>;
+    fn handle(&self, request: Request) -> Result<Value>;
 }
 
 /// Who may talk to the socket besides root and the daemon's own user.
@@ -230,16 +231,9 @@ fn serve_client(stream: UnixStream, handler: &dyn Handler) {
             let _ = std::io::copy(&mut reader.take(16 << 20), &mut std::io::sink());
             return;
         }
-        let reply = match serde_json::from_slice::<Request>(&line) {
-            Err(e) => Reply::err(&Error::invalid(format!("malformed request: {e}"))),
-            Ok(req) if req.version.is_some_and(|v| v != PROTOCOL_VERSION) => Reply::err(&Error::new(
-                libc::EPROTONOSUPPORT,
-                format!("protocol version {} not supported (this daemon speaks {PROTOCOL_VERSION})", req.version.unwrap()),
-            )),
-            Ok(req) => match handler.handle(&req.cmd, &req.args) {
-                Ok(v) => Reply::ok(v),
-                Err(e) => Reply::err(&e),
-            },
+        let reply = match parse_request(&line).and_then(|req| handler.handle(req)) {
+            Ok(v) => Reply::ok(v),
+            Err(e) => Reply::err(&e),
         };
         if send(&mut out, &reply).is_err() {
             return;
@@ -247,14 +241,19 @@ fn serve_client(stream: UnixStream, handler: &dyn Handler) {
     }
 }
 
-/// Send one request to a device's daemon and return its result.
-pub fn request(dev_id: u32, cmd: &str, args: Value) -> Result<Value> {
+/// Send one request to a device's daemon and return its typed result.
+pub fn request<T: DeserializeOwned>(dev_id: u32, request: Request) -> Result<T> {
+    let value = request_value(dev_id, request)?;
+    serde_json::from_value(value).map_err(|e| Error::new(libc::EPROTO, format!("device {dev_id}: unexpected reply from daemon: {e}")))
+}
+
+fn request_value(dev_id: u32, request: Request) -> Result<Value> {
     let path = socket_path(dev_id);
     let mut stream = UnixStream::connect(&path).map_err(|e| {
         Error::io(e, format_args!("device {dev_id}: cannot reach its daemon at {}", path.display()))
     })?;
-    stream.set_read_timeout(Some(Duration::from_secs(60))).ok();
-    let mut line = serde_json::to_vec(&json!({ "version": PROTOCOL_VERSION, "cmd": cmd, "args": args })).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(120))).ok();
+    let mut line = serde_json::to_vec(&Envelope { version: Some(PROTOCOL_VERSION), request }).expect("requests serialise");
     line.push(b'\n');
     stream.write_all(&line).map_err(|e| Error::io(e, path.display()))?;
     let mut answer = String::new();
@@ -272,12 +271,14 @@ pub fn request(dev_id: u32, cmd: &str, args: Value) -> Result<Value> {
 mod tests {
     use super::*;
 
+    use serde_json::json;
+
     struct Echo;
     impl Handler for Echo {
-        fn handle(&self, cmd: &str, _args: &Value) -> Result<Value> {
-            match cmd {
-                "status" => Ok(json!({"alive": true})),
-                _ => Err(Error::invalid(format!("unknown command '{cmd}'"))),
+        fn handle(&self, request: Request) -> Result<Value> {
+            match request {
+                Request::Status => Ok(json!({"alive": true})),
+                other => Err(Error::invalid(format!("not in this test: {other:?}"))),
             }
         }
     }

@@ -1,13 +1,13 @@
 //! Flatten an image or a stack into a new raw or ploop image.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::io::{AlignedBuf, Direct, Io};
 use crate::layers::{Format, PloopLayer};
-use crate::stack::{Stack, StackOptions};
+use crate::stack::{LayerSpec, Stack, StackOptions};
 
 #[derive(Clone, Debug)]
 pub struct ConvertOptions {
@@ -32,12 +32,12 @@ pub struct ConvertStats {
 /// destination is removed.
 pub async fn convert<I: Io>(
     io: &I,
-    sources: &[PathBuf],
+    sources: &[LayerSpec],
     dst: &Path,
     opts: &ConvertOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<ConvertStats> {
-    let (src, _) = Stack::open(io, sources, &StackOptions { read_only: true, direct: opts.direct }).await?;
+    let (src, _) = Stack::open_layers(io, sources, &StackOptions { read_only: true, direct: opts.direct }).await?;
     if dst.exists() {
         return Err(Error::new(libc::EEXIST, format!("{}: destination exists; refusing to overwrite it", dst.display())));
     }
@@ -69,7 +69,8 @@ async fn copy_all<I: Io>(
     opts: &ConvertOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<ConvertStats> {
-    let (out, _) = Stack::open(io, &[dst.to_path_buf()], &StackOptions { read_only: false, direct: opts.direct }).await?;
+    let out_spec = LayerSpec { path: dst.to_path_buf(), format: opts.to };
+    let (out, _) = Stack::open_layers(io, &[out_spec], &StackOptions { read_only: false, direct: opts.direct }).await?;
     let size = src.size();
     // Zero detection at the finer of the two cluster sizes, so a sparse
     // source stays sparse in a destination with smaller clusters.

@@ -5,19 +5,22 @@
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::io::UblkDev;
 use libublk::{sys, UblkFlags};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use ublk_ploop::io::{block_on, Direct, SyncIo};
-use ublk_ploop::{Error, Result, Stack, StackOptions};
+use ublk_ploop::disk::{ops, Disk, Guid};
+use ublk_ploop::io::{block_on, Direct, OwnRing, SyncIo};
+use ublk_ploop::{Error, LayerSpec, Result, Stack, StackOptions};
 
 use crate::control::{self, Access, Handler};
+use crate::protocol::{self as proto, DeleteReply, Job, JobState, Request};
 use crate::ublk_target::{self, Counters, Device};
 
 /// Our target name in the kernel's and libublk's records.
@@ -27,8 +30,17 @@ pub const TARGET_NAME: &str = "ploop";
 /// that `recover` can rebuild it after the daemon died.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DeviceConfig {
-    /// Layer images, bottom first, absolute paths.
-    pub images: Vec<PathBuf>,
+    /// Layer images, bottom first, absolute paths. For a disk directory,
+    /// the chain when the device started (the descriptor rules).
+    #[serde(deserialize_with = "layer_specs")]
+    pub images: Vec<LayerSpec>,
+    /// The disk directory served, whose descriptor names the layers: a
+    /// restarted daemon follows it (snapshots taken meanwhile included).
+    #[serde(default)]
+    pub disk: Option<PathBuf>,
+    /// The snapshot a read-only snapshot device serves.
+    #[serde(default)]
+    pub snapshot: Option<Guid>,
     pub queues: u16,
     pub depth: u16,
     pub read_only: bool,
@@ -36,6 +48,33 @@ pub struct DeviceConfig {
     pub direct: Direct,
     /// Group allowed on the control socket (numeric gid).
     pub socket_gid: Option<u32>,
+}
+
+impl DeviceConfig {
+    /// The layers to open now: the descriptor's chain for a disk directory.
+    pub fn layers(&self) -> Result<Vec<LayerSpec>> {
+        match &self.disk {
+            Some(dir) => Disk::load(dir)?.layers(self.snapshot),
+            None => Ok(self.images.clone()),
+        }
+    }
+}
+
+/// Layer lists as stored by earlier versions (plain paths) or now.
+fn layer_specs<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Vec<LayerSpec>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Stored {
+        Path(PathBuf),
+        Spec(LayerSpec),
+    }
+    let v: Vec<Stored> = Deserialize::deserialize(d)?;
+    Ok(v.into_iter()
+        .map(|s| match s {
+            Stored::Path(p) => LayerSpec::ploop(p),
+            Stored::Spec(s) => s,
+        })
+        .collect())
 }
 
 mod direct_serde {
@@ -84,10 +123,11 @@ pub fn start(config: DeviceConfig, mode: Mode, foreground: bool) -> Result<i32> 
     require_ublk()?;
     // Open the images before forking so that bad input fails right here.
     let opts = StackOptions { read_only: config.read_only, direct: config.direct };
-    let (stack, reports) = block_on(Stack::open(&SyncIo, &config.images, &opts))?;
-    for (path, r) in config.images.iter().zip(&reports) {
+    let layers = config.layers()?;
+    let (stack, reports) = block_on(Stack::open_layers(&SyncIo, &layers, &opts))?;
+    for (spec, r) in layers.iter().zip(&reports) {
         if r.was_in_use {
-            tracing::warn!(image = %path.display(), trimmed = r.trimmed_leak, "image was not closed cleanly; checked, no damage");
+            tracing::warn!(image = %spec.path.display(), trimmed = r.trimmed_leak, "image was not closed cleanly; checked, no damage");
         }
     }
     if foreground {
@@ -201,56 +241,226 @@ struct DaemonHandler {
     dev_id: u32,
     config: DeviceConfig,
     started: Instant,
+    /// The disk directory, for snapshot commands; one change at a time.
+    disk: Mutex<Option<Disk>>,
+    /// The running or last background job.
+    job: Arc<Mutex<Option<Job>>>,
 }
 
 impl Handler for DaemonHandler {
-    fn handle(&self, cmd: &str, _args: &Value) -> Result<Value> {
+    fn handle(&self, request: Request) -> Result<Value> {
         let stack = &self.device.stack;
-        match cmd {
-            "status" => Ok(json!({
-                "device": format!("/dev/ublkb{}", self.dev_id),
-                "id": self.dev_id,
-                "pid": std::process::id(),
-                "uptime_secs": self.started.elapsed().as_secs(),
-                "size": stack.size(),
-                "cluster_size": stack.cluster_size(),
-                "block_size": stack.block_size(),
-                "read_only": stack.is_read_only(),
-                "layers": layers_json(stack),
-                "counters": serde_json::to_value(&self.device.counters).unwrap(),
-            })),
-            "info" => Ok(json!({
+        let json = |v: &dyn erased::Ser| Ok(v.to_json());
+        match request {
+            Request::Status => json(&self.status()),
+            Request::Info => Ok(serde_json::json!({
                 "device": format!("/dev/ublkb{}", self.dev_id),
                 "id": self.dev_id,
                 "config": serde_json::to_value(&self.config).unwrap(),
                 "version": env!("CARGO_PKG_VERSION"),
             })),
-            "flush" => {
+            Request::Flush => {
                 block_on(stack.flush(&SyncIo))?;
-                Ok(json!({}))
+                Ok(Value::Object(Default::default()))
             }
-            _ => Err(Error::invalid(format!("unknown command '{cmd}' (known: status, info, flush)"))),
+            Request::Job => json(&self.job.lock().unwrap().clone()),
+            Request::SnapshotList => {
+                let disk = self.disk_now()?;
+                json(&disk.snapshot_rows())
+            }
+            Request::Snapshot { uuid } => {
+                let mut guard = self.change()?;
+                let disk = guard.as_mut().expect("checked by change()");
+                json(&block_on(ops::snapshot(&SyncIo, stack, disk, uuid))?)
+            }
+            Request::SnapshotSwitch { uuid, force } => {
+                if !force {
+                    let dev = format!("/dev/ublkb{}", self.dev_id);
+                    if let Some(on) = mount_point(&dev) {
+                        return Err(Error::new(
+                            libc::EBUSY,
+                            format!("{dev} is mounted on {on}: switching would change the data under the filesystem; unmount it first (or use --force)"),
+                        ));
+                    }
+                }
+                let mut guard = self.change()?;
+                let disk = guard.as_mut().expect("checked by change()");
+                json(&block_on(ops::switch(&SyncIo, stack, disk, uuid))?)
+            }
+            Request::SnapshotMerge { uuid } => json(&self.start_job("merge", uuid, move |io, stack, disk, progress| {
+                let m = ring_merge(io, stack, disk, uuid, progress)?;
+                Ok((Some(m), None))
+            })?),
+            Request::SnapshotDelete { uuid } => {
+                // Deleting a delta with one child is a merge: a job; the
+                // rest is done at once.
+                let children = self.disk_now()?.desc.children(uuid).len();
+                if children == 1 {
+                    let job = self.start_job("delete", Some(uuid), move |io, stack, disk, progress| {
+                        let d = io.block_on(ops::delete(&io.io(), stack, disk, uuid, progress))?;
+                        Ok((None, Some(d)))
+                    })?;
+                    json(&DeleteReply::Started(job))
+                } else {
+                    let mut guard = self.change()?;
+                    let disk = guard.as_mut().expect("checked by change()");
+                    json(&DeleteReply::Done(block_on(ops::delete(&SyncIo, stack, disk, uuid, &|_, _| {}))?))
+                }
+            }
         }
     }
 }
 
-fn layers_json(stack: &Stack) -> Value {
-    let layers = stack.layers();
-    let top = layers.len() - 1;
-    Value::Array(
-        layers
-            .iter()
-            .enumerate()
-            .map(|(i, l)| {
-                json!({
-                    "path": l.file().path.display().to_string(),
-                    "format": l.format(),
-                    "writable": i == top && !stack.is_read_only(),
-                    "direct_io": l.file().direct,
+/// Run a merge on a ring of its own: its copies go on in parallel.
+fn ring_merge(ring: &OwnRing, stack: &Stack, disk: &mut Disk, uuid: Option<Guid>, progress: &dyn Fn(u64, u64)) -> Result<ops::Merged> {
+    ring.block_on(ops::merge(&ring.io(), stack, disk, uuid, progress))
+}
+
+/// Serialising results without naming each type at the call site.
+mod erased {
+    pub trait Ser {
+        fn to_json(&self) -> serde_json::Value;
+    }
+    impl<T: serde::Serialize> Ser for T {
+        fn to_json(&self) -> serde_json::Value {
+            serde_json::to_value(self).expect("replies serialise")
+        }
+    }
+}
+
+type JobFn = dyn FnOnce(&OwnRing, &Stack, &mut Disk, &dyn Fn(u64, u64)) -> Result<(Option<ops::Merged>, Option<ops::Deleted>)> + Send;
+
+impl DaemonHandler {
+    fn status(&self) -> proto::Status {
+        let stack = &self.device.stack;
+        let layers = stack.layers();
+        let top = layers.len() - 1;
+        let c = &self.device.counters;
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        proto::Status {
+            device: format!("/dev/ublkb{}", self.dev_id),
+            id: self.dev_id,
+            pid: std::process::id(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            size: stack.size(),
+            cluster_size: stack.cluster_size(),
+            block_size: stack.block_size(),
+            read_only: stack.is_read_only(),
+            disk: self.config.disk.clone(),
+            snapshot: self.config.snapshot,
+            layers: layers
+                .iter()
+                .enumerate()
+                .map(|(i, l)| proto::LayerStatus {
+                    path: l.file().path.clone(),
+                    format: l.format(),
+                    writable: i == top && !stack.is_read_only(),
+                    direct_io: l.file().direct,
                 })
-            })
-            .collect(),
-    )
+                .collect(),
+            counters: proto::Counters {
+                reads: load(&c.reads),
+                writes: load(&c.writes),
+                read_bytes: load(&c.read_bytes),
+                write_bytes: load(&c.write_bytes),
+                flushes: load(&c.flushes),
+                discards: load(&c.discards),
+                write_zeroes: load(&c.write_zeroes),
+                errors: load(&c.errors),
+            },
+            copy_ups: stack.copy_ups(),
+            in_flight: stack.in_flight(),
+            job: self.job.lock().unwrap().clone(),
+        }
+    }
+
+    /// The descriptor as it is now (for listing).
+    fn disk_now(&self) -> Result<Disk> {
+        match &self.config.disk {
+            Some(dir) => Disk::load(dir),
+            None => Err(self.not_a_disk()),
+        }
+    }
+
+    fn not_a_disk(&self) -> Error {
+        Error::unsupported(format!(
+            "/dev/ublkb{} serves image files, not a disk directory: snapshots need a DiskDescriptor.xml (`ublk-ploop init`, then `add --image DIR`)",
+            self.dev_id
+        ))
+    }
+
+    /// The disk, for a change: refused for a read-only (snapshot) device and
+    /// while a job runs.
+    fn change(&self) -> Result<std::sync::MutexGuard<'_, Option<Disk>>> {
+        if self.device.stack.is_read_only() {
+            return Err(Error::new(libc::EROFS, format!("/dev/ublkb{} is read-only (a snapshot device)", self.dev_id)));
+        }
+        if self.job.lock().unwrap().as_ref().is_some_and(|j| j.state == JobState::Running) {
+            return Err(Error::new(libc::EBUSY, "a merge is running on this device; wait for it (`ublk-ploop status`)"));
+        }
+        let guard = self.disk.try_lock().map_err(|_| Error::new(libc::EBUSY, "another snapshot command is running on this device"))?;
+        if guard.is_none() {
+            return Err(self.not_a_disk());
+        }
+        Ok(guard)
+    }
+
+    /// Start a background job on a thread of its own (with its own ring);
+    /// returns its first status. One at a time.
+    fn start_job(
+        &self,
+        kind: &str,
+        uuid: Option<Guid>,
+        work: impl FnOnce(&OwnRing, &Stack, &mut Disk, &dyn Fn(u64, u64)) -> Result<(Option<ops::Merged>, Option<ops::Deleted>)> + Send + 'static,
+    ) -> Result<Job> {
+        let guard = self.change()?;
+        let disk = guard.clone().expect("checked by change()");
+        let job = Job { kind: kind.into(), uuid, state: JobState::Running, done: 0, total: 0, secs: 0.0, error: None, errno: None, merged: None, deleted: None };
+        *self.job.lock().unwrap() = Some(job.clone());
+        drop(guard);
+        let (device, slot) = (self.device.clone(), self.job.clone());
+        let work: Box<JobFn> = Box::new(work);
+        let started = Instant::now();
+        let spawned = std::thread::Builder::new().name(format!("job-{kind}")).spawn(move || {
+            let progress = |done: u64, total: u64| {
+                if let Some(j) = slot.lock().unwrap().as_mut() {
+                    j.done = done;
+                    j.total = total;
+                    j.secs = started.elapsed().as_secs_f64();
+                }
+            };
+            let outcome = match OwnRing::new(64) {
+                Ok(ring) => {
+                    // The operation re-reads the descriptor under the disk lock.
+                    let mut disk = disk;
+                    work(&ring, &device.stack, &mut disk, &progress)
+                }
+                Err(e) => Err(Error::io(e, "setting up io_uring")),
+            };
+            let mut j = slot.lock().unwrap();
+            if let Some(j) = j.as_mut() {
+                j.secs = started.elapsed().as_secs_f64();
+                match outcome {
+                    Ok((merged, deleted)) => {
+                        j.state = JobState::Done;
+                        j.merged = merged;
+                        j.deleted = deleted;
+                    }
+                    Err(e) => {
+                        tracing::error!("{} failed: {e}", j.kind);
+                        j.state = JobState::Failed;
+                        j.error = Some(e.message().to_string());
+                        j.errno = Some(e.errno());
+                    }
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            *self.job.lock().unwrap() = None;
+            return Err(Error::io(e, "starting the job"));
+        }
+        Ok(job)
+    }
 }
 
 /// Block the stop signals in every thread; one thread waits for them and
@@ -335,7 +545,18 @@ fn run_inner(device: &Arc<Device>, config: DeviceConfig, mode: Mode, ready: &mut
     };
     let dev_id = ctrl.dev_info().dev_id;
     install_stop_signals(dev_id);
-    let handler = Arc::new(DaemonHandler { device: device.clone(), dev_id, config: config.clone(), started: Instant::now() });
+    let disk = match &config.disk {
+        Some(dir) if !config.read_only => Some(Disk::load(dir)?),
+        _ => None,
+    };
+    let handler = Arc::new(DaemonHandler {
+        device: device.clone(),
+        dev_id,
+        config: config.clone(),
+        started: Instant::now(),
+        disk: Mutex::new(disk),
+        job: Arc::new(Mutex::new(None)),
+    });
     let server = control::Server::start(&control::socket_path(dev_id), Access { group: config.socket_gid }, handler)?;
 
     let read_only = config.read_only;

@@ -5,6 +5,7 @@
 
 pub mod check;
 pub mod convert;
+pub mod disk;
 pub mod error;
 pub mod io;
 pub mod layers;
@@ -13,4 +14,4 @@ pub mod stack;
 pub mod tracker;
 
 pub use error::{Error, Result};
-pub use stack::{Stack, StackOptions};
+pub use stack::{LayerSpec, Stack, StackOptions};

@@ -4,6 +4,8 @@ mod cli;
 mod config;
 mod control;
 mod daemon;
+mod protocol;
+mod snapshot_cmd;
 mod ublk_target;
 
 fn main() {

@@ -28,7 +28,7 @@ use crate::error::{Error, Result};
 use crate::io::wait::{Entered, Gate, WaitList};
 use crate::io::{block_on, join_all, AlignedBuf, BufPool, Direct, Io};
 use crate::layers::header::DEFAULT_CLUSTER;
-use crate::layers::{Layer, MetaError, OpenReport, PloopLayer};
+use crate::layers::{Format, Layer, MetaError, OpenReport, PloopLayer};
 use crate::tracker::Tracker;
 
 /// Deepest stack we serve: layer indexes must fit the u8 owner map, with
@@ -46,6 +46,23 @@ enum Seg {
     Data { fd: RawFd, file_off: u64, buf_off: usize, len: usize },
     /// The request buffer at `buf_off` reads as zeros.
     Zero { buf_off: usize, len: usize },
+}
+
+/// A layer to open: its file and its declared format.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LayerSpec {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub format: Format,
+}
+
+impl LayerSpec {
+    pub fn ploop(path: impl Into<PathBuf>) -> LayerSpec {
+        LayerSpec { path: path.into(), format: Format::Ploop }
+    }
+    pub fn raw(path: impl Into<PathBuf>) -> LayerSpec {
+        LayerSpec { path: path.into(), format: Format::Raw }
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -118,15 +135,22 @@ pub struct Stack {
 }
 
 impl Stack {
-    /// Open images bottom first; the last one is the top.
+    /// Open ploop images bottom first; the last one is the top.
     pub async fn open<I: Io>(io: &I, paths: &[PathBuf], opts: &StackOptions) -> Result<(Stack, Vec<OpenReport>)> {
+        let specs: Vec<LayerSpec> = paths.iter().map(LayerSpec::ploop).collect();
+        Self::open_layers(io, &specs, opts).await
+    }
+
+    /// Open layers of declared formats, bottom first; the last is the top.
+    pub async fn open_layers<I: Io>(io: &I, specs: &[LayerSpec], opts: &StackOptions) -> Result<(Stack, Vec<OpenReport>)> {
+        let paths: Vec<PathBuf> = specs.iter().map(|s| s.path.clone()).collect();
         if paths.is_empty() {
             return Err(Error::invalid("a stack needs at least one image"));
         }
         if paths.len() > MAX_DEPTH {
             return Err(Error::invalid(format!("stack of {} layers exceeds the limit of {MAX_DEPTH}", paths.len())));
         }
-        reject_repeated_files(paths)?;
+        reject_repeated_files(&paths)?;
         let lowers = &paths[..paths.len() - 1];
         let mut repaired = vec![false; paths.len()];
         if !opts.read_only {
@@ -135,9 +159,10 @@ impl Stack {
             // BAT is checked and its grown-ahead tail trimmed, as on any
             // unclean open) and close it, so it is clean before it serves
             // as a read-only layer.
-            for (i, path) in lowers.iter().enumerate() {
-                if crate::layers::marked_in_use(io, path).await? {
-                    let (layer, _) = Layer::open(io, path, true, opts.direct).await?;
+            for (i, spec) in specs[..lowers.len()].iter().enumerate() {
+                let path = &spec.path;
+                if spec.format == Format::Ploop && crate::layers::marked_in_use(io, path).await? {
+                    let (layer, _) = Layer::open(io, path, Format::Ploop, true, opts.direct).await?;
                     layer.close(io).await?;
                     tracing::warn!(image = %path.display(), "lower layer was left in use by a snapshot that did not finish; checked and closed");
                     repaired[i] = true;
@@ -146,9 +171,9 @@ impl Stack {
         }
         let mut layers = Vec::with_capacity(paths.len());
         let mut reports = Vec::with_capacity(paths.len());
-        for (i, path) in paths.iter().enumerate() {
+        for (i, spec) in specs.iter().enumerate() {
             let writable = !opts.read_only && i + 1 == paths.len();
-            let (layer, mut report) = Layer::open(io, path, writable, opts.direct).await?;
+            let (layer, mut report) = Layer::open(io, &spec.path, spec.format, writable, opts.direct).await?;
             report.was_in_use |= repaired[i];
             layers.push(Arc::new(layer));
             reports.push(report);
@@ -553,6 +578,15 @@ impl Stack {
     /// may hold writes already) and the error says so; the old top keeps
     /// its in-use mark, so the next open checks it.
     pub async fn push_layer<I: Io>(&self, io: &I, path: &Path) -> Result<Duration> {
+        let new_top = self.prepare_top(io, path).await?;
+        self.install_top(io, new_top).await
+    }
+
+    /// The first half of a snapshot: create `path` as an empty image the
+    /// size of this disk, open it as a writable top and grow it ahead (so its
+    /// first copy-ups do not wait for that), without touching the stack. If
+    /// the caller gives up, `discard_top` removes it again.
+    pub async fn prepare_top<I: Io>(&self, io: &I, path: &Path) -> Result<Arc<Layer>> {
         self.check_writable()?;
         {
             let shape = self.shape.enter().await;
@@ -562,28 +596,24 @@ impl Stack {
             }
         }
         PloopLayer::create(io, path, self.size, self.cluster).await?;
-        let opened = match Layer::open(io, path, true, self.direct).await {
-            Ok((layer, _)) => Ok(Arc::new(layer)),
-            Err(e) => Err(e),
-        };
-        // Space for the first copy-ups, before requests need it.
-        let ready = match opened {
-            Ok(layer) => match layer.grow_ahead(io).await {
-                Ok(()) => Ok(layer),
-                Err(e) => {
-                    let _ = layer.close(io).await;
-                    Err(e)
-                }
-            },
-            Err(e) => Err(e),
-        };
-        let new_top = match ready {
-            Ok(layer) => layer,
+        let layer = match Layer::open(io, path, Format::Ploop, true, self.direct).await {
+            Ok((layer, _)) => Arc::new(layer),
             Err(e) => {
                 let _ = std::fs::remove_file(path);
                 return Err(e);
             }
         };
+        // Space for the first copy-ups, before requests need it.
+        if let Err(e) = layer.grow_ahead(io).await {
+            discard_top(io, layer).await;
+            return Err(e);
+        }
+        Ok(layer)
+    }
+
+    /// The second half: swap `new_top` in as the top (holding requests only
+    /// for the swap), then close the old top. Returns the stall.
+    pub async fn install_top<I: Io>(&self, io: &I, new_top: Arc<Layer>) -> Result<Duration> {
         let start = Instant::now();
         let swapped = {
             let mut shape = self.shape.exclusive().await;
@@ -600,19 +630,136 @@ impl Stack {
         let old = match swapped {
             Ok(old) => old,
             Err(e) => {
-                let _ = new_top.close(io).await;
-                drop(new_top);
-                let _ = std::fs::remove_file(path);
+                discard_top(io, new_top).await;
                 return Err(e);
             }
         };
-        // The old top takes no more writes: make it durable and clean.
-        old.close(io).await.and_then(|()| old.demote()).map_err(|e| {
+        self.retire(io, &old).await.map_err(|e| {
             e.context(format_args!("snapshot taken, but closing the frozen layer {} failed", old.file().path.display()))
         })?;
-        self.retiring.lock().unwrap().retain(|l| !Arc::ptr_eq(l, &old));
         Ok(stall)
     }
+
+    /// Close a former top (durable, marked clean, shared lock); until this
+    /// succeeded, flushes sync it too.
+    async fn retire<I: Io>(&self, io: &I, old: &Arc<Layer>) -> Result<()> {
+        old.close(io).await?;
+        old.demote()?;
+        self.retiring.lock().unwrap().retain(|l| !Arc::ptr_eq(l, old));
+        Ok(())
+    }
+
+    /// Merge the top's parent into the top, online: every cluster whose
+    /// topmost holder is the parent is copied up into the top, exactly as a
+    /// first write would copy it (claimed, copied, synced, linked), `batch`
+    /// at a time; requests go on meanwhile. Then the top is flushed, so the
+    /// parent may be dropped from the descriptor and then from the stack
+    /// (`remove_layer`). `progress` gets (clusters done, clusters to do).
+    /// The top must not change meanwhile (the caller runs one stack change
+    /// at a time); if it does, the merge stops with an error.
+    pub async fn merge_parent_into_top<I: Io>(&self, io: &I, batch: usize, progress: &dyn Fn(u64, u64)) -> Result<u64> {
+        self.check_writable()?;
+        let (top, parent, todo): (Arc<Layer>, u8, Vec<u64>) = {
+            let shape = self.shape.enter().await;
+            shape.check_open()?;
+            if shape.layers.len() < 2 {
+                return Err(Error::invalid("the top has no parent to merge"));
+            }
+            let parent = shape.top_index() - 1;
+            let todo = (0..shape.owner.len() as u64).filter(|&c| shape.owner_of(c) == Some(parent as usize)).collect();
+            (shape.top().clone(), parent, todo)
+        };
+        let total = todo.len() as u64;
+        progress(0, total);
+        let mut done = 0u64;
+        for chunk in todo.chunks(batch.max(1)) {
+            let shape = self.shape.enter().await;
+            shape.check_open()?;
+            if !Arc::ptr_eq(shape.top(), &top) || shape.top_index() != parent + 1 {
+                return Err(Error::new(libc::EBUSY, "the stack changed during the merge"));
+            }
+            let shape = &*shape;
+            let copies = chunk
+                .iter()
+                .map(|&c| async move {
+                    // A write may have copied it up meanwhile: then nothing to do.
+                    if shape.owner_of(c) == Some(parent as usize) && shape.top().lookup(c, self.cluster).is_none() {
+                        let window = shape.top().window_start();
+                        self.allocate(io, shape, c, true).await?;
+                        self.finish(io, shape, window).await?;
+                    }
+                    Ok::<(), Error>(())
+                })
+                .collect();
+            for r in join_all(copies).await {
+                r?;
+            }
+            done += chunk.len() as u64;
+            progress(done, total);
+        }
+        top.sync(io).await?;
+        Ok(total)
+    }
+
+    /// Drop a layer below the top from the stack (after a merge made it
+    /// redundant). Requests are held while the list changes; the owner map
+    /// is rebuilt. Returns the layer (its file may be removed once this
+    /// returns: no request uses it any more).
+    pub async fn remove_layer(&self, index: usize) -> Result<Arc<Layer>> {
+        let mut shape = self.shape.exclusive().await;
+        shape.check_open()?;
+        if index + 1 >= shape.layers.len() {
+            return Err(Error::invalid(format!("layer {index} is the top or does not exist; only lower layers can be dropped")));
+        }
+        let removed = shape.layers.remove(index);
+        shape.owner = owner_map(&shape.layers, self.size, self.cluster);
+        Ok(removed)
+    }
+
+    /// Replace the whole layer list (a switch to another snapshot): the
+    /// new list's top must be a writable, open image. Requests are held
+    /// while the list changes. Returns the old list; the caller closes the
+    /// old top (it keeps its in-use mark until then).
+    pub async fn replace_layers(&self, layers: Vec<Arc<Layer>>) -> Result<Vec<Arc<Layer>>> {
+        self.check_writable()?;
+        let top = layers.last().ok_or_else(|| Error::invalid("a stack needs at least one layer"))?;
+        if !top.file().writable || layers.len() > MAX_DEPTH {
+            return Err(Error::invalid("the new top must be writable, and the stack at most 255 layers deep"));
+        }
+        if layers.iter().any(|l| l.size() != self.size || l.cluster_size().is_some_and(|c| c != self.cluster)) {
+            return Err(Error::invalid("every layer must have the disk's size and cluster size"));
+        }
+        let mut shape = self.shape.exclusive().await;
+        shape.check_open()?;
+        let owner = owner_map(&layers, self.size, self.cluster);
+        let old = std::mem::replace(&mut shape.layers, layers);
+        shape.owner = owner;
+        Ok(old)
+    }
+
+    /// Swap a lower layer for another opening of it and drop the layer
+    /// above it (a merge of a lower delta into its parent: `merged` is the
+    /// parent with the child's clusters copied in). Returns the old parent
+    /// and the child.
+    pub async fn replace_pair(&self, parent: usize, merged: Arc<Layer>) -> Result<(Arc<Layer>, Arc<Layer>)> {
+        let mut shape = self.shape.exclusive().await;
+        shape.check_open()?;
+        if parent + 2 >= shape.layers.len() {
+            return Err(Error::invalid(format!("layers {parent} and {} are not both below the top", parent + 1)));
+        }
+        let child = shape.layers.remove(parent + 1);
+        let old = std::mem::replace(&mut shape.layers[parent], merged);
+        shape.owner = owner_map(&shape.layers, self.size, self.cluster);
+        Ok((old, child))
+    }
+}
+
+/// Close and remove a prepared top that never served.
+pub async fn discard_top<I: Io>(io: &I, layer: Arc<Layer>) {
+    let path = layer.file().path.clone();
+    let _ = layer.close(io).await;
+    drop(layer);
+    let _ = std::fs::remove_file(path);
 }
 
 /// Releases a cluster claimed by `allocate`, waking the requests that wait

@@ -342,7 +342,7 @@ fn mutated_images_never_panic_and_check_agrees_with_open() {
         // Panics fail at once; disagreements are collected and listed.
         let opened = catch_unwind(AssertUnwindSafe(|| retry_busy(|| block_on(Stack::open(&SyncIo, &paths, &ro)).map(|_| ()))))
             .unwrap_or_else(|_| panic!("round {round}: Stack::open panicked"));
-        let report = catch_unwind(AssertUnwindSafe(|| retry_busy(|| block_on(check(&SyncIo, &img, false)))))
+        let report = catch_unwind(AssertUnwindSafe(|| retry_busy(|| block_on(check(&SyncIo, &img, ublk_ploop::layers::Format::Ploop, false)))))
             .unwrap_or_else(|_| panic!("round {round}: check panicked"));
         match (&opened, &report) {
             (Err(e), Ok(r)) if r.verdict() == Verdict::Clean => {
@@ -355,7 +355,7 @@ fn mutated_images_never_panic_and_check_agrees_with_open() {
             )),
             _ => {}
         }
-        let repaired = catch_unwind(AssertUnwindSafe(|| retry_busy(|| block_on(check(&SyncIo, &img, true)))))
+        let repaired = catch_unwind(AssertUnwindSafe(|| retry_busy(|| block_on(check(&SyncIo, &img, ublk_ploop::layers::Format::Ploop, true)))))
             .unwrap_or_else(|_| panic!("round {round}: check --repair panicked"));
         if let Ok(r) = repaired {
             if r.verdict() != Verdict::Corrupt {

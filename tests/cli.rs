@@ -267,7 +267,10 @@ fn convert_round_trip_raw_ploop_raw() {
     let raw = dir.join("in.raw");
     fs::write(&raw, &disk).unwrap();
     let img = dir.join("a.ploop");
-    let stats = ploop(["convert", p(&raw), p(&img), "--cluster-size", "64K", "--json"]).ok().json();
+    // A file without a ploop signature is only read as raw when declared so.
+    ploop(["convert", p(&raw), p(&img), "--cluster-size", "64K"]).expect_clean_failure().mentions(&["not a valid ploop image", "--format raw"]);
+    assert!(!img.exists(), "a refused conversion left its destination behind");
+    let stats = ploop(["convert", p(&raw), p(&img), "--format", "raw", "--cluster-size", "64K", "--json"]).ok().json();
     assert_eq!(stats["disk_size"], size, "{stats}");
     ploop(["check", p(&img)]).ok();
     let back = dir.join("back.raw");

@@ -151,7 +151,7 @@ fn a_write_relying_on_a_rolled_back_entry_is_not_acknowledged() {
     assert_eq!(read4k(&stack, 8192), vec![0; 4096], "a failed write reappeared after reopen");
     assert_eq!(read4k(&stack, 2 * C), data, "an acknowledged write was lost");
     drop(stack);
-    let report = block_on(ublk_ploop::check::check(&SyncIo, &p, false)).unwrap();
+    let report = block_on(ublk_ploop::check::check(&SyncIo, &p, ublk_ploop::layers::Format::Ploop, false)).unwrap();
     assert!(report.bad_entries.is_empty(), "{report:?}");
 }
 

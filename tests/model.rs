@@ -15,7 +15,7 @@ use std::process::Command;
 use common::AnyIo;
 use ublk_ploop::io::{block_on, AlignedBuf, Direct, SyncIo};
 use ublk_ploop::layers::PloopLayer;
-use ublk_ploop::{Stack, StackOptions};
+use ublk_ploop::{LayerSpec, Stack, StackOptions};
 
 struct Rng(u64);
 impl Rng {
@@ -95,8 +95,13 @@ impl Drop for Dir {
     }
 }
 
-fn open(io: &AnyIo, paths: &[PathBuf]) -> Stack {
-    io.run(Stack::open(io, paths, &StackOptions { read_only: false, direct: Direct::Auto })).unwrap().0
+/// The layers, with the base declared raw when it is one.
+fn specs(paths: &[PathBuf], raw_base: bool) -> Vec<LayerSpec> {
+    paths.iter().enumerate().map(|(i, p)| if i == 0 && raw_base { LayerSpec::raw(p) } else { LayerSpec::ploop(p) }).collect()
+}
+
+fn open(io: &AnyIo, paths: &[PathBuf], raw_base: bool) -> Stack {
+    io.run(Stack::open_layers(io, &specs(paths, raw_base), &StackOptions { read_only: false, direct: Direct::Auto })).unwrap().0
 }
 
 fn verify_range(stack: &Stack, io: &AnyIo, model: &Model, off: u64, len: usize, ctx: &str) {
@@ -145,7 +150,7 @@ fn run_seed(seed: u64) {
         block_on(PloopLayer::create(&SyncIo, &base, size, cluster)).unwrap();
     }
     let mut paths = vec![base];
-    let mut stack = open(&io, &paths);
+    let mut stack = open(&io, &paths, raw_base);
     // A stack with no ploop layer uses the default cluster size; layers
     // pushed on top of it inherit the stack's.
     let cluster = stack.cluster_size();
@@ -193,14 +198,14 @@ fn run_seed(seed: u64) {
             90..=94 => {
                 io.run(stack.close(&io)).unwrap_or_else(|e| panic!("{ctx}: close: {e}"));
                 drop(stack);
-                stack = open(&io, &paths);
+                stack = open(&io, &paths, raw_base);
             }
             95..=97 => {
                 // The process dies (no close, no flush): every completed
                 // write was acknowledged, so none may be lost, and reopening
                 // must accept the in-use mark and the grown-ahead tail.
                 drop(stack);
-                stack = open(&io, &paths);
+                stack = open(&io, &paths, raw_base);
             }
             _ => verify_all(&stack, &io, &model, &ctx),
         }
@@ -213,15 +218,16 @@ fn run_seed(seed: u64) {
     drop(stack);
 
     // Independent checks on the files: our checker and qemu-img's.
-    for path in &paths {
-        let report = block_on(ublk_ploop::check::check(&SyncIo, path, false)).unwrap();
+    for spec in specs(&paths, raw_base) {
+        let path = &spec.path;
+        let report = block_on(ublk_ploop::check::check(&SyncIo, path, spec.format, false)).unwrap();
         assert_eq!(report.exit_code(), 0, "{ctx}: check of {} not clean: {report:?}", path.display());
         if !raw_base || path != &paths[0] {
             qemu_check(path, &ctx);
         }
     }
     // Reopen read-only and verify once more: what close wrote is what we read.
-    let (ro, _) = io.run(Stack::open(&io, &paths, &StackOptions { read_only: true, direct: Direct::Auto })).unwrap();
+    let (ro, _) = io.run(Stack::open_layers(&io, &specs(&paths, raw_base), &StackOptions { read_only: true, direct: Direct::Auto })).unwrap();
     verify_all(&ro, &io, &model, &format!("{ctx}, after close"));
 }
 

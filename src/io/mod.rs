@@ -31,6 +31,7 @@ pub use futures_lite::future::block_on;
 
 use std::io;
 use std::os::fd::RawFd;
+use std::path::Path;
 
 /// File I/O as the engine needs it. Futures may start their operation
 /// when first polled and must then be polled to completion: a ring cannot
@@ -52,6 +53,14 @@ pub trait Io {
     async fn punch_hole(&self, fd: RawFd, offset: u64, len: u64) -> io::Result<()>;
     /// Set the file's length (ftruncate).
     async fn set_len(&self, fd: RawFd, len: u64) -> io::Result<()>;
+    /// Rename a file over another (descriptor updates).
+    async fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)
+    }
+    /// Make a directory's entries durable (after creating or renaming).
+    async fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        std::fs::File::open(dir)?.sync_all()
+    }
 }
 
 impl<T: Io + ?Sized> Io for &T {
@@ -72,6 +81,12 @@ impl<T: Io + ?Sized> Io for &T {
     }
     async fn set_len(&self, fd: RawFd, len: u64) -> io::Result<()> {
         (**self).set_len(fd, len).await
+    }
+    async fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        (**self).rename(from, to).await
+    }
+    async fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        (**self).sync_dir(dir).await
     }
 }
 

@@ -1,4 +1,8 @@
-//! Image formats that can be a layer of a stack, detected by their magic.
+//! Image formats that can be a layer of a stack. A layer's format is
+//! declared (by the disk descriptor or the command line), never guessed
+//! from the data: a ploop image whose first bytes are damaged must not be
+//! served as a raw disk (its header and BAT would become disk content, and
+//! the first write would destroy it).
 
 pub mod bat;
 pub mod header;
@@ -14,11 +18,23 @@ pub use ploop::{MetaError, OpenReport, PloopLayer};
 pub use raw::RawLayer;
 
 /// The formats a layer file can have.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
+    #[default]
     Ploop,
     Raw,
+}
+
+impl std::str::FromStr for Format {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "ploop" | "parallels" => Ok(Format::Ploop),
+            "raw" => Ok(Format::Raw),
+            _ => Err(format!("unknown format '{s}' (use ploop or raw)")),
+        }
+    }
 }
 
 #[allow(clippy::large_enum_variant)] // Layers live behind an Arc, one per file.
@@ -37,7 +53,8 @@ const FOREIGN_MAGICS: &[(&[u8], &str)] = &[
     (b"<<< Oracle VM VirtualBox Disk Image >>>", "vdi"),
 ];
 
-/// Detect the format of an image by its first bytes.
+/// What a file's first bytes say it is: used to explain a refusal (a qcow2
+/// image given as a ploop one) and by `info`, never to pick how to serve it.
 pub async fn detect_format<I: Io>(io: &I, path: &Path) -> Result<Format> {
     let file = open_image_file(path, false, Direct::Off)?;
     let mut head = AlignedBuf::zeroed(4096);
@@ -69,9 +86,6 @@ pub async fn detect_format<I: Io>(io: &I, path: &Path) -> Result<Format> {
 /// True when `path` is a ploop image whose in-use mark is set (its last
 /// writer did not close it).
 pub async fn marked_in_use<I: Io>(io: &I, path: &Path) -> Result<bool> {
-    if detect_format(io, path).await? != Format::Ploop {
-        return Ok(false);
-    }
     let file = open_image_file(path, false, Direct::Off)?;
     let name = path.display().to_string();
     let read = ploop::load::read_header(io, file.fd(), &name).await.map_err(|e| e.context(&name))?;
@@ -79,13 +93,32 @@ pub async fn marked_in_use<I: Io>(io: &I, path: &Path) -> Result<bool> {
 }
 
 impl Layer {
-    /// Open a layer file, detecting its format.
-    pub async fn open<I: Io>(io: &I, path: &Path, writable: bool, direct: Direct) -> Result<(Layer, OpenReport)> {
-        let format = detect_format(io, path).await?;
+    /// Open a layer file of the declared format, locked: exclusively when
+    /// writable, shared otherwise.
+    pub async fn open<I: Io>(io: &I, path: &Path, format: Format, writable: bool, direct: Direct) -> Result<(Layer, OpenReport)> {
+        Self::open_with(io, path, format, writable, direct, true).await
+    }
+
+    /// The same without taking the lock, for a second opening of a file
+    /// whose lock this process holds already (a merge writing into a
+    /// parent that the stack reads meanwhile).
+    pub async fn open_unlocked<I: Io>(io: &I, path: &Path, format: Format, writable: bool, direct: Direct) -> Result<(Layer, OpenReport)> {
+        Self::open_with(io, path, format, writable, direct, false).await
+    }
+
+    async fn open_with<I: Io>(io: &I, path: &Path, format: Format, writable: bool, direct: Direct, locked: bool) -> Result<(Layer, OpenReport)> {
         let file = open_image_file(path, writable, direct)?;
-        lock(&file, writable)?;
+        if locked {
+            lock(&file, writable)?;
+        }
         match format {
-            Format::Ploop => PloopLayer::open(io, file, direct).await.map(|(l, r)| (Layer::Ploop(l), r)),
+            Format::Ploop => match PloopLayer::open(io, file, direct, locked).await {
+                Ok((l, r)) => Ok((Layer::Ploop(l), r)),
+                Err(e) if e.errno() == libc::EUCLEAN && e.message().contains("not a ploop image") => {
+                    Err(not_ploop(io, path, e).await)
+                }
+                Err(e) => Err(e),
+            },
             Format::Raw => {
                 let layer = RawLayer::open(file)?;
                 if layer.size() % 512 != 0 {
@@ -130,6 +163,13 @@ impl Layer {
             Layer::Raw(l) => l.lookup(c, cluster),
         }
     }
+    /// Take this layer's lock exclusively (converting a shared one) or
+    /// shared, without waiting: a merge that will drop or rewrite a lower
+    /// layer first makes sure no other process (a mounted snapshot) reads it.
+    pub fn relock(&self, exclusive: bool) -> Result<()> {
+        lock(self.file(), exclusive)
+    }
+
     /// Turn the writable top into a read-only lower layer, keeping its open
     /// descriptor: the exclusive lock becomes a shared one. Call after
     /// `close`, which left the image consistent and marked clean.
@@ -218,6 +258,20 @@ impl Layer {
             Layer::Raw(_) => Ok(()),
         }
     }
+}
+
+/// The refusal for a file opened as ploop that has no ploop signature,
+/// saying what it looks like instead.
+pub async fn not_ploop<I: Io>(io: &I, path: &Path, e: Error) -> Error {
+    let hint = match detect_format(io, path).await {
+        Err(found) if found.errno() == libc::EOPNOTSUPP => found.message().to_string(),
+        Err(found) => found.message().to_string(),
+        Ok(_) => {
+            let _ = e;
+            "no WithouFreSpacExt/WithoutFreeSpace signature; if it is a raw disk image, declare it with --format raw".to_string()
+        }
+    };
+    Error::corrupt(format!("{}: not a valid ploop image: {hint}", path.display()))
 }
 
 /// One writer per image, and no writer on an image others read as a lower

@@ -5,6 +5,8 @@
 //! Every test binary includes this module and uses a different subset.
 #![allow(dead_code)]
 
+pub mod inject;
+
 use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::fs::FileExt;

@@ -86,7 +86,7 @@ impl PloopLayer {
     /// Open an image. Damage to the BAT is refused (with a pointer to
     /// `check --repair`); an unclean previous close is tolerated, its
     /// leaked tail trimmed when writable.
-    pub async fn open<I: Io>(io: &I, mut file: ImageFile, direct: Direct) -> Result<(PloopLayer, OpenReport)> {
+    pub async fn open<I: Io>(io: &I, mut file: ImageFile, direct: Direct, lock: bool) -> Result<(PloopLayer, OpenReport)> {
         let path = file.path.display().to_string();
         let read = load::read_header(io, file.fd(), &path).await.map_err(|e| e.context(&path))?;
         let (mut header, file_len) = (read.header, read.file_len);
@@ -108,7 +108,9 @@ impl PloopLayer {
             let (p, writable) = (file.path.clone(), file.writable);
             drop(file);
             file = open_image_file(&p, writable, Direct::Off)?;
-            super::lock(&file, writable)?;
+            if lock {
+                super::lock(&file, writable)?;
+            }
         }
         let block = file.block_size as u64;
         let load::BatRead { meta: mut disk, values } = load::read_bat(io, file.fd(), &header, block, &path).await?;

@@ -1,0 +1,82 @@
+//! ploop's disk lock, so that ploop's tools and ours exclude each other
+//! while one of them changes a disk: ploop 9 takes fcntl byte-range locks on
+//! the base delta (tests for a conflicting lock on bytes [200, 205), takes a
+//! read lock there, tests again), ploop 7 an flock on
+//! `DiskDescriptor.xml.lck`. We take both. The byte-range lock is an
+//! open-file-description lock: it lives in the same lock space as ploop's
+//! POSIX locks, but is not dropped when this process closes some other
+//! descriptor of the base file (a POSIX lock would be).
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+const RANGE: (i64, i64) = (200, 5);
+
+/// Held while a disk is being changed; dropping it releases both locks.
+pub struct DiskLock {
+    _base: File,
+    _lck: File,
+}
+
+fn ofd_lock(file: &File, cmd: libc::c_int, kind: libc::c_short) -> std::io::Result<libc::flock> {
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = RANGE.0;
+    fl.l_len = RANGE.1;
+    // SAFETY: fcntl with a flock struct we own, on our descriptor.
+    if unsafe { libc::fcntl(file.as_raw_fd(), cmd, &mut fl) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fl)
+}
+
+/// Somebody else's lock on the range, if any: who (a pid, -1 when unknown).
+fn conflicting(file: &File) -> std::io::Result<Option<i32>> {
+    let fl = ofd_lock(file, libc::F_OFD_GETLK, libc::F_WRLCK as libc::c_short)?;
+    Ok((fl.l_type != libc::F_UNLCK as libc::c_short).then_some(fl.l_pid))
+}
+
+impl DiskLock {
+    pub fn take(xml: &Path, base: &Path) -> Result<DiskLock> {
+        let busy = |who: Option<i32>| {
+            let by = match who {
+                Some(pid) if pid > 0 => format!(" (pid {pid})"),
+                _ => String::new(),
+            };
+            Error::new(libc::EBUSY, format!("{}: the disk is locked by another process{by}", xml.display()))
+        };
+        let lck_path = xml.with_file_name(format!(
+            "{}.lck",
+            xml.file_name().and_then(|n| n.to_str()).unwrap_or(super::DESCRIPTOR)
+        ));
+        let lck = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lck_path)
+            .map_err(|e| Error::io(e, lck_path.display()))?;
+        // SAFETY: plain syscall on our own descriptor.
+        if unsafe { libc::flock(lck.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(busy(None));
+        }
+        let base_file = File::open(base).map_err(|e| Error::io(e, base.display()))?;
+        let io_err = |e| Error::io(e, base.display());
+        if let Some(who) = conflicting(&base_file).map_err(io_err)? {
+            return Err(busy(Some(who)));
+        }
+        ofd_lock(&base_file, libc::F_OFD_SETLK, libc::F_RDLCK as libc::c_short).map_err(|e| match e.raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::EACCES) => busy(None),
+            _ => io_err(e),
+        })?;
+        // Another process may have taken its read lock at the same time.
+        if let Some(who) = conflicting(&base_file).map_err(io_err)? {
+            return Err(busy(Some(who)));
+        }
+        Ok(DiskLock { _base: base_file, _lck: lck })
+    }
+}

@@ -1,0 +1,194 @@
+//! ploop disk directories: a `DiskDescriptor.xml` naming the deltas of a
+//! disk and how they chain, next to the delta files (`root.hds`,
+//! `root.hds.{guid}`...). This module reads and writes them the way ploop
+//! does, takes ploop's lock, and turns a descriptor into the layer list a
+//! [`crate::Stack`] opens. The snapshot operations that change both the
+//! stack and the descriptor are in `ops.rs`.
+
+pub mod descriptor;
+mod lock;
+pub mod ops;
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::io::Io;
+use crate::layers::{Format, PloopLayer};
+use crate::stack::LayerSpec;
+
+pub use descriptor::{Descriptor, Guid, Image, ImageType, Shot, Temporary, NONE_GUID, TOP_GUID};
+pub use lock::DiskLock;
+
+pub const DESCRIPTOR: &str = "DiskDescriptor.xml";
+/// The base delta's name in a new disk directory (ploop's default).
+pub const BASE_FILE: &str = "root.hds";
+
+/// A disk directory and its descriptor as last read or written.
+#[derive(Clone, Debug)]
+pub struct Disk {
+    /// The directory holding the descriptor; relative file names start here.
+    pub dir: PathBuf,
+    pub desc: Descriptor,
+}
+
+impl Disk {
+    /// The descriptor path for a directory or a descriptor file.
+    pub fn descriptor_path(path: &Path) -> PathBuf {
+        if path.is_dir() {
+            path.join(DESCRIPTOR)
+        } else {
+            path.to_path_buf()
+        }
+    }
+
+    /// True when `path` names a disk directory or a descriptor file.
+    pub fn is_disk(path: &Path) -> bool {
+        (path.is_dir() && path.join(DESCRIPTOR).is_file()) || path.file_name().is_some_and(|n| n == DESCRIPTOR)
+    }
+
+    /// Read the descriptor of a disk directory (or of the descriptor file).
+    pub fn load(path: &Path) -> Result<Disk> {
+        let xml_path = Self::descriptor_path(path);
+        let text = std::fs::read_to_string(&xml_path).map_err(|e| Error::io(e, xml_path.display()))?;
+        let desc = Descriptor::parse(&text).map_err(|e| e.context(xml_path.display()))?;
+        let dir = xml_path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+        let dir = std::fs::canonicalize(&dir).map_err(|e| Error::io(e, dir.display()))?;
+        Ok(Disk { dir, desc })
+    }
+
+    pub fn xml_path(&self) -> PathBuf {
+        self.dir.join(DESCRIPTOR)
+    }
+
+    /// The path of a delta file as the descriptor names it.
+    pub fn file_path(&self, image: &Image) -> PathBuf {
+        let p = Path::new(&image.file);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.dir.join(p)
+        }
+    }
+
+    /// The layers of the chain from the base up to `guid` (the top when
+    /// None), bottom first, each with its declared format.
+    pub fn layers(&self, guid: Option<Guid>) -> Result<Vec<LayerSpec>> {
+        let guid = guid.unwrap_or(self.desc.top);
+        if self.desc.shot(guid).is_none() {
+            return Err(Error::new(libc::ENOENT, format!("{}: no snapshot {guid}", self.xml_path().display())));
+        }
+        Ok(self
+            .desc
+            .chain(guid)?
+            .into_iter()
+            .map(|img| LayerSpec {
+                path: self.file_path(img),
+                format: match img.kind {
+                    ImageType::Compressed => Format::Ploop,
+                    ImageType::Plain => Format::Raw,
+                },
+            })
+            .collect())
+    }
+
+    /// Create a disk directory as `ploop init` does: `DIR/root.hds`, an
+    /// empty expandable image, and its descriptor.
+    pub async fn init<I: Io>(io: &I, dir: &Path, size: u64, cluster: u64) -> Result<Disk> {
+        let desc = Descriptor::new(size, cluster, BASE_FILE, ImageType::Compressed)?;
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(e, dir.display()))?;
+        let xml = dir.join(DESCRIPTOR);
+        if xml.exists() {
+            return Err(Error::new(libc::EEXIST, format!("{}: a disk descriptor exists already", xml.display())));
+        }
+        let base = dir.join(BASE_FILE);
+        PloopLayer::create(io, &base, size, cluster).await?;
+        let dir = std::fs::canonicalize(dir).map_err(|e| Error::io(e, dir.display()))?;
+        let disk = Disk { dir, desc };
+        if let Err(e) = disk.store(io).await {
+            let _ = std::fs::remove_file(&base);
+            return Err(e);
+        }
+        Ok(disk)
+    }
+
+    /// Write the descriptor atomically, as ploop does and then some: a
+    /// temporary file, written and synced, renamed over the descriptor, and
+    /// the directory synced, so that after a crash the descriptor is the
+    /// old one or the new one, whole.
+    pub async fn store<I: Io>(&self, io: &I) -> Result<()> {
+        self.desc.validate()?;
+        let xml = self.xml_path();
+        let tmp = self.dir.join(format!("{DESCRIPTOR}.tmp"));
+        let text = self.desc.to_xml();
+        let write = async {
+            let file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+            use std::os::fd::AsRawFd;
+            io.write_at(file.as_raw_fd(), text.as_bytes(), 0).await?;
+            io.sync_data(file.as_raw_fd()).await?;
+            io.rename(&tmp, &xml).await?;
+            io.sync_dir(&self.dir).await
+        };
+        write.await.map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            Error::io(e, format_args!("{}: storing the descriptor", xml.display()))
+        })
+    }
+
+    /// Take ploop's lock on this disk (see `lock.rs`).
+    pub fn lock(&self) -> Result<DiskLock> {
+        let base = self.desc.chain(self.desc.top)?.first().map(|img| self.file_path(img)).expect("a chain is never empty");
+        DiskLock::take(&self.xml_path(), &base)
+    }
+
+    /// The name ploop gives a new delta: the first image's file name without
+    /// a trailing `.{...}`, then `.{guid}` of a fresh GUID.
+    pub fn new_delta_name(&self) -> String {
+        let first = &self.desc.images[0].file;
+        let stem = match first.rfind(".{") {
+            Some(i) if first.ends_with('}') => &first[..i],
+            _ => first.as_str(),
+        };
+        format!("{stem}.{}", Guid::random())
+    }
+
+    /// Rows of `snapshot-list`, in descriptor order.
+    pub fn snapshot_rows(&self) -> Vec<SnapshotRow> {
+        self.desc
+            .shots
+            .iter()
+            .map(|s| SnapshotRow {
+                parent: s.parent,
+                current: s.guid == self.desc.top,
+                guid: s.guid,
+                file: self.desc.image(s.guid).map(|i| self.file_path(i).display().to_string()).unwrap_or_default(),
+                temporary: s.temporary != Temporary::No,
+            })
+            .collect()
+    }
+}
+
+/// One line of `snapshot-list`: ploop's columns.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SnapshotRow {
+    pub parent: Guid,
+    /// This delta is the top (`*` in ploop's list).
+    pub current: bool,
+    pub guid: Guid,
+    pub file: String,
+    pub temporary: bool,
+}
+
+/// Lines as `ploop snapshot-list` prints them.
+pub fn format_snapshot_rows(rows: &[SnapshotRow]) -> String {
+    let mut out = format!("{:<38} {:<1} {:<38} {:<32} \n", "PARENT_UUID", "C", "UUID", "FNAME");
+    for r in rows {
+        out.push_str(&format!(
+            "{:<38} {:<1} {:<38} {}\n",
+            r.parent.to_string(),
+            if r.current { "*" } else { "" },
+            r.guid.to_string(),
+            r.file
+        ));
+    }
+    out
+}

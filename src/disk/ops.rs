@@ -1,0 +1,424 @@
+//! Snapshot operations on a disk directory, online (on the stack a device
+//! serves) or offline (on a stack opened for the operation): snapshot,
+//! merge, delete and switch, as ploop defines them.
+//!
+//! Crash safety: the descriptor names the files of the disk, and a stored
+//! descriptor must always describe a disk that reads the same data as the
+//! device showed. So each operation first prepares the files the new
+//! descriptor will name (a new empty top; a merged layer that holds all of
+//! its child's clusters, durably), then stores the new descriptor
+//! atomically, and only then changes the stack and removes files the new
+//! descriptor no longer names. A crash at any point leaves either the old
+//! descriptor with files that still read the same, or the new one with the
+//! files it needs; at worst a file nobody names is left behind.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::descriptor::{ImageType, MAX_SNAPSHOTS};
+use super::{Disk, Guid, Image, Shot, Temporary, NONE_GUID, TOP_GUID};
+use crate::error::{Error, Result};
+use crate::io::{AlignedBuf, Direct, Io};
+use crate::layers::{Format, Layer};
+use crate::stack::{discard_top, Stack};
+
+/// Clusters copied at once by a merge.
+const MERGE_BATCH: usize = 8;
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Snapshotted {
+    /// The snapshot: it names the delta that was the top.
+    pub guid: Guid,
+    /// The new, empty top delta.
+    pub file: PathBuf,
+    /// How long requests were held.
+    pub stall: Duration,
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Merged {
+    /// The delta whose data went into its parent (its GUID survives).
+    pub child: Guid,
+    /// The parent, whose GUID is gone.
+    pub parent: Guid,
+    pub clusters: u64,
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case", tag = "action")]
+pub enum Deleted {
+    /// It had no child: its file is gone.
+    Removed,
+    /// It had one child, merged into it (its GUID is gone).
+    Merged(Merged),
+    /// It has several children: marked temporary, as ploop does.
+    MarkedTemporary,
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Switched {
+    pub snapshot: Guid,
+    /// The new, empty top delta.
+    pub file: PathBuf,
+    pub stall: Duration,
+}
+
+/// Re-read the descriptor under the lock and make sure it still describes
+/// the stack (another tool may have changed it).
+fn refresh(disk: &mut Disk, stack: &Stack) -> Result<super::DiskLock> {
+    let lock = disk.lock()?;
+    *disk = Disk::load(&disk.dir)?;
+    let want: Vec<PathBuf> = disk.layers(None)?.into_iter().map(|s| s.path).collect();
+    let have = stack.paths();
+    if want != have {
+        return Err(Error::new(
+            libc::ESTALE,
+            format!(
+                "{}: the descriptor's chain ({}) is not what the device serves ({}); was the disk changed by another tool?",
+                disk.xml_path().display(),
+                names(&want),
+                names(&have)
+            ),
+        ));
+    }
+    Ok(lock)
+}
+
+fn names(paths: &[PathBuf]) -> String {
+    paths.iter().map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()).collect::<Vec<_>>().join(" <- ")
+}
+
+fn no_such(disk: &Disk, guid: Guid) -> Error {
+    Error::new(libc::ENOENT, format!("{}: no snapshot {guid}", disk.xml_path().display()))
+}
+
+/// Take a snapshot: the top becomes the snapshot `guid` (random if None),
+/// frozen, and a new empty top takes the writes.
+pub async fn snapshot<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, guid: Option<Guid>) -> Result<Snapshotted> {
+    let _lock = refresh(disk, stack)?;
+    let snap = guid.unwrap_or_else(Guid::random);
+    if snap == TOP_GUID || snap == NONE_GUID || disk.desc.shot(snap).is_some() {
+        return Err(Error::new(libc::EEXIST, format!("{snap} is already used in {}", disk.xml_path().display())));
+    }
+    if disk.desc.shots.len() > MAX_SNAPSHOTS {
+        return Err(Error::new(libc::EMLINK, format!("ploop allows at most {MAX_SNAPSHOTS} snapshots per disk")));
+    }
+    let file = disk.new_delta_name();
+    let path = disk.dir.join(&file);
+    let new_top = stack.prepare_top(io, &path).await?;
+    let old_top = disk.desc.top;
+    let mut next = disk.clone();
+    let d = &mut next.desc;
+    // The top keeps ploop's fixed GUID: the frozen delta takes the new one.
+    d.images.iter_mut().filter(|i| i.guid == old_top).for_each(|i| i.guid = snap);
+    for s in d.shots.iter_mut() {
+        if s.guid == old_top {
+            s.guid = snap;
+        }
+        if s.parent == old_top {
+            s.parent = snap;
+        }
+    }
+    let kind = d.images[0].kind;
+    d.images.push(Image { guid: TOP_GUID, kind, file });
+    d.shots.push(Shot { guid: TOP_GUID, parent: snap, temporary: Temporary::No });
+    d.top = TOP_GUID;
+    if let Err(e) = next.store(io).await {
+        discard_top(io, new_top).await;
+        return Err(e);
+    }
+    match stack.install_top(io, new_top).await {
+        Ok(stall) => {
+            *disk = next;
+            Ok(Snapshotted { guid: snap, file: path, stall })
+        }
+        Err(e) if stack.paths().last() == Some(&path) => {
+            // Swapped, but the old top did not close: the snapshot stands.
+            *disk = next;
+            Err(e)
+        }
+        Err(e) => {
+            // Not swapped: the old descriptor describes the disk again.
+            let _ = disk.store(io).await;
+            Err(e)
+        }
+    }
+}
+
+/// Merge the delta `child` (the top when None) into its parent, as ploop's
+/// `snapshot-merge`: the parent's GUID disappears, the child's survives and
+/// its parent becomes the grandparent. The top's parent is copied up into
+/// the top while requests go on; a lower delta is copied into its parent's
+/// file. `progress` gets (clusters done, clusters to do).
+pub async fn merge<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Option<Guid>, progress: &dyn Fn(u64, u64)) -> Result<Merged> {
+    let _lock = refresh(disk, stack)?;
+    merge_locked(io, stack, disk, child, progress).await
+}
+
+async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Option<Guid>, progress: &dyn Fn(u64, u64)) -> Result<Merged> {
+    let child = child.unwrap_or(disk.desc.top);
+    let cshot = disk.desc.shot(child).cloned().ok_or_else(|| no_such(disk, child))?;
+    let parent = cshot.parent;
+    if parent == NONE_GUID {
+        return Err(Error::invalid(format!("{child} is the base delta: it has no parent to merge into")));
+    }
+    let pshot = disk.desc.shot(parent).cloned().ok_or_else(|| no_such(disk, parent))?;
+    if disk.desc.children(parent).len() != 1 {
+        return Err(Error::new(
+            libc::EBUSY,
+            format!("{parent} has more than one child (other snapshots branch from it); ploop refuses to merge into it too"),
+        ));
+    }
+    let pimg = disk.desc.image(parent).cloned().ok_or_else(|| no_such(disk, parent))?;
+    let cimg = disk.desc.image(child).cloned().ok_or_else(|| no_such(disk, child))?;
+    let (ppath, cpath) = (disk.file_path(&pimg), disk.file_path(&cimg));
+    let layers = stack.layers();
+    let index = |p: &PathBuf| layers.iter().position(|l| &l.file().path == p);
+    let (pi, ci) = match (index(&ppath), index(&cpath)) {
+        (Some(pi), Some(ci)) if ci == pi + 1 => (pi, ci),
+        _ => {
+            return Err(Error::unsupported(format!(
+                "{child} is not in the chain this device serves; merge it offline (`snapshot-merge DIR --uuid {child}`)"
+            )))
+        }
+    };
+    let in_use = |e: Error| {
+        Error::new(e.errno(), format!("{}: in use by another process (a mounted snapshot?): {e}", ppath.display()))
+    };
+    let mut next = disk.clone();
+    let d = &mut next.desc;
+    d.images.retain(|i| i.guid != parent);
+    d.shots.retain(|s| s.guid != parent);
+    d.shots.iter_mut().filter(|s| s.guid == child).for_each(|s| s.parent = pshot.parent);
+    let clusters;
+    if ci + 1 == layers.len() {
+        // The top: copy the parent up into it, online.
+        layers[pi].relock(true).map_err(in_use)?;
+        clusters = match stack.merge_parent_into_top(io, MERGE_BATCH, progress).await {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = layers[pi].relock(false);
+                return Err(e);
+            }
+        };
+        next.store(io).await?;
+        *disk = next;
+        let removed = stack.remove_layer(pi).await?;
+        drop(layers);
+        drop(removed);
+        remove_file(&ppath);
+    } else {
+        // A lower delta: copy it into its parent's file.
+        layers[pi].relock(true).map_err(in_use)?;
+        if let Err(e) = layers[ci].relock(true) {
+            let _ = layers[pi].relock(false);
+            return Err(in_use(e));
+        }
+        let unlock = || {
+            let _ = layers[pi].relock(false);
+            let _ = layers[ci].relock(false);
+        };
+        let merged = match copy_into_parent(io, &layers[ci], &ppath, pimg.kind, stack, progress).await {
+            Ok(m) => m,
+            Err(e) => {
+                unlock();
+                return Err(e);
+            }
+        };
+        clusters = merged.1;
+        // The child's GUID now names the parent's file.
+        next.desc.images.iter_mut().filter(|i| i.guid == child).for_each(|i| i.file = pimg.file.clone());
+        if let Err(e) = next.store(io).await {
+            unlock();
+            return Err(e);
+        }
+        *disk = next;
+        let (old_parent, old_child) = stack.replace_pair(pi, merged.0.clone()).await?;
+        drop(layers);
+        drop((old_parent, old_child));
+        merged.0.relock(false)?;
+        remove_file(&cpath);
+    }
+    Ok(Merged { child, parent, clusters })
+}
+
+/// Copy every cluster `child` holds into a second, writable opening of its
+/// parent's file (the stack keeps reading the first one): data first,
+/// synced, then the BAT entries, batch by batch; the parent is closed clean
+/// at the end. Returns the parent as a layer (read-only from now on) and
+/// the clusters copied.
+async fn copy_into_parent<I: Io>(
+    io: &I,
+    child: &Layer,
+    parent_path: &std::path::Path,
+    kind: ImageType,
+    stack: &Stack,
+    progress: &dyn Fn(u64, u64),
+) -> Result<(Arc<Layer>, u64)> {
+    let format = match kind {
+        ImageType::Compressed => Format::Ploop,
+        ImageType::Plain => Format::Raw,
+    };
+    let direct = if child.file().direct { Direct::Auto } else { Direct::Off };
+    let (parent, _) = Layer::open_unlocked(io, parent_path, format, true, direct).await?;
+    let cluster = stack.cluster_size();
+    let size = stack.size();
+    let todo: Vec<u64> = (0..size.div_ceil(cluster)).filter(|&c| child.lookup(c, cluster).is_some()).collect();
+    let total = todo.len() as u64;
+    progress(0, total);
+    let mut bufs: Vec<AlignedBuf> = (0..MERGE_BATCH.min(todo.len()).max(1)).map(|_| AlignedBuf::zeroed(cluster as usize)).collect();
+    let mut done = 0;
+    for chunk in todo.chunks(MERGE_BATCH) {
+        let window = parent.window_start();
+        let mut links = Vec::new();
+        for (&c, buf) in chunk.iter().zip(bufs.iter_mut()) {
+            let n = (size - c * cluster).min(cluster) as usize;
+            let from = child.lookup(c, cluster).expect("listed above");
+            io.read_at(child.file().fd(), &mut buf[..n], from).await.map_err(|e| Error::io(e, child.file().path.display()))?;
+            let to = match parent.lookup(c, cluster) {
+                Some(at) => at,
+                None => {
+                    let at = parent.reserve_cluster(io).await?;
+                    links.push((c, at));
+                    at
+                }
+            };
+            io.write_at(parent.file().fd(), &buf[..n], to).await.map_err(|e| Error::io(e, parent_path.display()))?;
+        }
+        // Data before index.
+        parent.sync_data(io).await.map_err(|e| Error::io(e, parent_path.display()))?;
+        for (c, at) in links {
+            parent.link(c, at);
+        }
+        if let Some(lo) = window {
+            let hi = parent.published();
+            if hi >= lo {
+                parent.write_metadata(io, lo, hi).await.map_err(|e| e.error)?;
+            }
+        }
+        done += chunk.len() as u64;
+        progress(done, total);
+    }
+    parent.close(io).await?;
+    Ok((Arc::new(parent), total))
+}
+
+/// Delete the snapshot `guid`, as ploop's `snapshot-delete`: refused for
+/// the top; a delta with no child is removed, one with one child is merged
+/// into it, one with several is marked temporary.
+pub async fn delete<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, guid: Guid, progress: &dyn Fn(u64, u64)) -> Result<Deleted> {
+    let _lock = refresh(disk, stack)?;
+    if guid == disk.desc.top {
+        return Err(Error::invalid(format!("{guid} is the top delta: it cannot be deleted (merge or switch instead)")));
+    }
+    let shot = disk.desc.shot(guid).cloned().ok_or_else(|| no_such(disk, guid))?;
+    let children = disk.desc.children(guid);
+    match children.len() {
+        0 => {
+            let img = disk.desc.image(guid).cloned().ok_or_else(|| no_such(disk, guid))?;
+            let path = disk.file_path(&img);
+            // Not in the served chain (only the top has no child there);
+            // refuse if something else reads it.
+            let probe = std::fs::File::open(&path).map_err(|e| Error::io(e, path.display()))?;
+            // SAFETY: plain syscall on our own descriptor.
+            if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&probe), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                return Err(Error::new(libc::EBUSY, format!("{}: in use by another process (a mounted snapshot?)", path.display())));
+            }
+            let mut next = disk.clone();
+            next.desc.images.retain(|i| i.guid != guid);
+            next.desc.shots.retain(|s| s.guid != guid);
+            next.store(io).await?;
+            *disk = next;
+            drop(probe);
+            remove_file(&path);
+            let _ = shot;
+            Ok(Deleted::Removed)
+        }
+        1 => merge_locked(io, stack, disk, Some(children[0]), progress).await.map(Deleted::Merged),
+        _ => {
+            let mut next = disk.clone();
+            next.desc.shots.iter_mut().filter(|s| s.guid == guid).for_each(|s| s.temporary = Temporary::Temporary);
+            next.store(io).await?;
+            *disk = next;
+            Ok(Deleted::MarkedTemporary)
+        }
+    }
+}
+
+/// Switch to the snapshot `guid`, as ploop's `snapshot-switch`: the disk
+/// shows that snapshot's content on a new empty top; the old top's delta
+/// (and what was written since that snapshot) is removed.
+pub async fn switch<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, guid: Guid) -> Result<Switched> {
+    let _lock = refresh(disk, stack)?;
+    let old_top = disk.desc.top;
+    if guid == old_top {
+        return Err(Error::invalid(format!("{guid} is the current top already")));
+    }
+    let shot = disk.desc.shot(guid).cloned().ok_or_else(|| no_such(disk, guid))?;
+    if shot.temporary != Temporary::No {
+        return Err(Error::invalid(format!("{guid} is a temporary snapshot: ploop does not switch to those")));
+    }
+    let chain = disk.layers(Some(guid))?;
+    // ploop names the new top after the first image, without stripping.
+    let file = format!("{}.{}", disk.desc.images[0].file, Guid::random());
+    let path = disk.dir.join(&file);
+    let new_top = stack.prepare_top(io, &path).await?;
+    let current = stack.layers();
+    let mut layers = Vec::with_capacity(chain.len() + 1);
+    for spec in &chain {
+        let layer = match current.iter().find(|l| l.file().path == spec.path) {
+            Some(l) => Ok(l.clone()),
+            None => {
+                let direct = if new_top.file().direct { Direct::Auto } else { Direct::Off };
+                Layer::open(io, &spec.path, spec.format, false, direct).await.map(|(l, _)| Arc::new(l))
+            }
+        };
+        match layer {
+            Ok(l) => layers.push(l),
+            Err(e) => {
+                discard_top(io, new_top).await;
+                return Err(e);
+            }
+        }
+    }
+    layers.push(new_top.clone());
+    let mut next = disk.clone();
+    let kind = next.desc.images[0].kind;
+    next.desc.images.retain(|i| i.guid != old_top);
+    next.desc.shots.retain(|s| s.guid != old_top);
+    next.desc.images.push(Image { guid: TOP_GUID, kind, file });
+    next.desc.shots.push(Shot { guid: TOP_GUID, parent: guid, temporary: Temporary::No });
+    next.desc.top = TOP_GUID;
+    if let Err(e) = next.store(io).await {
+        drop(layers);
+        discard_top(io, new_top).await;
+        return Err(e);
+    }
+    let started = std::time::Instant::now();
+    let old = match stack.replace_layers(layers).await {
+        Ok(old) => old,
+        Err(e) => {
+            let _ = disk.store(io).await;
+            discard_top(io, new_top).await;
+            return Err(e);
+        }
+    };
+    let stall = started.elapsed();
+    *disk = next;
+    drop(current);
+    // The old top's content is discarded by the switch.
+    let old_top_layer = old.last().cloned().expect("a stack is never empty");
+    let old_path = old_top_layer.file().path.clone();
+    let _ = old_top_layer.close(io).await;
+    drop(old);
+    drop(old_top_layer);
+    remove_file(&old_path);
+    Ok(Switched { snapshot: guid, file: path, stall })
+}
+
+fn remove_file(path: &std::path::Path) {
+    if let Err(e) = std::fs::remove_file(path) {
+        tracing::warn!("{}: removing a delta no descriptor names any more: {e}", path.display());
+    }
+}

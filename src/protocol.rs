@@ -1,0 +1,194 @@
+//! The control socket's messages, shared by the daemon (which answers them)
+//! and the command line (which sends them): one type per request and per
+//! result, so both ends agree by construction.
+//!
+//! On the wire, one JSON object per line:
+//! `{"version": 1, "cmd": "snapshot", "args": {"uuid": "{...}"}}` →
+//! `{"version": 1, "ok": true, "result": {...}}` or
+//! `{"version": 1, "ok": false, "error": "...", "errno": 16}`.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use ublk_ploop::disk::ops::{Deleted, Merged, Snapshotted, Switched};
+use ublk_ploop::disk::{Guid, SnapshotRow};
+use ublk_ploop::layers::Format;
+
+pub const PROTOCOL_VERSION: u32 = 1;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "cmd", content = "args", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    /// The device, its layers, counters and the running job.
+    Status,
+    /// How the device was configured.
+    Info,
+    /// Make every completed write durable.
+    Flush,
+    /// Take a snapshot (a disk directory's device).
+    Snapshot {
+        #[serde(default)]
+        uuid: Option<Guid>,
+    },
+    SnapshotList,
+    /// Start merging a delta (the top when None) into its parent; a job.
+    SnapshotMerge {
+        #[serde(default)]
+        uuid: Option<Guid>,
+    },
+    /// Delete a snapshot; a job when it merges.
+    SnapshotDelete { uuid: Guid },
+    /// Switch the device to a snapshot (refused while mounted unless forced).
+    SnapshotSwitch {
+        uuid: Guid,
+        #[serde(default)]
+        force: bool,
+    },
+    /// The running (or last) job.
+    Job,
+}
+
+/// A request as sent: the protocol version beside it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Envelope {
+    #[serde(default)]
+    pub version: Option<u32>,
+    #[serde(flatten)]
+    pub request: Request,
+}
+
+impl Envelope {
+    /// Parse a request; a command whose arguments are all optional may
+    /// come without `args`.
+    pub fn from_value(mut value: serde_json::Value) -> serde_json::Result<Envelope> {
+        match serde_json::from_value::<Envelope>(value.clone()) {
+            Err(e) if e.to_string().contains("missing field `args`") => {
+                if let Some(map) = value.as_object_mut() {
+                    map.insert("args".into(), serde_json::json!({}));
+                }
+                serde_json::from_value(value)
+            }
+            other => other,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Reply {
+    pub version: u32,
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub errno: Option<i32>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Counters {
+    pub reads: u64,
+    pub writes: u64,
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+    pub flushes: u64,
+    pub discards: u64,
+    pub write_zeroes: u64,
+    pub errors: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LayerStatus {
+    pub path: PathBuf,
+    pub format: Format,
+    pub writable: bool,
+    pub direct_io: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub device: String,
+    pub id: u32,
+    pub pid: u32,
+    pub uptime_secs: u64,
+    pub size: u64,
+    pub cluster_size: u64,
+    pub block_size: u32,
+    pub read_only: bool,
+    /// The disk directory, when the device serves one.
+    #[serde(default)]
+    pub disk: Option<PathBuf>,
+    /// The snapshot a read-only snapshot device shows.
+    #[serde(default)]
+    pub snapshot: Option<Guid>,
+    pub layers: Vec<LayerStatus>,
+    pub counters: Counters,
+    pub copy_ups: u64,
+    pub in_flight: usize,
+    #[serde(default)]
+    pub job: Option<Job>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Running,
+    Done,
+    Failed,
+}
+
+/// A long operation the daemon runs in the background (a merge).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Job {
+    /// What runs: "merge", "delete".
+    pub kind: String,
+    pub uuid: Option<Guid>,
+    pub state: JobState,
+    /// Clusters done and to do.
+    pub done: u64,
+    pub total: u64,
+    pub secs: f64,
+    #[serde(default)]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub errno: Option<i32>,
+    /// What it did, once done.
+    #[serde(default)]
+    pub merged: Option<Merged>,
+    #[serde(default)]
+    pub deleted: Option<Deleted>,
+}
+
+/// The answer to `snapshot-delete`: done at once, or a job to follow.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeleteReply {
+    Done(Deleted),
+    Started(Job),
+}
+
+pub type SnapshotReply = Snapshotted;
+pub type SwitchReply = Switched;
+pub type ListReply = Vec<SnapshotRow>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_keep_the_wire_format() {
+        let parse = |s: &str| Envelope::from_value(serde_json::from_str(s).unwrap());
+        let r = parse(r#"{"version":1,"cmd":"status"}"#).unwrap();
+        assert_eq!(r.request, Request::Status);
+        let r = parse(r#"{"cmd":"snapshot","args":{"uuid":"{5fbaabe3-6958-40ff-92a7-860e329aab41}"}}"#).unwrap();
+        assert_eq!(r.request, Request::Snapshot { uuid: Some(ublk_ploop::disk::TOP_GUID) });
+        let r = parse(r#"{"cmd":"snapshot-merge"}"#).unwrap();
+        assert_eq!(r.request, Request::SnapshotMerge { uuid: None });
+        let line = serde_json::to_string(&Envelope { version: Some(1), request: Request::SnapshotSwitch { uuid: ublk_ploop::disk::TOP_GUID, force: true } }).unwrap();
+        assert!(line.contains(r#""cmd":"snapshot-switch""#), "{line}");
+        assert!(parse(r#"{"cmd":"nope"}"#).is_err());
+        assert!(parse(r#"{"cmd":"snapshot-delete","args":{}}"#).is_err());
+        assert!(parse(r#"{"cmd":"snapshot-delete"}"#).is_err());
+    }
+}

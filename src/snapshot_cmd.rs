@@ -1,0 +1,215 @@
+//! The snapshot commands: online through a device's daemon (`-n N`), or
+//! offline on a disk directory no device serves (the same engine
+//! operations on a stack opened for the occasion).
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ublk_ploop::disk::ops::{self, Deleted, Merged};
+use ublk_ploop::disk::{format_snapshot_rows, Disk, Guid};
+use ublk_ploop::io::{block_on, OwnRing, SyncIo};
+use ublk_ploop::{Error, Result, Stack, StackOptions};
+
+use crate::cli::print_json;
+use crate::control::request;
+use crate::protocol::{DeleteReply, Job, JobState, ListReply, Request, SnapshotReply, Status, SwitchReply};
+
+/// Run `op` on a disk directory no device serves: its chain is opened
+/// read-write (which fails, saying so, if a daemon holds it) and closed
+/// cleanly afterwards, whatever the outcome.
+fn offline<T>(dir: &std::path::Path, op: impl FnOnce(&OwnRing, &Stack, &mut Disk) -> Result<T>) -> Result<T> {
+    let mut disk = Disk::load(dir)?;
+    let layers = disk.layers(None)?;
+    let (stack, _) = block_on(Stack::open_layers(&SyncIo, &layers, &StackOptions::default())).map_err(|e| {
+        if e.errno() == libc::EWOULDBLOCK || e.errno() == libc::EBUSY {
+            Error::new(e.errno(), format!("{e}; if a device serves this disk, name it with -n N"))
+        } else {
+            e
+        }
+    })?;
+    let ring = OwnRing::new(64).map_err(|e| Error::io(e, "setting up io_uring"))?;
+    let result = op(&ring, &stack, &mut disk);
+    let closed = block_on(stack.close(&SyncIo));
+    let value = result?;
+    closed?;
+    Ok(value)
+}
+
+pub fn snapshot(id: Option<u32>, dir: Option<PathBuf>, uuid: Option<Guid>, json: bool) -> Result<i32> {
+    let done: SnapshotReply = match (id, dir) {
+        (Some(id), _) => request(id, Request::Snapshot { uuid })?,
+        (None, Some(dir)) => offline(&dir, |ring, stack, disk| ring.block_on(ops::snapshot(&ring.io(), stack, disk, uuid)))?,
+        (None, None) => unreachable!("clap requires -n or DIR"),
+    };
+    if json {
+        print_json(&done);
+    } else {
+        println!("{}", done.guid);
+        eprintln!("snapshot {} taken; new top {} (requests held {:.2} ms)", done.guid, done.file.display(), done.stall.as_secs_f64() * 1000.0);
+    }
+    Ok(0)
+}
+
+pub fn list(id: Option<u32>, dir: Option<PathBuf>, json: bool) -> Result<i32> {
+    let rows: ListReply = match (id, dir) {
+        (Some(id), _) => request(id, Request::SnapshotList)?,
+        (None, Some(dir)) => Disk::load(&dir)?.snapshot_rows(),
+        (None, None) => unreachable!("clap requires -n or DIR"),
+    };
+    if json {
+        print_json(&rows);
+    } else {
+        print!("{}", format_snapshot_rows(&rows));
+    }
+    Ok(0)
+}
+
+pub fn merge(id: Option<u32>, dir: Option<PathBuf>, uuid: Option<Guid>, json: bool) -> Result<i32> {
+    let merged = match (id, dir) {
+        (Some(id), _) => {
+            let _started: Job = request(id, Request::SnapshotMerge { uuid })?;
+            follow(id, json)?.merged.ok_or_else(|| Error::new(libc::EPROTO, "the daemon reported no merge result"))?
+        }
+        (None, Some(dir)) => {
+            let bar = Bar::new(json);
+            let progress = |done: u64, total: u64| bar.set(done, total);
+            let m = offline(&dir, |ring, stack, disk| ring.block_on(ops::merge(&ring.io(), stack, disk, uuid, &progress)))?;
+            bar.finish();
+            m
+        }
+        (None, None) => unreachable!("clap requires -n or DIR"),
+    };
+    report_merge(&merged, json);
+    Ok(0)
+}
+
+fn report_merge(m: &Merged, json: bool) {
+    if json {
+        print_json(m);
+    } else {
+        println!("merged {} into its parent {} ({} clusters copied); {} names the merged delta", m.child, m.parent, m.clusters, m.child);
+    }
+}
+
+pub fn delete(id: Option<u32>, dir: Option<PathBuf>, uuid: Guid, json: bool) -> Result<i32> {
+    let deleted = match (id, dir) {
+        (Some(id), _) => match request::<DeleteReply>(id, Request::SnapshotDelete { uuid })? {
+            DeleteReply::Done(d) => d,
+            DeleteReply::Started(_) => follow(id, json)?.deleted.ok_or_else(|| Error::new(libc::EPROTO, "the daemon reported no result"))?,
+        },
+        (None, Some(dir)) => {
+            let bar = Bar::new(json);
+            let progress = |done: u64, total: u64| bar.set(done, total);
+            let d = offline(&dir, |ring, stack, disk| ring.block_on(ops::delete(&ring.io(), stack, disk, uuid, &progress)))?;
+            bar.finish();
+            d
+        }
+        (None, None) => unreachable!("clap requires -n or DIR"),
+    };
+    if json {
+        print_json(&deleted);
+    } else {
+        match deleted {
+            Deleted::Removed => println!("deleted {uuid}"),
+            Deleted::Merged(m) => println!("deleted {uuid}: merged into its child {} ({} clusters copied)", m.child, m.clusters),
+            Deleted::MarkedTemporary => println!("{uuid} has several children: marked temporary, as ploop does"),
+        }
+    }
+    Ok(0)
+}
+
+pub fn switch(id: Option<u32>, dir: Option<PathBuf>, uuid: Guid, force: bool, json: bool) -> Result<i32> {
+    let done: SwitchReply = match (id, dir) {
+        (Some(id), _) => request(id, Request::SnapshotSwitch { uuid, force })?,
+        (None, Some(dir)) => offline(&dir, |ring, stack, disk| ring.block_on(ops::switch(&ring.io(), stack, disk, uuid)))?,
+        (None, None) => unreachable!("clap requires -n or DIR"),
+    };
+    if json {
+        print_json(&done);
+    } else {
+        println!("switched to {}; new top {}", done.snapshot, done.file.display());
+    }
+    Ok(0)
+}
+
+/// Follow a device's job to its end, with a progress bar on a terminal.
+fn follow(id: u32, json: bool) -> Result<Job> {
+    let bar = Bar::new(json);
+    loop {
+        let job: Option<Job> = request(id, Request::Job)?;
+        let job = job.ok_or_else(|| Error::new(libc::EPROTO, "the daemon has no job to report"))?;
+        bar.set(job.done, job.total);
+        match job.state {
+            JobState::Running => std::thread::sleep(Duration::from_millis(200)),
+            JobState::Done => {
+                bar.finish();
+                return Ok(job);
+            }
+            JobState::Failed => {
+                bar.finish();
+                return Err(Error::new(job.errno.unwrap_or(libc::EIO), job.error.unwrap_or_else(|| format!("the {} failed", job.kind))));
+            }
+        }
+    }
+}
+
+/// A progress bar on stderr when it is a terminal (and not --json).
+struct Bar(Option<indicatif::ProgressBar>);
+
+impl Bar {
+    fn new(json: bool) -> Bar {
+        if json || !std::io::stderr().is_terminal() {
+            return Bar(None);
+        }
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} clusters ({eta})")
+                .expect("a valid template")
+                .progress_chars("=> "),
+        );
+        bar.set_message("merging");
+        Bar(Some(bar))
+    }
+    fn set(&self, done: u64, total: u64) {
+        if let Some(b) = &self.0 {
+            b.set_length(total);
+            b.set_position(done);
+        }
+    }
+    fn finish(&self) {
+        if let Some(b) = &self.0 {
+            b.finish_and_clear();
+        }
+    }
+}
+
+pub fn print_status(s: &Status) {
+    println!(
+        "{} (pid {}), {} bytes{}{}",
+        s.device,
+        s.pid,
+        s.size,
+        if s.read_only { ", read-only" } else { "" },
+        s.snapshot.map(|g| format!(", snapshot {g}")).unwrap_or_default()
+    );
+    if let Some(d) = &s.disk {
+        println!("  disk: {}", d.display());
+    }
+    for (i, l) in s.layers.iter().enumerate() {
+        println!("  layer {i}: {} ({:?}{})", l.path.display(), l.format, if l.writable { ", writable" } else { "" });
+    }
+    let c = &s.counters;
+    println!(
+        "  counters: reads {} ({} bytes), writes {} ({} bytes), flushes {}, discards {}, write-zeroes {}, errors {}; copy-ups {}",
+        c.reads, c.read_bytes, c.writes, c.write_bytes, c.flushes, c.discards, c.write_zeroes, c.errors, s.copy_ups
+    );
+    if let Some(j) = &s.job {
+        let what = j.uuid.map(|g| format!(" {g}")).unwrap_or_default();
+        match j.state {
+            JobState::Running => println!("  job: {}{what}: {}/{} clusters, {:.0} s", j.kind, j.done, j.total, j.secs),
+            JobState::Done => println!("  last job: {}{what} done in {:.1} s", j.kind, j.secs),
+            JobState::Failed => println!("  last job: {}{what} failed: {}", j.kind, j.error.as_deref().unwrap_or("?")),
+        }
+    }
+}
