@@ -125,6 +125,14 @@ pub fn start(config: DeviceConfig, mode: Mode, foreground: bool) -> Result<i32> 
     let opts = StackOptions { read_only: config.read_only, direct: config.direct };
     let layers = config.layers()?;
     let (stack, reports) = block_on(Stack::open_layers(&SyncIo, &layers, &opts))?;
+    if let (Some(dir), false) = (&config.disk, config.read_only) {
+        // A merge a crash interrupted is finished before serving.
+        let mut disk = Disk::load(dir)?;
+        let merged = block_on(ops::finish_merges(&SyncIo, &stack, &mut disk))?;
+        for m in merged {
+            tracing::warn!("finished merging {} into {} (interrupted before)", m.child, m.parent);
+        }
+    }
     for (spec, r) in layers.iter().zip(&reports) {
         if r.was_in_use {
             tracing::warn!(image = %spec.path.display(), trimmed = r.trimmed_leak, "image was not closed cleanly; checked, no damage");

@@ -29,7 +29,7 @@ fn offline<T>(dir: &std::path::Path, op: impl FnOnce(&OwnRing, &Stack, &mut Disk
         }
     })?;
     let ring = OwnRing::new(64).map_err(|e| Error::io(e, "setting up io_uring"))?;
-    let result = op(&ring, &stack, &mut disk);
+    let result = ring.block_on(ops::finish_merges(&ring.io(), &stack, &mut disk)).and_then(|_| op(&ring, &stack, &mut disk));
     let closed = block_on(stack.close(&SyncIo));
     let value = result?;
     closed?;

@@ -14,127 +14,21 @@
 
 mod common;
 
-use std::cell::RefCell;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
+use common::stripes::{expected, pattern, verify, Geometry, Owner, Rng, BLOCK};
 use common::{have_qemu, qemu_check_clean, TempDir};
 use ublk_ploop::io::{block_on, AlignedBuf, Direct, Io, OwnRing, SyncIo};
 use ublk_ploop::layers::PloopLayer;
 use ublk_ploop::{Stack, StackOptions};
 
-const BLOCK: u64 = 4096;
 /// Writers on syscall threads, and ring threads with several writers each.
 const SYNC_THREADS: usize = 2;
 const RING_THREADS: usize = 2;
 const TASKS_PER_RING: usize = 3;
 const OWNERS: usize = SYNC_THREADS + RING_THREADS * TASKS_PER_RING;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-/// Bytes no other write produces: (tag, disk offset) in every word.
-fn pattern(tag: u64, off: u64, len: usize) -> AlignedBuf {
-    let mut b = AlignedBuf::zeroed(len);
-    for (i, w) in b.chunks_exact_mut(8).enumerate() {
-        w.copy_from_slice(&((tag << 40) ^ (off / 8 + i as u64)).to_le_bytes());
-    }
-    b
-}
-
-struct Geometry {
-    cluster: u64,
-    clusters: u64,
-    stripe: u64,
-}
-
-impl Geometry {
-    fn size(&self) -> u64 {
-        self.cluster * self.clusters
-    }
-    /// Disk offset of `owner`'s stripe in cluster `c`.
-    fn stripe_at(&self, owner: usize, c: u64) -> u64 {
-        c * self.cluster + owner as u64 * self.stripe
-    }
-}
-
-/// One writer: its stripe of every cluster, as the disk must show it.
-struct Owner {
-    id: usize,
-    rng: Rng,
-    stripes: Vec<Vec<u8>>,
-    ops: usize,
-}
-
-impl Owner {
-    /// One random operation on its own bytes, checked against its model.
-    async fn step<I: Io>(&mut self, stack: &Stack, io: &I, g: &Geometry, tag: u64) -> Result<(), String> {
-        let c = self.rng.below(g.clusters);
-        let blocks = g.stripe / BLOCK;
-        let first = self.rng.below(blocks);
-        let n = 1 + self.rng.below(blocks - first);
-        let within = first * BLOCK;
-        let len = (n * BLOCK) as usize;
-        let off = g.stripe_at(self.id, c) + within;
-        let model = &mut self.stripes[c as usize][within as usize..within as usize + len];
-        let ctx = format!("owner {} op {} (cluster {c}, {off}+{len})", self.id, self.ops);
-        self.ops += 1;
-        match self.rng.below(10) {
-            0..=4 => {
-                let data = pattern(tag, off, len);
-                stack.write(io, off, &data).await.map_err(|e| format!("{ctx}: write: {e}"))?;
-                model.copy_from_slice(&data);
-            }
-            5 => {
-                stack.write_zeroes(io, off, len).await.map_err(|e| format!("{ctx}: write_zeroes: {e}"))?;
-                model.fill(0);
-            }
-            6 => stack.flush(io).await.map_err(|e| format!("{ctx}: flush: {e}"))?,
-            _ => {
-                let mut got = AlignedBuf::zeroed(len);
-                stack.read(io, off, &mut got).await.map_err(|e| format!("{ctx}: read: {e}"))?;
-                if got[..] != model[..] {
-                    let at = got.iter().zip(model.iter()).position(|(a, b)| a != b).unwrap();
-                    return Err(format!("{ctx}: byte {} of the read differs from what this writer wrote", at));
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-/// The whole disk as the owners' models say it is.
-fn expected(g: &Geometry, owners: &[Owner]) -> Vec<u8> {
-    let mut disk = vec![0u8; g.size() as usize];
-    for o in owners {
-        for c in 0..g.clusters {
-            let at = g.stripe_at(o.id, c) as usize;
-            disk[at..at + g.stripe as usize].copy_from_slice(&o.stripes[c as usize]);
-        }
-    }
-    disk
-}
-
-fn verify(stack: &Stack, want: &[u8], ctx: &str) {
-    let mut got = AlignedBuf::zeroed(want.len());
-    block_on(stack.read(&SyncIo, 0, &mut got)).unwrap_or_else(|e| panic!("{ctx}: reading the disk: {e}"));
-    if got[..] != want[..] {
-        let at = got.iter().zip(want).position(|(a, b)| a != b).unwrap();
-        panic!("{ctx}: disk byte {at} differs from the model");
-    }
-}
 
 fn open(paths: &[PathBuf], read_only: bool) -> Stack {
     block_on(Stack::open(&SyncIo, paths, &StackOptions { read_only, direct: Direct::Auto })).unwrap().0
@@ -166,17 +60,7 @@ fn run_seed(seed: u64) {
     assert!(stack.block_size() as u64 <= BLOCK, "{ctx}: O_DIRECT block {} too large for this test", stack.block_size());
 
     let mut owners: Vec<Owner> = (0..OWNERS)
-        .map(|id| Owner {
-            id,
-            rng: Rng(seed.wrapping_mul(1000) + id as u64),
-            stripes: (0..g.clusters)
-                .map(|c| {
-                    let at = g.stripe_at(id, c) as usize;
-                    lower[at..at + g.stripe as usize].to_vec()
-                })
-                .collect(),
-            ops: 0,
-        })
+        .map(|id| Owner::new(id, seed.wrapping_mul(1000) + id as u64, &g, &lower))
         .collect();
 
     let done_ops = AtomicUsize::new(0);
@@ -204,7 +88,7 @@ fn run_seed(seed: u64) {
             let owner = owner_iter.next().unwrap();
             workers.push(s.spawn(move || {
                 for i in 0..ops_per_owner {
-                    let tag = (owner.id as u64) << 16 | i as u64 + 1;
+                    let tag = ((owner.id as u64) << 16) | (i as u64 + 1);
                     if let Err(e) = block_on(owner.step(stack, &SyncIo, g, tag)) {
                         errors.lock().unwrap().push(e);
                         return;
@@ -224,11 +108,9 @@ fn run_seed(seed: u64) {
                     .map(|owner| {
                         let io = &io;
                         exe.spawn(async move {
-                            let owner = RefCell::new(owner);
                             for i in 0..ops_per_owner {
-                                let mut o = owner.borrow_mut();
-                                let tag = (o.id as u64) << 16 | i as u64 + 1;
-                                if let Err(e) = o.step(stack, io, g, tag).await {
+                                let tag = ((owner.id as u64) << 16) | (i as u64 + 1);
+                                if let Err(e) = owner.step(stack, io, g, tag).await {
                                     errors.lock().unwrap().push(e);
                                     return;
                                 }

@@ -40,14 +40,28 @@ fn conflicting(file: &File) -> std::io::Result<Option<i32>> {
     Ok((fl.l_type != libc::F_UNLCK as libc::c_short).then_some(fl.l_pid))
 }
 
+/// How long to wait for another holder to let go (ploop waits 60 s).
+const WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl DiskLock {
+    /// Take the lock, waiting a while if another process holds it.
     pub fn take(xml: &Path, base: &Path) -> Result<DiskLock> {
-        let busy = |who: Option<i32>| {
+        let start = std::time::Instant::now();
+        loop {
+            match Self::try_take(xml, base) {
+                Err(e) if e.errno() == libc::EBUSY && start.elapsed() < WAIT => std::thread::sleep(std::time::Duration::from_millis(50)),
+                other => return other,
+            }
+        }
+    }
+
+    fn try_take(xml: &Path, base: &Path) -> Result<DiskLock> {
+        let busy = |who: Option<i32>, what: &str| {
             let by = match who {
-                Some(pid) if pid > 0 => format!(" (pid {pid})"),
+                Some(pid) if pid > 0 => format!(", pid {pid}"),
                 _ => String::new(),
             };
-            Error::new(libc::EBUSY, format!("{}: the disk is locked by another process{by}", xml.display()))
+            Error::new(libc::EBUSY, format!("{}: the disk is locked by another process ({what}{by})", xml.display()))
         };
         let lck_path = xml.with_file_name(format!(
             "{}.lck",
@@ -62,20 +76,20 @@ impl DiskLock {
             .map_err(|e| Error::io(e, lck_path.display()))?;
         // SAFETY: plain syscall on our own descriptor.
         if unsafe { libc::flock(lck.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(busy(None));
+            return Err(busy(None, "flock on the .lck file"));
         }
         let base_file = File::open(base).map_err(|e| Error::io(e, base.display()))?;
         let io_err = |e| Error::io(e, base.display());
         if let Some(who) = conflicting(&base_file).map_err(io_err)? {
-            return Err(busy(Some(who)));
+            return Err(busy(Some(who), "byte-range lock on the base delta"));
         }
         ofd_lock(&base_file, libc::F_OFD_SETLK, libc::F_RDLCK as libc::c_short).map_err(|e| match e.raw_os_error() {
-            Some(libc::EAGAIN) | Some(libc::EACCES) => busy(None),
+            Some(libc::EAGAIN) | Some(libc::EACCES) => busy(None, "byte-range lock on the base delta"),
             _ => io_err(e),
         })?;
         // Another process may have taken its read lock at the same time.
         if let Some(who) = conflicting(&base_file).map_err(io_err)? {
-            return Err(busy(Some(who)));
+            return Err(busy(Some(who), "byte-range lock on the base delta, taken at the same time"));
         }
         Ok(DiskLock { _base: base_file, _lck: lck })
     }

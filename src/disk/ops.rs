@@ -177,11 +177,8 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
     let index = |p: &PathBuf| layers.iter().position(|l| &l.file().path == p);
     let (pi, ci) = match (index(&ppath), index(&cpath)) {
         (Some(pi), Some(ci)) if ci == pi + 1 => (pi, ci),
-        _ => {
-            return Err(Error::unsupported(format!(
-                "{child} is not in the chain this device serves; merge it offline (`snapshot-merge DIR --uuid {child}`)"
-            )))
-        }
+        (None, None) => return merge_off_chain(io, stack, disk, (child, &cimg), (parent, &pimg, &pshot), progress).await,
+        _ => return Err(Error::invalid(format!("{child} and its parent {parent} are not next to each other in the served chain"))),
     };
     let in_use = |e: Error| {
         Error::new(e.errno(), format!("{}: in use by another process (a mounted snapshot?): {e}", ppath.display()))
@@ -219,7 +216,20 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
             let _ = layers[pi].relock(false);
             let _ = layers[ci].relock(false);
         };
-        let merged = match copy_into_parent(io, &layers[ci], &ppath, pimg.kind, stack, progress).await {
+        // The parent's own content changes from the first copied cluster
+        // on: mark it temporary first, as ploop does, so that a crash
+        // leaves a snapshot known to be half merged (and merged again on
+        // the next open), never one that silently shows other data.
+        if pshot.temporary == Temporary::No {
+            let mut marked = disk.clone();
+            marked.desc.shots.iter_mut().filter(|s| s.guid == parent).for_each(|s| s.temporary = Temporary::Temporary);
+            if let Err(e) = marked.store(io).await {
+                unlock();
+                return Err(e);
+            }
+            *disk = marked;
+        }
+        let merged = match copy_into_parent(io, &layers[ci], &ppath, pimg.kind, false, stack, progress).await {
             Ok(m) => m,
             Err(e) => {
                 unlock();
@@ -243,25 +253,88 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
     Ok(Merged { child, parent, clusters })
 }
 
-/// Copy every cluster `child` holds into a second, writable opening of its
-/// parent's file (the stack keeps reading the first one): data first,
-/// synced, then the BAT entries, batch by batch; the parent is closed clean
-/// at the end. Returns the parent as a layer (read-only from now on) and
-/// the clusters copied.
+/// Finish what a crash interrupted: a temporary snapshot in the served
+/// chain with exactly one child was half merged into (a lower merge, or a
+/// delete); merge its child into it again, as ploop merges unused
+/// temporary snapshots on the next mount. Returns what was merged.
+pub async fn finish_merges<I: Io>(io: &I, stack: &Stack, disk: &mut Disk) -> Result<Vec<Merged>> {
+    let _lock = refresh(disk, stack)?;
+    let mut done = vec![];
+    loop {
+        let chain: Vec<Guid> = disk.desc.chain(disk.desc.top)?.iter().map(|i| i.guid).collect();
+        let pending = chain.iter().copied().find(|g| {
+            disk.desc.shot(*g).is_some_and(|s| s.temporary != Temporary::No) && disk.desc.children(*g).len() == 1 && *g != disk.desc.top
+        });
+        let Some(parent) = pending else { return Ok(done) };
+        let child = disk.desc.children(parent)[0];
+        tracing::warn!("{}: {parent} is a temporary snapshot left half merged; merging {child} into it again", disk.xml_path().display());
+        done.push(merge_locked(io, stack, disk, Some(child), &|_, _| {}).await?);
+    }
+}
+
+/// Merge two deltas no device serves (a branch left by a switch): the
+/// child copied into its parent's file, both held exclusively meanwhile.
+async fn merge_off_chain<I: Io>(
+    io: &I,
+    stack: &Stack,
+    disk: &mut Disk,
+    (child, cimg): (Guid, &Image),
+    (parent, pimg, pshot): (Guid, &Image, &Shot),
+    progress: &dyn Fn(u64, u64),
+) -> Result<Merged> {
+    let (cpath, ppath) = (disk.file_path(cimg), disk.file_path(pimg));
+    let direct = if stack.layers()[0].file().direct { Direct::Auto } else { Direct::Off };
+    let (child_layer, _) = Layer::open(io, &cpath, format_of(cimg.kind), false, direct).await?;
+    child_layer
+        .relock(true)
+        .map_err(|e| Error::new(e.errno(), format!("{}: in use by another process (a mounted snapshot?): {e}", cpath.display())))?;
+    let mut marked = disk.clone();
+    marked.desc.shots.iter_mut().filter(|s| s.guid == parent).for_each(|s| s.temporary = Temporary::Temporary);
+    marked.store(io).await?;
+    *disk = marked;
+    let (_, clusters) = copy_into_parent(io, &child_layer, &ppath, pimg.kind, true, stack, progress).await?;
+    let mut next = disk.clone();
+    let d = &mut next.desc;
+    d.images.retain(|i| i.guid != parent);
+    d.shots.retain(|s| s.guid != parent);
+    d.shots.iter_mut().filter(|s| s.guid == child).for_each(|s| s.parent = pshot.parent);
+    d.images.iter_mut().filter(|i| i.guid == child).for_each(|i| i.file = pimg.file.clone());
+    next.store(io).await?;
+    *disk = next;
+    drop(child_layer);
+    remove_file(&cpath);
+    Ok(Merged { child, parent, clusters })
+}
+
+fn format_of(kind: ImageType) -> Format {
+    match kind {
+        ImageType::Compressed => Format::Ploop,
+        ImageType::Plain => Format::Raw,
+    }
+}
+
+/// Copy every cluster `child` holds into a writable opening of its parent's
+/// file (unlocked when the stack holds that file's lock and keeps reading
+/// it meanwhile): data first, synced, then the BAT entries, batch by batch;
+/// the parent is closed clean at the end. Returns the parent as a layer
+/// (read-only from now on) and the clusters copied.
 async fn copy_into_parent<I: Io>(
     io: &I,
     child: &Layer,
     parent_path: &std::path::Path,
     kind: ImageType,
+    lock: bool,
     stack: &Stack,
     progress: &dyn Fn(u64, u64),
 ) -> Result<(Arc<Layer>, u64)> {
-    let format = match kind {
-        ImageType::Compressed => Format::Ploop,
-        ImageType::Plain => Format::Raw,
-    };
+    let format = format_of(kind);
     let direct = if child.file().direct { Direct::Auto } else { Direct::Off };
-    let (parent, _) = Layer::open_unlocked(io, parent_path, format, true, direct).await?;
+    let (parent, _) = if lock {
+        Layer::open(io, parent_path, format, true, direct).await
+    } else {
+        Layer::open_unlocked(io, parent_path, format, true, direct).await
+    }
+    .map_err(|e| e.context("opening the parent to merge into"))?;
     let cluster = stack.cluster_size();
     let size = stack.size();
     let todo: Vec<u64> = (0..size.div_ceil(cluster)).filter(|&c| child.lookup(c, cluster).is_some()).collect();

@@ -166,8 +166,18 @@ impl Layer {
     /// Take this layer's lock exclusively (converting a shared one) or
     /// shared, without waiting: a merge that will drop or rewrite a lower
     /// layer first makes sure no other process (a mounted snapshot) reads it.
+    /// A holder that goes away within a moment (a process that forked
+    /// with our descriptors and is about to exec) is waited for.
     pub fn relock(&self, exclusive: bool) -> Result<()> {
-        lock(self.file(), exclusive)
+        let start = std::time::Instant::now();
+        loop {
+            match lock(self.file(), exclusive) {
+                Err(e) if start.elapsed() < std::time::Duration::from_secs(2) && e.errno() == libc::EWOULDBLOCK => {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Turn the writable top into a read-only lower layer, keeping its open

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod inject;
+pub mod stripes;
 
 use std::ffi::OsStr;
 use std::fs;

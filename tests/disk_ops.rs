@@ -1,0 +1,324 @@
+//! Snapshot, merge, delete and switch on a disk directory, against the
+//! model: under concurrent writers (each owning a stripe of every cluster,
+//! so the model stays exact), and with a fault at every step of each
+//! operation, descriptor rename included.
+//!
+//! UBLK_PLOOP_DISK_SEEDS sets how many seeds the concurrent test runs
+//! (default 12); UBLK_PLOOP_DISK_SEED=N reruns one.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use common::inject::{Fault, Injector, Kind};
+use common::stripes::{expected, pattern, verify, Geometry, Owner, Rng};
+use common::{have_qemu, qemu_check_clean, quiesced, retry_busy, TempDir};
+use ublk_ploop::disk::ops::{self, Deleted};
+use ublk_ploop::disk::{Disk, Guid, TOP_GUID};
+use ublk_ploop::io::{block_on, AlignedBuf, Io, SyncIo};
+use ublk_ploop::{Stack, StackOptions};
+
+const WRITERS: usize = 4;
+
+fn open(disk: &Disk, guid: Option<Guid>, read_only: bool) -> Stack {
+    let layers = disk.layers(guid).unwrap();
+    retry_busy(|| block_on(Stack::open_layers(&SyncIo, &layers, &StackOptions { read_only, ..Default::default() })))
+        .unwrap_or_else(|e| panic!("opening {layers:?}: {e}"))
+        .0
+}
+
+fn read_all(stack: &Stack) -> Vec<u8> {
+    let mut b = AlignedBuf::zeroed(stack.size() as usize);
+    block_on(stack.read(&SyncIo, 0, &mut b)).unwrap();
+    b.to_vec()
+}
+
+/// Every delta the descriptor names is clean, for us and for qemu-img.
+fn check_files(disk: &Disk, ctx: &str) {
+    for img in &disk.desc.images {
+        let p = disk.file_path(img);
+        let report = block_on(ublk_ploop::check::check(&SyncIo, &p, ublk_ploop::layers::Format::Ploop, false))
+            .unwrap_or_else(|e| panic!("{ctx}: check {}: {e}", p.display()));
+        assert_eq!(report.exit_code(), 0, "{ctx}: {}: {report:?}", p.display());
+        if have_qemu() {
+            qemu_check_clean(&p);
+        }
+    }
+}
+
+/// A new disk whose base is full of data, and the model of it.
+fn full_disk(dir: &Path, g: &Geometry) -> (Disk, Vec<u8>) {
+    let disk = block_on(Disk::init(&SyncIo, dir, g.size(), g.cluster)).unwrap();
+    let data = pattern(0xBA5E, 0, g.size() as usize);
+    let s = open(&disk, None, false);
+    block_on(s.write(&SyncIo, 0, &data)).unwrap();
+    block_on(s.close(&SyncIo)).unwrap();
+    (disk, data.to_vec())
+}
+
+fn run_seed(seed: u64) {
+    let mut rng = Rng(seed);
+    let g = Geometry { cluster: 64 << 10, clusters: 8 + rng.below(16), stripe: (64 << 10) / WRITERS as u64 };
+    let ctx = format!("seed {seed} ({} clusters)", g.clusters);
+    let dir = TempDir::new(&format!("diskops-{seed}"));
+    let (mut disk, base) = full_disk(&dir.join("ct"), &g);
+    let stack = open(&disk, None, false);
+    let mut owners: Vec<Owner> = (0..WRITERS).map(|id| Owner::new(id, seed * 100 + id as u64, &g, &base)).collect();
+    // Snapshots taken while the writers paused, with the disk as it was.
+    let mut taken: HashMap<Guid, Vec<u8>> = HashMap::new();
+    let mut tag = 1u64;
+    let rounds = 6;
+    let mut did = vec![];
+    for round in 0..rounds {
+        let ctx = format!("{ctx}, round {round}");
+        let errors = Mutex::new(Vec::<String>::new());
+        let busy = AtomicBool::new(true);
+        let op = rng.below(3);
+        // The writers run while one operation that keeps the content runs.
+        let result = std::thread::scope(|s| {
+            let workers: Vec<_> = owners
+                .iter_mut()
+                .map(|o| {
+                    let (stack, g, errors) = (&stack, &g, &errors);
+                    let t0 = tag + (o.id as u64) * 1000;
+                    s.spawn(move || {
+                        for i in 0..25 {
+                            if let Err(e) = block_on(o.step(stack, &SyncIo, g, t0 + i)) {
+                                errors.lock().unwrap().push(e);
+                                return;
+                            }
+                        }
+                    })
+                })
+                .collect();
+            // (quiesced: no test process is being spawned meanwhile, whose
+            // copies of our descriptors would hold our locks for an instant)
+            let outcome: Result<String, String> = quiesced(|| {
+                let rows = disk.snapshot_rows();
+                match op {
+                    0 => block_on(ops::snapshot(&SyncIo, &stack, &mut disk, None)).map(|s| format!("snapshot {} under I/O", s.guid)),
+                    1 if disk.desc.shot(disk.desc.top).is_some_and(|t| disk.desc.children(t.parent).len() == 1 && t.parent != ublk_ploop::disk::NONE_GUID) => block_on(ops::merge(&SyncIo, &stack, &mut disk, None, &|_, _| {}))
+                        .map(|m| format!("merge of the top into {}", m.parent)),
+                    _ => {
+                        let victims: Vec<Guid> = rows.iter().filter(|r| !r.current).map(|r| r.guid).collect();
+                        match victims.get(rng.below(victims.len().max(1) as u64) as usize) {
+                            Some(&v) => block_on(ops::delete(&SyncIo, &stack, &mut disk, v, &|_, _| {})).map(|d| format!("delete {v}: {d:?}")),
+                            None => Ok("nothing to delete".into()),
+                        }
+                    }
+                }
+                .map_err(|e| e.to_string())
+            });
+            for w in workers {
+                w.join().unwrap();
+            }
+            busy.store(false, Ordering::Relaxed);
+            outcome
+        });
+        tag += 100_000;
+        let errors = errors.into_inner().unwrap();
+        assert!(errors.is_empty(), "{ctx}: {}", errors.join("\n"));
+        let what = result.unwrap_or_else(|e| panic!("{ctx}: operation {op} failed: {e}"));
+        did.push(what.clone());
+        let ctx = format!("{ctx}, after {what}");
+        // Quiet: the device shows the model, every snapshot its own.
+        let want = expected(&g, &owners);
+        verify(&stack, &want, &ctx);
+        for (guid, content) in &taken {
+            if disk.desc.shot(*guid).is_some() {
+                let snap = open(&disk, Some(*guid), true);
+                assert!(read_all(&snap) == *content, "{ctx}: snapshot {guid} does not show the disk as it was when taken");
+            }
+        }
+        // A snapshot with the writers paused; now and then, a switch back.
+        let snap = quiesced(|| block_on(ops::snapshot(&SyncIo, &stack, &mut disk, None))).unwrap_or_else(|e| panic!("{ctx}: snapshot: {e}"));
+        taken.insert(snap.guid, want.clone());
+        if round % 3 == 2 {
+            let choices: Vec<Guid> = taken
+                .keys()
+                .copied()
+                .filter(|g| disk.desc.shot(*g).is_some_and(|s| s.temporary == ublk_ploop::disk::Temporary::No) && *g != disk.desc.top)
+                .collect();
+            let target = choices[rng.below(choices.len() as u64) as usize];
+            quiesced(|| block_on(ops::switch(&SyncIo, &stack, &mut disk, target))).unwrap_or_else(|e| panic!("{ctx}: switch: {e}"));
+            let content = taken[&target].clone();
+            verify(&stack, &content, &format!("{ctx}, after switching to {target}"));
+            owners.iter_mut().for_each(|o| o.reset(&g, &content));
+            did.push(format!("switch to {target}"));
+        }
+    }
+    let want = expected(&g, &owners);
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    let disk = Disk::load(&disk.dir).unwrap();
+    let s = open(&disk, None, true);
+    verify(&s, &want, &format!("{ctx}, after close ({})", did.join("; ")));
+    drop(s);
+    check_files(&disk, &ctx);
+}
+
+#[test]
+fn snapshot_merge_delete_switch_under_concurrent_io_match_the_model() {
+    if let Some(seed) = std::env::var("UBLK_PLOOP_DISK_SEED").ok().and_then(|s| s.parse().ok()) {
+        run_seed(seed);
+        return;
+    }
+    let seeds: u64 = std::env::var("UBLK_PLOOP_DISK_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(12);
+    for seed in 1..=seeds {
+        run_seed(seed);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Faults at every step.
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    Snapshot,
+    MergeTop,
+    MergeLower,
+    Delete,
+    Switch,
+}
+
+/// A disk with three deltas, each holding some clusters, and the disk's
+/// content; the snapshots' GUIDs bottom first.
+struct Fixture {
+    dir: TempDir,
+    /// The top delta's file name before any operation.
+    top_file: String,
+    g: Geometry,
+    model: Vec<u8>,
+    guids: Vec<Guid>,
+    snapshot_models: HashMap<Guid, Vec<u8>>,
+}
+
+fn fixture(tag: &str) -> Fixture {
+    let g = Geometry { cluster: 64 << 10, clusters: 12, stripe: 16 << 10 };
+    let dir = TempDir::new(tag);
+    let (mut disk, mut model) = full_disk(&dir.join("ct"), &g);
+    let stack = open(&disk, None, false);
+    let mut guids = vec![];
+    let mut snapshot_models = HashMap::new();
+    for round in 0..2u64 {
+        let s = block_on(ops::snapshot(&SyncIo, &stack, &mut disk, None)).unwrap();
+        guids.push(s.guid);
+        snapshot_models.insert(s.guid, model.clone());
+        // Some clusters change in the new top: whole, part, and zeroed.
+        for c in [1 + round, 4 + round, 9] {
+            let off = c * g.cluster + 4096 * round;
+            let data = pattern(round + 7, off, 8192);
+            block_on(stack.write(&SyncIo, off, &data)).unwrap();
+            model[off as usize..off as usize + 8192].copy_from_slice(&data);
+        }
+        block_on(stack.write_zeroes(&SyncIo, 6 * g.cluster, 4096)).unwrap();
+        model[6 * g.cluster as usize..6 * g.cluster as usize + 4096].fill(0);
+    }
+    block_on(stack.close(&SyncIo)).unwrap();
+    let top_file = disk.desc.image(TOP_GUID).unwrap().file.clone();
+    Fixture { dir, top_file, g, model, guids, snapshot_models }
+}
+
+/// Copy the fixture's directory for one run.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+/// Run `op` on a fresh copy of the fixture with `io`; returns the error.
+fn run_op<I: Io>(f: &Fixture, op: Op, io: &I, name: &str) -> (PathBuf, Option<String>) {
+    let dir = f.dir.join(name);
+    copy_dir(&f.dir.join("ct"), &dir);
+    let mut disk = Disk::load(&dir).unwrap();
+    let stack = open(&disk, None, false);
+    let r = quiesced(|| match op {
+        Op::Snapshot => block_on(ops::snapshot(io, &stack, &mut disk, None)).map(drop),
+        Op::MergeTop => block_on(ops::merge(io, &stack, &mut disk, None, &|_, _| {})).map(drop),
+        // The middle delta into the base: both below the top.
+        Op::MergeLower => block_on(ops::merge(io, &stack, &mut disk, Some(f.guids[1]), &|_, _| {})).map(drop),
+        Op::Delete => block_on(ops::delete(io, &stack, &mut disk, f.guids[1], &|_, _| {})).map(|d| assert!(matches!(d, Deleted::Merged(_)))),
+        Op::Switch => block_on(ops::switch(io, &stack, &mut disk, f.guids[1])).map(drop),
+    });
+    drop(stack); // the crash (or the end)
+    (dir, r.err().map(|e| e.to_string()))
+}
+
+/// After a crash at any point: the disk opens from its descriptor and
+/// shows the data (for a switch: the old content or the snapshot's, by
+/// which descriptor is there); every named delta is clean once reopened
+/// and closed; every surviving snapshot shows its content.
+fn verify_disk(f: &Fixture, op: Op, dir: &Path, ctx: &str) {
+    let mut disk = Disk::load(dir).unwrap_or_else(|e| panic!("{ctx}: the descriptor does not load: {e}"));
+    let stack = open(&disk, None, false);
+    let before = read_all(&stack);
+    // The next open finishes a merge the crash interrupted.
+    quiesced(|| block_on(ops::finish_merges(&SyncIo, &stack, &mut disk))).unwrap_or_else(|e| panic!("{ctx}: finishing a half-done merge: {e}"));
+    assert!(disk.desc.shots.iter().all(|s| s.temporary == ublk_ploop::disk::Temporary::No), "{ctx}: a temporary snapshot is left");
+    let got = read_all(&stack);
+    assert!(got == before, "{ctx}: finishing the merge changed the data");
+    // Switched once the descriptor names a new top file.
+    let switched = op == Op::Switch && disk.desc.image(TOP_GUID).map(|i| &i.file) != Some(&f.top_file);
+    let want = if switched { &f.snapshot_models[&f.guids[1]] } else { &f.model };
+    assert!(got == *want, "{ctx}: the disk does not show {} after the crash", if switched { "the snapshot" } else { "its data" });
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    for g in &f.guids {
+        if disk.desc.shot(*g).is_some() {
+            let snap = open(&disk, Some(*g), true);
+            assert!(read_all(&snap) == f.snapshot_models[g], "{ctx}: snapshot {g} changed");
+        }
+    }
+    check_files(&disk, ctx);
+}
+
+#[test]
+fn a_fault_at_any_step_of_snapshot_merge_delete_or_switch_loses_nothing() {
+    let f = fixture("diskops-faults");
+    let mut failed = vec![];
+    let mut runs = 0;
+    for op in [Op::Snapshot, Op::MergeTop, Op::MergeLower, Op::Delete, Op::Switch] {
+        // The reference run: no fault; count what the operation issues.
+        let io = Injector::new(None);
+        let (dir, err) = run_op(&f, op, &io, &format!("{op:?}-ref"));
+        assert!(err.is_none(), "{op:?} without a fault: {err:?}");
+        verify_disk(&f, op, &dir, &format!("{op:?} without a fault"));
+        let c = io.counts();
+        assert!(c.renames >= 1, "{op:?} stored no descriptor? {c:?}");
+        for (kind, n) in [
+            (Kind::Write, c.writes),
+            (Kind::Sync, c.syncs),
+            (Kind::Rename, c.renames),
+            (Kind::Read, c.reads),
+            (Kind::Grow, c.grows),
+            (Kind::Truncate, c.truncates),
+            (Kind::Punch, c.punches),
+        ] {
+            for index in 0..n {
+                runs += 1;
+                let ctx = format!("{op:?}, disk dies at {kind:?} #{index} of {n}");
+                let io = Injector::new(Some(Fault { kind, index, sticky: true }));
+                let (dir, err) = run_op(&f, op, &io, &format!("{op:?}-{kind:?}-{index}"));
+                if err.is_none() {
+                    // Faults after the operation's last durable step may go
+                    // unreported: closing the old top after a snapshot, or
+                    // the old top a switch throws away.
+                    if op != Op::Snapshot && op != Op::Switch {
+                        failed.push(format!("{ctx}: the operation succeeded despite the fault"));
+                        continue;
+                    }
+                }
+                if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| verify_disk(&f, op, &dir, &ctx))) {
+                    failed.push(p.downcast_ref::<String>().cloned().unwrap_or_else(|| format!("{ctx}: panicked")));
+                }
+            }
+        }
+    }
+    eprintln!("{runs} fault runs");
+    assert!(failed.is_empty(), "{} of {runs} fault runs failed:\n{}", failed.len(), failed.join("\n"));
+}
