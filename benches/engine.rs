@@ -28,7 +28,11 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use serde_json::{json, Value};
-use ublk_ploop::io::{block_on, AlignedBuf, Direct, OwnRing, SyncIo};
+use std::os::fd::AsRawFd;
+
+use ublk_ploop::disk::descriptor::{Descriptor, ImageType};
+use ublk_ploop::disk::{ops, Disk};
+use ublk_ploop::io::{block_on, AlignedBuf, Direct, Io, OwnRing, SyncIo};
 use ublk_ploop::layers::PloopLayer;
 use ublk_ploop::{Stack, StackOptions};
 
@@ -103,6 +107,9 @@ const ALLOC: &str = "alloc.hds";
 const QEMU_ALLOC: &str = "qemu-alloc.hds";
 const TOP: &str = "top.hds";
 const SWAP_BASE: &str = "swap-base.hds";
+/// The disk directory of the merge row, and the raw copy it is compared with.
+const MERGE_DIR: &str = "merge-disk";
+const COPY: &str = "copy.raw";
 /// Snapshots taken in each stall row. Steady: writes over a hot set of
 /// 64 clusters that each new top absorbs within a few tens of ms, snapshots
 /// 500 ms apart, so a snapshot meets ordinary writes in flight (as one every
@@ -122,7 +129,7 @@ fn upper_name(i: usize) -> String {
 }
 
 fn scratch_names() -> Vec<String> {
-    let mut v: Vec<String> = [RAW, PLOOP, QEMU_IMG, ALLOC, QEMU_ALLOC, TOP, SWAP_BASE].iter().map(|s| s.to_string()).collect();
+    let mut v: Vec<String> = [RAW, PLOOP, QEMU_IMG, ALLOC, QEMU_ALLOC, TOP, SWAP_BASE, COPY].iter().map(|s| s.to_string()).collect();
     v.extend((1..DEEP).map(upper_name));
     v.extend((0..SWAPS).map(swap_top_name));
     v
@@ -148,6 +155,7 @@ impl Scratch {
         for name in scratch_names() {
             let _ = fs::remove_file(self.dir.join(name));
         }
+        let _ = fs::remove_dir_all(self.dir.join(MERGE_DIR));
     }
 }
 
@@ -731,6 +739,139 @@ fn fio_beside_copy_up(cfg: &Cfg, secs: f64, rate: f64) -> Res<(Run, Run)> {
     Ok((alone, Run { ios, bytes: ios * K4 as u64, secs: ms as f64 / 1000.0, ..Default::default() }))
 }
 
+/// Merge throughput: a disk directory whose base holds the bench's data,
+/// a snapshot (an empty top), then the top merged into its parent online:
+/// every cluster copied up (read, written, synced, linked). Against a raw
+/// copy of the same bytes between two plain files with the same number of
+/// 1 MiB copies in flight, synced at the end. Returns (merge, copy).
+fn merge_vs_copy(cfg: &Cfg) -> Res<(Run, Run)> {
+    let dir = cfg.path(MERGE_DIR);
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    fs::copy(cfg.path(PLOOP), dir.join(ublk_ploop::disk::BASE_FILE)).map_err(|e| format!("copying image: {e}"))?;
+    let desc = Descriptor::new(cfg.size, CLUSTER, ublk_ploop::disk::BASE_FILE, ImageType::Compressed).map_err(|e| e.to_string())?;
+    let mut disk = Disk { dir: fs::canonicalize(&dir).map_err(|e| e.to_string())?, desc };
+    block_on(disk.store(&SyncIo)).map_err(|e| format!("descriptor: {e}"))?;
+    let stack = block_on(Stack::open_layers(&SyncIo, &disk.layers(None).map_err(|e| e.to_string())?, &StackOptions::default()))
+        .map_err(|e| format!("opening the disk: {e}"))?
+        .0;
+    block_on(ops::snapshot(&SyncIo, &stack, &mut disk, None)).map_err(|e| format!("snapshot: {e}"))?;
+    let ring = new_ring()?;
+    let t = Instant::now();
+    let cpu0 = cpu_secs();
+    let merged = ring.block_on(ops::merge(&ring.io(), &stack, &mut disk, None, &|_, _| {})).map_err(|e| format!("merge: {e}"))?;
+    let secs = t.elapsed().as_secs_f64();
+    let merge = Run {
+        ios: merged.clusters,
+        bytes: merged.clusters * CLUSTER,
+        secs,
+        cpu_pct: Some((cpu_secs() - cpu0) / secs * 100.0),
+        ..Default::default()
+    };
+    block_on(stack.close(&SyncIo)).map_err(|e| format!("closing: {e}"))?;
+    drop(stack);
+    let _ = fs::remove_dir_all(&dir);
+
+    // The same bytes, file to file.
+    let src = fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(cfg.path(RAW)).map_err(|e| e.to_string())?;
+    let dst_path = cfg.path(COPY);
+    let _ = fs::remove_file(&dst_path);
+    let dst = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&dst_path)
+        .map_err(|e| format!("{}: {e}", dst_path.display()))?;
+    let (sfd, dfd) = (src.as_raw_fd(), dst.as_raw_fd());
+    let io = ring.io();
+    let next = std::cell::Cell::new(0u64);
+    let failed = RefCell::new(None);
+    let exe = async_executor::LocalExecutor::new();
+    let t = Instant::now();
+    let cpu0 = cpu_secs();
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let (io, next, failed) = (&io, &next, &failed);
+            exe.spawn(async move {
+                let mut buf = AlignedBuf::zeroed(CLUSTER as usize);
+                loop {
+                    let at = next.get();
+                    if at >= merged.clusters * CLUSTER {
+                        break;
+                    }
+                    next.set(at + CLUSTER);
+                    let r = async {
+                        io.read_at(sfd, &mut buf, at).await?;
+                        io.write_at(dfd, &buf, at).await
+                    };
+                    if let Err(e) = r.await {
+                        failed.borrow_mut().get_or_insert(e.to_string());
+                        break;
+                    }
+                }
+            })
+        })
+        .collect();
+    ring.run_tasks(&exe, || tasks.iter().all(|t| t.is_finished()));
+    drop(tasks);
+    if let Some(e) = failed.take() {
+        return Err(format!("raw copy: {e}"));
+    }
+    ring.block_on(io.sync_data(dfd)).map_err(|e| format!("raw copy sync: {e}"))?;
+    let secs = t.elapsed().as_secs_f64();
+    let copy = Run {
+        ios: merged.clusters,
+        bytes: merged.clusters * CLUSTER,
+        secs,
+        cpu_pct: Some((cpu_secs() - cpu0) / secs * 100.0),
+        ..Default::default()
+    };
+    drop(dst);
+    let _ = fs::remove_file(&dst_path);
+    Ok((merge, copy))
+}
+
+/// A disk directory's snapshot (descriptor update included) under 4k
+/// random writes at QD32 over a hot set: the stall is still only the swap.
+fn disk_snapshot_stall(cfg: &Cfg, gap: Duration, snapshots: usize) -> Res<(Run, Vec<Duration>, Vec<Duration>)> {
+    let dir = cfg.path(MERGE_DIR);
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    fs::copy(cfg.path(PLOOP), dir.join(ublk_ploop::disk::BASE_FILE)).map_err(|e| format!("copying image: {e}"))?;
+    let desc = Descriptor::new(cfg.size, CLUSTER, ublk_ploop::disk::BASE_FILE, ImageType::Compressed).map_err(|e| e.to_string())?;
+    let disk = Disk { dir: fs::canonicalize(&dir).map_err(|e| e.to_string())?, desc };
+    block_on(disk.store(&SyncIo)).map_err(|e| format!("descriptor: {e}"))?;
+    let stack = block_on(Stack::open_layers(&SyncIo, &disk.layers(None).map_err(|e| e.to_string())?, &StackOptions::default()))
+        .map_err(|e| format!("opening the disk: {e}"))?
+        .0;
+    let secs = gap * (snapshots as u32 + 1) + Duration::from_secs(1);
+    let result = std::thread::scope(|scope| {
+        let taker = scope.spawn(|| -> Res<(Vec<Duration>, Vec<Duration>)> {
+            let mut disk = disk.clone();
+            let (mut stalls, mut whole) = (Vec::new(), Vec::new());
+            for i in 0..snapshots {
+                std::thread::sleep(gap);
+                let t = Instant::now();
+                let s = block_on(ops::snapshot(&SyncIo, &stack, &mut disk, None)).map_err(|e| format!("snapshot {i}: {e}"))?;
+                whole.push(t.elapsed());
+                stalls.push(s.stall);
+            }
+            Ok((stalls, whole))
+        });
+        let ring = new_ring()?;
+        let job = Job { stack: &stack, dir: Dir::Write, bs: K4, qd: 32, next: Box::new(random_offsets(SWAP_HOT_SET, K4, 0x7777)), latency: true };
+        let run = drive(&ring, vec![job], secs);
+        let taken = taker.join().map_err(|_| "snapshot thread panicked".to_string())?;
+        let (stalls, whole) = taken?;
+        Ok::<_, String>((run?.remove(0), stalls, whole))
+    });
+    let closed = block_on(stack.close(&SyncIo));
+    drop(stack);
+    let _ = fs::remove_dir_all(&dir);
+    closed.map_err(|e| format!("closing: {e}"))?;
+    result
+}
+
 /// The stall of a stack change under load: 4k random writes at QD32 over
 /// the first `span` bytes of the full image while another thread pushes a
 /// new empty top `swaps` times, `gap` apart (a snapshot each time).
@@ -1060,7 +1201,16 @@ fn run() -> Res<()> {
         None
     };
 
-    let load = UnderLoad { hol, swap };
+    // Snapshots of a disk directory (descriptor included), and a merge.
+    if want("disk") {
+        progress("disk snapshots under 4k randwrite QD32; merge vs a raw copy");
+    }
+    let disk = if want("disk") {
+        Some(DiskRows { snapshots: disk_snapshot_stall(&cfg, SWAP_GAP_STEADY, SWAPS)?, merge: merge_vs_copy(&cfg)? })
+    } else {
+        None
+    };
+    let load = UnderLoad { hol, swap, disk };
     report(&cfg, &rows, &load, &q, have_fio, have_qemu, &qemu_img_what, t_all.elapsed().as_secs_f64());
     Ok(())
 }
@@ -1077,12 +1227,24 @@ struct HeadOfLine {
     device: Option<Res<(Run, Run)>>,
 }
 
+/// Writes during stack changes, and each change's stall.
+type Stalls = (Run, Vec<Duration>);
+
+/// Snapshots of a disk directory and a merge.
+struct DiskRows {
+    /// Writes, each snapshot's stall, each snapshot's whole time.
+    snapshots: (Run, Vec<Duration>, Vec<Duration>),
+    /// The merge, and the raw copy of the same bytes.
+    merge: (Run, Run),
+}
+
 /// The rows measured under concurrent load.
 struct UnderLoad {
+    disk: Option<DiskRows>,
     hol: Option<HeadOfLine>,
     /// Writes during the snapshots and each snapshot's stall, with the
     /// snapshots far apart and close together.
-    swap: Option<((Run, Vec<Duration>), (Run, Vec<Duration>))>,
+    swap: Option<(Stalls, Stalls)>,
 }
 
 // ---------------------------------------------------------------------------
@@ -1190,6 +1352,35 @@ fn report(cfg: &Cfg, rows: &[Row], load: &UnderLoad, q: &Qemu, have_fio: bool, h
             );
         }
     }
+    if let Some(d) = &load.disk {
+        let (writes, stalls, whole) = &d.snapshots;
+        let us = stall_stats(stalls);
+        let whole_us = stall_stats(whole);
+        let ms = |v: &[u32], pct| percentile_us(v, pct).map(|x| format!("{:.2}", x / 1000.0)).unwrap_or_else(|| "-".into());
+        let _ = writeln!(
+            out,
+            "Disk snapshots (ops::snapshot: new delta, descriptor stored, swap, old top closed), {} of them {} ms apart under\n  \
+             4k randwrite QD32 over {} MiB ({} IOPS): requests held p50 {} ms, p99 {} ms; whole operation p50 {} ms, p99 {} ms",
+            stalls.len(),
+            SWAP_GAP_STEADY.as_millis(),
+            SWAP_HOT_SET / MIB,
+            fmt_iops(writes.iops()),
+            ms(&us, 50.0),
+            ms(&us, 99.0),
+            ms(&whole_us, 50.0),
+            ms(&whole_us, 99.0)
+        );
+        let (merge, copy) = &d.merge;
+        let _ = writeln!(
+            out,
+            "Merge of the top into its parent ({} clusters of 1 MiB, online): {:.0} MiB/s; raw copy of the same bytes (8 x 1 MiB in\n  \
+             flight, synced at the end): {:.0} MiB/s = {:.2}x",
+            merge.ios,
+            merge.mibps(),
+            copy.mibps(),
+            merge.mibps() / copy.mibps().max(1.0)
+        );
+    }
     let _ = writeln!(out);
     let _ = writeln!(out, "What each column measured:");
     let _ = writeln!(
@@ -1291,6 +1482,12 @@ fn report(cfg: &Cfg, rows: &[Row], load: &UnderLoad, q: &Qemu, have_fio: bool, h
         }),
         0.8,
     ));
+    targets.push((
+        "merge_vs_copy",
+        "merge vs raw copy of the same bytes".into(),
+        load.disk.as_ref().map(|d| d.merge.0.mibps() / d.merge.1.mibps().max(1.0)),
+        0.8,
+    ));
     let depth = match (find("randread_4k_qd32").and_then(|r| r.engine.as_ref()), find("randread_4k_qd32_depth16").and_then(|r| r.engine.as_ref())) {
         (Some(d1), Some(d16)) if d1.iops() > 0.0 => Some(d16.iops() / d1.iops()),
         _ => None,
@@ -1314,6 +1511,7 @@ fn report(cfg: &Cfg, rows: &[Row], load: &UnderLoad, q: &Qemu, have_fio: bool, h
     for (key, what, stalls) in [
         ("swap_stall_p99_ms", "stack swap stall p99, ms (steady)".to_string(), load.swap.as_ref().map(|s| &s.0 .1)),
         ("swap_stall_storm_p99_ms", "stack swap stall p99, ms (copy-up storm)".to_string(), load.swap.as_ref().map(|s| &s.1 .1)),
+        ("disk_snapshot_stall_p99_ms", "disk snapshot stall p99, ms".to_string(), load.disk.as_ref().map(|d| &d.snapshots.1)),
     ] {
         let p99 = stalls.and_then(|s| percentile_us(&stall_stats(s), 99.0)).map(|us| us / 1000.0);
         let verdict = match p99 {
@@ -1375,6 +1573,13 @@ fn report(cfg: &Cfg, rows: &[Row], load: &UnderLoad, q: &Qemu, have_fio: bool, h
             });
             json!({ "steady": one(steady), "storm": one(storm) })
         }),
+        "disk": load.disk.as_ref().map(|d| json!({
+            "snapshot_writes": d.snapshots.0.to_json(),
+            "snapshot_stalls_ms": d.snapshots.1.iter().map(|x| round3(x.as_secs_f64() * 1000.0)).collect::<Vec<_>>(),
+            "snapshot_whole_ms": d.snapshots.2.iter().map(|x| round3(x.as_secs_f64() * 1000.0)).collect::<Vec<_>>(),
+            "merge": d.merge.0.to_json(),
+            "raw_copy": d.merge.1.to_json(),
+        })),
         "targets": tj,
     });
     println!("BENCH_JSON {j}");

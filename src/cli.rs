@@ -583,7 +583,10 @@ fn run(command: Command) -> Result<i32> {
 
 /// The files `info` and `check` look at: every delta a disk directory's
 /// descriptor names (with its format), or the files given.
-fn info_targets(paths: &[PathBuf], format: Option<Format>) -> Result<(Option<Disk>, Vec<(PathBuf, Format)>)> {
+/// A disk directory (when given one) and the files to look at, with their formats.
+type Targets = (Option<Disk>, Vec<(PathBuf, Format)>);
+
+fn info_targets(paths: &[PathBuf], format: Option<Format>) -> Result<Targets> {
     match paths {
         [one] if Disk::is_disk(one) => {
             if format.is_some() {
@@ -594,13 +597,7 @@ fn info_targets(paths: &[PathBuf], format: Option<Format>) -> Result<(Option<Dis
                 .desc
                 .images
                 .iter()
-                .map(|i| {
-                    let f = match i.kind {
-                        ublk_ploop::disk::ImageType::Compressed => Format::Ploop,
-                        ublk_ploop::disk::ImageType::Plain => Format::Raw,
-                    };
-                    (disk.file_path(i), f)
-                })
+                .map(|i| (disk.file_path(i), i.kind.format()))
                 .collect();
             Ok((Some(disk), files))
         }

@@ -20,7 +20,7 @@ use std::sync::Mutex;
 
 use common::stripes::{expected, pattern, verify, Geometry, Owner, Rng, BLOCK};
 use common::{have_qemu, qemu_check_clean, TempDir};
-use ublk_ploop::io::{block_on, AlignedBuf, Direct, Io, OwnRing, SyncIo};
+use ublk_ploop::io::{block_on, Direct, OwnRing, SyncIo};
 use ublk_ploop::layers::PloopLayer;
 use ublk_ploop::{Stack, StackOptions};
 

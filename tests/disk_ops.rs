@@ -190,7 +190,6 @@ struct Fixture {
     dir: TempDir,
     /// The top delta's file name before any operation.
     top_file: String,
-    g: Geometry,
     model: Vec<u8>,
     guids: Vec<Guid>,
     snapshot_models: HashMap<Guid, Vec<u8>>,
@@ -219,7 +218,7 @@ fn fixture(tag: &str) -> Fixture {
     }
     block_on(stack.close(&SyncIo)).unwrap();
     let top_file = disk.desc.image(TOP_GUID).unwrap().file.clone();
-    Fixture { dir, top_file, g, model, guids, snapshot_models }
+    Fixture { dir, top_file, model, guids, snapshot_models }
 }
 
 /// Copy the fixture's directory for one run.
@@ -321,4 +320,51 @@ fn a_fault_at_any_step_of_snapshot_merge_delete_or_switch_loses_nothing() {
     }
     eprintln!("{runs} fault runs");
     assert!(failed.is_empty(), "{} of {runs} fault runs failed:\n{}", failed.len(), failed.join("\n"));
+}
+
+#[test]
+fn a_merge_killed_at_any_moment_loses_nothing() {
+    // The offline merge runs in a child process that is killed (SIGKILL)
+    // at increasing moments; the disk then opens with the same data, and
+    // the merge can be run again to its end.
+    let g = Geometry { cluster: 1 << 20, clusters: 96, stripe: 1 << 18 };
+    let dir = TempDir::new("diskops-kill");
+    let (mut disk, mut model) = full_disk(&dir.join("ct"), &g);
+    {
+        let stack = open(&disk, None, false);
+        quiesced(|| block_on(ops::snapshot(&SyncIo, &stack, &mut disk, None))).unwrap();
+        let data = pattern(9, 40 << 20, 8 << 20);
+        block_on(stack.write(&SyncIo, 40 << 20, &data)).unwrap();
+        model[40 << 20..48 << 20].copy_from_slice(&data);
+        block_on(stack.close(&SyncIo)).unwrap();
+    }
+    let pristine = dir.join("pristine");
+    copy_dir(&disk.dir, &pristine);
+    for delay_ms in [5u64, 20, 60, 150, 400] {
+        let ctx = format!("merge killed after {delay_ms} ms");
+        let run = dir.join(&format!("run-{delay_ms}"));
+        copy_dir(&pristine, &run);
+        let mut child = std::process::Command::new(common::bin())
+            .args(["snapshot-merge", run.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        let _ = child.kill();
+        let status = child.wait().unwrap();
+        let disk = Disk::load(&run).unwrap_or_else(|e| panic!("{ctx}: {e}"));
+        let stack = open(&disk, None, false);
+        assert!(read_all(&stack) == model, "{ctx} ({status}): the disk does not show its data");
+        block_on(stack.close(&SyncIo)).unwrap();
+        drop(stack);
+        // And the merge runs to its end.
+        common::ploop(["snapshot-merge", run.to_str().unwrap()]).ok();
+        let disk = Disk::load(&run).unwrap();
+        assert_eq!(disk.desc.images.len(), 1, "{ctx}: the merge left more than one delta");
+        let stack = open(&disk, None, true);
+        assert!(read_all(&stack) == model, "{ctx}: the merged disk does not show its data");
+        drop(stack);
+        check_files(&disk, &ctx);
+    }
 }

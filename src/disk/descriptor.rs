@@ -78,6 +78,16 @@ pub enum ImageType {
     Plain,
 }
 
+impl ImageType {
+    /// The layer format this type means.
+    pub fn format(self) -> crate::layers::Format {
+        match self {
+            ImageType::Compressed => crate::layers::Format::Ploop,
+            ImageType::Plain => crate::layers::Format::Raw,
+        }
+    }
+}
+
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct Image {
     pub guid: Guid,

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::io::Io;
-use crate::layers::{Format, PloopLayer};
+use crate::layers::PloopLayer;
 use crate::stack::LayerSpec;
 
 pub use descriptor::{Descriptor, Guid, Image, ImageType, Shot, Temporary, NONE_GUID, TOP_GUID};
@@ -81,13 +81,7 @@ impl Disk {
             .desc
             .chain(guid)?
             .into_iter()
-            .map(|img| LayerSpec {
-                path: self.file_path(img),
-                format: match img.kind {
-                    ImageType::Compressed => Format::Ploop,
-                    ImageType::Plain => Format::Raw,
-                },
-            })
+            .map(|img| LayerSpec { path: self.file_path(img), format: img.kind.format() })
             .collect())
     }
 

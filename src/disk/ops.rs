@@ -20,7 +20,7 @@ use super::descriptor::{ImageType, MAX_SNAPSHOTS};
 use super::{Disk, Guid, Image, Shot, Temporary, NONE_GUID, TOP_GUID};
 use crate::error::{Error, Result};
 use crate::io::{AlignedBuf, Direct, Io};
-use crate::layers::{Format, Layer};
+use crate::layers::Layer;
 use crate::stack::{discard_top, Stack};
 
 /// Clusters copied at once by a merge.
@@ -284,7 +284,7 @@ async fn merge_off_chain<I: Io>(
 ) -> Result<Merged> {
     let (cpath, ppath) = (disk.file_path(cimg), disk.file_path(pimg));
     let direct = if stack.layers()[0].file().direct { Direct::Auto } else { Direct::Off };
-    let (child_layer, _) = Layer::open(io, &cpath, format_of(cimg.kind), false, direct).await?;
+    let (child_layer, _) = Layer::open(io, &cpath, cimg.kind.format(), false, direct).await?;
     child_layer
         .relock(true)
         .map_err(|e| Error::new(e.errno(), format!("{}: in use by another process (a mounted snapshot?): {e}", cpath.display())))?;
@@ -306,13 +306,6 @@ async fn merge_off_chain<I: Io>(
     Ok(Merged { child, parent, clusters })
 }
 
-fn format_of(kind: ImageType) -> Format {
-    match kind {
-        ImageType::Compressed => Format::Ploop,
-        ImageType::Plain => Format::Raw,
-    }
-}
-
 /// Copy every cluster `child` holds into a writable opening of its parent's
 /// file (unlocked when the stack holds that file's lock and keeps reading
 /// it meanwhile): data first, synced, then the BAT entries, batch by batch;
@@ -327,7 +320,7 @@ async fn copy_into_parent<I: Io>(
     stack: &Stack,
     progress: &dyn Fn(u64, u64),
 ) -> Result<(Arc<Layer>, u64)> {
-    let format = format_of(kind);
+    let format = kind.format();
     let direct = if child.file().direct { Direct::Auto } else { Direct::Off };
     let (parent, _) = if lock {
         Layer::open(io, parent_path, format, true, direct).await

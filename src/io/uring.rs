@@ -7,6 +7,7 @@ use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::io;
 use std::pin::pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 
@@ -93,15 +94,19 @@ impl OwnRing {
     /// Run `fut` on this thread, driving the ring until it completes.
     pub fn block_on<F: Future>(&self, fut: F) -> F::Output {
         set_thread_kick(Some(self.kick.clone()));
-        let flag = Arc::new(Flag);
-        let waker = Waker::from(flag);
+        let flag = Arc::new(Flag(AtomicBool::new(false)));
+        let waker = Waker::from(flag.clone());
         let mut cx = Context::from_waker(&waker);
         let mut fut = pin!(fut);
         let out = loop {
             if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
                 break v;
             }
-            self.wait_and_reap();
+            // Woken while being polled (one part of the future finished what
+            // another waited for): poll again before waiting for the ring.
+            if !flag.0.swap(false, Ordering::AcqRel) {
+                self.wait_and_reap();
+            }
         };
         set_thread_kick(None);
         out
@@ -121,11 +126,16 @@ impl OwnRing {
     }
 }
 
-/// `block_on` polls again after every completion, so its waker need not
-/// do anything: a wake from another thread comes with a kick.
-struct Flag;
+/// `block_on` polls again after every completion; its waker only notes a
+/// wake from within a poll (a wake from another thread comes with a kick).
+struct Flag(AtomicBool);
 impl Wake for Flag {
-    fn wake(self: Arc<Self>) {}
+    fn wake(self: Arc<Self>) {
+        self.0.store(true, Ordering::Release);
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.store(true, Ordering::Release);
+    }
 }
 
 /// The completion of one SQE on an [`OwnRing`].
@@ -171,5 +181,37 @@ impl Future for OpFuture<'_> {
                 Poll::Pending
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    #[test]
+    fn block_on_polls_again_after_a_wake_from_within_the_future() {
+        // A waits for B; B runs after A in the same poll and wakes it; no
+        // I/O is in flight, so waiting for the ring would wait forever.
+        let ring = OwnRing::new(8).unwrap();
+        let ready = Cell::new(false);
+        let waiter = std::cell::RefCell::new(None::<Waker>);
+        let a = std::future::poll_fn(|cx| {
+            if ready.get() {
+                Poll::Ready(1)
+            } else {
+                *waiter.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        });
+        let b = std::future::poll_fn(|_| {
+            ready.set(true);
+            if let Some(w) = waiter.borrow_mut().take() {
+                w.wake();
+            }
+            Poll::Ready(2)
+        });
+        let out = ring.block_on(futures_lite::future::zip(a, b));
+        assert_eq!(out, (1, 2));
     }
 }

@@ -11,7 +11,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 BIN=${UBLK_PLOOP_BIN:-$repo/target/release/ublk-ploop}
 SCRATCH=${UBLK_PLOOP_SCRATCH:?run this inside the VM: tests/vm/run tests/vm/e2e.sh}
-ALL="basic_fs fio_verify stack_layers control_socket kill_recover read_only serve_config"
+ALL="basic_fs fio_verify stack_layers control_socket kill_recover read_only serve_config snapshots merge_kill"
 
 log() { echo "e2e[${SCENARIO:-main}]: $*"; }
 die() { log "FAIL: $*"; exit 1; }
@@ -244,6 +244,108 @@ PY
 	qemu_check "$img"
 }
 
+# Checksums of a set of files, kept apart per set.
+sums_of() { (cd "$1" && sha256sum $2) >"$SCRATCH/sums.$3"; }
+check_sums() { (cd "$1" && sha256sum -c --quiet "$SCRATCH/sums.$2") || die "set $2 differs in $1"; }
+# Every delta of a disk directory is clean, for us and for qemu-img.
+check_disk() {
+	"$BIN" check "$1" || die "check $1"
+	for f in "$1"/root.hds*; do qemu_check "$f"; done
+}
+# A consistent snapshot of a mounted filesystem: frozen around it.
+snapshot_frozen() { # mnt id
+	sync; fsfreeze -f "$1"
+	"$BIN" snapshot -n "$2" >"$SCRATCH/snap.out" || { fsfreeze -u "$1"; die "snapshot"; }
+	fsfreeze -u "$1"
+	cat "$SCRATCH/snap.out"
+}
+
+scenario_snapshots() {
+	local d=$SCRATCH/ct1 mnt=/mnt/ct1 smnt=/mnt/ct1snap
+	"$BIN" init "$d" --size 512M
+	dev=$("$BIN" add --image "$d"); wait_dev "$dev"; id=$(dev_id "$dev")
+	mkfs.ext4 -q -F "$dev"; mkdir -p "$mnt" "$smnt"; mount "$dev" "$mnt"
+	mkdir "$mnt/A" "$mnt/B"
+	for i in 1 2 3; do head -c 4M /dev/urandom >"$mnt/A/a$i"; done
+	sums_of "$mnt" "A/*" A
+	snap1=$(snapshot_frozen "$mnt" "$id")
+	log "snapshot $snap1 holds set A"
+	for i in 1 2 3; do head -c 4M /dev/urandom >"$mnt/B/b$i"; done
+	sums_of "$mnt" "B/*" B
+	"$BIN" snapshot-list -n "$id"
+	# The snapshot, read-only, beside the live device: set A only.
+	sdev=$("$BIN" add --image "$d" --snapshot "$snap1"); wait_dev "$sdev"
+	[ "$(blockdev --getro "$sdev")" = 1 ] || die "snapshot device is writable"
+	fsck.ext4 -n "$sdev" >"$SCRATCH/fsck.out" 2>&1 || { cat "$SCRATCH/fsck.out"; die "fsck -n of the snapshot"; }
+	mount -o ro,noload "$sdev" "$smnt"
+	check_sums "$smnt" A
+	[ -z "$(ls "$smnt/B")" ] || die "the snapshot shows set B"
+	# A merge that would remove the mounted snapshot's layer is refused.
+	snap2=$(snapshot_frozen "$mnt" "$id")
+	"$BIN" snapshot-delete -n "$id" --uuid "$snap1" 2>"$SCRATCH/del.err" && die "deleted a snapshot a device serves"
+	grep -q "in use" "$SCRATCH/del.err" || die "delete refusal: $(cat "$SCRATCH/del.err")"
+	umount "$smnt"; "$BIN" del -n "$(dev_id "$sdev")"
+	# Merge the top into its parent while fio writes and verifies.
+	fio --name=m --filename="$mnt/fio.dat" --size=48M --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k --iodepth=8 \
+		--verify=crc32c --do_verify=0 --randrepeat=1 --randseed=7 --verify_state_save=0 --output="$SCRATCH/fio-m.out" &
+	fio_pid=$!
+	sleep 2
+	"$BIN" snapshot-merge -n "$id" || die "merge"
+	wait "$fio_pid" || { cat "$SCRATCH/fio-m.out"; die "fio during the merge"; }
+	fio --name=m --filename="$mnt/fio.dat" --size=48M --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k --iodepth=8 \
+		--verify=crc32c --verify_only=1 --verify_fatal=1 --randrepeat=1 --randseed=7 --verify_state_save=0 \
+		--output="$SCRATCH/fio-v.out" || { cat "$SCRATCH/fio-v.out"; die "fio verify after the merge"; }
+	check_sums "$mnt" A; check_sums "$mnt" B
+	"$BIN" snapshot-list -n "$id" --json | grep -q "$snap2" && die "the merged parent's GUID survived"
+	# Switch back to the first snapshot: refused while mounted, then set A only.
+	"$BIN" snapshot-switch -n "$id" --uuid "$snap1" 2>"$SCRATCH/sw.err" && die "switched under a mounted filesystem"
+	grep -q "mounted" "$SCRATCH/sw.err" || die "switch refusal: $(cat "$SCRATCH/sw.err")"
+	umount "$mnt"
+	"$BIN" snapshot-switch -n "$id" --uuid "$snap1"
+	fsck.ext4 -n "$dev" >"$SCRATCH/fsck.out" 2>&1 || { cat "$SCRATCH/fsck.out"; die "fsck -n after the switch"; }
+	mount "$dev" "$mnt"
+	check_sums "$mnt" A
+	[ -z "$(ls "$mnt/B")" ] || die "set B survived the switch"
+	umount "$mnt"
+	"$BIN" del -n "$id"
+	check_disk "$d"
+}
+
+scenario_merge_kill() {
+	local d=$SCRATCH/ct2
+	"$BIN" init "$d" --size 512M
+	dev=$("$BIN" add --image "$d"); wait_dev "$dev"; id=$(dev_id "$dev")
+	dd if=/dev/urandom of="$SCRATCH/pat.0" bs=1M count=160 status=none
+	dd if="$SCRATCH/pat.0" of="$dev" bs=1M oflag=direct status=none
+	"$BIN" snapshot -n "$id" >/dev/null
+	dd if=/dev/urandom of="$SCRATCH/pat.1" bs=1M count=8 status=none
+	dd if="$SCRATCH/pat.1" of="$dev" bs=1M seek=40 oflag=direct status=none
+	"$BIN" snapshot-merge -n "$id" >"$SCRATCH/merge.out" 2>&1 &
+	merge_pid=$!
+	for _ in $(seq 200); do
+		"$BIN" status -n "$id" --json | grep -q '"done": [1-9]' && break
+		sleep 0.05
+	done
+	pid=$(daemon_pid "$id")
+	log "killing daemon $pid in the middle of the merge: $("$BIN" status -n "$id" --json | grep -E '"(done|total)"' | tr -d ' \n')"
+	kill -9 "$pid"
+	wait "$merge_pid" && log "(the merge finished before the kill)"
+	"$BIN" recover -n "$id"
+	expect_data() { # what
+		dd if="$dev" of="$SCRATCH/read.0" bs=1M count=160 iflag=direct status=none
+		cmp "$SCRATCH/read.0" "$SCRATCH/pat.want" || die "the device's data differs $1"
+	}
+	cp "$SCRATCH/pat.0" "$SCRATCH/pat.want"
+	dd if="$SCRATCH/pat.1" of="$SCRATCH/pat.want" bs=1M seek=40 conv=notrunc status=none
+	expect_data "after recovery"
+	# The merge can be run again, to its end.
+	"$BIN" snapshot-merge -n "$id"
+	[ "$("$BIN" snapshot-list -n "$id" --json | grep -c '"guid"')" = 1 ] || die "the merge left more than one delta"
+	expect_data "after the merge"
+	"$BIN" del -n "$id"
+	check_disk "$d"
+}
+
 if [ "${1:-}" = --scenario ]; then
 	SCENARIO=$2
 	set -eo pipefail
@@ -263,7 +365,7 @@ for s in ${*:-$ALL}; do
 		"$BIN" del --all --force >/dev/null 2>&1 || true
 		umount /mnt/* >/dev/null 2>&1 || true
 	fi
-	rm -f "$SCRATCH"/*.hdd "$SCRATCH"/pat.* "$SCRATCH"/read.* "$SCRATCH"/sums.*
+	rm -rf "$SCRATCH"/*.hdd "$SCRATCH"/pat.* "$SCRATCH"/read.* "$SCRATCH"/sums.* "$SCRATCH"/ct*
 done
 [ -z "$failed" ] || log "failed:$failed"
 echo "e2e: $pass passed, $fail failed"
