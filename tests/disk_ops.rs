@@ -358,8 +358,10 @@ fn a_merge_killed_at_any_moment_loses_nothing() {
         assert!(read_all(&stack) == model, "{ctx} ({status}): the disk does not show its data");
         block_on(stack.close(&SyncIo)).unwrap();
         drop(stack);
-        // And the merge runs to its end.
-        common::ploop(["snapshot-merge", run.to_str().unwrap()]).ok();
+        // And the merge runs to its end (unless it got there before the kill).
+        if disk.desc.images.len() > 1 {
+            common::ploop(["snapshot-merge", run.to_str().unwrap()]).ok();
+        }
         let disk = Disk::load(&run).unwrap();
         assert_eq!(disk.desc.images.len(), 1, "{ctx}: the merge left more than one delta");
         let stack = open(&disk, None, true);
