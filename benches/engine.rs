@@ -739,38 +739,42 @@ fn fio_beside_copy_up(cfg: &Cfg, secs: f64, rate: f64) -> Res<(Run, Run)> {
     Ok((alone, Run { ios, bytes: ios * K4 as u64, secs: ms as f64 / 1000.0, ..Default::default() }))
 }
 
+/// A disk directory whose base delta is a copy of the bench's ploop image,
+/// opened read-write.
+fn bench_disk(cfg: &Cfg) -> Res<(Disk, Stack)> {
+    let dir = cfg.path(MERGE_DIR);
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    fs::copy(cfg.path(PLOOP), dir.join(ublk_ploop::disk::BASE_FILE)).map_err(|e| format!("copying image: {e}"))?;
+    let desc = Descriptor::new(cfg.size, CLUSTER, ublk_ploop::disk::BASE_FILE, ImageType::Compressed).map_err(|e| e.to_string())?;
+    let disk = Disk { dir: fs::canonicalize(&dir).map_err(|e| e.to_string())?, desc };
+    block_on(disk.store(&SyncIo)).map_err(|e| format!("descriptor: {e}"))?;
+    let layers = disk.layers(None).map_err(|e| e.to_string())?;
+    let stack = block_on(Stack::open_layers(&SyncIo, &layers, &StackOptions::default())).map_err(|e| format!("opening the disk: {e}"))?.0;
+    Ok((disk, stack))
+}
+
+/// A run that moved `clusters` whole clusters in `secs`, with the CPU used since `cpu0`.
+fn cluster_run(clusters: u64, secs: f64, cpu0: f64) -> Run {
+    Run { ios: clusters, bytes: clusters * CLUSTER, secs, cpu_pct: Some((cpu_secs() - cpu0) / secs * 100.0), ..Default::default() }
+}
+
 /// Merge throughput: a disk directory whose base holds the bench's data,
 /// a snapshot (an empty top), then the top merged into its parent online:
 /// every cluster copied up (read, written, synced, linked). Against a raw
 /// copy of the same bytes between two plain files with the same number of
 /// 1 MiB copies in flight, synced at the end. Returns (merge, copy).
 fn merge_vs_copy(cfg: &Cfg) -> Res<(Run, Run)> {
-    let dir = cfg.path(MERGE_DIR);
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    fs::copy(cfg.path(PLOOP), dir.join(ublk_ploop::disk::BASE_FILE)).map_err(|e| format!("copying image: {e}"))?;
-    let desc = Descriptor::new(cfg.size, CLUSTER, ublk_ploop::disk::BASE_FILE, ImageType::Compressed).map_err(|e| e.to_string())?;
-    let mut disk = Disk { dir: fs::canonicalize(&dir).map_err(|e| e.to_string())?, desc };
-    block_on(disk.store(&SyncIo)).map_err(|e| format!("descriptor: {e}"))?;
-    let stack = block_on(Stack::open_layers(&SyncIo, &disk.layers(None).map_err(|e| e.to_string())?, &StackOptions::default()))
-        .map_err(|e| format!("opening the disk: {e}"))?
-        .0;
+    let (mut disk, stack) = bench_disk(cfg)?;
     block_on(ops::snapshot(&SyncIo, &stack, &mut disk, None)).map_err(|e| format!("snapshot: {e}"))?;
     let ring = new_ring()?;
     let t = Instant::now();
     let cpu0 = cpu_secs();
     let merged = ring.block_on(ops::merge(&ring.io(), &stack, &mut disk, None, &|_, _| {})).map_err(|e| format!("merge: {e}"))?;
-    let secs = t.elapsed().as_secs_f64();
-    let merge = Run {
-        ios: merged.clusters,
-        bytes: merged.clusters * CLUSTER,
-        secs,
-        cpu_pct: Some((cpu_secs() - cpu0) / secs * 100.0),
-        ..Default::default()
-    };
+    let merge = cluster_run(merged.clusters, t.elapsed().as_secs_f64(), cpu0);
     block_on(stack.close(&SyncIo)).map_err(|e| format!("closing: {e}"))?;
     drop(stack);
-    let _ = fs::remove_dir_all(&dir);
+    let _ = fs::remove_dir_all(&disk.dir);
 
     // The same bytes, file to file.
     let src = fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(cfg.path(RAW)).map_err(|e| e.to_string())?;
@@ -818,14 +822,7 @@ fn merge_vs_copy(cfg: &Cfg) -> Res<(Run, Run)> {
         return Err(format!("raw copy: {e}"));
     }
     ring.block_on(io.sync_data(dfd)).map_err(|e| format!("raw copy sync: {e}"))?;
-    let secs = t.elapsed().as_secs_f64();
-    let copy = Run {
-        ios: merged.clusters,
-        bytes: merged.clusters * CLUSTER,
-        secs,
-        cpu_pct: Some((cpu_secs() - cpu0) / secs * 100.0),
-        ..Default::default()
-    };
+    let copy = cluster_run(merged.clusters, t.elapsed().as_secs_f64(), cpu0);
     drop(dst);
     let _ = fs::remove_file(&dst_path);
     Ok((merge, copy))
@@ -834,16 +831,7 @@ fn merge_vs_copy(cfg: &Cfg) -> Res<(Run, Run)> {
 /// A disk directory's snapshot (descriptor update included) under 4k
 /// random writes at QD32 over a hot set: the stall is still only the swap.
 fn disk_snapshot_stall(cfg: &Cfg, gap: Duration, snapshots: usize) -> Res<(Run, Vec<Duration>, Vec<Duration>)> {
-    let dir = cfg.path(MERGE_DIR);
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    fs::copy(cfg.path(PLOOP), dir.join(ublk_ploop::disk::BASE_FILE)).map_err(|e| format!("copying image: {e}"))?;
-    let desc = Descriptor::new(cfg.size, CLUSTER, ublk_ploop::disk::BASE_FILE, ImageType::Compressed).map_err(|e| e.to_string())?;
-    let disk = Disk { dir: fs::canonicalize(&dir).map_err(|e| e.to_string())?, desc };
-    block_on(disk.store(&SyncIo)).map_err(|e| format!("descriptor: {e}"))?;
-    let stack = block_on(Stack::open_layers(&SyncIo, &disk.layers(None).map_err(|e| e.to_string())?, &StackOptions::default()))
-        .map_err(|e| format!("opening the disk: {e}"))?
-        .0;
+    let (disk, stack) = bench_disk(cfg)?;
     let secs = gap * (snapshots as u32 + 1) + Duration::from_secs(1);
     let result = std::thread::scope(|scope| {
         let taker = scope.spawn(|| -> Res<(Vec<Duration>, Vec<Duration>)> {
@@ -867,7 +855,7 @@ fn disk_snapshot_stall(cfg: &Cfg, gap: Duration, snapshots: usize) -> Res<(Run, 
     });
     let closed = block_on(stack.close(&SyncIo));
     drop(stack);
-    let _ = fs::remove_dir_all(&dir);
+    let _ = fs::remove_dir_all(&disk.dir);
     closed.map_err(|e| format!("closing: {e}"))?;
     result
 }

@@ -75,24 +75,17 @@ enum Command {
     /// Create an empty expandable ploop image file.
     Create {
         image: PathBuf,
-        /// Virtual disk size (K, M, G, T suffixes).
-        #[arg(long, value_parser = parse_size_arg)]
-        size: u64,
-        /// Cluster size, a power of two (default 1M).
-        #[arg(long, value_parser = parse_size_arg, default_value = "1M")]
-        cluster_size: u64,
+        #[command(flatten)]
+        geometry: Geometry,
         #[arg(long)]
         json: bool,
     },
-    /// Create a ploop disk directory: root.hds and DiskDescriptor.xml.
+    /// Create a ploop disk directory: root.hds and DiskDescriptor.xml
+    /// (ploop's descriptor allows clusters of 32K to 64M).
     Init {
         dir: PathBuf,
-        /// Virtual disk size (K, M, G, T suffixes).
-        #[arg(long, value_parser = parse_size_arg)]
-        size: u64,
-        /// Cluster size, a power of two from 32K to 64M (default 1M).
-        #[arg(long, value_parser = parse_size_arg, default_value = "1M")]
-        cluster_size: u64,
+        #[command(flatten)]
+        geometry: Geometry,
         #[arg(long)]
         json: bool,
     },
@@ -251,6 +244,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// The size of a new disk.
+#[derive(Args, Clone)]
+struct Geometry {
+    /// Virtual disk size (K, M, G, T suffixes).
+    #[arg(long, value_parser = parse_size_arg)]
+    size: u64,
+    /// Cluster size, a power of two (default 1M).
+    #[arg(long, value_parser = parse_size_arg, default_value = "1M")]
+    cluster_size: u64,
 }
 
 /// Device settings shared by the commands that create a device.
@@ -443,7 +447,7 @@ fn run(command: Command) -> Result<i32> {
             };
             crate::daemon::start(config, mode, true)
         }
-        Command::Create { image, size, cluster_size, json } => {
+        Command::Create { image, geometry: Geometry { size, cluster_size }, json } => {
             let header = block_on(PloopLayer::create(&SyncIo, &image, size, cluster_size))?;
             let info = InfoOut::from_header(&image, &header, 0, header.data_off_bytes());
             if json {
@@ -458,7 +462,7 @@ fn run(command: Command) -> Result<i32> {
             }
             Ok(0)
         }
-        Command::Init { dir, size, cluster_size, json } => {
+        Command::Init { dir, geometry: Geometry { size, cluster_size }, json } => {
             let disk = block_on(Disk::init(&SyncIo, &dir, size, cluster_size))?;
             if json {
                 print_json(&serde_json::json!({

@@ -43,7 +43,7 @@ fn example_config_is_accepted_by_serve() {
     let dir = scratch("cfg");
     let img = dir.join("root.hdd");
     let st = Command::new(env!("CARGO_BIN_EXE_ublk-ploop"))
-        .args(["create", img.to_str().unwrap(), "--size", "16M"])
+        .args(["init", img.to_str().unwrap(), "--size", "16M"])
         .status()
         .unwrap();
     assert!(st.success());
