@@ -671,31 +671,46 @@ impl Stack {
         };
         let total = todo.len() as u64;
         progress(0, total);
-        let mut done = 0u64;
-        for chunk in todo.chunks(batch.max(1)) {
-            let shape = self.shape.enter().await;
-            shape.check_open()?;
-            if !Arc::ptr_eq(shape.top(), &top) || shape.top_index() != parent + 1 {
-                return Err(Error::new(libc::EBUSY, "the stack changed during the merge"));
-            }
-            let shape = &*shape;
-            let copies = chunk
-                .iter()
-                .map(|&c| async move {
+        // `batch` workers, each taking the next cluster as soon as its last
+        // one is done, so that copies stay in flight without pauses; each
+        // copy enters the gate on its own, so stack changes and requests
+        // interleave with the merge.
+        let next = std::cell::Cell::new(0usize);
+        let done = std::cell::Cell::new(0u64);
+        let failed = std::cell::Cell::new(false);
+        let worker = || async {
+            loop {
+                let i = next.get();
+                if i >= todo.len() || failed.get() {
+                    return Ok(());
+                }
+                next.set(i + 1);
+                let c = todo[i];
+                let copied = async {
+                    let shape = self.shape.enter().await;
+                    shape.check_open()?;
+                    if !Arc::ptr_eq(shape.top(), &top) || shape.top_index() != parent + 1 {
+                        return Err(Error::new(libc::EBUSY, "the stack changed during the merge"));
+                    }
                     // A write may have copied it up meanwhile: then nothing to do.
                     if shape.owner_of(c) == Some(parent as usize) && shape.top().lookup(c, self.cluster).is_none() {
                         let window = shape.top().window_start();
-                        self.allocate(io, shape, c, true).await?;
-                        self.finish(io, shape, window).await?;
+                        self.allocate(io, &shape, c, true).await?;
+                        self.finish(io, &shape, window).await?;
                     }
-                    Ok::<(), Error>(())
-                })
-                .collect();
-            for r in join_all(copies).await {
-                r?;
+                    Ok(())
+                }
+                .await;
+                if let Err(e) = copied {
+                    failed.set(true);
+                    return Err(e);
+                }
+                done.set(done.get() + 1);
+                progress(done.get(), total);
             }
-            done += chunk.len() as u64;
-            progress(done, total);
+        };
+        for r in join_all((0..batch.max(1)).map(|_| worker()).collect()).await {
+            r?;
         }
         top.sync(io).await?;
         Ok(total)
