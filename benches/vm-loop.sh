@@ -14,7 +14,7 @@ raw=$DIR/disk.raw img=$DIR/disk.hdd
 
 echo "== data: $SIZE_MB MiB of random bytes in a raw file and a ploop image"
 head -c "$((SIZE_MB << 20))" /dev/urandom >"$raw"
-"$BIN" convert "$raw" "$img" --to ploop >/dev/null 2>&1
+"$BIN" convert "$raw" "$img" --format raw --to ploop >/dev/null
 sync
 
 iops() { sed -n 's/.*IOPS=\([0-9.k]*\).*/\1/p' | head -1 | awk '/k$/ {sub("k",""); print $1*1000; next} {print $1}'; }
