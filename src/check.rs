@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::layers::bat::{self, BadEntry, EntryProblem};
 use crate::io::Io;
 use crate::layers::header::{Header, Variant, CLOSED, HEADER_SIZE, IN_USE, SECTOR};
+use crate::layers::ploop::ext::{self, Extension};
 use crate::layers::ploop::load;
 use crate::layers::{not_ploop, Format};
 
@@ -43,6 +44,12 @@ pub struct CheckReport {
     pub leaked_clusters: u64,
     /// The in-use mark was set: the last writer did not close the image.
     pub unclean: bool,
+    /// Clusters of the format extension (a kept changed-block record):
+    /// used, not leaked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub extension_clusters: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dirty_bitmaps: Option<usize>,
     /// What --repair did.
     pub repairs: Vec<String>,
 }
@@ -120,6 +127,8 @@ async fn check_with<I: Io>(io: &I, path: &Path, format: Format, repair: bool, ta
         bad_entries: vec![],
         leaked_clusters: 0,
         unclean: false,
+        extension_clusters: None,
+        dirty_bitmaps: None,
         repairs: vec![],
     };
     if format == Format::Raw {
@@ -162,8 +171,16 @@ async fn check_with<I: Io>(io: &I, path: &Path, format: Format, repair: bool, ta
         other => report.header_errors.push(format!("unknown in-use mark {other:#x}")),
     }
     let mut values = load::read_bat(io, fd, &header, SECTOR, &name).await?.values;
-    let scan = bat::scan(&header, &values, file_size);
+    let mut scan = bat::scan(&header, &values, file_size);
+    let extension = read_extension(io, fd, &header, file_size, &mut report).await;
+    if let Some(ext) = &extension {
+        if let Err(e) = claim_extension(&header, ext, &mut scan) {
+            report.header_errors.push(format!("{e}; --repair drops the extension"));
+        }
+    }
     fill_scan(&mut report, &header, &scan, &file, file_size);
+    // Kept through a repair only if it is sound and the image was closed.
+    let keep_extension = extension.is_some() && report.header_errors.is_empty() && !report.unclean;
     if !repair || report.verdict() == Verdict::Clean {
         return Ok(report);
     }
@@ -195,6 +212,11 @@ async fn check_with<I: Io>(io: &I, path: &Path, format: Format, repair: bool, ta
     // 2: the BAT and a clean header, durable.
     let mut fixed = header.clone();
     fixed.in_use = CLOSED;
+    if header.ext_off_sectors != 0 && !keep_extension {
+        // As ploop's check does: the header stops pointing at it.
+        fixed.ext_off_sectors = 0;
+        repairs.push("format extension dropped (changed-block tracking starts over)".into());
+    }
     let mut meta = Vec::with_capacity(HEADER_SIZE + 4 * values.len());
     meta.extend_from_slice(&fixed.to_bytes());
     if header.variant == Variant::V1 {
@@ -208,7 +230,10 @@ async fn check_with<I: Io>(io: &I, path: &Path, format: Format, repair: bool, ta
     }
     // 3: give leaked space back: holes in the middle, truncation at the end.
     let file_size = load::file_len(fd, &name)?;
-    let rescan = bat::scan(&header, &values, file_size);
+    let mut rescan = bat::scan(&header, &values, file_size);
+    if let (Some(ext), true) = (&extension, keep_extension) {
+        claim_extension(&header, ext, &mut rescan)?;
+    }
     let data_off = header.data_off_bytes();
     let mut punched = 0;
     for slot in rescan.used.iter_zeros() {
@@ -228,6 +253,43 @@ async fn check_with<I: Io>(io: &I, path: &Path, format: Format, repair: bool, ta
     io.sync_data(fd).await.map_err(io_err)?;
     report.repairs = repairs;
     Ok(report)
+}
+
+/// The format extension the header points at, if any and readable (a
+/// stale one of an unclean image is not trusted; an unreadable one is
+/// reported).
+async fn read_extension<I: Io>(io: &I, fd: std::os::fd::RawFd, header: &Header, file_size: u64, report: &mut CheckReport) -> Option<Extension> {
+    if header.ext_off_sectors == 0 || header.in_use == IN_USE {
+        return None;
+    }
+    match ext::read(io, fd, header, file_size).await {
+        Ok(e) => {
+            report.extension_clusters = Some(e.clusters.len() as u64);
+            report.dirty_bitmaps = Some(e.bitmaps.len());
+            Some(e)
+        }
+        Err(e) => {
+            report.header_errors.push(format!("{}; --repair drops it", e.message()));
+            None
+        }
+    }
+}
+
+/// Count the extension's clusters as used; one the BAT uses too is damage.
+fn claim_extension(header: &Header, ext: &Extension, scan: &mut bat::BatScan) -> Result<()> {
+    let (cluster, data_off) = (header.cluster_bytes(), header.data_off_bytes());
+    for &at in &ext.clusters {
+        let slot = ((at - data_off) / cluster) as usize;
+        if slot >= scan.used.len() {
+            scan.used.resize(slot + 1, false);
+        }
+        if scan.used[slot] {
+            return Err(Error::corrupt(format!("format extension: cluster at byte {at} is also a data cluster")));
+        }
+        scan.used.set(slot, true);
+        scan.high_water = scan.high_water.max(at + cluster);
+    }
+    Ok(())
 }
 
 fn fill_scan(report: &mut CheckReport, header: &Header, scan: &bat::BatScan, file: &File, file_size: u64) {

@@ -5,7 +5,7 @@
 use std::fmt;
 use std::io;
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Error {
     errno: i32,
     msg: String,

@@ -5,6 +5,7 @@
 
 pub mod check;
 pub mod convert;
+pub mod copy;
 pub mod disk;
 pub mod error;
 pub mod io;

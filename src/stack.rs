@@ -15,6 +15,7 @@
 //! Lookup cost does not depend on depth: `owner` keeps, per cluster, the
 //! index of the topmost layer that holds it, updated on every allocation.
 
+use bitvec::vec::BitVec;
 use std::collections::HashMap;
 use std::future::poll_fn;
 use std::os::fd::RawFd;
@@ -25,9 +26,10 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::io::wait::{Entered, Gate, WaitList};
+use crate::io::wait::{Entered, Exclusive, Gate, WaitList};
 use crate::io::{block_on, join_all, AlignedBuf, BufPool, Direct, Io};
 use crate::layers::header::DEFAULT_CLUSTER;
+use crate::layers::ploop::ext::DirtyBitmap;
 use crate::layers::{Format, Layer, MetaError, OpenReport, PloopLayer};
 use crate::tracker::Tracker;
 
@@ -78,7 +80,8 @@ struct Shape {
     owner: Box<[AtomicU8]>,
     /// Closed cleanly: no more writes.
     closed: bool,
-    tracker: Option<Arc<Tracker>>,
+    /// Write trackers attached (live copy, changed-block tracking).
+    trackers: Vec<Arc<Tracker>>,
 }
 
 impl Shape {
@@ -132,6 +135,9 @@ pub struct Stack {
     retiring: Mutex<Vec<Arc<Layer>>>,
     /// Clusters copied up from a lower layer into the top, in all.
     copy_ups: AtomicU64,
+    /// Changed-block tracking to keep across a clean close (in the top
+    /// image's format extension), with its id.
+    keep: Mutex<Option<(Arc<Tracker>, [u8; 16])>>,
 }
 
 impl Stack {
@@ -216,7 +222,7 @@ impl Stack {
             return Err((e, layers));
         }
         let read_only = opts.read_only || !top.file().writable;
-        let shape = Shape { layers, owner, closed: false, tracker: None };
+        let shape = Shape { layers, owner, closed: false, trackers: Vec::new() };
         Ok(Stack {
             shape: Gate::new(shape),
             cluster,
@@ -228,6 +234,7 @@ impl Stack {
             bufs: BufPool::new(cluster as usize, KEEP_BUFS),
             retiring: Mutex::new(Vec::new()),
             copy_ups: AtomicU64::new(0),
+            keep: Mutex::new(None),
         })
     }
 
@@ -275,10 +282,49 @@ impl Stack {
         self.copy_ups.load(Ordering::Relaxed)
     }
 
-    /// Attach (or detach) the write tracker: every change that completes
-    /// from now on is marked.
-    pub async fn set_tracker(&self, tracker: Option<Arc<Tracker>>) {
-        self.shape.exclusive().await.tracker = tracker;
+    /// Attach a write tracker: every change that completes from now on is
+    /// marked in it. Waits for the requests in flight (their changes are
+    /// not marked: they completed before the tracker started).
+    pub async fn add_tracker(&self, tracker: Arc<Tracker>) -> Result<()> {
+        if tracker.disk_size() != self.size {
+            return Err(Error::invalid(format!("tracker for {} bytes on a disk of {}", tracker.disk_size(), self.size)));
+        }
+        self.shape.exclusive().await.trackers.push(tracker);
+        Ok(())
+    }
+
+    /// Detach a tracker; returns whether it was attached.
+    pub async fn remove_tracker(&self, tracker: &Arc<Tracker>) -> bool {
+        let mut shape = self.shape.exclusive().await;
+        let before = shape.trackers.len();
+        shape.trackers.retain(|t| !Arc::ptr_eq(t, tracker));
+        shape.trackers.len() != before
+    }
+
+    /// Keep this tracker's marks across a clean close, as a dirty bitmap in
+    /// the top image (None: close without one).
+    pub fn keep_on_close(&self, cbt: Option<(Arc<Tracker>, [u8; 16])>) {
+        *self.keep.lock().unwrap() = cbt;
+    }
+
+    /// The dirty bitmaps the top image held when it was opened read-write
+    /// (left there by a clean close); taken once.
+    pub async fn take_saved_bitmaps(&self) -> Vec<DirtyBitmap> {
+        self.shape.enter().await.top().take_saved_bitmaps()
+    }
+
+    /// Clusters some layer holds (all others read as zeros).
+    pub async fn allocated(&self) -> BitVec {
+        let shape = self.shape.enter().await;
+        (0..shape.owner.len() as u64).map(|c| shape.owner_of(c).is_some()).collect()
+    }
+
+    /// Hold new requests once those in flight have finished, until the
+    /// returned guard is dropped: the disk's content stands still, and
+    /// reads and a flush through the guard see it (the last pass of a
+    /// live copy).
+    pub async fn freeze(&self) -> Frozen<'_> {
+        Frozen { stack: self, shape: self.shape.exclusive().await }
     }
 
     fn check_range(&self, offset: u64, len: usize) -> Result<()> {
@@ -515,6 +561,13 @@ impl Stack {
             return Ok(());
         }
         let shape = self.shape.enter().await;
+        self.flush_shape(io, &shape).await
+    }
+
+    async fn flush_shape<I: Io>(&self, io: &I, shape: &Shape) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
         shape.top().sync(io).await?;
         let retiring = self.retiring.lock().unwrap().clone();
         for layer in retiring {
@@ -556,6 +609,10 @@ impl Stack {
     /// Waits for the requests in flight.
     pub async fn close<I: Io>(&self, io: &I) -> Result<()> {
         let mut shape = self.shape.exclusive().await;
+        self.close_shape(io, &mut shape).await
+    }
+
+    async fn close_shape<I: Io>(&self, io: &I, shape: &mut Shape) -> Result<()> {
         if shape.closed || self.read_only {
             shape.closed = true;
             return Ok(());
@@ -565,7 +622,12 @@ impl Stack {
         for layer in retiring {
             layer.close(io).await?;
         }
-        shape.top().close(io).await
+        let keep = self.keep.lock().unwrap().clone();
+        let bitmaps: Vec<DirtyBitmap> = keep
+            .into_iter()
+            .map(|(t, id)| DirtyBitmap { id, granularity: t.granularity(), bits: t.peek() })
+            .collect();
+        shape.top().close_with_bitmaps(io, &bitmaps).await
     }
 
     /// Snapshot, online: create `path` as a new empty ploop image and make
@@ -749,6 +811,10 @@ impl Stack {
         let owner = owner_map(&layers, self.size, self.cluster);
         let old = std::mem::replace(&mut shape.layers, layers);
         shape.owner = owner;
+        // The disk now shows other content, anywhere.
+        for t in &shape.trackers {
+            t.mark_all();
+        }
         Ok(old)
     }
 
@@ -794,8 +860,41 @@ impl Drop for Claim<'_> {
 }
 
 fn mark(shape: &Entered<'_, Shape>, offset: u64, len: usize) {
-    if let Some(t) = &shape.tracker {
+    for t in &shape.trackers {
         t.mark_range(offset, len as u64);
+    }
+}
+
+/// The stack with every request held (see `Stack::freeze`).
+pub struct Frozen<'a> {
+    stack: &'a Stack,
+    shape: Exclusive<'a, Shape>,
+}
+
+impl Frozen<'_> {
+    pub fn size(&self) -> u64 {
+        self.stack.size
+    }
+    pub fn cluster_size(&self) -> u64 {
+        self.stack.cluster
+    }
+    /// Read the disk as it stands.
+    pub async fn read<I: Io>(&self, io: &I, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.stack.check_range(offset, buf.len())?;
+        let mut segs = Vec::with_capacity(2);
+        self.stack.plan_read(&self.shape, offset, buf.len(), &mut segs);
+        read_segs(io, &segs, buf).await.map_err(|e| Error::io(e, "reading image data"))
+    }
+
+    /// Make every completed write durable.
+    pub async fn flush<I: Io>(&self, io: &I) -> Result<()> {
+        self.stack.flush_shape(io, &self.shape).await
+    }
+
+    /// Close the stack as `Stack::close` does, before any held request
+    /// runs (they fail): the device stops with this content.
+    pub async fn close<I: Io>(mut self, io: &I) -> Result<()> {
+        self.stack.close_shape(io, &mut self.shape).await
     }
 }
 

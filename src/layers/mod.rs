@@ -260,6 +260,21 @@ impl Layer {
             Layer::Raw(_) => self.sync(io).await,
         }
     }
+    /// Close keeping dirty bitmaps (ploop only; other formats cannot hold
+    /// them and close as usual).
+    pub async fn close_with_bitmaps<I: Io>(&self, io: &I, bitmaps: &[ploop::ext::DirtyBitmap]) -> Result<()> {
+        match self {
+            Layer::Ploop(l) => l.close_with_bitmaps(io, bitmaps).await,
+            Layer::Raw(_) => self.sync(io).await,
+        }
+    }
+    /// The dirty bitmaps a ploop image carried when it opened read-write.
+    pub fn take_saved_bitmaps(&self) -> Vec<ploop::ext::DirtyBitmap> {
+        match self {
+            Layer::Ploop(l) => l.take_saved_bitmaps(),
+            Layer::Raw(_) => Vec::new(),
+        }
+    }
     /// Mark a writable image in use again after a `close` (a snapshot that
     /// failed after closing the old top).
     pub async fn reopen_in_use<I: Io>(&self, io: &I) -> Result<()> {

@@ -383,6 +383,13 @@ pub fn read_u32(path: &Path, at: u64) -> u32 {
     u32::from_le_bytes(b)
 }
 
+pub fn read_u64(path: &Path, at: u64) -> u64 {
+    let f = fs::File::open(path).unwrap();
+    let mut b = [0u8; 8];
+    f.read_exact_at(&mut b, at).unwrap();
+    u64::from_le_bytes(b)
+}
+
 pub fn write_u32(path: &Path, at: u64, value: u32) {
     let f = fs::OpenOptions::new().write(true).open(path).unwrap();
     f.write_all_at(&value.to_le_bytes(), at).unwrap();

@@ -16,6 +16,7 @@
 //!   and BAT entries were written before it was acknowledged.
 
 mod alloc;
+pub mod ext;
 pub mod load;
 mod meta;
 
@@ -28,7 +29,7 @@ use crate::error::{Error, Result};
 use crate::io::{open_image_file, wait::SyncGroup, wait::WaitList, Direct, ImageFile, Io};
 
 use super::bat::{self, BatScan};
-use super::header::{Header, CLOSED, FLAG_EMPTY, HEADER_SIZE, IN_USE};
+use super::header::{Header, CLOSED, FLAG_EMPTY, HEADER_SIZE, IN_USE, SECTOR};
 
 pub use meta::MetaError;
 
@@ -41,6 +42,9 @@ pub struct PloopLayer {
     meta: Mutex<Meta>,
     /// Data syncs of the file, group-committed (copy-ups, flushes).
     syncs: SyncGroup,
+    /// Dirty bitmaps a clean close left in the format extension, taken
+    /// when the image opened read-write (the file no longer has them).
+    saved_bitmaps: Mutex<Vec<ext::DirtyBitmap>>,
 }
 
 /// The on-disk copy of header + BAT, the allocation cursor, and the state
@@ -124,10 +128,26 @@ impl PloopLayer {
         }
         let mut report = OpenReport { was_in_use: header.in_use == IN_USE, ..Default::default() };
         let mut dirty = BTreeSet::new();
+        let mut saved_bitmaps = Vec::new();
         if header.ext_off_sectors != 0 && file.writable {
-            return Err(Error::unsupported(format!(
-                "{path}: image carries a format extension (e.g. dirty bitmaps) that would go stale; open it read-only"
-            )));
+            // As ploop does on a read-write mount: the bitmaps move into
+            // memory and the extension leaves the file (a crash from here
+            // on loses them, and then every block counts as changed).
+            if header.in_use != CLOSED {
+                tracing::warn!(path, "format extension of an image not closed cleanly: dropped");
+            } else {
+                match ext::read(io, file.fd(), &header, file_len).await {
+                    Ok(e) => {
+                        if !e.unknown.is_empty() {
+                            tracing::warn!(path, features = ?e.unknown, "unknown format extension features dropped");
+                        }
+                        saved_bitmaps = e.bitmaps;
+                    }
+                    Err(e) if e.errno() == libc::EOPNOTSUPP => return Err(e.context(&path)),
+                    Err(e) => tracing::warn!(path, "{e}; dropped (changed-block tracking starts over)"),
+                }
+            }
+            header.ext_off_sectors = 0;
         }
         if header.flags & FLAG_EMPTY != 0 && file.writable {
             // "Nothing written yet" stops being true with our first write.
@@ -152,9 +172,9 @@ impl PloopLayer {
                 tracing::warn!(path, "image was not closed cleanly (in-use mark set); BAT checked, no damage");
             }
             if file_len > scan.high_water {
-                // Unreferenced tail: a crash between allocation and flush,
-                // or another tool's preallocation. Safe to give back.
-                io.set_len(file.fd(), scan.high_water).await.map_err(|e| Error::io(e, &path))?;
+                // Unreferenced tail (trimmed once the in-use mark is on
+                // disk): a crash between allocation and flush, another
+                // tool's preallocation, or a format extension just taken.
                 report.trimmed_leak = file_len - scan.high_water;
                 next_free = scan.high_water;
             }
@@ -186,10 +206,14 @@ impl PloopLayer {
             }),
             syncs: SyncGroup::default(),
             file,
+            saved_bitmaps: Mutex::new(saved_bitmaps),
         };
         if layer.file.writable {
             // The in-use mark must be on disk before any data changes.
             layer.write_all_meta(io, true).await.map_err(|e| e.error)?;
+            if report.trimmed_leak > 0 {
+                io.set_len(layer.file.fd(), next_free).await.map_err(|e| Error::io(e, &path))?;
+            }
         }
         Ok((layer, report))
     }
@@ -240,9 +264,22 @@ impl PloopLayer {
         }
     }
 
+    /// The dirty bitmaps the image carried when it was opened read-write.
+    pub fn take_saved_bitmaps(&self) -> Vec<ext::DirtyBitmap> {
+        std::mem::take(&mut *self.saved_bitmaps.lock().unwrap())
+    }
+
     /// Flush and clear the in-use mark: the image is consistent on disk.
     /// The caller guarantees that no request is in flight.
     pub async fn close<I: Io>(&self, io: &I) -> Result<()> {
+        self.close_with_bitmaps(io, &[]).await
+    }
+
+    /// Close, keeping `bitmaps` in a format extension after the last
+    /// cluster, as ploop does: written and synced before the header that
+    /// points at it says "closed with a valid extension". If the extension
+    /// cannot be written, the image closes without it (a warning).
+    pub async fn close_with_bitmaps<I: Io>(&self, io: &I, bitmaps: &[ext::DirtyBitmap]) -> Result<()> {
         if !self.file.writable {
             return Ok(());
         }
@@ -253,6 +290,19 @@ impl PloopLayer {
         let end = self.meta.lock().unwrap().next_free;
         io.set_len(self.file.fd(), end).await.map_err(|e| Error::io(e, &path))?;
         self.meta.lock().unwrap().prealloc_end = end;
+        if !bitmaps.is_empty() {
+            let header = self.meta.lock().unwrap().header.clone();
+            let written = async {
+                let (bytes, ext_at) = ext::encode(&header, bitmaps, end)?;
+                io.write_at(self.file.fd(), &bytes, end).await.map_err(|e| Error::io(e, "writing the format extension"))?;
+                io.sync_data(self.file.fd()).await.map_err(|e| Error::io(e, "writing the format extension"))?;
+                Ok::<u64, Error>(ext_at)
+            };
+            match written.await {
+                Ok(ext_at) => self.meta.lock().unwrap().header.ext_off_sectors = ext_at / SECTOR,
+                Err(e) => tracing::warn!(path = %path, "{e}; closing without the changed-block record"),
+            }
+        }
         self.set_in_use(io, CLOSED).await
     }
 
@@ -261,6 +311,7 @@ impl PloopLayer {
     /// the mark is in the pending header, so every later header write
     /// carries it.
     pub async fn reopen_in_use<I: Io>(&self, io: &I) -> Result<()> {
+        self.meta.lock().unwrap().header.ext_off_sectors = 0;
         self.set_in_use(io, IN_USE).await
     }
 

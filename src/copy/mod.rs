@@ -1,0 +1,15 @@
+//! Live copy and backup of a disk as a stream, and receiving one: ploop
+//! copy's algorithm and wire format, so that either end can be ploop's own
+//! tool.
+//!
+//! - [`wire`]: packets, checksums, the handshake's flags.
+//! - [`send`]: the rounds over a serving stack, driven by a write tracker,
+//!   and the frozen last pass.
+//! - [`receive`]: a stream into a new image, or into an existing one.
+
+pub mod receive;
+pub mod send;
+pub mod wire;
+
+pub use receive::{receive, ReceiveOptions, Received};
+pub use send::{send, End, FsFreeze, NoFs, Round, SendOptions, Sent};

@@ -1,0 +1,559 @@
+//! Live copy of a serving stack, ploop's way: everything once while the
+//! disk is in use, then round after round only what changed meanwhile (the
+//! write tracker says what), until the amount stops falling; then a short
+//! freeze for the last changes, and either resume or stop.
+//!
+//! The disk is read on the caller's I/O (a ring of the job's own), a
+//! cluster per read with several in flight; a writer thread puts packets on
+//! the channel meanwhile, and on a two-way channel a reader thread counts
+//! the receiver's answers, so neither waits for the other packet by packet.
+
+use std::io::{Read, Write};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bitvec::vec::BitVec;
+use serde::{Deserialize, Serialize};
+
+use super::wire::{cmd, Kind, Writer, FLAG_COPY_DEVICE, FLAG_MD5};
+use crate::convert::is_zero;
+use crate::error::{Error, Result};
+use crate::io::{join_all, AlignedBuf, BufPool, Io};
+use crate::stack::{Frozen, Stack};
+use crate::tracker::Tracker;
+
+/// Freezing what sits on the device (its filesystem), by the frontend that
+/// knows where it is mounted.
+pub trait FsFreeze {
+    fn freeze(&mut self) -> Result<()>;
+    fn thaw(&mut self) -> Result<()>;
+}
+
+/// Nothing to freeze.
+pub struct NoFs;
+
+impl FsFreeze for NoFs {
+    fn freeze(&mut self) -> Result<()> {
+        Ok(())
+    }
+    fn thaw(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// What happens to the device after the last pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum End {
+    /// It serves on (a backup).
+    Resume,
+    /// The stack is closed while frozen (a migration): the caller stops the
+    /// device.
+    Stop,
+}
+
+pub struct SendOptions {
+    /// Answers come back on the channel (a socket to a receiver).
+    pub two_way: bool,
+    /// The first round sends these clusters (an incremental backup's
+    /// changes) instead of every allocated one, zero or not.
+    pub first: Option<BitVec>,
+    /// Live rounds after the first at most, before freezing.
+    pub max_rounds: u32,
+    pub end: End,
+    /// Cluster reads in flight.
+    pub in_flight: usize,
+    /// Changed-block tracking to reset at the frozen point (a backup: what
+    /// changes after it is the next incremental's); given back its marks if
+    /// the copy fails after all.
+    pub cbt: Option<Arc<Tracker>>,
+}
+
+impl Default for SendOptions {
+    fn default() -> Self {
+        SendOptions { two_way: false, first: None, max_rounds: 8, end: End::Resume, in_flight: 8, cbt: None }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Round {
+    pub round: u32,
+    /// Clusters to send, and of them sent (the first round of a full copy
+    /// skips clusters of zeros).
+    pub clusters: u64,
+    pub sent: u64,
+    pub bytes: u64,
+    pub secs: f64,
+    pub frozen: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Sent {
+    pub rounds: Vec<Round>,
+    /// Disk bytes sent in all.
+    pub bytes: u64,
+    /// Stream bytes (headers, checksums and commands included).
+    pub stream_bytes: u64,
+    /// From the filesystem freeze to the resume (or the close).
+    pub frozen_ms: f64,
+    pub md5: bool,
+    pub secs: f64,
+    pub stopped: bool,
+}
+
+/// Progress: (round, clusters done, clusters in this round).
+pub type Progress<'a> = &'a dyn Fn(u32, u64, u64);
+
+/// Copy `stack` to the channel (`out`, and `replies` when two-way).
+pub async fn send<I: Io>(
+    io: &I,
+    stack: &Stack,
+    out: Box<dyn Write + Send>,
+    replies: Option<Box<dyn Read + Send>>,
+    fs: &mut dyn FsFreeze,
+    opts: SendOptions,
+    progress: Progress<'_>,
+) -> Result<Sent> {
+    let started = Instant::now();
+    let cluster = stack.cluster_size();
+    let mut writer = Writer::new(out);
+    let mut replies = replies;
+    // Handshake: our flags; a receiver answers with the negation of its own.
+    writer.command(cmd::SYNC, FLAG_MD5 | FLAG_COPY_DEVICE, &[]).map_err(channel_err)?;
+    writer.flush().map_err(channel_err)?;
+    let md5 = match replies.as_mut() {
+        Some(r) => match read_status(r.as_mut())? {
+            0 => false,
+            s if s < 0 => (-(s as i64)) as u64 & FLAG_MD5 != 0,
+            s => return Err(Error::new(libc::EPROTO, format!("the receiver answered the handshake with {s}"))),
+        },
+        None => true,
+    };
+    writer.set_md5(md5);
+    // INIT: the cluster size in sectors is also the payload's length.
+    let init_len = (cluster / 512) as usize;
+    writer.command(cmd::INIT_PLOOP, stack.size() / 512, &vec![0u8; init_len.saturating_sub(4)]).map_err(channel_err)?;
+    if let Some(r) = replies.as_mut() {
+        writer.flush().map_err(channel_err)?;
+        match read_status(r.as_mut())? {
+            0 => {}
+            s => return Err(Error::new(-s, format!("the receiver refused the disk ({}): {}", s, std::io::Error::from_raw_os_error(-s)))),
+        }
+    }
+
+    let tracker = Arc::new(Tracker::new(stack.size(), cluster));
+    stack.add_tracker(tracker.clone()).await?;
+    let pipe = Outbox::start(writer, replies, opts.two_way, cluster as usize, opts.in_flight);
+    let mut fs_frozen = false;
+    let mut cleared = None;
+    let result = rounds(io, stack, &tracker, &pipe, fs, &mut fs_frozen, &mut cleared, &opts, progress).await;
+    if result.is_err() {
+        if let (Some(cbt), Some(marks)) = (&opts.cbt, &cleared) {
+            cbt.mark_bits(marks);
+        }
+    }
+    if fs_frozen {
+        // Only after a failure inside the freeze.
+        let _ = fs.thaw();
+    }
+    stack.remove_tracker(&tracker).await;
+    let (mut sent, result) = match result {
+        Ok(sent) => (sent, pipe.finish()),
+        Err(e) => {
+            pipe.abandon();
+            return Err(e);
+        }
+    };
+    sent.stream_bytes = match result {
+        Ok(n) => n,
+        Err(e) => {
+            if let (Some(cbt), Some(marks)) = (&opts.cbt, &cleared) {
+                cbt.mark_bits(marks);
+            }
+            return Err(e);
+        }
+    };
+    sent.md5 = md5;
+    sent.secs = started.elapsed().as_secs_f64();
+    sent.bytes = sent.rounds.iter().map(|r| r.bytes).sum();
+    Ok(sent)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn rounds<I: Io>(
+    io: &I,
+    stack: &Stack,
+    tracker: &Tracker,
+    pipe: &Outbox,
+    fs: &mut dyn FsFreeze,
+    fs_frozen: &mut bool,
+    cleared: &mut Option<BitVec>,
+    opts: &SendOptions,
+    progress: Progress<'_>,
+) -> Result<Sent> {
+    let mut sent = Sent::default();
+    let (first, skip_zeros) = match &opts.first {
+        Some(set) => (set.clone(), false),
+        None => (stack.allocated().await, true),
+    };
+    sent.rounds.push(send_round(io, Source::Live(stack), pipe, 0, &first, skip_zeros, opts.in_flight, progress).await?);
+    pipe.sync()?;
+    let mut last = u64::MAX;
+    for round in 1..=opts.max_rounds {
+        let set = tracker.drain();
+        let n = set.count_ones() as u64;
+        if n == 0 {
+            break;
+        }
+        sent.rounds.push(send_round(io, Source::Live(stack), pipe, round, &set, false, opts.in_flight, progress).await?);
+        pipe.sync()?;
+        // Writes outpace the copy (or nearly nothing is left): more live
+        // rounds would not shorten the freeze.
+        if n >= last || n <= 4 {
+            break;
+        }
+        last = n;
+    }
+
+    // The last pass, frozen: the filesystem first (it writes its dirty
+    // state through the device), then the requests.
+    let t0 = Instant::now();
+    fs.freeze()?;
+    *fs_frozen = true;
+    let frozen = stack.freeze().await;
+    let set = tracker.drain();
+    *cleared = opts.cbt.as_ref().map(|t| t.drain());
+    let round = sent.rounds.len() as u32;
+    let mut last_round = send_round(io, Source::Frozen(&frozen), pipe, round, &set, false, opts.in_flight, progress).await?;
+    last_round.frozen = true;
+    frozen.flush(io).await?;
+    // Everything is on the channel (not yet necessarily answered): the
+    // content is captured, so the device may move on.
+    pipe.written()?;
+    match opts.end {
+        End::Resume => drop(frozen),
+        End::Stop => {
+            frozen.close(io).await?;
+            sent.stopped = true;
+        }
+    }
+    fs.thaw()?;
+    *fs_frozen = false;
+    sent.frozen_ms = t0.elapsed().as_secs_f64() * 1e3;
+    last_round.secs = t0.elapsed().as_secs_f64();
+    sent.rounds.push(last_round);
+    Ok(sent)
+}
+
+/// Where a round reads: the serving stack, or the frozen one.
+enum Source<'a, 'b> {
+    Live(&'a Stack),
+    Frozen(&'a Frozen<'b>),
+}
+
+impl Source<'_, '_> {
+    async fn read<I: Io>(&self, io: &I, offset: u64, buf: &mut [u8]) -> Result<()> {
+        match self {
+            Source::Live(s) => s.read(io, offset, buf).await,
+            Source::Frozen(f) => f.read(io, offset, buf).await,
+        }
+    }
+    fn size(&self) -> (u64, u64) {
+        match self {
+            Source::Live(s) => (s.size(), s.cluster_size()),
+            Source::Frozen(f) => (f.size(), f.cluster_size()),
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn send_round<I: Io>(
+    io: &I,
+    src: Source<'_, '_>,
+    pipe: &Outbox,
+    round: u32,
+    set: &BitVec,
+    skip_zeros: bool,
+    in_flight: usize,
+    progress: Progress<'_>,
+) -> Result<Round> {
+    let start = Instant::now();
+    let (size, cluster) = src.size();
+    let todo: Vec<u64> = set.iter_ones().map(|c| c as u64).filter(|&c| c * cluster < size).collect();
+    let total = todo.len() as u64;
+    progress(round, 0, total);
+    let next = std::cell::Cell::new(0usize);
+    let done = std::cell::Cell::new(0u64);
+    let sent = std::cell::Cell::new((0u64, 0u64));
+    let failed = std::cell::Cell::new(false);
+    let worker = || async {
+        loop {
+            let i = next.get();
+            if i >= todo.len() || failed.get() {
+                return Ok(());
+            }
+            next.set(i + 1);
+            let c = todo[i];
+            let len = (size - c * cluster).min(cluster) as usize;
+            let mut buf = pipe.buf();
+            let outcome = match src.read(io, c * cluster, &mut buf[..len]).await {
+                Err(e) => Err(e),
+                Ok(()) if skip_zeros && is_zero(&buf[..len]) => {
+                    pipe.recycle(buf);
+                    Ok(())
+                }
+                Ok(()) => {
+                    let (n, b) = sent.get();
+                    sent.set((n + 1, b + len as u64));
+                    pipe.data(c * cluster, buf, len)
+                }
+            };
+            if let Err(e) = outcome {
+                failed.set(true);
+                return Err(e);
+            }
+            done.set(done.get() + 1);
+            progress(round, done.get(), total);
+        }
+    };
+    for r in join_all((0..in_flight.max(1)).map(|_| worker()).collect()).await {
+        r?;
+    }
+    let (n, bytes) = sent.get();
+    Ok(Round { round, clusters: total, sent: n, bytes, secs: start.elapsed().as_secs_f64(), frozen: false })
+}
+
+fn channel_err(e: std::io::Error) -> Error {
+    Error::io(e, "writing the copy stream")
+}
+
+fn read_status(r: &mut dyn Read) -> Result<i32> {
+    let mut b = [0u8; 4];
+    r.read_exact(&mut b).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => Error::new(libc::ECONNRESET, "the receiver closed the channel"),
+        _ => Error::io(e, "reading the receiver's answer"),
+    })?;
+    Ok(i32::from_le_bytes(b))
+}
+
+enum Msg {
+    Data { pos: u64, buf: AlignedBuf, len: usize },
+    Sync,
+    /// Answer once everything before is on the channel.
+    Written(SyncSender<()>),
+    /// Answer once everything before is answered by the receiver.
+    Answered(SyncSender<()>),
+}
+
+/// Answers counted by the reader thread.
+#[derive(Default)]
+struct Answers {
+    state: Mutex<AnswerState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct AnswerState {
+    count: u64,
+    error: Option<Error>,
+    closed: bool,
+}
+
+/// The writer thread (and, two-way, the answer reader) and their queue.
+struct Outbox {
+    tx: Option<SyncSender<Msg>>,
+    writer: Option<JoinHandle<Result<u64>>>,
+    reader: Option<JoinHandle<()>>,
+    bufs: Arc<BufPool>,
+    /// The writer's error once it stopped early.
+    failed: Arc<Mutex<Option<Error>>>,
+    /// Set when the copy failed: the stream must end without FINISH.
+    abandoned: Arc<AtomicBool>,
+}
+
+impl Outbox {
+    fn start(writer: Writer<Box<dyn Write + Send>>, replies: Option<Box<dyn Read + Send>>, two_way: bool, cluster: usize, depth: usize) -> Outbox {
+        let (tx, rx) = sync_channel::<Msg>(depth * 2);
+        let bufs = Arc::new(BufPool::new(cluster, depth * 3));
+        let answers = (two_way && replies.is_some()).then(|| Arc::new(Answers::default()));
+        let reader = match (replies, &answers) {
+            (Some(r), Some(a)) => {
+                let a = a.clone();
+                Some(std::thread::spawn(move || read_answers(r, &a)))
+            }
+            _ => None,
+        };
+        let failed = Arc::new(Mutex::new(None));
+        let abandoned = Arc::new(AtomicBool::new(false));
+        let (bufs2, answers2, failed2, abandoned2) = (bufs.clone(), answers.clone(), failed.clone(), abandoned.clone());
+        let writer = std::thread::Builder::new()
+            .name("copy-writer".into())
+            .spawn(move || {
+                let r = write_loop(writer, rx, &bufs2, answers2.as_deref(), &abandoned2);
+                if let Err(e) = &r {
+                    *failed2.lock().unwrap() = Some(e.clone());
+                }
+                r
+            })
+            .expect("spawning the copy writer");
+        Outbox { tx: Some(tx), writer: Some(writer), reader, bufs, failed, abandoned }
+    }
+
+    fn buf(&self) -> AlignedBuf {
+        self.bufs.get()
+    }
+
+    fn recycle(&self, buf: AlignedBuf) {
+        self.bufs.put(buf)
+    }
+
+    fn send(&self, msg: Msg) -> Result<()> {
+        let tx = self.tx.as_ref().expect("open until finish");
+        tx.send(msg).map_err(|_| self.error())
+    }
+
+    fn error(&self) -> Error {
+        self.failed.lock().unwrap().clone().unwrap_or_else(|| Error::new(libc::EPIPE, "the copy stream stopped"))
+    }
+
+    fn data(&self, pos: u64, buf: AlignedBuf, len: usize) -> Result<()> {
+        self.send(Msg::Data { pos, buf, len })
+    }
+
+    /// A SYNC command, and wait until the receiver answered everything.
+    fn sync(&self) -> Result<()> {
+        self.send(Msg::Sync)?;
+        let (tx, rx) = sync_channel(1);
+        self.send(Msg::Answered(tx))?;
+        rx.recv().map_err(|_| self.error())
+    }
+
+    /// Wait until everything queued is on the channel.
+    fn written(&self) -> Result<()> {
+        let (tx, rx) = sync_channel(1);
+        self.send(Msg::Written(tx))?;
+        rx.recv().map_err(|_| self.error())
+    }
+
+    /// End the stream (FINISH) and wait for the receiver; returns the
+    /// stream's length.
+    fn finish(mut self) -> Result<u64> {
+        drop(self.tx.take());
+        let r = self.writer.take().expect("once").join().unwrap_or_else(|_| Err(Error::new(libc::EIO, "the copy writer panicked")));
+        r
+    }
+
+    /// Stop after a failure: the writer ends without FINISH, so the
+    /// receiver sees an incomplete stream.
+    fn abandon(mut self) {
+        self.abandoned.store(true, Ordering::Release);
+        drop(self.tx.take());
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+        // The reader ends when the receiver closes the channel; it is not
+        // waited for (it holds nothing of ours but the answer count).
+        drop(self.reader.take());
+    }
+}
+
+fn write_loop(mut w: Writer<Box<dyn Write + Send>>, rx: Receiver<Msg>, bufs: &BufPool, answers: Option<&Answers>, abandoned: &AtomicBool) -> Result<u64> {
+    let cancelled = || Error::new(libc::ECANCELED, "copy abandoned");
+    let mut asked = 0u64;
+    while let Ok(msg) = rx.recv() {
+        if abandoned.load(Ordering::Acquire) {
+            return Err(cancelled());
+        }
+        match msg {
+            Msg::Data { pos, buf, len } => {
+                w.packet(Kind::DataDevice, pos, &buf[..len]).map_err(channel_err)?;
+                bufs.put(buf);
+                asked += 1;
+            }
+            Msg::Sync => {
+                w.command(cmd::SYNC, 0, &[]).map_err(channel_err)?;
+                asked += 1;
+            }
+            Msg::Written(done) => {
+                w.flush().map_err(channel_err)?;
+                let _ = done.send(());
+            }
+            Msg::Answered(done) => {
+                w.flush().map_err(channel_err)?;
+                if let Some(a) = answers {
+                    wait_answers(a, asked)?;
+                }
+                let _ = done.send(());
+            }
+        }
+    }
+    // The queue closed: the end of the stream, unless the copy failed.
+    if abandoned.load(Ordering::Acquire) {
+        return Err(cancelled());
+    }
+    if let Some(a) = answers {
+        w.command(cmd::UMOUNT, 0, &[]).map_err(channel_err)?;
+        asked += 1;
+        w.finish(false).map_err(channel_err)?;
+        asked += 1;
+        wait_answers(a, asked)?;
+    } else {
+        w.finish(true).map_err(channel_err)?;
+    }
+    Ok(w.written())
+}
+
+fn wait_answers(a: &Answers, want: u64) -> Result<()> {
+    let mut st = a.state.lock().unwrap();
+    loop {
+        // Answers counted before the receiver hung up still count.
+        if st.count >= want {
+            return Ok(());
+        }
+        if let Some(e) = &st.error {
+            return Err(e.clone());
+        }
+        if st.closed {
+            return Err(Error::new(libc::ECONNRESET, "the receiver closed the channel"));
+        }
+        st = a.cv.wait_timeout(st, Duration::from_secs(1)).unwrap().0;
+    }
+}
+
+fn read_answers(mut r: Box<dyn Read + Send>, a: &Answers) {
+    loop {
+        let outcome = read_status(r.as_mut());
+        let mut st = a.state.lock().unwrap();
+        match outcome {
+            Ok(0) => st.count += 1,
+            Ok(s) => {
+                let errno = if s < 0 { -s } else { libc::EPROTO };
+                st.error = Some(Error::new(errno, format!("the receiver failed: {}", std::io::Error::from_raw_os_error(errno))));
+            }
+            Err(e) => {
+                st.closed = true;
+                if st.error.is_none() {
+                    st.error = Some(e);
+                }
+            }
+        }
+        let stop = st.error.is_some() || st.closed;
+        drop(st);
+        a.cv.notify_all();
+        if stop {
+            return;
+        }
+    }
+}
