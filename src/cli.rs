@@ -244,6 +244,86 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The write tracker: `start`, then `get` prints the byte ranges
+    /// changed since the last `get` (and clears them), `stop`.
+    Track {
+        #[arg(value_enum)]
+        action: TrackArg,
+        #[arg(short = 'n', long = "number")]
+        id: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Copy a serving device live (ploop copy): everything, then rounds of
+    /// what changed, then a short freeze (the filesystem on it too) for the
+    /// last changes. The copy goes to a stream that `receive` makes an
+    /// image of; the report goes to stderr when the stream is stdout.
+    Copy {
+        #[arg(short = 'n', long = "number")]
+        id: u32,
+        #[command(flatten)]
+        dest: DestArgs,
+        /// Stop the device after the last pass (a migration).
+        #[arg(long)]
+        stop: bool,
+        /// With --stop: even while its filesystem is mounted.
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Back up a serving device from a frozen point: everything, or with
+    /// --incremental what changed since the previous backup (changes are
+    /// tracked from the first backup on, across clean restarts).
+    Backup {
+        #[arg(short = 'n', long = "number")]
+        id: u32,
+        #[command(flatten)]
+        dest: DestArgs,
+        #[arg(long)]
+        incremental: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a ploop image (or, for a directory, a disk directory) from a
+    /// copy stream, or with --incremental bring an existing one up to date.
+    Receive {
+        /// The image (or empty directory) to create, or to update.
+        #[arg(long = "image")]
+        image: PathBuf,
+        /// A stream file, or - for stdin (the default).
+        #[arg(long, conflicts_with = "listen")]
+        from: Option<PathBuf>,
+        /// Accept one sender on HOST:PORT or a unix socket path, and
+        /// answer it packet by packet (as ploop's receiver does).
+        #[arg(long)]
+        listen: Option<String>,
+        #[arg(long)]
+        incremental: bool,
+        #[command(flatten)]
+        io: DirectArg,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TrackArg {
+    Start,
+    Get,
+    Stop,
+}
+
+/// Where a copy stream goes.
+#[derive(Args, Clone)]
+struct DestArgs {
+    /// A new file, or - for stdout (a one-way stream with checksums).
+    #[arg(long, conflicts_with = "connect", required_unless_present = "connect")]
+    to: Option<PathBuf>,
+    /// A receiver at HOST:PORT or a unix socket path (`receive --listen`,
+    /// or ploop's), answering packet by packet.
+    #[arg(long)]
+    connect: Option<String>,
 }
 
 /// The size of a new disk.
@@ -287,6 +367,11 @@ fn parse_size_arg(s: &str) -> std::result::Result<u64, String> {
 }
 
 pub fn main() -> i32 {
+    // A command whose reader went away ends quietly, as Unix tools do
+    // (`info --json | grep -q`), instead of panicking on the write. The
+    // daemon puts this back to "ignore" before it serves.
+    // SAFETY: setting a signal disposition before any thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     // Usage errors exit 1, never 2: 2 is `check`'s "image is corrupt".
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -581,6 +666,23 @@ fn run(command: Command) -> Result<i32> {
         Command::SnapshotList { target, json } => crate::snapshot_cmd::list(target.id, target.dir, json),
         Command::SnapshotMerge { target, uuid, json } => crate::snapshot_cmd::merge(target.id, target.dir, uuid, json),
         Command::SnapshotDelete { target, uuid, json } => crate::snapshot_cmd::delete(target.id, target.dir, uuid, json),
+        Command::Track { action, id, json } => {
+            let action = match action {
+                TrackArg::Start => crate::copy_cmd::TrackAction::Start,
+                TrackArg::Get => crate::copy_cmd::TrackAction::Get,
+                TrackArg::Stop => crate::copy_cmd::TrackAction::Stop,
+            };
+            crate::copy_cmd::track(id, action, json)
+        }
+        Command::Copy { id, dest, stop, force, json } => {
+            crate::copy_cmd::copy(id, &crate::copy_cmd::Destination { to: dest.to, connect: dest.connect }, stop, force, json)
+        }
+        Command::Backup { id, dest, incremental, json } => {
+            crate::copy_cmd::backup(id, &crate::copy_cmd::Destination { to: dest.to, connect: dest.connect }, incremental, json)
+        }
+        Command::Receive { image, from, listen, incremental, io, json } => {
+            crate::copy_cmd::receive(&image, from.as_deref(), listen.as_deref(), incremental, io.direct, json)
+        }
         Command::SnapshotSwitch { target, uuid, force, json } => crate::snapshot_cmd::switch(target.id, target.dir, uuid, force, json),
     }
 }

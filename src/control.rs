@@ -1,9 +1,11 @@
 //! The per-device control socket: newline-delimited JSON requests and
 //! replies (the messages are in `protocol.rs`), one connection at a time
-//! per client, peers checked by their kernel-reported credentials.
+//! per client, peers checked by their kernel-reported credentials. A
+//! request may carry open file descriptors (SCM_RIGHTS): the channel a
+//! copy writes to is opened by the client, with the client's rights.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -39,7 +41,7 @@ impl Reply {
 }
 
 /// The commands, as named on the wire (for error messages).
-const COMMANDS: &str = "status, info, flush, snapshot, snapshot-list, snapshot-merge, snapshot-delete, snapshot-switch, job";
+const COMMANDS: &str = "status, info, flush, snapshot, snapshot-list, snapshot-merge, snapshot-delete, snapshot-switch, job, track-start, track-get, track-stop, copy, backup";
 
 /// Parse one request line: the version is checked before the command, and
 /// an unknown command is named as such.
@@ -64,9 +66,38 @@ fn parse_request(line: &[u8]) -> Result<Request> {
     }
 }
 
-/// What the daemon answers requests with.
+/// What the daemon answers requests with; `fds` are the descriptors that
+/// came with the request (most take none).
 pub trait Handler: Send + Sync + 'static {
-    fn handle(&self, request: Request) -> Result<Value>;
+    fn handle(&self, request: Request, fds: Vec<OwnedFd>) -> Result<Value>;
+}
+
+/// Descriptors passed with one request, at most.
+pub const MAX_FDS: usize = 2;
+
+/// Reads a stream socket, keeping the descriptors that arrive with the
+/// bytes.
+struct FdReader {
+    stream: UnixStream,
+    fds: Vec<OwnedFd>,
+}
+
+impl Read for FdReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+        let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
+        let mut iov = [std::io::IoSliceMut::new(buf)];
+        let msg = recvmsg::<()>(self.stream.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
+            .map_err(|e| std::io::Error::from_raw_os_error(e as i32))?;
+        let n = msg.bytes;
+        for c in msg.cmsgs().map_err(|e| std::io::Error::from_raw_os_error(e as i32))? {
+            if let ControlMessageOwned::ScmRights(fds) = c {
+                // SAFETY: the kernel just installed these descriptors for us.
+                self.fds.extend(fds.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+            }
+        }
+        Ok(n)
+    }
 }
 
 /// Who may talk to the socket besides root and the daemon's own user.
@@ -206,7 +237,7 @@ fn serve_client(stream: UnixStream, handler: &dyn Handler) {
         Ok(s) => s,
         Err(_) => return,
     };
-    let mut reader = BufReader::new(stream);
+    let mut reader = BufReader::new(FdReader { stream, fds: Vec::new() });
     loop {
         if std::time::Instant::now() > deadline {
             let _ = send(&mut out, &Reply::err(&Error::new(libc::ETIMEDOUT, "connection open too long; reconnect")));
@@ -231,7 +262,12 @@ fn serve_client(stream: UnixStream, handler: &dyn Handler) {
             let _ = std::io::copy(&mut reader.take(16 << 20), &mut std::io::sink());
             return;
         }
-        let reply = match parse_request(&line).and_then(|req| handler.handle(req)) {
+        let fds = std::mem::take(&mut reader.get_mut().fds);
+        if fds.len() > MAX_FDS {
+            let _ = send(&mut out, &Reply::err(&Error::invalid("too many descriptors with one request")));
+            return;
+        }
+        let reply = match parse_request(&line).and_then(|req| handler.handle(req, fds)) {
             Ok(v) => Reply::ok(v),
             Err(e) => Reply::err(&e),
         };
@@ -243,23 +279,42 @@ fn serve_client(stream: UnixStream, handler: &dyn Handler) {
 
 /// Send one request to a device's daemon and return its typed result.
 pub fn request<T: DeserializeOwned>(dev_id: u32, request: Request) -> Result<T> {
-    let value = request_value(dev_id, request)?;
+    request_with_fds(dev_id, request, &[])
+}
+
+/// The same, passing open descriptors along (the daemon gets its own
+/// copies; the caller may close its own afterwards).
+pub fn request_with_fds<T: DeserializeOwned>(dev_id: u32, request: Request, fds: &[RawFd]) -> Result<T> {
+    let value = request_value(dev_id, request, fds)?;
     serde_json::from_value(value).map_err(|e| Error::new(libc::EPROTO, format!("device {dev_id}: unexpected reply from daemon: {e}")))
 }
 
-fn request_value(dev_id: u32, request: Request) -> Result<Value> {
+fn request_value(dev_id: u32, request: Request, fds: &[RawFd]) -> Result<Value> {
     let path = socket_path(dev_id);
-    let mut stream = UnixStream::connect(&path).map_err(|e| {
+    let stream = UnixStream::connect(&path).map_err(|e| {
         Error::io(e, format_args!("device {dev_id}: cannot reach its daemon at {}", path.display()))
     })?;
+    exchange(stream, &path, &format!("device {dev_id}"), request, fds)
+}
+
+fn exchange(mut stream: UnixStream, path: &Path, who: &str, request: Request, fds: &[RawFd]) -> Result<Value> {
     stream.set_read_timeout(Some(Duration::from_secs(120))).ok();
     let mut line = serde_json::to_vec(&Envelope { version: Some(PROTOCOL_VERSION), request }).expect("requests serialise");
     line.push(b'\n');
-    stream.write_all(&line).map_err(|e| Error::io(e, path.display()))?;
+    if fds.is_empty() {
+        stream.write_all(&line).map_err(|e| Error::io(e, path.display()))?;
+    } else {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        // The descriptors ride with the first bytes; the rest follows.
+        let iov = [std::io::IoSlice::new(&line)];
+        let sent = sendmsg::<()>(stream.as_raw_fd(), &iov, &[ControlMessage::ScmRights(fds)], MsgFlags::empty(), None)
+            .map_err(|e| Error::io(std::io::Error::from_raw_os_error(e as i32), path.display()))?;
+        stream.write_all(&line[sent..]).map_err(|e| Error::io(e, path.display()))?;
+    }
     let mut answer = String::new();
     BufReader::new(stream).read_line(&mut answer).map_err(|e| Error::io(e, path.display()))?;
     let reply: Reply = serde_json::from_str(&answer)
-        .map_err(|e| Error::new(libc::EPROTO, format!("device {dev_id}: unreadable reply from daemon: {e}")))?;
+        .map_err(|e| Error::new(libc::EPROTO, format!("{who}: unreadable reply from daemon: {e}")))?;
     if reply.ok {
         Ok(reply.result.unwrap_or(Value::Null))
     } else {
@@ -275,9 +330,9 @@ mod tests {
 
     struct Echo;
     impl Handler for Echo {
-        fn handle(&self, request: Request) -> Result<Value> {
+        fn handle(&self, request: Request, fds: Vec<OwnedFd>) -> Result<Value> {
             match request {
-                Request::Status => Ok(json!({"alive": true})),
+                Request::Status => Ok(json!({"alive": true, "fds": fds.len()})),
                 other => Err(Error::invalid(format!("not in this test: {other:?}"))),
             }
         }
@@ -317,6 +372,13 @@ mod tests {
         assert!(r[0]["error"].as_str().unwrap().contains("too large"));
         let r = roundtrip(&path, b"{\"cmd\":\"status\"}\n");
         assert_eq!(r[0]["ok"], true);
+        assert_eq!(r[0]["result"]["fds"], 0);
+
+        // Descriptors ride along with a request.
+        let (a, _b) = UnixStream::pair().unwrap();
+        let s = UnixStream::connect(&path).unwrap();
+        let v = exchange(s, &path, "test", Request::Status, &[a.as_raw_fd(), 0]).unwrap();
+        assert_eq!(v["fds"], 2);
         drop(server);
         assert!(!path.exists());
         let _ = std::fs::remove_dir_all(dir);

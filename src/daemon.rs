@@ -15,11 +15,15 @@ use libublk::{sys, UblkFlags};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use bitvec::vec::BitVec;
+use ublk_ploop::copy;
 use ublk_ploop::disk::{ops, Disk, Guid};
+use ublk_ploop::tracker::Tracker;
 use ublk_ploop::io::{block_on, Direct, OwnRing, SyncIo};
 use ublk_ploop::{Error, LayerSpec, Result, Stack, StackOptions};
 
 use crate::control::{self, Access, Handler};
+use crate::fsfreeze::MountFreeze;
 use crate::protocol::{self as proto, DeleteReply, Job, JobState, Request};
 use crate::ublk_target::{self, Counters, Device};
 
@@ -121,6 +125,9 @@ pub fn require_ublk() -> Result<()> {
 /// once the device is live (printing its path) or failed.
 pub fn start(config: DeviceConfig, mode: Mode, foreground: bool) -> Result<i32> {
     require_ublk()?;
+    // A copy's reader may go away: the daemon gets EPIPE, never the signal.
+    // SAFETY: setting a signal disposition before any thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
     // Open the images before forking so that bad input fails right here.
     let opts = StackOptions { read_only: config.read_only, direct: config.direct };
     let layers = config.layers()?;
@@ -253,10 +260,17 @@ struct DaemonHandler {
     disk: Mutex<Option<Disk>>,
     /// The running or last background job.
     job: Arc<Mutex<Option<Job>>>,
+    /// The finished job's result was fetched (a device stopping after its
+    /// last copy waits for that).
+    job_seen: Arc<std::sync::atomic::AtomicBool>,
+    /// The write tracker `track start` attached.
+    tracker: Mutex<Option<Arc<Tracker>>>,
+    /// Changed-block tracking since the last backup, when one was taken.
+    cbt: Arc<Mutex<Option<Arc<Tracker>>>>,
 }
 
 impl Handler for DaemonHandler {
-    fn handle(&self, request: Request) -> Result<Value> {
+    fn handle(&self, request: Request, fds: Vec<OwnedFd>) -> Result<Value> {
         let stack = &self.device.stack;
         let json = |v: &dyn erased::Ser| Ok(v.to_json());
         match request {
@@ -271,7 +285,13 @@ impl Handler for DaemonHandler {
                 block_on(stack.flush(&SyncIo))?;
                 Ok(Value::Object(Default::default()))
             }
-            Request::Job => json(&self.job.lock().unwrap().clone()),
+            Request::Job => {
+                let job = self.job.lock().unwrap().clone();
+                if job.as_ref().is_some_and(|j| j.state != JobState::Running) {
+                    self.job_seen.store(true, Ordering::Relaxed);
+                }
+                json(&job)
+            }
             Request::SnapshotList => {
                 let disk = self.disk_now()?;
                 json(&disk.snapshot_rows())
@@ -295,18 +315,18 @@ impl Handler for DaemonHandler {
                 let disk = guard.as_mut().expect("checked by change()");
                 json(&block_on(ops::switch(&SyncIo, stack, disk, uuid))?)
             }
-            Request::SnapshotMerge { uuid } => json(&self.start_job("merge", uuid, move |io, stack, disk, progress| {
-                let m = ring_merge(io, stack, disk, uuid, progress)?;
-                Ok((Some(m), None))
+            Request::SnapshotMerge { uuid } => json(&self.start_disk_job("merge", uuid, move |io, stack, disk, progress| {
+                let m = ring_merge(io, stack, disk, uuid, &|d, t| progress(None, d, t))?;
+                Ok(Outcome { merged: Some(m), ..Default::default() })
             })?),
             Request::SnapshotDelete { uuid } => {
                 // Deleting a delta with one child is a merge: a job; the
                 // rest is done at once.
                 let children = self.disk_now()?.desc.children(uuid).len();
                 if children == 1 {
-                    let job = self.start_job("delete", Some(uuid), move |io, stack, disk, progress| {
-                        let d = io.block_on(ops::delete(&io.io(), stack, disk, uuid, progress))?;
-                        Ok((None, Some(d)))
+                    let job = self.start_disk_job("delete", Some(uuid), move |io, stack, disk, progress| {
+                        let d = io.block_on(ops::delete(&io.io(), stack, disk, uuid, &|d, t| progress(None, d, t)))?;
+                        Ok(Outcome { deleted: Some(d), ..Default::default() })
                     })?;
                     json(&DeleteReply::Started(job))
                 } else {
@@ -315,7 +335,94 @@ impl Handler for DaemonHandler {
                     json(&DeleteReply::Done(block_on(ops::delete(&SyncIo, stack, disk, uuid, &|_, _| {}))?))
                 }
             }
+            Request::TrackStart => {
+                let mut slot = self.tracker.lock().unwrap();
+                if slot.is_some() {
+                    return Err(Error::new(libc::EBUSY, "the write tracker is running already (`track get`, `track stop`)"));
+                }
+                let t = Arc::new(Tracker::new(stack.size(), stack.cluster_size()));
+                block_on(stack.add_tracker(t.clone()))?;
+                *slot = Some(t.clone());
+                json(&track_reply(&t, &BitVec::new()))
+            }
+            Request::TrackGet => {
+                let slot = self.tracker.lock().unwrap();
+                let t = slot.as_ref().ok_or_else(tracker_off)?;
+                json(&track_reply(t, &t.drain()))
+            }
+            Request::TrackStop => {
+                let t = self.tracker.lock().unwrap().take().ok_or_else(tracker_off)?;
+                block_on(stack.remove_tracker(&t));
+                json(&track_reply(&t, &t.drain()))
+            }
+            Request::Copy { two_way, stop, force } => {
+                let channel = one_channel(fds)?;
+                if stop && !force {
+                    let dev = format!("/dev/ublkb{}", self.dev_id);
+                    if let Some(on) = mount_point(&dev) {
+                        return Err(Error::new(
+                            libc::EBUSY,
+                            format!("{dev} is mounted on {on}: --stop would take the device from under it; unmount it first (or use --force)"),
+                        ));
+                    }
+                }
+                let end = if stop { copy::End::Stop } else { copy::End::Resume };
+                let opts = copy::SendOptions { two_way, end, ..Default::default() };
+                json(&self.start_copy("copy", channel, opts, None)?)
+            }
+            Request::Backup { two_way, incremental } => {
+                let channel = one_channel(fds)?;
+                let mut opts = copy::SendOptions { two_way, ..Default::default() };
+                let mut cbt = self.cbt.lock().unwrap();
+                let note = match (cbt.as_ref(), incremental) {
+                    (Some(t), true) => {
+                        opts.first = Some(t.peek_at(stack.cluster_size()));
+                        None
+                    }
+                    (None, true) => Some("no record of changes since a previous backup (none was taken, or the device stopped uncleanly): everything was sent".to_string()),
+                    _ => None,
+                };
+                // From here on, changes are tracked for the next backup.
+                let t = match cbt.as_ref() {
+                    Some(t) => t.clone(),
+                    None => {
+                        let t = Arc::new(Tracker::new(stack.size(), stack.cluster_size()));
+                        block_on(stack.add_tracker(t.clone()))?;
+                        // Kept in the image across clean stops, as ploop's CBT.
+                        stack.keep_on_close(Some((t.clone(), *uuid::Uuid::new_v4().as_bytes())));
+                        *cbt = Some(t.clone());
+                        t
+                    }
+                };
+                opts.cbt = Some(t);
+                drop(cbt);
+                json(&self.start_copy(if incremental { "backup-incremental" } else { "backup" }, channel, opts, note)?)
+            }
         }
+    }
+}
+
+fn tracker_off() -> Error {
+    Error::new(libc::ENOENT, "the write tracker is not running (`track start`)")
+}
+
+fn track_reply(t: &Tracker, bits: &BitVec) -> proto::TrackReply {
+    let ranges = t.ranges(bits);
+    proto::TrackReply {
+        disk_size: t.disk_size(),
+        granularity: t.granularity(),
+        clusters: bits.count_ones() as u64,
+        bytes: ranges.iter().map(|r| r.end - r.start).sum(),
+        ranges: ranges.into_iter().map(|r| [r.start, r.end]).collect(),
+    }
+}
+
+/// The one descriptor a copy writes to.
+fn one_channel(mut fds: Vec<OwnedFd>) -> Result<OwnedFd> {
+    match fds.len() {
+        1 => Ok(fds.remove(0)),
+        0 => Err(Error::invalid("a copy needs the channel to write to, passed with the request (the CLI does this)")),
+        n => Err(Error::invalid(format!("a copy takes one channel; {n} descriptors came"))),
     }
 }
 
@@ -336,7 +443,21 @@ mod erased {
     }
 }
 
-type JobFn = dyn FnOnce(&OwnRing, &Stack, &mut Disk, &dyn Fn(u64, u64)) -> Result<(Option<ops::Merged>, Option<ops::Deleted>)> + Send;
+/// What a job reports: (copy round, done, total).
+type JobProgress<'a> = &'a dyn Fn(Option<u32>, u64, u64);
+
+/// What a finished job did.
+#[derive(Default)]
+struct Outcome {
+    merged: Option<ops::Merged>,
+    deleted: Option<ops::Deleted>,
+    copy: Option<copy::Sent>,
+    note: Option<String>,
+    /// Stop this device after the job's result was fetched.
+    stop: Option<u32>,
+}
+
+type JobFn = dyn FnOnce(&OwnRing, &Stack, JobProgress<'_>) -> Result<Outcome> + Send;
 
 impl DaemonHandler {
     fn status(&self) -> proto::Status {
@@ -403,56 +524,98 @@ impl DaemonHandler {
         if self.device.stack.is_read_only() {
             return Err(Error::new(libc::EROFS, format!("/dev/ublkb{} is read-only (a snapshot device)", self.dev_id)));
         }
-        if self.job.lock().unwrap().as_ref().is_some_and(|j| j.state == JobState::Running) {
-            return Err(Error::new(libc::EBUSY, "a merge is running on this device; wait for it (`ublk-ploop status`)"));
-        }
-        let guard = self.disk.try_lock().map_err(|_| Error::new(libc::EBUSY, "another snapshot command is running on this device"))?;
+        let guard = self.idle()?;
         if guard.is_none() {
             return Err(self.not_a_disk());
         }
         Ok(guard)
     }
 
-    /// Start a background job on a thread of its own (with its own ring);
-    /// returns its first status. One at a time.
-    fn start_job(
+    /// Start a job that changes the disk directory (a merge).
+    fn start_disk_job(
         &self,
         kind: &str,
         uuid: Option<Guid>,
-        work: impl FnOnce(&OwnRing, &Stack, &mut Disk, &dyn Fn(u64, u64)) -> Result<(Option<ops::Merged>, Option<ops::Deleted>)> + Send + 'static,
+        work: impl FnOnce(&OwnRing, &Stack, &mut Disk, JobProgress<'_>) -> Result<Outcome> + Send + 'static,
     ) -> Result<Job> {
         let guard = self.change()?;
-        let disk = guard.clone().expect("checked by change()");
-        let job = Job { kind: kind.into(), uuid, state: JobState::Running, done: 0, total: 0, secs: 0.0, error: None, errno: None, merged: None, deleted: None };
+        // The operation re-reads the descriptor under the disk lock.
+        let mut disk = guard.clone().expect("checked by change()");
+        self.start_job(Job::new(kind, uuid), guard, Box::new(move |ring, stack, progress| work(ring, stack, &mut disk, progress)))
+    }
+
+    /// Start a copy or backup into `channel`.
+    fn start_copy(&self, kind: &str, channel: OwnedFd, opts: copy::SendOptions, note: Option<String>) -> Result<Job> {
+        let guard = self.idle()?;
+        let out = std::fs::File::from(channel);
+        let replies: Option<Box<dyn Read + Send>> = match opts.two_way {
+            true => Some(Box::new(out.try_clone().map_err(|e| Error::io(e, "duplicating the copy channel"))?)),
+            false => None,
+        };
+        let (dev_id, stop) = (self.dev_id, opts.end == copy::End::Stop);
+        let mut job = Job::new(kind, None);
+        job.note = note;
+        self.start_job(
+            job,
+            guard,
+            Box::new(move |ring, stack, progress| {
+                let mut fs = MountFreeze::new(&format!("/dev/ublkb{dev_id}"));
+                let report = |round: u32, done: u64, total: u64| progress(Some(round), done, total);
+                let sent = ring.block_on(copy::send(&ring.io(), stack, Box::new(out), replies, &mut fs, opts, &report))?;
+                let note = fs.froze.take().map(|on| format!("the filesystem on {on} was frozen for the last pass"));
+                // The stack is closed: the device goes down once the result
+                // was fetched (or after a while).
+                Ok(Outcome { copy: Some(sent), note, stop: stop.then_some(dev_id), ..Default::default() })
+            }),
+        )
+    }
+
+    /// No job runs (one at a time): the guard holds off snapshot commands
+    /// until the job is registered.
+    fn idle(&self) -> Result<std::sync::MutexGuard<'_, Option<Disk>>> {
+        if self.job.lock().unwrap().as_ref().is_some_and(|j| j.state == JobState::Running) {
+            return Err(Error::new(libc::EBUSY, "a job is running on this device; wait for it (`ublk-ploop status`)"));
+        }
+        self.disk.try_lock().map_err(|_| Error::new(libc::EBUSY, "a snapshot command is running on this device"))
+    }
+
+    /// Run a job on a thread of its own (with its own ring); returns its
+    /// first status.
+    fn start_job(&self, job: Job, guard: std::sync::MutexGuard<'_, Option<Disk>>, work: Box<JobFn>) -> Result<Job> {
         *self.job.lock().unwrap() = Some(job.clone());
         drop(guard);
         let (device, slot) = (self.device.clone(), self.job.clone());
-        let work: Box<JobFn> = Box::new(work);
+        let seen = self.job_seen.clone();
+        seen.store(false, Ordering::Relaxed);
         let started = Instant::now();
+        let kind = job.kind.clone();
         let spawned = std::thread::Builder::new().name(format!("job-{kind}")).spawn(move || {
-            let progress = |done: u64, total: u64| {
+            let progress = |round: Option<u32>, done: u64, total: u64| {
                 if let Some(j) = slot.lock().unwrap().as_mut() {
+                    j.round = round;
                     j.done = done;
                     j.total = total;
                     j.secs = started.elapsed().as_secs_f64();
                 }
             };
             let outcome = match OwnRing::new(64) {
-                Ok(ring) => {
-                    // The operation re-reads the descriptor under the disk lock.
-                    let mut disk = disk;
-                    work(&ring, &device.stack, &mut disk, &progress)
-                }
+                Ok(ring) => work(&ring, &device.stack, &progress),
                 Err(e) => Err(Error::io(e, "setting up io_uring")),
             };
+            let mut stop = None;
             let mut j = slot.lock().unwrap();
             if let Some(j) = j.as_mut() {
                 j.secs = started.elapsed().as_secs_f64();
                 match outcome {
-                    Ok((merged, deleted)) => {
+                    Ok(o) => {
+                        stop = o.stop;
                         j.state = JobState::Done;
-                        j.merged = merged;
-                        j.deleted = deleted;
+                        j.merged = o.merged;
+                        j.deleted = o.deleted;
+                        j.copy = o.copy;
+                        if let Some(n) = o.note {
+                            j.note = Some(j.note.take().map_or(n.clone(), |old| format!("{old}; {n}")));
+                        }
                     }
                     Err(e) => {
                         tracing::error!("{} failed: {e}", j.kind);
@@ -462,12 +625,28 @@ impl DaemonHandler {
                     }
                 }
             }
+            drop(j);
+            if let Some(dev_id) = stop {
+                let until = Instant::now() + Duration::from_secs(10);
+                while !seen.load(Ordering::Relaxed) && Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                stop_device(dev_id);
+            }
         });
         if let Err(e) = spawned {
             *self.job.lock().unwrap() = None;
             return Err(Error::io(e, "starting the job"));
         }
         Ok(job)
+    }
+}
+
+/// Ask the kernel to stop a device from a thread of the daemon (libublk's
+/// control handles are per thread); `run_target` then ends.
+fn stop_device(dev_id: u32) {
+    if let Ok(ctrl) = UblkCtrl::new_simple(dev_id as i32) {
+        let _ = ctrl.kill_dev();
     }
 }
 
@@ -557,6 +736,17 @@ fn run_inner(device: &Arc<Device>, config: DeviceConfig, mode: Mode, ready: &mut
         Some(dir) if !config.read_only => Some(Disk::load(dir)?),
         _ => None,
     };
+    // Changed-block tracking a clean stop kept: tracking goes on.
+    let mut cbt = None;
+    if !config.read_only {
+        if let Some(bm) = block_on(device.stack.take_saved_bitmaps()).into_iter().next() {
+            let t = Arc::new(Tracker::from_bits(device.stack.size(), bm.granularity, &bm.bits));
+            block_on(device.stack.add_tracker(t.clone()))?;
+            device.stack.keep_on_close(Some((t.clone(), bm.id)));
+            tracing::info!(changed = t.dirty_count(), "changed-block record since the last backup loaded");
+            cbt = Some(t);
+        }
+    }
     let handler = Arc::new(DaemonHandler {
         device: device.clone(),
         dev_id,
@@ -564,6 +754,9 @@ fn run_inner(device: &Arc<Device>, config: DeviceConfig, mode: Mode, ready: &mut
         started: Instant::now(),
         disk: Mutex::new(disk),
         job: Arc::new(Mutex::new(None)),
+        job_seen: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        tracker: Mutex::new(None),
+        cbt: Arc::new(Mutex::new(cbt)),
     });
     let server = control::Server::start(&control::socket_path(dev_id), Access { group: config.socket_gid }, handler)?;
 
@@ -631,7 +824,7 @@ pub fn delete(id: u32, force: bool) -> Result<()> {
 }
 
 /// Where `dev` is mounted, if anywhere (this mount namespace).
-fn mount_point(dev: &str) -> Option<String> {
+pub fn mount_point(dev: &str) -> Option<String> {
     let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
     mounts.lines().find_map(|l| {
         let mut f = l.split_whitespace();

@@ -3,7 +3,9 @@
 mod cli;
 mod config;
 mod control;
+mod copy_cmd;
 mod daemon;
+mod fsfreeze;
 mod protocol;
 mod snapshot_cmd;
 mod ublk_target;

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use ublk_ploop::disk::ops::{Deleted, Merged, Snapshotted, Switched};
 use ublk_ploop::disk::{Guid, SnapshotRow};
+use ublk_ploop::copy::Sent;
 use ublk_ploop::layers::Format;
 
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -47,6 +48,31 @@ pub enum Request {
     },
     /// The running (or last) job.
     Job,
+    /// Start the write tracker.
+    TrackStart,
+    /// What changed since the last `track-get` (or the start), cleared.
+    TrackGet,
+    TrackStop,
+    /// Copy the disk live into the channel passed with the request (one
+    /// descriptor; a socket when `two_way`); a job.
+    Copy {
+        #[serde(default)]
+        two_way: bool,
+        /// Stop the device after the last pass (a migration).
+        #[serde(default)]
+        stop: bool,
+        /// With `stop`: even while a filesystem is mounted on the device.
+        #[serde(default)]
+        force: bool,
+    },
+    /// A full or incremental backup into the channel passed with the
+    /// request, from a frozen point; a job.
+    Backup {
+        #[serde(default)]
+        two_way: bool,
+        #[serde(default)]
+        incremental: bool,
+    },
 }
 
 /// A request as sent: the protocol version beside it.
@@ -153,11 +179,50 @@ pub struct Job {
     pub error: Option<String>,
     #[serde(default)]
     pub errno: Option<i32>,
+    /// The copy round running now.
+    #[serde(default)]
+    pub round: Option<u32>,
     /// What it did, once done.
     #[serde(default)]
     pub merged: Option<Merged>,
     #[serde(default)]
     pub deleted: Option<Deleted>,
+    #[serde(default)]
+    pub copy: Option<Sent>,
+    /// Something the user should know about the result.
+    #[serde(default)]
+    pub note: Option<String>,
+}
+
+impl Job {
+    pub fn new(kind: &str, uuid: Option<Guid>) -> Job {
+        Job {
+            kind: kind.into(),
+            uuid,
+            state: JobState::Running,
+            done: 0,
+            total: 0,
+            secs: 0.0,
+            error: None,
+            errno: None,
+            round: None,
+            merged: None,
+            deleted: None,
+            copy: None,
+            note: None,
+        }
+    }
+}
+
+/// The write tracker's answer: what changed, as byte ranges `[start, end)`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrackReply {
+    pub disk_size: u64,
+    /// The tracker's unit: the cluster size.
+    pub granularity: u64,
+    pub clusters: u64,
+    pub bytes: u64,
+    pub ranges: Vec<[u64; 2]>,
 }
 
 /// The answer to `snapshot-delete`: done at once, or a job to follow.
@@ -190,5 +255,9 @@ mod tests {
         assert!(parse(r#"{"cmd":"nope"}"#).is_err());
         assert!(parse(r#"{"cmd":"snapshot-delete","args":{}}"#).is_err());
         assert!(parse(r#"{"cmd":"snapshot-delete"}"#).is_err());
+        assert_eq!(parse(r#"{"cmd":"track-get"}"#).unwrap().request, Request::TrackGet);
+        let r = parse(r#"{"cmd":"copy","args":{"stop":true}}"#).unwrap();
+        assert_eq!(r.request, Request::Copy { two_way: false, stop: true, force: false });
+        assert_eq!(parse(r#"{"cmd":"backup"}"#).unwrap().request, Request::Backup { two_way: false, incremental: false });
     }
 }

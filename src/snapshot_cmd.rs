@@ -72,7 +72,7 @@ pub fn merge(id: Option<u32>, dir: Option<PathBuf>, uuid: Option<Guid>, json: bo
             follow(id, json)?.merged.ok_or_else(|| Error::new(libc::EPROTO, "the daemon reported no merge result"))?
         }
         (None, Some(dir)) => {
-            let bar = Bar::new(json);
+            let bar = Bar::new(json, "merging");
             let progress = |done: u64, total: u64| bar.set(done, total);
             let m = offline(&dir, |ring, stack, disk| ring.block_on(ops::merge(&ring.io(), stack, disk, uuid, &progress)))?;
             bar.finish();
@@ -99,7 +99,7 @@ pub fn delete(id: Option<u32>, dir: Option<PathBuf>, uuid: Guid, json: bool) -> 
             DeleteReply::Started(_) => follow(id, json)?.deleted.ok_or_else(|| Error::new(libc::EPROTO, "the daemon reported no result"))?,
         },
         (None, Some(dir)) => {
-            let bar = Bar::new(json);
+            let bar = Bar::new(json, "merging");
             let progress = |done: u64, total: u64| bar.set(done, total);
             let d = offline(&dir, |ring, stack, disk| ring.block_on(ops::delete(&ring.io(), stack, disk, uuid, &progress)))?;
             bar.finish();
@@ -134,11 +134,14 @@ pub fn switch(id: Option<u32>, dir: Option<PathBuf>, uuid: Guid, force: bool, js
 }
 
 /// Follow a device's job to its end, with a progress bar on a terminal.
-fn follow(id: u32, json: bool) -> Result<Job> {
-    let bar = Bar::new(json);
+pub fn follow(id: u32, json: bool) -> Result<Job> {
+    let bar = Bar::new(json, "merging");
     loop {
         let job: Option<Job> = request(id, Request::Job)?;
         let job = job.ok_or_else(|| Error::new(libc::EPROTO, "the daemon has no job to report"))?;
+        if let Some(r) = job.round {
+            bar.label(&format!("{} round {r}", job.kind));
+        }
         bar.set(job.done, job.total);
         match job.state {
             JobState::Running => std::thread::sleep(Duration::from_millis(200)),
@@ -158,7 +161,7 @@ fn follow(id: u32, json: bool) -> Result<Job> {
 struct Bar(Option<indicatif::ProgressBar>);
 
 impl Bar {
-    fn new(json: bool) -> Bar {
+    pub fn new(json: bool, label: &str) -> Bar {
         if json || !std::io::stderr().is_terminal() {
             return Bar(None);
         }
@@ -168,8 +171,13 @@ impl Bar {
                 .expect("a valid template")
                 .progress_chars("=> "),
         );
-        bar.set_message("merging");
+        bar.set_message(label.to_string());
         Bar(Some(bar))
+    }
+    fn label(&self, label: &str) {
+        if let Some(b) = &self.0 {
+            b.set_message(label.to_string());
+        }
     }
     fn set(&self, done: u64, total: u64) {
         if let Some(b) = &self.0 {
@@ -207,7 +215,10 @@ pub fn print_status(s: &Status) {
     if let Some(j) = &s.job {
         let what = j.uuid.map(|g| format!(" {g}")).unwrap_or_default();
         match j.state {
-            JobState::Running => println!("  job: {}{what}: {}/{} clusters, {:.0} s", j.kind, j.done, j.total, j.secs),
+            JobState::Running => {
+                let round = j.round.map(|r| format!(" round {r}")).unwrap_or_default();
+                println!("  job: {}{what}{round}: {}/{} clusters, {:.0} s", j.kind, j.done, j.total, j.secs)
+            }
             JobState::Done => println!("  last job: {}{what} done in {:.1} s", j.kind, j.secs),
             JobState::Failed => println!("  last job: {}{what} failed: {}", j.kind, j.error.as_deref().unwrap_or("?")),
         }

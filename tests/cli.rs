@@ -306,3 +306,100 @@ fn convert_refuses_mismatched_stacks() {
     ploop(["convert", p(&a), p(&a), p(&out), "--to", "raw"]).expect_code(1).mentions(&["twice"]);
     assert!(!out.exists());
 }
+
+/// What an image shows, read through the library.
+fn read_all(img: &Path) -> Vec<u8> {
+    let stack = open_stack(&[img], true);
+    let mut buf = vec![0u8; stack.size() as usize];
+    block_on(stack.read(&SyncIo, 0, &mut buf)).unwrap();
+    buf
+}
+
+/// A one-way stream of an image, made by the library's sender.
+fn stream_of(img: &Path, out: &Path) {
+    let stack = open_stack(&[img], false);
+    let ring = ublk_ploop::io::OwnRing::new(16).unwrap();
+    let file = fs::File::create(out).unwrap();
+    let opts = ublk_ploop::copy::SendOptions::default();
+    ring.block_on(ublk_ploop::copy::send(&ring.io(), &stack, Box::new(file), None, &mut ublk_ploop::copy::NoFs, opts, &|_, _, _| {})).unwrap();
+    block_on(stack.close(&SyncIo)).unwrap();
+}
+
+#[test]
+fn receive_makes_images_and_refuses_bad_streams() {
+    let dir = TempDir::new("cli-receive");
+    let img = dir.join("a.img");
+    ploop(["create", p(&img), "--size", "4M", "--cluster-size", "64K"]).ok();
+    fill(&img, &[(0, vec![1u8; 4096]), (3 * M, vec![2u8; 64 * K as usize])]);
+    let stream = dir.join("a.stream");
+    stream_of(&img, &stream);
+
+    let out = dir.join("b.img");
+    let got = ploop(["receive", "--image", p(&out), "--from", p(&stream), "--json"]).ok().json();
+    assert_eq!(got["disk_size"], 4 * M, "{got}");
+    assert_eq!(got["md5"], true, "{got}");
+    assert_eq!(read_all(&out), read_all(&img));
+    ploop(["check", p(&out)]).ok();
+    if have_qemu() {
+        qemu_check_clean(&out);
+    }
+    // Into an empty directory: a disk directory.
+    let ddir = dir.join("disk");
+    fs::create_dir(&ddir).unwrap();
+    ploop(["receive", "--image", p(&ddir), "--from", p(&stream)]).ok().mentions(&["received"]);
+    assert!(ddir.join("DiskDescriptor.xml").is_file() && ddir.join("root.hds").is_file());
+    assert_eq!(read_all(&ddir.join("root.hds")), read_all(&img));
+
+    // Cut and damaged streams: exit 1, a clear message, nothing left.
+    let bytes = fs::read(&stream).unwrap();
+    let cut = dir.join("cut.stream");
+    fs::write(&cut, &bytes[..bytes.len() - 100]).unwrap();
+    let bad = dir.join("c.img");
+    ploop(["receive", "--image", p(&bad), "--from", p(&cut)]).expect_clean_failure().mentions(&["cut off"]);
+    assert!(!bad.exists());
+    let mut flipped = bytes.clone();
+    let i = flipped.len() / 2;
+    flipped[i] ^= 0x10;
+    fs::write(&cut, &flipped).unwrap();
+    ploop(["receive", "--image", p(&bad), "--from", p(&cut)]).expect_clean_failure().mentions(&["damaged"]);
+    assert!(!bad.exists() && !dir.join("c.img.partial").exists());
+    // An existing destination is refused, and stays.
+    ploop(["receive", "--image", p(&out), "--from", p(&stream)]).expect_clean_failure().mentions(&["exists"]);
+}
+
+/// `receive --listen` on a unix socket answers a two-way sender.
+#[test]
+fn receive_listens_for_a_two_way_sender() {
+    let dir = TempDir::new("cli-listen");
+    let img = dir.join("a.img");
+    ploop(["create", p(&img), "--size", "2M", "--cluster-size", "64K"]).ok();
+    fill(&img, &[(M, vec![5u8; 8192])]);
+    let sock = dir.join("r.sock");
+    let out = dir.join("b.img");
+    let child = std::process::Command::new(bin())
+        .args(["receive", "--image", p(&out), "--listen", p(&sock), "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !sock.exists() {
+        assert!(start.elapsed().as_secs() < 10, "receiver never listened");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    let stack = open_stack(&[&img], false);
+    let ring = ublk_ploop::io::OwnRing::new(16).unwrap();
+    let opts = ublk_ploop::copy::SendOptions { two_way: true, ..Default::default() };
+    let sent = ring
+        .block_on(ublk_ploop::copy::send(&ring.io(), &stack, Box::new(s.try_clone().unwrap()), Some(Box::new(s)), &mut ublk_ploop::copy::NoFs, opts, &|_, _, _| {}))
+        .unwrap();
+    assert!(sent.md5);
+    block_on(stack.close(&SyncIo)).unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let got: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(got["md5"], true);
+    drop(stack);
+    assert_eq!(read_all(&out), read_all(&img));
+}

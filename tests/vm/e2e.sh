@@ -11,7 +11,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 BIN=${UBLK_PLOOP_BIN:-$repo/target/release/ublk-ploop}
 SCRATCH=${UBLK_PLOOP_SCRATCH:?run this inside the VM: tests/vm/run tests/vm/e2e.sh}
-ALL="basic_fs fio_verify stack_layers control_socket kill_recover read_only serve_config snapshots merge_kill"
+ALL="basic_fs fio_verify stack_layers control_socket kill_recover read_only serve_config snapshots merge_kill track_copy"
 
 log() { echo "e2e[${SCENARIO:-main}]: $*"; }
 die() { log "FAIL: $*"; exit 1; }
@@ -120,7 +120,7 @@ scenario_stack_layers() {
 	[ "$(sha256sum <"$base")" = "$sum_base" ] || die "base layer changed"
 	[ "$(sha256sum <"$mid")" = "$sum_mid" ] || die "mid layer changed"
 	for f in "$base" "$mid" "$top"; do "$BIN" check "$f"; qemu_check "$f"; done
-	"$BIN" info --json "$top" | grep -q '"allocated_clusters": 1' || die "top should hold exactly one cluster"
+	grep -q '"allocated_clusters": 1' <<<"$("$BIN" info --json "$top")" || die "top should hold exactly one cluster"
 }
 
 scenario_control_socket() {
@@ -151,10 +151,10 @@ PY
 	# credentials even when the socket file itself lets it connect.
 	chmod 666 "$sock"
 	out=$(setpriv --reuid=65534 --regid=65534 --clear-groups "$BIN" status -n "$id" 2>&1) && die "non-root peer was served: $out"
-	echo "$out" | grep -q "permission denied" || die "unexpected refusal: $out"
+	grep -q "permission denied" <<<"$out" || die "unexpected refusal: $out"
 	# Still serving I/O.
 	dd if=/dev/urandom of="$dev" bs=64k count=16 oflag=direct status=none
-	"$BIN" status -n "$id" --json | grep -q '"writes"' || die "status after hostile input"
+	grep -q '"writes"' <<<"$("$BIN" status -n "$id" --json)" || die "status after hostile input"
 	"$BIN" del -n "$id"
 	"$BIN" check "$img"
 }
@@ -257,6 +257,21 @@ check_disk() {
 	"$BIN" check "$1" || die "check $1"
 	for f in "$1"/root.hds*; do qemu_check "$f"; done
 }
+# After a kill -9, clusters being allocated at that instant may be leaked
+# (never data): check says "leaked space only" (3), and --repair gives the
+# space back; anything else is damage.
+check_disk_after_kill() {
+	local rc=0
+	"$BIN" check "$1" || rc=$?
+	case $rc in
+	0) ;;
+	3) log "leaked space after the kill; repairing"
+	   "$BIN" check --repair "$1" >/dev/null || die "repair $1"
+	   "$BIN" check "$1" || die "check after repair $1" ;;
+	*) die "check $1 (exit $rc)" ;;
+	esac
+	for f in "$1"/root.hds*; do qemu_check "$f"; done
+}
 # A consistent snapshot of a mounted filesystem: frozen around it.
 snapshot_frozen() { # mnt id
 	sync; fsfreeze -f "$1"
@@ -301,7 +316,7 @@ scenario_snapshots() {
 		--verify=crc32c --verify_only=1 --verify_fatal=1 --randrepeat=1 --randseed=7 --verify_state_save=0 \
 		--output="$SCRATCH/fio-v.out" || { cat "$SCRATCH/fio-v.out"; die "fio verify after the merge"; }
 	check_sums "$mnt" A; check_sums "$mnt" B
-	"$BIN" snapshot-list -n "$id" --json | grep -q "$snap2" && die "the merged parent's GUID survived"
+	grep -q "$snap2" <<<"$("$BIN" snapshot-list -n "$id" --json)" && die "the merged parent's GUID survived"
 	# Switch back to the first snapshot: refused while mounted, then set A only.
 	"$BIN" snapshot-switch -n "$id" --uuid "$snap1" 2>"$SCRATCH/sw.err" && die "switched under a mounted filesystem"
 	grep -q "mounted" "$SCRATCH/sw.err" || die "switch refusal: $(cat "$SCRATCH/sw.err")"
@@ -329,7 +344,7 @@ scenario_merge_kill() {
 	"$BIN" snapshot-merge -n "$id" >"$SCRATCH/merge.out" 2>&1 &
 	merge_pid=$!
 	for _ in $(seq 200); do
-		"$BIN" status -n "$id" --json | grep -q '"done": [1-9]' && break
+		grep -q '"done": [1-9]' <<<"$("$BIN" status -n "$id" --json)" && break
 		sleep 0.05
 	done
 	pid=$(daemon_pid "$id")
@@ -353,7 +368,122 @@ scenario_merge_kill() {
 	[ "$("$BIN" snapshot-list -n "$id" --json | grep -c '"guid"')" = 1 ] || die "the merge left more than one delta"
 	expect_data "after the merge"
 	"$BIN" del -n "$id"
-	check_disk "$d"
+	check_disk_after_kill "$d"
+}
+
+# qemu-img 7.2 does not know that format-extension clusters (a kept
+# changed-block record) are in use: it may call them leaked space (exit 3),
+# never damage.
+qemu_check_ext() {
+	local rc=0
+	qemu-img check -f parallels "$1" >/tmp/qcheck.out 2>&1 || rc=$?
+	[ $rc = 0 ] || [ $rc = 3 ] || { cat /tmp/qcheck.out; die "qemu-img check $1 (exit $rc)"; }
+}
+# The same content: two ploop images, as qemu-img sees them.
+same_images() { qemu-img compare -q -f parallels -F parallels "$1" "$2" || die "$3: $1 and $2 differ"; }
+
+scenario_track_copy() {
+	local img=$SCRATCH/cp.hdd mnt=/mnt/cp
+	ip link set lo up 2>/dev/null || true
+	"$BIN" create "$img" --size 256M
+	dev=$("$BIN" add --image "$img"); wait_dev "$dev"; id=$(dev_id "$dev")
+
+	# The tracker: what changed since the last get, as byte ranges.
+	"$BIN" track start -n "$id" >/dev/null
+	dd if=/dev/urandom of="$dev" bs=4k count=1 seek=$((5 * 256 + 3)) oflag=direct status=none
+	dd if=/dev/urandom of="$dev" bs=4k count=300 seek=$((100 * 256 + 200)) oflag=direct status=none
+	got=$("$BIN" track get -n "$id" 2>/dev/null)
+	want="$((5 << 20)) $((6 << 20))
+$((100 << 20)) $((102 << 20))"
+	[ "$got" = "$want" ] || die "track get: '$got', want '$want'"
+	[ -z "$("$BIN" track get -n "$id" 2>/dev/null)" ] || die "a second get is not empty"
+	"$BIN" track stop -n "$id" >/dev/null
+	"$BIN" track get -n "$id" 2>/dev/null && die "get after stop"
+
+	# A live copy under a filesystem workload, over a pipe: the filesystem
+	# is frozen for the last pass, so the copy holds a consistent one.
+	mkfs.ext4 -q -F "$dev"
+	mkdir -p "$mnt"; mount "$dev" "$mnt"
+	mkdir "$mnt/A"; write_files "$mnt/A" 4 8; sums_of "$mnt/A" 'file*' A; sync
+	fio --name=busy --directory="$mnt" --rw=randwrite --bs=4k --size=48M --direct=1 --ioengine=io_uring --iodepth=8 \
+		--verify=crc32c --verify_backlog=256 --time_based --runtime=30 --output="$SCRATCH/fio.busy" >/dev/null 2>&1 &
+	fio_pid=$!
+	sleep 3
+	"$BIN" copy -n "$id" --to - --json 2>"$SCRATCH/copy.json" | "$BIN" receive --image "$SCRATCH/live.hdd" >/dev/null \
+		|| { cat "$SCRATCH/copy.json"; die "live copy over a pipe"; }
+	log "live copy: $(tr -d ' \n' <"$SCRATCH/copy.json" | grep -o '"frozen_ms":[0-9.]*'), $(grep -c '"round"' "$SCRATCH/copy.json") rounds"
+	grep -q 'frozen for the last pass' "$SCRATCH/copy.json" || die "the filesystem was not frozen: $(cat "$SCRATCH/copy.json")"
+	wait "$fio_pid" || { cat "$SCRATCH/fio.busy"; die "fio verify on the source during the copy"; }
+	umount "$mnt"
+	# The copy: a clean filesystem with the files written before.
+	dev2=$("$BIN" add --image "$SCRATCH/live.hdd" --read-only); wait_dev "$dev2"
+	fsck.ext4 -n "$dev2" >"$SCRATCH/fsck.out" 2>&1 || { cat "$SCRATCH/fsck.out"; die "fsck of the live copy"; }
+	mkdir -p /mnt/cp2; mount -o ro,noload "$dev2" /mnt/cp2
+	check_sums /mnt/cp2/A A
+	umount /mnt/cp2
+	"$BIN" del -n "$(dev_id "$dev2")"
+	qemu_check "$SCRATCH/live.hdd"
+
+	# Over TCP on loopback, two-way, into a disk directory; the device idle,
+	# so the copy equals it.
+	mkdir "$SCRATCH/tcp.disk"
+	"$BIN" receive --image "$SCRATCH/tcp.disk" --listen 127.0.0.1:7311 >"$SCRATCH/recv.out" 2>&1 &
+	recv_pid=$!
+	for _ in $(seq 50); do grep -q listening "$SCRATCH/recv.out" && break; sleep 0.1; done
+	"$BIN" copy -n "$id" --connect 127.0.0.1:7311 >"$SCRATCH/copy.out" || { cat "$SCRATCH/copy.out"; die "copy over TCP"; }
+	wait "$recv_pid" || { cat "$SCRATCH/recv.out"; die "receive over TCP"; }
+	grep -q 'checksums verified' "$SCRATCH/recv.out" || die "no checksums over TCP: $(cat "$SCRATCH/recv.out")"
+
+	# To a file; cut and damaged copies of it are refused and leave nothing.
+	"$BIN" copy -n "$id" --to "$SCRATCH/cp.stream" >/dev/null
+	size=$(stat -c %s "$SCRATCH/cp.stream")
+	head -c $((size / 2)) "$SCRATCH/cp.stream" >"$SCRATCH/cut.stream"
+	"$BIN" receive --image "$SCRATCH/cut.hdd" --from "$SCRATCH/cut.stream" 2>"$SCRATCH/cut.err" && die "a cut stream was received"
+	grep -q 'cut off' "$SCRATCH/cut.err" || die "cut stream: $(cat "$SCRATCH/cut.err")"
+	cp "$SCRATCH/cp.stream" "$SCRATCH/flip.stream"
+	printf '\x5a' | dd of="$SCRATCH/flip.stream" bs=1 seek=$((size / 3)) conv=notrunc status=none
+	"$BIN" receive --image "$SCRATCH/cut.hdd" --from "$SCRATCH/flip.stream" 2>"$SCRATCH/flip.err" && die "a damaged stream was received"
+	grep -q 'damaged' "$SCRATCH/flip.err" || die "damaged stream: $(cat "$SCRATCH/flip.err")"
+	[ ! -e "$SCRATCH/cut.hdd" ] && [ ! -e "$SCRATCH/cut.hdd.partial" ] || die "a refused stream left an image"
+	"$BIN" receive --image "$SCRATCH/file.hdd" --from "$SCRATCH/cp.stream" >/dev/null
+
+	# Backups: a full one; a clean restart (the record of changes is kept
+	# in the image's format extension); changes; an incremental one.
+	"$BIN" backup -n "$id" --to "$SCRATCH/full.stream" >/dev/null
+	"$BIN" receive --image "$SCRATCH/backup.hdd" --from "$SCRATCH/full.stream" >/dev/null
+	"$BIN" del -n "$id"
+	"$BIN" check "$img" >/dev/null || die "check of an image with a changed-block record"
+	qemu_check_ext "$img"
+	dev=$("$BIN" add --image "$img"); wait_dev "$dev"; id=$(dev_id "$dev")
+	dd if=/dev/urandom of="$dev" bs=64k count=16 seek=700 oflag=direct status=none
+	"$BIN" backup -n "$id" --incremental --to "$SCRATCH/incr.stream" --json >"$SCRATCH/incr.json"
+	grep -q '"note"' "$SCRATCH/incr.json" && die "the record of changes was lost: $(cat "$SCRATCH/incr.json")"
+	full=$(stat -c %s "$SCRATCH/full.stream"); incr=$(stat -c %s "$SCRATCH/incr.stream")
+	[ "$incr" -lt $((full / 10)) ] || die "the incremental backup is not small: $incr of $full"
+	"$BIN" receive --image "$SCRATCH/backup.hdd" --incremental --from "$SCRATCH/incr.stream" >/dev/null
+	# After a kill -9 the record is gone: the next incremental sends all.
+	kill -9 "$(daemon_pid "$id")"; sleep 0.5
+	"$BIN" recover -n "$id" >/dev/null
+	"$BIN" backup -n "$id" --incremental --to "$SCRATCH/incr2.stream" --json >"$SCRATCH/incr2.json"
+	grep -q '"note"' "$SCRATCH/incr2.json" || die "an incremental backup after a crash did not say it sent everything"
+	"$BIN" receive --image "$SCRATCH/backup.hdd" --incremental --from "$SCRATCH/incr2.stream" >/dev/null
+
+	# Migration: the last pass stops the device.
+	"$BIN" copy -n "$id" --stop --to "$SCRATCH/stop.stream" >/dev/null
+	for _ in $(seq 50); do [ -e "$dev" ] || break; sleep 0.1; done
+	[ ! -e "$dev" ] || die "copy --stop left the device"
+	"$BIN" receive --image "$SCRATCH/moved.hdd" --from "$SCRATCH/stop.stream" >/dev/null
+	"$BIN" check "$img" >/dev/null || die "check $img"
+	qemu_check_ext "$img"
+	for f in "$SCRATCH/tcp.disk/root.hds" "$SCRATCH/file.hdd" "$SCRATCH/backup.hdd" "$SCRATCH/moved.hdd"; do
+		"$BIN" check "$f" >/dev/null || die "check $f"
+		qemu_check "$f"
+	done
+	# Copies of the idle device agree; the backup (full + incremental) and
+	# the migrated copy equal the source as it was left.
+	same_images "$SCRATCH/tcp.disk/root.hds" "$SCRATCH/file.hdd" "TCP vs file copy"
+	same_images "$img" "$SCRATCH/backup.hdd" "incremental backup"
+	same_images "$img" "$SCRATCH/moved.hdd" "copy --stop"
 }
 
 if [ "${1:-}" = --scenario ]; then

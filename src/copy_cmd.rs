@@ -1,0 +1,241 @@
+//! The tracker, copy, backup and receive commands. A copy runs in the
+//! device's daemon (it reads the stack directly); the command opens the
+//! channel — a file, its stdout, a TCP or unix socket — with the user's
+//! rights and passes it to the daemon with the request, then follows the
+//! job.
+
+use std::io::{IsTerminal, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use ublk_ploop::copy::{self, ReceiveOptions, Received, Sent};
+use ublk_ploop::io::Direct;
+use ublk_ploop::size::format_size;
+use ublk_ploop::{Error, Result};
+
+use crate::cli::print_json;
+use crate::control::{request, request_with_fds};
+use crate::protocol::{Job, Request, TrackReply};
+use crate::snapshot_cmd::follow;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrackAction {
+    Start,
+    Get,
+    Stop,
+}
+
+pub fn track(id: u32, action: TrackAction, json: bool) -> Result<i32> {
+    let reply: TrackReply = request(
+        id,
+        match action {
+            TrackAction::Start => Request::TrackStart,
+            TrackAction::Get => Request::TrackGet,
+            TrackAction::Stop => Request::TrackStop,
+        },
+    )?;
+    if json {
+        print_json(&reply);
+        return Ok(0);
+    }
+    match action {
+        TrackAction::Start => println!("tracking writes to /dev/ublkb{id} in units of {}", format_size(reply.granularity)),
+        TrackAction::Get | TrackAction::Stop => {
+            for [start, end] in &reply.ranges {
+                println!("{start} {end}");
+            }
+            let what = if action == TrackAction::Stop { "; tracking stopped" } else { "" };
+            eprintln!("{} clusters changed ({}) in {} ranges{what}", reply.clusters, format_size(reply.bytes), reply.ranges.len());
+        }
+    }
+    Ok(0)
+}
+
+/// Where a stream goes.
+pub struct Destination {
+    /// A file, or "-" for stdout (one-way).
+    pub to: Option<PathBuf>,
+    /// HOST:PORT, or a unix socket path (two-way).
+    pub connect: Option<String>,
+}
+
+/// An open channel and whether answers come back on it.
+struct Channel {
+    fd: OwnedFd,
+    two_way: bool,
+    /// The stream goes to our stdout: reports go to stderr.
+    on_stdout: bool,
+}
+
+fn open_destination(dest: &Destination) -> Result<Channel> {
+    match (&dest.to, &dest.connect) {
+        (Some(p), None) if p.as_os_str() == "-" => {
+            if std::io::stdout().is_terminal() {
+                return Err(Error::invalid("refusing to write a binary stream to a terminal; redirect stdout or give --to FILE"));
+            }
+            let fd = std::io::stdout().as_fd_owned()?;
+            Ok(Channel { fd, two_way: false, on_stdout: true })
+        }
+        (Some(p), None) => {
+            let f = std::fs::OpenOptions::new().write(true).create_new(true).open(p).map_err(|e| Error::io(e, p.display()))?;
+            Ok(Channel { fd: f.into(), two_way: false, on_stdout: false })
+        }
+        (None, Some(addr)) => {
+            let fd: OwnedFd = if is_unix_addr(addr) {
+                UnixStream::connect(addr).map_err(|e| Error::io(e, format_args!("connecting to {addr}")))?.into()
+            } else {
+                let s = TcpStream::connect(addr).map_err(|e| Error::io(e, format_args!("connecting to {addr}")))?;
+                let _ = s.set_nodelay(true);
+                s.into()
+            };
+            Ok(Channel { fd, two_way: true, on_stdout: false })
+        }
+        _ => Err(Error::invalid("give one of --to FILE|- and --connect ADDR")),
+    }
+}
+
+trait DupStdout {
+    fn as_fd_owned(&self) -> Result<OwnedFd>;
+}
+
+impl DupStdout for std::io::Stdout {
+    fn as_fd_owned(&self) -> Result<OwnedFd> {
+        use std::os::fd::AsFd;
+        self.as_fd().try_clone_to_owned().map_err(|e| Error::io(e, "stdout"))
+    }
+}
+
+/// A path (with a slash) names a unix socket; anything else is HOST:PORT.
+fn is_unix_addr(addr: &str) -> bool {
+    addr.contains('/')
+}
+
+/// Once the daemon has its copy of our stdout, ours must go: a reader at
+/// the other end of a pipe sees the end only when every writer closed.
+fn release_stdout() {
+    let _ = std::io::stdout().flush();
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        // SAFETY: replaces fd 1 with /dev/null; nothing else holds it.
+        unsafe { libc::dup2(null.as_raw_fd(), 1) };
+    }
+}
+
+pub fn copy(id: u32, dest: &Destination, stop: bool, force: bool, json: bool) -> Result<i32> {
+    let ch = open_destination(dest)?;
+    let _started: Job = request_with_fds(id, Request::Copy { two_way: ch.two_way, stop, force }, &[ch.fd.as_raw_fd()])?;
+    finish_copy(id, ch, json, if stop { "copied; device stopped" } else { "copied" })
+}
+
+pub fn backup(id: u32, dest: &Destination, incremental: bool, json: bool) -> Result<i32> {
+    let ch = open_destination(dest)?;
+    let _started: Job = request_with_fds(id, Request::Backup { two_way: ch.two_way, incremental }, &[ch.fd.as_raw_fd()])?;
+    finish_copy(id, ch, json, if incremental { "incremental backup" } else { "full backup" })
+}
+
+#[derive(Serialize)]
+struct CopyReport<'a> {
+    device: String,
+    #[serde(flatten)]
+    sent: &'a Sent,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    note: Option<&'a str>,
+}
+
+fn finish_copy(id: u32, ch: Channel, json: bool, what: &str) -> Result<i32> {
+    let on_stdout = ch.on_stdout;
+    drop(ch);
+    if on_stdout {
+        release_stdout();
+    }
+    let job = follow(id, json)?;
+    let sent = job.copy.as_ref().ok_or_else(|| Error::new(libc::EPROTO, "the daemon reported no copy result"))?;
+    let mut out: Box<dyn Write> = if on_stdout { Box::new(std::io::stderr()) } else { Box::new(std::io::stdout()) };
+    if json {
+        let report = CopyReport { device: format!("/dev/ublkb{id}"), sent, note: job.note.as_deref() };
+        let _ = writeln!(out, "{}", serde_json::to_string_pretty(&report).expect("serialises"));
+        return Ok(0);
+    }
+    for r in &sent.rounds {
+        let _ = writeln!(
+            out,
+            "round {}{}: {} of {} clusters sent, {} in {:.2} s",
+            r.round,
+            if r.frozen { " (frozen)" } else { "" },
+            r.sent,
+            r.clusters,
+            format_size(r.bytes),
+            r.secs
+        );
+    }
+    let _ = writeln!(
+        out,
+        "{what}: {} of disk data, {} of stream{}; frozen for {:.1} ms",
+        format_size(sent.bytes),
+        format_size(sent.stream_bytes),
+        if sent.md5 { " with checksums" } else { "" },
+        sent.frozen_ms
+    );
+    if let Some(n) = &job.note {
+        let _ = writeln!(out, "note: {n}");
+    }
+    Ok(0)
+}
+
+pub fn receive(image: &Path, from: Option<&Path>, listen: Option<&str>, incremental: bool, direct: Direct, json: bool) -> Result<i32> {
+    let (input, answers, two_way): (Box<dyn Read>, Option<Box<dyn Write>>, bool) = match (from, listen) {
+        (_, Some(addr)) => {
+            let (r, w) = accept_one(addr)?;
+            (r, Some(w), true)
+        }
+        (Some(p), None) if p.as_os_str() != "-" => (Box::new(std::fs::File::open(p).map_err(|e| Error::io(e, p.display()))?), None, false),
+        _ => {
+            if std::io::stdin().is_terminal() {
+                return Err(Error::invalid("no stream: give --from FILE, pipe one into stdin, or --listen ADDR"));
+            }
+            (Box::new(std::io::stdin().lock()), None, false)
+        }
+    };
+    let opts = ReceiveOptions { two_way, incremental, direct };
+    let got: Received = copy::receive(input, answers, image, &opts)?;
+    if json {
+        print_json(&got);
+    } else {
+        println!(
+            "received {} of {} disk data into {} ({} packets{}){}",
+            format_size(got.data_bytes),
+            if got.kind == "device" { "the" } else { "image-file" },
+            got.image.display(),
+            got.packets,
+            if got.md5 { ", checksums verified" } else { "" },
+            if got.incremental { format!("; {} clusters updated", got.applied_clusters) } else { String::new() }
+        );
+    }
+    Ok(0)
+}
+
+/// Listen on `addr`, take one connection, and stop listening.
+fn accept_one(addr: &str) -> Result<(Box<dyn Read>, Box<dyn Write>)> {
+    if is_unix_addr(addr) {
+        let _ = std::fs::remove_file(addr);
+        let l = UnixListener::bind(addr).map_err(|e| Error::io(e, format_args!("listening on {addr}")))?;
+        eprintln!("listening on {addr}");
+        let (s, _) = l.accept().map_err(|e| Error::io(e, addr))?;
+        drop(l);
+        let _ = std::fs::remove_file(addr);
+        let r = s.try_clone().map_err(|e| Error::io(e, addr))?;
+        Ok((Box::new(r), Box::new(s)))
+    } else {
+        let l = TcpListener::bind(addr).map_err(|e| Error::io(e, format_args!("listening on {addr}")))?;
+        let local = l.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| addr.to_string());
+        eprintln!("listening on {local}");
+        let (s, peer) = l.accept().map_err(|e| Error::io(e, addr))?;
+        eprintln!("receiving from {peer}");
+        let _ = s.set_nodelay(true);
+        let r = s.try_clone().map_err(|e| Error::io(e, addr))?;
+        Ok((Box::new(r), Box::new(s)))
+    }
+}
