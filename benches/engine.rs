@@ -34,7 +34,10 @@ use ublk_ploop::disk::descriptor::{Descriptor, ImageType};
 use ublk_ploop::disk::{ops, Disk};
 use ublk_ploop::io::{block_on, AlignedBuf, Direct, Io, OwnRing, SyncIo};
 use ublk_ploop::layers::PloopLayer;
+use ublk_ploop::copy;
+use ublk_ploop::tracker::Tracker;
 use ublk_ploop::{Stack, StackOptions};
+use std::sync::Arc;
 
 const MIB: u64 = 1 << 20;
 const CLUSTER: u64 = MIB;
@@ -828,6 +831,116 @@ fn merge_vs_copy(cfg: &Cfg) -> Res<(Run, Run)> {
     Ok((merge, copy))
 }
 
+/// 4k random overwrites at QD32 on the full image, with a write tracker
+/// attached or not (the tracker's cost on the write path).
+fn engine_write_tracked(cfg: &Cfg, tracked: bool, secs: Duration) -> Res<Run> {
+    let stack = open_stack(&[cfg.path(PLOOP)], false)?;
+    if tracked {
+        block_on(stack.add_tracker(Arc::new(Tracker::new(stack.size(), CLUSTER)))).map_err(|e| e.to_string())?;
+    }
+    let run = drive_one(&stack, Dir::Write, K4, 32, secs, Box::new(random_offsets(cfg.size, K4, 0x7ac7)))?;
+    block_on(stack.close(&SyncIo)).map_err(|e| format!("closing stack: {e}"))?;
+    Ok(run)
+}
+
+/// A live copy of `stack` as `copy` runs it (one-way stream, checksums
+/// on) into a sink that discards it: the engine's side of a copy.
+fn copy_to_sink(stack: &Stack) -> Res<(Run, copy::Sent)> {
+    let ring = new_ring()?;
+    let t = Instant::now();
+    let cpu0 = cpu_secs();
+    let sent = ring
+        .block_on(copy::send(&ring.io(), stack, Box::new(std::io::sink()), None, &mut copy::NoFs, copy::SendOptions::default(), &|_, _, _| {}))
+        .map_err(|e| format!("copy: {e}"))?;
+    let secs = t.elapsed().as_secs_f64();
+    let clusters = sent.rounds.iter().map(|r| r.sent).sum();
+    let run = Run { ios: clusters, bytes: sent.bytes, secs, cpu_pct: Some((cpu_secs() - cpu0) / secs * 100.0), ..Default::default() };
+    Ok((run, sent))
+}
+
+/// Read `bytes` of the raw file from the start, 1 MiB at a time with
+/// eight in flight (what a copy of those bytes must at least do).
+fn raw_read(cfg: &Cfg, bytes: u64) -> Res<Run> {
+    let src = fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(cfg.path(RAW)).map_err(|e| e.to_string())?;
+    let fd = src.as_raw_fd();
+    let ring = new_ring()?;
+    let io = ring.io();
+    let next = std::cell::Cell::new(0u64);
+    let failed = RefCell::new(None);
+    let exe = async_executor::LocalExecutor::new();
+    let t = Instant::now();
+    let cpu0 = cpu_secs();
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let (io, next, failed) = (&io, &next, &failed);
+            exe.spawn(async move {
+                let mut buf = AlignedBuf::zeroed(CLUSTER as usize);
+                loop {
+                    let at = next.get();
+                    if at >= bytes {
+                        break;
+                    }
+                    next.set(at + CLUSTER);
+                    if let Err(e) = io.read_at(fd, &mut buf, at).await {
+                        failed.borrow_mut().get_or_insert(e.to_string());
+                        break;
+                    }
+                }
+            })
+        })
+        .collect();
+    ring.run_tasks(&exe, || tasks.iter().all(|t| t.is_finished()));
+    drop(tasks);
+    if let Some(e) = failed.take() {
+        return Err(format!("raw read: {e}"));
+    }
+    Ok(cluster_run(bytes / CLUSTER, t.elapsed().as_secs_f64(), cpu0))
+}
+
+/// Live copies taken while 4k random writes at QD32 go on over a hot set:
+/// each copy's rounds and its freeze (requests held for the last pass).
+fn copy_under_load(cfg: &Cfg, copies: usize) -> Res<(Run, Vec<copy::Sent>)> {
+    let stack = open_stack(&[cfg.path(PLOOP)], false)?;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let result = std::thread::scope(|scope| {
+        let copier = scope.spawn(|| -> Res<Vec<copy::Sent>> {
+            let mut out = Vec::new();
+            let r = (|| {
+                for _ in 0..copies {
+                    std::thread::sleep(Duration::from_millis(300));
+                    out.push(copy_to_sink(&stack)?.1);
+                }
+                Ok(())
+            })();
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            r.map(|_| out)
+        });
+        let ring = new_ring()?;
+        let mut offsets = random_offsets(SWAP_HOT_SET, K4, 0xc0b1);
+        let stop = stop.clone();
+        let next: Offsets = Box::new(move || (!stop.load(std::sync::atomic::Ordering::Relaxed)).then(&mut offsets).flatten());
+        let job = Job { stack: &stack, dir: Dir::Write, bs: K4, qd: 32, next, latency: true };
+        let run = drive(&ring, vec![job], Duration::from_secs(600));
+        let sent = copier.join().map_err(|_| "copy thread panicked".to_string())?;
+        Ok::<_, String>((run?.remove(0), sent?))
+    });
+    let closed = block_on(stack.close(&SyncIo));
+    closed.map_err(|e| format!("closing: {e}"))?;
+    result
+}
+
+/// The tracker's cost, a copy's throughput and a copy's freeze.
+struct CopyRows {
+    /// 4k randwrite QD32 without and with a tracker, in turns.
+    untracked: Run,
+    tracked: Run,
+    /// A copy of the full image and a raw read of the same bytes, in turns.
+    copy: Run,
+    raw: Run,
+    /// Writes during copies, and each copy.
+    under_load: (Run, Vec<copy::Sent>),
+}
+
 /// A disk directory's snapshot (descriptor update included) under 4k
 /// random writes at QD32 over a hot set: the stall is still only the swap.
 fn disk_snapshot_stall(cfg: &Cfg, gap: Duration, snapshots: usize) -> Res<(Run, Vec<Duration>, Vec<Duration>)> {
@@ -1058,7 +1171,7 @@ fn run() -> Res<()> {
     let step4k = scatter_step(cfg.size, K4 as u64);
     let mut rows: Vec<Row> = Vec::new();
     // UBLK_PLOOP_BENCH_ONLY=read,alloc,... runs only the groups named
-    // (read, write, seq, qd, alloc, hol, swap): for profiling one workload.
+    // (read, write, seq, qd, alloc, hol, swap, disk, copy): for profiling one workload.
     let only = std::env::var("UBLK_PLOOP_BENCH_ONLY").unwrap_or_default();
     let want = |group: &str| only.is_empty() || only.split(',').any(|g| g.trim() == group);
     let progress = |s: &str| eprintln!("  [{:5.1}s] {s}", t_all.elapsed().as_secs_f64());
@@ -1205,7 +1318,30 @@ fn run() -> Res<()> {
     } else {
         None
     };
-    let load = UnderLoad { hol, swap, disk };
+    // The write tracker's cost, a live copy's throughput, and its freeze.
+    if want("copy") {
+        progress("4k randwrite QD32 with and without a tracker; live copy vs raw read; copies under writes");
+    }
+    let copy = if want("copy") {
+        let (mut untracked, mut tracked) = (Run::default(), Run::default());
+        let turn = secs(cfg.secs / SLICES as f64);
+        for _ in 0..SLICES {
+            untracked.add(&engine_write_tracked(&cfg, false, turn)?);
+            tracked.add(&engine_write_tracked(&cfg, true, turn)?);
+        }
+        let (mut c, mut raw) = (Run::default(), Run::default());
+        for _ in 0..2 {
+            let stack = open_stack(&ploop, true)?;
+            let (run, _) = copy_to_sink(&stack)?;
+            drop(stack);
+            c.add(&run);
+            raw.add(&raw_read(&cfg, run.bytes)?);
+        }
+        Some(CopyRows { untracked, tracked, copy: c, raw, under_load: copy_under_load(&cfg, 3)? })
+    } else {
+        None
+    };
+    let load = UnderLoad { hol, swap, disk, copy };
     report(&cfg, &rows, &load, &q, have_fio, have_qemu, &qemu_img_what, t_all.elapsed().as_secs_f64());
     Ok(())
 }
@@ -1240,6 +1376,7 @@ struct UnderLoad {
     /// Writes during the snapshots and each snapshot's stall, with the
     /// snapshots far apart and close together.
     swap: Option<(Stalls, Stalls)>,
+    copy: Option<CopyRows>,
 }
 
 // ---------------------------------------------------------------------------
@@ -1376,6 +1513,44 @@ fn report(cfg: &Cfg, rows: &[Row], load: &UnderLoad, q: &Qemu, have_fio: bool, h
             merge.mibps() / copy.mibps().max(1.0)
         );
     }
+    if let Some(c) = &load.copy {
+        let _ = writeln!(
+            out,
+            "Write tracker: 4k randwrite QD32 without {} IOPS, with {} IOPS = {:.3}x (in turns)",
+            fmt_iops(c.untracked.iops()),
+            fmt_iops(c.tracked.iops()),
+            c.tracked.iops() / c.untracked.iops().max(1.0)
+        );
+        let _ = writeln!(
+            out,
+            "Live copy of the full image (one-way stream with checksums, into a sink; twice): {:.0} MiB/s, CPU {:.0}%;\n  \
+             raw read of the same bytes (8 x 1 MiB in flight, in turns with it): {:.0} MiB/s = {:.2}x",
+            c.copy.mibps(),
+            c.copy.cpu_pct.unwrap_or(0.0),
+            c.raw.mibps(),
+            c.copy.mibps() / c.raw.mibps().max(1.0)
+        );
+        let (writes, sent) = &c.under_load;
+        let frozen: Vec<u32> = sent.iter().map(|s| (s.frozen_ms * 1000.0) as u32).collect();
+        let ms = |pct| percentile_us(&frozen, pct).map(|v| format!("{:.1}", v / 1000.0)).unwrap_or_else(|| "-".into());
+        let rounds: Vec<String> = sent
+            .iter()
+            .map(|s| s.rounds.iter().map(|r| format!("{}{}", r.sent, if r.frozen { "f" } else { "" })).collect::<Vec<_>>().join("/"))
+            .collect();
+        let _ = writeln!(
+            out,
+            "Live copies under 4k randwrite QD32 over {} MiB ({} IOPS): {} copies, clusters per round {} (f: frozen);\n  \
+             frozen p50 {} ms, max {} ms; write latency p99 {} ms, max {} ms",
+            SWAP_HOT_SET / MIB,
+            fmt_iops(writes.iops()),
+            sent.len(),
+            rounds.join(", "),
+            ms(50.0),
+            ms(100.0),
+            writes.lat_ms(99.0).map(|x| format!("{x:.2}")).unwrap_or_default(),
+            writes.lat_ms(100.0).map(|x| format!("{x:.2}")).unwrap_or_default(),
+        );
+    }
     let _ = writeln!(out);
     let _ = writeln!(out, "What each column measured:");
     let _ = writeln!(
@@ -1488,6 +1663,18 @@ fn report(cfg: &Cfg, rows: &[Row], load: &UnderLoad, q: &Qemu, have_fio: bool, h
         _ => None,
     };
     targets.push(("stack_depth", format!("stack depth {DEEP} vs 1, 4k randread QD32"), depth, 0.95));
+    targets.push((
+        "tracker_cost",
+        "4k randwrite QD32, tracker on vs off".into(),
+        load.copy.as_ref().map(|c| c.tracked.iops() / c.untracked.iops().max(1.0)),
+        0.98,
+    ));
+    targets.push((
+        "copy_vs_raw_read",
+        "live copy vs raw read of the same bytes".into(),
+        load.copy.as_ref().map(|c| c.copy.mibps() / c.raw.mibps().max(1.0)),
+        0.8,
+    ));
 
     let _ = writeln!(out);
     let _ = writeln!(out, "Targets:");
@@ -1518,6 +1705,15 @@ fn report(cfg: &Cfg, rows: &[Row], load: &UnderLoad, q: &Qemu, have_fio: bool, h
         let _ = writeln!(out, "  {what:<44} {v:>7}  (target < 10 ms)  {verdict}");
         tj.insert(key.into(), json!({ "what": what, "value": p99.map(round3), "target": 10.0, "verdict": verdict }));
     }
+    let frozen_max = load.copy.as_ref().and_then(|c| c.under_load.1.iter().map(|s| s.frozen_ms).reduce(f64::max));
+    let verdict = match frozen_max {
+        Some(v) if v < 100.0 => "PASS",
+        Some(_) => "MISS",
+        None => "SKIP",
+    };
+    let v = frozen_max.map(|v| format!("{v:.1}")).unwrap_or_else(|| "n/a".into());
+    let _ = writeln!(out, "  {:<44} {v:>7}  (target < 100 ms)  {verdict}", "live copy freeze, max ms, under writes");
+    tj.insert("copy_freeze_max_ms".into(), json!({ "what": "live copy freeze, max ms", "value": frozen_max.map(round3), "target": 100.0, "verdict": verdict }));
     let _ = writeln!(out, "  (total bench time {total_secs:.0} s, load avg now {})", loadavg());
     print!("{out}");
 
@@ -1574,6 +1770,14 @@ fn report(cfg: &Cfg, rows: &[Row], load: &UnderLoad, q: &Qemu, have_fio: bool, h
             "snapshot_whole_ms": d.snapshots.2.iter().map(|x| round3(x.as_secs_f64() * 1000.0)).collect::<Vec<_>>(),
             "merge": d.merge.0.to_json(),
             "raw_copy": d.merge.1.to_json(),
+        })),
+        "copy": load.copy.as_ref().map(|c| json!({
+            "untracked": c.untracked.to_json(),
+            "tracked": c.tracked.to_json(),
+            "copy": c.copy.to_json(),
+            "raw_read": c.raw.to_json(),
+            "writes_under_copies": c.under_load.0.to_json(),
+            "copies": c.under_load.1,
         })),
         "targets": tj,
     });

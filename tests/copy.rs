@@ -25,8 +25,10 @@ use ublk_ploop::{Error, Stack, StackOptions};
 
 const CLUSTER: u64 = 64 << 10;
 
+/// Open a stack; a lock still held for an instant by a child another test
+/// thread is spawning (qemu-img) is waited out.
 fn open(paths: &[PathBuf], read_only: bool) -> Stack {
-    block_on(Stack::open(&SyncIo, paths, &StackOptions { read_only, direct: Direct::Auto })).unwrap().0
+    common::open_stack(paths, read_only)
 }
 
 fn new_image(path: &Path, size: u64) -> Stack {
@@ -247,7 +249,8 @@ fn copy_with_stop_closes_the_stack() {
     assert_eq!(e.errno(), libc::ESHUTDOWN);
     drop(stack);
     // Closed cleanly: opens without complaint.
-    let (reopened, reports) = block_on(Stack::open(&SyncIo, &[dir.join("a.img")], &StackOptions { read_only: false, direct: Direct::Auto })).unwrap();
+    let paths = [dir.join("a.img")];
+    let (reopened, reports) = common::retry_busy(|| block_on(Stack::open(&SyncIo, &paths, &StackOptions { read_only: false, direct: Direct::Auto }))).unwrap();
     assert!(!reports[0].was_in_use);
     block_on(reopened.close(&SyncIo)).unwrap();
     drop(reopened);
@@ -407,7 +410,7 @@ fn header_u64(path: &Path, at: u64) -> u64 {
 }
 
 fn our_check(path: &Path, repair: bool) -> ublk_ploop::check::CheckReport {
-    block_on(ublk_ploop::check::check(&SyncIo, path, ublk_ploop::layers::Format::Ploop, repair)).unwrap()
+    common::retry_busy(|| block_on(ublk_ploop::check::check(&SyncIo, path, ublk_ploop::layers::Format::Ploop, repair))).unwrap()
 }
 
 /// qemu-img 7.2 predates format-extension-aware checks: it may call the

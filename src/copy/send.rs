@@ -8,6 +8,7 @@
 //! the channel meanwhile, and on a two-way channel a reader thread counts
 //! the receiver's answers, so neither waits for the other packet by packet.
 
+use std::cell::RefCell;
 use std::io::{Read, Write};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use super::wire::{cmd, Kind, Writer, FLAG_COPY_DEVICE, FLAG_MD5};
 use crate::convert::is_zero;
+use md5::{Digest, Md5};
 use crate::error::{Error, Result};
 use crate::io::{join_all, AlignedBuf, BufPool, Io};
 use crate::stack::{Frozen, Stack};
@@ -199,7 +201,7 @@ async fn rounds<I: Io>(
         Some(set) => (set.clone(), false),
         None => (stack.allocated().await, true),
     };
-    sent.rounds.push(send_round(io, Source::Live(stack), pipe, 0, &first, skip_zeros, opts.in_flight, progress).await?);
+    sent.rounds.push(send_round(io, Source::Live(stack), Dest::Pipe(pipe), 0, &first, skip_zeros, opts.in_flight, progress).await?);
     pipe.sync()?;
     let mut last = u64::MAX;
     for round in 1..=opts.max_rounds {
@@ -208,7 +210,7 @@ async fn rounds<I: Io>(
         if n == 0 {
             break;
         }
-        sent.rounds.push(send_round(io, Source::Live(stack), pipe, round, &set, false, opts.in_flight, progress).await?);
+        sent.rounds.push(send_round(io, Source::Live(stack), Dest::Pipe(pipe), round, &set, false, opts.in_flight, progress).await?);
         pipe.sync()?;
         // Writes outpace the copy (or nearly nothing is left): more live
         // rounds would not shorten the freeze.
@@ -227,12 +229,17 @@ async fn rounds<I: Io>(
     let set = tracker.drain();
     *cleared = opts.cbt.as_ref().map(|t| t.drain());
     let round = sent.rounds.len() as u32;
-    let mut last_round = send_round(io, Source::Frozen(&frozen), pipe, round, &set, false, opts.in_flight, progress).await?;
+    // The last changes are read into memory (when they fit), so that the
+    // device moves on before they are checksummed and sent; else they go
+    // on the channel while frozen.
+    let held = RefCell::new(Vec::new());
+    let capture = set.count_ones() as u64 * stack.cluster_size() <= CAPTURE_MAX;
+    let into = if capture { Dest::Memory(&held) } else { Dest::Pipe(pipe) };
+    let mut last_round = send_round(io, Source::Frozen(&frozen), into, round, &set, false, opts.in_flight, progress).await?;
     last_round.frozen = true;
-    frozen.flush(io).await?;
-    // Everything is on the channel (not yet necessarily answered): the
-    // content is captured, so the device may move on.
-    pipe.written()?;
+    if !capture {
+        pipe.written()?;
+    }
     match opts.end {
         End::Resume => drop(frozen),
         End::Stop => {
@@ -243,9 +250,21 @@ async fn rounds<I: Io>(
     fs.thaw()?;
     *fs_frozen = false;
     sent.frozen_ms = t0.elapsed().as_secs_f64() * 1e3;
+    for (pos, buf, len) in held.into_inner() {
+        pipe.data(pos, buf, len)?;
+    }
     last_round.secs = t0.elapsed().as_secs_f64();
     sent.rounds.push(last_round);
     Ok(sent)
+}
+
+/// The most the last pass holds in memory to end the freeze early.
+const CAPTURE_MAX: u64 = 256 << 20;
+
+/// Where a round's clusters go: on the channel, or into memory.
+enum Dest<'a> {
+    Pipe(&'a Outbox),
+    Memory(&'a RefCell<Vec<(u64, AlignedBuf, usize)>>),
 }
 
 /// Where a round reads: the serving stack, or the frozen one.
@@ -273,7 +292,7 @@ impl Source<'_, '_> {
 async fn send_round<I: Io>(
     io: &I,
     src: Source<'_, '_>,
-    pipe: &Outbox,
+    into: Dest<'_>,
     round: u32,
     set: &BitVec,
     skip_zeros: bool,
@@ -298,17 +317,28 @@ async fn send_round<I: Io>(
             next.set(i + 1);
             let c = todo[i];
             let len = (size - c * cluster).min(cluster) as usize;
-            let mut buf = pipe.buf();
+            let mut buf = match &into {
+                Dest::Pipe(pipe) => pipe.buf(),
+                Dest::Memory(_) => AlignedBuf::zeroed(cluster as usize),
+            };
             let outcome = match src.read(io, c * cluster, &mut buf[..len]).await {
                 Err(e) => Err(e),
                 Ok(()) if skip_zeros && is_zero(&buf[..len]) => {
-                    pipe.recycle(buf);
+                    if let Dest::Pipe(pipe) = &into {
+                        pipe.recycle(buf);
+                    }
                     Ok(())
                 }
                 Ok(()) => {
                     let (n, b) = sent.get();
                     sent.set((n + 1, b + len as u64));
-                    pipe.data(c * cluster, buf, len)
+                    match &into {
+                        Dest::Pipe(pipe) => pipe.data(c * cluster, buf, len),
+                        Dest::Memory(held) => {
+                            held.borrow_mut().push((c * cluster, buf, len));
+                            Ok(())
+                        }
+                    }
                 }
             };
             if let Err(e) = outcome {
@@ -340,12 +370,15 @@ fn read_status(r: &mut dyn Read) -> Result<i32> {
 }
 
 enum Msg {
-    Data { pos: u64, buf: AlignedBuf, len: usize },
-    Sync,
+    /// A cluster to send; `digest` once hashed.
+    Data { pos: u64, buf: AlignedBuf, len: usize, digest: Option<[u8; 16]> },
+    /// The barriers below act once the first `after` data packets are on
+    /// the channel (hashing threads may deliver them out of order).
+    Sync { after: u64 },
     /// Answer once everything before is on the channel.
-    Written(SyncSender<()>),
+    Written { after: u64, done: SyncSender<()> },
     /// Answer once everything before is answered by the receiver.
-    Answered(SyncSender<()>),
+    Answered { after: u64, done: SyncSender<()> },
 }
 
 /// Answers counted by the reader thread.
@@ -362,12 +395,20 @@ struct AnswerState {
     closed: bool,
 }
 
-/// The writer thread (and, two-way, the answer reader) and their queue.
+/// The writer thread (and, two-way, the answer reader), the threads that
+/// checksum payloads on the way (MD5 runs at about half the speed of a
+/// disk; several of them keep up), and their queues.
 struct Outbox {
+    /// To the hashers (when checksums are on), else to the writer.
+    data_tx: Option<SyncSender<Msg>>,
+    /// To the writer, for barriers.
     tx: Option<SyncSender<Msg>>,
     writer: Option<JoinHandle<Result<u64>>>,
+    hashers: Vec<JoinHandle<()>>,
     reader: Option<JoinHandle<()>>,
     bufs: Arc<BufPool>,
+    /// Data packets queued so far.
+    queued: std::cell::Cell<u64>,
     /// The writer's error once it stopped early.
     failed: Arc<Mutex<Option<Error>>>,
     /// Set when the copy failed: the stream must end without FINISH.
@@ -377,7 +418,7 @@ struct Outbox {
 impl Outbox {
     fn start(writer: Writer<Box<dyn Write + Send>>, replies: Option<Box<dyn Read + Send>>, two_way: bool, cluster: usize, depth: usize) -> Outbox {
         let (tx, rx) = sync_channel::<Msg>(depth * 2);
-        let bufs = Arc::new(BufPool::new(cluster, depth * 3));
+        let bufs = Arc::new(BufPool::new(cluster, depth * 4));
         let answers = (two_way && replies.is_some()).then(|| Arc::new(Answers::default()));
         let reader = match (replies, &answers) {
             (Some(r), Some(a)) => {
@@ -388,6 +429,27 @@ impl Outbox {
         };
         let failed = Arc::new(Mutex::new(None));
         let abandoned = Arc::new(AtomicBool::new(false));
+        let mut hashers = Vec::new();
+        let data_tx = if writer.md5() {
+            let (htx, hrx) = sync_channel::<Msg>(depth * 2);
+            let hrx = Arc::new(Mutex::new(hrx));
+            let n = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 4);
+            for i in 0..n {
+                let (hrx, tx) = (hrx.clone(), tx.clone());
+                let spawned = std::thread::Builder::new().name(format!("copy-md5-{i}")).spawn(move || loop {
+                    let msg = hrx.lock().unwrap().recv();
+                    let Ok(Msg::Data { pos, buf, len, .. }) = msg else { return };
+                    let digest = Some(Md5::digest(&buf[..len]).into());
+                    if tx.send(Msg::Data { pos, buf, len, digest }).is_err() {
+                        return;
+                    }
+                });
+                hashers.extend(spawned);
+            }
+            htx
+        } else {
+            tx.clone()
+        };
         let (bufs2, answers2, failed2, abandoned2) = (bufs.clone(), answers.clone(), failed.clone(), abandoned.clone());
         let writer = std::thread::Builder::new()
             .name("copy-writer".into())
@@ -399,7 +461,17 @@ impl Outbox {
                 r
             })
             .expect("spawning the copy writer");
-        Outbox { tx: Some(tx), writer: Some(writer), reader, bufs, failed, abandoned }
+        Outbox {
+            data_tx: Some(data_tx),
+            tx: Some(tx),
+            writer: Some(writer),
+            hashers,
+            reader,
+            bufs,
+            queued: std::cell::Cell::new(0),
+            failed,
+            abandoned,
+        }
     }
 
     fn buf(&self) -> AlignedBuf {
@@ -420,37 +492,49 @@ impl Outbox {
     }
 
     fn data(&self, pos: u64, buf: AlignedBuf, len: usize) -> Result<()> {
-        self.send(Msg::Data { pos, buf, len })
+        let tx = self.data_tx.as_ref().expect("open until finish");
+        tx.send(Msg::Data { pos, buf, len, digest: None }).map_err(|_| self.error())?;
+        self.queued.set(self.queued.get() + 1);
+        Ok(())
     }
 
     /// A SYNC command, and wait until the receiver answered everything.
     fn sync(&self) -> Result<()> {
-        self.send(Msg::Sync)?;
-        let (tx, rx) = sync_channel(1);
-        self.send(Msg::Answered(tx))?;
+        let after = self.queued.get();
+        self.send(Msg::Sync { after })?;
+        let (done, rx) = sync_channel(1);
+        self.send(Msg::Answered { after, done })?;
         rx.recv().map_err(|_| self.error())
     }
 
     /// Wait until everything queued is on the channel.
     fn written(&self) -> Result<()> {
-        let (tx, rx) = sync_channel(1);
-        self.send(Msg::Written(tx))?;
+        let (done, rx) = sync_channel(1);
+        self.send(Msg::Written { after: self.queued.get(), done })?;
         rx.recv().map_err(|_| self.error())
     }
 
-    /// End the stream (FINISH) and wait for the receiver; returns the
-    /// stream's length.
+    /// End the stream (FINISH) once everything queued is written, and
+    /// wait for the receiver; returns the stream's length.
     fn finish(mut self) -> Result<u64> {
+        self.written()?;
+        self.close_queues();
+        self.writer.take().expect("once").join().unwrap_or_else(|_| Err(Error::new(libc::EIO, "the copy writer panicked")))
+    }
+
+    fn close_queues(&mut self) {
+        drop(self.data_tx.take());
+        for h in self.hashers.drain(..) {
+            let _ = h.join();
+        }
         drop(self.tx.take());
-        let r = self.writer.take().expect("once").join().unwrap_or_else(|_| Err(Error::new(libc::EIO, "the copy writer panicked")));
-        r
     }
 
     /// Stop after a failure: the writer ends without FINISH, so the
     /// receiver sees an incomplete stream.
     fn abandon(mut self) {
         self.abandoned.store(true, Ordering::Release);
-        drop(self.tx.take());
+        self.close_queues();
         if let Some(w) = self.writer.take() {
             let _ = w.join();
         }
@@ -459,7 +543,7 @@ impl Outbox {
 
 impl Drop for Outbox {
     fn drop(&mut self) {
-        drop(self.tx.take());
+        self.close_queues();
         if let Some(w) = self.writer.take() {
             let _ = w.join();
         }
@@ -472,35 +556,52 @@ impl Drop for Outbox {
 fn write_loop(mut w: Writer<Box<dyn Write + Send>>, rx: Receiver<Msg>, bufs: &BufPool, answers: Option<&Answers>, abandoned: &AtomicBool) -> Result<u64> {
     let cancelled = || Error::new(libc::ECANCELED, "copy abandoned");
     let mut asked = 0u64;
+    let mut data = 0u64;
+    // Barriers waiting for data still being hashed, in order.
+    let mut waiting: std::collections::VecDeque<Msg> = Default::default();
     while let Ok(msg) = rx.recv() {
         if abandoned.load(Ordering::Acquire) {
             return Err(cancelled());
         }
         match msg {
-            Msg::Data { pos, buf, len } => {
-                w.packet(Kind::DataDevice, pos, &buf[..len]).map_err(channel_err)?;
+            Msg::Data { pos, buf, len, digest } => {
+                w.packet_with_digest(Kind::DataDevice, pos, &buf[..len], digest).map_err(channel_err)?;
                 bufs.put(buf);
                 asked += 1;
+                data += 1;
             }
-            Msg::Sync => {
-                w.command(cmd::SYNC, 0, &[]).map_err(channel_err)?;
-                asked += 1;
+            barrier => waiting.push_back(barrier),
+        }
+        while let Some(b) = waiting.front() {
+            let after = match b {
+                Msg::Sync { after } | Msg::Written { after, .. } | Msg::Answered { after, .. } => *after,
+                Msg::Data { .. } => unreachable!("data is never queued as a barrier"),
+            };
+            if after > data {
+                break;
             }
-            Msg::Written(done) => {
-                w.flush().map_err(channel_err)?;
-                let _ = done.send(());
-            }
-            Msg::Answered(done) => {
-                w.flush().map_err(channel_err)?;
-                if let Some(a) = answers {
-                    wait_answers(a, asked)?;
+            match waiting.pop_front().expect("peeked") {
+                Msg::Sync { .. } => {
+                    w.command(cmd::SYNC, 0, &[]).map_err(channel_err)?;
+                    asked += 1;
                 }
-                let _ = done.send(());
+                Msg::Written { done, .. } => {
+                    w.flush().map_err(channel_err)?;
+                    let _ = done.send(());
+                }
+                Msg::Answered { done, .. } => {
+                    w.flush().map_err(channel_err)?;
+                    if let Some(a) = answers {
+                        wait_answers(a, asked)?;
+                    }
+                    let _ = done.send(());
+                }
+                Msg::Data { .. } => unreachable!(),
             }
         }
     }
     // The queue closed: the end of the stream, unless the copy failed.
-    if abandoned.load(Ordering::Acquire) {
+    if abandoned.load(Ordering::Acquire) || !waiting.is_empty() {
         return Err(cancelled());
     }
     if let Some(a) = answers {

@@ -9,8 +9,10 @@
 //!
 //! One-way streams (a file, a pipe) are ours alone (ploop's receiver needs
 //! a socket): they always carry payload checksums, and the final packet
-//! carries a trailer with the MD5 of every byte before it, so that a cut or
-//! damaged stream, headers included, is refused rather than half applied.
+//! carries a trailer with the MD5 of everything before it (headers and
+//! payload checksums; a payload is covered by its own checksum, so each
+//! byte is hashed once), so that a cut or damaged stream, headers
+//! included, is refused rather than half applied.
 
 use std::io::{self, Read, Write};
 
@@ -153,21 +155,29 @@ impl<W: Write> Writer<W> {
         self.written
     }
 
-    fn put(&mut self, bytes: &[u8]) -> io::Result<()> {
+    /// Write bytes; `digest` says whether the stream digest covers them.
+    fn put(&mut self, bytes: &[u8], digest: bool) -> io::Result<()> {
         self.inner.write_all(bytes)?;
-        self.stream.update(bytes);
+        if digest {
+            self.stream.update(bytes);
+        }
         self.written += bytes.len() as u64;
         Ok(())
     }
 
     pub fn packet(&mut self, kind: Kind, pos: u64, payload: &[u8]) -> io::Result<()> {
+        self.packet_with_digest(kind, pos, payload, None)
+    }
+
+    /// The same with the payload's MD5 computed already (by another thread).
+    pub fn packet_with_digest(&mut self, kind: Kind, pos: u64, payload: &[u8], digest: Option<[u8; DIGEST_LEN]>) -> io::Result<()> {
         let size = u32::try_from(payload.len()).ok().filter(|&s| s <= MAX_PAYLOAD).ok_or_else(|| io::Error::from_raw_os_error(libc::EMSGSIZE))?;
-        self.put(&Header { kind, size, pos }.encode())?;
+        self.put(&Header { kind, size, pos }.encode(), true)?;
         if self.md5 {
-            let digest: [u8; DIGEST_LEN] = Md5::digest(payload).into();
-            self.put(&digest)?;
+            let digest = digest.unwrap_or_else(|| Md5::digest(payload).into());
+            self.put(&digest, true)?;
         }
-        self.put(payload)
+        self.put(payload, !self.md5)
     }
 
     /// A command packet whose payload is the command and `extra` after it.
@@ -229,7 +239,8 @@ impl<R: Read> Reader<R> {
         self.read
     }
 
-    /// Fill `buf`; false if the stream ended before its first byte.
+    /// Fill `buf`; false if the stream ended before its first byte. The
+    /// stream digest covers it unless it is a checksummed payload.
     fn fill(&mut self, buf: &mut [u8], what: &str) -> Result<bool> {
         let mut got = 0;
         while got < buf.len() {
@@ -246,7 +257,9 @@ impl<R: Read> Reader<R> {
                 Err(e) => return Err(Error::io(e, "reading the copy stream")),
             }
         }
-        self.stream.update(&*buf);
+        if !(what == "payload" && self.md5) {
+            self.stream.update(&*buf);
+        }
         self.read += buf.len() as u64;
         Ok(true)
     }
