@@ -791,39 +791,9 @@ fn merge_vs_copy(cfg: &Cfg) -> Res<(Run, Run)> {
         .map_err(|e| format!("{}: {e}", dst_path.display()))?;
     let (sfd, dfd) = (src.as_raw_fd(), dst.as_raw_fd());
     let io = ring.io();
-    let next = std::cell::Cell::new(0u64);
-    let failed = RefCell::new(None);
-    let exe = async_executor::LocalExecutor::new();
     let t = Instant::now();
     let cpu0 = cpu_secs();
-    let tasks: Vec<_> = (0..8)
-        .map(|_| {
-            let (io, next, failed) = (&io, &next, &failed);
-            exe.spawn(async move {
-                let mut buf = AlignedBuf::zeroed(CLUSTER as usize);
-                loop {
-                    let at = next.get();
-                    if at >= merged.clusters * CLUSTER {
-                        break;
-                    }
-                    next.set(at + CLUSTER);
-                    let r = async {
-                        io.read_at(sfd, &mut buf, at).await?;
-                        io.write_at(dfd, &buf, at).await
-                    };
-                    if let Err(e) = r.await {
-                        failed.borrow_mut().get_or_insert(e.to_string());
-                        break;
-                    }
-                }
-            })
-        })
-        .collect();
-    ring.run_tasks(&exe, || tasks.iter().all(|t| t.is_finished()));
-    drop(tasks);
-    if let Some(e) = failed.take() {
-        return Err(format!("raw copy: {e}"));
-    }
+    raw_transfer(&ring, sfd, Some(dfd), merged.clusters * CLUSTER).map_err(|e| format!("raw copy: {e}"))?;
     ring.block_on(io.sync_data(dfd)).map_err(|e| format!("raw copy sync: {e}"))?;
     let copy = cluster_run(merged.clusters, t.elapsed().as_secs_f64(), cpu0);
     drop(dst);
@@ -858,42 +828,40 @@ fn copy_to_sink(stack: &Stack) -> Res<(Run, copy::Sent)> {
     Ok((run, sent))
 }
 
+/// Read `bytes` from `src` (and write them to `dst`, at the same offsets),
+/// 1 MiB at a time with eight in flight: the plain file I/O a merge or a
+/// copy is measured against.
+fn raw_transfer(ring: &OwnRing, src: std::os::fd::RawFd, dst: Option<std::os::fd::RawFd>, bytes: u64) -> ublk_ploop::Result<()> {
+    let io = ring.io();
+    let offsets: Vec<u64> = (0..bytes.div_ceil(CLUSTER)).map(|c| c * CLUSTER).collect();
+    let bufs = ublk_ploop::io::BufPool::new(CLUSTER as usize, 8);
+    let one = |&at: &u64| {
+        let (io, bufs) = (&io, &bufs);
+        async move {
+            let mut buf = bufs.get();
+            let moved = async {
+                io.read_at(src, &mut buf, at).await?;
+                match dst {
+                    Some(d) => io.write_at(d, &buf, at).await,
+                    None => Ok(()),
+                }
+            };
+            let r = moved.await.map_err(|e| ublk_ploop::Error::io(e, "raw transfer"));
+            bufs.put(buf);
+            r
+        }
+    };
+    ring.block_on(ublk_ploop::io::for_each_in_flight(8, &offsets, one, |_| {}))
+}
+
 /// Read `bytes` of the raw file from the start, 1 MiB at a time with
 /// eight in flight (what a copy of those bytes must at least do).
 fn raw_read(cfg: &Cfg, bytes: u64) -> Res<Run> {
     let src = fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(cfg.path(RAW)).map_err(|e| e.to_string())?;
-    let fd = src.as_raw_fd();
     let ring = new_ring()?;
-    let io = ring.io();
-    let next = std::cell::Cell::new(0u64);
-    let failed = RefCell::new(None);
-    let exe = async_executor::LocalExecutor::new();
     let t = Instant::now();
     let cpu0 = cpu_secs();
-    let tasks: Vec<_> = (0..8)
-        .map(|_| {
-            let (io, next, failed) = (&io, &next, &failed);
-            exe.spawn(async move {
-                let mut buf = AlignedBuf::zeroed(CLUSTER as usize);
-                loop {
-                    let at = next.get();
-                    if at >= bytes {
-                        break;
-                    }
-                    next.set(at + CLUSTER);
-                    if let Err(e) = io.read_at(fd, &mut buf, at).await {
-                        failed.borrow_mut().get_or_insert(e.to_string());
-                        break;
-                    }
-                }
-            })
-        })
-        .collect();
-    ring.run_tasks(&exe, || tasks.iter().all(|t| t.is_finished()));
-    drop(tasks);
-    if let Some(e) = failed.take() {
-        return Err(format!("raw read: {e}"));
-    }
+    raw_transfer(&ring, src.as_raw_fd(), None, bytes).map_err(|e| format!("raw read: {e}"))?;
     Ok(cluster_run(bytes / CLUSTER, t.elapsed().as_secs_f64(), cpu0))
 }
 

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::io::wait::{Entered, Exclusive, Gate, WaitList};
-use crate::io::{block_on, join_all, AlignedBuf, BufPool, Direct, Io};
+use crate::io::{block_on, for_each_in_flight, join_all, AlignedBuf, BufPool, Direct, Io};
 use crate::layers::header::DEFAULT_CLUSTER;
 use crate::layers::ploop::ext::DirtyBitmap;
 use crate::layers::{Format, Layer, MetaError, OpenReport, PloopLayer};
@@ -737,43 +737,22 @@ impl Stack {
         // one is done, so that copies stay in flight without pauses; each
         // copy enters the gate on its own, so stack changes and requests
         // interleave with the merge.
-        let next = std::cell::Cell::new(0usize);
-        let done = std::cell::Cell::new(0u64);
-        let failed = std::cell::Cell::new(false);
-        let worker = || async {
-            loop {
-                let i = next.get();
-                if i >= todo.len() || failed.get() {
-                    return Ok(());
-                }
-                next.set(i + 1);
-                let c = todo[i];
-                let copied = async {
-                    let shape = self.shape.enter().await;
-                    shape.check_open()?;
-                    if !Arc::ptr_eq(shape.top(), &top) || shape.top_index() != parent + 1 {
-                        return Err(Error::new(libc::EBUSY, "the stack changed during the merge"));
-                    }
-                    // A write may have copied it up meanwhile: then nothing to do.
-                    if shape.owner_of(c) == Some(parent as usize) && shape.top().lookup(c, self.cluster).is_none() {
-                        let window = shape.top().window_start();
-                        self.allocate(io, &shape, c, true).await?;
-                        self.finish(io, &shape, window).await?;
-                    }
-                    Ok(())
-                }
-                .await;
-                if let Err(e) = copied {
-                    failed.set(true);
-                    return Err(e);
-                }
-                done.set(done.get() + 1);
-                progress(done.get(), total);
+        let top = &top;
+        let copy_one = |&c: &u64| async move {
+            let shape = self.shape.enter().await;
+            shape.check_open()?;
+            if !Arc::ptr_eq(shape.top(), top) || shape.top_index() != parent + 1 {
+                return Err(Error::new(libc::EBUSY, "the stack changed during the merge"));
             }
+            // A write may have copied it up meanwhile: then nothing to do.
+            if shape.owner_of(c) == Some(parent as usize) && shape.top().lookup(c, self.cluster).is_none() {
+                let window = shape.top().window_start();
+                self.allocate(io, &shape, c, true).await?;
+                self.finish(io, &shape, window).await?;
+            }
+            Ok(())
         };
-        for r in join_all((0..batch.max(1)).map(|_| worker()).collect()).await {
-            r?;
-        }
+        for_each_in_flight(batch, &todo, copy_one, |done| progress(done, total)).await?;
         top.sync(io).await?;
         Ok(total)
     }

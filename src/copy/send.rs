@@ -23,7 +23,7 @@ use super::wire::{cmd, Kind, Writer, FLAG_COPY_DEVICE, FLAG_MD5};
 use crate::convert::is_zero;
 use md5::{Digest, Md5};
 use crate::error::{Error, Result};
-use crate::io::{join_all, AlignedBuf, BufPool, Io};
+use crate::io::{for_each_in_flight, AlignedBuf, BufPool, Io};
 use crate::stack::{Frozen, Stack};
 use crate::tracker::Tracker;
 
@@ -304,54 +304,34 @@ async fn send_round<I: Io>(
     let todo: Vec<u64> = set.iter_ones().map(|c| c as u64).filter(|&c| c * cluster < size).collect();
     let total = todo.len() as u64;
     progress(round, 0, total);
-    let next = std::cell::Cell::new(0usize);
-    let done = std::cell::Cell::new(0u64);
     let sent = std::cell::Cell::new((0u64, 0u64));
-    let failed = std::cell::Cell::new(false);
-    let worker = || async {
-        loop {
-            let i = next.get();
-            if i >= todo.len() || failed.get() {
-                return Ok(());
-            }
-            next.set(i + 1);
-            let c = todo[i];
+    let one = |&c: &u64| {
+        let (into, sent, src) = (&into, &sent, &src);
+        async move {
             let len = (size - c * cluster).min(cluster) as usize;
-            let mut buf = match &into {
+            let mut buf = match into {
                 Dest::Pipe(pipe) => pipe.buf(),
                 Dest::Memory(_) => AlignedBuf::zeroed(cluster as usize),
             };
-            let outcome = match src.read(io, c * cluster, &mut buf[..len]).await {
-                Err(e) => Err(e),
-                Ok(()) if skip_zeros && is_zero(&buf[..len]) => {
-                    if let Dest::Pipe(pipe) = &into {
-                        pipe.recycle(buf);
-                    }
+            src.read(io, c * cluster, &mut buf[..len]).await?;
+            if skip_zeros && is_zero(&buf[..len]) {
+                if let Dest::Pipe(pipe) = into {
+                    pipe.recycle(buf);
+                }
+                return Ok(());
+            }
+            let (n, b) = sent.get();
+            sent.set((n + 1, b + len as u64));
+            match into {
+                Dest::Pipe(pipe) => pipe.data(c * cluster, buf, len),
+                Dest::Memory(held) => {
+                    held.borrow_mut().push((c * cluster, buf, len));
                     Ok(())
                 }
-                Ok(()) => {
-                    let (n, b) = sent.get();
-                    sent.set((n + 1, b + len as u64));
-                    match &into {
-                        Dest::Pipe(pipe) => pipe.data(c * cluster, buf, len),
-                        Dest::Memory(held) => {
-                            held.borrow_mut().push((c * cluster, buf, len));
-                            Ok(())
-                        }
-                    }
-                }
-            };
-            if let Err(e) = outcome {
-                failed.set(true);
-                return Err(e);
             }
-            done.set(done.get() + 1);
-            progress(round, done.get(), total);
         }
     };
-    for r in join_all((0..in_flight.max(1)).map(|_| worker()).collect()).await {
-        r?;
-    }
+    for_each_in_flight(in_flight, &todo, one, |done| progress(round, done, total)).await?;
     let (n, bytes) = sent.get();
     Ok(Round { round, clusters: total, sent: n, bytes, secs: start.elapsed().as_secs_f64(), frozen: false })
 }

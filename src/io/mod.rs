@@ -92,6 +92,44 @@ impl<T: Io + ?Sized> Io for &T {
 
 /// Run futures together and return their results in order: every one is
 /// polled to completion even when another fails (see [`Io`]).
+/// Run `work` on every item, `n` at a time: each of `n` workers takes the
+/// next item as soon as its last one is done, so that I/O stays in flight
+/// without pauses (a batch would wait for its slowest member). Stops
+/// taking items at the first error, which it returns; `done` is called
+/// with the count finished so far after each item.
+pub async fn for_each_in_flight<T, Fut>(
+    n: usize,
+    items: &[T],
+    work: impl Fn(&T) -> Fut,
+    done: impl Fn(u64),
+) -> crate::Result<()>
+where
+    Fut: std::future::Future<Output = crate::Result<()>>,
+{
+    let next = std::cell::Cell::new(0usize);
+    let finished = std::cell::Cell::new(0u64);
+    let failed = std::cell::Cell::new(false);
+    let worker = || async {
+        loop {
+            let i = next.get();
+            if i >= items.len() || failed.get() {
+                return Ok(());
+            }
+            next.set(i + 1);
+            if let Err(e) = work(&items[i]).await {
+                failed.set(true);
+                return Err(e);
+            }
+            finished.set(finished.get() + 1);
+            done(finished.get());
+        }
+    };
+    for r in join_all((0..n.max(1)).map(|_| worker()).collect()).await {
+        r?;
+    }
+    Ok(())
+}
+
 pub async fn join_all<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
     let mut futures: Vec<_> = futures.into_iter().map(|f| futures_lite::future::FutureExt::boxed_local(f)).collect();
     let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
