@@ -423,6 +423,7 @@ $((100 << 20)) $((102 << 20))"
 	umount /mnt/cp2
 	"$BIN" del -n "$(dev_id "$dev2")"
 	qemu_check "$SCRATCH/live.hdd"
+	rm -f "$SCRATCH/live.hdd"   # the scratch disk is small
 
 	# Over TCP on loopback, two-way, into a disk directory; the device idle,
 	# so the copy equals it.
@@ -446,6 +447,13 @@ $((100 << 20)) $((102 << 20))"
 	grep -q 'damaged' "$SCRATCH/flip.err" || die "damaged stream: $(cat "$SCRATCH/flip.err")"
 	[ ! -e "$SCRATCH/cut.hdd" ] && [ ! -e "$SCRATCH/cut.hdd.partial" ] || die "a refused stream left an image"
 	"$BIN" receive --image "$SCRATCH/file.hdd" --from "$SCRATCH/cp.stream" >/dev/null
+	rm -f "$SCRATCH/cp.stream" "$SCRATCH/cut.stream" "$SCRATCH/flip.stream"
+	same_images "$SCRATCH/tcp.disk/root.hds" "$SCRATCH/file.hdd" "TCP vs file copy"
+	for f in "$SCRATCH/tcp.disk/root.hds" "$SCRATCH/file.hdd"; do
+		"$BIN" check "$f" >/dev/null || die "check $f"
+		qemu_check "$f"
+	done
+	rm -rf "$SCRATCH/tcp.disk" "$SCRATCH/file.hdd"
 
 	# Backups: a full one; a clean restart (the record of changes is kept
 	# in the image's format extension); changes; an incremental one.
@@ -467,10 +475,14 @@ $((100 << 20)) $((102 << 20))"
 	"$BIN" backup -n "$id" --incremental --to "$SCRATCH/incr2.stream" --json >"$SCRATCH/incr2.json"
 	grep -q '"note"' "$SCRATCH/incr2.json" || die "an incremental backup after a crash did not say it sent everything"
 	"$BIN" receive --image "$SCRATCH/backup.hdd" --incremental --from "$SCRATCH/incr2.stream" >/dev/null
+	rm -f "$SCRATCH/full.stream" "$SCRATCH/incr.stream" "$SCRATCH/incr2.stream"
 	# The restored backup shows what the (idle) device shows.
 	dev2=$("$BIN" add --image "$SCRATCH/backup.hdd" --read-only); wait_dev "$dev2"
 	cmp "$dev" "$dev2" || die "the backup (full + incremental) differs from the device"
 	"$BIN" del -n "$(dev_id "$dev2")"
+	"$BIN" check "$SCRATCH/backup.hdd" >/dev/null || die "check the backup"
+	qemu_check "$SCRATCH/backup.hdd"
+	rm -f "$SCRATCH/backup.hdd"
 
 	# Migration under writes: fio writes until the last pass stops the
 	# device; the copy then equals the source image, byte for byte.
@@ -484,16 +496,14 @@ $((100 << 20)) $((102 << 20))"
 	for _ in $(seq 50); do [ -e "$dev" ] || break; sleep 0.1; done
 	[ ! -e "$dev" ] || die "copy --stop left the device"
 	"$BIN" receive --image "$SCRATCH/moved.hdd" --from "$SCRATCH/stop.stream" >/dev/null
+	rm -f "$SCRATCH/stop.stream"
 	"$BIN" check "$img" >/dev/null || die "check $img"
 	qemu_check_ext "$img"
-	for f in "$SCRATCH/tcp.disk/root.hds" "$SCRATCH/file.hdd" "$SCRATCH/backup.hdd" "$SCRATCH/moved.hdd"; do
-		"$BIN" check "$f" >/dev/null || die "check $f"
-		qemu_check "$f"
-	done
-	# Copies of the idle device agree; the migrated copy equals the source
-	# as the device left it.
-	same_images "$SCRATCH/tcp.disk/root.hds" "$SCRATCH/file.hdd" "TCP vs file copy"
+	"$BIN" check "$SCRATCH/moved.hdd" >/dev/null || die "check the migrated copy"
+	qemu_check "$SCRATCH/moved.hdd"
+	# The migrated copy equals the source as the device left it.
 	same_images "$img" "$SCRATCH/moved.hdd" "copy --stop under writes"
+	rm -f "$img" "$SCRATCH/moved.hdd"
 }
 
 if [ "${1:-}" = --scenario ]; then
