@@ -52,6 +52,10 @@ pub struct CheckReport {
     pub dirty_bitmaps: Option<usize>,
     /// What --repair did.
     pub repairs: Vec<String>,
+    /// Damage that --repair cannot mend (the header itself), and what to
+    /// do instead.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub beyond_repair: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -130,6 +134,7 @@ async fn check_with<I: Io>(io: &I, path: &Path, format: Format, repair: bool, ta
         extension_clusters: None,
         dirty_bitmaps: None,
         repairs: vec![],
+        beyond_repair: None,
     };
     if format == Format::Raw {
         if file_size % 512 != 0 {
@@ -143,6 +148,9 @@ async fn check_with<I: Io>(io: &I, path: &Path, format: Format, repair: bool, ta
             // Nothing below can be trusted without a header.
             let e = if e.message().contains("not a ploop image") { not_ploop(io, path, e).await } else { e };
             report.header_errors.push(e.message().to_string());
+            // Without a header nothing says where the disk's clusters are.
+            report.disk_size = 0;
+            report.beyond_repair = Some(BEYOND_REPAIR_HEADER.into());
             if repair {
                 return Err(Error::corrupt(format!("{name}: header is damaged beyond automatic repair: {e}")));
             }
@@ -158,6 +166,11 @@ async fn check_with<I: Io>(io: &I, path: &Path, format: Format, repair: bool, ta
     report.flags = Some(header.flags);
     if file_size < header.bat_end() {
         report.header_errors.push(format!("file is truncated: {file_size} bytes, the BAT ends at {}", header.bat_end()));
+        report.beyond_repair = Some(
+            "the file ends inside its block address table, so the clusters it does not reach cannot be found; \
+             restore the image from a backup or copy"
+                .into(),
+        );
         if repair {
             return Err(Error::corrupt(format!("{name}: the BAT itself is truncated; cannot repair")));
         }
@@ -291,6 +304,10 @@ fn claim_extension(header: &Header, ext: &Extension, scan: &mut bat::BatScan) ->
     }
     Ok(())
 }
+
+/// What to do when the header cannot be read.
+const BEYOND_REPAIR_HEADER: &str = "the header cannot be trusted, so nothing says where the disk's clusters are; \
+    restore the image from a backup or copy";
 
 fn fill_scan(report: &mut CheckReport, header: &Header, scan: &bat::BatScan, file: &File, file_size: u64) {
     let cluster = header.cluster_bytes();

@@ -717,7 +717,8 @@ struct InfoOut {
     format: Format,
     #[serde(skip_serializing_if = "Option::is_none")]
     variant: Option<ublk_ploop::layers::header::Variant>,
-    disk_size: u64,
+    /// None when the header that would say it cannot be read.
+    disk_size: Option<u64>,
     file_size: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     cluster_size: Option<u64>,
@@ -742,7 +743,7 @@ impl InfoOut {
             path: path.display().to_string(),
             format: Format::Ploop,
             variant: Some(h.variant),
-            disk_size: h.size_bytes(),
+            disk_size: Some(h.size_bytes()),
             file_size,
             cluster_size: Some(h.cluster_bytes()),
             bat_entries: Some(h.bat_entries),
@@ -770,7 +771,7 @@ fn image_info(path: &Path, format: Format) -> Result<(InfoOut, Vec<String>)> {
         path: r.path,
         format: r.format,
         variant: r.variant,
-        disk_size: r.disk_size,
+        disk_size: (!(r.format == Format::Ploop && r.variant.is_none())).then_some(r.disk_size),
         file_size: r.file_size,
         cluster_size: ploop.then_some(r.cluster_size),
         bat_entries: r.bat_entries,
@@ -786,7 +787,10 @@ fn image_info(path: &Path, format: Format) -> Result<(InfoOut, Vec<String>)> {
 fn print_info(i: &InfoOut) {
     println!("image:        {}", i.path);
     println!("format:       {:?}", i.format);
-    println!("disk size:    {} ({} bytes)", format_size(i.disk_size), i.disk_size);
+    match i.disk_size {
+        Some(d) => println!("disk size:    {} ({d} bytes)", format_size(d)),
+        None => println!("disk size:    unknown (the header is unreadable)"),
+    }
     println!("file size:    {} bytes", i.file_size);
     if let (Some(v), Some(c), Some(n), Some(a)) = (i.variant, i.cluster_size, i.bat_entries, i.allocated_clusters) {
         println!("variant:      {v:?}");
@@ -813,12 +817,17 @@ fn print_check(r: &CheckReport) {
     for fix in &r.repairs {
         println!("  repaired: {fix}");
     }
-    let verdict = match r.verdict() {
-        Verdict::Clean => "no errors",
-        Verdict::Leaks => "leaked space only; `check --repair` gives it back",
-        Verdict::Corrupt => "DAMAGED; `check --repair` fixes what it can",
+    let verdict = match (r.verdict(), &r.beyond_repair) {
+        (Verdict::Clean, _) => "no errors".to_string(),
+        (Verdict::Leaks, _) => "leaked space only; `check --repair` gives it back".to_string(),
+        (Verdict::Corrupt, Some(why)) => format!("DAMAGED beyond automatic repair: {why}"),
+        (Verdict::Corrupt, None) => "DAMAGED; `check --repair` fixes what it can".to_string(),
     };
-    println!("  {} allocated cluster(s); {verdict}", r.allocated_clusters);
+    if r.variant.is_none() && r.format == Format::Ploop {
+        println!("  {verdict}");
+    } else {
+        println!("  {} allocated cluster(s); {verdict}", r.allocated_clusters);
+    }
 }
 
 /// Every ublk device, with what we know of ours.

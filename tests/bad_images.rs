@@ -383,7 +383,7 @@ fn huge_bat_claim_does_not_allocate() {
     let img = make(&dir, "huge.img", &spec);
     let good_img = make(&dir, "good.img", &good());
 
-    // With a 1 GiB address-space limit a 16 GiB buffer cannot be had.
+    // With a 256 MiB address-space limit a 16 GiB buffer cannot be had.
     let limited = |args: &[&str]| {
         let mut cmd = Command::new(bin());
         cmd.args(args).env_remove("RUST_LOG");
@@ -391,7 +391,7 @@ fn huge_bat_claim_does_not_allocate() {
         unsafe {
             use std::os::unix::process::CommandExt;
             cmd.pre_exec(|| {
-                let lim = libc::rlimit { rlim_cur: 1 << 30, rlim_max: 1 << 30 };
+                let lim = libc::rlimit { rlim_cur: 256 << 20, rlim_max: 256 << 20 };
                 if libc::setrlimit(libc::RLIMIT_AS, &lim) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -423,6 +423,18 @@ fn huge_bat_claim_does_not_allocate() {
     let y = dir.join("y.raw");
     limited(&["convert", p(&sparse), p(&y), "--to", "raw"]).ok();
     assert_eq!(std::fs::read(&y).unwrap(), vec![0u8; SIZE as usize]);
+
+    // Half a billion entries claimed by a 4 MiB disk whose data area starts
+    // right after a normal BAT: the header contradicts itself. Each tool
+    // says so in a few MiB of memory; check names no repair it cannot do,
+    // and info does not pass the file size off as the disk size.
+    let normal_len = std::fs::metadata(make(&dir, "normal.img", &good())).unwrap().len();
+    let odd = make(&dir, "odd.img", &ImageSpec { bat_entries: 500_000_000, file_len: Some(normal_len), ..good() });
+    let info = limited(&["info", "--json", p(&odd)]);
+    assert!(info.stdout.contains("\"disk_size\": null"), "{}", info.stdout);
+    limited(&["check", p(&odd)]).expect_code(2).mentions(&["beyond automatic repair", "backup"]);
+    limited(&["check", "--repair", p(&odd)]).expect_clean_failure().mentions(&["beyond automatic repair"]);
+    limited(&["convert", p(&odd), p(&dir.join("z.raw")), "--to", "raw"]).expect_clean_failure().mentions(&["inside the BAT"]);
 }
 
 // ---------------------------------------------------------------------------
