@@ -8,6 +8,8 @@ pub mod convert;
 pub mod copy;
 pub mod disk;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod io;
 pub mod layers;
 pub mod size;

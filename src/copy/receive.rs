@@ -28,6 +28,11 @@ use crate::stack::{LayerSpec, Stack, StackOptions};
 /// largest disk, 2^32 clusters of 1 MiB, plus its table).
 const MAX_FILE_STREAM: u64 = 1 << 53;
 
+/// Most clusters a received disk may have: 2^25 (a 128 MiB table in
+/// memory; 32 TiB at ploop's default cluster size), so that a stream's first
+/// packets cannot make the receiver build a huge table for nothing.
+const MAX_RECEIVED_CLUSTERS: u64 = 1 << 25;
+
 #[derive(Clone, Debug)]
 pub struct ReceiveOptions {
     /// The sender waits for an answer to every packet (a socket).
@@ -236,8 +241,15 @@ fn temp_beside(dest: &Path, suffix: &str) -> PathBuf {
 
 impl Sink {
     fn device(dest: &Path, size: u64, cluster: u64, opts: &ReceiveOptions) -> Result<Sink> {
-        // Validates the geometry a hostile stream could get wrong.
+        // Validates the geometry a hostile stream could get wrong, and
+        // bounds what it costs: memory follows the number of clusters.
         crate::layers::header::Header::new(size, cluster).map_err(|e| bad(format!("the disk described is impossible: {e}")))?;
+        if size / cluster > MAX_RECEIVED_CLUSTERS {
+            return Err(Error::unsupported(format!(
+                "the disk described has {} clusters of {cluster} bytes (at most {MAX_RECEIVED_CLUSTERS} are received)",
+                size / cluster
+            )));
+        }
         let io = &SyncIo;
         let stack_opts = StackOptions { read_only: false, direct: opts.direct };
         let (made, specs) = if opts.incremental {

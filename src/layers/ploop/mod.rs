@@ -228,10 +228,13 @@ impl PloopLayer {
             .create_new(true)
             .open(path)
             .map_err(|e| Error::io(e, path.display()))?;
-        let mut meta = vec![0u8; header.data_off_bytes() as usize];
-        meta[..HEADER_SIZE].copy_from_slice(&header.to_bytes());
+        // The header, then an empty BAT up to the data area: zeros the
+        // file reads as (sparse), not a buffer the size of the table.
         let fd = file.as_raw_fd();
-        let mut result = io.write_at(fd, &meta, 0).await;
+        let mut result = io.write_at(fd, &header.to_bytes(), 0).await;
+        if result.is_ok() {
+            result = io.set_len(fd, header.data_off_bytes()).await;
+        }
         if result.is_ok() {
             result = io.sync_data(fd).await;
         }

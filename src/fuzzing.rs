@@ -1,0 +1,80 @@
+//! What the fuzz targets (`fuzz/`) run, one function per parser that takes
+//! outside bytes, shared with the regression test that replays every
+//! corpus entry and every crash ever found (`tests/fuzz_corpus.rs`). Each
+//! must return, never panic, whatever the bytes; an error is a fine answer.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::copy::{self, ReceiveOptions};
+use crate::disk::Descriptor;
+use crate::io::{block_on, Direct, SyncIo};
+use crate::layers::{Format, Layer};
+
+/// The fuzz targets of the engine's parsers, by name (the corpus directory
+/// of each). The control socket's requests are parsed by the daemon's
+/// `protocol.rs`; its target (`request`) includes that file.
+pub const TARGETS: &[&str] = &["image", "descriptor", "stream"];
+
+/// Run `target` on `data`.
+pub fn run(target: &str, data: &[u8], scratch: &Path) {
+    match target {
+        "image" => image(data, scratch),
+        "descriptor" => descriptor(data),
+        "stream" => stream(data, scratch),
+        other => panic!("no fuzz target {other}"),
+    }
+}
+
+/// The bytes as an image file: check it, open it read-only and read all of
+/// it, open it read-write (which may repair a stale mark, trim a tail, take
+/// a format extension) and check again.
+pub fn image(data: &[u8], scratch: &Path) {
+    let path = scratch.join("image.hds");
+    let _ = std::fs::remove_file(&path);
+    if std::fs::File::create(&path).and_then(|mut f| f.write_all(data)).is_err() {
+        return;
+    }
+    let _ = block_on(crate::check::check(&SyncIo, &path, Format::Ploop, false));
+    if let Ok((layer, _)) = block_on(Layer::open(&SyncIo, &path, Format::Ploop, false, Direct::Off)) {
+        read_some(&layer);
+    }
+    if let Ok((layer, _)) = block_on(Layer::open(&SyncIo, &path, Format::Ploop, true, Direct::Off)) {
+        let _ = layer.take_saved_bitmaps();
+        let _ = block_on(layer.close(&SyncIo));
+    }
+    let _ = block_on(crate::check::check(&SyncIo, &path, Format::Ploop, true));
+}
+
+fn read_some(layer: &Layer) {
+    let Some(cluster) = layer.cluster_size() else { return };
+    // Lookups of the first and last clusters (bounded: a hostile size must
+    // not make the harness itself slow).
+    let clusters = layer.size().div_ceil(cluster);
+    for c in (0..clusters.min(64)).chain(clusters.saturating_sub(64)..clusters) {
+        let _ = layer.lookup(c, cluster);
+    }
+}
+
+pub fn descriptor(data: &[u8]) {
+    if let Ok(text) = std::str::from_utf8(data) {
+        if let Ok(d) = Descriptor::parse(text) {
+            // What we parse, we can write and parse back alike.
+            let again = Descriptor::parse(&d.to_xml()).expect("a descriptor we wrote parses");
+            assert_eq!(again.top, d.top);
+        }
+    }
+}
+
+/// The bytes as a one-way copy stream into a new image.
+pub fn stream(data: &[u8], scratch: &Path) {
+    let dest: PathBuf = scratch.join("received.hds");
+    let _ = std::fs::remove_file(&dest);
+    let _ = std::fs::remove_dir_all(&dest);
+    let opts = ReceiveOptions { two_way: false, incremental: false, direct: Direct::Off };
+    if copy::receive(Box::new(std::io::Cursor::new(data.to_vec())), None, &dest, &opts).is_ok() {
+        // A stream that was taken must have made a clean image.
+        let report = block_on(crate::check::check(&SyncIo, &dest, Format::Ploop, false)).expect("a received image checks");
+        assert_eq!(report.verdict(), crate::check::Verdict::Clean);
+    }
+}
