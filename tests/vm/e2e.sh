@@ -11,7 +11,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 BIN=${UBLK_PLOOP_BIN:-$repo/target/release/ublk-ploop}
 SCRATCH=${UBLK_PLOOP_SCRATCH:?run this inside the VM: tests/vm/run tests/vm/e2e.sh}
-ALL="basic_fs fio_verify stack_layers control_socket kill_recover read_only serve_config snapshots merge_kill track_copy"
+ALL="basic_fs fio_verify stack_layers control_socket kill_recover read_only serve_config snapshots merge_kill track_copy full_disk io_errors"
 
 log() { echo "e2e[${SCENARIO:-main}]: $*"; }
 die() { log "FAIL: $*"; exit 1; }
@@ -504,6 +504,101 @@ $((100 << 20)) $((102 << 20))"
 	# The migrated copy equals the source as the device left it.
 	same_images "$img" "$SCRATCH/moved.hdd" "copy --stop under writes"
 	rm -f "$img" "$SCRATCH/moved.hdd"
+}
+
+# The image's filesystem fills up: allocating writes fail with ENOSPC, the
+# rest goes on, and once space is freed writes succeed again; nothing
+# acknowledged is lost.
+scenario_full_disk() {
+	local small=$SCRATCH/small.fs mnt=/mnt/small img loopdev
+	truncate -s 128M "$small"
+	loopdev=$(losetup -f --show "$small")
+	mkfs.ext4 -q -F "$loopdev"
+	mkdir -p "$mnt"; mount "$loopdev" "$mnt"
+	img=$mnt/full.hdd
+	"$BIN" create "$img" --size 256M >/dev/null
+	dd if=/dev/zero of="$mnt/filler" bs=1M count=24 status=none; sync   # space to give back later
+	dd if=/dev/urandom of="$SCRATCH/pat.full" bs=1M count=256 status=none
+	dev=$("$BIN" add --image "$img"); wait_dev "$dev"; id=$(dev_id "$dev")
+	dd if="$SCRATCH/pat.full" of="$dev" bs=1M count=32 oflag=direct status=none
+	# Past what the filesystem holds: ENOSPC, after some MiB went through.
+	if dd if="$SCRATCH/pat.full" of="$dev" bs=1M skip=64 seek=64 count=192 oflag=direct 2>"$SCRATCH/full.err"; then
+		die "writes past a full filesystem succeeded"
+	fi
+	grep -qi "no space" "$SCRATCH/full.err" || die "not ENOSPC: $(cat "$SCRATCH/full.err")"
+	done_mb=$(sed -n 's/^\([0-9]*\)+0 records out.*/\1/p' "$SCRATCH/full.err")
+	log "ENOSPC after $done_mb MiB of allocating writes"
+	[ -n "$done_mb" ] && [ "$done_mb" -gt 0 ] || die "no write went through before ENOSPC"
+	"$BIN" status -n "$id" >/dev/null || die "the daemon is gone after ENOSPC"
+	# Reads, and writes into allocated clusters, go on.
+	cmp -n 32M "$SCRATCH/pat.full" "$dev" || die "data before the full disk"
+	cmp -n $((done_mb << 20)) "$SCRATCH/pat.full" "$dev" $((64 << 20)) $((64 << 20)) || die "acknowledged writes before ENOSPC"
+	dd if="$SCRATCH/pat.full" of="$dev" bs=1M skip=200 seek=8 count=8 oflag=direct conv=notrunc status=none \
+		|| die "overwriting allocated clusters failed on a full filesystem"
+	# Space back: allocating writes succeed again.
+	rm "$mnt/filler"; sync
+	dd if="$SCRATCH/pat.full" of="$dev" bs=1M skip=240 seek=240 count=16 oflag=direct status=none \
+		|| die "writes after space was freed"
+	"$BIN" del -n "$id"
+	dev=$("$BIN" add --image "$img" --read-only); wait_dev "$dev"
+	cmp -n 8M "$SCRATCH/pat.full" "$dev" || die "first 8 MiB after a restart"
+	cmp -n 8M "$SCRATCH/pat.full" "$dev" $((200 << 20)) $((8 << 20)) || die "the overwrite made while full"
+	cmp -n 16M "$SCRATCH/pat.full" "$dev" $((16 << 20)) $((16 << 20)) || die "data after the overwrite"
+	cmp -n $((done_mb << 20)) "$SCRATCH/pat.full" "$dev" $((64 << 20)) $((64 << 20)) || die "acknowledged writes after a restart"
+	cmp -n 16M "$SCRATCH/pat.full" "$dev" $((240 << 20)) $((240 << 20)) || die "writes made after space was freed"
+	"$BIN" del -n "$(dev_id "$dev")"
+	"$BIN" check "$img" || die "check after ENOSPC"
+	qemu_check "$img"
+	umount "$mnt"; losetup -d "$loopdev"; rm -f "$small" "$SCRATCH/pat.full"
+}
+
+# I/O errors under the image's filesystem (a device-mapper table swapped
+# for the error target): they reach the guest as errors, the daemon stays
+# up, and once the disk is back nothing acknowledged before is lost and
+# the image is not damaged.
+scenario_io_errors() {
+	local back=$SCRATCH/errs.back mnt=/mnt/errs img loopdev sectors table
+	truncate -s 256M "$back"
+	loopdev=$(losetup -f --show "$back")
+	sectors=$(blockdev --getsz "$loopdev")
+	table="0 $sectors linear $loopdev 0"
+	dmsetup create errs --table "$table"
+	dmsetup mknodes errs
+	mkfs.ext4 -q -F /dev/mapper/errs
+	mkdir -p "$mnt"; mount /dev/mapper/errs "$mnt"
+	img=$mnt/e.hdd
+	"$BIN" create "$img" --size 128M >/dev/null
+	dd if=/dev/urandom of="$SCRATCH/pat.err" bs=1M count=32 status=none
+	dev=$("$BIN" add --image "$img"); wait_dev "$dev"; id=$(dev_id "$dev")
+	dd if="$SCRATCH/pat.err" of="$dev" bs=1M count=16 oflag=direct status=none
+	# The disk under the image fails every I/O.
+	dmsetup suspend --nolockfs --noflush errs; dmsetup load errs --table "0 $sectors error"; dmsetup resume errs
+	dd if="$SCRATCH/pat.err" of="$dev" bs=1M skip=16 seek=16 count=16 oflag=direct 2>"$SCRATCH/err.out" \
+		&& die "writes succeeded on a failing disk"
+	grep -qi "error" "$SCRATCH/err.out" || die "no error reached the guest: $(cat "$SCRATCH/err.out")"
+	log "the guest saw: $(grep -i error "$SCRATCH/err.out" | head -1)"
+	dd if="$dev" of=/dev/null bs=1M count=4 iflag=direct 2>/dev/null && log "(reads came from what the host still had)"
+	"$BIN" status -n "$id" >/dev/null || die "the daemon is gone after I/O errors"
+	# The disk comes back: stop the device, repair the host filesystem,
+	# and look at the image.
+	dmsetup suspend --nolockfs --noflush errs; dmsetup load errs --table "$table"; dmsetup resume errs
+	"$BIN" del -n "$id" --force >/dev/null 2>&1 || true
+	umount "$mnt" 2>/dev/null || umount -l "$mnt"
+	fsck.ext4 -fy /dev/mapper/errs >"$SCRATCH/fsck.err" 2>&1 || [ $? -le 1 ] || { cat "$SCRATCH/fsck.err"; die "fsck of the host filesystem"; }
+	mount /dev/mapper/errs "$mnt"
+	# A stale in-use mark or leaked space may be left (the daemon could not
+	# close cleanly); damage may not.
+	"$BIN" check --json "$img" >"$SCRATCH/check.json" || true
+	grep -q '"header_errors": \[\]' "$SCRATCH/check.json" && grep -q '"bad_entries": \[\]' "$SCRATCH/check.json" \
+		|| { cat "$SCRATCH/check.json"; die "the image is damaged after I/O errors"; }
+	log "after the errors: $(grep -o '"verdict": "[a-z]*"' "$SCRATCH/check.json"), unclean $(grep -o '"unclean": [a-z]*' "$SCRATCH/check.json" | cut -d' ' -f2)"
+	"$BIN" check --repair "$img" >/dev/null
+	"$BIN" check "$img" >/dev/null || die "check after repair"
+	dev=$("$BIN" add --image "$img" --read-only); wait_dev "$dev"
+	cmp -n 16M "$SCRATCH/pat.err" "$dev" || die "data acknowledged before the errors"
+	"$BIN" del -n "$(dev_id "$dev")"
+	qemu_check "$img"
+	umount "$mnt"; dmsetup remove errs; losetup -d "$loopdev"; rm -f "$back" "$SCRATCH/pat.err"
 }
 
 if [ "${1:-}" = --scenario ]; then

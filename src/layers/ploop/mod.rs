@@ -228,12 +228,20 @@ impl PloopLayer {
             .create_new(true)
             .open(path)
             .map_err(|e| Error::io(e, path.display()))?;
-        // The header, then an empty BAT up to the data area: zeros the
-        // file reads as (sparse), not a buffer the size of the table.
+        // The header, then an empty BAT up to the data area, written out
+        // (so that BAT writes never need space the filesystem may not have
+        // later), a chunk at a time (not a buffer the size of the table).
         let fd = file.as_raw_fd();
-        let mut result = io.write_at(fd, &header.to_bytes(), 0).await;
-        if result.is_ok() {
-            result = io.set_len(fd, header.data_off_bytes()).await;
+        let meta_end = header.data_off_bytes();
+        let mut chunk = vec![0u8; (meta_end as usize).min(1 << 20)];
+        chunk[..HEADER_SIZE].copy_from_slice(&header.to_bytes());
+        let mut result = io.write_at(fd, &chunk, 0).await;
+        chunk[..HEADER_SIZE].fill(0);
+        let mut at = chunk.len() as u64;
+        while result.is_ok() && at < meta_end {
+            let n = (meta_end - at).min(chunk.len() as u64) as usize;
+            result = io.write_at(fd, &chunk[..n], at).await;
+            at += n as u64;
         }
         if result.is_ok() {
             result = io.sync_data(fd).await;
