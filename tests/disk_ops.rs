@@ -370,3 +370,35 @@ fn a_merge_killed_at_any_moment_loses_nothing() {
         check_files(&disk, &ctx);
     }
 }
+
+#[test]
+fn a_snapshot_after_merging_the_top_into_the_base_locks_the_new_base() {
+    // The daemon runs a merge as a job on a copy of its disk; merging the top
+    // into the base leaves the top's file as the new base and removes
+    // root.hds. The next command starts from the daemon's older copy and
+    // must still find the base to lock (found by the write-log replay test
+    // in the VM: "root.hds: No such file or directory").
+    let g = Geometry { cluster: 64 << 10, clusters: 12, stripe: 16 << 10 };
+    let dir = TempDir::new("diskops-stale");
+    let (mut disk, mut model) = full_disk(&dir.join("ct"), &g);
+    let stack = open(&disk, None, false);
+    block_on(ops::snapshot(&SyncIo, &stack, &mut disk, None)).unwrap();
+    let data = pattern(5, g.cluster, 8192);
+    block_on(stack.write(&SyncIo, g.cluster, &data)).unwrap();
+    model[g.cluster as usize..g.cluster as usize + 8192].copy_from_slice(&data);
+    let stale = disk.clone();
+    block_on(ops::merge(&SyncIo, &stack, &mut disk, None, &|_, _| {})).unwrap();
+    assert!(!disk.dir.join("root.hds").exists(), "the base file was kept: the test no longer covers the case");
+    let mut stale = stale;
+    let s = block_on(ops::snapshot(&SyncIo, &stack, &mut stale, None)).unwrap_or_else(|e| panic!("snapshot after the merge: {e}"));
+    assert_eq!(stale.desc.images.len(), 2, "the snapshot did not start from the descriptor on disk");
+    assert!(stale.desc.shot(s.guid).is_some());
+    assert!(read_all(&stack) == model);
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    let disk = Disk::load(&disk.dir).unwrap();
+    let stack = open(&disk, None, true);
+    assert!(read_all(&stack) == model, "the disk after merge + snapshot does not show its data");
+    drop(stack);
+    check_files(&disk, "merge then snapshot");
+}

@@ -130,8 +130,13 @@ impl Disk {
 
     /// Take ploop's lock on this disk (see `lock.rs`).
     pub fn lock(&self) -> Result<DiskLock> {
-        let base = self.desc.chain(self.desc.top)?.first().map(|img| self.file_path(img)).expect("a chain is never empty");
-        DiskLock::take(&self.xml_path(), &base)
+        DiskLock::take(&self.xml_path(), &self.lock_path()?)
+    }
+
+    /// The file ploop's byte-range lock goes on: the base delta of the
+    /// current chain.
+    pub fn lock_path(&self) -> Result<PathBuf> {
+        Ok(self.desc.chain(self.desc.top)?.first().map(|img| self.file_path(img)).expect("a chain is never empty"))
     }
 
     /// The name ploop gives a new delta: the first image's file name without
