@@ -110,6 +110,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Change the disk size of an image or a disk directory no device
+    /// serves (ploop's `resize`): growing moves data clusters out of the
+    /// way of a larger table when needed; shrinking only drops space no
+    /// data was written to.
+    Resize {
+        /// Image file, or a disk directory (or its DiskDescriptor.xml).
+        image: PathBuf,
+        /// New disk size (bytes, or with K/M/G/T).
+        #[arg(long, value_parser = parse_size_arg)]
+        size: u64,
+        #[command(flatten)]
+        format: FormatArg,
+        #[arg(long)]
+        json: bool,
+    },
     /// Serve an image, a stack (bottom first) or a disk directory as /dev/ublkbN.
     Add {
         /// Image file (repeat for a stack, bottom layer first), or one disk
@@ -593,6 +608,30 @@ fn run(command: Command) -> Result<i32> {
                 eprintln!("ublk-ploop: {}: damaged: {} (run `ublk-ploop check`)", i.path, i.problems.join("; "));
             }
             Ok(if damaged { 2 } else { 0 })
+        }
+        Command::Resize { image, size, format, json } => {
+            use ublk_ploop::layers::ploop::resize::{resize, resize_raw};
+            let done = match info_targets(std::slice::from_ref(&image), format.format)? {
+                (Some(mut disk), _) => block_on(disk.resize(&SyncIo, size))?,
+                (None, paths) => {
+                    let (path, format) = &paths[0];
+                    vec![match format {
+                        Format::Raw => block_on(resize_raw(&SyncIo, path, size, true))?,
+                        _ => block_on(resize(&SyncIo, path, size, true))?,
+                    }]
+                }
+            };
+            if json {
+                print_json(&done);
+            } else {
+                let old = done.first().map_or(size, |d| d.old_size);
+                let moved: u64 = done.iter().map(|d| d.relocated).sum();
+                println!("{}: {} -> {} bytes{}", image.display(), old, size, if moved > 0 { format!(" ({moved} clusters moved for the larger table)") } else { String::new() });
+                if done.iter().any(|d| d.dropped_change_record) {
+                    println!("the changed-block record was dropped (it described the old size): the next incremental backup sends everything");
+                }
+            }
+            Ok(0)
         }
         Command::Check { image, repair, format, json } => {
             let (_, paths) = info_targets(std::slice::from_ref(&image), format.format)?;

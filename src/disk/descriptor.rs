@@ -193,6 +193,13 @@ impl Descriptor {
     pub fn size(&self) -> u64 {
         self.size_sectors * SECTOR
     }
+
+    /// A new disk size, with the CHS geometry ploop derives from it.
+    pub fn set_size(&mut self, size: u64) -> Result<()> {
+        let fresh = Descriptor::new(size, self.cluster_size(), "-", ImageType::Compressed)?;
+        (self.size_sectors, self.cylinders, self.heads, self.sectors) = (fresh.size_sectors, fresh.cylinders, fresh.heads, fresh.sectors);
+        Ok(())
+    }
     pub fn cluster_size(&self) -> u64 {
         self.blocksize_sectors * SECTOR
     }

@@ -128,6 +128,42 @@ impl Disk {
         })
     }
 
+    /// Resize a disk no device serves, as `ploop resize` does offline:
+    /// every delta of the disk first (so that merges never meet a child
+    /// larger than its parent), then the descriptor. Checked on every delta
+    /// before any is changed; a crash in between leaves deltas of both
+    /// sizes, which open fine, and running the resize again finishes it.
+    pub async fn resize<I: Io>(&mut self, io: &I, new_size: u64) -> Result<Vec<crate::layers::ploop::resize::Resized>> {
+        use crate::layers::ploop::resize::{resize, resize_raw};
+        use crate::layers::Format;
+        let _lock = self.lock()?;
+        *self = Disk::load(&self.dir)?;
+        let mut next = self.desc.clone();
+        next.set_size(new_size)?;
+        let files: Vec<(PathBuf, Format)> = self.desc.images.iter().map(|i| (self.file_path(i), i.kind.format())).collect();
+        let one = |f: &PathBuf, format: Format, apply: bool| {
+            let f = f.clone();
+            async move {
+                match format {
+                    Format::Raw => resize_raw(io, &f, new_size, apply).await,
+                    _ => resize(io, &f, new_size, apply).await,
+                }
+            }
+        };
+        for (f, format) in &files {
+            one(f, *format, false).await?;
+        }
+        let mut done = Vec::new();
+        for (f, format) in &files {
+            done.push(one(f, *format, true).await?);
+        }
+        let mut resized = self.clone();
+        resized.desc = next;
+        resized.store(io).await?;
+        *self = resized;
+        Ok(done)
+    }
+
     /// Take ploop's lock on this disk (see `lock.rs`).
     pub fn lock(&self) -> Result<DiskLock> {
         DiskLock::take(&self.xml_path(), &self.lock_path()?)

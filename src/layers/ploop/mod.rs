@@ -19,6 +19,7 @@ mod alloc;
 pub mod ext;
 pub mod load;
 mod meta;
+pub mod resize;
 
 use std::collections::BTreeSet;
 use std::path::Path;

@@ -1,0 +1,208 @@
+//! Changing the disk size of a closed image, as `ploop resize` does offline.
+//!
+//! Growing needs one more BAT entry per new cluster. While the BAT still
+//! fits in front of the first data cluster (256 GiB of disk per 1 MiB
+//! cluster of table) only the new entries and the header are written. When
+//! it does not, the data clusters in the way are moved to the end of the
+//! file first, in a crash-safe order:
+//!   1. copy each cluster in the way to the end of the file, sync;
+//!   2. point its BAT entry at the copy, sync;
+//!   3. zero the space the table grows into (old copies included), sync;
+//!   4. write the header with the new size and data offset, sync.
+//! A crash before 4 leaves the old disk, whole, with some leaked space at
+//! most (`check` says so, opening trims it); after 4, the new one.
+//!
+//! Shrinking only drops clusters nothing was ever written to: the header
+//! gets the smaller size and BAT, the file stays as it is.
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::io::{open_image_file, AlignedBuf, Direct, Io};
+use crate::layers::header::{Header, Variant, HEADER_SIZE, IN_USE, SECTOR};
+
+use super::load;
+
+/// What a resize did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Resized {
+    pub old_size: u64,
+    pub new_size: u64,
+    /// Data clusters moved out of the way of the larger BAT.
+    pub relocated: u64,
+    /// A changed-block record (format extension) was dropped: it described
+    /// the old size. The next incremental backup sends everything.
+    pub dropped_change_record: bool,
+}
+
+/// Resize the image at `path` to `new_size` bytes. The image must be closed
+/// cleanly and not in use (it is locked exclusively meanwhile). Without
+/// `apply`, only find out whether it can be done and what it would do.
+pub async fn resize<I: Io>(io: &I, path: &Path, new_size: u64, apply: bool) -> Result<Resized> {
+    let name = path.display().to_string();
+    let file = open_image_file(path, true, Direct::Auto)?;
+    crate::layers::lock(&file, true)?;
+    let fd = file.fd();
+    let read = load::read_header(io, fd, &name).await.map_err(|e| e.context(&name))?;
+    let (old, file_len) = (read.header, read.file_len);
+    if old.in_use == IN_USE {
+        return Err(Error::invalid(format!(
+            "{name}: was not closed cleanly (in-use mark set): run `ublk-ploop check --repair` on it first"
+        )));
+    }
+    let cluster = old.cluster_bytes();
+    let unit = if old.variant == Variant::V2 { cluster } else { SECTOR };
+    let block = file.block_size as u64;
+    if new_size == 0 || new_size % SECTOR != 0 || new_size % block != 0 {
+        return Err(Error::invalid(format!(
+            "new size {new_size} must be a non-zero multiple of 512 bytes and of the filesystem's block of {block}"
+        )));
+    }
+    let new_entries = new_size.div_ceil(cluster);
+    if new_entries > u32::MAX as u64 || (old.variant == Variant::V1 && new_size / SECTOR > u32::MAX as u64) {
+        return Err(Error::invalid(format!("{name}: {new_size} bytes is too large for this image's format and cluster size")));
+    }
+    let mut done = Resized { old_size: old.size_bytes(), new_size, ..Default::default() };
+    if new_size == old.size_bytes() {
+        return Ok(done);
+    }
+    done.dropped_change_record = old.ext_off_sectors != 0;
+    let bat = load::read_bat(io, fd, &old, block, &name).await?;
+    let mut values = bat.values;
+    let old_entries = values.len() as u64;
+
+    // A changed-block record describes the old size: the header stops
+    // pointing at it first (its clusters are given back at the end).
+    let mut cur = old.clone();
+    if old.ext_off_sectors != 0 && apply {
+        cur.ext_off_sectors = 0;
+        write_header(io, fd, &cur, block, &name).await?;
+    }
+    let mut next = cur.clone();
+    next.size_sectors = new_size / SECTOR;
+    next.cylinders = (next.size_sectors / (next.heads.max(1) as u64 * 32)).min(u32::MAX as u64) as u32;
+
+    if new_entries <= old_entries {
+        // Shrink: only if every dropped cluster is unallocated.
+        let dropped = values[new_entries as usize..].iter().filter(|&&v| v != 0).count();
+        if dropped > 0 {
+            return Err(Error::invalid(format!(
+                "{name}: shrinking to {new_size} bytes would drop {dropped} allocated clusters; \
+                 ploop never shrinks a disk with data past the new end: shrink the filesystem, \
+                 discard the space past its end, then resize"
+            )));
+        }
+        // Past the new end inside the last kept cluster there may be data:
+        // it stays in the file, unseen, as when a disk is grown again.
+        if !apply {
+            return Ok(done);
+        }
+        next.bat_entries = new_entries as u32;
+        write_header(io, fd, &next, block, &name).await?;
+        return finish(io, path, file, done).await;
+    }
+
+    let need_bat_end = HEADER_SIZE as u64 + 4 * new_entries;
+    let old_data_off = old.data_off_bytes();
+    let new_data_off = if need_bat_end <= old_data_off {
+        old_data_off
+    } else {
+        if old.variant != Variant::V2 {
+            return Err(Error::unsupported(format!(
+                "{name}: growing the BAT of a v1 (WithoutFreeSpace) image past its first data sector is not supported; \
+                 `ublk-ploop convert` it to v2 first"
+            )));
+        }
+        need_bat_end.next_multiple_of(cluster)
+    };
+    if new_data_off / SECTOR > u32::MAX as u64 {
+        return Err(Error::invalid(format!("{name}: a BAT for {new_size} bytes is too large for this cluster size")));
+    }
+    values.resize(new_entries as usize, 0);
+    if !apply {
+        done.relocated = values.iter().filter(|&&v| v != 0 && (v as u64 * unit) < new_data_off).count() as u64;
+        return Ok(done);
+    }
+
+    if new_data_off > old_data_off {
+        // 1. Copy the clusters in the way to the end of the file.
+        let mut dest = file_len.next_multiple_of(cluster).max(new_data_off);
+        let mut moved = Vec::new();
+        let mut buf = AlignedBuf::try_zeroed(cluster as usize).ok_or_else(|| Error::too_large(&name, cluster))?;
+        for (c, v) in values.iter().enumerate() {
+            let at = *v as u64 * unit;
+            if *v != 0 && at < new_data_off {
+                io.read_at(fd, &mut buf, at).await.map_err(|e| Error::io(e, format_args!("{name}: reading cluster at {at}")))?;
+                io.write_at(fd, &buf, dest).await.map_err(|e| Error::io(e, format_args!("{name}: moving a cluster to {dest}")))?;
+                moved.push((c, dest));
+                dest += cluster;
+            }
+        }
+        io.sync_data(fd).await.map_err(|e| Error::io(e, &name))?;
+        // 2. Point the entries at the copies.
+        for &(c, at) in &moved {
+            values[c] = (at / unit) as u32;
+        }
+        write_table(io, fd, &cur, &values[..old_entries as usize], old_data_off, block, &name).await?;
+        done.relocated = moved.len() as u64;
+        next.data_off_sectors = (new_data_off / SECTOR) as u32;
+    }
+    // 3. The new entries (and the space the table grows into) are zeros.
+    write_table(io, fd, &cur, &values, new_data_off, block, &name).await?;
+    // 4. The header.
+    next.bat_entries = new_entries as u32;
+    write_header(io, fd, &next, block, &name).await?;
+    finish(io, path, file, done).await
+}
+
+/// The clusters of a dropped change record are leaked space now: give them
+/// back as `check --repair` does (holes inside, truncation at the end).
+async fn finish<I: Io>(io: &I, path: &Path, file: crate::io::ImageFile, done: Resized) -> Result<Resized> {
+    drop(file);
+    if done.dropped_change_record {
+        crate::check::check(io, path, crate::layers::Format::Ploop, true).await?;
+    }
+    Ok(done)
+}
+
+/// Resize a raw image (ploop's raw mode): grown with a hole at the end;
+/// never shrunk, since any byte of a raw file may be data.
+pub async fn resize_raw<I: Io>(io: &I, path: &Path, new_size: u64, apply: bool) -> Result<Resized> {
+    let name = path.display().to_string();
+    let file = open_image_file(path, true, Direct::Off)?;
+    crate::layers::lock(&file, true)?;
+    let old_size = load::file_len(file.fd(), &name)?;
+    if new_size == 0 || new_size % SECTOR != 0 {
+        return Err(Error::invalid(format!("new size {new_size} must be a non-zero multiple of 512 bytes")));
+    }
+    if new_size < old_size {
+        return Err(Error::invalid(format!("{name}: a raw image is never shrunk (any of its bytes may be data)")));
+    }
+    if apply && new_size > old_size {
+        io.set_len(file.fd(), new_size).await.map_err(|e| Error::io(e, &name))?;
+        io.sync_data(file.fd()).await.map_err(|e| Error::io(e, &name))?;
+    }
+    Ok(Resized { old_size, new_size, ..Default::default() })
+}
+
+/// Write header + `values` + zeros up to `end` (whole blocks; the header
+/// bytes are rewritten as they are), then sync.
+async fn write_table<I: Io>(io: &I, fd: i32, header: &Header, values: &[u32], end: u64, block: u64, name: &str) -> Result<()> {
+    let len = end.max(block).next_multiple_of(block);
+    let mut buf = AlignedBuf::try_zeroed(len as usize).ok_or_else(|| Error::too_large(name, len))?;
+    buf[..HEADER_SIZE].copy_from_slice(&header.to_bytes());
+    for (slot, v) in buf[HEADER_SIZE..].chunks_exact_mut(4).zip(values) {
+        slot.copy_from_slice(&v.to_le_bytes());
+    }
+    io.write_at(fd, &buf, 0).await.map_err(|e| Error::io(e, format_args!("{name}: writing the BAT")))?;
+    io.sync_data(fd).await.map_err(|e| Error::io(e, name))
+}
+
+/// Rewrite the header (the first block, the BAT part as it is on disk).
+async fn write_header<I: Io>(io: &I, fd: i32, header: &Header, block: u64, name: &str) -> Result<()> {
+    let mut buf = AlignedBuf::zeroed(block as usize);
+    io.read_at(fd, &mut buf, 0).await.map_err(|e| Error::io(e, name))?;
+    buf[..HEADER_SIZE].copy_from_slice(&header.to_bytes());
+    io.write_at(fd, &buf, 0).await.map_err(|e| Error::io(e, format_args!("{name}: writing the header")))?;
+    io.sync_data(fd).await.map_err(|e| Error::io(e, name))
+}

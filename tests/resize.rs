@@ -1,0 +1,241 @@
+//! Offline resize of images and disk directories: grown tables (with data
+//! clusters moved out of the way), shrinking only over unwritten space,
+//! a fault at every step, qemu-img as the oracle.
+
+mod common;
+
+use std::path::Path;
+
+use common::inject::{Cut, Fault, Injector, Kind};
+use common::{have_qemu, qemu_check_clean, qemu_compare_raw, TempDir};
+use ublk_ploop::check::check;
+use ublk_ploop::disk::Disk;
+use ublk_ploop::io::{block_on, AlignedBuf, SyncIo};
+use ublk_ploop::layers::ploop::resize::resize;
+use ublk_ploop::layers::{Format, PloopLayer};
+use ublk_ploop::{Stack, StackOptions};
+
+const K64: u64 = 64 << 10;
+/// Small clusters keep the disks small: a 4 KiB cluster of table covers
+/// 4 MiB of disk.
+const CL: u64 = 4096;
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A 16 MiB image of 4 KiB clusters (its table takes 5 clusters) whose
+/// first data clusters, those a larger table grows into, hold data.
+fn image_with_data(dir: &TempDir) -> (std::path::PathBuf, Vec<u8>) {
+    let img = dir.join("a.hdd");
+    block_on(PloopLayer::create(&SyncIo, &img, 16 << 20, CL)).unwrap();
+    let mut model = vec![0u8; 16 << 20];
+    let stack = open(&img);
+    for (i, off) in [0u64, CL, 3 * CL + 512, 100 * CL, (16 << 20) - 2 * CL].into_iter().enumerate() {
+        let data = pattern(i as u64 + 1, 2 * CL as usize);
+        write(&stack, off, &data);
+        model[off as usize..off as usize + data.len()].copy_from_slice(&data);
+    }
+    close(stack);
+    (img, model)
+}
+
+fn close(stack: Stack) {
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+}
+
+fn open(img: &Path) -> Stack {
+    block_on(Stack::open(&SyncIo, &[img.to_path_buf()], &StackOptions::default())).unwrap_or_else(|e| panic!("{}: {e}", img.display())).0
+}
+
+fn write(stack: &Stack, off: u64, data: &[u8]) {
+    let mut b = AlignedBuf::zeroed(data.len().next_multiple_of(512));
+    let start = off % 512;
+    let aligned = off - start;
+    block_on(stack.read(&SyncIo, aligned, &mut b)).unwrap();
+    let end = (start as usize + data.len()).min(b.len());
+    b[start as usize..end].copy_from_slice(&data[..end - start as usize]);
+    block_on(stack.write(&SyncIo, aligned, &b)).unwrap();
+}
+
+fn read_all(img: &Path) -> Vec<u8> {
+    let stack = block_on(Stack::open(&SyncIo, &[img.to_path_buf()], &StackOptions { read_only: true, ..Default::default() })).unwrap().0;
+    let mut b = AlignedBuf::zeroed(stack.size() as usize);
+    block_on(stack.read(&SyncIo, 0, &mut b)).unwrap();
+    b.to_vec()
+}
+
+fn assert_clean(img: &Path, ctx: &str) {
+    let report = block_on(check(&SyncIo, img, Format::Ploop, false)).unwrap();
+    assert_eq!(report.exit_code(), 0, "{ctx}: {report:?}");
+    if have_qemu() {
+        qemu_check_clean(img);
+    }
+}
+
+fn raw_shadow(dir: &TempDir, model: &[u8]) -> std::path::PathBuf {
+    let raw = dir.join("shadow.raw");
+    std::fs::write(&raw, model).unwrap();
+    raw
+}
+
+#[test]
+fn growing_within_the_table_keeps_every_byte() {
+    let dir = TempDir::new("resize-small");
+    let (img, mut model) = image_with_data(&dir);
+    // 17 MiB still fits the table's 5 clusters.
+    let done = block_on(resize(&SyncIo, &img, 17 << 20, true)).unwrap();
+    assert_eq!((done.old_size, done.new_size, done.relocated), (16 << 20, 17 << 20, 0));
+    model.resize(17 << 20, 0);
+    assert!(read_all(&img) == model, "data after growing");
+    assert_clean(&img, "grown");
+    if have_qemu() {
+        qemu_compare_raw(&img, &raw_shadow(&dir, &model));
+    }
+    // And the new space takes writes.
+    let stack = open(&img);
+    let data = pattern(9, 3 * CL as usize);
+    write(&stack, (16 << 20) + 4096, &data);
+    close(stack);
+    model[(16 << 20) + 4096..(16 << 20) + 4096 + data.len()].copy_from_slice(&data);
+    assert!(read_all(&img) == model);
+    assert_clean(&img, "written after growing");
+}
+
+#[test]
+fn growing_past_the_table_moves_the_clusters_in_its_way() {
+    let dir = TempDir::new("resize-big");
+    let (img, mut model) = image_with_data(&dir);
+    // 64 MiB: a table of 17 clusters, over the first data clusters.
+    let done = block_on(resize(&SyncIo, &img, 64 << 20, true)).unwrap();
+    assert!(done.relocated >= 5, "nothing was in the way: {done:?}");
+    model.resize(64 << 20, 0);
+    assert!(read_all(&img) == model, "data after moving clusters");
+    assert_clean(&img, "grown past the table");
+    if have_qemu() {
+        qemu_compare_raw(&img, &raw_shadow(&dir, &model));
+    }
+}
+
+#[test]
+fn shrinking_drops_only_unwritten_space() {
+    let dir = TempDir::new("resize-shrink");
+    let (img, model) = image_with_data(&dir);
+    let e = block_on(resize(&SyncIo, &img, 8 << 20, true)).unwrap_err();
+    assert!(e.to_string().contains("allocated clusters"), "{e}");
+    assert!(read_all(&img) == model, "a refused shrink changed the image");
+    // Below the last written cluster's start, down to 8 MiB.
+    let img2 = dir.join("b.hdd");
+    block_on(PloopLayer::create(&SyncIo, &img2, 16 << 20, CL)).unwrap();
+    let stack = open(&img2);
+    let data = pattern(3, CL as usize);
+    write(&stack, CL, &data);
+    close(stack);
+    block_on(resize(&SyncIo, &img2, 8 << 20, true)).unwrap();
+    let got = read_all(&img2);
+    assert_eq!(got.len(), 8 << 20);
+    assert!(got[CL as usize..2 * CL as usize] == data[..]);
+    assert_clean(&img2, "shrunk");
+}
+
+#[test]
+fn a_fault_at_any_step_leaves_the_old_or_the_new_disk() {
+    let dir = TempDir::new("resize-faults");
+    let (pristine, model) = image_with_data(&dir);
+    let counter = Injector::new(None);
+    let probe = dir.join("probe.hdd");
+    std::fs::copy(&pristine, &probe).unwrap();
+    block_on(resize(&counter, &probe, 64 << 20, true)).unwrap();
+    let counts = counter.counts();
+    let mut runs = 0;
+    for (kind, n) in [(Kind::Write, counts.writes), (Kind::Sync, counts.syncs), (Kind::Read, counts.reads)] {
+        for index in 0..n {
+            let ctx = format!("{kind:?} #{index} fails");
+            let img = dir.join("run.hdd");
+            std::fs::copy(&pristine, &img).unwrap();
+            let faulty = Injector::new(Some(Fault { kind, index, sticky: true }));
+            faulty.set_journaling(true);
+            assert!(block_on(resize(&faulty, &img, 64 << 20, true)).is_err(), "{ctx}: no error");
+            // And the power goes: whatever no sync covered is lost (every
+            // other run), or half of it, metadata or data.
+            faulty.power_cut([Cut::None, Cut::All, Cut::MetaOnly, Cut::DataOnly][(index % 4) as usize]);
+            // Old size or new, the data is there and nothing is damaged.
+            let report = block_on(check(&SyncIo, &img, Format::Ploop, false)).unwrap();
+            assert!(report.header_errors.is_empty() && report.bad_entries.is_empty(), "{ctx}: {report:?}");
+            let got = read_all(&img);
+            assert!(got[..model.len()] == model[..], "{ctx}: data lost");
+            assert!(got[model.len()..].iter().all(|&b| b == 0), "{ctx}: stray bytes past the old end");
+            // Running it again finishes the job.
+            block_on(resize(&SyncIo, &img, 64 << 20, true)).unwrap_or_else(|e| panic!("{ctx}: again: {e}"));
+            assert!(read_all(&img)[..model.len()] == model[..], "{ctx}: data after the second run");
+            let report = block_on(check(&SyncIo, &img, Format::Ploop, true)).unwrap();
+            assert!(report.header_errors.is_empty() && report.bad_entries.is_empty(), "{ctx}: {report:?}");
+            assert_clean(&img, &ctx);
+            runs += 1;
+        }
+    }
+    assert!(runs >= 8, "only {runs} fault points");
+    eprintln!("{runs} fault runs");
+}
+
+#[test]
+fn a_disk_directory_grows_every_delta_and_its_descriptor() {
+    let dir = TempDir::new("resize-disk");
+    let path = dir.join("ct");
+    let mut disk = block_on(Disk::init(&SyncIo, &path, 16 << 20, K64)).unwrap();
+    let layers = disk.layers(None).unwrap();
+    let stack = block_on(Stack::open_layers(&SyncIo, &layers, &StackOptions::default())).unwrap().0;
+    let a = pattern(1, 2 * K64 as usize);
+    write(&stack, 0, &a);
+    block_on(ublk_ploop::disk::ops::snapshot(&SyncIo, &stack, &mut disk, None)).unwrap();
+    let b = pattern(2, K64 as usize);
+    write(&stack, 5 * K64, &b);
+    close(stack);
+
+    let done = block_on(disk.resize(&SyncIo, 4 << 30)).unwrap();
+    assert_eq!(done.len(), 2, "both deltas");
+    let disk = Disk::load(&path).unwrap();
+    assert_eq!(disk.desc.size(), 4 << 30);
+    let stack = block_on(Stack::open_layers(&SyncIo, &disk.layers(None).unwrap(), &StackOptions { read_only: true, ..Default::default() }))
+        .unwrap()
+        .0;
+    assert_eq!(stack.size(), 4 << 30);
+    let mut got = AlignedBuf::zeroed(8 * K64 as usize);
+    block_on(stack.read(&SyncIo, 0, &mut got)).unwrap();
+    assert!(got[..a.len()] == a[..] && got[5 * K64 as usize..6 * K64 as usize] == b[..]);
+    drop(stack);
+    for img in &disk.desc.images {
+        assert_clean(&disk.file_path(img), "delta after the disk grew");
+    }
+    // Shrinking a disk whose deltas hold data past the new end is refused
+    // before any delta changes.
+    let mut disk = Disk::load(&path).unwrap();
+    assert!(block_on(disk.resize(&SyncIo, 128 << 10)).is_err());
+    assert_eq!(Disk::load(&path).unwrap().desc.size(), 4 << 30);
+}
+
+#[test]
+fn the_cli_resizes_images_and_disk_directories() {
+    let dir = TempDir::new("resize-cli");
+    let img = dir.join("c.hdd");
+    common::ploop(["create", img.to_str().unwrap(), "--size", "16M", "--cluster-size", "4K"]).ok();
+    let out = common::ploop(["resize", img.to_str().unwrap(), "--size", "64M", "--json"]).ok().json();
+    assert_eq!(out[0]["new_size"], 64 << 20, "{out}");
+    assert_eq!(out[0]["old_size"], 16 << 20, "{out}");
+    common::ploop(["resize", img.to_str().unwrap(), "--size", "1000"]).expect_clean_failure().mentions(&["multiple of 512"]);
+    let ct = dir.join("ct");
+    common::ploop(["init", ct.to_str().unwrap(), "--size", "1G"]).ok();
+    common::ploop(["resize", ct.to_str().unwrap(), "--size", "2G"]).ok().mentions(&["2147483648"]);
+    let info = common::ploop(["info", ct.to_str().unwrap(), "--json"]).ok().json();
+    assert!(info.to_string().contains("2147483648"), "{info}");
+    assert_clean(&ct.join("root.hds"), "cli resize");
+}
