@@ -115,8 +115,13 @@ enum Command {
     /// way of a larger table when needed; shrinking only drops space no
     /// data was written to.
     Resize {
-        /// Image file, or a disk directory (or its DiskDescriptor.xml).
-        image: PathBuf,
+        /// The device serving the disk (online: needs a kernel with
+        /// UPDATE_SIZE; only the top image grows, as with ploop).
+        #[arg(short = 'n', long = "number", conflicts_with = "image", required_unless_present = "image")]
+        id: Option<u32>,
+        /// Image file, or a disk directory (or its DiskDescriptor.xml), no
+        /// device serves.
+        image: Option<PathBuf>,
         /// New disk size (bytes, or with K/M/G/T).
         #[arg(long, value_parser = parse_size_arg)]
         size: u64,
@@ -609,8 +614,21 @@ fn run(command: Command) -> Result<i32> {
             }
             Ok(if damaged { 2 } else { 0 })
         }
-        Command::Resize { image, size, format, json } => {
-            use ublk_ploop::layers::ploop::resize::{resize, resize_raw};
+        Command::Resize { id, image, size, format, json } => {
+            use ublk_ploop::layers::ploop::resize::{resize, resize_raw, Resized};
+            let image = match (id, image) {
+                (Some(id), _) => {
+                    let done: Resized = crate::control::request(id, crate::protocol::Request::Resize { size })?;
+                    if json {
+                        print_json(&[done]);
+                    } else {
+                        println!("/dev/ublkb{id}: {} -> {} bytes", done.old_size, done.new_size);
+                    }
+                    return Ok(0);
+                }
+                (None, Some(image)) => image,
+                (None, None) => unreachable!("clap requires -n or IMAGE"),
+            };
             let done = match info_targets(std::slice::from_ref(&image), format.format)? {
                 (Some(mut disk), _) => block_on(disk.resize(&SyncIo, size))?,
                 (None, paths) => {

@@ -296,6 +296,7 @@ impl Handler for DaemonHandler {
                 let disk = self.disk_now()?;
                 json(&disk.snapshot_rows())
             }
+            Request::Resize { size } => json(&self.resize(size)?),
             Request::Snapshot { uuid } => {
                 let mut guard = self.change()?;
                 let disk = guard.as_mut().expect("checked by change()");
@@ -504,6 +505,44 @@ impl DaemonHandler {
     }
 
     /// The descriptor as it is now (for listing).
+    /// Grow the disk online: only where the kernel can change a live
+    /// device's size (UPDATE_SIZE, Linux 6.16 on); otherwise say how to do
+    /// it offline.
+    fn resize(&self, size: u64) -> Result<ublk_ploop::layers::ploop::resize::Resized> {
+        if self.device.stack.is_read_only() {
+            return Err(Error::new(libc::EROFS, format!("/dev/ublkb{} is read-only (a snapshot device)", self.dev_id)));
+        }
+        let features = UblkCtrl::get_features().unwrap_or(0);
+        if features & sys::UBLK_F_UPDATE_SIZE as u64 == 0 {
+            let what = self.config.disk.as_ref().map_or("IMAGE".to_string(), |d| d.display().to_string());
+            return Err(Error::new(
+                libc::EOPNOTSUPP,
+                format!(
+                    "this kernel's ublk driver cannot change the size of a live device (UPDATE_SIZE needs Linux 6.16 or newer): \
+                     the device must be restarted: `ublk-ploop del -n {id}`, `ublk-ploop resize {what} --size {size}`, then add it again",
+                    id = self.dev_id
+                ),
+            ));
+        }
+        let mut guard = self.idle()?;
+        let done = block_on(self.device.stack.grow_top(&SyncIo, size))?;
+        if let Some(disk) = guard.as_mut() {
+            // Only the top grew (lower deltas are frozen and may be served
+            // elsewhere); the descriptor says the disk's size.
+            let _lock = disk.lock()?;
+            let mut next = Disk::load(&disk.dir)?;
+            next.desc.set_size(size)?;
+            block_on(next.store(&SyncIo))?;
+            *disk = next;
+        }
+        let rc = UblkCtrl::new_simple(self.dev_id as i32).and_then(|c| c.update_size(size));
+        match rc {
+            Ok(rc) if rc >= 0 => Ok(done),
+            Ok(rc) => Err(Error::new(-rc, format!("the disk grew to {size} bytes but the kernel refused the new device size ({rc}): restart the device"))),
+            Err(e) => Err(ublk_err(e, "the disk grew but telling the kernel failed; restart the device")),
+        }
+    }
+
     fn disk_now(&self) -> Result<Disk> {
         match &self.config.disk {
             Some(dir) => Disk::load(dir),

@@ -33,6 +33,8 @@ pub enum Request {
         uuid: Option<Guid>,
     },
     SnapshotList,
+    /// Grow the disk online (the top image, the descriptor, the device).
+    Resize { size: u64 },
     /// Start merging a delta (the top when None) into its parent; a job.
     SnapshotMerge {
         #[serde(default)]

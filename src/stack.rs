@@ -122,7 +122,8 @@ impl Shape {
 pub struct Stack {
     shape: Gate<Shape>,
     cluster: u64,
-    size: u64,
+    /// Changes only under the exclusive gate (`grow_top`).
+    size: AtomicU64,
     block: u32,
     read_only: bool,
     direct: Direct,
@@ -226,7 +227,7 @@ impl Stack {
         Ok(Stack {
             shape: Gate::new(shape),
             cluster,
-            size,
+            size: AtomicU64::new(size),
             block,
             read_only,
             direct: opts.direct,
@@ -239,7 +240,7 @@ impl Stack {
     }
 
     pub fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
     }
     pub fn cluster_size(&self) -> u64 {
         self.cluster
@@ -286,8 +287,8 @@ impl Stack {
     /// marked in it. Waits for the requests in flight (their changes are
     /// not marked: they completed before the tracker started).
     pub async fn add_tracker(&self, tracker: Arc<Tracker>) -> Result<()> {
-        if tracker.disk_size() != self.size {
-            return Err(Error::invalid(format!("tracker for {} bytes on a disk of {}", tracker.disk_size(), self.size)));
+        if tracker.disk_size() != self.size() {
+            return Err(Error::invalid(format!("tracker for {} bytes on a disk of {}", tracker.disk_size(), self.size())));
         }
         self.shape.exclusive().await.trackers.push(tracker);
         Ok(())
@@ -333,8 +334,8 @@ impl Stack {
             return Err(Error::invalid(format!("request {offset}+{len} is not aligned to {block} bytes")));
         }
         match offset.checked_add(len as u64) {
-            Some(end) if end <= self.size => Ok(()),
-            _ => Err(Error::new(libc::EINVAL, format!("request {offset}+{len} goes past the end of the disk ({})", self.size))),
+            Some(end) if end <= self.size() => Ok(()),
+            _ => Err(Error::new(libc::EINVAL, format!("request {offset}+{len} goes past the end of the disk ({})", self.size()))),
         }
     }
 
@@ -486,7 +487,7 @@ impl Stack {
 
     /// Bytes of cluster `c` inside the disk (the last one may be partial).
     fn copy_len(&self, c: u64) -> usize {
-        (self.size - c * self.cluster).min(self.cluster) as usize
+        (self.size() - c * self.cluster).min(self.cluster) as usize
     }
 
     /// Zero a range: afterwards it reads as zeros, whatever lower layers hold.
@@ -510,7 +511,7 @@ impl Stack {
                 punch(io, top, base + within, n).await?;
             } else if shape.holder_below(c, self.cluster).is_some() {
                 // Lower data must be hidden by a cluster of the top.
-                let whole = within == 0 && n as u64 == self.cluster.min(self.size - c * self.cluster);
+                let whole = within == 0 && n as u64 == self.cluster.min(self.size() - c * self.cluster);
                 let (base, fresh) = self.allocate(io, shape, c, !whole).await?;
                 // A fresh cluster already reads as zeros; one that a
                 // concurrent write allocated first holds data to zero.
@@ -657,7 +658,7 @@ impl Stack {
                 return Err(Error::invalid(format!("stack already has the maximum of {MAX_DEPTH} layers")));
             }
         }
-        PloopLayer::create(io, path, self.size, self.cluster).await?;
+        PloopLayer::create(io, path, self.size(), self.cluster).await?;
         let layer = match Layer::open(io, path, Format::Ploop, true, self.direct).await {
             Ok((layer, _)) => Arc::new(layer),
             Err(e) => {
@@ -768,7 +769,7 @@ impl Stack {
             return Err(Error::invalid(format!("layer {index} is the top or does not exist; only lower layers can be dropped")));
         }
         let removed = shape.layers.remove(index);
-        shape.owner = owner_map(&shape.layers, self.size, self.cluster);
+        shape.owner = owner_map(&shape.layers, self.size(), self.cluster);
         Ok(removed)
     }
 
@@ -782,12 +783,14 @@ impl Stack {
         if !top.file().writable || layers.len() > MAX_DEPTH {
             return Err(Error::invalid("the new top must be writable, and the stack at most 255 layers deep"));
         }
-        if layers.iter().any(|l| l.size() != self.size || l.cluster_size().is_some_and(|c| c != self.cluster)) {
-            return Err(Error::invalid("every layer must have the disk's size and cluster size"));
+        // Lower layers may be smaller than the disk (it grew after they were
+        // frozen: only the top grows online); they show zeros past their end.
+        if top.size() != self.size() || layers.iter().any(|l| l.cluster_size().is_some_and(|c| c != self.cluster)) {
+            return Err(Error::invalid("the new top must have the disk's size, and every layer its cluster size"));
         }
         let mut shape = self.shape.exclusive().await;
         shape.check_open()?;
-        let owner = owner_map(&layers, self.size, self.cluster);
+        let owner = owner_map(&layers, self.size(), self.cluster);
         let old = std::mem::replace(&mut shape.layers, layers);
         shape.owner = owner;
         // The disk now shows other content, anywhere.
@@ -809,8 +812,69 @@ impl Stack {
         }
         let child = shape.layers.remove(parent + 1);
         let old = std::mem::replace(&mut shape.layers[parent], merged);
-        shape.owner = owner_map(&shape.layers, self.size, self.cluster);
+        shape.owner = owner_map(&shape.layers, self.size(), self.cluster);
         Ok((old, child))
+    }
+}
+
+impl Stack {
+    /// Grow the disk online, as ploop does: only the top image grows (the
+    /// lower layers keep their size and show zeros past it). Requests are
+    /// held meanwhile: the top is closed cleanly, resized as a closed image
+    /// (`layers::ploop::resize`), opened again and swapped in with the new
+    /// size. The caller tells the kernel afterwards. If the resize fails,
+    /// the top is opened again at its old size.
+    pub async fn grow_top<I: Io>(&self, io: &I, new_size: u64) -> Result<crate::layers::ploop::resize::Resized> {
+        use crate::layers::ploop::resize::resize;
+        self.check_writable()?;
+        let old_size = self.size();
+        if new_size < old_size {
+            return Err(Error::invalid(format!(
+                "a served disk is never shrunk ({old_size} bytes now, {new_size} asked); ploop does not shrink devices either"
+            )));
+        }
+        if new_size % self.block as u64 != 0 {
+            return Err(Error::invalid(format!("{new_size} is not a multiple of the disk's block of {} bytes", self.block)));
+        }
+        let mut shape = self.shape.exclusive().await;
+        shape.check_open()?;
+        if !shape.trackers.is_empty() {
+            return Err(Error::new(libc::EBUSY, "a write tracker (or a copy) is running: stop it before growing the disk"));
+        }
+        if new_size == old_size {
+            return Ok(crate::layers::ploop::resize::Resized { old_size, new_size, ..Default::default() });
+        }
+        let top = shape.layers.pop().expect("a stack is never empty");
+        if top.format() != Format::Ploop || !self.retiring.lock().unwrap().is_empty() {
+            shape.layers.push(top);
+            return Err(Error::new(libc::EBUSY, "the top is not a ploop image, or a snapshot is still being closed; try again"));
+        }
+        let path = top.file().path.clone();
+        if let Err(e) = top.close(io).await {
+            shape.layers.push(top);
+            return Err(e.context("closing the top to grow it"));
+        }
+        if Arc::strong_count(&top) != 1 {
+            let _ = top.reopen_in_use(io).await;
+            shape.layers.push(top);
+            return Err(Error::new(libc::EBUSY, "the top is in use elsewhere in the daemon; try again"));
+        }
+        drop(top);
+        let resized = resize(io, &path, new_size, true).await;
+        let size = if resized.is_ok() { new_size } else { old_size };
+        match Layer::open(io, &path, Format::Ploop, true, self.direct).await {
+            Ok((layer, _)) => {
+                shape.layers.push(Arc::new(layer));
+                self.size.store(size, Ordering::Release);
+                shape.owner = owner_map(&shape.layers, size, self.cluster);
+                resized
+            }
+            Err(e) => {
+                // The top cannot be opened again: nothing more can be served.
+                shape.closed = true;
+                Err(e.context(format_args!("{}: reopening the top after growing it", path.display())))
+            }
+        }
     }
 }
 
@@ -852,7 +916,7 @@ pub struct Frozen<'a> {
 
 impl Frozen<'_> {
     pub fn size(&self) -> u64 {
-        self.stack.size
+        self.stack.size()
     }
     pub fn cluster_size(&self) -> u64 {
         self.stack.cluster

@@ -230,10 +230,11 @@ pub fn feature_names(bits: u64) -> Vec<&'static str> {
 }
 
 /// The device control flags we ask for, given what the kernel offers:
-/// recovery (re-issuing in-flight I/O to the new daemon) when available.
+/// recovery (re-issuing in-flight I/O to the new daemon) and online
+/// resize when available.
 pub fn wanted_flags(features: u64) -> u64 {
     let mut flags = 0u64;
-    for bit in [sys::UBLK_F_USER_RECOVERY, sys::UBLK_F_USER_RECOVERY_REISSUE] {
+    for bit in [sys::UBLK_F_USER_RECOVERY, sys::UBLK_F_USER_RECOVERY_REISSUE, sys::UBLK_F_UPDATE_SIZE] {
         if features & bit as u64 != 0 {
             flags |= bit as u64;
         }

@@ -239,3 +239,67 @@ fn the_cli_resizes_images_and_disk_directories() {
     assert!(info.to_string().contains("2147483648"), "{info}");
     assert_clean(&ct.join("root.hds"), "cli resize");
 }
+
+#[test]
+fn a_served_stack_grows_its_top_online() {
+    // A stack of a full-ish base and a top; the top grows while open (only
+    // it: the base stays as it was), past its table, and the disk shows
+    // the old data, zeros in the new space, and takes writes there.
+    let dir = TempDir::new("resize-online");
+    let (base, mut model) = image_with_data(&dir);
+    let top = dir.join("top.hdd");
+    block_on(PloopLayer::create(&SyncIo, &top, 16 << 20, CL)).unwrap();
+    let stack = block_on(Stack::open(&SyncIo, &[base.clone(), top.clone()], &StackOptions::default())).unwrap().0;
+    let d = pattern(7, CL as usize);
+    write(&stack, 2 * CL, &d);
+    model[2 * CL as usize..3 * CL as usize].copy_from_slice(&d);
+    let done = block_on(stack.grow_top(&SyncIo, 64 << 20)).unwrap();
+    assert_eq!((done.old_size, done.new_size), (16 << 20, 64 << 20));
+    assert!(done.relocated >= 1, "the top's first clusters were in the way: {done:?}");
+    assert_eq!(stack.size(), 64 << 20);
+    model.resize(64 << 20, 0);
+    let e = pattern(8, 2 * CL as usize);
+    write(&stack, (40 << 20) + 512, &e);
+    model[(40 << 20) + 512..(40 << 20) + 512 + e.len()].copy_from_slice(&e);
+    let mut got = AlignedBuf::zeroed(64 << 20);
+    block_on(stack.read(&SyncIo, 0, &mut got)).unwrap();
+    assert!(got[..] == model[..], "the grown disk's bytes");
+    assert!(block_on(stack.grow_top(&SyncIo, 32 << 20)).is_err(), "shrinking a served disk");
+    close(stack);
+    assert_eq!(block_on(ublk_ploop::layers::ploop::load::image_size(&SyncIo, &base)).unwrap(), 16 << 20, "the base changed");
+    assert_clean(&top, "grown top");
+    assert_clean(&base, "base under a grown top");
+    let stack = block_on(Stack::open(&SyncIo, &[base, top], &StackOptions { read_only: true, ..Default::default() })).unwrap().0;
+    let mut again = AlignedBuf::zeroed(64 << 20);
+    block_on(stack.read(&SyncIo, 0, &mut again)).unwrap();
+    assert!(again[..] == model[..], "after reopening");
+}
+
+#[test]
+fn merging_a_grown_child_into_its_smaller_parent_grows_the_parent() {
+    let dir = TempDir::new("resize-merge");
+    let path = dir.join("ct");
+    let mut disk = block_on(Disk::init(&SyncIo, &path, 16 << 20, K64)).unwrap();
+    let stack = block_on(Stack::open_layers(&SyncIo, &disk.layers(None).unwrap(), &StackOptions::default())).unwrap().0;
+    let a = pattern(1, K64 as usize);
+    write(&stack, 0, &a);
+    block_on(ublk_ploop::disk::ops::snapshot(&SyncIo, &stack, &mut disk, None)).unwrap();
+    block_on(stack.grow_top(&SyncIo, 32 << 20)).unwrap();
+    let b = pattern(2, K64 as usize);
+    write(&stack, 30 << 20, &b);
+    // A second snapshot: the grown delta becomes a lower one, then merges
+    // into the smaller base.
+    block_on(ublk_ploop::disk::ops::snapshot(&SyncIo, &stack, &mut disk, None)).unwrap();
+    let lower = disk.desc.shot(disk.desc.top).unwrap().parent;
+    block_on(ublk_ploop::disk::ops::merge(&SyncIo, &stack, &mut disk, Some(lower), &|_, _| {})).unwrap();
+    let mut got = AlignedBuf::zeroed(K64 as usize);
+    block_on(stack.read(&SyncIo, 30 << 20, &mut got)).unwrap();
+    assert!(got[..] == b[..], "data of the grown child after the merge");
+    block_on(stack.read(&SyncIo, 0, &mut got)).unwrap();
+    assert!(got[..] == a[..]);
+    close(stack);
+    let disk = Disk::load(&path).unwrap();
+    for img in &disk.desc.images {
+        assert_clean(&disk.file_path(img), "after merging a grown child");
+    }
+}

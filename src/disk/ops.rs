@@ -336,6 +336,17 @@ async fn copy_into_parent<I: Io>(
 ) -> Result<(Arc<Layer>, u64)> {
     let format = kind.format();
     let direct = if child.file().direct { Direct::Auto } else { Direct::Off };
+    // A child grown online (only the top grows) is larger than its parent:
+    // the parent grows first, or the clusters past its end had nowhere to go.
+    if format == crate::layers::Format::Ploop && child.size() > crate::layers::ploop::load::image_size(io, parent_path).await? {
+        let file = crate::io::open_image_file(parent_path, true, direct)?;
+        if lock {
+            crate::layers::lock(&file, true)?;
+        }
+        crate::layers::ploop::resize::resize_file(io, &file, child.size(), true)
+            .await
+            .map_err(|e| e.context("growing the parent to its child's size"))?;
+    }
     let (parent, _) = if lock {
         Layer::open(io, parent_path, format, true, direct).await
     } else {

@@ -11,7 +11,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 BIN=${UBLK_PLOOP_BIN:-$repo/target/release/ublk-ploop}
 SCRATCH=${UBLK_PLOOP_SCRATCH:?run this inside the VM: tests/vm/run tests/vm/e2e.sh}
-ALL="basic_fs fio_verify stack_layers control_socket kill_recover read_only serve_config snapshots merge_kill track_copy full_disk io_errors"
+ALL="basic_fs fio_verify stack_layers control_socket kill_recover read_only serve_config snapshots merge_kill track_copy full_disk io_errors resize"
 
 log() { echo "e2e[${SCENARIO:-main}]: $*"; }
 die() { log "FAIL: $*"; exit 1; }
@@ -599,6 +599,49 @@ scenario_io_errors() {
 	"$BIN" del -n "$(dev_id "$dev")"
 	qemu_check "$img"
 	umount "$mnt"; dmsetup remove errs; losetup -d "$loopdev"; rm -f "$back" "$SCRATCH/pat.err"
+}
+
+# Online grow where the kernel has UPDATE_SIZE (7.x): ext4 on the device
+# grows with resize2fs while mounted and its files verify; without it, the
+# clear refusal, then the offline resize and a restart.
+scenario_resize() {
+	local dir=$SCRATCH/ctr mnt=/mnt/resize dev id out
+	"$BIN" init "$dir" --size 128M >/dev/null
+	dev=$("$BIN" add --image "$dir"); wait_dev "$dev"; id=$(dev_id "$dev")
+	mkfs.ext4 -q -F "$dev"
+	mkdir -p "$mnt"; mount "$dev" "$mnt"
+	dd if=/dev/urandom of="$mnt/before" bs=1M count=40 status=none
+	sum=$(sha256sum <"$mnt/before"); sync
+	"$BIN" snapshot -n "$id" >/dev/null
+	if out=$("$BIN" resize -n "$id" --size 384M 2>&1); then
+		[ "$(blockdev --getsize64 "$dev")" = $((384 << 20)) ] || die "the device did not grow: $(blockdev --getsize64 "$dev")"
+		resize2fs "$dev" >/dev/null 2>&1 || die "resize2fs on the mounted filesystem"
+		size_kb=$(df -k --output=size "$mnt" | tail -1)
+		[ "$size_kb" -gt $((300 << 10)) ] || die "the filesystem did not grow: ${size_kb} KiB"
+		dd if=/dev/urandom of="$mnt/after" bs=1M count=200 status=none || die "writing into the grown space"
+		sync
+		log "grown online: device 384 MiB, filesystem ${size_kb} KiB, 200 MiB written past the old end"
+	else
+		grep -q "must be restarted" <<<"$out" || die "no clear refusal on a kernel without UPDATE_SIZE: $out"
+		log "SKIP online grow: this kernel's ublk has no UPDATE_SIZE ($out)"
+		umount "$mnt"; "$BIN" del -n "$id"
+		"$BIN" resize "$dir" --size 384M >/dev/null || die "offline resize"
+		dev=$("$BIN" add --image "$dir"); wait_dev "$dev"; id=$(dev_id "$dev")
+		[ "$(blockdev --getsize64 "$dev")" = $((384 << 20)) ] || die "the device did not grow offline"
+		mount "$dev" "$mnt"; resize2fs "$dev" >/dev/null 2>&1 || die "resize2fs after the offline resize"
+		log "grown offline and restarted"
+	fi
+	[ "$(sha256sum <"$mnt/before")" = "$sum" ] || die "data written before the grow"
+	umount "$mnt"
+	fsck.ext4 -fn "$dev" >/dev/null 2>&1 || die "fsck after the grow"
+	# The snapshot (taken before) still shows the old size, and merges back.
+	"$BIN" snapshot-merge -n "$id" >/dev/null || die "merging the snapshot of the smaller disk"
+	mount "$dev" "$mnt"
+	[ "$(sha256sum <"$mnt/before")" = "$sum" ] || die "data after the merge"
+	umount "$mnt"
+	"$BIN" del -n "$id"
+	"$BIN" check "$dir" >/dev/null || die "check after grow and merge"
+	for f in "$dir"/root.hds*; do qemu_check "$f"; done
 }
 
 if [ "${1:-}" = --scenario ]; then

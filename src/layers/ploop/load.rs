@@ -24,6 +24,14 @@ pub async fn read_header<I: Io>(io: &I, fd: RawFd, path: &str) -> Result<HeaderR
     Ok(HeaderRead { header, file_len })
 }
 
+/// The disk size an image's header declares.
+pub async fn image_size<I: Io>(io: &I, path: &std::path::Path) -> Result<u64> {
+    let name = path.display().to_string();
+    let file = std::fs::File::open(path).map_err(|e| Error::io(e, &name))?;
+    use std::os::fd::AsRawFd;
+    Ok(read_header(io, file.as_raw_fd(), &name).await?.header.size_bytes())
+}
+
 pub fn file_len(fd: RawFd, path: &str) -> Result<u64> {
     nix::sys::stat::fstat(fd).map(|st| st.st_size as u64).map_err(|e| Error::from(e).context(path))
 }

@@ -39,9 +39,23 @@ pub struct Resized {
 /// cleanly and not in use (it is locked exclusively meanwhile). Without
 /// `apply`, only find out whether it can be done and what it would do.
 pub async fn resize<I: Io>(io: &I, path: &Path, new_size: u64, apply: bool) -> Result<Resized> {
-    let name = path.display().to_string();
     let file = open_image_file(path, true, Direct::Auto)?;
     crate::layers::lock(&file, true)?;
+    let done = resize_file(io, &file, new_size, apply).await?;
+    drop(file);
+    if apply && done.dropped_change_record {
+        // Its clusters are leaked space now: give them back as `check
+        // --repair` does (holes inside, truncation at the end).
+        crate::check::check(io, path, crate::layers::Format::Ploop, true).await?;
+    }
+    Ok(done)
+}
+
+/// The same on a file the caller opened read-write and holds the lock of
+/// (a merge growing a parent that is smaller than its child); a dropped
+/// change record's clusters stay as leaked space.
+pub async fn resize_file<I: Io>(io: &I, file: &crate::io::ImageFile, new_size: u64, apply: bool) -> Result<Resized> {
+    let name = file.path.display().to_string();
     let fd = file.fd();
     let read = load::read_header(io, fd, &name).await.map_err(|e| e.context(&name))?;
     let (old, file_len) = (read.header, read.file_len);
@@ -99,7 +113,7 @@ pub async fn resize<I: Io>(io: &I, path: &Path, new_size: u64, apply: bool) -> R
         }
         next.bat_entries = new_entries as u32;
         write_header(io, fd, &next, block, &name).await?;
-        return finish(io, path, file, done).await;
+        return Ok(done);
     }
 
     let need_bat_end = HEADER_SIZE as u64 + 4 * new_entries;
@@ -152,16 +166,6 @@ pub async fn resize<I: Io>(io: &I, path: &Path, new_size: u64, apply: bool) -> R
     // 4. The header.
     next.bat_entries = new_entries as u32;
     write_header(io, fd, &next, block, &name).await?;
-    finish(io, path, file, done).await
-}
-
-/// The clusters of a dropped change record are leaked space now: give them
-/// back as `check --repair` does (holes inside, truncation at the end).
-async fn finish<I: Io>(io: &I, path: &Path, file: crate::io::ImageFile, done: Resized) -> Result<Resized> {
-    drop(file);
-    if done.dropped_change_record {
-        crate::check::check(io, path, crate::layers::Format::Ploop, true).await?;
-    }
     Ok(done)
 }
 
