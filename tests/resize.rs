@@ -1,13 +1,14 @@
 //! Offline resize of images and disk directories: grown tables (with data
 //! clusters moved out of the way), shrinking only over unwritten space,
-//! a fault at every step, qemu-img as the oracle.
+//! a fault at every step, qemu-img as the oracle. (Opens retry while busy:
+//! a process the CLI test forks holds our locks until it execs.)
 
 mod common;
 
 use std::path::Path;
 
 use common::inject::{Cut, Fault, Injector, Kind};
-use common::{have_qemu, qemu_check_clean, qemu_compare_raw, TempDir};
+use common::{have_qemu, qemu_check_clean, qemu_compare_raw, retry_busy, TempDir};
 use ublk_ploop::check::check;
 use ublk_ploop::disk::Disk;
 use ublk_ploop::io::{block_on, AlignedBuf, SyncIo};
@@ -54,7 +55,7 @@ fn close(stack: Stack) {
 }
 
 fn open(img: &Path) -> Stack {
-    block_on(Stack::open(&SyncIo, &[img.to_path_buf()], &StackOptions::default())).unwrap_or_else(|e| panic!("{}: {e}", img.display())).0
+    retry_busy(|| block_on(Stack::open(&SyncIo, &[img.to_path_buf()], &StackOptions::default()))).unwrap_or_else(|e| panic!("{}: {e}", img.display())).0
 }
 
 fn write(stack: &Stack, off: u64, data: &[u8]) {
@@ -68,14 +69,14 @@ fn write(stack: &Stack, off: u64, data: &[u8]) {
 }
 
 fn read_all(img: &Path) -> Vec<u8> {
-    let stack = block_on(Stack::open(&SyncIo, &[img.to_path_buf()], &StackOptions { read_only: true, ..Default::default() })).unwrap().0;
+    let stack = retry_busy(|| block_on(Stack::open(&SyncIo, &[img.to_path_buf()], &StackOptions { read_only: true, ..Default::default() }))).unwrap().0;
     let mut b = AlignedBuf::zeroed(stack.size() as usize);
     block_on(stack.read(&SyncIo, 0, &mut b)).unwrap();
     b.to_vec()
 }
 
 fn assert_clean(img: &Path, ctx: &str) {
-    let report = block_on(check(&SyncIo, img, Format::Ploop, false)).unwrap();
+    let report = retry_busy(|| block_on(check(&SyncIo, img, Format::Ploop, false))).unwrap();
     assert_eq!(report.exit_code(), 0, "{ctx}: {report:?}");
     if have_qemu() {
         qemu_check_clean(img);
@@ -93,7 +94,7 @@ fn growing_within_the_table_keeps_every_byte() {
     let dir = TempDir::new("resize-small");
     let (img, mut model) = image_with_data(&dir);
     // 17 MiB still fits the table's 5 clusters.
-    let done = block_on(resize(&SyncIo, &img, 17 << 20, true)).unwrap();
+    let done = retry_busy(|| block_on(resize(&SyncIo, &img, 17 << 20, true))).unwrap();
     assert_eq!((done.old_size, done.new_size, done.relocated), (16 << 20, 17 << 20, 0));
     model.resize(17 << 20, 0);
     assert!(read_all(&img) == model, "data after growing");
@@ -116,7 +117,7 @@ fn growing_past_the_table_moves_the_clusters_in_its_way() {
     let dir = TempDir::new("resize-big");
     let (img, mut model) = image_with_data(&dir);
     // 64 MiB: a table of 17 clusters, over the first data clusters.
-    let done = block_on(resize(&SyncIo, &img, 64 << 20, true)).unwrap();
+    let done = retry_busy(|| block_on(resize(&SyncIo, &img, 64 << 20, true))).unwrap();
     assert!(done.relocated >= 5, "nothing was in the way: {done:?}");
     model.resize(64 << 20, 0);
     assert!(read_all(&img) == model, "data after moving clusters");
@@ -130,7 +131,7 @@ fn growing_past_the_table_moves_the_clusters_in_its_way() {
 fn shrinking_drops_only_unwritten_space() {
     let dir = TempDir::new("resize-shrink");
     let (img, model) = image_with_data(&dir);
-    let e = block_on(resize(&SyncIo, &img, 8 << 20, true)).unwrap_err();
+    let e = retry_busy(|| block_on(resize(&SyncIo, &img, 8 << 20, true))).unwrap_err();
     assert!(e.to_string().contains("allocated clusters"), "{e}");
     assert!(read_all(&img) == model, "a refused shrink changed the image");
     // Below the last written cluster's start, down to 8 MiB.
@@ -140,7 +141,7 @@ fn shrinking_drops_only_unwritten_space() {
     let data = pattern(3, CL as usize);
     write(&stack, CL, &data);
     close(stack);
-    block_on(resize(&SyncIo, &img2, 8 << 20, true)).unwrap();
+    retry_busy(|| block_on(resize(&SyncIo, &img2, 8 << 20, true))).unwrap();
     let got = read_all(&img2);
     assert_eq!(got.len(), 8 << 20);
     assert!(got[CL as usize..2 * CL as usize] == data[..]);
@@ -154,7 +155,7 @@ fn a_fault_at_any_step_leaves_the_old_or_the_new_disk() {
     let counter = Injector::new(None);
     let probe = dir.join("probe.hdd");
     std::fs::copy(&pristine, &probe).unwrap();
-    block_on(resize(&counter, &probe, 64 << 20, true)).unwrap();
+    retry_busy(|| block_on(resize(&counter, &probe, 64 << 20, true))).unwrap();
     let counts = counter.counts();
     let mut runs = 0;
     for (kind, n) in [(Kind::Write, counts.writes), (Kind::Sync, counts.syncs), (Kind::Read, counts.reads)] {
@@ -164,7 +165,7 @@ fn a_fault_at_any_step_leaves_the_old_or_the_new_disk() {
             std::fs::copy(&pristine, &img).unwrap();
             let faulty = Injector::new(Some(Fault { kind, index, sticky: true }));
             faulty.set_journaling(true);
-            assert!(block_on(resize(&faulty, &img, 64 << 20, true)).is_err(), "{ctx}: no error");
+            assert!(retry_busy(|| block_on(resize(&faulty, &img, 64 << 20, true))).is_err(), "{ctx}: no error");
             // And the power goes: whatever no sync covered is lost (every
             // other run), or half of it, metadata or data.
             faulty.power_cut([Cut::None, Cut::All, Cut::MetaOnly, Cut::DataOnly][(index % 4) as usize]);
@@ -175,9 +176,9 @@ fn a_fault_at_any_step_leaves_the_old_or_the_new_disk() {
             assert!(got[..model.len()] == model[..], "{ctx}: data lost");
             assert!(got[model.len()..].iter().all(|&b| b == 0), "{ctx}: stray bytes past the old end");
             // Running it again finishes the job.
-            block_on(resize(&SyncIo, &img, 64 << 20, true)).unwrap_or_else(|e| panic!("{ctx}: again: {e}"));
+            retry_busy(|| block_on(resize(&SyncIo, &img, 64 << 20, true))).unwrap_or_else(|e| panic!("{ctx}: again: {e}"));
             assert!(read_all(&img)[..model.len()] == model[..], "{ctx}: data after the second run");
-            let report = block_on(check(&SyncIo, &img, Format::Ploop, true)).unwrap();
+            let report = retry_busy(|| block_on(check(&SyncIo, &img, Format::Ploop, true))).unwrap();
             assert!(report.header_errors.is_empty() && report.bad_entries.is_empty(), "{ctx}: {report:?}");
             assert_clean(&img, &ctx);
             runs += 1;
