@@ -26,13 +26,8 @@ GENS=${2:-12}
 log() { echo "crash-replay: $*"; }
 die() { log "FAIL: $*"; exit 1; }
 trap 'log "FAIL: line $LINENO: $BASH_COMMAND"' ERR
-wait_dev() {
-	for _ in $(seq 100); do
-		[ -b "$1" ] && [ "$(blockdev --getsize64 "$1" 2>/dev/null || echo 0)" -gt 0 ] && return 0
-		sleep 0.1
-	done
-	die "$1 did not appear"
-}
+# shellcheck source=tests/vm/lib.sh
+. "$here/lib.sh"
 mark() { dmsetup message lw 0 mark "$1"; }
 WORK=/tmp/crash-replay
 mkdir -p "$WORK" /mnt/lw /mnt/rp /mnt/rpb /mnt/b

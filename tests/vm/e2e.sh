@@ -16,19 +16,8 @@ ALL="basic_fs fio_verify stack_layers control_socket kill_recover read_only serv
 log() { echo "e2e[${SCENARIO:-main}]: $*"; }
 die() { log "FAIL: $*"; exit 1; }
 
-# /dev/ublkbN -> N
-dev_id() { echo "${1#/dev/ublkb}"; }
-
-# Wait until a block device node exists and has its size.
-wait_dev() {
-	for _ in $(seq 100); do
-		[ -b "$1" ] && [ "$(blockdev --getsize64 "$1" 2>/dev/null || echo 0)" -gt 0 ] && return 0
-		sleep 0.1
-	done
-	die "$1 did not appear"
-}
-
-daemon_pid() { "$BIN" status -n "$1" --json | sed -n 's/^ *"pid": *\([0-9]*\).*/\1/p'; }
+# shellcheck source=tests/vm/lib.sh
+. "$here/lib.sh"
 
 qemu_check() { qemu-img check -f parallels "$1" >/tmp/qcheck.out 2>&1 || { cat /tmp/qcheck.out; die "qemu-img check $1"; }; }
 

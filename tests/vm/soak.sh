@@ -17,14 +17,8 @@ ROUNDS=${1:-3}
 MB=${2:-16}
 log() { echo "soak: $*"; }
 die() { log "FAIL: $*"; exit 1; }
-wait_dev() {
-	for _ in $(seq 100); do
-		[ -b "$1" ] && [ "$(blockdev --getsize64 "$1" 2>/dev/null || echo 0)" -gt 0 ] && return 0
-		sleep 0.1
-	done
-	die "$1 did not appear"
-}
-pid_of() { "$BIN" status -n "$1" --json | sed -n 's/^ *"pid": *\([0-9]*\).*/\1/p'; }
+# shellcheck source=tests/vm/lib.sh
+. "$here/lib.sh"
 rss_kb() { sed -n 's/^VmRSS:[[:space:]]*\([0-9]*\).*/\1/p' "/proc/$1/status"; }
 # The daemon's own threads: control clients get one each that ends with the
 # connection (let the last one finish), and io_uring's kernel workers
@@ -60,7 +54,7 @@ for i in $ALL; do
 	wait_dev "/dev/ublkb$i"
 done
 declare -A pid rss0 fd0 th0
-for i in $WATCH; do pid[$i]=$(pid_of "$i"); done
+for i in $WATCH; do pid[$i]=$(daemon_pid "$i"); done
 watch_start() {
 	for i in $WATCH; do
 		p=${pid[$i]}; rss0[$i]=$(rss_kb "$p"); fd0[$i]=$(fds "$p"); th0[$i]=$(threads "$p")
@@ -99,7 +93,7 @@ for round in $(seq 1 "$ROUNDS"); do
 	for i in 14 15; do "$BIN" snapshot -n "$i" >/dev/null; done
 	k=$((16 + round % 2))
 	kill -0 "$fio_pid" 2>/dev/null || die "fio ended before the disruptions: give it more to write"
-	kill -9 "$(pid_of "$k")"; sleep 0.5
+	kill -9 "$(daemon_pid "$k")"; sleep 0.5
 	"$BIN" recover -n "$k" >/dev/null
 	wait "$fio_pid" || { tail -30 "$SCRATCH/soak-fio.$round"; die "fio writes, round $round"; }
 	# Between rounds: a del/add.
