@@ -9,7 +9,6 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
-use nix::fcntl::FlockArg;
 
 use serde::Serialize;
 
@@ -109,9 +108,7 @@ pub async fn inspect<I: Io>(io: &I, path: &Path, format: Format) -> Result<Check
 async fn check_with<I: Io>(io: &I, path: &Path, format: Format, repair: bool, take_lock: bool) -> Result<CheckReport> {
     let file = OpenOptions::new().read(true).write(repair).open(path).map_err(|e| Error::io(e, path.display()))?;
     let fd = file.as_raw_fd();
-    let lock = if repair { FlockArg::LockExclusiveNonblock } else { FlockArg::LockSharedNonblock };
-    #[allow(deprecated)] // Flock would own the file; we keep using it.
-    if take_lock && nix::fcntl::flock(fd, lock).is_err() {
+    if take_lock && crate::layers::flock_waiting(fd, repair).is_err() {
         return Err(Error::new(libc::EBUSY, format!("{}: image is in use by another process", path.display())));
     }
     let name = path.display().to_string();

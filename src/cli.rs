@@ -130,6 +130,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Give the space of discarded clusters back to the host filesystem:
+    /// clusters from the end of the top image move into the holes, then the
+    /// file is cut (online with -n: requests wait one step at a time).
+    Compact {
+        /// The device serving the disk.
+        #[arg(short = 'n', long = "number", conflicts_with = "image", required_unless_present = "image")]
+        id: Option<u32>,
+        /// Image file, or a disk directory (or its DiskDescriptor.xml), no
+        /// device serves.
+        image: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Serve an image, a stack (bottom first) or a disk directory as /dev/ublkbN.
     Add {
         /// Image file (repeat for a stack, bottom layer first), or one disk
@@ -651,6 +664,7 @@ fn run(command: Command) -> Result<i32> {
             }
             Ok(0)
         }
+        Command::Compact { id, image, json } => crate::snapshot_cmd::compact(id, image, json),
         Command::Check { image, repair, format, json } => {
             let (_, paths) = info_targets(std::slice::from_ref(&image), format.format)?;
             let mut reports = Vec::new();

@@ -297,6 +297,20 @@ impl Handler for DaemonHandler {
                 json(&disk.snapshot_rows())
             }
             Request::Resize { size } => json(&self.resize(size)?),
+            Request::Compact => {
+                if stack.is_read_only() {
+                    return Err(Error::new(libc::EROFS, format!("/dev/ublkb{} is read-only (a snapshot device)", self.dev_id)));
+                }
+                let guard = self.idle()?;
+                json(&self.start_job(
+                    Job::new("compact", None),
+                    guard,
+                    Box::new(|ring, stack, progress| {
+                        let c = ring.block_on(stack.compact(&ring.io(), COMPACT_STEP, &|d, t| progress(None, d, t)))?;
+                        Ok(Outcome { compacted: Some(c), ..Default::default() })
+                    }),
+                )?)
+            }
             Request::Snapshot { uuid } => {
                 let mut guard = self.change()?;
                 let disk = guard.as_mut().expect("checked by change()");
@@ -453,10 +467,15 @@ struct Outcome {
     merged: Option<ops::Merged>,
     deleted: Option<ops::Deleted>,
     copy: Option<copy::Sent>,
+    compacted: Option<ublk_ploop::layers::ploop::compact::Compacted>,
     note: Option<String>,
     /// Stop this device after the job's result was fetched.
     stop: Option<u32>,
 }
+
+/// Clusters moved per step of an online compaction (requests are held for
+/// one step: 16 MiB of copying with 1 MiB clusters).
+const COMPACT_STEP: u64 = 16;
 
 type JobFn = dyn FnOnce(&OwnRing, &Stack, JobProgress<'_>) -> Result<Outcome> + Send;
 
@@ -652,6 +671,7 @@ impl DaemonHandler {
                         j.merged = o.merged;
                         j.deleted = o.deleted;
                         j.copy = o.copy;
+                        j.compacted = o.compacted;
                         if let Some(n) = o.note {
                             j.note = Some(j.note.take().map_or(n.clone(), |old| format!("{old}; {n}")));
                         }

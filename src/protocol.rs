@@ -35,6 +35,8 @@ pub enum Request {
     SnapshotList,
     /// Grow the disk online (the top image, the descriptor, the device).
     Resize { size: u64 },
+    /// Give the top image's free space back (a job).
+    Compact,
     /// Start merging a delta (the top when None) into its parent; a job.
     SnapshotMerge {
         #[serde(default)]
@@ -191,6 +193,8 @@ pub struct Job {
     pub deleted: Option<Deleted>,
     #[serde(default)]
     pub copy: Option<Sent>,
+    #[serde(default)]
+    pub compacted: Option<ublk_ploop::layers::ploop::compact::Compacted>,
     /// Something the user should know about the result.
     #[serde(default)]
     pub note: Option<String>,
@@ -211,6 +215,7 @@ impl Job {
             merged: None,
             deleted: None,
             copy: None,
+            compacted: None,
             note: None,
         }
     }

@@ -119,6 +119,43 @@ pub fn delete(id: Option<u32>, dir: Option<PathBuf>, uuid: Guid, json: bool) -> 
     Ok(0)
 }
 
+/// Compact a served disk (a job) or a disk directory or image no device
+/// serves: its top image's free space goes back to the host filesystem.
+pub fn compact(id: Option<u32>, target: Option<PathBuf>, json: bool) -> Result<i32> {
+    use ublk_ploop::layers::ploop::compact::Compacted;
+    let done: Compacted = match (id, target) {
+        (Some(id), _) => {
+            let _started: Job = request(id, Request::Compact)?;
+            follow(id, json)?.compacted.ok_or_else(|| Error::new(libc::EPROTO, "the daemon reported no result"))?
+        }
+        (None, Some(target)) => {
+            let layers = if Disk::is_disk(&target) {
+                Disk::load(&target)?.layers(None)?
+            } else {
+                vec![ublk_ploop::LayerSpec { path: target.clone(), format: ublk_ploop::layers::Format::Ploop }]
+            };
+            let (stack, _) = block_on(Stack::open_layers(&SyncIo, &layers, &StackOptions::default()))?;
+            let bar = Bar::new(json, "compacting");
+            let result = block_on(stack.compact(&SyncIo, 256, &|d, t| bar.set(d, t)));
+            bar.finish();
+            let closed = block_on(stack.close(&SyncIo));
+            let done = result?;
+            closed?;
+            done
+        }
+        (None, None) => unreachable!("clap requires -n or a path"),
+    };
+    if json {
+        print_json(&done);
+    } else {
+        println!(
+            "compacted: {} discarded clusters unlinked, {} moved; file {} -> {} bytes",
+            done.unlinked, done.moved, done.file_size_before, done.file_size_after
+        );
+    }
+    Ok(0)
+}
+
 pub fn switch(id: Option<u32>, dir: Option<PathBuf>, uuid: Guid, force: bool, json: bool) -> Result<i32> {
     let done: SwitchReply = match (id, dir) {
         (Some(id), _) => request(id, Request::SnapshotSwitch { uuid, force })?,
@@ -141,6 +178,8 @@ pub fn follow(id: u32, json: bool) -> Result<Job> {
         let job = job.ok_or_else(|| Error::new(libc::EPROTO, "the daemon has no job to report"))?;
         if let Some(r) = job.round {
             bar.label(&format!("{} round {r}", job.kind));
+        } else if job.kind != "merge" && job.kind != "delete" {
+            bar.label(&job.kind);
         }
         bar.set(job.done, job.total);
         match job.state {

@@ -818,6 +818,85 @@ impl Stack {
 }
 
 impl Stack {
+    /// Give the top image's free space back to the host filesystem, online:
+    /// in steps of at most `budget` moved clusters, each with requests held
+    /// while the top is closed, compacted (`layers::ploop::compact`) and
+    /// opened again. `progress` gets (clusters moved, clusters to move).
+    pub async fn compact<I: Io>(&self, io: &I, budget: u64, progress: &dyn Fn(u64, u64)) -> Result<crate::layers::ploop::compact::Compacted> {
+        use crate::layers::ploop::compact::{compact_step, Compacted};
+        self.check_writable()?;
+        let mut total = Compacted::default();
+        let mut first = true;
+        loop {
+            let step = self
+                .with_top_closed(io, false, |io, path, lower: Vec<bool>| async move {
+                    let file = crate::io::open_image_file(&path, true, self.direct)?;
+                    crate::layers::lock(&file, true)?;
+                    let lower_has = |c: u64| lower.get(c as usize).copied().unwrap_or(false);
+                    compact_step(io, &file, &lower_has, budget).await
+                })
+                .await?;
+            if first {
+                total.file_size_before = step.file_size_before;
+                first = false;
+            }
+            total.unlinked += step.unlinked;
+            total.moved += step.moved;
+            progress(total.moved, total.moved + step.remaining);
+            if step.done {
+                total.file_size_after = step.file_size_after;
+                total.done = true;
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Run `work` on the top image's file while it is closed, with requests
+    /// held; then open it again (also when `work` failed) and rebuild the
+    /// owner map. `work` gets the path and, per cluster, whether a lower
+    /// layer holds it.
+    async fn with_top_closed<'a, I, T, F, Fut>(&'a self, io: &'a I, no_trackers: bool, work: F) -> Result<T>
+    where
+        I: Io,
+        F: FnOnce(&'a I, PathBuf, Vec<bool>) -> Fut,
+        Fut: std::future::Future<Output = Result<T>> + 'a,
+    {
+        let mut shape = self.shape.exclusive().await;
+        shape.check_open()?;
+        if no_trackers && !shape.trackers.is_empty() {
+            return Err(Error::new(libc::EBUSY, "a write tracker (or a copy) is running: stop it first"));
+        }
+        if !self.retiring.lock().unwrap().is_empty() || shape.top().format() != Format::Ploop {
+            return Err(Error::new(libc::EBUSY, "the top is not a ploop image, or a snapshot is still being closed; try again"));
+        }
+        let top = shape.layers.pop().expect("a stack is never empty");
+        let path = top.file().path.clone();
+        if let Err(e) = top.close(io).await {
+            shape.layers.push(top);
+            return Err(e.context("closing the top"));
+        }
+        if Arc::strong_count(&top) != 1 {
+            let _ = top.reopen_in_use(io).await;
+            shape.layers.push(top);
+            return Err(Error::new(libc::EBUSY, "the top is in use elsewhere in the daemon; try again"));
+        }
+        drop(top);
+        let lower: Vec<bool> =
+            (0..self.size().div_ceil(self.cluster)).map(|c| shape.layers.iter().any(|l| l.lookup(c, self.cluster).is_some())).collect();
+        let result = work(io, path.clone(), lower).await;
+        match Layer::open(io, &path, Format::Ploop, true, self.direct).await {
+            Ok((layer, _)) => {
+                shape.layers.push(Arc::new(layer));
+                shape.owner = owner_map(&shape.layers, self.size(), self.cluster);
+                result
+            }
+            Err(e) => {
+                shape.closed = true;
+                Err(e.context(format_args!("{}: reopening the top", path.display())))
+            }
+        }
+    }
+
     /// Grow the disk online, as ploop does: only the top image grows (the
     /// lower layers keep their size and show zeros past it). Requests are
     /// held meanwhile: the top is closed cleanly, resized as a closed image
@@ -825,7 +904,7 @@ impl Stack {
     /// size. The caller tells the kernel afterwards. If the resize fails,
     /// the top is opened again at its old size.
     pub async fn grow_top<I: Io>(&self, io: &I, new_size: u64) -> Result<crate::layers::ploop::resize::Resized> {
-        use crate::layers::ploop::resize::resize;
+        use crate::layers::ploop::resize::{resize, Resized};
         self.check_writable()?;
         let old_size = self.size();
         if new_size < old_size {
@@ -836,45 +915,15 @@ impl Stack {
         if new_size % self.block as u64 != 0 {
             return Err(Error::invalid(format!("{new_size} is not a multiple of the disk's block of {} bytes", self.block)));
         }
-        let mut shape = self.shape.exclusive().await;
-        shape.check_open()?;
-        if !shape.trackers.is_empty() {
-            return Err(Error::new(libc::EBUSY, "a write tracker (or a copy) is running: stop it before growing the disk"));
-        }
         if new_size == old_size {
-            return Ok(crate::layers::ploop::resize::Resized { old_size, new_size, ..Default::default() });
+            return Ok(Resized { old_size, new_size, ..Default::default() });
         }
-        let top = shape.layers.pop().expect("a stack is never empty");
-        if top.format() != Format::Ploop || !self.retiring.lock().unwrap().is_empty() {
-            shape.layers.push(top);
-            return Err(Error::new(libc::EBUSY, "the top is not a ploop image, or a snapshot is still being closed; try again"));
-        }
-        let path = top.file().path.clone();
-        if let Err(e) = top.close(io).await {
-            shape.layers.push(top);
-            return Err(e.context("closing the top to grow it"));
-        }
-        if Arc::strong_count(&top) != 1 {
-            let _ = top.reopen_in_use(io).await;
-            shape.layers.push(top);
-            return Err(Error::new(libc::EBUSY, "the top is in use elsewhere in the daemon; try again"));
-        }
-        drop(top);
-        let resized = resize(io, &path, new_size, true).await;
-        let size = if resized.is_ok() { new_size } else { old_size };
-        match Layer::open(io, &path, Format::Ploop, true, self.direct).await {
-            Ok((layer, _)) => {
-                shape.layers.push(Arc::new(layer));
-                self.size.store(size, Ordering::Release);
-                shape.owner = owner_map(&shape.layers, size, self.cluster);
-                resized
-            }
-            Err(e) => {
-                // The top cannot be opened again: nothing more can be served.
-                shape.closed = true;
-                Err(e.context(format_args!("{}: reopening the top after growing it", path.display())))
-            }
-        }
+        self.with_top_closed(io, true, |io, path, _| async move {
+            let done = resize(io, &path, new_size, true).await?;
+            self.size.store(new_size, Ordering::Release);
+            Ok(done)
+        })
+        .await
     }
 }
 

@@ -299,16 +299,35 @@ pub async fn not_ploop<I: Io>(io: &I, path: &Path, e: Error) -> Error {
     Error::corrupt(format!("{}: not a valid ploop image: {hint}", path.display()))
 }
 
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// flock without blocking, but waiting `LOCK_WAIT` for a holder that lets
+/// go (see `lock`). Converting our own lock between kinds is atomic.
+pub(crate) fn flock_waiting(fd: std::os::fd::RawFd, exclusive: bool) -> std::io::Result<()> {
+    let mode = if exclusive { libc::LOCK_EX } else { libc::LOCK_SH };
+    let start = std::time::Instant::now();
+    loop {
+        // SAFETY: plain syscall on a descriptor the caller owns.
+        if unsafe { libc::flock(fd, mode | libc::LOCK_NB) } == 0 {
+            return Ok(());
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EWOULDBLOCK) || start.elapsed() >= LOCK_WAIT {
+            return Err(err);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// One writer per image, and no writer on an image others read as a lower
 /// layer: a second daemon or tool on the same file would corrupt it. The
 /// lock dies with the descriptor, even on kill -9.
+/// A holder that lets go within a moment is waited for: a process forked
+/// by another thread holds our descriptors (and so our locks) until it
+/// execs, and an image closed to be changed (grown, compacted) is opened
+/// again at once.
 pub(crate) fn lock(file: &ImageFile, exclusive: bool) -> Result<()> {
-    // Converting our own exclusive lock to a shared one is atomic in flock.
-    let mode = if exclusive { libc::LOCK_EX } else { libc::LOCK_SH };
-    // SAFETY: plain syscall on a descriptor we own.
-    let rc = unsafe { libc::flock(file.fd(), mode | libc::LOCK_NB) };
-    if rc != 0 {
-        let err = std::io::Error::last_os_error();
+    if let Err(err) = flock_waiting(file.fd(), exclusive) {
         return Err(Error::new(
             err.raw_os_error().unwrap_or(libc::EBUSY),
             format!("{}: image is in use by another process ({err})", file.path.display()),

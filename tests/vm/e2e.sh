@@ -11,7 +11,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 BIN=${UBLK_PLOOP_BIN:-$repo/target/release/ublk-ploop}
 SCRATCH=${UBLK_PLOOP_SCRATCH:?run this inside the VM: tests/vm/run tests/vm/e2e.sh}
-ALL="basic_fs fio_verify stack_layers control_socket kill_recover read_only serve_config snapshots merge_kill track_copy full_disk io_errors resize"
+ALL="basic_fs fio_verify stack_layers control_socket kill_recover read_only serve_config snapshots merge_kill track_copy full_disk io_errors resize compact"
 
 log() { echo "e2e[${SCENARIO:-main}]: $*"; }
 die() { log "FAIL: $*"; exit 1; }
@@ -631,6 +631,57 @@ scenario_resize() {
 	"$BIN" del -n "$id"
 	"$BIN" check "$dir" >/dev/null || die "check after grow and merge"
 	for f in "$dir"/root.hds*; do qemu_check "$f"; done
+}
+
+# Files deleted and trimmed in the guest: compact gives the image's space
+# back online, the rest verifies; a kill -9 in the middle loses nothing.
+scenario_compact() {
+	local dir=$SCRATCH/ctc mnt=/mnt/compact dev id before after alloc
+	"$BIN" init "$dir" --size 1G >/dev/null
+	dev=$("$BIN" add --image "$dir"); wait_dev "$dev"; id=$(dev_id "$dev")
+	mkfs.ext4 -q -F -E nodiscard "$dev"
+	mkdir -p "$mnt"; mount "$dev" "$mnt"
+	for i in $(seq 1 24); do dd if=/dev/urandom of="$mnt/f$i" bs=1M count=24 status=none; done
+	sync
+	for i in $(seq 1 24); do [ $((i % 4)) = 0 ] || rm "$mnt/f$i"; done
+	(cd "$mnt" && sha256sum f4 f8 f12 f16 f20 f24 >"$SCRATCH/sums.compact")
+	# ext4 trims blocks only once their freeing is committed.
+	sync
+	fstrim "$mnt" || die "fstrim"
+	before=$(stat -c %s "$dir/root.hds")
+	# kill -9 of the daemon once the first steps are done, then recovery
+	# and a full run.
+	"$BIN" compact -n "$id" --json >/dev/null 2>&1 &
+	local midway="" pid job
+	pid=$(daemon_pid "$id")
+	for _ in $(seq 400); do
+		job=$("$BIN" status -n "$id" --json 2>/dev/null | tr -d ' \n' | grep -o '"kind":"compact","uuid":null,"state":"running","done":[0-9]*,"total":[0-9]*' || true)
+		done_=$(sed -n 's/.*"done":\([0-9]*\).*/\1/p' <<<"$job"); total=$(sed -n 's/.*"total":\([0-9]*\).*/\1/p' <<<"$job")
+		if [ -n "$done_" ] && [ "$done_" -gt 0 ] && [ "$done_" -lt "$total" ]; then
+			kill -9 "$pid"; midway="$done_ of $total"; break
+		fi
+		sleep 0.01
+	done
+	wait || true
+	[ -n "$midway" ] || die "never saw the compaction in progress to kill it there"
+	log "killed the daemon with $midway clusters moved"
+	"$BIN" recover -n "$id" >/dev/null || die "recover after a kill during compact"
+	(cd "$mnt" && sha256sum -c --quiet "$SCRATCH/sums.compact") || die "files after a kill during compact"
+	"$BIN" compact -n "$id" --json >"$SCRATCH/compact.json" || die "compact"
+	grep -q '"moved":[1-9]' <<<"$(tr -d ' \n' <"$SCRATCH/compact.json")" || log "(the killed run had moved everything already)"
+	after=$(stat -c %s "$dir/root.hds")
+	(cd "$mnt" && sha256sum -c --quiet "$SCRATCH/sums.compact") || die "files after compact"
+	umount "$mnt"
+	fsck.ext4 -fn "$dev" >/dev/null 2>&1 || die "fsck after compact"
+	"$BIN" del -n "$id"
+	alloc=$("$BIN" info --json "$dir" | sed -n 's/.*"allocated_clusters": *\([0-9]*\).*/\1/p' | head -1)
+	log "image file $before -> $after bytes; $alloc clusters in use; $(tr -d '\n ' <"$SCRATCH/compact.json")"
+	# Within a few clusters of the live data: header + table cluster + data.
+	[ "$after" -le $(( (alloc + 4) << 20 )) ] || die "the file ($after bytes) is far above its $alloc live clusters"
+	[ "$alloc" -lt 240 ] || die "$alloc clusters in use after deleting 432 of 576 MiB and fstrim"
+	[ "$after" -lt "$before" ] || die "compact gave nothing back"
+	"$BIN" check "$dir" >/dev/null || die "check after compact"
+	qemu_check "$dir/root.hds"
 }
 
 if [ "${1:-}" = --scenario ]; then

@@ -16,6 +16,7 @@
 //!   and BAT entries were written before it was acknowledged.
 
 mod alloc;
+pub mod compact;
 pub mod ext;
 pub mod load;
 mod meta;

@@ -191,7 +191,7 @@ pub async fn resize_raw<I: Io>(io: &I, path: &Path, new_size: u64, apply: bool) 
 
 /// Write header + `values` + zeros up to `end` (whole blocks; the header
 /// bytes are rewritten as they are), then sync.
-async fn write_table<I: Io>(io: &I, fd: i32, header: &Header, values: &[u32], end: u64, block: u64, name: &str) -> Result<()> {
+pub(super) async fn write_table<I: Io>(io: &I, fd: i32, header: &Header, values: &[u32], end: u64, block: u64, name: &str) -> Result<()> {
     let len = end.max(block).next_multiple_of(block);
     let mut buf = AlignedBuf::try_zeroed(len as usize).ok_or_else(|| Error::too_large(name, len))?;
     buf[..HEADER_SIZE].copy_from_slice(&header.to_bytes());
@@ -203,7 +203,7 @@ async fn write_table<I: Io>(io: &I, fd: i32, header: &Header, values: &[u32], en
 }
 
 /// Rewrite the header (the first block, the BAT part as it is on disk).
-async fn write_header<I: Io>(io: &I, fd: i32, header: &Header, block: u64, name: &str) -> Result<()> {
+pub(super) async fn write_header<I: Io>(io: &I, fd: i32, header: &Header, block: u64, name: &str) -> Result<()> {
     let mut buf = AlignedBuf::zeroed(block as usize);
     io.read_at(fd, &mut buf, 0).await.map_err(|e| Error::io(e, name))?;
     buf[..HEADER_SIZE].copy_from_slice(&header.to_bytes());

@@ -1,0 +1,232 @@
+//! Compaction: discarded clusters given back to the host filesystem by
+//! moving clusters from the end of the file into the free slots and
+//! cutting the file, on a served stack (writers running), under a fault at
+//! every step, with qemu-img as the oracle.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::inject::{Cut, Fault, Injector, Kind};
+use common::{have_qemu, qemu_check_clean, qemu_compare_raw, retry_busy, TempDir};
+use ublk_ploop::check::check;
+use ublk_ploop::io::{block_on, AlignedBuf, SyncIo};
+use ublk_ploop::layers::{Format, PloopLayer};
+use ublk_ploop::{Stack, StackOptions};
+
+const CL: u64 = 4096;
+const SIZE: u64 = 8 << 20;
+const CLUSTERS: u64 = SIZE / CL;
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn open(paths: &[PathBuf], read_only: bool) -> Stack {
+    retry_busy(|| block_on(Stack::open(&SyncIo, paths, &StackOptions { read_only, ..Default::default() }))).unwrap().0
+}
+
+fn write(stack: &Stack, off: u64, data: &[u8]) {
+    let mut b = AlignedBuf::zeroed(data.len());
+    b.copy_from_slice(data);
+    block_on(stack.write(&SyncIo, off, &b)).unwrap();
+}
+
+fn read_all(paths: &[PathBuf]) -> Vec<u8> {
+    let stack = open(paths, true);
+    let mut b = AlignedBuf::zeroed(stack.size() as usize);
+    block_on(stack.read(&SyncIo, 0, &mut b)).unwrap();
+    b.to_vec()
+}
+
+fn close(stack: Stack) {
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+}
+
+/// A copy that keeps the holes discards punched (compaction looks for them).
+fn copy_sparse(from: &Path, to: &Path) {
+    let ok = std::process::Command::new("cp").arg("--sparse=always").arg(from).arg(to).status().unwrap().success();
+    assert!(ok, "cp --sparse=always {} {}", from.display(), to.display());
+}
+
+fn file_len(p: &Path) -> u64 {
+    std::fs::metadata(p).unwrap().len()
+}
+
+fn assert_clean(img: &Path, ctx: &str) {
+    let report = retry_busy(|| block_on(check(&SyncIo, img, Format::Ploop, false))).unwrap();
+    assert_eq!(report.exit_code(), 0, "{ctx}: {report:?}");
+    if have_qemu() {
+        qemu_check_clean(img);
+    }
+}
+
+/// An image with every cluster written, then two thirds of them discarded
+/// (scattered, so the live ones must move down): the model of its bytes.
+fn fragmented(dir: &TempDir, name: &str) -> (PathBuf, Vec<u8>) {
+    let img = dir.join(name);
+    block_on(PloopLayer::create(&SyncIo, &img, SIZE, CL)).unwrap();
+    let stack = open(std::slice::from_ref(&img), false);
+    let mut model = pattern(1, SIZE as usize);
+    write(&stack, 0, &model);
+    for c in (0..CLUSTERS).filter(|c| c % 3 != 0) {
+        block_on(stack.discard(&SyncIo, c * CL, CL as usize)).unwrap();
+        model[(c * CL) as usize..((c + 1) * CL) as usize].fill(0);
+    }
+    close(stack);
+    (img, model)
+}
+
+#[test]
+fn compacting_gives_discarded_space_back_and_keeps_every_byte() {
+    let dir = TempDir::new("compact-one");
+    let (img, model) = fragmented(&dir, "a.hdd");
+    let before = file_len(&img);
+    let stack = open(std::slice::from_ref(&img), false);
+    let steps = std::cell::Cell::new(0);
+    let done = block_on(stack.compact(&SyncIo, 64, &|_, _| steps.set(steps.get() + 1))).unwrap();
+    close(stack);
+    let live = CLUSTERS.div_ceil(3);
+    assert_eq!(done.unlinked, CLUSTERS - live, "{done:?}");
+    assert!(done.moved > 0 && steps.get() > 1, "{done:?}, {} steps", steps.get());
+    let after = file_len(&img);
+    // The header and table, then the live clusters, a few clusters of slack at most.
+    let data_off = CL * (64 + 4 * CLUSTERS).div_ceil(CL);
+    assert!(after <= data_off + (live + 4) * CL, "file {before} -> {after} bytes for {live} live clusters");
+    assert!(read_all(std::slice::from_ref(&img)) == model, "data after compaction");
+    assert_clean(&img, "compacted");
+    if have_qemu() {
+        let raw = dir.join("shadow.raw");
+        std::fs::write(&raw, &model).unwrap();
+        qemu_compare_raw(&img, &raw);
+    }
+    // Compacting a compact image changes nothing.
+    let stack = open(std::slice::from_ref(&img), false);
+    let again = block_on(stack.compact(&SyncIo, 64, &|_, _| {})).unwrap();
+    close(stack);
+    assert_eq!((again.unlinked, again.moved), (0, 0));
+    assert_eq!(file_len(&img), after);
+}
+
+#[test]
+fn a_discarded_cluster_over_a_lower_layer_stays_zeros() {
+    let dir = TempDir::new("compact-stack");
+    let base = dir.join("base.hdd");
+    block_on(PloopLayer::create(&SyncIo, &base, SIZE, CL)).unwrap();
+    let stack = open(std::slice::from_ref(&base), false);
+    let lower = pattern(5, SIZE as usize);
+    write(&stack, 0, &lower);
+    close(stack);
+    let (top, _) = {
+        let top = dir.join("top.hdd");
+        block_on(PloopLayer::create(&SyncIo, &top, SIZE, CL)).unwrap();
+        (top, ())
+    };
+    let paths = vec![base.clone(), top.clone()];
+    let stack = open(&paths, false);
+    let mut model = lower.clone();
+    let upper = pattern(6, (SIZE / 2) as usize);
+    write(&stack, 0, &upper);
+    model[..upper.len()].copy_from_slice(&upper);
+    for c in (0..CLUSTERS / 2).filter(|c| c % 2 == 0) {
+        block_on(stack.discard(&SyncIo, c * CL, CL as usize)).unwrap();
+        model[(c * CL) as usize..((c + 1) * CL) as usize].fill(0);
+    }
+    let done = block_on(stack.compact(&SyncIo, 1000, &|_, _| {})).unwrap();
+    assert_eq!(done.unlinked, 0, "a discard over lower data must keep reading zeros: {done:?}");
+    let mut got = AlignedBuf::zeroed(SIZE as usize);
+    block_on(stack.read(&SyncIo, 0, &mut got)).unwrap();
+    assert!(got[..] == model[..], "the stack while served, after compaction");
+    close(stack);
+    assert!(read_all(&paths) == model);
+    assert_clean(&top, "top over a lower layer");
+}
+
+#[test]
+fn writers_go_on_while_the_disk_is_compacted() {
+    let dir = TempDir::new("compact-online");
+    let (img, mut model) = fragmented(&dir, "a.hdd");
+    let stack = open(std::slice::from_ref(&img), false);
+    let writes: Vec<(u64, Vec<u8>)> = (0..200u64).map(|i| ((i * 7919) % CLUSTERS * CL, pattern(100 + i, CL as usize))).collect();
+    std::thread::scope(|s| {
+        let st = &stack;
+        let w = &writes;
+        let writer = s.spawn(move || {
+            for (off, data) in w {
+                write(st, *off, data);
+            }
+        });
+        block_on(st.compact(&SyncIo, 4, &|_, _| {})).unwrap();
+        writer.join().unwrap();
+    });
+    for (off, data) in &writes {
+        model[*off as usize..*off as usize + data.len()].copy_from_slice(data);
+    }
+    let mut got = AlignedBuf::zeroed(SIZE as usize);
+    block_on(stack.read(&SyncIo, 0, &mut got)).unwrap();
+    assert!(got[..] == model[..], "the disk after compaction beside writers");
+    close(stack);
+    assert!(read_all(std::slice::from_ref(&img)) == model);
+    assert_clean(&img, "compacted beside writers");
+}
+
+#[test]
+fn a_fault_at_any_step_of_compaction_loses_nothing() {
+    let dir = TempDir::new("compact-faults");
+    let (pristine, model) = fragmented(&dir, "pristine.hdd");
+    let probe = dir.join("probe.hdd");
+    copy_sparse(&pristine, &probe);
+    let counter = Injector::new(None);
+    {
+        let stack = retry_busy(|| block_on(Stack::open(&counter, std::slice::from_ref(&probe), &StackOptions::default()))).unwrap().0;
+        block_on(stack.compact(&counter, 64, &|_, _| {})).unwrap();
+        block_on(stack.close(&counter)).unwrap();
+    }
+    let counts = counter.counts();
+    eprintln!("compaction I/O: {counts:?}");
+    let mut runs = 0;
+    for (kind, n) in [(Kind::Write, counts.writes), (Kind::Sync, counts.syncs), (Kind::Truncate, counts.truncates)] {
+        // Every sync and cut; every 16th write (a step's copies are alike).
+        let every = if kind == Kind::Write { 16 } else { 1 };
+        for index in (0..n).step_by(every) {
+            let ctx = format!("{kind:?} #{index} fails");
+            let img = dir.join("run.hdd");
+            copy_sparse(&pristine, &img);
+            let faulty = Injector::new(Some(Fault { kind, index, sticky: true }));
+            faulty.set_journaling(true);
+            faulty.st.borrow_mut().data_off = CL * (64 + 4 * CLUSTERS).div_ceil(CL);
+            {
+                let opened = retry_busy(|| block_on(Stack::open(&faulty, std::slice::from_ref(&img), &StackOptions::default())));
+                if let Ok((stack, _)) = opened {
+                    let _ = block_on(stack.compact(&faulty, 64, &|_, _| {}));
+                    let _ = block_on(stack.close(&faulty));
+                }
+            }
+            // And the power goes, losing what no sync covered: everything,
+            // or only data or only metadata writes (a disk reorders).
+            faulty.power_cut([Cut::None, Cut::All, Cut::MetaOnly, Cut::DataOnly][(runs % 4) as usize]);
+            let report = retry_busy(|| block_on(check(&SyncIo, &img, Format::Ploop, false))).unwrap();
+            assert!(report.header_errors.is_empty() && report.bad_entries.is_empty(), "{ctx}: {report:?}");
+            assert!(read_all(std::slice::from_ref(&img)) == model, "{ctx}: data lost");
+            // Repaired (an in-use mark, leaked space) and compacted again.
+            retry_busy(|| block_on(check(&SyncIo, &img, Format::Ploop, true))).unwrap();
+            let stack = open(std::slice::from_ref(&img), false);
+            block_on(stack.compact(&SyncIo, 64, &|_, _| {})).unwrap_or_else(|e| panic!("{ctx}: again: {e}"));
+            close(stack);
+            assert!(read_all(std::slice::from_ref(&img)) == model, "{ctx}: data after compacting again");
+            assert_clean(&img, &ctx);
+            runs += 1;
+        }
+    }
+    assert!(runs >= 12, "only {runs} fault runs");
+    eprintln!("{runs} fault runs");
+}
