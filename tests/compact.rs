@@ -230,3 +230,17 @@ fn a_fault_at_any_step_of_compaction_loses_nothing() {
     assert!(runs >= 12, "only {runs} fault runs");
     eprintln!("{runs} fault runs");
 }
+
+#[test]
+fn the_cli_compacts_an_image_no_device_serves() {
+    let dir = TempDir::new("compact-cli");
+    let (img, model) = fragmented(&dir, "a.hdd");
+    let before = file_len(&img);
+    let out = common::ploop(["compact", img.to_str().unwrap(), "--json"]).ok().json();
+    assert!(out["moved"].as_u64().unwrap() > 0 && out["done"] == true, "{out}");
+    assert_eq!(out["file_size_after"].as_u64().unwrap(), file_len(&img));
+    assert!(file_len(&img) < before / 2, "{before} -> {}", file_len(&img));
+    assert!(read_all(std::slice::from_ref(&img)) == model);
+    assert_clean(&img, "compacted by the CLI");
+    common::ploop(["compact", dir.join("missing.hdd").to_str().unwrap()]).expect_clean_failure();
+}
