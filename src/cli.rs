@@ -140,6 +140,10 @@ enum Command {
         /// Image file, or a disk directory (or its DiskDescriptor.xml), no
         /// device serves.
         image: Option<PathBuf>,
+        /// Clusters moved per step; online, requests wait for one step
+        /// (default 16 online, 256 offline).
+        #[arg(long)]
+        step: Option<u64>,
         #[arg(long)]
         json: bool,
     },
@@ -664,7 +668,7 @@ fn run(command: Command) -> Result<i32> {
             }
             Ok(0)
         }
-        Command::Compact { id, image, json } => crate::snapshot_cmd::compact(id, image, json),
+        Command::Compact { id, image, step, json } => crate::snapshot_cmd::compact(id, image, step, json),
         Command::Check { image, repair, format, json } => {
             let (_, paths) = info_targets(std::slice::from_ref(&image), format.format)?;
             let mut reports = Vec::new();

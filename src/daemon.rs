@@ -297,7 +297,8 @@ impl Handler for DaemonHandler {
                 json(&disk.snapshot_rows())
             }
             Request::Resize { size } => json(&self.resize(size)?),
-            Request::Compact => {
+            Request::Compact { step } => {
+                let step = step.unwrap_or(COMPACT_STEP).max(1);
                 if stack.is_read_only() {
                     return Err(Error::new(libc::EROFS, format!("/dev/ublkb{} is read-only (a snapshot device)", self.dev_id)));
                 }
@@ -305,8 +306,8 @@ impl Handler for DaemonHandler {
                 json(&self.start_job(
                     Job::new("compact", None),
                     guard,
-                    Box::new(|ring, stack, progress| {
-                        let c = ring.block_on(stack.compact(&ring.io(), COMPACT_STEP, &|d, t| progress(None, d, t)))?;
+                    Box::new(move |ring, stack, progress| {
+                        let c = ring.block_on(stack.compact(&ring.io(), step, &|d, t| progress(None, d, t)))?;
                         Ok(Outcome { compacted: Some(c), ..Default::default() })
                     }),
                 )?)

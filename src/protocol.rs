@@ -35,8 +35,12 @@ pub enum Request {
     SnapshotList,
     /// Grow the disk online (the top image, the descriptor, the device).
     Resize { size: u64 },
-    /// Give the top image's free space back (a job).
-    Compact,
+    /// Give the top image's free space back (a job), moving at most `step`
+    /// clusters per step (requests are held for one step).
+    Compact {
+        #[serde(default)]
+        step: Option<u64>,
+    },
     /// Start merging a delta (the top when None) into its parent; a job.
     SnapshotMerge {
         #[serde(default)]
