@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::layers::bat::{self, BadEntry, EntryProblem};
-use crate::io::Io;
+use crate::io::{is_hole, Io};
 use crate::layers::header::{Header, Variant, CLOSED, HEADER_SIZE, IN_USE, SECTOR};
 use crate::layers::ploop::ext::{self, Extension};
 use crate::layers::ploop::load;
@@ -248,7 +248,7 @@ async fn check_with<I: Io>(io: &I, path: &Path, format: Format, repair: bool, ta
     let mut punched = 0;
     for slot in rescan.used.iter_zeros() {
         let at = data_off + slot as u64 * cluster;
-        if at + cluster <= rescan.high_water && !is_hole(&file, at, cluster) {
+        if at + cluster <= rescan.high_water && !is_hole(file.as_raw_fd(), at, cluster) {
             io.punch_hole(fd, at, cluster).await.map_err(io_err)?;
             punched += 1;
         }
@@ -315,16 +315,9 @@ fn fill_scan(report: &mut CheckReport, header: &Header, scan: &bat::BatScan, fil
     // An unreferenced cluster that is a hole owns no space: not a leak.
     let middle = scan.used[..inside.min(scan.used.len())]
         .iter_zeros()
-        .filter(|&slot| !is_hole(file, data_off + slot as u64 * cluster, cluster))
+        .filter(|&slot| !is_hole(file.as_raw_fd(), data_off + slot as u64 * cluster, cluster))
         .count() as u64;
     let tail = file_size.saturating_sub(scan.high_water).div_ceil(cluster);
     report.leaked_clusters = middle + tail;
 }
 
-/// True when `[at, at+len)` holds no data blocks (a punched or never
-/// written range).
-fn is_hole(file: &File, at: u64, len: u64) -> bool {
-    // SAFETY: plain syscall on our own descriptor.
-    let next = unsafe { libc::lseek(file.as_raw_fd(), at as libc::off_t, libc::SEEK_DATA) };
-    next < 0 || next as u64 >= at + len
-}

@@ -829,10 +829,10 @@ impl Stack {
         let mut first = true;
         loop {
             let step = self
-                .with_top_closed(io, false, |io, path, lower: Vec<bool>| async move {
+                .with_top_closed(io, false, |io, path, lower: Vec<Arc<Layer>>| async move {
                     let file = crate::io::open_image_file(&path, true, self.direct)?;
                     crate::layers::lock(&file, true)?;
-                    let lower_has = |c: u64| lower.get(c as usize).copied().unwrap_or(false);
+                    let lower_has = |c: u64| lower.iter().any(|l| l.lookup(c, self.cluster).is_some());
                     compact_step(io, &file, &lower_has, budget).await
                 })
                 .await?;
@@ -853,12 +853,11 @@ impl Stack {
 
     /// Run `work` on the top image's file while it is closed, with requests
     /// held; then open it again (also when `work` failed) and rebuild the
-    /// owner map. `work` gets the path and, per cluster, whether a lower
-    /// layer holds it.
+    /// owner map. `work` gets the path and the layers below the top.
     async fn with_top_closed<'a, I, T, F, Fut>(&'a self, io: &'a I, no_trackers: bool, work: F) -> Result<T>
     where
         I: Io,
-        F: FnOnce(&'a I, PathBuf, Vec<bool>) -> Fut,
+        F: FnOnce(&'a I, PathBuf, Vec<Arc<Layer>>) -> Fut,
         Fut: std::future::Future<Output = Result<T>> + 'a,
     {
         let mut shape = self.shape.exclusive().await;
@@ -881,9 +880,7 @@ impl Stack {
             return Err(Error::new(libc::EBUSY, "the top is in use elsewhere in the daemon; try again"));
         }
         drop(top);
-        let lower: Vec<bool> =
-            (0..self.size().div_ceil(self.cluster)).map(|c| shape.layers.iter().any(|l| l.lookup(c, self.cluster).is_some())).collect();
-        let result = work(io, path.clone(), lower).await;
+        let result = work(io, path.clone(), shape.layers.clone()).await;
         match Layer::open(io, &path, Format::Ploop, true, self.direct).await {
             Ok((layer, _)) => {
                 shape.layers.push(Arc::new(layer));

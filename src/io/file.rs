@@ -53,6 +53,14 @@ impl ImageFile {
     }
 }
 
+/// True when `[at, at+len)` of the file holds no data blocks (a punched or
+/// never written range).
+pub fn is_hole(fd: RawFd, at: u64, len: u64) -> bool {
+    // SAFETY: plain syscall on a descriptor the caller owns.
+    let next = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
+    next < 0 || next as u64 >= at + len
+}
+
 pub fn open_image_file(path: &Path, writable: bool, direct: Direct) -> Result<ImageFile> {
     let open = |flags: i32| {
         OpenOptions::new()

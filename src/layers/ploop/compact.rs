@@ -17,11 +17,11 @@
 use std::collections::BTreeSet;
 
 use crate::error::{Error, Result};
-use crate::io::{AlignedBuf, ImageFile, Io};
+use crate::io::{ImageFile, Io};
 use crate::layers::header::{Variant, IN_USE};
 
 use super::load;
-use super::resize::{write_header, write_table};
+use super::resize::{move_clusters, write_header, write_table, Table};
 
 /// What one step did, and what is left.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -36,12 +36,6 @@ pub struct Compacted {
     pub file_size_after: u64,
     /// Nothing left to do: the file ends at its last used cluster.
     pub done: bool,
-}
-
-fn is_hole(fd: i32, at: u64, len: u64) -> bool {
-    // SAFETY: plain syscall on a descriptor the caller owns.
-    let next = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
-    next < 0 || next as u64 >= at + len
 }
 
 /// One step on `file` (open read-write, locked by the caller). `lower_has(c)`
@@ -73,7 +67,7 @@ pub async fn compact_step<I: Io>(io: &I, file: &ImageFile, lower_has: &dyn Fn(u6
 
     // 1. Unlink what discards left as holes.
     for (c, v) in values.iter_mut().enumerate() {
-        if *v != 0 && !lower_has(c as u64) && is_hole(fd, *v as u64 * cluster, cluster) {
+        if *v != 0 && !lower_has(c as u64) && crate::io::is_hole(fd, *v as u64 * cluster, cluster) {
             *v = 0;
             out.unlinked += 1;
         }
@@ -98,19 +92,9 @@ pub async fn compact_step<I: Io>(io: &I, file: &ImageFile, lower_has: &dyn Fn(u6
     }
     let now = plan.len().min(budget as usize);
     out.remaining = (plan.len() - now) as u64;
-    if now > 0 {
-        let mut buf = AlignedBuf::try_zeroed(cluster as usize).ok_or_else(|| Error::too_large(&name, cluster))?;
-        for &(_, from, to) in &plan[..now] {
-            io.read_at(fd, &mut buf, from).await.map_err(|e| Error::io(e, format_args!("{name}: reading cluster at {from}")))?;
-            io.write_at(fd, &buf, to).await.map_err(|e| Error::io(e, format_args!("{name}: moving a cluster to {to}")))?;
-        }
-        io.sync_data(fd).await.map_err(|e| Error::io(e, &name))?;
-        for &(c, _, to) in &plan[..now] {
-            values[c] = (to / cluster) as u32;
-        }
-        write_table(io, fd, &header, &values, data_off, block, &name).await?;
-        out.moved = now as u64;
-    }
+    let table = Table { header: &header, end: data_off, unit: cluster, block, name: &name };
+    move_clusters(io, fd, &table, &mut values, &plan[..now]).await?;
+    out.moved = now as u64;
 
     // 3. Nothing left to move: cut the file after its last used cluster.
     if out.remaining == 0 {

@@ -139,26 +139,13 @@ pub async fn resize_file<I: Io>(io: &I, file: &crate::io::ImageFile, new_size: u
     }
 
     if new_data_off > old_data_off {
-        // 1. Copy the clusters in the way to the end of the file.
-        let mut dest = file_len.next_multiple_of(cluster).max(new_data_off);
-        let mut moved = Vec::new();
-        let mut buf = AlignedBuf::try_zeroed(cluster as usize).ok_or_else(|| Error::too_large(&name, cluster))?;
-        for (c, v) in values.iter().enumerate() {
-            let at = *v as u64 * unit;
-            if *v != 0 && at < new_data_off {
-                io.read_at(fd, &mut buf, at).await.map_err(|e| Error::io(e, format_args!("{name}: reading cluster at {at}")))?;
-                io.write_at(fd, &buf, dest).await.map_err(|e| Error::io(e, format_args!("{name}: moving a cluster to {dest}")))?;
-                moved.push((c, dest));
-                dest += cluster;
-            }
-        }
-        io.sync_data(fd).await.map_err(|e| Error::io(e, &name))?;
-        // 2. Point the entries at the copies.
-        for &(c, at) in &moved {
-            values[c] = (at / unit) as u32;
-        }
-        write_table(io, fd, &cur, &values[..old_entries as usize], old_data_off, block, &name).await?;
-        done.relocated = moved.len() as u64;
+        // 1. and 2. The clusters in the way go to the end of the file.
+        let dest = file_len.next_multiple_of(cluster).max(new_data_off);
+        let in_way = values.iter().enumerate().filter(|(_, &v)| v != 0 && (v as u64 * unit) < new_data_off);
+        let moves: Vec<(usize, u64, u64)> = in_way.zip((dest..).step_by(cluster as usize)).map(|((c, &v), to)| (c, v as u64 * unit, to)).collect();
+        let table = Table { header: &cur, end: old_data_off, unit, block, name: &name };
+        move_clusters(io, fd, &table, &mut values[..old_entries as usize], &moves).await?;
+        done.relocated = moves.len() as u64;
         next.data_off_sectors = (new_data_off / SECTOR) as u32;
     }
     // 3. The new entries (and the space the table grows into) are zeros.
@@ -200,6 +187,37 @@ pub(super) async fn write_table<I: Io>(io: &I, fd: i32, header: &Header, values:
     }
     io.write_at(fd, &buf, 0).await.map_err(|e| Error::io(e, format_args!("{name}: writing the BAT")))?;
     io.sync_data(fd).await.map_err(|e| Error::io(e, name))
+}
+
+/// Where a table is written (see `write_table`): its header, the end of
+/// the zeroed area, the entries' unit, the I/O block.
+pub(super) struct Table<'a> {
+    pub header: &'a Header,
+    pub end: u64,
+    pub unit: u64,
+    pub block: u64,
+    pub name: &'a str,
+}
+
+/// Move clusters (entry, from, to): copy each, sync, then point the
+/// entries at the copies and write the table (synced). The old copies
+/// stay intact until then, so a crash leaves the old entries valid.
+pub(super) async fn move_clusters<I: Io>(io: &I, fd: i32, t: &Table<'_>, values: &mut [u32], moves: &[(usize, u64, u64)]) -> Result<()> {
+    if moves.is_empty() {
+        return Ok(());
+    }
+    let name = t.name;
+    let cluster = t.header.cluster_bytes();
+    let mut buf = AlignedBuf::try_zeroed(cluster as usize).ok_or_else(|| Error::too_large(name, cluster))?;
+    for &(_, from, to) in moves {
+        io.read_at(fd, &mut buf, from).await.map_err(|e| Error::io(e, format_args!("{name}: reading cluster at {from}")))?;
+        io.write_at(fd, &buf, to).await.map_err(|e| Error::io(e, format_args!("{name}: moving a cluster to {to}")))?;
+    }
+    io.sync_data(fd).await.map_err(|e| Error::io(e, name))?;
+    for &(c, _, to) in moves {
+        values[c] = (to / t.unit) as u32;
+    }
+    write_table(io, fd, t.header, values, t.end, t.block, name).await
 }
 
 /// Rewrite the header (the first block, the BAT part as it is on disk).
