@@ -144,6 +144,10 @@ enum Command {
         /// (default 16 online, 256 offline).
         #[arg(long)]
         step: Option<u64>,
+        /// Limit the moves to this many bytes per second on average (K/M/G
+        /// suffixes), to leave the container's I/O room.
+        #[arg(long, value_parser = parse_size_arg)]
+        speed: Option<u64>,
         #[arg(long)]
         json: bool,
     },
@@ -668,7 +672,7 @@ fn run(command: Command) -> Result<i32> {
             }
             Ok(0)
         }
-        Command::Compact { id, image, step, json } => crate::snapshot_cmd::compact(id, image, step, json),
+        Command::Compact { id, image, step, speed, json } => crate::snapshot_cmd::compact(id, image, step, speed, json),
         Command::Check { image, repair, format, json } => {
             let (_, paths) = info_targets(std::slice::from_ref(&image), format.format)?;
             let mut reports = Vec::new();

@@ -297,8 +297,9 @@ impl Handler for DaemonHandler {
                 json(&disk.snapshot_rows())
             }
             Request::Resize { size } => json(&self.resize(size)?),
-            Request::Compact { step } => {
+            Request::Compact { step, speed } => {
                 let step = step.unwrap_or(COMPACT_STEP).max(1);
+                let cluster = stack.cluster_size();
                 if stack.is_read_only() {
                     return Err(Error::new(libc::EROFS, format!("/dev/ublkb{} is read-only (a snapshot device)", self.dev_id)));
                 }
@@ -307,7 +308,12 @@ impl Handler for DaemonHandler {
                     Job::new("compact", None),
                     guard,
                     Box::new(move |ring, stack, progress| {
-                        let c = ring.block_on(stack.compact(&ring.io(), step, &|d, t| progress(None, d, t)))?;
+                        // Paced between steps, with no request held.
+                        let pace = crate::pace::Pace::new(speed);
+                        let c = ring.block_on(stack.compact(&ring.io(), step, &|d, t| {
+                            progress(None, d, t);
+                            pace.wait(d * cluster);
+                        }))?;
                         Ok(Outcome { compacted: Some(c), ..Default::default() })
                     }),
                 )?)

@@ -6,6 +6,7 @@ mod control;
 mod copy_cmd;
 mod daemon;
 mod fsfreeze;
+mod pace;
 mod protocol;
 mod snapshot_cmd;
 mod ublk_target;

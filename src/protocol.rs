@@ -40,6 +40,9 @@ pub enum Request {
     Compact {
         #[serde(default)]
         step: Option<u64>,
+        /// Average bytes per second the moves may take (None: no limit).
+        #[serde(default)]
+        speed: Option<u64>,
     },
     /// Start merging a delta (the top when None) into its parent; a job.
     SnapshotMerge {

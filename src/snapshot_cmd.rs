@@ -121,11 +121,11 @@ pub fn delete(id: Option<u32>, dir: Option<PathBuf>, uuid: Guid, json: bool) -> 
 
 /// Compact a served disk (a job) or a disk directory or image no device
 /// serves: its top image's free space goes back to the host filesystem.
-pub fn compact(id: Option<u32>, target: Option<PathBuf>, step: Option<u64>, json: bool) -> Result<i32> {
+pub fn compact(id: Option<u32>, target: Option<PathBuf>, step: Option<u64>, speed: Option<u64>, json: bool) -> Result<i32> {
     use ublk_ploop::layers::ploop::compact::Compacted;
     let done: Compacted = match (id, target) {
         (Some(id), _) => {
-            let _started: Job = request(id, Request::Compact { step })?;
+            let _started: Job = request(id, Request::Compact { step, speed })?;
             follow(id, json)?.compacted.ok_or_else(|| Error::new(libc::EPROTO, "the daemon reported no result"))?
         }
         (None, Some(target)) => {
@@ -136,7 +136,12 @@ pub fn compact(id: Option<u32>, target: Option<PathBuf>, step: Option<u64>, json
             };
             let (stack, _) = block_on(Stack::open_layers(&SyncIo, &layers, &StackOptions::default()))?;
             let bar = Bar::new(json, "compacting");
-            let result = block_on(stack.compact(&SyncIo, step.unwrap_or(256).max(1), &|d, t| bar.set(d, t)));
+            let pace = crate::pace::Pace::new(speed);
+            let cluster = stack.cluster_size();
+            let result = block_on(stack.compact(&SyncIo, step.unwrap_or(256).max(1), &|d, t| {
+                bar.set(d, t);
+                pace.wait(d * cluster);
+            }));
             bar.finish();
             let closed = block_on(stack.close(&SyncIo));
             let done = result?;

@@ -650,23 +650,24 @@ scenario_compact() {
 	fstrim "$mnt" || die "fstrim"
 	before=$(stat -c %s "$dir/root.hds")
 	# kill -9 of the daemon once the first steps are done, then recovery
-	# and a full run.
-	# One cluster per step: many steps, so that the kill lands between two.
-	"$BIN" compact -n "$id" --step 1 --json >/dev/null 2>&1 &
-	local midway="" pid job
+	# and a full run. One cluster per step at 8 MiB/s on average: about
+	# 15 s for the whole job, so the kill lands between two steps however
+	# fast this machine moves clusters.
+	"$BIN" compact -n "$id" --step 1 --speed 8M --json >/dev/null 2>"$SCRATCH/compact.err" &
+	local midway="" pid job done_ total seen=""
 	pid=$(daemon_pid "$id")
-	for _ in $(seq 400); do
+	for _ in $(seq 600); do
 		job=$("$BIN" status -n "$id" --json 2>/dev/null | tr -d ' \n' | grep -o '"kind":"compact","uuid":null,"state":"[a-z]*","done":[0-9]*,"total":[0-9]*' || true)
+		[ -z "$job" ] || seen=$job
 		done_=$(sed -n 's/.*"done":\([0-9]*\).*/\1/p' <<<"$job"); total=$(sed -n 's/.*"total":\([0-9]*\).*/\1/p' <<<"$job")
 		if [ -n "$done_" ] && [ "$done_" -gt 0 ] && [ "$done_" -lt "$total" ]; then
 			kill -9 "$pid"; midway="$done_ of $total"; break
 		fi
-		# Finished before a kill could land in the middle: say so below.
 		grep -q '"state":"running"' <<<"$job" || [ -z "$job" ] || break
-		sleep 0.01
+		sleep 0.05
 	done
 	wait || true
-	[ -n "$midway" ] || die "never saw the compaction in progress to kill it there"
+	[ -n "$midway" ] || die "never saw the compaction in progress to kill it there (last job seen: ${seen:-none}; compact said: $(cat "$SCRATCH/compact.err"))"
 	log "killed the daemon with $midway clusters moved"
 	"$BIN" recover -n "$id" >/dev/null || die "recover after a kill during compact"
 	(cd "$mnt" && sha256sum -c --quiet "$SCRATCH/sums.compact") || die "files after a kill during compact"
