@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::io::wait::{Entered, Exclusive, Gate, WaitList};
-use crate::io::{block_on, for_each_in_flight, join_all, AlignedBuf, BufPool, Direct, Io};
+use crate::io::{block_on, for_each_in_flight, join_all, AlignedBuf, BufPool, Direct, FixedBuf, Io};
 use crate::layers::header::DEFAULT_CLUSTER;
 use crate::layers::ploop::ext::DirtyBitmap;
 use crate::layers::{Format, Layer, MetaError, OpenReport, PloopLayer};
@@ -386,27 +386,49 @@ impl Stack {
     /// Read into `buf` (any alignment; O_DIRECT-aligned buffers avoid a
     /// copy). All transfers of the request are in flight together.
     pub async fn read<I: Io>(&self, io: &I, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.check_range(offset, buf.len())?;
+        self.read_to(io, offset, Dst::Mem(buf)).await
+    }
+
+    /// Read into a buffer registered on `io`'s ring (zero copy: the bytes
+    /// go from the image files straight into the request's pages, holes
+    /// are zeroed there by the kernel).
+    pub async fn read_fixed<I: Io>(&self, io: &I, offset: u64, buf: FixedBuf) -> Result<()> {
+        self.read_to(io, offset, Dst::Fixed(buf)).await
+    }
+
+    async fn read_to<I: Io>(&self, io: &I, offset: u64, dst: Dst<'_>) -> Result<()> {
+        let len = dst.len();
+        self.check_range(offset, len)?;
         let shape = self.shape.enter().await;
         let mut segs = Vec::with_capacity(2);
-        self.plan_read(&shape, offset, buf.len(), &mut segs);
-        read_segs(io, &segs, buf).await.map_err(|e| Error::io(e, "reading image data"))
+        self.plan_read(&shape, offset, len, &mut segs);
+        read_segs(io, &segs, dst).await.map_err(|e| Error::io(e, "reading image data"))
     }
 
     /// Write `data` at `offset`: clusters the top lacks are allocated (and
     /// copied up from below) first; the write completes once the BAT
     /// entries it created or relies on are written.
     pub async fn write<I: Io>(&self, io: &I, offset: u64, data: &[u8]) -> Result<()> {
+        self.write_from(io, offset, Src::Mem(data)).await
+    }
+
+    /// Write from a buffer registered on `io`'s ring (zero copy), as `write`.
+    pub async fn write_fixed<I: Io>(&self, io: &I, offset: u64, buf: FixedBuf) -> Result<()> {
+        self.write_from(io, offset, Src::Fixed(buf)).await
+    }
+
+    async fn write_from<I: Io>(&self, io: &I, offset: u64, data: Src<'_>) -> Result<()> {
+        let len = data.len();
         self.check_writable()?;
-        self.check_range(offset, data.len())?;
+        self.check_range(offset, len)?;
         let shape = self.shape.enter().await;
         shape.check_open()?;
         let result = self.write_entered(io, &shape, offset, data).await;
-        mark(&shape, offset, data.len());
+        mark(&shape, offset, len);
         result
     }
 
-    async fn write_entered<I: Io>(&self, io: &I, shape: &Shape, offset: u64, data: &[u8]) -> Result<()> {
+    async fn write_entered<I: Io>(&self, io: &I, shape: &Shape, offset: u64, data: Src<'_>) -> Result<()> {
         let top = shape.top();
         let window = top.window_start();
         let fd = top.file().fd();
@@ -972,7 +994,7 @@ impl Frozen<'_> {
         self.stack.check_range(offset, buf.len())?;
         let mut segs = Vec::with_capacity(2);
         self.stack.plan_read(&self.shape, offset, buf.len(), &mut segs);
-        read_segs(io, &segs, buf).await.map_err(|e| Error::io(e, "reading image data"))
+        read_segs(io, &segs, Dst::Mem(buf)).await.map_err(|e| Error::io(e, "reading image data"))
     }
 
     /// Make every completed write durable.
@@ -1000,8 +1022,58 @@ async fn punch<I: Io>(io: &I, layer: &Layer, at: u64, n: usize) -> Result<()> {
     }
 }
 
-/// Move planned read segments into `buf`, all in flight together.
-async fn read_segs<I: Io>(io: &I, segs: &[Seg], buf: &mut [u8]) -> std::io::Result<()> {
+/// Where a request's bytes go: our memory, or a buffer registered on the
+/// ring (zero copy).
+enum Dst<'a> {
+    Mem(&'a mut [u8]),
+    Fixed(FixedBuf),
+}
+
+/// Where a write's bytes come from.
+#[derive(Clone, Copy)]
+enum Src<'a> {
+    Mem(&'a [u8]),
+    Fixed(FixedBuf),
+}
+
+impl Dst<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Dst::Mem(b) => b.len(),
+            Dst::Fixed(f) => f.len,
+        }
+    }
+}
+
+impl Src<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Src::Mem(b) => b.len(),
+            Src::Fixed(f) => f.len,
+        }
+    }
+}
+
+/// Move planned read segments into `dst`, all in flight together.
+async fn read_segs<I: Io>(io: &I, segs: &[Seg], dst: Dst<'_>) -> std::io::Result<()> {
+    let buf = match dst {
+        Dst::Mem(buf) => buf,
+        Dst::Fixed(fixed) => {
+            let transfer = |seg: &Seg| {
+                let seg = *seg;
+                async move {
+                    match seg {
+                        Seg::Data { fd, file_off, buf_off, len } => io.read_fixed(fd, fixed.slice(buf_off, len), file_off).await,
+                        Seg::Zero { buf_off, len } => io.zero_fixed(fixed.slice(buf_off, len)).await,
+                    }
+                }
+            };
+            return match segs {
+                [one] => transfer(one).await,
+                _ => join_all(segs.iter().map(transfer).collect()).await.into_iter().collect(),
+            };
+        }
+    };
     if let [Seg::Data { fd, file_off, len, .. }] = *segs {
         return io.read_at(fd, &mut buf[..len], file_off).await;
     }
@@ -1025,10 +1097,16 @@ async fn read_segs<I: Io>(io: &I, segs: &[Seg], buf: &mut [u8]) -> std::io::Resu
 }
 
 /// Move planned write segments from `data`, all in flight together.
-async fn write_segs<I: Io>(io: &I, segs: &[Seg], data: &[u8]) -> std::io::Result<()> {
-    let transfer = |seg: &Seg| match *seg {
-        Seg::Data { fd, file_off, buf_off, len } => io.write_at(fd, &data[buf_off..buf_off + len], file_off),
-        Seg::Zero { .. } => unreachable!("writes plan no zero segments"),
+async fn write_segs<I: Io>(io: &I, segs: &[Seg], data: Src<'_>) -> std::io::Result<()> {
+    let transfer = |seg: &Seg| {
+        let seg = *seg;
+        async move {
+            match (seg, data) {
+                (Seg::Data { fd, file_off, buf_off, len }, Src::Mem(data)) => io.write_at(fd, &data[buf_off..buf_off + len], file_off).await,
+                (Seg::Data { fd, file_off, buf_off, len }, Src::Fixed(fixed)) => io.write_fixed(fd, fixed.slice(buf_off, len), file_off).await,
+                (Seg::Zero { .. }, _) => unreachable!("writes plan no zero segments"),
+            }
+        }
     };
     match segs {
         [one] => transfer(one).await,

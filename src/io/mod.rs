@@ -61,6 +61,45 @@ pub trait Io {
     async fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         std::fs::File::open(dir)?.sync_all()
     }
+    /// Zero copy: read from `fd` into a buffer registered on the ring.
+    /// Only a ring that holds registered buffers can; the rest refuse.
+    async fn read_fixed(&self, _fd: RawFd, _buf: FixedBuf, _offset: u64) -> io::Result<()> {
+        Err(no_fixed_buffers())
+    }
+    /// Zero copy: write a registered buffer's bytes to `fd`.
+    async fn write_fixed(&self, _fd: RawFd, _buf: FixedBuf, _offset: u64) -> io::Result<()> {
+        Err(no_fixed_buffers())
+    }
+    /// Zero copy: make a registered buffer's range read as zeros.
+    async fn zero_fixed(&self, _buf: FixedBuf) -> io::Result<()> {
+        Err(no_fixed_buffers())
+    }
+}
+
+fn no_fixed_buffers() -> io::Error {
+    io::Error::new(io::ErrorKind::Unsupported, "this I/O path has no registered buffers")
+}
+
+/// A byte range of a buffer registered on the ring (zero copy): the ublk
+/// driver registers each request's pages at an index of the queue's ring,
+/// and transfers name them by index instead of by address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FixedBuf {
+    pub index: u16,
+    /// The address the ring knows the buffer's first byte by: 0 for a
+    /// kernel buffer (ublk's), the memory address for user memory.
+    pub base: u64,
+    /// Where the range starts within the buffer, and its length.
+    pub off: usize,
+    pub len: usize,
+}
+
+impl FixedBuf {
+    /// The part `[off, off + len)` of this range.
+    pub fn slice(self, off: usize, len: usize) -> FixedBuf {
+        debug_assert!(off + len <= self.len);
+        FixedBuf { off: self.off + off, len, ..self }
+    }
 }
 
 impl<T: Io + ?Sized> Io for &T {
@@ -87,6 +126,15 @@ impl<T: Io + ?Sized> Io for &T {
     }
     async fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         (**self).sync_dir(dir).await
+    }
+    async fn read_fixed(&self, fd: RawFd, buf: FixedBuf, offset: u64) -> io::Result<()> {
+        (**self).read_fixed(fd, buf, offset).await
+    }
+    async fn write_fixed(&self, fd: RawFd, buf: FixedBuf, offset: u64) -> io::Result<()> {
+        (**self).write_fixed(fd, buf, offset).await
+    }
+    async fn zero_fixed(&self, buf: FixedBuf) -> io::Result<()> {
+        (**self).zero_fixed(buf).await
     }
 }
 

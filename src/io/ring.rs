@@ -12,7 +12,7 @@ use io_uring::{opcode, squeue, types};
 
 use super::aligned::{is_aligned, AlignedBuf, MEM_ALIGN};
 use super::sync::{ftruncate, PUNCH};
-use super::Io;
+use super::{FixedBuf, Io};
 
 /// A ring that takes one SQE and completes it: the SQE is queued when
 /// `submit` is called (the owner enters the kernel with a batch later), and
@@ -87,6 +87,48 @@ impl<S: Submit> RingIo<S> {
     }
 }
 
+/// /dev/zero, the source that fills registered buffers with zeros without
+/// the bytes passing through our memory; opened once per process.
+fn dev_zero() -> io::Result<RawFd> {
+    use std::os::fd::AsRawFd;
+    static ZERO: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
+    if let Some(f) = ZERO.get() {
+        return Ok(f.as_raw_fd());
+    }
+    let f = std::fs::File::open("/dev/zero")?;
+    Ok(ZERO.get_or_init(|| f).as_raw_fd())
+}
+
+impl<S: Submit> RingIo<S> {
+    /// Move a registered buffer's range from (`read`) or to `fd`, whole;
+    /// a read that ends at EOF leaves the rest to `zero_fixed`.
+    async fn transfer_fixed(&self, read: bool, fd: RawFd, buf: FixedBuf, offset: u64) -> io::Result<()> {
+        let mut done = 0usize;
+        while done < buf.len {
+            let addr = buf.base + (buf.off + done) as u64;
+            let (len, at) = ((buf.len - done) as u32, offset + done as u64);
+            let n = self
+                .op(|| {
+                    if read {
+                        opcode::ReadFixed::new(types::Fd(fd), addr as *mut u8, len, buf.index).offset(at).build()
+                    } else {
+                        opcode::WriteFixed::new(types::Fd(fd), addr as *const u8, len, buf.index).offset(at).build()
+                    }
+                })
+                .await? as usize;
+            if n == 0 {
+                if !read {
+                    return Err(io::Error::new(io::ErrorKind::WriteZero, "short write"));
+                }
+                // Past EOF: the rest is a hole.
+                return self.zero_fixed(buf.slice(done, buf.len - done)).await;
+            }
+            done += n;
+        }
+        Ok(())
+    }
+}
+
 /// Armed while the kernel may still touch a buffer of ours. A future that
 /// is dropped before its CQE arrived would free memory the kernel writes
 /// into; the process dies instead of corrupting itself. The frontends never
@@ -135,6 +177,29 @@ impl<S: Submit> Io for RingIo<S> {
 
     async fn punch_hole(&self, fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
         self.op(|| opcode::Fallocate::new(types::Fd(fd), len).offset(offset).mode(PUNCH.bits()).build()).await.map(drop)
+    }
+
+    async fn read_fixed(&self, fd: RawFd, buf: FixedBuf, offset: u64) -> io::Result<()> {
+        self.transfer_fixed(true, fd, buf, offset).await
+    }
+
+    async fn write_fixed(&self, fd: RawFd, buf: FixedBuf, offset: u64) -> io::Result<()> {
+        self.transfer_fixed(false, fd, buf, offset).await
+    }
+
+    async fn zero_fixed(&self, buf: FixedBuf) -> io::Result<()> {
+        let zero = dev_zero()?;
+        let mut done = 0usize;
+        while done < buf.len {
+            let addr = buf.base + (buf.off + done) as u64;
+            let len = (buf.len - done) as u32;
+            let n = self.op(|| opcode::ReadFixed::new(types::Fd(zero), addr as *mut u8, len, buf.index).build()).await? as usize;
+            if n == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "/dev/zero read short"));
+            }
+            done += n;
+        }
+        Ok(())
     }
 
     async fn set_len(&self, fd: RawFd, len: u64) -> io::Result<()> {

@@ -44,6 +44,16 @@ impl OwnRing {
         })
     }
 
+    /// Register user memory as the ring's fixed buffers (index = position),
+    /// so the zero-copy path (`Io::read_fixed`...) runs on hosts without
+    /// ublk: the same opcodes the daemon issues on kernel buffers.
+    ///
+    /// # Safety
+    /// The memory must stay valid while the ring lives.
+    pub unsafe fn register_buffers(&self, bufs: &[libc::iovec]) -> io::Result<()> {
+        self.ring.borrow().submitter().register_buffers(bufs)
+    }
+
     /// The engine's I/O on this ring.
     pub fn io(&self) -> RingIo<&OwnRing> {
         RingIo::new(self)

@@ -556,7 +556,14 @@ pub fn open_stack<P: AsRef<Path>>(paths: &[P], read_only: bool) -> Stack {
 pub enum AnyIo {
     Sync(SyncIo),
     Uring(RingIo<OwnRing>),
+    /// The ring with a registered buffer that requests go through (the
+    /// daemon's zero-copy path, with user memory standing in for the
+    /// kernel's request pages).
+    Fixed(RingIo<OwnRing>, std::cell::RefCell<ublk_ploop::io::AlignedBuf>),
 }
+
+/// Largest request `AnyIo::Fixed` takes.
+pub const FIXED_STAGING: usize = 4 << 20;
 
 impl AnyIo {
     pub fn new(name: &str) -> AnyIo {
@@ -565,6 +572,15 @@ impl AnyIo {
             "uring" => AnyIo::Uring(RingIo::new(
                 OwnRing::new(64).unwrap_or_else(|e| panic!("io_uring is not available here ({e}); the uring tests need it")),
             )),
+            "fixed" => {
+                let ring = OwnRing::new(64).unwrap_or_else(|e| panic!("io_uring is not available here ({e}); the uring tests need it"));
+                let mut staging = ublk_ploop::io::AlignedBuf::zeroed(FIXED_STAGING);
+                let iov = libc::iovec { iov_base: staging.as_mut_ptr().cast(), iov_len: staging.len() };
+                // SAFETY: the buffer lives in the same value as the ring and
+                // its heap memory never moves.
+                unsafe { ring.register_buffers(&[iov]) }.unwrap_or_else(|e| panic!("registering a fixed buffer: {e}"));
+                AnyIo::Fixed(RingIo::new(ring), std::cell::RefCell::new(staging))
+            }
             _ => unreachable!(),
         }
     }
@@ -572,13 +588,49 @@ impl AnyIo {
         match self {
             AnyIo::Sync(_) => "sync",
             AnyIo::Uring(_) => "uring",
+            AnyIo::Fixed(..) => "fixed",
         }
     }
     /// Run an engine future that uses this I/O to completion.
     pub fn run<F: std::future::Future>(&self, f: F) -> F::Output {
         match self {
             AnyIo::Sync(_) => block_on(f),
-            AnyIo::Uring(r) => r.ring().block_on(f),
+            AnyIo::Uring(r) | AnyIo::Fixed(r, _) => r.ring().block_on(f),
+        }
+    }
+
+    fn fixed(&self, staging: &ublk_ploop::io::AlignedBuf, len: usize) -> ublk_ploop::io::FixedBuf {
+        assert!(len <= FIXED_STAGING, "request of {len} bytes is larger than the fixed buffer");
+        ublk_ploop::io::FixedBuf { index: 0, base: staging.as_ptr() as u64, off: 0, len }
+    }
+
+    /// A request's read, the way the daemon serves it with this I/O: for
+    /// `Fixed`, into the registered buffer (filled with garbage first, so
+    /// a range left untouched shows), then copied out.
+    pub fn request_read(&self, stack: &Stack, offset: u64, buf: &mut [u8]) -> ublk_ploop::Result<()> {
+        match self {
+            AnyIo::Fixed(_, staging) => {
+                let mut staging = staging.borrow_mut();
+                staging[..buf.len()].fill(0xa5);
+                let fixed = self.fixed(&staging, buf.len());
+                self.run(stack.read_fixed(self, offset, fixed))?;
+                buf.copy_from_slice(&staging[..buf.len()]);
+                Ok(())
+            }
+            _ => self.run(stack.read(self, offset, buf)),
+        }
+    }
+
+    /// A request's write, as `request_read`.
+    pub fn request_write(&self, stack: &Stack, offset: u64, data: &[u8]) -> ublk_ploop::Result<()> {
+        match self {
+            AnyIo::Fixed(_, staging) => {
+                let mut staging = staging.borrow_mut();
+                staging[..data.len()].copy_from_slice(data);
+                let fixed = self.fixed(&staging, data.len());
+                self.run(stack.write_fixed(self, offset, fixed))
+            }
+            _ => self.run(stack.write(self, offset, data)),
         }
     }
 }
@@ -587,37 +639,55 @@ impl Io for AnyIo {
     async fn read_at(&self, fd: i32, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         match self {
             AnyIo::Sync(i) => i.read_at(fd, buf, offset).await,
-            AnyIo::Uring(i) => i.read_at(fd, buf, offset).await,
+            AnyIo::Uring(i) | AnyIo::Fixed(i, _) => i.read_at(fd, buf, offset).await,
         }
     }
     async fn write_at(&self, fd: i32, buf: &[u8], offset: u64) -> std::io::Result<()> {
         match self {
             AnyIo::Sync(i) => i.write_at(fd, buf, offset).await,
-            AnyIo::Uring(i) => i.write_at(fd, buf, offset).await,
+            AnyIo::Uring(i) | AnyIo::Fixed(i, _) => i.write_at(fd, buf, offset).await,
         }
     }
     async fn sync_data(&self, fd: i32) -> std::io::Result<()> {
         match self {
             AnyIo::Sync(i) => i.sync_data(fd).await,
-            AnyIo::Uring(i) => i.sync_data(fd).await,
+            AnyIo::Uring(i) | AnyIo::Fixed(i, _) => i.sync_data(fd).await,
         }
     }
     async fn allocate(&self, fd: i32, offset: u64, len: u64) -> std::io::Result<()> {
         match self {
             AnyIo::Sync(i) => i.allocate(fd, offset, len).await,
-            AnyIo::Uring(i) => i.allocate(fd, offset, len).await,
+            AnyIo::Uring(i) | AnyIo::Fixed(i, _) => i.allocate(fd, offset, len).await,
         }
     }
     async fn punch_hole(&self, fd: i32, offset: u64, len: u64) -> std::io::Result<()> {
         match self {
             AnyIo::Sync(i) => i.punch_hole(fd, offset, len).await,
-            AnyIo::Uring(i) => i.punch_hole(fd, offset, len).await,
+            AnyIo::Uring(i) | AnyIo::Fixed(i, _) => i.punch_hole(fd, offset, len).await,
         }
     }
     async fn set_len(&self, fd: i32, len: u64) -> std::io::Result<()> {
         match self {
             AnyIo::Sync(i) => i.set_len(fd, len).await,
-            AnyIo::Uring(i) => i.set_len(fd, len).await,
+            AnyIo::Uring(i) | AnyIo::Fixed(i, _) => i.set_len(fd, len).await,
+        }
+    }
+    async fn read_fixed(&self, fd: i32, buf: ublk_ploop::io::FixedBuf, offset: u64) -> std::io::Result<()> {
+        match self {
+            AnyIo::Sync(i) => i.read_fixed(fd, buf, offset).await,
+            AnyIo::Uring(i) | AnyIo::Fixed(i, _) => i.read_fixed(fd, buf, offset).await,
+        }
+    }
+    async fn write_fixed(&self, fd: i32, buf: ublk_ploop::io::FixedBuf, offset: u64) -> std::io::Result<()> {
+        match self {
+            AnyIo::Sync(i) => i.write_fixed(fd, buf, offset).await,
+            AnyIo::Uring(i) | AnyIo::Fixed(i, _) => i.write_fixed(fd, buf, offset).await,
+        }
+    }
+    async fn zero_fixed(&self, buf: ublk_ploop::io::FixedBuf) -> std::io::Result<()> {
+        match self {
+            AnyIo::Sync(i) => i.zero_fixed(buf).await,
+            AnyIo::Uring(i) | AnyIo::Fixed(i, _) => i.zero_fixed(buf).await,
         }
     }
 }
@@ -629,7 +699,7 @@ pub fn read_disk(stack: &Stack, io: &AnyIo, chunk: usize) -> Vec<u8> {
     let mut at = 0;
     while at < size {
         let n = chunk.min(size - at);
-        io.run(stack.read(io, at as u64, &mut out[at..at + n])).unwrap_or_else(|e| panic!("reading {at}+{n}: {e}"));
+        io.request_read(stack, at as u64, &mut out[at..at + n]).unwrap_or_else(|e| panic!("reading {at}+{n}: {e}"));
         at += n;
     }
     out
