@@ -393,6 +393,10 @@ struct DeviceArgs {
     /// Group allowed on the control socket besides root.
     #[arg(long)]
     socket_group: Option<String>,
+    /// Move request data through the daemon's buffers even where the
+    /// kernel offers zero copy (auto buffer registration, Linux 6.16+).
+    #[arg(long)]
+    copy_mode: bool,
     #[command(flatten)]
     io: DirectArg,
 }
@@ -503,6 +507,7 @@ fn run(command: Command) -> Result<i32> {
                 read_only: dev.read_only || snapshot.is_some(),
                 direct: dev.io.direct,
                 socket_gid: dev.socket_group.as_deref().map(crate::config::group_id).transpose()?,
+                copy_mode: dev.copy_mode,
             };
             let mode = crate::daemon::Mode::Add { id: id.map_or(-1, |i| i as i32) };
             crate::daemon::start(config, mode, foreground)
@@ -539,12 +544,18 @@ fn run(command: Command) -> Result<i32> {
             crate::daemon::require_ublk()?;
             let bits = libublk::ctrl::UblkCtrl::get_features();
             let names = bits.map(crate::ublk_target::feature_names).unwrap_or_default();
+            // What a new device gets (a device keeps what it was created with).
+            let data_path = crate::ublk_target::data_path(crate::ublk_target::wanted_flags(bits.unwrap_or(0), true));
             if json {
-                print_json(&serde_json::json!({ "features": bits, "names": names }));
+                print_json(&serde_json::json!({ "features": bits, "names": names, "data_path": data_path }));
             } else {
                 match bits {
                     Some(b) => println!("ublk features {b:#x}: {}", names.join(" ")),
                     None => println!("the ublk driver does not report features (kernel older than 6.5)"),
+                }
+                match data_path {
+                    "zero_copy" => println!("new devices: zero copy (request pages registered on each queue's ring; --copy-mode to opt out)"),
+                    _ => println!("new devices: copy mode (request data through the daemon's buffers; zero copy needs auto_buf_reg, Linux 6.16+)"),
                 }
             }
             Ok(0)

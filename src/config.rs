@@ -34,6 +34,9 @@ pub struct FileConfig {
     pub direct: Option<String>,
     /// Group (name or number) allowed to use the control socket.
     pub socket_group: Option<String>,
+    /// Request data through the daemon's buffers even where zero copy is offered.
+    #[serde(default)]
+    pub copy_mode: bool,
 }
 
 pub const DEFAULT_QUEUES: u16 = 1;
@@ -70,6 +73,7 @@ pub fn load(path: &Path) -> Result<(DeviceConfig, Option<u32>)> {
         read_only: file.read_only || snapshot.is_some(),
         direct,
         socket_gid: file.socket_group.as_deref().map(group_id).transpose()?,
+        copy_mode: file.copy_mode,
     };
     Ok((config, file.id))
 }

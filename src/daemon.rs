@@ -52,6 +52,10 @@ pub struct DeviceConfig {
     pub direct: Direct,
     /// Group allowed on the control socket (numeric gid).
     pub socket_gid: Option<u32>,
+    /// Move request data through the daemon's memory even where the
+    /// kernel offers zero copy (to compare the two).
+    #[serde(default)]
+    pub copy_mode: bool,
 }
 
 impl DeviceConfig {
@@ -265,6 +269,8 @@ struct DaemonHandler {
     job_seen: Arc<std::sync::atomic::AtomicBool>,
     /// The write tracker `track start` attached.
     tracker: Mutex<Option<Arc<Tracker>>>,
+    /// "zero_copy" or "copy": how request data moves (see ublk_target).
+    data_path: &'static str,
     /// Changed-block tracking since the last backup, when one was taken.
     cbt: Arc<Mutex<Option<Arc<Tracker>>>>,
 }
@@ -526,6 +532,7 @@ impl DaemonHandler {
             },
             copy_ups: stack.copy_ups(),
             in_flight: stack.in_flight(),
+            data_path: self.data_path.to_string(),
             job: self.job.lock().unwrap().clone(),
         }
     }
@@ -774,7 +781,7 @@ fn run_inner(device: &Arc<Device>, config: DeviceConfig, mode: Mode, ready: &mut
             .nr_queues(config.queues)
             .depth(config.depth)
             .io_buf_bytes(ublk_target::MAX_IO_BYTES)
-            .ctrl_flags(ublk_target::wanted_flags(features))
+            .ctrl_flags(ublk_target::wanted_flags(features, !config.copy_mode))
             .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
             .build()
             .map_err(|e| ublk_err(e, "creating the ublk device"))?,
@@ -797,6 +804,9 @@ fn run_inner(device: &Arc<Device>, config: DeviceConfig, mode: Mode, ready: &mut
         }
     };
     let dev_id = ctrl.dev_info().dev_id;
+    // A recovered device keeps the data path it was created with.
+    let data_path = ublk_target::data_path(ctrl.dev_info().flags);
+    tracing::info!(data_path, "ublk device {dev_id}");
     install_stop_signals(dev_id);
     let disk = match &config.disk {
         Some(dir) if !config.read_only => Some(Disk::load(dir)?),
@@ -823,6 +833,7 @@ fn run_inner(device: &Arc<Device>, config: DeviceConfig, mode: Mode, ready: &mut
         job_seen: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         tracker: Mutex::new(None),
         cbt: Arc::new(Mutex::new(cbt)),
+        data_path,
     });
     let server = control::Server::start(&control::socket_path(dev_id), Access { group: config.socket_gid }, handler)?;
 

@@ -163,6 +163,10 @@ pub struct Status {
     pub counters: Counters,
     pub copy_ups: u64,
     pub in_flight: usize,
+    /// "zero_copy" (request pages registered on the queue's ring) or
+    /// "copy" (through the daemon's buffers).
+    #[serde(default)]
+    pub data_path: String,
     #[serde(default)]
     pub job: Option<Job>,
 }

@@ -248,6 +248,9 @@ pub fn print_status(s: &Status) {
     if let Some(d) = &s.disk {
         println!("  disk: {}", d.display());
     }
+    if !s.data_path.is_empty() {
+        println!("  data path: {}", s.data_path.replace('_', " "));
+    }
     for (i, l) in s.layers.iter().enumerate() {
         println!("  layer {i}: {} ({:?}{})", l.path.display(), l.format, if l.writable { ", writable" } else { "" });
     }

@@ -19,7 +19,7 @@ use libublk::{sys, UblkError};
 use serde::Serialize;
 
 use ublk_ploop::io::wait::{set_thread_kick, Kick};
-use ublk_ploop::io::{RingIo, Submit};
+use ublk_ploop::io::{FixedBuf, RingIo, Submit};
 use ublk_ploop::Stack;
 
 /// Largest request the kernel sends us; one cluster at the default size.
@@ -149,17 +149,37 @@ pub fn run_queue(qid: u16, dev: &UblkDev, device: Arc<Device>) {
 
 async fn io_task(q: &UblkQueue<'_>, tag: u16, device: &Device) -> Result<(), UblkError> {
     let io = RingIo::new(QueueRing { q });
+    if q.support_auto_buf_zc() {
+        // Zero copy: before handing us a request with data, the kernel
+        // registers its pages on this ring at index `tag` (and takes them
+        // back when we commit); our reads and writes name that index. No
+        // fallback: a failed registration fails the request with EIO.
+        let reg = sys::ublk_auto_buf_reg { index: tag, ..Default::default() };
+        q.submit_io_prep_cmd(tag, BufDesc::AutoReg(reg), 0, None).await?;
+        loop {
+            let res = handle(&io, q, tag, Data::Registered(tag), device).await;
+            q.submit_io_commit_cmd(tag, BufDesc::AutoReg(reg), res).await?;
+        }
+    }
     let mut buf = IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize);
     q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf)).await?;
     loop {
-        let res = handle(&io, q, tag, buf.as_mut_slice(), device).await;
+        let res = handle(&io, q, tag, Data::Copied(buf.as_mut_slice()), device).await;
         q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res).await?;
     }
 }
 
+/// Where a request's data is.
+enum Data<'a> {
+    /// Copy mode: the kernel copies it to or from this buffer of ours.
+    Copied(&'a mut [u8]),
+    /// Zero copy: the request's own pages, registered at this index.
+    Registered(u16),
+}
+
 /// Serve one request; returns what the kernel expects: bytes moved for
 /// reads and writes, 0 for the rest, or -errno.
-async fn handle(io: &RingIo<QueueRing<'_>>, q: &UblkQueue<'_>, tag: u16, buf: &mut [u8], device: &Device) -> i32 {
+async fn handle(io: &RingIo<QueueRing<'_>>, q: &UblkQueue<'_>, tag: u16, data: Data<'_>, device: &Device) -> i32 {
     let iod = q.get_iod(tag);
     let op = iod.op_flags & 0xff;
     let offset = iod.start_sector << 9;
@@ -170,17 +190,23 @@ async fn handle(io: &RingIo<QueueRing<'_>>, q: &UblkQueue<'_>, tag: u16, buf: &m
         sys::UBLK_IO_OP_READ => {
             c.reads.fetch_add(1, Ordering::Relaxed);
             c.read_bytes.fetch_add(len as u64, Ordering::Relaxed);
-            match buf.get_mut(..len) {
-                Some(data) => stack.read(io, offset, data).await,
-                None => Err(ublk_ploop::Error::invalid("request larger than the I/O buffer")),
+            match data {
+                Data::Registered(index) => stack.read_fixed(io, offset, registered(index, len)).await,
+                Data::Copied(buf) => match buf.get_mut(..len) {
+                    Some(data) => stack.read(io, offset, data).await,
+                    None => Err(too_large()),
+                },
             }
         }
         sys::UBLK_IO_OP_WRITE => {
             c.writes.fetch_add(1, Ordering::Relaxed);
             c.write_bytes.fetch_add(len as u64, Ordering::Relaxed);
-            match buf.get(..len) {
-                Some(data) => stack.write(io, offset, data).await,
-                None => Err(ublk_ploop::Error::invalid("request larger than the I/O buffer")),
+            match data {
+                Data::Registered(index) => stack.write_fixed(io, offset, registered(index, len)).await,
+                Data::Copied(buf) => match buf.get(..len) {
+                    Some(data) => stack.write(io, offset, data).await,
+                    None => Err(too_large()),
+                },
             }
         }
         sys::UBLK_IO_OP_FLUSH => {
@@ -208,6 +234,16 @@ async fn handle(io: &RingIo<QueueRing<'_>>, q: &UblkQueue<'_>, tag: u16, buf: &m
     }
 }
 
+/// A request's pages as the ring knows them: a kernel buffer is addressed
+/// from 0.
+fn registered(index: u16, len: usize) -> FixedBuf {
+    FixedBuf { index, base: 0, off: 0, len }
+}
+
+fn too_large() -> ublk_ploop::Error {
+    ublk_ploop::Error::invalid("request larger than the I/O buffer")
+}
+
 /// Feature bits the running kernel's ublk driver reports, by name.
 pub fn feature_names(bits: u64) -> Vec<&'static str> {
     const NAMES: &[(u32, &str)] = &[
@@ -230,16 +266,30 @@ pub fn feature_names(bits: u64) -> Vec<&'static str> {
 }
 
 /// The device control flags we ask for, given what the kernel offers:
-/// recovery (re-issuing in-flight I/O to the new daemon) and online
-/// resize when available.
-pub fn wanted_flags(features: u64) -> u64 {
+/// recovery (re-issuing in-flight I/O to the new daemon), online resize,
+/// and zero copy (automatic registration of each request's pages on the
+/// queue's ring) unless `zero_copy` is off.
+pub fn wanted_flags(features: u64, zero_copy: bool) -> u64 {
     let mut flags = 0u64;
-    for bit in [sys::UBLK_F_USER_RECOVERY, sys::UBLK_F_USER_RECOVERY_REISSUE, sys::UBLK_F_UPDATE_SIZE] {
+    let mut wanted = vec![sys::UBLK_F_USER_RECOVERY, sys::UBLK_F_USER_RECOVERY_REISSUE, sys::UBLK_F_UPDATE_SIZE];
+    if zero_copy {
+        wanted.push(sys::UBLK_F_AUTO_BUF_REG);
+    }
+    for bit in wanted {
         if features & bit as u64 != 0 {
             flags |= bit as u64;
         }
     }
     flags
+}
+
+/// How a device with these flags moves request data.
+pub fn data_path(flags: u64) -> &'static str {
+    if flags & sys::UBLK_F_AUTO_BUF_REG as u64 != 0 {
+        "zero_copy"
+    } else {
+        "copy"
+    }
 }
 
 /// Device state as text.
