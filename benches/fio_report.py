@@ -115,18 +115,19 @@ def table(meta, summary, cache):
             f"{fmt_rate(w, e.get('loop-buf'))} | {fmt_ratio(e.get('vs_loop-dio'))} | {fmt_ratio(e.get('vs_loop-buf'))} | {p99} | {verdict} |"
         )
     if cache:
+        # The device's own cache is read from /proc/meminfo's Buffers, which
+        # not every kernel counts block-device pages in: shown only when seen.
+        with_dev = any(c["device_cached"] for c in cache)
         lines += [
             "",
-            "Page cache after a buffered 1 MiB read of half the disk through the device (`fincore`):",
+            "Page cache after a buffered 1 MiB read of half the disk through the device (backing file: `fincore`):",
             "",
-            "| device | backing file in page cache | device in page cache | working set |",
-            "|---|---|---|---|",
+            "| device | backing file in page cache |" + (" device in page cache |" if with_dev else "") + " working set |",
+            "|---|---|" + ("---|" if with_dev else "") + "---|",
         ]
         for c in cache:
-            lines.append(
-                f"| {LABEL.get(c['device'], c['device'])} | {c['file_cached'] / 2**20:.1f} MiB | "
-                f"{c['device_cached'] / 2**20:.1f} MiB | {c['working_set'] / 2**20:.0f} MiB |"
-            )
+            dev = f" {c['device_cached'] / 2**20:.1f} MiB |" if with_dev else ""
+            lines.append(f"| {LABEL.get(c['device'], c['device'])} | {c['file_cached'] / 2**20:.1f} MiB |{dev} {c['working_set'] / 2**20:.0f} MiB |")
     return "\n".join(lines) + "\n"
 
 
@@ -168,7 +169,10 @@ def svg_cache(cache):
     y = top
     for c in cache:
         out.append(f'<text x="{left - 6}" y="{y + bar_h - 5}" text-anchor="end">{LABEL.get(c["device"], c["device"])}</text>')
-        for what, value, color in (("device", c["device_cached"], "#48c"), ("backing file", c["file_cached"], "#d64")):
+        bars = [("backing file", c["file_cached"], "#d64")]
+        if any(x["device_cached"] for x in cache):
+            bars.insert(0, ("device", c["device_cached"], "#48c"))
+        for what, value, color in bars:
             out.append(f'<rect x="{left}" y="{y}" width="{max(x(value) - left, 1):.1f}" height="{bar_h}" fill="{color}"/>')
             out.append(f'<text x="{max(x(value), left + 1) + 4:.1f}" y="{y + bar_h - 5}">{what}: {value / 2**20:.0f} MiB</text>')
             y += bar_h + gap
