@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::inject::{Cut, Fault, Injector, Kind};
-use common::{have_qemu, qemu_check_clean, qemu_compare_raw, retry_busy, TempDir};
+use common::{assert_ploop_clean as assert_clean, have_qemu, pattern, qemu_compare_raw, retry_busy, TempDir};
 use ublk_ploop::check::check;
 use ublk_ploop::io::{block_on, AlignedBuf, SyncIo};
 use ublk_ploop::layers::{Format, PloopLayer};
@@ -18,17 +18,6 @@ const CL: u64 = 4096;
 const SIZE: u64 = 8 << 20;
 const CLUSTERS: u64 = SIZE / CL;
 
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 fn open(paths: &[PathBuf], read_only: bool) -> Stack {
     retry_busy(|| block_on(Stack::open(&SyncIo, paths, &StackOptions { read_only, ..Default::default() }))).unwrap().0
@@ -62,13 +51,6 @@ fn file_len(p: &Path) -> u64 {
     std::fs::metadata(p).unwrap().len()
 }
 
-fn assert_clean(img: &Path, ctx: &str) {
-    let report = retry_busy(|| block_on(check(&SyncIo, img, Format::Ploop, false))).unwrap();
-    assert_eq!(report.exit_code(), 0, "{ctx}: {report:?}");
-    if have_qemu() {
-        qemu_check_clean(img);
-    }
-}
 
 /// An image with every cluster written, then two thirds of them discarded
 /// (scattered, so the live ones must move down): the model of its bytes.

@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 
 use common::inject::{Cut, Fault, Injector, Kind};
-use common::{have_qemu, qemu_check_clean, qemu_compare_raw, retry_busy, TempDir};
+use common::{assert_ploop_clean as assert_clean, have_qemu, pattern, qemu_compare_raw, retry_busy, TempDir};
 use ublk_ploop::check::check;
 use ublk_ploop::disk::Disk;
 use ublk_ploop::io::{block_on, AlignedBuf, SyncIo};
@@ -21,17 +21,6 @@ const K64: u64 = 64 << 10;
 /// 4 MiB of disk.
 const CL: u64 = 4096;
 
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 /// A 16 MiB image of 4 KiB clusters (its table takes 5 clusters) whose
 /// first data clusters, those a larger table grows into, hold data.
@@ -75,13 +64,6 @@ fn read_all(img: &Path) -> Vec<u8> {
     b.to_vec()
 }
 
-fn assert_clean(img: &Path, ctx: &str) {
-    let report = retry_busy(|| block_on(check(&SyncIo, img, Format::Ploop, false))).unwrap();
-    assert_eq!(report.exit_code(), 0, "{ctx}: {report:?}");
-    if have_qemu() {
-        qemu_check_clean(img);
-    }
-}
 
 fn raw_shadow(dir: &TempDir, model: &[u8]) -> std::path::PathBuf {
     let raw = dir.join("shadow.raw");
