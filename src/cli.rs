@@ -397,6 +397,11 @@ struct DeviceArgs {
     /// kernel offers zero copy (auto buffer registration, Linux 6.16+).
     #[arg(long)]
     copy_mode: bool,
+    /// Block-layer I/O scheduler of the device: `none` (as a loop device
+    /// or ploop's device-mapper target has), another name the kernel
+    /// knows (mq-deadline, kyber, bfq), or `kernel` for the kernel's choice.
+    #[arg(long, default_value = crate::daemon::DEFAULT_IO_SCHEDULER, value_parser = crate::daemon::parse_io_scheduler)]
+    io_scheduler: String,
     #[command(flatten)]
     io: DirectArg,
 }
@@ -508,6 +513,7 @@ fn run(command: Command) -> Result<i32> {
                 direct: dev.io.direct,
                 socket_gid: dev.socket_group.as_deref().map(crate::config::group_id).transpose()?,
                 copy_mode: dev.copy_mode,
+                io_scheduler: dev.io_scheduler,
             };
             let mode = crate::daemon::Mode::Add { id: id.map_or(-1, |i| i as i32) };
             crate::daemon::start(config, mode, foreground)

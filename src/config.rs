@@ -37,6 +37,9 @@ pub struct FileConfig {
     /// Request data through the daemon's buffers even where zero copy is offered.
     #[serde(default)]
     pub copy_mode: bool,
+    /// Block-layer I/O scheduler of the device (`none` unless set; `kernel`
+    /// keeps the kernel's choice).
+    pub io_scheduler: Option<String>,
 }
 
 pub const DEFAULT_QUEUES: u16 = 1;
@@ -74,6 +77,10 @@ pub fn load(path: &Path) -> Result<(DeviceConfig, Option<u32>)> {
         direct,
         socket_gid: file.socket_group.as_deref().map(group_id).transpose()?,
         copy_mode: file.copy_mode,
+        io_scheduler: match file.io_scheduler {
+            Some(s) => crate::daemon::parse_io_scheduler(&s).map_err(|e| bad(format!("io_scheduler: {e}")))?,
+            None => crate::daemon::DEFAULT_IO_SCHEDULER.to_string(),
+        },
     };
     Ok((config, file.id))
 }

@@ -56,6 +56,53 @@ pub struct DeviceConfig {
     /// kernel offers zero copy (to compare the two).
     #[serde(default)]
     pub copy_mode: bool,
+    /// Block-layer I/O scheduler set on the device once it is live.
+    #[serde(default = "default_io_scheduler")]
+    pub io_scheduler: String,
+}
+
+/// No scheduler: the requests go straight to our queue, as they do to a
+/// loop device or ploop's device-mapper target. With one queue the kernel
+/// would pick mq-deadline, whose dispatch from a worker thread cost 15-50%
+/// of 4k IOPS in the VM (measured with fio, 1 queue, QD32).
+pub const DEFAULT_IO_SCHEDULER: &str = "none";
+
+/// The value of `--io-scheduler` that leaves the kernel's choice alone.
+pub const KERNEL_IO_SCHEDULER: &str = "kernel";
+
+fn default_io_scheduler() -> String {
+    DEFAULT_IO_SCHEDULER.to_string()
+}
+
+/// A scheduler name as sysfs takes it; the kernel judges whether it knows it.
+pub fn parse_io_scheduler(s: &str) -> std::result::Result<String, String> {
+    let ok = !s.is_empty() && s.len() <= 32 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!("`{s}` is not a scheduler name (none, mq-deadline, kyber, bfq, or `kernel` for the kernel's choice)"))
+    }
+}
+
+/// The scheduler the device runs with, from sysfs (the bracketed name).
+pub fn io_scheduler(dev_id: u32) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/sys/block/ublkb{dev_id}/queue/scheduler")).ok()?;
+    let start = text.find('[')? + 1;
+    let end = start + text[start..].find(']')?;
+    Some(text[start..end].to_string())
+}
+
+/// Set the device's scheduler; a failure is logged, the device serves on
+/// (it only costs speed).
+fn set_io_scheduler(dev_id: u32, name: &str) {
+    if name == KERNEL_IO_SCHEDULER {
+        return;
+    }
+    let path = format!("/sys/block/ublkb{dev_id}/queue/scheduler");
+    match std::fs::write(&path, name) {
+        Ok(()) => tracing::debug!(scheduler = name, "I/O scheduler set"),
+        Err(e) => tracing::warn!("cannot set the I/O scheduler of /dev/ublkb{dev_id} to {name}: {e}"),
+    }
 }
 
 impl DeviceConfig {
@@ -533,6 +580,7 @@ impl DaemonHandler {
             copy_ups: stack.copy_ups(),
             in_flight: stack.in_flight(),
             data_path: self.data_path.to_string(),
+            io_scheduler: io_scheduler(self.dev_id),
             job: self.job.lock().unwrap().clone(),
         }
     }
@@ -852,8 +900,10 @@ fn run_inner(device: &Arc<Device>, config: DeviceConfig, mode: Mode, ready: &mut
     let shared_ready = Arc::new(std::sync::Mutex::new(ready.take()));
     let ready_for_live = shared_ready.clone();
     let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let scheduler = config.io_scheduler.clone();
     let on_live = move |c: &UblkCtrl| {
         tracing::info!(device = %c.get_bdev_path(), "device is live");
+        set_io_scheduler(c.dev_info().dev_id, &scheduler);
         report(&mut ready_for_live.lock().unwrap(), Ok(c.dev_info().dev_id));
         let _ = tx.send(());
     };

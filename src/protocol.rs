@@ -167,6 +167,9 @@ pub struct Status {
     /// "copy" (through the daemon's buffers).
     #[serde(default)]
     pub data_path: String,
+    /// The block-layer scheduler the device runs with ("none" usually).
+    #[serde(default)]
+    pub io_scheduler: Option<String>,
     #[serde(default)]
     pub job: Option<Job>,
 }

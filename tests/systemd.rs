@@ -66,5 +66,11 @@ fn example_config_is_accepted_by_serve() {
     let out = Command::new(env!("CARGO_BIN_EXE_ublk-ploop")).args(["serve", "--config", cfg.to_str().unwrap()]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field"));
+    // A scheduler value that could not be a name is refused before any device exists.
+    std::fs::write(&cfg, format!("disk = \"{}\"\nio_scheduler = \"none; rm\"\n", img.display())).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ublk-ploop")).args(["serve", "--config", cfg.to_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("io_scheduler") && err.contains("not a scheduler name"), "{err}");
     let _ = std::fs::remove_dir_all(dir);
 }

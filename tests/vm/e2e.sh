@@ -42,6 +42,10 @@ scenario_data_path() {
 	[ "$want" = zero_copy ] || log "SKIP zero copy: this kernel's ublk has no auto_buf_reg; checking copy mode only"
 	"$BIN" create "$base" --size 256M >/dev/null
 	dev=$("$BIN" add --image "$base"); wait_dev "$dev"
+	# One queue: the kernel would give it mq-deadline; the daemon sets none.
+	grep -q '\[none\]' "/sys/block/$(basename "$dev")/queue/scheduler" ||
+		die "scheduler of a 1-queue device: $(cat "/sys/block/$(basename "$dev")/queue/scheduler")"
+	"$BIN" status -n "$(dev_id "$dev")" | grep -q "I/O scheduler: none" || die "status does not show the scheduler"
 	# Data in the base, holes between, more data and a partial overwrite above.
 	for i in 0 3 7 12 100 255; do dd if=/dev/urandom of="$dev" bs=1M seek="$i" count=1 oflag=direct status=none; done
 	"$BIN" del -n "$(dev_id "$dev")"
@@ -245,7 +249,10 @@ scenario_read_only() {
 scenario_serve_config() {
 	local img=$SCRATCH/ct.hdd cfg=$SCRATCH/ct.toml notify=/run/e2e-notify.sock
 	"$BIN" init "$img" --size 128M
-	printf 'disk = "%s"\nid = 7\nqueues = 2\ndepth = 32\n' "$img" >"$cfg"
+	printf 'disk = "%s"\nid = 7\nqueues = 2\ndepth = 32\nio_scheduler = "no such"\n' "$img" >"$cfg"
+	"$BIN" serve --config "$cfg" 2>"$SCRATCH/serve.err" && die "serve took a bad io_scheduler"
+	grep -q "io_scheduler" "$SCRATCH/serve.err" || die "bad io_scheduler: $(cat "$SCRATCH/serve.err")"
+	printf 'disk = "%s"\nid = 7\nqueues = 2\ndepth = 32\nio_scheduler = "mq-deadline"\n' "$img" >"$cfg"
 	start_serve() {
 		rm -f "$notify" "$SCRATCH/notify.msg"
 		python3 - "$notify" "$SCRATCH/notify.msg" <<'PY' &
@@ -265,6 +272,7 @@ PY
 		wait_dev /dev/ublkb7
 	}
 	start_serve
+	grep -q '\[mq-deadline\]' /sys/block/ublkb7/queue/scheduler || die "io_scheduler from the config not set: $(cat /sys/block/ublkb7/queue/scheduler)"
 	dd if=/dev/urandom of="$SCRATCH/pat.ct" bs=1M count=8 status=none
 	dd if="$SCRATCH/pat.ct" of=/dev/ublkb7 bs=1M oflag=direct status=none
 	# A snapshot the restarted daemon must follow: its writes go to the new top.
