@@ -80,12 +80,16 @@ pub struct QueueRing<'a> {
 
 impl Submit for QueueRing<'_> {
     fn submit(&self, sqe: squeue::Entry) -> impl Future<Output = i32> {
-        let done = self.q.ublk_submit_sqe(sqe);
-        // Hand it to the kernel now instead of at the queue loop's next
-        // wait, so the request's I/O starts as soon as it is planned
-        // (measured on the same code path: benches/engine.rs).
-        let _ = libublk::io::with_task_io_ring_mut(|r| r.submit());
-        done
+        // Queued only: the queue loop submits everything its tasks queued
+        // in one io_uring_enter before it waits again, so a batch of
+        // requests reaches the image's disk under one plug (one kick of a
+        // virtio disk, say) instead of one syscall and kick each. Measured
+        // in the VM on 7.3 (fio 4k random read QD32, 1 queue, 3 rounds):
+        // 6.6k-12.2k IOPS submitting each SQE at once, 12.9k-15.2k batched,
+        // loop with direct I/O 12.4k-14.1k. Nothing waits on the ring
+        // outside that loop, so a queued SQE is never left behind; a full
+        // SQ is flushed by libublk.
+        self.q.ublk_submit_sqe(sqe)
     }
 }
 
