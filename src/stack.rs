@@ -436,7 +436,16 @@ impl Stack {
         for (c, within, buf_off, n) in self.pieces(offset, data.len()) {
             let base = match top.lookup(c, self.cluster) {
                 Some(base) => base,
-                None => self.allocate(io, shape, c, true).await?.0,
+                None => {
+                    // A piece that covers the whole cluster replaces it: no
+                    // copy-up of bytes it would overwrite at once.
+                    let fill = if within == 0 && n == self.copy_len(c) { Fill::Whole(data, buf_off) } else { Fill::CopyUp };
+                    let (base, _, written) = self.allocate(io, shape, c, fill).await?;
+                    if written {
+                        continue;
+                    }
+                    base
+                }
             };
             push_merged(&mut segs, Seg::Data { fd, file_off: base + within, buf_off, len: n });
         }
@@ -451,15 +460,16 @@ impl Stack {
     }
 
     /// Give cluster `c` a home in the top layer and return its file offset,
-    /// and whether this call linked it (a fresh cluster). With `copy_up`,
-    /// the cluster's current content (from the layer that holds it now) is
-    /// copied there and synced before the BAT entry is written: the entry
-    /// never points at bytes other than what the disk showed before, so a
-    /// crash at any point leaves each byte old or new.
+    /// whether this call linked it (a fresh cluster), and whether it wrote
+    /// the request's bytes there (`Fill::Whole` over lower data). A lower
+    /// layer's cluster is first copied up (`Fill::CopyUp`) or replaced by
+    /// the request's bytes (`Fill::Whole`), and either is synced before the
+    /// cluster is linked: the BAT entry never points at bytes the disk did
+    /// not show, so a crash at any point leaves each byte old or new.
     ///
     /// The cluster is claimed for the duration: other requests that need it
     /// wait for this one; requests on other clusters go on.
-    async fn allocate<I: Io>(&self, io: &I, shape: &Shape, c: u64, copy_up: bool) -> Result<(u64, bool)> {
+    async fn allocate<I: Io>(&self, io: &I, shape: &Shape, c: u64, fill: Fill<'_>) -> Result<(u64, bool, bool)> {
         let top = shape.top();
         let held = poll_fn(|cx| {
             let mut busy = self.busy.lock().unwrap();
@@ -480,23 +490,37 @@ impl Stack {
         })
         .await;
         if let Some(base) = held {
-            return Ok((base, false));
+            return Ok((base, false, false));
         }
         let _claim = Claim { stack: self, c };
         let below = shape.holder_below(c, self.cluster);
         let offset = top.reserve_cluster(io).await?;
-        if let (true, Some(i)) = (copy_up, below) {
-            let src = &shape.layers[i];
-            let src_off = src.lookup(c, self.cluster).expect("owner map and BAT agree");
-            let mut buf = self.bufs.get();
-            let result = self.copy_up(io, src, src_off, top, offset, &mut buf[..self.copy_len(c)]).await;
-            self.bufs.put(buf);
-            result?;
-            self.copy_ups.fetch_add(1, Ordering::Relaxed);
+        let mut written = false;
+        match (fill, below) {
+            (Fill::CopyUp, Some(i)) => {
+                let src = &shape.layers[i];
+                let src_off = src.lookup(c, self.cluster).expect("owner map and BAT agree");
+                let mut buf = self.bufs.get();
+                let result = self.copy_up(io, src, src_off, top, offset, &mut buf[..self.copy_len(c)]).await;
+                self.bufs.put(buf);
+                result?;
+                self.copy_ups.fetch_add(1, Ordering::Relaxed);
+            }
+            (Fill::Whole(data, buf_off), Some(_)) => {
+                // Until it is linked, readers still see the lower cluster.
+                let path = top.file().path.display();
+                let seg = Seg::Data { fd: top.file().fd(), file_off: offset, buf_off, len: self.copy_len(c) };
+                write_segs(io, &[seg], data).await.map_err(|e| Error::io(e, format_args!("{path}: writing a whole cluster")))?;
+                top.sync_data(io).await.map_err(|e| Error::io(e, format_args!("{path}: syncing a whole cluster")))?;
+                written = true;
+            }
+            // Nothing below: the fresh cluster's zeros are what the disk
+            // showed, so the caller's write may race its BAT entry.
+            _ => {}
         }
         top.link(c, offset);
         shape.owner[c as usize].store(shape.top_index(), Ordering::Release);
-        Ok((offset, true))
+        Ok((offset, true, written))
     }
 
     /// Copy one cluster's bytes up and make them durable (data before index).
@@ -534,7 +558,7 @@ impl Stack {
             } else if shape.holder_below(c, self.cluster).is_some() {
                 // Lower data must be hidden by a cluster of the top.
                 let whole = within == 0 && n as u64 == self.cluster.min(self.size() - c * self.cluster);
-                let (base, fresh) = self.allocate(io, shape, c, !whole).await?;
+                let (base, fresh, _) = self.allocate(io, shape, c, if whole { Fill::Nothing } else { Fill::CopyUp }).await?;
                 // A fresh cluster already reads as zeros; one that a
                 // concurrent write allocated first holds data to zero.
                 if !(whole && fresh) {
@@ -770,7 +794,7 @@ impl Stack {
             // A write may have copied it up meanwhile: then nothing to do.
             if shape.owner_of(c) == Some(parent as usize) && shape.top().lookup(c, self.cluster).is_none() {
                 let window = shape.top().window_start();
-                self.allocate(io, &shape, c, true).await?;
+                self.allocate(io, &shape, c, Fill::CopyUp).await?;
                 self.finish(io, &shape, window).await?;
             }
             Ok(())
@@ -1029,6 +1053,17 @@ enum Dst<'a> {
     Fixed(FixedBuf),
 }
 
+/// What a newly allocated cluster of the top is given before it is linked.
+#[derive(Clone, Copy)]
+enum Fill<'a> {
+    /// Nothing: it reads as zeros (a caller about to zero it all).
+    Nothing,
+    /// The content it shows now, from the layer below that holds it.
+    CopyUp,
+    /// A request's bytes from `buf_off` on, which cover the whole cluster.
+    Whole(Src<'a>, usize),
+}
+
 /// Where a write's bytes come from.
 #[derive(Clone, Copy)]
 enum Src<'a> {
@@ -1116,12 +1151,14 @@ async fn write_segs<I: Io>(io: &I, segs: &[Seg], data: Src<'_>) -> std::io::Resu
 
 fn push_merged(segs: &mut Vec<Seg>, seg: Seg) {
     match (segs.last_mut(), seg) {
-        (Some(Seg::Data { fd, file_off, len, .. }), Seg::Data { fd: fd2, file_off: off2, len: n, .. })
-            if *fd == fd2 && *file_off + *len as u64 == off2 =>
+        // Contiguous in the file and in the request (a write may skip a
+        // piece it already wrote while allocating).
+        (Some(Seg::Data { fd, file_off, buf_off, len }), Seg::Data { fd: fd2, file_off: off2, buf_off: b2, len: n })
+            if *fd == fd2 && *file_off + *len as u64 == off2 && *buf_off + *len == b2 =>
         {
             *len += n;
         }
-        (Some(Seg::Zero { len, .. }), Seg::Zero { len: n, .. }) => *len += n,
+        (Some(Seg::Zero { buf_off, len }), Seg::Zero { buf_off: b2, len: n }) if *buf_off + *len == b2 => *len += n,
         _ => segs.push(seg),
     }
 }

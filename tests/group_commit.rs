@@ -234,3 +234,41 @@ fn a_request_waits_for_the_cluster_another_is_copying_up_and_others_do_not() {
     assert!(all == want, "data after the interleaved copy-ups differs");
     block_on(stack.close(&SyncIo)).unwrap();
 }
+
+#[test]
+fn a_whole_cluster_write_replaces_lower_data_without_a_copy_up_and_links_only_once_its_bytes_are_there() {
+    // A writes all of cluster 0 over the base's data and is held in that
+    // data write: the cluster is not linked yet, so readers still see the
+    // base's bytes (never the top's fresh zeros). No copy-up happens for
+    // it; a partial write to cluster 1 still copies up.
+    let base = fresh("whole-base");
+    {
+        let s = open(std::slice::from_ref(&base));
+        block_on(s.write(&SyncIo, 0, &vec![7u8; 2 * C as usize])).unwrap();
+        block_on(s.close(&SyncIo)).unwrap();
+    }
+    let top = fresh("whole-top");
+    {
+        let stack = open(&[base.clone(), top.clone()]);
+        let io = Script::default();
+        let new = vec![5u8; C as usize];
+        let mut a = std::pin::pin!(stack.write(&io, 0, &new));
+        start_held_at(&io, a.as_mut(), C as usize);
+        assert_eq!(read4k(&stack, 8192), vec![7u8; 4096], "a reader saw the cluster before its bytes were written");
+        io.released.set(true);
+        block_on(a).unwrap();
+        assert_eq!(stack.copy_ups(), 0, "a whole-cluster write copied the cluster up");
+        assert_eq!(read4k(&stack, 8192), vec![5u8; 4096]);
+        block_on(stack.write(&SyncIo, C + 4096, &[3u8; 4096])).unwrap();
+        assert_eq!(stack.copy_ups(), 1, "a partial write did not copy up");
+        block_on(stack.close(&SyncIo)).unwrap();
+    }
+    let stack = open(&[base, top]);
+    let mut all = vec![0u8; 2 * C as usize];
+    block_on(stack.read(&SyncIo, 0, &mut all)).unwrap();
+    let mut want = vec![7u8; 2 * C as usize];
+    want[..C as usize].fill(5);
+    want[C as usize + 4096..C as usize + 8192].fill(3);
+    assert!(all == want, "data after reopening differs");
+    block_on(stack.close(&SyncIo)).unwrap();
+}
