@@ -84,9 +84,13 @@ pub fn parse_io_scheduler(s: &str) -> std::result::Result<String, String> {
     }
 }
 
+fn scheduler_path(dev_id: u32) -> String {
+    format!("/sys/block/ublkb{dev_id}/queue/scheduler")
+}
+
 /// The scheduler the device runs with, from sysfs (the bracketed name).
 pub fn io_scheduler(dev_id: u32) -> Option<String> {
-    let text = std::fs::read_to_string(format!("/sys/block/ublkb{dev_id}/queue/scheduler")).ok()?;
+    let text = std::fs::read_to_string(scheduler_path(dev_id)).ok()?;
     let start = text.find('[')? + 1;
     let end = start + text[start..].find(']')?;
     Some(text[start..end].to_string())
@@ -98,8 +102,7 @@ fn set_io_scheduler(dev_id: u32, name: &str) {
     if name == KERNEL_IO_SCHEDULER {
         return;
     }
-    let path = format!("/sys/block/ublkb{dev_id}/queue/scheduler");
-    match std::fs::write(&path, name) {
+    match std::fs::write(scheduler_path(dev_id), name) {
         Ok(()) => tracing::debug!(scheduler = name, "I/O scheduler set"),
         Err(e) => tracing::warn!("cannot set the I/O scheduler of /dev/ublkb{dev_id} to {name}: {e}"),
     }

@@ -250,9 +250,9 @@ pub fn print_status(s: &Status) {
     }
     if !s.data_path.is_empty() {
         println!("  data path: {}", s.data_path.replace('_', " "));
-        if let Some(sched) = &s.io_scheduler {
-            println!("  I/O scheduler: {sched}");
-        }
+    }
+    if let Some(sched) = &s.io_scheduler {
+        println!("  I/O scheduler: {sched}");
     }
     for (i, l) in s.layers.iter().enumerate() {
         println!("  layer {i}: {} ({:?}{})", l.path.display(), l.format, if l.writable { ", writable" } else { "" });

@@ -557,7 +557,7 @@ impl Stack {
                 punch(io, top, base + within, n).await?;
             } else if shape.holder_below(c, self.cluster).is_some() {
                 // Lower data must be hidden by a cluster of the top.
-                let whole = within == 0 && n as u64 == self.cluster.min(self.size() - c * self.cluster);
+                let whole = within == 0 && n == self.copy_len(c);
                 let (base, fresh, _) = self.allocate(io, shape, c, if whole { Fill::Nothing } else { Fill::CopyUp }).await?;
                 // A fresh cluster already reads as zeros; one that a
                 // concurrent write allocated first holds data to zero.

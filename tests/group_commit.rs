@@ -106,6 +106,16 @@ fn start_held_at<F: Future>(io: &Script, mut f: Pin<&mut F>, len: usize) {
     assert!(io.holding.get(), "the request is not waiting in its data write");
 }
 
+/// A fresh image whose first `clusters` clusters hold 7s: the lower layer
+/// the copy-up tests write over.
+fn sevens(tag: &str, clusters: u64) -> PathBuf {
+    let base = fresh(tag);
+    let s = open(std::slice::from_ref(&base));
+    block_on(s.write(&SyncIo, 0, &vec![7u8; (clusters * C) as usize])).unwrap();
+    block_on(s.close(&SyncIo)).unwrap();
+    base
+}
+
 fn read4k(stack: &Stack, off: u64) -> Vec<u8> {
     let mut b = vec![0u8; 4096];
     block_on(stack.read(&SyncIo, off, &mut b)).unwrap();
@@ -179,12 +189,7 @@ fn whole_cluster_write_zeroes_zeroes_a_copied_up_cluster() {
     // Lower layer with data; a write copies cluster 0 up and is held before
     // its data lands; a whole-cluster write-zeroes then runs to the end:
     // it must zero the copied-up cluster, not leave lower data in it.
-    let base = fresh("wz-base");
-    {
-        let s = open(std::slice::from_ref(&base));
-        block_on(s.write(&SyncIo, 0, &vec![7u8; C as usize])).unwrap();
-        block_on(s.close(&SyncIo)).unwrap();
-    }
+    let base = sevens("wz-base", 1);
     let top = fresh("wz-top");
     let stack = open(&[base, top]);
     let io = Script::default();
@@ -206,12 +211,7 @@ fn a_request_waits_for_the_cluster_another_is_copying_up_and_others_do_not() {
     // A copies cluster 0 up and is held in the copy (it holds the claim on
     // the cluster); B writes another part of cluster 0 and must wait; C
     // writes cluster 1 and completes while A is still held.
-    let base = fresh("wait-base");
-    {
-        let s = open(std::slice::from_ref(&base));
-        block_on(s.write(&SyncIo, 0, &vec![7u8; 2 * C as usize])).unwrap();
-        block_on(s.close(&SyncIo)).unwrap();
-    }
+    let base = sevens("wait-base", 2);
     let top = fresh("wait-top");
     let stack = open(&[base, top]);
     let io = Script::default();
@@ -241,12 +241,7 @@ fn a_whole_cluster_write_replaces_lower_data_without_a_copy_up_and_links_only_on
     // data write: the cluster is not linked yet, so readers still see the
     // base's bytes (never the top's fresh zeros). No copy-up happens for
     // it; a partial write to cluster 1 still copies up.
-    let base = fresh("whole-base");
-    {
-        let s = open(std::slice::from_ref(&base));
-        block_on(s.write(&SyncIo, 0, &vec![7u8; 2 * C as usize])).unwrap();
-        block_on(s.close(&SyncIo)).unwrap();
-    }
+    let base = sevens("whole-base", 2);
     let top = fresh("whole-top");
     {
         let stack = open(&[base.clone(), top.clone()]);
