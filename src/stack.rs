@@ -1104,16 +1104,13 @@ async fn read_segs<I: Io>(io: &I, segs: &[Seg], dst: Dst<'_>) -> std::io::Result
                 }
             };
             return match segs {
-                // The request's one transfer: when it reads everything, the
-                // request is done (a frontend may chain its completion).
-                [Seg::Data { fd, file_off, buf_off, len }] => io.read_fixed_last(*fd, fixed.slice(*buf_off, *len), *file_off).await,
                 [one] => transfer(one).await,
                 _ => join_all(segs.iter().map(transfer).collect()).await.into_iter().collect(),
             };
         }
     };
     if let [Seg::Data { fd, file_off, len, .. }] = *segs {
-        return io.read_at_last(fd, &mut buf[..len], file_off).await;
+        return io.read_at(fd, &mut buf[..len], file_off).await;
     }
     let mut futures = Vec::with_capacity(segs.len());
     let mut rest = buf;

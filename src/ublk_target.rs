@@ -4,10 +4,8 @@
 //! runs one async task per tag on libublk's per-queue io_uring, and the
 //! engine's I/O runs on that same ring ([`QueueRing`]): a request that
 //! waits (a copy-up, the file growing, a BAT write, a stack change)
-//! yields, and the queue's other requests go on. A read served by one
-//! transfer has its commit chained behind that transfer ([`QueueRing`]).
+//! yields, and the queue's other requests go on.
 
-use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,7 +15,6 @@ use io_uring::{opcode, squeue, types};
 use libublk::ctrl::UblkCtrl;
 use libublk::helpers::IoBuf;
 use libublk::io::{BufDesc, UblkDev, UblkQueue};
-use libublk::uring_async::UblkUringOpFuture;
 use libublk::{sys, UblkError};
 use serde::Serialize;
 
@@ -76,34 +73,9 @@ pub fn init_target(dev: &mut UblkDev, stack: &Stack, read_only: bool) -> Result<
     Ok(())
 }
 
-/// The queue's own ring, as the engine's I/O submits to it, for one tag.
+/// The queue's own ring, as the engine's I/O submits to it.
 pub struct QueueRing<'a> {
     q: &'a UblkQueue<'a>,
-    tag: u16,
-    /// Armed while the tag serves a read: the commit (its result and
-    /// buffer) to link after the read's last transfer.
-    armed: Cell<Option<(i32, u64)>>,
-    /// The commit once linked: it completes with the next request (or
-    /// -ECANCELED when the read fell short and the link broke).
-    linked: RefCell<Option<UblkUringOpFuture>>,
-}
-
-impl<'a> QueueRing<'a> {
-    fn new(q: &'a UblkQueue<'a>, tag: u16) -> Self {
-        QueueRing { q, tag, armed: Cell::new(None), linked: RefCell::new(None) }
-    }
-
-    /// Link this request's commit, with `result` and the buffer address the
-    /// commit names (0 under zero copy), to its last transfer, if it has one.
-    fn arm(&self, result: i32, buf_addr: u64) {
-        self.armed.set(Some((result, buf_addr)));
-    }
-
-    /// The linked commit, if the request's last transfer took it.
-    fn disarm(&self) -> Option<UblkUringOpFuture> {
-        self.armed.set(None);
-        self.linked.borrow_mut().take()
-    }
 }
 
 impl Submit for QueueRing<'_> {
@@ -118,38 +90,6 @@ impl Submit for QueueRing<'_> {
         // outside that loop, so a queued SQE is never left behind; a full
         // SQ is flushed by libublk.
         self.q.ublk_submit_sqe(sqe)
-    }
-
-    fn submit_last(&self, sqe: squeue::Entry) -> impl Future<Output = i32> {
-        let Some((result, buf_addr)) = self.armed.take() else {
-            return self.q.ublk_submit_sqe(sqe);
-        };
-        // The read and the commit go in as one chain: the kernel issues the
-        // commit when the read moved every byte (a short or failed read
-        // breaks the link and cancels it), so the request completes without
-        // waking us between the two. Both must enter in the same submission:
-        // make room for the pair first.
-        libublk::io::with_task_io_ring_mut(|ring| {
-            let free = {
-                let sq = ring.submission();
-                sq.capacity() - sq.len()
-            };
-            if free < 2 {
-                let _ = ring.submit();
-            }
-        });
-        let read = self.q.ublk_submit_sqe(sqe.flags(squeue::Flags::IO_LINK));
-        // libublk's own commit call awaits at once; its older calls queue
-        // the same SQE (and keep the tag's state) and hand back the future.
-        #[allow(deprecated)]
-        let commit = if self.q.support_auto_buf_zc() {
-            let reg = sys::ublk_auto_buf_reg { index: self.tag, ..Default::default() };
-            self.q.submit_io_cmd_with_auto_buf_reg(self.tag, sys::UBLK_U_IO_COMMIT_AND_FETCH_REQ, &reg, result)
-        } else {
-            self.q.submit_io_cmd(self.tag, sys::UBLK_U_IO_COMMIT_AND_FETCH_REQ, buf_addr as *mut u8, result)
-        };
-        *self.linked.borrow_mut() = Some(commit);
-        read
     }
 }
 
@@ -212,7 +152,7 @@ pub fn run_queue(qid: u16, dev: &UblkDev, device: Arc<Device>) {
 }
 
 async fn io_task(q: &UblkQueue<'_>, tag: u16, device: &Device) -> Result<(), UblkError> {
-    let io = RingIo::new(QueueRing::new(q, tag));
+    let io = RingIo::new(QueueRing { q });
     if q.support_auto_buf_zc() {
         // Zero copy: before handing us a request with data, the kernel
         // registers its pages on this ring at index `tag` (and takes them
@@ -221,47 +161,15 @@ async fn io_task(q: &UblkQueue<'_>, tag: u16, device: &Device) -> Result<(), Ubl
         let reg = sys::ublk_auto_buf_reg { index: tag, ..Default::default() };
         q.submit_io_prep_cmd(tag, BufDesc::AutoReg(reg), 0, None).await?;
         loop {
-            if let Some(res) = serve(&io, q, tag, Data::Registered(tag), 0, device).await? {
-                q.submit_io_commit_cmd(tag, BufDesc::AutoReg(reg), res).await?;
-            }
+            let res = handle(&io, q, tag, Data::Registered(tag), device).await;
+            q.submit_io_commit_cmd(tag, BufDesc::AutoReg(reg), res).await?;
         }
     }
     let mut buf = IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize);
     q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf)).await?;
     loop {
-        let addr = buf.as_mut_ptr() as u64;
-        if let Some(res) = serve(&io, q, tag, Data::Copied(buf.as_mut_slice()), addr, device).await? {
-            q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res).await?;
-        }
-    }
-}
-
-/// Serve the tag's current request. Returns the result to commit, or None
-/// when the commit went in linked to the request's read and the next
-/// request has arrived.
-async fn serve(
-    io: &RingIo<QueueRing<'_>>,
-    q: &UblkQueue<'_>,
-    tag: u16,
-    data: Data<'_>,
-    buf_addr: u64,
-    device: &Device,
-) -> Result<Option<i32>, UblkError> {
-    let iod = q.get_iod(tag);
-    if iod.op_flags & 0xff == sys::UBLK_IO_OP_READ {
-        // A read's result is known before it runs: every byte, or an error
-        // that breaks the link.
-        io.ring().arm((iod.nr_sectors << 9) as i32, buf_addr);
-    }
-    let res = handle(io, q, tag, data, device).await;
-    let Some(commit) = io.ring().disarm() else {
-        return Ok(Some(res));
-    };
-    match commit.await {
-        sys::UBLK_IO_RES_ABORT => Err(UblkError::QueueIsDown),
-        // The read fell short or failed; the commit did not run.
-        r if r == -libc::ECANCELED => Ok(Some(res)),
-        _ => Ok(None),
+        let res = handle(&io, q, tag, Data::Copied(buf.as_mut_slice()), device).await;
+        q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res).await?;
     }
 }
 

@@ -261,7 +261,4 @@ fn random_operations_match_the_model() {
     for seed in 1..=seeds {
         run_seed(seed);
     }
-    // The checks of the reads the engine calls a request's last (AnyIo) ran
-    // on real cases: the daemon links a read's completion to those.
-    assert!(common::last_reads() > 0, "no request read was served by one read called its last");
 }

@@ -43,10 +43,6 @@ use std::path::Path;
 #[allow(async_fn_in_trait)] // Futures on a queue ring are !Send by nature.
 pub trait Io {
     async fn read_at(&self, fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<()>;
-    /// `read_at` as its request's last transfer, as `read_fixed_last`.
-    async fn read_at_last(&self, fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.read_at(fd, buf, offset).await
-    }
     async fn write_at(&self, fd: RawFd, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Make completed writes to `fd` durable (fdatasync).
     async fn sync_data(&self, fd: RawFd) -> io::Result<()>;
@@ -69,12 +65,6 @@ pub trait Io {
     /// Only a ring that holds registered buffers can; the rest refuse.
     async fn read_fixed(&self, _fd: RawFd, _buf: FixedBuf, _offset: u64) -> io::Result<()> {
         Err(no_fixed_buffers())
-    }
-    /// `read_fixed` as its request's last transfer: when it reads every
-    /// byte, the request is done, and a ring may chain the request's
-    /// completion to it (see [`Submit::submit_last`]).
-    async fn read_fixed_last(&self, fd: RawFd, buf: FixedBuf, offset: u64) -> io::Result<()> {
-        self.read_fixed(fd, buf, offset).await
     }
     /// Zero copy: write a registered buffer's bytes to `fd`.
     async fn write_fixed(&self, _fd: RawFd, _buf: FixedBuf, _offset: u64) -> io::Result<()> {
@@ -116,9 +106,6 @@ impl<T: Io + ?Sized> Io for &T {
     async fn read_at(&self, fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<()> {
         (**self).read_at(fd, buf, offset).await
     }
-    async fn read_at_last(&self, fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        (**self).read_at_last(fd, buf, offset).await
-    }
     async fn write_at(&self, fd: RawFd, buf: &[u8], offset: u64) -> io::Result<()> {
         (**self).write_at(fd, buf, offset).await
     }
@@ -142,9 +129,6 @@ impl<T: Io + ?Sized> Io for &T {
     }
     async fn read_fixed(&self, fd: RawFd, buf: FixedBuf, offset: u64) -> io::Result<()> {
         (**self).read_fixed(fd, buf, offset).await
-    }
-    async fn read_fixed_last(&self, fd: RawFd, buf: FixedBuf, offset: u64) -> io::Result<()> {
-        (**self).read_fixed_last(fd, buf, offset).await
     }
     async fn write_fixed(&self, fd: RawFd, buf: FixedBuf, offset: u64) -> io::Result<()> {
         (**self).write_fixed(fd, buf, offset).await

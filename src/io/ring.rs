@@ -19,22 +19,11 @@ use super::{FixedBuf, Io};
 /// the future yields the CQE's result (bytes moved, or -errno).
 pub trait Submit {
     fn submit(&self, sqe: squeue::Entry) -> impl Future<Output = i32>;
-
-    /// As `submit`, for a request's last transfer: if it moves every byte
-    /// asked of it, nothing is left to do for the request. A ring may chain
-    /// the request's completion to it (the ublk queue links its commit),
-    /// so that the kernel completes the request without a trip through us.
-    fn submit_last(&self, sqe: squeue::Entry) -> impl Future<Output = i32> {
-        self.submit(sqe)
-    }
 }
 
 impl<S: Submit + ?Sized> Submit for &S {
     fn submit(&self, sqe: squeue::Entry) -> impl Future<Output = i32> {
         (**self).submit(sqe)
-    }
-    fn submit_last(&self, sqe: squeue::Entry) -> impl Future<Output = i32> {
-        (**self).submit_last(sqe)
     }
 }
 
@@ -53,15 +42,9 @@ impl<S: Submit> RingIo<S> {
 
     /// One SQE, awaited; EINTR and EAGAIN are retried.
     async fn op(&self, build: impl Fn() -> squeue::Entry) -> io::Result<u32> {
-        self.op_as(false, build).await
-    }
-
-    /// `op`, with `last` saying whether it is its request's last transfer
-    /// (see [`Submit::submit_last`]).
-    async fn op_as(&self, last: bool, build: impl Fn() -> squeue::Entry) -> io::Result<u32> {
         loop {
             let guard = InFlight;
-            let res = if last { self.ring.submit_last(build()).await } else { self.ring.submit(build()).await };
+            let res = self.ring.submit(build()).await;
             guard.done();
             match res {
                 r if r == -libc::EAGAIN || r == -libc::EINTR => continue,
@@ -71,13 +54,13 @@ impl<S: Submit> RingIo<S> {
         }
     }
 
-    async fn read_aligned(&self, last: bool, fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    async fn read_aligned(&self, fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let mut done = 0usize;
         while done < buf.len() {
             let rest = &mut buf[done..];
             let (ptr, len) = (rest.as_mut_ptr(), rest.len() as u32);
             let at = offset + done as u64;
-            let n = self.op_as(last, || opcode::Read::new(types::Fd(fd), ptr, len).offset(at).build()).await? as usize;
+            let n = self.op(|| opcode::Read::new(types::Fd(fd), ptr, len).offset(at).build()).await? as usize;
             if n == 0 {
                 // A regular file reads short only at EOF: the rest is a hole.
                 rest.fill(0);
@@ -118,15 +101,14 @@ fn dev_zero() -> io::Result<RawFd> {
 
 impl<S: Submit> RingIo<S> {
     /// Move a registered buffer's range from (`read`) or to `fd`, whole;
-    /// a read that ends at EOF leaves the rest to `zero_fixed`. `last`: see
-    /// [`Submit::submit_last`].
-    async fn transfer_fixed(&self, read: bool, last: bool, fd: RawFd, buf: FixedBuf, offset: u64) -> io::Result<()> {
+    /// a read that ends at EOF leaves the rest to `zero_fixed`.
+    async fn transfer_fixed(&self, read: bool, fd: RawFd, buf: FixedBuf, offset: u64) -> io::Result<()> {
         let mut done = 0usize;
         while done < buf.len {
             let addr = buf.base + (buf.off + done) as u64;
             let (len, at) = ((buf.len - done) as u32, offset + done as u64);
             let n = self
-                .op_as(last, || {
+                .op(|| {
                     if read {
                         opcode::ReadFixed::new(types::Fd(fd), addr as *mut u8, len, buf.index).offset(at).build()
                     } else {
@@ -169,20 +151,12 @@ impl Drop for InFlight {
 impl<S: Submit> Io for RingIo<S> {
     async fn read_at(&self, fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<()> {
         if is_aligned(buf, MEM_ALIGN) {
-            return self.read_aligned(false, fd, buf, offset).await;
+            return self.read_aligned(fd, buf, offset).await;
         }
         let mut bounce = AlignedBuf::zeroed(buf.len());
-        self.read_aligned(false, fd, &mut bounce, offset).await?;
+        self.read_aligned(fd, &mut bounce, offset).await?;
         buf.copy_from_slice(&bounce);
         Ok(())
-    }
-
-    async fn read_at_last(&self, fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        if is_aligned(buf, MEM_ALIGN) {
-            return self.read_aligned(true, fd, buf, offset).await;
-        }
-        // Bounced: the bytes still have a copy to go after the read.
-        self.read_at(fd, buf, offset).await
     }
 
     async fn write_at(&self, fd: RawFd, buf: &[u8], offset: u64) -> io::Result<()> {
@@ -206,15 +180,11 @@ impl<S: Submit> Io for RingIo<S> {
     }
 
     async fn read_fixed(&self, fd: RawFd, buf: FixedBuf, offset: u64) -> io::Result<()> {
-        self.transfer_fixed(true, false, fd, buf, offset).await
-    }
-
-    async fn read_fixed_last(&self, fd: RawFd, buf: FixedBuf, offset: u64) -> io::Result<()> {
-        self.transfer_fixed(true, true, fd, buf, offset).await
+        self.transfer_fixed(true, fd, buf, offset).await
     }
 
     async fn write_fixed(&self, fd: RawFd, buf: FixedBuf, offset: u64) -> io::Result<()> {
-        self.transfer_fixed(false, false, fd, buf, offset).await
+        self.transfer_fixed(false, fd, buf, offset).await
     }
 
     async fn zero_fixed(&self, buf: FixedBuf) -> io::Result<()> {

@@ -606,23 +606,8 @@ impl AnyIo {
 
     /// A request's read, the way the daemon serves it with this I/O: for
     /// `Fixed`, into the registered buffer (filled with garbage first, so
-    /// a range left untouched shows), then copied out. Checks what the
-    /// daemon relies on when the engine calls a read the request's last
-    /// (it links the request's completion to it): that read is the
-    /// request's only I/O and covers all of it.
+    /// a range left untouched shows), then copied out.
     pub fn request_read(&self, stack: &Stack, offset: u64, buf: &mut [u8]) -> ublk_ploop::Result<()> {
-        REQUEST_IO.set(RequestIo { active: true, ..Default::default() });
-        let result = self.request_read_unchecked(stack, offset, buf);
-        let seen = REQUEST_IO.take();
-        if let Some(len) = seen.last_len {
-            assert_eq!(seen.calls, 1, "read {offset}+{}: a last read among {} I/Os", buf.len(), seen.calls);
-            assert_eq!(len, buf.len(), "read {offset}+{}: the last read covers {len} bytes", buf.len());
-            LAST_READS.set(LAST_READS.get() + 1);
-        }
-        result
-    }
-
-    fn request_read_unchecked(&self, stack: &Stack, offset: u64, buf: &mut [u8]) -> ublk_ploop::Result<()> {
         match self {
             AnyIo::Fixed(_, staging) => {
                 let mut staging = staging.borrow_mut();
@@ -636,15 +621,8 @@ impl AnyIo {
         }
     }
 
-    /// A request's write, as `request_read`: no read of it is its last.
+    /// A request's write, as `request_read`.
     pub fn request_write(&self, stack: &Stack, offset: u64, data: &[u8]) -> ublk_ploop::Result<()> {
-        REQUEST_IO.set(RequestIo { active: true, ..Default::default() });
-        let result = self.request_write_unchecked(stack, offset, data);
-        assert_eq!(REQUEST_IO.take().last_len, None, "write {offset}+{}: a read called last", data.len());
-        result
-    }
-
-    fn request_write_unchecked(&self, stack: &Stack, offset: u64, data: &[u8]) -> ublk_ploop::Result<()> {
         match self {
             AnyIo::Fixed(_, staging) => {
                 let mut staging = staging.borrow_mut();
@@ -657,113 +635,56 @@ impl AnyIo {
     }
 }
 
-/// The I/O calls of the request being served (see `AnyIo::request_read`).
-#[derive(Clone, Copy, Default)]
-struct RequestIo {
-    /// Set while `request_read` or `request_write` runs.
-    active: bool,
-    calls: u32,
-    /// Length of the read called the request's last, if one was.
-    last_len: Option<usize>,
-}
-
-thread_local! {
-    static REQUEST_IO: std::cell::Cell<RequestIo> = std::cell::Cell::new(RequestIo::default());
-    static LAST_READS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
-}
-
-/// How many request reads on this thread were served by one read the
-/// engine called their last.
-pub fn last_reads() -> u64 {
-    LAST_READS.get()
-}
-
-fn note_io(last_len: Option<usize>) {
-    let mut seen = REQUEST_IO.get();
-    if !seen.active {
-        return;
-    }
-    seen.calls += 1;
-    if last_len.is_some() {
-        assert!(seen.last_len.is_none(), "two reads called last in one request");
-        seen.last_len = last_len;
-    }
-    REQUEST_IO.set(seen);
-}
-
 impl Io for AnyIo {
-    async fn read_at_last(&self, fd: i32, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        note_io(Some(buf.len()));
-        match self {
-            AnyIo::Sync(i) => i.read_at_last(fd, buf, offset).await,
-            AnyIo::Uring(i) | AnyIo::Fixed(i, _) => i.read_at_last(fd, buf, offset).await,
-        }
-    }
-    async fn read_fixed_last(&self, fd: i32, buf: ublk_ploop::io::FixedBuf, offset: u64) -> std::io::Result<()> {
-        note_io(Some(buf.len));
-        match self {
-            AnyIo::Sync(i) => i.read_fixed_last(fd, buf, offset).await,
-            AnyIo::Uring(i) | AnyIo::Fixed(i, _) => i.read_fixed_last(fd, buf, offset).await,
-        }
-    }
     async fn read_at(&self, fd: i32, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        note_io(None);
         match self {
             AnyIo::Sync(i) => i.read_at(fd, buf, offset).await,
             AnyIo::Uring(i) | AnyIo::Fixed(i, _) => i.read_at(fd, buf, offset).await,
         }
     }
     async fn write_at(&self, fd: i32, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        note_io(None);
         match self {
             AnyIo::Sync(i) => i.write_at(fd, buf, offset).await,
             AnyIo::Uring(i) | AnyIo::Fixed(i, _) => i.write_at(fd, buf, offset).await,
         }
     }
     async fn sync_data(&self, fd: i32) -> std::io::Result<()> {
-        note_io(None);
         match self {
             AnyIo::Sync(i) => i.sync_data(fd).await,
             AnyIo::Uring(i) | AnyIo::Fixed(i, _) => i.sync_data(fd).await,
         }
     }
     async fn allocate(&self, fd: i32, offset: u64, len: u64) -> std::io::Result<()> {
-        note_io(None);
         match self {
             AnyIo::Sync(i) => i.allocate(fd, offset, len).await,
             AnyIo::Uring(i) | AnyIo::Fixed(i, _) => i.allocate(fd, offset, len).await,
         }
     }
     async fn punch_hole(&self, fd: i32, offset: u64, len: u64) -> std::io::Result<()> {
-        note_io(None);
         match self {
             AnyIo::Sync(i) => i.punch_hole(fd, offset, len).await,
             AnyIo::Uring(i) | AnyIo::Fixed(i, _) => i.punch_hole(fd, offset, len).await,
         }
     }
     async fn set_len(&self, fd: i32, len: u64) -> std::io::Result<()> {
-        note_io(None);
         match self {
             AnyIo::Sync(i) => i.set_len(fd, len).await,
             AnyIo::Uring(i) | AnyIo::Fixed(i, _) => i.set_len(fd, len).await,
         }
     }
     async fn read_fixed(&self, fd: i32, buf: ublk_ploop::io::FixedBuf, offset: u64) -> std::io::Result<()> {
-        note_io(None);
         match self {
             AnyIo::Sync(i) => i.read_fixed(fd, buf, offset).await,
             AnyIo::Uring(i) | AnyIo::Fixed(i, _) => i.read_fixed(fd, buf, offset).await,
         }
     }
     async fn write_fixed(&self, fd: i32, buf: ublk_ploop::io::FixedBuf, offset: u64) -> std::io::Result<()> {
-        note_io(None);
         match self {
             AnyIo::Sync(i) => i.write_fixed(fd, buf, offset).await,
             AnyIo::Uring(i) | AnyIo::Fixed(i, _) => i.write_fixed(fd, buf, offset).await,
         }
     }
     async fn zero_fixed(&self, buf: ublk_ploop::io::FixedBuf) -> std::io::Result<()> {
-        note_io(None);
         match self {
             AnyIo::Sync(i) => i.zero_fixed(buf).await,
             AnyIo::Uring(i) | AnyIo::Fixed(i, _) => i.zero_fixed(buf).await,
