@@ -162,14 +162,25 @@ async fn io_task(q: &UblkQueue<'_>, tag: u16, device: &Device) -> Result<(), Ubl
         q.submit_io_prep_cmd(tag, BufDesc::AutoReg(reg), 0, None).await?;
         loop {
             let res = handle(&io, q, tag, Data::Registered(tag), device).await;
-            q.submit_io_commit_cmd(tag, BufDesc::AutoReg(reg), res).await?;
+            next_request(q.submit_io_commit_cmd(tag, BufDesc::AutoReg(reg), res).await?)?;
         }
     }
     let mut buf = IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize);
     q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf)).await?;
     loop {
         let res = handle(&io, q, tag, Data::Copied(buf.as_mut_slice()), device).await;
-        q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res).await?;
+        next_request(q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res).await?)?;
+    }
+}
+
+/// What a commit's completion says: the next request arrived, the queue
+/// is going down, or the driver refused the commit (then serving the old
+/// request descriptor again would spin; the tag stops with an error).
+fn next_request(result: i32) -> Result<(), UblkError> {
+    match result {
+        r if r == sys::UBLK_IO_RES_OK as i32 => Ok(()),
+        sys::UBLK_IO_RES_ABORT => Err(UblkError::QueueIsDown),
+        r => Err(UblkError::OtherError(r)),
     }
 }
 
@@ -312,4 +323,16 @@ pub fn open_ctrl(id: u32) -> Option<UblkCtrl> {
         return None;
     }
     UblkCtrl::new_simple(id as i32).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_results_name_the_next_step() {
+        assert!(next_request(0).is_ok());
+        assert!(matches!(next_request(sys::UBLK_IO_RES_ABORT), Err(UblkError::QueueIsDown)));
+        assert!(matches!(next_request(-libc::EINVAL), Err(UblkError::OtherError(e)) if e == -libc::EINVAL));
+    }
 }
