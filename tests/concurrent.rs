@@ -40,17 +40,29 @@ fn run_seed(seed: u64) {
     let g = Geometry { cluster, clusters: 8 + rng.below(24), stripe: cluster / OWNERS as u64 };
     let ops_per_owner = 40 + rng.below(40) as usize;
     let snapshots = 1 + rng.below(3) as usize;
-    let ctx = format!("seed {seed} (cluster {cluster}, {} clusters, {snapshots} snapshots)", g.clusters);
+    let ctx = format!("seed {seed} (cluster {cluster}, {} clusters, {snapshots} snapshots, lower sparse: {})", g.clusters, seed % 3 == 0);
     let dir = TempDir::new(&format!("concurrent-{seed}"));
 
-    // A full lower layer: every cluster holds data, so every first write
-    // to a cluster in the top copies it up.
+    // The lower layer holds every cluster (every first write to a cluster
+    // in the top copies it up) or, for a third of the seeds, a random half
+    // of them (a first write to one it lacks fills the new cluster with
+    // zeros around its bytes, which must not zero a waiting writer's).
     let base = dir.join("base.img");
     block_on(PloopLayer::create(&SyncIo, &base, g.size(), cluster)).unwrap();
-    let lower = pattern(0xBA5E, 0, g.size() as usize);
+    let mut lower = pattern(0xBA5E, 0, g.size() as usize);
+    let holes: Vec<bool> = match seed % 3 {
+        0 => (0..g.clusters).map(|_| rng.below(2) == 0).collect(),
+        _ => vec![false; g.clusters as usize],
+    };
     {
         let s = open(std::slice::from_ref(&base), false);
-        block_on(s.write(&SyncIo, 0, &lower)).unwrap();
+        for (c, chunk) in lower.chunks_mut(cluster as usize).enumerate() {
+            if holes[c] {
+                chunk.fill(0);
+            } else {
+                block_on(s.write(&SyncIo, c as u64 * cluster, chunk)).unwrap();
+            }
+        }
         block_on(s.close(&SyncIo)).unwrap();
     }
     let base_bytes = std::fs::read(&base).unwrap();
