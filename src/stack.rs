@@ -21,7 +21,7 @@ use std::future::poll_fn;
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -131,8 +131,6 @@ pub struct Stack {
     /// each (see `allocate`).
     busy: Mutex<HashMap<u64, WaitList>>,
     bufs: BufPool,
-    /// A cluster of zeros to fill new clusters around a request's bytes.
-    zeros: OnceLock<AlignedBuf>,
     /// Former tops whose writes are not yet known durable: a flush syncs
     /// them too until their snapshot has closed them.
     retiring: Mutex<Vec<Arc<Layer>>>,
@@ -235,7 +233,6 @@ impl Stack {
             direct: opts.direct,
             busy: Mutex::new(HashMap::new()),
             bufs: BufPool::new(cluster as usize, KEEP_BUFS),
-            zeros: OnceLock::new(),
             retiring: Mutex::new(Vec::new()),
             copy_ups: AtomicU64::new(0),
             keep: Mutex::new(None),
@@ -442,7 +439,7 @@ impl Stack {
                 None => {
                     // A piece that covers the whole cluster replaces it: no
                     // copy-up of bytes it would overwrite at once.
-                    let fill = if within == 0 && n == self.copy_len(c) { Fill::Whole(data, buf_off) } else { Fill::Part(data, buf_off, within, n) };
+                    let fill = if within == 0 && n == self.copy_len(c) { Fill::Whole(data, buf_off) } else { Fill::CopyUp };
                     let (base, _, written) = self.allocate(io, shape, c, fill).await?;
                     if written {
                         continue;
@@ -500,7 +497,7 @@ impl Stack {
         let offset = top.reserve_cluster(io).await?;
         let mut written = false;
         match (fill, below) {
-            (Fill::CopyUp | Fill::Part(..), Some(i)) => {
+            (Fill::CopyUp, Some(i)) => {
                 let src = &shape.layers[i];
                 let src_off = src.lookup(c, self.cluster).expect("owner map and BAT agree");
                 let mut buf = self.bufs.get();
@@ -517,25 +514,15 @@ impl Stack {
                 top.sync_data(io).await.map_err(|e| Error::io(e, format_args!("{path}: syncing a whole cluster")))?;
                 written = true;
             }
-            (Fill::Part(data, buf_off, within, n), None) => {
-                // Nothing below: the request's bytes and zeros around them
-                // fill the whole cluster. Its preallocated space is
-                // unwritten; left so, every later small write into it would
-                // convert a piece of it, and that costs the host filesystem
-                // more than the write (4k random writes in the VM: 4x fewer
-                // at depth 32 than into written space). Not synced: zeros
-                // are what the disk showed, and the BAT entry may reach the
-                // disk before these bytes. Done before linking, so a request
-                // that waited for the cluster cannot have its bytes zeroed.
-                self.fill_fresh(io, top, offset, data, (buf_off, within as usize, n), c).await?;
-                written = true;
-            }
-            // Nothing below and nothing to write (a caller about to zero
-            // it): the fresh cluster's zeros are what the disk showed.
+            // Nothing below: the fresh cluster's zeros are what the disk
+            // showed, so the caller's write may race its BAT entry.
             _ => {}
         }
-        top.link(c, offset);
+        // Owner first: a write that finds the link and completes must be
+        // seen by every later read, which looks at the owner map first (an
+        // owner naming the top before its entry exists resolves below).
         shape.owner[c as usize].store(shape.top_index(), Ordering::Release);
+        top.link(c, offset);
         Ok((offset, true, written))
     }
 
@@ -545,21 +532,6 @@ impl Stack {
         io.read_at(from.fd(), buf, src_off).await.map_err(|e| Error::io(e, format_args!("{}: copy-up read", from.path.display())))?;
         io.write_at(to.fd(), buf, offset).await.map_err(|e| Error::io(e, format_args!("{}: copy-up write", to.path.display())))?;
         top.sync_data(io).await.map_err(|e| Error::io(e, format_args!("{}: copy-up sync", to.path.display())))
-    }
-
-    /// Write a request's piece (`n` bytes from `buf_off`, `within` bytes
-    /// into cluster `c`) into the fresh cluster at `offset`, with zeros
-    /// before and after it, all in flight together.
-    async fn fill_fresh<I: Io>(&self, io: &I, top: &Layer, offset: u64, data: Src<'_>, piece: (usize, usize, usize), c: u64) -> Result<()> {
-        let (buf_off, within, n) = piece;
-        let fd = top.file().fd();
-        let (len, end) = (self.copy_len(c), within + n);
-        let zeros = self.zeros.get_or_init(|| AlignedBuf::zeroed(self.cluster as usize));
-        let piece = [Seg::Data { fd, file_off: offset + within as u64, buf_off, len: end - within }];
-        let head = async { if within > 0 { io.write_at(fd, &zeros[..within], offset).await } else { Ok(()) } };
-        let tail = async { if end < len { io.write_at(fd, &zeros[..len - end], offset + end as u64).await } else { Ok(()) } };
-        let (piece, (head, tail)) = futures_lite::future::zip(write_segs(io, &piece, data), futures_lite::future::zip(head, tail)).await;
-        piece.and(head).and(tail).map_err(|e| Error::io(e, format_args!("{}: filling a new cluster", top.file().path.display())))
     }
 
     /// Bytes of cluster `c` inside the disk (the last one may be partial).
@@ -1093,10 +1065,6 @@ enum Fill<'a> {
     CopyUp,
     /// A request's bytes from `buf_off` on, which cover the whole cluster.
     Whole(Src<'a>, usize),
-    /// `n` of a request's bytes from `buf_off` on, which start `within`
-    /// bytes into the cluster and cover only part of it: the rest is copied
-    /// up, or, with nothing below, written as zeros with the request's bytes.
-    Part(Src<'a>, usize, u64, usize),
 }
 
 /// Where a write's bytes come from.

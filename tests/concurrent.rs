@@ -45,8 +45,8 @@ fn run_seed(seed: u64) {
 
     // The lower layer holds every cluster (every first write to a cluster
     // in the top copies it up) or, for a third of the seeds, a random half
-    // of them (a first write to one it lacks fills the new cluster with
-    // zeros around its bytes, which must not zero a waiting writer's).
+    // of them (a first write to one it lacks links a fresh cluster that
+    // other writers may already be writing into).
     let base = dir.join("base.img");
     block_on(PloopLayer::create(&SyncIo, &base, g.size(), cluster)).unwrap();
     let mut lower = pattern(0xBA5E, 0, g.size() as usize);

@@ -809,9 +809,7 @@ fn failing_flush_returns_err_and_a_later_flush_makes_data_durable() {
     // pending for the next flush...
     io.fail_after(Kind::Write, 1);
     let writes = io.counts().writes;
-    // (A whole cluster: a partial first write would also write zeros
-    // around its bytes.)
-    write_payload(&stack, &io, 2, 3 * C, C).expect_err("write whose BAT update failed returned Ok");
+    write_payload(&stack, &io, 2, 3 * C, 4096).expect_err("write whose BAT update failed returned Ok");
     assert_eq!(io.counts().writes, writes + 2, "expected the data write, then the failing BAT write");
     // ... (with the failed entry undone), so the flush writes that chunk,
     // then syncs data and BAT together once: fail that sync.
