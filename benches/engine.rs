@@ -109,6 +109,8 @@ const QEMU_IMG: &str = "qemu-data.hds";
 const ALLOC: &str = "alloc.hds";
 const QEMU_ALLOC: &str = "qemu-alloc.hds";
 const TOP: &str = "top.hds";
+const FRESH: &str = "fresh.hds";
+const FRESH_RAW: &str = "fresh.raw";
 const SWAP_BASE: &str = "swap-base.hds";
 /// The disk directory of the merge row, and the raw copy it is compared with.
 const MERGE_DIR: &str = "merge-disk";
@@ -472,7 +474,10 @@ fn setup(cfg: &Cfg) -> Res<()> {
 // fio
 
 fn fio(cfg: &Cfg, rw: &str, bs: usize, qd: usize, secs: f64) -> Res<Run> {
-    let raw = cfg.path(RAW);
+    fio_on(cfg, &cfg.path(RAW), rw, bs, qd, secs)
+}
+
+fn fio_on(cfg: &Cfg, raw: &Path, rw: &str, bs: usize, qd: usize, secs: f64) -> Res<Run> {
     let out = Command::new("fio")
         .arg("--name=bench")
         .arg(format!("--filename={}", raw.display()))
@@ -659,6 +664,33 @@ fn engine_alloc(cfg: &Cfg, secs: f64) -> Res<Run> {
         fs::remove_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(Run { rounds: 1, close_secs: flush, ..run })
     })
+}
+
+/// 4k random writes at QD32 over a fresh empty image for `secs`: the first
+/// write to a cluster allocates it, later ones land in it (many writes per
+/// cluster, unlike the allocating row's one). Creation, close and deletion
+/// are not counted.
+fn engine_fresh(cfg: &Cfg, secs: f64) -> Res<Run> {
+    let path = cfg.path(FRESH);
+    let _ = fs::remove_file(&path);
+    block_on(PloopLayer::create(&SyncIo, &path, cfg.size, CLUSTER)).map_err(|e| format!("creating empty image: {e}"))?;
+    let stack = open_stack(std::slice::from_ref(&path), false)?;
+    let run = drive_one(&stack, Dir::Write, K4, 32, Duration::from_secs_f64(secs), Box::new(random_offsets(cfg.size, K4, 0xf7e5)))?;
+    block_on(stack.close(&SyncIo)).map_err(|e| format!("closing stack: {e}"))?;
+    drop(stack);
+    fs::remove_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(run)
+}
+
+/// The same on a fresh sparse raw file (what a loop device over a new file
+/// does).
+fn fio_fresh(cfg: &Cfg, secs: f64) -> Res<Run> {
+    let path = cfg.path(FRESH_RAW);
+    let _ = fs::remove_file(&path);
+    fs::File::create(&path).and_then(|f| f.set_len(cfg.size)).map_err(|e| format!("{}: {e}", path.display()))?;
+    let run = fio_on(cfg, &path, "randwrite", K4, 32, secs);
+    let _ = fs::remove_file(&path);
+    run
 }
 
 /// Head-of-line blocking: 4k random reads at QD16 on one ring (one queue)
@@ -1246,6 +1278,13 @@ fn run() -> Res<()> {
             r.qemu_what = Some("-w -s 4k -S 1M: one write per cluster, ascending".into());
         }
         rows.push(r);
+        progress("4k randwrite QD32 (fresh images)");
+        let mut r = Row::new("randwrite_4k_qd32_fresh", "4k randwrite QD32 (fresh img)");
+        let mut f = |s: f64| fio_fresh(&cfg, s);
+        let (e, f) = alternate(&cfg, |s| engine_fresh(&cfg, s), if have_fio { Some(&mut f) } else { None })?;
+        r.engine = Some(e);
+        r.fio = f;
+        rows.push(r);
     }
 
     // Reads beside a job whose writes copy clusters up, on one ring.
@@ -1589,6 +1628,7 @@ fn report(cfg: &Cfg, rows: &[Row], load: &UnderLoad, q: &Qemu, have_fio: bool, h
         ("randwrite_4k_qd32", "4k randwrite QD32 (allocated) a/b", 0.90),
         ("seqread_1m", "1M seqread a/b", 0.95),
         ("seqwrite_1m", "1M seqwrite a/b", 0.95),
+        ("randwrite_4k_qd32_fresh", "4k randwrite QD32 (fresh img vs sparse file) a/b", 1.0),
     ] {
         targets.push((key, what.into(), find(key).and_then(|r| ratio(r.engine.as_ref(), &r.fio)), goal));
     }
