@@ -40,7 +40,8 @@ fn run_seed(seed: u64) {
     let g = Geometry { cluster, clusters: 8 + rng.below(24), stripe: cluster / OWNERS as u64 };
     let ops_per_owner = 40 + rng.below(40) as usize;
     let snapshots = 1 + rng.below(3) as usize;
-    let ctx = format!("seed {seed} (cluster {cluster}, {} clusters, {snapshots} snapshots, lower sparse: {})", g.clusters, seed % 3 == 0);
+    let sparse = seed % 3 == 0;
+    let ctx = format!("seed {seed} (cluster {cluster}, {} clusters, {snapshots} snapshots, lower sparse: {sparse})", g.clusters);
     let dir = TempDir::new(&format!("concurrent-{seed}"));
 
     // The lower layer holds every cluster (every first write to a cluster
@@ -50,14 +51,10 @@ fn run_seed(seed: u64) {
     let base = dir.join("base.img");
     block_on(PloopLayer::create(&SyncIo, &base, g.size(), cluster)).unwrap();
     let mut lower = pattern(0xBA5E, 0, g.size() as usize);
-    let holes: Vec<bool> = match seed % 3 {
-        0 => (0..g.clusters).map(|_| rng.below(2) == 0).collect(),
-        _ => vec![false; g.clusters as usize],
-    };
     {
         let s = open(std::slice::from_ref(&base), false);
         for (c, chunk) in lower.chunks_mut(cluster as usize).enumerate() {
-            if holes[c] {
+            if sparse && rng.below(2) == 0 {
                 chunk.fill(0);
             } else {
                 block_on(s.write(&SyncIo, c as u64 * cluster, chunk)).unwrap();
