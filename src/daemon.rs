@@ -169,13 +169,13 @@ pub fn require_ublk() -> Result<()> {
         return Ok(());
     }
     let why = if std::path::Path::new("/sys/module/ublk_drv").exists() {
-        "module ublk_drv is loaded but /dev/ublk-control is missing"
+        "module ublk_drv is loaded, but no control device"
     } else {
         "module ublk_drv not loaded: modprobe ublk_drv"
     };
     Err(Error::new(
         libc::ENODEV,
-        format!("the kernel has no ublk ({why}; or use a kernel built with CONFIG_BLK_DEV_UBLK)"),
+        format!("the kernel has no ublk ({why}): /dev/ublk-control is missing; or use a kernel built with CONFIG_BLK_DEV_UBLK"),
     ))
 }
 
