@@ -181,6 +181,7 @@ async fn check_with<I: Io>(io: &I, path: &Path, format: Format, repair: bool, ta
         other => report.header_errors.push(format!("unknown in-use mark {other:#x}")),
     }
     let mut values = load::read_bat(io, fd, &header, SECTOR, &name).await?.values;
+    let on_disk = values.clone();
     let mut scan = bat::scan(&header, &values, file_size);
     let extension = read_extension(io, fd, &header, file_size, &mut report).await;
     if let Some(ext) = &extension {
@@ -227,13 +228,27 @@ async fn check_with<I: Io>(io: &I, path: &Path, format: Format, repair: bool, ta
         fixed.ext_off_sectors = 0;
         repairs.push("format extension dropped (changed-block tracking starts over)".into());
     }
-    let mut meta = Vec::with_capacity(HEADER_SIZE + 4 * values.len());
-    meta.extend_from_slice(&fixed.to_bytes());
+    // Only the header and the entries that changed are written: the rest
+    // of the table is on disk as it is, and writing it all would fill the
+    // holes of a sparse table (gigabytes for a large disk).
+    let mut head = fixed.to_bytes();
     if header.variant == Variant::V1 {
-        meta[40..44].fill(0);
+        head[40..44].fill(0);
     }
-    values.iter().for_each(|v| meta.extend_from_slice(&v.to_le_bytes()));
-    io.write_at(fd, &meta, 0).await.map_err(io_err)?;
+    io.write_at(fd, &head, 0).await.map_err(io_err)?;
+    let mut i = 0;
+    while i < values.len() {
+        if values[i] == on_disk[i] {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < values.len() && values[i] != on_disk[i] {
+            i += 1;
+        }
+        let run: Vec<u8> = values[start..i].iter().flat_map(|v| v.to_le_bytes()).collect();
+        io.write_at(fd, &run, (HEADER_SIZE + 4 * start) as u64).await.map_err(io_err)?;
+    }
     io.sync_data(fd).await.map_err(io_err)?;
     if report.unclean || !report.header_errors.is_empty() {
         repairs.push("header: in-use mark cleared".into());

@@ -56,13 +56,16 @@ struct FormatArg {
     format: Option<Format>,
 }
 
-/// A device (online, through its daemon) or a disk directory (offline).
+/// A device (online, through its daemon) or a disk directory (offline):
+/// one of the two is required, and a usage error names both.
 #[derive(Args, Clone)]
+#[group(id = "target", required = true, multiple = false)]
 struct Target {
     /// The device serving the disk.
-    #[arg(short = 'n', long = "number", conflicts_with = "dir", required_unless_present = "dir")]
+    #[arg(short = 'n', long = "number")]
     id: Option<u32>,
     /// A disk directory (or its DiskDescriptor.xml) no device serves.
+    #[arg(value_name = "DISK_DIR")]
     dir: Option<PathBuf>,
 }
 
@@ -114,15 +117,17 @@ enum Command {
     /// serves (ploop's `resize`): growing moves data clusters out of the
     /// way of a larger table when needed; shrinking only drops space no
     /// data was written to.
+    #[command(group(clap::ArgGroup::new("target").required(true).args(["id", "image"])))]
     Resize {
         /// The device serving the disk (online: needs a kernel with
         /// UPDATE_SIZE; only the top image grows, as with ploop).
-        #[arg(short = 'n', long = "number", conflicts_with = "image", required_unless_present = "image")]
+        #[arg(short = 'n', long = "number")]
         id: Option<u32>,
         /// Image file, or a disk directory (or its DiskDescriptor.xml), no
         /// device serves.
+        #[arg(value_name = "IMAGE_OR_DISK_DIR")]
         image: Option<PathBuf>,
-        /// New disk size (bytes, or with K/M/G/T).
+        /// New disk size (bytes, or with K/M/G/T/P/E).
         #[arg(long, value_parser = parse_size_arg)]
         size: u64,
         #[command(flatten)]
@@ -133,12 +138,14 @@ enum Command {
     /// Give the space of discarded clusters back to the host filesystem:
     /// clusters from the end of the top image move into the holes, then the
     /// file is cut (online with -n: requests wait one step at a time).
+    #[command(group(clap::ArgGroup::new("target").required(true).args(["id", "image"])))]
     Compact {
         /// The device serving the disk.
-        #[arg(short = 'n', long = "number", conflicts_with = "image", required_unless_present = "image")]
+        #[arg(short = 'n', long = "number")]
         id: Option<u32>,
         /// Image file, or a disk directory (or its DiskDescriptor.xml), no
         /// device serves.
+        #[arg(value_name = "IMAGE_OR_DISK_DIR")]
         image: Option<PathBuf>,
         /// Clusters moved per step; online, requests wait for one step
         /// (default 16 online, 256 offline).
@@ -225,8 +232,9 @@ enum Command {
         /// Convert this snapshot of the disk directory instead of its top.
         #[arg(long, value_parser = parse_guid)]
         snapshot: Option<Guid>,
-        /// Cluster size of a ploop destination (default: the source's).
-        #[arg(long, value_parser = parse_size_arg)]
+        /// Cluster size of a ploop destination, a power of two from 32K to
+        /// 64M (default: the source's).
+        #[arg(long, value_parser = parse_cluster_arg)]
         cluster_size: Option<u64>,
         /// Print progress to stderr (default when stderr is a terminal).
         #[arg(long)]
@@ -370,11 +378,11 @@ struct DestArgs {
 /// The size of a new disk.
 #[derive(Args, Clone)]
 struct Geometry {
-    /// Virtual disk size (K, M, G, T suffixes).
+    /// Virtual disk size (K, M, G, T, P, E suffixes).
     #[arg(long, value_parser = parse_size_arg)]
     size: u64,
-    /// Cluster size, a power of two (default 1M).
-    #[arg(long, value_parser = parse_size_arg, default_value = "1M")]
+    /// Cluster size, a power of two from 32K to 64M, ploop's range (default 1M).
+    #[arg(long, value_parser = parse_cluster_arg, default_value = "1M")]
     cluster_size: u64,
 }
 
@@ -414,6 +422,16 @@ enum ToFormat {
 
 fn parse_size_arg(s: &str) -> std::result::Result<u64, String> {
     parse_size(s).map_err(|e| e.to_string())
+}
+
+/// One rule for the clusters of every image the CLI makes (`create`,
+/// `init`, `convert`): ploop's, so that ploop opens whatever we create.
+fn parse_cluster_arg(s: &str) -> std::result::Result<u64, String> {
+    let bytes = parse_size_arg(s)?;
+    ublk_ploop::disk::descriptor::check_cluster_size(bytes).map_err(|_| {
+        format!("cluster size '{s}': the cluster size must be a power of two between 32K and 64M (ploop's range)")
+    })?;
+    Ok(bytes)
 }
 
 pub fn main() -> i32 {
@@ -467,6 +485,15 @@ pub fn print_json<T: Serialize>(value: &T) {
     println!("{}", serde_json::to_string_pretty(value).expect("serialisable"));
 }
 
+/// A directory given where an image or a disk is wanted must be a disk
+/// directory: say so instead of "Is a directory".
+pub fn refuse_bare_dirs(paths: &[PathBuf]) -> Result<()> {
+    match paths.iter().find(|p| p.is_dir() && !Disk::is_disk(p)) {
+        Some(dir) => Err(ublk_ploop::disk::no_descriptor(dir)),
+        None => Ok(()),
+    }
+}
+
 /// What image arguments name: one disk directory (its chain, or a
 /// snapshot's), or image files of one declared format. Paths come back
 /// absolute, so a daemon (and a later `recover`) finds them from anywhere.
@@ -476,6 +503,7 @@ pub struct Resolved {
 }
 
 pub fn resolve_images(paths: &[PathBuf], format: Option<Format>, snapshot: Option<Guid>) -> Result<Resolved> {
+    refuse_bare_dirs(paths)?;
     match paths {
         [one] if Disk::is_disk(one) => {
             if format.is_some() {
@@ -519,6 +547,7 @@ fn run(command: Command) -> Result<i32> {
             crate::daemon::start(config, mode, foreground)
         }
         Command::Del { id, all, force } => {
+            crate::daemon::require_ublk()?;
             let ids = if all { our_devices() } else { vec![id.expect("clap requires -n or --all")] };
             for id in ids {
                 crate::daemon::delete(id, force)?;
@@ -527,6 +556,7 @@ fn run(command: Command) -> Result<i32> {
             Ok(0)
         }
         Command::List { json } => {
+            crate::daemon::require_ublk()?;
             let devices = list_devices();
             if json {
                 print_json(&devices);
@@ -624,8 +654,12 @@ fn run(command: Command) -> Result<i32> {
         Command::Info { images, format, json } => {
             let (disk, paths) = info_targets(&images, format.format)?;
             let found = paths.iter().map(|(p, f)| image_info(p, *f)).collect::<Result<Vec<_>>>()?;
-            let damaged = found.iter().any(|(_, problems)| !problems.is_empty());
-            let infos: Vec<InfoOut> = found.into_iter().map(|(i, _)| i).collect();
+            let infos: Vec<InfoOut> = found.iter().map(|(i, _)| i.clone()).collect();
+            let disk_problems = match &disk {
+                Some(d) => disk_size_problems(d, &infos.iter().map(|i| (i.path.clone(), i.disk_size)).collect::<Vec<_>>()),
+                None => vec![],
+            };
+            let damaged = found.iter().any(|(_, problems)| !problems.is_empty()) || !disk_problems.is_empty();
             if json {
                 match &disk {
                     Some(d) => print_json(&serde_json::json!({
@@ -635,6 +669,7 @@ fn run(command: Command) -> Result<i32> {
                         "top": d.desc.top,
                         "snapshots": d.snapshot_rows(),
                         "images": infos,
+                        "problems": disk_problems,
                     })),
                     None if infos.len() == 1 => print_json(&infos[0]),
                     None => print_json(&infos),
@@ -649,6 +684,9 @@ fn run(command: Command) -> Result<i32> {
             }
             for i in infos.iter().filter(|i| !i.problems.is_empty()) {
                 eprintln!("ublk-ploop: {}: damaged: {} (run `ublk-ploop check`)", i.path, i.problems.join("; "));
+            }
+            for p in &disk_problems {
+                eprintln!("ublk-ploop: {}: {p}", disk.as_ref().map(|d| d.xml_path().display().to_string()).unwrap_or_default());
             }
             Ok(if damaged { 2 } else { 0 })
         }
@@ -691,28 +729,49 @@ fn run(command: Command) -> Result<i32> {
         }
         Command::Compact { id, image, step, speed, json } => crate::snapshot_cmd::compact(id, image, step, speed, json),
         Command::Check { image, repair, format, json } => {
-            let (_, paths) = info_targets(std::slice::from_ref(&image), format.format)?;
+            let (mut disk, mut paths) = info_targets(std::slice::from_ref(&image), format.format)?;
+            // A repair changes the disk: under ploop's disk lock (waiting
+            // for another holder, as snapshot and resize do), with the
+            // descriptor read again once the lock is ours.
+            let _lock = match (&disk, repair) {
+                (Some(d), true) => {
+                    let lock = d.lock()?;
+                    (disk, paths) = info_targets(std::slice::from_ref(&image), None)?;
+                    Some(lock)
+                }
+                _ => None,
+            };
             let mut reports = Vec::new();
             for (path, format) in &paths {
                 reports.push(block_on(check(&SyncIo, path, *format, repair))?);
             }
+            let problems = match &disk {
+                Some(d) => disk_size_problems(d, &reports.iter().map(|r| (r.path.clone(), known_size(r))).collect::<Vec<_>>()),
+                None => vec![],
+            };
+            // The worst: corrupt (2) over leaks (3) over clean (0); a disk
+            // whose deltas disagree with its descriptor counts as corrupt.
+            let worst = reports.iter().map(|r| r.verdict()).chain(problems.iter().map(|_| Verdict::Corrupt)).max_by_key(|v| match v {
+                Verdict::Corrupt => 2,
+                Verdict::Leaks => 1,
+                Verdict::Clean => 0,
+            });
+            let worst = worst.unwrap_or(Verdict::Clean);
             if json {
-                let one = |r: &CheckReport| serde_json::json!({ "verdict": r.verdict(), "report": r });
-                if reports.len() == 1 {
-                    print_json(&one(&reports[0]));
-                } else {
-                    print_json(&reports.iter().map(one).collect::<Vec<_>>());
-                }
+                // One shape whatever the number of deltas.
+                let deltas: Vec<_> = reports.iter().map(|r| serde_json::json!({ "verdict": r.verdict(), "report": r })).collect();
+                print_json(&serde_json::json!({ "verdict": worst, "deltas": deltas, "problems": problems }));
             } else {
                 reports.iter().for_each(print_check);
+                for p in &problems {
+                    println!("{}: {p}", disk.as_ref().map(|d| d.xml_path().display().to_string()).unwrap_or_default());
+                }
             }
-            // The worst: corrupt (2) over leaks (3) over clean (0).
-            let code = reports.iter().map(|r| r.exit_code()).max_by_key(|c| match c {
-                2 => 2,
-                3 => 1,
-                _ => 0,
-            });
-            Ok(code.unwrap_or(0))
+            Ok(match worst {
+                Verdict::Clean => 0,
+                Verdict::Corrupt => 2,
+                Verdict::Leaks => 3,
+            })
         }
         Command::Convert { mut paths, to, format, snapshot, cluster_size, progress, json, io } => {
             let dst = paths.pop().expect("clap requires two paths");
@@ -783,12 +842,41 @@ fn run(command: Command) -> Result<i32> {
     }
 }
 
+/// The disk size a report found, when its header said one.
+fn known_size(r: &CheckReport) -> Option<u64> {
+    (r.format == Format::Raw || r.variant.is_some()).then_some(r.disk_size)
+}
+
+/// Deltas whose disk size disagrees with the descriptor (a resize that
+/// stopped between the deltas and the descriptor): the top must have the
+/// descriptor's size, a lower delta at most that (an online grow grows
+/// only the top). `sizes` are in the descriptor's order.
+fn disk_size_problems(disk: &Disk, sizes: &[(String, Option<u64>)]) -> Vec<String> {
+    let want = disk.desc.size();
+    let top = disk.desc.image(disk.desc.top).map(|i| disk.file_path(i).display().to_string());
+    let mut problems = vec![];
+    for (path, size) in sizes {
+        let Some(size) = *size else { continue };
+        let is_top = top.as_deref() == Some(path.as_str());
+        if size > want || (is_top && size != want) {
+            problems.push(format!(
+                "the delta {path} has a disk size of {size} bytes but the descriptor says {want}: \
+                 a resize did not finish; `ublk-ploop resize {} --size {}` finishes it",
+                disk.dir.display(),
+                if is_top { size } else { want }
+            ));
+        }
+    }
+    problems
+}
+
 /// The files `info` and `check` look at: every delta a disk directory's
 /// descriptor names (with its format), or the files given.
 /// A disk directory (when given one) and the files to look at, with their formats.
 type Targets = (Option<Disk>, Vec<(PathBuf, Format)>);
 
 fn info_targets(paths: &[PathBuf], format: Option<Format>) -> Result<Targets> {
+    refuse_bare_dirs(paths)?;
     match paths {
         [one] if Disk::is_disk(one) => {
             if format.is_some() {
@@ -807,7 +895,7 @@ fn info_targets(paths: &[PathBuf], format: Option<Format>) -> Result<Targets> {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Clone)]
 struct InfoOut {
     path: String,
     format: Format,

@@ -292,6 +292,10 @@ pub fn request_with_fds<T: DeserializeOwned>(dev_id: u32, request: Request, fds:
 fn request_value(dev_id: u32, request: Request, fds: &[RawFd]) -> Result<Value> {
     let path = socket_path(dev_id);
     let stream = UnixStream::connect(&path).map_err(|e| {
+        // Without ublk there is no device and no daemon: say what is missing.
+        if let Err(no_ublk) = crate::daemon::require_ublk() {
+            return no_ublk;
+        }
         Error::io(e, format_args!("device {dev_id}: cannot reach its daemon at {}", path.display()))
     })?;
     exchange(stream, &path, &format!("device {dev_id}"), request, fds)

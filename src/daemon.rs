@@ -168,10 +168,14 @@ pub fn require_ublk() -> Result<()> {
     if std::path::Path::new("/dev/ublk-control").exists() {
         return Ok(());
     }
+    let why = if std::path::Path::new("/sys/module/ublk_drv").exists() {
+        "module ublk_drv is loaded, but no control device"
+    } else {
+        "module ublk_drv not loaded: modprobe ublk_drv"
+    };
     Err(Error::new(
         libc::ENODEV,
-        "/dev/ublk-control is missing: this kernel has no ublk driver loaded. \
-         Load it with `modprobe ublk_drv`, or use a kernel built with CONFIG_BLK_DEV_UBLK",
+        format!("the kernel has no ublk ({why}): /dev/ublk-control is missing; or use a kernel built with CONFIG_BLK_DEV_UBLK"),
     ))
 }
 

@@ -2,13 +2,17 @@
 
 use crate::error::{Error, Result};
 
-/// Parse a byte count with an optional binary suffix (K, M, G, T, P; an
-/// optional trailing `B` or `iB` is accepted). Overflow is an error, not a wrap.
+/// What `parse_size` accepts after the number, for messages.
+pub const SUFFIXES: &str = "K, M, G, T, P, E (powers of 1024, optionally followed by B or iB), or S (512-byte sectors)";
+
+/// Parse a byte count with an optional binary suffix (K, M, G, T, P, E; an
+/// optional trailing `B` or `iB` is accepted; S counts 512-byte sectors).
+/// Overflow is an error, not a wrap.
 pub fn parse_size(text: &str) -> Result<u64> {
     let s = text.trim();
     let digits_end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     if digits_end == 0 {
-        return Err(Error::invalid(format!("bad size '{text}': expected a number with an optional K/M/G/T suffix")));
+        return Err(Error::invalid(format!("bad size '{text}': expected a number with an optional suffix: {SUFFIXES}")));
     }
     let number: u64 = s[..digits_end]
         .parse()
@@ -21,17 +25,18 @@ pub fn parse_size(text: &str) -> Result<u64> {
         "G" | "GB" | "GIB" => 30,
         "T" | "TB" | "TIB" => 40,
         "P" | "PB" | "PIB" => 50,
+        "E" | "EB" | "EIB" => 60,
         "S" => 9, // 512-byte sectors, as qemu-img accepts
-        _ => return Err(Error::invalid(format!("bad size '{text}': unknown suffix '{suffix}' (use K, M, G, T)"))),
+        _ => return Err(Error::invalid(format!("bad size '{text}': unknown suffix '{suffix}' (use {SUFFIXES})"))),
     };
     number
         .checked_mul(1u64 << shift)
-        .ok_or_else(|| Error::invalid(format!("bad size '{text}': too large")))
+        .ok_or_else(|| Error::invalid(format!("bad size '{text}': too large (at most 16E - 1 bytes)")))
 }
 
 /// The reverse, for messages: the largest exact binary unit.
 pub fn format_size(bytes: u64) -> String {
-    const UNITS: [(&str, u32); 5] = [("P", 50), ("T", 40), ("G", 30), ("M", 20), ("K", 10)];
+    const UNITS: [(&str, u32); 6] = [("E", 60), ("P", 50), ("T", 40), ("G", 30), ("M", 20), ("K", 10)];
     for (unit, shift) in UNITS {
         if bytes >= (1u64 << shift) && bytes % (1u64 << shift) == 0 {
             return format!("{}{unit}", bytes >> shift);
@@ -52,6 +57,8 @@ mod tests {
         assert_eq!(parse_size("10G").unwrap(), 10 << 30);
         assert_eq!(parse_size("2TiB").unwrap(), 2 << 40);
         assert_eq!(parse_size("3s").unwrap(), 1536);
+        assert_eq!(parse_size("1E").unwrap(), 1 << 60);
+        assert_eq!(parse_size("15EiB").unwrap(), 15 << 60);
     }
 
     #[test]
@@ -61,6 +68,7 @@ mod tests {
         assert!(parse_size("12X").is_err());
         assert!(parse_size("-1").is_err());
         assert!(parse_size("99999999999P").is_err());
+        assert!(parse_size("16E").is_err());
         assert!(parse_size("184467440737095516160").is_err());
     }
 

@@ -17,8 +17,9 @@ use crate::protocol::{DeleteReply, Job, JobState, ListReply, Request, SnapshotRe
 
 /// Run `op` on a disk directory no device serves: its chain is opened
 /// read-write (which fails, saying so, if a daemon holds it) and closed
-/// cleanly afterwards, whatever the outcome.
-fn offline<T>(dir: &std::path::Path, op: impl FnOnce(&OwnRing, &Stack, &mut Disk) -> Result<T>) -> Result<T> {
+/// cleanly afterwards, whatever the outcome. Half-done merges a crash left
+/// are finished first; `op` is told which.
+fn offline<T>(dir: &std::path::Path, op: impl FnOnce(&OwnRing, &Stack, &mut Disk, &[Merged]) -> Result<T>) -> Result<T> {
     let mut disk = Disk::load(dir)?;
     let layers = disk.layers(None)?;
     let (stack, _) = block_on(Stack::open_layers(&SyncIo, &layers, &StackOptions::default())).map_err(|e| {
@@ -29,24 +30,48 @@ fn offline<T>(dir: &std::path::Path, op: impl FnOnce(&OwnRing, &Stack, &mut Disk
         }
     })?;
     let ring = OwnRing::new(64).map_err(|e| Error::io(e, "setting up io_uring"))?;
-    let result = ring.block_on(ops::finish_merges(&ring.io(), &stack, &mut disk)).and_then(|_| op(&ring, &stack, &mut disk));
+    let result = ring.block_on(ops::finish_merges(&ring.io(), &stack, &mut disk)).and_then(|merged| op(&ring, &stack, &mut disk, &merged));
     let closed = block_on(stack.close(&SyncIo));
     let value = result?;
     closed?;
     Ok(value)
 }
 
+/// How long requests were held, in milliseconds: only a served disk has
+/// requests to hold (offline there is nothing to say).
+fn stall_ms(online: bool, stall: Duration) -> Option<f64> {
+    online.then(|| stall.as_secs_f64() * 1000.0)
+}
+
+/// `--json` of snapshot and switch: the stall as a number of milliseconds
+/// (`stall_ms`, online only), not a serialised duration.
+#[derive(serde::Serialize)]
+struct NewTop<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    guid: Option<Guid>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    snapshot: Option<Guid>,
+    file: &'a std::path::Path,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stall_ms: Option<f64>,
+}
+
+fn held(stall_ms: Option<f64>) -> String {
+    stall_ms.map(|ms| format!(" (requests held {ms:.2} ms)")).unwrap_or_default()
+}
+
 pub fn snapshot(id: Option<u32>, dir: Option<PathBuf>, uuid: Option<Guid>, json: bool) -> Result<i32> {
     let done: SnapshotReply = match (id, dir) {
         (Some(id), _) => request(id, Request::Snapshot { uuid })?,
-        (None, Some(dir)) => offline(&dir, |ring, stack, disk| ring.block_on(ops::snapshot(&ring.io(), stack, disk, uuid)))?,
+        (None, Some(dir)) => offline(&dir, |ring, stack, disk, _| ring.block_on(ops::snapshot(&ring.io(), stack, disk, uuid)))?,
         (None, None) => unreachable!("clap requires -n or DIR"),
     };
+    let stall = stall_ms(id.is_some(), done.stall);
     if json {
-        print_json(&done);
+        print_json(&NewTop { guid: Some(done.guid), snapshot: None, file: &done.file, stall_ms: stall });
     } else {
         println!("{}", done.guid);
-        eprintln!("snapshot {} taken; new top {} (requests held {:.2} ms)", done.guid, done.file.display(), done.stall.as_secs_f64() * 1000.0);
+        eprintln!("snapshot {} taken; new top {}{}", done.guid, done.file.display(), held(stall));
     }
     Ok(0)
 }
@@ -74,7 +99,7 @@ pub fn merge(id: Option<u32>, dir: Option<PathBuf>, uuid: Option<Guid>, json: bo
         (None, Some(dir)) => {
             let bar = Bar::new(json, "merging");
             let progress = |done: u64, total: u64| bar.set(done, total);
-            let m = offline(&dir, |ring, stack, disk| ring.block_on(ops::merge(&ring.io(), stack, disk, uuid, &progress)))?;
+            let m = offline(&dir, |ring, stack, disk, _| ring.block_on(ops::merge(&ring.io(), stack, disk, uuid, &progress)))?;
             bar.finish();
             m
         }
@@ -93,17 +118,32 @@ fn report_merge(m: &Merged, json: bool) {
 }
 
 pub fn delete(id: Option<u32>, dir: Option<PathBuf>, uuid: Guid, json: bool) -> Result<i32> {
-    let deleted = match (id, dir) {
-        (Some(id), _) => match request::<DeleteReply>(id, Request::SnapshotDelete { uuid })? {
-            DeleteReply::Done(d) => d,
-            DeleteReply::Started(_) => follow(id, json)?.deleted.ok_or_else(|| Error::new(libc::EPROTO, "the daemon reported no result"))?,
-        },
+    // Whether it was marked temporary already (a delete of a snapshot with
+    // several children), to say so instead of "marked" again.
+    let was_temporary = |rows: &[ublk_ploop::disk::SnapshotRow]| rows.iter().any(|r| r.guid == uuid && r.temporary);
+    let (deleted, already) = match (id, dir) {
+        (Some(id), _) => {
+            let already = was_temporary(&request::<ListReply>(id, Request::SnapshotList)?);
+            let deleted = match request::<DeleteReply>(id, Request::SnapshotDelete { uuid })? {
+                DeleteReply::Done(d) => d,
+                DeleteReply::Started(_) => follow(id, json)?.deleted.ok_or_else(|| Error::new(libc::EPROTO, "the daemon reported no result"))?,
+            };
+            (deleted, already)
+        }
         (None, Some(dir)) => {
+            let already = was_temporary(&Disk::load(&dir)?.snapshot_rows());
             let bar = Bar::new(json, "merging");
             let progress = |done: u64, total: u64| bar.set(done, total);
-            let d = offline(&dir, |ring, stack, disk| ring.block_on(ops::delete(&ring.io(), stack, disk, uuid, &progress)))?;
+            let d = offline(&dir, |ring, stack, disk, finished| {
+                // A temporary snapshot left with one child is merged away
+                // on opening (as ploop does): that was the delete asked for.
+                if let Some(m) = finished.iter().find(|m| m.parent == uuid) {
+                    return Ok(Deleted::Merged(m.clone()));
+                }
+                ring.block_on(ops::delete(&ring.io(), stack, disk, uuid, &progress))
+            })?;
             bar.finish();
-            d
+            (d, already)
         }
         (None, None) => unreachable!("clap requires -n or DIR"),
     };
@@ -113,6 +153,9 @@ pub fn delete(id: Option<u32>, dir: Option<PathBuf>, uuid: Guid, json: bool) -> 
         match deleted {
             Deleted::Removed => println!("deleted {uuid}"),
             Deleted::Merged(m) => println!("deleted {uuid}: merged into its child {} ({} clusters copied)", m.child, m.clusters),
+            Deleted::MarkedTemporary if already => {
+                println!("{uuid} is marked temporary already (it has several children); it is merged away once one child is left")
+            }
             Deleted::MarkedTemporary => println!("{uuid} has several children: marked temporary, as ploop does"),
         }
     }
@@ -129,11 +172,27 @@ pub fn compact(id: Option<u32>, target: Option<PathBuf>, step: Option<u64>, spee
             follow(id, json)?.compacted.ok_or_else(|| Error::new(libc::EPROTO, "the daemon reported no result"))?
         }
         (None, Some(target)) => {
-            let layers = if Disk::is_disk(&target) {
-                Disk::load(&target)?.layers(None)?
+            crate::cli::refuse_bare_dirs(std::slice::from_ref(&target))?;
+            // A disk directory is changed under ploop's disk lock, as by
+            // snapshot and resize: another offline command holding it is
+            // waited for, and the descriptor is read once it is ours.
+            let (layers, _lock) = if Disk::is_disk(&target) {
+                let lock = Disk::load(&target)?.lock()?;
+                (Disk::load(&target)?.layers(None)?, Some(lock))
             } else {
-                vec![ublk_ploop::LayerSpec { path: target.clone(), format: ublk_ploop::layers::Format::Ploop }]
+                (vec![ublk_ploop::LayerSpec { path: target.clone(), format: ublk_ploop::layers::Format::Ploop }], None)
             };
+            // Refused before the image is opened: opening marks it in use.
+            let top = layers.last().expect("a chain is never empty");
+            if top.format == ublk_ploop::layers::Format::Ploop {
+                let seen = block_on(ublk_ploop::check::inspect(&SyncIo, &top.path, top.format))?;
+                if seen.variant == Some(ublk_ploop::layers::header::Variant::V1) {
+                    return Err(Error::unsupported(format!(
+                        "{}: compacting v1 (WithoutFreeSpace) images is not supported; convert it first",
+                        top.path.display()
+                    )));
+                }
+            }
             let (stack, _) = block_on(Stack::open_layers(&SyncIo, &layers, &StackOptions::default()))?;
             let bar = Bar::new(json, "compacting");
             let pace = crate::pace::Pace::new(speed);
@@ -164,13 +223,14 @@ pub fn compact(id: Option<u32>, target: Option<PathBuf>, step: Option<u64>, spee
 pub fn switch(id: Option<u32>, dir: Option<PathBuf>, uuid: Guid, force: bool, json: bool) -> Result<i32> {
     let done: SwitchReply = match (id, dir) {
         (Some(id), _) => request(id, Request::SnapshotSwitch { uuid, force })?,
-        (None, Some(dir)) => offline(&dir, |ring, stack, disk| ring.block_on(ops::switch(&ring.io(), stack, disk, uuid)))?,
+        (None, Some(dir)) => offline(&dir, |ring, stack, disk, _| ring.block_on(ops::switch(&ring.io(), stack, disk, uuid)))?,
         (None, None) => unreachable!("clap requires -n or DIR"),
     };
+    let stall = stall_ms(id.is_some(), done.stall);
     if json {
-        print_json(&done);
+        print_json(&NewTop { guid: None, snapshot: Some(done.snapshot), file: &done.file, stall_ms: stall });
     } else {
-        println!("switched to {}; new top {}", done.snapshot, done.file.display());
+        println!("switched to {}; new top {}{}", done.snapshot, done.file.display(), held(stall));
     }
     Ok(0)
 }

@@ -454,7 +454,7 @@ impl Stack {
         // holds the disk's bytes durably. So the metadata write runs beside
         // the data transfer, and the write completes when both did.
         let meta = self.finish(io, shape, window);
-        let data = async { write_segs(io, &segs, data).await.map_err(|e| Error::io(e, "writing image data")) };
+        let data = async { write_segs(io, &segs, data).await.map_err(|e| Error::io(e, format_args!("{}: writing image data", top.file().path.display()))) };
         let (data, meta) = futures_lite::future::zip(data, meta).await;
         data.and(meta)
     }

@@ -61,8 +61,8 @@ fn create_accepts_size_suffixes() {
         ("512K", None, 512 * K, M),
         ("3M", Some("64K"), 3 * M, 64 * K),
         ("2G", None, 2 << 30, M),
-        ("100m", Some("4k"), 100 * M, 4 * K),
-        ("1048576", Some("512"), M, 512),
+        ("100m", Some("32k"), 100 * M, 32 * K),
+        ("1048576", Some("128K"), M, 128 * K),
     ]
     .into_iter()
     .enumerate()
@@ -197,10 +197,10 @@ fn check_json_on_a_clean_image() {
     fill(&img, &[(M, vec![7u8; 4096])]);
     let r = ploop(["check", p(&img), "--json"]).ok().json();
     assert_eq!(r["verdict"], "clean", "{r}");
-    assert_eq!(r["report"]["allocated_clusters"], 1, "{r}");
-    assert_eq!(r["report"]["leaked_clusters"], 0, "{r}");
-    assert_eq!(r["report"]["unclean"], false, "{r}");
-    assert!(r["report"]["bad_entries"].as_array().unwrap().is_empty(), "{r}");
+    assert_eq!(r["deltas"][0]["report"]["allocated_clusters"], 1, "{r}");
+    assert_eq!(r["deltas"][0]["report"]["leaked_clusters"], 0, "{r}");
+    assert_eq!(r["deltas"][0]["report"]["unclean"], false, "{r}");
+    assert!(r["deltas"][0]["report"]["bad_entries"].as_array().unwrap().is_empty(), "{r}");
     ploop(["check", p(&img)]).ok().mentions(&["no errors"]);
 }
 

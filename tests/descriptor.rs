@@ -107,7 +107,7 @@ fn init_writes_ploop_layout_and_snapshots_keep_it() {
     // Cluster sizes ploop cannot describe are refused.
     ploop(["init", dir.join("small").to_str().unwrap(), "--size", "1G", "--cluster-size", "4K"])
         .expect_clean_failure()
-        .mentions(&["Blocksize"]);
+        .mentions(&["power of two between 32K and 64M"]);
 }
 
 /// The spec's example descriptor, plus what ploop's reader tolerates.

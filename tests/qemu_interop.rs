@@ -486,7 +486,7 @@ fn check_finds_and_repairs_shared_cluster() {
     r.expect_code(2);
     let report = r.json();
     assert_eq!(report["verdict"], "corrupt", "{report}");
-    let bad = report["report"]["bad_entries"].as_array().expect("bad_entries array");
+    let bad = report["deltas"][0]["report"]["bad_entries"].as_array().expect("bad_entries array");
     assert_eq!(bad.len(), 1, "{report}");
     assert_eq!(bad[0]["problem"], "duplicate", "{report}");
     assert!(bad[0]["index"] == 2 || bad[0]["index"] == 5, "{report}");
@@ -501,7 +501,7 @@ fn check_finds_and_repairs_shared_cluster() {
     r.expect_code(0);
     let report = r.json();
     assert_eq!(report["verdict"], "clean", "{report}");
-    assert!(!report["report"]["repairs"].as_array().unwrap().is_empty(), "{report}");
+    assert!(!report["deltas"][0]["report"]["repairs"].as_array().unwrap().is_empty(), "{report}");
     assert_ne!(bat_entry(&img, 2), bat_entry(&img, 5), "entries still shared after repair");
     ploop(["check", p(&img)]).ok();
     qemu_check_clean(&img);
@@ -558,7 +558,7 @@ fn unclean_close_is_detected_and_recovered() {
     r.expect_code(2).mentions(&["not closed cleanly"]);
     let r = ploop(["check", p(&img), "--json"]);
     r.expect_code(2);
-    assert_eq!(r.json()["report"]["unclean"], true);
+    assert_eq!(r.json()["deltas"][0]["report"]["unclean"], true);
     assert_eq!(ploop(["info", p(&img), "--json"]).ok().json()["in_use"], true);
     let q = qemu_img(["check", "-f", "parallels", p(&img)]);
     eprintln!("for the record, qemu-img check on an unclean image: exit {:?}\n{}{}", q.code, q.stdout, q.stderr);
@@ -636,7 +636,7 @@ fn leaked_tail_is_reported_and_trimmed() {
     r.expect_code(3);
     let report = r.json();
     assert_eq!(report["verdict"], "leaks", "{report}");
-    assert_eq!(report["report"]["leaked_clusters"], 1, "{report}");
+    assert_eq!(report["deltas"][0]["report"]["leaked_clusters"], 1, "{report}");
     ploop(["check", p(&img)]).expect_code(3).mentions(&["leaked"]);
     // qemu agrees: leaks only (its exit code 3 as well).
     let q = qemu_img(["check", "-f", "parallels", p(&img)]);

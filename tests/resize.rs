@@ -210,7 +210,7 @@ fn a_disk_directory_grows_every_delta_and_its_descriptor() {
 fn the_cli_resizes_images_and_disk_directories() {
     let dir = TempDir::new("resize-cli");
     let img = dir.join("c.hdd");
-    common::ploop(["create", img.to_str().unwrap(), "--size", "16M", "--cluster-size", "4K"]).ok();
+    common::ploop(["create", img.to_str().unwrap(), "--size", "16M", "--cluster-size", "64K"]).ok();
     let out = common::ploop(["resize", img.to_str().unwrap(), "--size", "64M", "--json"]).ok().json();
     assert_eq!(out[0]["new_size"], 64 << 20, "{out}");
     assert_eq!(out[0]["old_size"], 16 << 20, "{out}");

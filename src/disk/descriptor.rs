@@ -170,8 +170,8 @@ impl Descriptor {
         if size == 0 || size % SECTOR != 0 {
             return Err(Error::invalid(format!("disk size {size} must be a non-zero multiple of 512 bytes")));
         }
+        check_cluster_size(cluster)?;
         let blocksize = cluster / SECTOR;
-        check_blocksize(blocksize)?;
         let size_sectors = size / SECTOR;
         let (heads, per_track) = (16u64, 32u64);
         let cylinders = (size_sectors / (heads * per_track)).max(1);
@@ -275,6 +275,12 @@ impl Descriptor {
     pub fn validate(&self) -> Result<()> {
         if self.size_sectors == 0 {
             return Err(Error::invalid("DiskDescriptor.xml: <Disk_Parameters/Disk_size> is missing or zero"));
+        }
+        if self.size_sectors > u64::MAX / SECTOR {
+            return Err(Error::invalid(format!(
+                "DiskDescriptor.xml: <Disk_Parameters/Disk_size> {} sectors is more bytes than a 64-bit count holds",
+                self.size_sectors
+            )));
         }
         if self.images.is_empty() {
             return Err(Error::invalid("DiskDescriptor.xml: no <Image> in <StorageData/Storage>"));
@@ -391,6 +397,21 @@ impl Descriptor {
         x.push_str("  </Snapshots>\n</Virtuozzo_disk_image>\n");
         x
     }
+}
+
+/// The cluster sizes ploop accepts (its `Blocksize` of 64 to 131072
+/// sectors): the one rule for every new image and disk directory.
+pub const MIN_CLUSTER: u64 = 64 * SECTOR;
+pub const MAX_CLUSTER: u64 = 131072 * SECTOR;
+
+/// A cluster size ploop can describe, or an error that says which are.
+pub fn check_cluster_size(bytes: u64) -> Result<()> {
+    if !bytes.is_power_of_two() || !(MIN_CLUSTER..=MAX_CLUSTER).contains(&bytes) {
+        return Err(Error::invalid(format!(
+            "cluster size {bytes} bytes: the cluster size must be a power of two between 32K and 64M (ploop's range)"
+        )));
+    }
+    Ok(())
 }
 
 fn check_blocksize(b: u64) -> Result<()> {

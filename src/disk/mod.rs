@@ -48,6 +48,9 @@ impl Disk {
 
     /// Read the descriptor of a disk directory (or of the descriptor file).
     pub fn load(path: &Path) -> Result<Disk> {
+        if path.is_dir() && !path.join(DESCRIPTOR).exists() {
+            return Err(no_descriptor(path));
+        }
         let xml_path = Self::descriptor_path(path);
         let text = std::fs::read_to_string(&xml_path).map_err(|e| Error::io(e, xml_path.display()))?;
         let desc = Descriptor::parse(&text).map_err(|e| e.context(xml_path.display()))?;
@@ -159,7 +162,17 @@ impl Disk {
         }
         let mut resized = self.clone();
         resized.desc = next;
-        resized.store(io).await?;
+        resized.store(io).await.map_err(|e| {
+            Error::new(
+                e.errno(),
+                format!(
+                    "{e}. The deltas have the new size ({new_size} bytes) but the descriptor still says {} bytes; \
+                     they open fine. Free space and run `ublk-ploop resize {} --size {new_size}` again to finish",
+                    self.desc.size(),
+                    self.dir.display()
+                ),
+            )
+        })?;
         *self = resized;
         Ok(done)
     }
@@ -202,6 +215,11 @@ impl Disk {
     }
 }
 
+/// The error for a directory given as a disk that is none.
+pub fn no_descriptor(dir: &Path) -> Error {
+    Error::new(libc::ENOENT, format!("{} has no {DESCRIPTOR}: not a disk directory", dir.display()))
+}
+
 /// One line of `snapshot-list`: ploop's columns.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SnapshotRow {
@@ -218,11 +236,13 @@ pub fn format_snapshot_rows(rows: &[SnapshotRow]) -> String {
     let mut out = format!("{:<38} {:<1} {:<38} {:<32} \n", "PARENT_UUID", "C", "UUID", "FNAME");
     for r in rows {
         out.push_str(&format!(
-            "{:<38} {:<1} {:<38} {}\n",
+            "{:<38} {:<1} {:<38} {}{}\n",
             r.parent.to_string(),
             if r.current { "*" } else { "" },
             r.guid.to_string(),
-            r.file
+            r.file,
+            // A snapshot deleted while it had several children stays, marked.
+            if r.temporary { " (temporary)" } else { "" }
         ));
     }
     out

@@ -13,7 +13,9 @@
 //! most (`check` says so, opening trims it); after 4, the new one.
 //!
 //! Shrinking only drops clusters nothing was ever written to: the header
-//! gets the smaller size and BAT, the file stays as it is.
+//! gets the smaller size and BAT (and, for v2, the data offset the smaller
+//! table needs: a grow that moved it leaves no table area behind), then
+//! what that freed is given back as `check --repair` gives leaks back.
 
 use std::path::Path;
 
@@ -41,11 +43,24 @@ pub struct Resized {
 pub async fn resize<I: Io>(io: &I, path: &Path, new_size: u64, apply: bool) -> Result<Resized> {
     let file = open_image_file(path, true, Direct::Auto)?;
     crate::layers::lock(&file, true)?;
+    // What open (and so compact and convert) refuses, resize refuses too:
+    // a table pointing past the file or into itself is not moved around.
+    let seen = crate::check::inspect(io, path, crate::layers::Format::Ploop).await?;
+    if !seen.bad_entries.is_empty() || !seen.header_errors.is_empty() {
+        let mut what: Vec<String> = seen.header_errors.clone();
+        what.extend(seen.bad_entries.iter().take(3).map(|b| format!("BAT entry {} {}", b.index, b.problem)));
+        return Err(Error::corrupt(format!(
+            "{}: the image is damaged ({}); run `ublk-ploop check --repair` on it first",
+            path.display(),
+            what.join("; ")
+        )));
+    }
     let done = resize_file(io, &file, new_size, apply).await?;
     drop(file);
-    if apply && done.dropped_change_record {
-        // Its clusters are leaked space now: give them back as `check
-        // --repair` does (holes inside, truncation at the end).
+    if apply && (done.dropped_change_record || new_size < done.old_size) {
+        // A dropped change record's clusters, or the table area a shrink
+        // freed, are leaked space now: give them back as `check --repair`
+        // does (holes inside, truncation at the end).
         crate::check::check(io, path, crate::layers::Format::Ploop, true).await?;
     }
     Ok(done)
@@ -112,6 +127,14 @@ pub async fn resize_file<I: Io>(io: &I, file: &crate::io::ImageFile, new_size: u
             return Ok(done);
         }
         next.bat_entries = new_entries as u32;
+        // v2 entries count clusters from the start of the file, so a data
+        // area that a grow moved up can start right after the smaller
+        // table again; the clusters in between hold nothing (zero entries
+        // of the old table) and are given back by the caller.
+        let least = (HEADER_SIZE as u64 + 4 * new_entries).next_multiple_of(cluster);
+        if old.variant == Variant::V2 && least < old.data_off_bytes() {
+            next.data_off_sectors = (least / SECTOR) as u32;
+        }
         write_header(io, fd, &next, block, &name).await?;
         return Ok(done);
     }
