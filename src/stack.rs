@@ -18,6 +18,7 @@
 use bitvec::vec::BitVec;
 use std::collections::HashMap;
 use std::future::poll_fn;
+use std::ops::Range;
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -453,7 +454,7 @@ impl Stack {
         // the disk before its data: each points at a cluster that already
         // holds the disk's bytes durably. So the metadata write runs beside
         // the data transfer, and the write completes when both did.
-        let meta = self.finish(io, shape, window);
+        let meta = self.finish(io, shape, window, self.clusters_of(offset, data.len()));
         let data = async { write_segs(io, &segs, data).await.map_err(|e| Error::io(e, "writing image data")) };
         let (data, meta) = futures_lite::future::zip(data, meta).await;
         data.and(meta)
@@ -569,7 +570,7 @@ impl Stack {
                 }
             }
         }
-        self.finish(io, shape, window).await
+        self.finish(io, shape, window, self.clusters_of(offset, len)).await
     }
 
     /// Discard a range: space the top layer holds there is released and
@@ -595,7 +596,7 @@ impl Stack {
         }
         // Punched clusters may have been linked by writes still in flight.
         if result.is_ok() {
-            result = self.finish(io, &shape, window).await;
+            result = self.finish(io, &shape, window, self.clusters_of(offset, len)).await;
         }
         if changed {
             mark(&shape, offset, len);
@@ -628,15 +629,21 @@ impl Stack {
 
     /// Complete a request whose data transfers succeeded: the BAT entries
     /// it (or a concurrent request it relies on) linked since `window`
-    /// are written before it may be acknowledged.
-    async fn finish<I: Io>(&self, io: &I, shape: &Shape, window: Option<u64>) -> Result<()> {
+    /// are written before it may be acknowledged. It fails if one of those
+    /// entries for its `clusters` was rolled back, not for other clusters'.
+    async fn finish<I: Io>(&self, io: &I, shape: &Shape, window: Option<u64>, clusters: Range<u64>) -> Result<()> {
         let Some(lo) = window else { return Ok(()) };
         let top = shape.top();
         let hi = top.published();
         if hi < lo {
             return Ok(());
         }
-        top.write_metadata(io, lo, hi).await.map_err(|e| self.rolled_back(shape, e))
+        top.write_metadata(io, lo, hi, clusters).await.map_err(|e| self.rolled_back(shape, e))
+    }
+
+    /// The clusters a request on `[offset, offset+len)` touches.
+    fn clusters_of(&self, offset: u64, len: usize) -> Range<u64> {
+        offset / self.cluster..(offset + len as u64).div_ceil(self.cluster)
     }
 
     /// After a failed BAT write undid some entries of the top: resolve
@@ -798,7 +805,7 @@ impl Stack {
             if shape.owner_of(c) == Some(parent as usize) && shape.top().lookup(c, self.cluster).is_none() {
                 let window = shape.top().window_start();
                 self.allocate(io, &shape, c, Fill::CopyUp).await?;
-                self.finish(io, &shape, window).await?;
+                self.finish(io, &shape, window, c..c + 1).await?;
             }
             Ok(())
         };

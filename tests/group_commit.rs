@@ -267,3 +267,38 @@ fn a_whole_cluster_write_replaces_lower_data_without_a_copy_up_and_links_only_on
     assert!(all == want, "data after reopening differs");
     block_on(stack.close(&SyncIo)).unwrap();
 }
+
+#[test]
+fn a_request_overlapping_a_failed_bat_write_succeeds_when_its_own_entry_is_written() {
+    // A links cluster 0 and its BAT write is held; B links cluster 2
+    // meanwhile and waits to share the next write. A's write fails: A
+    // fails, B relied on nothing A linked, so B succeeds once its own
+    // entry is written, and A's never reappears.
+    let p = fresh("overlap");
+    let (a_data, b_data) = ([0xA1u8; 4096], [0xB2u8; 4096]);
+    {
+        let stack = open(std::slice::from_ref(&p));
+        let io = Script::default();
+        let mut a = std::pin::pin!(stack.write(&io, 0, &a_data));
+        io.hold_meta.set(true);
+        assert!(block_on(poll_once(a.as_mut())).is_none());
+        assert!(io.holding.get(), "A is not held in its BAT write");
+        let mut b = std::pin::pin!(stack.write(&io, 2 * C, &b_data));
+        assert!(block_on(poll_once(b.as_mut())).is_none(), "B completed before its entry was written");
+        io.fail_meta.set(true);
+        io.released.set(true);
+        assert!(block_on(a).is_err(), "a write whose BAT write failed was acknowledged");
+        io.fail_meta.set(false);
+        block_on(b).expect("a write whose own entry was written failed for another's failed BAT write");
+        assert_eq!(read4k(&stack, 0), vec![0; 4096]);
+        assert_eq!(read4k(&stack, 2 * C), b_data);
+        // A process death now (no close, no flush): B's entry is on disk.
+    }
+    let stack = open(std::slice::from_ref(&p));
+    assert_eq!(read4k(&stack, 2 * C), b_data, "an acknowledged write was lost");
+    assert_eq!(read4k(&stack, 0), vec![0; 4096], "a failed write reappeared after reopen");
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    let report = block_on(ublk_ploop::check::check(&SyncIo, &p, ublk_ploop::layers::Format::Ploop, false)).unwrap();
+    assert!(report.bad_entries.is_empty(), "{report:?}");
+}

@@ -227,10 +227,11 @@ impl Layer {
             Layer::Raw(_) => 0,
         }
     }
-    /// Write the metadata generations `lo..=hi` (see `PloopLayer::write_metadata`).
-    pub async fn write_metadata<I: Io>(&self, io: &I, lo: u64, hi: u64) -> std::result::Result<(), MetaError> {
+    /// Write the metadata generations `lo..=hi` for a request on
+    /// `clusters` (see `PloopLayer::write_metadata`).
+    pub async fn write_metadata<I: Io>(&self, io: &I, lo: u64, hi: u64, clusters: std::ops::Range<u64>) -> std::result::Result<(), MetaError> {
         match self {
-            Layer::Ploop(l) => l.write_metadata(io, lo, hi).await,
+            Layer::Ploop(l) => l.write_metadata(io, lo, hi, clusters).await,
             Layer::Raw(_) => Ok(()),
         }
     }

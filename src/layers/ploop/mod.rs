@@ -67,7 +67,8 @@ struct Meta {
     grow_waiters: WaitList,
     /// Generations of BAT changes: each `link` publishes one; every
     /// generation up to `written` is either on disk or was rolled back, and
-    /// `failed` lists the (inclusive) ranges that were rolled back.
+    /// `failed` lists the entries that were rolled back: (generation,
+    /// cluster). It only grows, by the entries each failed write carried.
     published: u64,
     written: u64,
     failed: Vec<(u64, u64)>,
