@@ -302,3 +302,74 @@ fn a_request_overlapping_a_failed_bat_write_succeeds_when_its_own_entry_is_writt
     let report = block_on(ublk_ploop::check::check(&SyncIo, &p, ublk_ploop::layers::Format::Ploop, false)).unwrap();
     assert!(report.bad_entries.is_empty(), "{report:?}");
 }
+
+#[test]
+fn a_merge_does_not_drop_the_parent_under_a_cluster_whose_bat_write_failed() {
+    // The parent holds cluster 0 only. A write copies it up into the top
+    // and links it; its BAT write is held. The merge finds the cluster in
+    // the top already, so it has nothing to copy; then that BAT write
+    // fails, the entry is rolled back and the cluster is the parent's
+    // again. The merge must not end Ok with the parent still needed.
+    let parent = sevens("merge-parent", 1);
+    let top = fresh("merge-top");
+    let mut all = vec![0u8; C as usize];
+    let stack = open(&[parent.clone(), top.clone()]);
+    let merged = {
+    let io = Script::default();
+    let nines = [9u8; 4096];
+    let mut w = std::pin::pin!(stack.write(&io, 4096, &nines));
+    io.hold_meta.set(true);
+    assert!(block_on(poll_once(w.as_mut())).is_none());
+    assert!(io.holding.get(), "the write is not held in its BAT write");
+    let mut m = std::pin::pin!(stack.merge_parent_into_top(&io, 4, &|_, _| {}));
+    let early = block_on(poll_once(m.as_mut()));
+    io.fail_meta.set(true);
+    io.released.set(true);
+    assert!(block_on(w).is_err(), "a write whose BAT write failed was acknowledged");
+    io.fail_meta.set(false);
+    match early {
+        Some(result) => result,
+        None => block_on(m),
+    }
+    };
+    match &merged {
+        // The caller drops the parent after an Ok.
+        Ok(_) => drop(block_on(stack.remove_layer(0)).unwrap()),
+        Err(e) => eprintln!("the merge failed (the parent is kept): {e}"),
+    }
+    block_on(stack.read(&SyncIo, 0, &mut all)).unwrap();
+    assert!(all.iter().all(|&b| b == 7), "the parent's data of cluster 0 is lost after the merge ({merged:?})");
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    if merged.is_ok() {
+        // The top alone holds it, durably.
+        let alone = open(std::slice::from_ref(&top));
+        block_on(alone.read(&SyncIo, 0, &mut all)).unwrap();
+        assert!(all.iter().all(|&b| b == 7), "the merged top lacks the parent's data after reopening");
+        block_on(alone.close(&SyncIo)).unwrap();
+        drop(alone);
+        let report = block_on(ublk_ploop::check::check(&SyncIo, &top, ublk_ploop::layers::Format::Ploop, false)).unwrap();
+        assert!(report.bad_entries.is_empty(), "{report:?}");
+    }
+}
+
+#[test]
+fn a_flush_waits_for_a_bat_write_in_flight() {
+    // A merge (or anyone) that flushes to make an entry durable must not
+    // have its sync run before that entry's write has even landed.
+    let p = fresh("flush-waits");
+    let stack = open(&[p]);
+    let io = Script::default();
+    let data = [4u8; 4096];
+    let mut w = std::pin::pin!(stack.write(&io, 0, &data));
+    io.hold_meta.set(true);
+    assert!(block_on(poll_once(w.as_mut())).is_none());
+    assert!(io.holding.get(), "the write is not held in its BAT write");
+    let mut f = std::pin::pin!(stack.flush(&io));
+    assert!(block_on(poll_once(f.as_mut())).is_none(), "the flush finished while a BAT write was still in flight");
+    io.released.set(true);
+    block_on(w).unwrap();
+    block_on(f).unwrap();
+    assert_eq!(read4k(&stack, 0), data);
+    block_on(stack.close(&SyncIo)).unwrap();
+}

@@ -235,6 +235,14 @@ impl Layer {
             Layer::Raw(_) => Ok(()),
         }
     }
+    /// Wait for a metadata write in flight and write what is still dirty
+    /// (see `PloopLayer::write_dirty_meta`).
+    pub async fn write_dirty_meta<I: Io>(&self, io: &I) -> std::result::Result<(), MetaError> {
+        match self {
+            Layer::Ploop(l) => l.write_dirty_meta(io).await,
+            Layer::Raw(_) => Ok(()),
+        }
+    }
     /// Make the writes to the file completed so far durable (shared with
     /// concurrent callers where the format keeps a sync group).
     pub async fn sync_data<I: Io>(&self, io: &I) -> std::io::Result<()> {

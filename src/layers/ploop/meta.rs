@@ -176,11 +176,38 @@ impl PloopLayer {
     /// after a failed write, whose old values must replace whatever that
     /// write left on disk) are written first, so that nothing a session
     /// stopped showing can come back after a crash.
+    ///
+    /// A BAT write still in flight is waited for first: its sync must not
+    /// run before the write landed (a merge flushes to make the entries it
+    /// found linked durable before it drops their parent), and if it fails,
+    /// the chunks it rolled back are dirty again and written here.
     pub async fn flush<I: Io>(&self, io: &I) -> Result<()> {
-        if !self.meta.lock().unwrap().dirty.is_empty() {
-            self.write_all_meta(io, false).await.map_err(|e| e.error)?;
-        }
+        self.write_dirty_meta(io).await.map_err(|e| e.error)?;
         self.sync_data(io).await.map_err(|e| Error::io(e, format_args!("{}: flushing", self.file.path.display())))
+    }
+
+    /// Wait for a metadata write in flight, then write the chunks still
+    /// dirty, if any (no sync). Afterwards every entry linked before this
+    /// call is written or was rolled back (and reported, if this call's
+    /// own write rolled it back).
+    pub async fn write_dirty_meta<I: Io>(&self, io: &I) -> std::result::Result<(), MetaError> {
+        let must_write = poll_fn(|cx| {
+            let mut meta = self.meta.lock().unwrap();
+            if meta.writing {
+                meta.write_waiters.register(cx);
+                return Poll::Pending;
+            }
+            if meta.dirty.is_empty() {
+                return Poll::Ready(false);
+            }
+            meta.writing = true;
+            Poll::Ready(true)
+        })
+        .await;
+        if must_write {
+            self.write_round(io, false).await?;
+        }
+        Ok(())
     }
 
     /// Make the writes to the file completed so far durable, sharing the
