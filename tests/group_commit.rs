@@ -44,7 +44,7 @@ fn open(paths: &[PathBuf]) -> Stack {
 /// Syscall I/O with knobs: hold the next data write of a given length
 /// until released (4 KiB: a request's own data, after it linked its
 /// cluster; a whole cluster: a copy-up, before the link), or the next
-/// header/BAT write; and fail header/BAT writes.
+/// header/BAT write; and fail header/BAT writes, or data syncs.
 #[derive(Default)]
 struct Script {
     hold_len: Cell<Option<usize>>,
@@ -52,6 +52,7 @@ struct Script {
     holding: Cell<bool>,
     released: Cell<bool>,
     fail_meta: Cell<bool>,
+    fail_sync: Cell<bool>,
 }
 
 impl Io for Script {
@@ -82,6 +83,9 @@ impl Io for Script {
         SyncIo.write_at(fd, buf, offset).await
     }
     async fn sync_data(&self, fd: i32) -> std::io::Result<()> {
+        if self.fail_sync.get() {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
         SyncIo.sync_data(fd).await
     }
     async fn allocate(&self, fd: i32, offset: u64, len: u64) -> std::io::Result<()> {
@@ -372,4 +376,30 @@ fn a_flush_waits_for_a_bat_write_in_flight() {
     block_on(f).unwrap();
     assert_eq!(read4k(&stack, 0), data);
     block_on(stack.close(&SyncIo)).unwrap();
+}
+
+#[test]
+fn after_a_failed_fdatasync_in_buffered_mode_every_later_flush_fails() {
+    // Buffered I/O: a failed fdatasync may have dropped dirty pages of
+    // acknowledged writes from the page cache, and the next fdatasync has
+    // nothing left to report. So the file stays failed: no later flush may
+    // claim those writes durable.
+    let p = fresh("fsyncgate");
+    let buffered = StackOptions { read_only: false, direct: Direct::Off };
+    let stack = block_on(Stack::open(&SyncIo, std::slice::from_ref(&p), &buffered)).unwrap().0;
+    assert!(!stack.layers()[0].file().direct);
+    let io = Script::default();
+    block_on(stack.write(&io, 0, &[1u8; 4096])).unwrap();
+    block_on(stack.flush(&io)).unwrap();
+    // An overwrite in place: acknowledged, in the page cache only.
+    block_on(stack.write(&io, 0, &[2u8; 4096])).unwrap();
+    io.fail_sync.set(true);
+    let e = block_on(stack.flush(&io)).expect_err("a flush whose fdatasync failed returned Ok");
+    assert_eq!(e.errno(), libc::EIO, "{e}");
+    io.fail_sync.set(false);
+    for i in 0..3 {
+        let e = block_on(stack.flush(&io)).expect_err(&format!("flush {i} after a failed fdatasync returned Ok"));
+        assert_eq!(e.errno(), libc::EIO, "{e}");
+    }
+    assert!(block_on(stack.close(&io)).is_err(), "a clean close after a failed fdatasync");
 }

@@ -248,7 +248,7 @@ impl Layer {
     pub async fn sync_data<I: Io>(&self, io: &I) -> std::io::Result<()> {
         match self {
             Layer::Ploop(l) => l.sync_data(io).await,
-            Layer::Raw(l) => io.sync_data(l.file().fd()).await,
+            Layer::Raw(l) => l.sync_data(io).await,
         }
     }
     /// Make acknowledged writes durable.
@@ -256,7 +256,7 @@ impl Layer {
         match self {
             Layer::Ploop(l) => l.flush(io).await,
             Layer::Raw(l) if l.file().writable => {
-                io.sync_data(l.file().fd()).await.map_err(|e| Error::io(e, l.file().path.display()))
+                l.sync_data(io).await.map_err(|e| Error::io(e, l.file().path.display()))
             }
             Layer::Raw(_) => Ok(()),
         }

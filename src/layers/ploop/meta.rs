@@ -134,7 +134,7 @@ impl PloopLayer {
         let writes = chunks.iter().zip(&bufs).map(|(&i, b)| io.write_at(fd, b, (i * block) as u64)).collect();
         let mut result = join_all(writes).await.into_iter().collect::<std::io::Result<Vec<()>>>().map(drop);
         if result.is_ok() && sync {
-            result = io.sync_data(fd).await;
+            result = self.sync_data(io).await;
         }
         let (outcome, woken) = {
             let mut meta = self.meta.lock().unwrap();
