@@ -18,6 +18,7 @@
 use bitvec::vec::BitVec;
 use std::collections::HashMap;
 use std::future::poll_fn;
+use std::ops::Range;
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -453,7 +454,7 @@ impl Stack {
         // the disk before its data: each points at a cluster that already
         // holds the disk's bytes durably. So the metadata write runs beside
         // the data transfer, and the write completes when both did.
-        let meta = self.finish(io, shape, window);
+        let meta = self.finish(io, shape, window, self.clusters_of(offset, data.len()));
         let data = async { write_segs(io, &segs, data).await.map_err(|e| Error::io(e, format_args!("{}: writing image data", top.file().path.display()))) };
         let (data, meta) = futures_lite::future::zip(data, meta).await;
         data.and(meta)
@@ -569,7 +570,7 @@ impl Stack {
                 }
             }
         }
-        self.finish(io, shape, window).await
+        self.finish(io, shape, window, self.clusters_of(offset, len)).await
     }
 
     /// Discard a range: space the top layer holds there is released and
@@ -595,7 +596,7 @@ impl Stack {
         }
         // Punched clusters may have been linked by writes still in flight.
         if result.is_ok() {
-            result = self.finish(io, &shape, window).await;
+            result = self.finish(io, &shape, window, self.clusters_of(offset, len)).await;
         }
         if changed {
             mark(&shape, offset, len);
@@ -628,15 +629,21 @@ impl Stack {
 
     /// Complete a request whose data transfers succeeded: the BAT entries
     /// it (or a concurrent request it relies on) linked since `window`
-    /// are written before it may be acknowledged.
-    async fn finish<I: Io>(&self, io: &I, shape: &Shape, window: Option<u64>) -> Result<()> {
+    /// are written before it may be acknowledged. It fails if one of those
+    /// entries for its `clusters` was rolled back, not for other clusters'.
+    async fn finish<I: Io>(&self, io: &I, shape: &Shape, window: Option<u64>, clusters: Range<u64>) -> Result<()> {
         let Some(lo) = window else { return Ok(()) };
         let top = shape.top();
         let hi = top.published();
         if hi < lo {
             return Ok(());
         }
-        top.write_metadata(io, lo, hi).await.map_err(|e| self.rolled_back(shape, e))
+        top.write_metadata(io, lo, hi, clusters).await.map_err(|e| self.rolled_back(shape, e))
+    }
+
+    /// The clusters a request on `[offset, offset+len)` touches.
+    fn clusters_of(&self, offset: u64, len: usize) -> Range<u64> {
+        offset / self.cluster..(offset + len as u64).div_ceil(self.cluster)
     }
 
     /// After a failed BAT write undid some entries of the top: resolve
@@ -766,20 +773,32 @@ impl Stack {
     /// first write would copy it (claimed, copied, synced, linked), `batch`
     /// at a time; requests go on meanwhile. Then the top is flushed, so the
     /// parent may be dropped from the descriptor and then from the stack
-    /// (`remove_layer`). `progress` gets (clusters done, clusters to do).
+    /// (`remove_layer`) once this returns Ok, and only then. `progress` gets
+    /// (clusters done, clusters to do). Returns the clusters copied.
     /// The top must not change meanwhile (the caller runs one stack change
     /// at a time); if it does, the merge stops with an error.
+    ///
+    /// A cluster a request linked in the top meanwhile is not copied; but
+    /// that request's BAT write may still fail, and then the entry is rolled
+    /// back and the cluster is the parent's again. So the merge ends with a
+    /// check while requests are held (none in flight, so no BAT write
+    /// either): whatever is dirty is written, and a cluster the parent
+    /// still holds for the top is copied in another pass. Only when none is
+    /// left, with every entry written (and written entries are never rolled
+    /// back), is the top synced and the merge done.
     pub async fn merge_parent_into_top<I: Io>(&self, io: &I, batch: usize, progress: &dyn Fn(u64, u64)) -> Result<u64> {
+        /// Passes after the first before the merge gives up: each one is
+        /// needed only after a failed BAT write of a concurrent request.
+        const PASSES: usize = 8;
         self.check_writable()?;
-        let (top, parent, todo): (Arc<Layer>, u8, Vec<u64>) = {
+        let (top, parent, mut todo): (Arc<Layer>, u8, Vec<u64>) = {
             let shape = self.shape.enter().await;
             shape.check_open()?;
             if shape.layers.len() < 2 {
                 return Err(Error::invalid("the top has no parent to merge"));
             }
             let parent = shape.top_index() - 1;
-            let todo = (0..shape.owner.len() as u64).filter(|&c| shape.owner_of(c) == Some(parent as usize)).collect();
-            (shape.top().clone(), parent, todo)
+            (shape.top().clone(), parent, self.left_in_parent(&shape, parent))
         };
         let total = todo.len() as u64;
         progress(0, total);
@@ -788,23 +807,65 @@ impl Stack {
         // copy enters the gate on its own, so stack changes and requests
         // interleave with the merge.
         let top = &top;
+        let changed = || Error::new(libc::EBUSY, "the stack changed during the merge");
         let copy_one = |&c: &u64| async move {
             let shape = self.shape.enter().await;
             shape.check_open()?;
             if !Arc::ptr_eq(shape.top(), top) || shape.top_index() != parent + 1 {
-                return Err(Error::new(libc::EBUSY, "the stack changed during the merge"));
+                return Err(changed());
             }
-            // A write may have copied it up meanwhile: then nothing to do.
-            if shape.owner_of(c) == Some(parent as usize) && shape.top().lookup(c, self.cluster).is_none() {
+            // A write may have copied it up meanwhile: then nothing to do
+            // (the check at the end catches its link failing).
+            if shape.top().lookup(c, self.cluster).is_none() && shape.holder_below(c, self.cluster) == Some(parent as usize) {
                 let window = shape.top().window_start();
                 self.allocate(io, &shape, c, Fill::CopyUp).await?;
-                self.finish(io, &shape, window).await?;
+                self.finish(io, &shape, window, c..c + 1).await?;
             }
             Ok(())
         };
-        for_each_in_flight(batch, &todo, copy_one, |done| progress(done, total)).await?;
-        top.sync(io).await?;
-        Ok(total)
+        let mut copied = 0;
+        for pass in 0..=PASSES {
+            if pass == 0 {
+                for_each_in_flight(batch, &todo, copy_one, |done| progress(done, total)).await?;
+            } else {
+                tracing::warn!(clusters = todo.len(), "merge: clusters fell back to the parent after a failed BAT write; copying them again");
+                for_each_in_flight(batch, &todo, copy_one, |_| {}).await?;
+            }
+            copied += todo.len() as u64;
+            todo = {
+                let shape = self.shape.exclusive().await;
+                shape.check_open()?;
+                if !Arc::ptr_eq(shape.top(), top) || shape.top_index() != parent + 1 {
+                    return Err(changed());
+                }
+                top.write_dirty_meta(io).await.map_err(|e| self.rolled_back(&shape, e))?;
+                self.left_in_parent(&shape, parent)
+            };
+            if todo.is_empty() {
+                top.sync(io).await?;
+                return Ok(copied);
+            }
+        }
+        Err(Error::new(
+            libc::EIO,
+            format!("{} clusters of the parent kept falling back to it (failing BAT writes?); the parent is kept", todo.len()),
+        ))
+    }
+
+    /// Clusters the top does not hold whose topmost holder below it is
+    /// `parent` (the owner map may name the top for an instant after a
+    /// failed BAT write undid its entry: then the layers are asked).
+    fn left_in_parent(&self, shape: &Shape, parent: u8) -> Vec<u64> {
+        let top = shape.top();
+        (0..shape.owner.len() as u64)
+            .filter(|&c| match shape.owner_of(c) {
+                Some(i) if i == parent as usize => top.lookup(c, self.cluster).is_none(),
+                Some(i) if i as u8 == shape.top_index() => {
+                    top.lookup(c, self.cluster).is_none() && shape.holder_below_top(c, self.cluster) == Some(parent as usize)
+                }
+                _ => false,
+            })
+            .collect()
     }
 
     /// Drop a layer below the top from the stack (after a merge made it

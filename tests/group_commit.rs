@@ -44,7 +44,7 @@ fn open(paths: &[PathBuf]) -> Stack {
 /// Syscall I/O with knobs: hold the next data write of a given length
 /// until released (4 KiB: a request's own data, after it linked its
 /// cluster; a whole cluster: a copy-up, before the link), or the next
-/// header/BAT write; and fail header/BAT writes.
+/// header/BAT write; and fail header/BAT writes, or data syncs.
 #[derive(Default)]
 struct Script {
     hold_len: Cell<Option<usize>>,
@@ -52,6 +52,7 @@ struct Script {
     holding: Cell<bool>,
     released: Cell<bool>,
     fail_meta: Cell<bool>,
+    fail_sync: Cell<bool>,
 }
 
 impl Io for Script {
@@ -82,6 +83,9 @@ impl Io for Script {
         SyncIo.write_at(fd, buf, offset).await
     }
     async fn sync_data(&self, fd: i32) -> std::io::Result<()> {
+        if self.fail_sync.get() {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
         SyncIo.sync_data(fd).await
     }
     async fn allocate(&self, fd: i32, offset: u64, len: u64) -> std::io::Result<()> {
@@ -266,4 +270,136 @@ fn a_whole_cluster_write_replaces_lower_data_without_a_copy_up_and_links_only_on
     want[C as usize + 4096..C as usize + 8192].fill(3);
     assert!(all == want, "data after reopening differs");
     block_on(stack.close(&SyncIo)).unwrap();
+}
+
+#[test]
+fn a_request_overlapping_a_failed_bat_write_succeeds_when_its_own_entry_is_written() {
+    // A links cluster 0 and its BAT write is held; B links cluster 2
+    // meanwhile and waits to share the next write. A's write fails: A
+    // fails, B relied on nothing A linked, so B succeeds once its own
+    // entry is written, and A's never reappears.
+    let p = fresh("overlap");
+    let (a_data, b_data) = ([0xA1u8; 4096], [0xB2u8; 4096]);
+    {
+        let stack = open(std::slice::from_ref(&p));
+        let io = Script::default();
+        let mut a = std::pin::pin!(stack.write(&io, 0, &a_data));
+        io.hold_meta.set(true);
+        assert!(block_on(poll_once(a.as_mut())).is_none());
+        assert!(io.holding.get(), "A is not held in its BAT write");
+        let mut b = std::pin::pin!(stack.write(&io, 2 * C, &b_data));
+        assert!(block_on(poll_once(b.as_mut())).is_none(), "B completed before its entry was written");
+        io.fail_meta.set(true);
+        io.released.set(true);
+        assert!(block_on(a).is_err(), "a write whose BAT write failed was acknowledged");
+        io.fail_meta.set(false);
+        block_on(b).expect("a write whose own entry was written failed for another's failed BAT write");
+        assert_eq!(read4k(&stack, 0), vec![0; 4096]);
+        assert_eq!(read4k(&stack, 2 * C), b_data);
+        // A process death now (no close, no flush): B's entry is on disk.
+    }
+    let stack = open(std::slice::from_ref(&p));
+    assert_eq!(read4k(&stack, 2 * C), b_data, "an acknowledged write was lost");
+    assert_eq!(read4k(&stack, 0), vec![0; 4096], "a failed write reappeared after reopen");
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    let report = block_on(ublk_ploop::check::check(&SyncIo, &p, ublk_ploop::layers::Format::Ploop, false)).unwrap();
+    assert!(report.bad_entries.is_empty(), "{report:?}");
+}
+
+#[test]
+fn a_merge_does_not_drop_the_parent_under_a_cluster_whose_bat_write_failed() {
+    // The parent holds cluster 0 only. A write copies it up into the top
+    // and links it; its BAT write is held. The merge finds the cluster in
+    // the top already, so it has nothing to copy; then that BAT write
+    // fails, the entry is rolled back and the cluster is the parent's
+    // again. The merge must not end Ok with the parent still needed.
+    let parent = sevens("merge-parent", 1);
+    let top = fresh("merge-top");
+    let mut all = vec![0u8; C as usize];
+    let stack = open(&[parent.clone(), top.clone()]);
+    let merged = {
+    let io = Script::default();
+    let nines = [9u8; 4096];
+    let mut w = std::pin::pin!(stack.write(&io, 4096, &nines));
+    io.hold_meta.set(true);
+    assert!(block_on(poll_once(w.as_mut())).is_none());
+    assert!(io.holding.get(), "the write is not held in its BAT write");
+    let mut m = std::pin::pin!(stack.merge_parent_into_top(&io, 4, &|_, _| {}));
+    let early = block_on(poll_once(m.as_mut()));
+    io.fail_meta.set(true);
+    io.released.set(true);
+    assert!(block_on(w).is_err(), "a write whose BAT write failed was acknowledged");
+    io.fail_meta.set(false);
+    match early {
+        Some(result) => result,
+        None => block_on(m),
+    }
+    };
+    match &merged {
+        // The caller drops the parent after an Ok.
+        Ok(_) => drop(block_on(stack.remove_layer(0)).unwrap()),
+        Err(e) => eprintln!("the merge failed (the parent is kept): {e}"),
+    }
+    block_on(stack.read(&SyncIo, 0, &mut all)).unwrap();
+    assert!(all.iter().all(|&b| b == 7), "the parent's data of cluster 0 is lost after the merge ({merged:?})");
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    if merged.is_ok() {
+        // The top alone holds it, durably.
+        let alone = open(std::slice::from_ref(&top));
+        block_on(alone.read(&SyncIo, 0, &mut all)).unwrap();
+        assert!(all.iter().all(|&b| b == 7), "the merged top lacks the parent's data after reopening");
+        block_on(alone.close(&SyncIo)).unwrap();
+        drop(alone);
+        let report = block_on(ublk_ploop::check::check(&SyncIo, &top, ublk_ploop::layers::Format::Ploop, false)).unwrap();
+        assert!(report.bad_entries.is_empty(), "{report:?}");
+    }
+}
+
+#[test]
+fn a_flush_waits_for_a_bat_write_in_flight() {
+    // A merge (or anyone) that flushes to make an entry durable must not
+    // have its sync run before that entry's write has even landed.
+    let p = fresh("flush-waits");
+    let stack = open(&[p]);
+    let io = Script::default();
+    let data = [4u8; 4096];
+    let mut w = std::pin::pin!(stack.write(&io, 0, &data));
+    io.hold_meta.set(true);
+    assert!(block_on(poll_once(w.as_mut())).is_none());
+    assert!(io.holding.get(), "the write is not held in its BAT write");
+    let mut f = std::pin::pin!(stack.flush(&io));
+    assert!(block_on(poll_once(f.as_mut())).is_none(), "the flush finished while a BAT write was still in flight");
+    io.released.set(true);
+    block_on(w).unwrap();
+    block_on(f).unwrap();
+    assert_eq!(read4k(&stack, 0), data);
+    block_on(stack.close(&SyncIo)).unwrap();
+}
+
+#[test]
+fn after_a_failed_fdatasync_in_buffered_mode_every_later_flush_fails() {
+    // Buffered I/O: a failed fdatasync may have dropped dirty pages of
+    // acknowledged writes from the page cache, and the next fdatasync has
+    // nothing left to report. So the file stays failed: no later flush may
+    // claim those writes durable.
+    let p = fresh("fsyncgate");
+    let buffered = StackOptions { read_only: false, direct: Direct::Off };
+    let stack = block_on(Stack::open(&SyncIo, std::slice::from_ref(&p), &buffered)).unwrap().0;
+    assert!(!stack.layers()[0].file().direct);
+    let io = Script::default();
+    block_on(stack.write(&io, 0, &[1u8; 4096])).unwrap();
+    block_on(stack.flush(&io)).unwrap();
+    // An overwrite in place: acknowledged, in the page cache only.
+    block_on(stack.write(&io, 0, &[2u8; 4096])).unwrap();
+    io.fail_sync.set(true);
+    let e = block_on(stack.flush(&io)).expect_err("a flush whose fdatasync failed returned Ok");
+    assert_eq!(e.errno(), libc::EIO, "{e}");
+    io.fail_sync.set(false);
+    for i in 0..3 {
+        let e = block_on(stack.flush(&io)).expect_err(&format!("flush {i} after a failed fdatasync returned Ok"));
+        assert_eq!(e.errno(), libc::EIO, "{e}");
+    }
+    assert!(block_on(stack.close(&io)).is_err(), "a clean close after a failed fdatasync");
 }

@@ -385,7 +385,9 @@ async fn copy_into_parent<I: Io>(
         if let Some(lo) = window {
             let hi = parent.published();
             if hi >= lo {
-                parent.write_metadata(io, lo, hi).await.map_err(|e| e.error)?;
+                // This opening of the parent is the merge's own: every
+                // entry of the window is one of its copies.
+                parent.write_metadata(io, lo, hi, 0..u64::MAX).await.map_err(|e| e.error)?;
             }
         }
         done += chunk.len() as u64;

@@ -269,9 +269,16 @@ impl<T> Drop for Exclusive<'_, T> {
 /// the requests that arrive meanwhile wait and then share one more. So
 /// thirty-two concurrent copy-ups cost two or three fdatasyncs, not
 /// thirty-two journal commits and cache flushes in a row.
+///
+/// A group made with `remember_failure` (a file written through the page
+/// cache) fails every sync after the first one that failed: the kernel may
+/// have dropped the dirty pages that sync could not write, and a later
+/// fdatasync has nothing left to report, so an Ok from it would claim lost
+/// writes durable.
 #[derive(Default)]
 pub struct SyncGroup {
     state: Mutex<SyncState>,
+    remember_failure: bool,
 }
 
 #[derive(Default)]
@@ -284,6 +291,8 @@ struct SyncState {
     last_errno: i32,
     in_flight: bool,
     waiters: WaitList,
+    /// A sync failed and the group remembers it: every later one fails.
+    failed_for_good: bool,
 }
 
 enum SyncStep {
@@ -292,6 +301,12 @@ enum SyncStep {
 }
 
 impl SyncGroup {
+    /// A group that fails every sync after one failed (see above) when
+    /// `remember_failure`, else one where a later sync may succeed again.
+    pub fn new(remember_failure: bool) -> SyncGroup {
+        SyncGroup { remember_failure, ..Default::default() }
+    }
+
     /// Make every write to `fd` completed before this call durable.
     pub async fn sync<I: super::Io>(&self, io: &I, fd: std::os::fd::RawFd) -> std::io::Result<()> {
         // A round already running may have started before our writes
@@ -304,6 +319,9 @@ impl SyncGroup {
                     // Any successful round from ours on covers our writes.
                     let result = if s.last_ok >= mine { Ok(()) } else { Err(std::io::Error::from_raw_os_error(s.last_errno)) };
                     return Poll::Ready(SyncStep::Done(result));
+                }
+                if s.failed_for_good {
+                    return Poll::Ready(SyncStep::Done(Err(std::io::Error::from_raw_os_error(libc::EIO))));
                 }
                 if !s.in_flight {
                     s.in_flight = true;
@@ -323,7 +341,10 @@ impl SyncGroup {
                         s.finished = round;
                         match &result {
                             Ok(()) => s.last_ok = round,
-                            Err(e) => s.last_errno = e.raw_os_error().unwrap_or(libc::EIO),
+                            Err(e) => {
+                                s.last_errno = e.raw_os_error().unwrap_or(libc::EIO);
+                                s.failed_for_good |= self.remember_failure;
+                            }
                         }
                         s.in_flight = false;
                         s.waiters.take()

@@ -227,10 +227,19 @@ impl Layer {
             Layer::Raw(_) => 0,
         }
     }
-    /// Write the metadata generations `lo..=hi` (see `PloopLayer::write_metadata`).
-    pub async fn write_metadata<I: Io>(&self, io: &I, lo: u64, hi: u64) -> std::result::Result<(), MetaError> {
+    /// Write the metadata generations `lo..=hi` for a request on
+    /// `clusters` (see `PloopLayer::write_metadata`).
+    pub async fn write_metadata<I: Io>(&self, io: &I, lo: u64, hi: u64, clusters: std::ops::Range<u64>) -> std::result::Result<(), MetaError> {
         match self {
-            Layer::Ploop(l) => l.write_metadata(io, lo, hi).await,
+            Layer::Ploop(l) => l.write_metadata(io, lo, hi, clusters).await,
+            Layer::Raw(_) => Ok(()),
+        }
+    }
+    /// Wait for a metadata write in flight and write what is still dirty
+    /// (see `PloopLayer::write_dirty_meta`).
+    pub async fn write_dirty_meta<I: Io>(&self, io: &I) -> std::result::Result<(), MetaError> {
+        match self {
+            Layer::Ploop(l) => l.write_dirty_meta(io).await,
             Layer::Raw(_) => Ok(()),
         }
     }
@@ -239,7 +248,7 @@ impl Layer {
     pub async fn sync_data<I: Io>(&self, io: &I) -> std::io::Result<()> {
         match self {
             Layer::Ploop(l) => l.sync_data(io).await,
-            Layer::Raw(l) => io.sync_data(l.file().fd()).await,
+            Layer::Raw(l) => l.sync_data(io).await,
         }
     }
     /// Make acknowledged writes durable.
@@ -247,7 +256,7 @@ impl Layer {
         match self {
             Layer::Ploop(l) => l.flush(io).await,
             Layer::Raw(l) if l.file().writable => {
-                io.sync_data(l.file().fd()).await.map_err(|e| Error::io(e, l.file().path.display()))
+                l.sync_data(io).await.map_err(|e| Error::io(e, l.file().path.display()))
             }
             Layer::Raw(_) => Ok(()),
         }

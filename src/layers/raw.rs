@@ -2,17 +2,25 @@
 //! offset. Bytes past its end read as zeros.
 
 use crate::error::Result;
-use crate::io::ImageFile;
+use crate::io::{wait::SyncGroup, ImageFile, Io};
 
 pub struct RawLayer {
     file: ImageFile,
     len: u64,
+    /// Data syncs of the file; through the page cache, a failed one is
+    /// remembered for good (see `SyncGroup`).
+    syncs: SyncGroup,
 }
 
 impl RawLayer {
     pub fn open(file: ImageFile) -> Result<RawLayer> {
         let len = file.len()?;
-        Ok(RawLayer { file, len })
+        let syncs = SyncGroup::new(!file.direct);
+        Ok(RawLayer { file, len, syncs })
+    }
+    /// Make the writes to the file completed so far durable.
+    pub async fn sync_data<I: Io>(&self, io: &I) -> std::io::Result<()> {
+        self.syncs.sync(io, self.file.fd()).await
     }
     pub fn file(&self) -> &ImageFile {
         &self.file

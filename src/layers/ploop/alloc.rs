@@ -121,7 +121,6 @@ impl PloopLayer {
     }
 
     async fn grow_file<I: Io>(&self, io: &I, g: &Grow) -> Result<u64> {
-        let fd = self.file.fd();
         let path = self.file.path.display();
         let what = format_args!("{path}: growing the image");
         let grown = match self.allocate_range(io, g.from, g.wanted).await {
@@ -132,7 +131,7 @@ impl PloopLayer {
             other => other.map(|()| g.wanted),
         }
         .map_err(|e| Error::io(e, what))?;
-        io.sync_data(fd).await.map_err(|e| Error::io(e, format_args!("{path}: growing the image")))?;
+        self.sync_data(io).await.map_err(|e| Error::io(e, format_args!("{path}: growing the image")))?;
         Ok(grown)
     }
 

@@ -4,6 +4,7 @@
 //! rolling entries back when such a write fails.
 
 use std::future::poll_fn;
+use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::task::Poll;
 
@@ -66,14 +67,16 @@ impl PloopLayer {
     /// request may depend on) is written, not synced. A request that finds
     /// a write in flight waits for it and then, if its generations are still
     /// unwritten, writes whatever is pending: requests that complete
-    /// together share the writes. If any of those generations was rolled
-    /// back after a failed write, the request fails: its data may sit in an
-    /// unlinked cluster.
-    pub async fn write_metadata<I: Io>(&self, io: &I, lo: u64, hi: u64) -> std::result::Result<(), MetaError> {
+    /// together share the writes. If an entry of that window for one of
+    /// the request's `clusters` was rolled back after a failed write (the
+    /// request's own, or one it found linked and relied on), the request
+    /// fails: its data may sit in an unlinked cluster. Entries of other
+    /// clusters that failed do not concern it.
+    pub async fn write_metadata<I: Io>(&self, io: &I, lo: u64, hi: u64, clusters: Range<u64>) -> std::result::Result<(), MetaError> {
         loop {
             let must_write = poll_fn(|cx| {
                 let mut meta = self.meta.lock().unwrap();
-                if meta.failed.iter().any(|&(a, b)| a <= hi && lo <= b) {
+                if meta.failed.iter().any(|&(g, c)| lo <= g && g <= hi && clusters.contains(&c)) {
                     return Poll::Ready(Err(MetaError::from(Error::new(
                         libc::EIO,
                         format!("{}: writing the BAT failed", self.file.path.display()),
@@ -131,7 +134,7 @@ impl PloopLayer {
         let writes = chunks.iter().zip(&bufs).map(|(&i, b)| io.write_at(fd, b, (i * block) as u64)).collect();
         let mut result = join_all(writes).await.into_iter().collect::<std::io::Result<Vec<()>>>().map(drop);
         if result.is_ok() && sync {
-            result = io.sync_data(fd).await;
+            result = self.sync_data(io).await;
         }
         let (outcome, woken) = {
             let mut meta = self.meta.lock().unwrap();
@@ -146,19 +149,16 @@ impl PloopLayer {
                     let mut rolled_back = vec![];
                     let undo: Vec<(u64, u64, u32)> =
                         meta.pending.iter().copied().filter(|&(g, _, _)| g <= snapshot).collect();
-                    for &(_, c, previous) in undo.iter().rev() {
+                    for &(g, c, previous) in undo.iter().rev() {
                         let at = HEADER_SIZE + 4 * c as usize;
                         self.bat[c as usize].store(previous, Ordering::Release);
                         meta.disk[at..at + 4].copy_from_slice(&previous.to_le_bytes());
                         meta.dirty.insert(at / block);
+                        meta.failed.push((g, c));
                         rolled_back.push(c);
                     }
                     meta.pending.retain(|&(g, _, _)| g > snapshot);
-                    if snapshot > meta.written {
-                        let range = (meta.written + 1, snapshot);
-                        meta.failed.push(range);
-                        meta.written = snapshot;
-                    }
+                    meta.written = meta.written.max(snapshot);
                     let error = Error::io(e, format_args!("{}: writing the BAT", self.file.path.display()));
                     Err(MetaError { error, rolled_back })
                 }
@@ -176,11 +176,38 @@ impl PloopLayer {
     /// after a failed write, whose old values must replace whatever that
     /// write left on disk) are written first, so that nothing a session
     /// stopped showing can come back after a crash.
+    ///
+    /// A BAT write still in flight is waited for first: its sync must not
+    /// run before the write landed (a merge flushes to make the entries it
+    /// found linked durable before it drops their parent), and if it fails,
+    /// the chunks it rolled back are dirty again and written here.
     pub async fn flush<I: Io>(&self, io: &I) -> Result<()> {
-        if !self.meta.lock().unwrap().dirty.is_empty() {
-            self.write_all_meta(io, false).await.map_err(|e| e.error)?;
-        }
+        self.write_dirty_meta(io).await.map_err(|e| e.error)?;
         self.sync_data(io).await.map_err(|e| Error::io(e, format_args!("{}: flushing", self.file.path.display())))
+    }
+
+    /// Wait for a metadata write in flight, then write the chunks still
+    /// dirty, if any (no sync). Afterwards every entry linked before this
+    /// call is written or was rolled back (and reported, if this call's
+    /// own write rolled it back).
+    pub async fn write_dirty_meta<I: Io>(&self, io: &I) -> std::result::Result<(), MetaError> {
+        let must_write = poll_fn(|cx| {
+            let mut meta = self.meta.lock().unwrap();
+            if meta.writing {
+                meta.write_waiters.register(cx);
+                return Poll::Pending;
+            }
+            if meta.dirty.is_empty() {
+                return Poll::Ready(false);
+            }
+            meta.writing = true;
+            Poll::Ready(true)
+        })
+        .await;
+        if must_write {
+            self.write_round(io, false).await?;
+        }
+        Ok(())
     }
 
     /// Make the writes to the file completed so far durable, sharing the

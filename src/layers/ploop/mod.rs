@@ -67,7 +67,8 @@ struct Meta {
     grow_waiters: WaitList,
     /// Generations of BAT changes: each `link` publishes one; every
     /// generation up to `written` is either on disk or was rolled back, and
-    /// `failed` lists the (inclusive) ranges that were rolled back.
+    /// `failed` lists the entries that were rolled back: (generation,
+    /// cluster). It only grows, by the entries each failed write carried.
     published: u64,
     written: u64,
     failed: Vec<(u64, u64)>,
@@ -206,7 +207,8 @@ impl PloopLayer {
                 writing: false,
                 write_waiters: WaitList::default(),
             }),
-            syncs: SyncGroup::default(),
+            // Through the page cache, a failed sync is remembered for good.
+            syncs: SyncGroup::new(!file.direct),
             file,
             saved_bitmaps: Mutex::new(saved_bitmaps),
         };
@@ -298,7 +300,7 @@ impl PloopLayer {
         }
         self.write_all_meta(io, false).await.map_err(|e| e.error)?;
         let path = self.file.path.display();
-        io.sync_data(self.file.fd()).await.map_err(|e| Error::io(e, format_args!("{path}: flushing")))?;
+        self.sync_data(io).await.map_err(|e| Error::io(e, format_args!("{path}: flushing")))?;
         // Give back the space grown ahead; the file ends at its last cluster.
         let end = self.meta.lock().unwrap().next_free;
         io.set_len(self.file.fd(), end).await.map_err(|e| Error::io(e, &path))?;
@@ -308,7 +310,7 @@ impl PloopLayer {
             let written = async {
                 let (bytes, ext_at) = ext::encode(&header, bitmaps, end)?;
                 io.write_at(self.file.fd(), &bytes, end).await.map_err(|e| Error::io(e, "writing the format extension"))?;
-                io.sync_data(self.file.fd()).await.map_err(|e| Error::io(e, "writing the format extension"))?;
+                self.sync_data(io).await.map_err(|e| Error::io(e, "writing the format extension"))?;
                 Ok::<u64, Error>(ext_at)
             };
             match written.await {
