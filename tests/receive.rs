@@ -230,7 +230,7 @@ fn two_receives_into_one_destination_do_not_mix() {
     let mut first = spawn_receive(&["--image", p(&dest)], &[]);
     let mut pipe = first.stdin.take().unwrap();
     pipe.write_all(&sa[..sa.len() / 2]).unwrap();
-    wait_for("the first receive's temporary", || names(dir.path()).iter().any(|n| n.starts_with("dest.img.partial.")));
+    wait_for("the first receive's temporary", || names(dir.path()).iter().any(|n| n.starts_with("dest.img.partial")));
     let second = ploop(["receive", "--image", p(&dest), "--from", p(&fb)]);
     second.expect_clean_failure().mentions(&["another receive"]);
     pipe.write_all(&sa[sa.len() / 2..]).unwrap();
@@ -244,7 +244,7 @@ fn two_receives_into_one_destination_do_not_mix() {
     let mut third = spawn_receive(&["--image", p(&dest2)], &[]);
     let mut pipe = third.stdin.take().unwrap();
     pipe.write_all(&sb[..sb.len() / 2]).unwrap();
-    wait_for("the temporary", || names(dir.path()).iter().any(|n| n.starts_with("dest2.img.partial.")));
+    wait_for("the temporary", || names(dir.path()).iter().any(|n| n.starts_with("dest2.img.partial")));
     std::fs::write(&dest2, b"not yours").unwrap();
     pipe.write_all(&sb[sb.len() / 2..]).unwrap();
     drop(pipe);
@@ -330,7 +330,7 @@ fn sigterm_removes_the_temporary() {
         let mut child = spawn_receive(&["--image", p(&dest)], &[]);
         let mut pipe = child.stdin.take().unwrap();
         pipe.write_all(&stream[..stream.len() / 2]).unwrap();
-        wait_for("the temporary", || names(dir.path()).iter().any(|n| n.starts_with("dest.img.partial.")));
+        wait_for("the temporary", || names(dir.path()).iter().any(|n| n.starts_with("dest.img.partial")));
         // SAFETY: signals our own child.
         unsafe { libc::kill(child.id() as i32, sig) };
         let r = finish(child);
