@@ -359,6 +359,20 @@ fn a_silent_peer_times_out() {
     assert!(started.elapsed() < Duration::from_secs(15));
     drop(s);
     assert_eq!(names(dir.path()), Vec::<String>::new());
+    // The same over TCP, on the port the receiver says it took.
+    let mut child = spawn_receive(&["--image", p(&dir.join("x.img")), "--listen", "127.0.0.1:0", "--timeout", "1"], &[]);
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut err, &mut line).unwrap();
+    let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("{line}")).to_string();
+    let s = std::net::TcpStream::connect(&addr).unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(1), "{rest}");
+    assert!(rest.contains("went silent"), "{rest}");
+    drop(s);
+    assert_eq!(names(dir.path()), Vec::<String>::new());
 }
 
 /// A stream whose INIT claims a disk larger than --max-size (or, by
