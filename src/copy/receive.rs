@@ -815,7 +815,17 @@ fn discard_stale_deltas(top: &Path, note: &mut dyn FnMut(&str)) {
         let n = e.file_name();
         let b = n.as_bytes();
         let ours = b.len() == prefix.len() + 6 && b.starts_with(prefix) && b[prefix.len()..].iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
-        if ours && e.file_type().is_ok_and(|t| t.is_file()) && std::fs::remove_file(e.path()).is_ok() {
+        if !ours || !e.file_type().is_ok_and(|t| t.is_file()) {
+            continue;
+        }
+        // A receive still writing it (into this image under another name)
+        // holds its lock.
+        let Ok(f) = std::fs::File::open(e.path()) else { continue };
+        // SAFETY: plain syscall on our own descriptor.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            continue;
+        }
+        if std::fs::remove_file(e.path()).is_ok() {
             note(&format!("removed {}: a delta whose stream never ended (not applied)", e.path().display()));
         }
     }
