@@ -491,3 +491,28 @@ fn a_tiny_image_file_stream_claiming_a_huge_table_is_refused_cheaply() {
     r.expect_clean_failure().mentions(&["ends inside"]);
     assert!(peak_kib < 40 << 10, "peak memory {peak_kib} KiB for a 4 KiB payload");
 }
+
+/// An `IMAGE.incoming` still marked in use was a delta whose stream never
+/// ended (as an older receive left it under the final name): removed, its
+/// clusters never applied.
+#[test]
+fn an_incomplete_delta_is_removed_not_applied() {
+    let dir = TempDir::new("recv-incomplete");
+    let backup = dir.join("backup.img");
+    let src = source_and_backup(&dir, &backup, 7);
+    let incoming = dir.join("backup.img.incoming");
+    block_on(PloopLayer::create(&SyncIo, &incoming, src.stack.size(), CLUSTER)).unwrap();
+    {
+        let s = open_stack(&[&backup, &incoming], false);
+        block_on(s.write(&SyncIo, 5 * CLUSTER, &vec![0xee; CLUSTER as usize])).unwrap();
+        block_on(s.close(&SyncIo)).unwrap();
+    }
+    write_u32(&incoming, 44, IN_USE);
+    let f = dir.join("incr.stream");
+    std::fs::write(&f, change(&src, &[11], 8)).unwrap();
+    let r = ploop(["receive", "--image", p(&backup), "--incremental", "--from", p(&f)]);
+    r.ok().mentions(&["never ended"]);
+    assert!(!r.stderr.contains("finished an interrupted apply"), "{}", r.stderr);
+    assert_backup_is_source(&backup, &src);
+    assert_eq!(names(dir.path()), ["backup.img", "full.stream", "incr.stream", "src.img"]);
+}

@@ -793,6 +793,11 @@ pub fn finish_interrupted_apply(dest: &Path, direct: Direct, note: &mut dyn FnMu
     // older version of this tool received under the final name). Never
     // complete, never applied.
     if block_on(crate::layers::marked_in_use(&SyncIo, &complete))? {
+        let f = std::fs::File::open(&complete).map_err(|e| Error::io(e, complete.display()))?;
+        // SAFETY: plain syscall on our own descriptor.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(Error::new(libc::EBUSY, format!("{}: in use by another process; not touched", complete.display())));
+        }
         std::fs::remove_file(&complete).map_err(|e| Error::io(e, complete.display()))?;
         sync_parent(&complete)?;
         note(&format!("removed {}: a delta whose stream never ended (not applied)", complete.display()));
