@@ -349,6 +349,14 @@ enum Command {
         listen: Option<String>,
         #[arg(long)]
         incremental: bool,
+        /// Refuse a stream that describes a larger disk (default: the free
+        /// space of the destination's filesystem).
+        #[arg(long = "max-size", value_parser = parse_size_arg)]
+        max_size: Option<u64>,
+        /// Give up on a socket that stays silent this many seconds (0:
+        /// wait forever).
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
         #[command(flatten)]
         io: DirectArg,
         #[arg(long)]
@@ -835,9 +843,16 @@ fn run(command: Command) -> Result<i32> {
         Command::Backup { id, dest, incremental, json } => {
             crate::copy_cmd::backup(id, &crate::copy_cmd::Destination { to: dest.to, connect: dest.connect }, incremental, json)
         }
-        Command::Receive { image, from, listen, incremental, io, json } => {
-            crate::copy_cmd::receive(&image, from.as_deref(), listen.as_deref(), incremental, io.direct, json)
-        }
+        Command::Receive { image, from, listen, incremental, max_size, timeout, io, json } => crate::copy_cmd::receive(&crate::copy_cmd::ReceiveArgs {
+            image: &image,
+            from: from.as_deref(),
+            listen: listen.as_deref(),
+            incremental,
+            direct: io.direct,
+            json,
+            max_size,
+            timeout,
+        }),
         Command::SnapshotSwitch { target, uuid, force, json } => crate::snapshot_cmd::switch(target.id, target.dir, uuid, force, json),
     }
 }

@@ -185,10 +185,26 @@ fn finish_copy(id: u32, ch: Channel, json: bool, what: &str) -> Result<i32> {
     Ok(0)
 }
 
-pub fn receive(image: &Path, from: Option<&Path>, listen: Option<&str>, incremental: bool, direct: Direct, json: bool) -> Result<i32> {
-    let (input, answers, two_way): (Box<dyn Read>, Option<Box<dyn Write>>, bool) = match (from, listen) {
+/// What `receive` was asked.
+pub struct ReceiveArgs<'a> {
+    pub image: &'a Path,
+    pub from: Option<&'a Path>,
+    pub listen: Option<&'a str>,
+    pub incremental: bool,
+    pub direct: Direct,
+    pub json: bool,
+    /// Largest disk a stream may describe (None: the free space of the
+    /// destination's filesystem).
+    pub max_size: Option<u64>,
+    /// Seconds a socket may stay silent (0: forever).
+    pub timeout: u64,
+}
+
+pub fn receive(a: &ReceiveArgs) -> Result<i32> {
+    clean_up_on_signals();
+    let (input, answers, two_way): (Box<dyn Read>, Option<Box<dyn Write>>, bool) = match (a.from, a.listen) {
         (_, Some(addr)) => {
-            let (r, w) = accept_one(addr)?;
+            let (r, w) = accept_one(addr, a.timeout)?;
             (r, Some(w), true)
         }
         (Some(p), None) if p.as_os_str() != "-" => (Box::new(std::fs::File::open(p).map_err(|e| Error::io(e, p.display()))?), None, false),
@@ -199,9 +215,9 @@ pub fn receive(image: &Path, from: Option<&Path>, listen: Option<&str>, incremen
             (Box::new(std::io::stdin().lock()), None, false)
         }
     };
-    let opts = ReceiveOptions { two_way, incremental, direct };
-    let got: Received = copy::receive(input, answers, image, &opts)?;
-    if json {
+    let opts = ReceiveOptions { two_way, incremental: a.incremental, direct: a.direct };
+    let got: Received = copy::receive::receive_with(input, answers, a.image, &opts, a.max_size, &mut |n| eprintln!("{n}"))?;
+    if a.json {
         print_json(&got);
     } else {
         println!(
@@ -217,25 +233,135 @@ pub fn receive(image: &Path, from: Option<&Path>, listen: Option<&str>, incremen
     Ok(0)
 }
 
-/// Listen on `addr`, take one connection, and stop listening.
-fn accept_one(addr: &str) -> Result<(Box<dyn Read>, Box<dyn Write>)> {
+/// SIGINT, SIGTERM and SIGHUP end a receive without leaving its
+/// temporaries behind: they are blocked here (before any other thread
+/// exists, so every thread inherits the mask) and taken by a thread that
+/// removes what the receive made and exits.
+fn clean_up_on_signals() {
+    // SAFETY: building a signal set we own and blocking it in this thread.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    std::thread::spawn(move || {
+        let mut sig = 0;
+        // SAFETY: waits for one of the blocked signals.
+        if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+            return;
+        }
+        let gone = copy::receive::remove_temporaries();
+        let name = match sig {
+            libc::SIGINT => "SIGINT",
+            libc::SIGTERM => "SIGTERM",
+            _ => "SIGHUP",
+        };
+        let list: Vec<String> = gone.iter().map(|p| p.display().to_string()).collect();
+        eprintln!(
+            "ublk-ploop: receive interrupted by {name}; {}",
+            if list.is_empty() { "nothing to remove".to_string() } else { format!("removed {}", list.join(", ")) }
+        );
+        std::process::exit(128 + sig);
+    });
+}
+
+/// A socket whose every read and write gives up after the timeout, saying
+/// so (the reader turns it into a "sender went silent" error).
+struct Timed<S> {
+    inner: S,
+    secs: u64,
+}
+
+impl<S> Timed<S> {
+    fn map(&self, e: std::io::Error) -> std::io::Error {
+        if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, format!("nothing moved for {} s, the --timeout", self.secs))
+        } else {
+            e
+        }
+    }
+}
+
+impl<S: Read> Read for Timed<S> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.inner.read(buf).map_err(|e| self.map(e))
+    }
+}
+
+impl<S: Write> Write for Timed<S> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.inner.write(buf).map_err(|e| self.map(e))
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush().map_err(|e| self.map(e))
+    }
+}
+
+/// Bounds on a connected socket's reads and writes, and the halves
+/// wrapped to say what a timeout means.
+fn timed<S: Read + Write + Send + 'static>(r: S, w: S, secs: u64, set: impl Fn(&S, Option<std::time::Duration>) -> std::io::Result<()>) -> Result<(Box<dyn Read>, Box<dyn Write>)> {
+    let t = (secs > 0).then(|| std::time::Duration::from_secs(secs));
+    set(&r, t).map_err(|e| Error::io(e, "setting the socket's timeout"))?;
+    Ok((Box::new(Timed { inner: r, secs }), Box::new(Timed { inner: w, secs })))
+}
+
+/// A unix socket at `addr` for us to listen on: an existing socket file is
+/// replaced only if nobody listens on it (left by a receive that died);
+/// anything else there is refused.
+fn bind_unix(addr: &str) -> Result<UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(addr) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(e, addr)),
+        Ok(m) if !m.file_type().is_socket() => {
+            return Err(Error::new(libc::EEXIST, format!("{addr}: exists and is not a socket; refusing to replace it (give a new path to --listen)")))
+        }
+        Ok(_) => match UnixStream::connect(addr) {
+            Ok(_) => return Err(Error::new(libc::EADDRINUSE, format!("{addr}: another process listens on this socket"))),
+            Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+                eprintln!("removing {addr}: a stale socket nobody listens on");
+                std::fs::remove_file(addr).map_err(|e| Error::io(e, addr))?;
+            }
+            Err(e) => return Err(Error::io(e, format_args!("{addr}: checking whether the socket there is in use"))),
+        },
+    }
+    UnixListener::bind(addr).map_err(|e| Error::io(e, format_args!("listening on {addr}")))
+}
+
+/// Listen on `addr`, take one connection, and stop listening. Reads and
+/// writes on it time out after `timeout` seconds (0: never).
+fn accept_one(addr: &str, timeout: u64) -> Result<(Box<dyn Read>, Box<dyn Write>)> {
     if is_unix_addr(addr) {
-        let _ = std::fs::remove_file(addr);
-        let l = UnixListener::bind(addr).map_err(|e| Error::io(e, format_args!("listening on {addr}")))?;
+        use std::os::unix::fs::MetadataExt;
+        let l = bind_unix(addr)?;
+        let ours = std::fs::symlink_metadata(addr).map(|m| (m.dev(), m.ino())).ok();
+        copy::receive::register_temporary(Path::new(addr), false);
         eprintln!("listening on {addr}");
-        let (s, _) = l.accept().map_err(|e| Error::io(e, addr))?;
+        let accepted = l.accept();
         drop(l);
-        let _ = std::fs::remove_file(addr);
+        // Our socket file only: another may have replaced it meanwhile.
+        copy::receive::forget_temporary(Path::new(addr));
+        if ours.is_some() && std::fs::symlink_metadata(addr).map(|m| (m.dev(), m.ino())).ok() == ours {
+            let _ = std::fs::remove_file(addr);
+        }
+        let (s, _) = accepted.map_err(|e| Error::io(e, addr))?;
         let r = s.try_clone().map_err(|e| Error::io(e, addr))?;
-        Ok((Box::new(r), Box::new(s)))
+        s.set_write_timeout((timeout > 0).then(|| std::time::Duration::from_secs(timeout))).map_err(|e| Error::io(e, addr))?;
+        timed(r, s, timeout, |s, t| s.set_read_timeout(t))
     } else {
         let l = TcpListener::bind(addr).map_err(|e| Error::io(e, format_args!("listening on {addr}")))?;
         let local = l.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| addr.to_string());
         eprintln!("listening on {local}");
         let (s, peer) = l.accept().map_err(|e| Error::io(e, addr))?;
+        drop(l);
         eprintln!("receiving from {peer}");
         let _ = s.set_nodelay(true);
         let r = s.try_clone().map_err(|e| Error::io(e, addr))?;
-        Ok((Box::new(r), Box::new(s)))
+        s.set_write_timeout((timeout > 0).then(|| std::time::Duration::from_secs(timeout))).map_err(|e| Error::io(e, addr))?;
+        timed(r, s, timeout, |s, t| s.set_read_timeout(t))
     }
 }

@@ -3,15 +3,27 @@
 //! incremental one.
 //!
 //! Nothing that looks complete comes out of a stream that is not: a new
-//! image is built under a temporary name and renamed into place only after
-//! the end mark arrived, the stream checked out and the image passed a
-//! check; an incremental stream is gathered into a delta beside the image
-//! and applied only then.
+//! image is built under a temporary name of its own (created exclusively,
+//! with a random suffix) and linked into place only after the end mark
+//! arrived, the stream checked out and the image passed a check, and never
+//! over anything that appeared meanwhile; an incremental stream is gathered
+//! into such a temporary delta beside the image, made durable and renamed
+//! to `IMAGE.incoming` (which says "complete"), and applied only then. An
+//! apply cut short by a crash is finished by the next incremental receive
+//! before anything else: applying a complete delta again is harmless.
+//!
+//! A receive holds a lock beside its destination, so that a second one into
+//! the same destination is refused; what it made is listed, so that a
+//! signal handler can remove it ([`remove_temporaries`]).
 
+use std::ffi::{CString, OsString};
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -45,6 +57,10 @@ pub struct ReceiveOptions {
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Received {
+    /// Clusters of an earlier incremental apply, cut short, that this
+    /// receive finished first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_apply: Option<u64>,
     pub image: PathBuf,
     /// "device" (disk bytes at disk offsets) or "image-file" (the bytes of
     /// the sender's image file).
@@ -64,13 +80,43 @@ pub struct Received {
 }
 
 /// Read a stream from `input` (answering on `answers` when two-way) into
-/// `dest`. On any error the destination is as it was.
+/// `dest`. On any error the destination is as it was. Streams that claim a
+/// disk larger than the free space of the destination's filesystem are
+/// refused (see [`receive_with`]).
 pub fn receive(input: Box<dyn Read>, answers: Option<Box<dyn Write>>, dest: &Path, opts: &ReceiveOptions) -> Result<Received> {
+    receive_with(input, answers, dest, opts, None, &mut |_| {})
+}
+
+/// As [`receive`], refusing a stream that claims a disk (or an image file)
+/// of more than `max_size` bytes (None: the free space of the
+/// destination's filesystem), or whose data exceeds it; `note` hears what
+/// was done besides (an interrupted apply finished, a stale delta removed).
+pub fn receive_with(
+    input: Box<dyn Read>,
+    answers: Option<Box<dyn Write>>,
+    dest: &Path,
+    opts: &ReceiveOptions,
+    max_size: Option<u64>,
+    note: &mut dyn FnMut(&str),
+) -> Result<Received> {
     let started = Instant::now();
-    check_destination(dest, opts.incremental)?;
-    let mut rx = Receiving { reader: Reader::new(input), answers, opts: opts.clone(), dest: dest.to_path_buf(), sink: None, out: Received::default() };
+    let as_dir = !opts.incremental && (dest.is_dir() || dest.as_os_str().as_bytes().ends_with(b"/"));
+    let dest = trim_slashes(dest);
+    check_destination(&dest, opts.incremental)?;
+    let lock = DestLock::take(&dest)?;
+    // Another receive may have finished between the check and the lock.
+    check_destination(&dest, opts.incremental)?;
+    let mut out = Received::default();
+    if opts.incremental {
+        out.finished_apply = finish_interrupted_apply(&dest, opts.direct, note)?;
+    }
+    let max_size = match max_size {
+        Some(m) => m,
+        None => free_space(parent_of(&dest))?,
+    };
+    let mut rx = Receiving { reader: Reader::new(input), answers, opts: opts.clone(), dest, as_dir, max_size, sink: None, out };
     let result = rx.run();
-    match result {
+    let result = match result {
         Ok(()) => {
             rx.out.secs = started.elapsed().as_secs_f64();
             rx.out.stream_bytes = rx.reader.offset();
@@ -83,7 +129,34 @@ pub fn receive(input: Box<dyn Read>, answers: Option<Box<dyn Write>>, dest: &Pat
             }
             Err(e)
         }
+    };
+    drop(lock);
+    result
+}
+
+/// `dest` without trailing slashes (a disk directory may be named `dir/`).
+fn trim_slashes(dest: &Path) -> PathBuf {
+    let b = dest.as_os_str().as_bytes();
+    let mut end = b.len();
+    while end > 1 && b[end - 1] == b'/' {
+        end -= 1;
     }
+    PathBuf::from(std::ffi::OsStr::from_bytes(&b[..end]))
+}
+
+fn parent_of(p: &Path) -> &Path {
+    p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."))
+}
+
+/// Bytes an unprivileged user may still write on the filesystem of `dir`.
+fn free_space(dir: &Path) -> Result<u64> {
+    let c = CString::new(dir.as_os_str().as_bytes()).map_err(|_| Error::invalid(format!("{}: a NUL in the path", dir.display())))?;
+    // SAFETY: statvfs fills the struct we own from a NUL-terminated path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(Error::io(std::io::Error::last_os_error(), dir.display()));
+    }
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
 fn check_destination(dest: &Path, incremental: bool) -> Result<()> {
@@ -91,14 +164,190 @@ fn check_destination(dest: &Path, incremental: bool) -> Result<()> {
         if !dest.exists() {
             return Err(Error::new(libc::ENOENT, format!("{}: an incremental stream updates an existing image; it does not exist", dest.display())));
         }
-    } else if dest.exists() && !is_empty_dir(dest) {
+    } else if std::fs::symlink_metadata(dest).is_ok() && !is_empty_dir(dest) {
         return Err(Error::new(libc::EEXIST, format!("{}: destination exists; refusing to overwrite it (--incremental updates an image)", dest.display())));
     }
     Ok(())
 }
 
 fn is_empty_dir(p: &Path) -> bool {
-    p.is_dir() && std::fs::read_dir(p).is_ok_and(|mut d| d.next().is_none())
+    std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir()) && std::fs::read_dir(p).is_ok_and(|mut d| d.next().is_none())
+}
+
+// ---------------------------------------------------------------------------
+// Temporaries, and the lock on a destination.
+
+/// A file or directory this process made and has not put in place yet.
+struct Temp {
+    path: PathBuf,
+    dir: bool,
+}
+
+/// What [`remove_temporaries`] removes. Held while a temporary is made and
+/// while one is put in place, so that a signal's cleanup sees each either
+/// before or after.
+static TEMPORARIES: Mutex<Vec<Temp>> = Mutex::new(Vec::new());
+
+fn registry() -> MutexGuard<'static, Vec<Temp>> {
+    TEMPORARIES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn forget_in(reg: &mut Vec<Temp>, path: &Path) {
+    reg.retain(|t| t.path != path);
+}
+
+/// Remember `path` (a file, or a directory with `dir`) for
+/// [`remove_temporaries`]: the command's own temporaries (a socket).
+pub fn register_temporary(path: &Path, dir: bool) {
+    registry().push(Temp { path: path.to_path_buf(), dir });
+}
+
+pub fn forget_temporary(path: &Path) {
+    forget_in(&mut registry(), path);
+}
+
+/// Remove every temporary that a receive in this process made and has not
+/// put in place or removed yet, and return their names. For the handler
+/// of a terminating signal: the process must exit right after, and no
+/// receive in it gets any further (the list stays locked).
+pub fn remove_temporaries() -> Vec<PathBuf> {
+    let mut reg = registry();
+    let mut gone = Vec::new();
+    for t in reg.drain(..).rev() {
+        let removed = if t.dir { std::fs::remove_dir_all(&t.path) } else { std::fs::remove_file(&t.path) };
+        if removed.is_ok() {
+            gone.push(t.path);
+        }
+    }
+    std::mem::forget(reg);
+    gone
+}
+
+fn random_suffix() -> String {
+    const ALNUM: &[u8; 36] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut b = [0u8; 8];
+    // SAFETY: getrandom fills the buffer we own.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != b.len() as isize {
+        // No entropy source: the time and our pid still differ between
+        // runs, and O_EXCL catches the rest.
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+        b = (t ^ (std::process::id() as u64) << 40).to_le_bytes();
+    }
+    b[..6].iter().map(|x| ALNUM[*x as usize % ALNUM.len()] as char).collect()
+}
+
+/// Make a temporary `BASE.TAG.XXXXXX` beside `base` with `make`, which
+/// must refuse an existing name (O_EXCL, mkdir) with EEXIST; it is listed
+/// for removal on a signal.
+fn make_temp<T>(base: &Path, tag: &str, dir: bool, mut make: impl FnMut(&Path) -> Result<T>) -> Result<(PathBuf, T)> {
+    for _ in 0..32 {
+        let path = temp_beside(base, &format!(".{tag}.{}", random_suffix()));
+        let mut reg = registry();
+        match make(&path) {
+            Ok(made) => {
+                reg.push(Temp { path: path.clone(), dir });
+                return Ok((path, made));
+            }
+            Err(e) if e.errno() == libc::EEXIST => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(Error::new(libc::EEXIST, format!("{}: no free name for a temporary beside it", base.display())))
+}
+
+/// Remove a temporary of ours and forget it.
+fn remove_temp(path: &Path, dir: bool) {
+    let mut reg = registry();
+    let _ = if dir { std::fs::remove_dir_all(path) } else { std::fs::remove_file(path) };
+    forget_in(&mut reg, path);
+}
+
+/// An empty file `.NAME.receiving` beside the destination, flocked while a
+/// receive works on it, removed after.
+struct DestLock {
+    path: PathBuf,
+    _file: std::fs::File,
+}
+
+impl DestLock {
+    fn take(dest: &Path) -> Result<DestLock> {
+        let name = dest.file_name().ok_or_else(|| Error::invalid(format!("{}: give the destination a file name", dest.display())))?;
+        let mut lock_name = OsString::from(".");
+        lock_name.push(name);
+        lock_name.push(".receiving");
+        let path = dest.with_file_name(lock_name);
+        for _ in 0..8 {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(&path)
+                .map_err(|e| Error::io(e, format_args!("{} (the receive lock)", path.display())))?;
+            let meta = file.metadata().map_err(|e| Error::io(e, path.display()))?;
+            if !meta.is_file() || meta.len() != 0 {
+                return Err(Error::new(
+                    libc::EEXIST,
+                    format!("{}: exists and is not a receive's lock (an empty file); refusing to use it", path.display()),
+                ));
+            }
+            // SAFETY: plain syscall on our own descriptor.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                return Err(Error::new(
+                    libc::EBUSY,
+                    format!("{}: another receive into it is running (it holds {}); refusing to run a second", dest.display(), path.display()),
+                ));
+            }
+            // The holder before us removes the file as it lets go: the
+            // lock counts only on the file that is still there.
+            match std::fs::symlink_metadata(&path) {
+                Ok(m) if m.ino() == meta.ino() && m.dev() == meta.dev() => {
+                    register_temporary(&path, false);
+                    return Ok(DestLock { path, _file: file });
+                }
+                _ => continue,
+            }
+        }
+        Err(Error::new(libc::EBUSY, format!("{}: could not take the receive lock {}", dest.display(), path.display())))
+    }
+}
+
+impl Drop for DestLock {
+    fn drop(&mut self) {
+        // Removed while still locked, so that nobody locks a file that is
+        // about to go.
+        remove_temp(&self.path, false);
+    }
+}
+
+/// Rename `from` to `to` unless `to` exists (a file or directory of ours
+/// to its final name); EEXIST if it does.
+fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    let cstr = |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL));
+    let (f, t) = (cstr(from)?, cstr(to)?);
+    // SAFETY: two NUL-terminated paths we own.
+    let r = unsafe { libc::renameat2(libc::AT_FDCWD, f.as_ptr(), libc::AT_FDCWD, t.as_ptr(), libc::RENAME_NOREPLACE) };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        // A filesystem without RENAME_NOREPLACE: link refuses an existing
+        // name too (files only).
+        Some(libc::EINVAL) | Some(libc::ENOSYS) if !from.is_dir() => {
+            std::fs::hard_link(from, to)?;
+            std::fs::remove_file(from)
+        }
+        _ => Err(e),
+    }
+}
+
+fn sync_parent(p: &Path) -> Result<()> {
+    let dir = parent_of(p);
+    block_on(SyncIo.sync_dir(dir)).map_err(|e| Error::io(e, dir.display()))
 }
 
 struct Receiving {
@@ -106,6 +355,9 @@ struct Receiving {
     answers: Option<Box<dyn Write>>,
     opts: ReceiveOptions,
     dest: PathBuf,
+    /// A disk directory is wanted (the destination is one, or ends in /).
+    as_dir: bool,
+    max_size: u64,
     sink: Option<Sink>,
     out: Received,
 }
@@ -157,7 +409,7 @@ impl Receiving {
                 }
                 let sink = self.sink.take().ok_or_else(|| bad("the stream ended before any disk was described"))?;
                 self.out.image = self.dest.clone();
-                sink.finish(&self.dest, &mut self.out)?;
+                sink.finish(&self.dest, self.opts.direct, &mut self.out)?;
                 // ploop's receiver answers the end, after its fsync.
                 self.answer(0);
                 return Ok(());
@@ -177,7 +429,7 @@ impl Receiving {
                         if self.opts.incremental {
                             return Err(Error::unsupported("an image-file stream (ploop 7's copy) cannot update an existing image; receive it as a new one"));
                         }
-                        self.sink = Some(Sink::file(&self.dest)?);
+                        self.sink = Some(Sink::file(&self.dest, self.max_size)?);
                         self.out.kind = "image-file".into();
                     }
                     match self.sink.as_mut() {
@@ -205,7 +457,10 @@ impl Receiving {
                 // The cluster size in sectors is the packet's size field.
                 let cluster = h.size as u64 * 512;
                 let size = h.pos.checked_mul(512).ok_or_else(|| bad(format!("disk size of {} sectors", h.pos)))?;
-                self.sink = Some(Sink::device(&self.dest, size, cluster, &self.opts)?);
+                if !self.opts.incremental && size > self.max_size {
+                    return Err(too_big(size, self.max_size));
+                }
+                self.sink = Some(Sink::device(&self.dest, self.as_dir, size, cluster, &self.opts)?);
                 self.out.kind = "device".into();
                 self.out.disk_size = size;
                 self.out.cluster_size = cluster;
@@ -218,13 +473,22 @@ impl Receiving {
     }
 }
 
+fn too_big(claimed: u64, max: u64) -> Error {
+    Error::new(
+        libc::EFBIG,
+        format!(
+            "the stream describes a disk of {claimed} bytes, more than the {max} allowed (--max-size; by default the free space of the destination's filesystem); refused before anything was written"
+        ),
+    )
+}
+
 /// Where the stream's bytes go until it is complete.
 enum Sink {
     /// Disk bytes into a stack: a new image (or disk directory) under a
     /// temporary name, or a delta over the existing destination.
     Device { stack: Stack, made: Made, size: u64 },
     /// Image-file bytes into a new file under a temporary name.
-    File { file: std::fs::File, temp: PathBuf },
+    File { file: std::fs::File, temp: PathBuf, max: u64 },
 }
 
 enum Made {
@@ -240,7 +504,7 @@ fn temp_beside(dest: &Path, suffix: &str) -> PathBuf {
 }
 
 impl Sink {
-    fn device(dest: &Path, size: u64, cluster: u64, opts: &ReceiveOptions) -> Result<Sink> {
+    fn device(dest: &Path, as_dir: bool, size: u64, cluster: u64, opts: &ReceiveOptions) -> Result<Sink> {
         // Validates the geometry a hostile stream could get wrong, and
         // bounds what it costs: memory follows the number of clusters.
         crate::layers::header::Header::new(size, cluster).map_err(|e| bad(format!("the disk described is impossible: {e}")))?;
@@ -255,8 +519,6 @@ impl Sink {
         let (made, specs) = if opts.incremental {
             let target = if Disk::is_disk(dest) { Disk::load(dest)?.layers(None)? } else { vec![LayerSpec::ploop(dest)] };
             let top = &target.last().expect("a chain is never empty").path;
-            let delta = temp_beside(top, ".incoming");
-            let _ = std::fs::remove_file(&delta);
             // The delta takes the target's geometry, which must match.
             let (probe, _) = block_on(Stack::open_layers(io, &target, &StackOptions { read_only: true, direct: opts.direct }))?;
             if probe.size() != size || probe.cluster_size() != cluster {
@@ -268,20 +530,27 @@ impl Sink {
                 )));
             }
             drop(probe);
-            block_on(PloopLayer::create(io, &delta, size, cluster))?;
+            let (delta, _) = make_temp(top, "incoming", false, |p| block_on(PloopLayer::create(io, p, size, cluster)))?;
             let mut specs = target.clone();
             specs.push(LayerSpec::ploop(&delta));
             (Made::Delta { delta, target }, specs)
-        } else if dest.is_dir() || dest.to_string_lossy().ends_with('/') {
-            let temp = temp_beside(Path::new(dest.to_string_lossy().trim_end_matches('/')), ".partial");
-            let _ = std::fs::remove_dir_all(&temp);
-            let disk = block_on(Disk::init(io, &temp, size, cluster))?;
-            let specs = disk.layers(None)?;
+        } else if as_dir {
+            let (temp, disk) = make_temp(dest, "partial", true, |p| {
+                std::fs::create_dir(p).map_err(|e| Error::io(e, p.display()))?;
+                block_on(Disk::init(io, p, size, cluster)).inspect_err(|_| {
+                    let _ = std::fs::remove_dir_all(p);
+                })
+            })?;
+            let specs = match disk.layers(None) {
+                Ok(s) => s,
+                Err(e) => {
+                    remove_temp(&temp, true);
+                    return Err(e);
+                }
+            };
             (Made::DiskDir { temp }, specs)
         } else {
-            let temp = temp_beside(dest, ".partial");
-            let _ = std::fs::remove_file(&temp);
-            block_on(PloopLayer::create(io, &temp, size, cluster))?;
+            let (temp, _) = make_temp(dest, "partial", false, |p| block_on(PloopLayer::create(io, p, size, cluster)))?;
             (Made::Image { temp: temp.clone() }, vec![LayerSpec::ploop(&temp)])
         };
         match block_on(Stack::open_layers(io, &specs, &stack_opts)) {
@@ -293,11 +562,17 @@ impl Sink {
         }
     }
 
-    fn file(dest: &Path) -> Result<Sink> {
-        let temp = temp_beside(dest, ".partial");
-        let _ = std::fs::remove_file(&temp);
-        let file = OpenOptions::new().read(true).write(true).create_new(true).open(&temp).map_err(|e| Error::io(e, temp.display()))?;
-        Ok(Sink::File { file, temp })
+    fn file(dest: &Path, max: u64) -> Result<Sink> {
+        let (temp, file) = make_temp(dest, "partial", false, |p| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(p)
+                .map_err(|e| Error::io(e, p.display()))
+        })?;
+        Ok(Sink::File { file, temp, max })
     }
 
     fn write_disk(&mut self, pos: u64, data: &[u8]) -> Result<()> {
@@ -315,9 +590,24 @@ impl Sink {
     }
 
     fn write_file(&mut self, pos: u64, data: &[u8]) -> Result<()> {
-        let Sink::File { file, temp } = self else { unreachable!("checked by the caller") };
-        if pos.checked_add(data.len() as u64).map_or(true, |e| e > MAX_FILE_STREAM) {
+        let Sink::File { file, temp, max } = self else { unreachable!("checked by the caller") };
+        let end = pos.checked_add(data.len() as u64);
+        if end.map_or(true, |e| e > MAX_FILE_STREAM) {
             return Err(bad(format!("image-file data at {pos}+{} is past any image's end", data.len())));
+        }
+        if end.is_some_and(|e| e > *max) {
+            return Err(Error::new(
+                libc::EFBIG,
+                format!(
+                    "image-file data at {pos}+{} makes a file of more than the {max} bytes allowed (--max-size; by default the free space of the destination's filesystem)",
+                    data.len()
+                ),
+            ));
+        }
+        // A header as it arrives: what it claims is bounded before the
+        // rest of the file is taken.
+        if pos == 0 && data.len() >= crate::layers::header::HEADER_SIZE {
+            image_file_claims(data, *max)?;
         }
         block_on(SyncIo.write_at(file.as_raw_fd(), data, pos)).map_err(|e| Error::io(e, temp.display()))
     }
@@ -325,13 +615,13 @@ impl Sink {
     fn sync(&mut self) -> Result<()> {
         match self {
             Sink::Device { stack, .. } => block_on(stack.flush(&SyncIo)),
-            Sink::File { file, temp } => block_on(SyncIo.sync_data(file.as_raw_fd())).map_err(|e| Error::io(e, temp.display())),
+            Sink::File { file, temp, .. } => block_on(SyncIo.sync_data(file.as_raw_fd())).map_err(|e| Error::io(e, temp.display())),
         }
     }
 
     /// The stream is complete: make the result durable, check it, and put
     /// it in place.
-    fn finish(self, dest: &Path, out: &mut Received) -> Result<()> {
+    fn finish(self, dest: &Path, direct: Direct, out: &mut Received) -> Result<()> {
         let io = &SyncIo;
         match self {
             Sink::Device { stack, made, .. } => {
@@ -341,36 +631,36 @@ impl Sink {
                     made.remove();
                     return Err(e);
                 }
-                let placed = match &made {
+                match &made {
                     Made::Image { temp } => check_clean(temp).and_then(|_| place(temp, dest)),
-                    Made::DiskDir { temp } => {
-                        let disk = Disk::load(temp)?;
-                        let base = disk.layers(None)?.remove(0).path;
-                        check_clean(&base).and_then(|_| place(temp, Path::new(dest.to_string_lossy().trim_end_matches('/'))))
+                    Made::DiskDir { temp } => Disk::load(temp)
+                        .and_then(|disk| disk.layers(None))
+                        .and_then(|layers| check_clean(&layers[0].path))
+                        .and_then(|_| place(temp, dest)),
+                    Made::Delta { delta, target } => {
+                        let top = &target.last().expect("never empty").path;
+                        let complete = temp_beside(top, ".incoming");
+                        match check_clean(delta).and_then(|_| publish_delta(delta, &complete)) {
+                            // From here on the delta is complete and durable:
+                            // if the apply stops, the next receive finishes it.
+                            Ok(()) => apply_delta(&complete, target, direct).map(|n| out.applied_clusters = n),
+                            Err(e) => Err(e),
+                        }
                     }
-                    Made::Delta { delta, target } => apply_delta(delta, target, out),
-                };
-                if placed.is_err() {
-                    made.remove();
                 }
-                placed
+                .inspect_err(|_| made.remove())
             }
-            Sink::File { file, temp } => {
+            Sink::File { file, temp, max } => {
                 let synced = block_on(io.sync_data(file.as_raw_fd())).map_err(|e| Error::io(e, temp.display()));
                 drop(file);
                 let done = synced.and_then(|_| {
                     let h = block_on(crate::layers::ploop::load::read_header(io, std::fs::File::open(&temp).map_err(|e| Error::io(e, temp.display()))?.as_raw_fd(), &temp.display().to_string()))?;
+                    image_file_claims(&h.header.to_bytes(), max)?;
                     out.disk_size = h.header.size_bytes();
                     out.cluster_size = h.header.cluster_bytes();
                     check_clean(&temp)
                 });
-                match done.and_then(|_| place(&temp, dest)) {
-                    Ok(()) => Ok(()),
-                    Err(e) => {
-                        let _ = std::fs::remove_file(&temp);
-                        Err(e)
-                    }
-                }
+                done.and_then(|_| place(&temp, dest)).inspect_err(|_| remove_temp(&temp, false))
             }
         }
     }
@@ -383,25 +673,42 @@ impl Sink {
                 drop(stack);
                 made.remove();
             }
-            Sink::File { file, temp } => {
+            Sink::File { file, temp, .. } => {
                 drop(file);
-                let _ = std::fs::remove_file(temp);
+                remove_temp(&temp, false);
             }
         }
     }
 }
 
+/// Bound what an image file's header claims (its table is read into
+/// memory by the check): at most `MAX_RECEIVED_CLUSTERS` clusters, a disk
+/// of at most `max` bytes.
+fn image_file_claims(header: &[u8], max: u64) -> Result<()> {
+    let h = crate::layers::header::Header::parse(header).map_err(|e| bad(format!("the image file's header: {e}")))?;
+    if h.bat_entries as u64 > MAX_RECEIVED_CLUSTERS {
+        return Err(Error::unsupported(format!(
+            "the image file's table has {} entries (at most {MAX_RECEIVED_CLUSTERS} are received)",
+            h.bat_entries
+        )));
+    }
+    if h.size_bytes() > max {
+        return Err(too_big(h.size_bytes(), max));
+    }
+    Ok(())
+}
+
 impl Made {
+    /// Remove what was made and not put in place (a delta that was made
+    /// complete is gone from its temporary name, and stays).
     fn remove(&self) {
         match self {
-            Made::Image { temp } => {
-                let _ = std::fs::remove_file(temp);
-            }
-            Made::DiskDir { temp } => {
-                let _ = std::fs::remove_dir_all(temp);
-            }
+            Made::Image { temp } => remove_temp(temp, false),
+            Made::DiskDir { temp } => remove_temp(temp, true),
             Made::Delta { delta, .. } => {
-                let _ = std::fs::remove_file(delta);
+                if registry().iter().any(|t| &t.path == delta) {
+                    remove_temp(delta, false);
+                }
             }
         }
     }
@@ -421,30 +728,145 @@ fn check_clean(image: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Rename the finished temporary into place and make that durable.
+/// Put the finished temporary in place and make that durable: never over
+/// anything (but the empty directory named as the destination), so that a
+/// destination that appeared meanwhile is refused, not replaced.
 fn place(temp: &Path, dest: &Path) -> Result<()> {
-    if is_empty_dir(dest) {
-        std::fs::remove_dir(dest).map_err(|e| Error::io(e, dest.display()))?;
+    let mut reg = registry();
+    let placed = if temp.is_dir() && is_empty_dir(dest) {
+        // rename(2) replaces a directory only if it is empty.
+        std::fs::rename(temp, dest)
+    } else {
+        rename_noreplace(temp, dest)
+    };
+    if let Err(e) = placed {
+        return Err(match e.raw_os_error() {
+            Some(libc::EEXIST) | Some(libc::ENOTEMPTY) => Error::new(
+                libc::EEXIST,
+                format!("{}: appeared while the stream was received; refusing to replace it (what was received is discarded)", dest.display()),
+            ),
+            _ => Error::io(e, format_args!("{} -> {}", temp.display(), dest.display())),
+        });
     }
-    std::fs::rename(temp, dest).map_err(|e| Error::io(e, format_args!("{} -> {}", temp.display(), dest.display())))?;
-    let dir = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    block_on(SyncIo.sync_dir(dir)).map_err(|e| Error::io(e, dir.display()))
+    forget_in(&mut reg, temp);
+    drop(reg);
+    sync_parent(dest)
 }
 
-/// Copy the clusters of a verified delta into the target's top. The
-/// target is marked in use meanwhile (an interruption shows), and the delta
-/// stays until the target is closed, so the same stream can be applied
-/// again.
-fn apply_delta(delta: &Path, target: &[LayerSpec], out: &mut Received) -> Result<()> {
+/// A received delta, closed (durable, not in use) and checked, under its
+/// name that says "complete": only a complete delta is ever applied.
+fn publish_delta(delta: &Path, complete: &Path) -> Result<()> {
+    let mut reg = registry();
+    rename_noreplace(delta, complete).map_err(|e| match e.raw_os_error() {
+        Some(libc::EEXIST) => Error::new(libc::EEXIST, format!("{}: another delta is waiting to be applied; refusing to replace it", complete.display())),
+        _ => Error::io(e, format_args!("{} -> {}", delta.display(), complete.display())),
+    })?;
+    forget_in(&mut reg, delta);
+    drop(reg);
+    sync_parent(complete)
+}
+
+/// The layers of the image (or disk) an incremental stream updates.
+fn target_chain(dest: &Path) -> Result<Vec<LayerSpec>> {
+    Ok(if Disk::is_disk(dest) { Disk::load(dest)?.layers(None)? } else { vec![LayerSpec::ploop(dest)] })
+}
+
+/// Before an incremental receive: a complete delta left by an apply that
+/// was cut short (a crash, a signal) is applied now, whatever stream comes
+/// next (the sender may have cleared its record of those clusters); stale
+/// temporaries of deltas still being received when a receive died are
+/// removed. The number of clusters applied, if there was such a delta.
+pub fn finish_interrupted_apply(dest: &Path, direct: Direct, note: &mut dyn FnMut(&str)) -> Result<Option<u64>> {
+    let target = target_chain(dest)?;
+    let top = target.last().expect("a chain is never empty").path.clone();
+    discard_stale_deltas(&top, note);
+    let complete = temp_beside(&top, ".incoming");
+    match std::fs::symlink_metadata(&complete) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(e, complete.display())),
+        Ok(m) if !m.is_file() => {
+            return Err(Error::new(libc::EEXIST, format!("{}: exists and is not a received delta; move it away", complete.display())))
+        }
+        Ok(_) => {}
+    }
+    // Marked in use: the stream was still arriving when it was left (as an
+    // older version of this tool received under the final name). Never
+    // complete, never applied.
+    if block_on(crate::layers::marked_in_use(&SyncIo, &complete))? {
+        let f = std::fs::File::open(&complete).map_err(|e| Error::io(e, complete.display()))?;
+        // SAFETY: plain syscall on our own descriptor.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(Error::new(libc::EBUSY, format!("{}: in use by another process; not touched", complete.display())));
+        }
+        std::fs::remove_file(&complete).map_err(|e| Error::io(e, complete.display()))?;
+        sync_parent(&complete)?;
+        note(&format!("removed {}: a delta whose stream never ended (not applied)", complete.display()));
+        return Ok(None);
+    }
+    let n = apply_delta(&complete, &target, direct)?;
+    note(&format!("finished an interrupted apply: {} from an earlier receive applied to {} ({n} clusters)", complete.display(), dest.display()));
+    Ok(Some(n))
+}
+
+/// Remove `TOP.incoming.XXXXXX`, deltas a receive died receiving (the
+/// caller holds the destination's lock: no receive is making one now).
+fn discard_stale_deltas(top: &Path, note: &mut dyn FnMut(&str)) {
+    let Some(name) = top.file_name() else { return };
+    let mut prefix = name.to_os_string();
+    prefix.push(".incoming.");
+    let prefix = prefix.as_bytes();
+    let Ok(entries) = std::fs::read_dir(parent_of(top)) else { return };
+    for e in entries.flatten() {
+        let n = e.file_name();
+        let b = n.as_bytes();
+        let ours = b.len() == prefix.len() + 6 && b.starts_with(prefix) && b[prefix.len()..].iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+        if !ours || !e.file_type().is_ok_and(|t| t.is_file()) {
+            continue;
+        }
+        // A receive still writing it (into this image under another name)
+        // holds its lock.
+        let Ok(f) = std::fs::File::open(e.path()) else { continue };
+        // SAFETY: plain syscall on our own descriptor.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            continue;
+        }
+        if std::fs::remove_file(e.path()).is_ok() {
+            note(&format!("removed {}: a delta whose stream never ended (not applied)", e.path().display()));
+        }
+    }
+}
+
+/// Copy the clusters of a complete delta into the target's top, make that
+/// durable, and only then remove the delta. The target is marked in use
+/// meanwhile (an interruption shows). Applying a delta again is harmless:
+/// each cluster is written whole, with the same bytes.
+fn apply_delta(delta: &Path, target: &[LayerSpec], direct: Direct) -> Result<u64> {
     let io = &SyncIo;
-    let direct = Direct::Auto;
+    check_clean(delta)?;
     let (src, _) = block_on(Stack::open_layers(io, &[LayerSpec::ploop(delta)], &StackOptions { read_only: true, direct }))?;
     let (dst, _) = block_on(Stack::open_layers(io, target, &StackOptions { read_only: false, direct }))?;
+    if src.size() != dst.size() || src.cluster_size() != dst.cluster_size() {
+        let _ = block_on(dst.close(io));
+        return Err(Error::invalid(format!(
+            "{}: the delta's disk ({} bytes, clusters of {}) is not the image's ({} bytes, clusters of {}); not applied",
+            delta.display(),
+            src.size(),
+            src.cluster_size(),
+            dst.size(),
+            dst.cluster_size()
+        )));
+    }
+    // Tests stop the apply here, as a crash would.
+    let crash_after: Option<u64> = std::env::var("UBLK_PLOOP_TEST_CRASH_APPLY_AFTER").ok().and_then(|v| v.parse().ok());
     let cluster = src.cluster_size();
     let mut buf = AlignedBuf::zeroed(cluster as usize);
     let mut applied = 0;
     let copied = (|| {
         for c in block_on(src.allocated()).iter_ones() {
+            if crash_after == Some(applied) {
+                // SAFETY: the process kills itself, as a crash would.
+                unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+            }
             let at = c as u64 * cluster;
             let len = (src.size() - at).min(cluster) as usize;
             block_on(src.read(io, at, &mut buf[..len]))?;
@@ -457,8 +879,9 @@ fn apply_delta(delta: &Path, target: &[LayerSpec], out: &mut Received) -> Result
     drop(dst);
     copied?;
     closed?;
-    out.applied_clusters = applied;
     drop(src);
-    let _ = std::fs::remove_file(delta);
-    check_clean(&target.last().expect("never empty").path)
+    check_clean(&target.last().expect("never empty").path)?;
+    std::fs::remove_file(delta).map_err(|e| Error::io(e, delta.display()))?;
+    sync_parent(delta)?;
+    Ok(applied)
 }

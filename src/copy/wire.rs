@@ -29,6 +29,9 @@ pub const DIGEST_LEN: usize = 16;
 /// command's odd size, a cluster's sector count, stays far below).
 pub const MAX_PAYLOAD: u32 = 64 << 20;
 
+/// How much of a payload is read (and so allocated) at a time.
+const PAYLOAD_STEP: usize = 1 << 20;
+
 /// Handshake flags (the SYNC command's `pos`).
 pub const FLAG_MD5: u64 = 1;
 pub const FLAG_COPY_DEVICE: u64 = 2;
@@ -254,6 +257,13 @@ impl<R: Read> Reader<R> {
                 }
                 Ok(n) => got += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // A read timeout on the channel: the sender went silent.
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                    return Err(Error::new(
+                        libc::ETIMEDOUT,
+                        format!("copy stream: the sender went silent at offset {} ({e}); giving up", self.read + got as u64),
+                    ))
+                }
                 Err(e) => return Err(Error::io(e, "reading the copy stream")),
             }
         }
@@ -279,9 +289,15 @@ impl<R: Read> Reader<R> {
         if self.md5 {
             self.fill(&mut digest, "checksum")?;
         }
+        // The payload grows as its bytes arrive, not by what the header
+        // claims: a stream that stops short costs no more than it sent.
         payload.clear();
-        payload.resize(header.size as usize, 0);
-        self.fill(payload, "payload")?;
+        let want = header.size as usize;
+        while payload.len() < want {
+            let at = payload.len();
+            payload.resize(at + (want - at).min(PAYLOAD_STEP), 0);
+            self.fill(&mut payload[at..], "payload")?;
+        }
         if self.md5 {
             let actual: [u8; DIGEST_LEN] = Md5::digest(&payload[..]).into();
             if actual != digest {
