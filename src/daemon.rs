@@ -457,8 +457,12 @@ impl Handler for DaemonHandler {
                 let mut opts = copy::SendOptions { two_way, ..Default::default() };
                 let mut cbt = self.cbt.lock().unwrap();
                 let note = match (cbt.as_ref(), incremental) {
-                    (Some(t), true) => {
-                        opts.first = Some(t.peek_at(stack.cluster_size()));
+                    // The copy reads the record itself, once its own
+                    // tracker is attached: a peek here would miss a write
+                    // completing before the attach, in this backup and
+                    // (the frozen point clears the record) in every later.
+                    (Some(_), true) => {
+                        opts.incremental = true;
                         None
                     }
                     (None, true) => Some("no record of changes since a previous backup (none was taken, or the device stopped uncleanly): everything was sent".to_string()),

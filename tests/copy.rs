@@ -342,21 +342,24 @@ fn incremental_stream_brings_a_backup_up_to_date() {
     let stack = new_image(&dir.join("a.img"), size);
     let mut rng = Rng::new(11);
     block_on(stack.write(&SyncIo, 0, &rng.bytes(20 * CLUSTER as usize))).unwrap();
-    // Changes since the full backup are tracked from before it starts.
+    // Changes since the full backup are tracked from before it starts; the
+    // backup clears the record at its frozen point.
     let cbt = Arc::new(Tracker::new(size, CLUSTER));
     block_on(stack.add_tracker(cbt.clone())).unwrap();
-    let (full, _) = send_to_vec(&stack, &mut NoFs, SendOptions::default());
-    cbt.drain();
+    block_on(stack.write(&SyncIo, 25 * CLUSTER, &[4u8; 4096])).unwrap();
+    let (full, _) = send_to_vec(&stack, &mut NoFs, SendOptions { cbt: Some(cbt.clone()), ..Default::default() });
+    assert_eq!(cbt.dirty_count(), 0);
     let backup = dir.join("backup.img");
     receive_bytes(&full, &backup, false).unwrap();
 
     block_on(stack.write(&SyncIo, 3 * CLUSTER + 4096, &rng.bytes(8192))).unwrap();
     block_on(stack.write_zeroes(&SyncIo, 10 * CLUSTER, CLUSTER as usize)).unwrap();
     block_on(stack.write(&SyncIo, 30 * CLUSTER, &rng.bytes(CLUSTER as usize))).unwrap();
-    let changed: BitVec = cbt.drain();
+    let changed: BitVec = cbt.peek();
     assert_eq!(changed.iter_ones().collect::<Vec<_>>(), vec![3, 10, 30]);
-    let (incr, sent) = send_to_vec(&stack, &mut NoFs, SendOptions { first: Some(changed), ..Default::default() });
+    let (incr, sent) = send_to_vec(&stack, &mut NoFs, SendOptions { incremental: true, cbt: Some(cbt.clone()), ..Default::default() });
     assert_eq!(sent.rounds[0].sent, 3, "only the changed clusters, zeroed one included");
+    assert_eq!(cbt.dirty_count(), 0, "sent: the record starts again");
     assert!(incr.len() < full.len() / 4);
     // A cut incremental stream leaves the backup as it was.
     let before = std::fs::read(&backup).unwrap();
@@ -374,6 +377,122 @@ fn incremental_stream_brings_a_backup_up_to_date() {
     assert_eq!(image_bytes(&backup), expect);
     block_on(stack.close(&SyncIo)).unwrap();
     block_on(other.close(&SyncIo)).unwrap();
+}
+
+/// A channel into memory that, at the copy's first write to it (the
+/// handshake, before the copy has attached its own tracker), has a write
+/// land on the disk and complete before the copy goes on; with
+/// `fail_at_finish`, the write of the stream's last packet fails.
+struct Channel {
+    sink: Arc<Mutex<Vec<u8>>>,
+    inject: Option<(std::sync::mpsc::SyncSender<()>, std::sync::mpsc::Receiver<()>)>,
+    fail_at_finish: bool,
+}
+
+impl Write for Channel {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if let Some((go, done)) = self.inject.take() {
+            go.send(()).unwrap();
+            done.recv().unwrap();
+        }
+        let finish = [&copy::wire::cmd::FINISH.to_le_bytes()[..], copy::wire::TRAILER_MAGIC].concat();
+        if self.fail_at_finish && b.starts_with(&finish) {
+            return Err(std::io::Error::from_raw_os_error(libc::EPIPE));
+        }
+        self.sink.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// An incremental backup as the daemon runs it: the record of changes
+/// (changed-block tracking) is attached to the stack, the copy is asked to
+/// send what it marked. A write that completes after the copy started but
+/// before it attached its own tracker (here: during the handshake) must be
+/// in this backup, and the frozen point, which clears the record, must not
+/// lose it for every later one. A copy that peeked the record before the
+/// handshake (as the daemon used to) sends neither.
+#[test]
+fn incremental_backup_misses_no_write_that_lands_as_it_starts() {
+    let dir = TempDir::new("copy-incr-race");
+    let size = 32 * CLUSTER;
+    let stack = new_image(&dir.join("a.img"), size);
+    let mut rng = Rng::new(21);
+    block_on(stack.write(&SyncIo, 0, &rng.bytes(16 * CLUSTER as usize))).unwrap();
+    let cbt = Arc::new(Tracker::new(size, CLUSTER));
+    block_on(stack.add_tracker(cbt.clone())).unwrap();
+
+    // Without the record an incremental copy is refused, not sent whole.
+    let ring = OwnRing::new(64).unwrap();
+    let sink = Arc::new(Mutex::new(Vec::new()));
+    let channel = Channel { sink: sink.clone(), inject: None, fail_at_finish: false };
+    let e = ring
+        .block_on(copy::send(&ring.io(), &stack, Box::new(channel), None, &mut NoFs, SendOptions { incremental: true, ..Default::default() }, &|_, _, _| {}))
+        .unwrap_err();
+    assert_eq!(e.errno(), libc::EINVAL, "{e}");
+    assert!(sink.lock().unwrap().is_empty());
+
+    let backup_opts = |incremental| SendOptions { incremental, cbt: Some(cbt.clone()), ..Default::default() };
+    // Copy with a write injected at the handshake; returns the stream.
+    let send_racing = |opts: SendOptions, at: u64, data: &[u8], fail_at_finish: bool| -> Result<Vec<u8>, Error> {
+        let sink = Arc::new(Mutex::new(Vec::new()));
+        let (go_tx, go_rx) = std::sync::mpsc::sync_channel(1);
+        let (done_tx, done_rx) = std::sync::mpsc::sync_channel(1);
+        let channel = Channel { sink: sink.clone(), inject: Some((go_tx, done_rx)), fail_at_finish };
+        let stack = &stack;
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                if go_rx.recv().is_ok() {
+                    block_on(stack.write(&SyncIo, at, data)).unwrap();
+                    done_tx.send(()).unwrap();
+                }
+            });
+            let ring = OwnRing::new(64).unwrap();
+            ring.block_on(copy::send(&ring.io(), stack, Box::new(channel), None, &mut NoFs, opts, &|_, _, _| {}))
+        })?;
+        let bytes = sink.lock().unwrap().clone();
+        Ok(bytes)
+    };
+
+    // The full backup; a write lands as it starts (in the first round's
+    // read of the live disk, or in its tracker).
+    let full = send_racing(backup_opts(false), 20 * CLUSTER, &rng.bytes(4096), false).unwrap();
+    let backup = dir.join("backup.img");
+    receive_bytes(&full, &backup, false).unwrap();
+    let expect = read_all(&stack);
+    common::assert_bytes_equal(&image_bytes(&backup), &expect, "full backup vs source");
+
+    // An incremental one: a change before it, and one that lands as it
+    // starts.
+    block_on(stack.write(&SyncIo, 3 * CLUSTER, &rng.bytes(8192))).unwrap();
+    let incr = send_racing(backup_opts(true), 7 * CLUSTER + 4096, &rng.bytes(4096), false).unwrap();
+    receive_bytes(&incr, &backup, true).unwrap();
+    let expect = read_all(&stack);
+    common::assert_bytes_equal(&image_bytes(&backup), &expect, "backup after the first incremental vs source");
+
+    // A later incremental with a change of its own: everything still there.
+    block_on(stack.write(&SyncIo, 12 * CLUSTER, &rng.bytes(4096))).unwrap();
+    let incr = send_racing(backup_opts(true), 30 * CLUSTER, &rng.bytes(4096), false).unwrap();
+    receive_bytes(&incr, &backup, true).unwrap();
+    let expect = read_all(&stack);
+    common::assert_bytes_equal(&image_bytes(&backup), &expect, "backup after the second incremental vs source");
+    assert_eq!(cbt.dirty_count(), 0);
+
+    // An incremental that fails after its frozen point (the channel breaks
+    // at the stream's last packet) gives the record back: the next one
+    // sends what it could not.
+    block_on(stack.write(&SyncIo, 9 * CLUSTER, &rng.bytes(CLUSTER as usize))).unwrap();
+    let e = send_racing(backup_opts(true), 15 * CLUSTER, &rng.bytes(4096), true).unwrap_err();
+    assert_eq!(e.errno(), libc::EPIPE, "{e}");
+    assert!(cbt.peek().iter_ones().collect::<BTreeSet<_>>().is_superset(&[9, 15].into()), "the record kept the unsent changes");
+    let incr = send_racing(backup_opts(true), 28 * CLUSTER, &rng.bytes(4096), false).unwrap();
+    receive_bytes(&incr, &backup, true).unwrap();
+    let expect = read_all(&stack);
+    common::assert_bytes_equal(&image_bytes(&backup), &expect, "backup after a failed incremental and the next vs source");
+    oracle(&backup, &expect, &dir);
+    block_on(stack.close(&SyncIo)).unwrap();
 }
 
 /// ploop 7 sends the bytes of its image file; receiving that makes the same

@@ -60,9 +60,12 @@ pub enum End {
 pub struct SendOptions {
     /// Answers come back on the channel (a socket to a receiver).
     pub two_way: bool,
-    /// The first round sends these clusters (an incremental backup's
-    /// changes) instead of every allocated one, zero or not.
-    pub first: Option<BitVec>,
+    /// An incremental backup: the first round sends the clusters `cbt`
+    /// marked (the changes since the last backup, zero or not) instead of
+    /// every allocated one. The marks are read only once the copy's own
+    /// tracker is attached, so a change completing at any moment is in one
+    /// or the other; a set read earlier would miss what completed between.
+    pub incremental: bool,
     /// Live rounds after the first at most, before freezing.
     pub max_rounds: u32,
     pub end: End,
@@ -76,7 +79,7 @@ pub struct SendOptions {
 
 impl Default for SendOptions {
     fn default() -> Self {
-        SendOptions { two_way: false, first: None, max_rounds: 8, end: End::Resume, in_flight: 8, cbt: None }
+        SendOptions { two_way: false, incremental: false, max_rounds: 8, end: End::Resume, in_flight: 8, cbt: None }
     }
 }
 
@@ -121,6 +124,9 @@ pub async fn send<I: Io>(
 ) -> Result<Sent> {
     let started = Instant::now();
     let cluster = stack.cluster_size();
+    if opts.incremental && opts.cbt.is_none() {
+        return Err(Error::invalid("an incremental copy needs the record of changes since the last backup"));
+    }
     let mut writer = Writer::new(out);
     let mut replies = replies;
     // Handshake: our flags; a receiver answers with the negation of its own.
@@ -146,12 +152,16 @@ pub async fn send<I: Io>(
         }
     }
 
+    // The copy's tracker first, then the record's marks (see `incremental`):
+    // a change completing before the attach is in the record (attached
+    // earlier), one completing after it in the tracker.
     let tracker = Arc::new(Tracker::new(stack.size(), cluster));
     stack.add_tracker(tracker.clone()).await?;
+    let first = opts.cbt.as_ref().filter(|_| opts.incremental).map(|t| t.peek_at(cluster));
     let pipe = Outbox::start(writer, replies, opts.two_way, cluster as usize, opts.in_flight);
     let mut fs_frozen = false;
     let mut cleared = None;
-    let result = rounds(io, stack, &tracker, &pipe, fs, &mut fs_frozen, &mut cleared, &opts, progress).await;
+    let result = rounds(io, stack, &tracker, first, &pipe, fs, &mut fs_frozen, &mut cleared, &opts, progress).await;
     if result.is_err() {
         if let (Some(cbt), Some(marks)) = (&opts.cbt, &cleared) {
             cbt.mark_bits(marks);
@@ -189,6 +199,7 @@ async fn rounds<I: Io>(
     io: &I,
     stack: &Stack,
     tracker: &Tracker,
+    first: Option<BitVec>,
     pipe: &Outbox,
     fs: &mut dyn FsFreeze,
     fs_frozen: &mut bool,
@@ -197,8 +208,8 @@ async fn rounds<I: Io>(
     progress: Progress<'_>,
 ) -> Result<Sent> {
     let mut sent = Sent::default();
-    let (first, skip_zeros) = match &opts.first {
-        Some(set) => (set.clone(), false),
+    let (first, skip_zeros) = match first {
+        Some(set) => (set, false),
         None => (stack.allocated().await, true),
     };
     sent.rounds.push(send_round(io, Source::Live(stack), Dest::Pipe(pipe), 0, &first, skip_zeros, opts.in_flight, progress).await?);
