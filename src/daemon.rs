@@ -508,6 +508,11 @@ fn limited(mut opts: copy::SendOptions, freeze_limit: Option<f64>, timeout: Opti
     if let Some(v) = timeout {
         opts.timeout = secs(v, "the channel timeout")?;
     }
+    // The memory the last pass may take to end the freeze before it is
+    // sent (bytes; beyond it the pass is sent while frozen).
+    if let Some(v) = std::env::var("UBLK_PLOOP_COPY_MEMORY").ok().and_then(|v| v.trim().parse().ok()) {
+        opts.capture_max = v;
+    }
     Ok(opts)
 }
 
