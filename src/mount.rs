@@ -104,6 +104,25 @@ fn unescape(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The fields of a mountinfo line we use.
+#[derive(Debug, PartialEq)]
+struct Entry {
+    dev: (u32, u32),
+    point: String,
+    source: Option<String>,
+}
+
+/// `ID PARENT MAJ:MIN ROOT POINT OPTIONS [OPTIONAL...] - TYPE SOURCE SUPER`
+fn parse_mountinfo(line: &str) -> Option<Entry> {
+    let f: Vec<&str> = line.split(' ').collect();
+    if f.len() < 5 {
+        return None;
+    }
+    let dev = parse_dev(f[2])?;
+    let source = f.iter().skip(6).position(|&x| x == "-").and_then(|i| f.get(6 + i + 2)).map(|s| unescape(s));
+    Some(Entry { dev, point: unescape(f[4]), source })
+}
+
 fn ns_of(pid: &str) -> Option<PathBuf> {
     std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok()
 }
@@ -133,18 +152,13 @@ pub fn mounts(id: u32) -> Vec<Mount> {
         }
         let Ok(table) = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")) else { continue };
         for line in table.lines() {
-            // ID PARENT MAJ:MIN ROOT POINT OPTIONS [OPTIONAL...] - TYPE SOURCE SUPER
-            let f: Vec<&str> = line.split(' ').collect();
-            if f.len() < 5 {
-                continue;
-            }
-            let Some(dev) = parse_dev(f[2]) else { continue };
+            let Some(entry) = parse_mountinfo(line) else { continue };
+            let dev = entry.dev;
             let mut node = nodes.iter().find(|n| n.dev == dev);
             if node.is_none() && dev.0 == 0 {
                 // A filesystem with anonymous device numbers (btrfs): its
                 // source, resolved in that namespace.
-                let source = f.iter().position(|&x| x == "-").and_then(|i| f.get(i + 2)).map(|s| unescape(s));
-                if let Some(src) = source.filter(|s| s.starts_with('/')) {
+                if let Some(src) = entry.source.filter(|s| s.starts_with('/')) {
                     let p = format!("/proc/{pid}/root/{}", src.trim_start_matches('/'));
                     if let Ok(m) = std::fs::metadata(&p) {
                         if m.file_type().is_block_device() {
@@ -159,7 +173,7 @@ pub fn mounts(id: u32) -> Vec<Mount> {
                 continue;
             }
             let pid_n = pid.parse().unwrap_or(0);
-            out.push(Mount { node: node.name.clone(), pid: pid_n, point: unescape(f[4]), ours: ns.is_some() && ns == own_ns, dev });
+            out.push(Mount { node: node.name.clone(), pid: pid_n, point: entry.point, ours: ns.is_some() && ns == own_ns, dev });
         }
     }
     out
@@ -192,7 +206,7 @@ pub fn in_use(id: u32) -> Option<String> {
     if let Some(first) = found.first() {
         let more = match found.len() {
             1 => String::new(),
-            n => format!(" (and {} more filesystem{})", n - 1, if n == 2 { "" } else { "s" }),
+            n => format!(", and {} more filesystem{}", n - 1, if n == 2 { "" } else { "s" }),
         };
         return Some(format!("{}{more}", first.describe()));
     }
@@ -318,5 +332,10 @@ mod tests {
         assert_eq!(unescape("/mnt/a\\040b"), "/mnt/a b");
         assert_eq!(unescape("/mnt/a\\\\"), "/mnt/a\\\\");
         assert_eq!(unescape("\\134x"), "\\x");
+        let e = parse_mountinfo("36 25 259:1 / /srv/my\\040disk rw,relatime shared:1 master:2 - ext4 /dev/ublkb0p1 rw").unwrap();
+        assert_eq!(e, Entry { dev: (259, 1), point: "/srv/my disk".into(), source: Some("/dev/ublkb0p1".into()) });
+        let e = parse_mountinfo("40 25 0:45 /sub /mnt/b rw - btrfs /dev/ublkb1 rw").unwrap();
+        assert_eq!((e.dev, e.source.as_deref()), ((0, 45), Some("/dev/ublkb1")));
+        assert_eq!(parse_mountinfo("garbage"), None);
     }
 }

@@ -615,14 +615,14 @@ scenario_mounts_frozen() {
 	# the freeze it stops reading. The last pass goes on the channel while
 	# frozen (no memory for it), so the freeze ends at its limit.
 	t0=$(date +%s)
-	if timeout 120 sh -c "'$BIN' copy -n $id --to - --freeze-limit 3 --timeout 10 2>'$SCRATCH/stall.err' | cat >'$mnt/self.stream'"; then
-		die "a copy whose receiver stalled in the freeze succeeded"
+	if timeout 120 bash -o pipefail -c "'$BIN' copy -n $id --to - --freeze-limit 3 --timeout 10 2>'$SCRATCH/stall.err' | cat >'$mnt/self.stream'"; then
+		die "a copy whose receiver stalled in the freeze succeeded: $(cat "$SCRATCH/stall.err")"
 	fi
 	took=$(($(date +%s) - t0))
 	grep -q "freeze limit" "$SCRATCH/stall.err" || die "stalled copy: $(cat "$SCRATCH/stall.err")"
 	[ "$took" -lt 60 ] || die "the stalled copy took $took s"
 	timeout 20 sh -c "echo after >'$mnt/after' && sync -f '$mnt/after'" || die "the filesystem on $mnt takes no writes after the stalled copy"
-	timeout 20 nsenter -t "$ns_pid" -m sh -c "echo after >$other/after && sync -f $other/after" || die "the other namespace's filesystem takes no writes"
+	timeout 20 nsenter -t "$ns_pid" -m -r sh -c "echo after >$other/after && sync -f $other/after" || die "the other namespace's filesystem takes no writes"
 	log "a receiver stalled in the freeze: the copy gave up after $took s ($(tail -1 "$SCRATCH/stall.err"))"
 	rm -f "$mnt/self.stream"
 
