@@ -622,7 +622,7 @@ scenario_mounts_frozen() {
 	grep -q "freeze limit" "$SCRATCH/stall.err" || die "stalled copy: $(cat "$SCRATCH/stall.err")"
 	[ "$took" -lt 60 ] || die "the stalled copy took $took s"
 	timeout 20 sh -c "echo after >'$mnt/after' && sync -f '$mnt/after'" || die "the filesystem on $mnt takes no writes after the stalled copy"
-	timeout 20 nsenter -t "$ns_pid" -m -r sh -c "echo after >$other/after && sync -f $other/after" || die "the other namespace's filesystem takes no writes"
+	timeout 20 nsenter -t "$ns_pid" -m -r -w sh -c "echo after >$other/after && sync -f $other/after" || die "the other namespace's filesystem takes no writes"
 	log "a receiver stalled in the freeze: the copy gave up after $took s ($(tail -1 "$SCRATCH/stall.err"))"
 	rm -f "$mnt/self.stream"
 
