@@ -628,9 +628,23 @@ scenario_mounts_frozen() {
 
 	kill "$ns_pid"; wait "$ns_pid" 2>/dev/null || true
 	umount "$mnt"
-	# The other namespace's mount goes with its last process, shortly.
-	for _ in $(seq 50); do "$BIN" del -n "$id" 2>"$SCRATCH/del.err" && break; sleep 0.2; done
-	[ ! -e "$dev" ] || die "del after unmounting everything: $(cat "$SCRATCH/del.err")"
+
+	# Held with no filesystem to freeze (swap on p2; the other namespace's
+	# mount goes with its last process, shortly): a copy refuses, or with
+	# --allow-unfrozen goes on and says it is not filesystem-consistent.
+	mkswap -q "${dev}p2" 2>/dev/null || mkswap "${dev}p2" >/dev/null
+	for _ in $(seq 50); do swapon "${dev}p2" 2>/dev/null && break; sleep 0.2; done
+	grep -q "^${dev}p2 " /proc/swaps || die "swapon ${dev}p2"
+	"$BIN" copy -n "$id" --to "$SCRATCH/mf.stream" 2>"$SCRATCH/held.err" && die "a copy of a held device with nothing to freeze succeeded"
+	grep -q "no filesystem on it was found to freeze" "$SCRATCH/held.err" || die "held copy: $(cat "$SCRATCH/held.err")"
+	rm -f "$SCRATCH/mf.stream"
+	"$BIN" copy -n "$id" --to "$SCRATCH/mf.stream" --allow-unfrozen --json >"$SCRATCH/held.json" || die "copy --allow-unfrozen: $(cat "$SCRATCH/held.json")"
+	grep -q "not filesystem-consistent" "$SCRATCH/held.json" || die "copy --allow-unfrozen did not say so: $(cat "$SCRATCH/held.json")"
+	rm -f "$SCRATCH/mf.stream"
+	"$BIN" del -n "$id" 2>"$SCRATCH/del.err" && die "del of a device with swap on it succeeded"
+	grep -q "in use" "$SCRATCH/del.err" || die "del refusal (swap): $(cat "$SCRATCH/del.err")"
+	swapoff "${dev}p2"
+	"$BIN" del -n "$id" 2>"$SCRATCH/del.err" || die "del after unmounting everything: $(cat "$SCRATCH/del.err")"
 	"$BIN" check "$img" >/dev/null || die "check $img"
 	rm -f "$img" /tmp/mf.ready
 }
