@@ -318,6 +318,8 @@ enum Command {
         /// With --stop: even while its filesystem is mounted.
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        limits: LimitArgs,
         #[arg(long)]
         json: bool,
     },
@@ -331,6 +333,8 @@ enum Command {
         dest: DestArgs,
         #[arg(long)]
         incremental: bool,
+        #[command(flatten)]
+        limits: LimitArgs,
         #[arg(long)]
         json: bool,
     },
@@ -381,6 +385,36 @@ struct DestArgs {
     /// or ploop's), answering packet by packet.
     #[arg(long)]
     connect: Option<String>,
+}
+
+/// Bounds of a copy or backup.
+#[derive(Args, Clone)]
+struct LimitArgs {
+    /// Seconds the last pass may keep the filesystem frozen and requests
+    /// held; past it the copy gives up, thaws and fails (default 30).
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    freeze_limit: Option<f64>,
+    /// Seconds the copy waits for a receiver that stops reading or
+    /// answering before it fails (default 60).
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    timeout: Option<f64>,
+    /// When the device is in use but no filesystem on it is found to
+    /// freeze, copy anyway (not filesystem-consistent) instead of refusing.
+    #[arg(long)]
+    allow_unfrozen: bool,
+}
+
+impl From<LimitArgs> for crate::copy_cmd::Limits {
+    fn from(a: LimitArgs) -> Self {
+        crate::copy_cmd::Limits { freeze_limit: a.freeze_limit, timeout: a.timeout, allow_unfrozen: a.allow_unfrozen }
+    }
+}
+
+fn parse_secs(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 86400.0 => Ok(v),
+        _ => Err(format!("'{s}' is not a number of seconds between 0 and 86400")),
+    }
 }
 
 /// The size of a new disk.
@@ -837,11 +871,11 @@ fn run(command: Command) -> Result<i32> {
             };
             crate::copy_cmd::track(id, action, json)
         }
-        Command::Copy { id, dest, stop, force, json } => {
-            crate::copy_cmd::copy(id, &crate::copy_cmd::Destination { to: dest.to, connect: dest.connect }, stop, force, json)
+        Command::Copy { id, dest, stop, force, limits, json } => {
+            crate::copy_cmd::copy(id, &crate::copy_cmd::Destination { to: dest.to, connect: dest.connect }, stop, force, &limits.into(), json)
         }
-        Command::Backup { id, dest, incremental, json } => {
-            crate::copy_cmd::backup(id, &crate::copy_cmd::Destination { to: dest.to, connect: dest.connect }, incremental, json)
+        Command::Backup { id, dest, incremental, limits, json } => {
+            crate::copy_cmd::backup(id, &crate::copy_cmd::Destination { to: dest.to, connect: dest.connect }, incremental, &limits.into(), json)
         }
         Command::Receive { image, from, listen, incremental, max_size, timeout, io, json } => crate::copy_cmd::receive(&crate::copy_cmd::ReceiveArgs {
             image: &image,

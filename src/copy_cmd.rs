@@ -124,15 +124,27 @@ fn release_stdout() {
     }
 }
 
-pub fn copy(id: u32, dest: &Destination, stop: bool, force: bool, json: bool) -> Result<i32> {
+/// Bounds of a copy (see `SendOptions`); the daemon's defaults when unset.
+#[derive(Clone, Debug, Default)]
+pub struct Limits {
+    pub freeze_limit: Option<f64>,
+    pub timeout: Option<f64>,
+    pub allow_unfrozen: bool,
+}
+
+pub fn copy(id: u32, dest: &Destination, stop: bool, force: bool, limits: &Limits, json: bool) -> Result<i32> {
     let ch = open_destination(dest)?;
-    let _started: Job = request_with_fds(id, Request::Copy { two_way: ch.two_way, stop, force }, &[ch.fd.as_raw_fd()])?;
+    let Limits { freeze_limit, timeout, allow_unfrozen } = limits.clone();
+    let req = Request::Copy { two_way: ch.two_way, stop, force, freeze_limit, timeout, allow_unfrozen };
+    let _started: Job = request_with_fds(id, req, &[ch.fd.as_raw_fd()])?;
     finish_copy(id, ch, json, if stop { "copied; device stopped" } else { "copied" })
 }
 
-pub fn backup(id: u32, dest: &Destination, incremental: bool, json: bool) -> Result<i32> {
+pub fn backup(id: u32, dest: &Destination, incremental: bool, limits: &Limits, json: bool) -> Result<i32> {
     let ch = open_destination(dest)?;
-    let _started: Job = request_with_fds(id, Request::Backup { two_way: ch.two_way, incremental }, &[ch.fd.as_raw_fd()])?;
+    let Limits { freeze_limit, timeout, allow_unfrozen } = limits.clone();
+    let req = Request::Backup { two_way: ch.two_way, incremental, freeze_limit, timeout, allow_unfrozen };
+    let _started: Job = request_with_fds(id, req, &[ch.fd.as_raw_fd()])?;
     finish_copy(id, ch, json, if incremental { "incremental backup" } else { "full backup" })
 }
 

@@ -23,7 +23,7 @@ use ublk_ploop::io::{block_on, Direct, OwnRing, SyncIo};
 use ublk_ploop::{Error, LayerSpec, Result, Stack, StackOptions};
 
 use crate::control::{self, Access, Handler};
-use crate::fsfreeze::MountFreeze;
+use crate::mount::{self, MountFreeze};
 use crate::protocol::{self as proto, DeleteReply, Job, JobState, Request};
 use crate::ublk_target::{self, Counters, Device};
 
@@ -385,11 +385,10 @@ impl Handler for DaemonHandler {
             }
             Request::SnapshotSwitch { uuid, force } => {
                 if !force {
-                    let dev = format!("/dev/ublkb{}", self.dev_id);
-                    if let Some(on) = mount_point(&dev) {
+                    if let Some(why) = mount::in_use(self.dev_id) {
                         return Err(Error::new(
                             libc::EBUSY,
-                            format!("{dev} is mounted on {on}: switching would change the data under the filesystem; unmount it first (or use --force)"),
+                            format!("/dev/ublkb{} is in use ({why}): switching would change the data under it; unmount it first (or use --force)", self.dev_id),
                         ));
                     }
                 }
@@ -437,24 +436,23 @@ impl Handler for DaemonHandler {
                 block_on(stack.remove_tracker(&t));
                 json(&track_reply(&t, &t.drain()))
             }
-            Request::Copy { two_way, stop, force } => {
+            Request::Copy { two_way, stop, force, freeze_limit, timeout, allow_unfrozen } => {
                 let channel = one_channel(fds)?;
                 if stop && !force {
-                    let dev = format!("/dev/ublkb{}", self.dev_id);
-                    if let Some(on) = mount_point(&dev) {
+                    if let Some(why) = mount::in_use(self.dev_id) {
                         return Err(Error::new(
                             libc::EBUSY,
-                            format!("{dev} is mounted on {on}: --stop would take the device from under it; unmount it first (or use --force)"),
+                            format!("/dev/ublkb{} is in use ({why}): --stop would take the device from under it; unmount it first (or use --force)", self.dev_id),
                         ));
                     }
                 }
                 let end = if stop { copy::End::Stop } else { copy::End::Resume };
-                let opts = copy::SendOptions { two_way, end, ..Default::default() };
-                json(&self.start_copy("copy", channel, opts, None)?)
+                let opts = limited(copy::SendOptions { two_way, end, ..Default::default() }, freeze_limit, timeout)?;
+                json(&self.start_copy("copy", channel, opts, allow_unfrozen, None)?)
             }
-            Request::Backup { two_way, incremental } => {
+            Request::Backup { two_way, incremental, freeze_limit, timeout, allow_unfrozen } => {
                 let channel = one_channel(fds)?;
-                let mut opts = copy::SendOptions { two_way, ..Default::default() };
+                let mut opts = limited(copy::SendOptions { two_way, ..Default::default() }, freeze_limit, timeout)?;
                 let mut cbt = self.cbt.lock().unwrap();
                 let note = match (cbt.as_ref(), incremental) {
                     // The copy reads the record itself, once its own
@@ -482,7 +480,7 @@ impl Handler for DaemonHandler {
                 };
                 opts.cbt = Some(t);
                 drop(cbt);
-                json(&self.start_copy(if incremental { "backup-incremental" } else { "backup" }, channel, opts, note)?)
+                json(&self.start_copy(if incremental { "backup-incremental" } else { "backup" }, channel, opts, allow_unfrozen, note)?)
             }
         }
     }
@@ -501,6 +499,29 @@ fn track_reply(t: &Tracker, bits: &BitVec) -> proto::TrackReply {
         bytes: ranges.iter().map(|r| r.end - r.start).sum(),
         ranges: ranges.into_iter().map(|r| [r.start, r.end]).collect(),
     }
+}
+
+/// A copy's bounds from the request (seconds), the defaults otherwise.
+fn limited(mut opts: copy::SendOptions, freeze_limit: Option<f64>, timeout: Option<f64>) -> Result<copy::SendOptions> {
+    let secs = |v: f64, what: &str| {
+        if v.is_finite() && v > 0.0 && v <= 86400.0 {
+            Ok(Duration::from_secs_f64(v))
+        } else {
+            Err(Error::invalid(format!("{what} must be between 0 and 86400 seconds, not {v}")))
+        }
+    };
+    if let Some(v) = freeze_limit {
+        opts.freeze_limit = secs(v, "the freeze limit")?;
+    }
+    if let Some(v) = timeout {
+        opts.timeout = secs(v, "the channel timeout")?;
+    }
+    // The memory the last pass may take to end the freeze before it is
+    // sent (bytes; beyond it the pass is sent while frozen).
+    if let Some(v) = std::env::var("UBLK_PLOOP_COPY_MEMORY").ok().and_then(|v| v.trim().parse().ok()) {
+        opts.capture_max = v;
+    }
+    Ok(opts)
 }
 
 /// The one descriptor a copy writes to.
@@ -676,11 +697,13 @@ impl DaemonHandler {
     }
 
     /// Start a copy or backup into `channel`.
-    fn start_copy(&self, kind: &str, channel: OwnedFd, opts: copy::SendOptions, note: Option<String>) -> Result<Job> {
+    fn start_copy(&self, kind: &str, channel: OwnedFd, opts: copy::SendOptions, allow_unfrozen: bool, note: Option<String>) -> Result<Job> {
         let guard = self.idle()?;
-        let out = std::fs::File::from(channel);
+        // Every read and write of the channel is bounded: a receiver that
+        // stops must not hold the copy (and a frozen filesystem) forever.
+        let out = copy::Timed::new(channel, opts.timeout).map_err(|e| Error::io(e, "the copy channel"))?;
         let replies: Option<Box<dyn Read + Send>> = match opts.two_way {
-            true => Some(Box::new(out.try_clone().map_err(|e| Error::io(e, "duplicating the copy channel"))?)),
+            true => Some(Box::new(out.clone())),
             false => None,
         };
         let (dev_id, stop) = (self.dev_id, opts.end == copy::End::Stop);
@@ -690,10 +713,12 @@ impl DaemonHandler {
             job,
             guard,
             Box::new(move |ring, stack, progress| {
-                let mut fs = MountFreeze::new(&format!("/dev/ublkb{dev_id}"));
+                let mut fs = MountFreeze::new(dev_id, allow_unfrozen);
                 let report = |round: u32, done: u64, total: u64| progress(Some(round), done, total);
                 let sent = ring.block_on(copy::send(&ring.io(), stack, Box::new(out), replies, &mut fs, opts, &report))?;
-                let note = fs.froze.take().map(|on| format!("the filesystem on {on} was frozen for the last pass"));
+                let mut notes: Vec<String> = fs.froze.iter().map(|on| format!("frozen for the last pass: {on}")).collect();
+                notes.extend(fs.unfrozen.take());
+                let note = (!notes.is_empty()).then(|| notes.join("; "));
                 // The stack is closed: the device goes down once the result
                 // was fetched (or after a while).
                 Ok(Outcome { copy: Some(sent), note, stop: stop.then_some(dev_id), ..Default::default() })
@@ -939,10 +964,9 @@ fn run_inner(device: &Arc<Device>, config: DeviceConfig, mode: Mode, ready: &mut
 pub fn delete(id: u32, force: bool) -> Result<()> {
     require_ublk()?;
     let ctrl = ublk_target::open_ctrl(id).ok_or_else(|| Error::new(libc::ENODEV, format!("no ublk device {id}")))?;
-    let dev = format!("/dev/ublkb{id}");
     if !force {
-        if let Some(on) = mount_point(&dev) {
-            return Err(Error::new(libc::EBUSY, format!("{dev} is mounted on {on}; unmount it first (or use --force)")));
+        if let Some(why) = mount::in_use(id) {
+            return Err(Error::new(libc::EBUSY, format!("/dev/ublkb{id} is in use ({why}); unmount it first (or use --force)")));
         }
     }
     let pid = ctrl.dev_info().ublksrv_pid;
@@ -959,15 +983,6 @@ pub fn delete(id: u32, force: bool) -> Result<()> {
         return Err(Error::new(-rc, format!("deleting device {id} failed")));
     }
     Ok(())
-}
-
-/// Where `dev` is mounted, if anywhere (this mount namespace).
-pub fn mount_point(dev: &str) -> Option<String> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
-    mounts.lines().find_map(|l| {
-        let mut f = l.split_whitespace();
-        (f.next()? == dev).then(|| f.next().unwrap_or("?").to_string())
-    })
 }
 
 fn wait_for_exit(pid: i32, limit: Duration) {

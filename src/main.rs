@@ -5,7 +5,7 @@ mod config;
 mod control;
 mod copy_cmd;
 mod daemon;
-mod fsfreeze;
+mod mount;
 mod pace;
 mod protocol;
 mod snapshot_cmd;

@@ -75,6 +75,18 @@ pub enum Request {
         /// With `stop`: even while a filesystem is mounted on the device.
         #[serde(default)]
         force: bool,
+        /// Seconds the last pass may hold the filesystem frozen before the
+        /// copy gives up (default 30).
+        #[serde(default)]
+        freeze_limit: Option<f64>,
+        /// Seconds the copy waits for the channel (a receiver that stops
+        /// reading or answering) before it fails (default 60).
+        #[serde(default)]
+        timeout: Option<f64>,
+        /// Go on, not filesystem-consistent, when the device is in use but
+        /// no filesystem on it is found to freeze.
+        #[serde(default)]
+        allow_unfrozen: bool,
     },
     /// A full or incremental backup into the channel passed with the
     /// request, from a frozen point; a job.
@@ -83,6 +95,18 @@ pub enum Request {
         two_way: bool,
         #[serde(default)]
         incremental: bool,
+        /// Seconds the last pass may hold the filesystem frozen before the
+        /// copy gives up (default 30).
+        #[serde(default)]
+        freeze_limit: Option<f64>,
+        /// Seconds the copy waits for the channel (a receiver that stops
+        /// reading or answering) before it fails (default 60).
+        #[serde(default)]
+        timeout: Option<f64>,
+        /// Go on, not filesystem-consistent, when the device is in use but
+        /// no filesystem on it is found to freeze.
+        #[serde(default)]
+        allow_unfrozen: bool,
     },
 }
 
@@ -278,7 +302,9 @@ mod tests {
         assert!(parse(r#"{"cmd":"snapshot-delete"}"#).is_err());
         assert_eq!(parse(r#"{"cmd":"track-get"}"#).unwrap().request, Request::TrackGet);
         let r = parse(r#"{"cmd":"copy","args":{"stop":true}}"#).unwrap();
-        assert_eq!(r.request, Request::Copy { two_way: false, stop: true, force: false });
-        assert_eq!(parse(r#"{"cmd":"backup"}"#).unwrap().request, Request::Backup { two_way: false, incremental: false });
+        assert_eq!(r.request, Request::Copy { two_way: false, stop: true, force: false, freeze_limit: None, timeout: None, allow_unfrozen: false });
+        let r = parse(r#"{"cmd":"backup","args":{"freeze_limit":2.5,"timeout":10,"allow_unfrozen":true}}"#).unwrap();
+        assert_eq!(r.request, Request::Backup { two_way: false, incremental: false, freeze_limit: Some(2.5), timeout: Some(10.0), allow_unfrozen: true });
+        assert_eq!(parse(r#"{"cmd":"backup"}"#).unwrap().request, Request::Backup { two_way: false, incremental: false, freeze_limit: None, timeout: None, allow_unfrozen: false });
     }
 }

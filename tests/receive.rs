@@ -58,7 +58,15 @@ fn stream_of(stack: &Stack, first: Option<BitVec>) -> Vec<u8> {
         }
     }
     let ring = OwnRing::new(64).unwrap();
-    let opts = SendOptions { first, ..Default::default() };
+    // Only the `first` clusters: through a record of changes holding them,
+    // read by the copy as an incremental backup reads the daemon's.
+    let opts = match first {
+        Some(set) => {
+            let record = Arc::new(Tracker::from_bits(stack.size(), stack.cluster_size(), &set));
+            SendOptions { incremental: true, cbt: Some(record), ..Default::default() }
+        }
+        None => SendOptions::default(),
+    };
     ring.block_on(copy::send(&ring.io(), stack, Box::new(Shared(sink.clone())), None, &mut NoFs, opts, &|_, _, _| {})).unwrap();
     let bytes = sink.lock().unwrap().clone();
     bytes

@@ -5,11 +5,14 @@
 //! - [`wire`]: packets, checksums, the handshake's flags.
 //! - [`send`]: the rounds over a serving stack, driven by a write tracker,
 //!   and the frozen last pass.
+//! - [`channel`]: the channel with a bound on every wait.
 //! - [`receive`]: a stream into a new image, or into an existing one.
 
+pub mod channel;
 pub mod receive;
 pub mod send;
 pub mod wire;
 
 pub use receive::{receive, ReceiveOptions, Received};
-pub use send::{send, End, FsFreeze, NoFs, Round, SendOptions, Sent};
+pub use channel::Timed;
+pub use send::{send, End, FsFreeze, NoFs, Round, SendOptions, Sent, CHANNEL_TIMEOUT, FREEZE_LIMIT};

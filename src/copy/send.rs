@@ -10,7 +10,7 @@
 
 use std::cell::RefCell;
 use std::io::{Read, Write};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -75,11 +75,25 @@ pub struct SendOptions {
     /// changes after it is the next incremental's); given back its marks if
     /// the copy fails after all.
     pub cbt: Option<Arc<Tracker>>,
+    /// The most the last pass may hold the filesystem frozen and the
+    /// requests held: past it the copy gives up (thaws, serves on, fails).
+    pub freeze_limit: Duration,
+    /// The most the copy waits for the receiver's answers (the channel's
+    /// own reads and writes are bounded by [`super::channel::Timed`]).
+    pub timeout: Duration,
+    /// The last pass is read into memory (and the device resumed) before
+    /// it is sent when it is no larger than this, else it is sent while
+    /// frozen.
+    pub capture_max: u64,
 }
+
+/// Defaults of [`SendOptions::freeze_limit`] and [`SendOptions::timeout`].
+pub const FREEZE_LIMIT: Duration = Duration::from_secs(30);
+pub const CHANNEL_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Default for SendOptions {
     fn default() -> Self {
-        SendOptions { two_way: false, incremental: false, max_rounds: 8, end: End::Resume, in_flight: 8, cbt: None }
+        SendOptions { two_way: false, incremental: false, max_rounds: 8, end: End::Resume, in_flight: 8, cbt: None, freeze_limit: FREEZE_LIMIT, timeout: CHANNEL_TIMEOUT, capture_max: CAPTURE_MAX }
     }
 }
 
@@ -158,7 +172,7 @@ pub async fn send<I: Io>(
     let tracker = Arc::new(Tracker::new(stack.size(), cluster));
     stack.add_tracker(tracker.clone()).await?;
     let first = opts.cbt.as_ref().filter(|_| opts.incremental).map(|t| t.peek_at(cluster));
-    let pipe = Outbox::start(writer, replies, opts.two_way, cluster as usize, opts.in_flight);
+    let pipe = Outbox::start(writer, replies, opts.two_way, cluster as usize, opts.in_flight, opts.timeout);
     let mut fs_frozen = false;
     let mut cleared = None;
     let result = rounds(io, stack, &tracker, first, &pipe, fs, &mut fs_frozen, &mut cleared, &opts, progress).await;
@@ -212,7 +226,7 @@ async fn rounds<I: Io>(
         Some(set) => (set, false),
         None => (stack.allocated().await, true),
     };
-    sent.rounds.push(send_round(io, Source::Live(stack), Dest::Pipe(pipe), 0, &first, skip_zeros, opts.in_flight, progress).await?);
+    sent.rounds.push(send_round(io, Source::Live(stack), Dest::Pipe(pipe), 0, &first, skip_zeros, opts.in_flight, None, progress).await?);
     pipe.sync()?;
     let mut last = u64::MAX;
     for round in 1..=opts.max_rounds {
@@ -221,7 +235,7 @@ async fn rounds<I: Io>(
         if n == 0 {
             break;
         }
-        sent.rounds.push(send_round(io, Source::Live(stack), Dest::Pipe(pipe), round, &set, false, opts.in_flight, progress).await?);
+        sent.rounds.push(send_round(io, Source::Live(stack), Dest::Pipe(pipe), round, &set, false, opts.in_flight, None, progress).await?);
         pipe.sync()?;
         // Writes outpace the copy (or nearly nothing is left): more live
         // rounds would not shorten the freeze.
@@ -234,6 +248,7 @@ async fn rounds<I: Io>(
     // The last pass, frozen: the filesystem first (it writes its dirty
     // state through the device), then the requests.
     let t0 = Instant::now();
+    let deadline = t0 + opts.freeze_limit;
     fs.freeze()?;
     *fs_frozen = true;
     let frozen = stack.freeze().await;
@@ -244,12 +259,25 @@ async fn rounds<I: Io>(
     // device moves on before they are checksummed and sent; else they go
     // on the channel while frozen.
     let held = RefCell::new(Vec::new());
-    let capture = set.count_ones() as u64 * stack.cluster_size() <= CAPTURE_MAX;
+    let capture = set.count_ones() as u64 * stack.cluster_size() <= opts.capture_max;
     let into = if capture { Dest::Memory(&held) } else { Dest::Pipe(pipe) };
-    let mut last_round = send_round(io, Source::Frozen(&frozen), into, round, &set, false, opts.in_flight, progress).await?;
+    // Past the limit the frozen pass gives up: the caller thaws, the
+    // requests go on (the guard dropped), the copy fails.
+    let over = |e: Error| match e.errno() {
+        libc::ETIMEDOUT if Instant::now() >= deadline => Error::new(
+            libc::ETIMEDOUT,
+            format!(
+                "the last pass did not reach the receiver within the freeze limit ({} s): the copy gave up, the filesystem was thawed and the device serves on ({e})",
+                opts.freeze_limit.as_secs_f64()
+            ),
+        ),
+        _ => e,
+    };
+    let mut last_round =
+        send_round(io, Source::Frozen(&frozen), into, round, &set, false, opts.in_flight, Some(deadline), progress).await.map_err(over)?;
     last_round.frozen = true;
     if !capture {
-        pipe.written()?;
+        pipe.written_by(Some(deadline)).map_err(over)?;
     }
     match opts.end {
         End::Resume => drop(frozen),
@@ -270,7 +298,7 @@ async fn rounds<I: Io>(
 }
 
 /// The most the last pass holds in memory to end the freeze early.
-const CAPTURE_MAX: u64 = 256 << 20;
+pub const CAPTURE_MAX: u64 = 256 << 20;
 
 /// Where a round's clusters go: on the channel, or into memory.
 enum Dest<'a> {
@@ -308,6 +336,7 @@ async fn send_round<I: Io>(
     set: &BitVec,
     skip_zeros: bool,
     in_flight: usize,
+    deadline: Option<Instant>,
     progress: Progress<'_>,
 ) -> Result<Round> {
     let start = Instant::now();
@@ -324,6 +353,9 @@ async fn send_round<I: Io>(
                 Dest::Pipe(pipe) => pipe.buf(),
                 Dest::Memory(_) => AlignedBuf::zeroed(cluster as usize),
             };
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(Error::new(libc::ETIMEDOUT, "the frozen pass ran out of time"));
+            }
             src.read(io, c * cluster, &mut buf[..len]).await?;
             if skip_zeros && is_zero(&buf[..len]) {
                 if let Dest::Pipe(pipe) = into {
@@ -334,7 +366,7 @@ async fn send_round<I: Io>(
             let (n, b) = sent.get();
             sent.set((n + 1, b + len as u64));
             match into {
-                Dest::Pipe(pipe) => pipe.data(c * cluster, buf, len),
+                Dest::Pipe(pipe) => pipe.data_by(c * cluster, buf, len, deadline),
                 Dest::Memory(held) => {
                     held.borrow_mut().push((c * cluster, buf, len));
                     Ok(())
@@ -348,16 +380,24 @@ async fn send_round<I: Io>(
 }
 
 fn channel_err(e: std::io::Error) -> Error {
+    if super::channel::timed_out(&e) {
+        return Error::new(libc::ETIMEDOUT, format!("writing the copy stream: {e}"));
+    }
     Error::io(e, "writing the copy stream")
 }
 
 fn read_status(r: &mut dyn Read) -> Result<i32> {
     let mut b = [0u8; 4];
-    r.read_exact(&mut b).map_err(|e| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => Error::new(libc::ECONNRESET, "the receiver closed the channel"),
-        _ => Error::io(e, "reading the receiver's answer"),
-    })?;
+    r.read_exact(&mut b).map_err(answer_err)?;
     Ok(i32::from_le_bytes(b))
+}
+
+fn answer_err(e: std::io::Error) -> Error {
+    match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => Error::new(libc::ECONNRESET, "the receiver closed the channel"),
+        _ if super::channel::timed_out(&e) => Error::new(libc::ETIMEDOUT, format!("reading the receiver's answer: {e}")),
+        _ => Error::io(e, "reading the receiver's answer"),
+    }
 }
 
 enum Msg {
@@ -384,6 +424,8 @@ struct AnswerState {
     count: u64,
     error: Option<Error>,
     closed: bool,
+    /// The copy is over: the reader stops at its next idle timeout.
+    done: bool,
 }
 
 /// The writer thread (and, two-way, the answer reader), the threads that
@@ -404,10 +446,11 @@ struct Outbox {
     failed: Arc<Mutex<Option<Error>>>,
     /// Set when the copy failed: the stream must end without FINISH.
     abandoned: Arc<AtomicBool>,
+    answers: Option<Arc<Answers>>,
 }
 
 impl Outbox {
-    fn start(writer: Writer<Box<dyn Write + Send>>, replies: Option<Box<dyn Read + Send>>, two_way: bool, cluster: usize, depth: usize) -> Outbox {
+    fn start(writer: Writer<Box<dyn Write + Send>>, replies: Option<Box<dyn Read + Send>>, two_way: bool, cluster: usize, depth: usize, timeout: Duration) -> Outbox {
         let (tx, rx) = sync_channel::<Msg>(depth * 2);
         let bufs = Arc::new(BufPool::new(cluster, depth * 4));
         let answers = (two_way && replies.is_some()).then(|| Arc::new(Answers::default()));
@@ -445,7 +488,7 @@ impl Outbox {
         let writer = std::thread::Builder::new()
             .name("copy-writer".into())
             .spawn(move || {
-                let r = write_loop(writer, rx, &bufs2, answers2.as_deref(), &abandoned2);
+                let r = write_loop(writer, rx, &bufs2, answers2.as_deref(), &abandoned2, timeout);
                 if let Err(e) = &r {
                     *failed2.lock().unwrap() = Some(e.clone());
                 }
@@ -462,6 +505,7 @@ impl Outbox {
             queued: std::cell::Cell::new(0),
             failed,
             abandoned,
+            answers,
         }
     }
 
@@ -474,8 +518,28 @@ impl Outbox {
     }
 
     fn send(&self, msg: Msg) -> Result<()> {
-        let tx = self.tx.as_ref().expect("open until finish");
-        tx.send(msg).map_err(|_| self.error())
+        self.put(self.tx.as_ref().expect("open until finish"), msg, None)
+    }
+
+    /// Queue `msg`; with a deadline, give up when the queue stays full
+    /// until then (the writer is stuck on a receiver that takes nothing).
+    fn put(&self, tx: &SyncSender<Msg>, msg: Msg, deadline: Option<Instant>) -> Result<()> {
+        let Some(deadline) = deadline else { return tx.send(msg).map_err(|_| self.error()) };
+        let mut msg = msg;
+        let mut nap = Duration::from_micros(100);
+        loop {
+            match tx.try_send(msg) {
+                Ok(()) => return Ok(()),
+                Err(TrySendError::Disconnected(_)) => return Err(self.error()),
+                Err(TrySendError::Full(m)) => msg = m,
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::new(libc::ETIMEDOUT, "the receiver took nothing"));
+            }
+            std::thread::sleep(nap.min(deadline - now));
+            nap = (nap * 2).min(Duration::from_millis(5));
+        }
     }
 
     fn error(&self) -> Error {
@@ -483,8 +547,12 @@ impl Outbox {
     }
 
     fn data(&self, pos: u64, buf: AlignedBuf, len: usize) -> Result<()> {
+        self.data_by(pos, buf, len, None)
+    }
+
+    fn data_by(&self, pos: u64, buf: AlignedBuf, len: usize, deadline: Option<Instant>) -> Result<()> {
         let tx = self.data_tx.as_ref().expect("open until finish");
-        tx.send(Msg::Data { pos, buf, len, digest: None }).map_err(|_| self.error())?;
+        self.put(tx, Msg::Data { pos, buf, len, digest: None }, deadline)?;
         self.queued.set(self.queued.get() + 1);
         Ok(())
     }
@@ -500,9 +568,20 @@ impl Outbox {
 
     /// Wait until everything queued is on the channel.
     fn written(&self) -> Result<()> {
+        self.written_by(None)
+    }
+
+    fn written_by(&self, deadline: Option<Instant>) -> Result<()> {
         let (done, rx) = sync_channel(1);
-        self.send(Msg::Written { after: self.queued.get(), done })?;
-        rx.recv().map_err(|_| self.error())
+        self.put(self.tx.as_ref().expect("open until finish"), Msg::Written { after: self.queued.get(), done }, deadline)?;
+        match deadline {
+            None => rx.recv().map_err(|_| self.error()),
+            Some(d) => match rx.recv_timeout(d.saturating_duration_since(Instant::now())) {
+                Ok(()) => Ok(()),
+                Err(RecvTimeoutError::Timeout) => Err(Error::new(libc::ETIMEDOUT, "the receiver did not take the last pass")),
+                Err(RecvTimeoutError::Disconnected) => Err(self.error()),
+            },
+        }
     }
 
     /// End the stream (FINISH) once everything queued is written, and
@@ -538,13 +617,24 @@ impl Drop for Outbox {
         if let Some(w) = self.writer.take() {
             let _ = w.join();
         }
-        // The reader ends when the receiver closes the channel; it is not
-        // waited for (it holds nothing of ours but the answer count).
+        // The reader ends when the receiver closes the channel, or at its
+        // next idle timeout; it is not waited for (it holds nothing of
+        // ours but the answer count).
+        if let Some(a) = &self.answers {
+            a.state.lock().unwrap().done = true;
+        }
         drop(self.reader.take());
     }
 }
 
-fn write_loop(mut w: Writer<Box<dyn Write + Send>>, rx: Receiver<Msg>, bufs: &BufPool, answers: Option<&Answers>, abandoned: &AtomicBool) -> Result<u64> {
+fn write_loop(
+    mut w: Writer<Box<dyn Write + Send>>,
+    rx: Receiver<Msg>,
+    bufs: &BufPool,
+    answers: Option<&Answers>,
+    abandoned: &AtomicBool,
+    timeout: Duration,
+) -> Result<u64> {
     let cancelled = || Error::new(libc::ECANCELED, "copy abandoned");
     let mut asked = 0u64;
     let mut data = 0u64;
@@ -583,7 +673,7 @@ fn write_loop(mut w: Writer<Box<dyn Write + Send>>, rx: Receiver<Msg>, bufs: &Bu
                 Msg::Answered { done, .. } => {
                     w.flush().map_err(channel_err)?;
                     if let Some(a) = answers {
-                        wait_answers(a, asked)?;
+                        wait_answers(a, asked, timeout)?;
                     }
                     let _ = done.send(());
                 }
@@ -600,15 +690,17 @@ fn write_loop(mut w: Writer<Box<dyn Write + Send>>, rx: Receiver<Msg>, bufs: &Bu
         asked += 1;
         w.finish(false).map_err(channel_err)?;
         asked += 1;
-        wait_answers(a, asked)?;
+        wait_answers(a, asked, timeout)?;
     } else {
         w.finish(true).map_err(channel_err)?;
     }
     Ok(w.written())
 }
 
-fn wait_answers(a: &Answers, want: u64) -> Result<()> {
+/// Wait for the first `want` answers; no new one for `timeout` fails.
+fn wait_answers(a: &Answers, want: u64, timeout: Duration) -> Result<()> {
     let mut st = a.state.lock().unwrap();
+    let (mut seen, mut since) = (st.count, Instant::now());
     loop {
         // Answers counted before the receiver hung up still count.
         if st.count >= want {
@@ -620,13 +712,43 @@ fn wait_answers(a: &Answers, want: u64) -> Result<()> {
         if st.closed {
             return Err(Error::new(libc::ECONNRESET, "the receiver closed the channel"));
         }
-        st = a.cv.wait_timeout(st, Duration::from_secs(1)).unwrap().0;
+        if st.count != seen {
+            (seen, since) = (st.count, Instant::now());
+        } else if since.elapsed() >= timeout {
+            return Err(Error::new(
+                libc::ETIMEDOUT,
+                format!("the receiver did not answer for {} s (timed out)", timeout.as_secs_f64()),
+            ));
+        }
+        let left = timeout.saturating_sub(since.elapsed()).min(Duration::from_secs(1));
+        st = a.cv.wait_timeout(st, left.max(Duration::from_millis(1))).unwrap().0;
     }
+}
+
+/// One answer; a channel timeout while idle is waited out (the writer
+/// bounds how long an owed answer may take), until the copy is over.
+fn next_answer(r: &mut dyn Read, a: &Answers) -> Option<Result<i32>> {
+    let mut b = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match r.read(&mut b[got..]) {
+            Ok(0) => return Some(Err(answer_err(std::io::ErrorKind::UnexpectedEof.into()))),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if super::channel::timed_out(&e) => {
+                if a.state.lock().unwrap().done {
+                    return None;
+                }
+            }
+            Err(e) => return Some(Err(answer_err(e))),
+        }
+    }
+    Some(Ok(i32::from_le_bytes(b)))
 }
 
 fn read_answers(mut r: Box<dyn Read + Send>, a: &Answers) {
     loop {
-        let outcome = read_status(r.as_mut());
+        let Some(outcome) = next_answer(r.as_mut(), a) else { return };
         let mut st = a.state.lock().unwrap();
         match outcome {
             Ok(0) => st.count += 1,

@@ -11,7 +11,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 BIN=${UBLK_PLOOP_BIN:-$repo/target/release/ublk-ploop}
 SCRATCH=${UBLK_PLOOP_SCRATCH:?run this inside the VM: tests/vm/run tests/vm/e2e.sh}
-ALL="data_path basic_fs fio_verify stack_layers control_socket kill_recover read_only serve_config snapshots merge_kill track_copy full_disk io_errors resize compact"
+ALL="data_path basic_fs fio_verify stack_layers control_socket kill_recover read_only serve_config snapshots merge_kill track_copy mounts_frozen full_disk io_errors resize compact"
 
 log() { echo "e2e[${SCENARIO:-main}]: $*"; }
 die() { log "FAIL: $*"; exit 1; }
@@ -590,6 +590,105 @@ $((100 << 20)) $((102 << 20))"
 	# The migrated copy equals the source as the device left it.
 	same_images "$img" "$SCRATCH/moved.hdd" "copy --stop under writes"
 	rm -f "$img" "$SCRATCH/moved.hdd"
+}
+
+# An MBR partition table on $1 (no sfdisk needed): Linux partitions at the
+# given start:sectors pairs.
+write_mbr() { # dev start:sectors...
+	local dev=$1 at=446 p
+	shift
+	le32() { printf '\\x%02x\\x%02x\\x%02x\\x%02x' $(($1 & 255)) $(($1 >> 8 & 255)) $(($1 >> 16 & 255)) $(($1 >> 24 & 255)); }
+	for p in "$@"; do
+		# shellcheck disable=SC2059
+		printf "\\x00\\x00\\x00\\x00\\x83\\x00\\x00\\x00$(le32 "${p%:*}")$(le32 "${p#*:}")" |
+			dd of="$dev" bs=1 seek=$at conv=notrunc status=none
+		at=$((at + 16))
+	done
+	printf '\x55\xaa' | dd of="$dev" bs=1 seek=510 conv=notrunc status=none
+	blockdev --flushbufs "$dev"
+	blockdev --rereadpt "$dev"
+}
+
+# Filesystems the device's own mount table does not show: one on a
+# partition, one mounted in another mount namespace. del and copy --stop
+# refuse while either is mounted; a copy freezes both for its last pass;
+# a receiver that stops reading during the frozen pass (it writes into the
+# frozen filesystem) ends the freeze at --freeze-limit: the copy fails
+# saying so, and the filesystem takes writes again.
+scenario_mounts_frozen() {
+	local img=$SCRATCH/mf.hdd mnt=/mnt/mf other=/mnt/mf-other ns_pid t0 took
+	"$BIN" create "$img" --size 256M >/dev/null
+	# No memory for the last pass: it goes on the channel while frozen.
+	dev=$(UBLK_PLOOP_COPY_MEMORY=0 "$BIN" add --image "$img"); wait_dev "$dev"; id=$(dev_id "$dev")
+	write_mbr "$dev" 2048:196608 198656:196608
+	wait_dev "${dev}p1"; wait_dev "${dev}p2"
+	mkfs.ext4 -q -F "${dev}p1"; mkfs.ext4 -q -F "${dev}p2"
+	mkdir -p "$mnt" "$other"
+	mount "${dev}p1" "$mnt"
+	write_files "$mnt" 2 4
+	# p2 mounted in a mount namespace of its own, invisible here (the
+	# copy of p1's mount it starts with is dropped there).
+	unshare -m --propagation private sh -c "umount $mnt && mount ${dev}p2 $other && echo x >$other/hello && touch /tmp/mf.ready && exec sleep 3600" &
+	ns_pid=$!
+	for _ in $(seq 100); do [ -e /tmp/mf.ready ] && break; sleep 0.1; done
+	[ -e /tmp/mf.ready ] || die "the other namespace did not mount ${dev}p2"
+	grep -q " $other " /proc/self/mounts && die "the other namespace's mount shows here"
+
+	"$BIN" del -n "$id" 2>"$SCRATCH/del.err" && die "del with a mounted partition succeeded"
+	grep -q "ublkb${id}p1 is mounted on $mnt" "$SCRATCH/del.err" || die "del refusal: $(cat "$SCRATCH/del.err")"
+	"$BIN" copy -n "$id" --stop --to "$SCRATCH/mf.stream" 2>"$SCRATCH/stop.err" && die "copy --stop with a mounted partition succeeded"
+	grep -q "is mounted on" "$SCRATCH/stop.err" || die "copy --stop refusal: $(cat "$SCRATCH/stop.err")"
+	rm -f "$SCRATCH/mf.stream"
+	umount "$mnt"
+	"$BIN" del -n "$id" 2>"$SCRATCH/del.err" && die "del with a partition mounted in another namespace succeeded"
+	grep -q "ublkb${id}p2 is mounted on $other in the mount namespace of pid" "$SCRATCH/del.err" || die "del refusal: $(cat "$SCRATCH/del.err")"
+	mount "${dev}p1" "$mnt"
+
+	# A copy freezes both filesystems for its last pass.
+	"$BIN" copy -n "$id" --to "$SCRATCH/mf.stream" --json >"$SCRATCH/mf.json" || die "copy: $(cat "$SCRATCH/mf.json")"
+	grep -q "frozen for the last pass: ublkb${id}p1 is mounted on $mnt" "$SCRATCH/mf.json" || die "p1 not frozen: $(cat "$SCRATCH/mf.json")"
+	grep -q "ublkb${id}p2 is mounted on $other in the mount namespace of pid" "$SCRATCH/mf.json" || die "p2 not frozen: $(cat "$SCRATCH/mf.json")"
+	tr -d ' \n' <"$SCRATCH/mf.json" | grep -q '"frozen":true' || die "no frozen round: $(cat "$SCRATCH/mf.json")"
+	"$BIN" receive --image "$SCRATCH/mf-copy.hdd" --from "$SCRATCH/mf.stream" >/dev/null
+	rm -f "$SCRATCH/mf.stream" "$SCRATCH/mf-copy.hdd"
+	verify_files "$mnt"
+
+	# The receiver writes the stream into the filesystem being copied: at
+	# the freeze it stops reading. The last pass goes on the channel while
+	# frozen (no memory for it), so the freeze ends at its limit.
+	t0=$(date +%s)
+	if timeout 120 bash -o pipefail -c "'$BIN' copy -n $id --to - --freeze-limit 3 --timeout 10 2>'$SCRATCH/stall.err' | cat >'$mnt/self.stream'"; then
+		die "a copy whose receiver stalled in the freeze succeeded: $(cat "$SCRATCH/stall.err")"
+	fi
+	took=$(($(date +%s) - t0))
+	grep -q "freeze limit" "$SCRATCH/stall.err" || die "stalled copy: $(cat "$SCRATCH/stall.err")"
+	[ "$took" -lt 60 ] || die "the stalled copy took $took s"
+	timeout 20 sh -c "echo after >'$mnt/after' && sync -f '$mnt/after'" || die "the filesystem on $mnt takes no writes after the stalled copy"
+	timeout 20 nsenter -t "$ns_pid" -m -r -w sh -c "echo after >$other/after && sync -f $other/after" || die "the other namespace's filesystem takes no writes"
+	log "a receiver stalled in the freeze: the copy gave up after $took s ($(tail -1 "$SCRATCH/stall.err"))"
+	rm -f "$mnt/self.stream"
+
+	kill "$ns_pid"; wait "$ns_pid" 2>/dev/null || true
+	umount "$mnt"
+
+	# Held with no filesystem to freeze (swap on p2; the other namespace's
+	# mount goes with its last process, shortly): a copy refuses, or with
+	# --allow-unfrozen goes on and says it is not filesystem-consistent.
+	mkswap -q "${dev}p2" 2>/dev/null || mkswap "${dev}p2" >/dev/null
+	for _ in $(seq 50); do swapon "${dev}p2" 2>/dev/null && break; sleep 0.2; done
+	grep -q "^${dev}p2 " /proc/swaps || die "swapon ${dev}p2"
+	"$BIN" copy -n "$id" --to "$SCRATCH/mf.stream" 2>"$SCRATCH/held.err" && die "a copy of a held device with nothing to freeze succeeded"
+	grep -q "no filesystem on it was found to freeze" "$SCRATCH/held.err" || die "held copy: $(cat "$SCRATCH/held.err")"
+	rm -f "$SCRATCH/mf.stream"
+	"$BIN" copy -n "$id" --to "$SCRATCH/mf.stream" --allow-unfrozen --json >"$SCRATCH/held.json" || die "copy --allow-unfrozen: $(cat "$SCRATCH/held.json")"
+	grep -q "not filesystem-consistent" "$SCRATCH/held.json" || die "copy --allow-unfrozen did not say so: $(cat "$SCRATCH/held.json")"
+	rm -f "$SCRATCH/mf.stream"
+	"$BIN" del -n "$id" 2>"$SCRATCH/del.err" && die "del of a device with swap on it succeeded"
+	grep -q "in use" "$SCRATCH/del.err" || die "del refusal (swap): $(cat "$SCRATCH/del.err")"
+	swapoff "${dev}p2"
+	"$BIN" del -n "$id" 2>"$SCRATCH/del.err" || die "del after unmounting everything: $(cat "$SCRATCH/del.err")"
+	"$BIN" check "$img" >/dev/null || die "check $img"
+	rm -f "$img" /tmp/mf.ready
 }
 
 # The image's filesystem fills up: allocating writes fail with ENOSPC, the
