@@ -51,7 +51,12 @@ impl Disk {
         let xml_path = Self::descriptor_path(path);
         let text = std::fs::read_to_string(&xml_path).map_err(|e| Error::io(e, xml_path.display()))?;
         let desc = Descriptor::parse(&text).map_err(|e| e.context(xml_path.display()))?;
-        let dir = xml_path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+        // A bare file name (`info DiskDescriptor.xml`, ploop's usual way)
+        // has "" for its parent: the current directory.
+        let dir = match xml_path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
         let dir = std::fs::canonicalize(&dir).map_err(|e| Error::io(e, dir.display()))?;
         Ok(Disk { dir, desc })
     }
@@ -109,13 +114,26 @@ impl Disk {
     /// temporary file, written and synced, renamed over the descriptor, and
     /// the directory synced, so that after a crash the descriptor is the
     /// old one or the new one, whole.
+    ///
+    /// The temporary is made afresh: whatever has its name (a file left by
+    /// a crash, or a symlink or hard link planted there) is unlinked, never
+    /// followed or written through, and the file is created exclusively.
     pub async fn store<I: Io>(&self, io: &I) -> Result<()> {
         self.desc.validate()?;
         let xml = self.xml_path();
         let tmp = self.dir.join(format!("{DESCRIPTOR}.tmp"));
         let text = self.desc.to_xml();
         let write = async {
-            let file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+            match std::fs::remove_file(&tmp) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+            use std::os::unix::fs::OpenOptionsExt;
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(&tmp)?;
             use std::os::fd::AsRawFd;
             io.write_at(file.as_raw_fd(), text.as_bytes(), 0).await?;
             io.sync_data(file.as_raw_fd()).await?;
