@@ -691,7 +691,13 @@ fn run(command: Command) -> Result<i32> {
         }
         Command::Compact { id, image, step, speed, json } => crate::snapshot_cmd::compact(id, image, step, speed, json),
         Command::Check { image, repair, format, json } => {
-            let (_, paths) = info_targets(std::slice::from_ref(&image), format.format)?;
+            let (disk, paths) = info_targets(std::slice::from_ref(&image), format.format)?;
+            if let (true, Some(disk)) = (repair, &disk) {
+                // A repair writes every delta: refused for any not the disk's own.
+                for img in &disk.desc.images {
+                    disk.writable_path(img, "repair")?;
+                }
+            }
             let mut reports = Vec::new();
             for (path, format) in &paths {
                 reports.push(block_on(check(&SyncIo, path, *format, repair))?);

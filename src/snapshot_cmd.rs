@@ -20,7 +20,7 @@ use crate::protocol::{DeleteReply, Job, JobState, ListReply, Request, SnapshotRe
 /// cleanly afterwards, whatever the outcome.
 fn offline<T>(dir: &std::path::Path, op: impl FnOnce(&OwnRing, &Stack, &mut Disk) -> Result<T>) -> Result<T> {
     let mut disk = Disk::load(dir)?;
-    let layers = disk.layers(None)?;
+    let layers = block_on(disk.writable_layers(&SyncIo))?;
     let (stack, _) = block_on(Stack::open_layers(&SyncIo, &layers, &StackOptions::default())).map_err(|e| {
         if e.errno() == libc::EWOULDBLOCK || e.errno() == libc::EBUSY {
             Error::new(e.errno(), format!("{e}; if a device serves this disk, name it with -n N"))
@@ -130,7 +130,7 @@ pub fn compact(id: Option<u32>, target: Option<PathBuf>, step: Option<u64>, spee
         }
         (None, Some(target)) => {
             let layers = if Disk::is_disk(&target) {
-                Disk::load(&target)?.layers(None)?
+                block_on(Disk::load(&target)?.writable_layers(&SyncIo))?
             } else {
                 vec![ublk_ploop::LayerSpec { path: target.clone(), format: ublk_ploop::layers::Format::Ploop }]
             };

@@ -253,7 +253,7 @@ impl Sink {
         let io = &SyncIo;
         let stack_opts = StackOptions { read_only: false, direct: opts.direct };
         let (made, specs) = if opts.incremental {
-            let target = if Disk::is_disk(dest) { Disk::load(dest)?.layers(None)? } else { vec![LayerSpec::ploop(dest)] };
+            let target = if Disk::is_disk(dest) { block_on(Disk::load(dest)?.writable_layers(io))? } else { vec![LayerSpec::ploop(dest)] };
             let top = &target.last().expect("a chain is never empty").path;
             let delta = temp_beside(top, ".incoming");
             let _ = std::fs::remove_file(&delta);
