@@ -106,7 +106,12 @@ pub async fn inspect<I: Io>(io: &I, path: &Path, format: Format) -> Result<Check
 }
 
 async fn check_with<I: Io>(io: &I, path: &Path, format: Format, repair: bool, take_lock: bool) -> Result<CheckReport> {
-    let file = OpenOptions::new().read(true).write(repair).open(path).map_err(|e| Error::io(e, path.display()))?;
+    // A repair writes: never through a symlink.
+    let nofollow = if repair { libc::O_NOFOLLOW } else { 0 };
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        OpenOptions::new().read(true).write(repair).custom_flags(nofollow).open(path).map_err(|e| Error::io(e, path.display()))?
+    };
     let fd = file.as_raw_fd();
     if take_lock && crate::layers::flock_waiting(fd, repair).is_err() {
         return Err(Error::new(libc::EBUSY, format!("{}: image is in use by another process", path.display())));

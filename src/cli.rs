@@ -783,6 +783,12 @@ fn run(command: Command) -> Result<i32> {
                 }
                 _ => None,
             };
+            if let (true, Some(disk)) = (repair, &disk) {
+                // A repair writes every delta: refused for any not the disk's own.
+                for img in &disk.desc.images {
+                    disk.writable_path(img, "repair")?;
+                }
+            }
             let mut reports = Vec::new();
             for (path, format) in &paths {
                 reports.push(block_on(check(&SyncIo, path, *format, repair))?);

@@ -109,9 +109,11 @@ fn set_io_scheduler(dev_id: u32, name: &str) {
 }
 
 impl DeviceConfig {
-    /// The layers to open now: the descriptor's chain for a disk directory.
+    /// The layers to open now: the descriptor's chain for a disk directory
+    /// (served read-write only if its top is the disk's own file).
     pub fn layers(&self) -> Result<Vec<LayerSpec>> {
         match &self.disk {
+            Some(dir) if !self.read_only && self.snapshot.is_none() => block_on(Disk::load(dir)?.writable_layers(&SyncIo)),
             Some(dir) => Disk::load(dir)?.layers(self.snapshot),
             None => Ok(self.images.clone()),
         }

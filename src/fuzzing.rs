@@ -14,7 +14,7 @@ use crate::layers::{Format, Layer};
 /// The fuzz targets of the engine's parsers, by name (the corpus directory
 /// of each). The control socket's requests are parsed by the daemon's
 /// `protocol.rs`; its target (`request`) includes that file.
-pub const TARGETS: &[&str] = &["image", "descriptor", "stream"];
+pub const TARGETS: &[&str] = &["image", "descriptor", "stream", "paths"];
 
 /// Run `target` on `data`.
 pub fn run(target: &str, data: &[u8], scratch: &Path) {
@@ -22,6 +22,7 @@ pub fn run(target: &str, data: &[u8], scratch: &Path) {
         "image" => image(data, scratch),
         "descriptor" => descriptor(data),
         "stream" => stream(data, scratch),
+        "paths" => paths(data, scratch),
         other => panic!("no fuzz target {other}"),
     }
 }
@@ -64,6 +65,58 @@ pub fn descriptor(data: &[u8]) {
             assert_eq!(again.top, d.top);
         }
     }
+}
+
+/// The bytes as a descriptor of a disk directory full of traps (a symlink
+/// out, a symlinked directory, a hard link, a subdirectory): whatever its
+/// deltas' names, one a command may write is a plain file below the
+/// directory with no other link, and the names of new deltas are plain
+/// file names.
+pub fn paths(data: &[u8], scratch: &Path) {
+    use crate::disk::{Disk, Place};
+    use std::path::Component;
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(desc) = Descriptor::parse(text) else { return };
+    let Some(dir) = trap_directory(scratch) else { return };
+    let disk = Disk { dir: dir.clone(), desc };
+    for img in &disk.desc.images {
+        let place = disk.place(img);
+        assert_eq!(disk.writable_path(img, "write").is_ok(), place == Place::Inside, "{}", img.file);
+        if place != Place::Inside {
+            continue;
+        }
+        let path = disk.file_path(img);
+        let rel = path.strip_prefix(&dir).unwrap_or_else(|_| panic!("{}: inside, but {} is not below the directory", img.file, path.display()));
+        assert!(rel.components().all(|c| matches!(c, Component::Normal(_))), "{}: inside, but {}", img.file, path.display());
+        if let Ok(real) = std::fs::canonicalize(&path) {
+            assert!(real.starts_with(&dir), "{}: inside, but leads to {}", img.file, real.display());
+            use std::os::unix::fs::MetadataExt;
+            assert_eq!(std::fs::metadata(&real).map(|m| m.nlink()).unwrap_or(1), 1, "{}: inside, but hard-linked", img.file);
+        }
+    }
+    for name in [disk.new_delta_name(), disk.switch_top_name()] {
+        let parts: Vec<Component> = Path::new(&name).components().collect();
+        assert!(matches!(parts[..], [Component::Normal(n)] if n == name.as_str()), "new delta name {name:?} is not a plain file name");
+    }
+}
+
+/// `scratch/paths/disk`, made once: a delta `root.hds`, a subdirectory
+/// with one, a symlink out (`evil.hds`), a symlink to the parent (`up`),
+/// two hard links to one file; a victim next to the directory.
+fn trap_directory(scratch: &Path) -> Option<PathBuf> {
+    let top = scratch.join("paths");
+    let dir = top.join("disk");
+    if !dir.join("hl2.hds").exists() {
+        let _ = std::fs::create_dir_all(dir.join("sub"));
+        let _ = std::fs::write(top.join("victim"), b"victim");
+        let _ = std::fs::write(dir.join("root.hds"), b"delta");
+        let _ = std::fs::write(dir.join("sub/root.hds"), b"delta");
+        let _ = std::os::unix::fs::symlink("../victim", dir.join("evil.hds"));
+        let _ = std::os::unix::fs::symlink("..", dir.join("up"));
+        let _ = std::fs::write(dir.join("hl.hds"), b"linked");
+        let _ = std::fs::hard_link(dir.join("hl.hds"), dir.join("hl2.hds"));
+    }
+    std::fs::canonicalize(&dir).ok()
 }
 
 /// The bytes as a one-way copy stream into a new image.

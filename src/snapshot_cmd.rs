@@ -21,7 +21,7 @@ use crate::protocol::{DeleteReply, Job, JobState, ListReply, Request, SnapshotRe
 /// are finished first; `op` is told which.
 fn offline<T>(dir: &std::path::Path, op: impl FnOnce(&OwnRing, &Stack, &mut Disk, &[Merged]) -> Result<T>) -> Result<T> {
     let mut disk = Disk::load(dir)?;
-    let layers = disk.layers(None)?;
+    let layers = block_on(disk.writable_layers(&SyncIo))?;
     let (stack, _) = block_on(Stack::open_layers(&SyncIo, &layers, &StackOptions::default())).map_err(|e| {
         if e.errno() == libc::EWOULDBLOCK || e.errno() == libc::EBUSY {
             Error::new(e.errno(), format!("{e}; if a device serves this disk, name it with -n N"))
@@ -175,10 +175,11 @@ pub fn compact(id: Option<u32>, target: Option<PathBuf>, step: Option<u64>, spee
             crate::cli::refuse_bare_dirs(std::slice::from_ref(&target))?;
             // A disk directory is changed under ploop's disk lock, as by
             // snapshot and resize: another offline command holding it is
-            // waited for, and the descriptor is read once it is ours.
+            // waited for, and the descriptor is read once it is ours; only
+            // a top inside the directory is ever compacted.
             let (layers, _lock) = if Disk::is_disk(&target) {
                 let lock = Disk::load(&target)?.lock()?;
-                (Disk::load(&target)?.layers(None)?, Some(lock))
+                (block_on(Disk::load(&target)?.writable_layers(&SyncIo))?, Some(lock))
             } else {
                 (vec![ublk_ploop::LayerSpec { path: target.clone(), format: ublk_ploop::layers::Format::Ploop }], None)
             };

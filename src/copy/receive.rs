@@ -517,7 +517,7 @@ impl Sink {
         let io = &SyncIo;
         let stack_opts = StackOptions { read_only: false, direct: opts.direct };
         let (made, specs) = if opts.incremental {
-            let target = if Disk::is_disk(dest) { Disk::load(dest)?.layers(None)? } else { vec![LayerSpec::ploop(dest)] };
+            let target = if Disk::is_disk(dest) { block_on(Disk::load(dest)?.writable_layers(io))? } else { vec![LayerSpec::ploop(dest)] };
             let top = &target.last().expect("a chain is never empty").path;
             // The delta takes the target's geometry, which must match.
             let (probe, _) = block_on(Stack::open_layers(io, &target, &StackOptions { read_only: true, direct: opts.direct }))?;

@@ -67,13 +67,20 @@ impl DiskLock {
             "{}.lck",
             xml.file_name().and_then(|n| n.to_str()).unwrap_or(super::DESCRIPTOR)
         ));
+        // Never through a symlink: a dangling one planted there would have
+        // us create its target (as root).
+        use std::os::unix::fs::OpenOptionsExt;
         let lck = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&lck_path)
-            .map_err(|e| Error::io(e, lck_path.display()))?;
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ELOOP) => Error::new(libc::ELOOP, format!("{}: is a symbolic link; refusing to lock through it", lck_path.display())),
+                _ => Error::io(e, lck_path.display()),
+            })?;
         // SAFETY: plain syscall on our own descriptor.
         if unsafe { libc::flock(lck.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             return Err(busy(None, "flock on the .lck file"));

@@ -54,7 +54,12 @@ impl Disk {
         let xml_path = Self::descriptor_path(path);
         let text = std::fs::read_to_string(&xml_path).map_err(|e| Error::io(e, xml_path.display()))?;
         let desc = Descriptor::parse(&text).map_err(|e| e.context(xml_path.display()))?;
-        let dir = xml_path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+        // A bare file name (`info DiskDescriptor.xml`, ploop's usual way)
+        // has "" for its parent: the current directory.
+        let dir = match xml_path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
         let dir = std::fs::canonicalize(&dir).map_err(|e| Error::io(e, dir.display()))?;
         Ok(Disk { dir, desc })
     }
@@ -63,14 +68,96 @@ impl Disk {
         self.dir.join(DESCRIPTOR)
     }
 
-    /// The path of a delta file as the descriptor names it.
+    /// The path of a delta file as the descriptor names it (for reading:
+    /// see [`Disk::place`] before changing the file). A name inside the
+    /// directory comes back with its `.` and `..` resolved by spelling, so
+    /// that the file checked and the file opened are the same.
     pub fn file_path(&self, image: &Image) -> PathBuf {
+        if let Some(rel) = inside_name(&self.dir, &image.file) {
+            return self.dir.join(rel);
+        }
         let p = Path::new(&image.file);
         if p.is_absolute() {
             p.to_path_buf()
         } else {
             self.dir.join(p)
         }
+    }
+
+    /// Whether a command may change the delta `image` names: only a file
+    /// inside the disk directory, as the descriptor spells it (a relative
+    /// path that stays below the directory, or an absolute one under it)
+    /// and as it is on disk (its directory inside the disk directory once
+    /// symlinks are resolved, the file itself no symlink, a regular file
+    /// with no other hard link). Anything else is read-only from here: a
+    /// shared template below many clones is read as a lower layer, never
+    /// written, merged into, moved or removed.
+    pub fn place(&self, image: &Image) -> Place {
+        let Some(rel) = inside_name(&self.dir, &image.file) else {
+            return Place::Outside("the descriptor names it outside the disk directory".into());
+        };
+        let path = self.dir.join(rel);
+        let parent = path.parent().unwrap_or(&self.dir);
+        match std::fs::canonicalize(parent) {
+            Ok(p) if p.starts_with(&self.dir) => {}
+            Ok(_) => return Place::Outside("a symbolic link on its path leads outside the disk directory".into()),
+            Err(e) => return Place::Outside(format!("its directory cannot be resolved ({e})")),
+        }
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.file_type().is_symlink() => Place::Outside("it is a symbolic link".into()),
+            Ok(m) if !m.file_type().is_file() => Place::Outside("it is not a regular file".into()),
+            Ok(m) if m.nlink() > 1 => Place::Outside(format!("it has {} hard links, so writing it would change another file too", m.nlink())),
+            // A missing file is inside: opening it will say it is missing.
+            Ok(_) | Err(_) => Place::Inside,
+        }
+    }
+
+    /// The path of the delta `image` names, for a command that would
+    /// change it (`what`: "merge into", "remove"...): refused, naming the
+    /// file and the rule, unless it is inside the disk directory.
+    pub fn writable_path(&self, image: &Image, what: &str) -> Result<PathBuf> {
+        match self.place(image) {
+            Place::Inside => Ok(self.file_path(image)),
+            Place::Outside(why) => Err(Error::new(
+                libc::EPERM,
+                format!(
+                    "{}: refusing to {what} delta {} ({why}): a command changes, creates and removes only files inside the disk directory {}; \
+                     a delta outside it is only ever read",
+                    self.xml_path().display(),
+                    image.file,
+                    self.dir.display()
+                ),
+            )),
+        }
+    }
+
+    /// The chain up to the top, for serving read-write or changing the
+    /// disk: the top must be inside the disk directory (it is written),
+    /// and no delta outside it may be marked in use (opening would repair
+    /// it, which writes it).
+    pub async fn writable_layers<I: Io>(&self, io: &I) -> Result<Vec<LayerSpec>> {
+        let chain = self.desc.chain(self.desc.top)?;
+        let top = chain.last().expect("a chain is never empty");
+        self.writable_path(top, "write")?;
+        for img in &chain[..chain.len() - 1] {
+            if img.kind == ImageType::Compressed && self.place(img) != Place::Inside {
+                let path = self.file_path(img);
+                if crate::layers::marked_in_use(io, &path).await? {
+                    return Err(Error::new(
+                        libc::EPERM,
+                        format!(
+                            "{}: delta {} is outside the disk directory and marked in use (not closed cleanly); it is only ever read from here, \
+                             so it is not repaired: check it where it belongs (`ublk-ploop check --repair {}`)",
+                            self.xml_path().display(),
+                            img.file,
+                            path.display()
+                        ),
+                    ));
+                }
+            }
+        }
+        self.layers(None)
     }
 
     /// The layers of the chain from the base up to `guid` (the top when
@@ -112,13 +199,26 @@ impl Disk {
     /// temporary file, written and synced, renamed over the descriptor, and
     /// the directory synced, so that after a crash the descriptor is the
     /// old one or the new one, whole.
+    ///
+    /// The temporary is made afresh: whatever has its name (a file left by
+    /// a crash, or a symlink or hard link planted there) is unlinked, never
+    /// followed or written through, and the file is created exclusively.
     pub async fn store<I: Io>(&self, io: &I) -> Result<()> {
         self.desc.validate()?;
         let xml = self.xml_path();
         let tmp = self.dir.join(format!("{DESCRIPTOR}.tmp"));
         let text = self.desc.to_xml();
         let write = async {
-            let file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+            match std::fs::remove_file(&tmp) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+            use std::os::unix::fs::OpenOptionsExt;
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(&tmp)?;
             use std::os::fd::AsRawFd;
             io.write_at(file.as_raw_fd(), text.as_bytes(), 0).await?;
             io.sync_data(file.as_raw_fd()).await?;
@@ -143,7 +243,9 @@ impl Disk {
         *self = Disk::load(&self.dir)?;
         let mut next = self.desc.clone();
         next.set_size(new_size)?;
-        let files: Vec<(PathBuf, Format)> = self.desc.images.iter().map(|i| (self.file_path(i), i.kind.format())).collect();
+        // Every delta is rewritten: all must be inside the disk directory.
+        let files: Vec<(PathBuf, Format)> =
+            self.desc.images.iter().map(|i| Ok((self.writable_path(i, "resize")?, i.kind.format()))).collect::<Result<_>>()?;
         let one = |f: &PathBuf, format: Format, apply: bool| {
             let f = f.clone();
             async move {
@@ -189,14 +291,33 @@ impl Disk {
     }
 
     /// The name ploop gives a new delta: the first image's file name without
-    /// a trailing `.{...}`, then `.{guid}` of a fresh GUID.
+    /// a trailing `.{...}`, then `.{guid}` of a fresh GUID. Only the file
+    /// name is kept: a new delta is always created in the disk directory,
+    /// wherever the first image lives.
     pub fn new_delta_name(&self) -> String {
-        let first = &self.desc.images[0].file;
+        let first = self.first_file_name();
         let stem = match first.rfind(".{") {
-            Some(i) if first.ends_with('}') => &first[..i],
+            Some(i) if first.ends_with('}') && i > 0 => &first[..i],
             _ => first.as_str(),
         };
         format!("{stem}.{}", Guid::random())
+    }
+
+    /// The name ploop gives the new top of a switch: the first image's
+    /// file name (not stripped), then `.{guid}`; in the disk directory.
+    pub fn switch_top_name(&self) -> String {
+        format!("{}.{}", self.first_file_name(), Guid::random())
+    }
+
+    /// The last component of the first image's file, or ploop's default
+    /// base name when it has none that can name a file (`..`, `/`).
+    fn first_file_name(&self) -> String {
+        Path::new(&self.desc.images[0].file)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .filter(|n| !n.is_empty())
+            .unwrap_or(BASE_FILE)
+            .to_string()
     }
 
     /// Rows of `snapshot-list`, in descriptor order.
@@ -218,6 +339,42 @@ impl Disk {
 /// The error for a directory given as a disk that is none.
 pub fn no_descriptor(dir: &Path) -> Error {
     Error::new(libc::ENOENT, format!("{} has no {DESCRIPTOR}: not a disk directory", dir.display()))
+}
+
+/// Where a delta lives, for a command that would change it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Place {
+    /// A file of the disk directory: it may be written, grown, merged
+    /// into, replaced or removed.
+    Inside,
+    /// Anywhere else, and why: it is only ever opened read-only.
+    Outside(String),
+}
+
+/// The path below `dir` that a descriptor's file name stays inside, by its
+/// spelling alone: a relative path, or an absolute one under `dir`, whose
+/// `.` and `..` never climb above `dir` and that names a file, not `dir`
+/// itself. None for anything else. (The file system may still lead
+/// elsewhere through symlinks: [`Disk::place`] checks that too.)
+pub fn inside_name(dir: &Path, file: &str) -> Option<PathBuf> {
+    use std::path::Component;
+    let path = Path::new(file);
+    let rel = if path.is_absolute() { path.strip_prefix(dir).ok()? } else { path };
+    let mut parts: Vec<&std::ffi::OsStr> = Vec::new();
+    for c in rel.components() {
+        match c {
+            Component::Normal(n) => parts.push(n),
+            Component::CurDir => {}
+            Component::ParentDir => {
+                parts.pop()?;
+            }
+            Component::RootDir | Component::Prefix(_) => return None,
+        }
+    }
+    if parts.is_empty() {
+        return None;
+    }
+    Some(parts.iter().collect())
 }
 
 /// One line of `snapshot-list`: ploop's columns.
@@ -246,4 +403,25 @@ pub fn format_snapshot_rows(rows: &[SnapshotRow]) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::inside_name;
+    use std::path::{Path, PathBuf};
+
+    #[test]
+    fn inside_names_by_spelling() {
+        let dir = Path::new("/srv/ct");
+        let inside = |f: &str| inside_name(dir, f);
+        let some = |p: &str| Some(PathBuf::from(p));
+        assert_eq!(inside("root.hds"), some("root.hds"));
+        assert_eq!(inside("./root.hds"), some("root.hds"));
+        assert_eq!(inside("sub/root.hds"), some("sub/root.hds"));
+        assert_eq!(inside("sub/../root.hds"), some("root.hds"));
+        assert_eq!(inside("/srv/ct/root.hds"), some("root.hds"));
+        for outside in ["../root.hds", "sub/../../root.hds", "/srv/ct/../x", "/srv/ctx/root.hds", "/etc/passwd", ".", "sub/..", "", "/srv/ct", "/"] {
+            assert_eq!(inside(outside), None, "{outside:?}");
+        }
+    }
 }

@@ -118,6 +118,10 @@ pub async fn snapshot<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, guid: Optio
     if disk.desc.shots.len() > MAX_SNAPSHOTS {
         return Err(Error::new(libc::EMLINK, format!("ploop allows at most {MAX_SNAPSHOTS} snapshots per disk")));
     }
+    // The top is closed as a lower layer (its header written): it must be
+    // the disk's own; the new top is made in the disk directory.
+    let top_img = disk.desc.image(disk.desc.top).cloned().ok_or_else(|| no_such(disk, disk.desc.top))?;
+    disk.writable_path(&top_img, "freeze (close) the top")?;
     let file = disk.new_delta_name();
     let path = disk.dir.join(&file);
     let new_top = stack.prepare_top(io, &path).await?;
@@ -186,7 +190,10 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
     }
     let pimg = disk.desc.image(parent).cloned().ok_or_else(|| no_such(disk, parent))?;
     let cimg = disk.desc.image(child).cloned().ok_or_else(|| no_such(disk, child))?;
-    let (ppath, cpath) = (disk.file_path(&pimg), disk.file_path(&cimg));
+    // A merge writes into one of the two and removes the other (or its
+    // name): both must be the disk's own files.
+    let ppath = disk.writable_path(&pimg, "merge into")?;
+    let cpath = disk.writable_path(&cimg, "merge and remove")?;
     let layers = stack.layers();
     let index = |p: &PathBuf| layers.iter().position(|l| &l.file().path == p);
     let (pi, ci) = match (index(&ppath), index(&cpath)) {
@@ -410,7 +417,7 @@ pub async fn delete<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, guid: Guid, p
     match children.len() {
         0 => {
             let img = disk.desc.image(guid).cloned().ok_or_else(|| no_such(disk, guid))?;
-            let path = disk.file_path(&img);
+            let path = disk.writable_path(&img, "remove")?;
             // Not in the served chain (only the top has no child there);
             // refuse if something else reads it.
             let probe = std::fs::File::open(&path).map_err(|e| Error::io(e, path.display()))?;
@@ -452,9 +459,13 @@ pub async fn switch<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, guid: Guid) -
     if shot.temporary != Temporary::No {
         return Err(Error::invalid(format!("{guid} is a temporary snapshot: ploop does not switch to those")));
     }
+    // The old top is removed: it must be the disk's own file.
+    let top_img = disk.desc.image(old_top).cloned().ok_or_else(|| no_such(disk, old_top))?;
+    disk.writable_path(&top_img, "remove (switch away from)")?;
     let chain = disk.layers(Some(guid))?;
-    // ploop names the new top after the first image, without stripping.
-    let file = format!("{}.{}", disk.desc.images[0].file, Guid::random());
+    // ploop names the new top after the first image, without stripping;
+    // it is made in the disk directory.
+    let file = disk.switch_top_name();
     let path = disk.dir.join(&file);
     let new_top = stack.prepare_top(io, &path).await?;
     let current = stack.layers();

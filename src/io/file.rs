@@ -62,11 +62,14 @@ pub fn is_hole(fd: RawFd, at: u64, len: u64) -> bool {
 }
 
 pub fn open_image_file(path: &Path, writable: bool, direct: Direct) -> Result<ImageFile> {
+    // A file is written only through its own name, never through a symlink
+    // (which could lead anywhere); reading through one is fine.
+    let nofollow = if writable { libc::O_NOFOLLOW } else { 0 };
     let open = |flags: i32| {
         OpenOptions::new()
             .read(true)
             .write(writable)
-            .custom_flags(flags | libc::O_CLOEXEC)
+            .custom_flags(flags | nofollow | libc::O_CLOEXEC)
             .open(path)
     };
     let (file, is_direct) = match direct {
@@ -88,7 +91,13 @@ pub fn open_image_file(path: &Path, writable: bool, direct: Direct) -> Result<Im
             other => (other, true),
         },
     };
-    let file = file.map_err(|e| Error::io(e, path.display()))?;
+    let file = file.map_err(|e| match e.raw_os_error() {
+        Some(libc::ELOOP) if writable => Error::new(
+            libc::ELOOP,
+            format!("{}: is a symbolic link; an image is written only through its own name, never through a link", path.display()),
+        ),
+        _ => Error::io(e, path.display()),
+    })?;
     let block_size = if is_direct { dio_alignment(&file) } else { 512 };
     Ok(ImageFile { file, path: path.to_path_buf(), writable, direct: is_direct, block_size })
 }
