@@ -49,7 +49,7 @@ impl Disk {
     /// Read the descriptor of a disk directory (or of the descriptor file).
     pub fn load(path: &Path) -> Result<Disk> {
         let xml_path = Self::descriptor_path(path);
-        let text = std::fs::read_to_string(&xml_path).map_err(|e| Error::io(e, xml_path.display()))?;
+        let text = Descriptor::read_text(&xml_path)?;
         let desc = Descriptor::parse(&text).map_err(|e| e.context(xml_path.display()))?;
         let dir = xml_path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
         let dir = std::fs::canonicalize(&dir).map_err(|e| Error::io(e, dir.display()))?;
