@@ -647,6 +647,33 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
+    /// One user cannot take every slot, and root always finds one.
+    #[test]
+    fn one_user_cannot_take_every_slot() {
+        let mut slots = Slots::default();
+        for _ in 0..MAX_PER_USER {
+            slots.take(1000).unwrap();
+        }
+        assert!(slots.take(1000).is_err());
+        let mut uid = 2000;
+        while slots.take(uid).is_ok() {
+            uid += 1;
+        }
+        assert_eq!(slots.total, MAX_CLIENTS - ROOT_RESERVE);
+        for _ in 0..ROOT_RESERVE {
+            slots.take(0).unwrap();
+        }
+        assert!(slots.take(0).is_err());
+        // A slot given back while root holds the reserve is root's.
+        slots.give(1000);
+        assert!(slots.take(1000).is_err());
+        slots.give(0);
+        slots.give(0);
+        slots.take(1000).unwrap();
+        assert_eq!(slots.by_uid[&1000], MAX_PER_USER);
+        assert!(!slots.by_uid.contains_key(&0));
+    }
+
     /// A member of the socket's group through a supplementary group only
     /// (another uid, another primary gid) is let in; a non-member is not.
     /// Needs root to take another identity.
