@@ -15,7 +15,7 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::layers::bat::{self, BadEntry, EntryProblem};
 use crate::io::{is_hole, Io};
-use crate::layers::header::{Header, Variant, CLOSED, HEADER_SIZE, IN_USE, SECTOR};
+use crate::layers::header::{Header, Variant, CLOSED, HEADER_SIZE, IN_USE};
 use crate::layers::ploop::ext::{self, Extension};
 use crate::layers::ploop::load;
 use crate::layers::{not_ploop, Format};
@@ -185,9 +185,9 @@ async fn check_with<I: Io>(io: &I, path: &Path, format: Format, repair: bool, ta
         IN_USE => report.unclean = true,
         other => report.header_errors.push(format!("unknown in-use mark {other:#x}")),
     }
-    let mut values = load::read_bat(io, fd, &header, SECTOR, &name).await?.values;
-    let on_disk = values.clone();
-    let mut scan = bat::scan(&header, &values, file_size);
+    // Streamed: a table the header claims but the file holds no data for
+    // costs neither memory nor reads.
+    let mut scan = load::scan_bat(io, fd, &header, file_size, &name).await?;
     let extension = read_extension(io, fd, &header, file_size, &mut report).await;
     if let Some(ext) = &extension {
         if let Err(e) = claim_extension(&header, ext, &mut scan) {
@@ -207,19 +207,22 @@ async fn check_with<I: Io>(io: &I, path: &Path, format: Format, repair: bool, ta
     let mut end = header.data_off_bytes() + file_size.saturating_sub(header.data_off_bytes()).next_multiple_of(cluster);
     let mut buf = vec![0u8; cluster as usize];
     let mut repairs = vec![];
+    // Only the entries that change are kept and rewritten, never the table.
+    let mut changes: Vec<(u32, u32)> = Vec::with_capacity(scan.bad.len());
     for bad in &scan.bad {
-        let i = bad.index as usize;
+        let i = bad.index;
         match bad.problem {
             EntryProblem::Duplicate => {
                 let from = bad.value as u64 * header.bat_unit();
                 io.read_at(fd, &mut buf, from).await.map_err(io_err)?;
                 io.write_at(fd, &buf, end).await.map_err(io_err)?;
-                values[i] = header.bat_value(end).ok_or_else(|| Error::new(libc::EFBIG, "image too large to repair"))?;
+                let value = header.bat_value(end).ok_or_else(|| Error::new(libc::EFBIG, "image too large to repair"))?;
+                changes.push((i, value));
                 repairs.push(format!("entry {i}: shared cluster copied to its own cluster"));
                 end += cluster;
             }
             problem => {
-                values[i] = 0;
+                changes.push((i, 0));
                 repairs.push(format!("entry {i} ({problem}): cleared, the cluster reads as zeros"));
             }
         }
@@ -233,34 +236,21 @@ async fn check_with<I: Io>(io: &I, path: &Path, format: Format, repair: bool, ta
         fixed.ext_off_sectors = 0;
         repairs.push("format extension dropped (changed-block tracking starts over)".into());
     }
-    // Only the header and the entries that changed are written: the rest
-    // of the table is on disk as it is, and writing it all would fill the
-    // holes of a sparse table (gigabytes for a large disk).
+    for (i, value) in changes {
+        io.write_at(fd, &value.to_le_bytes(), HEADER_SIZE as u64 + 4 * i as u64).await.map_err(io_err)?;
+    }
     let mut head = fixed.to_bytes();
     if header.variant == Variant::V1 {
         head[40..44].fill(0);
     }
     io.write_at(fd, &head, 0).await.map_err(io_err)?;
-    let mut i = 0;
-    while i < values.len() {
-        if values[i] == on_disk[i] {
-            i += 1;
-            continue;
-        }
-        let start = i;
-        while i < values.len() && values[i] != on_disk[i] {
-            i += 1;
-        }
-        let run: Vec<u8> = values[start..i].iter().flat_map(|v| v.to_le_bytes()).collect();
-        io.write_at(fd, &run, (HEADER_SIZE + 4 * start) as u64).await.map_err(io_err)?;
-    }
     io.sync_data(fd).await.map_err(io_err)?;
     if report.unclean || !report.header_errors.is_empty() {
         repairs.push("header: in-use mark cleared".into());
     }
     // 3: give leaked space back: holes in the middle, truncation at the end.
     let file_size = load::file_len(fd, &name)?;
-    let mut rescan = bat::scan(&header, &values, file_size);
+    let mut rescan = load::scan_bat(io, fd, &header, file_size, &name).await?;
     if let (Some(ext), true) = (&extension, keep_extension) {
         claim_extension(&header, ext, &mut rescan)?;
     }

@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::io::{AlignedBuf, Direct, Io};
+use crate::layers::ploop::load;
 use crate::layers::{Format, PloopLayer};
 use crate::stack::{LayerSpec, Stack, StackOptions};
 
@@ -37,6 +38,17 @@ pub async fn convert<I: Io>(
     opts: &ConvertOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<ConvertStats> {
+    // Before anything is read: a header claiming an absurd table is
+    // refused, not loaded.
+    // (A file or header that cannot be read is left to the open below,
+    // which says what is wrong with it.)
+    for spec in sources.iter().filter(|s| s.format == Format::Ploop) {
+        let name = spec.path.display().to_string();
+        let Ok(file) = std::fs::File::open(&spec.path) else { continue };
+        if let Ok(read) = load::read_header(io, std::os::fd::AsRawFd::as_raw_fd(&file), &name).await {
+            within_table_limit(&name, read.header.size_bytes(), read.header.cluster_bytes())?;
+        }
+    }
     let (src, _) = Stack::open_layers(io, sources, &StackOptions { read_only: true, direct: opts.direct }).await?;
     if dst.exists() {
         return Err(Error::new(libc::EEXIST, format!("{}: destination exists; refusing to overwrite it", dst.display())));
@@ -52,6 +64,8 @@ pub async fn convert<I: Io>(
             f.set_len(size).map_err(|e| Error::io(e, dst.display()))?;
         }
         Format::Ploop => {
+            let cluster = opts.cluster_size.unwrap_or(src.cluster_size());
+            within_table_limit(&dst.display().to_string(), size, cluster)?;
             PloopLayer::create(io, dst, size, opts.cluster_size.unwrap_or(src.cluster_size())).await?;
         }
     }
@@ -95,6 +109,25 @@ async fn copy_all<I: Io>(
     }
     out.close(io).await?;
     Ok(stats)
+}
+
+/// Clusters a ploop image taking part in a conversion may have: the
+/// conversion holds a table entry for each (twice, as read), 1 GiB at this
+/// bound, and visits each in turn.
+pub const MAX_CLUSTERS: u64 = 1 << 27;
+
+fn within_table_limit(path: &str, size: u64, cluster: u64) -> Result<()> {
+    let clusters = size.div_ceil(cluster);
+    if clusters > MAX_CLUSTERS {
+        return Err(Error::new(
+            libc::EFBIG,
+            format!(
+                "{path}: a disk of {size} bytes in clusters of {cluster} bytes has {clusters} clusters; \
+                 convert handles at most {MAX_CLUSTERS} (a table entry each in memory)"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 pub fn is_zero(buf: &[u8]) -> bool {

@@ -110,6 +110,17 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// Descriptors the request takes (passed with it); any more are closed
+    /// unused.
+    pub fn descriptors(&self) -> usize {
+        match self {
+            Request::Copy { .. } | Request::Backup { .. } => 1,
+            _ => 0,
+        }
+    }
+}
+
 /// A request as sent: the protocol version beside it.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Envelope {
@@ -121,16 +132,19 @@ pub struct Envelope {
 
 impl Envelope {
     /// Parse a request; a command whose arguments are all optional may
-    /// come without `args`.
+    /// come without `args`. The errors are serde's own (an unknown command
+    /// is answered with the list of known ones).
     pub fn from_value(mut value: serde_json::Value) -> serde_json::Result<Envelope> {
-        match serde_json::from_value::<Envelope>(value.clone()) {
-            Err(e) if e.to_string().contains("missing field `args`") => {
-                if let Some(map) = value.as_object_mut() {
-                    map.insert("args".into(), serde_json::json!({}));
-                }
+        let first = serde_json::from_value::<Envelope>(value.clone());
+        match value.as_object_mut() {
+            Some(map) if first.is_err() && !map.contains_key("args") => {
+                // Commands without arguments parse as they are; the others
+                // get an empty set of arguments to take their defaults
+                // from (and a missing one is named).
+                map.insert("args".into(), serde_json::json!({}));
                 serde_json::from_value(value)
             }
-            other => other,
+            _ => first,
         }
     }
 }

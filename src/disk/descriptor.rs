@@ -17,6 +17,9 @@ use std::str::FromStr;
 
 use crate::error::{Error, Result};
 
+/// Largest descriptor file read (a real one is a few KB).
+pub const MAX_DESCRIPTOR: u64 = 1 << 20;
+
 /// A ploop GUID: a UUID written lowercase inside braces.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
 pub struct Guid(pub uuid::Uuid);
@@ -202,6 +205,25 @@ impl Descriptor {
     }
     pub fn cluster_size(&self) -> u64 {
         self.blocksize_sectors * SECTOR
+    }
+
+    /// Read a descriptor file's text, refusing one larger than
+    /// `MAX_DESCRIPTOR` unread: a real descriptor is a few KB, and the
+    /// path may name any file at all.
+    pub fn read_text(path: &std::path::Path) -> Result<String> {
+        use std::io::Read;
+        let file = std::fs::File::open(path).map_err(|e| Error::io(e, path.display()))?;
+        let mut bytes = Vec::new();
+        file.take(MAX_DESCRIPTOR + 1).read_to_end(&mut bytes).map_err(|e| Error::io(e, path.display()))?;
+        if bytes.len() as u64 > MAX_DESCRIPTOR {
+            return Err(Error::invalid(format!(
+                "{}: larger than {} KiB, not a DiskDescriptor.xml",
+                path.display(),
+                MAX_DESCRIPTOR >> 10
+            )));
+        }
+        String::from_utf8(bytes)
+            .map_err(|_| Error::invalid(format!("{}: not UTF-8 text, not a DiskDescriptor.xml", path.display())))
     }
 
     /// Parse and validate by ploop's reader rules.

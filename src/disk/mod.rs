@@ -52,7 +52,7 @@ impl Disk {
             return Err(no_descriptor(path));
         }
         let xml_path = Self::descriptor_path(path);
-        let text = std::fs::read_to_string(&xml_path).map_err(|e| Error::io(e, xml_path.display()))?;
+        let text = Descriptor::read_text(&xml_path)?;
         let desc = Descriptor::parse(&text).map_err(|e| e.context(xml_path.display()))?;
         // A bare file name (`info DiskDescriptor.xml`, ploop's usual way)
         // has "" for its parent: the current directory.

@@ -52,40 +52,79 @@ pub struct BatScan {
 
 /// Check every entry; `file_len` is the image file's current length.
 pub fn scan(header: &Header, bat: &[u32], file_len: u64) -> BatScan {
-    let cluster = header.cluster_bytes();
-    let data_off = header.data_off_bytes();
-    let unit = header.bat_unit();
-    let data_clusters = file_len.saturating_sub(data_off).div_ceil(cluster) as usize;
-    let mut out = BatScan { used: BitVec::repeat(false, data_clusters), high_water: data_off, ..Default::default() };
-    // Duplicates of clusters outside the data area are reported once as
-    // that problem, not again as duplicates.
-    for (index, &value) in bat.iter().enumerate() {
-        if value == 0 {
-            continue;
+    let mut scanner = Scanner::new(header, file_len);
+    scanner.feed(0, bat);
+    scanner.finish()
+}
+
+/// The same check fed a piece of the BAT at a time, so a table can be
+/// scanned without ever being held whole. Memory follows the entries that
+/// point at real clusters of the file (one bit each, up to the highest),
+/// not the length of the table the header claims.
+pub struct Scanner {
+    cluster: u64,
+    data_off: u64,
+    unit: u64,
+    file_len: u64,
+    out: BatScan,
+}
+
+impl Scanner {
+    pub fn new(header: &Header, file_len: u64) -> Scanner {
+        let data_off = header.data_off_bytes();
+        Scanner {
+            cluster: header.cluster_bytes(),
+            data_off,
+            unit: header.bat_unit(),
+            file_len,
+            out: BatScan { used: BitVec::new(), high_water: data_off, ..Default::default() },
         }
-        let offset = value as u64 * unit;
-        let problem = if offset < data_off {
-            Some(EntryProblem::IntoMetadata)
-        } else if (offset - data_off) % cluster != 0 {
-            Some(EntryProblem::Misaligned)
-        } else if offset + cluster > file_len {
-            Some(EntryProblem::PastEof)
-        } else {
-            let slot = ((offset - data_off) / cluster) as usize;
-            if out.used[slot] {
-                Some(EntryProblem::Duplicate)
-            } else {
-                out.used.set(slot, true);
-                None
+    }
+
+    /// Scan `values`, the entries from index `first` on. Pieces may come in
+    /// any order; a skipped piece counts as zeros (holes).
+    pub fn feed(&mut self, first: u64, values: &[u32]) {
+        let (cluster, data_off) = (self.cluster, self.data_off);
+        let out = &mut self.out;
+        // Duplicates of clusters outside the data area are reported once as
+        // that problem, not again as duplicates.
+        for (i, &value) in values.iter().enumerate() {
+            if value == 0 {
+                continue;
             }
-        };
-        match problem {
-            Some(problem) => out.bad.push(BadEntry { index: index as u32, value, problem }),
-            None => {
-                out.allocated += 1;
-                out.high_water = out.high_water.max(offset + cluster);
+            let index = first + i as u64;
+            let offset = value as u64 * self.unit;
+            let problem = if offset < data_off {
+                Some(EntryProblem::IntoMetadata)
+            } else if (offset - data_off) % cluster != 0 {
+                Some(EntryProblem::Misaligned)
+            } else if offset + cluster > self.file_len {
+                Some(EntryProblem::PastEof)
+            } else {
+                let slot = ((offset - data_off) / cluster) as usize;
+                if slot >= out.used.len() {
+                    // Grows with the clusters really referenced (a slot is
+                    // inside the file, so never past its length).
+                    out.used.resize(slot + 1, false);
+                }
+                if out.used[slot] {
+                    Some(EntryProblem::Duplicate)
+                } else {
+                    out.used.set(slot, true);
+                    None
+                }
+            };
+            match problem {
+                Some(problem) => out.bad.push(BadEntry { index: index as u32, value, problem }),
+                None => {
+                    out.allocated += 1;
+                    out.high_water = out.high_water.max(offset + cluster);
+                }
             }
         }
     }
-    out
+
+    pub fn finish(self) -> BatScan {
+        self.out
+    }
 }

@@ -6,6 +6,7 @@ use std::os::fd::RawFd;
 
 use crate::error::{Error, Result};
 use crate::io::{AlignedBuf, Io};
+use crate::layers::bat::{BatScan, Scanner};
 use crate::layers::header::{Header, HEADER_SIZE};
 
 /// The header as read from the file.
@@ -64,4 +65,45 @@ pub async fn read_bat<I: Io>(io: &I, fd: RawFd, h: &Header, block: u64, path: &s
     values.try_reserve_exact(entries as usize).map_err(|_| too_large())?;
     values.extend(meta[HEADER_SIZE..end as usize].chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().unwrap())));
     Ok(BatRead { meta, values })
+}
+
+/// Bytes of the BAT read at a time by `scan_bat`.
+const SCAN_CHUNK: u64 = 1 << 20;
+
+/// Check the used BAT entries of an image (see `bat::scan`) reading the
+/// table a chunk at a time and skipping the ranges of it the file holds no
+/// data for (they read as zeros: unallocated entries). Memory and time
+/// follow what the file really holds, not the table's claimed length.
+/// The caller has made sure the file reaches the end of the BAT.
+pub async fn scan_bat<I: Io>(io: &I, fd: RawFd, h: &Header, file_len: u64, path: &str) -> Result<BatScan> {
+    let end = HEADER_SIZE as u64 + 4 * used_entries(h);
+    let mut scanner = Scanner::new(h, file_len);
+    let mut buf = AlignedBuf::zeroed(SCAN_CHUNK as usize);
+    let mut at = 0u64;
+    while at < end {
+        // SAFETY: plain syscall on a descriptor the caller owns.
+        let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            match std::io::Error::last_os_error() {
+                // Nothing but holes from here on.
+                e if e.raw_os_error() == Some(libc::ENXIO) => break,
+                e => return Err(Error::io(e, path)),
+            }
+        }
+        // Chunks stay aligned (the descriptor may be O_DIRECT).
+        at = at.max((data as u64) / SCAN_CHUNK * SCAN_CHUNK);
+        if at >= end {
+            break;
+        }
+        let len = (end - at).min(SCAN_CHUNK);
+        let piece = &mut buf[..(len.next_multiple_of(4096).min(SCAN_CHUNK)) as usize];
+        io.read_at(fd, piece, at).await.map_err(|e| Error::io(e, path))?;
+        // Entries start at byte HEADER_SIZE; `at` is a multiple of 4.
+        let from = at.max(HEADER_SIZE as u64);
+        let bytes = &piece[(from - at) as usize..(end.min(at + len) - at) as usize];
+        let values: Vec<u32> = bytes.chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().unwrap())).collect();
+        scanner.feed((from - HEADER_SIZE as u64) / 4, &values);
+        at += len;
+    }
+    Ok(scanner.finish())
 }

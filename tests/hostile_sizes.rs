@@ -1,0 +1,167 @@
+//! Headers that claim more than their file holds: memory must follow the
+//! data, not the claim. Each image is a sparse file (cheap to make: the
+//! header fields set, the file truncated large), each tool runs under an
+//! address-space limit, and its peak resident memory is measured. A tool
+//! either answers correctly or refuses cleanly, and stays small.
+
+mod common;
+
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use common::*;
+
+/// Address space each child may use: enough for the old behaviour to show
+/// (it filled gigabytes before failing), far below the machine's memory.
+const AS_LIMIT: u64 = 3 << 30;
+/// Peak resident memory allowed.
+const RSS_BOUND_KB: i64 = 200 * 1024;
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_ublk-ploop")
+}
+
+/// Run the tool under the limit; its result and peak RSS (KiB).
+fn run_limited(args: &[&str]) -> (Run, i64) {
+    let what = format!("ublk-ploop {args:?}");
+    let mut child = Command::new("prlimit")
+        .arg(format!("--as={AS_LIMIT}"))
+        .arg(bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("prlimit runs");
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let t = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let mut stdout = String::new();
+    let _ = out.read_to_string(&mut stdout);
+    let stderr = t.join().unwrap();
+    // Reaped here (not by Child) to get this child's own resource usage;
+    // prlimit execs the tool, so the pid is the tool's.
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is valid; wait4 fills it.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waiting for our own child.
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    assert_eq!(pid, child.id() as i32, "wait4");
+    let code = libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
+    (Run { code, stdout, stderr, what }, usage.ru_maxrss)
+}
+
+/// A v2 header with `entries` BAT entries of 512-byte clusters covering the
+/// whole table (the disk is as large as the table says), the data area
+/// right after the BAT, and the file ending there: a valid, empty image
+/// whose table is one big hole.
+fn hostile(path: &Path, entries: u32) -> u64 {
+    let mut h = Vec::with_capacity(64);
+    h.extend_from_slice(MAGIC_V2);
+    for v in [2u32, 16, 0, 1, entries] {
+        h.extend_from_slice(&v.to_le_bytes());
+    }
+    h.extend_from_slice(&(entries as u64).to_le_bytes()); // disk size in sectors
+    let data_off = (HEADER_SIZE + 4 * entries as u64).div_ceil(SECTOR);
+    for v in [0u32, data_off as u32, 0] {
+        h.extend_from_slice(&v.to_le_bytes());
+    }
+    h.extend_from_slice(&0u64.to_le_bytes());
+    let f = std::fs::File::create(path).unwrap();
+    f.write_all_at(&h, 0).unwrap();
+    f.set_len(data_off * SECTOR).unwrap();
+    data_off * SECTOR
+}
+
+fn small(name: &str, rss: i64) {
+    assert!(rss > 0 && rss < RSS_BOUND_KB, "{name}: peak RSS {rss} KiB, bound {RSS_BOUND_KB} KiB");
+}
+
+fn info_and_check(entries: u32) {
+    let dir = TempDir::new("hostile");
+    let img = dir.join("claim.hds");
+    let file_len = hostile(&img, entries);
+    let p = img.to_str().unwrap();
+
+    let (r, rss) = run_limited(&["info", "--json", p]);
+    r.ok();
+    let j = r.json();
+    let j = if j.is_array() { j[0].clone() } else { j };
+    assert_eq!(j["bat_entries"], entries as u64, "{}", r.stdout);
+    assert_eq!(j["allocated_clusters"], 0);
+    assert_eq!(j["disk_size"], entries as u64 * 512);
+    assert_eq!(j["file_size"], file_len);
+    small("info", rss);
+
+    let (r, rss) = run_limited(&["check", p]);
+    r.ok();
+    small("check", rss);
+
+    let out = dir.join("out.hds");
+    let (r, rss) = run_limited(&["convert", p, out.to_str().unwrap()]);
+    r.expect_clean_failure().mentions(&["clusters"]);
+    assert!(!out.exists(), "a refused convert leaves no destination");
+    small("convert", rss);
+}
+
+/// 2 GiB of table: 2^29 entries.
+#[test]
+fn table_of_two_gib() {
+    info_and_check(1 << 29);
+}
+
+/// The largest claim a header can make: 2^32 - 1 entries, a 16 GiB table.
+#[test]
+fn table_of_sixteen_gib() {
+    info_and_check(u32::MAX);
+}
+
+/// A damaged entry deep inside a mostly sparse table is still found (the
+/// holes skipped are only holes), and repair mends it.
+#[test]
+fn damage_inside_a_sparse_table_is_found() {
+    let dir = TempDir::new("hostile");
+    let img = dir.join("claim.hds");
+    let entries = 1u32 << 24;
+    hostile(&img, entries);
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    // Entry 10_000_000 points past the end of the file.
+    f.write_all_at(&u32::MAX.to_le_bytes(), HEADER_SIZE + 4 * 10_000_000).unwrap();
+    drop(f);
+    let p = img.to_str().unwrap();
+    let (r, rss) = run_limited(&["check", "--json", p]);
+    r.expect_code(2);
+    let j = r.json();
+    let bad = j["report"]["bad_entries"].as_array().unwrap_or_else(|| panic!("{}", r.stdout));
+    assert_eq!(bad.len(), 1, "{}", r.stdout);
+    assert_eq!(bad[0]["index"], 10_000_000);
+    small("check", rss);
+    let (r, _) = run_limited(&["check", "--repair", p]);
+    r.ok();
+    let (r, _) = run_limited(&["check", p]);
+    r.ok();
+    let mut entry = [0u8; 4];
+    std::fs::File::open(&img).unwrap().read_exact_at(&mut entry, HEADER_SIZE + 4 * 10_000_000).unwrap();
+    assert_eq!(entry, [0; 4]);
+}
+
+/// A 2 GiB file that is no descriptor, named as one: refused unread.
+#[test]
+fn huge_descriptor_is_refused_unread() {
+    let dir = TempDir::new("hostile");
+    let xml = dir.join("DiskDescriptor.xml");
+    let f = std::fs::File::create(&xml).unwrap();
+    f.set_len(2 << 30).unwrap();
+    drop(f);
+    for args in [vec!["snapshot-list", xml.to_str().unwrap()], vec!["info", dir.path().to_str().unwrap()]] {
+        let (r, rss) = run_limited(&args);
+        r.expect_clean_failure().mentions(&["not a DiskDescriptor.xml"]);
+        small(&args[0].to_string(), rss);
+    }
+}
