@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 use crate::io::wait::{Entered, Exclusive, Gate, WaitList};
 use crate::io::{block_on, for_each_in_flight, join_all, AlignedBuf, BufPool, Direct, FixedBuf, Io};
-use crate::layers::header::DEFAULT_CLUSTER;
+use crate::layers::header::{Variant, DEFAULT_CLUSTER};
 use crate::layers::ploop::ext::DirtyBitmap;
 use crate::layers::{Format, Layer, MetaError, OpenReport, PloopLayer};
 use crate::tracker::Tracker;
@@ -699,15 +699,24 @@ impl Stack {
     /// first copy-ups do not wait for that), without touching the stack. If
     /// the caller gives up, `discard_top` removes it again.
     pub async fn prepare_top<I: Io>(&self, io: &I, path: &Path) -> Result<Arc<Layer>> {
+        self.prepare_top_variant(io, path, None).await
+    }
+
+    /// The same, of the given ploop version (None: the top's), for a new
+    /// top over another chain than the one served (a switch).
+    pub async fn prepare_top_variant<I: Io>(&self, io: &I, path: &Path, variant: Option<Variant>) -> Result<Arc<Layer>> {
         self.check_writable()?;
-        {
+        let variant = {
             let shape = self.shape.enter().await;
             shape.check_open()?;
             if shape.layers.len() >= MAX_DEPTH {
                 return Err(Error::invalid(format!("stack already has the maximum of {MAX_DEPTH} layers")));
             }
-        }
-        PloopLayer::create(io, path, self.size(), self.cluster).await?;
+            // A delta takes its chain's version, as ploop's do (its merge
+            // refuses a v2 delta over a v1 one).
+            variant.or(shape.top().variant()).unwrap_or(Variant::V2)
+        };
+        PloopLayer::create_variant(io, path, self.size(), self.cluster, variant).await?;
         let layer = match Layer::open(io, path, Format::Ploop, true, self.direct).await {
             Ok((layer, _)) => Arc::new(layer),
             Err(e) => {

@@ -137,3 +137,106 @@ fn an_empty_changed_block_record_is_valid() {
     assert_eq!(record_of(&img2), Some(([1; 16], SECTOR, vec![])));
 }
 
+// 8 ---------------------------------------------------------------------
+
+#[test]
+fn a_snapshot_of_a_v1_disk_makes_a_v1_delta() {
+    let dir = TempDir::new("rules-v1");
+    let disk = dir.join("disk");
+    ploop(["init", p(&disk), "--size", "2M", "--cluster-size", "64K"]).ok();
+    // The base becomes a V1 image with data in clusters 0 and 3.
+    let base = chain(&disk)[0].clone();
+    std::fs::remove_file(&base).unwrap();
+    let (c0, c3) = (pattern(10, CLUSTER as usize), pattern(13, CLUSTER as usize));
+    ImageSpec::v1(2 * M, CLUSTER).with_cluster(0, 0, &c0).with_cluster(3, 1, &c3).write(&base);
+    ploop(["check", p(&base)]).ok();
+    let mut model = read_all(&[base.clone()]);
+    assert_eq!(model[..CLUSTER as usize], c0[..]);
+
+    ploop(["snapshot", p(&disk)]).ok();
+    let layers = chain(&disk);
+    let top = layers.last().unwrap().clone();
+    assert_eq!(&std::fs::read(&top).unwrap()[..16], MAGIC_V1, "the new delta is V1, like its chain");
+    let more = pattern(20, 3 * CLUSTER as usize);
+    write(&layers, &[(CLUSTER + 512, &more)]);
+    model[(CLUSTER + 512) as usize..(4 * CLUSTER + 512) as usize].copy_from_slice(&more);
+    assert_bytes_equal(&read_all(&layers), &model, "disk content");
+    for l in &layers {
+        ploop(["check", p(l)]).ok();
+        if have_qemu() {
+            qemu_check_clean(l);
+        }
+    }
+    // A switch's new top takes the chain's version too.
+    let out = ploop(["snapshot", p(&disk), "--json"]).ok().json();
+    let snap = out["guid"].as_str().unwrap().to_string();
+    ploop(["snapshot-switch", p(&disk), "-u", &snap]).ok();
+    let layers = chain(&disk);
+    assert_eq!(&std::fs::read(layers.last().unwrap()).unwrap()[..16], MAGIC_V1, "switch: new top is V1");
+    assert_bytes_equal(&read_all(&layers), &model, "disk content");
+    ploop(["snapshot-merge", p(&disk)]).ok();
+    ploop(["snapshot-merge", p(&disk)]).ok();
+    let layers = chain(&disk);
+    assert_eq!(layers.len(), 1);
+    assert_bytes_equal(&read_all(&layers), &model, "disk content");
+    if have_qemu() {
+        qemu_check_clean(&layers[0]);
+    }
+}
+
+// 9 ---------------------------------------------------------------------
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn image_files_are_created_0600() {
+    // SAFETY: sets this process's umask (inherited by the commands run);
+    // 022 is what a shell usually has.
+    unsafe { libc::umask(0o022) };
+    let dir = TempDir::new("rules-mode");
+    let img = dir.join("a.hds");
+    ploop(["create", p(&img), "--size", "4M", "--cluster-size", "64K"]).ok();
+    write(&[img.clone()], &[(0, &pattern(1, CLUSTER as usize))]);
+    let disk = dir.join("disk");
+    ploop(["init", p(&disk), "--size", "4M", "--cluster-size", "64K"]).ok();
+    let out = ploop(["snapshot", p(&disk), "--json"]).ok().json();
+    let snap = out["guid"].as_str().unwrap().to_string();
+    ploop(["snapshot", p(&disk)]).ok();
+    ploop(["snapshot-switch", p(&disk), "-u", &snap]).ok();
+    let raw = dir.join("out.raw");
+    let conv = dir.join("out.hds");
+    ploop(["convert", p(&img), p(&raw), "--to", "raw"]).ok();
+    ploop(["convert", p(&img), p(&conv), "--to", "ploop"]).ok();
+    // Received images: a file, a disk directory, an incremental delta.
+    let stack = open_stack(&[&img], false);
+    let ring = OwnRing::new(16).unwrap();
+    let file = dir.join("stream");
+    ring.block_on(ublk_ploop::copy::send(
+        &ring.io(),
+        &stack,
+        Box::new(std::fs::File::create(&file).unwrap()),
+        None,
+        &mut ublk_ploop::copy::NoFs,
+        ublk_ploop::copy::SendOptions::default(),
+        &|_, _, _| {},
+    ))
+    .unwrap();
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    let got = dir.join("got.hds");
+    let got_dir = dir.join("got");
+    ploop(["receive", "--image", p(&got), "--from", p(&file)]).ok();
+    ploop(["receive", "--image", &format!("{}/", p(&got_dir)), "--from", p(&file)]).ok();
+    ploop(["receive", "--image", p(&got), "--from", p(&file), "--incremental"]).ok();
+
+    let mut files = vec![img, raw, conv, got];
+    files.extend(chain(&disk));
+    files.extend(chain(&got_dir));
+    assert_eq!(files.len(), 7, "{files:?}");
+    for f in &files {
+        assert_eq!(mode(f), 0o600, "{}", f.display());
+    }
+}
+

@@ -11,6 +11,7 @@
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -21,7 +22,8 @@ use crate::check::{self, Verdict};
 use crate::disk::Disk;
 use crate::error::{Error, Result};
 use crate::io::{block_on, AlignedBuf, Direct, Io, SyncIo};
-use crate::layers::{Format, PloopLayer};
+use crate::layers::header::Variant;
+use crate::layers::{Format, PloopLayer, IMAGE_MODE};
 use crate::stack::{LayerSpec, Stack, StackOptions};
 
 /// Largest image file a stream of image-file bytes may build (ploop's
@@ -267,8 +269,10 @@ impl Sink {
                     probe.cluster_size()
                 )));
             }
+            // ... and its version, as every delta of a chain does.
+            let variant = probe.layers().last().and_then(|l| l.variant()).unwrap_or(Variant::V2);
             drop(probe);
-            block_on(PloopLayer::create(io, &delta, size, cluster))?;
+            block_on(PloopLayer::create_variant(io, &delta, size, cluster, variant))?;
             let mut specs = target.clone();
             specs.push(LayerSpec::ploop(&delta));
             (Made::Delta { delta, target }, specs)
@@ -296,7 +300,13 @@ impl Sink {
     fn file(dest: &Path) -> Result<Sink> {
         let temp = temp_beside(dest, ".partial");
         let _ = std::fs::remove_file(&temp);
-        let file = OpenOptions::new().read(true).write(true).create_new(true).open(&temp).map_err(|e| Error::io(e, temp.display()))?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(IMAGE_MODE)
+            .open(&temp)
+            .map_err(|e| Error::io(e, temp.display()))?;
         Ok(Sink::File { file, temp })
     }
 

@@ -454,25 +454,21 @@ pub async fn switch<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, guid: Guid) -
     // ploop names the new top after the first image, without stripping.
     let file = format!("{}.{}", disk.desc.images[0].file, Guid::random());
     let path = disk.dir.join(&file);
-    let new_top = stack.prepare_top(io, &path).await?;
     let current = stack.layers();
     let mut layers = Vec::with_capacity(chain.len() + 1);
     for spec in &chain {
         let layer = match current.iter().find(|l| l.file().path == spec.path) {
-            Some(l) => Ok(l.clone()),
+            Some(l) => l.clone(),
             None => {
-                let direct = if new_top.file().direct { Direct::Auto } else { Direct::Off };
-                Layer::open(io, &spec.path, spec.format, false, direct).await.map(|(l, _)| Arc::new(l))
+                let direct = if current[0].file().direct { Direct::Auto } else { Direct::Off };
+                Arc::new(Layer::open(io, &spec.path, spec.format, false, direct).await?.0)
             }
         };
-        match layer {
-            Ok(l) => layers.push(l),
-            Err(e) => {
-                discard_top(io, new_top).await;
-                return Err(e);
-            }
-        }
+        layers.push(layer);
     }
+    // The new top takes the version of the chain it goes on.
+    let variant = layers.last().and_then(|l| l.variant());
+    let new_top = stack.prepare_top_variant(io, &path, variant).await?;
     layers.push(new_top.clone());
     let mut next = disk.clone();
     let kind = next.desc.images[0].kind;
