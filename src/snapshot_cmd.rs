@@ -3,23 +3,38 @@
 //! operations on a stack opened for the occasion).
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ublk_ploop::disk::ops::{self, Deleted, Merged};
 use ublk_ploop::disk::{format_snapshot_rows, Disk, Guid};
 use ublk_ploop::io::{block_on, OwnRing, SyncIo};
+use ublk_ploop::tracker::Tracker;
 use ublk_ploop::{Error, Result, Stack, StackOptions};
 
 use crate::cli::print_json;
 use crate::control::request;
 use crate::protocol::{DeleteReply, Job, JobState, ListReply, Request, SnapshotReply, Status, SwitchReply};
 
-/// Run `op` on a disk directory no device serves: its chain is opened
+/// What happens to the top's changed-block record in an offline session.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Record {
+    /// It stays with the disk's top, whichever file that is at the end (a
+    /// snapshot moves it onto the new top, a merge into the merged file),
+    /// as ploop's offline snapshot and merge do.
+    Keep,
+    /// It is dropped (a switch throws away what it described).
+    Drop,
+}
+
+/// Run `op` on a disk directory no device serves. ploop's lock is taken
+/// first and the descriptor read under it (a command that waited for
+/// another tool goes on with what that tool left); the chain is then opened
 /// read-write (which fails, saying so, if a daemon holds it) and closed
 /// cleanly afterwards, whatever the outcome.
-fn offline<T>(dir: &std::path::Path, op: impl FnOnce(&OwnRing, &Stack, &mut Disk) -> Result<T>) -> Result<T> {
-    let mut disk = Disk::load(dir)?;
+fn offline<T>(dir: &std::path::Path, record: Record, op: impl FnOnce(&OwnRing, &Stack, &mut Disk) -> Result<T>) -> Result<T> {
+    let mut disk = Disk::load_locked(dir)?;
     let layers = disk.layers(None)?;
     let (stack, _) = block_on(Stack::open_layers(&SyncIo, &layers, &StackOptions::default())).map_err(|e| {
         if e.errno() == libc::EWOULDBLOCK || e.errno() == libc::EBUSY {
@@ -28,6 +43,13 @@ fn offline<T>(dir: &std::path::Path, op: impl FnOnce(&OwnRing, &Stack, &mut Disk
             e
         }
     })?;
+    // The read-write open took the top's record out of the file; it goes
+    // back into the top when the stack closes (also if `op` fails).
+    let saved = block_on(stack.take_saved_bitmaps());
+    if let (Record::Keep, Some(bm)) = (record, saved.into_iter().next()) {
+        let t = Arc::new(Tracker::from_bits(stack.size(), bm.granularity, &bm.bits));
+        stack.keep_on_close(Some((t, bm.id)));
+    }
     let ring = OwnRing::new(64).map_err(|e| Error::io(e, "setting up io_uring"))?;
     let result = ring.block_on(ops::finish_merges(&ring.io(), &stack, &mut disk)).and_then(|_| op(&ring, &stack, &mut disk));
     let closed = block_on(stack.close(&SyncIo));
@@ -39,7 +61,7 @@ fn offline<T>(dir: &std::path::Path, op: impl FnOnce(&OwnRing, &Stack, &mut Disk
 pub fn snapshot(id: Option<u32>, dir: Option<PathBuf>, uuid: Option<Guid>, json: bool) -> Result<i32> {
     let done: SnapshotReply = match (id, dir) {
         (Some(id), _) => request(id, Request::Snapshot { uuid })?,
-        (None, Some(dir)) => offline(&dir, |ring, stack, disk| ring.block_on(ops::snapshot(&ring.io(), stack, disk, uuid)))?,
+        (None, Some(dir)) => offline(&dir, Record::Keep, |ring, stack, disk| ring.block_on(ops::snapshot(&ring.io(), stack, disk, uuid)))?,
         (None, None) => unreachable!("clap requires -n or DIR"),
     };
     if json {
@@ -74,7 +96,7 @@ pub fn merge(id: Option<u32>, dir: Option<PathBuf>, uuid: Option<Guid>, json: bo
         (None, Some(dir)) => {
             let bar = Bar::new(json, "merging");
             let progress = |done: u64, total: u64| bar.set(done, total);
-            let m = offline(&dir, |ring, stack, disk| ring.block_on(ops::merge(&ring.io(), stack, disk, uuid, &progress)))?;
+            let m = offline(&dir, Record::Keep, |ring, stack, disk| ring.block_on(ops::merge(&ring.io(), stack, disk, uuid, &progress)))?;
             bar.finish();
             m
         }
@@ -101,7 +123,7 @@ pub fn delete(id: Option<u32>, dir: Option<PathBuf>, uuid: Guid, json: bool) -> 
         (None, Some(dir)) => {
             let bar = Bar::new(json, "merging");
             let progress = |done: u64, total: u64| bar.set(done, total);
-            let d = offline(&dir, |ring, stack, disk| ring.block_on(ops::delete(&ring.io(), stack, disk, uuid, &progress)))?;
+            let d = offline(&dir, Record::Keep, |ring, stack, disk| ring.block_on(ops::delete(&ring.io(), stack, disk, uuid, &progress)))?;
             bar.finish();
             d
         }
@@ -164,7 +186,7 @@ pub fn compact(id: Option<u32>, target: Option<PathBuf>, step: Option<u64>, spee
 pub fn switch(id: Option<u32>, dir: Option<PathBuf>, uuid: Guid, force: bool, json: bool) -> Result<i32> {
     let done: SwitchReply = match (id, dir) {
         (Some(id), _) => request(id, Request::SnapshotSwitch { uuid, force })?,
-        (None, Some(dir)) => offline(&dir, |ring, stack, disk| ring.block_on(ops::switch(&ring.io(), stack, disk, uuid)))?,
+        (None, Some(dir)) => offline(&dir, Record::Drop, |ring, stack, disk| ring.block_on(ops::switch(&ring.io(), stack, disk, uuid)))?,
         (None, None) => unreachable!("clap requires -n or DIR"),
     };
     if json {

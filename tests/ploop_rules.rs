@@ -137,6 +137,54 @@ fn an_empty_changed_block_record_is_valid() {
     assert_eq!(record_of(&img2), Some(([1; 16], SECTOR, vec![])));
 }
 
+// 7 ---------------------------------------------------------------------
+
+#[test]
+fn offline_snapshot_and_merge_keep_the_changed_block_record() {
+    let dir = TempDir::new("rules-cbt-offline");
+    let disk = dir.join("disk");
+    let data = new_disk(&disk, "4M");
+    let base = chain(&disk)[0].clone();
+    // A record as a clean stop leaves it: clusters 2 and 5 changed.
+    {
+        let stack = open_stack(&[&base], false);
+        let t = Arc::new(Tracker::new(stack.size(), CLUSTER));
+        t.mark_range(2 * CLUSTER, 10);
+        t.mark_range(5 * CLUSTER, CLUSTER);
+        stack.keep_on_close(Some((t, [0xC7; 16])));
+        block_on(stack.close(&SyncIo)).unwrap();
+    }
+    let want = Some(([0xC7; 16], CLUSTER, vec![2, 5]));
+    ploop(["snapshot", p(&disk)]).ok();
+    let layers = chain(&disk);
+    assert_eq!(layers.len(), 2);
+    assert_eq!(read_u64(&layers[0], 56), 0, "the record left the old top");
+    assert_eq!(in_use_mark(&layers[1]), CLOSED_V21, "the new top is closed with a record");
+    for l in &layers {
+        qemu_accepts(l);
+        ploop(["check", p(l)]).ok();
+    }
+    assert_eq!(record_of(&layers[1]), want, "the record moved onto the new top");
+    assert_bytes_equal(&read_all(&layers), &data, "disk content");
+
+    ploop(["snapshot-merge", p(&disk)]).ok();
+    let layers = chain(&disk);
+    assert_eq!(layers.len(), 1);
+    ploop(["check", p(&layers[0])]).ok();
+    qemu_accepts(&layers[0]);
+    assert_eq!(record_of(&layers[0]), want, "the record is in the merged file");
+    assert_bytes_equal(&read_all(&layers), &data, "disk content");
+
+    // A snapshot then a delete of the base (merged into its child) too.
+    let out = ploop(["snapshot", p(&disk), "--json"]).ok().json();
+    let snap = out["guid"].as_str().unwrap().to_string();
+    ploop(["snapshot-delete", p(&disk), "-u", &snap]).ok();
+    let layers = chain(&disk);
+    assert_eq!(layers.len(), 1);
+    assert_eq!(record_of(&layers[0]), want, "kept across snapshot-delete");
+    assert_bytes_equal(&read_all(&layers), &data, "disk content");
+}
+
 // 8 ---------------------------------------------------------------------
 
 #[test]
@@ -237,6 +285,55 @@ fn image_files_are_created_0600() {
     assert_eq!(files.len(), 7, "{files:?}");
     for f in &files {
         assert_eq!(mode(f), 0o600, "{}", f.display());
+    }
+}
+
+// 10 --------------------------------------------------------------------
+
+#[test]
+fn a_command_that_waited_for_the_lock_works_on_the_descriptor_it_finds() {
+    let dir = TempDir::new("rules-lock");
+    let disk = dir.join("disk");
+    let data = new_disk(&disk, "2M");
+    let held = Disk::load(&disk).unwrap().lock().unwrap().expect("nothing holds it yet");
+    let mut child = std::process::Command::new(bin())
+        .args(["snapshot", p(&disk), "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    assert!(child.try_wait().unwrap().is_none(), "the command did not wait for the lock");
+    // Meanwhile another tool (as ploop's offline snapshot does) adds a
+    // delta, with data in it, and stores the descriptor.
+    let mut d = Disk::load(&disk).unwrap();
+    let theirs = d.new_delta_name();
+    let theirs_path = d.dir.join(&theirs);
+    block_on(PloopLayer::create(&SyncIo, &theirs_path, 2 * M, CLUSTER)).unwrap();
+    let snap = Guid::random();
+    d.desc.images.iter_mut().filter(|i| i.guid == TOP_GUID).for_each(|i| i.guid = snap);
+    d.desc.shots.iter_mut().filter(|s| s.guid == TOP_GUID).for_each(|s| s.guid = snap);
+    let kind = d.desc.images[0].kind;
+    d.desc.images.push(Image { guid: TOP_GUID, kind, file: theirs });
+    d.desc.shots.push(Shot { guid: TOP_GUID, parent: snap, temporary: Temporary::No });
+    let mut model = data.clone();
+    let more = pattern(9, CLUSTER as usize);
+    write(&[theirs_path.clone()], &[(3 * CLUSTER, &more)]);
+    block_on(d.store(&SyncIo)).unwrap();
+    model[(3 * CLUSTER) as usize..(4 * CLUSTER) as usize].copy_from_slice(&more);
+    assert!(child.try_wait().unwrap().is_none(), "the command did not wait for the lock");
+    drop(held);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "the waiting snapshot failed: {}", String::from_utf8_lossy(&out.stderr));
+    let layers = chain(&disk);
+    assert_eq!(layers.len(), 3, "the snapshot went on top of the other tool's");
+    assert_eq!(layers[1], theirs_path);
+    let d = Disk::load(&disk).unwrap();
+    assert_eq!(d.desc.shots.len(), 3);
+    assert!(d.desc.shot(snap).is_some());
+    assert_bytes_equal(&read_all(&layers), &model, "disk content");
+    for l in &layers {
+        ploop(["check", p(l)]).ok();
     }
 }
 

@@ -66,23 +66,32 @@ pub struct Switched {
 
 /// Re-read the descriptor under the lock and make sure it still describes
 /// the stack (another tool may have changed it).
-fn refresh(disk: &mut Disk, stack: &Stack) -> Result<super::DiskLock> {
-    // The lock lives on the base delta, and which file that is can change
-    // (a merge into the base keeps the child's file): find it from the
-    // descriptor on disk, never from a copy in memory that may predate a
-    // merge, and make sure it did not change before the lock was held.
-    let mut lock = None;
-    for _ in 0..3 {
-        let seen = Disk::load(&disk.dir)?;
-        let held = seen.lock()?;
-        *disk = Disk::load(&disk.dir)?;
-        if disk.lock_path()? == seen.lock_path()? {
-            lock = Some(held);
-            break;
+/// When the disk carries a lock its caller took for the whole session
+/// (`Disk::load_locked`, offline commands), that lock is used: the caller
+/// opened the stack from the descriptor it read under it.
+fn refresh(disk: &mut Disk, stack: &Stack) -> Result<Option<super::DiskLock>> {
+    let lock = if disk.holds_lock() {
+        disk.reload()?;
+        None
+    } else {
+        // The lock lives on the base delta, and which file that is can
+        // change (a merge into the base keeps the child's file): find it
+        // from the descriptor on disk, never from a copy in memory that may
+        // predate a merge, and make sure it did not change before the lock
+        // was held.
+        let mut lock = None;
+        for _ in 0..3 {
+            let seen = Disk::load(&disk.dir)?;
+            let held = seen.lock_fresh()?;
+            *disk = Disk::load(&disk.dir)?;
+            if disk.lock_path()? == seen.lock_path()? {
+                lock = Some(held);
+                break;
+            }
         }
-    }
-    let changing = || Error::new(libc::ESTALE, format!("{}: the base delta keeps changing under us", disk.xml_path().display()));
-    let lock = lock.ok_or_else(changing)?;
+        let changing = || Error::new(libc::ESTALE, format!("{}: the base delta keeps changing under us", disk.xml_path().display()));
+        Some(lock.ok_or_else(changing)?)
+    };
     let want: Vec<PathBuf> = disk.layers(None)?.into_iter().map(|s| s.path).collect();
     let have = stack.paths();
     if want != have {
