@@ -141,9 +141,37 @@ pub fn delete(id: Option<u32>, dir: Option<PathBuf>, uuid: Guid, json: bool) -> 
     Ok(0)
 }
 
+/// What an offline compact opens for an image file given on its own: the
+/// chain below it when a DiskDescriptor.xml beside it names it (with the
+/// disk locked), else the file alone, over an unknown lower part unless the
+/// caller says it is a base.
+fn bare_image_chain(image: &Path, base: bool) -> Result<(Option<Disk>, Vec<ublk_ploop::LayerSpec>, bool)> {
+    let alone = vec![ublk_ploop::LayerSpec { path: image.to_path_buf(), format: ublk_ploop::layers::Format::Ploop }];
+    let dir = match image.parent() {
+        Some(d) if d.as_os_str().is_empty() => Path::new("."),
+        Some(d) => d,
+        None => Path::new("."),
+    };
+    if !Disk::is_disk(dir) {
+        return Ok((None, alone, !base));
+    }
+    let me = std::fs::canonicalize(image).map_err(|e| Error::io(e, image.display()))?;
+    let disk = Disk::load_locked(dir)?;
+    let named = disk.desc.images.iter().find(|i| std::fs::canonicalize(disk.file_path(i)).is_ok_and(|p| p == me)).map(|i| i.guid);
+    match named {
+        // The chain from the base up to this delta: its lower layers say
+        // which discarded clusters must stay (reading as zeros over theirs).
+        Some(guid) => {
+            let layers = disk.layers(Some(guid))?;
+            Ok((Some(disk), layers, false))
+        }
+        None => Ok((None, alone, !base)),
+    }
+}
+
 /// Compact a served disk (a job) or a disk directory or image no device
 /// serves: its top image's free space goes back to the host filesystem.
-pub fn compact(id: Option<u32>, target: Option<PathBuf>, step: Option<u64>, speed: Option<u64>, json: bool) -> Result<i32> {
+pub fn compact(id: Option<u32>, target: Option<PathBuf>, step: Option<u64>, speed: Option<u64>, base: bool, json: bool) -> Result<i32> {
     use ublk_ploop::layers::ploop::compact::Compacted;
     let done: Compacted = match (id, target) {
         (Some(id), _) => {
@@ -151,16 +179,19 @@ pub fn compact(id: Option<u32>, target: Option<PathBuf>, step: Option<u64>, spee
             follow(id, json)?.compacted.ok_or_else(|| Error::new(libc::EPROTO, "the daemon reported no result"))?
         }
         (None, Some(target)) => {
-            let layers = if Disk::is_disk(&target) {
-                Disk::load(&target)?.layers(None)?
+            // ploop's lock is held (the disk) until the image is closed.
+            let (_disk, layers, unknown_below) = if Disk::is_disk(&target) {
+                let disk = Disk::load_locked(&target)?;
+                let layers = disk.layers(None)?;
+                (Some(disk), layers, false)
             } else {
-                vec![ublk_ploop::LayerSpec { path: target.clone(), format: ublk_ploop::layers::Format::Ploop }]
+                bare_image_chain(&target, base)?
             };
             let (stack, _) = block_on(Stack::open_layers(&SyncIo, &layers, &StackOptions::default()))?;
             let bar = Bar::new(json, "compacting");
             let pace = crate::pace::Pace::new(speed);
             let cluster = stack.cluster_size();
-            let result = block_on(stack.compact(&SyncIo, step.unwrap_or(256).max(1), &|d, t| {
+            let result = block_on(stack.compact_with(&SyncIo, step.unwrap_or(256).max(1), unknown_below, &|d, t| {
                 bar.set(d, t);
                 pace.wait(d * cluster);
             }));
@@ -168,6 +199,13 @@ pub fn compact(id: Option<u32>, target: Option<PathBuf>, step: Option<u64>, spee
             let closed = block_on(stack.close(&SyncIo));
             let done = result?;
             closed?;
+            if unknown_below && !json {
+                eprintln!(
+                    "note: {} may be a delta over other images (no DiskDescriptor.xml beside it names it): \
+                     discarded clusters were kept; give --base if nothing lies below it",
+                    target.display()
+                );
+            }
             done
         }
         (None, None) => unreachable!("clap requires -n or a path"),

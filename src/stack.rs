@@ -881,6 +881,20 @@ impl Stack {
     /// while the top is closed, compacted (`layers::ploop::compact`) and
     /// opened again. `progress` gets (clusters moved, clusters to move).
     pub async fn compact<I: Io>(&self, io: &I, budget: u64, progress: &dyn Fn(u64, u64)) -> Result<crate::layers::ploop::compact::Compacted> {
+        self.compact_with(io, budget, false, progress).await
+    }
+
+    /// The same; with `unknown_below`, the top is taken to lie over layers
+    /// this stack does not have (an image file opened on its own that may
+    /// be a delta): a discarded cluster must keep reading as zeros from the
+    /// top, so none is unlinked (clusters still move, the file is still cut).
+    pub async fn compact_with<I: Io>(
+        &self,
+        io: &I,
+        budget: u64,
+        unknown_below: bool,
+        progress: &dyn Fn(u64, u64),
+    ) -> Result<crate::layers::ploop::compact::Compacted> {
         use crate::layers::ploop::compact::{compact_step, Compacted};
         self.check_writable()?;
         let mut total = Compacted::default();
@@ -890,7 +904,7 @@ impl Stack {
                 .with_top_closed(io, false, |io, path, lower: Vec<Arc<Layer>>| async move {
                     let file = crate::io::open_image_file(&path, true, self.direct)?;
                     crate::layers::lock(&file, true)?;
-                    let lower_has = |c: u64| lower.iter().any(|l| l.lookup(c, self.cluster).is_some());
+                    let lower_has = |c: u64| unknown_below || lower.iter().any(|l| l.lookup(c, self.cluster).is_some());
                     compact_step(io, &file, &lower_has, budget).await
                 })
                 .await?;

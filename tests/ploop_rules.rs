@@ -337,3 +337,62 @@ fn a_command_that_waited_for_the_lock_works_on_the_descriptor_it_finds() {
     }
 }
 
+// 4 ---------------------------------------------------------------------
+
+/// A disk whose base is full of data, a snapshot, and a top with clusters
+/// 0..8 written then 0..4 discarded (they read as zeros over the base's).
+fn disk_with_discards(dir: &Path) -> (PathBuf, Vec<u8>) {
+    let mut model = new_disk(dir, "1M");
+    ploop(["snapshot", p(dir)]).ok();
+    let layers = chain(dir);
+    let top_data = pattern(4, (8 * CLUSTER) as usize);
+    let stack = open_stack(&layers, false);
+    block_on(stack.write(&SyncIo, 0, &top_data)).unwrap();
+    block_on(stack.discard(&SyncIo, 0, (4 * CLUSTER) as usize)).unwrap();
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    model[..(8 * CLUSTER) as usize].copy_from_slice(&top_data);
+    model[..(4 * CLUSTER) as usize].fill(0);
+    assert_bytes_equal(&read_all(&layers), &model, "disk content");
+    (layers[1].clone(), model)
+}
+
+#[test]
+fn compacting_a_bare_delta_never_shows_its_parent() {
+    let dir = TempDir::new("rules-compact");
+    // The delta named by a descriptor beside it: its chain is taken into
+    // account (the discarded clusters over the base's data stay linked).
+    let disk = dir.join("disk");
+    let (top, model) = disk_with_discards(&disk);
+    ploop(["compact", p(&top)]).ok();
+    let layers = chain(&disk);
+    assert_bytes_equal(&read_all(&layers), &model, "compact of a named delta");
+    for l in &layers {
+        assert_ploop_clean(l, "after compact");
+    }
+
+    // A delta no descriptor names: nothing is unlinked without --base.
+    let other = dir.join("other");
+    let (top2, model2) = disk_with_discards(&other);
+    let base2 = chain(&other)[0].clone();
+    let loose = dir.join("loose");
+    std::fs::create_dir(&loose).unwrap();
+    let (lbase, ltop) = (loose.join("base.hds"), loose.join("top.hds"));
+    for (from, to) in [(&base2, &lbase), (&top2, &ltop)] {
+        let ok = std::process::Command::new("cp").arg("--sparse=always").arg(from).arg(to).status().unwrap().success();
+        assert!(ok);
+    }
+    let r = ploop(["compact", p(&ltop), "--json"]).ok().json();
+    assert_eq!(r["unlinked"], 0, "{r}");
+    assert_bytes_equal(&read_all(&[lbase.clone(), ltop.clone()]), &model2, "compact of an unnamed delta");
+    assert_ploop_clean(&ltop, "unnamed delta after compact");
+
+    // --base says nothing lies below: then they go.
+    let r = ploop(["compact", p(&ltop), "--base", "--json"]).ok().json();
+    assert_eq!(r["unlinked"], 4, "{r}");
+    assert_ploop_clean(&ltop, "after compact --base");
+    let alone = read_all(&[ltop.clone()]);
+    assert!(alone[..(4 * CLUSTER) as usize].iter().all(|&b| b == 0));
+    let live = (4 * CLUSTER) as usize..(8 * CLUSTER) as usize;
+    assert_bytes_equal(&alone[live.clone()], &model2[live], "the delta's own clusters");
+}
