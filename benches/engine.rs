@@ -782,7 +782,7 @@ fn bench_disk(cfg: &Cfg) -> Res<(Disk, Stack)> {
     fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     fs::copy(cfg.path(PLOOP), dir.join(ublk_ploop::disk::BASE_FILE)).map_err(|e| format!("copying image: {e}"))?;
     let desc = Descriptor::new(cfg.size, CLUSTER, ublk_ploop::disk::BASE_FILE, ImageType::Compressed).map_err(|e| e.to_string())?;
-    let disk = Disk { dir: fs::canonicalize(&dir).map_err(|e| e.to_string())?, desc };
+    let disk = Disk::from_parts(fs::canonicalize(&dir).map_err(|e| e.to_string())?, desc);
     block_on(disk.store(&SyncIo)).map_err(|e| format!("descriptor: {e}"))?;
     let layers = disk.layers(None).map_err(|e| e.to_string())?;
     let stack = block_on(Stack::open_layers(&SyncIo, &layers, &StackOptions::default())).map_err(|e| format!("opening the disk: {e}"))?.0;

@@ -155,6 +155,12 @@ enum Command {
         /// suffixes), to leave the container's I/O room.
         #[arg(long, value_parser = parse_size_arg)]
         speed: Option<u64>,
+        /// The image file is a base: nothing lies below it. Only then are
+        /// its discarded clusters unlinked when no DiskDescriptor.xml beside
+        /// it names it (a delta's unlinked cluster would show its parent's
+        /// old data); without it they stay linked, reading as zeros.
+        #[arg(long, conflicts_with = "id")]
+        base: bool,
         #[arg(long)]
         json: bool,
     },
@@ -769,7 +775,7 @@ fn run(command: Command) -> Result<i32> {
             }
             Ok(0)
         }
-        Command::Compact { id, image, step, speed, json } => crate::snapshot_cmd::compact(id, image, step, speed, json),
+        Command::Compact { id, image, step, speed, base, json } => crate::snapshot_cmd::compact(id, image, step, speed, base, json),
         Command::Check { image, repair, format, json } => {
             let (mut disk, mut paths) = info_targets(std::slice::from_ref(&image), format.format)?;
             // A repair changes the disk: under ploop's disk lock (waiting

@@ -56,9 +56,11 @@ pub async fn convert<I: Io>(
     let size = src.size();
     match opts.to {
         Format::Raw => {
+            use std::os::unix::fs::OpenOptionsExt;
             let f = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
+                .mode(crate::layers::IMAGE_MODE)
                 .open(dst)
                 .map_err(|e| Error::io(e, dst.display()))?;
             f.set_len(size).map_err(|e| Error::io(e, dst.display()))?;

@@ -78,7 +78,7 @@ pub fn paths(data: &[u8], scratch: &Path) {
     let Ok(text) = std::str::from_utf8(data) else { return };
     let Ok(desc) = Descriptor::parse(text) else { return };
     let Some(dir) = trap_directory(scratch) else { return };
-    let disk = Disk { dir: dir.clone(), desc };
+    let disk = Disk::from_parts(dir.clone(), desc);
     for img in &disk.desc.images {
         let place = disk.place(img);
         assert_eq!(disk.writable_path(img, "write").is_ok(), place == Place::Inside, "{}", img.file);

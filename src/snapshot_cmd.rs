@@ -3,24 +3,39 @@
 //! operations on a stack opened for the occasion).
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ublk_ploop::disk::ops::{self, Deleted, Merged};
 use ublk_ploop::disk::{format_snapshot_rows, Disk, Guid};
 use ublk_ploop::io::{block_on, OwnRing, SyncIo};
+use ublk_ploop::tracker::Tracker;
 use ublk_ploop::{Error, Result, Stack, StackOptions};
 
 use crate::cli::print_json;
 use crate::control::request;
 use crate::protocol::{DeleteReply, Job, JobState, ListReply, Request, SnapshotReply, Status, SwitchReply};
 
-/// Run `op` on a disk directory no device serves: its chain is opened
+/// What happens to the top's changed-block record in an offline session.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Record {
+    /// It stays with the disk's top, whichever file that is at the end (a
+    /// snapshot moves it onto the new top, a merge into the merged file),
+    /// as ploop's offline snapshot and merge do.
+    Keep,
+    /// It is dropped (a switch throws away what it described).
+    Drop,
+}
+
+/// Run `op` on a disk directory no device serves. ploop's lock is taken
+/// first and the descriptor read under it (a command that waited for
+/// another tool goes on with what that tool left); the chain is then opened
 /// read-write (which fails, saying so, if a daemon holds it) and closed
 /// cleanly afterwards, whatever the outcome. Half-done merges a crash left
 /// are finished first; `op` is told which.
-fn offline<T>(dir: &std::path::Path, op: impl FnOnce(&OwnRing, &Stack, &mut Disk, &[Merged]) -> Result<T>) -> Result<T> {
-    let mut disk = Disk::load(dir)?;
+fn offline<T>(dir: &std::path::Path, record: Record, op: impl FnOnce(&OwnRing, &Stack, &mut Disk, &[Merged]) -> Result<T>) -> Result<T> {
+    let mut disk = Disk::load_locked(dir)?;
     let layers = block_on(disk.writable_layers(&SyncIo))?;
     let (stack, _) = block_on(Stack::open_layers(&SyncIo, &layers, &StackOptions::default())).map_err(|e| {
         if e.errno() == libc::EWOULDBLOCK || e.errno() == libc::EBUSY {
@@ -29,6 +44,13 @@ fn offline<T>(dir: &std::path::Path, op: impl FnOnce(&OwnRing, &Stack, &mut Disk
             e
         }
     })?;
+    // The read-write open took the top's record out of the file; it goes
+    // back into the top when the stack closes (also if `op` fails).
+    let saved = block_on(stack.take_saved_bitmaps());
+    if let (Record::Keep, Some(bm)) = (record, saved.into_iter().next()) {
+        let t = Arc::new(Tracker::from_bits(stack.size(), bm.granularity, &bm.bits));
+        stack.keep_on_close(Some((t, bm.id)));
+    }
     let ring = OwnRing::new(64).map_err(|e| Error::io(e, "setting up io_uring"))?;
     let result = ring.block_on(ops::finish_merges(&ring.io(), &stack, &mut disk)).and_then(|merged| op(&ring, &stack, &mut disk, &merged));
     let closed = block_on(stack.close(&SyncIo));
@@ -63,7 +85,7 @@ fn held(stall_ms: Option<f64>) -> String {
 pub fn snapshot(id: Option<u32>, dir: Option<PathBuf>, uuid: Option<Guid>, json: bool) -> Result<i32> {
     let done: SnapshotReply = match (id, dir) {
         (Some(id), _) => request(id, Request::Snapshot { uuid })?,
-        (None, Some(dir)) => offline(&dir, |ring, stack, disk, _| ring.block_on(ops::snapshot(&ring.io(), stack, disk, uuid)))?,
+        (None, Some(dir)) => offline(&dir, Record::Keep, |ring, stack, disk, _| ring.block_on(ops::snapshot(&ring.io(), stack, disk, uuid)))?,
         (None, None) => unreachable!("clap requires -n or DIR"),
     };
     let stall = stall_ms(id.is_some(), done.stall);
@@ -99,7 +121,7 @@ pub fn merge(id: Option<u32>, dir: Option<PathBuf>, uuid: Option<Guid>, json: bo
         (None, Some(dir)) => {
             let bar = Bar::new(json, "merging");
             let progress = |done: u64, total: u64| bar.set(done, total);
-            let m = offline(&dir, |ring, stack, disk, _| ring.block_on(ops::merge(&ring.io(), stack, disk, uuid, &progress)))?;
+            let m = offline(&dir, Record::Keep, |ring, stack, disk, _| ring.block_on(ops::merge(&ring.io(), stack, disk, uuid, &progress)))?;
             bar.finish();
             m
         }
@@ -134,7 +156,7 @@ pub fn delete(id: Option<u32>, dir: Option<PathBuf>, uuid: Guid, json: bool) -> 
             let already = was_temporary(&Disk::load(&dir)?.snapshot_rows());
             let bar = Bar::new(json, "merging");
             let progress = |done: u64, total: u64| bar.set(done, total);
-            let d = offline(&dir, |ring, stack, disk, finished| {
+            let d = offline(&dir, Record::Keep, |ring, stack, disk, finished| {
                 // A temporary snapshot left with one child is merged away
                 // on opening (as ploop does): that was the delete asked for.
                 if let Some(m) = finished.iter().find(|m| m.parent == uuid) {
@@ -162,9 +184,39 @@ pub fn delete(id: Option<u32>, dir: Option<PathBuf>, uuid: Guid, json: bool) -> 
     Ok(0)
 }
 
+/// What an offline compact opens for an image file given on its own: the
+/// chain below it when a DiskDescriptor.xml beside it names it (with the
+/// disk locked), else the file alone, over an unknown lower part unless the
+/// caller says it is a base.
+fn bare_image_chain(image: &Path, base: bool) -> Result<(Option<Disk>, Vec<ublk_ploop::LayerSpec>, bool)> {
+    let alone = vec![ublk_ploop::LayerSpec { path: image.to_path_buf(), format: ublk_ploop::layers::Format::Ploop }];
+    let dir = match image.parent() {
+        Some(d) if d.as_os_str().is_empty() => Path::new("."),
+        Some(d) => d,
+        None => Path::new("."),
+    };
+    if !Disk::is_disk(dir) {
+        return Ok((None, alone, !base));
+    }
+    let me = std::fs::canonicalize(image).map_err(|e| Error::io(e, image.display()))?;
+    let disk = Disk::load_locked(dir)?;
+    let named = disk.desc.images.iter().find(|i| std::fs::canonicalize(disk.file_path(i)).is_ok_and(|p| p == me));
+    match named {
+        // The chain from the base up to this delta: its lower layers say
+        // which discarded clusters must stay (reading as zeros over theirs).
+        // Only a delta of the disk's own is compacted.
+        Some(image) => {
+            disk.writable_path(image, "compact")?;
+            let layers = disk.layers(Some(image.guid))?;
+            Ok((Some(disk), layers, false))
+        }
+        None => Ok((None, alone, !base)),
+    }
+}
+
 /// Compact a served disk (a job) or a disk directory or image no device
 /// serves: its top image's free space goes back to the host filesystem.
-pub fn compact(id: Option<u32>, target: Option<PathBuf>, step: Option<u64>, speed: Option<u64>, json: bool) -> Result<i32> {
+pub fn compact(id: Option<u32>, target: Option<PathBuf>, step: Option<u64>, speed: Option<u64>, base: bool, json: bool) -> Result<i32> {
     use ublk_ploop::layers::ploop::compact::Compacted;
     let done: Compacted = match (id, target) {
         (Some(id), _) => {
@@ -173,15 +225,16 @@ pub fn compact(id: Option<u32>, target: Option<PathBuf>, step: Option<u64>, spee
         }
         (None, Some(target)) => {
             crate::cli::refuse_bare_dirs(std::slice::from_ref(&target))?;
-            // A disk directory is changed under ploop's disk lock, as by
-            // snapshot and resize: another offline command holding it is
-            // waited for, and the descriptor is read once it is ours; only
-            // a top inside the directory is ever compacted.
-            let (layers, _lock) = if Disk::is_disk(&target) {
-                let lock = Disk::load(&target)?.lock()?;
-                (block_on(Disk::load(&target)?.writable_layers(&SyncIo))?, Some(lock))
+            // ploop's lock is held (the disk) until the image is closed:
+            // another offline command holding it is waited for, and the
+            // descriptor is read once it is ours; only a top inside the
+            // directory is ever compacted.
+            let (_disk, layers, unknown_below) = if Disk::is_disk(&target) {
+                let disk = Disk::load_locked(&target)?;
+                let layers = block_on(disk.writable_layers(&SyncIo))?;
+                (Some(disk), layers, false)
             } else {
-                (vec![ublk_ploop::LayerSpec { path: target.clone(), format: ublk_ploop::layers::Format::Ploop }], None)
+                bare_image_chain(&target, base)?
             };
             // Refused before the image is opened: opening marks it in use.
             let top = layers.last().expect("a chain is never empty");
@@ -198,7 +251,7 @@ pub fn compact(id: Option<u32>, target: Option<PathBuf>, step: Option<u64>, spee
             let bar = Bar::new(json, "compacting");
             let pace = crate::pace::Pace::new(speed);
             let cluster = stack.cluster_size();
-            let result = block_on(stack.compact(&SyncIo, step.unwrap_or(256).max(1), &|d, t| {
+            let result = block_on(stack.compact_with(&SyncIo, step.unwrap_or(256).max(1), unknown_below, &|d, t| {
                 bar.set(d, t);
                 pace.wait(d * cluster);
             }));
@@ -206,6 +259,13 @@ pub fn compact(id: Option<u32>, target: Option<PathBuf>, step: Option<u64>, spee
             let closed = block_on(stack.close(&SyncIo));
             let done = result?;
             closed?;
+            if unknown_below && !json {
+                eprintln!(
+                    "note: {} may be a delta over other images (no DiskDescriptor.xml beside it names it): \
+                     discarded clusters were kept; give --base if nothing lies below it",
+                    target.display()
+                );
+            }
             done
         }
         (None, None) => unreachable!("clap requires -n or a path"),
@@ -224,7 +284,7 @@ pub fn compact(id: Option<u32>, target: Option<PathBuf>, step: Option<u64>, spee
 pub fn switch(id: Option<u32>, dir: Option<PathBuf>, uuid: Guid, force: bool, json: bool) -> Result<i32> {
     let done: SwitchReply = match (id, dir) {
         (Some(id), _) => request(id, Request::SnapshotSwitch { uuid, force })?,
-        (None, Some(dir)) => offline(&dir, |ring, stack, disk, _| ring.block_on(ops::switch(&ring.io(), stack, disk, uuid)))?,
+        (None, Some(dir)) => offline(&dir, Record::Drop, |ring, stack, disk, _| ring.block_on(ops::switch(&ring.io(), stack, disk, uuid)))?,
         (None, None) => unreachable!("clap requires -n or DIR"),
     };
     let stall = stall_ms(id.is_some(), done.stall);

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 use crate::io::wait::{Entered, Exclusive, Gate, WaitList};
 use crate::io::{block_on, for_each_in_flight, join_all, AlignedBuf, BufPool, Direct, FixedBuf, Io};
-use crate::layers::header::DEFAULT_CLUSTER;
+use crate::layers::header::{Variant, DEFAULT_CLUSTER};
 use crate::layers::ploop::ext::DirtyBitmap;
 use crate::layers::{Format, Layer, MetaError, OpenReport, PloopLayer};
 use crate::tracker::Tracker;
@@ -706,15 +706,24 @@ impl Stack {
     /// first copy-ups do not wait for that), without touching the stack. If
     /// the caller gives up, `discard_top` removes it again.
     pub async fn prepare_top<I: Io>(&self, io: &I, path: &Path) -> Result<Arc<Layer>> {
+        self.prepare_top_variant(io, path, None).await
+    }
+
+    /// The same, of the given ploop version (None: the top's), for a new
+    /// top over another chain than the one served (a switch).
+    pub async fn prepare_top_variant<I: Io>(&self, io: &I, path: &Path, variant: Option<Variant>) -> Result<Arc<Layer>> {
         self.check_writable()?;
-        {
+        let variant = {
             let shape = self.shape.enter().await;
             shape.check_open()?;
             if shape.layers.len() >= MAX_DEPTH {
                 return Err(Error::invalid(format!("stack already has the maximum of {MAX_DEPTH} layers")));
             }
-        }
-        PloopLayer::create(io, path, self.size(), self.cluster).await?;
+            // A delta takes its chain's version, as ploop's do (its merge
+            // refuses a v2 delta over a v1 one).
+            variant.or(shape.top().variant()).unwrap_or(Variant::V2)
+        };
+        PloopLayer::create_variant(io, path, self.size(), self.cluster, variant).await?;
         let layer = match Layer::open(io, path, Format::Ploop, true, self.direct).await {
             Ok((layer, _)) => Arc::new(layer),
             Err(e) => {
@@ -933,6 +942,20 @@ impl Stack {
     /// while the top is closed, compacted (`layers::ploop::compact`) and
     /// opened again. `progress` gets (clusters moved, clusters to move).
     pub async fn compact<I: Io>(&self, io: &I, budget: u64, progress: &dyn Fn(u64, u64)) -> Result<crate::layers::ploop::compact::Compacted> {
+        self.compact_with(io, budget, false, progress).await
+    }
+
+    /// The same; with `unknown_below`, the top is taken to lie over layers
+    /// this stack does not have (an image file opened on its own that may
+    /// be a delta): a discarded cluster must keep reading as zeros from the
+    /// top, so none is unlinked (clusters still move, the file is still cut).
+    pub async fn compact_with<I: Io>(
+        &self,
+        io: &I,
+        budget: u64,
+        unknown_below: bool,
+        progress: &dyn Fn(u64, u64),
+    ) -> Result<crate::layers::ploop::compact::Compacted> {
         use crate::layers::ploop::compact::{compact_step, Compacted};
         self.check_writable()?;
         let mut total = Compacted::default();
@@ -942,7 +965,7 @@ impl Stack {
                 .with_top_closed(io, false, |io, path, lower: Vec<Arc<Layer>>| async move {
                     let file = crate::io::open_image_file(&path, true, self.direct)?;
                     crate::layers::lock(&file, true)?;
-                    let lower_has = |c: u64| lower.iter().any(|l| l.lookup(c, self.cluster).is_some());
+                    let lower_has = |c: u64| unknown_below || lower.iter().any(|l| l.lookup(c, self.cluster).is_some());
                     compact_step(io, &file, &lower_has, budget).await
                 })
                 .await?;

@@ -188,7 +188,7 @@ fn resize_refuses_a_plain_delta_outside() {
     fs::write(&victim, vec![0x44u8; 8 * M as usize]).unwrap();
     fs::create_dir(&w.ct).unwrap();
     let desc = Descriptor::new(8 * M, M, "../victim2.bin", ImageType::Plain).unwrap();
-    let disk = Disk { dir: fs::canonicalize(&w.ct).unwrap(), desc };
+    let disk = Disk::from_parts(fs::canonicalize(&w.ct).unwrap(), desc);
     block_on(disk.store(&SyncIo)).unwrap();
     w.refused(&["resize", "--size", "16M"], &["outside"]);
     assert_eq!(file_len(&victim), 8 * M);

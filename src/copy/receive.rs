@@ -33,7 +33,8 @@ use crate::check::{self, Verdict};
 use crate::disk::Disk;
 use crate::error::{Error, Result};
 use crate::io::{block_on, AlignedBuf, Direct, Io, SyncIo};
-use crate::layers::{Format, PloopLayer};
+use crate::layers::header::Variant;
+use crate::layers::{Format, PloopLayer, IMAGE_MODE};
 use crate::stack::{LayerSpec, Stack, StackOptions};
 
 /// Largest image file a stream of image-file bytes may build (ploop's
@@ -529,8 +530,10 @@ impl Sink {
                     probe.cluster_size()
                 )));
             }
+            // ... and its version, as every delta of a chain does.
+            let variant = probe.layers().last().and_then(|l| l.variant()).unwrap_or(Variant::V2);
             drop(probe);
-            let (delta, _) = make_temp(top, "incoming", false, |p| block_on(PloopLayer::create(io, p, size, cluster)))?;
+            let (delta, _) = make_temp(top, "incoming", false, |p| block_on(PloopLayer::create_variant(io, p, size, cluster, variant)))?;
             let mut specs = target.clone();
             specs.push(LayerSpec::ploop(&delta));
             (Made::Delta { delta, target }, specs)
@@ -568,6 +571,7 @@ impl Sink {
                 .read(true)
                 .write(true)
                 .create_new(true)
+                .mode(IMAGE_MODE)
                 .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
                 .open(p)
                 .map_err(|e| Error::io(e, p.display()))

@@ -17,8 +17,15 @@ const RANGE: (i64, i64) = (200, 5);
 
 /// Held while a disk is being changed; dropping it releases both locks.
 pub struct DiskLock {
-    _base: File,
+    base: File,
+    base_path: std::path::PathBuf,
     _lck: File,
+}
+
+impl std::fmt::Debug for DiskLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiskLock").field("base", &self.base_path).finish()
+    }
 }
 
 fn ofd_lock(file: &File, cmd: libc::c_int, kind: libc::c_short) -> std::io::Result<libc::flock> {
@@ -98,6 +105,33 @@ impl DiskLock {
         if let Some(who) = conflicting(&base_file).map_err(io_err)? {
             return Err(busy(Some(who), "byte-range lock on the base delta, taken at the same time"));
         }
-        Ok(DiskLock { _base: base_file, _lck: lck })
+        Ok(DiskLock { base: base_file, base_path: base.to_path_buf(), _lck: lck })
+    }
+
+    /// The base delta the byte-range lock is on.
+    pub fn base(&self) -> &Path {
+        &self.base_path
+    }
+
+    /// Move the byte-range lock to another base delta (an operation under
+    /// this lock made another file the base), keeping the `.lck` flock
+    /// throughout: the new range is locked before the old one is let go.
+    pub fn rebase(&mut self, base: &Path) -> Result<()> {
+        let busy = |who: Option<i32>| {
+            let by = who.filter(|&p| p > 0).map(|p| format!(", pid {p}")).unwrap_or_default();
+            Error::new(libc::EBUSY, format!("{}: the new base delta is locked by another process{by}", base.display()))
+        };
+        let file = File::open(base).map_err(|e| Error::io(e, base.display()))?;
+        let io_err = |e| Error::io(e, base.display());
+        if let Some(who) = conflicting(&file).map_err(io_err)? {
+            return Err(busy(Some(who)));
+        }
+        ofd_lock(&file, libc::F_OFD_SETLK, libc::F_RDLCK as libc::c_short).map_err(|e| match e.raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::EACCES) => busy(None),
+            _ => io_err(e),
+        })?;
+        self.base = file;
+        self.base_path = base.to_path_buf();
+        Ok(())
     }
 }

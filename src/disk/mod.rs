@@ -10,6 +10,7 @@ mod lock;
 pub mod ops;
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 use crate::io::Io;
@@ -29,9 +30,17 @@ pub struct Disk {
     /// The directory holding the descriptor; relative file names start here.
     pub dir: PathBuf,
     pub desc: Descriptor,
+    /// ploop's lock, when the caller took it for a whole session of
+    /// operations (`load_locked`); otherwise each operation takes it.
+    held: Option<Arc<Mutex<DiskLock>>>,
 }
 
 impl Disk {
+    /// A disk of `desc` in `dir`, read by the caller (no lock held).
+    pub fn from_parts(dir: PathBuf, desc: Descriptor) -> Disk {
+        Disk { dir, desc, held: None }
+    }
+
     /// The descriptor path for a directory or a descriptor file.
     pub fn descriptor_path(path: &Path) -> PathBuf {
         if path.is_dir() {
@@ -61,7 +70,50 @@ impl Disk {
             _ => PathBuf::from("."),
         };
         let dir = std::fs::canonicalize(&dir).map_err(|e| Error::io(e, dir.display()))?;
-        Ok(Disk { dir, desc })
+        Ok(Disk { dir, desc, held: None })
+    }
+
+    /// Take ploop's lock on a disk (waiting for another holder) and read
+    /// the descriptor under it, for a session of operations on a disk no
+    /// device serves: whatever another tool did while we waited is what
+    /// the session works on. The operations of `ops.rs` on the returned
+    /// disk use this lock instead of taking it; it is let go when the last
+    /// clone of the disk is dropped.
+    pub fn load_locked(path: &Path) -> Result<Disk> {
+        // The lock lives on the base delta, which another tool may change
+        // while we wait: read the descriptor again once the lock is held,
+        // and start over if its base is not the file we locked.
+        for _ in 0..3 {
+            let seen = Disk::load(path)?;
+            let lock = seen.lock_fresh()?;
+            let mut disk = Disk::load(path)?;
+            if disk.lock_path()? == seen.lock_path()? {
+                disk.held = Some(Arc::new(Mutex::new(lock)));
+                return Ok(disk);
+            }
+        }
+        Err(Error::new(libc::ESTALE, format!("{}: the base delta keeps changing under us", Self::descriptor_path(path).display())))
+    }
+
+    /// True when this disk carries a lock taken by `load_locked`.
+    pub fn holds_lock(&self) -> bool {
+        self.held.is_some()
+    }
+
+    /// Read the descriptor again, keeping a lock this disk carries (moved
+    /// to the new base delta if an operation changed which file that is).
+    pub fn reload(&mut self) -> Result<()> {
+        let held = self.held.take();
+        *self = Disk::load(&self.dir)?;
+        if let Some(h) = &held {
+            let base = self.lock_path()?;
+            let mut lock = h.lock().unwrap();
+            if lock.base() != base {
+                lock.rebase(&base)?;
+            }
+        }
+        self.held = held;
+        Ok(())
     }
 
     pub fn xml_path(&self) -> PathBuf {
@@ -187,7 +239,7 @@ impl Disk {
         let base = dir.join(BASE_FILE);
         PloopLayer::create(io, &base, size, cluster).await?;
         let dir = std::fs::canonicalize(dir).map_err(|e| Error::io(e, dir.display()))?;
-        let disk = Disk { dir, desc };
+        let disk = Disk { dir, desc, held: None };
         if let Err(e) = disk.store(io).await {
             let _ = std::fs::remove_file(&base);
             return Err(e);
@@ -240,7 +292,7 @@ impl Disk {
         use crate::layers::ploop::resize::{resize, resize_raw};
         use crate::layers::Format;
         let _lock = self.lock()?;
-        *self = Disk::load(&self.dir)?;
+        self.reload()?;
         let mut next = self.desc.clone();
         next.set_size(new_size)?;
         // Every delta is rewritten: all must be inside the disk directory.
@@ -279,8 +331,16 @@ impl Disk {
         Ok(done)
     }
 
-    /// Take ploop's lock on this disk (see `lock.rs`).
-    pub fn lock(&self) -> Result<DiskLock> {
+    /// Take ploop's lock on this disk (see `lock.rs`); None when this disk
+    /// carries it already (`load_locked`): the caller holds it.
+    pub fn lock(&self) -> Result<Option<DiskLock>> {
+        if self.held.is_some() {
+            return Ok(None);
+        }
+        self.lock_fresh().map(Some)
+    }
+
+    fn lock_fresh(&self) -> Result<DiskLock> {
         DiskLock::take(&self.xml_path(), &self.lock_path()?)
     }
 

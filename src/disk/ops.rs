@@ -66,23 +66,32 @@ pub struct Switched {
 
 /// Re-read the descriptor under the lock and make sure it still describes
 /// the stack (another tool may have changed it).
-fn refresh(disk: &mut Disk, stack: &Stack) -> Result<super::DiskLock> {
-    // The lock lives on the base delta, and which file that is can change
-    // (a merge into the base keeps the child's file): find it from the
-    // descriptor on disk, never from a copy in memory that may predate a
-    // merge, and make sure it did not change before the lock was held.
-    let mut lock = None;
-    for _ in 0..3 {
-        let seen = Disk::load(&disk.dir)?;
-        let held = seen.lock()?;
-        *disk = Disk::load(&disk.dir)?;
-        if disk.lock_path()? == seen.lock_path()? {
-            lock = Some(held);
-            break;
+/// When the disk carries a lock its caller took for the whole session
+/// (`Disk::load_locked`, offline commands), that lock is used: the caller
+/// opened the stack from the descriptor it read under it.
+fn refresh(disk: &mut Disk, stack: &Stack) -> Result<Option<super::DiskLock>> {
+    let lock = if disk.holds_lock() {
+        disk.reload()?;
+        None
+    } else {
+        // The lock lives on the base delta, and which file that is can
+        // change (a merge into the base keeps the child's file): find it
+        // from the descriptor on disk, never from a copy in memory that may
+        // predate a merge, and make sure it did not change before the lock
+        // was held.
+        let mut lock = None;
+        for _ in 0..3 {
+            let seen = Disk::load(&disk.dir)?;
+            let held = seen.lock_fresh()?;
+            *disk = Disk::load(&disk.dir)?;
+            if disk.lock_path()? == seen.lock_path()? {
+                lock = Some(held);
+                break;
+            }
         }
-    }
-    let changing = || Error::new(libc::ESTALE, format!("{}: the base delta keeps changing under us", disk.xml_path().display()));
-    let lock = lock.ok_or_else(changing)?;
+        let changing = || Error::new(libc::ESTALE, format!("{}: the base delta keeps changing under us", disk.xml_path().display()));
+        Some(lock.ok_or_else(changing)?)
+    };
     let want: Vec<PathBuf> = disk.layers(None)?.into_iter().map(|s| s.path).collect();
     let have = stack.paths();
     if want != have {
@@ -467,25 +476,21 @@ pub async fn switch<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, guid: Guid) -
     // it is made in the disk directory.
     let file = disk.switch_top_name();
     let path = disk.dir.join(&file);
-    let new_top = stack.prepare_top(io, &path).await?;
     let current = stack.layers();
     let mut layers = Vec::with_capacity(chain.len() + 1);
     for spec in &chain {
         let layer = match current.iter().find(|l| l.file().path == spec.path) {
-            Some(l) => Ok(l.clone()),
+            Some(l) => l.clone(),
             None => {
-                let direct = if new_top.file().direct { Direct::Auto } else { Direct::Off };
-                Layer::open(io, &spec.path, spec.format, false, direct).await.map(|(l, _)| Arc::new(l))
+                let direct = if current[0].file().direct { Direct::Auto } else { Direct::Off };
+                Arc::new(Layer::open(io, &spec.path, spec.format, false, direct).await?.0)
             }
         };
-        match layer {
-            Ok(l) => layers.push(l),
-            Err(e) => {
-                discard_top(io, new_top).await;
-                return Err(e);
-            }
-        }
+        layers.push(layer);
     }
+    // The new top takes the version of the chain it goes on.
+    let variant = layers.last().and_then(|l| l.variant());
+    let new_top = stack.prepare_top_variant(io, &path, variant).await?;
     layers.push(new_top.clone());
     let mut next = disk.clone();
     let kind = next.desc.images[0].kind;

@@ -63,7 +63,17 @@ impl Header {
     /// ploop lay out new images: the data area starts at the first cluster
     /// boundary after the BAT.
     pub fn new(size: u64, cluster: u64) -> Result<Header> {
+        Self::new_variant(size, cluster, Variant::V2)
+    }
+
+    /// A fresh header of either version, laid out alike (ploop aligns the
+    /// data area to a cluster for both). A v1 image keeps its size in 32
+    /// bits of sectors and addresses clusters by sector.
+    pub fn new_variant(size: u64, cluster: u64, variant: Variant) -> Result<Header> {
         validate_cluster(cluster)?;
+        if variant == Variant::V1 && size / SECTOR > u32::MAX as u64 {
+            return Err(Error::invalid(format!("disk size {size} is too large for a v1 (WithoutFreeSpace) image")));
+        }
         if size == 0 || size % SECTOR != 0 {
             return Err(Error::invalid(format!("disk size {size} must be a non-zero multiple of 512 bytes")));
         }
@@ -78,7 +88,7 @@ impl Header {
         }
         let size_sectors = size / SECTOR;
         Ok(Header {
-            variant: Variant::V2,
+            variant,
             heads: 16,
             cylinders: (size_sectors / 16 / 32).min(u32::MAX as u64) as u32,
             cluster_sectors: (cluster / SECTOR) as u32,

@@ -17,6 +17,10 @@ use crate::io::{open_image_file, AlignedBuf, Direct, ImageFile, Io};
 pub use ploop::{MetaError, OpenReport, PloopLayer};
 pub use raw::RawLayer;
 
+/// The mode of every image file we create (before the umask): owner only,
+/// as ploop creates them, for they hold a container's data.
+pub const IMAGE_MODE: u32 = 0o600;
+
 /// The formats a layer file can have.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -146,6 +150,13 @@ impl Layer {
         match self {
             Layer::Ploop(l) => l.size(),
             Layer::Raw(l) => l.size(),
+        }
+    }
+    /// The ploop version of this layer (None for a raw file).
+    pub fn variant(&self) -> Option<header::Variant> {
+        match self {
+            Layer::Ploop(l) => Some(l.header().variant),
+            Layer::Raw(_) => None,
         }
     }
     /// The cluster size the format imposes, if any.

@@ -136,12 +136,16 @@ async fn read_bitmap<I: Io>(io: &I, fd: std::os::fd::RawFd, h: &Header, file_len
     }
     let cluster = h.cluster_bytes();
     let bytes = nbits.div_ceil(8);
-    if l1_size != bytes.div_ceil(cluster) || (BITMAP_HEADER as u64 + 8 * l1_size) > d.len() as u64 {
-        return Err(bad(format!("dirty bitmap L1 of {l1_size} entries does not match its {nbits} bits")));
+    // ploop's reader takes any number of L1 entries the record holds: a
+    // chunk with no entry is all clear (`ploop snapshot -b` on a stopped
+    // disk writes an L1 of none), an entry past the bitmap is ignored.
+    if (BITMAP_HEADER as u64 + 8 * l1_size) > d.len() as u64 {
+        return Err(bad(format!("dirty bitmap L1 of {l1_size} entries runs past its record")));
     }
-    let mut raw = vec![0u8; (l1_size * cluster) as usize];
+    let chunks = bytes.div_ceil(cluster);
+    let mut raw = vec![0u8; (chunks * cluster) as usize];
     let mut clusters = Vec::new();
-    for i in 0..l1_size as usize {
+    for i in 0..l1_size.min(chunks) as usize {
         let entry = le64(d, BITMAP_HEADER + 8 * i);
         let chunk = &mut raw[i * cluster as usize..(i + 1) * cluster as usize];
         match entry {

@@ -31,7 +31,8 @@ use crate::error::{Error, Result};
 use crate::io::{open_image_file, wait::SyncGroup, wait::WaitList, Direct, ImageFile, Io};
 
 use super::bat::{self, BatScan};
-use super::header::{Header, CLOSED, FLAG_EMPTY, HEADER_SIZE, IN_USE, SECTOR};
+use super::header::{Header, Variant, CLOSED, FLAG_EMPTY, HEADER_SIZE, IN_USE, SECTOR};
+use super::IMAGE_MODE;
 
 pub use meta::MetaError;
 
@@ -222,14 +223,23 @@ impl PloopLayer {
         Ok((layer, report))
     }
 
-    /// Create a new, empty image file (fails if `path` exists).
+    /// Create a new, empty v2 image file (fails if `path` exists).
     pub async fn create<I: Io>(io: &I, path: &Path, size: u64, cluster: u64) -> Result<Header> {
+        Self::create_variant(io, path, size, cluster, Variant::V2).await
+    }
+
+    /// Create a new, empty image file of either version (a delta takes its
+    /// chain's version: ploop refuses to merge mixed ones). Mode 0600, as
+    /// ploop creates images: they hold a container's data.
+    pub async fn create_variant<I: Io>(io: &I, path: &Path, size: u64, cluster: u64, variant: Variant) -> Result<Header> {
         use std::os::fd::AsRawFd;
-        let header = Header::new(size, cluster)?;
+        use std::os::unix::fs::OpenOptionsExt;
+        let header = Header::new_variant(size, cluster, variant)?;
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
+            .mode(IMAGE_MODE)
             .open(path)
             .map_err(|e| Error::io(e, path.display()))?;
         // The header, then an empty BAT up to the data area, written out
