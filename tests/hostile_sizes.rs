@@ -138,7 +138,7 @@ fn damage_inside_a_sparse_table_is_found() {
     let (r, rss) = run_limited(&["check", "--json", p]);
     r.expect_code(2);
     let j = r.json();
-    let bad = j["report"]["bad_entries"].as_array().unwrap_or_else(|| panic!("{}", r.stdout));
+    let bad = j["deltas"][0]["report"]["bad_entries"].as_array().unwrap_or_else(|| panic!("{}", r.stdout));
     assert_eq!(bad.len(), 1, "{}", r.stdout);
     assert_eq!(bad[0]["index"], 10_000_000);
     small("check", rss);
