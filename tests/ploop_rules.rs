@@ -120,7 +120,7 @@ fn an_empty_changed_block_record_is_valid() {
     append_cbt_record(&img, [0x5A; 16], 128, 0);
     ploop(["info", p(&img)]).ok();
     let r = ploop(["check", p(&img), "--json"]).ok().json();
-    assert_eq!(r["report"]["dirty_bitmaps"], 1, "{r}");
+    assert_eq!(r["deltas"][0]["report"]["dirty_bitmaps"], 1, "{r}");
     // (qemu-img 7.2 will not open this one: its reader wants the full L1.)
     // A read-write open takes it as "nothing changed", and a clean close
     // puts it back, with an L1 entry per chunk (which qemu-img reads).
