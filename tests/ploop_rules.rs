@@ -131,7 +131,7 @@ fn an_empty_changed_block_record_is_valid() {
     assert_bytes_equal(&read_all(&[img.clone()])[CLUSTER as usize..(3 * CLUSTER) as usize], &data[..], "disk content");
     // Fewer entries than chunks: the missing chunks are all clear too.
     let img2 = dir.join("b.hds");
-    ploop(["create", p(&img2), "--size", "8M", "--cluster-size", "4K"]).ok();
+    ploop(["create", p(&img2), "--size", "256M", "--cluster-size", "32K"]).ok();
     append_cbt_record(&img2, [1; 16], 1, 1);
     ploop(["check", p(&img2)]).ok();
     assert_eq!(record_of(&img2), Some(([1; 16], SECTOR, vec![])));
