@@ -290,6 +290,28 @@ fn unrelated_partial_names_are_left_alone() {
     assert_eq!(names(dir.path()), ["a.img", "a.stream", "keep", "keep.partial", "keep2", "keep2.partial", "work"]);
 }
 
+/// A destination spelled `.`, `..` or `/` is refused before a byte is
+/// read (it can never be renamed over: the whole stream was received and
+/// then thrown away with EBUSY).
+#[test]
+fn a_destination_that_is_dot_or_dotdot_is_refused_at_once() {
+    let dir = TempDir::new("recv-dot");
+    let a = new_image(&dir.join("a.img"), 8 * CLUSTER);
+    let f = dir.join("a.stream");
+    std::fs::write(&f, stream_of(&a, None)).unwrap();
+    let empty = dir.join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    for dest in [".", "..", "/", "./", "sub/.."] {
+        let mut c = Command::new(bin());
+        c.args(["receive", "--image", dest, "--from", p(&f)]).current_dir(&empty).env_remove("RUST_LOG");
+        let r = run(&mut c);
+        r.expect_code(1);
+        assert!(r.stderr.contains("must name a new image"), "{dest}: {}", r.stderr);
+    }
+    assert_eq!(names(&empty), Vec::<String>::new());
+    assert_eq!(names(dir.path()), ["a.img", "a.stream", "empty"]);
+}
+
 /// `--listen PATH` puts its socket only where nothing is, or where a
 /// socket nobody listens on was left: a regular file or a live socket is
 /// refused and kept.

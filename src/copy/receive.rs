@@ -161,6 +161,14 @@ fn free_space(dir: &Path) -> Result<u64> {
 }
 
 fn check_destination(dest: &Path, incremental: bool) -> Result<()> {
+    // `.`, `..` or `/` name a directory that can never be renamed over: a
+    // receive into one would transfer everything and then fail.
+    if !matches!(dest.components().next_back(), Some(std::path::Component::Normal(_))) {
+        return Err(Error::invalid(format!(
+            "{}: the destination must name a new image or disk directory (e.g. DIR/backup.hds or DIR/ct101), not a directory by . or .. or /",
+            dest.display()
+        )));
+    }
     if incremental {
         if !dest.exists() {
             return Err(Error::new(libc::ENOENT, format!("{}: an incremental stream updates an existing image; it does not exist", dest.display())));
