@@ -444,20 +444,29 @@ fn exchange(mut stream: UnixStream, path: &Path, who: &str, request: Request, fd
     stream.set_read_timeout(Some(Duration::from_secs(120))).ok();
     let mut line = serde_json::to_vec(&Envelope { version: Some(PROTOCOL_VERSION), request }).expect("requests serialise");
     line.push(b'\n');
-    if fds.is_empty() {
-        stream.write_all(&line).map_err(|e| Error::io(e, path.display()))?;
+    let sent = if fds.is_empty() {
+        stream.write_all(&line)
     } else {
         use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
         // The descriptors ride with the first bytes; the rest follows.
         let iov = [std::io::IoSlice::new(&line)];
-        let sent = sendmsg::<()>(stream.as_raw_fd(), &iov, &[ControlMessage::ScmRights(fds)], MsgFlags::empty(), None)
-            .map_err(|e| Error::io(std::io::Error::from_raw_os_error(e as i32), path.display()))?;
-        stream.write_all(&line[sent..]).map_err(|e| Error::io(e, path.display()))?;
-    }
+        sendmsg::<()>(stream.as_raw_fd(), &iov, &[ControlMessage::ScmRights(fds)], MsgFlags::empty(), None)
+            .map_err(|e| std::io::Error::from_raw_os_error(e as i32))
+            .and_then(|sent| stream.write_all(&line[sent..]))
+    };
+    // A daemon that refuses a peer (credentials, no free slot) answers and
+    // closes without reading: the write may then fail with EPIPE while its
+    // answer, which says why, is waiting to be read.
     let mut answer = String::new();
-    BufReader::new(stream).read_line(&mut answer).map_err(|e| Error::io(e, path.display()))?;
-    let reply: Reply = serde_json::from_str(&answer)
-        .map_err(|e| Error::new(libc::EPROTO, format!("{who}: unreadable reply from daemon: {e}")))?;
+    let read = BufReader::new(stream).read_line(&mut answer);
+    let reply: Reply = match (sent, read) {
+        (_, Ok(n)) if n > 0 => {
+            serde_json::from_str(&answer).map_err(|e| Error::new(libc::EPROTO, format!("{who}: unreadable reply from daemon: {e}")))?
+        }
+        (Err(e), _) => return Err(Error::io(e, path.display())),
+        (Ok(()), Err(e)) => return Err(Error::io(e, path.display())),
+        (Ok(()), Ok(_)) => return Err(Error::new(libc::EPROTO, format!("{who}: the daemon closed the connection without a reply"))),
+    };
     if reply.ok {
         Ok(reply.result.unwrap_or(Value::Null))
     } else {

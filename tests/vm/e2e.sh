@@ -597,13 +597,16 @@ $((100 << 20)) $((102 << 20))"
 
 # An MBR partition table on $1 (no sfdisk needed): Linux partitions at the
 # given start:sectors pairs.
-write_mbr() { # dev start:sectors...
-	local dev=$1 at=446 p
+write_mbr() { # dev start:sectors... (in 512-byte units)
+	# An MBR counts in the device's logical blocks: 4 KiB where the image
+	# files' direct I/O alignment is (the 7.x guest's scratch disk).
+	local dev=$1 at=446 p per
+	per=$(($(blockdev --getss "$dev") / 512))
 	shift
 	le32() { printf '\\x%02x\\x%02x\\x%02x\\x%02x' $(($1 & 255)) $(($1 >> 8 & 255)) $(($1 >> 16 & 255)) $(($1 >> 24 & 255)); }
 	for p in "$@"; do
 		# shellcheck disable=SC2059
-		printf "\\x00\\x00\\x00\\x00\\x83\\x00\\x00\\x00$(le32 "${p%:*}")$(le32 "${p#*:}")" |
+		printf "\\x00\\x00\\x00\\x00\\x83\\x00\\x00\\x00$(le32 $((${p%:*} / per)))$(le32 $((${p#*:} / per)))" |
 			dd of="$dev" bs=1 seek=$at conv=notrunc status=none
 		at=$((at + 16))
 	done
