@@ -5,7 +5,7 @@
 //! (leaked clusters, a stale in-use mark), and repairs both in an order
 //! that is itself crash safe: data copies, then the BAT, then trimming.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
@@ -109,8 +109,7 @@ async fn check_with<I: Io>(io: &I, path: &Path, format: Format, repair: bool, ta
     // A repair writes: never through a symlink.
     let nofollow = if repair { libc::O_NOFOLLOW } else { 0 };
     let file = {
-        use std::os::unix::fs::OpenOptionsExt;
-        OpenOptions::new().read(true).write(repair).custom_flags(nofollow).open(path).map_err(|e| Error::io(e, path.display()))?
+        crate::io::open_named(path, repair, nofollow, format == Format::Raw).map_err(|e| Error::io(e, path.display()))?
     };
     let fd = file.as_raw_fd();
     if take_lock && crate::layers::flock_waiting(fd, repair).is_err() {

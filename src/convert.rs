@@ -44,7 +44,7 @@ pub async fn convert<I: Io>(
     // which says what is wrong with it.)
     for spec in sources.iter().filter(|s| s.format == Format::Ploop) {
         let name = spec.path.display().to_string();
-        let Ok(file) = std::fs::File::open(&spec.path) else { continue };
+        let Ok(file) = crate::io::open_named(&spec.path, false, 0, true) else { continue };
         if let Ok(read) = load::read_header(io, std::os::fd::AsRawFd::as_raw_fd(&file), &name).await {
             within_table_limit(&name, read.header.size_bytes(), read.header.cluster_bytes())?;
         }

@@ -351,3 +351,46 @@ fn a_template_outside_left_in_use_is_not_repaired_from_here() {
     let raw = w.path("out.raw");
     ploop(["convert", "--to", "raw", p(&w.ct), p(&raw)]).ok();
 }
+
+/// A FIFO or a device under a name a descriptor (or the command line)
+/// gives is refused at once: opening a FIFO would hang the command, and
+/// opening a device can have effects of its own.
+#[test]
+fn fifos_and_devices_are_refused_not_opened() {
+    let w = World::new("paths-fifo");
+    over_base(&w, "../fifo");
+    let fifo = w.path("fifo");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    // Bounded: on the old code each of these hung forever on the FIFO.
+    let bounded = |args: &[&str]| {
+        let mut cmd = std::process::Command::new("timeout");
+        cmd.arg("20").arg(bin()).args(args).env_remove("RUST_LOG");
+        run(&mut cmd)
+    };
+    let out = w.root.join("out.raw");
+    for args in [vec!["info"], vec!["check"], vec!["snapshot"], vec!["snapshot-merge"], vec!["convert", "--to", "raw"]] {
+        let mut all = args.clone();
+        all.push(p(&w.ct));
+        if args[0] == "convert" {
+            all.push(p(&out));
+        }
+        let r = bounded(&all);
+        assert_ne!(r.code(), 124, "{args:?} hung on a FIFO");
+        r.expect_clean_failure().mentions(&["FIFO"]);
+    }
+    assert!(!out.exists());
+    // An image or a descriptor given by path that is a FIFO or a device.
+    for args in [vec!["info", p(&fifo)], vec!["check", p(&fifo)], vec!["info", "/dev/null"], vec!["snapshot-list", p(&fifo)]] {
+        let r = bounded(&args);
+        assert_ne!(r.code(), 124, "{args:?} hung");
+        assert_ne!(r.code(), 0, "{args:?} accepted a FIFO or a device");
+    }
+    // The same FIFO as the disk's descriptor.
+    let d2 = w.path("ct2");
+    fs::create_dir(&d2).unwrap();
+    std::process::Command::new("mkfifo").arg(d2.join("DiskDescriptor.xml")).status().unwrap();
+    let r = bounded(&["info", p(&d2)]);
+    assert_ne!(r.code(), 124, "a FIFO descriptor hung info");
+    r.expect_clean_failure().mentions(&["FIFO"]);
+}

@@ -212,7 +212,7 @@ impl Descriptor {
     /// path may name any file at all.
     pub fn read_text(path: &std::path::Path) -> Result<String> {
         use std::io::Read;
-        let file = std::fs::File::open(path).map_err(|e| Error::io(e, path.display()))?;
+        let file = crate::io::open_named(path, false, 0, false).map_err(|e| Error::io(e, path.display()))?;
         let mut bytes = Vec::new();
         file.take(MAX_DESCRIPTOR + 1).read_to_end(&mut bytes).map_err(|e| Error::io(e, path.display()))?;
         if bytes.len() as u64 > MAX_DESCRIPTOR {

@@ -92,7 +92,7 @@ impl DiskLock {
         if unsafe { libc::flock(lck.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             return Err(busy(None, "flock on the .lck file"));
         }
-        let base_file = File::open(base).map_err(|e| Error::io(e, base.display()))?;
+        let base_file = crate::io::open_named(base, false, 0, true).map_err(|e| Error::io(e, base.display()))?;
         let io_err = |e| Error::io(e, base.display());
         if let Some(who) = conflicting(&base_file).map_err(io_err)? {
             return Err(busy(Some(who), "byte-range lock on the base delta"));
@@ -121,7 +121,7 @@ impl DiskLock {
             let by = who.filter(|&p| p > 0).map(|p| format!(", pid {p}")).unwrap_or_default();
             Error::new(libc::EBUSY, format!("{}: the new base delta is locked by another process{by}", base.display()))
         };
-        let file = File::open(base).map_err(|e| Error::io(e, base.display()))?;
+        let file = crate::io::open_named(base, false, 0, true).map_err(|e| Error::io(e, base.display()))?;
         let io_err = |e| Error::io(e, base.display());
         if let Some(who) = conflicting(&file).map_err(io_err)? {
             return Err(busy(Some(who)));

@@ -429,7 +429,7 @@ pub async fn delete<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, guid: Guid, p
             let path = disk.writable_path(&img, "remove")?;
             // Not in the served chain (only the top has no child there);
             // refuse if something else reads it.
-            let probe = std::fs::File::open(&path).map_err(|e| Error::io(e, path.display()))?;
+            let probe = crate::io::open_named(&path, false, 0, false).map_err(|e| Error::io(e, path.display()))?;
             // SAFETY: plain syscall on our own descriptor.
             if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&probe), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
                 return Err(Error::new(libc::EBUSY, format!("{}: in use by another process (a mounted snapshot?)", path.display())));

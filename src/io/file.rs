@@ -61,17 +61,48 @@ pub fn is_hole(fd: RawFd, at: u64, len: u64) -> bool {
     next < 0 || next as u64 >= at + len
 }
 
+/// Open a file a descriptor or a command line named, for reading (and
+/// writing with `write`). It is opened without blocking, so a FIFO or a
+/// device planted under the name cannot hang the command, and refused
+/// unless it is a regular file (or a block device where `block_ok`:
+/// a raw layer may be one). `extra` adds open flags (O_DIRECT,
+/// O_NOFOLLOW); the non-blocking flag is cleared again before returning,
+/// since io_uring would take it as a request for non-blocking I/O.
+pub fn open_named(path: &Path, write: bool, extra: i32, block_ok: bool) -> std::io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(extra | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(path)?;
+    let kind = file.metadata()?.file_type();
+    use std::os::unix::fs::FileTypeExt;
+    if !(kind.is_file() || (block_ok && kind.is_block_device())) {
+        let what = if kind.is_dir() {
+            "a directory"
+        } else if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_socket() {
+            "a socket"
+        } else if kind.is_char_device() {
+            "a character device"
+        } else {
+            "not a regular file"
+        };
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{what}, not an image or descriptor file; refused")));
+    }
+    // SAFETY: F_GETFL/F_SETFL on a descriptor we own.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 || unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(file)
+}
+
 pub fn open_image_file(path: &Path, writable: bool, direct: Direct) -> Result<ImageFile> {
     // A file is written only through its own name, never through a symlink
     // (which could lead anywhere); reading through one is fine.
     let nofollow = if writable { libc::O_NOFOLLOW } else { 0 };
-    let open = |flags: i32| {
-        OpenOptions::new()
-            .read(true)
-            .write(writable)
-            .custom_flags(flags | nofollow | libc::O_CLOEXEC)
-            .open(path)
-    };
+    let open = |flags: i32| open_named(path, writable, flags | nofollow, true);
     let (file, is_direct) = match direct {
         Direct::Off => (open(0), false),
         Direct::On | Direct::Auto => match open(libc::O_DIRECT) {

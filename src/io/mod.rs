@@ -20,7 +20,7 @@ mod uring;
 pub mod wait;
 
 pub use aligned::{AlignedBuf, BufPool};
-pub use file::{is_hole, open_image_file, Direct, ImageFile};
+pub use file::{is_hole, open_image_file, open_named, Direct, ImageFile};
 pub use ring::{RingIo, Submit};
 pub use sync::SyncIo;
 pub use uring::OwnRing;

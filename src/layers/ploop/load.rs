@@ -28,7 +28,7 @@ pub async fn read_header<I: Io>(io: &I, fd: RawFd, path: &str) -> Result<HeaderR
 /// The disk size an image's header declares.
 pub async fn image_size<I: Io>(io: &I, path: &std::path::Path) -> Result<u64> {
     let name = path.display().to_string();
-    let file = std::fs::File::open(path).map_err(|e| Error::io(e, &name))?;
+    let file = crate::io::open_named(path, false, 0, false).map_err(|e| Error::io(e, &name))?;
     use std::os::fd::AsRawFd;
     Ok(read_header(io, file.as_raw_fd(), &name).await?.header.size_bytes())
 }
