@@ -734,3 +734,24 @@ fn an_incremental_receive_refuses_a_hard_linked_image() {
         ]
     );
 }
+
+/// A delta `IMG.incoming` left beside an image that was then removed: a
+/// new full receive to that name refuses (naming the delta), so that the
+/// next incremental does not apply a stale delta to the new image.
+/// Before, the full receive went through and the delta stayed.
+#[test]
+fn a_full_receive_refuses_a_delta_left_under_its_name() {
+    let dir = TempDir::new("recv-left-delta");
+    let backup = dir.join("backup.img");
+    let src = source_and_backup(&dir, &backup, 41);
+    let incoming = dir.join("backup.img.incoming");
+    block_on(PloopLayer::create(&SyncIo, &incoming, src.stack.size(), CLUSTER)).unwrap();
+    std::fs::remove_file(&backup).unwrap();
+    let before = std::fs::read(&incoming).unwrap();
+    let r = ploop(["receive", "--image", p(&backup), "--from", p(&dir.join("full.stream"))]);
+    assert_ne!(r.code, Some(0), "the receive went through: {}{}", r.stdout, r.stderr);
+    r.mentions(&["backup.img.incoming"]);
+    r.mentions(&["remove"]);
+    assert!(!backup.exists(), "an image was received");
+    assert_eq!(std::fs::read(&incoming).unwrap(), before);
+}

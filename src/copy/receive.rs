@@ -178,6 +178,22 @@ fn check_destination(dest: &Path, incremental: bool) -> Result<()> {
         }
     } else if std::fs::symlink_metadata(dest).is_ok() && !is_empty_dir(dest) {
         return Err(Error::new(libc::EEXIST, format!("{}: destination exists; refusing to overwrite it (--incremental updates an image)", dest.display())));
+    } else {
+        // A delta an earlier receive left for the image once under this
+        // name: the next incremental receive would apply it to the new one.
+        let left = temp_beside(dest, ".incoming");
+        if std::fs::symlink_metadata(&left).is_ok() {
+            return Err(Error::new(
+                libc::EEXIST,
+                format!(
+                    "{}: exists, a delta an earlier incremental receive left to be applied to the image once named {}; \
+                     a new image under that name would get it applied later: if the old image is gone, remove {}",
+                    left.display(),
+                    dest.display(),
+                    left.display()
+                ),
+            ));
+        }
     }
     Ok(())
 }
