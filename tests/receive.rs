@@ -546,3 +546,212 @@ fn an_incomplete_delta_is_removed_not_applied() {
     assert_backup_is_source(&backup, &src);
     assert_eq!(names(dir.path()), ["backup.img", "full.stream", "incr.stream", "src.img"]);
 }
+
+/// Every file in `dir` (by name) with its size and a checksum of its bytes.
+fn snapshot_files(dir: &Path) -> Vec<(String, usize, u64)> {
+    use std::hash::{Hash, Hasher};
+    names(dir)
+        .into_iter()
+        .map(|n| {
+            let bytes = std::fs::read(dir.join(&n)).unwrap();
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            bytes.hash(&mut h);
+            (n, bytes.len(), h.finish())
+        })
+        .collect()
+}
+
+/// An incremental receive into a disk directory keeps to the path rules:
+/// a descriptor whose top lies outside the directory (absolute, or through
+/// `..`), or a top hard-linked to a file elsewhere, is refused; nothing
+/// outside is written or removed (a stale-delta name planted beside the
+/// outside file stays). Before, the receive wrote the outside file and
+/// removed `victim/NAME.incoming.abc123`.
+#[test]
+fn an_incremental_receive_into_a_disk_directory_writes_only_inside_it() {
+    let dir = TempDir::new("recv-disk-outside");
+    let size = 32 * CLUSTER;
+    let src = new_image(&dir.join("src.img"), size);
+    block_on(src.write(&SyncIo, 0, &Rng::new(21).bytes(8 * CLUSTER as usize))).unwrap();
+    let cbt = Arc::new(Tracker::new(size, CLUSTER));
+    block_on(src.add_tracker(cbt.clone())).unwrap();
+    let full = dir.join("full.stream");
+    std::fs::write(&full, stream_of(&src, None)).unwrap();
+    cbt.drain();
+    block_on(src.write(&SyncIo, 3 * CLUSTER, &vec![0x5a; CLUSTER as usize])).unwrap();
+    let incr = dir.join("incr.stream");
+    std::fs::write(&incr, stream_of(&src, Some(cbt.drain()))).unwrap();
+
+    // A disk directory as it should be takes the stream (under ploop's
+    // lock on the disk, which the receive holds throughout).
+    let good = dir.join("good");
+    ploop([
+        "receive",
+        "--image",
+        &format!("{}/", p(&good)),
+        "--from",
+        p(&full),
+    ])
+    .ok();
+    ploop([
+        "receive",
+        "--image",
+        p(&good),
+        "--incremental",
+        "--from",
+        p(&incr),
+    ])
+    .ok();
+    assert_bytes_equal(
+        &image_bytes(&good.join("root.hds")),
+        &read_all(&src),
+        "disk directory vs source",
+    );
+
+    let victim = dir.join("victim");
+    std::fs::create_dir(&victim).unwrap();
+    let cases: [(&str, &str); 3] = [
+        ("absolute", "data"),
+        ("dotdot", "tmpl.hds"),
+        ("hardlink", "tmpl.hds"),
+    ];
+    for (i, (case, file)) in cases.iter().enumerate() {
+        let disk = dir.join(&format!("disk{i}"));
+        ploop([
+            "receive",
+            "--image",
+            &format!("{}/", p(&disk)),
+            "--from",
+            p(&full),
+        ])
+        .ok();
+        let outside = victim.join(format!("{i}-{file}"));
+        let _ = std::fs::remove_file(&outside);
+        std::fs::copy(disk.join("root.hds"), &outside).unwrap();
+        let xml = disk.join("DiskDescriptor.xml");
+        let desc = std::fs::read_to_string(&xml).unwrap();
+        assert!(desc.contains("<File>root.hds</File>"), "{desc}");
+        match *case {
+            "absolute" => std::fs::write(
+                &xml,
+                desc.replace(
+                    "<File>root.hds</File>",
+                    &format!("<File>{}</File>", p(&outside)),
+                ),
+            )
+            .unwrap(),
+            "dotdot" => std::fs::write(
+                &xml,
+                desc.replace(
+                    "<File>root.hds</File>",
+                    &format!("<File>../victim/{i}-{file}</File>"),
+                ),
+            )
+            .unwrap(),
+            _ => {
+                std::fs::remove_file(disk.join("root.hds")).unwrap();
+                std::fs::hard_link(&outside, disk.join("root.hds")).unwrap();
+            }
+        }
+        // A name a dead receive's delta would have, beside the outside file.
+        std::fs::write(
+            victim.join(format!("{i}-{file}.incoming.abc123")),
+            b"not ours",
+        )
+        .unwrap();
+        let before = snapshot_files(&victim);
+        let r = ploop([
+            "receive",
+            "--image",
+            p(&disk),
+            "--incremental",
+            "--from",
+            p(&incr),
+        ]);
+        assert_ne!(
+            r.code,
+            Some(0),
+            "{case}: the receive went through: {}{}",
+            r.stdout,
+            r.stderr
+        );
+        assert!(
+            r.stderr.contains("outside") || r.stderr.contains("hard link"),
+            "{case}: {}",
+            r.stderr
+        );
+        assert_eq!(
+            snapshot_files(&victim),
+            before,
+            "{case}: files outside the disk directory changed"
+        );
+    }
+}
+
+/// A single-file image with a second hard link elsewhere: an incremental
+/// receive refuses it (writing it would change the other name's file too),
+/// and the file is unchanged. Before, the delta was applied through it.
+#[test]
+fn an_incremental_receive_refuses_a_hard_linked_image() {
+    let dir = TempDir::new("recv-hardlinked");
+    let backup = dir.join("backup.img");
+    let src = source_and_backup(&dir, &backup, 31);
+    let victim = dir.join("victim");
+    std::fs::create_dir(&victim).unwrap();
+    std::fs::hard_link(&backup, victim.join("other.img")).unwrap();
+    let f = dir.join("incr.stream");
+    std::fs::write(&f, change(&src, &[4, 12], 32)).unwrap();
+    let before = snapshot_files(&victim);
+    let r = ploop([
+        "receive",
+        "--image",
+        p(&backup),
+        "--incremental",
+        "--from",
+        p(&f),
+    ]);
+    assert_ne!(
+        r.code,
+        Some(0),
+        "the receive went through: {}{}",
+        r.stdout,
+        r.stderr
+    );
+    r.mentions(&["single name"]);
+    assert_eq!(
+        snapshot_files(&victim),
+        before,
+        "the other name's file changed"
+    );
+    assert_eq!(
+        names(dir.path()),
+        [
+            "backup.img",
+            "full.stream",
+            "incr.stream",
+            "src.img",
+            "victim"
+        ]
+    );
+}
+
+/// A delta `IMG.incoming` left beside an image that was then removed: a
+/// new full receive to that name refuses (naming the delta), so that the
+/// next incremental does not apply a stale delta to the new image.
+/// Before, the full receive went through and the delta stayed.
+#[test]
+fn a_full_receive_refuses_a_delta_left_under_its_name() {
+    let dir = TempDir::new("recv-left-delta");
+    let backup = dir.join("backup.img");
+    let src = source_and_backup(&dir, &backup, 41);
+    let incoming = dir.join("backup.img.incoming");
+    block_on(PloopLayer::create(&SyncIo, &incoming, src.stack.size(), CLUSTER)).unwrap();
+    std::fs::remove_file(&backup).unwrap();
+    let before = std::fs::read(&incoming).unwrap();
+    let r = ploop(["receive", "--image", p(&backup), "--from", p(&dir.join("full.stream"))]);
+    assert_ne!(r.code, Some(0), "the receive went through: {}{}", r.stdout, r.stderr);
+    r.mentions(&["backup.img.incoming"]);
+    r.mentions(&["remove"]);
+    assert!(!backup.exists(), "an image was received");
+    assert_eq!(std::fs::read(&incoming).unwrap(), before);
+}

@@ -107,6 +107,9 @@ pub fn receive_with(
     let lock = DestLock::take(&dest)?;
     // Another receive may have finished between the check and the lock.
     check_destination(&dest, opts.incremental)?;
+    // An incremental receive changes a disk directory's top: hold ploop's
+    // lock on the disk throughout, as every command that changes it does.
+    let _disk_lock = if opts.incremental && Disk::is_disk(&dest) { Some(Disk::load_locked(&dest)?) } else { None };
     let mut out = Received::default();
     if opts.incremental {
         out.finished_apply = finish_interrupted_apply(&dest, opts.direct, note)?;
@@ -175,6 +178,22 @@ fn check_destination(dest: &Path, incremental: bool) -> Result<()> {
         }
     } else if std::fs::symlink_metadata(dest).is_ok() && !is_empty_dir(dest) {
         return Err(Error::new(libc::EEXIST, format!("{}: destination exists; refusing to overwrite it (--incremental updates an image)", dest.display())));
+    } else {
+        // A delta an earlier receive left for the image once under this
+        // name: the next incremental receive would apply it to the new one.
+        let left = temp_beside(dest, ".incoming");
+        if std::fs::symlink_metadata(&left).is_ok() {
+            return Err(Error::new(
+                libc::EEXIST,
+                format!(
+                    "{}: exists, a delta an earlier incremental receive left to be applied to the image once named {}; \
+                     a new image under that name would get it applied later: if the old image is gone, remove {}",
+                    left.display(),
+                    dest.display(),
+                    left.display()
+                ),
+            ));
+        }
     }
     Ok(())
 }
@@ -526,10 +545,12 @@ impl Sink {
         let io = &SyncIo;
         let stack_opts = StackOptions { read_only: false, direct: opts.direct };
         let (made, specs) = if opts.incremental {
-            let target = if Disk::is_disk(dest) { block_on(Disk::load(dest)?.writable_layers(io))? } else { vec![LayerSpec::ploop(dest)] };
+            let target = target_chain(dest)?;
             let top = &target.last().expect("a chain is never empty").path;
             // The delta takes the target's geometry, which must match.
             let (probe, _) = block_on(Stack::open_layers(io, &target, &StackOptions { read_only: true, direct: opts.direct }))?;
+            // Refused before the stream is read, not only at the apply.
+            check_top_is_ours(&probe)?;
             if probe.size() != size || probe.cluster_size() != cluster {
                 return Err(Error::invalid(format!(
                     "{}: the stream's disk ({size} bytes, clusters of {cluster}) is not this image's ({} bytes, clusters of {})",
@@ -778,9 +799,32 @@ fn publish_delta(delta: &Path, complete: &Path) -> Result<()> {
     sync_parent(complete)
 }
 
-/// The layers of the image (or disk) an incremental stream updates.
+/// The layers of the image (or disk) an incremental stream updates. Of a
+/// disk directory, only a top inside it is ever written (and only beside
+/// it are deltas made and removed): never a file the descriptor names
+/// outside, nor one with another hard link.
 fn target_chain(dest: &Path) -> Result<Vec<LayerSpec>> {
-    Ok(if Disk::is_disk(dest) { Disk::load(dest)?.layers(None)? } else { vec![LayerSpec::ploop(dest)] })
+    Ok(if Disk::is_disk(dest) { block_on(Disk::load(dest)?.writable_layers(&SyncIo))? } else { vec![LayerSpec::ploop(dest)] })
+}
+
+/// The top of an opened target, as it is now (not as its name was when
+/// checked): a regular file with no other hard link, or the apply would
+/// change another file too.
+fn check_top_is_ours(stack: &Stack) -> Result<()> {
+    let layers = stack.layers();
+    let top = layers.last().expect("a chain is never empty").file();
+    let m = top.file.metadata().map_err(|e| Error::io(e, top.path.display()))?;
+    if !m.is_file() || m.nlink() != 1 {
+        return Err(Error::new(
+            libc::EPERM,
+            format!(
+                "{}: refusing to apply a delta to it: it is not a regular file with a single name ({} links), so writing it would change another file too",
+                top.path.display(),
+                m.nlink()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Before an incremental receive: a complete delta left by an apply that
@@ -857,6 +901,10 @@ fn apply_delta(delta: &Path, target: &[LayerSpec], direct: Direct) -> Result<u64
     check_clean(delta)?;
     let (src, _) = block_on(Stack::open_layers(io, &[LayerSpec::ploop(delta)], &StackOptions { read_only: true, direct }))?;
     let (dst, _) = block_on(Stack::open_layers(io, target, &StackOptions { read_only: false, direct }))?;
+    if let Err(e) = check_top_is_ours(&dst) {
+        let _ = block_on(dst.close(io));
+        return Err(e);
+    }
     if src.size() != dst.size() || src.cluster_size() != dst.cluster_size() {
         let _ = block_on(dst.close(io));
         return Err(Error::invalid(format!(
