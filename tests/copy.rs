@@ -771,3 +771,41 @@ fn a_backup_record_counts_only_from_a_successful_full_backup() {
     assert_eq!(saved.iter().map(|b| b.id).collect::<Vec<_>>(), vec![[0x5A; 16]]);
     block_on(stack.close(&SyncIo)).unwrap();
 }
+
+/// After the frozen point the copy still sends; a stop then saves the
+/// record as it stands. The marks the backup took must still be in it
+/// until the stream is all out, and a write after the frozen point to a
+/// cluster the backup took stays marked once it succeeded.
+#[test]
+fn the_record_keeps_what_a_backup_is_still_sending() {
+    let dir = TempDir::new("cbt-pending");
+    let size = 16 * CLUSTER;
+    let stack = new_image(&dir.join("a.img"), size);
+    block_on(stack.write(&SyncIo, 0, &vec![1u8; 8 * CLUSTER as usize])).unwrap();
+    let cbt = Arc::new(Tracker::new(size, CLUSTER));
+    block_on(stack.add_tracker(cbt.clone())).unwrap();
+    block_on(stack.write(&SyncIo, 3 * CLUSTER, &[2u8; 4096])).unwrap();
+    block_on(stack.write(&SyncIo, 10 * CLUSTER, &[3u8; 4096])).unwrap();
+
+    /// At the thaw (after the frozen point, before the held clusters go
+    /// out): what a stop would save, and a write landing then.
+    struct AtThaw<'a> {
+        cbt: Arc<Tracker>,
+        stack: &'a Stack,
+        seen: Option<Vec<usize>>,
+    }
+    impl FsFreeze for AtThaw<'_> {
+        fn freeze(&mut self) -> ublk_ploop::Result<()> {
+            Ok(())
+        }
+        fn thaw(&mut self) -> ublk_ploop::Result<()> {
+            self.seen = Some(self.cbt.peek().iter_ones().collect());
+            block_on(self.stack.write(&SyncIo, 3 * CLUSTER + 8192, &[4u8; 512]))
+        }
+    }
+    let mut fs = AtThaw { cbt: cbt.clone(), stack: &stack, seen: None };
+    send_to_vec(&stack, &mut fs, SendOptions { incremental: true, cbt: Some(cbt.clone()), ..Default::default() });
+    assert_eq!(fs.seen, Some(vec![3, 10]), "the record a stop would save after the frozen point");
+    assert_eq!(cbt.peek().iter_ones().collect::<Vec<_>>(), vec![3], "the write after the frozen point is the next backup's");
+    block_on(stack.close(&SyncIo)).unwrap();
+}
