@@ -450,39 +450,26 @@ impl Handler for DaemonHandler {
                 }
                 let end = if stop { copy::End::Stop } else { copy::End::Resume };
                 let opts = limited(copy::SendOptions { two_way, end, ..Default::default() }, freeze_limit, timeout)?;
-                json(&self.start_copy("copy", channel, opts, allow_unfrozen, None)?)
+                json(&self.start_copy("copy", channel, opts, allow_unfrozen, None, None)?)
             }
             Request::Backup { two_way, incremental, freeze_limit, timeout, allow_unfrozen } => {
                 let channel = one_channel(fds)?;
                 let mut opts = limited(copy::SendOptions { two_way, ..Default::default() }, freeze_limit, timeout)?;
-                let mut cbt = self.cbt.lock().unwrap();
-                let note = match (cbt.as_ref(), incremental) {
-                    // The copy reads the record itself, once its own
-                    // tracker is attached: a peek here would miss a write
-                    // completing before the attach, in this backup and
-                    // (the frozen point clears the record) in every later.
-                    (Some(_), true) => {
-                        opts.incremental = true;
-                        None
-                    }
-                    (None, true) => Some("no record of changes since a previous backup (none was taken, or the device stopped uncleanly): everything was sent".to_string()),
-                    _ => None,
-                };
-                // From here on, changes are tracked for the next backup.
-                let t = match cbt.as_ref() {
-                    Some(t) => t.clone(),
-                    None => {
-                        let t = Arc::new(Tracker::new(stack.size(), stack.cluster_size()));
-                        block_on(stack.add_tracker(t.clone()))?;
-                        // Kept in the image across clean stops, as ploop's CBT.
-                        stack.keep_on_close(Some((t.clone(), *uuid::Uuid::new_v4().as_bytes())));
-                        *cbt = Some(t.clone());
-                        t
-                    }
-                };
-                opts.cbt = Some(t);
+                // The copy reads the record itself, once its own tracker is
+                // attached: a peek here would miss a write completing before
+                // the attach, in this backup and (the frozen point clears
+                // the record) in every later. Without a record an
+                // incremental is refused; a new record (from here on,
+                // changes are tracked for the next backup) is published
+                // only once this full backup succeeded.
+                let cbt = self.cbt.lock().unwrap();
+                let record = block_on(copy::BackupRecord::start(stack, cbt.as_ref(), incremental))?;
                 drop(cbt);
-                json(&self.start_copy(if incremental { "backup-incremental" } else { "backup" }, channel, opts, allow_unfrozen, note)?)
+                opts.incremental = incremental;
+                opts.cbt = Some(record.tracker());
+                return self
+                    .start_copy(if incremental { "backup-incremental" } else { "backup" }, channel, opts, allow_unfrozen, None, Some(record))
+                    .and_then(|job| json(&job));
             }
         }
     }
@@ -698,8 +685,37 @@ impl DaemonHandler {
         self.start_job(Job::new(kind, uuid), guard, Box::new(move |ring, stack, progress| work(ring, stack, &mut disk, progress)))
     }
 
-    /// Start a copy or backup into `channel`.
-    fn start_copy(&self, kind: &str, channel: OwnedFd, opts: copy::SendOptions, allow_unfrozen: bool, note: Option<String>) -> Result<Job> {
+    /// Start a copy or backup into `channel`; a backup's record is
+    /// published or dropped once the copy ends (or could not start).
+    fn start_copy(
+        &self,
+        kind: &str,
+        channel: OwnedFd,
+        opts: copy::SendOptions,
+        allow_unfrozen: bool,
+        note: Option<String>,
+        record: Option<copy::BackupRecord>,
+    ) -> Result<Job> {
+        let record = Arc::new(Mutex::new(record));
+        let started = self.start_copy_job(kind, channel, opts, allow_unfrozen, note, record.clone());
+        if started.is_err() {
+            // The job never ran: a new record goes.
+            if let Some(r) = record.lock().unwrap().take() {
+                block_on(r.finish(&self.device.stack, false, &self.cbt, [0; 16]));
+            }
+        }
+        started
+    }
+
+    fn start_copy_job(
+        &self,
+        kind: &str,
+        channel: OwnedFd,
+        opts: copy::SendOptions,
+        allow_unfrozen: bool,
+        note: Option<String>,
+        record: Arc<Mutex<Option<copy::BackupRecord>>>,
+    ) -> Result<Job> {
         let guard = self.idle()?;
         // Every read and write of the channel is bounded: a receiver that
         // stops must not hold the copy (and a frozen filesystem) forever.
@@ -711,13 +727,20 @@ impl DaemonHandler {
         let (dev_id, stop) = (self.dev_id, opts.end == copy::End::Stop);
         let mut job = Job::new(kind, None);
         job.note = note;
+        let cbt = self.cbt.clone();
         self.start_job(
             job,
             guard,
             Box::new(move |ring, stack, progress| {
+                let record = record.lock().unwrap().take();
                 let mut fs = MountFreeze::new(dev_id, allow_unfrozen);
                 let report = |round: u32, done: u64, total: u64| progress(Some(round), done, total);
-                let sent = ring.block_on(copy::send(&ring.io(), stack, Box::new(out), replies, &mut fs, opts, &report))?;
+                let sent = ring.block_on(copy::send(&ring.io(), stack, Box::new(out), replies, &mut fs, opts, &report));
+                if let Some(r) = record {
+                    // Kept in the image across clean stops, as ploop's CBT.
+                    ring.block_on(r.finish(stack, sent.is_ok(), &cbt, *uuid::Uuid::new_v4().as_bytes()));
+                }
+                let sent = sent?;
                 let mut notes: Vec<String> = fs.froze.iter().map(|on| format!("frozen for the last pass: {on}")).collect();
                 notes.extend(fs.unfrozen.take());
                 let note = (!notes.is_empty()).then(|| notes.join("; "));

@@ -248,6 +248,13 @@ pub fn compact(id: Option<u32>, target: Option<PathBuf>, step: Option<u64>, spee
                 }
             }
             let (stack, _) = block_on(Stack::open_layers(&SyncIo, &layers, &StackOptions::default()))?;
+            // The read-write open took the top's record of changes out of
+            // the file; it goes back in when the stack closes (compaction
+            // moves clusters in the file, not on the disk the record maps).
+            if let Some(bm) = block_on(stack.take_saved_bitmaps()).into_iter().next() {
+                let t = Arc::new(Tracker::from_bits(stack.size(), bm.granularity, &bm.bits));
+                stack.keep_on_close(Some((t, bm.id)));
+            }
             let bar = Bar::new(json, "compacting");
             let pace = crate::pace::Pace::new(speed);
             let cluster = stack.cluster_size();

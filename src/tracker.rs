@@ -20,6 +20,10 @@ pub struct Tracker {
     disk_size: u64,
     bits: u64,
     words: Box<[AtomicU64]>,
+    /// Marks a backup took at its frozen point and is still sending: they
+    /// count as changed (in `peek`, and so in the record a stop saves)
+    /// until the backup confirms them sent, or go back on failure.
+    pending: Box<[AtomicU64]>,
 }
 
 impl Tracker {
@@ -30,7 +34,8 @@ impl Tracker {
         assert!(granularity.is_power_of_two(), "tracker granularity {granularity} is not a power of two");
         let bits = disk_size.div_ceil(granularity);
         let words = (0..bits.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
-        Tracker { granularity, disk_size, bits, words }
+        let pending = (0..bits.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
+        Tracker { granularity, disk_size, bits, words, pending }
     }
 
     /// A tracker holding the marks of a saved bitmap.
@@ -95,20 +100,52 @@ impl Tracker {
         }
     }
 
-    /// Take the set of changed granules, leaving it empty.
+    /// Take the set of changed granules, leaving it empty (the pending
+    /// marks stay where they are).
     pub fn drain(&self) -> BitVec {
-        self.collect(|w| w.swap(0, Ordering::AcqRel))
+        self.collect(|i| self.words[i].swap(0, Ordering::AcqRel))
     }
 
-    /// The set of changed granules, left as it is.
+    /// The set of changed granules, left as it is: the live marks and the
+    /// pending ones (what a saved record must hold).
     pub fn peek(&self) -> BitVec {
-        self.collect(|w| w.load(Ordering::Acquire))
+        self.collect(|i| self.words[i].load(Ordering::Acquire) | self.pending[i].load(Ordering::Acquire))
     }
 
-    fn collect(&self, take: impl Fn(&AtomicU64) -> u64) -> BitVec {
+    /// A backup's frozen point: move the live marks to the pending set and
+    /// return them. Each word is added to the pending set before it leaves
+    /// the live one, so `peek` never misses a mark; one set again by a write
+    /// meanwhile stays live (it is the next backup's too).
+    pub fn drain_to_pending(&self) -> BitVec {
+        self.collect(|i| {
+            let v = self.words[i].load(Ordering::Acquire);
+            self.pending[i].fetch_or(v, Ordering::AcqRel);
+            self.words[i].fetch_and(!v, Ordering::AcqRel);
+            v
+        })
+    }
+
+    /// The backup that took the pending marks succeeded: they are sent.
+    pub fn confirm(&self) {
+        for p in self.pending.iter() {
+            p.store(0, Ordering::Release);
+        }
+    }
+
+    /// The backup that took the pending marks failed: they are changes
+    /// again (live first, then out of the pending set).
+    pub fn restore(&self) {
+        for (w, p) in self.words.iter().zip(self.pending.iter()) {
+            let v = p.load(Ordering::Acquire);
+            w.fetch_or(v, Ordering::AcqRel);
+            p.fetch_and(!v, Ordering::AcqRel);
+        }
+    }
+
+    fn collect(&self, take: impl Fn(usize) -> u64) -> BitVec {
         let mut out = BitVec::with_capacity(self.bits as usize);
-        for (i, w) in self.words.iter().enumerate() {
-            let word = take(w);
+        for i in 0..self.words.len() {
+            let word = take(i);
             let n = (self.bits - i as u64 * 64).min(64) as usize;
             out.extend((0..n).map(|b| word & (1 << b) != 0));
         }
@@ -117,7 +154,7 @@ impl Tracker {
 
     /// Granules marked now.
     pub fn dirty_count(&self) -> u64 {
-        self.words.iter().map(|w| w.load(Ordering::Relaxed).count_ones() as u64).sum()
+        self.words.iter().zip(self.pending.iter()).map(|(w, p)| (w.load(Ordering::Relaxed) | p.load(Ordering::Relaxed)).count_ones() as u64).sum()
     }
 
     /// The byte ranges a set of granules covers, neighbours joined, the
@@ -177,6 +214,29 @@ mod tests {
         assert_eq!(t.drain().count_ones(), 0);
         t.mark_bits(&d);
         assert_eq!(t.drain(), d);
+    }
+
+    #[test]
+    fn pending_marks_count_until_confirmed_and_come_back_on_failure() {
+        let t = Tracker::new(200 * 4096, 4096);
+        t.mark_range(0, 4096);
+        t.mark_range(100 * 4096, 4096);
+        let taken = t.drain_to_pending();
+        assert_eq!(taken.iter_ones().collect::<Vec<_>>(), vec![0, 100]);
+        // Still in the record a stop would save.
+        assert_eq!(t.peek().iter_ones().collect::<Vec<_>>(), vec![0, 100]);
+        // A write after the frozen point, to a pending granule and another.
+        t.mark_range(100 * 4096, 1);
+        t.mark_range(150 * 4096, 1);
+        t.confirm();
+        assert_eq!(t.peek().iter_ones().collect::<Vec<_>>(), vec![100, 150], "later writes survive the confirm");
+        t.drain_to_pending();
+        t.mark_range(7 * 4096, 1);
+        t.restore();
+        assert_eq!(t.peek().iter_ones().collect::<Vec<_>>(), vec![7, 100, 150]);
+        t.confirm();
+        assert_eq!(t.drain().iter_ones().collect::<Vec<_>>(), vec![7, 100, 150], "a restore leaves nothing pending");
+        assert_eq!(t.dirty_count(), 0);
     }
 
     #[test]

@@ -231,3 +231,33 @@ fn the_cli_compacts_an_image_no_device_serves() {
     assert_clean(&img, "compacted by the CLI");
     common::ploop(["compact", dir.join("missing.hdd").to_str().unwrap()]).expect_clean_failure();
 }
+
+/// An offline compaction of a disk directory keeps the top's record of
+/// changes since the last backup (the read-write open takes it out of the
+/// file; without it the next incremental backup is refused).
+#[test]
+fn the_cli_compaction_keeps_the_record_of_changes() {
+    use std::sync::Arc;
+    use ublk_ploop::tracker::Tracker;
+    let dir = TempDir::new("compact-cbt");
+    let d = dir.join("ct");
+    let disk = block_on(ublk_ploop::disk::Disk::init(&SyncIo, &d, 64 << 20, 1 << 20)).unwrap();
+    let top = disk.dir.join(&disk.desc.image(ublk_ploop::disk::TOP_GUID).unwrap().file);
+    let stack = open(std::slice::from_ref(&top), false);
+    write(&stack, 0, &pattern(3, 8 << 20));
+    block_on(stack.discard(&SyncIo, 2 << 20, 2 << 20)).unwrap();
+    let cbt = Arc::new(Tracker::new(stack.size(), 1 << 20));
+    block_on(stack.add_tracker(cbt.clone())).unwrap();
+    stack.keep_on_close(Some((cbt.clone(), [0x3C; 16])));
+    write(&stack, 5 << 20, &pattern(4, 4096));
+    close(stack);
+    let expect = read_all(std::slice::from_ref(&top));
+    common::ploop(["compact", d.to_str().unwrap()]).ok();
+    let stack = open(std::slice::from_ref(&top), false);
+    let saved = block_on(stack.take_saved_bitmaps());
+    assert_eq!(saved.len(), 1, "the record of changes was lost by the compaction");
+    assert_eq!(saved[0].id, [0x3C; 16]);
+    assert_eq!(saved[0].bits.iter_ones().collect::<Vec<_>>(), vec![5]);
+    close(stack);
+    assert!(read_all(std::slice::from_ref(&top)) == expect, "the compacted disk differs");
+}

@@ -693,3 +693,119 @@ fn reads_a_bitmap_laid_out_by_ploop() {
     assert_eq!(t.peek_at(1 << 20).count_ones(), 8);
     block_on(stack.close(&SyncIo)).unwrap();
 }
+
+/// A channel that breaks at once (the receiver is gone).
+struct Broken;
+
+impl Write for Broken {
+    fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+        Err(std::io::Error::from_raw_os_error(libc::EPIPE))
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A backup as the daemon runs it, its record chosen and published by
+/// `BackupRecord`.
+fn backup_with_record(stack: &Stack, record: &Mutex<Option<Arc<Tracker>>>, incremental: bool, out: Box<dyn Write + Send>) -> Result<copy::Sent, Error> {
+    let current = record.lock().unwrap().clone();
+    let r = block_on(copy::BackupRecord::start(stack, current.as_ref(), incremental))?;
+    let opts = SendOptions { incremental, cbt: Some(r.tracker()), ..Default::default() };
+    let ring = OwnRing::new(64).unwrap();
+    let sent = ring.block_on(copy::send(&ring.io(), stack, out, None, &mut NoFs, opts, &|_, _, _| {}));
+    ring.block_on(r.finish(stack, sent.is_ok(), record, [0x5A; 16]));
+    sent
+}
+
+/// Without a record of changes an incremental backup is refused, not sent
+/// as the allocated clusters: a cluster zeroed since the older backup would
+/// keep its old bytes there. A full backup that fails leaves no record (one
+/// covering only the changes since the failed attempt would let a later
+/// incremental miss the earlier ones); one that succeeds leaves one, kept
+/// across a clean close.
+#[test]
+fn a_backup_record_counts_only_from_a_successful_full_backup() {
+    let dir = TempDir::new("cbt-publish");
+    let img = dir.join("a.img");
+    let size = 16 * CLUSTER;
+    let stack = new_image(&img, size);
+    block_on(stack.write(&SyncIo, 0, &vec![7u8; 4 * CLUSTER as usize])).unwrap();
+    let record = Mutex::new(None);
+
+    let e = backup_with_record(&stack, &record, true, Box::new(Broken)).unwrap_err();
+    assert_eq!(e.errno(), libc::ENOENT, "{e}");
+    assert!(e.to_string().contains("full backup into a new destination"), "{e}");
+
+    // A full backup whose receiver is gone: no record.
+    let e = backup_with_record(&stack, &record, false, Box::new(Broken)).unwrap_err();
+    assert_eq!(e.errno(), libc::EPIPE, "{e}");
+    assert!(record.lock().unwrap().is_none(), "a failed full backup published its record");
+    // A change the older (successful) backup does not have: a cluster
+    // zeroed. An incremental now must not be sent.
+    block_on(stack.write_zeroes(&SyncIo, CLUSTER, CLUSTER as usize)).unwrap();
+    let e = backup_with_record(&stack, &record, true, Box::new(Broken)).unwrap_err();
+    assert_eq!(e.errno(), libc::ENOENT, "{e}");
+
+    // A full backup that succeeds: the record is there, and kept.
+    let sink = Arc::new(Mutex::new(Vec::new()));
+    backup_with_record(&stack, &record, false, Box::new(Channel { sink: sink.clone(), inject: None, fail_at_finish: false })).unwrap();
+    let backup = dir.join("backup.img");
+    receive_bytes(&sink.lock().unwrap(), &backup, false).unwrap();
+    let cbt = record.lock().unwrap().clone().expect("a successful full backup publishes its record");
+    assert_eq!(cbt.dirty_count(), 0);
+    block_on(stack.write(&SyncIo, 5 * CLUSTER, &[9u8; 4096])).unwrap();
+    // A failed incremental keeps the record (and its marks).
+    backup_with_record(&stack, &record, true, Box::new(Broken)).unwrap_err();
+    assert!(Arc::ptr_eq(record.lock().unwrap().as_ref().unwrap(), &cbt));
+    assert_eq!(cbt.peek().iter_ones().collect::<Vec<_>>(), vec![5]);
+    let sink = Arc::new(Mutex::new(Vec::new()));
+    backup_with_record(&stack, &record, true, Box::new(Channel { sink: sink.clone(), inject: None, fail_at_finish: false })).unwrap();
+    receive_bytes(&sink.lock().unwrap(), &backup, true).unwrap();
+    let expect = read_all(&stack);
+    common::assert_bytes_equal(&image_bytes(&backup), &expect, "full + incremental backup vs source");
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    let stack = open(std::slice::from_ref(&img), false);
+    let saved = block_on(stack.take_saved_bitmaps());
+    assert_eq!(saved.iter().map(|b| b.id).collect::<Vec<_>>(), vec![[0x5A; 16]]);
+    block_on(stack.close(&SyncIo)).unwrap();
+}
+
+/// After the frozen point the copy still sends; a stop then saves the
+/// record as it stands. The marks the backup took must still be in it
+/// until the stream is all out, and a write after the frozen point to a
+/// cluster the backup took stays marked once it succeeded.
+#[test]
+fn the_record_keeps_what_a_backup_is_still_sending() {
+    let dir = TempDir::new("cbt-pending");
+    let size = 16 * CLUSTER;
+    let stack = new_image(&dir.join("a.img"), size);
+    block_on(stack.write(&SyncIo, 0, &vec![1u8; 8 * CLUSTER as usize])).unwrap();
+    let cbt = Arc::new(Tracker::new(size, CLUSTER));
+    block_on(stack.add_tracker(cbt.clone())).unwrap();
+    block_on(stack.write(&SyncIo, 3 * CLUSTER, &[2u8; 4096])).unwrap();
+    block_on(stack.write(&SyncIo, 10 * CLUSTER, &[3u8; 4096])).unwrap();
+
+    /// At the thaw (after the frozen point, before the held clusters go
+    /// out): what a stop would save, and a write landing then.
+    struct AtThaw<'a> {
+        cbt: Arc<Tracker>,
+        stack: &'a Stack,
+        seen: Option<Vec<usize>>,
+    }
+    impl FsFreeze for AtThaw<'_> {
+        fn freeze(&mut self) -> ublk_ploop::Result<()> {
+            Ok(())
+        }
+        fn thaw(&mut self) -> ublk_ploop::Result<()> {
+            self.seen = Some(self.cbt.peek().iter_ones().collect());
+            block_on(self.stack.write(&SyncIo, 3 * CLUSTER + 8192, &[4u8; 512]))
+        }
+    }
+    let mut fs = AtThaw { cbt: cbt.clone(), stack: &stack, seen: None };
+    send_to_vec(&stack, &mut fs, SendOptions { incremental: true, cbt: Some(cbt.clone()), ..Default::default() });
+    assert_eq!(fs.seen, Some(vec![3, 10]), "the record a stop would save after the frozen point");
+    assert_eq!(cbt.peek().iter_ones().collect::<Vec<_>>(), vec![3], "the write after the frozen point is the next backup's");
+    block_on(stack.close(&SyncIo)).unwrap();
+}

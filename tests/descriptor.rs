@@ -254,3 +254,23 @@ fn a_damaged_ploop_image_is_not_taken_for_a_raw_disk() {
     // Declared raw, it is read as raw (the user's choice).
     ploop(["check", img.to_str().unwrap(), "--format", "raw"]).ok();
 }
+
+/// A reload that fails (the descriptor damaged meanwhile) keeps the lock
+/// the disk holds: the caller still works on the disk, and no other tool
+/// may come in.
+#[test]
+fn a_failed_reload_keeps_the_lock() {
+    let dir = TempDir::new("desc-reload");
+    let d = dir.join("ct");
+    block_on(Disk::init(&SyncIo, &d, 64 << 20, 1 << 20)).unwrap();
+    let mut disk = Disk::load_locked(&d).unwrap();
+    assert!(disk.holds_lock());
+    let xml = d.join("DiskDescriptor.xml");
+    let good = fs::read_to_string(&xml).unwrap();
+    fs::write(&xml, "<Parallels_disk_image>").unwrap();
+    assert!(disk.reload().is_err());
+    assert!(disk.holds_lock(), "a failed reload dropped the lock");
+    fs::write(&xml, good).unwrap();
+    disk.reload().unwrap();
+    assert!(disk.holds_lock());
+}

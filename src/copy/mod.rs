@@ -5,14 +5,18 @@
 //! - [`wire`]: packets, checksums, the handshake's flags.
 //! - [`send`]: the rounds over a serving stack, driven by a write tracker,
 //!   and the frozen last pass.
+//! - [`backup`]: which record of changes a backup uses, and when a new
+//!   one is published.
 //! - [`channel`]: the channel with a bound on every wait.
 //! - [`receive`]: a stream into a new image, or into an existing one.
 
+pub mod backup;
 pub mod channel;
 pub mod receive;
 pub mod send;
 pub mod wire;
 
+pub use backup::BackupRecord;
 pub use receive::{receive, ReceiveOptions, Received};
 pub use channel::Timed;
 pub use send::{send, End, FsFreeze, NoFs, Round, SendOptions, Sent, CHANNEL_TIMEOUT, FREEZE_LIMIT};

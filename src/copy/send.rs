@@ -72,8 +72,9 @@ pub struct SendOptions {
     /// Cluster reads in flight.
     pub in_flight: usize,
     /// Changed-block tracking to reset at the frozen point (a backup: what
-    /// changes after it is the next incremental's); given back its marks if
-    /// the copy fails after all.
+    /// changes after it is the next incremental's). Its marks are set aside
+    /// there (still counted, so a stop saves them), dropped once the stream
+    /// is all out, given back if the copy fails after all.
     pub cbt: Option<Arc<Tracker>>,
     /// The most the last pass may hold the filesystem frozen and the
     /// requests held: past it the copy gives up (thaws, serves on, fails).
@@ -174,11 +175,11 @@ pub async fn send<I: Io>(
     let first = opts.cbt.as_ref().filter(|_| opts.incremental).map(|t| t.peek_at(cluster));
     let pipe = Outbox::start(writer, replies, opts.two_way, cluster as usize, opts.in_flight, opts.timeout);
     let mut fs_frozen = false;
-    let mut cleared = None;
+    let mut cleared = false;
     let result = rounds(io, stack, &tracker, first, &pipe, fs, &mut fs_frozen, &mut cleared, &opts, progress).await;
     if result.is_err() {
-        if let (Some(cbt), Some(marks)) = (&opts.cbt, &cleared) {
-            cbt.mark_bits(marks);
+        if let (Some(cbt), true) = (&opts.cbt, cleared) {
+            cbt.restore();
         }
     }
     if fs_frozen {
@@ -196,12 +197,17 @@ pub async fn send<I: Io>(
     sent.stream_bytes = match result {
         Ok(n) => n,
         Err(e) => {
-            if let (Some(cbt), Some(marks)) = (&opts.cbt, &cleared) {
-                cbt.mark_bits(marks);
+            if let (Some(cbt), true) = (&opts.cbt, cleared) {
+                cbt.restore();
             }
             return Err(e);
         }
     };
+    // Everything reached the receiver: the record starts again from the
+    // frozen point (until now a stop saved the taken marks too).
+    if let (Some(cbt), true) = (&opts.cbt, cleared) {
+        cbt.confirm();
+    }
     sent.md5 = md5;
     sent.secs = started.elapsed().as_secs_f64();
     sent.bytes = sent.rounds.iter().map(|r| r.bytes).sum();
@@ -217,7 +223,7 @@ async fn rounds<I: Io>(
     pipe: &Outbox,
     fs: &mut dyn FsFreeze,
     fs_frozen: &mut bool,
-    cleared: &mut Option<BitVec>,
+    cleared: &mut bool,
     opts: &SendOptions,
     progress: Progress<'_>,
 ) -> Result<Sent> {
@@ -253,7 +259,12 @@ async fn rounds<I: Io>(
     *fs_frozen = true;
     let frozen = stack.freeze().await;
     let set = tracker.drain();
-    *cleared = opts.cbt.as_ref().map(|t| t.drain());
+    // The record's marks are pending from here: they still count (a stop
+    // saves them) until the stream is all out, and come back on failure.
+    if let Some(t) = &opts.cbt {
+        t.drain_to_pending();
+        *cleared = true;
+    }
     let round = sent.rounds.len() as u32;
     // The last changes are read into memory (when they fit), so that the
     // device moves on before they are checksummed and sent; else they go

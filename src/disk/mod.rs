@@ -102,18 +102,23 @@ impl Disk {
 
     /// Read the descriptor again, keeping a lock this disk carries (moved
     /// to the new base delta if an operation changed which file that is).
+    /// On any failure the lock stays with this disk (dropping it would let
+    /// another tool in while the caller still works on the disk).
     pub fn reload(&mut self) -> Result<()> {
         let held = self.held.take();
-        *self = Disk::load(&self.dir)?;
-        if let Some(h) = &held {
-            let base = self.lock_path()?;
-            let mut lock = h.lock().unwrap();
-            if lock.base() != base {
-                lock.rebase(&base)?;
+        let result = Disk::load(&self.dir).map(|d| *self = d).and_then(|()| match &held {
+            Some(h) => {
+                let base = self.lock_path()?;
+                let mut lock = h.lock().unwrap();
+                if lock.base() != base {
+                    lock.rebase(&base)?;
+                }
+                Ok(())
             }
-        }
+            None => Ok(()),
+        });
         self.held = held;
-        Ok(())
+        result
     }
 
     pub fn xml_path(&self) -> PathBuf {
