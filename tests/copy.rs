@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bitvec::vec::BitVec;
-use common::{have_qemu, qemu_check_clean, qemu_compare_raw, Rng, TempDir};
+use common::{have_qemu, qemu_check_clean, qemu_compare_raw, send_to_vec, Rng, TempDir};
 use ublk_ploop::copy::{self, End, FsFreeze, NoFs, ReceiveOptions, SendOptions};
 use ublk_ploop::io::{block_on, Direct, OwnRing, SyncIo};
 use ublk_ploop::layers::PloopLayer;
@@ -45,25 +45,6 @@ fn read_all(stack: &Stack) -> Vec<u8> {
 fn image_bytes(path: &Path) -> Vec<u8> {
     let s = open(&[path.to_path_buf()], true);
     read_all(&s)
-}
-
-/// A one-way copy of `stack` into memory.
-fn send_to_vec(stack: &Stack, fs: &mut dyn FsFreeze, opts: SendOptions) -> (Vec<u8>, copy::Sent) {
-    let sink = Arc::new(Mutex::new(Vec::new()));
-    struct Shared(Arc<Mutex<Vec<u8>>>);
-    impl Write for Shared {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let ring = OwnRing::new(64).unwrap();
-    let sent = ring.block_on(copy::send(&ring.io(), stack, Box::new(Shared(sink.clone())), None, fs, opts, &|_, _, _| {})).unwrap();
-    let bytes = sink.lock().unwrap().clone();
-    (bytes, sent)
 }
 
 fn receive_bytes(stream: &[u8], dest: &Path, incremental: bool) -> Result<copy::Received, Error> {

@@ -12,13 +12,13 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bitvec::vec::BitVec;
 use common::*;
 use ublk_ploop::copy::wire::{cmd, Kind, Writer, FLAG_MD5};
-use ublk_ploop::copy::{self, NoFs, SendOptions};
+use ublk_ploop::copy::{NoFs, SendOptions};
 use ublk_ploop::layers::PloopLayer;
 use ublk_ploop::tracker::Tracker;
 
@@ -46,18 +46,6 @@ fn image_bytes(path: &Path) -> Vec<u8> {
 
 /// A one-way copy of `stack` (only `first` clusters, if given).
 fn stream_of(stack: &Stack, first: Option<BitVec>) -> Vec<u8> {
-    let sink = Arc::new(Mutex::new(Vec::new()));
-    struct Shared(Arc<Mutex<Vec<u8>>>);
-    impl Write for Shared {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let ring = OwnRing::new(64).unwrap();
     // Only the `first` clusters: through a record of changes holding them,
     // read by the copy as an incremental backup reads the daemon's.
     let opts = match first {
@@ -67,9 +55,7 @@ fn stream_of(stack: &Stack, first: Option<BitVec>) -> Vec<u8> {
         }
         None => SendOptions::default(),
     };
-    ring.block_on(copy::send(&ring.io(), stack, Box::new(Shared(sink.clone())), None, &mut NoFs, opts, &|_, _, _| {})).unwrap();
-    let bytes = sink.lock().unwrap().clone();
-    bytes
+    send_to_vec(stack, &mut NoFs, opts).0
 }
 
 /// Names in `dir`, sorted.

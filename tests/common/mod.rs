@@ -804,3 +804,29 @@ pub fn assert_ploop_clean(img: &Path, ctx: &str) {
         qemu_check_clean(img);
     }
 }
+
+/// A one-way copy of `stack` into memory, and what the copy reports.
+pub fn send_to_vec(
+    stack: &ublk_ploop::Stack,
+    fs: &mut dyn ublk_ploop::copy::FsFreeze,
+    opts: ublk_ploop::copy::SendOptions,
+) -> (Vec<u8>, ublk_ploop::copy::Sent) {
+    use std::sync::{Arc, Mutex};
+    let sink = Arc::new(Mutex::new(Vec::new()));
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Shared {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let ring = ublk_ploop::io::OwnRing::new(64).unwrap();
+    let sent = ring
+        .block_on(ublk_ploop::copy::send(&ring.io(), stack, Box::new(Shared(sink.clone())), None, fs, opts, &|_, _, _| {}))
+        .unwrap();
+    let bytes = sink.lock().unwrap().clone();
+    (bytes, sent)
+}
