@@ -88,6 +88,26 @@ pub struct OpenReport {
     pub was_in_use: bool,
     /// Bytes of unreferenced clusters cut from the end of the file.
     pub trimmed_leak: u64,
+    /// Unreferenced clusters inside the file given back (punched) after
+    /// an unclean stop: allocations whose BAT entries never reached the
+    /// disk, below others that did.
+    pub released_leak: u64,
+}
+
+/// Runs of data-area clusters below the highest referenced one that no
+/// BAT entry references, as (byte offset, length).
+fn leaked_inside(scan: &BatScan, data_off: u64, cluster: u64) -> Vec<(u64, u64)> {
+    let inside = ((scan.high_water.saturating_sub(data_off)) / cluster) as usize;
+    let used = &scan.used[..inside.min(scan.used.len())];
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for slot in used.iter_zeros() {
+        let at = data_off + slot as u64 * cluster;
+        match runs.last_mut() {
+            Some((start, len)) if *start + *len == at => *len += cluster,
+            _ => runs.push((at, cluster)),
+        }
+    }
+    runs
 }
 
 impl PloopLayer {
@@ -131,6 +151,7 @@ impl PloopLayer {
             )));
         }
         let mut report = OpenReport { was_in_use: header.in_use == IN_USE, ..Default::default() };
+        let mut leaks: Vec<(u64, u64)> = Vec::new();
         let mut dirty = BTreeSet::new();
         let mut saved_bitmaps = Vec::new();
         if header.ext_off_sectors != 0 && file.writable {
@@ -182,6 +203,9 @@ impl PloopLayer {
                 report.trimmed_leak = file_len - scan.high_water;
                 next_free = scan.high_water;
             }
+            if report.was_in_use {
+                leaks = leaked_inside(&scan, data_off, cluster);
+            }
             header.in_use = IN_USE;
             disk[..HEADER_SIZE].copy_from_slice(&header.to_bytes());
             dirty.insert(0);
@@ -218,6 +242,19 @@ impl PloopLayer {
             layer.write_all_meta(io, true).await.map_err(|e| e.error)?;
             if report.trimmed_leak > 0 {
                 io.set_len(layer.file.fd(), next_free).await.map_err(|e| Error::io(e, &path))?;
+            }
+            // Nothing on disk points at these, and nothing will until they
+            // are allocated again (allocation goes past the file's end):
+            // giving them back cannot lose data, failing to only keeps
+            // them leaked, as before.
+            for &(at, len) in &leaks {
+                match io.punch_hole(layer.file.fd(), at, len).await {
+                    Ok(()) => report.released_leak += len,
+                    Err(e) => {
+                        tracing::warn!(path, at, len, "leaked clusters not released: {e}");
+                        break;
+                    }
+                }
             }
         }
         Ok((layer, report))
