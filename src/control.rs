@@ -18,7 +18,8 @@ use serde_json::Value;
 
 use ublk_ploop::{Error, Result};
 
-use crate::protocol::{Envelope, Reply, Request, PROTOCOL_VERSION};
+use ublk_ploop::protocol::{parse_request, Envelope, Reply, Request, PROTOCOL_VERSION};
+
 /// Longest request line accepted (the largest real one is a few hundred
 /// bytes); a longer one closes the connection unread.
 pub const MAX_REQUEST: usize = 4096;
@@ -38,31 +39,6 @@ const CONNECTION_DEADLINE: Duration = Duration::from_secs(120);
 
 pub fn socket_path(dev_id: u32) -> PathBuf {
     PathBuf::from(SOCKET_DIR).join(format!("{dev_id}.sock"))
-}
-
-impl Reply {
-    fn ok(result: Value) -> Reply {
-        Reply { version: PROTOCOL_VERSION, ok: true, result: Some(result), error: None, errno: None }
-    }
-    fn err(e: &Error) -> Reply {
-        Reply { version: PROTOCOL_VERSION, ok: false, result: None, error: Some(e.message().to_string()), errno: Some(e.errno()) }
-    }
-}
-
-/// Parse one request line: the version is checked before the command.
-/// An unknown command is answered by serde's own error, which lists the
-/// known ones.
-fn parse_request(line: &[u8]) -> Result<Request> {
-    let value: Value = serde_json::from_slice(line).map_err(|e| Error::invalid(format!("malformed request: {e}")))?;
-    if let Some(v) = value.get("version").filter(|v| !v.is_null()) {
-        if v.as_u64() != Some(PROTOCOL_VERSION as u64) {
-            return Err(Error::new(
-                libc::EPROTONOSUPPORT,
-                format!("protocol version {v} not supported (this daemon speaks {PROTOCOL_VERSION})"),
-            ));
-        }
-    }
-    Envelope::from_value(value).map(|env| env.request).map_err(|e| Error::invalid(format!("malformed request: {e}")))
 }
 
 /// What the daemon answers requests with; `fds` are the descriptors that
@@ -582,24 +558,6 @@ mod tests {
         drop(server);
         assert!(!path.exists());
         let _ = std::fs::remove_dir_all(dir);
-    }
-
-    /// serde's error lists the commands, all of them; a known command with
-    /// bad arguments is not called unknown.
-    #[test]
-    fn malformed_requests_name_every_command() {
-        let e = parse_request(b"{\"cmd\":\"nope\"}").unwrap_err();
-        for cmd in ["status", "resize", "compact", "snapshot-switch", "backup"] {
-            assert!(e.message().contains(&format!("`{cmd}`")), "{cmd} missing from: {}", e.message());
-        }
-        let e = parse_request(b"{\"cmd\":\"resize\"}").unwrap_err();
-        assert!(!e.message().contains("unknown"), "{}", e.message());
-        assert!(e.message().contains("size"), "{}", e.message());
-        let e = parse_request(b"{\"cmd\":\"compact\",\"args\":{\"step\":\"x\"}}").unwrap_err();
-        assert!(!e.message().contains("unknown command"), "{}", e.message());
-        // Commands whose arguments are all optional still need none.
-        assert_eq!(parse_request(b"{\"cmd\":\"compact\"}").unwrap(), Request::Compact { step: None, speed: None });
-        assert_eq!(parse_request(b"{\"cmd\":\"status\"}").unwrap(), Request::Status);
     }
 
     /// A client that never finishes its line is cut off at the deadline,

@@ -24,7 +24,7 @@ use ublk_ploop::{Error, LayerSpec, Result, Stack, StackOptions};
 
 use crate::control::{self, Access, Handler};
 use crate::mount::{self, MountFreeze};
-use crate::protocol::{self as proto, DeleteReply, Job, JobState, Request};
+use ublk_ploop::protocol::{self as proto, DeleteReply, Job, JobState, Request};
 use crate::ublk_target::{self, Counters, Device};
 
 /// Our target name in the kernel's and libublk's records.

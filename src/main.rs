@@ -7,9 +7,11 @@ mod copy_cmd;
 mod daemon;
 mod mount;
 mod pace;
-mod protocol;
 mod snapshot_cmd;
 mod ublk_target;
+
+// The control messages live in the library; the CLI still names them here.
+use ublk_ploop::protocol;
 
 fn main() {
     std::process::exit(cli::main());

@@ -6,15 +6,19 @@
 //! `{"version": 1, "cmd": "snapshot", "args": {"uuid": "{...}"}}` →
 //! `{"version": 1, "ok": true, "result": {...}}` or
 //! `{"version": 1, "ok": false, "error": "...", "errno": 16}`.
+//!
+//! Messages and their parser only: the socket is the daemon's, so that the
+//! fuzzer and the tests run the very parser the daemon answers with.
 
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use ublk_ploop::disk::ops::{Deleted, Merged, Snapshotted, Switched};
-use ublk_ploop::disk::{Guid, SnapshotRow};
-use ublk_ploop::copy::Sent;
-use ublk_ploop::layers::Format;
+use crate::copy::Sent;
+use crate::disk::ops::{Deleted, Merged, Snapshotted, Switched};
+use crate::disk::{Guid, SnapshotRow};
+use crate::layers::Format;
+use crate::{Error, Result};
 
 pub const PROTOCOL_VERSION: u32 = 1;
 
@@ -161,6 +165,31 @@ pub struct Reply {
     pub errno: Option<i32>,
 }
 
+impl Reply {
+    pub fn ok(result: serde_json::Value) -> Reply {
+        Reply { version: PROTOCOL_VERSION, ok: true, result: Some(result), error: None, errno: None }
+    }
+    pub fn err(e: &Error) -> Reply {
+        Reply { version: PROTOCOL_VERSION, ok: false, result: None, error: Some(e.message().to_string()), errno: Some(e.errno()) }
+    }
+}
+
+/// Parse one request line as the daemon does: the version is checked
+/// before the command. An unknown command is answered by serde's own
+/// error, which lists the known ones.
+pub fn parse_request(line: &[u8]) -> Result<Request> {
+    let value: serde_json::Value = serde_json::from_slice(line).map_err(|e| Error::invalid(format!("malformed request: {e}")))?;
+    if let Some(v) = value.get("version").filter(|v| !v.is_null()) {
+        if v.as_u64() != Some(PROTOCOL_VERSION as u64) {
+            return Err(Error::new(
+                libc::EPROTONOSUPPORT,
+                format!("protocol version {v} not supported (this daemon speaks {PROTOCOL_VERSION})"),
+            ));
+        }
+    }
+    Envelope::from_value(value).map(|env| env.request).map_err(|e| Error::invalid(format!("malformed request: {e}")))
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Counters {
     pub reads: u64,
@@ -246,7 +275,7 @@ pub struct Job {
     #[serde(default)]
     pub copy: Option<Sent>,
     #[serde(default)]
-    pub compacted: Option<ublk_ploop::layers::ploop::compact::Compacted>,
+    pub compacted: Option<crate::layers::ploop::compact::Compacted>,
     /// Something the user should know about the result.
     #[serde(default)]
     pub note: Option<String>,
@@ -306,10 +335,10 @@ mod tests {
         let r = parse(r#"{"version":1,"cmd":"status"}"#).unwrap();
         assert_eq!(r.request, Request::Status);
         let r = parse(r#"{"cmd":"snapshot","args":{"uuid":"{5fbaabe3-6958-40ff-92a7-860e329aab41}"}}"#).unwrap();
-        assert_eq!(r.request, Request::Snapshot { uuid: Some(ublk_ploop::disk::TOP_GUID) });
+        assert_eq!(r.request, Request::Snapshot { uuid: Some(crate::disk::TOP_GUID) });
         let r = parse(r#"{"cmd":"snapshot-merge"}"#).unwrap();
         assert_eq!(r.request, Request::SnapshotMerge { uuid: None });
-        let line = serde_json::to_string(&Envelope { version: Some(1), request: Request::SnapshotSwitch { uuid: ublk_ploop::disk::TOP_GUID, force: true } }).unwrap();
+        let line = serde_json::to_string(&Envelope { version: Some(1), request: Request::SnapshotSwitch { uuid: crate::disk::TOP_GUID, force: true } }).unwrap();
         assert!(line.contains(r#""cmd":"snapshot-switch""#), "{line}");
         assert!(parse(r#"{"cmd":"nope"}"#).is_err());
         assert!(parse(r#"{"cmd":"snapshot-delete","args":{}}"#).is_err());
@@ -320,5 +349,24 @@ mod tests {
         let r = parse(r#"{"cmd":"backup","args":{"freeze_limit":2.5,"timeout":10,"allow_unfrozen":true}}"#).unwrap();
         assert_eq!(r.request, Request::Backup { two_way: false, incremental: false, freeze_limit: Some(2.5), timeout: Some(10.0), allow_unfrozen: true });
         assert_eq!(parse(r#"{"cmd":"backup"}"#).unwrap().request, Request::Backup { two_way: false, incremental: false, freeze_limit: None, timeout: None, allow_unfrozen: false });
+    }
+
+    /// serde's error lists the commands, all of them; a known command with
+    /// bad arguments is not called unknown.
+    #[test]
+    fn malformed_requests_name_every_command() {
+        let e = parse_request(b"{\"cmd\":\"nope\"}").unwrap_err();
+        for cmd in ["status", "resize", "compact", "snapshot-switch", "backup"] {
+            assert!(e.message().contains(&format!("`{cmd}`")), "{cmd} missing from: {}", e.message());
+        }
+        let e = parse_request(b"{\"cmd\":\"resize\"}").unwrap_err();
+        assert!(!e.message().contains("unknown"), "{}", e.message());
+        assert!(e.message().contains("size"), "{}", e.message());
+        let e = parse_request(b"{\"cmd\":\"compact\",\"args\":{\"step\":\"x\"}}").unwrap_err();
+        assert!(!e.message().contains("unknown command"), "{}", e.message());
+        // Commands whose arguments are all optional still need none.
+        assert_eq!(parse_request(b"{\"cmd\":\"compact\"}").unwrap(), Request::Compact { step: None, speed: None });
+        assert_eq!(parse_request(b"{\"cmd\":\"status\"}").unwrap(), Request::Status);
+        assert_eq!(parse_request(b"{\"version\":9,\"cmd\":\"status\"}").unwrap_err().errno(), libc::EPROTONOSUPPORT);
     }
 }
