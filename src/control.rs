@@ -408,7 +408,7 @@ fn request_value(dev_id: u32, request: Request, fds: &[RawFd]) -> Result<Value> 
     let path = socket_path(dev_id);
     let stream = UnixStream::connect(&path).map_err(|e| {
         // Without ublk there is no device and no daemon: say what is missing.
-        if let Err(no_ublk) = crate::daemon::require_ublk() {
+        if let Err(no_ublk) = crate::ublk_control::require_ublk() {
             return no_ublk;
         }
         Error::io(e, format_args!("device {dev_id}: cannot reach its daemon at {}", path.display()))

@@ -9,9 +9,9 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
+use libublk::ctrl::UblkCtrl;
 use libublk::io::UblkDev;
-use libublk::{sys, UblkFlags};
+use libublk::sys;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -25,10 +25,11 @@ use ublk_ploop::{Error, LayerSpec, Result, Stack, StackOptions};
 use crate::control::{self, Access, Handler};
 use crate::mount::{self, MountFreeze};
 use ublk_ploop::protocol::{self as proto, DeleteReply, Job, JobState, Request};
+use crate::ublk_control::{self, io_scheduler, set_io_scheduler, stop_device, ublk_err};
 use crate::ublk_target::{self, Counters, Device};
 
-/// Our target name in the kernel's and libublk's records.
-pub const TARGET_NAME: &str = "ploop";
+// What the CLI calls here; device control is `ublk_control`'s.
+pub use crate::ublk_control::{delete, parse_io_scheduler, require_ublk, stored_config, wait_quiesced, Mode, DEFAULT_IO_SCHEDULER, TARGET_NAME};
 
 /// Everything needed to (re)create a device; stored with the device so
 /// that `recover` can rebuild it after the daemon died.
@@ -57,55 +58,8 @@ pub struct DeviceConfig {
     #[serde(default)]
     pub copy_mode: bool,
     /// Block-layer I/O scheduler set on the device once it is live.
-    #[serde(default = "default_io_scheduler")]
+    #[serde(default = "crate::ublk_control::default_io_scheduler")]
     pub io_scheduler: String,
-}
-
-/// No scheduler: the requests go straight to our queue, as they do to a
-/// loop device or ploop's device-mapper target. With one queue the kernel
-/// would pick mq-deadline, whose dispatch from a worker thread cost 15-50%
-/// of 4k IOPS in the VM (measured with fio, 1 queue, QD32).
-pub const DEFAULT_IO_SCHEDULER: &str = "none";
-
-/// The value of `--io-scheduler` that leaves the kernel's choice alone.
-pub const KERNEL_IO_SCHEDULER: &str = "kernel";
-
-fn default_io_scheduler() -> String {
-    DEFAULT_IO_SCHEDULER.to_string()
-}
-
-/// A scheduler name as sysfs takes it; the kernel judges whether it knows it.
-pub fn parse_io_scheduler(s: &str) -> std::result::Result<String, String> {
-    let ok = !s.is_empty() && s.len() <= 32 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if ok {
-        Ok(s.to_string())
-    } else {
-        Err(format!("`{s}` is not a scheduler name (none, mq-deadline, kyber, bfq, or `kernel` for the kernel's choice)"))
-    }
-}
-
-fn scheduler_path(dev_id: u32) -> String {
-    format!("/sys/block/ublkb{dev_id}/queue/scheduler")
-}
-
-/// The scheduler the device runs with, from sysfs (the bracketed name).
-pub fn io_scheduler(dev_id: u32) -> Option<String> {
-    let text = std::fs::read_to_string(scheduler_path(dev_id)).ok()?;
-    let start = text.find('[')? + 1;
-    let end = start + text[start..].find(']')?;
-    Some(text[start..end].to_string())
-}
-
-/// Set the device's scheduler; a failure is logged, the device serves on
-/// (it only costs speed).
-fn set_io_scheduler(dev_id: u32, name: &str) {
-    if name == KERNEL_IO_SCHEDULER {
-        return;
-    }
-    match std::fs::write(scheduler_path(dev_id), name) {
-        Ok(()) => tracing::debug!(scheduler = name, "I/O scheduler set"),
-        Err(e) => tracing::warn!("cannot set the I/O scheduler of /dev/ublkb{dev_id} to {name}: {e}"),
-    }
 }
 
 impl DeviceConfig {
@@ -160,26 +114,6 @@ pub enum Ready {
     Pipe(OwnedFd),
 }
 
-pub enum Mode {
-    Add { id: i32 },
-    Recover { id: u32 },
-}
-
-/// Refuse early, with the fix, when the kernel has no ublk.
-pub fn require_ublk() -> Result<()> {
-    if std::path::Path::new("/dev/ublk-control").exists() {
-        return Ok(());
-    }
-    let why = if std::path::Path::new("/sys/module/ublk_drv").exists() {
-        "module ublk_drv is loaded, but no control device"
-    } else {
-        "module ublk_drv not loaded: modprobe ublk_drv"
-    };
-    Err(Error::new(
-        libc::ENODEV,
-        format!("the kernel has no ublk ({why}): /dev/ublk-control is missing; or use a kernel built with CONFIG_BLK_DEV_UBLK"),
-    ))
-}
 
 /// Start a device daemon. Unless `foreground`, fork: the parent returns
 /// once the device is live (printing its path) or failed.
@@ -824,14 +758,6 @@ impl DaemonHandler {
     }
 }
 
-/// Ask the kernel to stop a device from a thread of the daemon (libublk's
-/// control handles are per thread); `run_target` then ends.
-fn stop_device(dev_id: u32) {
-    if let Ok(ctrl) = UblkCtrl::new_simple(dev_id as i32) {
-        let _ = ctrl.kill_dev();
-    }
-}
-
 /// Block the stop signals in every thread; one thread waits for them and
 /// stops the device, which ends `run_target` in the main thread.
 fn install_stop_signals(dev_id: u32) {
@@ -854,9 +780,7 @@ fn install_stop_signals(dev_id: u32) {
         // A control handle of this thread's own (libublk's rings are per
         // thread). Keep listening: a stop sent before the device was live
         // does nothing, and a later signal must still be heard.
-        if let Ok(ctrl) = UblkCtrl::new_simple(dev_id as i32) {
-            let _ = ctrl.kill_dev();
-        }
+        stop_device(dev_id);
     });
 }
 
@@ -874,44 +798,8 @@ fn run(stack: Stack, config: DeviceConfig, mode: Mode, ready: Ready) -> Result<i
     Ok(code)
 }
 
-fn ublk_err(e: libublk::UblkError, what: &str) -> Error {
-    Error::new(libc::EIO, format!("{what}: {e}"))
-}
-
 fn run_inner(device: &Arc<Device>, config: DeviceConfig, mode: Mode, ready: &mut Option<Ready>) -> Result<i32> {
-    let features = UblkCtrl::get_features().unwrap_or(0);
-    let ctrl = match mode {
-        Mode::Add { id } if id >= 0 && ublk_target::open_ctrl(id as u32).is_some() => {
-            return Err(Error::new(libc::EEXIST, format!("ublk device {id} already exists")));
-        }
-        Mode::Add { id } => UblkCtrlBuilder::default()
-            .name(TARGET_NAME)
-            .id(id)
-            .nr_queues(config.queues)
-            .depth(config.depth)
-            .io_buf_bytes(ublk_target::MAX_IO_BYTES)
-            .ctrl_flags(ublk_target::wanted_flags(features, !config.copy_mode))
-            .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
-            .build()
-            .map_err(|e| ublk_err(e, "creating the ublk device"))?,
-        Mode::Recover { id } => {
-            let old = UblkCtrl::new_simple(id as i32).map_err(|e| ublk_err(e, "opening the device"))?;
-            let rc = old.start_user_recover().map_err(|e| ublk_err(e, "starting user recovery"))?;
-            if rc < 0 {
-                return Err(Error::new(-rc, format!("device {id}: the kernel refused recovery ({rc})")));
-            }
-            let info = old.dev_info();
-            UblkCtrlBuilder::default()
-                .name(TARGET_NAME)
-                .id(id as i32)
-                .nr_queues(info.nr_hw_queues)
-                .depth(info.queue_depth)
-                .io_buf_bytes(info.max_io_buf_bytes)
-                .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
-                .build()
-                .map_err(|e| ublk_err(e, "re-attaching to the device"))?
-        }
-    };
+    let ctrl = ublk_control::open_device(&mode, config.queues, config.depth, config.copy_mode)?;
     let dev_id = ctrl.dev_info().dev_id;
     // A recovered device keeps the data path it was created with.
     let data_path = ublk_target::data_path(ctrl.dev_info().flags);
@@ -983,77 +871,3 @@ fn run_inner(device: &Arc<Device>, config: DeviceConfig, mode: Mode, ready: &mut
     Ok(0)
 }
 
-/// Stop a device: ask the kernel to stop it (its daemon then closes the
-/// images and exits), wait for the daemon, and delete the device. A mounted
-/// device is refused unless `force`: its filesystem would see I/O errors.
-pub fn delete(id: u32, force: bool) -> Result<()> {
-    require_ublk()?;
-    let ctrl = ublk_target::open_ctrl(id).ok_or_else(|| Error::new(libc::ENODEV, format!("no ublk device {id}")))?;
-    if !force {
-        if let Some(why) = mount::in_use(id) {
-            return Err(Error::new(libc::EBUSY, format!("/dev/ublkb{id} is in use ({why}); unmount it first (or use --force)")));
-        }
-    }
-    let pid = ctrl.dev_info().ublksrv_pid;
-    let _ = ctrl.kill_dev();
-    if pid > 0 {
-        wait_for_exit(pid, Duration::from_secs(60));
-    }
-    if ublk_target::open_ctrl(id).is_none() {
-        // The daemon deleted it on its way out.
-        return Ok(());
-    }
-    let rc = ctrl.del_dev().map_err(|e| ublk_err(e, "deleting the device"))?;
-    if rc < 0 && rc != -libc::ENOENT {
-        return Err(Error::new(-rc, format!("deleting device {id} failed")));
-    }
-    Ok(())
-}
-
-fn wait_for_exit(pid: i32, limit: Duration) {
-    let start = Instant::now();
-    // SAFETY: signal 0 only checks that the process exists.
-    while unsafe { libc::kill(pid, 0) } == 0 && start.elapsed() < limit {
-        // A zombie child of ours would linger; reap it if it is one.
-        unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// The stored configuration of an existing device, for `recover`.
-pub fn stored_config(id: u32) -> Result<DeviceConfig> {
-    let ctrl = ublk_target::open_ctrl(id).ok_or_else(|| Error::new(libc::ENODEV, format!("no ublk device {id}")))?;
-    let target = ctrl.get_target_type_from_json().unwrap_or_default();
-    if target != TARGET_NAME {
-        return Err(Error::invalid(format!("device {id} is not a ublk-ploop device (target '{target}')")));
-    }
-    let data = ctrl
-        .get_target_data_from_json()
-        .ok_or_else(|| Error::new(libc::ENOENT, format!("device {id}: its stored configuration is missing")))?;
-    serde_json::from_value(data).map_err(|e| Error::invalid(format!("device {id}: stored configuration unreadable: {e}")))
-}
-
-/// Wait (briefly) until a device whose daemon died is ready for recovery.
-pub fn wait_quiesced(id: u32, limit: Duration) -> Result<()> {
-    let start = Instant::now();
-    loop {
-        let ctrl = ublk_target::open_ctrl(id).ok_or_else(|| Error::new(libc::ENODEV, format!("no ublk device {id}")))?;
-        let info = ctrl.dev_info();
-        if info.flags & sys::UBLK_F_USER_RECOVERY as u64 == 0 {
-            return Err(Error::invalid(format!("device {id} was created without user recovery; it cannot be recovered")));
-        }
-        match info.state as u32 {
-            sys::UBLK_S_DEV_QUIESCED => return Ok(()),
-            sys::UBLK_S_DEV_LIVE if info.ublksrv_pid > 0 && unsafe { libc::kill(info.ublksrv_pid, 0) } == 0 => {
-                return Err(Error::new(libc::EBUSY, format!("device {id} is live, served by pid {}", info.ublksrv_pid)))
-            }
-            _ if start.elapsed() > limit => {
-                return Err(Error::new(
-                    libc::EBUSY,
-                    format!("device {id} is {} and not ready for recovery", ublk_target::state_name(info.state)),
-                ))
-            }
-            _ => std::thread::sleep(Duration::from_millis(100)),
-        }
-    }
-}

@@ -8,6 +8,7 @@ mod daemon;
 mod mount;
 mod pace;
 mod snapshot_cmd;
+mod ublk_control;
 mod ublk_target;
 
 // The control messages live in the library; the CLI still names them here.
