@@ -1,7 +1,6 @@
 //! The `ublk-ploop` command: offline image tools and the ublk daemon.
 
 mod cli;
-mod config;
 mod control;
 mod copy_cmd;
 mod daemon;
@@ -11,7 +10,9 @@ mod snapshot_cmd;
 mod ublk_control;
 mod ublk_target;
 
-// The control messages live in the library; the CLI still names them here.
+// Paths the CLI still names: the control messages live in the library,
+// the configuration file with the daemon.
+use daemon::config;
 use ublk_ploop::protocol;
 
 fn main() {
