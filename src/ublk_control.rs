@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::{sys, UblkFlags};
+use nix::unistd::Pid;
 
 use ublk_ploop::{Error, Result};
 
@@ -239,12 +240,16 @@ pub fn delete(id: u32, force: bool) -> Result<()> {
 
 fn wait_for_exit(pid: i32, limit: Duration) {
     let start = Instant::now();
-    // SAFETY: signal 0 only checks that the process exists.
-    while unsafe { libc::kill(pid, 0) } == 0 && start.elapsed() < limit {
+    while alive(pid) && start.elapsed() < limit {
         // A zombie child of ours would linger; reap it if it is one.
-        unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+        let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), Some(nix::sys::wait::WaitPidFlag::WNOHANG));
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The process exists (signal 0 only checks).
+fn alive(pid: i32) -> bool {
+    nix::sys::signal::kill(Pid::from_raw(pid), None).is_ok()
 }
 
 /// The stored configuration of an existing device, for `recover` (what
@@ -272,7 +277,7 @@ pub fn wait_quiesced(id: u32, limit: Duration) -> Result<()> {
         }
         match info.state as u32 {
             sys::UBLK_S_DEV_QUIESCED => return Ok(()),
-            sys::UBLK_S_DEV_LIVE if info.ublksrv_pid > 0 && unsafe { libc::kill(info.ublksrv_pid, 0) } == 0 => {
+            sys::UBLK_S_DEV_LIVE if info.ublksrv_pid > 0 && alive(info.ublksrv_pid) => {
                 return Err(Error::new(libc::EBUSY, format!("device {id} is live, served by pid {}", info.ublksrv_pid)))
             }
             _ if start.elapsed() > limit => {
