@@ -164,7 +164,7 @@ fn finish_copy(id: u32, ch: Channel, json: bool, what: &str) -> Result<i32> {
         release_stdout();
     }
     let job = follow(id, json)?;
-    let sent = job.copy.as_ref().ok_or_else(|| Error::new(libc::EPROTO, "the daemon reported no copy result"))?;
+    let sent = job.copy().ok_or_else(|| Error::new(libc::EPROTO, "the daemon reported no copy result"))?;
     let mut out: Box<dyn Write> = if on_stdout { Box::new(std::io::stderr()) } else { Box::new(std::io::stdout()) };
     if json {
         let report = CopyReport { device: format!("/dev/ublkb{id}"), sent, note: job.note.as_deref() };

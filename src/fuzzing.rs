@@ -11,10 +11,8 @@ use crate::disk::Descriptor;
 use crate::io::{block_on, Direct, SyncIo};
 use crate::layers::{Format, Layer};
 
-/// The fuzz targets of the engine's parsers, by name (the corpus directory
-/// of each). The control socket's requests are parsed by the daemon's
-/// `protocol.rs`; its target (`request`) includes that file.
-pub const TARGETS: &[&str] = &["image", "descriptor", "stream", "paths"];
+/// The fuzz targets, by name (the corpus directory of each).
+pub const TARGETS: &[&str] = &["image", "descriptor", "stream", "paths", "request"];
 
 /// Run `target` on `data`.
 pub fn run(target: &str, data: &[u8], scratch: &Path) {
@@ -23,6 +21,7 @@ pub fn run(target: &str, data: &[u8], scratch: &Path) {
         "descriptor" => descriptor(data),
         "stream" => stream(data, scratch),
         "paths" => paths(data, scratch),
+        "request" => request(data),
         other => panic!("no fuzz target {other}"),
     }
 }
@@ -54,6 +53,16 @@ fn read_some(layer: &Layer) {
     let clusters = layer.size().div_ceil(cluster);
     for c in (0..clusters.min(64)).chain(clusters.saturating_sub(64)..clusters) {
         let _ = layer.lookup(c, cluster);
+    }
+}
+
+/// The bytes as a control-socket request line, through the daemon's own
+/// parser: what it takes serialises and parses back the same.
+pub fn request(data: &[u8]) {
+    if let Ok(request) = crate::protocol::parse_request(data) {
+        let envelope = crate::protocol::Envelope { version: Some(crate::protocol::PROTOCOL_VERSION), request };
+        let line = serde_json::to_vec(&envelope).expect("requests serialise");
+        assert_eq!(crate::protocol::parse_request(&line).expect("a request we wrote parses"), envelope.request);
     }
 }
 

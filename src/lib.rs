@@ -12,6 +12,7 @@ pub mod error;
 pub mod fuzzing;
 pub mod io;
 pub mod layers;
+pub mod protocol;
 pub mod rng;
 pub mod size;
 pub mod stack;

@@ -116,7 +116,7 @@ pub fn merge(id: Option<u32>, dir: Option<PathBuf>, uuid: Option<Guid>, json: bo
     let merged = match (id, dir) {
         (Some(id), _) => {
             let _started: Job = request(id, Request::SnapshotMerge { uuid })?;
-            follow(id, json)?.merged.ok_or_else(|| Error::new(libc::EPROTO, "the daemon reported no merge result"))?
+            follow(id, json)?.merged().cloned().ok_or_else(|| Error::new(libc::EPROTO, "the daemon reported no merge result"))?
         }
         (None, Some(dir)) => {
             let bar = Bar::new(json, "merging");
@@ -148,7 +148,7 @@ pub fn delete(id: Option<u32>, dir: Option<PathBuf>, uuid: Guid, json: bool) -> 
             let already = was_temporary(&request::<ListReply>(id, Request::SnapshotList)?);
             let deleted = match request::<DeleteReply>(id, Request::SnapshotDelete { uuid })? {
                 DeleteReply::Done(d) => d,
-                DeleteReply::Started(_) => follow(id, json)?.deleted.ok_or_else(|| Error::new(libc::EPROTO, "the daemon reported no result"))?,
+                DeleteReply::Started(_) => follow(id, json)?.deleted().cloned().ok_or_else(|| Error::new(libc::EPROTO, "the daemon reported no result"))?,
             };
             (deleted, already)
         }
@@ -221,7 +221,7 @@ pub fn compact(id: Option<u32>, target: Option<PathBuf>, step: Option<u64>, spee
     let done: Compacted = match (id, target) {
         (Some(id), _) => {
             let _started: Job = request(id, Request::Compact { step, speed })?;
-            follow(id, json)?.compacted.ok_or_else(|| Error::new(libc::EPROTO, "the daemon reported no result"))?
+            follow(id, json)?.compacted().cloned().ok_or_else(|| Error::new(libc::EPROTO, "the daemon reported no result"))?
         }
         (None, Some(target)) => {
             crate::cli::refuse_bare_dirs(std::slice::from_ref(&target))?;
@@ -312,7 +312,7 @@ pub fn follow(id: u32, json: bool) -> Result<Job> {
         if let Some(r) = job.round {
             bar.label(&format!("{} round {r}", job.kind));
         } else if job.kind != "merge" && job.kind != "delete" {
-            bar.label(&job.kind);
+            bar.label(job.kind.as_str());
         }
         bar.set(job.done, job.total);
         match job.state {

@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use io_uring::{opcode, squeue, types};
-use libublk::ctrl::UblkCtrl;
 use libublk::helpers::IoBuf;
 use libublk::io::{BufDesc, UblkDev, UblkQueue};
 use libublk::{sys, UblkError};
@@ -22,8 +21,9 @@ use ublk_ploop::io::wait::{set_thread_kick, Kick};
 use ublk_ploop::io::{FixedBuf, RingIo, Submit};
 use ublk_ploop::Stack;
 
-/// Largest request the kernel sends us; one cluster at the default size.
-pub const MAX_IO_BYTES: u32 = 1 << 20;
+use crate::ublk_control::MAX_IO_BYTES;
+// Device control moved to `ublk_control`; the CLI still names these here.
+pub use crate::ublk_control::{data_path, feature_names, open_ctrl, state_name, wanted_flags};
 
 /// Per-device I/O counters, shown by `status`.
 #[derive(Default, Serialize)]
@@ -257,72 +257,6 @@ fn registered(index: u16, len: usize) -> FixedBuf {
 
 fn too_large() -> ublk_ploop::Error {
     ublk_ploop::Error::invalid("request larger than the I/O buffer")
-}
-
-/// Feature bits the running kernel's ublk driver reports, by name.
-pub fn feature_names(bits: u64) -> Vec<&'static str> {
-    const NAMES: &[(u32, &str)] = &[
-        (sys::UBLK_F_SUPPORT_ZERO_COPY, "zero_copy"),
-        (sys::UBLK_F_URING_CMD_COMP_IN_TASK, "uring_cmd_comp_in_task"),
-        (sys::UBLK_F_NEED_GET_DATA, "need_get_data"),
-        (sys::UBLK_F_USER_RECOVERY, "user_recovery"),
-        (sys::UBLK_F_USER_RECOVERY_REISSUE, "user_recovery_reissue"),
-        (sys::UBLK_F_UNPRIVILEGED_DEV, "unprivileged_dev"),
-        (sys::UBLK_F_CMD_IOCTL_ENCODE, "cmd_ioctl_encode"),
-        (sys::UBLK_F_USER_COPY, "user_copy"),
-        (sys::UBLK_F_ZONED, "zoned"),
-        (sys::UBLK_F_USER_RECOVERY_FAIL_IO, "user_recovery_fail_io"),
-        (sys::UBLK_F_UPDATE_SIZE, "update_size"),
-        (sys::UBLK_F_AUTO_BUF_REG, "auto_buf_reg"),
-        (sys::UBLK_F_QUIESCE, "quiesce"),
-        (sys::UBLK_F_PER_IO_DAEMON, "per_io_daemon"),
-    ];
-    NAMES.iter().filter(|(bit, _)| bits & *bit as u64 != 0).map(|(_, name)| *name).collect()
-}
-
-/// The device control flags we ask for, given what the kernel offers:
-/// recovery (re-issuing in-flight I/O to the new daemon), online resize,
-/// and zero copy (automatic registration of each request's pages on the
-/// queue's ring) unless `zero_copy` is off.
-pub fn wanted_flags(features: u64, zero_copy: bool) -> u64 {
-    let mut flags = 0u64;
-    let mut wanted = vec![sys::UBLK_F_USER_RECOVERY, sys::UBLK_F_USER_RECOVERY_REISSUE, sys::UBLK_F_UPDATE_SIZE];
-    if zero_copy {
-        wanted.push(sys::UBLK_F_AUTO_BUF_REG);
-    }
-    for bit in wanted {
-        if features & bit as u64 != 0 {
-            flags |= bit as u64;
-        }
-    }
-    flags
-}
-
-/// How a device with these flags moves request data.
-pub fn data_path(flags: u64) -> &'static str {
-    if flags & sys::UBLK_F_AUTO_BUF_REG as u64 != 0 {
-        "zero_copy"
-    } else {
-        "copy"
-    }
-}
-
-/// Device state as text.
-pub fn state_name(state: u16) -> &'static str {
-    match state as u32 {
-        sys::UBLK_S_DEV_LIVE => "live",
-        sys::UBLK_S_DEV_QUIESCED => "quiesced",
-        sys::UBLK_S_DEV_FAIL_IO => "fail_io",
-        _ => "dead",
-    }
-}
-
-/// Open an existing device's control handle; None when it does not exist.
-pub fn open_ctrl(id: u32) -> Option<UblkCtrl> {
-    if !std::path::Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists() {
-        return None;
-    }
-    UblkCtrl::new_simple(id as i32).ok()
 }
 
 #[cfg(test)]

@@ -6,10 +6,6 @@
 
 mod common;
 
-#[path = "../src/protocol.rs"]
-#[allow(dead_code)]
-mod protocol;
-
 use std::path::{Path, PathBuf};
 
 use common::TempDir;
@@ -19,29 +15,11 @@ fn fuzz_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz")
 }
 
-/// The request target: what the control socket parses.
-fn request(data: &[u8]) {
-    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) {
-        if let Ok(env) = protocol::Envelope::from_value(v) {
-            // A request we parsed serialises and parses back the same.
-            let line = serde_json::to_value(&env).unwrap();
-            assert_eq!(protocol::Envelope::from_value(line).unwrap().request, env.request);
-        }
-    }
-}
-
-fn run(target: &str, data: &[u8], scratch: &Path) {
-    match target {
-        "request" => request(data),
-        t => fuzzing::run(t, data, scratch),
-    }
-}
-
 #[test]
 fn every_kept_input_runs_clean() {
     let scratch = TempDir::new("fuzz-corpus");
     let mut ran = 0;
-    for target in fuzzing::TARGETS.iter().copied().chain(["request"]) {
+    for &target in fuzzing::TARGETS {
         let mut seeds = 0;
         for kind in ["corpus", "regressions"] {
             let dir = fuzz_dir().join(kind).join(target);
@@ -50,7 +28,7 @@ fn every_kept_input_runs_clean() {
                 let path = e.unwrap().path();
                 let data = std::fs::read(&path).unwrap();
                 let t = std::time::Instant::now();
-                let outcome = std::panic::catch_unwind(|| run(target, &data, scratch.path()));
+                let outcome = std::panic::catch_unwind(|| fuzzing::run(target, &data, scratch.path()));
                 assert!(outcome.is_ok(), "{target}: {} panicked", path.display());
                 // A hang the fuzzer found (it allowed 1 s) stays fixed;
                 // the bound is loose for slow machines.

@@ -1,16 +1,93 @@
-//! The per-instance TOML configuration read by `ublk-ploop serve`
-//! (the systemd unit's entry point).
+//! A device's configuration: what the daemon serves and how, stored with
+//! the device for `recover`; and the per-instance TOML file read by
+//! `ublk-ploop serve` (the systemd unit's entry point).
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use ublk_ploop::disk::{Disk, Guid};
-use ublk_ploop::io::Direct;
+use ublk_ploop::io::{block_on, Direct, SyncIo};
 use ublk_ploop::layers::Format;
-use ublk_ploop::{Error, Result};
+use ublk_ploop::{Error, LayerSpec, Result};
 
-use crate::daemon::DeviceConfig;
+use crate::ublk_control::{parse_io_scheduler, DEFAULT_IO_SCHEDULER};
+
+/// Everything needed to (re)create a device; stored with the device so
+/// that `recover` can rebuild it after the daemon died.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DeviceConfig {
+    /// Layer images, bottom first, absolute paths. For a disk directory,
+    /// the chain when the device started (the descriptor rules).
+    #[serde(deserialize_with = "layer_specs")]
+    pub images: Vec<LayerSpec>,
+    /// The disk directory served, whose descriptor names the layers: a
+    /// restarted daemon follows it (snapshots taken meanwhile included).
+    #[serde(default)]
+    pub disk: Option<PathBuf>,
+    /// The snapshot a read-only snapshot device serves.
+    #[serde(default)]
+    pub snapshot: Option<Guid>,
+    pub queues: u16,
+    pub depth: u16,
+    pub read_only: bool,
+    #[serde(with = "direct_serde")]
+    pub direct: Direct,
+    /// Group allowed on the control socket (numeric gid).
+    pub socket_gid: Option<u32>,
+    /// Move request data through the daemon's memory even where the
+    /// kernel offers zero copy (to compare the two).
+    #[serde(default)]
+    pub copy_mode: bool,
+    /// Block-layer I/O scheduler set on the device once it is live.
+    #[serde(default = "crate::ublk_control::default_io_scheduler")]
+    pub io_scheduler: String,
+}
+
+impl DeviceConfig {
+    /// The layers to open now: the descriptor's chain for a disk directory
+    /// (served read-write only if its top is the disk's own file).
+    pub fn layers(&self) -> Result<Vec<LayerSpec>> {
+        match &self.disk {
+            Some(dir) if !self.read_only && self.snapshot.is_none() => block_on(Disk::load(dir)?.writable_layers(&SyncIo)),
+            Some(dir) => Disk::load(dir)?.layers(self.snapshot),
+            None => Ok(self.images.clone()),
+        }
+    }
+}
+
+/// Layer lists as stored by earlier versions (plain paths) or now.
+fn layer_specs<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Vec<LayerSpec>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Stored {
+        Path(PathBuf),
+        Spec(LayerSpec),
+    }
+    let v: Vec<Stored> = Deserialize::deserialize(d)?;
+    Ok(v.into_iter()
+        .map(|s| match s {
+            Stored::Path(p) => LayerSpec::ploop(p),
+            Stored::Spec(s) => s,
+        })
+        .collect())
+}
+
+mod direct_serde {
+    use super::Direct;
+    pub fn serialize<S: serde::Serializer>(d: &Direct, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(match d {
+            Direct::Auto => "auto",
+            Direct::On => "on",
+            Direct::Off => "off",
+        })
+    }
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Direct, D::Error> {
+        let s: String = serde::Deserialize::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -78,8 +155,8 @@ pub fn load(path: &Path) -> Result<(DeviceConfig, Option<u32>)> {
         socket_gid: file.socket_group.as_deref().map(group_id).transpose()?,
         copy_mode: file.copy_mode,
         io_scheduler: match file.io_scheduler {
-            Some(s) => crate::daemon::parse_io_scheduler(&s).map_err(|e| bad(format!("io_scheduler: {e}")))?,
-            None => crate::daemon::DEFAULT_IO_SCHEDULER.to_string(),
+            Some(s) => parse_io_scheduler(&s).map_err(|e| bad(format!("io_scheduler: {e}")))?,
+            None => DEFAULT_IO_SCHEDULER.to_string(),
         },
     };
     Ok((config, file.id))
@@ -110,14 +187,13 @@ pub fn group_id(name: &str) -> Result<u32> {
     if let Ok(gid) = name.parse::<u32>() {
         return Ok(gid);
     }
-    let cname = std::ffi::CString::new(name).map_err(|_| Error::invalid("group name contains a NUL byte"))?;
-    // SAFETY: getgrnam returns a pointer into static storage or null; we copy
-    // the gid out at once and call it from one thread at startup.
-    let entry = unsafe { libc::getgrnam(cname.as_ptr()) };
-    if entry.is_null() {
-        return Err(Error::invalid(format!("unknown group '{name}'")));
+    if name.contains('\0') {
+        return Err(Error::invalid("group name contains a NUL byte"));
     }
-    Ok(unsafe { (*entry).gr_gid })
+    match nix::unistd::Group::from_name(name) {
+        Ok(Some(group)) => Ok(group.gid.as_raw()),
+        _ => Err(Error::invalid(format!("unknown group '{name}'"))),
+    }
 }
 
 #[cfg(test)]

@@ -1,10 +1,8 @@
-//! The per-device control socket: newline-delimited JSON requests and
-//! replies (the messages are in `protocol.rs`), one connection at a time
-//! per client, peers checked by their kernel-reported credentials. A
-//! request may carry open file descriptors (SCM_RIGHTS): the channel a
-//! copy writes to is opened by the client, with the client's rights.
+//! The daemon's side of the control socket: the accept loop, connection
+//! slots per user, peer checks, and one thread per client reading request
+//! lines (and the descriptors with them) by their deadlines.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -13,67 +11,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::de::DeserializeOwned;
-use serde_json::Value;
+use nix::sys::socket::{sockopt, UnixCredentials};
 
+use ublk_ploop::protocol::{parse_request, Reply};
 use ublk_ploop::{Error, Result};
 
-use crate::protocol::{Envelope, Reply, Request, PROTOCOL_VERSION};
-/// Longest request line accepted (the largest real one is a few hundred
-/// bytes); a longer one closes the connection unread.
-pub const MAX_REQUEST: usize = 4096;
-pub const SOCKET_DIR: &str = "/run/ublk-ploop";
-/// Clients served at once; more are refused with an error reply.
-pub const MAX_CLIENTS: usize = 16;
-/// Connections one user other than root may hold at once, so that one
-/// user cannot take every slot.
-pub const MAX_PER_USER: usize = 4;
-/// Slots only root may fill: whatever others hold, the administrator gets in.
-const ROOT_RESERVE: usize = 2;
-/// Time a client has to send each request line, counted from when the
-/// server starts waiting for it: a slow or silent client is cut off.
-pub const REQUEST_DEADLINE: Duration = Duration::from_secs(3);
-/// A connection lives at most this long, however it talks.
-const CONNECTION_DEADLINE: Duration = Duration::from_secs(120);
-
-pub fn socket_path(dev_id: u32) -> PathBuf {
-    PathBuf::from(SOCKET_DIR).join(format!("{dev_id}.sock"))
-}
-
-impl Reply {
-    fn ok(result: Value) -> Reply {
-        Reply { version: PROTOCOL_VERSION, ok: true, result: Some(result), error: None, errno: None }
-    }
-    fn err(e: &Error) -> Reply {
-        Reply { version: PROTOCOL_VERSION, ok: false, result: None, error: Some(e.message().to_string()), errno: Some(e.errno()) }
-    }
-}
-
-/// Parse one request line: the version is checked before the command.
-/// An unknown command is answered by serde's own error, which lists the
-/// known ones.
-fn parse_request(line: &[u8]) -> Result<Request> {
-    let value: Value = serde_json::from_slice(line).map_err(|e| Error::invalid(format!("malformed request: {e}")))?;
-    if let Some(v) = value.get("version").filter(|v| !v.is_null()) {
-        if v.as_u64() != Some(PROTOCOL_VERSION as u64) {
-            return Err(Error::new(
-                libc::EPROTONOSUPPORT,
-                format!("protocol version {v} not supported (this daemon speaks {PROTOCOL_VERSION})"),
-            ));
-        }
-    }
-    Envelope::from_value(value).map(|env| env.request).map_err(|e| Error::invalid(format!("malformed request: {e}")))
-}
-
-/// What the daemon answers requests with; `fds` are the descriptors that
-/// came with the request (most take none).
-pub trait Handler: Send + Sync + 'static {
-    fn handle(&self, request: Request, fds: Vec<OwnedFd>) -> Result<Value>;
-}
-
-/// Descriptors passed with one request, at most (a request line with
-/// more closes the connection).
-pub const MAX_FDS: usize = 2;
+use super::{Access, Handler, CONNECTION_DEADLINE, MAX_CLIENTS, MAX_FDS, MAX_PER_USER, MAX_REQUEST, REQUEST_DEADLINE, ROOT_RESERVE};
 
 /// How reading a request line ended, short of a line.
 #[derive(Debug, PartialEq, Eq)]
@@ -148,11 +91,6 @@ impl Conn {
     }
 }
 
-/// Who may talk to the socket besides root and the daemon's own user.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Access {
-    pub group: Option<u32>,
-}
 
 pub struct Server {
     path: PathBuf,
@@ -248,7 +186,7 @@ fn accept_loop(listener: UnixListener, access: Access, handler: Arc<dyn Handler>
                 let cred = match peer_credentials(&stream) {
                     Ok(cred) if permitted(&stream, &cred, access) => cred,
                     Ok(cred) => {
-                        tracing::warn!(uid = cred.uid, pid = cred.pid, "control request refused: not permitted");
+                        tracing::warn!(uid = cred.uid(), pid = cred.pid(), "control request refused: not permitted");
                         refuse(&mut stream, libc::EACCES, "permission denied");
                         continue;
                     }
@@ -257,19 +195,20 @@ fn accept_loop(listener: UnixListener, access: Access, handler: Arc<dyn Handler>
                         continue;
                     }
                 };
-                if let Err(msg) = slots.lock().unwrap_or_else(|e| e.into_inner()).take(cred.uid) {
+                if let Err(msg) = slots.lock().unwrap_or_else(|e| e.into_inner()).take(cred.uid()) {
                     refuse(&mut stream, libc::EBUSY, msg);
                     continue;
                 }
+                let uid = cred.uid();
                 let (handler, slots2) = (handler.clone(), slots.clone());
                 // One thread per client (at most MAX_CLIENTS): a slow client
                 // cannot stall the others, and it is cut off at the deadline.
                 let spawned = std::thread::Builder::new().name("control-client".into()).spawn(move || {
                     serve_client(stream, handler.as_ref());
-                    slots2.lock().unwrap_or_else(|e| e.into_inner()).give(cred.uid);
+                    slots2.lock().unwrap_or_else(|e| e.into_inner()).give(uid);
                 });
                 if spawned.is_err() {
-                    slots.lock().unwrap_or_else(|e| e.into_inner()).give(cred.uid);
+                    slots.lock().unwrap_or_else(|e| e.into_inner()).give(uid);
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(50)),
@@ -282,24 +221,8 @@ fn accept_loop(listener: UnixListener, access: Access, handler: Arc<dyn Handler>
 }
 
 /// Credentials of the peer, as the kernel saw them at connect time.
-fn peer_credentials(stream: &UnixStream) -> std::io::Result<libc::ucred> {
-    let mut cred = libc::ucred { pid: 0, uid: u32::MAX, gid: u32::MAX };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: getsockopt fills `cred` of the size we pass.
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    if rc == 0 {
-        Ok(cred)
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+fn peer_credentials(stream: &UnixStream) -> std::io::Result<UnixCredentials> {
+    nix::sys::socket::getsockopt(stream, sockopt::PeerCredentials).map_err(std::io::Error::from)
 }
 
 /// SO_PEERGROUPS (Linux 4.13), the same number on every architecture this
@@ -336,20 +259,19 @@ fn proc_groups(pid: libc::pid_t) -> std::io::Result<Vec<u32>> {
     Ok(line.split_whitespace().filter_map(|g| g.parse().ok()).collect())
 }
 
-fn permitted(stream: &UnixStream, cred: &libc::ucred, access: Access) -> bool {
-    // SAFETY: geteuid cannot fail.
-    let me = unsafe { libc::geteuid() };
-    if cred.uid == 0 || cred.uid == me {
+fn permitted(stream: &UnixStream, cred: &UnixCredentials, access: Access) -> bool {
+    let me = nix::unistd::geteuid().as_raw();
+    if cred.uid() == 0 || cred.uid() == me {
         return true;
     }
     let Some(group) = access.group else { return false };
     // The socket file lets in the group's members through primary and
     // supplementary membership alike; so does this check.
-    cred.gid == group
-        || match peer_groups(stream, cred.pid) {
+    cred.gid() == group
+        || match peer_groups(stream, cred.pid()) {
             Ok(groups) => groups.contains(&group),
             Err(e) => {
-                tracing::warn!(pid = cred.pid, "control socket: cannot read the peer's groups: {e}");
+                tracing::warn!(pid = cred.pid(), "control socket: cannot read the peer's groups: {e}");
                 false
             }
         }
@@ -416,71 +338,17 @@ fn serve_client(stream: UnixStream, handler: &dyn Handler) {
     }
 }
 
-/// Send one request to a device's daemon and return its typed result.
-pub fn request<T: DeserializeOwned>(dev_id: u32, request: Request) -> Result<T> {
-    request_with_fds(dev_id, request, &[])
-}
-
-/// The same, passing open descriptors along (the daemon gets its own
-/// copies; the caller may close its own afterwards).
-pub fn request_with_fds<T: DeserializeOwned>(dev_id: u32, request: Request, fds: &[RawFd]) -> Result<T> {
-    let value = request_value(dev_id, request, fds)?;
-    serde_json::from_value(value).map_err(|e| Error::new(libc::EPROTO, format!("device {dev_id}: unexpected reply from daemon: {e}")))
-}
-
-fn request_value(dev_id: u32, request: Request, fds: &[RawFd]) -> Result<Value> {
-    let path = socket_path(dev_id);
-    let stream = UnixStream::connect(&path).map_err(|e| {
-        // Without ublk there is no device and no daemon: say what is missing.
-        if let Err(no_ublk) = crate::daemon::require_ublk() {
-            return no_ublk;
-        }
-        Error::io(e, format_args!("device {dev_id}: cannot reach its daemon at {}", path.display()))
-    })?;
-    exchange(stream, &path, &format!("device {dev_id}"), request, fds)
-}
-
-fn exchange(mut stream: UnixStream, path: &Path, who: &str, request: Request, fds: &[RawFd]) -> Result<Value> {
-    stream.set_read_timeout(Some(Duration::from_secs(120))).ok();
-    let mut line = serde_json::to_vec(&Envelope { version: Some(PROTOCOL_VERSION), request }).expect("requests serialise");
-    line.push(b'\n');
-    let sent = if fds.is_empty() {
-        stream.write_all(&line)
-    } else {
-        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
-        // The descriptors ride with the first bytes; the rest follows.
-        let iov = [std::io::IoSlice::new(&line)];
-        sendmsg::<()>(stream.as_raw_fd(), &iov, &[ControlMessage::ScmRights(fds)], MsgFlags::empty(), None)
-            .map_err(|e| std::io::Error::from_raw_os_error(e as i32))
-            .and_then(|sent| stream.write_all(&line[sent..]))
-    };
-    // A daemon that refuses a peer (credentials, no free slot) answers and
-    // closes without reading: the write may then fail with EPIPE while its
-    // answer, which says why, is waiting to be read.
-    let mut answer = String::new();
-    let read = BufReader::new(stream).read_line(&mut answer);
-    let reply: Reply = match (sent, read) {
-        (_, Ok(n)) if n > 0 => {
-            serde_json::from_str(&answer).map_err(|e| Error::new(libc::EPROTO, format!("{who}: unreadable reply from daemon: {e}")))?
-        }
-        (Err(e), _) => return Err(Error::io(e, path.display())),
-        (Ok(()), Err(e)) => return Err(Error::io(e, path.display())),
-        (Ok(()), Ok(_)) => return Err(Error::new(libc::EPROTO, format!("{who}: the daemon closed the connection without a reply"))),
-    };
-    if reply.ok {
-        Ok(reply.result.unwrap_or(Value::Null))
-    } else {
-        Err(Error::new(reply.errno.unwrap_or(libc::EIO), reply.error.unwrap_or_else(|| "request failed".into())))
-    }
-}
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    use std::io::Read;
+    use std::io::{BufRead, BufReader, Read};
 
-    use serde_json::json;
+    use serde_json::{json, Value};
+
+    use crate::control::client::exchange;
+    use ublk_ploop::protocol::Request;
 
     struct Echo;
     impl Handler for Echo {
@@ -584,24 +452,6 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
-    /// serde's error lists the commands, all of them; a known command with
-    /// bad arguments is not called unknown.
-    #[test]
-    fn malformed_requests_name_every_command() {
-        let e = parse_request(b"{\"cmd\":\"nope\"}").unwrap_err();
-        for cmd in ["status", "resize", "compact", "snapshot-switch", "backup"] {
-            assert!(e.message().contains(&format!("`{cmd}`")), "{cmd} missing from: {}", e.message());
-        }
-        let e = parse_request(b"{\"cmd\":\"resize\"}").unwrap_err();
-        assert!(!e.message().contains("unknown"), "{}", e.message());
-        assert!(e.message().contains("size"), "{}", e.message());
-        let e = parse_request(b"{\"cmd\":\"compact\",\"args\":{\"step\":\"x\"}}").unwrap_err();
-        assert!(!e.message().contains("unknown command"), "{}", e.message());
-        // Commands whose arguments are all optional still need none.
-        assert_eq!(parse_request(b"{\"cmd\":\"compact\"}").unwrap(), Request::Compact { step: None, speed: None });
-        assert_eq!(parse_request(b"{\"cmd\":\"status\"}").unwrap(), Request::Status);
-    }
-
     /// A client that never finishes its line is cut off at the deadline,
     /// and meanwhile another is served at once.
     #[test]
@@ -692,8 +542,7 @@ mod tests {
     /// Needs root to take another identity.
     #[test]
     fn supplementary_group_member_is_let_in() {
-        // SAFETY: geteuid cannot fail.
-        if unsafe { libc::geteuid() } != 0 {
+        if !nix::unistd::geteuid().is_root() {
             eprintln!("skipped: needs root to connect as another user");
             return;
         }
@@ -758,3 +607,4 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 }
+

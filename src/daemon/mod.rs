@@ -1,0 +1,154 @@
+//! The device daemon: opens the stack, creates (or recovers) the ublk
+//! device, serves its control socket, and closes the images cleanly when
+//! the device is stopped. `process` is its life as a process, `config`
+//! what it serves, `handler` its answers to requests, `jobs` the work it
+//! does in the background.
+
+pub mod config;
+mod handler;
+mod jobs;
+mod process;
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use libublk::ctrl::UblkCtrl;
+use libublk::io::UblkDev;
+
+use ublk_ploop::disk::{ops, Disk};
+use ublk_ploop::io::{block_on, SyncIo};
+use ublk_ploop::tracker::Tracker;
+use ublk_ploop::{Result, Stack, StackOptions};
+
+use crate::control::{self, Access};
+use crate::ublk_control::{self, set_io_scheduler, ublk_err};
+use crate::ublk_target::{self, Counters, Device};
+use handler::DaemonHandler;
+use jobs::Jobs;
+use process::{install_stop_signals, report, Ready};
+
+pub use config::DeviceConfig;
+// What the CLI calls here; device control is `ublk_control`'s.
+pub use crate::ublk_control::{delete, parse_io_scheduler, require_ublk, stored_config, wait_quiesced, Mode, DEFAULT_IO_SCHEDULER, TARGET_NAME};
+
+/// Start a device daemon. Unless `foreground`, fork: the parent returns
+/// once the device is live (printing its path) or failed.
+pub fn start(config: DeviceConfig, mode: Mode, foreground: bool) -> Result<i32> {
+    require_ublk()?;
+    process::ignore_sigpipe();
+    // Open the images before forking so that bad input fails right here.
+    let opts = StackOptions { read_only: config.read_only, direct: config.direct };
+    let layers = config.layers()?;
+    let (stack, reports) = block_on(Stack::open_layers(&SyncIo, &layers, &opts))?;
+    if let (Some(dir), false) = (&config.disk, config.read_only) {
+        // A merge a crash interrupted is finished before serving.
+        let mut disk = Disk::load(dir)?;
+        let merged = block_on(ops::finish_merges(&SyncIo, &stack, &mut disk))?;
+        for m in merged {
+            tracing::warn!("finished merging {} into {} (interrupted before)", m.child, m.parent);
+        }
+    }
+    for (spec, r) in layers.iter().zip(&reports) {
+        if r.was_in_use {
+            tracing::warn!(image = %spec.path.display(), trimmed = r.trimmed_leak, "image was not closed cleanly; checked, no damage");
+        }
+    }
+    if foreground {
+        return run(stack, config, mode, Ready::Foreground);
+    }
+    process::fork_daemon(move |ready| match run(stack, config, mode, ready) {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!("{e}");
+            1
+        }
+    })
+}
+
+fn run(stack: Stack, config: DeviceConfig, mode: Mode, ready: Ready) -> Result<i32> {
+    let mut ready = Some(ready);
+    let device = Arc::new(Device { stack, counters: Counters::default() });
+    let result = run_inner(&device, config, mode, &mut ready);
+    if let Err(e) = &result {
+        report(&mut ready, Err(e.to_string()));
+    }
+    // Whatever happened, the images are left consistent and marked clean.
+    let closed = block_on(device.stack.close(&SyncIo));
+    let code = result?;
+    closed?;
+    Ok(code)
+}
+
+fn run_inner(device: &Arc<Device>, config: DeviceConfig, mode: Mode, ready: &mut Option<Ready>) -> Result<i32> {
+    let ctrl = ublk_control::open_device(&mode, config.queues, config.depth, config.copy_mode)?;
+    let dev_id = ctrl.dev_info().dev_id;
+    // A recovered device keeps the data path it was created with.
+    let data_path = ublk_target::data_path(ctrl.dev_info().flags);
+    tracing::info!(data_path, "ublk device {dev_id}");
+    install_stop_signals(dev_id);
+    let disk = match &config.disk {
+        Some(dir) if !config.read_only => Some(Disk::load(dir)?),
+        _ => None,
+    };
+    // Changed-block tracking a clean stop kept: tracking goes on.
+    let mut cbt = None;
+    if !config.read_only {
+        if let Some(bm) = block_on(device.stack.take_saved_bitmaps()).into_iter().next() {
+            let t = Arc::new(Tracker::from_bits(device.stack.size(), bm.granularity, &bm.bits));
+            block_on(device.stack.add_tracker(t.clone()))?;
+            device.stack.keep_on_close(Some((t.clone(), bm.id)));
+            tracing::info!(changed = t.dirty_count(), "changed-block record since the last backup loaded");
+            cbt = Some(t);
+        }
+    }
+    let handler = Arc::new(DaemonHandler {
+        device: device.clone(),
+        dev_id,
+        config: config.clone(),
+        started: Instant::now(),
+        disk: Mutex::new(disk),
+        jobs: Jobs::default(),
+        tracker: Mutex::new(None),
+        cbt: Arc::new(Mutex::new(cbt)),
+        data_path,
+    });
+    let server = control::Server::start(&control::socket_path(dev_id), Access { group: config.socket_gid }, handler)?;
+
+    let read_only = config.read_only;
+    let target_json = serde_json::to_value(&config).expect("config serialises");
+    let dev_for_init = device.clone();
+    let tgt_init = move |dev: &mut UblkDev| {
+        ublk_target::init_target(dev, &dev_for_init.stack, read_only)?;
+        dev.set_target_json(target_json);
+        Ok(())
+    };
+    let dev_for_queues = device.clone();
+    let queue_fn = move |qid: u16, dev: &UblkDev| ublk_target::run_queue(qid, dev, dev_for_queues.clone());
+    // Shared with the live callback; if the device never goes live, it is
+    // still here to carry the error back to whoever started us.
+    let shared_ready = Arc::new(std::sync::Mutex::new(ready.take()));
+    let ready_for_live = shared_ready.clone();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let scheduler = config.io_scheduler.clone();
+    let on_live = move |c: &UblkCtrl| {
+        tracing::info!(device = %c.get_bdev_path(), "device is live");
+        set_io_scheduler(c.dev_info().dev_id, &scheduler);
+        report(&mut ready_for_live.lock().unwrap(), Ok(c.dev_info().dev_id));
+        let _ = tx.send(());
+    };
+    let served = ctrl.run_target(tgt_init, queue_fn, on_live);
+    let went_live = rx.try_recv().is_ok();
+    *ready = shared_ready.lock().unwrap().take();
+
+    drop(server);
+    if matches!(mode, Mode::Recover { .. }) && served.is_ok() && went_live {
+        // A recovered control does not delete the device when dropped. A
+        // failed recovery leaves the device quiesced for another attempt.
+        let _ = ctrl.del_dev();
+    }
+    served.map_err(|e| ublk_err(e, if went_live { "serving the device" } else { "starting the device" }))?;
+    tracing::info!("device {dev_id} stopped");
+    Ok(0)
+}
+
+
