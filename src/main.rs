@@ -3,12 +3,10 @@
 mod cli;
 mod config;
 mod control;
-mod copy_cmd;
 mod daemon;
 mod mount;
 mod pace;
 mod protocol;
-mod snapshot_cmd;
 mod ublk_target;
 
 fn main() {

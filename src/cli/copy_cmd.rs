@@ -20,7 +20,7 @@ use ublk_ploop::{Error, Result};
 use crate::cli::print_json;
 use crate::control::{request, request_with_fds};
 use crate::protocol::{Job, Request, TrackReply};
-use crate::snapshot_cmd::follow;
+use crate::cli::snapshot_cmd::follow;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TrackAction {

@@ -1,5 +1,8 @@
 //! Command-line parsing and the offline commands.
 
+mod copy_cmd;
+mod snapshot_cmd;
+
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
@@ -410,9 +413,9 @@ struct LimitArgs {
     allow_unfrozen: bool,
 }
 
-impl From<LimitArgs> for crate::copy_cmd::Limits {
+impl From<LimitArgs> for crate::cli::copy_cmd::Limits {
     fn from(a: LimitArgs) -> Self {
-        crate::copy_cmd::Limits { freeze_limit: a.freeze_limit, timeout: a.timeout, allow_unfrozen: a.allow_unfrozen }
+        crate::cli::copy_cmd::Limits { freeze_limit: a.freeze_limit, timeout: a.timeout, allow_unfrozen: a.allow_unfrozen }
     }
 }
 
@@ -649,7 +652,7 @@ fn run(command: Command) -> Result<i32> {
             if json {
                 print_json(&status);
             } else {
-                crate::snapshot_cmd::print_status(&status);
+                crate::cli::snapshot_cmd::print_status(&status);
             }
             Ok(0)
         }
@@ -775,7 +778,7 @@ fn run(command: Command) -> Result<i32> {
             }
             Ok(0)
         }
-        Command::Compact { id, image, step, speed, base, json } => crate::snapshot_cmd::compact(id, image, step, speed, base, json),
+        Command::Compact { id, image, step, speed, base, json } => crate::cli::snapshot_cmd::compact(id, image, step, speed, base, json),
         Command::Check { image, repair, format, json } => {
             let (mut disk, mut paths) = info_targets(std::slice::from_ref(&image), format.format)?;
             // A repair changes the disk: under ploop's disk lock (waiting
@@ -871,25 +874,25 @@ fn run(command: Command) -> Result<i32> {
             }
             Ok(0)
         }
-        Command::Snapshot { target, uuid, json } => crate::snapshot_cmd::snapshot(target.id, target.dir, uuid, json),
-        Command::SnapshotList { target, json } => crate::snapshot_cmd::list(target.id, target.dir, json),
-        Command::SnapshotMerge { target, uuid, json } => crate::snapshot_cmd::merge(target.id, target.dir, uuid, json),
-        Command::SnapshotDelete { target, uuid, json } => crate::snapshot_cmd::delete(target.id, target.dir, uuid, json),
+        Command::Snapshot { target, uuid, json } => crate::cli::snapshot_cmd::snapshot(target.id, target.dir, uuid, json),
+        Command::SnapshotList { target, json } => crate::cli::snapshot_cmd::list(target.id, target.dir, json),
+        Command::SnapshotMerge { target, uuid, json } => crate::cli::snapshot_cmd::merge(target.id, target.dir, uuid, json),
+        Command::SnapshotDelete { target, uuid, json } => crate::cli::snapshot_cmd::delete(target.id, target.dir, uuid, json),
         Command::Track { action, id, json } => {
             let action = match action {
-                TrackArg::Start => crate::copy_cmd::TrackAction::Start,
-                TrackArg::Get => crate::copy_cmd::TrackAction::Get,
-                TrackArg::Stop => crate::copy_cmd::TrackAction::Stop,
+                TrackArg::Start => crate::cli::copy_cmd::TrackAction::Start,
+                TrackArg::Get => crate::cli::copy_cmd::TrackAction::Get,
+                TrackArg::Stop => crate::cli::copy_cmd::TrackAction::Stop,
             };
-            crate::copy_cmd::track(id, action, json)
+            crate::cli::copy_cmd::track(id, action, json)
         }
         Command::Copy { id, dest, stop, force, limits, json } => {
-            crate::copy_cmd::copy(id, &crate::copy_cmd::Destination { to: dest.to, connect: dest.connect }, stop, force, &limits.into(), json)
+            crate::cli::copy_cmd::copy(id, &crate::cli::copy_cmd::Destination { to: dest.to, connect: dest.connect }, stop, force, &limits.into(), json)
         }
         Command::Backup { id, dest, incremental, limits, json } => {
-            crate::copy_cmd::backup(id, &crate::copy_cmd::Destination { to: dest.to, connect: dest.connect }, incremental, &limits.into(), json)
+            crate::cli::copy_cmd::backup(id, &crate::cli::copy_cmd::Destination { to: dest.to, connect: dest.connect }, incremental, &limits.into(), json)
         }
-        Command::Receive { image, from, listen, incremental, max_size, timeout, io, json } => crate::copy_cmd::receive(&crate::copy_cmd::ReceiveArgs {
+        Command::Receive { image, from, listen, incremental, max_size, timeout, io, json } => crate::cli::copy_cmd::receive(&crate::cli::copy_cmd::ReceiveArgs {
             image: &image,
             from: from.as_deref(),
             listen: listen.as_deref(),
@@ -899,7 +902,7 @@ fn run(command: Command) -> Result<i32> {
             max_size,
             timeout,
         }),
-        Command::SnapshotSwitch { target, uuid, force, json } => crate::snapshot_cmd::switch(target.id, target.dir, uuid, force, json),
+        Command::SnapshotSwitch { target, uuid, force, json } => crate::cli::snapshot_cmd::switch(target.id, target.dir, uuid, force, json),
     }
 }
 
