@@ -11,12 +11,12 @@ use serde::Serialize;
 
 use ublk_ploop::check::{check, CheckReport, Verdict};
 use ublk_ploop::convert::{convert, ConvertOptions};
-use ublk_ploop::disk::{Disk, Guid};
+use ublk_ploop::disk::{resolve, Disk, Guid};
 use ublk_ploop::io::{block_on, BackendKind, Direct, OwnRing, SyncIo};
 use ublk_ploop::layers::header::Header;
 use ublk_ploop::layers::{Format, PloopLayer};
 use ublk_ploop::size::{format_size, parse_size};
-use ublk_ploop::{Error, LayerSpec, Result};
+use ublk_ploop::{Error, Result};
 
 #[derive(Parser)]
 #[command(name = "ublk-ploop", version, about = "OpenVZ ploop images as Linux block devices through ublk")]
@@ -536,51 +536,10 @@ pub fn print_json<T: Serialize>(value: &T) {
     println!("{}", serde_json::to_string_pretty(value).expect("serialisable"));
 }
 
-/// A directory given where an image or a disk is wanted must be a disk
-/// directory: say so instead of "Is a directory".
-pub fn refuse_bare_dirs(paths: &[PathBuf]) -> Result<()> {
-    match paths.iter().find(|p| p.is_dir() && !Disk::is_disk(p)) {
-        Some(dir) => Err(ublk_ploop::disk::no_descriptor(dir)),
-        None => Ok(()),
-    }
-}
-
-/// What image arguments name: one disk directory (its chain, or a
-/// snapshot's), or image files of one declared format. Paths come back
-/// absolute, so a daemon (and a later `recover`) finds them from anywhere.
-pub struct Resolved {
-    pub layers: Vec<LayerSpec>,
-    pub disk: Option<PathBuf>,
-}
-
-pub fn resolve_images(paths: &[PathBuf], format: Option<Format>, snapshot: Option<Guid>) -> Result<Resolved> {
-    refuse_bare_dirs(paths)?;
-    match paths {
-        [one] if Disk::is_disk(one) => {
-            if format.is_some() {
-                return Err(Error::invalid(format!("{}: a disk directory declares its formats; drop --format", one.display())));
-            }
-            let disk = Disk::load(one)?;
-            Ok(Resolved { layers: disk.layers(snapshot)?, disk: Some(disk.dir) })
-        }
-        _ => {
-            if let Some(p) = paths.iter().find(|p| Disk::is_disk(p)) {
-                return Err(Error::invalid(format!("{}: a disk directory must be the only image given", p.display())));
-            }
-            if snapshot.is_some() {
-                return Err(Error::invalid("--snapshot needs a disk directory (a DiskDescriptor.xml) as the image"));
-            }
-            let format = format.unwrap_or_default();
-            let layers = crate::config::canonical_images(paths)?.into_iter().map(|path| LayerSpec { path, format }).collect();
-            Ok(Resolved { layers, disk: None })
-        }
-    }
-}
-
 fn run(command: Command) -> Result<i32> {
     match command {
         Command::Add { images, format, snapshot, id, dev, foreground } => {
-            let resolved = resolve_images(&images, format.format, snapshot)?;
+            let resolved = resolve::layers(&images, format.format, snapshot)?;
             let config = crate::daemon::DeviceConfig {
                 images: resolved.layers,
                 disk: resolved.disk,
@@ -703,7 +662,7 @@ fn run(command: Command) -> Result<i32> {
             Ok(0)
         }
         Command::Info { images, format, json } => {
-            let (disk, paths) = info_targets(&images, format.format)?;
+            let (disk, paths) = resolve::files(&images, format.format)?;
             let found = paths.iter().map(|(p, f)| image_info(p, *f)).collect::<Result<Vec<_>>>()?;
             let infos: Vec<InfoOut> = found.iter().map(|(i, _)| i.clone()).collect();
             let disk_problems = match &disk {
@@ -756,7 +715,7 @@ fn run(command: Command) -> Result<i32> {
                 (None, Some(image)) => image,
                 (None, None) => unreachable!("clap requires -n or IMAGE"),
             };
-            let done = match info_targets(std::slice::from_ref(&image), format.format)? {
+            let done = match resolve::files(std::slice::from_ref(&image), format.format)? {
                 (Some(mut disk), _) => block_on(disk.resize(&SyncIo, size))?,
                 (None, paths) => {
                     let (path, format) = &paths[0];
@@ -780,14 +739,14 @@ fn run(command: Command) -> Result<i32> {
         }
         Command::Compact { id, image, step, speed, base, json } => crate::cli::snapshot_cmd::compact(id, image, step, speed, base, json),
         Command::Check { image, repair, format, json } => {
-            let (mut disk, mut paths) = info_targets(std::slice::from_ref(&image), format.format)?;
+            let (mut disk, mut paths) = resolve::files(std::slice::from_ref(&image), format.format)?;
             // A repair changes the disk: under ploop's disk lock (waiting
             // for another holder, as snapshot and resize do), with the
             // descriptor read again once the lock is ours.
             let _lock = match (&disk, repair) {
                 (Some(d), true) => {
                     let lock = d.lock()?;
-                    (disk, paths) = info_targets(std::slice::from_ref(&image), None)?;
+                    (disk, paths) = resolve::files(std::slice::from_ref(&image), None)?;
                     Some(lock)
                 }
                 _ => None,
@@ -832,7 +791,7 @@ fn run(command: Command) -> Result<i32> {
         }
         Command::Convert { mut paths, to, format, snapshot, cluster_size, progress, json, io } => {
             let dst = paths.pop().expect("clap requires two paths");
-            let sources = resolve_images(&paths, format.format, snapshot)?.layers;
+            let sources = resolve::layers(&paths, format.format, snapshot)?.layers;
             let opts = ConvertOptions {
                 to: match to {
                     ToFormat::Raw => Format::Raw,
@@ -932,31 +891,6 @@ fn disk_size_problems(disk: &Disk, sizes: &[(String, Option<u64>)]) -> Vec<Strin
         }
     }
     problems
-}
-
-/// The files `info` and `check` look at: every delta a disk directory's
-/// descriptor names (with its format), or the files given.
-/// A disk directory (when given one) and the files to look at, with their formats.
-type Targets = (Option<Disk>, Vec<(PathBuf, Format)>);
-
-fn info_targets(paths: &[PathBuf], format: Option<Format>) -> Result<Targets> {
-    refuse_bare_dirs(paths)?;
-    match paths {
-        [one] if Disk::is_disk(one) => {
-            if format.is_some() {
-                return Err(Error::invalid(format!("{}: a disk directory declares its formats; drop --format", one.display())));
-            }
-            let disk = Disk::load(one)?;
-            let files = disk
-                .desc
-                .images
-                .iter()
-                .map(|i| (disk.file_path(i), i.kind.format()))
-                .collect();
-            Ok((Some(disk), files))
-        }
-        _ => Ok((None, paths.iter().map(|p| (p.clone(), format.unwrap_or_default())).collect())),
-    }
 }
 
 #[derive(Serialize, Clone)]

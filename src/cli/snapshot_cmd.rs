@@ -3,11 +3,12 @@
 //! operations on a stack opened for the occasion).
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ublk_ploop::disk::ops::{self, Deleted, Merged};
+use ublk_ploop::disk::resolve::{self, Named};
 use ublk_ploop::disk::{format_snapshot_rows, Disk, Guid};
 use ublk_ploop::io::{block_on, OwnRing, SyncIo};
 use ublk_ploop::tracker::Tracker;
@@ -184,36 +185,6 @@ pub fn delete(id: Option<u32>, dir: Option<PathBuf>, uuid: Guid, json: bool) -> 
     Ok(0)
 }
 
-/// What an offline compact opens for an image file given on its own: the
-/// chain below it when a DiskDescriptor.xml beside it names it (with the
-/// disk locked), else the file alone, over an unknown lower part unless the
-/// caller says it is a base.
-fn bare_image_chain(image: &Path, base: bool) -> Result<(Option<Disk>, Vec<ublk_ploop::LayerSpec>, bool)> {
-    let alone = vec![ublk_ploop::LayerSpec { path: image.to_path_buf(), format: ublk_ploop::layers::Format::Ploop }];
-    let dir = match image.parent() {
-        Some(d) if d.as_os_str().is_empty() => Path::new("."),
-        Some(d) => d,
-        None => Path::new("."),
-    };
-    if !Disk::is_disk(dir) {
-        return Ok((None, alone, !base));
-    }
-    let me = std::fs::canonicalize(image).map_err(|e| Error::io(e, image.display()))?;
-    let disk = Disk::load_locked(dir)?;
-    let named = disk.desc.images.iter().find(|i| std::fs::canonicalize(disk.file_path(i)).is_ok_and(|p| p == me));
-    match named {
-        // The chain from the base up to this delta: its lower layers say
-        // which discarded clusters must stay (reading as zeros over theirs).
-        // Only a delta of the disk's own is compacted.
-        Some(image) => {
-            disk.writable_path(image, "compact")?;
-            let layers = disk.layers(Some(image.guid))?;
-            Ok((Some(disk), layers, false))
-        }
-        None => Ok((None, alone, !base)),
-    }
-}
-
 /// Compact a served disk (a job) or a disk directory or image no device
 /// serves: its top image's free space goes back to the host filesystem.
 pub fn compact(id: Option<u32>, target: Option<PathBuf>, step: Option<u64>, speed: Option<u64>, base: bool, json: bool) -> Result<i32> {
@@ -224,17 +195,25 @@ pub fn compact(id: Option<u32>, target: Option<PathBuf>, step: Option<u64>, spee
             follow(id, json)?.compacted.ok_or_else(|| Error::new(libc::EPROTO, "the daemon reported no result"))?
         }
         (None, Some(target)) => {
-            crate::cli::refuse_bare_dirs(std::slice::from_ref(&target))?;
             // ploop's lock is held (the disk) until the image is closed:
             // another offline command holding it is waited for, and the
             // descriptor is read once it is ours; only a top inside the
             // directory is ever compacted.
-            let (_disk, layers, unknown_below) = if Disk::is_disk(&target) {
-                let disk = Disk::load_locked(&target)?;
-                let layers = block_on(disk.writable_layers(&SyncIo))?;
-                (Some(disk), layers, false)
-            } else {
-                bare_image_chain(&target, base)?
+            let (_disk, layers, unknown_below) = match resolve::name(std::slice::from_ref(&target), None)? {
+                Named::Disk(dir) => {
+                    let disk = Disk::load_locked(&dir)?;
+                    let layers = block_on(disk.writable_layers(&SyncIo))?;
+                    (Some(disk), layers, false)
+                }
+                // An image file given on its own: the chain below it when
+                // its disk names it (its lower layers say which discarded
+                // clusters must stay, reading as zeros over theirs), else
+                // the file alone, over an unknown lower part unless the
+                // caller says it is a base.
+                Named::Images(..) => match resolve::disk_of_image(&target, "compact")? {
+                    Some((disk, layers)) => (Some(disk), layers, false),
+                    None => (None, vec![ublk_ploop::LayerSpec { path: target.clone(), format: ublk_ploop::layers::Format::Ploop }], !base),
+                },
             };
             // Refused before the image is opened: opening marks it in use.
             let top = layers.last().expect("a chain is never empty");
