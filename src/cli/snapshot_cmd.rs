@@ -2,21 +2,30 @@
 //! offline on a disk directory no device serves (the same engine
 //! operations on a stack opened for the occasion).
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ublk_ploop::disk::ops::{self, Deleted, Merged};
-use ublk_ploop::disk::resolve::{self, Named};
 use ublk_ploop::disk::{format_snapshot_rows, Disk, Guid};
 use ublk_ploop::io::{block_on, OwnRing, SyncIo};
 use ublk_ploop::tracker::Tracker;
 use ublk_ploop::{Error, Result, Stack, StackOptions};
 
-use crate::cli::print_json;
+use crate::cli::args::SnapshotCommand;
+use crate::cli::output::{follow, print_json, Bar};
 use crate::control::request;
-use crate::protocol::{DeleteReply, Job, JobState, ListReply, Request, SnapshotReply, Status, SwitchReply};
+use crate::protocol::{DeleteReply, Job, ListReply, Request, SnapshotReply, SwitchReply};
+
+pub fn run(command: SnapshotCommand) -> Result<i32> {
+    match command {
+        SnapshotCommand::Snapshot { target, uuid, json } => snapshot(target.id, target.dir, uuid, json),
+        SnapshotCommand::SnapshotList { target, json } => list(target.id, target.dir, json),
+        SnapshotCommand::SnapshotMerge { target, uuid, json } => merge(target.id, target.dir, uuid, json),
+        SnapshotCommand::SnapshotDelete { target, uuid, json } => delete(target.id, target.dir, uuid, json),
+        SnapshotCommand::SnapshotSwitch { target, uuid, force, json } => switch(target.id, target.dir, uuid, force, json),
+    }
+}
 
 /// What happens to the top's changed-block record in an offline session.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -83,7 +92,7 @@ fn held(stall_ms: Option<f64>) -> String {
     stall_ms.map(|ms| format!(" (requests held {ms:.2} ms)")).unwrap_or_default()
 }
 
-pub fn snapshot(id: Option<u32>, dir: Option<PathBuf>, uuid: Option<Guid>, json: bool) -> Result<i32> {
+fn snapshot(id: Option<u32>, dir: Option<PathBuf>, uuid: Option<Guid>, json: bool) -> Result<i32> {
     let done: SnapshotReply = match (id, dir) {
         (Some(id), _) => request(id, Request::Snapshot { uuid })?,
         (None, Some(dir)) => offline(&dir, Record::Keep, |ring, stack, disk, _| ring.block_on(ops::snapshot(&ring.io(), stack, disk, uuid)))?,
@@ -99,7 +108,7 @@ pub fn snapshot(id: Option<u32>, dir: Option<PathBuf>, uuid: Option<Guid>, json:
     Ok(0)
 }
 
-pub fn list(id: Option<u32>, dir: Option<PathBuf>, json: bool) -> Result<i32> {
+fn list(id: Option<u32>, dir: Option<PathBuf>, json: bool) -> Result<i32> {
     let rows: ListReply = match (id, dir) {
         (Some(id), _) => request(id, Request::SnapshotList)?,
         (None, Some(dir)) => Disk::load(&dir)?.snapshot_rows(),
@@ -113,7 +122,7 @@ pub fn list(id: Option<u32>, dir: Option<PathBuf>, json: bool) -> Result<i32> {
     Ok(0)
 }
 
-pub fn merge(id: Option<u32>, dir: Option<PathBuf>, uuid: Option<Guid>, json: bool) -> Result<i32> {
+fn merge(id: Option<u32>, dir: Option<PathBuf>, uuid: Option<Guid>, json: bool) -> Result<i32> {
     let merged = match (id, dir) {
         (Some(id), _) => {
             let _started: Job = request(id, Request::SnapshotMerge { uuid })?;
@@ -140,7 +149,7 @@ fn report_merge(m: &Merged, json: bool) {
     }
 }
 
-pub fn delete(id: Option<u32>, dir: Option<PathBuf>, uuid: Guid, json: bool) -> Result<i32> {
+fn delete(id: Option<u32>, dir: Option<PathBuf>, uuid: Guid, json: bool) -> Result<i32> {
     // Whether it was marked temporary already (a delete of a snapshot with
     // several children), to say so instead of "marked" again.
     let was_temporary = |rows: &[ublk_ploop::disk::SnapshotRow]| rows.iter().any(|r| r.guid == uuid && r.temporary);
@@ -185,89 +194,7 @@ pub fn delete(id: Option<u32>, dir: Option<PathBuf>, uuid: Guid, json: bool) -> 
     Ok(0)
 }
 
-/// Compact a served disk (a job) or a disk directory or image no device
-/// serves: its top image's free space goes back to the host filesystem.
-pub fn compact(id: Option<u32>, target: Option<PathBuf>, step: Option<u64>, speed: Option<u64>, base: bool, json: bool) -> Result<i32> {
-    use ublk_ploop::layers::ploop::compact::Compacted;
-    let done: Compacted = match (id, target) {
-        (Some(id), _) => {
-            let _started: Job = request(id, Request::Compact { step, speed })?;
-            follow(id, json)?.compacted.ok_or_else(|| Error::new(libc::EPROTO, "the daemon reported no result"))?
-        }
-        (None, Some(target)) => {
-            // ploop's lock is held (the disk) until the image is closed:
-            // another offline command holding it is waited for, and the
-            // descriptor is read once it is ours; only a top inside the
-            // directory is ever compacted.
-            let (_disk, layers, unknown_below) = match resolve::name(std::slice::from_ref(&target), None)? {
-                Named::Disk(dir) => {
-                    let disk = Disk::load_locked(&dir)?;
-                    let layers = block_on(disk.writable_layers(&SyncIo))?;
-                    (Some(disk), layers, false)
-                }
-                // An image file given on its own: the chain below it when
-                // its disk names it (its lower layers say which discarded
-                // clusters must stay, reading as zeros over theirs), else
-                // the file alone, over an unknown lower part unless the
-                // caller says it is a base.
-                Named::Images(..) => match resolve::disk_of_image(&target, "compact")? {
-                    Some((disk, layers)) => (Some(disk), layers, false),
-                    None => (None, vec![ublk_ploop::LayerSpec { path: target.clone(), format: ublk_ploop::layers::Format::Ploop }], !base),
-                },
-            };
-            // Refused before the image is opened: opening marks it in use.
-            let top = layers.last().expect("a chain is never empty");
-            if top.format == ublk_ploop::layers::Format::Ploop {
-                let seen = block_on(ublk_ploop::check::inspect(&SyncIo, &top.path, top.format))?;
-                if seen.variant == Some(ublk_ploop::layers::header::Variant::V1) {
-                    return Err(Error::unsupported(format!(
-                        "{}: compacting v1 (WithoutFreeSpace) images is not supported; convert it first",
-                        top.path.display()
-                    )));
-                }
-            }
-            let (stack, _) = block_on(Stack::open_layers(&SyncIo, &layers, &StackOptions::default()))?;
-            // The read-write open took the top's record of changes out of
-            // the file; it goes back in when the stack closes (compaction
-            // moves clusters in the file, not on the disk the record maps).
-            if let Some(bm) = block_on(stack.take_saved_bitmaps()).into_iter().next() {
-                let t = Arc::new(Tracker::from_bits(stack.size(), bm.granularity, &bm.bits));
-                stack.keep_on_close(Some((t, bm.id)));
-            }
-            let bar = Bar::new(json, "compacting");
-            let pace = crate::pace::Pace::new(speed);
-            let cluster = stack.cluster_size();
-            let result = block_on(stack.compact_with(&SyncIo, step.unwrap_or(256).max(1), unknown_below, &|d, t| {
-                bar.set(d, t);
-                pace.wait(d * cluster);
-            }));
-            bar.finish();
-            let closed = block_on(stack.close(&SyncIo));
-            let done = result?;
-            closed?;
-            if unknown_below && !json {
-                eprintln!(
-                    "note: {} may be a delta over other images (no DiskDescriptor.xml beside it names it): \
-                     discarded clusters were kept; give --base if nothing lies below it",
-                    target.display()
-                );
-            }
-            done
-        }
-        (None, None) => unreachable!("clap requires -n or a path"),
-    };
-    if json {
-        print_json(&done);
-    } else {
-        println!(
-            "compacted: {} discarded clusters unlinked, {} moved; file {} -> {} bytes",
-            done.unlinked, done.moved, done.file_size_before, done.file_size_after
-        );
-    }
-    Ok(0)
-}
-
-pub fn switch(id: Option<u32>, dir: Option<PathBuf>, uuid: Guid, force: bool, json: bool) -> Result<i32> {
+fn switch(id: Option<u32>, dir: Option<PathBuf>, uuid: Guid, force: bool, json: bool) -> Result<i32> {
     let done: SwitchReply = match (id, dir) {
         (Some(id), _) => request(id, Request::SnapshotSwitch { uuid, force })?,
         (None, Some(dir)) => offline(&dir, Record::Drop, |ring, stack, disk, _| ring.block_on(ops::switch(&ring.io(), stack, disk, uuid)))?,
@@ -280,104 +207,4 @@ pub fn switch(id: Option<u32>, dir: Option<PathBuf>, uuid: Guid, force: bool, js
         println!("switched to {}; new top {}{}", done.snapshot, done.file.display(), held(stall));
     }
     Ok(0)
-}
-
-/// Follow a device's job to its end, with a progress bar on a terminal.
-pub fn follow(id: u32, json: bool) -> Result<Job> {
-    let bar = Bar::new(json, "merging");
-    loop {
-        let job: Option<Job> = request(id, Request::Job)?;
-        let job = job.ok_or_else(|| Error::new(libc::EPROTO, "the daemon has no job to report"))?;
-        if let Some(r) = job.round {
-            bar.label(&format!("{} round {r}", job.kind));
-        } else if job.kind != "merge" && job.kind != "delete" {
-            bar.label(&job.kind);
-        }
-        bar.set(job.done, job.total);
-        match job.state {
-            JobState::Running => std::thread::sleep(Duration::from_millis(200)),
-            JobState::Done => {
-                bar.finish();
-                return Ok(job);
-            }
-            JobState::Failed => {
-                bar.finish();
-                return Err(Error::new(job.errno.unwrap_or(libc::EIO), job.error.unwrap_or_else(|| format!("the {} failed", job.kind))));
-            }
-        }
-    }
-}
-
-/// A progress bar on stderr when it is a terminal (and not --json).
-struct Bar(Option<indicatif::ProgressBar>);
-
-impl Bar {
-    pub fn new(json: bool, label: &str) -> Bar {
-        if json || !std::io::stderr().is_terminal() {
-            return Bar(None);
-        }
-        let bar = indicatif::ProgressBar::new(0);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} clusters ({eta})")
-                .expect("a valid template")
-                .progress_chars("=> "),
-        );
-        bar.set_message(label.to_string());
-        Bar(Some(bar))
-    }
-    fn label(&self, label: &str) {
-        if let Some(b) = &self.0 {
-            b.set_message(label.to_string());
-        }
-    }
-    fn set(&self, done: u64, total: u64) {
-        if let Some(b) = &self.0 {
-            b.set_length(total);
-            b.set_position(done);
-        }
-    }
-    fn finish(&self) {
-        if let Some(b) = &self.0 {
-            b.finish_and_clear();
-        }
-    }
-}
-
-pub fn print_status(s: &Status) {
-    println!(
-        "{} (pid {}), {} bytes{}{}",
-        s.device,
-        s.pid,
-        s.size,
-        if s.read_only { ", read-only" } else { "" },
-        s.snapshot.map(|g| format!(", snapshot {g}")).unwrap_or_default()
-    );
-    if let Some(d) = &s.disk {
-        println!("  disk: {}", d.display());
-    }
-    if !s.data_path.is_empty() {
-        println!("  data path: {}", s.data_path.replace('_', " "));
-    }
-    if let Some(sched) = &s.io_scheduler {
-        println!("  I/O scheduler: {sched}");
-    }
-    for (i, l) in s.layers.iter().enumerate() {
-        println!("  layer {i}: {} ({:?}{})", l.path.display(), l.format, if l.writable { ", writable" } else { "" });
-    }
-    let c = &s.counters;
-    println!(
-        "  counters: reads {} ({} bytes), writes {} ({} bytes), flushes {}, discards {}, write-zeroes {}, errors {}; copy-ups {}",
-        c.reads, c.read_bytes, c.writes, c.write_bytes, c.flushes, c.discards, c.write_zeroes, c.errors, s.copy_ups
-    );
-    if let Some(j) = &s.job {
-        let what = j.uuid.map(|g| format!(" {g}")).unwrap_or_default();
-        match j.state {
-            JobState::Running => {
-                let round = j.round.map(|r| format!(" round {r}")).unwrap_or_default();
-                println!("  job: {}{what}{round}: {}/{} clusters, {:.0} s", j.kind, j.done, j.total, j.secs)
-            }
-            JobState::Done => println!("  last job: {}{what} done in {:.1} s", j.kind, j.secs),
-            JobState::Failed => println!("  last job: {}{what} failed: {}", j.kind, j.error.as_deref().unwrap_or("?")),
-        }
-    }
 }
