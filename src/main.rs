@@ -2,11 +2,9 @@
 
 mod cli;
 mod control;
-mod copy_cmd;
 mod daemon;
 mod mount;
 mod pace;
-mod snapshot_cmd;
 mod ublk_control;
 mod ublk_target;
 

@@ -139,7 +139,7 @@ pub fn load(path: &Path) -> Result<(DeviceConfig, Option<u32>)> {
     if file.disk.is_some() && !Disk::is_disk(&images[0]) {
         return Err(bad(format!("disk: {} holds no {}", images[0].display(), ublk_ploop::disk::DESCRIPTOR)));
     }
-    let resolved = crate::cli::resolve_images(&images, format, snapshot).map_err(|e| e.context(path.display()))?;
+    let resolved = ublk_ploop::disk::resolve::layers(&images, format, snapshot).map_err(|e| e.context(path.display()))?;
     let direct = match file.direct.as_deref() {
         None => Direct::Auto,
         Some(s) => s.parse().map_err(|e: String| Error::invalid(format!("{}: direct: {e}", path.display())))?,
@@ -160,12 +160,6 @@ pub fn load(path: &Path) -> Result<(DeviceConfig, Option<u32>)> {
         },
     };
     Ok((config, file.id))
-}
-
-/// Absolute paths, so the daemon (and a later `recover`) finds the files
-/// whatever its working directory.
-pub fn canonical_images(images: &[PathBuf]) -> Result<Vec<PathBuf>> {
-    images.iter().map(|p| std::fs::canonicalize(p).map_err(|e| Error::io(e, p.display()))).collect()
 }
 
 pub fn validate_queues(q: u16) -> Result<u16> {

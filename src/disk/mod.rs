@@ -8,6 +8,7 @@
 pub mod descriptor;
 mod lock;
 pub mod ops;
+pub mod resolve;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};

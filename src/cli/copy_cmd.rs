@@ -8,7 +8,7 @@ use std::io::{IsTerminal, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::Serialize;
 
@@ -17,25 +17,36 @@ use ublk_ploop::io::Direct;
 use ublk_ploop::size::format_size;
 use ublk_ploop::{Error, Result};
 
-use crate::cli::print_json;
+use crate::cli::args::{CopyCommand, DestArgs, LimitArgs, TrackArg};
+use crate::cli::output::{follow, print_json};
 use crate::control::{request, request_with_fds};
 use crate::protocol::{Job, Request, TrackReply};
-use crate::snapshot_cmd::follow;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TrackAction {
-    Start,
-    Get,
-    Stop,
+pub fn run(command: CopyCommand) -> Result<i32> {
+    match command {
+        CopyCommand::Track { action, id, json } => track(id, action, json),
+        CopyCommand::Copy { id, dest, stop, force, limits, json } => copy(id, &dest, stop, force, &limits, json),
+        CopyCommand::Backup { id, dest, incremental, limits, json } => backup(id, &dest, incremental, &limits, json),
+        CopyCommand::Receive { image, from, listen, incremental, max_size, timeout, io, json } => receive(&ReceiveArgs {
+            image: &image,
+            from: from.as_deref(),
+            listen: listen.as_deref(),
+            incremental,
+            direct: io.direct,
+            json,
+            max_size,
+            timeout,
+        }),
+    }
 }
 
-pub fn track(id: u32, action: TrackAction, json: bool) -> Result<i32> {
+fn track(id: u32, action: TrackArg, json: bool) -> Result<i32> {
     let reply: TrackReply = request(
         id,
         match action {
-            TrackAction::Start => Request::TrackStart,
-            TrackAction::Get => Request::TrackGet,
-            TrackAction::Stop => Request::TrackStop,
+            TrackArg::Start => Request::TrackStart,
+            TrackArg::Get => Request::TrackGet,
+            TrackArg::Stop => Request::TrackStop,
         },
     )?;
     if json {
@@ -43,24 +54,16 @@ pub fn track(id: u32, action: TrackAction, json: bool) -> Result<i32> {
         return Ok(0);
     }
     match action {
-        TrackAction::Start => println!("tracking writes to /dev/ublkb{id} in units of {}", format_size(reply.granularity)),
-        TrackAction::Get | TrackAction::Stop => {
+        TrackArg::Start => println!("tracking writes to /dev/ublkb{id} in units of {}", format_size(reply.granularity)),
+        TrackArg::Get | TrackArg::Stop => {
             for [start, end] in &reply.ranges {
                 println!("{start} {end}");
             }
-            let what = if action == TrackAction::Stop { "; tracking stopped" } else { "" };
+            let what = if action == TrackArg::Stop { "; tracking stopped" } else { "" };
             eprintln!("{} clusters changed ({}) in {} ranges{what}", reply.clusters, format_size(reply.bytes), reply.ranges.len());
         }
     }
     Ok(0)
-}
-
-/// Where a stream goes.
-pub struct Destination {
-    /// A file, or "-" for stdout (one-way).
-    pub to: Option<PathBuf>,
-    /// HOST:PORT, or a unix socket path (two-way).
-    pub connect: Option<String>,
 }
 
 /// An open channel and whether answers come back on it.
@@ -71,7 +74,7 @@ struct Channel {
     on_stdout: bool,
 }
 
-fn open_destination(dest: &Destination) -> Result<Channel> {
+fn open_destination(dest: &DestArgs) -> Result<Channel> {
     match (&dest.to, &dest.connect) {
         (Some(p), None) if p.as_os_str() == "-" => {
             if std::io::stdout().is_terminal() {
@@ -124,25 +127,17 @@ fn release_stdout() {
     }
 }
 
-/// Bounds of a copy (see `SendOptions`); the daemon's defaults when unset.
-#[derive(Clone, Debug, Default)]
-pub struct Limits {
-    pub freeze_limit: Option<f64>,
-    pub timeout: Option<f64>,
-    pub allow_unfrozen: bool,
-}
-
-pub fn copy(id: u32, dest: &Destination, stop: bool, force: bool, limits: &Limits, json: bool) -> Result<i32> {
+fn copy(id: u32, dest: &DestArgs, stop: bool, force: bool, limits: &LimitArgs, json: bool) -> Result<i32> {
     let ch = open_destination(dest)?;
-    let Limits { freeze_limit, timeout, allow_unfrozen } = limits.clone();
+    let LimitArgs { freeze_limit, timeout, allow_unfrozen } = limits.clone();
     let req = Request::Copy { two_way: ch.two_way, stop, force, freeze_limit, timeout, allow_unfrozen };
     let _started: Job = request_with_fds(id, req, &[ch.fd.as_raw_fd()])?;
     finish_copy(id, ch, json, if stop { "copied; device stopped" } else { "copied" })
 }
 
-pub fn backup(id: u32, dest: &Destination, incremental: bool, limits: &Limits, json: bool) -> Result<i32> {
+fn backup(id: u32, dest: &DestArgs, incremental: bool, limits: &LimitArgs, json: bool) -> Result<i32> {
     let ch = open_destination(dest)?;
-    let Limits { freeze_limit, timeout, allow_unfrozen } = limits.clone();
+    let LimitArgs { freeze_limit, timeout, allow_unfrozen } = limits.clone();
     let req = Request::Backup { two_way: ch.two_way, incremental, freeze_limit, timeout, allow_unfrozen };
     let _started: Job = request_with_fds(id, req, &[ch.fd.as_raw_fd()])?;
     finish_copy(id, ch, json, if incremental { "incremental backup" } else { "full backup" })
@@ -198,7 +193,7 @@ fn finish_copy(id: u32, ch: Channel, json: bool, what: &str) -> Result<i32> {
 }
 
 /// What `receive` was asked.
-pub struct ReceiveArgs<'a> {
+struct ReceiveArgs<'a> {
     pub image: &'a Path,
     pub from: Option<&'a Path>,
     pub listen: Option<&'a str>,
@@ -212,7 +207,7 @@ pub struct ReceiveArgs<'a> {
     pub timeout: u64,
 }
 
-pub fn receive(a: &ReceiveArgs) -> Result<i32> {
+fn receive(a: &ReceiveArgs) -> Result<i32> {
     clean_up_on_signals();
     let (input, answers, two_way): (Box<dyn Read>, Option<Box<dyn Write>>, bool) = match (a.from, a.listen) {
         (_, Some(addr)) => {

@@ -1,0 +1,484 @@
+//! The image verbs: make, inspect, repair, resize, compact and convert
+//! image files and disk directories no device serves (resize and compact
+//! also online, through a device's daemon, with -n).
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use ublk_ploop::check::{check, CheckReport, Verdict};
+use ublk_ploop::convert::{convert, ConvertOptions};
+use ublk_ploop::disk::resolve::{self, Named};
+use ublk_ploop::disk::Disk;
+use ublk_ploop::io::{block_on, BackendKind, OwnRing, SyncIo};
+use ublk_ploop::layers::header::Header;
+use ublk_ploop::layers::{Format, PloopLayer};
+use ublk_ploop::size::format_size;
+use ublk_ploop::tracker::Tracker;
+use ublk_ploop::{Error, LayerSpec, Result, Stack, StackOptions};
+
+use crate::cli::args::{ConvertArgs, FormatArg, Geometry, ImageCommand, ToFormat};
+use crate::cli::output::{follow, print_json, Bar};
+use crate::control::request;
+use crate::protocol::{Job, Request};
+
+pub fn run(command: ImageCommand) -> Result<i32> {
+    match command {
+        ImageCommand::Create { image, geometry, json } => create(image, geometry, json),
+        ImageCommand::Init { dir, geometry, json } => init(dir, geometry, json),
+        ImageCommand::Info { images, format, json } => info(images, format, json),
+        ImageCommand::Check { image, repair, format, json } => check_cmd(image, repair, format, json),
+        ImageCommand::Resize { id, image, size, format, json } => resize_cmd(id, image, size, format, json),
+        ImageCommand::Compact { id, image, step, speed, base, json } => compact(id, image, step, speed, base, json),
+    }
+}
+
+/// A new empty expandable image file.
+fn create(image: PathBuf, geometry: Geometry, json: bool) -> Result<i32> {
+    let Geometry { size, cluster_size } = geometry;
+    let header = block_on(PloopLayer::create(&SyncIo, &image, size, cluster_size))?;
+    let info = InfoOut::from_header(&image, &header, 0, header.data_off_bytes());
+    if json {
+        print_json(&info);
+    } else {
+        println!(
+            "created {}: {} disk, {} clusters",
+            image.display(),
+            format_size(size),
+            format_size(cluster_size)
+        );
+    }
+    Ok(0)
+}
+
+/// A new disk directory: a base delta and its descriptor.
+fn init(dir: PathBuf, geometry: Geometry, json: bool) -> Result<i32> {
+    let Geometry { size, cluster_size } = geometry;
+    let disk = block_on(Disk::init(&SyncIo, &dir, size, cluster_size))?;
+    if json {
+        print_json(&serde_json::json!({
+            "dir": disk.dir,
+            "descriptor": disk.xml_path(),
+            "size": disk.desc.size(),
+            "cluster_size": disk.desc.cluster_size(),
+            "top": disk.desc.top,
+        }));
+    } else {
+        println!("created {}: {} disk, {} clusters, base {}", disk.xml_path().display(), format_size(size),
+            format_size(cluster_size), disk.dir.join(ublk_ploop::disk::BASE_FILE).display());
+    }
+    Ok(0)
+}
+
+/// Headers and allocation of image files or of a disk's deltas; exit 2
+/// when any is damaged.
+fn info(images: Vec<PathBuf>, format: FormatArg, json: bool) -> Result<i32> {
+    let (disk, paths) = resolve::files(&images, format.format)?;
+    let found = paths.iter().map(|(p, f)| image_info(p, *f)).collect::<Result<Vec<_>>>()?;
+    let infos: Vec<InfoOut> = found.iter().map(|(i, _)| i.clone()).collect();
+    let disk_problems = match &disk {
+        Some(d) => disk_size_problems(d, &infos.iter().map(|i| (i.path.clone(), i.disk_size)).collect::<Vec<_>>()),
+        None => vec![],
+    };
+    let damaged = found.iter().any(|(_, problems)| !problems.is_empty()) || !disk_problems.is_empty();
+    if json {
+        match &disk {
+            Some(d) => print_json(&serde_json::json!({
+                "disk": d.dir,
+                "size": d.desc.size(),
+                "cluster_size": d.desc.cluster_size(),
+                "top": d.desc.top,
+                "snapshots": d.snapshot_rows(),
+                "images": infos,
+                "problems": disk_problems,
+            })),
+            None if infos.len() == 1 => print_json(&infos[0]),
+            None => print_json(&infos),
+        }
+    } else {
+        if let Some(d) = &disk {
+            println!("disk:         {} ({} deltas, {} clusters)", d.xml_path().display(), d.desc.images.len(), format_size(d.desc.cluster_size()));
+            println!("disk size:    {} ({} bytes)", format_size(d.desc.size()), d.desc.size());
+            print!("{}", ublk_ploop::disk::format_snapshot_rows(&d.snapshot_rows()));
+        }
+        infos.iter().for_each(print_info);
+    }
+    for i in infos.iter().filter(|i| !i.problems.is_empty()) {
+        eprintln!("ublk-ploop: {}: damaged: {} (run `ublk-ploop check`)", i.path, i.problems.join("; "));
+    }
+    for p in &disk_problems {
+        eprintln!("ublk-ploop: {}: {p}", disk.as_ref().map(|d| d.xml_path().display().to_string()).unwrap_or_default());
+    }
+    Ok(if damaged { 2 } else { 0 })
+}
+
+/// Check (and with `repair`, fix) an image or every delta of a disk; the
+/// exit code says the worst found.
+fn check_cmd(image: PathBuf, repair: bool, format: FormatArg, json: bool) -> Result<i32> {
+    let (mut disk, mut paths) = resolve::files(std::slice::from_ref(&image), format.format)?;
+    // A repair changes the disk: under ploop's disk lock (waiting
+    // for another holder, as snapshot and resize do), with the
+    // descriptor read again once the lock is ours.
+    let _lock = match (&disk, repair) {
+        (Some(d), true) => {
+            let lock = d.lock()?;
+            (disk, paths) = resolve::files(std::slice::from_ref(&image), None)?;
+            Some(lock)
+        }
+        _ => None,
+    };
+    if let (true, Some(disk)) = (repair, &disk) {
+        // A repair writes every delta: refused for any not the disk's own.
+        for img in &disk.desc.images {
+            disk.writable_path(img, "repair")?;
+        }
+    }
+    let mut reports = Vec::new();
+    for (path, format) in &paths {
+        reports.push(block_on(check(&SyncIo, path, *format, repair))?);
+    }
+    let problems = match &disk {
+        Some(d) => disk_size_problems(d, &reports.iter().map(|r| (r.path.clone(), known_size(r))).collect::<Vec<_>>()),
+        None => vec![],
+    };
+    // The worst: corrupt (2) over leaks (3) over clean (0); a disk
+    // whose deltas disagree with its descriptor counts as corrupt.
+    let worst = reports.iter().map(|r| r.verdict()).chain(problems.iter().map(|_| Verdict::Corrupt)).max_by_key(|v| match v {
+        Verdict::Corrupt => 2,
+        Verdict::Leaks => 1,
+        Verdict::Clean => 0,
+    });
+    let worst = worst.unwrap_or(Verdict::Clean);
+    if json {
+        // One shape whatever the number of deltas.
+        let deltas: Vec<_> = reports.iter().map(|r| serde_json::json!({ "verdict": r.verdict(), "report": r })).collect();
+        print_json(&serde_json::json!({ "verdict": worst, "deltas": deltas, "problems": problems }));
+    } else {
+        reports.iter().for_each(print_check);
+        for p in &problems {
+            println!("{}: {p}", disk.as_ref().map(|d| d.xml_path().display().to_string()).unwrap_or_default());
+        }
+    }
+    Ok(match worst {
+        Verdict::Clean => 0,
+        Verdict::Corrupt => 2,
+        Verdict::Leaks => 3,
+    })
+}
+
+/// A new disk size, online through the device's daemon or offline.
+fn resize_cmd(id: Option<u32>, image: Option<PathBuf>, size: u64, format: FormatArg, json: bool) -> Result<i32> {
+    use ublk_ploop::layers::ploop::resize::{resize, resize_raw, Resized};
+    let image = match (id, image) {
+        (Some(id), _) => {
+            let done: Resized = request(id, Request::Resize { size })?;
+            if json {
+                print_json(&[done]);
+            } else {
+                println!("/dev/ublkb{id}: {} -> {} bytes", done.old_size, done.new_size);
+            }
+            return Ok(0);
+        }
+        (None, Some(image)) => image,
+        (None, None) => unreachable!("clap requires -n or IMAGE"),
+    };
+    let done = match resolve::files(std::slice::from_ref(&image), format.format)? {
+        (Some(mut disk), _) => block_on(disk.resize(&SyncIo, size))?,
+        (None, paths) => {
+            let (path, format) = &paths[0];
+            vec![match format {
+                Format::Raw => block_on(resize_raw(&SyncIo, path, size, true))?,
+                _ => block_on(resize(&SyncIo, path, size, true))?,
+            }]
+        }
+    };
+    if json {
+        print_json(&done);
+    } else {
+        let old = done.first().map_or(size, |d| d.old_size);
+        let moved: u64 = done.iter().map(|d| d.relocated).sum();
+        println!("{}: {} -> {} bytes{}", image.display(), old, size, if moved > 0 { format!(" ({moved} clusters moved for the larger table)") } else { String::new() });
+        if done.iter().any(|d| d.dropped_change_record) {
+            println!("the changed-block record was dropped (it described the old size): the next incremental backup sends everything");
+        }
+    }
+    Ok(0)
+}
+
+/// Compact a served disk (a job) or a disk directory or image no device
+/// serves: its top image's free space goes back to the host filesystem.
+fn compact(id: Option<u32>, target: Option<PathBuf>, step: Option<u64>, speed: Option<u64>, base: bool, json: bool) -> Result<i32> {
+    use ublk_ploop::layers::ploop::compact::Compacted;
+    let done: Compacted = match (id, target) {
+        (Some(id), _) => {
+            let _started: Job = request(id, Request::Compact { step, speed })?;
+            follow(id, json)?.compacted().cloned().ok_or_else(|| Error::new(libc::EPROTO, "the daemon reported no result"))?
+        }
+        (None, Some(target)) => {
+            // ploop's lock is held (the disk) until the image is closed:
+            // another offline command holding it is waited for, and the
+            // descriptor is read once it is ours; only a top inside the
+            // directory is ever compacted.
+            let (_disk, layers, unknown_below) = match resolve::name(std::slice::from_ref(&target), None)? {
+                Named::Disk(dir) => {
+                    let disk = Disk::load_locked(&dir)?;
+                    let layers = block_on(disk.writable_layers(&SyncIo))?;
+                    (Some(disk), layers, false)
+                }
+                // An image file given on its own: the chain below it when
+                // its disk names it (its lower layers say which discarded
+                // clusters must stay, reading as zeros over theirs), else
+                // the file alone, over an unknown lower part unless the
+                // caller says it is a base.
+                Named::Images(..) => match resolve::disk_of_image(&target, "compact")? {
+                    Some((disk, layers)) => (Some(disk), layers, false),
+                    None => (None, vec![LayerSpec { path: target.clone(), format: Format::Ploop }], !base),
+                },
+            };
+            // Refused before the image is opened: opening marks it in use.
+            let top = layers.last().expect("a chain is never empty");
+            if top.format == Format::Ploop {
+                let seen = block_on(ublk_ploop::check::inspect(&SyncIo, &top.path, top.format))?;
+                if seen.variant == Some(ublk_ploop::layers::header::Variant::V1) {
+                    return Err(Error::unsupported(format!(
+                        "{}: compacting v1 (WithoutFreeSpace) images is not supported; convert it first",
+                        top.path.display()
+                    )));
+                }
+            }
+            let (stack, _) = block_on(Stack::open_layers(&SyncIo, &layers, &StackOptions::default()))?;
+            // The read-write open took the top's record of changes out of
+            // the file; it goes back in when the stack closes (compaction
+            // moves clusters in the file, not on the disk the record maps).
+            if let Some(bm) = block_on(stack.take_saved_bitmaps()).into_iter().next() {
+                let t = Arc::new(Tracker::from_bits(stack.size(), bm.granularity, &bm.bits));
+                stack.keep_on_close(Some((t, bm.id)));
+            }
+            let bar = Bar::new(json, "compacting");
+            let pace = crate::pace::Pace::new(speed);
+            let cluster = stack.cluster_size();
+            let result = block_on(stack.compact_with(&SyncIo, step.unwrap_or(256).max(1), unknown_below, &|d, t| {
+                bar.set(d, t);
+                pace.wait(d * cluster);
+            }));
+            bar.finish();
+            let closed = block_on(stack.close(&SyncIo));
+            let done = result?;
+            closed?;
+            if unknown_below && !json {
+                eprintln!(
+                    "note: {} may be a delta over other images (no DiskDescriptor.xml beside it names it): \
+                     discarded clusters were kept; give --base if nothing lies below it",
+                    target.display()
+                );
+            }
+            done
+        }
+        (None, None) => unreachable!("clap requires -n or a path"),
+    };
+    if json {
+        print_json(&done);
+    } else {
+        println!(
+            "compacted: {} discarded clusters unlinked, {} moved; file {} -> {} bytes",
+            done.unlinked, done.moved, done.file_size_before, done.file_size_after
+        );
+    }
+    Ok(0)
+}
+
+/// Flatten a stack or a disk (or one of its snapshots) into a new image.
+pub fn convert_cmd(args: ConvertArgs) -> Result<i32> {
+    let ConvertArgs { mut paths, to, format, snapshot, cluster_size, progress, json, io } = args;
+    let dst = paths.pop().expect("clap requires two paths");
+    let sources = resolve::layers(&paths, format.format, snapshot)?.layers;
+    let opts = ConvertOptions {
+        to: match to {
+            ToFormat::Raw => Format::Raw,
+            ToFormat::Ploop => Format::Ploop,
+        },
+        cluster_size,
+        direct: io.direct.direct,
+    };
+    let show = progress || std::io::stderr().is_terminal();
+    let mut last_pct = u64::MAX;
+    let mut report = |done: u64, total: u64| {
+        let pct = done * 100 / total.max(1);
+        if show && pct != last_pct {
+            last_pct = pct;
+            eprint!("\rconverting: {pct:3}% ({done}/{total} clusters)");
+            if done == total {
+                eprintln!();
+            }
+            let _ = std::io::stderr().flush();
+        }
+    };
+    let stats = match io.backend {
+        BackendKind::Sync => block_on(convert(&SyncIo, &sources, &dst, &opts, &mut report))?,
+        BackendKind::Uring => {
+            let ring = OwnRing::new(64).map_err(|e| Error::io(e, "setting up io_uring"))?;
+            ring.block_on(convert(&ring.io(), &sources, &dst, &opts, &mut report))?
+        }
+    };
+    if json {
+        print_json(&stats);
+    } else {
+        println!(
+            "converted {} layer(s) into {}: {} of {} clusters held data",
+            sources.len(),
+            dst.display(),
+            stats.copied_clusters,
+            stats.clusters
+        );
+    }
+    Ok(0)
+}
+
+/// The disk size a report found, when its header said one.
+fn known_size(r: &CheckReport) -> Option<u64> {
+    (r.format == Format::Raw || r.variant.is_some()).then_some(r.disk_size)
+}
+
+/// Deltas whose disk size disagrees with the descriptor (a resize that
+/// stopped between the deltas and the descriptor): the top must have the
+/// descriptor's size, a lower delta at most that (an online grow grows
+/// only the top). `sizes` are in the descriptor's order.
+fn disk_size_problems(disk: &Disk, sizes: &[(String, Option<u64>)]) -> Vec<String> {
+    let want = disk.desc.size();
+    let top = disk.desc.image(disk.desc.top).map(|i| disk.file_path(i).display().to_string());
+    let mut problems = vec![];
+    for (path, size) in sizes {
+        let Some(size) = *size else { continue };
+        let is_top = top.as_deref() == Some(path.as_str());
+        if size > want || (is_top && size != want) {
+            problems.push(format!(
+                "the delta {path} has a disk size of {size} bytes but the descriptor says {want}: \
+                 a resize did not finish; `ublk-ploop resize {} --size {}` finishes it",
+                disk.dir.display(),
+                if is_top { size } else { want }
+            ));
+        }
+    }
+    problems
+}
+
+#[derive(Serialize, Clone)]
+struct InfoOut {
+    path: String,
+    format: Format,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    variant: Option<ublk_ploop::layers::header::Variant>,
+    /// None when the header that would say it cannot be read.
+    disk_size: Option<u64>,
+    file_size: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster_size: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bat_entries: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    allocated_clusters: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_offset: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    in_use: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    flags: Option<u32>,
+    /// Damage seen while reading (details: `check`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    problems: Vec<String>,
+}
+
+impl InfoOut {
+    fn from_header(path: &std::path::Path, h: &Header, allocated: u64, file_size: u64) -> InfoOut {
+        InfoOut {
+            path: path.display().to_string(),
+            format: Format::Ploop,
+            variant: Some(h.variant),
+            disk_size: Some(h.size_bytes()),
+            file_size,
+            cluster_size: Some(h.cluster_bytes()),
+            bat_entries: Some(h.bat_entries),
+            allocated_clusters: Some(allocated),
+            data_offset: Some(h.data_off_bytes()),
+            in_use: Some(h.in_use == ublk_ploop::layers::header::IN_USE),
+            flags: Some(h.flags),
+            problems: vec![],
+        }
+    }
+}
+
+/// Header and allocation of an image, read without opening it as a layer
+/// (so it works on an image a daemon is serving). Damage found on the way
+/// is returned with it.
+fn image_info(path: &Path, format: Format) -> Result<(InfoOut, Vec<String>)> {
+    let r = block_on(ublk_ploop::check::inspect(&SyncIo, path, format))?;
+    let mut problems = r.header_errors.clone();
+    problems.extend(r.bad_entries.iter().map(|b| format!("BAT entry {} {}", b.index, b.problem)));
+    if r.header_errors.is_empty() && r.format == Format::Ploop && r.variant.is_none() {
+        problems.push("unreadable header".into());
+    }
+    let ploop = r.format == Format::Ploop && r.variant.is_some();
+    let info = InfoOut {
+        path: r.path,
+        format: r.format,
+        variant: r.variant,
+        disk_size: (!(r.format == Format::Ploop && r.variant.is_none())).then_some(r.disk_size),
+        file_size: r.file_size,
+        cluster_size: ploop.then_some(r.cluster_size),
+        bat_entries: r.bat_entries,
+        allocated_clusters: ploop.then_some(r.allocated_clusters),
+        data_offset: r.data_offset,
+        in_use: ploop.then_some(r.unclean),
+        flags: r.flags,
+        problems: problems.clone(),
+    };
+    Ok((info, problems))
+}
+
+fn print_info(i: &InfoOut) {
+    println!("image:        {}", i.path);
+    println!("format:       {:?}", i.format);
+    match i.disk_size {
+        Some(d) => println!("disk size:    {} ({d} bytes)", format_size(d)),
+        None => println!("disk size:    unknown (the header is unreadable)"),
+    }
+    println!("file size:    {} bytes", i.file_size);
+    if let (Some(v), Some(c), Some(n), Some(a)) = (i.variant, i.cluster_size, i.bat_entries, i.allocated_clusters) {
+        println!("variant:      {v:?}");
+        println!("cluster size: {}", format_size(c));
+        println!("clusters:     {a} of {n} allocated");
+        println!("in use:       {}", if i.in_use == Some(true) { "yes (open read-write, or not closed cleanly)" } else { "no" });
+    }
+}
+
+fn print_check(r: &CheckReport) {
+    println!("{}: {:?} image", r.path, r.format);
+    for e in &r.header_errors {
+        println!("  header: {e}");
+    }
+    if r.unclean {
+        println!("  in-use mark set: the image was not closed cleanly");
+    }
+    for b in &r.bad_entries {
+        println!("  BAT entry {} (value {}) {}", b.index, b.value, b.problem);
+    }
+    if r.leaked_clusters > 0 {
+        println!("  {} leaked cluster(s)", r.leaked_clusters);
+    }
+    for fix in &r.repairs {
+        println!("  repaired: {fix}");
+    }
+    let verdict = match (r.verdict(), &r.beyond_repair) {
+        (Verdict::Clean, _) => "no errors".to_string(),
+        (Verdict::Leaks, _) => "leaked space only; `check --repair` gives it back".to_string(),
+        (Verdict::Corrupt, Some(why)) => format!("DAMAGED beyond automatic repair: {why}"),
+        (Verdict::Corrupt, None) => "DAMAGED; `check --repair` fixes what it can".to_string(),
+    };
+    if r.variant.is_none() && r.format == Format::Ploop {
+        println!("  {verdict}");
+    } else {
+        println!("  {} allocated cluster(s); {verdict}", r.allocated_clusters);
+    }
+}

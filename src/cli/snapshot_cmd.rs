@@ -1,0 +1,210 @@
+//! The snapshot commands: online through a device's daemon (`-n N`), or
+//! offline on a disk directory no device serves (the same engine
+//! operations on a stack opened for the occasion).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ublk_ploop::disk::ops::{self, Deleted, Merged};
+use ublk_ploop::disk::{format_snapshot_rows, Disk, Guid};
+use ublk_ploop::io::{block_on, OwnRing, SyncIo};
+use ublk_ploop::tracker::Tracker;
+use ublk_ploop::{Error, Result, Stack, StackOptions};
+
+use crate::cli::args::SnapshotCommand;
+use crate::cli::output::{follow, print_json, Bar};
+use crate::control::request;
+use crate::protocol::{DeleteReply, Job, ListReply, Request, SnapshotReply, SwitchReply};
+
+pub fn run(command: SnapshotCommand) -> Result<i32> {
+    match command {
+        SnapshotCommand::Snapshot { target, uuid, json } => snapshot(target.id, target.dir, uuid, json),
+        SnapshotCommand::SnapshotList { target, json } => list(target.id, target.dir, json),
+        SnapshotCommand::SnapshotMerge { target, uuid, json } => merge(target.id, target.dir, uuid, json),
+        SnapshotCommand::SnapshotDelete { target, uuid, json } => delete(target.id, target.dir, uuid, json),
+        SnapshotCommand::SnapshotSwitch { target, uuid, force, json } => switch(target.id, target.dir, uuid, force, json),
+    }
+}
+
+/// What happens to the top's changed-block record in an offline session.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Record {
+    /// It stays with the disk's top, whichever file that is at the end (a
+    /// snapshot moves it onto the new top, a merge into the merged file),
+    /// as ploop's offline snapshot and merge do.
+    Keep,
+    /// It is dropped (a switch throws away what it described).
+    Drop,
+}
+
+/// Run `op` on a disk directory no device serves. ploop's lock is taken
+/// first and the descriptor read under it (a command that waited for
+/// another tool goes on with what that tool left); the chain is then opened
+/// read-write (which fails, saying so, if a daemon holds it) and closed
+/// cleanly afterwards, whatever the outcome. Half-done merges a crash left
+/// are finished first; `op` is told which.
+fn offline<T>(dir: &std::path::Path, record: Record, op: impl FnOnce(&OwnRing, &Stack, &mut Disk, &[Merged]) -> Result<T>) -> Result<T> {
+    let mut disk = Disk::load_locked(dir)?;
+    let layers = block_on(disk.writable_layers(&SyncIo))?;
+    let (stack, _) = block_on(Stack::open_layers(&SyncIo, &layers, &StackOptions::default())).map_err(|e| {
+        if e.errno() == libc::EWOULDBLOCK || e.errno() == libc::EBUSY {
+            Error::new(e.errno(), format!("{e}; if a device serves this disk, name it with -n N"))
+        } else {
+            e
+        }
+    })?;
+    // The read-write open took the top's record out of the file; it goes
+    // back into the top when the stack closes (also if `op` fails).
+    let saved = block_on(stack.take_saved_bitmaps());
+    if let (Record::Keep, Some(bm)) = (record, saved.into_iter().next()) {
+        let t = Arc::new(Tracker::from_bits(stack.size(), bm.granularity, &bm.bits));
+        stack.keep_on_close(Some((t, bm.id)));
+    }
+    let ring = OwnRing::new(64).map_err(|e| Error::io(e, "setting up io_uring"))?;
+    let result = ring.block_on(ops::finish_merges(&ring.io(), &stack, &mut disk)).and_then(|merged| op(&ring, &stack, &mut disk, &merged));
+    let closed = block_on(stack.close(&SyncIo));
+    let value = result?;
+    closed?;
+    Ok(value)
+}
+
+/// How long requests were held, in milliseconds: only a served disk has
+/// requests to hold (offline there is nothing to say).
+fn stall_ms(online: bool, stall: Duration) -> Option<f64> {
+    online.then(|| stall.as_secs_f64() * 1000.0)
+}
+
+/// `--json` of snapshot and switch: the stall as a number of milliseconds
+/// (`stall_ms`, online only), not a serialised duration.
+#[derive(serde::Serialize)]
+struct NewTop<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    guid: Option<Guid>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    snapshot: Option<Guid>,
+    file: &'a std::path::Path,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stall_ms: Option<f64>,
+}
+
+fn held(stall_ms: Option<f64>) -> String {
+    stall_ms.map(|ms| format!(" (requests held {ms:.2} ms)")).unwrap_or_default()
+}
+
+fn snapshot(id: Option<u32>, dir: Option<PathBuf>, uuid: Option<Guid>, json: bool) -> Result<i32> {
+    let done: SnapshotReply = match (id, dir) {
+        (Some(id), _) => request(id, Request::Snapshot { uuid })?,
+        (None, Some(dir)) => offline(&dir, Record::Keep, |ring, stack, disk, _| ring.block_on(ops::snapshot(&ring.io(), stack, disk, uuid)))?,
+        (None, None) => unreachable!("clap requires -n or DIR"),
+    };
+    let stall = stall_ms(id.is_some(), done.stall);
+    if json {
+        print_json(&NewTop { guid: Some(done.guid), snapshot: None, file: &done.file, stall_ms: stall });
+    } else {
+        println!("{}", done.guid);
+        eprintln!("snapshot {} taken; new top {}{}", done.guid, done.file.display(), held(stall));
+    }
+    Ok(0)
+}
+
+fn list(id: Option<u32>, dir: Option<PathBuf>, json: bool) -> Result<i32> {
+    let rows: ListReply = match (id, dir) {
+        (Some(id), _) => request(id, Request::SnapshotList)?,
+        (None, Some(dir)) => Disk::load(&dir)?.snapshot_rows(),
+        (None, None) => unreachable!("clap requires -n or DIR"),
+    };
+    if json {
+        print_json(&rows);
+    } else {
+        print!("{}", format_snapshot_rows(&rows));
+    }
+    Ok(0)
+}
+
+fn merge(id: Option<u32>, dir: Option<PathBuf>, uuid: Option<Guid>, json: bool) -> Result<i32> {
+    let merged = match (id, dir) {
+        (Some(id), _) => {
+            let _started: Job = request(id, Request::SnapshotMerge { uuid })?;
+            follow(id, json)?.merged().cloned().ok_or_else(|| Error::new(libc::EPROTO, "the daemon reported no merge result"))?
+        }
+        (None, Some(dir)) => {
+            let bar = Bar::new(json, "merging");
+            let progress = |done: u64, total: u64| bar.set(done, total);
+            let m = offline(&dir, Record::Keep, |ring, stack, disk, _| ring.block_on(ops::merge(&ring.io(), stack, disk, uuid, &progress)))?;
+            bar.finish();
+            m
+        }
+        (None, None) => unreachable!("clap requires -n or DIR"),
+    };
+    report_merge(&merged, json);
+    Ok(0)
+}
+
+fn report_merge(m: &Merged, json: bool) {
+    if json {
+        print_json(m);
+    } else {
+        println!("merged {} into its parent {} ({} clusters copied); {} names the merged delta", m.child, m.parent, m.clusters, m.child);
+    }
+}
+
+fn delete(id: Option<u32>, dir: Option<PathBuf>, uuid: Guid, json: bool) -> Result<i32> {
+    // Whether it was marked temporary already (a delete of a snapshot with
+    // several children), to say so instead of "marked" again.
+    let was_temporary = |rows: &[ublk_ploop::disk::SnapshotRow]| rows.iter().any(|r| r.guid == uuid && r.temporary);
+    let (deleted, already) = match (id, dir) {
+        (Some(id), _) => {
+            let already = was_temporary(&request::<ListReply>(id, Request::SnapshotList)?);
+            let deleted = match request::<DeleteReply>(id, Request::SnapshotDelete { uuid })? {
+                DeleteReply::Done(d) => d,
+                DeleteReply::Started(_) => follow(id, json)?.deleted().cloned().ok_or_else(|| Error::new(libc::EPROTO, "the daemon reported no result"))?,
+            };
+            (deleted, already)
+        }
+        (None, Some(dir)) => {
+            let already = was_temporary(&Disk::load(&dir)?.snapshot_rows());
+            let bar = Bar::new(json, "merging");
+            let progress = |done: u64, total: u64| bar.set(done, total);
+            let d = offline(&dir, Record::Keep, |ring, stack, disk, finished| {
+                // A temporary snapshot left with one child is merged away
+                // on opening (as ploop does): that was the delete asked for.
+                if let Some(m) = finished.iter().find(|m| m.parent == uuid) {
+                    return Ok(Deleted::Merged(m.clone()));
+                }
+                ring.block_on(ops::delete(&ring.io(), stack, disk, uuid, &progress))
+            })?;
+            bar.finish();
+            (d, already)
+        }
+        (None, None) => unreachable!("clap requires -n or DIR"),
+    };
+    if json {
+        print_json(&deleted);
+    } else {
+        match deleted {
+            Deleted::Removed => println!("deleted {uuid}"),
+            Deleted::Merged(m) => println!("deleted {uuid}: merged into its child {} ({} clusters copied)", m.child, m.clusters),
+            Deleted::MarkedTemporary if already => {
+                println!("{uuid} is marked temporary already (it has several children); it is merged away once one child is left")
+            }
+            Deleted::MarkedTemporary => println!("{uuid} has several children: marked temporary, as ploop does"),
+        }
+    }
+    Ok(0)
+}
+
+fn switch(id: Option<u32>, dir: Option<PathBuf>, uuid: Guid, force: bool, json: bool) -> Result<i32> {
+    let done: SwitchReply = match (id, dir) {
+        (Some(id), _) => request(id, Request::SnapshotSwitch { uuid, force })?,
+        (None, Some(dir)) => offline(&dir, Record::Drop, |ring, stack, disk, _| ring.block_on(ops::switch(&ring.io(), stack, disk, uuid)))?,
+        (None, None) => unreachable!("clap requires -n or DIR"),
+    };
+    let stall = stall_ms(id.is_some(), done.stall);
+    if json {
+        print_json(&NewTop { guid: None, snapshot: Some(done.snapshot), file: &done.file, stall_ms: stall });
+    } else {
+        println!("switched to {}; new top {}{}", done.snapshot, done.file.display(), held(stall));
+    }
+    Ok(0)
+}

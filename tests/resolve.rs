@@ -1,0 +1,54 @@
+//! What path arguments name, as every verb that takes them reads them
+//! (`disk::resolve`): the same mistakes are refused with the same words,
+//! before anything is opened, whichever verb was given them.
+
+mod common;
+
+use common::*;
+
+const SNAP: &str = "00000000-0000-0000-0000-000000000001";
+
+/// A scratch directory with a disk directory `d`, an image `a.hds` and a
+/// directory `bare` that is no disk.
+fn world() -> TempDir {
+    let t = TempDir::new("resolve");
+    ploop(["init", t.join("d").to_str().unwrap(), "--size", "16M"]).ok();
+    ploop(["create", t.join("a.hds").to_str().unwrap(), "--size", "16M"]).ok();
+    std::fs::create_dir(t.join("bare")).unwrap();
+    t
+}
+
+/// `args` fail with exit 1 and exactly this error line.
+fn refused(t: &TempDir, args: &[&str], error: &str) {
+    let args: Vec<String> = args.iter().map(|a| if ["d", "a.hds", "bare"].contains(a) { t.join(a).display().to_string() } else { a.to_string() }).collect();
+    let r = ploop(&args);
+    r.expect_code(1);
+    let want = format!("ublk-ploop: error: {}\n", error.replace("{T}", &t.path().display().to_string()));
+    assert_eq!(r.stderr, want, "{args:?}");
+}
+
+#[test]
+fn a_bare_directory_is_no_disk() {
+    let t = world();
+    for verb in [&["info", "bare"][..], &["check", "bare"], &["convert", "bare", "out.hds"], &["add", "--image", "bare"], &["compact", "bare"], &["resize", "bare", "--size", "32M"]] {
+        refused(&t, verb, "{T}/bare has no DiskDescriptor.xml: not a disk directory");
+    }
+}
+
+#[test]
+fn a_disk_declares_its_own_formats() {
+    let t = world();
+    for verb in [&["info", "d", "--format", "raw"][..], &["check", "d", "--format", "ploop"], &["convert", "d", "out.hds", "--format", "raw"], &["add", "--image", "d", "--format", "raw"], &["resize", "d", "--format", "raw", "--size", "32M"]] {
+        refused(&t, verb, "{T}/d: a disk directory declares its formats; drop --format");
+    }
+}
+
+#[test]
+fn a_stack_takes_no_disk_and_no_snapshot() {
+    let t = world();
+    refused(&t, &["convert", "a.hds", "d", "out.hds"], "{T}/d: a disk directory must be the only image given");
+    refused(&t, &["add", "--image", "a.hds", "--image", "d"], "{T}/d: a disk directory must be the only image given");
+    let needs = "--snapshot needs a disk directory (a DiskDescriptor.xml) as the image";
+    refused(&t, &["convert", "a.hds", "out.hds", "--snapshot", SNAP], needs);
+    refused(&t, &["add", "--image", "a.hds", "--snapshot", SNAP], needs);
+}
