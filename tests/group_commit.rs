@@ -15,8 +15,9 @@ use std::pin::Pin;
 use std::task::Poll;
 
 use common::block_on;
+use common::hooked::{Hook, Hooked, Kind, Op};
 use futures_lite::future::poll_once;
-use ublk_ploop::io::{Direct, Io, SyncIo};
+use ublk_ploop::io::{Direct, SyncIo};
 use ublk_ploop::layers::PloopLayer;
 use ublk_ploop::{Stack, StackOptions};
 
@@ -55,56 +56,51 @@ struct Script {
     fail_sync: Cell<bool>,
 }
 
-impl Io for Script {
-    async fn read_at(&self, fd: i32, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        SyncIo.read_at(fd, buf, offset).await
-    }
-    async fn write_at(&self, fd: i32, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        let hold_meta = offset < DATA_OFF && self.hold_meta.replace(false);
-        let hold_data = offset >= DATA_OFF && self.hold_len.get() == Some(buf.len());
-        if hold_meta || hold_data {
-            self.hold_len.set(None);
-            self.holding.set(true);
-            std::future::poll_fn(|cx| {
-                if self.released.get() {
-                    Poll::Ready(())
-                } else {
-                    cx.waker().wake_by_ref();
-                    Poll::Pending
+/// The scripted I/O: syscalls under a [`Script`].
+type Scripted = Hooked<SyncIo, Script>;
+
+impl Hook for Script {
+    async fn around(&self, op: Op, run: impl Future<Output = std::io::Result<()>>) -> std::io::Result<()> {
+        match op.kind {
+            Kind::Write => {
+                let hold_meta = op.offset < DATA_OFF && self.hold_meta.replace(false);
+                let hold_data = op.offset >= DATA_OFF && self.hold_len.get() == Some(op.len as usize);
+                if hold_meta || hold_data {
+                    self.hold_len.set(None);
+                    self.holding.set(true);
+                    std::future::poll_fn(|cx| {
+                        if self.released.get() {
+                            Poll::Ready(())
+                        } else {
+                            cx.waker().wake_by_ref();
+                            Poll::Pending
+                        }
+                    })
+                    .await;
+                    self.holding.set(false);
+                    self.released.set(false);
                 }
-            })
-            .await;
-            self.holding.set(false);
-            self.released.set(false);
+                if op.offset < DATA_OFF && self.fail_meta.get() {
+                    return Err(std::io::Error::from_raw_os_error(libc::EIO));
+                }
+            }
+            Kind::Sync if self.fail_sync.get() => return Err(std::io::Error::from_raw_os_error(libc::EIO)),
+            _ => {}
         }
-        if offset < DATA_OFF && self.fail_meta.get() {
-            return Err(std::io::Error::from_raw_os_error(libc::EIO));
-        }
-        SyncIo.write_at(fd, buf, offset).await
+        run.await
     }
-    async fn sync_data(&self, fd: i32) -> std::io::Result<()> {
-        if self.fail_sync.get() {
-            return Err(std::io::Error::from_raw_os_error(libc::EIO));
-        }
-        SyncIo.sync_data(fd).await
-    }
-    async fn allocate(&self, fd: i32, offset: u64, len: u64) -> std::io::Result<()> {
-        SyncIo.allocate(fd, offset, len).await
-    }
-    async fn punch_hole(&self, fd: i32, offset: u64, len: u64) -> std::io::Result<()> {
-        SyncIo.punch_hole(fd, offset, len).await
-    }
-    async fn set_len(&self, fd: i32, len: u64) -> std::io::Result<()> {
-        SyncIo.set_len(fd, len).await
-    }
+}
+
+fn scripted() -> Scripted {
+    Hooked { inner: SyncIo, hook: Script::default() }
 }
 
 /// Poll a request once; it must now be held in its 4 KiB data write.
-fn start_held<F: Future>(io: &Script, f: Pin<&mut F>) {
+fn start_held<F: Future>(io: &Scripted, f: Pin<&mut F>) {
     start_held_at(io, f, 4096)
 }
 
-fn start_held_at<F: Future>(io: &Script, mut f: Pin<&mut F>, len: usize) {
+fn start_held_at<F: Future>(io: &Scripted, mut f: Pin<&mut F>, len: usize) {
     io.hold_len.set(Some(len));
     assert!(block_on(poll_once(f.as_mut())).is_none(), "the request finished instead of waiting");
     assert!(io.holding.get(), "the request is not waiting in its data write");
@@ -133,7 +129,7 @@ fn a_write_relying_on_a_rolled_back_entry_is_not_acknowledged() {
     let other = vec![0xBBu8; 4096];
     {
         let stack = open(std::slice::from_ref(&p));
-        let io = Script::default();
+        let io = scripted();
         // X's BAT write is held: the next ones queue behind it.
         let mut x = std::pin::pin!(stack.write(&io, 3 * C, &data));
         io.hold_meta.set(true);
@@ -173,7 +169,7 @@ fn a_write_relying_on_a_rolled_back_entry_is_not_acknowledged() {
 fn one_failed_bat_write_does_not_fail_later_writes() {
     let p = fresh("sticky");
     let stack = open(&[p]);
-    let io = Script::default();
+    let io = scripted();
     let data = vec![0x11u8; 4096];
     block_on(stack.write(&io, 0, &data)).unwrap();
     io.fail_meta.set(true);
@@ -196,7 +192,7 @@ fn whole_cluster_write_zeroes_zeroes_a_copied_up_cluster() {
     let base = sevens("wz-base", 1);
     let top = fresh("wz-top");
     let stack = open(&[base, top]);
-    let io = Script::default();
+    let io = scripted();
     let nines = [9u8; 4096];
     let mut a = std::pin::pin!(stack.write(&io, 0, &nines));
     start_held(&io, a.as_mut());
@@ -218,7 +214,7 @@ fn a_request_waits_for_the_cluster_another_is_copying_up_and_others_do_not() {
     let base = sevens("wait-base", 2);
     let top = fresh("wait-top");
     let stack = open(&[base, top]);
-    let io = Script::default();
+    let io = scripted();
     let (a_data, b_data, c_data) = ([1u8; 4096], [2u8; 8192], [3u8; 8192]);
     let mut a = std::pin::pin!(stack.write(&io, 0, &a_data));
     start_held_at(&io, a.as_mut(), C as usize);
@@ -249,7 +245,7 @@ fn a_whole_cluster_write_replaces_lower_data_without_a_copy_up_and_links_only_on
     let top = fresh("whole-top");
     {
         let stack = open(&[base.clone(), top.clone()]);
-        let io = Script::default();
+        let io = scripted();
         let new = vec![5u8; C as usize];
         let mut a = std::pin::pin!(stack.write(&io, 0, &new));
         start_held_at(&io, a.as_mut(), C as usize);
@@ -282,7 +278,7 @@ fn a_request_overlapping_a_failed_bat_write_succeeds_when_its_own_entry_is_writt
     let (a_data, b_data) = ([0xA1u8; 4096], [0xB2u8; 4096]);
     {
         let stack = open(std::slice::from_ref(&p));
-        let io = Script::default();
+        let io = scripted();
         let mut a = std::pin::pin!(stack.write(&io, 0, &a_data));
         io.hold_meta.set(true);
         assert!(block_on(poll_once(a.as_mut())).is_none());
@@ -319,7 +315,7 @@ fn a_merge_does_not_drop_the_parent_under_a_cluster_whose_bat_write_failed() {
     let mut all = vec![0u8; C as usize];
     let stack = open(&[parent.clone(), top.clone()]);
     let merged = {
-    let io = Script::default();
+    let io = scripted();
     let nines = [9u8; 4096];
     let mut w = std::pin::pin!(stack.write(&io, 4096, &nines));
     io.hold_meta.set(true);
@@ -363,7 +359,7 @@ fn a_flush_waits_for_a_bat_write_in_flight() {
     // have its sync run before that entry's write has even landed.
     let p = fresh("flush-waits");
     let stack = open(&[p]);
-    let io = Script::default();
+    let io = scripted();
     let data = [4u8; 4096];
     let mut w = std::pin::pin!(stack.write(&io, 0, &data));
     io.hold_meta.set(true);
@@ -388,7 +384,7 @@ fn after_a_failed_fdatasync_in_buffered_mode_every_later_flush_fails() {
     let buffered = StackOptions { read_only: false, direct: Direct::Off };
     let stack = block_on(Stack::open(&SyncIo, std::slice::from_ref(&p), &buffered)).unwrap().0;
     assert!(!stack.layers()[0].file().direct);
-    let io = Script::default();
+    let io = scripted();
     block_on(stack.write(&io, 0, &[1u8; 4096])).unwrap();
     block_on(stack.flush(&io)).unwrap();
     // An overwrite in place: acknowledged, in the page cache only.

@@ -5,6 +5,7 @@
 //! Every test binary includes this module and uses a different subset.
 #![allow(dead_code)]
 
+pub mod hooked;
 pub mod inject;
 pub mod stripes;
 
@@ -540,6 +541,7 @@ impl ImageSpec {
 // ---------------------------------------------------------------------------
 // The engine as a library.
 
+pub use hooked::{Backend, Call, Hooked};
 pub use ublk_ploop::io::{block_on, Direct, Io, OwnRing, RingIo, SyncIo};
 pub use ublk_ploop::{Stack, StackOptions};
 
@@ -552,8 +554,11 @@ pub fn open_stack<P: AsRef<Path>>(paths: &[P], read_only: bool) -> Stack {
 
 /// Either I/O implementation, for tests that run against both: the
 /// syscalls, or the ring (the code the daemon runs on its queues).
+pub type AnyIo = Hooked<Backends, ()>;
+
+/// The I/O implementations an [`AnyIo`] chooses from.
 #[allow(clippy::large_enum_variant)]
-pub enum AnyIo {
+pub enum Backends {
     Sync(SyncIo),
     Uring(RingIo<OwnRing>),
     /// The ring with a registered buffer that requests go through (the
@@ -562,14 +567,23 @@ pub enum AnyIo {
     Fixed(RingIo<OwnRing>, std::cell::RefCell<ublk_ploop::io::AlignedBuf>),
 }
 
-/// Largest request `AnyIo::Fixed` takes.
+impl Backend for Backends {
+    async fn call(&self, call: Call<'_>) -> std::io::Result<()> {
+        match self {
+            Backends::Sync(i) => call.on(i).await,
+            Backends::Uring(i) | Backends::Fixed(i, _) => call.on(i).await,
+        }
+    }
+}
+
+/// Largest request `Backends::Fixed` takes.
 pub const FIXED_STAGING: usize = 4 << 20;
 
 impl AnyIo {
     pub fn new(name: &str) -> AnyIo {
-        match name {
-            "sync" => AnyIo::Sync(SyncIo),
-            "uring" => AnyIo::Uring(RingIo::new(
+        let inner = match name {
+            "sync" => Backends::Sync(SyncIo),
+            "uring" => Backends::Uring(RingIo::new(
                 OwnRing::new(64).unwrap_or_else(|e| panic!("io_uring is not available here ({e}); the uring tests need it")),
             )),
             "fixed" => {
@@ -579,23 +593,24 @@ impl AnyIo {
                 // SAFETY: the buffer lives in the same value as the ring and
                 // its heap memory never moves.
                 unsafe { ring.register_buffers(&[iov]) }.unwrap_or_else(|e| panic!("registering a fixed buffer: {e}"));
-                AnyIo::Fixed(RingIo::new(ring), std::cell::RefCell::new(staging))
+                Backends::Fixed(RingIo::new(ring), std::cell::RefCell::new(staging))
             }
             _ => unreachable!(),
-        }
+        };
+        Hooked { inner, hook: () }
     }
     pub fn name(&self) -> &'static str {
-        match self {
-            AnyIo::Sync(_) => "sync",
-            AnyIo::Uring(_) => "uring",
-            AnyIo::Fixed(..) => "fixed",
+        match self.inner {
+            Backends::Sync(_) => "sync",
+            Backends::Uring(_) => "uring",
+            Backends::Fixed(..) => "fixed",
         }
     }
     /// Run an engine future that uses this I/O to completion.
     pub fn run<F: std::future::Future>(&self, f: F) -> F::Output {
-        match self {
-            AnyIo::Sync(_) => block_on(f),
-            AnyIo::Uring(r) | AnyIo::Fixed(r, _) => r.ring().block_on(f),
+        match &self.inner {
+            Backends::Sync(_) => block_on(f),
+            Backends::Uring(r) | Backends::Fixed(r, _) => r.ring().block_on(f),
         }
     }
 
@@ -608,8 +623,8 @@ impl AnyIo {
     /// `Fixed`, into the registered buffer (filled with garbage first, so
     /// a range left untouched shows), then copied out.
     pub fn request_read(&self, stack: &Stack, offset: u64, buf: &mut [u8]) -> ublk_ploop::Result<()> {
-        match self {
-            AnyIo::Fixed(_, staging) => {
+        match &self.inner {
+            Backends::Fixed(_, staging) => {
                 let mut staging = staging.borrow_mut();
                 staging[..buf.len()].fill(0xa5);
                 let fixed = self.fixed(&staging, buf.len());
@@ -623,71 +638,14 @@ impl AnyIo {
 
     /// A request's write, as `request_read`.
     pub fn request_write(&self, stack: &Stack, offset: u64, data: &[u8]) -> ublk_ploop::Result<()> {
-        match self {
-            AnyIo::Fixed(_, staging) => {
+        match &self.inner {
+            Backends::Fixed(_, staging) => {
                 let mut staging = staging.borrow_mut();
                 staging[..data.len()].copy_from_slice(data);
                 let fixed = self.fixed(&staging, data.len());
                 self.run(stack.write_fixed(self, offset, fixed))
             }
             _ => self.run(stack.write(self, offset, data)),
-        }
-    }
-}
-
-impl Io for AnyIo {
-    async fn read_at(&self, fd: i32, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        match self {
-            AnyIo::Sync(i) => i.read_at(fd, buf, offset).await,
-            AnyIo::Uring(i) | AnyIo::Fixed(i, _) => i.read_at(fd, buf, offset).await,
-        }
-    }
-    async fn write_at(&self, fd: i32, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        match self {
-            AnyIo::Sync(i) => i.write_at(fd, buf, offset).await,
-            AnyIo::Uring(i) | AnyIo::Fixed(i, _) => i.write_at(fd, buf, offset).await,
-        }
-    }
-    async fn sync_data(&self, fd: i32) -> std::io::Result<()> {
-        match self {
-            AnyIo::Sync(i) => i.sync_data(fd).await,
-            AnyIo::Uring(i) | AnyIo::Fixed(i, _) => i.sync_data(fd).await,
-        }
-    }
-    async fn allocate(&self, fd: i32, offset: u64, len: u64) -> std::io::Result<()> {
-        match self {
-            AnyIo::Sync(i) => i.allocate(fd, offset, len).await,
-            AnyIo::Uring(i) | AnyIo::Fixed(i, _) => i.allocate(fd, offset, len).await,
-        }
-    }
-    async fn punch_hole(&self, fd: i32, offset: u64, len: u64) -> std::io::Result<()> {
-        match self {
-            AnyIo::Sync(i) => i.punch_hole(fd, offset, len).await,
-            AnyIo::Uring(i) | AnyIo::Fixed(i, _) => i.punch_hole(fd, offset, len).await,
-        }
-    }
-    async fn set_len(&self, fd: i32, len: u64) -> std::io::Result<()> {
-        match self {
-            AnyIo::Sync(i) => i.set_len(fd, len).await,
-            AnyIo::Uring(i) | AnyIo::Fixed(i, _) => i.set_len(fd, len).await,
-        }
-    }
-    async fn read_fixed(&self, fd: i32, buf: ublk_ploop::io::FixedBuf, offset: u64) -> std::io::Result<()> {
-        match self {
-            AnyIo::Sync(i) => i.read_fixed(fd, buf, offset).await,
-            AnyIo::Uring(i) | AnyIo::Fixed(i, _) => i.read_fixed(fd, buf, offset).await,
-        }
-    }
-    async fn write_fixed(&self, fd: i32, buf: ublk_ploop::io::FixedBuf, offset: u64) -> std::io::Result<()> {
-        match self {
-            AnyIo::Sync(i) => i.write_fixed(fd, buf, offset).await,
-            AnyIo::Uring(i) | AnyIo::Fixed(i, _) => i.write_fixed(fd, buf, offset).await,
-        }
-    }
-    async fn zero_fixed(&self, buf: ublk_ploop::io::FixedBuf) -> std::io::Result<()> {
-        match self {
-            AnyIo::Sync(i) => i.zero_fixed(buf).await,
-            AnyIo::Uring(i) | AnyIo::Fixed(i, _) => i.zero_fixed(buf).await,
         }
     }
 }
@@ -703,92 +661,6 @@ pub fn read_disk(stack: &Stack, io: &AnyIo, chunk: usize) -> Vec<u8> {
         at += n;
     }
     out
-}
-
-// ---------------------------------------------------------------------------
-// Fault injection under the engine.
-
-/// When to fail. Counters are over the whole life of the I/O object.
-#[derive(Clone, Debug, Default)]
-pub struct FaultPlan {
-    /// Fail the write with this index (0-based), and every one after it
-    /// when `sticky`.
-    pub fail_write_at: Option<u64>,
-    /// Fail the read with this index (0-based).
-    pub fail_read_at: Option<u64>,
-    /// Fail every sync_data call.
-    pub fail_sync: bool,
-    /// Keep failing once the first fault fired (a dead disk).
-    pub sticky: bool,
-    /// errno to report (EIO when 0).
-    pub errno: i32,
-}
-
-/// I/O that fails on purpose, to prove the engine reports errors instead
-/// of acknowledging data it did not store.
-pub struct FaultIo<I: Io> {
-    pub inner: I,
-    plan: FaultPlan,
-    reads: std::cell::Cell<u64>,
-    writes: std::cell::Cell<u64>,
-    tripped: std::cell::Cell<bool>,
-}
-
-impl<I: Io> FaultIo<I> {
-    pub fn new(inner: I, plan: FaultPlan) -> Self {
-        FaultIo { inner, plan, reads: Default::default(), writes: Default::default(), tripped: Default::default() }
-    }
-    fn error(&self) -> std::io::Error {
-        self.tripped.set(true);
-        std::io::Error::from_raw_os_error(if self.plan.errno == 0 { libc::EIO } else { self.plan.errno })
-    }
-    fn dead(&self) -> bool {
-        self.tripped.get() && self.plan.sticky
-    }
-    fn count(counter: &std::cell::Cell<u64>) -> u64 {
-        let n = counter.get();
-        counter.set(n + 1);
-        n
-    }
-}
-
-impl<I: Io> Io for FaultIo<I> {
-    async fn read_at(&self, fd: i32, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        if self.dead() || self.plan.fail_read_at == Some(Self::count(&self.reads)) {
-            return Err(self.error());
-        }
-        self.inner.read_at(fd, buf, offset).await
-    }
-    async fn write_at(&self, fd: i32, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        if self.dead() || self.plan.fail_write_at == Some(Self::count(&self.writes)) {
-            return Err(self.error());
-        }
-        self.inner.write_at(fd, buf, offset).await
-    }
-    async fn sync_data(&self, fd: i32) -> std::io::Result<()> {
-        if self.dead() || self.plan.fail_sync {
-            return Err(self.error());
-        }
-        self.inner.sync_data(fd).await
-    }
-    async fn allocate(&self, fd: i32, offset: u64, len: u64) -> std::io::Result<()> {
-        if self.dead() {
-            return Err(self.error());
-        }
-        self.inner.allocate(fd, offset, len).await
-    }
-    async fn punch_hole(&self, fd: i32, offset: u64, len: u64) -> std::io::Result<()> {
-        if self.dead() {
-            return Err(self.error());
-        }
-        self.inner.punch_hole(fd, offset, len).await
-    }
-    async fn set_len(&self, fd: i32, len: u64) -> std::io::Result<()> {
-        if self.dead() {
-            return Err(self.error());
-        }
-        self.inner.set_len(fd, len).await
-    }
 }
 
 /// `len` bytes of a recognisable pattern seeded by `seed`.
