@@ -35,7 +35,7 @@ fn open(paths: &[PathBuf], read_only: bool) -> Stack {
 }
 
 fn run_seed(seed: u64) {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let cluster = [32u64 << 10, 64 << 10, 128 << 10][rng.below(3) as usize];
     let g = Geometry { cluster, clusters: 8 + rng.below(24), stripe: cluster / OWNERS as u64 };
     let ops_per_owner = 40 + rng.below(40) as usize;

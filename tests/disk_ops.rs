@@ -60,7 +60,7 @@ fn full_disk(dir: &Path, g: &Geometry) -> (Disk, Vec<u8>) {
 }
 
 fn run_seed(seed: u64) {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let g = Geometry { cluster: 64 << 10, clusters: 8 + rng.below(16), stripe: (64 << 10) / WRITERS as u64 };
     let ctx = format!("seed {seed} ({} clusters)", g.clusters);
     let dir = TempDir::new(&format!("diskops-{seed}"));

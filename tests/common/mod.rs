@@ -14,7 +14,6 @@ use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 
 pub const SECTOR: u64 = 512;
@@ -28,35 +27,35 @@ pub const HEADER_SIZE: u64 = 64;
 
 /// A fresh directory under the system temp dir, removed on drop (kept when
 /// UBLK_PLOOP_KEEP_TMP=1, for post-mortems).
-pub struct TempDir {
-    path: PathBuf,
-}
+pub struct TempDir(tempfile::TempDir);
 
 impl TempDir {
     pub fn new(tag: &str) -> TempDir {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let nanos =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("ublk-ploop-test-{tag}-{}-{n}-{nanos}", std::process::id()));
-        fs::create_dir_all(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
-        TempDir { path }
+        let prefix = format!("ublk-ploop-test-{tag}-");
+        let dir = tempfile::Builder::new()
+            .prefix(&prefix)
+            .disable_cleanup(keep_tmp())
+            .tempdir()
+            .unwrap_or_else(|e| panic!("creating a temporary directory {prefix}*: {e}"));
+        TempDir(dir)
     }
     pub fn path(&self) -> &Path {
-        &self.path
+        self.0.path()
     }
     pub fn join(&self, name: &str) -> PathBuf {
-        self.path.join(name)
+        self.0.path().join(name)
     }
+}
+
+fn keep_tmp() -> bool {
+    std::env::var_os("UBLK_PLOOP_KEEP_TMP").is_some_and(|v| v == "1")
 }
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        if std::env::var_os("UBLK_PLOOP_KEEP_TMP").is_some_and(|v| v == "1") {
-            eprintln!("keeping {}", self.path.display());
-            return;
+        if keep_tmp() {
+            eprintln!("keeping {}", self.path().display());
         }
-        let _ = fs::remove_dir_all(&self.path);
     }
 }
 
@@ -343,36 +342,9 @@ pub fn fingerprint(path: &Path) -> (u64, u64) {
 // ---------------------------------------------------------------------------
 // Randomness.
 
-/// splitmix64: tiny, seeded, good enough to pick offsets and fill buffers.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    /// Uniform in 0..n (n > 0).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-    pub fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let v = self.next_u64().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
-    }
-    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
-        let mut v = vec![0u8; n];
-        self.fill(&mut v);
-        v
-    }
-}
+/// The one seeded generator (splitmix64): a seed a failing run prints
+/// replays the same run.
+pub use ublk_ploop::rng::Rng;
 
 // ---------------------------------------------------------------------------
 // Raw header access.
