@@ -41,8 +41,8 @@ use std::path::{Path, PathBuf};
 
 use common::hooked::Hooked;
 use common::inject::{Counts, Cut, FailEvery, Fault, Injection, Injector, Kind};
-use common::{have_qemu, qemu_img, quiesced, retry_busy, TempDir, IN_USE};
-use ublk_ploop::check::{check, CheckReport};
+use common::{have_qemu, ploop_check, qemu_img, quiesced, retry_busy, TempDir, IN_USE};
+use ublk_ploop::check::CheckReport;
 use ublk_ploop::io::{block_on, AlignedBuf, Direct, Io, SyncIo};
 use ublk_ploop::layers::PloopLayer;
 use ublk_ploop::{Stack, StackOptions};
@@ -397,7 +397,7 @@ fn execute<I: Io>(
 // Checking the images after a crash.
 
 fn check_report(path: &Path, ctx: &str) -> CheckReport {
-    retry_busy(|| block_on(check(&SyncIo, path, ublk_ploop::layers::Format::Ploop, false))).unwrap_or_else(|e| panic!("{ctx}: check {}: {e}", path.display()))
+    ploop_check(path, false, ctx)
 }
 
 /// `qemu-img check` on a copy of `path` whose in-use mark is cleared (qemu
@@ -754,19 +754,10 @@ fn transient_faults_are_survived() {
     let h = Harness::new("transient");
     let c = h.counts;
     let mut t = Tally::new();
-    for (kind, n) in [
-        (Kind::Write, c.writes),
-        (Kind::Sync, c.syncs),
-        (Kind::Punch, c.punches),
-        (Kind::Read, c.reads),
-        (Kind::Grow, c.grows),
-        (Kind::Truncate, c.truncates),
-    ] {
-        for index in 0..n {
-            t.one(|| {
-                h.run_transient(Fault { kind, index, sticky: false }, &format!("transient fault at {kind:?} #{index} of {n}"));
-            });
-        }
+    for (kind, index, n) in c.points(&[Kind::Write, Kind::Sync, Kind::Punch, Kind::Read, Kind::Grow, Kind::Truncate]) {
+        t.one(|| {
+            h.run_transient(Fault { kind, index, sticky: false }, &format!("transient fault at {kind:?} #{index} of {n}"));
+        });
     }
     t.finish("transient faults");
 }

@@ -9,10 +9,9 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 
-use common::{AnyIo, Rng, TempDir};
+use common::{assert_clean, for_each_seed, AnyIo, Rng, TempDir};
 use ublk_ploop::io::{block_on, AlignedBuf, Direct, SyncIo};
 use ublk_ploop::layers::PloopLayer;
 use ublk_ploop::{LayerSpec, Stack, StackOptions};
@@ -188,43 +187,14 @@ fn run_seed(seed: u64) {
     // Independent checks on the files: our checker and qemu-img's.
     for spec in specs(&paths, raw_base) {
         let path = &spec.path;
-        let report = block_on(ublk_ploop::check::check(&SyncIo, path, spec.format, false)).unwrap();
-        assert_eq!(report.exit_code(), 0, "{ctx}: check of {} not clean: {report:?}", path.display());
-        if !raw_base || path != &paths[0] {
-            qemu_check(path, &ctx);
-        }
+        assert_clean(path, spec.format, &ctx);
     }
     // Reopen read-only and verify once more: what close wrote is what we read.
     let (ro, _) = io.run(Stack::open_layers(&io, &specs(&paths, raw_base), &StackOptions { read_only: true, direct: Direct::Auto })).unwrap();
     verify_all(&ro, &io, &model, &format!("{ctx}, after close"));
 }
 
-fn qemu_check(path: &Path, ctx: &str) {
-    if std::env::var_os("UBLK_PLOOP_NO_QEMU").is_some() {
-        return;
-    }
-    let out = Command::new("qemu-img")
-        .args(["check", "-f", "parallels"])
-        .arg(path)
-        .output()
-        .unwrap_or_else(|e| panic!("qemu-img not runnable ({e}); install qemu-utils or set UBLK_PLOOP_NO_QEMU=1"));
-    assert!(
-        out.status.success(),
-        "{ctx}: qemu-img check {} failed: {}{}",
-        path.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn random_operations_match_the_model() {
-    if let Some(seed) = std::env::var("UBLK_PLOOP_MODEL_SEED").ok().and_then(|s| s.parse().ok()) {
-        run_seed(seed);
-        return;
-    }
-    let seeds: u64 = std::env::var("UBLK_PLOOP_MODEL_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(48);
-    for seed in 1..=seeds {
-        run_seed(seed);
-    }
+    for_each_seed("MODEL", 48, run_seed);
 }

@@ -640,12 +640,59 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     Rng::new(seed).bytes(len)
 }
 
-/// Our check and (when installed) qemu-img's both call a ploop image clean.
+/// Our check and (when installed) qemu-img's both call a ploop image clean:
+/// the post-fault, post-run check of every test that writes images.
 pub fn assert_ploop_clean(img: &Path, ctx: &str) {
-    let report = retry_busy(|| block_on(ublk_ploop::check::check(&SyncIo, img, ublk_ploop::layers::Format::Ploop, false))).unwrap();
-    assert_eq!(report.exit_code(), 0, "{ctx}: {report:?}");
-    if have_qemu() {
+    assert_clean(img, ublk_ploop::layers::Format::Ploop, ctx)
+}
+
+/// Our `check` of a ploop image (repairing with `repair`), retried while
+/// a lock this process dropped lingers in a child (see `retry_busy`).
+pub fn ploop_check(img: &Path, repair: bool, ctx: &str) -> ublk_ploop::check::CheckReport {
+    retry_busy(|| block_on(ublk_ploop::check::check(&SyncIo, img, ublk_ploop::layers::Format::Ploop, repair)))
+        .unwrap_or_else(|e| panic!("{ctx}: check {}: {e}", img.display()))
+}
+
+/// After a fault (and a power cut): `check`, repairing with `repair`,
+/// finds no damage, only what a crash may leave (an in-use mark, leaks).
+pub fn assert_undamaged(img: &Path, repair: bool, ctx: &str) -> ublk_ploop::check::CheckReport {
+    let report = ploop_check(img, repair, ctx);
+    assert!(report.header_errors.is_empty() && report.bad_entries.is_empty(), "{ctx}: {report:?}");
+    report
+}
+
+/// As `assert_ploop_clean`, for a layer of either format (qemu-img checks
+/// only ploop ones).
+pub fn assert_clean(img: &Path, format: ublk_ploop::layers::Format, ctx: &str) {
+    let report = retry_busy(|| block_on(ublk_ploop::check::check(&SyncIo, img, format, false)))
+        .unwrap_or_else(|e| panic!("{ctx}: check {}: {e}", img.display()));
+    assert_eq!(report.exit_code(), 0, "{ctx}: check of {} not clean: {report:?}", img.display());
+    if format == ublk_ploop::layers::Format::Ploop && have_qemu() {
         qemu_check_clean(img);
+    }
+}
+
+/// Run `run` for seeds 1..=N, N from UBLK_PLOOP_<NAME>_SEEDS (else
+/// `default`), or only for the seed UBLK_PLOOP_<NAME>_SEED names. A seed
+/// that fails is printed with the variable that replays it.
+pub fn for_each_seed(name: &str, default: u64, mut run: impl FnMut(u64)) {
+    let var = |suffix: &str| std::env::var(format!("UBLK_PLOOP_{name}_{suffix}")).ok().and_then(|s| s.parse::<u64>().ok());
+    let seeds = match var("SEED") {
+        Some(seed) => seed..=seed,
+        None => 1..=var("SEEDS").unwrap_or(default),
+    };
+    /// Says which seed was running when a panic unwinds through it.
+    struct Replay<'a>(&'a str, u64);
+    impl Drop for Replay<'_> {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                eprintln!("seed {} failed; replay it with UBLK_PLOOP_{}_SEED={}", self.1, self.0, self.1);
+            }
+        }
+    }
+    for seed in seeds {
+        let _replay = Replay(name, seed);
+        run(seed);
     }
 }
 
