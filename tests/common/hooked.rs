@@ -179,15 +179,3 @@ impl<B: Backend, H: Hook> Io for Hooked<B, H> {
 pub fn errno(code: i32) -> io::Error {
     io::Error::from_raw_os_error(code)
 }
-
-/// A host filesystem that is full: every grow fails with ENOSPC.
-pub struct NoGrow;
-
-impl Hook for NoGrow {
-    async fn around(&self, op: Op, run: impl Future<Output = io::Result<()>>) -> io::Result<()> {
-        if op.kind == Kind::Grow {
-            return Err(errno(libc::ENOSPC));
-        }
-        run.await
-    }
-}
