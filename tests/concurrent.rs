@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use common::stripes::{expected, pattern, verify, Geometry, Owner, Rng, BLOCK};
-use common::{have_qemu, qemu_check_clean, TempDir};
+use common::{assert_ploop_clean, for_each_seed, TempDir};
 use ublk_ploop::io::{block_on, Direct, OwnRing, SyncIo};
 use ublk_ploop::layers::PloopLayer;
 use ublk_ploop::{Stack, StackOptions};
@@ -35,7 +35,7 @@ fn open(paths: &[PathBuf], read_only: bool) -> Stack {
 }
 
 fn run_seed(seed: u64) {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let cluster = [32u64 << 10, 64 << 10, 128 << 10][rng.below(3) as usize];
     let g = Geometry { cluster, clusters: 8 + rng.below(24), stripe: cluster / OWNERS as u64 };
     let ops_per_owner = 40 + rng.below(40) as usize;
@@ -158,22 +158,11 @@ fn run_seed(seed: u64) {
     verify(&s, &want, &format!("{ctx}, after close"));
     drop(s);
     for p in &paths {
-        let report = block_on(ublk_ploop::check::check(&SyncIo, p, ublk_ploop::layers::Format::Ploop, false)).unwrap();
-        assert_eq!(report.exit_code(), 0, "{ctx}: check {}: {report:?}", p.display());
-        if have_qemu() {
-            qemu_check_clean(p);
-        }
+        assert_ploop_clean(p, &ctx);
     }
 }
 
 #[test]
 fn concurrent_writers_and_snapshots_match_the_model() {
-    if let Some(seed) = std::env::var("UBLK_PLOOP_CONCURRENT_SEED").ok().and_then(|s| s.parse().ok()) {
-        run_seed(seed);
-        return;
-    }
-    let seeds: u64 = std::env::var("UBLK_PLOOP_CONCURRENT_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(48);
-    for seed in 1..=seeds {
-        run_seed(seed);
-    }
+    for_each_seed("CONCURRENT", 48, run_seed);
 }

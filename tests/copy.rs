@@ -510,7 +510,7 @@ fn header_u64(path: &Path, at: u64) -> u64 {
 }
 
 fn our_check(path: &Path, repair: bool) -> ublk_ploop::check::CheckReport {
-    common::retry_busy(|| block_on(ublk_ploop::check::check(&SyncIo, path, ublk_ploop::layers::Format::Ploop, repair))).unwrap()
+    common::ploop_check(path, repair, "our check")
 }
 
 /// qemu-img 7.2 predates format-extension-aware checks: it may call the

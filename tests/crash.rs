@@ -36,14 +36,13 @@
 mod common;
 
 use std::fs;
-use std::io;
-use std::os::fd::RawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use common::inject::{Counts, Cut, Fault, Injector, Kind};
-use common::{have_qemu, qemu_img, quiesced, retry_busy, FaultIo, FaultPlan, TempDir, IN_USE};
-use ublk_ploop::check::{check, CheckReport};
+use common::hooked::Hooked;
+use common::inject::{Counts, Cut, FailEvery, Fault, Injection, Injector, Kind};
+use common::{have_qemu, ploop_check, qemu_img, quiesced, retry_busy, TempDir, IN_USE};
+use ublk_ploop::check::CheckReport;
 use ublk_ploop::io::{block_on, AlignedBuf, Direct, Io, SyncIo};
 use ublk_ploop::layers::PloopLayer;
 use ublk_ploop::{Stack, StackOptions};
@@ -398,7 +397,7 @@ fn execute<I: Io>(
 // Checking the images after a crash.
 
 fn check_report(path: &Path, ctx: &str) -> CheckReport {
-    retry_busy(|| block_on(check(&SyncIo, path, ublk_ploop::layers::Format::Ploop, false))).unwrap_or_else(|e| panic!("{ctx}: check {}: {e}", path.display()))
+    ploop_check(path, false, ctx)
 }
 
 /// `qemu-img check` on a copy of `path` whose in-use mark is cleared (qemu
@@ -755,19 +754,10 @@ fn transient_faults_are_survived() {
     let h = Harness::new("transient");
     let c = h.counts;
     let mut t = Tally::new();
-    for (kind, n) in [
-        (Kind::Write, c.writes),
-        (Kind::Sync, c.syncs),
-        (Kind::Punch, c.punches),
-        (Kind::Read, c.reads),
-        (Kind::Grow, c.grows),
-        (Kind::Truncate, c.truncates),
-    ] {
-        for index in 0..n {
-            t.one(|| {
-                h.run_transient(Fault { kind, index, sticky: false }, &format!("transient fault at {kind:?} #{index} of {n}"));
-            });
-        }
+    for (kind, index, n) in c.points(&[Kind::Write, Kind::Sync, Kind::Punch, Kind::Read, Kind::Grow, Kind::Truncate]) {
+        t.one(|| {
+            h.run_transient(Fault { kind, index, sticky: false }, &format!("transient fault at {kind:?} #{index} of {n}"));
+        });
     }
     t.finish("transient faults");
 }
@@ -821,7 +811,7 @@ fn failing_flush_returns_err_and_a_later_flush_makes_data_durable() {
 
     // Every sync failing: writes in place still work, every flush fails.
     {
-        let failing = FaultIo::new(&io, FaultPlan { fail_sync: true, ..Default::default() });
+        let failing = Hooked { inner: &io, hook: FailEvery(Kind::Sync, libc::EIO) };
         write_payload(&stack, &failing, 3, 2 * C + 4096, 8192).unwrap();
         model.apply(Op::Write(2 * C + 4096, 8192), 3);
         for _ in 0..2 {
@@ -862,7 +852,7 @@ fn copy_up_read_error_fails_the_write_and_leaves_the_cluster_unallocated() {
     let owner = |stack: &Stack, c: u64| block_on(stack.owner_of(c));
 
     // Cluster 1 lives in layer0. The copy-up read fails once.
-    let io = FaultIo::new(SyncIo, FaultPlan { fail_read_at: Some(0), ..Default::default() });
+    let io = Injector::new(Some(Fault { kind: Kind::Read, index: 0, sticky: false }));
     let before = lower_view(&stack, 1);
     assert_eq!(&before[..], &st.model.data[C as usize..2 * C as usize]);
     let e = write_payload(&stack, &io, 7, C + 8192, 4096).expect_err("write succeeded although its copy-up read failed");
@@ -876,7 +866,7 @@ fn copy_up_read_error_fails_the_write_and_leaves_the_cluster_unallocated() {
     assert_eq!(owner(&stack, 1), Some(top));
 
     // Cluster 10 lives in layer1; here the disk dies at the copy-up read.
-    let dead = FaultIo::new(SyncIo, FaultPlan { fail_read_at: Some(0), sticky: true, ..Default::default() });
+    let dead = Injector::new(Some(Fault { kind: Kind::Read, index: 0, sticky: true }));
     write_payload(&stack, &dead, 8, 10 * C, 4096).expect_err("write succeeded although its copy-up read failed");
     assert_eq!(owner(&stack, 10), Some(1));
     drop(stack);
@@ -897,8 +887,8 @@ fn punch_hole_unsupported_falls_back_to_writing_zeros() {
     let h = Harness::new("nopunch");
     let ctx = "punch_hole answers EOPNOTSUPP";
     let mut st = h.fresh("run");
-    let io = Injector::new(None);
-    io.st.borrow_mut().punch_unsupported = true;
+    // Counted first, then refused by the filesystem.
+    let io = Hooked { inner: Hooked { inner: SyncIo, hook: FailEvery(Kind::Punch, libc::EOPNOTSUPP) }, hook: Injection::new(None) };
     let (stack, _) = open(&st.paths, &rw(), ctx);
     let failures = execute(&stack, &io, &mut st, &h.ops, TAG0, false, ctx);
     assert!(failures.is_empty(), "{ctx}: op {} failed: {}", failures[0].op, failures[0].err);
@@ -923,29 +913,8 @@ fn allocation_fails_cleanly_when_the_file_cannot_grow() {
     // The first allocation grows the file by a whole step (64 MiB).
     write_payload(&stack, &io, 1, 0, 4096).unwrap();
     assert_eq!(io.counts().grows, 1);
-    /// The injector's I/O, with a host filesystem that is full.
-    struct NoGrow<'a>(&'a Injector);
-    impl Io for NoGrow<'_> {
-        async fn read_at(&self, fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<()> {
-            self.0.read_at(fd, buf, offset).await
-        }
-        async fn write_at(&self, fd: RawFd, buf: &[u8], offset: u64) -> io::Result<()> {
-            self.0.write_at(fd, buf, offset).await
-        }
-        async fn sync_data(&self, fd: RawFd) -> io::Result<()> {
-            self.0.sync_data(fd).await
-        }
-        async fn allocate(&self, _: RawFd, _: u64, _: u64) -> io::Result<()> {
-            Err(io::Error::from_raw_os_error(libc::ENOSPC))
-        }
-        async fn punch_hole(&self, fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
-            self.0.punch_hole(fd, offset, len).await
-        }
-        async fn set_len(&self, fd: RawFd, len: u64) -> io::Result<()> {
-            self.0.set_len(fd, len).await
-        }
-    }
-    let nogrow = NoGrow(&io);
+    // The injector's I/O, with a host filesystem that is full.
+    let nogrow = Hooked { inner: &io, hook: FailEvery(Kind::Grow, libc::ENOSPC) };
     // Use up the step; the write that needs more space must fail.
     let mut failed = None;
     for k in 1..BIG / C {
@@ -1056,7 +1025,7 @@ fn failed_bat_write_does_not_resurface_after_reopen() {
     paths.push(top);
     let lower = payload(1, 3 * C, C);
 
-    let io = FaultIo::new(SyncIo, FaultPlan { fail_write_at: Some(0), ..Default::default() });
+    let io = Injector::new(Some(Fault { kind: Kind::Write, index: 0, sticky: false }));
     block_on(stack.write_zeroes(&io, 3 * C, C as usize)).expect_err("write-zeroes succeeded although its BAT write failed");
     let mut seen = AlignedBuf::zeroed(C as usize);
     block_on(stack.read(&good, 3 * C, &mut seen)).unwrap();

@@ -15,7 +15,7 @@ use std::sync::Mutex;
 
 use common::inject::{Fault, Injector, Kind};
 use common::stripes::{expected, pattern, verify, Geometry, Owner, Rng};
-use common::{have_qemu, qemu_check_clean, quiesced, retry_busy, TempDir};
+use common::{assert_ploop_clean, for_each_seed, quiesced, retry_busy, TempDir};
 use ublk_ploop::disk::ops::{self, Deleted};
 use ublk_ploop::disk::{Disk, Guid, TOP_GUID};
 use ublk_ploop::io::{block_on, AlignedBuf, Io, SyncIo};
@@ -40,12 +40,7 @@ fn read_all(stack: &Stack) -> Vec<u8> {
 fn check_files(disk: &Disk, ctx: &str) {
     for img in &disk.desc.images {
         let p = disk.file_path(img);
-        let report = block_on(ublk_ploop::check::check(&SyncIo, &p, ublk_ploop::layers::Format::Ploop, false))
-            .unwrap_or_else(|e| panic!("{ctx}: check {}: {e}", p.display()));
-        assert_eq!(report.exit_code(), 0, "{ctx}: {}: {report:?}", p.display());
-        if have_qemu() {
-            qemu_check_clean(&p);
-        }
+        assert_ploop_clean(&p, ctx);
     }
 }
 
@@ -60,7 +55,7 @@ fn full_disk(dir: &Path, g: &Geometry) -> (Disk, Vec<u8>) {
 }
 
 fn run_seed(seed: u64) {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let g = Geometry { cluster: 64 << 10, clusters: 8 + rng.below(16), stripe: (64 << 10) / WRITERS as u64 };
     let ctx = format!("seed {seed} ({} clusters)", g.clusters);
     let dir = TempDir::new(&format!("diskops-{seed}"));
@@ -162,14 +157,7 @@ fn run_seed(seed: u64) {
 
 #[test]
 fn snapshot_merge_delete_switch_under_concurrent_io_match_the_model() {
-    if let Some(seed) = std::env::var("UBLK_PLOOP_DISK_SEED").ok().and_then(|s| s.parse().ok()) {
-        run_seed(seed);
-        return;
-    }
-    let seeds: u64 = std::env::var("UBLK_PLOOP_DISK_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(12);
-    for seed in 1..=seeds {
-        run_seed(seed);
-    }
+    for_each_seed("DISK", 12, run_seed);
 }
 
 // ---------------------------------------------------------------------------
@@ -289,32 +277,22 @@ fn a_fault_at_any_step_of_snapshot_merge_delete_or_switch_loses_nothing() {
         verify_disk(&f, op, &dir, &format!("{op:?} without a fault"));
         let c = io.counts();
         assert!(c.renames >= 1, "{op:?} stored no descriptor? {c:?}");
-        for (kind, n) in [
-            (Kind::Write, c.writes),
-            (Kind::Sync, c.syncs),
-            (Kind::Rename, c.renames),
-            (Kind::Read, c.reads),
-            (Kind::Grow, c.grows),
-            (Kind::Truncate, c.truncates),
-            (Kind::Punch, c.punches),
-        ] {
-            for index in 0..n {
-                runs += 1;
-                let ctx = format!("{op:?}, disk dies at {kind:?} #{index} of {n}");
-                let io = Injector::new(Some(Fault { kind, index, sticky: true }));
-                let (dir, err) = run_op(&f, op, &io, &format!("{op:?}-{kind:?}-{index}"));
-                if err.is_none() {
-                    // Faults after the operation's last durable step may go
-                    // unreported: closing the old top after a snapshot, or
-                    // the old top a switch throws away.
-                    if op != Op::Snapshot && op != Op::Switch {
-                        failed.push(format!("{ctx}: the operation succeeded despite the fault"));
-                        continue;
-                    }
+        for (kind, index, n) in c.points(&[Kind::Write, Kind::Sync, Kind::Rename, Kind::Read, Kind::Grow, Kind::Truncate, Kind::Punch]) {
+            runs += 1;
+            let ctx = format!("{op:?}, disk dies at {kind:?} #{index} of {n}");
+            let io = Injector::new(Some(Fault { kind, index, sticky: true }));
+            let (dir, err) = run_op(&f, op, &io, &format!("{op:?}-{kind:?}-{index}"));
+            if err.is_none() {
+                // Faults after the operation's last durable step may go
+                // unreported: closing the old top after a snapshot, or
+                // the old top a switch throws away.
+                if op != Op::Snapshot && op != Op::Switch {
+                    failed.push(format!("{ctx}: the operation succeeded despite the fault"));
+                    continue;
                 }
-                if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| verify_disk(&f, op, &dir, &ctx))) {
-                    failed.push(p.downcast_ref::<String>().cloned().unwrap_or_else(|| format!("{ctx}: panicked")));
-                }
+            }
+            if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| verify_disk(&f, op, &dir, &ctx))) {
+                failed.push(p.downcast_ref::<String>().cloned().unwrap_or_else(|| format!("{ctx}: panicked")));
             }
         }
     }

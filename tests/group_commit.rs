@@ -14,9 +14,10 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::task::Poll;
 
-use common::block_on;
+use common::{block_on, TempDir};
+use common::hooked::{Hook, Hooked, Kind, Op};
 use futures_lite::future::poll_once;
-use ublk_ploop::io::{Direct, Io, SyncIo};
+use ublk_ploop::io::{Direct, SyncIo};
 use ublk_ploop::layers::PloopLayer;
 use ublk_ploop::{Stack, StackOptions};
 
@@ -24,11 +25,9 @@ const C: u64 = 64 * 1024;
 /// With 64 clusters the BAT fits in the first cluster: data starts here.
 const DATA_OFF: u64 = C;
 
-fn fresh(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ublk-ploop-gc-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join(format!("{tag}.hdd"));
-    let _ = std::fs::remove_file(&p);
+/// A fresh image in `dir`.
+fn fresh(dir: &TempDir, tag: &str) -> PathBuf {
+    let p = dir.join(&format!("{tag}.hdd"));
     block_on(PloopLayer::create(&SyncIo, &p, 64 * C, C)).unwrap();
     p
 }
@@ -55,56 +54,51 @@ struct Script {
     fail_sync: Cell<bool>,
 }
 
-impl Io for Script {
-    async fn read_at(&self, fd: i32, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        SyncIo.read_at(fd, buf, offset).await
-    }
-    async fn write_at(&self, fd: i32, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        let hold_meta = offset < DATA_OFF && self.hold_meta.replace(false);
-        let hold_data = offset >= DATA_OFF && self.hold_len.get() == Some(buf.len());
-        if hold_meta || hold_data {
-            self.hold_len.set(None);
-            self.holding.set(true);
-            std::future::poll_fn(|cx| {
-                if self.released.get() {
-                    Poll::Ready(())
-                } else {
-                    cx.waker().wake_by_ref();
-                    Poll::Pending
+/// The scripted I/O: syscalls under a [`Script`].
+type Scripted = Hooked<SyncIo, Script>;
+
+impl Hook for Script {
+    async fn around(&self, op: Op, run: impl Future<Output = std::io::Result<()>>) -> std::io::Result<()> {
+        match op.kind {
+            Kind::Write => {
+                let hold_meta = op.offset < DATA_OFF && self.hold_meta.replace(false);
+                let hold_data = op.offset >= DATA_OFF && self.hold_len.get() == Some(op.len as usize);
+                if hold_meta || hold_data {
+                    self.hold_len.set(None);
+                    self.holding.set(true);
+                    std::future::poll_fn(|cx| {
+                        if self.released.get() {
+                            Poll::Ready(())
+                        } else {
+                            cx.waker().wake_by_ref();
+                            Poll::Pending
+                        }
+                    })
+                    .await;
+                    self.holding.set(false);
+                    self.released.set(false);
                 }
-            })
-            .await;
-            self.holding.set(false);
-            self.released.set(false);
+                if op.offset < DATA_OFF && self.fail_meta.get() {
+                    return Err(std::io::Error::from_raw_os_error(libc::EIO));
+                }
+            }
+            Kind::Sync if self.fail_sync.get() => return Err(std::io::Error::from_raw_os_error(libc::EIO)),
+            _ => {}
         }
-        if offset < DATA_OFF && self.fail_meta.get() {
-            return Err(std::io::Error::from_raw_os_error(libc::EIO));
-        }
-        SyncIo.write_at(fd, buf, offset).await
+        run.await
     }
-    async fn sync_data(&self, fd: i32) -> std::io::Result<()> {
-        if self.fail_sync.get() {
-            return Err(std::io::Error::from_raw_os_error(libc::EIO));
-        }
-        SyncIo.sync_data(fd).await
-    }
-    async fn allocate(&self, fd: i32, offset: u64, len: u64) -> std::io::Result<()> {
-        SyncIo.allocate(fd, offset, len).await
-    }
-    async fn punch_hole(&self, fd: i32, offset: u64, len: u64) -> std::io::Result<()> {
-        SyncIo.punch_hole(fd, offset, len).await
-    }
-    async fn set_len(&self, fd: i32, len: u64) -> std::io::Result<()> {
-        SyncIo.set_len(fd, len).await
-    }
+}
+
+fn scripted() -> Scripted {
+    Hooked { inner: SyncIo, hook: Script::default() }
 }
 
 /// Poll a request once; it must now be held in its 4 KiB data write.
-fn start_held<F: Future>(io: &Script, f: Pin<&mut F>) {
+fn start_held<F: Future>(io: &Scripted, f: Pin<&mut F>) {
     start_held_at(io, f, 4096)
 }
 
-fn start_held_at<F: Future>(io: &Script, mut f: Pin<&mut F>, len: usize) {
+fn start_held_at<F: Future>(io: &Scripted, mut f: Pin<&mut F>, len: usize) {
     io.hold_len.set(Some(len));
     assert!(block_on(poll_once(f.as_mut())).is_none(), "the request finished instead of waiting");
     assert!(io.holding.get(), "the request is not waiting in its data write");
@@ -112,8 +106,8 @@ fn start_held_at<F: Future>(io: &Script, mut f: Pin<&mut F>, len: usize) {
 
 /// A fresh image whose first `clusters` clusters hold 7s: the lower layer
 /// the copy-up tests write over.
-fn sevens(tag: &str, clusters: u64) -> PathBuf {
-    let base = fresh(tag);
+fn sevens(dir: &TempDir, tag: &str, clusters: u64) -> PathBuf {
+    let base = fresh(dir, tag);
     let s = open(std::slice::from_ref(&base));
     block_on(s.write(&SyncIo, 0, &vec![7u8; (clusters * C) as usize])).unwrap();
     block_on(s.close(&SyncIo)).unwrap();
@@ -128,12 +122,13 @@ fn read4k(stack: &Stack, off: u64) -> Vec<u8> {
 
 #[test]
 fn a_write_relying_on_a_rolled_back_entry_is_not_acknowledged() {
-    let p = fresh("rollback");
+    let dir = TempDir::new("gc");
+    let p = fresh(&dir, "rollback");
     let data = vec![0xAAu8; 4096];
     let other = vec![0xBBu8; 4096];
     {
         let stack = open(std::slice::from_ref(&p));
-        let io = Script::default();
+        let io = scripted();
         // X's BAT write is held: the next ones queue behind it.
         let mut x = std::pin::pin!(stack.write(&io, 3 * C, &data));
         io.hold_meta.set(true);
@@ -171,9 +166,10 @@ fn a_write_relying_on_a_rolled_back_entry_is_not_acknowledged() {
 
 #[test]
 fn one_failed_bat_write_does_not_fail_later_writes() {
-    let p = fresh("sticky");
+    let dir = TempDir::new("gc");
+    let p = fresh(&dir, "sticky");
     let stack = open(&[p]);
-    let io = Script::default();
+    let io = scripted();
     let data = vec![0x11u8; 4096];
     block_on(stack.write(&io, 0, &data)).unwrap();
     io.fail_meta.set(true);
@@ -193,10 +189,11 @@ fn whole_cluster_write_zeroes_zeroes_a_copied_up_cluster() {
     // Lower layer with data; a write copies cluster 0 up and is held before
     // its data lands; a whole-cluster write-zeroes then runs to the end:
     // it must zero the copied-up cluster, not leave lower data in it.
-    let base = sevens("wz-base", 1);
-    let top = fresh("wz-top");
+    let dir = TempDir::new("gc");
+    let base = sevens(&dir, "wz-base", 1);
+    let top = fresh(&dir, "wz-top");
     let stack = open(&[base, top]);
-    let io = Script::default();
+    let io = scripted();
     let nines = [9u8; 4096];
     let mut a = std::pin::pin!(stack.write(&io, 0, &nines));
     start_held(&io, a.as_mut());
@@ -215,10 +212,11 @@ fn a_request_waits_for_the_cluster_another_is_copying_up_and_others_do_not() {
     // A copies cluster 0 up and is held in the copy (it holds the claim on
     // the cluster); B writes another part of cluster 0 and must wait; C
     // writes cluster 1 and completes while A is still held.
-    let base = sevens("wait-base", 2);
-    let top = fresh("wait-top");
+    let dir = TempDir::new("gc");
+    let base = sevens(&dir, "wait-base", 2);
+    let top = fresh(&dir, "wait-top");
     let stack = open(&[base, top]);
-    let io = Script::default();
+    let io = scripted();
     let (a_data, b_data, c_data) = ([1u8; 4096], [2u8; 8192], [3u8; 8192]);
     let mut a = std::pin::pin!(stack.write(&io, 0, &a_data));
     start_held_at(&io, a.as_mut(), C as usize);
@@ -245,11 +243,12 @@ fn a_whole_cluster_write_replaces_lower_data_without_a_copy_up_and_links_only_on
     // data write: the cluster is not linked yet, so readers still see the
     // base's bytes (never the top's fresh zeros). No copy-up happens for
     // it; a partial write to cluster 1 still copies up.
-    let base = sevens("whole-base", 2);
-    let top = fresh("whole-top");
+    let dir = TempDir::new("gc");
+    let base = sevens(&dir, "whole-base", 2);
+    let top = fresh(&dir, "whole-top");
     {
         let stack = open(&[base.clone(), top.clone()]);
-        let io = Script::default();
+        let io = scripted();
         let new = vec![5u8; C as usize];
         let mut a = std::pin::pin!(stack.write(&io, 0, &new));
         start_held_at(&io, a.as_mut(), C as usize);
@@ -278,11 +277,12 @@ fn a_request_overlapping_a_failed_bat_write_succeeds_when_its_own_entry_is_writt
     // meanwhile and waits to share the next write. A's write fails: A
     // fails, B relied on nothing A linked, so B succeeds once its own
     // entry is written, and A's never reappears.
-    let p = fresh("overlap");
+    let dir = TempDir::new("gc");
+    let p = fresh(&dir, "overlap");
     let (a_data, b_data) = ([0xA1u8; 4096], [0xB2u8; 4096]);
     {
         let stack = open(std::slice::from_ref(&p));
-        let io = Script::default();
+        let io = scripted();
         let mut a = std::pin::pin!(stack.write(&io, 0, &a_data));
         io.hold_meta.set(true);
         assert!(block_on(poll_once(a.as_mut())).is_none());
@@ -314,12 +314,13 @@ fn a_merge_does_not_drop_the_parent_under_a_cluster_whose_bat_write_failed() {
     // the top already, so it has nothing to copy; then that BAT write
     // fails, the entry is rolled back and the cluster is the parent's
     // again. The merge must not end Ok with the parent still needed.
-    let parent = sevens("merge-parent", 1);
-    let top = fresh("merge-top");
+    let dir = TempDir::new("gc");
+    let parent = sevens(&dir, "merge-parent", 1);
+    let top = fresh(&dir, "merge-top");
     let mut all = vec![0u8; C as usize];
     let stack = open(&[parent.clone(), top.clone()]);
     let merged = {
-    let io = Script::default();
+    let io = scripted();
     let nines = [9u8; 4096];
     let mut w = std::pin::pin!(stack.write(&io, 4096, &nines));
     io.hold_meta.set(true);
@@ -361,9 +362,10 @@ fn a_merge_does_not_drop_the_parent_under_a_cluster_whose_bat_write_failed() {
 fn a_flush_waits_for_a_bat_write_in_flight() {
     // A merge (or anyone) that flushes to make an entry durable must not
     // have its sync run before that entry's write has even landed.
-    let p = fresh("flush-waits");
+    let dir = TempDir::new("gc");
+    let p = fresh(&dir, "flush-waits");
     let stack = open(&[p]);
-    let io = Script::default();
+    let io = scripted();
     let data = [4u8; 4096];
     let mut w = std::pin::pin!(stack.write(&io, 0, &data));
     io.hold_meta.set(true);
@@ -384,11 +386,12 @@ fn after_a_failed_fdatasync_in_buffered_mode_every_later_flush_fails() {
     // acknowledged writes from the page cache, and the next fdatasync has
     // nothing left to report. So the file stays failed: no later flush may
     // claim those writes durable.
-    let p = fresh("fsyncgate");
+    let dir = TempDir::new("gc");
+    let p = fresh(&dir, "fsyncgate");
     let buffered = StackOptions { read_only: false, direct: Direct::Off };
     let stack = block_on(Stack::open(&SyncIo, std::slice::from_ref(&p), &buffered)).unwrap().0;
     assert!(!stack.layers()[0].file().direct);
-    let io = Script::default();
+    let io = scripted();
     block_on(stack.write(&io, 0, &[1u8; 4096])).unwrap();
     block_on(stack.flush(&io)).unwrap();
     // An overwrite in place: acknowledged, in the page cache only.

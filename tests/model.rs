@@ -5,34 +5,16 @@
 //! reopens, at random block-aligned offsets and lengths, and every read is
 //! compared with an in-memory model of the disk. A mismatch names the seed;
 //! rerun one seed with UBLK_PLOOP_MODEL_SEED=N. UBLK_PLOOP_MODEL_SEEDS sets
-//! how many seeds run (default 48).
+//! how many seeds run (default 48); UBLK_PLOOP_KEEP_TMP=1 keeps the images.
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 
-use common::AnyIo;
+use common::{assert_clean, for_each_seed, AnyIo, Rng, TempDir};
 use ublk_ploop::io::{block_on, AlignedBuf, Direct, SyncIo};
 use ublk_ploop::layers::PloopLayer;
 use ublk_ploop::{LayerSpec, Stack, StackOptions};
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
 
 /// What the disk must read as, and which clusters the top layer and the
 /// layers below it hold (needed for discard, whose effect depends on it).
@@ -78,23 +60,6 @@ impl Model {
     }
 }
 
-struct Dir(PathBuf);
-impl Dir {
-    fn new(tag: &str) -> Dir {
-        let p = std::env::temp_dir().join(format!("ublk-ploop-model-{}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Dir(p)
-    }
-}
-impl Drop for Dir {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
 /// The layers, with the base declared raw when it is one.
 fn specs(paths: &[PathBuf], raw_base: bool) -> Vec<LayerSpec> {
     paths.iter().enumerate().map(|(i, p)| if i == 0 && raw_base { LayerSpec::raw(p) } else { LayerSpec::ploop(p) }).collect()
@@ -131,8 +96,8 @@ fn verify_all(stack: &Stack, io: &AnyIo, model: &Model, ctx: &str) {
 }
 
 fn run_seed(seed: u64) {
-    let mut rng = Rng(seed);
-    let dir = Dir::new(&seed.to_string());
+    let mut rng = Rng::new(seed);
+    let dir = TempDir::new(&format!("model-{seed}"));
     let cluster = [4096u64, 65536, 1 << 20][rng.below(3) as usize];
     let clusters = 4 + rng.below(28);
     // A partial last cluster sometimes, kept 4 KiB aligned for O_DIRECT.
@@ -144,7 +109,7 @@ fn run_seed(seed: u64) {
     let io = AnyIo::new(["sync", "uring", "fixed"][(seed % 3) as usize]);
     let ctx = format!("seed {seed} (cluster {cluster}, size {size}, depth<={max_depth}, raw base {raw_base}, backend {})", io.name());
 
-    let base = dir.0.join("layer0.img");
+    let base = dir.join("layer0.img");
     if raw_base {
         let f = std::fs::File::create(&base).unwrap();
         f.set_len(size).unwrap();
@@ -175,7 +140,7 @@ fn run_seed(seed: u64) {
         match pick {
             0..=34 => {
                 let mut data = AlignedBuf::zeroed(len as usize);
-                let fill = (rng.next() as u8).max(1);
+                let fill = (rng.next_u64() as u8).max(1);
                 data.iter_mut().enumerate().for_each(|(i, b)| *b = fill.wrapping_add((i / 512) as u8));
                 io.request_write(&stack, off, &data).unwrap_or_else(|e| panic!("{ctx}: write failed: {e}"));
                 model.write(off, &data);
@@ -190,7 +155,7 @@ fn run_seed(seed: u64) {
                 model.discard(off, len);
             }
             80..=85 if paths.len() < max_depth => {
-                let next = dir.0.join(format!("layer{}.img", paths.len()));
+                let next = dir.join(&format!("layer{}.img", paths.len()));
                 io.run(stack.push_layer(&io, &next)).unwrap_or_else(|e| panic!("{ctx}: push_layer: {e}"));
                 paths.push(next);
                 model.push_layer();
@@ -222,43 +187,14 @@ fn run_seed(seed: u64) {
     // Independent checks on the files: our checker and qemu-img's.
     for spec in specs(&paths, raw_base) {
         let path = &spec.path;
-        let report = block_on(ublk_ploop::check::check(&SyncIo, path, spec.format, false)).unwrap();
-        assert_eq!(report.exit_code(), 0, "{ctx}: check of {} not clean: {report:?}", path.display());
-        if !raw_base || path != &paths[0] {
-            qemu_check(path, &ctx);
-        }
+        assert_clean(path, spec.format, &ctx);
     }
     // Reopen read-only and verify once more: what close wrote is what we read.
     let (ro, _) = io.run(Stack::open_layers(&io, &specs(&paths, raw_base), &StackOptions { read_only: true, direct: Direct::Auto })).unwrap();
     verify_all(&ro, &io, &model, &format!("{ctx}, after close"));
 }
 
-fn qemu_check(path: &Path, ctx: &str) {
-    if std::env::var_os("UBLK_PLOOP_NO_QEMU").is_some() {
-        return;
-    }
-    let out = Command::new("qemu-img")
-        .args(["check", "-f", "parallels"])
-        .arg(path)
-        .output()
-        .unwrap_or_else(|e| panic!("qemu-img not runnable ({e}); install qemu-utils or set UBLK_PLOOP_NO_QEMU=1"));
-    assert!(
-        out.status.success(),
-        "{ctx}: qemu-img check {} failed: {}{}",
-        path.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn random_operations_match_the_model() {
-    if let Some(seed) = std::env::var("UBLK_PLOOP_MODEL_SEED").ok().and_then(|s| s.parse().ok()) {
-        run_seed(seed);
-        return;
-    }
-    let seeds: u64 = std::env::var("UBLK_PLOOP_MODEL_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(48);
-    for seed in 1..=seeds {
-        run_seed(seed);
-    }
+    for_each_seed("MODEL", 48, run_seed);
 }

@@ -1,18 +1,15 @@
 //! The systemd unit and its config: the unit passes `systemd-analyze
 //! verify`, and the example config is one `ublk-ploop serve` accepts.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::Command;
 
+use common::TempDir;
+
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn scratch(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("ublk-ploop-systemd-{}-{tag}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 #[test]
@@ -26,7 +23,7 @@ fn unit_file_verifies() {
     assert!(unit.contains("Type=notify"), "the unit must wait for READY=1");
     assert!(unit.contains("serve --config /etc/ublk-ploop/%i.toml"));
     // Point ExecStart at the binary under test; verify an instance.
-    let dir = scratch("unit");
+    let dir = TempDir::new("systemd-unit");
     let unit = unit.replace("/usr/local/bin/ublk-ploop", env!("CARGO_BIN_EXE_ublk-ploop"));
     let path = dir.join("ublk-ploop@ct1.service");
     std::fs::write(&path, unit).unwrap();
@@ -35,12 +32,11 @@ fn unit_file_verifies() {
     // Only complaints about our unit count (the host's own units may warn).
     let ours: Vec<&str> = text.lines().filter(|l| l.contains("ublk-ploop@")).collect();
     assert!(ours.is_empty(), "systemd-analyze verify: {ours:?}");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
 fn example_config_is_accepted_by_serve() {
-    let dir = scratch("cfg");
+    let dir = TempDir::new("systemd-cfg");
     let img = dir.join("root.hdd");
     let st = Command::new(env!("CARGO_BIN_EXE_ublk-ploop"))
         .args(["init", img.to_str().unwrap(), "--size", "16M"])
@@ -72,5 +68,4 @@ fn example_config_is_accepted_by_serve() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("io_scheduler") && err.contains("not a scheduler name"), "{err}");
-    let _ = std::fs::remove_dir_all(dir);
 }

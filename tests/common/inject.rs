@@ -1,29 +1,22 @@
-//! I/O that counts every operation of the engine, fails a chosen one (once,
+//! The faults the tests inject, as hooks on [`Hooked`]: [`Injection`]
+//! counts every operation of the engine, fails a chosen one with EIO (once,
 //! or for good: the disk dies), and keeps an undo log of writes no sync has
-//! made durable yet, so that a power cut can be simulated afterwards.
+//! made durable yet, so that a power cut can be simulated afterwards;
+//! [`FailEvery`] fails every operation of one kind with one errno (a full
+//! disk, a filesystem without punch_hole, a disk whose syncs all fail).
 
 use std::cell::RefCell;
 use std::fs;
+use std::future::Future;
 use std::io;
 use std::os::fd::RawFd;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use ublk_ploop::io::{block_on, AlignedBuf, Io, SyncIo};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    Read,
-    Write,
-    Sync,
-    Punch,
-    /// The file growing ahead (fallocate).
-    Grow,
-    /// The file's length set (trimming on open, giving space back on close).
-    Truncate,
-    /// A rename (the descriptor's temporary file over the descriptor).
-    Rename,
-}
+use super::hooked::{errno, Hook, Hooked, Op};
+pub use super::hooked::Kind;
 
 #[derive(Clone, Copy, Debug)]
 pub struct Fault {
@@ -44,16 +37,30 @@ pub struct Counts {
 }
 
 impl Counts {
-    pub fn get(&mut self, kind: Kind) -> &mut u64 {
+    /// The counter of `kind`; None for the kinds not counted (directory
+    /// syncs and registered buffers, which no fault run targets).
+    pub fn get(&mut self, kind: Kind) -> Option<&mut u64> {
         match kind {
-            Kind::Read => &mut self.reads,
-            Kind::Write => &mut self.writes,
-            Kind::Sync => &mut self.syncs,
-            Kind::Punch => &mut self.punches,
-            Kind::Grow => &mut self.grows,
-            Kind::Truncate => &mut self.truncates,
-            Kind::Rename => &mut self.renames,
+            Kind::Read => Some(&mut self.reads),
+            Kind::Write => Some(&mut self.writes),
+            Kind::Sync => Some(&mut self.syncs),
+            Kind::Punch => Some(&mut self.punches),
+            Kind::Grow => Some(&mut self.grows),
+            Kind::Truncate => Some(&mut self.truncates),
+            Kind::Rename => Some(&mut self.renames),
+            Kind::SyncDir | Kind::ReadFixed | Kind::WriteFixed | Kind::ZeroFixed => None,
         }
+    }
+
+    /// The fault table of a sweep: every operation of `kinds` these counts
+    /// saw, as (kind, index among its kind, how many of its kind).
+    pub fn points(mut self, kinds: &[Kind]) -> Vec<(Kind, u64, u64)> {
+        let mut out = vec![];
+        for &kind in kinds {
+            let n = *self.get(kind).expect("a counted kind");
+            out.extend((0..n).map(|index| (kind, index, n)));
+        }
+        out
     }
 }
 
@@ -90,20 +97,22 @@ pub struct InjectorState {
     pub data_off: u64,
     pub fault: Option<Fault>,
     pub tripped: bool,
-    /// Answer every punch_hole with EOPNOTSUPP.
-    pub punch_unsupported: bool,
     pub counts: Counts,
     /// Keep the undo log (costs a read per write; only power cuts need it).
     pub journaling: bool,
     pub journal: Vec<Undo>,
 }
 
-pub struct Injector {
+/// The hook of [`Injector`]: counts, one fault, the undo log.
+pub struct Injection {
     pub st: RefCell<InjectorState>,
 }
 
+/// Syscall I/O under an [`Injection`].
+pub type Injector = Hooked<SyncIo, Injection>;
+
 pub fn eio() -> io::Error {
-    io::Error::from_raw_os_error(libc::EIO)
+    errno(libc::EIO)
 }
 
 pub fn fd_path(fd: RawFd) -> PathBuf {
@@ -112,7 +121,13 @@ pub fn fd_path(fd: RawFd) -> PathBuf {
 
 impl Injector {
     pub fn new(fault: Option<Fault>) -> Injector {
-        Injector { st: RefCell::new(InjectorState { fault, data_off: 64 * 1024, ..Default::default() }) }
+        Hooked { inner: SyncIo, hook: Injection::new(fault) }
+    }
+}
+
+impl Injection {
+    pub fn new(fault: Option<Fault>) -> Injection {
+        Injection { st: RefCell::new(InjectorState { fault, data_off: 64 * 1024, ..Default::default() }) }
     }
     pub fn counts(&self) -> Counts {
         self.st.borrow().counts
@@ -130,7 +145,7 @@ impl Injector {
     /// Fail, once, the operation of `kind` after `skip` more of them.
     pub fn fail_after(&self, kind: Kind, skip: u64) {
         let mut st = self.st.borrow_mut();
-        let index = *st.counts.get(kind) + skip;
+        let index = *st.counts.get(kind).expect("a counted kind") + skip;
         st.fault = Some(Fault { kind, index, sticky: false });
     }
     pub fn clear_fault(&self) {
@@ -142,8 +157,9 @@ impl Injector {
     /// Count an operation of `kind`; Err if it must fail.
     pub fn enter(&self, kind: Kind) -> io::Result<()> {
         let mut st = self.st.borrow_mut();
-        let index = *st.counts.get(kind);
-        *st.counts.get(kind) += 1;
+        let Some(counter) = st.counts.get(kind) else { return Ok(()) };
+        let index = *counter;
+        *counter += 1;
         let dead = st.tripped && st.fault.is_some_and(|f| f.sticky);
         if dead || st.fault.is_some_and(|f| f.kind == kind && f.index == index) {
             st.tripped = true;
@@ -204,60 +220,35 @@ impl Injector {
     }
 }
 
-impl Io for Injector {
-    async fn read_at(&self, fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.enter(Kind::Read)?;
-        SyncIo.read_at(fd, buf, offset).await
-    }
-
-    async fn write_at(&self, fd: RawFd, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.enter(Kind::Write)?;
-        let pre = self.journaling().then(|| Self::pre_image(fd, offset, buf.len()));
-        SyncIo.write_at(fd, buf, offset).await?;
-        pre.into_iter().for_each(|u| self.record(u));
-        Ok(())
-    }
-
-    async fn sync_data(&self, fd: RawFd) -> io::Result<()> {
-        self.enter(Kind::Sync)?;
-        SyncIo.sync_data(fd).await?;
-        let id = file_id(fd);
-        self.st.borrow_mut().journal.retain(|u| match u {
-            Undo::Bytes { file, .. } | Undo::Len { file, .. } => *file != id,
-        });
-        Ok(())
-    }
-
-    async fn punch_hole(&self, fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
-        self.enter(Kind::Punch)?;
-        if self.st.borrow().punch_unsupported {
-            return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+impl Hook for Injection {
+    async fn around(&self, op: Op, run: impl Future<Output = io::Result<()>>) -> io::Result<()> {
+        self.enter(op.kind)?;
+        let pre = match op.kind {
+            Kind::Write | Kind::Punch if self.journaling() => Some(Self::pre_image(op.fd, op.offset, op.len as usize)),
+            Kind::Grow | Kind::Truncate if self.journaling() => Some(Self::pre_len(op.fd)),
+            _ => None,
+        };
+        run.await?;
+        if op.kind == Kind::Sync {
+            let id = file_id(op.fd);
+            self.st.borrow_mut().journal.retain(|u| match u {
+                Undo::Bytes { file, .. } | Undo::Len { file, .. } => *file != id,
+            });
         }
-        let pre = self.journaling().then(|| Self::pre_image(fd, offset, len as usize));
-        SyncIo.punch_hole(fd, offset, len).await?;
-        pre.into_iter().for_each(|u| self.record(u));
-        Ok(())
-    }
-
-    async fn allocate(&self, fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
-        self.enter(Kind::Grow)?;
-        let pre = self.journaling().then(|| Self::pre_len(fd));
-        SyncIo.allocate(fd, offset, len).await?;
-        pre.into_iter().for_each(|u| self.record(u));
-        Ok(())
-    }
-
-    async fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
-        self.enter(Kind::Rename)?;
-        SyncIo.rename(from, to).await
-    }
-
-    async fn set_len(&self, fd: RawFd, len: u64) -> io::Result<()> {
-        self.enter(Kind::Truncate)?;
-        let pre = self.journaling().then(|| Self::pre_len(fd));
-        SyncIo.set_len(fd, len).await?;
         pre.into_iter().for_each(|u| self.record(u));
         Ok(())
     }
 }
 
+/// Every operation of `kind` fails with `errno`, uncounted when it wraps
+/// an [`Injector`], counted when an [`Injection`] wraps it.
+pub struct FailEvery(pub Kind, pub i32);
+
+impl Hook for FailEvery {
+    async fn around(&self, op: Op, run: impl Future<Output = io::Result<()>>) -> io::Result<()> {
+        if op.kind == self.0 {
+            return Err(errno(self.1));
+        }
+        run.await
+    }
+}

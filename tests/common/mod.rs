@@ -5,6 +5,7 @@
 //! Every test binary includes this module and uses a different subset.
 #![allow(dead_code)]
 
+pub mod hooked;
 pub mod inject;
 pub mod stripes;
 
@@ -13,7 +14,6 @@ use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 
 pub const SECTOR: u64 = 512;
@@ -27,35 +27,35 @@ pub const HEADER_SIZE: u64 = 64;
 
 /// A fresh directory under the system temp dir, removed on drop (kept when
 /// UBLK_PLOOP_KEEP_TMP=1, for post-mortems).
-pub struct TempDir {
-    path: PathBuf,
-}
+pub struct TempDir(tempfile::TempDir);
 
 impl TempDir {
     pub fn new(tag: &str) -> TempDir {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let nanos =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("ublk-ploop-test-{tag}-{}-{n}-{nanos}", std::process::id()));
-        fs::create_dir_all(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
-        TempDir { path }
+        let prefix = format!("ublk-ploop-test-{tag}-");
+        let dir = tempfile::Builder::new()
+            .prefix(&prefix)
+            .disable_cleanup(keep_tmp())
+            .tempdir()
+            .unwrap_or_else(|e| panic!("creating a temporary directory {prefix}*: {e}"));
+        TempDir(dir)
     }
     pub fn path(&self) -> &Path {
-        &self.path
+        self.0.path()
     }
     pub fn join(&self, name: &str) -> PathBuf {
-        self.path.join(name)
+        self.0.path().join(name)
     }
+}
+
+fn keep_tmp() -> bool {
+    std::env::var_os("UBLK_PLOOP_KEEP_TMP").is_some_and(|v| v == "1")
 }
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        if std::env::var_os("UBLK_PLOOP_KEEP_TMP").is_some_and(|v| v == "1") {
-            eprintln!("keeping {}", self.path.display());
-            return;
+        if keep_tmp() {
+            eprintln!("keeping {}", self.path().display());
         }
-        let _ = fs::remove_dir_all(&self.path);
     }
 }
 
@@ -342,36 +342,9 @@ pub fn fingerprint(path: &Path) -> (u64, u64) {
 // ---------------------------------------------------------------------------
 // Randomness.
 
-/// splitmix64: tiny, seeded, good enough to pick offsets and fill buffers.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    /// Uniform in 0..n (n > 0).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-    pub fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let v = self.next_u64().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
-    }
-    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
-        let mut v = vec![0u8; n];
-        self.fill(&mut v);
-        v
-    }
-}
+/// The one seeded generator (splitmix64): a seed a failing run prints
+/// replays the same run.
+pub use ublk_ploop::rng::Rng;
 
 // ---------------------------------------------------------------------------
 // Raw header access.
@@ -540,6 +513,7 @@ impl ImageSpec {
 // ---------------------------------------------------------------------------
 // The engine as a library.
 
+pub use hooked::{Backend, Call, Hooked};
 pub use ublk_ploop::io::{block_on, Direct, Io, OwnRing, RingIo, SyncIo};
 pub use ublk_ploop::{Stack, StackOptions};
 
@@ -552,8 +526,11 @@ pub fn open_stack<P: AsRef<Path>>(paths: &[P], read_only: bool) -> Stack {
 
 /// Either I/O implementation, for tests that run against both: the
 /// syscalls, or the ring (the code the daemon runs on its queues).
+pub type AnyIo = Hooked<Backends, ()>;
+
+/// The I/O implementations an [`AnyIo`] chooses from.
 #[allow(clippy::large_enum_variant)]
-pub enum AnyIo {
+pub enum Backends {
     Sync(SyncIo),
     Uring(RingIo<OwnRing>),
     /// The ring with a registered buffer that requests go through (the
@@ -562,14 +539,23 @@ pub enum AnyIo {
     Fixed(RingIo<OwnRing>, std::cell::RefCell<ublk_ploop::io::AlignedBuf>),
 }
 
-/// Largest request `AnyIo::Fixed` takes.
+impl Backend for Backends {
+    async fn call(&self, call: Call<'_>) -> std::io::Result<()> {
+        match self {
+            Backends::Sync(i) => call.on(i).await,
+            Backends::Uring(i) | Backends::Fixed(i, _) => call.on(i).await,
+        }
+    }
+}
+
+/// Largest request `Backends::Fixed` takes.
 pub const FIXED_STAGING: usize = 4 << 20;
 
 impl AnyIo {
     pub fn new(name: &str) -> AnyIo {
-        match name {
-            "sync" => AnyIo::Sync(SyncIo),
-            "uring" => AnyIo::Uring(RingIo::new(
+        let inner = match name {
+            "sync" => Backends::Sync(SyncIo),
+            "uring" => Backends::Uring(RingIo::new(
                 OwnRing::new(64).unwrap_or_else(|e| panic!("io_uring is not available here ({e}); the uring tests need it")),
             )),
             "fixed" => {
@@ -579,23 +565,24 @@ impl AnyIo {
                 // SAFETY: the buffer lives in the same value as the ring and
                 // its heap memory never moves.
                 unsafe { ring.register_buffers(&[iov]) }.unwrap_or_else(|e| panic!("registering a fixed buffer: {e}"));
-                AnyIo::Fixed(RingIo::new(ring), std::cell::RefCell::new(staging))
+                Backends::Fixed(RingIo::new(ring), std::cell::RefCell::new(staging))
             }
             _ => unreachable!(),
-        }
+        };
+        Hooked { inner, hook: () }
     }
     pub fn name(&self) -> &'static str {
-        match self {
-            AnyIo::Sync(_) => "sync",
-            AnyIo::Uring(_) => "uring",
-            AnyIo::Fixed(..) => "fixed",
+        match self.inner {
+            Backends::Sync(_) => "sync",
+            Backends::Uring(_) => "uring",
+            Backends::Fixed(..) => "fixed",
         }
     }
     /// Run an engine future that uses this I/O to completion.
     pub fn run<F: std::future::Future>(&self, f: F) -> F::Output {
-        match self {
-            AnyIo::Sync(_) => block_on(f),
-            AnyIo::Uring(r) | AnyIo::Fixed(r, _) => r.ring().block_on(f),
+        match &self.inner {
+            Backends::Sync(_) => block_on(f),
+            Backends::Uring(r) | Backends::Fixed(r, _) => r.ring().block_on(f),
         }
     }
 
@@ -608,8 +595,8 @@ impl AnyIo {
     /// `Fixed`, into the registered buffer (filled with garbage first, so
     /// a range left untouched shows), then copied out.
     pub fn request_read(&self, stack: &Stack, offset: u64, buf: &mut [u8]) -> ublk_ploop::Result<()> {
-        match self {
-            AnyIo::Fixed(_, staging) => {
+        match &self.inner {
+            Backends::Fixed(_, staging) => {
                 let mut staging = staging.borrow_mut();
                 staging[..buf.len()].fill(0xa5);
                 let fixed = self.fixed(&staging, buf.len());
@@ -623,71 +610,14 @@ impl AnyIo {
 
     /// A request's write, as `request_read`.
     pub fn request_write(&self, stack: &Stack, offset: u64, data: &[u8]) -> ublk_ploop::Result<()> {
-        match self {
-            AnyIo::Fixed(_, staging) => {
+        match &self.inner {
+            Backends::Fixed(_, staging) => {
                 let mut staging = staging.borrow_mut();
                 staging[..data.len()].copy_from_slice(data);
                 let fixed = self.fixed(&staging, data.len());
                 self.run(stack.write_fixed(self, offset, fixed))
             }
             _ => self.run(stack.write(self, offset, data)),
-        }
-    }
-}
-
-impl Io for AnyIo {
-    async fn read_at(&self, fd: i32, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        match self {
-            AnyIo::Sync(i) => i.read_at(fd, buf, offset).await,
-            AnyIo::Uring(i) | AnyIo::Fixed(i, _) => i.read_at(fd, buf, offset).await,
-        }
-    }
-    async fn write_at(&self, fd: i32, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        match self {
-            AnyIo::Sync(i) => i.write_at(fd, buf, offset).await,
-            AnyIo::Uring(i) | AnyIo::Fixed(i, _) => i.write_at(fd, buf, offset).await,
-        }
-    }
-    async fn sync_data(&self, fd: i32) -> std::io::Result<()> {
-        match self {
-            AnyIo::Sync(i) => i.sync_data(fd).await,
-            AnyIo::Uring(i) | AnyIo::Fixed(i, _) => i.sync_data(fd).await,
-        }
-    }
-    async fn allocate(&self, fd: i32, offset: u64, len: u64) -> std::io::Result<()> {
-        match self {
-            AnyIo::Sync(i) => i.allocate(fd, offset, len).await,
-            AnyIo::Uring(i) | AnyIo::Fixed(i, _) => i.allocate(fd, offset, len).await,
-        }
-    }
-    async fn punch_hole(&self, fd: i32, offset: u64, len: u64) -> std::io::Result<()> {
-        match self {
-            AnyIo::Sync(i) => i.punch_hole(fd, offset, len).await,
-            AnyIo::Uring(i) | AnyIo::Fixed(i, _) => i.punch_hole(fd, offset, len).await,
-        }
-    }
-    async fn set_len(&self, fd: i32, len: u64) -> std::io::Result<()> {
-        match self {
-            AnyIo::Sync(i) => i.set_len(fd, len).await,
-            AnyIo::Uring(i) | AnyIo::Fixed(i, _) => i.set_len(fd, len).await,
-        }
-    }
-    async fn read_fixed(&self, fd: i32, buf: ublk_ploop::io::FixedBuf, offset: u64) -> std::io::Result<()> {
-        match self {
-            AnyIo::Sync(i) => i.read_fixed(fd, buf, offset).await,
-            AnyIo::Uring(i) | AnyIo::Fixed(i, _) => i.read_fixed(fd, buf, offset).await,
-        }
-    }
-    async fn write_fixed(&self, fd: i32, buf: ublk_ploop::io::FixedBuf, offset: u64) -> std::io::Result<()> {
-        match self {
-            AnyIo::Sync(i) => i.write_fixed(fd, buf, offset).await,
-            AnyIo::Uring(i) | AnyIo::Fixed(i, _) => i.write_fixed(fd, buf, offset).await,
-        }
-    }
-    async fn zero_fixed(&self, buf: ublk_ploop::io::FixedBuf) -> std::io::Result<()> {
-        match self {
-            AnyIo::Sync(i) => i.zero_fixed(buf).await,
-            AnyIo::Uring(i) | AnyIo::Fixed(i, _) => i.zero_fixed(buf).await,
         }
     }
 }
@@ -705,103 +635,64 @@ pub fn read_disk(stack: &Stack, io: &AnyIo, chunk: usize) -> Vec<u8> {
     out
 }
 
-// ---------------------------------------------------------------------------
-// Fault injection under the engine.
-
-/// When to fail. Counters are over the whole life of the I/O object.
-#[derive(Clone, Debug, Default)]
-pub struct FaultPlan {
-    /// Fail the write with this index (0-based), and every one after it
-    /// when `sticky`.
-    pub fail_write_at: Option<u64>,
-    /// Fail the read with this index (0-based).
-    pub fail_read_at: Option<u64>,
-    /// Fail every sync_data call.
-    pub fail_sync: bool,
-    /// Keep failing once the first fault fired (a dead disk).
-    pub sticky: bool,
-    /// errno to report (EIO when 0).
-    pub errno: i32,
-}
-
-/// I/O that fails on purpose, to prove the engine reports errors instead
-/// of acknowledging data it did not store.
-pub struct FaultIo<I: Io> {
-    pub inner: I,
-    plan: FaultPlan,
-    reads: std::cell::Cell<u64>,
-    writes: std::cell::Cell<u64>,
-    tripped: std::cell::Cell<bool>,
-}
-
-impl<I: Io> FaultIo<I> {
-    pub fn new(inner: I, plan: FaultPlan) -> Self {
-        FaultIo { inner, plan, reads: Default::default(), writes: Default::default(), tripped: Default::default() }
-    }
-    fn error(&self) -> std::io::Error {
-        self.tripped.set(true);
-        std::io::Error::from_raw_os_error(if self.plan.errno == 0 { libc::EIO } else { self.plan.errno })
-    }
-    fn dead(&self) -> bool {
-        self.tripped.get() && self.plan.sticky
-    }
-    fn count(counter: &std::cell::Cell<u64>) -> u64 {
-        let n = counter.get();
-        counter.set(n + 1);
-        n
-    }
-}
-
-impl<I: Io> Io for FaultIo<I> {
-    async fn read_at(&self, fd: i32, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        if self.dead() || self.plan.fail_read_at == Some(Self::count(&self.reads)) {
-            return Err(self.error());
-        }
-        self.inner.read_at(fd, buf, offset).await
-    }
-    async fn write_at(&self, fd: i32, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        if self.dead() || self.plan.fail_write_at == Some(Self::count(&self.writes)) {
-            return Err(self.error());
-        }
-        self.inner.write_at(fd, buf, offset).await
-    }
-    async fn sync_data(&self, fd: i32) -> std::io::Result<()> {
-        if self.dead() || self.plan.fail_sync {
-            return Err(self.error());
-        }
-        self.inner.sync_data(fd).await
-    }
-    async fn allocate(&self, fd: i32, offset: u64, len: u64) -> std::io::Result<()> {
-        if self.dead() {
-            return Err(self.error());
-        }
-        self.inner.allocate(fd, offset, len).await
-    }
-    async fn punch_hole(&self, fd: i32, offset: u64, len: u64) -> std::io::Result<()> {
-        if self.dead() {
-            return Err(self.error());
-        }
-        self.inner.punch_hole(fd, offset, len).await
-    }
-    async fn set_len(&self, fd: i32, len: u64) -> std::io::Result<()> {
-        if self.dead() {
-            return Err(self.error());
-        }
-        self.inner.set_len(fd, len).await
-    }
-}
-
 /// `len` bytes of a recognisable pattern seeded by `seed`.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     Rng::new(seed).bytes(len)
 }
 
-/// Our check and (when installed) qemu-img's both call a ploop image clean.
+/// Our check and (when installed) qemu-img's both call a ploop image clean:
+/// the post-fault, post-run check of every test that writes images.
 pub fn assert_ploop_clean(img: &Path, ctx: &str) {
-    let report = retry_busy(|| block_on(ublk_ploop::check::check(&SyncIo, img, ublk_ploop::layers::Format::Ploop, false))).unwrap();
-    assert_eq!(report.exit_code(), 0, "{ctx}: {report:?}");
-    if have_qemu() {
+    assert_clean(img, ublk_ploop::layers::Format::Ploop, ctx)
+}
+
+/// Our `check` of a ploop image (repairing with `repair`), retried while
+/// a lock this process dropped lingers in a child (see `retry_busy`).
+pub fn ploop_check(img: &Path, repair: bool, ctx: &str) -> ublk_ploop::check::CheckReport {
+    retry_busy(|| block_on(ublk_ploop::check::check(&SyncIo, img, ublk_ploop::layers::Format::Ploop, repair)))
+        .unwrap_or_else(|e| panic!("{ctx}: check {}: {e}", img.display()))
+}
+
+/// After a fault (and a power cut): `check`, repairing with `repair`,
+/// finds no damage, only what a crash may leave (an in-use mark, leaks).
+pub fn assert_undamaged(img: &Path, repair: bool, ctx: &str) -> ublk_ploop::check::CheckReport {
+    let report = ploop_check(img, repair, ctx);
+    assert!(report.header_errors.is_empty() && report.bad_entries.is_empty(), "{ctx}: {report:?}");
+    report
+}
+
+/// As `assert_ploop_clean`, for a layer of either format (qemu-img checks
+/// only ploop ones).
+pub fn assert_clean(img: &Path, format: ublk_ploop::layers::Format, ctx: &str) {
+    let report = retry_busy(|| block_on(ublk_ploop::check::check(&SyncIo, img, format, false)))
+        .unwrap_or_else(|e| panic!("{ctx}: check {}: {e}", img.display()));
+    assert_eq!(report.exit_code(), 0, "{ctx}: check of {} not clean: {report:?}", img.display());
+    if format == ublk_ploop::layers::Format::Ploop && have_qemu() {
         qemu_check_clean(img);
+    }
+}
+
+/// Run `run` for seeds 1..=N, N from UBLK_PLOOP_<NAME>_SEEDS (else
+/// `default`), or only for the seed UBLK_PLOOP_<NAME>_SEED names. A seed
+/// that fails is printed with the variable that replays it.
+pub fn for_each_seed(name: &str, default: u64, mut run: impl FnMut(u64)) {
+    let var = |suffix: &str| std::env::var(format!("UBLK_PLOOP_{name}_{suffix}")).ok().and_then(|s| s.parse::<u64>().ok());
+    let seeds = match var("SEED") {
+        Some(seed) => seed..=seed,
+        None => 1..=var("SEEDS").unwrap_or(default),
+    };
+    /// Says which seed was running when a panic unwinds through it.
+    struct Replay<'a>(&'a str, u64);
+    impl Drop for Replay<'_> {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                eprintln!("seed {} failed; replay it with UBLK_PLOOP_{}_SEED={}", self.1, self.0, self.1);
+            }
+        }
+    }
+    for seed in seeds {
+        let _replay = Replay(name, seed);
+        run(seed);
     }
 }
 

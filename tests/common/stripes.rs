@@ -3,23 +3,10 @@
 //! others (shared by the concurrency tests).
 
 use ublk_ploop::io::{block_on, AlignedBuf, Io, SyncIo};
+pub use ublk_ploop::rng::Rng;
 use ublk_ploop::Stack;
 
 pub const BLOCK: u64 = 4096;
-
-pub struct Rng(pub u64);
-impl Rng {
-    pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// Bytes no other write produces: (tag, disk offset) in every word.
 pub fn pattern(tag: u64, off: u64, len: usize) -> AlignedBuf {
@@ -63,7 +50,7 @@ impl Owner {
                 disk[at..at + g.stripe as usize].to_vec()
             })
             .collect();
-        Owner { id, rng: Rng(seed), stripes, ops: 0 }
+        Owner { id, rng: Rng::new(seed), stripes, ops: 0 }
     }
 
     /// Take `disk`'s content as this owner's model (after a switch).

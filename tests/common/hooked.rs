@@ -1,0 +1,181 @@
+//! The one I/O wrapper of the tests: [`Hooked`] passes every operation of
+//! the engine's `Io` trait through a [`Hook`], which may fail it, hold it,
+//! count it, or change its result, and otherwise runs it on the wrapped
+//! I/O. Fault injection, power cuts, a full disk and hand-built
+//! interleavings are each a hook; the forwarding is written once, here.
+
+use std::future::Future;
+use std::io;
+use std::os::fd::RawFd;
+use std::path::Path;
+
+use ublk_ploop::io::{FixedBuf, Io};
+
+/// What an operation does, as a hook sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Read,
+    Write,
+    Sync,
+    Punch,
+    /// The file growing ahead (fallocate).
+    Grow,
+    /// The file's length set (trimming on open, giving space back on close).
+    Truncate,
+    /// A rename (the descriptor's temporary file over the descriptor).
+    Rename,
+    SyncDir,
+    ReadFixed,
+    WriteFixed,
+    ZeroFixed,
+}
+
+/// One operation: its kind, file, and byte range (0 where it has none).
+#[derive(Clone, Copy, Debug)]
+pub struct Op {
+    pub kind: Kind,
+    /// -1 for the operations on paths and on registered buffers alone.
+    pub fd: RawFd,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// An operation with its arguments, to run on the wrapped I/O.
+pub enum Call<'a> {
+    Read(RawFd, &'a mut [u8], u64),
+    Write(RawFd, &'a [u8], u64),
+    Sync(RawFd),
+    Allocate(RawFd, u64, u64),
+    Punch(RawFd, u64, u64),
+    SetLen(RawFd, u64),
+    Rename(&'a Path, &'a Path),
+    SyncDir(&'a Path),
+    ReadFixed(RawFd, FixedBuf, u64),
+    WriteFixed(RawFd, FixedBuf, u64),
+    ZeroFixed(FixedBuf),
+}
+
+impl Call<'_> {
+    pub fn op(&self) -> Op {
+        let (kind, fd, offset, len) = match self {
+            Call::Read(fd, buf, at) => (Kind::Read, *fd, *at, buf.len() as u64),
+            Call::Write(fd, buf, at) => (Kind::Write, *fd, *at, buf.len() as u64),
+            Call::Sync(fd) => (Kind::Sync, *fd, 0, 0),
+            Call::Allocate(fd, at, len) => (Kind::Grow, *fd, *at, *len),
+            Call::Punch(fd, at, len) => (Kind::Punch, *fd, *at, *len),
+            Call::SetLen(fd, len) => (Kind::Truncate, *fd, *len, 0),
+            Call::Rename(..) => (Kind::Rename, -1, 0, 0),
+            Call::SyncDir(_) => (Kind::SyncDir, -1, 0, 0),
+            Call::ReadFixed(fd, buf, at) => (Kind::ReadFixed, *fd, *at, buf.len as u64),
+            Call::WriteFixed(fd, buf, at) => (Kind::WriteFixed, *fd, *at, buf.len as u64),
+            Call::ZeroFixed(buf) => (Kind::ZeroFixed, -1, 0, buf.len as u64),
+        };
+        Op { kind, fd, offset, len }
+    }
+
+    /// Run this operation on `io`.
+    pub async fn on<I: Io>(self, io: &I) -> io::Result<()> {
+        match self {
+            Call::Read(fd, buf, at) => io.read_at(fd, buf, at).await,
+            Call::Write(fd, buf, at) => io.write_at(fd, buf, at).await,
+            Call::Sync(fd) => io.sync_data(fd).await,
+            Call::Allocate(fd, at, len) => io.allocate(fd, at, len).await,
+            Call::Punch(fd, at, len) => io.punch_hole(fd, at, len).await,
+            Call::SetLen(fd, len) => io.set_len(fd, len).await,
+            Call::Rename(from, to) => io.rename(from, to).await,
+            Call::SyncDir(dir) => io.sync_dir(dir).await,
+            Call::ReadFixed(fd, buf, at) => io.read_fixed(fd, buf, at).await,
+            Call::WriteFixed(fd, buf, at) => io.write_fixed(fd, buf, at).await,
+            Call::ZeroFixed(buf) => io.zero_fixed(buf).await,
+        }
+    }
+}
+
+/// What a [`Hooked`] wraps: any `Io`, or a choice among several (see
+/// `AnyIo`), which runs each call on the one it holds.
+#[allow(async_fn_in_trait)]
+pub trait Backend {
+    async fn call(&self, call: Call<'_>) -> io::Result<()>;
+}
+
+impl<I: Io> Backend for I {
+    async fn call(&self, call: Call<'_>) -> io::Result<()> {
+        call.on(self).await
+    }
+}
+
+/// What happens around each operation. `run` is the operation on the
+/// wrapped I/O, not started yet: a hook that returns without awaiting it
+/// fails the operation before it touches the file.
+#[allow(async_fn_in_trait)]
+pub trait Hook {
+    async fn around(&self, op: Op, run: impl Future<Output = io::Result<()>>) -> io::Result<()> {
+        let _ = op;
+        run.await
+    }
+}
+
+/// No hook: the wrapped I/O as it is.
+impl Hook for () {}
+
+/// I/O `inner`, every operation passed through `hook`. Derefs to the hook,
+/// so a test reaches its knobs and counters through the wrapper.
+pub struct Hooked<B, H> {
+    pub inner: B,
+    pub hook: H,
+}
+
+impl<B, H> std::ops::Deref for Hooked<B, H> {
+    type Target = H;
+    fn deref(&self) -> &H {
+        &self.hook
+    }
+}
+
+impl<B: Backend, H: Hook> Hooked<B, H> {
+    async fn go(&self, call: Call<'_>) -> io::Result<()> {
+        let op = call.op();
+        self.hook.around(op, self.inner.call(call)).await
+    }
+}
+
+impl<B: Backend, H: Hook> Io for Hooked<B, H> {
+    async fn read_at(&self, fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.go(Call::Read(fd, buf, offset)).await
+    }
+    async fn write_at(&self, fd: RawFd, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.go(Call::Write(fd, buf, offset)).await
+    }
+    async fn sync_data(&self, fd: RawFd) -> io::Result<()> {
+        self.go(Call::Sync(fd)).await
+    }
+    async fn allocate(&self, fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
+        self.go(Call::Allocate(fd, offset, len)).await
+    }
+    async fn punch_hole(&self, fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
+        self.go(Call::Punch(fd, offset, len)).await
+    }
+    async fn set_len(&self, fd: RawFd, len: u64) -> io::Result<()> {
+        self.go(Call::SetLen(fd, len)).await
+    }
+    async fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.go(Call::Rename(from, to)).await
+    }
+    async fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        self.go(Call::SyncDir(dir)).await
+    }
+    async fn read_fixed(&self, fd: RawFd, buf: FixedBuf, offset: u64) -> io::Result<()> {
+        self.go(Call::ReadFixed(fd, buf, offset)).await
+    }
+    async fn write_fixed(&self, fd: RawFd, buf: FixedBuf, offset: u64) -> io::Result<()> {
+        self.go(Call::WriteFixed(fd, buf, offset)).await
+    }
+    async fn zero_fixed(&self, buf: FixedBuf) -> io::Result<()> {
+        self.go(Call::ZeroFixed(buf)).await
+    }
+}
+
+/// An error as the kernel reports it.
+pub fn errno(code: i32) -> io::Error {
+    io::Error::from_raw_os_error(code)
+}
