@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use ublk_ploop::copy;
 use ublk_ploop::io::{block_on, AlignedBuf, Direct, OwnRing, SyncIo};
 use ublk_ploop::layers::PloopLayer;
+use ublk_ploop::rng::{mix, Rng};
 use ublk_ploop::tracker::Tracker;
 use ublk_ploop::{Stack, StackOptions};
 
@@ -21,36 +22,10 @@ use crate::measure::{alloc_rounds, cpu_secs, Run};
 use crate::scratch::{Cfg, ALLOC, FRESH, PLOOP};
 use crate::{Res, CLUSTER, K4};
 
-/// xorshift64*: cheap, good enough for offsets.
-struct Rng(u64);
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed | 1)
-    }
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        ((self.next() as u128 * n as u128) >> 64) as u64
-    }
-}
-
-fn splitmix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// Deterministic, incompressible content for disk offset `off`.
 pub fn gen_data(buf: &mut [u8], off: u64) {
     for (i, w) in buf.chunks_exact_mut(8).enumerate() {
-        w.copy_from_slice(&splitmix(off / 8 + i as u64).to_le_bytes());
+        w.copy_from_slice(&mix(off / 8 + i as u64).to_le_bytes());
     }
 }
 
