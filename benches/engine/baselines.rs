@@ -14,7 +14,7 @@ use ublk_ploop::io::{Io, OwnRing};
 
 use crate::drive::new_ring;
 use crate::measure::{alloc_rounds, cluster_run, cpu_secs, Run};
-use crate::scratch::{Cfg, COPY, FRESH_RAW, PLOOP, QEMU_ALLOC, QEMU_IMG, RAW};
+use crate::scratch::{create_direct, Cfg, COPY, FRESH_RAW, PLOOP, QEMU_ALLOC, QEMU_IMG, RAW};
 use crate::{Res, CLUSTER, K4};
 
 pub fn on_path(tool: &str) -> bool {
@@ -230,12 +230,7 @@ pub fn raw_copy(cfg: &Cfg, ring: &OwnRing, clusters: u64) -> Res<Run> {
     let src = fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(cfg.path(RAW)).map_err(|e| e.to_string())?;
     let dst_path = cfg.path(COPY);
     let _ = fs::remove_file(&dst_path);
-    let dst = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(&dst_path)
-        .map_err(|e| format!("{}: {e}", dst_path.display()))?;
+    let dst = create_direct(&dst_path)?;
     let (sfd, dfd) = (src.as_raw_fd(), dst.as_raw_fd());
     let io = ring.io();
     let t = Instant::now();

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use baselines::{fio, fio_beside_copy_up, fio_fresh, make_qemu_image, on_path, qemu_alloc, raw_read, scatter_step, Qemu, QemuJob};
 use drive::{copy_to_sink, engine_alloc, engine_fresh, engine_rw, engine_write_tracked, open_stack, Dir};
 use load::{copy_under_load, disk_snapshot_stall, merge_vs_copy, read_beside_copy_up, swap_stall, CopyRows, DiskRows, HeadOfLine, UnderLoad};
-use measure::{accumulate, loadavg, Run};
+use measure::{accumulate, in_turns, loadavg, Run};
 use report::{Report, Row};
 use scratch::{pick_alloc_size, setup, upper_name, Cfg, Scratch, PLOOP, QEMU_IMG};
 
@@ -97,6 +97,17 @@ fn alternate(
         }
     }
     Ok((a, b))
+}
+
+/// A row's engine and fio columns in alternating turns; fio only if it is
+/// installed.
+fn with_fio(
+    cfg: &Cfg,
+    have_fio: bool,
+    engine: impl FnMut(f64) -> Res<Run>,
+    mut fio: impl FnMut(f64) -> Res<Run>,
+) -> Res<(Run, Option<Res<Run>>)> {
+    alternate(cfg, engine, if have_fio { Some(&mut fio) } else { None })
 }
 
 fn run() -> Res<()> {
@@ -182,11 +193,11 @@ fn run() -> Res<()> {
     if want("write") {
         progress("4k randwrite QD32 (allocated)");
         let mut r = Row::new("randwrite_4k_qd32", "4k randwrite QD32 (allocated)");
-        let mut f = |s: f64| fio(&cfg, "randwrite", K4, 32, s);
-        let (e, f) = alternate(
+        let (e, f) = with_fio(
             &cfg,
+            have_fio,
             |s| engine_rw(&cfg, &ploop, false, Dir::Write, K4, 32, false, secs(s)),
-            if have_fio { Some(&mut f) } else { None },
+            |s| fio(&cfg, "randwrite", K4, 32, s),
         )?;
         r.engine = Some(e);
         r.fio = f;
@@ -208,11 +219,11 @@ fn run() -> Res<()> {
         }
         progress(&label);
         let mut r = Row::new(key, label);
-        let mut f = |s: f64| fio(&cfg, rw, MIB as usize, SEQ_QD, s);
-        let (e, f) = alternate(
+        let (e, f) = with_fio(
             &cfg,
+            have_fio,
             |s| engine_rw(&cfg, &ploop, dir == Dir::Read, dir, MIB as usize, SEQ_QD, true, secs(s)),
-            if have_fio { Some(&mut f) } else { None },
+            |s| fio(&cfg, rw, MIB as usize, SEQ_QD, s),
         )?;
         r.engine = Some(e);
         r.fio = f;
@@ -229,11 +240,11 @@ fn run() -> Res<()> {
         progress(&label);
         let key = if qd == 1 { "randread_4k_qd1" } else { "randread_4k_qd16" };
         let mut r = Row::new(key, label);
-        let mut f = |s: f64| fio(&cfg, "randread", K4, qd, s);
-        let (e, f) = alternate(
+        let (e, f) = with_fio(
             &cfg,
+            have_fio,
             |s| engine_rw(&cfg, &ploop, true, Dir::Read, K4, qd, false, secs(s)),
-            if have_fio { Some(&mut f) } else { None },
+            |s| fio(&cfg, "randread", K4, qd, s),
         )?;
         r.engine = Some(e);
         r.fio = f;
@@ -254,8 +265,7 @@ fn run() -> Res<()> {
         rows.push(r);
         progress("4k randwrite QD32 (fresh images)");
         let mut r = Row::new("randwrite_4k_qd32_fresh", "4k randwrite QD32 (fresh img)");
-        let mut f = |s: f64| fio_fresh(&cfg, s);
-        let (e, f) = alternate(&cfg, |s| engine_fresh(&cfg, s), if have_fio { Some(&mut f) } else { None })?;
+        let (e, f) = with_fio(&cfg, have_fio, |s| engine_fresh(&cfg, s), |s| fio_fresh(&cfg, s))?;
         r.engine = Some(e);
         r.fio = f;
         rows.push(r);
@@ -289,13 +299,8 @@ fn run() -> Res<()> {
     }
     let disk = if want("disk") {
         // Merge and copy take turns (twice), so that drift hits both alike.
-        let (mut merge, mut copy) = (Run::default(), Run::default());
-        for _ in 0..2 {
-            let (m, c) = merge_vs_copy(&cfg)?;
-            merge.add(&m);
-            copy.add(&c);
-        }
-        Some(DiskRows { snapshots: disk_snapshot_stall(&cfg, SWAP_GAP_STEADY, SWAPS)?, merge: (merge, copy) })
+        let merge = in_turns(2, || merge_vs_copy(&cfg))?;
+        Some(DiskRows { snapshots: disk_snapshot_stall(&cfg, SWAP_GAP_STEADY, SWAPS)?, merge })
     } else {
         None
     };
@@ -304,21 +309,16 @@ fn run() -> Res<()> {
         progress("4k randwrite QD32 with and without a tracker; live copy vs raw read; copies under writes");
     }
     let copy = if want("copy") {
-        let (mut untracked, mut tracked) = (Run::default(), Run::default());
         let turn = secs(cfg.secs / SLICES as f64);
-        for _ in 0..SLICES {
-            untracked.add(&engine_write_tracked(&cfg, false, turn)?);
-            tracked.add(&engine_write_tracked(&cfg, true, turn)?);
-        }
-        let (mut c, mut raw) = (Run::default(), Run::default());
-        for _ in 0..2 {
+        let (untracked, tracked) = in_turns(SLICES, || Ok((engine_write_tracked(&cfg, false, turn)?, engine_write_tracked(&cfg, true, turn)?)))?;
+        let (copy, raw) = in_turns(2, || {
             let stack = open_stack(&ploop, true)?;
             let (run, _) = copy_to_sink(&stack)?;
             drop(stack);
-            c.add(&run);
-            raw.add(&raw_read(&cfg, run.bytes)?);
-        }
-        Some(CopyRows { untracked, tracked, copy: c, raw, under_load: copy_under_load(&cfg, 3)? })
+            let raw = raw_read(&cfg, run.bytes)?;
+            Ok((run, raw))
+        })?;
+        Some(CopyRows { untracked, tracked, copy, raw, under_load: copy_under_load(&cfg, 3)? })
     } else {
         None
     };

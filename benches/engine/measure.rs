@@ -125,3 +125,15 @@ pub fn accumulate(total: &mut Option<Res<Run>>, slice: Res<Run>) {
         (None, Ok(r)) => *total = Some(Ok(r)),
     }
 }
+
+/// Two measurements taken in turns `n` times (a b a b ...), each summed,
+/// so that drift in the machine's speed hits both alike.
+pub fn in_turns(n: usize, mut turn: impl FnMut() -> Res<(Run, Run)>) -> Res<(Run, Run)> {
+    let (mut a, mut b) = (Run::default(), Run::default());
+    for _ in 0..n {
+        let (x, y) = turn()?;
+        a.add(&x);
+        b.add(&y);
+    }
+    Ok((a, b))
+}

@@ -4,7 +4,7 @@
 
 use std::fs;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use ublk_ploop::io::{block_on, AlignedBuf, SyncIo};
 use ublk_ploop::layers::PloopLayer;
@@ -114,6 +114,11 @@ impl Drop for Scratch {
     }
 }
 
+/// A new file for O_DIRECT writes; an old one of that name is an error.
+pub fn create_direct(path: &Path) -> Res<fs::File> {
+    fs::OpenOptions::new().write(true).create_new(true).custom_flags(libc::O_DIRECT).open(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
 /// The same data in a raw file and a fully allocated ploop image, and the
 /// empty upper layers of the deep stack.
 pub fn setup(cfg: &Cfg) -> Res<()> {
@@ -121,12 +126,7 @@ pub fn setup(cfg: &Cfg) -> Res<()> {
     let ploop_path = cfg.path(PLOOP);
     block_on(PloopLayer::create(&SyncIo, &ploop_path, cfg.size, CLUSTER)).map_err(|e| format!("creating image: {e}"))?;
     let stack = open_stack(&[ploop_path], false)?;
-    let raw = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(&raw_path)
-        .map_err(|e| format!("{}: {e}", raw_path.display()))?;
+    let raw = create_direct(&raw_path)?;
     let chunk = 4 * MIB as usize;
     let mut buf = AlignedBuf::zeroed(chunk);
     let mut off = 0;
