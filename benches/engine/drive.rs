@@ -2,10 +2,12 @@
 //! request in flight is a task that calls Stack::read/Stack::write with the
 //! ring's I/O, exactly as a ublk queue's task per tag does; the ring thread
 //! runs the runnable tasks, waits for completions and wakes the tasks whose
-//! operations completed. Also the engine's side of the plain table rows.
+//! operations completed. Also the setup (the same data in a raw file and
+//! a fully allocated ploop image) and the engine's side of the table rows.
 
 use std::cell::RefCell;
 use std::fs;
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -19,8 +21,8 @@ use ublk_ploop::tracker::Tracker;
 use ublk_ploop::{Stack, StackOptions};
 
 use crate::measure::{alloc_rounds, cpu_secs, Run};
-use crate::scratch::{Cfg, ALLOC, FRESH, PLOOP};
-use crate::{Res, CLUSTER, K4};
+use crate::scratch::{create_direct, upper_name, Cfg, ALLOC, FRESH, PLOOP, RAW};
+use crate::{Res, CLUSTER, DEEP, K4, MIB};
 
 /// Deterministic, incompressible content for disk offset `off`.
 pub fn gen_data(buf: &mut [u8], off: u64) {
@@ -37,6 +39,33 @@ pub fn open_stack(paths: &[PathBuf], read_only: bool) -> Res<Stack> {
 
 pub fn new_ring() -> Res<OwnRing> {
     OwnRing::new(256).map_err(|e| format!("io_uring setup: {e}"))
+}
+
+/// The same data in a raw file and a fully allocated ploop image, and the
+/// empty upper layers of the deep stack.
+pub fn setup(cfg: &Cfg) -> Res<()> {
+    let raw_path = cfg.path(RAW);
+    let ploop_path = cfg.path(PLOOP);
+    block_on(PloopLayer::create(&SyncIo, &ploop_path, cfg.size, CLUSTER)).map_err(|e| format!("creating image: {e}"))?;
+    let stack = open_stack(&[ploop_path], false)?;
+    let raw = create_direct(&raw_path)?;
+    let chunk = 4 * MIB as usize;
+    let mut buf = AlignedBuf::zeroed(chunk);
+    let mut off = 0;
+    while off < cfg.size {
+        let n = chunk.min((cfg.size - off) as usize);
+        gen_data(&mut buf[..n], off);
+        block_on(stack.write(&SyncIo, off, &buf[..n])).map_err(|e| format!("filling image: {e}"))?;
+        raw.write_all_at(&buf[..n], off).map_err(|e| format!("filling raw file: {e}"))?;
+        off += n as u64;
+    }
+    raw.sync_all().map_err(|e| format!("{}: {e}", raw_path.display()))?;
+    block_on(stack.close(&SyncIo)).map_err(|e| format!("closing image: {e}"))?;
+    for i in 1..DEEP {
+        block_on(PloopLayer::create(&SyncIo, &cfg.path(&upper_name(i)), cfg.size, CLUSTER))
+            .map_err(|e| format!("creating upper layer: {e}"))?;
+    }
+    Ok(())
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

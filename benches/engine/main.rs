@@ -17,11 +17,11 @@
 //! copy) plus up to 4 GiB for the empty images of the allocating row.
 //! With the defaults the run takes about 100 s.
 //!
-//! The code: `main.rs` (settings, the order of the rows), `scratch.rs`
-//! (the files it works on), `drive.rs` (the engine on a ring of its own),
-//! `load.rs` (rows under concurrent load), `baselines.rs` (fio, qemu-img
-//! and plain file I/O), `measure.rs` (what a run measured), `report.rs`
-//! (the table, the ratios and the targets).
+//! The code, lowest first: `scratch.rs` (settings, the files it works on),
+//! `measure.rs` (what a run measured), `drive.rs` (the setup, and the
+//! engine on a ring of its own), `baselines.rs` (fio, qemu-img and plain
+//! file I/O), `load.rs` (rows under concurrent load), `report.rs` (the
+//! table, the ratios and the targets), `main.rs` (the order of the rows).
 
 mod baselines;
 mod drive;
@@ -34,11 +34,11 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use baselines::{fio, fio_beside_copy_up, fio_fresh, make_qemu_image, on_path, qemu_alloc, raw_read, scatter_step, Qemu, QemuJob};
-use drive::{copy_to_sink, engine_alloc, engine_fresh, engine_rw, engine_write_tracked, open_stack, Dir};
+use drive::{copy_to_sink, engine_alloc, engine_fresh, engine_rw, engine_write_tracked, open_stack, setup, Dir};
 use load::{copy_under_load, disk_snapshot_stall, merge_vs_copy, read_beside_copy_up, swap_stall, CopyRows, DiskRows, HeadOfLine, UnderLoad};
 use measure::{accumulate, in_turns, loadavg, Run};
 use report::{Report, Row};
-use scratch::{pick_alloc_size, setup, upper_name, Cfg, Scratch, PLOOP, QEMU_IMG};
+use scratch::{pick_alloc_size, upper_name, Cfg, Scratch, PLOOP, QEMU_IMG};
 
 const MIB: u64 = 1 << 20;
 const CLUSTER: u64 = MIB;

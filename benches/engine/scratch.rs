@@ -1,15 +1,11 @@
-//! The scratch directory: the settings from the environment, the files the
-//! bench makes (the same data in a raw file and a fully allocated ploop
-//! image) and their removal however the bench ends.
+//! The scratch directory: the settings from the environment, the names of
+//! the files the bench makes, and their removal however the bench ends.
+//! Below every other module: it knows nothing of the engine.
 
 use std::fs;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use ublk_ploop::io::{block_on, AlignedBuf, SyncIo};
-use ublk_ploop::layers::PloopLayer;
-
-use crate::drive::{gen_data, open_stack};
 use crate::{Res, ALLOCS_PER_TURN, CLUSTER, DEEP, MIB, SWAPS};
 
 pub struct Cfg {
@@ -117,33 +113,6 @@ impl Drop for Scratch {
 /// A new file for O_DIRECT writes; an old one of that name is an error.
 pub fn create_direct(path: &Path) -> Res<fs::File> {
     fs::OpenOptions::new().write(true).create_new(true).custom_flags(libc::O_DIRECT).open(path).map_err(|e| format!("{}: {e}", path.display()))
-}
-
-/// The same data in a raw file and a fully allocated ploop image, and the
-/// empty upper layers of the deep stack.
-pub fn setup(cfg: &Cfg) -> Res<()> {
-    let raw_path = cfg.path(RAW);
-    let ploop_path = cfg.path(PLOOP);
-    block_on(PloopLayer::create(&SyncIo, &ploop_path, cfg.size, CLUSTER)).map_err(|e| format!("creating image: {e}"))?;
-    let stack = open_stack(&[ploop_path], false)?;
-    let raw = create_direct(&raw_path)?;
-    let chunk = 4 * MIB as usize;
-    let mut buf = AlignedBuf::zeroed(chunk);
-    let mut off = 0;
-    while off < cfg.size {
-        let n = chunk.min((cfg.size - off) as usize);
-        gen_data(&mut buf[..n], off);
-        block_on(stack.write(&SyncIo, off, &buf[..n])).map_err(|e| format!("filling image: {e}"))?;
-        raw.write_all_at(&buf[..n], off).map_err(|e| format!("filling raw file: {e}"))?;
-        off += n as u64;
-    }
-    raw.sync_all().map_err(|e| format!("{}: {e}", raw_path.display()))?;
-    block_on(stack.close(&SyncIo)).map_err(|e| format!("closing image: {e}"))?;
-    for i in 1..DEEP {
-        block_on(PloopLayer::create(&SyncIo, &cfg.path(&upper_name(i)), cfg.size, CLUSTER))
-            .map_err(|e| format!("creating upper layer: {e}"))?;
-    }
-    Ok(())
 }
 
 /// Size of the empty images for allocating writes: one round fills a turn's
