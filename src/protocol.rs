@@ -273,6 +273,17 @@ impl JobKind {
             JobKind::BackupIncremental => "backup-incremental",
         }
     }
+    /// What a progress line says while a job of this kind runs.
+    pub fn doing(self) -> &'static str {
+        match self {
+            JobKind::Merge => "merging",
+            JobKind::Delete => "deleting",
+            JobKind::Compact => "compacting",
+            JobKind::Copy => "copying",
+            JobKind::Backup => "backing up",
+            JobKind::BackupIncremental => "backing up (incremental)",
+        }
+    }
 }
 
 impl std::fmt::Display for JobKind {
@@ -281,12 +292,6 @@ impl std::fmt::Display for JobKind {
     }
 }
 
-/// The client still compares kinds with their names.
-impl PartialEq<&str> for JobKind {
-    fn eq(&self, other: &&str) -> bool {
-        self.as_str() == *other
-    }
-}
 
 /// What a finished job did: one result per kind of job.
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -17,14 +17,14 @@ pub fn print_json<T: Serialize>(value: &T) {
 
 /// Follow a device's job to its end, with a progress bar on a terminal.
 pub fn follow(id: u32, json: bool) -> Result<Job> {
-    let bar = Bar::new(json, "merging");
+    let mut bar: Option<Bar> = None;
     loop {
         let job: Option<Job> = request(id, Request::Job)?;
         let job = job.ok_or_else(|| Error::new(libc::EPROTO, "the daemon has no job to report"))?;
+        // Labelled by the kind the daemon reports (every job was "merging").
+        let bar = bar.get_or_insert_with(|| Bar::new(json, job.kind.doing()));
         if let Some(r) = job.round {
-            bar.label(&format!("{} round {r}", job.kind));
-        } else if job.kind != "merge" && job.kind != "delete" {
-            bar.label(job.kind.as_str());
+            bar.label(&format!("{}, round {r}", job.kind.doing()));
         }
         bar.set(job.done, job.total);
         match job.state {
