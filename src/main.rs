@@ -8,11 +8,6 @@ mod pace;
 mod ublk_control;
 mod ublk_target;
 
-// Paths the CLI still names: the control messages live in the library,
-// the configuration file with the daemon.
-use daemon::config;
-use ublk_ploop::protocol;
-
 fn main() {
     std::process::exit(cli::main());
 }

@@ -23,7 +23,6 @@ use ublk_ploop::Stack;
 
 use crate::ublk_control::MAX_IO_BYTES;
 // Device control moved to `ublk_control`; the CLI still names these here.
-pub use crate::ublk_control::{data_path, feature_names, open_ctrl, state_name, wanted_flags};
 
 /// Per-device I/O counters, shown by `status`.
 #[derive(Default, Serialize)]

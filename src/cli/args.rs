@@ -462,10 +462,10 @@ pub struct Geometry {
 #[derive(Args, Clone)]
 pub struct DeviceArgs {
     /// Number of hardware queues (one thread each).
-    #[arg(long, default_value_t = crate::config::DEFAULT_QUEUES)]
+    #[arg(long, default_value_t = crate::daemon::config::DEFAULT_QUEUES)]
     pub queues: u16,
     /// Requests in flight per queue.
-    #[arg(long, default_value_t = crate::config::DEFAULT_DEPTH)]
+    #[arg(long, default_value_t = crate::daemon::config::DEFAULT_DEPTH)]
     pub depth: u16,
     /// Serve the stack read-only (the top image is not modified).
     #[arg(long)]
@@ -480,7 +480,7 @@ pub struct DeviceArgs {
     /// Block-layer I/O scheduler of the device: `none` (as a loop device
     /// or ploop's device-mapper target has), another name the kernel
     /// knows (mq-deadline, kyber, bfq), or `kernel` for the kernel's choice.
-    #[arg(long, default_value = crate::daemon::DEFAULT_IO_SCHEDULER, value_parser = crate::daemon::parse_io_scheduler)]
+    #[arg(long, default_value = crate::ublk_control::DEFAULT_IO_SCHEDULER, value_parser = crate::ublk_control::parse_io_scheduler)]
     pub io_scheduler: String,
     #[command(flatten)]
     pub io: DirectArg,

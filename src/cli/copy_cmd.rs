@@ -20,7 +20,7 @@ use ublk_ploop::{Error, Result};
 use crate::cli::args::{CopyCommand, DestArgs, LimitArgs, TrackArg};
 use crate::cli::output::{follow, print_json};
 use crate::control::{request, request_with_fds};
-use crate::protocol::{Job, Request, TrackReply};
+use ublk_ploop::protocol::{Job, Request, TrackReply};
 
 pub fn run(command: CopyCommand) -> Result<i32> {
     match command {

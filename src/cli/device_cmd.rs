@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 use ublk_ploop::disk::{resolve, Guid};
+use ublk_ploop::protocol::DeviceRow;
 use ublk_ploop::Result;
 
 use crate::cli::args::{DeviceArgs, DeviceCommand, FormatArg};
@@ -29,25 +30,25 @@ fn add(images: Vec<PathBuf>, format: FormatArg, snapshot: Option<Guid>, id: Opti
         images: resolved.layers,
         disk: resolved.disk,
         snapshot,
-        queues: crate::config::validate_queues(dev.queues)?,
-        depth: crate::config::validate_depth(dev.depth)?,
+        queues: crate::daemon::config::validate_queues(dev.queues)?,
+        depth: crate::daemon::config::validate_depth(dev.depth)?,
         // A snapshot is served read-only, as `ploop mount -r -u` does.
         read_only: dev.read_only || snapshot.is_some(),
         direct: dev.io.direct,
-        socket_gid: dev.socket_group.as_deref().map(crate::config::group_id).transpose()?,
+        socket_gid: dev.socket_group.as_deref().map(crate::daemon::config::group_id).transpose()?,
         copy_mode: dev.copy_mode,
         io_scheduler: dev.io_scheduler,
     };
-    let mode = crate::daemon::Mode::Add { id: id.map_or(-1, |i| i as i32) };
+    let mode = crate::ublk_control::Mode::Add { id: id.map_or(-1, |i| i as i32) };
     crate::daemon::start(config, mode, foreground)
 }
 
 /// Stop one device, or every one of ours.
 fn del(id: Option<u32>, all: bool, force: bool) -> Result<i32> {
-    crate::daemon::require_ublk()?;
+    crate::ublk_control::require_ublk()?;
     let ids = if all { our_devices() } else { vec![id.expect("clap requires -n or --all")] };
     for id in ids {
-        crate::daemon::delete(id, force)?;
+        crate::ublk_control::delete(id, force)?;
         println!("deleted /dev/ublkb{id}");
     }
     Ok(0)
@@ -55,7 +56,7 @@ fn del(id: Option<u32>, all: bool, force: bool) -> Result<i32> {
 
 /// Every ublk device, ours with what it serves.
 fn list(json: bool) -> Result<i32> {
-    crate::daemon::require_ublk()?;
+    crate::ublk_control::require_ublk()?;
     let devices = list_devices();
     if json {
         print_json(&devices);
@@ -63,8 +64,7 @@ fn list(json: bool) -> Result<i32> {
         println!("no ublk devices");
     } else {
         for d in &devices {
-            println!("{} {} pid {} {} {}", d["device"].as_str().unwrap_or("?"), d["state"].as_str().unwrap_or("?"),
-                d["pid"], d["target"].as_str().unwrap_or("?"), d["what"].as_str().unwrap_or(""));
+            println!("{} {} pid {} {} {}", d.device, d.state, d.pid, d.target, d.what);
         }
     }
     Ok(0)
@@ -72,19 +72,19 @@ fn list(json: bool) -> Result<i32> {
 
 /// A new daemon for a device whose daemon died, from its stored config.
 fn recover(id: u32, foreground: bool) -> Result<i32> {
-    crate::daemon::require_ublk()?;
-    let config = crate::daemon::stored_config(id)?;
-    crate::daemon::wait_quiesced(id, std::time::Duration::from_secs(10))?;
-    crate::daemon::start(config, crate::daemon::Mode::Recover { id }, foreground)
+    crate::ublk_control::require_ublk()?;
+    let config = crate::ublk_control::stored_config(id)?;
+    crate::ublk_control::wait_quiesced(id, std::time::Duration::from_secs(10))?;
+    crate::daemon::start(config, crate::ublk_control::Mode::Recover { id }, foreground)
 }
 
 /// What the kernel's ublk driver offers, and the data path a new device gets.
 fn features(json: bool) -> Result<i32> {
-    crate::daemon::require_ublk()?;
+    crate::ublk_control::require_ublk()?;
     let bits = libublk::ctrl::UblkCtrl::get_features();
-    let names = bits.map(crate::ublk_target::feature_names).unwrap_or_default();
+    let names = bits.map(crate::ublk_control::feature_names).unwrap_or_default();
     // What a new device gets (a device keeps what it was created with).
-    let data_path = crate::ublk_target::data_path(crate::ublk_target::wanted_flags(bits.unwrap_or(0), true));
+    let data_path = crate::ublk_control::data_path(crate::ublk_control::wanted_flags(bits.unwrap_or(0), true));
     if json {
         print_json(&serde_json::json!({ "features": bits, "names": names, "data_path": data_path }));
     } else {
@@ -102,7 +102,7 @@ fn features(json: bool) -> Result<i32> {
 
 /// A device's state, as its daemon tells it.
 fn status(id: u32, json: bool) -> Result<i32> {
-    let status: crate::protocol::Status = crate::control::request(id, crate::protocol::Request::Status)?;
+    let status: ublk_ploop::protocol::Status = crate::control::request(id, ublk_ploop::protocol::Request::Status)?;
     if json {
         print_json(&status);
     } else {
@@ -114,27 +114,27 @@ fn status(id: u32, json: bool) -> Result<i32> {
 /// One device from a TOML config, in the foreground (recovered when it
 /// outlived its daemon).
 fn serve(config: PathBuf) -> Result<i32> {
-    let (config, id) = crate::config::load(&config)?;
-    crate::daemon::require_ublk()?;
+    let (config, id) = crate::daemon::config::load(&config)?;
+    crate::ublk_control::require_ublk()?;
     let mode = match id {
-        Some(id) if crate::ublk_target::open_ctrl(id).is_some() => {
+        Some(id) if crate::ublk_control::open_ctrl(id).is_some() => {
             // The device outlived its daemon (a crash and a restart).
-            crate::daemon::wait_quiesced(id, std::time::Duration::from_secs(10))?;
+            crate::ublk_control::wait_quiesced(id, std::time::Duration::from_secs(10))?;
             tracing::warn!("device {id} exists without a daemon; recovering it");
-            crate::daemon::Mode::Recover { id }
+            crate::ublk_control::Mode::Recover { id }
         }
-        Some(id) => crate::daemon::Mode::Add { id: id as i32 },
-        None => crate::daemon::Mode::Add { id: -1 },
+        Some(id) => crate::ublk_control::Mode::Add { id: id as i32 },
+        None => crate::ublk_control::Mode::Add { id: -1 },
     };
     crate::daemon::start(config, mode, true)
 }
 
 /// Every ublk device, with what we know of ours.
-fn list_devices() -> Vec<serde_json::Value> {
+fn list_devices() -> Vec<DeviceRow> {
     let found = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
     let sink = found.clone();
     libublk::ctrl::UblkCtrl::for_each_dev_id(move |id| {
-        if let Some(ctrl) = crate::ublk_target::open_ctrl(id) {
+        if let Some(ctrl) = crate::ublk_control::open_ctrl(id) {
             let info = ctrl.dev_info();
             let target = ctrl.get_target_type_from_json().unwrap_or_default();
             let data = ctrl.get_target_data_from_json().unwrap_or_default();
@@ -150,30 +150,30 @@ fn list_devices() -> Vec<serde_json::Value> {
                     .map(|a| a.iter().filter_map(|v| v.get("path").or(Some(v)).and_then(|p| p.as_str())).collect::<Vec<_>>().join(" <- "))
                     .unwrap_or_default(),
             };
-            sink.borrow_mut().push(serde_json::json!({
-                "id": id,
-                "device": format!("/dev/ublkb{id}"),
-                "state": crate::ublk_target::state_name(info.state),
-                "pid": info.ublksrv_pid,
-                "queues": info.nr_hw_queues,
-                "depth": info.queue_depth,
-                "target": target,
-                "images": images,
-                "disk": data.get("disk"),
-                "snapshot": data.get("snapshot"),
-                "what": what,
-            }));
+            sink.borrow_mut().push(DeviceRow {
+                id,
+                device: format!("/dev/ublkb{id}"),
+                state: crate::ublk_control::state_name(info.state).to_string(),
+                pid: info.ublksrv_pid,
+                queues: info.nr_hw_queues,
+                depth: info.queue_depth,
+                target,
+                images,
+                disk: data.get("disk").cloned(),
+                snapshot: data.get("snapshot").cloned(),
+                what,
+            });
         }
     });
     let mut v = found.take();
-    v.sort_by_key(|d| d["id"].as_u64());
+    v.sort_by_key(|d| d.id);
     v
 }
 
 fn our_devices() -> Vec<u32> {
     list_devices()
         .iter()
-        .filter(|d| d["target"] == crate::daemon::TARGET_NAME)
-        .filter_map(|d| d["id"].as_u64().map(|i| i as u32))
+        .filter(|d| d.target == crate::ublk_control::TARGET_NAME)
+        .map(|d| d.id)
         .collect()
 }

@@ -22,7 +22,7 @@ use ublk_ploop::{Error, LayerSpec, Result, Stack, StackOptions};
 use crate::cli::args::{ConvertArgs, FormatArg, Geometry, ImageCommand, ToFormat};
 use crate::cli::output::{follow, print_json, Bar};
 use crate::control::request;
-use crate::protocol::{Job, Request};
+use ublk_ploop::protocol::{Job, Request};
 
 pub fn run(command: ImageCommand) -> Result<i32> {
     match command {

@@ -9,7 +9,7 @@ use serde::Serialize;
 use ublk_ploop::{Error, Result};
 
 use crate::control::request;
-use crate::protocol::{Job, JobState, Request, Status};
+use ublk_ploop::protocol::{Job, JobState, Request, Status};
 
 pub fn print_json<T: Serialize>(value: &T) {
     println!("{}", serde_json::to_string_pretty(value).expect("serialisable"));

@@ -15,7 +15,7 @@ use ublk_ploop::{Error, Result, Stack, StackOptions};
 use crate::cli::args::SnapshotCommand;
 use crate::cli::output::{follow, print_json, Bar};
 use crate::control::request;
-use crate::protocol::{DeleteReply, Job, ListReply, Request, SnapshotReply, SwitchReply};
+use ublk_ploop::protocol::{DeleteReply, Job, ListReply, Request, SnapshotReply, SwitchReply};
 
 pub fn run(command: SnapshotCommand) -> Result<i32> {
     match command {

@@ -21,15 +21,13 @@ use ublk_ploop::tracker::Tracker;
 use ublk_ploop::{Result, Stack, StackOptions};
 
 use crate::control::{self, Access};
-use crate::ublk_control::{self, set_io_scheduler, ublk_err};
+use crate::ublk_control::{self, data_path, require_ublk, set_io_scheduler, ublk_err, Mode};
 use crate::ublk_target::{self, Counters, Device};
 use handler::DaemonHandler;
 use jobs::Jobs;
 use process::{install_stop_signals, report, Ready};
 
 pub use config::DeviceConfig;
-// What the CLI calls here; device control is `ublk_control`'s.
-pub use crate::ublk_control::{delete, parse_io_scheduler, require_ublk, stored_config, wait_quiesced, Mode, DEFAULT_IO_SCHEDULER, TARGET_NAME};
 
 /// Start a device daemon. Unless `foreground`, fork: the parent returns
 /// once the device is live (printing its path) or failed.
@@ -83,7 +81,7 @@ fn run_inner(device: &Arc<Device>, config: DeviceConfig, mode: Mode, ready: &mut
     let ctrl = ublk_control::open_device(&mode, config.queues, config.depth, config.copy_mode)?;
     let dev_id = ctrl.dev_info().dev_id;
     // A recovered device keeps the data path it was created with.
-    let data_path = ublk_target::data_path(ctrl.dev_info().flags);
+    let data_path = data_path(ctrl.dev_info().flags);
     tracing::info!(data_path, "ublk device {dev_id}");
     install_stop_signals(dev_id);
     let disk = match &config.disk {
