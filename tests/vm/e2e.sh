@@ -35,17 +35,21 @@ verify_files() { (cd "$1" && sha256sum -c --quiet "$SCRATCH/sums.$SCENARIO") || 
 # same bytes from a 2-layer stack with holes; zero copy keeps no request
 # buffers in the daemon.
 scenario_data_path() {
-	local base=$SCRATCH/dp-base.hdd top=$SCRATCH/dp-top.hdd want dev id path mode sum rss
+	local base=$SCRATCH/dp-base.hdd top=$SCRATCH/dp-top.hdd want dev id path mode sum rss features status
+	# Output is captured before it is searched: under pipefail, `grep -q`
+	# leaving early fails the writer with EPIPE, and the step with it.
+	features=$("$BIN" features --json | tr -d ' \n')
 	want=copy
-	"$BIN" features --json | tr -d ' \n' | grep -q '"auto_buf_reg"' && want=zero_copy
-	"$BIN" features --json | tr -d ' \n' | grep -q "\"data_path\":\"$want\"" || die "features does not say $want: $("$BIN" features)"
+	[[ $features == *'"auto_buf_reg"'* ]] && want=zero_copy
+	[[ $features == *"\"data_path\":\"$want\""* ]] || die "features does not say $want: $("$BIN" features)"
 	[ "$want" = zero_copy ] || log "SKIP zero copy: this kernel's ublk has no auto_buf_reg; checking copy mode only"
 	"$BIN" create "$base" --size 256M >/dev/null
 	dev=$("$BIN" add --image "$base"); wait_dev "$dev"
 	# One queue: the kernel would give it mq-deadline; the daemon sets none.
 	grep -q '\[none\]' "/sys/block/$(basename "$dev")/queue/scheduler" ||
 		die "scheduler of a 1-queue device: $(cat "/sys/block/$(basename "$dev")/queue/scheduler")"
-	"$BIN" status -n "$(dev_id "$dev")" | grep -q "I/O scheduler: none" || die "status does not show the scheduler"
+	status=$("$BIN" status -n "$(dev_id "$dev")")
+	[[ $status == *"I/O scheduler: none"* ]] || die "status does not show the scheduler: $status"
 	# Data in the base, holes between, more data and a partial overwrite above.
 	for i in 0 3 7 12 100 255; do dd if=/dev/urandom of="$dev" bs=1M seek="$i" count=1 oflag=direct status=none; done
 	"$BIN" del -n "$(dev_id "$dev")"
