@@ -83,8 +83,9 @@ struct Case {
 /// The socket directory, or a loud failure: without it nothing is tested.
 fn socket_dir() -> PathBuf {
     let dir = PathBuf::from(SOCKET_DIR);
-    if let Err(e) = fs::create_dir_all(&dir) {
-        panic!("wire test cannot run: cannot create {SOCKET_DIR} ({e}); the control socket lives there, so this test needs root");
+    let usable = fs::create_dir_all(&dir).and_then(|()| nix::unistd::access(&dir, nix::unistd::AccessFlags::W_OK).map_err(std::io::Error::from));
+    if let Err(e) = usable {
+        panic!("wire test cannot run: cannot make sockets in {SOCKET_DIR} ({e}); the control socket lives there, so this test needs root");
     }
     dir
 }
