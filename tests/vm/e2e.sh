@@ -11,7 +11,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 BIN=${UBLK_PLOOP_BIN:-$repo/target/release/ublk-ploop}
 SCRATCH=${UBLK_PLOOP_SCRATCH:?run this inside the VM: tests/vm/run tests/vm/e2e.sh}
-ALL="data_path basic_fs fio_verify stack_layers control_socket kill_recover read_only serve_config snapshots merge_kill track_copy mounts_frozen full_disk io_errors resize compact"
+ALL="data_path basic_fs fio_verify stack_layers control_socket kill_recover read_only serve_config snapshots merge_kill track_copy mounts_frozen full_disk io_errors resize compact old_cli"
 
 log() { echo "e2e[${SCENARIO:-main}]: $*"; }
 die() { log "FAIL: $*"; exit 1; }
@@ -907,6 +907,114 @@ scenario_compact() {
 	[ "$after" -lt "$before" ] || die "compact gave nothing back"
 	"$BIN" check "$dir" >/dev/null || die "check after compact"
 	qemu_check "$dir/root.hds"
+}
+
+# The control protocol across versions: a CLI built from an older commit
+# (tests/vm/old-cli; $UBLK_PLOOP_OLD_BIN) drives a daemon of this build
+# through every online verb; what it reads back and the exit codes show
+# that the two still understand each other.
+old_cmp_at() { # file offset_mb count_mb
+	dd if="$dev" bs=1M skip="$2" count="$3" iflag=direct status=none | cmp - "$1" || die "the device at ${2} MiB does not read back $1"
+}
+old_fill() { # name offset_mb count_mb
+	head -c "$(($3 << 20))" /dev/urandom >"$SCRATCH/old.$1"
+	dd if="$SCRATCH/old.$1" of="$dev" bs=1M seek="$2" oflag=direct conv=notrunc status=none
+}
+old_sum() { dd if="$1" bs=1M iflag=direct status=none | sha256sum | cut -c1-64; }
+
+scenario_old_cli() {
+	local OLD=${UBLK_PLOOP_OLD_BIN:-} d=$SCRATCH/old.disk dev id out snap1 snap2 snap3 sum dev2
+	[ -n "$OLD" ] || die "no old CLI to test with: UBLK_PLOOP_OLD_BIN is unset (tests/vm/old-cli builds one, as .ci/run does)"
+	[ -x "$OLD" ] || die "no usable old CLI: $OLD"
+	log "old CLI: $("$OLD" --version) ($OLD), new daemon: $("$BIN" --version)"
+	"$BIN" init "$d" --size 128M >/dev/null
+	dev=$("$BIN" add --image "$d"); wait_dev "$dev"; id=$(dev_id "$dev")
+
+	"$OLD" status -n "$id" >"$SCRATCH/old.out" || die "old status"
+	grep -q "^/dev/ublkb$id (pid $(daemon_pid "$id")), $((128 << 20)) bytes" "$SCRATCH/old.out" || die "old status: $(cat "$SCRATCH/old.out")"
+	"$OLD" status -n "$id" --json | tr -d ' \n' | grep -q "\"id\":$id," || die "old status --json"
+
+	# Snapshots, a merge of the top and a delete that merges: the data
+	# written between them reads back after each.
+	old_fill a 0 8
+	snap1=$("$OLD" snapshot -n "$id" 2>/dev/null) || die "old snapshot"
+	old_fill b 16 8
+	snap2='{0001dc11-0000-4000-8000-000000000002}'
+	"$OLD" snapshot -n "$id" --uuid "$snap2" --json | tr -d ' \n' | grep -q "\"guid\":\"$snap2\"" || die "old snapshot --uuid --json"
+	old_fill c 32 8
+	"$OLD" snapshot-list -n "$id" | grep -q -- "$snap1" || die "old snapshot-list"
+	[ "$("$OLD" snapshot-list -n "$id" --json | grep -c '"guid"')" = 3 ] || die "old snapshot-list --json: not three deltas"
+	"$OLD" snapshot-merge -n "$id" >"$SCRATCH/old.out" || die "old snapshot-merge"
+	grep -q "^merged .* into its parent $snap2" "$SCRATCH/old.out" || die "old snapshot-merge said: $(cat "$SCRATCH/old.out")"
+	"$OLD" snapshot-list -n "$id" --json | grep -q -- "$snap2" && die "the merged parent $snap2 is still listed"
+	old_cmp_at "$SCRATCH/old.a" 0 8; old_cmp_at "$SCRATCH/old.b" 16 8; old_cmp_at "$SCRATCH/old.c" 32 8
+	"$OLD" snapshot-delete -n "$id" --uuid "$snap1" --json | tr -d ' \n' | grep -q '"action":"merged"' || die "old snapshot-delete (a merge)"
+	"$OLD" snapshot-list -n "$id" --json | grep -q -- "$snap1" && die "the deleted $snap1 is still listed"
+	old_cmp_at "$SCRATCH/old.a" 0 8; old_cmp_at "$SCRATCH/old.b" 16 8; old_cmp_at "$SCRATCH/old.c" 32 8
+	"$OLD" snapshot-delete -n "$id" --uuid "$snap1" 2>/dev/null && die "deleting a snapshot twice succeeded"
+
+	# Switch back: what was written after the snapshot is gone.
+	snap3=$("$OLD" snapshot -n "$id" 2>/dev/null) || die "old snapshot (3)"
+	old_fill d 0 8
+	"$OLD" snapshot-switch -n "$id" --uuid "$snap3" >/dev/null || die "old snapshot-switch"
+	old_cmp_at "$SCRATCH/old.a" 0 8; old_cmp_at "$SCRATCH/old.c" 32 8
+
+	# The write tracker.
+	"$OLD" track start -n "$id" >/dev/null || die "old track start"
+	dd if=/dev/urandom of="$dev" bs=4k count=1 seek=$((100 * 256 + 3)) oflag=direct status=none
+	out=$("$OLD" track get -n "$id" 2>/dev/null) || die "old track get"
+	[ "$out" = "$((100 << 20)) $((101 << 20))" ] || die "old track get: '$out'"
+	"$OLD" track stop -n "$id" --json | tr -d ' \n' | grep -q '"ranges":\[\]' || die "old track stop --json"
+	"$OLD" track get -n "$id" 2>/dev/null && die "old track get after stop succeeded"
+
+	# Copies: to a file, to stdout (the descriptor passed is a pipe), and
+	# backups full then incremental; each received image reads as the device.
+	sum=$(old_sum "$dev")
+	"$OLD" copy -n "$id" --to "$SCRATCH/old.stream" >/dev/null || die "old copy --to FILE"
+	"$BIN" receive --image "$SCRATCH/old-file.hdd" --from "$SCRATCH/old.stream" >/dev/null || die "receiving the old CLI's copy"
+	rm -f "$SCRATCH/old.stream"
+	"$OLD" copy -n "$id" --to - --json 2>"$SCRATCH/old.json" | "$BIN" receive --image "$SCRATCH/old-pipe.hdd" >/dev/null \
+		|| { cat "$SCRATCH/old.json"; die "old copy --to - into a pipe"; }
+	grep -q '"device": "/dev/ublkb'"$id"'"' "$SCRATCH/old.json" || die "old copy --json: $(cat "$SCRATCH/old.json")"
+	"$OLD" backup -n "$id" --to "$SCRATCH/old.full" >/dev/null || die "old backup"
+	"$BIN" receive --image "$SCRATCH/old-backup.hdd" --from "$SCRATCH/old.full" >/dev/null || die "receiving the old CLI's backup"
+	rm -f "$SCRATCH/old.full"
+	old_fill e 64 4
+	"$OLD" backup -n "$id" --incremental --to "$SCRATCH/old.incr" >/dev/null || die "old backup --incremental"
+	"$BIN" receive --image "$SCRATCH/old-backup.hdd" --incremental --from "$SCRATCH/old.incr" >/dev/null || die "receiving the old CLI's incremental backup"
+	rm -f "$SCRATCH/old.incr"
+	for img in old-file old-pipe old-backup; do
+		dev2=$("$BIN" add --image "$SCRATCH/$img.hdd" --read-only); wait_dev "$dev2"
+		if [ "$img" = old-backup ]; then want=$(old_sum "$dev"); else want=$sum; fi
+		[ "$(old_sum "$dev2")" = "$want" ] || die "$img does not read as the device did"
+		"$BIN" del -n "$(dev_id "$dev2")"
+		rm -f "$SCRATCH/$img.hdd"
+	done
+
+	# Compact and an online grow (or the refusal of a kernel without
+	# UPDATE_SIZE: the same from the old CLI as from the new).
+	blkdiscard -o $((32 << 20)) -l $((8 << 20)) "$dev"
+	"$OLD" compact -n "$id" >"$SCRATCH/old.out" || die "old compact"
+	grep -q "^compacted: " "$SCRATCH/old.out" || die "old compact said: $(cat "$SCRATCH/old.out")"
+	old_cmp_at "$SCRATCH/old.a" 0 8
+	if out=$("$OLD" resize -n "$id" --size 192M 2>&1); then
+		[ "$(blockdev --getsize64 "$dev")" = $((192 << 20)) ] || die "old resize: the device did not grow"
+	else
+		new=$("$BIN" resize -n "$id" --size 192M 2>&1) && die "the new CLI grew what the old could not"
+		[ "$out" = "$new" ] || die "old and new CLI refuse the grow differently: '$out' / '$new'"
+		log "online grow refused alike by both CLIs: $out"
+	fi
+	old_cmp_at "$SCRATCH/old.a" 0 8
+
+	# A refusal keeps its exit code and message: switching to an unknown snapshot.
+	out=$("$OLD" snapshot-switch -n "$id" --uuid '{00000000-0000-4000-8000-0000000000aa}' 2>&1) && die "old switch to an unknown snapshot succeeded"
+	new=$("$BIN" snapshot-switch -n "$id" --uuid '{00000000-0000-4000-8000-0000000000aa}' 2>&1) && die "new switch to an unknown snapshot succeeded"
+	[ "$out" = "$new" ] || die "refusals differ: '$out' / '$new'"
+
+	"$OLD" del -n "$id" || die "old del"
+	[ ! -e "$dev" ] || die "$dev still exists after the old CLI's del"
+	"$BIN" check "$d" >/dev/null || die "check after the old CLI's session"
+	rm -rf "$SCRATCH"/old.* "$d"
 }
 
 if [ "${1:-}" = --scenario ]; then
