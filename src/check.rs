@@ -12,7 +12,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::layers::bat::{self, BadEntry, EntryProblem};
 use crate::io::{is_hole, Io};
 use crate::layers::header::{Header, Variant, CLOSED, HEADER_SIZE, IN_USE};
@@ -147,7 +147,7 @@ async fn check_with<I: Io>(io: &I, path: &Path, format: Format, repair: bool, ta
         Ok(read) => read.header,
         Err(e) if e.errno() == libc::EUCLEAN || e.errno() == libc::EOPNOTSUPP => {
             // Nothing below can be trusted without a header.
-            let e = if e.message().contains("not a ploop image") { not_ploop(io, path, e).await } else { e };
+            let e = if e.kind() == ErrorKind::NotPloop { not_ploop(io, path, e).await } else { e };
             report.header_errors.push(e.message().to_string());
             // Without a header nothing says where the disk's clusters are.
             report.disk_size = 0;

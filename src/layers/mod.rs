@@ -11,7 +11,7 @@ pub mod raw;
 
 use std::path::Path;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::io::{open_image_file, AlignedBuf, Direct, ImageFile, Io};
 
 pub use ploop::{MetaError, OpenReport, PloopLayer};
@@ -118,7 +118,7 @@ impl Layer {
         match format {
             Format::Ploop => match PloopLayer::open(io, file, direct, locked).await {
                 Ok((l, r)) => Ok((Layer::Ploop(l), r)),
-                Err(e) if e.errno() == libc::EUCLEAN && e.message().contains("not a ploop image") => {
+                Err(e) if e.kind() == ErrorKind::NotPloop => {
                     Err(not_ploop(io, path, e).await)
                 }
                 Err(e) => Err(e),
@@ -316,7 +316,7 @@ pub async fn not_ploop<I: Io>(io: &I, path: &Path, e: Error) -> Error {
             "no WithouFreSpacExt/WithoutFreeSpace signature; if it is a raw disk image, declare it with --format raw".to_string()
         }
     };
-    Error::corrupt(format!("{}: not a valid ploop image: {hint}", path.display()))
+    Error::not_ploop(format!("{}: not a valid ploop image: {hint}", path.display()))
 }
 
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
