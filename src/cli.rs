@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
-use ublk_ploop::check::{check, CheckReport, Verdict};
+use ublk_ploop::layers::ploop::check::{check, CheckReport, Verdict};
 use ublk_ploop::convert::{convert, ConvertOptions};
 use ublk_ploop::disk::{Disk, Guid};
 use ublk_ploop::io::{block_on, BackendKind, Direct, OwnRing, SyncIo};
-use ublk_ploop::layers::header::Header;
+use ublk_ploop::layers::ploop::header::Header;
 use ublk_ploop::layers::{Format, PloopLayer};
 use ublk_ploop::size::{format_size, parse_size};
 use ublk_ploop::{Error, LayerSpec, Result};
@@ -961,7 +961,7 @@ struct InfoOut {
     path: String,
     format: Format,
     #[serde(skip_serializing_if = "Option::is_none")]
-    variant: Option<ublk_ploop::layers::header::Variant>,
+    variant: Option<ublk_ploop::layers::ploop::header::Variant>,
     /// None when the header that would say it cannot be read.
     disk_size: Option<u64>,
     file_size: u64,
@@ -994,7 +994,7 @@ impl InfoOut {
             bat_entries: Some(h.bat_entries),
             allocated_clusters: Some(allocated),
             data_offset: Some(h.data_off_bytes()),
-            in_use: Some(h.in_use == ublk_ploop::layers::header::IN_USE),
+            in_use: Some(h.in_use == ublk_ploop::layers::ploop::header::IN_USE),
             flags: Some(h.flags),
             problems: vec![],
         }
@@ -1005,7 +1005,7 @@ impl InfoOut {
 /// (so it works on an image a daemon is serving). Damage found on the way
 /// is returned with it.
 fn image_info(path: &Path, format: Format) -> Result<(InfoOut, Vec<String>)> {
-    let r = block_on(ublk_ploop::check::inspect(&SyncIo, path, format))?;
+    let r = block_on(ublk_ploop::layers::ploop::check::inspect(&SyncIo, path, format))?;
     let mut problems = r.header_errors.clone();
     problems.extend(r.bad_entries.iter().map(|b| format!("BAT entry {} {}", b.index, b.problem)));
     if r.header_errors.is_empty() && r.format == Format::Ploop && r.variant.is_none() {

@@ -239,8 +239,8 @@ pub fn compact(id: Option<u32>, target: Option<PathBuf>, step: Option<u64>, spee
             // Refused before the image is opened: opening marks it in use.
             let top = layers.last().expect("a chain is never empty");
             if top.format == ublk_ploop::layers::Format::Ploop {
-                let seen = block_on(ublk_ploop::check::inspect(&SyncIo, &top.path, top.format))?;
-                if seen.variant == Some(ublk_ploop::layers::header::Variant::V1) {
+                let seen = block_on(ublk_ploop::layers::ploop::check::inspect(&SyncIo, &top.path, top.format))?;
+                if seen.variant == Some(ublk_ploop::layers::ploop::header::Variant::V1) {
                     return Err(Error::unsupported(format!(
                         "{}: compacting v1 (WithoutFreeSpace) images is not supported; convert it first",
                         top.path.display()

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 use crate::io::wait::{Entered, Exclusive, Gate, WaitList};
 use crate::io::{block_on, for_each_in_flight, join_all, AlignedBuf, BufPool, Direct, FixedBuf, Io};
-use crate::layers::header::{Variant, DEFAULT_CLUSTER};
+use crate::layers::ploop::header::{Variant, DEFAULT_CLUSTER};
 use crate::layers::ploop::ext::DirtyBitmap;
 use crate::layers::{Format, Layer, MetaError, OpenReport, PloopLayer};
 use crate::tracker::Tracker;

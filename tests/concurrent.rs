@@ -158,7 +158,7 @@ fn run_seed(seed: u64) {
     verify(&s, &want, &format!("{ctx}, after close"));
     drop(s);
     for p in &paths {
-        let report = block_on(ublk_ploop::check::check(&SyncIo, p, ublk_ploop::layers::Format::Ploop, false)).unwrap();
+        let report = block_on(ublk_ploop::layers::ploop::check::check(&SyncIo, p, ublk_ploop::layers::Format::Ploop, false)).unwrap();
         assert_eq!(report.exit_code(), 0, "{ctx}: check {}: {report:?}", p.display());
         if have_qemu() {
             qemu_check_clean(p);

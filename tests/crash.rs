@@ -43,7 +43,7 @@ use std::path::{Path, PathBuf};
 
 use common::inject::{Counts, Cut, Fault, Injector, Kind};
 use common::{have_qemu, qemu_img, quiesced, retry_busy, FaultIo, FaultPlan, TempDir, IN_USE};
-use ublk_ploop::check::{check, CheckReport};
+use ublk_ploop::layers::ploop::check::{check, CheckReport};
 use ublk_ploop::io::{block_on, AlignedBuf, Direct, Io, SyncIo};
 use ublk_ploop::layers::PloopLayer;
 use ublk_ploop::{Stack, StackOptions};

@@ -40,7 +40,7 @@ fn read_all(stack: &Stack) -> Vec<u8> {
 fn check_files(disk: &Disk, ctx: &str) {
     for img in &disk.desc.images {
         let p = disk.file_path(img);
-        let report = block_on(ublk_ploop::check::check(&SyncIo, &p, ublk_ploop::layers::Format::Ploop, false))
+        let report = block_on(ublk_ploop::layers::ploop::check::check(&SyncIo, &p, ublk_ploop::layers::Format::Ploop, false))
             .unwrap_or_else(|e| panic!("{ctx}: check {}: {e}", p.display()));
         assert_eq!(report.exit_code(), 0, "{ctx}: {}: {report:?}", p.display());
         if have_qemu() {

@@ -222,7 +222,7 @@ fn run_seed(seed: u64) {
     // Independent checks on the files: our checker and qemu-img's.
     for spec in specs(&paths, raw_base) {
         let path = &spec.path;
-        let report = block_on(ublk_ploop::check::check(&SyncIo, path, spec.format, false)).unwrap();
+        let report = block_on(ublk_ploop::layers::ploop::check::check(&SyncIo, path, spec.format, false)).unwrap();
         assert_eq!(report.exit_code(), 0, "{ctx}: check of {} not clean: {report:?}", path.display());
         if !raw_base || path != &paths[0] {
             qemu_check(path, &ctx);

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use common::inject::{Cut, Fault, Injector, Kind};
 use common::{assert_ploop_clean as assert_clean, have_qemu, pattern, qemu_compare_raw, retry_busy, TempDir};
-use ublk_ploop::check::check;
+use ublk_ploop::layers::ploop::check::check;
 use ublk_ploop::disk::Disk;
 use ublk_ploop::io::{block_on, AlignedBuf, SyncIo};
 use ublk_ploop::layers::ploop::resize::resize;

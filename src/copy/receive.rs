@@ -29,11 +29,11 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use super::wire::{bad, cmd, command_of, Header, Kind, Reader, FLAG_COPY_DEVICE, FLAG_MD5};
-use crate::check::{self, Verdict};
+use crate::layers::ploop::check::{self, Verdict};
 use crate::disk::Disk;
 use crate::error::{Error, Result};
 use crate::io::{block_on, AlignedBuf, Direct, Io, SyncIo};
-use crate::layers::header::Variant;
+use crate::layers::ploop::header::Variant;
 use crate::layers::{Format, PloopLayer, IMAGE_MODE};
 use crate::stack::{LayerSpec, Stack, StackOptions};
 
@@ -535,7 +535,7 @@ impl Sink {
     fn device(dest: &Path, as_dir: bool, size: u64, cluster: u64, opts: &ReceiveOptions) -> Result<Sink> {
         // Validates the geometry a hostile stream could get wrong, and
         // bounds what it costs: memory follows the number of clusters.
-        crate::layers::header::Header::new(size, cluster).map_err(|e| bad(format!("the disk described is impossible: {e}")))?;
+        crate::layers::ploop::header::Header::new(size, cluster).map_err(|e| bad(format!("the disk described is impossible: {e}")))?;
         if size / cluster > MAX_RECEIVED_CLUSTERS {
             return Err(Error::unsupported(format!(
                 "the disk described has {} clusters of {cluster} bytes (at most {MAX_RECEIVED_CLUSTERS} are received)",
@@ -639,7 +639,7 @@ impl Sink {
         }
         // A header as it arrives: what it claims is bounded before the
         // rest of the file is taken.
-        if pos == 0 && data.len() >= crate::layers::header::HEADER_SIZE {
+        if pos == 0 && data.len() >= crate::layers::ploop::header::HEADER_SIZE {
             image_file_claims(data, *max)?;
         }
         block_on(SyncIo.write_at(file.as_raw_fd(), data, pos)).map_err(|e| Error::io(e, temp.display()))
@@ -718,7 +718,7 @@ impl Sink {
 /// memory by the check): at most `MAX_RECEIVED_CLUSTERS` clusters, a disk
 /// of at most `max` bytes.
 fn image_file_claims(header: &[u8], max: u64) -> Result<()> {
-    let h = crate::layers::header::Header::parse(header).map_err(|e| bad(format!("the image file's header: {e}")))?;
+    let h = crate::layers::ploop::header::Header::parse(header).map_err(|e| bad(format!("the image file's header: {e}")))?;
     if h.bat_entries as u64 > MAX_RECEIVED_CLUSTERS {
         return Err(Error::unsupported(format!(
             "the image file's table has {} entries (at most {MAX_RECEIVED_CLUSTERS} are received)",

@@ -4,8 +4,6 @@
 //! served as a raw disk (its header and BAT would become disk content, and
 //! the first write would destroy it).
 
-pub mod bat;
-pub mod header;
 pub mod ploop;
 pub mod raw;
 
@@ -13,6 +11,7 @@ use std::path::Path;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::{open_image_file, AlignedBuf, Direct, ImageFile, Io};
+use ploop::header;
 
 pub use ploop::{MetaError, OpenReport, PloopLayer};
 pub use raw::RawLayer;

@@ -798,7 +798,7 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
 
 /// Our check and (when installed) qemu-img's both call a ploop image clean.
 pub fn assert_ploop_clean(img: &Path, ctx: &str) {
-    let report = retry_busy(|| block_on(ublk_ploop::check::check(&SyncIo, img, ublk_ploop::layers::Format::Ploop, false))).unwrap();
+    let report = retry_busy(|| block_on(ublk_ploop::layers::ploop::check::check(&SyncIo, img, ublk_ploop::layers::Format::Ploop, false))).unwrap();
     assert_eq!(report.exit_code(), 0, "{ctx}: {report:?}");
     if have_qemu() {
         qemu_check_clean(img);

@@ -13,10 +13,10 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::layers::bat::{self, BadEntry, EntryProblem};
 use crate::io::{is_hole, Io};
-use crate::layers::header::{Header, Variant, CLOSED, HEADER_SIZE, IN_USE};
+use crate::layers::ploop::bat::{self, BadEntry, EntryProblem};
 use crate::layers::ploop::ext::{self, Extension};
+use crate::layers::ploop::header::{Header, Variant, CLOSED, HEADER_SIZE, IN_USE};
 use crate::layers::ploop::load;
 use crate::layers::{not_ploop, Format};
 
