@@ -1,6 +1,8 @@
 //! One error type for the whole crate. It carries an errno so that the ublk
 //! frontend can complete a failed request with the right code, and a
-//! human-readable message so the CLI can say what went wrong.
+//! human-readable message so the CLI can say what went wrong; callers that
+//! must tell one failure from another by more than its errno ask its
+//! [`ErrorKind`], never its message text.
 
 use std::fmt;
 use std::io;
@@ -8,14 +10,28 @@ use std::io;
 #[derive(Clone, Debug)]
 pub struct Error {
     errno: i32,
+    kind: ErrorKind,
     msg: String,
+}
+
+/// What a caller may decide on besides the errno, set by the constructor
+/// that makes the error and kept through `context`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// Nothing beyond the errno.
+    #[default]
+    Other,
+    /// A file opened as a ploop image has no ploop signature (callers
+    /// then say what it looks like instead).
+    NotPloop,
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub fn new(errno: i32, msg: impl Into<String>) -> Self {
-        Error { errno, msg: msg.into() }
+        Error { errno, kind: ErrorKind::Other, msg: msg.into() }
     }
     /// Bad input from the caller (a request out of range, a bad argument).
     pub fn invalid(msg: impl Into<String>) -> Self {
@@ -29,6 +45,11 @@ impl Error {
     pub fn too_large(what: impl std::fmt::Display, bytes: u64) -> Self {
         Self::new(libc::ENOMEM, format!("{what}: {bytes} bytes of metadata do not fit in memory"))
     }
+    /// A file without a ploop signature, opened as ploop (EUCLEAN, as any
+    /// damaged image).
+    pub fn not_ploop(msg: impl Into<String>) -> Self {
+        Error { kind: ErrorKind::NotPloop, ..Self::corrupt(msg) }
+    }
     pub fn unsupported(msg: impl Into<String>) -> Self {
         Self::new(libc::EOPNOTSUPP, msg)
     }
@@ -39,12 +60,15 @@ impl Error {
     pub fn errno(&self) -> i32 {
         self.errno
     }
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
     pub fn message(&self) -> &str {
         &self.msg
     }
     /// Prefix the message with where it happened, keeping the errno.
     pub fn context(self, what: impl fmt::Display) -> Self {
-        Error { errno: self.errno, msg: format!("{what}: {}", self.msg) }
+        Error { msg: format!("{what}: {}", self.msg), ..self }
     }
 }
 
@@ -59,13 +83,13 @@ impl std::error::Error for Error {}
 impl From<io::Error> for Error {
     fn from(err: io::Error) -> Self {
         let errno = err.raw_os_error().unwrap_or(libc::EIO);
-        Error { errno, msg: err.to_string() }
+        Self::new(errno, err.to_string())
     }
 }
 
 impl From<nix::Error> for Error {
     fn from(err: nix::Error) -> Self {
-        Error { errno: err as i32, msg: err.desc().to_string() }
+        Self::new(err as i32, err.desc())
     }
 }
 

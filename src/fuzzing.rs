@@ -35,7 +35,7 @@ pub fn image(data: &[u8], scratch: &Path) {
     if std::fs::File::create(&path).and_then(|mut f| f.write_all(data)).is_err() {
         return;
     }
-    let _ = block_on(crate::check::check(&SyncIo, &path, Format::Ploop, false));
+    let _ = block_on(crate::layers::ploop::check::check(&SyncIo, &path, Format::Ploop, false));
     if let Ok((layer, _)) = block_on(Layer::open(&SyncIo, &path, Format::Ploop, false, Direct::Off)) {
         read_some(&layer);
     }
@@ -43,7 +43,7 @@ pub fn image(data: &[u8], scratch: &Path) {
         let _ = layer.take_saved_bitmaps();
         let _ = block_on(layer.close(&SyncIo));
     }
-    let _ = block_on(crate::check::check(&SyncIo, &path, Format::Ploop, true));
+    let _ = block_on(crate::layers::ploop::check::check(&SyncIo, &path, Format::Ploop, true));
 }
 
 fn read_some(layer: &Layer) {
@@ -136,7 +136,7 @@ pub fn stream(data: &[u8], scratch: &Path) {
     let opts = ReceiveOptions { two_way: false, incremental: false, direct: Direct::Off };
     if copy::receive(Box::new(std::io::Cursor::new(data.to_vec())), None, &dest, &opts).is_ok() {
         // A stream that was taken must have made a clean image.
-        let report = block_on(crate::check::check(&SyncIo, &dest, Format::Ploop, false)).expect("a received image checks");
-        assert_eq!(report.verdict(), crate::check::Verdict::Clean);
+        let report = block_on(crate::layers::ploop::check::check(&SyncIo, &dest, Format::Ploop, false)).expect("a received image checks");
+        assert_eq!(report.verdict(), crate::layers::ploop::check::Verdict::Clean);
     }
 }

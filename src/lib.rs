@@ -3,7 +3,6 @@
 //! and knows nothing of ublk, sockets or the command line; the frontends
 //! call into it.
 
-pub mod check;
 pub mod convert;
 pub mod copy;
 pub mod disk;

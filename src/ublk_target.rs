@@ -114,7 +114,7 @@ pub fn run_queue(qid: u16, dev: &UblkDev, device: Arc<Device>) {
     // Requests of other queues (and the control thread) that wake one of
     // ours kick this eventfd, which the ring polls.
     set_thread_kick(Some(kick.clone()));
-    let exe = Rc::new(smol::LocalExecutor::new());
+    let exe = Rc::new(async_executor::LocalExecutor::new());
     let tasks: Vec<_> = q
         .tags()
         .map(|tag| {

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::*;
-use ublk_ploop::check::{check, Verdict};
+use ublk_ploop::layers::ploop::check::{check, Verdict};
 
 const K: u64 = 1024;
 const M: u64 = 1024 * 1024;

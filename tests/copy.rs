@@ -509,7 +509,7 @@ fn header_u64(path: &Path, at: u64) -> u64 {
     common::read_u64(path, at)
 }
 
-fn our_check(path: &Path, repair: bool) -> ublk_ploop::check::CheckReport {
+fn our_check(path: &Path, repair: bool) -> ublk_ploop::layers::ploop::check::CheckReport {
     common::ploop_check(path, repair, "our check")
 }
 
@@ -539,7 +539,7 @@ fn changed_blocks_survive_a_clean_close_only() {
     drop(stack);
     assert_ne!(header_u64(&img, 56), 0, "the extension is in the file");
     let r = our_check(&img, false);
-    assert_eq!(r.verdict(), ublk_ploop::check::Verdict::Clean, "{r:?}");
+    assert_eq!(r.verdict(), ublk_ploop::layers::ploop::check::Verdict::Clean, "{r:?}");
     assert_eq!((r.extension_clusters, r.dirty_bitmaps), (Some(2), Some(1)), "{r:?}");
     qemu_accepts(&img);
     // Read-only opens leave it alone.
@@ -562,7 +562,7 @@ fn changed_blocks_survive_a_clean_close_only() {
     block_on(stack.close(&SyncIo)).unwrap();
     drop(stack);
     let r = our_check(&img, false);
-    assert_eq!(r.verdict(), ublk_ploop::check::Verdict::Clean, "{r:?}");
+    assert_eq!(r.verdict(), ublk_ploop::layers::ploop::check::Verdict::Clean, "{r:?}");
     if have_qemu() {
         qemu_check_clean(&img);
     }
@@ -589,7 +589,7 @@ fn check_keeps_a_sound_extension_and_drops_a_damaged_one() {
     let r = our_check(&img, false);
     assert_eq!(r.leaked_clusters, 1, "{r:?}");
     let r = our_check(&img, true);
-    assert_eq!(r.verdict(), ublk_ploop::check::Verdict::Clean, "{r:?}");
+    assert_eq!(r.verdict(), ublk_ploop::layers::ploop::check::Verdict::Clean, "{r:?}");
     assert_eq!(std::fs::metadata(&img).unwrap().len(), len);
     assert_ne!(header_u64(&img, 56), 0, "repair kept the extension");
     let stack = open(std::slice::from_ref(&img), false);
@@ -610,13 +610,13 @@ fn check_keeps_a_sound_extension_and_drops_a_damaged_one() {
     f.write_all_at(&[0xff], ext_at + 100).unwrap();
     drop(f);
     let r = our_check(&img, false);
-    assert_eq!(r.verdict(), ublk_ploop::check::Verdict::Corrupt, "{r:?}");
+    assert_eq!(r.verdict(), ublk_ploop::layers::ploop::check::Verdict::Corrupt, "{r:?}");
     assert!(r.header_errors[0].contains("format extension"), "{r:?}");
     let backup = dir.join("copy.img");
     std::fs::copy(&img, &backup).unwrap();
     let r = our_check(&img, true);
     assert!(r.repairs.iter().any(|x| x.contains("format extension dropped")), "{r:?}");
-    assert_eq!(r.verdict(), ublk_ploop::check::Verdict::Clean, "{r:?}");
+    assert_eq!(r.verdict(), ublk_ploop::layers::ploop::check::Verdict::Clean, "{r:?}");
     assert_eq!(header_u64(&img, 56), 0);
     if have_qemu() {
         qemu_check_clean(&img);
@@ -660,7 +660,7 @@ fn reads_a_bitmap_laid_out_by_ploop() {
     bytes[44..48].copy_from_slice(&0x312E_3276u32.to_le_bytes());
     std::fs::write(&img, &bytes).unwrap();
     let r = our_check(&img, false);
-    assert_eq!(r.verdict(), ublk_ploop::check::Verdict::Clean, "{r:?}");
+    assert_eq!(r.verdict(), ublk_ploop::layers::ploop::check::Verdict::Clean, "{r:?}");
     assert_eq!(r.extension_clusters, Some(1));
     qemu_accepts(&img);
     let r = our_check(&img, true);

@@ -42,7 +42,7 @@ use std::path::{Path, PathBuf};
 use common::hooked::Hooked;
 use common::inject::{Counts, Cut, FailEvery, Fault, Injection, Injector, Kind};
 use common::{have_qemu, ploop_check, qemu_img, quiesced, retry_busy, TempDir, IN_USE};
-use ublk_ploop::check::CheckReport;
+use ublk_ploop::layers::ploop::check::CheckReport;
 use ublk_ploop::io::{block_on, AlignedBuf, Direct, Io, SyncIo};
 use ublk_ploop::layers::PloopLayer;
 use ublk_ploop::{Stack, StackOptions};

@@ -112,8 +112,8 @@ fn run(ring: bool) {
     }
     block_on(stack.close(&SyncIo)).unwrap();
     drop(stack);
-    let report = block_on(ublk_ploop::check::check(&SyncIo, &img, ublk_ploop::layers::Format::Ploop, false)).unwrap();
-    assert_eq!(report.verdict(), ublk_ploop::check::Verdict::Clean, "{report:?}");
+    let report = block_on(ublk_ploop::layers::ploop::check::check(&SyncIo, &img, ublk_ploop::layers::Format::Ploop, false)).unwrap();
+    assert_eq!(report.verdict(), ublk_ploop::layers::ploop::check::Verdict::Clean, "{report:?}");
     let (stack, _) = block_on(Stack::open(&SyncIo, &[img.clone()], &StackOptions { read_only: true, direct: Direct::Auto })).unwrap();
     let mut back = vec![0u8; size as usize];
     block_on(stack.read(&SyncIo, 0, &mut back)).unwrap();

@@ -73,7 +73,7 @@ fn make_seed_corpus() {
     drop(stack);
     out("image", "extension-v2", &std::fs::read(&img).unwrap());
     let mut v1 = common::ImageSpec::v1(8192, 512).with_cluster(3, 0, &[0x33; 512]);
-    v1.in_use = ublk_ploop::layers::header::IN_USE;
+    v1.in_use = ublk_ploop::layers::ploop::header::IN_USE;
     let v1p = tmp.join("v1.hds");
     v1.write(&v1p);
     out("image", "v1-in-use", &std::fs::read(&v1p).unwrap());

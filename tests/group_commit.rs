@@ -160,7 +160,7 @@ fn a_write_relying_on_a_rolled_back_entry_is_not_acknowledged() {
     assert_eq!(read4k(&stack, 8192), vec![0; 4096], "a failed write reappeared after reopen");
     assert_eq!(read4k(&stack, 2 * C), data, "an acknowledged write was lost");
     drop(stack);
-    let report = block_on(ublk_ploop::check::check(&SyncIo, &p, ublk_ploop::layers::Format::Ploop, false)).unwrap();
+    let report = block_on(ublk_ploop::layers::ploop::check::check(&SyncIo, &p, ublk_ploop::layers::Format::Ploop, false)).unwrap();
     assert!(report.bad_entries.is_empty(), "{report:?}");
 }
 
@@ -303,7 +303,7 @@ fn a_request_overlapping_a_failed_bat_write_succeeds_when_its_own_entry_is_writt
     assert_eq!(read4k(&stack, 0), vec![0; 4096], "a failed write reappeared after reopen");
     block_on(stack.close(&SyncIo)).unwrap();
     drop(stack);
-    let report = block_on(ublk_ploop::check::check(&SyncIo, &p, ublk_ploop::layers::Format::Ploop, false)).unwrap();
+    let report = block_on(ublk_ploop::layers::ploop::check::check(&SyncIo, &p, ublk_ploop::layers::Format::Ploop, false)).unwrap();
     assert!(report.bad_entries.is_empty(), "{report:?}");
 }
 
@@ -353,7 +353,7 @@ fn a_merge_does_not_drop_the_parent_under_a_cluster_whose_bat_write_failed() {
         assert!(all.iter().all(|&b| b == 7), "the merged top lacks the parent's data after reopening");
         block_on(alone.close(&SyncIo)).unwrap();
         drop(alone);
-        let report = block_on(ublk_ploop::check::check(&SyncIo, &top, ublk_ploop::layers::Format::Ploop, false)).unwrap();
+        let report = block_on(ublk_ploop::layers::ploop::check::check(&SyncIo, &top, ublk_ploop::layers::Format::Ploop, false)).unwrap();
         assert!(report.bad_entries.is_empty(), "{report:?}");
     }
 }

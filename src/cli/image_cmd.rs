@@ -8,12 +8,12 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use ublk_ploop::check::{check, CheckReport, Verdict};
+use ublk_ploop::layers::ploop::check::{check, CheckReport, Verdict};
 use ublk_ploop::convert::{convert, ConvertOptions};
 use ublk_ploop::disk::resolve::{self, Named};
 use ublk_ploop::disk::Disk;
 use ublk_ploop::io::{block_on, BackendKind, OwnRing, SyncIo};
-use ublk_ploop::layers::header::Header;
+use ublk_ploop::layers::ploop::header::Header;
 use ublk_ploop::layers::{Format, PloopLayer};
 use ublk_ploop::size::format_size;
 use ublk_ploop::tracker::Tracker;
@@ -240,8 +240,8 @@ fn compact(id: Option<u32>, target: Option<PathBuf>, step: Option<u64>, speed: O
             // Refused before the image is opened: opening marks it in use.
             let top = layers.last().expect("a chain is never empty");
             if top.format == Format::Ploop {
-                let seen = block_on(ublk_ploop::check::inspect(&SyncIo, &top.path, top.format))?;
-                if seen.variant == Some(ublk_ploop::layers::header::Variant::V1) {
+                let seen = block_on(ublk_ploop::layers::ploop::check::inspect(&SyncIo, &top.path, top.format))?;
+                if seen.variant == Some(ublk_ploop::layers::ploop::header::Variant::V1) {
                     return Err(Error::unsupported(format!(
                         "{}: compacting v1 (WithoutFreeSpace) images is not supported; convert it first",
                         top.path.display()
@@ -369,7 +369,7 @@ struct InfoOut {
     path: String,
     format: Format,
     #[serde(skip_serializing_if = "Option::is_none")]
-    variant: Option<ublk_ploop::layers::header::Variant>,
+    variant: Option<ublk_ploop::layers::ploop::header::Variant>,
     /// None when the header that would say it cannot be read.
     disk_size: Option<u64>,
     file_size: u64,
@@ -402,7 +402,7 @@ impl InfoOut {
             bat_entries: Some(h.bat_entries),
             allocated_clusters: Some(allocated),
             data_offset: Some(h.data_off_bytes()),
-            in_use: Some(h.in_use == ublk_ploop::layers::header::IN_USE),
+            in_use: Some(h.in_use == ublk_ploop::layers::ploop::header::IN_USE),
             flags: Some(h.flags),
             problems: vec![],
         }
@@ -413,7 +413,7 @@ impl InfoOut {
 /// (so it works on an image a daemon is serving). Damage found on the way
 /// is returned with it.
 fn image_info(path: &Path, format: Format) -> Result<(InfoOut, Vec<String>)> {
-    let r = block_on(ublk_ploop::check::inspect(&SyncIo, path, format))?;
+    let r = block_on(ublk_ploop::layers::ploop::check::inspect(&SyncIo, path, format))?;
     let mut problems = r.header_errors.clone();
     problems.extend(r.bad_entries.iter().map(|b| format!("BAT entry {} {}", b.index, b.problem)));
     if r.header_errors.is_empty() && r.format == Format::Ploop && r.variant.is_none() {

@@ -4,7 +4,8 @@
 //!
 //! - [`wire`]: packets, checksums, the handshake's flags.
 //! - [`send`]: the rounds over a serving stack, driven by a write tracker,
-//!   and the frozen last pass.
+//!   and the frozen last pass; `outbox` holds the threads that write the
+//!   stream and count the receiver's answers meanwhile.
 //! - [`backup`]: which record of changes a backup uses, and when a new
 //!   one is published.
 //! - [`channel`]: the channel with a bound on every wait.
@@ -12,6 +13,7 @@
 
 pub mod backup;
 pub mod channel;
+mod outbox;
 pub mod receive;
 pub mod send;
 pub mod wire;

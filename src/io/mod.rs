@@ -14,16 +14,16 @@
 
 mod aligned;
 mod file;
+mod own_ring;
 mod ring;
 mod sync;
-mod uring;
 pub mod wait;
 
 pub use aligned::{AlignedBuf, BufPool};
 pub use file::{is_hole, open_image_file, open_named, Direct, ImageFile};
+pub use own_ring::OwnRing;
 pub use ring::{RingIo, Submit};
 pub use sync::SyncIo;
-pub use uring::OwnRing;
 
 /// Run a future to completion on this thread, parking it while the future
 /// waits for another thread (the way offline callers use the engine).

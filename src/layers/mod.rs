@@ -4,15 +4,14 @@
 //! served as a raw disk (its header and BAT would become disk content, and
 //! the first write would destroy it).
 
-pub mod bat;
-pub mod header;
 pub mod ploop;
 pub mod raw;
 
 use std::path::Path;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::io::{open_image_file, AlignedBuf, Direct, ImageFile, Io};
+use ploop::header;
 
 pub use ploop::{MetaError, OpenReport, PloopLayer};
 pub use raw::RawLayer;
@@ -118,7 +117,7 @@ impl Layer {
         match format {
             Format::Ploop => match PloopLayer::open(io, file, direct, locked).await {
                 Ok((l, r)) => Ok((Layer::Ploop(l), r)),
-                Err(e) if e.errno() == libc::EUCLEAN && e.message().contains("not a ploop image") => {
+                Err(e) if e.kind() == ErrorKind::NotPloop => {
                     Err(not_ploop(io, path, e).await)
                 }
                 Err(e) => Err(e),
@@ -316,7 +315,7 @@ pub async fn not_ploop<I: Io>(io: &I, path: &Path, e: Error) -> Error {
             "no WithouFreSpacExt/WithoutFreeSpace signature; if it is a raw disk image, declare it with --format raw".to_string()
         }
     };
-    Error::corrupt(format!("{}: not a valid ploop image: {hint}", path.display()))
+    Error::not_ploop(format!("{}: not a valid ploop image: {hint}", path.display()))
 }
 
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_millis(500);

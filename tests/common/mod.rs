@@ -648,14 +648,14 @@ pub fn assert_ploop_clean(img: &Path, ctx: &str) {
 
 /// Our `check` of a ploop image (repairing with `repair`), retried while
 /// a lock this process dropped lingers in a child (see `retry_busy`).
-pub fn ploop_check(img: &Path, repair: bool, ctx: &str) -> ublk_ploop::check::CheckReport {
-    retry_busy(|| block_on(ublk_ploop::check::check(&SyncIo, img, ublk_ploop::layers::Format::Ploop, repair)))
+pub fn ploop_check(img: &Path, repair: bool, ctx: &str) -> ublk_ploop::layers::ploop::check::CheckReport {
+    retry_busy(|| block_on(ublk_ploop::layers::ploop::check::check(&SyncIo, img, ublk_ploop::layers::Format::Ploop, repair)))
         .unwrap_or_else(|e| panic!("{ctx}: check {}: {e}", img.display()))
 }
 
 /// After a fault (and a power cut): `check`, repairing with `repair`,
 /// finds no damage, only what a crash may leave (an in-use mark, leaks).
-pub fn assert_undamaged(img: &Path, repair: bool, ctx: &str) -> ublk_ploop::check::CheckReport {
+pub fn assert_undamaged(img: &Path, repair: bool, ctx: &str) -> ublk_ploop::layers::ploop::check::CheckReport {
     let report = ploop_check(img, repair, ctx);
     assert!(report.header_errors.is_empty() && report.bad_entries.is_empty(), "{ctx}: {report:?}");
     report
@@ -664,7 +664,7 @@ pub fn assert_undamaged(img: &Path, repair: bool, ctx: &str) -> ublk_ploop::chec
 /// As `assert_ploop_clean`, for a layer of either format (qemu-img checks
 /// only ploop ones).
 pub fn assert_clean(img: &Path, format: ublk_ploop::layers::Format, ctx: &str) {
-    let report = retry_busy(|| block_on(ublk_ploop::check::check(&SyncIo, img, format, false)))
+    let report = retry_busy(|| block_on(ublk_ploop::layers::ploop::check::check(&SyncIo, img, format, false)))
         .unwrap_or_else(|e| panic!("{ctx}: check {}: {e}", img.display()));
     assert_eq!(report.exit_code(), 0, "{ctx}: check of {} not clean: {report:?}", img.display());
     if format == ublk_ploop::layers::Format::Ploop && have_qemu() {

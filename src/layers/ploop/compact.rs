@@ -18,7 +18,7 @@ use std::collections::BTreeSet;
 
 use crate::error::{Error, Result};
 use crate::io::{ImageFile, Io};
-use crate::layers::header::{Variant, IN_USE};
+use crate::layers::ploop::header::{Variant, IN_USE};
 
 use super::load;
 use super::resize::{move_clusters, write_header, write_table, Table};

@@ -16,7 +16,7 @@ use md5::{Digest, Md5};
 
 use crate::error::{Error, Result};
 use crate::io::Io;
-use crate::layers::header::{Header, SECTOR};
+use crate::layers::ploop::header::{Header, SECTOR};
 
 pub const EXT_MAGIC: u64 = 0xAB23_4CEF_23DC_EA87;
 pub const DIRTY_BITMAP_MAGIC: u64 = 0x2038_5FAE_252C_B34A;

@@ -6,8 +6,8 @@ use std::os::fd::RawFd;
 
 use crate::error::{Error, Result};
 use crate::io::{AlignedBuf, Io};
-use crate::layers::bat::{BatScan, Scanner};
-use crate::layers::header::{Header, HEADER_SIZE};
+use crate::layers::ploop::bat::{BatScan, Scanner};
+use crate::layers::ploop::header::{Header, HEADER_SIZE};
 
 /// The header as read from the file.
 pub struct HeaderRead {

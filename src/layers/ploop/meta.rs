@@ -10,7 +10,7 @@ use std::task::Poll;
 
 use crate::error::{Error, Result};
 use crate::io::{join_all, AlignedBuf, Io};
-use crate::layers::header::HEADER_SIZE;
+use crate::layers::ploop::header::HEADER_SIZE;
 
 use super::PloopLayer;
 

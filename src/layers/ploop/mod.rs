@@ -16,8 +16,11 @@
 //!   and BAT entries were written before it was acknowledged.
 
 mod alloc;
+pub mod bat;
+pub mod check;
 pub mod compact;
 pub mod ext;
+pub mod header;
 pub mod load;
 mod meta;
 pub mod resize;
@@ -30,8 +33,8 @@ use std::sync::Mutex;
 use crate::error::{Error, Result};
 use crate::io::{open_image_file, wait::SyncGroup, wait::WaitList, Direct, ImageFile, Io};
 
-use super::bat::{self, BatScan};
-use super::header::{Header, Variant, CLOSED, FLAG_EMPTY, HEADER_SIZE, IN_USE, SECTOR};
+use bat::BatScan;
+use header::{Header, Variant, CLOSED, FLAG_EMPTY, HEADER_SIZE, IN_USE, SECTOR};
 use super::IMAGE_MODE;
 
 pub use meta::MetaError;

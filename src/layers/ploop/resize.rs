@@ -21,7 +21,7 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::io::{open_image_file, AlignedBuf, Direct, Io};
-use crate::layers::header::{Header, Variant, HEADER_SIZE, IN_USE, SECTOR};
+use crate::layers::ploop::header::{Header, Variant, HEADER_SIZE, IN_USE, SECTOR};
 
 use super::load;
 
@@ -45,7 +45,7 @@ pub async fn resize<I: Io>(io: &I, path: &Path, new_size: u64, apply: bool) -> R
     crate::layers::lock(&file, true)?;
     // What open (and so compact and convert) refuses, resize refuses too:
     // a table pointing past the file or into itself is not moved around.
-    let seen = crate::check::inspect(io, path, crate::layers::Format::Ploop).await?;
+    let seen = crate::layers::ploop::check::inspect(io, path, crate::layers::Format::Ploop).await?;
     if !seen.bad_entries.is_empty() || !seen.header_errors.is_empty() {
         let mut what: Vec<String> = seen.header_errors.clone();
         what.extend(seen.bad_entries.iter().take(3).map(|b| format!("BAT entry {} {}", b.index, b.problem)));
@@ -61,7 +61,7 @@ pub async fn resize<I: Io>(io: &I, path: &Path, new_size: u64, apply: bool) -> R
         // A dropped change record's clusters, or the table area a shrink
         // freed, are leaked space now: give them back as `check --repair`
         // does (holes inside, truncation at the end).
-        crate::check::check(io, path, crate::layers::Format::Ploop, true).await?;
+        crate::layers::ploop::check::check(io, path, crate::layers::Format::Ploop, true).await?;
     }
     Ok(done)
 }

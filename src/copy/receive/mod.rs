@@ -15,27 +15,38 @@
 //! A receive holds a lock beside its destination, so that a second one into
 //! the same destination is refused; what it made is listed, so that a
 //! signal handler can remove it ([`remove_temporaries`]).
+//!
+//! This file reads the stream into its sink; `temporaries.rs` keeps the
+//! list of what a receive made and the lock on its destination, and
+//! `apply.rs` applies a complete incremental delta.
 
-use std::ffi::{CString, OsString};
+mod apply;
+mod temporaries;
+
+use std::ffi::CString;
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
 use super::wire::{bad, cmd, command_of, Header, Kind, Reader, FLAG_COPY_DEVICE, FLAG_MD5};
-use crate::check::{self, Verdict};
 use crate::disk::Disk;
 use crate::error::{Error, Result};
 use crate::io::{block_on, AlignedBuf, Direct, Io, SyncIo};
-use crate::layers::header::Variant;
+use crate::layers::ploop::check::{self, Verdict};
+use crate::layers::ploop::header::Variant;
 use crate::layers::{Format, PloopLayer, IMAGE_MODE};
 use crate::stack::{LayerSpec, Stack, StackOptions};
+use apply::{apply_delta, check_top_is_ours, publish_delta, target_chain};
+use temporaries::{make_temp, place, registry, remove_temp, temp_beside, DestLock};
+
+pub use apply::finish_interrupted_apply;
+pub use temporaries::{forget_temporary, register_temporary, remove_temporaries};
 
 /// Largest image file a stream of image-file bytes may build (ploop's
 /// largest disk, 2^32 clusters of 1 MiB, plus its table).
@@ -202,182 +213,6 @@ fn is_empty_dir(p: &Path) -> bool {
     std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir()) && std::fs::read_dir(p).is_ok_and(|mut d| d.next().is_none())
 }
 
-// ---------------------------------------------------------------------------
-// Temporaries, and the lock on a destination.
-
-/// A file or directory this process made and has not put in place yet.
-struct Temp {
-    path: PathBuf,
-    dir: bool,
-}
-
-/// What [`remove_temporaries`] removes. Held while a temporary is made and
-/// while one is put in place, so that a signal's cleanup sees each either
-/// before or after.
-static TEMPORARIES: Mutex<Vec<Temp>> = Mutex::new(Vec::new());
-
-fn registry() -> MutexGuard<'static, Vec<Temp>> {
-    TEMPORARIES.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn forget_in(reg: &mut Vec<Temp>, path: &Path) {
-    reg.retain(|t| t.path != path);
-}
-
-/// Remember `path` (a file, or a directory with `dir`) for
-/// [`remove_temporaries`]: the command's own temporaries (a socket).
-pub fn register_temporary(path: &Path, dir: bool) {
-    registry().push(Temp { path: path.to_path_buf(), dir });
-}
-
-pub fn forget_temporary(path: &Path) {
-    forget_in(&mut registry(), path);
-}
-
-/// Remove every temporary that a receive in this process made and has not
-/// put in place or removed yet, and return their names. For the handler
-/// of a terminating signal: the process must exit right after, and no
-/// receive in it gets any further (the list stays locked).
-pub fn remove_temporaries() -> Vec<PathBuf> {
-    let mut reg = registry();
-    let mut gone = Vec::new();
-    for t in reg.drain(..).rev() {
-        let removed = if t.dir { std::fs::remove_dir_all(&t.path) } else { std::fs::remove_file(&t.path) };
-        if removed.is_ok() {
-            gone.push(t.path);
-        }
-    }
-    std::mem::forget(reg);
-    gone
-}
-
-fn random_suffix() -> String {
-    const ALNUM: &[u8; 36] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    let mut b = [0u8; 8];
-    // SAFETY: getrandom fills the buffer we own.
-    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
-    if n != b.len() as isize {
-        // No entropy source: the time and our pid still differ between
-        // runs, and O_EXCL catches the rest.
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
-        b = (t ^ (std::process::id() as u64) << 40).to_le_bytes();
-    }
-    b[..6].iter().map(|x| ALNUM[*x as usize % ALNUM.len()] as char).collect()
-}
-
-/// Make a temporary `BASE.TAG.XXXXXX` beside `base` with `make`, which
-/// must refuse an existing name (O_EXCL, mkdir) with EEXIST; it is listed
-/// for removal on a signal.
-fn make_temp<T>(base: &Path, tag: &str, dir: bool, mut make: impl FnMut(&Path) -> Result<T>) -> Result<(PathBuf, T)> {
-    for _ in 0..32 {
-        let path = temp_beside(base, &format!(".{tag}.{}", random_suffix()));
-        let mut reg = registry();
-        match make(&path) {
-            Ok(made) => {
-                reg.push(Temp { path: path.clone(), dir });
-                return Ok((path, made));
-            }
-            Err(e) if e.errno() == libc::EEXIST => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Err(Error::new(libc::EEXIST, format!("{}: no free name for a temporary beside it", base.display())))
-}
-
-/// Remove a temporary of ours and forget it.
-fn remove_temp(path: &Path, dir: bool) {
-    let mut reg = registry();
-    let _ = if dir { std::fs::remove_dir_all(path) } else { std::fs::remove_file(path) };
-    forget_in(&mut reg, path);
-}
-
-/// An empty file `.NAME.receiving` beside the destination, flocked while a
-/// receive works on it, removed after.
-struct DestLock {
-    path: PathBuf,
-    _file: std::fs::File,
-}
-
-impl DestLock {
-    fn take(dest: &Path) -> Result<DestLock> {
-        let name = dest.file_name().ok_or_else(|| Error::invalid(format!("{}: give the destination a file name", dest.display())))?;
-        let mut lock_name = OsString::from(".");
-        lock_name.push(name);
-        lock_name.push(".receiving");
-        let path = dest.with_file_name(lock_name);
-        for _ in 0..8 {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                .open(&path)
-                .map_err(|e| Error::io(e, format_args!("{} (the receive lock)", path.display())))?;
-            let meta = file.metadata().map_err(|e| Error::io(e, path.display()))?;
-            if !meta.is_file() || meta.len() != 0 {
-                return Err(Error::new(
-                    libc::EEXIST,
-                    format!("{}: exists and is not a receive's lock (an empty file); refusing to use it", path.display()),
-                ));
-            }
-            // SAFETY: plain syscall on our own descriptor.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-                return Err(Error::new(
-                    libc::EBUSY,
-                    format!("{}: another receive into it is running (it holds {}); refusing to run a second", dest.display(), path.display()),
-                ));
-            }
-            // The holder before us removes the file as it lets go: the
-            // lock counts only on the file that is still there.
-            match std::fs::symlink_metadata(&path) {
-                Ok(m) if m.ino() == meta.ino() && m.dev() == meta.dev() => {
-                    register_temporary(&path, false);
-                    return Ok(DestLock { path, _file: file });
-                }
-                _ => continue,
-            }
-        }
-        Err(Error::new(libc::EBUSY, format!("{}: could not take the receive lock {}", dest.display(), path.display())))
-    }
-}
-
-impl Drop for DestLock {
-    fn drop(&mut self) {
-        // Removed while still locked, so that nobody locks a file that is
-        // about to go.
-        remove_temp(&self.path, false);
-    }
-}
-
-/// Rename `from` to `to` unless `to` exists (a file or directory of ours
-/// to its final name); EEXIST if it does.
-fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
-    let cstr = |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL));
-    let (f, t) = (cstr(from)?, cstr(to)?);
-    // SAFETY: two NUL-terminated paths we own.
-    let r = unsafe { libc::renameat2(libc::AT_FDCWD, f.as_ptr(), libc::AT_FDCWD, t.as_ptr(), libc::RENAME_NOREPLACE) };
-    if r == 0 {
-        return Ok(());
-    }
-    let e = std::io::Error::last_os_error();
-    match e.raw_os_error() {
-        // A filesystem without RENAME_NOREPLACE: link refuses an existing
-        // name too (files only).
-        Some(libc::EINVAL) | Some(libc::ENOSYS) if !from.is_dir() => {
-            std::fs::hard_link(from, to)?;
-            std::fs::remove_file(from)
-        }
-        _ => Err(e),
-    }
-}
-
-fn sync_parent(p: &Path) -> Result<()> {
-    let dir = parent_of(p);
-    block_on(SyncIo.sync_dir(dir)).map_err(|e| Error::io(e, dir.display()))
-}
-
 struct Receiving {
     reader: Reader<Box<dyn Read>>,
     answers: Option<Box<dyn Write>>,
@@ -525,17 +360,11 @@ enum Made {
     Delta { delta: PathBuf, target: Vec<LayerSpec> },
 }
 
-fn temp_beside(dest: &Path, suffix: &str) -> PathBuf {
-    let mut name = dest.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(suffix);
-    dest.with_file_name(name)
-}
-
 impl Sink {
     fn device(dest: &Path, as_dir: bool, size: u64, cluster: u64, opts: &ReceiveOptions) -> Result<Sink> {
         // Validates the geometry a hostile stream could get wrong, and
         // bounds what it costs: memory follows the number of clusters.
-        crate::layers::header::Header::new(size, cluster).map_err(|e| bad(format!("the disk described is impossible: {e}")))?;
+        crate::layers::ploop::header::Header::new(size, cluster).map_err(|e| bad(format!("the disk described is impossible: {e}")))?;
         if size / cluster > MAX_RECEIVED_CLUSTERS {
             return Err(Error::unsupported(format!(
                 "the disk described has {} clusters of {cluster} bytes (at most {MAX_RECEIVED_CLUSTERS} are received)",
@@ -639,7 +468,7 @@ impl Sink {
         }
         // A header as it arrives: what it claims is bounded before the
         // rest of the file is taken.
-        if pos == 0 && data.len() >= crate::layers::header::HEADER_SIZE {
+        if pos == 0 && data.len() >= crate::layers::ploop::header::HEADER_SIZE {
             image_file_claims(data, *max)?;
         }
         block_on(SyncIo.write_at(file.as_raw_fd(), data, pos)).map_err(|e| Error::io(e, temp.display()))
@@ -718,7 +547,7 @@ impl Sink {
 /// memory by the check): at most `MAX_RECEIVED_CLUSTERS` clusters, a disk
 /// of at most `max` bytes.
 fn image_file_claims(header: &[u8], max: u64) -> Result<()> {
-    let h = crate::layers::header::Header::parse(header).map_err(|e| bad(format!("the image file's header: {e}")))?;
+    let h = crate::layers::ploop::header::Header::parse(header).map_err(|e| bad(format!("the image file's header: {e}")))?;
     if h.bat_entries as u64 > MAX_RECEIVED_CLUSTERS {
         return Err(Error::unsupported(format!(
             "the image file's table has {} entries (at most {MAX_RECEIVED_CLUSTERS} are received)",
@@ -761,187 +590,3 @@ fn check_clean(image: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Put the finished temporary in place and make that durable: never over
-/// anything (but the empty directory named as the destination), so that a
-/// destination that appeared meanwhile is refused, not replaced.
-fn place(temp: &Path, dest: &Path) -> Result<()> {
-    let mut reg = registry();
-    let placed = if temp.is_dir() && is_empty_dir(dest) {
-        // rename(2) replaces a directory only if it is empty.
-        std::fs::rename(temp, dest)
-    } else {
-        rename_noreplace(temp, dest)
-    };
-    if let Err(e) = placed {
-        return Err(match e.raw_os_error() {
-            Some(libc::EEXIST) | Some(libc::ENOTEMPTY) => Error::new(
-                libc::EEXIST,
-                format!("{}: appeared while the stream was received; refusing to replace it (what was received is discarded)", dest.display()),
-            ),
-            _ => Error::io(e, format_args!("{} -> {}", temp.display(), dest.display())),
-        });
-    }
-    forget_in(&mut reg, temp);
-    drop(reg);
-    sync_parent(dest)
-}
-
-/// A received delta, closed (durable, not in use) and checked, under its
-/// name that says "complete": only a complete delta is ever applied.
-fn publish_delta(delta: &Path, complete: &Path) -> Result<()> {
-    let mut reg = registry();
-    rename_noreplace(delta, complete).map_err(|e| match e.raw_os_error() {
-        Some(libc::EEXIST) => Error::new(libc::EEXIST, format!("{}: another delta is waiting to be applied; refusing to replace it", complete.display())),
-        _ => Error::io(e, format_args!("{} -> {}", delta.display(), complete.display())),
-    })?;
-    forget_in(&mut reg, delta);
-    drop(reg);
-    sync_parent(complete)
-}
-
-/// The layers of the image (or disk) an incremental stream updates. Of a
-/// disk directory, only a top inside it is ever written (and only beside
-/// it are deltas made and removed): never a file the descriptor names
-/// outside, nor one with another hard link.
-fn target_chain(dest: &Path) -> Result<Vec<LayerSpec>> {
-    Ok(if Disk::is_disk(dest) { block_on(Disk::load(dest)?.writable_layers(&SyncIo))? } else { vec![LayerSpec::ploop(dest)] })
-}
-
-/// The top of an opened target, as it is now (not as its name was when
-/// checked): a regular file with no other hard link, or the apply would
-/// change another file too.
-fn check_top_is_ours(stack: &Stack) -> Result<()> {
-    let layers = stack.layers();
-    let top = layers.last().expect("a chain is never empty").file();
-    let m = top.file.metadata().map_err(|e| Error::io(e, top.path.display()))?;
-    if !m.is_file() || m.nlink() != 1 {
-        return Err(Error::new(
-            libc::EPERM,
-            format!(
-                "{}: refusing to apply a delta to it: it is not a regular file with a single name ({} links), so writing it would change another file too",
-                top.path.display(),
-                m.nlink()
-            ),
-        ));
-    }
-    Ok(())
-}
-
-/// Before an incremental receive: a complete delta left by an apply that
-/// was cut short (a crash, a signal) is applied now, whatever stream comes
-/// next (the sender may have cleared its record of those clusters); stale
-/// temporaries of deltas still being received when a receive died are
-/// removed. The number of clusters applied, if there was such a delta.
-pub fn finish_interrupted_apply(dest: &Path, direct: Direct, note: &mut dyn FnMut(&str)) -> Result<Option<u64>> {
-    let target = target_chain(dest)?;
-    let top = target.last().expect("a chain is never empty").path.clone();
-    discard_stale_deltas(&top, note);
-    let complete = temp_beside(&top, ".incoming");
-    match std::fs::symlink_metadata(&complete) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io(e, complete.display())),
-        Ok(m) if !m.is_file() => {
-            return Err(Error::new(libc::EEXIST, format!("{}: exists and is not a received delta; move it away", complete.display())))
-        }
-        Ok(_) => {}
-    }
-    // Marked in use: the stream was still arriving when it was left (as an
-    // older version of this tool received under the final name). Never
-    // complete, never applied.
-    if block_on(crate::layers::marked_in_use(&SyncIo, &complete))? {
-        let f = std::fs::File::open(&complete).map_err(|e| Error::io(e, complete.display()))?;
-        // SAFETY: plain syscall on our own descriptor.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(Error::new(libc::EBUSY, format!("{}: in use by another process; not touched", complete.display())));
-        }
-        std::fs::remove_file(&complete).map_err(|e| Error::io(e, complete.display()))?;
-        sync_parent(&complete)?;
-        note(&format!("removed {}: a delta whose stream never ended (not applied)", complete.display()));
-        return Ok(None);
-    }
-    let n = apply_delta(&complete, &target, direct)?;
-    note(&format!("finished an interrupted apply: {} from an earlier receive applied to {} ({n} clusters)", complete.display(), dest.display()));
-    Ok(Some(n))
-}
-
-/// Remove `TOP.incoming.XXXXXX`, deltas a receive died receiving (the
-/// caller holds the destination's lock: no receive is making one now).
-fn discard_stale_deltas(top: &Path, note: &mut dyn FnMut(&str)) {
-    let Some(name) = top.file_name() else { return };
-    let mut prefix = name.to_os_string();
-    prefix.push(".incoming.");
-    let prefix = prefix.as_bytes();
-    let Ok(entries) = std::fs::read_dir(parent_of(top)) else { return };
-    for e in entries.flatten() {
-        let n = e.file_name();
-        let b = n.as_bytes();
-        let ours = b.len() == prefix.len() + 6 && b.starts_with(prefix) && b[prefix.len()..].iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
-        if !ours || !e.file_type().is_ok_and(|t| t.is_file()) {
-            continue;
-        }
-        // A receive still writing it (into this image under another name)
-        // holds its lock.
-        let Ok(f) = std::fs::File::open(e.path()) else { continue };
-        // SAFETY: plain syscall on our own descriptor.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            continue;
-        }
-        if std::fs::remove_file(e.path()).is_ok() {
-            note(&format!("removed {}: a delta whose stream never ended (not applied)", e.path().display()));
-        }
-    }
-}
-
-/// Copy the clusters of a complete delta into the target's top, make that
-/// durable, and only then remove the delta. The target is marked in use
-/// meanwhile (an interruption shows). Applying a delta again is harmless:
-/// each cluster is written whole, with the same bytes.
-fn apply_delta(delta: &Path, target: &[LayerSpec], direct: Direct) -> Result<u64> {
-    let io = &SyncIo;
-    check_clean(delta)?;
-    let (src, _) = block_on(Stack::open_layers(io, &[LayerSpec::ploop(delta)], &StackOptions { read_only: true, direct }))?;
-    let (dst, _) = block_on(Stack::open_layers(io, target, &StackOptions { read_only: false, direct }))?;
-    if let Err(e) = check_top_is_ours(&dst) {
-        let _ = block_on(dst.close(io));
-        return Err(e);
-    }
-    if src.size() != dst.size() || src.cluster_size() != dst.cluster_size() {
-        let _ = block_on(dst.close(io));
-        return Err(Error::invalid(format!(
-            "{}: the delta's disk ({} bytes, clusters of {}) is not the image's ({} bytes, clusters of {}); not applied",
-            delta.display(),
-            src.size(),
-            src.cluster_size(),
-            dst.size(),
-            dst.cluster_size()
-        )));
-    }
-    // Tests stop the apply here, as a crash would.
-    let crash_after: Option<u64> = std::env::var("UBLK_PLOOP_TEST_CRASH_APPLY_AFTER").ok().and_then(|v| v.parse().ok());
-    let cluster = src.cluster_size();
-    let mut buf = AlignedBuf::zeroed(cluster as usize);
-    let mut applied = 0;
-    let copied = (|| {
-        for c in block_on(src.allocated()).iter_ones() {
-            if crash_after == Some(applied) {
-                // SAFETY: the process kills itself, as a crash would.
-                unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
-            }
-            let at = c as u64 * cluster;
-            let len = (src.size() - at).min(cluster) as usize;
-            block_on(src.read(io, at, &mut buf[..len]))?;
-            block_on(dst.write(io, at, &buf[..len]))?;
-            applied += 1;
-        }
-        block_on(dst.flush(io))
-    })();
-    let closed = block_on(dst.close(io));
-    drop(dst);
-    copied?;
-    closed?;
-    drop(src);
-    check_clean(&target.last().expect("never empty").path)?;
-    std::fs::remove_file(delta).map_err(|e| Error::io(e, delta.display()))?;
-    sync_parent(delta)?;
-    Ok(applied)
-}

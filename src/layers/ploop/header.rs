@@ -110,7 +110,7 @@ impl Header {
         let variant = match &buf[..16] {
             m if m == MAGIC_V2 => Variant::V2,
             m if m == MAGIC_V1 => Variant::V1,
-            _ => return Err(Error::corrupt("not a ploop image (no WithouFreSpacExt/WithoutFreeSpace signature)")),
+            _ => return Err(Error::not_ploop("not a ploop image (no WithouFreSpacExt/WithoutFreeSpace signature)")),
         };
         let version = le32(buf, 16);
         if version != VERSION {
@@ -235,7 +235,9 @@ mod tests {
         let good = Header::new(64 << 20, DEFAULT_CLUSTER).unwrap().to_bytes();
         let mut b = good;
         b[0] = b'X';
-        assert!(Header::parse(&b).unwrap_err().message().contains("not a ploop image"));
+        let e = Header::parse(&b).unwrap_err();
+        assert_eq!(e.kind(), crate::error::ErrorKind::NotPloop);
+        assert!(e.message().contains("not a ploop image"));
         let mut b = good;
         b[28..32].copy_from_slice(&3000u32.to_le_bytes());
         assert!(Header::parse(&b).unwrap_err().message().contains("power of two"));

@@ -12,11 +12,11 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::error::{Error, Result};
-use crate::layers::bat::{self, BadEntry, EntryProblem};
+use crate::error::{Error, ErrorKind, Result};
 use crate::io::{is_hole, Io};
-use crate::layers::header::{Header, Variant, CLOSED, HEADER_SIZE, IN_USE};
+use crate::layers::ploop::bat::{self, BadEntry, EntryProblem};
 use crate::layers::ploop::ext::{self, Extension};
+use crate::layers::ploop::header::{Header, Variant, CLOSED, HEADER_SIZE, IN_USE};
 use crate::layers::ploop::load;
 use crate::layers::{not_ploop, Format};
 
@@ -147,7 +147,7 @@ async fn check_with<I: Io>(io: &I, path: &Path, format: Format, repair: bool, ta
         Ok(read) => read.header,
         Err(e) if e.errno() == libc::EUCLEAN || e.errno() == libc::EOPNOTSUPP => {
             // Nothing below can be trusted without a header.
-            let e = if e.message().contains("not a ploop image") { not_ploop(io, path, e).await } else { e };
+            let e = if e.kind() == ErrorKind::NotPloop { not_ploop(io, path, e).await } else { e };
             report.header_errors.push(e.message().to_string());
             // Without a header nothing says where the disk's clusters are.
             report.disk_size = 0;

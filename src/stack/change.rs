@@ -1,0 +1,394 @@
+//! The changes of a [`Stack`]'s layer list: a snapshot pushes a new top,
+//! a merge folds the top's parent into it, a switch replaces the list, and
+//! compact and grow work on the top while it is closed. Each holds the
+//! requests (the exclusive gate) only while the list itself changes.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::io::{for_each_in_flight, Io};
+use crate::layers::ploop::header::Variant;
+use crate::layers::{Format, Layer, PloopLayer};
+
+use super::request::Fill;
+use super::{owner_map, Shape, Stack, MAX_DEPTH};
+
+impl Stack {
+    /// Snapshot, online: create `path` as a new empty ploop image and make
+    /// it the top; the old top becomes a read-only lower layer, made
+    /// durable and marked clean. Requests are held only while the layer
+    /// list is swapped (after the ones in flight drained); returns how long
+    /// that was.
+    ///
+    /// If closing the old top fails after the swap, the new top stays (it
+    /// may hold writes already) and the error says so; the old top keeps
+    /// its in-use mark, so the next open checks it.
+    pub async fn push_layer<I: Io>(&self, io: &I, path: &Path) -> Result<Duration> {
+        let new_top = self.prepare_top(io, path).await?;
+        self.install_top(io, new_top).await
+    }
+
+    /// The first half of a snapshot: create `path` as an empty image the
+    /// size of this disk, open it as a writable top and grow it ahead (so its
+    /// first copy-ups do not wait for that), without touching the stack. If
+    /// the caller gives up, `discard_top` removes it again.
+    pub async fn prepare_top<I: Io>(&self, io: &I, path: &Path) -> Result<Arc<Layer>> {
+        self.prepare_top_variant(io, path, None).await
+    }
+
+    /// The same, of the given ploop version (None: the top's), for a new
+    /// top over another chain than the one served (a switch).
+    pub async fn prepare_top_variant<I: Io>(&self, io: &I, path: &Path, variant: Option<Variant>) -> Result<Arc<Layer>> {
+        self.check_writable()?;
+        let variant = {
+            let shape = self.shape.enter().await;
+            shape.check_open()?;
+            if shape.layers.len() >= MAX_DEPTH {
+                return Err(Error::invalid(format!("stack already has the maximum of {MAX_DEPTH} layers")));
+            }
+            // A delta takes its chain's version, as ploop's do (its merge
+            // refuses a v2 delta over a v1 one).
+            variant.or(shape.top().variant()).unwrap_or(Variant::V2)
+        };
+        PloopLayer::create_variant(io, path, self.size(), self.cluster, variant).await?;
+        let layer = match Layer::open(io, path, Format::Ploop, true, self.direct).await {
+            Ok((layer, _)) => Arc::new(layer),
+            Err(e) => {
+                let _ = std::fs::remove_file(path);
+                return Err(e);
+            }
+        };
+        // Space for the first copy-ups, before requests need it.
+        if let Err(e) = layer.grow_ahead(io).await {
+            discard_top(io, layer).await;
+            return Err(e);
+        }
+        Ok(layer)
+    }
+
+    /// The second half: swap `new_top` in as the top (holding requests only
+    /// for the swap), then close the old top. Returns the stall.
+    pub async fn install_top<I: Io>(&self, io: &I, new_top: Arc<Layer>) -> Result<Duration> {
+        let start = Instant::now();
+        let swapped = {
+            let mut shape = self.shape.exclusive().await;
+            if shape.closed || shape.layers.len() >= MAX_DEPTH {
+                Err(Error::new(libc::EBUSY, "the stack was closed or filled up meanwhile"))
+            } else {
+                let old = shape.top().clone();
+                self.retiring.lock().unwrap().push(old.clone());
+                shape.layers.push(new_top.clone());
+                Ok(old)
+            }
+        };
+        let stall = start.elapsed();
+        let old = match swapped {
+            Ok(old) => old,
+            Err(e) => {
+                discard_top(io, new_top).await;
+                return Err(e);
+            }
+        };
+        self.retire(io, &old).await.map_err(|e| {
+            e.context(format_args!("snapshot taken, but closing the frozen layer {} failed", old.file().path.display()))
+        })?;
+        Ok(stall)
+    }
+
+    /// Close a former top (durable, marked clean, shared lock); until this
+    /// succeeded, flushes sync it too.
+    async fn retire<I: Io>(&self, io: &I, old: &Arc<Layer>) -> Result<()> {
+        old.close(io).await?;
+        old.demote()?;
+        self.retiring.lock().unwrap().retain(|l| !Arc::ptr_eq(l, old));
+        Ok(())
+    }
+
+    /// Merge the top's parent into the top, online: every cluster whose
+    /// topmost holder is the parent is copied up into the top, exactly as a
+    /// first write would copy it (claimed, copied, synced, linked), `batch`
+    /// at a time; requests go on meanwhile. Then the top is flushed, so the
+    /// parent may be dropped from the descriptor and then from the stack
+    /// (`remove_layer`) once this returns Ok, and only then. `progress` gets
+    /// (clusters done, clusters to do). Returns the clusters copied.
+    /// The top must not change meanwhile (the caller runs one stack change
+    /// at a time); if it does, the merge stops with an error.
+    ///
+    /// A cluster a request linked in the top meanwhile is not copied; but
+    /// that request's BAT write may still fail, and then the entry is rolled
+    /// back and the cluster is the parent's again. So the merge ends with a
+    /// check while requests are held (none in flight, so no BAT write
+    /// either): whatever is dirty is written, and a cluster the parent
+    /// still holds for the top is copied in another pass. Only when none is
+    /// left, with every entry written (and written entries are never rolled
+    /// back), is the top synced and the merge done.
+    pub async fn merge_parent_into_top<I: Io>(&self, io: &I, batch: usize, progress: &dyn Fn(u64, u64)) -> Result<u64> {
+        /// Passes after the first before the merge gives up: each one is
+        /// needed only after a failed BAT write of a concurrent request.
+        const PASSES: usize = 8;
+        self.check_writable()?;
+        let (top, parent, mut todo): (Arc<Layer>, u8, Vec<u64>) = {
+            let shape = self.shape.enter().await;
+            shape.check_open()?;
+            if shape.layers.len() < 2 {
+                return Err(Error::invalid("the top has no parent to merge"));
+            }
+            let parent = shape.top_index() - 1;
+            (shape.top().clone(), parent, self.left_in_parent(&shape, parent))
+        };
+        let total = todo.len() as u64;
+        progress(0, total);
+        // `batch` workers, each taking the next cluster as soon as its last
+        // one is done, so that copies stay in flight without pauses; each
+        // copy enters the gate on its own, so stack changes and requests
+        // interleave with the merge.
+        let top = &top;
+        let changed = || Error::new(libc::EBUSY, "the stack changed during the merge");
+        let copy_one = |&c: &u64| async move {
+            let shape = self.shape.enter().await;
+            shape.check_open()?;
+            if !Arc::ptr_eq(shape.top(), top) || shape.top_index() != parent + 1 {
+                return Err(changed());
+            }
+            // A write may have copied it up meanwhile: then nothing to do
+            // (the check at the end catches its link failing).
+            if shape.top().lookup(c, self.cluster).is_none() && shape.holder_below(c, self.cluster) == Some(parent as usize) {
+                let window = shape.top().window_start();
+                self.allocate(io, &shape, c, Fill::CopyUp).await?;
+                self.finish(io, &shape, window, c..c + 1).await?;
+            }
+            Ok(())
+        };
+        let mut copied = 0;
+        for pass in 0..=PASSES {
+            if pass == 0 {
+                for_each_in_flight(batch, &todo, copy_one, |done| progress(done, total)).await?;
+            } else {
+                tracing::warn!(clusters = todo.len(), "merge: clusters fell back to the parent after a failed BAT write; copying them again");
+                for_each_in_flight(batch, &todo, copy_one, |_| {}).await?;
+            }
+            copied += todo.len() as u64;
+            todo = {
+                let shape = self.shape.exclusive().await;
+                shape.check_open()?;
+                if !Arc::ptr_eq(shape.top(), top) || shape.top_index() != parent + 1 {
+                    return Err(changed());
+                }
+                top.write_dirty_meta(io).await.map_err(|e| self.rolled_back(&shape, e))?;
+                self.left_in_parent(&shape, parent)
+            };
+            if todo.is_empty() {
+                top.sync(io).await?;
+                return Ok(copied);
+            }
+        }
+        Err(Error::new(
+            libc::EIO,
+            format!("{} clusters of the parent kept falling back to it (failing BAT writes?); the parent is kept", todo.len()),
+        ))
+    }
+
+    /// Clusters the top does not hold whose topmost holder below it is
+    /// `parent` (the owner map may name the top for an instant after a
+    /// failed BAT write undid its entry: then the layers are asked).
+    fn left_in_parent(&self, shape: &Shape, parent: u8) -> Vec<u64> {
+        let top = shape.top();
+        (0..shape.owner.len() as u64)
+            .filter(|&c| match shape.owner_of(c) {
+                Some(i) if i == parent as usize => top.lookup(c, self.cluster).is_none(),
+                Some(i) if i as u8 == shape.top_index() => {
+                    top.lookup(c, self.cluster).is_none() && shape.holder_below_top(c, self.cluster) == Some(parent as usize)
+                }
+                _ => false,
+            })
+            .collect()
+    }
+
+    /// Drop a layer below the top from the stack (after a merge made it
+    /// redundant). Requests are held while the list changes; the owner map
+    /// is rebuilt. Returns the layer (its file may be removed once this
+    /// returns: no request uses it any more).
+    pub async fn remove_layer(&self, index: usize) -> Result<Arc<Layer>> {
+        let mut shape = self.shape.exclusive().await;
+        shape.check_open()?;
+        if index + 1 >= shape.layers.len() {
+            return Err(Error::invalid(format!("layer {index} is the top or does not exist; only lower layers can be dropped")));
+        }
+        let removed = shape.layers.remove(index);
+        shape.owner = owner_map(&shape.layers, self.size(), self.cluster);
+        Ok(removed)
+    }
+
+    /// Replace the whole layer list (a switch to another snapshot): the
+    /// new list's top must be a writable, open image. Requests are held
+    /// while the list changes. Returns the old list; the caller closes the
+    /// old top (it keeps its in-use mark until then).
+    pub async fn replace_layers(&self, layers: Vec<Arc<Layer>>) -> Result<Vec<Arc<Layer>>> {
+        self.check_writable()?;
+        let top = layers.last().ok_or_else(|| Error::invalid("a stack needs at least one layer"))?;
+        if !top.file().writable || layers.len() > MAX_DEPTH {
+            return Err(Error::invalid("the new top must be writable, and the stack at most 255 layers deep"));
+        }
+        // Lower layers may be smaller than the disk (it grew after they were
+        // frozen: only the top grows online); they show zeros past their end.
+        if top.size() != self.size() || layers.iter().any(|l| l.cluster_size().is_some_and(|c| c != self.cluster)) {
+            return Err(Error::invalid("the new top must have the disk's size, and every layer its cluster size"));
+        }
+        let mut shape = self.shape.exclusive().await;
+        shape.check_open()?;
+        let owner = owner_map(&layers, self.size(), self.cluster);
+        let old = std::mem::replace(&mut shape.layers, layers);
+        shape.owner = owner;
+        // The disk now shows other content, anywhere.
+        for t in &shape.trackers {
+            t.mark_all();
+        }
+        Ok(old)
+    }
+
+    /// Swap a lower layer for another opening of it and drop the layer
+    /// above it (a merge of a lower delta into its parent: `merged` is the
+    /// parent with the child's clusters copied in). Returns the old parent
+    /// and the child.
+    pub async fn replace_pair(&self, parent: usize, merged: Arc<Layer>) -> Result<(Arc<Layer>, Arc<Layer>)> {
+        let mut shape = self.shape.exclusive().await;
+        shape.check_open()?;
+        if parent + 2 >= shape.layers.len() {
+            return Err(Error::invalid(format!("layers {parent} and {} are not both below the top", parent + 1)));
+        }
+        let child = shape.layers.remove(parent + 1);
+        let old = std::mem::replace(&mut shape.layers[parent], merged);
+        shape.owner = owner_map(&shape.layers, self.size(), self.cluster);
+        Ok((old, child))
+    }
+
+    /// Give the top image's free space back to the host filesystem, online:
+    /// in steps of at most `budget` moved clusters, each with requests held
+    /// while the top is closed, compacted (`layers::ploop::compact`) and
+    /// opened again. `progress` gets (clusters moved, clusters to move).
+    pub async fn compact<I: Io>(&self, io: &I, budget: u64, progress: &dyn Fn(u64, u64)) -> Result<crate::layers::ploop::compact::Compacted> {
+        self.compact_with(io, budget, false, progress).await
+    }
+
+    /// The same; with `unknown_below`, the top is taken to lie over layers
+    /// this stack does not have (an image file opened on its own that may
+    /// be a delta): a discarded cluster must keep reading as zeros from the
+    /// top, so none is unlinked (clusters still move, the file is still cut).
+    pub async fn compact_with<I: Io>(
+        &self,
+        io: &I,
+        budget: u64,
+        unknown_below: bool,
+        progress: &dyn Fn(u64, u64),
+    ) -> Result<crate::layers::ploop::compact::Compacted> {
+        use crate::layers::ploop::compact::{compact_step, Compacted};
+        self.check_writable()?;
+        let mut total = Compacted::default();
+        let mut first = true;
+        loop {
+            let step = self
+                .with_top_closed(io, false, |io, path, lower: Vec<Arc<Layer>>| async move {
+                    let file = crate::io::open_image_file(&path, true, self.direct)?;
+                    crate::layers::lock(&file, true)?;
+                    let lower_has = |c: u64| unknown_below || lower.iter().any(|l| l.lookup(c, self.cluster).is_some());
+                    compact_step(io, &file, &lower_has, budget).await
+                })
+                .await?;
+            if first {
+                total.file_size_before = step.file_size_before;
+                first = false;
+            }
+            total.unlinked += step.unlinked;
+            total.moved += step.moved;
+            progress(total.moved, total.moved + step.remaining);
+            if step.done {
+                total.file_size_after = step.file_size_after;
+                total.done = true;
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Run `work` on the top image's file while it is closed, with requests
+    /// held; then open it again (also when `work` failed) and rebuild the
+    /// owner map. `work` gets the path and the layers below the top.
+    async fn with_top_closed<'a, I, T, F, Fut>(&'a self, io: &'a I, no_trackers: bool, work: F) -> Result<T>
+    where
+        I: Io,
+        F: FnOnce(&'a I, PathBuf, Vec<Arc<Layer>>) -> Fut,
+        Fut: std::future::Future<Output = Result<T>> + 'a,
+    {
+        let mut shape = self.shape.exclusive().await;
+        shape.check_open()?;
+        if no_trackers && !shape.trackers.is_empty() {
+            return Err(Error::new(libc::EBUSY, "a write tracker (or a copy) is running: stop it first"));
+        }
+        if !self.retiring.lock().unwrap().is_empty() || shape.top().format() != Format::Ploop {
+            return Err(Error::new(libc::EBUSY, "the top is not a ploop image, or a snapshot is still being closed; try again"));
+        }
+        let top = shape.layers.pop().expect("a stack is never empty");
+        let path = top.file().path.clone();
+        if let Err(e) = top.close(io).await {
+            shape.layers.push(top);
+            return Err(e.context("closing the top"));
+        }
+        if Arc::strong_count(&top) != 1 {
+            let _ = top.reopen_in_use(io).await;
+            shape.layers.push(top);
+            return Err(Error::new(libc::EBUSY, "the top is in use elsewhere in the daemon; try again"));
+        }
+        drop(top);
+        let result = work(io, path.clone(), shape.layers.clone()).await;
+        match Layer::open(io, &path, Format::Ploop, true, self.direct).await {
+            Ok((layer, _)) => {
+                shape.layers.push(Arc::new(layer));
+                shape.owner = owner_map(&shape.layers, self.size(), self.cluster);
+                result
+            }
+            Err(e) => {
+                shape.closed = true;
+                Err(e.context(format_args!("{}: reopening the top", path.display())))
+            }
+        }
+    }
+
+    /// Grow the disk online, as ploop does: only the top image grows (the
+    /// lower layers keep their size and show zeros past it). Requests are
+    /// held meanwhile: the top is closed cleanly, resized as a closed image
+    /// (`layers::ploop::resize`), opened again and swapped in with the new
+    /// size. The caller tells the kernel afterwards. If the resize fails,
+    /// the top is opened again at its old size.
+    pub async fn grow_top<I: Io>(&self, io: &I, new_size: u64) -> Result<crate::layers::ploop::resize::Resized> {
+        use crate::layers::ploop::resize::{resize, Resized};
+        self.check_writable()?;
+        let old_size = self.size();
+        if new_size < old_size {
+            return Err(Error::invalid(format!(
+                "a served disk is never shrunk ({old_size} bytes now, {new_size} asked); ploop does not shrink devices either"
+            )));
+        }
+        if new_size % self.block as u64 != 0 {
+            return Err(Error::invalid(format!("{new_size} is not a multiple of the disk's block of {} bytes", self.block)));
+        }
+        if new_size == old_size {
+            return Ok(Resized { old_size, new_size, ..Default::default() });
+        }
+        self.with_top_closed(io, true, |io, path, _| async move {
+            let done = resize(io, &path, new_size, true).await?;
+            self.size.store(new_size, Ordering::Release);
+            Ok(done)
+        })
+        .await
+    }
+}
+
+/// Close and remove a prepared top that never served.
+pub async fn discard_top<I: Io>(io: &I, layer: Arc<Layer>) {
+    let path = layer.file().path.clone();
+    let _ = layer.close(io).await;
+    drop(layer);
+    let _ = std::fs::remove_file(path);
+}

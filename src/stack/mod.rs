@@ -1,0 +1,430 @@
+//! A stack of layers served as one disk: reads resolve each cluster to the
+//! topmost layer that holds it, writes go to the top (copy-on-write from
+//! below on first touch).
+//!
+//! Every operation is an `async fn` over an [`Io`]: on a ublk queue's ring
+//! a request that waits (for a copy-up, the file growing, a metadata
+//! write) yields to the other requests of its queue instead of blocking
+//! them. Requests wait for one another only where they must:
+//! - a cluster being allocated (copied up) in the top is claimed; requests
+//!   that need that cluster wait for the claim, others go on (`busy`);
+//! - the layer list is behind a [`Gate`]: requests enter it, and a stack
+//!   change (a snapshot pushing a new top) closes it, waits for the
+//!   requests inside to leave, swaps the list and reopens it.
+//!
+//! Lookup cost does not depend on depth: `owner` keeps, per cluster, the
+//! index of the topmost layer that holds it, updated on every allocation.
+//!
+//! One type, its impl blocks by operation: this file holds the type and its
+//! state (open, trackers, freeze, close), `request.rs` the per-request path
+//! (read, write, zeroes, discard, flush, and the cluster claims they take),
+//! `change.rs` the changes of the layer list (snapshot, merge, replace,
+//! compact, grow).
+
+mod change;
+mod request;
+
+use bitvec::vec::BitVec;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Error, Result};
+use crate::io::wait::{Exclusive, Gate, WaitList};
+use crate::io::{block_on, BufPool, Direct, Io};
+use crate::layers::ploop::ext::DirtyBitmap;
+use crate::layers::ploop::header::DEFAULT_CLUSTER;
+use crate::layers::{Format, Layer, OpenReport};
+use crate::tracker::Tracker;
+
+pub use change::discard_top;
+use request::{read_segs, Dst};
+
+/// Deepest stack we serve: layer indexes must fit the u8 owner map, with
+/// one value left to mean "no layer".
+pub const MAX_DEPTH: usize = 255;
+const NOBODY: u8 = u8::MAX;
+/// Copy-up buffers kept for reuse.
+const KEEP_BUFS: usize = 8;
+
+/// A layer to open: its file and its declared format.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LayerSpec {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub format: Format,
+}
+
+impl LayerSpec {
+    pub fn ploop(path: impl Into<PathBuf>) -> LayerSpec {
+        LayerSpec { path: path.into(), format: Format::Ploop }
+    }
+    pub fn raw(path: impl Into<PathBuf>) -> LayerSpec {
+        LayerSpec { path: path.into(), format: Format::Raw }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct StackOptions {
+    /// Open every layer read-only (the top too).
+    pub read_only: bool,
+    pub direct: Direct,
+}
+
+/// What requests share and a stack change swaps.
+struct Shape {
+    layers: Vec<Arc<Layer>>,
+    owner: Box<[AtomicU8]>,
+    /// Closed cleanly: no more writes.
+    closed: bool,
+    /// Write trackers attached (live copy, changed-block tracking).
+    trackers: Vec<Arc<Tracker>>,
+}
+
+impl Shape {
+    fn top(&self) -> &Arc<Layer> {
+        self.layers.last().expect("stack is never empty")
+    }
+    fn top_index(&self) -> u8 {
+        (self.layers.len() - 1) as u8
+    }
+    fn owner_of(&self, c: u64) -> Option<usize> {
+        match self.owner.get(c as usize)?.load(Ordering::Acquire) {
+            NOBODY => None,
+            i => Some(i as usize),
+        }
+    }
+    /// The topmost layer under the top that holds cluster `c`: the owner
+    /// map answers in O(1), unless it names the top (then look below).
+    fn holder_below(&self, c: u64, cluster: u64) -> Option<usize> {
+        match self.owner_of(c) {
+            Some(i) if i as u8 != self.top_index() => Some(i),
+            Some(_) => self.holder_below_top(c, cluster),
+            None => None,
+        }
+    }
+    /// The same by scanning the layers (for when the owner map is stale).
+    fn holder_below_top(&self, c: u64, cluster: u64) -> Option<usize> {
+        let top = self.layers.len() - 1;
+        (0..top).rev().find(|&i| self.layers[i].lookup(c, cluster).is_some())
+    }
+    fn check_open(&self) -> Result<()> {
+        if self.closed {
+            return Err(Error::new(libc::ESHUTDOWN, "the stack was closed"));
+        }
+        Ok(())
+    }
+}
+
+pub struct Stack {
+    shape: Gate<Shape>,
+    cluster: u64,
+    /// Changes only under the exclusive gate (`grow_top`).
+    size: AtomicU64,
+    block: u32,
+    read_only: bool,
+    direct: Direct,
+    /// Clusters of the top being allocated, with the requests waiting for
+    /// each (see `allocate`).
+    busy: Mutex<HashMap<u64, WaitList>>,
+    bufs: BufPool,
+    /// Former tops whose writes are not yet known durable: a flush syncs
+    /// them too until their snapshot has closed them.
+    retiring: Mutex<Vec<Arc<Layer>>>,
+    /// Clusters copied up from a lower layer into the top, in all.
+    copy_ups: AtomicU64,
+    /// Changed-block tracking to keep across a clean close (in the top
+    /// image's format extension), with its id.
+    keep: Mutex<Option<(Arc<Tracker>, [u8; 16])>>,
+}
+
+impl Stack {
+    /// Open ploop images bottom first; the last one is the top.
+    pub async fn open<I: Io>(io: &I, paths: &[PathBuf], opts: &StackOptions) -> Result<(Stack, Vec<OpenReport>)> {
+        let specs: Vec<LayerSpec> = paths.iter().map(LayerSpec::ploop).collect();
+        Self::open_layers(io, &specs, opts).await
+    }
+
+    /// Open layers of declared formats, bottom first; the last is the top.
+    pub async fn open_layers<I: Io>(io: &I, specs: &[LayerSpec], opts: &StackOptions) -> Result<(Stack, Vec<OpenReport>)> {
+        let paths: Vec<PathBuf> = specs.iter().map(|s| s.path.clone()).collect();
+        if paths.is_empty() {
+            return Err(Error::invalid("a stack needs at least one image"));
+        }
+        if paths.len() > MAX_DEPTH {
+            return Err(Error::invalid(format!("stack of {} layers exceeds the limit of {MAX_DEPTH}", paths.len())));
+        }
+        reject_repeated_files(&paths)?;
+        let lowers = &paths[..paths.len() - 1];
+        let mut repaired = vec![false; paths.len()];
+        if !opts.read_only {
+            // A lower layer still marked in use was being closed by a
+            // snapshot when the process died: open it read-write once (its
+            // BAT is checked and its grown-ahead tail trimmed, as on any
+            // unclean open) and close it, so it is clean before it serves
+            // as a read-only layer.
+            for (i, spec) in specs[..lowers.len()].iter().enumerate() {
+                let path = &spec.path;
+                if spec.format == Format::Ploop && crate::layers::marked_in_use(io, path).await? {
+                    let (layer, _) = Layer::open(io, path, Format::Ploop, true, opts.direct).await?;
+                    layer.close(io).await?;
+                    tracing::warn!(image = %path.display(), "lower layer was left in use by a snapshot that did not finish; checked and closed");
+                    repaired[i] = true;
+                }
+            }
+        }
+        let mut layers = Vec::with_capacity(paths.len());
+        let mut reports = Vec::with_capacity(paths.len());
+        for (i, spec) in specs.iter().enumerate() {
+            let writable = !opts.read_only && i + 1 == paths.len();
+            let (layer, mut report) = Layer::open(io, &spec.path, spec.format, writable, opts.direct).await?;
+            report.was_in_use |= repaired[i];
+            layers.push(Arc::new(layer));
+            reports.push(report);
+        }
+        match Stack::from_layers(layers, opts) {
+            Ok(stack) => Ok((stack, reports)),
+            Err((e, layers)) => {
+                // The top was marked in use when it opened: leave it clean.
+                if let Some(top) = layers.last() {
+                    let _ = top.close(io).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn from_layers(layers: Vec<Arc<Layer>>, opts: &StackOptions) -> std::result::Result<Stack, (Error, Vec<Arc<Layer>>)> {
+        let mut cluster = None;
+        for layer in &layers {
+            if let Some(c) = layer.cluster_size() {
+                if *cluster.get_or_insert(c) != c {
+                    let e = Error::invalid(format!(
+                        "{}: cluster size {c} differs from the other layers' {}",
+                        layer.file().path.display(),
+                        cluster.unwrap()
+                    ));
+                    return Err((e, layers));
+                }
+            }
+        }
+        let cluster = cluster.unwrap_or(DEFAULT_CLUSTER);
+        let top = layers.last().expect("checked non-empty");
+        let size = top.size();
+        let owner = owner_map(&layers, size, cluster);
+        let block = layers.iter().map(|l| l.file().block_size).max().unwrap_or(512);
+        if size % block as u64 != 0 {
+            let e = Error::invalid(format!(
+                "disk size {size} is not a multiple of the O_DIRECT block size {block} of the image filesystem (try --direct=off)"
+            ));
+            return Err((e, layers));
+        }
+        let read_only = opts.read_only || !top.file().writable;
+        let shape = Shape { layers, owner, closed: false, trackers: Vec::new() };
+        Ok(Stack {
+            shape: Gate::new(shape),
+            cluster,
+            size: AtomicU64::new(size),
+            block,
+            read_only,
+            direct: opts.direct,
+            busy: Mutex::new(HashMap::new()),
+            bufs: BufPool::new(cluster as usize, KEEP_BUFS),
+            retiring: Mutex::new(Vec::new()),
+            copy_ups: AtomicU64::new(0),
+            keep: Mutex::new(None),
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+    pub fn cluster_size(&self) -> u64 {
+        self.cluster
+    }
+    /// Offsets and lengths of requests must be multiples of this.
+    pub fn block_size(&self) -> u32 {
+        self.block
+    }
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// The layers now, bottom first. Waits while the stack changes: call
+    /// it from a thread of its own (the control socket, a test), never from
+    /// a task on a queue's ring.
+    pub fn layers(&self) -> Vec<Arc<Layer>> {
+        block_on(self.shape.enter()).layers.clone()
+    }
+    pub fn depth(&self) -> usize {
+        block_on(self.shape.enter()).layers.len()
+    }
+    /// Paths of the layers, bottom first.
+    pub fn paths(&self) -> Vec<PathBuf> {
+        self.layers().iter().map(|l| l.file().path.clone()).collect()
+    }
+    /// Index of the topmost layer holding cluster `c`, if any.
+    pub async fn owner_of(&self, c: u64) -> Option<usize> {
+        let shape = self.shape.enter().await;
+        shape.owner_of(c).filter(|&i| shape.layers[i].lookup(c, self.cluster).is_some()).or_else(|| {
+            shape.holder_below_top(c, self.cluster)
+        })
+    }
+    /// Requests inside the stack now.
+    pub fn in_flight(&self) -> usize {
+        self.shape.inside()
+    }
+    /// Clusters copied up into the top so far (each costs a cluster read,
+    /// write and sync).
+    pub fn copy_ups(&self) -> u64 {
+        self.copy_ups.load(Ordering::Relaxed)
+    }
+
+    /// Attach a write tracker: every change that completes from now on is
+    /// marked in it. Waits for the requests in flight (their changes are
+    /// not marked: they completed before the tracker started).
+    pub async fn add_tracker(&self, tracker: Arc<Tracker>) -> Result<()> {
+        if tracker.disk_size() != self.size() {
+            return Err(Error::invalid(format!("tracker for {} bytes on a disk of {}", tracker.disk_size(), self.size())));
+        }
+        self.shape.exclusive().await.trackers.push(tracker);
+        Ok(())
+    }
+
+    /// Detach a tracker; returns whether it was attached.
+    pub async fn remove_tracker(&self, tracker: &Arc<Tracker>) -> bool {
+        let mut shape = self.shape.exclusive().await;
+        let before = shape.trackers.len();
+        shape.trackers.retain(|t| !Arc::ptr_eq(t, tracker));
+        shape.trackers.len() != before
+    }
+
+    /// Keep this tracker's marks across a clean close, as a dirty bitmap in
+    /// the top image (None: close without one).
+    pub fn keep_on_close(&self, cbt: Option<(Arc<Tracker>, [u8; 16])>) {
+        *self.keep.lock().unwrap() = cbt;
+    }
+
+    /// The dirty bitmaps the top image held when it was opened read-write
+    /// (left there by a clean close); taken once.
+    pub async fn take_saved_bitmaps(&self) -> Vec<DirtyBitmap> {
+        self.shape.enter().await.top().take_saved_bitmaps()
+    }
+
+    /// Clusters some layer holds (all others read as zeros).
+    pub async fn allocated(&self) -> BitVec {
+        let shape = self.shape.enter().await;
+        (0..shape.owner.len() as u64).map(|c| shape.owner_of(c).is_some()).collect()
+    }
+
+    /// Hold new requests once those in flight have finished, until the
+    /// returned guard is dropped: the disk's content stands still, and
+    /// reads and a flush through the guard see it (the last pass of a
+    /// live copy).
+    pub async fn freeze(&self) -> Frozen<'_> {
+        Frozen { stack: self, shape: self.shape.exclusive().await }
+    }
+
+    fn check_range(&self, offset: u64, len: usize) -> Result<()> {
+        let block = self.block as u64;
+        if offset % block != 0 || len as u64 % block != 0 {
+            return Err(Error::invalid(format!("request {offset}+{len} is not aligned to {block} bytes")));
+        }
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= self.size() => Ok(()),
+            _ => Err(Error::new(libc::EINVAL, format!("request {offset}+{len} goes past the end of the disk ({})", self.size()))),
+        }
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::new(libc::EROFS, "the stack is read-only"));
+        }
+        Ok(())
+    }
+
+    /// Flush and mark the top image cleanly closed; later writes fail.
+    /// Waits for the requests in flight.
+    pub async fn close<I: Io>(&self, io: &I) -> Result<()> {
+        let mut shape = self.shape.exclusive().await;
+        self.close_shape(io, &mut shape).await
+    }
+
+    async fn close_shape<I: Io>(&self, io: &I, shape: &mut Shape) -> Result<()> {
+        if shape.closed || self.read_only {
+            shape.closed = true;
+            return Ok(());
+        }
+        shape.closed = true;
+        let retiring = std::mem::take(&mut *self.retiring.lock().unwrap());
+        for layer in retiring {
+            layer.close(io).await?;
+        }
+        let keep = self.keep.lock().unwrap().clone();
+        let bitmaps: Vec<DirtyBitmap> = keep
+            .into_iter()
+            .map(|(t, id)| DirtyBitmap { id, granularity: t.granularity(), bits: t.peek() })
+            .collect();
+        shape.top().close_with_bitmaps(io, &bitmaps).await
+    }
+}
+
+/// The stack with every request held (see `Stack::freeze`).
+pub struct Frozen<'a> {
+    stack: &'a Stack,
+    shape: Exclusive<'a, Shape>,
+}
+
+impl Frozen<'_> {
+    pub fn size(&self) -> u64 {
+        self.stack.size()
+    }
+    pub fn cluster_size(&self) -> u64 {
+        self.stack.cluster
+    }
+    /// Read the disk as it stands.
+    pub async fn read<I: Io>(&self, io: &I, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.stack.check_range(offset, buf.len())?;
+        let mut segs = Vec::with_capacity(2);
+        self.stack.plan_read(&self.shape, offset, buf.len(), &mut segs);
+        read_segs(io, &segs, Dst::Mem(buf)).await.map_err(|e| Error::io(e, "reading image data"))
+    }
+
+    /// Make every completed write durable.
+    pub async fn flush<I: Io>(&self, io: &I) -> Result<()> {
+        self.stack.flush_shape(io, &self.shape).await
+    }
+
+    /// Close the stack as `Stack::close` does, before any held request
+    /// runs (they fail): the device stops with this content.
+    pub async fn close<I: Io>(mut self, io: &I) -> Result<()> {
+        self.stack.close_shape(io, &mut self.shape).await
+    }
+}
+
+/// Per cluster, the topmost layer that holds it.
+fn owner_map(layers: &[Arc<Layer>], size: u64, cluster: u64) -> Box<[AtomicU8]> {
+    let owner: Box<[AtomicU8]> = (0..size.div_ceil(cluster)).map(|_| AtomicU8::new(NOBODY)).collect();
+    for (index, layer) in layers.iter().enumerate() {
+        for (c, slot) in owner.iter().enumerate() {
+            if layer.lookup(c as u64, cluster).is_some() {
+                slot.store(index as u8, Ordering::Relaxed);
+            }
+        }
+    }
+    owner
+}
+
+/// The same file twice in one stack would be both read-only and writable.
+fn reject_repeated_files(paths: &[PathBuf]) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = std::collections::HashSet::new();
+    for path in paths {
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(e, path.display()))?;
+        if !seen.insert((meta.dev(), meta.ino())) {
+            return Err(Error::invalid(format!("{} appears twice in the stack", path.display())));
+        }
+    }
+    Ok(())
+}
