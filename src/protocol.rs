@@ -427,21 +427,22 @@ pub struct InfoReply {
 }
 
 /// One ublk device as `list` shows it, ours or not: what the kernel
-/// says of it and what our stored configuration serves.
+/// says of it and what our stored configuration serves. The fields are in
+/// the order `list --json` has always printed them (sorted by name).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DeviceRow {
-    pub id: u32,
-    pub device: String,
-    pub state: String,
-    pub pid: i32,
-    pub queues: u16,
     pub depth: u16,
-    /// The target name the device was created with ("ploop" for ours).
-    pub target: String,
+    pub device: String,
+    pub disk: Option<serde_json::Value>,
+    pub id: u32,
     /// The stored layer list (as stored: paths or layer specs).
     pub images: serde_json::Value,
-    pub disk: Option<serde_json::Value>,
+    pub pid: i32,
+    pub queues: u16,
     pub snapshot: Option<serde_json::Value>,
+    pub state: String,
+    /// The target name the device was created with ("ploop" for ours).
+    pub target: String,
     /// What it serves, in a word: the disk directory, or the files.
     pub what: String,
 }
@@ -656,12 +657,16 @@ mod tests {
             snapshot: data.get("snapshot").cloned(),
             what: "/x".into(),
         };
-        assert_eq!(serde_json::to_value(&row).unwrap().to_string(), old.to_string());
+        // Printed as the struct (list --json prints rows directly): the
+        // bytes, key order included, are the old json!'s.
+        assert_eq!(serde_json::to_string(&row).unwrap(), old.to_string());
         // A device that stored nothing (not ours): nulls where it had none.
         let old = serde_json::json!({"id": 0, "device": "/dev/ublkb0", "state": "dead", "pid": -1, "queues": 1, "depth": 1,
             "target": "", "images": null, "disk": None::<&serde_json::Value>, "snapshot": None::<&serde_json::Value>, "what": ""});
         let row = DeviceRow { id: 0, device: "/dev/ublkb0".into(), state: "dead".into(), pid: -1, queues: 1, depth: 1,
             target: String::new(), images: serde_json::Value::Null, disk: None, snapshot: None, what: String::new() };
-        assert_eq!(serde_json::to_value(&row).unwrap().to_string(), old.to_string());
+        // Printed as the struct (list --json prints rows directly): the
+        // bytes, key order included, are the old json!'s.
+        assert_eq!(serde_json::to_string(&row).unwrap(), old.to_string());
     }
 }

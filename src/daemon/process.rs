@@ -89,8 +89,26 @@ pub fn report(ready: &mut Option<Ready>, outcome: std::result::Result<u32, Strin
 
 /// Tell systemd (Type=notify) about our state; a no-op outside systemd.
 fn notify(state: &[NotifyState]) {
-    if let Err(e) = sd_notify::notify(state) {
+    if let Err(e) = notify_to(std::env::var_os("NOTIFY_SOCKET"), state) {
         tracing::warn!("sd_notify: {e}");
+    }
+}
+
+/// sd-notify connects to a path only; sd_notify(3) also allows an abstract
+/// socket ("@name", as a service manager in a container may hand out),
+/// which we reach ourselves with the same message.
+fn notify_to(socket: Option<std::ffi::OsString>, state: &[NotifyState]) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    match socket {
+        None => Ok(()),
+        Some(name) if name.as_bytes().first() == Some(&b'@') => {
+            use std::os::linux::net::SocketAddrExt;
+            let msg: String = state.iter().map(|s| format!("{s}\n")).collect();
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(&name.as_bytes()[1..])?;
+            std::os::unix::net::UnixDatagram::unbound()?.send_to_addr(msg.as_bytes(), &addr).map(|_| ())
+        }
+        // The crate reads the variable itself.
+        Some(_) => sd_notify::notify(state),
     }
 }
 
@@ -118,4 +136,27 @@ pub fn install_stop_signals(dev_id: u32) {
 pub fn ignore_sigpipe() {
     // SAFETY: setting a signal disposition to "ignore" (no handler).
     let _ = unsafe { nix::sys::signal::signal(Signal::SIGPIPE, nix::sys::signal::SigHandler::SigIgn) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+
+    #[test]
+    fn readiness_reaches_an_abstract_notify_socket() {
+        let name = format!("ublk-ploop-test-notify-{}", std::process::id());
+        let listener = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap()).unwrap();
+        listener.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+        notify_to(Some(format!("@{name}").into()), &[NotifyState::Ready, NotifyState::Status("serving /dev/ublkb7")]).unwrap();
+        let mut buf = [0u8; 256];
+        let n = listener.recv(&mut buf).expect("no notification arrived");
+        assert_eq!(std::str::from_utf8(&buf[..n]).unwrap(), "READY=1\nSTATUS=serving /dev/ublkb7\n");
+    }
+
+    #[test]
+    fn no_notify_socket_is_no_op() {
+        notify_to(None, &[NotifyState::Ready]).unwrap();
+    }
 }
