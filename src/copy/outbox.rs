@@ -80,8 +80,8 @@ pub(super) struct Outbox {
     bufs: Arc<BufPool>,
     /// Data packets queued so far.
     queued: std::cell::Cell<u64>,
-    /// The writer's error once it stopped early.
-    failed: Arc<Mutex<Option<Error>>>,
+    /// How the writer ended, once it has.
+    failed: Arc<WriterEnd>,
     /// Set when the copy failed: the stream must end without FINISH.
     abandoned: Arc<AtomicBool>,
     answers: Option<Arc<Answers>>,
@@ -99,7 +99,7 @@ impl Outbox {
             }
             _ => None,
         };
-        let failed = Arc::new(Mutex::new(None));
+        let failed = Arc::new(WriterEnd::default());
         let abandoned = Arc::new(AtomicBool::new(false));
         let mut hashers = Vec::new();
         let data_tx = if writer.md5() {
@@ -127,9 +127,7 @@ impl Outbox {
             .name("copy-writer".into())
             .spawn(move || {
                 let r = write_loop(writer, rx, &bufs2, answers2.as_deref(), &abandoned2, timeout);
-                if let Err(e) = &r {
-                    *failed2.lock().unwrap() = Some(e.clone());
-                }
+                failed2.ended(r.as_ref().err());
                 r
             })
             .expect("spawning the copy writer");
@@ -180,8 +178,12 @@ impl Outbox {
         }
     }
 
+    /// Why a queue to the writer closed. The writer drops its queues as it
+    /// returns, just before it records how it ended: wait for that record,
+    /// so that the cause (a receiver that timed out) is what is reported,
+    /// not its echo.
     fn error(&self) -> Error {
-        self.failed.lock().unwrap().clone().unwrap_or_else(|| Error::new(libc::EPIPE, "the copy stream stopped"))
+        self.failed.wait(Duration::from_secs(5)).unwrap_or_else(|| Error::new(libc::EPIPE, "the copy stream stopped"))
     }
 
     pub(super) fn data(&self, pos: u64, buf: AlignedBuf, len: usize) -> Result<()> {
@@ -246,6 +248,27 @@ impl Outbox {
         if let Some(w) = self.writer.take() {
             let _ = w.join();
         }
+    }
+}
+
+/// The writer's end: whether it has ended, and its error if it failed.
+#[derive(Default)]
+struct WriterEnd {
+    state: Mutex<(bool, Option<Error>)>,
+    cv: std::sync::Condvar,
+}
+
+impl WriterEnd {
+    fn ended(&self, error: Option<&Error>) {
+        *self.state.lock().unwrap() = (true, error.cloned());
+        self.cv.notify_all();
+    }
+
+    /// The writer's error, waiting at most `limit` for it to end.
+    fn wait(&self, limit: Duration) -> Option<Error> {
+        let state = self.state.lock().unwrap();
+        let (state, _) = self.cv.wait_timeout_while(state, limit, |(ended, _)| !*ended).unwrap();
+        state.1.clone()
     }
 }
 
