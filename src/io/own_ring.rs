@@ -169,7 +169,7 @@ impl Submit for OwnRing {
         // Hand it to the kernel now rather than with the next wait: a
         // request's I/O starts as soon as it is planned (as fio does);
         // batching a round of requests into one enter cost 5-30% of 4k
-        // IOPS on virtio disks (benches/engine.rs, measured both ways).
+        // IOPS on virtio disks (the engine benchmark, measured both ways).
         self.enter(0);
         OpFuture { ring: self, slot }
     }
