@@ -50,6 +50,17 @@ pub struct BatScan {
     pub high_water: u64,
 }
 
+impl BatScan {
+    /// Byte offsets of the data-area clusters below the highest referenced
+    /// one that no entry references: what a crash between allocation and
+    /// BAT write leaves inside the file (open releases them after an
+    /// unclean stop, check counts and repairs them).
+    pub fn unreferenced_inside(&self, data_off: u64, cluster: u64) -> impl Iterator<Item = u64> + '_ {
+        let inside = (self.high_water.saturating_sub(data_off) / cluster) as usize;
+        self.used[..inside.min(self.used.len())].iter_zeros().map(move |slot| data_off + slot as u64 * cluster)
+    }
+}
+
 /// Check every entry; `file_len` is the image file's current length.
 pub fn scan(header: &Header, bat: &[u32], file_len: u64) -> BatScan {
     let mut scanner = Scanner::new(header, file_len);

@@ -255,9 +255,8 @@ async fn check_with<I: Io>(io: &I, path: &Path, format: Format, repair: bool, ta
     }
     let data_off = header.data_off_bytes();
     let mut punched = 0;
-    for slot in rescan.used.iter_zeros() {
-        let at = data_off + slot as u64 * cluster;
-        if at + cluster <= rescan.high_water && !is_hole(file.as_raw_fd(), at, cluster) {
+    for at in rescan.unreferenced_inside(data_off, cluster) {
+        if !is_hole(file.as_raw_fd(), at, cluster) {
             io.punch_hole(fd, at, cluster).await.map_err(io_err)?;
             punched += 1;
         }
@@ -320,12 +319,8 @@ fn fill_scan(report: &mut CheckReport, header: &Header, scan: &bat::BatScan, fil
     let data_off = header.data_off_bytes();
     report.allocated_clusters = scan.allocated;
     report.bad_entries = scan.bad.clone();
-    let inside = ((scan.high_water - data_off) / cluster) as usize;
     // An unreferenced cluster that is a hole owns no space: not a leak.
-    let middle = scan.used[..inside.min(scan.used.len())]
-        .iter_zeros()
-        .filter(|&slot| !is_hole(file.as_raw_fd(), data_off + slot as u64 * cluster, cluster))
-        .count() as u64;
+    let middle = scan.unreferenced_inside(data_off, cluster).filter(|&at| !is_hole(file.as_raw_fd(), at, cluster)).count() as u64;
     let tail = file_size.saturating_sub(scan.high_water).div_ceil(cluster);
     report.leaked_clusters = middle + tail;
 }

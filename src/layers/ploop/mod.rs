@@ -97,14 +97,11 @@ pub struct OpenReport {
     pub released_leak: u64,
 }
 
-/// Runs of data-area clusters below the highest referenced one that no
-/// BAT entry references, as (byte offset, length).
+/// `BatScan::unreferenced_inside` as runs of (byte offset, length), so
+/// each run is released with one call.
 fn leaked_inside(scan: &BatScan, data_off: u64, cluster: u64) -> Vec<(u64, u64)> {
-    let inside = ((scan.high_water.saturating_sub(data_off)) / cluster) as usize;
-    let used = &scan.used[..inside.min(scan.used.len())];
     let mut runs: Vec<(u64, u64)> = Vec::new();
-    for slot in used.iter_zeros() {
-        let at = data_off + slot as u64 * cluster;
+    for at in scan.unreferenced_inside(data_off, cluster) {
         match runs.last_mut() {
             Some((start, len)) if *start + *len == at => *len += cluster,
             _ => runs.push((at, cluster)),
