@@ -89,22 +89,8 @@ fn make_seed_corpus() {
     out("descriptor", "snapshot", d.desc.to_xml().as_bytes());
     // A stream of the data image.
     let stack = common::open_stack(&[&img], true);
-    let ring = ublk_ploop::io::OwnRing::new(8).unwrap();
-    let buf = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    struct W(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-    impl std::io::Write for W {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let opts = ublk_ploop::copy::SendOptions::default();
-    ring.block_on(ublk_ploop::copy::send(&ring.io(), &stack, Box::new(W(buf.clone())), None, &mut ublk_ploop::copy::NoFs, opts, &|_, _, _| {}))
-        .unwrap();
-    out("stream", "small", &buf.lock().unwrap());
+    let (stream, _) = common::send_to_vec(&stack, &mut ublk_ploop::copy::NoFs, ublk_ploop::copy::SendOptions::default());
+    out("stream", "small", &stream);
     // Requests.
     for (name, line) in [
         ("status", r#"{"version":1,"cmd":"status"}"#),
