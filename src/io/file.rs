@@ -35,7 +35,7 @@ impl std::str::FromStr for Direct {
 /// An open image file and how it must be accessed.
 #[derive(Debug)]
 pub struct ImageFile {
-    pub file: File,
+    pub handle: Handle,
     pub path: PathBuf,
     pub writable: bool,
     pub direct: bool,
@@ -45,20 +45,198 @@ pub struct ImageFile {
 
 impl ImageFile {
     pub fn fd(&self) -> RawFd {
-        self.file.as_raw_fd()
+        self.handle.fd()
     }
     #[allow(clippy::len_without_is_empty)]
-    pub fn len(&self) -> Result<u64> {
-        Ok(self.file.metadata().map_err(|e| Error::io(e, self.path.display()))?.len())
+    pub fn len_in<I: crate::io::Io + ?Sized>(&self, io: &I) -> Result<u64> {
+        Ok(io.fstat(self.fd()).map_err(|e| Error::io(e, self.path.display()))?.len)
     }
+}
+
+/// An open file as an [`Io`](crate::io::Io) gave it: a real descriptor,
+/// or a number a simulated world gave out (never a real descriptor, so a
+/// syscall that bypasses the `Io` fails with EBADF instead of answering
+/// about some other file). Closing a virtual one tells its world.
+pub enum Handle {
+    Os(File),
+    Virtual { fd: RawFd, closer: std::sync::Arc<dyn Fn(RawFd) + Send + Sync> },
+}
+
+impl Handle {
+    pub fn fd(&self) -> RawFd {
+        match self {
+            Handle::Os(f) => f.as_raw_fd(),
+            Handle::Virtual { fd, .. } => *fd,
+        }
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        if let Handle::Virtual { fd, closer } = self {
+            closer(*fd)
+        }
+    }
+}
+
+impl std::fmt::Debug for Handle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Handle::Os(file) => write!(f, "Os({})", file.as_raw_fd()),
+            Handle::Virtual { fd, .. } => write!(f, "Virtual({fd})"),
+        }
+    }
+}
+
+/// How [`Io::open`](crate::io::Io::open) opens a name.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OpenHow {
+    pub write: bool,
+    /// O_CREAT|O_EXCL with `mode`: the file must not exist yet.
+    pub create_new: bool,
+    pub mode: u32,
+    /// O_DIRECT; EINVAL where the filesystem refuses it.
+    pub direct: bool,
+    /// O_NOFOLLOW: a final symbolic link fails with ELOOP.
+    pub nofollow: bool,
+    /// A block device is acceptable too (a raw layer may be one).
+    pub block_ok: bool,
+}
+
+impl OpenHow {
+    pub fn read() -> OpenHow {
+        OpenHow::default()
+    }
+    pub fn write() -> OpenHow {
+        OpenHow { write: true, ..OpenHow::default() }
+    }
+    /// A new file only this user reads, written only through its name.
+    pub fn create_new(mode: u32) -> OpenHow {
+        OpenHow { write: true, create_new: true, mode, nofollow: true, ..OpenHow::default() }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileKind {
+    File,
+    Dir,
+    Symlink,
+    Block,
+    Other,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileStat {
+    pub kind: FileKind,
+    pub nlink: u64,
+    pub len: u64,
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl FileStat {
+    fn of(m: &std::fs::Metadata) -> FileStat {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let t = m.file_type();
+        let kind = if t.is_file() {
+            FileKind::File
+        } else if t.is_dir() {
+            FileKind::Dir
+        } else if t.is_symlink() {
+            FileKind::Symlink
+        } else if t.is_block_device() {
+            FileKind::Block
+        } else {
+            FileKind::Other
+        };
+        FileStat { kind, nlink: m.nlink(), len: m.len(), dev: m.dev(), ino: m.ino() }
+    }
+}
+
+/// A whole-file lock request (flock(2), never waiting).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockHow {
+    Shared,
+    Exclusive,
+    Unlock,
+}
+
+fn borrowed(fd: RawFd) -> std::mem::ManuallyDrop<File> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: the caller owns `fd` for the duration; ManuallyDrop never closes it.
+    std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(fd) })
+}
+
+pub(crate) fn os_fstat(fd: RawFd) -> std::io::Result<FileStat> {
+    Ok(FileStat::of(&borrowed(fd).metadata()?))
+}
+
+pub(crate) fn os_stat(path: &Path) -> std::io::Result<Option<FileStat>> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) => Ok(Some(FileStat::of(&m))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+pub(crate) fn os_seek_data(fd: RawFd, at: u64) -> std::io::Result<Option<u64>> {
+    // SAFETY: plain syscall on a descriptor the caller owns.
+    let next = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
+    if next >= 0 {
+        return Ok(Some(next as u64));
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENXIO) {
+        Ok(None)
+    } else {
+        Err(e)
+    }
+}
+
+pub(crate) fn os_flock(fd: RawFd, how: LockHow) -> std::io::Result<()> {
+    let op = match how {
+        LockHow::Shared => libc::LOCK_SH | libc::LOCK_NB,
+        LockHow::Exclusive => libc::LOCK_EX | libc::LOCK_NB,
+        LockHow::Unlock => libc::LOCK_UN,
+    };
+    // SAFETY: plain syscall on a descriptor the caller owns.
+    if unsafe { libc::flock(fd, op) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+pub(crate) fn os_rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    nix::fcntl::renameat2(None, from, None, to, nix::fcntl::RenameFlags::RENAME_NOREPLACE).map_err(std::io::Error::from)
+}
+
+pub(crate) fn os_open(path: &Path, how: &OpenHow) -> std::io::Result<File> {
+    let mut extra = 0;
+    if how.direct {
+        extra |= libc::O_DIRECT;
+    }
+    if how.nofollow {
+        extra |= libc::O_NOFOLLOW;
+    }
+    if how.create_new {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = OpenOptions::new().read(true).write(true).create_new(true).mode(how.mode).custom_flags(extra | libc::O_CLOEXEC).open(path)?;
+        return Ok(file);
+    }
+    open_named(path, how.write, extra, how.block_ok)
 }
 
 /// True when `[at, at+len)` of the file holds no data blocks (a punched or
 /// never written range).
-pub fn is_hole(fd: RawFd, at: u64, len: u64) -> bool {
-    // SAFETY: plain syscall on a descriptor the caller owns.
-    let next = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
-    next < 0 || next as u64 >= at + len
+pub fn is_hole<I: crate::io::Io + ?Sized>(io: &I, fd: RawFd, at: u64, len: u64) -> bool {
+    // An error answers "data": the safe side, since a caller that takes a
+    // range for a hole may drop it.
+    match io.seek_data(fd, at) {
+        Ok(Some(next)) => next >= at + len,
+        Ok(None) => true,
+        Err(_) => false,
+    }
 }
 
 /// Open a file a descriptor or a command line named, for reading (and
@@ -99,19 +277,24 @@ pub fn open_named(path: &Path, write: bool, extra: i32, block_ok: bool) -> std::
 }
 
 pub fn open_image_file(path: &Path, writable: bool, direct: Direct) -> Result<ImageFile> {
+    open_image_file_in(&crate::io::SyncIo, path, writable, direct)
+}
+
+/// Open an image through `io`: O_DIRECT where the filesystem allows it
+/// (or refuse, or use buffered I/O, as `direct` says).
+pub fn open_image_file_in<I: crate::io::Io + ?Sized>(io: &I, path: &Path, writable: bool, direct: Direct) -> Result<ImageFile> {
     // A file is written only through its own name, never through a symlink
     // (which could lead anywhere); reading through one is fine.
-    let nofollow = if writable { libc::O_NOFOLLOW } else { 0 };
-    let open = |flags: i32| open_named(path, writable, flags | nofollow, true);
-    let (file, is_direct) = match direct {
-        Direct::Off => (open(0), false),
-        Direct::On | Direct::Auto => match open(libc::O_DIRECT) {
+    let open = |direct: bool| io.open(path, &OpenHow { write: writable, nofollow: writable, direct, block_ok: true, ..OpenHow::default() });
+    let (handle, is_direct) = match direct {
+        Direct::Off => (open(false), false),
+        Direct::On | Direct::Auto => match open(true) {
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) && direct == Direct::Auto => {
                 tracing::warn!(
                     path = %path.display(),
                     "filesystem refuses O_DIRECT; using buffered I/O, so image data is also cached by the host"
                 );
-                (open(0), false)
+                (open(false), false)
             }
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 return Err(Error::new(
@@ -122,26 +305,24 @@ pub fn open_image_file(path: &Path, writable: bool, direct: Direct) -> Result<Im
             other => (other, true),
         },
     };
-    let file = file.map_err(|e| match e.raw_os_error() {
+    let handle = handle.map_err(|e| match e.raw_os_error() {
         Some(libc::ELOOP) if writable => Error::new(
             libc::ELOOP,
             format!("{}: is a symbolic link; an image is written only through its own name, never through a link", path.display()),
         ),
         _ => Error::io(e, path.display()),
     })?;
-    let block_size = if is_direct { dio_alignment(&file) } else { 512 };
-    Ok(ImageFile { file, path: path.to_path_buf(), writable, direct: is_direct, block_size })
+    let block_size = if is_direct { io.dio_alignment(handle.fd()) } else { 512 };
+    Ok(ImageFile { handle, path: path.to_path_buf(), writable, direct: is_direct, block_size })
 }
 
 /// The O_DIRECT offset alignment the kernel reports (statx DIOALIGN), at
 /// least one sector; 4096 when the kernel cannot tell, which is always safe.
-fn dio_alignment(file: &File) -> u32 {
+pub(crate) fn os_dio_alignment(fd: RawFd) -> u32 {
     // SAFETY: statx fills the zeroed struct; the path is empty and
     // AT_EMPTY_PATH makes it describe the descriptor itself.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
-    let rc = unsafe {
-        libc::statx(file.as_raw_fd(), c"".as_ptr(), libc::AT_EMPTY_PATH, libc::STATX_DIOALIGN, &mut stx)
-    };
+    let rc = unsafe { libc::statx(fd, c"".as_ptr(), libc::AT_EMPTY_PATH, libc::STATX_DIOALIGN, &mut stx) };
     if rc == 0 && stx.stx_mask & libc::STATX_DIOALIGN != 0 && stx.stx_dio_offset_align != 0 {
         stx.stx_dio_offset_align.max(512)
     } else {

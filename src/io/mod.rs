@@ -20,7 +20,7 @@ mod sync;
 pub mod wait;
 
 pub use aligned::{AlignedBuf, BufPool};
-pub use file::{is_hole, open_image_file, open_named, Direct, ImageFile};
+pub use file::{is_hole, open_image_file, open_image_file_in, open_named, Direct, FileKind, FileStat, Handle, ImageFile, LockHow, OpenHow};
 pub use own_ring::OwnRing;
 pub use ring::{RingIo, Submit};
 pub use sync::SyncIo;
@@ -61,6 +61,70 @@ pub trait Io {
     async fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         std::fs::File::open(dir)?.sync_all()
     }
+
+    // The namespace, the clock and the locks. Plain calls, not futures:
+    // they are syscalls that do not wait for a device, and their callers
+    // are mostly synchronous helpers. The defaults are the real thing; a
+    // simulated world (the deterministic simulation in tests) overrides
+    // every one, so that no engine path reaches the host behind its back.
+
+    /// Open a file by name (see [`OpenHow`]); the default refuses anything
+    /// but a regular file (or a block device where `block_ok`).
+    fn open(&self, path: &Path, how: &OpenHow) -> io::Result<Handle> {
+        file::os_open(path, how).map(Handle::Os)
+    }
+    /// The O_DIRECT transfer alignment of an open file.
+    fn dio_alignment(&self, fd: RawFd) -> u32 {
+        file::os_dio_alignment(fd)
+    }
+    /// What an open file is now: kind, links, length, identity (fstat).
+    fn fstat(&self, fd: RawFd) -> io::Result<FileStat> {
+        file::os_fstat(fd)
+    }
+    /// The first offset at or after `at` that holds data (SEEK_DATA), or
+    /// None when only holes follow.
+    fn seek_data(&self, fd: RawFd, at: u64) -> io::Result<Option<u64>> {
+        file::os_seek_data(fd, at)
+    }
+    /// What a name is, without following a final symbolic link; None when
+    /// nothing has that name.
+    fn stat(&self, path: &Path) -> io::Result<Option<FileStat>> {
+        file::os_stat(path)
+    }
+    fn canonicalize(&self, path: &Path) -> io::Result<std::path::PathBuf> {
+        std::fs::canonicalize(path)
+    }
+    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        std::fs::create_dir_all(path)
+    }
+    /// Unlink a file (its directory's sync makes that durable).
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
+    }
+    /// Rename without replacing: EEXIST when `to` exists.
+    fn rename_noreplace(&self, from: &Path, to: &Path) -> io::Result<()> {
+        file::os_rename_noreplace(from, to)
+    }
+    /// The names in a directory (the simulation's file-set check, cleanup
+    /// of leftovers).
+    fn read_dir(&self, dir: &Path) -> io::Result<Vec<std::ffi::OsString>> {
+        std::fs::read_dir(dir)?.map(|e| e.map(|e| e.file_name())).collect()
+    }
+    /// Take, convert or drop a whole-file lock without waiting
+    /// (flock(2) with LOCK_NB): EWOULDBLOCK while another open file
+    /// description holds a conflicting one.
+    fn flock(&self, fd: RawFd, how: LockHow) -> io::Result<()> {
+        file::os_flock(fd, how)
+    }
+    /// Now, for deadlines and pacing (only differences are ever used).
+    fn now(&self) -> std::time::Instant {
+        std::time::Instant::now()
+    }
+    /// Wait without yielding (a lock retry loop in synchronous code).
+    fn sleep_blocking(&self, d: std::time::Duration) {
+        std::thread::sleep(d)
+    }
+
     /// Zero copy: read from `fd` into a buffer registered on the ring.
     /// Only a ring that holds registered buffers can; the rest refuse.
     async fn read_fixed(&self, _fd: RawFd, _buf: FixedBuf, _offset: u64) -> io::Result<()> {
@@ -126,6 +190,45 @@ impl<T: Io + ?Sized> Io for &T {
     }
     async fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         (**self).sync_dir(dir).await
+    }
+    fn open(&self, path: &Path, how: &OpenHow) -> io::Result<Handle> {
+        (**self).open(path, how)
+    }
+    fn dio_alignment(&self, fd: RawFd) -> u32 {
+        (**self).dio_alignment(fd)
+    }
+    fn fstat(&self, fd: RawFd) -> io::Result<FileStat> {
+        (**self).fstat(fd)
+    }
+    fn seek_data(&self, fd: RawFd, at: u64) -> io::Result<Option<u64>> {
+        (**self).seek_data(fd, at)
+    }
+    fn stat(&self, path: &Path) -> io::Result<Option<FileStat>> {
+        (**self).stat(path)
+    }
+    fn canonicalize(&self, path: &Path) -> io::Result<std::path::PathBuf> {
+        (**self).canonicalize(path)
+    }
+    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        (**self).create_dir_all(path)
+    }
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        (**self).remove_file(path)
+    }
+    fn rename_noreplace(&self, from: &Path, to: &Path) -> io::Result<()> {
+        (**self).rename_noreplace(from, to)
+    }
+    fn read_dir(&self, dir: &Path) -> io::Result<Vec<std::ffi::OsString>> {
+        (**self).read_dir(dir)
+    }
+    fn flock(&self, fd: RawFd, how: LockHow) -> io::Result<()> {
+        (**self).flock(fd, how)
+    }
+    fn now(&self) -> std::time::Instant {
+        (**self).now()
+    }
+    fn sleep_blocking(&self, d: std::time::Duration) {
+        (**self).sleep_blocking(d)
     }
     async fn read_fixed(&self, fd: RawFd, buf: FixedBuf, offset: u64) -> io::Result<()> {
         (**self).read_fixed(fd, buf, offset).await

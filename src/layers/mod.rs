@@ -65,7 +65,7 @@ pub async fn detect_format<I: Io>(io: &I, path: &Path) -> Result<Format> {
     if header::has_magic(&head) {
         return Ok(Format::Ploop);
     }
-    let len = file.len()?;
+    let len = file.len_in(io)?;
     if len == 0 {
         return Err(Error::invalid(format!("{}: empty file: neither a ploop image nor a usable raw disk", path.display())));
     }
@@ -123,7 +123,7 @@ impl Layer {
                 Err(e) => Err(e),
             },
             Format::Raw => {
-                let layer = RawLayer::open(file)?;
+                let layer = RawLayer::open(io, file)?;
                 if layer.size() % 512 != 0 {
                     return Err(Error::invalid(format!("{}: raw image size is not a multiple of 512", path.display())));
                 }

@@ -13,8 +13,8 @@ pub struct RawLayer {
 }
 
 impl RawLayer {
-    pub fn open(file: ImageFile) -> Result<RawLayer> {
-        let len = file.len()?;
+    pub fn open<I: crate::io::Io>(io: &I, file: ImageFile) -> Result<RawLayer> {
+        let len = file.len_in(io)?;
         let syncs = SyncGroup::new(!file.direct);
         Ok(RawLayer { file, len, syncs })
     }

@@ -5,7 +5,6 @@
 
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use super::temporaries::{forget_in, registry, rename_noreplace, sync_parent, temp_beside};
@@ -42,14 +41,14 @@ pub(super) fn target_chain(dest: &Path) -> Result<Vec<LayerSpec>> {
 pub(super) fn check_top_is_ours(stack: &Stack) -> Result<()> {
     let layers = stack.layers();
     let top = layers.last().expect("a chain is never empty").file();
-    let m = top.file.metadata().map_err(|e| Error::io(e, top.path.display()))?;
-    if !m.is_file() || m.nlink() != 1 {
+    let m = crate::io::Io::fstat(&crate::io::SyncIo, top.fd()).map_err(|e| Error::io(e, top.path.display()))?;
+    if m.kind != crate::io::FileKind::File || m.nlink != 1 {
         return Err(Error::new(
             libc::EPERM,
             format!(
                 "{}: refusing to apply a delta to it: it is not a regular file with a single name ({} links), so writing it would change another file too",
                 top.path.display(),
-                m.nlink()
+                m.nlink
             ),
         ));
     }

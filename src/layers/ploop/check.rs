@@ -5,7 +5,6 @@
 //! (leaked clusters, a stale in-use mark), and repairs both in an order
 //! that is itself crash safe: data copies, then the BAT, then trimming.
 
-use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
@@ -193,7 +192,7 @@ async fn check_with<I: Io>(io: &I, path: &Path, format: Format, repair: bool, ta
             report.header_errors.push(format!("{e}; --repair drops the extension"));
         }
     }
-    fill_scan(&mut report, &header, &scan, &file, file_size);
+    fill_scan(io, &mut report, &header, &scan, file.as_raw_fd(), file_size);
     // Kept through a repair only if it is sound and the image was closed.
     let keep_extension = extension.is_some() && report.header_errors.is_empty() && !report.unclean;
     if !repair || report.verdict() == Verdict::Clean {
@@ -256,7 +255,7 @@ async fn check_with<I: Io>(io: &I, path: &Path, format: Format, repair: bool, ta
     let data_off = header.data_off_bytes();
     let mut punched = 0;
     for at in rescan.unreferenced_inside(data_off, cluster) {
-        if !is_hole(file.as_raw_fd(), at, cluster) {
+        if !is_hole(io, fd, at, cluster) {
             io.punch_hole(fd, at, cluster).await.map_err(io_err)?;
             punched += 1;
         }
@@ -314,13 +313,13 @@ fn claim_extension(header: &Header, ext: &Extension, scan: &mut bat::BatScan) ->
 const BEYOND_REPAIR_HEADER: &str = "the header cannot be trusted, so nothing says where the disk's clusters are; \
     restore the image from a backup or copy";
 
-fn fill_scan(report: &mut CheckReport, header: &Header, scan: &bat::BatScan, file: &File, file_size: u64) {
+fn fill_scan<I: Io>(io: &I, report: &mut CheckReport, header: &Header, scan: &bat::BatScan, fd: std::os::fd::RawFd, file_size: u64) {
     let cluster = header.cluster_bytes();
     let data_off = header.data_off_bytes();
     report.allocated_clusters = scan.allocated;
     report.bad_entries = scan.bad.clone();
     // An unreferenced cluster that is a hole owns no space: not a leak.
-    let middle = scan.unreferenced_inside(data_off, cluster).filter(|&at| !is_hole(file.as_raw_fd(), at, cluster)).count() as u64;
+    let middle = scan.unreferenced_inside(data_off, cluster).filter(|&at| !is_hole(io, fd, at, cluster)).count() as u64;
     let tail = file_size.saturating_sub(scan.high_water).div_ceil(cluster);
     report.leaked_clusters = middle + tail;
 }

@@ -67,7 +67,7 @@ pub async fn compact_step<I: Io>(io: &I, file: &ImageFile, lower_has: &dyn Fn(u6
 
     // 1. Unlink what discards left as holes.
     for (c, v) in values.iter_mut().enumerate() {
-        if *v != 0 && !lower_has(c as u64) && crate::io::is_hole(fd, *v as u64 * cluster, cluster) {
+        if *v != 0 && !lower_has(c as u64) && crate::io::is_hole(io, fd, *v as u64 * cluster, cluster) {
             *v = 0;
             out.unlinked += 1;
         }
