@@ -31,7 +31,7 @@ pub const NONE_GUID: Guid = Guid(uuid::Uuid::nil());
 
 impl Guid {
     pub fn random() -> Guid {
-        Guid(uuid::Uuid::new_v4())
+        Guid(uuid::Builder::from_random_bytes(crate::rng::entropy_u128().to_le_bytes()).into_uuid())
     }
 }
 
