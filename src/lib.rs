@@ -11,6 +11,7 @@ pub mod error;
 pub mod fuzzing;
 pub mod io;
 pub mod layers;
+pub mod mutant;
 pub mod protocol;
 pub mod rng;
 pub mod size;

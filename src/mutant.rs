@@ -1,0 +1,66 @@
+//! Deliberately broken builds, for proving that the deterministic
+//! simulation catches a broken crash-ordering rule (#19's mutation check).
+//!
+//! `UBLK_PLOOP_MUTANT=NAME cargo test --test sim` compiles the engine
+//! with the rule NAME switched off; without the variable (every normal
+//! build) [`off`] is a constant false and the compiler drops the check.
+//! Cargo rebuilds only this crate when the variable changes.
+//!
+//! The rules, by name:
+//! - `copy-up-sync`: a copied-up (or whole-written) cluster is synced
+//!   before its table entry links it.
+//! - `store-before-swap`: the descriptor naming a new top is durable
+//!   before the stack switches to it.
+//! - `merge-final-sync`: a merge syncs the top before the parent leaves
+//!   the descriptor.
+//! - `attach-before-round`: a backup attaches its tracker before the
+//!   first round reads the disk.
+//! - `compact-sync`: compaction syncs the clusters it copied before the
+//!   table points at their new places.
+
+const MUTANT: Option<&str> = option_env!("UBLK_PLOOP_MUTANT");
+
+/// True when this build switches the rule `name` off.
+pub const fn off(name: &str) -> bool {
+    match MUTANT {
+        Some(m) => eq(m.as_bytes(), name.as_bytes()),
+        None => false,
+    }
+}
+
+const fn eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// The names a build may switch off (a script runs each in turn).
+pub const RULES: [&str; 5] = ["copy-up-sync", "store-before-swap", "merge-final-sync", "attach-before-round", "compact-sync"];
+
+/// Refuse a mutant name that no rule has: a typo would otherwise build
+/// an intact engine and "prove" nothing.
+pub const fn known() -> bool {
+    match MUTANT {
+        None => true,
+        Some(m) => {
+            let mut i = 0;
+            while i < RULES.len() {
+                if eq(m.as_bytes(), RULES[i].as_bytes()) {
+                    return true;
+                }
+                i += 1;
+            }
+            false
+        }
+    }
+}
+
+const _: () = assert!(known(), "UBLK_PLOOP_MUTANT names no rule in src/mutant.rs");
