@@ -191,7 +191,9 @@ impl Stack {
                 let path = top.file().path.display();
                 let seg = Seg::Data { fd: top.file().fd(), file_off: offset, buf_off, len: self.copy_len(c) };
                 write_segs(io, &[seg], data).await.map_err(|e| Error::io(e, format_args!("{path}: writing a whole cluster")))?;
-                top.sync_data(io).await.map_err(|e| Error::io(e, format_args!("{path}: syncing a whole cluster")))?;
+                if !crate::mutant::off("copy-up-sync") {
+                    top.sync_data(io).await.map_err(|e| Error::io(e, format_args!("{path}: syncing a whole cluster")))?;
+                }
                 written = true;
             }
             // Nothing below: the fresh cluster's zeros are what the disk
@@ -211,6 +213,9 @@ impl Stack {
         let (from, to) = (src.file(), top.file());
         io.read_at(from.fd(), buf, src_off).await.map_err(|e| Error::io(e, format_args!("{}: copy-up read", from.path.display())))?;
         io.write_at(to.fd(), buf, offset).await.map_err(|e| Error::io(e, format_args!("{}: copy-up write", to.path.display())))?;
+        if crate::mutant::off("copy-up-sync") {
+            return Ok(());
+        }
         top.sync_data(io).await.map_err(|e| Error::io(e, format_args!("{}: copy-up sync", to.path.display())))
     }
 
