@@ -221,11 +221,11 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
     let clusters;
     if ci + 1 == layers.len() {
         // The top: copy the parent up into it, online.
-        layers[pi].relock(true).map_err(in_use)?;
+        layers[pi].relock(io, true).map_err(in_use)?;
         clusters = match stack.merge_parent_into_top(io, MERGE_BATCH, progress).await {
             Ok(n) => n,
             Err(e) => {
-                let _ = layers[pi].relock(false);
+                let _ = layers[pi].relock(io, false);
                 return Err(e);
             }
         };
@@ -237,14 +237,14 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
         remove_file(&ppath);
     } else {
         // A lower delta: copy it into its parent's file.
-        layers[pi].relock(true).map_err(in_use)?;
-        if let Err(e) = layers[ci].relock(true) {
-            let _ = layers[pi].relock(false);
+        layers[pi].relock(io, true).map_err(in_use)?;
+        if let Err(e) = layers[ci].relock(io, true) {
+            let _ = layers[pi].relock(io, false);
             return Err(in_use(e));
         }
         let unlock = || {
-            let _ = layers[pi].relock(false);
-            let _ = layers[ci].relock(false);
+            let _ = layers[pi].relock(io, false);
+            let _ = layers[ci].relock(io, false);
         };
         // The parent's own content changes from the first copied cluster
         // on: mark it temporary first, as ploop does, so that a crash
@@ -277,7 +277,7 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
         let (old_parent, old_child) = stack.replace_pair(pi, merged.0.clone()).await?;
         drop(layers);
         drop((old_parent, old_child));
-        merged.0.relock(false)?;
+        merged.0.relock(io, false)?;
         remove_file(&cpath);
     }
     Ok(Merged { child, parent, clusters })
@@ -316,7 +316,7 @@ async fn merge_off_chain<I: Io>(
     let direct = if stack.layers()[0].file().direct { Direct::Auto } else { Direct::Off };
     let (child_layer, _) = Layer::open(io, &cpath, cimg.kind.format(), false, direct).await?;
     child_layer
-        .relock(true)
+        .relock(io, true)
         .map_err(|e| Error::new(e.errno(), format!("{}: in use by another process (a mounted snapshot?): {e}", cpath.display())))?;
     let mut marked = disk.clone();
     marked.desc.shots.iter_mut().filter(|s| s.guid == parent).for_each(|s| s.temporary = Temporary::Temporary);
@@ -355,9 +355,9 @@ async fn copy_into_parent<I: Io>(
     // A child grown online (only the top grows) is larger than its parent:
     // the parent grows first, or the clusters past its end had nowhere to go.
     if format == crate::layers::Format::Ploop && child.size() > crate::layers::ploop::load::image_size(io, parent_path).await? {
-        let file = crate::io::open_image_file(parent_path, true, direct)?;
+        let file = crate::io::open_image_file_in(io, parent_path, true, direct)?;
         if lock {
-            crate::layers::lock(&file, true)?;
+            crate::layers::lock(io, &file, true)?;
         }
         crate::layers::ploop::resize::resize_file(io, &file, child.size(), true)
             .await
