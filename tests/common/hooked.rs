@@ -126,6 +126,8 @@ pub trait Plain {
     fn rename_noreplace(&self, from: &Path, to: &Path) -> io::Result<()>;
     fn read_dir(&self, dir: &Path) -> io::Result<Vec<OsString>>;
     fn flock(&self, fd: RawFd, how: LockHow) -> io::Result<()>;
+    fn ofd_lock(&self, fd: RawFd, range: (u64, u64), how: LockHow) -> io::Result<()>;
+    fn ofd_holder(&self, fd: RawFd, range: (u64, u64)) -> io::Result<Option<i32>>;
     fn now(&self) -> Instant;
     fn sleep_blocking(&self, d: Duration);
 }
@@ -163,6 +165,12 @@ impl<I: Io> Plain for I {
     }
     fn flock(&self, fd: RawFd, how: LockHow) -> io::Result<()> {
         Io::flock(self, fd, how)
+    }
+    fn ofd_lock(&self, fd: RawFd, range: (u64, u64), how: LockHow) -> io::Result<()> {
+        Io::ofd_lock(self, fd, range, how)
+    }
+    fn ofd_holder(&self, fd: RawFd, range: (u64, u64)) -> io::Result<Option<i32>> {
+        Io::ofd_holder(self, fd, range)
     }
     fn now(&self) -> Instant {
         Io::now(self)
@@ -273,6 +281,12 @@ impl<B: Backend, H: Hook> Io for Hooked<B, H> {
     }
     fn flock(&self, fd: RawFd, how: LockHow) -> io::Result<()> {
         self.inner.plain().flock(fd, how)
+    }
+    fn ofd_lock(&self, fd: RawFd, range: (u64, u64), how: LockHow) -> io::Result<()> {
+        self.inner.plain().ofd_lock(fd, range, how)
+    }
+    fn ofd_holder(&self, fd: RawFd, range: (u64, u64)) -> io::Result<Option<i32>> {
+        self.inner.plain().ofd_holder(fd, range)
     }
     fn now(&self) -> Instant {
         self.inner.plain().now()
