@@ -316,6 +316,62 @@ fn two_way_over_a_socket_and_a_refusing_receiver() {
     block_on(stack.close(&SyncIo)).unwrap();
 }
 
+/// The inline outbox (no helper threads: what a single-threaded
+/// simulation runs) sends what the threaded one does: a full and an
+/// incremental one-way stream on SyncIo and this thread alone, and a
+/// two-way copy whose answers are read where they are waited for.
+#[test]
+fn inline_copy_on_the_callers_thread_sends_the_same_disk() {
+    let dir = TempDir::new("copy-inline");
+    let size = 16 * CLUSTER + 4096;
+    let stack = new_image(&dir.join("a.img"), size);
+    let mut rng = Rng::new(21);
+    block_on(stack.write(&SyncIo, 0, &rng.bytes(6 * CLUSTER as usize))).unwrap();
+    let cbt = Arc::new(Tracker::new(size, CLUSTER));
+    block_on(stack.add_tracker(cbt.clone())).unwrap();
+    let send_inline = |opts: SendOptions| {
+        let sink = Arc::new(Mutex::new(Vec::new()));
+        struct Shared(Arc<Mutex<Vec<u8>>>);
+        impl Write for Shared {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        block_on(copy::send(&SyncIo, &stack, Box::new(Shared(sink.clone())), None, &mut NoFs, SendOptions { inline: true, ..opts }, &|_, _, _| {})).unwrap();
+        let bytes = sink.lock().unwrap().clone();
+        bytes
+    };
+    let full = send_inline(SendOptions { cbt: Some(cbt.clone()), ..Default::default() });
+    let backup = dir.join("backup.img");
+    receive_bytes(&full, &backup, false).unwrap();
+    assert_eq!(image_bytes(&backup), read_all(&stack));
+    block_on(stack.write(&SyncIo, 9 * CLUSTER, &rng.bytes(8192))).unwrap();
+    block_on(stack.write_zeroes(&SyncIo, 2 * CLUSTER, CLUSTER as usize)).unwrap();
+    let incr = send_inline(SendOptions { incremental: true, cbt: Some(cbt.clone()), ..Default::default() });
+    assert_eq!(receive_bytes(&incr, &backup, true).unwrap().applied_clusters, 2);
+    assert_eq!(image_bytes(&backup), read_all(&stack));
+    assert_eq!(cbt.dirty_count(), 0, "sent: the record starts again");
+    block_on(stack.remove_tracker(&cbt));
+
+    let dest = dir.join("b.img");
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let dest2 = dest.clone();
+    let receiver = std::thread::spawn(move || {
+        let opts = ReceiveOptions { two_way: true, incremental: false, direct: Direct::Auto };
+        copy::receive(Box::new(theirs.try_clone().unwrap()), Some(Box::new(theirs)), &dest2, &opts)
+    });
+    let opts = SendOptions { two_way: true, inline: true, ..Default::default() };
+    let sent = block_on(copy::send(&SyncIo, &stack, Box::new(ours.try_clone().unwrap()), Some(Box::new(ours)), &mut NoFs, opts, &|_, _, _| {})).unwrap();
+    let got = receiver.join().unwrap().unwrap();
+    assert!(sent.md5 && got.md5);
+    assert_eq!(image_bytes(&dest), read_all(&stack));
+    block_on(stack.close(&SyncIo)).unwrap();
+}
+
 #[test]
 fn incremental_stream_brings_a_backup_up_to_date() {
     let dir = TempDir::new("copy-incr");

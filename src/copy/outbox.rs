@@ -7,6 +7,7 @@
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::cell::{Cell, RefCell};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -85,12 +86,44 @@ pub(super) struct Outbox {
     /// Set when the copy failed: the stream must end without FINISH.
     abandoned: Arc<AtomicBool>,
     answers: Option<Arc<Answers>>,
+    /// Set when the stream is written on the caller's thread instead.
+    inline: Option<Inline>,
 }
 
 impl Outbox {
-    pub(super) fn start(writer: Writer<Box<dyn Write + Send>>, replies: Option<Box<dyn Read + Send>>, two_way: bool, cluster: usize, depth: usize, timeout: Duration) -> Outbox {
-        let (tx, rx) = sync_channel::<Msg>(depth * 2);
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn start(
+        writer: Writer<Box<dyn Write + Send>>,
+        replies: Option<Box<dyn Read + Send>>,
+        two_way: bool,
+        cluster: usize,
+        depth: usize,
+        timeout: Duration,
+        inline: bool,
+    ) -> Outbox {
         let bufs = Arc::new(BufPool::new(cluster, depth * 4));
+        if inline {
+            return Outbox {
+                data_tx: None,
+                tx: None,
+                writer: None,
+                hashers: Vec::new(),
+                reader: None,
+                bufs,
+                queued: std::cell::Cell::new(0),
+                failed: Arc::new(WriterEnd::default()),
+                abandoned: Arc::new(AtomicBool::new(false)),
+                answers: None,
+                inline: Some(Inline {
+                    w: RefCell::new(writer),
+                    replies: RefCell::new(replies.filter(|_| two_way)),
+                    asked: Cell::new(0),
+                    answered: Cell::new(0),
+                    failed: RefCell::new(None),
+                }),
+            };
+        }
+        let (tx, rx) = sync_channel::<Msg>(depth * 2);
         let answers = (two_way && replies.is_some()).then(|| Arc::new(Answers::default()));
         let reader = match (replies, &answers) {
             (Some(r), Some(a)) => {
@@ -142,6 +175,7 @@ impl Outbox {
             failed,
             abandoned,
             answers,
+            inline: None,
         }
     }
 
@@ -191,6 +225,11 @@ impl Outbox {
     }
 
     pub(super) fn data_by(&self, pos: u64, buf: AlignedBuf, len: usize, deadline: Option<Instant>) -> Result<()> {
+        if let Some(inline) = &self.inline {
+            let r = inline.data(pos, &buf[..len]);
+            self.bufs.put(buf);
+            return r;
+        }
         let tx = self.data_tx.as_ref().expect("open until finish");
         self.put(tx, Msg::Data { pos, buf, len, digest: None }, deadline)?;
         self.queued.set(self.queued.get() + 1);
@@ -199,6 +238,9 @@ impl Outbox {
 
     /// A SYNC command, and wait until the receiver answered everything.
     pub(super) fn sync(&self) -> Result<()> {
+        if let Some(inline) = &self.inline {
+            return inline.sync();
+        }
         let after = self.queued.get();
         self.send(Msg::Sync { after })?;
         let (done, rx) = sync_channel(1);
@@ -212,6 +254,9 @@ impl Outbox {
     }
 
     pub(super) fn written_by(&self, deadline: Option<Instant>) -> Result<()> {
+        if let Some(inline) = &self.inline {
+            return inline.run(|w| w.flush().map_err(channel_err));
+        }
         let (done, rx) = sync_channel(1);
         self.put(self.tx.as_ref().expect("open until finish"), Msg::Written { after: self.queued.get(), done }, deadline)?;
         match deadline {
@@ -227,6 +272,9 @@ impl Outbox {
     /// End the stream (FINISH) once everything queued is written, and
     /// wait for the receiver; returns the stream's length.
     pub(super) fn finish(mut self) -> Result<u64> {
+        if let Some(inline) = self.inline.take() {
+            return inline.finish();
+        }
         self.written()?;
         self.close_queues();
         self.writer.take().expect("once").join().unwrap_or_else(|_| Err(Error::new(libc::EIO, "the copy writer panicked")))
@@ -248,6 +296,82 @@ impl Outbox {
         if let Some(w) = self.writer.take() {
             let _ = w.join();
         }
+    }
+}
+
+/// The stream written on the caller's thread (`SendOptions::inline`):
+/// each packet is checksummed and written as it is queued, and the
+/// receiver's answers are read where they are waited for.
+struct Inline {
+    w: RefCell<Writer<Box<dyn Write + Send>>>,
+    /// The answers' channel, two-way only.
+    replies: RefCell<Option<Box<dyn Read + Send>>>,
+    /// Packets the receiver answers, sent and answered so far.
+    asked: Cell<u64>,
+    answered: Cell<u64>,
+    /// The first failure: the stream is broken from there on.
+    failed: RefCell<Option<Error>>,
+}
+
+impl Inline {
+    fn run(&self, f: impl FnOnce(&mut Writer<Box<dyn Write + Send>>) -> Result<()>) -> Result<()> {
+        if let Some(e) = &*self.failed.borrow() {
+            return Err(e.clone());
+        }
+        let r = f(&mut self.w.borrow_mut());
+        if let Err(e) = &r {
+            *self.failed.borrow_mut() = Some(e.clone());
+        }
+        r
+    }
+
+    fn data(&self, pos: u64, payload: &[u8]) -> Result<()> {
+        self.run(|w| {
+            w.packet_with_digest(Kind::DataDevice, pos, payload, None).map_err(channel_err)?;
+            self.asked.set(self.asked.get() + 1);
+            Ok(())
+        })
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.run(|w| {
+            w.command(cmd::SYNC, 0, &[]).map_err(channel_err)?;
+            self.asked.set(self.asked.get() + 1);
+            w.flush().map_err(channel_err)?;
+            self.wait_answers()
+        })
+    }
+
+    /// Read answers until every packet sent is answered.
+    fn wait_answers(&self) -> Result<()> {
+        let mut replies = self.replies.borrow_mut();
+        let Some(r) = replies.as_mut() else { return Ok(()) };
+        while self.answered.get() < self.asked.get() {
+            match read_status(r.as_mut())? {
+                0 => self.answered.set(self.answered.get() + 1),
+                s => {
+                    let errno = if s < 0 { -s } else { libc::EPROTO };
+                    return Err(Error::new(errno, format!("the receiver failed: {}", std::io::Error::from_raw_os_error(errno))));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// End the stream as the writer thread does.
+    fn finish(self) -> Result<u64> {
+        let two_way = self.replies.borrow().is_some();
+        self.run(|w| {
+            if two_way {
+                w.command(cmd::UMOUNT, 0, &[]).map_err(channel_err)?;
+                w.finish(false).map_err(channel_err)?;
+                self.asked.set(self.asked.get() + 2);
+                self.wait_answers()
+            } else {
+                w.finish(true).map_err(channel_err)
+            }
+        })?;
+        Ok(self.w.borrow().written())
     }
 }
 

@@ -84,6 +84,11 @@ pub struct SendOptions {
     /// it is sent when it is no larger than this, else it is sent while
     /// frozen.
     pub capture_max: u64,
+    /// Write and checksum the stream on the caller's thread, with no
+    /// helper threads: waits for the channel return at once, so one
+    /// thread (a deterministic simulation's executor) runs a whole copy.
+    /// The default overlaps reading the disk with hashing and sending.
+    pub inline: bool,
 }
 
 /// Defaults of [`SendOptions::freeze_limit`] and [`SendOptions::timeout`].
@@ -92,7 +97,7 @@ pub const CHANNEL_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Default for SendOptions {
     fn default() -> Self {
-        SendOptions { two_way: false, incremental: false, max_rounds: 8, end: End::Resume, in_flight: 8, cbt: None, freeze_limit: FREEZE_LIMIT, timeout: CHANNEL_TIMEOUT, capture_max: CAPTURE_MAX }
+        SendOptions { two_way: false, incremental: false, max_rounds: 8, end: End::Resume, in_flight: 8, cbt: None, freeze_limit: FREEZE_LIMIT, timeout: CHANNEL_TIMEOUT, capture_max: CAPTURE_MAX, inline: false }
     }
 }
 
@@ -135,7 +140,7 @@ pub async fn send<I: Io>(
     opts: SendOptions,
     progress: Progress<'_>,
 ) -> Result<Sent> {
-    let started = Instant::now();
+    let started = io.now();
     let cluster = stack.cluster_size();
     if opts.incremental && opts.cbt.is_none() {
         return Err(Error::invalid("an incremental copy needs the record of changes since the last backup"));
@@ -171,7 +176,7 @@ pub async fn send<I: Io>(
     let tracker = Arc::new(Tracker::new(stack.size(), cluster));
     stack.add_tracker(tracker.clone()).await?;
     let first = opts.cbt.as_ref().filter(|_| opts.incremental).map(|t| t.peek_at(cluster));
-    let pipe = Outbox::start(writer, replies, opts.two_way, cluster as usize, opts.in_flight, opts.timeout);
+    let pipe = Outbox::start(writer, replies, opts.two_way, cluster as usize, opts.in_flight, opts.timeout, opts.inline);
     let mut fs_frozen = false;
     let mut cleared = false;
     let result = rounds(io, stack, &tracker, first, &pipe, fs, &mut fs_frozen, &mut cleared, &opts, progress).await;
@@ -207,7 +212,7 @@ pub async fn send<I: Io>(
         cbt.confirm();
     }
     sent.md5 = md5;
-    sent.secs = started.elapsed().as_secs_f64();
+    sent.secs = io.now().duration_since(started).as_secs_f64();
     sent.bytes = sent.rounds.iter().map(|r| r.bytes).sum();
     Ok(sent)
 }
@@ -251,7 +256,7 @@ async fn rounds<I: Io>(
 
     // The last pass, frozen: the filesystem first (it writes its dirty
     // state through the device), then the requests.
-    let t0 = Instant::now();
+    let t0 = io.now();
     let deadline = t0 + opts.freeze_limit;
     fs.freeze()?;
     *fs_frozen = true;
@@ -273,7 +278,7 @@ async fn rounds<I: Io>(
     // Past the limit the frozen pass gives up: the caller thaws, the
     // requests go on (the guard dropped), the copy fails.
     let over = |e: Error| match e.errno() {
-        libc::ETIMEDOUT if Instant::now() >= deadline => Error::new(
+        libc::ETIMEDOUT if io.now() >= deadline => Error::new(
             libc::ETIMEDOUT,
             format!(
                 "the last pass did not reach the receiver within the freeze limit ({} s): the copy gave up, the filesystem was thawed and the device serves on ({e})",
@@ -297,11 +302,11 @@ async fn rounds<I: Io>(
     }
     fs.thaw()?;
     *fs_frozen = false;
-    sent.frozen_ms = t0.elapsed().as_secs_f64() * 1e3;
+    sent.frozen_ms = io.now().duration_since(t0).as_secs_f64() * 1e3;
     for (pos, buf, len) in held.into_inner() {
         pipe.data(pos, buf, len)?;
     }
-    last_round.secs = t0.elapsed().as_secs_f64();
+    last_round.secs = io.now().duration_since(t0).as_secs_f64();
     sent.rounds.push(last_round);
     Ok(sent)
 }
@@ -348,7 +353,7 @@ async fn send_round<I: Io>(
     deadline: Option<Instant>,
     progress: Progress<'_>,
 ) -> Result<Round> {
-    let start = Instant::now();
+    let start = io.now();
     let (size, cluster) = src.size();
     let todo: Vec<u64> = set.iter_ones().map(|c| c as u64).filter(|&c| c * cluster < size).collect();
     let total = todo.len() as u64;
@@ -362,7 +367,7 @@ async fn send_round<I: Io>(
                 Dest::Pipe(pipe) => pipe.buf(),
                 Dest::Memory(_) => AlignedBuf::zeroed(cluster as usize),
             };
-            if deadline.is_some_and(|d| Instant::now() >= d) {
+            if deadline.is_some_and(|d| io.now() >= d) {
                 return Err(Error::new(libc::ETIMEDOUT, "the frozen pass ran out of time"));
             }
             src.read(io, c * cluster, &mut buf[..len]).await?;
@@ -385,5 +390,5 @@ async fn send_round<I: Io>(
     };
     for_each_in_flight(in_flight, &todo, one, |done| progress(round, done, total)).await?;
     let (n, bytes) = sent.get();
-    Ok(Round { round, clusters: total, sent: n, bytes, secs: start.elapsed().as_secs_f64(), frozen: false })
+    Ok(Round { round, clusters: total, sent: n, bytes, secs: io.now().duration_since(start).as_secs_f64(), frozen: false })
 }

@@ -211,17 +211,22 @@ impl Descriptor {
     /// `MAX_DESCRIPTOR` unread: a real descriptor is a few KB, and the
     /// path may name any file at all.
     pub fn read_text(path: &std::path::Path) -> Result<String> {
-        use std::io::Read;
-        let file = crate::io::open_named(path, false, 0, false).map_err(|e| Error::io(e, path.display()))?;
-        let mut bytes = Vec::new();
-        file.take(MAX_DESCRIPTOR + 1).read_to_end(&mut bytes).map_err(|e| Error::io(e, path.display()))?;
-        if bytes.len() as u64 > MAX_DESCRIPTOR {
+        crate::io::block_on(Self::read_text_in(&crate::io::SyncIo, path))
+    }
+
+    /// The same through `io`.
+    pub async fn read_text_in<I: crate::io::Io + ?Sized>(io: &I, path: &std::path::Path) -> Result<String> {
+        let file = io.open(path, &crate::io::OpenHow::read()).map_err(|e| Error::io(e, path.display()))?;
+        let len = io.fstat(file.fd()).map_err(|e| Error::io(e, path.display()))?.len;
+        if len > MAX_DESCRIPTOR {
             return Err(Error::invalid(format!(
                 "{}: larger than {} KiB, not a DiskDescriptor.xml",
                 path.display(),
                 MAX_DESCRIPTOR >> 10
             )));
         }
+        let mut bytes = vec![0u8; len as usize];
+        io.read_at(file.fd(), &mut bytes, 0).await.map_err(|e| Error::io(e, path.display()))?;
         String::from_utf8(bytes)
             .map_err(|_| Error::invalid(format!("{}: not UTF-8 text, not a DiskDescriptor.xml", path.display())))
     }

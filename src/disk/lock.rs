@@ -7,19 +7,18 @@
 //! POSIX locks, but is not dropped when this process closes some other
 //! descriptor of the base file (a POSIX lock would be).
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use crate::error::{Error, Result};
+use crate::io::{Handle, Io, LockHow, OpenHow};
 
-const RANGE: (i64, i64) = (200, 5);
+const RANGE: (u64, u64) = (200, 5);
 
 /// Held while a disk is being changed; dropping it releases both locks.
 pub struct DiskLock {
-    base: File,
+    base: Handle,
     base_path: std::path::PathBuf,
-    _lck: File,
+    _lck: Handle,
 }
 
 impl std::fmt::Debug for DiskLock {
@@ -28,23 +27,26 @@ impl std::fmt::Debug for DiskLock {
     }
 }
 
-fn ofd_lock(file: &File, cmd: libc::c_int, kind: libc::c_short) -> std::io::Result<libc::flock> {
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = kind;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    fl.l_start = RANGE.0;
-    fl.l_len = RANGE.1;
-    // SAFETY: fcntl with a flock struct we own, on our descriptor.
-    if unsafe { libc::fcntl(file.as_raw_fd(), cmd, &mut fl) } != 0 {
-        return Err(std::io::Error::last_os_error());
+/// Take the byte-range read lock on an opened base delta, or say who
+/// holds a conflicting one: tested before and after taking it, since
+/// another process may take its read lock at the same time.
+fn lock_range<I: Io + ?Sized>(io: &I, base: &Handle, path: &Path, busy: impl Fn(Option<i32>, &str) -> Error) -> Result<()> {
+    let io_err = |e| Error::io(e, path.display());
+    if let Some(who) = io.ofd_holder(base.fd(), RANGE).map_err(io_err)? {
+        return Err(busy(Some(who), "byte-range lock on the base delta"));
     }
-    Ok(fl)
+    io.ofd_lock(base.fd(), RANGE, LockHow::Shared).map_err(|e| match e.raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::EACCES) => busy(None, "byte-range lock on the base delta"),
+        _ => io_err(e),
+    })?;
+    if let Some(who) = io.ofd_holder(base.fd(), RANGE).map_err(io_err)? {
+        return Err(busy(Some(who), "byte-range lock on the base delta, taken at the same time"));
+    }
+    Ok(())
 }
 
-/// Somebody else's lock on the range, if any: who (a pid, -1 when unknown).
-fn conflicting(file: &File) -> std::io::Result<Option<i32>> {
-    let fl = ofd_lock(file, libc::F_OFD_GETLK, libc::F_WRLCK as libc::c_short)?;
-    Ok((fl.l_type != libc::F_UNLCK as libc::c_short).then_some(fl.l_pid))
+fn open_base<I: Io + ?Sized>(io: &I, base: &Path) -> Result<Handle> {
+    io.open(base, &OpenHow { block_ok: true, ..OpenHow::read() }).map_err(|e| Error::io(e, base.display()))
 }
 
 /// How long to wait for another holder to let go (ploop waits 60 s).
@@ -52,17 +54,19 @@ const WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl DiskLock {
     /// Take the lock, waiting a while if another process holds it.
-    pub fn take(xml: &Path, base: &Path) -> Result<DiskLock> {
-        let start = std::time::Instant::now();
+    pub fn take<I: Io + ?Sized>(io: &I, xml: &Path, base: &Path) -> Result<DiskLock> {
+        let start = io.now();
         loop {
-            match Self::try_take(xml, base) {
-                Err(e) if e.errno() == libc::EBUSY && start.elapsed() < WAIT => std::thread::sleep(std::time::Duration::from_millis(50)),
+            match Self::try_take(io, xml, base) {
+                Err(e) if e.errno() == libc::EBUSY && io.now().duration_since(start) < WAIT => {
+                    io.sleep_blocking(std::time::Duration::from_millis(50))
+                }
                 other => return other,
             }
         }
     }
 
-    fn try_take(xml: &Path, base: &Path) -> Result<DiskLock> {
+    fn try_take<I: Io + ?Sized>(io: &I, xml: &Path, base: &Path) -> Result<DiskLock> {
         let busy = |who: Option<i32>, what: &str| {
             let by = match who {
                 Some(pid) if pid > 0 => format!(", pid {pid}"),
@@ -76,35 +80,16 @@ impl DiskLock {
         ));
         // Never through a symlink: a dangling one planted there would have
         // us create its target (as root).
-        use std::os::unix::fs::OpenOptionsExt;
-        let lck = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&lck_path)
-            .map_err(|e| match e.raw_os_error() {
-                Some(libc::ELOOP) => Error::new(libc::ELOOP, format!("{}: is a symbolic link; refusing to lock through it", lck_path.display())),
-                _ => Error::io(e, lck_path.display()),
-            })?;
-        // SAFETY: plain syscall on our own descriptor.
-        if unsafe { libc::flock(lck.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let how = OpenHow { write: true, create: true, mode: 0o666, nofollow: true, ..OpenHow::default() };
+        let lck = io.open(&lck_path, &how).map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => Error::new(libc::ELOOP, format!("{}: is a symbolic link; refusing to lock through it", lck_path.display())),
+            _ => Error::io(e, lck_path.display()),
+        })?;
+        if io.flock(lck.fd(), LockHow::Exclusive).is_err() {
             return Err(busy(None, "flock on the .lck file"));
         }
-        let base_file = crate::io::open_named(base, false, 0, true).map_err(|e| Error::io(e, base.display()))?;
-        let io_err = |e| Error::io(e, base.display());
-        if let Some(who) = conflicting(&base_file).map_err(io_err)? {
-            return Err(busy(Some(who), "byte-range lock on the base delta"));
-        }
-        ofd_lock(&base_file, libc::F_OFD_SETLK, libc::F_RDLCK as libc::c_short).map_err(|e| match e.raw_os_error() {
-            Some(libc::EAGAIN) | Some(libc::EACCES) => busy(None, "byte-range lock on the base delta"),
-            _ => io_err(e),
-        })?;
-        // Another process may have taken its read lock at the same time.
-        if let Some(who) = conflicting(&base_file).map_err(io_err)? {
-            return Err(busy(Some(who), "byte-range lock on the base delta, taken at the same time"));
-        }
+        let base_file = open_base(io, base)?;
+        lock_range(io, &base_file, base, busy)?;
         Ok(DiskLock { base: base_file, base_path: base.to_path_buf(), _lck: lck })
     }
 
@@ -116,20 +101,13 @@ impl DiskLock {
     /// Move the byte-range lock to another base delta (an operation under
     /// this lock made another file the base), keeping the `.lck` flock
     /// throughout: the new range is locked before the old one is let go.
-    pub fn rebase(&mut self, base: &Path) -> Result<()> {
-        let busy = |who: Option<i32>| {
+    pub fn rebase<I: Io + ?Sized>(&mut self, io: &I, base: &Path) -> Result<()> {
+        let busy = |who: Option<i32>, _: &str| {
             let by = who.filter(|&p| p > 0).map(|p| format!(", pid {p}")).unwrap_or_default();
             Error::new(libc::EBUSY, format!("{}: the new base delta is locked by another process{by}", base.display()))
         };
-        let file = crate::io::open_named(base, false, 0, true).map_err(|e| Error::io(e, base.display()))?;
-        let io_err = |e| Error::io(e, base.display());
-        if let Some(who) = conflicting(&file).map_err(io_err)? {
-            return Err(busy(Some(who)));
-        }
-        ofd_lock(&file, libc::F_OFD_SETLK, libc::F_RDLCK as libc::c_short).map_err(|e| match e.raw_os_error() {
-            Some(libc::EAGAIN) | Some(libc::EACCES) => busy(None),
-            _ => io_err(e),
-        })?;
+        let file = open_base(io, base)?;
+        lock_range(io, &file, base, busy)?;
         self.base = file;
         self.base_path = base.to_path_buf();
         Ok(())

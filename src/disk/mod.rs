@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
-use crate::io::Io;
+use crate::io::{block_on, FileKind, FileStat, Io, OpenHow, SyncIo};
 use crate::layers::PloopLayer;
 use crate::stack::LayerSpec;
 
@@ -58,11 +58,17 @@ impl Disk {
 
     /// Read the descriptor of a disk directory (or of the descriptor file).
     pub fn load(path: &Path) -> Result<Disk> {
-        if path.is_dir() && !path.join(DESCRIPTOR).exists() {
+        block_on(Disk::load_in(&SyncIo, path))
+    }
+
+    /// The same through `io` (the daemon's recovery in a simulated world).
+    pub async fn load_in<I: Io + ?Sized>(io: &I, path: &Path) -> Result<Disk> {
+        let is_dir = stat_following(io, path).is_some_and(|st| st.kind == FileKind::Dir);
+        if is_dir && stat_following(io, &path.join(DESCRIPTOR)).is_none() {
             return Err(no_descriptor(path));
         }
-        let xml_path = Self::descriptor_path(path);
-        let text = Descriptor::read_text(&xml_path)?;
+        let xml_path = if is_dir { path.join(DESCRIPTOR) } else { path.to_path_buf() };
+        let text = Descriptor::read_text_in(io, &xml_path).await?;
         let desc = Descriptor::parse(&text).map_err(|e| e.context(xml_path.display()))?;
         // A bare file name (`info DiskDescriptor.xml`, ploop's usual way)
         // has "" for its parent: the current directory.
@@ -70,7 +76,7 @@ impl Disk {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        let dir = std::fs::canonicalize(&dir).map_err(|e| Error::io(e, dir.display()))?;
+        let dir = io.canonicalize(&dir).map_err(|e| Error::io(e, dir.display()))?;
         Ok(Disk { dir, desc, held: None })
     }
 
@@ -81,13 +87,18 @@ impl Disk {
     /// disk use this lock instead of taking it; it is let go when the last
     /// clone of the disk is dropped.
     pub fn load_locked(path: &Path) -> Result<Disk> {
+        block_on(Disk::load_locked_in(&SyncIo, path))
+    }
+
+    /// The same through `io`.
+    pub async fn load_locked_in<I: Io + ?Sized>(io: &I, path: &Path) -> Result<Disk> {
         // The lock lives on the base delta, which another tool may change
         // while we wait: read the descriptor again once the lock is held,
         // and start over if its base is not the file we locked.
         for _ in 0..3 {
-            let seen = Disk::load(path)?;
-            let lock = seen.lock_fresh()?;
-            let mut disk = Disk::load(path)?;
+            let seen = Disk::load_in(io, path).await?;
+            let lock = seen.lock_fresh(io)?;
+            let mut disk = Disk::load_in(io, path).await?;
             if disk.lock_path()? == seen.lock_path()? {
                 disk.held = Some(Arc::new(Mutex::new(lock)));
                 return Ok(disk);
@@ -106,13 +117,18 @@ impl Disk {
     /// On any failure the lock stays with this disk (dropping it would let
     /// another tool in while the caller still works on the disk).
     pub fn reload(&mut self) -> Result<()> {
+        block_on(self.reload_in(&SyncIo))
+    }
+
+    /// The same through `io`.
+    pub async fn reload_in<I: Io + ?Sized>(&mut self, io: &I) -> Result<()> {
         let held = self.held.take();
-        let result = Disk::load(&self.dir).map(|d| *self = d).and_then(|()| match &held {
+        let result = Disk::load_in(io, &self.dir).await.map(|d| *self = d).and_then(|()| match &held {
             Some(h) => {
                 let base = self.lock_path()?;
                 let mut lock = h.lock().unwrap();
                 if lock.base() != base {
-                    lock.rebase(&base)?;
+                    lock.rebase(io, &base)?;
                 }
                 Ok(())
             }
@@ -151,21 +167,25 @@ impl Disk {
     /// shared template below many clones is read as a lower layer, never
     /// written, merged into, moved or removed.
     pub fn place(&self, image: &Image) -> Place {
+        self.place_in(&SyncIo, image)
+    }
+
+    /// The same through `io`.
+    pub fn place_in<I: Io + ?Sized>(&self, io: &I, image: &Image) -> Place {
         let Some(rel) = inside_name(&self.dir, &image.file) else {
             return Place::Outside("the descriptor names it outside the disk directory".into());
         };
         let path = self.dir.join(rel);
         let parent = path.parent().unwrap_or(&self.dir);
-        match std::fs::canonicalize(parent) {
+        match io.canonicalize(parent) {
             Ok(p) if p.starts_with(&self.dir) => {}
             Ok(_) => return Place::Outside("a symbolic link on its path leads outside the disk directory".into()),
             Err(e) => return Place::Outside(format!("its directory cannot be resolved ({e})")),
         }
-        use std::os::unix::fs::MetadataExt;
-        match std::fs::symlink_metadata(&path) {
-            Ok(m) if m.file_type().is_symlink() => Place::Outside("it is a symbolic link".into()),
-            Ok(m) if !m.file_type().is_file() => Place::Outside("it is not a regular file".into()),
-            Ok(m) if m.nlink() > 1 => Place::Outside(format!("it has {} hard links, so writing it would change another file too", m.nlink())),
+        match io.stat(&path) {
+            Ok(Some(m)) if m.kind == FileKind::Symlink => Place::Outside("it is a symbolic link".into()),
+            Ok(Some(m)) if m.kind != FileKind::File => Place::Outside("it is not a regular file".into()),
+            Ok(Some(m)) if m.nlink > 1 => Place::Outside(format!("it has {} hard links, so writing it would change another file too", m.nlink)),
             // A missing file is inside: opening it will say it is missing.
             Ok(_) | Err(_) => Place::Inside,
         }
@@ -175,7 +195,12 @@ impl Disk {
     /// change it (`what`: "merge into", "remove"...): refused, naming the
     /// file and the rule, unless it is inside the disk directory.
     pub fn writable_path(&self, image: &Image, what: &str) -> Result<PathBuf> {
-        match self.place(image) {
+        self.writable_path_in(&SyncIo, image, what)
+    }
+
+    /// The same through `io`.
+    pub fn writable_path_in<I: Io + ?Sized>(&self, io: &I, image: &Image, what: &str) -> Result<PathBuf> {
+        match self.place_in(io, image) {
             Place::Inside => Ok(self.file_path(image)),
             Place::Outside(why) => Err(Error::new(
                 libc::EPERM,
@@ -197,9 +222,9 @@ impl Disk {
     pub async fn writable_layers<I: Io>(&self, io: &I) -> Result<Vec<LayerSpec>> {
         let chain = self.desc.chain(self.desc.top)?;
         let top = chain.last().expect("a chain is never empty");
-        self.writable_path(top, "write")?;
+        self.writable_path_in(io, top, "write")?;
         for img in &chain[..chain.len() - 1] {
-            if img.kind == ImageType::Compressed && self.place(img) != Place::Inside {
+            if img.kind == ImageType::Compressed && self.place_in(io, img) != Place::Inside {
                 let path = self.file_path(img);
                 if crate::layers::marked_in_use(io, &path).await? {
                     return Err(Error::new(
@@ -237,17 +262,17 @@ impl Disk {
     /// empty expandable image, and its descriptor.
     pub async fn init<I: Io>(io: &I, dir: &Path, size: u64, cluster: u64) -> Result<Disk> {
         let desc = Descriptor::new(size, cluster, BASE_FILE, ImageType::Compressed)?;
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(e, dir.display()))?;
+        io.create_dir_all(dir).map_err(|e| Error::io(e, dir.display()))?;
         let xml = dir.join(DESCRIPTOR);
-        if xml.exists() {
+        if stat_following(io, &xml).is_some() {
             return Err(Error::new(libc::EEXIST, format!("{}: a disk descriptor exists already", xml.display())));
         }
         let base = dir.join(BASE_FILE);
         PloopLayer::create(io, &base, size, cluster).await?;
-        let dir = std::fs::canonicalize(dir).map_err(|e| Error::io(e, dir.display()))?;
+        let dir = io.canonicalize(dir).map_err(|e| Error::io(e, dir.display()))?;
         let disk = Disk { dir, desc, held: None };
         if let Err(e) = disk.store(io).await {
-            let _ = std::fs::remove_file(&base);
+            let _ = io.remove_file(&base);
             return Err(e);
         }
         Ok(disk)
@@ -267,24 +292,18 @@ impl Disk {
         let tmp = self.dir.join(format!("{DESCRIPTOR}.tmp"));
         let text = self.desc.to_xml();
         let write = async {
-            match std::fs::remove_file(&tmp) {
+            match io.remove_file(&tmp) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
                 _ => {}
             }
-            use std::os::unix::fs::OpenOptionsExt;
-            let file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                .open(&tmp)?;
-            use std::os::fd::AsRawFd;
-            io.write_at(file.as_raw_fd(), text.as_bytes(), 0).await?;
-            io.sync_data(file.as_raw_fd()).await?;
+            let file = io.open(&tmp, &OpenHow::create_new(0o666))?;
+            io.write_at(file.fd(), text.as_bytes(), 0).await?;
+            io.sync_data(file.fd()).await?;
             io.rename(&tmp, &xml).await?;
             io.sync_dir(&self.dir).await
         };
         write.await.map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
+            let _ = io.remove_file(&tmp);
             Error::io(e, format_args!("{}: storing the descriptor", xml.display()))
         })
     }
@@ -297,13 +316,13 @@ impl Disk {
     pub async fn resize<I: Io>(&mut self, io: &I, new_size: u64) -> Result<Vec<crate::layers::ploop::resize::Resized>> {
         use crate::layers::ploop::resize::{resize, resize_raw};
         use crate::layers::Format;
-        let _lock = self.lock()?;
-        self.reload()?;
+        let _lock = self.lock_in(io)?;
+        self.reload_in(io).await?;
         let mut next = self.desc.clone();
         next.set_size(new_size)?;
         // Every delta is rewritten: all must be inside the disk directory.
         let files: Vec<(PathBuf, Format)> =
-            self.desc.images.iter().map(|i| Ok((self.writable_path(i, "resize")?, i.kind.format()))).collect::<Result<_>>()?;
+            self.desc.images.iter().map(|i| Ok((self.writable_path_in(io, i, "resize")?, i.kind.format()))).collect::<Result<_>>()?;
         let one = |f: &PathBuf, format: Format, apply: bool| {
             let f = f.clone();
             async move {
@@ -340,14 +359,19 @@ impl Disk {
     /// Take ploop's lock on this disk (see `lock.rs`); None when this disk
     /// carries it already (`load_locked`): the caller holds it.
     pub fn lock(&self) -> Result<Option<DiskLock>> {
+        self.lock_in(&SyncIo)
+    }
+
+    /// The same through `io`.
+    pub fn lock_in<I: Io + ?Sized>(&self, io: &I) -> Result<Option<DiskLock>> {
         if self.held.is_some() {
             return Ok(None);
         }
-        self.lock_fresh().map(Some)
+        self.lock_fresh(io).map(Some)
     }
 
-    fn lock_fresh(&self) -> Result<DiskLock> {
-        DiskLock::take(&self.xml_path(), &self.lock_path()?)
+    fn lock_fresh<I: Io + ?Sized>(&self, io: &I) -> Result<DiskLock> {
+        DiskLock::take(io, &self.xml_path(), &self.lock_path()?)
     }
 
     /// The file ploop's byte-range lock goes on: the base delta of the
@@ -399,6 +423,16 @@ impl Disk {
                 temporary: s.temporary != Temporary::No,
             })
             .collect()
+    }
+}
+
+/// What a name leads to, following symbolic links (as `Path::is_dir` and
+/// `exists` do); None when nothing does.
+fn stat_following<I: Io + ?Sized>(io: &I, path: &Path) -> Option<FileStat> {
+    match io.stat(path) {
+        Ok(Some(st)) if st.kind == FileKind::Symlink => io.canonicalize(path).ok().and_then(|p| io.stat(&p).ok().flatten()),
+        Ok(found) => found,
+        Err(_) => None,
     }
 }
 

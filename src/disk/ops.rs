@@ -69,9 +69,9 @@ pub struct Switched {
 /// When the disk carries a lock its caller took for the whole session
 /// (`Disk::load_locked`, offline commands), that lock is used: the caller
 /// opened the stack from the descriptor it read under it.
-fn refresh(disk: &mut Disk, stack: &Stack) -> Result<Option<super::DiskLock>> {
+async fn refresh<I: Io>(io: &I, disk: &mut Disk, stack: &Stack) -> Result<Option<super::DiskLock>> {
     let lock = if disk.holds_lock() {
-        disk.reload()?;
+        disk.reload_in(io).await?;
         None
     } else {
         // The lock lives on the base delta, and which file that is can
@@ -81,9 +81,9 @@ fn refresh(disk: &mut Disk, stack: &Stack) -> Result<Option<super::DiskLock>> {
         // was held.
         let mut lock = None;
         for _ in 0..3 {
-            let seen = Disk::load(&disk.dir)?;
-            let held = seen.lock_fresh()?;
-            *disk = Disk::load(&disk.dir)?;
+            let seen = Disk::load_in(io, &disk.dir).await?;
+            let held = seen.lock_fresh(io)?;
+            *disk = Disk::load_in(io, &disk.dir).await?;
             if disk.lock_path()? == seen.lock_path()? {
                 lock = Some(held);
                 break;
@@ -93,7 +93,7 @@ fn refresh(disk: &mut Disk, stack: &Stack) -> Result<Option<super::DiskLock>> {
         Some(lock.ok_or_else(changing)?)
     };
     let want: Vec<PathBuf> = disk.layers(None)?.into_iter().map(|s| s.path).collect();
-    let have = stack.paths();
+    let have = stack.paths_now().await;
     if want != have {
         return Err(Error::new(
             libc::ESTALE,
@@ -119,7 +119,7 @@ fn no_such(disk: &Disk, guid: Guid) -> Error {
 /// Take a snapshot: the top becomes the snapshot `guid` (random if None),
 /// frozen, and a new empty top takes the writes.
 pub async fn snapshot<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, guid: Option<Guid>) -> Result<Snapshotted> {
-    let _lock = refresh(disk, stack)?;
+    let _lock = refresh(io, disk, stack).await?;
     let snap = guid.unwrap_or_else(Guid::random);
     if snap == TOP_GUID || snap == NONE_GUID || disk.desc.shot(snap).is_some() {
         return Err(Error::new(libc::EEXIST, format!("{snap} is already used in {}", disk.xml_path().display())));
@@ -130,7 +130,7 @@ pub async fn snapshot<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, guid: Optio
     // The top is closed as a lower layer (its header written): it must be
     // the disk's own; the new top is made in the disk directory.
     let top_img = disk.desc.image(disk.desc.top).cloned().ok_or_else(|| no_such(disk, disk.desc.top))?;
-    disk.writable_path(&top_img, "freeze (close) the top")?;
+    disk.writable_path_in(io, &top_img, "freeze (close) the top")?;
     let file = disk.new_delta_name();
     let path = disk.dir.join(&file);
     let new_top = stack.prepare_top(io, &path).await?;
@@ -160,7 +160,7 @@ pub async fn snapshot<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, guid: Optio
             *disk = next;
             Ok(Snapshotted { guid: snap, file: path, stall })
         }
-        Err(e) if stack.paths().last() == Some(&path) => {
+        Err(e) if stack.paths_now().await.last() == Some(&path) => {
             // Swapped, but the old top did not close: the snapshot stands.
             *disk = next;
             Err(e)
@@ -179,7 +179,7 @@ pub async fn snapshot<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, guid: Optio
 /// the top while requests go on; a lower delta is copied into its parent's
 /// file. `progress` gets (clusters done, clusters to do).
 pub async fn merge<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Option<Guid>, progress: &dyn Fn(u64, u64)) -> Result<Merged> {
-    let _lock = refresh(disk, stack)?;
+    let _lock = refresh(io, disk, stack).await?;
     merge_locked(io, stack, disk, child, progress).await
 }
 
@@ -201,9 +201,9 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
     let cimg = disk.desc.image(child).cloned().ok_or_else(|| no_such(disk, child))?;
     // A merge writes into one of the two and removes the other (or its
     // name): both must be the disk's own files.
-    let ppath = disk.writable_path(&pimg, "merge into")?;
-    let cpath = disk.writable_path(&cimg, "merge and remove")?;
-    let layers = stack.layers();
+    let ppath = disk.writable_path_in(io, &pimg, "merge into")?;
+    let cpath = disk.writable_path_in(io, &cimg, "merge and remove")?;
+    let layers = stack.layers_now().await;
     let index = |p: &PathBuf| layers.iter().position(|l| &l.file().path == p);
     let (pi, ci) = match (index(&ppath), index(&cpath)) {
         (Some(pi), Some(ci)) if ci == pi + 1 => (pi, ci),
@@ -221,11 +221,11 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
     let clusters;
     if ci + 1 == layers.len() {
         // The top: copy the parent up into it, online.
-        layers[pi].relock(true).map_err(in_use)?;
+        layers[pi].relock(io, true).map_err(in_use)?;
         clusters = match stack.merge_parent_into_top(io, MERGE_BATCH, progress).await {
             Ok(n) => n,
             Err(e) => {
-                let _ = layers[pi].relock(false);
+                let _ = layers[pi].relock(io, false);
                 return Err(e);
             }
         };
@@ -234,17 +234,17 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
         let removed = stack.remove_layer(pi).await?;
         drop(layers);
         drop(removed);
-        remove_file(&ppath);
+        remove_file(io, &ppath);
     } else {
         // A lower delta: copy it into its parent's file.
-        layers[pi].relock(true).map_err(in_use)?;
-        if let Err(e) = layers[ci].relock(true) {
-            let _ = layers[pi].relock(false);
+        layers[pi].relock(io, true).map_err(in_use)?;
+        if let Err(e) = layers[ci].relock(io, true) {
+            let _ = layers[pi].relock(io, false);
             return Err(in_use(e));
         }
         let unlock = || {
-            let _ = layers[pi].relock(false);
-            let _ = layers[ci].relock(false);
+            let _ = layers[pi].relock(io, false);
+            let _ = layers[ci].relock(io, false);
         };
         // The parent's own content changes from the first copied cluster
         // on: mark it temporary first, as ploop does, so that a crash
@@ -277,8 +277,8 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
         let (old_parent, old_child) = stack.replace_pair(pi, merged.0.clone()).await?;
         drop(layers);
         drop((old_parent, old_child));
-        merged.0.relock(false)?;
-        remove_file(&cpath);
+        merged.0.relock(io, false)?;
+        remove_file(io, &cpath);
     }
     Ok(Merged { child, parent, clusters })
 }
@@ -288,7 +288,7 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
 /// delete); merge its child into it again, as ploop merges unused
 /// temporary snapshots on the next mount. Returns what was merged.
 pub async fn finish_merges<I: Io>(io: &I, stack: &Stack, disk: &mut Disk) -> Result<Vec<Merged>> {
-    let _lock = refresh(disk, stack)?;
+    let _lock = refresh(io, disk, stack).await?;
     let mut done = vec![];
     loop {
         let chain: Vec<Guid> = disk.desc.chain(disk.desc.top)?.iter().map(|i| i.guid).collect();
@@ -313,10 +313,10 @@ async fn merge_off_chain<I: Io>(
     progress: &dyn Fn(u64, u64),
 ) -> Result<Merged> {
     let (cpath, ppath) = (disk.file_path(cimg), disk.file_path(pimg));
-    let direct = if stack.layers()[0].file().direct { Direct::Auto } else { Direct::Off };
+    let direct = if stack.layers_now().await[0].file().direct { Direct::Auto } else { Direct::Off };
     let (child_layer, _) = Layer::open(io, &cpath, cimg.kind.format(), false, direct).await?;
     child_layer
-        .relock(true)
+        .relock(io, true)
         .map_err(|e| Error::new(e.errno(), format!("{}: in use by another process (a mounted snapshot?): {e}", cpath.display())))?;
     let mut marked = disk.clone();
     marked.desc.shots.iter_mut().filter(|s| s.guid == parent).for_each(|s| s.temporary = Temporary::Temporary);
@@ -332,7 +332,7 @@ async fn merge_off_chain<I: Io>(
     next.store(io).await?;
     *disk = next;
     drop(child_layer);
-    remove_file(&cpath);
+    remove_file(io, &cpath);
     Ok(Merged { child, parent, clusters })
 }
 
@@ -355,9 +355,9 @@ async fn copy_into_parent<I: Io>(
     // A child grown online (only the top grows) is larger than its parent:
     // the parent grows first, or the clusters past its end had nowhere to go.
     if format == crate::layers::Format::Ploop && child.size() > crate::layers::ploop::load::image_size(io, parent_path).await? {
-        let file = crate::io::open_image_file(parent_path, true, direct)?;
+        let file = crate::io::open_image_file_in(io, parent_path, true, direct)?;
         if lock {
-            crate::layers::lock(&file, true)?;
+            crate::layers::lock(io, &file, true)?;
         }
         crate::layers::ploop::resize::resize_file(io, &file, child.size(), true)
             .await
@@ -417,7 +417,7 @@ async fn copy_into_parent<I: Io>(
 /// the top; a delta with no child is removed, one with one child is merged
 /// into it, one with several is marked temporary.
 pub async fn delete<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, guid: Guid, progress: &dyn Fn(u64, u64)) -> Result<Deleted> {
-    let _lock = refresh(disk, stack)?;
+    let _lock = refresh(io, disk, stack).await?;
     if guid == disk.desc.top {
         return Err(Error::invalid(format!("{guid} is the top delta: it cannot be deleted (merge or switch instead)")));
     }
@@ -426,12 +426,11 @@ pub async fn delete<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, guid: Guid, p
     match children.len() {
         0 => {
             let img = disk.desc.image(guid).cloned().ok_or_else(|| no_such(disk, guid))?;
-            let path = disk.writable_path(&img, "remove")?;
+            let path = disk.writable_path_in(io, &img, "remove")?;
             // Not in the served chain (only the top has no child there);
             // refuse if something else reads it.
-            let probe = crate::io::open_named(&path, false, 0, false).map_err(|e| Error::io(e, path.display()))?;
-            // SAFETY: plain syscall on our own descriptor.
-            if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&probe), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let probe = io.open(&path, &crate::io::OpenHow::read()).map_err(|e| Error::io(e, path.display()))?;
+            if io.flock(probe.fd(), crate::io::LockHow::Exclusive).is_err() {
                 return Err(Error::new(libc::EBUSY, format!("{}: in use by another process (a mounted snapshot?)", path.display())));
             }
             let mut next = disk.clone();
@@ -440,7 +439,7 @@ pub async fn delete<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, guid: Guid, p
             next.store(io).await?;
             *disk = next;
             drop(probe);
-            remove_file(&path);
+            remove_file(io, &path);
             let _ = shot;
             Ok(Deleted::Removed)
         }
@@ -459,7 +458,7 @@ pub async fn delete<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, guid: Guid, p
 /// shows that snapshot's content on a new empty top; the old top's delta
 /// (and what was written since that snapshot) is removed.
 pub async fn switch<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, guid: Guid) -> Result<Switched> {
-    let _lock = refresh(disk, stack)?;
+    let _lock = refresh(io, disk, stack).await?;
     let old_top = disk.desc.top;
     if guid == old_top {
         return Err(Error::invalid(format!("{guid} is the current top already")));
@@ -470,13 +469,13 @@ pub async fn switch<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, guid: Guid) -
     }
     // The old top is removed: it must be the disk's own file.
     let top_img = disk.desc.image(old_top).cloned().ok_or_else(|| no_such(disk, old_top))?;
-    disk.writable_path(&top_img, "remove (switch away from)")?;
+    disk.writable_path_in(io, &top_img, "remove (switch away from)")?;
     let chain = disk.layers(Some(guid))?;
     // ploop names the new top after the first image, without stripping;
     // it is made in the disk directory.
     let file = disk.switch_top_name();
     let path = disk.dir.join(&file);
-    let current = stack.layers();
+    let current = stack.layers_now().await;
     let mut layers = Vec::with_capacity(chain.len() + 1);
     for spec in &chain {
         let layer = match current.iter().find(|l| l.file().path == spec.path) {
@@ -504,7 +503,7 @@ pub async fn switch<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, guid: Guid) -
         discard_top(io, new_top).await;
         return Err(e);
     }
-    let started = std::time::Instant::now();
+    let started = io.now();
     let old = match stack.replace_layers(layers).await {
         Ok(old) => old,
         Err(e) => {
@@ -513,7 +512,7 @@ pub async fn switch<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, guid: Guid) -
             return Err(e);
         }
     };
-    let stall = started.elapsed();
+    let stall = io.now().duration_since(started);
     *disk = next;
     drop(current);
     // The old top's content is discarded by the switch.
@@ -522,12 +521,12 @@ pub async fn switch<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, guid: Guid) -
     let _ = old_top_layer.close(io).await;
     drop(old);
     drop(old_top_layer);
-    remove_file(&old_path);
+    remove_file(io, &old_path);
     Ok(Switched { snapshot: guid, file: path, stall })
 }
 
-fn remove_file(path: &std::path::Path) {
-    if let Err(e) = std::fs::remove_file(path) {
+fn remove_file<I: Io>(io: &I, path: &std::path::Path) {
+    if let Err(e) = io.remove_file(path) {
         tracing::warn!("{}: removing a delta no descriptor names any more: {e}", path.display());
     }
 }

@@ -94,6 +94,9 @@ pub struct OpenHow {
     pub write: bool,
     /// O_CREAT|O_EXCL with `mode`: the file must not exist yet.
     pub create_new: bool,
+    /// O_CREAT with `mode`: made where missing, opened as it is otherwise
+    /// (a lock file).
+    pub create: bool,
     pub mode: u32,
     /// O_DIRECT; EINVAL where the filesystem refuses it.
     pub direct: bool,
@@ -207,6 +210,34 @@ pub(crate) fn os_flock(fd: RawFd, how: LockHow) -> std::io::Result<()> {
     }
 }
 
+fn os_ofd(fd: RawFd, cmd: libc::c_int, kind: libc::c_int, (start, len): (u64, u64)) -> std::io::Result<libc::flock> {
+    // SAFETY: a zeroed flock is a valid value; fcntl fills it.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = start as libc::off_t;
+    fl.l_len = len as libc::off_t;
+    // SAFETY: fcntl with a flock struct we own, on a descriptor the caller owns.
+    if unsafe { libc::fcntl(fd, cmd, &mut fl) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fl)
+}
+
+pub(crate) fn os_ofd_lock(fd: RawFd, range: (u64, u64), how: LockHow) -> std::io::Result<()> {
+    let kind = match how {
+        LockHow::Shared => libc::F_RDLCK,
+        LockHow::Exclusive => libc::F_WRLCK,
+        LockHow::Unlock => libc::F_UNLCK,
+    };
+    os_ofd(fd, libc::F_OFD_SETLK, kind, range).map(|_| ())
+}
+
+pub(crate) fn os_ofd_holder(fd: RawFd, range: (u64, u64)) -> std::io::Result<Option<i32>> {
+    let fl = os_ofd(fd, libc::F_OFD_GETLK, libc::F_WRLCK, range)?;
+    Ok((fl.l_type != libc::F_UNLCK as libc::c_short).then_some(fl.l_pid))
+}
+
 pub(crate) fn os_rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
     nix::fcntl::renameat2(None, from, None, to, nix::fcntl::RenameFlags::RENAME_NOREPLACE).map_err(std::io::Error::from)
 }
@@ -219,9 +250,17 @@ pub(crate) fn os_open(path: &Path, how: &OpenHow) -> std::io::Result<File> {
     if how.nofollow {
         extra |= libc::O_NOFOLLOW;
     }
-    if how.create_new {
+    if how.create_new || how.create {
         use std::os::unix::fs::OpenOptionsExt;
-        let file = OpenOptions::new().read(true).write(true).create_new(true).mode(how.mode).custom_flags(extra | libc::O_CLOEXEC).open(path)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(how.create_new)
+            .create(how.create)
+            .truncate(false)
+            .mode(how.mode)
+            .custom_flags(extra | libc::O_CLOEXEC)
+            .open(path)?;
         return Ok(file);
     }
     open_named(path, how.write, extra, how.block_ok)

@@ -116,6 +116,18 @@ pub trait Io {
     fn flock(&self, fd: RawFd, how: LockHow) -> io::Result<()> {
         file::os_flock(fd, how)
     }
+    /// Take, convert or drop a byte-range lock `(start, len)` owned by
+    /// the open file description, without waiting (F_OFD_SETLK): EAGAIN
+    /// or EACCES while another holds a conflicting one. It shares the lock
+    /// space of POSIX record locks (ploop's disk lock).
+    fn ofd_lock(&self, fd: RawFd, range: (u64, u64), how: LockHow) -> io::Result<()> {
+        file::os_ofd_lock(fd, range, how)
+    }
+    /// Whether another holds a lock on `range` that a write lock would
+    /// conflict with (F_OFD_GETLK): Some(its pid), -1 when unknown.
+    fn ofd_holder(&self, fd: RawFd, range: (u64, u64)) -> io::Result<Option<i32>> {
+        file::os_ofd_holder(fd, range)
+    }
     /// Now, for deadlines and pacing (only differences are ever used).
     fn now(&self) -> std::time::Instant {
         std::time::Instant::now()
@@ -223,6 +235,12 @@ impl<T: Io + ?Sized> Io for &T {
     }
     fn flock(&self, fd: RawFd, how: LockHow) -> io::Result<()> {
         (**self).flock(fd, how)
+    }
+    fn ofd_lock(&self, fd: RawFd, range: (u64, u64), how: LockHow) -> io::Result<()> {
+        (**self).ofd_lock(fd, range, how)
+    }
+    fn ofd_holder(&self, fd: RawFd, range: (u64, u64)) -> io::Result<Option<i32>> {
+        (**self).ofd_holder(fd, range)
     }
     fn now(&self) -> std::time::Instant {
         (**self).now()

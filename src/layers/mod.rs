@@ -10,7 +10,7 @@ pub mod raw;
 use std::path::Path;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::io::{open_image_file, AlignedBuf, Direct, ImageFile, Io};
+use crate::io::{open_image_file_in, AlignedBuf, Direct, ImageFile, Io, LockHow};
 use ploop::header;
 
 pub use ploop::{MetaError, OpenReport, PloopLayer};
@@ -59,7 +59,7 @@ const FOREIGN_MAGICS: &[(&[u8], &str)] = &[
 /// What a file's first bytes say it is: used to explain a refusal (a qcow2
 /// image given as a ploop one) and by `info`, never to pick how to serve it.
 pub async fn detect_format<I: Io>(io: &I, path: &Path) -> Result<Format> {
-    let file = open_image_file(path, false, Direct::Off)?;
+    let file = open_image_file_in(io, path, false, Direct::Off)?;
     let mut head = AlignedBuf::zeroed(4096);
     io.read_at(file.fd(), &mut head, 0).await.map_err(|e| Error::io(e, path.display()))?;
     if header::has_magic(&head) {
@@ -89,7 +89,7 @@ pub async fn detect_format<I: Io>(io: &I, path: &Path) -> Result<Format> {
 /// True when `path` is a ploop image whose in-use mark is set (its last
 /// writer did not close it).
 pub async fn marked_in_use<I: Io>(io: &I, path: &Path) -> Result<bool> {
-    let file = open_image_file(path, false, Direct::Off)?;
+    let file = open_image_file_in(io, path, false, Direct::Off)?;
     let name = path.display().to_string();
     let read = ploop::load::read_header(io, file.fd(), &name).await.map_err(|e| e.context(&name))?;
     Ok(read.header.in_use == header::IN_USE)
@@ -110,9 +110,9 @@ impl Layer {
     }
 
     async fn open_with<I: Io>(io: &I, path: &Path, format: Format, writable: bool, direct: Direct, locked: bool) -> Result<(Layer, OpenReport)> {
-        let file = open_image_file(path, writable, direct)?;
+        let file = open_image_file_in(io, path, writable, direct)?;
         if locked {
-            lock(&file, writable)?;
+            lock(io, &file, writable)?;
         }
         match format {
             Format::Ploop => match PloopLayer::open(io, file, direct, locked).await {
@@ -178,12 +178,12 @@ impl Layer {
     /// layer first makes sure no other process (a mounted snapshot) reads it.
     /// A holder that goes away within a moment (a process that forked
     /// with our descriptors and is about to exec) is waited for.
-    pub fn relock(&self, exclusive: bool) -> Result<()> {
-        let start = std::time::Instant::now();
+    pub fn relock<I: Io + ?Sized>(&self, io: &I, exclusive: bool) -> Result<()> {
+        let start = io.now();
         loop {
-            match lock(self.file(), exclusive) {
-                Err(e) if start.elapsed() < std::time::Duration::from_secs(2) && e.errno() == libc::EWOULDBLOCK => {
-                    std::thread::sleep(std::time::Duration::from_millis(20))
+            match lock(io, self.file(), exclusive) {
+                Err(e) if io.now().duration_since(start) < std::time::Duration::from_secs(2) && e.errno() == libc::EWOULDBLOCK => {
+                    io.sleep_blocking(std::time::Duration::from_millis(20))
                 }
                 other => return other,
             }
@@ -193,9 +193,9 @@ impl Layer {
     /// Turn the writable top into a read-only lower layer, keeping its open
     /// descriptor: the exclusive lock becomes a shared one. Call after
     /// `close`, which left the image consistent and marked clean.
-    pub fn demote(&self) -> Result<()> {
+    pub fn demote<I: Io + ?Sized>(&self, io: &I) -> Result<()> {
         if self.file().writable {
-            lock(self.file(), false)?;
+            lock(io, self.file(), false)?;
         }
         Ok(())
     }
@@ -322,19 +322,18 @@ const LOCK_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// flock without blocking, but waiting `LOCK_WAIT` for a holder that lets
 /// go (see `lock`). Converting our own lock between kinds is atomic.
-pub(crate) fn flock_waiting(fd: std::os::fd::RawFd, exclusive: bool) -> std::io::Result<()> {
-    let mode = if exclusive { libc::LOCK_EX } else { libc::LOCK_SH };
-    let start = std::time::Instant::now();
+pub(crate) fn flock_waiting<I: Io + ?Sized>(io: &I, fd: std::os::fd::RawFd, exclusive: bool) -> std::io::Result<()> {
+    let how = if exclusive { LockHow::Exclusive } else { LockHow::Shared };
+    let start = io.now();
     loop {
-        // SAFETY: plain syscall on a descriptor the caller owns.
-        if unsafe { libc::flock(fd, mode | libc::LOCK_NB) } == 0 {
-            return Ok(());
-        }
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() != Some(libc::EWOULDBLOCK) || start.elapsed() >= LOCK_WAIT {
+        let err = match io.flock(fd, how) {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        if err.raw_os_error() != Some(libc::EWOULDBLOCK) || io.now().duration_since(start) >= LOCK_WAIT {
             return Err(err);
         }
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        io.sleep_blocking(std::time::Duration::from_millis(20));
     }
 }
 
@@ -345,8 +344,8 @@ pub(crate) fn flock_waiting(fd: std::os::fd::RawFd, exclusive: bool) -> std::io:
 /// by another thread holds our descriptors (and so our locks) until it
 /// execs, and an image closed to be changed (grown, compacted) is opened
 /// again at once.
-pub(crate) fn lock(file: &ImageFile, exclusive: bool) -> Result<()> {
-    if let Err(err) = flock_waiting(file.fd(), exclusive) {
+pub(crate) fn lock<I: Io + ?Sized>(io: &I, file: &ImageFile, exclusive: bool) -> Result<()> {
+    if let Err(err) = flock_waiting(io, file.fd(), exclusive) {
         return Err(Error::new(
             err.raw_os_error().unwrap_or(libc::EBUSY),
             format!("{}: image is in use by another process ({err})", file.path.display()),

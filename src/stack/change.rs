@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::io::{for_each_in_flight, Io};
@@ -57,7 +57,7 @@ impl Stack {
         let layer = match Layer::open(io, path, Format::Ploop, true, self.direct).await {
             Ok((layer, _)) => Arc::new(layer),
             Err(e) => {
-                let _ = std::fs::remove_file(path);
+                let _ = io.remove_file(path);
                 return Err(e);
             }
         };
@@ -72,7 +72,7 @@ impl Stack {
     /// The second half: swap `new_top` in as the top (holding requests only
     /// for the swap), then close the old top. Returns the stall.
     pub async fn install_top<I: Io>(&self, io: &I, new_top: Arc<Layer>) -> Result<Duration> {
-        let start = Instant::now();
+        let start = io.now();
         let swapped = {
             let mut shape = self.shape.exclusive().await;
             if shape.closed || shape.layers.len() >= MAX_DEPTH {
@@ -84,7 +84,7 @@ impl Stack {
                 Ok(old)
             }
         };
-        let stall = start.elapsed();
+        let stall = io.now().duration_since(start);
         let old = match swapped {
             Ok(old) => old,
             Err(e) => {
@@ -102,7 +102,7 @@ impl Stack {
     /// succeeded, flushes sync it too.
     async fn retire<I: Io>(&self, io: &I, old: &Arc<Layer>) -> Result<()> {
         old.close(io).await?;
-        old.demote()?;
+        old.demote(io)?;
         self.retiring.lock().unwrap().retain(|l| !Arc::ptr_eq(l, old));
         Ok(())
     }
@@ -291,8 +291,8 @@ impl Stack {
         loop {
             let step = self
                 .with_top_closed(io, false, |io, path, lower: Vec<Arc<Layer>>| async move {
-                    let file = crate::io::open_image_file(&path, true, self.direct)?;
-                    crate::layers::lock(&file, true)?;
+                    let file = crate::io::open_image_file_in(io, &path, true, self.direct)?;
+                    crate::layers::lock(io, &file, true)?;
                     let lower_has = |c: u64| unknown_below || lower.iter().any(|l| l.lookup(c, self.cluster).is_some());
                     compact_step(io, &file, &lower_has, budget).await
                 })
@@ -390,5 +390,5 @@ pub async fn discard_top<I: Io>(io: &I, layer: Arc<Layer>) {
     let path = layer.file().path.clone();
     let _ = layer.close(io).await;
     drop(layer);
-    let _ = std::fs::remove_file(path);
+    let _ = io.remove_file(&path);
 }

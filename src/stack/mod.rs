@@ -155,7 +155,7 @@ impl Stack {
         if paths.len() > MAX_DEPTH {
             return Err(Error::invalid(format!("stack of {} layers exceeds the limit of {MAX_DEPTH}", paths.len())));
         }
-        reject_repeated_files(&paths)?;
+        reject_repeated_files(io, &paths)?;
         let lowers = &paths[..paths.len() - 1];
         let mut repaired = vec![false; paths.len()];
         if !opts.read_only {
@@ -263,6 +263,16 @@ impl Stack {
     /// Paths of the layers, bottom first.
     pub fn paths(&self) -> Vec<PathBuf> {
         self.layers().iter().map(|l| l.file().path.clone()).collect()
+    }
+    /// The layers now, bottom first, for a task: awaits a stack change in
+    /// progress instead of parking the thread (which would stall every
+    /// other task of a ring, and hang a single-threaded executor).
+    pub async fn layers_now(&self) -> Vec<Arc<Layer>> {
+        self.shape.enter().await.layers.clone()
+    }
+    /// Paths of the layers, bottom first, for a task (see `layers_now`).
+    pub async fn paths_now(&self) -> Vec<PathBuf> {
+        self.layers_now().await.iter().map(|l| l.file().path.clone()).collect()
     }
     /// Index of the topmost layer holding cluster `c`, if any.
     pub async fn owner_of(&self, c: u64) -> Option<usize> {
@@ -417,12 +427,14 @@ fn owner_map(layers: &[Arc<Layer>], size: u64, cluster: u64) -> Box<[AtomicU8]> 
 }
 
 /// The same file twice in one stack would be both read-only and writable.
-fn reject_repeated_files(paths: &[PathBuf]) -> Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let mut seen = std::collections::HashSet::new();
+/// Each name is opened to learn what file it leads to (through links), and
+/// closed again before any layer takes its lock.
+fn reject_repeated_files<I: Io>(io: &I, paths: &[PathBuf]) -> Result<()> {
+    let mut seen = std::collections::BTreeSet::new();
     for path in paths {
-        let meta = std::fs::metadata(path).map_err(|e| Error::io(e, path.display()))?;
-        if !seen.insert((meta.dev(), meta.ino())) {
+        let how = crate::io::OpenHow { block_ok: true, ..crate::io::OpenHow::read() };
+        let stat = io.open(path, &how).and_then(|h| io.fstat(h.fd())).map_err(|e| Error::io(e, path.display()))?;
+        if !seen.insert((stat.dev, stat.ino)) {
             return Err(Error::invalid(format!("{} appears twice in the stack", path.display())));
         }
     }

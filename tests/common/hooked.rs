@@ -7,9 +7,11 @@
 use std::future::Future;
 use std::io;
 use std::os::fd::RawFd;
-use std::path::Path;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-use ublk_ploop::io::{FixedBuf, Io};
+use ublk_ploop::io::{FileStat, FixedBuf, Handle, Io, LockHow, OpenHow};
 
 /// What an operation does, as a hook sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,11 +98,85 @@ impl Call<'_> {
 #[allow(async_fn_in_trait)]
 pub trait Backend {
     async fn call(&self, call: Call<'_>) -> io::Result<()>;
+    /// The wrapped I/O's namespace, lock and clock calls (no hook sees
+    /// them; they go to the wrapped I/O, never around it to the host).
+    fn plain(&self) -> &dyn Plain;
 }
 
 impl<I: Io> Backend for I {
     async fn call(&self, call: Call<'_>) -> io::Result<()> {
         call.on(self).await
+    }
+    fn plain(&self) -> &dyn Plain {
+        self
+    }
+}
+
+/// The plain (not async) methods of `Io`, as an object: a `Backend` that
+/// chooses among several I/Os hands out the one it holds.
+pub trait Plain {
+    fn open(&self, path: &Path, how: &OpenHow) -> io::Result<Handle>;
+    fn dio_alignment(&self, fd: RawFd) -> u32;
+    fn fstat(&self, fd: RawFd) -> io::Result<FileStat>;
+    fn seek_data(&self, fd: RawFd, at: u64) -> io::Result<Option<u64>>;
+    fn stat(&self, path: &Path) -> io::Result<Option<FileStat>>;
+    fn canonicalize(&self, path: &Path) -> io::Result<PathBuf>;
+    fn create_dir_all(&self, path: &Path) -> io::Result<()>;
+    fn remove_file(&self, path: &Path) -> io::Result<()>;
+    fn rename_noreplace(&self, from: &Path, to: &Path) -> io::Result<()>;
+    fn read_dir(&self, dir: &Path) -> io::Result<Vec<OsString>>;
+    fn flock(&self, fd: RawFd, how: LockHow) -> io::Result<()>;
+    fn ofd_lock(&self, fd: RawFd, range: (u64, u64), how: LockHow) -> io::Result<()>;
+    fn ofd_holder(&self, fd: RawFd, range: (u64, u64)) -> io::Result<Option<i32>>;
+    fn now(&self) -> Instant;
+    fn sleep_blocking(&self, d: Duration);
+}
+
+impl<I: Io> Plain for I {
+    fn open(&self, path: &Path, how: &OpenHow) -> io::Result<Handle> {
+        Io::open(self, path, how)
+    }
+    fn dio_alignment(&self, fd: RawFd) -> u32 {
+        Io::dio_alignment(self, fd)
+    }
+    fn fstat(&self, fd: RawFd) -> io::Result<FileStat> {
+        Io::fstat(self, fd)
+    }
+    fn seek_data(&self, fd: RawFd, at: u64) -> io::Result<Option<u64>> {
+        Io::seek_data(self, fd, at)
+    }
+    fn stat(&self, path: &Path) -> io::Result<Option<FileStat>> {
+        Io::stat(self, path)
+    }
+    fn canonicalize(&self, path: &Path) -> io::Result<PathBuf> {
+        Io::canonicalize(self, path)
+    }
+    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        Io::create_dir_all(self, path)
+    }
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        Io::remove_file(self, path)
+    }
+    fn rename_noreplace(&self, from: &Path, to: &Path) -> io::Result<()> {
+        Io::rename_noreplace(self, from, to)
+    }
+    fn read_dir(&self, dir: &Path) -> io::Result<Vec<OsString>> {
+        Io::read_dir(self, dir)
+    }
+    fn flock(&self, fd: RawFd, how: LockHow) -> io::Result<()> {
+        Io::flock(self, fd, how)
+    }
+    fn ofd_lock(&self, fd: RawFd, range: (u64, u64), how: LockHow) -> io::Result<()> {
+        Io::ofd_lock(self, fd, range, how)
+    }
+    fn ofd_holder(&self, fd: RawFd, range: (u64, u64)) -> io::Result<Option<i32>> {
+        Io::ofd_holder(self, fd, range)
+    }
+    fn now(&self) -> Instant {
+        Io::now(self)
+    }
+    fn sleep_blocking(&self, d: Duration) {
+        Io::sleep_blocking(self, d)
     }
 }
 
@@ -172,6 +248,51 @@ impl<B: Backend, H: Hook> Io for Hooked<B, H> {
     }
     async fn zero_fixed(&self, buf: FixedBuf) -> io::Result<()> {
         self.go(Call::ZeroFixed(buf)).await
+    }
+    fn open(&self, path: &Path, how: &OpenHow) -> io::Result<Handle> {
+        self.inner.plain().open(path, how)
+    }
+    fn dio_alignment(&self, fd: RawFd) -> u32 {
+        self.inner.plain().dio_alignment(fd)
+    }
+    fn fstat(&self, fd: RawFd) -> io::Result<FileStat> {
+        self.inner.plain().fstat(fd)
+    }
+    fn seek_data(&self, fd: RawFd, at: u64) -> io::Result<Option<u64>> {
+        self.inner.plain().seek_data(fd, at)
+    }
+    fn stat(&self, path: &Path) -> io::Result<Option<FileStat>> {
+        self.inner.plain().stat(path)
+    }
+    fn canonicalize(&self, path: &Path) -> io::Result<PathBuf> {
+        self.inner.plain().canonicalize(path)
+    }
+    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        self.inner.plain().create_dir_all(path)
+    }
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        self.inner.plain().remove_file(path)
+    }
+    fn rename_noreplace(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.inner.plain().rename_noreplace(from, to)
+    }
+    fn read_dir(&self, dir: &Path) -> io::Result<Vec<OsString>> {
+        self.inner.plain().read_dir(dir)
+    }
+    fn flock(&self, fd: RawFd, how: LockHow) -> io::Result<()> {
+        self.inner.plain().flock(fd, how)
+    }
+    fn ofd_lock(&self, fd: RawFd, range: (u64, u64), how: LockHow) -> io::Result<()> {
+        self.inner.plain().ofd_lock(fd, range, how)
+    }
+    fn ofd_holder(&self, fd: RawFd, range: (u64, u64)) -> io::Result<Option<i32>> {
+        self.inner.plain().ofd_holder(fd, range)
+    }
+    fn now(&self) -> Instant {
+        self.inner.plain().now()
+    }
+    fn sleep_blocking(&self, d: Duration) {
+        self.inner.plain().sleep_blocking(d)
     }
 }
 

@@ -546,6 +546,12 @@ impl Backend for Backends {
             Backends::Uring(i) | Backends::Fixed(i, _) => call.on(i).await,
         }
     }
+    fn plain(&self) -> &dyn hooked::Plain {
+        match self {
+            Backends::Sync(i) => i,
+            Backends::Uring(i) | Backends::Fixed(i, _) => i,
+        }
+    }
 }
 
 /// Largest request `Backends::Fixed` takes.

@@ -5,7 +5,6 @@
 //! (leaked clusters, a stale in-use mark), and repairs both in an order
 //! that is itself crash safe: data copies, then the BAT, then trimming.
 
-use std::os::fd::AsRawFd;
 use std::path::Path;
 
 
@@ -106,16 +105,14 @@ pub async fn inspect<I: Io>(io: &I, path: &Path, format: Format) -> Result<Check
 
 async fn check_with<I: Io>(io: &I, path: &Path, format: Format, repair: bool, take_lock: bool) -> Result<CheckReport> {
     // A repair writes: never through a symlink.
-    let nofollow = if repair { libc::O_NOFOLLOW } else { 0 };
-    let file = {
-        crate::io::open_named(path, repair, nofollow, format == Format::Raw).map_err(|e| Error::io(e, path.display()))?
-    };
-    let fd = file.as_raw_fd();
-    if take_lock && crate::layers::flock_waiting(fd, repair).is_err() {
+    let how = crate::io::OpenHow { write: repair, nofollow: repair, block_ok: format == Format::Raw, ..Default::default() };
+    let file = io.open(path, &how).map_err(|e| Error::io(e, path.display()))?;
+    let fd = file.fd();
+    if take_lock && crate::layers::flock_waiting(io, fd, repair).is_err() {
         return Err(Error::new(libc::EBUSY, format!("{}: image is in use by another process", path.display())));
     }
     let name = path.display().to_string();
-    let file_size = load::file_len(fd, &name)?;
+    let file_size = load::file_len(io, fd, &name)?;
     let mut report = CheckReport {
         path: name.clone(),
         format,
@@ -192,7 +189,7 @@ async fn check_with<I: Io>(io: &I, path: &Path, format: Format, repair: bool, ta
             report.header_errors.push(format!("{e}; --repair drops the extension"));
         }
     }
-    fill_scan(io, &mut report, &header, &scan, file.as_raw_fd(), file_size);
+    fill_scan(io, &mut report, &header, &scan, file.fd(), file_size);
     // Kept through a repair only if it is sound and the image was closed.
     let keep_extension = extension.is_some() && report.header_errors.is_empty() && !report.unclean;
     if !repair || report.verdict() == Verdict::Clean {
@@ -247,7 +244,7 @@ async fn check_with<I: Io>(io: &I, path: &Path, format: Format, repair: bool, ta
         repairs.push("header: in-use mark cleared".into());
     }
     // 3: give leaked space back: holes in the middle, truncation at the end.
-    let file_size = load::file_len(fd, &name)?;
+    let file_size = load::file_len(io, fd, &name)?;
     let mut rescan = load::scan_bat(io, fd, &header, file_size, &name).await?;
     if let (Some(ext), true) = (&extension, keep_extension) {
         claim_extension(&header, ext, &mut rescan)?;

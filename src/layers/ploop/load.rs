@@ -18,7 +18,7 @@ pub struct HeaderRead {
 /// Read and parse the header. An unparsable header is an error carrying
 /// the parser's message (check reports it, open refuses the image).
 pub async fn read_header<I: Io>(io: &I, fd: RawFd, path: &str) -> Result<HeaderRead> {
-    let file_len = file_len(fd, path)?;
+    let file_len = file_len(io, fd, path)?;
     let mut first = AlignedBuf::zeroed(4096);
     io.read_at(fd, &mut first, 0).await.map_err(|e| Error::io(e, path))?;
     let header = Header::parse(&first[..HEADER_SIZE.min(file_len as usize)])?;
@@ -28,13 +28,12 @@ pub async fn read_header<I: Io>(io: &I, fd: RawFd, path: &str) -> Result<HeaderR
 /// The disk size an image's header declares.
 pub async fn image_size<I: Io>(io: &I, path: &std::path::Path) -> Result<u64> {
     let name = path.display().to_string();
-    let file = crate::io::open_named(path, false, 0, false).map_err(|e| Error::io(e, &name))?;
-    use std::os::fd::AsRawFd;
-    Ok(read_header(io, file.as_raw_fd(), &name).await?.header.size_bytes())
+    let file = io.open(path, &crate::io::OpenHow::read()).map_err(|e| Error::io(e, &name))?;
+    Ok(read_header(io, file.fd(), &name).await?.header.size_bytes())
 }
 
-pub fn file_len(fd: RawFd, path: &str) -> Result<u64> {
-    nix::sys::stat::fstat(fd).map(|st| st.st_size as u64).map_err(|e| Error::from(e).context(path))
+pub fn file_len<I: Io + ?Sized>(io: &I, fd: RawFd, path: &str) -> Result<u64> {
+    io.fstat(fd).map(|st| st.len).map_err(|e| Error::io(e, path))
 }
 
 /// Entries the disk needs: one per cluster of the disk. A header may claim
@@ -81,17 +80,14 @@ pub async fn scan_bat<I: Io>(io: &I, fd: RawFd, h: &Header, file_len: u64, path:
     let mut buf = AlignedBuf::zeroed(SCAN_CHUNK as usize);
     let mut at = 0u64;
     while at < end {
-        // SAFETY: plain syscall on a descriptor the caller owns.
-        let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
-        if data < 0 {
-            match std::io::Error::last_os_error() {
-                // Nothing but holes from here on.
-                e if e.raw_os_error() == Some(libc::ENXIO) => break,
-                e => return Err(Error::io(e, path)),
-            }
-        }
+        let data = match io.seek_data(fd, at) {
+            Ok(Some(data)) => data,
+            // Nothing but holes from here on.
+            Ok(None) => break,
+            Err(e) => return Err(Error::io(e, path)),
+        };
         // Chunks stay aligned (the descriptor may be O_DIRECT).
-        at = at.max((data as u64) / SCAN_CHUNK * SCAN_CHUNK);
+        at = at.max(data / SCAN_CHUNK * SCAN_CHUNK);
         if at >= end {
             break;
         }

@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 
 use crate::error::{Error, Result};
-use crate::io::{open_image_file, wait::SyncGroup, wait::WaitList, Direct, ImageFile, Io};
+use crate::io::{open_image_file_in, wait::SyncGroup, wait::WaitList, Direct, ImageFile, Io};
 
 use bat::BatScan;
 use header::{Header, Variant, CLOSED, FLAG_EMPTY, HEADER_SIZE, IN_USE, SECTOR};
@@ -135,9 +135,9 @@ impl PloopLayer {
             // (flock would conflict with ourselves), then lock the new one.
             let (p, writable) = (file.path.clone(), file.writable);
             drop(file);
-            file = open_image_file(&p, writable, Direct::Off)?;
+            file = open_image_file_in(io, &p, writable, Direct::Off)?;
             if lock {
-                super::lock(&file, writable)?;
+                super::lock(io, &file, writable)?;
             }
         }
         let block = file.block_size as u64;
@@ -269,20 +269,12 @@ impl PloopLayer {
     /// chain's version: ploop refuses to merge mixed ones). Mode 0600, as
     /// ploop creates images: they hold a container's data.
     pub async fn create_variant<I: Io>(io: &I, path: &Path, size: u64, cluster: u64, variant: Variant) -> Result<Header> {
-        use std::os::fd::AsRawFd;
-        use std::os::unix::fs::OpenOptionsExt;
         let header = Header::new_variant(size, cluster, variant)?;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(IMAGE_MODE)
-            .open(path)
-            .map_err(|e| Error::io(e, path.display()))?;
+        let file = io.open(path, &crate::io::OpenHow::create_new(IMAGE_MODE)).map_err(|e| Error::io(e, path.display()))?;
         // The header, then an empty BAT up to the data area, written out
         // (so that BAT writes never need space the filesystem may not have
         // later), a chunk at a time (not a buffer the size of the table).
-        let fd = file.as_raw_fd();
+        let fd = file.fd();
         let meta_end = header.data_off_bytes();
         let mut chunk = vec![0u8; (meta_end as usize).min(1 << 20)];
         chunk[..HEADER_SIZE].copy_from_slice(&header.to_bytes());
@@ -298,7 +290,8 @@ impl PloopLayer {
             result = io.sync_data(fd).await;
         }
         if let Err(e) = result {
-            let _ = std::fs::remove_file(path);
+            drop(file);
+            let _ = io.remove_file(path);
             return Err(Error::io(e, path.display()));
         }
         Ok(header)

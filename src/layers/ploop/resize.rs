@@ -20,7 +20,7 @@
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::io::{open_image_file, AlignedBuf, Direct, Io};
+use crate::io::{open_image_file_in, AlignedBuf, Direct, Io};
 use crate::layers::ploop::header::{Header, Variant, HEADER_SIZE, IN_USE, SECTOR};
 
 use super::load;
@@ -41,8 +41,8 @@ pub struct Resized {
 /// cleanly and not in use (it is locked exclusively meanwhile). Without
 /// `apply`, only find out whether it can be done and what it would do.
 pub async fn resize<I: Io>(io: &I, path: &Path, new_size: u64, apply: bool) -> Result<Resized> {
-    let file = open_image_file(path, true, Direct::Auto)?;
-    crate::layers::lock(&file, true)?;
+    let file = open_image_file_in(io, path, true, Direct::Auto)?;
+    crate::layers::lock(io, &file, true)?;
     // What open (and so compact and convert) refuses, resize refuses too:
     // a table pointing past the file or into itself is not moved around.
     let seen = crate::layers::ploop::check::inspect(io, path, crate::layers::Format::Ploop).await?;
@@ -183,9 +183,9 @@ pub async fn resize_file<I: Io>(io: &I, file: &crate::io::ImageFile, new_size: u
 /// never shrunk, since any byte of a raw file may be data.
 pub async fn resize_raw<I: Io>(io: &I, path: &Path, new_size: u64, apply: bool) -> Result<Resized> {
     let name = path.display().to_string();
-    let file = open_image_file(path, true, Direct::Off)?;
-    crate::layers::lock(&file, true)?;
-    let old_size = load::file_len(file.fd(), &name)?;
+    let file = open_image_file_in(io, path, true, Direct::Off)?;
+    crate::layers::lock(io, &file, true)?;
+    let old_size = load::file_len(io, file.fd(), &name)?;
     if new_size == 0 || new_size % SECTOR != 0 {
         return Err(Error::invalid(format!("new size {new_size} must be a non-zero multiple of 512 bytes")));
     }
