@@ -19,6 +19,11 @@
 //! This file reads the stream into its sink; `temporaries.rs` keeps the
 //! list of what a receive made and the lock on its destination, and
 //! `apply.rs` applies a complete incremental delta.
+//!
+//! Every file and name is touched through an [`Io`] ([`receive_in`]), so
+//! that the deterministic simulation restores a stream into its own world
+//! and kills an apply midway ([`Hooks::before_cluster`]); the sync entry
+//! points run it on [`SyncIo`] for the command line.
 
 mod apply;
 mod temporaries;
