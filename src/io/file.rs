@@ -239,7 +239,15 @@ pub(crate) fn os_ofd_holder(fd: RawFd, range: (u64, u64)) -> std::io::Result<Opt
 }
 
 pub(crate) fn os_rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
-    nix::fcntl::renameat2(None, from, None, to, nix::fcntl::RenameFlags::RENAME_NOREPLACE).map_err(std::io::Error::from)
+    match nix::fcntl::renameat2(None, from, None, to, nix::fcntl::RenameFlags::RENAME_NOREPLACE) {
+        // A filesystem without RENAME_NOREPLACE: link refuses an existing
+        // name too (files only).
+        Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOSYS) if !from.is_dir() => {
+            std::fs::hard_link(from, to)?;
+            std::fs::remove_file(from)
+        }
+        r => r.map_err(std::io::Error::from),
+    }
 }
 
 pub(crate) fn os_open(path: &Path, how: &OpenHow) -> std::io::Result<File> {

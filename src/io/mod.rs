@@ -97,6 +97,15 @@ pub trait Io {
     fn create_dir_all(&self, path: &Path) -> io::Result<()> {
         std::fs::create_dir_all(path)
     }
+    /// Make one directory: EEXIST when the name is taken (a receive's
+    /// temporary disk directory, made exclusively).
+    fn create_dir(&self, path: &Path) -> io::Result<()> {
+        std::fs::create_dir(path)
+    }
+    /// Remove an empty directory (rmdir).
+    fn remove_dir(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_dir(path)
+    }
     /// Unlink a file (its directory's sync makes that durable).
     fn remove_file(&self, path: &Path) -> io::Result<()> {
         std::fs::remove_file(path)
@@ -223,6 +232,12 @@ impl<T: Io + ?Sized> Io for &T {
     }
     fn create_dir_all(&self, path: &Path) -> io::Result<()> {
         (**self).create_dir_all(path)
+    }
+    fn create_dir(&self, path: &Path) -> io::Result<()> {
+        (**self).create_dir(path)
+    }
+    fn remove_dir(&self, path: &Path) -> io::Result<()> {
+        (**self).remove_dir(path)
     }
     fn remove_file(&self, path: &Path) -> io::Result<()> {
         (**self).remove_file(path)

@@ -19,25 +19,27 @@
 //! This file reads the stream into its sink; `temporaries.rs` keeps the
 //! list of what a receive made and the lock on its destination, and
 //! `apply.rs` applies a complete incremental delta.
+//!
+//! Every file and name is touched through an [`Io`] ([`receive_in`]), so
+//! that the deterministic simulation restores a stream into its own world
+//! and kills an apply midway ([`Hooks::before_cluster`]); the sync entry
+//! points run it on [`SyncIo`] for the command line.
 
 mod apply;
 mod temporaries;
 
 use std::ffi::CString;
-use std::fs::OpenOptions;
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
+use std::ops::ControlFlow;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
 use super::wire::{bad, cmd, command_of, Header, Kind, Reader, FLAG_COPY_DEVICE, FLAG_MD5};
 use crate::disk::Disk;
 use crate::error::{Error, Result};
-use crate::io::{block_on, AlignedBuf, Direct, Io, SyncIo};
+use crate::io::{block_on, AlignedBuf, Direct, FileKind, Handle, Io, OpenHow, SyncIo};
 use crate::layers::ploop::check::{self, Verdict};
 use crate::layers::ploop::header::Variant;
 use crate::layers::{Format, PloopLayer, IMAGE_MODE};
@@ -45,7 +47,7 @@ use crate::stack::{LayerSpec, Stack, StackOptions};
 use apply::{apply_delta, check_top_is_ours, publish_delta, target_chain};
 use temporaries::{make_temp, place, registry, remove_temp, temp_beside, DestLock};
 
-pub use apply::finish_interrupted_apply;
+pub use apply::{finish_interrupted_apply, finish_interrupted_apply_in};
 pub use temporaries::{forget_temporary, register_temporary, remove_temporaries};
 
 /// Largest image file a stream of image-file bytes may build (ploop's
@@ -91,6 +93,44 @@ pub struct Received {
     pub secs: f64,
 }
 
+/// What a receive tells its caller besides its result, and where a test
+/// may stop it.
+pub struct Hooks<'a> {
+    /// Hears what was done besides (an interrupted apply finished, a stale
+    /// delta removed).
+    pub note: Box<dyn FnMut(&str) + 'a>,
+    /// Called before each cluster an incremental apply copies, with the
+    /// number copied so far. `Break` stops the apply there for good, as a
+    /// crash would: its future never completes, and the caller drops it (a
+    /// simulated kill); on a thread that waits for it, it waits forever.
+    pub before_cluster: Box<dyn FnMut(u64) -> ControlFlow<()> + 'a>,
+}
+
+impl Default for Hooks<'_> {
+    fn default() -> Self {
+        Hooks { note: Box::new(|_| {}), before_cluster: Box::new(|_| ControlFlow::Continue(())) }
+    }
+}
+
+impl<'a> Hooks<'a> {
+    /// `note`, and the crash the tests of the command ask for with
+    /// `UBLK_PLOOP_TEST_CRASH_APPLY_AFTER=N`: the process SIGKILLs itself
+    /// once an apply copied N clusters.
+    pub fn with_env_crash(note: &'a mut dyn FnMut(&str)) -> Hooks<'a> {
+        let after: Option<u64> = std::env::var("UBLK_PLOOP_TEST_CRASH_APPLY_AFTER").ok().and_then(|v| v.parse().ok());
+        Hooks {
+            note: Box::new(note),
+            before_cluster: Box::new(move |applied| {
+                if after == Some(applied) {
+                    // SAFETY: the process kills itself, as a crash would.
+                    unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+                }
+                ControlFlow::Continue(())
+            }),
+        }
+    }
+}
+
 /// Read a stream from `input` (answering on `answers` when two-way) into
 /// `dest`. On any error the destination is as it was. Streams that claim a
 /// disk larger than the free space of the destination's filesystem are
@@ -111,42 +151,75 @@ pub fn receive_with(
     max_size: Option<u64>,
     note: &mut dyn FnMut(&str),
 ) -> Result<Received> {
-    let started = Instant::now();
-    let as_dir = !opts.incremental && (dest.is_dir() || dest.as_os_str().as_bytes().ends_with(b"/"));
+    block_on(receive_in(&SyncIo, input, answers, dest, opts, max_size, Hooks::with_env_crash(note)))
+}
+
+/// As [`receive_with`], every file and name touched through `io`. With
+/// `max_size` None the limit is the free space of the destination's
+/// filesystem, asked of the host (statvfs is no `Io` method): a
+/// simulated world passes its own.
+pub async fn receive_in<I: Io>(
+    io: &I,
+    input: Box<dyn Read>,
+    answers: Option<Box<dyn Write>>,
+    dest: &Path,
+    opts: &ReceiveOptions,
+    max_size: Option<u64>,
+    mut hooks: Hooks<'_>,
+) -> Result<Received> {
+    let started = io.now();
+    let dest_is_dir = matches!(io.stat(dest), Ok(Some(st)) if st.kind == FileKind::Dir) || is_link_to_dir(io, dest);
+    let as_dir = !opts.incremental && (dest_is_dir || dest.as_os_str().as_bytes().ends_with(b"/"));
     let dest = trim_slashes(dest);
-    check_destination(&dest, opts.incremental)?;
-    let lock = DestLock::take(&dest)?;
+    check_destination(io, &dest, opts.incremental)?;
+    let lock = DestLock::take(io, &dest)?;
     // Another receive may have finished between the check and the lock.
-    check_destination(&dest, opts.incremental)?;
+    check_destination(io, &dest, opts.incremental)?;
     // An incremental receive changes a disk directory's top: hold ploop's
     // lock on the disk throughout, as every command that changes it does.
     let _disk_lock = if opts.incremental && Disk::is_disk(&dest) { Some(Disk::load_locked(&dest)?) } else { None };
     let mut out = Received::default();
     if opts.incremental {
-        out.finished_apply = finish_interrupted_apply(&dest, opts.direct, note)?;
+        out.finished_apply = finish_interrupted_apply_in(io, &dest, opts.direct, &mut hooks).await?;
     }
     let max_size = match max_size {
         Some(m) => m,
         None => free_space(parent_of(&dest))?,
     };
-    let mut rx = Receiving { reader: Reader::new(input), answers, opts: opts.clone(), dest, as_dir, max_size, sink: None, out };
-    let result = rx.run();
+    let mut rx = Receiving { io, reader: Reader::new(input), answers, opts: opts.clone(), dest, as_dir, max_size, sink: None, out };
+    let result = rx.run(&mut hooks).await;
     let result = match result {
         Ok(()) => {
-            rx.out.secs = started.elapsed().as_secs_f64();
+            rx.out.secs = io.now().saturating_duration_since(started).as_secs_f64();
             rx.out.stream_bytes = rx.reader.offset();
             Ok(rx.out)
         }
         Err(e) => {
             rx.answer(-e.errno().abs().max(1));
             if let Some(sink) = rx.sink.take() {
-                sink.discard();
+                sink.discard(io).await;
             }
             Err(e)
         }
     };
     drop(lock);
     result
+}
+
+/// A symbolic link that leads to a directory (`Path::is_dir` follows links).
+fn is_link_to_dir<I: Io>(io: &I, p: &Path) -> bool {
+    matches!(io.stat(p), Ok(Some(st)) if st.kind == FileKind::Symlink)
+        && io.canonicalize(p).is_ok_and(|t| matches!(io.stat(&t), Ok(Some(st)) if st.kind == FileKind::Dir))
+}
+
+/// Whether a name leads to anything, following symbolic links (as
+/// `Path::exists`: a dangling link does not).
+fn exists<I: Io>(io: &I, p: &Path) -> bool {
+    match io.stat(p) {
+        Ok(Some(st)) if st.kind == FileKind::Symlink => io.canonicalize(p).is_ok(),
+        Ok(Some(_)) => true,
+        _ => false,
+    }
 }
 
 /// `dest` without trailing slashes (a disk directory may be named `dir/`).
@@ -174,7 +247,7 @@ fn free_space(dir: &Path) -> Result<u64> {
     Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
-fn check_destination(dest: &Path, incremental: bool) -> Result<()> {
+fn check_destination<I: Io>(io: &I, dest: &Path, incremental: bool) -> Result<()> {
     // `.`, `..` or `/` name a directory that can never be renamed over: a
     // receive into one would transfer everything and then fail.
     if !matches!(dest.components().next_back(), Some(std::path::Component::Normal(_))) {
@@ -184,16 +257,16 @@ fn check_destination(dest: &Path, incremental: bool) -> Result<()> {
         )));
     }
     if incremental {
-        if !dest.exists() {
+        if !exists(io, dest) {
             return Err(Error::new(libc::ENOENT, format!("{}: an incremental stream updates an existing image; it does not exist", dest.display())));
         }
-    } else if std::fs::symlink_metadata(dest).is_ok() && !is_empty_dir(dest) {
+    } else if matches!(io.stat(dest), Ok(Some(_))) && !is_empty_dir(io, dest) {
         return Err(Error::new(libc::EEXIST, format!("{}: destination exists; refusing to overwrite it (--incremental updates an image)", dest.display())));
     } else {
         // A delta an earlier receive left for the image once under this
         // name: the next incremental receive would apply it to the new one.
         let left = temp_beside(dest, ".incoming");
-        if std::fs::symlink_metadata(&left).is_ok() {
+        if matches!(io.stat(&left), Ok(Some(_))) {
             return Err(Error::new(
                 libc::EEXIST,
                 format!(
@@ -209,11 +282,12 @@ fn check_destination(dest: &Path, incremental: bool) -> Result<()> {
     Ok(())
 }
 
-fn is_empty_dir(p: &Path) -> bool {
-    std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir()) && std::fs::read_dir(p).is_ok_and(|mut d| d.next().is_none())
+fn is_empty_dir<I: Io>(io: &I, p: &Path) -> bool {
+    matches!(io.stat(p), Ok(Some(st)) if st.kind == FileKind::Dir) && io.read_dir(p).is_ok_and(|d| d.is_empty())
 }
 
-struct Receiving {
+struct Receiving<'a, I: Io> {
+    io: &'a I,
     reader: Reader<Box<dyn Read>>,
     answers: Option<Box<dyn Write>>,
     opts: ReceiveOptions,
@@ -225,7 +299,7 @@ struct Receiving {
     out: Received,
 }
 
-impl Receiving {
+impl<I: Io> Receiving<'_, I> {
     /// Answer a packet on a two-way channel (best effort on errors: the
     /// sender may be gone).
     fn answer(&mut self, status: i32) {
@@ -243,7 +317,7 @@ impl Receiving {
         Ok(())
     }
 
-    fn run(&mut self) -> Result<()> {
+    async fn run(&mut self, hooks: &mut Hooks<'_>) -> Result<()> {
         let mut payload = Vec::new();
         // The handshake: a SYNC whose position carries the sender's flags.
         let h = self.reader.next(&mut payload)?.ok_or_else(|| bad("the stream is empty"))?;
@@ -272,19 +346,19 @@ impl Receiving {
                 }
                 let sink = self.sink.take().ok_or_else(|| bad("the stream ended before any disk was described"))?;
                 self.out.image = self.dest.clone();
-                sink.finish(&self.dest, self.opts.direct, &mut self.out)?;
+                sink.finish(self.io, &self.dest, self.opts.direct, &mut self.out, hooks).await?;
                 // ploop's receiver answers the end, after its fsync.
                 self.answer(0);
                 return Ok(());
             }
             match h.kind {
-                Kind::Cmd => self.command(&h, &payload)?,
+                Kind::Cmd => self.command(&h, &payload).await?,
                 Kind::DataDevice => {
                     let sink = match self.sink.as_mut() {
                         Some(s @ Sink::Device { .. }) => s,
                         _ => return Err(bad("disk data before the disk was described (no INIT command)")),
                     };
-                    sink.write_disk(h.pos, &payload)?;
+                    sink.write_disk(self.io, h.pos, &payload).await?;
                     self.out.data_bytes += payload.len() as u64;
                 }
                 Kind::Data | Kind::DataAsync => {
@@ -292,11 +366,11 @@ impl Receiving {
                         if self.opts.incremental {
                             return Err(Error::unsupported("an image-file stream (ploop 7's copy) cannot update an existing image; receive it as a new one"));
                         }
-                        self.sink = Some(Sink::file(&self.dest, self.max_size)?);
+                        self.sink = Some(Sink::file(self.io, &self.dest, self.max_size).await?);
                         self.out.kind = "image-file".into();
                     }
                     match self.sink.as_mut() {
-                        Some(s @ Sink::File { .. }) => s.write_file(h.pos, &payload)?,
+                        Some(s @ Sink::File { .. }) => s.write_file(self.io, h.pos, &payload).await?,
                         _ => return Err(bad("image-file data in a stream of disk data")),
                     }
                     self.out.data_bytes += payload.len() as u64;
@@ -307,10 +381,10 @@ impl Receiving {
         }
     }
 
-    fn command(&mut self, h: &Header, payload: &[u8]) -> Result<()> {
+    async fn command(&mut self, h: &Header, payload: &[u8]) -> Result<()> {
         match command_of(payload)? {
             cmd::SYNC => match self.sink.as_mut() {
-                Some(s) => s.sync(),
+                Some(s) => s.sync(self.io).await,
                 None => Ok(()),
             },
             cmd::INIT_PLOOP => {
@@ -323,7 +397,7 @@ impl Receiving {
                 if !self.opts.incremental && size > self.max_size {
                     return Err(too_big(size, self.max_size));
                 }
-                self.sink = Some(Sink::device(&self.dest, self.as_dir, size, cluster, &self.opts)?);
+                self.sink = Some(Sink::device(self.io, &self.dest, self.as_dir, size, cluster, &self.opts).await?);
                 self.out.kind = "device".into();
                 self.out.disk_size = size;
                 self.out.cluster_size = cluster;
@@ -351,7 +425,7 @@ enum Sink {
     /// temporary name, or a delta over the existing destination.
     Device { stack: Stack, made: Made, size: u64 },
     /// Image-file bytes into a new file under a temporary name.
-    File { file: std::fs::File, temp: PathBuf, max: u64 },
+    File { file: Handle, temp: PathBuf, max: u64 },
 }
 
 enum Made {
@@ -361,7 +435,7 @@ enum Made {
 }
 
 impl Sink {
-    fn device(dest: &Path, as_dir: bool, size: u64, cluster: u64, opts: &ReceiveOptions) -> Result<Sink> {
+    async fn device<I: Io>(io: &I, dest: &Path, as_dir: bool, size: u64, cluster: u64, opts: &ReceiveOptions) -> Result<Sink> {
         // Validates the geometry a hostile stream could get wrong, and
         // bounds what it costs: memory follows the number of clusters.
         crate::layers::ploop::header::Header::new(size, cluster).map_err(|e| bad(format!("the disk described is impossible: {e}")))?;
@@ -371,15 +445,14 @@ impl Sink {
                 size / cluster
             )));
         }
-        let io = &SyncIo;
         let stack_opts = StackOptions { read_only: false, direct: opts.direct };
         let (made, specs) = if opts.incremental {
-            let target = target_chain(dest)?;
+            let target = target_chain(io, dest).await?;
             let top = &target.last().expect("a chain is never empty").path;
             // The delta takes the target's geometry, which must match.
-            let (probe, _) = block_on(Stack::open_layers(io, &target, &StackOptions { read_only: true, direct: opts.direct }))?;
+            let (probe, _) = Stack::open_layers(io, &target, &StackOptions { read_only: true, direct: opts.direct }).await?;
             // Refused before the stream is read, not only at the apply.
-            check_top_is_ours(&probe)?;
+            check_top_is_ours(io, &probe)?;
             if probe.size() != size || probe.cluster_size() != cluster {
                 return Err(Error::invalid(format!(
                     "{}: the stream's disk ({size} bytes, clusters of {cluster}) is not this image's ({} bytes, clusters of {})",
@@ -391,53 +464,47 @@ impl Sink {
             // ... and its version, as every delta of a chain does.
             let variant = probe.layers().last().and_then(|l| l.variant()).unwrap_or(Variant::V2);
             drop(probe);
-            let (delta, _) = make_temp(top, "incoming", false, |p| block_on(PloopLayer::create_variant(io, p, size, cluster, variant)))?;
+            let (delta, _) = make_temp(top, "incoming", false, |p| async move { PloopLayer::create_variant(io, &p, size, cluster, variant).await }).await?;
             let mut specs = target.clone();
             specs.push(LayerSpec::ploop(&delta));
             (Made::Delta { delta, target }, specs)
         } else if as_dir {
-            let (temp, disk) = make_temp(dest, "partial", true, |p| {
-                std::fs::create_dir(p).map_err(|e| Error::io(e, p.display()))?;
-                block_on(Disk::init(io, p, size, cluster)).inspect_err(|_| {
-                    let _ = std::fs::remove_dir_all(p);
+            let (temp, disk) = make_temp(dest, "partial", true, |p| async move {
+                io.create_dir(&p).map_err(|e| Error::io(e, p.display()))?;
+                Disk::init(io, &p, size, cluster).await.inspect_err(|_| {
+                    let _ = temporaries::remove_tree(io, &p);
                 })
-            })?;
+            })
+            .await?;
             let specs = match disk.layers(None) {
                 Ok(s) => s,
                 Err(e) => {
-                    remove_temp(&temp, true);
+                    remove_temp(io, &temp, true);
                     return Err(e);
                 }
             };
             (Made::DiskDir { temp }, specs)
         } else {
-            let (temp, _) = make_temp(dest, "partial", false, |p| block_on(PloopLayer::create(io, p, size, cluster)))?;
+            let (temp, _) = make_temp(dest, "partial", false, |p| async move { PloopLayer::create(io, &p, size, cluster).await }).await?;
             (Made::Image { temp: temp.clone() }, vec![LayerSpec::ploop(&temp)])
         };
-        match block_on(Stack::open_layers(io, &specs, &stack_opts)) {
+        match Stack::open_layers(io, &specs, &stack_opts).await {
             Ok((stack, _)) => Ok(Sink::Device { stack, made, size }),
             Err(e) => {
-                made.remove();
+                made.remove(io);
                 Err(e)
             }
         }
     }
 
-    fn file(dest: &Path, max: u64) -> Result<Sink> {
-        let (temp, file) = make_temp(dest, "partial", false, |p| {
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .mode(IMAGE_MODE)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                .open(p)
-                .map_err(|e| Error::io(e, p.display()))
-        })?;
+    async fn file<I: Io>(io: &I, dest: &Path, max: u64) -> Result<Sink> {
+        let (temp, file) =
+            make_temp(dest, "partial", false, |p| async move { io.open(&p, &OpenHow::create_new(IMAGE_MODE)).map_err(|e| Error::io(e, p.display())) })
+                .await?;
         Ok(Sink::File { file, temp, max })
     }
 
-    fn write_disk(&mut self, pos: u64, data: &[u8]) -> Result<()> {
+    async fn write_disk<I: Io>(&mut self, io: &I, pos: u64, data: &[u8]) -> Result<()> {
         let Sink::Device { stack, size, .. } = self else { unreachable!("checked by the caller") };
         let end = pos.checked_add(data.len() as u64);
         if pos % 512 != 0 || data.len() % 512 != 0 || end.map_or(true, |e| e > *size) {
@@ -448,10 +515,10 @@ impl Sink {
         }
         // Aligned, so that O_DIRECT takes it as it is.
         let buf = AlignedBuf::from_slice(data);
-        block_on(stack.write(&SyncIo, pos, &buf))
+        stack.write(io, pos, &buf).await
     }
 
-    fn write_file(&mut self, pos: u64, data: &[u8]) -> Result<()> {
+    async fn write_file<I: Io>(&mut self, io: &I, pos: u64, data: &[u8]) -> Result<()> {
         let Sink::File { file, temp, max } = self else { unreachable!("checked by the caller") };
         let end = pos.checked_add(data.len() as u64);
         if end.map_or(true, |e| e > MAX_FILE_STREAM) {
@@ -471,76 +538,98 @@ impl Sink {
         if pos == 0 && data.len() >= crate::layers::ploop::header::HEADER_SIZE {
             image_file_claims(data, *max)?;
         }
-        block_on(SyncIo.write_at(file.as_raw_fd(), data, pos)).map_err(|e| Error::io(e, temp.display()))
+        io.write_at(file.fd(), data, pos).await.map_err(|e| Error::io(e, temp.display()))
     }
 
-    fn sync(&mut self) -> Result<()> {
+    async fn sync<I: Io>(&mut self, io: &I) -> Result<()> {
         match self {
-            Sink::Device { stack, .. } => block_on(stack.flush(&SyncIo)),
-            Sink::File { file, temp, .. } => block_on(SyncIo.sync_data(file.as_raw_fd())).map_err(|e| Error::io(e, temp.display())),
+            Sink::Device { stack, .. } => stack.flush(io).await,
+            Sink::File { file, temp, .. } => io.sync_data(file.fd()).await.map_err(|e| Error::io(e, temp.display())),
         }
     }
 
     /// The stream is complete: make the result durable, check it, and put
     /// it in place.
-    fn finish(self, dest: &Path, direct: Direct, out: &mut Received) -> Result<()> {
-        let io = &SyncIo;
+    async fn finish<I: Io>(self, io: &I, dest: &Path, direct: Direct, out: &mut Received, hooks: &mut Hooks<'_>) -> Result<()> {
         match self {
             Sink::Device { stack, made, .. } => {
-                let closed = block_on(stack.close(io));
+                let closed = stack.close(io).await;
                 drop(stack);
                 if let Err(e) = closed {
-                    made.remove();
+                    made.remove(io);
                     return Err(e);
                 }
-                match &made {
-                    Made::Image { temp } => check_clean(temp).and_then(|_| place(temp, dest)),
-                    Made::DiskDir { temp } => Disk::load(temp)
-                        .and_then(|disk| disk.layers(None))
-                        .and_then(|layers| check_clean(&layers[0].path))
-                        .and_then(|_| place(temp, dest)),
+                let done = match &made {
+                    Made::Image { temp } => match check_clean(io, temp).await {
+                        Ok(()) => place(io, temp, dest).await,
+                        Err(e) => Err(e),
+                    },
+                    Made::DiskDir { temp } => match Disk::load(temp).and_then(|disk| disk.layers(None)) {
+                        Ok(layers) => match check_clean(io, &layers[0].path).await {
+                            Ok(()) => place(io, temp, dest).await,
+                            Err(e) => Err(e),
+                        },
+                        Err(e) => Err(e),
+                    },
                     Made::Delta { delta, target } => {
                         let top = &target.last().expect("never empty").path;
                         let complete = temp_beside(top, ".incoming");
-                        match check_clean(delta).and_then(|_| publish_delta(delta, &complete)) {
+                        let published = match check_clean(io, delta).await {
+                            Ok(()) => publish_delta(io, delta, &complete).await,
+                            Err(e) => Err(e),
+                        };
+                        match published {
                             // From here on the delta is complete and durable:
                             // if the apply stops, the next receive finishes it.
-                            Ok(()) => apply_delta(&complete, target, direct).map(|n| out.applied_clusters = n),
+                            Ok(()) => apply_delta(io, &complete, target, direct, hooks).await.map(|n| out.applied_clusters = n),
                             Err(e) => Err(e),
                         }
                     }
-                }
-                .inspect_err(|_| made.remove())
+                };
+                done.inspect_err(|_| made.remove(io))
             }
             Sink::File { file, temp, max } => {
-                let synced = block_on(io.sync_data(file.as_raw_fd())).map_err(|e| Error::io(e, temp.display()));
+                let synced = io.sync_data(file.fd()).await.map_err(|e| Error::io(e, temp.display()));
                 drop(file);
-                let done = synced.and_then(|_| {
-                    let h = block_on(crate::layers::ploop::load::read_header(io, std::fs::File::open(&temp).map_err(|e| Error::io(e, temp.display()))?.as_raw_fd(), &temp.display().to_string()))?;
-                    image_file_claims(&h.header.to_bytes(), max)?;
-                    out.disk_size = h.header.size_bytes();
-                    out.cluster_size = h.header.cluster_bytes();
-                    check_clean(&temp)
-                });
-                done.and_then(|_| place(&temp, dest)).inspect_err(|_| remove_temp(&temp, false))
+                let done = match synced {
+                    Ok(()) => file_claims_and_check(io, &temp, max, out).await,
+                    Err(e) => Err(e),
+                };
+                let done = match done {
+                    Ok(()) => place(io, &temp, dest).await,
+                    Err(e) => Err(e),
+                };
+                done.inspect_err(|_| remove_temp(io, &temp, false))
             }
         }
     }
 
     /// Give up: remove what was made.
-    fn discard(self) {
+    async fn discard<I: Io>(self, io: &I) {
         match self {
             Sink::Device { stack, made, .. } => {
-                let _ = block_on(stack.close(&SyncIo));
+                let _ = stack.close(io).await;
                 drop(stack);
-                made.remove();
+                made.remove(io);
             }
             Sink::File { file, temp, .. } => {
                 drop(file);
-                remove_temp(&temp, false);
+                remove_temp(io, &temp, false);
             }
         }
     }
+}
+
+/// A received image file, synced and closed: what its header claims is
+/// bounded and reported, and the whole checks clean.
+async fn file_claims_and_check<I: Io>(io: &I, temp: &Path, max: u64, out: &mut Received) -> Result<()> {
+    let file = io.open(temp, &OpenHow::read()).map_err(|e| Error::io(e, temp.display()))?;
+    let h = crate::layers::ploop::load::read_header(io, file.fd(), &temp.display().to_string()).await?;
+    drop(file);
+    image_file_claims(&h.header.to_bytes(), max)?;
+    out.disk_size = h.header.size_bytes();
+    out.cluster_size = h.header.cluster_bytes();
+    check_clean(io, temp).await
 }
 
 /// Bound what an image file's header claims (its table is read into
@@ -563,21 +652,23 @@ fn image_file_claims(header: &[u8], max: u64) -> Result<()> {
 impl Made {
     /// Remove what was made and not put in place (a delta that was made
     /// complete is gone from its temporary name, and stays).
-    fn remove(&self) {
+    fn remove<I: Io>(&self, io: &I) {
         match self {
-            Made::Image { temp } => remove_temp(temp, false),
-            Made::DiskDir { temp } => remove_temp(temp, true),
+            Made::Image { temp } => remove_temp(io, temp, false),
+            Made::DiskDir { temp } => remove_temp(io, temp, true),
             Made::Delta { delta, .. } => {
-                if registry().iter().any(|t| &t.path == delta) {
-                    remove_temp(delta, false);
+                // Checked, then let go: remove_temp takes the list again.
+                let ours = registry().iter().any(|t| &t.path == delta);
+                if ours {
+                    remove_temp(io, delta, false);
                 }
             }
         }
     }
 }
 
-fn check_clean(image: &Path) -> Result<()> {
-    let report = block_on(check::check(&SyncIo, image, Format::Ploop, false))?;
+async fn check_clean<I: Io>(io: &I, image: &Path) -> Result<()> {
+    let report = check::check(io, image, Format::Ploop, false).await?;
     if report.verdict() != Verdict::Clean {
         return Err(Error::corrupt(format!(
             "the received image does not check clean ({:?}: {} header errors, {} bad entries, {} leaked clusters)",

@@ -4,17 +4,14 @@
 //! ([`remove_temporaries`]), and a second receive into the same
 //! destination is refused while the first holds its lock.
 
-use std::ffi::{CString, OsString};
-use std::fs::OpenOptions;
-use std::os::fd::AsRawFd;
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::ffi::OsString;
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use super::{is_empty_dir, parent_of};
 use crate::error::{Error, Result};
-use crate::io::{block_on, Io, SyncIo};
+use crate::io::{FileKind, Handle, Io, LockHow, OpenHow, SyncIo};
 
 /// A file or directory this process made and has not put in place yet.
 pub(super) struct Temp {
@@ -53,7 +50,7 @@ pub fn remove_temporaries() -> Vec<PathBuf> {
     let mut reg = registry();
     let mut gone = Vec::new();
     for t in reg.drain(..).rev() {
-        let removed = if t.dir { std::fs::remove_dir_all(&t.path) } else { std::fs::remove_file(&t.path) };
+        let removed = if t.dir { remove_tree(&SyncIo, &t.path) } else { SyncIo.remove_file(&t.path) };
         if removed.is_ok() {
             gone.push(t.path);
         }
@@ -62,28 +59,49 @@ pub fn remove_temporaries() -> Vec<PathBuf> {
     gone
 }
 
+/// Remove a directory and everything under it (a temporary disk
+/// directory), through `io`; symbolic links are removed, never followed.
+pub(super) fn remove_tree<I: Io>(io: &I, dir: &Path) -> std::io::Result<()> {
+    for name in io.read_dir(dir)? {
+        let path = dir.join(name);
+        match io.stat(&path)? {
+            Some(st) if st.kind == FileKind::Dir => remove_tree(io, &path)?,
+            Some(_) => io.remove_file(&path)?,
+            None => {}
+        }
+    }
+    io.remove_dir(dir)
+}
+
+/// Six letters or digits from the entropy source (seeded in a simulation).
 fn random_suffix() -> String {
     const ALNUM: &[u8; 36] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    let mut b = [0u8; 8];
-    // SAFETY: getrandom fills the buffer we own.
-    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
-    if n != b.len() as isize {
-        // No entropy source: the time and our pid still differ between
-        // runs, and O_EXCL catches the rest.
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
-        b = (t ^ (std::process::id() as u64) << 40).to_le_bytes();
-    }
-    b[..6].iter().map(|x| ALNUM[*x as usize % ALNUM.len()] as char).collect()
+    let mut bits = crate::rng::entropy_u128();
+    (0..6)
+        .map(|_| {
+            let c = ALNUM[(bits % ALNUM.len() as u128) as usize] as char;
+            bits /= ALNUM.len() as u128;
+            c
+        })
+        .collect()
 }
 
 /// Make a temporary `BASE.TAG.XXXXXX` beside `base` with `make`, which
 /// must refuse an existing name (O_EXCL, mkdir) with EEXIST; it is listed
 /// for removal on a signal.
-pub(super) fn make_temp<T>(base: &Path, tag: &str, dir: bool, mut make: impl FnMut(&Path) -> Result<T>) -> Result<(PathBuf, T)> {
+///
+/// The list stays locked across `make`'s awaits, as it must (see
+/// TEMPORARIES): on `SyncIo` they are ready at once, and a simulation runs
+/// one receive at a time (a second one in the same thread would wait for
+/// the lock forever).
+#[allow(clippy::await_holding_lock)]
+pub(super) async fn make_temp<T, F: Future<Output = Result<T>>>(base: &Path, tag: &str, dir: bool, mut make: impl FnMut(PathBuf) -> F) -> Result<(PathBuf, T)> {
     for _ in 0..32 {
         let path = temp_beside(base, &format!(".{tag}.{}", random_suffix()));
+        // Held across the making (see TEMPORARIES); only this receive's
+        // task touches the list meanwhile.
         let mut reg = registry();
-        match make(&path) {
+        match make(path.clone()).await {
             Ok(made) => {
                 reg.push(Temp { path: path.clone(), dir });
                 return Ok((path, made));
@@ -96,45 +114,45 @@ pub(super) fn make_temp<T>(base: &Path, tag: &str, dir: bool, mut make: impl FnM
 }
 
 /// Remove a temporary of ours and forget it.
-pub(super) fn remove_temp(path: &Path, dir: bool) {
+pub(super) fn remove_temp<I: Io>(io: &I, path: &Path, dir: bool) {
     let mut reg = registry();
-    let _ = if dir { std::fs::remove_dir_all(path) } else { std::fs::remove_file(path) };
+    let _ = if dir { remove_tree(io, path) } else { io.remove_file(path) };
     forget_in(&mut reg, path);
 }
 
 /// An empty file `.NAME.receiving` beside the destination, flocked while a
 /// receive works on it, removed after.
-pub(super) struct DestLock {
+pub(super) struct DestLock<'a, I: Io> {
+    io: &'a I,
     path: PathBuf,
-    _file: std::fs::File,
+    _file: Handle,
 }
 
-impl DestLock {
-    pub(super) fn take(dest: &Path) -> Result<DestLock> {
+impl<'a, I: Io> DestLock<'a, I> {
+    pub(super) fn take(io: &'a I, dest: &Path) -> Result<DestLock<'a, I>> {
         let name = dest.file_name().ok_or_else(|| Error::invalid(format!("{}: give the destination a file name", dest.display())))?;
         let mut lock_name = OsString::from(".");
         lock_name.push(name);
         lock_name.push(".receiving");
         let path = dest.with_file_name(lock_name);
+        let not_a_lock = || {
+            Error::new(
+                libc::EEXIST,
+                format!("{}: exists and is not a receive's lock (an empty file); refusing to use it", path.display()),
+            )
+        };
         for _ in 0..8 {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                .open(&path)
-                .map_err(|e| Error::io(e, format_args!("{} (the receive lock)", path.display())))?;
-            let meta = file.metadata().map_err(|e| Error::io(e, path.display()))?;
-            if !meta.is_file() || meta.len() != 0 {
-                return Err(Error::new(
-                    libc::EEXIST,
-                    format!("{}: exists and is not a receive's lock (an empty file); refusing to use it", path.display()),
-                ));
+            let file = match open_or_create(io, &path) {
+                Ok(f) => f,
+                // Io::open refuses what is not a regular file.
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => return Err(not_a_lock()),
+                Err(e) => return Err(Error::io(e, format_args!("{} (the receive lock)", path.display()))),
+            };
+            let meta = io.fstat(file.fd()).map_err(|e| Error::io(e, path.display()))?;
+            if meta.kind != FileKind::File || meta.len != 0 {
+                return Err(not_a_lock());
             }
-            // SAFETY: plain syscall on our own descriptor.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            if io.flock(file.fd(), LockHow::Exclusive).is_err() {
                 return Err(Error::new(
                     libc::EBUSY,
                     format!("{}: another receive into it is running (it holds {}); refusing to run a second", dest.display(), path.display()),
@@ -142,10 +160,10 @@ impl DestLock {
             }
             // The holder before us removes the file as it lets go: the
             // lock counts only on the file that is still there.
-            match std::fs::symlink_metadata(&path) {
-                Ok(m) if m.ino() == meta.ino() && m.dev() == meta.dev() => {
+            match io.stat(&path) {
+                Ok(Some(m)) if m.ino == meta.ino && m.dev == meta.dev => {
                     register_temporary(&path, false);
-                    return Ok(DestLock { path, _file: file });
+                    return Ok(DestLock { io, path, _file: file });
                 }
                 _ => continue,
             }
@@ -154,39 +172,34 @@ impl DestLock {
     }
 }
 
-impl Drop for DestLock {
+/// Open `path` for writing, creating it (mode 0600) if it is missing
+/// (O_CREAT without O_EXCL, in two steps the trait has), never through a
+/// symbolic link.
+fn open_or_create<I: Io>(io: &I, path: &Path) -> std::io::Result<Handle> {
+    loop {
+        match io.open(path, &OpenHow { write: true, nofollow: true, ..OpenHow::default() }) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            other => return other,
+        }
+        match io.open(path, &OpenHow::create_new(0o600)) {
+            // Made meanwhile by another receive: open that one.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            other => return other,
+        }
+    }
+}
+
+impl<I: Io> Drop for DestLock<'_, I> {
     fn drop(&mut self) {
         // Removed while still locked, so that nobody locks a file that is
         // about to go.
-        remove_temp(&self.path, false);
+        remove_temp(self.io, &self.path, false);
     }
 }
 
-/// Rename `from` to `to` unless `to` exists (a file or directory of ours
-/// to its final name); EEXIST if it does.
-pub(super) fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
-    let cstr = |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL));
-    let (f, t) = (cstr(from)?, cstr(to)?);
-    // SAFETY: two NUL-terminated paths we own.
-    let r = unsafe { libc::renameat2(libc::AT_FDCWD, f.as_ptr(), libc::AT_FDCWD, t.as_ptr(), libc::RENAME_NOREPLACE) };
-    if r == 0 {
-        return Ok(());
-    }
-    let e = std::io::Error::last_os_error();
-    match e.raw_os_error() {
-        // A filesystem without RENAME_NOREPLACE: link refuses an existing
-        // name too (files only).
-        Some(libc::EINVAL) | Some(libc::ENOSYS) if !from.is_dir() => {
-            std::fs::hard_link(from, to)?;
-            std::fs::remove_file(from)
-        }
-        _ => Err(e),
-    }
-}
-
-pub(super) fn sync_parent(p: &Path) -> Result<()> {
+pub(super) async fn sync_parent<I: Io>(io: &I, p: &Path) -> Result<()> {
     let dir = parent_of(p);
-    block_on(SyncIo.sync_dir(dir)).map_err(|e| Error::io(e, dir.display()))
+    io.sync_dir(dir).await.map_err(|e| Error::io(e, dir.display()))
 }
 
 pub(super) fn temp_beside(dest: &Path, suffix: &str) -> PathBuf {
@@ -197,14 +210,17 @@ pub(super) fn temp_beside(dest: &Path, suffix: &str) -> PathBuf {
 
 /// Put the finished temporary in place and make that durable: never over
 /// anything (but the empty directory named as the destination), so that a
-/// destination that appeared meanwhile is refused, not replaced.
-pub(super) fn place(temp: &Path, dest: &Path) -> Result<()> {
+/// destination that appeared meanwhile is refused, not replaced. The list
+/// stays locked across the rename, as in [`make_temp`].
+#[allow(clippy::await_holding_lock)]
+pub(super) async fn place<I: Io>(io: &I, temp: &Path, dest: &Path) -> Result<()> {
     let mut reg = registry();
-    let placed = if temp.is_dir() && is_empty_dir(dest) {
+    let temp_is_dir = matches!(io.stat(temp), Ok(Some(st)) if st.kind == FileKind::Dir);
+    let placed = if temp_is_dir && is_empty_dir(io, dest) {
         // rename(2) replaces a directory only if it is empty.
-        std::fs::rename(temp, dest)
+        io.rename(temp, dest).await
     } else {
-        rename_noreplace(temp, dest)
+        io.rename_noreplace(temp, dest)
     };
     if let Err(e) = placed {
         return Err(match e.raw_os_error() {
@@ -217,5 +233,5 @@ pub(super) fn place(temp: &Path, dest: &Path) -> Result<()> {
     }
     forget_in(&mut reg, temp);
     drop(reg);
-    sync_parent(dest)
+    sync_parent(io, dest).await
 }
