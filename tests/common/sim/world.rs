@@ -1,0 +1,489 @@
+//! [`SimIo`], the `Io` the engine runs on (docs/simulation-plan.md §2.2).
+//!
+//! An async op does nothing until first polled; that poll *submits* it
+//! (records it in flight with the task's waker; a write's bytes are
+//! copied then) and pends. The executor later *completes* it, in an order
+//! the seed chooses: only then does its effect reach the files (a read
+//! takes its bytes at that moment), possibly as a fault. The next poll
+//! returns the result. Every I/O is therefore a scheduling point.
+//!
+//! The namespace, lock and clock methods act at once on the current state.
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::io;
+use std::os::fd::RawFd;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use ublk_ploop::io::{FileStat, Handle, Io, LockHow, OpenHow};
+use ublk_ploop::rng::Rng;
+
+use super::fs::{errno, SimFs, SECTOR};
+use super::{DirMode, FaultEvent, FaultPlan};
+
+#[derive(Debug)]
+enum Op {
+    Read { fd: RawFd, off: u64, len: usize },
+    Write { fd: RawFd, off: u64, data: Vec<u8> },
+    Sync { fd: RawFd },
+    Alloc { fd: RawFd, off: u64, len: u64 },
+    Punch { fd: RawFd, off: u64, len: u64 },
+    SetLen { fd: RawFd, len: u64 },
+    Rename { from: PathBuf, to: PathBuf },
+    SyncDir { dir: PathBuf },
+}
+
+impl Op {
+    fn name(&self) -> &'static str {
+        match self {
+            Op::Read { .. } => "read",
+            Op::Write { .. } => "write",
+            Op::Sync { .. } => "sync_data",
+            Op::Alloc { .. } => "allocate",
+            Op::Punch { .. } => "punch_hole",
+            Op::SetLen { .. } => "set_len",
+            Op::Rename { .. } => "rename",
+            Op::SyncDir { .. } => "sync_dir",
+        }
+    }
+    /// (path, offset, len) for the fault log.
+    fn place(&self, fs: &SimFs) -> (String, u64, u64) {
+        match self {
+            Op::Read { fd, off, len } => (fs.path_of(*fd), *off, *len as u64),
+            Op::Write { fd, off, data } => (fs.path_of(*fd), *off, data.len() as u64),
+            Op::Sync { fd } => (fs.path_of(*fd), 0, 0),
+            Op::Alloc { fd, off, len } | Op::Punch { fd, off, len } => (fs.path_of(*fd), *off, *len),
+            Op::SetLen { fd, len } => (fs.path_of(*fd), *len, 0),
+            Op::Rename { from, .. } => (from.display().to_string(), 0, 0),
+            Op::SyncDir { dir } => (dir.display().to_string(), 0, 0),
+        }
+    }
+}
+
+struct InFlight {
+    op: Op,
+    waker: Option<Waker>,
+    /// Its future was dropped: the result goes nowhere.
+    abandoned: bool,
+}
+
+pub struct State {
+    pub fs: SimFs,
+    in_flight: BTreeMap<u64, InFlight>,
+    done: BTreeMap<u64, io::Result<Vec<u8>>>,
+    next_op: u64,
+    pub ops_completed: u64,
+    plan: FaultPlan,
+    faults_left: u32,
+    faults_on: bool,
+    fault_rng: Rng,
+    crash_rng: Rng,
+    pub fault_log: Vec<FaultEvent>,
+    pub kills: u64,
+    pub power_cuts: u64,
+    current: Option<(u64, &'static str)>,
+    last_op: BTreeMap<u64, &'static str>,
+}
+
+pub struct World {
+    st: RefCell<State>,
+    /// Descriptors whose handles were dropped, closed at the next op (a
+    /// handle may drop on any thread, so this is the one Send part).
+    closed: Arc<Mutex<Vec<RawFd>>>,
+    now: Cell<Duration>,
+    base: Instant,
+    hash: Cell<u64>,
+    pub dir_mode: DirMode,
+}
+
+const FNV_PRIME: u64 = 0x100_0000_01b3;
+
+impl World {
+    pub fn new(fault_seed: u64, crash_seed: u64, dir_mode: DirMode, plan: FaultPlan) -> World {
+        World {
+            st: RefCell::new(State {
+                fs: SimFs::new(plan.capacity_blocks, dir_mode),
+                in_flight: BTreeMap::new(),
+                done: BTreeMap::new(),
+                next_op: 0,
+                ops_completed: 0,
+                faults_left: plan.transient,
+                plan,
+                faults_on: true,
+                fault_rng: Rng::new(fault_seed),
+                crash_rng: Rng::new(crash_seed),
+                fault_log: Vec::new(),
+                kills: 0,
+                power_cuts: 0,
+                current: None,
+                last_op: BTreeMap::new(),
+            }),
+            closed: Arc::new(Mutex::new(Vec::new())),
+            now: Cell::new(Duration::ZERO),
+            base: Instant::now(),
+            hash: Cell::new(0xcbf2_9ce4_8422_2325),
+            dir_mode,
+        }
+    }
+
+    /// Fold one decision into the trace hash (FNV-1a over its bytes).
+    pub fn fold(&self, kind: u8, v: u64) {
+        let mut h = self.hash.get();
+        for b in std::iter::once(kind).chain(v.to_le_bytes()) {
+            h ^= b as u64;
+            h = h.wrapping_mul(FNV_PRIME);
+        }
+        self.hash.set(h);
+    }
+
+    pub fn trace_hash(&self) -> u64 {
+        self.hash.get()
+    }
+
+    pub fn now(&self) -> Duration {
+        self.now.get()
+    }
+
+    pub fn set_now(&self, t: Duration) {
+        self.now.set(t)
+    }
+
+    pub fn set_current(&self, task: Option<(u64, &'static str)>) {
+        self.st.borrow_mut().current = task;
+    }
+
+    pub fn last_op_of(&self, task: u64) -> &'static str {
+        self.st.borrow().last_op.get(&task).copied().unwrap_or("none")
+    }
+
+    /// The state, after closing what dropped handles left to close.
+    pub fn state(&self) -> std::cell::RefMut<'_, State> {
+        let closed = std::mem::take(&mut *self.closed.lock().unwrap());
+        let mut st = self.st.borrow_mut();
+        for fd in closed {
+            st.fs.close(fd);
+        }
+        st
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.st.borrow().in_flight.len()
+    }
+
+    pub fn set_faults_enabled(&self, on: bool) {
+        self.st.borrow_mut().faults_on = on;
+    }
+
+    fn submit(&self, op: Op, waker: Waker) -> u64 {
+        let mut st = self.state();
+        let id = st.next_op;
+        st.next_op += 1;
+        if let Some((task, _)) = st.current {
+            st.last_op.insert(task, op.name());
+        }
+        st.in_flight.insert(id, InFlight { op, waker: Some(waker), abandoned: false });
+        id
+    }
+
+    fn take_done(&self, id: u64, waker: &Waker) -> Option<io::Result<Vec<u8>>> {
+        let mut st = self.st.borrow_mut();
+        if let Some(r) = st.done.remove(&id) {
+            return Some(r);
+        }
+        if let Some(f) = st.in_flight.get_mut(&id) {
+            if !f.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
+                f.waker = Some(waker.clone());
+            }
+        }
+        None
+    }
+
+    fn abandon(&self, id: u64) {
+        let mut st = self.st.borrow_mut();
+        st.done.remove(&id);
+        if let Some(f) = st.in_flight.get_mut(&id) {
+            f.abandoned = true;
+            f.waker = None;
+        }
+    }
+
+    /// Complete the `i`th op in flight (in submission order).
+    pub fn complete(&self, i: usize) {
+        let waker = {
+            let mut st = self.state();
+            let id = *st.in_flight.keys().nth(i).expect("an op in flight");
+            let f = st.in_flight.remove(&id).unwrap();
+            st.ops_completed += 1;
+            let r = st.apply(f.op, true);
+            if let Err(e) = &r {
+                self.fold(4, e.raw_os_error().unwrap_or(-1) as u64);
+            }
+            if !f.abandoned {
+                st.done.insert(id, r);
+            }
+            f.waker
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// The process dies: every op still in flight lands or not (by seed),
+    /// every open description closes. The page cache stays.
+    pub fn kill(&self) {
+        let mut st = self.state();
+        let ops = std::mem::take(&mut st.in_flight);
+        for (_, f) in ops {
+            let lands = st.crash_rng.chance(50);
+            self.fold(5, lands as u64);
+            if lands {
+                let _ = st.apply(f.op, false);
+            }
+        }
+        st.done.clear();
+        st.fs.close_all();
+    }
+
+    /// A power cut after a kill: see `SimFs::cut`.
+    pub fn cut(&self) {
+        let mut st = self.state();
+        let st = &mut *st;
+        for (ino, p) in st.fs.cut(&mut st.crash_rng) {
+            self.fold(6, ino ^ (p as u64) << 56);
+        }
+    }
+
+    fn handle(&self, fd: RawFd) -> Handle {
+        let closed = self.closed.clone();
+        Handle::Virtual { fd, closer: Arc::new(move |fd| closed.lock().unwrap().push(fd)) }
+    }
+}
+
+/// What fault, if any, hits an op at completion.
+enum Fault {
+    Eio,
+    Short,
+    NoSpace,
+    NotSupported,
+}
+
+impl State {
+    fn draw_fault(&mut self, op: &Op) -> Option<Fault> {
+        let sticky = self.plan.sticky_after.is_some_and(|n| self.ops_completed > n);
+        let unsupported = match op {
+            Op::Punch { .. } => self.plan.no_punch,
+            Op::Alloc { .. } => self.plan.no_alloc,
+            _ => false,
+        };
+        if unsupported {
+            return Some(Fault::NotSupported);
+        }
+        if !self.faults_on {
+            return None;
+        }
+        // Drawn for every op, so that the stream does not depend on which
+        // faults the plan allows.
+        let roll = self.fault_rng.below(self.plan.per_op.max(1));
+        let kind = self.fault_rng.below(8);
+        if sticky {
+            return Some(Fault::Eio);
+        }
+        if self.faults_left == 0 || roll != 0 {
+            return None;
+        }
+        self.faults_left -= 1;
+        Some(match op {
+            Op::Write { .. } => match kind {
+                0..=3 => Fault::Eio,
+                4..=5 => Fault::Short,
+                _ => Fault::NoSpace,
+            },
+            Op::Alloc { .. } if kind >= 4 => Fault::NoSpace,
+            _ => Fault::Eio,
+        })
+    }
+
+    /// Apply a completed op to the files, with a fault where the plan
+    /// says (`faults` false: an op landing at a kill).
+    fn apply(&mut self, op: Op, faults: bool) -> io::Result<Vec<u8>> {
+        let fault = if faults { self.draw_fault(&op) } else { None };
+        if let Some(f) = fault {
+            let errno_ = match f {
+                Fault::Eio => libc::EIO,
+                Fault::Short => 0,
+                Fault::NoSpace => libc::ENOSPC,
+                Fault::NotSupported => libc::EOPNOTSUPP,
+            };
+            if !matches!(f, Fault::NotSupported) {
+                let (path, offset, len) = op.place(&self.fs);
+                self.fault_log.push(FaultEvent { op_index: self.ops_completed, op: op.name(), path, offset, len, errno: errno_ });
+            }
+            match (&op, &f) {
+                // A failed or short write may have moved a prefix of its
+                // sectors before it stopped.
+                (Op::Write { fd, off, data }, Fault::Eio | Fault::Short) => {
+                    let sectors = (data.len() as u64).div_ceil(SECTOR);
+                    let keep = (self.fault_rng.below(sectors) * SECTOR) as usize;
+                    if keep > 0 {
+                        let _ = self.fs.write(*fd, *off, &data[..keep.min(data.len())]);
+                    }
+                }
+                // Writeback failed: maybe the dirty pages are gone unwritten.
+                (Op::Sync { fd }, Fault::Eio) => {
+                    if self.fault_rng.chance(50) {
+                        self.fs.drop_dirty(*fd);
+                    }
+                }
+                _ => {}
+            }
+            return Err(match f {
+                Fault::Short => io::Error::new(io::ErrorKind::WriteZero, "short write (simulated)"),
+                _ => errno(errno_),
+            });
+        }
+        let fs = &mut self.fs;
+        match op {
+            Op::Read { fd, off, len } => fs.read(fd, off, len),
+            Op::Write { fd, off, data } => fs.write(fd, off, &data).map(|_| Vec::new()),
+            Op::Sync { fd } => fs.sync(fd).map(|_| Vec::new()),
+            Op::Alloc { fd, off, len } => fs.allocate(fd, off, len).map(|_| Vec::new()),
+            Op::Punch { fd, off, len } => fs.punch(fd, off, len).map(|_| Vec::new()),
+            Op::SetLen { fd, len } => fs.set_len(fd, len).map(|_| Vec::new()),
+            Op::Rename { from, to } => fs.rename(&from, &to, true).map(|_| Vec::new()),
+            Op::SyncDir { dir } => fs.sync_dir(&dir).map(|_| Vec::new()),
+        }
+    }
+}
+
+/// An op's future: submits on first poll, resolves once completed.
+struct OpFuture {
+    w: Rc<World>,
+    op: Option<Op>,
+    id: Option<u64>,
+}
+
+impl Future for OpFuture {
+    type Output = io::Result<Vec<u8>>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        if let Some(op) = this.op.take() {
+            this.id = Some(this.w.submit(op, cx.waker().clone()));
+            return Poll::Pending;
+        }
+        let id = this.id.expect("an op polled after it resolved");
+        match this.w.take_done(id, cx.waker()) {
+            Some(r) => {
+                this.id = None;
+                Poll::Ready(r)
+            }
+            None => Poll::Pending,
+        }
+    }
+}
+
+impl Drop for OpFuture {
+    fn drop(&mut self) {
+        if let Some(id) = self.id {
+            self.w.abandon(id);
+        }
+    }
+}
+
+/// The simulated world as an [`Io`]: cheap to clone, all clones share it.
+#[derive(Clone)]
+pub struct SimIo {
+    pub w: Rc<World>,
+}
+
+impl SimIo {
+    fn op(&self, op: Op) -> OpFuture {
+        OpFuture { w: self.w.clone(), op: Some(op), id: None }
+    }
+}
+
+impl Io for SimIo {
+    async fn read_at(&self, fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let data = self.op(Op::Read { fd, off: offset, len: buf.len() }).await?;
+        buf.copy_from_slice(&data);
+        Ok(())
+    }
+    async fn write_at(&self, fd: RawFd, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.op(Op::Write { fd, off: offset, data: Vec::new() }).submit_with(buf).await.map(drop)
+    }
+    async fn sync_data(&self, fd: RawFd) -> io::Result<()> {
+        self.op(Op::Sync { fd }).await.map(drop)
+    }
+    async fn allocate(&self, fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
+        self.op(Op::Alloc { fd, off: offset, len }).await.map(drop)
+    }
+    async fn punch_hole(&self, fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
+        self.op(Op::Punch { fd, off: offset, len }).await.map(drop)
+    }
+    async fn set_len(&self, fd: RawFd, len: u64) -> io::Result<()> {
+        self.op(Op::SetLen { fd, len }).await.map(drop)
+    }
+    async fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.op(Op::Rename { from: from.to_path_buf(), to: to.to_path_buf() }).await.map(drop)
+    }
+    async fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        self.op(Op::SyncDir { dir: dir.to_path_buf() }).await.map(drop)
+    }
+
+    fn open(&self, path: &Path, how: &OpenHow) -> io::Result<Handle> {
+        let fd = self.w.state().fs.open(path, how)?;
+        Ok(self.w.handle(fd))
+    }
+    fn dio_alignment(&self, _fd: RawFd) -> u32 {
+        SECTOR as u32
+    }
+    fn fstat(&self, fd: RawFd) -> io::Result<FileStat> {
+        self.w.state().fs.fstat(fd)
+    }
+    fn seek_data(&self, fd: RawFd, at: u64) -> io::Result<Option<u64>> {
+        self.w.state().fs.seek_data(fd, at)
+    }
+    fn stat(&self, path: &Path) -> io::Result<Option<FileStat>> {
+        self.w.state().fs.stat(path)
+    }
+    fn canonicalize(&self, path: &Path) -> io::Result<PathBuf> {
+        self.w.state().fs.canonicalize(path)
+    }
+    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        self.w.state().fs.create_dir_all(path)
+    }
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        self.w.state().fs.remove_file(path)
+    }
+    fn rename_noreplace(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.w.state().fs.rename(from, to, false)
+    }
+    fn read_dir(&self, dir: &Path) -> io::Result<Vec<std::ffi::OsString>> {
+        self.w.state().fs.read_dir(dir)
+    }
+    fn flock(&self, fd: RawFd, how: LockHow) -> io::Result<()> {
+        self.w.state().fs.flock(fd, how)
+    }
+    fn now(&self) -> Instant {
+        self.w.base + self.w.now()
+    }
+    fn sleep_blocking(&self, d: Duration) {
+        self.w.set_now(self.w.now() + d)
+    }
+}
+
+impl OpFuture {
+    /// A write takes a copy of its bytes (as the kernel does when the op
+    /// is submitted; the caller's buffer may change afterwards).
+    fn submit_with(mut self, buf: &[u8]) -> OpFuture {
+        if let Some(Op::Write { data, .. }) = &mut self.op {
+            *data = buf.to_vec();
+        }
+        self
+    }
+}
