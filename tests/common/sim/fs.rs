@@ -11,8 +11,9 @@
 //! writes are all such choices. Directories work the same way at the
 //! level of names (see [`DirMode`]).
 //!
-//! Blocks are `Rc`-shared 4 KiB pages, so a sync or a cut costs a pointer
-//! copy per block, never a copy of a file.
+//! Blocks are `Rc`-shared 4 KiB pages in a map (holes are absent, so a
+//! sparse file of any size costs only its data), and a sync or a cut
+//! costs a pointer copy per block, never a copy of a file.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{OsStr, OsString};
@@ -35,12 +36,8 @@ pub const FIRST_FD: RawFd = 1 << 30;
 const ROOT: u64 = 1;
 
 type Page = Rc<[u8; BLOCK as usize]>;
-
-#[derive(Clone)]
-pub enum Block {
-    Hole,
-    Data(Page),
-}
+/// Block number -> page; a missing block is a hole.
+type Blocks = BTreeMap<u64, Page>;
 
 thread_local! {
     static ZERO_PAGE: Page = Rc::new([0; BLOCK as usize]);
@@ -62,7 +59,8 @@ struct Version {
     /// sector's place among that op's sectors (torn writes land a prefix).
     entry: u64,
     pos: u32,
-    page: Block,
+    /// None: a hole.
+    page: Option<Page>,
 }
 
 /// An unsynced change of size or allocation, in the order the journal
@@ -80,9 +78,9 @@ pub enum LockKind {
 }
 
 pub struct Inode {
-    cur: Vec<Block>,
+    cur: Blocks,
     len: u64,
-    dur: Vec<Block>,
+    dur: Blocks,
     dur_len: u64,
     dirty: BTreeMap<u64, Vec<Version>>,
     meta: Vec<Meta>,
@@ -96,9 +94,9 @@ pub struct Inode {
 impl Inode {
     fn new() -> Inode {
         Inode {
-            cur: Vec::new(),
+            cur: Blocks::new(),
             len: 0,
-            dur: Vec::new(),
+            dur: Blocks::new(),
             dur_len: 0,
             dirty: BTreeMap::new(),
             meta: Vec::new(),
@@ -109,7 +107,7 @@ impl Inode {
         }
     }
     fn data_blocks(&self) -> u64 {
-        self.cur.iter().filter(|b| matches!(b, Block::Data(_))).count() as u64
+        self.cur.len() as u64
     }
     fn new_entry(&mut self, sectors: u64) -> u64 {
         let e = self.next_entry;
@@ -119,31 +117,22 @@ impl Inode {
     }
     fn remember(&mut self, entry: u64, first_sector: u64, sectors: u64) {
         for (pos, s) in (first_sector..first_sector + sectors).enumerate() {
-            let b = (s / SECTORS_PER_BLOCK) as usize;
-            let page = self.cur.get(b).cloned().unwrap_or(Block::Hole);
+            let page = self.cur.get(&(s / SECTORS_PER_BLOCK)).cloned();
             self.dirty.entry(s).or_default().push(Version { entry, pos: pos as u32, page });
         }
     }
-    fn page_mut(&mut self, b: usize) -> &mut [u8; BLOCK as usize] {
-        if matches!(self.cur[b], Block::Hole) {
-            self.cur[b] = Block::Data(zero_page());
-        }
-        match &mut self.cur[b] {
-            Block::Data(p) => Rc::make_mut(p),
-            Block::Hole => unreachable!(),
-        }
+    fn page_mut(&mut self, b: u64) -> &mut [u8; BLOCK as usize] {
+        Rc::make_mut(self.cur.entry(b).or_insert_with(zero_page))
     }
 }
 
 /// Change `blocks` to hold exactly `len` bytes: cut whole blocks past it,
 /// zero the tail of a partial last block (as ftruncate does).
-fn resize(blocks: &mut Vec<Block>, len: u64) {
-    let n = len.div_ceil(BLOCK) as usize;
-    blocks.truncate(n);
-    blocks.resize(n, Block::Hole);
+fn resize(blocks: &mut Blocks, len: u64) {
+    blocks.split_off(&len.div_ceil(BLOCK));
     let tail = (len % BLOCK) as usize;
     if tail != 0 {
-        if let Some(Block::Data(p)) = blocks.last_mut() {
+        if let Some(p) = blocks.get_mut(&(len / BLOCK)) {
             if p[tail..].iter().any(|&b| b != 0) {
                 Rc::make_mut(p)[tail..].fill(0);
             }
@@ -498,8 +487,7 @@ impl SimFs {
         if at >= n.len {
             return Ok(None);
         }
-        let first = (at / BLOCK) as usize;
-        Ok(n.cur.iter().enumerate().skip(first).find(|(_, b)| matches!(b, Block::Data(_))).map(|(i, _)| (i as u64 * BLOCK).max(at)).filter(|&o| o < n.len))
+        Ok(n.cur.range(at / BLOCK..).next().map(|(&b, _)| (b * BLOCK).max(at)).filter(|&o| o < n.len))
     }
 
     pub fn flock(&mut self, fd: RawFd, how: LockHow) -> io::Result<()> {
@@ -550,7 +538,7 @@ impl SimFs {
             return 0;
         }
         let (first, last) = (off / BLOCK, (off + len - 1) / BLOCK);
-        (first..=last).filter(|&b| !matches!(n.cur.get(b as usize), Some(Block::Data(_)))).count() as u64
+        (last - first + 1) - n.cur.range(first..=last).count() as u64
     }
 
     fn charge(&mut self, ino: u64, off: u64, len: u64) -> io::Result<()> {
@@ -570,13 +558,9 @@ impl SimFs {
         self.charge(ino, off, data.len() as u64)?;
         let n = self.inodes.get_mut(&ino).unwrap();
         let end = off + data.len() as u64;
-        let nblocks = end.div_ceil(BLOCK) as usize;
-        if n.cur.len() < nblocks {
-            n.cur.resize(nblocks, Block::Hole);
-        }
         let mut at = off;
         while at < end {
-            let b = (at / BLOCK) as usize;
+            let b = at / BLOCK;
             let in_block = (at % BLOCK) as usize;
             let take = ((BLOCK as usize - in_block) as u64).min(end - at) as usize;
             let src = &data[(at - off) as usize..][..take];
@@ -603,12 +587,12 @@ impl SimFs {
         let mut freed = 0;
         let mut at = off;
         while at < end {
-            let b = (at / BLOCK) as usize;
+            let b = at / BLOCK;
             let in_block = (at % BLOCK) as usize;
             let take = ((BLOCK as usize - in_block) as u64).min(end - at) as usize;
-            if b < n.cur.len() && matches!(n.cur[b], Block::Data(_)) {
+            if n.cur.contains_key(&b) {
                 if take == BLOCK as usize {
-                    n.cur[b] = Block::Hole;
+                    n.cur.remove(&b);
                     freed += 1;
                 } else {
                     n.page_mut(b)[in_block..in_block + take].fill(0);
@@ -631,14 +615,8 @@ impl SimFs {
         self.charge(ino, off, len)?;
         let n = self.inodes.get_mut(&ino).unwrap();
         let end = off + len;
-        let nblocks = end.div_ceil(BLOCK) as usize;
-        if n.cur.len() < nblocks {
-            n.cur.resize(nblocks, Block::Hole);
-        }
-        for b in (off / BLOCK) as usize..nblocks {
-            if matches!(n.cur[b], Block::Hole) {
-                n.cur[b] = Block::Data(zero_page());
-            }
+        for b in off / BLOCK..end.div_ceil(BLOCK) {
+            n.cur.entry(b).or_insert_with(zero_page);
         }
         n.len = n.len.max(end);
         n.meta.push(Meta::Alloc { off, len });
@@ -652,17 +630,16 @@ impl SimFs {
         if len < n.len {
             // The cut part reads as zeros if the file grows again: remember
             // that as the sectors' newest version.
-            let first_cut = len.div_ceil(BLOCK) as usize;
+            let first_cut = len.div_ceil(BLOCK);
             let e = n.next_entry;
             n.next_entry += 1;
             let mut pos = 0u32;
-            for b in first_cut..n.cur.len() {
-                if matches!(n.cur[b], Block::Data(_)) {
-                    freed += 1;
-                    for s in 0..SECTORS_PER_BLOCK {
-                        n.dirty.entry(b as u64 * SECTORS_PER_BLOCK + s).or_default().push(Version { entry: e, pos, page: Block::Hole });
-                        pos += 1;
-                    }
+            let cut: Vec<u64> = n.cur.range(first_cut..).map(|(&b, _)| b).collect();
+            for b in cut {
+                freed += 1;
+                for s in 0..SECTORS_PER_BLOCK {
+                    n.dirty.entry(b * SECTORS_PER_BLOCK + s).or_default().push(Version { entry: e, pos, page: None });
+                    pos += 1;
                 }
             }
             resize(&mut n.cur, len);
@@ -670,14 +647,12 @@ impl SimFs {
                 let s0 = len / SECTOR;
                 let s1 = len.div_ceil(BLOCK) * SECTORS_PER_BLOCK;
                 for s in s0..s1 {
-                    let page = n.cur[(s / SECTORS_PER_BLOCK) as usize].clone();
+                    let page = n.cur.get(&(s / SECTORS_PER_BLOCK)).cloned();
                     n.dirty.entry(s).or_default().push(Version { entry: e, pos, page });
                     pos += 1;
                 }
             }
             n.entries.insert(e, pos);
-        } else {
-            n.cur.resize(len.div_ceil(BLOCK) as usize, Block::Hole);
         }
         if len != n.len {
             n.len = len;
@@ -693,18 +668,16 @@ impl SimFs {
     pub fn sync(&mut self, fd: RawFd) -> io::Result<()> {
         let ino = self.ofd(fd)?.ino;
         let n = self.inodes.get_mut(&ino).unwrap();
-        if n.meta.is_empty() {
+        // Only growth since the last sync: the touched blocks are all that
+        // differ (a shrink or an allocation copies the whole map).
+        if n.meta.iter().all(|m| matches!(m, Meta::Size(l) if *l >= n.dur_len)) && n.meta.windows(2).all(|w| matches!(w, [Meta::Size(a), Meta::Size(b)] if a <= b)) {
             let blocks: BTreeSet<u64> = n.dirty.keys().map(|s| s / SECTORS_PER_BLOCK).collect();
-            if n.dur.len() < n.cur.len() {
-                n.dur.resize(n.cur.len(), Block::Hole);
-            }
             for b in blocks {
-                let b = b as usize;
-                if b < n.cur.len() {
-                    n.dur[b] = n.cur[b].clone();
-                }
+                match n.cur.get(&b) {
+                    Some(p) => n.dur.insert(b, p.clone()),
+                    None => n.dur.remove(&b),
+                };
             }
-            n.dur.truncate(n.cur.len());
         } else {
             n.dur = n.cur.clone();
         }
@@ -823,13 +796,8 @@ fn cut_inode(n: &mut Inode, p: Personality, rng: &mut Rng) {
             }
             Meta::Alloc { off, len } => {
                 let end = off + len;
-                if blocks.len() < end.div_ceil(BLOCK) as usize {
-                    blocks.resize(end.div_ceil(BLOCK) as usize, Block::Hole);
-                }
-                for b in &mut blocks[(off / BLOCK) as usize..end.div_ceil(BLOCK) as usize] {
-                    if matches!(b, Block::Hole) {
-                        *b = Block::Data(zero_page());
-                    }
+                for b in off / BLOCK..end.div_ceil(BLOCK) {
+                    blocks.entry(b).or_insert_with(zero_page);
                 }
                 size = size.max(end);
             }
@@ -852,7 +820,7 @@ fn cut_inode(n: &mut Inode, p: Personality, rng: &mut Rng) {
     } else {
         BTreeMap::new()
     };
-    let mut hole_sectors: BTreeMap<usize, u64> = BTreeMap::new();
+    let mut hole_sectors: BTreeMap<u64, u64> = BTreeMap::new();
     for (&s, versions) in &n.dirty {
         let v = match p {
             KeepAll | DataOnly => versions.last(),
@@ -864,31 +832,22 @@ fn cut_inode(n: &mut Inode, p: Personality, rng: &mut Rng) {
             TornPrefix => versions.iter().rev().find(|v| v.pos < cutoffs[&v.entry]),
         };
         let Some(v) = v else { continue };
-        let b = (s / SECTORS_PER_BLOCK) as usize;
+        let b = s / SECTORS_PER_BLOCK;
         let at = (s % SECTORS_PER_BLOCK * SECTOR) as usize;
-        if blocks.len() <= b {
-            blocks.resize(b + 1, Block::Hole);
-        }
+        let sector = at..at + SECTOR as usize;
         match &v.page {
-            Block::Hole => {
+            None => {
                 *hole_sectors.entry(b).or_default() += 1;
-                if let Block::Data(d) = &mut blocks[b] {
-                    if d[at..at + SECTOR as usize].iter().any(|&x| x != 0) {
-                        Rc::make_mut(d)[at..at + SECTOR as usize].fill(0);
+                if let Some(d) = blocks.get_mut(&b) {
+                    if d[sector.clone()].iter().any(|&x| x != 0) {
+                        Rc::make_mut(d)[sector].fill(0);
                     }
                 }
             }
-            Block::Data(src) => {
-                if let Block::Data(d) = &blocks[b] {
-                    if Rc::ptr_eq(d, src) {
-                        continue;
-                    }
-                }
-                if matches!(blocks[b], Block::Hole) {
-                    blocks[b] = Block::Data(zero_page());
-                }
-                if let Block::Data(d) = &mut blocks[b] {
-                    Rc::make_mut(d)[at..at + SECTOR as usize].copy_from_slice(&src[at..at + SECTOR as usize]);
+            Some(src) => {
+                let d = blocks.entry(b).or_insert_with(zero_page);
+                if !Rc::ptr_eq(d, src) {
+                    Rc::make_mut(d)[sector.clone()].copy_from_slice(&src[sector]);
                 }
             }
         }
@@ -896,7 +855,7 @@ fn cut_inode(n: &mut Inode, p: Personality, rng: &mut Rng) {
     // A block whose every sector ended punched is a hole again.
     for (b, count) in hole_sectors {
         if count == SECTORS_PER_BLOCK {
-            blocks[b] = Block::Hole;
+            blocks.remove(&b);
         }
     }
     resize(&mut blocks, size);
@@ -909,15 +868,15 @@ fn cut_inode(n: &mut Inode, p: Personality, rng: &mut Rng) {
     n.entries.clear();
 }
 
-fn read_blocks(blocks: &[Block], len: u64, off: u64, n: usize) -> Vec<u8> {
+fn read_blocks(blocks: &Blocks, len: u64, off: u64, n: usize) -> Vec<u8> {
     let mut out = vec![0u8; n];
     let end = (off + n as u64).min(len);
     let mut at = off;
     while at < end {
-        let b = (at / BLOCK) as usize;
+        let b = at / BLOCK;
         let in_block = (at % BLOCK) as usize;
         let take = ((BLOCK as usize - in_block) as u64).min(end - at) as usize;
-        if let Some(Block::Data(p)) = blocks.get(b) {
+        if let Some(p) = blocks.get(&b) {
             out[(at - off) as usize..][..take].copy_from_slice(&p[in_block..in_block + take]);
         }
         at += take as u64;

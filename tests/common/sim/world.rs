@@ -335,11 +335,7 @@ impl State {
                     }
                 }
                 // Writeback failed: maybe the dirty pages are gone unwritten.
-                (Op::Sync { fd }, Fault::Eio) => {
-                    if self.fault_rng.chance(50) {
-                        self.fs.drop_dirty(*fd);
-                    }
-                }
+                (Op::Sync { fd }, Fault::Eio) if self.fault_rng.chance(50) => self.fs.drop_dirty(*fd),
                 _ => {}
             }
             return Err(match f {
