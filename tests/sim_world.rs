@@ -524,6 +524,74 @@ fn sleepers_wake_in_simulated_time_order() {
     }
 }
 
+#[test]
+fn a_finished_tasks_sleep_does_not_move_the_clock() {
+    let s = world(0, DirMode::Posix);
+    let sleep = s.sleep(Duration::from_secs(60));
+    s.spawn("gives up", async move {
+        futures_lite::future::or(sleep, async {}).await;
+    });
+    s.run().unwrap();
+    s.spawn("idle", async {});
+    s.run().unwrap();
+    assert!(s.now() < Duration::from_secs(1), "{:?}", s.now());
+}
+
+/// An op awaited where no task would be woken (the driver's own
+/// `block_on`, or one nested in the engine) completes at once instead of
+/// parking the thread forever; the world counts it.
+#[test]
+fn an_op_awaited_outside_the_executor_completes_at_once() {
+    let s = world(0, DirMode::Posix);
+    let io = s.io();
+    let h = create(&io, FILE);
+    futures_lite::future::block_on(io.write_at(h.fd(), &[1; 512], 0)).unwrap();
+    assert_eq!(s.inline_ops(), 1);
+    let io2 = io.clone();
+    let fd = h.fd();
+    let back = run(&s, move |io| async move {
+        let nested = futures_lite::future::block_on(io2.sync_data(fd));
+        let mut b = [0u8; 512];
+        io.read_at(fd, &mut b, 0).await.unwrap();
+        (nested.is_ok(), b[0])
+    });
+    assert_eq!(back, (true, 1));
+    assert_eq!(s.inline_ops(), 2, "the nested block_on completed at once, the task's read went through the executor");
+}
+
+/// The cost that bounds how many seeds CI affords: thousands of ops over
+/// a sparse 1 TiB file in the debug profile.
+#[test]
+fn a_busy_world_stays_cheap() {
+    let s = world(4, DirMode::Posix);
+    let started = std::time::Instant::now();
+    let io = s.io();
+    for t in 0..4u64 {
+        let io = io.clone();
+        s.spawn("queue", async move {
+            let h = create(&io, &format!("/d/img{t}"));
+            io.set_len(h.fd(), 1 << 40).await.unwrap();
+            let mut rng = ublk_ploop::rng::Rng::new(t);
+            let mut buf = vec![0u8; 65536];
+            for i in 0..2500u64 {
+                let off = rng.below(4096) * 4096 + (1 << 39);
+                let len = 512 * (1 + rng.below(128) as usize);
+                match i % 10 {
+                    0..=4 => io.write_at(h.fd(), &buf[..len], off).await.unwrap(),
+                    5..=7 => io.read_at(h.fd(), &mut buf[..len], off).await.unwrap(),
+                    8 => io.punch_hole(h.fd(), off, 65536).await.unwrap(),
+                    _ => io.sync_data(h.fd()).await.unwrap(),
+                }
+            }
+        });
+    }
+    s.run().unwrap();
+    s.power_cut();
+    let spent = started.elapsed();
+    eprintln!("10000 ops, 1 cut: {spent:?}, {:?}", s.stats());
+    assert!(spent < Duration::from_secs(20), "{spent:?}");
+}
+
 /// Three tasks entering the engine's gate and one taking it exclusively
 /// never overlap, whatever the interleaving.
 #[test]

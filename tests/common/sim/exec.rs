@@ -60,11 +60,14 @@ enum Event {
     Complete(usize),
 }
 
+/// A timer's task (None: armed outside any task) and its waker.
+type Sleeper = (Option<TaskId>, Waker);
+
 pub struct Exec {
     tasks: RefCell<BTreeMap<TaskId, Task>>,
     ready: Arc<Mutex<BTreeSet<TaskId>>>,
-    /// (deadline, sequence) -> the sleeper's waker.
-    timers: RefCell<BTreeMap<(Duration, u64), Waker>>,
+    /// (deadline, sequence) -> the sleeping task and its waker.
+    timers: RefCell<BTreeMap<(Duration, u64), Sleeper>>,
     next_id: Cell<u64>,
     next_timer: Cell<u64>,
     sched: RefCell<Rng>,
@@ -120,10 +123,10 @@ impl Exec {
     }
 
     /// Wake `waker` once simulated time reaches `deadline`.
-    pub fn add_timer(&self, deadline: Duration, waker: Waker) {
+    pub fn add_timer(&self, deadline: Duration, task: Option<TaskId>, waker: Waker) {
         let seq = self.next_timer.get();
         self.next_timer.set(seq + 1);
-        self.timers.borrow_mut().insert((deadline, seq), waker);
+        self.timers.borrow_mut().insert((deadline, seq), (task, waker));
     }
 
     /// Drop every task (and so every future it holds: ops in flight are
@@ -143,7 +146,7 @@ impl Exec {
             let first = self.timers.borrow().keys().next().copied();
             match first {
                 Some(k) if k.0 <= now => {
-                    let waker = self.timers.borrow_mut().remove(&k).unwrap();
+                    let (_, waker) = self.timers.borrow_mut().remove(&k).unwrap();
                     waker.wake();
                 }
                 _ => break,
@@ -164,6 +167,11 @@ impl Exec {
             };
             let ops = w.in_flight();
             if ready.is_empty() && ops == 0 {
+                // A finished task's sleep must not move the clock.
+                {
+                    let tasks = self.tasks.borrow();
+                    self.timers.borrow_mut().retain(|_, (t, _)| t.map_or(true, |t| tasks.contains_key(&t)));
+                }
                 let first = self.timers.borrow().keys().next().copied();
                 if let Some((deadline, _)) = first {
                     w.fold(3, deadline.as_nanos() as u64);
@@ -236,7 +244,7 @@ impl Exec {
         self.last_polled.set(Some(id));
         let waker = Waker::from(Arc::new(TaskWaker { id, ready: self.ready.clone() }));
         let mut cx = Context::from_waker(&waker);
-        w.set_current(Some((id, task.name)));
+        w.set_current(Some((id, waker.clone())));
         let r = catch_unwind(AssertUnwindSafe(|| task.fut.as_mut().poll(&mut cx)));
         w.set_current(None);
         match r {
@@ -293,7 +301,7 @@ impl Future for Sleep {
             return Poll::Ready(());
         }
         if let Some(exec) = self.exec.upgrade() {
-            exec.add_timer(deadline, cx.waker().clone());
+            exec.add_timer(deadline, self.world.current_task(), cx.waker().clone());
         }
         Poll::Pending
     }

@@ -387,13 +387,18 @@ impl SimFs {
         Ok(())
     }
 
-    /// Posix: the directory's names as they are now become durable.
+    /// The directory's names as they are now become durable (under
+    /// `Journal`, as a journal commit: every name change so far).
     pub fn sync_dir(&mut self, path: &Path) -> io::Result<()> {
         let id = match self.lookup(path)? {
             Some(Entry::Dir(id)) => id,
             Some(Entry::File(_)) => return Err(errno(libc::ENOTDIR)),
             None => return Err(errno(libc::ENOENT)),
         };
+        if self.mode == DirMode::Journal {
+            self.commit_all_dirs();
+            return Ok(());
+        }
         for op in &mut self.dir_log {
             op.changes.retain(|(d, _, _)| *d != id);
         }

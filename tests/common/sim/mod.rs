@@ -236,6 +236,12 @@ impl Sim {
     pub fn trace_hash(&self) -> u64 {
         self.world.trace_hash()
     }
+    /// Ops that completed synchronously because they were awaited outside
+    /// the executor's tasks (a `block_on` in the engine or the driver):
+    /// they work, but explore no interleaving, so a driver may flag them.
+    pub fn inline_ops(&self) -> u64 {
+        self.world.state().inline_ops
+    }
     /// Events allowed before a run stops with `SimError::Budget`.
     pub fn set_budget(&self, events: u64) {
         self.exec.budget.set(self.exec.events.get().saturating_add(events))

@@ -87,7 +87,12 @@ pub struct State {
     pub fault_log: Vec<FaultEvent>,
     pub kills: u64,
     pub power_cuts: u64,
-    current: Option<(u64, &'static str)>,
+    /// The task being polled, and the waker it was polled with.
+    current: Option<(u64, Waker)>,
+    /// Ops that completed at once because nothing would ever complete
+    /// them (polled outside any task, or under a foreign waker: a
+    /// `block_on` inside the engine).
+    pub inline_ops: u64,
     last_op: BTreeMap<u64, &'static str>,
 }
 
@@ -122,6 +127,7 @@ impl World {
                 kills: 0,
                 power_cuts: 0,
                 current: None,
+                inline_ops: 0,
                 last_op: BTreeMap::new(),
             }),
             closed: Arc::new(Mutex::new(Vec::new())),
@@ -154,8 +160,12 @@ impl World {
         self.now.set(t)
     }
 
-    pub fn set_current(&self, task: Option<(u64, &'static str)>) {
+    pub fn set_current(&self, task: Option<(u64, Waker)>) {
         self.st.borrow_mut().current = task;
+    }
+
+    pub fn current_task(&self) -> Option<u64> {
+        self.st.borrow().current.as_ref().map(|c| c.0)
     }
 
     pub fn last_op_of(&self, task: u64) -> &'static str {
@@ -180,15 +190,32 @@ impl World {
         self.st.borrow_mut().faults_on = on;
     }
 
-    fn submit(&self, op: Op, waker: Waker) -> u64 {
+    /// Record `op` in flight; or, when no executor task would ever be
+    /// woken by its completion (polled outside a task, or under a waker
+    /// that is not the task's: a nested `block_on`), complete it at once
+    /// as a synchronous syscall would, so the thread cannot park forever.
+    fn submit(&self, op: Op, waker: &Waker) -> Result<u64, io::Result<Vec<u8>>> {
         let mut st = self.state();
+        let inline = match st.current.as_ref().map(|(task, w)| (*task, w.will_wake(waker))) {
+            Some((task, same)) => {
+                st.last_op.insert(task, op.name());
+                !same
+            }
+            None => true,
+        };
+        if inline {
+            st.inline_ops += 1;
+            st.ops_completed += 1;
+            let r = st.apply(op, true);
+            if let Err(e) = &r {
+                self.fold(4, e.raw_os_error().unwrap_or(-1) as u64);
+            }
+            return Err(r);
+        }
         let id = st.next_op;
         st.next_op += 1;
-        if let Some((task, _)) = st.current {
-            st.last_op.insert(task, op.name());
-        }
-        st.in_flight.insert(id, InFlight { op, waker: Some(waker), abandoned: false });
-        id
+        st.in_flight.insert(id, InFlight { op, waker: Some(waker.clone()), abandoned: false });
+        Ok(id)
     }
 
     fn take_done(&self, id: u64, waker: &Waker) -> Option<io::Result<Vec<u8>>> {
@@ -369,7 +396,10 @@ impl Future for OpFuture {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
         if let Some(op) = this.op.take() {
-            this.id = Some(this.w.submit(op, cx.waker().clone()));
+            match this.w.submit(op, cx.waker()) {
+                Ok(id) => this.id = Some(id),
+                Err(done) => return Poll::Ready(done),
+            }
             return Poll::Pending;
         }
         let id = this.id.expect("an op polled after it resolved");
