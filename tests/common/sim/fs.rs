@@ -52,13 +52,13 @@ pub fn errno(e: i32) -> io::Error {
     io::Error::from_raw_os_error(e)
 }
 
-/// A sector's content as the cache held it right after one op: the
-/// sector inside `page` (a hole reads as zeros).
+/// A block's content as the cache held it right after one op, for the
+/// sectors the op touched (`mask`, bit i = sector i of the block); a
+/// hole reads as zeros.
 struct Version {
-    /// The op (within the unsynced log) that produced it, and this
-    /// sector's place among that op's sectors (torn writes land a prefix).
+    /// The op (within the unsynced log) that produced it.
     entry: u64,
-    pos: u32,
+    mask: u8,
     /// None: a hole.
     page: Option<Page>,
 }
@@ -82,10 +82,12 @@ pub struct Inode {
     len: u64,
     dur: Blocks,
     dur_len: u64,
+    /// Block -> the versions unsynced ops gave its sectors, oldest first.
     dirty: BTreeMap<u64, Vec<Version>>,
     meta: Vec<Meta>,
-    /// Sector count of every unsynced data op, by entry number.
-    entries: BTreeMap<u64, u32>,
+    /// Every unsynced data op: its first sector and sector count (a torn
+    /// op lands a prefix of them).
+    entries: BTreeMap<u64, (u64, u64)>,
     next_entry: u64,
     open: u32,
     flocks: BTreeMap<RawFd, LockKind>,
@@ -109,16 +111,18 @@ impl Inode {
     fn data_blocks(&self) -> u64 {
         self.cur.len() as u64
     }
-    fn new_entry(&mut self, sectors: u64) -> u64 {
-        let e = self.next_entry;
+    /// Remember the sectors `[first, first + count)` as one op changed them.
+    fn remember(&mut self, first: u64, count: u64) {
+        let entry = self.next_entry;
         self.next_entry += 1;
-        self.entries.insert(e, sectors as u32);
-        e
-    }
-    fn remember(&mut self, entry: u64, first_sector: u64, sectors: u64) {
-        for (pos, s) in (first_sector..first_sector + sectors).enumerate() {
-            let page = self.cur.get(&(s / SECTORS_PER_BLOCK)).cloned();
-            self.dirty.entry(s).or_default().push(Version { entry, pos: pos as u32, page });
+        self.entries.insert(entry, (first, count));
+        let end = first + count;
+        for b in first / SECTORS_PER_BLOCK..end.div_ceil(SECTORS_PER_BLOCK) {
+            let lo = first.max(b * SECTORS_PER_BLOCK) - b * SECTORS_PER_BLOCK;
+            let hi = end.min((b + 1) * SECTORS_PER_BLOCK) - b * SECTORS_PER_BLOCK;
+            let mask = ((1u16 << hi) - (1u16 << lo)) as u8;
+            let page = self.cur.get(&b).cloned();
+            self.dirty.entry(b).or_default().push(Version { entry, mask, page });
         }
     }
     fn page_mut(&mut self, b: u64) -> &mut [u8; BLOCK as usize] {
@@ -577,8 +581,7 @@ impl SimFs {
             n.meta.push(Meta::Size(end));
         }
         let (s0, s1) = (off / SECTOR, end.div_ceil(SECTOR));
-        let e = n.new_entry(s1 - s0);
-        n.remember(e, s0, s1 - s0);
+        n.remember(s0, s1 - s0);
         Ok(())
     }
 
@@ -606,8 +609,7 @@ impl SimFs {
             at += take as u64;
         }
         let (s0, s1) = (off / SECTOR, end.div_ceil(SECTOR));
-        let e = n.new_entry(s1 - s0);
-        n.remember(e, s0, s1 - s0);
+        n.remember(s0, s1 - s0);
         self.used_blocks -= freed;
         Ok(())
     }
@@ -638,26 +640,24 @@ impl SimFs {
             let first_cut = len.div_ceil(BLOCK);
             let e = n.next_entry;
             n.next_entry += 1;
-            let mut pos = 0u32;
             let cut: Vec<u64> = n.cur.range(first_cut..).map(|(&b, _)| b).collect();
+            let last = cut.last().map_or(first_cut, |b| b + 1);
             for b in cut {
                 freed += 1;
-                for s in 0..SECTORS_PER_BLOCK {
-                    n.dirty.entry(b * SECTORS_PER_BLOCK + s).or_default().push(Version { entry: e, pos, page: None });
-                    pos += 1;
-                }
+                n.dirty.entry(b).or_default().push(Version { entry: e, mask: 0xff, page: None });
             }
             resize(&mut n.cur, len);
-            if len % BLOCK != 0 {
-                let s0 = len / SECTOR;
-                let s1 = len.div_ceil(BLOCK) * SECTORS_PER_BLOCK;
-                for s in s0..s1 {
-                    let page = n.cur.get(&(s / SECTORS_PER_BLOCK)).cloned();
-                    n.dirty.entry(s).or_default().push(Version { entry: e, pos, page });
-                    pos += 1;
-                }
+            // The partial last block's tail was zeroed: its sectors from
+            // the first one past `len` (a sector `len` splits keeps its head).
+            let mut first = first_cut * SECTORS_PER_BLOCK;
+            let lo = len.div_ceil(SECTOR) % SECTORS_PER_BLOCK;
+            if len % BLOCK != 0 && lo != 0 {
+                let b = len / BLOCK;
+                first = b * SECTORS_PER_BLOCK + lo;
+                let page = n.cur.get(&b).cloned();
+                n.dirty.entry(b).or_default().push(Version { entry: e, mask: (0xffu16 << lo) as u8, page });
             }
-            n.entries.insert(e, pos);
+            n.entries.insert(e, (first, (last * SECTORS_PER_BLOCK).saturating_sub(first)));
         }
         if len != n.len {
             n.len = len;
@@ -676,8 +676,7 @@ impl SimFs {
         // Only growth since the last sync: the touched blocks are all that
         // differ (a shrink or an allocation copies the whole map).
         if n.meta.iter().all(|m| matches!(m, Meta::Size(l) if *l >= n.dur_len)) && n.meta.windows(2).all(|w| matches!(w, [Meta::Size(a), Meta::Size(b)] if a <= b)) {
-            let blocks: BTreeSet<u64> = n.dirty.keys().map(|s| s / SECTORS_PER_BLOCK).collect();
-            for b in blocks {
+            for &b in n.dirty.keys() {
                 match n.cur.get(&b) {
                     Some(p) => n.dur.insert(b, p.clone()),
                     None => n.dur.remove(&b),
@@ -810,35 +809,40 @@ fn cut_inode(n: &mut Inode, p: Personality, rng: &mut Rng) {
     }
     // How many sectors of each op land, for TornPrefix: all, none, or a
     // torn prefix, a third each.
-    let cutoffs: BTreeMap<u64, u32> = if p == TornPrefix {
+    // The sector each op's landing stops before, for TornPrefix.
+    let cutoffs: BTreeMap<u64, u64> = if p == TornPrefix {
         n.entries
             .iter()
-            .map(|(&e, &count)| {
+            .map(|(&e, &(first, count))| {
                 let k = match rng.below(3) {
                     0 => count,
                     1 => 0,
-                    _ => rng.below(count as u64 + 1) as u32,
+                    _ => rng.below(count + 1),
                 };
-                (e, k)
+                (e, first + k)
             })
             .collect()
     } else {
         BTreeMap::new()
     };
     let mut hole_sectors: BTreeMap<u64, u64> = BTreeMap::new();
-    for (&s, versions) in &n.dirty {
+    for (b, i, v) in n.dirty.iter().flat_map(|(&b, vs)| (0..SECTORS_PER_BLOCK).map(move |i| (b, i, vs))) {
+        let s = b * SECTORS_PER_BLOCK + i;
+        let mut touching = v.iter().filter(|v| v.mask & (1 << i) != 0);
         let v = match p {
-            KeepAll | DataOnly => versions.last(),
+            KeepAll | DataOnly => touching.next_back(),
             DropAll | MetaOnly => None,
-            Uniform => match rng.below(versions.len() as u64 + 1) as usize {
-                0 => None,
-                i => Some(&versions[i - 1]),
-            },
-            TornPrefix => versions.iter().rev().find(|v| v.pos < cutoffs[&v.entry]),
+            Uniform => {
+                let all: Vec<&Version> = touching.collect();
+                match rng.below(all.len() as u64 + 1) as usize {
+                    0 => None,
+                    k => Some(all[k - 1]),
+                }
+            }
+            TornPrefix => touching.rfind(|v| s < cutoffs[&v.entry]),
         };
         let Some(v) = v else { continue };
-        let b = s / SECTORS_PER_BLOCK;
-        let at = (s % SECTORS_PER_BLOCK * SECTOR) as usize;
+        let at = (i * SECTOR) as usize;
         let sector = at..at + SECTOR as usize;
         match &v.page {
             None => {
