@@ -659,3 +659,40 @@ fn the_engines_file_helpers_run_on_the_world() {
     assert_eq!((len, block, hole, data), (1 << 20, 512, true, false));
     assert!(open_image_file_in(&s.io(), Path::new("/d/none"), false, Direct::Off).is_err());
 }
+
+/// The ploop layer opened on the world from an image the world holds.
+/// Where the engine still makes a raw syscall behind the `Io` (on this
+/// branch's base, `load::file_len` calls fstat directly), the virtual
+/// descriptor makes it fail with EBADF: an escape the simulation shows,
+/// never a wrong answer about some other file. Once that call goes
+/// through `Io::fstat`, the layer opens and reads an empty table.
+#[test]
+fn the_ploop_layer_opens_on_the_world_or_its_escape_shows() {
+    use ublk_ploop::io::{open_image_file_in, Direct};
+    use ublk_ploop::layers::ploop::header::Header;
+    use ublk_ploop::layers::PloopLayer;
+    let s = world(2, DirMode::Posix);
+    let outcome = run(&s, |io| async move {
+        let header = Header::new(16 << 20, 65536).unwrap();
+        let h = create(&io, "/d/img.hdd");
+        let mut meta = vec![0u8; header.data_off_bytes() as usize];
+        meta[..64].copy_from_slice(&header.to_bytes());
+        io.write_at(h.fd(), &meta, 0).await.unwrap();
+        io.sync_data(h.fd()).await.unwrap();
+        drop(h);
+        let file = open_image_file_in(&io, Path::new("/d/img.hdd"), true, Direct::Auto).unwrap();
+        match PloopLayer::open(&io, file, Direct::Auto, true).await {
+            Ok((layer, _)) => {
+                assert_eq!(layer.size(), 16 << 20);
+                assert!((0..256).all(|c| layer.lookup(c).is_none()));
+                layer.close(&io).await.map_err(|e| e.errno())
+            }
+            Err(e) => Err(e.errno()),
+        }
+    });
+    eprintln!("ploop layer on the world: {outcome:?}");
+    match outcome {
+        Ok(()) => {}
+        Err(errno) => assert_eq!(errno, libc::EBADF, "the engine failed on the world other than by an escape"),
+    }
+}
