@@ -458,6 +458,33 @@ fn an_op_in_flight_at_a_kill_lands_or_not() {
     assert!(landed > 20 && not > 20, "landed {landed}, not {not}");
 }
 
+/// A write whose future is dropped after submission is nobody's to
+/// complete: the file does not change while the process lives, and the
+/// next kill lands it or not.
+#[test]
+fn an_abandoned_op_lands_or_not_at_the_next_kill() {
+    let (mut landed, mut not) = (0, 0);
+    for seed in 0..60 {
+        let s = world(seed, DirMode::Posix);
+        durable_file(&s, FILE, 0, 512);
+        let still = run(&s, |io| async move {
+            let h = open(&io, FILE);
+            assert!(futures_lite::future::poll_once(io.write_at(h.fd(), &[7; 512], 0)).await.is_none());
+            let mut b = [1u8; 512];
+            io.read_at(h.fd(), &mut b, 0).await.unwrap();
+            b[0]
+        });
+        assert_eq!(still, 0, "seed {seed}: an abandoned write completed while the process lived");
+        assert_eq!(s.world.in_flight(), 0);
+        s.kill();
+        match content(&s, FILE).unwrap()[0] {
+            7 => landed += 1,
+            _ => not += 1,
+        }
+    }
+    assert!(landed > 5 && not > 5, "landed {landed}, not {not}");
+}
+
 // ---------------------------------------------------------------------------
 // The executor.
 

@@ -166,6 +166,10 @@ struct Ofd {
     ino: u64,
     write: bool,
     path: PathBuf,
+    /// Ops in flight on it: as the kernel's file reference, they keep the
+    /// description (not its name, not its locks) alive past a close.
+    pinned: u32,
+    closed: bool,
 }
 
 /// How a power cut treats what was not yet durable, drawn once per cut
@@ -444,24 +448,50 @@ impl SimFs {
         let fd = self.next_fd;
         self.next_fd += 1;
         self.inodes.get_mut(&ino).unwrap().open += 1;
-        self.fds.insert(fd, Ofd { ino, write: how.write || how.create_new, path });
+        self.fds.insert(fd, Ofd { ino, write: how.write || how.create_new, path, pinned: 0, closed: false });
         Ok(fd)
     }
 
     /// Close an open description (its flocks go); unknown numbers (a
     /// handle that outlived a kill) are ignored.
     pub fn close(&mut self, fd: RawFd) {
-        if let Some(o) = self.fds.remove(&fd) {
-            let n = self.inodes.get_mut(&o.ino).unwrap();
-            n.open -= 1;
-            n.flocks.remove(&fd);
+        let Some(o) = self.fds.get_mut(&fd) else { return };
+        if !o.closed {
+            o.closed = true;
+            let ino = o.ino;
+            self.inodes.get_mut(&ino).unwrap().flocks.remove(&fd);
+        }
+        self.release(fd);
+    }
+
+    fn release(&mut self, fd: RawFd) {
+        let Some(o) = self.fds.get(&fd) else { return };
+        if o.closed && o.pinned == 0 {
+            let o = self.fds.remove(&fd).unwrap();
+            self.inodes.get_mut(&o.ino).unwrap().open -= 1;
             self.collect();
         }
     }
 
+    /// An op on `fd` was submitted: the description stays until `unpin`.
+    pub fn pin(&mut self, fd: RawFd) {
+        if let Some(o) = self.fds.get_mut(&fd) {
+            o.pinned += 1;
+        }
+    }
+
+    pub fn unpin(&mut self, fd: RawFd) {
+        if let Some(o) = self.fds.get_mut(&fd) {
+            o.pinned = o.pinned.saturating_sub(1);
+        }
+        self.release(fd);
+    }
+
+    /// Every description goes (a kill, after its ops were decided).
     pub fn close_all(&mut self) {
         let fds: Vec<RawFd> = self.fds.keys().copied().collect();
         for fd in fds {
+            self.fds.get_mut(&fd).unwrap().pinned = 0;
             self.close(fd);
         }
     }
@@ -472,6 +502,11 @@ impl SimFs {
 
     fn ofd(&self, fd: RawFd) -> io::Result<&Ofd> {
         self.fds.get(&fd).ok_or_else(|| errno(libc::EBADF))
+    }
+
+    /// A description a plain call may use: open, not merely pinned by ops.
+    fn live(&self, fd: RawFd) -> io::Result<&Ofd> {
+        self.fds.get(&fd).filter(|o| !o.closed).ok_or_else(|| errno(libc::EBADF))
     }
 
     pub fn path_of(&self, fd: RawFd) -> String {
@@ -488,11 +523,11 @@ impl SimFs {
     }
 
     pub fn fstat(&self, fd: RawFd) -> io::Result<FileStat> {
-        Ok(self.stat_ino(self.ofd(fd)?.ino))
+        Ok(self.stat_ino(self.live(fd)?.ino))
     }
 
     pub fn seek_data(&self, fd: RawFd, at: u64) -> io::Result<Option<u64>> {
-        let n = &self.inodes[&self.ofd(fd)?.ino];
+        let n = &self.inodes[&self.live(fd)?.ino];
         if at >= n.len {
             return Ok(None);
         }
@@ -500,7 +535,7 @@ impl SimFs {
     }
 
     pub fn flock(&mut self, fd: RawFd, how: LockHow) -> io::Result<()> {
-        let ino = self.ofd(fd)?.ino;
+        let ino = self.live(fd)?.ino;
         let n = self.inodes.get_mut(&ino).unwrap();
         let want = match how {
             LockHow::Unlock => {

@@ -52,6 +52,12 @@ impl Op {
             Op::SyncDir { .. } => "sync_dir",
         }
     }
+    fn fd(&self) -> Option<RawFd> {
+        match self {
+            Op::Read { fd, .. } | Op::Write { fd, .. } | Op::Sync { fd } | Op::Alloc { fd, .. } | Op::Punch { fd, .. } | Op::SetLen { fd, .. } => Some(*fd),
+            Op::Rename { .. } | Op::SyncDir { .. } => None,
+        }
+    }
     /// (path, offset, len) for the fault log.
     fn place(&self, fs: &SimFs) -> (String, u64, u64) {
         match self {
@@ -69,13 +75,14 @@ impl Op {
 struct InFlight {
     op: Op,
     waker: Option<Waker>,
-    /// Its future was dropped: the result goes nowhere.
-    abandoned: bool,
 }
 
 pub struct State {
     pub fs: SimFs,
     in_flight: BTreeMap<u64, InFlight>,
+    /// Submitted ops whose futures were dropped before completing: no
+    /// longer the executor's to complete; the next kill lands them or not.
+    abandoned: BTreeMap<u64, Op>,
     done: BTreeMap<u64, io::Result<Vec<u8>>>,
     next_op: u64,
     pub ops_completed: u64,
@@ -115,6 +122,7 @@ impl World {
             st: RefCell::new(State {
                 fs: SimFs::new(plan.capacity_blocks, dir_mode),
                 in_flight: BTreeMap::new(),
+                abandoned: BTreeMap::new(),
                 done: BTreeMap::new(),
                 next_op: 0,
                 ops_completed: 0,
@@ -214,7 +222,10 @@ impl World {
         }
         let id = st.next_op;
         st.next_op += 1;
-        st.in_flight.insert(id, InFlight { op, waker: Some(waker.clone()), abandoned: false });
+        if let Some(fd) = op.fd() {
+            st.fs.pin(fd);
+        }
+        st.in_flight.insert(id, InFlight { op, waker: Some(waker.clone()) });
         Ok(id)
     }
 
@@ -234,9 +245,8 @@ impl World {
     fn abandon(&self, id: u64) {
         let mut st = self.st.borrow_mut();
         st.done.remove(&id);
-        if let Some(f) = st.in_flight.get_mut(&id) {
-            f.abandoned = true;
-            f.waker = None;
+        if let Some(f) = st.in_flight.remove(&id) {
+            st.abandoned.insert(id, f.op);
         }
     }
 
@@ -247,13 +257,15 @@ impl World {
             let id = *st.in_flight.keys().nth(i).expect("an op in flight");
             let f = st.in_flight.remove(&id).unwrap();
             st.ops_completed += 1;
+            let fd = f.op.fd();
             let r = st.apply(f.op, true);
+            if let Some(fd) = fd {
+                st.fs.unpin(fd);
+            }
             if let Err(e) = &r {
                 self.fold(4, e.raw_os_error().unwrap_or(-1) as u64);
             }
-            if !f.abandoned {
-                st.done.insert(id, r);
-            }
+            st.done.insert(id, r);
             f.waker
         };
         if let Some(w) = waker {
@@ -265,12 +277,13 @@ impl World {
     /// every open description closes. The page cache stays.
     pub fn kill(&self) {
         let mut st = self.state();
-        let ops = std::mem::take(&mut st.in_flight);
-        for (_, f) in ops {
+        let mut ops: BTreeMap<u64, Op> = std::mem::take(&mut st.in_flight).into_iter().map(|(id, f)| (id, f.op)).collect();
+        ops.append(&mut st.abandoned);
+        for (_, op) in ops {
             let lands = st.crash_rng.chance(50);
             self.fold(5, lands as u64);
             if lands {
-                let _ = st.apply(f.op, false);
+                let _ = st.apply(op, false);
             }
         }
         st.done.clear();
