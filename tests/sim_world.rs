@@ -342,6 +342,15 @@ fn namespace_calls_answer_as_linux_does() {
     // A read-only description cannot write.
     let e = run(&s, move |io| async move { io.write_at(h.fd(), b"x", 0).await.unwrap_err().raw_os_error() });
     assert_eq!(e, Some(libc::EBADF));
+    // O_DIRECT refuses unaligned transfers, as the kernel does.
+    let d = io.open(Path::new("/d/g"), &OpenHow { write: true, direct: true, ..OpenHow::default() }).unwrap();
+    let fd = d.fd();
+    let (bad, good) = run(&s, move |io| async move {
+        let bad = io.write_at(fd, &[1; 100], 0).await.unwrap_err().raw_os_error();
+        let mut b = vec![0u8; 1024];
+        (bad, io.read_at(fd, &mut b, 512).await.is_ok())
+    });
+    assert_eq!((bad, good), (Some(libc::EINVAL), true));
 }
 
 // ---------------------------------------------------------------------------

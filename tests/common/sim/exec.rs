@@ -53,6 +53,9 @@ pub enum Policy {
     Pct { points: Vec<u64> },
     /// Lowest ready task first, then the oldest op: the baseline.
     Fifo,
+    /// Uniform, except that ops of one kind complete only when nothing
+    /// else can happen (a slow device for syncs, say).
+    SlowOp { kind: &'static str },
 }
 
 enum Event {
@@ -84,8 +87,12 @@ impl Exec {
     pub fn new(sched_seed: u64) -> Exec {
         let mut sched = Rng::new(sched_seed);
         let policy = match sched.below(10) {
-            0..=3 => Policy::Uniform,
-            4..=7 => Policy::Pct { points: (0..3).map(|_| sched.below(20_000)).collect() },
+            0..=2 => Policy::Uniform,
+            3..=6 => Policy::Pct { points: (0..3).map(|_| sched.below(20_000)).collect() },
+            7 => {
+                const KINDS: [&str; 4] = ["write", "sync_data", "read", "rename"];
+                Policy::SlowOp { kind: KINDS[sched.below(4) as usize] }
+            }
             _ => Policy::Fifo,
         };
         Exec {
@@ -188,9 +195,13 @@ impl Exec {
             if n > self.budget.get() {
                 return Err(SimError::Budget(format!("{} events; tasks: {}", n - 1, self.task_names().join(", "))));
             }
-            match self.choose(&ready, ops) {
+            match self.choose(&ready, ops, w) {
                 Event::Poll(id) => {
                     w.fold(1, id);
+                    if w.tracing() {
+                        let name = self.tasks.borrow().get(&id).map_or("?", |t| t.name);
+                        eprintln!("sim {:>12?} poll {name}#{id}", w.now());
+                    }
                     self.poll_task(id, w)?;
                 }
                 Event::Complete(i) => {
@@ -204,7 +215,7 @@ impl Exec {
         }
     }
 
-    fn choose(&self, ready: &[TaskId], ops: usize) -> Event {
+    fn choose(&self, ready: &[TaskId], ops: usize, w: &World) -> Event {
         let mut sched = self.sched.borrow_mut();
         match &self.policy {
             Policy::Uniform => {
@@ -213,6 +224,18 @@ impl Exec {
                     Event::Poll(ready[i])
                 } else {
                     Event::Complete(i - ready.len())
+                }
+            }
+            Policy::SlowOp { kind } => {
+                let fast: Vec<usize> = w.in_flight_kinds().iter().enumerate().filter(|(_, k)| *k != kind).map(|(i, _)| i).collect();
+                if ready.is_empty() && fast.is_empty() {
+                    return Event::Complete(sched.below(ops as u64) as usize);
+                }
+                let i = sched.below((ready.len() + fast.len()) as u64) as usize;
+                if i < ready.len() {
+                    Event::Poll(ready[i])
+                } else {
+                    Event::Complete(fast[i - ready.len()])
                 }
             }
             Policy::Fifo => match ready.first() {

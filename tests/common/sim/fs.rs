@@ -170,6 +170,8 @@ struct Ofd {
     /// description (not its name, not its locks) alive past a close.
     pinned: u32,
     closed: bool,
+    /// O_DIRECT: transfers must be aligned to the sector.
+    direct: bool,
 }
 
 /// How a power cut treats what was not yet durable, drawn once per cut
@@ -448,7 +450,7 @@ impl SimFs {
         let fd = self.next_fd;
         self.next_fd += 1;
         self.inodes.get_mut(&ino).unwrap().open += 1;
-        self.fds.insert(fd, Ofd { ino, write: how.write || how.create_new, path, pinned: 0, closed: false });
+        self.fds.insert(fd, Ofd { ino, write: how.write || how.create_new, path, pinned: 0, closed: false, direct: how.direct });
         Ok(fd)
     }
 
@@ -561,7 +563,17 @@ impl SimFs {
 
     // ---- data (applied when an op completes) ----
 
+    /// O_DIRECT refuses a transfer whose offset or length is not aligned
+    /// (the buffer's address is not checked: no decision on a pointer).
+    fn check_direct(&self, fd: RawFd, off: u64, len: u64) -> io::Result<()> {
+        if self.ofd(fd)?.direct && (off % SECTOR != 0 || len % SECTOR != 0) {
+            return Err(errno(libc::EINVAL));
+        }
+        Ok(())
+    }
+
     pub fn read(&self, fd: RawFd, off: u64, len: usize) -> io::Result<Vec<u8>> {
+        self.check_direct(fd, off, len as u64)?;
         let n = &self.inodes[&self.ofd(fd)?.ino];
         Ok(read_blocks(&n.cur, n.len, off, len))
     }
@@ -596,6 +608,7 @@ impl SimFs {
 
     pub fn write(&mut self, fd: RawFd, off: u64, data: &[u8]) -> io::Result<()> {
         let ino = self.writable(fd)?;
+        self.check_direct(fd, off, data.len() as u64)?;
         if data.is_empty() {
             return Ok(());
         }

@@ -242,6 +242,10 @@ impl Sim {
     pub fn inline_ops(&self) -> u64 {
         self.world.state().inline_ops
     }
+    /// Print every event to stderr (also on with UBLK_PLOOP_SIM_TRACE=1).
+    pub fn set_trace(&self, on: bool) {
+        self.world.set_trace(on)
+    }
     /// Events allowed before a run stops with `SimError::Budget`.
     pub fn set_budget(&self, events: u64) {
         self.exec.budget.set(self.exec.events.get().saturating_add(events))

@@ -72,6 +72,16 @@ impl Op {
     }
 }
 
+/// An op as a trace line shows it: the file by name, not by descriptor.
+struct Brief<'a>(&'a Op, &'a SimFs);
+
+impl std::fmt::Debug for Brief<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (path, off, len) = self.0.place(self.1);
+        write!(f, "{} {path} @{off:#x}+{len:#x}", self.0.name())
+    }
+}
+
 struct InFlight {
     op: Op,
     waker: Option<Waker>,
@@ -112,6 +122,8 @@ pub struct World {
     base: Instant,
     hash: Cell<u64>,
     pub dir_mode: DirMode,
+    /// Print every event (UBLK_PLOOP_SIM_TRACE=1, or `Sim::set_trace`).
+    trace: Cell<bool>,
 }
 
 const FNV_PRIME: u64 = 0x100_0000_01b3;
@@ -143,6 +155,7 @@ impl World {
             base: Instant::now(),
             hash: Cell::new(0xcbf2_9ce4_8422_2325),
             dir_mode,
+            trace: Cell::new(std::env::var_os("UBLK_PLOOP_SIM_TRACE").is_some_and(|v| v != "0")),
         }
     }
 
@@ -154,6 +167,19 @@ impl World {
             h = h.wrapping_mul(FNV_PRIME);
         }
         self.hash.set(h);
+    }
+
+    pub fn tracing(&self) -> bool {
+        self.trace.get()
+    }
+
+    pub fn set_trace(&self, on: bool) {
+        self.trace.set(on)
+    }
+
+    /// The kinds of the ops in flight, in submission order.
+    pub fn in_flight_kinds(&self) -> Vec<&'static str> {
+        self.st.borrow().in_flight.values().map(|f| f.op.name()).collect()
     }
 
     pub fn trace_hash(&self) -> u64 {
@@ -258,7 +284,11 @@ impl World {
             let f = st.in_flight.remove(&id).unwrap();
             st.ops_completed += 1;
             let fd = f.op.fd();
+            let desc = if self.tracing() { format!("{:?}", Brief(&f.op, &st.fs)) } else { String::new() };
             let r = st.apply(f.op, true);
+            if self.tracing() {
+                eprintln!("sim {:>12?} done #{id} {desc} -> {}", self.now(), match &r { Ok(_) => "ok".to_string(), Err(e) => e.to_string() });
+            }
             if let Some(fd) = fd {
                 st.fs.unpin(fd);
             }
@@ -282,6 +312,9 @@ impl World {
         for (_, op) in ops {
             let lands = st.crash_rng.chance(50);
             self.fold(5, lands as u64);
+            if self.tracing() {
+                eprintln!("sim kill: {:?} {}", Brief(&op, &st.fs), if lands { "lands" } else { "is lost" });
+            }
             if lands {
                 let _ = st.apply(op, false);
             }
@@ -296,6 +329,9 @@ impl World {
         let st = &mut *st;
         for (ino, p) in st.fs.cut(&mut st.crash_rng) {
             self.fold(6, ino ^ (p as u64) << 56);
+            if self.tracing() {
+                eprintln!("sim power cut: inode {ino} {p:?}");
+            }
         }
     }
 
