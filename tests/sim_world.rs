@@ -494,6 +494,31 @@ fn an_abandoned_op_lands_or_not_at_the_next_kill() {
     assert!(landed > 5 && not > 5, "landed {landed}, not {not}");
 }
 
+/// A killed process runs no destructor: what a task's drop tries to do
+/// to the files is refused.
+#[test]
+fn a_killed_tasks_destructors_change_no_file() {
+    struct WritesOnDrop(SimIo, Rc<Handle>);
+    impl Drop for WritesOnDrop {
+        fn drop(&mut self) {
+            let r = futures_lite::future::block_on(self.0.write_at(self.1.fd(), &[9; 512], 0));
+            assert!(r.is_err());
+            assert!(self.0.remove_file(Path::new(FILE)).is_err());
+        }
+    }
+    let s = world(0, DirMode::Posix);
+    durable_file(&s, FILE, 1, 512);
+    let io = s.io();
+    let guard = WritesOnDrop(io.clone(), Rc::new(open(&io, FILE)));
+    s.spawn("holds a guard", async move {
+        let _g = guard;
+        std::future::pending::<()>().await
+    });
+    s.run_for(1).unwrap();
+    s.kill();
+    assert_eq!(content(&s, FILE).unwrap(), vec![1; 512]);
+}
+
 // ---------------------------------------------------------------------------
 // The executor.
 

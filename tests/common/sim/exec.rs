@@ -107,7 +107,7 @@ impl Exec {
             lowest_prio: Cell::new(0),
             last_polled: Cell::new(None),
             events: Cell::new(0),
-            budget: Cell::new(200_000_000),
+            budget: Cell::new(20_000_000),
         }
     }
 

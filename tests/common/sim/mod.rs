@@ -180,7 +180,9 @@ impl Sim {
         self.world.state().kills += 1;
     }
     fn die(&self) {
+        self.world.dying.set(true);
         self.exec.drop_all();
+        self.world.dying.set(false);
         self.world.kill();
     }
     /// Power cut: a kill, then every file and directory falls back to its

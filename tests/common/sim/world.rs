@@ -124,6 +124,10 @@ pub struct World {
     pub dir_mode: DirMode,
     /// Print every event (UBLK_PLOOP_SIM_TRACE=1, or `Sim::set_trace`).
     trace: Cell<bool>,
+    /// The process is being killed: its tasks are being dropped, and
+    /// whatever their destructors try to do to the files must not happen
+    /// (a killed process runs no destructor).
+    pub dying: Cell<bool>,
 }
 
 const FNV_PRIME: u64 = 0x100_0000_01b3;
@@ -156,6 +160,7 @@ impl World {
             hash: Cell::new(0xcbf2_9ce4_8422_2325),
             dir_mode,
             trace: Cell::new(std::env::var_os("UBLK_PLOOP_SIM_TRACE").is_some_and(|v| v != "0")),
+            dying: Cell::new(false),
         }
     }
 
@@ -206,6 +211,14 @@ impl World {
         self.st.borrow().last_op.get(&task).copied().unwrap_or("none")
     }
 
+    /// Refuse what a dead process cannot do.
+    fn alive(&self) -> io::Result<()> {
+        if self.dying.get() {
+            return Err(io::Error::other("the simulated process was killed"));
+        }
+        Ok(())
+    }
+
     /// The state, after closing what dropped handles left to close.
     pub fn state(&self) -> std::cell::RefMut<'_, State> {
         let closed = std::mem::take(&mut *self.closed.lock().unwrap());
@@ -229,6 +242,7 @@ impl World {
     /// that is not the task's: a nested `block_on`), complete it at once
     /// as a synchronous syscall would, so the thread cannot park forever.
     fn submit(&self, op: Op, waker: &Waker) -> Result<u64, io::Result<Vec<u8>>> {
+        self.alive().map_err(Err)?;
         let mut st = self.state();
         let inline = match st.current.as_ref().map(|(task, w)| (*task, w.will_wake(waker))) {
             Some((task, same)) => {
@@ -511,6 +525,7 @@ impl Io for SimIo {
     }
 
     fn open(&self, path: &Path, how: &OpenHow) -> io::Result<Handle> {
+        self.w.alive()?;
         let fd = self.w.state().fs.open(path, how)?;
         Ok(self.w.handle(fd))
     }
@@ -530,18 +545,22 @@ impl Io for SimIo {
         self.w.state().fs.canonicalize(path)
     }
     fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        self.w.alive()?;
         self.w.state().fs.create_dir_all(path)
     }
     fn remove_file(&self, path: &Path) -> io::Result<()> {
+        self.w.alive()?;
         self.w.state().fs.remove_file(path)
     }
     fn rename_noreplace(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.w.alive()?;
         self.w.state().fs.rename(from, to, false)
     }
     fn read_dir(&self, dir: &Path) -> io::Result<Vec<std::ffi::OsString>> {
         self.w.state().fs.read_dir(dir)
     }
     fn flock(&self, fd: RawFd, how: LockHow) -> io::Result<()> {
+        self.w.alive()?;
         self.w.state().fs.flock(fd, how)
     }
     fn now(&self) -> Instant {
