@@ -179,6 +179,111 @@ fn a_torn_write_leaves_each_sector_old_or_new() {
     assert!(torn > 10, "only {torn} torn writes in 200 cuts");
 }
 
+/// The cut against a shadow model, over random writes, punches,
+/// allocations, truncations and syncs of one file: after the cut the size
+/// is the synced one or one an unsynced op gave, and every sector holds
+/// its synced content or one an unsynced op gave it (zeros where a shrink
+/// may have cut it), never anything else.
+#[test]
+fn every_cut_is_explained_by_the_ops_since_the_last_sync() {
+    const SECTORS: u64 = 96;
+    let mut seen_partial = 0;
+    for seed in 0..150u64 {
+        let s = world(seed, DirMode::Posix);
+        durable_file(&s, FILE, 0, 0);
+        // Per sector: the synced tag, the tags given since, the current one.
+        let model = Rc::new(RefCell::new((vec![0u64; SECTORS as usize], vec![std::collections::BTreeSet::new(); SECTORS as usize], vec![0u64; SECTORS as usize], 0u64, Vec::<u64>::new())));
+        let m = model.clone();
+        let ops = 10 + seed % 50;
+        run(&s, move |io| async move {
+            let h = open(&io, FILE);
+            let mut rng = ublk_ploop::rng::Rng::new(seed);
+            let mut len = 0u64;
+            for op in 0..ops {
+                let a = rng.below(SECTORS);
+                let n = 1 + rng.below((SECTORS - a).min(24));
+                let kind = rng.below(10);
+                let to = rng.below(SECTORS) * 512;
+                let r = match kind {
+                    0..=4 => {
+                        let tag = seed << 20 | op << 8 | 1;
+                        let data: Vec<u8> = (0..n * 512).map(|i| (tag >> (8 * (i % 8))) as u8).collect();
+                        io.write_at(h.fd(), &data, a * 512).await
+                    }
+                    5 => io.punch_hole(h.fd(), a * 512, n * 512).await,
+                    6 => io.allocate(h.fd(), a * 512, n * 512).await,
+                    7 => io.set_len(h.fd(), to).await,
+                    _ => io.sync_data(h.fd()).await,
+                };
+                r.unwrap();
+                let mut m = m.borrow_mut();
+                let (dur, since, cur, dur_len, sizes) = &mut *m;
+                match kind {
+                    0..=4 => {
+                        let tag = seed << 20 | op << 8 | 1;
+                        for s in a..a + n {
+                            cur[s as usize] = tag;
+                            since[s as usize].insert(tag);
+                        }
+                        if (a + n) * 512 > len {
+                            len = (a + n) * 512;
+                            sizes.push(len);
+                        }
+                    }
+                    5 => {
+                        for s in a..(a + n).min(len / 512) {
+                            cur[s as usize] = 0;
+                            since[s as usize].insert(0);
+                        }
+                    }
+                    6 => {
+                        if (a + n) * 512 > len {
+                            len = (a + n) * 512;
+                            sizes.push(len);
+                        }
+                    }
+                    7 => {
+                        for s in to / 512..SECTORS {
+                            if cur[s as usize] != 0 {
+                                cur[s as usize] = 0;
+                                since[s as usize].insert(0);
+                            }
+                        }
+                        if to != len {
+                            len = to;
+                            sizes.push(len);
+                        }
+                    }
+                    _ => {
+                        dur.clone_from(cur);
+                        since.iter_mut().for_each(|x| x.clear());
+                        *dur_len = len;
+                        sizes.clear();
+                    }
+                }
+            }
+        });
+        s.power_cut();
+        let c = content(&s, FILE).unwrap();
+        let m = model.borrow();
+        let (dur, since, _, dur_len, sizes) = &*m;
+        let len = c.len() as u64;
+        assert!(len == *dur_len || sizes.contains(&len), "seed {seed}: size {len}, synced {dur_len}, since {sizes:?}");
+        // Below every size the file had since the sync nothing was cut.
+        let floor = sizes.iter().copied().chain([*dur_len]).min().unwrap() / 512;
+        let mut partial = false;
+        for (i, sector) in c.chunks(512).enumerate() {
+            let tag = u64::from_le_bytes(sector[..8].try_into().unwrap());
+            assert!(sector.chunks(8).all(|w| w == &tag.to_le_bytes()[..]), "seed {seed}: sector {i} is not one write's");
+            let ok = tag == dur[i] || since[i].contains(&tag) || (tag == 0 && i as u64 >= floor);
+            assert!(ok, "seed {seed}: sector {i} holds {tag:#x}, synced {:#x}, since {:?}", dur[i], since[i]);
+            partial |= !since[i].is_empty() && tag == dur[i];
+        }
+        seen_partial += partial as u32;
+    }
+    assert!(seen_partial > 10);
+}
+
 #[test]
 fn fdatasync_makes_the_size_durable() {
     let mut short = 0;
