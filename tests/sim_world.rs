@@ -508,6 +508,8 @@ fn enospc_at_capacity_and_a_punch_frees() {
         io.set_len(h.fd(), 8192).await.unwrap();
         io.write_at(h.fd(), &[4; 8192], 1 << 20).await.unwrap();
     });
+    let full: Vec<_> = s.faults().iter().map(|f| (f.op, f.errno)).collect();
+    assert_eq!(full, [("write", libc::ENOSPC), ("allocate", libc::ENOSPC), ("write", libc::ENOSPC)], "a full filesystem is logged as a fault");
 }
 
 // ---------------------------------------------------------------------------

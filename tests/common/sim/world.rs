@@ -433,8 +433,14 @@ impl State {
                 _ => errno(errno_),
             });
         }
+        let (name, fd) = (op.name(), op.fd());
+        let span = match &op {
+            Op::Write { off, data, .. } => (*off, data.len() as u64),
+            Op::Alloc { off, len, .. } => (*off, *len),
+            _ => (0, 0),
+        };
         let fs = &mut self.fs;
-        match op {
+        let r = match op {
             Op::Read { fd, off, len } => fs.read(fd, off, len),
             Op::Write { fd, off, data } => fs.write(fd, off, &data).map(|_| Vec::new()),
             Op::Sync { fd } => fs.sync(fd).map(|_| Vec::new()),
@@ -443,7 +449,17 @@ impl State {
             Op::SetLen { fd, len } => fs.set_len(fd, len).map(|_| Vec::new()),
             Op::Rename { from, to } => fs.rename(&from, &to, true).map(|_| Vec::new()),
             Op::SyncDir { dir } => fs.sync_dir(&dir).map(|_| Vec::new()),
+        };
+        // A full filesystem is a fault the seed chose too (through the
+        // capacity): log it, so that the driver knows the error was owed.
+        if let Err(e) = &r {
+            if e.raw_os_error() == Some(libc::ENOSPC) {
+                let path = fd.map(|fd| self.fs.path_of(fd)).unwrap_or_default();
+                let (offset, len) = span;
+                self.fault_log.push(FaultEvent { op_index: self.ops_completed, op: name, path, offset, len, errno: libc::ENOSPC });
+            }
         }
+        r
     }
 }
 
