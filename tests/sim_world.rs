@@ -98,6 +98,18 @@ fn one_seed_one_run() {
     assert!(hashes.len() >= 18, "the seed barely changes the run: {} distinct traces of 20", hashes.len());
 }
 
+/// GUIDs and delta names come from the seed while a Sim lives.
+#[test]
+fn a_sim_seeds_the_engines_entropy() {
+    let draw = |seed| {
+        let _s = Sim::new(seed, DirMode::Posix, FaultPlan::none());
+        (ublk_ploop::rng::entropy_u128(), ublk_ploop::rng::entropy_u128())
+    };
+    assert_eq!(draw(7), draw(7));
+    assert_ne!(draw(7), draw(8));
+    assert_ne!(ublk_ploop::rng::entropy_u128(), draw(7).0, "the system's generator again once the Sim is gone");
+}
+
 #[test]
 fn completions_come_back_in_a_seed_chosen_order() {
     let (mut first, mut second) = (0, 0);

@@ -34,7 +34,9 @@ pub enum DirMode {
     /// its directory.
     Posix,
     /// ext4/xfs-like: a file's fdatasync also commits every earlier
-    /// namespace change of the filesystem.
+    /// namespace change of the filesystem. Changes commit in the order
+    /// they were made (a cut keeps a prefix of them), and a directory's
+    /// sync commits them all.
     Journal,
 }
 
@@ -89,10 +91,14 @@ pub enum SimError {
 /// Counters for the figures the README reports.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SimStats {
+    /// Polls, completions and timer jumps the executor ran.
     pub events: u64,
     pub ops_completed: u64,
+    /// Faults logged (injected ones, a full filesystem, a dead disk).
     pub faults: u64,
+    /// Kills without a power cut.
     pub kills: u64,
+    /// Power cuts (each also a kill, not counted in `kills`).
     pub power_cuts: u64,
 }
 
