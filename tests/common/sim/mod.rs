@@ -34,7 +34,9 @@ pub enum DirMode {
     /// its directory.
     Posix,
     /// ext4/xfs-like: a file's fdatasync also commits every earlier
-    /// namespace change of the filesystem.
+    /// namespace change of the filesystem. Changes commit in the order
+    /// they were made (a cut keeps a prefix of them), and a directory's
+    /// sync commits them all.
     Journal,
 }
 
@@ -89,10 +91,14 @@ pub enum SimError {
 /// Counters for the figures the README reports.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SimStats {
+    /// Polls, completions and timer jumps the executor ran.
     pub events: u64,
     pub ops_completed: u64,
+    /// Faults logged (injected ones, a full filesystem, a dead disk).
     pub faults: u64,
+    /// Kills without a power cut.
     pub kills: u64,
+    /// Power cuts (each also a kill, not counted in `kills`).
     pub power_cuts: u64,
 }
 
@@ -112,6 +118,8 @@ impl<T> Joined<T> {
 pub struct Sim {
     pub world: Rc<world::World>,
     pub exec: Rc<exec::Exec>,
+    /// GUIDs and delta names drawn from the seed while the Sim lives.
+    _entropy: ublk_ploop::rng::EntropyGuard,
 }
 
 impl Sim {
@@ -119,86 +127,135 @@ impl Sim {
     /// entropy each get their own stream split from it (rng::mix), so that
     /// changing the workload leaves the others' choices alone.
     pub fn new(seed: u64, dir_mode: DirMode, faults: FaultPlan) -> Sim {
-        let _ = (seed, dir_mode, faults);
-        todo!()
+        use ublk_ploop::rng::mix;
+        let entropy = ublk_ploop::rng::seeded(mix(seed ^ 5));
+        let world = Rc::new(world::World::new(mix(seed ^ 3), mix(seed ^ 4), dir_mode, faults));
+        let exec = Rc::new(exec::Exec::new(mix(seed ^ 2)));
+        Sim { world, exec, _entropy: entropy }
     }
     /// The Io the engine runs on (cheap to clone; all clones share the world).
     pub fn io(&self) -> SimIo {
-        todo!()
+        SimIo { w: self.world.clone() }
     }
     /// Start a task; it runs when the executor picks it.
     pub fn spawn<T: 'static>(&self, name: &'static str, fut: impl Future<Output = T> + 'static) -> Joined<T> {
-        let _ = (name, fut);
-        todo!()
+        self.spawn_id(name, fut).1
+    }
+    fn spawn_id<T: 'static>(&self, name: &'static str, fut: impl Future<Output = T> + 'static) -> (exec::TaskId, Joined<T>) {
+        let slot = Rc::new(std::cell::RefCell::new(None));
+        let out = slot.clone();
+        let id = self.exec.spawn(
+            name,
+            Box::pin(async move {
+                let v = fut.await;
+                *out.borrow_mut() = Some(v);
+            }),
+        );
+        (id, Joined(slot))
     }
     /// Run until every task finished.
     pub fn run(&self) -> Result<(), SimError> {
-        todo!()
+        while self.exec.step(&self.world)? {}
+        Ok(())
     }
     /// Run at most `events` events (a poll, a completion, a timer); true
     /// when every task finished. A kill at a random moment is
     /// `run_for(k)` then `kill()`.
     pub fn run_for(&self, events: u64) -> Result<bool, SimError> {
-        let _ = events;
-        todo!()
+        for _ in 0..events {
+            if !self.exec.step(&self.world)? {
+                return Ok(true);
+            }
+        }
+        Ok(self.exec.task_count() == 0)
     }
     /// Spawn `fut` and run (with every other task) until it finished.
     pub fn block_on<T: 'static>(&self, name: &'static str, fut: impl Future<Output = T> + 'static) -> Result<T, SimError> {
-        let _ = (name, fut);
-        todo!()
+        let (id, joined) = self.spawn_id(name, fut);
+        while self.exec.is_running(id) {
+            self.exec.step(&self.world)?;
+        }
+        Ok(joined.take().expect("a finished task left its result"))
     }
     /// The process dies: every task is dropped (an op in flight lands or
     /// not, by seed), every open file closes and its locks go. The page
     /// cache survives. The driver drops its own engine objects (Stack,
     /// Disk) before calling this.
     pub fn kill(&self) {
-        todo!()
+        self.die();
+        self.world.state().kills += 1;
+    }
+    fn die(&self) {
+        self.world.dying.set(true);
+        self.exec.drop_all();
+        self.world.dying.set(false);
+        self.world.kill();
     }
     /// Power cut: a kill, then every file and directory falls back to its
     /// durable state plus a seed-chosen part of what was not yet durable.
     pub fn power_cut(&self) {
-        todo!()
+        self.die();
+        self.world.cut();
+        self.world.state().power_cuts += 1;
     }
     /// Simulated time since the world began.
     pub fn now(&self) -> Duration {
-        todo!()
+        self.world.now()
     }
     /// A future that completes after `d` of simulated time.
     pub fn sleep(&self, d: Duration) -> impl Future<Output = ()> + 'static {
-        let _ = d;
-        async { todo!() }
+        exec::Sleep { exec: Rc::downgrade(&self.exec), world: self.world.clone(), d, deadline: None }
     }
     /// Faults injected so far, in order.
     pub fn faults(&self) -> Vec<FaultEvent> {
-        todo!()
+        self.world.state().fault_log.clone()
     }
     /// Ops completed so far: with `faults()`, tells whether an error a
     /// request got was owed (a fault landed between its issue and its end).
     pub fn ops_completed(&self) -> u64 {
-        todo!()
+        self.world.state().ops_completed
     }
     pub fn stats(&self) -> SimStats {
-        todo!()
+        let st = self.world.state();
+        SimStats {
+            events: self.exec.events.get(),
+            ops_completed: st.ops_completed,
+            faults: st.fault_log.len() as u64,
+            kills: st.kills,
+            power_cuts: st.power_cuts,
+        }
     }
     /// Names in a directory now (not necessarily durable).
     pub fn list(&self, dir: &Path) -> Vec<String> {
-        let _ = dir;
-        todo!()
+        let names = self.world.state().fs.read_dir(dir).unwrap_or_default();
+        names.into_iter().map(|n| n.to_string_lossy().into_owned()).collect()
     }
     /// A file's current content (what a read would see).
     pub fn read_file(&self, path: &Path) -> Option<Vec<u8>> {
-        let _ = path;
-        todo!()
+        self.world.state().fs.file_content(path)
     }
     /// Stop or resume injecting faults (the driver's own checks and the
     /// full read-back after a reopen run without them).
     pub fn set_faults_enabled(&self, on: bool) {
-        let _ = on;
-        todo!()
+        self.world.set_faults_enabled(on)
     }
     /// A hash of every scheduling and fault decision so far: two runs of
     /// one seed must agree.
     pub fn trace_hash(&self) -> u64 {
-        todo!()
+        self.world.trace_hash()
+    }
+    /// Ops that completed synchronously because they were awaited outside
+    /// the executor's tasks (a `block_on` in the engine or the driver):
+    /// they work, but explore no interleaving, so a driver may flag them.
+    pub fn inline_ops(&self) -> u64 {
+        self.world.state().inline_ops
+    }
+    /// Print every event to stderr (also on with UBLK_PLOOP_SIM_TRACE=1).
+    pub fn set_trace(&self, on: bool) {
+        self.world.set_trace(on)
+    }
+    /// Events allowed before a run stops with `SimError::Budget`.
+    pub fn set_budget(&self, events: u64) {
+        self.exec.budget.set(self.exec.events.get().saturating_add(events))
     }
 }
