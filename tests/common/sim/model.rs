@@ -490,6 +490,12 @@ impl Model {
         self.check_window(op.off, data, op.issued, now, "read")
     }
 
+    /// A read failed: nothing to check.
+    pub fn read_failed(&mut self, id: OpId) {
+        let op = self.ops.remove(&id).unwrap_or_else(|| panic!("model: read {id} ended twice or never issued"));
+        assert_eq!(op.kind, Kind::Read);
+    }
+
     /// The full read-back after a reopen (or any quiet moment): `data` is
     /// the disk from `off`. After a crash it is checked against what the
     /// crash allowed; either way the model then takes what was read as the
