@@ -281,7 +281,10 @@ impl Model {
 
     pub fn issue_discard(&mut self, off: u64, len: u64) -> OpId {
         let id = self.new_op(Kind::Discard, off, len, 0);
-        let own: Vec<Own> = self.cluster_range(off, len).map(|c| self.top[c]).collect();
+        // During a snapshot the discard may run on the new top, which
+        // holds nothing yet.
+        let snapping = self.snap.is_some();
+        let own: Vec<Own> = self.cluster_range(off, len).map(|c| if snapping { self.top[c].unsure() } else { self.top[c] }).collect();
         let first = self.cluster_range(off, len).start;
         for (i, o) in own.iter().enumerate() {
             if *o == Own::No {
@@ -402,6 +405,12 @@ impl Model {
                 touched[c] = true;
             }
         }
+        // A discard in flight may run on either top.
+        for op in self.ops.values_mut().filter(|o| o.kind == Kind::Discard) {
+            for o in &mut op.discard_own {
+                *o = o.unsure();
+            }
+        }
         self.snap = Some((now, touched));
     }
 
@@ -469,6 +478,30 @@ impl Model {
             self.snapshot_end(None, false);
         }
         self.tick()
+    }
+
+    /// A writeback failed (a sync's EIO): the world may have thrown the
+    /// dirty pages away, so until a later write lands a sector may read as
+    /// anything a power cut now would leave, or as zeros (a copied-up
+    /// cluster whose data was never written back). The engine owes only
+    /// failing every later flush (invariant 7 checks that side).
+    pub fn page_cache_lost(&mut self) {
+        let now = self.tick();
+        let from = self.durable_at;
+        let id = self.next_op;
+        self.next_op += 1;
+        for s in 0..self.sectors.len() {
+            let mut tags: Vec<Tag> = self.allowed(s, from, now).iter().map(|v| v.tag).collect();
+            tags.push(0);
+            tags.sort_unstable();
+            tags.dedup();
+            for tag in tags {
+                self.sectors[s].push(Version { tag, issued: now, done: now, firm: false, op: id });
+            }
+        }
+        for t in &mut self.top {
+            *t = t.unsure();
+        }
     }
 
     /// After a crash and a reopen, the stack's layers may not be the ones
@@ -638,6 +671,14 @@ impl Own {
             _ => Own::No,
         }
     }
+    /// Held for sure is no longer sure.
+    fn unsure(self) -> Own {
+        if self == Own::Yes {
+            Own::Maybe
+        } else {
+            self
+        }
+    }
     fn touched_if(self, cond: bool) -> Own {
         if cond {
             Own::Maybe
@@ -772,6 +813,18 @@ mod tests {
     }
 
     #[test]
+    fn a_discard_during_a_snapshot_may_find_the_new_empty_top() {
+        let mut m = Model::new(8 * C, C);
+        let a = write(&mut m, 0, C);
+        m.snapshot_begin();
+        let d = m.issue_discard(0, C);
+        m.complete(d, true);
+        m.snapshot_end(Some(true), true);
+        read(&mut m, 0, &data(a, 0, C)).unwrap();
+        read(&mut m, 0, &data(0, 0, C)).unwrap();
+    }
+
+    #[test]
     fn a_discard_racing_a_first_write_may_zero_it() {
         let mut m = Model::new(8 * C, C);
         let d = m.issue_discard(0, C);
@@ -855,6 +908,21 @@ mod tests {
         m.power_cut();
         m.may_read_back(0, &data(0, 0, 512)).unwrap_err();
         m.may_read_back(0, &data(b, 0, 512)).unwrap();
+    }
+
+    #[test]
+    fn a_failed_writeback_may_lose_what_was_not_flushed_until_rewritten() {
+        let mut m = Model::new(8 * C, C);
+        let a = write(&mut m, 0, 512);
+        flush(&mut m);
+        let b = write(&mut m, 0, 512);
+        m.page_cache_lost();
+        read(&mut m, 0, &data(a, 0, 512)).unwrap();
+        read(&mut m, 0, &data(b, 0, 512)).unwrap();
+        read(&mut m, 0, &data(0, 0, 512)).unwrap();
+        let c = write(&mut m, 0, 512);
+        read(&mut m, 0, &data(c, 0, 512)).unwrap();
+        read(&mut m, 0, &data(a, 0, 512)).unwrap_err();
     }
 
     #[test]
