@@ -467,6 +467,13 @@ impl Driver {
             self.check_deltas(&paths, repair, crashed, new_top.as_deref())?;
             match self.open(&paths) {
                 Ok(()) => {
+                    if paths.len() > self.paths.len() {
+                        // Now a member for good: its entry is made durable,
+                        // as the descriptor's store would have.
+                        let io = self.io.clone();
+                        self.block_on("sync-dir", async move { io.sync_dir(Path::new(DIR)).await })?
+                            .map_err(|e| format!("step {}: syncing {DIR} with faults off: {e}", self.step))?;
+                    }
                     self.paths = paths;
                     opened = true;
                     break;
