@@ -145,8 +145,10 @@ fn operations(cfg: &Config, rng: &mut Rng) -> Vec<WorkOp> {
                 snapshots += 1;
                 WorkOp::Snapshot
             }
-            950..=964 => WorkOp::ReadBack,
-            965..=972 => WorkOp::CleanReopen,
+            // A whole read-back is the costliest step: rare.
+            950..=955 => WorkOp::ReadBack,
+            956..=961 => WorkOp::CleanReopen,
+            962..=972 => WorkOp::Run(1 + rng.below(20)),
             _ if rng.below(1000) < crash_rate * 30 => {
                 let most = if rng.chance(50) { 30 } else { 300 };
                 let after = rng.below(most);
