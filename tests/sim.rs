@@ -31,6 +31,9 @@ use ublk_ploop::{LayerSpec, Stack, StackOptions};
 /// Seeds that once failed, kept so they run first (each with why).
 const REGRESSION_SEEDS: &[u64] = &[];
 
+/// A run ends early, passing, when the reopen finds the filesystem full.
+const DISK_FULL: &str = "disk full at reopen";
+
 /// Where the disk's files live in the simulated filesystem.
 const DIR: &str = "/sim/disk";
 /// Full read-backs go in pieces of this many bytes.
@@ -481,6 +484,11 @@ impl Driver {
                 Err(e) => last_err = e,
             }
         }
+        if !opened && last_err.contains("(os error 28)") {
+            // The filesystem is full (a tight capacity): the recovery owes
+            // this error and the run cannot go on.
+            return Err(format!("{DISK_FULL}: {last_err}"));
+        }
         if !opened {
             return Err(format!("invariant 2 (deltas open): step {}: reopen after a {} failed: {last_err}", self.step, if crashed { "crash" } else { "clean close" }));
         }
@@ -639,13 +647,23 @@ fn run_seed(seed: u64) -> Result<Figures, String> {
     let mut d = Driver::new(cfg.clone());
     d.log(|| format!("seed {seed}: {cfg:?}, {} steps", ops.len()));
     d.setup()?;
+    let mut full = false;
     for (i, op) in ops.iter().enumerate() {
         d.step = i as u64;
         d.log(|| format!("{op:?}"));
-        d.step(op)?;
+        match d.step(op) {
+            Err(e) if e.starts_with(DISK_FULL) => {
+                d.log(|| e.clone());
+                full = true;
+                break;
+            }
+            r => r?,
+        }
     }
-    d.step = ops.len() as u64;
-    d.finish()?;
+    if !full {
+        d.step = ops.len() as u64;
+        d.finish()?;
+    }
     let stats = d.sim.stats();
     let mut f = d.figures;
     f.steps = ops.len() as u64;

@@ -272,9 +272,11 @@ impl Model {
     pub fn issue_zeroes(&mut self, off: u64, len: u64) -> OpId {
         let id = self.new_op(Kind::Zeroes, off, len, 0);
         self.add_versions(id, off, len, 0);
+        let snapping = self.snap.is_some();
         for c in self.cluster_range(off, len) {
-            // Zeroing over lower data needs a top cluster to hide it.
-            if self.lower[c] != Own::No {
+            // Zeroing over lower data needs a top cluster to hide it; during
+            // a snapshot the old top may be lower by the time it runs.
+            if self.lower[c] != Own::No || snapping && self.top[c] != Own::No {
                 self.top[c] = self.top[c].touched();
                 self.touch_in_snapshot(c);
             }
@@ -385,7 +387,7 @@ impl Model {
     fn owned_after(&mut self, op: &Op, ok: bool) {
         let straddles = self.snap.is_some() || op.issued < self.snap_done;
         for c in self.cluster_range(op.off, op.len) {
-            if op.kind == Kind::Zeroes && self.lower[c] == Own::No {
+            if op.kind == Kind::Zeroes && self.lower[c] == Own::No && !(straddles && self.top[c] != Own::No) {
                 continue;
             }
             if straddles {
@@ -840,6 +842,21 @@ mod tests {
         m.snapshot_end(Some(true), true);
         read(&mut m, 0, &data(a, 0, C)).unwrap();
         read(&mut m, 0, &data(0, 0, C)).unwrap();
+    }
+
+    #[test]
+    fn write_zeroes_during_a_snapshot_may_copy_up_into_the_new_top() {
+        let mut m = Model::new(8 * C, C);
+        let a = write(&mut m, 0, C);
+        m.snapshot_begin();
+        let z = m.issue_zeroes(512, 512);
+        m.complete(z, true);
+        m.snapshot_end(Some(true), true);
+        // The zeroes may have copied the cluster up: a discard may zero it.
+        let d = m.issue_discard(0, C);
+        m.complete(d, true);
+        read(&mut m, 0, &data(0, 0, 512)).unwrap();
+        read(&mut m, 0, &data(a, 0, 512)).unwrap();
     }
 
     #[test]
