@@ -251,6 +251,15 @@ impl Driver {
             .any(|f| (f.op_index >= issued_ops && f.op_index <= now) || (f.op_index >= self.opened_ops && f.op.contains("sync")))
     }
 
+    /// From which world op on a fault may fail what is issued now: a fault
+    /// reaches the engine only when the task that met it runs again, so a
+    /// fault hitting anything still in flight (a BAT write a new request
+    /// then relies on) counts too.
+    fn owed_from(&self) -> u64 {
+        let pending = self.queues.iter().flatten().map(|p| p.issued_ops);
+        pending.chain(self.snapshot.iter().map(|s| s.issued_ops)).fold(self.sim.ops_completed(), u64::min)
+    }
+
     /// Round a generated extent to the stack's block size.
     fn aligned(&self, off: u64, len: u64) -> (u64, u64) {
         let b = self.block;
@@ -276,8 +285,12 @@ impl Driver {
                         self.log(|| format!("{} (step {}) failed: {msg}", p.what, p.step));
                         if !self.owed(errno, p.issued_ops) {
                             return Err(format!(
-                                "invariant 7 (errors owed): step {}: {} issued at step {} failed with no fault to owe it: {msg} (errno {errno})",
-                                self.step, p.what, p.step
+                                "invariant 7 (errors owed): step {}: {} issued at step {} (world op {}) failed with no fault to owe it: {msg} (errno {errno}); faults so far: {:?}",
+                                self.step,
+                                p.what,
+                                p.step,
+                                p.issued_ops,
+                                self.sim.faults().iter().map(|f| format!("{} {} {:#x}+{:#x} at op {}", f.op, f.path, f.offset, f.len, f.op_index)).collect::<Vec<_>>()
                             ));
                         }
                     }
@@ -329,7 +342,7 @@ impl Driver {
         let stack = self.stack();
         let io = self.io.clone();
         let w = self.watch.clone();
-        let issued_ops = self.sim.ops_completed();
+        let issued_ops = self.owed_from();
         let (what, joined) = match *op {
             WorkOp::Write { off, len, misalign, .. } => {
                 let (off, len) = self.aligned(off, len);
@@ -407,7 +420,8 @@ impl Driver {
             }
             stack.install_top(&io, top).await.map(|_| ()).map_err(errinfo)
         });
-        self.snapshot = Some(SnapshotInFlight { joined, path, step: self.step, issued_ops: self.sim.ops_completed() });
+        let issued_ops = self.owed_from();
+        self.snapshot = Some(SnapshotInFlight { joined, path, step: self.step, issued_ops });
         Ok(())
     }
 
