@@ -632,7 +632,11 @@ impl Model {
         tags.sort_unstable();
         tags.dedup();
         msg += &tags.iter().map(|&t| self.describe(t)).collect::<Vec<_>>().join(", ");
-        let _ = write!(msg, " (durable since t{}, now t{})", self.durable_at, self.now);
+        let _ = write!(msg, " (durable since t{}, now t{}); the sector's versions:", self.durable_at, self.now);
+        for v in &self.sectors[(at / SECTOR) as usize] {
+            let done = if v.done == IN_FLIGHT { "in flight".to_string() } else { format!("done t{}", v.done) };
+            let _ = write!(msg, " [tag {} issued t{} {done}{}]", v.tag, v.issued, if v.firm { " firm" } else { "" });
+        }
         msg
     }
 
