@@ -19,6 +19,8 @@
 pub mod exec;
 pub mod fs;
 pub mod world;
+pub mod model;
+pub mod gen;
 
 use std::future::Future;
 use std::path::Path;

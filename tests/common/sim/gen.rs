@@ -1,0 +1,220 @@
+//! The workload a seed draws (plan §3.1): the disk's shape, the world's
+//! fault budget, and the operations, all generated up front from the
+//! workload stream (`Rng::new(mix(seed ^ 1))`) so that a failing run can
+//! be shrunk by dropping operations while the scheduler's, the faults' and
+//! the crashes' streams (split from the seed by the world) stay as they
+//! were.
+use ublk_ploop::rng::{mix, Rng};
+
+use super::{DirMode, FaultPlan};
+
+/// The unit requests are generated in; the driver rounds them to the
+/// stack's block size when that is larger.
+pub const SECTOR: u64 = 512;
+
+/// Deltas a run may stack at most (snapshots beyond it are skipped).
+pub const MAX_LAYERS: usize = 8;
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub seed: u64,
+    pub cluster: u64,
+    pub size: u64,
+    /// Queues issuing requests concurrently, each up to `depth` at once.
+    pub queues: usize,
+    pub depth: usize,
+    pub dir_mode: DirMode,
+    pub faults: FaultPlan,
+}
+
+/// One step of the workload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WorkOp {
+    /// Requests, issued on `queue` (a task each, at most `depth` of a
+    /// queue's in flight together). `misalign` offsets the memory buffer
+    /// (a bounce buffer at an odd address).
+    Read { queue: usize, off: u64, len: u64, misalign: usize },
+    Write { queue: usize, off: u64, len: u64, misalign: usize },
+    Zeroes { queue: usize, off: u64, len: u64 },
+    Discard { queue: usize, off: u64, len: u64 },
+    Flush { queue: usize },
+    /// Let the executor run this many events before the next step.
+    Run(u64),
+    /// Wait for everything in flight.
+    Settle,
+    /// A new top layer (`Stack::push_layer`), concurrent with requests.
+    Snapshot,
+    /// The process dies after `after` more executor events; `repair` runs
+    /// `check --repair` on every delta before the reopen.
+    Kill { after: u64, repair: bool },
+    /// The power goes after `after` more events.
+    PowerCut { after: u64, repair: bool },
+    /// Close cleanly, check every delta, reopen.
+    CleanReopen,
+    /// Read the whole disk and check it (and collapse the model).
+    ReadBack,
+}
+
+impl WorkOp {
+    pub fn is_crash(&self) -> bool {
+        matches!(self, WorkOp::Kill { .. } | WorkOp::PowerCut { .. })
+    }
+}
+
+/// The workload stream of `seed`.
+pub fn workload_rng(seed: u64) -> Rng {
+    Rng::new(mix(seed ^ 1))
+}
+
+/// The disk, queues and faults of `seed`, then its operations.
+pub fn generate(seed: u64) -> (Config, Vec<WorkOp>) {
+    let mut rng = workload_rng(seed);
+    let cfg = config(seed, &mut rng);
+    let ops = operations(&cfg, &mut rng);
+    (cfg, ops)
+}
+
+fn config(seed: u64, rng: &mut Rng) -> Config {
+    // Small clusters make growth past the table's slack cheap.
+    let cluster = if rng.chance(50) { 4096 } else { 65536 };
+    let clusters = 16 + rng.below(512 - 16 + 1);
+    // Sometimes a partial last cluster (4 KiB aligned, for O_DIRECT).
+    let size = if cluster > 4096 && rng.chance(25) {
+        (clusters - 1) * cluster + 4096 * (1 + rng.below(cluster / 4096 - 1))
+    } else {
+        clusters * cluster
+    };
+    let queues = 1 + rng.below(4) as usize;
+    let depth = [1, 2, 4, 8, 16][rng.below(5) as usize];
+    let dir_mode = if rng.chance(50) { DirMode::Posix } else { DirMode::Journal };
+    let faults = if rng.chance(35) {
+        FaultPlan::none()
+    } else {
+        let data_blocks = size.div_ceil(4096);
+        FaultPlan {
+            transient: 1 + rng.below(3) as u32,
+            per_op: 50 + rng.below(1000),
+            sticky_after: if rng.chance(5) { Some(2000 + rng.below(20000)) } else { None },
+            no_punch: rng.chance(10),
+            no_alloc: rng.chance(10),
+            // Tight sometimes: a layer or two of the disk plus metadata.
+            capacity_blocks: if rng.chance(15) { data_blocks + data_blocks / (1 + rng.below(4)) + 64 } else { u64::MAX },
+        }
+    };
+    Config { seed, cluster, size, queues, depth, dir_mode, faults }
+}
+
+fn operations(cfg: &Config, rng: &mut Rng) -> Vec<WorkOp> {
+    let steps = 300 + rng.below(1500 - 300 + 1) as usize;
+    let clusters = cfg.size.div_ceil(cfg.cluster);
+    // Requests crowd into a few hot clusters often, so that they overlap
+    // each other, copy-ups and snapshots.
+    let hot_len = clusters.min(1 + rng.below(8));
+    let hot_start = rng.below(clusters - hot_len + 1);
+    // How often this seed crashes (per mille of steps).
+    let crash_rate = [0, 2, 5, 10][rng.below(4) as usize];
+    let mut snapshots = 0;
+    let mut ops = Vec::with_capacity(steps);
+    while ops.len() < steps {
+        let queue = rng.below(cfg.queues as u64) as usize;
+        let pick = rng.below(1000);
+        let op = match pick {
+            0..=339 => {
+                let (off, len) = extent(cfg, rng, hot_start, hot_len);
+                WorkOp::Write { queue, off, len, misalign: misalign(rng) }
+            }
+            340..=579 => {
+                let (off, len) = extent(cfg, rng, hot_start, hot_len);
+                WorkOp::Read { queue, off, len, misalign: misalign(rng) }
+            }
+            580..=659 => {
+                let (off, len) = extent(cfg, rng, hot_start, hot_len);
+                WorkOp::Zeroes { queue, off, len }
+            }
+            660..=739 => {
+                let (off, len) = extent(cfg, rng, hot_start, hot_len);
+                WorkOp::Discard { queue, off, len }
+            }
+            740..=809 => WorkOp::Flush { queue },
+            810..=909 => {
+                let most = if rng.chance(20) { 400 } else { 40 };
+                WorkOp::Run(1 + rng.below(most))
+            }
+            910..=929 => WorkOp::Settle,
+            930..=949 if snapshots < MAX_LAYERS - 1 => {
+                snapshots += 1;
+                WorkOp::Snapshot
+            }
+            // A whole read-back is the costliest step: rare.
+            950..=955 => WorkOp::ReadBack,
+            956..=961 => WorkOp::CleanReopen,
+            962..=972 => WorkOp::Run(1 + rng.below(20)),
+            _ if rng.below(1000) < crash_rate * 30 => {
+                let most = if rng.chance(50) { 30 } else { 300 };
+                let after = rng.below(most);
+                let repair = rng.chance(25);
+                if rng.chance(50) {
+                    WorkOp::Kill { after, repair }
+                } else {
+                    WorkOp::PowerCut { after, repair }
+                }
+            }
+            _ => WorkOp::Run(1 + rng.below(20)),
+        };
+        ops.push(op);
+    }
+    ops
+}
+
+/// A request's place: a few sectors inside a cluster, a whole cluster, or
+/// several clusters from any sector (crossing owners), mostly in the hot
+/// clusters.
+fn extent(cfg: &Config, rng: &mut Rng, hot_start: u64, hot_len: u64) -> (u64, u64) {
+    let clusters = cfg.size.div_ceil(cfg.cluster);
+    let c = if rng.chance(60) { hot_start + rng.below(hot_len) } else { rng.below(clusters) };
+    let sectors_per_cluster = cfg.cluster / SECTOR;
+    let (off, len) = match rng.below(10) {
+        0..=5 => {
+            let len = SECTOR * (1 + rng.below(16.min(sectors_per_cluster)));
+            let within = SECTOR * rng.below(sectors_per_cluster - len / SECTOR + 1);
+            (c * cfg.cluster + within, len)
+        }
+        6..=7 => (c * cfg.cluster, cfg.cluster),
+        _ => {
+            let within = SECTOR * rng.below(sectors_per_cluster);
+            (c * cfg.cluster + within, cfg.cluster * (1 + rng.below(2)) + SECTOR * rng.below(sectors_per_cluster))
+        }
+    };
+    // Clip to the disk.
+    let off = off.min(cfg.size - SECTOR);
+    (off, len.min(cfg.size - off).max(SECTOR))
+}
+
+fn misalign(rng: &mut Rng) -> usize {
+    if rng.chance(20) {
+        1 + rng.below(7) as usize
+    } else {
+        0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_seed_draws_the_same_workload_every_time_and_stays_in_the_disk() {
+        for seed in 1..40 {
+            let (cfg, ops) = generate(seed);
+            let (_, again) = generate(seed);
+            assert_eq!(ops, again);
+            assert!((300..=1500).contains(&ops.len()));
+            assert!(cfg.size % 4096 == 0 && cfg.size >= 16 * cfg.cluster - cfg.cluster);
+            for op in &ops {
+                if let WorkOp::Read { off, len, .. } | WorkOp::Write { off, len, .. } | WorkOp::Zeroes { off, len, .. } | WorkOp::Discard { off, len, .. } = *op {
+                    assert!(len > 0 && off % SECTOR == 0 && len % SECTOR == 0 && off + len <= cfg.size, "seed {seed}: {op:?}");
+                }
+            }
+        }
+    }
+}
