@@ -122,6 +122,8 @@ pub trait Plain {
     fn stat(&self, path: &Path) -> io::Result<Option<FileStat>>;
     fn canonicalize(&self, path: &Path) -> io::Result<PathBuf>;
     fn create_dir_all(&self, path: &Path) -> io::Result<()>;
+    fn create_dir(&self, path: &Path) -> io::Result<()>;
+    fn remove_dir(&self, path: &Path) -> io::Result<()>;
     fn remove_file(&self, path: &Path) -> io::Result<()>;
     fn rename_noreplace(&self, from: &Path, to: &Path) -> io::Result<()>;
     fn read_dir(&self, dir: &Path) -> io::Result<Vec<OsString>>;
@@ -153,6 +155,12 @@ impl<I: Io> Plain for I {
     }
     fn create_dir_all(&self, path: &Path) -> io::Result<()> {
         Io::create_dir_all(self, path)
+    }
+    fn create_dir(&self, path: &Path) -> io::Result<()> {
+        Io::create_dir(self, path)
+    }
+    fn remove_dir(&self, path: &Path) -> io::Result<()> {
+        Io::remove_dir(self, path)
     }
     fn remove_file(&self, path: &Path) -> io::Result<()> {
         Io::remove_file(self, path)
@@ -269,6 +277,12 @@ impl<B: Backend, H: Hook> Io for Hooked<B, H> {
     }
     fn create_dir_all(&self, path: &Path) -> io::Result<()> {
         self.inner.plain().create_dir_all(path)
+    }
+    fn create_dir(&self, path: &Path) -> io::Result<()> {
+        self.inner.plain().create_dir(path)
+    }
+    fn remove_dir(&self, path: &Path) -> io::Result<()> {
+        self.inner.plain().remove_dir(path)
     }
     fn remove_file(&self, path: &Path) -> io::Result<()> {
         self.inner.plain().remove_file(path)

@@ -91,6 +91,9 @@ pub struct Inode {
     next_entry: u64,
     open: u32,
     flocks: BTreeMap<RawFd, LockKind>,
+    /// Byte-range locks of open descriptions (F_OFD_SETLK): holder,
+    /// start, end (exclusive), kind.
+    ofd_locks: Vec<(RawFd, u64, u64, LockKind)>,
 }
 
 impl Inode {
@@ -106,6 +109,7 @@ impl Inode {
             next_entry: 0,
             open: 0,
             flocks: BTreeMap::new(),
+            ofd_locks: Vec::new(),
         }
     }
     fn data_blocks(&self) -> u64 {
@@ -461,7 +465,9 @@ impl SimFs {
         if !o.closed {
             o.closed = true;
             let ino = o.ino;
-            self.inodes.get_mut(&ino).unwrap().flocks.remove(&fd);
+            let n = self.inodes.get_mut(&ino).unwrap();
+            n.flocks.remove(&fd);
+            n.ofd_locks.retain(|l| l.0 != fd);
         }
         self.release(fd);
     }
@@ -559,6 +565,63 @@ impl SimFs {
         }
         n.flocks.insert(fd, want);
         Ok(())
+    }
+
+    /// A byte-range lock of the open description (F_OFD_SETLK, never
+    /// waiting): EAGAIN when another description holds a conflicting one.
+    /// A length of 0 reaches to the end of any file, as in fcntl. Ranges
+    /// are kept whole (the engine locks and unlocks the same ranges).
+    pub fn ofd_lock(&mut self, fd: RawFd, (start, len): (u64, u64), how: LockHow) -> io::Result<()> {
+        let ino = self.live(fd)?.ino;
+        let n = self.inodes.get_mut(&ino).unwrap();
+        let end = if len == 0 { u64::MAX } else { start + len };
+        let overlaps = |l: &(RawFd, u64, u64, LockKind)| l.1 < end && start < l.2;
+        let want = match how {
+            LockHow::Unlock => {
+                n.ofd_locks.retain(|l| !(l.0 == fd && overlaps(l)));
+                return Ok(());
+            }
+            LockHow::Shared => LockKind::Shared,
+            LockHow::Exclusive => LockKind::Exclusive,
+        };
+        if n.ofd_locks.iter().any(|l| l.0 != fd && overlaps(l) && (l.3 == LockKind::Exclusive || want == LockKind::Exclusive)) {
+            return Err(errno(libc::EAGAIN));
+        }
+        n.ofd_locks.retain(|l| !(l.0 == fd && overlaps(l)));
+        n.ofd_locks.push((fd, start, end, want));
+        Ok(())
+    }
+
+    /// Whether another description holds a lock on the range that a
+    /// write lock would conflict with: Some(-1), as OFD locks report.
+    pub fn ofd_holder(&self, fd: RawFd, (start, len): (u64, u64)) -> io::Result<Option<i32>> {
+        let n = &self.inodes[&self.live(fd)?.ino];
+        let end = if len == 0 { u64::MAX } else { start + len };
+        Ok(n.ofd_locks.iter().any(|l| l.0 != fd && l.1 < end && start < l.2).then_some(-1))
+    }
+
+    /// Make one directory (durable at once, as `create_dir_all`'s are).
+    pub fn create_dir(&mut self, path: &Path) -> io::Result<()> {
+        let (d, name) = self.parent(path)?;
+        if self.dirs[&d].cur.contains_key(&name) {
+            return Err(errno(libc::EEXIST));
+        }
+        self.create_dir_all(path)
+    }
+
+    /// Remove an empty directory; the entry's removal is durable after a
+    /// sync of its parent, like any name change.
+    pub fn remove_dir(&mut self, path: &Path) -> io::Result<()> {
+        let (d, name) = self.parent(path)?;
+        match self.dirs[&d].cur.get(&name) {
+            None => Err(errno(libc::ENOENT)),
+            Some(Entry::File(_)) => Err(errno(libc::ENOTDIR)),
+            Some(Entry::Dir(id)) if !self.dirs[id].cur.is_empty() => Err(errno(libc::ENOTEMPTY)),
+            Some(Entry::Dir(_)) => {
+                self.log_dir_op(vec![(d, name, None)]);
+                Ok(())
+            }
+        }
     }
 
     // ---- data (applied when an op completes) ----

@@ -579,6 +579,22 @@ impl Io for SimIo {
         self.w.alive()?;
         self.w.state().fs.flock(fd, how)
     }
+    fn ofd_lock(&self, fd: RawFd, range: (u64, u64), how: LockHow) -> io::Result<()> {
+        self.w.alive()?;
+        self.w.state().fs.ofd_lock(fd, range, how)
+    }
+    fn ofd_holder(&self, fd: RawFd, range: (u64, u64)) -> io::Result<Option<i32>> {
+        self.w.alive()?;
+        self.w.state().fs.ofd_holder(fd, range)
+    }
+    fn create_dir(&self, path: &Path) -> io::Result<()> {
+        self.w.alive()?;
+        self.w.state().fs.create_dir(path)
+    }
+    fn remove_dir(&self, path: &Path) -> io::Result<()> {
+        self.w.alive()?;
+        self.w.state().fs.remove_dir(path)
+    }
     fn now(&self) -> Instant {
         self.w.base + self.w.now()
     }
