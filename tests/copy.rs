@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bitvec::vec::BitVec;
-use common::{have_qemu, qemu_check_clean, qemu_compare_raw, send_to_vec, Rng, TempDir};
+use common::{have_qemu, qemu_check_clean, qemu_compare_raw, send_to_vec, Rng, TempDir, VecSink};
 use ublk_ploop::copy::{self, End, FsFreeze, NoFs, ReceiveOptions, SendOptions};
 use ublk_ploop::io::{block_on, Direct, OwnRing, SyncIo};
 use ublk_ploop::layers::PloopLayer;
@@ -45,6 +45,15 @@ fn read_all(stack: &Stack) -> Vec<u8> {
 fn image_bytes(path: &Path) -> Vec<u8> {
     let s = open(&[path.to_path_buf()], true);
     read_all(&s)
+}
+
+/// A two-way receiver into `dest` on a thread of its own, answering over
+/// its end of the socket.
+fn two_way_receiver(theirs: UnixStream, dest: PathBuf) -> std::thread::JoinHandle<Result<copy::Received, Error>> {
+    std::thread::spawn(move || {
+        let opts = ReceiveOptions { two_way: true, incremental: false, direct: Direct::Auto };
+        copy::receive(Box::new(theirs.try_clone().unwrap()), Some(Box::new(theirs)), &dest, &opts)
+    })
 }
 
 fn receive_bytes(stream: &[u8], dest: &Path, incremental: bool) -> Result<copy::Received, Error> {
@@ -285,10 +294,7 @@ fn two_way_over_a_socket_and_a_refusing_receiver() {
     let dest = dir.join("b.img");
     let (ours, theirs) = UnixStream::pair().unwrap();
     let dest2 = dest.clone();
-    let receiver = std::thread::spawn(move || {
-        let opts = ReceiveOptions { two_way: true, incremental: false, direct: Direct::Auto };
-        copy::receive(Box::new(theirs.try_clone().unwrap()), Some(Box::new(theirs)), &dest2, &opts)
-    });
+    let receiver = two_way_receiver(theirs, dest2);
     let ring = OwnRing::new(64).unwrap();
     let sent = ring
         .block_on(copy::send(&ring.io(), &stack, Box::new(ours.try_clone().unwrap()), Some(Box::new(ours)), &mut NoFs, SendOptions { two_way: true, ..Default::default() }, &|_, _, _| {}))
@@ -302,10 +308,7 @@ fn two_way_over_a_socket_and_a_refusing_receiver() {
 
     // A receiver that refuses (the destination exists) fails the sender.
     let (ours, theirs) = UnixStream::pair().unwrap();
-    let receiver = std::thread::spawn(move || {
-        let opts = ReceiveOptions { two_way: true, incremental: false, direct: Direct::Auto };
-        copy::receive(Box::new(theirs.try_clone().unwrap()), Some(Box::new(theirs)), &dest, &opts)
-    });
+    let receiver = two_way_receiver(theirs, dest);
     assert_eq!(receiver.join().unwrap().unwrap_err().errno(), libc::EEXIST);
     let e = ring
         .block_on(copy::send(&ring.io(), &stack, Box::new(ours.try_clone().unwrap()), Some(Box::new(ours)), &mut NoFs, SendOptions { two_way: true, ..Default::default() }, &|_, _, _| {}))
@@ -330,19 +333,9 @@ fn inline_copy_on_the_callers_thread_sends_the_same_disk() {
     let cbt = Arc::new(Tracker::new(size, CLUSTER));
     block_on(stack.add_tracker(cbt.clone())).unwrap();
     let send_inline = |opts: SendOptions| {
-        let sink = Arc::new(Mutex::new(Vec::new()));
-        struct Shared(Arc<Mutex<Vec<u8>>>);
-        impl Write for Shared {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        block_on(copy::send(&SyncIo, &stack, Box::new(Shared(sink.clone())), None, &mut NoFs, SendOptions { inline: true, ..opts }, &|_, _, _| {})).unwrap();
-        let bytes = sink.lock().unwrap().clone();
+        let (sink, bytes) = VecSink::new();
+        block_on(copy::send(&SyncIo, &stack, Box::new(sink), None, &mut NoFs, SendOptions { inline: true, ..opts }, &|_, _, _| {})).unwrap();
+        let bytes = bytes.lock().unwrap().clone();
         bytes
     };
     let full = send_inline(SendOptions { cbt: Some(cbt.clone()), ..Default::default() });
@@ -360,10 +353,7 @@ fn inline_copy_on_the_callers_thread_sends_the_same_disk() {
     let dest = dir.join("b.img");
     let (ours, theirs) = UnixStream::pair().unwrap();
     let dest2 = dest.clone();
-    let receiver = std::thread::spawn(move || {
-        let opts = ReceiveOptions { two_way: true, incremental: false, direct: Direct::Auto };
-        copy::receive(Box::new(theirs.try_clone().unwrap()), Some(Box::new(theirs)), &dest2, &opts)
-    });
+    let receiver = two_way_receiver(theirs, dest2);
     let opts = SendOptions { two_way: true, inline: true, ..Default::default() };
     let sent = block_on(copy::send(&SyncIo, &stack, Box::new(ours.try_clone().unwrap()), Some(Box::new(ours)), &mut NoFs, opts, &|_, _, _| {})).unwrap();
     let got = receiver.join().unwrap().unwrap();

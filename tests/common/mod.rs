@@ -708,22 +708,30 @@ pub fn send_to_vec(
     fs: &mut dyn ublk_ploop::copy::FsFreeze,
     opts: ublk_ploop::copy::SendOptions,
 ) -> (Vec<u8>, ublk_ploop::copy::Sent) {
-    use std::sync::{Arc, Mutex};
-    let sink = Arc::new(Mutex::new(Vec::new()));
-    struct Shared(Arc<Mutex<Vec<u8>>>);
-    impl std::io::Write for Shared {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    let (sink, bytes) = VecSink::new();
     let ring = ublk_ploop::io::OwnRing::new(64).unwrap();
-    let sent = ring
-        .block_on(ublk_ploop::copy::send(&ring.io(), stack, Box::new(Shared(sink.clone())), None, fs, opts, &|_, _, _| {}))
-        .unwrap();
-    let bytes = sink.lock().unwrap().clone();
+    let sent = ring.block_on(ublk_ploop::copy::send(&ring.io(), stack, Box::new(sink), None, fs, opts, &|_, _, _| {})).unwrap();
+    let bytes = bytes.lock().unwrap().clone();
     (bytes, sent)
+}
+
+/// A writer into memory that the test keeps a handle to (a copy's stream
+/// is given away as a `Box<dyn Write + Send>`).
+pub struct VecSink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl VecSink {
+    pub fn new() -> (VecSink, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+        let bytes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        (VecSink(bytes.clone()), bytes)
+    }
+}
+
+impl std::io::Write for VecSink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
