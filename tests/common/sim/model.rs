@@ -265,6 +265,7 @@ impl Model {
         for c in self.cluster_range(off, len) {
             self.top[c] = self.top[c].touched();
             self.touch_in_snapshot(c);
+            self.discards_may_punch(c);
         }
         (id, tag)
     }
@@ -279,6 +280,7 @@ impl Model {
             if self.lower[c] != Own::No || snapping && self.top[c] != Own::No {
                 self.top[c] = self.top[c].touched();
                 self.touch_in_snapshot(c);
+                self.discards_may_punch(c);
             }
         }
         id
@@ -319,6 +321,33 @@ impl Model {
         for s in self.sector_range(off, len) {
             self.prune_sector(s, horizon);
             self.sectors[s].push(Version { tag, issued, done: IN_FLIGHT, firm: false, op });
+        }
+    }
+
+    /// A request that may allocate cluster `c` in the top makes every
+    /// discard in flight there, which found the cluster not held, able to
+    /// punch it after all: the two are unordered, so the discard's lookup
+    /// may come after the allocation (and its zeros show before it ends).
+    fn discards_may_punch(&mut self, c: usize) {
+        let cluster = self.cluster;
+        let racing: Vec<(OpId, u64, u64)> = self
+            .ops
+            .iter_mut()
+            .filter(|(_, o)| o.kind == Kind::Discard)
+            .filter_map(|(&id, o)| {
+                let first = (o.off / cluster) as usize;
+                let own = o.discard_own.get_mut(c.checked_sub(first)?)?;
+                if *own != Own::No {
+                    return None;
+                }
+                *own = Own::Maybe;
+                let lo = (c as u64 * cluster).max(o.off);
+                let hi = ((c as u64 + 1) * cluster).min(o.off + o.len);
+                Some((id, lo, hi - lo))
+            })
+            .collect();
+        for (id, off, len) in racing {
+            self.add_versions(id, off, len, 0);
         }
     }
 
@@ -834,6 +863,25 @@ mod tests {
         m.complete(z, true);
         want[..512].fill(0);
         read(&mut m, 0, &want).unwrap();
+    }
+
+    #[test]
+    fn a_discard_in_flight_may_punch_what_a_later_write_allocates() {
+        let mut m = Model::new(8 * C, C);
+        let a = write(&mut m, 0, C);
+        m.snapshot_begin();
+        m.snapshot_end(Some(true), true);
+        // The top holds nothing at the discard's issue; a write then
+        // allocates the cluster while the discard is still in flight.
+        let d = m.issue_discard(0, C);
+        let b = write(&mut m, 0, 2 * C);
+        read(&mut m, 0, &data(b, 0, C)).unwrap();
+        read(&mut m, 0, &data(0, 0, C)).unwrap();
+        m.complete(d, true);
+        read(&mut m, 0, &data(0, 0, C)).unwrap();
+        // Where no discard ran, only the write.
+        assert!(read(&mut m, C, &data(0, C, C)).is_err());
+        assert!(read(&mut m, 0, &data(a, 0, C)).is_err());
     }
 
     #[test]
