@@ -17,6 +17,9 @@ use super::request::Fill;
 use super::{owner_map, Shape, Stack, MAX_DEPTH};
 
 impl Stack {
+    /// Attempts at reopening the top after it was changed closed.
+    const REOPEN_TRIES: u32 = 3;
+
     /// Snapshot, online: create `path` as a new empty ploop image and make
     /// it the top; the old top becomes a read-only lower layer, made
     /// durable and marked clean. Requests are held only while the layer
@@ -181,7 +184,9 @@ impl Stack {
                 self.left_in_parent(&shape, parent)
             };
             if todo.is_empty() {
-                top.sync(io).await?;
+                if !crate::mutant::off("merge-final-sync") {
+                    top.sync(io).await?;
+                }
                 return Ok(copied);
             }
         }
@@ -342,15 +347,25 @@ impl Stack {
         }
         drop(top);
         let result = work(io, path.clone(), shape.layers.clone()).await;
-        match Layer::open(io, &path, Format::Ploop, true, self.direct).await {
-            Ok((layer, _)) => {
-                shape.layers.push(Arc::new(layer));
-                shape.owner = owner_map(&shape.layers, self.size(), self.cluster);
-                result
-            }
-            Err(e) => {
-                shape.closed = true;
-                Err(e.context(format_args!("{}: reopening the top", path.display())))
+        // A transient failure must not leave the device without its top:
+        // try the reopen a few times before giving up.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match Layer::open(io, &path, Format::Ploop, true, self.direct).await {
+                Ok((layer, _)) => {
+                    shape.layers.push(Arc::new(layer));
+                    shape.owner = owner_map(&shape.layers, self.size(), self.cluster);
+                    return result;
+                }
+                Err(e) if tries < Self::REOPEN_TRIES => tracing::warn!("{}: reopening the top failed ({e}); trying again", path.display()),
+                Err(e) => {
+                    // Nothing may be served without the top: every request
+                    // fails from now on (reads too), until a restart.
+                    shape.closed = true;
+                    shape.owner = owner_map(&shape.layers, self.size(), self.cluster);
+                    return Err(e.context(format_args!("{}: reopening the top", path.display())));
+                }
             }
         }
     }

@@ -80,6 +80,9 @@ impl Stack {
         let len = dst.len();
         self.check_range(offset, len)?;
         let shape = self.shape.enter().await;
+        // A stack closed by a failure may lack its top: reading the layers
+        // below would show old data.
+        shape.check_open()?;
         let mut segs = Vec::with_capacity(2);
         self.plan_read(&shape, offset, len, &mut segs);
         read_segs(io, &segs, dst).await.map_err(|e| Error::io(e, "reading image data"))
