@@ -15,18 +15,25 @@
 
 #[path = "common/sim/mod.rs"]
 mod sim;
+#[path = "sim_parts/bare.rs"]
+mod bare;
+#[path = "sim_parts/disk.rs"]
+mod disk;
 
 use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use sim::gen::{self, Config, WorkOp};
-use sim::model::{fill_payload, Model, OpId};
-use sim::{FaultEvent, Joined, Sim, SimError, SimIo};
+use disk::Job;
+use sim::model::{decode, fill_payload, Model, OpId, Seen, Tag};
+use sim::{FaultEvent, Sim, SimError, SimIo};
+use ublk_ploop::disk::{ops, Disk, Guid};
 use ublk_ploop::io::{Direct, Io};
 use ublk_ploop::layers::ploop::check;
-use ublk_ploop::layers::{Format, PloopLayer};
-use ublk_ploop::{LayerSpec, Stack, StackOptions};
+use ublk_ploop::layers::Format;
+use ublk_ploop::{Stack, StackOptions};
 
 /// Seeds that once failed, kept so they run first (each with why).
 const REGRESSION_SEEDS: &[u64] = &[
@@ -64,6 +71,14 @@ struct Figures {
     reopens: u64,
     /// Known engine findings met (see the FINDING comments).
     findings: u64,
+    /// Online operations that ended Ok, by kind.
+    snapshots: u64,
+    merges: u64,
+    switches: u64,
+    grows: u64,
+    compacts: u64,
+    /// Files a crash or a failed operation left that no descriptor names.
+    leftovers: u64,
     trace_hash: u64,
 }
 
@@ -76,20 +91,13 @@ enum Outcome {
     Mismatch(String),
 }
 
-/// A request or online operation in flight.
+/// A request in flight.
 struct Pending {
-    joined: Joined<Outcome>,
+    joined: sim::Joined<Outcome>,
     what: String,
     step: u64,
     /// The world's completed-op count when it was issued: a fault after it
     /// may be what failed it.
-    issued_ops: u64,
-}
-
-struct SnapshotInFlight {
-    joined: Joined<Result<(), (i32, String)>>,
-    path: PathBuf,
-    step: u64,
     issued_ops: u64,
 }
 
@@ -132,11 +140,23 @@ struct Driver {
     watch: Watch,
     io: SimIo,
     stack: Option<Rc<Stack>>,
+    /// The disk directory as the daemon holds it (None while a job has it).
+    disk: Option<Disk>,
+    /// 4 KiB clusters: no descriptor allows them, so the driver keeps the
+    /// chain on a bare stack (see `bare`).
+    bare: bool,
+    /// The next bare delta's number.
+    next_layer: usize,
     /// The layers, bottom first, as the stack has them.
     paths: Vec<PathBuf>,
-    next_layer: usize,
+    /// The disk's size now (it grows).
+    size: u64,
     queues: Vec<Vec<Pending>>,
-    snapshot: Option<SnapshotInFlight>,
+    /// The online operation running (one at a time, as the daemon admits).
+    job: Option<Job>,
+    /// The content (a tag per sector) of each snapshot taken while no
+    /// write ran, by GUID: what a switch to it must show.
+    snap_content: BTreeMap<Guid, Rc<Vec<Tag>>>,
     /// The world's op count at the last (re)open: a failed sync since then
     /// is remembered by the open layers (`SyncGroup`), so later syncs owe
     /// an error.
@@ -168,16 +188,22 @@ impl Driver {
         let probe: FaultProbe = Rc::new(move || weak.upgrade().map(|s| s.faults()).unwrap_or_default());
         let watch = Watch { model: model.clone(), seen: Rc::new(std::cell::Cell::new(0)), probe };
         let queues = (0..cfg.queues).map(|_| Vec::new()).collect();
+        let size = cfg.size;
+        let bare = cfg.cluster < 32 << 10;
         Driver {
             cfg,
             sim,
             watch,
             io,
             stack: None,
-            paths: Vec::new(),
+            disk: None,
+            bare,
             next_layer: 0,
+            paths: Vec::new(),
+            size,
             queues,
-            snapshot: None,
+            job: None,
+            snap_content: BTreeMap::new(),
             opened_ops: 0,
             block: 512,
             step: 0,
@@ -201,45 +227,54 @@ impl Driver {
         self.sim.block_on(name, fut).map_err(|e| sim_error(e, self.step))
     }
 
-    fn new_layer_path(&mut self) -> PathBuf {
-        let p = Path::new(DIR).join(format!("delta{}.img", self.next_layer));
-        self.next_layer += 1;
-        p
-    }
-
-    /// Create the base image and open the stack on it (no faults: the
-    /// setup is not under test).
+    /// Create the disk directory (`Disk::init`) and open it as the
+    /// daemon does (no faults: the setup is not under test).
     fn setup(&mut self) -> Result<(), String> {
         self.sim.set_faults_enabled(false);
-        self.io.create_dir_all(Path::new(DIR)).map_err(|e| format!("setup: creating {DIR}: {e}"))?;
-        let base = self.new_layer_path();
-        let (io, path, size, cluster) = (self.io.clone(), base.clone(), self.cfg.size, self.cfg.cluster);
-        // The directory is synced as the descriptor's store would: the
-        // base's entry must survive a power cut.
-        self.block_on("create", async move {
-            PloopLayer::create(&io, &path, size, cluster).await?;
-            io.sync_dir(Path::new(DIR)).await.map_err(|e| ublk_ploop::Error::io(e, DIR))?;
+        if self.bare {
+            self.bare_setup()?;
+            self.sim.set_faults_enabled(true);
+            return Ok(());
+        }
+        let (io, size, cluster) = (self.io.clone(), self.cfg.size, self.cfg.cluster);
+        self.block_on("init", async move {
+            Disk::init(&io, Path::new(DIR), size, cluster).await?;
+            // The directory's own entry, as an administrator's mkdir -p
+            // and a sync would leave it.
             io.sync_dir(Path::new(DIR).parent().unwrap()).await.map_err(|e| ublk_ploop::Error::io(e, "/sim"))
         })?
-        .map_err(|e| format!("setup: creating {}: {e}", base.display()))?;
-        self.paths = vec![base];
-        self.open(&self.paths.clone()).map_err(|e| format!("setup: {e}"))?;
+        .map_err(|e| format!("setup: creating the disk in {DIR}: {e}"))?;
+        let disk = self.open_disk().map_err(|e| format!("setup: {e}"))?;
+        self.disk = Some(disk);
         self.sim.set_faults_enabled(true);
         Ok(())
     }
 
-    fn open(&mut self, paths: &[PathBuf]) -> Result<(), String> {
-        let specs: Vec<LayerSpec> = paths.iter().map(LayerSpec::ploop).collect();
+    /// Open the disk as the daemon's start does: the descriptor, the
+    /// writable chain it names, then finishing a merge a crash cut short.
+    /// Sets the stack, the paths and the size; returns the disk.
+    fn open_disk(&mut self) -> Result<Disk, String> {
         let io = self.io.clone();
         let opts = StackOptions { read_only: false, direct: Direct::Auto };
-        let (stack, _) = self
-            .block_on("open", async move { Stack::open_layers(&io, &specs, &opts).await })?
-            .map_err(|e| format!("opening {paths:?}: {e}"))?;
+        let step = self.step;
+        let (stack, disk, merged) = self
+            .block_on("open", async move {
+                let mut disk = Disk::load_in(&io, Path::new(DIR)).await.map_err(|e| format!("loading the descriptor: {e}"))?;
+                let specs = disk.writable_layers(&io).await.map_err(|e| format!("the descriptor's chain: {e}"))?;
+                let (stack, _) = Stack::open_layers(&io, &specs, &opts).await.map_err(|e| format!("opening {:?}: {e}", specs.iter().map(|s| &s.path).collect::<Vec<_>>()))?;
+                let merged = ops::finish_merges(&io, &stack, &mut disk).await.map_err(|e| format!("step {step}: finishing an interrupted merge: {e}"))?;
+                Ok::<_, String>((stack, disk, merged))
+            })??;
         self.block = stack.block_size() as u64;
+        self.paths = stack.paths();
         self.stack = Some(Rc::new(stack));
         self.opened_ops = self.sim.ops_completed();
         self.figures.reopens += 1;
-        Ok(())
+        if !merged.is_empty() {
+            self.log(|| format!("recovery finished merges: {merged:?}"));
+            self.watch.model().merge_moves_holdings();
+        }
+        Ok(disk)
     }
 
     /// Was an error owed (invariant 7)? ENOSPC always is; otherwise a
@@ -250,10 +285,12 @@ impl Driver {
             return true;
         }
         let now = self.sim.ops_completed();
-        self.sim
-            .faults()
-            .iter()
-            .any(|f| (f.op_index >= issued_ops && f.op_index <= now) || (f.op_index >= self.opened_ops && f.op.contains("sync")))
+        // A stack a failure closed (a top that would not reopen) refuses
+        // everything after it.
+        let closed = errno == libc::ESHUTDOWN;
+        self.sim.faults().iter().any(|f| {
+            (f.op_index >= issued_ops && f.op_index <= now) || (f.op_index >= self.opened_ops && (closed || f.op.contains("sync")))
+        })
     }
 
     /// From which world op on a fault may fail what is issued now: a fault
@@ -262,14 +299,16 @@ impl Driver {
     /// then relies on) counts too.
     fn owed_from(&self) -> u64 {
         let pending = self.queues.iter().flatten().map(|p| p.issued_ops);
-        pending.chain(self.snapshot.iter().map(|s| s.issued_ops)).fold(self.sim.ops_completed(), u64::min)
+        pending.chain(self.job.iter().map(|j| j.issued_ops)).fold(self.sim.ops_completed(), u64::min)
     }
 
-    /// Round a generated extent to the stack's block size.
+    /// Round a generated extent to the stack's block size (and spread it
+    /// over the whole disk once it grew).
     fn aligned(&self, off: u64, len: u64) -> (u64, u64) {
         let b = self.block;
+        let off = if self.size == self.cfg.size { off } else { (off as u128 * self.size as u128 / self.cfg.size as u128) as u64 };
         let start = off / b * b;
-        let end = ((off + len).div_ceil(b) * b).min(self.cfg.size / b * b);
+        let end = ((off + len).div_ceil(b) * b).min(self.size / b * b);
         (start, (end - start).max(b))
     }
 
@@ -302,27 +341,7 @@ impl Driver {
                 }
             }
         }
-        self.reap_snapshot()
-    }
-
-    fn reap_snapshot(&mut self) -> Result<(), String> {
-        if !self.snapshot.as_ref().is_some_and(|s| s.joined.is_done()) {
-            return Ok(());
-        }
-        let snap = self.snapshot.take().unwrap();
-        let result = snap.joined.take().unwrap();
-        // Outside any task, with no stack change running: the gate is open.
-        let now = self.stack().paths();
-        let swapped = now.len() > self.paths.len();
-        self.log(|| format!("snapshot {} (step {}): {result:?}, swapped {swapped}", snap.path.display(), snap.step));
-        self.watch.model().snapshot_end(Some(swapped), result.is_ok());
-        self.paths = now;
-        if let Err((errno, msg)) = result {
-            if errno != libc::EBUSY && !self.owed(errno, snap.issued_ops) {
-                return Err(format!("invariant 7 (errors owed): step {}: snapshot issued at step {} failed: {msg}", self.step, snap.step));
-            }
-        }
-        Ok(())
+        self.reap_job()
     }
 
     /// Run `events` executor events, then reap.
@@ -335,12 +354,21 @@ impl Driver {
     fn settle(&mut self) -> Result<(), String> {
         self.sim.run().map_err(|e| sim_error(e, self.step))?;
         self.reap()?;
-        assert!(self.queues.iter().all(Vec::is_empty) && self.snapshot.is_none(), "settled with work left");
+        assert!(self.queues.iter().all(Vec::is_empty) && self.job.is_none(), "settled with work left");
         Ok(())
     }
 
     /// Issue a request on `queue` once it has room.
     fn request(&mut self, queue: usize, op: &WorkOp) -> Result<(), String> {
+        if let Some(job) = &self.job {
+            // Nothing writes while a switch or a quiet snapshot runs, and
+            // nothing reads while a switch changes the content under it (the
+            // daemon refuses a switch while the device is mounted).
+            let writes = matches!(op, WorkOp::Write { .. } | WorkOp::Zeroes { .. } | WorkOp::Discard { .. });
+            if job.kind == disk::JobKind::Switch || job.quiet() && writes {
+                return Ok(());
+            }
+        }
         while self.queues[queue].len() >= self.cfg.depth {
             self.run_for(1)?;
         }
@@ -407,37 +435,14 @@ impl Driver {
         Ok(())
     }
 
-    fn snapshot(&mut self) -> Result<(), String> {
-        if self.snapshot.is_some() || self.paths.len() >= gen::MAX_LAYERS {
-            return Ok(());
-        }
-        let path = self.new_layer_path();
-        self.log(|| format!("snapshot onto {}", path.display()));
-        self.watch.model().snapshot_begin();
-        let (stack, io, p) = (self.stack(), self.io.clone(), path.clone());
-        // As ops::snapshot does, minus the descriptor: the new delta's
-        // directory entry is made durable before the swap.
-        let joined = self.sim.spawn("snapshot", async move {
-            let top = stack.prepare_top(&io, &p).await.map_err(errinfo)?;
-            if let Err(e) = io.sync_dir(Path::new(DIR)).await {
-                ublk_ploop::stack::discard_top(&io, top).await;
-                return Err(errinfo(ublk_ploop::Error::io(e, DIR)));
-            }
-            stack.install_top(&io, top).await.map(|_| ()).map_err(errinfo)
-        });
-        let issued_ops = self.owed_from();
-        self.snapshot = Some(SnapshotInFlight { joined, path, step: self.step, issued_ops });
-        Ok(())
-    }
-
     /// The process dies (or the power goes) `after` events from now; then
     /// the disk is checked and reopened as the daemon's recovery would.
     fn crash(&mut self, after: u64, cut: bool, repair: bool) -> Result<(), String> {
         self.run_for(after)?;
         self.log(|| if cut { "power cut".into() } else { "kill".into() });
-        // A snapshot caught in flight may or may not have made its delta
-        // the top: the reopen decides.
-        let new_top = self.snapshot.take().map(|s| s.path);
+        // An operation caught in flight may or may not have stored its
+        // descriptor: the reopen decides.
+        let job = self.job.take();
         for q in &mut self.queues {
             q.clear();
         }
@@ -457,59 +462,70 @@ impl Driver {
             self.sim.kill();
             self.figures.kills += 1;
         }
-        self.recover(new_top, repair, true)
+        self.recover(job, repair, true)
     }
 
     /// Check every delta, reopen, read the whole disk back against the
     /// model (then collapse it).
-    fn recover(&mut self, new_top: Option<PathBuf>, repair: bool, crashed: bool) -> Result<(), String> {
+    fn recover(&mut self, job: Option<Job>, repair: bool, crashed: bool) -> Result<(), String> {
         self.sim.set_faults_enabled(false);
-        let result = self.recover_quietly(new_top, repair, crashed);
+        let result = self.recover_quietly(job, repair, crashed);
         self.sim.set_faults_enabled(true);
         self.opened_ops = self.sim.ops_completed();
         result
     }
 
-    fn recover_quietly(&mut self, new_top: Option<PathBuf>, repair: bool, crashed: bool) -> Result<(), String> {
-        // The snapshot's delta, if it survived whole enough to open: after
-        // the swap it may hold acknowledged writes.
-        let mut candidates = vec![self.paths.clone()];
-        if let Some(top) = &new_top {
-            let mut with = self.paths.clone();
-            with.push(top.clone());
-            candidates.insert(0, with);
-            self.watch.model().unsure_holdings();
-        }
-        let mut last_err = String::new();
-        let mut opened = false;
-        for paths in candidates {
-            if paths.len() > self.paths.len() && self.sim.read_file(paths.last().unwrap()).is_none() {
-                continue;
+    fn recover_quietly(&mut self, job: Option<Job>, repair: bool, crashed: bool) -> Result<(), String> {
+        let step = self.step;
+        let what = if crashed { "crash" } else { "clean close" };
+        if self.bare {
+            if job.as_ref().is_some_and(|j| j.kind == disk::JobKind::Merge) {
+                self.watch.model().merge_moves_holdings();
             }
-            self.check_deltas(&paths, repair, crashed, new_top.as_deref())?;
-            match self.open(&paths) {
-                Ok(()) => {
-                    if paths.len() > self.paths.len() {
-                        // Now a member for good: its entry is made durable,
-                        // as the descriptor's store would have.
-                        let io = self.io.clone();
-                        self.block_on("sync-dir", async move { io.sync_dir(Path::new(DIR)).await })?
-                            .map_err(|e| format!("step {}: syncing {DIR} with faults off: {e}", self.step))?;
-                    }
-                    self.paths = paths;
-                    opened = true;
-                    break;
-                }
-                Err(e) => last_err = e,
+            self.bare_recover(job.and_then(|j| j.new_top), repair, crashed)?;
+            return self.recovered_size_and_read_back(what);
+        }
+        // The descriptor on disk decides the chain (invariant 3: it loads,
+        // and names exactly the files there are).
+        let io = self.io.clone();
+        let disk = self
+            .block_on("load", async move { Disk::load_in(&io, Path::new(DIR)).await })?
+            .map_err(|e| format!("invariant 3 (descriptor): step {step}: loading the descriptor after a {what}: {e}"))?;
+        let paths: Vec<PathBuf> = disk
+            .layers(None)
+            .map_err(|e| format!("invariant 3 (descriptor): step {step}: the descriptor after a {what}: {e}"))?
+            .into_iter()
+            .map(|s| s.path)
+            .collect();
+        self.check_files(&disk, crashed || job.is_some())?;
+        self.check_deltas(&paths, repair, crashed, None)?;
+        let disk = match self.open_disk() {
+            Ok(d) => d,
+            Err(e) if e.contains("(os error 28)") => {
+                // The filesystem is full (a tight capacity): the recovery
+                // owes this error and the run cannot go on.
+                return Err(format!("{DISK_FULL}: {e}"));
             }
+            Err(e) => return Err(format!("invariant 2 (deltas open): step {step}: reopen after a {what} failed: {e}")),
+        };
+        if let Some(job) = job {
+            self.recovered_job(job, &disk)?;
         }
-        if !opened && last_err.contains("(os error 28)") {
-            // The filesystem is full (a tight capacity): the recovery owes
-            // this error and the run cannot go on.
-            return Err(format!("{DISK_FULL}: {last_err}"));
-        }
-        if !opened {
-            return Err(format!("invariant 2 (deltas open): step {}: reopen after a {} failed: {last_err}", self.step, if crashed { "crash" } else { "clean close" }));
+        self.disk = Some(disk);
+        self.recovered_size_and_read_back(what)
+    }
+
+    /// After a reopen: the disk's size (a grow may have been cut short
+    /// after it took), then the whole disk read back against the model.
+    fn recovered_size_and_read_back(&mut self, what: &str) -> Result<(), String> {
+        let step = self.step;
+        let size = self.stack().size();
+        if size != self.size {
+            if size < self.size {
+                return Err(format!("step {step}: the disk shrank from {} to {size} bytes over a {what}", self.size));
+            }
+            self.watch.model().grow(size);
+            self.size = size;
         }
         self.read_back()?;
         self.watch.model().recovered();
@@ -559,11 +575,12 @@ impl Driver {
     }
 
     /// Read the whole disk (no faults) and check it against the model,
-    /// which then takes it as the content.
-    fn read_back(&mut self) -> Result<(), String> {
+    /// which then takes it as the content; returns it, a tag per sector.
+    fn read_back(&mut self) -> Result<Vec<Tag>, String> {
         let mut off = 0;
-        while off < self.cfg.size {
-            let len = READBACK_CHUNK.min(self.cfg.size - off);
+        let mut tags = Vec::with_capacity((self.size / 512) as usize);
+        while off < self.size {
+            let len = READBACK_CHUNK.min(self.size - off);
             let (stack, io) = (self.stack(), self.io.clone());
             let data = self
                 .block_on("read-back", async move {
@@ -572,9 +589,16 @@ impl Driver {
                 })?
                 .map_err(|e| format!("invariant 7 (errors owed): step {}: read-back at {off:#x} failed with faults off: {e}", self.step))?;
             self.watch.model().check_readback(off, &data)?;
+            for (i, sector) in data.chunks_exact(512).enumerate() {
+                let at = off + i as u64 * 512;
+                match decode(sector, at) {
+                    Seen::Tag(t) => tags.push(t),
+                    seen => return Err(format!("step {}: read-back at {at:#x} passed the model but decodes as {seen:?}", self.step)),
+                }
+            }
             off += len;
         }
-        Ok(())
+        Ok(tags)
     }
 
     /// Close cleanly, check, reopen.
@@ -606,7 +630,13 @@ impl Driver {
             }
             WorkOp::Run(n) => self.run_for(*n),
             WorkOp::Settle => self.settle(),
-            WorkOp::Snapshot => self.snapshot(),
+            WorkOp::Snapshot => self.snapshot(false),
+            WorkOp::QuietSnapshot => self.snapshot(true),
+            WorkOp::Merge { pick } => self.merge(*pick),
+            WorkOp::Delete { pick } => self.delete(*pick),
+            WorkOp::Switch { pick } => self.switch(*pick),
+            WorkOp::Grow { clusters } => self.grow(*clusters),
+            WorkOp::Compact { step } => self.compact(*step),
             WorkOp::Kill { after, repair } => self.crash(*after, false, *repair),
             WorkOp::PowerCut { after, repair } => self.crash(*after, true, *repair),
             WorkOp::CleanReopen => self.clean_reopen(),
@@ -615,7 +645,7 @@ impl Driver {
                 self.sim.set_faults_enabled(false);
                 let r = self.read_back();
                 self.sim.set_faults_enabled(true);
-                r
+                r.map(drop)
             }
         }
     }
@@ -631,7 +661,12 @@ impl Driver {
         let closed = self.block_on("close", async move { stack.close(&io).await })?;
         self.stack = None;
         match closed {
-            Ok(()) => self.check_deltas(&self.paths.clone(), false, false, None)?,
+            Ok(()) => {
+                self.check_deltas(&self.paths.clone(), false, false, None)?;
+                if let Some(disk) = self.disk.take() {
+                    self.check_files(&disk, false)?;
+                }
+            }
             Err(e) if self.owed(e.errno(), issued_ops) => {}
             Err(e) => return Err(format!("invariant 7 (errors owed): final close failed: {e}")),
         }
@@ -690,6 +725,7 @@ fn run_seed(seed: u64) -> Result<Figures, String> {
     f.events = stats.events;
     f.ops = stats.ops_completed;
     f.trace_hash = d.sim.trace_hash();
+    d.log(|| format!("figures: {f:?}"));
     Ok(f)
 }
 
@@ -732,9 +768,15 @@ fn seeds_hold_every_invariant() {
         total.ops += f.ops;
         total.reopens += f.reopens;
         total.findings += f.findings;
+        total.snapshots += f.snapshots;
+        total.merges += f.merges;
+        total.switches += f.switches;
+        total.grows += f.grows;
+        total.compacts += f.compacts;
+        total.leftovers += f.leftovers;
     }
     println!(
-        "sim figures: seeds {}, steps {}, kills {}, power cuts {}, faults {}, events {}, ops {}, reopens {}, known findings met {}",
+        "sim figures: seeds {}, steps {}, kills {}, power cuts {}, faults {}, events {}, ops {}, reopens {}, known findings met {}, snapshots {}, merges {}, switches {}, grows {}, compactions {}, leftover files {}",
         seeds.len(),
         total.steps,
         total.kills,
@@ -743,6 +785,12 @@ fn seeds_hold_every_invariant() {
         total.events,
         total.ops,
         total.reopens,
-        total.findings
+        total.findings,
+        total.snapshots,
+        total.merges,
+        total.switches,
+        total.grows,
+        total.compacts,
+        total.leftovers
     );
 }

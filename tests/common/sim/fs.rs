@@ -441,7 +441,7 @@ impl SimFs {
                 return Err(io::Error::new(io::ErrorKind::InvalidInput, "a directory, not an image or descriptor file; refused"))
             }
             Some(Entry::File(ino)) => ino,
-            None if how.create_new => {
+            None if how.create_new || how.create => {
                 let (d, name) = self.parent(&path)?;
                 let ino = self.next_ino;
                 self.next_ino += 1;

@@ -53,6 +53,21 @@ pub enum WorkOp {
     CleanReopen,
     /// Read the whole disk and check it (and collapse the model).
     ReadBack,
+    /// A snapshot taken with no write in flight or issued meanwhile, its
+    /// content recorded: a switch may go back to it.
+    QuietSnapshot,
+    /// Merge a delta into its parent (`ops::merge`): `pick` chooses the
+    /// child among the chain's deltas that have a parent (0 = the top).
+    Merge { pick: u8 },
+    /// Delete a snapshot (`ops::delete`): `pick` chooses among them.
+    Delete { pick: u8 },
+    /// Switch to a snapshot whose content was recorded (`ops::switch`),
+    /// with no write running.
+    Switch { pick: u8 },
+    /// Grow the disk online by this many clusters, as the daemon does.
+    Grow { clusters: u64 },
+    /// Compact the top online, `step` clusters a step.
+    Compact { step: u64 },
 }
 
 impl WorkOp {
@@ -113,7 +128,6 @@ fn operations(cfg: &Config, rng: &mut Rng) -> Vec<WorkOp> {
     let hot_start = rng.below(clusters - hot_len + 1);
     // How often this seed crashes (per mille of steps).
     let crash_rate = [0, 2, 5, 10][rng.below(4) as usize];
-    let mut snapshots = 0;
     let mut ops = Vec::with_capacity(steps);
     while ops.len() < steps {
         let queue = rng.below(cfg.queues as u64) as usize;
@@ -136,15 +150,21 @@ fn operations(cfg: &Config, rng: &mut Rng) -> Vec<WorkOp> {
                 WorkOp::Discard { queue, off, len }
             }
             740..=809 => WorkOp::Flush { queue },
-            810..=909 => {
+            810..=889 => {
                 let most = if rng.chance(20) { 400 } else { 40 };
                 WorkOp::Run(1 + rng.below(most))
             }
+            // The disk directory's online operations.
+            890..=909 => match rng.below(12) {
+                0..=3 => WorkOp::Merge { pick: rng.below(256) as u8 },
+                4..=5 => WorkOp::Delete { pick: rng.below(256) as u8 },
+                6..=7 => WorkOp::QuietSnapshot,
+                8..=9 => WorkOp::Switch { pick: rng.below(256) as u8 },
+                10 => WorkOp::Grow { clusters: 1 + rng.below(clusters) },
+                _ => WorkOp::Compact { step: 1 + rng.below(16) },
+            },
             910..=929 => WorkOp::Settle,
-            930..=949 if snapshots < MAX_LAYERS - 1 => {
-                snapshots += 1;
-                WorkOp::Snapshot
-            }
+            930..=949 => WorkOp::Snapshot,
             // A whole read-back is the costliest step: rare.
             950..=955 => WorkOp::ReadBack,
             956..=961 => WorkOp::CleanReopen,

@@ -429,6 +429,70 @@ impl Model {
         }
     }
 
+    /// A merge (or a delete that merges) begins or ends: the top may
+    /// take the parent's clusters, so every cluster a lower layer may hold
+    /// may be the top's now, and a discard in flight may punch its copy.
+    /// Lower merges change no holder the model follows; they are treated
+    /// the same (less exact, still sound).
+    pub fn merge_moves_holdings(&mut self) {
+        for c in 0..self.top.len() {
+            if self.lower[c] != Own::No {
+                self.top[c] = self.top[c].max_own(Own::Maybe);
+                self.lower[c] = self.lower[c].unsure();
+                self.discards_may_punch(c);
+            }
+        }
+    }
+
+    /// The disk grew to `size` (the new part reads as zeros, no layer
+    /// holds it).
+    pub fn grow(&mut self, size: u64) {
+        assert!(size >= self.size && size % SECTOR == 0, "model: grow from {} to {size}", self.size);
+        let initial = Version { tag: 0, issued: 0, done: 0, firm: true, op: 0 };
+        self.sectors.resize((size / SECTOR) as usize, vec![initial]);
+        let clusters = size.div_ceil(self.cluster) as usize;
+        self.top.resize(clusters, Own::No);
+        self.lower.resize(clusters, Own::No);
+        self.size = size;
+    }
+
+    /// The content per sector (its tag) as a quiet read-back found it:
+    /// what a snapshot taken now holds.
+    pub fn content(&self) -> Result<Vec<Tag>, String> {
+        self.sectors
+            .iter()
+            .enumerate()
+            .map(|(s, v)| match v.as_slice() {
+                [only] if only.firm => Ok(only.tag),
+                _ => Err(format!("model: sector {s} has {} versions where one was expected (not quiet?)", v.len())),
+            })
+            .collect()
+    }
+
+    /// A switch to a snapshot: the disk now reads as `content` (sector
+    /// tags), durably; a new empty top over layers that hold the
+    /// snapshot's data.
+    pub fn switched(&mut self, content: &[Tag]) {
+        assert!(self.ops.is_empty(), "model: a switch with requests in flight");
+        assert_eq!(content.len(), self.sectors.len(), "model: a switch to a snapshot of another size");
+        let now = self.tick();
+        let id = self.next_op;
+        self.next_op += 1;
+        for (s, &tag) in content.iter().enumerate() {
+            self.sectors[s] = vec![Version { tag, issued: now, done: now, firm: true, op: id }];
+        }
+        let per = (self.cluster / SECTOR) as usize;
+        for c in 0..self.top.len() {
+            self.top[c] = Own::No;
+            let data = content[c * per..((c + 1) * per).min(content.len())].iter().any(|&t| t != 0);
+            self.lower[c] = if data { Own::Yes } else { Own::Maybe };
+        }
+        self.durable_at = now;
+        self.recover_from = None;
+        self.snap = None;
+        self.snap_done = now;
+    }
+
     /// A snapshot (a new top over the current one) begins.
     pub fn snapshot_begin(&mut self) {
         let now = self.tick();
