@@ -25,6 +25,10 @@ pub enum ErrorKind {
     /// A file opened as a ploop image has no ploop signature (callers
     /// then say what it looks like instead).
     NotPloop,
+    /// A descriptor change failed after its rename, and putting the old
+    /// one back failed too: either may be the one on disk, so every file
+    /// either names must be kept.
+    DescriptorUncertain,
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -65,6 +69,10 @@ impl Error {
     }
     pub fn message(&self) -> &str {
         &self.msg
+    }
+    /// The same error, of kind `kind`.
+    pub fn of_kind(self, kind: ErrorKind) -> Self {
+        Error { kind, ..self }
     }
     /// Prefix the message with where it happened, keeping the errno.
     pub fn context(self, what: impl fmt::Display) -> Self {

@@ -147,6 +147,9 @@ struct Driver {
     bare: bool,
     /// The next bare delta's number.
     next_layer: usize,
+    /// An operation could not tell which descriptor is on disk: until the
+    /// next open, operations may refuse with ESTALE.
+    descriptor_uncertain: bool,
     /// The layers, bottom first, as the stack has them.
     paths: Vec<PathBuf>,
     /// The disk's size now (it grows).
@@ -199,6 +202,7 @@ impl Driver {
             disk: None,
             bare,
             next_layer: 0,
+            descriptor_uncertain: false,
             paths: Vec::new(),
             size,
             queues,
@@ -266,6 +270,7 @@ impl Driver {
                 Ok::<_, String>((stack, disk, merged))
             })??;
         self.block = stack.block_size() as u64;
+        self.descriptor_uncertain = false;
         self.paths = stack.paths();
         self.stack = Some(Rc::new(stack));
         self.opened_ops = self.sim.ops_completed();

@@ -287,10 +287,37 @@ impl Disk {
     /// a crash, or a symlink or hard link planted there) is unlinked, never
     /// followed or written through, and the file is created exclusively.
     pub async fn store<I: Io>(&self, io: &I) -> Result<()> {
-        self.desc.validate()?;
+        self.store_renamed(io).await.map_err(|(e, _)| e)
+    }
+
+    /// Store this descriptor in place of `old` (the one on disk now). A
+    /// failure after the rename (the directory's sync) leaves the new one
+    /// visible but perhaps not durable; then `old` is stored back, so that
+    /// an error means the old descriptor stands, as callers undo on that
+    /// assumption (a snapshot removes its new top). If that fails too the
+    /// error is of kind `DescriptorUncertain`: keep what either names.
+    pub async fn replace<I: Io>(&self, io: &I, old: &Disk) -> Result<()> {
+        match self.store_renamed(io).await {
+            Ok(()) => Ok(()),
+            Err((e, false)) => Err(e),
+            Err((e, true)) => match old.store_renamed(io).await {
+                Ok(()) => Err(e.context("storing the descriptor (the previous one was put back)")),
+                Err((back, _)) => Err(Error::new(
+                    e.errno(),
+                    format!("{e}; putting the previous descriptor back failed too ({back}): either may be on disk, so the files of both are kept"),
+                )
+                .of_kind(crate::error::ErrorKind::DescriptorUncertain)),
+            },
+        }
+    }
+
+    /// `store`, saying with an error whether the rename had happened.
+    async fn store_renamed<I: Io>(&self, io: &I) -> std::result::Result<(), (Error, bool)> {
+        self.desc.validate().map_err(|e| (e, false))?;
         let xml = self.xml_path();
         let tmp = self.dir.join(format!("{DESCRIPTOR}.tmp"));
         let text = self.desc.to_xml();
+        let renamed = std::cell::Cell::new(false);
         let write = async {
             match io.remove_file(&tmp) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
@@ -300,11 +327,14 @@ impl Disk {
             io.write_at(file.fd(), text.as_bytes(), 0).await?;
             io.sync_data(file.fd()).await?;
             io.rename(&tmp, &xml).await?;
+            renamed.set(true);
             io.sync_dir(&self.dir).await
         };
         write.await.map_err(|e| {
-            let _ = io.remove_file(&tmp);
-            Error::io(e, format_args!("{}: storing the descriptor", xml.display()))
+            if !renamed.get() {
+                let _ = io.remove_file(&tmp);
+            }
+            (Error::io(e, format_args!("{}: storing the descriptor", xml.display())), renamed.get())
         })
     }
 

@@ -92,6 +92,9 @@ async fn refresh<I: Io>(io: &I, disk: &mut Disk, stack: &Stack) -> Result<Option
         let changing = || Error::new(libc::ESTALE, format!("{}: the base delta keeps changing under us", disk.xml_path().display()));
         Some(lock.ok_or_else(changing)?)
     };
+    // A former top a transient error left open for writing is closed
+    // first: operations relock the deltas below the top.
+    stack.retire_pending(io).await?;
     let want: Vec<PathBuf> = disk.layers(None)?.into_iter().map(|s| s.path).collect();
     let have = stack.paths_now().await;
     if want != have {
@@ -151,8 +154,15 @@ pub async fn snapshot<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, guid: Optio
     d.images.push(Image { guid: TOP_GUID, kind, file });
     d.shots.push(Shot { guid: TOP_GUID, parent: snap, temporary: Temporary::No });
     d.top = TOP_GUID;
-    if let Err(e) = next.store(io).await {
-        discard_top(io, new_top).await;
+    if crate::mutant::off("store-before-swap") {
+        // The broken order: writes land in a top no stored descriptor names.
+        let stall = stack.install_top(io, new_top).await?;
+        next.store(io).await?;
+        *disk = next;
+        return Ok(Snapshotted { guid: snap, file: path, stall });
+    }
+    if let Err(e) = next.replace(io, disk).await {
+        drop_new_top(io, new_top, &e).await;
         return Err(e);
     }
     match stack.install_top(io, new_top).await {
@@ -167,7 +177,7 @@ pub async fn snapshot<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, guid: Optio
         }
         Err(e) => {
             // Not swapped: the old descriptor describes the disk again.
-            let _ = disk.store(io).await;
+            let _ = disk.replace(io, &next).await;
             Err(e)
         }
     }
@@ -229,7 +239,7 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
                 return Err(e);
             }
         };
-        next.store(io).await?;
+        next.replace(io, disk).await?;
         *disk = next;
         let removed = stack.remove_layer(pi).await?;
         drop(layers);
@@ -253,7 +263,7 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
         if pshot.temporary == Temporary::No {
             let mut marked = disk.clone();
             marked.desc.shots.iter_mut().filter(|s| s.guid == parent).for_each(|s| s.temporary = Temporary::Temporary);
-            if let Err(e) = marked.store(io).await {
+            if let Err(e) = marked.replace(io, disk).await {
                 unlock();
                 return Err(e);
             }
@@ -269,7 +279,7 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
         clusters = merged.1;
         // The child's GUID now names the parent's file.
         next.desc.images.iter_mut().filter(|i| i.guid == child).for_each(|i| i.file = pimg.file.clone());
-        if let Err(e) = next.store(io).await {
+        if let Err(e) = next.replace(io, disk).await {
             unlock();
             return Err(e);
         }
@@ -320,7 +330,7 @@ async fn merge_off_chain<I: Io>(
         .map_err(|e| Error::new(e.errno(), format!("{}: in use by another process (a mounted snapshot?): {e}", cpath.display())))?;
     let mut marked = disk.clone();
     marked.desc.shots.iter_mut().filter(|s| s.guid == parent).for_each(|s| s.temporary = Temporary::Temporary);
-    marked.store(io).await?;
+    marked.replace(io, disk).await?;
     *disk = marked;
     let (_, clusters) = copy_into_parent(io, &child_layer, &ppath, pimg.kind, true, stack, progress).await?;
     let mut next = disk.clone();
@@ -329,7 +339,7 @@ async fn merge_off_chain<I: Io>(
     d.shots.retain(|s| s.guid != parent);
     d.shots.iter_mut().filter(|s| s.guid == child).for_each(|s| s.parent = pshot.parent);
     d.images.iter_mut().filter(|i| i.guid == child).for_each(|i| i.file = pimg.file.clone());
-    next.store(io).await?;
+    next.replace(io, disk).await?;
     *disk = next;
     drop(child_layer);
     remove_file(io, &cpath);
@@ -369,6 +379,25 @@ async fn copy_into_parent<I: Io>(
         Layer::open_unlocked(io, parent_path, format, true, direct).await
     }
     .map_err(|e| e.context("opening the parent to merge into"))?;
+    match copy_clusters(io, child, &parent, parent_path, stack, progress).await {
+        Ok(total) => {
+            parent.close(io).await?;
+            Ok((Arc::new(parent), total))
+        }
+        Err(e) => {
+            // Left half merged (the descriptor says so), but closed: a
+            // clean stop leaves no delta marked in use, and what it
+            // reserved past its links is a leak the next open releases.
+            let _ = parent.close(io).await;
+            Err(e)
+        }
+    }
+}
+
+/// The copying part of [`copy_into_parent`]: every cluster the child
+/// holds, batch by batch, data synced before its entries. Returns the
+/// clusters copied.
+async fn copy_clusters<I: Io>(io: &I, child: &Layer, parent: &Layer, parent_path: &std::path::Path, stack: &Stack, progress: &dyn Fn(u64, u64)) -> Result<u64> {
     let cluster = stack.cluster_size();
     let size = stack.size();
     let todo: Vec<u64> = (0..size.div_ceil(cluster)).filter(|&c| child.lookup(c, cluster).is_some()).collect();
@@ -409,8 +438,7 @@ async fn copy_into_parent<I: Io>(
         done += chunk.len() as u64;
         progress(done, total);
     }
-    parent.close(io).await?;
-    Ok((Arc::new(parent), total))
+    Ok(total)
 }
 
 /// Delete the snapshot `guid`, as ploop's `snapshot-delete`: refused for
@@ -436,7 +464,7 @@ pub async fn delete<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, guid: Guid, p
             let mut next = disk.clone();
             next.desc.images.retain(|i| i.guid != guid);
             next.desc.shots.retain(|s| s.guid != guid);
-            next.store(io).await?;
+            next.replace(io, disk).await?;
             *disk = next;
             drop(probe);
             remove_file(io, &path);
@@ -447,7 +475,7 @@ pub async fn delete<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, guid: Guid, p
         _ => {
             let mut next = disk.clone();
             next.desc.shots.iter_mut().filter(|s| s.guid == guid).for_each(|s| s.temporary = Temporary::Temporary);
-            next.store(io).await?;
+            next.replace(io, disk).await?;
             *disk = next;
             Ok(Deleted::MarkedTemporary)
         }
@@ -498,16 +526,16 @@ pub async fn switch<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, guid: Guid) -
     next.desc.images.push(Image { guid: TOP_GUID, kind, file });
     next.desc.shots.push(Shot { guid: TOP_GUID, parent: guid, temporary: Temporary::No });
     next.desc.top = TOP_GUID;
-    if let Err(e) = next.store(io).await {
+    if let Err(e) = next.replace(io, disk).await {
         drop(layers);
-        discard_top(io, new_top).await;
+        drop_new_top(io, new_top, &e).await;
         return Err(e);
     }
     let started = io.now();
     let old = match stack.replace_layers(layers).await {
         Ok(old) => old,
         Err(e) => {
-            let _ = disk.store(io).await;
+            let _ = disk.replace(io, &next).await;
             discard_top(io, new_top).await;
             return Err(e);
         }
@@ -523,6 +551,17 @@ pub async fn switch<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, guid: Guid) -
     drop(old_top_layer);
     remove_file(io, &old_path);
     Ok(Switched { snapshot: guid, file: path, stall })
+}
+
+/// Undo a prepared top whose descriptor did not take: removed, unless the
+/// descriptor on disk may name it (then it stays, empty: under either
+/// descriptor the disk reads the same).
+async fn drop_new_top<I: Io>(io: &I, new_top: Arc<Layer>, e: &Error) {
+    if e.kind() == crate::error::ErrorKind::DescriptorUncertain {
+        let _ = new_top.close(io).await;
+    } else {
+        discard_top(io, new_top).await;
+    }
 }
 
 fn remove_file<I: Io>(io: &I, path: &std::path::Path) {

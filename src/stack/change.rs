@@ -101,6 +101,17 @@ impl Stack {
         Ok(stall)
     }
 
+    /// Retire again every former top whose closing failed before (a
+    /// transient error): until then it keeps its exclusive lock, which a
+    /// merge into it or a later change of the stack needs.
+    pub async fn retire_pending<I: Io>(&self, io: &I) -> Result<()> {
+        let pending = self.retiring.lock().unwrap().clone();
+        for old in &pending {
+            self.retire(io, old).await.map_err(|e| e.context(format_args!("closing the frozen layer {} again", old.file().path.display())))?;
+        }
+        Ok(())
+    }
+
     /// Close a former top (durable, marked clean, shared lock); until this
     /// succeeded, flushes sync it too.
     async fn retire<I: Io>(&self, io: &I, old: &Arc<Layer>) -> Result<()> {
@@ -331,8 +342,9 @@ impl Stack {
         if no_trackers && !shape.trackers.is_empty() {
             return Err(Error::new(libc::EBUSY, "a write tracker (or a copy) is running: stop it first"));
         }
-        if !self.retiring.lock().unwrap().is_empty() || shape.top().format() != Format::Ploop {
-            return Err(Error::new(libc::EBUSY, "the top is not a ploop image, or a snapshot is still being closed; try again"));
+        self.retire_pending(io).await?;
+        if shape.top().format() != Format::Ploop {
+            return Err(Error::new(libc::EBUSY, "the top is not a ploop image"));
         }
         let top = shape.layers.pop().expect("a stack is never empty");
         let path = top.file().path.clone();
