@@ -9,6 +9,9 @@
 //! - `UBLK_PLOOP_SIM_TRACE=1` prints the step log.
 //! - `UBLK_PLOOP_SIM_NO_REGRESSIONS=1` skips the regression seeds (which
 //!   otherwise run first).
+//! - `UBLK_PLOOP_SIM_SHRINK=SECS` shrinks a failing seed's op list for up
+//!   to SECS and saves it to `target/sim-fail-SEED.json`;
+//!   `UBLK_PLOOP_SIM_REPLAY=FILE` reruns such a file.
 //!
 //! A failure names the invariant, the step, the sector and what was read
 //! against what was allowed, and prints the line that replays it.
@@ -19,14 +22,17 @@ mod sim;
 mod bare;
 #[path = "sim_parts/disk.rs"]
 mod disk;
+#[path = "sim_parts/shrink.rs"]
+mod shrink;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use sim::gen::{self, Config, WorkOp};
 use disk::Job;
+use shrink::Failure;
 use sim::model::{decode, fill_payload, Model, OpId, Seen, Tag};
 use sim::{FaultEvent, Sim, SimError, SimIo};
 use ublk_ploop::disk::{ops, Disk, Guid};
@@ -705,13 +711,36 @@ fn read_outcome(w: &Watch, id: OpId, r: ublk_ploop::Result<()>, data: &[u8]) -> 
 }
 
 /// One seed, start to end: its figures, or the first invariant it broke.
-fn run_seed(seed: u64) -> Result<Figures, String> {
+fn run_seed(seed: u64) -> Result<Figures, Failure> {
     let (cfg, ops) = gen::generate(seed);
+    run_ops(cfg, &ops)
+}
+
+/// `ops` in the world of `cfg.seed` (its scheduler, faults, crashes and
+/// entropy come from the seed, whatever the list), a panic inside (an
+/// engine assertion, a model bug) turned into a failure too.
+fn run_ops(cfg: Config, ops: &[WorkOp]) -> Result<Figures, Failure> {
+    let at = Cell::new(None);
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_steps(cfg, ops, &at))) {
+        Ok(Ok(f)) => Ok(f),
+        Ok(Err(why)) => Err(Failure::new(why, ops, at.get())),
+        Err(p) => {
+            let msg = p.downcast_ref::<String>().map(String::as_str).or(p.downcast_ref::<&str>().copied()).unwrap_or("?");
+            Err(Failure::new(format!("panicked: {msg}"), ops, at.get()))
+        }
+    }
+}
+
+/// The run itself; `at` follows the step (`None` in the setup, the list's
+/// length in the final checks).
+fn run_steps(cfg: Config, ops: &[WorkOp], at: &Cell<Option<usize>>) -> Result<Figures, String> {
+    let seed = cfg.seed;
     let mut d = Driver::new(cfg.clone());
     d.log(|| format!("seed {seed}: {cfg:?}, {} steps", ops.len()));
     d.setup()?;
     let mut full = false;
     for (i, op) in ops.iter().enumerate() {
+        at.set(Some(i));
         d.step = i as u64;
         d.log(|| format!("{op:?}"));
         match d.step(op) {
@@ -724,6 +753,7 @@ fn run_seed(seed: u64) -> Result<Figures, String> {
         }
     }
     if !full {
+        at.set(Some(ops.len()));
         d.step = ops.len() as u64;
         d.finish()?;
     }
@@ -738,17 +768,35 @@ fn run_seed(seed: u64) -> Result<Figures, String> {
     Ok(f)
 }
 
-/// Run one seed, turning a panic inside (an engine assertion, a model
-/// bug) into a failure that names the seed too.
-fn run_seed_caught(seed: u64) -> Result<Figures, String> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_seed(seed))) {
-        Ok(r) => r,
-        Err(p) => Err(format!("panicked: {}", p.downcast_ref::<String>().map(String::as_str).or(p.downcast_ref::<&str>().copied()).unwrap_or("?"))),
+/// `UBLK_PLOOP_SIM_REPLAY=FILE`: rerun a saved op list in its seed's world.
+fn replay(file: &str) {
+    let (seed, ops) = shrink::load(Path::new(file));
+    let (cfg, _) = gen::generate(seed);
+    match run_ops(cfg, &ops) {
+        Ok(_) => println!("replay of {file} (seed {seed}, {} ops) passed", ops.len()),
+        Err(why) => panic!("replay of {file} (seed {seed}, {} ops) failed ({why}) in a {} step", ops.len(), why.kind),
+    }
+}
+
+/// A failing seed's message, after shrinking it when `UBLK_PLOOP_SIM_SHRINK`
+/// gives seconds for that.
+fn failed(seed: u64, why: Failure) -> String {
+    let replay = format!("replay: UBLK_PLOOP_SIM_SEED={seed} cargo test --test sim");
+    match env_u64("UBLK_PLOOP_SIM_SHRINK").filter(|&s| s > 0) {
+        Some(secs) => {
+            let (cfg, ops) = gen::generate(seed);
+            let file = shrink::shrink_seed(&cfg, &ops, &why, secs);
+            format!("seed {seed} failed ({why}); {replay}; shrunk: UBLK_PLOOP_SIM_REPLAY={} cargo test --test sim", file.display())
+        }
+        None => format!("seed {seed} failed ({why}); {replay}"),
     }
 }
 
 #[test]
 fn seeds_hold_every_invariant() {
+    if let Ok(file) = std::env::var("UBLK_PLOOP_SIM_REPLAY") {
+        return replay(&file);
+    }
     let seeds: Vec<u64> = match env_u64("UBLK_PLOOP_SIM_SEED") {
         Some(seed) => vec![seed],
         None => {
@@ -760,13 +808,13 @@ fn seeds_hold_every_invariant() {
     };
     let mut total = Figures::default();
     for (i, &seed) in seeds.iter().enumerate() {
-        let f = match run_seed_caught(seed) {
+        let f = match run_seed(seed) {
             Ok(f) => f,
-            Err(why) => panic!("seed {seed} failed ({why}); replay: UBLK_PLOOP_SIM_SEED={seed} cargo test --test sim"),
+            Err(why) => panic!("{}", failed(seed, why)),
         };
         // Determinism self-check: the same seed, the same decisions.
         if i % 50 == 49 {
-            let again = run_seed_caught(seed).unwrap_or_else(|why| panic!("seed {seed} passed, then failed on its rerun ({why}): the simulation is not deterministic; replay: UBLK_PLOOP_SIM_SEED={seed}"));
+            let again = run_seed(seed).unwrap_or_else(|why| panic!("seed {seed} passed, then failed on its rerun ({why}): the simulation is not deterministic; replay: UBLK_PLOOP_SIM_SEED={seed}"));
             assert_eq!(f.trace_hash, again.trace_hash, "seed {seed}: two runs made different decisions (trace hashes differ); replay: UBLK_PLOOP_SIM_SEED={seed}");
         }
         total.steps += f.steps;

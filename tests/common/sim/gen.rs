@@ -27,8 +27,9 @@ pub struct Config {
     pub faults: FaultPlan,
 }
 
-/// One step of the workload.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One step of the workload. Serde so that a shrunk failure can be saved
+/// and replayed (`UBLK_PLOOP_SIM_REPLAY`) whatever the variants are.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum WorkOp {
     /// Requests, issued on `queue` (a task each, at most `depth` of a
     /// queue's in flight together). `misalign` offsets the memory buffer
