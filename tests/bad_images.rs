@@ -644,3 +644,47 @@ fn repair_on_a_filesystem_without_holes_leaves_inner_leaks_and_cuts_the_tail() {
     ploop(["convert", p(&img), p(&punched), "--to", "raw"]).ok();
     assert_files_equal(&punched, &before);
 }
+
+/// Counts the files the engine opens, by path.
+#[derive(Default)]
+struct CountOpens(std::cell::RefCell<Vec<PathBuf>>);
+
+impl common::hooked::Hook for CountOpens {
+    fn opening(&self, path: &Path, _: &ublk_ploop::io::OpenHow) {
+        self.0.borrow_mut().push(path.to_path_buf());
+    }
+}
+
+#[test]
+fn a_file_named_twice_in_a_stack_is_refused_untouched_and_each_layer_is_opened_once() {
+    let dir = TempDir::new("twice");
+    let a = make(&dir, "a.img", &good());
+    let b = make(&dir, "b.img", &ImageSpec::v2(SIZE, CLUSTER));
+    let link = dir.join("a-link.img");
+    fs::hard_link(&a, &link).unwrap();
+    let sym = dir.join("a-sym.img");
+    std::os::unix::fs::symlink(&a, &sym).unwrap();
+    let print = fingerprint(&a);
+    for read_only in [true, false] {
+        for stack in [[&a, &a], [&a, &link], [&link, &a], [&sym, &a]] {
+            let paths: Vec<PathBuf> = stack.iter().map(|p| p.to_path_buf()).collect();
+            let opts = StackOptions { read_only, direct: Direct::Off };
+            let e = match retry_busy(|| block_on(Stack::open(&SyncIo, &paths, &opts))) {
+                Ok(_) => panic!("{paths:?} (read-only {read_only}) opened"),
+                Err(e) => e,
+            };
+            assert!(e.to_string().contains("appears twice in the stack"), "{paths:?}: {e}");
+            assert_eq!(fingerprint(&a), print, "{paths:?} (read-only {read_only}): a refused stack changed the file");
+        }
+    }
+    // Two files: each is opened once, read-only or with a writable top.
+    for read_only in [true, false] {
+        let io = Hooked { inner: SyncIo, hook: CountOpens::default() };
+        let paths = vec![a.clone(), b.clone()];
+        let (stack, _) = retry_busy(|| block_on(Stack::open(&io, &paths, &StackOptions { read_only, direct: Direct::Off })))
+            .expect("two distinct files");
+        assert_eq!(*io.0.borrow(), paths, "read-only {read_only}: not one open per layer");
+        block_on(stack.close(&SyncIo)).unwrap();
+    }
+    assert_eq!(fingerprint(&a), print, "a lower layer changed");
+}
