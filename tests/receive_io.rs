@@ -292,3 +292,70 @@ fn stopped_apply(virt: bool) {
     assert!(left.is_empty() || left == [".backup.img.receiving"], "{left:?}");
     block_on(stack.close(&SyncIo)).unwrap();
 }
+
+/// Makes every operation wait one turn before it runs, as a ring's
+/// completions do: receives on one thread then interleave.
+struct OneTurn;
+
+impl common::hooked::Hook for OneTurn {
+    async fn around(&self, _: common::hooked::Op, run: impl Future<Output = io::Result<()>>) -> io::Result<()> {
+        let mut waited = false;
+        std::future::poll_fn(|cx| {
+            if waited {
+                return std::task::Poll::Ready(());
+            }
+            waited = true;
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        })
+        .await;
+        run.await
+    }
+}
+
+#[test]
+fn two_receives_on_one_thread_never_wait_for_each_other() {
+    // Each receive lists its temporaries; the list must not stay locked
+    // across an await, or the second receive blocks the thread the first
+    // one needs.
+    let dir = TempDir::new("recv-two");
+    let (stack, full, _) = streams(&dir);
+    block_on(stack.close(&SyncIo)).unwrap();
+    let expect = read_all_before_incr(&full, &dir);
+    let root = dir.join("root");
+    std::fs::create_dir(&root).unwrap();
+    let dests = [root.join("a.img"), root.join("b.img")];
+    let (tx, rx) = std::sync::mpsc::channel();
+    let thread_dests = dests.clone();
+    std::thread::spawn(move || {
+        let io = common::Hooked { inner: SyncIo, hook: OneTurn };
+        let o = opts(false);
+        let start = |dest| receive_in(&io, Box::new(io::Cursor::new(full.clone())), None, dest, &o, Some(1 << 40), Hooks::default());
+        let mut rxs = [Box::pin(start(&thread_dests[0])), Box::pin(start(&thread_dests[1]))];
+        let mut results: [Option<Result<(), String>>; 2] = [None, None];
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut turns = 0u64;
+        while results.iter().any(Option::is_none) {
+            turns += 1;
+            for (rx, result) in rxs.iter_mut().zip(results.iter_mut()) {
+                if result.is_none() {
+                    if let std::task::Poll::Ready(r) = rx.as_mut().poll(&mut cx) {
+                        *result = Some(r.map(|_| ()).map_err(|e| e.to_string()));
+                    }
+                }
+            }
+        }
+        let _ = tx.send((results, turns));
+    });
+    let (results, turns) = rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("two receives on one thread did not finish: one waits for a lock the other holds across an await");
+    for r in results {
+        r.unwrap().unwrap();
+    }
+    assert!(turns > 10, "the receives hardly overlapped ({turns} turns)");
+    assert_eq!(names(&root), ["a.img", "b.img"]);
+    for dest in &dests {
+        assert_eq!(image_bytes(dest), expect, "{}", dest.display());
+    }
+}
