@@ -595,3 +595,96 @@ fn check_leaks(img: &Path) -> u64 {
     let report = block_on(check(&SyncIo, img, ublk_ploop::layers::Format::Ploop, false)).unwrap();
     report.leaked_clusters
 }
+
+#[test]
+fn repair_on_a_filesystem_without_holes_leaves_inner_leaks_and_cuts_the_tail() {
+    // Where punch_hole is refused, a leak inside the file cannot be given
+    // back; it is harmless (nothing points at it), so repair must report
+    // it and finish, not fail. A leaked tail is cut all the same.
+    use common::inject::{FailEvery, Injection, Kind};
+    let dir = TempDir::new("nopunch-repair");
+    let mut spec = good().with_cluster(900, 3, &pattern(900, CLUSTER as usize));
+    let data_off = spec.data_off();
+    // Slots 0, 1 and 3 are referenced; slot 2 and the tail (4, 5) are not.
+    for slot in [2, 4, 5] {
+        spec.data.push((data_off + slot * CLUSTER, pattern(slot, CLUSTER as usize)));
+    }
+    let img = make(&dir, "leaky.img", &spec);
+    assert_eq!(check_leaks(&img), 3, "the crafted image should show three leaked clusters");
+    let before = dir.join("before.raw");
+    ploop(["convert", p(&img), p(&before), "--to", "raw"]).ok();
+
+    // Counted first, then refused by the filesystem.
+    let io = Hooked { inner: Hooked { inner: SyncIo, hook: FailEvery(Kind::Punch, libc::EOPNOTSUPP) }, hook: Injection::new(None) };
+    let r = block_on(check(&io, &img, ublk_ploop::layers::Format::Ploop, true)).expect("check --repair failed without holes");
+    assert!(io.counts().punches > 0, "the repair never tried to punch: {r:?}");
+    assert_eq!(r.leaked_clusters, 1, "{r:?}");
+    assert_eq!(r.verdict(), Verdict::Leaks, "{r:?}");
+    assert!(r.repairs.iter().any(|x| x.contains("cut from the end")), "the tail was not cut: {r:?}");
+    assert!(!r.repairs.iter().any(|x| x.contains("released")), "claims a release that failed: {r:?}");
+    assert!(
+        r.not_repaired.iter().any(|x| x.starts_with("1 leaked cluster") && x.contains("cannot punch holes")),
+        "the leak left and its reason are not reported: {r:?}"
+    );
+    assert_eq!(fs::metadata(&img).unwrap().len(), data_off + 4 * CLUSTER, "the leaked tail is still there");
+    let after = dir.join("after.raw");
+    ploop(["convert", p(&img), p(&after), "--to", "raw"]).ok();
+    assert_files_equal(&after, &before);
+    // The reports agree with a fresh check: leaks only, exit 3.
+    assert_eq!(check_leaks(&img), 1);
+    ploop(["check", p(&img)]).expect_code(3);
+    if have_qemu() {
+        qemu_check_clean(&img);
+    }
+    // Where holes can be punched, the leak left behind goes too.
+    let r = block_on(check(&SyncIo, &img, ublk_ploop::layers::Format::Ploop, true)).unwrap();
+    assert!(r.not_repaired.is_empty(), "{r:?}");
+    assert_eq!(r.leaked_clusters, 0, "{r:?}");
+    let punched = dir.join("punched.raw");
+    ploop(["convert", p(&img), p(&punched), "--to", "raw"]).ok();
+    assert_files_equal(&punched, &before);
+}
+
+/// Counts the files the engine opens, by path.
+#[derive(Default)]
+struct CountOpens(std::cell::RefCell<Vec<PathBuf>>);
+
+impl common::hooked::Hook for CountOpens {
+    fn opening(&self, path: &Path, _: &ublk_ploop::io::OpenHow) {
+        self.0.borrow_mut().push(path.to_path_buf());
+    }
+}
+
+#[test]
+fn a_file_named_twice_in_a_stack_is_refused_untouched_and_each_layer_is_opened_once() {
+    let dir = TempDir::new("twice");
+    let a = make(&dir, "a.img", &good());
+    let b = make(&dir, "b.img", &ImageSpec::v2(SIZE, CLUSTER));
+    let link = dir.join("a-link.img");
+    fs::hard_link(&a, &link).unwrap();
+    let sym = dir.join("a-sym.img");
+    std::os::unix::fs::symlink(&a, &sym).unwrap();
+    let print = fingerprint(&a);
+    for read_only in [true, false] {
+        for stack in [[&a, &a], [&a, &link], [&link, &a], [&sym, &a]] {
+            let paths: Vec<PathBuf> = stack.iter().map(|p| p.to_path_buf()).collect();
+            let opts = StackOptions { read_only, direct: Direct::Off };
+            let e = match retry_busy(|| block_on(Stack::open(&SyncIo, &paths, &opts))) {
+                Ok(_) => panic!("{paths:?} (read-only {read_only}) opened"),
+                Err(e) => e,
+            };
+            assert!(e.to_string().contains("appears twice in the stack"), "{paths:?}: {e}");
+            assert_eq!(fingerprint(&a), print, "{paths:?} (read-only {read_only}): a refused stack changed the file");
+        }
+    }
+    // Two files: each is opened once, read-only or with a writable top.
+    for read_only in [true, false] {
+        let io = Hooked { inner: SyncIo, hook: CountOpens::default() };
+        let paths = vec![a.clone(), b.clone()];
+        let (stack, _) = retry_busy(|| block_on(Stack::open(&io, &paths, &StackOptions { read_only, direct: Direct::Off })))
+            .expect("two distinct files");
+        assert_eq!(*io.0.borrow(), paths, "read-only {read_only}: not one open per layer");
+        block_on(stack.close(&SyncIo)).unwrap();
+    }
+    assert_eq!(fingerprint(&a), print, "a lower layer changed");
+}

@@ -549,17 +549,7 @@ impl Driver {
     fn check_deltas(&mut self, paths: &[PathBuf], repair: bool, crashed: bool, unsure: Option<&Path>) -> Result<(), String> {
         for path in paths {
             let (io, p) = (self.io.clone(), path.clone());
-            let mut report = self.block_on("check", async move { check::check(&io, &p, Format::Ploop, repair).await })?;
-            if repair && self.cfg.faults.no_punch && report.as_ref().is_err_and(|e| e.errno() == libc::EOPNOTSUPP) {
-                // FINDING (reported, not yet fixed): check --repair releases
-                // leaked clusters with punch_hole and fails outright where
-                // the filesystem cannot punch, where the request path falls
-                // back. Counted, then checked without repair.
-                self.figures.findings += 1;
-                self.log(|| format!("finding: check --repair of {} fails without hole punching", path.display()));
-                let (io, p) = (self.io.clone(), path.clone());
-                report = self.block_on("check", async move { check::check(&io, &p, Format::Ploop, false).await })?;
-            }
+            let report = self.block_on("check", async move { check::check(&io, &p, Format::Ploop, repair).await })?;
             let report = match report {
                 Ok(r) => r,
                 Err(_) if Some(path.as_path()) == unsure => return Ok(()),
@@ -568,7 +558,27 @@ impl Driver {
             if Some(path.as_path()) == unsure && !report.header_errors.is_empty() {
                 continue;
             }
-            self.log(|| format!("check {}: unclean {}, leaked {}, repairs {:?}", path.display(), report.unclean, report.leaked_clusters, report.repairs));
+            self.log(|| {
+                format!(
+                    "check {}: unclean {}, leaked {}, repairs {:?}, not repaired {:?}",
+                    path.display(),
+                    report.unclean,
+                    report.leaked_clusters,
+                    report.repairs,
+                    report.not_repaired
+                )
+            });
+            // A repair gives back every leak, or says why it could not (a
+            // filesystem without hole punching).
+            if repair && report.leaked_clusters > 0 && report.not_repaired.is_empty() {
+                return Err(format!(
+                    "invariant 2 (check): step {}: {} keeps {} leaked clusters after a repair that reports nothing left undone: {:?}",
+                    self.step,
+                    path.display(),
+                    report.leaked_clusters,
+                    report.repairs
+                ));
+            }
             // A delta whose writeback failed keeps its in-use mark (closing
             // it clean would claim what may not be on disk): allowed after a
             // fault on that file, for the next open or check to settle.

@@ -470,8 +470,12 @@ fn print_check(r: &CheckReport) {
     for fix in &r.repairs {
         println!("  repaired: {fix}");
     }
+    for left in &r.not_repaired {
+        println!("  not repaired: {left}");
+    }
     let verdict = match (r.verdict(), &r.beyond_repair) {
         (Verdict::Clean, _) => "no errors".to_string(),
+        (Verdict::Leaks, _) if !r.not_repaired.is_empty() => "leaked space only; no data at risk".to_string(),
         (Verdict::Leaks, _) => "leaked space only; `check --repair` gives it back".to_string(),
         (Verdict::Corrupt, Some(why)) => format!("DAMAGED beyond automatic repair: {why}"),
         (Verdict::Corrupt, None) => "DAMAGED; `check --repair` fixes what it can".to_string(),

@@ -90,7 +90,12 @@ pub async fn detect_format<I: Io>(io: &I, path: &Path) -> Result<Format> {
 /// writer did not close it).
 pub async fn marked_in_use<I: Io>(io: &I, path: &Path) -> Result<bool> {
     let file = open_image_file_in(io, path, false, Direct::Off)?;
-    let name = path.display().to_string();
+    file_marked_in_use(io, &file).await
+}
+
+/// The same through a file already open.
+pub async fn file_marked_in_use<I: Io>(io: &I, file: &ImageFile) -> Result<bool> {
+    let name = file.path.display().to_string();
     let read = ploop::load::read_header(io, file.fd(), &name).await.map_err(|e| e.context(&name))?;
     Ok(read.header.in_use == header::IN_USE)
 }
@@ -109,8 +114,19 @@ impl Layer {
         Self::open_with(io, path, format, writable, direct, false).await
     }
 
+    /// Open a layer on a file already open (writable if the file is),
+    /// locked as `open` locks it.
+    pub async fn open_file<I: Io>(io: &I, file: ImageFile, format: Format, direct: Direct) -> Result<(Layer, OpenReport)> {
+        Self::from_file(io, file, format, direct, true).await
+    }
+
     async fn open_with<I: Io>(io: &I, path: &Path, format: Format, writable: bool, direct: Direct, locked: bool) -> Result<(Layer, OpenReport)> {
         let file = open_image_file_in(io, path, writable, direct)?;
+        Self::from_file(io, file, format, direct, locked).await
+    }
+
+    async fn from_file<I: Io>(io: &I, file: ImageFile, format: Format, direct: Direct, locked: bool) -> Result<(Layer, OpenReport)> {
+        let (path, writable) = (file.path.clone(), file.writable);
         if locked {
             lock(io, &file, writable)?;
         }
@@ -118,7 +134,7 @@ impl Layer {
             Format::Ploop => match PloopLayer::open(io, file, direct, locked).await {
                 Ok((l, r)) => Ok((Layer::Ploop(l), r)),
                 Err(e) if e.kind() == ErrorKind::NotPloop => {
-                    Err(not_ploop(io, path, e).await)
+                    Err(not_ploop(io, &path, e).await)
                 }
                 Err(e) => Err(e),
             },

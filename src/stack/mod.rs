@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 use crate::io::wait::{Exclusive, Gate, WaitList};
-use crate::io::{block_on, BufPool, Direct, Io};
+use crate::io::{block_on, open_image_file_in, BufPool, Direct, ImageFile, Io};
 use crate::layers::ploop::ext::DirtyBitmap;
 use crate::layers::ploop::header::DEFAULT_CLUSTER;
 use crate::layers::{Format, Layer, OpenReport};
@@ -148,25 +148,31 @@ impl Stack {
 
     /// Open layers of declared formats, bottom first; the last is the top.
     pub async fn open_layers<I: Io>(io: &I, specs: &[LayerSpec], opts: &StackOptions) -> Result<(Stack, Vec<OpenReport>)> {
-        let paths: Vec<PathBuf> = specs.iter().map(|s| s.path.clone()).collect();
-        if paths.is_empty() {
+        if specs.is_empty() {
             return Err(Error::invalid("a stack needs at least one image"));
         }
-        if paths.len() > MAX_DEPTH {
-            return Err(Error::invalid(format!("stack of {} layers exceeds the limit of {MAX_DEPTH}", paths.len())));
+        if specs.len() > MAX_DEPTH {
+            return Err(Error::invalid(format!("stack of {} layers exceeds the limit of {MAX_DEPTH}", specs.len())));
         }
-        reject_repeated_files(io, &paths)?;
-        let lowers = &paths[..paths.len() - 1];
-        let mut repaired = vec![false; paths.len()];
+        // Each file is opened once: the handles give the identities that
+        // refuse a file named twice, before anything is written.
+        let mut files = Vec::with_capacity(specs.len());
+        for (i, spec) in specs.iter().enumerate() {
+            let writable = !opts.read_only && i + 1 == specs.len();
+            files.push(open_image_file_in(io, &spec.path, writable, opts.direct)?);
+        }
+        reject_repeated_files(io, &files)?;
+        let lowers = specs.len() - 1;
+        let mut repaired = vec![false; specs.len()];
         if !opts.read_only {
             // A lower layer still marked in use was being closed by a
             // snapshot when the process died: open it read-write once (its
             // BAT is checked and its grown-ahead tail trimmed, as on any
             // unclean open) and close it, so it is clean before it serves
             // as a read-only layer.
-            for (i, spec) in specs[..lowers.len()].iter().enumerate() {
+            for (i, spec) in specs[..lowers].iter().enumerate() {
                 let path = &spec.path;
-                if spec.format == Format::Ploop && crate::layers::marked_in_use(io, path).await? {
+                if spec.format == Format::Ploop && crate::layers::file_marked_in_use(io, &files[i]).await? {
                     let (layer, _) = Layer::open(io, path, Format::Ploop, true, opts.direct).await?;
                     layer.close(io).await?;
                     tracing::warn!(image = %path.display(), "lower layer was left in use by a snapshot that did not finish; checked and closed");
@@ -174,12 +180,11 @@ impl Stack {
                 }
             }
         }
-        let mut layers = Vec::with_capacity(paths.len());
-        let mut reports = Vec::with_capacity(paths.len());
-        for (i, spec) in specs.iter().enumerate() {
-            let writable = !opts.read_only && i + 1 == paths.len();
-            let (layer, mut report) = Layer::open(io, &spec.path, spec.format, writable, opts.direct).await?;
-            report.was_in_use |= repaired[i];
+        let mut layers = Vec::with_capacity(specs.len());
+        let mut reports = Vec::with_capacity(specs.len());
+        for ((spec, file), was_repaired) in specs.iter().zip(files).zip(repaired) {
+            let (layer, mut report) = Layer::open_file(io, file, spec.format, opts.direct).await?;
+            report.was_in_use |= was_repaired;
             layers.push(Arc::new(layer));
             reports.push(report);
         }
@@ -427,15 +432,14 @@ fn owner_map(layers: &[Arc<Layer>], size: u64, cluster: u64) -> Box<[AtomicU8]> 
 }
 
 /// The same file twice in one stack would be both read-only and writable.
-/// Each name is opened to learn what file it leads to (through links), and
-/// closed again before any layer takes its lock.
-fn reject_repeated_files<I: Io>(io: &I, paths: &[PathBuf]) -> Result<()> {
+/// The open handles say what file each name leads to (through links), before
+/// any layer takes its lock.
+fn reject_repeated_files<I: Io>(io: &I, files: &[ImageFile]) -> Result<()> {
     let mut seen = std::collections::BTreeSet::new();
-    for path in paths {
-        let how = crate::io::OpenHow { block_ok: true, ..crate::io::OpenHow::read() };
-        let stat = io.open(path, &how).and_then(|h| io.fstat(h.fd())).map_err(|e| Error::io(e, path.display()))?;
+    for file in files {
+        let stat = io.fstat(file.fd()).map_err(|e| Error::io(e, file.path.display()))?;
         if !seen.insert((stat.dev, stat.ino)) {
-            return Err(Error::invalid(format!("{} appears twice in the stack", path.display())));
+            return Err(Error::invalid(format!("{} appears twice in the stack", file.path.display())));
         }
     }
     Ok(())

@@ -197,6 +197,10 @@ pub trait Hook {
         let _ = op;
         run.await
     }
+    /// Sees each open before it happens (to count them).
+    fn opening(&self, path: &Path, how: &OpenHow) {
+        let _ = (path, how);
+    }
 }
 
 /// No hook: the wrapped I/O as it is.
@@ -258,6 +262,7 @@ impl<B: Backend, H: Hook> Io for Hooked<B, H> {
         self.go(Call::ZeroFixed(buf)).await
     }
     fn open(&self, path: &Path, how: &OpenHow) -> io::Result<Handle> {
+        self.hook.opening(path, how);
         self.inner.plain().open(path, how)
     }
     fn dio_alignment(&self, fd: RawFd) -> u32 {

@@ -7,7 +7,7 @@ use std::ops::ControlFlow;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-use super::temporaries::{forget_in, registry, sync_parent, temp_beside};
+use super::temporaries::{registry, sync_parent, temp_beside};
 use super::{check_clean, parent_of, Hooks};
 use crate::disk::Disk;
 use crate::error::{Error, Result};
@@ -23,7 +23,7 @@ pub(super) async fn publish_delta<I: Io>(io: &I, delta: &Path, complete: &Path) 
             Some(libc::EEXIST) => Error::new(libc::EEXIST, format!("{}: another delta is waiting to be applied; refusing to replace it", complete.display())),
             _ => Error::io(e, format_args!("{} -> {}", delta.display(), complete.display())),
         })?;
-        forget_in(&mut reg, delta);
+        reg.forget(delta);
     }
     sync_parent(io, complete).await
 }

@@ -658,7 +658,7 @@ impl Made {
             Made::DiskDir { temp } => remove_temp(io, temp, true),
             Made::Delta { delta, .. } => {
                 // Checked, then let go: remove_temp takes the list again.
-                let ours = registry().iter().any(|t| &t.path == delta);
+                let ours = registry().holds(delta);
                 if ours {
                     remove_temp(io, delta, false);
                 }

@@ -19,37 +19,85 @@ pub(super) struct Temp {
     dir: bool,
 }
 
-/// What [`remove_temporaries`] removes. Held while a temporary is made and
-/// while one is put in place, so that a signal's cleanup sees each either
-/// before or after.
-static TEMPORARIES: Mutex<Vec<Temp>> = Mutex::new(Vec::new());
+/// What [`remove_temporaries`] removes, and the makings and placings under
+/// way, which it waits for, so that it sees each temporary either before
+/// or after (never made but not listed, nor half moved into place). The
+/// lock is only ever held for a moment, never across an await: two
+/// receives on one thread must not wait for each other.
+pub(super) struct Registry {
+    temps: Vec<Temp>,
+    busy: usize,
+    /// A signal's cleanup has begun: nothing new starts.
+    closing: bool,
+}
 
-pub(super) fn registry() -> MutexGuard<'static, Vec<Temp>> {
+impl Registry {
+    pub(super) fn forget(&mut self, path: &Path) {
+        self.temps.retain(|t| t.path != path);
+    }
+    pub(super) fn holds(&self, path: &Path) -> bool {
+        self.temps.iter().any(|t| t.path == path)
+    }
+}
+
+static TEMPORARIES: Mutex<Registry> = Mutex::new(Registry { temps: Vec::new(), busy: 0, closing: false });
+
+pub(super) fn registry() -> MutexGuard<'static, Registry> {
     TEMPORARIES.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-pub(super) fn forget_in(reg: &mut Vec<Temp>, path: &Path) {
-    reg.retain(|t| t.path != path);
+/// A making or placing under way; the cleanup waits until it ends.
+struct Busy;
+
+impl Busy {
+    fn start() -> Busy {
+        let mut reg = registry();
+        if reg.closing {
+            // The process is exiting once the cleanup is done: this
+            // receive goes no further.
+            drop(reg);
+            loop {
+                std::thread::park();
+            }
+        }
+        reg.busy += 1;
+        Busy
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        registry().busy -= 1;
+    }
 }
 
 /// Remember `path` (a file, or a directory with `dir`) for
 /// [`remove_temporaries`]: the command's own temporaries (a socket).
 pub fn register_temporary(path: &Path, dir: bool) {
-    registry().push(Temp { path: path.to_path_buf(), dir });
+    registry().temps.push(Temp { path: path.to_path_buf(), dir });
 }
 
 pub fn forget_temporary(path: &Path) {
-    forget_in(&mut registry(), path);
+    registry().forget(path);
 }
 
 /// Remove every temporary that a receive in this process made and has not
 /// put in place or removed yet, and return their names. For the handler
-/// of a terminating signal: the process must exit right after, and no
-/// receive in it gets any further (the list stays locked).
+/// of a terminating signal, on a thread of its own (it waits for the
+/// makings and placings under way): the process must exit right after,
+/// and no receive in it gets any further (the list stays locked).
 pub fn remove_temporaries() -> Vec<PathBuf> {
-    let mut reg = registry();
+    registry().closing = true;
+    let mut reg = loop {
+        let reg = registry();
+        if reg.busy == 0 {
+            break reg;
+        }
+        drop(reg);
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    };
     let mut gone = Vec::new();
-    for t in reg.drain(..).rev() {
+    for t in reg.temps.drain(..).rev() {
         let removed = if t.dir { remove_tree(&SyncIo, &t.path) } else { SyncIo.remove_file(&t.path) };
         if removed.is_ok() {
             gone.push(t.path);
@@ -88,22 +136,15 @@ fn random_suffix() -> String {
 
 /// Make a temporary `BASE.TAG.XXXXXX` beside `base` with `make`, which
 /// must refuse an existing name (O_EXCL, mkdir) with EEXIST; it is listed
-/// for removal on a signal.
-///
-/// The list stays locked across `make`'s awaits, as it must (see
-/// TEMPORARIES): on `SyncIo` they are ready at once, and a simulation runs
-/// one receive at a time (a second one in the same thread would wait for
-/// the lock forever).
-#[allow(clippy::await_holding_lock)]
+/// for removal on a signal (which waits for the making to end).
 pub(super) async fn make_temp<T, F: Future<Output = Result<T>>>(base: &Path, tag: &str, dir: bool, mut make: impl FnMut(PathBuf) -> F) -> Result<(PathBuf, T)> {
     for _ in 0..32 {
         let path = temp_beside(base, &format!(".{tag}.{}", random_suffix()));
-        // Held across the making (see TEMPORARIES); only this receive's
-        // task touches the list meanwhile.
-        let mut reg = registry();
+        let busy = Busy::start();
         match make(path.clone()).await {
             Ok(made) => {
-                reg.push(Temp { path: path.clone(), dir });
+                registry().temps.push(Temp { path: path.clone(), dir });
+                drop(busy);
                 return Ok((path, made));
             }
             Err(e) if e.errno() == libc::EEXIST => continue,
@@ -117,7 +158,7 @@ pub(super) async fn make_temp<T, F: Future<Output = Result<T>>>(base: &Path, tag
 pub(super) fn remove_temp<I: Io>(io: &I, path: &Path, dir: bool) {
     let mut reg = registry();
     let _ = if dir { remove_tree(io, path) } else { io.remove_file(path) };
-    forget_in(&mut reg, path);
+    reg.forget(path);
 }
 
 /// An empty file `.NAME.receiving` beside the destination, flocked while a
@@ -210,11 +251,10 @@ pub(super) fn temp_beside(dest: &Path, suffix: &str) -> PathBuf {
 
 /// Put the finished temporary in place and make that durable: never over
 /// anything (but the empty directory named as the destination), so that a
-/// destination that appeared meanwhile is refused, not replaced. The list
-/// stays locked across the rename, as in [`make_temp`].
-#[allow(clippy::await_holding_lock)]
+/// destination that appeared meanwhile is refused, not replaced. A signal's
+/// cleanup waits for the move, as for a making (see [`Registry`]).
 pub(super) async fn place<I: Io>(io: &I, temp: &Path, dest: &Path) -> Result<()> {
-    let mut reg = registry();
+    let busy = Busy::start();
     let temp_is_dir = matches!(io.stat(temp), Ok(Some(st)) if st.kind == FileKind::Dir);
     let placed = if temp_is_dir && is_empty_dir(io, dest) {
         // rename(2) replaces a directory only if it is empty.
@@ -231,7 +271,7 @@ pub(super) async fn place<I: Io>(io: &I, temp: &Path, dest: &Path) -> Result<()>
             _ => Error::io(e, format_args!("{} -> {}", temp.display(), dest.display())),
         });
     }
-    forget_in(&mut reg, temp);
-    drop(reg);
+    registry().forget(temp);
+    drop(busy);
     sync_parent(io, dest).await
 }

@@ -49,6 +49,10 @@ pub struct CheckReport {
     pub dirty_bitmaps: Option<usize>,
     /// What --repair did.
     pub repairs: Vec<String>,
+    /// What --repair left undone, and why (space it could not give back:
+    /// the image is sound, the space stays leaked).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_repaired: Vec<String>,
     /// Damage that --repair cannot mend (the header itself), and what to
     /// do instead.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -89,10 +93,12 @@ impl CheckReport {
 /// Refuses an image another process has open for writing.
 pub async fn check<I: Io>(io: &I, path: &Path, format: Format, repair: bool) -> Result<CheckReport> {
     let mut report = check_with(io, path, format, repair, true).await?;
-    if repair && !report.repairs.is_empty() {
+    if repair && !(report.repairs.is_empty() && report.not_repaired.is_empty()) {
         let repairs = std::mem::take(&mut report.repairs);
+        let not_repaired = std::mem::take(&mut report.not_repaired);
         report = check_with(io, path, format, false, false).await?;
         report.repairs = repairs;
+        report.not_repaired = not_repaired;
     }
     Ok(report)
 }
@@ -131,6 +137,7 @@ async fn check_with<I: Io>(io: &I, path: &Path, format: Format, repair: bool, ta
         extension_clusters: None,
         dirty_bitmaps: None,
         repairs: vec![],
+        not_repaired: vec![],
         beyond_repair: None,
     };
     if format == Format::Raw {
@@ -202,6 +209,7 @@ async fn check_with<I: Io>(io: &I, path: &Path, format: Format, repair: bool, ta
     let mut end = header.data_off_bytes() + file_size.saturating_sub(header.data_off_bytes()).next_multiple_of(cluster);
     let mut buf = vec![0u8; cluster as usize];
     let mut repairs = vec![];
+    let mut not_repaired = vec![];
     // Only the entries that change are kept and rewritten, never the table.
     let mut changes: Vec<(u32, u32)> = Vec::with_capacity(scan.bad.len());
     for bad in &scan.bad {
@@ -249,13 +257,23 @@ async fn check_with<I: Io>(io: &I, path: &Path, format: Format, repair: bool, ta
     if let (Some(ext), true) = (&extension, keep_extension) {
         claim_extension(&header, ext, &mut rescan)?;
     }
+    // Nothing points at these clusters any more, so a punch that fails
+    // (a filesystem without holes) loses nothing: they stay leaked, are
+    // reported, and the rest of the repair goes on.
     let data_off = header.data_off_bytes();
+    let leaked: Vec<u64> = rescan.unreferenced_inside(data_off, cluster).filter(|&at| !is_hole(io, fd, at, cluster)).collect();
     let mut punched = 0;
-    for at in rescan.unreferenced_inside(data_off, cluster) {
-        if !is_hole(io, fd, at, cluster) {
-            io.punch_hole(fd, at, cluster).await.map_err(io_err)?;
-            punched += 1;
+    for &at in &leaked {
+        if let Err(e) = io.punch_hole(fd, at, cluster).await {
+            let left = leaked.len() - punched;
+            let why = match e.raw_os_error() {
+                Some(libc::EOPNOTSUPP) => "the filesystem cannot punch holes",
+                _ => "punching a hole failed",
+            };
+            not_repaired.push(format!("{left} leaked clusters inside the file not released: {why} ({e})"));
+            break;
         }
+        punched += 1;
     }
     if punched > 0 {
         repairs.push(format!("{punched} leaked clusters inside the file released"));
@@ -266,6 +284,7 @@ async fn check_with<I: Io>(io: &I, path: &Path, format: Format, repair: bool, ta
     }
     io.sync_data(fd).await.map_err(io_err)?;
     report.repairs = repairs;
+    report.not_repaired = not_repaired;
     Ok(report)
 }
 
