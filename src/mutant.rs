@@ -17,6 +17,12 @@
 //!   first round reads the disk.
 //! - `compact-sync`: compaction syncs the clusters it copied before the
 //!   table points at their new places.
+//!
+//! And a fixed bug brought back, to show the simulation finds it from a
+//! random seed:
+//! - `merge-recheck`: a top merge ends by checking, with requests held,
+//!   that no cluster fell back to the parent after a failed BAT write
+//!   (the data-loss issue's item 2); the mutant returns after one pass.
 
 const MUTANT: Option<&str> = option_env!("UBLK_PLOOP_MUTANT");
 
@@ -43,7 +49,7 @@ const fn eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// The names a build may switch off (a script runs each in turn).
-pub const RULES: [&str; 5] = ["copy-up-sync", "store-before-swap", "merge-final-sync", "attach-before-round", "compact-sync"];
+pub const RULES: [&str; 6] = ["copy-up-sync", "store-before-swap", "merge-final-sync", "attach-before-round", "compact-sync", "merge-recheck"];
 
 /// Refuse a mutant name that no rule has: a typo would otherwise build
 /// an intact engine and "prove" nothing.

@@ -47,6 +47,20 @@ const REGRESSION_SEEDS: &[u64] = &[
     // allocated: the model allowed its zeros only once the discard ended
     // (a model defect; the engine was right, the two are unordered).
     1688,
+    // An injected EIO reopening the top after an online grow left the
+    // stack without its top but its owner map naming it: a read panicked.
+    19,
+    // The directory sync after the descriptor's rename failed; the
+    // snapshot removed its new top, which the renamed descriptor named.
+    576,
+    // The same for a lower merge's final store: the descriptor on disk
+    // was not the daemon's.
+    385,
+    // A former top whose close failed kept its exclusive lock until the
+    // device stopped: a later merge into it was refused as "in use".
+    401,
+    // A delta whose writeback failed keeps its in-use mark (a model rule).
+    1434,
 ];
 
 /// A run ends early, passing, when the reopen finds the filesystem full.
