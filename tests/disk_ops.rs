@@ -8,16 +8,17 @@
 
 mod common;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-use common::inject::{Fault, Injector, Kind};
+use common::inject::{Fault, Injector, Kind, Trap};
 use common::stripes::{expected, pattern, verify, Geometry, Owner, Rng};
-use common::{assert_ploop_clean, for_each_seed, quiesced, retry_busy, TempDir};
+use common::{assert_ploop_clean, for_each_seed, ploop_check, quiesced, retry_busy, TempDir};
 use ublk_ploop::disk::ops::{self, Deleted};
 use ublk_ploop::disk::{Disk, Guid, TOP_GUID};
+use ublk_ploop::error::ErrorKind;
 use ublk_ploop::io::{block_on, AlignedBuf, Io, SyncIo};
 use ublk_ploop::{Stack, StackOptions};
 
@@ -379,4 +380,159 @@ fn a_snapshot_after_merging_the_top_into_the_base_locks_the_new_base() {
     assert!(read_all(&stack) == model, "the disk after merge + snapshot does not show its data");
     drop(stack);
     check_files(&disk, "merge then snapshot");
+}
+
+// ---------------------------------------------------------------------------
+// Faults the simulation found, each at its one place.
+
+/// A 12-cluster disk whose base is full of data, served: the directory, the
+/// disk, its stack and its content.
+fn served(tag: &str) -> (TempDir, Disk, Stack, Vec<u8>) {
+    let g = Geometry { cluster: 64 << 10, clusters: 12, stripe: 16 << 10 };
+    let dir = TempDir::new(tag);
+    let (disk, model) = full_disk(&dir.join("ct"), &g);
+    let stack = open(&disk, None, false);
+    (dir, disk, stack, model)
+}
+
+/// Write `len` bytes of pattern `seed` at `off`, in the model too.
+fn write_at(stack: &Stack, model: &mut [u8], seed: u64, off: u64, len: usize) {
+    let data = pattern(seed, off, len);
+    block_on(stack.write(&SyncIo, off, &data)).unwrap();
+    model[off as usize..off as usize + len].copy_from_slice(&data);
+}
+
+/// The files in a directory, but for ploop's lock file (which the first
+/// operation creates and nothing removes).
+fn files_in(dir: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".lck"))
+        .collect()
+}
+
+/// The descriptor on disk names only files that exist.
+fn assert_named_files_exist(dir: &Path, ctx: &str) {
+    let disk = Disk::load(dir).unwrap_or_else(|e| panic!("{ctx}: the descriptor on disk does not load: {e}"));
+    for img in &disk.desc.images {
+        assert!(disk.file_path(img).exists(), "{ctx}: the descriptor on disk names {}, which is gone", img.file);
+    }
+}
+
+#[test]
+fn a_snapshot_whose_descriptor_sync_fails_after_the_rename_puts_the_old_descriptor_back() {
+    // The new descriptor is renamed into place, then the directory's sync
+    // fails: the snapshot fails and removes its new top, so the descriptor
+    // on disk must be the old one again, not one naming a removed file.
+    let (_dir, mut disk, stack, model) = served("diskops-syncdir");
+    let xml = disk.xml_path();
+    let old_xml = std::fs::read(&xml).unwrap();
+    let files = files_in(&disk.dir);
+    let chain = stack.paths();
+    let io = Trap::new(Kind::SyncDir).after(Kind::Rename).io();
+    let err = quiesced(|| block_on(ops::snapshot(&io, &stack, &mut disk, None))).err().expect("the snapshot succeeded although its descriptor's directory sync failed");
+    assert_eq!(io.failed(), 1, "the trap did not fire ({err})");
+    assert!(std::fs::read(&xml).unwrap() == old_xml, "after {err}: the descriptor on disk is not the old one");
+    assert_named_files_exist(&disk.dir, "after the failed snapshot");
+    assert_eq!(files_in(&disk.dir), files, "after {err}: a new top or a temporary descriptor was left");
+    assert_eq!(stack.paths(), chain, "the stack changed");
+    let reloaded = Disk::load(&disk.dir).unwrap();
+    let named: Vec<PathBuf> = reloaded.layers(None).unwrap().into_iter().map(|l| l.path).collect();
+    assert_eq!(named, chain, "the descriptor on disk does not name the chain served");
+    // The next snapshot goes through, and the disk keeps its data.
+    let snap = quiesced(|| block_on(ops::snapshot(&SyncIo, &stack, &mut disk, None))).unwrap_or_else(|e| panic!("the snapshot after the failed one: {e}"));
+    assert!(read_all(&stack) == model, "the served disk lost its data");
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    let disk = Disk::load(&disk.dir).unwrap();
+    assert_eq!(disk.desc.images.len(), 2, "one snapshot taken");
+    assert!(disk.desc.shot(snap.guid).is_some());
+    let again = open(&disk, None, true);
+    assert!(read_all(&again) == model, "the disk reopened from its descriptor lost its data");
+    drop(again);
+    check_files(&disk, "after a failed then a good snapshot");
+}
+
+#[test]
+fn a_snapshot_that_cannot_put_the_old_descriptor_back_keeps_its_new_top() {
+    // The directory sync fails after the rename and again after putting
+    // the old descriptor back: either may be on disk, so the new top,
+    // which the new one names, must stay.
+    let (_dir, mut disk, stack, model) = served("diskops-syncdir2");
+    let files = files_in(&disk.dir);
+    let io = Trap::new(Kind::SyncDir).after(Kind::Rename).fail(2).io();
+    let err = quiesced(|| block_on(ops::snapshot(&io, &stack, &mut disk, None))).err().expect("the snapshot succeeded although every directory sync failed");
+    assert_eq!(io.failed(), 2, "the old descriptor was not put back ({err})");
+    assert_eq!(err.kind(), ErrorKind::DescriptorUncertain, "{err}");
+    let added: Vec<String> = files_in(&disk.dir).difference(&files).cloned().collect();
+    assert_eq!(added.len(), 1, "the new top was not kept (or more was left): {added:?}");
+    assert_named_files_exist(&disk.dir, "after the double failure");
+    assert!(read_all(&stack) == model, "the served disk lost its data");
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    // The new top, as a descriptor naming it would serve it: empty.
+    let top = disk.dir.join(&added[0]);
+    let report = ploop_check(&top, false, "the kept new top");
+    assert_eq!(report.allocated_clusters, 0, "the kept new top holds data: {report:?}");
+}
+
+#[test]
+fn a_former_top_whose_close_failed_is_closed_before_the_next_operation() {
+    // A snapshot swaps in its new top, then closing the former top fails
+    // (a transient EIO while it gives back its grown-ahead space). The
+    // snapshot stands; the former top keeps its exclusive lock until it
+    // is closed again, which the next operation does first, so that a
+    // lower merge into it goes through and it ends clean.
+    let (_dir, mut disk, stack, mut model) = served("diskops-retire");
+    let former = disk.file_path(disk.desc.image(disk.desc.top).unwrap());
+    let io = Trap::new(Kind::Truncate).on(&former).io();
+    let err = quiesced(|| block_on(ops::snapshot(&io, &stack, &mut disk, None))).err().expect("the snapshot succeeded although closing the former top failed");
+    assert_eq!(io.failed(), 1, "the trap did not fire ({err})");
+    assert!(err.to_string().contains("closing the frozen layer"), "not the close that failed: {err}");
+    let frozen = disk.desc.shot(disk.desc.top).unwrap().parent;
+    assert_eq!(disk.desc.image(frozen).map(|i| disk.file_path(i)), Some(former.clone()), "the snapshot did not stand");
+    // A child of the former top below the top: new data, snapshotted.
+    write_at(&stack, &mut model, 11, 2 << 16, 3 << 16);
+    let child = quiesced(|| block_on(ops::snapshot(&SyncIo, &stack, &mut disk, None))).unwrap_or_else(|e| panic!("the next snapshot: {e}")).guid;
+    assert_eq!(disk.desc.shot(child).unwrap().parent, frozen);
+    let merged = quiesced(|| block_on(ops::merge(&SyncIo, &stack, &mut disk, Some(child), &|_, _| {})))
+        .unwrap_or_else(|e| panic!("merging into the former top: {e}"));
+    assert_eq!(merged.parent, frozen);
+    assert!(read_all(&stack) == model, "the served disk after the merge");
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    let report = ploop_check(&former, false, "the former top");
+    assert!(!report.unclean, "the former top is still marked in use after a clean stop: {report:?}");
+    let disk = Disk::load(&disk.dir).unwrap();
+    let again = open(&disk, None, true);
+    assert!(read_all(&again) == model, "the disk reopened from its descriptor lost its data");
+    drop(again);
+    check_files(&disk, "after the retried close and the merge");
+}
+
+#[test]
+fn a_lower_merge_failing_midway_leaves_its_parent_closed() {
+    // A lower delta is copied into its parent's file through a writable
+    // opening of it, which marks it in use; a read of the child fails in
+    // the second batch. That opening must be closed: after a clean stop
+    // the parent carries no in-use mark.
+    let (_dir, mut disk, stack, mut model) = served("diskops-copyfail");
+    quiesced(|| block_on(ops::snapshot(&SyncIo, &stack, &mut disk, None))).unwrap();
+    // The child holds every cluster: more than one batch (8) to copy.
+    write_at(&stack, &mut model, 12, 0, 12 << 16);
+    quiesced(|| block_on(ops::snapshot(&SyncIo, &stack, &mut disk, None))).unwrap();
+    let child = disk.desc.shot(disk.desc.top).unwrap().parent;
+    let parent = disk.desc.shot(child).unwrap().parent;
+    let cpath = disk.file_path(disk.desc.image(child).unwrap());
+    let ppath = disk.file_path(disk.desc.image(parent).unwrap());
+    let io = Trap::new(Kind::Read).on(&cpath).skip(9).io();
+    let err = quiesced(|| block_on(ops::merge(&io, &stack, &mut disk, Some(child), &|_, _| {}))).err().expect("the merge succeeded although reading its child failed");
+    assert_eq!(io.failed(), 1, "the trap did not fire ({err})");
+    assert!(err.to_string().contains(&*cpath.to_string_lossy()), "not the child's read that failed: {err}");
+    assert!(read_all(&stack) == model, "the served disk after the failed merge");
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    let report = ploop_check(&ppath, false, "the parent of the failed merge");
+    assert!(!report.unclean, "the parent of a failed merge is still marked in use after a clean stop: {report:?}");
 }

@@ -7,7 +7,7 @@ mod common;
 
 use std::path::Path;
 
-use common::inject::{Cut, Fault, Injector, Kind};
+use common::inject::{Cut, Fault, Injector, Kind, Trap};
 use common::{assert_ploop_clean as assert_clean, assert_undamaged, have_qemu, pattern, qemu_compare_raw, retry_busy, TempDir};
 use ublk_ploop::disk::Disk;
 use ublk_ploop::io::{block_on, AlignedBuf, SyncIo};
@@ -280,4 +280,69 @@ fn merging_a_grown_child_into_its_smaller_parent_grows_the_parent() {
     for img in &disk.desc.images {
         assert_clean(&disk.file_path(img), "after merging a grown child");
     }
+}
+
+/// A served stack of a base with data and a top holding other data in
+/// cluster 2 (which the base holds too); the top's path and the model.
+fn base_and_top(dir: &TempDir) -> (Stack, std::path::PathBuf, Vec<u8>) {
+    let (base, mut model) = image_with_data(dir);
+    let top = dir.join("top.hdd");
+    block_on(PloopLayer::create(&SyncIo, &top, 16 << 20, CL)).unwrap();
+    let stack = block_on(Stack::open(&SyncIo, &[base, top.clone()], &StackOptions::default())).unwrap().0;
+    let d = pattern(7, CL as usize);
+    write(&stack, 2 * CL, &d);
+    model[2 * CL as usize..3 * CL as usize].copy_from_slice(&d);
+    (stack, top, model)
+}
+
+/// The reads of the top's header an online grow issues (the resize's,
+/// then the reopen's, which is the last).
+fn header_reads_of_a_grow() -> u64 {
+    let dir = TempDir::new("resize-reopen-count");
+    let (stack, top, _) = base_and_top(&dir);
+    let io = Trap::new(Kind::Read).on(&top).at(0).fail(0).io();
+    block_on(stack.grow_top(&io, 64 << 20)).unwrap();
+    close(stack);
+    io.seen()
+}
+
+#[test]
+fn a_top_that_will_not_reopen_after_a_grow_fails_every_request() {
+    // The top is closed for the grow; opening it again fails every time.
+    // The stack must refuse reads and writes from then on: not panic on
+    // an owner map naming the missing top, nor show the base's data.
+    let reads = header_reads_of_a_grow();
+    let dir = TempDir::new("resize-reopen-fails");
+    let (stack, top, _) = base_and_top(&dir);
+    let io = Trap::new(Kind::Read).on(&top).at(0).skip(reads - 1).fail(u64::MAX).io();
+    let err = block_on(stack.grow_top(&io, 64 << 20)).err().expect("the grow succeeded although the top did not reopen");
+    assert!(err.to_string().contains("reopening the top"), "{err}");
+    assert_eq!(io.failed(), 3, "the reopen was not tried three times ({err})");
+    let mut b = AlignedBuf::zeroed(CL as usize);
+    for at in [2 * CL, 0] {
+        let e = block_on(stack.read(&SyncIo, at, &mut b)).err().unwrap_or_else(|| panic!("a read at {at} without the top succeeded"));
+        assert_eq!(e.errno(), libc::ESHUTDOWN, "read at {at}: {e}");
+    }
+    let e = block_on(stack.write(&SyncIo, 2 * CL, &b)).err().expect("a write without the top succeeded");
+    assert_eq!(e.errno(), libc::ESHUTDOWN, "write: {e}");
+}
+
+#[test]
+fn a_top_that_reopens_on_the_second_try_keeps_the_grow() {
+    let reads = header_reads_of_a_grow();
+    let dir = TempDir::new("resize-reopen-retry");
+    let (stack, top, mut model) = base_and_top(&dir);
+    let io = Trap::new(Kind::Read).on(&top).at(0).skip(reads - 1).io();
+    let done = block_on(stack.grow_top(&io, 64 << 20)).unwrap_or_else(|e| panic!("a grow whose reopen failed once: {e}"));
+    assert_eq!(io.failed(), 1);
+    assert_eq!((done.new_size, stack.size()), (64 << 20, 64 << 20));
+    model.resize(64 << 20, 0);
+    let e = pattern(9, CL as usize);
+    write(&stack, 40 << 20, &e);
+    model[40 << 20..(40 << 20) + CL as usize].copy_from_slice(&e);
+    let mut got = AlignedBuf::zeroed(64 << 20);
+    block_on(stack.read(&SyncIo, 0, &mut got)).unwrap();
+    assert!(got[..] == model[..], "the grown disk's bytes after the retried reopen");
+    close(stack);
+    assert_clean(&top, "a top reopened on the second try");
 }

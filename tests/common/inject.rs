@@ -252,3 +252,103 @@ impl Hook for FailEvery {
         run.await
     }
 }
+
+/// Fails (EIO) chosen operations of one kind, for a test that needs one
+/// exact failure where a sweep would be blind: optionally only those on
+/// one file (`on`) or at one offset (`at`), and only once an operation of
+/// another kind has run (`after`, e.g. the descriptor's rename). Of the
+/// matching operations the first `skip` run, the next `fail` fail, the
+/// rest run. `seen` counts the matching ones, so that a reference run
+/// tells how many to skip.
+pub struct Trap {
+    kind: Kind,
+    on: Option<PathBuf>,
+    at: Option<u64>,
+    after: Option<Kind>,
+    skip: u64,
+    fail: u64,
+    armed: std::cell::Cell<bool>,
+    seen: std::cell::Cell<u64>,
+    failed: std::cell::Cell<u64>,
+}
+
+/// Syscall I/O under a [`Trap`].
+pub type Trapped = Hooked<SyncIo, Trap>;
+
+impl Trap {
+    /// Fails the first operation of `kind`, once.
+    pub fn new(kind: Kind) -> Trap {
+        Trap {
+            kind,
+            on: None,
+            at: None,
+            after: None,
+            skip: 0,
+            fail: 1,
+            armed: std::cell::Cell::new(true),
+            seen: std::cell::Cell::new(0),
+            failed: std::cell::Cell::new(0),
+        }
+    }
+    /// Only operations on the file at `path` (which must exist now).
+    pub fn on(mut self, path: &std::path::Path) -> Trap {
+        self.on = Some(fs::canonicalize(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())));
+        self
+    }
+    /// Only operations at byte `offset` (0: a header read).
+    pub fn at(mut self, offset: u64) -> Trap {
+        self.at = Some(offset);
+        self
+    }
+    /// Only once an operation of `kind` has run (ended, either way).
+    pub fn after(mut self, kind: Kind) -> Trap {
+        self.after = Some(kind);
+        self.armed.set(false);
+        self
+    }
+    pub fn skip(mut self, n: u64) -> Trap {
+        self.skip = n;
+        self
+    }
+    /// How many to fail (u64::MAX: every one from then on).
+    pub fn fail(mut self, n: u64) -> Trap {
+        self.fail = n;
+        self
+    }
+    /// Syscall I/O under this trap.
+    pub fn io(self) -> Trapped {
+        Hooked { inner: SyncIo, hook: self }
+    }
+    /// The matching operations so far (failed ones included).
+    pub fn seen(&self) -> u64 {
+        self.seen.get()
+    }
+    pub fn failed(&self) -> u64 {
+        self.failed.get()
+    }
+
+    fn matches(&self, op: &Op) -> bool {
+        op.kind == self.kind
+            && self.armed.get()
+            && self.at.map_or(true, |at| at == op.offset)
+            && self.on.as_ref().map_or(true, |p| op.fd >= 0 && fd_path(op.fd) == *p)
+    }
+}
+
+impl Hook for Trap {
+    async fn around(&self, op: Op, run: impl Future<Output = io::Result<()>>) -> io::Result<()> {
+        if self.matches(&op) {
+            let index = self.seen.get();
+            self.seen.set(index + 1);
+            if index >= self.skip && index - self.skip < self.fail {
+                self.failed.set(self.failed.get() + 1);
+                return Err(eio());
+            }
+        }
+        let result = run.await;
+        if Some(op.kind) == self.after {
+            self.armed.set(true);
+        }
+        result
+    }
+}
