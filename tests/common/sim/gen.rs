@@ -156,14 +156,30 @@ fn operations(cfg: &Config, rng: &mut Rng) -> Vec<WorkOp> {
                 WorkOp::Run(1 + rng.below(most))
             }
             // The disk directory's online operations.
-            890..=909 => match rng.below(12) {
-                0..=3 => WorkOp::Merge { pick: rng.below(256) as u8 },
-                4..=5 => WorkOp::Delete { pick: rng.below(256) as u8 },
-                6..=7 => WorkOp::QuietSnapshot,
-                8..=9 => WorkOp::Switch { pick: rng.below(256) as u8 },
-                10 => WorkOp::Grow { clusters: 1 + rng.below(clusters) },
-                _ => WorkOp::Compact { step: 1 + rng.below(16) },
-            },
+            890..=909 => {
+                let op = match rng.below(12) {
+                    0..=3 => WorkOp::Merge { pick: rng.below(256) as u8 },
+                    4..=5 => WorkOp::Delete { pick: rng.below(256) as u8 },
+                    6..=7 => WorkOp::QuietSnapshot,
+                    8..=9 => WorkOp::Switch { pick: rng.below(256) as u8 },
+                    10 => WorkOp::Grow { clusters: 1 + rng.below(clusters) },
+                    _ => WorkOp::Compact { step: 1 + rng.below(16) },
+                };
+                // Often a crash right inside it: the operation's own
+                // ordering is what a cut then tests.
+                if crash_rate > 0 && rng.chance(30) {
+                    ops.push(op);
+                    let most = if rng.chance(50) { 40 } else { 200 };
+                    let after = rng.below(most);
+                    if rng.chance(60) {
+                        WorkOp::PowerCut { after, repair: rng.chance(25) }
+                    } else {
+                        WorkOp::Kill { after, repair: rng.chance(25) }
+                    }
+                } else {
+                    op
+                }
+            }
             910..=929 => WorkOp::Settle,
             930..=949 => WorkOp::Snapshot,
             // A whole read-back is the costliest step: rare.
