@@ -15,6 +15,8 @@
 
 #[path = "common/sim/mod.rs"]
 mod sim;
+#[path = "sim_parts/backup.rs"]
+mod backup;
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
@@ -65,6 +67,7 @@ struct Figures {
     /// Known engine findings met (see the FINDING comments).
     findings: u64,
     trace_hash: u64,
+    backup: backup::BackupFigures,
 }
 
 /// What a request's task reports when it ends.
@@ -84,6 +87,8 @@ struct Pending {
     /// The world's completed-op count when it was issued: a fault after it
     /// may be what failed it.
     issued_ops: u64,
+    /// A change (write, write-zeroes, discard): the trackers must mark it.
+    change: Option<backup::Change>,
 }
 
 struct SnapshotInFlight {
@@ -137,6 +142,8 @@ struct Driver {
     next_layer: usize,
     queues: Vec<Vec<Pending>>,
     snapshot: Option<SnapshotInFlight>,
+    /// Backups, the record of changes, trackers (invariants 5, 6).
+    bk: backup::Backups,
     /// The world's op count at the last (re)open: a failed sync since then
     /// is remembered by the open layers (`SyncGroup`), so later syncs owe
     /// an error.
@@ -178,6 +185,7 @@ impl Driver {
             next_layer: 0,
             queues,
             snapshot: None,
+            bk: backup::Backups::default(),
             opened_ops: 0,
             block: 512,
             step: 0,
@@ -239,7 +247,7 @@ impl Driver {
         self.stack = Some(Rc::new(stack));
         self.opened_ops = self.sim.ops_completed();
         self.figures.reopens += 1;
-        Ok(())
+        self.backup_reopened()
     }
 
     /// Was an error owed (invariant 7)? ENOSPC always is; otherwise a
@@ -283,7 +291,11 @@ impl Driver {
                     continue;
                 }
                 let p = self.queues[q].swap_remove(i);
-                match p.joined.take().unwrap() {
+                let outcome = p.joined.take().unwrap();
+                if !matches!(outcome, Outcome::Mismatch(_)) {
+                    self.change_done(&p)?;
+                }
+                match outcome {
                     Outcome::Done => {}
                     Outcome::Mismatch(m) => return Err(format!("{m} ({} issued at step {})", p.what, p.step)),
                     Outcome::Failed(errno, msg) => {
@@ -302,7 +314,8 @@ impl Driver {
                 }
             }
         }
-        self.reap_snapshot()
+        self.reap_snapshot()?;
+        self.reap_backup()
     }
 
     fn reap_snapshot(&mut self) -> Result<(), String> {
@@ -335,13 +348,13 @@ impl Driver {
     fn settle(&mut self) -> Result<(), String> {
         self.sim.run().map_err(|e| sim_error(e, self.step))?;
         self.reap()?;
-        assert!(self.queues.iter().all(Vec::is_empty) && self.snapshot.is_none(), "settled with work left");
+        assert!(self.queues.iter().all(Vec::is_empty) && self.snapshot.is_none() && !self.bk.busy(), "settled with work left");
         Ok(())
     }
 
     /// Issue a request on `queue` once it has room.
     fn request(&mut self, queue: usize, op: &WorkOp) -> Result<(), String> {
-        while self.queues[queue].len() >= self.cfg.depth {
+        while self.queues[queue].len() >= self.cfg.depth || self.held_by_freeze(op) {
             self.run_for(1)?;
         }
         let stack = self.stack();
@@ -403,12 +416,14 @@ impl Driver {
             _ => unreachable!("not a request: {op:?}"),
         };
         self.log(|| format!("queue {queue}: {what}"));
-        self.queues[queue].push(Pending { joined, what, step: self.step, issued_ops });
+        let change = self.bk.change(op, self.aligned_op(op));
+        self.queues[queue].push(Pending { joined, what, step: self.step, issued_ops, change });
         Ok(())
     }
 
     fn snapshot(&mut self) -> Result<(), String> {
-        if self.snapshot.is_some() || self.paths.len() >= gen::MAX_LAYERS {
+        // One job at a time: refused while a backup runs, as the daemon does.
+        if self.snapshot.is_some() || self.bk.busy() || self.paths.len() >= gen::MAX_LAYERS {
             return Ok(());
         }
         let path = self.new_layer_path();
@@ -438,6 +453,7 @@ impl Driver {
         // A snapshot caught in flight may or may not have made its delta
         // the top: the reopen decides.
         let new_top = self.snapshot.take().map(|s| s.path);
+        self.bk.crashed();
         for q in &mut self.queues {
             q.clear();
         }
@@ -617,6 +633,10 @@ impl Driver {
                 self.sim.set_faults_enabled(true);
                 r
             }
+            WorkOp::Backup { .. } => self.backup(op),
+            WorkOp::TrackStart => self.track_start(),
+            WorkOp::TrackDrain => self.track_drain(),
+            WorkOp::TrackStop => self.track_stop(),
         }
     }
 
@@ -690,6 +710,7 @@ fn run_seed(seed: u64) -> Result<Figures, String> {
     f.events = stats.events;
     f.ops = stats.ops_completed;
     f.trace_hash = d.sim.trace_hash();
+    f.backup = d.bk.figures;
     Ok(f)
 }
 
@@ -732,6 +753,7 @@ fn seeds_hold_every_invariant() {
         total.ops += f.ops;
         total.reopens += f.reopens;
         total.findings += f.findings;
+        total.backup.add(&f.backup);
     }
     println!(
         "sim figures: seeds {}, steps {}, kills {}, power cuts {}, faults {}, events {}, ops {}, reopens {}, known findings met {}",
@@ -745,4 +767,5 @@ fn seeds_hold_every_invariant() {
         total.reopens,
         total.findings
     );
+    println!("sim backups: {:?}", total.backup);
 }
