@@ -182,16 +182,16 @@ fn operations(cfg: &Config, rng: &mut Rng) -> Vec<WorkOp> {
 /// own so that the other operations stay as the seed drew them.
 fn backup_op(rng: &mut Rng) -> Option<WorkOp> {
     Some(match rng.below(1000) {
-        0..=7 => WorkOp::Backup {
-            incremental: rng.chance(60),
+        0..=3 => WorkOp::Backup {
+            incremental: rng.chance(70),
             freeze_limit_us: if rng.chance(15) { 50 + rng.below(5000) } else { 30_000_000 },
             in_flight: 1 + rng.below(8) as usize,
             max_rounds: rng.below(4) as u32,
             capture: rng.chance(70),
         },
-        8..=9 => WorkOp::TrackStart,
-        10..=12 => WorkOp::TrackDrain,
-        13 => WorkOp::TrackStop,
+        4..=5 => WorkOp::TrackStart,
+        6..=8 => WorkOp::TrackDrain,
+        9 => WorkOp::TrackStop,
         _ => return None,
     })
 }
