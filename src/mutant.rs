@@ -13,8 +13,8 @@
 //!   before the stack switches to it.
 //! - `merge-final-sync`: a merge syncs the top before the parent leaves
 //!   the descriptor.
-//! - `attach-before-round`: a backup attaches its tracker before the
-//!   first round reads the disk.
+//! - `attach-before-round`: a backup attaches its own tracker before it
+//!   reads the record of changes (an incremental's first round).
 //! - `compact-sync`: compaction syncs the clusters it copied before the
 //!   table points at their new places.
 //!

@@ -24,6 +24,8 @@ mod bare;
 mod disk;
 #[path = "sim_parts/shrink.rs"]
 mod shrink;
+#[path = "sim_parts/backup.rs"]
+mod backup;
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -100,6 +102,7 @@ struct Figures {
     /// Files a crash or a failed operation left that no descriptor names.
     leftovers: u64,
     trace_hash: u64,
+    backup: backup::BackupFigures,
 }
 
 /// What a request's task reports when it ends.
@@ -119,6 +122,8 @@ struct Pending {
     /// The world's completed-op count when it was issued: a fault after it
     /// may be what failed it.
     issued_ops: u64,
+    /// A change (write, write-zeroes, discard): the trackers must mark it.
+    change: Option<backup::Change>,
 }
 
 /// The faults the world injected so far, for tasks (which cannot hold
@@ -180,6 +185,8 @@ struct Driver {
     /// The content (a tag per sector) of each snapshot taken while no
     /// write ran, by GUID: what a switch to it must show.
     snap_content: BTreeMap<Guid, Rc<Vec<Tag>>>,
+    /// Backups, the record of changes, trackers (invariants 5, 6).
+    bk: backup::Backups,
     /// The world's op count at the last (re)open: a failed sync since then
     /// is remembered by the open layers (`SyncGroup`), so later syncs owe
     /// an error.
@@ -228,6 +235,7 @@ impl Driver {
             queues,
             job: None,
             snap_content: BTreeMap::new(),
+            bk: backup::Backups::default(),
             opened_ops: 0,
             block: 512,
             step: 0,
@@ -299,6 +307,7 @@ impl Driver {
             self.log(|| format!("recovery finished merges: {merged:?}"));
             self.watch.model().merge_moves_holdings();
         }
+        self.backup_reopened()?;
         Ok(disk)
     }
 
@@ -347,7 +356,11 @@ impl Driver {
                     continue;
                 }
                 let p = self.queues[q].swap_remove(i);
-                match p.joined.take().unwrap() {
+                let outcome = p.joined.take().unwrap();
+                if !matches!(outcome, Outcome::Mismatch(_)) {
+                    self.change_done(&p)?;
+                }
+                match outcome {
                     Outcome::Done => {}
                     Outcome::Mismatch(m) => return Err(format!("{m} ({} issued at step {})", p.what, p.step)),
                     Outcome::Failed(errno, msg) => {
@@ -366,7 +379,8 @@ impl Driver {
                 }
             }
         }
-        self.reap_job()
+        self.reap_job()?;
+        self.reap_backup()
     }
 
     /// Run `events` executor events, then reap.
@@ -379,7 +393,7 @@ impl Driver {
     fn settle(&mut self) -> Result<(), String> {
         self.sim.run().map_err(|e| sim_error(e, self.step))?;
         self.reap()?;
-        assert!(self.queues.iter().all(Vec::is_empty) && self.job.is_none(), "settled with work left");
+        assert!(self.queues.iter().all(Vec::is_empty) && self.job.is_none() && !self.bk.busy(), "settled with work left");
         Ok(())
     }
 
@@ -394,7 +408,7 @@ impl Driver {
                 return Ok(());
             }
         }
-        while self.queues[queue].len() >= self.cfg.depth {
+        while self.queues[queue].len() >= self.cfg.depth || self.held_by_freeze(op) {
             self.run_for(1)?;
         }
         let stack = self.stack();
@@ -456,7 +470,8 @@ impl Driver {
             _ => unreachable!("not a request: {op:?}"),
         };
         self.log(|| format!("queue {queue}: {what}"));
-        self.queues[queue].push(Pending { joined, what, step: self.step, issued_ops });
+        let change = self.bk.change(op, self.aligned_op(op));
+        self.queues[queue].push(Pending { joined, what, step: self.step, issued_ops, change });
         Ok(())
     }
 
@@ -468,6 +483,7 @@ impl Driver {
         // An operation caught in flight may or may not have stored its
         // descriptor: the reopen decides.
         let job = self.job.take();
+        self.bk.crashed();
         for q in &mut self.queues {
             q.clear();
         }
@@ -686,6 +702,10 @@ impl Driver {
                 self.sim.set_faults_enabled(true);
                 r.map(drop)
             }
+            WorkOp::Backup { .. } => self.backup(op),
+            WorkOp::TrackStart => self.track_start(),
+            WorkOp::TrackDrain => self.track_drain(),
+            WorkOp::TrackStop => self.track_stop(),
         }
     }
 
@@ -788,6 +808,7 @@ fn run_steps(cfg: Config, ops: &[WorkOp], at: &Cell<Option<usize>>) -> Result<Fi
     f.events = stats.events;
     f.ops = stats.ops_completed;
     f.trace_hash = d.sim.trace_hash();
+    f.backup = d.bk.figures;
     d.log(|| format!("figures: {f:?}"));
     Ok(f)
 }
@@ -855,6 +876,7 @@ fn seeds_hold_every_invariant() {
         total.grows += f.grows;
         total.compacts += f.compacts;
         total.leftovers += f.leftovers;
+        total.backup.add(&f.backup);
     }
     println!(
         "sim figures: seeds {}, steps {}, kills {}, power cuts {}, faults {}, events {}, ops {}, reopens {}, known findings met {}, snapshots {}, merges {}, switches {}, grows {}, compactions {}, leftover files {}",
@@ -874,4 +896,5 @@ fn seeds_hold_every_invariant() {
         total.compacts,
         total.leftovers
     );
+    println!("sim backups: {:?}", total.backup);
 }

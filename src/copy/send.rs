@@ -174,8 +174,12 @@ pub async fn send<I: Io>(
     // a change completing before the attach is in the record (attached
     // earlier), one completing after it in the tracker.
     let tracker = Arc::new(Tracker::new(stack.size(), cluster));
+    let read_marks = || opts.cbt.as_ref().filter(|_| opts.incremental).map(|t| t.peek_at(cluster));
+    // The mutant reads the marks first: a change completing before the
+    // attach is then in neither.
+    let early = if crate::mutant::off("attach-before-round") { read_marks() } else { None };
     stack.add_tracker(tracker.clone()).await?;
-    let first = opts.cbt.as_ref().filter(|_| opts.incremental).map(|t| t.peek_at(cluster));
+    let first = if crate::mutant::off("attach-before-round") { early } else { read_marks() };
     let pipe = Outbox::start(writer, replies, opts.two_way, cluster as usize, opts.in_flight, opts.timeout, opts.inline);
     let mut fs_frozen = false;
     let mut cleared = false;

@@ -300,10 +300,16 @@ impl Stack {
     /// marked in it. Waits for the requests in flight (their changes are
     /// not marked: they completed before the tracker started).
     pub async fn add_tracker(&self, tracker: Arc<Tracker>) -> Result<()> {
+        // Checked with requests held: a grow that ran while this waited for
+        // them would leave a tracker blind to the new part of the disk.
+        let mut shape = self.shape.exclusive().await;
         if tracker.disk_size() != self.size() {
-            return Err(Error::invalid(format!("tracker for {} bytes on a disk of {}", tracker.disk_size(), self.size())));
+            return Err(Error::new(
+                libc::EAGAIN,
+                format!("a tracker for {} bytes on a disk of {} (the disk grew meanwhile); try again", tracker.disk_size(), self.size()),
+            ));
         }
-        self.shape.exclusive().await.trackers.push(tracker);
+        shape.trackers.push(tracker);
         Ok(())
     }
 

@@ -50,7 +50,7 @@ impl Driver {
         self.stack = Some(std::rc::Rc::new(stack));
         self.opened_ops = self.sim.ops_completed();
         self.figures.reopens += 1;
-        Ok(())
+        self.backup_reopened()
     }
 
     /// A snapshot as `ops::snapshot` makes one, minus the descriptor: the

@@ -70,7 +70,7 @@ impl Job {
 impl Driver {
     /// Admission, as the daemon's: one operation at a time.
     fn admitted(&self) -> bool {
-        self.job.is_none() && (self.bare || self.disk.is_some())
+        self.job.is_none() && !self.bk.busy() && (self.bare || self.disk.is_some())
     }
 
     pub fn start_job<F, Fut>(&mut self, kind: JobKind, what: String, content: Option<Rc<Vec<Tag>>>, target: Option<Guid>, work: F)

@@ -69,6 +69,14 @@ pub enum WorkOp {
     Grow { clusters: u64 },
     /// Compact the top online, `step` clusters a step.
     Compact { step: u64 },
+    /// A full or incremental backup as the daemon runs it, concurrent with
+    /// the requests: `freeze_limit_us` bounds its frozen pass (a short one
+    /// makes it give up), `capture` holds the last pass in memory.
+    Backup { incremental: bool, freeze_limit_us: u64, in_flight: usize, max_rounds: u32, capture: bool },
+    /// A write tracker (`track start`), drained and detached later.
+    TrackStart,
+    TrackDrain,
+    TrackStop,
 }
 
 impl WorkOp {
@@ -129,6 +137,7 @@ fn operations(cfg: &Config, rng: &mut Rng) -> Vec<WorkOp> {
     let hot_start = rng.below(clusters - hot_len + 1);
     // How often this seed crashes (per mille of steps).
     let crash_rate = [0, 2, 5, 10][rng.below(4) as usize];
+    let mut jobs = Rng::new(mix(cfg.seed ^ 0xbac0));
     let mut ops = Vec::with_capacity(steps);
     while ops.len() < steps {
         let queue = rng.below(cfg.queues as u64) as usize;
@@ -199,8 +208,29 @@ fn operations(cfg: &Config, rng: &mut Rng) -> Vec<WorkOp> {
             _ => WorkOp::Run(1 + rng.below(20)),
         };
         ops.push(op);
+        if let Some(op) = backup_op(&mut jobs).filter(|_| ops.len() < steps) {
+            ops.push(op);
+        }
     }
     ops
+}
+
+/// Now and then a backup or a tracker step, drawn from a stream of its
+/// own so that the other operations stay as the seed drew them.
+fn backup_op(rng: &mut Rng) -> Option<WorkOp> {
+    Some(match rng.below(1000) {
+        0..=3 => WorkOp::Backup {
+            incremental: rng.chance(70),
+            freeze_limit_us: if rng.chance(15) { 50 + rng.below(5000) } else { 30_000_000 },
+            in_flight: 1 + rng.below(8) as usize,
+            max_rounds: rng.below(4) as u32,
+            capture: rng.chance(70),
+        },
+        4..=5 => WorkOp::TrackStart,
+        6..=8 => WorkOp::TrackDrain,
+        9 => WorkOp::TrackStop,
+        _ => return None,
+    })
 }
 
 /// A request's place: a few sectors inside a cluster, a whole cluster, or

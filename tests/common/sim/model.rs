@@ -647,6 +647,24 @@ impl Model {
         self.check_window(off, data, from, now, what)
     }
 
+    /// The clock now (ticked): a moment the driver names later, as a
+    /// backup's frozen point.
+    pub fn mark_time(&mut self) -> Time {
+        self.tick()
+    }
+
+    /// Writes, write-zeroes and discards not yet completed.
+    pub fn changes_in_flight(&self) -> usize {
+        self.ops.values().filter(|o| matches!(o.kind, Kind::Write | Kind::Zeroes | Kind::Discard)).count()
+    }
+
+    /// Check `data` at `off` as a read that began at `from` and ended at
+    /// `to` (a backup's content, taken somewhere between its freeze and
+    /// its thaw), with no collapse.
+    pub fn check_as_read(&self, off: u64, data: &[u8], from: Time, to: Time, what: &str) -> Result<(), String> {
+        self.check_window(off, data, from, to, what)
+    }
+
     /// The crash has been resolved by a whole read-back.
     pub fn recovered(&mut self) {
         self.recover_from = None;
