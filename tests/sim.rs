@@ -63,6 +63,9 @@ const REGRESSION_SEEDS: &[u64] = &[
     401,
     // A delta whose writeback failed keeps its in-use mark (a model rule).
     1434,
+    // A tracker attached while an online grow ran was sized for the old
+    // disk: writes past the old end went unmarked.
+    118,
 ];
 
 /// A run ends early, passing, when the reopen finds the filesystem full.
