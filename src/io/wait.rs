@@ -270,11 +270,14 @@ impl<T> Drop for Exclusive<'_, T> {
 /// thirty-two concurrent copy-ups cost two or three fdatasyncs, not
 /// thirty-two journal commits and cache flushes in a row.
 ///
-/// A group made with `remember_failure` (a file written through the page
-/// cache) fails every sync after the first one that failed: the kernel may
-/// have dropped the dirty pages that sync could not write, and a later
+/// A group made with `remember_failure` (every image file) fails every
+/// sync after the first one that failed: through the page cache the kernel
+/// may have dropped the dirty pages that sync could not write, and with
+/// O_DIRECT the device's cache flush failed for writes it may have lost
+/// (and the filesystem's extent changes with them); either way a later
 /// fdatasync has nothing left to report, so an Ok from it would claim lost
-/// writes durable.
+/// writes durable. The device then fails every flush until it is
+/// restarted, and the restart checks the image.
 #[derive(Default)]
 pub struct SyncGroup {
     state: Mutex<SyncState>,

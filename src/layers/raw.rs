@@ -15,7 +15,7 @@ pub struct RawLayer {
 impl RawLayer {
     pub fn open<I: crate::io::Io>(io: &I, file: ImageFile) -> Result<RawLayer> {
         let len = file.len_in(io)?;
-        let syncs = SyncGroup::new(!file.direct);
+        let syncs = SyncGroup::new(true);
         Ok(RawLayer { file, len, syncs })
     }
     /// Make the writes to the file completed so far durable.

@@ -233,7 +233,7 @@ impl PloopLayer {
                 write_waiters: WaitList::default(),
             }),
             // Through the page cache, a failed sync is remembered for good.
-            syncs: SyncGroup::new(!file.direct),
+            syncs: SyncGroup::new(true),
             file,
             saved_bitmaps: Mutex::new(saved_bitmaps),
         };
