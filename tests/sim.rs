@@ -66,6 +66,11 @@ const REGRESSION_SEEDS: &[u64] = &[
     // A tracker attached while an online grow ran was sized for the old
     // disk: writes past the old end went unmarked.
     118,
+    // After a failed sync of the top a later one succeeded (O_DIRECT did
+    // not remember the failure): a merge dropped its parent on it, and
+    // flushes claimed lost writes durable.
+    145,
+    25,
 ];
 
 /// A run ends early, passing, when the reopen finds the filesystem full.
@@ -102,6 +107,7 @@ struct Figures {
     switches: u64,
     grows: u64,
     compacts: u64,
+    compact_moved: u64,
     /// Files a crash or a failed operation left that no descriptor names.
     leftovers: u64,
     trace_hash: u64,
@@ -364,6 +370,20 @@ impl Driver {
                     self.change_done(&p)?;
                 }
                 match outcome {
+                    Outcome::Done if p.what == "flush" => {
+                        // Invariant 7's other side: after a failed sync of the
+                        // top, no flush may claim durability (until a reopen).
+                        let top = self.paths.last().map(|t| t.display().to_string());
+                        let failed = self.sim.faults().into_iter().find(|f| {
+                            f.op == "sync_data" && Some(&f.path) == top.as_ref() && f.op_index >= self.opened_ops && f.op_index < p.issued_ops
+                        });
+                        if let Some(f) = failed {
+                            return Err(format!(
+                                "invariant 7 (errors owed): step {}: a flush issued at step {} succeeded after the top's sync failed (world op {})",
+                                self.step, p.step, f.op_index
+                            ));
+                        }
+                    }
                     Outcome::Done => {}
                     Outcome::Mismatch(m) => return Err(format!("{m} ({} issued at step {})", p.what, p.step)),
                     Outcome::Failed(errno, msg) => {
@@ -697,6 +717,24 @@ impl Driver {
             WorkOp::Compact { step } => self.compact(*step),
             WorkOp::Kill { after, repair } => self.crash(*after, false, *repair),
             WorkOp::PowerCut { after, repair } => self.crash(*after, true, *repair),
+            WorkOp::PowerCutAtSync { within, skip, repair } => {
+                let mut skip = *skip;
+                let mut counted_at = None;
+                for _ in 0..*within {
+                    if self.sim.world.in_flight_kinds().iter().any(|k| k.starts_with("sync")) {
+                        let at = self.sim.ops_completed();
+                        if skip == 0 {
+                            break;
+                        }
+                        if counted_at != Some(at) {
+                            skip -= 1;
+                            counted_at = Some(at);
+                        }
+                    }
+                    self.run_for(1)?;
+                }
+                self.crash(0, true, *repair)
+            }
             WorkOp::CleanReopen => self.clean_reopen(),
             WorkOp::ReadBack => {
                 self.settle()?;
@@ -878,11 +916,12 @@ fn seeds_hold_every_invariant() {
         total.switches += f.switches;
         total.grows += f.grows;
         total.compacts += f.compacts;
+        total.compact_moved += f.compact_moved;
         total.leftovers += f.leftovers;
         total.backup.add(&f.backup);
     }
     println!(
-        "sim figures: seeds {}, steps {}, kills {}, power cuts {}, faults {}, events {}, ops {}, reopens {}, known findings met {}, snapshots {}, merges {}, switches {}, grows {}, compactions {}, leftover files {}",
+        "sim figures: seeds {}, steps {}, kills {}, power cuts {}, faults {}, events {}, ops {}, reopens {}, known findings met {}, snapshots {}, merges {}, switches {}, grows {}, compactions {} (clusters moved {}), leftover files {}",
         seeds.len(),
         total.steps,
         total.kills,
@@ -897,6 +936,7 @@ fn seeds_hold_every_invariant() {
         total.switches,
         total.grows,
         total.compacts,
+        total.compact_moved,
         total.leftovers
     );
     println!("sim backups: {:?}", total.backup);

@@ -84,7 +84,7 @@ impl Driver {
         self.start_job(JobKind::Merge, "merge of the top".into(), None, None, move |io, stack, disk| async move {
             let r = async {
                 stack.merge_parent_into_top(&io, MERGE_BATCH, &|_, _| {}).await?;
-                let parent = stack.depth() - 2;
+                let parent = stack.layers_now().await.len() - 2;
                 stack.remove_layer(parent).await.map(|_| JobDone::Other)
             }
             .await;

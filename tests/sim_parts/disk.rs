@@ -37,6 +37,8 @@ pub enum JobKind {
 /// What an operation hands back besides its disk.
 pub enum JobDone {
     Snapshot(Guid),
+    /// Clusters a compaction moved.
+    Compacted(u64),
     Other,
 }
 
@@ -225,7 +227,7 @@ impl Driver {
         }
         self.start_job(JobKind::Compact, format!("compact, {step} clusters a step"), None, None, move |io, stack, disk| async move {
             let r = stack.compact(&io, step, &|_, _| {}).await;
-            (disk, r.map(|_| JobDone::Other).map_err(errinfo))
+            (disk, r.map(|c| JobDone::Compacted(c.moved)).map_err(errinfo))
         });
         Ok(())
     }
@@ -272,7 +274,12 @@ impl Driver {
                 }
                 self.figures.grows += ok as u64;
             }
-            JobKind::Compact => self.figures.compacts += ok as u64,
+            JobKind::Compact => {
+                self.figures.compacts += ok as u64;
+                if let Ok(JobDone::Compacted(moved)) = &result {
+                    self.figures.compact_moved += moved;
+                }
+            }
         }
         let before = std::mem::replace(&mut self.paths, now);
         let Some(disk) = disk else {

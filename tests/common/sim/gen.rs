@@ -77,11 +77,15 @@ pub enum WorkOp {
     TrackStart,
     TrackDrain,
     TrackStop,
+    /// The power goes while a sync is in flight (the `skip`-th one after
+    /// this, within `within` events): what it was to make durable is not
+    /// yet, and a cut there tests the order of the writes before it.
+    PowerCutAtSync { within: u64, skip: u64, repair: bool },
 }
 
 impl WorkOp {
     pub fn is_crash(&self) -> bool {
-        matches!(self, WorkOp::Kill { .. } | WorkOp::PowerCut { .. })
+        matches!(self, WorkOp::Kill { .. } | WorkOp::PowerCut { .. } | WorkOp::PowerCutAtSync { .. })
     }
 }
 
@@ -172,7 +176,17 @@ fn operations(cfg: &Config, rng: &mut Rng) -> Vec<WorkOp> {
                     6..=7 => WorkOp::QuietSnapshot,
                     8..=9 => WorkOp::Switch { pick: rng.below(256) as u8 },
                     10 => WorkOp::Grow { clusters: 1 + rng.below(clusters) },
-                    _ => WorkOp::Compact { step: 1 + rng.below(16) },
+                    _ => {
+                        // A trim first (whole clusters discarded), as before a
+                        // real compaction: holes for it to move clusters into.
+                        for _ in 0..rng.below(9) {
+                            // Mostly the hot clusters: the top holds those.
+                            let c = if rng.chance(70) { hot_start + rng.below(hot_len) } else { rng.below(clusters) };
+                            let len = cfg.cluster.min(cfg.size - c * cfg.cluster);
+                            ops.push(WorkOp::Discard { queue: rng.below(cfg.queues as u64) as usize, off: c * cfg.cluster, len });
+                        }
+                        WorkOp::Compact { step: 1 + rng.below(16) }
+                    }
                 };
                 // Often a crash right inside it: the operation's own
                 // ordering is what a cut then tests.
@@ -180,7 +194,9 @@ fn operations(cfg: &Config, rng: &mut Rng) -> Vec<WorkOp> {
                     ops.push(op);
                     let most = if rng.chance(50) { 40 } else { 200 };
                     let after = rng.below(most);
-                    if rng.chance(60) {
+                    if rng.chance(30) {
+                        WorkOp::PowerCutAtSync { within: 20 + after * 4, skip: rng.below(8), repair: rng.chance(25) }
+                    } else if rng.chance(45) {
                         WorkOp::PowerCut { after, repair: rng.chance(25) }
                     } else {
                         WorkOp::Kill { after, repair: rng.chance(25) }
