@@ -71,6 +71,16 @@ const REGRESSION_SEEDS: &[u64] = &[
     // flushes claimed lost writes durable.
     145,
     25,
+    // A backup read data a failed writeback then lost, and ended Ok: its
+    // restore differed from the device at the frozen point.
+    910,
+    // After a failed sync a write was acknowledged into a cluster whose
+    // table entry the writeback had lost; a kill then lost the write.
+    728,
+    // A compaction's own opening met the failed sync; the reopened top
+    // forgot it and a flush succeeded.
+    1071,
+    187,
 ];
 
 /// A run ends early, passing, when the reopen finds the filesystem full.
@@ -331,8 +341,13 @@ impl Driver {
         // A stack a failure closed (a top that would not reopen) refuses
         // everything after it.
         let closed = errno == libc::ESHUTDOWN;
+        // An I/O error on a layer since the open may have been its
+        // writeback's (met through a grow's or compaction's own opening):
+        // the top then fails every sync and refuses writes.
+        let layers: Vec<String> = self.paths.iter().map(|t| t.display().to_string()).collect();
         self.sim.faults().iter().any(|f| {
-            (f.op_index >= issued_ops && f.op_index <= now) || (f.op_index >= self.opened_ops && (closed || f.op.contains("sync")))
+            (f.op_index >= issued_ops && f.op_index <= now)
+                || (f.op_index >= self.opened_ops && (closed || f.op.contains("sync") || errno == libc::EIO && layers.contains(&f.path)))
         })
     }
 
@@ -366,7 +381,10 @@ impl Driver {
                 }
                 let p = self.queues[q].swap_remove(i);
                 let outcome = p.joined.take().unwrap();
-                if !matches!(outcome, Outcome::Mismatch(_)) {
+                // A request refused before it changed anything (a sync failed
+                // earlier) owes no mark.
+                let refused = matches!(&outcome, Outcome::Failed(_, m) if m.contains("refuses writes until it is restarted"));
+                if !matches!(outcome, Outcome::Mismatch(_)) && !refused {
                     self.change_done(&p)?;
                 }
                 match outcome {
@@ -388,7 +406,11 @@ impl Driver {
                     Outcome::Mismatch(m) => return Err(format!("{m} ({} issued at step {})", p.what, p.step)),
                     Outcome::Failed(errno, msg) => {
                         self.log(|| format!("{} (step {}) failed: {msg}", p.what, p.step));
-                        if !self.owed(errno, p.issued_ops) {
+                        // Refused after any I/O error of the top since the
+                        // open (one through a grow's or compaction's own opening
+                        // counts as the top's writeback).
+                        let refusal = msg.contains("refuses writes until it is restarted") && self.sim.faults().iter().any(|f| f.op_index >= self.opened_ops);
+                        if !refusal && !self.owed(errno, p.issued_ops) {
                             return Err(format!(
                                 "invariant 7 (errors owed): step {}: {} issued at step {} (world op {}) failed with no fault to owe it: {msg} (errno {errno}); faults so far: {:?}",
                                 self.step,

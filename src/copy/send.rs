@@ -265,6 +265,11 @@ async fn rounds<I: Io>(
     fs.freeze()?;
     *fs_frozen = true;
     let frozen = stack.freeze().await;
+    // The frozen point must be what the device holds: after a failed
+    // writeback (remembered, so this flush fails) earlier rounds may have
+    // read data the disk has lost since, and the copy fails instead of
+    // handing it out. Else this makes the frozen point durable.
+    frozen.flush(io).await.map_err(|e| e.context("the frozen point could not be made durable"))?;
     let set = tracker.drain();
     // The record's marks are pending from here: they still count (a stop
     // saves them) until the stream is all out, and come back on failure.

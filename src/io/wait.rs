@@ -310,6 +310,19 @@ impl SyncGroup {
         SyncGroup { remember_failure, ..Default::default() }
     }
 
+    /// A sync failed and is remembered: every later one fails.
+    pub fn failed(&self) -> bool {
+        self.state.lock().unwrap().failed_for_good
+    }
+
+    /// Remember a failure met through another opening of the same file
+    /// (the writeback it reported is this file's too).
+    pub fn poison(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.failed_for_good = true;
+        s.last_errno = libc::EIO;
+    }
+
     /// Make every write to `fd` completed before this call durable.
     pub async fn sync<I: super::Io>(&self, io: &I, fd: std::os::fd::RawFd) -> std::io::Result<()> {
         // A round already running may have started before our writes

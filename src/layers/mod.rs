@@ -277,6 +277,21 @@ impl Layer {
             Layer::Raw(l) => l.sync_data(io).await,
         }
     }
+    /// A sync of the file failed: what it covered may be lost.
+    pub fn sync_failed(&self) -> bool {
+        match self {
+            Layer::Ploop(l) => l.sync_failed(),
+            Layer::Raw(l) => l.sync_failed(),
+        }
+    }
+    /// Fail every later sync, as after one that failed here (one that
+    /// failed through another opening of the file).
+    pub fn poison_syncs(&self) {
+        match self {
+            Layer::Ploop(l) => l.poison_syncs(),
+            Layer::Raw(l) => l.poison_syncs(),
+        }
+    }
     /// Make acknowledged writes durable.
     pub async fn sync<I: Io>(&self, io: &I) -> Result<()> {
         match self {

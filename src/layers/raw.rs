@@ -22,6 +22,13 @@ impl RawLayer {
     pub async fn sync_data<I: Io>(&self, io: &I) -> std::io::Result<()> {
         self.syncs.sync(io, self.file.fd()).await
     }
+    /// A sync of the file failed (see `SyncGroup`).
+    pub fn sync_failed(&self) -> bool {
+        self.syncs.failed()
+    }
+    pub fn poison_syncs(&self) {
+        self.syncs.poison()
+    }
     pub fn file(&self) -> &ImageFile {
         &self.file
     }

@@ -370,6 +370,12 @@ impl Stack {
             tries += 1;
             match Layer::open(io, &path, Format::Ploop, true, self.direct).await {
                 Ok((layer, _)) => {
+                    // An I/O error of the work (a grow or compaction through
+                    // its own opening) may have been a failed writeback of this
+                    // file: the reopened top remembers it as its own.
+                    if matches!(&result, Err(e) if e.errno() == libc::EIO) {
+                        layer.poison_syncs();
+                    }
                     shape.layers.push(Arc::new(layer));
                     shape.owner = owner_map(&shape.layers, self.size(), self.cluster);
                     return result;

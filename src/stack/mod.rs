@@ -115,6 +115,22 @@ impl Shape {
         }
         Ok(())
     }
+
+    /// Refuse changes once a sync of the top failed: the writeback may have
+    /// lost table entries a change would rely on, so it could be
+    /// acknowledged and still vanish. A restart checks the image.
+    fn check_sync_ok(&self) -> Result<()> {
+        if self.top().sync_failed() {
+            return Err(Error::new(
+                libc::EIO,
+                format!(
+                    "{}: a sync of this image failed earlier, so what it covered may be lost; the device refuses writes until it is restarted (which checks the image)",
+                    self.top().file().path.display()
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 pub struct Stack {

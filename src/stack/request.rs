@@ -106,6 +106,7 @@ impl Stack {
         self.check_range(offset, len)?;
         let shape = self.shape.enter().await;
         shape.check_open()?;
+        shape.check_sync_ok()?;
         let result = self.write_entered(io, &shape, offset, data).await;
         mark(&shape, offset, len);
         result
@@ -233,6 +234,7 @@ impl Stack {
         self.check_range(offset, len)?;
         let shape = self.shape.enter().await;
         shape.check_open()?;
+        shape.check_sync_ok()?;
         let result = self.write_zeroes_entered(io, &shape, offset, len).await;
         mark(&shape, offset, len);
         result
@@ -268,6 +270,7 @@ impl Stack {
         self.check_range(offset, len)?;
         let shape = self.shape.enter().await;
         shape.check_open()?;
+        shape.check_sync_ok()?;
         let top = shape.top();
         let window = top.window_start();
         let mut changed = false;
