@@ -49,7 +49,7 @@ use super::sim::gen::WorkOp;
 use super::sim::model::Time;
 use super::sim::world::World;
 use super::sim::{DirMode, FaultPlan, Joined, SimIo};
-use super::{errinfo, sim_error, Driver, Pending, Watch, READBACK_CHUNK};
+use super::{errinfo, sim_error, Driver, Pending, Watch};
 
 /// Where restores are built, in their own world.
 const RESTORE_DIR: &str = "/restore";
@@ -402,34 +402,22 @@ impl Driver {
         // frozen point: no change held over the thaw, no writeback lost.
         let lost = (self.watch.probe)()[run.freeze.faults_at_freeze.get()..].iter().any(|f| f.op == "sync_data");
         let exact = run.freeze.changes_at_thaw.get() == 0 && !lost;
-        let mut off = 0;
-        while off < self.size {
-            let len = READBACK_CHUNK.min(self.size - off);
-            let (stack, io) = (self.stack(), self.io.clone());
-            let data = self
-                .block_on("read-back", async move {
-                    let mut buf = vec![0u8; len as usize];
-                    stack.read(&io, off, &mut buf).await.map(|_| buf)
-                })?
-                .map_err(|e| format!("invariant 7 (errors owed): step {}: read-back at {off:#x} failed with faults off: {e}", self.step))?;
-            self.watch.model().check_readback(off, &data)?;
-            if exact {
-                let want = &restored[off as usize..(off + len) as usize];
-                if let Some(i) = (0..data.len() / 512).find(|&i| data[i * 512..(i + 1) * 512] != want[i * 512..(i + 1) * 512]) {
-                    let at = off + i as u64 * 512;
-                    let seen = |b: &[u8]| match super::sim::model::decode(b, at) {
-                        super::sim::model::Seen::Tag(t) => self.watch.model.borrow().describe(t),
-                        other => format!("{other:?}"),
-                    };
-                    return Err(fail(format!(
-                        "sector {} (offset {at:#x}) restores as {} but the device reads {}",
-                        at / 512,
-                        seen(&want[i * 512..(i + 1) * 512]),
-                        seen(&data[i * 512..(i + 1) * 512])
-                    )));
-                }
+        // The device read back (checked against the model as every
+        // read-back is): a tag per sector, each sector's bytes being its
+        // tag's payload at its offset.
+        let device = self.read_back()?;
+        if exact {
+            use super::sim::model::{decode, Seen};
+            let differs = |i: usize| decode(&restored[i * 512..(i + 1) * 512], i as u64 * 512) != Seen::Tag(device[i]);
+            if let Some(i) = (0..device.len()).find(|&i| differs(i)) {
+                let at = i as u64 * 512;
+                let restored_as = match decode(&restored[i * 512..(i + 1) * 512], at) {
+                    Seen::Tag(t) => self.watch.model.borrow().describe(t),
+                    other => format!("{other:?}"),
+                };
+                let device_as = self.watch.model.borrow().describe(device[i]);
+                return Err(fail(format!("sector {i} (offset {at:#x}) restores as {restored_as} but the device reads {device_as}")));
             }
-            off += len;
         }
         self.bk.figures.exact += exact as u64;
         Ok(())
