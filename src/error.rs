@@ -29,6 +29,13 @@ pub enum ErrorKind {
     /// one back failed too: either may be the one on disk, so every file
     /// either names must be kept.
     DescriptorUncertain,
+    /// Writing or syncing an image opened for writing failed: pages of
+    /// the file the writeback held may be lost, whatever a later sync
+    /// through another opening says.
+    WritebackFailed,
+    /// A change refused before it touched anything: a sync of the top
+    /// failed earlier, and the device takes no writes until a restart.
+    WritesRefused,
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

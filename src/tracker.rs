@@ -152,6 +152,11 @@ impl Tracker {
         out
     }
 
+    /// Marks a backup took and has not confirmed or given back yet.
+    pub fn has_pending(&self) -> bool {
+        self.pending.iter().any(|p| p.load(Ordering::Acquire) != 0)
+    }
+
     /// Granules marked now.
     pub fn dirty_count(&self) -> u64 {
         self.words.iter().zip(self.pending.iter()).map(|(w, p)| (w.load(Ordering::Relaxed) | p.load(Ordering::Relaxed)).count_ones() as u64).sum()

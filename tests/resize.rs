@@ -346,3 +346,42 @@ fn a_top_that_reopens_on_the_second_try_keeps_the_grow() {
     close(stack);
     assert_clean(&top, "a top reopened on the second try");
 }
+
+#[test]
+fn an_online_grow_ends_the_record_of_changes_and_a_running_tracker_refuses_it() {
+    // After a backup the device keeps a record of changes; an online grow
+    // used to be refused for it. The grow now goes on and ends the record
+    // (an incremental stream of the grown disk would not apply to the older
+    // backups): nothing is kept on a clean close, so the next backup is a
+    // full one. A running tracker (a live copy's) still refuses the grow.
+    use std::sync::Arc;
+    use ublk_ploop::tracker::Tracker;
+    let dir = TempDir::new("resize-record");
+    let (img, _) = image_with_data(&dir);
+    let stack = open(&img);
+    let record = Arc::new(Tracker::new(stack.size(), 64 << 10));
+    block_on(stack.add_tracker(record.clone())).unwrap();
+    stack.keep_on_close(Some((record.clone(), [7; 16])));
+    let copy = Arc::new(Tracker::new(stack.size(), CL));
+    block_on(stack.add_tracker(copy.clone())).unwrap();
+    let e = block_on(stack.grow_top(&SyncIo, 32 << 20)).err().expect("a grow with a running tracker");
+    assert_eq!(e.errno(), libc::EBUSY, "{e}");
+    assert_eq!(stack.size(), 16 << 20);
+    assert!(block_on(stack.remove_tracker(&copy)));
+    // A backup still sending its marks refuses it too.
+    record.mark_range(0, 4096);
+    record.drain_to_pending();
+    assert_eq!(block_on(stack.grow_top(&SyncIo, 32 << 20)).err().map(|e| e.errno()), Some(libc::EBUSY));
+    record.confirm();
+    // With only the record, the disk grows and the record ends.
+    block_on(stack.grow_top(&SyncIo, 32 << 20)).unwrap();
+    assert_eq!(stack.size(), 32 << 20);
+    assert!(stack.kept_record().is_none(), "the record outlived the grow");
+    assert!(!block_on(stack.remove_tracker(&record)), "the record is still attached");
+    write(&stack, (24 << 20) + 512, &pattern(3, 512));
+    close(stack);
+    let stack = open(&img);
+    assert!(block_on(stack.take_saved_bitmaps()).is_empty(), "a record was kept across the grow");
+    close(stack);
+    assert_clean(&img, "grown with a record of changes");
+}

@@ -32,7 +32,7 @@ impl BackupRecord {
             (Some(t), _) => Ok(BackupRecord { tracker: t.clone(), fresh: false }),
             (None, true) => Err(Error::new(
                 libc::ENOENT,
-                "no record of changes since a previous backup (none was taken, the last full one failed, or the device stopped uncleanly): \
+                "no record of changes since a previous backup (none was taken, the last full one failed, the disk grew, or the device stopped uncleanly): \
                  take a full backup into a new destination",
             )),
             (None, false) => {

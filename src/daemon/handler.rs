@@ -322,6 +322,13 @@ impl DaemonHandler {
         }
         let mut guard = self.idle()?;
         let done = block_on(self.device.stack.grow_top(&SyncIo, size))?;
+        // The grow ended the record of changes (the next backup is a full one).
+        {
+            let mut cbt = self.cbt.lock().unwrap();
+            if cbt.is_some() {
+                *cbt = self.device.stack.kept_record();
+            }
+        }
         if let Some(disk) = guard.as_mut() {
             // Only the top grew (lower deltas are frozen and may be served
             // elsewhere); the descriptor says the disk's size.

@@ -220,6 +220,12 @@ impl Disk {
     /// and no delta outside it may be marked in use (opening would repair
     /// it, which writes it).
     pub async fn writable_layers<I: Io>(&self, io: &I) -> Result<Vec<LayerSpec>> {
+        // What is served and acknowledged from now on is built on the
+        // descriptor as read, and on the files it names: a process killed
+        // between an operation's rename and its directory sync leaves both
+        // visible but not durable, and a power cut after this start would
+        // bring back the old descriptor without the top that took writes.
+        io.sync_dir(&self.dir).await.map_err(|e| Error::io(e, format_args!("{}: syncing the disk directory", self.dir.display())))?;
         let chain = self.desc.chain(self.desc.top)?;
         let top = chain.last().expect("a chain is never empty");
         self.writable_path_in(io, top, "write")?;

@@ -510,6 +510,12 @@ pub async fn switch<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, guid: Guid) -
             Some(l) => l.clone(),
             None => {
                 let direct = if current[0].file().direct { Direct::Auto } else { Direct::Off };
+                // A delta of the other branch an interrupted operation left
+                // in use (a delete merging into it) is cleaned first, as the
+                // served chain's are when the device starts.
+                if spec.format == crate::layers::Format::Ploop && spec.path.starts_with(&disk.dir) && crate::layers::clean_if_in_use(io, &spec.path, direct).await? {
+                    tracing::warn!(image = %spec.path.display(), "a delta was left in use by an operation that did not finish; checked and closed");
+                }
                 Arc::new(Layer::open(io, &spec.path, spec.format, false, direct).await?.0)
             }
         };

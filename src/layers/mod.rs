@@ -93,6 +93,25 @@ pub async fn marked_in_use<I: Io>(io: &I, path: &Path) -> Result<bool> {
     file_marked_in_use(io, &file).await
 }
 
+/// A ploop image still marked in use (a process died while it had it open
+/// for writing) is opened read-write once and closed: its table checked
+/// and its grown-ahead tail trimmed, so that it is clean before it serves
+/// as a read-only layer. Returns whether it was marked.
+pub async fn clean_if_in_use<I: Io>(io: &I, path: &Path, direct: Direct) -> Result<bool> {
+    let file = open_image_file_in(io, path, false, Direct::Off)?;
+    clean_file_if_in_use(io, &file, direct).await
+}
+
+/// The same, checked through a file already open (read-only).
+pub async fn clean_file_if_in_use<I: Io>(io: &I, file: &ImageFile, direct: Direct) -> Result<bool> {
+    if !file_marked_in_use(io, file).await? {
+        return Ok(false);
+    }
+    let (layer, _) = Layer::open(io, &file.path, Format::Ploop, true, direct).await?;
+    layer.close(io).await?;
+    Ok(true)
+}
+
 /// The same through a file already open.
 pub async fn file_marked_in_use<I: Io>(io: &I, file: &ImageFile) -> Result<bool> {
     let name = file.path.display().to_string();

@@ -14,7 +14,7 @@ use crate::layers::ploop::header::Variant;
 use crate::layers::{Format, Layer, PloopLayer};
 
 use super::request::Fill;
-use super::{owner_map, Shape, Stack, MAX_DEPTH};
+use super::{owner_map, Shape, Stack, MAX_DEPTH, NOBODY};
 
 impl Stack {
     /// Attempts at reopening the top after it was changed closed.
@@ -46,6 +46,10 @@ impl Stack {
     /// top over another chain than the one served (a switch).
     pub async fn prepare_top_variant<I: Io>(&self, io: &I, path: &Path, variant: Option<Variant>) -> Result<Arc<Layer>> {
         self.check_writable()?;
+        // A former top whose close failed is closed first: a snapshot over
+        // a layer that cannot be made durable would freeze what a failed
+        // writeback may have lost, and report it taken.
+        self.retire_pending(io).await?;
         let variant = {
             let shape = self.shape.enter().await;
             shape.check_open()?;
@@ -82,6 +86,17 @@ impl Stack {
                 Err(Error::new(libc::EBUSY, "the stack was closed or filled up meanwhile"))
             } else {
                 let old = shape.top().clone();
+                // The map may name the top for a cluster whose entry a failed
+                // BAT write undid (while another request was allocating it);
+                // once the top is a lower layer that would claim data it does
+                // not hold. No request is in flight now: make it exact.
+                let old_index = shape.top_index();
+                for (c, slot) in shape.owner.iter().enumerate() {
+                    if slot.load(Ordering::Acquire) == old_index && old.lookup(c as u64, self.cluster).is_none() {
+                        let below = shape.holder_below_top(c as u64, self.cluster).map_or(NOBODY, |i| i as u8);
+                        slot.store(below, Ordering::Release);
+                    }
+                }
                 self.retiring.lock().unwrap().push(old.clone());
                 shape.layers.push(new_top.clone());
                 Ok(old)
@@ -343,8 +358,14 @@ impl Stack {
     {
         let mut shape = self.shape.exclusive().await;
         shape.check_open()?;
-        if no_trackers && !shape.trackers.is_empty() {
-            return Err(Error::new(libc::EBUSY, "a write tracker (or a copy) is running: stop it first"));
+        if no_trackers {
+            // The kept record of changes may be there (the grow ends it); a
+            // copy, a backup sending its marks or a write tracker may not.
+            let kept = self.kept_record();
+            let busy = shape.trackers.iter().any(|t| !kept.as_ref().is_some_and(|k| Arc::ptr_eq(k, t)) || t.has_pending());
+            if busy {
+                return Err(Error::new(libc::EBUSY, "a write tracker, a copy or a backup is running: wait for it or stop it first"));
+            }
         }
         self.retire_pending(io).await?;
         if shape.top().format() != Format::Ploop {
@@ -366,21 +387,31 @@ impl Stack {
         // A transient failure must not leave the device without its top:
         // try the reopen a few times before giving up.
         let mut tries = 0;
+        // An I/O error of the work (a grow or compaction through its own
+        // opening) or a failed reopen's write of its in-use mark may have
+        // been a failed writeback of this file: the reopened top remembers
+        // it as its own, whatever the retry's sync then said.
+        let mut eio = matches!(&result, Err(e) if e.errno() == libc::EIO);
         loop {
             tries += 1;
             match Layer::open(io, &path, Format::Ploop, true, self.direct).await {
                 Ok((layer, _)) => {
-                    // An I/O error of the work (a grow or compaction through
-                    // its own opening) may have been a failed writeback of this
-                    // file: the reopened top remembers it as its own.
-                    if matches!(&result, Err(e) if e.errno() == libc::EIO) {
+                    if eio {
                         layer.poison_syncs();
                     }
                     shape.layers.push(Arc::new(layer));
                     shape.owner = owner_map(&shape.layers, self.size(), self.cluster);
+                    if result.is_ok() {
+                        self.end_kept_record(&mut shape);
+                    }
                     return result;
                 }
-                Err(e) if tries < Self::REOPEN_TRIES => tracing::warn!("{}: reopening the top failed ({e}); trying again", path.display()),
+                Err(e) if tries < Self::REOPEN_TRIES => {
+                    // Its in-use mark's write or sync failed (a read's
+                    // failure loses nothing).
+                    eio |= e.kind() == crate::error::ErrorKind::WritebackFailed;
+                    tracing::warn!("{}: reopening the top failed ({e}); trying again", path.display())
+                }
                 Err(e) => {
                     // Nothing may be served without the top: every request
                     // fails from now on (reads too), until a restart.
@@ -390,6 +421,22 @@ impl Stack {
                 }
             }
         }
+    }
+
+    /// After the disk grew (requests still held): the kept record of
+    /// changes, the one tracker a grow allows, ends. An incremental stream
+    /// of the grown disk would not apply to the older backups (a receiver
+    /// takes a stream of another size for another disk's), so the next
+    /// backup must be a full one, and an incremental is refused for want
+    /// of a record, saying so.
+    fn end_kept_record(&self, shape: &mut Shape) {
+        let mut keep = self.keep.lock().unwrap();
+        let Some((old, _)) = keep.as_ref() else { return };
+        if old.disk_size() == self.size() {
+            return;
+        }
+        shape.trackers.retain(|t| !Arc::ptr_eq(t, old));
+        *keep = None;
     }
 
     /// Grow the disk online, as ploop does: only the top image grows (the

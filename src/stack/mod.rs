@@ -44,7 +44,7 @@ use request::{read_segs, Dst};
 /// Deepest stack we serve: layer indexes must fit the u8 owner map, with
 /// one value left to mean "no layer".
 pub const MAX_DEPTH: usize = 255;
-const NOBODY: u8 = u8::MAX;
+pub(super) const NOBODY: u8 = u8::MAX;
 /// Copy-up buffers kept for reuse.
 const KEEP_BUFS: usize = 8;
 
@@ -99,7 +99,7 @@ impl Shape {
     /// map answers in O(1), unless it names the top (then look below).
     fn holder_below(&self, c: u64, cluster: u64) -> Option<usize> {
         match self.owner_of(c) {
-            Some(i) if i as u8 != self.top_index() => Some(i),
+            Some(i) if i as u8 != self.top_index() && self.layers[i].lookup(c, cluster).is_some() => Some(i),
             Some(_) => self.holder_below_top(c, cluster),
             None => None,
         }
@@ -127,7 +127,8 @@ impl Shape {
                     "{}: a sync of this image failed earlier, so what it covered may be lost; the device refuses writes until it is restarted (which checks the image)",
                     self.top().file().path.display()
                 ),
-            ));
+            )
+            .of_kind(crate::error::ErrorKind::WritesRefused));
         }
         Ok(())
     }
@@ -188,9 +189,7 @@ impl Stack {
             // as a read-only layer.
             for (i, spec) in specs[..lowers].iter().enumerate() {
                 let path = &spec.path;
-                if spec.format == Format::Ploop && crate::layers::file_marked_in_use(io, &files[i]).await? {
-                    let (layer, _) = Layer::open(io, path, Format::Ploop, true, opts.direct).await?;
-                    layer.close(io).await?;
+                if spec.format == Format::Ploop && crate::layers::clean_file_if_in_use(io, &files[i], opts.direct).await? {
                     tracing::warn!(image = %path.display(), "lower layer was left in use by a snapshot that did not finish; checked and closed");
                     repaired[i] = true;
                 }
@@ -341,6 +340,13 @@ impl Stack {
     /// the top image (None: close without one).
     pub fn keep_on_close(&self, cbt: Option<(Arc<Tracker>, [u8; 16])>) {
         *self.keep.lock().unwrap() = cbt;
+    }
+
+    /// The record of changes kept across a clean close, if any. An online
+    /// grow ends it: a frontend holding the record takes it again from
+    /// here after a grow.
+    pub fn kept_record(&self) -> Option<Arc<Tracker>> {
+        self.keep.lock().unwrap().as_ref().map(|(t, _)| t.clone())
     }
 
     /// The dirty bitmaps the top image held when it was opened read-write

@@ -239,7 +239,7 @@ impl PloopLayer {
         };
         if layer.file.writable {
             // The in-use mark must be on disk before any data changes.
-            layer.write_all_meta(io, true).await.map_err(|e| e.error)?;
+            layer.write_all_meta(io, true).await.map_err(|e| e.error.of_kind(crate::error::ErrorKind::WritebackFailed))?;
             if report.trimmed_leak > 0 {
                 io.set_len(layer.file.fd(), next_free).await.map_err(|e| Error::io(e, &path))?;
             }
