@@ -37,6 +37,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use bitvec::vec::BitVec;
 use ublk_ploop::copy::receive::{finish_interrupted_apply_in, receive_in, Hooks};
 use ublk_ploop::copy::send::CAPTURE_MAX;
 use ublk_ploop::copy::{self, BackupRecord, End, FsFreeze, ReceiveOptions, SendOptions, Sent};
@@ -174,6 +175,10 @@ struct Running {
 struct Watched {
     tracker: Arc<Tracker>,
     since: u64,
+    /// The last drain's marks and the changes issued by then: one the
+    /// engine completed (and marked) just before the drain may be reaped
+    /// by the driver only after it, its mark then in the drained set.
+    drained: Option<(BitVec, u64)>,
 }
 
 /// The restored chain: the last full backup and the incrementals after it,
@@ -188,7 +193,7 @@ struct Chain {
 #[derive(Default)]
 pub struct Backups {
     /// The record of changes since the last backup (the daemon's `cbt`).
-    record: Arc<Mutex<Option<Arc<Tracker>>>>,
+    pub(super) record: Arc<Mutex<Option<Arc<Tracker>>>>,
     /// Changes issued after this number the record must hold.
     record_since: u64,
     running: Option<Running>,
@@ -230,8 +235,10 @@ impl Backups {
 
 /// Every granule of `c` is marked in `t`.
 fn marked(t: &Tracker, c: &Change) -> bool {
-    let bits = t.peek();
-    let g = t.granularity();
+    marked_in(&t.peek(), t.granularity(), c)
+}
+
+fn marked_in(bits: &BitVec, g: u64, c: &Change) -> bool {
     (c.off / g..=(c.off + c.len - 1) / g).all(|i| bits.get(i as usize).is_some_and(|b| *b))
 }
 
@@ -434,7 +441,8 @@ impl Driver {
         for (i, w) in self.bk.trackers.iter().enumerate() {
             if w.since < c.seq {
                 self.bk.figures.marks_checked += 1;
-                if !marked(&w.tracker, c) {
+                let drained = w.drained.as_ref().is_some_and(|(bits, seq)| c.seq <= *seq && marked_in(bits, w.tracker.granularity(), c));
+                if !marked(&w.tracker, c) && !drained {
                     return Err(format!(
                         "invariant 6 (trackers): step {}: {} (issued at step {}) completed after tracker {i} was attached and is not marked in it",
                         self.step, p.what, p.step
@@ -442,7 +450,9 @@ impl Driver {
                 }
             }
         }
-        let record = self.bk.record.lock().unwrap().clone();
+        // The stack's own: a grow ends the record (with requests held)
+        // before the driver learns it when it reaps the grow.
+        let record = self.bk.record.lock().unwrap().clone().and_then(|_| self.stack.as_ref().and_then(|s| s.kept_record()));
         if let Some(r) = record.filter(|_| self.bk.record_since < c.seq && c.freezes == self.bk.freezes.get()) {
             self.bk.figures.marks_checked += 1;
             if !marked(&r, c) {
@@ -473,7 +483,7 @@ impl Driver {
             }
             Err((_, msg)) => return Err(format!("step {}: attaching a tracker: {msg}", self.step)),
         }
-        self.bk.trackers.push(Watched { tracker, since: self.bk.seq.get() });
+        self.bk.trackers.push(Watched { tracker, since: self.bk.seq.get(), drained: None });
         Ok(())
     }
 
@@ -481,8 +491,11 @@ impl Driver {
     /// before its marks go).
     pub(super) fn track_drain(&mut self) -> Result<(), String> {
         self.reap()?;
-        if let Some(w) = self.bk.trackers.first() {
-            let n = w.tracker.drain().count_ones();
+        let seq = self.bk.seq.get();
+        if let Some(w) = self.bk.trackers.first_mut() {
+            let bits = w.tracker.drain();
+            let n = bits.count_ones();
+            w.drained = Some((bits, seq));
             self.log(|| format!("tracker drained: {n} granules"));
         }
         Ok(())

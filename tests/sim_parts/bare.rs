@@ -47,6 +47,7 @@ impl Driver {
             .map_err(|e| format!("opening {paths:?}: {e}"))?;
         self.block = stack.block_size() as u64;
         self.paths = paths.to_vec();
+        self.served = self.paths.clone();
         self.stack = Some(std::rc::Rc::new(stack));
         self.opened_ops = self.sim.ops_completed();
         self.figures.reopens += 1;

@@ -271,6 +271,12 @@ impl Driver {
                 if size > self.size {
                     self.watch.model().grow(size);
                     self.size = size;
+                    // The grow ended the record of changes (the daemon
+                    // takes it from the stack the same way).
+                    let mut record = self.bk.record.lock().unwrap();
+                    if record.is_some() {
+                        *record = self.stack().kept_record();
+                    }
                 }
                 self.figures.grows += ok as u64;
             }
@@ -282,6 +288,11 @@ impl Driver {
             }
         }
         let before = std::mem::replace(&mut self.paths, now);
+        for p in &self.paths {
+            if !self.served.contains(p) {
+                self.served.push(p.clone());
+            }
+        }
         let Some(disk) = disk else {
             // A bare stack: the driver's chain is the stack's.
             self.bare_remove_dropped(&before)?;
@@ -289,13 +300,28 @@ impl Driver {
         };
         // Invariant 3: the descriptor the daemon holds names what it serves.
         let named: Vec<PathBuf> = disk.layers(None).map_err(|e| format!("invariant 3 (descriptor): step {}: after {}: {e}", self.step, job.what))?.into_iter().map(|s| s.path).collect();
-        if named != self.paths {
+        // (Unless an earlier operation could not tell which descriptor is on
+        // disk: an operation since re-read it, refused with ESTALE, and the
+        // two stay apart until a restart.)
+        // (Nor after a grow or compaction whose top would not reopen: the
+        // stack serves nothing from then on, every request failing with
+        // ESHUTDOWN, until the restart reopens the descriptor's chain.)
+        let lost_top = matches!(job.kind, JobKind::Grow(_) | JobKind::Compact)
+            && result.is_err()
+            && named.len() == self.paths.len() + 1
+            && named.starts_with(&self.paths);
+        if named != self.paths && !self.descriptor_uncertain && !lost_top {
             return Err(format!("invariant 3 (descriptor): step {}: after {} the descriptor names {named:?} but the stack serves {:?}", self.step, job.what, self.paths));
         }
         self.disk = Some(disk);
         self.forget_gone_snapshots();
         let uncertain = result.as_ref().is_err_and(|(_, m)| m.contains("either may be on disk"));
         self.job_error(&job, result.err())?;
+        if lost_top {
+            // The device is dead until restarted: restart it as a kill would.
+            self.log(|| "the top would not reopen: the daemon is restarted".into());
+            return self.crash(0, false, false);
+        }
         // Invariant 3 on disk: the descriptor there is the one the daemon
         // holds (unless the operation said it could not tell), and names
         // exactly the files there are.

@@ -205,6 +205,13 @@ impl Personality {
             _ => Personality::TornPrefix,
         }
     }
+    pub fn draw_reordered(rng: &mut Rng) -> Personality {
+        if rng.chance(50) {
+            Personality::Uniform
+        } else {
+            Personality::TornPrefix
+        }
+    }
 }
 
 pub struct SimFs {
@@ -830,7 +837,10 @@ impl SimFs {
     /// Every file and directory falls back to its durable state plus a
     /// seed-chosen part of what was not yet durable (see the module doc).
     /// Open descriptions must be closed first (a cut follows a kill).
-    pub fn cut(&mut self, rng: &mut Rng) -> Vec<(u64, Personality)> {
+    /// With `reordered`, only the personalities that keep some writes and
+    /// not others (a cut aimed at a sync tests the order before it; the
+    /// other personalities are what a cut before or after the sync gives).
+    pub fn cut(&mut self, rng: &mut Rng, reordered: bool) -> Vec<(u64, Personality)> {
         debug_assert!(self.fds.is_empty());
         self.cut_dirs(rng);
         let mut chosen = Vec::new();
@@ -842,7 +852,7 @@ impl SimFs {
                 n.len = n.dur_len;
                 continue;
             }
-            let p = Personality::draw(rng);
+            let p = if reordered { Personality::draw_reordered(rng) } else { Personality::draw(rng) };
             chosen.push((ino, p));
             cut_inode(n, p, rng);
         }

@@ -80,7 +80,15 @@ pub enum WorkOp {
     /// The power goes while a sync is in flight (the `skip`-th one after
     /// this, within `within` events): what it was to make durable is not
     /// yet, and a cut there tests the order of the writes before it.
-    PowerCutAtSync { within: u64, skip: u64, repair: bool },
+    /// With `sync_lost`, that sync is certain not to have landed (else it
+    /// lands or not by the crash stream, as every op in flight does).
+    PowerCutAtSync {
+        within: u64,
+        skip: u64,
+        repair: bool,
+        #[serde(default)]
+        sync_lost: bool,
+    },
 }
 
 impl WorkOp {
@@ -142,6 +150,9 @@ fn operations(cfg: &Config, rng: &mut Rng) -> Vec<WorkOp> {
     // How often this seed crashes (per mille of steps).
     let crash_rate = [0, 2, 5, 10][rng.below(4) as usize];
     let mut jobs = Rng::new(mix(cfg.seed ^ 0xbac0));
+    // Compaction's extra trims and cuts, from a stream of their own (the
+    // other operations stay as the seed drew them).
+    let mut compacts = Rng::new(mix(cfg.seed ^ 0xc0a7));
     let mut ops = Vec::with_capacity(steps);
     while ops.len() < steps {
         let queue = rng.below(cfg.queues as u64) as usize;
@@ -185,17 +196,28 @@ fn operations(cfg: &Config, rng: &mut Rng) -> Vec<WorkOp> {
                             let len = cfg.cluster.min(cfg.size - c * cfg.cluster);
                             ops.push(WorkOp::Discard { queue: rng.below(cfg.queues as u64) as usize, off: c * cfg.cluster, len });
                         }
+                        if compacts.chance(80) {
+                            ops.extend(trimmed_burst(cfg, &mut compacts));
+                        }
                         WorkOp::Compact { step: 1 + rng.below(16) }
                     }
                 };
                 // Often a crash right inside it: the operation's own
                 // ordering is what a cut then tests.
-                if crash_rate > 0 && rng.chance(30) {
+                let crash_here = crash_rate > 0 && rng.chance(30);
+                if !crash_here && crash_rate > 0 && matches!(op, WorkOp::Compact { .. }) && compacts.chance(70) {
+                    // A compaction's syncs are few and its window between
+                    // moving clusters and relinking them short: a cut aimed
+                    // at one of its first syncs past the top's close (whose
+                    // two every operation on the top shares).
+                    ops.push(op);
+                    WorkOp::PowerCutAtSync { within: 400, skip: 2 + compacts.below(3), repair: compacts.chance(25), sync_lost: true }
+                } else if crash_here {
                     ops.push(op);
                     let most = if rng.chance(50) { 40 } else { 200 };
                     let after = rng.below(most);
                     if rng.chance(30) {
-                        WorkOp::PowerCutAtSync { within: 20 + after * 4, skip: rng.below(8), repair: rng.chance(25) }
+                        WorkOp::PowerCutAtSync { within: 20 + after * 4, skip: rng.below(8), repair: rng.chance(25), sync_lost: false }
                     } else if rng.chance(45) {
                         WorkOp::PowerCut { after, repair: rng.chance(25) }
                     } else {
@@ -247,6 +269,27 @@ fn backup_op(rng: &mut Rng) -> Option<WorkOp> {
         9 => WorkOp::TrackStop,
         _ => return None,
     })
+}
+
+/// Before a compaction: a burst of whole-cluster writes the top places
+/// one after another at its end, flushed, then trims of the burst's
+/// first part.
+/// The trimmed clusters (those no lower layer holds) leave holes near
+/// the file's end that the later ones move into, so the compaction has
+/// moves to make and a relink to order after them.
+fn trimmed_burst(cfg: &Config, rng: &mut Rng) -> Vec<WorkOp> {
+    let clusters = cfg.size / cfg.cluster;
+    let len = clusters.min(2 + rng.below(15));
+    let first = rng.below(clusters - len + 1);
+    let queue = |rng: &mut Rng| rng.below(cfg.queues as u64) as usize;
+    let mut ops: Vec<WorkOp> = (first..first + len).map(|c| WorkOp::Write { queue: queue(rng), off: c * cfg.cluster, len: cfg.cluster, misalign: 0 }).collect();
+    // Flushed: the model holds the moved clusters' data as durable, so a
+    // cut that loses them is a failure (unflushed, losing them is allowed).
+    ops.extend([WorkOp::Settle, WorkOp::Flush { queue: queue(rng) }, WorkOp::Settle]);
+    let trimmed = 1 + rng.below(len - 1);
+    ops.extend((first..first + trimmed).map(|c| WorkOp::Discard { queue: queue(rng), off: c * cfg.cluster, len: cfg.cluster }));
+    ops.push(WorkOp::Settle);
+    ops
 }
 
 /// A request's place: a few sectors inside a cluster, a whole cluster, or

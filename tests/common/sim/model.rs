@@ -191,6 +191,15 @@ pub struct Model {
     /// A crash happened: the next full read-back is checked as a read
     /// from this time.
     recover_from: Option<Time>,
+    /// A writeback failed since the last reopen: the engine's tables in
+    /// memory may be ahead of the ones on disk, so what it reads now (and
+    /// a read-back takes as the content) a restart may not read again.
+    cache_lost: bool,
+    /// When a write, write-zeroes or discard last failed: until a flush
+    /// issued after it succeeds, what it linked may live only in the
+    /// engine's memory (its table entry unwritten), so a kill may take
+    /// back what a read showed of it.
+    failed_at: Option<Time>,
     /// A snapshot is between its start and its end: clusters written
     /// meanwhile may be the old top's or the new one's.
     snap: Option<(Time, Vec<bool>)>,
@@ -220,6 +229,8 @@ impl Model {
             lower: vec![Own::No; nclusters],
             durable_at: 0,
             recover_from: None,
+            cache_lost: false,
+            failed_at: None,
             snap: None,
             snap_done: 0,
             step: 0,
@@ -365,6 +376,9 @@ impl Model {
         if let Some(info) = self.tags.get_mut(&op.tag).filter(|_| op.kind == Kind::Write) {
             info.done = Some((now, ok));
         }
+        if !ok && matches!(op.kind, Kind::Write | Kind::Zeroes | Kind::Discard) {
+            self.failed_at = Some(now);
+        }
         match op.kind {
             Kind::Flush => {
                 if ok {
@@ -424,7 +438,10 @@ impl Model {
                 self.top[c] = self.top[c].touched();
                 self.lower[c] = self.lower[c].touched();
             } else if ok && (op.kind == Kind::Write || self.lower[c] == Own::Yes) {
-                self.top[c] = Own::Yes;
+                // Acknowledged after a writeback failed (it was in flight):
+                // its table entry may have been among the pages lost, and a
+                // restart reads the table on disk.
+                self.top[c] = if self.cache_lost { self.top[c].touched() } else { Own::Yes };
             }
         }
     }
@@ -547,8 +564,13 @@ impl Model {
     /// The process died: every request in flight may or may not have
     /// landed, sector by sector; the page cache keeps the rest.
     pub fn kill(&mut self) {
+        // (Before the requests in flight fail with the process: those may
+        // or may not have landed anyway.)
+        let unflushed_failure = self.failed_at.is_some_and(|t| t > self.durable_at);
         let now = self.fail_in_flight();
-        self.recover_from = Some(now);
+        // After a failed writeback the restart reads the tables on disk:
+        // anything since the last durable point, as after a power cut.
+        self.recover_from = Some(if self.cache_lost || unflushed_failure { self.durable_at } else { now });
     }
 
     /// The power went: as a kill, and what was not durable may be lost.
@@ -584,6 +606,7 @@ impl Model {
     /// cluster whose data was never written back). The engine owes only
     /// failing every later flush (invariant 7 checks that side).
     pub fn page_cache_lost(&mut self) {
+        self.cache_lost = true;
         let now = self.tick();
         let from = self.durable_at;
         let id = self.next_op;
@@ -668,6 +691,8 @@ impl Model {
     /// The crash has been resolved by a whole read-back.
     pub fn recovered(&mut self) {
         self.recover_from = None;
+        self.cache_lost = false;
+        self.failed_at = None;
     }
 
     /// Take the sectors read as the content now. The versions stay for a
@@ -1092,6 +1117,49 @@ mod tests {
         let c = write(&mut m, 0, 512);
         read(&mut m, 0, &data(c, 0, 512)).unwrap();
         read(&mut m, 0, &data(a, 0, 512)).unwrap_err();
+    }
+
+    #[test]
+    fn a_kill_after_a_failed_writeback_may_show_what_was_durable_before_it() {
+        // The live stack read the new write (its table in memory links it)
+        // and a read-back took it as the content; the restart reads the
+        // table on disk, which the lost writeback never updated.
+        let mut m = Model::new(8 * C, C);
+        let a = write(&mut m, 0, 512);
+        flush(&mut m);
+        let b = write(&mut m, 0, 512);
+        m.page_cache_lost();
+        m.check_readback(0, &data(b, 0, 512)).unwrap();
+        m.kill();
+        m.may_read_back(0, &data(a, 0, 512)).unwrap();
+        m.check_readback(0, &data(a, 0, 512)).unwrap();
+        m.recovered();
+        // Once reopened, a kill keeps what the reopened stack showed.
+        m.kill();
+        m.may_read_back(0, &data(b, 0, 512)).unwrap_err();
+    }
+
+    #[test]
+    fn a_kill_after_a_failed_write_may_take_back_what_a_read_showed_until_a_flush() {
+        // A failed write-zeroes linked a zeroed cluster in the engine's
+        // memory only; a read showed the zeros; the restart reads the table.
+        let mut m = Model::new(8 * C, C);
+        let a = write(&mut m, 0, 512);
+        flush(&mut m);
+        let id = m.issue_zeroes(0, 512);
+        m.complete(id, false);
+        m.check_readback(0, &data(0, 0, 512)).unwrap();
+        m.kill();
+        m.may_read_back(0, &data(a, 0, 512)).unwrap();
+        m.check_readback(0, &data(a, 0, 512)).unwrap();
+        m.recovered();
+        // A flush after the failure makes what was read stay.
+        let id = m.issue_zeroes(0, 512);
+        m.complete(id, false);
+        m.check_readback(0, &data(0, 0, 512)).unwrap();
+        flush(&mut m);
+        m.kill();
+        m.may_read_back(0, &data(a, 0, 512)).unwrap_err();
     }
 
     #[test]

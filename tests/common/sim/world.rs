@@ -128,6 +128,9 @@ pub struct World {
     /// whatever their destructors try to do to the files must not happen
     /// (a killed process runs no destructor).
     pub dying: Cell<bool>,
+    /// The next power cut is aimed at a sync: no sync in flight lands, and
+    /// every file keeps a reordered part of its unsynced writes.
+    pub lose_syncs: Cell<bool>,
 }
 
 const FNV_PRIME: u64 = 0x100_0000_01b3;
@@ -161,6 +164,7 @@ impl World {
             dir_mode,
             trace: Cell::new(std::env::var_os("UBLK_PLOOP_SIM_TRACE").is_some_and(|v| v != "0")),
             dying: Cell::new(false),
+            lose_syncs: Cell::new(false),
         }
     }
 
@@ -324,7 +328,8 @@ impl World {
         let mut ops: BTreeMap<u64, Op> = std::mem::take(&mut st.in_flight).into_iter().map(|(id, f)| (id, f.op)).collect();
         ops.append(&mut st.abandoned);
         for (_, op) in ops {
-            let lands = st.crash_rng.chance(50);
+            // The draw is made either way: the crash stream stays as it was.
+            let lands = st.crash_rng.chance(50) && !(self.lose_syncs.get() && matches!(op, Op::Sync { .. }));
             self.fold(5, lands as u64);
             if self.tracing() {
                 eprintln!("sim kill: {:?} {}", Brief(&op, &st.fs), if lands { "lands" } else { "is lost" });
@@ -341,7 +346,7 @@ impl World {
     pub fn cut(&self) {
         let mut st = self.state();
         let st = &mut *st;
-        for (ino, p) in st.fs.cut(&mut st.crash_rng) {
+        for (ino, p) in st.fs.cut(&mut st.crash_rng, self.lose_syncs.replace(false)) {
             self.fold(6, ino ^ (p as u64) << 56);
             if self.tracing() {
                 eprintln!("sim power cut: inode {ino} {p:?}");
