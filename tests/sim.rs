@@ -126,6 +126,12 @@ const REGRESSION_SEEDS: &[u64] = &[
     // serves without its top until a restart, as designed (seed 19's fix);
     // the driver compared it with the descriptor and read from it.
     12432250633076,
+    // A kill during a snapshot left the frozen delta's last writes (its
+    // clean mark with a BAT entry, and the data) in the page cache only;
+    // the restart served them from below, a flush synced only the top,
+    // and a power cut took back what reads had shown. A writable start
+    // (and a switch) now syncs every lower layer before serving it.
+    12432250630278,
 ];
 
 /// A run ends early, passing, when the reopen finds the filesystem full.

@@ -516,7 +516,12 @@ pub async fn switch<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, guid: Guid) -
                 if spec.format == crate::layers::Format::Ploop && spec.path.starts_with(&disk.dir) && crate::layers::clean_if_in_use(io, &spec.path, direct).await? {
                     tracing::warn!(image = %spec.path.display(), "a delta was left in use by an operation that did not finish; checked and closed");
                 }
-                Arc::new(Layer::open(io, &spec.path, spec.format, false, direct).await?.0)
+                let layer = Layer::open(io, &spec.path, spec.format, false, direct).await?.0;
+                // What it shows is durable before it is served (a process
+                // killed while closing it may have left its last writes
+                // unsynced): the device's flushes sync only the top.
+                io.sync_data(layer.file().fd()).await.map_err(|e| Error::io(e, format_args!("{}: syncing a lower layer", spec.path.display())))?;
+                Arc::new(layer)
             }
         };
         layers.push(layer);

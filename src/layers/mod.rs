@@ -112,6 +112,21 @@ pub async fn clean_file_if_in_use<I: Io>(io: &I, file: &ImageFile, direct: Direc
     Ok(true)
 }
 
+/// Make a layer about to be served below a writable top safe to serve:
+/// a ploop image left in use is cleaned (see `clean_file_if_in_use`), and
+/// any other is synced. A process killed while it wrote the file (a top
+/// being frozen by a snapshot, its clean mark written but not synced)
+/// leaves pages that reads show but a power cut may take back; a flush of
+/// the device syncs only its top, so what is served from below must be
+/// durable before it is served. Returns whether the image was cleaned.
+pub async fn settle_lower<I: Io>(io: &I, file: &ImageFile, format: Format, direct: Direct) -> Result<bool> {
+    if format == Format::Ploop && clean_file_if_in_use(io, file, direct).await? {
+        return Ok(true);
+    }
+    io.sync_data(file.fd()).await.map_err(|e| Error::io(e, format_args!("{}: syncing a lower layer", file.path.display())))?;
+    Ok(false)
+}
+
 /// The same through a file already open.
 pub async fn file_marked_in_use<I: Io>(io: &I, file: &ImageFile) -> Result<bool> {
     let name = file.path.display().to_string();

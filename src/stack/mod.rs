@@ -186,10 +186,11 @@ impl Stack {
             // snapshot when the process died: open it read-write once (its
             // BAT is checked and its grown-ahead tail trimmed, as on any
             // unclean open) and close it, so it is clean before it serves
-            // as a read-only layer.
+            // as a read-only layer. Any other is synced: what it shows
+            // must be durable before a flush of the top is acknowledged.
             for (i, spec) in specs[..lowers].iter().enumerate() {
                 let path = &spec.path;
-                if spec.format == Format::Ploop && crate::layers::clean_file_if_in_use(io, &files[i], opts.direct).await? {
+                if crate::layers::settle_lower(io, &files[i], spec.format, opts.direct).await? {
                     tracing::warn!(image = %path.display(), "lower layer was left in use by a snapshot that did not finish; checked and closed");
                     repaired[i] = true;
                 }
