@@ -49,7 +49,7 @@ pub async fn convert<I: Io>(
             within_table_limit(&name, read.header.size_bytes(), read.header.cluster_bytes())?;
         }
     }
-    let (src, _) = Stack::open_layers(io, sources, &StackOptions { read_only: true, direct: opts.direct }).await?;
+    let (src, _) = Stack::open_layers(io, sources, &StackOptions { read_only: true, direct: opts.direct, offline: false }).await?;
     if dst.exists() {
         return Err(Error::new(libc::EEXIST, format!("{}: destination exists; refusing to overwrite it", dst.display())));
     }
@@ -86,7 +86,7 @@ async fn copy_all<I: Io>(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<ConvertStats> {
     let out_spec = LayerSpec { path: dst.to_path_buf(), format: opts.to };
-    let (out, _) = Stack::open_layers(io, &[out_spec], &StackOptions { read_only: false, direct: opts.direct }).await?;
+    let (out, _) = Stack::open_layers(io, &[out_spec], &StackOptions { read_only: false, direct: opts.direct, offline: false }).await?;
     let size = src.size();
     // Zero detection at the finer of the two cluster sizes, so a sparse
     // source stays sparse in a destination with smaller clusters.

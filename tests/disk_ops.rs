@@ -25,8 +25,14 @@ use ublk_ploop::{Stack, StackOptions};
 const WRITERS: usize = 4;
 
 fn open(disk: &Disk, guid: Option<Guid>, read_only: bool) -> Stack {
+    open_as(disk, guid, read_only, false)
+}
+
+/// `offline`: as the offline tools open it (no request served; a merge of
+/// the top folds it into its parent).
+fn open_as(disk: &Disk, guid: Option<Guid>, read_only: bool, offline: bool) -> Stack {
     let layers = disk.layers(guid).unwrap();
-    retry_busy(|| block_on(Stack::open_layers(&SyncIo, &layers, &StackOptions { read_only, ..Default::default() })))
+    retry_busy(|| block_on(Stack::open_layers(&SyncIo, &layers, &StackOptions { read_only, offline, ..Default::default() })))
         .unwrap_or_else(|e| panic!("opening {layers:?}: {e}"))
         .0
 }
@@ -171,6 +177,17 @@ enum Op {
     MergeLower,
     Delete,
     Switch,
+    /// The top merged into its parent by an offline tool (folded into the
+    /// parent's file).
+    MergeTopOffline,
+    /// The top's parent deleted offline (the top folded into it).
+    DeleteOffline,
+}
+
+impl Op {
+    fn offline(self) -> bool {
+        matches!(self, Op::MergeTopOffline | Op::DeleteOffline)
+    }
 }
 
 /// A disk with three deltas, each holding some clusters, and the disk's
@@ -179,6 +196,8 @@ struct Fixture {
     dir: TempDir,
     /// The top delta's file name before any operation.
     top_file: String,
+    /// The file of the top's parent (the snapshot `guids[1]`).
+    parent_file: String,
     model: Vec<u8>,
     guids: Vec<Guid>,
     snapshot_models: HashMap<Guid, Vec<u8>>,
@@ -207,7 +226,8 @@ fn fixture(tag: &str) -> Fixture {
     }
     block_on(stack.close(&SyncIo)).unwrap();
     let top_file = disk.desc.image(TOP_GUID).unwrap().file.clone();
-    Fixture { dir, top_file, model, guids, snapshot_models }
+    let parent_file = disk.desc.image(guids[1]).unwrap().file.clone();
+    Fixture { dir, top_file, parent_file, model, guids, snapshot_models }
 }
 
 /// Copy the fixture's directory for one run.
@@ -224,13 +244,13 @@ fn run_op<I: Io>(f: &Fixture, op: Op, io: &I, name: &str) -> (PathBuf, Option<St
     let dir = f.dir.join(name);
     copy_dir(&f.dir.join("ct"), &dir);
     let mut disk = Disk::load(&dir).unwrap();
-    let stack = open(&disk, None, false);
+    let stack = open_as(&disk, None, false, op.offline());
     let r = quiesced(|| match op {
         Op::Snapshot => block_on(ops::snapshot(io, &stack, &mut disk, None)).map(drop),
-        Op::MergeTop => block_on(ops::merge(io, &stack, &mut disk, None, &|_, _| {})).map(drop),
+        Op::MergeTop | Op::MergeTopOffline => block_on(ops::merge(io, &stack, &mut disk, None, &|_, _| {})).map(drop),
         // The middle delta into the base: both below the top.
         Op::MergeLower => block_on(ops::merge(io, &stack, &mut disk, Some(f.guids[1]), &|_, _| {})).map(drop),
-        Op::Delete => block_on(ops::delete(io, &stack, &mut disk, f.guids[1], &|_, _| {})).map(|d| assert!(matches!(d, Deleted::Merged(_)))),
+        Op::Delete | Op::DeleteOffline => block_on(ops::delete(io, &stack, &mut disk, f.guids[1], &|_, _| {})).map(|d| assert!(matches!(d, Deleted::Merged(_)))),
         Op::Switch => block_on(ops::switch(io, &stack, &mut disk, f.guids[1])).map(drop),
     });
     drop(stack); // the crash (or the end)
@@ -243,7 +263,7 @@ fn run_op<I: Io>(f: &Fixture, op: Op, io: &I, name: &str) -> (PathBuf, Option<St
 /// and closed; every surviving snapshot shows its content.
 fn verify_disk(f: &Fixture, op: Op, dir: &Path, ctx: &str) {
     let mut disk = Disk::load(dir).unwrap_or_else(|e| panic!("{ctx}: the descriptor does not load: {e}"));
-    let stack = open(&disk, None, false);
+    let stack = open_as(&disk, None, false, op.offline());
     let before = read_all(&stack);
     // The next open finishes a merge the crash interrupted.
     quiesced(|| block_on(ops::finish_merges(&SyncIo, &stack, &mut disk))).unwrap_or_else(|e| panic!("{ctx}: finishing a half-done merge: {e}"));
@@ -254,6 +274,11 @@ fn verify_disk(f: &Fixture, op: Op, dir: &Path, ctx: &str) {
     let switched = op == Op::Switch && disk.desc.image(TOP_GUID).map(|i| &i.file) != Some(&f.top_file);
     let want = if switched { &f.snapshot_models[&f.guids[1]] } else { &f.model };
     assert!(got == *want, "{ctx}: the disk does not show {} after the crash", if switched { "the snapshot" } else { "its data" });
+    if op.offline() && disk.desc.images.len() == 2 {
+        // Merged (now or on finishing): the top's GUID names the file of
+        // the snapshot it was folded into.
+        assert_eq!(disk.desc.image(TOP_GUID).unwrap().file, f.parent_file, "{ctx}: the offline merge did not keep the parent's file");
+    }
     block_on(stack.close(&SyncIo)).unwrap();
     drop(stack);
     for g in &f.guids {
@@ -270,7 +295,7 @@ fn a_fault_at_any_step_of_snapshot_merge_delete_or_switch_loses_nothing() {
     let f = fixture("diskops-faults");
     let mut failed = vec![];
     let mut runs = 0;
-    for op in [Op::Snapshot, Op::MergeTop, Op::MergeLower, Op::Delete, Op::Switch] {
+    for op in [Op::Snapshot, Op::MergeTop, Op::MergeLower, Op::Delete, Op::Switch, Op::MergeTopOffline, Op::DeleteOffline] {
         // The reference run: no fault; count what the operation issues.
         let io = Injector::new(None);
         let (dir, err) = run_op(&f, op, &io, &format!("{op:?}-ref"));
@@ -347,7 +372,44 @@ fn a_merge_killed_at_any_moment_loses_nothing() {
         assert!(read_all(&stack) == model, "{ctx}: the merged disk does not show its data");
         drop(stack);
         check_files(&disk, &ctx);
+        assert_eq!(disk.desc.images[0].file, "root.hds", "{ctx}: the offline merge did not keep the base's file");
     }
+}
+
+#[test]
+fn an_offline_merge_copies_only_the_top_into_its_parent_and_keeps_its_name() {
+    // ploop's offline merge: the top's clusters are copied into the
+    // parent's file, which stays (root.hds here); nothing of the parent is
+    // copied. The base is full (12 clusters); the top holds 2 of them.
+    let g = Geometry { cluster: 64 << 10, clusters: 12, stripe: 16 << 10 };
+    let dir = TempDir::new("diskops-fold");
+    let (mut disk, mut model) = full_disk(&dir.join("ct"), &g);
+    let stack = open(&disk, None, false);
+    block_on(ops::snapshot(&SyncIo, &stack, &mut disk, None)).unwrap();
+    write_at(&stack, &mut model, 3, 2 * g.cluster + 512, 4096);
+    write_at(&stack, &mut model, 4, 7 * g.cluster, g.cluster as usize);
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    let base = disk.dir.join("root.hds");
+    let top = disk.file_path(disk.desc.image(TOP_GUID).unwrap());
+    let base_len = std::fs::metadata(&base).unwrap().len();
+
+    let stack = open_as(&disk, None, false, true);
+    let merged = block_on(ops::merge(&SyncIo, &stack, &mut disk, None, &|_, _| {})).unwrap();
+    assert_eq!(merged.clusters, 2, "the merge copied more than the top's clusters");
+    assert_eq!(disk.desc.images.len(), 1);
+    assert_eq!(disk.desc.image(TOP_GUID).unwrap().file, "root.hds", "the base's file is the top now");
+    assert!(read_all(&stack) == model, "the folded stack does not show the data");
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    assert!(!top.exists(), "the top's file was left");
+    // The base held both clusters already: they were overwritten in place.
+    assert_eq!(std::fs::metadata(&base).unwrap().len(), base_len, "the base grew");
+    let disk = Disk::load(&disk.dir).unwrap();
+    let stack = open(&disk, None, true);
+    assert!(read_all(&stack) == model, "the merged disk does not show its data after a reopen");
+    drop(stack);
+    check_files(&disk, "folded");
 }
 
 #[test]
@@ -535,4 +597,37 @@ fn a_lower_merge_failing_midway_leaves_its_parent_closed() {
     drop(stack);
     let report = ploop_check(&ppath, false, "the parent of the failed merge");
     assert!(!report.unclean, "the parent of a failed merge is still marked in use after a clean stop: {report:?}");
+}
+
+#[test]
+fn an_offline_merge_of_a_grown_top_grows_its_parent_first() {
+    // Only the top grows online: folding it into its smaller parent grows
+    // the parent to the disk's size first, or clusters past its end would
+    // have nowhere to go.
+    let g = Geometry { cluster: 64 << 10, clusters: 12, stripe: 16 << 10 };
+    let dir = TempDir::new("diskops-fold-grown");
+    let (mut disk, mut model) = full_disk(&dir.join("ct"), &g);
+    let stack = open(&disk, None, false);
+    block_on(ops::snapshot(&SyncIo, &stack, &mut disk, None)).unwrap();
+    let grown = 40 * g.cluster;
+    block_on(stack.grow_top(&SyncIo, grown)).unwrap();
+    model.resize(grown as usize, 0);
+    write_at(&stack, &mut model, 8, 30 * g.cluster + 4096, 8192);
+    write_at(&stack, &mut model, 9, g.cluster, 4096);
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    let mut disk = Disk::load(&disk.dir).unwrap();
+    let stack = open_as(&disk, None, false, true);
+    let merged = block_on(ops::merge(&SyncIo, &stack, &mut disk, None, &|_, _| {})).unwrap();
+    assert_eq!(merged.clusters, 2);
+    assert_eq!(disk.desc.image(TOP_GUID).unwrap().file, "root.hds");
+    assert!(read_all(&stack) == model, "the folded stack does not show the data");
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    let disk = Disk::load(&disk.dir).unwrap();
+    let stack = open(&disk, None, true);
+    assert_eq!(stack.size(), grown);
+    assert!(read_all(&stack) == model, "the merged disk does not show its data after a reopen");
+    drop(stack);
+    check_files(&disk, "folded after a grow");
 }

@@ -170,6 +170,7 @@ fn offline_snapshot_and_merge_keep_the_changed_block_record() {
     ploop(["snapshot-merge", p(&disk)]).ok();
     let layers = chain(&disk);
     assert_eq!(layers.len(), 1);
+    assert_eq!(layers[0], base, "an offline merge keeps the parent's file, as ploop's does");
     ploop(["check", p(&layers[0])]).ok();
     qemu_accepts(&layers[0]);
     assert_eq!(record_of(&layers[0]), want, "the record is in the merged file");
@@ -181,6 +182,7 @@ fn offline_snapshot_and_merge_keep_the_changed_block_record() {
     ploop(["snapshot-delete", p(&disk), "-u", &snap]).ok();
     let layers = chain(&disk);
     assert_eq!(layers.len(), 1);
+    assert_eq!(layers[0], base, "deleting the base offline folds the top into it");
     assert_eq!(record_of(&layers[0]), want, "kept across snapshot-delete");
     assert_bytes_equal(&read_all(&layers), &data, "disk content");
 }

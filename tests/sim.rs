@@ -364,7 +364,7 @@ impl Driver {
     /// Sets the stack, the paths and the size; returns the disk.
     fn open_disk(&mut self) -> Result<Disk, String> {
         let io = self.io.clone();
-        let opts = StackOptions { read_only: false, direct: Direct::Auto };
+        let opts = StackOptions { read_only: false, direct: Direct::Auto, offline: false };
         let step = self.step;
         let (stack, disk, merged) = self
             .block_on("open", async move {

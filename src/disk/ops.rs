@@ -20,7 +20,7 @@ use super::descriptor::{ImageType, MAX_SNAPSHOTS};
 use super::{Disk, Guid, Image, Shot, Temporary, NONE_GUID, TOP_GUID};
 use crate::error::{Error, Result};
 use crate::io::{AlignedBuf, Direct, Io};
-use crate::layers::Layer;
+use crate::layers::{Format, Layer};
 use crate::stack::{discard_top, Stack};
 
 /// Clusters copied at once by a merge.
@@ -229,7 +229,37 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
     d.shots.retain(|s| s.guid != parent);
     d.shots.iter_mut().filter(|s| s.guid == child).for_each(|s| s.parent = pshot.parent);
     let clusters;
-    if ci + 1 == layers.len() {
+    let top = ci + 1 == layers.len();
+    let same_kind = |a: &Layer, b: &Layer| a.format() == Format::Ploop && b.format() == Format::Ploop && a.variant() == b.variant();
+    if top && stack.is_offline() && same_kind(&layers[pi], &layers[ci]) {
+        // Offline, as ploop's offline merge: the top is copied into its
+        // parent's file, which then serves as the top under the top's
+        // GUID. The cost is the top's clusters, and the parent keeps its
+        // name. The parent is marked temporary first: a crash while its
+        // content changes leaves a merge the next open finishes (the top
+        // over it reads the same meanwhile).
+        if pshot.temporary == Temporary::No {
+            let mut marked = disk.clone();
+            marked.desc.shots.iter_mut().filter(|s| s.guid == parent).for_each(|s| s.temporary = Temporary::Temporary);
+            marked.replace(io, disk).await?;
+            *disk = marked;
+        }
+        let direct = if layers[ci].file().direct { Direct::Auto } else { Direct::Off };
+        drop(layers);
+        let kind = pimg.kind;
+        clusters = stack
+            .fold_top(io, |io, top_path, parent_path| async move {
+                let (top, _) = Layer::open(io, &top_path, Format::Ploop, false, direct).await?;
+                let (_, n) = copy_into_parent(io, &top, &parent_path, kind, true, stack, progress).await?;
+                Ok(n)
+            })
+            .await?;
+        // The top's GUID now names the parent's file.
+        next.desc.images.iter_mut().filter(|i| i.guid == child).for_each(|i| i.file = pimg.file.clone());
+        next.replace(io, disk).await?;
+        *disk = next;
+        remove_file(io, &cpath);
+    } else if top {
         // The top: copy the parent up into it, online.
         layers[pi].relock(io, true).map_err(in_use)?;
         clusters = match stack.merge_parent_into_top(io, MERGE_BATCH, progress).await {

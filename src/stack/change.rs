@@ -423,6 +423,72 @@ impl Stack {
         }
     }
 
+    /// Offline only (no request is served): fold the top into its parent.
+    /// The top is closed clean and the parent's read-only opening dropped,
+    /// so that `work` (given the top's and the parent's paths) may open the
+    /// top itself and copy its clusters into the parent's file under the
+    /// parent's exclusive lock. Then the parent's file, opened writable,
+    /// replaces both as the top. If `work` fails, both are opened again as
+    /// they were. The kept record of changes goes into the new top on close.
+    pub async fn fold_top<'a, I, T, F, Fut>(&'a self, io: &'a I, work: F) -> Result<T>
+    where
+        I: Io,
+        F: FnOnce(&'a I, PathBuf, PathBuf) -> Fut,
+        Fut: std::future::Future<Output = Result<T>> + 'a,
+    {
+        if !self.offline {
+            return Err(Error::invalid("folding the top into its parent needs a stack no request is served from (offline)"));
+        }
+        self.check_writable()?;
+        let mut shape = self.shape.exclusive().await;
+        shape.check_open()?;
+        if !shape.trackers.is_empty() {
+            return Err(Error::new(libc::EBUSY, "a write tracker is attached: the top cannot be folded"));
+        }
+        self.retire_pending(io).await?;
+        let n = shape.layers.len();
+        if n < 2 || shape.layers[n - 1].format() != Format::Ploop || shape.layers[n - 2].format() != Format::Ploop {
+            return Err(Error::invalid("folding needs a ploop top over a ploop parent"));
+        }
+        if shape.layers[n - 2..].iter().any(|l| Arc::strong_count(l) != 1) {
+            return Err(Error::new(libc::EBUSY, "the top or its parent is in use elsewhere; try again"));
+        }
+        let top = shape.layers.pop().expect("two layers");
+        if let Err(e) = top.close(io).await {
+            shape.layers.push(top);
+            return Err(e.context("closing the top"));
+        }
+        let parent = shape.layers.pop().expect("two layers");
+        let (top_path, parent_path) = (top.file().path.clone(), parent.file().path.clone());
+        drop((top, parent));
+        let result = work(io, top_path.clone(), parent_path.clone()).await;
+        let reopened = async {
+            if result.is_ok() {
+                let (p, _) = Layer::open(io, &parent_path, Format::Ploop, true, self.direct).await?;
+                Ok(vec![Arc::new(p)])
+            } else {
+                let (p, _) = Layer::open(io, &parent_path, Format::Ploop, false, self.direct).await?;
+                let (t, _) = Layer::open(io, &top_path, Format::Ploop, true, self.direct).await?;
+                Ok(vec![Arc::new(p), Arc::new(t)])
+            }
+        }
+        .await;
+        match reopened {
+            Ok(layers) => {
+                shape.layers.extend(layers);
+                shape.owner = owner_map(&shape.layers, self.size(), self.cluster);
+                result
+            }
+            Err(e) => {
+                // Nothing is served offline; the tool closes the stack and
+                // the next open finishes the merge the descriptor records.
+                shape.closed = true;
+                let e: Error = e;
+                Err(result.err().unwrap_or(e))
+            }
+        }
+    }
+
     /// After the disk grew (requests still held): the kept record of
     /// changes, the one tracker a grow allows, ends. An incremental stream
     /// of the grown disk would not apply to the older backups (a receiver

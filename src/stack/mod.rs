@@ -70,6 +70,11 @@ pub struct StackOptions {
     /// Open every layer read-only (the top too).
     pub read_only: bool,
     pub direct: Direct,
+    /// No request will be served (an offline tool's stack): a merge of
+    /// the top may then fold it into its parent's file, which costs the
+    /// top's clusters and keeps the parent's name, as ploop's offline
+    /// merge does, instead of copying the parent up.
+    pub offline: bool,
 }
 
 /// What requests share and a stack change swaps.
@@ -141,6 +146,8 @@ pub struct Stack {
     size: AtomicU64,
     block: u32,
     read_only: bool,
+    /// See `StackOptions::offline`.
+    offline: bool,
     direct: Direct,
     /// Clusters of the top being allocated, with the requests waiting for
     /// each (see `allocate`).
@@ -249,6 +256,7 @@ impl Stack {
             size: AtomicU64::new(size),
             block,
             read_only,
+            offline: opts.offline,
             direct: opts.direct,
             busy: Mutex::new(HashMap::new()),
             bufs: BufPool::new(cluster as usize, KEEP_BUFS),
@@ -270,6 +278,11 @@ impl Stack {
     }
     pub fn is_read_only(&self) -> bool {
         self.read_only
+    }
+    /// Opened by an offline tool: no request is served (see
+    /// `StackOptions::offline`).
+    pub fn is_offline(&self) -> bool {
+        self.offline
     }
 
     /// The layers now, bottom first. Waits while the stack changes: call
