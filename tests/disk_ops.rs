@@ -631,3 +631,33 @@ fn an_offline_merge_of_a_grown_top_grows_its_parent_first() {
     drop(stack);
     check_files(&disk, "folded after a grow");
 }
+
+#[test]
+fn a_writable_start_syncs_its_lower_layers_unless_their_filesystem_cannot() {
+    // A process killed while a snapshot froze the old top may leave that
+    // delta's last writes in the page cache; the device's flushes sync
+    // only the top, so a start makes the lower layers durable before it
+    // serves them (simulation seed 12432250630278). A failed sync of one
+    // stops the start; a filesystem that cannot sync at all (EINVAL:
+    // squashfs, iso9660) or is read-only (EROFS) holds nothing unsynced.
+    let (_dir, mut disk, stack, model) = served("diskops-sync-lowers");
+    block_on(ops::snapshot(&SyncIo, &stack, &mut disk, None)).unwrap();
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    let lower = disk.dir.join("root.hds");
+    let layers = disk.layers(None).unwrap();
+    let opts = StackOptions { read_only: false, offline: false, ..Default::default() };
+    let trap = Trap::new(Kind::Sync).on(&lower).fail(u64::MAX);
+    let io = trap.io();
+    let e = block_on(Stack::open_layers(&io, &layers, &opts)).err().expect("a start whose lower layer does not sync");
+    assert_eq!(e.errno(), libc::EIO, "{e}");
+    assert!(io.hook.seen() >= 1, "the lower layer was not synced");
+    for errno in [libc::EINVAL, libc::EROFS] {
+        let io = Trap::new(Kind::Sync).on(&lower).fail(u64::MAX).errno(errno).io();
+        let (stack, _) = retry_busy(|| block_on(Stack::open_layers(&io, &layers, &opts))).unwrap_or_else(|e| panic!("errno {errno}: {e}"));
+        assert_eq!(io.hook.seen(), 1, "errno {errno}");
+        assert!(read_all(&stack) == model);
+        block_on(stack.close(&SyncIo)).unwrap();
+    }
+    check_files(&disk, "after the starts");
+}

@@ -550,7 +550,7 @@ pub async fn switch<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, guid: Guid) -
                 // What it shows is durable before it is served (a process
                 // killed while closing it may have left its last writes
                 // unsynced): the device's flushes sync only the top.
-                io.sync_data(layer.file().fd()).await.map_err(|e| Error::io(e, format_args!("{}: syncing a lower layer", spec.path.display())))?;
+                crate::layers::sync_lower(io, layer.file()).await?;
                 Arc::new(layer)
             }
         };

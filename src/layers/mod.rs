@@ -123,8 +123,18 @@ pub async fn settle_lower<I: Io>(io: &I, file: &ImageFile, format: Format, direc
     if format == Format::Ploop && clean_file_if_in_use(io, file, direct).await? {
         return Ok(true);
     }
-    io.sync_data(file.fd()).await.map_err(|e| Error::io(e, format_args!("{}: syncing a lower layer", file.path.display())))?;
+    sync_lower(io, file).await?;
     Ok(false)
+}
+
+/// Sync a file served read-only (see `settle_lower`). A filesystem that
+/// cannot sync (EINVAL: squashfs, iso9660) or is read-only (EROFS) holds
+/// no unsynced writes: nothing to do there.
+pub async fn sync_lower<I: Io>(io: &I, file: &ImageFile) -> Result<()> {
+    match io.sync_data(file.fd()).await {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EROFS)) => Ok(()),
+        r => r.map_err(|e| Error::io(e, format_args!("{}: syncing a lower layer", file.path.display()))),
+    }
 }
 
 /// The same through a file already open.

@@ -253,7 +253,7 @@ impl Hook for FailEvery {
     }
 }
 
-/// Fails (EIO) chosen operations of one kind, for a test that needs one
+/// Fails (EIO, or `errno`) chosen operations of one kind, for a test that needs one
 /// exact failure where a sweep would be blind: optionally only those on
 /// one file (`on`) or at one offset (`at`), and only once an operation of
 /// another kind has run (`after`, e.g. the descriptor's rename). Of the
@@ -267,6 +267,7 @@ pub struct Trap {
     after: Option<Kind>,
     skip: u64,
     fail: u64,
+    errno: i32,
     armed: std::cell::Cell<bool>,
     seen: std::cell::Cell<u64>,
     failed: std::cell::Cell<u64>,
@@ -285,6 +286,7 @@ impl Trap {
             after: None,
             skip: 0,
             fail: 1,
+            errno: libc::EIO,
             armed: std::cell::Cell::new(true),
             seen: std::cell::Cell::new(0),
             failed: std::cell::Cell::new(0),
@@ -315,6 +317,11 @@ impl Trap {
         self.fail = n;
         self
     }
+    /// Fail with `errno` instead of EIO.
+    pub fn errno(mut self, errno: i32) -> Trap {
+        self.errno = errno;
+        self
+    }
     /// Syscall I/O under this trap.
     pub fn io(self) -> Trapped {
         Hooked { inner: SyncIo, hook: self }
@@ -342,7 +349,7 @@ impl Hook for Trap {
             self.seen.set(index + 1);
             if index >= self.skip && index - self.skip < self.fail {
                 self.failed.set(self.failed.get() + 1);
-                return Err(eio());
+                return Err(errno(self.errno));
             }
         }
         let result = run.await;
