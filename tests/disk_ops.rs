@@ -661,3 +661,54 @@ fn a_writable_start_syncs_its_lower_layers_unless_their_filesystem_cannot() {
     }
     check_files(&disk, "after the starts");
 }
+
+#[test]
+fn a_failed_lower_merge_leaves_the_stack_seeing_what_its_parent_now_holds() {
+    // A lower merge that fails after linking clusters into its parent's
+    // file leaves them there (the parent is marked temporary; the child
+    // above still covers them). The stack's opening of the parent must
+    // learn of them: once the child is gone, a compaction that believed
+    // nothing lay below a discarded cluster of the top unlinked it, and
+    // the reopened disk showed the child's old data from the parent
+    // (simulation seed 1255208727134).
+    let g = Geometry { cluster: 64 << 10, clusters: 12, stripe: 16 << 10 };
+    let dir = TempDir::new("diskops-stale-parent");
+    let mut disk = block_on(Disk::init(&SyncIo, &dir.join("ct"), g.size(), g.cluster)).unwrap();
+    let stack = open(&disk, None, false);
+    let base = disk.dir.join("root.hds");
+    let s1 = block_on(ops::snapshot(&SyncIo, &stack, &mut disk, None)).unwrap();
+    let mut model = vec![0u8; g.size() as usize];
+    write_at(&stack, &mut model, 3, 3 * g.cluster, g.cluster as usize);
+    let s2 = block_on(ops::snapshot(&SyncIo, &stack, &mut disk, None)).unwrap();
+    // s2 (holding cluster 3) into the empty base: the base's syncs pass
+    // until its entries are written (the in-use mark's, the copy's data
+    // sync), then its close's sync fails.
+    let io = Trap::new(Kind::Sync).on(&base).skip(3).fail(u64::MAX).io();
+    let e = block_on(ops::merge(&io, &stack, &mut disk, Some(s2.guid), &|_, _| {})).err().expect("the merge's close fails");
+    assert_eq!(e.errno(), libc::EIO, "{e}");
+    assert!(io.hook.failed() >= 1);
+    {
+        // The copy linked cluster 3 in the base's file before it failed.
+        let (l, _) = block_on(ublk_ploop::layers::Layer::open(&SyncIo, &base, ublk_ploop::layers::Format::Ploop, false, ublk_ploop::io::Direct::Off)).unwrap();
+        assert!(l.lookup(3, g.cluster).is_some(), "the failure came before the link: the test no longer covers the case");
+    }
+    assert!(read_all(&stack) == model);
+    // The child goes (copied up into the top), the top's cluster 3 is
+    // discarded and the top compacted.
+    quiesced(|| block_on(ops::delete(&SyncIo, &stack, &mut disk, s2.guid, &|_, _| {}))).unwrap();
+    block_on(stack.discard(&SyncIo, 3 * g.cluster, g.cluster as usize)).unwrap();
+    model[3 * g.cluster as usize..4 * g.cluster as usize].fill(0);
+    block_on(stack.compact(&SyncIo, 64, &|_, _| {})).unwrap();
+    assert!(read_all(&stack) == model, "the served disk");
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    let mut disk = Disk::load(&disk.dir).unwrap();
+    let stack = open(&disk, None, false);
+    assert!(read_all(&stack) == model, "the reopened disk shows the deleted snapshot's data again");
+    quiesced(|| block_on(ops::finish_merges(&SyncIo, &stack, &mut disk))).unwrap();
+    assert!(read_all(&stack) == model, "after finishing the merge");
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    let _ = s1;
+    check_files(&disk, "after the failed merge");
+}

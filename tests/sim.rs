@@ -132,6 +132,12 @@ const REGRESSION_SEEDS: &[u64] = &[
     // and a power cut took back what reads had shown. A writable start
     // (and a switch) now syncs every lower layer before serving it.
     12432250630278,
+    // A lower merge failed after linking a cluster into its parent's file;
+    // the stack kept its old opening of the parent, so once the child was
+    // deleted a compaction unlinked the top's discarded cluster (nothing
+    // below, it believed) and the restart showed the child's old data from
+    // the parent. A failed lower merge now reopens the parent.
+    1255208727134,
 ];
 
 /// A run ends early, passing, when the reopen finds the filesystem full.

@@ -303,6 +303,12 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
             Ok(m) => m,
             Err(e) => {
                 unlock();
+                // The parent's file may hold clusters the stack's opening
+                // of it does not know: open it afresh.
+                drop(layers);
+                if let Err(re) = stack.reopen_lower(io, pi).await {
+                    tracing::error!("{re}");
+                }
                 return Err(e);
             }
         };

@@ -284,6 +284,35 @@ impl Stack {
         Ok(old)
     }
 
+    /// Swap a lower layer for a fresh read-only opening of its file. A
+    /// merge into it that failed midway left clusters linked in the file
+    /// that the stack's opening does not know; the child above still holds
+    /// each of them, so reads do not change, but what the stack decides
+    /// about the layers below the top (a compaction's unlink of a discarded
+    /// cluster, a write-zeroes that finds nothing to hide, a later merge's
+    /// copy-up) must see them, as a restart would. If the file cannot be
+    /// opened, the stack closes (requests fail until a restart).
+    pub async fn reopen_lower<I: Io>(&self, io: &I, index: usize) -> Result<()> {
+        let mut shape = self.shape.exclusive().await;
+        shape.check_open()?;
+        if index + 1 >= shape.layers.len() {
+            return Err(Error::invalid(format!("layer {index} is the top or does not exist")));
+        }
+        let old = &shape.layers[index];
+        let (path, format) = (old.file().path.clone(), old.format());
+        match Layer::open(io, &path, format, false, self.direct).await {
+            Ok((layer, _)) => {
+                shape.layers[index] = Arc::new(layer);
+                shape.owner = owner_map(&shape.layers, self.size(), self.cluster);
+                Ok(())
+            }
+            Err(e) => {
+                shape.closed = true;
+                Err(e.context(format_args!("{}: reopening a lower layer a failed merge changed", path.display())))
+            }
+        }
+    }
+
     /// Swap a lower layer for another opening of it and drop the layer
     /// above it (a merge of a lower delta into its parent: `merged` is the
     /// parent with the child's clusters copied in). Returns the old parent
