@@ -274,3 +274,23 @@ fn a_failed_reload_keeps_the_lock() {
     disk.reload().unwrap();
     assert!(disk.holds_lock());
 }
+
+#[test]
+fn a_shot_with_a_reverse_merge_state_and_the_plain_mark_is_in_the_reverse_merge_state() {
+    // ploop 9 reads TemporaryZeroSwap, then TemporaryZero, before
+    // Temporary: a shot marked both ways is in the reverse merge's state.
+    use ublk_ploop::disk::Temporary;
+    let files = ["root.hds", "root.hds.{c4d3e2f1-a0b9-4c8d-9e7f-6a5b4c3d2e1f}", "root.hds.{1a2b3c4d-5e6f-4a1b-8c2d-3e4f5a6b7c8d}"];
+    let middle: Guid = "{7c2a9d41-1e5f-4a63-8b2d-6e0f9a8b7c65}".parse().unwrap();
+    for (extra, want) in [
+        ("<Temporary/>", Temporary::Temporary),
+        ("<TemporaryZero/>", Temporary::Zero),
+        ("<Temporary/><TemporaryZero/>", Temporary::Zero),
+        ("<TemporaryZero/><Temporary/>", Temporary::Zero),
+        ("<Temporary/><TemporaryZeroSwap/>", Temporary::ZeroSwap),
+        ("<TemporaryZeroSwap/><TemporaryZero/>", Temporary::ZeroSwap),
+    ] {
+        let d = Descriptor::parse(&example(files, extra)).unwrap_or_else(|e| panic!("{extra}: {e}"));
+        assert_eq!(d.shot(middle).unwrap().temporary, want, "{extra}");
+    }
+}

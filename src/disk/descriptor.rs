@@ -270,12 +270,15 @@ impl Descriptor {
             let guid: Guid = text(required(shot, "GUID", "Shot")?).parse().map_err(|e: Error| e.context("DiskDescriptor.xml: <Shot/GUID>"))?;
             let parent: Guid =
                 text(required(shot, "ParentGUID", "Shot")?).parse().map_err(|e: Error| e.context("DiskDescriptor.xml: <Shot/ParentGUID>"))?;
-            let temporary = if child(shot, "Temporary").is_some() {
-                Temporary::Temporary
-            } else if child(shot, "TemporaryZeroSwap").is_some() {
+            // ploop 9 reads the reverse merge's states before the plain
+            // mark (a later state wins), so a shot carrying both tags is in
+            // the reverse merge's state.
+            let temporary = if child(shot, "TemporaryZeroSwap").is_some() {
                 Temporary::ZeroSwap
             } else if child(shot, "TemporaryZero").is_some() {
                 Temporary::Zero
+            } else if child(shot, "Temporary").is_some() {
+                Temporary::Temporary
             } else {
                 Temporary::No
             };
