@@ -239,10 +239,7 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
         // content changes leaves a merge the next open finishes (the top
         // over it reads the same meanwhile).
         if pshot.temporary == Temporary::No {
-            let mut marked = disk.clone();
-            marked.desc.shots.iter_mut().filter(|s| s.guid == parent).for_each(|s| s.temporary = Temporary::Temporary);
-            marked.replace(io, disk).await?;
-            *disk = marked;
+            mark_temporary(io, disk, parent).await?;
         }
         let direct = if layers[ci].file().direct { Direct::Auto } else { Direct::Off };
         drop(layers);
@@ -291,13 +288,10 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
         // leaves a snapshot known to be half merged (and merged again on
         // the next open), never one that silently shows other data.
         if pshot.temporary == Temporary::No {
-            let mut marked = disk.clone();
-            marked.desc.shots.iter_mut().filter(|s| s.guid == parent).for_each(|s| s.temporary = Temporary::Temporary);
-            if let Err(e) = marked.replace(io, disk).await {
+            if let Err(e) = mark_temporary(io, disk, parent).await {
                 unlock();
                 return Err(e);
             }
-            *disk = marked;
         }
         let merged = match copy_into_parent(io, &layers[ci], &ppath, pimg.kind, false, stack, progress).await {
             Ok(m) => m,
@@ -327,6 +321,16 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
         remove_file(io, &cpath);
     }
     Ok(Merged { child, parent, clusters })
+}
+
+/// Store `disk`'s descriptor with snapshot `guid` marked temporary: half
+/// merged from now on, so a crash leaves a merge the next open finishes.
+async fn mark_temporary<I: Io>(io: &I, disk: &mut Disk, guid: Guid) -> Result<()> {
+    let mut marked = disk.clone();
+    marked.desc.shots.iter_mut().filter(|s| s.guid == guid).for_each(|s| s.temporary = Temporary::Temporary);
+    marked.replace(io, disk).await?;
+    *disk = marked;
+    Ok(())
 }
 
 /// Finish what a crash interrupted: a temporary snapshot in the served
@@ -364,10 +368,7 @@ async fn merge_off_chain<I: Io>(
     child_layer
         .relock(io, true)
         .map_err(|e| Error::new(e.errno(), format!("{}: in use by another process (a mounted snapshot?): {e}", cpath.display())))?;
-    let mut marked = disk.clone();
-    marked.desc.shots.iter_mut().filter(|s| s.guid == parent).for_each(|s| s.temporary = Temporary::Temporary);
-    marked.replace(io, disk).await?;
-    *disk = marked;
+    mark_temporary(io, disk, parent).await?;
     let (_, clusters) = copy_into_parent(io, &child_layer, &ppath, pimg.kind, true, stack, progress).await?;
     let mut next = disk.clone();
     let d = &mut next.desc;
@@ -546,18 +547,22 @@ pub async fn switch<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, guid: Guid) -
             Some(l) => l.clone(),
             None => {
                 let direct = if current[0].file().direct { Direct::Auto } else { Direct::Off };
-                // A delta of the other branch an interrupted operation left
-                // in use (a delete merging into it) is cleaned first, as the
-                // served chain's are when the device starts.
-                if spec.format == crate::layers::Format::Ploop && spec.path.starts_with(&disk.dir) && crate::layers::clean_if_in_use(io, &spec.path, direct).await? {
+                let file = crate::io::open_image_file_in(io, &spec.path, false, direct)?;
+                // As the served chain's layers when the device starts
+                // (`settle_lower`): a delta of the other branch an
+                // interrupted operation left in use (a delete merging into
+                // it) is cleaned, any other synced, before it is served.
+                // Only the disk directory's own deltas are ever written.
+                let cleaned = if spec.path.starts_with(&disk.dir) {
+                    crate::layers::settle_lower(io, &file, spec.format, direct).await?
+                } else {
+                    crate::layers::sync_lower(io, &file).await?;
+                    false
+                };
+                if cleaned {
                     tracing::warn!(image = %spec.path.display(), "a delta was left in use by an operation that did not finish; checked and closed");
                 }
-                let layer = Layer::open(io, &spec.path, spec.format, false, direct).await?.0;
-                // What it shows is durable before it is served (a process
-                // killed while closing it may have left its last writes
-                // unsynced): the device's flushes sync only the top.
-                crate::layers::sync_lower(io, layer.file()).await?;
-                Arc::new(layer)
+                Arc::new(Layer::open_file(io, file, spec.format, direct).await?.0)
             }
         };
         layers.push(layer);

@@ -94,15 +94,10 @@ pub async fn marked_in_use<I: Io>(io: &I, path: &Path) -> Result<bool> {
 }
 
 /// A ploop image still marked in use (a process died while it had it open
-/// for writing) is opened read-write once and closed: its table checked
-/// and its grown-ahead tail trimmed, so that it is clean before it serves
-/// as a read-only layer. Returns whether it was marked.
-pub async fn clean_if_in_use<I: Io>(io: &I, path: &Path, direct: Direct) -> Result<bool> {
-    let file = open_image_file_in(io, path, false, Direct::Off)?;
-    clean_file_if_in_use(io, &file, direct).await
-}
-
-/// The same, checked through a file already open (read-only).
+/// for writing), checked through a file already open read-only, is opened
+/// read-write once and closed: its table checked and its grown-ahead tail
+/// trimmed, so that it is clean before it serves as a read-only layer.
+/// Returns whether it was marked.
 pub async fn clean_file_if_in_use<I: Io>(io: &I, file: &ImageFile, direct: Direct) -> Result<bool> {
     if !file_marked_in_use(io, file).await? {
         return Ok(false);

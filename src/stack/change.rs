@@ -491,7 +491,7 @@ impl Stack {
         let (top_path, parent_path) = (top.file().path.clone(), parent.file().path.clone());
         drop((top, parent));
         let result = work(io, top_path.clone(), parent_path.clone()).await;
-        let reopened = async {
+        let reopened: Result<Vec<Arc<Layer>>> = async {
             if result.is_ok() {
                 let (p, _) = Layer::open(io, &parent_path, Format::Ploop, true, self.direct).await?;
                 Ok(vec![Arc::new(p)])
@@ -512,7 +512,6 @@ impl Stack {
                 // Nothing is served offline; the tool closes the stack and
                 // the next open finishes the merge the descriptor records.
                 shape.closed = true;
-                let e: Error = e;
                 Err(result.err().unwrap_or(e))
             }
         }
