@@ -17,6 +17,10 @@
 //!   reads the record of changes (an incremental's first round).
 //! - `compact-sync`: compaction syncs the clusters it copied before the
 //!   table points at their new places.
+//! - `fold-sync`: an online merge into the parent's file syncs that file
+//!   before the descriptor names it as the top.
+//! - `fold-catch-up`: an online merge into the parent's file copies again,
+//!   with requests held, the clusters written after their first copy.
 //!
 //! And a fixed bug brought back, to show the simulation finds it from a
 //! random seed:
@@ -49,7 +53,16 @@ const fn eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// The names a build may switch off (a script runs each in turn).
-pub const RULES: [&str; 6] = ["copy-up-sync", "store-before-swap", "merge-final-sync", "attach-before-round", "compact-sync", "merge-recheck"];
+pub const RULES: [&str; 8] = [
+    "copy-up-sync",
+    "store-before-swap",
+    "merge-final-sync",
+    "attach-before-round",
+    "compact-sync",
+    "merge-recheck",
+    "fold-sync",
+    "fold-catch-up",
+];
 
 /// Refuse a mutant name that no rule has: a typo would otherwise build
 /// an intact engine and "prove" nothing.

@@ -413,17 +413,65 @@ fn an_offline_merge_copies_only_the_top_into_its_parent_and_keeps_its_name() {
 }
 
 #[test]
+fn an_online_merge_copies_only_the_top_into_its_parent_and_keeps_its_name() {
+    // Served: the top's clusters are copied into the parent's file while
+    // requests go on, and clusters written after their copy are copied
+    // again before that file becomes the top. The base is full (24
+    // clusters); the top holds 6 of them. During the copy one of those is
+    // written again and a seventh is written for the first time.
+    let g = Geometry { cluster: 64 << 10, clusters: 24, stripe: 16 << 10 };
+    let dir = TempDir::new("diskops-fold-online");
+    let (mut disk, model) = full_disk(&dir.join("ct"), &g);
+    let model = std::cell::RefCell::new(model);
+    let stack = open(&disk, None, false);
+    block_on(ops::snapshot(&SyncIo, &stack, &mut disk, None)).unwrap();
+    for c in [1, 3, 5, 7, 9, 11] {
+        write_at(&stack, &mut model.borrow_mut(), c, c * g.cluster + 4096, 8192);
+    }
+    let base = disk.dir.join("root.hds");
+    let top = disk.file_path(disk.desc.image(TOP_GUID).unwrap());
+    let base_len = std::fs::metadata(&base).unwrap().len();
+    let written = std::cell::Cell::new(false);
+    let during = |done: u64, _: u64| {
+        if done > 0 && !written.replace(true) {
+            write_at(&stack, &mut model.borrow_mut(), 40, g.cluster + 512, 4096);
+            write_at(&stack, &mut model.borrow_mut(), 41, 20 * g.cluster, 4096);
+        }
+    };
+    let merged = block_on(ops::merge(&SyncIo, &stack, &mut disk, None, &during)).unwrap();
+    assert!(written.get(), "the merge reported no progress: the writes meanwhile did not happen");
+    let model = model.into_inner();
+    assert_eq!(merged.clusters, 8, "the merge copied other than the top's 6 clusters and the 2 written meanwhile");
+    assert_eq!(disk.desc.images.len(), 1);
+    assert_eq!(disk.desc.image(TOP_GUID).unwrap().file, "root.hds", "the base's file is the top now");
+    assert!(!top.exists(), "the top's file was left");
+    assert!(read_all(&stack) == model, "the merged stack does not show the data");
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    // The base held every cluster: they were overwritten in place.
+    assert_eq!(std::fs::metadata(&base).unwrap().len(), base_len, "the base grew");
+    let disk = Disk::load(&disk.dir).unwrap();
+    let stack = open(&disk, None, true);
+    assert!(read_all(&stack) == model, "the merged disk does not show its data after a reopen");
+    drop(stack);
+    check_files(&disk, "merged online");
+}
+
+#[test]
 fn a_snapshot_after_merging_the_top_into_the_base_locks_the_new_base() {
-    // The daemon runs a merge as a job on a copy of its disk; merging the top
-    // into the base leaves the top's file as the new base and removes
-    // root.hds. The next command starts from the daemon's older copy and
-    // must still find the base to lock (found by the write-log replay test
-    // in the VM: "root.hds: No such file or directory").
+    // The daemon runs a merge as a job on a copy of its disk; merging a top
+    // larger than the base (grown after the snapshot) copies the base up,
+    // leaves the top's file as the new base and removes root.hds. The next
+    // command starts from the daemon's older copy and must still find the
+    // base to lock (found by the write-log replay test in the VM:
+    // "root.hds: No such file or directory").
     let g = Geometry { cluster: 64 << 10, clusters: 12, stripe: 16 << 10 };
     let dir = TempDir::new("diskops-stale");
     let (mut disk, mut model) = full_disk(&dir.join("ct"), &g);
     let stack = open(&disk, None, false);
     block_on(ops::snapshot(&SyncIo, &stack, &mut disk, None)).unwrap();
+    block_on(stack.grow_top(&SyncIo, 16 * g.cluster)).unwrap();
+    model.resize(16 * g.cluster as usize, 0);
     let data = pattern(5, g.cluster, 8192);
     block_on(stack.write(&SyncIo, g.cluster, &data)).unwrap();
     model[g.cluster as usize..g.cluster as usize + 8192].copy_from_slice(&data);

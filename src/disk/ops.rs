@@ -21,7 +21,7 @@ use super::{Disk, Guid, Image, Shot, Temporary, NONE_GUID, TOP_GUID};
 use crate::error::{Error, Result};
 use crate::io::{AlignedBuf, Direct, Io};
 use crate::layers::{Format, Layer};
-use crate::stack::{discard_top, Stack};
+use crate::stack::{copy_batch, discard_top, Stack, FOLD_BATCH};
 
 /// Clusters copied at once by a merge.
 const MERGE_BATCH: usize = 8;
@@ -256,8 +256,60 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
         next.replace(io, disk).await?;
         *disk = next;
         remove_file(io, &cpath);
+    } else if top && same_kind(&layers[pi], &layers[ci]) && layers[ci].size() <= layers[pi].size() {
+        // Online, as ploop's forward merge: the top is copied into its
+        // parent's file while requests go on, and that file then serves as
+        // the top under the top's GUID. The cost is the top's clusters
+        // (and those written again meanwhile), and the parent keeps its
+        // name. Marked temporary first, as offline.
+        layers[pi].relock(io, true).map_err(in_use)?;
+        if pshot.temporary == Temporary::No {
+            if let Err(e) = mark_temporary(io, disk, parent).await {
+                let _ = layers[pi].relock(io, false);
+                return Err(e);
+            }
+        }
+        let direct = if layers[ci].file().direct { Direct::Auto } else { Direct::Off };
+        let into = match Layer::open_unlocked(io, &ppath, Format::Ploop, true, direct).await {
+            Ok((l, _)) => Arc::new(l),
+            Err(e) => {
+                let _ = layers[pi].relock(io, false);
+                return Err(e.context("opening the parent to merge into"));
+            }
+        };
+        // The parent's own record of changes (from when it was a top) is
+        // not this disk's any more: the stack keeps the current one.
+        into.take_saved_bitmaps();
+        next.desc.images.iter_mut().filter(|i| i.guid == child).for_each(|i| i.file = pimg.file.clone());
+        let folded = {
+            let (n, d) = (&next, &mut *disk);
+            stack.fold_top_online(io, into.clone(), progress, move || store_new(io, n, d)).await
+        };
+        clusters = match folded {
+            Ok(n) => n,
+            Err(e) => {
+                // Left half merged (the descriptor says so), closed clean.
+                let _ = into.close(io).await;
+                drop(into);
+                let _ = layers[pi].relock(io, false);
+                drop(layers);
+                if let Err(re) = stack.reopen_lower(io, pi).await {
+                    tracing::error!("{re}");
+                }
+                return Err(e);
+            }
+        };
+        *disk = next;
+        // The stack dropped the parent's read-only opening and the old
+        // top; once these go too, the parent's file takes the top's lock.
+        drop(layers);
+        if let Err(e) = into.relock(io, true) {
+            tracing::warn!("{}: locking the merged top: {e}", ppath.display());
+        }
+        remove_file(io, &cpath);
     } else if top {
-        // The top: copy the parent up into it, online.
+        // The top: copy the parent up into it, online (the top is larger
+        // than its parent, or of another format or version).
         layers[pi].relock(io, true).map_err(in_use)?;
         clusters = match stack.merge_parent_into_top(io, MERGE_BATCH, progress).await {
             Ok(n) => n,
@@ -321,6 +373,20 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
         remove_file(io, &cpath);
     }
     Ok(Merged { child, parent, clusters })
+}
+
+/// Store `next` in place of `disk`'s descriptor, for a change after which
+/// only the files `next` names take writes: if the old descriptor could not
+/// be put back either, storing `next` is tried once more, and only when
+/// that fails too is the outcome uncertain.
+async fn store_new<I: Io>(io: &I, next: &Disk, disk: &mut Disk) -> Result<()> {
+    match next.replace(io, disk).await {
+        Err(e) if e.kind() == crate::error::ErrorKind::DescriptorUncertain => match next.store(io).await {
+            Ok(()) => Ok(()),
+            Err(again) => Err(again.context(format_args!("{e}")).of_kind(crate::error::ErrorKind::DescriptorUncertain)),
+        },
+        other => other,
+    }
 }
 
 /// Store `disk`'s descriptor with snapshot `guid` marked temporary: half
@@ -416,7 +482,7 @@ async fn copy_into_parent<I: Io>(
         Layer::open_unlocked(io, parent_path, format, true, direct).await
     }
     .map_err(|e| e.context("opening the parent to merge into"))?;
-    match copy_clusters(io, child, &parent, parent_path, stack, progress).await {
+    match copy_clusters(io, child, &parent, stack, progress).await {
         Ok(total) => {
             parent.close(io).await?;
             Ok((Arc::new(parent), total))
@@ -434,44 +500,16 @@ async fn copy_into_parent<I: Io>(
 /// The copying part of [`copy_into_parent`]: every cluster the child
 /// holds, batch by batch, data synced before its entries. Returns the
 /// clusters copied.
-async fn copy_clusters<I: Io>(io: &I, child: &Layer, parent: &Layer, parent_path: &std::path::Path, stack: &Stack, progress: &dyn Fn(u64, u64)) -> Result<u64> {
+async fn copy_clusters<I: Io>(io: &I, child: &Layer, parent: &Layer, stack: &Stack, progress: &dyn Fn(u64, u64)) -> Result<u64> {
     let cluster = stack.cluster_size();
     let size = stack.size();
     let todo: Vec<u64> = (0..size.div_ceil(cluster)).filter(|&c| child.lookup(c, cluster).is_some()).collect();
     let total = todo.len() as u64;
     progress(0, total);
-    let mut bufs: Vec<AlignedBuf> = (0..MERGE_BATCH.min(todo.len()).max(1)).map(|_| AlignedBuf::zeroed(cluster as usize)).collect();
+    let mut bufs: Vec<AlignedBuf> = (0..FOLD_BATCH.min(todo.len()).max(1)).map(|_| AlignedBuf::zeroed(cluster as usize)).collect();
     let mut done = 0;
-    for chunk in todo.chunks(MERGE_BATCH) {
-        let window = parent.window_start();
-        let mut links = Vec::new();
-        for (&c, buf) in chunk.iter().zip(bufs.iter_mut()) {
-            let n = (size - c * cluster).min(cluster) as usize;
-            let from = child.lookup(c, cluster).expect("listed above");
-            io.read_at(child.file().fd(), &mut buf[..n], from).await.map_err(|e| Error::io(e, child.file().path.display()))?;
-            let to = match parent.lookup(c, cluster) {
-                Some(at) => at,
-                None => {
-                    let at = parent.reserve_cluster(io).await?;
-                    links.push((c, at));
-                    at
-                }
-            };
-            io.write_at(parent.file().fd(), &buf[..n], to).await.map_err(|e| Error::io(e, parent_path.display()))?;
-        }
-        // Data before index.
-        parent.sync_data(io).await.map_err(|e| Error::io(e, parent_path.display()))?;
-        for (c, at) in links {
-            parent.link(c, at);
-        }
-        if let Some(lo) = window {
-            let hi = parent.published();
-            if hi >= lo {
-                // This opening of the parent is the merge's own: every
-                // entry of the window is one of its copies.
-                parent.write_metadata(io, lo, hi, 0..u64::MAX).await.map_err(|e| e.error)?;
-            }
-        }
+    for chunk in todo.chunks(FOLD_BATCH) {
+        copy_batch(io, child, parent, chunk, cluster, size, &mut bufs).await?;
         done += chunk.len() as u64;
         progress(done, total);
     }

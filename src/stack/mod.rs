@@ -19,9 +19,11 @@
 //! state (open, trackers, freeze, close), `request.rs` the per-request path
 //! (read, write, zeroes, discard, flush, and the cluster claims they take),
 //! `change.rs` the changes of the layer list (snapshot, merge, replace,
-//! compact, grow).
+//! compact, grow), `fold.rs` the online merge of the top into its parent's
+//! file.
 
 mod change;
+mod fold;
 mod request;
 
 use bitvec::vec::BitVec;
@@ -39,6 +41,7 @@ use crate::layers::{Format, Layer, OpenReport};
 use crate::tracker::Tracker;
 
 pub use change::discard_top;
+pub use fold::{copy_batch, FOLD_BATCH};
 use request::{read_segs, Dst};
 
 /// Deepest stack we serve: layer indexes must fit the u8 owner map, with

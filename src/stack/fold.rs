@@ -1,0 +1,184 @@
+//! Folding the top into its parent's file, online: the merge whose cost is
+//! the top's clusters, not the parent's (ploop's forward merge, with
+//! requests going on). The parent keeps its file and becomes the top.
+//!
+//! Crash argument (the caller marks the parent temporary first, so any
+//! crash before the end leaves a merge the next open finishes the same way):
+//! - while the rounds copy, the top still hides every cluster it holds, so
+//!   whatever the parent's file holds of it is never read;
+//! - each copy is data first, synced, then the parent's entries;
+//! - the end holds requests: the last changes are copied, the parent's file
+//!   synced, and only then is the descriptor that names it as the top
+//!   stored; no write reaches the old top after that, none the parent
+//!   before it.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::io::{AlignedBuf, Io};
+use crate::layers::Layer;
+use crate::tracker::Tracker;
+
+use super::{owner_map, Stack};
+
+/// Clusters copied per batch: their data shares one sync of the parent.
+pub const FOLD_BATCH: usize = 8;
+/// Rounds of catching up with the writes that changed copied clusters,
+/// after the first, before the rest is copied with requests held.
+const CATCH_UP_ROUNDS: usize = 8;
+/// A round that finds at most this many changed clusters ends the catching
+/// up: they are copied with requests held (the stall of the fold).
+const FINAL_AT_MOST: usize = 64;
+
+impl Stack {
+    /// Copy every cluster of the top into `into`, a writable opening of
+    /// the parent's file (the caller holds that file's lock exclusively:
+    /// nothing else reads it), in rounds while requests go on. A tracker
+    /// attached for the fold names the clusters written after their copy;
+    /// the next round copies them again. Then, with requests held, the last
+    /// ones are copied, `into` is synced and `commit` runs (it stores the
+    /// descriptor naming the parent's file as the top); `into` then serves
+    /// as the top in place of the parent and the old top. `progress` gets
+    /// (clusters done, clusters to do). Returns the clusters copied.
+    ///
+    /// If `commit` fails, the stack serves the two layers as before and the
+    /// caller should open the parent afresh (`reopen_lower`): its file
+    /// holds clusters the stack's opening does not know. If `commit` could
+    /// not tell whether its descriptor is on disk (`DescriptorUncertain`),
+    /// the stack closes: either descriptor reads the same now, but only one
+    /// of the two files may take the next write.
+    pub async fn fold_top_online<I, F, Fut>(&self, io: &I, into: Arc<Layer>, progress: &dyn Fn(u64, u64), commit: F) -> Result<u64>
+    where
+        I: Io,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<()>>,
+    {
+        self.check_writable()?;
+        let top = {
+            let shape = self.shape.enter().await;
+            shape.check_open()?;
+            if shape.layers.len() < 2 {
+                return Err(Error::invalid("the top has no parent to fold into"));
+            }
+            shape.top().clone()
+        };
+        let tracker = Arc::new(Tracker::new(self.size(), self.cluster));
+        // Changes from here on are marked; the first round reads after it.
+        self.add_tracker(tracker.clone()).await?;
+        let result = self.fold_rounds(io, &top, &into, &tracker, progress, commit).await;
+        if result.is_err() {
+            self.remove_tracker(&tracker).await;
+        }
+        result
+    }
+
+    async fn fold_rounds<I, F, Fut>(&self, io: &I, top: &Arc<Layer>, into: &Arc<Layer>, tracker: &Tracker, progress: &dyn Fn(u64, u64), commit: F) -> Result<u64>
+    where
+        I: Io,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<()>>,
+    {
+        let changed = || Error::new(libc::EBUSY, "the stack changed during the merge");
+        let clusters = self.size().div_ceil(self.cluster);
+        let held = |list: Vec<u64>| -> Vec<u64> { list.into_iter().filter(|&c| top.lookup(c, self.cluster).is_some()).collect() };
+        let mut todo = held((0..clusters).collect());
+        let total = todo.len() as u64;
+        progress(0, total);
+        let mut bufs: Vec<AlignedBuf> = (0..FOLD_BATCH).map(|_| AlignedBuf::zeroed(self.cluster as usize)).collect();
+        let mut copied = 0;
+        for round in 0..=CATCH_UP_ROUNDS {
+            for chunk in todo.chunks(FOLD_BATCH) {
+                // Each batch inside the gate: the top's clusters stay where
+                // its table says while they are read.
+                let shape = self.shape.enter().await;
+                shape.check_open()?;
+                if !Arc::ptr_eq(shape.top(), top) {
+                    return Err(changed());
+                }
+                copy_batch(io, top, into, chunk, self.cluster, self.size(), &mut bufs).await?;
+                drop(shape);
+                copied += chunk.len() as u64;
+                if round == 0 {
+                    progress(copied, total);
+                }
+            }
+            todo = held(tracker.drain().iter_ones().map(|c| c as u64).collect());
+            if crate::mutant::off("fold-catch-up") {
+                todo.clear();
+            }
+            if todo.len() <= FINAL_AT_MOST {
+                break;
+            }
+            tracing::debug!(round, clusters = todo.len(), "merge: copying the clusters written meanwhile again");
+        }
+        // Requests held: none is in flight, so what the tracker names now
+        // is every change since the last round read.
+        let mut shape = self.shape.exclusive().await;
+        shape.check_open()?;
+        if !Arc::ptr_eq(shape.top(), top) {
+            return Err(changed());
+        }
+        if !crate::mutant::off("fold-catch-up") {
+            todo.extend(held(tracker.drain().iter_ones().map(|c| c as u64).collect()));
+        }
+        todo.sort_unstable();
+        todo.dedup();
+        for chunk in todo.chunks(FOLD_BATCH) {
+            copy_batch(io, top, into, chunk, self.cluster, self.size(), &mut bufs).await?;
+        }
+        copied += todo.len() as u64;
+        // Everything the top holds is in the parent's file, durable, before
+        // a descriptor names that file as the top.
+        if !crate::mutant::off("fold-sync") {
+            into.sync(io).await?;
+        }
+        if let Err(e) = commit().await {
+            if e.kind() == ErrorKind::DescriptorUncertain {
+                shape.closed = true;
+            }
+            return Err(e);
+        }
+        shape.trackers.retain(|t| !std::ptr::eq(Arc::as_ptr(t), tracker));
+        let parent_index = shape.layers.len() - 2;
+        shape.layers.truncate(parent_index);
+        shape.layers.push(into.clone());
+        shape.owner = owner_map(&shape.layers, self.size(), self.cluster);
+        Ok(copied)
+    }
+}
+
+/// Copy `clusters` of `from` (those it still holds) into `into`: data
+/// first, synced, then `into`'s entries for the clusters it did not hold.
+pub async fn copy_batch<I: Io>(io: &I, from: &Layer, into: &Layer, clusters: &[u64], cluster: u64, size: u64, bufs: &mut [AlignedBuf]) -> Result<()> {
+    let window = into.window_start();
+    let mut links = Vec::new();
+    for (&c, buf) in clusters.iter().zip(bufs.iter_mut()) {
+        let Some(at) = from.lookup(c, cluster) else { continue };
+        let n = (size - c * cluster).min(cluster) as usize;
+        io.read_at(from.file().fd(), &mut buf[..n], at).await.map_err(|e| Error::io(e, from.file().path.display()))?;
+        let to = match into.lookup(c, cluster) {
+            Some(to) => to,
+            None => {
+                let to = into.reserve_cluster(io).await?;
+                links.push((c, to));
+                to
+            }
+        };
+        io.write_at(into.file().fd(), &buf[..n], to).await.map_err(|e| Error::io(e, into.file().path.display()))?;
+    }
+    // Data before index.
+    into.sync_data(io).await.map_err(|e| Error::io(e, into.file().path.display()))?;
+    for (c, at) in links {
+        into.link(c, at);
+    }
+    if let Some(lo) = window {
+        let hi = into.published();
+        if hi >= lo {
+            // This opening is the copy's own: every entry of the window is
+            // one of its links.
+            into.write_metadata(io, lo, hi, 0..u64::MAX).await.map_err(|e| e.error)?;
+        }
+    }
+    Ok(())
+}
