@@ -256,7 +256,7 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
         next.replace(io, disk).await?;
         *disk = next;
         remove_file(io, &cpath);
-    } else if top && same_kind(&layers[pi], &layers[ci]) && layers[ci].size() <= layers[pi].size() {
+    } else if top && same_kind(&layers[pi], &layers[ci]) {
         // Online, as ploop's forward merge: the top is copied into its
         // parent's file while requests go on, and that file then serves as
         // the top under the top's GUID. The cost is the top's clusters
@@ -265,6 +265,12 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
         layers[pi].relock(io, true).map_err(in_use)?;
         if pshot.temporary == Temporary::No {
             if let Err(e) = mark_temporary(io, disk, parent).await {
+                let _ = layers[pi].relock(io, false);
+                return Err(e);
+            }
+        }
+        if layers[ci].size() > layers[pi].size() {
+            if let Err(e) = stack.grow_lower(io, pi, layers[ci].size()).await {
                 let _ = layers[pi].relock(io, false);
                 return Err(e);
             }
@@ -308,8 +314,8 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
         }
         remove_file(io, &cpath);
     } else if top {
-        // The top: copy the parent up into it, online (the top is larger
-        // than its parent, or of another format or version).
+        // The top: copy the parent up into it, online (the two are of
+        // another format or version).
         layers[pi].relock(io, true).map_err(in_use)?;
         clusters = match stack.merge_parent_into_top(io, MERGE_BATCH, progress).await {
             Ok(n) => n,
@@ -341,6 +347,12 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
         // the next open), never one that silently shows other data.
         if pshot.temporary == Temporary::No {
             if let Err(e) = mark_temporary(io, disk, parent).await {
+                unlock();
+                return Err(e);
+            }
+        }
+        if layers[ci].format() == Format::Ploop && layers[pi].format() == Format::Ploop && layers[ci].size() > layers[pi].size() {
+            if let Err(e) = stack.grow_lower(io, pi, layers[ci].size()).await {
                 unlock();
                 return Err(e);
             }
@@ -467,11 +479,14 @@ async fn copy_into_parent<I: Io>(
     let direct = if child.file().direct { Direct::Auto } else { Direct::Off };
     // A child grown online (only the top grows) is larger than its parent:
     // the parent grows first, or the clusters past its end had nowhere to go.
+    // A parent the stack reads (unlocked here) was grown by the caller,
+    // through the stack (`Stack::grow_lower`).
     if format == crate::layers::Format::Ploop && child.size() > crate::layers::ploop::load::image_size(io, parent_path).await? {
-        let file = crate::io::open_image_file_in(io, parent_path, true, direct)?;
-        if lock {
-            crate::layers::lock(io, &file, true)?;
+        if !lock {
+            return Err(Error::invalid("a parent the stack reads must be grown through the stack before a merge into it"));
         }
+        let file = crate::io::open_image_file_in(io, parent_path, true, direct)?;
+        crate::layers::lock(io, &file, true)?;
         crate::layers::ploop::resize::resize_file(io, &file, child.size(), true)
             .await
             .map_err(|e| e.context("growing the parent to its child's size"))?;

@@ -313,6 +313,40 @@ impl Stack {
         }
     }
 
+    /// Grow a lower ploop layer's file to `new_size` (a merge into it of a
+    /// larger child: only the top grows online, so a delta frozen after a
+    /// grow is larger than its parent), with requests held: a larger table
+    /// may move data clusters out of its way, and the stack's opening of
+    /// the layer would read their old places. The layer is opened afresh,
+    /// read-only and without a lock (the caller holds the file's lock
+    /// through its own handle of the old opening). Zeros past the old end
+    /// read as before, so the disk shows the same.
+    pub async fn grow_lower<I: Io>(&self, io: &I, index: usize, new_size: u64) -> Result<crate::layers::ploop::resize::Resized> {
+        let mut shape = self.shape.exclusive().await;
+        shape.check_open()?;
+        if index + 1 >= shape.layers.len() || shape.layers[index].format() != Format::Ploop {
+            return Err(Error::invalid(format!("layer {index} is the top, not a ploop image, or does not exist")));
+        }
+        let path = shape.layers[index].file().path.clone();
+        let direct = if shape.layers[index].file().direct { crate::io::Direct::Auto } else { crate::io::Direct::Off };
+        let file = crate::io::open_image_file_in(io, &path, true, direct)?;
+        let grown = crate::layers::ploop::resize::resize_file(io, &file, new_size, true).await;
+        drop(file);
+        // Whatever the resize did (a failure may follow moved clusters),
+        // the stack reads the file as it is now.
+        match Layer::open_unlocked(io, &path, Format::Ploop, false, direct).await {
+            Ok((layer, _)) => {
+                shape.layers[index] = Arc::new(layer);
+                shape.owner = owner_map(&shape.layers, self.size(), self.cluster);
+            }
+            Err(e) => {
+                shape.closed = true;
+                return Err(e.context(format_args!("{}: reopening a lower layer after growing it", path.display())));
+            }
+        }
+        grown.map_err(|e| e.context(format_args!("{}: growing the parent to its child's size", path.display())))
+    }
+
     /// Swap a lower layer for another opening of it and drop the layer
     /// above it (a merge of a lower delta into its parent: `merged` is the
     /// parent with the child's clusters copied in). Returns the old parent
