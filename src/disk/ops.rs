@@ -19,9 +19,9 @@ use std::time::Duration;
 use super::descriptor::{ImageType, MAX_SNAPSHOTS};
 use super::{Disk, Guid, Image, Shot, Temporary, NONE_GUID, TOP_GUID};
 use crate::error::{Error, Result};
-use crate::io::{AlignedBuf, Direct, Io};
+use crate::io::{Direct, Io};
 use crate::layers::{Format, Layer};
-use crate::stack::{copy_batch, discard_top, Stack, FOLD_BATCH};
+use crate::stack::{discard_top, Stack};
 
 /// Clusters copied at once by a merge.
 const MERGE_BATCH: usize = 8;
@@ -513,21 +513,13 @@ async fn copy_into_parent<I: Io>(
 }
 
 /// The copying part of [`copy_into_parent`]: every cluster the child
-/// holds, batch by batch, data synced before its entries. Returns the
-/// clusters copied.
+/// holds, data synced before its entries. Returns the clusters copied.
 async fn copy_clusters<I: Io>(io: &I, child: &Layer, parent: &Layer, stack: &Stack, progress: &dyn Fn(u64, u64)) -> Result<u64> {
     let cluster = stack.cluster_size();
-    let size = stack.size();
-    let todo: Vec<u64> = (0..size.div_ceil(cluster)).filter(|&c| child.lookup(c, cluster).is_some()).collect();
+    let todo: Vec<u64> = (0..stack.size().div_ceil(cluster)).filter(|&c| child.lookup(c, cluster).is_some()).collect();
     let total = todo.len() as u64;
     progress(0, total);
-    let mut bufs: Vec<AlignedBuf> = (0..FOLD_BATCH.min(todo.len()).max(1)).map(|_| AlignedBuf::zeroed(cluster as usize)).collect();
-    let mut done = 0;
-    for chunk in todo.chunks(FOLD_BATCH) {
-        copy_batch(io, child, parent, chunk, cluster, size, &mut bufs).await?;
-        done += chunk.len() as u64;
-        progress(done, total);
-    }
+    stack.copy_clusters(io, child, parent, &todo, false, &|n| progress(n, total)).await?;
     Ok(total)
 }
 

@@ -16,14 +16,18 @@ use std::future::Future;
 use std::sync::Arc;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::io::{AlignedBuf, Io};
+use std::sync::Mutex;
+
+use crate::io::{for_each_in_flight, BufPool, Io};
 use crate::layers::Layer;
 use crate::tracker::Tracker;
 
 use super::{owner_map, Stack};
 
-/// Clusters copied per batch: their data shares one sync of the parent.
-pub const FOLD_BATCH: usize = 8;
+/// Clusters a copy into another file keeps in flight.
+const COPY_IN_FLIGHT: usize = 8;
+/// Clusters whose data shares one sync before their entries are written.
+const COPY_PER_SYNC: usize = 256;
 /// Rounds of catching up with the writes that changed copied clusters,
 /// after the first, before the rest is copied with requests held.
 const CATCH_UP_ROUNDS: usize = 8;
@@ -85,24 +89,15 @@ impl Stack {
         let mut todo = held((0..clusters).collect());
         let total = todo.len() as u64;
         progress(0, total);
-        let mut bufs: Vec<AlignedBuf> = (0..FOLD_BATCH).map(|_| AlignedBuf::zeroed(self.cluster as usize)).collect();
         let mut copied = 0;
         for round in 0..=CATCH_UP_ROUNDS {
-            for chunk in todo.chunks(FOLD_BATCH) {
-                // Each batch inside the gate: the top's clusters stay where
-                // its table says while they are read.
-                let shape = self.shape.enter().await;
-                shape.check_open()?;
-                if !Arc::ptr_eq(shape.top(), top) {
-                    return Err(changed());
-                }
-                copy_batch(io, top, into, chunk, self.cluster, self.size(), &mut bufs).await?;
-                drop(shape);
-                copied += chunk.len() as u64;
+            let report = |n: u64| {
                 if round == 0 {
-                    progress(copied, total);
+                    progress(n, total)
                 }
-            }
+            };
+            self.copy_clusters(io, top, into, &todo, true, &report).await?;
+            copied += todo.len() as u64;
             todo = held(tracker.drain().iter_ones().map(|c| c as u64).collect());
             if crate::mutant::off("fold-catch-up") {
                 todo.clear();
@@ -124,9 +119,7 @@ impl Stack {
         }
         todo.sort_unstable();
         todo.dedup();
-        for chunk in todo.chunks(FOLD_BATCH) {
-            copy_batch(io, top, into, chunk, self.cluster, self.size(), &mut bufs).await?;
-        }
+        self.copy_clusters(io, top, into, &todo, false, &|_| {}).await?;
         copied += todo.len() as u64;
         // Everything the top holds is in the parent's file, durable, before
         // a descriptor names that file as the top.
@@ -148,37 +141,73 @@ impl Stack {
     }
 }
 
-/// Copy `clusters` of `from` (those it still holds) into `into`: data
-/// first, synced, then `into`'s entries for the clusters it did not hold.
-pub async fn copy_batch<I: Io>(io: &I, from: &Layer, into: &Layer, clusters: &[u64], cluster: u64, size: u64, bufs: &mut [AlignedBuf]) -> Result<()> {
-    let window = into.window_start();
-    let mut links = Vec::new();
-    for (&c, buf) in clusters.iter().zip(bufs.iter_mut()) {
-        let Some(at) = from.lookup(c, cluster) else { continue };
-        let n = (size - c * cluster).min(cluster) as usize;
-        io.read_at(from.file().fd(), &mut buf[..n], at).await.map_err(|e| Error::io(e, from.file().path.display()))?;
-        let to = match into.lookup(c, cluster) {
-            Some(to) => to,
-            None => {
-                let to = into.reserve_cluster(io).await?;
-                links.push((c, to));
-                to
+impl Stack {
+    /// Copy `clusters` of `from` (those it still holds when their turn
+    /// comes) into `into`, a writable opening of another file: `COPY_IN_FLIGHT`
+    /// at a time, data first, synced, then `into`'s entries for the
+    /// clusters it did not hold, `COPY_PER_SYNC` clusters per sync.
+    /// `gated`: `from` is the served top and requests go on, so each read
+    /// enters the gate (the top's clusters stay where its table says while
+    /// they are read, and a stack change stops the copy); never with the
+    /// requests held by the caller. `progress` gets the clusters done.
+    pub async fn copy_clusters<I: Io>(&self, io: &I, from: &Layer, into: &Layer, clusters: &[u64], gated: bool, progress: &dyn Fn(u64)) -> Result<()> {
+        let (cluster, size) = (self.cluster, self.size());
+        let pool = BufPool::new(cluster as usize, COPY_IN_FLIGHT);
+        let mut done = 0;
+        for chunk in clusters.chunks(COPY_PER_SYNC) {
+            let window = into.window_start();
+            let links = Mutex::new(Vec::new());
+            let one = |&c: &u64| {
+                let (pool, links) = (&pool, &links);
+                async move {
+                    let mut buf = pool.get();
+                    let copied = async {
+                        let n = (size - c * cluster).min(cluster) as usize;
+                        {
+                            let _inside = if gated {
+                                let shape = self.shape.enter().await;
+                                shape.check_open()?;
+                                if !std::ptr::eq(Arc::as_ptr(shape.top()), from) {
+                                    return Err(Error::new(libc::EBUSY, "the stack changed during the merge"));
+                                }
+                                Some(shape)
+                            } else {
+                                None
+                            };
+                            let Some(at) = from.lookup(c, cluster) else { return Ok(()) };
+                            io.read_at(from.file().fd(), &mut buf[..n], at).await.map_err(|e| Error::io(e, from.file().path.display()))?;
+                        }
+                        let to = match into.lookup(c, cluster) {
+                            Some(to) => to,
+                            None => {
+                                let to = into.reserve_cluster(io).await?;
+                                links.lock().unwrap().push((c, to));
+                                to
+                            }
+                        };
+                        io.write_at(into.file().fd(), &buf[..n], to).await.map_err(|e| Error::io(e, into.file().path.display()))
+                    }
+                    .await;
+                    pool.put(buf);
+                    copied
+                }
+            };
+            for_each_in_flight(COPY_IN_FLIGHT, chunk, one, |n| progress(done + n)).await?;
+            // Data before index.
+            into.sync_data(io).await.map_err(|e| Error::io(e, into.file().path.display()))?;
+            for (c, at) in links.into_inner().unwrap() {
+                into.link(c, at);
             }
-        };
-        io.write_at(into.file().fd(), &buf[..n], to).await.map_err(|e| Error::io(e, into.file().path.display()))?;
-    }
-    // Data before index.
-    into.sync_data(io).await.map_err(|e| Error::io(e, into.file().path.display()))?;
-    for (c, at) in links {
-        into.link(c, at);
-    }
-    if let Some(lo) = window {
-        let hi = into.published();
-        if hi >= lo {
-            // This opening is the copy's own: every entry of the window is
-            // one of its links.
-            into.write_metadata(io, lo, hi, 0..u64::MAX).await.map_err(|e| e.error)?;
+            if let Some(lo) = window {
+                let hi = into.published();
+                if hi >= lo {
+                    // This opening is the copy's own: every entry of the
+                    // window is one of its links.
+                    into.write_metadata(io, lo, hi, 0..u64::MAX).await.map_err(|e| e.error)?;
+                }
+            }
+            done += chunk.len() as u64;
         }
+        Ok(())
     }
-    Ok(())
 }

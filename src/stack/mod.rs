@@ -41,7 +41,6 @@ use crate::layers::{Format, Layer, OpenReport};
 use crate::tracker::Tracker;
 
 pub use change::discard_top;
-pub use fold::{copy_batch, FOLD_BATCH};
 use request::{read_segs, Dst};
 
 /// Deepest stack we serve: layer indexes must fit the u8 owner map, with
