@@ -300,15 +300,22 @@ impl Stack {
         }
         let old = &shape.layers[index];
         let (path, format) = (old.file().path.clone(), old.format());
-        match Layer::open(io, &path, format, false, self.direct).await {
-            Ok((layer, _)) => {
-                shape.layers[index] = Arc::new(layer);
-                shape.owner = owner_map(&shape.layers, self.size(), self.cluster);
-                Ok(())
-            }
-            Err(e) => {
-                shape.closed = true;
-                Err(e.context(format_args!("{}: reopening a lower layer a failed merge changed", path.display())))
+        // A transient failure (the merge itself may have failed on one)
+        // must not leave the device serving nothing: try a few times.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match Layer::open(io, &path, format, false, self.direct).await {
+                Ok((layer, _)) => {
+                    shape.layers[index] = Arc::new(layer);
+                    shape.owner = owner_map(&shape.layers, self.size(), self.cluster);
+                    return Ok(());
+                }
+                Err(e) if tries < Self::REOPEN_TRIES => tracing::warn!("{}: reopening a lower layer failed ({e}); trying again", path.display()),
+                Err(e) => {
+                    shape.closed = true;
+                    return Err(e.context(format_args!("{}: reopening a lower layer a failed merge changed", path.display())));
+                }
             }
         }
     }
@@ -334,14 +341,20 @@ impl Stack {
         drop(file);
         // Whatever the resize did (a failure may follow moved clusters),
         // the stack reads the file as it is now.
-        match Layer::open_unlocked(io, &path, Format::Ploop, false, direct).await {
-            Ok((layer, _)) => {
-                shape.layers[index] = Arc::new(layer);
-                shape.owner = owner_map(&shape.layers, self.size(), self.cluster);
-            }
-            Err(e) => {
-                shape.closed = true;
-                return Err(e.context(format_args!("{}: reopening a lower layer after growing it", path.display())));
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match Layer::open_unlocked(io, &path, Format::Ploop, false, direct).await {
+                Ok((layer, _)) => {
+                    shape.layers[index] = Arc::new(layer);
+                    shape.owner = owner_map(&shape.layers, self.size(), self.cluster);
+                    break;
+                }
+                Err(e) if tries < Self::REOPEN_TRIES => tracing::warn!("{}: reopening a grown lower layer failed ({e}); trying again", path.display()),
+                Err(e) => {
+                    shape.closed = true;
+                    return Err(e.context(format_args!("{}: reopening a lower layer after growing it", path.display())));
+                }
             }
         }
         grown.map_err(|e| e.context(format_args!("{}: growing the parent to its child's size", path.display())))

@@ -317,6 +317,12 @@ impl Stack {
             shape.holder_below_top(c, self.cluster)
         })
     }
+    /// Whether a failure closed the stack (a layer that would not reopen,
+    /// a descriptor it could not tell): every request fails until the
+    /// device is restarted.
+    pub async fn is_closed(&self) -> bool {
+        self.shape.enter().await.closed
+    }
     /// Requests inside the stack now.
     pub fn in_flight(&self) -> usize {
         self.shape.inside()

@@ -316,10 +316,17 @@ impl Driver {
         self.disk = Some(disk);
         self.forget_gone_snapshots();
         let uncertain = result.as_ref().is_err_and(|(_, m)| m.contains("either may be on disk"));
+        // A merge into the parent's file that could not tell which
+        // descriptor is on disk closes the stack: only one of the two
+        // files may take the next write.
+        let closed = result.is_err() && {
+            let stack = self.stack();
+            self.block_on("is_closed", async move { stack.is_closed().await })?
+        };
         self.job_error(&job, result.err())?;
-        if lost_top {
+        if lost_top || closed {
             // The device is dead until restarted: restart it as a kill would.
-            self.log(|| "the top would not reopen: the daemon is restarted".into());
+            self.log(|| "the stack closed (a top that would not reopen, an uncertain descriptor): the daemon is restarted".into());
             return self.crash(0, false, false);
         }
         // Invariant 3 on disk: the descriptor there is the one the daemon
