@@ -398,3 +398,62 @@ fn compacting_a_bare_delta_never_shows_its_parent() {
     let live = (4 * CLUSTER) as usize..(8 * CLUSTER) as usize;
     assert_bytes_equal(&alone[live.clone()], &model2[live], "the delta's own clusters");
 }
+
+// ploop 9's reverse merge, interrupted ----------------------------------
+
+/// ploop 9 merges the top into the base by zeroing the base's entries for
+/// the clusters the top holds (`TemporaryZero`), then swapping the two
+/// files in the descriptor (`TemporaryZeroSwap`) and merging the small one
+/// into the big one. We never write those states, but a disk ploop's tool
+/// left in either is read as ploop reads it and finished (forward: the
+/// child into the temporary parent) by the next command, with the data.
+#[test]
+fn ploops_interrupted_reverse_merge_states_are_finished() {
+    for swapped in [false, true] {
+        let ctx = if swapped { "TemporaryZeroSwap" } else { "TemporaryZero" };
+        let dir = TempDir::new("rules-reverse");
+        let disk = dir.join("disk");
+        let mut data = new_disk(&disk, "4M");
+        ploop(["snapshot", p(&disk)]).ok();
+        let layers = chain(&disk);
+        let piece = pattern(9, 8192);
+        let at = [2 * CLUSTER + 512, 7 * CLUSTER];
+        write(&layers, &[(at[0], &piece), (at[1], &piece)]);
+        for a in at {
+            data[a as usize..a as usize + piece.len()].copy_from_slice(&piece);
+        }
+        // The base's entries for the top's clusters, zeroed (the top hides them).
+        let base = std::fs::OpenOptions::new().write(true).open(&layers[0]).unwrap();
+        for c in [2u64, 7] {
+            base.write_all_at(&[0; 4], 64 + 4 * c).unwrap();
+        }
+        base.sync_all().unwrap();
+        drop(base);
+        let mut d = Disk::load(&disk).unwrap();
+        let parent = d.desc.shot(TOP_GUID).unwrap().parent;
+        let state = if swapped { Temporary::ZeroSwap } else { Temporary::Zero };
+        d.desc.shots.iter_mut().filter(|s| s.guid == parent).for_each(|s| s.temporary = state);
+        if swapped {
+            let (a, b) = (d.desc.image(parent).unwrap().file.clone(), d.desc.image(TOP_GUID).unwrap().file.clone());
+            d.desc.images.iter_mut().for_each(|i: &mut Image| i.file = if i.guid == parent { b.clone() } else { a.clone() });
+        }
+        block_on(d.store(&SyncIo)).unwrap();
+        let half = chain(&disk);
+        assert_bytes_equal(&read_all(&half), &data, &format!("{ctx}: the half-merged chain"));
+        assert!(ploop(["snapshot-list", p(&disk)]).ok().stdout.contains("(temporary)"), "{ctx}: not listed as temporary");
+
+        // Any command finishes it first: a snapshot here.
+        ploop(["snapshot", p(&disk)]).ok();
+        let d = Disk::load(&disk).unwrap();
+        assert!(d.desc.shots.iter().all(|s: &Shot| s.temporary == Temporary::No), "{ctx}: a temporary snapshot is left");
+        assert_eq!(d.desc.images.len(), 2, "{ctx}: the merge was not finished before the snapshot");
+        let layers = chain(&disk);
+        assert_eq!(layers[0], half[0], "{ctx}: the parent's file (the merge's target) is the base");
+        assert!(!half[1].exists(), "{ctx}: the merged child's file was left");
+        for l in &layers {
+            ploop(["check", p(l)]).ok();
+            qemu_accepts(l);
+        }
+        assert_bytes_equal(&read_all(&layers), &data, &format!("{ctx}: the finished disk"));
+    }
+}

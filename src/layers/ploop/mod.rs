@@ -203,9 +203,11 @@ impl PloopLayer {
                 report.trimmed_leak = file_len - scan.high_water;
                 next_free = scan.high_water;
             }
-            if report.was_in_use {
-                leaks = leaked_inside(&scan, data_off, cluster);
-            }
+            // Unreferenced clusters inside: a crash between allocation and
+            // flush, or another tool's leak (ploop's reverse merge zeroes
+            // the base's entries for the top's clusters and allocates them
+            // again at the end of the file).
+            leaks = leaked_inside(&scan, data_off, cluster);
             header.in_use = IN_USE;
             disk[..HEADER_SIZE].copy_from_slice(&header.to_bytes());
             dirty.insert(0);
