@@ -144,8 +144,8 @@ impl Stack {
 impl Stack {
     /// Copy `clusters` of `from` (those it still holds when their turn
     /// comes) into `into`, a writable opening of another file: `COPY_IN_FLIGHT`
-    /// at a time, data first, synced, then `into`'s entries for the
-    /// clusters it did not hold, `COPY_PER_SYNC` clusters per sync.
+    /// at a time, data first, synced, then `into`'s entries (written again
+    /// where it held the cluster already), `COPY_PER_SYNC` clusters per sync.
     /// `gated`: `from` is the served top and requests go on, so each read
     /// enters the gate (the top's clusters stay where its table says while
     /// they are read, and a stack change stops the copy); never with the
@@ -177,14 +177,15 @@ impl Stack {
                             let Some(at) = from.lookup(c, cluster) else { return Ok(()) };
                             io.read_at(from.file().fd(), &mut buf[..n], at).await.map_err(|e| Error::io(e, from.file().path.display()))?;
                         }
+                        // A cluster `into` holds is linked again too: its
+                        // table block is then written again, so an entry an
+                        // earlier attempt wrote whose writeback failed (its
+                        // page looking written all the same) becomes durable.
                         let to = match into.lookup(c, cluster) {
                             Some(to) => to,
-                            None => {
-                                let to = into.reserve_cluster(io).await?;
-                                links.lock().unwrap().push((c, to));
-                                to
-                            }
+                            None => into.reserve_cluster(io).await?,
                         };
+                        links.lock().unwrap().push((c, to));
                         io.write_at(into.file().fd(), &buf[..n], to).await.map_err(|e| Error::io(e, into.file().path.display()))
                     }
                     .await;

@@ -288,6 +288,12 @@ impl Driver {
             }
         }
         let before = std::mem::replace(&mut self.paths, now);
+        if before.last() != self.paths.last() {
+            // A merge into the parent's file makes it the top: its syncs
+            // that failed before were the merge's own opening's, which
+            // then failed the merge (every later one rewrites them).
+            self.top_since = self.sim.ops_completed();
+        }
         for p in &self.paths {
             if !self.served.contains(p) {
                 self.served.push(p.clone());
