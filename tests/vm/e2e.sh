@@ -390,7 +390,9 @@ scenario_merge_kill() {
 	dd if=/dev/urandom of="$SCRATCH/pat.0" bs=1M count=160 status=none
 	dd if="$SCRATCH/pat.0" of="$dev" bs=1M oflag=direct status=none
 	"$BIN" snapshot -n "$id" >/dev/null
-	dd if=/dev/urandom of="$SCRATCH/pat.1" bs=1M count=8 status=none
+	# A merge costs the top's clusters: 96 MiB of them (1,536), so the
+	# kill lands while they are copied into the parent's file.
+	dd if=/dev/urandom of="$SCRATCH/pat.1" bs=1M count=96 status=none
 	dd if="$SCRATCH/pat.1" of="$dev" bs=1M seek=40 oflag=direct status=none
 	"$BIN" snapshot-merge -n "$id" >"$SCRATCH/merge.out" 2>&1 &
 	merge_pid=$!
@@ -417,6 +419,7 @@ scenario_merge_kill() {
 		log "(the merge had finished before the kill)"
 	fi
 	[ "$("$BIN" snapshot-list -n "$id" --json | grep -c '"guid"')" = 1 ] || die "the merge left more than one delta"
+	[ -f "$d/root.hds" ] || die "the merge did not keep the base's file"
 	expect_data "after the merge"
 	"$BIN" del -n "$id"
 	check_disk_after_kill "$d"
