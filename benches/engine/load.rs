@@ -286,4 +286,6 @@ pub struct UnderLoad {
     /// snapshots far apart and close together.
     pub swap: Option<(Stalls, Stalls)>,
     pub copy: Option<CopyRows>,
+    /// Copy-on-write against qcow2, one row per shape.
+    pub cow: Option<Vec<crate::cow::CowRow>>,
 }

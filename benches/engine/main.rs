@@ -24,6 +24,7 @@
 //! table, the ratios and the targets), `main.rs` (the order of the rows).
 
 mod baselines;
+mod cow;
 mod drive;
 mod load;
 mod measure;
@@ -327,7 +328,12 @@ fn run() -> Res<()> {
     } else {
         None
     };
-    let load = UnderLoad { hol, swap, disk, copy };
+    // Copy-on-write against a qcow2 overlay served by qemu-img bench.
+    if want("cow") {
+        progress("copy-on-write: 4k QD1/QD32 and 1M QD4 into a fresh top, without and with flushes, vs a qcow2 overlay");
+    }
+    let cow = if want("cow") { Some(cow::cow_rows(&cfg, &q, have_qemu)?) } else { None };
+    let load = UnderLoad { hol, swap, disk, copy, cow };
     let total_secs = t_all.elapsed().as_secs_f64();
     Report { cfg: &cfg, rows: &rows, load: &load, q: &q, have_fio, have_qemu, qemu_img_what: &qemu_img_what, total_secs }.print();
     Ok(())

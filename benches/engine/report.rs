@@ -77,6 +77,7 @@ impl Report<'_> {
         let mut out = String::new();
         self.table(&mut out);
         self.under_load(&mut out);
+        self.cow(&mut out);
         self.columns(&mut out);
         let targets = self.targets(&mut out);
         let _ = writeln!(out, "  (total bench time {:.0} s, load avg now {})", self.total_secs, loadavg());
@@ -241,6 +242,29 @@ impl Report<'_> {
         }
     }
 
+    /// Copy-on-write against qcow2, with the ratio and each side's rate.
+    fn cow(&self, out: &mut String) {
+        let Some(cow) = &self.load.cow else { return };
+        let _ = writeln!(
+            out,
+            "Copy-on-write (each write into a fresh 1 MiB cluster of a new top over the full base; qemu: qemu-img bench on a qcow2\n  \
+             overlay, 1 MiB clusters, over the raw file, -t none; flush / {}: a flush after every {} writes on both sides):",
+            crate::cow::FLUSH_EVERY,
+            crate::cow::FLUSH_EVERY
+        );
+        for r in cow {
+            let q = r.qemu.as_ref().filter(|q| q.secs > 0.0);
+            let _ = writeln!(
+                out,
+                "  {:<22} engine {:>7} writes/s   qemu qcow2 {:>7} writes/s   engine/qemu {}",
+                r.shape.what,
+                fmt_iops(r.engine.iops()),
+                q.map(|q| fmt_iops(q.iops())).unwrap_or_else(|| "-".into()),
+                q.map(|q| format!("{:.2}", r.engine.iops() / q.iops().max(1e-9))).unwrap_or_else(|| "-".into())
+            );
+        }
+    }
+
     /// What each column measured, and the tools' notes and errors.
     fn columns(&self, out: &mut String) {
         let &Report { cfg, rows, q, have_fio, have_qemu, qemu_img_what, .. } = self;
@@ -363,6 +387,17 @@ impl Report<'_> {
             load.disk.as_ref().map(|d| d.merge.top as f64 * 70.0 / 64.0 / d.merge.moved.max(1) as f64),
             1.0,
         ));
+        // Copy-on-write at equal durability must at least match qcow2;
+        // without flushes the engine keeps acknowledged writes through a
+        // kill -9 and qcow2 does not, so those rows are a report.
+        for r in load.cow.iter().flatten().filter(|r| r.shape.flush_every.is_some()) {
+            targets.push((
+                r.shape.key,
+                format!("copy-on-write {} engine/qcow2", r.shape.what),
+                r.qemu.as_ref().filter(|q| q.secs > 0.0).map(|q| r.engine.iops() / q.iops().max(1e-9)),
+                1.0,
+            ));
+        }
         let depth = match (find("randread_4k_qd32").and_then(|r| r.engine.as_ref()), find("randread_4k_qd32_depth16").and_then(|r| r.engine.as_ref())) {
             (Some(d1), Some(d16)) if d1.iops() > 0.0 => Some(d16.iops() / d1.iops()),
             _ => None,
@@ -482,6 +517,10 @@ impl Report<'_> {
                 "merge_moved_bytes": d.merge.moved,
                 "merge_top_bytes": d.merge.top,
             })),
+            "cow": load.cow.as_ref().map(|rows| rows.iter().map(|r| (r.shape.key.to_string(), json!({
+                "engine": r.engine.to_json(),
+                "qemu_qcow2": r.qemu.as_ref().map(|q| q.to_json()),
+            }))).collect::<Map<String, Value>>()),
             "copy": load.copy.as_ref().map(|c| json!({
                 "untracked": c.untracked.to_json(),
                 "tracked": c.tracked.to_json(),
