@@ -390,26 +390,31 @@ fn an_offline_merge_copies_only_the_top_into_its_parent_and_keeps_its_name() {
     write_at(&stack, &mut model, 4, 7 * g.cluster, g.cluster as usize);
     block_on(stack.close(&SyncIo)).unwrap();
     drop(stack);
-    let base = disk.dir.join("root.hds");
     let top = disk.file_path(disk.desc.image(TOP_GUID).unwrap());
-    let base_len = std::fs::metadata(&base).unwrap().len();
+    let base_len = std::fs::metadata(disk.dir.join("root.hds")).unwrap().len();
 
     let stack = open_as(&disk, None, false, true);
     let merged = block_on(ops::merge(&SyncIo, &stack, &mut disk, None, &|_, _| {})).unwrap();
     assert_eq!(merged.clusters, 2, "the merge copied more than the top's clusters");
-    assert_eq!(disk.desc.images.len(), 1);
-    assert_eq!(disk.desc.image(TOP_GUID).unwrap().file, "root.hds", "the base's file is the top now");
-    assert!(read_all(&stack) == model, "the folded stack does not show the data");
+    assert_folded_into_base(stack, &disk, &model, &top, base_len, "offline");
+}
+
+/// After a merge of the top into a full base: one image, `root.hds` as
+/// the top, the top's file gone, the base no larger (it held every cluster,
+/// so they were overwritten in place), and the data, served and reopened.
+fn assert_folded_into_base(stack: Stack, disk: &Disk, model: &[u8], top: &Path, base_len: u64, ctx: &str) {
+    assert_eq!(disk.desc.images.len(), 1, "{ctx}");
+    assert_eq!(disk.desc.image(TOP_GUID).unwrap().file, "root.hds", "{ctx}: the base's file is the top now");
+    assert!(read_all(&stack) == model, "{ctx}: the merged stack does not show the data");
     block_on(stack.close(&SyncIo)).unwrap();
     drop(stack);
-    assert!(!top.exists(), "the top's file was left");
-    // The base held both clusters already: they were overwritten in place.
-    assert_eq!(std::fs::metadata(&base).unwrap().len(), base_len, "the base grew");
+    assert!(!top.exists(), "{ctx}: the top's file was left");
+    assert_eq!(std::fs::metadata(disk.dir.join("root.hds")).unwrap().len(), base_len, "{ctx}: the base grew");
     let disk = Disk::load(&disk.dir).unwrap();
     let stack = open(&disk, None, true);
-    assert!(read_all(&stack) == model, "the merged disk does not show its data after a reopen");
+    assert!(read_all(&stack) == model, "{ctx}: the merged disk does not show its data after a reopen");
     drop(stack);
-    check_files(&disk, "folded");
+    check_files(&disk, ctx);
 }
 
 #[test]
@@ -428,9 +433,8 @@ fn an_online_merge_copies_only_the_top_into_its_parent_and_keeps_its_name() {
     for c in [1, 3, 5, 7, 9, 11] {
         write_at(&stack, &mut model.borrow_mut(), c, c * g.cluster + 4096, 8192);
     }
-    let base = disk.dir.join("root.hds");
     let top = disk.file_path(disk.desc.image(TOP_GUID).unwrap());
-    let base_len = std::fs::metadata(&base).unwrap().len();
+    let base_len = std::fs::metadata(disk.dir.join("root.hds")).unwrap().len();
     let written = std::cell::Cell::new(false);
     let during = |done: u64, _: u64| {
         if done > 0 && !written.replace(true) {
@@ -442,19 +446,8 @@ fn an_online_merge_copies_only_the_top_into_its_parent_and_keeps_its_name() {
     assert!(written.get(), "the merge reported no progress: the writes meanwhile did not happen");
     let model = model.into_inner();
     assert_eq!(merged.clusters, 8, "the merge copied other than the top's 6 clusters and the 2 written meanwhile");
-    assert_eq!(disk.desc.images.len(), 1);
-    assert_eq!(disk.desc.image(TOP_GUID).unwrap().file, "root.hds", "the base's file is the top now");
-    assert!(!top.exists(), "the top's file was left");
-    assert!(read_all(&stack) == model, "the merged stack does not show the data");
-    block_on(stack.close(&SyncIo)).unwrap();
-    drop(stack);
-    // The base held every cluster: they were overwritten in place.
-    assert_eq!(std::fs::metadata(&base).unwrap().len(), base_len, "the base grew");
-    let disk = Disk::load(&disk.dir).unwrap();
-    let stack = open(&disk, None, true);
-    assert!(read_all(&stack) == model, "the merged disk does not show its data after a reopen");
-    drop(stack);
-    check_files(&disk, "merged online");
+    assert!(!top.exists(), "the top's file was left while the stack serves");
+    assert_folded_into_base(stack, &disk, &model, &top, base_len, "online");
 }
 
 #[test]

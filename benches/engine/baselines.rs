@@ -67,6 +67,16 @@ fn fio_on(cfg: &Cfg, raw: &Path, rw: &str, bs: usize, qd: usize, secs: f64) -> R
 // ---------------------------------------------------------------------------
 // qemu-img bench
 
+/// The run time `qemu-img bench` printed. It prints milliseconds
+/// resolution; never divide by zero.
+pub fn bench_secs(stdout: &str) -> Res<f64> {
+    let secs = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("Run completed in ").and_then(|r| r.split_whitespace().next()).and_then(|s| s.parse::<f64>().ok()))
+        .ok_or_else(|| format!("qemu-img bench: unexpected output {stdout:?}"))?;
+    Ok(secs.max(0.0005))
+}
+
 pub struct Qemu {
     /// The AIO mode that works (`io_uring`, else `native`); None until known.
     pub aio: Option<&'static str>,
@@ -100,12 +110,7 @@ impl Qemu {
         if !out.status.success() {
             return Err(format!("qemu-img bench -i {aio} failed: {}{}", stdout.trim(), String::from_utf8_lossy(&out.stderr).trim()));
         }
-        let secs = stdout
-            .lines()
-            .find_map(|l| l.strip_prefix("Run completed in ").and_then(|r| r.split_whitespace().next()).and_then(|s| s.parse::<f64>().ok()))
-            .ok_or_else(|| format!("qemu-img bench: unexpected output {stdout:?}"))?;
-        // It prints milliseconds resolution; never divide by zero.
-        Ok(secs.max(0.0005))
+        bench_secs(&stdout)
     }
 
     /// Run with io_uring, falling back (once, for good) to native AIO.

@@ -15,7 +15,7 @@ use std::time::Instant;
 use ublk_ploop::io::{block_on, for_each_in_flight, AlignedBuf, SyncIo};
 use ublk_ploop::layers::PloopLayer;
 
-use crate::baselines::Qemu;
+use crate::baselines::{bench_secs, Qemu};
 use crate::drive::{new_ring, open_stack};
 use crate::measure::{cpu_secs, Run};
 use crate::scratch::{Cfg, PLOOP, RAW};
@@ -126,11 +126,7 @@ fn qemu_cow(cfg: &Cfg, q: &Qemu, s: &CowShape) -> Res<Run> {
     if !out.status.success() {
         return Err(format!("qemu-img bench (qcow2) failed: {}{}", stdout.trim(), String::from_utf8_lossy(&out.stderr).trim()));
     }
-    let secs = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("Run completed in ").and_then(|r| r.split_whitespace().next()).and_then(|v| v.parse::<f64>().ok()))
-        .ok_or_else(|| format!("qemu-img bench: unexpected output {stdout:?}"))?
-        .max(0.0005);
+    let secs = bench_secs(&stdout)?;
     Ok(Run { ios: count, bytes: count * s.bs as u64, secs, rounds: 1, ..Default::default() })
 }
 
