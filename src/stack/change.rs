@@ -300,12 +300,27 @@ impl Stack {
         }
         let old = &shape.layers[index];
         let (path, format) = (old.file().path.clone(), old.format());
-        // A transient failure (the merge itself may have failed on one)
-        // must not leave the device serving nothing: try a few times.
+        self.reload_lower(io, &mut shape, index, format, self.direct, true)
+            .await
+            .map_err(|e| e.context(format_args!("{}: reopening a lower layer a failed merge changed", path.display())))
+    }
+
+    /// Open lower layer `index` afresh from its file (read-only; with its
+    /// shared lock when `locked`) and serve that opening, with requests
+    /// held by the caller. A transient failure (the change before may have
+    /// failed on one) must not leave the device serving nothing: the open
+    /// is tried a few times; if it still fails, the stack closes.
+    async fn reload_lower<I: Io>(&self, io: &I, shape: &mut Shape, index: usize, format: Format, direct: crate::io::Direct, locked: bool) -> Result<()> {
+        let path = shape.layers[index].file().path.clone();
         let mut tries = 0;
         loop {
             tries += 1;
-            match Layer::open(io, &path, format, false, self.direct).await {
+            let opened = if locked {
+                Layer::open(io, &path, format, false, direct).await
+            } else {
+                Layer::open_unlocked(io, &path, format, false, direct).await
+            };
+            match opened {
                 Ok((layer, _)) => {
                     shape.layers[index] = Arc::new(layer);
                     shape.owner = owner_map(&shape.layers, self.size(), self.cluster);
@@ -314,7 +329,7 @@ impl Stack {
                 Err(e) if tries < Self::REOPEN_TRIES => tracing::warn!("{}: reopening a lower layer failed ({e}); trying again", path.display()),
                 Err(e) => {
                     shape.closed = true;
-                    return Err(e.context(format_args!("{}: reopening a lower layer a failed merge changed", path.display())));
+                    return Err(e);
                 }
             }
         }
@@ -341,22 +356,9 @@ impl Stack {
         drop(file);
         // Whatever the resize did (a failure may follow moved clusters),
         // the stack reads the file as it is now.
-        let mut tries = 0;
-        loop {
-            tries += 1;
-            match Layer::open_unlocked(io, &path, Format::Ploop, false, direct).await {
-                Ok((layer, _)) => {
-                    shape.layers[index] = Arc::new(layer);
-                    shape.owner = owner_map(&shape.layers, self.size(), self.cluster);
-                    break;
-                }
-                Err(e) if tries < Self::REOPEN_TRIES => tracing::warn!("{}: reopening a grown lower layer failed ({e}); trying again", path.display()),
-                Err(e) => {
-                    shape.closed = true;
-                    return Err(e.context(format_args!("{}: reopening a lower layer after growing it", path.display())));
-                }
-            }
-        }
+        self.reload_lower(io, &mut shape, index, Format::Ploop, direct, false)
+            .await
+            .map_err(|e| e.context(format_args!("{}: reopening a lower layer after growing it", path.display())))?;
         grown.map_err(|e| e.context(format_args!("{}: growing the parent to its child's size", path.display())))
     }
 

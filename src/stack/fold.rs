@@ -13,16 +13,19 @@
 //!   before it.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, ErrorKind, Result};
-use std::sync::Mutex;
-
 use crate::io::{for_each_in_flight, BufPool, Io};
 use crate::layers::Layer;
 use crate::tracker::Tracker;
 
 use super::{owner_map, Stack};
+
+/// The top changed under a merge (the caller runs one change at a time).
+fn stack_changed() -> Error {
+    Error::new(libc::EBUSY, "the stack changed during the merge")
+}
 
 /// Clusters a copy into another file keeps in flight.
 const COPY_IN_FLIGHT: usize = 8;
@@ -83,10 +86,10 @@ impl Stack {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<()>>,
     {
-        let changed = || Error::new(libc::EBUSY, "the stack changed during the merge");
         let clusters = self.size().div_ceil(self.cluster);
-        let held = |list: Vec<u64>| -> Vec<u64> { list.into_iter().filter(|&c| top.lookup(c, self.cluster).is_some()).collect() };
-        let mut todo = held((0..clusters).collect());
+        let holds = |c: &u64| top.lookup(*c, self.cluster).is_some();
+        let held = |bits: bitvec::vec::BitVec| -> Vec<u64> { bits.iter_ones().map(|c| c as u64).filter(holds).collect() };
+        let mut todo: Vec<u64> = (0..clusters).filter(holds).collect();
         let total = todo.len() as u64;
         progress(0, total);
         let mut copied = 0;
@@ -98,7 +101,7 @@ impl Stack {
             };
             self.copy_clusters(io, top, into, &todo, true, &report).await?;
             copied += todo.len() as u64;
-            todo = held(tracker.drain().iter_ones().map(|c| c as u64).collect());
+            todo = held(tracker.drain());
             if crate::mutant::off("fold-catch-up") {
                 todo.clear();
             }
@@ -112,10 +115,10 @@ impl Stack {
         let mut shape = self.shape.exclusive().await;
         shape.check_open()?;
         if !Arc::ptr_eq(shape.top(), top) {
-            return Err(changed());
+            return Err(stack_changed());
         }
         if !crate::mutant::off("fold-catch-up") {
-            todo.extend(held(tracker.drain().iter_ones().map(|c| c as u64).collect()));
+            todo.extend(held(tracker.drain()));
         }
         todo.sort_unstable();
         todo.dedup();
@@ -139,9 +142,7 @@ impl Stack {
         shape.owner = owner_map(&shape.layers, self.size(), self.cluster);
         Ok(copied)
     }
-}
 
-impl Stack {
     /// Copy `clusters` of `from` (those it still holds when their turn
     /// comes) into `into`, a writable opening of another file: `COPY_IN_FLIGHT`
     /// at a time, data first, synced, then `into`'s entries (written again
@@ -168,7 +169,7 @@ impl Stack {
                                 let shape = self.shape.enter().await;
                                 shape.check_open()?;
                                 if !std::ptr::eq(Arc::as_ptr(shape.top()), from) {
-                                    return Err(Error::new(libc::EBUSY, "the stack changed during the merge"));
+                                    return Err(stack_changed());
                                 }
                                 Some(shape)
                             } else {
