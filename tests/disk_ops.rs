@@ -38,8 +38,12 @@ fn open_as(disk: &Disk, guid: Option<Guid>, read_only: bool, offline: bool) -> S
 }
 
 fn read_all(stack: &Stack) -> Vec<u8> {
-    let mut b = AlignedBuf::zeroed(stack.size() as usize);
-    block_on(stack.read(&SyncIo, 0, &mut b)).unwrap();
+    read_range(stack, 0, stack.size() as usize)
+}
+
+fn read_range(stack: &Stack, off: u64, len: usize) -> Vec<u8> {
+    let mut b = AlignedBuf::zeroed(len);
+    block_on(stack.read(&SyncIo, off, &mut b)).unwrap();
     b.to_vec()
 }
 
@@ -470,11 +474,7 @@ fn a_lower_merge_grows_its_parent_without_serving_stale_reads() {
     // (qemu-img 7.2's check counts the table of an empty image whose table
     // spans clusters as leaked: the top gets data too.)
     write_at(&stack, &mut head, 8, 2 * g.cluster, 4096);
-    let read_head = |stack: &Stack| {
-        let mut b = AlignedBuf::zeroed(head.len());
-        block_on(stack.read(&SyncIo, 0, &mut b)).unwrap();
-        b.to_vec()
-    };
+    let read_head = |stack: &Stack| read_range(stack, 0, head.len());
     let checked = std::cell::Cell::new(0);
     let during = |_: u64, _: u64| {
         checked.set(checked.get() + 1);
@@ -511,13 +511,7 @@ fn an_online_merge_of_a_grown_top_grows_its_parent_while_requests_are_held() {
     let far = grown - g.cluster;
     let far_data = pattern(9, far, 8192);
     block_on(stack.write(&SyncIo, far, &far_data)).unwrap();
-    let shows = |stack: &Stack| {
-        let mut b = AlignedBuf::zeroed(head.len());
-        block_on(stack.read(&SyncIo, 0, &mut b)).unwrap();
-        let mut f = AlignedBuf::zeroed(far_data.len());
-        block_on(stack.read(&SyncIo, far, &mut f)).unwrap();
-        b.to_vec() == head && f[..] == far_data[..]
-    };
+    let shows = |stack: &Stack| read_range(stack, 0, head.len()) == head && read_range(stack, far, far_data.len())[..] == far_data[..];
     let during = |_: u64, _: u64| assert!(shows(&stack), "a read during the merge does not show the data");
     let merged = block_on(ops::merge(&SyncIo, &stack, &mut disk, None, &during)).unwrap();
     assert_eq!(merged.clusters, 2);
