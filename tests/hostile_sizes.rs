@@ -165,3 +165,92 @@ fn huge_descriptor_is_refused_unread() {
         small(&args[0].to_string(), rss);
     }
 }
+
+/// The engine itself follows the data: a writable stack over a table that
+/// claims 2^29 entries (2 GiB of table, 4.6 GB of tables in memory when
+/// they were flat) holds a few MiB, and serves reads and writes.
+#[test]
+fn a_stack_over_a_huge_claim_holds_tables_that_follow_the_data() {
+    let dir = TempDir::new("hostile");
+    let img = dir.join("claim.hds");
+    hostile(&img, 1 << 29);
+    let opts = StackOptions { direct: Direct::Off, ..Default::default() };
+    let (stack, _) = block_on(Stack::open(&SyncIo, std::slice::from_ref(&img), &opts)).unwrap();
+    let bytes = block_on(stack.table_bytes());
+    assert!(bytes < 16 << 20, "tables of {bytes} bytes for an empty table");
+    let far = ((1u64 << 29) - 1) * 512;
+    block_on(stack.write(&SyncIo, far, &[7u8; 512])).unwrap();
+    block_on(stack.write(&SyncIo, 0, &[9u8; 512])).unwrap();
+    let mut buf = [0u8; 512];
+    block_on(stack.read(&SyncIo, far, &mut buf)).unwrap();
+    assert_eq!(buf, [7u8; 512]);
+    assert!(block_on(stack.table_bytes()) < bytes + (64 << 10), "two writes cost more than two chunks each");
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    let (r, _) = run_limited(&["check", img.to_str().unwrap()]);
+    r.ok();
+}
+
+/// A 64 TiB thin image of 1 MiB clusters, as we create it: its table is
+/// allocated but unwritten, so opening it reads only the blocks that hold
+/// entries, and its tables hold the directory plus a chunk per written
+/// spot, wherever the writes landed.
+#[test]
+fn a_thin_disk_of_64_tib_opens_holding_what_was_written() {
+    let dir = TempDir::new("hostile");
+    let img = dir.join("thin.hds");
+    let (size, cluster) = (64u64 << 40, 1u64 << 20);
+    block_on(ublk_ploop::layers::PloopLayer::create(&SyncIo, &img, size, cluster)).unwrap();
+    let spots: Vec<u64> = (0..16).map(|i| i * (size / 16) + i * cluster).collect();
+    let opts = StackOptions { direct: Direct::Off, ..Default::default() };
+    {
+        let (stack, _) = block_on(Stack::open(&SyncIo, std::slice::from_ref(&img), &opts)).unwrap();
+        for (i, &at) in spots.iter().enumerate() {
+            block_on(stack.write(&SyncIo, at + 4096, &[i as u8 + 1; 4096])).unwrap();
+        }
+        block_on(stack.close(&SyncIo)).unwrap();
+    }
+    let (stack, _) = block_on(Stack::open(&SyncIo, std::slice::from_ref(&img), &opts)).unwrap();
+    let bytes = block_on(stack.table_bytes());
+    // Directories: 1 MiB of table, 256 KiB of owner map; 16 chunks of each.
+    assert!(bytes < (1 << 20) + (256 << 10) + 16 * 8192 + 4096, "tables of {bytes} bytes");
+    for (i, &at) in spots.iter().enumerate() {
+        let mut buf = vec![0u8; 8192];
+        block_on(stack.read(&SyncIo, at, &mut buf)).unwrap();
+        assert!(buf[..4096].iter().all(|&b| b == 0) && buf[4096..].iter().all(|&b| b == i as u8 + 1), "spot {i}");
+    }
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    // The table's bytes past the first block were never written out.
+    let f = std::fs::File::open(&img).unwrap();
+    let data = unsafe { libc::lseek(std::os::fd::AsRawFd::as_raw_fd(&f), 4096, libc::SEEK_DATA) };
+    assert!(data >= 4096 + 4 * 16 || data < 0, "table written from {data} on");
+    let (r, _) = run_limited(&["check", img.to_str().unwrap()]);
+    r.ok();
+}
+
+/// Bytes after the last used entry, in the table's last block (a header
+/// may claim more entries than the disk uses), are rewritten as they were
+/// when that block carries a new entry.
+#[test]
+fn bytes_after_the_used_entries_survive_a_table_write() {
+    let dir = TempDir::new("hostile");
+    let img = dir.join("tail.hds");
+    block_on(ublk_ploop::layers::PloopLayer::create(&SyncIo, &img, 1 << 20, 64 << 10)).unwrap();
+    // 16 clusters used; claim 64 entries and put bytes after the 16th.
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(&img).unwrap();
+    f.write_all_at(&64u32.to_le_bytes(), 32).unwrap();
+    let tail_at = HEADER_SIZE + 4 * 16;
+    f.write_all_at(b"kept-bytes", tail_at).unwrap();
+    drop(f);
+    let opts = StackOptions { direct: Direct::Off, ..Default::default() };
+    let (stack, _) = block_on(Stack::open(&SyncIo, std::slice::from_ref(&img), &opts)).unwrap();
+    block_on(stack.write(&SyncIo, 15 * (64 << 10), &[3u8; 4096])).unwrap();
+    block_on(stack.close(&SyncIo)).unwrap();
+    let mut got = [0u8; 10];
+    std::fs::File::open(&img).unwrap().read_exact_at(&mut got, tail_at).unwrap();
+    assert_eq!(&got, b"kept-bytes");
+    let mut entry = [0u8; 4];
+    std::fs::File::open(&img).unwrap().read_exact_at(&mut entry, tail_at - 4).unwrap();
+    assert_ne!(entry, [0; 4], "the 16th cluster's entry was written");
+}

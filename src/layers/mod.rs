@@ -228,6 +228,13 @@ impl Layer {
             Layer::Raw(l) => l.lookup(c, cluster),
         }
     }
+    /// Bytes of memory this layer's table holds.
+    pub fn table_bytes(&self) -> u64 {
+        match self {
+            Layer::Ploop(l) => l.table_bytes(),
+            Layer::Raw(_) => 0,
+        }
+    }
     /// Take this layer's lock exclusively (converting a shared one) or
     /// shared, without waiting: a merge that will drop or rewrite a lower
     /// layer first makes sure no other process (a mounted snapshot) reads it.

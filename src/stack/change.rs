@@ -91,11 +91,15 @@ impl Stack {
                 // once the top is a lower layer that would claim data it does
                 // not hold. No request is in flight now: make it exact.
                 let old_index = shape.top_index();
-                for (c, slot) in shape.owner.iter().enumerate() {
-                    if slot.load(Ordering::Acquire) == old_index && old.lookup(c as u64, self.cluster).is_none() {
-                        let below = shape.holder_below_top(c as u64, self.cluster).map_or(NOBODY, |i| i as u8);
-                        slot.store(below, Ordering::Release);
-                    }
+                let stale: Vec<u64> = shape
+                    .owner
+                    .present()
+                    .filter(|&(c, o)| o == Some(old_index as usize) && old.lookup(c, self.cluster).is_none())
+                    .map(|(c, _)| c)
+                    .collect();
+                for c in stale {
+                    let below = shape.holder_below_top(c, self.cluster).map_or(NOBODY, |i| i as u8);
+                    shape.owner.set(c, below);
                 }
                 self.retiring.lock().unwrap().push(old.clone());
                 shape.layers.push(new_top.clone());
@@ -231,7 +235,9 @@ impl Stack {
     /// failed BAT write undid its entry: then the layers are asked).
     fn left_in_parent(&self, shape: &Shape, parent: u8) -> Vec<u64> {
         let top = shape.top();
-        (0..shape.owner.len() as u64)
+        shape
+            .owner
+            .held()
             .filter(|&c| match shape.owner_of(c) {
                 Some(i) if i == parent as usize => top.lookup(c, self.cluster).is_none(),
                 Some(i) if i as u8 == shape.top_index() => {

@@ -24,12 +24,13 @@
 
 mod change;
 mod fold;
+mod owner;
 mod request;
 
 use bitvec::vec::BitVec;
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
@@ -82,7 +83,7 @@ pub struct StackOptions {
 /// What requests share and a stack change swaps.
 struct Shape {
     layers: Vec<Arc<Layer>>,
-    owner: Box<[AtomicU8]>,
+    owner: owner::OwnerMap,
     /// Closed cleanly: no more writes.
     closed: bool,
     /// Write trackers attached (live copy, changed-block tracking).
@@ -97,10 +98,7 @@ impl Shape {
         (self.layers.len() - 1) as u8
     }
     fn owner_of(&self, c: u64) -> Option<usize> {
-        match self.owner.get(c as usize)?.load(Ordering::Acquire) {
-            NOBODY => None,
-            i => Some(i as usize),
-        }
+        self.owner.get(c)
     }
     /// The topmost layer under the top that holds cluster `c`: the owner
     /// map answers in O(1), unless it names the top (then look below).
@@ -377,10 +375,21 @@ impl Stack {
         self.shape.enter().await.top().take_saved_bitmaps()
     }
 
+    /// Bytes of memory the stack's tables hold: every layer's BAT and the
+    /// owner map. They follow the clusters held, not the disk's size.
+    pub async fn table_bytes(&self) -> u64 {
+        let shape = self.shape.enter().await;
+        shape.owner.bytes() + shape.layers.iter().map(|l| l.table_bytes()).sum::<u64>()
+    }
+
     /// Clusters some layer holds (all others read as zeros).
     pub async fn allocated(&self) -> BitVec {
         let shape = self.shape.enter().await;
-        (0..shape.owner.len() as u64).map(|c| shape.owner_of(c).is_some()).collect()
+        let mut held = BitVec::repeat(false, self.size().div_ceil(self.cluster) as usize);
+        for c in shape.owner.held() {
+            held.set(c as usize, true);
+        }
+        held
     }
 
     /// Hold new requests once those in flight have finished, until the
@@ -469,16 +478,8 @@ impl Frozen<'_> {
 }
 
 /// Per cluster, the topmost layer that holds it.
-fn owner_map(layers: &[Arc<Layer>], size: u64, cluster: u64) -> Box<[AtomicU8]> {
-    let owner: Box<[AtomicU8]> = (0..size.div_ceil(cluster)).map(|_| AtomicU8::new(NOBODY)).collect();
-    for (index, layer) in layers.iter().enumerate() {
-        for (c, slot) in owner.iter().enumerate() {
-            if layer.lookup(c as u64, cluster).is_some() {
-                slot.store(index as u8, Ordering::Relaxed);
-            }
-        }
-    }
-    owner
+fn owner_map(layers: &[Arc<Layer>], size: u64, cluster: u64) -> owner::OwnerMap {
+    owner::OwnerMap::build(layers, size.div_ceil(cluster), cluster)
 }
 
 /// The same file twice in one stack would be both read-only and writable.

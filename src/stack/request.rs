@@ -207,7 +207,7 @@ impl Stack {
         // Owner first: a write that finds the link and completes must be
         // seen by every later read, which looks at the owner map first (an
         // owner naming the top before its entry exists resolves below).
-        shape.owner[c as usize].store(shape.top_index(), Ordering::Release);
+        shape.owner.set(c, shape.top_index());
         top.link(c, offset);
         Ok((offset, true, written))
     }
@@ -345,7 +345,7 @@ impl Stack {
             for c in e.rolled_back {
                 if !busy.contains_key(&c) && shape.top().lookup(c, self.cluster).is_none() {
                     let below = shape.holder_below_top(c, self.cluster).map_or(NOBODY, |i| i as u8);
-                    shape.owner[c as usize].store(below, Ordering::Release);
+                    shape.owner.set(c, below);
                 }
             }
         }

@@ -49,7 +49,7 @@ impl PloopLayer {
                     return Poll::Ready(Err(Error::new(libc::EFBIG, format!("{path}: image too large for its BAT"))));
                 }
                 let end = offset + self.cluster;
-                let max_end = meta.header.data_off_bytes() + self.bat.len() as u64 * self.cluster;
+                let max_end = meta.header.data_off_bytes() + self.table.entries() * self.cluster;
                 let step = (meta.prealloc_end / 8).clamp(PREALLOC_MIN, PREALLOC_MAX).max(PREALLOC_CLUSTERS * self.cluster);
                 if end <= meta.prealloc_end {
                     meta.next_free = end;
@@ -92,7 +92,7 @@ impl PloopLayer {
     pub async fn grow_ahead<I: Io>(&self, io: &I) -> Result<()> {
         let grow = {
             let mut meta = self.meta.lock().unwrap();
-            let max_end = meta.header.data_off_bytes() + self.bat.len() as u64 * self.cluster;
+            let max_end = meta.header.data_off_bytes() + self.table.entries() * self.cluster;
             let from = meta.prealloc_end;
             if meta.growing || from >= max_end {
                 return Ok(());

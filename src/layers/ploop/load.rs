@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::io::{AlignedBuf, Io};
 use crate::layers::ploop::bat::{BatScan, Scanner};
 use crate::layers::ploop::header::{Header, HEADER_SIZE};
+use crate::layers::ploop::table::Table;
 
 /// The header as read from the file.
 pub struct HeaderRead {
@@ -66,19 +67,24 @@ pub async fn read_bat<I: Io>(io: &I, fd: RawFd, h: &Header, block: u64, path: &s
     Ok(BatRead { meta, values })
 }
 
-/// Bytes of the BAT read at a time by `scan_bat`.
-const SCAN_CHUNK: u64 = 1 << 20;
+/// Largest piece of the BAT read at once; pieces start at 4 KiB after a
+/// jump over a hole and double while the data goes on, so a table of a few
+/// scattered blocks costs a few small reads and a written one large reads.
+const MAX_PIECE: u64 = 1 << 20;
+const MIN_PIECE: u64 = 4096;
 
-/// Check the used BAT entries of an image (see `bat::scan`) reading the
-/// table a chunk at a time and skipping the ranges of it the file holds no
-/// data for (they read as zeros: unallocated entries). Memory and time
-/// follow what the file really holds, not the table's claimed length.
-/// The caller has made sure the file reaches the end of the BAT.
-pub async fn scan_bat<I: Io>(io: &I, fd: RawFd, h: &Header, file_len: u64, path: &str) -> Result<BatScan> {
+/// Call `each(first, entries)` for the used BAT entries the file holds
+/// data for, skipping the ranges it has none for (holes read as zeros:
+/// unallocated entries). Time and memory follow what the file really
+/// holds, not the table's claimed length. The caller has made sure the
+/// file reaches the end of the BAT; `align` is the descriptor's O_DIRECT
+/// unit.
+async fn walk_bat<I: Io>(io: &I, fd: RawFd, h: &Header, align: u64, path: &str, mut each: impl FnMut(u64, &[u32])) -> Result<()> {
     let end = HEADER_SIZE as u64 + 4 * used_entries(h);
-    let mut scanner = Scanner::new(h, file_len);
-    let mut buf = AlignedBuf::zeroed(SCAN_CHUNK as usize);
-    let mut at = 0u64;
+    let unit = align.max(MIN_PIECE);
+    let mut buf = AlignedBuf::zeroed(MAX_PIECE.max(unit) as usize);
+    let mut values: Vec<u32> = Vec::with_capacity(buf.len() / 4);
+    let (mut at, mut piece) = (0u64, unit);
     while at < end {
         let data = match io.seek_data(fd, at) {
             Ok(Some(data)) => data,
@@ -86,20 +92,69 @@ pub async fn scan_bat<I: Io>(io: &I, fd: RawFd, h: &Header, file_len: u64, path:
             Ok(None) => break,
             Err(e) => return Err(Error::io(e, path)),
         };
-        // Chunks stay aligned (the descriptor may be O_DIRECT).
-        at = at.max(data / SCAN_CHUNK * SCAN_CHUNK);
+        let start = data / unit * unit;
+        if start > at {
+            (at, piece) = (start, unit);
+        }
         if at >= end {
             break;
         }
-        let len = (end - at).min(SCAN_CHUNK);
-        let piece = &mut buf[..(len.next_multiple_of(4096).min(SCAN_CHUNK)) as usize];
-        io.read_at(fd, piece, at).await.map_err(|e| Error::io(e, path))?;
+        let len = (end - at).min(piece);
+        let bytes = &mut buf[..len.next_multiple_of(unit) as usize];
+        io.read_at(fd, bytes, at).await.map_err(|e| Error::io(e, path))?;
         // Entries start at byte HEADER_SIZE; `at` is a multiple of 4.
         let from = at.max(HEADER_SIZE as u64);
-        let bytes = &piece[(from - at) as usize..(end.min(at + len) - at) as usize];
-        let values: Vec<u32> = bytes.chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().unwrap())).collect();
-        scanner.feed((from - HEADER_SIZE as u64) / 4, &values);
+        values.clear();
+        values.extend(bytes[(from - at) as usize..len as usize].chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().unwrap())));
+        each((from - HEADER_SIZE as u64) / 4, &values);
         at += len;
+        piece = (piece * 2).min(MAX_PIECE.max(unit));
     }
+    Ok(())
+}
+
+/// Check the used BAT entries of an image (see `bat::scan`) without ever
+/// holding the table whole (see `walk_bat`).
+pub async fn scan_bat<I: Io>(io: &I, fd: RawFd, h: &Header, file_len: u64, path: &str) -> Result<BatScan> {
+    let mut scanner = Scanner::new(h, file_len);
+    walk_bat(io, fd, h, MIN_PIECE, path, |first, values| scanner.feed(first, values)).await?;
     Ok(scanner.finish())
+}
+
+/// An image's table as an open layer keeps it.
+pub struct TableRead {
+    pub table: Table,
+    pub scan: BatScan,
+    /// The header's bytes as on disk.
+    pub head: [u8; HEADER_SIZE],
+    /// The bytes after the last used entry up to the end of its `block`
+    /// (never into the data area): block writes rewrite them as they were.
+    pub tail: Vec<u8>,
+}
+
+/// Load the used entries into a chunked table, checking them as `check`
+/// does; memory follows the non-zero entries, time the table's data.
+pub async fn load_table<I: Io>(io: &I, fd: RawFd, h: &Header, block: u64, file_len: u64, path: &str) -> Result<TableRead> {
+    let entries = used_entries(h);
+    let end = HEADER_SIZE as u64 + 4 * entries;
+    let table = Table::new(entries, path)?;
+    let mut scanner = Scanner::new(h, file_len);
+    walk_bat(io, fd, h, block, path, |first, values| {
+        scanner.feed(first, values);
+        table.fill(first, values);
+    })
+    .await?;
+    let mut first = AlignedBuf::zeroed(block.max(MIN_PIECE) as usize);
+    io.read_at(fd, &mut first, 0).await.map_err(|e| Error::io(e, path))?;
+    let head: [u8; HEADER_SIZE] = first[..HEADER_SIZE].try_into().unwrap();
+    // Never past the data area: whole blocks of it are rewritten.
+    let meta_len = end.next_multiple_of(block).min(h.data_off_bytes().max(block));
+    let mut tail = Vec::new();
+    if meta_len > end {
+        let from = end / block * block;
+        let mut last = AlignedBuf::zeroed(block as usize);
+        io.read_at(fd, &mut last, from).await.map_err(|e| Error::io(e, path))?;
+        tail.extend_from_slice(&last[(end - from) as usize..(meta_len - from) as usize]);
+    }
+    Ok(TableRead { table, scan: scanner.finish(), head, tail })
 }

@@ -5,7 +5,6 @@
 
 use std::future::poll_fn;
 use std::ops::Range;
-use std::sync::atomic::Ordering;
 use std::task::Poll;
 
 use crate::error::{Error, Result};
@@ -42,8 +41,7 @@ impl PloopLayer {
         let value = (offset / self.bat_unit) as u32;
         let at = HEADER_SIZE + 4 * c as usize;
         let mut meta = self.meta.lock().unwrap();
-        let previous = self.bat[c as usize].swap(value, Ordering::AcqRel);
-        meta.disk[at..at + 4].copy_from_slice(&value.to_le_bytes());
+        let previous = self.table.set(c, value);
         meta.dirty.insert(at / self.file.block_size as usize);
         meta.published += 1;
         let generation = meta.published;
@@ -126,8 +124,14 @@ impl PloopLayer {
         let (snapshot, chunks, bufs): (u64, Vec<usize>, Vec<AlignedBuf>) = {
             let mut meta = self.meta.lock().unwrap();
             let taken = std::mem::take(&mut meta.dirty);
-            let (chunks, bufs) =
-                taken.into_iter().map(|i| (i, AlignedBuf::from_slice(&meta.disk[i * block..(i + 1) * block]))).unzip();
+            let (chunks, bufs) = taken
+                .into_iter()
+                .map(|i| {
+                    let mut buf = AlignedBuf::zeroed(block);
+                    self.table.bytes_at(&meta.head, &meta.tail, i * block, &mut buf);
+                    (i, buf)
+                })
+                .unzip();
             (meta.published, chunks, bufs)
         };
         let fd = self.file.fd();
@@ -151,8 +155,7 @@ impl PloopLayer {
                         meta.pending.iter().copied().filter(|&(g, _, _)| g <= snapshot).collect();
                     for &(g, c, previous) in undo.iter().rev() {
                         let at = HEADER_SIZE + 4 * c as usize;
-                        self.bat[c as usize].store(previous, Ordering::Release);
-                        meta.disk[at..at + 4].copy_from_slice(&previous.to_le_bytes());
+                        self.table.set(c, previous);
                         meta.dirty.insert(at / block);
                         meta.failed.push((g, c));
                         rolled_back.push(c);

@@ -24,10 +24,10 @@ pub mod header;
 pub mod load;
 mod meta;
 pub mod resize;
+pub mod table;
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 
 use crate::error::{Error, Result};
@@ -44,7 +44,7 @@ pub struct PloopLayer {
     cluster: u64,
     bat_unit: u64,
     /// The entries of the clusters the disk covers (see `load::used_entries`).
-    bat: Box<[AtomicU32]>,
+    table: table::Table,
     meta: Mutex<Meta>,
     /// Data syncs of the file, group-committed (copy-ups, flushes).
     syncs: SyncGroup,
@@ -57,10 +57,13 @@ pub struct PloopLayer {
 /// of the metadata writes and of the file's growth.
 struct Meta {
     header: Header,
-    /// Header and BAT bytes exactly as they should be on disk, padded to a
-    /// whole number of I/O blocks.
-    disk: crate::io::AlignedBuf,
-    /// Indexes of `block_size` chunks of `disk` that differ from the file.
+    /// The header's bytes as they should be on disk; with the table and
+    /// `tail` they make every block of the metadata area (`Table::bytes_at`).
+    head: [u8; HEADER_SIZE],
+    /// The bytes after the last used entry, to the end of its block.
+    tail: Vec<u8>,
+    /// Indexes of `block_size` blocks of the metadata area that differ
+    /// from the file.
     dirty: BTreeSet<usize>,
     /// Byte offset of the next cluster to allocate.
     next_free: u64,
@@ -110,6 +113,18 @@ fn leaked_inside(scan: &BatScan, data_off: u64, cluster: u64) -> Vec<(u64, u64)>
     runs
 }
 
+/// Write zeros over `[from, to)`, a MiB at a time.
+async fn write_zeros<I: Io>(io: &I, fd: std::os::fd::RawFd, from: u64, to: u64) -> std::io::Result<()> {
+    let zeros = vec![0u8; (to - from).min(1 << 20) as usize];
+    let mut at = from;
+    while at < to {
+        let n = (to - at).min(zeros.len() as u64) as usize;
+        io.write_at(fd, &zeros[..n], at).await?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
 impl PloopLayer {
     /// Open an image. Damage to the BAT is refused (with a pointer to
     /// `check --repair`); an unclean previous close is tolerated, its
@@ -141,7 +156,7 @@ impl PloopLayer {
             }
         }
         let block = file.block_size as u64;
-        let load::BatRead { meta: mut disk, values } = load::read_bat(io, file.fd(), &header, block, &path).await?;
+        let load::TableRead { table, scan, mut head, tail } = load::load_table(io, file.fd(), &header, block, file_len, &path).await?;
 
         if ![0, IN_USE, CLOSED].contains(&header.in_use) {
             // As `check` reports it: the format allows no other value.
@@ -179,7 +194,6 @@ impl PloopLayer {
             // The BAT stays authoritative, as qemu and check treat it.
             header.flags &= !FLAG_EMPTY;
         }
-        let scan: BatScan = bat::scan(&header, &values, file_len);
         if let Some(first_bad) = scan.bad.first() {
             return Err(Error::corrupt(format!(
                 "{path}: {} damaged BAT entries (entry {} {}); run `ublk-ploop check --repair {path}`",
@@ -209,19 +223,17 @@ impl PloopLayer {
             // again at the end of the file).
             leaks = leaked_inside(&scan, data_off, cluster);
             header.in_use = IN_USE;
-            disk[..HEADER_SIZE].copy_from_slice(&header.to_bytes());
+            head = header.to_bytes();
             dirty.insert(0);
         }
-        let mut bat: Vec<AtomicU32> = Vec::new();
-        bat.try_reserve_exact(values.len()).map_err(|_| Error::too_large(&path, 4 * values.len() as u64))?;
-        bat.extend(values.into_iter().map(AtomicU32::new));
         let layer = PloopLayer {
             cluster,
             bat_unit: header.bat_unit(),
-            bat: bat.into_boxed_slice(),
+            table,
             meta: Mutex::new(Meta {
                 header,
-                disk,
+                head,
+                tail,
                 dirty,
                 next_free,
                 prealloc_end: next_free,
@@ -273,20 +285,23 @@ impl PloopLayer {
     pub async fn create_variant<I: Io>(io: &I, path: &Path, size: u64, cluster: u64, variant: Variant) -> Result<Header> {
         let header = Header::new_variant(size, cluster, variant)?;
         let file = io.open(path, &crate::io::OpenHow::create_new(IMAGE_MODE)).map_err(|e| Error::io(e, path.display()))?;
-        // The header, then an empty BAT up to the data area, written out
-        // (so that BAT writes never need space the filesystem may not have
-        // later), a chunk at a time (not a buffer the size of the table).
+        // The header, then an empty BAT up to the data area, allocated (so
+        // that BAT writes never need space the filesystem may not have
+        // later) but not written: the table's unwritten extents read as
+        // zeros and as holes, so opening a thin disk reads only the blocks
+        // that hold entries. Where the filesystem cannot allocate, zeros
+        // are written, a chunk at a time.
         let fd = file.fd();
         let meta_end = header.data_off_bytes();
-        let mut chunk = vec![0u8; (meta_end as usize).min(1 << 20)];
+        let first = meta_end.min(4096) as usize;
+        let mut chunk = vec![0u8; first];
         chunk[..HEADER_SIZE].copy_from_slice(&header.to_bytes());
         let mut result = io.write_at(fd, &chunk, 0).await;
-        chunk[..HEADER_SIZE].fill(0);
-        let mut at = chunk.len() as u64;
-        while result.is_ok() && at < meta_end {
-            let n = (meta_end - at).min(chunk.len() as u64) as usize;
-            result = io.write_at(fd, &chunk[..n], at).await;
-            at += n as u64;
+        if result.is_ok() && meta_end > first as u64 {
+            result = match io.allocate(fd, first as u64, meta_end - first as u64).await {
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => write_zeros(io, fd, first as u64, meta_end).await,
+                other => other,
+            };
         }
         if result.is_ok() {
             result = io.sync_data(fd).await;
@@ -315,10 +330,20 @@ impl PloopLayer {
     /// File offset of virtual cluster `c`, if allocated here.
     #[inline]
     pub fn lookup(&self, c: u64) -> Option<u64> {
-        match self.bat.get(c as usize)?.load(Ordering::Acquire) {
+        match self.table.get(c) {
             0 => None,
             v => Some(v as u64 * self.bat_unit),
         }
+    }
+
+    /// The clusters allocated here and their file offsets, ascending.
+    pub fn allocated(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.table.present().map(|(c, v)| (c, v as u64 * self.bat_unit))
+    }
+
+    /// Bytes of memory the BAT holds.
+    pub fn table_bytes(&self) -> u64 {
+        self.table.bytes()
     }
 
     /// The dirty bitmaps the image carried when it was opened read-write.
@@ -376,8 +401,7 @@ impl PloopLayer {
         {
             let mut meta = self.meta.lock().unwrap();
             meta.header.in_use = mark;
-            let bytes = meta.header.to_bytes();
-            meta.disk[..HEADER_SIZE].copy_from_slice(&bytes);
+            meta.head = meta.header.to_bytes();
             meta.dirty.insert(0);
         }
         self.write_all_meta(io, true).await.map_err(|e| e.error)
