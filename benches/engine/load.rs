@@ -288,4 +288,6 @@ pub struct UnderLoad {
     pub copy: Option<CopyRows>,
     /// Copy-on-write against qcow2, one row per shape.
     pub cow: Option<Vec<crate::cow::CowRow>>,
+    /// Opening a thin disk: time and table memory.
+    pub thin: Option<crate::thin::ThinRow>,
 }

@@ -30,6 +30,7 @@ mod load;
 mod measure;
 mod report;
 mod scratch;
+mod thin;
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -157,7 +158,7 @@ fn run() -> Res<()> {
     let step4k = scatter_step(cfg.size, K4 as u64);
     let mut rows: Vec<Row> = Vec::new();
     // UBLK_PLOOP_BENCH_ONLY=read,alloc,... runs only the groups named
-    // (read, write, seq, qd, alloc, hol, swap, disk, copy): for profiling one workload.
+    // (read, write, seq, qd, alloc, hol, swap, disk, copy, cow, thin): for profiling one workload.
     let only = std::env::var("UBLK_PLOOP_BENCH_ONLY").unwrap_or_default();
     let want = |group: &str| only.is_empty() || only.split(',').any(|g| g.trim() == group);
     let progress = |s: &str| eprintln!("  [{:5.1}s] {s}", t_all.elapsed().as_secs_f64());
@@ -333,7 +334,12 @@ fn run() -> Res<()> {
         progress("copy-on-write: 4k QD1/QD32 and 1M QD4 into a fresh top, without and with flushes, vs a qcow2 overlay");
     }
     let cow = if want("cow") { Some(cow::cow_rows(&cfg, &q, have_qemu)?) } else { None };
-    let load = UnderLoad { hol, swap, disk, copy, cow };
+    // Opening a 64 TiB thin disk with 1 GiB written.
+    if want("thin") {
+        progress("opening a 64 TiB thin disk with 1 GiB written, vs qemu-img info");
+    }
+    let thin = if want("thin") { Some(thin::thin_open(&cfg, have_qemu)?) } else { None };
+    let load = UnderLoad { hol, swap, disk, copy, cow, thin };
     let total_secs = t_all.elapsed().as_secs_f64();
     Report { cfg: &cfg, rows: &rows, load: &load, q: &q, have_fio, have_qemu, qemu_img_what: &qemu_img_what, total_secs }.print();
     Ok(())

@@ -78,6 +78,7 @@ impl Report<'_> {
         self.table(&mut out);
         self.under_load(&mut out);
         self.cow(&mut out);
+        self.thin(&mut out);
         self.columns(&mut out);
         let targets = self.targets(&mut out);
         let _ = writeln!(out, "  (total bench time {:.0} s, load avg now {})", self.total_secs, loadavg());
@@ -265,6 +266,23 @@ impl Report<'_> {
         }
     }
 
+    /// Opening a thin disk: time, table memory, resident growth.
+    fn thin(&self, out: &mut String) {
+        let Some(t) = &self.load.thin else { return };
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        let flat = crate::thin::THIN_SIZE / crate::CLUSTER * 4;
+        let _ = writeln!(
+            out,
+            "Thin disk open (64 TiB, 1 MiB clusters, 1 GiB written one cluster per 64 GiB; writable open, median of 5):\n  \
+             engine {:.1} ms, tables {:.2} MiB (a flat table: {:.0} MiB), resident growth {:.1} MiB; qemu-img info {}",
+            t.open_secs * 1000.0,
+            mib(t.table_bytes),
+            mib(flat),
+            mib(t.rss_bytes),
+            t.qemu_secs.map(|q| format!("{:.1} ms (engine/qemu time {:.2})", q * 1000.0, t.open_secs / q.max(1e-9))).unwrap_or_else(|| "-".into())
+        );
+    }
+
     /// What each column measured, and the tools' notes and errors.
     fn columns(&self, out: &mut String) {
         let &Report { cfg, rows, q, have_fio, have_qemu, qemu_img_what, .. } = self;
@@ -398,6 +416,18 @@ impl Report<'_> {
                 1.0,
             ));
         }
+        targets.push((
+            "thin_open_time",
+            "open of a 64 TiB thin disk, 1 GiB written: 100 ms / open time".into(),
+            load.thin.as_ref().map(|t| 0.1 / t.open_secs.max(1e-9)),
+            1.0,
+        ));
+        targets.push((
+            "thin_open_tables",
+            "the same: 64 MiB / memory of its tables".into(),
+            load.thin.as_ref().map(|t| (64u64 << 20) as f64 / t.table_bytes.max(1) as f64),
+            1.0,
+        ));
         let depth = match (find("randread_4k_qd32").and_then(|r| r.engine.as_ref()), find("randread_4k_qd32_depth16").and_then(|r| r.engine.as_ref())) {
             (Some(d1), Some(d16)) if d1.iops() > 0.0 => Some(d16.iops() / d1.iops()),
             _ => None,
@@ -521,6 +551,12 @@ impl Report<'_> {
                 "engine": r.engine.to_json(),
                 "qemu_qcow2": r.qemu.as_ref().map(|q| q.to_json()),
             }))).collect::<Map<String, Value>>()),
+            "thin": load.thin.as_ref().map(|t| json!({
+                "open_ms": round3(t.open_secs * 1000.0),
+                "table_bytes": t.table_bytes,
+                "rss_growth_bytes": t.rss_bytes,
+                "qemu_info_ms": t.qemu_secs.map(|q| round3(q * 1000.0)),
+            })),
             "copy": load.copy.as_ref().map(|c| json!({
                 "untracked": c.untracked.to_json(),
                 "tracked": c.tracked.to_json(),
