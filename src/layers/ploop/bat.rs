@@ -61,15 +61,8 @@ impl BatScan {
     }
 }
 
-/// Check every entry; `file_len` is the image file's current length.
-pub fn scan(header: &Header, bat: &[u32], file_len: u64) -> BatScan {
-    let mut scanner = Scanner::new(header, file_len);
-    scanner.feed(0, bat);
-    scanner.finish()
-}
-
-/// The same check fed a piece of the BAT at a time, so a table can be
-/// scanned without ever being held whole. Memory follows the entries that
+/// Every entry checked, fed a piece of the BAT at a time, so a table can
+/// be scanned without ever being held whole. Memory follows the entries that
 /// point at real clusters of the file (one bit each, up to the highest),
 /// not the length of the table the header claims.
 pub struct Scanner {

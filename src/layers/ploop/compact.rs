@@ -21,7 +21,7 @@ use crate::io::{ImageFile, Io};
 use crate::layers::ploop::header::{Variant, IN_USE};
 
 use super::load;
-use super::resize::{move_clusters, write_header, write_table, Table};
+use super::resize::{move_clusters, write_header, TableEdit};
 
 /// What one step did, and what is left.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -55,7 +55,7 @@ pub async fn compact_step<I: Io>(io: &I, file: &ImageFile, lower_has: &dyn Fn(u6
     let cluster = header.cluster_bytes();
     let block = file.block_size as u64;
     let data_off = header.data_off_bytes();
-    let mut values = load::read_bat(io, fd, &header, block, &name).await?.values;
+    let mut edit = TableEdit::load(io, fd, &header, block, file_len, &name).await?;
     let mut out = Compacted { file_size_before: file_len, file_size_after: file_len, ..Default::default() };
     if header.ext_off_sectors != 0 {
         // A changed-block record's clusters are not data: it is dropped
@@ -63,23 +63,28 @@ pub async fn compact_step<I: Io>(io: &I, file: &ImageFile, lower_has: &dyn Fn(u6
         // are free like any other.
         header.ext_off_sectors = 0;
         write_header(io, fd, &header, block, &name).await?;
+        edit.head = header.to_bytes();
     }
 
     // 1. Unlink what discards left as holes.
-    for (c, v) in values.iter_mut().enumerate() {
-        if *v != 0 && !lower_has(c as u64) && crate::io::is_hole(io, fd, *v as u64 * cluster, cluster) {
-            *v = 0;
-            out.unlinked += 1;
-        }
+    let holes: Vec<u64> = edit
+        .table
+        .present()
+        .filter(|&(c, v)| !lower_has(c) && crate::io::is_hole(io, fd, v as u64 * cluster, cluster))
+        .map(|(c, _)| c)
+        .collect();
+    for &c in &holes {
+        edit.set(c, 0);
     }
+    out.unlinked = holes.len() as u64;
     if out.unlinked > 0 {
-        write_table(io, fd, &header, &values, data_off, block, &name).await?;
+        edit.write(io, fd).await?;
     }
 
     // 2. Move clusters from the end into the lowest free slots.
-    let used: BTreeSet<u64> = values.iter().filter(|&&v| v != 0).map(|&v| v as u64 * cluster).collect();
-    let mut by_offset: Vec<(u64, usize)> = values.iter().enumerate().filter(|(_, &v)| v != 0).map(|(c, &v)| (v as u64 * cluster, c)).collect();
+    let mut by_offset: Vec<(u64, u64)> = edit.table.present().map(|(c, v)| (v as u64 * cluster, c)).collect();
     by_offset.sort_unstable();
+    let used: BTreeSet<u64> = by_offset.iter().map(|&(at, _)| at).collect();
     let mut free = (data_off..).step_by(cluster as usize).filter(|at| !used.contains(at));
     let mut plan = Vec::new();
     let mut tail = by_offset.iter().rev();
@@ -92,13 +97,12 @@ pub async fn compact_step<I: Io>(io: &I, file: &ImageFile, lower_has: &dyn Fn(u6
     }
     let now = plan.len().min(budget as usize);
     out.remaining = (plan.len() - now) as u64;
-    let table = Table { header: &header, end: data_off, unit: cluster, block, name: &name };
-    move_clusters(io, fd, &table, &mut values, &plan[..now]).await?;
+    move_clusters(io, fd, &mut edit, cluster, cluster, &plan[..now]).await?;
     out.moved = now as u64;
 
     // 3. Nothing left to move: cut the file after its last used cluster.
     if out.remaining == 0 {
-        let end = values.iter().map(|&v| v as u64 * cluster + cluster).filter(|&e| e > cluster).max().unwrap_or(data_off).max(data_off);
+        let end = edit.table.present().map(|(_, v)| v as u64 * cluster + cluster).filter(|&e| e > cluster).max().unwrap_or(data_off).max(data_off);
         if end < file_len {
             io.set_len(fd, end).await.map_err(|e| Error::io(e, format_args!("{name}: cutting the file to {end}")))?;
             io.sync_data(fd).await.map_err(|e| Error::io(e, &name))?;

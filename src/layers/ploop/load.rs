@@ -44,29 +44,6 @@ pub fn used_entries(h: &Header) -> u64 {
     h.size_bytes().div_ceil(h.cluster_bytes()).min(h.bat_entries as u64)
 }
 
-/// The first bytes of the file up to the end of the used BAT entries,
-/// padded to `block` (the O_DIRECT unit), and the entries themselves.
-pub struct BatRead {
-    /// Header and BAT bytes exactly as on disk; the metadata writes of an
-    /// open image rewrite whole `block`s of it.
-    pub meta: AlignedBuf,
-    pub values: Vec<u32>,
-}
-
-pub async fn read_bat<I: Io>(io: &I, fd: RawFd, h: &Header, block: u64, path: &str) -> Result<BatRead> {
-    let entries = used_entries(h);
-    let end = HEADER_SIZE as u64 + 4 * entries;
-    // Never past the data area: whole blocks of it are rewritten.
-    let meta_len = end.next_multiple_of(block).min(h.data_off_bytes().max(block));
-    let too_large = || Error::too_large(path, meta_len + 4 * entries);
-    let mut meta = AlignedBuf::try_zeroed(meta_len as usize).ok_or_else(too_large)?;
-    io.read_at(fd, &mut meta, 0).await.map_err(|e| Error::io(e, path))?;
-    let mut values: Vec<u32> = Vec::new();
-    values.try_reserve_exact(entries as usize).map_err(|_| too_large())?;
-    values.extend(meta[HEADER_SIZE..end as usize].chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().unwrap())));
-    Ok(BatRead { meta, values })
-}
-
 /// Largest piece of the BAT read at once; pieces start at 4 KiB after a
 /// jump over a hole and double while the data goes on, so a table of a few
 /// scattered blocks costs a few small reads and a written one large reads.

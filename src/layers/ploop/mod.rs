@@ -114,7 +114,7 @@ fn leaked_inside(scan: &BatScan, data_off: u64, cluster: u64) -> Vec<(u64, u64)>
 }
 
 /// Write zeros over `[from, to)`, a MiB at a time.
-async fn write_zeros<I: Io>(io: &I, fd: std::os::fd::RawFd, from: u64, to: u64) -> std::io::Result<()> {
+pub(super) async fn write_zeros<I: Io>(io: &I, fd: std::os::fd::RawFd, from: u64, to: u64) -> std::io::Result<()> {
     let zeros = vec![0u8; (to - from).min(1 << 20) as usize];
     let mut at = from;
     while at < to {

@@ -17,6 +17,7 @@
 //! table needs: a grow that moved it leaves no table area behind), then
 //! what that freed is given back as `check --repair` gives leaks back.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 
 use crate::error::{Error, Result};
@@ -24,6 +25,7 @@ use crate::io::{open_image_file_in, AlignedBuf, Direct, Io};
 use crate::layers::ploop::header::{Header, Variant, HEADER_SIZE, IN_USE, SECTOR};
 
 use super::load;
+use super::table::Table;
 
 /// What a resize did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -96,9 +98,8 @@ pub async fn resize_file<I: Io>(io: &I, file: &crate::io::ImageFile, new_size: u
         return Ok(done);
     }
     done.dropped_change_record = old.ext_off_sectors != 0;
-    let bat = load::read_bat(io, fd, &old, block, &name).await?;
-    let mut values = bat.values;
-    let old_entries = values.len() as u64;
+    let mut edit = TableEdit::load(io, fd, &old, block, file_len, &name).await?;
+    let old_entries = edit.table.entries();
 
     // A changed-block record describes the old size: the header stops
     // pointing at it first (its clusters are given back at the end).
@@ -106,6 +107,7 @@ pub async fn resize_file<I: Io>(io: &I, file: &crate::io::ImageFile, new_size: u
     if old.ext_off_sectors != 0 && apply {
         cur.ext_off_sectors = 0;
         write_header(io, fd, &cur, block, &name).await?;
+        edit.head = cur.to_bytes();
     }
     let mut next = cur.clone();
     next.size_sectors = new_size / SECTOR;
@@ -113,7 +115,7 @@ pub async fn resize_file<I: Io>(io: &I, file: &crate::io::ImageFile, new_size: u
 
     if new_entries <= old_entries {
         // Shrink: only if every dropped cluster is unallocated.
-        let dropped = values[new_entries as usize..].iter().filter(|&&v| v != 0).count();
+        let dropped = edit.table.present().filter(|&(c, _)| c >= new_entries).count();
         if dropped > 0 {
             return Err(Error::invalid(format!(
                 "{name}: shrinking to {new_size} bytes would drop {dropped} allocated clusters; \
@@ -155,28 +157,54 @@ pub async fn resize_file<I: Io>(io: &I, file: &crate::io::ImageFile, new_size: u
     if new_data_off / SECTOR > u32::MAX as u64 {
         return Err(Error::invalid(format!("{name}: a BAT for {new_size} bytes is too large for this cluster size")));
     }
-    values.resize(new_entries as usize, 0);
+    let in_way: Vec<(u64, u64)> =
+        edit.table.present().map(|(c, v)| (c, v as u64 * unit)).filter(|&(_, at)| at < new_data_off).collect();
     if !apply {
-        done.relocated = values.iter().filter(|&&v| v != 0 && (v as u64 * unit) < new_data_off).count() as u64;
+        done.relocated = in_way.len() as u64;
         return Ok(done);
     }
 
     if new_data_off > old_data_off {
         // 1. and 2. The clusters in the way go to the end of the file.
         let dest = file_len.next_multiple_of(cluster).max(new_data_off);
-        let in_way = values.iter().enumerate().filter(|(_, &v)| v != 0 && (v as u64 * unit) < new_data_off);
-        let moves: Vec<(usize, u64, u64)> = in_way.zip((dest..).step_by(cluster as usize)).map(|((c, &v), to)| (c, v as u64 * unit, to)).collect();
-        let table = Table { header: &cur, end: old_data_off, unit, block, name: &name };
-        move_clusters(io, fd, &table, &mut values[..old_entries as usize], &moves).await?;
+        let moves: Vec<(u64, u64, u64)> = in_way.iter().zip((dest..).step_by(cluster as usize)).map(|(&(c, from), to)| (c, from, to)).collect();
+        move_clusters(io, fd, &mut edit, cluster, unit, &moves).await?;
         done.relocated = moves.len() as u64;
         next.data_off_sectors = (new_data_off / SECTOR) as u32;
     }
-    // 3. The new entries (and the space the table grows into) are zeros.
-    write_table(io, fd, &cur, &values, new_data_off, block, &name).await?;
+    // 3. The new entries (and the space the table grows into) are zeros:
+    // the rest of the old table's last block is written, what follows it
+    // is punched and allocated again (or written with zeros where the
+    // filesystem cannot), so a thin disk's table stays holes.
+    let old_end = HEADER_SIZE as u64 + 4 * old_entries;
+    edit.tail.clear();
+    if old_end % block != 0 {
+        edit.dirty.insert((old_end / block) as usize);
+        edit.write(io, fd).await?;
+    }
+    let from = old_end.next_multiple_of(block);
+    if from < new_data_off {
+        zero_range(io, fd, from, new_data_off).await.map_err(|e| Error::io(e, format_args!("{name}: zeroing the table's new area")))?;
+        io.sync_data(fd).await.map_err(|e| Error::io(e, &name))?;
+    }
     // 4. The header.
     next.bat_entries = new_entries as u32;
     write_header(io, fd, &next, block, &name).await?;
     Ok(done)
+}
+
+/// Make `[from, to)` read as zeros while keeping its space: punched and
+/// allocated again, or written with zeros where the filesystem cannot.
+async fn zero_range<I: Io>(io: &I, fd: i32, from: u64, to: u64) -> std::io::Result<()> {
+    let unsupported = |e: &std::io::Error| e.raw_os_error() == Some(libc::EOPNOTSUPP);
+    match io.punch_hole(fd, from, to - from).await {
+        Ok(()) => match io.allocate(fd, from, to - from).await {
+            Err(e) if unsupported(&e) => super::write_zeros(io, fd, from, to).await,
+            other => other,
+        },
+        Err(e) if unsupported(&e) => super::write_zeros(io, fd, from, to).await,
+        Err(e) => Err(e),
+    }
 }
 
 /// Resize a raw image (ploop's raw mode): grown with a hole at the end;
@@ -199,38 +227,50 @@ pub async fn resize_raw<I: Io>(io: &I, path: &Path, new_size: u64, apply: bool) 
     Ok(Resized { old_size, new_size, ..Default::default() })
 }
 
-/// Write header + `values` + zeros up to `end` (whole blocks; the header
-/// bytes are rewritten as they are), then sync.
-pub(super) async fn write_table<I: Io>(io: &I, fd: i32, header: &Header, values: &[u32], end: u64, block: u64, name: &str) -> Result<()> {
-    let len = end.max(block).next_multiple_of(block);
-    let mut buf = AlignedBuf::try_zeroed(len as usize).ok_or_else(|| Error::too_large(name, len))?;
-    buf[..HEADER_SIZE].copy_from_slice(&header.to_bytes());
-    for (slot, v) in buf[HEADER_SIZE..].chunks_exact_mut(4).zip(values) {
-        slot.copy_from_slice(&v.to_le_bytes());
-    }
-    io.write_at(fd, &buf, 0).await.map_err(|e| Error::io(e, format_args!("{name}: writing the BAT")))?;
-    io.sync_data(fd).await.map_err(|e| Error::io(e, name))
-}
-
-/// Where a table is written (see `write_table`): its header, the end of
-/// the zeroed area, the entries' unit, the I/O block.
-pub(super) struct Table<'a> {
-    pub header: &'a Header,
-    pub end: u64,
-    pub unit: u64,
+/// An image's table as an offline operation edits it: the chunked entries
+/// (memory follows the allocated ones), the bytes around them, and the
+/// blocks changed since the last write.
+pub(super) struct TableEdit<'a> {
+    pub table: Table,
+    pub head: [u8; HEADER_SIZE],
+    pub tail: Vec<u8>,
+    pub dirty: BTreeSet<usize>,
     pub block: u64,
     pub name: &'a str,
+}
+
+impl<'a> TableEdit<'a> {
+    pub async fn load<I: Io>(io: &I, fd: i32, header: &Header, block: u64, file_len: u64, name: &'a str) -> Result<TableEdit<'a>> {
+        let load::TableRead { table, head, tail, .. } = load::load_table(io, fd, header, block, file_len, name).await?;
+        Ok(TableEdit { table, head, tail, dirty: BTreeSet::new(), block, name })
+    }
+
+    pub fn set(&mut self, c: u64, value: u32) {
+        self.table.set(c, value);
+        self.dirty.insert(((HEADER_SIZE as u64 + 4 * c) / self.block) as usize);
+    }
+
+    /// Write the changed blocks, then sync.
+    pub async fn write<I: Io>(&mut self, io: &I, fd: i32) -> Result<()> {
+        let block = self.block as usize;
+        for &i in &self.dirty {
+            let mut buf = AlignedBuf::zeroed(block);
+            self.table.bytes_at(&self.head, &self.tail, i * block, &mut buf);
+            io.write_at(fd, &buf, (i * block) as u64).await.map_err(|e| Error::io(e, format_args!("{}: writing the BAT", self.name)))?;
+        }
+        self.dirty.clear();
+        io.sync_data(fd).await.map_err(|e| Error::io(e, self.name))
+    }
 }
 
 /// Move clusters (entry, from, to): copy each, sync, then point the
 /// entries at the copies and write the table (synced). The old copies
 /// stay intact until then, so a crash leaves the old entries valid.
-pub(super) async fn move_clusters<I: Io>(io: &I, fd: i32, t: &Table<'_>, values: &mut [u32], moves: &[(usize, u64, u64)]) -> Result<()> {
+pub(super) async fn move_clusters<I: Io>(io: &I, fd: i32, edit: &mut TableEdit<'_>, cluster: u64, unit: u64, moves: &[(u64, u64, u64)]) -> Result<()> {
     if moves.is_empty() {
         return Ok(());
     }
-    let name = t.name;
-    let cluster = t.header.cluster_bytes();
+    let name = edit.name;
     let mut buf = AlignedBuf::try_zeroed(cluster as usize).ok_or_else(|| Error::too_large(name, cluster))?;
     for &(_, from, to) in moves {
         io.read_at(fd, &mut buf, from).await.map_err(|e| Error::io(e, format_args!("{name}: reading cluster at {from}")))?;
@@ -240,9 +280,9 @@ pub(super) async fn move_clusters<I: Io>(io: &I, fd: i32, t: &Table<'_>, values:
         io.sync_data(fd).await.map_err(|e| Error::io(e, name))?;
     }
     for &(c, _, to) in moves {
-        values[c] = (to / t.unit) as u32;
+        edit.set(c, (to / unit) as u32);
     }
-    write_table(io, fd, t.header, values, t.end, t.block, name).await
+    edit.write(io, fd).await
 }
 
 /// Rewrite the header (the first block, the BAT part as it is on disk).
