@@ -516,7 +516,7 @@ async fn copy_into_parent<I: Io>(
 /// holds, data synced before its entries. Returns the clusters copied.
 async fn copy_clusters<I: Io>(io: &I, child: &Layer, parent: &Layer, stack: &Stack, progress: &dyn Fn(u64, u64)) -> Result<u64> {
     let cluster = stack.cluster_size();
-    let todo: Vec<u64> = (0..stack.size().div_ceil(cluster)).filter(|&c| child.lookup(c, cluster).is_some()).collect();
+    let todo: Vec<u64> = child.allocated(cluster, stack.size().div_ceil(cluster)).collect();
     let total = todo.len() as u64;
     progress(0, total);
     stack.copy_clusters(io, child, parent, &todo, false, &|n| progress(n, total)).await?;

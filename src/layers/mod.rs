@@ -228,6 +228,14 @@ impl Layer {
             Layer::Raw(l) => l.lookup(c, cluster),
         }
     }
+    /// The clusters below `clusters` this layer holds, ascending: time
+    /// follows its table's entries (a raw file holds all it covers).
+    pub fn allocated(&self, cluster: u64, clusters: u64) -> Box<dyn Iterator<Item = u64> + '_> {
+        match self {
+            Layer::Ploop(l) => Box::new(l.allocated().map(|(c, _)| c).take_while(move |&c| c < clusters)),
+            Layer::Raw(l) => Box::new(0..l.size().div_ceil(cluster).min(clusters)),
+        }
+    }
     /// Bytes of memory this layer's table holds.
     pub fn table_bytes(&self) -> u64 {
         match self {

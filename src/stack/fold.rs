@@ -89,7 +89,7 @@ impl Stack {
         let clusters = self.size().div_ceil(self.cluster);
         let holds = |c: &u64| top.lookup(*c, self.cluster).is_some();
         let held = |bits: bitvec::vec::BitVec| -> Vec<u64> { bits.iter_ones().map(|c| c as u64).filter(holds).collect() };
-        let mut todo: Vec<u64> = (0..clusters).filter(holds).collect();
+        let mut todo: Vec<u64> = top.allocated(self.cluster, clusters).collect();
         let total = todo.len() as u64;
         progress(0, total);
         let mut copied = 0;
