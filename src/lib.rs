@@ -5,6 +5,7 @@
 
 pub mod convert;
 pub mod copy;
+pub mod crash_point;
 pub mod disk;
 pub mod error;
 #[doc(hidden)]

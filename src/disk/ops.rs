@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use super::descriptor::{ImageType, MAX_SNAPSHOTS};
 use super::{Disk, Guid, Image, Shot, Temporary, NONE_GUID, TOP_GUID};
+use crate::crash_point::crash_point;
 use crate::error::{Error, Result};
 use crate::io::{Direct, Io};
 use crate::layers::{Format, Layer};
@@ -269,6 +270,7 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
                 return Err(e);
             }
         }
+        crash_point("merge-marked");
         if layers[ci].size() > layers[pi].size() {
             if let Err(e) = stack.grow_lower(io, pi, layers[ci].size()).await {
                 let _ = layers[pi].relock(io, false);
@@ -289,7 +291,12 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
         next.desc.images.iter_mut().filter(|i| i.guid == child).for_each(|i| i.file = pimg.file.clone());
         let folded = {
             let (n, d) = (&next, &mut *disk);
-            stack.fold_top_online(io, into.clone(), progress, move || store_new(io, n, d)).await
+            let commit = move || async move {
+                store_new(io, n, d).await?;
+                crash_point("merge-stored");
+                Ok(())
+            };
+            stack.fold_top_online(io, into.clone(), progress, commit).await
         };
         clusters = match folded {
             Ok(n) => n,
@@ -312,6 +319,7 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
         if let Err(e) = into.relock(io, true) {
             tracing::warn!("{}: locking the merged top: {e}", ppath.display());
         }
+        crash_point("merge-swapped");
         remove_file(io, &cpath);
     } else if top {
         // The top: copy the parent up into it, online (the two are of
