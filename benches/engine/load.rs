@@ -136,6 +136,69 @@ pub fn merge_vs_copy(cfg: &Cfg) -> Res<MergeRow> {
     Ok(MergeRow { merge, copy, moved, top: clusters * CLUSTER, base: cfg.size })
 }
 
+/// The same merge while 4k random writes at QD32 go on over a 64 MiB hot
+/// set: first a second of writes alone (the hot set's clusters get copied
+/// up into the top, then rewritten in place), then the merge beside the
+/// same writes (requests flow throughout; the merge copies again what was
+/// written after its copy). Returns the merge (its clusters include those
+/// re-copied), the writes before it and during it, and the bytes this
+/// process wrote during it (merge and writes).
+pub fn merge_under_writes(cfg: &Cfg) -> Res<MergeUnderWrites> {
+    let (mut disk, stack) = bench_disk(cfg)?;
+    block_on(ops::snapshot(&SyncIo, &stack, &mut disk, None)).map_err(|e| format!("snapshot: {e}"))?;
+    let clusters = (MERGE_TOP.min(cfg.size / 2) / CLUSTER).max(1);
+    let stride = cfg.size / CLUSTER / clusters;
+    let data = ublk_ploop::io::AlignedBuf::zeroed(CLUSTER as usize);
+    for i in 0..clusters {
+        block_on(stack.write(&SyncIo, i * stride * CLUSTER, &data)).map_err(|e| format!("writing the top: {e}"))?;
+    }
+    block_on(stack.flush(&SyncIo)).map_err(|e| format!("flush: {e}"))?;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (started, start) = std::sync::mpsc::channel::<()>();
+    let mut w0 = 0;
+    let result = std::thread::scope(|scope| {
+        let stack = &stack;
+        let stop_w = stop.clone();
+        let writer = scope.spawn(move || -> Res<(Run, Run)> {
+            let ring = new_ring()?;
+            let mut offsets = random_offsets(SWAP_HOT_SET, K4, 0x3e76e);
+            let before = {
+                let next: Offsets = Box::new(move || offsets());
+                let job = Job { stack, dir: Dir::Write, bs: K4, qd: 32, next, latency: true };
+                drive(&ring, vec![job], Duration::from_secs(1))?.remove(0)
+            };
+            let _ = started.send(());
+            let mut offsets = random_offsets(SWAP_HOT_SET, K4, 0x3e76f);
+            let next: Offsets = Box::new(move || (!stop_w.load(std::sync::atomic::Ordering::Relaxed)).then(&mut offsets).flatten());
+            let job = Job { stack, dir: Dir::Write, bs: K4, qd: 32, next, latency: true };
+            Ok((before, drive(&ring, vec![job], Duration::from_secs(600))?.remove(0)))
+        });
+        let _ = start.recv();
+        w0 = written_bytes();
+        let ring = new_ring()?;
+        let (t, cpu0) = (Instant::now(), cpu_secs());
+        let merged = ring.block_on(ops::merge(&ring.io(), stack, &mut disk, None, &|_, _| {})).map_err(|e| format!("merge under writes: {e}"));
+        let merge = merged.map(|m| cluster_run(m.clusters, t.elapsed().as_secs_f64(), cpu0));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let writes = writer.join().map_err(|_| "writer thread panicked".to_string())?;
+        Ok::<_, String>((merge?, writes?))
+    });
+    let written = written_bytes().saturating_sub(w0);
+    block_on(stack.close(&SyncIo)).map_err(|e| format!("closing: {e}"))?;
+    drop(stack);
+    let _ = fs::remove_dir_all(&disk.dir);
+    let (merge, (before, during)) = result?;
+    Ok(MergeUnderWrites { merge, before, during, written })
+}
+
+/// See `merge_under_writes`.
+pub struct MergeUnderWrites {
+    pub merge: Run,
+    pub before: Run,
+    pub during: Run,
+    pub written: u64,
+}
+
 /// Live copies taken while 4k random writes at QD32 go on over a hot set:
 /// each copy's rounds and its freeze (requests held for the last pass).
 pub fn copy_under_load(cfg: &Cfg, copies: usize) -> Res<(Run, Vec<copy::Sent>)> {
@@ -276,6 +339,8 @@ pub struct DiskRows {
     pub snapshots: (Run, Vec<Duration>, Vec<Duration>),
     /// The merge of a 64 MiB top, and the raw copy of its bytes.
     pub merge: MergeRow,
+    /// The same merge under 4k random writes.
+    pub under_writes: MergeUnderWrites,
 }
 
 /// The rows measured under concurrent load.

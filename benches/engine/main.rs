@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use baselines::{fio, fio_beside_copy_up, fio_fresh, make_qemu_image, on_path, qemu_alloc, raw_read, scatter_step, Qemu, QemuJob};
 use drive::{copy_to_sink, engine_alloc, engine_fresh, engine_rw, engine_write_tracked, open_stack, setup, Dir};
-use load::{copy_under_load, disk_snapshot_stall, merge_vs_copy, read_beside_copy_up, swap_stall, CopyRows, DiskRows, HeadOfLine, UnderLoad};
+use load::{copy_under_load, disk_snapshot_stall, merge_under_writes, merge_vs_copy, read_beside_copy_up, swap_stall, CopyRows, DiskRows, HeadOfLine, UnderLoad};
 use measure::{accumulate, in_turns, loadavg, Run};
 use report::{Report, Row};
 use scratch::{pick_alloc_size, upper_name, Cfg, Scratch, PLOOP, QEMU_IMG};
@@ -307,7 +307,8 @@ fn run() -> Res<()> {
         merge.copy.add(&again.copy);
         merge.moved += again.moved;
         merge.top += again.top;
-        Some(DiskRows { snapshots: disk_snapshot_stall(&cfg, SWAP_GAP_STEADY, SWAPS)?, merge })
+        let under_writes = merge_under_writes(&cfg)?;
+        Some(DiskRows { snapshots: disk_snapshot_stall(&cfg, SWAP_GAP_STEADY, SWAPS)?, merge, under_writes })
     } else {
         None
     };
