@@ -106,13 +106,10 @@ fn written_bytes() -> u64 {
     io.lines().find_map(|l| l.strip_prefix("write_bytes: ")).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
 }
 
-/// Merge cost: a disk directory whose base holds the bench's data, a
-/// snapshot, 64 MiB written into the top (every 1 MiB cluster of it a
-/// whole write, spread over the disk), then the top merged into its parent
-/// online. The cost should follow the top, not the base: bytes written to
-/// storage are counted, and the time is compared with a raw copy of the
-/// top's bytes between two plain files (8 x 1 MiB in flight, synced).
-pub fn merge_vs_copy(cfg: &Cfg) -> Res<MergeRow> {
+/// The bench's disk directory with a snapshot taken and 64 MiB written
+/// into the new top, every 1 MiB cluster of it a whole write, spread over
+/// the disk; returns the top's clusters.
+fn disk_with_top(cfg: &Cfg) -> Res<(Disk, Stack, u64)> {
     let (mut disk, stack) = bench_disk(cfg)?;
     block_on(ops::snapshot(&SyncIo, &stack, &mut disk, None)).map_err(|e| format!("snapshot: {e}"))?;
     let clusters = (MERGE_TOP.min(cfg.size / 2) / CLUSTER).max(1);
@@ -122,6 +119,17 @@ pub fn merge_vs_copy(cfg: &Cfg) -> Res<MergeRow> {
         block_on(stack.write(&SyncIo, i * stride * CLUSTER, &data)).map_err(|e| format!("writing the top: {e}"))?;
     }
     block_on(stack.flush(&SyncIo)).map_err(|e| format!("flush: {e}"))?;
+    Ok((disk, stack, clusters))
+}
+
+/// Merge cost: a disk directory whose base holds the bench's data, a
+/// snapshot, 64 MiB written into the top (every 1 MiB cluster of it a
+/// whole write, spread over the disk), then the top merged into its parent
+/// online. The cost should follow the top, not the base: bytes written to
+/// storage are counted, and the time is compared with a raw copy of the
+/// top's bytes between two plain files (8 x 1 MiB in flight, synced).
+pub fn merge_vs_copy(cfg: &Cfg) -> Res<MergeRow> {
+    let (mut disk, stack, clusters) = disk_with_top(cfg)?;
     let ring = new_ring()?;
     let (t, cpu0, w0) = (Instant::now(), cpu_secs(), written_bytes());
     let merged = ring.block_on(ops::merge(&ring.io(), &stack, &mut disk, None, &|_, _| {})).map_err(|e| format!("merge: {e}"))?;
@@ -144,15 +152,7 @@ pub fn merge_vs_copy(cfg: &Cfg) -> Res<MergeRow> {
 /// re-copied), the writes before it and during it, and the bytes this
 /// process wrote during it (merge and writes).
 pub fn merge_under_writes(cfg: &Cfg) -> Res<MergeUnderWrites> {
-    let (mut disk, stack) = bench_disk(cfg)?;
-    block_on(ops::snapshot(&SyncIo, &stack, &mut disk, None)).map_err(|e| format!("snapshot: {e}"))?;
-    let clusters = (MERGE_TOP.min(cfg.size / 2) / CLUSTER).max(1);
-    let stride = cfg.size / CLUSTER / clusters;
-    let data = ublk_ploop::io::AlignedBuf::zeroed(CLUSTER as usize);
-    for i in 0..clusters {
-        block_on(stack.write(&SyncIo, i * stride * CLUSTER, &data)).map_err(|e| format!("writing the top: {e}"))?;
-    }
-    block_on(stack.flush(&SyncIo)).map_err(|e| format!("flush: {e}"))?;
+    let (mut disk, stack, _) = disk_with_top(cfg)?;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (started, start) = std::sync::mpsc::channel::<()>();
     let mut w0 = 0;
