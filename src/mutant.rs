@@ -21,8 +21,6 @@
 //!   before the descriptor names it as the top.
 //! - `fold-catch-up`: an online merge into the parent's file copies again,
 //!   with requests held, the clusters written after their first copy.
-//! - `fold-section`: a write carried into the parent's file during such a
-//!   merge runs in its cluster's section, never beside a copy of it.
 //!
 //! And a fixed bug brought back, to show the simulation finds it from a
 //! random seed:
@@ -55,7 +53,7 @@ const fn eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// The names a build may switch off (a script runs each in turn).
-pub const RULES: [&str; 9] = [
+pub const RULES: [&str; 8] = [
     "copy-up-sync",
     "store-before-swap",
     "merge-final-sync",
@@ -64,7 +62,6 @@ pub const RULES: [&str; 9] = [
     "merge-recheck",
     "fold-sync",
     "fold-catch-up",
-    "fold-section",
 ];
 
 /// Refuse a mutant name that no rule has: a typo would otherwise build

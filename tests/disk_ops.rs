@@ -424,11 +424,10 @@ fn assert_folded_into_base(stack: Stack, disk: &Disk, model: &[u8], top: &Path, 
 #[test]
 fn an_online_merge_copies_only_the_top_into_its_parent_and_keeps_its_name() {
     // Served: the top's clusters are copied into the parent's file while
-    // requests go on; a write to a cluster already copied is carried into
-    // that file too, and a cluster first written meanwhile is copied in the
-    // next round. The base is full (24 clusters); the top holds 6 of them.
-    // During the copy one of those is written again and a seventh is
-    // written for the first time.
+    // requests go on, and clusters written after their copy are copied
+    // again before that file becomes the top. The base is full (24
+    // clusters); the top holds 6 of them. During the copy one of those is
+    // written again and a seventh is written for the first time.
     let g = Geometry { cluster: 64 << 10, clusters: 24, stripe: 16 << 10 };
     let dir = TempDir::new("diskops-fold-online");
     let (mut disk, model) = full_disk(&dir.join("ct"), &g);
@@ -450,7 +449,7 @@ fn an_online_merge_copies_only_the_top_into_its_parent_and_keeps_its_name() {
     let merged = block_on(ops::merge(&SyncIo, &stack, &mut disk, None, &during)).unwrap();
     assert!(written.get(), "the merge reported no progress: the writes meanwhile did not happen");
     let model = model.into_inner();
-    assert_eq!(merged.clusters, 7, "the merge copied other than the top's 6 clusters and the one first written meanwhile");
+    assert_eq!(merged.clusters, 8, "the merge copied other than the top's 6 clusters and the 2 written meanwhile");
     assert!(!top.exists(), "the top's file was left while the stack serves");
     assert_folded_into_base(stack, &disk, &model, &top, base_len, "online");
 }

@@ -20,7 +20,6 @@ use crate::io::{for_each_in_flight, BufPool, Io};
 use crate::layers::Layer;
 use crate::tracker::Tracker;
 
-use super::mirror::Mirror;
 use super::{owner_map, Stack};
 
 /// The top changed under a merge (the caller runs one change at a time).
@@ -72,29 +71,21 @@ impl Stack {
             shape.top().clone()
         };
         let tracker = Arc::new(Tracker::new(self.size(), self.cluster));
-        let fold = Arc::new(Mirror::new(into.clone(), tracker));
-        {
-            // Changes from here on are carried or marked; the first round
-            // reads after it. Installed with requests held, so that none in
-            // flight escapes both.
-            let mut shape = self.shape.exclusive().await;
-            shape.check_open()?;
-            shape.fold = Some(fold.clone());
-        }
-        let result = self.fold_rounds(io, &top, &fold, progress, commit).await;
+        // Changes from here on are marked; the first round reads after it.
+        self.add_tracker(tracker.clone()).await?;
+        let result = self.fold_rounds(io, &top, &into, &tracker, progress, commit).await;
         if result.is_err() {
-            self.shape.exclusive().await.fold = None;
+            self.remove_tracker(&tracker).await;
         }
         result
     }
 
-    async fn fold_rounds<I, F, Fut>(&self, io: &I, top: &Arc<Layer>, fold: &Mirror, progress: &dyn Fn(u64, u64), commit: F) -> Result<u64>
+    async fn fold_rounds<I, F, Fut>(&self, io: &I, top: &Arc<Layer>, into: &Arc<Layer>, tracker: &Tracker, progress: &dyn Fn(u64, u64), commit: F) -> Result<u64>
     where
         I: Io,
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<()>>,
     {
-        let (into, tracker) = (&fold.into, &fold.tracker);
         let clusters = self.size().div_ceil(self.cluster);
         let holds = |c: &u64| top.lookup(*c, self.cluster).is_some();
         let held = |bits: bitvec::vec::BitVec| -> Vec<u64> { bits.iter_ones().map(|c| c as u64).filter(holds).collect() };
@@ -108,7 +99,7 @@ impl Stack {
                     progress(n, total)
                 }
             };
-            self.copy_into(io, top, into, &todo, Some(fold), &report).await?;
+            self.copy_clusters(io, top, into, &todo, true, &report).await?;
             copied += todo.len() as u64;
             todo = held(tracker.drain());
             if crate::mutant::off("fold-catch-up") {
@@ -131,7 +122,7 @@ impl Stack {
         }
         todo.sort_unstable();
         todo.dedup();
-        self.copy_into(io, top, into, &todo, None, &|_| {}).await?;
+        self.copy_clusters(io, top, into, &todo, false, &|_| {}).await?;
         copied += todo.len() as u64;
         // Everything the top holds is in the parent's file, durable, before
         // a descriptor names that file as the top.
@@ -142,10 +133,9 @@ impl Stack {
             if e.kind() == ErrorKind::DescriptorUncertain {
                 shape.closed = true;
             }
-            shape.fold = None;
             return Err(e);
         }
-        shape.fold = None;
+        shape.trackers.retain(|t| !std::ptr::eq(Arc::as_ptr(t), tracker));
         let parent_index = shape.layers.len() - 2;
         shape.layers.truncate(parent_index);
         shape.layers.push(into.clone());
@@ -157,17 +147,11 @@ impl Stack {
     /// comes) into `into`, a writable opening of another file: `COPY_IN_FLIGHT`
     /// at a time, data first, synced, then `into`'s entries (written again
     /// where it held the cluster already), `COPY_PER_SYNC` clusters per sync.
-    /// With `fold` (`copy_into`), `from` is the served top and requests go on, so each read
+    /// `gated`: `from` is the served top and requests go on, so each read
     /// enters the gate (the top's clusters stay where its table says while
-    /// they are read, and a stack change stops the copy), and each cluster
-    /// is copied inside its section of the fold, which then carries later
-    /// writes to it (`mirror`); never with the requests held by the caller.
-    /// `progress` gets the clusters done.
-    pub async fn copy_clusters<I: Io>(&self, io: &I, from: &Layer, into: &Layer, clusters: &[u64], progress: &dyn Fn(u64)) -> Result<()> {
-        self.copy_into(io, from, into, clusters, None, progress).await
-    }
-
-    async fn copy_into<I: Io>(&self, io: &I, from: &Layer, into: &Layer, clusters: &[u64], fold: Option<&Mirror>, progress: &dyn Fn(u64)) -> Result<()> {
+    /// they are read, and a stack change stops the copy); never with the
+    /// requests held by the caller. `progress` gets the clusters done.
+    pub async fn copy_clusters<I: Io>(&self, io: &I, from: &Layer, into: &Layer, clusters: &[u64], gated: bool, progress: &dyn Fn(u64)) -> Result<()> {
         let (cluster, size) = (self.cluster, self.size());
         let pool = BufPool::new(cluster as usize, COPY_IN_FLIGHT);
         let mut done = 0;
@@ -180,21 +164,16 @@ impl Stack {
                     let mut buf = pool.get();
                     let copied = async {
                         let n = (size - c * cluster).min(cluster) as usize;
-                        // Taken inside the gate, as a request takes it: a
-                        // request holding the gate may wait for it.
-                        let mut section = None;
                         {
-                            let _inside = match fold {
-                                Some(fold) => {
-                                    let shape = self.shape.enter().await;
-                                    shape.check_open()?;
-                                    if !std::ptr::eq(Arc::as_ptr(shape.top()), from) {
-                                        return Err(stack_changed());
-                                    }
-                                    section = Some(fold.section(c).await);
-                                    Some(shape)
+                            let _inside = if gated {
+                                let shape = self.shape.enter().await;
+                                shape.check_open()?;
+                                if !std::ptr::eq(Arc::as_ptr(shape.top()), from) {
+                                    return Err(stack_changed());
                                 }
-                                None => None,
+                                Some(shape)
+                            } else {
+                                None
                             };
                             let Some(at) = from.lookup(c, cluster) else { return Ok(()) };
                             io.read_at(from.file().fd(), &mut buf[..n], at).await.map_err(|e| Error::io(e, from.file().path.display()))?;
@@ -208,12 +187,7 @@ impl Stack {
                             None => into.reserve_cluster(io).await?,
                         };
                         links.lock().unwrap().push((c, to));
-                        io.write_at(into.file().fd(), &buf[..n], to).await.map_err(|e| Error::io(e, into.file().path.display()))?;
-                        // Writes to it from now on are carried over.
-                        if let (Some(fold), Some(section)) = (fold, &section) {
-                            fold.copied(section, to);
-                        }
-                        Ok(())
+                        io.write_at(into.file().fd(), &buf[..n], to).await.map_err(|e| Error::io(e, into.file().path.display()))
                     }
                     .await;
                     pool.put(buf);

@@ -24,7 +24,6 @@
 
 mod change;
 mod fold;
-mod mirror;
 mod owner;
 mod request;
 
@@ -89,9 +88,6 @@ struct Shape {
     closed: bool,
     /// Write trackers attached (live copy, changed-block tracking).
     trackers: Vec<Arc<Tracker>>,
-    /// A fold of the top into its parent's file is running: writes are
-    /// carried into that file too, or marked for its next round.
-    fold: Option<Arc<mirror::Mirror>>,
 }
 
 impl Shape {
@@ -253,7 +249,7 @@ impl Stack {
             return Err((e, layers));
         }
         let read_only = opts.read_only || !top.file().writable;
-        let shape = Shape { layers, owner, closed: false, trackers: Vec::new(), fold: None };
+        let shape = Shape { layers, owner, closed: false, trackers: Vec::new() };
         Ok(Stack {
             shape: Gate::new(shape),
             cluster,

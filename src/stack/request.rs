@@ -13,7 +13,6 @@ use crate::io::wait::{Entered, WaitList};
 use crate::io::{join_all, AlignedBuf, FixedBuf, Io};
 use crate::layers::{Layer, MetaError};
 
-use super::mirror::Mirror;
 use super::{Shape, Stack, NOBODY};
 
 /// One piece of a planned request, in request order.
@@ -109,43 +108,8 @@ impl Stack {
         shape.check_open()?;
         shape.check_sync_ok()?;
         let result = self.write_entered(io, &shape, offset, data).await;
-        match (&shape.fold, &result) {
-            (Some(fold), Ok(())) => {
-                mark_trackers(&shape, offset, len);
-                self.mirror_write(io, &shape, fold, offset, len).await;
-            }
-            _ => mark(&shape, offset, len),
-        }
+        mark(&shape, offset, len);
         result
-    }
-
-    /// Carry a completed write into the parent's file a fold copies into,
-    /// for each cluster the fold copied already: the written bytes are read
-    /// back from the top inside the cluster's section (see `mirror`). The
-    /// others, and any whose carrying failed, are marked for the fold's
-    /// next round.
-    async fn mirror_write<I: Io>(&self, io: &I, shape: &Shape, fold: &Mirror, offset: u64, len: usize) {
-        let top = shape.top();
-        for (c, within, _, n) in self.pieces(offset, len) {
-            let section = if crate::mutant::off("fold-section") { None } else { Some(fold.section(c).await) };
-            let carried = match (fold.at(c), top.lookup(c, self.cluster)) {
-                (Some(to), Some(from)) => {
-                    let mut buf = self.bufs.get();
-                    let moved = async {
-                        io.read_at(top.file().fd(), &mut buf[..n], from + within).await?;
-                        io.write_at(fold.into.file().fd(), &buf[..n], to + within).await
-                    }
-                    .await;
-                    self.bufs.put(buf);
-                    moved.is_ok()
-                }
-                _ => false,
-            };
-            drop(section);
-            if !carried {
-                fold.tracker.mark_range(c * self.cluster + within, n as u64);
-            }
-        }
     }
 
     async fn write_entered<I: Io>(&self, io: &I, shape: &Shape, offset: u64, data: Src<'_>) -> Result<()> {
@@ -406,14 +370,6 @@ impl Drop for Claim<'_> {
 }
 
 fn mark(shape: &Entered<'_, Shape>, offset: u64, len: usize) {
-    mark_trackers(shape, offset, len);
-    if let Some(fold) = &shape.fold {
-        fold.tracker.mark_range(offset, len as u64);
-    }
-}
-
-/// The attached trackers only (not a fold's).
-fn mark_trackers(shape: &Entered<'_, Shape>, offset: u64, len: usize) {
     for t in &shape.trackers {
         t.mark_range(offset, len as u64);
     }
