@@ -17,7 +17,7 @@ use common::inject::{Fault, Injector, Kind, Trap};
 use common::stripes::{expected, pattern, verify, Geometry, Owner, Rng};
 use common::{assert_ploop_clean, for_each_seed, ploop_check, quiesced, retry_busy, TempDir};
 use ublk_ploop::disk::ops::{self, Deleted};
-use ublk_ploop::disk::{Disk, Guid, TOP_GUID};
+use ublk_ploop::disk::{Disk, Guid, Temporary, TOP_GUID};
 use ublk_ploop::error::ErrorKind;
 use ublk_ploop::io::{block_on, AlignedBuf, Io, SyncIo};
 use ublk_ploop::{Stack, StackOptions};
@@ -328,6 +328,38 @@ fn a_fault_at_any_step_of_snapshot_merge_delete_or_switch_loses_nothing() {
     }
     eprintln!("{runs} fault runs");
     assert!(failed.is_empty(), "{} of {runs} fault runs failed:\n{}", failed.len(), failed.join("\n"));
+}
+
+/// Run again after an interruption, `snapshot-merge` of the top is the
+/// merge the start finishes: it succeeds and merges nothing more (here the
+/// chain is base <- snapshot <- top, the snapshot left temporary by a merge
+/// of the top into it; merging again would fold the snapshot into the base).
+#[test]
+fn rerunning_an_interrupted_merge_of_the_top_finishes_it_and_nothing_more() {
+    let g = Geometry { cluster: 64 << 10, clusters: 16, stripe: 16 << 10 };
+    let dir = TempDir::new("diskops-rerun");
+    let (mut disk, mut model) = full_disk(&dir.join("ct"), &g);
+    let stack = open(&disk, None, false);
+    let first = block_on(ops::snapshot(&SyncIo, &stack, &mut disk, None)).unwrap();
+    write_at(&stack, &mut model, 50, 2 * g.cluster, 8192);
+    block_on(ops::snapshot(&SyncIo, &stack, &mut disk, None)).unwrap();
+    write_at(&stack, &mut model, 51, 5 * g.cluster, 8192);
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    // As a merge of the top leaves it once it marked the parent.
+    let parent = disk.desc.shot(TOP_GUID).unwrap().parent;
+    disk.desc.shots.iter_mut().filter(|s| s.guid == parent).for_each(|s| s.temporary = Temporary::Temporary);
+    block_on(disk.store(&SyncIo)).unwrap();
+    let r = common::ploop(["snapshot-merge", disk.dir.to_str().unwrap(), "--json"]);
+    r.ok();
+    assert_eq!(r.json()["parent"], parent.to_string(), "{}", r.stdout);
+    let disk = Disk::load(&disk.dir).unwrap();
+    assert_eq!(disk.desc.images.len(), 2, "more than the interrupted merge ran");
+    assert_eq!(disk.desc.shot(TOP_GUID).unwrap().parent, first.guid, "the top's parent is the first snapshot");
+    let stack = open(&disk, None, true);
+    assert!(read_all(&stack) == model, "the disk does not show its data");
+    drop(stack);
+    check_files(&disk, "rerun");
 }
 
 #[test]

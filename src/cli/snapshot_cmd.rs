@@ -133,7 +133,18 @@ fn merge(id: Option<u32>, dir: Option<PathBuf>, uuid: Option<Guid>, json: bool) 
         (None, Some(dir)) => {
             let bar = Bar::new(json, "merging");
             let progress = |done: u64, total: u64| bar.set(done, total);
-            let m = offline(&dir, Record::Keep, |ring, stack, disk, _| ring.block_on(ops::merge(&ring.io(), stack, disk, uuid, &progress)))?;
+            let m = offline(&dir, Record::Keep, |ring, stack, disk, finished| {
+                // Run again after an interruption, the merge of the top is
+                // the one just finished: merging once more would merge a
+                // delta nobody asked for.
+                match finished.iter().rev().find(|f| f.child == disk.desc.top) {
+                    Some(done) if uuid.is_none() => {
+                        eprintln!("the interrupted merge of the top into {} was finished", done.parent);
+                        Ok(done.clone())
+                    }
+                    _ => ring.block_on(ops::merge(&ring.io(), stack, disk, uuid, &progress)),
+                }
+            })?;
             bar.finish();
             m
         }
