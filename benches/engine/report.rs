@@ -208,7 +208,7 @@ impl Report<'_> {
                 out,
                 "The same merge beside 4k randwrite QD32 over a 64 MiB hot set: {} clusters copied (the top's, and again those written\n  \
                  after their copy) in {:.0} ms = {:.2}x the quiet merge; {:.1} MiB written meanwhile (merge and writes); the writes\n  \
-                 alone before it {} IOPS p99 {} ms, beside it {} IOPS p99 {} ms ({:.2}x)",
+                 alone before it {} IOPS p99 {} ms, beside it {} IOPS p50 {} p99 {} ms ({:.2}x)",
                 u.merge.ios,
                 u.merge.secs * 1000.0,
                 u.merge.secs / (merge.secs / 2.0).max(1e-9),
@@ -216,6 +216,7 @@ impl Report<'_> {
                 fmt_iops(u.before.iops()),
                 p99(&u.before),
                 fmt_iops(u.during.iops()),
+                u.during.lat_ms(50.0).map(|x| format!("{x:.2}")).unwrap_or_else(|| "-".into()),
                 p99(&u.during),
                 u.during.iops() / u.before.iops().max(1e-9)
             );
