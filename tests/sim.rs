@@ -149,6 +149,10 @@ const REGRESSION_SEEDS: &[u64] = &[
     // table block whose writeback failed is written again).
     25499325622065,
     25499325623247,
+    // A merge of the top after the top's sync failed: the fold made the
+    // parent's file the top, and a later flush succeeded on it (a merge
+    // is refused now, as writes are, until a restart).
+    26125928319775,
 ];
 
 /// A run ends early, passing, when the reopen finds the filesystem full.

@@ -65,6 +65,10 @@ impl Stack {
         let top = {
             let shape = self.shape.enter().await;
             shape.check_open()?;
+            // What a failed sync of the top covered may be gone from it (the
+            // page cache may have dropped it): copied into a fresh file, a
+            // later flush would call it durable. A restart checks first.
+            shape.check_sync_ok()?;
             if shape.layers.len() < 2 {
                 return Err(Error::invalid("the top has no parent to fold into"));
             }
@@ -114,6 +118,7 @@ impl Stack {
         // is every change since the last round read.
         let mut shape = self.shape.exclusive().await;
         shape.check_open()?;
+        shape.check_sync_ok()?;
         if !Arc::ptr_eq(shape.top(), top) {
             return Err(stack_changed());
         }
