@@ -474,7 +474,10 @@ scenario_merge_steps() {
 		[ "$(find "$d" -name '*.hds*' | wc -l)" = 1 ] || die "$point: files left: $(ls "$d")"
 		check_disk_after_kill "$d"
 		log "$point: killed there, recovered, merged, data and disk whole"
+		rm -rf -- "$d"
 	done
+	# The scratch filesystem is shared with the scenarios after this one.
+	rm -f -- "$SCRATCH"/ms.*
 }
 
 # qemu-img 7.2 does not know that format-extension clusters (a kept
