@@ -55,7 +55,7 @@ pub async fn compact_step<I: Io>(io: &I, file: &ImageFile, lower_has: &dyn Fn(u6
     let cluster = header.cluster_bytes();
     let block = file.block_size as u64;
     let data_off = header.data_off_bytes();
-    let mut edit = TableEdit::load(io, fd, &header, block, file_len, &name).await?;
+    let mut edit = TableEdit::load(io, fd, &header, read.head, block, file_len, &name).await?;
     let mut out = Compacted { file_size_before: file_len, file_size_after: file_len, ..Default::default() };
     if header.ext_off_sectors != 0 {
         // A changed-block record's clusters are not data: it is dropped

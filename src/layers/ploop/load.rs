@@ -13,6 +13,8 @@ use crate::layers::ploop::table::Table;
 /// The header as read from the file.
 pub struct HeaderRead {
     pub header: Header,
+    /// Its bytes as on disk (a table block write rewrites them as they are).
+    pub head: [u8; HEADER_SIZE],
     pub file_len: u64,
 }
 
@@ -23,7 +25,8 @@ pub async fn read_header<I: Io>(io: &I, fd: RawFd, path: &str) -> Result<HeaderR
     let mut first = AlignedBuf::zeroed(4096);
     io.read_at(fd, &mut first, 0).await.map_err(|e| Error::io(e, path))?;
     let header = Header::parse(&first[..HEADER_SIZE.min(file_len as usize)])?;
-    Ok(HeaderRead { header, file_len })
+    let head = first[..HEADER_SIZE].try_into().unwrap();
+    Ok(HeaderRead { header, head, file_len })
 }
 
 /// The disk size an image's header declares.
@@ -90,7 +93,7 @@ async fn walk_bat<I: Io>(io: &I, fd: RawFd, h: &Header, align: u64, path: &str, 
     Ok(())
 }
 
-/// Check the used BAT entries of an image (see `bat::scan`) without ever
+/// Check the used BAT entries of an image (see `bat::Scanner`) without ever
 /// holding the table whole (see `walk_bat`).
 pub async fn scan_bat<I: Io>(io: &I, fd: RawFd, h: &Header, file_len: u64, path: &str) -> Result<BatScan> {
     let mut scanner = Scanner::new(h, file_len);
@@ -102,8 +105,6 @@ pub async fn scan_bat<I: Io>(io: &I, fd: RawFd, h: &Header, file_len: u64, path:
 pub struct TableRead {
     pub table: Table,
     pub scan: BatScan,
-    /// The header's bytes as on disk.
-    pub head: [u8; HEADER_SIZE],
     /// The bytes after the last used entry up to the end of its `block`
     /// (never into the data area): block writes rewrite them as they were.
     pub tail: Vec<u8>,
@@ -121,9 +122,6 @@ pub async fn load_table<I: Io>(io: &I, fd: RawFd, h: &Header, block: u64, file_l
         table.fill(first, values);
     })
     .await?;
-    let mut first = AlignedBuf::zeroed(block.max(MIN_PIECE) as usize);
-    io.read_at(fd, &mut first, 0).await.map_err(|e| Error::io(e, path))?;
-    let head: [u8; HEADER_SIZE] = first[..HEADER_SIZE].try_into().unwrap();
     // Never past the data area: whole blocks of it are rewritten.
     let meta_len = end.next_multiple_of(block).min(h.data_off_bytes().max(block));
     let mut tail = Vec::new();
@@ -133,5 +131,5 @@ pub async fn load_table<I: Io>(io: &I, fd: RawFd, h: &Header, block: u64, file_l
         io.read_at(fd, &mut last, from).await.map_err(|e| Error::io(e, path))?;
         tail.extend_from_slice(&last[(end - from) as usize..(meta_len - from) as usize]);
     }
-    Ok(TableRead { table, scan: scanner.finish(), head, tail })
+    Ok(TableRead { table, scan: scanner.finish(), tail })
 }

@@ -132,7 +132,7 @@ impl PloopLayer {
     pub async fn open<I: Io>(io: &I, mut file: ImageFile, direct: Direct, lock: bool) -> Result<(PloopLayer, OpenReport)> {
         let path = file.path.display().to_string();
         let read = load::read_header(io, file.fd(), &path).await.map_err(|e| e.context(&path))?;
-        let (mut header, file_len) = (read.header, read.file_len);
+        let (mut header, mut head, file_len) = (read.header, read.head, read.file_len);
         if file_len < header.bat_end() {
             return Err(Error::corrupt(format!("{path}: file is truncated: {file_len} bytes, BAT ends at {}", header.bat_end())));
         }
@@ -156,7 +156,7 @@ impl PloopLayer {
             }
         }
         let block = file.block_size as u64;
-        let load::TableRead { table, scan, mut head, tail } = load::load_table(io, file.fd(), &header, block, file_len, &path).await?;
+        let load::TableRead { table, scan, tail } = load::load_table(io, file.fd(), &header, block, file_len, &path).await?;
 
         if ![0, IN_USE, CLOSED].contains(&header.in_use) {
             // As `check` reports it: the format allows no other value.

@@ -98,7 +98,7 @@ pub async fn resize_file<I: Io>(io: &I, file: &crate::io::ImageFile, new_size: u
         return Ok(done);
     }
     done.dropped_change_record = old.ext_off_sectors != 0;
-    let mut edit = TableEdit::load(io, fd, &old, block, file_len, &name).await?;
+    let mut edit = TableEdit::load(io, fd, &old, read.head, block, file_len, &name).await?;
     let old_entries = edit.table.entries();
 
     // A changed-block record describes the old size: the header stops
@@ -240,8 +240,8 @@ pub(super) struct TableEdit<'a> {
 }
 
 impl<'a> TableEdit<'a> {
-    pub async fn load<I: Io>(io: &I, fd: i32, header: &Header, block: u64, file_len: u64, name: &'a str) -> Result<TableEdit<'a>> {
-        let load::TableRead { table, head, tail, .. } = load::load_table(io, fd, header, block, file_len, name).await?;
+    pub async fn load<I: Io>(io: &I, fd: i32, header: &Header, head: [u8; HEADER_SIZE], block: u64, file_len: u64, name: &'a str) -> Result<TableEdit<'a>> {
+        let load::TableRead { table, tail, .. } = load::load_table(io, fd, header, block, file_len, name).await?;
         Ok(TableEdit { table, head, tail, dirty: BTreeSet::new(), block, name })
     }
 

@@ -5,7 +5,7 @@
 //! Slots are the table's 32-bit words in file order: slot `c + 16` holds
 //! the entry of cluster `c` (the 64-byte header is the first 16), so one
 //! chunk is exactly one 4 KiB piece of the on-disk table, and the bytes of
-//! any block of it are rebuilt from the chunks (`block_bytes`).
+//! any block of it are rebuilt from the chunks (`bytes_at`).
 
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::OnceLock;
