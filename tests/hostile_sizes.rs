@@ -79,6 +79,12 @@ fn hostile(path: &Path, entries: u32) -> u64 {
     data_off * SECTOR
 }
 
+/// The image as a writable stack of one layer, through the page cache.
+fn open_rw(img: &Path) -> Stack {
+    let opts = StackOptions { direct: Direct::Off, ..Default::default() };
+    block_on(Stack::open(&SyncIo, &[img.to_path_buf()], &opts)).unwrap().0
+}
+
 fn small(name: &str, rss: i64) {
     assert!(rss > 0 && rss < RSS_BOUND_KB, "{name}: peak RSS {rss} KiB, bound {RSS_BOUND_KB} KiB");
 }
@@ -174,8 +180,7 @@ fn a_stack_over_a_huge_claim_holds_tables_that_follow_the_data() {
     let dir = TempDir::new("hostile");
     let img = dir.join("claim.hds");
     hostile(&img, 1 << 29);
-    let opts = StackOptions { direct: Direct::Off, ..Default::default() };
-    let (stack, _) = block_on(Stack::open(&SyncIo, std::slice::from_ref(&img), &opts)).unwrap();
+    let stack = open_rw(&img);
     let bytes = block_on(stack.table_bytes());
     assert!(bytes < 16 << 20, "tables of {bytes} bytes for an empty table");
     let far = ((1u64 << 29) - 1) * 512;
@@ -202,15 +207,14 @@ fn a_thin_disk_of_64_tib_opens_holding_what_was_written() {
     let (size, cluster) = (64u64 << 40, 1u64 << 20);
     block_on(ublk_ploop::layers::PloopLayer::create(&SyncIo, &img, size, cluster)).unwrap();
     let spots: Vec<u64> = (0..16).map(|i| i * (size / 16) + i * cluster).collect();
-    let opts = StackOptions { direct: Direct::Off, ..Default::default() };
     {
-        let (stack, _) = block_on(Stack::open(&SyncIo, std::slice::from_ref(&img), &opts)).unwrap();
+        let stack = open_rw(&img);
         for (i, &at) in spots.iter().enumerate() {
             block_on(stack.write(&SyncIo, at + 4096, &[i as u8 + 1; 4096])).unwrap();
         }
         block_on(stack.close(&SyncIo)).unwrap();
     }
-    let (stack, _) = block_on(Stack::open(&SyncIo, std::slice::from_ref(&img), &opts)).unwrap();
+    let stack = open_rw(&img);
     let bytes = block_on(stack.table_bytes());
     // Directories: 1 MiB of table, 256 KiB of owner map; 16 chunks of each.
     assert!(bytes < (1 << 20) + (256 << 10) + 16 * 8192 + 4096, "tables of {bytes} bytes");
@@ -243,8 +247,7 @@ fn bytes_after_the_used_entries_survive_a_table_write() {
     let tail_at = HEADER_SIZE + 4 * 16;
     f.write_all_at(b"kept-bytes", tail_at).unwrap();
     drop(f);
-    let opts = StackOptions { direct: Direct::Off, ..Default::default() };
-    let (stack, _) = block_on(Stack::open(&SyncIo, std::slice::from_ref(&img), &opts)).unwrap();
+    let stack = open_rw(&img);
     block_on(stack.write(&SyncIo, 15 * (64 << 10), &[3u8; 4096])).unwrap();
     block_on(stack.close(&SyncIo)).unwrap();
     let mut got = [0u8; 10];
@@ -284,8 +287,7 @@ fn growing_a_thin_disk_leaves_its_table_holes() {
     let cluster = 1u64 << 20;
     block_on(ublk_ploop::layers::PloopLayer::create(&SyncIo, &img, 1 << 40, cluster)).unwrap();
     {
-        let opts = StackOptions { direct: Direct::Off, ..Default::default() };
-        let (stack, _) = block_on(Stack::open(&SyncIo, std::slice::from_ref(&img), &opts)).unwrap();
+        let stack = open_rw(&img);
         block_on(stack.write(&SyncIo, (1 << 40) - 4096, &[5u8; 4096])).unwrap();
         block_on(stack.close(&SyncIo)).unwrap();
     }
@@ -302,8 +304,7 @@ fn growing_a_thin_disk_leaves_its_table_holes() {
     assert!(data < 0 || data as u64 >= 257 << 20, "table area written at {data}");
     let (r, _) = run_limited(&["check", p]);
     r.ok();
-    let opts = StackOptions { direct: Direct::Off, ..Default::default() };
-    let (stack, _) = block_on(Stack::open(&SyncIo, std::slice::from_ref(&img), &opts)).unwrap();
+    let stack = open_rw(&img);
     let mut buf = vec![0u8; 4096];
     block_on(stack.read(&SyncIo, (1 << 40) - 4096, &mut buf)).unwrap();
     assert!(buf.iter().all(|&b| b == 5));
