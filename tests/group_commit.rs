@@ -165,6 +165,35 @@ fn a_write_relying_on_a_rolled_back_entry_is_not_acknowledged() {
 }
 
 #[test]
+fn an_overwrite_waits_for_its_clusters_entry_while_that_entry_is_being_written() {
+    // A links cluster 0 and its BAT write is in flight. D overwrites part
+    // of cluster 0: it allocates nothing and writes no metadata, but its
+    // bytes are reachable after a crash only through A's entry, so D must
+    // not be acknowledged before that entry is on disk.
+    let dir = TempDir::new("gc");
+    let p = fresh(&dir, "in-flight");
+    let (data, other) = (vec![0xAAu8; 4096], vec![0xBBu8; 4096]);
+    {
+        let stack = open(std::slice::from_ref(&p));
+        let io = scripted();
+        let mut a = std::pin::pin!(stack.write(&io, 0, &data));
+        io.hold_meta.set(true);
+        assert!(block_on(poll_once(a.as_mut())).is_none());
+        assert!(io.holding.get(), "A is not held in its BAT write");
+        let mut d = std::pin::pin!(stack.write(&io, 8192, &other));
+        assert!(block_on(poll_once(d.as_mut())).is_none(), "D was acknowledged while the entry it relies on was still being written");
+        assert_eq!(read4k(&stack, 8192), other, "D's bytes did not go to A's cluster");
+        io.released.set(true);
+        block_on(a).unwrap();
+        block_on(d).unwrap();
+        block_on(stack.close(&SyncIo)).unwrap();
+    }
+    let stack = open(std::slice::from_ref(&p));
+    assert_eq!(read4k(&stack, 0), data);
+    assert_eq!(read4k(&stack, 8192), other);
+}
+
+#[test]
 fn one_failed_bat_write_does_not_fail_later_writes() {
     let dir = TempDir::new("gc");
     let p = fresh(&dir, "sticky");
