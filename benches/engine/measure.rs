@@ -45,6 +45,12 @@ impl Run {
             0.0
         }
     }
+    /// Microseconds of CPU (all the tool's threads) per I/O: a per-request
+    /// cost shows here even when the disk, not the CPU, sets the rate.
+    pub fn cpu_us_per_io(&self) -> Option<f64> {
+        let pct = self.cpu_pct?;
+        (self.ios > 0).then(|| pct / 100.0 * self.secs / self.ios as f64 * 1e6)
+    }
     pub fn mibps(&self) -> f64 {
         if self.secs > 0.0 {
             self.bytes as f64 / self.secs / MIB as f64
@@ -76,6 +82,7 @@ impl Run {
             "ios": self.ios,
             "secs": round3(self.secs),
             "cpu_pct": self.cpu_pct.map(round1),
+            "cpu_us_per_io": self.cpu_us_per_io().map(round3),
             "rounds": self.rounds,
             "close_secs": round3(self.close_secs),
             "p99_ms": self.lat_ms(99.0).map(round3),
