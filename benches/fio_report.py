@@ -2,10 +2,14 @@
 """Turn the fio suite's lines (FIO-META, FIO-ROW, FIO-CACHE, from
 benches/fio-suite.sh) into results.json, table.md and two SVG charts.
 
-Ratios are ublk-ploop over a loop device measured in the same run and
-guest: the median over the runs, with the lowest and highest run beside it.
-Targets (issue: the newer kernel): >= 1.0x loop with direct I/O on 4k rows,
->= 0.9x on 1 MiB rows; printed as PASS/MISS, never hidden.
+Ratios are ublk-ploop over a peer measured in the same run and guest: the
+median over the runs, with the lowest and highest run beside it. The peer
+column is rublk's loop target on the flat states (the same ublk crossing)
+and a qcow2 overlay served by qemu-nbd on the 2-layer stack.
+Targets, printed as PASS/MISS, never hidden: >= 1.0x loop with direct I/O
+on 4k rows, >= 0.9x on 1 MiB rows; and >= 0.95x rublk on the 4k random
+write rows of an allocated image. Beside each rate: the p99 latency, and
+for user-space servers the CPU time per I/O.
 
 usage: fio_report.py LOG [--out DIR]
 """
@@ -14,8 +18,9 @@ import statistics
 import sys
 from pathlib import Path
 
-DEVICES = ["ublk", "loop-dio", "loop-buf"]
-LABEL = {"ublk": "ublk-ploop", "loop-dio": "loop (direct I/O)", "loop-buf": "loop (buffered)"}
+DEVICES = ["ublk", "ublk-alt", "rublk", "qemu-nbd", "loop-dio", "loop-buf"]
+LABEL = {"ublk": "ublk-ploop", "ublk-alt": "ublk-ploop (other build)", "rublk": "rublk loop", "qemu-nbd": "qemu-nbd qcow2", "loop-dio": "loop (direct I/O)", "loop-buf": "loop (buffered)"}
+PEERS = ("rublk", "qemu-nbd")
 
 
 def parse(lines):
@@ -43,6 +48,17 @@ def target(workload):
     return 0.9 if "1m" in workload else 1.0
 
 
+def peer_target(state, workload):
+    """In-place 4k writes against another ublk server paying the same
+    crossing (the in-place writes issue)."""
+    return 0.95 if state == "allocated" and workload.startswith("randwrite-4k") else None
+
+
+def median_or_none(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
 def summarise(rows):
     """One entry per (state, queues, workload): per device the median
     IOPS/bandwidth/p99, and the per-run ratio ublk / loop."""
@@ -59,9 +75,10 @@ def summarise(rows):
                 "iops": statistics.median(v["iops"] for v in vals),
                 "bw": statistics.median(v["bw"] for v in vals),
                 "p99_us": statistics.median(v["p99_us"] for v in vals),
+                "cpu_us": median_or_none(v.get("cpu_us") for v in vals),
                 "runs": len(vals),
             }
-        for base in ("loop-dio", "loop-buf"):
+        for base in ("loop-dio", "loop-buf", "ublk-alt") + PEERS:
             if "ublk" in by_dev and base in by_dev:
                 ratios = [by_dev["ublk"][run]["iops"] / by_dev[base][run]["iops"]
                           for run in by_dev["ublk"] if run in by_dev[base] and by_dev[base][run]["iops"] > 0]
@@ -71,6 +88,13 @@ def summarise(rows):
         if d:
             entry["target"] = target(workload)
             entry["meets_target"] = d["median"] >= entry["target"]
+        peer = next((p for p in PEERS if "vs_" + p in entry), None)
+        if peer:
+            entry["peer"] = peer
+            t = peer_target(state, workload)
+            if t is not None:
+                entry["peer_target"] = t
+                entry["meets_peer_target"] = entry["vs_" + peer]["median"] >= t
         out.append(entry)
     order = {"allocated": 0, "fresh": 1, "stack": 2}
     out.sort(key=lambda e: (order.get(e["state"], 9), e["queues"], e["workload"].startswith(("read-", "write-")), e["workload"]))
@@ -93,26 +117,41 @@ def fmt_ratio(r):
     return f"{r['median']:.2f} ({r['min']:.2f}–{r['max']:.2f})"
 
 
+def fmt_p99(dev):
+    return "-" if dev is None else f"{dev['p99_us']:.0f}"
+
+
+def fmt_cpu(dev):
+    return "-" if dev is None or dev.get("cpu_us") is None else f"{dev['cpu_us']:.0f}"
+
+
 def table(meta, summary, cache):
     lines = [
         f"Kernel {meta.get('kernel', '?')}, data path {meta.get('data_path', '?')}, {meta.get('size_mb', '?')} MiB disk, "
         f"{meta.get('runs', '?')} runs of {meta.get('secs', '?')} s per cell, fio io_uring direct=1. "
-        "Rates are medians over the runs; ratios are ublk-ploop / loop per run: median (lowest–highest).",
+        "Rates are medians over the runs; ratios are ublk-ploop / the other device per run: median (lowest–highest). "
+        "Peer: rublk's loop target on the flat states, a qcow2 overlay (1 MiB clusters) served by qemu-nbd on the stack. "
+        "p99 in µs; CPU: the server's µs of CPU per I/O (emulated CPUs: compare within a row).",
         "",
-        "| state | queues | workload | ublk-ploop | loop dio | loop buffered | ÷ loop dio | ÷ loop buffered | p99 µs ublk / dio | target |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| state | q | workload | ublk-ploop | peer | loop dio | loop buf | ÷ peer | ÷ loop dio | ÷ loop buf "
+        "| p99 ublk / peer / dio | CPU/IO ublk / peer | target |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in summary:
         w = e["workload"]
-        p99 = "-"
-        if "ublk" in e and "loop-dio" in e:
-            p99 = f"{e['ublk']['p99_us']:.0f} / {e['loop-dio']['p99_us']:.0f}"
-        verdict = "-"
+        peer = e.get("peer")
+        p = e.get(peer) if peer else None
+        verdicts = []
         if "meets_target" in e:
-            verdict = f"{'PASS' if e['meets_target'] else 'MISS'} (≥{e['target']:.1f})"
+            verdicts.append(f"{'PASS' if e['meets_target'] else 'MISS'} (≥{e['target']:.1f} dio)")
+        if "meets_peer_target" in e:
+            verdicts.append(f"{'PASS' if e['meets_peer_target'] else 'MISS'} (≥{e['peer_target']:.2f} {peer})")
+        peer_rate = f"{fmt_rate(w, p)} {peer}" if p else "-"
         lines.append(
-            f"| {e['state']} | {e['queues']} | {w} | {fmt_rate(w, e.get('ublk'))} | {fmt_rate(w, e.get('loop-dio'))} | "
-            f"{fmt_rate(w, e.get('loop-buf'))} | {fmt_ratio(e.get('vs_loop-dio'))} | {fmt_ratio(e.get('vs_loop-buf'))} | {p99} | {verdict} |"
+            f"| {e['state']} | {e['queues']} | {w} | {fmt_rate(w, e.get('ublk'))} | {peer_rate} | {fmt_rate(w, e.get('loop-dio'))} | "
+            f"{fmt_rate(w, e.get('loop-buf'))} | {fmt_ratio(e.get('vs_' + peer) if peer else None)} | {fmt_ratio(e.get('vs_loop-dio'))} | "
+            f"{fmt_ratio(e.get('vs_loop-buf'))} | {fmt_p99(e.get('ublk'))} / {fmt_p99(p)} / {fmt_p99(e.get('loop-dio'))} | "
+            f"{fmt_cpu(e.get('ublk'))} / {fmt_cpu(p)} | {', '.join(verdicts) or '-'} |"
         )
     if cache:
         # The device's own cache is read from /proc/meminfo's Buffers, which
@@ -198,9 +237,19 @@ def main(argv):
     if cache:
         (out / "page-cache.svg").write_text(svg_cache(cache))
     print(md)
+    alt = [e for e in summary if "vs_ublk-alt" in e]
+    if alt:
+        print("A/B: this build ÷ the other build (UBLK_PLOOP_FIO_ALT_BIN), CPU µs per I/O this / other:")
+        for e in alt:
+            print(f"  {e['state']} q{e['queues']} {e['workload']}: {fmt_ratio(e['vs_ublk-alt'])}  cpu {fmt_cpu(e.get('ublk'))} / {fmt_cpu(e.get('ublk-alt'))}")
     missed = [e for e in summary if e.get("meets_target") is False]
     print(f"targets: {sum(1 for e in summary if e.get('meets_target'))} met, {len(missed)} missed"
           + "".join(f"\n  MISS {e['state']} q{e['queues']} {e['workload']}: {e['vs_loop-dio']['median']:.2f} < {e['target']}" for e in missed))
+    peer_rows = [e for e in summary if "meets_peer_target" in e]
+    if peer_rows:
+        print(f"peer targets: {sum(1 for e in peer_rows if e['meets_peer_target'])} met, {sum(1 for e in peer_rows if not e['meets_peer_target'])} missed"
+              + "".join(f"\n  MISS {e['state']} q{e['queues']} {e['workload']}: {e['vs_' + e['peer']]['median']:.2f} < {e['peer_target']} {e['peer']}"
+                        for e in peer_rows if not e["meets_peer_target"]))
     return 0
 
 
