@@ -310,3 +310,41 @@ fn growing_a_thin_disk_leaves_its_table_holes() {
     assert!(buf.iter().all(|&b| b == 5));
     assert_eq!(stack.size(), 64 << 40);
 }
+
+/// Converting a thin disk visits the clusters its layers hold, not every
+/// cluster of its size: an 8 TiB disk with three clusters written reports
+/// progress a handful of times (a walk of all 2^23 clusters reported every
+/// 64), and the copy holds exactly what was written, at 64 KiB clusters
+/// (a source cluster split into sixteen, the zero ones left out).
+#[test]
+fn converting_a_thin_disk_visits_its_data_not_its_size() {
+    use ublk_ploop::convert::{convert, ConvertOptions};
+    use ublk_ploop::layers::Format;
+    use ublk_ploop::LayerSpec;
+    let dir = TempDir::new("hostile");
+    let img = dir.join("thin.hds");
+    let (size, cluster) = (8u64 << 40, 1u64 << 20);
+    block_on(ublk_ploop::layers::PloopLayer::create(&SyncIo, &img, size, cluster)).unwrap();
+    let spots = [0, size / 3 / cluster * cluster + 8192, size - cluster + 65536];
+    {
+        let stack = open_rw(&img);
+        for (i, &at) in spots.iter().enumerate() {
+            block_on(stack.write(&SyncIo, at, &[i as u8 + 1; 4096])).unwrap();
+        }
+        block_on(stack.close(&SyncIo)).unwrap();
+    }
+    let out = dir.join("out.hds");
+    let mut reports = 0;
+    let opts = ConvertOptions { to: Format::Ploop, cluster_size: Some(64 << 10), direct: Direct::Off };
+    let spec = LayerSpec { path: img.clone(), format: Format::Ploop };
+    let stats = block_on(convert(&SyncIo, &[spec], &out, &opts, &mut |_, _| reports += 1)).unwrap();
+    assert!(reports < 16, "{reports} progress reports: the walk visited the whole disk");
+    assert_eq!((stats.copied_clusters, stats.copied_bytes), (3, 3 * 65536), "{stats:?}");
+    let copy = open_rw(&out);
+    for (i, &at) in spots.iter().enumerate() {
+        let mut buf = vec![0u8; 8192];
+        block_on(copy.read(&SyncIo, at, &mut buf)).unwrap();
+        assert!(buf[..4096].iter().all(|&b| b == i as u8 + 1) && buf[4096..].iter().all(|&b| b == 0), "spot {i}");
+    }
+    block_on(copy.close(&SyncIo)).unwrap();
+}

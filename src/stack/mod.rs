@@ -383,6 +383,14 @@ impl Stack {
     }
 
     /// Clusters some layer holds (all others read as zeros).
+    /// Up to `max` clusters from `from` on that some layer holds,
+    /// ascending: a walk over a thin disk's data that costs its data, not
+    /// its size.
+    pub async fn held_clusters(&self, from: u64, max: usize) -> Vec<u64> {
+        let shape = self.shape.enter().await;
+        shape.owner.held_from(from).take(max).collect()
+    }
+
     pub async fn allocated(&self) -> BitVec {
         let shape = self.shape.enter().await;
         let mut held = BitVec::repeat(false, self.size().div_ceil(self.cluster) as usize);

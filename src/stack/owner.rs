@@ -114,11 +114,29 @@ impl OwnerMap {
 
     /// The clusters some layer holds, ascending.
     pub(super) fn held(&self) -> Box<dyn Iterator<Item = u64> + '_> {
-        let top_floor = self.floors.iter().map(|&(_, end)| end).max().unwrap_or(0);
-        if top_floor == 0 {
-            return Box::new(self.present().filter(|(_, o)| o.is_some()).map(|(c, _)| c));
+        self.held_from(0)
+    }
+
+    /// The clusters from `start` on that some layer holds, ascending; the
+    /// chunks before `start`'s and the absent ones are skipped unread.
+    pub(super) fn held_from(&self, start: u64) -> Box<dyn Iterator<Item = u64> + '_> {
+        let start = start.min(self.clusters);
+        if self.floors.iter().all(|&(_, end)| end == 0) {
+            let first = start as usize / CHUNK;
+            let clusters = self.clusters;
+            return Box::new(
+                self.dir[first..]
+                    .iter()
+                    .enumerate()
+                    .filter_map(move |(k, cell)| cell.get().map(|chunk| (first + k, chunk)))
+                    .flat_map(|(k, chunk)| chunk.iter().enumerate().map(move |(i, slot)| ((k * CHUNK + i) as u64, slot)))
+                    .skip_while(move |&(c, _)| c < start)
+                    .take_while(move |&(c, _)| c < clusters)
+                    .filter(|(_, slot)| slot.load(Ordering::Acquire) != NOBODY)
+                    .map(|(c, _)| c),
+            );
         }
-        Box::new((0..self.clusters).filter(|&c| self.get(c).is_some()))
+        Box::new((start..self.clusters).filter(|&c| self.get(c).is_some()))
     }
 
     /// Bytes of memory the map holds (directory and chunks).
@@ -157,5 +175,22 @@ mod tests {
         // before them; this test does not): its one held cluster, two
         // chunks of floor, and the seven covered clusters of chunk 3.
         assert_eq!(map.held().count(), 1 + 2 * CHUNK + 7);
+        assert_eq!(map.held_from(3 * CHUNK as u64 + 2).count(), 5, "the floor's clusters of chunk 3 from the start");
+    }
+
+    #[test]
+    fn held_from_starts_inside_a_chunk_and_skips_absent_ones() {
+        let map = OwnerMap::empty(10 * CHUNK as u64);
+        let c = CHUNK as u64;
+        for at in [3, 9, c + 4, 7 * c, 10 * c - 1] {
+            map.set(at, 0);
+        }
+        map.set(9, NOBODY);
+        assert_eq!(map.held().collect::<Vec<_>>(), vec![3, c + 4, 7 * c, 10 * c - 1]);
+        assert_eq!(map.held_from(4).collect::<Vec<_>>(), vec![c + 4, 7 * c, 10 * c - 1]);
+        assert_eq!(map.held_from(c + 4).collect::<Vec<_>>(), vec![c + 4, 7 * c, 10 * c - 1]);
+        assert_eq!(map.held_from(c + 5).collect::<Vec<_>>(), vec![7 * c, 10 * c - 1]);
+        assert_eq!(map.held_from(10 * c).count(), 0);
+        assert_eq!(map.held_from(u64::MAX).count(), 0);
     }
 }
