@@ -318,7 +318,7 @@ impl Report<'_> {
         let _ = writeln!(out, "What each column measured:");
         let _ = writeln!(
             out,
-            "  (a) engine: the daemon's request path (Stack::read/Stack::write, one task per request in flight, the engine's\n      I/O as SQEs on one io_uring, each handed to the kernel when queued, as a ublk queue's are), O_DIRECT, on a\n      fully written ploop image (random rows: uniform random offsets; seq rows: ascending, wrapping).\n      CPU% = this process (all threads) per wall second; /µs = µs of CPU per I/O (rows of requests up to 64 KiB)."
+            "  (a) engine: the daemon's request path (Stack::read/Stack::write, one task per request in flight, the engine's\n      I/O as SQEs on one io_uring, each handed to the kernel when queued, as fio does), O_DIRECT, on a\n      fully written ploop image (random rows: uniform random offsets; seq rows: ascending, wrapping).\n      CPU% = this process (all threads) per wall second; /µs = µs of CPU per I/O (rows of requests up to 64 KiB)."
         );
         if have_fio {
             let _ = writeln!(
