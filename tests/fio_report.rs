@@ -12,6 +12,22 @@ fn row(run: u32, device: &str, workload: &str, iops: f64) -> String {
     )
 }
 
+/// Run the report on these log lines, writing into `dir`; its stdout.
+fn report(dir: &TempDir, log: &[String]) -> String {
+    let input = dir.join("log");
+    std::fs::write(&input, log.join("\n")).unwrap();
+    let out = std::process::Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/benches/fio_report.py"))
+        .arg(&input)
+        .arg("--out")
+        .arg(dir.path())
+        .output()
+        .expect("python3 runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    text
+}
+
 #[test]
 fn the_report_takes_medians_of_per_run_ratios_and_names_misses() {
     let dir = TempDir::new("fio-report");
@@ -28,17 +44,7 @@ fn the_report_takes_medians_of_per_run_ratios_and_names_misses() {
         log.push(row(run, "loop-dio", "read-1m-qd4", 100.0));
     }
     log.push("FIO-CACHE {\"device\": \"loop-buf\", \"working_set\": 33554432, \"file_cached\": 33554432, \"device_cached\": 0}".into());
-    let input = dir.join("log");
-    std::fs::write(&input, log.join("\n")).unwrap();
-    let out = std::process::Command::new("python3")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/benches/fio_report.py"))
-        .arg(&input)
-        .arg("--out")
-        .arg(dir.path())
-        .output()
-        .expect("python3 runs");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let text = report(&dir, &log);
     assert!(text.contains("MISS allocated q1 read-1m-qd4: 0.85 < 0.9"), "{text}");
     assert!(text.contains("targets: 1 met, 1 missed"), "{text}");
     let json: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("results.json")).unwrap()).unwrap();
@@ -77,17 +83,7 @@ fn the_report_compares_with_the_peer_of_each_state_and_judges_in_place_writes_ag
         // An A/B of two builds.
         log.push(server_row(run, "stack", "ublk-alt", "randwrite-4k-qd1", 640.0, 500.0));
     }
-    let input = dir.join("log");
-    std::fs::write(&input, log.join("\n")).unwrap();
-    let out = std::process::Command::new("python3")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/benches/fio_report.py"))
-        .arg(&input)
-        .arg("--out")
-        .arg(dir.path())
-        .output()
-        .expect("python3 runs");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let text = report(&dir, &log);
     assert!(text.contains("MISS allocated q1 randwrite-4k-qd32: 0.90 < 0.95 rublk"), "{text}");
     assert!(text.contains("peer targets: 0 met, 1 missed"), "{text}");
     assert!(text.contains("stack q1 randwrite-4k-qd1: 1.25  cpu 400 / 500"), "{text}");

@@ -193,29 +193,19 @@ fn run() -> Res<()> {
 
     // 4k random overwrites on the allocated image: no metadata to write, so
     // the engine should cost what fio on the raw file costs.
-    if want("write") {
-        progress("4k randwrite QD1 (allocated)");
-        let mut r = Row::new("randwrite_4k_qd1", "4k randwrite QD1 (allocated)");
+    for (qd, key) in [(1usize, "randwrite_4k_qd1"), (32, "randwrite_4k_qd32")].into_iter().filter(|_| want("write")) {
+        let label = format!("4k randwrite QD{qd} (allocated)");
+        progress(&label);
+        let mut r = Row::new(key, label);
         let (e, f) = with_fio(
             &cfg,
             have_fio,
-            |s| engine_rw(&cfg, &ploop, false, Dir::Write, K4, 1, false, secs(s)),
-            |s| fio(&cfg, "randwrite", K4, 1, s),
+            |s| engine_rw(&cfg, &ploop, false, Dir::Write, K4, qd, false, secs(s)),
+            |s| fio(&cfg, "randwrite", K4, qd, s),
         )?;
         r.engine = Some(e);
         r.fio = f;
-        rows.push(r);
-        progress("4k randwrite QD32 (allocated)");
-        let mut r = Row::new("randwrite_4k_qd32", "4k randwrite QD32 (allocated)");
-        let (e, f) = with_fio(
-            &cfg,
-            have_fio,
-            |s| engine_rw(&cfg, &ploop, false, Dir::Write, K4, 32, false, secs(s)),
-            |s| fio(&cfg, "randwrite", K4, 32, s),
-        )?;
-        r.engine = Some(e);
-        r.fio = f;
-        if qemu_img_ok {
+        if qemu_img_ok && qd == 32 {
             let guess = r.engine.as_ref().unwrap().iops();
             r.qemu = Some(q.timed(&cfg, QemuJob { img: &qimg, write: true, count: 0, depth: 32, bs: K4 as u64, step: step4k }, guess));
             r.qemu_what = Some(format!("strided, step {} KiB", step4k / 1024));
