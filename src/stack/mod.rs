@@ -382,7 +382,6 @@ impl Stack {
         shape.owner.bytes() + shape.layers.iter().map(|l| l.table_bytes()).sum::<u64>()
     }
 
-    /// Clusters some layer holds (all others read as zeros).
     /// Up to `max` clusters from `from` on that some layer holds,
     /// ascending: a walk over a thin disk's data that costs its data, not
     /// its size.
@@ -391,6 +390,7 @@ impl Stack {
         shape.owner.held_from(from).take(max).collect()
     }
 
+    /// Clusters some layer holds (all others read as zeros).
     pub async fn allocated(&self) -> BitVec {
         let shape = self.shape.enter().await;
         let mut held = BitVec::repeat(false, self.size().div_ceil(self.cluster) as usize);

@@ -94,12 +94,20 @@ impl OwnerMap {
     }
 
     fn present_slots(&self) -> impl Iterator<Item = (u64, &AtomicU8)> + '_ {
+        self.present_slots_from(0)
+    }
+
+    /// The slots of the chunks that exist, from cluster `start` on: the
+    /// chunks before `start`'s are skipped unread.
+    fn present_slots_from(&self, start: u64) -> impl Iterator<Item = (u64, &AtomicU8)> + '_ {
         let clusters = self.clusters;
-        self.dir
+        let first = (start.min(clusters) as usize) / CHUNK;
+        self.dir[first..]
             .iter()
             .enumerate()
-            .filter_map(|(k, cell)| cell.get().map(|chunk| (k, chunk)))
+            .filter_map(move |(k, cell)| cell.get().map(|chunk| (first + k, chunk)))
             .flat_map(|(k, chunk)| chunk.iter().enumerate().map(move |(i, slot)| ((k * CHUNK + i) as u64, slot)))
+            .skip_while(move |&(c, _)| c < start)
             .take_while(move |&(c, _)| c < clusters)
     }
 
@@ -120,23 +128,10 @@ impl OwnerMap {
     /// The clusters from `start` on that some layer holds, ascending; the
     /// chunks before `start`'s and the absent ones are skipped unread.
     pub(super) fn held_from(&self, start: u64) -> Box<dyn Iterator<Item = u64> + '_> {
-        let start = start.min(self.clusters);
         if self.floors.iter().all(|&(_, end)| end == 0) {
-            let first = start as usize / CHUNK;
-            let clusters = self.clusters;
-            return Box::new(
-                self.dir[first..]
-                    .iter()
-                    .enumerate()
-                    .filter_map(move |(k, cell)| cell.get().map(|chunk| (first + k, chunk)))
-                    .flat_map(|(k, chunk)| chunk.iter().enumerate().map(move |(i, slot)| ((k * CHUNK + i) as u64, slot)))
-                    .skip_while(move |&(c, _)| c < start)
-                    .take_while(move |&(c, _)| c < clusters)
-                    .filter(|(_, slot)| slot.load(Ordering::Acquire) != NOBODY)
-                    .map(|(c, _)| c),
-            );
+            return Box::new(self.present_slots_from(start).filter(|(_, slot)| slot.load(Ordering::Acquire) != NOBODY).map(|(c, _)| c));
         }
-        Box::new((start..self.clusters).filter(|&c| self.get(c).is_some()))
+        Box::new((start.min(self.clusters)..self.clusters).filter(|&c| self.get(c).is_some()))
     }
 
     /// Bytes of memory the map holds (directory and chunks).
