@@ -104,6 +104,13 @@ fn start_held_at<F: Future>(io: &Scripted, mut f: Pin<&mut F>, len: usize) {
     assert!(io.holding.get(), "the request is not waiting in its data write");
 }
 
+/// Poll a request once; it must now be held in its header/BAT write.
+fn start_held_in_bat_write<F: Future>(io: &Scripted, f: Pin<&mut F>) {
+    io.hold_meta.set(true);
+    assert!(block_on(poll_once(f)).is_none(), "the request finished instead of waiting");
+    assert!(io.holding.get(), "the request is not waiting in its BAT write");
+}
+
 /// A fresh image whose first `clusters` clusters hold 7s: the lower layer
 /// the copy-up tests write over.
 fn sevens(dir: &TempDir, tag: &str, clusters: u64) -> PathBuf {
@@ -131,9 +138,7 @@ fn a_write_relying_on_a_rolled_back_entry_is_not_acknowledged() {
         let io = scripted();
         // X's BAT write is held: the next ones queue behind it.
         let mut x = std::pin::pin!(stack.write(&io, 3 * C, &data));
-        io.hold_meta.set(true);
-        assert!(block_on(poll_once(x.as_mut())).is_none());
-        assert!(io.holding.get(), "X is not held in its BAT write");
+        start_held_in_bat_write(&io, x.as_mut());
         // A links cluster 0 and moves its data; its entry waits to be written.
         let mut a = std::pin::pin!(stack.write(&io, 0, &data));
         assert!(block_on(poll_once(a.as_mut())).is_none());
@@ -177,9 +182,7 @@ fn an_overwrite_waits_for_its_clusters_entry_while_that_entry_is_being_written()
         let stack = open(std::slice::from_ref(&p));
         let io = scripted();
         let mut a = std::pin::pin!(stack.write(&io, 0, &data));
-        io.hold_meta.set(true);
-        assert!(block_on(poll_once(a.as_mut())).is_none());
-        assert!(io.holding.get(), "A is not held in its BAT write");
+        start_held_in_bat_write(&io, a.as_mut());
         let mut d = std::pin::pin!(stack.write(&io, 8192, &other));
         assert!(block_on(poll_once(d.as_mut())).is_none(), "D was acknowledged while the entry it relies on was still being written");
         assert_eq!(read4k(&stack, 8192), other, "D's bytes did not go to A's cluster");
@@ -313,9 +316,7 @@ fn a_request_overlapping_a_failed_bat_write_succeeds_when_its_own_entry_is_writt
         let stack = open(std::slice::from_ref(&p));
         let io = scripted();
         let mut a = std::pin::pin!(stack.write(&io, 0, &a_data));
-        io.hold_meta.set(true);
-        assert!(block_on(poll_once(a.as_mut())).is_none());
-        assert!(io.holding.get(), "A is not held in its BAT write");
+        start_held_in_bat_write(&io, a.as_mut());
         let mut b = std::pin::pin!(stack.write(&io, 2 * C, &b_data));
         assert!(block_on(poll_once(b.as_mut())).is_none(), "B completed before its entry was written");
         io.fail_meta.set(true);
@@ -352,9 +353,7 @@ fn a_merge_does_not_drop_the_parent_under_a_cluster_whose_bat_write_failed() {
     let io = scripted();
     let nines = [9u8; 4096];
     let mut w = std::pin::pin!(stack.write(&io, 4096, &nines));
-    io.hold_meta.set(true);
-    assert!(block_on(poll_once(w.as_mut())).is_none());
-    assert!(io.holding.get(), "the write is not held in its BAT write");
+    start_held_in_bat_write(&io, w.as_mut());
     let mut m = std::pin::pin!(stack.merge_parent_into_top(&io, 4, &|_, _| {}));
     let early = block_on(poll_once(m.as_mut()));
     io.fail_meta.set(true);
@@ -397,9 +396,7 @@ fn a_flush_waits_for_a_bat_write_in_flight() {
     let io = scripted();
     let data = [4u8; 4096];
     let mut w = std::pin::pin!(stack.write(&io, 0, &data));
-    io.hold_meta.set(true);
-    assert!(block_on(poll_once(w.as_mut())).is_none());
-    assert!(io.holding.get(), "the write is not held in its BAT write");
+    start_held_in_bat_write(&io, w.as_mut());
     let mut f = std::pin::pin!(stack.flush(&io));
     assert!(block_on(poll_once(f.as_mut())).is_none(), "the flush finished while a BAT write was still in flight");
     io.released.set(true);
