@@ -22,6 +22,8 @@
 # ramp), so a per-request cost shows even where the ratio hides it.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=benches/lib.sh
+. "$here/lib.sh"
 BIN=${UBLK_PLOOP_BIN:-$here/../target/release/ublk-ploop}
 DIR=${UBLK_PLOOP_SCRATCH:-/var/tmp}/fio-suite
 SIZE_MB=${UBLK_PLOOP_FIO_SIZE_MB:-512}
@@ -126,24 +128,6 @@ devices_of() { # state
 		out+="$d "
 	done
 	echo "$out"
-}
-
-# The process that serves a ublk device: the one holding its char device.
-ublk_server() { # /dev/ublkcN
-	local fd
-	for fd in /proc/[0-9]*/fd/*; do
-		[ "$(readlink "$fd" 2>/dev/null)" = "$1" ] && { fd=${fd#/proc/}; echo "${fd%%/*}"; return; }
-	done
-}
-
-# User plus system CPU ticks of the processes given (all their threads).
-cpu_ticks() {
-	local pid t=0
-	for pid in "$@"; do
-		# Fields 14 and 15 of stat, counted after the ")" that ends the name.
-		t=$((t + $(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | awk '{print $12 + $13}' || echo 0)))
-	done
-	echo "$t"
 }
 
 attach() { # device queues: sets DEV and SERVER (the pids whose CPU counts)

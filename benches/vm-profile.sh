@@ -9,6 +9,8 @@
 # Under emulation the split between symbols is what means something.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=benches/lib.sh
+. "$here/lib.sh"
 BIN=${UBLK_PLOOP_BIN:-$here/../target/release/ublk-ploop}
 RUBLK=${UBLK_PLOOP_RUBLK:-$here/../target/peers/bin/rublk}
 DIR=${UBLK_PLOOP_SCRATCH:-/var/tmp}/vm-profile
@@ -33,24 +35,17 @@ head -c "$((SIZE_MB << 20))" /dev/urandom >"$raw"
 "$BIN" convert "$raw" "$img" --format raw --to ploop >/dev/null
 sync
 
-server_of() { # /dev/ublkcN: the process holding it
-	local fd
-	for fd in /proc/[0-9]*/fd/*; do
-		[ "$(readlink "$fd" 2>/dev/null)" = "$1" ] && { fd=${fd#/proc/}; echo "${fd%%/*}"; return; }
-	done
-}
-ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
 
 profile() { # name device pid
 	local name=$1 dev=$2 pid=$3 t0 t1 ios
-	t0=$(ticks "$pid")
+	t0=$(cpu_ticks "$pid")
 	fio --name=p --filename="$dev" --ioengine=io_uring --direct=1 --rw="$RW" --bs=4k --iodepth="$QD" \
 		--time_based --runtime="$SECS" --norandommap --randrepeat=0 --output-format=terse --terse-version=3 >"$DIR/$name.fio" 2>/dev/null &
 	local fio_pid=$!
 	sleep 1
 	perf record -q -e cpu-clock -F 1000 -g -p "$pid" -o "$DIR/$name.perf" -- sleep "$((SECS - 2))" >/dev/null 2>&1 || true
 	wait "$fio_pid"
-	t1=$(ticks "$pid")
+	t1=$(cpu_ticks "$pid")
 	# Terse v3: read iops field 8, write iops field 49.
 	ios=$(awk -F';' '{print ($8 + $49) * '"$SECS"'}' "$DIR/$name.fio")
 	echo "== $name: $RW 4k QD$QD: $(awk -F';' '{print $8 + $49}' "$DIR/$name.fio") IOPS, CPU per I/O $(awk -v t="$((t1 - t0))" -v hz="$(getconf CLK_TCK)" -v n="$ios" 'BEGIN {printf "%.0f", t / hz * 1e6 / n}') us"
@@ -64,7 +59,7 @@ profile() { # name device pid
 dev=$("$BIN" add --image "$img" --queues 1 --depth 128)
 ublk_id=${dev#/dev/ublkb}
 for _ in $(seq 100); do [ -b "$dev" ] && break; sleep 0.05; done
-profile ublk-ploop "$dev" "$(server_of "/dev/ublkc$ublk_id")"
+profile ublk-ploop "$dev" "$(ublk_server "/dev/ublkc$ublk_id")"
 "$BIN" del -n "$ublk_id" >/dev/null
 ublk_id=""
 
@@ -73,7 +68,7 @@ if [ -x "$RUBLK" ]; then
 	"$BIN" features --json | tr -d ' \n' | grep -q '"data_path":"zero_copy"' && zc=(-z)
 	"$RUBLK" add loop -n "$rublk_id" -q 1 -d 128 -b 1MiB "${zc[@]}" -f "$raw" --quiet >/dev/null
 	for _ in $(seq 100); do [ -b "/dev/ublkb$rublk_id" ] && break; sleep 0.05; done
-	profile rublk "/dev/ublkb$rublk_id" "$(server_of "/dev/ublkc$rublk_id")"
+	profile rublk "/dev/ublkb$rublk_id" "$(ublk_server "/dev/ublkc$rublk_id")"
 	"$RUBLK" del -n "$rublk_id" >/dev/null
 else
 	echo "vm-profile: no rublk at $RUBLK (benches/peers builds it)" >&2
