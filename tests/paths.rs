@@ -115,14 +115,26 @@ fn over_base(w: &World, base: &str) -> Guid {
 }
 
 /// `snapshot-merge` of a top whose parent is another disk's base would
-/// delete that base once merged up.
+/// delete that base once merged up. Such a parent is shared (a template
+/// under a clone): it is copied up into the top, dropped from the
+/// descriptor and left as it was.
 #[test]
 fn merge_never_removes_a_base_outside() {
     let w = World::new("paths-merge");
     w.disk_with_data(&w.path("victimct"), 0x11);
     over_base(&w, "../victimct/root.hds");
-    w.refused(&["snapshot-merge"], &["outside"]);
+    let before = w.outside();
+    ploop(["snapshot-merge", p(&w.ct)]).ok();
+    assert_eq!(w.outside(), before, "the merge changed files outside the disk directory");
     assert!(w.path("victimct/root.hds").exists());
+    let d = w.disk();
+    assert_eq!(d.desc.images.len(), 1);
+    let top = d.file_path(&d.desc.images[0]);
+    assert!(top.starts_with(&w.ct));
+    let stack = open_stack(&[&top], true);
+    let mut buf = vec![0u8; 65536];
+    block_on(stack.read(&SyncIo, 0, &mut buf)).unwrap();
+    assert!(buf.iter().all(|&b| b == 0x11), "the shared base's data, copied up");
 }
 
 /// `snapshot-switch` on a disk whose top is an absolute path elsewhere

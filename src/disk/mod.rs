@@ -5,6 +5,7 @@
 //! [`crate::Stack`] opens. The snapshot operations that change both the
 //! stack and the descriptor are in `ops.rs`.
 
+pub mod clone;
 pub mod descriptor;
 mod lock;
 pub mod ops;
@@ -411,9 +412,13 @@ impl Disk {
     }
 
     /// The file ploop's byte-range lock goes on: the base delta of the
-    /// current chain.
+    /// current chain, or for a clone (whose base is a template's, shared
+    /// with other clones) its lowest delta inside the directory, so that
+    /// clones of one template are locked each on its own.
     pub fn lock_path(&self) -> Result<PathBuf> {
-        Ok(self.desc.chain(self.desc.top)?.first().map(|img| self.file_path(img)).expect("a chain is never empty"))
+        let chain = self.desc.chain(self.desc.top)?;
+        let own = chain.iter().find(|img| inside_name(&self.dir, &img.file).is_some());
+        Ok(self.file_path(own.or(chain.first()).expect("a chain is never empty")))
     }
 
     /// The name ploop gives a new delta: the first image's file name without
@@ -457,6 +462,7 @@ impl Disk {
                 guid: s.guid,
                 file: self.desc.image(s.guid).map(|i| self.file_path(i).display().to_string()).unwrap_or_default(),
                 temporary: s.temporary != Temporary::No,
+                shared: self.desc.image(s.guid).is_some_and(|i| clone::is_shared(self, i)),
             })
             .collect()
     }
@@ -522,6 +528,10 @@ pub struct SnapshotRow {
     pub guid: Guid,
     pub file: String,
     pub temporary: bool,
+    /// The delta lies outside the disk directory (a template's, shared
+    /// with other disks): only ever read from here.
+    #[serde(default)]
+    pub shared: bool,
 }
 
 /// Lines as `ploop snapshot-list` prints them.
@@ -535,7 +545,11 @@ pub fn format_snapshot_rows(rows: &[SnapshotRow]) -> String {
             r.guid.to_string(),
             r.file,
             // A snapshot deleted while it had several children stays, marked.
-            if r.temporary { " (temporary)" } else { "" }
+            match (r.temporary, r.shared) {
+                (true, _) => " (temporary)",
+                (false, true) => " (shared, read-only)",
+                (false, false) => "",
+            }
         ));
     }
     out

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::descriptor::{ImageType, MAX_SNAPSHOTS};
-use super::{Disk, Guid, Image, Shot, Temporary, NONE_GUID, TOP_GUID};
+use super::{Disk, Guid, Image, Place, Shot, Temporary, NONE_GUID, TOP_GUID};
 use crate::crash_point::crash_point;
 use crate::error::{Error, Result};
 use crate::io::{Direct, Io};
@@ -211,8 +211,15 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
     let pimg = disk.desc.image(parent).cloned().ok_or_else(|| no_such(disk, parent))?;
     let cimg = disk.desc.image(child).cloned().ok_or_else(|| no_such(disk, child))?;
     // A merge writes into one of the two and removes the other (or its
-    // name): both must be the disk's own files.
-    let ppath = disk.writable_path_in(io, &pimg, "merge into")?;
+    // name): both must be the disk's own files. A parent outside the disk
+    // directory (a template under a clone) is merged only into the top,
+    // by copying it up: it is read, dropped from the descriptor, and left.
+    let shared_parent = disk.place_in(io, &pimg) != Place::Inside;
+    let ppath = if shared_parent && child == disk.desc.top {
+        disk.file_path(&pimg)
+    } else {
+        disk.writable_path_in(io, &pimg, "merge into")?
+    };
     let cpath = disk.writable_path_in(io, &cimg, "merge and remove")?;
     let layers = stack.layers_now().await;
     let index = |p: &PathBuf| layers.iter().position(|l| &l.file().path == p);
@@ -232,7 +239,7 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
     let clusters;
     let top = ci + 1 == layers.len();
     let same_kind = |a: &Layer, b: &Layer| a.format() == Format::Ploop && b.format() == Format::Ploop && a.variant() == b.variant();
-    if top && stack.is_offline() && same_kind(&layers[pi], &layers[ci]) {
+    if top && !shared_parent && stack.is_offline() && same_kind(&layers[pi], &layers[ci]) {
         // Offline, as ploop's offline merge: the top is copied into its
         // parent's file, which then serves as the top under the top's
         // GUID. The cost is the top's clusters, and the parent keeps its
@@ -257,7 +264,7 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
         next.replace(io, disk).await?;
         *disk = next;
         remove_file(io, &cpath);
-    } else if top && same_kind(&layers[pi], &layers[ci]) {
+    } else if top && !shared_parent && same_kind(&layers[pi], &layers[ci]) {
         // Online, as ploop's forward merge: the top is copied into its
         // parent's file while requests go on, and that file then serves as
         // the top under the top's GUID. The cost is the top's clusters
@@ -322,13 +329,18 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
         crash_point("merge-swapped");
         remove_file(io, &cpath);
     } else if top {
-        // The top: copy the parent up into it, online (the two are of
-        // another format or version).
-        layers[pi].relock(io, true).map_err(in_use)?;
+        // The top: copy the parent up into it (the two are of another
+        // format or version, or the parent is shared: other disks read it
+        // too, so it is neither locked for us alone nor removed).
+        if !shared_parent {
+            layers[pi].relock(io, true).map_err(in_use)?;
+        }
         clusters = match stack.merge_parent_into_top(io, MERGE_BATCH, progress).await {
             Ok(n) => n,
             Err(e) => {
-                let _ = layers[pi].relock(io, false);
+                if !shared_parent {
+                    let _ = layers[pi].relock(io, false);
+                }
                 return Err(e);
             }
         };
@@ -337,7 +349,9 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
         let removed = stack.remove_layer(pi).await?;
         drop(layers);
         drop(removed);
-        remove_file(io, &ppath);
+        if !shared_parent {
+            remove_file(io, &ppath);
+        }
     } else {
         // A lower delta: copy it into its parent's file.
         layers[pi].relock(io, true).map_err(in_use)?;
