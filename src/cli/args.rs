@@ -311,6 +311,30 @@ pub enum SnapshotCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Make a thin clone of a template disk: a new disk directory whose
+    /// lower deltas are the template's files (read, never written, merged
+    /// into, moved or removed from here) and whose own empty top takes the
+    /// writes. The template must not be served read-write.
+    Clone {
+        /// The template: a disk directory no device serves read-write.
+        template: PathBuf,
+        /// The new disk directory.
+        dir: PathBuf,
+        /// Clone the template as of this snapshot (default: its top).
+        #[arg(short = 'u', long, value_parser = parse_guid)]
+        uuid: Option<Guid>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a clone stand alone: copy the template's data up into the
+    /// clone's top, online with -n, and drop the template's deltas from
+    /// its descriptor (their files stay as they are).
+    Detach {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        json: bool,
+    },
     /// Switch the disk to a snapshot (roll back): its content on a new
     /// empty top; the old top and what was written since are removed.
     SnapshotSwitch {

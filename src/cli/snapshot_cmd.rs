@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ublk_ploop::disk::clone::{self as clones, Cloned};
 use ublk_ploop::disk::ops::{self, Deleted, Merged};
 use ublk_ploop::disk::{format_snapshot_rows, Disk, Guid};
 use ublk_ploop::io::{block_on, OwnRing, SyncIo};
@@ -24,6 +25,8 @@ pub fn run(command: SnapshotCommand) -> Result<i32> {
         SnapshotCommand::SnapshotMerge { target, uuid, json } => merge(target.id, target.dir, uuid, json),
         SnapshotCommand::SnapshotDelete { target, uuid, json } => delete(target.id, target.dir, uuid, json),
         SnapshotCommand::SnapshotSwitch { target, uuid, force, json } => switch(target.id, target.dir, uuid, force, json),
+        SnapshotCommand::Clone { template, dir, uuid, json } => clone(template, dir, uuid, json),
+        SnapshotCommand::Detach { target, json } => detach(target.id, target.dir, json),
     }
 }
 
@@ -220,4 +223,78 @@ fn switch(id: Option<u32>, dir: Option<PathBuf>, uuid: Guid, force: bool, json: 
         println!("switched to {}; new top {}{}", done.snapshot, done.file.display(), held(stall));
     }
     Ok(0)
+}
+
+/// A thin clone of a template disk; prints how long it took (it costs a
+/// descriptor and an empty image, whatever the template holds).
+fn clone(template: PathBuf, dir: PathBuf, uuid: Option<Guid>, json: bool) -> Result<i32> {
+    let start = std::time::Instant::now();
+    let cloned: Cloned = block_on(clones::clone_disk(&SyncIo, &template, &dir, uuid))?;
+    let ms = start.elapsed().as_secs_f64() * 1e3;
+    if json {
+        print_json(&serde_json::json!({ "clone": cloned, "ms": ms }));
+    } else {
+        println!("cloned {} into {} in {ms:.1} ms; its top {} takes the writes", template.display(), cloned.dir.display(), cloned.top.display());
+        for s in &cloned.shared {
+            println!("  reads (shared, read-only): {}", s.display());
+        }
+    }
+    Ok(0)
+}
+
+/// Detach a clone from its template: offline through the engine's
+/// `detach`, online as merges of the top's shared parent, one at a time,
+/// until none is left.
+fn detach(id: Option<u32>, dir: Option<PathBuf>, json: bool) -> Result<i32> {
+    let merged: Vec<Merged> = match (id, dir) {
+        (Some(id), _) => {
+            let mut merged = Vec::new();
+            while shared_parent_online(id)? {
+                let _started: Job = request(id, Request::SnapshotMerge { uuid: None })?;
+                let m = follow(id, json)?.merged().cloned().ok_or_else(|| Error::new(libc::EPROTO, "the daemon reported no merge result"))?;
+                merged.push(m);
+            }
+            merged
+        }
+        (None, Some(dir)) => {
+            let bar = Bar::new(json, "detaching");
+            let progress = |done: u64, total: u64| bar.set(done, total);
+            let m = offline(&dir, Record::Keep, |ring, stack, disk, _| ring.block_on(clones::detach(&ring.io(), stack, disk, &progress)))?;
+            bar.finish();
+            m
+        }
+        (None, None) => unreachable!("clap requires -n or DIR"),
+    };
+    let clusters: u64 = merged.iter().map(|m| m.clusters).sum();
+    if json {
+        print_json(&serde_json::json!({ "merged": merged, "clusters": clusters }));
+    } else if merged.is_empty() {
+        println!("nothing to detach: the disk reads no shared delta");
+    } else {
+        println!("detached: {} shared deltas copied up into the top ({clusters} clusters); the disk stands alone", merged.len());
+    }
+    Ok(0)
+}
+
+/// Whether the served disk's top has a shared (template) parent; refused
+/// when a delta of the disk's own lies between them.
+fn shared_parent_online(id: u32) -> Result<bool> {
+    let rows: ListReply = request(id, Request::SnapshotList)?;
+    if !rows.iter().any(|r| r.shared) {
+        return Ok(false);
+    }
+    let by_guid = |g: Guid| rows.iter().find(|r| r.guid == g);
+    let top = rows.iter().find(|r| r.current).ok_or_else(|| Error::new(libc::EPROTO, "the daemon listed no top"))?;
+    let mut below = by_guid(top.parent);
+    let first = below.map(|r| r.shared);
+    while let Some(r) = below {
+        if !r.shared {
+            return Err(Error::invalid(format!(
+                "delta {} is a snapshot of this disk's own; merge the disk's snapshots into the top first (snapshot-merge), then detach",
+                r.file
+            )));
+        }
+        below = by_guid(r.parent);
+    }
+    Ok(first == Some(true))
 }

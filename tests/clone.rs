@@ -1,0 +1,250 @@
+//! Thin clones of a template (#21): a clone reads the template's deltas
+//! and writes only its own top; many are open at once over one template;
+//! the template's files never change; `detach` copies the template up and
+//! leaves a disk that stands alone.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use common::*;
+use ublk_ploop::disk::{Disk, DESCRIPTOR};
+use ublk_ploop::io::{block_on, SyncIo};
+use ublk_ploop::{Stack, StackOptions};
+
+const K64: usize = 64 * 1024;
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("utf-8 temp path")
+}
+
+/// A template disk of 8 MiB, 64 KiB clusters: cluster 0 holds 0x11,
+/// cluster 5 holds 0x22, the rest was never written.
+fn template(dir: &Path) {
+    ploop(["init", p(dir), "--size", "8M", "--cluster-size", "64K"]).ok();
+    let stack = open_disk(dir);
+    block_on(stack.write(&SyncIo, 0, &[0x11; K64])).unwrap();
+    block_on(stack.write(&SyncIo, 5 * K64 as u64, &[0x22; K64])).unwrap();
+    block_on(stack.close(&SyncIo)).unwrap();
+}
+
+/// A disk directory's chain, opened read-write as a daemon opens it.
+fn open_disk(dir: &Path) -> Stack {
+    let disk = Disk::load(dir).unwrap();
+    let layers = block_on(disk.writable_layers(&SyncIo)).unwrap();
+    let opts = StackOptions { offline: true, ..Default::default() };
+    block_on(Stack::open_layers(&SyncIo, &layers, &opts)).unwrap_or_else(|e| panic!("opening {}: {e}", dir.display())).0
+}
+
+fn read(stack: &Stack, off: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    block_on(stack.read(&SyncIo, off, &mut buf)).unwrap();
+    buf
+}
+
+/// Every file of a directory with its fingerprint (bytes and hash), the
+/// lock files aside (taking ploop's lock creates one, as ploop does).
+fn files_of(dir: &Path) -> Vec<(PathBuf, (u64, u64))> {
+    let mut out: Vec<_> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|f| !f.to_string_lossy().ends_with(".lck"))
+        .map(|f| {
+            let fp = fingerprint(&f);
+            (f, fp)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The bytes a clone must show: the template's, with its own writes over
+/// them (`own` at cluster 1, and 4 KiB of it at the start of cluster 0).
+fn check_clone(stack: &Stack, own: u8) {
+    let c0 = read(stack, 0, K64);
+    assert!(c0[..4096].iter().all(|&b| b == own), "the clone's own write in cluster 0");
+    assert!(c0[4096..].iter().all(|&b| b == 0x11), "the template's bytes under the clone's partial write");
+    assert!(read(stack, K64 as u64, K64).iter().all(|&b| b == own), "the clone's own cluster");
+    assert!(read(stack, 5 * K64 as u64, K64).iter().all(|&b| b == 0x22), "the template's cluster");
+    assert!(read(stack, 7 * K64 as u64, K64).iter().all(|&b| b == 0), "never written");
+}
+
+fn write_own(stack: &Stack, own: u8) {
+    block_on(stack.write(&SyncIo, 0, &[own; 4096])).unwrap();
+    block_on(stack.write(&SyncIo, K64 as u64, &[own; K64])).unwrap();
+}
+
+/// Ten clones of one template, all open read-write at once, each writing
+/// its own data: each reads the template's bytes under its own, holds
+/// only what it wrote, and the template's files do not change.
+#[test]
+fn clones_share_a_template_and_write_only_their_own_tops() {
+    let root = TempDir::new("clone-many");
+    let tmpl = root.join("template");
+    template(&tmpl);
+    let before = files_of(&tmpl);
+    let clones: Vec<PathBuf> = (0..10).map(|i| root.join(&format!("ct{i}"))).collect();
+    for c in &clones {
+        let out = ploop(["clone", p(&tmpl), p(c), "--json"]).ok().json();
+        assert!(out["ms"].as_f64().unwrap() >= 0.0);
+        assert_eq!(out["clone"]["shared"].as_array().unwrap().len(), 1);
+    }
+    // All open at once: clones lock each its own top, and share the
+    // template's base for reading.
+    let stacks: Vec<Stack> = clones.iter().map(|c| open_disk(c)).collect();
+    for (i, s) in stacks.iter().enumerate() {
+        write_own(s, 0xA0 + i as u8);
+    }
+    for (i, s) in stacks.iter().enumerate() {
+        check_clone(s, 0xA0 + i as u8);
+    }
+    for s in stacks {
+        block_on(s.close(&SyncIo)).unwrap();
+    drop(s);
+    }
+    assert_eq!(files_of(&tmpl), before, "a clone changed the template");
+    for (i, c) in clones.iter().enumerate() {
+        let s = open_disk(c);
+        check_clone(&s, 0xA0 + i as u8);
+        block_on(s.close(&SyncIo)).unwrap();
+        drop(s);
+        // Its own top holds its two clusters (one copied up), not the
+        // template's data: header and table, then two clusters.
+        let disk = Disk::load(c).unwrap();
+        let top = disk.file_path(disk.desc.image(disk.desc.top).unwrap());
+        assert!(top.starts_with(c), "the clone's top is in its own directory");
+        let info = ploop(["info", p(&top), "--json"]).ok().json();
+        assert_eq!(info["allocated_clusters"], 2, "{info}");
+    }
+    // Operations on two clones under ploop's lock at once: each clone's
+    // lock is its own (the template's base is not where it goes).
+    let a = Disk::load_locked(&clones[0]).unwrap();
+    let b = Disk::load_locked(&clones[1]).unwrap();
+    assert!(a.holds_lock() && b.holds_lock());
+}
+
+/// snapshot-list, info and check show the template as a shared delta; the
+/// JSON says so per row.
+#[test]
+fn list_info_and_check_show_the_shared_template() {
+    let root = TempDir::new("clone-list");
+    let tmpl = root.join("template");
+    template(&tmpl);
+    let ct = root.join("ct");
+    ploop(["clone", p(&tmpl), p(&ct)]).ok().mentions(&["shared, read-only", "root.hds"]);
+    ploop(["snapshot-list", p(&ct)]).ok().mentions(&["(shared, read-only)"]);
+    let rows = ploop(["snapshot-list", p(&ct), "--json"]).ok().json();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    let base = rows.iter().find(|r| !r["current"].as_bool().unwrap()).unwrap();
+    assert_eq!(base["shared"], true);
+    assert!(base["file"].as_str().unwrap().starts_with(p(&tmpl)));
+    let top = rows.iter().find(|r| r["current"].as_bool().unwrap()).unwrap();
+    assert_eq!(top["shared"], false);
+    ploop(["info", p(&ct)]).ok().mentions(&["(shared, read-only)"]);
+    ploop(["check", p(&ct)]).ok();
+}
+
+/// A template served read-write (its top marked in use) goes on changing:
+/// cloning it is refused, and nothing is made.
+#[test]
+fn a_template_in_use_is_not_cloned() {
+    let root = TempDir::new("clone-busy");
+    let tmpl = root.join("template");
+    template(&tmpl);
+    let serving = open_disk(&tmpl);
+    let ct = root.join("ct");
+    ploop(["clone", p(&tmpl), p(&ct)]).expect_clean_failure().mentions(&["in use"]);
+    assert!(!ct.join(DESCRIPTOR).exists());
+    block_on(serving.close(&SyncIo)).unwrap();
+    drop(serving);
+    ploop(["clone", p(&tmpl), p(&ct)]).ok();
+    // Once made, the clone is not made again over itself.
+    ploop(["clone", p(&tmpl), p(&ct)]).expect_clean_failure().mentions(&["exists already"]);
+}
+
+/// A clone of a template's snapshot reads the template as it was then,
+/// whatever the template's top took afterwards; a template of two deltas
+/// is detached in two merges.
+#[test]
+fn a_clone_of_a_snapshot_and_its_detach() {
+    let root = TempDir::new("clone-snap");
+    let tmpl = root.join("template");
+    template(&tmpl);
+    let snap = ploop(["snapshot", p(&tmpl), "--json"]).ok().json();
+    let guid = snap["guid"].as_str().unwrap().to_string();
+    // The template moves on in its new top.
+    let s = open_disk(&tmpl);
+    block_on(s.write(&SyncIo, 5 * K64 as u64, &[0x33; K64])).unwrap();
+    block_on(s.close(&SyncIo)).unwrap();
+    drop(s);
+    let at_snapshot = root.join("old");
+    let at_top = root.join("new");
+    ploop(["clone", p(&tmpl), p(&at_snapshot), "-u", &guid]).ok();
+    ploop(["clone", p(&tmpl), p(&at_top)]).ok();
+    let before = files_of(&tmpl);
+    let old = open_disk(&at_snapshot);
+    assert!(read(&old, 5 * K64 as u64, K64).iter().all(|&b| b == 0x22));
+    write_own(&old, 0xB1);
+    block_on(old.close(&SyncIo)).unwrap();
+    drop(old);
+    let new = open_disk(&at_top);
+    assert!(read(&new, 5 * K64 as u64, K64).iter().all(|&b| b == 0x33));
+    block_on(new.close(&SyncIo)).unwrap();
+    drop(new);
+
+    let out = ploop(["detach", p(&at_top), "--json"]).ok().json();
+    assert_eq!(out["merged"].as_array().unwrap().len(), 2, "{out}");
+    let out = ploop(["detach", p(&at_snapshot), "--json"]).ok().json();
+    assert_eq!(out["merged"].as_array().unwrap().len(), 1, "{out}");
+    assert_eq!(files_of(&tmpl), before, "detach changed the template");
+    // Both stand alone: the template can go.
+    fs::remove_dir_all(&tmpl).unwrap();
+    for (dir, own, c5) in [(&at_snapshot, Some(0xB1), 0x22), (&at_top, None, 0x33)] {
+        let disk = Disk::load(dir).unwrap();
+        assert_eq!(disk.desc.images.len(), 1, "one delta left");
+        let s = open_disk(dir);
+        match own {
+            Some(own) => check_clone(&s, own),
+            None => assert!(read(&s, 0, K64).iter().all(|&b| b == 0x11)),
+        }
+        assert!(read(&s, 5 * K64 as u64, K64).iter().all(|&b| b == c5));
+        block_on(s.close(&SyncIo)).unwrap();
+        drop(s);
+        ploop(["check", p(dir)]).ok();
+        if have_qemu() {
+            qemu_check_clean(&disk.file_path(&disk.desc.images[0]));
+        }
+        // Nothing is left to detach.
+        ploop(["detach", p(dir)]).ok().mentions(&["nothing to detach"]);
+    }
+}
+
+/// A clone with a snapshot of its own between its top and the template
+/// is not detached (the template cannot be copied up into a snapshot):
+/// refused with the way out, and nothing changes.
+#[test]
+fn detach_asks_for_the_clones_snapshots_to_be_merged_first() {
+    let root = TempDir::new("clone-own-snap");
+    let tmpl = root.join("template");
+    template(&tmpl);
+    let ct = root.join("ct");
+    ploop(["clone", p(&tmpl), p(&ct)]).ok();
+    let s = open_disk(&ct);
+    write_own(&s, 0xC1);
+    block_on(s.close(&SyncIo)).unwrap();
+    drop(s);
+    ploop(["snapshot", p(&ct)]).ok();
+    let before = (files_of(&tmpl), files_of(&ct));
+    ploop(["detach", p(&ct)]).expect_clean_failure().mentions(&["snapshot-merge"]);
+    assert_eq!((files_of(&tmpl), files_of(&ct)), before);
+    // The way out: merge the clone's snapshot, then detach.
+    ploop(["snapshot-merge", p(&ct)]).ok();
+    ploop(["detach", p(&ct)]).ok();
+    let s = open_disk(&ct);
+    check_clone(&s, 0xC1);
+    block_on(s.close(&SyncIo)).unwrap();
+    drop(s);
+    assert_eq!(files_of(&tmpl), before.0);
+}
