@@ -11,7 +11,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 BIN=${UBLK_PLOOP_BIN:-$repo/target/release/ublk-ploop}
 SCRATCH=${UBLK_PLOOP_SCRATCH:?run this inside the VM: tests/vm/run tests/vm/e2e.sh}
-ALL="data_path basic_fs fio_verify stack_layers control_socket kill_recover read_only serve_config snapshots merge_kill merge_steps track_copy mounts_frozen full_disk io_errors resize compact old_cli"
+ALL="data_path basic_fs fio_verify stack_layers control_socket kill_recover read_only serve_config snapshots merge_kill merge_steps track_copy mounts_frozen full_disk io_errors resize compact clones old_cli"
 
 log() { echo "e2e[${SCENARIO:-main}]: $*"; }
 die() { log "FAIL: $*"; exit 1; }
@@ -971,6 +971,58 @@ scenario_compact() {
 # (tests/vm/old-cli; $UBLK_PLOOP_OLD_BIN) drives a daemon of this build
 # through every online verb; what it reads back and the exit codes show
 # that the two still understand each other.
+# Thin clones of one template served at once: each mounts the template's
+# filesystem, writes its own files, and the template's file never changes;
+# one is detached online while mounted and then stands alone.
+scenario_clones() {
+	local t=$SCRATCH/tmpl mnt=/mnt/clone
+	"$BIN" init "$t" --size 256M
+	dev=$("$BIN" add --image "$t"); wait_dev "$dev"
+	mkfs.ext4 -q -F "$dev"
+	mkdir -p "$mnt"; mount "$dev" "$mnt"
+	mkdir "$mnt/T"; for i in 1 2 3; do head -c 4M /dev/urandom >"$mnt/T/t$i"; done
+	sums_of "$mnt" "T/*" T
+	umount "$mnt"; "$BIN" del -n "$(dev_id "$dev")"
+	"$BIN" clone "$t" "$SCRATCH/ct-busy" >/dev/null || die "clone of a stopped template"
+	rm -rf "$SCRATCH/ct-busy"
+	local tsum; tsum=$(sha256sum "$t/root.hds" | cut -c1-64)
+	local ids="" i
+	for i in 1 2 3; do
+		"$BIN" clone "$t" "$SCRATCH/ct$i" >"$SCRATCH/clone.out" || die "clone $i"
+		log "$(head -1 "$SCRATCH/clone.out")"
+		dev=$("$BIN" add --image "$SCRATCH/ct$i") || die "serving clone $i beside the others"
+		wait_dev "$dev"; ids="$ids $(dev_id "$dev")"
+		mkdir -p "$mnt$i"; mount "$dev" "$mnt$i"
+		check_sums "$mnt$i" T
+		mkdir "$mnt$i/own"; head -c 8M /dev/urandom >"$mnt$i/own/f"
+		sums_of "$mnt$i" "own/*" "own$i"
+	done
+	"$BIN" snapshot-list -n "${ids##* }" | grep -q "(shared, read-only)" || die "snapshot-list does not show the shared template"
+	# Detach the first while mounted and writing.
+	local -a idv=($ids)
+	head -c 8M /dev/urandom >"$mnt"1/own/g &
+	"$BIN" detach -n "${idv[0]}" >"$SCRATCH/detach.out" || { cat "$SCRATCH/detach.out"; die "online detach"; }
+	wait
+	log "$(cat "$SCRATCH/detach.out")"
+	"$BIN" snapshot-list -n "${idv[0]}" | grep -q "shared" && die "the detached clone still reads the template"
+	sums_of "$mnt"1 "own/*" own1
+	for i in 1 2 3; do
+		check_sums "$mnt$i" T; check_sums "$mnt$i" "own$i"
+		umount "$mnt$i"; "$BIN" del -n "${idv[$((i - 1))]}"
+	done
+	[ "$(sha256sum "$t/root.hds" | cut -c1-64)" = "$tsum" ] || die "the template's file changed"
+	# The detached clone stands alone: the template goes, it still mounts.
+	mv "$t" "$SCRATCH/tmpl.away"
+	dev=$("$BIN" add --image "$SCRATCH/ct1") || die "serving the detached clone without its template"
+	wait_dev "$dev"; mount "$dev" "$mnt"1
+	check_sums "$mnt"1 T; check_sums "$mnt"1 own1
+	umount "$mnt"1; "$BIN" del -n "$(dev_id "$dev")"
+	check_disk "$SCRATCH/ct1"
+	"$BIN" add --image "$SCRATCH/ct2" 2>/dev/null && die "a clone served without its template"
+	rm -rf "$SCRATCH/tmpl.away" "$t"
+	log "3 clones served at once over one template; one detached online and served alone"
+}
+
 old_cmp_at() { # file offset_mb count_mb
 	dd if="$dev" bs=1M skip="$2" count="$3" iflag=direct status=none | cmp - "$1" || die "the device at ${2} MiB does not read back $1"
 }
