@@ -355,8 +355,8 @@ fn merged() -> Merged {
 
 fn rows(temporary: bool) -> Value {
     v(&vec![
-        SnapshotRow { parent: Guid(uuid::Uuid::nil()), current: false, guid: guid(SNAP), file: "root.hds".into(), temporary },
-        SnapshotRow { parent: guid(SNAP), current: true, guid: guid(TOP), file: "root.hds.{5fbaabe3-6958-40ff-92a7-860e329aab41}".into(), temporary: false },
+        SnapshotRow { parent: Guid(uuid::Uuid::nil()), current: false, guid: guid(SNAP), file: "root.hds".into(), temporary, shared: false },
+        SnapshotRow { parent: guid(SNAP), current: true, guid: guid(TOP), file: "root.hds.{5fbaabe3-6958-40ff-92a7-860e329aab41}".into(), temporary: false, shared: false },
     ])
 }
 

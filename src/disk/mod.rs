@@ -529,8 +529,9 @@ pub struct SnapshotRow {
     pub file: String,
     pub temporary: bool,
     /// The delta lies outside the disk directory (a template's, shared
-    /// with other disks): only ever read from here.
-    #[serde(default)]
+    /// with other disks): only ever read from here. Written only when
+    /// true, so rows of a disk with no shared delta read as before.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub shared: bool,
 }
 
