@@ -198,6 +198,10 @@ pub enum DeviceCommand {
         /// Device id (default: the kernel picks one).
         #[arg(long)]
         id: Option<u32>,
+        /// A stable name: /dev/ublk-ploop/NAME points at the device while
+        /// it serves.
+        #[arg(long)]
+        name: Option<String>,
         #[command(flatten)]
         dev: DeviceArgs,
         /// Stay in the foreground (for systemd and debugging).

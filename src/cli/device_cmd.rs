@@ -13,7 +13,7 @@ use crate::cli::output::{print_json, print_status};
 
 pub fn run(command: DeviceCommand) -> Result<i32> {
     match command {
-        DeviceCommand::Add { images, format, snapshot, id, dev, foreground } => add(images, format, snapshot, id, dev, foreground),
+        DeviceCommand::Add { images, format, snapshot, id, name, dev, foreground } => add(images, format, snapshot, id, name, dev, foreground),
         DeviceCommand::Del { id, all, force } => del(id, all, force),
         DeviceCommand::List { json } => list(json),
         DeviceCommand::Recover { id, foreground } => recover(id, foreground),
@@ -24,7 +24,7 @@ pub fn run(command: DeviceCommand) -> Result<i32> {
 }
 
 /// Start a daemon serving the images (or a disk, or its snapshot).
-fn add(images: Vec<PathBuf>, format: FormatArg, snapshot: Option<Guid>, id: Option<u32>, dev: DeviceArgs, foreground: bool) -> Result<i32> {
+fn add(images: Vec<PathBuf>, format: FormatArg, snapshot: Option<Guid>, id: Option<u32>, name: Option<String>, dev: DeviceArgs, foreground: bool) -> Result<i32> {
     let resolved = resolve::layers(&images, format.format, snapshot)?;
     let config = crate::daemon::DeviceConfig {
         images: resolved.layers,
@@ -38,6 +38,7 @@ fn add(images: Vec<PathBuf>, format: FormatArg, snapshot: Option<Guid>, id: Opti
         socket_gid: dev.socket_group.as_deref().map(crate::daemon::config::group_id).transpose()?,
         copy_mode: dev.copy_mode,
         io_scheduler: dev.io_scheduler,
+        name,
     };
     let mode = crate::ublk_control::Mode::Add { id: id.map_or(-1, |i| i as i32) };
     crate::daemon::start(config, mode, foreground)

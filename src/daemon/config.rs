@@ -42,6 +42,9 @@ pub struct DeviceConfig {
     /// Block-layer I/O scheduler set on the device once it is live.
     #[serde(default = "crate::ublk_control::default_io_scheduler")]
     pub io_scheduler: String,
+    /// The device's stable name: `/dev/ublk-ploop/NAME` while it serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl DeviceConfig {
@@ -117,6 +120,9 @@ pub struct FileConfig {
     /// Block-layer I/O scheduler of the device (`none` unless set; `kernel`
     /// keeps the kernel's choice).
     pub io_scheduler: Option<String>,
+    /// The device's stable name, `/dev/ublk-ploop/NAME` (default: the
+    /// config file's name without `.toml`, the systemd unit's instance).
+    pub name: Option<String>,
 }
 
 pub const DEFAULT_QUEUES: u16 = 1;
@@ -158,7 +164,14 @@ pub fn load(path: &Path) -> Result<(DeviceConfig, Option<u32>)> {
             Some(s) => parse_io_scheduler(&s).map_err(|e| bad(format!("io_scheduler: {e}")))?,
             None => DEFAULT_IO_SCHEDULER.to_string(),
         },
+        name: Some(match file.name {
+            Some(n) => n,
+            None => path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string(),
+        }),
     };
+    if let Some(n) = &config.name {
+        crate::daemon::devlink::validate(n).map_err(|e| bad(format!("name: {e}")))?;
+    }
     Ok((config, file.id))
 }
 

@@ -5,6 +5,7 @@
 //! does in the background.
 
 pub mod config;
+pub mod devlink;
 mod handler;
 mod jobs;
 mod process;
@@ -33,6 +34,14 @@ pub use config::DeviceConfig;
 /// once the device is live (printing its path) or failed.
 pub fn start(config: DeviceConfig, mode: Mode, foreground: bool) -> Result<i32> {
     require_ublk()?;
+    if let Some(name) = &config.name {
+        devlink::validate(name)?;
+        let own = match mode {
+            Mode::Recover { id } => Some(id),
+            Mode::Add { .. } => None,
+        };
+        devlink::check_free(name, own)?;
+    }
     process::ignore_sigpipe();
     // Open the images before forking so that bad input fails right here.
     let opts = StackOptions { read_only: config.read_only, direct: config.direct, offline: false };
@@ -128,9 +137,16 @@ fn run_inner(device: &Arc<Device>, config: DeviceConfig, mode: Mode, ready: &mut
     let ready_for_live = shared_ready.clone();
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let scheduler = config.io_scheduler.clone();
+    let name = config.name.clone();
     let on_live = move |c: &UblkCtrl| {
         tracing::info!(device = %c.get_bdev_path(), "device is live");
         set_io_scheduler(c.dev_info().dev_id, &scheduler);
+        if let Some(name) = &name {
+            match devlink::link(name, c.dev_info().dev_id) {
+                Ok(()) => tracing::info!("{}/{name} names it", devlink::dir().display()),
+                Err(e) => tracing::warn!("{}/{name}: {e}", devlink::dir().display()),
+            }
+        }
         report(&mut ready_for_live.lock().unwrap(), Ok(c.dev_info().dev_id));
         let _ = tx.send(());
     };
@@ -139,6 +155,9 @@ fn run_inner(device: &Arc<Device>, config: DeviceConfig, mode: Mode, ready: &mut
     *ready = shared_ready.lock().unwrap().take();
 
     drop(server);
+    if let (Some(name), true) = (&config.name, served.is_ok()) {
+        devlink::unlink(name, dev_id);
+    }
     if matches!(mode, Mode::Recover { .. }) && served.is_ok() && went_live {
         // A recovered control does not delete the device when dropped. A
         // failed recovery leaves the device quiesced for another attempt.
