@@ -256,6 +256,7 @@ scenario_read_only() {
 scenario_serve_config() {
 	local img=$SCRATCH/ct.hdd cfg=$SCRATCH/ct.toml notify=/run/e2e-notify.sock
 	"$BIN" init "$img" --size 128M
+	"$BIN" create "$SCRATCH/other.hdd" --size 16M >/dev/null
 	printf 'disk = "%s"\nid = 7\nqueues = 2\ndepth = 32\nio_scheduler = "no such"\n' "$img" >"$cfg"
 	"$BIN" serve --config "$cfg" 2>"$SCRATCH/serve.err" && die "serve took a bad io_scheduler"
 	grep -q "io_scheduler" "$SCRATCH/serve.err" || die "bad io_scheduler: $(cat "$SCRATCH/serve.err")"
@@ -277,8 +278,13 @@ PY
 		wait "$listener" || die "no READY=1 from serve: $(cat "$SCRATCH/serve.err")"
 		grep -q "STATUS=serving /dev/ublkb7" "$SCRATCH/notify.msg" || die "READY message: $(cat "$SCRATCH/notify.msg")"
 		wait_dev /dev/ublkb7
+		# Named after the config file, as the systemd unit's instance.
+		for _ in $(seq 50); do [ -L /dev/ublk-ploop/ct ] && break; sleep 0.1; done
+		[ "$(readlink /dev/ublk-ploop/ct)" = /dev/ublkb7 ] || die "/dev/ublk-ploop/ct: $(ls -l /dev/ublk-ploop 2>&1)"
 	}
 	start_serve
+	"$BIN" add --image "$SCRATCH/other.hdd" --name ct 2>"$SCRATCH/name.err" && die "a second device took the name ct"
+	grep -q "taken" "$SCRATCH/name.err" || die "name refusal: $(cat "$SCRATCH/name.err")"
 	grep -q '\[mq-deadline\]' /sys/block/ublkb7/queue/scheduler || die "io_scheduler from the config not set: $(cat /sys/block/ublkb7/queue/scheduler)"
 	dd if=/dev/urandom of="$SCRATCH/pat.ct" bs=1M count=8 status=none
 	dd if="$SCRATCH/pat.ct" of=/dev/ublkb7 bs=1M oflag=direct status=none
@@ -297,6 +303,7 @@ PY
 	kill -TERM "$serve_pid"
 	wait "$serve_pid" || die "serve exited with $? on SIGTERM"
 	[ ! -e /dev/ublkb7 ] || die "device left behind after SIGTERM"
+	[ ! -L /dev/ublk-ploop/ct ] || die "/dev/ublk-ploop/ct left behind after SIGTERM"
 	check_disk "$img"
 }
 
