@@ -248,3 +248,29 @@ fn detach_asks_for_the_clones_snapshots_to_be_merged_first() {
     drop(s);
     assert_eq!(files_of(&tmpl), before.0);
 }
+
+/// `check --repair` on a clone repairs the clone's own deltas and only
+/// checks the template's: leaked space at the end of each is given back in
+/// the clone's top and left in the template (exit 3: leaks remain).
+#[test]
+fn repair_on_a_clone_leaves_the_template_alone() {
+    let root = TempDir::new("clone-repair");
+    let tmpl = root.join("template");
+    template(&tmpl);
+    let ct = root.join("ct");
+    ploop(["clone", p(&tmpl), p(&ct)]).ok();
+    let disk = Disk::load(&ct).unwrap();
+    let top = disk.file_path(disk.desc.image(disk.desc.top).unwrap());
+    let base = tmpl.join("root.hds");
+    for f in [&base, &top] {
+        let len = file_len(f);
+        fs::OpenOptions::new().write(true).open(f).unwrap().set_len(len + 4 * K64 as u64).unwrap();
+    }
+    let (base_len, top_len) = (file_len(&base), file_len(&top));
+    ploop(["check", p(&ct)]).expect_code(3);
+    let before = files_of(&tmpl);
+    ploop(["check", "--repair", p(&ct)]).expect_code(3).mentions(&["not repaired"]);
+    assert_eq!(files_of(&tmpl), before, "the repair wrote the template");
+    assert_eq!(file_len(&base), base_len);
+    assert!(file_len(&top) < top_len, "the clone's own top was not repaired");
+}

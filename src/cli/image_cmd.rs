@@ -11,7 +11,7 @@ use serde::Serialize;
 use ublk_ploop::layers::ploop::check::{check, CheckReport, Verdict};
 use ublk_ploop::convert::{convert, ConvertOptions};
 use ublk_ploop::disk::resolve::{self, Named};
-use ublk_ploop::disk::Disk;
+use ublk_ploop::disk::{Disk, Place};
 use ublk_ploop::io::{block_on, BackendKind, OwnRing, SyncIo};
 use ublk_ploop::layers::ploop::header::Header;
 use ublk_ploop::layers::{Format, PloopLayer};
@@ -129,15 +129,19 @@ fn check_cmd(image: PathBuf, repair: bool, format: FormatArg, json: bool) -> Res
         }
         _ => None,
     };
-    if let (true, Some(disk)) = (repair, &disk) {
-        // A repair writes every delta: refused for any not the disk's own.
-        for img in &disk.desc.images {
-            disk.writable_path(img, "repair")?;
-        }
-    }
+    // A repair writes only the disk's own deltas: one outside its
+    // directory (a template shared with clones) is checked read-only, and
+    // its damage is reported for whoever owns it to repair.
+    let own: Vec<bool> = match &disk {
+        Some(d) => d.desc.images.iter().map(|img| d.place(img) == Place::Inside).collect(),
+        None => vec![true; paths.len()],
+    };
     let mut reports = Vec::new();
-    for (path, format) in &paths {
-        reports.push(block_on(check(&SyncIo, path, *format, repair))?);
+    for ((path, format), own) in paths.iter().zip(&own) {
+        if repair && !own {
+            eprintln!("{}: outside the disk directory (shared): checked, not repaired", path.display());
+        }
+        reports.push(block_on(check(&SyncIo, path, *format, repair && *own))?);
     }
     let problems = match &disk {
         Some(d) => disk_size_problems(d, &reports.iter().map(|r| (r.path.clone(), known_size(r))).collect::<Vec<_>>()),
