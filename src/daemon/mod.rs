@@ -158,10 +158,19 @@ fn run_inner(device: &Arc<Device>, config: DeviceConfig, mode: Mode, ready: &mut
     if let (Some(name), true) = (&config.name, served.is_ok()) {
         devlink::unlink(name, dev_id);
     }
-    if matches!(mode, Mode::Recover { .. }) && served.is_ok() && went_live {
-        // A recovered control does not delete the device when dropped. A
-        // failed recovery leaves the device quiesced for another attempt.
-        let _ = ctrl.del_dev();
+    // The device is deleted without waiting for its last opener: one
+    // stopped under a mounted filesystem (`copy --stop --force`, `del
+    // --force`) is freed by the kernel at the unmount, while we close the
+    // images and exit, so that a container bound to our unit is stopped
+    // (and unmounts it); waiting would hang both units. Kernels without the
+    // asynchronous delete get the synchronous one. A recovered control
+    // does not delete the device when dropped; a failed recovery leaves it
+    // quiesced for another attempt.
+    if served.is_ok() && went_live {
+        if let Err(e) = ctrl.del_dev_async() {
+            tracing::debug!("asynchronous delete: {e}; deleting synchronously");
+            let _ = ctrl.del_dev();
+        }
     }
     served.map_err(|e| ublk_err(e, if went_live { "serving the device" } else { "starting the device" }))?;
     tracing::info!("device {dev_id} stopped");
