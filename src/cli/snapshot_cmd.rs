@@ -276,25 +276,11 @@ fn detach(id: Option<u32>, dir: Option<PathBuf>, json: bool) -> Result<i32> {
     Ok(0)
 }
 
-/// Whether the served disk's top has a shared (template) parent; refused
-/// when a delta of the disk's own lies between them.
+/// Whether the served disk's top still reads a shared (template) delta,
+/// by the engine's own plan on the disk the daemon serves (refused when a
+/// delta of the disk's own lies between them).
 fn shared_parent_online(id: u32) -> Result<bool> {
-    let rows: ListReply = request(id, Request::SnapshotList)?;
-    if !rows.iter().any(|r| r.shared) {
-        return Ok(false);
-    }
-    let by_guid = |g: Guid| rows.iter().find(|r| r.guid == g);
-    let top = rows.iter().find(|r| r.current).ok_or_else(|| Error::new(libc::EPROTO, "the daemon listed no top"))?;
-    let mut below = by_guid(top.parent);
-    let first = below.map(|r| r.shared);
-    while let Some(r) = below {
-        if !r.shared {
-            return Err(Error::invalid(format!(
-                "delta {} is a snapshot of this disk's own; merge the disk's snapshots into the top first (snapshot-merge), then detach",
-                r.file
-            )));
-        }
-        below = by_guid(r.parent);
-    }
-    Ok(first == Some(true))
+    let status: ublk_ploop::protocol::Status = request(id, Request::Status)?;
+    let dir = status.disk.ok_or_else(|| Error::unsupported(format!("/dev/ublkb{id} serves image files, not a disk directory: nothing to detach")))?;
+    Ok(clones::detach_plan(&Disk::load(&dir)?)? > 0)
 }

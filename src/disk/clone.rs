@@ -158,7 +158,6 @@ pub fn detach_plan(disk: &Disk) -> Result<usize> {
 /// between them leaves a clone with fewer shared deltas, detached again
 /// by running this once more. `progress` gets (done, to do) per delta.
 pub async fn detach<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, progress: &dyn Fn(u64, u64)) -> Result<Vec<Merged>> {
-    detach_plan(disk)?;
     let mut merged = Vec::new();
     while detach_plan(disk)? > 0 {
         merged.push(ops::merge(io, stack, disk, None, progress).await?);

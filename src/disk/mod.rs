@@ -417,7 +417,7 @@ impl Disk {
     /// clones of one template are locked each on its own.
     pub fn lock_path(&self) -> Result<PathBuf> {
         let chain = self.desc.chain(self.desc.top)?;
-        let own = chain.iter().find(|img| inside_name(&self.dir, &img.file).is_some());
+        let own = chain.iter().find(|img| !clone::is_shared(self, img));
         Ok(self.file_path(own.or(chain.first()).expect("a chain is never empty")))
     }
 
