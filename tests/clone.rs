@@ -26,7 +26,7 @@ fn template(dir: &Path) {
     let stack = open_disk(dir);
     block_on(stack.write(&SyncIo, 0, &[0x11; K64])).unwrap();
     block_on(stack.write(&SyncIo, 5 * K64 as u64, &[0x22; K64])).unwrap();
-    block_on(stack.close(&SyncIo)).unwrap();
+    close(stack);
 }
 
 /// A disk directory's chain, opened read-write as a daemon opens it.
@@ -35,6 +35,21 @@ fn open_disk(dir: &Path) -> Stack {
     let layers = block_on(disk.writable_layers(&SyncIo)).unwrap();
     let opts = StackOptions { offline: true, ..Default::default() };
     block_on(Stack::open_layers(&SyncIo, &layers, &opts)).unwrap_or_else(|e| panic!("opening {}: {e}", dir.display())).0
+}
+
+/// Close a stack cleanly and let its files go (their locks with them).
+fn close(stack: Stack) {
+    block_on(stack.close(&SyncIo)).unwrap();
+}
+
+/// A scratch root with a template and one clone of it, `ct`.
+fn template_and_clone(tag: &str) -> (TempDir, PathBuf, PathBuf) {
+    let root = TempDir::new(tag);
+    let tmpl = root.join("template");
+    template(&tmpl);
+    let ct = root.join("ct");
+    ploop(["clone", p(&tmpl), p(&ct)]).ok();
+    (root, tmpl, ct)
 }
 
 fn read(stack: &Stack, off: u64, len: usize) -> Vec<u8> {
@@ -100,15 +115,13 @@ fn clones_share_a_template_and_write_only_their_own_tops() {
         check_clone(s, 0xA0 + i as u8);
     }
     for s in stacks {
-        block_on(s.close(&SyncIo)).unwrap();
-    drop(s);
+        close(s);
     }
     assert_eq!(files_of(&tmpl), before, "a clone changed the template");
     for (i, c) in clones.iter().enumerate() {
         let s = open_disk(c);
         check_clone(&s, 0xA0 + i as u8);
-        block_on(s.close(&SyncIo)).unwrap();
-        drop(s);
+        close(s);
         // Its own top holds its two clusters (one copied up), not the
         // template's data: header and table, then two clusters.
         let disk = Disk::load(c).unwrap();
@@ -157,8 +170,7 @@ fn a_template_in_use_is_not_cloned() {
     let ct = root.join("ct");
     ploop(["clone", p(&tmpl), p(&ct)]).expect_clean_failure().mentions(&["in use"]);
     assert!(!ct.join(DESCRIPTOR).exists());
-    block_on(serving.close(&SyncIo)).unwrap();
-    drop(serving);
+    close(serving);
     ploop(["clone", p(&tmpl), p(&ct)]).ok();
     // Once made, the clone is not made again over itself.
     ploop(["clone", p(&tmpl), p(&ct)]).expect_clean_failure().mentions(&["exists already"]);
@@ -177,8 +189,7 @@ fn a_clone_of_a_snapshot_and_its_detach() {
     // The template moves on in its new top.
     let s = open_disk(&tmpl);
     block_on(s.write(&SyncIo, 5 * K64 as u64, &[0x33; K64])).unwrap();
-    block_on(s.close(&SyncIo)).unwrap();
-    drop(s);
+    close(s);
     let at_snapshot = root.join("old");
     let at_top = root.join("new");
     ploop(["clone", p(&tmpl), p(&at_snapshot), "-u", &guid]).ok();
@@ -187,12 +198,10 @@ fn a_clone_of_a_snapshot_and_its_detach() {
     let old = open_disk(&at_snapshot);
     assert!(read(&old, 5 * K64 as u64, K64).iter().all(|&b| b == 0x22));
     write_own(&old, 0xB1);
-    block_on(old.close(&SyncIo)).unwrap();
-    drop(old);
+    close(old);
     let new = open_disk(&at_top);
     assert!(read(&new, 5 * K64 as u64, K64).iter().all(|&b| b == 0x33));
-    block_on(new.close(&SyncIo)).unwrap();
-    drop(new);
+    close(new);
 
     let out = ploop(["detach", p(&at_top), "--json"]).ok().json();
     assert_eq!(out["merged"].as_array().unwrap().len(), 2, "{out}");
@@ -210,8 +219,7 @@ fn a_clone_of_a_snapshot_and_its_detach() {
             None => assert!(read(&s, 0, K64).iter().all(|&b| b == 0x11)),
         }
         assert!(read(&s, 5 * K64 as u64, K64).iter().all(|&b| b == c5));
-        block_on(s.close(&SyncIo)).unwrap();
-        drop(s);
+        close(s);
         ploop(["check", p(dir)]).ok();
         if have_qemu() {
             qemu_check_clean(&disk.file_path(&disk.desc.images[0]));
@@ -226,15 +234,10 @@ fn a_clone_of_a_snapshot_and_its_detach() {
 /// refused with the way out, and nothing changes.
 #[test]
 fn detach_asks_for_the_clones_snapshots_to_be_merged_first() {
-    let root = TempDir::new("clone-own-snap");
-    let tmpl = root.join("template");
-    template(&tmpl);
-    let ct = root.join("ct");
-    ploop(["clone", p(&tmpl), p(&ct)]).ok();
+    let (_root, tmpl, ct) = template_and_clone("clone-own-snap");
     let s = open_disk(&ct);
     write_own(&s, 0xC1);
-    block_on(s.close(&SyncIo)).unwrap();
-    drop(s);
+    close(s);
     ploop(["snapshot", p(&ct)]).ok();
     let before = (files_of(&tmpl), files_of(&ct));
     ploop(["detach", p(&ct)]).expect_clean_failure().mentions(&["snapshot-merge"]);
@@ -244,8 +247,7 @@ fn detach_asks_for_the_clones_snapshots_to_be_merged_first() {
     ploop(["detach", p(&ct)]).ok();
     let s = open_disk(&ct);
     check_clone(&s, 0xC1);
-    block_on(s.close(&SyncIo)).unwrap();
-    drop(s);
+    close(s);
     assert_eq!(files_of(&tmpl), before.0);
 }
 
@@ -254,11 +256,7 @@ fn detach_asks_for_the_clones_snapshots_to_be_merged_first() {
 /// the clone's top and left in the template (exit 3: leaks remain).
 #[test]
 fn repair_on_a_clone_leaves_the_template_alone() {
-    let root = TempDir::new("clone-repair");
-    let tmpl = root.join("template");
-    template(&tmpl);
-    let ct = root.join("ct");
-    ploop(["clone", p(&tmpl), p(&ct)]).ok();
+    let (_root, tmpl, ct) = template_and_clone("clone-repair");
     let disk = Disk::load(&ct).unwrap();
     let top = disk.file_path(disk.desc.image(disk.desc.top).unwrap());
     let base = tmpl.join("root.hds");
