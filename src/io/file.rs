@@ -196,7 +196,44 @@ pub(crate) fn os_seek_data(fd: RawFd, at: u64) -> std::io::Result<Option<u64>> {
     }
 }
 
+/// Filesystems whose flock(2) is a whole-file byte-range lock on the
+/// server (NFS, SMB, 9p): there a flock and ploop's byte-range lock on the
+/// same file conflict, even when one process holds both (a daemon holds
+/// its base delta and takes ploop's lock for an online snapshot).
+const FLOCK_AS_RANGE: [i64; 4] = [NFS_MAGIC, 0xFE53_4D42, 0xFF53_4D42, 0x0102_1997];
+
+/// Where a whole-file lock goes on those filesystems instead: one byte
+/// that neither ploop's lock ([200, 205)) nor qemu's (from 100 and 200)
+/// touches, so it conflicts only with our own locks and with flocks
+/// taken elsewhere (which cover the whole file).
+const FLOCK_RANGE: (u64, u64) = (0, 1);
+
+const NFS_MAGIC: i64 = 0x6969;
+
+/// The type of the filesystem `fd` is on (statfs's f_type).
+fn fs_magic(fd: RawFd) -> Option<i64> {
+    // SAFETY: a zeroed statfs is a valid value; fstatfs fills it.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: plain syscall on a descriptor the caller owns.
+    let ok = unsafe { libc::fstatfs(fd, &mut st) == 0 };
+    ok.then_some(st.f_type as i64)
+}
+
+fn flock_is_range_lock(fd: RawFd) -> bool {
+    fs_magic(fd).is_some_and(|m| FLOCK_AS_RANGE.contains(&m))
+}
+
+/// A whole-file lock that never waits: flock(2) where the filesystem keeps
+/// it apart from byte-range locks, an open-file-description lock on
+/// `FLOCK_RANGE` where it does not. Either way EWOULDBLOCK means another
+/// open file description holds a conflicting one.
 pub(crate) fn os_flock(fd: RawFd, how: LockHow) -> std::io::Result<()> {
+    if flock_is_range_lock(fd) {
+        return os_ofd_lock(fd, FLOCK_RANGE, how).map_err(|e| match e.raw_os_error() {
+            Some(libc::EACCES) => std::io::Error::from_raw_os_error(libc::EWOULDBLOCK),
+            _ => e,
+        });
+    }
     let op = match how {
         LockHow::Shared => libc::LOCK_SH | libc::LOCK_NB,
         LockHow::Exclusive => libc::LOCK_EX | libc::LOCK_NB,
