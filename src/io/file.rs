@@ -409,6 +409,12 @@ pub(crate) fn os_dio_alignment(fd: RawFd) -> u32 {
     let rc = unsafe { libc::statx(fd, c"".as_ptr(), libc::AT_EMPTY_PATH, libc::STATX_DIOALIGN, &mut stx) };
     if rc == 0 && stx.stx_mask & libc::STATX_DIOALIGN != 0 && stx.stx_dio_offset_align != 0 {
         stx.stx_dio_offset_align.max(512)
+    } else if fs_magic(fd) == Some(NFS_MAGIC) {
+        // NFS's direct I/O has no alignment rule, but not every kernel
+        // says so: 4096 there would give a disk moved onto NFS 4 KiB
+        // sectors, and a filesystem of 1 KiB blocks in it would no longer
+        // mount.
+        512
     } else {
         4096
     }
