@@ -283,6 +283,9 @@ pub(crate) fn os_rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()>
             std::fs::hard_link(from, to)?;
             std::fs::remove_file(from)
         }
+        // ... and for a directory (NFS has no RENAME_NOREPLACE), rename(2)
+        // itself refuses anything but an empty directory there.
+        Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOSYS) => std::fs::rename(from, to),
         r => r.map_err(std::io::Error::from),
     }
 }
