@@ -18,7 +18,7 @@ const RANGE: (u64, u64) = (200, 5);
 pub struct DiskLock {
     base: Handle,
     base_path: std::path::PathBuf,
-    _lck: Handle,
+    _lck: Option<Handle>,
 }
 
 impl std::fmt::Debug for DiskLock {
@@ -81,12 +81,28 @@ impl DiskLock {
         // Never through a symlink: a dangling one planted there would have
         // us create its target (as root).
         let how = OpenHow { write: true, create: true, mode: 0o666, nofollow: true, ..OpenHow::default() };
-        let lck = io.open(&lck_path, &how).map_err(|e| match e.raw_os_error() {
+        let lck_err = |e: std::io::Error| match e.raw_os_error() {
             Some(libc::ELOOP) => Error::new(libc::ELOOP, format!("{}: is a symbolic link; refusing to lock through it", lck_path.display())),
             _ => Error::io(e, lck_path.display()),
-        })?;
-        if io.flock(lck.fd(), LockHow::Exclusive).is_err() {
-            return Err(busy(None, "flock on the .lck file"));
+        };
+        // On read-only storage (a template on a read-only mount) nothing
+        // here can change the disk, so a reader's lock is enough: a shared
+        // flock on the .lck file if some writer made one, none if not.
+        let (lck, how) = match io.open(&lck_path, &how) {
+            Ok(lck) => (Some(lck), LockHow::Exclusive),
+            Err(e) if e.raw_os_error() == Some(libc::EROFS) => {
+                match io.open(&lck_path, &OpenHow { nofollow: true, ..OpenHow::read() }) {
+                    Ok(lck) => (Some(lck), LockHow::Shared),
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => (None, LockHow::Shared),
+                    Err(e) => return Err(lck_err(e)),
+                }
+            }
+            Err(e) => return Err(lck_err(e)),
+        };
+        if let Some(lck) = &lck {
+            if io.flock(lck.fd(), how).is_err() {
+                return Err(busy(None, "flock on the .lck file"));
+            }
         }
         let base_file = open_base(io, base)?;
         lock_range(io, &base_file, base, busy)?;
