@@ -990,12 +990,23 @@ scenario_clones() {
 	mkdir "$mnt/T"; for i in 1 2 3; do head -c 4M /dev/urandom >"$mnt/T/t$i"; done
 	sums_of "$mnt" "T/*" T
 	umount "$mnt"; "$BIN" del -n "$(dev_id "$dev")"
+	# A template on read-only storage clones, before any lock file exists
+	# there and after one does, and nothing is made beside it.
+	local ro=$SCRATCH/tmpl.ro
+	mkdir -p "$ro"; mount --bind "$t" "$ro"; mount -o remount,bind,ro "$ro"
+	touch "$ro/probe" 2>/dev/null && die "the read-only mount of the template is writable"
+	rm -f "$t"/*.lck
+	"$BIN" clone "$ro" "$SCRATCH/ct-ro" >/dev/null || die "clone of a template on read-only storage"
+	[ -z "$(ls "$t" | grep -v -e '^DiskDescriptor.xml$' -e '^root.hds$')" ] || die "cloning a read-only template left $(ls "$t")"
+	rm -rf "$SCRATCH/ct-ro"
 	"$BIN" clone "$t" "$SCRATCH/ct-busy" >/dev/null || die "clone of a stopped template"
 	rm -rf "$SCRATCH/ct-busy"
 	local tsum; tsum=$(sha256sum "$t/root.hds" | cut -c1-64)
 	local ids="" i
 	for i in 1 2 3; do
-		"$BIN" clone "$t" "$SCRATCH/ct$i" >"$SCRATCH/clone.out" || die "clone $i"
+		# The third reads its template through the read-only mount.
+		local from=$t; [ "$i" = 3 ] && from=$ro
+		"$BIN" clone "$from" "$SCRATCH/ct$i" >"$SCRATCH/clone.out" || die "clone $i"
 		log "$(head -1 "$SCRATCH/clone.out")"
 		dev=$("$BIN" add --image "$SCRATCH/ct$i") || die "serving clone $i beside the others"
 		wait_dev "$dev"; ids="$ids $(dev_id "$dev")"
@@ -1026,8 +1037,9 @@ scenario_clones() {
 	umount "$mnt"1; "$BIN" del -n "$(dev_id "$dev")"
 	check_disk "$SCRATCH/ct1"
 	"$BIN" add --image "$SCRATCH/ct2" 2>/dev/null && die "a clone served without its template"
+	umount "$ro"; rmdir "$ro"
 	rm -rf "$SCRATCH/tmpl.away" "$t"
-	log "3 clones served at once over one template; one detached online and served alone"
+	log "3 clones served at once over one template (one through a read-only mount); one detached online and served alone"
 }
 
 old_cmp_at() { # file offset_mb count_mb
