@@ -8,7 +8,9 @@
 # file never changes; each clone holds only its own writes. Stopping a
 # container leaves its device; stopping a device stops its container
 # first. One container keeps running through snapshot, backup and merge,
-# and the backup restores to a disk a container starts from.
+# and the backup restores to a disk a container starts from. A container
+# migrates to host B (a network namespace) by live copy, and another moves
+# to host B on shared NFS, where the lock keeps the two hosts apart.
 set -euo pipefail
 exec 2>&1
 trap 'echo "containers: line $LINENO: \"$BASH_COMMAND\" failed"' ERR
@@ -214,5 +216,69 @@ if ip link add ub-a type veth peer name ub-b 2>/dev/null; then
 	log "migrated $ct to host B: frozen $(printf '%.0f' "${frozen:-0}") ms; downtime about $down ms (the freeze, the receiver's finish, the device's start on B); the container runs there"
 else
 	log "no veth in this kernel (UBLK_PLOOP_VM_MODULES=veth): migration skipped"
+fi
+
+# Shared NFS: the guest's kernel NFS server exports one directory; host A
+# (the root namespace) and host B (its own network namespace and host
+# name, so the server sees two clients) each mount it. A container runs on
+# A from a disk there; B is refused while A serves it (ploop's lock and the
+# image's lock cross NFS); A stops, B serves the same directory, online
+# verbs work there, and the container starts on B with A's files.
+onb() { nsenter --net=/run/netns/hostb unshare --uts sh -c 'hostname host-b && exec "$@"' sh "$@"; }
+if [ -d /sys/module/nfsd ] && ip netns list 2>/dev/null | grep -q hostb && command -v rpc.nfsd >/dev/null; then
+	exp=$SCRATCH/export
+	mkdir -p "$exp" /run/nfs-a /run/nfs-b
+	mount -t tmpfs tmpfs /var/lib/nfs; touch /var/lib/nfs/etab /var/lib/nfs/rmtab
+	mountpoint -q /proc/fs/nfsd || mount -t nfsd nfsd /proc/fs/nfsd
+	# The shortest lease and grace the server allows: locks are granted
+	# 10 s after it starts, not 90.
+	echo 10 >/proc/fs/nfsd/nfsv4leasetime; echo 10 >/proc/fs/nfsd/nfsv4gracetime
+	exportfs -o rw,no_root_squash,sync,no_subtree_check,fsid=0 "10.77.0.0/24:$exp"
+	rpc.mountd -N 3 --no-udp || die "rpc.mountd"
+	rpc.nfsd -N 3 --no-udp 4 || die "rpc.nfsd"
+	timeout 60 mount -t nfs4 -o vers=4.2 10.77.0.1:/ /run/nfs-a || die "mounting the export on host A"
+	onb timeout 60 mount -t nfs4 -o vers=4.2 10.77.0.1:/ /run/nfs-b || die "mounting the export on host B"
+	ct=ctn
+	"$BIN" receive --image /run/nfs-a/$ct/ --from "$SCRATCH/full.stream" >/dev/null 2>"$SCRATCH/nfs.err" || die "restoring the backup onto NFS: $(cat "$SCRATCH/nfs.err")"
+	printf 'disk = "%s"\n' /run/nfs-a/$ct >"$CONF/$ct.toml"
+	printf 'disk = "%s"\n' /run/nfs-b/$ct >"$CONF/$ct-b.toml"
+	systemctl start "ublk-ploop-nspawn@$ct" || die "starting a container on NFS (host A)"
+	wait_beat "$ct" >/dev/null
+	# The daemon reads and writes its image with O_DIRECT over NFS.
+	pid=$(systemctl show -p MainPID --value "ublk-ploop@$ct")
+	direct=0
+	for fd in /proc/"$pid"/fd/*; do
+		# (The guest's root is a chroot: the kernel may name it with a prefix.)
+		[[ $(readlink "$fd") == */run/nfs-a/$ct/root.hds ]] || continue
+		flags=$(awk '/^flags:/ { print $2 }' /proc/"$pid"/fdinfo/"${fd##*/}")
+		(( 8#$flags & 8#40000 )) && direct=1
+	done
+	[ "$direct" = 1 ] || die "the daemon on NFS does not use O_DIRECT: $(ls -l /proc/"$pid"/fd/)"
+	# Host B is refused while A serves the disk, and touches nothing.
+	sum_xml=$(sha256sum /run/nfs-a/$ct/DiskDescriptor.xml | cut -c1-64)
+	onb "$BIN" add --image /run/nfs-b/$ct >/dev/null 2>"$SCRATCH/nfs.err" && die "host B served the disk host A serves"
+	grep -q "in use\|locked" "$SCRATCH/nfs.err" || die "host B's refusal: $(cat "$SCRATCH/nfs.err")"
+	onb "$BIN" check /run/nfs-b/$ct >/dev/null 2>&1 && die "host B checked (and might have repaired) a disk host A serves"
+	[ "$(sha256sum /run/nfs-a/$ct/DiskDescriptor.xml | cut -c1-64)" = "$sum_xml" ] || die "host B's attempt changed the descriptor"
+	log "NFS: host B refused while host A serves: $(head -1 "$SCRATCH/nfs.err")"
+	# An online snapshot and merge on NFS, the container running.
+	id=$(readlink "/dev/ublk-ploop/$ct"); id=${id#/dev/ublkb}
+	"$BIN" snapshot -n "$id" >/dev/null || die "online snapshot on NFS"
+	"$BIN" snapshot-merge -n "$id" >/dev/null || die "online merge on NFS"
+	beat_a=$(wait_beat "$ct")
+	systemctl stop "ublk-ploop@$ct"
+	check_ct /run/nfs-a/$ct "$ct"
+	# Host B: the same directory, through its own mount, under a unit.
+	systemctl start "ublk-ploop-nspawn@$ct-b" || die "starting the container on host B over NFS"
+	beat_b=$(wait_beat "$ct-b")
+	"$BIN" add --image /run/nfs-a/$ct >/dev/null 2>&1 && die "host A served the disk again while host B serves it"
+	systemctl stop "ublk-ploop@$ct-b"
+	# What the container on B wrote, read on A (check_ct also checks the disk).
+	check_ct /run/nfs-a/$ct "$ct-b"
+	qemu-img check -f parallels /run/nfs-a/$ct/root.hds >/dev/null || die "qemu-img check of the NFS disk"
+	umount /run/nfs-a; onb umount /run/nfs-b
+	log "NFS: the container moved from host A to host B on shared storage (heartbeat $beat_a on A, $beat_b on B); O_DIRECT over NFS"
+else
+	log "no NFS server in this kernel or no host B (UBLK_PLOOP_VM_MODULES=\"veth nfsd nfsv4\", package nfs-kernel-server): NFS skipped"
 fi
 log "PASS"
