@@ -5,6 +5,7 @@
 //! the first write would destroy it).
 
 pub mod ploop;
+pub mod qcow2;
 pub mod raw;
 
 use std::path::Path;
