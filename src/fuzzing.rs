@@ -44,6 +44,34 @@ pub fn image(data: &[u8], scratch: &Path) {
         let _ = block_on(layer.close(&SyncIo));
     }
     let _ = block_on(crate::layers::ploop::check::check(&SyncIo, &path, Format::Ploop, true));
+    qcow2_tables(data);
+}
+
+/// The same bytes as a QCOW2 image: its header, backing name and the
+/// first tables' entries, decoded (bounded, as `read_some`).
+fn qcow2_tables(data: &[u8]) {
+    use crate::layers::qcow2::{entry, header::Header};
+    let Ok(h) = Header::parse(data) else { return };
+    let _ = h.backing_name(data);
+    let len = data.len() as u64;
+    let be64 = |at: Option<u64>| {
+        let at = usize::try_from(at?).ok()?;
+        data.get(at..at.checked_add(8)?).map(|b| u64::from_be_bytes(b.try_into().unwrap()))
+    };
+    for i in 0..(h.l1_entries as u64).min(16) {
+        let Some(raw) = be64(h.l1_offset.checked_add(i * 8)) else { break };
+        let Ok(Some(l2)) = entry::l1_entry(raw, h.cluster_bits, len) else { continue };
+        for j in 0..h.l2_entries().min(256) {
+            let at = l2 + j * h.l2_entry_bytes();
+            let Some(raw) = be64(Some(at)) else { break };
+            let bitmap = if h.extended_l2 { Some(be64(Some(at + 8)).unwrap_or(0)) } else { None };
+            if let Ok(e) = entry::l2_entry(raw, bitmap, h.cluster_bits, len) {
+                for sub in 0..32 {
+                    let _ = e.subcluster(sub, h.extended_l2, h.cluster_size() / 32);
+                }
+            }
+        }
+    }
 }
 
 fn read_some(layer: &Layer) {
