@@ -38,6 +38,15 @@ pub async fn convert<I: Io>(
     opts: &ConvertOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<ConvertStats> {
+    if let Some(q) = sources.iter().find(|s| s.format == Format::Qcow2) {
+        if sources.len() != 1 {
+            return Err(Error::unsupported(format!(
+                "{}: a QCOW2 image converts alone (it brings its own backing chain)",
+                q.path.display()
+            )));
+        }
+        return convert_qcow2(io, &q.path, dst, opts, progress).await;
+    }
     // Before anything is read: a header claiming an absurd table is
     // refused, not loaded.
     // (A file or header that cannot be read is left to the open below,
@@ -54,7 +63,20 @@ pub async fn convert<I: Io>(
         return Err(Error::new(libc::EEXIST, format!("{}: destination exists; refusing to overwrite it", dst.display())));
     }
     let size = src.size();
+    create_destination(io, dst, size, opts, src.cluster_size()).await?;
+    let result = copy_all(io, &src, dst, opts, progress).await;
+    if result.is_err() {
+        let _ = std::fs::remove_file(dst);
+    }
+    result
+}
+
+/// Make the empty destination image of `size` bytes.
+async fn create_destination<I: Io>(io: &I, dst: &Path, size: u64, opts: &ConvertOptions, src_cluster: u64) -> Result<()> {
     match opts.to {
+        Format::Qcow2 => {
+            return Err(Error::unsupported("convert writes ploop or raw images, not QCOW2"));
+        }
         Format::Raw => {
             use std::os::unix::fs::OpenOptionsExt;
             let f = std::fs::OpenOptions::new()
@@ -66,12 +88,50 @@ pub async fn convert<I: Io>(
             f.set_len(size).map_err(|e| Error::io(e, dst.display()))?;
         }
         Format::Ploop => {
-            let cluster = opts.cluster_size.unwrap_or(src.cluster_size());
+            let cluster = opts.cluster_size.unwrap_or(src_cluster);
             within_table_limit(&dst.display().to_string(), size, cluster)?;
-            PloopLayer::create(io, dst, size, opts.cluster_size.unwrap_or(src.cluster_size())).await?;
+            PloopLayer::create(io, dst, size, cluster).await?;
         }
     }
-    let result = copy_all(io, &src, dst, opts, progress).await;
+    Ok(())
+}
+
+/// Flatten a QCOW2 image and its backing chain into `dst`: every cluster
+/// of the destination that reads other than zeros is written.
+async fn convert_qcow2<I: Io>(io: &I, path: &Path, dst: &Path, opts: &ConvertOptions, progress: &mut dyn FnMut(u64, u64)) -> Result<ConvertStats> {
+    let src = crate::layers::qcow2::Qcow2Image::open(io, path).await?;
+    if dst.exists() {
+        return Err(Error::new(libc::EEXIST, format!("{}: destination exists; refusing to overwrite it", dst.display())));
+    }
+    let size = src.size();
+    create_destination(io, dst, size, opts, crate::layers::ploop::header::DEFAULT_CLUSTER).await?;
+    let result = async {
+        let out_spec = LayerSpec { path: dst.to_path_buf(), format: opts.to };
+        let (out, _) = Stack::open_layers(io, &[out_spec], &StackOptions { read_only: false, direct: opts.direct, offline: false }).await?;
+        // A ploop destination allocates whole clusters; a raw one stays
+        // sparse at 64 KiB.
+        let step = if opts.to == Format::Ploop { out.cluster_size() } else { 64 << 10 };
+        let clusters = size.div_ceil(step);
+        let mut buf = AlignedBuf::zeroed(step as usize);
+        let mut stats = ConvertStats { disk_size: size, clusters, ..Default::default() };
+        for c in 0..clusters {
+            let offset = c * step;
+            let n = (size - offset).min(step) as usize;
+            src.read(io, offset, &mut buf[..n]).await?;
+            if !is_zero(&buf[..n]) {
+                out.write(io, offset, &buf[..n]).await?;
+                stats.copied_clusters += 1;
+                stats.copied_bytes += n as u64;
+            }
+            if c % 64 == 63 {
+                progress(c + 1, clusters);
+            }
+        }
+        progress(clusters, clusters);
+        out.close(io).await?;
+        Ok(stats)
+    }
+    .await;
     if result.is_err() {
         let _ = std::fs::remove_file(dst);
     }

@@ -47,8 +47,8 @@ pub struct IoArgs {
 /// files are ploop images unless declared raw.
 #[derive(Args, Clone)]
 pub struct FormatArg {
-    /// Format of image files given by path: ploop (default) or raw. A disk
-    /// directory's descriptor declares its own.
+    /// Format of image files given by path: ploop (default), raw, or qcow2
+    /// (read by convert). A disk directory's descriptor declares its own.
     #[arg(long, value_parser = |s: &str| s.parse::<Format>())]
     pub format: Option<Format>,
 }

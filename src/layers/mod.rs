@@ -28,6 +28,8 @@ pub enum Format {
     #[default]
     Ploop,
     Raw,
+    /// Read by `convert` (issue #22); not served as a layer yet.
+    Qcow2,
 }
 
 impl std::str::FromStr for Format {
@@ -36,7 +38,8 @@ impl std::str::FromStr for Format {
         match s {
             "ploop" | "parallels" => Ok(Format::Ploop),
             "raw" => Ok(Format::Raw),
-            _ => Err(format!("unknown format '{s}' (use ploop or raw)")),
+            "qcow2" => Ok(Format::Qcow2),
+            _ => Err(format!("unknown format '{s}' (use ploop, raw or qcow2)")),
         }
     }
 }
@@ -178,6 +181,10 @@ impl Layer {
                 }
                 Err(e) => Err(e),
             },
+            Format::Qcow2 => Err(Error::unsupported(format!(
+                "{}: a QCOW2 image is not served as a layer yet; `ublk-ploop convert IMAGE OUT --format qcow2` makes a ploop image of it",
+                path.display()
+            ))),
             Format::Raw => {
                 let layer = RawLayer::open(io, file)?;
                 if layer.size() % 512 != 0 {

@@ -1,6 +1,9 @@
-//! QCOW2 images as read-only layers (issue #22): the on-disk header and
-//! table entries, parsed and checked apart from any I/O. The layer that
-//! reads through them comes next.
+//! QCOW2 images, read-only (issue #22): the on-disk header and table
+//! entries, parsed and checked apart from any I/O, and an image that reads
+//! any range of its virtual disk through them and its backing chain.
 
 pub mod entry;
 pub mod header;
+pub mod image;
+
+pub use image::Qcow2Image;
