@@ -126,8 +126,19 @@ fn backing_chains_read_as_qemu_reads_them() {
     run("qemu-img", &["create", "-q", "-f", "qcow2", "-o", "extended_l2=on", "-b", "mid.qcow2", "-F", "qcow2", top.to_str().unwrap()]);
     qemu_io(&top, "qcow2", &["write -P 0x66 520k 4k", "write -z -u 0 4k"]);
     check(&top, "a chain of qcow2, qcow2 and a shorter raw");
+    // info names the chain; check leaves QCOW2 to qemu-img, saying so.
+    let bin = env!("CARGO_BIN_EXE_ublk-ploop");
+    let out = Command::new(bin).args(["info", top.to_str().unwrap(), "--format", "qcow2", "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((info["format"].as_str(), info["disk_size"].as_u64()), (Some("qcow2"), Some(6 << 20)), "{info}");
+    assert_eq!(info["qcow2"]["extended_l2"], true, "{info}");
+    assert!(info["qcow2"]["backing"][0].as_str().unwrap().ends_with("mid.qcow2"), "{info}");
+    assert!(info["qcow2"]["backing"][1].as_str().unwrap().ends_with("base.raw"), "{info}");
+    let out = Command::new(bin).args(["check", top.to_str().unwrap(), "--format", "qcow2"]).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("qemu-img check"));
     let q = block_on(Qcow2Image::open(&SyncIo, &top)).unwrap();
-    assert_eq!(q.chain().len(), 2, "the raw file ends the chain");
+    assert_eq!(q.chain().len(), 3, "the raw file ends the chain");
 
     // A backing file whose format the image does not name is refused, not guessed.
     // (qemu-img no longer makes one: its backing format extension is

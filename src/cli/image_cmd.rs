@@ -392,6 +392,18 @@ struct InfoOut {
     /// Damage seen while reading (details: `check`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     problems: Vec<String>,
+    /// A QCOW2 image's version, compression and backing files (nearest
+    /// first).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    qcow2: Option<Qcow2Info>,
+}
+
+#[derive(Serialize, Clone)]
+struct Qcow2Info {
+    version: u32,
+    compression: &'static str,
+    extended_l2: bool,
+    backing: Vec<String>,
 }
 
 impl InfoOut {
@@ -409,6 +421,7 @@ impl InfoOut {
             in_use: Some(h.in_use == ublk_ploop::layers::ploop::header::IN_USE),
             flags: Some(h.flags),
             problems: vec![],
+            qcow2: None,
         }
     }
 }
@@ -417,6 +430,34 @@ impl InfoOut {
 /// (so it works on an image a daemon is serving). Damage found on the way
 /// is returned with it.
 fn image_info(path: &Path, format: Format) -> Result<(InfoOut, Vec<String>)> {
+    if format == Format::Qcow2 {
+        let q = block_on(ublk_ploop::layers::qcow2::Qcow2Image::open(&SyncIo, path))?;
+        let h = q.header();
+        let info = InfoOut {
+            path: path.display().to_string(),
+            format,
+            variant: None,
+            disk_size: Some(q.size()),
+            file_size: std::fs::metadata(path).map_err(|e| Error::io(e, path.display()))?.len(),
+            cluster_size: Some(h.cluster_size()),
+            bat_entries: None,
+            allocated_clusters: None,
+            data_offset: None,
+            in_use: None,
+            flags: None,
+            problems: vec![],
+            qcow2: Some(Qcow2Info {
+                version: h.version,
+                compression: match h.compression {
+                    ublk_ploop::layers::qcow2::header::Compression::Zlib => "zlib",
+                    ublk_ploop::layers::qcow2::header::Compression::Zstd => "zstd",
+                },
+                extended_l2: h.extended_l2,
+                backing: q.chain().into_iter().skip(1).map(|p| p.display().to_string()).collect(),
+            }),
+        };
+        return Ok((info, vec![]));
+    }
     let r = block_on(ublk_ploop::layers::ploop::check::inspect(&SyncIo, path, format))?;
     let mut problems = r.header_errors.clone();
     problems.extend(r.bad_entries.iter().map(|b| format!("BAT entry {} {}", b.index, b.problem)));
@@ -437,6 +478,7 @@ fn image_info(path: &Path, format: Format) -> Result<(InfoOut, Vec<String>)> {
         in_use: ploop.then_some(r.unclean),
         flags: r.flags,
         problems: problems.clone(),
+        qcow2: None,
     };
     Ok((info, problems))
 }
@@ -454,6 +496,14 @@ fn print_info(i: &InfoOut) {
         println!("cluster size: {}", format_size(c));
         println!("clusters:     {a} of {n} allocated");
         println!("in use:       {}", if i.in_use == Some(true) { "yes (open read-write, or not closed cleanly)" } else { "no" });
+    }
+    if let (Some(q), Some(c)) = (&i.qcow2, i.cluster_size) {
+        println!("version:      {}{}", q.version, if q.extended_l2 { ", extended L2" } else { "" });
+        println!("cluster size: {}", format_size(c));
+        println!("compression:  {}", q.compression);
+        for b in &q.backing {
+            println!("backing file: {b}");
+        }
     }
 }
 

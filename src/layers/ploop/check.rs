@@ -110,6 +110,9 @@ pub async fn inspect<I: Io>(io: &I, path: &Path, format: Format) -> Result<Check
 }
 
 async fn check_with<I: Io>(io: &I, path: &Path, format: Format, repair: bool, take_lock: bool) -> Result<CheckReport> {
+    if format == Format::Qcow2 {
+        return Err(Error::unsupported(format!("{}: QCOW2 images are checked by qemu-img check", path.display())));
+    }
     // A repair writes: never through a symlink.
     let how = crate::io::OpenHow { write: repair, nofollow: repair, block_ok: format == Format::Raw, ..Default::default() };
     let file = io.open(path, &how).map_err(|e| Error::io(e, path.display()))?;

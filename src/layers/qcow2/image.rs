@@ -24,7 +24,7 @@ type L2Cache = HashMap<u64, (u64, Arc<Vec<u8>>)>;
 enum Backing {
     None,
     Qcow2(Box<Qcow2Image>),
-    Raw { file: Handle, len: u64 },
+    Raw { file: Handle, len: u64, path: PathBuf },
 }
 
 pub struct Qcow2Image {
@@ -77,7 +77,7 @@ impl Qcow2Image {
                         let bname = bpath.display().to_string();
                         let file = io.open(&bpath, &OpenHow { block_ok: true, ..OpenHow::read() }).map_err(|e| Error::io(e, &bname))?;
                         let len = io.fstat(file.fd()).map_err(|e| Error::io(e, &bname))?.len;
-                        Backing::Raw { file, len }
+                        Backing::Raw { file, len, path: bpath }
                     }
                     Some(other) => {
                         return Err(Error::unsupported(format!("{name}: backing file {bname} in format {other} (only qcow2 and raw)")))
@@ -113,11 +113,13 @@ impl Qcow2Image {
     pub fn size(&self) -> u64 {
         self.header.size
     }
-    /// The files of the chain, this one first.
+    /// The files of the chain, this one first (a raw backing file last).
     pub fn chain(&self) -> Vec<PathBuf> {
         let mut paths = vec![self.path.clone()];
-        if let Backing::Qcow2(b) = &self.backing {
-            paths.extend(b.chain());
+        match &self.backing {
+            Backing::Qcow2(b) => paths.extend(b.chain()),
+            Backing::Raw { path, .. } => paths.push(path.clone()),
+            Backing::None => {}
         }
         paths
     }
@@ -200,7 +202,7 @@ impl Qcow2Image {
                 Ok(())
             }
             Backing::Qcow2(b) => Box::pin(b.read(io, at, out)).await,
-            Backing::Raw { file, len } => {
+            Backing::Raw { file, len, .. } => {
                 // Past a shorter backing file: zeros.
                 let n = len.saturating_sub(at).min(out.len() as u64) as usize;
                 if n > 0 {
