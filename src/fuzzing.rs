@@ -45,6 +45,19 @@ pub fn image(data: &[u8], scratch: &Path) {
     }
     let _ = block_on(crate::layers::ploop::check::check(&SyncIo, &path, Format::Ploop, true));
     qcow2_tables(data);
+    qcow2_read(&path);
+}
+
+/// The file as a QCOW2 image through the reader: its first and last
+/// clusters and a few reads across cluster bounds (bounded as `read_some`).
+fn qcow2_read(path: &Path) {
+    let Ok(q) = block_on(crate::layers::qcow2::Qcow2Image::open(&SyncIo, path)) else { return };
+    let cluster = q.header().cluster_size();
+    let mut buf = vec![0u8; (2 * cluster).min(1 << 20) as usize];
+    let size = q.size();
+    for at in [0, cluster / 2, cluster.saturating_mul(7) / 3, size.saturating_sub(buf.len() as u64), size.saturating_sub(1)] {
+        let _ = block_on(q.read(&SyncIo, at, &mut buf));
+    }
 }
 
 /// The same bytes as a QCOW2 image: its header, backing name and the

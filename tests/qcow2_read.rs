@@ -151,6 +151,14 @@ fn backing_chains_read_as_qemu_reads_them() {
     std::fs::write(&bare, bytes).unwrap();
     let err = block_on(Qcow2Image::open(&SyncIo, &bare)).err().expect("refused").to_string();
     assert!(err.contains("never guessed"), "{err}");
+
+    // A backing file that is not a regular file is not followed.
+    for (name, dev) in [("dev.qcow2", "/dev/zero"), ("blk.qcow2", "/dev/loop0")] {
+        let img = dir.path().join(name);
+        run("qemu-img", &["create", "-q", "-f", "qcow2", "-u", "-b", dev, "-F", "raw", img.to_str().unwrap(), "6M"]);
+        let err = block_on(Qcow2Image::open(&SyncIo, &img)).err().expect("refused").to_string();
+        assert!(err.contains(dev), "{err}");
+    }
 }
 
 /// `convert --format qcow2` to ploop and to raw: qemu-img reads the ploop

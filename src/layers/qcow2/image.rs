@@ -51,7 +51,10 @@ impl Qcow2Image {
     async fn open_at<I: Io>(io: &I, path: &Path, depth: usize) -> Result<Qcow2Image> {
         let name = path.display().to_string();
         let io_err = |e| Error::io(e, &name);
-        let file = io.open(path, &OpenHow { block_ok: true, ..OpenHow::read() }).map_err(io_err)?;
+        // The image named by the user may be a block device; a backing
+        // file is named by the image, which may come from anywhere: only
+        // regular files (never a host disk read into a conversion).
+        let file = io.open(path, &OpenHow { block_ok: depth == 0, ..OpenHow::read() }).map_err(io_err)?;
         let len = io.fstat(file.fd()).map_err(io_err)?.len;
         // The header and its extensions lie in the first cluster (at most 2 MiB).
         let mut head = vec![0u8; (len.min(2 << 20)) as usize];
@@ -75,7 +78,7 @@ impl Qcow2Image {
                     Some("qcow2") => Backing::Qcow2(Box::new(Box::pin(Self::open_at(io, &bpath, depth + 1)).await?)),
                     Some("raw") => {
                         let bname = bpath.display().to_string();
-                        let file = io.open(&bpath, &OpenHow { block_ok: true, ..OpenHow::read() }).map_err(|e| Error::io(e, &bname))?;
+                        let file = io.open(&bpath, &OpenHow::read()).map_err(|e| Error::io(e, &bname))?;
                         let len = io.fstat(file.fd()).map_err(|e| Error::io(e, &bname))?.len;
                         Backing::Raw { file, len, path: bpath }
                     }
