@@ -118,11 +118,7 @@ async fn convert_qcow2<I: Io>(io: &I, path: &Path, dst: &Path, opts: &ConvertOpt
             let offset = c * step;
             let n = (size - offset).min(step) as usize;
             src.read(io, offset, &mut buf[..n]).await?;
-            if !is_zero(&buf[..n]) {
-                out.write(io, offset, &buf[..n]).await?;
-                stats.copied_clusters += 1;
-                stats.copied_bytes += n as u64;
-            }
+            write_unless_zero(io, &out, offset, &buf[..n], &mut stats).await?;
             if c % 64 == 63 {
                 progress(c + 1, clusters);
             }
@@ -168,11 +164,7 @@ async fn copy_all<I: Io>(
                 let offset = c * step;
                 let n = (size - offset).min(step) as usize;
                 src.read(io, offset, &mut buf[..n]).await?;
-                if !is_zero(&buf[..n]) {
-                    out.write(io, offset, &buf[..n]).await?;
-                    stats.copied_clusters += 1;
-                    stats.copied_bytes += n as u64;
-                }
+                write_unless_zero(io, &out, offset, &buf[..n], &mut stats).await?;
                 if c >= reported + 64 {
                     progress(c + 1, clusters);
                     reported = c;
@@ -184,6 +176,17 @@ async fn copy_all<I: Io>(
     progress(clusters, clusters);
     out.close(io).await?;
     Ok(stats)
+}
+
+/// Write `data` at `offset` of the destination unless it is all zeros
+/// (the destination reads zeros there already: it stays sparse).
+async fn write_unless_zero<I: Io>(io: &I, out: &Stack, offset: u64, data: &[u8], stats: &mut ConvertStats) -> Result<()> {
+    if !is_zero(data) {
+        out.write(io, offset, data).await?;
+        stats.copied_clusters += 1;
+        stats.copied_bytes += data.len() as u64;
+    }
+    Ok(())
 }
 
 /// Clusters a ploop image taking part in a conversion may have: the
