@@ -59,20 +59,17 @@ pub async fn convert<I: Io>(
         }
     }
     let (src, _) = Stack::open_layers(io, sources, &StackOptions { read_only: true, direct: opts.direct, offline: false }).await?;
+    let out = create_destination(io, dst, src.size(), opts, src.cluster_size()).await?;
+    let result = copy_all(io, &src, &out, progress).await;
+    removed_on_error(dst, result)
+}
+
+/// Make the empty destination image of `size` bytes (never over a file
+/// that exists) and open it.
+async fn create_destination<I: Io>(io: &I, dst: &Path, size: u64, opts: &ConvertOptions, src_cluster: u64) -> Result<Stack> {
     if dst.exists() {
         return Err(Error::new(libc::EEXIST, format!("{}: destination exists; refusing to overwrite it", dst.display())));
     }
-    let size = src.size();
-    create_destination(io, dst, size, opts, src.cluster_size()).await?;
-    let result = copy_all(io, &src, dst, opts, progress).await;
-    if result.is_err() {
-        let _ = std::fs::remove_file(dst);
-    }
-    result
-}
-
-/// Make the empty destination image of `size` bytes.
-async fn create_destination<I: Io>(io: &I, dst: &Path, size: u64, opts: &ConvertOptions, src_cluster: u64) -> Result<()> {
     match opts.to {
         Format::Qcow2 => {
             return Err(Error::unsupported("convert writes ploop or raw images, not QCOW2"));
@@ -93,56 +90,59 @@ async fn create_destination<I: Io>(io: &I, dst: &Path, size: u64, opts: &Convert
             PloopLayer::create(io, dst, size, cluster).await?;
         }
     }
-    Ok(())
+    let out_spec = LayerSpec { path: dst.to_path_buf(), format: opts.to };
+    let opened = Stack::open_layers(io, &[out_spec], &StackOptions { read_only: false, direct: opts.direct, offline: false }).await;
+    removed_on_error(dst, opened.map(|(out, _)| out))
 }
 
-/// Flatten a QCOW2 image and its backing chain into `dst`: every cluster
-/// of the destination that reads other than zeros is written.
-async fn convert_qcow2<I: Io>(io: &I, path: &Path, dst: &Path, opts: &ConvertOptions, progress: &mut dyn FnMut(u64, u64)) -> Result<ConvertStats> {
-    let src = crate::layers::qcow2::Qcow2Image::open(io, path).await?;
-    if dst.exists() {
-        return Err(Error::new(libc::EEXIST, format!("{}: destination exists; refusing to overwrite it", dst.display())));
-    }
-    let size = src.size();
-    create_destination(io, dst, size, opts, crate::layers::ploop::header::DEFAULT_CLUSTER).await?;
-    let result = async {
-        let out_spec = LayerSpec { path: dst.to_path_buf(), format: opts.to };
-        let (out, _) = Stack::open_layers(io, &[out_spec], &StackOptions { read_only: false, direct: opts.direct, offline: false }).await?;
-        // A ploop destination allocates whole clusters; a raw one stays
-        // sparse at 64 KiB.
-        let step = if opts.to == Format::Ploop { out.cluster_size() } else { 64 << 10 };
-        let clusters = size.div_ceil(step);
-        let mut buf = AlignedBuf::zeroed(step as usize);
-        let mut stats = ConvertStats { disk_size: size, clusters, ..Default::default() };
-        for c in 0..clusters {
-            let offset = c * step;
-            let n = (size - offset).min(step) as usize;
-            src.read(io, offset, &mut buf[..n]).await?;
-            write_unless_zero(io, &out, offset, &buf[..n], &mut stats).await?;
-            if c % 64 == 63 {
-                progress(c + 1, clusters);
-            }
-        }
-        progress(clusters, clusters);
-        out.close(io).await?;
-        Ok(stats)
-    }
-    .await;
+/// A conversion that failed leaves no partial destination behind.
+fn removed_on_error<T>(dst: &Path, result: Result<T>) -> Result<T> {
     if result.is_err() {
         let _ = std::fs::remove_file(dst);
     }
     result
 }
 
-async fn copy_all<I: Io>(
+/// Flatten a QCOW2 image and its backing chain into `dst`: every cluster
+/// of the destination that reads other than zeros is written.
+async fn convert_qcow2<I: Io>(io: &I, path: &Path, dst: &Path, opts: &ConvertOptions, progress: &mut dyn FnMut(u64, u64)) -> Result<ConvertStats> {
+    let src = crate::layers::qcow2::Qcow2Image::open(io, path).await?;
+    let size = src.size();
+    let out = create_destination(io, dst, size, opts, crate::layers::ploop::header::DEFAULT_CLUSTER).await?;
+    let result = copy_qcow2(io, &src, &out, opts.to, progress).await;
+    removed_on_error(dst, result)
+}
+
+/// Every piece of the QCOW2 image that reads other than zeros, into `out`.
+async fn copy_qcow2<I: Io>(
     io: &I,
-    src: &Stack,
-    dst: &Path,
-    opts: &ConvertOptions,
+    src: &crate::layers::qcow2::Qcow2Image,
+    out: &Stack,
+    to: Format,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<ConvertStats> {
-    let out_spec = LayerSpec { path: dst.to_path_buf(), format: opts.to };
-    let (out, _) = Stack::open_layers(io, &[out_spec], &StackOptions { read_only: false, direct: opts.direct, offline: false }).await?;
+    let size = src.size();
+    // A ploop destination allocates whole clusters; a raw one stays
+    // sparse at 64 KiB.
+    let step = if to == Format::Ploop { out.cluster_size() } else { 64 << 10 };
+    let clusters = size.div_ceil(step);
+    let mut buf = AlignedBuf::zeroed(step as usize);
+    let mut stats = ConvertStats { disk_size: size, clusters, ..Default::default() };
+    for c in 0..clusters {
+        let offset = c * step;
+        let n = (size - offset).min(step) as usize;
+        src.read(io, offset, &mut buf[..n]).await?;
+        write_unless_zero(io, out, offset, &buf[..n], &mut stats).await?;
+        if c % 64 == 63 {
+            progress(c + 1, clusters);
+        }
+    }
+    progress(clusters, clusters);
+    out.close(io).await?;
+    Ok(stats)
+}
+
+async fn copy_all<I: Io>(io: &I, src: &Stack, out: &Stack, progress: &mut dyn FnMut(u64, u64)) -> Result<ConvertStats> {
     let size = src.size();
     // Zero detection at the finer of the two cluster sizes, so a sparse
     // source stays sparse in a destination with smaller clusters.
@@ -164,7 +164,7 @@ async fn copy_all<I: Io>(
                 let offset = c * step;
                 let n = (size - offset).min(step) as usize;
                 src.read(io, offset, &mut buf[..n]).await?;
-                write_unless_zero(io, &out, offset, &buf[..n], &mut stats).await?;
+                write_unless_zero(io, out, offset, &buf[..n], &mut stats).await?;
                 if c >= reported + 64 {
                     progress(c + 1, clusters);
                     reported = c;
