@@ -57,7 +57,10 @@ fn qcow2_read(path: &Path) {
     let size = q.size();
     for at in [0, cluster / 2, cluster.saturating_mul(7) / 3, size.saturating_sub(buf.len() as u64), size.saturating_sub(1)] {
         let _ = block_on(q.read(&SyncIo, at, &mut buf));
+        // What a merge of the image up asks of each stack cluster.
+        let _ = block_on(q.holds_data(&SyncIo, at, 1 << 20));
     }
+    let _ = q.cache_stats();
 }
 
 /// The same bytes as a QCOW2 image: its header, backing name and the

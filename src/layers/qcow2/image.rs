@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::entry::{self, Mapping};
@@ -14,11 +15,76 @@ use crate::io::{Handle, Io, OpenHow};
 /// Backing files followed, at most (qemu has no bound; a loop would be
 /// endless).
 pub const MAX_CHAIN: usize = 16;
-/// L2 tables kept in memory per image (each one cluster), most recent first.
-const L2_CACHE: usize = 64;
+/// Memory for L2 tables kept per image (each table is one cluster), and
+/// for inflated compressed clusters; each cache holds at least two.
+const L2_CACHE_BYTES: u64 = 4 << 20;
+const INFLATED_CACHE_BYTES: u64 = 4 << 20;
 
-/// L2 tables by host offset, with the tick of their last use.
-type L2Cache = HashMap<u64, (u64, Arc<Vec<u8>>)>;
+/// Pieces by host offset, with the tick of their last use.
+type Slots = HashMap<u64, (u64, Arc<Vec<u8>>)>;
+
+/// Cluster-sized pieces by host offset, the least recently used dropped
+/// first when the cache is full; with its counts of hits and misses.
+struct Cache {
+    slots: Mutex<Slots>,
+    capacity: usize,
+    tick: AtomicU64,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+impl Cache {
+    fn new(budget: u64, piece: u64) -> Cache {
+        let capacity = (budget / piece).max(2) as usize;
+        Cache { slots: Mutex::new(HashMap::new()), capacity, tick: AtomicU64::new(0), hits: AtomicU64::new(0), misses: AtomicU64::new(0) }
+    }
+    fn get(&self, at: u64) -> Option<Arc<Vec<u8>>> {
+        let tick = self.tick.fetch_add(1, Ordering::Relaxed);
+        let found = self.slots.lock().unwrap().get_mut(&at).map(|(used, piece)| {
+            *used = tick;
+            piece.clone()
+        });
+        let counter = if found.is_some() { &self.hits } else { &self.misses };
+        counter.fetch_add(1, Ordering::Relaxed);
+        found
+    }
+    fn put(&self, at: u64, piece: Arc<Vec<u8>>) {
+        let tick = self.tick.fetch_add(1, Ordering::Relaxed);
+        let mut slots = self.slots.lock().unwrap();
+        if slots.len() >= self.capacity && !slots.contains_key(&at) {
+            if let Some(&oldest) = slots.iter().min_by_key(|(_, (used, _))| *used).map(|(k, _)| k) {
+                slots.remove(&oldest);
+            }
+        }
+        slots.insert(at, (tick, piece));
+    }
+    fn bytes(&self) -> u64 {
+        self.slots.lock().unwrap().values().map(|(_, p)| p.len() as u64).sum()
+    }
+}
+
+/// What an image's caches hold and how well they serve, its backing
+/// chain's included (shown by `status`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CacheStats {
+    pub l2_bytes: u64,
+    pub l2_hits: u64,
+    pub l2_misses: u64,
+    pub inflated_bytes: u64,
+    pub inflate_hits: u64,
+    pub inflate_misses: u64,
+}
+
+impl std::ops::AddAssign for CacheStats {
+    fn add_assign(&mut self, o: CacheStats) {
+        self.l2_bytes += o.l2_bytes;
+        self.l2_hits += o.l2_hits;
+        self.l2_misses += o.l2_misses;
+        self.inflated_bytes += o.inflated_bytes;
+        self.inflate_hits += o.inflate_hits;
+        self.inflate_misses += o.inflate_misses;
+    }
+}
 
 /// What a QCOW2 image's unallocated clusters read.
 enum Backing {
@@ -34,12 +100,12 @@ pub struct Qcow2Image {
     header: Header,
     l1: Vec<u64>,
     backing: Backing,
-    l2: Mutex<L2Cache>,
-    tick: std::sync::atomic::AtomicU64,
-    /// The last compressed cluster inflated, by host offset: a read of a
-    /// whole cluster in subcluster pieces, or the next request into the
-    /// same cluster, inflates it once.
-    unpacked: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
+    /// L2 tables by host offset.
+    l2: Cache,
+    /// Compressed clusters inflated, by host offset: a read of a whole
+    /// cluster in subcluster pieces, or the next request into the same
+    /// cluster, inflates it once.
+    inflated: Cache,
 }
 
 impl Qcow2Image {
@@ -94,6 +160,7 @@ impl Qcow2Image {
                 }
             }
         };
+        let cluster = header.cluster_size();
         Ok(Qcow2Image {
             path: path.to_path_buf(),
             file,
@@ -101,12 +168,16 @@ impl Qcow2Image {
             header,
             l1,
             backing,
-            l2: Mutex::new(HashMap::new()),
-            tick: Default::default(),
-            unpacked: Mutex::new(None),
+            l2: Cache::new(L2_CACHE_BYTES, cluster),
+            inflated: Cache::new(INFLATED_CACHE_BYTES, cluster),
         })
     }
 
+    /// The file's identity (device, inode).
+    pub fn identity<I: Io>(&self, io: &I) -> Result<(u64, u64)> {
+        let st = io.fstat(self.file.fd()).map_err(|e| Error::io(e, self.path.display()))?;
+        Ok((st.dev, st.ino))
+    }
     pub fn header(&self) -> &Header {
         &self.header
     }
@@ -130,8 +201,7 @@ impl Qcow2Image {
     /// Read `buf.len()` bytes of the virtual disk from `offset`; past the
     /// disk's end reads zeros.
     pub async fn read<I: Io>(&self, io: &I, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let (extended, bits) = (self.header.extended_l2, self.header.cluster_bits);
-        let piece = if extended { 1u64 << (bits - 5) } else { 1u64 << bits };
+        let piece = self.piece();
         let mut done = 0usize;
         while done < buf.len() {
             let at = offset + done as u64;
@@ -150,16 +220,17 @@ impl Qcow2Image {
         Ok(())
     }
 
-    /// Read within one cluster (one subcluster with extended L2).
-    async fn read_piece<I: Io>(&self, io: &I, at: u64, out: &mut [u8]) -> Result<()> {
+    /// What the piece at `at` (within one cluster, one subcluster with
+    /// extended L2) maps to in this file.
+    async fn mapping<I: Io>(&self, io: &I, at: u64) -> Result<Mapping> {
         let h = &self.header;
         let cluster = h.cluster_size();
-        let (c, in_cluster) = (at / cluster, at % cluster);
+        let c = at / cluster;
         let (l1i, l2i) = (c / h.l2_entries(), c % h.l2_entries());
         let name = || self.path.display().to_string();
-        let Some(&l1e) = self.l1.get(l1i as usize) else { return self.read_backing(io, at, out).await };
+        let Some(&l1e) = self.l1.get(l1i as usize) else { return Ok(Mapping::Backing) };
         let Some(table) = entry::l1_entry(l1e, h.cluster_bits, self.len).map_err(|e| e.context(name()))? else {
-            return self.read_backing(io, at, out).await;
+            return Ok(Mapping::Backing);
         };
         let l2 = self.l2_table(io, table).await?;
         let be = |i: u64| u64::from_be_bytes(l2[i as usize..i as usize + 8].try_into().unwrap());
@@ -167,7 +238,16 @@ impl Qcow2Image {
         let bitmap = h.extended_l2.then(|| be(pos + 8));
         let e = entry::l2_entry(be(pos), bitmap, h.cluster_bits, self.len).map_err(|e| e.context(name()))?;
         let sub = cluster / 32;
-        match e.subcluster((in_cluster / sub.max(1)) as u32 % 32, h.extended_l2, sub) {
+        Ok(e.subcluster(((at % cluster) / sub.max(1)) as u32 % 32, h.extended_l2, sub))
+    }
+
+    /// Read within one cluster (one subcluster with extended L2).
+    async fn read_piece<I: Io>(&self, io: &I, at: u64, out: &mut [u8]) -> Result<()> {
+        let h = &self.header;
+        let cluster = h.cluster_size();
+        let in_cluster = at % cluster;
+        let name = || self.path.display().to_string();
+        match self.mapping(io, at).await? {
             Mapping::Backing => self.read_backing(io, at, out).await,
             Mapping::Zero => {
                 out.fill(0);
@@ -175,26 +255,88 @@ impl Qcow2Image {
             }
             Mapping::Data(host) => {
                 // With extended L2 `host` is the subcluster's start.
-                let skip = if h.extended_l2 { in_cluster % sub } else { in_cluster };
+                let skip = if h.extended_l2 { in_cluster % (cluster / 32) } else { in_cluster };
                 io.read_at(self.file.fd(), out, host + skip).await.map_err(|e| Error::io(e, name()))
             }
             Mapping::Compressed { offset, len } => {
-                let kept = self.unpacked.lock().unwrap().as_ref().filter(|(at, _)| *at == offset).map(|(_, w)| w.clone());
-                let whole = match kept {
+                let whole = match self.inflated.get(offset) {
                     Some(whole) => whole,
                     None => {
                         let mut packed = vec![0u8; len as usize];
                         io.read_at(self.file.fd(), &mut packed, offset).await.map_err(|e| Error::io(e, name()))?;
                         let mut whole = vec![0u8; cluster as usize];
-                        decompress(h.compression, &packed, &mut whole).map_err(|e| e.context(format!("{}: cluster {c}", name())))?;
+                        decompress(h.compression, &packed, &mut whole)
+                            .map_err(|e| e.context(format!("{}: cluster {}", name(), at / cluster)))?;
                         let whole = Arc::new(whole);
-                        *self.unpacked.lock().unwrap() = Some((offset, whole.clone()));
+                        self.inflated.put(offset, whole.clone());
                         whole
                     }
                 };
                 out.copy_from_slice(&whole[in_cluster as usize..in_cluster as usize + out.len()]);
                 Ok(())
             }
+        }
+    }
+
+    /// Whether any byte of `[offset, offset + len)` is stored somewhere in
+    /// the chain (data, compressed, or a raw backing file's range): false
+    /// means the range reads as zeros without reading any data.
+    pub async fn holds_data<I: Io>(&self, io: &I, offset: u64, len: u64) -> Result<bool> {
+        let end = offset.saturating_add(len).min(self.size());
+        let piece = self.piece();
+        let mut at = offset;
+        while at < end {
+            let held = match self.mapping(io, at).await? {
+                Mapping::Zero => false,
+                Mapping::Data(_) | Mapping::Compressed { .. } => true,
+                Mapping::Backing => match &self.backing {
+                    Backing::None => false,
+                    Backing::Qcow2(b) => Box::pin(b.holds_data(io, at, piece - at % piece)).await?,
+                    Backing::Raw { len, .. } => at < *len,
+                },
+            };
+            if held {
+                return Ok(true);
+            }
+            at = (at / piece + 1) * piece;
+        }
+        Ok(false)
+    }
+
+    /// The unit of mapping: a cluster, or a subcluster with extended L2.
+    fn piece(&self) -> u64 {
+        let bits = self.header.cluster_bits;
+        if self.header.extended_l2 {
+            1u64 << (bits - 5)
+        } else {
+            1u64 << bits
+        }
+    }
+
+    /// The caches of this image and its backing chain.
+    pub fn cache_stats(&self) -> CacheStats {
+        let mut s = CacheStats {
+            l2_bytes: self.l2.bytes(),
+            l2_hits: self.l2.hits.load(Ordering::Relaxed),
+            l2_misses: self.l2.misses.load(Ordering::Relaxed),
+            inflated_bytes: self.inflated.bytes(),
+            inflate_hits: self.inflated.hits.load(Ordering::Relaxed),
+            inflate_misses: self.inflated.misses.load(Ordering::Relaxed),
+        };
+        if let Backing::Qcow2(b) = &self.backing {
+            s += b.cache_stats();
+        }
+        s
+    }
+
+    /// Bytes of memory the chain's tables and caches hold at most: its L1
+    /// tables and full caches.
+    pub fn memory_bound(&self) -> u64 {
+        let cluster = self.header.cluster_size();
+        let own = self.l1.len() as u64 * 8 + (self.l2.capacity + self.inflated.capacity) as u64 * cluster;
+        own + match &self.backing {
+            Backing::Qcow2(b) => b.memory_bound(),
+            _ => 0,
         }
     }
 
@@ -218,21 +360,13 @@ impl Qcow2Image {
     }
 
     async fn l2_table<I: Io>(&self, io: &I, at: u64) -> Result<Arc<Vec<u8>>> {
-        let tick = self.tick.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if let Some((used, table)) = self.l2.lock().unwrap().get_mut(&at) {
-            *used = tick;
-            return Ok(table.clone());
+        if let Some(table) = self.l2.get(at) {
+            return Ok(table);
         }
         let mut table = vec![0u8; self.header.cluster_size() as usize];
         io.read_at(self.file.fd(), &mut table, at).await.map_err(|e| Error::io(e, self.path.display()))?;
         let table = Arc::new(table);
-        let mut cache = self.l2.lock().unwrap();
-        if cache.len() >= L2_CACHE {
-            if let Some(&oldest) = cache.iter().min_by_key(|(_, (used, _))| *used).map(|(k, _)| k) {
-                cache.remove(&oldest);
-            }
-        }
-        cache.insert(at, (tick, table.clone()));
+        self.l2.put(at, table.clone());
         Ok(table)
     }
 }
