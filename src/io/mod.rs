@@ -159,6 +159,11 @@ pub trait Io {
     async fn zero_fixed(&self, _buf: FixedBuf) -> io::Result<()> {
         Err(no_fixed_buffers())
     }
+    /// Zero copy: put bytes made in memory (an inflated QCOW2 cluster)
+    /// into a registered buffer.
+    async fn copy_to_fixed(&self, _data: &[u8], _buf: FixedBuf) -> io::Result<()> {
+        Err(no_fixed_buffers())
+    }
 }
 
 fn no_fixed_buffers() -> io::Error {
@@ -271,6 +276,9 @@ impl<T: Io + ?Sized> Io for &T {
     }
     async fn zero_fixed(&self, buf: FixedBuf) -> io::Result<()> {
         (**self).zero_fixed(buf).await
+    }
+    async fn copy_to_fixed(&self, data: &[u8], buf: FixedBuf) -> io::Result<()> {
+        (**self).copy_to_fixed(data, buf).await
     }
 }
 

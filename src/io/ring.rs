@@ -202,6 +202,22 @@ impl<S: Submit> Io for RingIo<S> {
         Ok(())
     }
 
+    async fn copy_to_fixed(&self, data: &[u8], buf: FixedBuf) -> io::Result<()> {
+        // A registered kernel buffer (a ublk request's pages) is reached only
+        // by transfers on the ring: the bytes go through a memory file of
+        // this call's own (rare: only what a QCOW2 layer serves).
+        use std::os::fd::{AsRawFd, FromRawFd};
+        use std::os::unix::fs::FileExt;
+        debug_assert_eq!(data.len(), buf.len);
+        let fd = unsafe { libc::memfd_create(c"ublk-ploop-bounce".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        file.write_all_at(data, 0)?;
+        self.transfer_fixed(true, file.as_raw_fd(), buf, 0).await
+    }
+
     async fn set_len(&self, fd: RawFd, len: u64) -> io::Result<()> {
         match self.op(|| opcode::Ftruncate::new(types::Fd(fd), len).build()).await {
             // Kernels before 6.9 have no ftruncate on the ring; it is rare

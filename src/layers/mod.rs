@@ -28,7 +28,7 @@ pub enum Format {
     #[default]
     Ploop,
     Raw,
-    /// Read by `convert` (issue #22); not served as a layer yet.
+    /// Read-only, with its own backing chain: the base of a stack.
     Qcow2,
 }
 
@@ -48,6 +48,7 @@ impl std::str::FromStr for Format {
 pub enum Layer {
     Ploop(PloopLayer),
     Raw(RawLayer),
+    Qcow2(qcow2::Qcow2Layer),
 }
 
 /// Other formats' magics: served as raw they would expose their metadata
@@ -181,10 +182,7 @@ impl Layer {
                 }
                 Err(e) => Err(e),
             },
-            Format::Qcow2 => Err(Error::unsupported(format!(
-                "{}: a QCOW2 image is not served as a layer yet; `ublk-ploop convert IMAGE OUT --format qcow2` makes a ploop image of it",
-                path.display()
-            ))),
+            Format::Qcow2 => Ok((Layer::Qcow2(qcow2::Qcow2Layer::open(io, file).await?), OpenReport::default())),
             Format::Raw => {
                 let layer = RawLayer::open(io, file)?;
                 if layer.size() % 512 != 0 {
@@ -199,12 +197,14 @@ impl Layer {
         match self {
             Layer::Ploop(l) => l.file(),
             Layer::Raw(l) => l.file(),
+            Layer::Qcow2(l) => l.file(),
         }
     }
     pub fn format(&self) -> Format {
         match self {
             Layer::Ploop(_) => Format::Ploop,
             Layer::Raw(_) => Format::Raw,
+            Layer::Qcow2(_) => Format::Qcow2,
         }
     }
     /// Virtual disk size this layer describes.
@@ -212,28 +212,53 @@ impl Layer {
         match self {
             Layer::Ploop(l) => l.size(),
             Layer::Raw(l) => l.size(),
+            Layer::Qcow2(l) => l.size(),
         }
     }
-    /// The ploop version of this layer (None for a raw file).
+    /// The ploop version of this layer (None for other formats).
     pub fn variant(&self) -> Option<header::Variant> {
         match self {
             Layer::Ploop(l) => Some(l.header().variant),
-            Layer::Raw(_) => None,
+            Layer::Raw(_) | Layer::Qcow2(_) => None,
         }
     }
-    /// The cluster size the format imposes, if any.
+    /// The cluster size the format imposes on the stack, if any (a QCOW2
+    /// image maps any range itself, whatever its own cluster size).
     pub fn cluster_size(&self) -> Option<u64> {
         match self {
             Layer::Ploop(l) => Some(l.cluster_size()),
-            Layer::Raw(_) => None,
+            Layer::Raw(_) | Layer::Qcow2(_) => None,
         }
     }
-    /// File offset of virtual cluster `c`, if this layer holds it.
+    /// Where virtual cluster `c` lies, if this layer holds it: an offset
+    /// in the file (ploop, raw), or on the QCOW2 image's virtual disk; in
+    /// either case what `read_at` takes.
     #[inline]
     pub fn lookup(&self, c: u64, cluster: u64) -> Option<u64> {
         match self {
             Layer::Ploop(l) => l.lookup(c),
             Layer::Raw(l) => l.lookup(c, cluster),
+            Layer::Qcow2(l) => l.lookup(c, cluster),
+        }
+    }
+    /// Whether the bytes `lookup` locates lie in the file as they read
+    /// (a transfer may go straight between the file and a request).
+    #[inline]
+    pub fn stored_in_place(&self) -> bool {
+        !matches!(self, Layer::Qcow2(_))
+    }
+    /// Read `buf.len()` bytes at `at`, a location `lookup` gave.
+    pub async fn read_at<I: Io>(&self, io: &I, buf: &mut [u8], at: u64) -> std::io::Result<()> {
+        match self {
+            Layer::Qcow2(l) => l.read_at(io, buf, at).await,
+            _ => io.read_at(self.file().fd(), buf, at).await,
+        }
+    }
+    /// The QCOW2 image's cache counts, for a QCOW2 layer.
+    pub fn qcow2_caches(&self) -> Option<qcow2::CacheStats> {
+        match self {
+            Layer::Qcow2(l) => Some(l.cache_stats()),
+            _ => None,
         }
     }
     /// The clusters below `clusters` this layer holds, ascending: time
@@ -242,6 +267,7 @@ impl Layer {
         match self {
             Layer::Ploop(l) => Box::new(l.allocated().map(|(c, _)| c).take_while(move |&c| c < clusters)),
             Layer::Raw(l) => Box::new(0..l.size().div_ceil(cluster).min(clusters)),
+            Layer::Qcow2(l) => Box::new(0..l.size().div_ceil(cluster).min(clusters)),
         }
     }
     /// Bytes of memory this layer's table holds.
@@ -249,6 +275,7 @@ impl Layer {
         match self {
             Layer::Ploop(l) => l.table_bytes(),
             Layer::Raw(_) => 0,
+            Layer::Qcow2(l) => l.table_bytes(),
         }
     }
     /// Take this layer's lock exclusively (converting a shared one) or
@@ -284,13 +311,14 @@ impl Layer {
         match self {
             Layer::Ploop(l) => l.reserve_cluster(io).await,
             Layer::Raw(l) => Err(Error::unsupported(format!("{}: a raw layer allocates nothing", l.file().path.display()))),
+            Layer::Qcow2(l) => Err(qcow2::layer::read_only(&l.file().path)),
         }
     }
     /// Grow the file ahead of need (see `PloopLayer::grow_ahead`).
     pub async fn grow_ahead<I: Io>(&self, io: &I) -> Result<()> {
         match self {
             Layer::Ploop(l) => l.grow_ahead(io).await,
-            Layer::Raw(_) => Ok(()),
+            Layer::Raw(_) | Layer::Qcow2(_) => Ok(()),
         }
     }
     /// Point cluster `c` at `offset` (see `PloopLayer::link`); returns the
@@ -298,7 +326,7 @@ impl Layer {
     pub fn link(&self, c: u64, offset: u64) -> u64 {
         match self {
             Layer::Ploop(l) => l.link(c, offset),
-            Layer::Raw(_) => 0,
+            Layer::Raw(_) | Layer::Qcow2(_) => 0,
         }
     }
     /// Where a request's window of metadata generations starts (see
@@ -306,13 +334,13 @@ impl Layer {
     pub fn window_start(&self) -> Option<u64> {
         match self {
             Layer::Ploop(l) => Some(l.first_unwritten()),
-            Layer::Raw(_) => None,
+            Layer::Raw(_) | Layer::Qcow2(_) => None,
         }
     }
     pub fn published(&self) -> u64 {
         match self {
             Layer::Ploop(l) => l.published(),
-            Layer::Raw(_) => 0,
+            Layer::Raw(_) | Layer::Qcow2(_) => 0,
         }
     }
     /// Write the metadata generations `lo..=hi` for a request on
@@ -320,7 +348,7 @@ impl Layer {
     pub async fn write_metadata<I: Io>(&self, io: &I, lo: u64, hi: u64, clusters: std::ops::Range<u64>) -> std::result::Result<(), MetaError> {
         match self {
             Layer::Ploop(l) => l.write_metadata(io, lo, hi, clusters).await,
-            Layer::Raw(_) => Ok(()),
+            Layer::Raw(_) | Layer::Qcow2(_) => Ok(()),
         }
     }
     /// Wait for a metadata write in flight and write what is still dirty
@@ -328,7 +356,7 @@ impl Layer {
     pub async fn write_dirty_meta<I: Io>(&self, io: &I) -> std::result::Result<(), MetaError> {
         match self {
             Layer::Ploop(l) => l.write_dirty_meta(io).await,
-            Layer::Raw(_) => Ok(()),
+            Layer::Raw(_) | Layer::Qcow2(_) => Ok(()),
         }
     }
     /// Make the writes to the file completed so far durable (shared with
@@ -337,6 +365,8 @@ impl Layer {
         match self {
             Layer::Ploop(l) => l.sync_data(io).await,
             Layer::Raw(l) => l.sync_data(io).await,
+            // Never written here.
+            Layer::Qcow2(_) => Ok(()),
         }
     }
     /// A sync of the file failed: what it covered may be lost.
@@ -344,6 +374,7 @@ impl Layer {
         match self {
             Layer::Ploop(l) => l.sync_failed(),
             Layer::Raw(l) => l.sync_failed(),
+            Layer::Qcow2(_) => false,
         }
     }
     /// Fail every later sync, as after one that failed here (one that
@@ -352,6 +383,7 @@ impl Layer {
         match self {
             Layer::Ploop(l) => l.poison_syncs(),
             Layer::Raw(l) => l.poison_syncs(),
+            Layer::Qcow2(_) => {}
         }
     }
     /// Make acknowledged writes durable.
@@ -361,7 +393,7 @@ impl Layer {
             Layer::Raw(l) if l.file().writable => {
                 l.sync_data(io).await.map_err(|e| Error::io(e, l.file().path.display()))
             }
-            Layer::Raw(_) => Ok(()),
+            Layer::Raw(_) | Layer::Qcow2(_) => Ok(()),
         }
     }
     /// Leave the image consistent and (ploop) marked clean. No request may
@@ -369,7 +401,7 @@ impl Layer {
     pub async fn close<I: Io>(&self, io: &I) -> Result<()> {
         match self {
             Layer::Ploop(l) => l.close(io).await,
-            Layer::Raw(_) => self.sync(io).await,
+            Layer::Raw(_) | Layer::Qcow2(_) => self.sync(io).await,
         }
     }
     /// Close keeping dirty bitmaps (ploop only; other formats cannot hold
@@ -377,14 +409,14 @@ impl Layer {
     pub async fn close_with_bitmaps<I: Io>(&self, io: &I, bitmaps: &[ploop::ext::DirtyBitmap]) -> Result<()> {
         match self {
             Layer::Ploop(l) => l.close_with_bitmaps(io, bitmaps).await,
-            Layer::Raw(_) => self.sync(io).await,
+            Layer::Raw(_) | Layer::Qcow2(_) => self.sync(io).await,
         }
     }
     /// The dirty bitmaps a ploop image carried when it opened read-write.
     pub fn take_saved_bitmaps(&self) -> Vec<ploop::ext::DirtyBitmap> {
         match self {
             Layer::Ploop(l) => l.take_saved_bitmaps(),
-            Layer::Raw(_) => Vec::new(),
+            Layer::Raw(_) | Layer::Qcow2(_) => Vec::new(),
         }
     }
     /// Mark a writable image in use again after a `close` (a snapshot that
@@ -392,7 +424,7 @@ impl Layer {
     pub async fn reopen_in_use<I: Io>(&self, io: &I) -> Result<()> {
         match self {
             Layer::Ploop(l) => l.reopen_in_use(io).await,
-            Layer::Raw(_) => Ok(()),
+            Layer::Raw(_) | Layer::Qcow2(_) => Ok(()),
         }
     }
 }

@@ -180,6 +180,10 @@ impl Stack {
         // interleave with the merge.
         let top = &top;
         let changed = || Error::new(libc::EBUSY, "the stack changed during the merge");
+        // Clusters a QCOW2 parent (always the bottom) stores nothing for:
+        // they read as zeros with or without it, so they are not copied.
+        let empty = std::sync::Mutex::new(std::collections::HashSet::new());
+        let empty = &empty;
         let copy_one = |&c: &u64| async move {
             let shape = self.shape.enter().await;
             shape.check_open()?;
@@ -189,6 +193,12 @@ impl Stack {
             // A write may have copied it up meanwhile: then nothing to do
             // (the check at the end catches its link failing).
             if shape.top().lookup(c, self.cluster).is_none() && shape.holder_below(c, self.cluster) == Some(parent as usize) {
+                if let Layer::Qcow2(q) = &*shape.layers[parent as usize] {
+                    if !q.image().holds_data(io, c * self.cluster, self.cluster).await? {
+                        empty.lock().unwrap().insert(c);
+                        return Ok(());
+                    }
+                }
                 let window = shape.top().window_start();
                 self.allocate(io, &shape, c, Fill::CopyUp).await?;
                 self.finish(io, &shape, window, c..c + 1).await?;
@@ -215,13 +225,14 @@ impl Stack {
                     return Err(changed());
                 }
                 top.write_dirty_meta(io).await.map_err(|e| self.rolled_back(&shape, e))?;
-                self.left_in_parent(&shape, parent)
+                let empty = empty.lock().unwrap();
+                self.left_in_parent(&shape, parent).into_iter().filter(|c| !empty.contains(c)).collect()
             };
             if todo.is_empty() {
                 if !crate::mutant::off("merge-final-sync") {
                     top.sync(io).await?;
                 }
-                return Ok(copied);
+                return Ok(copied - empty.lock().unwrap().len() as u64);
             }
         }
         Err(Error::new(
@@ -278,6 +289,7 @@ impl Stack {
         if top.size() != self.size() || layers.iter().any(|l| l.cluster_size().is_some_and(|c| c != self.cluster)) {
             return Err(Error::invalid("the new top must have the disk's size, and every layer its cluster size"));
         }
+        super::check_qcow2_at_bottom(&layers)?;
         let mut shape = self.shape.exclusive().await;
         shape.check_open()?;
         let owner = owner_map(&layers, self.size(), self.cluster);

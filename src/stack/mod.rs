@@ -237,6 +237,9 @@ impl Stack {
                 }
             }
         }
+        if let Err(e) = check_qcow2_at_bottom(&layers) {
+            return Err((e, layers));
+        }
         let cluster = cluster.unwrap_or(DEFAULT_CLUSTER);
         let top = layers.last().expect("checked non-empty");
         let size = top.size();
@@ -470,7 +473,7 @@ impl Frozen<'_> {
         self.stack.check_range(offset, buf.len())?;
         let mut segs = Vec::with_capacity(2);
         self.stack.plan_read(&self.shape, offset, buf.len(), &mut segs);
-        read_segs(io, &segs, Dst::Mem(buf)).await.map_err(|e| Error::io(e, "reading image data"))
+        read_segs(io, &self.shape.layers, &segs, Dst::Mem(buf)).await.map_err(|e| Error::io(e, "reading image data"))
     }
 
     /// Make every completed write durable.
@@ -488,6 +491,19 @@ impl Frozen<'_> {
 /// Per cluster, the topmost layer that holds it.
 fn owner_map(layers: &[Arc<Layer>], size: u64, cluster: u64) -> owner::OwnerMap {
     owner::OwnerMap::build(layers, size.div_ceil(cluster), cluster)
+}
+
+/// A QCOW2 image brings its own backing chain and shows every cluster of
+/// its disk (its unallocated ones from that chain), so nothing can lie
+/// below it in the stack: it is the bottom or nothing.
+pub(super) fn check_qcow2_at_bottom(layers: &[Arc<Layer>]) -> Result<()> {
+    match layers.iter().skip(1).find(|l| l.format() == Format::Qcow2) {
+        Some(l) => Err(Error::invalid(format!(
+            "{}: a QCOW2 image can only be the bottom layer of a stack (it reads its own backing files)",
+            l.file().path.display()
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// The same file twice in one stack would be both read-only and writable.

@@ -2,9 +2,9 @@
 //! where some layer holds clusters: a thin disk costs its directory, and a
 //! lookup stays two dependent loads at any depth.
 //!
-//! A raw layer holds every cluster below its end; it is kept as a *floor*
-//! (its index and end) rather than as entries, so a raw base of any size
-//! costs nothing until a layer above it allocates near a cluster.
+//! A raw or QCOW2 layer holds every cluster below its end; it is kept as a
+//! *floor* (its index and end) rather than as entries, so such a base of
+//! any size costs nothing until a layer above it allocates near a cluster.
 
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -19,7 +19,7 @@ type Chunk = [AtomicU8; CHUNK];
 pub(super) struct OwnerMap {
     clusters: u64,
     dir: Box<[OnceLock<Box<Chunk>>]>,
-    /// Raw layers, bottom first: (index, clusters covered). A cluster with
+    /// Raw and QCOW2 layers, bottom first: (index, clusters covered). A cluster with
     /// no chunk belongs to the topmost floor that covers it.
     floors: Vec<(u8, u64)>,
     chunks: AtomicUsize,
@@ -43,8 +43,10 @@ impl OwnerMap {
                         map.set(c, index);
                     }
                 }
-                Layer::Raw(l) => {
-                    let end = l.size().div_ceil(cluster).min(clusters);
+                // A raw file and a QCOW2 image hold every cluster below
+                // their size.
+                Layer::Raw(_) | Layer::Qcow2(_) => {
+                    let end = layer.size().div_ceil(cluster).min(clusters);
                     for (c, slot) in map.present_slots() {
                         if c < end {
                             slot.store(index, Ordering::Relaxed);

@@ -6,6 +6,7 @@ use std::future::poll_fn;
 use std::ops::Range;
 use std::os::fd::RawFd;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::task::Poll;
 
 use crate::error::{Error, Result};
@@ -23,6 +24,10 @@ pub(super) enum Seg {
     Data { fd: RawFd, file_off: u64, buf_off: usize, len: usize },
     /// The request buffer at `buf_off` reads as zeros.
     Zero { buf_off: usize, len: usize },
+    /// Read `len` bytes through layer `layer`'s own mapping from `at` (a
+    /// QCOW2 base: its bytes are inflated, zeroed or found in its backing
+    /// files, not stored in place).
+    Mapped { layer: u8, at: u64, buf_off: usize, len: usize },
 }
 
 impl Stack {
@@ -56,7 +61,10 @@ impl Stack {
                 .and_then(|i| Some((i, shape.layers[i].lookup(c, self.cluster)?)))
                 .or_else(|| shape.holder_below_top(c, self.cluster).map(|i| (i, shape.layers[i].lookup(c, self.cluster).unwrap())));
             let seg = match found {
-                Some((i, base)) => Seg::Data { fd: shape.layers[i].file().fd(), file_off: base + within, buf_off, len: n },
+                Some((i, base)) if shape.layers[i].stored_in_place() => {
+                    Seg::Data { fd: shape.layers[i].file().fd(), file_off: base + within, buf_off, len: n }
+                }
+                Some((i, at)) => Seg::Mapped { layer: i as u8, at: at + within, buf_off, len: n },
                 None => Seg::Zero { buf_off, len: n },
             };
             push_merged(segs, seg);
@@ -85,7 +93,7 @@ impl Stack {
         shape.check_open()?;
         let mut segs = Vec::with_capacity(2);
         self.plan_read(&shape, offset, len, &mut segs);
-        read_segs(io, &segs, dst).await.map_err(|e| Error::io(e, "reading image data"))
+        read_segs(io, &shape.layers, &segs, dst).await.map_err(|e| Error::io(e, "reading image data"))
     }
 
     /// Write `data` at `offset`: clusters the top lacks are allocated (and
@@ -215,7 +223,7 @@ impl Stack {
     /// Copy one cluster's bytes up and make them durable (data before index).
     async fn copy_up<I: Io>(&self, io: &I, src: &Layer, src_off: u64, top: &Layer, offset: u64, buf: &mut [u8]) -> Result<()> {
         let (from, to) = (src.file(), top.file());
-        io.read_at(from.fd(), buf, src_off).await.map_err(|e| Error::io(e, format_args!("{}: copy-up read", from.path.display())))?;
+        src.read_at(io, buf, src_off).await.map_err(|e| Error::io(e, format_args!("{}: copy-up read", from.path.display())))?;
         io.write_at(to.fd(), buf, offset).await.map_err(|e| Error::io(e, format_args!("{}: copy-up write", to.path.display())))?;
         if crate::mutant::off("copy-up-sync") {
             return Ok(());
@@ -431,8 +439,9 @@ impl Src<'_> {
     }
 }
 
-/// Move planned read segments into `dst`, all in flight together.
-pub(super) async fn read_segs<I: Io>(io: &I, segs: &[Seg], dst: Dst<'_>) -> std::io::Result<()> {
+/// Move planned read segments into `dst`, all in flight together;
+/// `layers` are those the segments name.
+pub(super) async fn read_segs<I: Io>(io: &I, layers: &[Arc<Layer>], segs: &[Seg], dst: Dst<'_>) -> std::io::Result<()> {
     let buf = match dst {
         Dst::Mem(buf) => buf,
         Dst::Fixed(fixed) => {
@@ -442,6 +451,11 @@ pub(super) async fn read_segs<I: Io>(io: &I, segs: &[Seg], dst: Dst<'_>) -> std:
                     match seg {
                         Seg::Data { fd, file_off, buf_off, len } => io.read_fixed(fd, fixed.slice(buf_off, len), file_off).await,
                         Seg::Zero { buf_off, len } => io.zero_fixed(fixed.slice(buf_off, len)).await,
+                        Seg::Mapped { layer, at, buf_off, len } => {
+                            let mut bounce = AlignedBuf::zeroed(len);
+                            layers[layer as usize].read_at(io, &mut bounce, at).await?;
+                            io.copy_to_fixed(&bounce, fixed.slice(buf_off, len)).await
+                        }
                     }
                 }
             };
@@ -455,6 +469,7 @@ pub(super) async fn read_segs<I: Io>(io: &I, segs: &[Seg], dst: Dst<'_>) -> std:
         return io.read_at(fd, &mut buf[..len], file_off).await;
     }
     let mut futures = Vec::with_capacity(segs.len());
+    let mut mapped = Vec::new();
     let mut rest = buf;
     for seg in segs {
         match *seg {
@@ -468,9 +483,26 @@ pub(super) async fn read_segs<I: Io>(io: &I, segs: &[Seg], dst: Dst<'_>) -> std:
                 futures.push(io.read_at(fd, piece, file_off));
                 rest = tail;
             }
+            Seg::Mapped { layer, at, len, .. } => {
+                let (piece, tail) = std::mem::take(&mut rest).split_at_mut(len);
+                mapped.push((&layers[layer as usize], at, piece));
+                rest = tail;
+            }
         }
     }
-    join_all(futures).await.into_iter().collect()
+    if mapped.is_empty() {
+        return join_all(futures).await.into_iter().collect();
+    }
+    // Pieces through a layer's own mapping (rare: a QCOW2 base) run beside
+    // the file transfers, one after another.
+    let through_layers = async {
+        for (layer, at, piece) in mapped {
+            layer.read_at(io, piece, at).await?;
+        }
+        Ok(())
+    };
+    let (files, layers): (Vec<std::io::Result<()>>, std::io::Result<()>) = futures_lite::future::zip(join_all(futures), through_layers).await;
+    files.into_iter().collect::<std::io::Result<()>>().and(layers)
 }
 
 /// Move planned write segments from `data`, all in flight together.
@@ -481,7 +513,7 @@ async fn write_segs<I: Io>(io: &I, segs: &[Seg], data: Src<'_>) -> std::io::Resu
             match (seg, data) {
                 (Seg::Data { fd, file_off, buf_off, len }, Src::Mem(data)) => io.write_at(fd, &data[buf_off..buf_off + len], file_off).await,
                 (Seg::Data { fd, file_off, buf_off, len }, Src::Fixed(fixed)) => io.write_fixed(fd, fixed.slice(buf_off, len), file_off).await,
-                (Seg::Zero { .. }, _) => unreachable!("writes plan no zero segments"),
+                (Seg::Zero { .. } | Seg::Mapped { .. }, _) => unreachable!("writes plan only data segments"),
             }
         }
     };
@@ -501,6 +533,11 @@ fn push_merged(segs: &mut Vec<Seg>, seg: Seg) {
             *len += n;
         }
         (Some(Seg::Zero { buf_off, len }), Seg::Zero { buf_off: b2, len: n }) if *buf_off + *len == b2 => *len += n,
+        (Some(Seg::Mapped { layer, at, buf_off, len }), Seg::Mapped { layer: l2, at: at2, buf_off: b2, len: n })
+            if *layer == l2 && *at + *len as u64 == at2 && *buf_off + *len == b2 =>
+        {
+            *len += n;
+        }
         _ => segs.push(seg),
     }
 }

@@ -30,6 +30,7 @@ pub enum Kind {
     ReadFixed,
     WriteFixed,
     ZeroFixed,
+    CopyToFixed,
 }
 
 /// One operation: its kind, file, and byte range (0 where it has none).
@@ -55,6 +56,7 @@ pub enum Call<'a> {
     ReadFixed(RawFd, FixedBuf, u64),
     WriteFixed(RawFd, FixedBuf, u64),
     ZeroFixed(FixedBuf),
+    CopyToFixed(&'a [u8], FixedBuf),
 }
 
 impl Call<'_> {
@@ -71,6 +73,7 @@ impl Call<'_> {
             Call::ReadFixed(fd, buf, at) => (Kind::ReadFixed, *fd, *at, buf.len as u64),
             Call::WriteFixed(fd, buf, at) => (Kind::WriteFixed, *fd, *at, buf.len as u64),
             Call::ZeroFixed(buf) => (Kind::ZeroFixed, -1, 0, buf.len as u64),
+            Call::CopyToFixed(_, buf) => (Kind::CopyToFixed, -1, 0, buf.len as u64),
         };
         Op { kind, fd, offset, len }
     }
@@ -89,6 +92,7 @@ impl Call<'_> {
             Call::ReadFixed(fd, buf, at) => io.read_fixed(fd, buf, at).await,
             Call::WriteFixed(fd, buf, at) => io.write_fixed(fd, buf, at).await,
             Call::ZeroFixed(buf) => io.zero_fixed(buf).await,
+            Call::CopyToFixed(data, buf) => io.copy_to_fixed(data, buf).await,
         }
     }
 }
@@ -260,6 +264,9 @@ impl<B: Backend, H: Hook> Io for Hooked<B, H> {
     }
     async fn zero_fixed(&self, buf: FixedBuf) -> io::Result<()> {
         self.go(Call::ZeroFixed(buf)).await
+    }
+    async fn copy_to_fixed(&self, data: &[u8], buf: FixedBuf) -> io::Result<()> {
+        self.go(Call::CopyToFixed(data, buf)).await
     }
     fn open(&self, path: &Path, how: &OpenHow) -> io::Result<Handle> {
         self.hook.opening(path, how);

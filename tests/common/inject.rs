@@ -48,7 +48,7 @@ impl Counts {
             Kind::Grow => Some(&mut self.grows),
             Kind::Truncate => Some(&mut self.truncates),
             Kind::Rename => Some(&mut self.renames),
-            Kind::SyncDir | Kind::ReadFixed | Kind::WriteFixed | Kind::ZeroFixed => None,
+            Kind::SyncDir | Kind::ReadFixed | Kind::WriteFixed | Kind::ZeroFixed | Kind::CopyToFixed => None,
         }
     }
 

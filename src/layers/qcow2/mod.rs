@@ -5,5 +5,7 @@
 pub mod entry;
 pub mod header;
 pub mod image;
+pub mod layer;
 
-pub use image::Qcow2Image;
+pub use image::{CacheStats, Qcow2Image};
+pub use layer::Qcow2Layer;
