@@ -38,14 +38,12 @@ pub async fn convert<I: Io>(
     opts: &ConvertOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<ConvertStats> {
-    if let Some(q) = sources.iter().find(|s| s.format == Format::Qcow2) {
-        if sources.len() != 1 {
-            return Err(Error::unsupported(format!(
-                "{}: a QCOW2 image converts alone (it brings its own backing chain)",
-                q.path.display()
-            )));
+    // A QCOW2 image alone is read directly; under ploop layers (a clone of
+    // a cloud image) it is the stack's base like any other.
+    if let [q] = sources {
+        if q.format == Format::Qcow2 {
+            return convert_qcow2(io, &q.path, dst, opts, progress).await;
         }
-        return convert_qcow2(io, &q.path, dst, opts, progress).await;
     }
     // Before anything is read: a header claiming an absurd table is
     // refused, not loaded.

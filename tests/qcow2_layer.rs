@@ -14,7 +14,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{assert_clean, for_each_seed, AnyIo, Rng, TempDir};
+use common::{assert_clean, for_each_seed, ploop, AnyIo, Rng, TempDir};
 use ublk_ploop::io::{block_on, AlignedBuf, Direct, SyncIo};
 use ublk_ploop::layers::{Format, PloopLayer};
 use ublk_ploop::{LayerSpec, Stack, StackOptions};
@@ -328,3 +328,80 @@ fn a_qcow2_image_is_read_only_and_only_the_bottom() {
     assert_clean(&p, Format::Ploop, "after refusals");
 }
 
+fn p(path: &Path) -> &str {
+    path.to_str().expect("utf-8 temp path")
+}
+
+/// A cloud image as a template, through the CLI: `clone --format qcow2`
+/// makes a disk directory over it (its descriptor names it as a QCOW2
+/// base), that disk takes writes and snapshots, `info`, `check` and
+/// `convert` read it, `detach` copies up only what the image stores, and
+/// the image never changes.
+#[test]
+fn a_disk_directory_cloned_from_a_qcow2_image() {
+    let root = TempDir::new("qcow2-clone");
+    let made = root.join("made.qcow2");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", made.to_str().unwrap(), "16M"]);
+    let mut args = vec!["-f", "qcow2"];
+    for c in ["write -P 0x11 0 1M", "write -P 0x22 5M 100k", "write -z 9M 1M"] {
+        args.extend(["-c", c]);
+    }
+    args.push(p(&made));
+    run("qemu-io", &args);
+    let cloud = root.join("cloud.qcow2");
+    run("qemu-img", &["convert", "-c", "-f", "qcow2", "-O", "qcow2", p(&made), p(&cloud)]);
+    let before = std::fs::read(&cloud).unwrap();
+    let mut model = oracle(&cloud);
+
+    let ct = root.join("ct");
+    ploop(["clone", p(&cloud), p(&ct), "--format", "qcow2", "--cluster-size", "64K"]).ok().mentions(&["root.hds", "cloud.qcow2"]);
+    let xml = std::fs::read_to_string(ct.join("DiskDescriptor.xml")).unwrap();
+    assert!(xml.contains("<Type>QCOW2</Type>") && xml.contains(p(&cloud)), "{xml}");
+    ploop(["clone", p(&cloud), p(&root.join("bad")), "--format", "qcow2", "-u", "{5fbaabe3-6958-40ff-92a7-860e329aab41}"])
+        .expect_clean_failure()
+        .mentions(&["no snapshots"]);
+
+    // Served as a daemon opens it: writes land in the top.
+    let write = |off: u64, byte: u8, model: &mut Vec<u8>| {
+        let disk = ublk_ploop::disk::Disk::load(&ct).unwrap();
+        let layers = block_on(disk.writable_layers(&SyncIo)).unwrap();
+        let formats: Vec<Format> = layers.iter().map(|l| l.format).collect();
+        assert!(formats[0] == Format::Qcow2 || formats == [Format::Ploop], "{formats:?}");
+        let (stack, _) = block_on(Stack::open_layers(&SyncIo, &layers, &StackOptions { offline: true, ..Default::default() })).unwrap();
+        block_on(stack.write(&SyncIo, off, &[byte; 8192])).unwrap();
+        model[off as usize..off as usize + 8192].fill(byte);
+        assert!(common::read_disk(&stack, &AnyIo::new("sync"), 1 << 20) == *model, "the disk reads the image and the writes");
+        block_on(stack.close(&SyncIo)).unwrap();
+    };
+    write(4096, 0x33, &mut model);
+    // A snapshot's new top is a ploop delta named after the disk's own
+    // first file, not after the image.
+    ploop(["snapshot", p(&ct)]).ok();
+    let disk = ublk_ploop::disk::Disk::load(&ct).unwrap();
+    let kinds: Vec<_> = disk.desc.images.iter().map(|i| (i.kind, i.file.clone())).collect();
+    assert_eq!(kinds.len(), 3);
+    assert!(kinds[2].0 == ublk_ploop::disk::ImageType::Compressed && kinds[2].1.starts_with("root.hds.{"), "{kinds:?}");
+    write(8 << 20, 0x55, &mut model);
+    let info = ploop(["info", p(&ct), "--json"]).ok().json();
+    assert!(info.to_string().contains("qcow2"), "{info}");
+    ploop(["check", p(&ct)]).ok();
+    let out = root.join("flat.raw");
+    ploop(["convert", p(&ct), p(&out), "--to", "raw"]).ok();
+    assert!(std::fs::read(&out).unwrap() == model, "convert flattens image and top");
+
+    // The snapshot merged away, then standing alone: 1 MiB of data and
+    // 100 KiB in two 64 KiB clusters of the image, not its 16 MiB.
+    ploop(["snapshot-merge", p(&ct)]).ok();
+    let detached = ploop(["detach", p(&ct), "--json"]).ok().json();
+    assert_eq!(detached["merged"].as_array().unwrap().len(), 1, "{detached}");
+    let disk = ublk_ploop::disk::Disk::load(&ct).unwrap();
+    assert_eq!(disk.desc.images.len(), 1, "one delta left");
+    let top = disk.file_path(&disk.desc.images[0]);
+    assert!(std::fs::metadata(&top).unwrap().len() < 3 << 20, "the top holds what the image stored");
+    write(12 << 20, 0x44, &mut model);
+    ploop(["check", p(&ct)]).ok();
+    assert!(std::fs::read(&cloud).unwrap() == before, "the image never changes");
+    if common::have_qemu() {
+        common::qemu_check_clean(&top);
+    }
+}

@@ -48,9 +48,10 @@ pub struct IoArgs {
 #[derive(Args, Clone)]
 pub struct FormatArg {
     /// Format of image files given by path: ploop (default), raw, or qcow2
-    /// (read by convert). A disk directory's descriptor declares its own.
+    /// (read-only, the bottom of a stack). Once for all images, or once per
+    /// image in order. A disk directory's descriptor declares its own.
     #[arg(long, value_parser = |s: &str| s.parse::<Format>())]
-    pub format: Option<Format>,
+    pub format: Vec<Format>,
 }
 
 /// A device (online, through its daemon) or a disk directory (offline):
@@ -320,13 +321,22 @@ pub enum SnapshotCommand {
     /// into, moved or removed from here) and whose own empty top takes the
     /// writes. The template must not be served read-write.
     Clone {
-        /// The template: a disk directory no device serves read-write.
+        /// The template: a disk directory no device serves read-write, or
+        /// with `--format qcow2` a QCOW2 image (a cloud image).
         template: PathBuf,
         /// The new disk directory.
         dir: PathBuf,
         /// Clone the template as of this snapshot (default: its top).
         #[arg(short = 'u', long, value_parser = parse_guid)]
         uuid: Option<Guid>,
+        /// `qcow2`: the template is a QCOW2 image file, read-only under the
+        /// clone's own ploop top.
+        #[arg(long, value_parser = |s: &str| s.parse::<Format>())]
+        format: Option<Format>,
+        /// Cluster size of the clone's top over a QCOW2 template (a disk
+        /// directory's clone takes its template's).
+        #[arg(long, value_parser = parse_cluster_arg)]
+        cluster_size: Option<u64>,
         #[arg(long)]
         json: bool,
     },

@@ -25,7 +25,7 @@ pub fn run(command: DeviceCommand) -> Result<i32> {
 
 /// Start a daemon serving the images (or a disk, or its snapshot).
 fn add(images: Vec<PathBuf>, format: FormatArg, snapshot: Option<Guid>, id: Option<u32>, name: Option<String>, dev: DeviceArgs, foreground: bool) -> Result<i32> {
-    let resolved = resolve::layers(&images, format.format, snapshot)?;
+    let resolved = resolve::layers(&images, &format.format, snapshot)?;
     let config = crate::daemon::DeviceConfig {
         images: resolved.layers,
         disk: resolved.disk,

@@ -75,7 +75,7 @@ fn init(dir: PathBuf, geometry: Geometry, json: bool) -> Result<i32> {
 /// Headers and allocation of image files or of a disk's deltas; exit 2
 /// when any is damaged.
 fn info(images: Vec<PathBuf>, format: FormatArg, json: bool) -> Result<i32> {
-    let (disk, paths) = resolve::files(&images, format.format)?;
+    let (disk, paths) = resolve::files(&images, &format.format)?;
     let found = paths.iter().map(|(p, f)| image_info(p, *f)).collect::<Result<Vec<_>>>()?;
     let infos: Vec<InfoOut> = found.iter().map(|(i, _)| i.clone()).collect();
     let disk_problems = match &disk {
@@ -117,14 +117,14 @@ fn info(images: Vec<PathBuf>, format: FormatArg, json: bool) -> Result<i32> {
 /// Check (and with `repair`, fix) an image or every delta of a disk; the
 /// exit code says the worst found.
 fn check_cmd(image: PathBuf, repair: bool, format: FormatArg, json: bool) -> Result<i32> {
-    let (mut disk, mut paths) = resolve::files(std::slice::from_ref(&image), format.format)?;
+    let (mut disk, mut paths) = resolve::files(std::slice::from_ref(&image), &format.format)?;
     // A repair changes the disk: under ploop's disk lock (waiting
     // for another holder, as snapshot and resize do), with the
     // descriptor read again once the lock is ours.
     let _lock = match (&disk, repair) {
         (Some(d), true) => {
             let lock = d.lock()?;
-            (disk, paths) = resolve::files(std::slice::from_ref(&image), None)?;
+            (disk, paths) = resolve::files(std::slice::from_ref(&image), &[])?;
             Some(lock)
         }
         _ => None,
@@ -138,6 +138,11 @@ fn check_cmd(image: PathBuf, repair: bool, format: FormatArg, json: bool) -> Res
     };
     let mut reports = Vec::new();
     for ((path, format), own) in paths.iter().zip(&own) {
+        if disk.is_some() && *format == Format::Qcow2 {
+            // A disk's QCOW2 base: qemu's own tool checks that format.
+            eprintln!("{}: QCOW2 base, not checked here (`qemu-img check` checks it)", path.display());
+            continue;
+        }
         if repair && !own {
             eprintln!("{}: outside the disk directory (shared): checked, not repaired", path.display());
         }
@@ -188,7 +193,7 @@ fn resize_cmd(id: Option<u32>, image: Option<PathBuf>, size: u64, format: Format
         (None, Some(image)) => image,
         (None, None) => unreachable!("clap requires -n or IMAGE"),
     };
-    let done = match resolve::files(std::slice::from_ref(&image), format.format)? {
+    let done = match resolve::files(std::slice::from_ref(&image), &format.format)? {
         (Some(mut disk), _) => block_on(disk.resize(&SyncIo, size))?,
         (None, paths) => {
             let (path, format) = &paths[0];
@@ -225,7 +230,7 @@ fn compact(id: Option<u32>, target: Option<PathBuf>, step: Option<u64>, speed: O
             // another offline command holding it is waited for, and the
             // descriptor is read once it is ours; only a top inside the
             // directory is ever compacted.
-            let (_disk, layers, unknown_below) = match resolve::name(std::slice::from_ref(&target), None)? {
+            let (_disk, layers, unknown_below) = match resolve::name(std::slice::from_ref(&target), &[])? {
                 Named::Disk(dir) => {
                     let disk = Disk::load_locked(&dir)?;
                     let layers = block_on(disk.writable_layers(&SyncIo))?;
@@ -297,7 +302,7 @@ fn compact(id: Option<u32>, target: Option<PathBuf>, step: Option<u64>, speed: O
 pub fn convert_cmd(args: ConvertArgs) -> Result<i32> {
     let ConvertArgs { mut paths, to, format, snapshot, cluster_size, progress, json, io } = args;
     let dst = paths.pop().expect("clap requires two paths");
-    let sources = resolve::layers(&paths, format.format, snapshot)?.layers;
+    let sources = resolve::layers(&paths, &format.format, snapshot)?.layers;
     let opts = ConvertOptions {
         to: match to {
             ToFormat::Raw => Format::Raw,

@@ -10,6 +10,8 @@ use ublk_ploop::disk::clone::{self as clones, Cloned};
 use ublk_ploop::disk::ops::{self, Deleted, Merged};
 use ublk_ploop::disk::{format_snapshot_rows, Disk, Guid};
 use ublk_ploop::io::{block_on, OwnRing, SyncIo};
+use ublk_ploop::layers::ploop::header::DEFAULT_CLUSTER;
+use ublk_ploop::layers::Format;
 use ublk_ploop::tracker::Tracker;
 use ublk_ploop::{Error, Result, Stack, StackOptions};
 
@@ -25,7 +27,7 @@ pub fn run(command: SnapshotCommand) -> Result<i32> {
         SnapshotCommand::SnapshotMerge { target, uuid, json } => merge(target.id, target.dir, uuid, json),
         SnapshotCommand::SnapshotDelete { target, uuid, json } => delete(target.id, target.dir, uuid, json),
         SnapshotCommand::SnapshotSwitch { target, uuid, force, json } => switch(target.id, target.dir, uuid, force, json),
-        SnapshotCommand::Clone { template, dir, uuid, json } => clone(template, dir, uuid, json),
+        SnapshotCommand::Clone { template, dir, uuid, format, cluster_size, json } => clone(template, dir, uuid, format, cluster_size, json),
         SnapshotCommand::Detach { target, json } => detach(target.id, target.dir, json),
     }
 }
@@ -227,9 +229,23 @@ fn switch(id: Option<u32>, dir: Option<PathBuf>, uuid: Guid, force: bool, json: 
 
 /// A thin clone of a template disk; prints how long it took (it costs a
 /// descriptor and an empty image, whatever the template holds).
-fn clone(template: PathBuf, dir: PathBuf, uuid: Option<Guid>, json: bool) -> Result<i32> {
+fn clone(template: PathBuf, dir: PathBuf, uuid: Option<Guid>, format: Option<Format>, cluster: Option<u64>, json: bool) -> Result<i32> {
     let start = std::time::Instant::now();
-    let cloned: Cloned = block_on(clones::clone_disk(&SyncIo, &template, &dir, uuid))?;
+    let cloned: Cloned = match format {
+        Some(Format::Qcow2) => {
+            if uuid.is_some() {
+                return Err(Error::invalid("a QCOW2 template has no snapshots to pick with -u"));
+            }
+            block_on(clones::clone_qcow2(&SyncIo, &template, &dir, cluster.unwrap_or(DEFAULT_CLUSTER)))?
+        }
+        Some(other) => {
+            return Err(Error::invalid(format!("--format {other:?}: a template is a disk directory, or a QCOW2 image with --format qcow2")))
+        }
+        None if cluster.is_some() => {
+            return Err(Error::invalid("--cluster-size is for a QCOW2 template; a disk directory's clone takes its template's"))
+        }
+        None => block_on(clones::clone_disk(&SyncIo, &template, &dir, uuid))?,
+    };
     let ms = start.elapsed().as_secs_f64() * 1e3;
     if json {
         print_json(&serde_json::json!({ "clone": cloned, "ms": ms }));

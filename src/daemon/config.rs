@@ -103,8 +103,11 @@ pub struct FileConfig {
     /// One image file, or use `images` for a stack (bottom first).
     pub image: Option<PathBuf>,
     pub images: Option<Vec<PathBuf>>,
-    /// Format of `image`/`images`: ploop (default) or raw.
+    /// Format of `image`/`images`: ploop (default), raw or qcow2.
     pub format: Option<String>,
+    /// One format per entry of `images`, in order (a QCOW2 base under a
+    /// ploop top: `["qcow2", "ploop"]`).
+    pub formats: Option<Vec<String>>,
     /// Fixed device id: needed for recovery after a crash.
     pub id: Option<u32>,
     pub queues: Option<u16>,
@@ -140,12 +143,17 @@ pub fn load(path: &Path) -> Result<(DeviceConfig, Option<u32>)> {
         (None, Some(_), Some(_)) => return Err(bad("set either `image` or `images`, not both".into())),
         _ => return Err(bad("no `disk`, `image` or `images` given".into())),
     };
-    let format = file.format.as_deref().map(|f| f.parse::<Format>().map_err(|e| bad(format!("format: {e}")))).transpose()?;
+    let formats: Vec<Format> = match (file.format, file.formats) {
+        (Some(_), Some(_)) => return Err(bad("set either `format` or `formats`, not both".into())),
+        (Some(one), None) => vec![one.parse::<Format>().map_err(|e| bad(format!("format: {e}")))?],
+        (None, Some(many)) => many.iter().map(|f| f.parse::<Format>().map_err(|e| bad(format!("formats: {e}")))).collect::<Result<_>>()?,
+        (None, None) => Vec::new(),
+    };
     let snapshot = file.snapshot.as_deref().map(|g| g.parse::<Guid>().map_err(|e| bad(format!("snapshot: {e}")))).transpose()?;
     if file.disk.is_some() && !Disk::is_disk(&images[0]) {
         return Err(bad(format!("disk: {} holds no {}", images[0].display(), ublk_ploop::disk::DESCRIPTOR)));
     }
-    let resolved = ublk_ploop::disk::resolve::layers(&images, format, snapshot).map_err(|e| e.context(path.display()))?;
+    let resolved = ublk_ploop::disk::resolve::layers(&images, &formats, snapshot).map_err(|e| e.context(path.display()))?;
     let direct = match file.direct.as_deref() {
         None => Direct::Auto,
         Some(s) => s.parse().map_err(|e: String| Error::invalid(format!("{}: direct: {e}", path.display())))?,

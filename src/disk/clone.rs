@@ -122,6 +122,45 @@ pub async fn clone_disk<I: Io>(io: &I, template: &Path, dir: &Path, at: Option<G
     Ok(Cloned { dir, top, shared })
 }
 
+/// Make `dir` a thin clone over the QCOW2 image `template` (a cloud
+/// image, with its own backing chain): its descriptor names the image as
+/// its base by absolute path (type QCOW2), and an empty ploop top of
+/// `cluster` bytes per cluster, `root.hds`, takes the writes. The image is
+/// read, never written; nothing is converted.
+pub async fn clone_qcow2<I: Io>(io: &I, template: &Path, dir: &Path, cluster: u64) -> Result<Cloned> {
+    let path = io.canonicalize(template).map_err(|e| Error::io(e, template.display()))?;
+    let image = crate::layers::qcow2::Qcow2Image::open(io, &path).await?;
+    let size = image.size();
+    drop(image);
+    if size == 0 || size % 512 != 0 {
+        return Err(Error::invalid(format!("{}: a disk of {size} bytes is not a whole number of 512-byte sectors", path.display())));
+    }
+    let Some(file) = path.to_str() else {
+        return Err(Error::invalid(format!("{}: a descriptor names files by UTF-8 paths", path.display())));
+    };
+    let mut desc = super::Descriptor::new(size, cluster, file, ImageType::Qcow2)?;
+    let base = Guid::random();
+    desc.images[0].guid = base;
+    desc.shots[0].guid = base;
+    desc.images.push(Image { guid: TOP_GUID, kind: ImageType::Compressed, file: super::BASE_FILE.to_string() });
+    desc.shots.push(Shot { guid: TOP_GUID, parent: base, temporary: Temporary::No });
+    desc.top = TOP_GUID;
+
+    io.create_dir_all(dir).map_err(|e| Error::io(e, dir.display()))?;
+    let dir = io.canonicalize(dir).map_err(|e| Error::io(e, dir.display()))?;
+    if io.stat(&dir.join(DESCRIPTOR)).ok().flatten().is_some() {
+        return Err(Error::new(libc::EEXIST, format!("{}: a disk descriptor exists already", dir.join(DESCRIPTOR).display())));
+    }
+    let top = dir.join(super::BASE_FILE);
+    PloopLayer::create(io, &top, size, cluster).await?;
+    let clone = Disk::from_parts(dir.clone(), desc);
+    if let Err(e) = clone.store(io).await {
+        let _ = io.remove_file(&top);
+        return Err(e);
+    }
+    Ok(Cloned { dir, top, shared: vec![path] })
+}
+
 /// True when the descriptor names `img` outside the disk directory: a
 /// delta shared with others (a template), which this disk only reads.
 pub fn is_shared(disk: &Disk, img: &Image) -> bool {

@@ -79,6 +79,10 @@ pub enum ImageType {
     Compressed,
     /// Raw files (ploop's raw mode).
     Plain,
+    /// A QCOW2 image as the base, read-only (ours: ploop's tool reads any
+    /// type but Plain as its own format, so it refuses this file by its
+    /// signature instead of misreading it).
+    Qcow2,
 }
 
 impl ImageType {
@@ -87,6 +91,15 @@ impl ImageType {
         match self {
             ImageType::Compressed => crate::layers::Format::Ploop,
             ImageType::Plain => crate::layers::Format::Raw,
+            ImageType::Qcow2 => crate::layers::Format::Qcow2,
+        }
+    }
+    /// The word in `<Image/Type>`.
+    pub fn xml_name(self) -> &'static str {
+        match self {
+            ImageType::Compressed => "Compressed",
+            ImageType::Plain => "Plain",
+            ImageType::Qcow2 => "QCOW2",
         }
     }
 }
@@ -169,6 +182,12 @@ fn text(node: roxmltree::Node<'_, '_>) -> String {
 
 impl Descriptor {
     /// A descriptor for a new disk of one image, as `ploop init` writes it.
+    /// The type of the disk's own deltas (a new top takes it): ploop's
+    /// one type for the disk, whatever a QCOW2 base is.
+    pub fn delta_kind(&self) -> ImageType {
+        self.images.iter().map(|i| i.kind).find(|&k| k != ImageType::Qcow2).unwrap_or(ImageType::Compressed)
+    }
+
     pub fn new(size: u64, cluster: u64, file: &str, kind: ImageType) -> Result<Descriptor> {
         if size == 0 || size % SECTOR != 0 {
             return Err(Error::invalid(format!("disk size {size} must be a non-zero multiple of 512 bytes")));
@@ -256,7 +275,10 @@ impl Descriptor {
             let kind = match child(img, "Type").map(text).as_deref() {
                 Some("Plain") => ImageType::Plain,
                 Some("Compressed") | None => ImageType::Compressed,
-                Some(other) => return Err(Error::invalid(format!("DiskDescriptor.xml: <Image/Type> '{other}' of {guid} is neither Compressed nor Plain"))),
+                Some("QCOW2") => ImageType::Qcow2,
+                Some(other) => {
+                    return Err(Error::invalid(format!("DiskDescriptor.xml: <Image/Type> '{other}' of {guid} is neither Compressed, Plain nor QCOW2")))
+                }
             };
             images.push(Image { guid, kind, file });
         }
@@ -332,9 +354,16 @@ impl Descriptor {
                 return Err(Error::invalid(format!("DiskDescriptor.xml: <Image> {} has no <Shot>", img.guid)));
             }
         }
-        if let Some(kind) = self.images.first().map(|i| i.kind) {
-            if self.images.iter().any(|i| i.kind != kind) {
+        // ploop's rule: one type for the whole disk; ours adds a QCOW2 base.
+        let mut kinds = self.images.iter().map(|i| i.kind).filter(|&k| k != ImageType::Qcow2);
+        if let Some(kind) = kinds.next() {
+            if kinds.any(|k| k != kind) {
                 return Err(Error::invalid("DiskDescriptor.xml: <Image/Type> differs between images"));
+            }
+        }
+        for img in self.images.iter().filter(|i| i.kind == ImageType::Qcow2) {
+            if self.shot(img.guid).is_some_and(|s| s.parent != NONE_GUID) {
+                return Err(Error::invalid(format!("DiskDescriptor.xml: QCOW2 image {} is not the base: a QCOW2 image can only be the bottom", img.guid)));
             }
         }
         match self.shot(self.top) {
@@ -406,7 +435,7 @@ impl Descriptor {
         for img in &self.images {
             x.push_str("      <Image>\n");
             el(&mut x, 8, "GUID", &img.guid);
-            el(&mut x, 8, "Type", &format!("{:?}", img.kind));
+            el(&mut x, 8, "Type", &img.kind.xml_name());
             el(&mut x, 8, "File", &escape(&img.file));
             x.push_str("      </Image>\n");
         }

@@ -442,9 +442,13 @@ impl Disk {
 
     /// The last component of the first image's file, or ploop's default
     /// base name when it has none that can name a file (`..`, `/`).
+    /// A QCOW2 base (a template image elsewhere) is passed over: the
+    /// disk's own deltas are named after its first own file.
     fn first_file_name(&self) -> String {
-        Path::new(&self.desc.images[0].file)
-            .file_name()
+        let first = self.desc.images.iter().find(|i| i.kind != ImageType::Qcow2);
+        first
+            .map(|i| Path::new(&i.file))
+            .and_then(|p| p.file_name())
             .and_then(|n| n.to_str())
             .filter(|n| !n.is_empty())
             .unwrap_or(BASE_FILE)

@@ -151,7 +151,7 @@ pub async fn snapshot<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, guid: Optio
             s.parent = snap;
         }
     }
-    let kind = d.images[0].kind;
+    let kind = d.delta_kind();
     d.images.push(Image { guid: TOP_GUID, kind, file });
     d.shots.push(Shot { guid: TOP_GUID, parent: snap, temporary: Temporary::No });
     d.top = TOP_GUID;
@@ -639,7 +639,7 @@ pub async fn switch<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, guid: Guid) -
     let new_top = stack.prepare_top_variant(io, &path, variant).await?;
     layers.push(new_top.clone());
     let mut next = disk.clone();
-    let kind = next.desc.images[0].kind;
+    let kind = next.desc.delta_kind();
     next.desc.images.retain(|i| i.guid != old_top);
     next.desc.shots.retain(|s| s.guid != old_top);
     next.desc.images.push(Image { guid: TOP_GUID, kind, file });

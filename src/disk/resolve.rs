@@ -15,24 +15,38 @@ use crate::stack::LayerSpec;
 pub enum Named {
     /// One disk directory, or its descriptor file, as given.
     Disk(PathBuf),
-    /// Image files, bottom first, all of this format.
-    Images(Vec<PathBuf>, Format),
+    /// Image files, bottom first, each with its format.
+    Images(Vec<PathBuf>, Vec<Format>),
 }
 
 /// The one reading of path arguments: a directory that is no disk is
-/// refused, a lone disk directory declares its own formats (so `format`
-/// is refused with it), and anything else is image files, ploop unless
-/// declared otherwise.
-pub fn name(paths: &[PathBuf], format: Option<Format>) -> Result<Named> {
+/// refused, a lone disk directory declares its own formats (so `formats`
+/// are refused with it), and anything else is image files, ploop unless
+/// declared otherwise: one format for all, or one per image in order.
+pub fn name(paths: &[PathBuf], formats: &[Format]) -> Result<Named> {
     refuse_bare_dirs(paths)?;
     match paths {
         [one] if Disk::is_disk(one) => {
-            if format.is_some() {
+            if !formats.is_empty() {
                 return Err(Error::invalid(format!("{}: a disk directory declares its formats; drop --format", one.display())));
             }
             Ok(Named::Disk(one.clone()))
         }
-        _ => Ok(Named::Images(paths.to_vec(), format.unwrap_or_default())),
+        _ => Ok(Named::Images(paths.to_vec(), per_image(paths.len(), formats)?)),
+    }
+}
+
+/// The format of each of `images` files: none given means ploop, one
+/// applies to all, else one per image.
+pub fn per_image(images: usize, formats: &[Format]) -> Result<Vec<Format>> {
+    match formats {
+        [] => Ok(vec![Format::Ploop; images]),
+        [one] => Ok(vec![*one; images]),
+        many if many.len() == images => Ok(many.to_vec()),
+        many => Err(Error::invalid(format!(
+            "{} formats for {images} images: give one --format for all of them, or one per image in order (--format qcow2 --format ploop)",
+            many.len()
+        ))),
     }
 }
 
@@ -55,13 +69,13 @@ pub struct Resolved {
 }
 
 /// The layers `paths` name; `snapshot` picks a snapshot of a disk.
-pub fn layers(paths: &[PathBuf], format: Option<Format>, snapshot: Option<Guid>) -> Result<Resolved> {
-    match name(paths, format)? {
+pub fn layers(paths: &[PathBuf], formats: &[Format], snapshot: Option<Guid>) -> Result<Resolved> {
+    match name(paths, formats)? {
         Named::Disk(dir) => {
             let disk = Disk::load(&dir)?;
             Ok(Resolved { layers: disk.layers(snapshot)?, disk: Some(disk.dir) })
         }
-        Named::Images(paths, format) => {
+        Named::Images(paths, formats) => {
             if let Some(p) = paths.iter().find(|p| Disk::is_disk(p)) {
                 return Err(Error::invalid(format!("{}: a disk directory must be the only image given", p.display())));
             }
@@ -70,7 +84,8 @@ pub fn layers(paths: &[PathBuf], format: Option<Format>, snapshot: Option<Guid>)
             }
             let layers = paths
                 .iter()
-                .map(|p| std::fs::canonicalize(p).map(|path| LayerSpec { path, format }).map_err(|e| Error::io(e, p.display())))
+                .zip(formats)
+                .map(|(p, format)| std::fs::canonicalize(p).map(|path| LayerSpec { path, format }).map_err(|e| Error::io(e, p.display())))
                 .collect::<Result<_>>()?;
             Ok(Resolved { layers, disk: None })
         }
@@ -83,14 +98,14 @@ pub type Files = (Option<Disk>, Vec<(PathBuf, Format)>);
 
 /// The files an inspection looks at (`info`, `check`, `resize`): every
 /// delta a disk's descriptor names, with its format, or the files given.
-pub fn files(paths: &[PathBuf], format: Option<Format>) -> Result<Files> {
-    match name(paths, format)? {
+pub fn files(paths: &[PathBuf], formats: &[Format]) -> Result<Files> {
+    match name(paths, formats)? {
         Named::Disk(dir) => {
             let disk = Disk::load(&dir)?;
             let files = disk.desc.images.iter().map(|i| (disk.file_path(i), i.kind.format())).collect();
             Ok((Some(disk), files))
         }
-        Named::Images(paths, format) => Ok((None, paths.into_iter().map(|p| (p, format)).collect())),
+        Named::Images(paths, formats) => Ok((None, paths.into_iter().zip(formats).collect())),
     }
 }
 
