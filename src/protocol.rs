@@ -208,6 +208,9 @@ pub struct LayerStatus {
     pub format: Format,
     pub writable: bool,
     pub direct_io: bool,
+    /// A QCOW2 layer's caches of L2 tables and inflated clusters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caches: Option<crate::layers::qcow2::CacheStats>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -96,6 +96,17 @@ pub fn print_status(s: &Status) {
     }
     for (i, l) in s.layers.iter().enumerate() {
         println!("  layer {i}: {} ({:?}{})", l.path.display(), l.format, if l.writable { ", writable" } else { "" });
+        if let Some(c) = &l.caches {
+            println!(
+                "    caches: L2 tables {} KiB ({} hits, {} misses), inflated clusters {} KiB ({} hits, {} misses)",
+                c.l2_bytes >> 10,
+                c.l2_hits,
+                c.l2_misses,
+                c.inflated_bytes >> 10,
+                c.inflate_hits,
+                c.inflate_misses
+            );
+        }
     }
     let c = &s.counters;
     println!(

@@ -280,6 +280,7 @@ impl DaemonHandler {
                     format: l.format(),
                     writable: i == top && !stack.is_read_only(),
                     direct_io: l.file().direct,
+                    caches: l.qcow2_caches(),
                 })
                 .collect(),
             counters: proto::Counters {
