@@ -202,22 +202,50 @@ impl Qcow2Image {
     /// disk's end reads zeros.
     pub async fn read<I: Io>(&self, io: &I, offset: u64, buf: &mut [u8]) -> Result<()> {
         let piece = self.piece();
+        // Pieces stored one after another in the file are read as one
+        // transfer (a sequential read of an image qemu-img wrote is one
+        // read, not one per cluster): (file offset, start in buf, length).
+        let mut run: Option<(u64, usize, usize)> = None;
         let mut done = 0usize;
         while done < buf.len() {
             let at = offset + done as u64;
-            let in_piece = at % piece;
-            let n = ((piece - in_piece) as usize).min(buf.len() - done);
-            let out = &mut buf[done..done + n];
+            let n = ((piece - at % piece) as usize).min(buf.len() - done);
             if at >= self.size() {
-                out.fill(0);
-            } else {
-                let n_disk = (self.size() - at).min(n as u64) as usize;
-                self.read_piece(io, at, &mut out[..n_disk]).await?;
-                out[n_disk..].fill(0);
+                buf[done..done + n].fill(0);
+                done += n;
+                continue;
             }
+            let n_disk = (self.size() - at).min(n as u64) as usize;
+            let mapping = self.mapping(io, at).await?;
+            if let Some(host) = self.stored_at(mapping, at) {
+                match &mut run {
+                    Some((from, start, len)) if *from + *len as u64 == host && *start + *len == done => *len += n_disk,
+                    _ => {
+                        self.read_run(io, run.take(), buf).await?;
+                        run = Some((host, done, n_disk));
+                    }
+                }
+            } else {
+                self.read_piece(io, at, mapping, &mut buf[done..done + n_disk]).await?;
+            }
+            buf[done + n_disk..done + n].fill(0);
             done += n;
         }
-        Ok(())
+        self.read_run(io, run, buf).await
+    }
+
+    /// Where the byte at `at` is stored in this file uncompressed, if it is.
+    fn stored_at(&self, mapping: Mapping, at: u64) -> Option<u64> {
+        let Mapping::Data(host) = mapping else { return None };
+        let cluster = self.header.cluster_size();
+        // With extended L2 `host` is the subcluster's start.
+        let skip = if self.header.extended_l2 { at % (cluster / 32) } else { at % cluster };
+        Some(host + skip)
+    }
+
+    async fn read_run<I: Io>(&self, io: &I, run: Option<(u64, usize, usize)>, buf: &mut [u8]) -> Result<()> {
+        let Some((from, start, len)) = run else { return Ok(()) };
+        io.read_at(self.file.fd(), &mut buf[start..start + len], from).await.map_err(|e| Error::io(e, self.path.display()))
     }
 
     /// What the piece at `at` (within one cluster, one subcluster with
@@ -241,22 +269,22 @@ impl Qcow2Image {
         Ok(e.subcluster(((at % cluster) / sub.max(1)) as u32 % 32, h.extended_l2, sub))
     }
 
-    /// Read within one cluster (one subcluster with extended L2).
-    async fn read_piece<I: Io>(&self, io: &I, at: u64, out: &mut [u8]) -> Result<()> {
+    /// Read within one cluster (one subcluster with extended L2) that
+    /// `mapping` locates.
+    async fn read_piece<I: Io>(&self, io: &I, at: u64, mapping: Mapping, out: &mut [u8]) -> Result<()> {
         let h = &self.header;
         let cluster = h.cluster_size();
         let in_cluster = at % cluster;
         let name = || self.path.display().to_string();
-        match self.mapping(io, at).await? {
+        match mapping {
             Mapping::Backing => self.read_backing(io, at, out).await,
             Mapping::Zero => {
                 out.fill(0);
                 Ok(())
             }
-            Mapping::Data(host) => {
-                // With extended L2 `host` is the subcluster's start.
-                let skip = if h.extended_l2 { in_cluster % (cluster / 32) } else { in_cluster };
-                io.read_at(self.file.fd(), out, host + skip).await.map_err(|e| Error::io(e, name()))
+            Mapping::Data(_) => {
+                let host = self.stored_at(mapping, at).expect("data is stored");
+                io.read_at(self.file.fd(), out, host).await.map_err(|e| Error::io(e, name()))
             }
             Mapping::Compressed { offset, len } => {
                 let whole = match self.inflated.get(offset) {
