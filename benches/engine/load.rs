@@ -355,4 +355,6 @@ pub struct UnderLoad {
     pub cow: Option<Vec<crate::cow::CowRow>>,
     /// Opening a thin disk: time and table memory.
     pub thin: Option<crate::thin::ThinRow>,
+    /// Reads through a QCOW2 base against qemu-img.
+    pub qcow2: Option<Vec<crate::qcow2::Qcow2Row>>,
 }

@@ -28,6 +28,7 @@ mod cow;
 mod drive;
 mod load;
 mod measure;
+mod qcow2;
 mod report;
 mod scratch;
 mod thin;
@@ -158,7 +159,7 @@ fn run() -> Res<()> {
     let step4k = scatter_step(cfg.size, K4 as u64);
     let mut rows: Vec<Row> = Vec::new();
     // UBLK_PLOOP_BENCH_ONLY=read,alloc,... runs only the groups named
-    // (read, write, seq, qd, alloc, hol, swap, disk, copy, cow, thin): for profiling one workload.
+    // (read, write, seq, qd, alloc, hol, swap, disk, copy, cow, thin, qcow2): for profiling one workload.
     let only = std::env::var("UBLK_PLOOP_BENCH_ONLY").unwrap_or_default();
     let want = |group: &str| only.is_empty() || only.split(',').any(|g| g.trim() == group);
     let progress = |s: &str| eprintln!("  [{:5.1}s] {s}", t_all.elapsed().as_secs_f64());
@@ -342,7 +343,12 @@ fn run() -> Res<()> {
         progress("opening a 64 TiB thin disk with 1 GiB written, vs qemu-img info");
     }
     let thin = if want("thin") { Some(thin::thin_open(&cfg, have_qemu)?) } else { None };
-    let load = UnderLoad { hol, swap, disk, copy, cow, thin };
+    // Reads through a QCOW2 base, uncompressed and compressed, vs qemu-img.
+    if want("qcow2") {
+        progress("reads through a QCOW2 base (uncompressed, zlib): 4k randread QD32 and 1M seqread QD4, vs qemu-img bench");
+    }
+    let qcow2 = if want("qcow2") { qcow2::qcow2_rows(&cfg, q.aio, have_qemu)? } else { None };
+    let load = UnderLoad { hol, swap, disk, copy, cow, thin, qcow2 };
     let total_secs = t_all.elapsed().as_secs_f64();
     Report { cfg: &cfg, rows: &rows, load: &load, q: &q, have_fio, have_qemu, qemu_img_what: &qemu_img_what, total_secs }.print();
     Ok(())

@@ -87,6 +87,7 @@ impl Report<'_> {
         self.table(&mut out);
         self.under_load(&mut out);
         self.cow(&mut out);
+        self.qcow2(&mut out);
         self.thin(&mut out);
         self.columns(&mut out);
         let targets = self.targets(&mut out);
@@ -287,6 +288,29 @@ impl Report<'_> {
                 "  {:<22} engine {:>7} writes/s   qemu qcow2 {:>7} writes/s   engine/qemu {}",
                 r.shape.what,
                 fmt_iops(r.engine.iops()),
+                q.map(|q| fmt_iops(q.iops())).unwrap_or_else(|| "-".into()),
+                q.map(|q| format!("{:.2}", r.engine.iops() / q.iops().max(1e-9))).unwrap_or_else(|| "-".into())
+            );
+        }
+    }
+
+    /// Reads through a QCOW2 base, with the ratio to qemu and CPU per read.
+    fn qcow2(&self, out: &mut String) {
+        let Some(rows) = &self.load.qcow2 else { return };
+        let _ = writeln!(
+            out,
+            "Reads through a QCOW2 base (the engine serving the image as the bottom of a stack; qemu: qemu-img bench -t writeback\n  \
+             on the same file, 4k reads strided; 64 KiB clusters; page cache dropped before each turn of either side):"
+        );
+        for r in rows {
+            let q = r.qemu.as_ref().filter(|q| q.secs > 0.0);
+            let _ = writeln!(
+                out,
+                "  {:<32} engine {:>7} IOPS ({:>6.1} MiB/s, {} us CPU/IO)   qemu {:>7} IOPS   engine/qemu {}",
+                r.what,
+                fmt_iops(r.engine.iops()),
+                r.engine.mibps(),
+                r.engine.cpu_us_per_io().map_or("-".into(), |c| format!("{c:.1}")),
                 q.map(|q| fmt_iops(q.iops())).unwrap_or_else(|| "-".into()),
                 q.map(|q| format!("{:.2}", r.engine.iops() / q.iops().max(1e-9))).unwrap_or_else(|| "-".into())
             );
@@ -582,6 +606,10 @@ impl Report<'_> {
             "cow": load.cow.as_ref().map(|rows| rows.iter().map(|r| (r.shape.key.to_string(), json!({
                 "engine": r.engine.to_json(),
                 "qemu_qcow2": r.qemu.as_ref().map(|q| q.to_json()),
+            }))).collect::<Map<String, Value>>()),
+            "qcow2": load.qcow2.as_ref().map(|rows| rows.iter().map(|r| (r.key.clone(), json!({
+                "engine": r.engine.to_json(),
+                "qemu": r.qemu.as_ref().map(|q| q.to_json()),
             }))).collect::<Map<String, Value>>()),
             "thin": load.thin.as_ref().map(|t| json!({
                 "open_ms": round3(t.open_secs * 1000.0),
