@@ -52,3 +52,20 @@ fn a_stack_takes_no_disk_and_no_snapshot() {
     refused(&t, &["convert", "a.hds", "out.hds", "--snapshot", SNAP], needs);
     refused(&t, &["add", "--image", "a.hds", "--snapshot", SNAP], needs);
 }
+
+#[test]
+fn formats_are_one_for_all_or_one_per_image() {
+    let t = world();
+    let wrong = "3 formats for 2 images: give one --format for all of them, or one per image in order (--format qcow2 --format ploop)";
+    let three = ["--format", "ploop", "--format", "raw", "--format", "raw"];
+    for verb in [&["info", "a.hds", "a.hds"][..], &["convert", "a.hds", "a.hds", "out.hds"], &["add", "--image", "a.hds", "--image", "a.hds"]] {
+        let args: Vec<&str> = verb.iter().chain(three.iter()).copied().collect();
+        refused(&t, &args, wrong);
+    }
+    // One per image reads each as declared: the second as raw shows the
+    // ploop header's bytes as a raw disk's size, the first as ploop.
+    let a = t.join("a.hds").display().to_string();
+    let info = ploop(["info", &a, &a, "--format", "ploop", "--format", "raw", "--json"]).ok().json();
+    let formats: Vec<&str> = info.as_array().unwrap().iter().map(|i| i["format"].as_str().unwrap()).collect();
+    assert_eq!(formats, ["ploop", "raw"], "{info}");
+}
