@@ -234,6 +234,14 @@ mod tests {
     }
 
     #[test]
+    fn reads_one_format_per_image() {
+        let (a, b) = (write("q.qcow2", "x"), write("t.hds", "x"));
+        let cfg = write("formats.toml", &format!("images = [{a:?}, {b:?}]\nformats = [\"qcow2\", \"ploop\"]\n"));
+        let (c, _) = load(&cfg).unwrap();
+        assert_eq!(c.images.iter().map(|l| l.format).collect::<Vec<_>>(), [Format::Qcow2, Format::Ploop]);
+    }
+
+    #[test]
     fn refuses_bad_configs() {
         let img = write("b.img", "x");
         for (name, text, needle) in [
@@ -243,6 +251,9 @@ mod tests {
             ("d.toml", format!("image = {img:?}\ndirect = \"maybe\"\n"), "direct"),
             ("g.toml", format!("image = {img:?}\nsocket_group = \"no-such-group-here\"\n"), "unknown group"),
             ("m.toml", "image = \"/nonexistent/x.img\"\n".to_string(), "nonexistent"),
+            ("ff.toml", format!("images = [{img:?}]\nformat = \"raw\"\nformats = [\"raw\"]\n"), "not both"),
+            ("fn.toml", format!("images = [{img:?}, {img:?}]\nformats = [\"raw\", \"raw\", \"raw\"]\n"), "one per image"),
+            ("fq.toml", format!("images = [{img:?}]\nformats = [\"qcow3\"]\n"), "unknown format"),
         ] {
             let err = load(&write(name, &text)).err().unwrap_or_else(|| panic!("{name} accepted"));
             assert!(err.message().contains(needle), "{name}: {err}");
