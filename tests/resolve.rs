@@ -68,4 +68,12 @@ fn formats_are_one_for_all_or_one_per_image() {
     let info = ploop(["info", &a, &a, "--format", "ploop", "--format", "raw", "--json"]).ok().json();
     let formats: Vec<&str> = info.as_array().unwrap().iter().map(|i| i["format"].as_str().unwrap()).collect();
     assert_eq!(formats, ["ploop", "raw"], "{info}");
+    // qcow2 once for a stack declares its bottom (the only place a QCOW2
+    // image can be); the rest are ploop.
+    let q = t.join("q.qcow2");
+    let out = std::process::Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", q.to_str().unwrap(), "16M"]).output().unwrap();
+    assert!(out.status.success());
+    let info = ploop(["info", q.to_str().unwrap(), &a, "--format", "qcow2", "--json"]).ok().json();
+    let formats: Vec<&str> = info.as_array().unwrap().iter().map(|i| i["format"].as_str().unwrap()).collect();
+    assert_eq!(formats, ["qcow2", "ploop"], "{info}");
 }

@@ -49,7 +49,8 @@ pub struct IoArgs {
 pub struct FormatArg {
     /// Format of image files given by path: ploop (default), raw, or qcow2
     /// (read-only, the bottom of a stack). Once for all images, or once per
-    /// image in order. A disk directory's descriptor declares its own.
+    /// image in order; qcow2 once for a stack declares its bottom (the rest
+    /// are ploop). A disk directory's descriptor declares its own.
     #[arg(long, value_parser = |s: &str| s.parse::<Format>())]
     pub format: Vec<Format>,
 }

@@ -37,10 +37,14 @@ pub fn name(paths: &[PathBuf], formats: &[Format]) -> Result<Named> {
 }
 
 /// The format of each of `images` files: none given means ploop, one
-/// applies to all, else one per image.
+/// applies to all, else one per image. A QCOW2 image can only be the
+/// bottom of a stack, so `qcow2` given once for a stack can only mean its
+/// bottom: the layers above it are ploop (`--image cloud.qcow2 --format
+/// qcow2 --image top.hds`).
 pub fn per_image(images: usize, formats: &[Format]) -> Result<Vec<Format>> {
     match formats {
         [] => Ok(vec![Format::Ploop; images]),
+        [Format::Qcow2] if images > 1 => Ok(std::iter::once(Format::Qcow2).chain(std::iter::repeat(Format::Ploop).take(images - 1)).collect()),
         [one] => Ok(vec![*one; images]),
         many if many.len() == images => Ok(many.to_vec()),
         many => Err(Error::invalid(format!(
