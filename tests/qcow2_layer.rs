@@ -324,6 +324,12 @@ fn a_qcow2_image_is_read_only_and_only_the_bottom() {
     run("qemu-img", &["create", "-q", "-f", "qcow2", q2.to_str().unwrap(), &size.to_string()]);
     let mid = try_open(&[(q.clone(), Format::Qcow2), (q2, Format::Qcow2), (p.clone(), Format::Ploop)], false).expect("refused");
     assert!(mid.contains("only be the bottom"), "{mid}");
+    // A top that the image also reads as its backing file.
+    let over = dir.join("over.qcow2");
+    let o = format!("backing_file={},backing_fmt=raw", p.display());
+    run("qemu-img", &["create", "-q", "-f", "qcow2", "-o", &o, over.to_str().unwrap(), &size.to_string()]);
+    let both = try_open(&[(over, Format::Qcow2), (p.clone(), Format::Ploop)], false).expect("refused");
+    assert!(both.contains("also a backing file"), "{both}");
     // Nothing was written: the top opened and closed cleanly or not at all.
     assert_clean(&p, Format::Ploop, "after refusals");
 }

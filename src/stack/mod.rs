@@ -211,6 +211,12 @@ impl Stack {
             layers.push(Arc::new(layer));
             reports.push(report);
         }
+        if let Err(e) = reject_layers_in_a_qcow2_chain(io, &layers) {
+            if let Some(top) = layers.last() {
+                let _ = top.close(io).await;
+            }
+            return Err(e);
+        }
         match Stack::from_layers(layers, opts) {
             Ok(stack) => Ok((stack, reports)),
             Err((e, layers)) => {
@@ -504,6 +510,28 @@ pub(super) fn check_qcow2_at_bottom(layers: &[Arc<Layer>]) -> Result<()> {
         ))),
         None => Ok(()),
     }
+}
+
+/// A layer that is also a file of a QCOW2 layer's backing chain would be
+/// read through the image while it is written as a layer.
+fn reject_layers_in_a_qcow2_chain<I: Io>(io: &I, layers: &[Arc<Layer>]) -> Result<()> {
+    for q in layers.iter().filter_map(|l| match &**l {
+        Layer::Qcow2(q) => Some(q),
+        _ => None,
+    }) {
+        let chain = q.image().chain_identities(io)?;
+        for l in layers.iter().filter(|l| !std::ptr::eq(l.file(), q.file())) {
+            let st = io.fstat(l.file().fd()).map_err(|e| Error::io(e, l.file().path.display()))?;
+            if chain.contains(&(st.dev, st.ino)) {
+                return Err(Error::invalid(format!(
+                    "{}: is also a backing file of the QCOW2 image {}; a file cannot be both",
+                    l.file().path.display(),
+                    q.file().path.display()
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The same file twice in one stack would be both read-only and writable.

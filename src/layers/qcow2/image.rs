@@ -178,6 +178,19 @@ impl Qcow2Image {
         let st = io.fstat(self.file.fd()).map_err(|e| Error::io(e, self.path.display()))?;
         Ok((st.dev, st.ino))
     }
+    /// The identities of every file of the chain, this one first.
+    pub fn chain_identities<I: Io>(&self, io: &I) -> Result<Vec<(u64, u64)>> {
+        let mut ids = vec![self.identity(io)?];
+        match &self.backing {
+            Backing::Qcow2(b) => ids.extend(b.chain_identities(io)?),
+            Backing::Raw { file, path, .. } => {
+                let st = io.fstat(file.fd()).map_err(|e| Error::io(e, path.display()))?;
+                ids.push((st.dev, st.ino));
+            }
+            Backing::None => {}
+        }
+        Ok(ids)
+    }
     pub fn header(&self) -> &Header {
         &self.header
     }
