@@ -61,6 +61,7 @@ fn qcow2_read(path: &Path) {
         let _ = block_on(q.holds_data(&SyncIo, at, 1 << 20));
     }
     let _ = q.cache_stats();
+    let _ = block_on(q.check_tables(&SyncIo));
 }
 
 /// The same bytes as a QCOW2 image: its header, backing name and the

@@ -138,15 +138,13 @@ fn check_cmd(image: PathBuf, repair: bool, format: FormatArg, json: bool) -> Res
     };
     let mut reports = Vec::new();
     for ((path, format), own) in paths.iter().zip(&own) {
-        if disk.is_some() && *format == Format::Qcow2 {
-            // A disk's QCOW2 base: qemu's own tool checks that format.
-            eprintln!("{}: QCOW2 base, not checked here (`qemu-img check` checks it)", path.display());
-            continue;
+        // A disk's QCOW2 base is never written: checked (its tables), not
+        // repaired; a QCOW2 image named alone refuses --repair itself.
+        let writable = *own && (*format != Format::Qcow2 || disk.is_none());
+        if repair && !writable {
+            eprintln!("{}: a shared delta or a QCOW2 image: checked, not repaired", path.display());
         }
-        if repair && !own {
-            eprintln!("{}: outside the disk directory (shared): checked, not repaired", path.display());
-        }
-        reports.push(block_on(check(&SyncIo, path, *format, repair && *own))?);
+        reports.push(block_on(check(&SyncIo, path, *format, repair && writable))?);
     }
     let problems = match &disk {
         Some(d) => disk_size_problems(d, &reports.iter().map(|r| (r.path.clone(), known_size(r))).collect::<Vec<_>>()),
@@ -522,6 +520,9 @@ fn print_check(r: &CheckReport) {
     }
     for b in &r.bad_entries {
         println!("  BAT entry {} (value {}) {}", b.index, b.value, b.problem);
+    }
+    for t in &r.table_errors {
+        println!("  {t}");
     }
     if r.leaked_clusters > 0 {
         println!("  {} leaked cluster(s)", r.leaked_clusters);

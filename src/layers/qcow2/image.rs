@@ -178,6 +178,65 @@ impl Qcow2Image {
         let st = io.fstat(self.file.fd()).map_err(|e| Error::io(e, self.path.display()))?;
         Ok((st.dev, st.ino))
     }
+    /// Walk every L1 and L2 entry of this file (not its backing files,
+    /// which opened already): each must point inside the file, aligned,
+    /// and a compressed one must describe a readable range. Returns the
+    /// guest clusters this file stores and the problems found (at most
+    /// `MAX_PROBLEMS` named, the rest counted). Refcounts are not read.
+    pub async fn check_tables<I: Io>(&self, io: &I) -> Result<(u64, Vec<String>)> {
+        const MAX_PROBLEMS: usize = 32;
+        let h = &self.header;
+        let (mut stored, mut problems, mut more) = (0u64, Vec::new(), 0usize);
+        let mut note = |p: String| {
+            if problems.len() < MAX_PROBLEMS {
+                problems.push(p);
+            } else {
+                more += 1;
+            }
+        };
+        let clusters = self.size().div_ceil(h.cluster_size());
+        let mut table = vec![0u8; h.cluster_size() as usize];
+        // Each table is read once: the active L1 never shares one, and a
+        // hostile image repeating one would cost its size over and over.
+        let mut seen = std::collections::HashSet::new();
+        for (l1i, &l1e) in self.l1.iter().enumerate() {
+            let first = l1i as u64 * h.l2_entries();
+            if first >= clusters {
+                if l1e != 0 {
+                    note(format!("L1 entry {l1i} lies past the disk's end but is not empty"));
+                }
+                continue;
+            }
+            let at = match entry::l1_entry(l1e, h.cluster_bits, self.len) {
+                Ok(Some(at)) => at,
+                Ok(None) => continue,
+                Err(e) => {
+                    note(format!("L1 entry {l1i}: {}", e.message()));
+                    continue;
+                }
+            };
+            if !seen.insert(at) {
+                note(format!("L1 entry {l1i} points at an L2 table another entry uses ({at})"));
+                continue;
+            }
+            io.read_at(self.file.fd(), &mut table, at).await.map_err(|e| Error::io(e, self.path.display()))?;
+            let be = |i: u64| u64::from_be_bytes(table[i as usize..i as usize + 8].try_into().unwrap());
+            for l2i in 0..h.l2_entries().min(clusters - first) {
+                let pos = l2i * h.l2_entry_bytes();
+                let bitmap = h.extended_l2.then(|| be(pos + 8));
+                match entry::l2_entry(be(pos), bitmap, h.cluster_bits, self.len) {
+                    Ok(e) if matches!(e.mapping, Mapping::Data(_) | Mapping::Compressed { .. }) => stored += 1,
+                    Ok(_) => {}
+                    Err(e) => note(format!("L2 entry of cluster {}: {}", first + l2i, e.message())),
+                }
+            }
+        }
+        if more > 0 {
+            problems.push(format!("and {more} more"));
+        }
+        Ok((stored, problems))
+    }
+
     /// The identities of every file of the chain, this one first.
     pub fn chain_identities<I: Io>(&self, io: &I) -> Result<Vec<(u64, u64)>> {
         let mut ids = vec![self.identity(io)?];
