@@ -441,3 +441,44 @@ fn check_reads_a_qcow2_images_tables() {
     ploop(["check", p(&img), "--format", "qcow2", "--repair"]).expect_clean_failure().mentions(&["qemu-img check -r"]);
     assert!(std::fs::read(&img).unwrap() == before, "check wrote the image");
 }
+
+/// A QCOW2 image of real size with little written (1 TiB, three places,
+/// one compressed) under a ploop top: reads, a copy-up, the memory the
+/// stack holds for it, and merging it up copying only what it stores.
+#[test]
+fn a_sparse_terabyte_image_as_a_base() {
+    let dir = TempDir::new("qcow2-sparse");
+    let size = 1u64 << 40;
+    let big = dir.join("big.qcow2");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", p(&big), "1T"]);
+    run("qemu-io", &["-f", "qcow2", "-c", "write -P 0x11 0 64k", "-c", "write -P 0x22 500G 1M", "-c", "write -c -P 0x33 1020G 64k", p(&big)]);
+    let before = std::fs::read(&big).unwrap();
+    let top = dir.join("top.hds");
+    block_on(PloopLayer::create(&SyncIo, &top, size, 1 << 20)).unwrap();
+    let io = AnyIo::new("uring");
+    let stack = open(&io, &[(big.clone(), Format::Qcow2), (top.clone(), Format::Ploop)], false);
+    let tables = io.run(stack.table_bytes());
+    assert!(tables < 16 << 20, "a 1 TiB thin base holds {tables} bytes of tables and caches");
+    let read = |off: u64, len: usize| {
+        let mut buf = AlignedBuf::zeroed(len);
+        io.request_read(&stack, off, &mut buf).unwrap();
+        buf.to_vec()
+    };
+    let g = 1u64 << 30;
+    assert!(read(0, 65536).iter().all(|&b| b == 0x11));
+    assert!(read(500 * g, 1 << 20).iter().all(|&b| b == 0x22));
+    assert!(read(1020 * g, 65536).iter().all(|&b| b == 0x33), "a compressed cluster");
+    assert!(read(700 * g, 1 << 20).iter().all(|&b| b == 0), "a hole");
+    let mut data = AlignedBuf::zeroed(4096);
+    data.fill(0x44);
+    io.request_write(&stack, 500 * g + 4096, &data).unwrap();
+    let got = read(500 * g, 1 << 20);
+    assert!(got[..4096].iter().all(|&b| b == 0x22) && got[4096..8192].iter().all(|&b| b == 0x44) && got[8192..].iter().all(|&b| b == 0x22));
+    let copied = io.run(stack.merge_parent_into_top(&io, 8, &|_, _| {})).unwrap();
+    assert_eq!(copied, 2, "the clusters at 0 and 1020G; 500G was copied up by the write");
+    io.run(stack.remove_layer(0)).unwrap();
+    assert!(read(1020 * g, 65536).iter().all(|&b| b == 0x33) && read(0, 4096).iter().all(|&b| b == 0x11));
+    io.run(stack.close(&io)).unwrap();
+    assert!(std::fs::metadata(&top).unwrap().len() < 16 << 20, "the top holds 3 clusters and its table");
+    assert!(std::fs::read(&big).unwrap() == before, "the image never changes");
+}
