@@ -210,11 +210,21 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
     }
     let pimg = disk.desc.image(parent).cloned().ok_or_else(|| no_such(disk, parent))?;
     let cimg = disk.desc.image(child).cloned().ok_or_else(|| no_such(disk, child))?;
+    // A QCOW2 base is never written: only the top takes it in, by copying
+    // it up (refused here, before anything is marked temporary).
+    let qcow2_parent = pimg.kind == ImageType::Qcow2;
+    if qcow2_parent && child != disk.desc.top {
+        return Err(Error::invalid(format!(
+            "{parent} is a QCOW2 image, which is never written: only the top takes it in; merge the deltas above it into the top first"
+        )));
+    }
     // A merge writes into one of the two and removes the other (or its
     // name): both must be the disk's own files. A parent outside the disk
     // directory (a template under a clone) is merged only into the top,
     // by copying it up: it is read, dropped from the descriptor, and left.
-    let shared_parent = disk.place_in(io, &pimg) != Place::Inside;
+    // A QCOW2 base is kept like a shared delta, wherever it lies: read,
+    // dropped from the descriptor, its file left alone.
+    let shared_parent = qcow2_parent || disk.place_in(io, &pimg) != Place::Inside;
     let ppath = if shared_parent && child == disk.desc.top {
         disk.file_path(&pimg)
     } else {
