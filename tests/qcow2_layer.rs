@@ -328,8 +328,12 @@ fn a_qcow2_image_is_read_only_and_only_the_bottom() {
     let over = dir.join("over.qcow2");
     let o = format!("backing_file={},backing_fmt=raw", p.display());
     run("qemu-img", &["create", "-q", "-f", "qcow2", "-o", &o, over.to_str().unwrap(), &size.to_string()]);
-    let both = try_open(&[(over, Format::Qcow2), (p.clone(), Format::Ploop)], false).expect("refused");
+    // Served read-only, the two openings are named; writable, the image's
+    // shared lock on its backing file already keeps the top from opening.
+    let both = try_open(&[(over.clone(), Format::Qcow2), (p.clone(), Format::Ploop)], true).expect("refused");
     assert!(both.contains("also a backing file"), "{both}");
+    let both = try_open(&[(over, Format::Qcow2), (p.clone(), Format::Ploop)], false).expect("refused");
+    assert!(both.contains("also a backing file") || both.contains("in use"), "{both}");
     // Nothing was written: the top opened and closed cleanly or not at all.
     assert_clean(&p, Format::Ploop, "after refusals");
 }
@@ -481,4 +485,56 @@ fn a_sparse_terabyte_image_as_a_base() {
     io.run(stack.close(&io)).unwrap();
     assert!(std::fs::metadata(&top).unwrap().len() < 16 << 20, "the top holds 3 clusters and its table");
     assert!(std::fs::read(&big).unwrap() == before, "the image never changes");
+}
+
+/// A QCOW2 base inside the disk directory is still never written: a merge
+/// of the delta above it (not the top) is refused before anything is
+/// marked, and merging it up into the top leaves its file in place.
+#[test]
+fn a_qcow2_base_is_never_merged_into_nor_removed() {
+    let root = TempDir::new("qcow2-own");
+    let ct = root.join("ct");
+    std::fs::create_dir(&ct).unwrap();
+    let img = ct.join("cloud.qcow2");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", p(&img), "16M"]);
+    run("qemu-io", &["-f", "qcow2", "-c", "write -P 0x11 0 1M", p(&img)]);
+    let before = std::fs::read(&img).unwrap();
+    ploop(["clone", p(&img), p(&ct), "--format", "qcow2", "--cluster-size", "64K"]).ok();
+    ploop(["snapshot", p(&ct)]).ok();
+    let xml = || std::fs::read_to_string(ct.join("DiskDescriptor.xml")).unwrap();
+    let disk = ublk_ploop::disk::Disk::load(&ct).unwrap();
+    let own = disk.desc.images.iter().find(|i| i.file == "root.hds").unwrap().guid.to_string();
+    let was = xml();
+    ploop(["snapshot-merge", p(&ct), "-u", &own]).expect_clean_failure().mentions(&["QCOW2 image, which is never written"]);
+    assert_eq!(xml(), was, "a refused merge changed the descriptor");
+    // The top's snapshots merged away, then the image merged up.
+    ploop(["snapshot-merge", p(&ct)]).ok();
+    ploop(["snapshot-merge", p(&ct)]).ok();
+    let disk = ublk_ploop::disk::Disk::load(&ct).unwrap();
+    assert_eq!(disk.desc.images.len(), 1, "{}", xml());
+    assert!(std::fs::read(&img).unwrap() == before, "the image is still there, unchanged");
+    ploop(["check", p(&ct)]).ok();
+}
+
+/// A backing chain that leads back to one of its files is refused, and so
+/// is a backing file a writer holds.
+#[test]
+fn backing_loops_and_written_backing_files_are_refused() {
+    let dir = TempDir::new("qcow2-loop");
+    let (a, b) = (dir.join("a.qcow2"), dir.join("b.qcow2"));
+    run("qemu-img", &["create", "-q", "-f", "qcow2", p(&b), "8M"]);
+    run("qemu-img", &["create", "-q", "-f", "qcow2", "-b", p(&b), "-F", "qcow2", p(&a)]);
+    run("qemu-img", &["rebase", "-u", "-f", "qcow2", "-b", p(&a), "-F", "qcow2", p(&b)]);
+    let e = block_on(ublk_ploop::layers::qcow2::Qcow2Image::open(&SyncIo, &a)).err().expect("a loop is refused").to_string();
+    assert!(e.contains("leads back"), "{e}");
+    let raw = dir.join("base.raw");
+    std::fs::write(&raw, vec![7u8; 1 << 20]).unwrap();
+    let c = dir.join("c.qcow2");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", "-b", p(&raw), "-F", "raw", p(&c), "1M"]);
+    let writer = std::fs::OpenOptions::new().write(true).open(&raw).unwrap();
+    assert_eq!(unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&writer), libc::LOCK_EX | libc::LOCK_NB) }, 0);
+    let e = block_on(ublk_ploop::layers::qcow2::Qcow2Image::open(&SyncIo, &c)).err().expect("a written backing file is refused").to_string();
+    assert!(e.contains("in use by a writer"), "{e}");
+    drop(writer);
+    block_on(ublk_ploop::layers::qcow2::Qcow2Image::open(&SyncIo, &c)).expect("opens once the writer is gone");
 }

@@ -111,16 +111,18 @@ pub struct Qcow2Image {
 impl Qcow2Image {
     /// Open `path` and its backing chain for reading.
     pub async fn open<I: Io>(io: &I, path: &Path) -> Result<Qcow2Image> {
-        Self::open_at(io, path, 0).await
+        Self::open_at(io, path, 0, &mut Vec::new()).await
     }
 
-    async fn open_at<I: Io>(io: &I, path: &Path, depth: usize) -> Result<Qcow2Image> {
+    /// `seen`: the identities of the files opened above in the chain.
+    async fn open_at<I: Io>(io: &I, path: &Path, depth: usize, seen: &mut Vec<(u64, u64)>) -> Result<Qcow2Image> {
         let name = path.display().to_string();
         let io_err = |e| Error::io(e, &name);
         // The image named by the user may be a block device; a backing
         // file is named by the image, which may come from anywhere: only
         // regular files (never a host disk read into a conversion).
         let file = io.open(path, &OpenHow { block_ok: depth == 0, ..OpenHow::read() }).map_err(io_err)?;
+        backing_rules(io, &file, &name, depth, seen)?;
         let len = io.fstat(file.fd()).map_err(io_err)?.len;
         // The header and its extensions lie in the first cluster (at most 2 MiB).
         let mut head = vec![0u8; (len.min(2 << 20)) as usize];
@@ -141,10 +143,11 @@ impl Qcow2Image {
                 }
                 let bpath = backing_path(path, bname);
                 match header.backing_format.as_deref() {
-                    Some("qcow2") => Backing::Qcow2(Box::new(Box::pin(Self::open_at(io, &bpath, depth + 1)).await?)),
+                    Some("qcow2") => Backing::Qcow2(Box::new(Box::pin(Self::open_at(io, &bpath, depth + 1, seen)).await?)),
                     Some("raw") => {
                         let bname = bpath.display().to_string();
                         let file = io.open(&bpath, &OpenHow::read()).map_err(|e| Error::io(e, &bname))?;
+                        backing_rules(io, &file, &bname, depth + 1, seen)?;
                         let len = io.fstat(file.fd()).map_err(|e| Error::io(e, &bname))?.len;
                         Backing::Raw { file, len, path: bpath }
                     }
@@ -469,6 +472,24 @@ impl Qcow2Image {
         self.l2.put(at, table.clone());
         Ok(table)
     }
+}
+
+/// A file of the chain appears once (a chain that loops back would open
+/// the same file again and again), and a backing file is held with a
+/// shared lock while it is read, as a ploop layer below a top is: our own
+/// daemon serving it writable is refused, and cannot start while it is read.
+/// The image itself (depth 0) is locked by whoever serves it as a layer.
+fn backing_rules<I: Io>(io: &I, file: &Handle, name: &str, depth: usize, seen: &mut Vec<(u64, u64)>) -> Result<()> {
+    let st = io.fstat(file.fd()).map_err(|e| Error::io(e, name))?;
+    if seen.contains(&(st.dev, st.ino)) {
+        return Err(Error::invalid(format!("{name}: the backing chain leads back to this file")));
+    }
+    seen.push((st.dev, st.ino));
+    if depth > 0 {
+        crate::layers::flock_waiting(io, file.fd(), false)
+            .map_err(|e| Error::new(libc::EBUSY, format!("{name}: a backing file in use by a writer ({e})")))?;
+    }
+    Ok(())
 }
 
 /// A backing file's name as QCOW2 stores it: relative to the image's
