@@ -54,7 +54,6 @@ pub enum Layer {
 /// Other formats' magics: served as raw they would expose their metadata
 /// as disk content, so they are refused by name instead.
 const FOREIGN_MAGICS: &[(&[u8], &str)] = &[
-    (b"QFI\xfb", "qcow2"),
     (b"KDMV", "vmdk"),
     (b"vhdxfile", "vhdx"),
     (b"conectix", "vhd"),
@@ -81,6 +80,12 @@ pub async fn detect_format<I: Io>(io: &I, path: &Path) -> Result<Format> {
             "{}: damaged ploop signature {:?}; refusing to treat it as a raw disk",
             path.display(),
             String::from_utf8_lossy(&head[..16])
+        )));
+    }
+    if head.starts_with(b"QFI\xfb") {
+        return Err(Error::unsupported(format!(
+            "{}: a QCOW2 image: declare it with --format qcow2 (it can be the bottom of a stack), or as <Type>QCOW2</Type> in a disk descriptor",
+            path.display()
         )));
     }
     for (magic, name) in FOREIGN_MAGICS {
