@@ -181,13 +181,13 @@ fn text(node: roxmltree::Node<'_, '_>) -> String {
 }
 
 impl Descriptor {
-    /// A descriptor for a new disk of one image, as `ploop init` writes it.
     /// The type of the disk's own deltas (a new top takes it): ploop's
     /// one type for the disk, whatever a QCOW2 base is.
     pub fn delta_kind(&self) -> ImageType {
         self.images.iter().map(|i| i.kind).find(|&k| k != ImageType::Qcow2).unwrap_or(ImageType::Compressed)
     }
 
+    /// A descriptor for a new disk of one image, as `ploop init` writes it.
     pub fn new(size: u64, cluster: u64, file: &str, kind: ImageType) -> Result<Descriptor> {
         if size == 0 || size % SECTOR != 0 {
             return Err(Error::invalid(format!("disk size {size} must be a non-zero multiple of 512 bytes")));
