@@ -72,6 +72,33 @@ pub enum Verdict {
 }
 
 impl CheckReport {
+    /// A report on `path` before anything was read from it: nothing found
+    /// yet, and no disk size known.
+    fn blank(path: String, format: Format, file_size: u64) -> CheckReport {
+        CheckReport {
+            path,
+            format,
+            file_size,
+            disk_size: 0,
+            cluster_size: 0,
+            variant: None,
+            bat_entries: None,
+            data_offset: None,
+            flags: None,
+            allocated_clusters: 0,
+            header_errors: vec![],
+            bad_entries: vec![],
+            leaked_clusters: 0,
+            unclean: false,
+            extension_clusters: None,
+            dirty_bitmaps: None,
+            repairs: vec![],
+            not_repaired: vec![],
+            beyond_repair: None,
+            table_errors: vec![],
+        }
+    }
+
     pub fn verdict(&self) -> Verdict {
         if !self.header_errors.is_empty() || !self.bad_entries.is_empty() || !self.table_errors.is_empty() || self.unclean {
             Verdict::Corrupt
@@ -118,28 +145,7 @@ async fn check_qcow2<I: Io>(io: &I, path: &Path, repair: bool) -> Result<CheckRe
     }
     let name = path.display().to_string();
     let file_size = io.stat(path).map_err(|e| Error::io(e, &name))?.map_or(0, |s| s.len);
-    let mut report = CheckReport {
-        path: name,
-        format: Format::Qcow2,
-        file_size,
-        disk_size: 0,
-        cluster_size: 0,
-        variant: None,
-        bat_entries: None,
-        data_offset: None,
-        flags: None,
-        allocated_clusters: 0,
-        header_errors: vec![],
-        bad_entries: vec![],
-        leaked_clusters: 0,
-        unclean: false,
-        extension_clusters: None,
-        dirty_bitmaps: None,
-        repairs: vec![],
-        not_repaired: vec![],
-        beyond_repair: None,
-        table_errors: vec![],
-    };
+    let mut report = CheckReport::blank(name, Format::Qcow2, file_size);
     const QEMU_REPAIRS: &str = "QCOW2 images are repaired by `qemu-img check -r all`, never here";
     let image = match crate::layers::qcow2::Qcow2Image::open(io, path).await {
         Ok(image) => image,
@@ -180,28 +186,7 @@ async fn check_with<I: Io>(io: &I, path: &Path, format: Format, repair: bool, ta
     }
     let name = path.display().to_string();
     let file_size = load::file_len(io, fd, &name)?;
-    let mut report = CheckReport {
-        path: name.clone(),
-        format,
-        file_size,
-        disk_size: file_size,
-        cluster_size: 0,
-        variant: None,
-        bat_entries: None,
-        data_offset: None,
-        flags: None,
-        allocated_clusters: 0,
-        header_errors: vec![],
-        bad_entries: vec![],
-        leaked_clusters: 0,
-        unclean: false,
-        extension_clusters: None,
-        dirty_bitmaps: None,
-        repairs: vec![],
-        not_repaired: vec![],
-        beyond_repair: None,
-        table_errors: vec![],
-    };
+    let mut report = CheckReport { disk_size: file_size, ..CheckReport::blank(name.clone(), format, file_size) };
     if format == Format::Raw {
         if file_size % 512 != 0 {
             report.header_errors.push(format!("raw image size {file_size} is not a multiple of 512"));
