@@ -82,7 +82,7 @@ pub async fn detect_format<I: Io>(io: &I, path: &Path) -> Result<Format> {
             String::from_utf8_lossy(&head[..16])
         )));
     }
-    if head.starts_with(b"QFI\xfb") {
+    if qcow2::header::has_magic(&head) {
         return Err(Error::unsupported(format!(
             "{}: a QCOW2 image: declare it with --format qcow2 (it can be the bottom of a stack), or as <Type>QCOW2</Type> in a disk descriptor",
             path.display()
