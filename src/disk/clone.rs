@@ -102,11 +102,7 @@ pub async fn clone_disk<I: Io>(io: &I, template: &Path, dir: &Path, at: Option<G
     let size = desc.size();
     let cluster = desc.cluster_size();
 
-    io.create_dir_all(dir).map_err(|e| Error::io(e, dir.display()))?;
-    let dir = io.canonicalize(dir).map_err(|e| Error::io(e, dir.display()))?;
-    if dir == tmpl.dir || io.stat(&dir.join(DESCRIPTOR)).ok().flatten().is_some() {
-        return Err(Error::new(libc::EEXIST, format!("{}: a disk descriptor exists already", dir.join(DESCRIPTOR).display())));
-    }
+    let dir = new_disk_dir(io, dir, Some(&tmpl.dir))?;
     let mut clone = Disk::from_parts(dir.clone(), desc);
     let file = clone.new_delta_name();
     let top = dir.join(&file);
@@ -114,12 +110,29 @@ pub async fn clone_disk<I: Io>(io: &I, template: &Path, dir: &Path, at: Option<G
     clone.desc.shots.push(Shot { guid: TOP_GUID, parent, temporary: Temporary::No });
     clone.desc.top = TOP_GUID;
     PloopLayer::create_variant(io, &top, size, cluster, variant).await?;
-    if let Err(e) = clone.store(io).await {
-        let _ = io.remove_file(&top);
-        return Err(e);
-    }
+    store_with_top(io, &clone, &top).await?;
     drop(tmpl);
     Ok(Cloned { dir, top, shared })
+}
+
+/// Make `dir` (and its parents) and return its canonical path, refused
+/// when it holds a disk descriptor already or is the template's own.
+fn new_disk_dir<I: Io>(io: &I, dir: &Path, template: Option<&Path>) -> Result<PathBuf> {
+    io.create_dir_all(dir).map_err(|e| Error::io(e, dir.display()))?;
+    let dir = io.canonicalize(dir).map_err(|e| Error::io(e, dir.display()))?;
+    if template == Some(dir.as_path()) || io.stat(&dir.join(DESCRIPTOR)).ok().flatten().is_some() {
+        return Err(Error::new(libc::EEXIST, format!("{}: a disk descriptor exists already", dir.join(DESCRIPTOR).display())));
+    }
+    Ok(dir)
+}
+
+/// Store a new clone's descriptor; if that fails, its new top goes too.
+async fn store_with_top<I: Io>(io: &I, clone: &Disk, top: &Path) -> Result<()> {
+    let stored = clone.store(io).await;
+    if stored.is_err() {
+        let _ = io.remove_file(top);
+    }
+    stored
 }
 
 /// Make `dir` a thin clone over the QCOW2 image `template` (a cloud
@@ -129,16 +142,12 @@ pub async fn clone_disk<I: Io>(io: &I, template: &Path, dir: &Path, at: Option<G
 /// read, never written; nothing is converted.
 pub async fn clone_qcow2<I: Io>(io: &I, template: &Path, dir: &Path, cluster: u64) -> Result<Cloned> {
     let path = io.canonicalize(template).map_err(|e| Error::io(e, template.display()))?;
-    let image = crate::layers::qcow2::Qcow2Image::open(io, &path).await?;
-    let size = image.size();
-    drop(image);
-    if size == 0 || size % 512 != 0 {
-        return Err(Error::invalid(format!("{}: a disk of {size} bytes is not a whole number of 512-byte sectors", path.display())));
-    }
+    let size = crate::layers::qcow2::Qcow2Image::open(io, &path).await?.size();
     let Some(file) = path.to_str() else {
         return Err(Error::invalid(format!("{}: a descriptor names files by UTF-8 paths", path.display())));
     };
-    let mut desc = super::Descriptor::new(size, cluster, file, ImageType::Qcow2)?;
+    // Its size must be whole sectors, which the new descriptor checks.
+    let mut desc = super::Descriptor::new(size, cluster, file, ImageType::Qcow2).map_err(|e| e.context(path.display()))?;
     let base = Guid::random();
     desc.images[0].guid = base;
     desc.shots[0].guid = base;
@@ -146,18 +155,10 @@ pub async fn clone_qcow2<I: Io>(io: &I, template: &Path, dir: &Path, cluster: u6
     desc.shots.push(Shot { guid: TOP_GUID, parent: base, temporary: Temporary::No });
     desc.top = TOP_GUID;
 
-    io.create_dir_all(dir).map_err(|e| Error::io(e, dir.display()))?;
-    let dir = io.canonicalize(dir).map_err(|e| Error::io(e, dir.display()))?;
-    if io.stat(&dir.join(DESCRIPTOR)).ok().flatten().is_some() {
-        return Err(Error::new(libc::EEXIST, format!("{}: a disk descriptor exists already", dir.join(DESCRIPTOR).display())));
-    }
+    let dir = new_disk_dir(io, dir, None)?;
     let top = dir.join(super::BASE_FILE);
     PloopLayer::create(io, &top, size, cluster).await?;
-    let clone = Disk::from_parts(dir.clone(), desc);
-    if let Err(e) = clone.store(io).await {
-        let _ = io.remove_file(&top);
-        return Err(e);
-    }
+    store_with_top(io, &Disk::from_parts(dir.clone(), desc), &top).await?;
     Ok(Cloned { dir, top, shared: vec![path] })
 }
 
