@@ -11,7 +11,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::{assert_clean, for_each_seed, AnyIo, Rng, TempDir};
+use common::{assert_clean, assert_reads, assert_reads_all, for_each_seed, AnyIo, Rng, TempDir};
 use ublk_ploop::io::{block_on, AlignedBuf, Direct, SyncIo};
 use ublk_ploop::layers::PloopLayer;
 use ublk_ploop::{LayerSpec, Stack, StackOptions};
@@ -70,29 +70,11 @@ fn open(io: &AnyIo, paths: &[PathBuf], raw_base: bool) -> Stack {
 }
 
 fn verify_range(stack: &Stack, io: &AnyIo, model: &Model, off: u64, len: usize, ctx: &str) {
-    let mut buf = AlignedBuf::zeroed(len);
-    io.request_read(stack, off, &mut buf).unwrap_or_else(|e| panic!("{ctx}: read {off}+{len} failed: {e}"));
-    let want = &model.data[off as usize..off as usize + len];
-    if &buf[..] != want {
-        let first = buf.iter().zip(want).position(|(a, b)| a != b).unwrap();
-        panic!(
-            "{ctx}: mismatch reading {off}+{len}: first differing byte at disk offset {} (got {:#x}, want {:#x})",
-            off + first as u64,
-            buf[first],
-            want[first]
-        );
-    }
+    assert_reads(stack, io, &model.data, off, len, ctx)
 }
 
 fn verify_all(stack: &Stack, io: &AnyIo, model: &Model, ctx: &str) {
-    let step = 1 << 20;
-    let size = model.data.len() as u64;
-    let mut off = 0;
-    while off < size {
-        let n = (size - off).min(step) as usize;
-        verify_range(stack, io, model, off, n, ctx);
-        off += n as u64;
-    }
+    assert_reads_all(stack, io, &model.data, 1 << 20, ctx)
 }
 
 fn run_seed(seed: u64) {

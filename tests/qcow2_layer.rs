@@ -14,7 +14,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{assert_clean, for_each_seed, ploop, AnyIo, Rng, TempDir};
+use common::{assert_clean, assert_reads, assert_reads_all, for_each_seed, ploop, AnyIo, Rng, TempDir};
 use ublk_ploop::io::{block_on, AlignedBuf, Direct, SyncIo};
 use ublk_ploop::layers::{Format, PloopLayer};
 use ublk_ploop::{LayerSpec, Stack, StackOptions};
@@ -144,24 +144,12 @@ fn open(io: &AnyIo, paths: &[(PathBuf, Format)], read_only: bool) -> Stack {
 }
 
 fn verify(stack: &Stack, io: &AnyIo, model: &Model, off: u64, len: usize, ctx: &str) {
-    let mut buf = AlignedBuf::zeroed(len);
-    io.request_read(stack, off, &mut buf).unwrap_or_else(|e| panic!("{ctx}: read {off}+{len}: {e}"));
-    let want = &model.data[off as usize..off as usize + len];
-    if let Some(i) = buf.iter().zip(want).position(|(a, b)| a != b) {
-        panic!("{ctx}: byte {} reads {:#x}, the model says {:#x} (read {off}+{len})", off + i as u64, buf[i], want[i]);
-    }
+    assert_reads(stack, io, &model.data, off, len, ctx)
 }
 
 fn verify_all(stack: &Stack, io: &AnyIo, model: &Model, ctx: &str) {
-    let size = model.data.len() as u64;
     // Pieces that do not line up with any cluster size.
-    let step = 3 * 65536 + 4096;
-    let mut off = 0;
-    while off < size {
-        let n = (size - off).min(step) as usize;
-        verify(stack, io, model, off, n, ctx);
-        off += n as u64;
-    }
+    assert_reads_all(stack, io, &model.data, 3 * 65536 + 4096, ctx)
 }
 
 fn run_seed(seed: u64) {

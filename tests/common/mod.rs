@@ -628,6 +628,34 @@ impl AnyIo {
     }
 }
 
+/// Read `[off, off + len)` as a request of this I/O and compare it with
+/// the same range of `model` (the whole disk as it must read), naming the
+/// first byte that differs.
+pub fn assert_reads(stack: &Stack, io: &AnyIo, model: &[u8], off: u64, len: usize, ctx: &str) {
+    let mut buf = ublk_ploop::io::AlignedBuf::zeroed(len);
+    io.request_read(stack, off, &mut buf).unwrap_or_else(|e| panic!("{ctx}: read {off}+{len} failed: {e}"));
+    let want = &model[off as usize..off as usize + len];
+    if let Some(first) = buf.iter().zip(want).position(|(a, b)| a != b) {
+        panic!(
+            "{ctx}: mismatch reading {off}+{len}: first differing byte at disk offset {} (got {:#x}, want {:#x})",
+            off + first as u64,
+            buf[first],
+            want[first]
+        );
+    }
+}
+
+/// The same over the whole disk, in requests of `step` bytes.
+pub fn assert_reads_all(stack: &Stack, io: &AnyIo, model: &[u8], step: u64, ctx: &str) {
+    let size = model.len() as u64;
+    let mut off = 0;
+    while off < size {
+        let n = (size - off).min(step) as usize;
+        assert_reads(stack, io, model, off, n, ctx);
+        off += n as u64;
+    }
+}
+
 /// Read the whole disk through the library, in `chunk`-byte requests.
 pub fn read_disk(stack: &Stack, io: &AnyIo, chunk: usize) -> Vec<u8> {
     let size = stack.size() as usize;
