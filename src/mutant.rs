@@ -20,7 +20,7 @@
 //! - `fold-sync`: an online merge into the parent's file syncs that file
 //!   before the descriptor names it as the top.
 //! - `fold-catch-up`: an online merge into the parent's file copies again,
-//!   with requests held, the clusters written after their first copy.
+//!   with requests held, the clusters changed after their first copy.
 //!
 //! And a fixed bug brought back, to show the simulation finds it from a
 //! random seed:

@@ -478,10 +478,11 @@ fn assert_folded_into_base(stack: Stack, disk: &Disk, model: &[u8], top: &Path, 
 #[test]
 fn an_online_merge_copies_only_the_top_into_its_parent_and_keeps_its_name() {
     // Served: the top's clusters are copied into the parent's file while
-    // requests go on, and clusters written after their copy are copied
-    // again before that file becomes the top. The base is full (24
-    // clusters); the top holds 6 of them. During the copy one of those is
-    // written again and a seventh is written for the first time.
+    // requests go on. A write to a cluster already copied is carried into
+    // the parent's file as well; a cluster new in the top is copied by the
+    // next round. The base is full (24 clusters); the top holds 6 of them.
+    // During the copy one of those is written again and a seventh is
+    // written for the first time.
     let g = Geometry { cluster: 64 << 10, clusters: 24, stripe: 16 << 10 };
     let dir = TempDir::new("diskops-fold-online");
     let (mut disk, model) = full_disk(&dir.join("ct"), &g);
@@ -503,9 +504,73 @@ fn an_online_merge_copies_only_the_top_into_its_parent_and_keeps_its_name() {
     let merged = block_on(ops::merge(&SyncIo, &stack, &mut disk, None, &during)).unwrap();
     assert!(written.get(), "the merge reported no progress: the writes meanwhile did not happen");
     let model = model.into_inner();
-    assert_eq!(merged.clusters, 8, "the merge copied other than the top's 6 clusters and the 2 written meanwhile");
+    assert_eq!(merged.clusters, 7, "the merge copied other than the top's 6 clusters and the one new meanwhile (a copied one was copied twice?)");
     assert!(!top.exists(), "the top's file was left while the stack serves");
     assert_folded_into_base(stack, &disk, &model, &top, base_len, "online");
+}
+
+/// Holds the first whole-cluster write into the base's file (a merge's
+/// copy of a cluster into its parent) until released.
+#[derive(Default)]
+struct HoldCopy {
+    cluster: u64,
+    holding: std::cell::Cell<bool>,
+    released: std::cell::Cell<bool>,
+    done: std::cell::Cell<bool>,
+}
+
+impl common::hooked::Hook for HoldCopy {
+    async fn around(&self, op: common::hooked::Op, run: impl std::future::Future<Output = std::io::Result<()>>) -> std::io::Result<()> {
+        let copy = op.kind == common::hooked::Kind::Write && op.len == self.cluster && common::inject::fd_path(op.fd).ends_with("root.hds");
+        if copy && !self.done.replace(true) {
+            self.holding.set(true);
+            std::future::poll_fn(|cx| {
+                if self.released.get() {
+                    std::task::Poll::Ready(())
+                } else {
+                    cx.waker().wake_by_ref();
+                    std::task::Poll::Pending
+                }
+            })
+            .await;
+            self.holding.set(false);
+        }
+        run.await
+    }
+}
+
+#[test]
+fn a_write_to_a_cluster_the_merge_is_copying_waits_for_the_copy_and_is_carried_over() {
+    // The merge's copy of cluster 3 into the parent's file is held after
+    // reading the top. A write to cluster 3 meanwhile must wait: landing in
+    // the top alone it would be missing from the parent's file once the
+    // copy's older bytes land. Released, it reaches both files, and the
+    // merge copies nothing twice.
+    let g = Geometry { cluster: 64 << 10, clusters: 24, stripe: 16 << 10 };
+    let dir = TempDir::new("diskops-fold-section");
+    let (mut disk, mut model) = full_disk(&dir.join("ct"), &g);
+    let stack = open(&disk, None, false);
+    block_on(ops::snapshot(&SyncIo, &stack, &mut disk, None)).unwrap();
+    write_at(&stack, &mut model, 1, 3 * g.cluster + 4096, 8192);
+    let top = disk.file_path(disk.desc.image(TOP_GUID).unwrap());
+    let base_len = std::fs::metadata(disk.dir.join("root.hds")).unwrap().len();
+    let io = common::hooked::Hooked { inner: SyncIo, hook: HoldCopy { cluster: g.cluster, ..Default::default() } };
+    let off = 3 * g.cluster + 8192;
+    let data = pattern(2, off, 4096);
+    let merged = {
+        let mut merge = std::pin::pin!(ops::merge(&io, &stack, &mut disk, None, &|_, _| {}));
+        assert!(block_on(futures_lite::future::poll_once(merge.as_mut())).is_none(), "the merge finished at once");
+        assert!(io.hook.holding.get(), "the merge is not held in its copy into the parent's file");
+        let mut write = std::pin::pin!(stack.write(&SyncIo, off, &data));
+        assert!(block_on(futures_lite::future::poll_once(write.as_mut())).is_none(), "a write to the cluster being copied went on beside the copy");
+        io.hook.released.set(true);
+        let (merged, written) = block_on(futures_lite::future::zip(merge, write));
+        written.unwrap();
+        merged.unwrap()
+    };
+    model[off as usize..off as usize + 4096].copy_from_slice(&data);
+    assert_eq!(merged.clusters, 1, "the merge copied the written cluster again instead of carrying the write over");
+    assert_folded_into_base(stack, &disk, &model, &top, base_len, "write during the copy");
 }
 
 #[test]

@@ -147,15 +147,15 @@ pub fn merge_vs_copy(cfg: &Cfg) -> Res<MergeRow> {
 /// The same merge while 4k random writes at QD32 go on over a 64 MiB hot
 /// set: first a second of writes alone (the hot set's clusters get copied
 /// up into the top, then rewritten in place), then the merge beside the
-/// same writes (requests flow throughout; the merge copies again what was
-/// written after its copy). Returns the merge (its clusters include those
+/// same writes (requests flow throughout; writes to clusters the merge has
+/// copied are carried into the parent's file, so none is copied twice). Returns the merge (its clusters include those
 /// re-copied), the writes before it and during it, and the bytes this
 /// process wrote during it (merge and writes).
 pub fn merge_under_writes(cfg: &Cfg) -> Res<MergeUnderWrites> {
     let (mut disk, stack, _) = disk_with_top(cfg)?;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (started, start) = std::sync::mpsc::channel::<()>();
-    let mut w0 = 0;
+    let (mut w0, mut held_at_start) = (0, 0);
     let result = std::thread::scope(|scope| {
         let stack = &stack;
         let stop_w = stop.clone();
@@ -174,6 +174,8 @@ pub fn merge_under_writes(cfg: &Cfg) -> Res<MergeUnderWrites> {
             Ok((before, drive(&ring, vec![job], Duration::from_secs(600))?.remove(0)))
         });
         let _ = start.recv();
+        let clusters = cfg.size.div_ceil(CLUSTER);
+        held_at_start = stack.layers().last().map_or(0, |top| top.allocated(CLUSTER, clusters).count() as u64);
         w0 = written_bytes();
         let ring = new_ring()?;
         let (t, cpu0) = (Instant::now(), cpu_secs());
@@ -188,7 +190,7 @@ pub fn merge_under_writes(cfg: &Cfg) -> Res<MergeUnderWrites> {
     drop(stack);
     let _ = fs::remove_dir_all(&disk.dir);
     let (merge, (before, during)) = result?;
-    Ok(MergeUnderWrites { merge, before, during, written })
+    Ok(MergeUnderWrites { merge, before, during, written, held_at_start })
 }
 
 /// See `merge_under_writes`.
@@ -197,6 +199,9 @@ pub struct MergeUnderWrites {
     pub before: Run,
     pub during: Run,
     pub written: u64,
+    /// Clusters the top held when the merge began (the hot set's among
+    /// them): a merge that copies more copied some twice.
+    pub held_at_start: u64,
 }
 
 /// Live copies taken while 4k random writes at QD32 go on over a hot set:
@@ -341,6 +346,14 @@ pub struct DiskRows {
     pub merge: MergeRow,
     /// The same merge under 4k random writes.
     pub under_writes: MergeUnderWrites,
+}
+
+impl DiskRows {
+    /// What the quiet raw copy of the top's bytes took per cluster, times
+    /// `clusters`.
+    pub fn raw_copy_secs(&self, clusters: u64) -> f64 {
+        self.merge.copy.secs * clusters as f64 / (self.merge.top / CLUSTER).max(1) as f64
+    }
 }
 
 /// The rows measured under concurrent load.

@@ -551,7 +551,7 @@ async fn copy_clusters<I: Io>(io: &I, child: &Layer, parent: &Layer, stack: &Sta
     let todo: Vec<u64> = child.allocated(cluster, stack.size().div_ceil(cluster)).collect();
     let total = todo.len() as u64;
     progress(0, total);
-    stack.copy_clusters(io, child, parent, &todo, false, &|n| progress(n, total)).await?;
+    stack.copy_clusters(io, child, parent, &todo, &|n| progress(n, total)).await?;
     Ok(total)
 }
 

@@ -7,6 +7,8 @@
 //! - while the rounds copy, the top still hides every cluster it holds, so
 //!   whatever the parent's file holds of it is never read;
 //! - each copy is data first, synced, then the parent's entries;
+//! - a write to a cluster already copied lands in both files (`mirror`):
+//!   the parent's file is only read after the end, and the end syncs it;
 //! - the end holds requests: the last changes are copied, the parent's file
 //!   synced, and only then is the descriptor that names it as the top
 //!   stored; no write reaches the old top after that, none the parent
@@ -18,8 +20,8 @@ use std::sync::{Arc, Mutex};
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::{for_each_in_flight, BufPool, Io};
 use crate::layers::Layer;
-use crate::tracker::Tracker;
 
+use super::mirror::FoldMirror;
 use super::{owner_map, Stack};
 
 /// The top changed under a merge (the caller runs one change at a time).
@@ -31,8 +33,9 @@ fn stack_changed() -> Error {
 const COPY_IN_FLIGHT: usize = 8;
 /// Clusters whose data shares one sync before their entries are written.
 const COPY_PER_SYNC: usize = 256;
-/// Rounds of catching up with the writes that changed copied clusters,
-/// after the first, before the rest is copied with requests held.
+/// Rounds of catching up with the clusters changed and not carried over
+/// (new in the top, zeroed, discarded, or a carried write failed), after
+/// the first, before the rest is copied with requests held.
 const CATCH_UP_ROUNDS: usize = 8;
 /// A round that finds at most this many changed clusters ends the catching
 /// up: they are copied with requests held (the stall of the fold).
@@ -41,9 +44,10 @@ const FINAL_AT_MOST: usize = 64;
 impl Stack {
     /// Copy every cluster of the top into `into`, a writable opening of
     /// the parent's file (the caller holds that file's lock exclusively:
-    /// nothing else reads it), in rounds while requests go on. A tracker
-    /// attached for the fold names the clusters written after their copy;
-    /// the next round copies them again. Then, with requests held, the last
+    /// nothing else reads it), in rounds while requests go on. A write to a
+    /// cluster already copied is carried into `into` as well; the clusters
+    /// changed otherwise are copied by the next round (see `mirror`). Then,
+    /// with requests held, the last
     /// ones are copied, `into` is synced and `commit` runs (it stores the
     /// descriptor naming the parent's file as the top); `into` then serves
     /// as the top in place of the parent and the old top. `progress` gets
@@ -74,25 +78,32 @@ impl Stack {
             }
             shape.top().clone()
         };
-        let tracker = Arc::new(Tracker::new(self.size(), self.cluster));
-        // Changes from here on are marked; the first round reads after it.
-        self.add_tracker(tracker.clone()).await?;
-        let result = self.fold_rounds(io, &top, &into, &tracker, progress, commit).await;
+        let fold = Arc::new(FoldMirror::new(into));
+        {
+            // From here on, changes are carried or marked; the first round
+            // reads after it. Installed with requests held, so that none in
+            // flight escapes both.
+            let mut shape = self.shape.exclusive().await;
+            shape.check_open()?;
+            shape.fold = Some(fold.clone());
+        }
+        let result = self.fold_rounds(io, &top, &fold, progress, commit).await;
         if result.is_err() {
-            self.remove_tracker(&tracker).await;
+            self.shape.exclusive().await.fold = None;
         }
         result
     }
 
-    async fn fold_rounds<I, F, Fut>(&self, io: &I, top: &Arc<Layer>, into: &Arc<Layer>, tracker: &Tracker, progress: &dyn Fn(u64, u64), commit: F) -> Result<u64>
+    async fn fold_rounds<I, F, Fut>(&self, io: &I, top: &Arc<Layer>, fold: &FoldMirror, progress: &dyn Fn(u64, u64), commit: F) -> Result<u64>
     where
         I: Io,
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<()>>,
     {
+        let into = &fold.into;
         let clusters = self.size().div_ceil(self.cluster);
         let holds = |c: &u64| top.lookup(*c, self.cluster).is_some();
-        let held = |bits: bitvec::vec::BitVec| -> Vec<u64> { bits.iter_ones().map(|c| c as u64).filter(holds).collect() };
+        let held = |changed: Vec<u64>| -> Vec<u64> { changed.into_iter().filter(holds).collect() };
         let mut todo: Vec<u64> = top.allocated(self.cluster, clusters).collect();
         let total = todo.len() as u64;
         progress(0, total);
@@ -103,9 +114,9 @@ impl Stack {
                     progress(n, total)
                 }
             };
-            self.copy_clusters(io, top, into, &todo, true, &report).await?;
+            self.copy_into(io, top, into, &todo, Some(fold), &report).await?;
             copied += todo.len() as u64;
-            todo = held(tracker.drain());
+            todo = held(fold.take_changed());
             if crate::mutant::off("fold-catch-up") {
                 todo.clear();
             }
@@ -123,11 +134,11 @@ impl Stack {
             return Err(stack_changed());
         }
         if !crate::mutant::off("fold-catch-up") {
-            todo.extend(held(tracker.drain()));
+            todo.extend(held(fold.take_changed()));
         }
         todo.sort_unstable();
         todo.dedup();
-        self.copy_clusters(io, top, into, &todo, false, &|_| {}).await?;
+        self.copy_into(io, top, into, &todo, None, &|_| {}).await?;
         copied += todo.len() as u64;
         // Everything the top holds is in the parent's file, durable, before
         // a descriptor names that file as the top.
@@ -138,9 +149,10 @@ impl Stack {
             if e.kind() == ErrorKind::DescriptorUncertain {
                 shape.closed = true;
             }
+            shape.fold = None;
             return Err(e);
         }
-        shape.trackers.retain(|t| !std::ptr::eq(Arc::as_ptr(t), tracker));
+        shape.fold = None;
         let parent_index = shape.layers.len() - 2;
         shape.layers.truncate(parent_index);
         shape.layers.push(into.clone());
@@ -152,11 +164,18 @@ impl Stack {
     /// comes) into `into`, a writable opening of another file: `COPY_IN_FLIGHT`
     /// at a time, data first, synced, then `into`'s entries (written again
     /// where it held the cluster already), `COPY_PER_SYNC` clusters per sync.
-    /// `gated`: `from` is the served top and requests go on, so each read
-    /// enters the gate (the top's clusters stay where its table says while
-    /// they are read, and a stack change stops the copy); never with the
-    /// requests held by the caller. `progress` gets the clusters done.
-    pub async fn copy_clusters<I: Io>(&self, io: &I, from: &Layer, into: &Layer, clusters: &[u64], gated: bool, progress: &dyn Fn(u64)) -> Result<()> {
+    /// `progress` gets the clusters done.
+    pub async fn copy_clusters<I: Io>(&self, io: &I, from: &Layer, into: &Layer, clusters: &[u64], progress: &dyn Fn(u64)) -> Result<()> {
+        self.copy_into(io, from, into, clusters, None, progress).await
+    }
+
+    /// `copy_clusters`, and with `fold`: `from` is the served top and
+    /// requests go on, so each read enters the gate (the top's clusters
+    /// stay where its table says while they are read, and a stack change
+    /// stops the copy), and each cluster is copied inside its section of
+    /// the fold, which carries later writes to it over (`mirror`); never
+    /// with the requests held by the caller.
+    async fn copy_into<I: Io>(&self, io: &I, from: &Layer, into: &Layer, clusters: &[u64], fold: Option<&FoldMirror>, progress: &dyn Fn(u64)) -> Result<()> {
         let (cluster, size) = (self.cluster, self.size());
         let pool = BufPool::new(cluster as usize, COPY_IN_FLIGHT);
         let mut done = 0;
@@ -169,16 +188,23 @@ impl Stack {
                     let mut buf = pool.get();
                     let copied = async {
                         let n = (size - c * cluster).min(cluster) as usize;
+                        let mut section = None;
                         {
-                            let _inside = if gated {
-                                let shape = self.shape.enter().await;
-                                shape.check_open()?;
-                                if !std::ptr::eq(Arc::as_ptr(shape.top()), from) {
-                                    return Err(stack_changed());
+                            let _inside = match fold {
+                                Some(fold) => {
+                                    let shape = self.shape.enter().await;
+                                    shape.check_open()?;
+                                    if !std::ptr::eq(Arc::as_ptr(shape.top()), from) {
+                                        return Err(stack_changed());
+                                    }
+                                    // Taken inside the gate, as a write takes
+                                    // it: a held gate never waits on one.
+                                    let held = fold.section(c).await;
+                                    fold.copy_starts(&held);
+                                    section = Some(held);
+                                    Some(shape)
                                 }
-                                Some(shape)
-                            } else {
-                                None
+                                None => None,
                             };
                             let Some(at) = from.lookup(c, cluster) else { return Ok(()) };
                             io.read_at(from.file().fd(), &mut buf[..n], at).await.map_err(|e| Error::io(e, from.file().path.display()))?;
@@ -192,7 +218,11 @@ impl Stack {
                             None => into.reserve_cluster(io).await?,
                         };
                         links.lock().unwrap().push((c, to));
-                        io.write_at(into.file().fd(), &buf[..n], to).await.map_err(|e| Error::io(e, into.file().path.display()))
+                        io.write_at(into.file().fd(), &buf[..n], to).await.map_err(|e| Error::io(e, into.file().path.display()))?;
+                        if let (Some(fold), Some(section)) = (fold, &section) {
+                            fold.copied(section, to);
+                        }
+                        Ok(())
                     }
                     .await;
                     pool.put(buf);

@@ -20,10 +20,11 @@
 //! (read, write, zeroes, discard, flush, and the cluster claims they take),
 //! `change.rs` the changes of the layer list (snapshot, merge, replace,
 //! compact, grow), `fold.rs` the online merge of the top into its parent's
-//! file.
+//! file, and `mirror.rs` the writes that merge carries into that file.
 
 mod change;
 mod fold;
+mod mirror;
 mod owner;
 mod request;
 
@@ -88,6 +89,9 @@ struct Shape {
     closed: bool,
     /// Write trackers attached (live copy, changed-block tracking).
     trackers: Vec<Arc<Tracker>>,
+    /// A fold in progress: writes to clusters it copied reach the parent's
+    /// file too.
+    fold: Option<Arc<mirror::FoldMirror>>,
 }
 
 impl Shape {
@@ -258,7 +262,7 @@ impl Stack {
             return Err((e, layers));
         }
         let read_only = opts.read_only || !top.file().writable;
-        let shape = Shape { layers, owner, closed: false, trackers: Vec::new() };
+        let shape = Shape { layers, owner, closed: false, trackers: Vec::new(), fold: None };
         Ok(Stack {
             shape: Gate::new(shape),
             cluster,

@@ -14,6 +14,7 @@ use crate::io::wait::{Entered, WaitList};
 use crate::io::{join_all, AlignedBuf, FixedBuf, Io};
 use crate::layers::{Layer, MetaError};
 
+use super::mirror::FoldMirror;
 use super::{Shape, Stack, NOBODY};
 
 /// One piece of a planned request, in request order.
@@ -115,8 +116,45 @@ impl Stack {
         let shape = self.shape.enter().await;
         shape.check_open()?;
         shape.check_sync_ok()?;
-        let result = self.write_entered(io, &shape, offset, data).await;
-        mark(&shape, offset, len);
+        let result = match &shape.fold {
+            Some(fold) => self.write_carried(io, &shape, fold, offset, data).await,
+            None => self.write_entered(io, &shape, offset, data).await,
+        };
+        mark_trackers(&shape, offset, len);
+        result
+    }
+
+    /// A write during a fold: inside the sections of its clusters, the
+    /// bytes go to the top and, for each cluster the fold has copied, to
+    /// the parent's file as well, both at once. Whatever was not carried
+    /// over is marked for the fold's next round (see `mirror`).
+    async fn write_carried<I: Io>(&self, io: &I, shape: &Shape, fold: &FoldMirror, offset: u64, data: Src<'_>) -> Result<()> {
+        let clusters = self.clusters_of(offset, data.len());
+        let mut sections = Vec::with_capacity((clusters.end - clusters.start) as usize);
+        for c in clusters.clone() {
+            sections.push(fold.section(c).await);
+        }
+        let into = fold.into.file();
+        let mut carried = Vec::with_capacity(2);
+        let mut not_carried: Vec<u64> = Vec::new();
+        for (c, within, buf_off, n) in self.pieces(offset, data.len()) {
+            match fold.placed(c) {
+                Some(to) => push_merged(&mut carried, Seg::Data { fd: into.fd(), file_off: to + within, buf_off, len: n }),
+                None => not_carried.push(c),
+            }
+        }
+        let to_top = self.write_entered(io, shape, offset, data);
+        let to_parent = async { if carried.is_empty() { Ok(()) } else { write_segs(io, &carried, data).await } };
+        let (result, copied) = futures_lite::future::zip(to_top, to_parent).await;
+        if result.is_err() || copied.is_err() {
+            // Marking a carried cluster again costs a copy, never a byte.
+            fold.changed(clusters);
+        } else {
+            for c in not_carried {
+                fold.changed(c..c + 1);
+            }
+        }
+        drop(sections);
         result
     }
 
@@ -244,7 +282,7 @@ impl Stack {
         shape.check_open()?;
         shape.check_sync_ok()?;
         let result = self.write_zeroes_entered(io, &shape, offset, len).await;
-        mark(&shape, offset, len);
+        mark(self, &shape, offset, len);
         result
     }
 
@@ -297,7 +335,7 @@ impl Stack {
             result = self.finish(io, &shape, window, self.clusters_of(offset, len)).await;
         }
         if changed {
-            mark(&shape, offset, len);
+            mark(self, &shape, offset, len);
         }
         result
     }
@@ -377,7 +415,16 @@ impl Drop for Claim<'_> {
     }
 }
 
-fn mark(shape: &Entered<'_, Shape>, offset: u64, len: usize) {
+/// A change by zeroes or a discard: the trackers note it, and a fold
+/// copies its clusters again (they take no section; see `mirror`).
+fn mark(stack: &Stack, shape: &Entered<'_, Shape>, offset: u64, len: usize) {
+    mark_trackers(shape, offset, len);
+    if let Some(fold) = &shape.fold {
+        fold.changed(stack.clusters_of(offset, len));
+    }
+}
+
+fn mark_trackers(shape: &Entered<'_, Shape>, offset: u64, len: usize) {
     for t in &shape.trackers {
         t.mark_range(offset, len as u64);
     }
