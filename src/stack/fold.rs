@@ -33,6 +33,13 @@ fn stack_changed() -> Error {
 const COPY_IN_FLIGHT: usize = 8;
 /// Clusters whose data shares one sync before their entries are written.
 const COPY_PER_SYNC: usize = 256;
+/// The same while requests go on (a fold): a sync of less data holds up
+/// the requests' own I/O on the device for less time.
+const FOLD_PER_SYNC: usize = 64;
+/// A fold's copies in flight while requests change the disk: the rest of
+/// the disk's queue is theirs. Asked again every `PACE_GROUP` clusters.
+const FOLD_IN_FLIGHT_BESIDE_WRITES: usize = 3;
+const PACE_GROUP: usize = 16;
 /// Rounds of catching up with the clusters changed and not carried over
 /// (new in the top, zeroed, discarded, or a carried write failed), after
 /// the first, before the rest is copied with requests held.
@@ -179,7 +186,8 @@ impl Stack {
         let (cluster, size) = (self.cluster, self.size());
         let pool = BufPool::new(cluster as usize, COPY_IN_FLIGHT);
         let mut done = 0;
-        for chunk in clusters.chunks(COPY_PER_SYNC) {
+        let per_sync = if fold.is_some() { FOLD_PER_SYNC } else { COPY_PER_SYNC };
+        for chunk in clusters.chunks(per_sync) {
             let window = into.window_start();
             let links = Mutex::new(Vec::new());
             let one = |&c: &u64| {
@@ -229,7 +237,15 @@ impl Stack {
                     copied
                 }
             };
-            for_each_in_flight(COPY_IN_FLIGHT, chunk, one, |n| progress(done + n)).await?;
+            let mut started = 0;
+            for group in chunk.chunks(PACE_GROUP) {
+                let width = match fold {
+                    Some(fold) if fold.requests_went_on() => FOLD_IN_FLIGHT_BESIDE_WRITES,
+                    _ => COPY_IN_FLIGHT,
+                };
+                for_each_in_flight(width, group, &one, |n| progress(done + started + n)).await?;
+                started += group.len() as u64;
+            }
             // Data before index.
             into.sync_data(io).await.map_err(|e| Error::io(e, into.file().path.display()))?;
             for (c, at) in links.into_inner().unwrap() {

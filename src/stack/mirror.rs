@@ -21,6 +21,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::future::poll_fn;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 
@@ -31,6 +32,8 @@ pub(super) struct FoldMirror {
     /// The writable opening of the parent's file the fold copies into.
     pub into: Arc<Layer>,
     state: Mutex<State>,
+    /// Requests that changed the disk since the fold last asked.
+    changes: AtomicU64,
 }
 
 #[derive(Default)]
@@ -60,7 +63,7 @@ impl Drop for Section<'_> {
 
 impl FoldMirror {
     pub fn new(into: Arc<Layer>) -> FoldMirror {
-        FoldMirror { into, state: Mutex::default() }
+        FoldMirror { into, state: Mutex::default(), changes: AtomicU64::new(0) }
     }
 
     /// Wait until no other copy or write holds cluster `c`, then hold it.
@@ -110,6 +113,17 @@ impl FoldMirror {
             state.placed.remove(&c);
             state.changed.insert(c);
         }
+    }
+
+    /// A request changed the disk (carried over or not).
+    pub fn note_change(&self) {
+        self.changes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether requests changed the disk since the last call: the fold
+    /// then copies with fewer clusters in flight, to leave them the disk.
+    pub fn requests_went_on(&self) -> bool {
+        self.changes.swap(0, Ordering::Relaxed) > 0
     }
 
     /// Take the changed clusters, ascending.

@@ -129,6 +129,7 @@ impl Stack {
     /// the parent's file as well, both at once. Whatever was not carried
     /// over is marked for the fold's next round (see `mirror`).
     async fn write_carried<I: Io>(&self, io: &I, shape: &Shape, fold: &FoldMirror, offset: u64, data: Src<'_>) -> Result<()> {
+        fold.note_change();
         let clusters = self.clusters_of(offset, data.len());
         let mut sections = Vec::with_capacity((clusters.end - clusters.start) as usize);
         for c in clusters.clone() {
@@ -420,6 +421,7 @@ impl Drop for Claim<'_> {
 fn mark(stack: &Stack, shape: &Entered<'_, Shape>, offset: u64, len: usize) {
     mark_trackers(shape, offset, len);
     if let Some(fold) = &shape.fold {
+        fold.note_change();
         fold.changed(stack.clusters_of(offset, len));
     }
 }
