@@ -573,6 +573,83 @@ fn a_write_to_a_cluster_the_merge_is_copying_waits_for_the_copy_and_is_carried_o
     assert_folded_into_base(stack, &disk, &model, &top, base_len, "write during the copy");
 }
 
+/// Holds, in the base's file, the first sync after a whole-cluster write
+/// (the merge's, after its copies) and the first 4 KiB write (a write
+/// carried over), each until released.
+#[derive(Default)]
+struct HoldSyncThenCarry {
+    cluster: u64,
+    copied: std::cell::Cell<bool>,
+    sync_held: std::cell::Cell<bool>,
+    carry_held: std::cell::Cell<bool>,
+    release_sync: std::cell::Cell<bool>,
+    release_carry: std::cell::Cell<bool>,
+}
+
+impl common::hooked::Hook for HoldSyncThenCarry {
+    async fn around(&self, op: common::hooked::Op, run: impl std::future::Future<Output = std::io::Result<()>>) -> std::io::Result<()> {
+        use common::hooked::Kind as K;
+        let base = op.fd >= 0 && common::inject::fd_path(op.fd).ends_with("root.hds");
+        if base && op.kind == K::Write && op.len == self.cluster {
+            self.copied.set(true);
+        }
+        let (held, release) = match op.kind {
+            K::Sync if base && self.copied.get() && !self.sync_held.get() => (&self.sync_held, &self.release_sync),
+            K::Write if base && op.len == 4096 && !self.carry_held.get() => (&self.carry_held, &self.release_carry),
+            _ => return run.await,
+        };
+        held.set(true);
+        std::future::poll_fn(|cx| {
+            if release.get() {
+                std::task::Poll::Ready(())
+            } else {
+                cx.waker().wake_by_ref();
+                std::task::Poll::Pending
+            }
+        })
+        .await;
+        run.await
+    }
+}
+
+#[test]
+fn writes_to_one_copied_cluster_go_on_side_by_side_during_the_merge() {
+    // Cluster 3 is copied; the merge is held in its sync. A write to it is
+    // held in its carried copy into the parent's file; a second write to
+    // other bytes of the same cluster must not wait for the first (they
+    // share the cluster's section; only the merge's copy holds it alone).
+    let g = Geometry { cluster: 64 << 10, clusters: 24, stripe: 16 << 10 };
+    let dir = TempDir::new("diskops-fold-shared");
+    let (mut disk, mut model) = full_disk(&dir.join("ct"), &g);
+    let stack = open(&disk, None, false);
+    block_on(ops::snapshot(&SyncIo, &stack, &mut disk, None)).unwrap();
+    write_at(&stack, &mut model, 1, 3 * g.cluster + 4096, 8192);
+    let top = disk.file_path(disk.desc.image(TOP_GUID).unwrap());
+    let base_len = std::fs::metadata(disk.dir.join("root.hds")).unwrap().len();
+    let io = common::hooked::Hooked { inner: SyncIo, hook: HoldSyncThenCarry { cluster: g.cluster, ..Default::default() } };
+    let (first, second) = (3 * g.cluster + 16384, 3 * g.cluster + 32768);
+    let (a, b) = (pattern(2, first, 4096), pattern(3, second, 4096));
+    let merged = {
+        let mut merge = std::pin::pin!(ops::merge(&io, &stack, &mut disk, None, &|_, _| {}));
+        assert!(block_on(futures_lite::future::poll_once(merge.as_mut())).is_none(), "the merge finished at once");
+        assert!(io.hook.sync_held.get(), "the merge is not held in its sync after the copies");
+        let mut held = std::pin::pin!(stack.write(&io, first, &a));
+        assert!(block_on(futures_lite::future::poll_once(held.as_mut())).is_none(), "the first write was not carried over");
+        assert!(io.hook.carry_held.get(), "the first write is not held in its carried copy");
+        let second_done = block_on(futures_lite::future::poll_once(std::pin::pin!(stack.write(&io, second, &b))));
+        second_done.expect("the second write waited for the first").unwrap();
+        io.hook.release_carry.set(true);
+        io.hook.release_sync.set(true);
+        let (merged, written) = block_on(futures_lite::future::zip(merge, held));
+        written.unwrap();
+        merged.unwrap()
+    };
+    model[first as usize..first as usize + 4096].copy_from_slice(&a);
+    model[second as usize..second as usize + 4096].copy_from_slice(&b);
+    assert_eq!(merged.clusters, 1, "the merge copied a carried cluster again");
+    assert_folded_into_base(stack, &disk, &model, &top, base_len, "writes sharing a copied cluster");
+}
+
 #[test]
 fn a_lower_merge_grows_its_parent_without_serving_stale_reads() {
     // A delta grown online (only the top grows) and then frozen by a

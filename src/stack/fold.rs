@@ -8,11 +8,14 @@
 //!   whatever the parent's file holds of it is never read;
 //! - each copy is data first, synced, then the parent's entries;
 //! - a write to a cluster already copied lands in both files (`mirror`):
-//!   the parent's file is only read after the end, and the end syncs it;
+//!   the parent's file is read, until the end, only where the top does not
+//!   hold the cluster (never at what is copied or carried), and the end
+//!   syncs it;
 //! - the end holds requests: the last changes are copied, the parent's file
 //!   synced, and only then is the descriptor that names it as the top
-//!   stored; no write reaches the old top after that, none the parent
-//!   before it.
+//!   stored; no write reaches the old top after that, and none reaches
+//!   the parent's file before it except as a copy of the old top's bytes
+//!   (a carried write is in the old top as well).
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -85,7 +88,7 @@ impl Stack {
             }
             shape.top().clone()
         };
-        let fold = Arc::new(FoldMirror::new(into));
+        let fold = Arc::new(FoldMirror::new(into, self.size(), self.cluster));
         {
             // From here on, changes are carried or marked; the first round
             // reads after it. Installed with requests held, so that none in
@@ -130,10 +133,10 @@ impl Stack {
             if todo.len() <= FINAL_AT_MOST {
                 break;
             }
-            tracing::debug!(round, clusters = todo.len(), "merge: copying the clusters written meanwhile again");
+            tracing::debug!(round, clusters = todo.len(), "merge: copying again the clusters changed meanwhile and not carried over");
         }
-        // Requests held: none is in flight, so what the tracker names now
-        // is every change since the last round read.
+        // Requests held: none is in flight, so the clusters marked changed
+        // now are every change not carried over since the last round read.
         let mut shape = self.shape.exclusive().await;
         shape.check_open()?;
         shape.check_sync_ok()?;
@@ -207,7 +210,7 @@ impl Stack {
                                     }
                                     // Taken inside the gate, as a write takes
                                     // it: a held gate never waits on one.
-                                    let held = fold.section(c).await;
+                                    let held = fold.copy_section(c).await;
                                     fold.copy_starts(&held);
                                     section = Some(held);
                                     Some(shape)
@@ -248,8 +251,12 @@ impl Stack {
             }
             // Data before index.
             into.sync_data(io).await.map_err(|e| Error::io(e, into.file().path.display()))?;
-            for (c, at) in links.into_inner().unwrap() {
+            let links = links.into_inner().unwrap();
+            for &(c, at) in &links {
                 into.link(c, at);
+            }
+            if let Some(fold) = fold {
+                fold.linked(links.iter().map(|&(c, _)| c));
             }
             if let Some(lo) = window {
                 let hi = into.published();

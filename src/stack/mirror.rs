@@ -1,23 +1,28 @@
 //! Writes during a fold (`fold.rs`) that reach the parent's file too, so
-//! that a cluster the fold has copied is never copied again.
+//! that a cluster the fold has copied is not copied again.
 //!
 //! Without it, a cluster written after its copy had to be copied again; a
 //! hot set rewritten faster than a round copies it never shrank, and the
 //! last round copied all of it with requests held (the bench's 64 MiB hot
 //! set: 100 ms with no request served, three times the top's bytes moved).
 //!
-//! Per cluster, the fold's copy and each write run one at a time (a
-//! *section*): a copy reads the top after every write that came before it,
-//! and a write that comes after it lands in both files. What is not carried
-//! that way is marked *changed*, and the next round copies it again:
+//! Per cluster, the fold's copy and the writes take turns (a *section*:
+//! writes share it, a copy holds it alone, and a copy waiting keeps new
+//! writes out; a write overlapping one inside waits for it, so that the
+//! two files take them in the same order): a copy reads the top after every write that came before
+//! it, and a write that comes after it lands in both files. What is not
+//! carried over that way is marked *changed*, and the next round copies it
+//! again:
 //! - a write to a cluster not copied yet (it may be new in the top);
 //! - a write whose copy into the parent's file or into the top failed;
 //! - zeroes and discards (they take no section: their mark comes after
 //!   they completed, and a copy forgets a cluster's mark before it reads).
 //!
-//! So once requests are held, the changed clusters are the only ones where
-//! the parent's file may differ from the top.
+//! So once requests are held, the parent's file can differ from the top
+//! only in the clusters marked changed (and the last round's, which the
+//! fold copies then too).
 
+use bitvec::vec::BitVec;
 use std::collections::{BTreeSet, HashMap};
 use std::future::poll_fn;
 use std::ops::Range;
@@ -31,6 +36,7 @@ use crate::layers::Layer;
 pub(super) struct FoldMirror {
     /// The writable opening of the parent's file the fold copies into.
     pub into: Arc<Layer>,
+    cluster: u64,
     state: Mutex<State>,
     /// Requests that changed the disk since the fold last asked.
     changes: AtomicU64,
@@ -38,70 +44,151 @@ pub(super) struct FoldMirror {
 
 #[derive(Default)]
 struct State {
-    /// Clusters copied, and where the parent's file holds each.
-    placed: HashMap<u64, u64>,
+    /// Clusters copied (one bit per cluster of the disk).
+    copied: BitVec,
+    /// Where the parent's file holds copied clusters whose entries the
+    /// copy has not linked yet (linked ones: `into`'s table).
+    unlinked: HashMap<u64, u64>,
     /// Clusters to copy again: changed in the top and not carried over.
     changed: BTreeSet<u64>,
-    /// Clusters inside a section, and who waits for them.
-    busy: HashMap<u64, WaitList>,
+    /// Clusters inside a section.
+    busy: HashMap<u64, Turns>,
 }
 
-/// A cluster held by a copy or a write; dropping it lets the next one in.
-pub(super) struct Section<'a> {
+/// Who holds one cluster's section, and who waits for it.
+#[derive(Default)]
+struct Turns {
+    copying: bool,
+    /// A copy waits: new writes wait behind it.
+    copy_waits: bool,
+    /// Byte ranges of the writes inside.
+    writes: Vec<Range<u64>>,
+    waiters: WaitList,
+}
+
+impl Turns {
+    fn idle(&self) -> bool {
+        !self.copying && !self.copy_waits && self.writes.is_empty()
+    }
+}
+
+/// The section of a cluster held by the fold's copy.
+pub(super) struct CopySection<'a> {
     mirror: &'a FoldMirror,
     c: u64,
 }
 
-impl Drop for Section<'_> {
+/// The section of a cluster shared by a write.
+pub(super) struct WriteSection<'a> {
+    mirror: &'a FoldMirror,
+    c: u64,
+    range: Range<u64>,
+}
+
+impl Drop for CopySection<'_> {
     fn drop(&mut self) {
-        let waiters = self.mirror.state.lock().unwrap().busy.remove(&self.c);
-        if let Some(mut w) = waiters {
-            drop(w.take());
-        }
+        self.mirror.leave(self.c, |t| t.copying = false);
+    }
+}
+
+impl Drop for WriteSection<'_> {
+    fn drop(&mut self) {
+        let range = self.range.clone();
+        self.mirror.leave(self.c, move |t| {
+            if let Some(i) = t.writes.iter().position(|r| *r == range) {
+                t.writes.swap_remove(i);
+            }
+        });
     }
 }
 
 impl FoldMirror {
-    pub fn new(into: Arc<Layer>) -> FoldMirror {
-        FoldMirror { into, state: Mutex::default(), changes: AtomicU64::new(0) }
+    pub fn new(into: Arc<Layer>, disk_size: u64, cluster: u64) -> FoldMirror {
+        let state = State { copied: BitVec::repeat(false, disk_size.div_ceil(cluster) as usize), ..Default::default() };
+        FoldMirror { into, cluster, state: Mutex::new(state), changes: AtomicU64::new(0) }
     }
 
-    /// Wait until no other copy or write holds cluster `c`, then hold it.
-    /// A caller holding several takes them in ascending order.
-    pub async fn section(&self, c: u64) -> Section<'_> {
+    /// Hold cluster `c` alone for a copy, once the writes inside have left.
+    pub async fn copy_section(&self, c: u64) -> CopySection<'_> {
         poll_fn(|cx| {
             let mut state = self.state.lock().unwrap();
-            match state.busy.get_mut(&c) {
-                Some(waiters) => {
-                    waiters.register(cx);
-                    Poll::Pending
-                }
-                None => {
-                    state.busy.insert(c, WaitList::default());
-                    Poll::Ready(())
-                }
+            let t = state.busy.entry(c).or_default();
+            if t.copying || !t.writes.is_empty() {
+                t.copy_waits = true;
+                t.waiters.register(cx);
+                Poll::Pending
+            } else {
+                t.copying = true;
+                t.copy_waits = false;
+                Poll::Ready(())
             }
         })
         .await;
-        Section { mirror: self, c }
+        CopySection { mirror: self, c }
+    }
+
+    /// Share cluster `c`'s section for a write of `range` (disk bytes),
+    /// unless a copy holds it or waits for it, or a write inside overlaps
+    /// `range`. A caller holding several takes them in ascending order.
+    pub async fn write_section(&self, c: u64, range: Range<u64>) -> WriteSection<'_> {
+        poll_fn(|cx| {
+            let mut state = self.state.lock().unwrap();
+            let t = state.busy.entry(c).or_default();
+            if t.copying || t.copy_waits || t.writes.iter().any(|r| r.start < range.end && range.start < r.end) {
+                t.waiters.register(cx);
+                return Poll::Pending;
+            }
+            t.writes.push(range.clone());
+            Poll::Ready(())
+        })
+        .await;
+        WriteSection { mirror: self, c, range }
+    }
+
+    fn leave(&self, c: u64, f: impl FnOnce(&mut Turns)) {
+        let woken = {
+            let mut state = self.state.lock().unwrap();
+            let Some(t) = state.busy.get_mut(&c) else { return };
+            f(t);
+            let woken = t.waiters.take();
+            if t.idle() {
+                state.busy.remove(&c);
+            }
+            woken
+        };
+        drop(woken);
     }
 
     /// A copy of the section's cluster is about to read the top: every
     /// change so far is in what it reads.
-    pub fn copy_starts(&self, section: &Section<'_>) {
+    pub fn copy_starts(&self, section: &CopySection<'_>) {
         self.state.lock().unwrap().changed.remove(&section.c);
     }
 
     /// The section's cluster is copied to `to` in the parent's file: writes
     /// from now on are carried there.
-    pub fn copied(&self, section: &Section<'_>, to: u64) {
-        self.state.lock().unwrap().placed.insert(section.c, to);
+    pub fn copied(&self, section: &CopySection<'_>, to: u64) {
+        let mut state = self.state.lock().unwrap();
+        state.copied.set(section.c as usize, true);
+        state.unlinked.insert(section.c, to);
+    }
+
+    /// The copy linked these clusters in `into`'s table.
+    pub fn linked(&self, clusters: impl Iterator<Item = u64>) {
+        let mut state = self.state.lock().unwrap();
+        for c in clusters {
+            state.unlinked.remove(&c);
+        }
     }
 
     /// Where the parent's file holds cluster `c`, if copied (asked inside
     /// its section).
     pub fn placed(&self, c: u64) -> Option<u64> {
-        self.state.lock().unwrap().placed.get(&c).copied()
+        let state = self.state.lock().unwrap();
+        if !state.copied.get(c as usize).is_some_and(|b| *b) {
+            return None;
+        }
+        state.unlinked.get(&c).copied().or_else(|| self.into.lookup(c, self.cluster))
     }
 
     /// Clusters whose change was not carried into the parent's file: the
@@ -110,7 +197,9 @@ impl FoldMirror {
     pub fn changed(&self, clusters: Range<u64>) {
         let mut state = self.state.lock().unwrap();
         for c in clusters {
-            state.placed.remove(&c);
+            if let Some(mut bit) = state.copied.get_mut(c as usize) {
+                *bit = false;
+            }
             state.changed.insert(c);
         }
     }

@@ -133,7 +133,7 @@ impl Stack {
         let clusters = self.clusters_of(offset, data.len());
         let mut sections = Vec::with_capacity((clusters.end - clusters.start) as usize);
         for c in clusters.clone() {
-            sections.push(fold.section(c).await);
+            sections.push(fold.write_section(c, offset..offset + data.len() as u64).await);
         }
         let into = fold.into.file();
         let mut carried = Vec::with_capacity(2);
