@@ -509,6 +509,31 @@ fn an_online_merge_copies_only_the_top_into_its_parent_and_keeps_its_name() {
     assert_folded_into_base(stack, &disk, &model, &top, base_len, "online");
 }
 
+/// Wait until `release` is set (polled again on every turn).
+async fn until(release: &std::cell::Cell<bool>) {
+    std::future::poll_fn(|cx| {
+        if release.get() {
+            std::task::Poll::Ready(())
+        } else {
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        }
+    })
+    .await
+}
+
+/// A disk whose top, over a full base, holds cluster 3: the disk, its
+/// model, the served stack, the top's path and the base's length.
+fn top_holding_cluster_3(dir: &TempDir, g: &Geometry) -> (Disk, Vec<u8>, Stack, PathBuf, u64) {
+    let (mut disk, mut model) = full_disk(&dir.join("ct"), g);
+    let stack = open(&disk, None, false);
+    block_on(ops::snapshot(&SyncIo, &stack, &mut disk, None)).unwrap();
+    write_at(&stack, &mut model, 1, 3 * g.cluster + 4096, 8192);
+    let top = disk.file_path(disk.desc.image(TOP_GUID).unwrap());
+    let base_len = std::fs::metadata(disk.dir.join("root.hds")).unwrap().len();
+    (disk, model, stack, top, base_len)
+}
+
 /// Holds the first whole-cluster write into the base's file (a merge's
 /// copy of a cluster into its parent) until released.
 #[derive(Default)]
@@ -524,15 +549,7 @@ impl common::hooked::Hook for HoldCopy {
         let copy = op.kind == common::hooked::Kind::Write && op.len == self.cluster && common::inject::fd_path(op.fd).ends_with("root.hds");
         if copy && !self.done.replace(true) {
             self.holding.set(true);
-            std::future::poll_fn(|cx| {
-                if self.released.get() {
-                    std::task::Poll::Ready(())
-                } else {
-                    cx.waker().wake_by_ref();
-                    std::task::Poll::Pending
-                }
-            })
-            .await;
+            until(&self.released).await;
             self.holding.set(false);
         }
         run.await
@@ -548,12 +565,7 @@ fn a_write_to_a_cluster_the_merge_is_copying_waits_for_the_copy_and_is_carried_o
     // merge copies nothing twice.
     let g = Geometry { cluster: 64 << 10, clusters: 24, stripe: 16 << 10 };
     let dir = TempDir::new("diskops-fold-section");
-    let (mut disk, mut model) = full_disk(&dir.join("ct"), &g);
-    let stack = open(&disk, None, false);
-    block_on(ops::snapshot(&SyncIo, &stack, &mut disk, None)).unwrap();
-    write_at(&stack, &mut model, 1, 3 * g.cluster + 4096, 8192);
-    let top = disk.file_path(disk.desc.image(TOP_GUID).unwrap());
-    let base_len = std::fs::metadata(disk.dir.join("root.hds")).unwrap().len();
+    let (mut disk, mut model, stack, top, base_len) = top_holding_cluster_3(&dir, &g);
     let io = common::hooked::Hooked { inner: SyncIo, hook: HoldCopy { cluster: g.cluster, ..Default::default() } };
     let off = 3 * g.cluster + 8192;
     let data = pattern(2, off, 4096);
@@ -599,15 +611,7 @@ impl common::hooked::Hook for HoldSyncThenCarry {
             _ => return run.await,
         };
         held.set(true);
-        std::future::poll_fn(|cx| {
-            if release.get() {
-                std::task::Poll::Ready(())
-            } else {
-                cx.waker().wake_by_ref();
-                std::task::Poll::Pending
-            }
-        })
-        .await;
+        until(release).await;
         run.await
     }
 }
@@ -620,12 +624,7 @@ fn writes_to_one_copied_cluster_go_on_side_by_side_during_the_merge() {
     // share the cluster's section; only the merge's copy holds it alone).
     let g = Geometry { cluster: 64 << 10, clusters: 24, stripe: 16 << 10 };
     let dir = TempDir::new("diskops-fold-shared");
-    let (mut disk, mut model) = full_disk(&dir.join("ct"), &g);
-    let stack = open(&disk, None, false);
-    block_on(ops::snapshot(&SyncIo, &stack, &mut disk, None)).unwrap();
-    write_at(&stack, &mut model, 1, 3 * g.cluster + 4096, 8192);
-    let top = disk.file_path(disk.desc.image(TOP_GUID).unwrap());
-    let base_len = std::fs::metadata(disk.dir.join("root.hds")).unwrap().len();
+    let (mut disk, mut model, stack, top, base_len) = top_holding_cluster_3(&dir, &g);
     let io = common::hooked::Hooked { inner: SyncIo, hook: HoldSyncThenCarry { cluster: g.cluster, ..Default::default() } };
     let (first, second) = (3 * g.cluster + 16384, 3 * g.cluster + 32768);
     let (a, b) = (pattern(2, first, 4096), pattern(3, second, 4096));
