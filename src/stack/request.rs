@@ -282,9 +282,25 @@ impl Stack {
         let shape = self.shape.enter().await;
         shape.check_open()?;
         shape.check_sync_ok()?;
+        let sections = self.fold_sections(&shape, offset, len).await;
         let result = self.write_zeroes_entered(io, &shape, offset, len).await;
         mark(self, &shape, offset, len);
+        drop(sections);
         result
+    }
+
+    /// During a fold, zeroes and discards hold their clusters' sections
+    /// (shared, as writes do) until they are marked: the fold's copy of a
+    /// cluster then never reads an entry they linked whose table write may
+    /// still fail (a copy over the parent's own cluster, of bytes the top
+    /// then gives up, would leave the parent showing them).
+    async fn fold_sections<'a>(&self, shape: &'a Shape, offset: u64, len: usize) -> Vec<super::mirror::WriteSection<'a>> {
+        let Some(fold) = &shape.fold else { return Vec::new() };
+        let mut sections = Vec::new();
+        for c in self.clusters_of(offset, len) {
+            sections.push(fold.write_section(c, offset..offset + len as u64).await);
+        }
+        sections
     }
 
     async fn write_zeroes_entered<I: Io>(&self, io: &I, shape: &Shape, offset: u64, len: usize) -> Result<()> {
@@ -318,6 +334,7 @@ impl Stack {
         let shape = self.shape.enter().await;
         shape.check_open()?;
         shape.check_sync_ok()?;
+        let _sections = self.fold_sections(&shape, offset, len).await;
         let top = shape.top();
         let window = top.window_start();
         let mut changed = false;
