@@ -148,9 +148,11 @@ pub fn merge_vs_copy(cfg: &Cfg) -> Res<MergeRow> {
 /// set: first a second of writes alone (the hot set's clusters get copied
 /// up into the top, then rewritten in place), then the merge beside the
 /// same writes (requests flow throughout; writes to clusters the merge has
-/// copied are carried into the parent's file, so none is copied twice). Returns the merge (its clusters include those
-/// re-copied), the writes before it and during it, and the bytes this
-/// process wrote during it (merge and writes).
+/// copied are carried into the parent's file, so none is copied twice).
+/// Returns the merge (its clusters: every one it copied, a cluster copied
+/// again counted again), the writes before it and during it, the bytes
+/// this process wrote during it (merge and writes) and the clusters the top
+/// held when the merge began.
 pub fn merge_under_writes(cfg: &Cfg) -> Res<MergeUnderWrites> {
     let (mut disk, stack, _) = disk_with_top(cfg)?;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));

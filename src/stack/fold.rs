@@ -180,7 +180,9 @@ impl Stack {
     }
 
     /// `copy_clusters`, and with `fold`: `from` is the served top and
-    /// requests go on, so each read enters the gate (the top's clusters
+    /// requests go on (`FOLD_PER_SYNC` clusters per sync, and
+    /// `FOLD_IN_FLIGHT_BESIDE_WRITES` in flight while they change the
+    /// disk), so each read enters the gate (the top's clusters
     /// stay where its table says while they are read, and a stack change
     /// stops the copy), and each cluster is copied inside its section of
     /// the fold, which carries later writes to it over (`mirror`); never

@@ -6,17 +6,18 @@
 //! last round copied all of it with requests held (the bench's 64 MiB hot
 //! set: 100 ms with no request served, three times the top's bytes moved).
 //!
-//! Per cluster, the fold's copy and the writes take turns (a *section*:
-//! writes share it, a copy holds it alone, and a copy waiting keeps new
-//! writes out; a write overlapping one inside waits for it, so that the
-//! two files take them in the same order): a copy reads the top after every write that came before
-//! it, and a write that comes after it lands in both files. What is not
-//! carried over that way is marked *changed*, and the next round copies it
-//! again:
+//! Per cluster, the fold's copy and the requests that change it take turns
+//! (a *section*: writes, zeroes and discards share it, a copy holds it
+//! alone, and a copy waiting keeps new ones out; a write overlapping one
+//! inside waits for it, so that the two files take them in the same
+//! order): a copy reads the top after every change that came before it,
+//! and a write that comes after it lands in both files. What is not
+//! carried over that way is marked *changed* before its section is left,
+//! and the next round copies it again:
 //! - a write to a cluster not copied yet (it may be new in the top);
 //! - a write whose copy into the parent's file or into the top failed;
-//! - zeroes and discards (they take no section: their mark comes after
-//!   they completed, and a copy forgets a cluster's mark before it reads).
+//! - zeroes and discards (never carried over; a copy forgets a cluster's
+//!   mark before it reads).
 //!
 //! So once requests are held, the parent's file can differ from the top
 //! only in the clusters marked changed (and the last round's, which the
@@ -127,10 +128,20 @@ impl FoldMirror {
         CopySection { mirror: self, c }
     }
 
-    /// Share cluster `c`'s section for a write of `range` (disk bytes),
-    /// unless a copy holds it or waits for it, or a write inside overlaps
-    /// `range`. A caller holding several takes them in ascending order.
-    pub async fn write_section(&self, c: u64, range: Range<u64>) -> WriteSection<'_> {
+    /// Share the sections of every cluster `range` (disk bytes) touches,
+    /// in ascending order (see `write_section`).
+    pub async fn write_sections(&self, clusters: Range<u64>, range: Range<u64>) -> Vec<WriteSection<'_>> {
+        let mut sections = Vec::with_capacity((clusters.end - clusters.start) as usize);
+        for c in clusters {
+            sections.push(self.write_section(c, range.clone()).await);
+        }
+        sections
+    }
+
+    /// Share cluster `c`'s section for a change of `range` (disk bytes),
+    /// unless a copy holds it or waits for it, or a change inside overlaps
+    /// `range`.
+    async fn write_section(&self, c: u64, range: Range<u64>) -> WriteSection<'_> {
         poll_fn(|cx| {
             let mut state = self.state.lock().unwrap();
             let t = state.busy.entry(c).or_default();

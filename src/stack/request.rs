@@ -131,10 +131,7 @@ impl Stack {
     async fn write_carried<I: Io>(&self, io: &I, shape: &Shape, fold: &FoldMirror, offset: u64, data: Src<'_>) -> Result<()> {
         fold.note_change();
         let clusters = self.clusters_of(offset, data.len());
-        let mut sections = Vec::with_capacity((clusters.end - clusters.start) as usize);
-        for c in clusters.clone() {
-            sections.push(fold.write_section(c, offset..offset + data.len() as u64).await);
-        }
+        let sections = fold.write_sections(clusters.clone(), offset..offset + data.len() as u64).await;
         let into = fold.into.file();
         let mut carried = Vec::with_capacity(2);
         let mut not_carried: Vec<u64> = Vec::new();
@@ -295,12 +292,10 @@ impl Stack {
     /// still fail (a copy over the parent's own cluster, of bytes the top
     /// then gives up, would leave the parent showing them).
     async fn fold_sections<'a>(&self, shape: &'a Shape, offset: u64, len: usize) -> Vec<super::mirror::WriteSection<'a>> {
-        let Some(fold) = &shape.fold else { return Vec::new() };
-        let mut sections = Vec::new();
-        for c in self.clusters_of(offset, len) {
-            sections.push(fold.write_section(c, offset..offset + len as u64).await);
+        match &shape.fold {
+            Some(fold) => fold.write_sections(self.clusters_of(offset, len), offset..offset + len as u64).await,
+            None => Vec::new(),
         }
-        sections
     }
 
     async fn write_zeroes_entered<I: Io>(&self, io: &I, shape: &Shape, offset: u64, len: usize) -> Result<()> {
@@ -434,7 +429,7 @@ impl Drop for Claim<'_> {
 }
 
 /// A change by zeroes or a discard: the trackers note it, and a fold
-/// copies its clusters again (they take no section; see `mirror`).
+/// copies its clusters again (it is never carried over; see `mirror`).
 fn mark(stack: &Stack, shape: &Entered<'_, Shape>, offset: u64, len: usize) {
     mark_trackers(shape, offset, len);
     if let Some(fold) = &shape.fold {
