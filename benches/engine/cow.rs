@@ -44,11 +44,41 @@ pub const SHAPES: [CowShape; 6] = [
     CowShape { key: "cow_1m_qd4_flush32", what: "1M QD4, flush / 32", bs: CLUSTER as usize, depth: 4, flush_every: Some(FLUSH_EVERY) },
 ];
 
-/// What one shape measured, both sides summed over the turns.
+/// What one shape measured: both sides summed over the turns, and the
+/// ratio of each turn on its own (the disk's rate drifts by more than the
+/// difference between the two formats, so a ratio is taken only between
+/// runs that sat side by side).
 pub struct CowRow {
     pub shape: &'static CowShape,
     pub engine: Run,
     pub qemu: Option<Run>,
+    /// engine/qemu writes per second, one per turn.
+    pub turn_ratios: Vec<f64>,
+}
+
+impl CowRow {
+    /// The median of the turns' ratios (None without a qemu column).
+    pub fn ratio(&self) -> Option<f64> {
+        let mut v = self.turn_ratios.clone();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        Some(if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 })
+    }
+    /// The lowest and highest turn ratio.
+    pub fn spread(&self) -> Option<(f64, f64)> {
+        let lo = self.turn_ratios.iter().copied().reduce(f64::min)?;
+        let hi = self.turn_ratios.iter().copied().reduce(f64::max)?;
+        Some((lo, hi))
+    }
+}
+
+/// Turns per shape (each runs both sides once), or
+/// `UBLK_PLOOP_BENCH_COW_TURNS`.
+fn turns() -> usize {
+    std::env::var("UBLK_PLOOP_BENCH_COW_TURNS").ok().and_then(|v| v.parse().ok()).unwrap_or(5).max(1)
 }
 
 /// Writes per run: one per cluster of the disk, at most 256 (each copies
@@ -130,24 +160,35 @@ fn qemu_cow(cfg: &Cfg, q: &Qemu, s: &CowShape) -> Res<Run> {
     Ok(Run { ios: count, bytes: count * s.bs as u64, secs, rounds: 1, ..Default::default() })
 }
 
-/// Every shape, engine and qemu in turn, twice.
+/// Every shape, engine and qemu side by side in each turn; who goes first
+/// alternates, so a drift of the disk's rate within a turn favours neither.
 pub fn cow_rows(cfg: &Cfg, q: &Qemu, have_qemu: bool) -> Res<Vec<CowRow>> {
     let mut rows = Vec::new();
     for s in &SHAPES {
         let (mut engine, mut qemu) = (Run::default(), have_qemu.then(Run::default));
-        for _ in 0..2 {
-            engine.add(&engine_cow(cfg, s)?);
-            if let Some(qr) = qemu.as_mut() {
-                match qemu_cow(cfg, q, s) {
-                    Ok(r) => qr.add(&r),
-                    Err(e) => {
-                        eprintln!("bench: {e}; the cow rows have no qemu column");
-                        qemu = None;
-                    }
+        let mut turn_ratios = Vec::new();
+        for turn in 0..turns() {
+            let first = if turn % 2 == 0 { Some(engine_cow(cfg, s)?) } else { None };
+            let theirs = match qemu.as_ref().map(|_| qemu_cow(cfg, q, s)) {
+                Some(Ok(r)) => Some(r),
+                Some(Err(e)) => {
+                    eprintln!("bench: {e}; the cow rows have no qemu column");
+                    (qemu, turn_ratios) = (None, Vec::new());
+                    None
                 }
+                None => None,
+            };
+            let mine = match first {
+                Some(e) => e,
+                None => engine_cow(cfg, s)?,
+            };
+            if let (Some(r), Some(sum)) = (theirs, qemu.as_mut()) {
+                turn_ratios.push(mine.iops() / r.iops().max(1e-9));
+                sum.add(&r);
             }
+            engine.add(&mine);
         }
-        rows.push(CowRow { shape: s, engine, qemu });
+        rows.push(CowRow { shape: s, engine, qemu, turn_ratios });
     }
     Ok(rows)
 }

@@ -278,7 +278,8 @@ impl Report<'_> {
         let _ = writeln!(
             out,
             "Copy-on-write (each write into a fresh 1 MiB cluster of a new top over the full base; qemu: qemu-img bench on a qcow2\n  \
-             overlay, 1 MiB clusters, over the raw file, -t none; flush / {}: a flush after every {} writes on both sides):",
+             overlay, 1 MiB clusters, over the raw file, -t none; flush / {}: a flush after every {} writes on both sides;\n  \
+             rates summed over the turns, the ratio is the median of the turns' own ratios (lowest-highest)):",
             crate::cow::FLUSH_EVERY,
             crate::cow::FLUSH_EVERY
         );
@@ -290,7 +291,10 @@ impl Report<'_> {
                 r.shape.what,
                 fmt_iops(r.engine.iops()),
                 q.map(|q| fmt_iops(q.iops())).unwrap_or_else(|| "-".into()),
-                q.map(|q| format!("{:.2}", r.engine.iops() / q.iops().max(1e-9))).unwrap_or_else(|| "-".into())
+                match (r.ratio(), r.spread()) {
+                    (Some(m), Some((lo, hi))) => format!("{m:.2} ({lo:.2}-{hi:.2}, {} turns)", r.turn_ratios.len()),
+                    _ => "-".into(),
+                }
             );
         }
     }
@@ -477,7 +481,7 @@ impl Report<'_> {
             targets.push((
                 r.shape.key,
                 format!("copy-on-write {} engine/qcow2", r.shape.what),
-                r.qemu.as_ref().filter(|q| q.secs > 0.0).map(|q| r.engine.iops() / q.iops().max(1e-9)),
+                r.ratio(),
                 1.0,
             ));
         }
@@ -620,6 +624,8 @@ impl Report<'_> {
             "cow": load.cow.as_ref().map(|rows| rows.iter().map(|r| (r.shape.key.to_string(), json!({
                 "engine": r.engine.to_json(),
                 "qemu_qcow2": r.qemu.as_ref().map(|q| q.to_json()),
+                "turn_ratios": r.turn_ratios,
+                "median_ratio": r.ratio(),
             }))).collect::<Map<String, Value>>()),
             "qcow2": load.qcow2.as_ref().map(|rows| rows.iter().map(|r| (r.key.clone(), json!({
                 "engine": r.engine.to_json(),
