@@ -649,6 +649,204 @@ fn writes_to_one_copied_cluster_go_on_side_by_side_during_the_merge() {
     assert_folded_into_base(stack, &disk, &model, &top, base_len, "writes sharing a copied cluster");
 }
 
+/// Merge the top online, running `meanwhile` once, when the first round
+/// has copied every cluster the top held: a write to one of them is then
+/// carried into the parent's file.
+fn merge_then<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, meanwhile: impl FnOnce()) -> ublk_ploop::Result<ops::Merged> {
+    let meanwhile = std::cell::Cell::new(Some(meanwhile));
+    let during = |done: u64, total: u64| {
+        if done > 0 && done == total {
+            if let Some(f) = meanwhile.take() {
+                f();
+            }
+        }
+    };
+    let merged = quiesced(|| block_on(ops::merge(io, stack, disk, None, &during)));
+    assert!(meanwhile.take().is_none(), "the merge's first round did not end: nothing ran during it");
+    merged
+}
+
+#[test]
+fn a_carried_write_whose_copy_into_the_parent_fails_succeeds_and_its_cluster_is_copied_again() {
+    // Cluster 3 is copied; a write to it lands in the top, but its carried
+    // copy into the parent's file fails. The top has the bytes, so the
+    // write succeeds; the parent's file has the old ones, so the cluster
+    // must be copied again, or the merged disk loses an acknowledged write.
+    let g = Geometry { cluster: 64 << 10, clusters: 24, stripe: 16 << 10 };
+    let dir = TempDir::new("diskops-fold-carry-parent-fails");
+    let (mut disk, mut model, stack, top, base_len) = top_holding_cluster_3(&dir, &g);
+    let io = Trap::new(Kind::Write).on(&disk.dir.join("root.hds")).io();
+    let off = 3 * g.cluster + 16384;
+    let data = pattern(2, off, 4096);
+    let merged = merge_then(&SyncIo, &stack, &mut disk, || {
+        block_on(stack.write(&io, off, &data)).unwrap_or_else(|e| panic!("a write whose top part succeeded failed: {e}"));
+        assert_eq!(io.failed(), 1, "the write was not carried into the parent's file");
+    })
+    .unwrap();
+    model[off as usize..off as usize + 4096].copy_from_slice(&data);
+    assert_folded_into_base(stack, &disk, &model, &top, base_len, "a carried write that failed in the parent's file");
+    assert_eq!(merged.clusters, 2, "the merge copied other than cluster 3 twice");
+}
+
+#[test]
+fn a_carried_write_that_fails_in_the_top_leaves_the_merged_disk_showing_what_the_top_showed() {
+    // Cluster 3 is copied; a write to it fails in the top, but its carried
+    // copy reaches the parent's file. The disk went on showing the top's
+    // bytes: the merge must not make the failed write's bytes appear (the
+    // cluster is copied again from the top).
+    let g = Geometry { cluster: 64 << 10, clusters: 24, stripe: 16 << 10 };
+    let dir = TempDir::new("diskops-fold-carry-top-fails");
+    let (mut disk, _, stack, top, base_len) = top_holding_cluster_3(&dir, &g);
+    let io = Trap::new(Kind::Write).on(&top).io();
+    let off = 3 * g.cluster + 4096;
+    let data = pattern(2, off, 4096);
+    let shown = std::cell::RefCell::new(vec![]);
+    let merged = merge_then(&SyncIo, &stack, &mut disk, || {
+        let e = block_on(stack.write(&io, off, &data)).expect_err("a write whose top part failed succeeded");
+        assert_eq!(e.errno(), libc::EIO, "{e}");
+        assert_eq!(io.failed(), 1);
+        *shown.borrow_mut() = read_all(&stack);
+    })
+    .unwrap();
+    let shown = shown.into_inner();
+    assert!(shown[off as usize..off as usize + 4096] != data[..], "the top took the write: the test no longer covers the case");
+    assert_folded_into_base(stack, &disk, &shown, &top, base_len, "a carried write that failed in the top");
+    assert_eq!(merged.clusters, 2, "the merge copied other than cluster 3 twice");
+}
+
+#[test]
+fn a_write_across_a_copied_and_an_uncopied_cluster_reaches_the_parent_in_both() {
+    // Cluster 3 is copied, cluster 4 is not in the top (the parent holds
+    // it). A write across both is carried into cluster 3 of the parent's
+    // file; cluster 4 becomes new in the top, so the next round copies it.
+    let g = Geometry { cluster: 64 << 10, clusters: 24, stripe: 16 << 10 };
+    let dir = TempDir::new("diskops-fold-straddle");
+    let (mut disk, mut model, stack, top, base_len) = top_holding_cluster_3(&dir, &g);
+    let off = 4 * g.cluster - 4096;
+    let data = pattern(2, off, 8192);
+    let merged = merge_then(&SyncIo, &stack, &mut disk, || block_on(stack.write(&SyncIo, off, &data)).unwrap()).unwrap();
+    model[off as usize..off as usize + 8192].copy_from_slice(&data);
+    assert_folded_into_base(stack, &disk, &model, &top, base_len, "a write across a copied and an uncopied cluster");
+    assert_eq!(merged.clusters, 2, "the merge copied other than cluster 3 once and the new cluster 4");
+}
+
+#[test]
+fn zeroes_and_discards_over_copied_clusters_read_as_zeros_after_the_merge() {
+    // Zeroes and discards are never carried into the parent's file: once
+    // clusters 3 and 5 are copied, part of 3 is zeroed and all of 5
+    // discarded in the top alone, so both must be copied again, or the
+    // merged disk shows the bytes they replaced.
+    let g = Geometry { cluster: 64 << 10, clusters: 24, stripe: 16 << 10 };
+    let dir = TempDir::new("diskops-fold-zeroes");
+    let (mut disk, mut model, stack, top, base_len) = top_holding_cluster_3(&dir, &g);
+    write_at(&stack, &mut model, 5, 5 * g.cluster + 4096, 8192);
+    let (zeroed, discarded) = (3 * g.cluster + 8192, 5 * g.cluster);
+    let merged = merge_then(&SyncIo, &stack, &mut disk, || {
+        block_on(stack.write_zeroes(&SyncIo, zeroed, 4096)).unwrap();
+        block_on(stack.discard(&SyncIo, discarded, g.cluster as usize)).unwrap();
+    })
+    .unwrap();
+    model[zeroed as usize..zeroed as usize + 4096].fill(0);
+    model[discarded as usize..(discarded + g.cluster) as usize].fill(0);
+    assert_folded_into_base(stack, &disk, &model, &top, base_len, "zeroes and a discard over copied clusters");
+    assert_eq!(merged.clusters, 4, "the merge copied other than clusters 3 and 5 twice");
+}
+
+#[test]
+fn a_discard_or_zeroes_failing_midway_during_the_merge_have_what_they_punched_copied_again() {
+    // Over clusters 3 to 5 (3 and 5 copied, 4 only in the parent), a
+    // discard or a write-zeroes punches 3 in the top, then fails on 5. The
+    // disk shows 3 as zeros from then on: the merge must copy it again (a
+    // failed change changed the disk too), and what the zeroes gave 4.
+    let g = Geometry { cluster: 64 << 10, clusters: 24, stripe: 16 << 10 };
+    for (what, recopied) in [("discard", 2), ("write-zeroes", 3)] {
+        let dir = TempDir::new(&format!("diskops-fold-{what}-fails"));
+        let (mut disk, mut model, stack, top, base_len) = top_holding_cluster_3(&dir, &g);
+        write_at(&stack, &mut model, 5, 5 * g.cluster + 4096, 8192);
+        let io = Trap::new(Kind::Punch).on(&top).skip(1).io();
+        let shown = std::cell::RefCell::new(vec![]);
+        let merged = merge_then(&SyncIo, &stack, &mut disk, || {
+            let (at, len) = (3 * g.cluster, 3 * g.cluster as usize);
+            let r = if what == "discard" { block_on(stack.discard(&io, at, len)) } else { block_on(stack.write_zeroes(&io, at, len)) };
+            r.expect_err(&format!("a {what} whose second punch failed succeeded"));
+            assert_eq!((io.seen(), io.failed()), (2, 1), "{what}: not the second punch that failed");
+            *shown.borrow_mut() = read_all(&stack);
+        })
+        .unwrap();
+        let shown = shown.into_inner();
+        let third = 3 * g.cluster as usize..4 * g.cluster as usize;
+        assert!(shown[third.clone()].iter().all(|&b| b == 0) && shown[third.clone()] != model[third], "{what}: the first punch did not show: the test no longer covers the case");
+        let ctx = format!("a {what} that failed midway");
+        assert_folded_into_base(stack, &disk, &shown, &top, base_len, &ctx);
+        assert_eq!(merged.clusters, 2 + recopied, "{ctx}: the merge copied other than clusters 3 and 5, then those the {what} changed");
+    }
+}
+
+#[test]
+fn a_flush_failing_during_an_online_merge_stops_it_before_the_parent_becomes_the_top() {
+    // A sync of the top fails while the merge copies: what it covered may
+    // be gone from the top's file, and a merge that went on would make
+    // the parent's file the top, where later flushes succeed as if those
+    // writes were durable. The merge is refused at its end (as writes
+    // are); the disk keeps its data, and a restart finishes the merge.
+    let g = Geometry { cluster: 64 << 10, clusters: 24, stripe: 16 << 10 };
+    let dir = TempDir::new("diskops-fold-flush-fails");
+    let (mut disk, model, stack, top, _) = top_holding_cluster_3(&dir, &g);
+    let parent = disk.desc.shot(TOP_GUID).unwrap().parent;
+    let io = Trap::new(Kind::Sync).on(&top).io();
+    let e = merge_then(&SyncIo, &stack, &mut disk, || {
+        block_on(stack.flush(&io)).expect_err("the flush's sync was made to fail");
+    })
+    .expect_err("the merge went ahead after a sync of the top failed during it");
+    assert_eq!(e.errno(), libc::EIO, "{e}");
+    assert_eq!(disk.desc.images.len(), 2, "the merge changed the descriptor");
+    let stored = Disk::load(&disk.dir).unwrap();
+    assert_eq!(stored.desc.images.len(), 2, "the descriptor on disk changed");
+    assert!(stored.desc.shot(parent).is_some_and(|s| s.temporary != Temporary::No), "the parent is not left marked half merged");
+    assert_eq!(disk.desc.image(TOP_GUID).map(|i| disk.file_path(i)), Some(top.clone()), "the top is not the top's file any more");
+    assert!(read_all(&stack) == model, "the served disk after the refused merge");
+    block_on(stack.write(&SyncIo, 0, &pattern(3, 0, 4096))).expect_err("a write after the failed sync");
+    drop(stack);
+    let mut disk = Disk::load(&disk.dir).unwrap();
+    let stack = open(&disk, None, false);
+    assert!(read_all(&stack) == model, "the restarted disk does not show its data");
+    let finished = quiesced(|| block_on(ops::finish_merges(&SyncIo, &stack, &mut disk))).unwrap();
+    assert_eq!(finished.len(), 1, "the start did not finish the interrupted merge");
+    assert!(read_all(&stack) == model, "the disk after finishing the merge");
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    check_files(&disk, "a merge stopped by a failed flush");
+}
+
+#[test]
+fn an_online_merge_that_cannot_tell_which_descriptor_is_stored_closes_the_stack() {
+    // The descriptor naming the parent's file as the top is renamed into
+    // place, but no directory sync succeeds (nor that of putting the old
+    // one back, nor that of storing the new one again): either may be on
+    // disk. The two files read the same now, but only one may take the
+    // next write, so the stack closes; both files stay, and the disk
+    // opens with its data from the descriptor found.
+    let g = Geometry { cluster: 64 << 10, clusters: 24, stripe: 16 << 10 };
+    let dir = TempDir::new("diskops-fold-uncertain");
+    let (mut disk, model, stack, top, _) = top_holding_cluster_3(&dir, &g);
+    // The directory sync of marking the parent temporary passes.
+    let io = Trap::new(Kind::SyncDir).skip(1).fail(3).io();
+    let e = merge_then(&io, &stack, &mut disk, || {}).expect_err("the merge succeeded although no directory sync of its descriptor did");
+    assert_eq!(io.failed(), 3, "not the three directory syncs of the merge's descriptor that failed ({e})");
+    assert_eq!(e.kind(), ErrorKind::DescriptorUncertain, "{e}");
+    let write = block_on(stack.write(&SyncIo, 3 * g.cluster, &pattern(3, 3 * g.cluster, 4096)));
+    assert!(write.is_err(), "a write was taken after the merge could not tell which descriptor is stored");
+    assert!(top.exists() && disk.dir.join("root.hds").exists(), "a file either descriptor names was removed");
+    drop(stack);
+    let disk = Disk::load(&disk.dir).unwrap();
+    assert_named_files_exist(&disk.dir, "after the uncertain merge");
+    let stack = open(&disk, None, false);
+    assert!(read_all(&stack) == model, "the disk opened from the stored descriptor does not show its data");
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    check_files(&disk, "an uncertain merge");
+}
+
 #[test]
 fn a_lower_merge_grows_its_parent_without_serving_stale_reads() {
     // A delta grown online (only the top grows) and then frozen by a
@@ -1026,3 +1224,286 @@ fn a_failed_lower_merge_leaves_the_stack_seeing_what_its_parent_now_holds() {
     check_files(&disk, "after the failed merge");
 }
 
+/// The fold's edges: carried writes failing in one file, a table write
+/// failing in either, zeroes and discards over copied clusters, writes
+/// across copied and uncopied clusters, and futures dropped half way.
+mod fold_edges {
+    use super::*;
+    use common::hooked::{Hook, Hooked, Kind as K, Op};
+    use std::cell::{Cell, RefCell};
+
+    type Rule = Box<dyn Fn(&Op, &Path) -> bool>;
+
+    /// Holds the merge in the base's first sync after a whole-cluster write
+    /// into it (the copy's sync, before the copy links), fails the first
+    /// operation `fail` matches (EIO, before it touches the file), and holds
+    /// the first operation `hold` matches until `release_op`.
+    #[derive(Default)]
+    pub struct Script {
+        pub cluster: u64,
+        pub copied: Cell<bool>,
+        pub sync_held: Cell<bool>,
+        pub release_sync: Cell<bool>,
+        pub fail: RefCell<Option<Rule>>,
+        pub failed: Cell<u32>,
+        pub hold: RefCell<Option<Rule>>,
+        pub op_held: Cell<bool>,
+        pub release_op: Cell<bool>,
+    }
+
+    impl Hook for Script {
+        async fn around(&self, op: Op, run: impl std::future::Future<Output = std::io::Result<()>>) -> std::io::Result<()> {
+            let path = if op.fd >= 0 { common::inject::fd_path(op.fd) } else { PathBuf::new() };
+            let base = path.ends_with("root.hds");
+            if base && op.kind == K::Write && op.len == self.cluster {
+                self.copied.set(true);
+            }
+            let fails = self.fail.borrow().as_ref().is_some_and(|f| f(&op, &path));
+            if fails {
+                *self.fail.borrow_mut() = None;
+                self.failed.set(self.failed.get() + 1);
+                return Err(std::io::Error::from_raw_os_error(libc::EIO));
+            }
+            let holds = self.hold.borrow().as_ref().is_some_and(|f| f(&op, &path));
+            if holds {
+                *self.hold.borrow_mut() = None;
+                self.op_held.set(true);
+                until(&self.release_op).await;
+                return run.await;
+            }
+            if base && op.kind == K::Sync && self.copied.get() && !self.sync_held.get() {
+                self.sync_held.set(true);
+                until(&self.release_sync).await;
+            }
+            run.await
+        }
+    }
+
+    fn script(g: &Geometry) -> Hooked<SyncIo, Script> {
+        Hooked { inner: SyncIo, hook: Script { cluster: g.cluster, ..Default::default() } }
+    }
+
+    fn g() -> Geometry {
+        Geometry { cluster: 64 << 10, clusters: 24, stripe: 16 << 10 }
+    }
+
+    /// Run the merge until it is held in its sync after copying; run
+    /// `during`; release; finish the merge.
+    fn merge_held<T>(io: &Hooked<SyncIo, Script>, stack: &Stack, disk: &mut Disk, during: impl FnOnce() -> T) -> (ublk_ploop::Result<ops::Merged>, T) {
+        let mut merge = std::pin::pin!(ops::merge(io, stack, disk, None, &|_, _| {}));
+        assert!(block_on(futures_lite::future::poll_once(merge.as_mut())).is_none(), "the merge finished at once");
+        assert!(io.hook.sync_held.get(), "the merge is not held in its sync after the copies");
+        let t = during();
+        io.hook.release_sync.set(true);
+        (block_on(merge), t)
+    }
+
+    fn is_top_data(top: &Path, cluster: u64) -> impl Fn(&Op, &Path) -> bool + 'static {
+        let top = top.to_path_buf();
+        move |op: &Op, p: &Path| p == top && op.kind == K::Write && op.offset >= cluster && op.len == 4096
+    }
+
+    #[test]
+    fn zeroes_and_discards_over_a_copied_cluster_reach_the_merged_disk() {
+        let g = g();
+        let dir = TempDir::new("fold-edge-zero");
+        let (mut disk, mut model, stack, top, base_len) = top_holding_cluster_3(&dir, &g);
+        let io = script(&g);
+        let (merged, ()) = merge_held(&io, &stack, &mut disk, || {
+            let z = 3 * g.cluster + 4096;
+            block_on(stack.write_zeroes(&io, z, 8192)).unwrap();
+            model[z as usize..z as usize + 8192].fill(0);
+            let d = 3 * g.cluster + 32768;
+            block_on(stack.discard(&io, d, 16384)).unwrap();
+            model[d as usize..d as usize + 16384].fill(0);
+            // A carried write after them (the cluster is marked changed now).
+            write_at(&stack, &mut model, 9, 3 * g.cluster + 8192, 4096);
+            // Whole-cluster zeroes over a cluster the top does not hold (the
+            // base does): the top hides it with a fresh cluster.
+            block_on(stack.write_zeroes(&io, 6 * g.cluster, g.cluster as usize)).unwrap();
+            model[6 * g.cluster as usize..7 * g.cluster as usize].fill(0);
+            assert!(read_all(&stack) == model);
+        });
+        merged.unwrap();
+        assert_folded_into_base(stack, &disk, &model, &top, base_len, "zeroes and discard over a copied cluster");
+    }
+
+    #[test]
+    fn writes_across_copied_and_uncopied_clusters_and_the_partial_last_one() {
+        let g = g();
+        let dir = TempDir::new("fold-edge-straddle");
+        let size = g.size() + 32768; // a partial last cluster (24)
+        let disk_dir = dir.join("ct");
+        let mut disk = block_on(Disk::init(&SyncIo, &disk_dir, size, g.cluster)).unwrap();
+        let mut model = pattern(0xBA5E, 0, size as usize).to_vec();
+        {
+            let s = open(&disk, None, false);
+            block_on(s.write(&SyncIo, 0, &model)).unwrap();
+            block_on(s.close(&SyncIo)).unwrap();
+        }
+        let stack = open(&disk, None, false);
+        block_on(ops::snapshot(&SyncIo, &stack, &mut disk, None)).unwrap();
+        // The top holds 3, 23 and the partial 24.
+        write_at(&stack, &mut model, 1, 3 * g.cluster + 4096, 8192);
+        write_at(&stack, &mut model, 2, 23 * g.cluster + 8192, (g.cluster + 16384) as usize);
+        let top = disk.file_path(disk.desc.image(TOP_GUID).unwrap());
+        let base_len = std::fs::metadata(disk.dir.join("root.hds")).unwrap().len();
+        let io = script(&g);
+        let (merged, ()) = merge_held(&io, &stack, &mut disk, || {
+            // 3 (copied) into 4 (not in the top: allocated, not carried).
+            write_at(&stack, &mut model, 3, 4 * g.cluster - 8192, 16384);
+            // 22 (not in the top) into 23 (copied), and 23 to the disk's end.
+            write_at(&stack, &mut model, 4, 23 * g.cluster - 4096, 8192);
+            write_at(&stack, &mut model, 5, 23 * g.cluster + 4096, (size - 23 * g.cluster - 4096) as usize);
+            // More than a cluster, over 2 (not in top), 3 (copied) and 4.
+            write_at(&stack, &mut model, 6, 2 * g.cluster + 4096, (2 * g.cluster) as usize);
+        });
+        merged.unwrap();
+        assert_folded_into_base(stack, &disk, &model, &top, base_len, "straddling writes");
+    }
+
+    #[test]
+    fn a_table_write_failing_in_the_top_during_the_fold() {
+        let g = g();
+        let dir = TempDir::new("fold-edge-top-bat");
+        let (mut disk, mut model, stack, top, base_len) = top_holding_cluster_3(&dir, &g);
+        let io = script(&g);
+        let (merged, ()) = merge_held(&io, &stack, &mut disk, || {
+            let top2 = top.clone();
+            let cl = g.cluster;
+            *io.hook.fail.borrow_mut() = Some(Box::new(move |op: &Op, p: &Path| p == top2 && op.kind == K::Write && op.offset < cl));
+            // Cluster 5: new in the top, its entry rolled back.
+            let off = 5 * g.cluster + 4096;
+            block_on(stack.write(&io, off, &pattern(8, off, 4096))).expect_err("the BAT write failed");
+            assert_eq!(io.hook.failed.get(), 1);
+            assert!(read_all(&stack) == model, "a rolled-back cluster shows other than the parent's data");
+            // And one that succeeds afterwards, on 3 (carried).
+            write_at(&stack, &mut model, 9, 3 * g.cluster + 32768, 4096);
+        });
+        merged.unwrap();
+        assert_folded_into_base(stack, &disk, &model, &top, base_len, "top BAT write failing");
+    }
+
+    #[test]
+    fn a_table_write_failing_in_the_parent_fails_the_merge_and_a_retry_merges() {
+        let g = g();
+        let dir = TempDir::new("fold-edge-parent-bat");
+        let (mut disk, mut model, stack, top, base_len) = top_holding_cluster_3(&dir, &g);
+        let io = script(&g);
+        let cl = g.cluster;
+        let (merged, ()) = merge_held(&io, &stack, &mut disk, || {
+            // Carried while the copy is unlinked, then the link's BAT write fails.
+            write_at(&stack, &mut model, 9, 3 * g.cluster + 32768, 4096);
+            *io.hook.fail.borrow_mut() = Some(Box::new(move |op: &Op, p: &Path| p.ends_with("root.hds") && op.kind == K::Write && op.offset < cl));
+        });
+        merged.expect_err("the parent's BAT write failed");
+        assert_eq!(io.hook.failed.get(), 1);
+        assert_eq!(disk.desc.images.len(), 2);
+        assert!(read_all(&stack) == model, "after a failed fold the disk does not show its data");
+        write_at(&stack, &mut model, 10, 3 * g.cluster + 40960, 4096);
+        write_at(&stack, &mut model, 11, 8 * g.cluster + 40960, 4096);
+        assert!(read_all(&stack) == model);
+        block_on(ops::merge(&SyncIo, &stack, &mut disk, None, &|_, _| {})).expect("merging again");
+        assert_folded_into_base(stack, &disk, &model, &top, base_len, "parent BAT write failing, merged again");
+    }
+
+    /// A carried write whose future is dropped after its write into the
+    /// parent's file and before its write into the top (the queue's
+    /// executor dropped on an error; no I/O of it in flight): the disk
+    /// showed the old bytes, and the merged disk must too, so the cluster
+    /// is copied again.
+    #[test]
+    fn a_carried_write_dropped_between_its_two_writes_is_copied_again() {
+        let g = g();
+        let dir = TempDir::new("fold-edge-dropped-write");
+        let (mut disk, model, stack, top, base_len) = top_holding_cluster_3(&dir, &g);
+        let io = script(&g);
+        let off = 3 * g.cluster + 16384;
+        let data = pattern(7, off, 4096);
+        let (merged, ()) = merge_held(&io, &stack, &mut disk, || {
+            *io.hook.hold.borrow_mut() = Some(Box::new(is_top_data(&top, g.cluster)));
+            let mut w = Box::pin(stack.write(&io, off, &data));
+            assert!(block_on(futures_lite::future::poll_once(w.as_mut())).is_none());
+            assert!(io.hook.op_held.get(), "the write is not held in the top");
+            drop(w);
+            assert!(read_all(&stack) == model, "the dropped write shows in the top");
+        });
+        assert_eq!(merged.unwrap().clusters, 2, "the cluster of the dropped write is copied again");
+        assert_folded_into_base(stack, &disk, &model, &top, base_len, "a carried write dropped half way");
+    }
+
+    /// Not the fold's alone: a write whose future is dropped after its data
+    /// landed, while it waits for its table write, is still marked in the
+    /// write trackers (a backup's record of changes would miss it).
+    #[test]
+    fn a_write_dropped_after_its_data_landed_is_marked_in_the_trackers() {
+        let g = g();
+        let dir = TempDir::new("fold-edge-dropped-tracked");
+        let (_disk, _model, stack, top, _) = top_holding_cluster_3(&dir, &g);
+        let tracker = std::sync::Arc::new(ublk_ploop::tracker::Tracker::new(stack.size(), g.cluster));
+        block_on(stack.add_tracker(tracker.clone())).unwrap();
+        let io = script(&g);
+        let cl = g.cluster;
+        let top2 = top.clone();
+        *io.hook.hold.borrow_mut() = Some(Box::new(move |op: &Op, p: &Path| p == top2 && op.kind == K::Write && op.offset < cl));
+        let off = 5 * g.cluster + 4096;
+        let data = pattern(9, off, 4096);
+        let mut w = Box::pin(stack.write(&io, off, &data));
+        assert!(block_on(futures_lite::future::poll_once(w.as_mut())).is_none());
+        assert!(io.hook.op_held.get(), "the write is not held in its table write");
+        assert_eq!(tracker.dirty_count(), 0, "marked before the write ended");
+        drop(w);
+        assert_eq!(tracker.dirty_count(), 1, "the dropped write's cluster is not marked");
+    }
+
+    /// A merge future dropped while its copy of cluster 3 waits for a
+    /// write's section (a library caller may drop it; the daemon runs a
+    /// merge to its end): later writes to cluster 3 must not wait for a
+    /// copy that never comes, nor be carried into the parent's file.
+    #[test]
+    fn a_merge_dropped_half_way_leaves_every_cluster_writable() {
+        let g = g();
+        let dir = TempDir::new("fold-edge-dropped");
+        let (mut disk, mut model, stack, top, _) = top_holding_cluster_3(&dir, &g);
+        let io = script(&g);
+        let off = 3 * g.cluster + 16384;
+        let data = pattern(7, off, 4096);
+        type W<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ublk_ploop::Result<()>> + 'a>>;
+        let held: RefCell<Option<W<'_>>> = RefCell::new(None);
+        let progress = |done: u64, _total: u64| {
+            if done == 0 && held.borrow().is_none() {
+                // The fold is installed and has copied nothing: a write into
+                // cluster 3, held in its write to the top (inside its section).
+                *io.hook.hold.borrow_mut() = Some(Box::new(is_top_data(&top, g.cluster)));
+                let mut w: W<'_> = Box::pin(stack.write(&io, off, &data));
+                assert!(block_on(futures_lite::future::poll_once(w.as_mut())).is_none());
+                assert!(io.hook.op_held.get(), "the write is not held in the top");
+                *held.borrow_mut() = Some(w);
+            }
+        };
+        {
+            let mut merge = Box::pin(ops::merge(&io, &stack, &mut disk, None, &progress));
+            assert!(block_on(futures_lite::future::poll_once(merge.as_mut())).is_none(), "the merge finished at once");
+            assert!(held.borrow().is_some(), "the write was not started");
+            // The merge's copy of 3 now waits for the write's section.
+            drop(merge);
+        }
+        let base = dir.join("ct").join("root.hds");
+        let base_bytes = std::fs::read(&base).unwrap();
+        io.hook.release_op.set(true);
+        let w = held.borrow_mut().take().unwrap();
+        block_on(w).unwrap();
+        model[off as usize..off as usize + 4096].copy_from_slice(&data);
+        let off2 = 3 * g.cluster + 32768;
+        let data2 = pattern(8, off2, 4096);
+        let mut w2 = std::pin::pin!(stack.write(&SyncIo, off2, &data2));
+        let done = (0..100).find_map(|_| block_on(futures_lite::future::poll_once(w2.as_mut())));
+        let done = done.expect("a write to cluster 3 waits for good after the merge was dropped");
+        done.unwrap();
+        model[off2 as usize..off2 as usize + 4096].copy_from_slice(&data2);
+        write_at(&stack, &mut model, 12, 8 * g.cluster, 4096);
+        assert!(read_all(&stack) == model);
+        assert!(std::fs::read(&base).unwrap() == base_bytes, "writes after the merge was dropped reached the parent's file");
+        block_on(stack.close(&SyncIo)).expect("closing after a dropped merge");
+    }
+}

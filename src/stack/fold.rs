@@ -95,8 +95,20 @@ impl Stack {
             // flight escapes both.
             let mut shape = self.shape.exclusive().await;
             shape.check_open()?;
+            if shape.fold.as_ref().is_some_and(|f| !f.abandoned()) {
+                return Err(Error::new(libc::EBUSY, "a merge into the parent's file is running"));
+            }
             shape.fold = Some(fold.clone());
         }
+        // Whatever ends the fold, its future dropped half way included,
+        // writes stop being carried into a file it will not finish.
+        struct Abandon<'a>(&'a FoldMirror);
+        impl Drop for Abandon<'_> {
+            fn drop(&mut self) {
+                self.0.abandon();
+            }
+        }
+        let _abandon = Abandon(&fold);
         let result = self.fold_rounds(io, &top, &fold, progress, commit).await;
         if result.is_err() {
             self.shape.exclusive().await.fold = None;

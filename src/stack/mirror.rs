@@ -27,7 +27,7 @@ use bitvec::vec::BitVec;
 use std::collections::{BTreeSet, HashMap};
 use std::future::poll_fn;
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 
@@ -41,6 +41,9 @@ pub(super) struct FoldMirror {
     state: Mutex<State>,
     /// Requests that changed the disk since the fold last asked.
     changes: AtomicU64,
+    /// The fold will not finish (its future was dropped): nothing is
+    /// carried any more and nobody waits for a section.
+    abandoned: AtomicBool,
 }
 
 #[derive(Default)]
@@ -83,7 +86,20 @@ pub(super) struct CopySection<'a> {
 pub(super) struct WriteSection<'a> {
     mirror: &'a FoldMirror,
     c: u64,
-    range: Range<u64>,
+    /// None once the fold was abandoned: nothing was entered.
+    range: Option<Range<u64>>,
+}
+
+/// A copy waiting for its section (see `copy_section`).
+struct CopyWait<'a> {
+    mirror: &'a FoldMirror,
+    c: u64,
+}
+
+impl Drop for CopyWait<'_> {
+    fn drop(&mut self) {
+        self.mirror.leave(self.c, |t| t.copy_waits = false);
+    }
 }
 
 impl Drop for CopySection<'_> {
@@ -94,7 +110,7 @@ impl Drop for CopySection<'_> {
 
 impl Drop for WriteSection<'_> {
     fn drop(&mut self) {
-        let range = self.range.clone();
+        let Some(range) = self.range.take() else { return };
         self.mirror.leave(self.c, move |t| {
             if let Some(i) = t.writes.iter().position(|r| *r == range) {
                 t.writes.swap_remove(i);
@@ -106,11 +122,27 @@ impl Drop for WriteSection<'_> {
 impl FoldMirror {
     pub fn new(into: Arc<Layer>, disk_size: u64, cluster: u64) -> FoldMirror {
         let state = State { copied: BitVec::repeat(false, disk_size.div_ceil(cluster) as usize), ..Default::default() };
-        FoldMirror { into, cluster, state: Mutex::new(state), changes: AtomicU64::new(0) }
+        FoldMirror { into, cluster, state: Mutex::new(state), changes: AtomicU64::new(0), abandoned: AtomicBool::new(false) }
+    }
+
+    /// The fold stopped without finishing: writes are no longer carried
+    /// (the parent's file is not the disk's any more, and a later merge
+    /// copies everything again), and those waiting for a section go on.
+    pub fn abandon(&self) {
+        self.abandoned.store(true, Ordering::Release);
+        let woken: Vec<_> = self.state.lock().unwrap().busy.values_mut().map(|t| t.waiters.take()).collect();
+        drop(woken);
+    }
+
+    pub fn abandoned(&self) -> bool {
+        self.abandoned.load(Ordering::Acquire)
     }
 
     /// Hold cluster `c` alone for a copy, once the writes inside have left.
     pub async fn copy_section(&self, c: u64) -> CopySection<'_> {
+        // A copy dropped while it waits takes its wait back: writes that
+        // queued behind it would otherwise wait for good.
+        let waiting = CopyWait { mirror: self, c };
         poll_fn(|cx| {
             let mut state = self.state.lock().unwrap();
             let t = state.busy.entry(c).or_default();
@@ -125,6 +157,7 @@ impl FoldMirror {
             }
         })
         .await;
+        std::mem::forget(waiting);
         CopySection { mirror: self, c }
     }
 
@@ -142,18 +175,22 @@ impl FoldMirror {
     /// unless a copy holds it or waits for it, or a change inside overlaps
     /// `range`.
     async fn write_section(&self, c: u64, range: Range<u64>) -> WriteSection<'_> {
-        poll_fn(|cx| {
+        let entered = poll_fn(|cx| {
             let mut state = self.state.lock().unwrap();
+            if self.abandoned() {
+                // No copy will come: nothing to take turns with.
+                return Poll::Ready(false);
+            }
             let t = state.busy.entry(c).or_default();
             if t.copying || t.copy_waits || t.writes.iter().any(|r| r.start < range.end && range.start < r.end) {
                 t.waiters.register(cx);
                 return Poll::Pending;
             }
             t.writes.push(range.clone());
-            Poll::Ready(())
+            Poll::Ready(true)
         })
         .await;
-        WriteSection { mirror: self, c, range }
+        WriteSection { mirror: self, c, range: entered.then_some(range) }
     }
 
     fn leave(&self, c: u64, f: impl FnOnce(&mut Turns)) {
@@ -196,7 +233,7 @@ impl FoldMirror {
     /// its section).
     pub fn placed(&self, c: u64) -> Option<u64> {
         let state = self.state.lock().unwrap();
-        if !state.copied.get(c as usize).is_some_and(|b| *b) {
+        if self.abandoned() || !state.copied.get(c as usize).is_some_and(|b| *b) {
             return None;
         }
         state.unlinked.get(&c).copied().or_else(|| self.into.lookup(c, self.cluster))

@@ -116,12 +116,12 @@ impl Stack {
         let shape = self.shape.enter().await;
         shape.check_open()?;
         shape.check_sync_ok()?;
-        let result = match &shape.fold {
+        // Marked after the write, or if its future is dropped half way.
+        let _marks = OnDrop::new(|| mark_trackers(&shape, offset, len));
+        match &shape.fold {
             Some(fold) => self.write_carried(io, &shape, fold, offset, data).await,
             None => self.write_entered(io, &shape, offset, data).await,
-        };
-        mark_trackers(&shape, offset, len);
-        result
+        }
     }
 
     /// A write during a fold: inside the sections of its clusters, the
@@ -141,9 +141,14 @@ impl Stack {
                 None => not_carried.push(c),
             }
         }
+        // A future dropped between its writes (one dropped with I/O in
+        // flight aborts the process) may have changed either file: copied
+        // again, before the sections are left.
+        let unsettled = OnDrop::new(|| fold.changed(clusters.clone()));
         let to_top = self.write_entered(io, shape, offset, data);
         let to_parent = async { if carried.is_empty() { Ok(()) } else { write_segs(io, &carried, data).await } };
         let (result, copied) = futures_lite::future::zip(to_top, to_parent).await;
+        unsettled.defuse();
         if result.is_err() || copied.is_err() {
             // Marking a carried cluster again costs a copy, never a byte.
             fold.changed(clusters);
@@ -279,11 +284,11 @@ impl Stack {
         let shape = self.shape.enter().await;
         shape.check_open()?;
         shape.check_sync_ok()?;
-        let sections = self.fold_sections(&shape, offset, len).await;
-        let result = self.write_zeroes_entered(io, &shape, offset, len).await;
-        mark(self, &shape, offset, len);
-        drop(sections);
-        result
+        let _sections = self.fold_sections(&shape, offset, len).await;
+        // Marked before the sections are left (declared after them), also
+        // if the future is dropped half way.
+        let _marks = OnDrop::new(|| mark(self, &shape, offset, len));
+        self.write_zeroes_entered(io, &shape, offset, len).await
     }
 
     /// During a fold, zeroes and discards hold their clusters' sections
@@ -330,27 +335,23 @@ impl Stack {
         shape.check_open()?;
         shape.check_sync_ok()?;
         let _sections = self.fold_sections(&shape, offset, len).await;
+        let changed = std::cell::Cell::new(false);
+        // As for zeroes, once a punch began.
+        let _marks = OnDrop::new(|| {
+            if changed.get() {
+                mark(self, &shape, offset, len)
+            }
+        });
         let top = shape.top();
         let window = top.window_start();
-        let mut changed = false;
-        let mut result = Ok(());
         for (c, within, _, n) in self.pieces(offset, len) {
             if let Some(base) = top.lookup(c, self.cluster) {
-                changed = true;
-                result = punch(io, top, base + within, n).await;
-                if result.is_err() {
-                    break;
-                }
+                changed.set(true);
+                punch(io, top, base + within, n).await?;
             }
         }
         // Punched clusters may have been linked by writes still in flight.
-        if result.is_ok() {
-            result = self.finish(io, &shape, window, self.clusters_of(offset, len)).await;
-        }
-        if changed {
-            mark(self, &shape, offset, len);
-        }
-        result
+        self.finish(io, &shape, window, self.clusters_of(offset, len)).await
     }
 
     /// Make every completed write durable: their BAT entries are written
@@ -424,6 +425,28 @@ impl Drop for Claim<'_> {
         let waiters = self.stack.busy.lock().unwrap().remove(&self.c);
         if let Some(mut w) = waiters {
             drop(w.take());
+        }
+    }
+}
+
+/// Runs its closure when dropped, unless defused: a request's marks must
+/// be made after its I/O also when its future is dropped between two I/Os
+/// (the queue's executor dropped on an error).
+struct OnDrop<F: FnOnce()>(Option<F>);
+
+impl<F: FnOnce()> OnDrop<F> {
+    fn new(f: F) -> Self {
+        OnDrop(Some(f))
+    }
+    fn defuse(mut self) {
+        self.0 = None;
+    }
+}
+
+impl<F: FnOnce()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f()
         }
     }
 }
