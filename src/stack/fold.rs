@@ -25,7 +25,7 @@ use crate::io::{for_each_in_flight, BufPool, Io};
 use crate::layers::Layer;
 
 use super::mirror::FoldMirror;
-use super::{owner_map, Stack};
+use super::{owner_map, OnDrop, Stack};
 
 /// The top changed under a merge (the caller runs one change at a time).
 fn stack_changed() -> Error {
@@ -102,13 +102,7 @@ impl Stack {
         }
         // Whatever ends the fold, its future dropped half way included,
         // writes stop being carried into a file it will not finish.
-        struct Abandon<'a>(&'a FoldMirror);
-        impl Drop for Abandon<'_> {
-            fn drop(&mut self) {
-                self.0.abandon();
-            }
-        }
-        let _abandon = Abandon(&fold);
+        let _abandon = OnDrop::new(|| fold.abandon());
         let result = self.fold_rounds(io, &top, &fold, progress, commit).await;
         if result.is_err() {
             self.shape.exclusive().await.fold = None;

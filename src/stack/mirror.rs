@@ -34,6 +34,8 @@ use std::task::Poll;
 use crate::io::wait::WaitList;
 use crate::layers::Layer;
 
+use super::OnDrop;
+
 pub(super) struct FoldMirror {
     /// The writable opening of the parent's file the fold copies into.
     pub into: Arc<Layer>,
@@ -90,18 +92,6 @@ pub(super) struct WriteSection<'a> {
     range: Option<Range<u64>>,
 }
 
-/// A copy waiting for its section (see `copy_section`).
-struct CopyWait<'a> {
-    mirror: &'a FoldMirror,
-    c: u64,
-}
-
-impl Drop for CopyWait<'_> {
-    fn drop(&mut self) {
-        self.mirror.leave(self.c, |t| t.copy_waits = false);
-    }
-}
-
 impl Drop for CopySection<'_> {
     fn drop(&mut self) {
         self.mirror.leave(self.c, |t| t.copying = false);
@@ -142,7 +132,7 @@ impl FoldMirror {
     pub async fn copy_section(&self, c: u64) -> CopySection<'_> {
         // A copy dropped while it waits takes its wait back: writes that
         // queued behind it would otherwise wait for good.
-        let waiting = CopyWait { mirror: self, c };
+        let waiting = OnDrop::new(|| self.leave(c, |t| t.copy_waits = false));
         poll_fn(|cx| {
             let mut state = self.state.lock().unwrap();
             let t = state.busy.entry(c).or_default();
@@ -157,7 +147,7 @@ impl FoldMirror {
             }
         })
         .await;
-        std::mem::forget(waiting);
+        waiting.defuse();
         CopySection { mirror: self, c }
     }
 

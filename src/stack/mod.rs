@@ -49,6 +49,28 @@ use request::{read_segs, Dst};
 /// one value left to mean "no layer".
 pub const MAX_DEPTH: usize = 255;
 pub(super) const NOBODY: u8 = u8::MAX;
+
+/// Runs its closure when dropped, unless defused: what must happen however
+/// a future ends, also when it is dropped between two awaits (a request's
+/// marks after its I/O, a fold's copy taking back its wait).
+struct OnDrop<F: FnOnce()>(Option<F>);
+
+impl<F: FnOnce()> OnDrop<F> {
+    fn new(f: F) -> Self {
+        OnDrop(Some(f))
+    }
+    fn defuse(mut self) {
+        self.0 = None;
+    }
+}
+
+impl<F: FnOnce()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f()
+        }
+    }
+}
 /// Copy-up buffers kept for reuse.
 const KEEP_BUFS: usize = 8;
 

@@ -15,7 +15,7 @@ use crate::io::{join_all, AlignedBuf, FixedBuf, Io};
 use crate::layers::{Layer, MetaError};
 
 use super::mirror::FoldMirror;
-use super::{Shape, Stack, NOBODY};
+use super::{OnDrop, Shape, Stack, NOBODY};
 
 /// One piece of a planned request, in request order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -425,28 +425,6 @@ impl Drop for Claim<'_> {
         let waiters = self.stack.busy.lock().unwrap().remove(&self.c);
         if let Some(mut w) = waiters {
             drop(w.take());
-        }
-    }
-}
-
-/// Runs its closure when dropped, unless defused: a request's marks must
-/// be made after its I/O also when its future is dropped between two I/Os
-/// (the queue's executor dropped on an error).
-struct OnDrop<F: FnOnce()>(Option<F>);
-
-impl<F: FnOnce()> OnDrop<F> {
-    fn new(f: F) -> Self {
-        OnDrop(Some(f))
-    }
-    fn defuse(mut self) {
-        self.0 = None;
-    }
-}
-
-impl<F: FnOnce()> Drop for OnDrop<F> {
-    fn drop(&mut self) {
-        if let Some(f) = self.0.take() {
-            f()
         }
     }
 }
