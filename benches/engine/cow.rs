@@ -17,7 +17,7 @@ use ublk_ploop::layers::PloopLayer;
 
 use crate::baselines::{bench_secs, Qemu};
 use crate::drive::{new_ring, open_stack};
-use crate::measure::{cpu_secs, Run};
+use crate::measure::{cpu_secs, median, Run};
 use crate::scratch::{Cfg, PLOOP, RAW};
 use crate::{Res, CLUSTER, K4};
 
@@ -59,13 +59,7 @@ pub struct CowRow {
 impl CowRow {
     /// The median of the turns' ratios (None without a qemu column).
     pub fn ratio(&self) -> Option<f64> {
-        let mut v = self.turn_ratios.clone();
-        if v.is_empty() {
-            return None;
-        }
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        Some(if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 })
+        (!self.turn_ratios.is_empty()).then(|| median(self.turn_ratios.clone()))
     }
     /// The lowest and highest turn ratio.
     pub fn spread(&self) -> Option<(f64, f64)> {

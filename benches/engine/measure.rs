@@ -100,6 +100,12 @@ pub fn percentile_us(samples: &[u32], pct: f64) -> Option<f64> {
     Some(v[i.min(v.len() - 1)] as f64)
 }
 
+/// The middle value (the upper one of an even count).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
 pub fn round1(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
 }

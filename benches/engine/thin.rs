@@ -14,6 +14,7 @@ use ublk_ploop::io::{block_on, AlignedBuf, SyncIo};
 use ublk_ploop::layers::PloopLayer;
 
 use crate::drive::{gen_data, open_stack};
+use crate::measure::median;
 use crate::scratch::Cfg;
 use crate::{Res, CLUSTER};
 
@@ -41,11 +42,6 @@ fn rss() -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map_or(0, |kb| kb * 1024)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 pub fn thin_open(cfg: &Cfg, have_qemu: bool) -> Res<ThinRow> {
