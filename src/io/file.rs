@@ -219,6 +219,14 @@ fn fs_magic(fd: RawFd) -> Option<i64> {
     ok.then_some(st.f_type as i64)
 }
 
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+
+/// Whether `dir` is on tmpfs (statfs's f_type).
+pub(crate) fn os_is_tmpfs(dir: &Path) -> std::io::Result<bool> {
+    let dir = std::fs::File::open(dir)?;
+    Ok(fs_magic(dir.as_raw_fd()) == Some(TMPFS_MAGIC))
+}
+
 fn flock_is_range_lock(fd: RawFd) -> bool {
     fs_magic(fd).is_some_and(|m| FLOCK_AS_RANGE.contains(&m))
 }

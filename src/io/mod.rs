@@ -137,6 +137,12 @@ pub trait Io {
     fn ofd_holder(&self, fd: RawFd, range: (u64, u64)) -> io::Result<Option<i32>> {
         file::os_ofd_holder(fd, range)
     }
+    /// Whether files in `dir` die with the power but outlive the process
+    /// (tmpfs): where a record may live that a kill must not lose and a
+    /// power cut must (the link log).
+    fn is_volatile_dir(&self, dir: &Path) -> io::Result<bool> {
+        file::os_is_tmpfs(dir)
+    }
     /// Now, for deadlines and pacing (only differences are ever used).
     fn now(&self) -> std::time::Instant {
         std::time::Instant::now()
@@ -261,6 +267,9 @@ impl<T: Io + ?Sized> Io for &T {
     }
     fn ofd_holder(&self, fd: RawFd, range: (u64, u64)) -> io::Result<Option<i32>> {
         (**self).ofd_holder(fd, range)
+    }
+    fn is_volatile_dir(&self, dir: &Path) -> io::Result<bool> {
+        (**self).is_volatile_dir(dir)
     }
     fn now(&self) -> std::time::Instant {
         (**self).now()
