@@ -470,6 +470,89 @@ fn namespace_calls_answer_as_linux_does() {
     assert_eq!((bad, good), (Some(libc::EINVAL), true));
 }
 
+const RUN: &str = "/run/u";
+
+/// A world with the ordinary directory DIR and the tmpfs RUN.
+fn world_with_tmpfs(seed: u64, mode: DirMode) -> Sim {
+    let s = world(seed, mode);
+    s.volatile_dir(Path::new(RUN));
+    s
+}
+
+#[test]
+fn a_volatile_file_outlives_a_kill_unsynced() {
+    for seed in 0..20 {
+        let s = world_with_tmpfs(seed, DirMode::Posix);
+        let open_at_kill = run(&s, |io| async move {
+            let h = create(&io, "/run/u/log");
+            io.write_at(h.fd(), &[7; 1000], 0).await.unwrap();
+            h
+        });
+        s.kill();
+        drop(open_at_kill);
+        assert_eq!(content(&s, "/run/u/log"), Some(vec![7; 1000]), "seed {seed}");
+    }
+}
+
+#[test]
+fn a_power_cut_empties_a_volatile_directory_whatever_was_synced() {
+    for seed in 0..40 {
+        let mode = if seed % 2 == 0 { DirMode::Posix } else { DirMode::Journal };
+        let s = world_with_tmpfs(seed, mode);
+        durable_file(&s, FILE, 3, 4096);
+        let io = s.io();
+        io.create_dir(Path::new("/run/u/sub")).unwrap();
+        run(&s, |io| async move {
+            for (name, dir) in [("/run/u/log", RUN), ("/run/u/sub/x", "/run/u/sub")] {
+                let h = create(&io, name);
+                io.write_at(h.fd(), &[7; 4096], 0).await.unwrap();
+                io.sync_data(h.fd()).await.unwrap();
+                io.sync_dir(Path::new(dir)).await.unwrap();
+            }
+            io.sync_dir(Path::new(RUN)).await.unwrap();
+        });
+        // A write still in flight on an open descriptor at the cut.
+        let io2 = io.clone();
+        s.spawn("late", async move {
+            let h = open(&io2, "/run/u/log");
+            io2.write_at(h.fd(), &[8; 512], 8192).await.unwrap();
+        });
+        s.run_for(2).unwrap();
+        s.power_cut();
+        for p in ["/run/u/log", "/run/u/sub/x", "/run/u/sub"] {
+            assert!(io.stat(Path::new(p)).unwrap().is_none(), "seed {seed}: {p} outlived the cut");
+        }
+        let e = io.open(Path::new("/run/u/log"), &OpenHow::read()).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
+        assert_eq!(s.list(Path::new(RUN)), Vec::<String>::new(), "seed {seed}");
+        assert!(io.is_volatile_dir(Path::new(RUN)).unwrap(), "the mount point stays");
+        assert_eq!(content(&s, FILE), Some(vec![3; 4096]), "seed {seed}: a synced file on disk is kept");
+        // The tmpfs works again after the cut.
+        durable_file(&s, "/run/u/log", 9, 10);
+        assert_eq!(content(&s, "/run/u/log"), Some(vec![9; 10]));
+    }
+}
+
+#[test]
+fn is_volatile_dir_answers_from_the_world() {
+    let s = world_with_tmpfs(0, DirMode::Posix);
+    let io = s.io();
+    io.create_dir(Path::new("/run/u/sub")).unwrap();
+    assert!(io.is_volatile_dir(Path::new(RUN)).unwrap());
+    assert!(io.is_volatile_dir(Path::new("/run/u/sub/..//sub")).unwrap());
+    assert!(!io.is_volatile_dir(Path::new(DIR)).unwrap());
+    assert!(!io.is_volatile_dir(Path::new("/run")).unwrap());
+    assert!(!io.is_volatile_dir(Path::new("/")).unwrap());
+    assert_eq!(io.is_volatile_dir(Path::new("/none")).unwrap_err().raw_os_error(), Some(libc::ENOENT));
+    assert_eq!(io.is_volatile_dir(Path::new("/run/u/none")).unwrap_err().raw_os_error(), Some(libc::ENOENT));
+    // Another filesystem: rename(2) does not cross into it or out of it.
+    durable_file(&s, FILE, 1, 10);
+    durable_file(&s, "/run/u/log", 2, 10);
+    assert_eq!(io.rename_noreplace(Path::new(FILE), Path::new("/run/u/f")).unwrap_err().raw_os_error(), Some(libc::EXDEV));
+    assert_eq!(io.rename_noreplace(Path::new("/run/u/log"), Path::new("/d/log")).unwrap_err().raw_os_error(), Some(libc::EXDEV));
+    io.rename_noreplace(Path::new("/run/u/log"), Path::new("/run/u/sub/log")).unwrap();
+}
+
 // ---------------------------------------------------------------------------
 // Locks and capacity.
 

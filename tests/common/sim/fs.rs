@@ -9,7 +9,8 @@
 //! seed-chosen prefix of its unsynced size changes, and per sector one of
 //! its remembered versions (or none): kept, dropped, torn and reordered
 //! writes are all such choices. Directories work the same way at the
-//! level of names (see [`DirMode`]).
+//! level of names (see [`DirMode`]). A volatile directory (tmpfs) keeps
+//! its files across a kill and loses all of them at a cut.
 //!
 //! Blocks are `Rc`-shared 4 KiB pages in a map (holes are absent, so a
 //! sparse file of any size costs only its data), and a sync or a cut
@@ -224,6 +225,8 @@ pub struct SimFs {
     pub capacity_blocks: u64,
     pub used_blocks: u64,
     pub mode: DirMode,
+    /// Directories declared tmpfs: a cut empties them, whatever was synced.
+    volatile: BTreeSet<u64>,
 }
 
 /// `path` made absolute (relative to /) and free of `.` and `..`.
@@ -255,13 +258,21 @@ impl SimFs {
             capacity_blocks,
             used_blocks: 0,
             mode,
+            volatile: BTreeSet::new(),
         }
     }
 
     // ---- names ----
 
     fn lookup_dir(&self, path: &Path) -> io::Result<u64> {
+        self.walk_dir(path).map(|(d, _)| d)
+    }
+
+    /// The directory at `path`, and the volatile directory it lies in (its
+    /// tmpfs), if any.
+    fn walk_dir(&self, path: &Path) -> io::Result<(u64, Option<u64>)> {
         let mut d = ROOT;
+        let mut mount = self.volatile.contains(&ROOT).then_some(ROOT);
         for c in normalize(path).components() {
             if let Component::Normal(n) = c {
                 d = match self.dirs[&d].cur.get(n) {
@@ -269,9 +280,31 @@ impl SimFs {
                     Some(Entry::File(_)) => return Err(errno(libc::ENOTDIR)),
                     None => return Err(errno(libc::ENOENT)),
                 };
+                if mount.is_none() && self.volatile.contains(&d) {
+                    mount = Some(d);
+                }
             }
         }
-        Ok(d)
+        Ok((d, mount))
+    }
+
+    /// Make `path` (if needed) a tmpfs: what lies in it outlives a kill,
+    /// never a power cut.
+    pub fn make_volatile(&mut self, path: &Path) -> io::Result<()> {
+        self.create_dir_all(path)?;
+        let d = self.lookup_dir(path)?;
+        self.volatile.insert(d);
+        Ok(())
+    }
+
+    /// Whether `dir` lies in a volatile directory (statfs says tmpfs).
+    pub fn is_volatile(&self, dir: &Path) -> io::Result<bool> {
+        Ok(self.walk_dir(dir)?.1.is_some())
+    }
+
+    /// The tmpfs a path's parent lies in (None: the disk's filesystem).
+    fn mount_of(&self, path: &Path) -> io::Result<Option<u64>> {
+        Ok(self.walk_dir(normalize(path).parent().unwrap_or(Path::new("/")))?.1)
     }
 
     /// The directory holding `path`'s last component, and that name.
@@ -397,6 +430,10 @@ impl SimFs {
             Some(Entry::Dir(_)) => return Err(errno(libc::EISDIR)), // not needed by the engine
             Some(e) => *e,
         };
+        // A tmpfs is another filesystem: rename(2) cannot cross into or out of it.
+        if self.mount_of(from)? != self.mount_of(to)? {
+            return Err(errno(libc::EXDEV));
+        }
         match self.dirs[&td].cur.get(&tname) {
             Some(Entry::Dir(_)) => return Err(errno(libc::EISDIR)),
             Some(_) if !replace => return Err(errno(libc::EEXIST)),
@@ -842,6 +879,7 @@ impl SimFs {
     /// other personalities are what a cut before or after the sync gives).
     pub fn cut(&mut self, rng: &mut Rng, reordered: bool) -> Vec<(u64, Personality)> {
         debug_assert!(self.fds.is_empty());
+        self.empty_volatile();
         self.cut_dirs(rng);
         let mut chosen = Vec::new();
         let inos: Vec<u64> = self.inodes.keys().copied().collect();
@@ -859,6 +897,38 @@ impl SimFs {
         self.collect();
         self.used_blocks = self.inodes.values().map(|n| n.data_blocks()).sum();
         chosen
+    }
+
+    /// A tmpfs is empty after a reboot: every name and file under a
+    /// volatile directory goes, synced or not, before the cut draws
+    /// anything (so none of it can land torn, and a world without
+    /// volatile directories draws as before).
+    fn empty_volatile(&mut self) {
+        let mut gone = BTreeSet::new();
+        let mut todo: Vec<u64> = self.volatile.iter().copied().filter(|d| self.dirs.contains_key(d)).collect();
+        while let Some(d) = todo.pop() {
+            if gone.insert(d) {
+                let dir = &self.dirs[&d];
+                todo.extend(dir.cur.values().chain(dir.dur.values()).filter_map(|e| match e {
+                    Entry::Dir(id) => Some(*id),
+                    Entry::File(_) => None,
+                }));
+            }
+        }
+        for op in &mut self.dir_log {
+            op.changes.retain(|(d, _, _)| !gone.contains(d));
+        }
+        self.dir_log.retain(|op| !op.changes.is_empty());
+        for d in gone {
+            if self.volatile.contains(&d) {
+                let dir = self.dirs.get_mut(&d).unwrap();
+                dir.cur.clear();
+                dir.dur.clear();
+            } else {
+                self.dirs.remove(&d);
+            }
+        }
+        self.collect();
     }
 
     fn cut_dirs(&mut self, rng: &mut Rng) {

@@ -194,11 +194,17 @@ impl Sim {
         self.world.kill();
     }
     /// Power cut: a kill, then every file and directory falls back to its
-    /// durable state plus a seed-chosen part of what was not yet durable.
+    /// durable state plus a seed-chosen part of what was not yet durable;
+    /// volatile directories come back empty.
     pub fn power_cut(&self) {
         self.die();
         self.world.cut();
         self.world.state().power_cuts += 1;
+    }
+    /// Make `dir` (created if needed) a tmpfs: its files outlive a kill
+    /// and are all gone after a power cut, synced or not.
+    pub fn volatile_dir(&self, dir: &Path) {
+        self.world.state().fs.make_volatile(dir).expect("a volatile directory where a file is")
     }
     /// Simulated time since the world began.
     pub fn now(&self) -> Duration {

@@ -596,6 +596,11 @@ impl Io for SimIo {
         self.w.alive()?;
         self.w.state().fs.create_dir(path)
     }
+    /// From the simulated world's own mounts: the host's statfs would
+    /// answer for a directory that is not the one the engine means.
+    fn is_volatile_dir(&self, dir: &Path) -> io::Result<bool> {
+        self.w.state().fs.is_volatile(dir)
+    }
     fn remove_dir(&self, path: &Path) -> io::Result<()> {
         self.w.alive()?;
         self.w.state().fs.remove_dir(path)
