@@ -56,7 +56,7 @@ pub async fn convert<I: Io>(
             within_table_limit(&name, read.header.size_bytes(), read.header.cluster_bytes())?;
         }
     }
-    let (src, _) = Stack::open_layers(io, sources, &StackOptions { read_only: true, direct: opts.direct, offline: false }).await?;
+    let (src, _) = Stack::open_layers(io, sources, &StackOptions { read_only: true, direct: opts.direct, offline: false, link_log: None }).await?;
     let out = create_destination(io, dst, src.size(), opts, src.cluster_size()).await?;
     let result = copy_all(io, &src, &out, progress).await;
     removed_on_error(dst, result)
@@ -89,7 +89,7 @@ async fn create_destination<I: Io>(io: &I, dst: &Path, size: u64, opts: &Convert
         }
     }
     let out_spec = LayerSpec { path: dst.to_path_buf(), format: opts.to };
-    let opened = Stack::open_layers(io, &[out_spec], &StackOptions { read_only: false, direct: opts.direct, offline: false }).await;
+    let opened = Stack::open_layers(io, &[out_spec], &StackOptions { read_only: false, direct: opts.direct, offline: false, link_log: None }).await;
     removed_on_error(dst, opened.map(|(out, _)| out))
 }
 

@@ -21,6 +21,12 @@
 //!   before the descriptor names it as the top.
 //! - `fold-catch-up`: an online merge into the parent's file copies again,
 //!   with requests held, the clusters changed after their first copy.
+//! - `link-mask`: table writes leave out the entries of copy-ups linked
+//!   through the link log until their copies are synced.
+//! - `link-settle-sync`: a flush syncs the logged copy-ups before it
+//!   writes their entries.
+//! - `link-replay`: a read-write open links what a killed session's link
+//!   log recorded.
 //!
 //! And a fixed bug brought back, to show the simulation finds it from a
 //! random seed:
@@ -53,7 +59,7 @@ const fn eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// The names a build may switch off (a script runs each in turn).
-pub const RULES: [&str; 8] = [
+pub const RULES: [&str; 11] = [
     "copy-up-sync",
     "store-before-swap",
     "merge-final-sync",
@@ -62,6 +68,9 @@ pub const RULES: [&str; 8] = [
     "merge-recheck",
     "fold-sync",
     "fold-catch-up",
+    "link-mask",
+    "link-settle-sync",
+    "link-replay",
 ];
 
 /// Refuse a mutant name that no rule has: a typo would otherwise build

@@ -41,7 +41,7 @@ fn make(dir: &TempDir, name: &str, spec: &ImageSpec) -> PathBuf {
 
 fn open_err(path: &Path, read_only: bool) -> String {
     let paths = [path.to_path_buf()];
-    let opts = StackOptions { read_only, direct: Direct::Auto, offline: false };
+    let opts = StackOptions { read_only, direct: Direct::Auto, offline: false, link_log: None };
     match catch_unwind(AssertUnwindSafe(|| retry_busy(|| block_on(Stack::open(&SyncIo, &paths, &opts)).map(|_| ())))) {
         Err(_) => panic!("Stack::open({}, read_only={read_only}) panicked", path.display()),
         Ok(Ok(())) => panic!("Stack::open({}, read_only={read_only}) accepted a bad image", path.display()),
@@ -337,7 +337,7 @@ fn mutated_images_never_panic_and_check_agrees_with_open() {
         let img = dir.join(&format!("m{round}.img"));
         fs::write(&img, &bytes).unwrap();
         let paths = [img.clone()];
-        let ro = StackOptions { read_only: true, direct: Direct::Off, offline: false };
+        let ro = StackOptions { read_only: true, direct: Direct::Off, offline: false, link_log: None };
         let flags = if bytes.len() >= 56 { u32::from_le_bytes(bytes[52..56].try_into().unwrap()) } else { 0 };
         // Panics fail at once; disagreements are collected and listed.
         let opened = catch_unwind(AssertUnwindSafe(|| retry_busy(|| block_on(Stack::open(&SyncIo, &paths, &ro)).map(|_| ()))))
@@ -524,7 +524,7 @@ fn empty_flag_check_agrees_with_open() {
     let img = make(&dir, "flagged.img", &spec);
     let paths = [img.clone()];
     let opened =
-        retry_busy(|| block_on(Stack::open(&SyncIo, &paths, &StackOptions { read_only: true, direct: Direct::Auto, offline: false })).map(|_| ()));
+        retry_busy(|| block_on(Stack::open(&SyncIo, &paths, &StackOptions { read_only: true, direct: Direct::Auto, offline: false, link_log: None })).map(|_| ()));
     let r = ploop(["check", p(&img), "--json"]);
     match opened {
         Ok(()) => assert_ne!(r.code(), 2, "opens fine, yet check calls it corrupt:\n{}", r.stdout),
@@ -575,7 +575,7 @@ fn a_writable_open_after_an_unclean_stop_gives_back_clusters_leaked_inside_the_f
     assert_eq!(before, 1, "the crafted image should show one leaked cluster");
     let paths = [img.clone()];
     let (stack, reports) =
-        retry_busy(|| block_on(Stack::open(&SyncIo, &paths, &StackOptions { read_only: false, direct: Direct::Auto, offline: false })))
+        retry_busy(|| block_on(Stack::open(&SyncIo, &paths, &StackOptions { read_only: false, direct: Direct::Auto, offline: false, link_log: None })))
             .expect("open read-write");
     assert!(reports[0].was_in_use);
     assert_eq!(reports[0].released_leak, CLUSTER);
@@ -668,7 +668,7 @@ fn a_file_named_twice_in_a_stack_is_refused_untouched_and_each_layer_is_opened_o
     for read_only in [true, false] {
         for stack in [[&a, &a], [&a, &link], [&link, &a], [&sym, &a]] {
             let paths: Vec<PathBuf> = stack.iter().map(|p| p.to_path_buf()).collect();
-            let opts = StackOptions { read_only, direct: Direct::Off, offline: false };
+            let opts = StackOptions { read_only, direct: Direct::Off, offline: false, link_log: None };
             let e = match retry_busy(|| block_on(Stack::open(&SyncIo, &paths, &opts))) {
                 Ok(_) => panic!("{paths:?} (read-only {read_only}) opened"),
                 Err(e) => e,
@@ -681,7 +681,7 @@ fn a_file_named_twice_in_a_stack_is_refused_untouched_and_each_layer_is_opened_o
     for read_only in [true, false] {
         let io = Hooked { inner: SyncIo, hook: CountOpens::default() };
         let paths = vec![a.clone(), b.clone()];
-        let (stack, _) = retry_busy(|| block_on(Stack::open(&io, &paths, &StackOptions { read_only, direct: Direct::Off, offline: false })))
+        let (stack, _) = retry_busy(|| block_on(Stack::open(&io, &paths, &StackOptions { read_only, direct: Direct::Off, offline: false, link_log: None })))
             .expect("two distinct files");
         assert_eq!(*io.0.borrow(), paths, "read-only {read_only}: not one open per layer");
         block_on(stack.close(&SyncIo)).unwrap();

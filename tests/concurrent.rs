@@ -31,7 +31,7 @@ const TASKS_PER_RING: usize = 3;
 const OWNERS: usize = SYNC_THREADS + RING_THREADS * TASKS_PER_RING;
 
 fn open(paths: &[PathBuf], read_only: bool) -> Stack {
-    block_on(Stack::open(&SyncIo, paths, &StackOptions { read_only, direct: Direct::Auto, offline: false })).unwrap().0
+    block_on(Stack::open(&SyncIo, paths, &StackOptions { read_only, direct: Direct::Auto, offline: false, link_log: None })).unwrap().0
 }
 
 fn run_seed(seed: u64) {

@@ -240,7 +240,7 @@ fn copy_with_stop_closes_the_stack() {
     drop(stack);
     // Closed cleanly: opens without complaint.
     let paths = [dir.join("a.img")];
-    let (reopened, reports) = common::retry_busy(|| block_on(Stack::open(&SyncIo, &paths, &StackOptions { read_only: false, direct: Direct::Auto, offline: false }))).unwrap();
+    let (reopened, reports) = common::retry_busy(|| block_on(Stack::open(&SyncIo, &paths, &StackOptions { read_only: false, direct: Direct::Auto, offline: false, link_log: None }))).unwrap();
     assert!(!reports[0].was_in_use);
     block_on(reopened.close(&SyncIo)).unwrap();
     drop(reopened);

@@ -261,17 +261,17 @@ fn compare(ctx: &str, model: &Model, expect: &Expect, got: &[u8]) {
 // Running the scenario.
 
 fn rw() -> StackOptions {
-    StackOptions { read_only: false, direct: Direct::Auto, offline: false }
+    StackOptions { read_only: false, direct: Direct::Auto, offline: false, link_log: None }
 }
 /// Checks after the crash read through the page cache: the scenario itself
 /// runs with O_DIRECT where the filesystem allows it, but rereading the
 /// whole disk uncached, several times per fault point, would make the test
 /// I/O bound.
 fn ro() -> StackOptions {
-    StackOptions { read_only: true, direct: Direct::Off, offline: false }
+    StackOptions { read_only: true, direct: Direct::Off, offline: false, link_log: None }
 }
 fn rw_cached() -> StackOptions {
-    StackOptions { read_only: false, direct: Direct::Off, offline: false }
+    StackOptions { read_only: false, direct: Direct::Off, offline: false, link_log: None }
 }
 
 fn open(paths: &[PathBuf], opts: &StackOptions, ctx: &str) -> (Stack, Vec<ublk_ploop::layers::OpenReport>) {

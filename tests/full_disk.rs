@@ -75,7 +75,7 @@ fn run(ring: bool) {
     let data = rng.bytes(size as usize);
     let own = OwnRing::new(32).unwrap();
     let io = ublk_ploop::io::RingIo::new(own);
-    let (stack, _) = block_on(Stack::open(&SyncIo, &[img.clone()], &StackOptions { read_only: false, direct: Direct::Auto, offline: false })).unwrap();
+    let (stack, _) = block_on(Stack::open(&SyncIo, &[img.clone()], &StackOptions { read_only: false, direct: Direct::Auto, offline: false, link_log: None })).unwrap();
     let write = |at: u64, len: u64| -> ublk_ploop::Result<()> {
         let buf = &data[at as usize..(at + len) as usize];
         if ring {
@@ -114,7 +114,7 @@ fn run(ring: bool) {
     drop(stack);
     let report = block_on(ublk_ploop::layers::ploop::check::check(&SyncIo, &img, ublk_ploop::layers::Format::Ploop, false)).unwrap();
     assert_eq!(report.verdict(), ublk_ploop::layers::ploop::check::Verdict::Clean, "{report:?}");
-    let (stack, _) = block_on(Stack::open(&SyncIo, &[img.clone()], &StackOptions { read_only: true, direct: Direct::Auto, offline: false })).unwrap();
+    let (stack, _) = block_on(Stack::open(&SyncIo, &[img.clone()], &StackOptions { read_only: true, direct: Direct::Auto, offline: false, link_log: None })).unwrap();
     let mut back = vec![0u8; size as usize];
     block_on(stack.read(&SyncIo, 0, &mut back)).unwrap();
     assert!(back[..acked as usize] == data[..acked as usize], "everything acknowledged, after a reopen");

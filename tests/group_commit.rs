@@ -33,7 +33,7 @@ fn fresh(dir: &TempDir, tag: &str) -> PathBuf {
 }
 
 fn opts() -> StackOptions {
-    StackOptions { read_only: false, direct: Direct::Auto, offline: false }
+    StackOptions { read_only: false, direct: Direct::Auto, offline: false, link_log: None }
 }
 
 fn open(paths: &[PathBuf]) -> Stack {
@@ -414,7 +414,7 @@ fn after_a_failed_fdatasync_in_buffered_mode_every_later_flush_fails() {
     // claim those writes durable.
     let dir = TempDir::new("gc");
     let p = fresh(&dir, "fsyncgate");
-    let buffered = StackOptions { read_only: false, direct: Direct::Off, offline: false };
+    let buffered = StackOptions { read_only: false, direct: Direct::Off, offline: false, link_log: None };
     let stack = block_on(Stack::open(&SyncIo, std::slice::from_ref(&p), &buffered)).unwrap().0;
     assert!(!stack.layers()[0].file().direct);
     let io = scripted();

@@ -66,7 +66,7 @@ fn specs(paths: &[PathBuf], raw_base: bool) -> Vec<LayerSpec> {
 }
 
 fn open(io: &AnyIo, paths: &[PathBuf], raw_base: bool) -> Stack {
-    io.run(Stack::open_layers(io, &specs(paths, raw_base), &StackOptions { read_only: false, direct: Direct::Auto, offline: false })).unwrap().0
+    io.run(Stack::open_layers(io, &specs(paths, raw_base), &StackOptions { read_only: false, direct: Direct::Auto, offline: false, link_log: None })).unwrap().0
 }
 
 fn verify_range(stack: &Stack, io: &AnyIo, model: &Model, off: u64, len: usize, ctx: &str) {
@@ -172,7 +172,7 @@ fn run_seed(seed: u64) {
         assert_clean(path, spec.format, &ctx);
     }
     // Reopen read-only and verify once more: what close wrote is what we read.
-    let (ro, _) = io.run(Stack::open_layers(&io, &specs(&paths, raw_base), &StackOptions { read_only: true, direct: Direct::Auto, offline: false })).unwrap();
+    let (ro, _) = io.run(Stack::open_layers(&io, &specs(&paths, raw_base), &StackOptions { read_only: true, direct: Direct::Auto, offline: false, link_log: None })).unwrap();
     verify_all(&ro, &io, &model, &format!("{ctx}, after close"));
 }
 

@@ -138,7 +138,7 @@ fn specs(paths: &[(PathBuf, Format)]) -> Vec<LayerSpec> {
 }
 
 fn open(io: &AnyIo, paths: &[(PathBuf, Format)], read_only: bool) -> Stack {
-    io.run(Stack::open_layers(io, &specs(paths), &StackOptions { read_only, direct: Direct::Auto, offline: false }))
+    io.run(Stack::open_layers(io, &specs(paths), &StackOptions { read_only, direct: Direct::Auto, offline: false, link_log: None }))
         .unwrap_or_else(|e| panic!("opening {paths:?}: {e}"))
         .0
 }
@@ -303,7 +303,7 @@ fn a_qcow2_image_is_read_only_and_only_the_bottom() {
     block_on(PloopLayer::create(&SyncIo, &p, size, 1 << 20)).unwrap();
     let io = AnyIo::new("sync");
     let try_open = |layers: &[(PathBuf, Format)], ro: bool| {
-        io.run(Stack::open_layers(&io, &specs(layers), &StackOptions { read_only: ro, direct: Direct::Auto, offline: false })).err().map(|e| e.to_string())
+        io.run(Stack::open_layers(&io, &specs(layers), &StackOptions { read_only: ro, direct: Direct::Auto, offline: false, link_log: None })).err().map(|e| e.to_string())
     };
     let top = try_open(&[(q.clone(), Format::Qcow2)], false).expect("a writable QCOW2 top is refused");
     assert!(top.contains("read-only") && top.contains("ploop image on it"), "{top}");

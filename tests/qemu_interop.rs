@@ -671,7 +671,7 @@ fn read_write_open_trims_leaked_tail() {
     drop(f);
     let paths = [img.clone()];
     let (stack, reports) =
-        retry_busy(|| block_on(Stack::open(&SyncIo, &paths, &StackOptions { read_only: false, direct: Direct::Auto, offline: false }))).unwrap();
+        retry_busy(|| block_on(Stack::open(&SyncIo, &paths, &StackOptions { read_only: false, direct: Direct::Auto, offline: false, link_log: None }))).unwrap();
     assert_eq!(reports[0].trimmed_leak, 2 * cluster);
     let io = AnyIo::new("sync");
     // A new cluster must read as zeros, not as the garbage that was there.

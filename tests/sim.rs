@@ -165,6 +165,8 @@ const DISK_FULL: &str = "disk full at reopen";
 
 /// Where the disk's files live in the simulated filesystem.
 const DIR: &str = "/sim/disk";
+/// The link log's directory (a tmpfs), in worlds that keep one.
+const LINKS: &str = "/run/ublk-ploop/links";
 /// Full read-backs go in pieces of this many bytes.
 const READBACK_CHUNK: u64 = 1 << 20;
 
@@ -186,6 +188,8 @@ struct Figures {
     events: u64,
     ops: u64,
     reopens: u64,
+    /// Copy-ups a reopen linked from the link log a kill left.
+    relinked: u64,
     /// Known engine findings met (see the FINDING comments).
     findings: u64,
     /// Online operations that ended Ok, by kind.
@@ -326,6 +330,9 @@ impl Driver {
         let queues = (0..cfg.queues).map(|_| Vec::new()).collect();
         let size = cfg.size;
         let bare = cfg.cluster < 32 << 10;
+        if cfg.links {
+            sim.volatile_dir(Path::new(LINKS));
+        }
         Driver {
             cfg,
             sim,
@@ -356,6 +363,11 @@ impl Driver {
         if self.trace {
             eprintln!("[{} t{:?}] {}", self.step, self.sim.now(), what());
         }
+    }
+
+    /// The link log's directory, in worlds that keep one.
+    fn links(&self) -> Option<&'static Path> {
+        self.cfg.links.then_some(Path::new(LINKS))
     }
 
     fn stack(&self) -> Rc<Stack> {
@@ -395,16 +407,18 @@ impl Driver {
     /// Sets the stack, the paths and the size; returns the disk.
     fn open_disk(&mut self) -> Result<Disk, String> {
         let io = self.io.clone();
-        let opts = StackOptions { read_only: false, direct: Direct::Auto, offline: false };
+        let opts = StackOptions { read_only: false, direct: Direct::Auto, offline: false, link_log: self.links().map(Path::to_path_buf) };
         let step = self.step;
-        let (stack, disk, merged) = self
+        let (stack, disk, merged, relinked) = self
             .block_on("open", async move {
                 let mut disk = Disk::load_in(&io, Path::new(DIR)).await.map_err(|e| format!("loading the descriptor: {e}"))?;
                 let specs = disk.writable_layers(&io).await.map_err(|e| format!("the descriptor's chain: {e}"))?;
-                let (stack, _) = Stack::open_layers(&io, &specs, &opts).await.map_err(|e| format!("opening {:?}: {e}", specs.iter().map(|s| &s.path).collect::<Vec<_>>()))?;
+                let (stack, reports) = Stack::open_layers(&io, &specs, &opts).await.map_err(|e| format!("opening {:?}: {e}", specs.iter().map(|s| &s.path).collect::<Vec<_>>()))?;
                 let merged = ops::finish_merges(&io, &stack, &mut disk).await.map_err(|e| format!("step {step}: finishing an interrupted merge: {e}"))?;
-                Ok::<_, String>((stack, disk, merged))
+                let relinked: u64 = reports.iter().map(|r| r.relinked).sum();
+                Ok::<_, String>((stack, disk, merged, relinked))
             })??;
+        self.figures.relinked += relinked;
         self.block = stack.block_size() as u64;
         self.descriptor_uncertain = false;
         self.paths = stack.paths();
@@ -722,7 +736,8 @@ impl Driver {
     fn check_deltas(&mut self, paths: &[PathBuf], repair: bool, crashed: bool, unsure: Option<&Path>) -> Result<(), String> {
         for path in paths {
             let (io, p) = (self.io.clone(), path.clone());
-            let report = self.block_on("check", async move { check::check(&io, &p, Format::Ploop, repair).await })?;
+            let links = self.links();
+            let report = self.block_on("check", async move { check::check_in(&io, &p, Format::Ploop, repair, links).await })?;
             let report = match report {
                 Ok(r) => r,
                 Err(_) if Some(path.as_path()) == unsure => return Ok(()),
@@ -923,6 +938,13 @@ fn run_seed(seed: u64) -> Result<Figures, Failure> {
     run_ops(cfg, &ops)
 }
 
+/// A regression seed, in the world it failed in: without the link log.
+fn run_regression(seed: u64) -> Result<Figures, Failure> {
+    let (mut cfg, ops) = gen::generate(seed);
+    cfg.links = false;
+    run_ops(cfg, &ops)
+}
+
 /// `ops` in the world of `cfg.seed` (its scheduler, faults, crashes and
 /// entropy come from the seed, whatever the list), a panic inside (an
 /// engine assertion, a model bug) turned into a failure too.
@@ -1005,24 +1027,26 @@ fn seeds_hold_every_invariant() {
     if let Ok(file) = std::env::var("UBLK_PLOOP_SIM_REPLAY") {
         return replay(&file);
     }
-    let seeds: Vec<u64> = match env_u64("UBLK_PLOOP_SIM_SEED") {
-        Some(seed) => vec![seed],
+    let (seeds, regressions): (Vec<u64>, usize) = match env_u64("UBLK_PLOOP_SIM_SEED") {
+        Some(seed) => (vec![seed], 0),
         None => {
             let first = env_u64("UBLK_PLOOP_SIM_FIRST").unwrap_or(1);
             let count = env_u64("UBLK_PLOOP_SIM_SEEDS").unwrap_or(200);
             let regressions = if std::env::var_os("UBLK_PLOOP_SIM_NO_REGRESSIONS").is_some() { &[][..] } else { REGRESSION_SEEDS };
-            regressions.iter().copied().chain(first..first + count).collect()
+            (regressions.iter().copied().chain(first..first + count).collect(), regressions.len())
         }
     };
     let mut total = Figures::default();
     for (i, &seed) in seeds.iter().enumerate() {
-        let f = match run_seed(seed) {
+        let run = if i < regressions { run_regression(seed) } else { run_seed(seed) };
+        let f = match run {
             Ok(f) => f,
             Err(why) => panic!("{}", failed(seed, why)),
         };
         // Determinism self-check: the same seed, the same decisions.
         if i % 50 == 49 {
-            let again = run_seed(seed).unwrap_or_else(|why| panic!("seed {seed} passed, then failed on its rerun ({why}): the simulation is not deterministic; replay: UBLK_PLOOP_SIM_SEED={seed}"));
+            let again = if i < regressions { run_regression(seed) } else { run_seed(seed) };
+            let again = again.unwrap_or_else(|why| panic!("seed {seed} passed, then failed on its rerun ({why}): the simulation is not deterministic; replay: UBLK_PLOOP_SIM_SEED={seed}"));
             assert_eq!(f.trace_hash, again.trace_hash, "seed {seed}: two runs made different decisions (trace hashes differ); replay: UBLK_PLOOP_SIM_SEED={seed}");
         }
         total.steps += f.steps;
@@ -1032,6 +1056,7 @@ fn seeds_hold_every_invariant() {
         total.events += f.events;
         total.ops += f.ops;
         total.reopens += f.reopens;
+        total.relinked += f.relinked;
         total.findings += f.findings;
         total.snapshots += f.snapshots;
         total.merges += f.merges;
@@ -1043,7 +1068,7 @@ fn seeds_hold_every_invariant() {
         total.backup.add(&f.backup);
     }
     println!(
-        "sim figures: seeds {}, steps {}, kills {}, power cuts {}, faults {}, events {}, ops {}, reopens {}, known findings met {}, snapshots {}, merges {}, switches {}, grows {}, compactions {} (clusters moved {}), leftover files {}",
+        "sim figures: seeds {}, steps {}, kills {}, power cuts {}, faults {}, events {}, ops {}, reopens {} (copy-ups relinked {}), known findings met {}, snapshots {}, merges {}, switches {}, grows {}, compactions {} (clusters moved {}), leftover files {}",
         seeds.len(),
         total.steps,
         total.kills,
@@ -1052,6 +1077,7 @@ fn seeds_hold_every_invariant() {
         total.events,
         total.ops,
         total.reopens,
+        total.relinked,
         total.findings,
         total.snapshots,
         total.merges,

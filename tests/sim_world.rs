@@ -944,7 +944,7 @@ fn the_ploop_layer_opens_on_the_world_or_its_escape_shows() {
         io.sync_data(h.fd()).await.unwrap();
         drop(h);
         let file = open_image_file_in(&io, Path::new("/d/img.hdd"), true, Direct::Auto).unwrap();
-        match PloopLayer::open(&io, file, Direct::Auto, true).await {
+        match PloopLayer::open(&io, file, Direct::Auto, true, None).await {
             Ok((layer, _)) => {
                 assert_eq!(layer.size(), 16 << 20);
                 assert!((0..256).all(|c| layer.lookup(c).is_none()));

@@ -32,7 +32,7 @@ pub fn gen_data(buf: &mut [u8], off: u64) {
 }
 
 pub fn open_stack(paths: &[PathBuf], read_only: bool) -> Res<Stack> {
-    block_on(Stack::open(&SyncIo, paths, &StackOptions { read_only, direct: Direct::Auto, offline: false }))
+    block_on(Stack::open(&SyncIo, paths, &StackOptions { read_only, direct: Direct::Auto, offline: false, link_log: None }))
         .map(|(s, _)| s)
         .map_err(|e| format!("opening stack: {e}"))
 }

@@ -72,7 +72,7 @@ fn uncache(cfg: &Cfg, name: &str) {
 fn engine_read(cfg: &Cfg, name: &str, size: u64, bs: usize, qd: usize, seq: bool, secs: f64) -> Res<Run> {
     uncache(cfg, name);
     let spec = LayerSpec { path: cfg.path(name), format: Format::Qcow2 };
-    let opts = StackOptions { read_only: true, direct: Direct::Auto, offline: false };
+    let opts = StackOptions { read_only: true, direct: Direct::Auto, offline: false, link_log: None };
     let (stack, _) = block_on(Stack::open_layers(&SyncIo, &[spec], &opts)).map_err(|e| format!("opening {name}: {e}"))?;
     let next: crate::drive::Offsets = if seq { Box::new(seq_offsets(size, bs)) } else { Box::new(random_offsets(size, bs, 0x9c02)) };
     drive_one(&stack, Dir::Read, bs, qd, Duration::from_secs_f64(secs), next)

@@ -44,7 +44,7 @@ pub fn start(config: DeviceConfig, mode: Mode, foreground: bool) -> Result<i32> 
     }
     process::ignore_sigpipe();
     // Open the images before forking so that bad input fails right here.
-    let opts = StackOptions { read_only: config.read_only, direct: config.direct, offline: false };
+    let opts = StackOptions { read_only: config.read_only, direct: config.direct, offline: false, link_log: None };
     let layers = config.layers()?;
     let (stack, reports) = block_on(Stack::open_layers(&SyncIo, &layers, &opts))?;
     if let (Some(dir), false) = (&config.disk, config.read_only) {

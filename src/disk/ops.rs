@@ -631,7 +631,7 @@ pub async fn switch<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, guid: Guid) -
                 // it) is cleaned, any other synced, before it is served.
                 // Only the disk directory's own deltas are ever written.
                 let cleaned = if spec.path.starts_with(&disk.dir) {
-                    crate::layers::settle_lower(io, &file, spec.format, direct).await?
+                    crate::layers::settle_lower(io, &file, spec.format, direct, stack.link_dir()).await?
                 } else {
                     crate::layers::sync_lower(io, &file).await?;
                     false

@@ -107,13 +107,16 @@ pub async fn marked_in_use<I: Io>(io: &I, path: &Path) -> Result<bool> {
 /// for writing), checked through a file already open read-only, is opened
 /// read-write once and closed: its table checked and its grown-ahead tail
 /// trimmed, so that it is clean before it serves as a read-only layer.
-/// Returns whether it was marked.
-pub async fn clean_file_if_in_use<I: Io>(io: &I, file: &ImageFile, direct: Direct) -> Result<bool> {
+/// Returns whether it was marked. With `links`, the link log a killed
+/// session left for it is applied first (a top being frozen may have had
+/// one).
+pub async fn clean_file_if_in_use<I: Io>(io: &I, file: &ImageFile, direct: Direct, links: Option<&Path>) -> Result<bool> {
     if !file_marked_in_use(io, file).await? {
         return Ok(false);
     }
-    let (layer, _) = Layer::open(io, &file.path, Format::Ploop, true, direct).await?;
+    let (layer, _) = Layer::open_with(io, &file.path, Format::Ploop, true, direct, true, links).await?;
     layer.close(io).await?;
+    layer.remove_link_log(io);
     Ok(true)
 }
 
@@ -124,8 +127,8 @@ pub async fn clean_file_if_in_use<I: Io>(io: &I, file: &ImageFile, direct: Direc
 /// leaves pages that reads show but a power cut may take back; a flush of
 /// the device syncs only its top, so what is served from below must be
 /// durable before it is served. Returns whether the image was cleaned.
-pub async fn settle_lower<I: Io>(io: &I, file: &ImageFile, format: Format, direct: Direct) -> Result<bool> {
-    if format == Format::Ploop && clean_file_if_in_use(io, file, direct).await? {
+pub async fn settle_lower<I: Io>(io: &I, file: &ImageFile, format: Format, direct: Direct, links: Option<&Path>) -> Result<bool> {
+    if format == Format::Ploop && clean_file_if_in_use(io, file, direct, links).await? {
         return Ok(true);
     }
     sync_lower(io, file).await?;
@@ -153,34 +156,46 @@ impl Layer {
     /// Open a layer file of the declared format, locked: exclusively when
     /// writable, shared otherwise.
     pub async fn open<I: Io>(io: &I, path: &Path, format: Format, writable: bool, direct: Direct) -> Result<(Layer, OpenReport)> {
-        Self::open_with(io, path, format, writable, direct, true).await
+        Self::open_with(io, path, format, writable, direct, true, None).await
+    }
+
+    /// Open a writable ploop top, locked, keeping a link log in `links`
+    /// (see `ploop::links`) and applying the one a killed session left.
+    pub async fn open_top<I: Io>(io: &I, path: &Path, direct: Direct, links: Option<&Path>) -> Result<(Layer, OpenReport)> {
+        Self::open_with(io, path, Format::Ploop, true, direct, true, links).await
     }
 
     /// The same without taking the lock, for a second opening of a file
     /// whose lock this process holds already (a merge writing into a
     /// parent that the stack reads meanwhile).
     pub async fn open_unlocked<I: Io>(io: &I, path: &Path, format: Format, writable: bool, direct: Direct) -> Result<(Layer, OpenReport)> {
-        Self::open_with(io, path, format, writable, direct, false).await
+        Self::open_with(io, path, format, writable, direct, false, None).await
     }
 
     /// Open a layer on a file already open (writable if the file is),
     /// locked as `open` locks it.
     pub async fn open_file<I: Io>(io: &I, file: ImageFile, format: Format, direct: Direct) -> Result<(Layer, OpenReport)> {
-        Self::from_file(io, file, format, direct, true).await
+        Self::from_file(io, file, format, direct, true, None).await
     }
 
-    async fn open_with<I: Io>(io: &I, path: &Path, format: Format, writable: bool, direct: Direct, locked: bool) -> Result<(Layer, OpenReport)> {
+    /// The same, with a link log in `links` when the file is a writable
+    /// ploop image.
+    pub async fn open_file_linked<I: Io>(io: &I, file: ImageFile, format: Format, direct: Direct, links: Option<&Path>) -> Result<(Layer, OpenReport)> {
+        Self::from_file(io, file, format, direct, true, links).await
+    }
+
+    async fn open_with<I: Io>(io: &I, path: &Path, format: Format, writable: bool, direct: Direct, locked: bool, links: Option<&Path>) -> Result<(Layer, OpenReport)> {
         let file = open_image_file_in(io, path, writable, direct)?;
-        Self::from_file(io, file, format, direct, locked).await
+        Self::from_file(io, file, format, direct, locked, links).await
     }
 
-    async fn from_file<I: Io>(io: &I, file: ImageFile, format: Format, direct: Direct, locked: bool) -> Result<(Layer, OpenReport)> {
+    async fn from_file<I: Io>(io: &I, file: ImageFile, format: Format, direct: Direct, locked: bool, links: Option<&Path>) -> Result<(Layer, OpenReport)> {
         let (path, writable) = (file.path.clone(), file.writable);
         if locked {
             lock(io, &file, writable)?;
         }
         match format {
-            Format::Ploop => match PloopLayer::open(io, file, direct, locked).await {
+            Format::Ploop => match PloopLayer::open(io, file, direct, locked, links).await {
                 Ok((l, r)) => Ok((Layer::Ploop(l), r)),
                 Err(e) if e.kind() == ErrorKind::NotPloop => {
                     Err(not_ploop(io, &path, e).await)
@@ -324,6 +339,29 @@ impl Layer {
         match self {
             Layer::Ploop(l) => l.grow_ahead(io).await,
             Layer::Raw(_) | Layer::Qcow2(_) => Ok(()),
+        }
+    }
+    /// Whether copy-ups may be linked through a link log.
+    pub fn defers_links(&self) -> bool {
+        matches!(self, Layer::Ploop(l) if l.defers_links())
+    }
+    /// See `PloopLayer::log_link`.
+    pub async fn log_link<I: Io>(&self, io: &I, c: u64, offset: u64) -> Option<u32> {
+        match self {
+            Layer::Ploop(l) => l.log_link(io, c, offset).await,
+            Layer::Raw(_) | Layer::Qcow2(_) => None,
+        }
+    }
+    /// See `PloopLayer::link_logged`.
+    pub fn link_logged(&self, c: u64, offset: u64, slot: u32) {
+        if let Layer::Ploop(l) = self {
+            l.link_logged(c, offset, slot)
+        }
+    }
+    /// See `PloopLayer::remove_link_log`.
+    pub fn remove_link_log<I: Io>(&self, io: &I) {
+        if let Layer::Ploop(l) = self {
+            l.remove_link_log(io)
         }
     }
     /// Point cluster `c` at `offset` (see `PloopLayer::link`); returns the

@@ -61,7 +61,7 @@ impl Stack {
             variant.or(shape.top().variant()).unwrap_or(Variant::V2)
         };
         PloopLayer::create_variant(io, path, self.size(), self.cluster, variant).await?;
-        let layer = match Layer::open(io, path, Format::Ploop, true, self.direct).await {
+        let layer = match Layer::open_top(io, path, self.direct, self.links.as_deref()).await {
             Ok((layer, _)) => Arc::new(layer),
             Err(e) => {
                 let _ = io.remove_file(path);
@@ -135,6 +135,7 @@ impl Stack {
     /// succeeded, flushes sync it too.
     async fn retire<I: Io>(&self, io: &I, old: &Arc<Layer>) -> Result<()> {
         old.close(io).await?;
+        old.remove_link_log(io);
         old.demote(io)?;
         self.retiring.lock().unwrap().retain(|l| !Arc::ptr_eq(l, old));
         Ok(())
@@ -490,7 +491,7 @@ impl Stack {
         let mut eio = matches!(&result, Err(e) if e.errno() == libc::EIO);
         loop {
             tries += 1;
-            match Layer::open(io, &path, Format::Ploop, true, self.direct).await {
+            match Layer::open_top(io, &path, self.direct, self.links.as_deref()).await {
                 Ok((layer, _)) => {
                     if eio {
                         layer.poison_syncs();

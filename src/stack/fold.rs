@@ -117,6 +117,13 @@ impl Stack {
         Fut: Future<Output = Result<()>>,
     {
         let into = &fold.into;
+        // Copy-ups linked through the link log become ordinary entries
+        // first (none is logged while the fold runs): what the rounds read
+        // from the top is then durable in it, as the fold's crash order
+        // assumes.
+        if top.defers_links() {
+            top.sync(io).await?;
+        }
         let clusters = self.size().div_ceil(self.cluster);
         let holds = |c: &u64| top.lookup(*c, self.cluster).is_some();
         let held = |changed: Vec<u64>| -> Vec<u64> { changed.into_iter().filter(holds).collect() };

@@ -101,6 +101,12 @@ pub struct StackOptions {
     /// top's clusters and keeps the parent's name, as ploop's offline
     /// merge does, instead of copying the parent up.
     pub offline: bool,
+    /// A volatile directory (tmpfs) for the writable top's link log: its
+    /// copy-ups are then acknowledged before they are synced, and a
+    /// restart after a kill links them again (see `layers::ploop::links`).
+    /// Without it, or where the directory is not volatile, every copy-up
+    /// is synced before its entry is written.
+    pub link_log: Option<PathBuf>,
 }
 
 /// What requests share and a stack change swaps.
@@ -174,6 +180,8 @@ pub struct Stack {
     read_only: bool,
     /// See `StackOptions::offline`.
     offline: bool,
+    /// See `StackOptions::link_log`.
+    links: Option<PathBuf>,
     direct: Direct,
     /// Clusters of the top being allocated, with the requests waiting for
     /// each (see `allocate`).
@@ -223,7 +231,7 @@ impl Stack {
             // must be durable before a flush of the top is acknowledged.
             for (i, spec) in specs[..lowers].iter().enumerate() {
                 let path = &spec.path;
-                if crate::layers::settle_lower(io, &files[i], spec.format, opts.direct).await? {
+                if crate::layers::settle_lower(io, &files[i], spec.format, opts.direct, opts.link_log.as_deref()).await? {
                     tracing::warn!(image = %path.display(), "lower layer was left in use by a snapshot that did not finish; checked and closed");
                     repaired[i] = true;
                 }
@@ -232,7 +240,7 @@ impl Stack {
         let mut layers = Vec::with_capacity(specs.len());
         let mut reports = Vec::with_capacity(specs.len());
         for ((spec, file), was_repaired) in specs.iter().zip(files).zip(repaired) {
-            let (layer, mut report) = Layer::open_file(io, file, spec.format, opts.direct).await?;
+            let (layer, mut report) = Layer::open_file_linked(io, file, spec.format, opts.direct, opts.link_log.as_deref()).await?;
             report.was_in_use |= was_repaired;
             layers.push(Arc::new(layer));
             reports.push(report);
@@ -292,6 +300,7 @@ impl Stack {
             block,
             read_only,
             offline: opts.offline,
+            links: opts.link_log.clone(),
             direct: opts.direct,
             busy: Mutex::new(HashMap::new()),
             bufs: BufPool::new(cluster as usize, KEEP_BUFS),
@@ -316,6 +325,10 @@ impl Stack {
     }
     /// Opened by an offline tool: no request is served (see
     /// `StackOptions::offline`).
+    /// See `StackOptions::link_log`.
+    pub fn link_dir(&self) -> Option<&std::path::Path> {
+        self.links.as_deref()
+    }
     pub fn is_offline(&self) -> bool {
         self.offline
     }
@@ -483,7 +496,9 @@ impl Stack {
             .into_iter()
             .map(|(t, id)| DirtyBitmap { id, granularity: t.granularity(), bits: t.peek() })
             .collect();
-        shape.top().close_with_bitmaps(io, &bitmaps).await
+        shape.top().close_with_bitmaps(io, &bitmaps).await?;
+        shape.top().remove_link_log(io);
+        Ok(())
     }
 }
 

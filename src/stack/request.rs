@@ -198,7 +198,10 @@ impl Stack {
     /// layer's cluster is first copied up (`Fill::CopyUp`) or replaced by
     /// the request's bytes (`Fill::Whole`), and either is synced before the
     /// cluster is linked: the BAT entry never points at bytes the disk did
-    /// not show, so a crash at any point leaves each byte old or new.
+    /// not show, so a crash at any point leaves each byte old or new. With a
+    /// link log, the link is recorded there instead and the sync waits for
+    /// the next flush (see `layers::ploop::links`); not during a fold, whose
+    /// copies rely on the top's entries as they are.
     ///
     /// The cluster is claimed for the duration: other requests that need it
     /// wait for this one; requests on other clusters go on.
@@ -228,6 +231,7 @@ impl Stack {
         let _claim = Claim { stack: self, c };
         let below = shape.holder_below(c, self.cluster);
         let offset = top.reserve_cluster(io).await?;
+        let path = top.file().path.display();
         let mut written = false;
         match (fill, below) {
             (Fill::CopyUp, Some(i)) => {
@@ -241,35 +245,46 @@ impl Stack {
             }
             (Fill::Whole(data, buf_off), Some(_)) => {
                 // Until it is linked, readers still see the lower cluster.
-                let path = top.file().path.display();
                 let seg = Seg::Data { fd: top.file().fd(), file_off: offset, buf_off, len: self.copy_len(c) };
                 write_segs(io, &[seg], data).await.map_err(|e| Error::io(e, format_args!("{path}: writing a whole cluster")))?;
-                if !crate::mutant::off("copy-up-sync") {
-                    top.sync_data(io).await.map_err(|e| Error::io(e, format_args!("{path}: syncing a whole cluster")))?;
-                }
                 written = true;
             }
             // Nothing below: the fresh cluster's zeros are what the disk
             // showed, so the caller's write may race its BAT entry.
-            _ => {}
+            _ => {
+                shape.owner.set(c, shape.top_index());
+                top.link(c, offset);
+                return Ok((offset, true, false));
+            }
+        }
+        // The cluster now holds bytes the disk did not show before: data
+        // before index, through the link log or by a sync. The record is in
+        // the log before any request can find the link.
+        let logged = match top.defers_links() && shape.fold.is_none() {
+            true => top.log_link(io, c, offset).await,
+            false => None,
+        };
+        if logged.is_none() && !crate::mutant::off("copy-up-sync") {
+            top.sync_data(io).await.map_err(|e| Error::io(e, format_args!("{path}: syncing a copied cluster")))?;
         }
         // Owner first: a write that finds the link and completes must be
         // seen by every later read, which looks at the owner map first (an
         // owner naming the top before its entry exists resolves below).
         shape.owner.set(c, shape.top_index());
-        top.link(c, offset);
+        match logged {
+            Some(slot) => top.link_logged(c, offset, slot),
+            None => {
+                top.link(c, offset);
+            }
+        }
         Ok((offset, true, written))
     }
 
-    /// Copy one cluster's bytes up and make them durable (data before index).
+    /// Copy one cluster's bytes up (not synced: see `allocate`).
     async fn copy_up<I: Io>(&self, io: &I, src: &Layer, src_off: u64, top: &Layer, offset: u64, buf: &mut [u8]) -> Result<()> {
         let (from, to) = (src.file(), top.file());
         src.read_at(io, buf, src_off).await.map_err(|e| Error::io(e, format_args!("{}: copy-up read", from.path.display())))?;
-        io.write_at(to.fd(), buf, offset).await.map_err(|e| Error::io(e, format_args!("{}: copy-up write", to.path.display())))?;
-        if crate::mutant::off("copy-up-sync") {
-            return Ok(());
-        }
-        top.sync_data(io).await.map_err(|e| Error::io(e, format_args!("{}: copy-up sync", to.path.display())))
+        io.write_at(to.fd(), buf, offset).await.map_err(|e| Error::io(e, format_args!("{}: copy-up write", to.path.display())))
     }
 
     /// Bytes of cluster `c` inside the disk (the last one may be partial).

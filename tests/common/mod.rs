@@ -519,7 +519,7 @@ pub use ublk_ploop::{Stack, StackOptions};
 
 pub fn open_stack<P: AsRef<Path>>(paths: &[P], read_only: bool) -> Stack {
     let paths: Vec<PathBuf> = paths.iter().map(|p| p.as_ref().to_path_buf()).collect();
-    let (stack, _) = retry_busy(|| block_on(Stack::open(&SyncIo, &paths, &StackOptions { read_only, direct: Direct::Auto, offline: false })))
+    let (stack, _) = retry_busy(|| block_on(Stack::open(&SyncIo, &paths, &StackOptions { read_only, direct: Direct::Auto, offline: false, link_log: None })))
         .unwrap_or_else(|e| panic!("opening {paths:?}: {e}"));
     stack
 }

@@ -583,7 +583,7 @@ impl Chain {
 
     /// The restored disk's bytes.
     fn read(&self) -> Result<Vec<u8>, String> {
-        let opts = StackOptions { read_only: true, direct: Direct::Off, offline: false };
+        let opts = StackOptions { read_only: true, direct: Direct::Off, offline: false, link_log: None };
         let (stack, _) = block_on(Stack::open_layers(&self.io, &[LayerSpec::ploop(&self.image)], &opts)).map_err(|e| format!("opening the restored image: {e}"))?;
         let mut buf = vec![0u8; stack.size() as usize];
         block_on(stack.read(&self.io, 0, &mut buf)).map_err(|e| format!("reading the restored image: {e}"))?;
@@ -622,7 +622,7 @@ mod tests {
         src.create_dir_all(Path::new("/src")).unwrap();
         let path = Path::new("/src/disk.img");
         block_on(PloopLayer::create(&src, path, 64 * CLUSTER, CLUSTER)).unwrap();
-        let opts = StackOptions { read_only: false, direct: Direct::Off, offline: false };
+        let opts = StackOptions { read_only: false, direct: Direct::Off, offline: false, link_log: None };
         let (stack, _) = block_on(Stack::open_layers(&src, &[LayerSpec::ploop(path)], &opts)).unwrap();
         let mut rng = Rng::new(7);
         block_on(stack.write(&src, 0, &rng.bytes(20 * CLUSTER as usize))).unwrap();

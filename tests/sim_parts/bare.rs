@@ -41,7 +41,7 @@ impl Driver {
     pub fn bare_open(&mut self, paths: &[PathBuf]) -> Result<(), String> {
         let specs: Vec<LayerSpec> = paths.iter().map(LayerSpec::ploop).collect();
         let io = self.io.clone();
-        let opts = StackOptions { read_only: false, direct: Direct::Auto, offline: false };
+        let opts = StackOptions { read_only: false, direct: Direct::Auto, offline: false, link_log: None };
         let (stack, _) = self
             .block_on("open", async move { Stack::open_layers(&io, &specs, &opts).await })?
             .map_err(|e| format!("opening {paths:?}: {e}"))?;

@@ -133,8 +133,8 @@ fn discard_stale_deltas<I: Io>(io: &I, top: &Path, note: &mut dyn FnMut(&str)) {
 /// each cluster is written whole, with the same bytes.
 pub(super) async fn apply_delta<I: Io>(io: &I, delta: &Path, target: &[LayerSpec], direct: Direct, hooks: &mut Hooks<'_>) -> Result<u64> {
     check_clean(io, delta).await?;
-    let (src, _) = Stack::open_layers(io, &[LayerSpec::ploop(delta)], &StackOptions { read_only: true, direct, offline: false }).await?;
-    let (dst, _) = Stack::open_layers(io, target, &StackOptions { read_only: false, direct, offline: false }).await?;
+    let (src, _) = Stack::open_layers(io, &[LayerSpec::ploop(delta)], &StackOptions { read_only: true, direct, offline: false, link_log: None }).await?;
+    let (dst, _) = Stack::open_layers(io, target, &StackOptions { read_only: false, direct, offline: false, link_log: None }).await?;
     if let Err(e) = check_top_is_ours(io, &dst) {
         let _ = dst.close(io).await;
         return Err(e);

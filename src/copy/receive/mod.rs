@@ -445,12 +445,12 @@ impl Sink {
                 size / cluster
             )));
         }
-        let stack_opts = StackOptions { read_only: false, direct: opts.direct, offline: false };
+        let stack_opts = StackOptions { read_only: false, direct: opts.direct, offline: false, link_log: None };
         let (made, specs) = if opts.incremental {
             let target = target_chain(io, dest).await?;
             let top = &target.last().expect("a chain is never empty").path;
             // The delta takes the target's geometry, which must match.
-            let (probe, _) = Stack::open_layers(io, &target, &StackOptions { read_only: true, direct: opts.direct, offline: false }).await?;
+            let (probe, _) = Stack::open_layers(io, &target, &StackOptions { read_only: true, direct: opts.direct, offline: false, link_log: None }).await?;
             // Refused before the stream is read, not only at the apply.
             check_top_is_ours(io, &probe)?;
             if probe.size() != size || probe.cluster_size() != cluster {

@@ -122,6 +122,21 @@ impl CheckReport {
 /// as it is afterwards (the actions taken are listed in `repairs`).
 /// Refuses an image another process has open for writing.
 pub async fn check<I: Io>(io: &I, path: &Path, format: Format, repair: bool) -> Result<CheckReport> {
+    check_in(io, path, format, repair, None).await
+}
+
+/// The same; a repair first applies the link log a killed daemon left in
+/// `links` (an image still marked in use is opened read-write with it and
+/// closed), so that the copy-ups it acknowledged are not released as
+/// leaks. An image that does not open that way (damage) is repaired as
+/// it is, and its log dropped.
+pub async fn check_in<I: Io>(io: &I, path: &Path, format: Format, repair: bool, links: Option<&Path>) -> Result<CheckReport> {
+    if let (true, Format::Ploop, Some(dir)) = (repair, format, links) {
+        let file = crate::io::open_image_file_in(io, path, false, crate::io::Direct::Off)?;
+        if let Err(e) = crate::layers::clean_file_if_in_use(io, &file, crate::io::Direct::Auto, Some(dir)).await {
+            tracing::warn!(image = %path.display(), "not opened with its link log before the repair: {e}");
+        }
+    }
     let mut report = check_with(io, path, format, repair, true).await?;
     if repair && !(report.repairs.is_empty() && report.not_repaired.is_empty()) {
         let repairs = std::mem::take(&mut report.repairs);

@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::io::{join_all, AlignedBuf, Io};
 use crate::layers::ploop::header::HEADER_SIZE;
 
+use super::links::Link;
 use super::PloopLayer;
 
 /// A failed header/BAT write, with the clusters whose new entries were
@@ -47,6 +48,81 @@ impl PloopLayer {
         let generation = meta.published;
         meta.pending.push((generation, c, previous));
         generation
+    }
+
+    /// Whether copy-ups may be linked through the link log (see `links`).
+    pub fn defers_links(&self) -> bool {
+        self.links.is_some()
+    }
+
+    /// Record cluster `c`'s new entry (`offset`, a copy written but not
+    /// synced) in the link log; returns the record's slot for
+    /// `link_logged`. None without a log, or when the record could not be
+    /// written: then the caller syncs the copy and links it as usual.
+    pub async fn log_link<I: Io>(&self, io: &I, c: u64, offset: u64) -> Option<u32> {
+        let log = self.links.as_ref()?;
+        let link = Link { cluster: c, value: (offset / self.bat_unit) as u32 };
+        match log.append(io, link).await {
+            Ok(slot) => Some(slot),
+            Err(e) => {
+                tracing::warn!(log = %log.path.display(), "writing the link log failed ({e}); syncing the copy instead");
+                None
+            }
+        }
+    }
+
+    /// Point cluster `c` at `offset` in memory, its record in the link log
+    /// at `slot`: BAT writes leave the entry out until `settle` has synced
+    /// its copy. The cluster had no entry (the caller holds its claim).
+    pub fn link_logged(&self, c: u64, offset: u64, slot: u32) {
+        let value = (offset / self.bat_unit) as u32;
+        let mut meta = self.meta.lock().unwrap();
+        let previous = self.table.set(c, value);
+        debug_assert_eq!(previous, 0, "a logged link replaced an entry");
+        meta.unsynced.insert(c, slot);
+    }
+
+    /// Whether entries of the link log wait for a sync or a BAT write.
+    pub fn has_logged_links(&self) -> bool {
+        let meta = self.meta.lock().unwrap();
+        !meta.unsynced.is_empty() || !meta.settling.is_empty()
+    }
+
+    /// Make the logged links ordinary entries: sync their copies (each was
+    /// written before it was logged), let the BAT writes carry them, write
+    /// every dirty chunk, sync, and release their records. Returns whether
+    /// it ran, which is then a flush of everything completed before it.
+    pub async fn settle<I: Io>(&self, io: &I) -> Result<bool> {
+        let Some(log) = &self.links else { return Ok(false) };
+        let path = self.file.path.display();
+        let taken: Vec<u64> = self.meta.lock().unwrap().unsynced.keys().copied().collect();
+        if !taken.is_empty() {
+            if !crate::mutant::off("link-settle-sync") {
+                self.sync_data(io).await.map_err(|e| Error::io(e, format_args!("{path}: syncing copied clusters")))?;
+            }
+            let block = self.file.block_size as usize;
+            let mut meta = self.meta.lock().unwrap();
+            for c in taken {
+                // Another settle may have taken it meanwhile.
+                if let Some(slot) = meta.unsynced.remove(&c) {
+                    meta.settles += 1;
+                    let n = meta.settles;
+                    meta.settling.insert(n, slot);
+                    meta.dirty.insert((HEADER_SIZE + 4 * c as usize) / block);
+                }
+            }
+        }
+        let settling: Vec<u64> = self.meta.lock().unwrap().settling.keys().copied().collect();
+        if settling.is_empty() {
+            return Ok(false);
+        }
+        self.write_all_meta(io, true).await.map_err(|e| e.error)?;
+        let slots: Vec<u32> = {
+            let mut meta = self.meta.lock().unwrap();
+            settling.iter().filter_map(|n| meta.settling.remove(n)).collect()
+        };
+        log.release(&slots);
+        Ok(true)
     }
 
     /// The oldest generation that may still be unwritten: a request reads
@@ -129,6 +205,7 @@ impl PloopLayer {
                 .map(|i| {
                     let mut buf = AlignedBuf::zeroed(block);
                     self.table.bytes_at(&meta.head, &meta.tail, i * block, &mut buf);
+                    mask_unsynced(&meta.unsynced, i * block, &mut buf);
                     (i, buf)
                 })
                 .unzip();
@@ -185,6 +262,9 @@ impl PloopLayer {
     /// found linked durable before it drops their parent), and if it fails,
     /// the chunks it rolled back are dirty again and written here.
     pub async fn flush<I: Io>(&self, io: &I) -> Result<()> {
+        if self.settle(io).await? {
+            return Ok(());
+        }
         self.write_dirty_meta(io).await.map_err(|e| e.error)?;
         self.sync_data(io).await.map_err(|e| Error::io(e, format_args!("{}: flushing", self.file.path.display())))
     }
@@ -224,5 +304,19 @@ impl PloopLayer {
     }
     pub fn poison_syncs(&self) {
         self.syncs.poison()
+    }
+}
+
+/// Put the on-disk value (none) in place of every entry of `unsynced` that
+/// lies in the metadata block starting at byte `at`.
+fn mask_unsynced(unsynced: &std::collections::BTreeMap<u64, u32>, at: usize, buf: &mut [u8]) {
+    if unsynced.is_empty() || crate::mutant::off("link-mask") {
+        return;
+    }
+    let first = at.saturating_sub(HEADER_SIZE).div_ceil(4) as u64;
+    let end = (at + buf.len()).saturating_sub(HEADER_SIZE) / 4;
+    for &c in unsynced.range(first..end as u64).map(|(c, _)| c) {
+        let pos = HEADER_SIZE + 4 * c as usize - at;
+        buf[pos..pos + 4].fill(0);
     }
 }

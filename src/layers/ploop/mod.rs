@@ -21,12 +21,13 @@ pub mod check;
 pub mod compact;
 pub mod ext;
 pub mod header;
+pub mod links;
 pub mod load;
 mod meta;
 pub mod resize;
 pub mod table;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -51,6 +52,8 @@ pub struct PloopLayer {
     /// Dirty bitmaps a clean close left in the format extension, taken
     /// when the image opened read-write (the file no longer has them).
     saved_bitmaps: Mutex<Vec<ext::DirtyBitmap>>,
+    /// Where copy-ups are linked before they are synced (see `links`).
+    links: Option<links::LinkLog>,
 }
 
 /// The on-disk copy of header + BAT, the allocation cursor, and the state
@@ -85,6 +88,15 @@ struct Meta {
     /// chunk can never land after a newer one); others wait for it.
     writing: bool,
     write_waiters: WaitList,
+    /// Entries linked through the link log whose copies are not known
+    /// durable: cluster -> the record's slot. Every BAT write leaves them
+    /// out, so none reaches the disk before its data.
+    unsynced: BTreeMap<u64, u32>,
+    /// Logged entries whose copies were synced, written by the next BAT
+    /// write: (settle number -> slot); their records go once a sync
+    /// followed that write.
+    settling: BTreeMap<u64, u32>,
+    settles: u64,
 }
 
 /// What opening found out that a caller may want to report.
@@ -98,6 +110,12 @@ pub struct OpenReport {
     /// an unclean stop: allocations whose BAT entries never reached the
     /// disk, below others that did.
     pub released_leak: u64,
+    /// Copy-ups a killed session had linked through its link log, linked
+    /// in the image now.
+    pub relinked: u64,
+    /// Records of the link log that no longer fit the image (another tool
+    /// opened it meanwhile), dropped.
+    pub links_dropped: u64,
 }
 
 /// `BatScan::unreferenced_inside` as runs of (byte offset, length), so
@@ -111,6 +129,36 @@ fn leaked_inside(scan: &BatScan, data_off: u64, cluster: u64) -> Vec<(u64, u64)>
         }
     }
     runs
+}
+
+/// Link what a killed session's link log recorded, where the image still
+/// agrees: the cluster has no entry, and the offset is a data cluster
+/// inside the file that no entry uses. Returns the clusters linked.
+fn apply_links(table: &table::Table, scan: &mut BatScan, header: &Header, file_len: u64, found: &[links::Link]) -> Vec<u64> {
+    let (data_off, cluster, unit) = (header.data_off_bytes(), header.cluster_bytes(), header.bat_unit());
+    let mut applied = Vec::new();
+    for link in found {
+        let offset = link.value as u64 * unit;
+        if link.cluster >= table.entries() || table.get(link.cluster) != 0 {
+            continue;
+        }
+        if offset < data_off || (offset - data_off) % cluster != 0 || offset + cluster > file_len {
+            continue;
+        }
+        let slot = ((offset - data_off) / cluster) as usize;
+        if scan.used.get(slot).is_some_and(|b| *b) {
+            continue;
+        }
+        if slot >= scan.used.len() {
+            scan.used.resize(slot + 1, false);
+        }
+        scan.used.set(slot, true);
+        scan.allocated += 1;
+        scan.high_water = scan.high_water.max(offset + cluster);
+        table.set(link.cluster, link.value);
+        applied.push(link.cluster);
+    }
+    applied
 }
 
 /// Write zeros over `[from, to)`, a MiB at a time.
@@ -129,7 +177,9 @@ impl PloopLayer {
     /// Open an image. Damage to the BAT is refused (with a pointer to
     /// `check --repair`); an unclean previous close is tolerated, its
     /// leaked tail trimmed when writable.
-    pub async fn open<I: Io>(io: &I, mut file: ImageFile, direct: Direct, lock: bool) -> Result<(PloopLayer, OpenReport)> {
+    /// With `links` (a volatile directory), a writable image keeps a link
+    /// log there, and applies the one a killed session left first.
+    pub async fn open<I: Io>(io: &I, mut file: ImageFile, direct: Direct, lock: bool, links: Option<&Path>) -> Result<(PloopLayer, OpenReport)> {
         let path = file.path.display().to_string();
         let read = load::read_header(io, file.fd(), &path).await.map_err(|e| e.context(&path))?;
         let (mut header, mut head, file_len) = (read.header, read.head, read.file_len);
@@ -156,7 +206,7 @@ impl PloopLayer {
             }
         }
         let block = file.block_size as u64;
-        let load::TableRead { table, scan, tail } = load::load_table(io, file.fd(), &header, block, file_len, &path).await?;
+        let load::TableRead { table, mut scan, tail } = load::load_table(io, file.fd(), &header, block, file_len, &path).await?;
 
         if ![0, IN_USE, CLOSED].contains(&header.in_use) {
             // As `check` reports it: the format allows no other value.
@@ -167,7 +217,7 @@ impl PloopLayer {
         }
         let mut report = OpenReport { was_in_use: header.in_use == IN_USE, ..Default::default() };
         let mut leaks: Vec<(u64, u64)> = Vec::new();
-        let mut dirty = BTreeSet::new();
+        let mut dirty: BTreeSet<usize> = BTreeSet::new();
         let mut saved_bitmaps = Vec::new();
         if header.ext_off_sectors != 0 && file.writable {
             // As ploop does on a read-write mount: the bitmaps move into
@@ -203,6 +253,27 @@ impl PloopLayer {
             )));
         }
         let data_off = header.data_off_bytes();
+        let mut log = None;
+        if let (Some(dir), true) = (links, file.writable) {
+            let opened = links::LinkLog::open(io, dir, file.fd()).await;
+            let (l, found) = opened.map_err(|e| Error::io(e, format_args!("{path}: opening its link log in {}", dir.display())))?.unzip();
+            let found = found.unwrap_or_default();
+            if !found.is_empty() && !report.was_in_use {
+                // Closed cleanly since, by a tool without the log: what the
+                // image holds now is what it shows.
+                report.links_dropped = found.len() as u64;
+            } else {
+                let found = if crate::mutant::off("link-replay") { &[][..] } else { &found[..] };
+                let applied = apply_links(&table, &mut scan, &header, file_len, found);
+                report.relinked = applied.len() as u64;
+                report.links_dropped = (found.len() - applied.len()) as u64;
+                dirty.extend(applied.iter().map(|&c| (HEADER_SIZE as u64 + 4 * c) as usize / block as usize));
+            }
+            if report.links_dropped > 0 {
+                tracing::warn!(path, dropped = report.links_dropped, "link log records that no longer fit the image were dropped");
+            }
+            log = l;
+        }
         // Allocate past everything in the file, referenced or not: a leaked
         // cluster may hold garbage that a partial write must not expose.
         let mut next_free = data_off + file_len.saturating_sub(data_off).div_ceil(cluster) * cluster;
@@ -245,15 +316,28 @@ impl PloopLayer {
                 pending: vec![],
                 writing: false,
                 write_waiters: WaitList::default(),
+                unsynced: BTreeMap::new(),
+                settling: BTreeMap::new(),
+                settles: 0,
             }),
             // Through the page cache, a failed sync is remembered for good.
             syncs: SyncGroup::new(true),
             file,
             saved_bitmaps: Mutex::new(saved_bitmaps),
+            links: log,
         };
         if layer.file.writable {
+            if report.relinked > 0 {
+                // The copies a killed session wrote are in the page cache:
+                // durable before the entries that point at them.
+                layer.sync_data(io).await.map_err(|e| Error::io(e, format_args!("{path}: syncing relinked clusters")))?;
+            }
             // The in-use mark must be on disk before any data changes.
             layer.write_all_meta(io, true).await.map_err(|e| e.error.of_kind(crate::error::ErrorKind::WritebackFailed))?;
+            if let Some(log) = &layer.links {
+                // Every record is in the image now, or was dropped.
+                log.reset(io).await.map_err(|e| Error::io(e, format_args!("{path}: emptying its link log")))?;
+            }
             if report.trimmed_leak > 0 {
                 io.set_len(layer.file.fd(), next_free).await.map_err(|e| Error::io(e, &path))?;
             }
@@ -365,6 +449,7 @@ impl PloopLayer {
         if !self.file.writable {
             return Ok(());
         }
+        self.settle(io).await?;
         self.write_all_meta(io, false).await.map_err(|e| e.error)?;
         let path = self.file.path.display();
         self.sync_data(io).await.map_err(|e| Error::io(e, format_args!("{path}: flushing")))?;
@@ -385,7 +470,22 @@ impl PloopLayer {
                 Err(e) => tracing::warn!(path = %path, "{e}; closing without the changed-block record"),
             }
         }
-        self.set_in_use(io, CLOSED).await
+        self.set_in_use(io, CLOSED).await?;
+        if let Some(log) = &self.links {
+            // Its records are all in the image (a stale one would only be
+            // dropped with a warning by the next open).
+            if let Err(e) = log.reset(io).await {
+                tracing::warn!(log = %log.path.display(), "emptying the link log: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Remove the link log's file: the image is closed for good.
+    pub fn remove_link_log<I: Io>(&self, io: &I) {
+        if let Some(log) = &self.links {
+            let _ = io.remove_file(&log.path);
+        }
     }
 
     /// Set the in-use mark again on a top that stays writable after a

@@ -25,6 +25,8 @@ pub struct Config {
     pub depth: usize,
     pub dir_mode: DirMode,
     pub faults: FaultPlan,
+    /// The stack keeps a copy-up link log in a volatile directory.
+    pub links: bool,
 }
 
 /// One step of the workload. Serde so that a shrunk failure can be saved
@@ -137,7 +139,18 @@ fn config(seed: u64, rng: &mut Rng) -> Config {
             capacity_blocks: if rng.chance(15) { data_blocks + data_blocks / (1 + rng.below(4)) + 64 } else { u64::MAX },
         }
     };
-    Config { seed, cluster, size, queues, depth, dir_mode, faults }
+    Config { seed, cluster, size, queues, depth, dir_mode, faults, links: links_for(seed) }
+}
+
+/// Worlds with the copy-up link log: every other seed, or all (none) with
+/// `UBLK_PLOOP_SIM_LINKS=1` (`=0`). Not drawn: a seed's world and workload
+/// are the same either way.
+fn links_for(seed: u64) -> bool {
+    match std::env::var("UBLK_PLOOP_SIM_LINKS").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => seed % 2 == 0,
+    }
 }
 
 fn operations(cfg: &Config, rng: &mut Rng) -> Vec<WorkOp> {

@@ -1,0 +1,260 @@
+//! The link log (`layers::ploop::links`): copy-ups acknowledged before
+//! their sync, their entries kept out of the image until a flush, found
+//! again after a kill, gone after a power cut, refused where the image
+//! changed meanwhile.
+//!
+//! On the host a kill is a stack dropped without its close (the page cache
+//! keeps every write, as it does for a killed daemon), and a power cut
+//! after it is the log's file removed (a tmpfs is empty after a reboot).
+//! What a power cut takes from the image file itself is the simulation's
+//! part (tests/sim.rs runs worlds with the log).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{assert_ploop_clean, bat_entry, have_qemu, pattern, qemu_check_clean, retry_busy, TempDir};
+use ublk_ploop::io::{block_on, Direct, SyncIo};
+use ublk_ploop::layers::ploop::header::IN_USE;
+use ublk_ploop::layers::{OpenReport, PloopLayer};
+use ublk_ploop::{Stack, StackOptions};
+
+const K: u64 = 1024;
+const C: u64 = 64 * K;
+const CLUSTERS: u64 = 32;
+const SIZE: u64 = CLUSTERS * C;
+
+/// A directory on tmpfs for the log; the tests need one.
+fn volatile_dir() -> tempfile::TempDir {
+    let dir = tempfile::Builder::new().prefix("ublk-ploop-links-").tempdir_in("/dev/shm").expect("a directory in /dev/shm");
+    assert!(
+        ublk_ploop::io::Io::is_volatile_dir(&SyncIo, dir.path()).unwrap(),
+        "/dev/shm is not a tmpfs here: the link log tests need one"
+    );
+    dir
+}
+
+fn opts(links: Option<&Path>) -> StackOptions {
+    StackOptions { read_only: false, direct: Direct::Auto, offline: false, link_log: links.map(Path::to_path_buf) }
+}
+
+fn open(paths: &[PathBuf], links: Option<&Path>) -> (Stack, Vec<OpenReport>) {
+    retry_busy(|| block_on(Stack::open(&SyncIo, paths, &opts(links)))).unwrap_or_else(|e| panic!("opening {paths:?}: {e}"))
+}
+
+/// A base written in its first `CLUSTERS - 8` clusters (the last eight are
+/// holes, so writes there allocate fresh clusters with ordinary entries),
+/// and an empty top over it. Returns the paths and the disk's bytes.
+fn base_and_top(dir: &TempDir) -> (Vec<PathBuf>, Vec<u8>) {
+    let (base, top) = (dir.join("base.hds"), dir.join("top.hds"));
+    block_on(PloopLayer::create(&SyncIo, &base, SIZE, C)).unwrap();
+    let mut model = vec![0u8; SIZE as usize];
+    let written = ((CLUSTERS - 8) * C) as usize;
+    model[..written].copy_from_slice(&pattern(1, written));
+    let (stack, _) = open(std::slice::from_ref(&base), None);
+    block_on(stack.write(&SyncIo, 0, &model[..written])).unwrap();
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    block_on(PloopLayer::create(&SyncIo, &top, SIZE, C)).unwrap();
+    (vec![base, top], model)
+}
+
+/// 4 KiB writes into clusters `cs` (copy-ups over the base), applied to
+/// `model` too.
+fn write_into(stack: &Stack, model: &mut [u8], cs: &[u64], seed: u64) {
+    for &c in cs {
+        let at = c * C + 8 * K;
+        let data = pattern(seed * 1000 + c, 4096);
+        block_on(stack.write(&SyncIo, at, &data)).unwrap();
+        model[at as usize..at as usize + 4096].copy_from_slice(&data);
+    }
+}
+
+fn disk(stack: &Stack) -> Vec<u8> {
+    let mut buf = vec![0u8; SIZE as usize];
+    block_on(stack.read(&SyncIo, 0, &mut buf)).unwrap();
+    buf
+}
+
+fn assert_disk(stack: &Stack, model: &[u8], ctx: &str) {
+    let got = disk(stack);
+    if let Some(at) = got.iter().zip(model).position(|(a, b)| a != b) {
+        panic!("{ctx}: the disk differs at byte {at} (cluster {})", at as u64 / C);
+    }
+}
+
+/// The log files in `dir`, with their lengths.
+fn logs(dir: &Path) -> Vec<(PathBuf, u64)> {
+    std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).map(|p| (p.clone(), std::fs::metadata(&p).unwrap().len())).collect()
+}
+
+const COPIED: [u64; 4] = [1, 2, 9, 17];
+
+#[test]
+fn copy_ups_stay_out_of_the_image_until_a_flush() {
+    let dir = TempDir::new("links-mask");
+    let links = volatile_dir();
+    let (paths, mut model) = base_and_top(&dir);
+    let (stack, _) = open(&paths, Some(links.path()));
+    write_into(&stack, &mut model, &COPIED, 1);
+    // A fresh cluster in the same BAT block: its entry is written at once,
+    // with the block around it.
+    write_into(&stack, &mut model, &[CLUSTERS - 2], 1);
+    let top = &paths[1];
+    assert_ne!(bat_entry(top, CLUSTERS - 2), 0, "an ordinary entry is written before its write completes");
+    for c in COPIED {
+        assert_eq!(bat_entry(top, c), 0, "cluster {c}: a logged link reached the image before a flush");
+    }
+    let records = logs(links.path());
+    assert_eq!(records.len(), 1, "one log for the top: {records:?}");
+    assert_eq!(records[0].1, COPIED.len() as u64 * 32, "a record per copy-up");
+    assert_disk(&stack, &model, "before the flush");
+    block_on(stack.flush(&SyncIo)).unwrap();
+    for c in COPIED {
+        assert_ne!(bat_entry(top, c), 0, "cluster {c}: a flush writes the logged entries");
+    }
+    assert_disk(&stack, &model, "after the flush");
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    assert!(logs(links.path()).is_empty(), "a closed stack leaves no log");
+    assert_ploop_clean(top, "closed");
+}
+
+#[test]
+fn a_kill_keeps_every_acknowledged_copy_up() {
+    let dir = TempDir::new("links-kill");
+    let links = volatile_dir();
+    let (paths, mut model) = base_and_top(&dir);
+    let (stack, _) = open(&paths, Some(links.path()));
+    write_into(&stack, &mut model, &COPIED[..2], 1);
+    block_on(stack.flush(&SyncIo)).unwrap();
+    write_into(&stack, &mut model, &COPIED[2..], 1);
+    // Over a logged cluster again, and a fresh one.
+    write_into(&stack, &mut model, &[COPIED[3], CLUSTERS - 1], 2);
+    drop(stack);
+    let top = &paths[1];
+    assert_eq!(common::in_use_mark(top), IN_USE);
+    assert_eq!(bat_entry(top, COPIED[3]), 0, "not in the image before the restart");
+
+    let (stack, reports) = open(&paths, Some(links.path()));
+    assert_eq!(reports[1].relinked, 2, "{:?}", reports[1]);
+    assert_eq!(reports[1].links_dropped, 0);
+    assert_disk(&stack, &model, "after the kill");
+    for c in COPIED {
+        assert_ne!(bat_entry(top, c), 0, "cluster {c}: linked in the image by the open");
+    }
+    assert_eq!(logs(links.path())[0].1, 0, "the open emptied the log");
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    assert_ploop_clean(top, "after the restart");
+    if have_qemu() {
+        qemu_check_clean(top);
+    }
+    // Twice killed: the second open finds nothing left to link.
+    let (stack, reports) = open(&paths, Some(links.path()));
+    assert_eq!(reports[1].relinked, 0);
+    assert_disk(&stack, &model, "reopened");
+}
+
+#[test]
+fn a_power_cut_after_a_kill_shows_the_last_flush() {
+    let dir = TempDir::new("links-cut");
+    let links = volatile_dir();
+    let (paths, mut model) = base_and_top(&dir);
+    let (stack, _) = open(&paths, Some(links.path()));
+    write_into(&stack, &mut model, &COPIED[..2], 1);
+    block_on(stack.flush(&SyncIo)).unwrap();
+    let flushed = model.clone();
+    write_into(&stack, &mut model, &COPIED[2..], 1);
+    drop(stack);
+    for (log, _) in logs(links.path()) {
+        std::fs::remove_file(log).unwrap();
+    }
+    let (stack, reports) = open(&paths, Some(links.path()));
+    assert_eq!(reports[1].relinked, 0);
+    assert_disk(&stack, &flushed, "the unflushed copy-ups are gone, the flushed ones stay");
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    assert_ploop_clean(&paths[1], "after the cut");
+}
+
+#[test]
+fn a_log_is_dropped_where_another_opening_closed_the_image_since() {
+    let dir = TempDir::new("links-foreign");
+    let links = volatile_dir();
+    let (paths, model) = base_and_top(&dir);
+    let mut shown = model.clone();
+    let (stack, _) = open(&paths, Some(links.path()));
+    write_into(&stack, &mut shown, &COPIED, 1);
+    drop(stack);
+    // An opening without the log (an offline tool): it releases the
+    // clusters nothing points at and closes the image clean.
+    let (stack, _) = open(&paths, None);
+    assert_disk(&stack, &model, "without the log the copy-ups are not there");
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    let (stack, reports) = open(&paths, Some(links.path()));
+    assert_eq!((reports[1].relinked, reports[1].links_dropped), (0, COPIED.len() as u64), "{:?}", reports[1]);
+    assert_disk(&stack, &model, "the stale records are not applied");
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    assert_ploop_clean(&paths[1], "after the stale log");
+}
+
+#[test]
+fn a_record_whose_cluster_is_used_otherwise_is_dropped() {
+    let dir = TempDir::new("links-used");
+    let links = volatile_dir();
+    let (paths, mut model) = base_and_top(&dir);
+    let (stack, _) = open(&paths, Some(links.path()));
+    write_into(&stack, &mut model, &COPIED[..1], 1);
+    drop(stack);
+    // Another tool (killed too) linked the same cluster of the file to
+    // another disk cluster meanwhile.
+    let top = &paths[1];
+    let record = std::fs::read(&logs(links.path())[0].0).unwrap();
+    let value = u32::from_le_bytes(record[16..20].try_into().unwrap());
+    common::set_bat_entry(top, 30, value);
+    let (stack, reports) = open(&paths, Some(links.path()));
+    assert_eq!((reports[1].relinked, reports[1].links_dropped), (0, 1), "{:?}", reports[1]);
+    drop(stack);
+}
+
+#[test]
+fn no_log_where_the_directory_outlives_the_power() {
+    let dir = TempDir::new("links-disk");
+    let not_volatile = TempDir::new("links-not-volatile");
+    let (paths, mut model) = base_and_top(&dir);
+    let (stack, _) = open(&paths, Some(not_volatile.path()));
+    write_into(&stack, &mut model, &COPIED, 1);
+    for c in COPIED {
+        assert_ne!(bat_entry(&paths[1], c), 0, "cluster {c}: synced and linked as without a log");
+    }
+    assert!(logs(not_volatile.path()).is_empty());
+    drop(stack);
+    let (stack, _) = open(&paths, Some(not_volatile.path()));
+    assert_disk(&stack, &model, "after a kill");
+}
+
+#[test]
+fn a_snapshot_and_a_merge_settle_the_log_first() {
+    let dir = TempDir::new("links-snap");
+    let links = volatile_dir();
+    let (paths, mut model) = base_and_top(&dir);
+    let (stack, _) = open(&paths, Some(links.path()));
+    write_into(&stack, &mut model, &COPIED, 1);
+    let top2 = dir.join("top2.hds");
+    block_on(stack.push_layer(&SyncIo, &top2)).unwrap();
+    for c in COPIED {
+        assert_ne!(bat_entry(&paths[1], c), 0, "cluster {c}: the frozen layer holds its entries");
+    }
+    // Copy-ups into the new top, logged in its own log; then the merge of
+    // its parent into it copies the rest up and flushes.
+    write_into(&stack, &mut model, &[3, 4], 2);
+    block_on(stack.merge_parent_into_top(&SyncIo, 4, &|_, _| {})).unwrap();
+    assert_ne!(bat_entry(&top2, 3), 0);
+    drop(stack);
+    let all = vec![paths[0].clone(), paths[1].clone(), top2.clone()];
+    let (stack, _) = open(&all, Some(links.path()));
+    assert_disk(&stack, &model, "after the merge and a kill");
+}
