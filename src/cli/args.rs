@@ -521,6 +521,12 @@ pub struct DeviceArgs {
     /// knows (mq-deadline, kyber, bfq), or `kernel` for the kernel's choice.
     #[arg(long, default_value = crate::ublk_control::DEFAULT_IO_SCHEDULER, value_parser = crate::ublk_control::parse_io_scheduler)]
     pub io_scheduler: String,
+    /// Acknowledge a first write into a snapshot's cluster before its copy
+    /// is synced: the link is kept in a log on tmpfs until the next flush,
+    /// so a killed daemon's successor finds it and a power cut loses only
+    /// what was not flushed.
+    #[arg(long)]
+    pub link_log: bool,
     #[command(flatten)]
     pub io: DirectArg,
 }

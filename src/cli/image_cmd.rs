@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use ublk_ploop::layers::ploop::check::{check, CheckReport, Verdict};
+use ublk_ploop::layers::ploop::check::{check_in, CheckReport, Verdict};
 use ublk_ploop::convert::{convert, ConvertOptions};
 use ublk_ploop::disk::resolve::{self, Named};
 use ublk_ploop::disk::{Disk, Place};
@@ -144,7 +144,8 @@ fn check_cmd(image: PathBuf, repair: bool, format: FormatArg, json: bool) -> Res
         if repair && !writable {
             eprintln!("{}: a shared delta or a QCOW2 image: checked, not repaired", path.display());
         }
-        reports.push(block_on(check(&SyncIo, path, *format, repair && writable))?);
+        let links = crate::daemon::config::link_dir_if_present();
+        reports.push(block_on(check_in(&SyncIo, path, *format, repair && writable, links.as_deref()))?);
     }
     let problems = match &disk {
         Some(d) => disk_size_problems(d, &reports.iter().map(|r| (r.path.clone(), known_size(r))).collect::<Vec<_>>()),

@@ -45,6 +45,35 @@ pub struct DeviceConfig {
     /// The device's stable name: `/dev/ublk-ploop/NAME` while it serves.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// Acknowledge copy-ups before their sync, through a link log in
+    /// `LINK_DIR` (see `layers::ploop::links`).
+    #[serde(default)]
+    pub link_log: bool,
+}
+
+/// Where link logs live: tmpfs, so a power cut empties it and a killed
+/// daemon's successor finds its log.
+pub const LINK_DIR: &str = "/run/ublk-ploop/links";
+
+/// The link log directory, when one exists that this user may use:
+/// offline tools and repairs apply a log a killed daemon left before they
+/// change an image.
+pub fn link_dir_if_present() -> Option<PathBuf> {
+    let dir = PathBuf::from(LINK_DIR);
+    let usable = nix::unistd::access(&dir, nix::unistd::AccessFlags::R_OK | nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK);
+    (dir.is_dir() && usable.is_ok()).then_some(dir)
+}
+
+/// Make the link log directory (root's only) and refuse one that a power
+/// cut would not empty: a log there would outlive the copies it links.
+pub fn link_dir() -> Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = PathBuf::from(LINK_DIR);
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(|e| Error::io(e, dir.display()))?;
+    if !ublk_ploop::io::Io::is_volatile_dir(&SyncIo, &dir).map_err(|e| Error::io(e, dir.display()))? {
+        return Err(Error::invalid(format!("{}: not on tmpfs, so it cannot hold link logs (serve without --link-log)", dir.display())));
+    }
+    Ok(dir)
 }
 
 impl DeviceConfig {
@@ -126,6 +155,9 @@ pub struct FileConfig {
     /// The device's stable name, `/dev/ublk-ploop/NAME` (default: the
     /// config file's name without `.toml`, the systemd unit's instance).
     pub name: Option<String>,
+    /// Copy-ups acknowledged before their sync, with a link log on tmpfs.
+    #[serde(default)]
+    pub link_log: bool,
 }
 
 pub const DEFAULT_QUEUES: u16 = 1;
@@ -176,6 +208,7 @@ pub fn load(path: &Path) -> Result<(DeviceConfig, Option<u32>)> {
             Some(n) => n,
             None => path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string(),
         }),
+        link_log: file.link_log,
     };
     if let Some(n) = &config.name {
         crate::daemon::devlink::validate(n).map_err(|e| bad(format!("name: {e}")))?;

@@ -44,7 +44,11 @@ pub fn start(config: DeviceConfig, mode: Mode, foreground: bool) -> Result<i32> 
     }
     process::ignore_sigpipe();
     // Open the images before forking so that bad input fails right here.
-    let opts = StackOptions { read_only: config.read_only, direct: config.direct, offline: false, link_log: None };
+    let link_log = match config.link_log && !config.read_only {
+        true => Some(config::link_dir()?),
+        false => None,
+    };
+    let opts = StackOptions { read_only: config.read_only, direct: config.direct, offline: false, link_log };
     let layers = config.layers()?;
     let (stack, reports) = block_on(Stack::open_layers(&SyncIo, &layers, &opts))?;
     if let (Some(dir), false) = (&config.disk, config.read_only) {
@@ -58,6 +62,9 @@ pub fn start(config: DeviceConfig, mode: Mode, foreground: bool) -> Result<i32> 
     for (spec, r) in layers.iter().zip(&reports) {
         if r.was_in_use {
             tracing::warn!(image = %spec.path.display(), trimmed = r.trimmed_leak, "image was not closed cleanly; checked, no damage");
+        }
+        if r.relinked > 0 {
+            tracing::warn!(image = %spec.path.display(), copy_ups = r.relinked, "linked again the copy-ups a killed daemon's link log held");
         }
     }
     if foreground {

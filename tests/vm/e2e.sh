@@ -11,7 +11,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 BIN=${UBLK_PLOOP_BIN:-$repo/target/release/ublk-ploop}
 SCRATCH=${UBLK_PLOOP_SCRATCH:?run this inside the VM: tests/vm/run tests/vm/e2e.sh}
-ALL="data_path basic_fs fio_verify stack_layers control_socket kill_recover read_only serve_config snapshots merge_kill merge_steps track_copy mounts_frozen full_disk io_errors resize compact clones qcow2_base old_cli"
+ALL="data_path basic_fs fio_verify stack_layers control_socket kill_recover kill_recover_links read_only serve_config snapshots merge_kill merge_steps track_copy mounts_frozen full_disk io_errors resize compact clones qcow2_base old_cli"
 
 log() { echo "e2e[${SCENARIO:-main}]: $*"; }
 die() { log "FAIL: $*"; exit 1; }
@@ -234,6 +234,46 @@ scenario_kill_recover() {
 	"$BIN" del -n "$id"
 	"$BIN" check "$img"
 	qemu_check "$img"
+}
+
+# --link-log: a first write into a snapshot's cluster is acknowledged
+# before its copy is synced, the link kept in a log on tmpfs until a flush.
+# A kill -9 while fio writes into fresh clusters of a top over a full base
+# (every write copies a cluster up, and fio never flushes): the recovered
+# daemon links the copies again from the log, and every block verifies.
+scenario_kill_recover_links() {
+	local base=$SCRATCH/links-base.hdd top=$SCRATCH/links-top.hdd links=/run/ublk-ploop/links
+	"$BIN" create "$base" --size 256M
+	dev=$("$BIN" add --image "$base"); wait_dev "$dev"
+	dd if=/dev/urandom of="$dev" bs=1M count=256 oflag=direct status=none
+	"$BIN" del -n "$(dev_id "$dev")"
+	"$BIN" create "$top" --size 256M
+	dev=$("$BIN" add --image "$base" --image "$top" --queues 2 --depth 32 --link-log); wait_dev "$dev"
+	id=$(dev_id "$dev")
+	# Paced, so that the kill lands while writes are in flight and after
+	# some were acknowledged.
+	fio --name=links --filename="$dev" --ioengine=io_uring --direct=1 --rw=randwrite --bs=16k \
+		--iodepth=16 --size=64M --rate_iops=1000 --verify=crc32c --do_verify=0 --randrepeat=1 --randseed=7 --verify_state_save=0 \
+		--output="$SCRATCH/fio-links.out" &
+	fio_pid=$!
+	sleep 2
+	local records
+	records=$(find "$links" -name '*.links' -size +0 | wc -l)
+	[ "$records" -eq 1 ] || { ls -la "$links"; die "expected the top's link log with records, found $records"; }
+	pid=$(daemon_pid "$id")
+	log "killing daemon $pid while fio copies clusters up"
+	kill -9 "$pid"
+	sleep 1
+	kill -0 "$fio_pid" 2>/dev/null || die "fio finished before the kill: the scenario must kill mid-write"
+	"$BIN" recover -n "$id"
+	wait "$fio_pid" || { cat "$SCRATCH/fio-links.out"; die "fio write phase failed across recovery"; }
+	fio --name=links --filename="$dev" --ioengine=io_uring --direct=1 --rw=randwrite --bs=16k \
+		--iodepth=16 --size=64M --verify=crc32c --verify_only=1 --verify_fatal=1 --randrepeat=1 --randseed=7 --verify_state_save=0 \
+		--output="$SCRATCH/fio-links-verify.out" || { cat "$SCRATCH/fio-links-verify.out"; die "fio verify after recovery"; }
+	"$BIN" del -n "$id"
+	[ -z "$(ls -A "$links")" ] || { ls -la "$links"; die "a link log outlived its device"; }
+	"$BIN" check "$top"
+	qemu_check "$top"
 }
 
 scenario_read_only() {
