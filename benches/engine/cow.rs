@@ -7,6 +7,10 @@
 //! with a flush after every 32 writes on both sides, so that durability is
 //! equal there; the engine keeps its stronger guarantees without flushes
 //! (an acknowledged write survives a kill -9), so that row is a report.
+//!
+//! The engine runs twice per turn: syncing each copy-up before its entry
+//! (the default), and with a link log on tmpfs (`StackOptions::link_log`),
+//! which defers that sync to the next flush.
 
 use std::fs;
 use std::process::Command;
@@ -16,7 +20,7 @@ use ublk_ploop::io::{block_on, for_each_in_flight, AlignedBuf, SyncIo};
 use ublk_ploop::layers::PloopLayer;
 
 use crate::baselines::{bench_secs, Qemu};
-use crate::drive::{new_ring, open_stack};
+use crate::drive::{new_ring, open_stack_linked};
 use crate::measure::{cpu_secs, median, Run};
 use crate::scratch::{Cfg, PLOOP, RAW};
 use crate::{Res, CLUSTER, K4};
@@ -29,6 +33,8 @@ pub const FLUSH_EVERY: usize = 32;
 /// One shape of copy-on-write writes.
 pub struct CowShape {
     pub key: &'static str,
+    /// The key of the engine-with-link-log row.
+    pub logged_key: &'static str,
     pub what: &'static str,
     pub bs: usize,
     pub depth: usize,
@@ -36,12 +42,12 @@ pub struct CowShape {
 }
 
 pub const SHAPES: [CowShape; 6] = [
-    CowShape { key: "cow_4k_qd1_noflush", what: "4k QD1, no flush", bs: K4, depth: 1, flush_every: None },
-    CowShape { key: "cow_4k_qd1_flush32", what: "4k QD1, flush / 32", bs: K4, depth: 1, flush_every: Some(FLUSH_EVERY) },
-    CowShape { key: "cow_4k_qd32_noflush", what: "4k QD32, no flush", bs: K4, depth: 32, flush_every: None },
-    CowShape { key: "cow_4k_qd32_flush32", what: "4k QD32, flush / 32", bs: K4, depth: 32, flush_every: Some(FLUSH_EVERY) },
-    CowShape { key: "cow_1m_qd4_noflush", what: "1M QD4, no flush", bs: CLUSTER as usize, depth: 4, flush_every: None },
-    CowShape { key: "cow_1m_qd4_flush32", what: "1M QD4, flush / 32", bs: CLUSTER as usize, depth: 4, flush_every: Some(FLUSH_EVERY) },
+    CowShape { key: "cow_4k_qd1_noflush", logged_key: "cow_4k_qd1_noflush_link_log", what: "4k QD1, no flush", bs: K4, depth: 1, flush_every: None },
+    CowShape { key: "cow_4k_qd1_flush32", logged_key: "cow_4k_qd1_flush32_link_log", what: "4k QD1, flush / 32", bs: K4, depth: 1, flush_every: Some(FLUSH_EVERY) },
+    CowShape { key: "cow_4k_qd32_noflush", logged_key: "cow_4k_qd32_noflush_link_log", what: "4k QD32, no flush", bs: K4, depth: 32, flush_every: None },
+    CowShape { key: "cow_4k_qd32_flush32", logged_key: "cow_4k_qd32_flush32_link_log", what: "4k QD32, flush / 32", bs: K4, depth: 32, flush_every: Some(FLUSH_EVERY) },
+    CowShape { key: "cow_1m_qd4_noflush", logged_key: "cow_1m_qd4_noflush_link_log", what: "1M QD4, no flush", bs: CLUSTER as usize, depth: 4, flush_every: None },
+    CowShape { key: "cow_1m_qd4_flush32", logged_key: "cow_1m_qd4_flush32_link_log", what: "1M QD4, flush / 32", bs: CLUSTER as usize, depth: 4, flush_every: Some(FLUSH_EVERY) },
 ];
 
 /// What one shape measured: both sides summed over the turns, and the
@@ -54,19 +60,43 @@ pub struct CowRow {
     pub qemu: Option<Run>,
     /// engine/qemu writes per second, one per turn.
     pub turn_ratios: Vec<f64>,
+    /// The engine with a link log (None where no tmpfs was found).
+    pub logged: Option<Run>,
+    pub logged_ratios: Vec<f64>,
 }
 
 impl CowRow {
     /// The median of the turns' ratios (None without a qemu column).
     pub fn ratio(&self) -> Option<f64> {
-        (!self.turn_ratios.is_empty()).then(|| median(self.turn_ratios.clone()))
+        median_of(&self.turn_ratios)
     }
     /// The lowest and highest turn ratio.
     pub fn spread(&self) -> Option<(f64, f64)> {
-        let lo = self.turn_ratios.iter().copied().reduce(f64::min)?;
-        let hi = self.turn_ratios.iter().copied().reduce(f64::max)?;
-        Some((lo, hi))
+        spread_of(&self.turn_ratios)
     }
+    /// The same for the engine with a link log.
+    pub fn logged_ratio(&self) -> Option<f64> {
+        median_of(&self.logged_ratios)
+    }
+    pub fn logged_spread(&self) -> Option<(f64, f64)> {
+        spread_of(&self.logged_ratios)
+    }
+}
+
+fn median_of(ratios: &[f64]) -> Option<f64> {
+    (!ratios.is_empty()).then(|| median(ratios.to_vec()))
+}
+
+fn spread_of(ratios: &[f64]) -> Option<(f64, f64)> {
+    let lo = ratios.iter().copied().reduce(f64::min)?;
+    let hi = ratios.iter().copied().reduce(f64::max)?;
+    Some((lo, hi))
+}
+
+/// A tmpfs directory for the link log, removed when dropped.
+fn link_dir() -> Option<tempfile::TempDir> {
+    let dir = tempfile::Builder::new().prefix("ublk-ploop-bench-links-").tempdir_in("/dev/shm").ok()?;
+    ublk_ploop::io::Io::is_volatile_dir(&SyncIo, dir.path()).ok()?.then_some(dir)
 }
 
 /// Turns per shape (each runs both sides once), or
@@ -86,11 +116,11 @@ fn writes(cfg: &Cfg) -> u64 {
 /// the start of each cluster in ascending order, `depth` in flight, a flush
 /// after every `flush_every` (the writes before it completed first, as
 /// qemu-img bench drains before its flush).
-fn engine_cow(cfg: &Cfg, s: &CowShape) -> Res<Run> {
+fn engine_cow(cfg: &Cfg, s: &CowShape, links: Option<&std::path::Path>) -> Res<Run> {
     let top = cfg.path(COW_TOP);
     let _ = fs::remove_file(&top);
     block_on(PloopLayer::create(&SyncIo, &top, cfg.size, CLUSTER)).map_err(|e| format!("creating the top: {e}"))?;
-    let stack = open_stack(&[cfg.path(PLOOP), top.clone()], false)?;
+    let stack = open_stack_linked(&[cfg.path(PLOOP), top.clone()], false, links)?;
     let ring = new_ring()?;
     let io = ring.io();
     let count = writes(cfg);
@@ -154,35 +184,54 @@ fn qemu_cow(cfg: &Cfg, q: &Qemu, s: &CowShape) -> Res<Run> {
     Ok(Run { ios: count, bytes: count * s.bs as u64, secs, rounds: 1, ..Default::default() })
 }
 
-/// Every shape, engine and qemu side by side in each turn; who goes first
-/// alternates, so a drift of the disk's rate within a turn favours neither.
+/// Every shape, the engine (synced and logged) and qemu side by side in
+/// each turn; who goes first rotates, so a drift of the disk's rate
+/// within a turn favours none.
 pub fn cow_rows(cfg: &Cfg, q: &Qemu, have_qemu: bool) -> Res<Vec<CowRow>> {
+    let links = link_dir();
+    if links.is_none() {
+        eprintln!("bench: no tmpfs for a link log; the cow rows have no logged column");
+    }
+    let mut have_qemu = have_qemu;
     let mut rows = Vec::new();
     for s in &SHAPES {
-        let (mut engine, mut qemu) = (Run::default(), have_qemu.then(Run::default));
-        let mut turn_ratios = Vec::new();
+        let (mut engine, mut logged, mut qemu) = (Run::default(), Run::default(), Run::default());
+        let (mut turn_ratios, mut logged_ratios) = (Vec::new(), Vec::new());
         for turn in 0..turns() {
-            let first = if turn % 2 == 0 { Some(engine_cow(cfg, s)?) } else { None };
-            let theirs = match qemu.as_ref().map(|_| qemu_cow(cfg, q, s)) {
-                Some(Ok(r)) => Some(r),
-                Some(Err(e)) => {
-                    eprintln!("bench: {e}; the cow rows have no qemu column");
-                    (qemu, turn_ratios) = (None, Vec::new());
-                    None
+            let (mut mine, mut with_log, mut theirs) = (None, None, None);
+            for side in (0..3).map(|i| (i + turn) % 3) {
+                match side {
+                    0 => mine = Some(engine_cow(cfg, s, None)?),
+                    1 => with_log = links.as_ref().map(|d| engine_cow(cfg, s, Some(d.path()))).transpose()?,
+                    _ if have_qemu => match qemu_cow(cfg, q, s) {
+                        Ok(r) => theirs = Some(r),
+                        Err(e) => {
+                            eprintln!("bench: {e}; the cow rows have no qemu column");
+                            have_qemu = false;
+                        }
+                    },
+                    _ => {}
                 }
-                None => None,
-            };
-            let mine = match first {
-                Some(e) => e,
-                None => engine_cow(cfg, s)?,
-            };
-            if let (Some(r), Some(sum)) = (theirs, qemu.as_mut()) {
+            }
+            let mine = mine.expect("every turn runs the engine");
+            if let Some(r) = &theirs {
                 turn_ratios.push(mine.iops() / r.iops().max(1e-9));
-                sum.add(&r);
+                if let Some(l) = &with_log {
+                    logged_ratios.push(l.iops() / r.iops().max(1e-9));
+                }
+                qemu.add(r);
+            }
+            if let Some(l) = &with_log {
+                logged.add(l);
             }
             engine.add(&mine);
         }
-        rows.push(CowRow { shape: s, engine, qemu, turn_ratios });
+        if !have_qemu {
+            (turn_ratios, logged_ratios) = (Vec::new(), Vec::new());
+        }
+        let qemu = have_qemu.then_some(qemu);
+        let logged = links.is_some().then_some(logged);
+        rows.push(CowRow { shape: s, engine, qemu, turn_ratios, logged, logged_ratios });
     }
     Ok(rows)
 }

@@ -32,9 +32,13 @@ pub fn gen_data(buf: &mut [u8], off: u64) {
 }
 
 pub fn open_stack(paths: &[PathBuf], read_only: bool) -> Res<Stack> {
-    block_on(Stack::open(&SyncIo, paths, &StackOptions { read_only, direct: Direct::Auto, offline: false, link_log: None }))
-        .map(|(s, _)| s)
-        .map_err(|e| format!("opening stack: {e}"))
+    open_stack_linked(paths, read_only, None)
+}
+
+/// The same, keeping the top's copy-up link log in `links`.
+pub fn open_stack_linked(paths: &[PathBuf], read_only: bool, links: Option<&std::path::Path>) -> Res<Stack> {
+    let opts = StackOptions { read_only, direct: Direct::Auto, offline: false, link_log: links.map(|p| p.to_path_buf()) };
+    block_on(Stack::open(&SyncIo, paths, &opts)).map(|(s, _)| s).map_err(|e| format!("opening stack: {e}"))
 }
 
 pub fn new_ring() -> Res<OwnRing> {

@@ -283,18 +283,21 @@ impl Report<'_> {
             crate::cow::FLUSH_EVERY,
             crate::cow::FLUSH_EVERY
         );
+        let ratio = |m: Option<f64>, s: Option<(f64, f64)>| match (m, s) {
+            (Some(m), Some((lo, hi))) => format!("{m:.2} ({lo:.2}-{hi:.2})"),
+            _ => "-".into(),
+        };
         for r in cow {
             let q = r.qemu.as_ref().filter(|q| q.secs > 0.0);
             let _ = writeln!(
                 out,
-                "  {:<22} engine {:>7} writes/s   qemu qcow2 {:>7} writes/s   engine/qemu {}",
+                "  {:<20} engine {:>6} w/s, with link log {:>6} w/s   qemu qcow2 {:>6} w/s   engine/qemu {}, with link log {}",
                 r.shape.what,
                 fmt_iops(r.engine.iops()),
+                r.logged.as_ref().map(|l| fmt_iops(l.iops())).unwrap_or_else(|| "-".into()),
                 q.map(|q| fmt_iops(q.iops())).unwrap_or_else(|| "-".into()),
-                match (r.ratio(), r.spread()) {
-                    (Some(m), Some((lo, hi))) => format!("{m:.2} ({lo:.2}-{hi:.2}, {} turns)", r.turn_ratios.len()),
-                    _ => "-".into(),
-                }
+                ratio(r.ratio(), r.spread()),
+                ratio(r.logged_ratio(), r.logged_spread()),
             );
         }
     }
@@ -484,6 +487,12 @@ impl Report<'_> {
                 r.ratio(),
                 1.0,
             ));
+            targets.push((
+                r.shape.logged_key,
+                format!("copy-on-write {} engine with link log/qcow2", r.shape.what),
+                r.logged_ratio(),
+                1.0,
+            ));
         }
         targets.push((
             "thin_open_time",
@@ -626,6 +635,9 @@ impl Report<'_> {
                 "qemu_qcow2": r.qemu.as_ref().map(|q| q.to_json()),
                 "turn_ratios": r.turn_ratios,
                 "median_ratio": r.ratio(),
+                "engine_link_log": r.logged.as_ref().map(|l| l.to_json()),
+                "link_log_turn_ratios": r.logged_ratios,
+                "link_log_median_ratio": r.logged_ratio(),
             }))).collect::<Map<String, Value>>()),
             "qcow2": load.qcow2.as_ref().map(|rows| rows.iter().map(|r| (r.key.clone(), json!({
                 "engine": r.engine.to_json(),
