@@ -172,7 +172,13 @@ impl Stack {
                 None => {
                     // A piece that covers the whole cluster replaces it: no
                     // copy-up of bytes it would overwrite at once.
-                    let fill = if within == 0 && n == self.copy_len(c) { Fill::Whole(data, buf_off) } else { Fill::CopyUp };
+                    let fill = match data {
+                        _ if within == 0 && n == self.copy_len(c) => Fill::Whole(data, buf_off),
+                        // Laid over the copy: one write instead of two.
+                        Src::Mem(bytes) => Fill::CopyUpUnder(&bytes[buf_off..buf_off + n], within as usize),
+                        // A kernel buffer cannot be copied from here.
+                        Src::Fixed(_) => Fill::CopyUp,
+                    };
                     let (base, _, written) = self.allocate(io, shape, c, fill).await?;
                     if written {
                         continue;
@@ -235,13 +241,11 @@ impl Stack {
         let mut written = false;
         match (fill, below) {
             (Fill::CopyUp, Some(i)) => {
-                let src = &shape.layers[i];
-                let src_off = src.lookup(c, self.cluster).expect("owner map and BAT agree");
-                let mut buf = self.bufs.get();
-                let result = self.copy_up(io, src, src_off, top, offset, &mut buf[..self.copy_len(c)]).await;
-                self.bufs.put(buf);
-                result?;
-                self.copy_ups.fetch_add(1, Ordering::Relaxed);
+                self.copy_up(io, &shape.layers[i], c, top, offset, None).await?;
+            }
+            (Fill::CopyUpUnder(bytes, within), Some(i)) => {
+                self.copy_up(io, &shape.layers[i], c, top, offset, Some((bytes, within))).await?;
+                written = true;
             }
             (Fill::Whole(data, buf_off), Some(_)) => {
                 // Until it is linked, readers still see the lower cluster.
@@ -280,11 +284,26 @@ impl Stack {
         Ok((offset, true, written))
     }
 
-    /// Copy one cluster's bytes up (not synced: see `allocate`).
-    async fn copy_up<I: Io>(&self, io: &I, src: &Layer, src_off: u64, top: &Layer, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let (from, to) = (src.file(), top.file());
-        src.read_at(io, buf, src_off).await.map_err(|e| Error::io(e, format_args!("{}: copy-up read", from.path.display())))?;
-        io.write_at(to.fd(), buf, offset).await.map_err(|e| Error::io(e, format_args!("{}: copy-up write", to.path.display())))
+    /// Copy cluster `c` up from `src` to `offset` in the top, with a
+    /// request's bytes laid over it at `within` if given (not synced: see
+    /// `allocate`).
+    async fn copy_up<I: Io>(&self, io: &I, src: &Layer, c: u64, top: &Layer, offset: u64, over: Option<(&[u8], usize)>) -> Result<()> {
+        let src_off = src.lookup(c, self.cluster).expect("owner map and BAT agree");
+        let mut buf = self.bufs.get();
+        let result = async {
+            let (from, to) = (src.file(), top.file());
+            let buf = &mut buf[..self.copy_len(c)];
+            src.read_at(io, buf, src_off).await.map_err(|e| Error::io(e, format_args!("{}: copy-up read", from.path.display())))?;
+            if let Some((bytes, within)) = over {
+                buf[within..within + bytes.len()].copy_from_slice(bytes);
+            }
+            io.write_at(to.fd(), buf, offset).await.map_err(|e| Error::io(e, format_args!("{}: copy-up write", to.path.display())))
+        }
+        .await;
+        self.bufs.put(buf);
+        result?;
+        self.copy_ups.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Bytes of cluster `c` inside the disk (the last one may be partial).
@@ -487,6 +506,9 @@ pub(super) enum Fill<'a> {
     Nothing,
     /// The content it shows now, from the layer below that holds it.
     CopyUp,
+    /// The same with a request's bytes over it from offset `.1` within the
+    /// cluster: the request is done with the copy.
+    CopyUpUnder(&'a [u8], usize),
     /// A request's bytes from `buf_off` on, which cover the whole cluster.
     Whole(Src<'a>, usize),
 }
