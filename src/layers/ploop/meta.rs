@@ -251,7 +251,9 @@ impl PloopLayer {
     }
 
     /// A flush: every acknowledged write has its data and its BAT entries
-    /// written already, so one fdatasync makes them all durable. Chunks
+    /// written already, so one fdatasync makes them all durable (with
+    /// logged links, `settle` syncs their copies, writes them, and syncs
+    /// again instead). Chunks
     /// still dirty (entries of requests in flight, or entries rolled back
     /// after a failed write, whose old values must replace whatever that
     /// write left on disk) are written first, so that nothing a session

@@ -13,7 +13,10 @@
 //!   (`write_metadata`), so a daemon that is killed loses nothing it
 //!   acknowledged; a failed chunk write rolls back the entries it carried;
 //! - a flush is one data sync of the file: every acknowledged write's data
-//!   and BAT entries were written before it was acknowledged.
+//!   and BAT entries were written before it was acknowledged;
+//! - except with a link log (`links`): a copy-up's entry is then recorded
+//!   there and linked in memory only, every BAT write leaves it out, and a
+//!   flush syncs the copies before it writes such entries and syncs again.
 
 mod alloc;
 pub mod bat;
