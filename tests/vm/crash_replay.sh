@@ -1,6 +1,6 @@
 #!/bin/bash
 # Write-log crash replay, inside the VM:
-#   tests/vm/run tests/vm/crash_replay.sh [MAX_POINTS] [GENERATIONS]
+#   tests/vm/run tests/vm/crash_replay.sh [MAX_POINTS] [GENERATIONS] [link-log]
 # (CI: 10 points of 12 generations, about 5 minutes; MAX_POINTS 0 checks every flush, FUA
 # and mark and a point between each two of them).
 #
@@ -15,6 +15,9 @@
 # leaked clusters are not damage), both disks open on a device, every
 # generation marked before the point reads back (or a newer one), the guest
 # ext4 mounts, passes fsck and holds every file synced before the point.
+# With `link-log`, the disk directory's device runs with --link-log: its
+# copy-ups are acknowledged before their sync, and a power cut (the
+# replay) finds no log, as a reboot empties the tmpfs.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -23,6 +26,8 @@ SCRATCH=${UBLK_PLOOP_SCRATCH:?run this inside the VM: tests/vm/run $0}
 TOOL="python3 $here/crashlog.py"
 MAX_POINTS=${1:-10}
 GENS=${2:-12}
+LINK_LOG=()
+[ "${3:-}" = link-log ] && LINK_LOG=(--link-log)
 log() { echo "crash-replay: $*"; }
 die() { log "FAIL: $*"; exit 1; }
 trap 'log "FAIL: line $LINENO: $BASH_COMMAND"' ERR
@@ -49,7 +54,7 @@ mount /dev/mapper/lw /mnt/lw
 "$BIN" create /mnt/lw/b.hdd --size 64M >/dev/null
 sync -f /mnt/lw
 mark created-1
-deva=$("$BIN" add --image /mnt/lw/a --id 20); wait_dev "$deva"
+deva=$("$BIN" add --image /mnt/lw/a --id 20 "${LINK_LOG[@]}"); wait_dev "$deva"
 devb=$("$BIN" add --image /mnt/lw/b.hdd --id 21); wait_dev "$devb"
 mkfs.ext4 -q -F "$devb"
 mount "$devb" /mnt/b
