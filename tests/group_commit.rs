@@ -93,11 +93,6 @@ fn scripted() -> Scripted {
     Hooked { inner: SyncIo, hook: Script::default() }
 }
 
-/// Poll a request once; it must now be held in its 4 KiB data write.
-fn start_held<F: Future>(io: &Scripted, f: Pin<&mut F>) {
-    start_held_at(io, f, 4096)
-}
-
 fn start_held_at<F: Future>(io: &Scripted, mut f: Pin<&mut F>, len: usize) {
     io.hold_len.set(Some(len));
     assert!(block_on(poll_once(f.as_mut())).is_none(), "the request finished instead of waiting");

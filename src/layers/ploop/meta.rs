@@ -61,6 +61,11 @@ impl PloopLayer {
     /// written: then the caller syncs the copy and links it as usual.
     pub async fn log_link<I: Io>(&self, io: &I, c: u64, offset: u64) -> Option<u32> {
         let log = self.links.as_ref()?;
+        if !self.meta.lock().unwrap().disk_in_use {
+            // A replay would refuse the record: sync this one, whose table
+            // write carries the mark.
+            return None;
+        }
         let link = Link { cluster: c, value: (offset / self.bat_unit) as u32 };
         match log.append(io, link).await {
             Ok(slot) => Some(slot),
@@ -197,8 +202,9 @@ impl PloopLayer {
     /// undone, in memory and in the on-disk image, and reported.
     async fn write_round<I: Io>(&self, io: &I, sync: bool) -> std::result::Result<(), MetaError> {
         let block = self.file.block_size as usize;
-        let (snapshot, chunks, bufs): (u64, Vec<usize>, Vec<AlignedBuf>) = {
+        let (snapshot, chunks, bufs, head_mark): (u64, Vec<usize>, Vec<AlignedBuf>, Option<bool>) = {
             let mut meta = self.meta.lock().unwrap();
+            let head_mark = meta.dirty.contains(&0).then_some(meta.header.in_use == super::header::IN_USE);
             let taken = std::mem::take(&mut meta.dirty);
             let (chunks, bufs) = taken
                 .into_iter()
@@ -209,7 +215,7 @@ impl PloopLayer {
                     (i, buf)
                 })
                 .unzip();
-            (meta.published, chunks, bufs)
+            (meta.published, chunks, bufs, head_mark)
         };
         let fd = self.file.fd();
         let writes = chunks.iter().zip(&bufs).map(|(&i, b)| io.write_at(fd, b, (i * block) as u64)).collect();
@@ -221,11 +227,18 @@ impl PloopLayer {
             let mut meta = self.meta.lock().unwrap();
             let outcome = match result {
                 Ok(()) => {
+                    if let Some(marked) = head_mark {
+                        meta.disk_in_use = marked;
+                    }
                     meta.written = meta.written.max(snapshot);
                     meta.pending.retain(|&(g, _, _)| g > snapshot);
                     Ok(())
                 }
                 Err(e) => {
+                    if head_mark.is_some() {
+                        // Block 0 may or may not have landed.
+                        meta.disk_in_use = false;
+                    }
                     meta.dirty.extend(chunks);
                     let mut rolled_back = vec![];
                     let undo: Vec<(u64, u64, u32)> =

@@ -100,6 +100,10 @@ struct Meta {
     /// followed that write.
     settling: BTreeMap<u64, u32>,
     settles: u64,
+    /// The header on disk is known to carry the in-use mark (the last
+    /// write of block 0 succeeded with it): only then may a copy-up be
+    /// linked through the log, whose replay an image not marked refuses.
+    disk_in_use: bool,
 }
 
 /// What opening found out that a caller may want to report.
@@ -264,12 +268,15 @@ impl PloopLayer {
             if !found.is_empty() && !report.was_in_use {
                 // Closed cleanly since, by a tool without the log: what the
                 // image holds now is what it shows.
-                report.links_dropped = found.len() as u64;
+                report.links_dropped = found.iter().filter(|l| table.get(l.cluster) != l.value).count() as u64;
             } else {
                 let found = if crate::mutant::off("link-replay") { &[][..] } else { &found[..] };
-                let applied = apply_links(&table, &mut scan, &header, file_len, found);
+                // A record whose entry is in the image already was settled
+                // (its slot freed, not yet reused): neither news nor loss.
+                let pending: Vec<links::Link> = found.iter().copied().filter(|l| table.get(l.cluster) != l.value).collect();
+                let applied = apply_links(&table, &mut scan, &header, file_len, &pending);
                 report.relinked = applied.len() as u64;
-                report.links_dropped = (found.len() - applied.len()) as u64;
+                report.links_dropped = (pending.len() - applied.len()) as u64;
                 dirty.extend(applied.iter().map(|&c| (HEADER_SIZE as u64 + 4 * c) as usize / block as usize));
             }
             if report.links_dropped > 0 {
@@ -322,6 +329,7 @@ impl PloopLayer {
                 unsynced: BTreeMap::new(),
                 settling: BTreeMap::new(),
                 settles: 0,
+                disk_in_use: false,
             }),
             // Through the page cache, a failed sync is remembered for good.
             syncs: SyncGroup::new(true),
@@ -501,12 +509,24 @@ impl PloopLayer {
     }
 
     async fn set_in_use<I: Io>(&self, io: &I, mark: u32) -> Result<()> {
-        {
+        let before = {
             let mut meta = self.meta.lock().unwrap();
+            let before = meta.header.in_use;
             meta.header.in_use = mark;
             meta.head = meta.header.to_bytes();
             meta.dirty.insert(0);
+            before
+        };
+        let result = self.write_all_meta(io, true).await.map_err(|e| e.error);
+        if result.is_err() && mark != IN_USE && before == IN_USE {
+            // A close that failed leaves the image in service: the mark
+            // it could not clear stays in the header later writes carry
+            // (else one of them would say CLOSED under logged links).
+            let mut meta = self.meta.lock().unwrap();
+            meta.header.in_use = IN_USE;
+            meta.head = meta.header.to_bytes();
+            meta.dirty.insert(0);
         }
-        self.write_all_meta(io, true).await.map_err(|e| e.error)
+        result
     }
 }
