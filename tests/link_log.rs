@@ -59,6 +59,18 @@ fn base_and_top(dir: &TempDir) -> (Vec<PathBuf>, Vec<u8>) {
     (vec![base, top], model)
 }
 
+/// The usual start: a base and an empty top (see `base_and_top`), served
+/// by a stack with a link log. Returns the scratch and log directories
+/// (alive as long as the test needs them), the paths, the disk's bytes and
+/// the stack.
+fn served(tag: &str) -> (TempDir, tempfile::TempDir, Vec<PathBuf>, Vec<u8>, Stack) {
+    let dir = TempDir::new(tag);
+    let links = volatile_dir();
+    let (paths, model) = base_and_top(&dir);
+    let (stack, _) = open(&paths, Some(links.path()));
+    (dir, links, paths, model, stack)
+}
+
 /// 4 KiB writes into clusters `cs` (copy-ups over the base), applied to
 /// `model` too.
 fn write_into(stack: &Stack, model: &mut [u8], cs: &[u64], seed: u64) {
@@ -83,6 +95,13 @@ fn assert_disk(stack: &Stack, model: &[u8], ctx: &str) {
     }
 }
 
+/// Close the stack cleanly, let go of it, and `check` the top.
+fn close_clean(stack: Stack, top: &Path, ctx: &str) {
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    assert_ploop_clean(top, ctx);
+}
+
 /// The log files in `dir`, with their lengths.
 fn logs(dir: &Path) -> Vec<(PathBuf, u64)> {
     std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).map(|p| (p.clone(), std::fs::metadata(&p).unwrap().len())).collect()
@@ -92,10 +111,7 @@ const COPIED: [u64; 4] = [1, 2, 9, 17];
 
 #[test]
 fn copy_ups_stay_out_of_the_image_until_a_flush() {
-    let dir = TempDir::new("links-mask");
-    let links = volatile_dir();
-    let (paths, mut model) = base_and_top(&dir);
-    let (stack, _) = open(&paths, Some(links.path()));
+    let (_dir, links, paths, mut model, stack) = served("links-mask");
     write_into(&stack, &mut model, &COPIED, 1);
     // A fresh cluster in the same BAT block: its entry is written at once,
     // with the block around it.
@@ -122,10 +138,7 @@ fn copy_ups_stay_out_of_the_image_until_a_flush() {
 
 #[test]
 fn a_kill_keeps_every_acknowledged_copy_up() {
-    let dir = TempDir::new("links-kill");
-    let links = volatile_dir();
-    let (paths, mut model) = base_and_top(&dir);
-    let (stack, _) = open(&paths, Some(links.path()));
+    let (_dir, links, paths, mut model, stack) = served("links-kill");
     write_into(&stack, &mut model, &COPIED[..2], 1);
     block_on(stack.flush(&SyncIo)).unwrap();
     write_into(&stack, &mut model, &COPIED[2..], 1);
@@ -144,9 +157,7 @@ fn a_kill_keeps_every_acknowledged_copy_up() {
         assert_ne!(bat_entry(top, c), 0, "cluster {c}: linked in the image by the open");
     }
     assert_eq!(logs(links.path())[0].1, 0, "the open emptied the log");
-    block_on(stack.close(&SyncIo)).unwrap();
-    drop(stack);
-    assert_ploop_clean(top, "after the restart");
+    close_clean(stack, top, "after the restart");
     if have_qemu() {
         qemu_check_clean(top);
     }
@@ -158,10 +169,7 @@ fn a_kill_keeps_every_acknowledged_copy_up() {
 
 #[test]
 fn a_kill_after_a_flush_finds_nothing_to_link_and_nothing_dropped() {
-    let dir = TempDir::new("links-flushed");
-    let links = volatile_dir();
-    let (paths, mut model) = base_and_top(&dir);
-    let (stack, _) = open(&paths, Some(links.path()));
+    let (_dir, links, paths, mut model, stack) = served("links-flushed");
     write_into(&stack, &mut model, &COPIED, 1);
     block_on(stack.flush(&SyncIo)).unwrap();
     drop(stack);
@@ -175,10 +183,7 @@ fn a_kill_after_a_flush_finds_nothing_to_link_and_nothing_dropped() {
 
 #[test]
 fn a_power_cut_after_a_kill_shows_the_last_flush() {
-    let dir = TempDir::new("links-cut");
-    let links = volatile_dir();
-    let (paths, mut model) = base_and_top(&dir);
-    let (stack, _) = open(&paths, Some(links.path()));
+    let (_dir, links, paths, mut model, stack) = served("links-cut");
     write_into(&stack, &mut model, &COPIED[..2], 1);
     block_on(stack.flush(&SyncIo)).unwrap();
     let flushed = model.clone();
@@ -190,9 +195,7 @@ fn a_power_cut_after_a_kill_shows_the_last_flush() {
     let (stack, reports) = open(&paths, Some(links.path()));
     assert_eq!(reports[1].relinked, 0);
     assert_disk(&stack, &flushed, "the unflushed copy-ups are gone, the flushed ones stay");
-    block_on(stack.close(&SyncIo)).unwrap();
-    drop(stack);
-    assert_ploop_clean(&paths[1], "after the cut");
+    close_clean(stack, &paths[1], "after the cut");
 }
 
 #[test]
@@ -216,17 +219,12 @@ fn a_log_is_dropped_where_another_opening_closed_the_image_since() {
     let (stack, reports) = open(&paths, Some(links.path()));
     assert_eq!((reports[1].relinked, reports[1].links_dropped), (0, COPIED.len() as u64), "{:?}", reports[1]);
     assert_disk(&stack, &model, "the stale records are not applied");
-    block_on(stack.close(&SyncIo)).unwrap();
-    drop(stack);
-    assert_ploop_clean(&paths[1], "after the stale log");
+    close_clean(stack, &paths[1], "after the stale log");
 }
 
 #[test]
 fn a_record_whose_cluster_is_used_otherwise_is_dropped() {
-    let dir = TempDir::new("links-used");
-    let links = volatile_dir();
-    let (paths, mut model) = base_and_top(&dir);
-    let (stack, _) = open(&paths, Some(links.path()));
+    let (_dir, links, paths, mut model, stack) = served("links-used");
     write_into(&stack, &mut model, &COPIED[..1], 1);
     drop(stack);
     // Another tool (killed too) linked the same cluster of the file to
@@ -258,10 +256,7 @@ fn no_log_where_the_directory_outlives_the_power() {
 
 #[test]
 fn a_snapshot_and_a_merge_settle_the_log_first() {
-    let dir = TempDir::new("links-snap");
-    let links = volatile_dir();
-    let (paths, mut model) = base_and_top(&dir);
-    let (stack, _) = open(&paths, Some(links.path()));
+    let (dir, links, paths, mut model, stack) = served("links-snap");
     write_into(&stack, &mut model, &COPIED, 1);
     let top2 = dir.join("top2.hds");
     block_on(stack.push_layer(&SyncIo, &top2)).unwrap();
