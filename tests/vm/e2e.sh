@@ -256,10 +256,15 @@ scenario_kill_recover_links() {
 		--iodepth=16 --size=64M --rate_iops=1000 --verify=crc32c --do_verify=0 --randrepeat=1 --randseed=7 --verify_state_save=0 \
 		--output="$SCRATCH/fio-links.out" &
 	fio_pid=$!
-	sleep 2
-	local records
-	records=$(find "$links" -name '*.links' -size +0 | wc -l)
+	# fio may take seconds to start under emulation: wait for the first
+	# records, then let some writes be acknowledged.
+	local records=0 waited=0
+	while [ "$records" -eq 0 ] && [ "$waited" -lt 60 ]; do
+		sleep 0.5; waited=$((waited + 1))
+		records=$(find "$links" -name '*.links' -size +0 | wc -l)
+	done
 	[ "$records" -eq 1 ] || { ls -la "$links"; die "expected the top's link log with records, found $records"; }
+	sleep 1
 	pid=$(daemon_pid "$id")
 	log "killing daemon $pid while fio copies clusters up"
 	kill -9 "$pid"
