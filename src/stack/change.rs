@@ -635,6 +635,7 @@ impl Stack {
 pub async fn discard_top<I: Io>(io: &I, layer: Arc<Layer>) {
     let path = layer.file().path.clone();
     let _ = layer.close(io).await;
+    layer.remove_link_log(io);
     drop(layer);
     let _ = io.remove_file(&path);
 }

@@ -490,6 +490,7 @@ impl Stack {
         let retiring = std::mem::take(&mut *self.retiring.lock().unwrap());
         for layer in retiring {
             layer.close(io).await?;
+            layer.remove_link_log(io);
         }
         let keep = self.keep.lock().unwrap().clone();
         let bitmaps: Vec<DirtyBitmap> = keep

@@ -61,9 +61,10 @@ impl PloopLayer {
     /// written: then the caller syncs the copy and links it as usual.
     pub async fn log_link<I: Io>(&self, io: &I, c: u64, offset: u64) -> Option<u32> {
         let log = self.links.as_ref()?;
-        if !self.meta.lock().unwrap().disk_in_use {
+        if !self.meta.lock().unwrap().disk_in_use || self.sync_failed() {
             // A replay would refuse the record: sync this one, whose table
-            // write carries the mark.
+            // write carries the mark. After a failed sync the log stays
+            // empty (see `sync_data`).
             return None;
         }
         let link = Link { cluster: c, value: (offset / self.bat_unit) as u32 };
@@ -311,7 +312,16 @@ impl PloopLayer {
     /// Make the writes to the file completed so far durable, sharing the
     /// fdatasync with other requests that need one at the same time.
     pub async fn sync_data<I: Io>(&self, io: &I) -> std::io::Result<()> {
-        self.syncs.sync(io, self.file.fd()).await
+        let result = self.syncs.sync(io, self.file.fd()).await;
+        if let (Err(_), Some(log)) = (&result, &self.links) {
+            // Logged copies may never reach the disk now (their pages
+            // dropped): a restart must not link them. No flush succeeded
+            // since they were acknowledged, and none will (`SyncGroup`).
+            if let Err(e) = log.reset(io).await {
+                tracing::warn!(log = %log.path.display(), "emptying the link log after a failed sync: {e}");
+            }
+        }
+        result
     }
     /// A sync of the file failed (see `SyncGroup`).
     pub fn sync_failed(&self) -> bool {
