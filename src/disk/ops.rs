@@ -676,8 +676,6 @@ pub async fn switch<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, guid: Guid) -
     let old_top_layer = old.last().cloned().expect("a stack is never empty");
     let old_path = old_top_layer.file().path.clone();
     let _ = old_top_layer.close(io).await;
-    // Its link log goes with it, whatever the close did: no record may
-    // meet a later file on the same inode.
     old_top_layer.remove_link_log(io);
     drop(old);
     drop(old_top_layer);

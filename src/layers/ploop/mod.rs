@@ -492,7 +492,9 @@ impl PloopLayer {
         Ok(())
     }
 
-    /// Remove the link log's file: the image is closed for good.
+    /// Remove the link log's file: the image is closed for good (or
+    /// removed, whatever its close did), so no record may meet a later
+    /// file on the same inode.
     pub fn remove_link_log<I: Io>(&self, io: &I) {
         if let Some(log) = &self.links {
             let _ = io.remove_file(&log.path);
