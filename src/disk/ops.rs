@@ -677,8 +677,7 @@ pub async fn switch<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, guid: Guid) -
     let old_path = old_top_layer.file().path.clone();
     let _ = old_top_layer.close(io).await;
     old_top_layer.remove_link_log(io);
-    drop(old);
-    drop(old_top_layer);
+    drop((old, old_top_layer));
     remove_file(io, &old_path);
     Ok(Switched { snapshot: guid, file: path, stall })
 }
