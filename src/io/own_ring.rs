@@ -36,7 +36,7 @@ pub struct OwnRing {
 impl OwnRing {
     pub fn new(entries: u32) -> io::Result<OwnRing> {
         Ok(OwnRing {
-            ring: RefCell::new(IoUring::new(entries.next_power_of_two().max(8))?),
+            ring: RefCell::new(new_uring(entries.next_power_of_two().max(8))?),
             slots: RefCell::new(Vec::new()),
             free: RefCell::new(Vec::new()),
             kick: Kick::new()?,
@@ -133,6 +133,17 @@ impl OwnRing {
             self.wait_and_reap();
         }
         set_thread_kick(None);
+    }
+}
+
+/// A ring set up as libublk sets up a queue's ring (cooperative task work:
+/// completions are handed over at the next entry instead of interrupting
+/// the thread), so the benchmark measures what the daemon runs; kernels
+/// older than 5.19 refuse the flag and get a plain ring.
+fn new_uring(entries: u32) -> io::Result<IoUring> {
+    match IoUring::builder().setup_coop_taskrun().build(entries) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => IoUring::new(entries),
+        r => r,
     }
 }
 
