@@ -135,6 +135,10 @@ pub struct FileStat {
     pub len: u64,
     pub dev: u64,
     pub ino: u64,
+    /// Birth time in ns (statx btime), 0 where the filesystem keeps none:
+    /// with dev and ino it tells a file from a later one given the same
+    /// inode number.
+    pub born_ns: u64,
 }
 
 impl FileStat {
@@ -152,7 +156,8 @@ impl FileStat {
         } else {
             FileKind::Other
         };
-        FileStat { kind, nlink: m.nlink(), len: m.len(), dev: m.dev(), ino: m.ino() }
+        let born_ns = m.created().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos() as u64);
+        FileStat { kind, nlink: m.nlink(), len: m.len(), dev: m.dev(), ino: m.ino(), born_ns }
     }
 }
 

@@ -84,8 +84,9 @@ impl LinkLog {
             return Ok(None);
         }
         let st = io.fstat(image_fd)?;
-        // One log per file, whatever name the image was opened by.
-        let path = dir.join(format!("{:x}-{:x}.links", st.dev, st.ino));
+        // One log per file, whatever name the image was opened by; the
+        // birth time keeps a later file on a reused inode from meeting it.
+        let path = dir.join(format!("{:x}-{:x}-{:x}.links", st.dev, st.ino, st.born_ns));
         let how = OpenHow { write: true, create: true, mode: 0o600, nofollow: true, ..OpenHow::default() };
         let handle = io.open(&path, &how)?;
         let len = io.fstat(handle.fd())?.len as usize;

@@ -390,7 +390,7 @@ impl SimFs {
     pub fn stat(&self, path: &Path) -> io::Result<Option<FileStat>> {
         match self.lookup(path) {
             Ok(Some(Entry::File(ino))) => Ok(Some(self.stat_ino(ino))),
-            Ok(Some(Entry::Dir(id))) => Ok(Some(FileStat { kind: FileKind::Dir, nlink: 2, len: BLOCK, dev: 1, ino: id })),
+            Ok(Some(Entry::Dir(id))) => Ok(Some(FileStat { kind: FileKind::Dir, nlink: 2, len: BLOCK, dev: 1, ino: id, born_ns: 0 })),
             Ok(None) => Ok(None),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
             Err(e) => Err(e),
@@ -398,7 +398,7 @@ impl SimFs {
     }
 
     fn stat_ino(&self, ino: u64) -> FileStat {
-        FileStat { kind: FileKind::File, nlink: self.nlink(ino), len: self.inodes[&ino].len, dev: 1, ino }
+        FileStat { kind: FileKind::File, nlink: self.nlink(ino), len: self.inodes[&ino].len, dev: 1, ino, born_ns: 0 }
     }
 
     pub fn read_dir(&self, dir: &Path) -> io::Result<Vec<OsString>> {
