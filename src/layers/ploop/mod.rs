@@ -141,7 +141,14 @@ fn leaked_inside(scan: &BatScan, data_off: u64, cluster: u64) -> Vec<(u64, u64)>
 /// Link what a killed session's link log recorded, where the image still
 /// agrees: the cluster has no entry, and the offset is a data cluster
 /// inside the file that no entry uses. Returns the clusters linked.
-fn apply_links(table: &table::Table, scan: &mut BatScan, header: &Header, file_len: u64, found: &[links::Link]) -> Vec<u64> {
+fn apply_links(
+    table: &table::Table,
+    scan: &mut BatScan,
+    header: &Header,
+    file_len: u64,
+    found: &[links::Link],
+    holds_data: impl Fn(u64, u64) -> bool,
+) -> Vec<u64> {
     let (data_off, cluster, unit) = (header.data_off_bytes(), header.cluster_bytes(), header.bat_unit());
     let mut applied = Vec::new();
     for link in found {
@@ -154,6 +161,11 @@ fn apply_links(table: &table::Table, scan: &mut BatScan, header: &Header, file_l
         }
         let slot = ((offset - data_off) / cluster) as usize;
         if scan.used.get(slot).is_some_and(|b| *b) {
+            continue;
+        }
+        // A copy is written whole before its record: a cluster without data
+        // was released since (punched by an opening without the log).
+        if !holds_data(offset, cluster) {
             continue;
         }
         if slot >= scan.used.len() {
@@ -274,7 +286,13 @@ impl PloopLayer {
                 // A record whose entry is in the image already was settled
                 // (its slot freed, not yet reused): neither news nor loss.
                 let pending: Vec<links::Link> = found.iter().copied().filter(|l| table.get(l.cluster) != l.value).collect();
-                let applied = apply_links(&table, &mut scan, &header, file_len, &pending);
+                // Where SEEK_DATA fails, every cluster counts as data.
+                let holds_data = |at: u64, len: u64| match io.seek_data(file.fd(), at) {
+                    Ok(Some(d)) => d < at + len,
+                    Ok(None) => false,
+                    Err(_) => true,
+                };
+                let applied = apply_links(&table, &mut scan, &header, file_len, &pending, holds_data);
                 report.relinked = applied.len() as u64;
                 report.links_dropped = (pending.len() - applied.len()) as u64;
                 dirty.extend(applied.iter().map(|&c| (HEADER_SIZE as u64 + 4 * c) as usize / block as usize));
