@@ -239,6 +239,24 @@ fn a_record_whose_cluster_is_used_otherwise_is_dropped() {
 }
 
 #[test]
+fn a_copy_up_zeroed_or_discarded_before_a_kill_reads_as_zeros() {
+    let (_dir, links, paths, mut model, stack) = served("links-zeroed");
+    write_into(&stack, &mut model, &COPIED, 1);
+    // Whole clusters: a punch would leave the copy a hole, and a record
+    // over a hole counts as released at the next open.
+    block_on(stack.write_zeroes(&SyncIo, COPIED[0] * C, C as usize)).unwrap();
+    block_on(stack.discard(&SyncIo, COPIED[1] * C, C as usize)).unwrap();
+    for c in &COPIED[..2] {
+        model[(c * C) as usize..((c + 1) * C) as usize].fill(0);
+    }
+    drop(stack);
+    let (stack, reports) = open(&paths, Some(links.path()));
+    assert_eq!((reports[1].relinked, reports[1].links_dropped), (COPIED.len() as u64, 0), "{:?}", reports[1]);
+    assert_disk(&stack, &model, "after the kill");
+    close_clean(stack, &paths[1], "after the zeroed copy-ups");
+}
+
+#[test]
 fn a_later_file_on_the_same_inode_does_not_meet_the_log() {
     use std::os::unix::fs::MetadataExt;
     let (_dir, links, paths, model, stack) = served("links-reused-inode");

@@ -352,6 +352,10 @@ impl Layer {
             Layer::Raw(_) | Layer::Qcow2(_) => None,
         }
     }
+    /// See `PloopLayer::link_pending`.
+    pub fn link_pending(&self, c: u64) -> bool {
+        matches!(self, Layer::Ploop(l) if l.link_pending(c))
+    }
     /// See `PloopLayer::link_logged`.
     pub fn link_logged(&self, c: u64, offset: u64, slot: u32) {
         if let Layer::Ploop(l) = self {

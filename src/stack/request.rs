@@ -344,7 +344,7 @@ impl Stack {
             // The top's own BAT decides what it holds (the owner map can
             // lag for an instant behind a rolled-back entry).
             if let Some(base) = top.lookup(c, self.cluster) {
-                punch(io, top, base + within, n).await?;
+                punch(io, top, c, base + within, n).await?;
             } else if shape.holder_below(c, self.cluster).is_some() {
                 // Lower data must be hidden by a cluster of the top.
                 let whole = within == 0 && n == self.copy_len(c);
@@ -352,7 +352,7 @@ impl Stack {
                 // A fresh cluster already reads as zeros; one that a
                 // concurrent write allocated first holds data to zero.
                 if !(whole && fresh) {
-                    punch(io, top, base + within, n).await?;
+                    punch(io, top, c, base + within, n).await?;
                 }
             }
         }
@@ -381,7 +381,7 @@ impl Stack {
         for (c, within, _, n) in self.pieces(offset, len) {
             if let Some(base) = top.lookup(c, self.cluster) {
                 changed.set(true);
-                punch(io, top, base + within, n).await?;
+                punch(io, top, c, base + within, n).await?;
             }
         }
         // Punched clusters may have been linked by writes still in flight.
@@ -479,10 +479,16 @@ fn mark_trackers(shape: &Entered<'_, Shape>, offset: u64, len: usize) {
     }
 }
 
-/// Make `n` bytes of `layer` at `at` read as zeros.
-async fn punch<I: Io>(io: &I, layer: &Layer, at: u64, n: usize) -> Result<()> {
+/// Make `n` bytes of `layer` at `at` (in cluster `c`) read as zeros: a
+/// hole, or zeros written where the filesystem cannot punch or where the
+/// cluster's link is in the link log only (see `Layer::link_pending`).
+async fn punch<I: Io>(io: &I, layer: &Layer, c: u64, at: u64, n: usize) -> Result<()> {
     let file = layer.file();
-    match io.punch_hole(file.fd(), at, n as u64).await {
+    let punched = match layer.link_pending(c) {
+        true => Err(std::io::Error::from_raw_os_error(libc::EOPNOTSUPP)),
+        false => io.punch_hole(file.fd(), at, n as u64).await,
+    };
+    match punched {
         Ok(()) => Ok(()),
         Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
             let zeros = AlignedBuf::zeroed(n);

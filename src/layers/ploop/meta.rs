@@ -83,9 +83,18 @@ impl PloopLayer {
     pub fn link_logged(&self, c: u64, offset: u64, slot: u32) {
         let value = (offset / self.bat_unit) as u32;
         let mut meta = self.meta.lock().unwrap();
+        // Pending before it can be found (see `link_pending`).
+        meta.unsynced.insert(c, slot);
         let previous = self.table.set(c, value);
         debug_assert_eq!(previous, 0, "a logged link replaced an entry");
-        meta.unsynced.insert(c, slot);
+    }
+
+    /// Whether cluster `c`'s link lives in the link log only: its copy must
+    /// keep data (a record over a hole counts as released at replay), so
+    /// zeroes and discards write zeros there instead of punching.
+    pub fn link_pending(&self, c: u64) -> bool {
+        let meta = self.meta.lock().unwrap();
+        meta.unsynced.contains_key(&c) || meta.settling.values().any(|&(_, x)| x == c)
     }
 
     /// Whether entries of the link log wait for a sync or a BAT write.
@@ -113,7 +122,7 @@ impl PloopLayer {
                 if let Some(slot) = meta.unsynced.remove(&c) {
                     meta.settles += 1;
                     let n = meta.settles;
-                    meta.settling.insert(n, slot);
+                    meta.settling.insert(n, (slot, c));
                     meta.dirty.insert((HEADER_SIZE + 4 * c as usize) / block);
                 }
             }
@@ -125,7 +134,7 @@ impl PloopLayer {
         self.write_all_meta(io, true).await.map_err(|e| e.error)?;
         let slots: Vec<u32> = {
             let mut meta = self.meta.lock().unwrap();
-            settling.iter().filter_map(|n| meta.settling.remove(n)).collect()
+            settling.iter().filter_map(|n| meta.settling.remove(n)).map(|(slot, _)| slot).collect()
         };
         log.release(&slots);
         Ok(true)

@@ -96,9 +96,9 @@ struct Meta {
     /// out, so none reaches the disk before its data.
     unsynced: BTreeMap<u64, u32>,
     /// Logged entries whose copies were synced, written by the next BAT
-    /// write: (settle number -> slot); their records go once a sync
+    /// write: (settle number -> (slot, cluster)); their records go once a sync
     /// followed that write.
-    settling: BTreeMap<u64, u32>,
+    settling: BTreeMap<u64, (u32, u64)>,
     settles: u64,
     /// The header on disk is known to carry the in-use mark (the last
     /// write of block 0 succeeded with it): only then may a copy-up be
