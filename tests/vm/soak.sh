@@ -43,6 +43,10 @@ for i in 16 17; do
 	what[$i]="--image $SCRATCH/soak$i.base --image $SCRATCH/soak$i.top"
 done
 ALL="10 11 12 13 14 15 16 17"
+# Copy-ups through the link log on the disk directories (a snapshot every
+# round makes later writes copy clusters up) and on one stack; 16 keeps
+# the default sync per copy-up.
+for i in 14 15 17; do what[$i]="${what[$i]} --link-log"; done
 # Never restarted: watched for growth, with a queue depth of 16 so that the
 # warm-up below can put every tag's buffer to use.
 WATCH="11 13"
@@ -86,22 +90,27 @@ for round in $(seq 1 "$ROUNDS"); do
 	log "round $round: $MB MiB of 4k random writes on each of $ALL"
 	t0=$SECONDS
 	# While fio writes: a snapshot of each disk directory and a kill -9 of
-	# a daemon, recovered with its requests in flight (reissued).
+	# a stack's daemon and of a disk directory's (its copy-ups since the
+	# snapshot in the link log), each recovered with its requests in
+	# flight (reissued).
 	fio_all "$round" --do_verify=0 &
 	fio_pid=$!
 	sleep 3
 	for i in 14 15; do "$BIN" snapshot -n "$i" >/dev/null; done
-	k=$((16 + round % 2))
+	k=$((16 + round % 2)) kd=$((14 + round % 2))
+	sleep 1
 	kill -0 "$fio_pid" 2>/dev/null || die "fio ended before the disruptions: give it more to write"
-	kill -9 "$(daemon_pid "$k")"; sleep 0.5
+	logged=$(find /run/ublk-ploop/links -name '*.links' -size +0 2>/dev/null | wc -l)
+	kill -9 "$(daemon_pid "$k")" "$(daemon_pid "$kd")"; sleep 0.5
 	"$BIN" recover -n "$k" >/dev/null
+	"$BIN" recover -n "$kd" >/dev/null
 	wait "$fio_pid" || { tail -30 "$SCRATCH/soak-fio.$round"; die "fio writes, round $round"; }
 	# Between rounds: a del/add.
 	d=$((10 + (round % 2) * 2))
 	"$BIN" del -n "$d" >/dev/null
 	# shellcheck disable=SC2086
 	"$BIN" add ${what[$d]} --id "$d" --queues 2 >/dev/null; wait_dev "/dev/ublkb$d"
-	log "round $round: snapshots of 14 15 and kill -9 + recover of $k under fio, then del/add $d"
+	log "round $round: snapshots of 14 15 and kill -9 + recover of $k $kd under fio ($logged link logs with records at the kill), then del/add $d"
 	# The round's data, after all that.
 	fio_all "$round" --verify_only \
 		|| { grep -i -B2 -A5 'verify\|error' "$SCRATCH/soak-fio.$round" | head -40; die "verify after round $round"; }
