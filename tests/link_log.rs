@@ -107,6 +107,16 @@ fn logs(dir: &Path) -> Vec<(PathBuf, u64)> {
     std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).map(|p| (p.clone(), std::fs::metadata(&p).unwrap().len())).collect()
 }
 
+/// The disk reads `model`, and still does after a kill and an opening
+/// with the log (the report and the top's on-disk mark in the message).
+fn kill_and_reopen(stack: Stack, paths: &[PathBuf], links: &Path, model: &[u8]) {
+    assert_disk(&stack, model, "before the kill");
+    let mark = common::in_use_mark(&paths[1]);
+    drop(stack);
+    let (stack, reports) = open(paths, Some(links));
+    assert_disk(&stack, model, &format!("after a kill (on-disk mark {mark:#x}, report {:?})", reports[1]));
+}
+
 const COPIED: [u64; 4] = [1, 2, 9, 17];
 
 #[test]
@@ -322,11 +332,8 @@ use common::inject::{Kind, Trap};
 
 #[test]
 fn a_failed_close_keeps_the_in_use_mark_under_later_logged_copy_ups() {
-    let dir = TempDir::new("links-review-close");
-    let links = volatile_dir();
-    let (paths, mut model) = base_and_top(&dir);
+    let (_dir, links, paths, mut model, stack) = served("links-review-close");
     let top = paths[1].clone();
-    let (stack, _) = open(&paths, Some(links.path()));
     // The close of the compaction: its header write (CLOSED) fails once.
     let trapped = Trap::new(Kind::Write).on(&top).at(0).io();
     let r = block_on(stack.compact(&trapped, 8, &|_, _| {}));
@@ -336,20 +343,13 @@ fn a_failed_close_keeps_the_in_use_mark_under_later_logged_copy_ups() {
     // table write carries the header block still dirty from the failure.
     write_into(&stack, &mut model, &[5], 1);
     write_into(&stack, &mut model, &[CLUSTERS - 1], 1);
-    assert_disk(&stack, &model, "before the kill");
-    let mark = common::in_use_mark(&top);
-    drop(stack);
-    let (stack, reports) = open(&paths, Some(links.path()));
-    assert_disk(&stack, &model, &format!("after a kill (on-disk mark {mark:#x}, report {:?})", reports[1]));
+    kill_and_reopen(stack, &paths, links.path(), &model);
 }
 
 #[test]
 fn a_failed_reopen_in_use_keeps_later_copy_ups_off_the_log() {
-    let dir = TempDir::new("links-review-reopen");
-    let links = volatile_dir();
-    let (paths, mut model) = base_and_top(&dir);
+    let (_dir, links, paths, mut model, stack) = served("links-review-reopen");
     let top = paths[1].clone();
-    let (stack, _) = open(&paths, Some(links.path()));
     // Someone else in the daemon holds the top: the compaction closes it,
     // finds it shared and marks it in use again; that write fails.
     let held = stack.layers();
@@ -359,11 +359,7 @@ fn a_failed_reopen_in_use_keeps_later_copy_ups_off_the_log() {
     assert_eq!(trapped.hook.failed(), 1, "the in-use mark's write was the one failed");
     drop(held);
     write_into(&stack, &mut model, &[5], 1);
-    assert_disk(&stack, &model, "before the kill");
-    let mark = common::in_use_mark(&top);
-    drop(stack);
-    let (stack, reports) = open(&paths, Some(links.path()));
-    assert_disk(&stack, &model, &format!("after a kill (on-disk mark {mark:#x}, report {:?})", reports[1]));
+    kill_and_reopen(stack, &paths, links.path(), &model);
 }
 
 // An opening without the log between two kills releases the copy-up as a
