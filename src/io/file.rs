@@ -232,6 +232,15 @@ pub(crate) fn os_is_tmpfs(dir: &Path) -> std::io::Result<bool> {
     Ok(fs_magic(dir.as_raw_fd()) == Some(TMPFS_MAGIC))
 }
 
+/// Filesystems that may store written zeros as holes: ZFS (with any
+/// compression, all-zero blocks become holes), and those that report
+/// another machine's or process's filesystem (NFS, SMB, FUSE, 9p, Ceph).
+const MAY_HOLE_ZEROS: [i64; 7] = [0x2FC1_2FC1, NFS_MAGIC, 0xFE53_4D42, 0xFF53_4D42, 0x6573_5546, 0x0102_1997, 0x00C3_6400];
+
+pub(crate) fn os_keeps_written_zeros(fd: RawFd) -> bool {
+    fs_magic(fd).is_some_and(|m| !MAY_HOLE_ZEROS.contains(&m))
+}
+
 fn flock_is_range_lock(fd: RawFd) -> bool {
     fs_magic(fd).is_some_and(|m| FLOCK_AS_RANGE.contains(&m))
 }

@@ -143,6 +143,11 @@ pub trait Io {
     fn is_volatile_dir(&self, dir: &Path) -> io::Result<bool> {
         file::os_is_tmpfs(dir)
     }
+    /// Whether zeros written into the open file stay data that SEEK_DATA
+    /// finds (a link log's replay takes a hole for a released copy).
+    fn keeps_written_zeros(&self, fd: RawFd) -> bool {
+        file::os_keeps_written_zeros(fd)
+    }
     /// Now, for deadlines and pacing (only differences are ever used).
     fn now(&self) -> std::time::Instant {
         std::time::Instant::now()
@@ -270,6 +275,9 @@ impl<T: Io + ?Sized> Io for &T {
     }
     fn is_volatile_dir(&self, dir: &Path) -> io::Result<bool> {
         (**self).is_volatile_dir(dir)
+    }
+    fn keeps_written_zeros(&self, fd: RawFd) -> bool {
+        (**self).keeps_written_zeros(fd)
     }
     fn now(&self) -> std::time::Instant {
         (**self).now()

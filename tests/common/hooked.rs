@@ -123,6 +123,7 @@ pub trait Plain {
     fn dio_alignment(&self, fd: RawFd) -> u32;
     fn fstat(&self, fd: RawFd) -> io::Result<FileStat>;
     fn seek_data(&self, fd: RawFd, at: u64) -> io::Result<Option<u64>>;
+    fn keeps_written_zeros(&self, fd: RawFd) -> bool;
     fn stat(&self, path: &Path) -> io::Result<Option<FileStat>>;
     fn canonicalize(&self, path: &Path) -> io::Result<PathBuf>;
     fn create_dir_all(&self, path: &Path) -> io::Result<()>;
@@ -150,6 +151,9 @@ impl<I: Io> Plain for I {
     }
     fn seek_data(&self, fd: RawFd, at: u64) -> io::Result<Option<u64>> {
         Io::seek_data(self, fd, at)
+    }
+    fn keeps_written_zeros(&self, fd: RawFd) -> bool {
+        Io::keeps_written_zeros(self, fd)
     }
     fn stat(&self, path: &Path) -> io::Result<Option<FileStat>> {
         Io::stat(self, path)
@@ -280,6 +284,9 @@ impl<B: Backend, H: Hook> Io for Hooked<B, H> {
     }
     fn seek_data(&self, fd: RawFd, at: u64) -> io::Result<Option<u64>> {
         self.inner.plain().seek_data(fd, at)
+    }
+    fn keeps_written_zeros(&self, fd: RawFd) -> bool {
+        self.inner.plain().keeps_written_zeros(fd)
     }
     fn stat(&self, path: &Path) -> io::Result<Option<FileStat>> {
         self.inner.plain().stat(path)

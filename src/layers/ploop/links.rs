@@ -83,6 +83,12 @@ impl LinkLog {
         if !io.is_volatile_dir(dir)? {
             return Ok(None);
         }
+        if !io.keeps_written_zeros(image_fd) {
+            // A replay drops a record whose cluster is a hole (released
+            // since); here a copy of zeros might read as one.
+            tracing::info!(dir = %dir.display(), "no link log: the image's filesystem may store written zeros as holes");
+            return Ok(None);
+        }
         let st = io.fstat(image_fd)?;
         // One log per file, whatever name the image was opened by; the
         // birth time keeps a later file on a reused inode from meeting it.

@@ -601,6 +601,10 @@ impl Io for SimIo {
     fn is_volatile_dir(&self, dir: &Path) -> io::Result<bool> {
         self.w.state().fs.is_volatile(dir)
     }
+    /// The simulated file system never turns written zeros into holes.
+    fn keeps_written_zeros(&self, _fd: RawFd) -> bool {
+        true
+    }
     fn remove_dir(&self, path: &Path) -> io::Result<()> {
         self.w.alive()?;
         self.w.state().fs.remove_dir(path)
