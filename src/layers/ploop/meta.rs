@@ -69,6 +69,15 @@ impl PloopLayer {
         }
         let link = Link { cluster: c, value: (offset / self.bat_unit) as u32 };
         match log.append(io, link).await {
+            // A sync that failed while the record was written emptied the
+            // log, maybe before the record landed: empty it again, and
+            // let the caller's sync fail this copy-up.
+            Ok(_) if self.sync_failed() => {
+                if let Err(e) = log.reset(io).await {
+                    tracing::warn!(log = %log.path.display(), "emptying the link log after a failed sync: {e}");
+                }
+                None
+            }
             Ok(slot) => Some(slot),
             Err(e) => {
                 tracing::warn!(log = %log.path.display(), "writing the link log failed ({e}); syncing the copy instead");
