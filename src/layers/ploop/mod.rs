@@ -140,7 +140,8 @@ fn leaked_inside(scan: &BatScan, data_off: u64, cluster: u64) -> Vec<(u64, u64)>
 
 /// Link what a killed session's link log recorded, where the image still
 /// agrees: the cluster has no entry, and the offset is a data cluster
-/// inside the file that no entry uses. Returns the clusters linked.
+/// inside the file that no entry uses and that holds data. Returns the
+/// clusters linked.
 fn apply_links(
     table: &table::Table,
     scan: &mut BatScan,
