@@ -98,7 +98,6 @@ for round in $(seq 1 "$ROUNDS"); do
 	sleep 3
 	for i in 14 15; do "$BIN" snapshot -n "$i" >/dev/null; done
 	k=$((16 + round % 2)) kd=$((14 + round % 2))
-	sleep 1
 	kill -0 "$fio_pid" 2>/dev/null || die "fio ended before the disruptions: give it more to write"
 	logged=$(find /run/ublk-ploop/links -name '*.links' -size +0 2>/dev/null | wc -l)
 	kill -9 "$(daemon_pid "$k")" "$(daemon_pid "$kd")"; sleep 0.5
