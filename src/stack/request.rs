@@ -484,18 +484,15 @@ fn mark_trackers(shape: &Entered<'_, Shape>, offset: u64, len: usize) {
 /// cluster's link is in the link log only (see `Layer::link_pending`).
 async fn punch<I: Io>(io: &I, layer: &Layer, c: u64, at: u64, n: usize) -> Result<()> {
     let file = layer.file();
-    let punched = match layer.link_pending(c) {
-        true => Err(std::io::Error::from_raw_os_error(libc::EOPNOTSUPP)),
-        false => io.punch_hole(file.fd(), at, n as u64).await,
-    };
-    match punched {
-        Ok(()) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-            let zeros = AlignedBuf::zeroed(n);
-            io.write_at(file.fd(), &zeros, at).await.map_err(|e| Error::io(e, file.path.display()))
+    if !layer.link_pending(c) {
+        match io.punch_hole(file.fd(), at, n as u64).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
+            Err(e) => return Err(Error::io(e, format_args!("{}: punching a hole", file.path.display()))),
         }
-        Err(e) => Err(Error::io(e, format_args!("{}: punching a hole", file.path.display()))),
     }
+    let zeros = AlignedBuf::zeroed(n);
+    io.write_at(file.fd(), &zeros, at).await.map_err(|e| Error::io(e, file.path.display()))
 }
 
 /// Where a request's bytes go: our memory, or a buffer registered on the
