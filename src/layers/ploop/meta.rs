@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::io::{join_all, AlignedBuf, Io};
 use crate::layers::ploop::header::HEADER_SIZE;
 
-use super::links::Link;
+use super::links::{Link, LinkLog};
 use super::PloopLayer;
 
 /// A failed header/BAT write, with the clusters whose new entries were
@@ -73,9 +73,7 @@ impl PloopLayer {
             // log, maybe before the record landed: empty it again, and
             // let the caller's sync fail this copy-up.
             Ok(_) if self.sync_failed() => {
-                if let Err(e) = log.reset(io).await {
-                    tracing::warn!(log = %log.path.display(), "emptying the link log after a failed sync: {e}");
-                }
+                empty_after_failed_sync(io, log).await;
                 None
             }
             Ok(slot) => Some(slot),
@@ -335,9 +333,7 @@ impl PloopLayer {
             // Logged copies may never reach the disk now (their pages
             // dropped): a restart must not link them. No flush succeeded
             // since they were acknowledged, and none will (`SyncGroup`).
-            if let Err(e) = log.reset(io).await {
-                tracing::warn!(log = %log.path.display(), "emptying the link log after a failed sync: {e}");
-            }
+            empty_after_failed_sync(io, log).await;
         }
         result
     }
@@ -347,6 +343,13 @@ impl PloopLayer {
     }
     pub fn poison_syncs(&self) {
         self.syncs.poison()
+    }
+}
+
+/// Empty `log` for good after a failed sync of its image (see `sync_data`).
+async fn empty_after_failed_sync<I: Io>(io: &I, log: &LinkLog) {
+    if let Err(e) = log.reset(io).await {
+        tracing::warn!(log = %log.path.display(), "emptying the link log after a failed sync: {e}");
     }
 }
 
