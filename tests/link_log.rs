@@ -366,11 +366,8 @@ fn a_failed_reopen_in_use_keeps_later_copy_ups_off_the_log() {
 // leak (punches it); the later opening with the log must not link the hole.
 #[test]
 fn a_record_whose_copy_was_punched_since_is_dropped() {
-    let dir = TempDir::new("links-punched");
-    let links = volatile_dir();
-    let (paths, model) = base_and_top(&dir);
+    let (_dir, links, paths, model, stack) = served("links-punched");
     let mut shown = model.clone();
-    let (stack, _) = open(&paths, Some(links.path()));
     write_into(&stack, &mut shown, &[1], 1);
     // A fresh cluster after it in the file, linked at once: the copy-up's
     // cluster is a leak inside the file, not its tail.
@@ -394,16 +391,14 @@ fn a_record_whose_copy_was_punched_since_is_dropped() {
 /// The open gap, confirmed: an opening without the log (killed too) trims
 /// the copy-up as a leak, allocates the same place for another cluster's
 /// write, and dies before that entry lands. The record then links the
-/// copy-up's cluster to the other cluster's bytes. Closing it needs a
-/// check of the copy's bytes in the record; the log stays opt-in.
+/// copy-up's cluster to the other cluster's bytes. A check of the copy's
+/// bytes cannot close it (later writes change them); an identity of the
+/// writing session kept in the image could. The log stays opt-in.
 #[test]
 #[ignore = "known gap: fails (cluster 1 shows cluster 31's bytes); see docs/reliability.md"]
 fn review_a_released_copy_reused_by_a_killed_foreign_opening_is_not_linked() {
-    let dir = TempDir::new("links-review-reuse");
-    let links = volatile_dir();
-    let (paths, model) = base_and_top(&dir);
+    let (_dir, links, paths, model, stack) = served("links-review-reuse");
     let mut shown = model.clone();
-    let (stack, _) = open(&paths, Some(links.path()));
     write_into(&stack, &mut shown, &[1], 1);
     drop(stack);
     // Without the log: the copy (the file's tail) is trimmed, and a fresh
