@@ -434,3 +434,69 @@ fn an_online_fold_leaves_no_link_log_behind() {
     std::fs::remove_file(&paths[1]).unwrap();
     assert!(logs(links.path()).is_empty(), "logs left behind: {:?}", logs(links.path()));
 }
+
+/// `ublk-ploop ARGS` with its link log directory at `links`, run as
+/// `uid` (0: as this test).
+fn cli_as(uid: u32, links: &Path, args: &[&std::ffi::OsStr]) -> common::Run {
+    let mut cmd = match uid {
+        0 => std::process::Command::new(common::bin()),
+        _ => {
+            let mut c = std::process::Command::new("setpriv");
+            c.args([format!("--reuid={uid}"), format!("--regid={uid}"), "--clear-groups".into()]).arg(common::bin());
+            c
+        }
+    };
+    cmd.args(args).env("UBLK_PLOOP_LINK_DIR", links).env_remove("RUST_LOG");
+    common::run(&mut cmd)
+}
+
+/// Offline tools after a kill apply the log a killed daemon left: the
+/// copy-ups it acknowledged stay. (A compaction used to open the top
+/// without it, releasing them as leaks.)
+#[test]
+fn offline_tools_after_a_kill_keep_the_logged_copy_ups() {
+    for verb in ["compact", "check"] {
+        let (_dir, links, paths, mut model, stack) = served(&format!("links-offline-{verb}"));
+        write_into(&stack, &mut model, &COPIED, 1);
+        drop(stack);
+        let top = paths[1].as_os_str();
+        let args: Vec<&std::ffi::OsStr> = match verb {
+            "compact" => vec!["compact".as_ref(), top],
+            _ => vec!["check".as_ref(), "--repair".as_ref(), top],
+        };
+        cli_as(0, links.path(), &args).ok();
+        assert!(logs(links.path()).is_empty(), "{verb}: logs left behind: {:?}", logs(links.path()));
+        assert_ne!(common::in_use_mark(&paths[1]), IN_USE, "{verb}: the top is closed clean");
+        let (stack, _) = open(&paths, None);
+        assert_disk(&stack, &model, &format!("after `{verb}` on the killed top"));
+        close_clean(stack, &paths[1], verb);
+    }
+}
+
+/// A user who may not read the log directory is refused an image left in
+/// use (its log would be missed), and the image is not touched; root then
+/// applies the log.
+#[test]
+fn an_image_left_in_use_is_refused_where_its_log_cannot_be_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let (dir, links, paths, mut model, stack) = served("links-hidden");
+    write_into(&stack, &mut model, &COPIED, 1);
+    drop(stack);
+    // The images are open to the other user; the log directory (0700) is not.
+    for p in [dir.path()].into_iter().chain(paths.iter().map(PathBuf::as_path)) {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(if p == dir.path() { 0o777 } else { 0o666 })).unwrap();
+    }
+    std::fs::set_permissions(links.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let before = std::fs::read(&paths[1]).unwrap();
+    let top = paths[1].as_os_str();
+    for args in [vec!["compact".as_ref(), top], vec!["check".as_ref(), "--repair".as_ref(), top]] {
+        cli_as(65534, links.path(), &args).expect_clean_failure().mentions(&["not closed cleanly"]);
+        assert!(std::fs::read(&paths[1]).unwrap() == before, "{args:?} as another user changed the top");
+    }
+    // Read-only looks are not refused.
+    cli_as(65534, links.path(), &["check".as_ref(), top]).mentions(&["in-use mark set"]);
+    cli_as(0, links.path(), &["check".as_ref(), "--repair".as_ref(), top]).ok();
+    let (stack, _) = open(&paths, None);
+    assert_disk(&stack, &model, "after root's repair");
+    close_clean(stack, &paths[1], "after root's repair");
+}

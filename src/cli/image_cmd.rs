@@ -144,8 +144,7 @@ fn check_cmd(image: PathBuf, repair: bool, format: FormatArg, json: bool) -> Res
         if repair && !writable {
             eprintln!("{}: a shared delta or a QCOW2 image: checked, not repaired", path.display());
         }
-        let links = crate::daemon::config::link_dir_if_present();
-        reports.push(block_on(check_in(&SyncIo, path, *format, repair && writable, links.as_deref()))?);
+        reports.push(block_on(check_in(&SyncIo, path, *format, repair && writable, None))?);
     }
     let problems = match &disk {
         Some(d) => disk_size_problems(d, &reports.iter().map(|r| (r.path.clone(), known_size(r))).collect::<Vec<_>>()),

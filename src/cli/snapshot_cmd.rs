@@ -53,7 +53,7 @@ fn offline<T>(dir: &std::path::Path, record: Record, op: impl FnOnce(&OwnRing, &
     let mut disk = Disk::load_locked(dir)?;
     let layers = block_on(disk.writable_layers(&SyncIo))?;
     // Nothing is served: a merge of the top folds it into its parent.
-    let opts = StackOptions { offline: true, link_log: crate::daemon::config::link_dir_if_present(), ..Default::default() };
+    let opts = StackOptions { offline: true, ..Default::default() };
     let (stack, _) = block_on(Stack::open_layers(&SyncIo, &layers, &opts)).map_err(|e| {
         if e.errno() == libc::EWOULDBLOCK || e.errno() == libc::EBUSY {
             Error::new(e.errno(), format!("{e}; if a device serves this disk, name it with -n N"))

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use ublk_ploop::disk::{Disk, Guid};
 use ublk_ploop::io::{block_on, Direct, SyncIo};
+use ublk_ploop::layers::ploop::links::Leftovers;
 use ublk_ploop::layers::Format;
 use ublk_ploop::{Error, LayerSpec, Result};
 
@@ -55,20 +56,30 @@ pub struct DeviceConfig {
 /// daemon's successor finds its log.
 pub const LINK_DIR: &str = "/run/ublk-ploop/links";
 
-/// The link log directory, when one exists that this user may use:
-/// offline tools and repairs apply a log a killed daemon left before they
-/// change an image.
-pub fn link_dir_if_present() -> Option<PathBuf> {
-    let dir = PathBuf::from(LINK_DIR);
-    let usable = nix::unistd::access(&dir, nix::unistd::AccessFlags::R_OK | nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK);
-    (dir.is_dir() && usable.is_ok()).then_some(dir)
+/// `LINK_DIR`, or for tests the directory `UBLK_PLOOP_LINK_DIR` names.
+fn link_dir_path() -> PathBuf {
+    std::env::var_os("UBLK_PLOOP_LINK_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(LINK_DIR))
+}
+
+/// Where this process finds the logs killed daemons left: every read-write
+/// open of an image left in use applies its log first (offline tools,
+/// repairs, a daemon serving without a log), and is refused when the
+/// directory exists but this user may not use it.
+pub fn leftovers() -> Leftovers {
+    use nix::unistd::AccessFlags;
+    let dir = link_dir_path();
+    match std::fs::metadata(&dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Leftovers::None,
+        Ok(m) if m.is_dir() && nix::unistd::access(&dir, AccessFlags::R_OK | AccessFlags::W_OK | AccessFlags::X_OK).is_ok() => Leftovers::Dir(dir),
+        _ => Leftovers::Hidden(dir),
+    }
 }
 
 /// Make the link log directory (root's only) and refuse one that a power
 /// cut would not empty: a log there would outlive the copies it links.
 pub fn link_dir() -> Result<PathBuf> {
     use std::os::unix::fs::DirBuilderExt;
-    let dir = PathBuf::from(LINK_DIR);
+    let dir = link_dir_path();
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(|e| Error::io(e, dir.display()))?;
     if !ublk_ploop::io::Io::is_volatile_dir(&SyncIo, &dir).map_err(|e| Error::io(e, dir.display()))? {
         return Err(Error::invalid(format!("{}: not on tmpfs, so it cannot hold link logs (serve without --link-log)", dir.display())));

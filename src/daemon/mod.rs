@@ -50,9 +50,6 @@ pub fn start(config: DeviceConfig, mode: Mode, foreground: bool) -> Result<i32> 
     };
     let opts = StackOptions { read_only: config.read_only, direct: config.direct, offline: false, link_log };
     let layers = config.layers()?;
-    if !config.link_log && !config.read_only {
-        apply_leftover_link_logs(&layers, config.direct)?;
-    }
     let (stack, reports) = block_on(Stack::open_layers(&SyncIo, &layers, &opts))?;
     if let (Some(dir), false) = (&config.disk, config.read_only) {
         // A merge a crash interrupted is finished before serving.
@@ -80,19 +77,6 @@ pub fn start(config: DeviceConfig, mode: Mode, foreground: bool) -> Result<i32> 
             1
         }
     })
-}
-
-/// A device served with --link-log, killed, and started again without it:
-/// its images still marked in use are opened once with the log it left
-/// (linking what it acknowledged) and closed, before this daemon opens
-/// them without one (which would release those copies as leaks).
-fn apply_leftover_link_logs(layers: &[ublk_ploop::LayerSpec], direct: ublk_ploop::io::Direct) -> Result<()> {
-    let Some(dir) = config::link_dir_if_present() else { return Ok(()) };
-    for spec in layers.iter().filter(|s| s.format == ublk_ploop::layers::Format::Ploop) {
-        let file = ublk_ploop::io::open_image_file_in(&SyncIo, &spec.path, false, direct)?;
-        block_on(ublk_ploop::layers::clean_file_if_in_use(&SyncIo, &file, direct, Some(&dir)))?;
-    }
-    Ok(())
 }
 
 fn run(stack: Stack, config: DeviceConfig, mode: Mode, ready: Ready) -> Result<i32> {

@@ -130,11 +130,22 @@ pub async fn check<I: Io>(io: &I, path: &Path, format: Format, repair: bool) -> 
 /// closed), so that the copy-ups it acknowledged are not released as
 /// leaks. An image that does not open that way (damage) is repaired as
 /// it is, and its log dropped.
+/// Without `links`, the directory this process was given for leftover logs
+/// (`links::set_leftovers`) is used, and one it may not read refuses the
+/// repair of an image left in use.
 pub async fn check_in<I: Io>(io: &I, path: &Path, format: Format, repair: bool, links: Option<&Path>) -> Result<CheckReport> {
-    if let (true, Format::Ploop, Some(dir)) = (repair, format, links) {
+    if let (true, Format::Ploop) = (repair, format) {
         let file = crate::io::open_image_file_in(io, path, false, crate::io::Direct::Off)?;
-        if let Err(e) = crate::layers::clean_file_if_in_use(io, &file, crate::io::Direct::Auto, Some(dir)).await {
-            tracing::warn!(image = %path.display(), "not opened with its link log before the repair: {e}");
+        let dir = match links {
+            Some(d) => Some(d.to_path_buf()),
+            // A header too damaged to say is the repair's to deal with.
+            None if crate::layers::file_marked_in_use(io, &file).await.unwrap_or(false) => super::links::leftover_dir(&path.display().to_string())?,
+            None => None,
+        };
+        if let Some(dir) = dir {
+            if let Err(e) = crate::layers::clean_file_if_in_use(io, &file, crate::io::Direct::Auto, Some(&dir)).await {
+                tracing::warn!(image = %path.display(), "not opened with its link log before the repair: {e}");
+            }
         }
     }
     let mut report = check_with(io, path, format, repair, true).await?;

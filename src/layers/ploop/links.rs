@@ -21,9 +21,51 @@
 
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 
 use crate::io::{Handle, Io, OpenHow};
+
+/// Where this process looks for the logs killed sessions left, for a
+/// read-write open that keeps no log itself (offline tools, a daemon
+/// serving without one). Set once by the frontend; the engine's default
+/// is `None`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Leftovers {
+    /// No log directory: none was kept since boot.
+    #[default]
+    None,
+    /// An image left in use has its log here applied, then removed.
+    Dir(PathBuf),
+    /// A log directory exists that this process may not use. An image left
+    /// in use is refused: opened without its log, its logged copies would
+    /// be released as leaks and their space reused, and the log, applied
+    /// later by a process that can read it, would link them to those bytes.
+    Hidden(PathBuf),
+}
+
+static LEFTOVERS: RwLock<Leftovers> = RwLock::new(Leftovers::None);
+
+/// Set where this process finds leftover logs (see `Leftovers`).
+pub fn set_leftovers(l: Leftovers) {
+    *LEFTOVERS.write().unwrap_or_else(|e| e.into_inner()) = l;
+}
+
+/// The directory whose log an image left in use (`image`, for the error)
+/// must have applied when opened read-write without a log of its own.
+pub(super) fn leftover_dir(image: &str) -> crate::Result<Option<PathBuf>> {
+    match &*LEFTOVERS.read().unwrap_or_else(|e| e.into_inner()) {
+        Leftovers::None => Ok(None),
+        Leftovers::Dir(d) => Ok(Some(d.clone())),
+        Leftovers::Hidden(d) => Err(crate::Error::new(
+            libc::EACCES,
+            format!(
+                "{image}: not closed cleanly, and {} (where a killed daemon leaves its link log) is not open to this user: \
+                 opened without that log, acknowledged writes could be lost; run this as root, or recover the device",
+                d.display()
+            ),
+        )),
+    }
+}
 
 /// Bytes of one record.
 pub const RECORD: usize = 32;

@@ -273,8 +273,14 @@ impl PloopLayer {
             )));
         }
         let data_off = header.data_off_bytes();
+        // Opened for writing without a log of its own, an image left in use
+        // still has the log a killed session left applied, then removed.
+        let leftover = match (links, file.writable && report.was_in_use) {
+            (None, true) => links::leftover_dir(&path)?,
+            _ => None,
+        };
         let mut log = None;
-        if let (Some(dir), true) = (links, file.writable) {
+        if let (Some(dir), true) = (links.or(leftover.as_deref()), file.writable) {
             let opened = links::LinkLog::open(io, dir, file.fd()).await;
             let (l, found) = opened.map_err(|e| Error::io(e, format_args!("{path}: opening its link log in {}", dir.display())))?.unzip();
             let found = found.unwrap_or_default();
@@ -303,6 +309,10 @@ impl PloopLayer {
             }
             log = l;
         }
+        let (log, applied_only) = match leftover {
+            Some(_) => (None, log),
+            None => (log, None),
+        };
         // Allocate past everything in the file, referenced or not: a leaked
         // cluster may hold garbage that a partial write must not expose.
         let mut next_free = data_off + file_len.saturating_sub(data_off).div_ceil(cluster) * cluster;
@@ -367,6 +377,11 @@ impl PloopLayer {
             if let Some(log) = &layer.links {
                 // Every record is in the image now, or was dropped.
                 log.reset(io).await.map_err(|e| Error::io(e, format_args!("{path}: emptying its link log")))?;
+            }
+            if let Some(log) = &applied_only {
+                // Its records are in the image, durably; one left behind
+                // would be skipped (in the image) or dropped (image clean).
+                let _ = io.remove_file(&log.path);
             }
             if report.trimmed_leak > 0 {
                 io.set_len(layer.file.fd(), next_free).await.map_err(|e| Error::io(e, &path))?;
