@@ -18,7 +18,7 @@ use libublk::{sys, UblkError};
 use serde::Serialize;
 
 use ublk_ploop::io::wait::{set_thread_kick, Kick};
-use ublk_ploop::io::{FixedBuf, RingIo, Submit};
+use ublk_ploop::io::{ring_setup, FixedBuf, RingIo, Submit};
 use ublk_ploop::Stack;
 
 use crate::ublk_control::MAX_IO_BYTES;
@@ -94,7 +94,17 @@ impl Submit for QueueRing<'_> {
 
 /// Body of one queue thread: a task per tag, all on the queue's ring.
 pub fn run_queue(qid: u16, dev: &UblkDev, device: Arc<Device>) {
-    let q = match UblkQueue::new(qid, dev) {
+    // Our ring, not libublk's default: set up on this thread (a single
+    // issuer) before the queue that uses it.
+    let ring = libublk::io::ublk_init_task_ring(|cell| {
+        if cell.get().is_none() {
+            let ring = ring_setup::build_ring(dev.tgt.sq_depth as u32, dev.tgt.cq_depth as u32).map_err(UblkError::IOError)?;
+            tracing::debug!(qid, deferred = ring.params().is_setup_single_issuer(), "queue ring set up");
+            cell.set(std::cell::RefCell::new(ring)).map_err(|_| UblkError::OtherError(-libc::EEXIST))?;
+        }
+        Ok(())
+    });
+    let q = match ring.and_then(|()| UblkQueue::new(qid, dev)) {
         Ok(q) => Rc::new(q),
         Err(e) => {
             tracing::error!("queue {qid}: setup failed: {e}");
@@ -143,11 +153,33 @@ pub fn run_queue(qid: u16, dev: &UblkDev, device: Arc<Device>) {
     smol::block_on(exe.run(async move {
         let run_ops = || while exe2.try_tick() {};
         let done = || tasks.iter().all(|t| t.is_finished());
-        if let Err(e) = libublk::wait_and_handle_io_events(&q, Some(20), run_ops, done).await {
+        let reap = |timed_out| libublk::uring_async::ublk_reap_io_events_with_update_queue(&q, timed_out, None, |c| libublk::uring_async::ublk_wake_task(c.user_data(), c));
+        if let Err(e) = libublk::uring_async::run_uring_tasks(|| wait_for_completions(&q), reap, run_ops, done).await {
             tracing::error!("queue {qid}: {e}");
         }
     }));
     set_thread_kick(None);
+}
+
+/// Submit what is queued and wait for a completion (or 20 s: the queue
+/// then counts as idle). Unlike libublk's own wait, this one still waits
+/// once the queue is stopping: with deferred task work the aborts of a
+/// stopping device are posted only while this thread waits for
+/// completions, and a wait that asks for none would spin forever.
+async fn wait_for_completions(q: &UblkQueue<'_>) -> Result<bool, UblkError> {
+    let ts = types::Timespec::new().sec(20);
+    let args = types::SubmitArgs::new().timespec(&ts);
+    let timed_out = match libublk::io::with_task_io_ring_mut(|r| r.submitter().submit_with_args(1, &args)) {
+        Ok(_) => false,
+        Err(e) if e.raw_os_error() == Some(libc::ETIME) => true,
+        Err(e) if e.raw_os_error() == Some(libc::EINTR) => false,
+        Err(e) => return Err(UblkError::IOError(e)),
+    };
+    // Stopping: the caller leaves once every tag's task is done.
+    match q.is_stopping() {
+        true => Err(UblkError::QueueIsDown),
+        false => Ok(timed_out),
+    }
 }
 
 async fn io_task(q: &UblkQueue<'_>, tag: u16, device: &Device) -> Result<(), UblkError> {

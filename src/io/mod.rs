@@ -16,6 +16,7 @@ mod aligned;
 mod file;
 mod own_ring;
 mod ring;
+pub mod ring_setup;
 mod sync;
 pub mod wait;
 

@@ -136,15 +136,11 @@ impl OwnRing {
     }
 }
 
-/// A ring set up as libublk sets up a queue's ring (cooperative task work:
-/// completions are handed over at the next entry instead of interrupting
-/// the thread), so the benchmark measures what the daemon runs; kernels
-/// older than 5.19 refuse the flag and get a plain ring.
+/// Set up as the daemon's queue rings are (see `ring_setup`), so the
+/// benchmark measures what the daemon runs. Every wait here asks for a
+/// completion, as deferred task work needs.
 fn new_uring(entries: u32) -> io::Result<IoUring> {
-    match IoUring::builder().setup_coop_taskrun().build(entries) {
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => IoUring::new(entries),
-        r => r,
-    }
+    super::ring_setup::build_ring(entries, entries * 2)
 }
 
 /// `block_on` polls again after every completion; its waker only notes a
