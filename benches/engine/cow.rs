@@ -9,8 +9,9 @@
 //! (an acknowledged write survives a kill -9), so that row is a report.
 //!
 //! The engine runs twice per turn: syncing each copy-up before its entry
-//! (the default), and with a link log on tmpfs (`StackOptions::link_log`),
-//! which defers that sync to the next flush.
+//! (the daemon's `--no-link-log`), and with a link log on tmpfs
+//! (`StackOptions::link_log`, the daemon's default where `/run` is a
+//! tmpfs), which defers that sync to the next flush.
 
 use std::fs;
 use std::process::Command;

@@ -291,7 +291,7 @@ impl Report<'_> {
             let q = r.qemu.as_ref().filter(|q| q.secs > 0.0);
             let _ = writeln!(
                 out,
-                "  {:<20} engine {:>6} w/s, with link log {:>6} w/s   qemu qcow2 {:>6} w/s   engine/qemu {}, with link log {}",
+                "  {:<20} engine --no-link-log {:>6} w/s, with the link log (default) {:>6} w/s   qemu qcow2 {:>6} w/s   engine/qemu {}, with the link log {}",
                 r.shape.what,
                 fmt_iops(r.engine.iops()),
                 r.logged.as_ref().map(|l| fmt_iops(l.iops())).unwrap_or_else(|| "-".into()),
@@ -483,13 +483,13 @@ impl Report<'_> {
         for r in load.cow.iter().flatten().filter(|r| r.shape.flush_every.is_some()) {
             targets.push((
                 r.shape.key,
-                format!("copy-on-write {} engine/qcow2", r.shape.what),
+                format!("copy-on-write {} engine --no-link-log/qcow2", r.shape.what),
                 r.ratio(),
                 1.0,
             ));
             targets.push((
                 r.shape.logged_key,
-                format!("copy-on-write {} engine with link log/qcow2", r.shape.what),
+                format!("copy-on-write {} engine (link log, the default)/qcow2", r.shape.what),
                 r.logged_ratio(),
                 1.0,
             ));

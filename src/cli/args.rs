@@ -524,9 +524,13 @@ pub struct DeviceArgs {
     /// Acknowledge a first write into a snapshot's cluster before its copy
     /// is synced: the link is kept in a log on tmpfs until the next flush,
     /// so a killed daemon's successor finds it and a power cut loses only
-    /// what was not flushed.
-    #[arg(long)]
+    /// what was not flushed. The default wherever /run is a tmpfs; with
+    /// this flag, refused elsewhere.
+    #[arg(long, conflicts_with = "no_link_log")]
     pub link_log: bool,
+    /// Sync each copy-up before acknowledging it (no link log).
+    #[arg(long)]
+    pub no_link_log: bool,
     #[command(flatten)]
     pub io: DirectArg,
 }

@@ -39,7 +39,11 @@ fn add(images: Vec<PathBuf>, format: FormatArg, snapshot: Option<Guid>, id: Opti
         copy_mode: dev.copy_mode,
         io_scheduler: dev.io_scheduler,
         name,
-        link_log: dev.link_log,
+        link_log: match (dev.link_log, dev.no_link_log) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        },
     };
     let mode = crate::ublk_control::Mode::Add { id: id.map_or(-1, |i| i as i32) };
     crate::daemon::start(config, mode, foreground)

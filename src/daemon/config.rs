@@ -47,9 +47,10 @@ pub struct DeviceConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     /// Acknowledge copy-ups before their sync, through a link log in
-    /// `LINK_DIR` (see `layers::ploop::links`).
-    #[serde(default)]
-    pub link_log: bool,
+    /// `LINK_DIR` (see `layers::ploop::links`): always, never, or (None)
+    /// wherever that directory is on tmpfs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_log: Option<bool>,
 }
 
 /// Where link logs live: tmpfs, so a power cut empties it and a killed
@@ -80,6 +81,12 @@ pub fn leftovers() -> Leftovers {
 pub fn link_dir() -> Result<PathBuf> {
     use std::os::unix::fs::DirBuilderExt;
     let dir = link_dir_path();
+    // The parent as the control sockets' code makes it (others may search
+    // it to reach a socket their group is allowed); only the logs' own
+    // directory is root's alone.
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(e, parent.display()))?;
+    }
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(|e| Error::io(e, dir.display()))?;
     if !ublk_ploop::io::Io::is_volatile_dir(&SyncIo, &dir).map_err(|e| Error::io(e, dir.display()))? {
         return Err(Error::invalid(format!("{}: not on tmpfs, so it cannot hold link logs (serve without --link-log)", dir.display())));
@@ -166,9 +173,9 @@ pub struct FileConfig {
     /// The device's stable name, `/dev/ublk-ploop/NAME` (default: the
     /// config file's name without `.toml`, the systemd unit's instance).
     pub name: Option<String>,
-    /// Copy-ups acknowledged before their sync, with a link log on tmpfs.
-    #[serde(default)]
-    pub link_log: bool,
+    /// Copy-ups acknowledged before their sync, with a link log on tmpfs
+    /// (unset: wherever /run is a tmpfs).
+    pub link_log: Option<bool>,
 }
 
 pub const DEFAULT_QUEUES: u16 = 1;
@@ -275,6 +282,22 @@ mod tests {
         assert_eq!(id, Some(7));
         assert_eq!((c.queues, c.depth, c.direct, c.socket_gid), (2, 64, Direct::Off, Some(0)));
         assert!(c.images[0].path.is_absolute());
+    }
+
+    /// Unset, the link log follows /run; set, it is asked for or refused.
+    /// A device stored by an earlier version (a plain `false`) stays without.
+    #[test]
+    fn the_link_log_is_unset_unless_named() {
+        let img = write("l.img", "x");
+        for (text, want) in [("", None), ("link_log = true\n", Some(true)), ("link_log = false\n", Some(false))] {
+            let cfg = write("links.toml", &format!("image = {img:?}\n{text}"));
+            assert_eq!(load(&cfg).unwrap().0.link_log, want, "{text:?}");
+        }
+        let stored = format!(r#"{{"images":[{img:?}],"queues":1,"depth":64,"read_only":false,"direct":"auto","link_log":false}}"#);
+        let c: DeviceConfig = serde_json::from_str(&stored).unwrap();
+        assert_eq!(c.link_log, Some(false));
+        let c: DeviceConfig = serde_json::from_str(&stored.replace(r#","link_log":false"#, "")).unwrap();
+        assert_eq!(c.link_log, None);
     }
 
     #[test]

@@ -44,9 +44,16 @@ pub fn start(config: DeviceConfig, mode: Mode, foreground: bool) -> Result<i32> 
     }
     process::ignore_sigpipe();
     // Open the images before forking so that bad input fails right here.
-    let link_log = match config.link_log && !config.read_only {
-        true => Some(config::link_dir()?),
-        false => None,
+    let link_log = match (config.link_log, config.read_only) {
+        (Some(false), _) | (_, true) => None,
+        (Some(true), false) => Some(config::link_dir()?),
+        (None, false) => match config::link_dir() {
+            Ok(dir) => Some(dir),
+            Err(e) => {
+                tracing::info!("copy-ups are synced before they are acknowledged: {e}");
+                None
+            }
+        },
     };
     let opts = StackOptions { read_only: config.read_only, direct: config.direct, offline: false, link_log };
     let layers = config.layers()?;

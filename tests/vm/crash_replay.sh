@@ -15,8 +15,9 @@
 # leaked clusters are not damage), both disks open on a device, every
 # generation marked before the point reads back (or a newer one), the guest
 # ext4 mounts, passes fsck and holds every file synced before the point.
-# With `link-log`, the disk directory's device runs with --link-log: its
-# copy-ups are acknowledged before their sync, and a power cut (the
+# Without `link-log` the disk directory's device syncs each copy-up before
+# acknowledging it (--no-link-log); with it, its copy-ups are acknowledged
+# before their sync, and a power cut (the
 # replay) finds no log, as a reboot empties the tmpfs.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -26,7 +27,7 @@ SCRATCH=${UBLK_PLOOP_SCRATCH:?run this inside the VM: tests/vm/run $0}
 TOOL="python3 $here/crashlog.py"
 MAX_POINTS=${1:-10}
 GENS=${2:-12}
-LINK_LOG=()
+LINK_LOG=(--no-link-log)
 [ "${3:-}" = link-log ] && LINK_LOG=(--link-log)
 log() { echo "crash-replay: $*"; }
 die() { log "FAIL: $*"; exit 1; }

@@ -43,10 +43,10 @@ for i in 16 17; do
 	what[$i]="--image $SCRATCH/soak$i.base --image $SCRATCH/soak$i.top"
 done
 ALL="10 11 12 13 14 15 16 17"
-# Copy-ups through the link log on the disk directories (a snapshot every
-# round makes later writes copy clusters up) and on one stack; 16 keeps
-# the default sync per copy-up.
-for i in 14 15 17; do what[$i]="${what[$i]} --link-log"; done
+# Copy-ups through the link log (the default) on the disk directories (a
+# snapshot every round makes later writes copy clusters up) and on one
+# stack; 16 syncs each copy-up before its acknowledgement.
+what[16]="${what[16]} --no-link-log"
 # Never restarted: watched for growth, with a queue depth of 16 so that the
 # warm-up below can put every tag's buffer to use.
 WATCH="11 13"
