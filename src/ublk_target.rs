@@ -154,7 +154,7 @@ pub fn run_queue(qid: u16, dev: &UblkDev, device: Arc<Device>) {
         let run_ops = || while exe2.try_tick() {};
         let done = || tasks.iter().all(|t| t.is_finished());
         let reap = |timed_out| libublk::uring_async::ublk_reap_io_events_with_update_queue(&q, timed_out, None, |c| libublk::uring_async::ublk_wake_task(c.user_data(), c));
-        if let Err(e) = libublk::uring_async::run_uring_tasks(|| wait_for_completions(&q), reap, run_ops, done).await {
+        if let Err(e) = libublk::uring_async::run_uring_tasks(|| wait_for_completions(&q, &done), reap, run_ops, &done).await {
             tracing::error!("queue {qid}: {e}");
         }
     }));
@@ -165,8 +165,13 @@ pub fn run_queue(qid: u16, dev: &UblkDev, device: Arc<Device>) {
 /// then counts as idle). Unlike libublk's own wait, this one still waits
 /// once the queue is stopping: with deferred task work the aborts of a
 /// stopping device are posted only while this thread waits for
-/// completions, and a wait that asks for none would spin forever.
-async fn wait_for_completions(q: &UblkQueue<'_>) -> Result<bool, UblkError> {
+/// completions, and a wait that asks for none would spin forever. Once
+/// every tag's task has ended (`done`, also through an error other than
+/// the stop's abort), it returns at once, so the queue thread ends.
+async fn wait_for_completions(q: &UblkQueue<'_>, done: &impl Fn() -> bool) -> Result<bool, UblkError> {
+    if done() {
+        return Err(UblkError::QueueIsDown);
+    }
     let ts = types::Timespec::new().sec(20);
     let args = types::SubmitArgs::new().timespec(&ts);
     let timed_out = match libublk::io::with_task_io_ring_mut(|r| r.submitter().submit_with_args(1, &args)) {

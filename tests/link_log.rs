@@ -486,17 +486,49 @@ fn an_image_left_in_use_is_refused_where_its_log_cannot_be_read() {
     for p in [dir.path()].into_iter().chain(paths.iter().map(PathBuf::as_path)) {
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(if p == dir.path() { 0o777 } else { 0o666 })).unwrap();
     }
-    std::fs::set_permissions(links.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
     let before = std::fs::read(&paths[1]).unwrap();
     let top = paths[1].as_os_str();
-    for args in [vec!["compact".as_ref(), top], vec!["check".as_ref(), "--repair".as_ref(), top]] {
-        cli_as(65534, links.path(), &args).expect_clean_failure().mentions(&["not closed cleanly"]);
-        assert!(std::fs::read(&paths[1]).unwrap() == before, "{args:?} as another user changed the top");
+    // As the daemon makes it (others may search it, so they see this
+    // image's log), and as an earlier version did (they see nothing).
+    for mode in [0o711, 0o700] {
+        std::fs::set_permissions(links.path(), std::fs::Permissions::from_mode(mode)).unwrap();
+        for args in [vec!["compact".as_ref(), top], vec!["check".as_ref(), "--repair".as_ref(), top]] {
+            cli_as(65534, links.path(), &args).expect_clean_failure().mentions(&["not closed cleanly"]);
+            assert!(std::fs::read(&paths[1]).unwrap() == before, "{args:?} as another user changed the top ({mode:o})");
+        }
     }
+    // An image left in use without a log is that user's to repair, where
+    // the directory shows it has none.
+    std::fs::set_permissions(links.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let lone = dir.join("lone.hds");
+    block_on(PloopLayer::create(&SyncIo, &lone, SIZE, C)).unwrap();
+    let (stack, _) = open(std::slice::from_ref(&lone), None);
+    block_on(stack.write(&SyncIo, 0, &pattern(5, 4096))).unwrap();
+    drop(stack);
+    std::fs::set_permissions(&lone, std::fs::Permissions::from_mode(0o666)).unwrap();
+    assert_eq!(common::in_use_mark(&lone), IN_USE);
+    cli_as(65534, links.path(), &["check".as_ref(), "--repair".as_ref(), lone.as_os_str()]).ok();
+    assert_ne!(common::in_use_mark(&lone), IN_USE);
     // Read-only looks are not refused.
     cli_as(65534, links.path(), &["check".as_ref(), top]).mentions(&["in-use mark set"]);
     cli_as(0, links.path(), &["check".as_ref(), "--repair".as_ref(), top]).ok();
     let (stack, _) = open(&paths, None);
     assert_disk(&stack, &model, "after root's repair");
     close_clean(stack, &paths[1], "after root's repair");
+}
+
+/// A repair of a killed top too damaged to open with its log releases the
+/// copies the log recorded, so the log goes too (a record left behind
+/// could later link a reused cluster).
+#[test]
+fn a_repair_past_damage_drops_the_log() {
+    let (_dir, links, paths, mut model, stack) = served("links-damaged");
+    write_into(&stack, &mut model, &COPIED, 1);
+    drop(stack);
+    assert_eq!(logs(links.path()).len(), 1);
+    common::set_bat_entry(&paths[1], CLUSTERS - 3, 0x00ff_ffff);
+    let r = cli_as(0, links.path(), &["check".as_ref(), "--repair".as_ref(), paths[1].as_os_str()]);
+    assert_ne!(r.code(), 101, "{}", r.stderr);
+    assert!(logs(links.path()).is_empty(), "the log outlived the repair: {:?}\n{}", logs(links.path()), r.stderr);
+    assert_ploop_clean(&paths[1], "after the repair");
 }

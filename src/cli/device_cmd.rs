@@ -44,6 +44,7 @@ fn add(images: Vec<PathBuf>, format: FormatArg, snapshot: Option<Guid>, id: Opti
             (_, true) => Some(false),
             _ => None,
         },
+        link_dir_id: None,
     };
     let mode = crate::ublk_control::Mode::Add { id: id.map_or(-1, |i| i as i32) };
     crate::daemon::start(config, mode, foreground)

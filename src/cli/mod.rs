@@ -66,7 +66,7 @@ fn init_logging(verbose: u8) {
 fn run(command: Command) -> Result<i32> {
     // Before any image is opened: every read-write open of one left in use
     // applies the link log a killed daemon left (or is refused without it).
-    ublk_ploop::layers::ploop::links::set_leftovers(crate::daemon::config::leftovers());
+    ublk_ploop::layers::ploop::links::set_leftover_dir(Some(crate::daemon::config::link_dir_path()));
     match command {
         Command::Image(c) => image_cmd::run(c),
         Command::Device(c) => device_cmd::run(c),

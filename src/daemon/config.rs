@@ -8,7 +8,6 @@ use serde::{Deserialize, Serialize};
 
 use ublk_ploop::disk::{Disk, Guid};
 use ublk_ploop::io::{block_on, Direct, SyncIo};
-use ublk_ploop::layers::ploop::links::Leftovers;
 use ublk_ploop::layers::Format;
 use ublk_ploop::{Error, LayerSpec, Result};
 
@@ -51,6 +50,10 @@ pub struct DeviceConfig {
     /// wherever that directory is on tmpfs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub link_log: Option<bool>,
+    /// The link log directory this device's daemon kept its log in (see
+    /// `link_dir_identity`): a successor must find the same one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_dir_id: Option<String>,
 }
 
 /// Where link logs live: tmpfs, so a power cut empties it and a killed
@@ -58,40 +61,57 @@ pub struct DeviceConfig {
 pub const LINK_DIR: &str = "/run/ublk-ploop/links";
 
 /// `LINK_DIR`, or for tests the directory `UBLK_PLOOP_LINK_DIR` names.
-fn link_dir_path() -> PathBuf {
+pub fn link_dir_path() -> PathBuf {
     std::env::var_os("UBLK_PLOOP_LINK_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(LINK_DIR))
 }
 
-/// Where this process finds the logs killed daemons left: every read-write
-/// open of an image left in use applies its log first (offline tools,
-/// repairs, a daemon serving without a log), and is refused when the
-/// directory exists but this user may not use it.
-pub fn leftovers() -> Leftovers {
-    use nix::unistd::AccessFlags;
-    let dir = link_dir_path();
-    match std::fs::metadata(&dir) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Leftovers::None,
-        Ok(m) if m.is_dir() && nix::unistd::access(&dir, AccessFlags::R_OK | AccessFlags::W_OK | AccessFlags::X_OK).is_ok() => Leftovers::Dir(dir),
-        _ => Leftovers::Hidden(dir),
-    }
-}
-
-/// Make the link log directory (root's only) and refuse one that a power
-/// cut would not empty: a log there would outlive the copies it links.
+/// Make the link log directory and refuse one that a power cut would not
+/// empty: a log there would outlive the copies it links. Its files are
+/// root's; others may search it (not list it), so that a command run by
+/// another user is refused only an image whose log holds records.
 pub fn link_dir() -> Result<PathBuf> {
-    use std::os::unix::fs::DirBuilderExt;
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let dir = link_dir_path();
     // The parent as the control sockets' code makes it (others may search
-    // it to reach a socket their group is allowed); only the logs' own
-    // directory is root's alone.
-    if let Some(parent) = dir.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| Error::io(e, parent.display()))?;
+    // it to reach a socket their group is allowed).
+    let parent = dir.parent().unwrap_or(&dir);
+    std::fs::create_dir_all(parent).map_err(|e| Error::io(e, parent.display()))?;
+    if !ublk_ploop::io::Io::is_volatile_dir(&SyncIo, parent).map_err(|e| Error::io(e, parent.display()))? {
+        return Err(Error::invalid(format!("{}: not on tmpfs, so it cannot hold link logs (serve without --link-log)", parent.display())));
     }
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(|e| Error::io(e, dir.display()))?;
-    if !ublk_ploop::io::Io::is_volatile_dir(&SyncIo, &dir).map_err(|e| Error::io(e, dir.display()))? {
-        return Err(Error::invalid(format!("{}: not on tmpfs, so it cannot hold link logs (serve without --link-log)", dir.display())));
-    }
+    std::fs::DirBuilder::new().recursive(true).mode(0o711).create(&dir).map_err(|e| Error::io(e, dir.display()))?;
+    // Made 0700 by an earlier version.
+    let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711));
     Ok(dir)
+}
+
+/// Which directory `dir` is: its filesystem, inode and birth time. A tmpfs
+/// mounted again (a container's /run after a restart), or the directory
+/// made again, is another one, whose logs are gone.
+pub fn link_dir_identity(dir: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(dir).ok()?;
+    let born = m.created().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
+    Some(format!("{:x}-{:x}-{born:x}", m.dev(), m.ino()))
+}
+
+/// A daemon taking over a device whose killed daemon kept a link log in
+/// the directory `stored` names must find that directory in `dir`: else
+/// the copy-ups it acknowledged since the last flush are gone, and serving
+/// on would hide that from the filesystem on the device.
+pub fn check_link_dir_kept(stored: &str, dir: &Path, id: u32) -> Result<()> {
+    match link_dir_identity(dir) {
+        Some(now) if now == stored => Ok(()),
+        _ => Err(Error::new(
+            libc::ESTALE,
+            format!(
+                "device {id}: its daemon kept a link log in {}, and that directory is not the one it used (the tmpfs was \
+                 mounted or made again): the writes into snapshot clusters it acknowledged since the last flush are lost. \
+                 Remove the device (del -n {id} --force) and add it again, and check the filesystem on it",
+                dir.display()
+            ),
+        )),
+    }
 }
 
 impl DeviceConfig {
@@ -227,6 +247,7 @@ pub fn load(path: &Path) -> Result<(DeviceConfig, Option<u32>)> {
             None => path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string(),
         }),
         link_log: file.link_log,
+        link_dir_id: None,
     };
     if let Some(n) = &config.name {
         crate::daemon::devlink::validate(n).map_err(|e| bad(format!("name: {e}")))?;
@@ -298,6 +319,25 @@ mod tests {
         assert_eq!(c.link_log, Some(false));
         let c: DeviceConfig = serde_json::from_str(&stored.replace(r#","link_log":false"#, "")).unwrap();
         assert_eq!(c.link_log, None);
+    }
+
+    /// A successor finds the directory its predecessor used, or refuses.
+    #[test]
+    fn a_link_dir_made_again_is_not_the_one_kept() {
+        let dir = std::env::temp_dir().join(format!("ublk-ploop-cfg-links-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let kept = link_dir_identity(&dir).unwrap();
+        check_link_dir_kept(&kept, &dir, 3).unwrap();
+        std::fs::remove_dir(&dir).unwrap();
+        let gone = check_link_dir_kept(&kept, &dir, 3).unwrap_err();
+        assert_eq!(gone.errno(), libc::ESTALE, "{gone}");
+        // Made again: another inode (and birth time), the same path.
+        let other = dir.with_extension("other");
+        std::fs::create_dir_all(&other).unwrap();
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(check_link_dir_kept(&kept, &dir, 3).unwrap_err().to_string().contains("del -n 3"));
+        let _ = (std::fs::remove_dir(&dir), std::fs::remove_dir(&other));
     }
 
     #[test]

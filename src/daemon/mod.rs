@@ -32,7 +32,7 @@ pub use config::DeviceConfig;
 
 /// Start a device daemon. Unless `foreground`, fork: the parent returns
 /// once the device is live (printing its path) or failed.
-pub fn start(config: DeviceConfig, mode: Mode, foreground: bool) -> Result<i32> {
+pub fn start(mut config: DeviceConfig, mode: Mode, foreground: bool) -> Result<i32> {
     require_ublk()?;
     if let Some(name) = &config.name {
         devlink::validate(name)?;
@@ -55,6 +55,10 @@ pub fn start(config: DeviceConfig, mode: Mode, foreground: bool) -> Result<i32> 
             }
         },
     };
+    if let (Mode::Recover { id }, Some(kept)) = (&mode, &config.link_dir_id) {
+        config::check_link_dir_kept(kept, &config::link_dir_path(), *id)?;
+    }
+    config.link_dir_id = link_log.as_deref().and_then(config::link_dir_identity);
     let opts = StackOptions { read_only: config.read_only, direct: config.direct, offline: false, link_log };
     let layers = config.layers()?;
     let (stack, reports) = block_on(Stack::open_layers(&SyncIo, &layers, &opts))?;

@@ -131,20 +131,28 @@ pub async fn check<I: Io>(io: &I, path: &Path, format: Format, repair: bool) -> 
 /// leaks. An image that does not open that way (damage) is repaired as
 /// it is, and its log dropped.
 /// Without `links`, the directory this process was given for leftover logs
-/// (`links::set_leftovers`) is used, and one it may not read refuses the
-/// repair of an image left in use.
+/// (`links::set_leftover_dir`) is used, and a log there this user may not
+/// read refuses the repair of an image left in use.
 pub async fn check_in<I: Io>(io: &I, path: &Path, format: Format, repair: bool, links: Option<&Path>) -> Result<CheckReport> {
     if let (true, Format::Ploop) = (repair, format) {
         let file = crate::io::open_image_file_in(io, path, false, crate::io::Direct::Off)?;
+        // A header too damaged to say counts as in use.
+        let in_use = crate::layers::file_marked_in_use(io, &file).await.unwrap_or(true);
         let dir = match links {
             Some(d) => Some(d.to_path_buf()),
-            // A header too damaged to say is the repair's to deal with.
-            None if crate::layers::file_marked_in_use(io, &file).await.unwrap_or(false) => super::links::leftover_dir(&path.display().to_string())?,
+            None if in_use => super::links::leftover_dir(io, &path.display().to_string(), file.fd())?,
             None => None,
         };
         if let Some(dir) = dir {
-            if let Err(e) = crate::layers::clean_file_if_in_use(io, &file, crate::io::Direct::Auto, Some(&dir)).await {
-                tracing::warn!(image = %path.display(), "not opened with its link log before the repair: {e}");
+            match crate::layers::clean_file_if_in_use(io, &file, crate::io::Direct::Auto, Some(&dir)).await {
+                Ok(_) => {}
+                Err(e) if e.errno() == libc::EUCLEAN => {
+                    // Damage the repair deals with: it releases the copies
+                    // the log recorded, so the log goes too.
+                    tracing::warn!(image = %path.display(), "not opened with its link log before the repair: {e}; log dropped");
+                    super::links::remove_log_of(io, &dir, file.fd());
+                }
+                Err(e) => return Err(e),
             }
         }
     }

@@ -28,42 +28,69 @@ use crate::io::{Handle, Io, OpenHow};
 /// Where this process looks for the logs killed sessions left, for a
 /// read-write open that keeps no log itself (offline tools, a daemon
 /// serving without one). Set once by the frontend; the engine's default
-/// is `None`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub enum Leftovers {
-    /// No log directory: none was kept since boot.
-    #[default]
-    None,
-    /// An image left in use has its log here applied, then removed.
-    Dir(PathBuf),
-    /// A log directory exists that this process may not use. An image left
-    /// in use is refused: opened without its log, its logged copies would
-    /// be released as leaks and their space reused, and the log, applied
-    /// later by a process that can read it, would link them to those bytes.
-    Hidden(PathBuf),
+/// is none. Whether the directory exists and may be used is decided at
+/// each open (`leftover_dir`): a daemon may make it, and be killed with a
+/// log there, while a command waits for a disk's lock.
+static LEFTOVER_DIR: RwLock<Option<PathBuf>> = RwLock::new(None);
+
+/// Set where this process finds leftover logs (see `LEFTOVER_DIR`).
+pub fn set_leftover_dir(dir: Option<PathBuf>) {
+    *LEFTOVER_DIR.write().unwrap_or_else(|e| e.into_inner()) = dir;
 }
 
-static LEFTOVERS: RwLock<Leftovers> = RwLock::new(Leftovers::None);
-
-/// Set where this process finds leftover logs (see `Leftovers`).
-pub fn set_leftovers(l: Leftovers) {
-    *LEFTOVERS.write().unwrap_or_else(|e| e.into_inner()) = l;
+/// The name of the log of the image open as `image_fd`: one per file,
+/// whatever name it was opened by; the birth time keeps a later file on a
+/// reused inode from meeting it.
+fn log_name<I: Io>(io: &I, image_fd: RawFd) -> std::io::Result<String> {
+    let st = io.fstat(image_fd)?;
+    Ok(format!("{:x}-{:x}-{:x}.links", st.dev, st.ino, st.born_ns))
 }
 
-/// The directory whose log an image left in use (`image`, for the error)
-/// must have applied when opened read-write without a log of its own.
-pub(super) fn leftover_dir(image: &str) -> crate::Result<Option<PathBuf>> {
-    match &*LEFTOVERS.read().unwrap_or_else(|e| e.into_inner()) {
-        Leftovers::None => Ok(None),
-        Leftovers::Dir(d) => Ok(Some(d.clone())),
-        Leftovers::Hidden(d) => Err(crate::Error::new(
+/// The directory whose log an image left in use (open as `image_fd`;
+/// `image` names it in errors) must have applied when opened read-write
+/// without a log of its own. None where no log can be: no directory, or
+/// one that is not volatile. A directory this process may not use refuses
+/// the open when the image's log there holds records: opened without it,
+/// the logged copies would be released as leaks and their space reused,
+/// and the log, applied later by a process that can read it, would link
+/// them to those bytes. (The directory lets anyone search it, so that
+/// only an image with records is refused.)
+pub(super) fn leftover_dir<I: Io>(io: &I, image: &str, image_fd: RawFd) -> crate::Result<Option<PathBuf>> {
+    use nix::unistd::AccessFlags;
+    let Some(dir) = LEFTOVER_DIR.read().unwrap_or_else(|e| e.into_inner()).clone() else { return Ok(None) };
+    match std::fs::metadata(&dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Ok(m) if m.is_dir() => {
+            if !io.is_volatile_dir(&dir).unwrap_or(true) {
+                return Ok(None);
+            }
+            let rwx = AccessFlags::R_OK | AccessFlags::W_OK | AccessFlags::X_OK;
+            if nix::unistd::faccessat(None, &dir, rwx, nix::fcntl::AtFlags::AT_EACCESS).is_ok() {
+                return Ok(Some(dir));
+            }
+        }
+        _ => {}
+    }
+    let name = log_name(io, image_fd).map_err(|e| crate::Error::io(e, image))?;
+    match std::fs::metadata(dir.join(name)) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Ok(m) if m.len() == 0 => Ok(None),
+        _ => Err(crate::Error::new(
             libc::EACCES,
             format!(
-                "{image}: not closed cleanly, and {} (where a killed daemon leaves its link log) is not open to this user: \
-                 opened without that log, acknowledged writes could be lost; run this as root, or recover the device",
-                d.display()
+                "{image}: not closed cleanly, and the link log a killed daemon left for it in {} is not open to this user: \
+                 opened without it, acknowledged writes could be lost; run this as root, or recover the device",
+                dir.display()
             ),
         )),
+    }
+}
+
+/// Remove the log of the image open as `image_fd` from `dir`, if any: for
+/// a repair that releases what it recorded.
+pub fn remove_log_of<I: Io>(io: &I, dir: &Path, image_fd: RawFd) {
+    if let Ok(name) = log_name(io, image_fd) {
+        let _ = io.remove_file(&dir.join(name));
     }
 }
 
@@ -131,10 +158,7 @@ impl LinkLog {
             tracing::info!(dir = %dir.display(), "no link log: the image's filesystem may store written zeros as holes");
             return Ok(None);
         }
-        let st = io.fstat(image_fd)?;
-        // One log per file, whatever name the image was opened by; the
-        // birth time keeps a later file on a reused inode from meeting it.
-        let path = dir.join(format!("{:x}-{:x}-{:x}.links", st.dev, st.ino, st.born_ns));
+        let path = dir.join(log_name(io, image_fd)?);
         let how = OpenHow { write: true, create: true, mode: 0o600, nofollow: true, ..OpenHow::default() };
         let handle = io.open(&path, &how)?;
         let len = io.fstat(handle.fd())?.len as usize;

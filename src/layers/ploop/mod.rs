@@ -276,7 +276,7 @@ impl PloopLayer {
         // Opened for writing without a log of its own, an image left in use
         // still has the log a killed session left applied, then removed.
         let leftover = match (links, file.writable && report.was_in_use) {
-            (None, true) => links::leftover_dir(&path)?,
+            (None, true) => links::leftover_dir(io, &path, file.fd())?,
             _ => None,
         };
         let mut log = None;
@@ -379,9 +379,12 @@ impl PloopLayer {
                 log.reset(io).await.map_err(|e| Error::io(e, format_args!("{path}: emptying its link log")))?;
             }
             if let Some(log) = &applied_only {
-                // Its records are in the image, durably; one left behind
-                // would be skipped (in the image) or dropped (image clean).
-                let _ = io.remove_file(&log.path);
+                // Its records are in the image, durably. Emptied first: a
+                // record left behind by a failed removal could apply again
+                // once a discard has taken its cluster's entry away.
+                if log.reset(io).await.is_ok() {
+                    let _ = io.remove_file(&log.path);
+                }
             }
             if report.trimmed_leak > 0 {
                 io.set_len(layer.file.fd(), next_free).await.map_err(|e| Error::io(e, &path))?;
