@@ -279,6 +279,21 @@ scenario_kill_recover_links() {
 	[ -z "$(ls -A "$links")" ] || { ls -la "$links"; die "a link log outlived its device"; }
 	"$BIN" check "$top"
 	qemu_check "$top"
+	# The log's directory made again (a container's /run mounted again)
+	# while the daemon is dead: recover refuses, and recovers once the
+	# directory it logged in is back.
+	dev=$("$BIN" add --image "$base" --image "$top"); wait_dev "$dev"
+	id=$(dev_id "$dev")
+	dd if=/dev/urandom of="$dev" bs=4k count=64 seek=4096 oflag=direct status=none
+	kill -9 "$(daemon_pid "$id")"
+	sleep 1
+	mv "$links" "$links.kept" && mkdir -m 711 "$links"
+	out=$("$BIN" recover -n "$id" 2>&1) && die "recover served on with another link log directory: $out"
+	grep -q "not the one it used" <<<"$out" || die "unexpected refusal: $out"
+	rmdir "$links" && mv "$links.kept" "$links"
+	"$BIN" recover -n "$id"
+	"$BIN" del -n "$id"
+	"$BIN" check "$top"
 }
 
 scenario_read_only() {
