@@ -16,7 +16,7 @@ use io_uring::IoUring;
 
 /// True unless `UBLK_PLOOP_RING=coop` asks for cooperative task work only
 /// (libublk's own setup), for side-by-side measurements.
-pub fn defers_task_work() -> bool {
+fn defers_task_work() -> bool {
     !matches!(std::env::var_os("UBLK_PLOOP_RING"), Some(v) if v == "coop")
 }
 
