@@ -405,8 +405,8 @@ fn compacting_a_bare_delta_never_shows_its_parent() {
 /// the clusters the top holds (`TemporaryZero`), then swapping the two
 /// files in the descriptor (`TemporaryZeroSwap`) and merging the small one
 /// into the big one. We never write those states, but a disk ploop's tool
-/// left in either is read as ploop reads it and finished (forward: the
-/// child into the temporary parent) by the next command, with the data.
+/// left in either is read as ploop reads it and finished by the next
+/// command as ploop finishes it: the small delta into the base's file.
 #[test]
 fn ploops_interrupted_reverse_merge_states_are_finished() {
     for swapped in [false, true] {
@@ -422,6 +422,7 @@ fn ploops_interrupted_reverse_merge_states_are_finished() {
         for a in at {
             data[a as usize..a as usize + piece.len()].copy_from_slice(&piece);
         }
+        let base_len = std::fs::metadata(&layers[0]).unwrap().len();
         // The base's entries for the top's clusters, zeroed (the top hides them).
         let base = std::fs::OpenOptions::new().write(true).open(&layers[0]).unwrap();
         for c in [2u64, 7] {
@@ -447,9 +448,16 @@ fn ploops_interrupted_reverse_merge_states_are_finished() {
         let d = Disk::load(&disk).unwrap();
         assert!(d.desc.shots.iter().all(|s: &Shot| s.temporary == Temporary::No), "{ctx}: a temporary snapshot is left");
         assert_eq!(d.desc.images.len(), 2, "{ctx}: the merge was not finished before the snapshot");
+        // Either way the base's file stays and the small delta goes, as
+        // ploop's own resume leaves it; the cost is the small delta's
+        // clusters: the base's file grows by at most those two.
         let layers = chain(&disk);
-        assert_eq!(layers[0], half[0], "{ctx}: the parent's file (the merge's target) is the base");
-        assert!(!half[1].exists(), "{ctx}: the merged child's file was left");
+        let (base, small) = if swapped { (&half[1], &half[0]) } else { (&half[0], &half[1]) };
+        assert_eq!(&layers[0], base, "{ctx}: the base's file is not the disk's any more");
+        assert_eq!(layers[0].file_name().unwrap(), "root.hds", "{ctx}");
+        assert!(!small.exists(), "{ctx}: the small delta's file was left");
+        let grown = std::fs::metadata(&layers[0]).unwrap().len().saturating_sub(base_len);
+        assert!(grown <= 2 * CLUSTER, "{ctx}: the base grew by {grown} bytes for a 2-cluster delta");
         for l in &layers {
             ploop(["check", p(l)]).ok();
             qemu_accepts(l);

@@ -244,7 +244,12 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
     let clusters;
     let top = ci + 1 == layers.len();
     let same_kind = |a: &Layer, b: &Layer| a.format() == Format::Ploop && b.format() == Format::Ploop && a.variant() == b.variant();
-    if top && !shared_parent && stack.is_offline() && same_kind(&layers[pi], &layers[ci]) {
+    // ploop 9's reverse merge stopped after its swap: the parent's GUID
+    // names the small delta, the top is the old base. Copying the parent
+    // up costs the delta and keeps the base's file, as ploop's resume does.
+    let swapped = pshot.temporary == Temporary::ZeroSwap;
+    let fold = top && !shared_parent && !swapped && same_kind(&layers[pi], &layers[ci]);
+    if fold && stack.is_offline() {
         // Offline, as ploop's offline merge: the top is copied into its
         // parent's file, which then serves as the top under the top's
         // GUID. The cost is the top's clusters, and the parent keeps its
@@ -269,7 +274,7 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
         next.replace(io, disk).await?;
         *disk = next;
         remove_file(io, &cpath);
-    } else if top && !shared_parent && same_kind(&layers[pi], &layers[ci]) {
+    } else if fold {
         // Online, as ploop's forward merge: the top is copied into its
         // parent's file while requests go on, and that file then serves as
         // the top under the top's GUID. The cost is the top's clusters
@@ -335,8 +340,9 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
         remove_file(io, &cpath);
     } else if top {
         // The top: copy the parent up into it (the two are of another
-        // format or version, or the parent is shared: other disks read it
-        // too, so it is neither locked for us alone nor removed).
+        // format or version, the parent is shared: other disks read it
+        // too, so it is neither locked for us alone nor removed; or ploop
+        // swapped the two, and the parent is the small one).
         if !shared_parent {
             layers[pi].relock(io, true).map_err(in_use)?;
         }
