@@ -1,0 +1,184 @@
+//! ploop 9's reverse merge of the top into the base, left half done by
+//! ploop's tool (`TemporaryZero`: some of the base's entries for the top's
+//! clusters zeroed; `TemporaryZeroSwap`: all of them, and the two files
+//! swapped in the descriptor). Our next open finishes it as ploop does:
+//! the cost is the small delta, the base's file `root.hds` stays. With a
+//! fault at every step of that finish, and a power cut after the fault,
+//! nothing is lost and the next open finishes it again.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::inject::{Cut, Fault, Injector, Kind};
+use common::stripes::pattern;
+use common::{assert_ploop_clean, quiesced, retry_busy, TempDir};
+use ublk_ploop::disk::ops;
+use ublk_ploop::disk::{Disk, Temporary, TOP_GUID};
+use ublk_ploop::io::{block_on, AlignedBuf, Io, SyncIo};
+use ublk_ploop::{Stack, StackOptions};
+
+const CLUSTER: u64 = 64 << 10;
+const CLUSTERS: u64 = 16;
+/// The clusters the small delta (the top) holds.
+const TOP_CLUSTERS: [u64; 3] = [2, 7, 11];
+
+fn open_as(disk: &Disk, offline: bool) -> Stack {
+    let layers = disk.layers(None).unwrap();
+    retry_busy(|| block_on(Stack::open_layers(&SyncIo, &layers, &StackOptions { offline, ..Default::default() })))
+        .unwrap_or_else(|e| panic!("opening {layers:?}: {e}"))
+        .0
+}
+
+fn read_all(stack: &Stack) -> Vec<u8> {
+    let mut b = AlignedBuf::zeroed(stack.size() as usize);
+    block_on(stack.read(&SyncIo, 0, &mut b)).unwrap();
+    b.to_vec()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+/// How ploop's tool left the disk.
+#[derive(Clone, Copy, Debug)]
+enum Left {
+    /// `TemporaryZero` stored, then stopped after zeroing the first `n`
+    /// of the base's entries for the top's clusters.
+    Zero(usize),
+    /// `TemporaryZeroSwap` stored: every such entry zeroed, the files
+    /// swapped; `in_use`: the base, now the top, still marked in use.
+    ZeroSwap { in_use: bool },
+}
+
+/// A disk whose full base is `root.hds` and whose top holds
+/// [`TOP_CLUSTERS`], left as `left`; returns its directory, the data it
+/// shows, and the small delta's file name.
+fn half_merged(dir: &Path, left: Left) -> (PathBuf, Vec<u8>, String) {
+    let ct = dir.join("ct");
+    let mut disk = block_on(Disk::init(&SyncIo, &ct, CLUSTER * CLUSTERS, CLUSTER)).unwrap();
+    let mut model = pattern(0xBA5E, 0, (CLUSTER * CLUSTERS) as usize).to_vec();
+    let stack = open_as(&disk, true);
+    block_on(stack.write(&SyncIo, 0, &AlignedBuf::from_slice(&model))).unwrap();
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    let stack = open_as(&disk, true);
+    quiesced(|| block_on(ops::snapshot(&SyncIo, &stack, &mut disk, None))).unwrap();
+    for (i, &c) in TOP_CLUSTERS.iter().enumerate() {
+        // A partial write, a whole cluster, a piece in the middle.
+        let (off, len) = [(c * CLUSTER + 512, 4096), (c * CLUSTER, CLUSTER as usize), (c * CLUSTER + 8192, 8192)][i];
+        let data = pattern(0x70 + i as u64, off, len);
+        block_on(stack.write(&SyncIo, off, &data)).unwrap();
+        model[off as usize..off as usize + len].copy_from_slice(&data);
+    }
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    let parent = disk.desc.shot(TOP_GUID).unwrap().parent;
+    let base_file = disk.desc.image(parent).unwrap().file.clone();
+    let small = disk.desc.image(TOP_GUID).unwrap().file.clone();
+    assert_eq!(base_file, "root.hds");
+    let (zeroed, state) = match left {
+        Left::Zero(n) => (n, Temporary::Zero),
+        Left::ZeroSwap { .. } => (TOP_CLUSTERS.len(), Temporary::ZeroSwap),
+    };
+    {
+        use std::os::unix::fs::FileExt;
+        let base = std::fs::OpenOptions::new().write(true).open(ct.join(&base_file)).unwrap();
+        for c in &TOP_CLUSTERS[..zeroed] {
+            base.write_all_at(&[0; 4], 64 + 4 * c).unwrap();
+        }
+        if let Left::ZeroSwap { in_use: true } = left {
+            base.write_all_at(&ublk_ploop::layers::ploop::header::IN_USE.to_le_bytes(), 44).unwrap();
+        }
+        base.sync_all().unwrap();
+    }
+    disk.desc.shots.iter_mut().filter(|s| s.guid == parent).for_each(|s| s.temporary = state);
+    if let Left::ZeroSwap { .. } = left {
+        for i in disk.desc.images.iter_mut() {
+            i.file = if i.guid == parent { small.clone() } else { base_file.clone() };
+        }
+    }
+    block_on(disk.store(&SyncIo)).unwrap();
+    (ct, model, small)
+}
+
+/// Finish the merge in a copy of `pristine` with `io`; returns the copy
+/// and the error, if any.
+fn finish_in<I: Io>(pristine: &Path, run: &Path, offline: bool, io: &I) -> (PathBuf, Result<Vec<ops::Merged>, String>) {
+    copy_dir(pristine, run);
+    let mut disk = Disk::load(run).unwrap();
+    let stack = open_as(&disk, offline);
+    let r = quiesced(|| block_on(ops::finish_merges(io, &stack, &mut disk)));
+    drop(stack);
+    (run.to_path_buf(), r.map_err(|e| e.to_string()))
+}
+
+/// The disk shows `model` before and after the next open finishes the
+/// merge; then it is `root.hds` alone, clean, and the small delta's file
+/// is gone.
+fn verify(dir: &Path, offline: bool, model: &[u8], small: &str, ctx: &str) {
+    let mut disk = Disk::load(dir).unwrap_or_else(|e| panic!("{ctx}: the descriptor does not load: {e}"));
+    let stack = open_as(&disk, offline);
+    assert!(read_all(&stack) == model, "{ctx}: the disk does not show its data before finishing");
+    quiesced(|| block_on(ops::finish_merges(&SyncIo, &stack, &mut disk))).unwrap_or_else(|e| panic!("{ctx}: finishing: {e}"));
+    assert!(disk.desc.shots.iter().all(|s| s.temporary == Temporary::No), "{ctx}: a temporary snapshot is left");
+    assert_eq!(disk.desc.images.len(), 1, "{ctx}: not merged");
+    assert_eq!(disk.desc.images[0].file, "root.hds", "{ctx}: the base's file is not the disk's");
+    assert!(read_all(&stack) == model, "{ctx}: the disk does not show its data after finishing");
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    assert_ploop_clean(&dir.join("root.hds"), ctx);
+    assert!(!dir.join(small).exists(), "{ctx}: the small delta's file was left");
+}
+
+#[test]
+fn ploops_half_done_reverse_merge_is_finished_through_any_fault_and_power_cut() {
+    let tmp = TempDir::new("resume-reverse");
+    let states = [Left::Zero(0), Left::Zero(2), Left::Zero(3), Left::ZeroSwap { in_use: false }, Left::ZeroSwap { in_use: true }];
+    let (mut runs, mut failed) = (0, vec![]);
+    for (si, left) in states.into_iter().enumerate() {
+        let (pristine, model, small) = half_merged(&tmp.join(&format!("state-{si}")), left);
+        for offline in [true, false] {
+            let how = if offline { "offline" } else { "online" };
+            // The reference run: the cost is the small delta's clusters.
+            let io = Injector::new(None);
+            let (dir, r) = finish_in(&pristine, &tmp.join(&format!("{si}-{how}-ref")), offline, &io);
+            let merged = r.unwrap_or_else(|e| panic!("{left:?} {how}, no fault: {e}"));
+            assert_eq!(merged.len(), 1, "{left:?} {how}: {merged:?}");
+            assert!(merged[0].clusters <= TOP_CLUSTERS.len() as u64, "{left:?} {how}: {} clusters copied", merged[0].clusters);
+            verify(&dir, offline, &model, &small, &format!("{left:?} {how}, no fault"));
+            // Finished, then the power fails: what it stored is durable.
+            for cut in [Cut::All, Cut::MetaOnly, Cut::DataOnly] {
+                let io = Injector::new(None);
+                io.set_journaling(true);
+                let (dir, r) = finish_in(&pristine, &tmp.join(&format!("{si}-{how}-ref-{cut:?}")), offline, &io);
+                r.unwrap_or_else(|e| panic!("{left:?} {how}, no fault: {e}"));
+                io.power_cut(cut);
+                verify(&dir, offline, &model, &small, &format!("{left:?} {how}, no fault, then {cut:?}"));
+            }
+            let points = io.counts().points(&[Kind::Write, Kind::Sync, Kind::Rename, Kind::Read, Kind::Grow, Kind::Truncate, Kind::Punch]);
+            for (kind, index, n) in points {
+                for cut in [Cut::None, Cut::All, Cut::MetaOnly, Cut::DataOnly] {
+                    runs += 1;
+                    let ctx = format!("{left:?} {how}: disk dies at {kind:?} #{index} of {n}, then {cut:?}");
+                    let io = Injector::new(Some(Fault { kind, index, sticky: true }));
+                    io.set_journaling(cut != Cut::None);
+                    let run = tmp.join(&format!("{si}-{how}-{kind:?}-{index}-{cut:?}"));
+                    let (dir, _) = finish_in(&pristine, &run, offline, &io);
+                    io.power_cut(cut);
+                    if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| verify(&dir, offline, &model, &small, &ctx))) {
+                        failed.push(p.downcast_ref::<String>().cloned().unwrap_or_else(|| format!("{ctx}: panicked")));
+                    }
+                    let _ = std::fs::remove_dir_all(&run);
+                }
+            }
+        }
+    }
+    eprintln!("{runs} fault runs");
+    assert!(runs > 100, "only {runs} fault runs");
+    assert!(failed.is_empty(), "{} of {runs} fault runs failed:\n{}", failed.len(), failed.join("\n"));
+}
