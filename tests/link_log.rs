@@ -473,6 +473,42 @@ fn offline_tools_after_a_kill_keep_the_logged_copy_ups() {
     }
 }
 
+/// A read-only look at a killed top (`convert` of the chain) shows the
+/// copy-ups its log recorded, and changes neither the top nor the log;
+/// a user who may not read the log is refused rather than shown the bytes
+/// from before those writes.
+#[test]
+fn a_read_only_look_after_a_kill_shows_the_logged_copy_ups() {
+    use std::os::unix::fs::PermissionsExt;
+    let (dir, links, paths, mut model, stack) = served("links-read-only");
+    write_into(&stack, &mut model, &COPIED, 1);
+    drop(stack);
+    let (top_before, logs_before) = (std::fs::read(&paths[1]).unwrap(), logs(links.path()));
+    assert!(logs_before.iter().any(|(_, len)| *len > 0), "the kill left no records: {logs_before:?}");
+    let out = dir.join("out.raw");
+    let convert = |uid: u32, out: &Path| {
+        let args = ["convert".as_ref(), paths[0].as_os_str(), paths[1].as_os_str(), out.as_os_str(), "--to".as_ref(), "raw".as_ref()];
+        cli_as(uid, links.path(), &args)
+    };
+    convert(0, &out).ok();
+    let got = std::fs::read(&out).unwrap();
+    if let Some(at) = got.iter().zip(&model).position(|(a, b)| a != b) {
+        panic!("the converted disk differs at byte {at} (cluster {})", at as u64 / C);
+    }
+    assert!(std::fs::read(&paths[1]).unwrap() == top_before, "a read-only look changed the top");
+    assert_eq!(logs(links.path()), logs_before, "a read-only look changed the log");
+    // Another user, the log out of reach: refused, nothing written.
+    for p in [dir.path()].into_iter().chain(paths.iter().map(PathBuf::as_path)) {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(if p == dir.path() { 0o777 } else { 0o666 })).unwrap();
+    }
+    std::fs::set_permissions(links.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    convert(65534, &dir.join("out2.raw")).expect_clean_failure().mentions(&["not closed cleanly"]);
+    assert!(std::fs::read(&paths[1]).unwrap() == top_before, "a refused look changed the top");
+    let (stack, _) = open(&paths, Some(links.path()));
+    assert_disk(&stack, &model, "after the looks, opened with the log");
+    close_clean(stack, &paths[1], "after the looks");
+}
+
 /// A user who may not read the log directory is refused an image left in
 /// use (its log would be missed), and the image is not touched; root then
 /// applies the log.

@@ -79,7 +79,8 @@ pub(super) fn leftover_dir<I: Io>(io: &I, image: &str, image_fd: RawFd) -> crate
             libc::EACCES,
             format!(
                 "{image}: not closed cleanly, and the link log a killed daemon left for it in {} is not open to this user: \
-                 opened without it, acknowledged writes could be lost; run this as root, or recover the device",
+                 opened without it, acknowledged writes would be missing (and lost once written over); run this as root, \
+                 or recover the device",
                 dir.display()
             ),
         )),
@@ -137,6 +138,14 @@ pub struct LinkLog {
     slots: Mutex<Slots>,
 }
 
+/// Every whole record of the log open as `fd`.
+async fn read_links<I: Io>(io: &I, fd: RawFd) -> std::io::Result<Vec<Link>> {
+    let len = io.fstat(fd)?.len as usize;
+    let mut bytes = vec![0u8; len - len % RECORD];
+    io.read_at(fd, &mut bytes, 0).await?;
+    Ok(bytes.chunks_exact(RECORD).filter_map(Link::decode).collect())
+}
+
 #[derive(Default)]
 struct Slots {
     free: Vec<u32>,
@@ -161,11 +170,23 @@ impl LinkLog {
         let path = dir.join(log_name(io, image_fd)?);
         let how = OpenHow { write: true, create: true, mode: 0o600, nofollow: true, ..OpenHow::default() };
         let handle = io.open(&path, &how)?;
-        let len = io.fstat(handle.fd())?.len as usize;
-        let mut bytes = vec![0u8; len - len % RECORD];
-        io.read_at(handle.fd(), &mut bytes, 0).await?;
-        let links = bytes.chunks_exact(RECORD).filter_map(Link::decode).collect();
+        let links = read_links(io, handle.fd()).await?;
         Ok(Some((LinkLog { handle, path, slots: Mutex::new(Slots::default()) }, links)))
+    }
+
+    /// The links a killed session left in `dir` for the image open as
+    /// `image_fd`, read without creating or changing the log: for a
+    /// read-only opening. None found where `open` would keep no log.
+    pub async fn read<I: Io>(io: &I, dir: &Path, image_fd: RawFd) -> std::io::Result<Vec<Link>> {
+        if !io.is_volatile_dir(dir)? || !io.keeps_written_zeros(image_fd) {
+            return Ok(vec![]);
+        }
+        let path = dir.join(log_name(io, image_fd)?);
+        let handle = match io.open(&path, &OpenHow { nofollow: true, ..OpenHow::read() }) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(vec![]),
+            other => other?,
+        };
+        read_links(io, handle.fd()).await
     }
 
     /// Record `link`; returns its slot, to be released once the entry is

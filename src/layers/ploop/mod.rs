@@ -181,6 +181,16 @@ fn apply_links(
     applied
 }
 
+/// Whether the image holds data in `[at, at + len)`; where SEEK_DATA
+/// fails, every cluster counts as data.
+fn holds_data<I: Io>(io: &I, fd: std::os::fd::RawFd, at: u64, len: u64) -> bool {
+    match io.seek_data(fd, at) {
+        Ok(Some(d)) => d < at + len,
+        Ok(None) => false,
+        Err(_) => true,
+    }
+}
+
 /// Write zeros over `[from, to)`, a MiB at a time.
 pub(super) async fn write_zeros<I: Io>(io: &I, fd: std::os::fd::RawFd, from: u64, to: u64) -> std::io::Result<()> {
     let zeros = vec![0u8; (to - from).min(1 << 20) as usize];
@@ -275,10 +285,19 @@ impl PloopLayer {
         let data_off = header.data_off_bytes();
         // Opened for writing without a log of its own, an image left in use
         // still has the log a killed session left applied, then removed.
-        let leftover = match (links, file.writable && report.was_in_use) {
+        // Read-only under our lock (no writer lives), it is applied in
+        // memory: else reads would show bytes from before acknowledged
+        // writes.
+        let leftover = match (links, report.was_in_use && (file.writable || lock)) {
             (None, true) => links::leftover_dir(io, &path, file.fd())?,
             _ => None,
         };
+        if let (Some(dir), false) = (leftover.as_deref(), file.writable) {
+            let found = links::LinkLog::read(io, dir, file.fd()).await;
+            let found = found.map_err(|e| Error::io(e, format_args!("{path}: reading its link log in {}", dir.display())))?;
+            let pending: Vec<links::Link> = found.into_iter().filter(|l| table.get(l.cluster) != l.value).collect();
+            report.relinked = apply_links(&table, &mut scan, &header, file_len, &pending, |at, len| holds_data(io, file.fd(), at, len)).len() as u64;
+        }
         let mut log = None;
         if let (Some(dir), true) = (links.or(leftover.as_deref()), file.writable) {
             let opened = links::LinkLog::open(io, dir, file.fd()).await;
@@ -293,13 +312,7 @@ impl PloopLayer {
                 // A record whose entry is in the image already was settled
                 // (its slot freed, not yet reused): neither news nor loss.
                 let pending: Vec<links::Link> = found.iter().copied().filter(|l| table.get(l.cluster) != l.value).collect();
-                // Where SEEK_DATA fails, every cluster counts as data.
-                let holds_data = |at: u64, len: u64| match io.seek_data(file.fd(), at) {
-                    Ok(Some(d)) => d < at + len,
-                    Ok(None) => false,
-                    Err(_) => true,
-                };
-                let applied = apply_links(&table, &mut scan, &header, file_len, &pending, holds_data);
+                let applied = apply_links(&table, &mut scan, &header, file_len, &pending, |at, len| holds_data(io, file.fd(), at, len));
                 report.relinked = applied.len() as u64;
                 report.links_dropped = (pending.len() - applied.len()) as u64;
                 dirty.extend(applied.iter().map(|&c| (HEADER_SIZE as u64 + 4 * c) as usize / block as usize));
