@@ -56,11 +56,9 @@ enum Left {
 }
 
 /// A disk whose full base is `root.hds` and whose top holds
-/// [`TOP_CLUSTERS`], left as `left`; returns its directory, the data it
-/// shows, and the small delta's file name.
-fn half_merged(dir: &Path, left: Left) -> (PathBuf, Vec<u8>, String) {
-    let ct = dir.join("ct");
-    let mut disk = block_on(Disk::init(&SyncIo, &ct, CLUSTER * CLUSTERS, CLUSTER)).unwrap();
+/// [`TOP_CLUSTERS`], closed cleanly; and the data it shows.
+fn two_deltas(ct: &Path) -> (Disk, Vec<u8>) {
+    let mut disk = block_on(Disk::init(&SyncIo, ct, CLUSTER * CLUSTERS, CLUSTER)).unwrap();
     let mut model = pattern(0xBA5E, 0, (CLUSTER * CLUSTERS) as usize).to_vec();
     let stack = open_as(&disk, true);
     block_on(stack.write(&SyncIo, 0, &AlignedBuf::from_slice(&model))).unwrap();
@@ -77,6 +75,15 @@ fn half_merged(dir: &Path, left: Left) -> (PathBuf, Vec<u8>, String) {
     }
     block_on(stack.close(&SyncIo)).unwrap();
     drop(stack);
+    (disk, model)
+}
+
+/// A disk whose full base is `root.hds` and whose top holds
+/// [`TOP_CLUSTERS`], left as `left`; returns its directory, the data it
+/// shows, and the small delta's file name.
+fn half_merged(dir: &Path, left: Left) -> (PathBuf, Vec<u8>, String) {
+    let ct = dir.join("ct");
+    let (mut disk, model) = two_deltas(&ct);
     let parent = disk.desc.shot(TOP_GUID).unwrap().parent;
     let base_file = disk.desc.image(parent).unwrap().file.clone();
     let small = disk.desc.image(TOP_GUID).unwrap().file.clone();
@@ -180,5 +187,147 @@ fn ploops_half_done_reverse_merge_is_finished_through_any_fault_and_power_cut() 
     }
     eprintln!("{runs} fault runs");
     assert!(runs > 100, "only {runs} fault runs");
+    assert!(failed.is_empty(), "{} of {runs} fault runs failed:\n{}", failed.len(), failed.join("\n"));
+}
+
+/// What ploop's tool does with a disk it finds half merged, written for
+/// this test from its merge.c (plain file I/O, not our engine): the
+/// temporary snapshot's one child has every cluster its table holds
+/// copied into the snapshot's file, in place where that file has the
+/// cluster and appended at its end where not (ploop 9's online reverse
+/// merge first zeroes those entries, which only sends them all to the
+/// end); then the child takes the file, and the child's own file goes.
+/// First, as its mount does, every delta's in-use mark is dropped (its
+/// table read and found sound: our check asserts that after).
+fn ploop_finishes(dir: &Path) {
+    use std::os::unix::fs::FileExt;
+    let mut disk = Disk::load(dir).unwrap();
+    for img in &disk.desc.images {
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(dir.join(&img.file)).unwrap();
+        let mut mark = [0u8; 4];
+        f.read_exact_at(&mut mark, 44).unwrap();
+        if u32::from_le_bytes(mark) == ublk_ploop::layers::ploop::header::IN_USE {
+            f.write_all_at(&ublk_ploop::layers::ploop::header::CLOSED.to_le_bytes(), 44).unwrap();
+            f.sync_all().unwrap();
+        }
+    }
+    let Some(p) = disk.desc.shots.iter().find(|s| s.temporary != Temporary::No).map(|s| s.guid) else { return };
+    let child = disk.desc.children(p)[0];
+    let (pfile, cfile) = (disk.desc.image(p).unwrap().file.clone(), disk.desc.image(child).unwrap().file.clone());
+    let open = |f: &str| std::fs::OpenOptions::new().read(true).write(true).open(dir.join(f)).unwrap();
+    let (pf, cf) = (open(&pfile), open(&cfile));
+    let u32_at = |f: &std::fs::File, at: u64| {
+        let mut b = [0u8; 4];
+        f.read_exact_at(&mut b, at).unwrap();
+        u32::from_le_bytes(b)
+    };
+    let cluster = u32_at(&cf, 28) as u64 * 512;
+    assert_eq!(cluster, CLUSTER);
+    for c in 0..u32_at(&cf, 32) as u64 {
+        let v = u32_at(&cf, 64 + 4 * c) as u64;
+        if v == 0 {
+            continue;
+        }
+        let mut data = vec![0u8; cluster as usize];
+        cf.read_exact_at(&mut data, v * cluster).unwrap();
+        let at = match u32_at(&pf, 64 + 4 * c) as u64 {
+            0 => {
+                let end = pf.metadata().unwrap().len().div_ceil(cluster) * cluster;
+                pf.write_all_at(&((end / cluster) as u32).to_le_bytes(), 64 + 4 * c).unwrap();
+                end
+            }
+            pv => pv * cluster,
+        };
+        pf.write_all_at(&data, at).unwrap();
+    }
+    pf.sync_all().unwrap();
+    let grandparent = disk.desc.shot(p).unwrap().parent;
+    disk.desc.images.retain(|i| i.guid != p);
+    disk.desc.shots.retain(|s| s.guid != p);
+    for s in disk.desc.shots.iter_mut().filter(|s| s.guid == child) {
+        s.parent = grandparent;
+    }
+    for i in disk.desc.images.iter_mut().filter(|i| i.guid == child) {
+        i.file = pfile.clone();
+    }
+    block_on(disk.store(&SyncIo)).unwrap();
+    std::fs::remove_file(dir.join(cfile)).unwrap();
+}
+
+/// Our merge of the top into the base (the fold: the base marked
+/// `Temporary`, the top's clusters copied into its file), interrupted at
+/// any step, offline or online, with a power cut after: ploop's tool then
+/// finishes it by its own rule (see `ploop_finishes`), and the disk is
+/// `root.hds` alone with its data, undamaged for our check and qemu-img's.
+#[test]
+fn our_half_done_merges_are_finished_by_ploops_rule() {
+    let tmp = TempDir::new("resume-ours");
+    let pristine = tmp.join("ct");
+    let (_, model) = two_deltas(&pristine);
+    let base = pattern(0xBA5E, 0, (CLUSTER * CLUSTERS) as usize).to_vec();
+    let (mut runs, mut failed, mut left_temporary) = (0, vec![], 0);
+    for offline in [true, false] {
+        let how = if offline { "offline" } else { "online" };
+        let merge = |run: &Path, io: &Injector| {
+            copy_dir(&pristine, run);
+            let mut disk = Disk::load(run).unwrap();
+            let stack = open_as(&disk, offline);
+            let r = quiesced(|| block_on(ops::merge(io, &stack, &mut disk, None, &|_, _| {})));
+            drop(stack);
+            r.map_err(|e| e.to_string())
+        };
+        let io = Injector::new(None);
+        merge(&tmp.join(&format!("{how}-ref")), &io).unwrap_or_else(|e| panic!("{how}, no fault: {e}"));
+        let points = io.counts().points(&[Kind::Write, Kind::Sync, Kind::Rename, Kind::Read, Kind::Grow, Kind::Truncate, Kind::Punch]);
+        for (kind, index, n) in points {
+            for cut in [Cut::None, Cut::All] {
+                runs += 1;
+                let ctx = format!("our {how} merge: disk dies at {kind:?} #{index} of {n}, then {cut:?}, then ploop's rule");
+                let run = tmp.join(&format!("{how}-{kind:?}-{index}-{cut:?}"));
+                let io = Injector::new(Some(Fault { kind, index, sticky: true }));
+                io.set_journaling(cut != Cut::None);
+                let _ = merge(&run, &io);
+                io.power_cut(cut);
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    if Disk::load(&run).unwrap().desc.shots.iter().any(|s| s.temporary != Temporary::No) {
+                        left_temporary += 1;
+                    }
+                    ploop_finishes(&run);
+                    let disk = Disk::load(&run).unwrap();
+                    let stack = retry_busy(|| {
+                        block_on(Stack::open_layers(&SyncIo, &disk.layers(None).unwrap(), &StackOptions { read_only: true, ..Default::default() }))
+                    })
+                    .unwrap()
+                    .0;
+                    assert!(read_all(&stack) == model, "{ctx}: the disk does not show its data");
+                    drop(stack);
+                    if disk.desc.images.len() == 1 {
+                        assert_eq!(disk.desc.images[0].file, "root.hds", "{ctx}");
+                    }
+                    // A snapshot that survives shows what it showed: the
+                    // base is changed only once it is marked temporary.
+                    for shot in disk.desc.shots.iter().filter(|s| s.guid != TOP_GUID) {
+                        let layers = disk.layers(Some(shot.guid)).unwrap();
+                        let snap = block_on(Stack::open_layers(&SyncIo, &layers, &StackOptions { read_only: true, ..Default::default() })).unwrap().0;
+                        assert!(read_all(&snap) == base, "{ctx}: snapshot {} changed", shot.guid);
+                    }
+                    for img in &disk.desc.images {
+                        let path = run.join(&img.file);
+                        common::assert_undamaged(&path, false, &ctx);
+                        if common::have_qemu() {
+                            let r = common::qemu_img(["check", "-f", "parallels", path.to_str().unwrap()]);
+                            assert!(r.code() == 0 || r.code() == 3, "{ctx}: qemu-img check: exit {}\n{}", r.code(), r.stdout);
+                        }
+                    }
+                }));
+                if let Err(p) = outcome {
+                    failed.push(p.downcast_ref::<String>().cloned().unwrap_or_else(|| format!("{ctx}: panicked")));
+                }
+                let _ = std::fs::remove_dir_all(&run);
+            }
+        }
+    }
+    eprintln!("{runs} fault runs, {left_temporary} left a temporary snapshot for ploop's rule");
+    assert!(left_temporary > runs / 4, "only {left_temporary} of {runs} runs left the merge half done");
     assert!(failed.is_empty(), "{} of {runs} fault runs failed:\n{}", failed.len(), failed.join("\n"));
 }
