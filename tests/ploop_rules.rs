@@ -465,3 +465,86 @@ fn ploops_interrupted_reverse_merge_states_are_finished() {
         assert_bytes_equal(&read_all(&layers), &data, &format!("{ctx}: the finished disk"));
     }
 }
+
+// ploop's raw mode ----------------------------------------------------------
+
+/// ploop's raw mode: the base is a raw file, and ploop writes `Plain` as
+/// the type of every image, but only the base is raw ("Only base image
+/// could be in RAW format", merge.c): its snapshots' deltas are ploop
+/// images. A disk as ploop's tool leaves it, two deltas over the raw
+/// base, reads as ploop reads it; a snapshot of ours, a merge of the top
+/// and of a lower delta keep reading it so, with qemu-img's and our check
+/// of the ploop deltas.
+#[test]
+fn a_raw_mode_disk_reads_its_deltas_as_ploop_images() {
+    let dir = TempDir::new("rules-raw-mode");
+    let disk = dir.join("disk");
+    std::fs::create_dir_all(&disk).unwrap();
+    let size = 16 * CLUSTER;
+    let mut model = pattern(21, size as usize);
+    std::fs::write(disk.join("root.hds"), &model).unwrap();
+    // Two deltas as ploop's snapshot makes them, over the raw base.
+    let (mid, top) = ("root.hds.{1b4c7a9e-5d2f-4e61-8a3b-9c0d1e2f3a4b}", "root.hds.{2c5d8b0f-6e3a-4f72-9b4c-0d1e2f3a4b5c}");
+    let mut desc = ublk_ploop::disk::Descriptor::new(size, CLUSTER, "root.hds", ublk_ploop::disk::ImageType::Plain).unwrap();
+    let base_guid: Guid = "{3d6e9c1a-7f4b-4a83-8c5d-1e2f3a4b5c6d}".parse().unwrap();
+    let mid_guid: Guid = "{4e7fad2b-8a5c-4b94-9d6e-2f3a4b5c6d7e}".parse().unwrap();
+    desc.images[0].guid = base_guid;
+    desc.shots[0].guid = base_guid;
+    for (guid, parent, file) in [(mid_guid, base_guid, mid), (TOP_GUID, mid_guid, top)] {
+        desc.images.push(Image { guid, kind: ublk_ploop::disk::ImageType::Plain, file: file.into() });
+        desc.shots.push(Shot { guid, parent, temporary: Temporary::No });
+        block_on(PloopLayer::create(&SyncIo, &disk.join(file), size, CLUSTER)).unwrap();
+    }
+    std::fs::write(disk.join("DiskDescriptor.xml"), desc.to_xml()).unwrap();
+    let files: Vec<PathBuf> = [mid, top].iter().map(|f| disk.join(f)).collect();
+    for (i, f) in files.iter().enumerate() {
+        // Written through a ploop stack of the delta alone: whole
+        // clusters, so that nothing of the parent is needed.
+        let piece = pattern(30 + i as u64, CLUSTER as usize);
+        let at = (3 + 4 * i as u64) * CLUSTER;
+        write(std::slice::from_ref(f), &[(at, &piece)]);
+        model[at as usize..(at + CLUSTER) as usize].copy_from_slice(&piece);
+    }
+    let layers = Disk::load(&disk).unwrap().layers(None).unwrap();
+    let formats: Vec<_> = layers.iter().map(|l| l.format).collect();
+    use ublk_ploop::layers::Format;
+    assert_eq!(formats, [Format::Raw, Format::Ploop, Format::Ploop], "the formats of a raw-mode chain");
+    ploop(["convert", p(&disk), p(&dir.join("out.raw")), "--to", "raw"]).ok();
+    assert_bytes_equal(&std::fs::read(dir.join("out.raw")).unwrap(), &model, "a raw-mode disk as ploop leaves it");
+
+    // Our snapshot: its delta is a ploop image, its type Plain like the rest.
+    ploop(["snapshot", p(&disk)]).ok();
+    let d = Disk::load(&disk).unwrap();
+    assert!(d.desc.images.iter().all(|i| i.kind == ublk_ploop::disk::ImageType::Plain), "a raw-mode disk's types are all Plain");
+    let at = 9 * CLUSTER;
+    let piece = pattern(40, CLUSTER as usize);
+    let newest = d.file_path(d.desc.image(TOP_GUID).unwrap());
+    write(&[newest], &[(at, &piece)]);
+    model[at as usize..(at + CLUSTER) as usize].copy_from_slice(&piece);
+    let read = |ctx: &str| {
+        let out = dir.join("out.raw");
+        let _ = std::fs::remove_file(&out);
+        ploop(["convert", p(&disk), p(&out), "--to", "raw"]).ok();
+        assert_bytes_equal(&std::fs::read(&out).unwrap(), &model, ctx);
+        let d = Disk::load(&disk).unwrap();
+        for img in &d.desc.images {
+            if d.desc.shot(img.guid).unwrap().parent != ublk_ploop::disk::NONE_GUID {
+                ploop(["check", p(&d.file_path(img))]).ok();
+                qemu_accepts(&d.file_path(img));
+            }
+        }
+    };
+    read("after our snapshot");
+    // Merges: a lower delta into the raw base (written in place: the base
+    // stays raw), the top into its parent, then the top into the raw base.
+    ploop(["snapshot-merge", p(&disk), "--uuid", &mid_guid.to_string()]).ok();
+    read("after merging a lower delta into the raw base");
+    let d = Disk::load(&disk).unwrap();
+    assert_eq!(d.layers(None).unwrap()[0].path, disk.join("root.hds"), "the raw base keeps its file");
+    ploop(["snapshot-merge", p(&disk)]).ok();
+    read("after merging the top");
+    ploop(["snapshot-merge", p(&disk)]).ok();
+    read("after merging the last delta into the raw base");
+    let d = Disk::load(&disk).unwrap();
+    assert_eq!(d.desc.images.len(), 1, "{:?}", d.desc.images);
+}

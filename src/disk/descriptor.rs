@@ -384,6 +384,16 @@ impl Descriptor {
     pub fn image(&self, guid: Guid) -> Option<&Image> {
         self.images.iter().find(|i| i.guid == guid)
     }
+    /// The format of `img`'s file. In ploop's raw mode every image is
+    /// typed `Plain`, but only the base is a raw file ("Only base image
+    /// could be in RAW format", ploop's merge.c): its snapshots' deltas
+    /// are ploop images.
+    pub fn format_of(&self, img: &Image) -> crate::layers::Format {
+        match img.kind {
+            ImageType::Plain if self.shot(img.guid).is_some_and(|s| s.parent != NONE_GUID) => crate::layers::Format::Ploop,
+            kind => kind.format(),
+        }
+    }
     /// Deltas whose parent is `guid`.
     pub fn children(&self, guid: Guid) -> Vec<Guid> {
         self.shots.iter().filter(|s| s.parent == guid).map(|s| s.guid).collect()

@@ -231,7 +231,7 @@ impl Disk {
         let top = chain.last().expect("a chain is never empty");
         self.writable_path_in(io, top, "write")?;
         for img in &chain[..chain.len() - 1] {
-            if img.kind == ImageType::Compressed && self.place_in(io, img) != Place::Inside {
+            if self.desc.format_of(img) == crate::layers::Format::Ploop && self.place_in(io, img) != Place::Inside {
                 let path = self.file_path(img);
                 if crate::layers::marked_in_use(io, &path).await? {
                     return Err(Error::new(
@@ -261,7 +261,7 @@ impl Disk {
             .desc
             .chain(guid)?
             .into_iter()
-            .map(|img| LayerSpec { path: self.file_path(img), format: img.kind.format() })
+            .map(|img| LayerSpec { path: self.file_path(img), format: self.desc.format_of(img) })
             .collect())
     }
 
@@ -359,7 +359,7 @@ impl Disk {
         next.set_size(new_size)?;
         // Every delta is rewritten: all must be inside the disk directory.
         let files: Vec<(PathBuf, Format)> =
-            self.desc.images.iter().map(|i| Ok((self.writable_path_in(io, i, "resize")?, i.kind.format()))).collect::<Result<_>>()?;
+            self.desc.images.iter().map(|i| Ok((self.writable_path_in(io, i, "resize")?, self.desc.format_of(i)))).collect::<Result<_>>()?;
         let one = |f: &PathBuf, format: Format, apply: bool| {
             let f = f.clone();
             async move {

@@ -261,11 +261,11 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
         }
         let direct = if layers[ci].file().direct { Direct::Auto } else { Direct::Off };
         drop(layers);
-        let kind = pimg.kind;
+        let format = disk.desc.format_of(&pimg);
         clusters = stack
             .fold_top(io, |io, top_path, parent_path| async move {
                 let (top, _) = Layer::open(io, &top_path, Format::Ploop, false, direct).await?;
-                let (_, n) = copy_into_parent(io, &top, &parent_path, kind, true, stack, progress).await?;
+                let (_, n) = copy_into_parent(io, &top, &parent_path, format, true, stack, progress).await?;
                 Ok(n)
             })
             .await?;
@@ -355,6 +355,11 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
                 return Err(e);
             }
         };
+        if layers[pi].format() == Format::Raw {
+            // The raw base is gone: every file left is a ploop image, and
+            // the disk leaves ploop's raw mode (its type names them all).
+            next.desc.images.iter_mut().filter(|i| i.kind == ImageType::Plain).for_each(|i| i.kind = ImageType::Compressed);
+        }
         next.replace(io, disk).await?;
         *disk = next;
         let removed = stack.remove_layer(pi).await?;
@@ -390,7 +395,7 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
                 return Err(e);
             }
         }
-        let merged = match copy_into_parent(io, &layers[ci], &ppath, pimg.kind, false, stack, progress).await {
+        let merged = match copy_into_parent(io, &layers[ci], &ppath, disk.desc.format_of(&pimg), false, stack, progress).await {
             Ok(m) => m,
             Err(e) => {
                 unlock();
@@ -475,12 +480,12 @@ async fn merge_off_chain<I: Io>(
 ) -> Result<Merged> {
     let (cpath, ppath) = (disk.file_path(cimg), disk.file_path(pimg));
     let direct = if stack.layers_now().await[0].file().direct { Direct::Auto } else { Direct::Off };
-    let (child_layer, _) = Layer::open(io, &cpath, cimg.kind.format(), false, direct).await?;
+    let (child_layer, _) = Layer::open(io, &cpath, disk.desc.format_of(cimg), false, direct).await?;
     child_layer
         .relock(io, true)
         .map_err(|e| Error::new(e.errno(), format!("{}: in use by another process (a mounted snapshot?): {e}", cpath.display())))?;
     mark_temporary(io, disk, parent).await?;
-    let (_, clusters) = copy_into_parent(io, &child_layer, &ppath, pimg.kind, true, stack, progress).await?;
+    let (_, clusters) = copy_into_parent(io, &child_layer, &ppath, disk.desc.format_of(pimg), true, stack, progress).await?;
     let mut next = disk.clone();
     let d = &mut next.desc;
     d.images.retain(|i| i.guid != parent);
@@ -503,12 +508,11 @@ async fn copy_into_parent<I: Io>(
     io: &I,
     child: &Layer,
     parent_path: &std::path::Path,
-    kind: ImageType,
+    format: Format,
     lock: bool,
     stack: &Stack,
     progress: &dyn Fn(u64, u64),
 ) -> Result<(Arc<Layer>, u64)> {
-    let format = kind.format();
     let direct = if child.file().direct { Direct::Auto } else { Direct::Off };
     // A child grown online (only the top grows) is larger than its parent:
     // the parent grows first, or the clusters past its end had nowhere to go.

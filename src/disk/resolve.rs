@@ -106,7 +106,7 @@ pub fn files(paths: &[PathBuf], formats: &[Format]) -> Result<Files> {
     match name(paths, formats)? {
         Named::Disk(dir) => {
             let disk = Disk::load(&dir)?;
-            let files = disk.desc.images.iter().map(|i| (disk.file_path(i), i.kind.format())).collect();
+            let files = disk.desc.images.iter().map(|i| (disk.file_path(i), disk.desc.format_of(i))).collect();
             Ok((Some(disk), files))
         }
         Named::Images(paths, formats) => Ok((None, paths.into_iter().zip(formats).collect())),
