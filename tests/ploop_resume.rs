@@ -331,3 +331,84 @@ fn our_half_done_merges_are_finished_by_ploops_rule() {
     assert!(left_temporary > runs / 4, "only {left_temporary} of {runs} runs left the merge half done");
     assert!(failed.is_empty(), "{} of {runs} fault runs failed:\n{}", failed.len(), failed.join("\n"));
 }
+
+/// ploop's raw mode (a raw base, every image typed `Plain`, the deltas
+/// ploop images): the offline merge of the top writes it into the raw
+/// base in place, as ploop's does. A fault at any step, then a power cut:
+/// the disk shows its data, and the next open finishes the merge to the
+/// raw `root.hds` alone.
+#[test]
+fn an_offline_merge_into_a_raw_base_loses_nothing_at_any_fault() {
+    use ublk_ploop::disk::{Image, ImageType, Shot};
+    let tmp = TempDir::new("resume-raw");
+    let pristine = tmp.join("ct");
+    std::fs::create_dir_all(&pristine).unwrap();
+    let size = CLUSTER * CLUSTERS;
+    let mut model = pattern(0xBA5E, 0, size as usize).to_vec();
+    std::fs::write(pristine.join("root.hds"), &model).unwrap();
+    let base_guid: ublk_ploop::disk::Guid = "{3d6e9c1a-7f4b-4a83-8c5d-1e2f3a4b5c6d}".parse().unwrap();
+    let top_file = "root.hds.{2c5d8b0f-6e3a-4f72-9b4c-0d1e2f3a4b5c}";
+    let mut desc = ublk_ploop::disk::Descriptor::new(size, CLUSTER, "root.hds", ImageType::Plain).unwrap();
+    desc.images[0].guid = base_guid;
+    desc.shots[0].guid = base_guid;
+    desc.images.push(Image { guid: TOP_GUID, kind: ImageType::Plain, file: top_file.into() });
+    desc.shots.push(Shot { guid: TOP_GUID, parent: base_guid, temporary: Temporary::No });
+    std::fs::write(pristine.join("DiskDescriptor.xml"), desc.to_xml()).unwrap();
+    block_on(ublk_ploop::layers::PloopLayer::create(&SyncIo, &pristine.join(top_file), size, CLUSTER)).unwrap();
+    {
+        let disk = Disk::load(&pristine).unwrap();
+        let stack = open_as(&disk, true);
+        for (i, &c) in TOP_CLUSTERS.iter().enumerate() {
+            let (off, len) = [(c * CLUSTER + 512, 4096), (c * CLUSTER, CLUSTER as usize), (c * CLUSTER + 8192, 8192)][i];
+            let data = pattern(0x70 + i as u64, off, len);
+            block_on(stack.write(&SyncIo, off, &data)).unwrap();
+            model[off as usize..off as usize + len].copy_from_slice(&data);
+        }
+        block_on(stack.close(&SyncIo)).unwrap();
+    }
+    let merge = |run: &Path, io: &Injector| {
+        copy_dir(&pristine, run);
+        let mut disk = Disk::load(run).unwrap();
+        let stack = open_as(&disk, true);
+        let r = quiesced(|| block_on(ops::merge(io, &stack, &mut disk, None, &|_, _| {})));
+        drop(stack);
+        r.map(drop).map_err(|e| e.to_string())
+    };
+    let io = Injector::new(None);
+    merge(&tmp.join("ref"), &io).unwrap();
+    let (mut runs, mut failed) = (0, vec![]);
+    let points = io.counts().points(&[Kind::Write, Kind::Sync, Kind::Rename, Kind::Read, Kind::Grow, Kind::Truncate, Kind::Punch]);
+    // The last point never trips: the merge ends, then the power fails.
+    for (kind, index, n) in points.into_iter().chain([(Kind::Rename, u64::MAX, 0)]) {
+        for cut in [Cut::None, Cut::All, Cut::MetaOnly, Cut::DataOnly] {
+            runs += 1;
+            let at = if n == 0 { "no fault".to_string() } else { format!("disk dies at {kind:?} #{index} of {n}") };
+            let ctx = format!("raw base: {at}, then {cut:?}");
+            let run = tmp.join(&format!("{kind:?}-{index}-{cut:?}"));
+            let io = Injector::new(Some(Fault { kind, index, sticky: true }));
+            io.set_journaling(cut != Cut::None);
+            let _ = merge(&run, &io);
+            io.power_cut(cut);
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let mut disk = Disk::load(&run).unwrap();
+                let stack = open_as(&disk, true);
+                assert!(read_all(&stack) == model, "{ctx}: the disk does not show its data");
+                quiesced(|| block_on(ops::finish_merges(&SyncIo, &stack, &mut disk))).unwrap_or_else(|e| panic!("{ctx}: finishing: {e}"));
+                if disk.desc.images.len() == 2 {
+                    quiesced(|| block_on(ops::merge(&SyncIo, &stack, &mut disk, None, &|_, _| {}))).unwrap_or_else(|e| panic!("{ctx}: merging again: {e}"));
+                }
+                block_on(stack.close(&SyncIo)).unwrap();
+                drop(stack);
+                assert_eq!(disk.desc.images.len(), 1, "{ctx}");
+                assert_eq!(disk.desc.images[0].file, "root.hds", "{ctx}");
+                assert!(std::fs::read(run.join("root.hds")).unwrap() == model, "{ctx}: the raw base does not hold the data");
+            }));
+            if let Err(p) = outcome {
+                failed.push(p.downcast_ref::<String>().cloned().unwrap_or_else(|| format!("{ctx}: panicked")));
+            }
+            let _ = std::fs::remove_dir_all(&run);
+        }
+    }
+    eprintln!("{runs} fault runs");
+    assert!(failed.is_empty(), "{} of {runs} fault runs failed:\n{}", failed.len(), failed.join("\n"));
+}

@@ -545,6 +545,9 @@ fn a_raw_mode_disk_reads_its_deltas_as_ploop_images() {
     read("after merging the top");
     ploop(["snapshot-merge", p(&disk)]).ok();
     read("after merging the last delta into the raw base");
+    // As ploop's offline merge: the top went into the raw base in place.
     let d = Disk::load(&disk).unwrap();
     assert_eq!(d.desc.images.len(), 1, "{:?}", d.desc.images);
+    assert_eq!(d.desc.images[0].file, "root.hds");
+    assert_bytes_equal(&std::fs::read(disk.join("root.hds")).unwrap(), &model, "the raw base after the merges");
 }

@@ -338,7 +338,7 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
         }
         crash_point("merge-swapped");
         remove_file(io, &cpath);
-    } else if top {
+    } else if top && !(stack.is_offline() && !shared_parent && layers[pi].format() == Format::Raw) {
         // The top: copy the parent up into it (the two are of another
         // format or version, the parent is shared: other disks read it
         // too, so it is neither locked for us alone nor removed; or ploop
@@ -369,7 +369,8 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
             remove_file(io, &ppath);
         }
     } else {
-        // A lower delta: copy it into its parent's file.
+        // A lower delta (or, offline, the top over a raw base, as ploop's
+        // offline merge does): copy it into its parent's file.
         layers[pi].relock(io, true).map_err(in_use)?;
         if let Err(e) = layers[ci].relock(io, true) {
             let _ = layers[pi].relock(io, false);
@@ -416,10 +417,21 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
             return Err(e);
         }
         *disk = next;
-        let (old_parent, old_child) = stack.replace_pair(pi, merged.0.clone()).await?;
-        drop(layers);
-        drop((old_parent, old_child));
-        merged.0.relock(io, false)?;
+        if top {
+            // The raw file is the top now: opened for writing, it takes
+            // the lock once the old openings are gone.
+            let direct = if layers[ci].file().direct { Direct::Auto } else { Direct::Off };
+            let (raw, _) = Layer::open_unlocked(io, &ppath, Format::Raw, true, direct).await?;
+            let raw = Arc::new(raw);
+            let old = stack.replace_layers(layers[..pi].iter().cloned().chain([raw.clone()]).collect()).await?;
+            drop((layers, old, merged));
+            raw.relock(io, true)?;
+        } else {
+            let (old_parent, old_child) = stack.replace_pair(pi, merged.0.clone()).await?;
+            drop(layers);
+            drop((old_parent, old_child));
+            merged.0.relock(io, false)?;
+        }
         remove_file(io, &cpath);
     }
     Ok(Merged { child, parent, clusters })
