@@ -66,16 +66,21 @@ fn two_deltas(ct: &Path) -> (Disk, Vec<u8>) {
     drop(stack);
     let stack = open_as(&disk, true);
     quiesced(|| block_on(ops::snapshot(&SyncIo, &stack, &mut disk, None))).unwrap();
+    write_top_clusters(&stack, &mut model);
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    (disk, model)
+}
+
+/// Write into each of [`TOP_CLUSTERS`] (a partial write, a whole cluster,
+/// a piece in the middle), and into `model`.
+fn write_top_clusters(stack: &Stack, model: &mut [u8]) {
     for (i, &c) in TOP_CLUSTERS.iter().enumerate() {
-        // A partial write, a whole cluster, a piece in the middle.
         let (off, len) = [(c * CLUSTER + 512, 4096), (c * CLUSTER, CLUSTER as usize), (c * CLUSTER + 8192, 8192)][i];
         let data = pattern(0x70 + i as u64, off, len);
         block_on(stack.write(&SyncIo, off, &data)).unwrap();
         model[off as usize..off as usize + len].copy_from_slice(&data);
     }
-    block_on(stack.close(&SyncIo)).unwrap();
-    drop(stack);
-    (disk, model)
 }
 
 /// A disk whose full base is `root.hds` and whose top holds
@@ -358,12 +363,7 @@ fn an_offline_merge_into_a_raw_base_loses_nothing_at_any_fault() {
     {
         let disk = Disk::load(&pristine).unwrap();
         let stack = open_as(&disk, true);
-        for (i, &c) in TOP_CLUSTERS.iter().enumerate() {
-            let (off, len) = [(c * CLUSTER + 512, 4096), (c * CLUSTER, CLUSTER as usize), (c * CLUSTER + 8192, 8192)][i];
-            let data = pattern(0x70 + i as u64, off, len);
-            block_on(stack.write(&SyncIo, off, &data)).unwrap();
-            model[off as usize..off as usize + len].copy_from_slice(&data);
-        }
+        write_top_clusters(&stack, &mut model);
         block_on(stack.close(&SyncIo)).unwrap();
     }
     let merge = |run: &Path, io: &Injector| {
