@@ -337,19 +337,14 @@ fn our_half_done_merges_are_finished_by_ploops_rule() {
     assert!(failed.is_empty(), "{} of {runs} fault runs failed:\n{}", failed.len(), failed.join("\n"));
 }
 
-/// ploop's raw mode (a raw base, every image typed `Plain`, the deltas
-/// ploop images): the offline merge of the top writes it into the raw
-/// base in place, as ploop's does. A fault at any step, then a power cut:
-/// the disk shows its data, and the next open finishes the merge to the
-/// raw `root.hds` alone.
-#[test]
-fn an_offline_merge_into_a_raw_base_loses_nothing_at_any_fault() {
+/// ploop's raw mode as its tool leaves it: a raw `root.hds`, a ploop top
+/// over it holding [`TOP_CLUSTERS`], every image typed `Plain`; returns
+/// the data the disk shows.
+fn raw_mode_disk(pristine: &Path) -> Vec<u8> {
     use ublk_ploop::disk::{Image, ImageType, Shot};
-    let tmp = TempDir::new("resume-raw");
-    let pristine = tmp.join("ct");
-    std::fs::create_dir_all(&pristine).unwrap();
     let size = CLUSTER * CLUSTERS;
     let mut model = pattern(0xBA5E, 0, size as usize).to_vec();
+    std::fs::create_dir_all(pristine).unwrap();
     std::fs::write(pristine.join("root.hds"), &model).unwrap();
     let base_guid: ublk_ploop::disk::Guid = "{3d6e9c1a-7f4b-4a83-8c5d-1e2f3a4b5c6d}".parse().unwrap();
     let top_file = "root.hds.{2c5d8b0f-6e3a-4f72-9b4c-0d1e2f3a4b5c}";
@@ -361,11 +356,24 @@ fn an_offline_merge_into_a_raw_base_loses_nothing_at_any_fault() {
     std::fs::write(pristine.join("DiskDescriptor.xml"), desc.to_xml()).unwrap();
     block_on(ublk_ploop::layers::PloopLayer::create(&SyncIo, &pristine.join(top_file), size, CLUSTER)).unwrap();
     {
-        let disk = Disk::load(&pristine).unwrap();
+        let disk = Disk::load(pristine).unwrap();
         let stack = open_as(&disk, true);
         write_top_clusters(&stack, &mut model);
         block_on(stack.close(&SyncIo)).unwrap();
     }
+    model
+}
+
+/// ploop's raw mode (a raw base, every image typed `Plain`, the deltas
+/// ploop images): the offline merge of the top writes it into the raw
+/// base in place, as ploop's does. A fault at any step, then a power cut:
+/// the disk shows its data, and the next open finishes the merge to the
+/// raw `root.hds` alone.
+#[test]
+fn an_offline_merge_into_a_raw_base_loses_nothing_at_any_fault() {
+    let tmp = TempDir::new("resume-raw");
+    let pristine = tmp.join("ct");
+    let model = raw_mode_disk(&pristine);
     let merge = |run: &Path, io: &Injector| {
         copy_dir(&pristine, run);
         let mut disk = Disk::load(run).unwrap();
@@ -411,4 +419,38 @@ fn an_offline_merge_into_a_raw_base_loses_nothing_at_any_fault() {
     }
     eprintln!("{runs} fault runs");
     assert!(failed.is_empty(), "{} of {runs} fault runs failed:\n{}", failed.len(), failed.join("\n"));
+}
+
+/// A raw-mode disk grown online (only the top grows) and written past the
+/// raw base's end: the offline merge of the top cannot write that into the
+/// raw file, so it copies the base up instead, and nothing is lost.
+#[test]
+fn an_offline_merge_over_a_raw_base_the_disk_outgrew_copies_it_up() {
+    let tmp = TempDir::new("resume-raw-grown");
+    let ct = tmp.join("ct");
+    let mut model = raw_mode_disk(&ct);
+    let mut disk = Disk::load(&ct).unwrap();
+    let grown = CLUSTER * (CLUSTERS + 4);
+    let stack = open_as(&disk, false);
+    block_on(stack.grow_top(&SyncIo, grown)).unwrap();
+    model.resize(grown as usize, 0);
+    let past = pattern(0x99, CLUSTERS * CLUSTER, CLUSTER as usize);
+    block_on(stack.write(&SyncIo, CLUSTERS * CLUSTER, &past)).unwrap();
+    model[(CLUSTERS * CLUSTER) as usize..((CLUSTERS + 1) * CLUSTER) as usize].copy_from_slice(&past);
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    disk.desc.set_size(grown).unwrap();
+    block_on(disk.store(&SyncIo)).unwrap();
+    let stack = open_as(&disk, true);
+    quiesced(|| block_on(ops::merge(&SyncIo, &stack, &mut disk, None, &|_, _| {}))).unwrap();
+    assert!(read_all(&stack) == model, "the merged disk does not show its data");
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    let disk = Disk::load(&ct).unwrap();
+    assert_eq!(disk.desc.images.len(), 1);
+    let stack = open_as(&disk, true);
+    assert!(read_all(&stack) == model, "the merged disk, opened again, does not show its data");
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    assert_ploop_clean(&disk.file_path(&disk.desc.images[0]), "the merged top");
 }

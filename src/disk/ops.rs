@@ -338,7 +338,7 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
         }
         crash_point("merge-swapped");
         remove_file(io, &cpath);
-    } else if top && !(stack.is_offline() && !shared_parent && layers[pi].format() == Format::Raw) {
+    } else if top && !(stack.is_offline() && !shared_parent && layers[pi].format() == Format::Raw && layers[pi].size() == layers[ci].size()) {
         // The top: copy the parent up into it (the two are of another
         // format or version, the parent is shared: other disks read it
         // too, so it is neither locked for us alone nor removed; or ploop
@@ -370,7 +370,9 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
         }
     } else {
         // A lower delta (or, offline, the top over a raw base, as ploop's
-        // offline merge does): copy it into its parent's file.
+        // offline merge does; not once the disk grew online, which grows
+        // only the top: a raw file has no room past its end): copy it into
+        // its parent's file.
         layers[pi].relock(io, true).map_err(in_use)?;
         if let Err(e) = layers[ci].relock(io, true) {
             let _ = layers[pi].relock(io, false);
@@ -425,7 +427,9 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
             let raw = Arc::new(raw);
             let old = stack.replace_layers(layers[..pi].iter().cloned().chain([raw.clone()]).collect()).await?;
             drop((layers, old, merged));
-            raw.relock(io, true)?;
+            if let Err(e) = raw.relock(io, true) {
+                tracing::warn!("{}: locking the merged top: {e}", ppath.display());
+            }
         } else {
             let (old_parent, old_child) = stack.replace_pair(pi, merged.0.clone()).await?;
             drop(layers);
