@@ -147,6 +147,35 @@ fn verify(dir: &Path, offline: bool, model: &[u8], small: &str, ctx: &str) {
     assert!(!dir.join(small).exists(), "{ctx}: the small delta's file was left");
 }
 
+/// The sweep these tests share. `op(dir, io)` runs the operation on a
+/// fresh copy in `dir`: once for each operation a run without a fault
+/// (`reference`) counted, the disk dying there for good, and once more
+/// without a fault; after each, every power cut of `cuts`, then
+/// `check(dir, context)` judges what is left. Returns how many runs there
+/// were and the failures, one line each.
+fn sweep(dir: &Path, tag: &str, reference: &Injector, cuts: &[Cut], op: impl Fn(&Path, &Injector), mut check: impl FnMut(&Path, &str)) -> (usize, Vec<String>) {
+    let points = reference.counts().points(&[Kind::Write, Kind::Sync, Kind::Rename, Kind::Read, Kind::Grow, Kind::Truncate, Kind::Punch]);
+    let (mut runs, mut failed) = (0, vec![]);
+    // The last point never trips: the operation ends, then the power fails.
+    for (kind, index, n) in points.into_iter().chain([(Kind::Rename, u64::MAX, 0)]) {
+        for &cut in cuts {
+            runs += 1;
+            let at = if n == 0 { "no fault".to_string() } else { format!("disk dies at {kind:?} #{index} of {n}") };
+            let ctx = format!("{tag}: {at}, then {cut:?}");
+            let run = dir.join(format!("{kind:?}-{index}-{cut:?}"));
+            let io = Injector::new(Some(Fault { kind, index, sticky: true }));
+            io.set_journaling(cut != Cut::None);
+            op(&run, &io);
+            io.power_cut(cut);
+            if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(&run, &ctx))) {
+                failed.push(p.downcast_ref::<String>().cloned().unwrap_or_else(|| format!("{ctx}: panicked")));
+            }
+            let _ = std::fs::remove_dir_all(&run);
+        }
+    }
+    (runs, failed)
+}
+
 #[test]
 fn ploops_half_done_reverse_merge_is_finished_through_any_fault_and_power_cut() {
     let tmp = TempDir::new("resume-reverse");
@@ -163,31 +192,16 @@ fn ploops_half_done_reverse_merge_is_finished_through_any_fault_and_power_cut() 
             assert_eq!(merged.len(), 1, "{left:?} {how}: {merged:?}");
             assert!(merged[0].clusters <= TOP_CLUSTERS.len() as u64, "{left:?} {how}: {} clusters copied", merged[0].clusters);
             verify(&dir, offline, &model, &small, &format!("{left:?} {how}, no fault"));
-            // Finished, then the power fails: what it stored is durable.
-            for cut in [Cut::All, Cut::MetaOnly, Cut::DataOnly] {
-                let io = Injector::new(None);
-                io.set_journaling(true);
-                let (dir, r) = finish_in(&pristine, &tmp.join(&format!("{si}-{how}-ref-{cut:?}")), offline, &io);
-                r.unwrap_or_else(|e| panic!("{left:?} {how}, no fault: {e}"));
-                io.power_cut(cut);
-                verify(&dir, offline, &model, &small, &format!("{left:?} {how}, no fault, then {cut:?}"));
-            }
-            let points = io.counts().points(&[Kind::Write, Kind::Sync, Kind::Rename, Kind::Read, Kind::Grow, Kind::Truncate, Kind::Punch]);
-            for (kind, index, n) in points {
-                for cut in [Cut::None, Cut::All, Cut::MetaOnly, Cut::DataOnly] {
-                    runs += 1;
-                    let ctx = format!("{left:?} {how}: disk dies at {kind:?} #{index} of {n}, then {cut:?}");
-                    let io = Injector::new(Some(Fault { kind, index, sticky: true }));
-                    io.set_journaling(cut != Cut::None);
-                    let run = tmp.join(&format!("{si}-{how}-{kind:?}-{index}-{cut:?}"));
-                    let (dir, _) = finish_in(&pristine, &run, offline, &io);
-                    io.power_cut(cut);
-                    if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| verify(&dir, offline, &model, &small, &ctx))) {
-                        failed.push(p.downcast_ref::<String>().cloned().unwrap_or_else(|| format!("{ctx}: panicked")));
-                    }
-                    let _ = std::fs::remove_dir_all(&run);
-                }
-            }
+            let (n, f) = sweep(
+                &tmp.join(&format!("{si}-{how}")),
+                &format!("{left:?} {how}"),
+                &io,
+                &[Cut::None, Cut::All, Cut::MetaOnly, Cut::DataOnly],
+                |run, io| drop(finish_in(&pristine, run, offline, io)),
+                |run, ctx| verify(run, offline, &model, &small, ctx),
+            );
+            runs += n;
+            failed.extend(f);
         }
     }
     eprintln!("{runs} fault runs");
@@ -283,54 +297,42 @@ fn our_half_done_merges_are_finished_by_ploops_rule() {
         };
         let io = Injector::new(None);
         merge(&tmp.join(&format!("{how}-ref")), &io).unwrap_or_else(|e| panic!("{how}, no fault: {e}"));
-        let points = io.counts().points(&[Kind::Write, Kind::Sync, Kind::Rename, Kind::Read, Kind::Grow, Kind::Truncate, Kind::Punch]);
-        for (kind, index, n) in points {
-            for cut in [Cut::None, Cut::All] {
-                runs += 1;
-                let ctx = format!("our {how} merge: disk dies at {kind:?} #{index} of {n}, then {cut:?}, then ploop's rule");
-                let run = tmp.join(&format!("{how}-{kind:?}-{index}-{cut:?}"));
-                let io = Injector::new(Some(Fault { kind, index, sticky: true }));
-                io.set_journaling(cut != Cut::None);
-                let _ = merge(&run, &io);
-                io.power_cut(cut);
-                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    if Disk::load(&run).unwrap().desc.shots.iter().any(|s| s.temporary != Temporary::No) {
-                        left_temporary += 1;
-                    }
-                    ploop_finishes(&run);
-                    let disk = Disk::load(&run).unwrap();
-                    let stack = retry_busy(|| {
-                        block_on(Stack::open_layers(&SyncIo, &disk.layers(None).unwrap(), &StackOptions { read_only: true, ..Default::default() }))
-                    })
-                    .unwrap()
-                    .0;
-                    assert!(read_all(&stack) == model, "{ctx}: the disk does not show its data");
-                    drop(stack);
-                    if disk.desc.images.len() == 1 {
-                        assert_eq!(disk.desc.images[0].file, "root.hds", "{ctx}");
-                    }
-                    // A snapshot that survives shows what it showed: the
-                    // base is changed only once it is marked temporary.
-                    for shot in disk.desc.shots.iter().filter(|s| s.guid != TOP_GUID) {
-                        let layers = disk.layers(Some(shot.guid)).unwrap();
-                        let snap = block_on(Stack::open_layers(&SyncIo, &layers, &StackOptions { read_only: true, ..Default::default() })).unwrap().0;
-                        assert!(read_all(&snap) == base, "{ctx}: snapshot {} changed", shot.guid);
-                    }
-                    for img in &disk.desc.images {
-                        let path = run.join(&img.file);
-                        common::assert_undamaged(&path, false, &ctx);
-                        if common::have_qemu() {
-                            let r = common::qemu_img(["check", "-f", "parallels", path.to_str().unwrap()]);
-                            assert!(r.code() == 0 || r.code() == 3, "{ctx}: qemu-img check: exit {}\n{}", r.code(), r.stdout);
-                        }
-                    }
-                }));
-                if let Err(p) = outcome {
-                    failed.push(p.downcast_ref::<String>().cloned().unwrap_or_else(|| format!("{ctx}: panicked")));
-                }
-                let _ = std::fs::remove_dir_all(&run);
+        let check = |run: &Path, ctx: &str| {
+            if Disk::load(run).unwrap().desc.shots.iter().any(|s| s.temporary != Temporary::No) {
+                left_temporary += 1;
             }
-        }
+            ploop_finishes(run);
+            let disk = Disk::load(run).unwrap();
+            let stack = retry_busy(|| {
+                block_on(Stack::open_layers(&SyncIo, &disk.layers(None).unwrap(), &StackOptions { read_only: true, ..Default::default() }))
+            })
+            .unwrap()
+            .0;
+            assert!(read_all(&stack) == model, "{ctx}: the disk does not show its data");
+            drop(stack);
+            if disk.desc.images.len() == 1 {
+                assert_eq!(disk.desc.images[0].file, "root.hds", "{ctx}");
+            }
+            // A snapshot that survives shows what it showed: the
+            // base is changed only once it is marked temporary.
+            for shot in disk.desc.shots.iter().filter(|s| s.guid != TOP_GUID) {
+                let layers = disk.layers(Some(shot.guid)).unwrap();
+                let snap = block_on(Stack::open_layers(&SyncIo, &layers, &StackOptions { read_only: true, ..Default::default() })).unwrap().0;
+                assert!(read_all(&snap) == base, "{ctx}: snapshot {} changed", shot.guid);
+            }
+            for img in &disk.desc.images {
+                let path = run.join(&img.file);
+                common::assert_undamaged(&path, false, ctx);
+                if common::have_qemu() {
+                    let r = common::qemu_img(["check", "-f", "parallels", path.to_str().unwrap()]);
+                    assert!(r.code() == 0 || r.code() == 3, "{ctx}: qemu-img check: exit {}\n{}", r.code(), r.stdout);
+                }
+            }
+        };
+        let tag = format!("our {how} merge, then ploop's rule");
+        let (n, f) = sweep(&tmp.join(how), &tag, &io, &[Cut::None, Cut::All], |run, io| drop(merge(run, io)), check);
+        runs += n;
+        failed.extend(f);
     }
     eprintln!("{runs} fault runs, {left_temporary} left a temporary snapshot for ploop's rule");
     assert!(left_temporary > runs / 4, "only {left_temporary} of {runs} runs left the merge half done");
@@ -384,39 +386,22 @@ fn an_offline_merge_into_a_raw_base_loses_nothing_at_any_fault() {
     };
     let io = Injector::new(None);
     merge(&tmp.join("ref"), &io).unwrap();
-    let (mut runs, mut failed) = (0, vec![]);
-    let points = io.counts().points(&[Kind::Write, Kind::Sync, Kind::Rename, Kind::Read, Kind::Grow, Kind::Truncate, Kind::Punch]);
-    // The last point never trips: the merge ends, then the power fails.
-    for (kind, index, n) in points.into_iter().chain([(Kind::Rename, u64::MAX, 0)]) {
-        for cut in [Cut::None, Cut::All, Cut::MetaOnly, Cut::DataOnly] {
-            runs += 1;
-            let at = if n == 0 { "no fault".to_string() } else { format!("disk dies at {kind:?} #{index} of {n}") };
-            let ctx = format!("raw base: {at}, then {cut:?}");
-            let run = tmp.join(&format!("{kind:?}-{index}-{cut:?}"));
-            let io = Injector::new(Some(Fault { kind, index, sticky: true }));
-            io.set_journaling(cut != Cut::None);
-            let _ = merge(&run, &io);
-            io.power_cut(cut);
-            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                let mut disk = Disk::load(&run).unwrap();
-                let stack = open_as(&disk, true);
-                assert!(read_all(&stack) == model, "{ctx}: the disk does not show its data");
-                quiesced(|| block_on(ops::finish_merges(&SyncIo, &stack, &mut disk))).unwrap_or_else(|e| panic!("{ctx}: finishing: {e}"));
-                if disk.desc.images.len() == 2 {
-                    quiesced(|| block_on(ops::merge(&SyncIo, &stack, &mut disk, None, &|_, _| {}))).unwrap_or_else(|e| panic!("{ctx}: merging again: {e}"));
-                }
-                block_on(stack.close(&SyncIo)).unwrap();
-                drop(stack);
-                assert_eq!(disk.desc.images.len(), 1, "{ctx}");
-                assert_eq!(disk.desc.images[0].file, "root.hds", "{ctx}");
-                assert!(std::fs::read(run.join("root.hds")).unwrap() == model, "{ctx}: the raw base does not hold the data");
-            }));
-            if let Err(p) = outcome {
-                failed.push(p.downcast_ref::<String>().cloned().unwrap_or_else(|| format!("{ctx}: panicked")));
-            }
-            let _ = std::fs::remove_dir_all(&run);
+    let check = |run: &Path, ctx: &str| {
+        let mut disk = Disk::load(run).unwrap();
+        let stack = open_as(&disk, true);
+        assert!(read_all(&stack) == model, "{ctx}: the disk does not show its data");
+        quiesced(|| block_on(ops::finish_merges(&SyncIo, &stack, &mut disk))).unwrap_or_else(|e| panic!("{ctx}: finishing: {e}"));
+        if disk.desc.images.len() == 2 {
+            quiesced(|| block_on(ops::merge(&SyncIo, &stack, &mut disk, None, &|_, _| {}))).unwrap_or_else(|e| panic!("{ctx}: merging again: {e}"));
         }
-    }
+        block_on(stack.close(&SyncIo)).unwrap();
+        drop(stack);
+        assert_eq!(disk.desc.images.len(), 1, "{ctx}");
+        assert_eq!(disk.desc.images[0].file, "root.hds", "{ctx}");
+        assert!(std::fs::read(run.join("root.hds")).unwrap() == model, "{ctx}: the raw base does not hold the data");
+    };
+    let cuts = [Cut::None, Cut::All, Cut::MetaOnly, Cut::DataOnly];
+    let (runs, failed) = sweep(&tmp.join("runs"), "raw base", &io, &cuts, |run, io| drop(merge(run, io)), check);
     eprintln!("{runs} fault runs");
     assert!(failed.is_empty(), "{} of {runs} fault runs failed:\n{}", failed.len(), failed.join("\n"));
 }
