@@ -249,6 +249,10 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
     // up costs the delta and keeps the base's file, as ploop's resume does.
     let swapped = pshot.temporary == Temporary::ZeroSwap;
     let fold = top && !shared_parent && !swapped && same_kind(&layers[pi], &layers[ci]);
+    // Offline, the top over a raw base goes into it in place, as ploop's
+    // offline merge does (not once the disk grew online, which grows only
+    // the top: a raw file has no room past its end).
+    let into_raw = top && stack.is_offline() && !shared_parent && layers[pi].format() == Format::Raw && layers[pi].size() == layers[ci].size();
     if fold && stack.is_offline() {
         // Offline, as ploop's offline merge: the top is copied into its
         // parent's file, which then serves as the top under the top's
@@ -338,7 +342,7 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
         }
         crash_point("merge-swapped");
         remove_file(io, &cpath);
-    } else if top && !(stack.is_offline() && !shared_parent && layers[pi].format() == Format::Raw && layers[pi].size() == layers[ci].size()) {
+    } else if top && !into_raw {
         // The top: copy the parent up into it (the two are of another
         // format or version, the parent is shared: other disks read it
         // too, so it is neither locked for us alone nor removed; or ploop
@@ -369,10 +373,8 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
             remove_file(io, &ppath);
         }
     } else {
-        // A lower delta (or, offline, the top over a raw base, as ploop's
-        // offline merge does; not once the disk grew online, which grows
-        // only the top: a raw file has no room past its end): copy it into
-        // its parent's file.
+        // A lower delta, or the top `into_raw`: copy it into its parent's
+        // file.
         layers[pi].relock(io, true).map_err(in_use)?;
         if let Err(e) = layers[ci].relock(io, true) {
             let _ = layers[pi].relock(io, false);
