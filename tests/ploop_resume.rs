@@ -129,6 +129,17 @@ fn finish_in<I: Io>(pristine: &Path, run: &Path, offline: bool, io: &I) -> (Path
     (run.to_path_buf(), r.map_err(|e| e.to_string()))
 }
 
+/// Merge the top of a copy of `pristine` in `run` with `io`, then drop
+/// the stack unclosed (a crash, or the end).
+fn merge_in<I: Io>(pristine: &Path, run: &Path, offline: bool, io: &I) -> Result<ops::Merged, String> {
+    copy_dir(pristine, run);
+    let mut disk = Disk::load(run).unwrap();
+    let stack = open_as(&disk, offline);
+    let r = quiesced(|| block_on(ops::merge(io, &stack, &mut disk, None, &|_, _| {})));
+    drop(stack);
+    r.map_err(|e| e.to_string())
+}
+
 /// The disk shows `model` before and after the next open finishes the
 /// merge; then it is `root.hds` alone, clean, and the small delta's file
 /// is gone.
@@ -287,14 +298,7 @@ fn our_half_done_merges_are_finished_by_ploops_rule() {
     let (mut runs, mut failed, mut left_temporary) = (0, vec![], 0);
     for offline in [true, false] {
         let how = if offline { "offline" } else { "online" };
-        let merge = |run: &Path, io: &Injector| {
-            copy_dir(&pristine, run);
-            let mut disk = Disk::load(run).unwrap();
-            let stack = open_as(&disk, offline);
-            let r = quiesced(|| block_on(ops::merge(io, &stack, &mut disk, None, &|_, _| {})));
-            drop(stack);
-            r.map_err(|e| e.to_string())
-        };
+        let merge = |run: &Path, io: &Injector| merge_in(&pristine, run, offline, io);
         let io = Injector::new(None);
         merge(&tmp.join(&format!("{how}-ref")), &io).unwrap_or_else(|e| panic!("{how}, no fault: {e}"));
         let check = |run: &Path, ctx: &str| {
@@ -376,14 +380,7 @@ fn an_offline_merge_into_a_raw_base_loses_nothing_at_any_fault() {
     let tmp = TempDir::new("resume-raw");
     let pristine = tmp.join("ct");
     let model = raw_mode_disk(&pristine);
-    let merge = |run: &Path, io: &Injector| {
-        copy_dir(&pristine, run);
-        let mut disk = Disk::load(run).unwrap();
-        let stack = open_as(&disk, true);
-        let r = quiesced(|| block_on(ops::merge(io, &stack, &mut disk, None, &|_, _| {})));
-        drop(stack);
-        r.map(drop).map_err(|e| e.to_string())
-    };
+    let merge = |run: &Path, io: &Injector| merge_in(&pristine, run, true, io);
     let io = Injector::new(None);
     merge(&tmp.join("ref"), &io).unwrap();
     let check = |run: &Path, ctx: &str| {
