@@ -10,9 +10,20 @@ use crate::{Res, ALLOCS_PER_TURN, CLUSTER, MIB};
 
 /// User + system CPU seconds of this process (all its threads, io-wq included).
 pub fn cpu_secs() -> f64 {
+    rusage_secs(libc::RUSAGE_SELF)
+}
+
+/// The same for the calling thread alone: what fio counts for a job (its
+/// `usr_cpu`/`sys_cpu` leave out the io-wq workers its writes are handed
+/// to, as on tmpfs), so the engine's rows beside fio's count alike.
+pub fn thread_cpu_secs() -> f64 {
+    rusage_secs(libc::RUSAGE_THREAD)
+}
+
+fn rusage_secs(who: libc::c_int) -> f64 {
     // SAFETY: getrusage fills the zeroed struct.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    unsafe { libc::getrusage(who, &mut ru) };
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
@@ -45,7 +56,7 @@ impl Run {
             0.0
         }
     }
-    /// Microseconds of CPU (all the tool's threads) per I/O: a per-request
+    /// Microseconds of CPU (the thread issuing the I/O) per I/O: a per-request
     /// cost shows here even when the disk, not the CPU, sets the rate.
     pub fn cpu_us_per_io(&self) -> Option<f64> {
         let pct = self.cpu_pct?;
