@@ -140,7 +140,7 @@ pub async fn check_in<I: Io>(io: &I, path: &Path, format: Format, repair: bool, 
         let in_use = crate::layers::file_marked_in_use(io, &file).await.unwrap_or(true);
         let dir = match links {
             Some(d) => Some(d.to_path_buf()),
-            None if in_use => super::links::leftover_dir(io, &path.display().to_string(), file.fd())?,
+            None if in_use => super::links::leftover_dir(io, &path.display().to_string(), file.fd(), true)?,
             None => None,
         };
         if let Some(dir) = dir {

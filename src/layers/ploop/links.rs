@@ -54,8 +54,9 @@ fn log_name<I: Io>(io: &I, image_fd: RawFd) -> std::io::Result<String> {
 /// the logged copies would be released as leaks and their space reused,
 /// and the log, applied later by a process that can read it, would link
 /// them to those bytes. (The directory lets anyone search it, so that
-/// only an image with records is refused.)
-pub(super) fn leftover_dir<I: Io>(io: &I, image: &str, image_fd: RawFd) -> crate::Result<Option<PathBuf>> {
+/// only an image with records is refused.) A read-only look (`write`
+/// false) only reads the log, so read and search access are enough.
+pub(super) fn leftover_dir<I: Io>(io: &I, image: &str, image_fd: RawFd, write: bool) -> crate::Result<Option<PathBuf>> {
     use nix::unistd::AccessFlags;
     let Some(dir) = LEFTOVER_DIR.read().unwrap_or_else(|e| e.into_inner()).clone() else { return Ok(None) };
     match std::fs::metadata(&dir) {
@@ -64,8 +65,11 @@ pub(super) fn leftover_dir<I: Io>(io: &I, image: &str, image_fd: RawFd) -> crate
             if !io.is_volatile_dir(&dir).unwrap_or(true) {
                 return Ok(None);
             }
-            let rwx = AccessFlags::R_OK | AccessFlags::W_OK | AccessFlags::X_OK;
-            if nix::unistd::faccessat(None, &dir, rwx, nix::fcntl::AtFlags::AT_EACCESS).is_ok() {
+            let mut need = AccessFlags::R_OK | AccessFlags::X_OK;
+            if write {
+                need |= AccessFlags::W_OK;
+            }
+            if nix::unistd::faccessat(None, &dir, need, nix::fcntl::AtFlags::AT_EACCESS).is_ok() {
                 return Ok(Some(dir));
             }
         }

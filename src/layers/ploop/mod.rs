@@ -289,7 +289,7 @@ impl PloopLayer {
         // memory: else reads would show bytes from before acknowledged
         // writes.
         let leftover = match (links, report.was_in_use && (file.writable || lock)) {
-            (None, true) => links::leftover_dir(io, &path, file.fd())?,
+            (None, true) => links::leftover_dir(io, &path, file.fd(), file.writable)?,
             _ => None,
         };
         if let (Some(dir), false) = (leftover.as_deref(), file.writable) {
