@@ -436,3 +436,49 @@ fn an_offline_merge_over_a_raw_base_the_disk_outgrew_copies_it_up() {
     drop(stack);
     assert_ploop_clean(&disk.file_path(&disk.desc.images[0]), "the merged top");
 }
+
+/// The online merge copies a raw base up into the top. A sparse base's
+/// holes read as zeros without it, so only the clusters that hold data
+/// are copied: the cost follows the data, not the disk's size (it once
+/// copied every cluster, holes too, filling the top with zeros).
+#[test]
+fn an_online_merge_copies_only_what_a_sparse_raw_base_holds() {
+    use std::os::fd::AsRawFd;
+    let tmp = TempDir::new("resume-raw-sparse");
+    let ct = tmp.join("ct");
+    let mut model = raw_mode_disk(&ct);
+    // The base keeps data in two clusters; the rest is punched, as in a
+    // file mostly never written. The top's clusters hold whole copies.
+    let held = [4u64, 9];
+    let base = std::fs::OpenOptions::new().write(true).open(ct.join("root.hds")).unwrap();
+    for c in (0..CLUSTERS).filter(|c| !held.contains(c)) {
+        let how = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        // SAFETY: a plain syscall on an open descriptor.
+        let r = unsafe { libc::fallocate(base.as_raw_fd(), how, (c * CLUSTER) as i64, CLUSTER as i64) };
+        assert_eq!(r, 0, "punching the base: {}", std::io::Error::last_os_error());
+        if !TOP_CLUSTERS.contains(&c) {
+            model[(c * CLUSTER) as usize..((c + 1) * CLUSTER) as usize].fill(0);
+        }
+    }
+    drop(base);
+    let mut disk = Disk::load(&ct).unwrap();
+    let stack = open_as(&disk, false);
+    assert!(read_all(&stack) == model, "the disk does not show its data before the merge");
+    let merged = quiesced(|| block_on(ops::merge(&SyncIo, &stack, &mut disk, None, &|_, _| {}))).unwrap();
+    assert_eq!(merged.clusters, held.len() as u64, "clusters copied up from a base holding {held:?}");
+    assert!(read_all(&stack) == model, "the merged disk does not show its data");
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    let disk = Disk::load(&ct).unwrap();
+    assert_eq!(disk.desc.images.len(), 1);
+    let top = disk.file_path(&disk.desc.images[0]);
+    let stack = open_as(&disk, true);
+    assert!(read_all(&stack) == model, "the merged disk, opened again, does not show its data");
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    assert_ploop_clean(&top, "the merged top");
+    // Header and table in the first cluster, then one cluster per one held.
+    let most = CLUSTER * (1 + (TOP_CLUSTERS.len() + held.len()) as u64);
+    let len = std::fs::metadata(&top).unwrap().len();
+    assert!(len <= most, "the merged top is {len} bytes, more than the {most} its data needs");
+}

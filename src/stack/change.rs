@@ -181,8 +181,10 @@ impl Stack {
         // interleave with the merge.
         let top = &top;
         let changed = || Error::new(libc::EBUSY, "the stack changed during the merge");
-        // Clusters a QCOW2 parent (always the bottom) stores nothing for:
-        // they read as zeros with or without it, so they are not copied.
+        // Clusters a bottom parent stores nothing for (a QCOW2 image's
+        // unallocated ones, a raw file's holes): they read as zeros with or
+        // without it, so they are not copied. A raw file above another
+        // layer is not asked: its holes hide what is below.
         let empty = std::sync::Mutex::new(std::collections::HashSet::new());
         let empty = &empty;
         let copy_one = |&c: &u64| async move {
@@ -194,11 +196,16 @@ impl Stack {
             // A write may have copied it up meanwhile: then nothing to do
             // (the check at the end catches its link failing).
             if shape.top().lookup(c, self.cluster).is_none() && shape.holder_below(c, self.cluster) == Some(parent as usize) {
-                if let Layer::Qcow2(q) = &*shape.layers[parent as usize] {
-                    if !q.image().holds_data(io, c * self.cluster, self.cluster).await? {
-                        empty.lock().unwrap().insert(c);
-                        return Ok(());
+                let nothing = match &*shape.layers[parent as usize] {
+                    Layer::Qcow2(q) => !q.image().holds_data(io, c * self.cluster, self.cluster).await?,
+                    Layer::Raw(r) if parent == 0 => {
+                        crate::io::is_hole(io, r.file().fd(), c * self.cluster, self.cluster)
                     }
+                    _ => false,
+                };
+                if nothing {
+                    empty.lock().unwrap().insert(c);
+                    return Ok(());
                 }
                 let window = shape.top().window_start();
                 self.allocate(io, &shape, c, Fill::CopyUp).await?;
