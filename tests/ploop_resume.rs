@@ -371,21 +371,31 @@ fn raw_mode_disk(pristine: &Path) -> Vec<u8> {
 }
 
 /// ploop's raw mode (a raw base, every image typed `Plain`, the deltas
-/// ploop images): the offline merge of the top writes it into the raw
-/// base in place, as ploop's does. A fault at any step, then a power cut:
-/// the disk shows its data, and the next open finishes the merge to the
-/// raw `root.hds` alone.
+/// ploop images): the merge of the top writes it into the raw base in
+/// place, as ploop's offline merge does; online too, with requests going
+/// on (a fold), at the cost of the top alone. A fault at any step, then a
+/// power cut: the disk shows its data, and the next open (in the same
+/// mode) finishes the merge to the raw `root.hds` alone.
 #[test]
-fn an_offline_merge_into_a_raw_base_loses_nothing_at_any_fault() {
-    let tmp = TempDir::new("resume-raw");
+fn a_merge_into_a_raw_base_loses_nothing_at_any_fault() {
+    for offline in [true, false] {
+        merge_into_raw_base_under_faults(offline);
+    }
+}
+
+fn merge_into_raw_base_under_faults(offline: bool) {
+    let mode = if offline { "offline" } else { "online" };
+    let tmp = TempDir::new(&format!("resume-raw-{mode}"));
     let pristine = tmp.join("ct");
     let model = raw_mode_disk(&pristine);
-    let merge = |run: &Path, io: &Injector| merge_in(&pristine, run, true, io);
+    let merge = |run: &Path, io: &Injector| merge_in(&pristine, run, offline, io);
     let io = Injector::new(None);
-    merge(&tmp.join("ref"), &io).unwrap();
+    let merged = merge(&tmp.join("ref"), &io).unwrap();
+    assert_eq!(merged.clusters, TOP_CLUSTERS.len() as u64, "{mode}: the merge into the raw base copies the top alone");
     let check = |run: &Path, ctx: &str| {
+        let ctx = &format!("{mode}: {ctx}");
         let mut disk = Disk::load(run).unwrap();
-        let stack = open_as(&disk, true);
+        let stack = open_as(&disk, offline);
         assert!(read_all(&stack) == model, "{ctx}: the disk does not show its data");
         quiesced(|| block_on(ops::finish_merges(&SyncIo, &stack, &mut disk))).unwrap_or_else(|e| panic!("{ctx}: finishing: {e}"));
         if disk.desc.images.len() == 2 {
@@ -399,7 +409,7 @@ fn an_offline_merge_into_a_raw_base_loses_nothing_at_any_fault() {
     };
     let cuts = [Cut::None, Cut::All, Cut::MetaOnly, Cut::DataOnly];
     let (runs, failed) = sweep(&tmp.join("runs"), "raw base", &io, &cuts, |run, io| drop(merge(run, io)), check);
-    eprintln!("{runs} fault runs");
+    eprintln!("{mode}: {runs} fault runs");
     assert!(failed.is_empty(), "{} of {runs} fault runs failed:\n{}", failed.len(), failed.join("\n"));
 }
 
@@ -437,10 +447,11 @@ fn an_offline_merge_over_a_raw_base_the_disk_outgrew_copies_it_up() {
     assert_ploop_clean(&disk.file_path(&disk.desc.images[0]), "the merged top");
 }
 
-/// The online merge copies a raw base up into the top. A sparse base's
-/// holes read as zeros without it, so only the clusters that hold data
-/// are copied: the cost follows the data, not the disk's size (it once
-/// copied every cluster, holes too, filling the top with zeros).
+/// A raw base the disk outgrew online is copied up into the top by the
+/// online merge. A sparse base's holes read as zeros without it, so only
+/// the clusters that hold data are copied: the cost follows the data, not
+/// the disk's size (it once copied every cluster, holes too, filling the
+/// top with zeros).
 #[test]
 fn an_online_merge_copies_only_what_a_sparse_raw_base_holds() {
     use std::os::fd::AsRawFd;
@@ -463,6 +474,11 @@ fn an_online_merge_copies_only_what_a_sparse_raw_base_holds() {
     drop(base);
     let mut disk = Disk::load(&ct).unwrap();
     let stack = open_as(&disk, false);
+    let grown = CLUSTER * (CLUSTERS + 4);
+    block_on(stack.grow_top(&SyncIo, grown)).unwrap();
+    model.resize(grown as usize, 0);
+    disk.desc.set_size(grown).unwrap();
+    block_on(disk.store(&SyncIo)).unwrap();
     assert!(read_all(&stack) == model, "the disk does not show its data before the merge");
     let merged = quiesced(|| block_on(ops::merge(&SyncIo, &stack, &mut disk, None, &|_, _| {}))).unwrap();
     assert_eq!(merged.clusters, held.len() as u64, "clusters copied up from a base holding {held:?}");

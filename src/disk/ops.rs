@@ -248,11 +248,14 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
     // names the small delta, the top is the old base. Copying the parent
     // up costs the delta and keeps the base's file, as ploop's resume does.
     let swapped = pshot.temporary == Temporary::ZeroSwap;
-    let fold = top && !shared_parent && !swapped && same_kind(&layers[pi], &layers[ci]);
-    // Offline, the top over a raw base goes into it in place, as ploop's
-    // offline merge does (not once the disk grew online, which grows only
-    // the top: a raw file has no room past its end).
-    let into_raw = top && stack.is_offline() && !shared_parent && layers[pi].format() == Format::Raw && layers[pi].size() == layers[ci].size();
+    // The top over a raw base goes into it in place, as ploop's offline
+    // merge does (not once the disk grew online, which grows only the top:
+    // a raw file has no room past its end); offline as a lower delta goes,
+    // online as a fold.
+    let raw_base = !shared_parent && !swapped && layers[pi].format() == Format::Raw && layers[ci].format() == Format::Ploop;
+    let into_raw = top && raw_base && layers[pi].size() == layers[ci].size();
+    let fold = top && !shared_parent && !swapped && (same_kind(&layers[pi], &layers[ci]) || (into_raw && !stack.is_offline()));
+    let into_raw = into_raw && stack.is_offline();
     if fold && stack.is_offline() {
         // Offline, as ploop's offline merge: the top is copied into its
         // parent's file, which then serves as the top under the top's
@@ -299,7 +302,7 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
             }
         }
         let direct = if layers[ci].file().direct { Direct::Auto } else { Direct::Off };
-        let into = match Layer::open_unlocked(io, &ppath, Format::Ploop, true, direct).await {
+        let into = match Layer::open_unlocked(io, &ppath, layers[pi].format(), true, direct).await {
             Ok((l, _)) => Arc::new(l),
             Err(e) => {
                 let _ = layers[pi].relock(io, false);
