@@ -33,6 +33,11 @@ pub struct OwnRing {
     kick_armed: Cell<bool>,
     /// SQEs queued since the last enter.
     queued: Cell<bool>,
+    /// Inside `run_tasks`: SQEs wait for the next task or the wait (see
+    /// there). Elsewhere each goes to the kernel at once: a `block_on`
+    /// future may block inside its poll (a pipe write under back-pressure,
+    /// a lock's retry), and I/O queued before that would sit unsubmitted.
+    deferred: Cell<bool>,
 }
 
 impl OwnRing {
@@ -44,6 +49,7 @@ impl OwnRing {
             kick: Kick::new()?,
             kick_armed: Cell::new(false),
             queued: Cell::new(false),
+            deferred: Cell::new(false),
         })
     }
 
@@ -66,8 +72,11 @@ impl OwnRing {
         // SAFETY: the SQE's buffers are kept alive by the futures that
         // await its completion (see RingIo).
         while unsafe { self.ring.borrow_mut().submission().push(sqe) }.is_err() {
-            // Full: hand what is queued to the kernel and retry.
+            // Full: hand what is queued to the kernel, and take what has
+            // completed (a kernel that refuses new work while completions
+            // wait, EBUSY, would otherwise be asked forever), then retry.
             self.enter(0);
+            self.reap();
         }
     }
 
@@ -96,6 +105,11 @@ impl OwnRing {
             self.kick_armed.set(true);
         }
         self.enter(1);
+        self.reap();
+    }
+
+    /// Hand out the results of the completions posted so far.
+    fn reap(&self) {
         let mut ring = self.ring.borrow_mut();
         let mut slots = self.slots.borrow_mut();
         for cqe in ring.completion() {
@@ -119,8 +133,6 @@ impl OwnRing {
         let waker = Waker::from(flag.clone());
         let mut cx = Context::from_waker(&waker);
         let mut fut = pin!(fut);
-        // What the future queued goes to the kernel with the wait below:
-        // one enter per round.
         let out = loop {
             if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
                 break v;
@@ -138,13 +150,16 @@ impl OwnRing {
     /// Run the tasks of `exe` (which submit on this ring) until `done()`.
     pub fn run_tasks(&self, exe: &async_executor::LocalExecutor<'_>, done: impl Fn() -> bool) {
         set_thread_kick(Some(self.kick.clone()));
+        let deferred = self.deferred.replace(true);
         loop {
-            // A task's I/O goes to the kernel as soon as another task is
-            // found runnable behind it, so the disk starts on it while the
-            // next request is planned; the last of a round goes with the
-            // wait, in one enter. A lone request (QD1) then costs one
-            // syscall, as on a ublk queue, which submits and waits at once;
-            // handing each SQE over alone cost two.
+            // What the first runnable task queues goes to the kernel after
+            // the second has run (with the second's), and every later
+            // task's after it has run, so the disk starts on a round's I/O
+            // while the rest is planned; when the first task is the only
+            // one, its I/O goes with the wait, in one enter. A lone request
+            // (QD1) then costs one syscall, as on a ublk queue, which
+            // submits and waits at once; handing each SQE over alone cost
+            // two.
             let mut ran = false;
             while exe.try_tick() {
                 if ran {
@@ -158,6 +173,7 @@ impl OwnRing {
             }
             self.wait_and_reap();
         }
+        self.deferred.set(deferred);
         set_thread_kick(None);
     }
 }
@@ -199,11 +215,15 @@ impl Submit for OwnRing {
             i
         };
         self.push(&sqe.user_data(slot as u64));
-        // Queued; `run_tasks` hands it over when the next task runs or
-        // with its wait. Batching a whole round into the wait cost 5-30%
-        // of 4k IOPS on virtio disks (the engine benchmark), so a round
-        // is not held back.
-        self.queued.set(true);
+        if self.deferred.get() {
+            // `run_tasks` hands it over after the next task or with its
+            // wait. Batching a whole round into the wait cost 5-30% of 4k
+            // IOPS on virtio disks (the engine benchmark), so a round is
+            // not held back.
+            self.queued.set(true);
+        } else {
+            self.enter(0);
+        }
         OpFuture { ring: self, slot }
     }
 }
