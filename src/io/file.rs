@@ -228,7 +228,9 @@ const TMPFS_MAGIC: i64 = 0x0102_1994;
 
 /// Whether `dir` is on tmpfs (statfs's f_type).
 pub(crate) fn os_is_tmpfs(dir: &Path) -> std::io::Result<bool> {
-    let dir = std::fs::File::open(dir)?;
+    // A path opening: a user who may only search the directory (the link
+    // log directory is made so) may still ask what it is.
+    let dir = OpenOptions::new().read(true).custom_flags(libc::O_PATH).open(dir)?;
     Ok(fs_magic(dir.as_raw_fd()) == Some(TMPFS_MAGIC))
 }
 

@@ -55,7 +55,8 @@ fn log_name<I: Io>(io: &I, image_fd: RawFd) -> std::io::Result<String> {
 /// and the log, applied later by a process that can read it, would link
 /// them to those bytes. (The directory lets anyone search it, so that
 /// only an image with records is refused.) A read-only look (`write`
-/// false) only reads the log, so read and search access are enough.
+/// false) only reads the log: it is given the directory where this
+/// image's log has records it may read, and refused only where it may not.
 pub(super) fn leftover_dir<I: Io>(io: &I, image: &str, image_fd: RawFd, write: bool) -> crate::Result<Option<PathBuf>> {
     use nix::unistd::AccessFlags;
     let Some(dir) = LEFTOVER_DIR.read().unwrap_or_else(|e| e.into_inner()).clone() else { return Ok(None) };
@@ -65,20 +66,20 @@ pub(super) fn leftover_dir<I: Io>(io: &I, image: &str, image_fd: RawFd, write: b
             if !io.is_volatile_dir(&dir).unwrap_or(true) {
                 return Ok(None);
             }
-            let mut need = AccessFlags::R_OK | AccessFlags::X_OK;
-            if write {
-                need |= AccessFlags::W_OK;
-            }
-            if nix::unistd::faccessat(None, &dir, need, nix::fcntl::AtFlags::AT_EACCESS).is_ok() {
+            let rwx = AccessFlags::R_OK | AccessFlags::W_OK | AccessFlags::X_OK;
+            if write && nix::unistd::faccessat(None, &dir, rwx, nix::fcntl::AtFlags::AT_EACCESS).is_ok() {
                 return Ok(Some(dir));
             }
         }
         _ => {}
     }
     let name = log_name(io, image_fd).map_err(|e| crate::Error::io(e, image))?;
-    match std::fs::metadata(dir.join(name)) {
+    let log = dir.join(name);
+    let readable = || nix::unistd::faccessat(None, &log, AccessFlags::R_OK, nix::fcntl::AtFlags::AT_EACCESS).is_ok();
+    match std::fs::metadata(&log) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Ok(m) if m.len() == 0 => Ok(None),
+        Ok(_) if !write && readable() => Ok(Some(dir)),
         _ => Err(crate::Error::new(
             libc::EACCES,
             format!(
