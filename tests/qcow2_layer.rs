@@ -14,7 +14,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{assert_clean, assert_reads, assert_reads_all, for_each_seed, ploop, AnyIo, Rng, TempDir};
+use common::{assert_clean, assert_reads, assert_reads_all, for_each_seed, ploop, retry_busy, AnyIo, Rng, TempDir};
 use ublk_ploop::io::{block_on, AlignedBuf, Direct, SyncIo};
 use ublk_ploop::layers::{Format, PloopLayer};
 use ublk_ploop::{LayerSpec, Stack, StackOptions};
@@ -137,10 +137,11 @@ fn specs(paths: &[(PathBuf, Format)]) -> Vec<LayerSpec> {
     paths.iter().map(|(path, format)| LayerSpec { path: path.clone(), format: *format }).collect()
 }
 
+/// Opened again right after a drop, an image's lock may still be held by
+/// a child another test thread is spawning (qemu-img): `retry_busy`.
 fn open(io: &AnyIo, paths: &[(PathBuf, Format)], read_only: bool) -> Stack {
-    io.run(Stack::open_layers(io, &specs(paths), &StackOptions { read_only, direct: Direct::Auto, offline: false, link_log: None }))
-        .unwrap_or_else(|e| panic!("opening {paths:?}: {e}"))
-        .0
+    let opts = StackOptions { read_only, direct: Direct::Auto, offline: false, link_log: None };
+    retry_busy(|| io.run(Stack::open_layers(io, &specs(paths), &opts))).unwrap_or_else(|e| panic!("opening {paths:?}: {e}")).0
 }
 
 fn verify(stack: &Stack, io: &AnyIo, model: &Model, off: u64, len: usize, ctx: &str) {
