@@ -83,8 +83,12 @@ fn main() -> ExitCode {
     }
 }
 
-/// Run the engine and a reference tool in alternating turns (see SLICES).
-/// Engine errors end the bench; the tool's are reported.
+/// Run the engine and a reference tool in alternating turns (see SLICES),
+/// in the order engine, tool, tool, engine, engine, tool...: a disk whose
+/// rate drifts steadily, or that is slower for whoever follows a turn of
+/// writes, then weighs on both alike, where the engine always going first
+/// put the same side behind every time. Engine errors end the bench; the
+/// tool's are reported.
 fn alternate(
     cfg: &Cfg,
     mut engine: impl FnMut(f64) -> Res<Run>,
@@ -93,9 +97,13 @@ fn alternate(
     let turn = cfg.secs / SLICES as f64;
     let mut a = Run::default();
     let mut b = None;
-    for _ in 0..SLICES {
+    for slice in 0..SLICES {
+        let tool_first = slice % 2 == 1;
+        if let (true, Some(t)) = (tool_first, tool.as_mut()) {
+            accumulate(&mut b, t(turn));
+        }
         a.add(&engine(turn)?);
-        if let Some(t) = tool.as_mut() {
+        if let (false, Some(t)) = (tool_first, tool.as_mut()) {
             accumulate(&mut b, t(turn));
         }
     }
