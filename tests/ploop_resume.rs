@@ -498,3 +498,22 @@ fn an_online_merge_copies_only_what_a_sparse_raw_base_holds() {
     let len = std::fs::metadata(&top).unwrap().len();
     assert!(len <= most, "the merged top is {len} bytes, more than the {most} its data needs");
 }
+
+/// After an online merge into the raw base the top is the raw file: an
+/// online grow is refused with the reason (it said "busy"), and the disk
+/// goes on serving its data.
+#[test]
+fn a_raw_top_refuses_an_online_grow_with_the_reason() {
+    let tmp = TempDir::new("resume-raw-top");
+    let ct = tmp.join("ct");
+    let model = raw_mode_disk(&ct);
+    let mut disk = Disk::load(&ct).unwrap();
+    let stack = open_as(&disk, false);
+    quiesced(|| block_on(ops::merge(&SyncIo, &stack, &mut disk, None, &|_, _| {}))).unwrap();
+    assert_eq!(disk.desc.images.len(), 1);
+    let e = block_on(stack.grow_top(&SyncIo, stack.size() + CLUSTER)).unwrap_err();
+    assert_eq!(e.errno(), libc::EOPNOTSUPP, "{e}");
+    assert!(e.to_string().contains("raw file"), "{e}");
+    assert!(read_all(&stack) == model, "the raw top does not show its data after the refusal");
+    block_on(stack.close(&SyncIo)).unwrap();
+}

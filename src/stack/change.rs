@@ -473,7 +473,12 @@ impl Stack {
         }
         self.retire_pending(io).await?;
         if shape.top().format() != Format::Ploop {
-            return Err(Error::new(libc::EBUSY, "the top is not a ploop image"));
+            // A raw top (ploop's raw mode, or left by a merge into a raw
+            // base): no table to edit online, and nothing to wait for.
+            return Err(Error::unsupported(format!(
+                "{}: the top is a raw file (ploop's raw mode), not a ploop image: online resize and compaction need a ploop top (resize it with the device stopped)",
+                shape.top().file().path.display()
+            )));
         }
         let top = shape.layers.pop().expect("a stack is never empty");
         let path = top.file().path.clone();
