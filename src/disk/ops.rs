@@ -252,10 +252,10 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
     // merge does (not once the disk grew online, which grows only the top:
     // a raw file has no room past its end); offline as a lower delta goes,
     // online as a fold.
-    let raw_base = !shared_parent && !swapped && layers[pi].format() == Format::Raw && layers[ci].format() == Format::Ploop;
-    let into_raw = top && raw_base && layers[pi].size() == layers[ci].size();
-    let fold = top && !shared_parent && !swapped && (same_kind(&layers[pi], &layers[ci]) || (into_raw && !stack.is_offline()));
-    let into_raw = into_raw && stack.is_offline();
+    let raw_in_place = layers[pi].format() == Format::Raw && layers[ci].format() == Format::Ploop && layers[pi].size() == layers[ci].size();
+    let top_over_own_parent = top && !shared_parent && !swapped;
+    let fold = top_over_own_parent && (same_kind(&layers[pi], &layers[ci]) || (raw_in_place && !stack.is_offline()));
+    let into_raw = top_over_own_parent && raw_in_place && stack.is_offline();
     if fold && stack.is_offline() {
         // Offline, as ploop's offline merge: the top is copied into its
         // parent's file, which then serves as the top under the top's
