@@ -181,16 +181,6 @@ fn apply_links(
     applied
 }
 
-/// Whether the image holds data in `[at, at + len)`; where SEEK_DATA
-/// fails, every cluster counts as data.
-fn holds_data<I: Io>(io: &I, fd: std::os::fd::RawFd, at: u64, len: u64) -> bool {
-    match io.seek_data(fd, at) {
-        Ok(Some(d)) => d < at + len,
-        Ok(None) => false,
-        Err(_) => true,
-    }
-}
-
 /// Write zeros over `[from, to)`, a MiB at a time.
 pub(super) async fn write_zeros<I: Io>(io: &I, fd: std::os::fd::RawFd, from: u64, to: u64) -> std::io::Result<()> {
     let zeros = vec![0u8; (to - from).min(1 << 20) as usize];
@@ -292,11 +282,19 @@ impl PloopLayer {
             (None, true) => links::leftover_dir(io, &path, file.fd(), file.writable)?,
             _ => None,
         };
+        // Link the records not in the image yet: (the clusters linked, the
+        // records pending). A record whose entry is in the image already
+        // was settled (its slot freed, not yet reused): neither news nor
+        // loss. Where SEEK_DATA fails, every cluster counts as data.
+        let mut replay = |found: &[links::Link]| {
+            let pending: Vec<links::Link> = found.iter().copied().filter(|l| table.get(l.cluster) != l.value).collect();
+            let applied = apply_links(&table, &mut scan, &header, file_len, &pending, |at, len| !crate::io::is_hole(io, file.fd(), at, len));
+            (applied, pending.len())
+        };
         if let (Some(dir), false) = (leftover.as_deref(), file.writable) {
             let found = links::LinkLog::read(io, dir, file.fd()).await;
             let found = found.map_err(|e| Error::io(e, format_args!("{path}: reading its link log in {}", dir.display())))?;
-            let pending: Vec<links::Link> = found.into_iter().filter(|l| table.get(l.cluster) != l.value).collect();
-            report.relinked = apply_links(&table, &mut scan, &header, file_len, &pending, |at, len| holds_data(io, file.fd(), at, len)).len() as u64;
+            report.relinked = replay(&found).0.len() as u64;
         }
         let mut log = None;
         if let (Some(dir), true) = (links.or(leftover.as_deref()), file.writable) {
@@ -309,12 +307,9 @@ impl PloopLayer {
                 report.links_dropped = found.iter().filter(|l| table.get(l.cluster) != l.value).count() as u64;
             } else {
                 let found = if crate::mutant::off("link-replay") { &[][..] } else { &found[..] };
-                // A record whose entry is in the image already was settled
-                // (its slot freed, not yet reused): neither news nor loss.
-                let pending: Vec<links::Link> = found.iter().copied().filter(|l| table.get(l.cluster) != l.value).collect();
-                let applied = apply_links(&table, &mut scan, &header, file_len, &pending, |at, len| holds_data(io, file.fd(), at, len));
+                let (applied, pending) = replay(found);
                 report.relinked = applied.len() as u64;
-                report.links_dropped = (pending.len() - applied.len()) as u64;
+                report.links_dropped = (pending - applied.len()) as u64;
                 dirty.extend(applied.iter().map(|&c| (HEADER_SIZE as u64 + 4 * c) as usize / block as usize));
             }
             if report.links_dropped > 0 {
