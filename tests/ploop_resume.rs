@@ -370,6 +370,15 @@ fn raw_mode_disk(pristine: &Path) -> Vec<u8> {
     model
 }
 
+/// Grow the served disk to `size` online (only its top grows, as the
+/// daemon's resize does), and its descriptor with it.
+fn grow_online(stack: &Stack, disk: &mut Disk, model: &mut Vec<u8>, size: u64) {
+    block_on(stack.grow_top(&SyncIo, size)).unwrap();
+    model.resize(size as usize, 0);
+    disk.desc.set_size(size).unwrap();
+    block_on(disk.store(&SyncIo)).unwrap();
+}
+
 /// ploop's raw mode (a raw base, every image typed `Plain`, the deltas
 /// ploop images): the merge of the top writes it into the raw base in
 /// place, as ploop's offline merge does; online too, with requests going
@@ -422,17 +431,13 @@ fn an_offline_merge_over_a_raw_base_the_disk_outgrew_copies_it_up() {
     let ct = tmp.join("ct");
     let mut model = raw_mode_disk(&ct);
     let mut disk = Disk::load(&ct).unwrap();
-    let grown = CLUSTER * (CLUSTERS + 4);
     let stack = open_as(&disk, false);
-    block_on(stack.grow_top(&SyncIo, grown)).unwrap();
-    model.resize(grown as usize, 0);
+    grow_online(&stack, &mut disk, &mut model, CLUSTER * (CLUSTERS + 4));
     let past = pattern(0x99, CLUSTERS * CLUSTER, CLUSTER as usize);
     block_on(stack.write(&SyncIo, CLUSTERS * CLUSTER, &past)).unwrap();
     model[(CLUSTERS * CLUSTER) as usize..((CLUSTERS + 1) * CLUSTER) as usize].copy_from_slice(&past);
     block_on(stack.close(&SyncIo)).unwrap();
     drop(stack);
-    disk.desc.set_size(grown).unwrap();
-    block_on(disk.store(&SyncIo)).unwrap();
     let stack = open_as(&disk, true);
     quiesced(|| block_on(ops::merge(&SyncIo, &stack, &mut disk, None, &|_, _| {}))).unwrap();
     assert!(read_all(&stack) == model, "the merged disk does not show its data");
@@ -463,10 +468,7 @@ fn an_online_merge_copies_only_what_a_sparse_raw_base_holds() {
     let held = [4u64, 9];
     let base = std::fs::OpenOptions::new().write(true).open(ct.join("root.hds")).unwrap();
     for c in (0..CLUSTERS).filter(|c| !held.contains(c)) {
-        let how = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-        // SAFETY: a plain syscall on an open descriptor.
-        let r = unsafe { libc::fallocate(base.as_raw_fd(), how, (c * CLUSTER) as i64, CLUSTER as i64) };
-        assert_eq!(r, 0, "punching the base: {}", std::io::Error::last_os_error());
+        block_on(SyncIo.punch_hole(base.as_raw_fd(), c * CLUSTER, CLUSTER)).unwrap_or_else(|e| panic!("punching the base: {e}"));
         if !TOP_CLUSTERS.contains(&c) {
             model[(c * CLUSTER) as usize..((c + 1) * CLUSTER) as usize].fill(0);
         }
@@ -474,11 +476,7 @@ fn an_online_merge_copies_only_what_a_sparse_raw_base_holds() {
     drop(base);
     let mut disk = Disk::load(&ct).unwrap();
     let stack = open_as(&disk, false);
-    let grown = CLUSTER * (CLUSTERS + 4);
-    block_on(stack.grow_top(&SyncIo, grown)).unwrap();
-    model.resize(grown as usize, 0);
-    disk.desc.set_size(grown).unwrap();
-    block_on(disk.store(&SyncIo)).unwrap();
+    grow_online(&stack, &mut disk, &mut model, CLUSTER * (CLUSTERS + 4));
     assert!(read_all(&stack) == model, "the disk does not show its data before the merge");
     let merged = quiesced(|| block_on(ops::merge(&SyncIo, &stack, &mut disk, None, &|_, _| {}))).unwrap();
     assert_eq!(merged.clusters, held.len() as u64, "clusters copied up from a base holding {held:?}");
