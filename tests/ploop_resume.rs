@@ -388,19 +388,51 @@ fn grow_online(stack: &Stack, disk: &mut Disk, model: &mut Vec<u8>, size: u64) {
 #[test]
 fn a_merge_into_a_raw_base_loses_nothing_at_any_fault() {
     for offline in [true, false] {
-        merge_into_raw_base_under_faults(offline);
+        merge_into_raw_base_under_faults(offline, false);
     }
 }
 
-fn merge_into_raw_base_under_faults(offline: bool) {
-    let mode = if offline { "offline" } else { "online" };
-    let tmp = TempDir::new(&format!("resume-raw-{mode}"));
+/// The same after the disk grew online past the raw base and was written
+/// there: the merge extends the raw file first, as ploop's merge does, and
+/// still copies the top alone.
+#[test]
+fn a_merge_into_a_raw_base_the_disk_outgrew_loses_nothing_at_any_fault() {
+    for offline in [true, false] {
+        merge_into_raw_base_under_faults(offline, true);
+    }
+}
+
+/// Grow the raw-mode disk in `ct` online by 4 clusters and write the first
+/// of them (in the top: the raw base ends before it); the model follows.
+fn outgrow_raw_base(ct: &Path, model: &mut Vec<u8>) {
+    let mut disk = Disk::load(ct).unwrap();
+    let stack = open_as(&disk, false);
+    grow_online(&stack, &mut disk, model, CLUSTER * (CLUSTERS + 4));
+    let past = pattern(0x99, CLUSTERS * CLUSTER, CLUSTER as usize);
+    block_on(stack.write(&SyncIo, CLUSTERS * CLUSTER, &past)).unwrap();
+    model[(CLUSTERS * CLUSTER) as usize..((CLUSTERS + 1) * CLUSTER) as usize].copy_from_slice(&past);
+    block_on(stack.close(&SyncIo)).unwrap();
+}
+
+fn merge_into_raw_base_under_faults(offline: bool, outgrown: bool) {
+    let mode = match (offline, outgrown) {
+        (true, false) => "offline",
+        (false, false) => "online",
+        (true, true) => "offline, outgrown",
+        (false, true) => "online, outgrown",
+    };
+    let tmp = TempDir::new(&format!("resume-raw-{}", mode.replace(", ", "-")));
     let pristine = tmp.join("ct");
-    let model = raw_mode_disk(&pristine);
+    let mut model = raw_mode_disk(&pristine);
+    if outgrown {
+        outgrow_raw_base(&pristine, &mut model);
+    }
+    let model = model;
+    let top_clusters = TOP_CLUSTERS.len() as u64 + outgrown as u64;
     let merge = |run: &Path, io: &Injector| merge_in(&pristine, run, offline, io);
     let io = Injector::new(None);
     let merged = merge(&tmp.join("ref"), &io).unwrap();
-    assert_eq!(merged.clusters, TOP_CLUSTERS.len() as u64, "{mode}: the merge into the raw base copies the top alone");
+    assert_eq!(merged.clusters, top_clusters, "{mode}: the merge into the raw base copies the top alone");
     let check = |run: &Path, ctx: &str| {
         let ctx = &format!("{mode}: {ctx}");
         let mut disk = Disk::load(run).unwrap();
@@ -422,43 +454,14 @@ fn merge_into_raw_base_under_faults(offline: bool) {
     assert!(failed.is_empty(), "{} of {runs} fault runs failed:\n{}", failed.len(), failed.join("\n"));
 }
 
-/// A raw-mode disk grown online (only the top grows) and written past the
-/// raw base's end: the offline merge of the top cannot write that into the
-/// raw file, so it copies the base up instead, and nothing is lost.
+/// A raw base outside the disk directory (a template several disks
+/// share) is only ever read: the online merge copies it up into the top.
+/// A sparse base's holes read as zeros without it, so only the clusters
+/// that hold data are copied: the cost follows the data, not the disk's
+/// size (it once copied every cluster, holes too, filling the top with
+/// zeros). The template is left as it was.
 #[test]
-fn an_offline_merge_over_a_raw_base_the_disk_outgrew_copies_it_up() {
-    let tmp = TempDir::new("resume-raw-grown");
-    let ct = tmp.join("ct");
-    let mut model = raw_mode_disk(&ct);
-    let mut disk = Disk::load(&ct).unwrap();
-    let stack = open_as(&disk, false);
-    grow_online(&stack, &mut disk, &mut model, CLUSTER * (CLUSTERS + 4));
-    let past = pattern(0x99, CLUSTERS * CLUSTER, CLUSTER as usize);
-    block_on(stack.write(&SyncIo, CLUSTERS * CLUSTER, &past)).unwrap();
-    model[(CLUSTERS * CLUSTER) as usize..((CLUSTERS + 1) * CLUSTER) as usize].copy_from_slice(&past);
-    block_on(stack.close(&SyncIo)).unwrap();
-    drop(stack);
-    let stack = open_as(&disk, true);
-    quiesced(|| block_on(ops::merge(&SyncIo, &stack, &mut disk, None, &|_, _| {}))).unwrap();
-    assert!(read_all(&stack) == model, "the merged disk does not show its data");
-    block_on(stack.close(&SyncIo)).unwrap();
-    drop(stack);
-    let disk = Disk::load(&ct).unwrap();
-    assert_eq!(disk.desc.images.len(), 1);
-    let stack = open_as(&disk, true);
-    assert!(read_all(&stack) == model, "the merged disk, opened again, does not show its data");
-    block_on(stack.close(&SyncIo)).unwrap();
-    drop(stack);
-    assert_ploop_clean(&disk.file_path(&disk.desc.images[0]), "the merged top");
-}
-
-/// A raw base the disk outgrew online is copied up into the top by the
-/// online merge. A sparse base's holes read as zeros without it, so only
-/// the clusters that hold data are copied: the cost follows the data, not
-/// the disk's size (it once copied every cluster, holes too, filling the
-/// top with zeros).
-#[test]
-fn an_online_merge_copies_only_what_a_sparse_raw_base_holds() {
+fn an_online_merge_copies_only_what_a_shared_sparse_raw_base_holds() {
     use std::os::fd::AsRawFd;
     let tmp = TempDir::new("resume-raw-sparse");
     let ct = tmp.join("ct");
@@ -466,7 +469,9 @@ fn an_online_merge_copies_only_what_a_sparse_raw_base_holds() {
     // The base keeps data in two clusters; the rest is punched, as in a
     // file mostly never written. The top's clusters hold whole copies.
     let held = [4u64, 9];
-    let base = std::fs::OpenOptions::new().write(true).open(ct.join("root.hds")).unwrap();
+    let template = tmp.join("template.raw");
+    std::fs::rename(ct.join("root.hds"), &template).unwrap();
+    let base = std::fs::OpenOptions::new().write(true).open(&template).unwrap();
     for c in (0..CLUSTERS).filter(|c| !held.contains(c)) {
         block_on(SyncIo.punch_hole(base.as_raw_fd(), c * CLUSTER, CLUSTER)).unwrap_or_else(|e| panic!("punching the base: {e}"));
         if !TOP_CLUSTERS.contains(&c) {
@@ -475,14 +480,17 @@ fn an_online_merge_copies_only_what_a_sparse_raw_base_holds() {
     }
     drop(base);
     let mut disk = Disk::load(&ct).unwrap();
+    disk.desc.images[0].file = template.to_str().unwrap().into();
+    block_on(disk.store(&SyncIo)).unwrap();
+    let template_before = std::fs::read(&template).unwrap();
     let stack = open_as(&disk, false);
-    grow_online(&stack, &mut disk, &mut model, CLUSTER * (CLUSTERS + 4));
     assert!(read_all(&stack) == model, "the disk does not show its data before the merge");
     let merged = quiesced(|| block_on(ops::merge(&SyncIo, &stack, &mut disk, None, &|_, _| {}))).unwrap();
     assert_eq!(merged.clusters, held.len() as u64, "clusters copied up from a base holding {held:?}");
     assert!(read_all(&stack) == model, "the merged disk does not show its data");
     block_on(stack.close(&SyncIo)).unwrap();
     drop(stack);
+    assert!(std::fs::read(&template).unwrap() == template_before, "the shared template was changed");
     let disk = Disk::load(&ct).unwrap();
     assert_eq!(disk.desc.images.len(), 1);
     let top = disk.file_path(&disk.desc.images[0]);
@@ -497,21 +505,37 @@ fn an_online_merge_copies_only_what_a_sparse_raw_base_holds() {
     assert!(len <= most, "the merged top is {len} bytes, more than the {most} its data needs");
 }
 
-/// After an online merge into the raw base the top is the raw file: an
-/// online grow is refused with the reason (it said "busy"), and the disk
-/// goes on serving its data.
+/// After an online merge into the raw base the top is the raw file. It
+/// grows online as ploop grows a raw image: the file is extended and the
+/// disk shows zeros past its old end, then takes writes there; compaction
+/// (which needs a ploop table) is refused with the reason.
 #[test]
-fn a_raw_top_refuses_an_online_grow_with_the_reason() {
+fn a_raw_top_grows_online_and_refuses_compaction_with_the_reason() {
     let tmp = TempDir::new("resume-raw-top");
     let ct = tmp.join("ct");
-    let model = raw_mode_disk(&ct);
+    let mut model = raw_mode_disk(&ct);
     let mut disk = Disk::load(&ct).unwrap();
     let stack = open_as(&disk, false);
     quiesced(|| block_on(ops::merge(&SyncIo, &stack, &mut disk, None, &|_, _| {}))).unwrap();
     assert_eq!(disk.desc.images.len(), 1);
-    let e = block_on(stack.grow_top(&SyncIo, stack.size() + CLUSTER)).unwrap_err();
+    let e = block_on(stack.compact(&SyncIo, 64, &|_, _| {})).unwrap_err();
     assert_eq!(e.errno(), libc::EOPNOTSUPP, "{e}");
     assert!(e.to_string().contains("raw file"), "{e}");
-    assert!(read_all(&stack) == model, "the raw top does not show its data after the refusal");
+    let size = CLUSTER * (CLUSTERS + 4);
+    grow_online(&stack, &mut disk, &mut model, size);
+    assert_eq!(stack.size(), size);
+    assert_eq!(std::fs::metadata(ct.join("root.hds")).unwrap().len(), size, "the raw file was not extended");
+    assert!(read_all(&stack) == model, "the grown raw top does not show its data and zeros past the old end");
+    let past = pattern(0x77, (CLUSTERS + 2) * CLUSTER, CLUSTER as usize);
+    block_on(stack.write(&SyncIo, (CLUSTERS + 2) * CLUSTER, &past)).unwrap();
+    model[((CLUSTERS + 2) * CLUSTER) as usize..((CLUSTERS + 3) * CLUSTER) as usize].copy_from_slice(&past);
+    assert!(read_all(&stack) == model, "a write past the old end does not read back");
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    assert!(std::fs::read(ct.join("root.hds")).unwrap() == model, "the raw file does not hold the disk");
+    let disk = Disk::load(&ct).unwrap();
+    assert_eq!(disk.desc.size(), size);
+    let stack = open_as(&disk, true);
+    assert!(read_all(&stack) == model, "the grown disk, opened again, does not show its data");
     block_on(stack.close(&SyncIo)).unwrap();
 }

@@ -248,11 +248,11 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
     // names the small delta, the top is the old base. Copying the parent
     // up costs the delta and keeps the base's file, as ploop's resume does.
     let swapped = pshot.temporary == Temporary::ZeroSwap;
-    // The top over a raw base goes into it in place, as ploop's offline
-    // merge does (not once the disk grew online, which grows only the top:
-    // a raw file has no room past its end); offline as a lower delta goes,
-    // online as a fold.
-    let raw_in_place = layers[pi].format() == Format::Raw && layers[ci].format() == Format::Ploop && layers[pi].size() == layers[ci].size();
+    // The top over a raw base goes into it in place, as ploop's merge
+    // does; offline as a lower delta goes, online as a fold. A raw base
+    // the disk outgrew online (only the top grows) is extended first, as
+    // ploop's merge extends it.
+    let raw_in_place = layers[pi].format() == Format::Raw && layers[ci].format() == Format::Ploop && layers[pi].size() <= layers[ci].size();
     let top_over_own_parent = top && !shared_parent && !swapped;
     let fold = top_over_own_parent && (same_kind(&layers[pi], &layers[ci]) || (raw_in_place && !stack.is_offline()));
     let into_raw = top_over_own_parent && raw_in_place && stack.is_offline();
@@ -397,7 +397,8 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
                 return Err(e);
             }
         }
-        if layers[ci].format() == Format::Ploop && layers[pi].format() == Format::Ploop && layers[ci].size() > layers[pi].size() {
+        let growable = matches!(layers[pi].format(), Format::Ploop | Format::Raw);
+        if layers[ci].format() == Format::Ploop && growable && layers[ci].size() > layers[pi].size() {
             if let Err(e) = stack.grow_lower(io, pi, layers[ci].size()).await {
                 unlock();
                 return Err(e);

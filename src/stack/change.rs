@@ -361,9 +361,9 @@ impl Stack {
         }
     }
 
-    /// Grow a lower ploop layer's file to `new_size` (a merge into it of a
-    /// larger child: only the top grows online, so a delta frozen after a
-    /// grow is larger than its parent), with requests held: a larger table
+    /// Grow a lower ploop or raw layer's file to `new_size` (a merge into
+    /// it of a larger child: only the top grows online, so a delta frozen
+    /// after a grow is larger than its parent), with requests held: a larger table
     /// may move data clusters out of its way, and the stack's opening of
     /// the layer would read their old places. The layer is opened afresh,
     /// read-only and without a lock (the caller holds the file's lock
@@ -372,17 +372,37 @@ impl Stack {
     pub async fn grow_lower<I: Io>(&self, io: &I, index: usize, new_size: u64) -> Result<crate::layers::ploop::resize::Resized> {
         let mut shape = self.shape.exclusive().await;
         shape.check_open()?;
-        if index + 1 >= shape.layers.len() || shape.layers[index].format() != Format::Ploop {
-            return Err(Error::invalid(format!("layer {index} is the top, not a ploop image, or does not exist")));
+        let format = shape.layers.get(index).map(|l| l.format());
+        if index + 1 >= shape.layers.len() || !matches!(format, Some(Format::Ploop | Format::Raw)) {
+            return Err(Error::invalid(format!("layer {index} is the top, not a ploop or raw image, or does not exist")));
         }
+        let format = format.expect("checked above");
         let path = shape.layers[index].file().path.clone();
         let direct = if shape.layers[index].file().direct { crate::io::Direct::Auto } else { crate::io::Direct::Off };
         let file = crate::io::open_image_file_in(io, &path, true, direct)?;
-        let grown = crate::layers::ploop::resize::resize_file(io, &file, new_size, true).await;
+        let grown = if format == Format::Raw {
+            // As ploop's merge grows a raw base the disk outgrew: the file
+            // is extended (a hole reads the zeros its end showed), durably.
+            let old_size = shape.layers[index].size();
+            let name = path.display();
+            let extended = async {
+                if new_size <= old_size {
+                    return Ok(());
+                }
+                io.set_len(file.fd(), new_size).await?;
+                io.sync_data(file.fd()).await
+            };
+            extended
+                .await
+                .map(|()| crate::layers::ploop::resize::Resized { old_size, new_size, ..Default::default() })
+                .map_err(|e| Error::io(e, format_args!("{name}: extending the raw file")))
+        } else {
+            crate::layers::ploop::resize::resize_file(io, &file, new_size, true).await
+        };
         drop(file);
         // Whatever the resize did (a failure may follow moved clusters),
         // the stack reads the file as it is now.
-        self.reload_lower(io, &mut shape, index, Format::Ploop, direct, false)
+        self.reload_lower(io, &mut shape, index, format, direct, false)
             .await
             .map_err(|e| e.context(format_args!("{}: reopening a lower layer after growing it", path.display())))?;
         grown.map_err(|e| e.context(format_args!("{}: growing the parent to its child's size", path.display())))
@@ -451,6 +471,17 @@ impl Stack {
         }
     }
 
+    /// The kept record of changes may be attached (a grow ends it); a
+    /// copy, a backup sending its marks or a write tracker may not.
+    fn check_no_trackers(&self, shape: &Shape) -> Result<()> {
+        let kept = self.kept_record();
+        let busy = shape.trackers.iter().any(|t| !kept.as_ref().is_some_and(|k| Arc::ptr_eq(k, t)) || t.has_pending());
+        if busy {
+            return Err(Error::new(libc::EBUSY, "a write tracker, a copy or a backup is running: wait for it or stop it first"));
+        }
+        Ok(())
+    }
+
     /// Run `work` on the top image's file while it is closed, with requests
     /// held; then open it again (also when `work` failed) and rebuild the
     /// owner map. `work` gets the path and the layers below the top.
@@ -463,20 +494,14 @@ impl Stack {
         let mut shape = self.shape.exclusive().await;
         shape.check_open()?;
         if no_trackers {
-            // The kept record of changes may be there (the grow ends it); a
-            // copy, a backup sending its marks or a write tracker may not.
-            let kept = self.kept_record();
-            let busy = shape.trackers.iter().any(|t| !kept.as_ref().is_some_and(|k| Arc::ptr_eq(k, t)) || t.has_pending());
-            if busy {
-                return Err(Error::new(libc::EBUSY, "a write tracker, a copy or a backup is running: wait for it or stop it first"));
-            }
+            self.check_no_trackers(&shape)?;
         }
         self.retire_pending(io).await?;
         if shape.top().format() != Format::Ploop {
             // A raw top (ploop's raw mode, or left by a merge into a raw
-            // base): no table to edit online, and nothing to wait for.
+            // base): no table to compact (a grow does not come here).
             return Err(Error::unsupported(format!(
-                "{}: the top is a raw file (ploop's raw mode), not a ploop image: online resize and compaction need a ploop top (resize it with the device stopped)",
+                "{}: the top is a raw file (ploop's raw mode), not a ploop image: it has no table to compact",
                 shape.top().file().path.display()
             )));
         }
@@ -634,12 +659,34 @@ impl Stack {
         if new_size == old_size {
             return Ok(Resized { old_size, new_size, ..Default::default() });
         }
+        if let Some(done) = self.grow_raw_top(io, old_size, new_size).await? {
+            return Ok(done);
+        }
         self.with_top_closed(io, true, |io, path, _| async move {
             let done = resize(io, &path, new_size, true).await?;
             self.size.store(new_size, Ordering::Release);
             Ok(done)
         })
         .await
+    }
+}
+
+impl Stack {
+    /// A raw top (ploop's raw mode, or left by a merge into a raw base)
+    /// grows as ploop grows a raw image: its file is extended, durably,
+    /// with requests held, and then the disk shows the new size. None when
+    /// the top is not raw.
+    async fn grow_raw_top<I: Io>(&self, io: &I, old_size: u64, new_size: u64) -> Result<Option<crate::layers::ploop::resize::Resized>> {
+        let mut shape = self.shape.exclusive().await;
+        shape.check_open()?;
+        let Layer::Raw(raw) = &**shape.top() else { return Ok(None) };
+        self.check_no_trackers(&shape)?;
+        self.retire_pending(io).await?;
+        raw.grow(io, new_size).await?;
+        self.size.store(new_size, Ordering::Release);
+        shape.owner = owner_map(&shape.layers, self.size(), self.cluster);
+        self.end_kept_record(&mut shape);
+        Ok(Some(crate::layers::ploop::resize::Resized { old_size, new_size, ..Default::default() }))
     }
 }
 
