@@ -539,3 +539,50 @@ fn a_raw_top_grows_online_and_refuses_compaction_with_the_reason() {
     assert!(read_all(&stack) == model, "the grown disk, opened again, does not show its data");
     block_on(stack.close(&SyncIo)).unwrap();
 }
+
+/// The online grow of a raw top, with a fault at every step of it and of
+/// the descriptor's store after it (as the daemon stores it), then each
+/// power cut: the disk opens at its old size or the new one, shows its
+/// data and zeros past the old end, and the raw file is never shorter
+/// than the size the disk shows.
+#[test]
+fn a_raw_top_grow_loses_nothing_at_any_fault() {
+    let tmp = TempDir::new("resume-raw-top-grow");
+    let pristine = tmp.join("ct");
+    let model = raw_mode_disk(&pristine);
+    {
+        let mut disk = Disk::load(&pristine).unwrap();
+        let stack = open_as(&disk, false);
+        quiesced(|| block_on(ops::merge(&SyncIo, &stack, &mut disk, None, &|_, _| {}))).unwrap();
+        block_on(stack.close(&SyncIo)).unwrap();
+    }
+    let (old, new) = (CLUSTER * CLUSTERS, CLUSTER * (CLUSTERS + 4));
+    let grow = |run: &Path, io: &Injector| {
+        copy_dir(&pristine, run);
+        let mut disk = Disk::load(run).unwrap();
+        let stack = open_as(&disk, false);
+        if block_on(stack.grow_top(io, new)).is_ok() {
+            disk.desc.set_size(new).unwrap();
+            let _ = block_on(disk.store(io));
+        }
+        drop(stack);
+    };
+    let io = Injector::new(None);
+    grow(&tmp.join("ref"), &io);
+    let check = |run: &Path, ctx: &str| {
+        let disk = Disk::load(run).unwrap_or_else(|e| panic!("{ctx}: the descriptor does not load: {e}"));
+        let stack = open_as(&disk, false);
+        let size = stack.size();
+        assert!(size == old || size == new, "{ctx}: the disk is {size} bytes");
+        let mut want = model.clone();
+        want.resize(size as usize, 0);
+        assert!(read_all(&stack) == want, "{ctx}: the disk does not show its data");
+        block_on(stack.close(&SyncIo)).unwrap();
+        let len = std::fs::metadata(run.join("root.hds")).unwrap().len();
+        assert!(len >= size, "{ctx}: the raw file ({len} bytes) is shorter than the disk ({size})");
+    };
+    let (runs, failed) = sweep(&tmp.join("runs"), "raw top grow", &io, &[Cut::None, Cut::All, Cut::MetaOnly, Cut::DataOnly], grow, check);
+    eprintln!("{runs} fault runs");
+    assert!(runs > 8, "only {runs} fault runs");
+    assert!(failed.is_empty(), "{} of {runs} fault runs failed:\n{}", failed.len(), failed.join("\n"));
+}

@@ -298,6 +298,8 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
         if layers[ci].size() > layers[pi].size() {
             if let Err(e) = stack.grow_lower(io, pi, layers[ci].size()).await {
                 let _ = layers[pi].relock(io, false);
+                drop(layers);
+                relock_lower(io, stack, pi).await;
                 return Err(e);
             }
         }
@@ -401,6 +403,8 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
         if layers[ci].format() == Format::Ploop && growable && layers[ci].size() > layers[pi].size() {
             if let Err(e) = stack.grow_lower(io, pi, layers[ci].size()).await {
                 unlock();
+                drop(layers);
+                relock_lower(io, stack, pi).await;
                 return Err(e);
             }
         }
@@ -445,6 +449,15 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
         remove_file(io, &cpath);
     }
     Ok(Merged { child, parent, clusters })
+}
+
+/// After a failed grow of lower layer `index`: the stack may read it
+/// through an opening made without a lock (the caller's old opening held
+/// it, and is gone now); open it afresh, locked.
+async fn relock_lower<I: Io>(io: &I, stack: &Stack, index: usize) {
+    if let Err(e) = stack.reopen_lower(io, index).await {
+        tracing::error!("{e}");
+    }
 }
 
 /// Store `next` in place of `disk`'s descriptor, for a change after which

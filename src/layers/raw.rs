@@ -30,7 +30,15 @@ impl RawLayer {
         if !self.file.writable {
             return Err(Error::invalid(format!("{name}: opened read-only, so it cannot grow")));
         }
+        let stat = io.fstat(self.file.fd()).map_err(|e| Error::io(e, &name))?;
+        if stat.kind != crate::io::FileKind::File {
+            return Err(Error::unsupported(format!("{name}: a block device, not a file: its size is the device's own, so the disk cannot grow")));
+        }
         if new_size > old {
+            // A sync that fails after the extension leaves the file longer
+            // than the disk (harmless: the layer keeps its old length, and
+            // a reopen shows zeros there) and the layer's syncs failed for
+            // good, as any failed writeback does.
             io.set_len(self.file.fd(), new_size).await.map_err(|e| Error::io(e, format_args!("{name}: growing the raw file")))?;
             self.sync_data(io).await.map_err(|e| Error::io(e, format_args!("{name}: syncing the grown raw file")))?;
             self.len.store(new_size, Ordering::Release);

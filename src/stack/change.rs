@@ -659,8 +659,13 @@ impl Stack {
         if new_size == old_size {
             return Ok(Resized { old_size, new_size, ..Default::default() });
         }
-        if let Some(done) = self.grow_raw_top(io, old_size, new_size).await? {
-            return Ok(done);
+        // A look without holding requests: a ploop top's grow holds them
+        // once, in `with_top_closed`.
+        let raw_top = self.layers_now().await.last().is_some_and(|l| l.format() == Format::Raw);
+        if raw_top {
+            if let Some(done) = self.grow_raw_top(io, old_size, new_size).await? {
+                return Ok(done);
+            }
         }
         self.with_top_closed(io, true, |io, path, _| async move {
             let done = resize(io, &path, new_size, true).await?;
