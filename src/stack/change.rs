@@ -4,7 +4,6 @@
 //! requests (the exclusive gate) only while the list itself changes.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -79,6 +78,23 @@ impl Stack {
     /// The second half: swap `new_top` in as the top (holding requests only
     /// for the swap), then close the old top. Returns the stall.
     pub async fn install_top<I: Io>(&self, io: &I, new_top: Arc<Layer>) -> Result<Duration> {
+        match self.install_top_keeping(io, new_top).await {
+            Ok(stall) => Ok(stall),
+            Err((e, unused)) => {
+                if let Some(top) = unused {
+                    discard_top(io, top).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The same, but a top that did not go in comes back with the error,
+    /// its file left: a caller that stored a descriptor naming it removes
+    /// the file only once the old descriptor is back (a crash in between
+    /// would leave a descriptor naming a missing top). None with the error:
+    /// the top went in, and closing the old one failed.
+    pub async fn install_top_keeping<I: Io>(&self, io: &I, new_top: Arc<Layer>) -> std::result::Result<Duration, (Error, Option<Arc<Layer>>)> {
         let start = io.now();
         let swapped = {
             let mut shape = self.shape.exclusive().await;
@@ -109,13 +125,10 @@ impl Stack {
         let stall = io.now().duration_since(start);
         let old = match swapped {
             Ok(old) => old,
-            Err(e) => {
-                discard_top(io, new_top).await;
-                return Err(e);
-            }
+            Err(e) => return Err((e, Some(new_top))),
         };
         self.retire(io, &old).await.map_err(|e| {
-            e.context(format_args!("snapshot taken, but closing the frozen layer {} failed", old.file().path.display()))
+            (e.context(format_args!("snapshot taken, but closing the frozen layer {} failed", old.file().path.display())), None)
         })?;
         Ok(stall)
     }
@@ -336,7 +349,7 @@ impl Stack {
     /// held by the caller. A transient failure (the change before may have
     /// failed on one) must not leave the device serving nothing: the open
     /// is tried a few times; if it still fails, the stack closes.
-    async fn reload_lower<I: Io>(&self, io: &I, shape: &mut Shape, index: usize, format: Format, direct: crate::io::Direct, locked: bool) -> Result<()> {
+    pub(super) async fn reload_lower<I: Io>(&self, io: &I, shape: &mut Shape, index: usize, format: Format, direct: crate::io::Direct, locked: bool) -> Result<()> {
         let path = shape.layers[index].file().path.clone();
         let mut tries = 0;
         loop {
@@ -359,53 +372,6 @@ impl Stack {
                 }
             }
         }
-    }
-
-    /// Grow a lower ploop or raw layer's file to `new_size` (a merge into
-    /// it of a larger child: only the top grows online, so a delta frozen
-    /// after a grow is larger than its parent), with requests held: a larger table
-    /// may move data clusters out of its way, and the stack's opening of
-    /// the layer would read their old places. The layer is opened afresh,
-    /// read-only and without a lock (the caller holds the file's lock
-    /// through its own handle of the old opening). Zeros past the old end
-    /// read as before, so the disk shows the same.
-    pub async fn grow_lower<I: Io>(&self, io: &I, index: usize, new_size: u64) -> Result<crate::layers::ploop::resize::Resized> {
-        let mut shape = self.shape.exclusive().await;
-        shape.check_open()?;
-        let format = shape.layers.get(index).map(|l| l.format());
-        if index + 1 >= shape.layers.len() || !matches!(format, Some(Format::Ploop | Format::Raw)) {
-            return Err(Error::invalid(format!("layer {index} is the top, not a ploop or raw image, or does not exist")));
-        }
-        let format = format.expect("checked above");
-        let path = shape.layers[index].file().path.clone();
-        let direct = if shape.layers[index].file().direct { crate::io::Direct::Auto } else { crate::io::Direct::Off };
-        let file = crate::io::open_image_file_in(io, &path, true, direct)?;
-        let grown = if format == Format::Raw {
-            // As ploop's merge grows a raw base the disk outgrew: the file
-            // is extended (a hole reads the zeros its end showed), durably.
-            let old_size = shape.layers[index].size();
-            let name = path.display();
-            let extended = async {
-                if new_size <= old_size {
-                    return Ok(());
-                }
-                io.set_len(file.fd(), new_size).await?;
-                io.sync_data(file.fd()).await
-            };
-            extended
-                .await
-                .map(|()| crate::layers::ploop::resize::Resized { old_size, new_size, ..Default::default() })
-                .map_err(|e| Error::io(e, format_args!("{name}: extending the raw file")))
-        } else {
-            crate::layers::ploop::resize::resize_file(io, &file, new_size, true).await
-        };
-        drop(file);
-        // Whatever the resize did (a failure may follow moved clusters),
-        // the stack reads the file as it is now.
-        self.reload_lower(io, &mut shape, index, format, direct, false)
-            .await
-            .map_err(|e| e.context(format_args!("{}: reopening a lower layer after growing it", path.display())))?;
-        grown.map_err(|e| e.context(format_args!("{}: growing the parent to its child's size", path.display())))
     }
 
     /// Swap a lower layer for another opening of it and drop the layer
@@ -473,7 +439,7 @@ impl Stack {
 
     /// The kept record of changes may be attached (a grow ends it); a
     /// copy, a backup sending its marks or a write tracker may not.
-    fn check_no_trackers(&self, shape: &Shape) -> Result<()> {
+    pub(super) fn check_no_trackers(&self, shape: &Shape) -> Result<()> {
         let kept = self.kept_record();
         let busy = shape.trackers.iter().any(|t| !kept.as_ref().is_some_and(|k| Arc::ptr_eq(k, t)) || t.has_pending());
         if busy {
@@ -485,7 +451,7 @@ impl Stack {
     /// Run `work` on the top image's file while it is closed, with requests
     /// held; then open it again (also when `work` failed) and rebuild the
     /// owner map. `work` gets the path and the layers below the top.
-    async fn with_top_closed<'a, I, T, F, Fut>(&'a self, io: &'a I, no_trackers: bool, work: F) -> Result<T>
+    pub(super) async fn with_top_closed<'a, I, T, F, Fut>(&'a self, io: &'a I, no_trackers: bool, work: F) -> Result<T>
     where
         I: Io,
         F: FnOnce(&'a I, PathBuf, Vec<Arc<Layer>>) -> Fut,
@@ -628,7 +594,7 @@ impl Stack {
     /// takes a stream of another size for another disk's), so the next
     /// backup must be a full one, and an incremental is refused for want
     /// of a record, saying so.
-    fn end_kept_record(&self, shape: &mut Shape) {
+    pub(super) fn end_kept_record(&self, shape: &mut Shape) {
         let mut keep = self.keep.lock().unwrap();
         let Some((old, _)) = keep.as_ref() else { return };
         if old.disk_size() == self.size() {
@@ -637,61 +603,14 @@ impl Stack {
         shape.trackers.retain(|t| !Arc::ptr_eq(t, old));
         *keep = None;
     }
-
-    /// Grow the disk online, as ploop does: only the top image grows (the
-    /// lower layers keep their size and show zeros past it). Requests are
-    /// held meanwhile: the top is closed cleanly, resized as a closed image
-    /// (`layers::ploop::resize`), opened again and swapped in with the new
-    /// size. The caller tells the kernel afterwards. If the resize fails,
-    /// the top is opened again at its old size.
-    pub async fn grow_top<I: Io>(&self, io: &I, new_size: u64) -> Result<crate::layers::ploop::resize::Resized> {
-        use crate::layers::ploop::resize::{resize, Resized};
-        self.check_writable()?;
-        let old_size = self.size();
-        if new_size < old_size {
-            return Err(Error::invalid(format!(
-                "a served disk is never shrunk ({old_size} bytes now, {new_size} asked); ploop does not shrink devices either"
-            )));
-        }
-        if new_size % self.block as u64 != 0 {
-            return Err(Error::invalid(format!("{new_size} is not a multiple of the disk's block of {} bytes", self.block)));
-        }
-        if new_size == old_size {
-            return Ok(Resized { old_size, new_size, ..Default::default() });
-        }
-        // A look without holding requests: a ploop top's grow holds them
-        // once, in `with_top_closed`.
-        let raw_top = self.layers_now().await.last().is_some_and(|l| l.format() == Format::Raw);
-        if raw_top {
-            if let Some(done) = self.grow_raw_top(io, old_size, new_size).await? {
-                return Ok(done);
-            }
-        }
-        self.with_top_closed(io, true, |io, path, _| async move {
-            let done = resize(io, &path, new_size, true).await?;
-            self.size.store(new_size, Ordering::Release);
-            Ok(done)
-        })
-        .await
-    }
 }
 
 impl Stack {
-    /// A raw top (ploop's raw mode, or left by a merge into a raw base)
-    /// grows as ploop grows a raw image: its file is extended, durably,
-    /// with requests held, and then the disk shows the new size. None when
-    /// the top is not raw.
-    async fn grow_raw_top<I: Io>(&self, io: &I, old_size: u64, new_size: u64) -> Result<Option<crate::layers::ploop::resize::Resized>> {
-        let mut shape = self.shape.exclusive().await;
-        shape.check_open()?;
-        let Layer::Raw(raw) = &**shape.top() else { return Ok(None) };
-        self.check_no_trackers(&shape)?;
-        self.retire_pending(io).await?;
-        raw.grow(io, new_size).await?;
-        self.size.store(new_size, Ordering::Release);
-        shape.owner = owner_map(&shape.layers, self.size(), self.cluster);
-        self.end_kept_record(&mut shape);
-        Ok(Some(crate::layers::ploop::resize::Resized { old_size, new_size, ..Default::default() }))
+    /// Stop serving without closing: every request fails from now on, and
+    /// the images keep their in-use marks, so the next open checks them.
+    /// For a change whose outcome on disk is unknown.
+    pub async fn stop_serving(&self) {
+        self.shape.exclusive().await.closed = true;
     }
 }
 

@@ -24,6 +24,7 @@
 
 mod change;
 mod fold;
+mod grow;
 mod mirror;
 mod owner;
 mod request;
