@@ -27,6 +27,10 @@
 //!   writes their entries.
 //! - `link-replay`: a read-write open links what a killed session's link
 //!   log recorded.
+//! - `stale-block-log`: a copy-up is not linked through the log where a
+//!   failed table write may have left a rolled-back entry on disk (caught
+//!   by the test `TEST_RULES` names, which fails one block of a table
+//!   write and lets the next land).
 //!
 //! And a fixed bug brought back, to show the simulation finds it from a
 //! random seed:
@@ -73,6 +77,11 @@ pub const RULES: [&str; 11] = [
     "link-replay",
 ];
 
+/// Rules whose breach needs one exact failure (one block of a table write
+/// failed, the other landed): each with the test that catches it
+/// (`cargo test --test FILE NAME`); `scripts/sim-mutants` runs `RULES`.
+pub const TEST_RULES: [(&str, &str); 1] = [("stale-block-log", "link_log a_copy_up_after_a_half_landed_bat_write_survives_a_kill")];
+
 /// Refuse a mutant name that no rule has: a typo would otherwise build
 /// an intact engine and "prove" nothing.
 pub const fn known() -> bool {
@@ -82,6 +91,13 @@ pub const fn known() -> bool {
             let mut i = 0;
             while i < RULES.len() {
                 if eq(m.as_bytes(), RULES[i].as_bytes()) {
+                    return true;
+                }
+                i += 1;
+            }
+            let mut i = 0;
+            while i < TEST_RULES.len() {
+                if eq(m.as_bytes(), TEST_RULES[i].0.as_bytes()) {
                     return true;
                 }
                 i += 1;

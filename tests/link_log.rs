@@ -591,3 +591,58 @@ fn a_repair_past_damage_drops_the_log() {
     assert!(logs(links.path()).is_empty(), "the log outlived the repair: {:?}\n{}", logs(links.path()), r.stderr);
     assert_ploop_clean(&paths[1], "after the repair");
 }
+
+/// A BAT write that failed in one table block while another block of the
+/// same write landed: the entries of both are rolled back in memory, but
+/// the landed block still names the failed write's cluster on disk until
+/// it is written again. A copy-up into that cluster must not be linked
+/// through the log meanwhile: after a kill, the replay finds the stale
+/// entry, drops the record, and the acknowledged write would read as the
+/// failed one's zeros. (Found by a review.)
+#[test]
+fn a_copy_up_after_a_half_landed_bat_write_survives_a_kill() {
+    use common::inject::{Kind, Trap};
+    // Two table blocks: entries 0..1008 in the first (after the header),
+    // the rest in the second.
+    const WIDE: u64 = 2048 * C;
+    let (first, second) = (1007u64, 1008u64);
+    let dir = TempDir::new("links-half-bat");
+    let links = volatile_dir();
+    let (base, top) = (dir.join("base.hds"), dir.join("top.hds"));
+    block_on(PloopLayer::create(&SyncIo, &base, WIDE, C)).unwrap();
+    let under = pattern(7, (2 * C) as usize);
+    {
+        let (stack, _) = open(std::slice::from_ref(&base), None);
+        block_on(stack.write(&SyncIo, first * C, &under)).unwrap();
+        block_on(stack.close(&SyncIo)).unwrap();
+    }
+    block_on(PloopLayer::create(&SyncIo, &top, WIDE, C)).unwrap();
+    let paths = vec![base, top.clone()];
+    let (stack, _) = open(&paths, Some(links.path()));
+    // Whole clusters zeroed: no copy-up, ordinary entries in both blocks,
+    // one BAT write; its first block fails.
+    let block = ublk_ploop::io::open_image_file(&top, false, Direct::Auto).unwrap().block_size as u64;
+    let first_block = (64 + 4 * first) / block * block;
+    assert!(first_block < (64 + 4 * second) / block * block, "the two entries share a table block of {block} bytes");
+    let trapped = Trap::new(Kind::Write).on(&top).at(first_block).io();
+    block_on(stack.write_zeroes(&trapped, first * C, (2 * C) as usize)).expect_err("the BAT write's first block fails");
+    assert_eq!(trapped.hook.failed(), 1, "the trap did not fire");
+    // A 4 KiB write into the second cluster copies it up from the base.
+    let at = second * C + 8 * K;
+    let data = pattern(9, 4096);
+    block_on(stack.write(&SyncIo, at, &data)).unwrap();
+    let read = |stack: &Stack| {
+        let mut buf = vec![0u8; 4096];
+        block_on(stack.read(&SyncIo, at, &mut buf)).unwrap();
+        buf
+    };
+    assert!(read(&stack) == data, "the write does not read back before the kill");
+    drop(stack);
+    let (stack, reports) = open(&paths, Some(links.path()));
+    assert!(read(&stack) == data, "the acknowledged write is gone after a kill (report {:?})", reports[1]);
+    let mut rest = vec![0u8; C as usize];
+    block_on(stack.read(&SyncIo, second * C, &mut rest)).unwrap();
+    rest[(8 * K) as usize..(8 * K) as usize + 4096].copy_from_slice(&under[C as usize + (8 * K) as usize..C as usize + (8 * K) as usize + 4096]);
+    assert!(rest == under[C as usize..], "the copied-up cluster does not hold the base around the write");
+    close_clean(stack, &top, "after the kill");
+}

@@ -61,11 +61,21 @@ impl PloopLayer {
     /// written: then the caller syncs the copy and links it as usual.
     pub async fn log_link<I: Io>(&self, io: &I, c: u64, offset: u64) -> Option<u32> {
         let log = self.links.as_ref()?;
-        if !self.meta.lock().unwrap().disk_in_use || self.sync_failed() {
-            // A replay would refuse the record: sync this one, whose table
-            // write carries the mark. After a failed sync the log stays
-            // empty (see `sync_data`).
-            return None;
+        {
+            let meta = self.meta.lock().unwrap();
+            if !meta.disk_in_use || self.sync_failed() {
+                // A replay would refuse the record: sync this one, whose
+                // table write carries the mark. After a failed sync the log
+                // stays empty (see `sync_data`).
+                return None;
+            }
+            let at = (HEADER_SIZE + 4 * c as usize) / self.file.block_size as usize;
+            if meta.stale_on_disk.contains(&at) && !crate::mutant::off("stale-block-log") {
+                // The file may still name a cluster here that a failed
+                // write's rollback took back: a replay would keep that one
+                // and drop this record. Link it through the table.
+                return None;
+            }
         }
         let link = Link { cluster: c, value: (offset / self.bat_unit) as u32 };
         match log.append(io, link).await {
@@ -247,6 +257,9 @@ impl PloopLayer {
                     if let Some(marked) = head_mark {
                         meta.disk_in_use = marked;
                     }
+                    for i in &chunks {
+                        meta.stale_on_disk.remove(i);
+                    }
                     meta.written = meta.written.max(snapshot);
                     meta.pending.retain(|&(g, _, _)| g > snapshot);
                     Ok(())
@@ -256,6 +269,7 @@ impl PloopLayer {
                         // Block 0 may or may not have landed.
                         meta.disk_in_use = false;
                     }
+                    meta.stale_on_disk.extend(chunks.iter().copied());
                     meta.dirty.extend(chunks);
                     let mut rolled_back = vec![];
                     let undo: Vec<(u64, u64, u32)> =

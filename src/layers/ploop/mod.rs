@@ -87,6 +87,10 @@ struct Meta {
     failed: Vec<(u64, u64)>,
     /// Linked entries not yet written: (generation, cluster, previous value).
     pending: Vec<(u64, u64, u32)>,
+    /// Blocks a failed metadata write carried: on disk they may hold
+    /// entries that memory rolled back, until a write of them lands. A
+    /// copy-up there is not logged (a replay keeps what the file names).
+    stale_on_disk: BTreeSet<usize>,
     /// A metadata write is in flight (one at a time, so an older copy of a
     /// chunk can never land after a newer one); others wait for it.
     writing: bool,
@@ -364,6 +368,7 @@ impl PloopLayer {
                 writing: false,
                 write_waiters: WaitList::default(),
                 unsynced: BTreeMap::new(),
+                stale_on_disk: BTreeSet::new(),
                 settling: BTreeMap::new(),
                 settles: 0,
                 disk_in_use: false,
