@@ -1037,3 +1037,46 @@ fn failed_bat_write_does_not_resurface_after_reopen() {
         block_on(stack.owner_of(3))
     );
 }
+
+/// Through the page cache, a table block the killed session wrote may sit
+/// in the cache clean although its writeback failed (and a new opening's
+/// sync does not report that error again). So an opening that finds the
+/// in-use mark and reads through the cache writes every block of the
+/// table that holds entries again before it serves, and syncs it; with
+/// O_DIRECT the table was read from the disk itself, and only the header
+/// is written. (Found by a review; a failed writeback cannot be made on
+/// the host, so this shows the writes, not the loss.)
+#[test]
+fn an_unclean_cached_open_writes_the_whole_table_again() {
+    use common::inject::Trap;
+    const WIDE: u64 = 2048 * (64 << 10);
+    let dir = TempDir::new("crash-cached-table");
+    let path = dir.join("top.hds");
+    block_on(PloopLayer::create(&SyncIo, &path, WIDE, 64 << 10)).unwrap();
+    let far = 1500u64;
+    {
+        let (stack, _) = open(std::slice::from_ref(&path), &rw_cached(), "first session");
+        for c in [3, far] {
+            block_on(stack.write(&SyncIo, c * (64 << 10), &payload(c, 0, 64 << 10))).unwrap();
+        }
+        block_on(stack.flush(&SyncIo)).unwrap();
+        // Killed: dropped without its close.
+    }
+    assert!(in_use(&path), "the kill left no in-use mark");
+    let block = ublk_ploop::io::open_image_file(&path, false, Direct::Off).unwrap().block_size as u64;
+    let far_block = (64 + 4 * far) / block * block;
+    assert!(far_block > 0, "the far entry shares the header's block");
+    // Where the filesystem refuses O_DIRECT, Auto reads through the cache too.
+    let direct = ublk_ploop::io::open_image_file(&path, false, Direct::Auto).unwrap().direct;
+    for (opts, want, how) in [(rw(), u64::from(!direct), "O_DIRECT"), (rw_cached(), 1, "cached")] {
+        let writes = Trap::new(Kind::Write).on(&path).at(far_block).fail(0).io();
+        let (stack, reports) = open_with(&writes, std::slice::from_ref(&path), &opts, how);
+        assert!(reports[0].was_in_use, "{how}: the in-use mark was not found");
+        assert_eq!(writes.hook.seen(), want, "{how}: writes of the far entry's table block at the open");
+        let mut back = AlignedBuf::zeroed(64 << 10);
+        block_on(stack.read(&SyncIo, far * (64 << 10), &mut back)).unwrap();
+        assert!(back[..] == payload(far, 0, 64 << 10)[..], "{how}: the far cluster");
+        // Killed again, for the next opening.
+        drop(stack);
+    }
+}
