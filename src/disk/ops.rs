@@ -158,23 +158,38 @@ pub async fn snapshot<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, guid: Optio
         return Ok(Snapshotted { guid: snap, file: path, stall });
     }
     if let Err(e) = next.replace(io, disk).await {
-        drop_new_top(io, new_top, &e).await;
+        drop_new_top(io, stack, new_top, &e).await;
         return Err(e);
     }
-    match stack.install_top(io, new_top).await {
+    match stack.install_top_keeping(io, new_top).await {
         Ok(stall) => {
             *disk = next;
             Ok(Snapshotted { guid: snap, file: path, stall })
         }
-        Err(e) if stack.paths_now().await.last() == Some(&path) => {
+        Err((e, None)) => {
             // Swapped, but the old top did not close: the snapshot stands.
             *disk = next;
             Err(e)
         }
-        Err(e) => {
+        Err((e, Some(unused))) => {
             // Not swapped: the old descriptor describes the disk again.
-            let _ = disk.replace(io, &next).await;
+            put_back(io, disk, &next, unused).await;
             Err(e)
+        }
+    }
+}
+
+/// A new top that never served, after the descriptor naming it was
+/// stored: store `disk`'s descriptor again in place of `next`, and only
+/// then remove the new top's file. If the old descriptor cannot be put
+/// back, the file stays (empty: either descriptor shows the same data),
+/// so the one on disk never names a missing file.
+async fn put_back<I: Io>(io: &I, disk: &Disk, next: &Disk, unused: Arc<Layer>) {
+    match disk.replace(io, next).await {
+        Ok(()) => discard_top(io, unused).await,
+        Err(e) => {
+            tracing::warn!("{}: putting the descriptor back after a failed swap: {e}; the unused new top stays", disk.xml_path().display());
+            let _ = unused.close(io).await;
         }
     }
 }
@@ -295,7 +310,8 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
             }
         }
         crash_point("merge-marked");
-        if layers[ci].size() > layers[pi].size() {
+        let grown = layers[ci].size() > layers[pi].size();
+        if grown {
             if let Err(e) = stack.grow_lower(io, pi, layers[ci].size()).await {
                 let _ = layers[pi].relock(io, false);
                 drop(layers);
@@ -308,6 +324,12 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
             Ok((l, _)) => Arc::new(l),
             Err(e) => {
                 let _ = layers[pi].relock(io, false);
+                if grown {
+                    // The stack reads the grown parent through an opening
+                    // without a lock, and the old one goes now.
+                    drop(layers);
+                    relock_lower(io, stack, pi).await;
+                }
                 return Err(e.context("opening the parent to merge into"));
             }
         };
@@ -426,6 +448,10 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
         next.desc.images.iter_mut().filter(|i| i.guid == child).for_each(|i| i.file = pimg.file.clone());
         if let Err(e) = next.replace(io, disk).await {
             unlock();
+            // As after a failed copy: the parent's file holds clusters the
+            // stack's opening of it does not know.
+            drop((layers, merged));
+            relock_lower(io, stack, pi).await;
             return Err(e);
         }
         *disk = next;
@@ -519,7 +545,11 @@ async fn merge_off_chain<I: Io>(
     child_layer
         .relock(io, true)
         .map_err(|e| Error::new(e.errno(), format!("{}: in use by another process (a mounted snapshot?): {e}", cpath.display())))?;
-    mark_temporary(io, disk, parent).await?;
+    // A state ploop's reverse merge left (Zero, ZeroSwap) is kept: it says
+    // more than ours.
+    if pshot.temporary == Temporary::No {
+        mark_temporary(io, disk, parent).await?;
+    }
     let (_, clusters) = copy_into_parent(io, &child_layer, &ppath, disk.desc.format_of(pimg), true, stack, progress).await?;
     let mut next = disk.clone();
     let d = &mut next.desc;
@@ -637,10 +667,14 @@ pub async fn delete<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, guid: Guid, p
 }
 
 /// Undo a prepared top whose descriptor did not take: removed, unless the
-/// descriptor on disk may name it (then it stays, empty: under either
-/// descriptor the disk reads the same).
-async fn drop_new_top<I: Io>(io: &I, new_top: Arc<Layer>, e: &Error) {
+/// descriptor on disk may name it. Then it stays (empty: under either
+/// descriptor the disk reads the same), and the stack stops serving: the
+/// descriptor on disk may call the old top a snapshot (or drop it), and a
+/// write into it now would change a snapshot (or vanish at the next
+/// start). Requests fail until a restart opens what the disk says.
+async fn drop_new_top<I: Io>(io: &I, stack: &Stack, new_top: Arc<Layer>, e: &Error) {
     if e.kind() == crate::error::ErrorKind::DescriptorUncertain {
+        stack.stop_serving().await;
         let _ = new_top.close(io).await;
     } else {
         discard_top(io, new_top).await;

@@ -5,12 +5,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{drop_new_top, no_such, refresh, remove_file};
+use super::{drop_new_top, no_such, put_back, refresh, remove_file};
 use crate::disk::{Disk, Guid, Image, Shot, Temporary, TOP_GUID};
 use crate::error::{Error, Result};
 use crate::io::{Direct, Io};
 use crate::layers::Layer;
-use crate::stack::{discard_top, Stack};
+use crate::stack::Stack;
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Switched {
@@ -81,15 +81,14 @@ pub async fn switch<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, guid: Guid) -
     next.desc.top = TOP_GUID;
     if let Err(e) = next.replace(io, disk).await {
         drop(layers);
-        drop_new_top(io, new_top, &e).await;
+        drop_new_top(io, stack, new_top, &e).await;
         return Err(e);
     }
     let started = io.now();
     let old = match stack.replace_layers(layers).await {
         Ok(old) => old,
         Err(e) => {
-            let _ = disk.replace(io, &next).await;
-            discard_top(io, new_top).await;
+            put_back(io, disk, &next, new_top).await;
             return Err(e);
         }
     };
