@@ -384,6 +384,52 @@ fn rerunning_an_interrupted_merge_of_the_top_finishes_it_and_nothing_more() {
     check_files(&disk, "rerun");
 }
 
+/// A snapshot a merge was interrupted in (marked temporary, its file
+/// still marked in use) holds some of its child's clusters: served or
+/// converted on its own it would show a mix it never showed. It is refused
+/// with the way out, which works; a snapshot below it, and the disk, still
+/// open. A temporary snapshot whose file is closed (ploop's tsnapshot, a
+/// deleted snapshot with several children) is whole, and opens.
+#[test]
+fn a_half_merged_snapshot_is_refused_with_the_way_out() {
+    use std::os::unix::fs::FileExt;
+    let g = Geometry { cluster: 64 << 10, clusters: 16, stripe: 16 << 10 };
+    let dir = TempDir::new("diskops-half-merged-snap");
+    let (mut disk, mut model) = full_disk(&dir.join("ct"), &g);
+    let stack = open(&disk, None, false);
+    let first = block_on(ops::snapshot(&SyncIo, &stack, &mut disk, None)).unwrap();
+    write_at(&stack, &mut model, 60, 2 * g.cluster, 8192);
+    block_on(ops::snapshot(&SyncIo, &stack, &mut disk, None)).unwrap();
+    write_at(&stack, &mut model, 61, 5 * g.cluster, 8192);
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    let parent = disk.desc.shot(TOP_GUID).unwrap().parent;
+    disk.desc.shots.iter_mut().filter(|s| s.guid == parent).for_each(|s| s.temporary = Temporary::Temporary);
+    block_on(disk.store(&SyncIo)).unwrap();
+    disk.layers(Some(parent)).expect("a temporary snapshot, closed clean");
+    // As a merge writing into it leaves it when it stops.
+    let pfile = disk.file_path(disk.desc.image(parent).unwrap());
+    std::fs::OpenOptions::new().write(true).open(&pfile).unwrap().write_all_at(&ublk_ploop::layers::ploop::header::IN_USE.to_le_bytes(), 44).unwrap();
+    let e = disk.layers(Some(parent)).expect_err("a half-merged snapshot opened");
+    assert_eq!(e.errno(), libc::EBUSY, "{e}");
+    let way_out = format!("snapshot-merge {} -u {TOP_GUID}", disk.dir.display());
+    assert!(e.to_string().contains(&way_out), "{e}");
+    disk.layers(Some(first.guid)).expect("a snapshot below the half-merged one");
+    disk.layers(None).expect("the disk");
+    let out = dir.join("snap.raw");
+    let r = common::ploop(["convert", disk.dir.to_str().unwrap(), out.to_str().unwrap(), "--to", "raw", "--snapshot", &parent.to_string()]);
+    assert_ne!(r.code, Some(0), "converting a half-merged snapshot: {}", r.stdout);
+    assert!(r.stderr.contains("half merged"), "{}", r.stderr);
+    assert!(!out.exists(), "the refused conversion left {}", out.display());
+    common::ploop(["snapshot-merge", disk.dir.to_str().unwrap(), "-u", &TOP_GUID.to_string()]).ok();
+    let disk = Disk::load(&disk.dir).unwrap();
+    assert!(disk.desc.shot(parent).is_none(), "the way out did not finish the merge");
+    let stack = open(&disk, None, true);
+    assert!(read_all(&stack) == model, "the disk does not show its data");
+    drop(stack);
+    check_files(&disk, "after the way out");
+}
+
 #[test]
 fn a_merge_killed_at_any_moment_loses_nothing() {
     // The offline merge runs in a child process that is killed (SIGKILL)
