@@ -387,6 +387,15 @@ pub fn open_named(path: &Path, write: bool, extra: i32, block_ok: bool) -> std::
     Ok(file)
 }
 
+/// See `Io::drop_clean_cache`.
+pub fn os_drop_clean_cache(fd: RawFd) -> std::io::Result<()> {
+    // SAFETY: advice on an open descriptor; no memory is passed.
+    match unsafe { libc::posix_fadvise(fd, 0, 0, libc::POSIX_FADV_DONTNEED) } {
+        0 => Ok(()),
+        e => Err(std::io::Error::from_raw_os_error(e)),
+    }
+}
+
 pub fn open_image_file(path: &Path, writable: bool, direct: Direct) -> Result<ImageFile> {
     open_image_file_in(&crate::io::SyncIo, path, writable, direct)
 }
@@ -424,6 +433,15 @@ pub fn open_image_file_in<I: crate::io::Io + ?Sized>(io: &I, path: &Path, writab
         _ => Error::io(e, path.display()),
     })?;
     let block_size = if is_direct { io.dio_alignment(handle.fd()) } else { 512 };
+    if writable && !is_direct {
+        // Through the cache, a page an earlier opening wrote whose
+        // writeback failed stays cached and clean, and a sync of this
+        // opening no longer reports that error: what is read next (the
+        // header, the table) must come from the disk.
+        if let Err(e) = io.drop_clean_cache(handle.fd()) {
+            tracing::warn!(path = %path.display(), "dropping cached pages before reading: {e}");
+        }
+    }
     Ok(ImageFile { handle, path: path.to_path_buf(), writable, direct: is_direct, block_size })
 }
 

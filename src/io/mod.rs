@@ -149,6 +149,13 @@ pub trait Io {
     fn keeps_written_zeros(&self, fd: RawFd) -> bool {
         file::os_keeps_written_zeros(fd)
     }
+    /// Drop the open file's clean pages from the page cache
+    /// (POSIX_FADV_DONTNEED), so that what is read next comes from the
+    /// disk: a page whose writeback failed stays cached, clean, showing
+    /// bytes the disk does not hold.
+    fn drop_clean_cache(&self, fd: RawFd) -> io::Result<()> {
+        file::os_drop_clean_cache(fd)
+    }
     /// Now, for deadlines and pacing (only differences are ever used).
     fn now(&self) -> std::time::Instant {
         std::time::Instant::now()
@@ -279,6 +286,9 @@ impl<T: Io + ?Sized> Io for &T {
     }
     fn keeps_written_zeros(&self, fd: RawFd) -> bool {
         (**self).keeps_written_zeros(fd)
+    }
+    fn drop_clean_cache(&self, fd: RawFd) -> io::Result<()> {
+        (**self).drop_clean_cache(fd)
     }
     fn now(&self) -> std::time::Instant {
         (**self).now()

@@ -124,6 +124,7 @@ pub trait Plain {
     fn fstat(&self, fd: RawFd) -> io::Result<FileStat>;
     fn seek_data(&self, fd: RawFd, at: u64) -> io::Result<Option<u64>>;
     fn keeps_written_zeros(&self, fd: RawFd) -> bool;
+    fn drop_clean_cache(&self, fd: RawFd) -> io::Result<()>;
     fn stat(&self, path: &Path) -> io::Result<Option<FileStat>>;
     fn canonicalize(&self, path: &Path) -> io::Result<PathBuf>;
     fn create_dir_all(&self, path: &Path) -> io::Result<()>;
@@ -154,6 +155,9 @@ impl<I: Io> Plain for I {
     }
     fn keeps_written_zeros(&self, fd: RawFd) -> bool {
         Io::keeps_written_zeros(self, fd)
+    }
+    fn drop_clean_cache(&self, fd: RawFd) -> io::Result<()> {
+        Io::drop_clean_cache(self, fd)
     }
     fn stat(&self, path: &Path) -> io::Result<Option<FileStat>> {
         Io::stat(self, path)
@@ -287,6 +291,9 @@ impl<B: Backend, H: Hook> Io for Hooked<B, H> {
     }
     fn keeps_written_zeros(&self, fd: RawFd) -> bool {
         self.inner.plain().keeps_written_zeros(fd)
+    }
+    fn drop_clean_cache(&self, fd: RawFd) -> io::Result<()> {
+        self.inner.plain().drop_clean_cache(fd)
     }
     fn stat(&self, path: &Path) -> io::Result<Option<FileStat>> {
         self.inner.plain().stat(path)

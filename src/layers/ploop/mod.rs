@@ -347,16 +347,6 @@ impl PloopLayer {
             header.in_use = IN_USE;
             head = header.to_bytes();
             dirty.insert(0);
-            if report.was_in_use && !file.direct {
-                // Through the page cache the table read here may be one the
-                // killed session wrote whose writeback failed: the pages
-                // stay cached, clean, and a new opening's sync no longer
-                // reports that error. Written again (each entry's data was
-                // durable before its entry reached the cache) and synced
-                // below, the table on disk is the one served, or the open
-                // fails.
-                dirty.extend(table.present().map(|(c, _)| (HEADER_SIZE as u64 + 4 * c) as usize / block as usize));
-            }
         }
         let layer = PloopLayer {
             cluster,

@@ -605,6 +605,12 @@ impl Io for SimIo {
     fn keeps_written_zeros(&self, _fd: RawFd) -> bool {
         true
     }
+    /// The simulated cache never keeps a page whose writeback failed as
+    /// clean (a failed sync drops the dirty pages or leaves them dirty):
+    /// nothing to drop.
+    fn drop_clean_cache(&self, _fd: RawFd) -> io::Result<()> {
+        Ok(())
+    }
     fn remove_dir(&self, path: &Path) -> io::Result<()> {
         self.w.alive()?;
         self.w.state().fs.remove_dir(path)
