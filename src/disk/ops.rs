@@ -173,7 +173,7 @@ pub async fn snapshot<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, guid: Optio
         }
         Err((e, Some(unused))) => {
             // Not swapped: the old descriptor describes the disk again.
-            put_back(io, disk, &next, unused).await;
+            put_back(io, stack, disk, &next, unused).await;
             Err(e)
         }
     }
@@ -182,16 +182,27 @@ pub async fn snapshot<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, guid: Optio
 /// A new top that never served, after the descriptor naming it was
 /// stored: store `disk`'s descriptor again in place of `next`, and only
 /// then remove the new top's file. If the old descriptor cannot be put
-/// back, the file stays (empty: either descriptor shows the same data),
-/// so the one on disk never names a missing file.
-async fn put_back<I: Io>(io: &I, disk: &Disk, next: &Disk, unused: Arc<Layer>) {
+/// back, the one naming the new top may be on disk: the file stays (empty:
+/// either descriptor shows the same data), so the one on disk never names
+/// a missing file, and the stack stops serving, as after an uncertain
+/// store (see `drop_new_top`).
+async fn put_back<I: Io>(io: &I, stack: &Stack, disk: &Disk, next: &Disk, unused: Arc<Layer>) {
     match disk.replace(io, next).await {
         Ok(()) => discard_top(io, unused).await,
         Err(e) => {
             tracing::warn!("{}: putting the descriptor back after a failed swap: {e}; the unused new top stays", disk.xml_path().display());
-            let _ = unused.close(io).await;
+            keep_unused_top(io, stack, unused).await;
         }
     }
+}
+
+/// An unused new top a descriptor on disk may name: closed and kept (its
+/// empty link log goes), and the stack stops serving, since by that
+/// descriptor the old top may be a snapshot, or dropped.
+async fn keep_unused_top<I: Io>(io: &I, stack: &Stack, unused: Arc<Layer>) {
+    stack.stop_serving().await;
+    let _ = unused.close(io).await;
+    unused.remove_link_log(io);
 }
 
 /// Merge the delta `child` (the top when None) into its parent, as ploop's
@@ -674,8 +685,7 @@ pub async fn delete<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, guid: Guid, p
 /// start). Requests fail until a restart opens what the disk says.
 async fn drop_new_top<I: Io>(io: &I, stack: &Stack, new_top: Arc<Layer>, e: &Error) {
     if e.kind() == crate::error::ErrorKind::DescriptorUncertain {
-        stack.stop_serving().await;
-        let _ = new_top.close(io).await;
+        keep_unused_top(io, stack, new_top).await;
     } else {
         discard_top(io, new_top).await;
     }

@@ -88,7 +88,7 @@ pub async fn switch<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, guid: Guid) -
     let old = match stack.replace_layers(layers).await {
         Ok(old) => old,
         Err(e) => {
-            put_back(io, disk, &next, new_top).await;
+            put_back(io, stack, disk, &next, new_top).await;
             return Err(e);
         }
     };
