@@ -134,7 +134,15 @@ fn run_seed(seed: u64) {
         let want = expected(&g, &owners);
         verify(&stack, &want, &ctx);
         for (guid, content) in &taken {
-            if disk.desc.shot(*guid).is_some() {
+            let Some(shot) = disk.desc.shot(*guid) else { continue };
+            if shot.temporary != Temporary::No && disk.desc.children(*guid).len() == 1 {
+                // Deleted, kept for its one child: ploop merges such a
+                // snapshot away rather than serve it, and so do we.
+                let e = disk.layers(Some(*guid)).expect_err("a temporary snapshot with one child opened");
+                assert_eq!(e.errno(), libc::EBUSY, "{ctx}: {e}");
+                continue;
+            }
+            {
                 let snap = open(&disk, Some(*guid), true);
                 assert!(read_all(&snap) == *content, "{ctx}: snapshot {guid} does not show the disk as it was when taken");
             }
@@ -384,15 +392,14 @@ fn rerunning_an_interrupted_merge_of_the_top_finishes_it_and_nothing_more() {
     check_files(&disk, "rerun");
 }
 
-/// A snapshot a merge was interrupted in (marked temporary, its file
-/// still marked in use) holds some of its child's clusters: served or
-/// converted on its own it would show a mix it never showed. It is refused
-/// with the way out, which works; a snapshot below it, and the disk, still
-/// open. A temporary snapshot whose file is closed (ploop's tsnapshot, a
-/// deleted snapshot with several children) is whole, and opens.
+/// A snapshot a merge was interrupted in (marked temporary, one child)
+/// holds some of its child's clusters: served or converted on its own it
+/// would show a mix it never showed. Its file's mark cannot tell (a merge
+/// that failed cleanly closed it clean), so, as ploop, a temporary
+/// snapshot with one child is not served: it is refused with the way out,
+/// which works; a snapshot below it, and the disk, still open.
 #[test]
 fn a_half_merged_snapshot_is_refused_with_the_way_out() {
-    use std::os::unix::fs::FileExt;
     let g = Geometry { cluster: 64 << 10, clusters: 16, stripe: 16 << 10 };
     let dir = TempDir::new("diskops-half-merged-snap");
     let (mut disk, mut model) = full_disk(&dir.join("ct"), &g);
@@ -406,10 +413,6 @@ fn a_half_merged_snapshot_is_refused_with_the_way_out() {
     let parent = disk.desc.shot(TOP_GUID).unwrap().parent;
     disk.desc.shots.iter_mut().filter(|s| s.guid == parent).for_each(|s| s.temporary = Temporary::Temporary);
     block_on(disk.store(&SyncIo)).unwrap();
-    disk.layers(Some(parent)).expect("a temporary snapshot, closed clean");
-    // As a merge writing into it leaves it when it stops.
-    let pfile = disk.file_path(disk.desc.image(parent).unwrap());
-    std::fs::OpenOptions::new().write(true).open(&pfile).unwrap().write_all_at(&ublk_ploop::layers::ploop::header::IN_USE.to_le_bytes(), 44).unwrap();
     let e = disk.layers(Some(parent)).expect_err("a half-merged snapshot opened");
     assert_eq!(e.errno(), libc::EBUSY, "{e}");
     let way_out = format!("snapshot-merge {} -u {TOP_GUID}", disk.dir.display());
@@ -419,7 +422,7 @@ fn a_half_merged_snapshot_is_refused_with_the_way_out() {
     let out = dir.join("snap.raw");
     let r = common::ploop(["convert", disk.dir.to_str().unwrap(), out.to_str().unwrap(), "--to", "raw", "--snapshot", &parent.to_string()]);
     assert_ne!(r.code, Some(0), "converting a half-merged snapshot: {}", r.stdout);
-    assert!(r.stderr.contains("half merged"), "{}", r.stderr);
+    assert!(r.stderr.contains("marked temporary"), "{}", r.stderr);
     assert!(!out.exists(), "the refused conversion left {}", out.display());
     common::ploop(["snapshot-merge", disk.dir.to_str().unwrap(), "-u", &TOP_GUID.to_string()]).ok();
     let disk = Disk::load(&disk.dir).unwrap();

@@ -260,24 +260,26 @@ impl Disk {
         // A merge into a snapshot changes its file: half done, it holds
         // some of its child's clusters (or, in ploop's reverse merge, lost
         // some of its own), so it no longer shows what it showed. Chains
-        // through it are whole: the child above hides what changed.
+        // through it are whole: the child above hides what changed. Its
+        // mark cannot tell: a merge that failed cleanly closed the file
+        // clean, and a start cleans lower layers before it finishes merges.
+        // So, as ploop (which merges such a snapshot away at its next
+        // mount rather than serve it), a temporary snapshot with one child
+        // is taken for half merged; one that several children share (a
+        // deleted snapshot kept for them) is whole.
         let half_merged = match shot.temporary {
             Temporary::No => false,
             Temporary::Zero | Temporary::ZeroSwap => true,
-            // ploop's other temporary snapshots (a tsnapshot, a deleted
-            // snapshot with several children) are whole; one a merge was
-            // writing into when it stopped still carries the in-use mark.
-            Temporary::Temporary => self.desc.image(guid).is_some_and(|img| {
-                self.desc.format_of(img) == crate::layers::Format::Ploop && marked_in_use(&self.file_path(img))
-            }),
+            Temporary::Temporary => self.desc.children(guid).len() == 1,
         };
         if guid != self.desc.top && half_merged {
             let child = self.desc.children(guid).first().map_or_else(|| "its child".to_string(), |c| c.to_string());
             return Err(Error::new(
                 libc::EBUSY,
                 format!(
-                    "{}: snapshot {guid} is half merged (a merge of {child} into it was interrupted), so it no longer shows what it showed; \
-                     finish the merge: `ublk-ploop snapshot-merge {} -u {child}` (or start the disk read-write, which finishes merges on its chain)",
+                    "{}: snapshot {guid} is marked temporary: a merge of {child} into it was interrupted (so it may no longer show what it \
+                     showed), or it was deleted and {child} still holds it; ploop merges such a snapshot away rather than serve it. \
+                     Finish the merge: `ublk-ploop snapshot-merge {} -u {child}` (or start the disk read-write, which finishes merges on its chain)",
                     self.xml_path().display(),
                     self.dir.display()
                 ),
@@ -607,11 +609,3 @@ mod tests {
     }
 }
 
-/// Whether the ploop image at `path` carries the in-use mark (unreadable:
-/// no; opening it will say why).
-fn marked_in_use(path: &Path) -> bool {
-    use std::os::unix::fs::FileExt;
-    let mut mark = [0u8; 4];
-    std::fs::File::open(path).and_then(|f| f.read_exact_at(&mut mark, 44)).is_ok()
-        && u32::from_le_bytes(mark) == crate::layers::ploop::header::IN_USE
-}
