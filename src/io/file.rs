@@ -433,15 +433,6 @@ pub fn open_image_file_in<I: crate::io::Io + ?Sized>(io: &I, path: &Path, writab
         _ => Error::io(e, path.display()),
     })?;
     let block_size = if is_direct { io.dio_alignment(handle.fd()) } else { 512 };
-    if writable && !is_direct {
-        // Through the cache, a page an earlier opening wrote whose
-        // writeback failed stays cached and clean, and a sync of this
-        // opening no longer reports that error: what is read next (the
-        // header, the table) must come from the disk.
-        if let Err(e) = io.drop_clean_cache(handle.fd()) {
-            tracing::warn!(path = %path.display(), "dropping cached pages before reading: {e}");
-        }
-    }
     Ok(ImageFile { handle, path: path.to_path_buf(), writable, direct: is_direct, block_size })
 }
 

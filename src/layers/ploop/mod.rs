@@ -205,7 +205,18 @@ impl PloopLayer {
     /// log there, and applies the one a killed session left first.
     pub async fn open<I: Io>(io: &I, mut file: ImageFile, direct: Direct, lock: bool, links: Option<&Path>) -> Result<(PloopLayer, OpenReport)> {
         let path = file.path.display().to_string();
-        let read = load::read_header(io, file.fd(), &path).await.map_err(|e| e.context(&path))?;
+        let mut read = load::read_header(io, file.fd(), &path).await.map_err(|e| e.context(&path))?;
+        if file.writable && !file.direct && read.header.in_use == IN_USE {
+            // Left in use, read through the cache: a page the last session
+            // wrote whose writeback failed stays cached and clean, and a
+            // sync of this opening no longer reports that error. Its clean
+            // pages go, and the header, the table and the data are read
+            // from the disk. (A clean close synced everything it wrote.)
+            match io.drop_clean_cache(file.fd()) {
+                Ok(()) => read = load::read_header(io, file.fd(), &path).await.map_err(|e| e.context(&path))?,
+                Err(e) => tracing::warn!(path, "dropping cached pages before reading: {e}"),
+            }
+        }
         let (mut header, mut head, file_len) = (read.header, read.head, read.file_len);
         if file_len < header.bat_end() {
             return Err(Error::corrupt(format!("{path}: file is truncated: {file_len} bytes, BAT ends at {}", header.bat_end())));
