@@ -34,19 +34,7 @@ impl Stack {
         let grown = if format == Format::Raw {
             // As ploop's merge grows a raw base the disk outgrew: the file
             // is extended (a hole reads the zeros its end showed), durably.
-            let old_size = shape.layers[index].size();
-            let name = path.display();
-            let extended = async {
-                if new_size <= old_size {
-                    return Ok(());
-                }
-                io.set_len(file.fd(), new_size).await?;
-                io.sync_data(file.fd()).await
-            };
-            extended
-                .await
-                .map(|()| Resized { old_size, new_size, ..Default::default() })
-                .map_err(|e| Error::io(e, format_args!("{name}: extending the raw file")))
+            crate::layers::ploop::resize::resize_raw_file(io, &file, new_size, true).await
         } else {
             crate::layers::ploop::resize::resize_file(io, &file, new_size, true).await
         };

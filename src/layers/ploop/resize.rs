@@ -210,9 +210,15 @@ async fn zero_range<I: Io>(io: &I, fd: i32, from: u64, to: u64) -> std::io::Resu
 /// Resize a raw image (ploop's raw mode): grown with a hole at the end;
 /// never shrunk, since any byte of a raw file may be data.
 pub async fn resize_raw<I: Io>(io: &I, path: &Path, new_size: u64, apply: bool) -> Result<Resized> {
-    let name = path.display().to_string();
     let file = open_image_file_in(io, path, true, Direct::Off)?;
     crate::layers::lock(io, &file, true)?;
+    resize_raw_file(io, &file, new_size, apply).await
+}
+
+/// The same on a raw file already open for writing (its lock held by the
+/// caller): extended, never shrunk, and synced before it returns.
+pub async fn resize_raw_file<I: Io>(io: &I, file: &crate::io::ImageFile, new_size: u64, apply: bool) -> Result<Resized> {
+    let name = file.path.display().to_string();
     let old_size = load::file_len(io, file.fd(), &name)?;
     if new_size == 0 || new_size % SECTOR != 0 {
         return Err(Error::invalid(format!("new size {new_size} must be a non-zero multiple of 512 bytes")));
