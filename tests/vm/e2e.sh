@@ -1266,7 +1266,11 @@ scenario_old_cli() {
 
 if [ "${1:-}" = --scenario ]; then
 	SCENARIO=$2
-	set -eo pipefail
+	set -Eeo pipefail
+	# A command that fails outside a `|| die` ends the scenario too: say
+	# which, so that a failure in CI is never only "FAIL name".
+	# (Not in command substitutions: their failures may be allowed.)
+	trap 'e2e_rc=$?; [ "$BASH_SUBSHELL" != 0 ] || log "stopped at line $LINENO by \`$BASH_COMMAND\` (exit $e2e_rc)"' ERR
 	"scenario_$2"
 	exit 0
 fi
