@@ -160,6 +160,41 @@ fn writers_go_on_while_the_disk_is_compacted() {
     assert_clean(&img, "compacted beside writers");
 }
 
+/// A descriptor of the top that outlives the top's close keeps its lock
+/// (the kernel keeps a file that a ring request used open until that ring
+/// runs again: after a daemon restart, a compaction failed with "image is
+/// in use by another process"). A step works on the top's own opening and
+/// opens the top again on it, so such a descriptor never stands in its
+/// way, and no other process can take the image between two steps.
+#[test]
+fn a_compaction_step_keeps_the_top_s_opening_and_its_lock() {
+    use std::io::{Seek, SeekFrom};
+    use std::os::fd::BorrowedFd;
+    let dir = TempDir::new("compact-kept-open");
+    let (img, model) = fragmented(&dir, "a.hdd");
+    let stack = open(std::slice::from_ref(&img), false);
+    let fd = stack.layers().last().unwrap().file().fd();
+    // SAFETY: the stack keeps the descriptor open while it is borrowed.
+    let held = unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned().unwrap();
+    let done = block_on(stack.compact(&SyncIo, 8, &|_, _| {})).expect("compaction beside a descriptor of the same opening");
+    assert!(done.done && done.moved > 0, "{done:?}");
+    // Descriptors of one opening share its file offset (the stack reads
+    // and writes at explicit offsets, so moving it changes nothing).
+    let top = stack.layers().last().unwrap().file().fd();
+    // SAFETY: as above.
+    let mut reopened = std::fs::File::from(unsafe { BorrowedFd::borrow_raw(top) }.try_clone_to_owned().unwrap());
+    let mut held = std::fs::File::from(held);
+    held.seek(SeekFrom::Start(12345)).unwrap();
+    assert_eq!(reopened.stream_position().unwrap(), 12345, "the top was opened again on another opening of its file");
+    drop((held, reopened));
+    let mut got = AlignedBuf::zeroed(SIZE as usize);
+    block_on(stack.read(&SyncIo, 0, &mut got)).unwrap();
+    assert!(got[..] == model[..], "the disk after compaction");
+    close(stack);
+    assert!(read_all(std::slice::from_ref(&img)) == model);
+    assert_clean(&img, "compacted on its own opening");
+}
+
 #[test]
 fn a_fault_at_any_step_of_compaction_loses_nothing() {
     let dir = TempDir::new("compact-faults");

@@ -306,6 +306,35 @@ fn header_reads_of_a_grow() -> u64 {
     io.seen()
 }
 
+/// As a compaction step (tests/compact.rs): a descriptor of the top's
+/// opening that outlives the top's close (the kernel keeps a file a ring
+/// request used open a while) never stands in the grow's way: the grow
+/// works on that opening and the top opens again on it, lock held.
+#[test]
+fn an_online_grow_keeps_the_top_s_opening_and_its_lock() {
+    use std::io::{Seek, SeekFrom};
+    use std::os::fd::BorrowedFd;
+    let dir = TempDir::new("resize-kept-open");
+    let (stack, top, mut model) = base_and_top(&dir);
+    let fd = stack.layers().last().unwrap().file().fd();
+    // SAFETY: the stack keeps the descriptor open while it is borrowed.
+    let mut held = std::fs::File::from(unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned().unwrap());
+    block_on(stack.grow_top(&SyncIo, 64 << 20)).expect("a grow beside a descriptor of the top's opening");
+    let fd = stack.layers().last().unwrap().file().fd();
+    // SAFETY: as above.
+    let mut reopened = std::fs::File::from(unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned().unwrap());
+    // Descriptors of one opening share its offset (the stack never uses it).
+    held.seek(SeekFrom::Start(4321)).unwrap();
+    assert_eq!(reopened.stream_position().unwrap(), 4321, "the top was opened again on another opening of its file");
+    drop((held, reopened));
+    model.resize(64 << 20, 0);
+    let mut got = AlignedBuf::zeroed(64 << 20);
+    block_on(stack.read(&SyncIo, 0, &mut got)).unwrap();
+    assert!(got[..] == model[..], "the grown disk's bytes");
+    close(stack);
+    assert_clean(&top, "a top grown on its own opening");
+}
+
 #[test]
 fn a_top_that_will_not_reopen_after_a_grow_fails_every_request() {
     // The top is closed for the grow; opening it again fails every time.
@@ -345,6 +374,30 @@ fn a_top_that_reopens_on_the_second_try_keeps_the_grow() {
     assert!(got[..] == model[..], "the grown disk's bytes after the retried reopen");
     close(stack);
     assert_clean(&top, "a top reopened on the second try");
+}
+
+/// The same beside a descriptor of the top's opening that outlives its
+/// close: the second try opens on that opening too, not on a new one
+/// whose lock would wait for it.
+#[test]
+fn a_top_that_reopens_on_the_second_try_keeps_its_opening() {
+    use std::os::fd::BorrowedFd;
+    let reads = header_reads_of_a_grow();
+    let dir = TempDir::new("resize-reopen-retry-held");
+    let (stack, top, mut model) = base_and_top(&dir);
+    let fd = stack.layers().last().unwrap().file().fd();
+    // SAFETY: the stack keeps the descriptor open while it is borrowed.
+    let held = unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned().unwrap();
+    let io = Trap::new(Kind::Read).on(&top).at(0).skip(reads - 1).io();
+    block_on(stack.grow_top(&io, 64 << 20)).unwrap_or_else(|e| panic!("a grow whose reopen failed once, its opening held: {e}"));
+    assert_eq!(io.failed(), 1);
+    drop(held);
+    model.resize(64 << 20, 0);
+    let mut got = AlignedBuf::zeroed(64 << 20);
+    block_on(stack.read(&SyncIo, 0, &mut got)).unwrap();
+    assert!(got[..] == model[..], "the grown disk's bytes after the retried reopen");
+    close(stack);
+    assert_clean(&top, "a top reopened on the second try on its own opening");
 }
 
 #[test]

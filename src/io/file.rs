@@ -47,6 +47,13 @@ impl ImageFile {
     pub fn fd(&self) -> RawFd {
         self.handle.fd()
     }
+    /// Another descriptor of the same opening (its lock, its offset and
+    /// its writeback errors are shared); None for a simulated file.
+    pub fn dup(&self) -> Option<ImageFile> {
+        let Handle::Os(file) = &self.handle else { return None };
+        let handle = Handle::Os(file.try_clone().ok()?);
+        Some(ImageFile { handle, path: self.path.clone(), writable: self.writable, direct: self.direct, block_size: self.block_size })
+    }
     #[allow(clippy::len_without_is_empty)]
     pub fn len_in<I: crate::io::Io + ?Sized>(&self, io: &I) -> Result<u64> {
         Ok(io.fstat(self.fd()).map_err(|e| Error::io(e, self.path.display()))?.len)

@@ -220,6 +220,15 @@ impl Layer {
             Layer::Qcow2(l) => l.file(),
         }
     }
+    /// The layer's opening of its file, kept past the layer (with its
+    /// lock) for a caller that opens the layer on it again.
+    pub fn into_file(self) -> ImageFile {
+        match self {
+            Layer::Ploop(l) => l.into_file(),
+            Layer::Raw(l) => l.into_file(),
+            Layer::Qcow2(l) => l.into_file(),
+        }
+    }
     pub fn format(&self) -> Format {
         match self {
             Layer::Ploop(_) => Format::Ploop,
@@ -514,8 +523,8 @@ pub(crate) fn flock_waiting<I: Io + ?Sized>(io: &I, fd: std::os::fd::RawFd, excl
 /// lock dies with the descriptor, even on kill -9.
 /// A holder that lets go within a moment is waited for: a process forked
 /// by another thread holds our descriptors (and so our locks) until it
-/// execs, and an image closed to be changed (grown, compacted) is opened
-/// again at once.
+/// execs. (A top closed to be grown or compacted keeps its own opening
+/// instead: the kernel may hold a closed one's lock for seconds.)
 pub(crate) fn lock<I: Io + ?Sized>(io: &I, file: &ImageFile, exclusive: bool) -> Result<()> {
     if let Err(err) = flock_waiting(io, file.fd(), exclusive) {
         return Err(Error::new(

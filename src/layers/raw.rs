@@ -59,6 +59,9 @@ impl RawLayer {
     pub fn file(&self) -> &ImageFile {
         &self.file
     }
+    pub fn into_file(self) -> ImageFile {
+        self.file
+    }
     pub fn size(&self) -> u64 {
         self.len.load(Ordering::Acquire)
     }

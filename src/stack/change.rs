@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::io::{for_each_in_flight, Io};
+use crate::io::{for_each_in_flight, ImageFile, Io};
 use crate::layers::ploop::header::Variant;
 use crate::layers::{Format, Layer, PloopLayer};
 
@@ -415,11 +415,10 @@ impl Stack {
         let mut first = true;
         loop {
             let step = self
-                .with_top_closed(io, false, |io, path, lower: Vec<Arc<Layer>>| async move {
-                    let file = crate::io::open_image_file_in(io, &path, true, self.direct)?;
-                    crate::layers::lock(io, &file, true)?;
+                .with_top_closed(io, false, |io, file, lower: Vec<Arc<Layer>>| async move {
                     let lower_has = |c: u64| unknown_below || lower.iter().any(|l| l.lookup(c, self.cluster).is_some());
-                    compact_step(io, &file, &lower_has, budget).await
+                    let step = compact_step(io, &file, &lower_has, budget).await;
+                    (Some(file), step)
                 })
                 .await?;
             if first {
@@ -450,12 +449,19 @@ impl Stack {
 
     /// Run `work` on the top image's file while it is closed, with requests
     /// held; then open it again (also when `work` failed) and rebuild the
-    /// owner map. `work` gets the path and the layers below the top.
+    /// owner map. `work` gets the top's own opening of the file (closed
+    /// clean, still locked) and the layers below the top, and hands it
+    /// back; the top opens again on it, so its lock is never let go: no
+    /// other process can take the image meanwhile, and no new opening has
+    /// to wait for the kernel to drop the lock of a closed one (io_uring
+    /// requests that used a file may keep it open for seconds after our
+    /// close returned: a compaction after a daemon restart failed on it).
+    /// Only a simulated file is opened by its path again after a failed try.
     pub(super) async fn with_top_closed<'a, I, T, F, Fut>(&'a self, io: &'a I, no_trackers: bool, work: F) -> Result<T>
     where
         I: Io,
-        F: FnOnce(&'a I, PathBuf, Vec<Arc<Layer>>) -> Fut,
-        Fut: std::future::Future<Output = Result<T>> + 'a,
+        F: FnOnce(&'a I, ImageFile, Vec<Arc<Layer>>) -> Fut,
+        Fut: std::future::Future<Output = (Option<ImageFile>, Result<T>)> + 'a,
     {
         let mut shape = self.shape.exclusive().await;
         shape.check_open()?;
@@ -477,13 +483,18 @@ impl Stack {
             shape.layers.push(top);
             return Err(e.context("closing the top"));
         }
-        if Arc::strong_count(&top) != 1 {
-            let _ = top.reopen_in_use(io).await;
-            shape.layers.push(top);
-            return Err(Error::new(libc::EBUSY, "the top is in use elsewhere in the daemon; try again"));
-        }
-        drop(top);
-        let result = work(io, path.clone(), shape.layers.clone()).await;
+        let top = match Arc::try_unwrap(top) {
+            Ok(top) => top,
+            Err(top) => {
+                let _ = top.reopen_in_use(io).await;
+                shape.layers.push(top);
+                return Err(Error::new(libc::EBUSY, "the top is in use elsewhere in the daemon; try again"));
+            }
+        };
+        let (mut kept, result) = work(io, top.into_file(), shape.layers.clone()).await;
+        // A try that fails drops the file it was given: the next one opens
+        // on another descriptor of the kept opening, never by its path.
+        let spare = kept.as_ref().and_then(|f| f.dup());
         // A transient failure must not leave the device without its top:
         // try the reopen a few times before giving up.
         let mut tries = 0;
@@ -494,7 +505,11 @@ impl Stack {
         let mut eio = matches!(&result, Err(e) if e.errno() == libc::EIO);
         loop {
             tries += 1;
-            match Layer::open_top(io, &path, self.direct, self.links.as_deref()).await {
+            let reopened = match kept.take().or_else(|| spare.as_ref().and_then(|f| f.dup())) {
+                Some(file) => Layer::open_file_linked(io, file, Format::Ploop, self.direct, self.links.as_deref()).await,
+                None => Layer::open_top(io, &path, self.direct, self.links.as_deref()).await,
+            };
+            match reopened {
                 Ok((layer, _)) => {
                     if eio {
                         layer.poison_syncs();

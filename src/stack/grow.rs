@@ -54,7 +54,7 @@ impl Stack {
     /// size. The caller tells the kernel afterwards. If the resize fails,
     /// the top is opened again at its old size.
     pub async fn grow_top<I: Io>(&self, io: &I, new_size: u64) -> Result<Resized> {
-        use crate::layers::ploop::resize::resize;
+        use crate::layers::ploop::resize::resize_locked;
         self.check_writable()?;
         let old_size = self.size();
         if new_size < old_size {
@@ -76,10 +76,12 @@ impl Stack {
                 return Ok(done);
             }
         }
-        self.with_top_closed(io, true, |io, path, _| async move {
-            let done = resize(io, &path, new_size, true).await?;
-            self.size.store(new_size, Ordering::Release);
-            Ok(done)
+        self.with_top_closed(io, true, |io, file, _| async move {
+            let done = resize_locked(io, &file, new_size, true).await;
+            if done.is_ok() {
+                self.size.store(new_size, Ordering::Release);
+            }
+            (Some(file), done)
         })
         .await
     }

@@ -201,6 +201,13 @@ async fn check_qcow2<I: Io>(io: &I, path: &Path, repair: bool) -> Result<CheckRe
     Ok(report)
 }
 
+/// Repair a closed image whose lock the caller holds through an opening
+/// of its own (a resize that gave clusters up): nothing can open it
+/// between the two, and no second lock has to wait for the first.
+pub(crate) async fn repair_locked<I: Io>(io: &I, path: &Path, format: Format) -> Result<CheckReport> {
+    check_with(io, path, format, true, false).await
+}
+
 /// The same report without taking the lock, for `info` on an image that a
 /// daemon is serving (its BAT may change while being read).
 pub async fn inspect<I: Io>(io: &I, path: &Path, format: Format) -> Result<CheckReport> {

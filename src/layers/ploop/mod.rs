@@ -473,6 +473,9 @@ impl PloopLayer {
     pub fn file(&self) -> &ImageFile {
         &self.file
     }
+    pub fn into_file(self) -> ImageFile {
+        self.file
+    }
     pub fn cluster_size(&self) -> u64 {
         self.cluster
     }

@@ -21,7 +21,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::io::{open_image_file_in, AlignedBuf, Direct, Io};
+use crate::io::{open_image_file_in, AlignedBuf, Direct, ImageFile, Io};
 use crate::layers::ploop::header::{Header, Variant, HEADER_SIZE, IN_USE, SECTOR};
 
 use super::load;
@@ -45,6 +45,13 @@ pub struct Resized {
 pub async fn resize<I: Io>(io: &I, path: &Path, new_size: u64, apply: bool) -> Result<Resized> {
     let file = open_image_file_in(io, path, true, Direct::Auto)?;
     crate::layers::lock(io, &file, true)?;
+    resize_locked(io, &file, new_size, apply).await
+}
+
+/// The same on an image open for writing in `file`, whose lock the caller
+/// holds (a served top, closed clean, that opens again on `file`).
+pub async fn resize_locked<I: Io>(io: &I, file: &ImageFile, new_size: u64, apply: bool) -> Result<Resized> {
+    let path = file.path.as_path();
     // What open (and so compact and convert) refuses, resize refuses too:
     // a table pointing past the file or into itself is not moved around.
     let seen = crate::layers::ploop::check::inspect(io, path, crate::layers::Format::Ploop).await?;
@@ -57,13 +64,12 @@ pub async fn resize<I: Io>(io: &I, path: &Path, new_size: u64, apply: bool) -> R
             what.join("; ")
         )));
     }
-    let done = resize_file(io, &file, new_size, apply).await?;
-    drop(file);
+    let done = resize_file(io, file, new_size, apply).await?;
     if apply && (done.dropped_change_record || new_size < done.old_size) {
         // A dropped change record's clusters, or the table area a shrink
         // freed, are leaked space now: give them back as `check --repair`
-        // does (holes inside, truncation at the end).
-        crate::layers::ploop::check::check(io, path, crate::layers::Format::Ploop, true).await?;
+        // does (holes inside, truncation at the end), under our lock.
+        crate::layers::ploop::check::repair_locked(io, path, crate::layers::Format::Ploop).await?;
     }
     Ok(done)
 }

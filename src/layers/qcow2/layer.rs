@@ -39,6 +39,9 @@ impl Qcow2Layer {
     pub fn file(&self) -> &ImageFile {
         &self.file
     }
+    pub fn into_file(self) -> ImageFile {
+        self.file
+    }
     pub fn image(&self) -> &Qcow2Image {
         &self.image
     }
