@@ -372,8 +372,9 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
             }
         };
         *disk = next;
-        // The stack dropped the parent's read-only opening and the old
-        // top; once these go too, the parent's file takes the top's lock.
+        // The stack dropped the parent's opening and the old top; once these
+        // go (unlocked first: `Layer::unlock`), the parent takes the lock.
+        layers[pi].unlock(io);
         drop(layers);
         if let Err(e) = into.relock(io, true) {
             tracing::warn!("{}: locking the merged top: {e}", ppath.display());
@@ -467,18 +468,19 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
         }
         *disk = next;
         if top {
-            // The raw file is the top now: opened for writing, it takes
-            // the lock once the old openings are gone.
+            // The raw file is the top now: it takes the lock once the old openings go.
             let direct = if layers[ci].file().direct { Direct::Auto } else { Direct::Off };
             let (raw, _) = Layer::open_unlocked(io, &ppath, Format::Raw, true, direct).await?;
             let raw = Arc::new(raw);
             let old = stack.replace_layers(layers[..pi].iter().cloned().chain([raw.clone()]).collect()).await?;
+            layers[pi].unlock(io);
             drop((layers, old, merged));
             if let Err(e) = raw.relock(io, true) {
                 tracing::warn!("{}: locking the merged top: {e}", ppath.display());
             }
         } else {
             let (old_parent, old_child) = stack.replace_pair(pi, merged.0.clone()).await?;
+            let _ = old_parent.relock(io, false); // shared again (`Layer::unlock`)
             drop(layers);
             drop((old_parent, old_child));
             merged.0.relock(io, false)?;

@@ -324,6 +324,14 @@ impl Layer {
         }
     }
 
+    /// Let go of this opening's lock before it is dropped for good, so that
+    /// another opening of the file can take the lock at once: the kernel
+    /// may keep a dropped opening, and its lock, alive for seconds while
+    /// io_uring requests that used it are put away.
+    pub fn unlock<I: Io + ?Sized>(&self, io: &I) {
+        let _ = io.flock(self.file().fd(), crate::io::LockHow::Unlock);
+    }
+
     /// Turn the writable top into a read-only lower layer, keeping its open
     /// descriptor: the exclusive lock becomes a shared one. Call after
     /// `close`, which left the image consistent and marked clean.
