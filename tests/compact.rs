@@ -168,24 +168,14 @@ fn writers_go_on_while_the_disk_is_compacted() {
 /// way, and no other process can take the image between two steps.
 #[test]
 fn a_compaction_step_keeps_the_top_s_opening_and_its_lock() {
-    use std::io::{Seek, SeekFrom};
-    use std::os::fd::BorrowedFd;
     let dir = TempDir::new("compact-kept-open");
     let (img, model) = fragmented(&dir, "a.hdd");
     let stack = open(std::slice::from_ref(&img), false);
-    let fd = stack.layers().last().unwrap().file().fd();
-    // SAFETY: the stack keeps the descriptor open while it is borrowed.
-    let held = unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned().unwrap();
+    let mut held = common::hold_layer(&stack, 0);
     let done = block_on(stack.compact(&SyncIo, 8, &|_, _| {})).expect("compaction beside a descriptor of the same opening");
     assert!(done.done && done.moved > 0, "{done:?}");
-    // Descriptors of one opening share its file offset (the stack reads
-    // and writes at explicit offsets, so moving it changes nothing).
-    let top = stack.layers().last().unwrap().file().fd();
-    // SAFETY: as above.
-    let mut reopened = std::fs::File::from(unsafe { BorrowedFd::borrow_raw(top) }.try_clone_to_owned().unwrap());
-    let mut held = std::fs::File::from(held);
-    held.seek(SeekFrom::Start(12345)).unwrap();
-    assert_eq!(reopened.stream_position().unwrap(), 12345, "the top was opened again on another opening of its file");
+    let mut reopened = common::hold_layer(&stack, 0);
+    assert!(common::same_opening(&mut held, &mut reopened), "the top was opened again on another opening of its file");
     drop((held, reopened));
     let mut got = AlignedBuf::zeroed(SIZE as usize);
     block_on(stack.read(&SyncIo, 0, &mut got)).unwrap();

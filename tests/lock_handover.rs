@@ -8,11 +8,10 @@
 
 mod common;
 
-use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::Path;
 
 use common::stripes::{pattern, Geometry};
-use common::{assert_ploop_clean, retry_busy, TempDir};
+use common::{assert_ploop_clean, hold_layer, retry_busy, TempDir};
 use ublk_ploop::disk::ops;
 use ublk_ploop::disk::{Disk, Guid};
 use ublk_ploop::io::{block_on, AlignedBuf, Direct, SyncIo};
@@ -22,13 +21,6 @@ use ublk_ploop::{Stack, StackOptions};
 fn open(disk: &Disk) -> Stack {
     let layers = disk.layers(None).unwrap();
     retry_busy(|| block_on(Stack::open_layers(&SyncIo, &layers, &StackOptions::default()))).unwrap().0
-}
-
-/// Another descriptor of the stack's opening of layer `index`.
-fn hold(stack: &Stack, index: usize) -> OwnedFd {
-    let fd = stack.layers()[index].file().fd();
-    // SAFETY: the stack keeps the descriptor open while it is borrowed.
-    unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned().unwrap()
 }
 
 /// A full base, a snapshot with some clusters changed, and a top with
@@ -70,7 +62,7 @@ fn a_lower_merge_hands_the_parent_s_lock_to_the_merged_opening() {
     let dir = TempDir::new("lock-lower-merge");
     let (mut disk, stack, model, [_, snap]) = three_layers(&dir);
     let base = disk.file_path(disk.desc.image(disk.desc.shot(snap).unwrap().parent).unwrap());
-    let held = hold(&stack, 0);
+    let held = hold_layer(&stack, 0);
     block_on(ops::merge(&SyncIo, &stack, &mut disk, Some(snap), &|_, _| {})).expect("a lower merge beside a held descriptor of the parent");
     assert_eq!(stack.depth(), 2);
     assert_reads(&stack, &model, "after the merge");
@@ -88,7 +80,7 @@ fn a_merge_of_the_top_hands_the_lock_to_the_parent_s_file() {
     let dir = TempDir::new("lock-fold");
     let (mut disk, stack, model, [_, snap]) = three_layers(&dir);
     let parent = disk.file_path(disk.desc.image(snap).unwrap());
-    let held = hold(&stack, 1);
+    let held = hold_layer(&stack, 1);
     block_on(ops::merge(&SyncIo, &stack, &mut disk, None, &|_, _| {})).expect("a merge of the top beside a held descriptor of its parent");
     assert_eq!(stack.layers().last().unwrap().file().path, parent, "the parent's file is the top");
     drop(held);

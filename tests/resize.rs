@@ -312,20 +312,12 @@ fn header_reads_of_a_grow() -> u64 {
 /// works on that opening and the top opens again on it, lock held.
 #[test]
 fn an_online_grow_keeps_the_top_s_opening_and_its_lock() {
-    use std::io::{Seek, SeekFrom};
-    use std::os::fd::BorrowedFd;
     let dir = TempDir::new("resize-kept-open");
     let (stack, top, mut model) = base_and_top(&dir);
-    let fd = stack.layers().last().unwrap().file().fd();
-    // SAFETY: the stack keeps the descriptor open while it is borrowed.
-    let mut held = std::fs::File::from(unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned().unwrap());
+    let mut held = common::hold_layer(&stack, 1);
     block_on(stack.grow_top(&SyncIo, 64 << 20)).expect("a grow beside a descriptor of the top's opening");
-    let fd = stack.layers().last().unwrap().file().fd();
-    // SAFETY: as above.
-    let mut reopened = std::fs::File::from(unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned().unwrap());
-    // Descriptors of one opening share its offset (the stack never uses it).
-    held.seek(SeekFrom::Start(4321)).unwrap();
-    assert_eq!(reopened.stream_position().unwrap(), 4321, "the top was opened again on another opening of its file");
+    let mut reopened = common::hold_layer(&stack, 1);
+    assert!(common::same_opening(&mut held, &mut reopened), "the top was opened again on another opening of its file");
     drop((held, reopened));
     model.resize(64 << 20, 0);
     let mut got = AlignedBuf::zeroed(64 << 20);
@@ -381,13 +373,10 @@ fn a_top_that_reopens_on_the_second_try_keeps_the_grow() {
 /// whose lock would wait for it.
 #[test]
 fn a_top_that_reopens_on_the_second_try_keeps_its_opening() {
-    use std::os::fd::BorrowedFd;
     let reads = header_reads_of_a_grow();
     let dir = TempDir::new("resize-reopen-retry-held");
     let (stack, top, mut model) = base_and_top(&dir);
-    let fd = stack.layers().last().unwrap().file().fd();
-    // SAFETY: the stack keeps the descriptor open while it is borrowed.
-    let held = unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned().unwrap();
+    let held = common::hold_layer(&stack, 1);
     let io = Trap::new(Kind::Read).on(&top).at(0).skip(reads - 1).io();
     block_on(stack.grow_top(&io, 64 << 20)).unwrap_or_else(|e| panic!("a grow whose reopen failed once, its opening held: {e}"));
     assert_eq!(io.failed(), 1);

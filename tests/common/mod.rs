@@ -23,6 +23,27 @@ pub const IN_USE: u32 = 0x746F_6E59;
 pub const HEADER_SIZE: u64 = 64;
 
 // ---------------------------------------------------------------------------
+// Openings held across a lock hand-over.
+
+/// Another descriptor of the opening the stack reads layer `index`
+/// through: held across an operation, it keeps that opening and its lock
+/// alive, as the kernel may after the stack dropped it.
+pub fn hold_layer(stack: &ublk_ploop::Stack, index: usize) -> fs::File {
+    use std::os::fd::BorrowedFd;
+    let fd = stack.layers()[index].file().fd();
+    // SAFETY: the stack keeps the descriptor open while it is borrowed.
+    fs::File::from(unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned().unwrap())
+}
+
+/// Whether two descriptors are of one opening: they share its offset (the
+/// stack reads and writes at explicit offsets, so moving it changes nothing).
+pub fn same_opening(a: &mut fs::File, b: &mut fs::File) -> bool {
+    use std::io::{Seek, SeekFrom};
+    a.seek(SeekFrom::Start(4321)).unwrap();
+    b.stream_position().unwrap() == 4321
+}
+
+// ---------------------------------------------------------------------------
 // Scratch directories.
 
 /// A fresh directory under the system temp dir, removed on drop (kept when
