@@ -480,7 +480,7 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
             }
         } else {
             let (old_parent, old_child) = stack.replace_pair(pi, merged.0.clone()).await?;
-            let _ = old_parent.relock(io, false); // shared again (`Layer::unlock`)
+            let _ = old_parent.relock(io, false); // shared: the merged one's lock never waits on it
             drop(layers);
             drop((old_parent, old_child));
             merged.0.relock(io, false)?;

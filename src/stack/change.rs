@@ -418,7 +418,7 @@ impl Stack {
                 .with_top_closed(io, false, |io, file, lower: Vec<Arc<Layer>>| async move {
                     let lower_has = |c: u64| unknown_below || lower.iter().any(|l| l.lookup(c, self.cluster).is_some());
                     let step = compact_step(io, &file, &lower_has, budget).await;
-                    (Some(file), step)
+                    (file, step)
                 })
                 .await?;
             if first {
@@ -461,7 +461,7 @@ impl Stack {
     where
         I: Io,
         F: FnOnce(&'a I, ImageFile, Vec<Arc<Layer>>) -> Fut,
-        Fut: std::future::Future<Output = (Option<ImageFile>, Result<T>)> + 'a,
+        Fut: std::future::Future<Output = (ImageFile, Result<T>)> + 'a,
     {
         let mut shape = self.shape.exclusive().await;
         shape.check_open()?;
@@ -491,10 +491,11 @@ impl Stack {
                 return Err(Error::new(libc::EBUSY, "the top is in use elsewhere in the daemon; try again"));
             }
         };
-        let (mut kept, result) = work(io, top.into_file(), shape.layers.clone()).await;
+        let (file, result) = work(io, top.into_file(), shape.layers.clone()).await;
         // A try that fails drops the file it was given: the next one opens
         // on another descriptor of the kept opening, never by its path.
-        let spare = kept.as_ref().and_then(|f| f.dup());
+        let spare = file.dup();
+        let mut kept = Some(file);
         // A transient failure must not leave the device without its top:
         // try the reopen a few times before giving up.
         let mut tries = 0;

@@ -81,7 +81,7 @@ impl Stack {
             if done.is_ok() {
                 self.size.store(new_size, Ordering::Release);
             }
-            (Some(file), done)
+            (file, done)
         })
         .await
     }

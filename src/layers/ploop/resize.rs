@@ -77,7 +77,7 @@ pub async fn resize_locked<I: Io>(io: &I, file: &ImageFile, new_size: u64, apply
 /// The same on a file the caller opened read-write and holds the lock of
 /// (a merge growing a parent that is smaller than its child); a dropped
 /// change record's clusters stay as leaked space.
-pub async fn resize_file<I: Io>(io: &I, file: &crate::io::ImageFile, new_size: u64, apply: bool) -> Result<Resized> {
+pub async fn resize_file<I: Io>(io: &I, file: &ImageFile, new_size: u64, apply: bool) -> Result<Resized> {
     let name = file.path.display().to_string();
     let fd = file.fd();
     let read = load::read_header(io, fd, &name).await.map_err(|e| e.context(&name))?;
@@ -223,7 +223,7 @@ pub async fn resize_raw<I: Io>(io: &I, path: &Path, new_size: u64, apply: bool) 
 
 /// The same on a raw file already open for writing (its lock held by the
 /// caller): extended, never shrunk, and synced before it returns.
-pub async fn resize_raw_file<I: Io>(io: &I, file: &crate::io::ImageFile, new_size: u64, apply: bool) -> Result<Resized> {
+pub async fn resize_raw_file<I: Io>(io: &I, file: &ImageFile, new_size: u64, apply: bool) -> Result<Resized> {
     let name = file.path.display().to_string();
     let old_size = load::file_len(io, file.fd(), &name)?;
     if new_size == 0 || new_size % SECTOR != 0 {
