@@ -1,9 +1,9 @@
 //! Online merges hand an image's lock from the stack's old opening of it to
-//! a new one. The kernel may keep a dropped opening, and its lock, alive
-//! for seconds while io_uring requests that used it are put away (seen in
-//! the VM: a compaction after a daemon restart could not open its top
-//! again). So the old opening lets go of what the new one asks for before
-//! it is dropped. Each test holds a duplicate of the old opening's
+//! a new one. The kernel keeps a dropped opening, and its lock, alive until
+//! the last io_uring request that used it is put away, which may wait for
+//! the ring's thread to enter the ring again (seen in the VM: a compaction
+//! after a daemon restart could not open its top again). So the old
+//! opening lets go of what the new one asks for before it is dropped. Each test holds a duplicate of the old opening's
 //! descriptor across the merge, as the kernel does.
 
 mod common;

@@ -19,13 +19,28 @@ use super::{FixedBuf, Io};
 /// the future yields the CQE's result (bytes moved, or -errno).
 pub trait Submit {
     fn submit(&self, sqe: squeue::Entry) -> impl Future<Output = i32>;
+    /// Run the ring's deferred task work now, waiting for nothing. With
+    /// deferred task work (`ring_setup`) a finished request is sometimes
+    /// put away, its file reference with it, only when this thread next
+    /// enters the ring for events: an fdatasync's io-wq worker that lets
+    /// go of the request after we took its completion leaves the last put
+    /// to us. Until then a closed image stays open in the kernel, and so
+    /// does its lock, however long a lock retry sleeps.
+    fn run_task_work(&self) {}
 }
 
 impl<S: Submit + ?Sized> Submit for &S {
     fn submit(&self, sqe: squeue::Entry) -> impl Future<Output = i32> {
         (**self).submit(sqe)
     }
+    fn run_task_work(&self) {
+        (**self).run_task_work()
+    }
 }
+
+/// io_uring_enter's flag that asks for completions (and so runs deferred
+/// task work); with none wanted it returns at once.
+pub const ENTER_GETEVENTS: u32 = 1;
 
 /// The engine's I/O as SQEs on `S`.
 pub struct RingIo<S> {
@@ -149,6 +164,14 @@ impl Drop for InFlight {
 }
 
 impl<S: Submit> Io for RingIo<S> {
+    fn sleep_blocking(&self, d: std::time::Duration) {
+        // Whatever this thread's ring still holds of a closed file goes
+        // first, then again after the wait (a worker may let go meanwhile).
+        self.ring.run_task_work();
+        std::thread::sleep(d);
+        self.ring.run_task_work();
+    }
+
     async fn read_at(&self, fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<()> {
         if is_aligned(buf, MEM_ALIGN) {
             return self.read_aligned(fd, buf, offset).await;

@@ -326,8 +326,9 @@ impl Layer {
 
     /// Let go of this opening's lock before it is dropped for good, so that
     /// another opening of the file can take the lock at once: the kernel
-    /// may keep a dropped opening, and its lock, alive for seconds while
-    /// io_uring requests that used it are put away.
+    /// keeps a dropped opening, and its lock, alive until the last io_uring
+    /// request that used it is put away, which may wait for the ring's
+    /// thread (see `Submit::run_task_work`).
     pub fn unlock<I: Io + ?Sized>(&self, io: &I) {
         let _ = io.flock(self.file().fd(), crate::io::LockHow::Unlock);
     }
@@ -531,8 +532,9 @@ pub(crate) fn flock_waiting<I: Io + ?Sized>(io: &I, fd: std::os::fd::RawFd, excl
 /// lock dies with the descriptor, even on kill -9.
 /// A holder that lets go within a moment is waited for: a process forked
 /// by another thread holds our descriptors (and so our locks) until it
-/// execs. (A top closed to be grown or compacted keeps its own opening
-/// instead: the kernel may hold a closed one's lock for seconds.)
+/// execs, and a closed opening of our own until this thread's ring has put
+/// away the requests that used it (the waits run the ring's deferred work).
+/// (A top closed to be grown or compacted keeps its own opening instead.)
 pub(crate) fn lock<I: Io + ?Sized>(io: &I, file: &ImageFile, exclusive: bool) -> Result<()> {
     if let Err(err) = flock_waiting(io, file.fd(), exclusive) {
         return Err(Error::new(

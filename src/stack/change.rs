@@ -453,9 +453,10 @@ impl Stack {
     /// clean, still locked) and the layers below the top, and hands it
     /// back; the top opens again on it, so its lock is never let go: no
     /// other process can take the image meanwhile, and no new opening has
-    /// to wait for the kernel to drop the lock of a closed one (io_uring
-    /// requests that used a file may keep it open for seconds after our
-    /// close returned: a compaction after a daemon restart failed on it).
+    /// to wait for the kernel to drop the lock of a closed one (an io_uring
+    /// request that used a file may keep it open after our close returned,
+    /// until the ring's thread enters the ring again: a compaction after a
+    /// daemon restart failed on it).
     /// Only a simulated file is opened by its path again after a failed try.
     pub(super) async fn with_top_closed<'a, I, T, F, Fut>(&'a self, io: &'a I, no_trackers: bool, work: F) -> Result<T>
     where
