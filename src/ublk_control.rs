@@ -240,16 +240,43 @@ pub fn delete(id: u32, force: bool) -> Result<()> {
 
 fn wait_for_exit(pid: i32, limit: Duration) {
     let start = Instant::now();
-    while alive(pid) && start.elapsed() < limit {
+    while proc_state(pid) >= ProcState::Exiting && start.elapsed() < limit {
         // A zombie child of ours would linger; reap it if it is one.
         let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), Some(nix::sys::wait::WaitPidFlag::WNOHANG));
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
-/// The process exists (signal 0 only checks).
-fn alive(pid: i32) -> bool {
-    nix::sys::signal::kill(Pid::from_raw(pid), None).is_ok()
+/// Where a process is on its way out, in order.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum ProcState {
+    /// Reaped, or a zombie: its files (the ublk device among them) are closed.
+    Gone,
+    /// Killed and exiting: it serves nothing any more, though its files
+    /// may still be open for a moment.
+    Exiting,
+    Running,
+}
+
+/// A daemon killed a moment ago is still "alive" to signal 0 until it is
+/// reaped, and its parent may never reap it; /proc tells a zombie (state Z
+/// or X) and an exiting process (PF_EXITING among the flags) apart.
+fn proc_state(pid: i32) -> ProcState {
+    const PF_EXITING: u64 = 0x4;
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return match nix::sys::signal::kill(Pid::from_raw(pid), None) {
+            Ok(()) => ProcState::Running,
+            Err(_) => ProcState::Gone,
+        };
+    };
+    // After the command name (which may hold anything): state, then the
+    // flags as the seventh field.
+    let rest: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+    match (rest.first().copied(), rest.get(6).and_then(|f| f.parse::<u64>().ok())) {
+        (Some("Z" | "X" | "x"), _) => ProcState::Gone,
+        (_, Some(flags)) if flags & PF_EXITING != 0 => ProcState::Exiting,
+        _ => ProcState::Running,
+    }
 }
 
 /// The stored configuration of an existing device, for `recover` (what
@@ -277,7 +304,7 @@ pub fn wait_quiesced(id: u32, limit: Duration) -> Result<()> {
         }
         match info.state as u32 {
             sys::UBLK_S_DEV_QUIESCED => return Ok(()),
-            sys::UBLK_S_DEV_LIVE if info.ublksrv_pid > 0 && alive(info.ublksrv_pid) => {
+            sys::UBLK_S_DEV_LIVE if info.ublksrv_pid > 0 && proc_state(info.ublksrv_pid) == ProcState::Running => {
                 return Err(Error::new(libc::EBUSY, format!("device {id} is live, served by pid {}", info.ublksrv_pid)))
             }
             _ if start.elapsed() > limit => {
@@ -288,5 +315,29 @@ pub fn wait_quiesced(id: u32, limit: Duration) -> Result<()> {
             }
             _ => std::thread::sleep(Duration::from_millis(100)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_zombie_daemon_counts_as_gone_and_a_running_one_as_running() {
+        let mut running = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let mut zombie = std::process::Command::new("true").spawn().unwrap();
+        let zpid = zombie.id() as i32;
+        let start = Instant::now();
+        // Not reaped: it stays a zombie (signal 0 still finds it).
+        while proc_state(zpid) != ProcState::Gone && start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(nix::sys::signal::kill(Pid::from_raw(zpid), None).is_ok(), "the zombie was reaped");
+        assert_eq!(proc_state(zpid), ProcState::Gone);
+        assert_eq!(proc_state(running.id() as i32), ProcState::Running);
+        running.kill().unwrap();
+        running.wait().unwrap();
+        zombie.wait().unwrap();
+        assert_eq!(proc_state(zpid), ProcState::Gone);
     }
 }
