@@ -92,7 +92,7 @@ impl Submit for QueueRing<'_> {
     }
     fn run_task_work(&self) {
         // SAFETY: nothing is submitted and no argument is passed.
-        let _ = libublk::io::with_task_io_ring_mut(|r| unsafe { r.submitter().enter::<libc::sigset_t>(0, 0, ENTER_GETEVENTS, None) });
+        let _ = libublk::io::with_task_io_ring(|r| unsafe { r.submitter().enter::<libc::sigset_t>(0, 0, ENTER_GETEVENTS, None) });
     }
 }
 
