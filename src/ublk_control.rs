@@ -240,9 +240,12 @@ pub fn delete(id: u32, force: bool) -> Result<()> {
 
 fn wait_for_exit(pid: i32, limit: Duration) {
     let start = Instant::now();
-    while proc_state(pid) >= ProcState::Exiting && start.elapsed() < limit {
+    loop {
         // A zombie child of ours would linger; reap it if it is one.
         let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+        if proc_state(pid) == ProcState::Gone || start.elapsed() >= limit {
+            return;
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -262,15 +265,19 @@ enum ProcState {
 /// reaped, and its parent may never reap it; /proc tells a zombie (state Z
 /// or X) and an exiting process (PF_EXITING among the flags) apart.
 fn proc_state(pid: i32) -> ProcState {
-    const PF_EXITING: u64 = 0x4;
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return match nix::sys::signal::kill(Pid::from_raw(pid), None) {
+    match std::fs::read(format!("/proc/{pid}/stat")) {
+        Ok(stat) => parse_proc_stat(&String::from_utf8_lossy(&stat)),
+        Err(_) => match nix::sys::signal::kill(Pid::from_raw(pid), None) {
             Ok(()) => ProcState::Running,
             Err(_) => ProcState::Gone,
-        };
-    };
-    // After the command name (which may hold anything): state, then the
-    // flags as the seventh field.
+        },
+    }
+}
+
+fn parse_proc_stat(stat: &str) -> ProcState {
+    const PF_EXITING: u64 = 0x4;
+    // After the command name (which may hold anything, ")" too): the
+    // state, then the flags as the seventh field.
     let rest: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
     match (rest.first().copied(), rest.get(6).and_then(|f| f.parse::<u64>().ok())) {
         (Some("Z" | "X" | "x"), _) => ProcState::Gone,
@@ -294,7 +301,11 @@ pub fn stored_config<T: serde::de::DeserializeOwned>(id: u32) -> Result<T> {
 }
 
 /// Wait (briefly) until a device whose daemon died is ready for recovery.
+/// A daemon still running after a moment serves the device: refused.
 pub fn wait_quiesced(id: u32, limit: Duration) -> Result<()> {
+    // A process sent SIGKILL a moment ago shows no sign of it until its
+    // thread runs again (under load, or while it dumps core).
+    const KILL_GRACE: Duration = Duration::from_secs(1);
     let start = Instant::now();
     loop {
         let ctrl = open_ctrl(id).ok_or_else(|| Error::new(libc::ENODEV, format!("no ublk device {id}")))?;
@@ -304,7 +315,9 @@ pub fn wait_quiesced(id: u32, limit: Duration) -> Result<()> {
         }
         match info.state as u32 {
             sys::UBLK_S_DEV_QUIESCED => return Ok(()),
-            sys::UBLK_S_DEV_LIVE if info.ublksrv_pid > 0 && proc_state(info.ublksrv_pid) == ProcState::Running => {
+            sys::UBLK_S_DEV_LIVE
+                if info.ublksrv_pid > 0 && proc_state(info.ublksrv_pid) == ProcState::Running && start.elapsed() >= KILL_GRACE =>
+            {
                 return Err(Error::new(libc::EBUSY, format!("device {id} is live, served by pid {}", info.ublksrv_pid)))
             }
             _ if start.elapsed() > limit => {
@@ -339,5 +352,18 @@ mod tests {
         running.wait().unwrap();
         zombie.wait().unwrap();
         assert_eq!(proc_state(zpid), ProcState::Gone);
+    }
+
+    #[test]
+    fn proc_stat_lines_read_state_and_exiting_flag_after_the_name() {
+        let line = |name: &str, state: &str, flags: u64| format!("4242 ({name}) {state} 1 4242 4242 0 -1 {flags} 120 0 0 0 5 3 0 0 20 0 3 0 99 0\n");
+        assert_eq!(parse_proc_stat(&line("ublk-ploop", "S", 0x400040)), ProcState::Running);
+        assert_eq!(parse_proc_stat(&line("ublk-ploop", "D", 0x400044)), ProcState::Exiting);
+        assert_eq!(parse_proc_stat(&line("ublk-ploop", "Z", 0x400044)), ProcState::Gone);
+        assert_eq!(parse_proc_stat(&line("ublk-ploop", "X", 0)), ProcState::Gone);
+        // A name made to look like a zombie's line, and one with spaces.
+        assert_eq!(parse_proc_stat(&line("a) Z (b", "R", 0x400040)), ProcState::Running);
+        assert_eq!(parse_proc_stat(&line("x y) D 1 2 3 4 5 4", "S", 0x40)), ProcState::Running);
+        assert_eq!(parse_proc_stat("garbage"), ProcState::Running);
     }
 }
