@@ -227,10 +227,20 @@ scenario_kill_recover() {
 	"$BIN" list
 	"$BIN" recover -n "$id"
 	wait "$fio_pid" || { cat "$SCRATCH/fio-kill.out"; die "fio write phase failed across recovery"; }
-	fio --name=kill --filename="$dev" --ioengine=io_uring --direct=1 --rw=randwrite --bs=16k \
-		--iodepth=16 --size=128M --verify=crc32c --verify_only=1 --verify_fatal=1 --randrepeat=1 --randseed=42 --verify_state_save=0 \
-		--output="$SCRATCH/fio-verify.out" || { cat "$SCRATCH/fio-verify.out"; die "fio verify after recovery"; }
+	kill_verify() {
+		fio --name=kill --filename="$dev" --ioengine=io_uring --direct=1 --rw=randwrite --bs=16k \
+			--iodepth=16 --size=128M --verify=crc32c --verify_only=1 --verify_fatal=1 --randrepeat=1 --randseed=42 --verify_state_save=0 \
+			--output="$SCRATCH/fio-verify.out" || { cat "$SCRATCH/fio-verify.out"; die "fio verify after recovery ($1)"; }
+	}
+	kill_verify "after a pause"
 	grep -E "err=|verify" "$SCRATCH/fio-verify.out" | head -3 || true
+	# Again with no pause: recover waits for the dying daemon (exiting, or
+	# a zombie not yet reaped) instead of calling the device live.
+	pid=$(daemon_pid "$id")
+	[ -n "$pid" ] || die "no daemon pid after recovery"
+	kill -9 "$pid"
+	"$BIN" recover -n "$id" || die "recover right after kill -9 refused"
+	kill_verify "at once"
 	"$BIN" del -n "$id"
 	"$BIN" check "$img"
 	qemu_check "$img"
