@@ -18,7 +18,7 @@ use libublk::{sys, UblkError};
 use serde::Serialize;
 
 use ublk_ploop::io::wait::{set_thread_kick, Kick};
-use ublk_ploop::io::{ring_setup, FixedBuf, RingIo, Submit, ENTER_GETEVENTS};
+use ublk_ploop::io::{ring_setup, FixedBuf, RingIo, Submit};
 use ublk_ploop::Stack;
 
 use crate::ublk_control::MAX_IO_BYTES;
@@ -91,8 +91,7 @@ impl Submit for QueueRing<'_> {
         self.q.ublk_submit_sqe(sqe)
     }
     fn run_task_work(&self) {
-        // SAFETY: nothing is submitted and no argument is passed.
-        let _ = libublk::io::with_task_io_ring(|r| unsafe { r.submitter().enter::<libc::sigset_t>(0, 0, ENTER_GETEVENTS, None) });
+        libublk::io::with_task_io_ring(|r| ring_setup::run_task_work(r));
     }
 }
 

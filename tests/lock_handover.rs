@@ -3,8 +3,9 @@
 //! the last io_uring request that used it is put away, which may wait for
 //! the ring's thread to enter the ring again (seen in the VM: a compaction
 //! after a daemon restart could not open its top again). So the old
-//! opening lets go of what the new one asks for before it is dropped. Each test holds a duplicate of the old opening's
-//! descriptor across the merge, as the kernel does.
+//! opening lets go of what the new one asks for before it is dropped. Each
+//! test holds a duplicate of the old opening's descriptor across the
+//! merge, as the kernel does.
 
 mod common;
 

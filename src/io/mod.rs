@@ -23,7 +23,7 @@ pub mod wait;
 pub use aligned::{AlignedBuf, BufPool};
 pub use file::{is_hole, open_image_file, open_image_file_in, open_named, Direct, FileKind, FileStat, Handle, ImageFile, LockHow, OpenHow};
 pub use own_ring::OwnRing;
-pub use ring::{RingIo, Submit, ENTER_GETEVENTS};
+pub use ring::{RingIo, Submit};
 pub use sync::SyncIo;
 
 /// Run a future to completion on this thread, parking it while the future
@@ -161,7 +161,7 @@ pub trait Io {
         std::time::Instant::now()
     }
     /// Wait without yielding (a lock retry loop in synchronous code). On a
-    /// ring, the ring's deferred work runs around the wait: it may be what
+    /// ring, the ring's deferred work runs after the wait: it may be what
     /// still holds the lock (see `Submit::run_task_work`).
     fn sleep_blocking(&self, d: std::time::Duration) {
         std::thread::sleep(d)

@@ -13,7 +13,7 @@ use std::task::{Context, Poll, Wake, Waker};
 
 use io_uring::{opcode, squeue, types, IoUring};
 
-use super::ring::{RingIo, Submit, ENTER_GETEVENTS};
+use super::ring::{RingIo, Submit};
 use super::wait::{set_thread_kick, Kick};
 
 /// user_data of the kick poll; operations use their slot index.
@@ -222,11 +222,7 @@ impl Submit for OwnRing {
     }
     fn run_task_work(&self) {
         if let Ok(ring) = self.ring.try_borrow() {
-            // A kernel runs a bounded batch of it per enter (20 since 6.13).
-            for _ in 0..4 {
-                // SAFETY: nothing is submitted and no argument is passed.
-                let _ = unsafe { ring.submitter().enter::<libc::sigset_t>(0, 0, ENTER_GETEVENTS, None) };
-            }
+            super::ring_setup::run_task_work(&ring);
         }
     }
 }

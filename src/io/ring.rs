@@ -38,10 +38,6 @@ impl<S: Submit + ?Sized> Submit for &S {
     }
 }
 
-/// io_uring_enter's flag that asks for completions (and so runs deferred
-/// task work); with none wanted it returns at once.
-pub const ENTER_GETEVENTS: u32 = 1;
-
 /// The engine's I/O as SQEs on `S`.
 pub struct RingIo<S> {
     ring: S,
@@ -165,9 +161,8 @@ impl Drop for InFlight {
 
 impl<S: Submit> Io for RingIo<S> {
     fn sleep_blocking(&self, d: std::time::Duration) {
-        // Whatever this thread's ring still holds of a closed file goes
-        // first, then again after the wait (a worker may let go meanwhile).
-        self.ring.run_task_work();
+        // Before the caller tries again, whatever this thread's ring still
+        // holds of a closed file is let go.
         std::thread::sleep(d);
         self.ring.run_task_work();
     }
