@@ -91,7 +91,7 @@ impl Submit for QueueRing<'_> {
         self.q.ublk_submit_sqe(sqe)
     }
     fn run_task_work(&self) {
-        libublk::io::with_task_io_ring(|r| ring_setup::run_task_work(r));
+        libublk::io::with_task_io_ring(ring_setup::run_task_work);
     }
 }
 
