@@ -5,6 +5,8 @@
 
 use std::time::{Duration, Instant};
 
+use ublk_ploop::io::Io;
+
 /// An average speed limit from the first step on.
 pub struct Pace {
     started: Instant,
@@ -24,11 +26,14 @@ impl Pace {
         due.saturating_sub(self.started.elapsed())
     }
 
-    /// Sleep until `bytes` in all are within the limit.
-    pub fn wait(&self, bytes: u64) {
+    /// Sleep until `bytes` in all are within the limit. The sleep is the
+    /// job's ring's (`Io::sleep_blocking`): a thread asleep outside its
+    /// ring would keep what the ring still holds of files closed meanwhile
+    /// (their locks among it) until its next step.
+    pub fn wait(&self, io: &impl Io, bytes: u64) {
         let d = self.delay(bytes);
         if !d.is_zero() {
-            std::thread::sleep(d);
+            io.sleep_blocking(d);
         }
     }
 }
@@ -36,6 +41,7 @@ impl Pace {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ublk_ploop::io::SyncIo;
 
     #[test]
     fn no_limit_never_waits() {
@@ -50,5 +56,44 @@ mod tests {
         let d = pace.delay(8 << 20);
         assert!(d > Duration::from_millis(1900) && d <= Duration::from_secs(2), "{d:?}");
         assert_eq!(pace.delay(0), Duration::ZERO);
+    }
+
+    /// SyncIo's operations; its waits are counted.
+    struct CountsWaits(std::cell::Cell<u32>);
+    impl Io for CountsWaits {
+        async fn read_at(&self, fd: i32, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            SyncIo.read_at(fd, buf, offset).await
+        }
+        async fn write_at(&self, fd: i32, buf: &[u8], offset: u64) -> std::io::Result<()> {
+            SyncIo.write_at(fd, buf, offset).await
+        }
+        async fn sync_data(&self, fd: i32) -> std::io::Result<()> {
+            SyncIo.sync_data(fd).await
+        }
+        async fn allocate(&self, fd: i32, offset: u64, len: u64) -> std::io::Result<()> {
+            SyncIo.allocate(fd, offset, len).await
+        }
+        async fn punch_hole(&self, fd: i32, offset: u64, len: u64) -> std::io::Result<()> {
+            SyncIo.punch_hole(fd, offset, len).await
+        }
+        async fn set_len(&self, fd: i32, len: u64) -> std::io::Result<()> {
+            SyncIo.set_len(fd, len).await
+        }
+        fn sleep_blocking(&self, d: Duration) {
+            self.0.set(self.0.get() + 1);
+            std::thread::sleep(d);
+        }
+    }
+
+    #[test]
+    fn a_paced_job_waits_as_its_ring_does() {
+        // A job's ring lets go of closed files only when its thread enters
+        // it: the pause between steps must be the ring's wait.
+        let io = CountsWaits(std::cell::Cell::new(0));
+        let pace = Pace::new(Some(1 << 30));
+        pace.wait(&io, 0);
+        assert_eq!(io.0.get(), 0, "no wait is due at the start");
+        pace.wait(&io, 16 << 20);
+        assert_eq!(io.0.get(), 1, "the due wait did not go through the ring's wait");
     }
 }

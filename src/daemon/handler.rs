@@ -85,7 +85,7 @@ impl Handler for DaemonHandler {
                         let pace = crate::pace::Pace::new(speed);
                         let c = ring.block_on(stack.compact(&ring.io(), step, &|d, t| {
                             progress(None, d, t);
-                            pace.wait(d * cluster);
+                            pace.wait(&ring.io(), d * cluster);
                         }))?;
                         Ok(JobResult::Compacted(c).into())
                     }),
