@@ -223,8 +223,12 @@ pub fn delete(id: u32, force: bool) -> Result<()> {
         }
     }
     let pid = ctrl.dev_info().ublksrv_pid;
+    // A daemon that died long ago left its pid behind, and another
+    // process may have it now: waiting for that one to exit would wait
+    // out the limit for nothing.
+    let serving = pid > 0 && holds_char_device(pid, id) != Some(false);
     let _ = ctrl.kill_dev();
-    if pid > 0 {
+    if serving {
         wait_for_exit(pid, Duration::from_secs(60));
     }
     if open_ctrl(id).is_none() {
@@ -248,6 +252,23 @@ fn wait_for_exit(pid: i32, limit: Duration) {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Whether process `pid` holds device `id`'s char device open, as its
+/// daemon does until it exits; None when its files cannot be read (not
+/// ours to see, or gone meanwhile).
+fn holds_char_device(pid: i32, id: u32) -> Option<bool> {
+    holds_open(pid, std::path::Path::new(&format!("/dev/ublkc{id}")))
+}
+
+/// Compared by what the files are, not by name: a daemon in another
+/// mount namespace may know the node by another path.
+fn holds_open(pid: i32, path: &std::path::Path) -> Option<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let same = |m: &std::fs::Metadata, n: &std::fs::Metadata| if m.rdev() != 0 { m.rdev() == n.rdev() } else { (m.dev(), m.ino()) == (n.dev(), n.ino()) };
+    let want = std::fs::metadata(path).ok()?;
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    Some(fds.flatten().any(|fd| std::fs::metadata(fd.path()).is_ok_and(|m| same(&want, &m))))
 }
 
 /// Where a process is on its way out, in order.
@@ -316,7 +337,10 @@ pub fn wait_quiesced(id: u32, limit: Duration) -> Result<()> {
         match info.state as u32 {
             sys::UBLK_S_DEV_QUIESCED => return Ok(()),
             sys::UBLK_S_DEV_LIVE
-                if info.ublksrv_pid > 0 && proc_state(info.ublksrv_pid) == ProcState::Running && start.elapsed() >= KILL_GRACE =>
+                if info.ublksrv_pid > 0
+                    && proc_state(info.ublksrv_pid) == ProcState::Running
+                    && holds_char_device(info.ublksrv_pid, id) != Some(false)
+                    && start.elapsed() >= KILL_GRACE =>
             {
                 return Err(Error::new(libc::EBUSY, format!("device {id} is live, served by pid {}", info.ublksrv_pid)))
             }
@@ -352,6 +376,24 @@ mod tests {
         running.wait().unwrap();
         zombie.wait().unwrap();
         assert_eq!(proc_state(zpid), ProcState::Gone);
+    }
+
+    #[test]
+    fn a_process_is_known_by_the_files_it_holds_open() {
+        // `del` waits only for a pid that holds the device's char device:
+        // another process may have a dead daemon's pid by now.
+        let dir = tempfile::tempdir().unwrap();
+        let (held, other) = (dir.path().join("held"), dir.path().join("other"));
+        std::fs::write(&held, b"").unwrap();
+        std::fs::write(&other, b"").unwrap();
+        let mut child = std::process::Command::new("sleep").arg("30").stdin(std::fs::File::open(&held).unwrap()).spawn().unwrap();
+        let pid = child.id() as i32;
+        assert_eq!(holds_open(pid, &held), Some(true));
+        assert_eq!(holds_open(pid, &other), Some(false));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(holds_open(pid, &held), None, "a reaped process has no files to read");
+        assert_eq!(holds_char_device(pid, 0), None);
     }
 
     #[test]
