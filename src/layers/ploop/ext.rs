@@ -26,9 +26,15 @@ pub const FLAG_NECESSARY: u64 = 1;
 pub const FLAG_TRANSIT: u64 = 2;
 const RECORD_HEADER: usize = 24;
 const BITMAP_HEADER: usize = 32;
-/// A bitmap finer than this many bits is refused (memory is bounded by the
-/// disk and a sane granularity, whatever a file claims).
+/// Bits of all the dirty bitmaps of one extension together: more are
+/// refused, so memory is bounded whatever a file claims (256 MiB; a
+/// 50 TiB disk at ploop's default 64 KiB granularity needs 100 MiB).
 pub const MAX_BITMAP_BITS: u64 = 1 << 31;
+/// Dirty bitmap records in one extension: ploop writes one (a disk has one
+/// changed-block record), qemu one per bitmap it keeps. A record costs a
+/// read of its bitmap's clusters, so a cluster packed with records that
+/// all name the same clusters must not cost thousands of reads.
+pub const MAX_BITMAPS: usize = 8;
 
 /// A dirty bitmap: which `granularity`-byte blocks of the disk changed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -74,6 +80,11 @@ fn check_cluster(h: &Header, at: u64, file_len: u64, what: &str) -> Result<()> {
 
 /// Read the extension the header points at.
 pub async fn read<I: Io>(io: &I, fd: std::os::fd::RawFd, h: &Header, file_len: u64) -> Result<Extension> {
+    read_within(io, fd, h, file_len, MAX_BITMAP_BITS).await
+}
+
+/// `read`, with at most `max_bits` bits of bitmaps in all.
+async fn read_within<I: Io>(io: &I, fd: std::os::fd::RawFd, h: &Header, file_len: u64, max_bits: u64) -> Result<Extension> {
     let cluster = h.cluster_bytes();
     let at = h.ext_off_sectors.checked_mul(SECTOR).ok_or_else(|| bad("offset overflows"))?;
     check_cluster(h, at, file_len, "the extension cluster")?;
@@ -87,6 +98,7 @@ pub async fn read<I: Io>(io: &I, fd: std::os::fd::RawFd, h: &Header, file_len: u
         return Err(bad("checksum mismatch"));
     }
     let mut ext = Extension { clusters: vec![at], ..Default::default() };
+    let mut bits_left = max_bits;
     let mut pos = 24usize;
     loop {
         if pos + RECORD_HEADER > block.len() {
@@ -102,7 +114,11 @@ pub async fn read<I: Io>(io: &I, fd: std::os::fd::RawFd, h: &Header, file_len: u
         }
         match magic {
             DIRTY_BITMAP_MAGIC => {
-                let (bm, clusters) = read_bitmap(io, fd, h, file_len, &block[data..data + size]).await?;
+                if ext.bitmaps.len() == MAX_BITMAPS {
+                    return Err(Error::unsupported(format!("format extension: more than {MAX_BITMAPS} dirty bitmaps")));
+                }
+                let (bm, clusters) = read_bitmap(io, fd, h, file_len, &block[data..data + size], bits_left).await?;
+                bits_left -= bm.bits.len() as u64;
                 ext.bitmaps.push(bm);
                 ext.clusters.extend(clusters);
             }
@@ -116,7 +132,7 @@ pub async fn read<I: Io>(io: &I, fd: std::os::fd::RawFd, h: &Header, file_len: u
     Ok(ext)
 }
 
-async fn read_bitmap<I: Io>(io: &I, fd: std::os::fd::RawFd, h: &Header, file_len: u64, d: &[u8]) -> Result<(DirtyBitmap, Vec<u64>)> {
+async fn read_bitmap<I: Io>(io: &I, fd: std::os::fd::RawFd, h: &Header, file_len: u64, d: &[u8], max_bits: u64) -> Result<(DirtyBitmap, Vec<u64>)> {
     if d.len() < BITMAP_HEADER {
         return Err(bad("dirty bitmap record too short"));
     }
@@ -131,8 +147,10 @@ async fn read_bitmap<I: Io>(io: &I, fd: std::os::fd::RawFd, h: &Header, file_len
         return Err(bad(format!("dirty bitmap granularity {gran_sectors} is not a power of two")));
     }
     let nbits = size_sectors.div_ceil(gran_sectors);
-    if nbits > MAX_BITMAP_BITS {
-        return Err(Error::unsupported(format!("format extension: a dirty bitmap of {nbits} bits is finer than supported")));
+    if nbits > max_bits {
+        return Err(Error::unsupported(format!(
+            "format extension: a dirty bitmap of {nbits} bits is more than supported ({max_bits} bits left of {MAX_BITMAP_BITS} for all)"
+        )));
     }
     let cluster = h.cluster_bytes();
     let bytes = nbits.div_ceil(8);
@@ -160,9 +178,12 @@ async fn read_bitmap<I: Io>(io: &I, fd: std::os::fd::RawFd, h: &Header, file_len
         }
     }
     // LSB first within each byte (ploop's 32-bit little-endian words read
-    // the same way).
-    let mut bits = BitVec::with_capacity(nbits as usize);
-    bits.extend((0..nbits as usize).map(|i| raw[i / 8] & (1 << (i % 8)) != 0));
+    // the same way), which is bit i of the little-endian words BitVec
+    // stores: taken a word at a time (the chunks are whole sectors).
+    let words: Vec<usize> = raw.chunks_exact(std::mem::size_of::<usize>()).map(|w| usize::from_le_bytes(w.try_into().unwrap())).collect();
+    drop(raw);
+    let mut bits: BitVec = BitVec::from_vec(words);
+    bits.truncate(nbits as usize);
     Ok((DirtyBitmap { id, granularity: gran_sectors * SECTOR, bits }, clusters))
 }
 
@@ -233,7 +254,7 @@ mod tests {
     fn encodes_and_reads_back() {
         let h = Header::new(8 << 20, 64 << 10).unwrap();
         let mut bits = BitVec::repeat(false, (8 << 20) / 4096);
-        for i in [0, 7, 8, 1000, 2047] {
+        for i in [0, 7, 8, 63, 64, 1000, 2047] {
             bits.set(i, true);
         }
         let bm = DirtyBitmap { id: [7; 16], granularity: 4096, bits };
@@ -264,5 +285,38 @@ mod tests {
         assert!(block_on(read(&SyncIo, f.as_raw_fd(), &hh, file.len() as u64)).is_err());
         assert!(block_on(read(&SyncIo, f.as_raw_fd(), &hh, ext_at)).is_err(), "past the end of the file");
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Read an extension of `bitmaps` (written after the header's data
+    /// offset) with at most `max_bits` bits in all.
+    fn read_back(h: &Header, bitmaps: &[DirtyBitmap], max_bits: u64) -> Result<Extension> {
+        let data_off = h.data_off_bytes();
+        let (bytes, ext_at) = encode(h, bitmaps, data_off).unwrap();
+        let mut file = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut file, &vec![0u8; data_off as usize]).unwrap();
+        std::io::Write::write_all(&mut file, &bytes).unwrap();
+        let mut h = h.clone();
+        h.ext_off_sectors = ext_at / 512;
+        block_on(read_within(&SyncIo, file.as_raw_fd(), &h, data_off + bytes.len() as u64, max_bits))
+    }
+
+    #[test]
+    fn bitmaps_are_bounded_in_number_and_in_bits_together() {
+        // A cluster packed with records, each as large as the disk allows,
+        // must not cost memory or reads without end.
+        let h = Header::new(8 << 20, 64 << 10).unwrap();
+        let mut bits = BitVec::repeat(false, (8 << 20) / 4096);
+        bits.set(5, true);
+        let bm = DirtyBitmap { id: [1; 16], granularity: 4096, bits };
+        let n = bm.bits.len() as u64;
+        let two = [bm.clone(), bm.clone()];
+        assert_eq!(read_back(&h, &two, 2 * n).unwrap().bitmaps.len(), 2);
+        let e = read_back(&h, &two, 2 * n - 1).unwrap_err();
+        assert!(e.to_string().contains("more than supported"), "{e}");
+        let many = vec![bm.clone(); MAX_BITMAPS];
+        assert_eq!(read_back(&h, &many, MAX_BITMAP_BITS).unwrap().bitmaps, many);
+        let too_many = vec![bm; MAX_BITMAPS + 1];
+        let e = read_back(&h, &too_many, MAX_BITMAP_BITS).unwrap_err();
+        assert!(e.to_string().contains("more than 8 dirty bitmaps"), "{e}");
     }
 }
