@@ -1077,6 +1077,36 @@ fn a_snapshot_whose_descriptor_sync_fails_after_the_rename_puts_the_old_descript
 }
 
 #[test]
+fn a_new_disk_keeps_its_file_once_its_descriptor_is_in_place() {
+    // `init` and `clone`: when storing the first descriptor fails before
+    // its rename, nothing names the new file and it goes; when only the
+    // directory's sync after the rename fails, the descriptor naming it is
+    // there (and may survive a crash), so the file must stay.
+    let g = Geometry { cluster: 64 << 10, clusters: 8, stripe: 16 << 10 };
+    let dir = TempDir::new("diskops-new-disk");
+    let io = Trap::new(Kind::Rename).io();
+    let e = block_on(Disk::init(&io, &dir.join("a"), g.size(), g.cluster)).expect_err("init succeeded although its rename failed");
+    assert_eq!(io.failed(), 1, "the trap did not fire ({e})");
+    assert!(files_in(&dir.join("a")).is_empty(), "after {e}: files left behind: {:?}", files_in(&dir.join("a")));
+    let io = Trap::new(Kind::SyncDir).after(Kind::Rename).io();
+    let e = block_on(Disk::init(&io, &dir.join("b"), g.size(), g.cluster)).expect_err("init succeeded although its directory sync failed");
+    assert_eq!(io.failed(), 1, "the trap did not fire ({e})");
+    let disk = Disk::load(&dir.join("b")).unwrap_or_else(|err| panic!("after {e}: the stored descriptor does not load: {err}"));
+    assert_named_files_exist(&disk.dir, "after init's failed directory sync");
+    let stack = open(&disk, None, false);
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    let io = Trap::new(Kind::SyncDir).after(Kind::Rename).io();
+    let e = block_on(ublk_ploop::disk::clone::clone_disk(&io, &disk.dir, &dir.join("c"), None)).expect_err("clone succeeded although its directory sync failed");
+    assert_eq!(io.failed(), 1, "the trap did not fire ({e})");
+    let clone = Disk::load(&dir.join("c")).unwrap_or_else(|err| panic!("after {e}: the clone's descriptor does not load: {err}"));
+    assert_named_files_exist(&clone.dir, "after clone's failed directory sync");
+    let stack = open(&clone, None, false);
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+}
+
+#[test]
 fn a_snapshot_that_cannot_put_the_old_descriptor_back_keeps_its_new_top() {
     // The directory sync fails after the rename and again after putting
     // the old descriptor back: either may be on disk, so the new top,

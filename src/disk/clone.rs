@@ -126,13 +126,10 @@ fn new_disk_dir<I: Io>(io: &I, dir: &Path, template: Option<&Path>) -> Result<Pa
     Ok(dir)
 }
 
-/// Store a new clone's descriptor; if that fails, its new top goes too.
+/// Store a new clone's descriptor; if that fails before it is in place,
+/// its new top goes too.
 async fn store_with_top<I: Io>(io: &I, clone: &Disk, top: &Path) -> Result<()> {
-    let stored = clone.store(io).await;
-    if stored.is_err() {
-        let _ = io.remove_file(top);
-    }
-    stored
+    clone.store_naming_new(io, top).await
 }
 
 /// Make `dir` a thin clone over the QCOW2 image `template` (a cloud

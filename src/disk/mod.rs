@@ -306,11 +306,26 @@ impl Disk {
         PloopLayer::create(io, &base, size, cluster).await?;
         let dir = io.canonicalize(dir).map_err(|e| Error::io(e, dir.display()))?;
         let disk = Disk { dir, desc, held: None };
-        if let Err(e) = disk.store(io).await {
-            let _ = io.remove_file(&base);
-            return Err(e);
-        }
+        disk.store_naming_new(io, &base).await?;
         Ok(disk)
+    }
+
+    /// Store the first descriptor of a new disk, which names `new_file`,
+    /// made for it. If storing fails before the rename, the file goes; after
+    /// it (the directory's sync failed) the descriptor naming it may be
+    /// there, so the file stays and the error says so.
+    pub(crate) async fn store_naming_new<I: Io>(&self, io: &I, new_file: &Path) -> Result<()> {
+        match self.store_renamed(io).await {
+            Ok(()) => Ok(()),
+            Err((e, false)) => {
+                let _ = io.remove_file(new_file);
+                Err(e)
+            }
+            Err((e, true)) => Err(e.context(format_args!(
+                "the descriptor is in place but perhaps not durable; {} is kept, as it names it",
+                new_file.display()
+            ))),
+        }
     }
 
     /// Write the descriptor atomically, as ploop does and then some: a
