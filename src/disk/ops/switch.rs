@@ -37,13 +37,17 @@ pub async fn switch<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, guid: Guid) -
     let top_img = disk.desc.image(old_top).cloned().ok_or_else(|| no_such(disk, old_top))?;
     disk.writable_path_in(io, &top_img, "remove (switch away from)")?;
     let chain = disk.layers(Some(guid))?;
+    // Which of them are the disk's own files, by where they are (a
+    // symbolic link on the way, or a second hard link, makes one another
+    // file's), not by how the descriptor spells them.
+    let own: Vec<bool> = disk.desc.chain(guid)?.into_iter().map(|img| matches!(disk.place_in(io, img), crate::disk::Place::Inside)).collect();
     // ploop names the new top after the first image, without stripping;
     // it is made in the disk directory.
     let file = disk.switch_top_name();
     let path = disk.dir.join(&file);
     let current = stack.layers_now().await;
     let mut layers = Vec::with_capacity(chain.len() + 1);
-    for spec in &chain {
+    for (spec, own) in chain.iter().zip(own) {
         let layer = match current.iter().find(|l| l.file().path == spec.path) {
             Some(l) => l.clone(),
             None => {
@@ -54,7 +58,7 @@ pub async fn switch<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, guid: Guid) -
                 // interrupted operation left in use (a delete merging into
                 // it) is cleaned, any other synced, before it is served.
                 // Only the disk directory's own deltas are ever written.
-                let cleaned = if spec.path.starts_with(&disk.dir) {
+                let cleaned = if own {
                     crate::layers::settle_lower(io, &file, spec.format, direct, stack.link_dir()).await?
                 } else {
                     crate::layers::sync_lower(io, &file).await?;
