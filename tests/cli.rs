@@ -160,6 +160,23 @@ fn missing_files_are_errors() {
 }
 
 #[test]
+fn json_errors_come_as_json_on_stdout() {
+    // A script that asked for --json parses stdout, failure or not.
+    let dir = TempDir::new("cli-json-error");
+    let nope = dir.join("nope.img");
+    for args in [vec!["info", p(&nope), "--json"], vec!["check", "--json", p(&nope)], vec!["snapshot-list", p(&dir.join("nodisk")), "--json"]] {
+        let r = ploop(&args);
+        r.expect_code(1).expect_clean_failure();
+        let v = r.json();
+        assert_eq!(v["ok"], false, "{args:?}: {v}");
+        assert!(v["errno"].as_i64().is_some_and(|e| e > 0), "{args:?}: {v}");
+        assert!(v["error"].as_str().is_some_and(|m| !m.is_empty()), "{args:?}: {v}");
+    }
+    // Without --json, stdout stays empty.
+    assert!(ploop(["info", p(&nope)]).expect_code(1).stdout.is_empty());
+}
+
+#[test]
 fn info_json_reports_allocation() {
     let dir = TempDir::new("cli-info");
     let img = dir.join("a.img");

@@ -10,7 +10,7 @@ mod snapshot_cmd;
 
 use std::io::IsTerminal;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 
 use ublk_ploop::Result;
 
@@ -23,8 +23,9 @@ pub fn main() -> i32 {
     // SAFETY: setting a signal disposition before any thread exists.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     // Usage errors exit 1, never 2: 2 is `check`'s "image is corrupt".
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    let parsed = Cli::command().try_get_matches().and_then(|m| Ok((Cli::from_arg_matches(&m)?, asks_json(&m))));
+    let (cli, json) = match parsed {
+        Ok(parsed) => parsed,
         Err(e) => {
             let code = if e.use_stderr() { 1 } else { 0 };
             let _ = e.print();
@@ -36,8 +37,21 @@ pub fn main() -> i32 {
         Ok(code) => code,
         Err(e) => {
             eprintln!("ublk-ploop: error: {e}");
+            if json {
+                // A script reading stdout gets an answer it can parse, in
+                // the shape of the control socket's failed replies.
+                output::print_json(&serde_json::json!({ "ok": false, "error": e.message(), "errno": e.errno() }));
+            }
             1
         }
+    }
+}
+
+/// Whether the verb given (at any depth of subcommands) has `--json`.
+fn asks_json(m: &clap::ArgMatches) -> bool {
+    match m.subcommand() {
+        Some((_, sub)) => matches!(sub.try_get_one::<bool>("json"), Ok(Some(true))) || asks_json(sub),
+        None => false,
     }
 }
 
