@@ -30,9 +30,12 @@ impl Pace {
     /// job's ring's (`Io::sleep_blocking`): a thread asleep outside its
     /// ring would keep what the ring still holds of files closed meanwhile
     /// (their locks among it) until its next step.
-    pub fn wait(&self, io: &impl Io, bytes: u64) {
+    /// After the `last` step nothing follows to pace: no wait (a job that
+    /// did all its work in one step must not then hold its lock for the
+    /// time a slow limit asks).
+    pub fn wait(&self, io: &impl Io, bytes: u64, last: bool) {
         let d = self.delay(bytes);
-        if !d.is_zero() {
+        if !d.is_zero() && !last {
             io.sleep_blocking(d);
         }
     }
@@ -91,9 +94,14 @@ mod tests {
         // it: the pause between steps must be the ring's wait.
         let io = CountsWaits(std::cell::Cell::new(0));
         let pace = Pace::new(Some(1 << 30));
-        pace.wait(&io, 0);
+        pace.wait(&io, 0, false);
         assert_eq!(io.0.get(), 0, "no wait is due at the start");
-        pace.wait(&io, 16 << 20);
+        pace.wait(&io, 16 << 20, false);
         assert_eq!(io.0.get(), 1, "the due wait did not go through the ring's wait");
+        // Due, but nothing follows the last step.
+        let slow = Pace::new(Some(1));
+        let start = Instant::now();
+        slow.wait(&io, 1 << 20, true);
+        assert!(io.0.get() == 1 && start.elapsed() < Duration::from_secs(1), "the last step was paced");
     }
 }

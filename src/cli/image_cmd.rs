@@ -268,7 +268,7 @@ fn compact(id: Option<u32>, target: Option<PathBuf>, step: Option<u64>, speed: O
             let cluster = stack.cluster_size();
             let result = block_on(stack.compact_with(&SyncIo, step.unwrap_or(256).max(1), unknown_below, &|d, t| {
                 bar.set(d, t);
-                pace.wait(&SyncIo, d * cluster);
+                pace.wait(&SyncIo, d * cluster, d >= t);
             }));
             bar.finish();
             let closed = block_on(stack.close(&SyncIo));

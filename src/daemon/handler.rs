@@ -85,7 +85,7 @@ impl Handler for DaemonHandler {
                         let pace = crate::pace::Pace::new(speed);
                         let c = ring.block_on(stack.compact(&ring.io(), step, &|d, t| {
                             progress(None, d, t);
-                            pace.wait(&ring.io(), d * cluster);
+                            pace.wait(&ring.io(), d * cluster, d >= t);
                         }))?;
                         Ok(JobResult::Compacted(c).into())
                     }),
