@@ -271,6 +271,46 @@ fn convert_refuses_an_existing_destination() {
 }
 
 #[test]
+fn an_interrupted_convert_leaves_no_destination() {
+    // Ctrl-C (or a service stop) while converting: the partial image
+    // would refuse the next try ("destination exists").
+    let dir = TempDir::new("cli-convert-sigint");
+    let src = dir.join("big.raw");
+    let f = fs::File::create(&src).unwrap();
+    f.set_len(512 * M).unwrap();
+    for c in 0..512 {
+        std::os::unix::fs::FileExt::write_at(&f, &[0x5a; 4096], c * M).unwrap();
+    }
+    drop(f);
+    let dst = dir.join("out.hds");
+    let child = std::process::Command::new(bin())
+        .args(["convert", "--format", "raw", "--to", "ploop", "--direct", "off", p(&src), p(&dst)])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !dst.exists() && start.elapsed() < std::time::Duration::from_secs(20) {
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+    assert!(dst.exists(), "the convert never made its destination");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        eprintln!("the convert finished before the signal: nothing to check");
+        return;
+    }
+    assert_eq!(out.status.code(), Some(128 + libc::SIGINT), "{stderr}");
+    assert!(stderr.contains("removed"), "{stderr}");
+    assert!(!dst.exists(), "the partial destination was left behind: {stderr}");
+    // And '-' is no stream here: refused, no file named '-' made.
+    let r = ploop(["convert", "--format", "raw", p(&src), "-"]);
+    r.expect_code(1).mentions(&["not a stream"]);
+    assert!(!Path::new("-").exists());
+}
+
+#[test]
 fn convert_round_trip_raw_ploop_raw() {
     let dir = TempDir::new("cli-roundtrip");
     let size = 3 * M + 512 * K;

@@ -19,6 +19,7 @@ use ublk_ploop::{Error, Result};
 
 use crate::cli::args::{CopyCommand, DestArgs, LimitArgs, TrackArg};
 use crate::cli::output::{follow, print_json};
+use crate::cli::signals::clean_up_on_signals;
 use crate::control::{request, request_with_fds};
 use ublk_ploop::protocol::{Job, Request, TrackReply};
 
@@ -208,7 +209,7 @@ struct ReceiveArgs<'a> {
 }
 
 fn receive(a: &ReceiveArgs) -> Result<i32> {
-    clean_up_on_signals();
+    clean_up_on_signals("receive");
     let (input, answers, two_way): (Box<dyn Read>, Option<Box<dyn Write>>, bool) = match (a.from, a.listen) {
         (_, Some(addr)) => {
             let (r, w) = accept_one(addr, a.timeout)?;
@@ -238,42 +239,6 @@ fn receive(a: &ReceiveArgs) -> Result<i32> {
         );
     }
     Ok(0)
-}
-
-/// SIGINT, SIGTERM and SIGHUP end a receive without leaving its
-/// temporaries behind: they are blocked here (before any other thread
-/// exists, so every thread inherits the mask) and taken by a thread that
-/// removes what the receive made and exits.
-fn clean_up_on_signals() {
-    // SAFETY: building a signal set we own and blocking it in this thread.
-    let set = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-            libc::sigaddset(&mut set, sig);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    };
-    std::thread::spawn(move || {
-        let mut sig = 0;
-        // SAFETY: waits for one of the blocked signals.
-        if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
-            return;
-        }
-        let gone = copy::receive::remove_temporaries();
-        let name = match sig {
-            libc::SIGINT => "SIGINT",
-            libc::SIGTERM => "SIGTERM",
-            _ => "SIGHUP",
-        };
-        let list: Vec<String> = gone.iter().map(|p| p.display().to_string()).collect();
-        eprintln!(
-            "ublk-ploop: receive interrupted by {name}; {}",
-            if list.is_empty() { "nothing to remove".to_string() } else { format!("removed {}", list.join(", ")) }
-        );
-        std::process::exit(128 + sig);
-    });
 }
 
 /// A socket whose every read and write gives up after the timeout, saying

@@ -21,6 +21,7 @@ use ublk_ploop::{Error, LayerSpec, Result, Stack, StackOptions};
 
 use crate::cli::args::{ConvertArgs, FormatArg, Geometry, ImageCommand, ToFormat};
 use crate::cli::output::{follow, print_json, Bar};
+use crate::cli::signals::clean_up_on_signals;
 use crate::control::request;
 use ublk_ploop::protocol::{Job, Request};
 
@@ -301,6 +302,16 @@ pub fn convert_cmd(args: ConvertArgs) -> Result<i32> {
     let ConvertArgs { mut paths, to, format, snapshot, cluster_size, progress, json, io } = args;
     let dst = paths.pop().expect("clap requires two paths");
     let sources = resolve::layers(&paths, &format.format, snapshot)?.layers;
+    if dst == Path::new("-") {
+        return Err(Error::invalid("convert writes an image file, not a stream: name the destination file ('-' is not stdout here)"));
+    }
+    // An interrupted convert leaves no partial destination: the signal's
+    // handler removes it (it did not exist: convert never overwrites).
+    if std::fs::symlink_metadata(&dst).is_ok() {
+        return Err(Error::new(libc::EEXIST, format!("{}: destination exists; refusing to overwrite it", dst.display())));
+    }
+    clean_up_on_signals("convert");
+    ublk_ploop::copy::receive::register_temporary(&dst, false);
     let opts = ConvertOptions {
         to: match to {
             ToFormat::Raw => Format::Raw,
@@ -329,6 +340,7 @@ pub fn convert_cmd(args: ConvertArgs) -> Result<i32> {
             ring.block_on(convert(&ring.io(), &sources, &dst, &opts, &mut report))?
         }
     };
+    ublk_ploop::copy::receive::forget_temporary(&dst);
     if json {
         print_json(&stats);
     } else {

@@ -6,6 +6,7 @@ mod copy_cmd;
 mod device_cmd;
 mod image_cmd;
 mod output;
+mod signals;
 mod snapshot_cmd;
 
 use std::io::IsTerminal;
