@@ -311,6 +311,18 @@ fn an_interrupted_convert_leaves_no_destination() {
 }
 
 #[test]
+fn a_copy_or_backup_refused_leaves_no_stream_file() {
+    // No such device (or no ublk at all here): the job never started, so
+    // the file made for its stream goes, and the next try can make it.
+    let dir = TempDir::new("cli-copy-refused");
+    for verb in ["copy", "backup"] {
+        let to = dir.join(format!("{verb}.stream"));
+        ploop([verb, "-n", "4095", "--to", p(&to)]).expect_code(1).expect_clean_failure();
+        assert!(!to.exists(), "{verb}: the stream file of a refused job was left");
+    }
+}
+
+#[test]
 fn convert_round_trip_raw_ploop_raw() {
     let dir = TempDir::new("cli-roundtrip");
     let size = 3 * M + 512 * K;

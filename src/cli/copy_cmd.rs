@@ -73,6 +73,18 @@ struct Channel {
     two_way: bool,
     /// The stream goes to our stdout: reports go to stderr.
     on_stdout: bool,
+    /// The file made for the stream (--to FILE).
+    made: Option<std::path::PathBuf>,
+}
+
+impl Channel {
+    /// The daemon refused the job (no such device, one running already):
+    /// nothing was written, and the file made for it goes.
+    fn refused(&self) {
+        if let Some(p) = &self.made {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 fn open_destination(dest: &DestArgs) -> Result<Channel> {
@@ -82,11 +94,11 @@ fn open_destination(dest: &DestArgs) -> Result<Channel> {
                 return Err(Error::invalid("refusing to write a binary stream to a terminal; redirect stdout or give --to FILE"));
             }
             let fd = std::io::stdout().as_fd_owned()?;
-            Ok(Channel { fd, two_way: false, on_stdout: true })
+            Ok(Channel { fd, two_way: false, on_stdout: true, made: None })
         }
         (Some(p), None) => {
             let f = std::fs::OpenOptions::new().write(true).create_new(true).open(p).map_err(|e| Error::io(e, p.display()))?;
-            Ok(Channel { fd: f.into(), two_way: false, on_stdout: false })
+            Ok(Channel { fd: f.into(), two_way: false, on_stdout: false, made: Some(p.clone()) })
         }
         (None, Some(addr)) => {
             let fd: OwnedFd = if is_unix_addr(addr) {
@@ -96,7 +108,7 @@ fn open_destination(dest: &DestArgs) -> Result<Channel> {
                 let _ = s.set_nodelay(true);
                 s.into()
             };
-            Ok(Channel { fd, two_way: true, on_stdout: false })
+            Ok(Channel { fd, two_way: true, on_stdout: false, made: None })
         }
         _ => Err(Error::invalid("give one of --to FILE|- and --connect ADDR")),
     }
@@ -132,7 +144,7 @@ fn copy(id: u32, dest: &DestArgs, stop: bool, force: bool, limits: &LimitArgs, j
     let ch = open_destination(dest)?;
     let LimitArgs { freeze_limit, timeout, allow_unfrozen } = limits.clone();
     let req = Request::Copy { two_way: ch.two_way, stop, force, freeze_limit, timeout, allow_unfrozen };
-    let _started: Job = request_with_fds(id, req, &[ch.fd.as_raw_fd()])?;
+    let _started: Job = request_with_fds(id, req, &[ch.fd.as_raw_fd()]).inspect_err(|_| ch.refused())?;
     finish_copy(id, ch, json, if stop { "copied; device stopped" } else { "copied" })
 }
 
@@ -140,7 +152,7 @@ fn backup(id: u32, dest: &DestArgs, incremental: bool, limits: &LimitArgs, json:
     let ch = open_destination(dest)?;
     let LimitArgs { freeze_limit, timeout, allow_unfrozen } = limits.clone();
     let req = Request::Backup { two_way: ch.two_way, incremental, freeze_limit, timeout, allow_unfrozen };
-    let _started: Job = request_with_fds(id, req, &[ch.fd.as_raw_fd()])?;
+    let _started: Job = request_with_fds(id, req, &[ch.fd.as_raw_fd()]).inspect_err(|_| ch.refused())?;
     finish_copy(id, ch, json, if incremental { "incremental backup" } else { "full backup" })
 }
 
