@@ -316,7 +316,7 @@ fn a_copy_or_backup_refused_leaves_no_stream_file() {
     // the file made for its stream goes, and the next try can make it.
     let dir = TempDir::new("cli-copy-refused");
     for verb in ["copy", "backup"] {
-        let to = dir.join(format!("{verb}.stream"));
+        let to = dir.join(&format!("{verb}.stream"));
         ploop([verb, "-n", "4095", "--to", p(&to)]).expect_code(1).expect_clean_failure();
         assert!(!to.exists(), "{verb}: the stream file of a refused job was left");
     }
