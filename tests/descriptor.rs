@@ -224,6 +224,9 @@ fn malformed_descriptors_are_refused_with_the_element_named() {
         // A loop in the chain.
         (good.replacen("<ParentGUID>{00000000-0000-0000-0000-000000000000}</ParentGUID>", "<ParentGUID>{5fbaabe3-6958-40ff-92a7-860e329aab41}</ParentGUID>", 1), "loops"),
         ("<not xml".to_string(), "well-formed"),
+        // One file named twice, however spelled.
+        (good.replace("<File>c</File>", "<File>a</File>"), "both name the file"),
+        (good.replace("<File>c</File>", "<File>./a</File>"), "both name the file"),
     ];
     for (xml, needle) in cases {
         let err = Descriptor::parse(&xml).err().unwrap_or_else(|| panic!("accepted a descriptor that should name {needle}"));

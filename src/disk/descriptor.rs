@@ -346,9 +346,16 @@ impl Descriptor {
             )));
         }
         let mut seen = std::collections::HashSet::new();
+        let mut files = std::collections::HashMap::new();
         for img in &self.images {
             if !seen.insert(img.guid) {
                 return Err(Error::invalid(format!("DiskDescriptor.xml: two <Image> elements have GUID {}", img.guid)));
+            }
+            // One file in two places of a chain would be written through
+            // one and read through the other (`a//b` and `./a` spell `a`).
+            let spelled: Vec<_> = std::path::Path::new(&img.file).components().filter(|c| *c != std::path::Component::CurDir).collect();
+            if let Some(other) = files.insert(spelled, img.guid) {
+                return Err(Error::invalid(format!("DiskDescriptor.xml: <Image> {other} and {} both name the file {}", img.guid, img.file)));
             }
             if self.shot(img.guid).is_none() {
                 return Err(Error::invalid(format!("DiskDescriptor.xml: <Image> {} has no <Shot>", img.guid)));
