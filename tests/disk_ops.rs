@@ -1096,6 +1096,13 @@ fn a_new_disk_keeps_its_file_once_its_descriptor_is_in_place() {
     let stack = open(&disk, None, false);
     block_on(stack.close(&SyncIo)).unwrap();
     drop(stack);
+    // The new directory's entry in its parent is synced as well, after
+    // the descriptor's own directory.
+    let io = Trap::new(Kind::SyncDir).skip(1).io();
+    let e = block_on(Disk::init(&io, &dir.join("p"), g.size(), g.cluster)).expect_err("init succeeded although the sync of its parent failed");
+    assert_eq!(io.failed(), 1, "no second directory sync ({e})");
+    assert!(e.to_string().contains("which holds its directory"), "{e}");
+    Disk::load(&dir.join("p")).unwrap_or_else(|err| panic!("after {e}: the made disk does not load: {err}"));
     let io = Trap::new(Kind::SyncDir).after(Kind::Rename).io();
     let e = block_on(ublk_ploop::disk::clone::clone_disk(&io, &disk.dir, &dir.join("c"), None)).expect_err("clone succeeded although its directory sync failed");
     assert_eq!(io.failed(), 1, "the trap did not fire ({e})");

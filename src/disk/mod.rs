@@ -313,10 +313,16 @@ impl Disk {
     /// Store the first descriptor of a new disk, which names `new_file`,
     /// made for it. If storing fails before the rename, the file goes; after
     /// it (the directory's sync failed) the descriptor naming it may be
-    /// there, so the file stays and the error says so.
+    /// there, so the file stays and the error says so. The new directory's
+    /// own entry is synced too: a disk reported made must survive a crash.
     pub(crate) async fn store_naming_new<I: Io>(&self, io: &I, new_file: &Path) -> Result<()> {
         match self.store_renamed(io).await {
-            Ok(()) => Ok(()),
+            Ok(()) => match self.dir.parent() {
+                Some(parent) => io.sync_dir(parent).await.map_err(|e| {
+                    Error::io(e, format_args!("the disk is made, but syncing {} (which holds its directory) failed", parent.display()))
+                }),
+                None => Ok(()),
+            },
             Err((e, false)) => {
                 let _ = io.remove_file(new_file);
                 Err(e)
