@@ -145,7 +145,16 @@ fn check_cmd(image: PathBuf, repair: bool, format: FormatArg, json: bool) -> Res
         if repair && !writable {
             eprintln!("{}: a shared delta or a QCOW2 image: checked, not repaired", path.display());
         }
-        reports.push(block_on(check_in(&SyncIo, path, *format, repair && writable, None))?);
+        let report = match block_on(check_in(&SyncIo, path, *format, repair && writable, None)) {
+            // Damage no repair can mend is the image's verdict, not a
+            // failure of the command: reported (exit 2), as without --repair.
+            Err(e) if repair && writable && e.errno() == libc::EUCLEAN => {
+                eprintln!("not repaired: {e}");
+                block_on(check_in(&SyncIo, path, *format, false, None))?
+            }
+            report => report?,
+        };
+        reports.push(report);
     }
     let problems = match &disk {
         Some(d) => disk_size_problems(d, &reports.iter().map(|r| (r.path.clone(), known_size(r))).collect::<Vec<_>>()),
