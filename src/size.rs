@@ -27,7 +27,7 @@ pub fn parse_size(text: &str) -> Result<u64> {
         "P" | "PB" | "PIB" => 50,
         "E" | "EB" | "EIB" => 60,
         "S" => 9, // 512-byte sectors, as qemu-img accepts
-        _ => return Err(Error::invalid(format!("bad size '{text}': unknown suffix '{suffix}' (use {SUFFIXES})"))),
+        _ => return Err(Error::invalid(format!("bad size '{text}': unknown suffix '{}' (use {SUFFIXES})", s[digits_end..].trim()))),
     };
     number
         .checked_mul(1u64 << shift)

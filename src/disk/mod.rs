@@ -70,7 +70,12 @@ impl Disk {
         }
         let xml_path = if is_dir { path.join(DESCRIPTOR) } else { path.to_path_buf() };
         let text = Descriptor::read_text_in(io, &xml_path).await?;
-        let desc = Descriptor::parse(&text).map_err(|e| e.context(xml_path.display()))?;
+        // The parser names the file "DiskDescriptor.xml"; the path says
+        // which one, once.
+        let desc = Descriptor::parse(&text).map_err(|e| {
+            let msg = e.message().strip_prefix("DiskDescriptor.xml: ").unwrap_or(e.message()).to_string();
+            Error::new(e.errno(), format!("{}: {msg}", xml_path.display())).of_kind(e.kind())
+        })?;
         // A bare file name (`info DiskDescriptor.xml`, ploop's usual way)
         // has "" for its parent: the current directory.
         let dir = match xml_path.parent() {
