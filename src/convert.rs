@@ -29,7 +29,9 @@ pub struct ConvertStats {
 
 /// Copy what `sources` (bottom first) show into a new image at `dst`.
 /// Zero clusters are not written, so the result stays sparse. `progress`
-/// is called with (clusters done, clusters total). On error the partial
+/// is called with (clusters done, clusters total), first with (0, 0) as
+/// soon as the destination is made (exclusively: a caller may then take
+/// it for its own, to remove on a signal). On error the partial
 /// destination is removed.
 pub async fn convert<I: Io>(
     io: &I,
@@ -57,14 +59,21 @@ pub async fn convert<I: Io>(
         }
     }
     let (src, _) = Stack::open_layers(io, sources, &StackOptions { read_only: true, direct: opts.direct, offline: false, link_log: None }).await?;
-    let out = create_destination(io, dst, src.size(), opts, src.cluster_size()).await?;
+    let out = create_destination(io, dst, src.size(), opts, src.cluster_size(), progress).await?;
     let result = copy_all(io, &src, &out, progress).await;
     removed_on_error(dst, result)
 }
 
 /// Make the empty destination image of `size` bytes (never over a file
-/// that exists) and open it.
-async fn create_destination<I: Io>(io: &I, dst: &Path, size: u64, opts: &ConvertOptions, src_cluster: u64) -> Result<Stack> {
+/// that exists) and open it. `progress(0, 0)` says the moment it is made.
+async fn create_destination<I: Io>(
+    io: &I,
+    dst: &Path,
+    size: u64,
+    opts: &ConvertOptions,
+    src_cluster: u64,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Stack> {
     if dst.exists() {
         return Err(Error::new(libc::EEXIST, format!("{}: destination exists; refusing to overwrite it", dst.display())));
     }
@@ -88,6 +97,7 @@ async fn create_destination<I: Io>(io: &I, dst: &Path, size: u64, opts: &Convert
             PloopLayer::create(io, dst, size, cluster).await?;
         }
     }
+    progress(0, 0);
     let out_spec = LayerSpec { path: dst.to_path_buf(), format: opts.to };
     let opened = Stack::open_layers(io, &[out_spec], &StackOptions { read_only: false, direct: opts.direct, offline: false, link_log: None }).await;
     removed_on_error(dst, opened.map(|(out, _)| out))
@@ -106,7 +116,7 @@ fn removed_on_error<T>(dst: &Path, result: Result<T>) -> Result<T> {
 async fn convert_qcow2<I: Io>(io: &I, path: &Path, dst: &Path, opts: &ConvertOptions, progress: &mut dyn FnMut(u64, u64)) -> Result<ConvertStats> {
     let src = crate::layers::qcow2::Qcow2Image::open(io, path).await?;
     let size = src.size();
-    let out = create_destination(io, dst, size, opts, crate::layers::ploop::header::DEFAULT_CLUSTER).await?;
+    let out = create_destination(io, dst, size, opts, crate::layers::ploop::header::DEFAULT_CLUSTER, progress).await?;
     let result = copy_qcow2(io, &src, &out, opts.to, progress).await;
     removed_on_error(dst, result)
 }
@@ -126,6 +136,7 @@ async fn copy_qcow2<I: Io>(
     let clusters = size.div_ceil(step);
     let mut buf = AlignedBuf::zeroed(step as usize);
     let mut stats = ConvertStats { disk_size: size, clusters, ..Default::default() };
+    progress(0, clusters);
     for c in 0..clusters {
         let offset = c * step;
         let n = (size - offset).min(step) as usize;
@@ -148,6 +159,7 @@ async fn copy_all<I: Io>(io: &I, src: &Stack, out: &Stack, progress: &mut dyn Fn
     let clusters = size.div_ceil(step);
     let mut buf = AlignedBuf::zeroed(step as usize);
     let mut stats = ConvertStats { disk_size: size, clusters, ..Default::default() };
+    progress(0, clusters);
     // Only the clusters some layer holds are visited: a thin disk costs
     // its data. Progress goes by position on the disk.
     let per_source = src.cluster_size() / step;

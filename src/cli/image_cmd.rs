@@ -315,12 +315,10 @@ pub fn convert_cmd(args: ConvertArgs) -> Result<i32> {
         return Err(Error::invalid("convert writes an image file, not a stream: name the destination file ('-' is not stdout here)"));
     }
     // An interrupted convert leaves no partial destination: the signal's
-    // handler removes it (it did not exist: convert never overwrites).
-    if std::fs::symlink_metadata(&dst).is_ok() {
-        return Err(Error::new(libc::EEXIST, format!("{}: destination exists; refusing to overwrite it", dst.display())));
-    }
+    // handler removes it, listed at the first progress report, which
+    // comes as soon as convert has made it (exclusively: it is ours).
     clean_up_on_signals("convert");
-    ublk_ploop::copy::receive::register_temporary(&dst, false);
+    let mut listed = false;
     let opts = ConvertOptions {
         to: match to {
             ToFormat::Raw => Format::Raw,
@@ -332,6 +330,13 @@ pub fn convert_cmd(args: ConvertArgs) -> Result<i32> {
     let show = progress || std::io::stderr().is_terminal();
     let mut last_pct = u64::MAX;
     let mut report = |done: u64, total: u64| {
+        if !listed {
+            ublk_ploop::copy::receive::register_temporary(&dst, false);
+            listed = true;
+        }
+        if total == 0 {
+            return;
+        }
         let pct = done * 100 / total.max(1);
         if show && pct != last_pct {
             last_pct = pct;
@@ -342,14 +347,16 @@ pub fn convert_cmd(args: ConvertArgs) -> Result<i32> {
             let _ = std::io::stderr().flush();
         }
     };
-    let stats = match io.backend {
-        BackendKind::Sync => block_on(convert(&SyncIo, &sources, &dst, &opts, &mut report))?,
+    let converted = match io.backend {
+        BackendKind::Sync => block_on(convert(&SyncIo, &sources, &dst, &opts, &mut report)),
         BackendKind::Uring => {
             let ring = OwnRing::new(64).map_err(|e| Error::io(e, "setting up io_uring"))?;
-            ring.block_on(convert(&ring.io(), &sources, &dst, &opts, &mut report))?
+            ring.block_on(convert(&ring.io(), &sources, &dst, &opts, &mut report))
         }
     };
+    // Done or failed (and then removed by convert): no longer ours to remove.
     ublk_ploop::copy::receive::forget_temporary(&dst);
+    let stats = converted?;
     if json {
         print_json(&stats);
     } else {
