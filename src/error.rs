@@ -36,6 +36,9 @@ pub enum ErrorKind {
     /// A change refused before it touched anything: a sync of the top
     /// failed earlier, and the device takes no writes until a restart.
     WritesRefused,
+    /// A daemon answered no to a request, or none could be reached:
+    /// nothing was started (a client may undo what it prepared for it).
+    Refused,
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -15,6 +15,7 @@ use serde::Serialize;
 use ublk_ploop::copy::{self, ReceiveOptions, Received, Sent};
 use ublk_ploop::io::Direct;
 use ublk_ploop::size::format_size;
+use ublk_ploop::error::ErrorKind;
 use ublk_ploop::{Error, Result};
 
 use crate::cli::args::{CopyCommand, DestArgs, LimitArgs, TrackArg};
@@ -78,10 +79,12 @@ struct Channel {
 }
 
 impl Channel {
-    /// The daemon refused the job (no such device, one running already):
-    /// nothing was written, and the file made for it goes.
-    fn refused(&self) {
-        if let Some(p) = &self.made {
+    /// The request for the job failed. If the daemon refused it (no such
+    /// device, a job running already), nothing was written, and the file
+    /// made for it goes; any other failure (a lost or unreadable reply)
+    /// may have left the job running into it, so it stays.
+    fn refused(&self, e: &Error) {
+        if let (Some(p), ErrorKind::Refused) = (&self.made, e.kind()) {
             let _ = std::fs::remove_file(p);
         }
     }
@@ -144,7 +147,7 @@ fn copy(id: u32, dest: &DestArgs, stop: bool, force: bool, limits: &LimitArgs, j
     let ch = open_destination(dest)?;
     let LimitArgs { freeze_limit, timeout, allow_unfrozen } = limits.clone();
     let req = Request::Copy { two_way: ch.two_way, stop, force, freeze_limit, timeout, allow_unfrozen };
-    let _started: Job = request_with_fds(id, req, &[ch.fd.as_raw_fd()]).inspect_err(|_| ch.refused())?;
+    let _started: Job = request_with_fds(id, req, &[ch.fd.as_raw_fd()]).inspect_err(|e| ch.refused(e))?;
     finish_copy(id, ch, json, if stop { "copied; device stopped" } else { "copied" })
 }
 
@@ -152,7 +155,7 @@ fn backup(id: u32, dest: &DestArgs, incremental: bool, limits: &LimitArgs, json:
     let ch = open_destination(dest)?;
     let LimitArgs { freeze_limit, timeout, allow_unfrozen } = limits.clone();
     let req = Request::Backup { two_way: ch.two_way, incremental, freeze_limit, timeout, allow_unfrozen };
-    let _started: Job = request_with_fds(id, req, &[ch.fd.as_raw_fd()]).inspect_err(|_| ch.refused())?;
+    let _started: Job = request_with_fds(id, req, &[ch.fd.as_raw_fd()]).inspect_err(|e| ch.refused(e))?;
     finish_copy(id, ch, json, if incremental { "incremental backup" } else { "full backup" })
 }
 

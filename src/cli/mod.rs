@@ -48,10 +48,15 @@ pub fn main() -> i32 {
     }
 }
 
-/// Whether the verb given (at any depth of subcommands) has `--json`.
+/// Whether the verb given (at any depth of subcommands) has `--json`,
+/// and stdout is ours to answer on: not when it carries a copy's stream
+/// (`--to -`), where reports go to stderr.
 fn asks_json(m: &clap::ArgMatches) -> bool {
     match m.subcommand() {
-        Some((_, sub)) => matches!(sub.try_get_one::<bool>("json"), Ok(Some(true))) || asks_json(sub),
+        Some((_, sub)) => {
+            let streams = matches!(sub.try_get_one::<std::path::PathBuf>("to"), Ok(Some(to)) if to.as_os_str() == "-");
+            !streams && (matches!(sub.try_get_one::<bool>("json"), Ok(Some(true))) || asks_json(sub))
+        }
         None => false,
     }
 }

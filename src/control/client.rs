@@ -11,6 +11,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use ublk_ploop::protocol::{Envelope, Reply, Request, PROTOCOL_VERSION};
+use ublk_ploop::error::ErrorKind;
 use ublk_ploop::{Error, Result};
 
 use super::socket_path;
@@ -31,10 +32,11 @@ fn request_value(dev_id: u32, request: Request, fds: &[RawFd]) -> Result<Value> 
     let path = socket_path(dev_id);
     let stream = UnixStream::connect(&path).map_err(|e| {
         // Without ublk there is no device and no daemon: say what is missing.
-        if let Err(no_ublk) = crate::ublk_control::require_ublk() {
-            return no_ublk;
-        }
-        Error::io(e, format_args!("device {dev_id}: cannot reach its daemon at {}", path.display()))
+        let e = match crate::ublk_control::require_ublk() {
+            Err(no_ublk) => no_ublk,
+            Ok(()) => Error::io(e, format_args!("device {dev_id}: cannot reach its daemon at {}", path.display())),
+        };
+        e.of_kind(ErrorKind::Refused)
     })?;
     exchange(stream, &path, &format!("device {dev_id}"), request, fds)
 }
@@ -69,7 +71,7 @@ pub(super) fn exchange(mut stream: UnixStream, path: &Path, who: &str, request: 
     if reply.ok {
         Ok(reply.result.unwrap_or(Value::Null))
     } else {
-        Err(Error::new(reply.errno.unwrap_or(libc::EIO), reply.error.unwrap_or_else(|| "request failed".into())))
+        Err(Error::new(reply.errno.unwrap_or(libc::EIO), reply.error.unwrap_or_else(|| "request failed".into())).of_kind(ErrorKind::Refused))
     }
 }
 
