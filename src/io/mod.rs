@@ -160,9 +160,10 @@ pub trait Io {
     fn now(&self) -> std::time::Instant {
         std::time::Instant::now()
     }
-    /// Wait without yielding (a lock retry loop in synchronous code). On a
-    /// ring, the ring's deferred work runs after the wait: it may be what
-    /// still holds the lock (see `Submit::run_task_work`).
+    /// Wait without yielding (a lock retry loop in synchronous code, a
+    /// paced job). On a ring, the ring's deferred work runs before and
+    /// after the wait: it may be what still holds a lock (see
+    /// `Submit::run_task_work`).
     fn sleep_blocking(&self, d: std::time::Duration) {
         std::thread::sleep(d)
     }

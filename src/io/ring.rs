@@ -161,8 +161,11 @@ impl Drop for InFlight {
 
 impl<S: Submit> Io for RingIo<S> {
     fn sleep_blocking(&self, d: std::time::Duration) {
-        // Before the caller tries again, whatever this thread's ring still
-        // holds of a closed file is let go.
+        // Whatever this thread's ring still holds of a closed file is let
+        // go before the pause (a paced job's files closed in its last
+        // step, whose locks others may wait for meanwhile) and after it
+        // (what the pause left, before the caller tries again).
+        self.ring.run_task_work();
         std::thread::sleep(d);
         self.ring.run_task_work();
     }
