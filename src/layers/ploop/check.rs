@@ -134,6 +134,9 @@ pub async fn check<I: Io>(io: &I, path: &Path, format: Format, repair: bool) -> 
 /// (`links::set_leftover_dir`) is used, and a log there this user may not
 /// read refuses the repair of an image left in use.
 pub async fn check_in<I: Io>(io: &I, path: &Path, format: Format, repair: bool, links: Option<&Path>) -> Result<CheckReport> {
+    // A log the repair makes stale, dropped once the repair went through
+    // (an image beyond repair keeps it: its copies were not released).
+    let mut stale_log = None;
     if let (true, Format::Ploop) = (repair, format) {
         let file = crate::io::open_image_file_in(io, path, false, crate::io::Direct::Off)?;
         // A header too damaged to say counts as in use.
@@ -148,15 +151,18 @@ pub async fn check_in<I: Io>(io: &I, path: &Path, format: Format, repair: bool, 
                 Ok(_) => {}
                 Err(e) if e.errno() == libc::EUCLEAN => {
                     // Damage the repair deals with: it releases the copies
-                    // the log recorded, so the log goes too.
+                    // the log recorded, so the log goes too, once it has.
                     tracing::warn!(image = %path.display(), "not opened with its link log before the repair: {e}; log dropped");
-                    super::links::remove_log_of(io, &dir, file.fd());
+                    stale_log = Some((dir, file));
                 }
                 Err(e) => return Err(e),
             }
         }
     }
     let mut report = check_with(io, path, format, repair, true).await?;
+    if let Some((dir, file)) = stale_log {
+        super::links::remove_log_of(io, &dir, file.fd());
+    }
     if repair && !(report.repairs.is_empty() && report.not_repaired.is_empty()) {
         let repairs = std::mem::take(&mut report.repairs);
         let not_repaired = std::mem::take(&mut report.not_repaired);
