@@ -136,7 +136,6 @@ async fn copy_qcow2<I: Io>(
     let clusters = size.div_ceil(step);
     let mut buf = AlignedBuf::zeroed(step as usize);
     let mut stats = ConvertStats { disk_size: size, clusters, ..Default::default() };
-    progress(0, clusters);
     for c in 0..clusters {
         let offset = c * step;
         let n = (size - offset).min(step) as usize;
@@ -159,7 +158,6 @@ async fn copy_all<I: Io>(io: &I, src: &Stack, out: &Stack, progress: &mut dyn Fn
     let clusters = size.div_ceil(step);
     let mut buf = AlignedBuf::zeroed(step as usize);
     let mut stats = ConvertStats { disk_size: size, clusters, ..Default::default() };
-    progress(0, clusters);
     // Only the clusters some layer holds are visited: a thin disk costs
     // its data. Progress goes by position on the disk.
     let per_source = src.cluster_size() / step;
