@@ -9,6 +9,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use common::*;
+use ublk_ploop::disk::clones::LIST;
 use ublk_ploop::disk::{Disk, DESCRIPTOR};
 use ublk_ploop::io::{block_on, SyncIo};
 use ublk_ploop::{Stack, StackOptions};
@@ -59,12 +60,13 @@ fn read(stack: &Stack, off: u64, len: usize) -> Vec<u8> {
 }
 
 /// Every file of a directory with its fingerprint (bytes and hash), the
-/// lock files aside (taking ploop's lock creates one, as ploop does).
+/// lock files aside (taking ploop's lock creates one, as ploop does) and
+/// the template's list of its clones (which `clone` writes).
 fn files_of(dir: &Path) -> Vec<(PathBuf, (u64, u64))> {
     let mut out: Vec<_> = fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|f| !f.to_string_lossy().ends_with(".lck"))
+        .filter(|f| !f.to_string_lossy().ends_with(".lck") && !f.ends_with(LIST))
         .map(|f| {
             let fp = fingerprint(&f);
             (f, fp)
@@ -271,4 +273,86 @@ fn repair_on_a_clone_leaves_the_template_alone() {
     assert_eq!(files_of(&tmpl), before, "the repair wrote the template");
     assert_eq!(file_len(&base), base_len);
     assert!(file_len(&top) < top_len, "the clone's own top was not repaired");
+}
+
+/// The template's top, as a clone stands on it: a read-write start of the
+/// template fails, and so do the commands that would write it.
+fn assert_frozen_for(tmpl: &Path, clone: &Path) {
+    let err = block_on(Disk::load(tmpl).unwrap().writable_layers(&SyncIo)).expect_err("a read-write start under a clone");
+    assert_eq!(err.errno(), libc::EBUSY, "{err}");
+    assert!(err.to_string().contains(p(clone)) && err.to_string().contains("detach"), "{err}");
+    ploop(["snapshot", p(tmpl)]).expect_clean_failure().mentions(&["stands on it", p(clone)]);
+}
+
+/// A stopped clone holds no lock on its template's files; the template's
+/// list of its clones keeps them: what a clone stands on is neither
+/// written, merged into nor removed. Merging the template's snapshot away
+/// copies it up instead and leaves its file to the clone.
+#[test]
+fn a_template_keeps_the_files_its_stopped_clones_stand_on() {
+    let root = TempDir::new("clone-kept");
+    let tmpl = root.join("template");
+    template(&tmpl);
+    let snap = ploop(["snapshot", p(&tmpl), "--json"]).ok().json();
+    let guid = snap["guid"].as_str().unwrap().to_string();
+    let s = open_disk(&tmpl);
+    block_on(s.write(&SyncIo, 5 * K64 as u64, &[0x33; K64])).unwrap();
+    close(s);
+    let (old, new) = (root.join("old"), root.join("new"));
+    ploop(["clone", p(&tmpl), p(&old), "-u", &guid]).ok();
+    ploop(["clone", p(&tmpl), p(&new)]).ok();
+    let base = tmpl.join("root.hds");
+    let (base_print, before) = (fingerprint(&base), files_of(&tmpl));
+
+    // `new` stands on the template's top, `old` on its base.
+    assert_frozen_for(&tmpl, &new);
+    ploop(["snapshot-delete", p(&tmpl), "-u", &guid]).expect_clean_failure().mentions(&["stands on it"]);
+    ploop(["snapshot-merge", p(&tmpl)]).expect_clean_failure().mentions(&["stands on it", p(&new)]);
+    assert_eq!(files_of(&tmpl), before, "a refused command changed the template");
+
+    // Without `new`, the merge copies the base up into the top and leaves
+    // the base's file for `old`.
+    fs::remove_dir_all(&new).unwrap();
+    ploop(["snapshot-merge", p(&tmpl)]).ok();
+    assert_eq!(fingerprint(&base), base_print, "the merge changed what a clone stands on");
+    let disk = Disk::load(&tmpl).unwrap();
+    assert_eq!(disk.desc.images.len(), 1);
+    assert!(!disk.desc.images[0].file.ends_with("root.hds"), "the base is still the template's: {:?}", disk.desc.images);
+    let s = open_disk(&tmpl);
+    assert!(read(&s, 0, K64).iter().all(|&b| b == 0x11) && read(&s, 5 * K64 as u64, K64).iter().all(|&b| b == 0x33));
+    close(s);
+    let s = open_disk(&old);
+    write_own(&s, 0xD1);
+    check_clone(&s, 0xD1);
+    close(s);
+    ploop(["check", p(&old)]).ok();
+    ploop(["check", p(&tmpl)]).ok();
+    // The list no longer names `new` once the next clone is made.
+    ploop(["clone", p(&tmpl), p(&root.join("third"))]).ok();
+    let list = fs::read_to_string(tmpl.join(LIST)).unwrap();
+    assert!(!list.contains(p(&new)) && list.contains(p(&old)) && list.contains("third"), "{list}");
+}
+
+/// A clone of a clone stands on the template too: the template follows
+/// its clones' lists, even when the clone in between stands alone by now.
+#[test]
+fn a_template_knows_the_clones_of_its_clones() {
+    let root = TempDir::new("clone-of-clone");
+    let tmpl = root.join("template");
+    template(&tmpl);
+    let (c1, c2) = (root.join("c1"), root.join("c2"));
+    ploop(["clone", p(&tmpl), p(&c1)]).ok();
+    let snap = ploop(["snapshot", p(&c1), "--json"]).ok().json();
+    let guid = snap["guid"].as_str().unwrap().to_string();
+    ploop(["clone", p(&c1), p(&c2), "-u", &guid]).ok();
+    // c1 lets go of the template: its snapshot is copied up (c2 stands on
+    // it), then it is detached.
+    ploop(["snapshot-merge", p(&c1)]).ok();
+    ploop(["detach", p(&c1)]).ok();
+    assert!(!fs::read_to_string(c1.join(DESCRIPTOR)).unwrap().contains(p(&tmpl)));
+    assert_frozen_for(&tmpl, &c2);
+    let s = open_disk(&c2);
+    write_own(&s, 0xE2);
+    check_clone(&s, 0xE2);
+    close(s);
 }

@@ -134,7 +134,7 @@ fn check_cmd(image: PathBuf, repair: bool, format: FormatArg, json: bool) -> Res
     // directory (a template shared with clones) is checked read-only, and
     // its damage is reported for whoever owns it to repair.
     let own: Vec<bool> = match &disk {
-        Some(d) => d.desc.images.iter().map(|img| d.place(img) == Place::Inside).collect(),
+        Some(d) => d.desc.images.iter().map(|img| d.home_place(img) == Place::Inside).collect(),
         None => vec![true; paths.len()],
     };
     let mut reports = Vec::new();

@@ -103,6 +103,9 @@ pub async fn clone_disk<I: Io>(io: &I, template: &Path, dir: &Path, at: Option<G
     let cluster = desc.cluster_size();
 
     let dir = new_disk_dir(io, dir, Some(&tmpl.dir))?;
+    // Listed first: a template that does not know a clone could merge its
+    // base away while the clone is stopped.
+    super::clones::list_clone(io, &tmpl, &dir).await?;
     let mut clone = Disk::from_parts(dir.clone(), desc);
     let file = clone.new_delta_name();
     let top = dir.join(&file);

@@ -6,6 +6,7 @@
 //! stack and the descriptor are in `ops.rs`.
 
 pub mod clone;
+pub mod clones;
 pub mod descriptor;
 mod lock;
 pub mod ops;
@@ -35,12 +36,15 @@ pub struct Disk {
     /// ploop's lock, when the caller took it for a whole session of
     /// operations (`load_locked`); otherwise each operation takes it.
     held: Option<Arc<Mutex<DiskLock>>>,
+    /// Files of this disk that its clones read, from its list of clones
+    /// as of the last load: not this disk's to change ([`Disk::place`]).
+    read_by_clones: Arc<Vec<clones::ReadFile>>,
 }
 
 impl Disk {
     /// A disk of `desc` in `dir`, read by the caller (no lock held).
     pub fn from_parts(dir: PathBuf, desc: Descriptor) -> Disk {
-        Disk { dir, desc, held: None }
+        Disk { dir, desc, held: None, read_by_clones: Arc::default() }
     }
 
     /// The descriptor path for a directory or a descriptor file.
@@ -64,6 +68,13 @@ impl Disk {
 
     /// The same through `io` (the daemon's recovery in a simulated world).
     pub async fn load_in<I: Io + ?Sized>(io: &I, path: &Path) -> Result<Disk> {
+        let mut disk = Disk::load_bare(io, path).await?;
+        disk.read_by_clones = Arc::new(clones::files_read(io, &disk.dir).await?);
+        Ok(disk)
+    }
+
+    /// The descriptor alone, without what its clones read.
+    async fn load_bare<I: Io + ?Sized>(io: &I, path: &Path) -> Result<Disk> {
         let is_dir = stat_following(io, path).is_some_and(|st| st.kind == FileKind::Dir);
         if is_dir && stat_following(io, &path.join(DESCRIPTOR)).is_none() {
             return Err(no_descriptor(path));
@@ -83,7 +94,7 @@ impl Disk {
             _ => PathBuf::from("."),
         };
         let dir = io.canonicalize(&dir).map_err(|e| Error::io(e, dir.display()))?;
-        Ok(Disk { dir, desc, held: None })
+        Ok(Disk { dir, desc, held: None, read_by_clones: Arc::default() })
     }
 
     /// Take ploop's lock on a disk (waiting for another holder) and read
@@ -176,8 +187,28 @@ impl Disk {
         self.place_in(&SyncIo, image)
     }
 
-    /// The same through `io`.
+    /// The same through `io`. A file inside that a clone of this disk
+    /// reads (it is listed in `ublk-ploop-clones`) is the clone's too, so it
+    /// is only read as well: changing it would change the clone.
     pub fn place_in<I: Io + ?Sized>(&self, io: &I, image: &Image) -> Place {
+        let place = self.home_place_in(io, image);
+        if place != Place::Inside || self.read_by_clones.is_empty() {
+            return place;
+        }
+        let Ok(Some(st)) = io.stat(&self.file_path(image)) else { return place };
+        match self.read_by_clones.iter().find(|r| (r.dev, r.ino) == (st.dev, st.ino)) {
+            Some(r) => Place::ReadByClone(r.clone.clone()),
+            None => place,
+        }
+    }
+
+    /// Where the file lives, whatever clones read it: inside, a repair
+    /// may mend it (a repair keeps what the file shows).
+    pub fn home_place(&self, image: &Image) -> Place {
+        self.home_place_in(&SyncIo, image)
+    }
+
+    fn home_place_in<I: Io + ?Sized>(&self, io: &I, image: &Image) -> Place {
         let Some(rel) = inside_name(&self.dir, &image.file) else {
             return Place::Outside("the descriptor names it outside the disk directory".into());
         };
@@ -208,6 +239,18 @@ impl Disk {
     pub fn writable_path_in<I: Io + ?Sized>(&self, io: &I, image: &Image, what: &str) -> Result<PathBuf> {
         match self.place_in(io, image) {
             Place::Inside => Ok(self.file_path(image)),
+            Place::ReadByClone(clone) => Err(Error::new(
+                libc::EBUSY,
+                format!(
+                    "{}: refusing to {what} delta {}: the clone {} stands on it (a clone's lower deltas are its template's files, \
+                     listed in {}); detach that clone first (`ublk-ploop detach {}`), or remove it",
+                    self.xml_path().display(),
+                    image.file,
+                    clone.display(),
+                    clones::LIST,
+                    clone.display()
+                ),
+            )),
             Place::Outside(why) => Err(Error::new(
                 libc::EPERM,
                 format!(
@@ -310,7 +353,7 @@ impl Disk {
         let base = dir.join(BASE_FILE);
         PloopLayer::create(io, &base, size, cluster).await?;
         let dir = io.canonicalize(dir).map_err(|e| Error::io(e, dir.display()))?;
-        let disk = Disk { dir, desc, held: None };
+        let disk = Disk { dir, desc, held: None, read_by_clones: Arc::default() };
         disk.store_naming_new(io, &base).await?;
         Ok(disk)
     }
@@ -549,6 +592,9 @@ pub enum Place {
     Inside,
     /// Anywhere else, and why: it is only ever opened read-only.
     Outside(String),
+    /// Inside, but a clone of the disk (this directory) stands on it: only
+    /// read, as a file outside.
+    ReadByClone(PathBuf),
 }
 
 /// The path below `dir` that a descriptor's file name stays inside, by its

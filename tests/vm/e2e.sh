@@ -1099,6 +1099,10 @@ scenario_clones() {
 		umount "$mnt$i"; "$BIN" del -n "${idv[$((i - 1))]}"
 	done
 	[ "$(sha256sum "$t/root.hds" | cut -c1-64)" = "$tsum" ] || die "the template's file changed"
+	# ct2 stands on the template's top, stopped: the template is not
+	# served read-write under it (its list of clones says so).
+	"$BIN" add --image "$t" 2>"$SCRATCH/tmpl.err" && die "the template served read-write under a stopped clone"
+	grep -q "stands on it" "$SCRATCH/tmpl.err" || die "serving the template under a clone: $(cat "$SCRATCH/tmpl.err")"
 	# The detached clone stands alone: the template goes, it still mounts.
 	mv "$t" "$SCRATCH/tmpl.away"
 	dev=$("$BIN" add --image "$SCRATCH/ct1") || die "serving the detached clone without its template"
