@@ -326,3 +326,35 @@ fn the_cli_compaction_keeps_the_record_of_changes() {
     close(stack);
     assert!(read_all(std::slice::from_ref(&top)) == expect, "the compacted disk differs");
 }
+
+/// Ctrl-C (or a service stop) during an offline compaction stops it after
+/// the step under way: the image is closed clean (a plain `check` passes),
+/// keeps every byte, and the next run finishes the job.
+#[test]
+fn an_interrupted_cli_compaction_stops_between_steps_closed_clean() {
+    let dir = TempDir::new("compact-sigint");
+    let (img, model) = fragmented(&dir, "a.hdd");
+    // One cluster a step, four a second: far longer than the wait below.
+    let child = std::process::Command::new(common::bin())
+        .args(["compact", img.to_str().unwrap(), "--base", "--step", "1", "--speed", "16K", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(128 + libc::SIGINT), "{stderr}");
+    assert!(stderr.contains("closed clean"), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {stderr}"));
+    assert_eq!(report["done"], false, "{report}");
+    assert!(report["remaining"].as_u64().unwrap() > 0, "{report}");
+    common::ploop(["check", img.to_str().unwrap()]).ok();
+    assert_clean(&img, "an interrupted compaction");
+    assert!(read_all(std::slice::from_ref(&img)) == model, "an interrupted compaction lost data");
+    let out = common::ploop(["compact", img.to_str().unwrap(), "--base", "--json"]).ok().json();
+    assert_eq!(out["done"], true, "{out}");
+    assert!(read_all(std::slice::from_ref(&img)) == model);
+}

@@ -201,6 +201,10 @@ fn resize_cmd(id: Option<u32>, image: Option<PathBuf>, size: u64, format: Format
         (None, Some(image)) => image,
         (None, None) => unreachable!("clap requires -n or IMAGE"),
     };
+    // A resize does not stop halfway (its images are marked in use while
+    // their tables grow): Ctrl-C lets it finish, and only a second one
+    // ends it at once, as a crash would.
+    crate::cli::signals::stop_between_steps_on_signals("resize");
     let done = match resolve::files(std::slice::from_ref(&image), &format.format)? {
         (Some(mut disk), _) => block_on(disk.resize(&SyncIo, size))?,
         (None, paths) => {
@@ -220,6 +224,9 @@ fn resize_cmd(id: Option<u32>, image: Option<PathBuf>, size: u64, format: Format
         if done.iter().any(|d| d.dropped_change_record) {
             println!("the changed-block record was dropped (it described the old size): the next incremental backup sends everything");
         }
+    }
+    if let Some(sig) = crate::cli::signals::stop_asked() {
+        eprintln!("ublk-ploop: resize: {} came while resizing; the resize finished first (its images are closed clean)", crate::cli::signals::signal_name(sig));
     }
     Ok(0)
 }
@@ -265,6 +272,8 @@ fn compact(id: Option<u32>, target: Option<PathBuf>, step: Option<u64>, speed: O
                     )));
                 }
             }
+            // Ctrl-C or a service stop ends it between steps, closed clean.
+            crate::cli::signals::stop_between_steps_on_signals("compact");
             let (stack, _) = block_on(Stack::open_layers(&SyncIo, &layers, &StackOptions::default()))?;
             // The read-write open took the top's record of changes out of
             // the file; it goes back in when the stack closes (compaction
@@ -276,10 +285,19 @@ fn compact(id: Option<u32>, target: Option<PathBuf>, step: Option<u64>, speed: O
             let bar = Bar::new(json, "compacting");
             let pace = crate::pace::Pace::new(speed);
             let cluster = stack.cluster_size();
-            let result = block_on(stack.compact_with(&SyncIo, step.unwrap_or(256).max(1), unknown_below, &|d, t| {
-                bar.set(d, t);
-                pace.wait(&SyncIo, d * cluster, d >= t);
-            }));
+            let stopping = || crate::cli::signals::stop_asked().is_some();
+            let result = block_on(stack.compact_with(
+                &SyncIo,
+                step.unwrap_or(256).max(1),
+                unknown_below,
+                &|d, t| {
+                    bar.set(d, t);
+                    if !stopping() {
+                        pace.wait(&SyncIo, d * cluster, d >= t);
+                    }
+                },
+                &|| !stopping(),
+            ));
             bar.finish();
             let closed = block_on(stack.close(&SyncIo));
             let done = result?;
@@ -303,7 +321,17 @@ fn compact(id: Option<u32>, target: Option<PathBuf>, step: Option<u64>, speed: O
             done.unlinked, done.moved, done.file_size_before, done.file_size_after
         );
     }
-    Ok(0)
+    match crate::cli::signals::stop_asked() {
+        Some(sig) if !done.done => {
+            eprintln!(
+                "ublk-ploop: compact stopped by {} with {} moves left; the image is closed clean: run compact again to go on",
+                crate::cli::signals::signal_name(sig),
+                done.remaining
+            );
+            Ok(128 + sig)
+        }
+        _ => Ok(0),
+    }
 }
 
 /// Flatten a stack or a disk (or one of its snapshots) into a new image.

@@ -395,19 +395,22 @@ impl Stack {
     /// while the top is closed, compacted (`layers::ploop::compact`) and
     /// opened again. `progress` gets (clusters moved, clusters to move).
     pub async fn compact<I: Io>(&self, io: &I, budget: u64, progress: &dyn Fn(u64, u64)) -> Result<crate::layers::ploop::compact::Compacted> {
-        self.compact_with(io, budget, false, progress).await
+        self.compact_with(io, budget, false, progress, &|| true).await
     }
 
     /// The same; with `unknown_below`, the top is taken to lie over layers
     /// this stack does not have (an image file opened on its own that may
     /// be a delta): a discarded cluster must keep reading as zeros from the
     /// top, so none is unlinked (clusters still move, the file is still cut).
+    /// When `keep_going` says no after a step, it stops there (`done`
+    /// false): every step leaves the image whole, so the next run goes on.
     pub async fn compact_with<I: Io>(
         &self,
         io: &I,
         budget: u64,
         unknown_below: bool,
         progress: &dyn Fn(u64, u64),
+        keep_going: &dyn Fn() -> bool,
     ) -> Result<crate::layers::ploop::compact::Compacted> {
         use crate::layers::ploop::compact::{compact_step, Compacted};
         self.check_writable()?;
@@ -428,9 +431,10 @@ impl Stack {
             total.unlinked += step.unlinked;
             total.moved += step.moved;
             progress(total.moved, total.moved + step.remaining);
-            if step.done {
+            if step.done || !keep_going() {
                 total.file_size_after = step.file_size_after;
-                total.done = true;
+                total.remaining = step.remaining;
+                total.done = step.done;
                 return Ok(total);
             }
         }
