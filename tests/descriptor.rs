@@ -239,6 +239,31 @@ fn malformed_descriptors_are_refused_with_the_element_named() {
     ploop(["add", "--image", dir.path().to_str().unwrap()]).expect_clean_failure();
 }
 
+/// One file named twice in ways no spelling rule sees (absolute and
+/// relative, a symlink, a hard link) is refused when the disk is read,
+/// before any command opens it twice.
+#[test]
+fn one_file_under_two_names_is_refused() {
+    let dir = TempDir::new("desc-one-file");
+    let d = dir.join("ct");
+    ploop(["init", d.to_str().unwrap(), "--size", "64M"]).ok();
+    ploop(["snapshot", d.to_str().unwrap()]).ok();
+    let xml = fs::read_to_string(d.join("DiskDescriptor.xml")).unwrap();
+    let top = Disk::load(&d).unwrap();
+    let top_file = top.desc.image(top.desc.top).unwrap().file.clone();
+    std::os::unix::fs::symlink("root.hds", d.join("alias.hds")).unwrap();
+    fs::hard_link(d.join("root.hds"), d.join("linked.hds")).unwrap();
+    let absolute = d.join("root.hds").to_str().unwrap().to_string();
+    for other in [absolute.as_str(), "alias.hds", "linked.hds"] {
+        fs::write(d.join("DiskDescriptor.xml"), xml.replace(&format!("<File>{top_file}</File>"), &format!("<File>{other}</File>"))).unwrap();
+        ploop(["info", d.to_str().unwrap()]).expect_clean_failure().mentions(&["name one file"]);
+        ploop(["check", d.to_str().unwrap()]).expect_clean_failure().mentions(&["name one file"]);
+    }
+    fs::write(d.join("DiskDescriptor.xml"), &xml).unwrap();
+    fs::remove_file(d.join("linked.hds")).unwrap();
+    ploop(["check", d.to_str().unwrap()]).ok();
+}
+
 #[test]
 fn a_damaged_ploop_image_is_not_taken_for_a_raw_disk() {
     let dir = TempDir::new("desc-damaged");

@@ -94,7 +94,32 @@ impl Disk {
             _ => PathBuf::from("."),
         };
         let dir = io.canonicalize(&dir).map_err(|e| Error::io(e, dir.display()))?;
-        Ok(Disk { dir, desc, held: None, read_by_clones: Arc::default() })
+        let disk = Disk { dir, desc, held: None, read_by_clones: Arc::default() };
+        disk.check_distinct_files(io)?;
+        Ok(disk)
+    }
+
+    /// Two deltas must be two files: one file in two places of a chain
+    /// would be written through one name and read through the other. The
+    /// descriptor's own check compares spellings; this one the files (an
+    /// absolute and a relative name, a symlink, a hard link). Missing files
+    /// are for the open to report.
+    fn check_distinct_files<I: Io + ?Sized>(&self, io: &I) -> Result<()> {
+        let mut seen: Vec<((u64, u64), Guid)> = Vec::with_capacity(self.desc.images.len());
+        for img in &self.desc.images {
+            let Ok(path) = io.canonicalize(&self.file_path(img)) else { continue };
+            let Ok(Some(st)) = io.stat(&path) else { continue };
+            if let Some((_, other)) = seen.iter().find(|(id, _)| *id == (st.dev, st.ino)) {
+                return Err(Error::invalid(format!(
+                    "{}: <Image> {other} and {} name one file, {} (a delta would be read through one name and written through the other)",
+                    self.xml_path().display(),
+                    img.guid,
+                    path.display()
+                )));
+            }
+            seen.push(((st.dev, st.ino), img.guid));
+        }
+        Ok(())
     }
 
     /// Take ploop's lock on a disk (waiting for another holder) and read
