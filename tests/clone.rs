@@ -351,8 +351,73 @@ fn a_template_knows_the_clones_of_its_clones() {
     ploop(["detach", p(&c1)]).ok();
     assert!(!fs::read_to_string(c1.join(DESCRIPTOR)).unwrap().contains(p(&tmpl)));
     assert_frozen_for(&tmpl, &c2);
+    // The next clone's tidying of the list keeps c1: c2 is found through it.
+    let c3 = root.join("c3");
+    ploop(["clone", p(&tmpl), p(&c3)]).ok();
+    fs::remove_dir_all(&c3).unwrap();
+    ploop(["clone", p(&tmpl), p(&root.join("c4"))]).ok();
+    fs::remove_dir_all(root.join("c4")).unwrap();
+    assert!(fs::read_to_string(tmpl.join(LIST)).unwrap().contains(p(&c1)));
+    assert_frozen_for(&tmpl, &c2);
     let s = open_disk(&c2);
     write_own(&s, 0xE2);
     check_clone(&s, 0xE2);
     close(s);
+}
+
+/// A list or a clone that cannot be read does not lock the template out:
+/// it still loads (info, check), and every change to its files is refused
+/// as if the unknown clone stood on them, saying why.
+#[test]
+fn a_clone_that_cannot_be_read_keeps_the_template_safe_and_readable() {
+    let (root, tmpl, ct) = template_and_clone("clone-unknown");
+    let xml = fs::read_to_string(ct.join(DESCRIPTOR)).unwrap();
+    for (what, damage) in [
+        ("its descriptor does not read", &(|ct: &Path| fs::write(ct.join(DESCRIPTOR), "<garbage").unwrap()) as &dyn Fn(&Path)),
+        ("its own list of clones does not read", &|ct: &Path| fs::create_dir(ct.join(LIST)).unwrap()),
+    ] {
+        damage(&ct);
+        ploop(["info", p(&tmpl)]).ok();
+        ploop(["check", p(&tmpl)]).ok();
+        let err = block_on(Disk::load(&tmpl).unwrap().writable_layers(&SyncIo)).expect_err(what);
+        assert_eq!(err.errno(), libc::EBUSY, "{err}");
+        // A clone whose descriptor reads is known to stand on the base;
+        // the other is only suspected to, and the error says why.
+        let unsure = what.starts_with("its descriptor");
+        assert!(!unsure || (err.to_string().contains("may stand on it") && err.to_string().contains(what)), "{err}");
+        fs::write(ct.join(DESCRIPTOR), &xml).unwrap();
+        let _ = fs::remove_dir(ct.join(LIST));
+    }
+    // The template's own list unreadable: the same.
+    fs::rename(tmpl.join(LIST), root.join("list")).unwrap();
+    fs::create_dir(tmpl.join(LIST)).unwrap();
+    ploop(["info", p(&tmpl)]).ok();
+    ploop(["snapshot", p(&tmpl)]).expect_clean_failure().mentions(&["may stand on it"]);
+    fs::remove_dir(tmpl.join(LIST)).unwrap();
+    fs::rename(root.join("list"), tmpl.join(LIST)).unwrap();
+    assert_frozen_for(&tmpl, &ct);
+}
+
+/// Files a clone stands on are refused when named on their own too:
+/// served read-write, resized, or deleted as a snapshot with several
+/// children (marked to be merged later, which could then not be).
+#[test]
+fn a_template_file_named_on_its_own_keeps_its_clones() {
+    let (_root, tmpl, ct) = template_and_clone("clone-alone");
+    let base = tmpl.join("root.hds");
+    let err = ublk_ploop::disk::resolve::check_served_alone(&base).expect_err("serving a file a clone stands on");
+    assert!(err.to_string().contains("stands on it"), "{err}");
+    let before = fingerprint(&base);
+    ploop(["resize", p(&base), "--size", "16M"]).expect_clean_failure().mentions(&["stands on it"]);
+    assert_eq!(fingerprint(&base), before);
+    // A snapshot served alone would change what the deltas above show.
+    let (_root2, tmpl2, _) = template_and_clone("clone-alone-2");
+    fs::remove_dir_all(_root2.join("ct")).unwrap();
+    let snap = ploop(["snapshot", p(&tmpl2), "--json"]).ok().json();
+    let err = ublk_ploop::disk::resolve::check_served_alone(&tmpl2.join("root.hds")).expect_err("serving a snapshot alone");
+    assert!(err.to_string().contains(snap["guid"].as_str().unwrap()), "{err}");
+    let disk = Disk::load(&tmpl2).unwrap();
+    let top = disk.file_path(disk.desc.image(disk.desc.top).unwrap());
+    ublk_ploop::disk::resolve::check_served_alone(&top).expect("the top of a disk no clone stands on");
+    drop(ct);
 }

@@ -209,6 +209,8 @@ fn resize_cmd(id: Option<u32>, image: Option<PathBuf>, size: u64, format: Format
         (Some(mut disk), _) => block_on(disk.resize(&SyncIo, size))?,
         (None, paths) => {
             let (path, format) = &paths[0];
+            // A delta of a disk named on its own keeps the disk's rules.
+            let _disk = resolve::disk_of_image(path, "resize")?;
             vec![match format {
                 Format::Raw => block_on(resize_raw(&SyncIo, path, size, true))?,
                 _ => block_on(resize(&SyncIo, path, size, true))?,
@@ -292,9 +294,7 @@ fn compact(id: Option<u32>, target: Option<PathBuf>, step: Option<u64>, speed: O
                 unknown_below,
                 &|d, t| {
                     bar.set(d, t);
-                    if !stopping() {
-                        pace.wait(&SyncIo, d * cluster, d >= t);
-                    }
+                    pace.wait_unless(&SyncIo, d * cluster, d >= t, &stopping);
                 },
                 &|| !stopping(),
             ));

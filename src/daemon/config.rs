@@ -121,7 +121,12 @@ impl DeviceConfig {
         match &self.disk {
             Some(dir) if !self.read_only && self.snapshot.is_none() => block_on(Disk::load(dir)?.writable_layers(&SyncIo)),
             Some(dir) => Disk::load(dir)?.layers(self.snapshot),
-            None => Ok(self.images.clone()),
+            None => {
+                if let (false, Some(top)) = (self.read_only, self.images.last()) {
+                    ublk_ploop::disk::resolve::check_served_alone(&top.path)?;
+                }
+                Ok(self.images.clone())
+            }
         }
     }
 }

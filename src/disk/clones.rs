@@ -13,7 +13,7 @@
 //! the next `clone`. Clones of clones are followed through their own
 //! lists. ploop's tool does not read the list.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 
 use super::Disk;
@@ -30,11 +30,41 @@ const MAX_FOLLOWED: usize = 4096;
 /// A file some clone reads, known by device and inode (names differ: the
 /// clone's descriptor spells it as an absolute path).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ReadFile {
-    pub dev: u64,
-    pub ino: u64,
+struct ReadFile {
+    dev: u64,
+    ino: u64,
     /// The clone that reads it.
-    pub clone: PathBuf,
+    clone: PathBuf,
+}
+
+/// What the clones of a disk read, as its list (and its clones' lists)
+/// say. Never an error: a list or a clone that cannot be read makes every
+/// file of the disk count as read (the safe side), so the disk still
+/// loads, and what would change its files says why not.
+#[derive(Clone, Debug, Default)]
+pub struct ReadByClones {
+    files: Vec<ReadFile>,
+    /// A clone (or a list) we could not look into, and why.
+    unknown: Option<(PathBuf, String)>,
+}
+
+impl ReadByClones {
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty() && self.unknown.is_none()
+    }
+
+    /// The clone that reads the file with this device and inode, and the
+    /// words for it; None when no clone does.
+    pub fn reader(&self, dev: u64, ino: u64) -> Option<(PathBuf, String)> {
+        if let Some(r) = self.files.iter().find(|r| (r.dev, r.ino) == (dev, ino)) {
+            return Some((r.clone.clone(), format!("the clone {} stands on it", r.clone.display())));
+        }
+        self.unknown.as_ref().map(|(clone, why)| (clone.clone(), format!("the clone {} may stand on it ({why})", clone.display())))
+    }
+
+    fn unsure(&mut self, clone: &Path, why: String) {
+        self.unknown.get_or_insert_with(|| (clone.to_path_buf(), why));
+    }
 }
 
 /// The clone directories `dir`'s list names (none without a list).
@@ -52,88 +82,131 @@ async fn listed<I: Io + ?Sized>(io: &I, dir: &Path) -> Result<Vec<PathBuf>> {
     let mut bytes = vec![0u8; len as usize];
     io.read_at(file.fd(), &mut bytes, 0).await.map_err(|e| Error::io(e, path.display()))?;
     // A line that is not an absolute UTF-8 path names no clone of ours.
-    Ok(String::from_utf8_lossy(&bytes).lines().map(PathBuf::from).filter(|p| p.is_absolute()).collect())
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    for dir in String::from_utf8_lossy(&bytes).lines().map(PathBuf::from).filter(|p| p.is_absolute()) {
+        if !dirs.contains(&dir) {
+            dirs.push(dir);
+        }
+    }
+    Ok(dirs)
 }
 
-/// The outside files (a template's) that the clone in `dir` reads, or None
-/// when `dir` holds no descriptor that loads: a clone removed or never
-/// finished.
-async fn reads_of<I: Io + ?Sized>(io: &I, dir: &Path) -> Option<Vec<(u64, u64)>> {
-    let disk = Disk::load_bare(io, dir).await.ok()?;
-    let files = disk
-        .desc
-        .images
-        .iter()
-        .filter(|img| super::clone::is_shared(&disk, img))
-        .filter_map(|img| io.stat(&disk.file_path(img)).ok().flatten())
-        .map(|st| (st.dev, st.ino))
-        .collect();
-    Some(files)
+/// What the clone in a listed directory reads.
+enum Reads {
+    /// No such directory, or no descriptor in it: removed, or never made.
+    Gone,
+    /// The outside files (a template's) its descriptor names.
+    Files(Vec<(u64, u64)>),
+    /// Its descriptor is there but does not read, and why.
+    Unknown(String),
+}
+
+async fn reads_of<I: Io + ?Sized>(io: &I, dir: &Path) -> Reads {
+    match io.stat(&dir.join(super::DESCRIPTOR)) {
+        Ok(Some(_)) => {}
+        Ok(None) => return Reads::Gone,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => return Reads::Gone,
+        Err(e) => return Reads::Unknown(format!("its descriptor: {e}")),
+    }
+    match Disk::load_bare(io, dir).await {
+        Ok(disk) => Reads::Files(
+            disk.desc
+                .images
+                .iter()
+                .filter(|img| super::clone::is_shared(&disk, img))
+                .filter_map(|img| io.stat(&disk.file_path(img)).ok().flatten())
+                .map(|st| (st.dev, st.ino))
+                .collect(),
+        ),
+        Err(e) => Reads::Unknown(format!("its descriptor does not read: {e}")),
+    }
 }
 
 /// Every file that a clone of the disk in `dir` reads, its clones' clones
 /// included. Empty without a list (nearly every disk).
-pub(super) async fn files_read<I: Io + ?Sized>(io: &I, dir: &Path) -> Result<Vec<ReadFile>> {
-    let mut out = Vec::new();
-    let mut followed = vec![dir.to_path_buf()];
-    let mut queue: VecDeque<PathBuf> = listed(io, dir).await?.into();
+pub(super) async fn files_read<I: Io + ?Sized>(io: &I, dir: &Path) -> ReadByClones {
+    let mut out = ReadByClones::default();
+    let mut followed: HashSet<PathBuf> = HashSet::from([dir.to_path_buf()]);
+    let mut queue: VecDeque<PathBuf> = match listed(io, dir).await {
+        Ok(dirs) => dirs.into(),
+        Err(e) => {
+            out.unsure(&dir.join(LIST), format!("the list does not read: {e}"));
+            return out;
+        }
+    };
     while let Some(clone) = queue.pop_front() {
-        if followed.contains(&clone) {
+        if !followed.insert(clone.clone()) {
             continue;
         }
         if followed.len() > MAX_FOLLOWED {
-            return Err(Error::invalid(format!(
-                "{}: more than {MAX_FOLLOWED} clones listed (its clones' clones included)",
-                dir.join(LIST).display()
-            )));
+            out.unsure(&clone, format!("more than {MAX_FOLLOWED} clones are listed, its clones' clones included"));
+            break;
         }
-        followed.push(clone.clone());
-        let Some(reads) = reads_of(io, &clone).await else { continue };
-        out.extend(reads.into_iter().map(|(dev, ino)| ReadFile { dev, ino, clone: clone.clone() }));
-        queue.extend(listed(io, &clone).await?);
+        match reads_of(io, &clone).await {
+            Reads::Gone => continue,
+            Reads::Files(files) => out.files.extend(files.into_iter().map(|(dev, ino)| ReadFile { dev, ino, clone: clone.clone() })),
+            Reads::Unknown(why) => out.unsure(&clone, why),
+        }
+        match listed(io, &clone).await {
+            Ok(dirs) => queue.extend(dirs.into_iter().filter(|d| !followed.contains(d))),
+            Err(e) => out.unsure(&clone, format!("its own list of clones does not read: {e}")),
+        }
     }
-    Ok(out)
+    out
 }
 
 /// List `clone` in the template's list, before the clone's descriptor is
 /// stored, under the template's lock (which the caller holds). Lines of
-/// clones that no longer read the template go. A template on storage we
-/// may not write (read-only, or another user's) is left unlisted: who may
-/// not write it cannot change it either, and `clone` makes nothing beside
-/// such a template.
+/// clones that are gone, or that read nothing of the template and have no
+/// clones of their own, are dropped. A template whose list we may not
+/// make (read-only storage, another user's directory) is left unlisted:
+/// who may not write there cannot change it either, and `clone` makes
+/// nothing beside such a template.
 pub(super) async fn list_clone<I: Io + ?Sized>(io: &I, template: &Disk, clone: &Path) -> Result<()> {
-    let mut keep = Vec::new();
+    let Some(line) = clone.to_str().filter(|l| !l.contains('\n')) else {
+        return Err(Error::invalid(format!(
+            "{}: a clone's directory must be named in UTF-8 without line breaks (its template lists it by name)",
+            clone.display()
+        )));
+    };
+    let mut text = String::new();
     for dir in listed(io, &template.dir).await? {
-        if dir != clone && reads_of(io, &dir).await.is_some_and(|r| !r.is_empty()) && !keep.contains(&dir) {
-            keep.push(dir);
+        let keep = match reads_of(io, &dir).await {
+            Reads::Gone => false,
+            Reads::Files(files) => !files.is_empty() || !listed(io, &dir).await.is_ok_and(|l| l.is_empty()),
+            Reads::Unknown(_) => true,
+        };
+        if keep && dir != clone {
+            text.push_str(dir.to_str().expect("read as UTF-8"));
+            text.push('\n');
         }
     }
-    keep.push(clone.to_path_buf());
-    let mut text = String::new();
-    for dir in &keep {
-        let Some(line) = dir.to_str() else { continue };
-        text.push_str(line);
-        text.push('\n');
-    }
+    text.push_str(line);
+    text.push('\n');
     let path = template.dir.join(LIST);
     let tmp = template.dir.join(format!("{LIST}.tmp"));
+    match io.remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound && !may_not_write(&e) => return Err(Error::io(e, tmp.display())),
+        _ => {}
+    }
+    let file = match io.open(&tmp, &OpenHow::create_new(0o644)) {
+        Ok(f) => f,
+        Err(e) if may_not_write(&e) => return Ok(()),
+        Err(e) => return Err(Error::io(e, tmp.display())),
+    };
     let write = async {
-        match io.remove_file(&tmp) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
-        let file = io.open(&tmp, &OpenHow::create_new(0o644))?;
         io.write_at(file.fd(), text.as_bytes(), 0).await?;
         io.sync_data(file.fd()).await?;
         io.rename(&tmp, &path).await?;
         io.sync_dir(&template.dir).await
     };
-    match write.await {
-        Ok(()) => Ok(()),
-        Err(e) if matches!(e.raw_os_error(), Some(libc::EROFS | libc::EACCES | libc::EPERM)) => Ok(()),
-        Err(e) => {
-            let _ = io.remove_file(&tmp);
-            Err(Error::io(e, format_args!("{}: listing the clone {}", path.display(), clone.display())))
-        }
-    }
+    write.await.map_err(|e| {
+        let _ = io.remove_file(&tmp);
+        Error::io(e, format_args!("{}: listing the clone {}", path.display(), clone.display()))
+    })
+}
+
+/// A directory we may not write in: read-only storage, or another user's.
+fn may_not_write(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EROFS | libc::EACCES | libc::EPERM))
 }

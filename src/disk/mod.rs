@@ -38,7 +38,7 @@ pub struct Disk {
     held: Option<Arc<Mutex<DiskLock>>>,
     /// Files of this disk that its clones read, from its list of clones
     /// as of the last load: not this disk's to change ([`Disk::place`]).
-    read_by_clones: Arc<Vec<clones::ReadFile>>,
+    read_by_clones: Arc<clones::ReadByClones>,
 }
 
 impl Disk {
@@ -69,7 +69,7 @@ impl Disk {
     /// The same through `io` (the daemon's recovery in a simulated world).
     pub async fn load_in<I: Io + ?Sized>(io: &I, path: &Path) -> Result<Disk> {
         let mut disk = Disk::load_bare(io, path).await?;
-        disk.read_by_clones = Arc::new(clones::files_read(io, &disk.dir).await?);
+        disk.read_by_clones = Arc::new(clones::files_read(io, &disk.dir).await);
         Ok(disk)
     }
 
@@ -221,8 +221,8 @@ impl Disk {
             return place;
         }
         let Ok(Some(st)) = io.stat(&self.file_path(image)) else { return place };
-        match self.read_by_clones.iter().find(|r| (r.dev, r.ino) == (st.dev, st.ino)) {
-            Some(r) => Place::ReadByClone(r.clone.clone()),
+        match self.read_by_clones.reader(st.dev, st.ino) {
+            Some((clone, why)) => Place::ReadByClone { clone, why },
             None => place,
         }
     }
@@ -264,14 +264,13 @@ impl Disk {
     pub fn writable_path_in<I: Io + ?Sized>(&self, io: &I, image: &Image, what: &str) -> Result<PathBuf> {
         match self.place_in(io, image) {
             Place::Inside => Ok(self.file_path(image)),
-            Place::ReadByClone(clone) => Err(Error::new(
+            Place::ReadByClone { clone, why } => Err(Error::new(
                 libc::EBUSY,
                 format!(
-                    "{}: refusing to {what} delta {}: the clone {} stands on it (a clone's lower deltas are its template's files, \
-                     listed in {}); detach that clone first (`ublk-ploop detach {}`), or remove it",
+                    "{}: refusing to {what} delta {}: {why} (a clone's lower deltas are its template's files; its template lists it \
+                     in {}); detach that clone first (`ublk-ploop detach {}`), or remove it",
                     self.xml_path().display(),
                     image.file,
-                    clone.display(),
                     clones::LIST,
                     clone.display()
                 ),
@@ -617,9 +616,9 @@ pub enum Place {
     Inside,
     /// Anywhere else, and why: it is only ever opened read-only.
     Outside(String),
-    /// Inside, but a clone of the disk (this directory) stands on it: only
-    /// read, as a file outside.
-    ReadByClone(PathBuf),
+    /// Inside, but a clone of the disk (this directory) stands on it, or
+    /// may (`why`): only read, as a file outside.
+    ReadByClone { clone: PathBuf, why: String },
 }
 
 /// The path below `dir` that a descriptor's file name stays inside, by its

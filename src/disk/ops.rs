@@ -259,9 +259,7 @@ async fn merge_locked<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, child: Opti
         (None, None) => return merge_off_chain(io, stack, disk, (child, &cimg), (parent, &pimg, &pshot), progress).await,
         _ => return Err(Error::invalid(format!("{child} and its parent {parent} are not next to each other in the served chain"))),
     };
-    let in_use = |e: Error| {
-        Error::new(e.errno(), format!("{}: in use by another process (a mounted snapshot?): {e}", ppath.display()))
-    };
+    let in_use = |e: Error| Error::new(e.errno(), format!("{}: in use by another process (a mounted snapshot?): {e}", ppath.display()));
     let mut next = disk.clone();
     let d = &mut next.desc;
     d.images.retain(|i| i.guid != parent);
@@ -670,6 +668,8 @@ pub async fn delete<I: Io>(io: &I, stack: &Stack, disk: &mut Disk, guid: Guid, p
         }
         1 => merge_locked(io, stack, disk, Some(children[0]), progress).await.map(Deleted::Merged),
         _ => {
+            // Merged into its last child once the others go: refused now if that would be.
+            disk.writable_path_in(io, disk.desc.image(guid).ok_or_else(|| no_such(disk, guid))?, "delete (merge into its last child later)")?;
             let mut next = disk.clone();
             next.desc.shots.iter_mut().filter(|s| s.guid == guid).for_each(|s| s.temporary = Temporary::Temporary);
             next.replace(io, disk).await?;

@@ -119,6 +119,42 @@ pub fn files(paths: &[PathBuf], formats: &[Format]) -> Result<Files> {
 /// this delta. Only a delta of the disk's own qualifies; `what` names the
 /// command in the refusal. None when no descriptor beside it names it.
 pub fn disk_of_image(image: &Path, what: &str) -> Result<Option<(Disk, Vec<LayerSpec>)>> {
+    match named_by_its_disk(image, true)? {
+        Some((disk, image)) => {
+            disk.writable_path(&image, what)?;
+            let layers = disk.layers(Some(image.guid))?;
+            Ok(Some((disk, layers)))
+        }
+        None => Ok(None),
+    }
+}
+
+/// An image file served read-write on its own (`add --image FILE`): when a
+/// descriptor beside it names it, the disk's rules hold as at the disk's
+/// own start. It must be the disk's to change (a file a clone stands on is
+/// not), and its top: writing a snapshot changes what the deltas above it
+/// show.
+pub fn check_served_alone(image: &Path) -> Result<()> {
+    let Some((disk, img)) = named_by_its_disk(image, false)? else { return Ok(()) };
+    disk.writable_path(&img, "write")?;
+    if img.guid != disk.desc.top {
+        return Err(Error::new(
+            libc::EBUSY,
+            format!(
+                "{}: it is snapshot {} of the disk {}, with deltas above it: writing it would change what they show; \
+                 serve the disk directory, or this file --read-only",
+                image.display(),
+                img.guid,
+                disk.dir.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The disk whose descriptor, beside `image`, names it, and its entry
+/// there (the disk locked if `locked`).
+fn named_by_its_disk(image: &Path, locked: bool) -> Result<Option<(Disk, super::Image)>> {
     let dir = match image.parent() {
         Some(d) if d.as_os_str().is_empty() => Path::new("."),
         Some(d) => d,
@@ -128,14 +164,7 @@ pub fn disk_of_image(image: &Path, what: &str) -> Result<Option<(Disk, Vec<Layer
         return Ok(None);
     }
     let me = std::fs::canonicalize(image).map_err(|e| Error::io(e, image.display()))?;
-    let disk = Disk::load_locked(dir)?;
-    let named = disk.desc.images.iter().find(|i| std::fs::canonicalize(disk.file_path(i)).is_ok_and(|p| p == me));
-    match named {
-        Some(image) => {
-            disk.writable_path(image, what)?;
-            let layers = disk.layers(Some(image.guid))?;
-            Ok(Some((disk, layers)))
-        }
-        None => Ok(None),
-    }
+    let disk = if locked { Disk::load_locked(dir)? } else { Disk::load(dir)? };
+    let named = disk.desc.images.iter().find(|i| std::fs::canonicalize(disk.file_path(i)).is_ok_and(|p| p == me)).cloned();
+    Ok(named.map(|img| (disk, img)))
 }
