@@ -39,12 +39,38 @@ impl Pace {
             io.sleep_blocking(d);
         }
     }
+
+    /// The same, in slices of at most 200 ms, ending early once `stop`
+    /// says so: a command asked to stop does not sit out a long pause.
+    pub fn wait_unless(&self, io: &impl Io, bytes: u64, last: bool, stop: &dyn Fn() -> bool) {
+        while !last && !stop() {
+            let d = self.delay(bytes);
+            if d.is_zero() {
+                return;
+            }
+            io.sleep_blocking(d.min(Duration::from_millis(200)));
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use ublk_ploop::io::SyncIo;
+
+    #[test]
+    fn a_stop_ends_a_long_pause() {
+        let pace = Pace::new(Some(1));
+        let t = std::time::Instant::now();
+        pace.wait_unless(&SyncIo, 1 << 20, false, &|| true);
+        let asked = std::cell::Cell::new(0);
+        pace.wait_unless(&SyncIo, 1 << 20, false, &|| {
+            asked.set(asked.get() + 1);
+            asked.get() > 2
+        });
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        assert_eq!(asked.get(), 3);
+    }
 
     #[test]
     fn no_limit_never_waits() {

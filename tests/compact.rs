@@ -341,7 +341,18 @@ fn an_interrupted_cli_compaction_stops_between_steps_closed_clean() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(700));
+    // Its handler is in place before it opens the image: wait for that.
+    let real = std::fs::canonicalize(&img).unwrap();
+    let holds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", child.id()))
+            .map(|fds| fds.flatten().any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l == real)))
+            .unwrap_or(false)
+    };
+    let start = std::time::Instant::now();
+    while !holds() && start.elapsed() < std::time::Duration::from_secs(30) {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let out = child.wait_with_output().unwrap();
