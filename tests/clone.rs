@@ -53,6 +53,20 @@ fn template_and_clone(tag: &str) -> (TempDir, PathBuf, PathBuf) {
     (root, tmpl, ct)
 }
 
+/// A template with a snapshot (its GUID returned), then 0x33 written
+/// over cluster 5 in its new top: it has moved on past the snapshot.
+fn template_past_a_snapshot(tag: &str) -> (TempDir, PathBuf, String) {
+    let root = TempDir::new(tag);
+    let tmpl = root.join("template");
+    template(&tmpl);
+    let snap = ploop(["snapshot", p(&tmpl), "--json"]).ok().json();
+    let guid = snap["guid"].as_str().unwrap().to_string();
+    let s = open_disk(&tmpl);
+    block_on(s.write(&SyncIo, 5 * K64 as u64, &[0x33; K64])).unwrap();
+    close(s);
+    (root, tmpl, guid)
+}
+
 fn read(stack: &Stack, off: u64, len: usize) -> Vec<u8> {
     let mut buf = vec![0u8; len];
     block_on(stack.read(&SyncIo, off, &mut buf)).unwrap();
@@ -183,15 +197,7 @@ fn a_template_in_use_is_not_cloned() {
 /// is detached in two merges.
 #[test]
 fn a_clone_of_a_snapshot_and_its_detach() {
-    let root = TempDir::new("clone-snap");
-    let tmpl = root.join("template");
-    template(&tmpl);
-    let snap = ploop(["snapshot", p(&tmpl), "--json"]).ok().json();
-    let guid = snap["guid"].as_str().unwrap().to_string();
-    // The template moves on in its new top.
-    let s = open_disk(&tmpl);
-    block_on(s.write(&SyncIo, 5 * K64 as u64, &[0x33; K64])).unwrap();
-    close(s);
+    let (root, tmpl, guid) = template_past_a_snapshot("clone-snap");
     let at_snapshot = root.join("old");
     let at_top = root.join("new");
     ploop(["clone", p(&tmpl), p(&at_snapshot), "-u", &guid]).ok();
@@ -290,14 +296,7 @@ fn assert_frozen_for(tmpl: &Path, clone: &Path) {
 /// copies it up instead and leaves its file to the clone.
 #[test]
 fn a_template_keeps_the_files_its_stopped_clones_stand_on() {
-    let root = TempDir::new("clone-kept");
-    let tmpl = root.join("template");
-    template(&tmpl);
-    let snap = ploop(["snapshot", p(&tmpl), "--json"]).ok().json();
-    let guid = snap["guid"].as_str().unwrap().to_string();
-    let s = open_disk(&tmpl);
-    block_on(s.write(&SyncIo, 5 * K64 as u64, &[0x33; K64])).unwrap();
-    close(s);
+    let (root, tmpl, guid) = template_past_a_snapshot("clone-kept");
     let (old, new) = (root.join("old"), root.join("new"));
     ploop(["clone", p(&tmpl), p(&old), "-u", &guid]).ok();
     ploop(["clone", p(&tmpl), p(&new)]).ok();
