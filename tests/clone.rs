@@ -390,6 +390,22 @@ fn a_clone_that_cannot_be_read_keeps_the_template_safe_and_readable() {
     // The template's own list unreadable: the same.
     fs::rename(tmpl.join(LIST), root.join("list")).unwrap();
     fs::create_dir(tmpl.join(LIST)).unwrap();
+    let err = block_on(Disk::load(&tmpl).unwrap().writable_layers(&SyncIo)).expect_err("an unreadable list");
+    assert!(err.to_string().contains("a clone may stand on it") && err.to_string().contains("mend that list"), "{err}");
+    fs::remove_dir(tmpl.join(LIST)).unwrap();
+    fs::rename(root.join("list"), tmpl.join(LIST)).unwrap();
+    // A clone's own list unreadable, over a file it does not read itself.
+    let (_r2, tmpl2, guid) = template_past_a_snapshot("clone-unknown-2");
+    let old = _r2.join("old");
+    ploop(["clone", p(&tmpl2), p(&old), "-u", &guid]).ok();
+    block_on(Disk::load(&tmpl2).unwrap().writable_layers(&SyncIo)).expect("old stands on the base only");
+    fs::create_dir(old.join(LIST)).unwrap();
+    let err = block_on(Disk::load(&tmpl2).unwrap().writable_layers(&SyncIo)).expect_err("an unreadable list of a clone");
+    assert!(err.to_string().contains("may stand on it") && err.to_string().contains("its own list of clones does not read"), "{err}");
+    fs::remove_dir(old.join(LIST)).unwrap();
+    // And the template's own list: changes refused, the template loads.
+    fs::rename(tmpl.join(LIST), root.join("list")).unwrap();
+    fs::create_dir(tmpl.join(LIST)).unwrap();
     ploop(["info", p(&tmpl)]).ok();
     ploop(["snapshot", p(&tmpl)]).expect_clean_failure().mentions(&["may stand on it"]);
     fs::remove_dir(tmpl.join(LIST)).unwrap();
@@ -419,4 +435,33 @@ fn a_template_file_named_on_its_own_keeps_its_clones() {
     let top = disk.file_path(disk.desc.image(disk.desc.top).unwrap());
     ublk_ploop::disk::resolve::check_served_alone(&top).expect("the top of a disk no clone stands on");
     drop(ct);
+}
+
+/// A snapshot with several children is marked to be merged into its last
+/// child later: refused when a clone stands on it, since that merge would
+/// be refused then and leave the template stuck half deleted.
+#[test]
+fn a_snapshot_a_clone_stands_on_is_not_marked_to_merge_later() {
+    let (root, tmpl, s1) = template_past_a_snapshot("clone-branches");
+    let s2 = ploop(["snapshot", p(&tmpl), "--json"]).ok().json()["guid"].as_str().unwrap().to_string();
+    // Back to s1: a new top beside s2, so that s1 has two children.
+    ploop(["snapshot-switch", p(&tmpl), "-u", &s1]).ok();
+    let disk = Disk::load(&tmpl).unwrap();
+    let s1g = s1.parse().unwrap();
+    assert_eq!(disk.desc.children(s1g).len(), 2, "{:?}", disk.desc.shots);
+    ploop(["clone", p(&tmpl), p(&root.join("ct")), "-u", &s2]).ok();
+    let before = fs::read_to_string(tmpl.join(DESCRIPTOR)).unwrap();
+    ploop(["snapshot-delete", p(&tmpl), "-u", &s1]).expect_clean_failure().mentions(&["stands on it"]);
+    assert_eq!(fs::read_to_string(tmpl.join(DESCRIPTOR)).unwrap(), before, "the snapshot was marked anyway");
+    // Without the clone it is marked, as ploop does.
+    fs::remove_dir_all(root.join("ct")).unwrap();
+    ploop(["snapshot-delete", p(&tmpl), "-u", &s1]).ok();
+}
+
+/// `add --image FILE` read-write on a delta of a disk: refused before any
+/// device is asked for when a clone stands on it or deltas lie above it.
+#[test]
+fn a_disk_delta_served_alone_is_refused_before_the_device() {
+    let (_root, tmpl, _ct) = template_and_clone("clone-add-alone");
+    ploop(["add", "--image", p(&tmpl.join("root.hds"))]).expect_clean_failure().mentions(&["stands on it"]);
 }

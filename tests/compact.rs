@@ -334,14 +334,15 @@ fn the_cli_compaction_keeps_the_record_of_changes() {
 fn an_interrupted_cli_compaction_stops_between_steps_closed_clean() {
     let dir = TempDir::new("compact-sigint");
     let (img, model) = fragmented(&dir, "a.hdd");
-    // One cluster a step, four a second: far longer than the wait below.
+    // One cluster a step at one byte a second: after its first step the
+    // command pauses for over an hour, unless the stop ends the pause.
     let child = std::process::Command::new(common::bin())
-        .args(["compact", img.to_str().unwrap(), "--base", "--step", "1", "--speed", "16K", "--json"])
+        .args(["compact", img.to_str().unwrap(), "--base", "--step", "1", "--speed", "1", "--json"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Its handler is in place before it opens the image: wait for that.
+    // Its handler is in place before it first opens the image: wait for that.
     let real = std::fs::canonicalize(&img).unwrap();
     let holds = || {
         std::fs::read_dir(format!("/proc/{}/fd", child.id()))
@@ -355,6 +356,15 @@ fn an_interrupted_cli_compaction_stops_between_steps_closed_clean() {
     std::thread::sleep(std::time::Duration::from_millis(300));
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let mut child = child;
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() && start.elapsed() < std::time::Duration::from_secs(20) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    if child.try_wait().unwrap().is_none() {
+        let _ = child.kill();
+        panic!("the compaction did not stop within 20 s of SIGINT");
+    }
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(128 + libc::SIGINT), "{stderr}");

@@ -46,6 +46,7 @@ fn add(images: Vec<PathBuf>, format: FormatArg, snapshot: Option<Guid>, id: Opti
         },
         link_dir_id: None,
     };
+    config.check_new()?;
     let mode = crate::ublk_control::Mode::Add { id: id.map_or(-1, |i| i as i32) };
     crate::daemon::start(config, mode, foreground)
 }

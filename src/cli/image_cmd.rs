@@ -263,6 +263,9 @@ fn compact(id: Option<u32>, target: Option<PathBuf>, step: Option<u64>, speed: O
                     None => (None, vec![LayerSpec { path: target.clone(), format: Format::Ploop }], !base),
                 },
             };
+            // Ctrl-C or a service stop ends it between steps, closed clean
+            // (set before the image is first opened; the lock is held).
+            crate::cli::signals::stop_between_steps_on_signals("compact");
             // Refused before the image is opened: opening marks it in use.
             let top = layers.last().expect("a chain is never empty");
             if top.format == Format::Ploop {
@@ -274,8 +277,6 @@ fn compact(id: Option<u32>, target: Option<PathBuf>, step: Option<u64>, speed: O
                     )));
                 }
             }
-            // Ctrl-C or a service stop ends it between steps, closed clean.
-            crate::cli::signals::stop_between_steps_on_signals("compact");
             let (stack, _) = block_on(Stack::open_layers(&SyncIo, &layers, &StackOptions::default()))?;
             // The read-write open took the top's record of changes out of
             // the file; it goes back in when the stack closes (compaction

@@ -121,12 +121,17 @@ impl DeviceConfig {
         match &self.disk {
             Some(dir) if !self.read_only && self.snapshot.is_none() => block_on(Disk::load(dir)?.writable_layers(&SyncIo)),
             Some(dir) => Disk::load(dir)?.layers(self.snapshot),
-            None => {
-                if let (false, Some(top)) = (self.read_only, self.images.last()) {
-                    ublk_ploop::disk::resolve::check_served_alone(&top.path)?;
-                }
-                Ok(self.images.clone())
-            }
+            None => Ok(self.images.clone()),
+        }
+    }
+
+    /// Checks for a new device (not a recovery, which serves on what it
+    /// served): an image file served read-write on its own keeps the rules
+    /// of the disk whose descriptor names it.
+    pub fn check_new(&self) -> Result<()> {
+        match (&self.disk, self.read_only, self.images.last()) {
+            (None, false, Some(top)) => ublk_ploop::disk::resolve::check_served_alone(&top.path),
+            _ => Ok(()),
         }
     }
 }
@@ -257,6 +262,7 @@ pub fn load(path: &Path) -> Result<(DeviceConfig, Option<u32>)> {
     if let Some(n) = &config.name {
         crate::daemon::devlink::validate(n).map_err(|e| bad(format!("name: {e}")))?;
     }
+    config.check_new().map_err(|e| e.context(path.display()))?;
     Ok((config, file.id))
 }
 

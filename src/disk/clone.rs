@@ -102,6 +102,12 @@ pub async fn clone_disk<I: Io>(io: &I, template: &Path, dir: &Path, at: Option<G
     let size = desc.size();
     let cluster = desc.cluster_size();
 
+    if !dir.to_str().is_some_and(|d| !d.contains(['\n', '\r'])) {
+        return Err(Error::invalid(format!(
+            "{}: a clone's directory must be named in UTF-8 without line breaks (its template lists it by name)",
+            dir.display()
+        )));
+    }
     let dir = new_disk_dir(io, dir, Some(&tmpl.dir))?;
     // Listed first: a template that does not know a clone could merge its
     // base away while the clone is stopped.

@@ -26,6 +26,8 @@ pub const LIST: &str = "ublk-ploop-clones";
 const MAX_LIST: u64 = 1 << 20;
 /// Clones followed from one template, its clones' clones included.
 const MAX_FOLLOWED: usize = 4096;
+/// Lines looked at in all the lists followed (clones gone included).
+const MAX_LINES: usize = 1 << 16;
 
 /// A file some clone reads, known by device and inode (names differ: the
 /// clone's descriptor spells it as an absolute path).
@@ -57,9 +59,17 @@ impl ReadByClones {
     /// words for it; None when no clone does.
     pub fn reader(&self, dev: u64, ino: u64) -> Option<(PathBuf, String)> {
         if let Some(r) = self.files.iter().find(|r| (r.dev, r.ino) == (dev, ino)) {
-            return Some((r.clone.clone(), format!("the clone {} stands on it", r.clone.display())));
+            let c = r.clone.display();
+            return Some((r.clone.clone(), format!("the clone {c} stands on it; detach that clone first (`ublk-ploop detach {c}`), or remove it")));
         }
-        self.unknown.as_ref().map(|(clone, why)| (clone.clone(), format!("the clone {} may stand on it ({why})", clone.display())))
+        let (clone, why) = self.unknown.as_ref()?;
+        let words = if clone.ends_with(LIST) {
+            format!("a clone may stand on it ({why}); mend that list, or remove it once no clone stands on this disk")
+        } else {
+            let c = clone.display();
+            format!("the clone {c} may stand on it ({why}); mend it, detach it (`ublk-ploop detach {c}`) or remove it")
+        };
+        Some((clone.clone(), words))
     }
 
     fn unsure(&mut self, clone: &Path, why: String) {
@@ -82,11 +92,12 @@ async fn listed<I: Io + ?Sized>(io: &I, dir: &Path) -> Result<Vec<PathBuf>> {
     let mut bytes = vec![0u8; len as usize];
     io.read_at(file.fd(), &mut bytes, 0).await.map_err(|e| Error::io(e, path.display()))?;
     // A line that is not an absolute UTF-8 path names no clone of ours.
-    let mut dirs: Vec<PathBuf> = Vec::new();
-    for dir in String::from_utf8_lossy(&bytes).lines().map(PathBuf::from).filter(|p| p.is_absolute()) {
-        if !dirs.contains(&dir) {
-            dirs.push(dir);
-        }
+    // Lines end at `\n` alone: a clone's name may end in `\r`.
+    let mut seen = HashSet::new();
+    let text = String::from_utf8_lossy(&bytes);
+    let dirs: Vec<PathBuf> = text.split('\n').map(PathBuf::from).filter(|p| p.is_absolute() && seen.insert(p.clone())).collect();
+    if dirs.len() > MAX_LINES {
+        return Err(Error::invalid(format!("{}: more than {MAX_LINES} clones listed", path.display())));
     }
     Ok(dirs)
 }
@@ -108,48 +119,49 @@ async fn reads_of<I: Io + ?Sized>(io: &I, dir: &Path) -> Reads {
         Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => return Reads::Gone,
         Err(e) => return Reads::Unknown(format!("its descriptor: {e}")),
     }
-    match Disk::load_bare(io, dir).await {
-        Ok(disk) => Reads::Files(
-            disk.desc
-                .images
-                .iter()
-                .filter(|img| super::clone::is_shared(&disk, img))
-                .filter_map(|img| io.stat(&disk.file_path(img)).ok().flatten())
-                .map(|st| (st.dev, st.ino))
-                .collect(),
-        ),
-        Err(e) => Reads::Unknown(format!("its descriptor does not read: {e}")),
+    let disk = match Disk::load_bare(io, dir).await {
+        Ok(disk) => disk,
+        Err(e) => return Reads::Unknown(format!("its descriptor does not read: {e}")),
+    };
+    let mut files = Vec::new();
+    for img in disk.desc.images.iter().filter(|img| super::inside_name(&disk.dir, &img.file).is_none()) {
+        match io.stat(&disk.file_path(img)) {
+            Ok(Some(st)) => files.push((st.dev, st.ino)),
+            Ok(None) => {}
+            Err(e) => return Reads::Unknown(format!("{}: {e}", disk.file_path(img).display())),
+        }
     }
+    Reads::Files(files)
 }
 
 /// Every file that a clone of the disk in `dir` reads, its clones' clones
 /// included. Empty without a list (nearly every disk).
 pub(super) async fn files_read<I: Io + ?Sized>(io: &I, dir: &Path) -> ReadByClones {
     let mut out = ReadByClones::default();
-    let mut followed: HashSet<PathBuf> = HashSet::from([dir.to_path_buf()]);
+    // Every path ever queued: each is looked at once.
+    let mut queued: HashSet<PathBuf> = HashSet::from([dir.to_path_buf()]);
     let mut queue: VecDeque<PathBuf> = match listed(io, dir).await {
-        Ok(dirs) => dirs.into(),
+        Ok(dirs) => dirs.into_iter().filter(|d| queued.insert(d.clone())).collect(),
         Err(e) => {
-            out.unsure(&dir.join(LIST), format!("the list does not read: {e}"));
+            out.unknown = Some((dir.join(LIST), format!("the list of clones {} does not read: {e}", dir.join(LIST).display())));
             return out;
         }
     };
+    let mut clones = 0;
     while let Some(clone) = queue.pop_front() {
-        if !followed.insert(clone.clone()) {
-            continue;
-        }
-        if followed.len() > MAX_FOLLOWED {
-            out.unsure(&clone, format!("more than {MAX_FOLLOWED} clones are listed, its clones' clones included"));
-            break;
-        }
         match reads_of(io, &clone).await {
             Reads::Gone => continue,
             Reads::Files(files) => out.files.extend(files.into_iter().map(|(dev, ino)| ReadFile { dev, ino, clone: clone.clone() })),
             Reads::Unknown(why) => out.unsure(&clone, why),
         }
+        clones += 1;
         match listed(io, &clone).await {
-            Ok(dirs) => queue.extend(dirs.into_iter().filter(|d| !followed.contains(d))),
+            Ok(dirs) => queue.extend(dirs.into_iter().filter(|d| queued.insert(d.clone()))),
             Err(e) => out.unsure(&clone, format!("its own list of clones does not read: {e}")),
+        }
+        if clones >= MAX_FOLLOWED || queued.len() > MAX_LINES {
+            out.unsure(&clone, format!("more than {MAX_FOLLOWED} clones, or {MAX_LINES} lines, in the lists of clones followed"));
+            break;
         }
     }
     out
@@ -163,7 +175,7 @@ pub(super) async fn files_read<I: Io + ?Sized>(io: &I, dir: &Path) -> ReadByClon
 /// who may not write there cannot change it either, and `clone` makes
 /// nothing beside such a template.
 pub(super) async fn list_clone<I: Io + ?Sized>(io: &I, template: &Disk, clone: &Path) -> Result<()> {
-    let Some(line) = clone.to_str().filter(|l| !l.contains('\n')) else {
+    let Some(line) = clone.to_str().filter(|l| !l.contains(['\n', '\r'])) else {
         return Err(Error::invalid(format!(
             "{}: a clone's directory must be named in UTF-8 without line breaks (its template lists it by name)",
             clone.display()

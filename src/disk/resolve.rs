@@ -134,10 +134,12 @@ pub fn disk_of_image(image: &Path, what: &str) -> Result<Option<(Disk, Vec<Layer
 /// own start. It must be the disk's to change (a file a clone stands on is
 /// not), and its top: writing a snapshot changes what the deltas above it
 /// show.
+/// A descriptor beside it that does not read is left to the user (a
+/// stray file must not stop a plain image from being served).
 pub fn check_served_alone(image: &Path) -> Result<()> {
-    let Some((disk, img)) = named_by_its_disk(image, false)? else { return Ok(()) };
+    let Ok(Some((disk, img))) = named_by_its_disk(image, false) else { return Ok(()) };
     disk.writable_path(&img, "write")?;
-    if img.guid != disk.desc.top {
+    if !disk.desc.children(img.guid).is_empty() {
         return Err(Error::new(
             libc::EBUSY,
             format!(
