@@ -204,7 +204,7 @@ fn resize_cmd(id: Option<u32>, image: Option<PathBuf>, size: u64, format: Format
     // A resize does not stop halfway (its images are marked in use while
     // their tables grow): Ctrl-C lets it finish, and only a second one
     // ends it at once, as a crash would.
-    crate::cli::signals::stop_between_steps_on_signals("resize");
+    crate::cli::signals::stop_between_steps_on_signals("resize", "the resize finishes first");
     let done = match resolve::files(std::slice::from_ref(&image), &format.format)? {
         (Some(mut disk), _) => block_on(disk.resize(&SyncIo, size))?,
         (None, paths) => {
@@ -265,7 +265,7 @@ fn compact(id: Option<u32>, target: Option<PathBuf>, step: Option<u64>, speed: O
             };
             // Ctrl-C or a service stop ends it between steps, closed clean
             // (set before the image is first opened; the lock is held).
-            crate::cli::signals::stop_between_steps_on_signals("compact");
+            crate::cli::signals::stop_between_steps_on_signals("compact", "stopping after the step under way");
             // Refused before the image is opened: opening marks it in use.
             let top = layers.last().expect("a chain is never empty");
             if top.format == Format::Ploop {

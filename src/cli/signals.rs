@@ -62,16 +62,16 @@ pub fn clean_up_on_signals(verb: &'static str) {
 }
 
 /// For a command that can stop between steps (`verb`: an offline
-/// compaction): the first ending signal asks it to stop after the step
-/// under way, so that its image is closed clean ([`stop_asked`]); a second
-/// one ends it at once, as a crash would (the image's next open repairs
-/// it).
-pub fn stop_between_steps_on_signals(verb: &'static str) {
+/// compaction; `then`: what it does when asked, for the message): the
+/// first ending signal asks it to stop at its next safe point, so that its
+/// image is closed clean ([`stop_asked`]); a second one ends it at once,
+/// as a crash would (the image's next open repairs it).
+pub fn stop_between_steps_on_signals(verb: &'static str, then: &'static str) {
     let set = block_ending_signals();
     std::thread::spawn(move || {
         let Some(sig) = wait_for(&set) else { return };
         STOP_ASKED.store(sig, Ordering::SeqCst);
-        eprintln!("ublk-ploop: {verb}: {} taken: stopping after the step under way (again to stop at once)", signal_name(sig));
+        eprintln!("ublk-ploop: {verb}: {} taken: {then} (again to stop at once)", signal_name(sig));
         let Some(again) = wait_for(&set) else { return };
         eprintln!("ublk-ploop: {verb} ended by {} (the image's next open repairs it)", signal_name(again));
         std::process::exit(128 + again);

@@ -46,7 +46,8 @@ struct ReadFile {
 #[derive(Clone, Debug, Default)]
 pub struct ReadByClones {
     files: Vec<ReadFile>,
-    /// A clone (or a list) we could not look into, and why.
+    /// A clone (or a list) we could not look into, and the words for it:
+    /// why, and what mends it.
     unknown: Option<(PathBuf, String)>,
 }
 
@@ -62,18 +63,11 @@ impl ReadByClones {
             let c = r.clone.display();
             return Some((r.clone.clone(), format!("the clone {c} stands on it; detach that clone first (`ublk-ploop detach {c}`), or remove it")));
         }
-        let (clone, why) = self.unknown.as_ref()?;
-        let words = if clone.ends_with(LIST) {
-            format!("a clone may stand on it ({why}); mend that list, or remove it once no clone stands on this disk")
-        } else {
-            let c = clone.display();
-            format!("the clone {c} may stand on it ({why}); mend it, detach it (`ublk-ploop detach {c}`) or remove it")
-        };
-        Some((clone.clone(), words))
+        self.unknown.clone()
     }
 
-    fn unsure(&mut self, clone: &Path, why: String) {
-        self.unknown.get_or_insert_with(|| (clone.to_path_buf(), why));
+    fn unsure(&mut self, clone: &Path, words: String) {
+        self.unknown.get_or_insert_with(|| (clone.to_path_buf(), words));
     }
 }
 
@@ -143,7 +137,8 @@ pub(super) async fn files_read<I: Io + ?Sized>(io: &I, dir: &Path) -> ReadByClon
     let mut queue: VecDeque<PathBuf> = match listed(io, dir).await {
         Ok(dirs) => dirs.into_iter().filter(|d| queued.insert(d.clone())).collect(),
         Err(e) => {
-            out.unknown = Some((dir.join(LIST), format!("the list of clones {} does not read: {e}", dir.join(LIST).display())));
+            let list = dir.join(LIST);
+            out.unsure(&list, format!("a clone may stand on it ({} does not read: {e}); mend that list", list.display()));
             return out;
         }
     };
@@ -152,15 +147,25 @@ pub(super) async fn files_read<I: Io + ?Sized>(io: &I, dir: &Path) -> ReadByClon
         match reads_of(io, &clone).await {
             Reads::Gone => continue,
             Reads::Files(files) => out.files.extend(files.into_iter().map(|(dev, ino)| ReadFile { dev, ino, clone: clone.clone() })),
-            Reads::Unknown(why) => out.unsure(&clone, why),
+            Reads::Unknown(why) => {
+                let c = clone.display();
+                out.unsure(&clone, format!("the clone {c} may stand on it ({why}); mend it, detach it (`ublk-ploop detach {c}`) or remove it"));
+            }
         }
         clones += 1;
         match listed(io, &clone).await {
             Ok(dirs) => queue.extend(dirs.into_iter().filter(|d| queued.insert(d.clone()))),
-            Err(e) => out.unsure(&clone, format!("its own list of clones does not read: {e}")),
+            Err(e) => out.unsure(
+                &clone,
+                format!("a clone of the clone {} may stand on it (its own list of clones does not read: {e}); mend that list", clone.display()),
+            ),
         }
-        if clones >= MAX_FOLLOWED || queued.len() > MAX_LINES {
-            out.unsure(&clone, format!("more than {MAX_FOLLOWED} clones, or {MAX_LINES} lines, in the lists of clones followed"));
+        // `queued` holds the disk's own directory too.
+        if clones > MAX_FOLLOWED || queued.len() > MAX_LINES + 1 {
+            out.unsure(
+                dir,
+                format!("more than {MAX_FOLLOWED} clones, or {MAX_LINES} lines, are in its lists of clones, so any file may be read by one; remove the clones no longer used"),
+            );
             break;
         }
     }

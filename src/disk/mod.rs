@@ -201,8 +201,8 @@ impl Disk {
                     return Err(Error::new(
                         libc::EPERM,
                         format!(
-                            "{}: delta {} is outside the disk directory and marked in use (not closed cleanly); it is only ever read from here, \
-                             so it is not repaired: check it where it belongs (`ublk-ploop check --repair {}`)",
+                            "{}: delta {} is only read from here (outside the disk directory, or a clone stands on it) and is marked in use \
+                             (not closed cleanly), so it is not repaired: check it (`ublk-ploop check --repair {}`)",
                             self.xml_path().display(),
                             img.file,
                             path.display()
