@@ -605,11 +605,19 @@ impl AnyIo {
             Backends::Fixed(..) => "fixed",
         }
     }
-    /// Run an engine future that uses this I/O to completion.
+    /// Run an engine future that uses this I/O to completion. On a ring,
+    /// the ring's deferred work runs after it: what the kernel still holds
+    /// of files the future used is let go, so a file closed next (a stack
+    /// dropped) gives up its lock at once, not at the ring's next wait (a
+    /// `check` right after a close found the image "in use").
     pub fn run<F: std::future::Future>(&self, f: F) -> F::Output {
         match &self.inner {
             Backends::Sync(_) => block_on(f),
-            Backends::Uring(r) | Backends::Fixed(r, _) => r.ring().block_on(f),
+            Backends::Uring(r) | Backends::Fixed(r, _) => {
+                let out = r.ring().block_on(f);
+                ublk_ploop::io::Submit::run_task_work(r.ring());
+                out
+            }
         }
     }
 
