@@ -34,10 +34,7 @@ impl Pace {
     /// did all its work in one step must not then hold its lock for the
     /// time a slow limit asks).
     pub fn wait(&self, io: &impl Io, bytes: u64, last: bool) {
-        let d = self.delay(bytes);
-        if !d.is_zero() && !last {
-            io.sleep_blocking(d);
-        }
+        self.wait_unless(io, bytes, last, &|| false);
     }
 
     /// The same, in slices of at most 200 ms, ending early once `stop`

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::ops::{self, Merged};
-use super::{inside_name, Disk, Guid, Image, ImageType, Shot, Temporary, DESCRIPTOR, NONE_GUID, TOP_GUID};
+use super::{Disk, Guid, Image, ImageType, Shot, Temporary, DESCRIPTOR, NONE_GUID, TOP_GUID};
 use crate::error::{Error, Result};
 use crate::io::{Direct, Io};
 use crate::layers::{marked_in_use, Format, Layer, PloopLayer};
@@ -102,12 +102,7 @@ pub async fn clone_disk<I: Io>(io: &I, template: &Path, dir: &Path, at: Option<G
     let size = desc.size();
     let cluster = desc.cluster_size();
 
-    if !dir.to_str().is_some_and(|d| !d.contains(['\n', '\r'])) {
-        return Err(Error::invalid(format!(
-            "{}: a clone's directory must be named in UTF-8 without line breaks (its template lists it by name)",
-            dir.display()
-        )));
-    }
+    super::clones::listable_name(dir)?;
     let dir = new_disk_dir(io, dir, Some(&tmpl.dir))?;
     // Listed first: a template that does not know a clone could merge its
     // base away while the clone is stopped.
@@ -168,11 +163,7 @@ pub async fn clone_qcow2<I: Io>(io: &I, template: &Path, dir: &Path, cluster: u6
     Ok(Cloned { dir, top, shared: vec![path] })
 }
 
-/// True when the descriptor names `img` outside the disk directory: a
-/// delta shared with others (a template), which this disk only reads.
-pub fn is_shared(disk: &Disk, img: &Image) -> bool {
-    inside_name(&disk.dir, &img.file).is_none()
-}
+pub use super::place::is_shared;
 
 /// How many shared deltas `disk` reads below its top (0: it stands
 /// alone), when it can be detached as it stands: every delta below its top

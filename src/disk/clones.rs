@@ -61,7 +61,10 @@ impl ReadByClones {
     pub fn reader(&self, dev: u64, ino: u64) -> Option<(PathBuf, String)> {
         if let Some(r) = self.files.iter().find(|r| (r.dev, r.ino) == (dev, ino)) {
             let c = r.clone.display();
-            return Some((r.clone.clone(), format!("the clone {c} stands on it; detach that clone first (`ublk-ploop detach {c}`), or remove it")));
+            return Some((
+                r.clone.clone(),
+                format!("the clone {c} stands on it (its template lists it in {LIST}); detach that clone first (`ublk-ploop detach {c}`), or remove it"),
+            ));
         }
         self.unknown.clone()
     }
@@ -118,7 +121,7 @@ async fn reads_of<I: Io + ?Sized>(io: &I, dir: &Path) -> Reads {
         Err(e) => return Reads::Unknown(format!("its descriptor does not read: {e}")),
     };
     let mut files = Vec::new();
-    for img in disk.desc.images.iter().filter(|img| super::inside_name(&disk.dir, &img.file).is_none()) {
+    for img in disk.desc.images.iter().filter(|img| super::place::is_shared(&disk, img)) {
         match io.stat(&disk.file_path(img)) {
             Ok(Some(st)) => files.push((st.dev, st.ino)),
             Ok(None) => {}
@@ -180,12 +183,7 @@ pub(super) async fn files_read<I: Io + ?Sized>(io: &I, dir: &Path) -> ReadByClon
 /// who may not write there cannot change it either, and `clone` makes
 /// nothing beside such a template.
 pub(super) async fn list_clone<I: Io + ?Sized>(io: &I, template: &Disk, clone: &Path) -> Result<()> {
-    let Some(line) = clone.to_str().filter(|l| !l.contains(['\n', '\r'])) else {
-        return Err(Error::invalid(format!(
-            "{}: a clone's directory must be named in UTF-8 without line breaks (its template lists it by name)",
-            clone.display()
-        )));
-    };
+    let line = listable_name(clone)?;
     let mut text = String::new();
     for dir in listed(io, &template.dir).await? {
         let keep = match reads_of(io, &dir).await {
@@ -220,6 +218,18 @@ pub(super) async fn list_clone<I: Io + ?Sized>(io: &I, template: &Disk, clone: &
     write.await.map_err(|e| {
         let _ = io.remove_file(&tmp);
         Error::io(e, format_args!("{}: listing the clone {}", path.display(), clone.display()))
+    })
+}
+
+/// A clone directory's name as its line in a list: UTF-8 without line
+/// breaks (checked on the name given before the directory is made, and
+/// on the name it resolved to before it is listed).
+pub(super) fn listable_name(clone: &Path) -> Result<&str> {
+    clone.to_str().filter(|l| !l.contains(['\n', '\r'])).ok_or_else(|| {
+        Error::invalid(format!(
+            "{}: a clone's directory must be named in UTF-8 without line breaks (its template lists it by name)",
+            clone.display()
+        ))
     })
 }
 

@@ -101,7 +101,6 @@ impl Disk {
         Ok(disk)
     }
 
-
     /// Take ploop's lock on a disk (waiting for another holder) and read
     /// the descriptor under it, for a session of operations on a disk no
     /// device serves: whatever another tool did while we waited is what

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{clones, Disk, Guid, Image};
+use super::{Disk, Guid, Image};
 use crate::error::{Error, Result};
 use crate::io::{FileKind, Io, SyncIo};
 
@@ -76,10 +76,9 @@ impl Disk {
             Place::ReadByClone { why, .. } => Err(Error::new(
                 libc::EBUSY,
                 format!(
-                    "{}: refusing to {what} delta {}, which clones read (their template lists them in {}): {why}",
+                    "{}: refusing to {what} delta {}, which clones read: {why}",
                     self.xml_path().display(),
-                    image.file,
-                    clones::LIST
+                    image.file
                 ),
             )),
             Place::Outside(why) => Err(Error::new(
@@ -130,6 +129,12 @@ pub enum Place {
     /// Inside, but a clone of the disk (this directory) stands on it, or
     /// may (`why`): only read, as a file outside.
     ReadByClone { clone: PathBuf, why: String },
+}
+
+/// True when the descriptor names `img` outside the disk directory: a
+/// delta shared with others (a template), which this disk only reads.
+pub fn is_shared(disk: &Disk, img: &Image) -> bool {
+    inside_name(&disk.dir, &img.file).is_none()
 }
 
 /// The path below `dir` that a descriptor's file name stays inside, by its
