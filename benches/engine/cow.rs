@@ -2,7 +2,7 @@
 //! top does not hold yet, so each one copies 1 MiB up from the full base
 //! first. The engine writes into a fresh ploop top over the bench's image;
 //! `qemu-img bench` writes into a fresh qcow2 overlay with 1 MiB clusters
-//! over the raw file of the same data (QEMU's layered image, which also
+//! over that same image (QEMU's layered image, which also
 //! copies a cluster on its first write). Each shape runs without flushes and
 //! with a flush after every 32 writes on both sides, so that durability is
 //! equal there; the engine keeps its stronger guarantees without flushes
@@ -23,7 +23,7 @@ use ublk_ploop::layers::PloopLayer;
 use crate::baselines::{bench_secs, Qemu};
 use crate::drive::{new_ring, open_stack_linked};
 use crate::measure::{cpu_secs, median, Run};
-use crate::scratch::{Cfg, PLOOP, RAW};
+use crate::scratch::{Cfg, PLOOP};
 use crate::{Res, CLUSTER, K4};
 
 const COW_TOP: &str = "cow-top.hds";
@@ -146,19 +146,21 @@ fn engine_cow(cfg: &Cfg, s: &CowShape, links: Option<&std::path::Path>) -> Res<R
     Ok(Run { ios: count, bytes: count * s.bs as u64, secs, cpu_pct: Some(100.0 * cpu / secs.max(1e-9)), rounds: 1, ..Default::default() })
 }
 
-/// qemu: a fresh qcow2 overlay (1 MiB clusters) over the raw file, the same
-/// writes through `qemu-img bench -t none` (`--flush-interval` for the
-/// flushed shapes).
+/// qemu: a fresh qcow2 overlay (1 MiB clusters) over the engine's own base
+/// image, read through qemu's parallels driver, so that both sides read
+/// their copies from the same disk blocks (where a file lies moves this
+/// disk's rate by up to a fifth); the same writes through `qemu-img bench
+/// -t none` (`--flush-interval` for the flushed shapes).
 fn qemu_cow(cfg: &Cfg, q: &Qemu, s: &CowShape) -> Res<Run> {
     let overlay = cfg.path(COW_QCOW2);
     let _ = fs::remove_file(&overlay);
-    let base = fs::canonicalize(cfg.path(RAW)).map_err(|e| format!("raw file: {e}"))?;
+    let base = fs::canonicalize(cfg.path(PLOOP)).map_err(|e| format!("base image: {e}"))?;
     let out = Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2", "-o"])
         .arg(format!("cluster_size={CLUSTER}"))
         .arg("-b")
         .arg(&base)
-        .args(["-F", "raw"])
+        .args(["-F", "parallels"])
         .arg(&overlay)
         .output()
         .map_err(|e| format!("running qemu-img create: {e}"))?;

@@ -36,7 +36,7 @@ mod thin;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use baselines::{fio, fio_beside_copy_up, fio_fresh, make_qemu_image, on_path, qemu_alloc, raw_read, scatter_step, Qemu, QemuJob};
+use baselines::{fio, fio_beside_copy_up, fio_raw_file, fio_fresh, make_qemu_image, on_path, qemu_alloc, raw_read, scatter_step, Qemu, QemuJob};
 use drive::{copy_to_sink, engine_alloc, engine_fresh, engine_rw, engine_write_tracked, open_stack, setup, Dir};
 use load::{copy_under_load, disk_snapshot_stall, merge_under_writes, merge_vs_copy, read_beside_copy_up, swap_stall, CopyRows, DiskRows, HeadOfLine, UnderLoad};
 use measure::{accumulate, in_turns, loadavg, Run};
@@ -83,31 +83,45 @@ fn main() -> ExitCode {
     }
 }
 
-/// Run the engine and a reference tool in alternating turns (see SLICES),
-/// in the order engine, tool, tool, engine, engine, tool...: a disk whose
-/// rate drifts steadily, or that is slower for whoever follows a turn of
-/// writes, then weighs on both alike, where the engine always going first
-/// put the same side behind every time. Engine errors end the bench; the
-/// tool's are reported.
-fn alternate(
+/// Run the engine and reference tools in alternating turns (see SLICES),
+/// in the order engine, tools, tools reversed, engine, engine, tools...: a
+/// disk whose rate drifts steadily, or that is slower for whoever follows
+/// a turn of writes, then weighs on all alike, where the engine always
+/// going first put the same side behind every time. Engine errors end the
+/// bench; the tools' are reported.
+fn alternate_many(
     cfg: &Cfg,
     mut engine: impl FnMut(f64) -> Res<Run>,
-    mut tool: Option<&mut dyn FnMut(f64) -> Res<Run>>,
-) -> Res<(Run, Option<Res<Run>>)> {
+    tools: &mut [&mut dyn FnMut(f64) -> Res<Run>],
+) -> Res<(Run, Vec<Option<Res<Run>>>)> {
     let turn = cfg.secs / SLICES as f64;
     let mut a = Run::default();
-    let mut b = None;
+    let mut b: Vec<Option<Res<Run>>> = tools.iter().map(|_| None).collect();
     for slice in 0..SLICES {
-        let tool_first = slice % 2 == 1;
-        if let (true, Some(t)) = (tool_first, tool.as_mut()) {
-            accumulate(&mut b, t(turn));
+        if slice % 2 == 1 {
+            for (t, sum) in tools.iter_mut().zip(b.iter_mut()).rev() {
+                accumulate(sum, t(turn));
+            }
         }
         a.add(&engine(turn)?);
-        if let (false, Some(t)) = (tool_first, tool.as_mut()) {
-            accumulate(&mut b, t(turn));
+        if slice % 2 == 0 {
+            for (t, sum) in tools.iter_mut().zip(b.iter_mut()) {
+                accumulate(sum, t(turn));
+            }
         }
     }
     Ok((a, b))
+}
+
+fn alternate(
+    cfg: &Cfg,
+    engine: impl FnMut(f64) -> Res<Run>,
+    tool: Option<&mut dyn FnMut(f64) -> Res<Run>>,
+) -> Res<(Run, Option<Res<Run>>)> {
+    match tool {
+        Some(t) => alternate_many(cfg, engine, &mut [t]).map(|(a, mut b)| (a, b.remove(0))),
+        None => alternate_many(cfg, engine, &mut []).map(|(a, _)| (a, None)),
+    }
 }
 
 /// A row's engine and fio columns in alternating turns; fio only if it is
@@ -206,14 +220,16 @@ fn run() -> Res<()> {
         let label = format!("4k randwrite QD{qd} (allocated)");
         progress(&label);
         let mut r = Row::new(key, label);
-        let (e, f) = with_fio(
-            &cfg,
-            have_fio,
-            |s| engine_rw(&cfg, &ploop, false, Dir::Write, K4, qd, false, secs(s)),
-            |s| fio(&cfg, "randwrite", K4, qd, s),
-        )?;
+        // fio also on the separate raw file, in the same turns: how much
+        // where a file lies moves the disk's rate.
+        let engine = |s| engine_rw(&cfg, &ploop, false, Dir::Write, K4, qd, false, secs(s));
+        let (mut same_blocks, mut raw_file) = (|s| fio(&cfg, "randwrite", K4, qd, s), |s| fio_raw_file(&cfg, "randwrite", K4, qd, s));
+        let (e, mut f) = if have_fio { alternate_many(&cfg, engine, &mut [&mut same_blocks, &mut raw_file])? } else { alternate_many(&cfg, engine, &mut [])? };
         r.engine = Some(e);
-        r.fio = f;
+        if have_fio {
+            r.fio_raw_file = f.pop().flatten();
+            r.fio = f.pop().flatten();
+        }
         if qemu_img_ok && qd == 32 {
             let guess = r.engine.as_ref().unwrap().iops();
             r.qemu = Some(q.timed(&cfg, QemuJob { img: &qimg, write: true, count: 0, depth: 32, bs: K4 as u64, step: step4k }, guess));
