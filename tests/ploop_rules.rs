@@ -290,6 +290,30 @@ fn image_files_are_created_0600() {
     }
 }
 
+/// ploop's tool sets header flag 2 while it converts an image between v1
+/// and v2, keeping a copy of the table to put back after a crash. Such an
+/// image is neither served nor "repaired": clearing the entries of a half
+/// converted table would lose the data ploop's tool restores.
+#[test]
+fn an_interrupted_version_conversion_is_left_to_ploops_tool() {
+    let dir = TempDir::new("rules-convert");
+    let img = dir.join("a.hds");
+    ploop(["create", p(&img), "--size", "4M", "--cluster-size", "64K"]).ok();
+    write(&[img.clone()], &[(0, &pattern(3, 2 * CLUSTER as usize))]);
+    write_u32(&img, 52, read_u32(&img, 52) | 2);
+    write_u32(&img, 44, 0x746F_6E59);
+    let before = std::fs::read(&img).unwrap();
+    let check = ploop(["check", p(&img)]);
+    assert_ne!(check.code(), 0, "{}", check.stdout);
+    assert!(format!("{}{}", check.stdout, check.stderr).contains("converting"), "{}\n{}", check.stdout, check.stderr);
+    for args in [vec!["check", "--repair", p(&img)], vec!["compact", p(&img)], vec!["resize", p(&img), "--size", "8M"]] {
+        let r = ploop(&args);
+        assert_ne!(r.code(), 0, "{args:?}: {}", r.stdout);
+        assert!(r.stderr.contains("converting"), "{args:?}: {}", r.stderr);
+        assert!(std::fs::read(&img).unwrap() == before, "{args:?} changed the image");
+    }
+}
+
 // 10 --------------------------------------------------------------------
 
 #[test]

@@ -274,6 +274,16 @@ async fn check_with<I: Io>(io: &I, path: &Path, format: Format, repair: bool, ta
         }
         return Ok(report);
     }
+    // Nothing of a half converted table is judged or mended here: a repair
+    // would clear entries ploop's tool restores from its copy.
+    if header.flags & super::header::FLAG_VERSION_CONVERT != 0 {
+        report.header_errors.push(format!("flags {:#x}: {}", header.flags, super::CONVERSION_INTERRUPTED));
+        report.beyond_repair = Some(super::CONVERSION_INTERRUPTED.into());
+        if repair {
+            return Err(Error::corrupt(format!("{name}: {}", super::CONVERSION_INTERRUPTED)));
+        }
+        return Ok(report);
+    }
     // (Non-zero high bits of a v1 disk size are ignored, as by qemu and by
     // open; repair clears them.)
     match header.in_use {

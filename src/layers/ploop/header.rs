@@ -19,6 +19,9 @@ pub const IN_USE: u32 = 0x746F_6E59;
 pub const CLOSED: u32 = 0x312E_3276;
 /// "No data was ever written": the BAT is to be ignored.
 pub const FLAG_EMPTY: u32 = 1;
+/// ploop's tool is converting the image between v1 and v2 and keeps a copy
+/// of the table to put back: the table in place may be half converted.
+pub const FLAG_VERSION_CONVERT: u32 = 2;
 pub const DEFAULT_CLUSTER: u64 = 1 << 20;
 pub const MIN_CLUSTER: u64 = 512;
 pub const MAX_CLUSTER: u64 = 256 << 20;

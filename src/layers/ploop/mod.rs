@@ -38,7 +38,7 @@ use crate::error::{Error, Result};
 use crate::io::{open_image_file_in, wait::SyncGroup, wait::WaitList, Direct, ImageFile, Io};
 
 use bat::BatScan;
-use header::{Header, Variant, CLOSED, FLAG_EMPTY, HEADER_SIZE, IN_USE, SECTOR};
+use header::{Header, Variant, CLOSED, FLAG_EMPTY, FLAG_VERSION_CONVERT, HEADER_SIZE, IN_USE, SECTOR};
 use super::IMAGE_MODE;
 
 pub use meta::MetaError;
@@ -197,6 +197,13 @@ pub(super) async fn write_zeros<I: Io>(io: &I, fd: std::os::fd::RawFd, from: u64
     Ok(())
 }
 
+/// Why an image whose header says ploop's version conversion is under way
+/// is neither served nor repaired: its table may be half converted, and
+/// only ploop's tool holds the copy to put back.
+pub const CONVERSION_INTERRUPTED: &str = "ploop's tool was converting this image between format versions (v1/v2) \
+     and did not finish (header flag 2): its table may be half converted, and ploop's tool puts back the copy it kept; \
+     open the image with ploop's own tool first";
+
 impl PloopLayer {
     /// Open an image. Damage to the BAT is refused (with a pointer to
     /// `check --repair`); an unclean previous close is tolerated, its
@@ -239,6 +246,9 @@ impl PloopLayer {
             if lock {
                 super::lock(io, &file, writable)?;
             }
+        }
+        if header.flags & FLAG_VERSION_CONVERT != 0 {
+            return Err(Error::corrupt(format!("{path}: {CONVERSION_INTERRUPTED}")));
         }
         let block = file.block_size as u64;
         let load::TableRead { table, mut scan, tail } = load::load_table(io, file.fd(), &header, block, file_len, &path).await?;
