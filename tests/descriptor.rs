@@ -264,6 +264,26 @@ fn one_file_under_two_names_is_refused() {
     ploop(["check", d.to_str().unwrap()]).ok();
 }
 
+/// A ploop volume's descriptor carries marks ours does not keep (the
+/// parent volume it stands on, ReadOnly for one others stand on): refused,
+/// never followed halfway or stored back without them.
+#[test]
+fn a_ploop_volume_descriptor_is_refused_and_left_as_it_is() {
+    let dir = TempDir::new("desc-volume");
+    let d = dir.join("ct");
+    ploop(["init", d.to_str().unwrap(), "--size", "64M"]).ok();
+    let xml = fs::read_to_string(d.join("DiskDescriptor.xml")).unwrap();
+    let volume = "<StorageData>\n    <Volume>\n      <Parent>../base/DiskDescriptor.xml</Parent>\n      \
+                  <SnapshotGUID>{5fbaabe3-6958-40ff-92a7-860e329aab41}</SnapshotGUID>\n      <ReadOnly>1</ReadOnly>\n    </Volume>";
+    assert!(xml.contains("<StorageData>"), "{xml}");
+    let with_volume = xml.replacen("<StorageData>", volume, 1);
+    fs::write(d.join("DiskDescriptor.xml"), &with_volume).unwrap();
+    for verb in ["info", "check", "snapshot"] {
+        ploop([verb, d.to_str().unwrap()]).expect_clean_failure().mentions(&["Volume"]);
+    }
+    assert_eq!(fs::read_to_string(d.join("DiskDescriptor.xml")).unwrap(), with_volume);
+}
+
 #[test]
 fn a_damaged_ploop_image_is_not_taken_for_a_raw_disk() {
     let dir = TempDir::new("desc-damaged");

@@ -260,6 +260,14 @@ impl Descriptor {
         };
         let size_sectors = number(params, "Disk_size")?.unwrap_or(0);
         let storage_data = required(root, "StorageData", "")?;
+        // A volume stands on another disk's descriptor (ploop follows its
+        // Parent) or is one others stand on (ReadOnly): neither is followed
+        // here, and a descriptor stored back would lose those marks.
+        if child(storage_data, "Volume").is_some() {
+            return Err(Error::unsupported(
+                "DiskDescriptor.xml: <StorageData/Volume> (a ploop volume, standing on or under another disk) is not supported",
+            ));
+        }
         let mut storages = children(storage_data, "Storage");
         let storage = storages.next().ok_or_else(|| Error::invalid("DiskDescriptor.xml: <StorageData/Storage> is missing"))?;
         if storages.next().is_some() {
