@@ -290,6 +290,32 @@ fn image_files_are_created_0600() {
     }
 }
 
+/// ploop's tool rounds every size it is given up to whole clusters, and its
+/// merge copies whole clusters only: a disk of ours with a partial last
+/// cluster would lose that part to ploop's merge. New sizes are rounded
+/// as ploop rounds them: init, create, resize of a disk and of a file.
+#[test]
+fn sizes_are_rounded_up_to_whole_clusters_as_ploop_rounds_them() {
+    let dir = TempDir::new("rules-round");
+    let disk = dir.join("disk");
+    let out = ploop(["init", p(&disk), "--size", "1500K", "--json"]).ok().json();
+    assert_eq!(out["size"].as_u64(), Some(2 * M));
+    let base = chain(&disk)[0].clone();
+    assert_eq!(read_u64(&base, 36) * SECTOR, 2 * M);
+    assert_eq!(Disk::load(&disk).unwrap().desc.size(), 2 * M);
+    ploop(["resize", p(&disk), "--size", "2500K"]).ok();
+    assert_eq!(Disk::load(&disk).unwrap().desc.size(), 3 * M);
+    assert_eq!(read_u64(&base, 36) * SECTOR, 3 * M);
+    let img = dir.join("a.hds");
+    ploop(["create", p(&img), "--size", "1500K", "--cluster-size", "64K"]).ok();
+    assert_eq!(read_u64(&img, 36) * SECTOR, 24 * CLUSTER);
+    ploop(["resize", p(&img), "--size", "1601K"]).ok();
+    assert_eq!(read_u64(&img, 36) * SECTOR, 26 * CLUSTER);
+    // Already whole: unchanged.
+    ploop(["resize", p(&img), "--size", "2M"]).ok();
+    assert_eq!(read_u64(&img, 36) * SECTOR, 2 * M);
+}
+
 /// ploop's tool sets header flag 2 while it converts an image between v1
 /// and v2, keeping a copy of the table to put back after a crash. Such an
 /// image is neither served nor "repaired": clearing the entries of a half

@@ -39,6 +39,8 @@ pub fn run(command: ImageCommand) -> Result<i32> {
 /// A new empty expandable image file.
 fn create(image: PathBuf, geometry: Geometry, json: bool) -> Result<i32> {
     let Geometry { size, cluster_size } = geometry;
+    // In whole clusters, as ploop's tool rounds a new image's size.
+    let size = ublk_ploop::layers::ploop::header::whole_clusters(size, cluster_size)?;
     let header = block_on(PloopLayer::create(&SyncIo, &image, size, cluster_size))?;
     let info = InfoOut::from_header(&image, &header, 0, header.data_off_bytes());
     if json {
@@ -57,6 +59,8 @@ fn create(image: PathBuf, geometry: Geometry, json: bool) -> Result<i32> {
 /// A new disk directory: a base delta and its descriptor.
 fn init(dir: PathBuf, geometry: Geometry, json: bool) -> Result<i32> {
     let Geometry { size, cluster_size } = geometry;
+    // In whole clusters, as ploop's tool rounds a new disk's size.
+    let size = ublk_ploop::layers::ploop::header::whole_clusters(size, cluster_size)?;
     let disk = block_on(Disk::init(&SyncIo, &dir, size, cluster_size))?;
     if json {
         print_json(&serde_json::json!({
@@ -67,7 +71,7 @@ fn init(dir: PathBuf, geometry: Geometry, json: bool) -> Result<i32> {
             "top": disk.desc.top,
         }));
     } else {
-        println!("created {}: {} disk, {} clusters, base {}", disk.xml_path().display(), format_size(size),
+        println!("created {}: {} disk, {} clusters, base {}", disk.xml_path().display(), format_size(disk.desc.size()),
             format_size(cluster_size), disk.dir.join(ublk_ploop::disk::BASE_FILE).display());
     }
     Ok(0)
@@ -187,7 +191,8 @@ fn check_cmd(image: PathBuf, repair: bool, format: FormatArg, json: bool) -> Res
 
 /// A new disk size, online through the device's daemon or offline.
 fn resize_cmd(id: Option<u32>, image: Option<PathBuf>, size: u64, format: FormatArg, json: bool) -> Result<i32> {
-    use ublk_ploop::layers::ploop::resize::{resize, resize_raw, Resized};
+    use ublk_ploop::layers::ploop::header::whole_clusters;
+    use ublk_ploop::layers::ploop::resize::{cluster_of, resize, resize_raw, Resized};
     let image = match (id, image) {
         (Some(id), _) => {
             let done: Resized = request(id, Request::Resize { size })?;
@@ -206,14 +211,19 @@ fn resize_cmd(id: Option<u32>, image: Option<PathBuf>, size: u64, format: Format
     // ends it at once, as a crash would.
     crate::cli::signals::stop_between_steps_on_signals("resize", "the resize finishes first");
     let done = match resolve::files(std::slice::from_ref(&image), &format.format)? {
-        (Some(mut disk), _) => block_on(disk.resize(&SyncIo, size))?,
+        // In whole clusters, as ploop's resize rounds it (raw deltas too:
+        // the disk's size is one for every delta).
+        (Some(mut disk), _) => {
+            let size = whole_clusters(size, disk.desc.cluster_size())?;
+            block_on(disk.resize(&SyncIo, size))?
+        }
         (None, paths) => {
             let (path, format) = &paths[0];
             // A delta of a disk named on its own keeps the disk's rules.
             let _disk = resolve::disk_of_image(path, "resize")?;
             vec![match format {
                 Format::Raw => block_on(resize_raw(&SyncIo, path, size, true))?,
-                _ => block_on(resize(&SyncIo, path, size, true))?,
+                _ => block_on(resize(&SyncIo, path, whole_clusters(size, block_on(cluster_of(&SyncIo, path))?)?, true))?,
             }]
         }
     };

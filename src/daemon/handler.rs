@@ -321,6 +321,8 @@ impl DaemonHandler {
                 ),
             ));
         }
+        // In whole clusters, as the offline resize and ploop round it.
+        let size = ublk_ploop::layers::ploop::header::whole_clusters(size, self.device.stack.cluster_size())?;
         let mut guard = self.idle()?;
         let done = block_on(self.device.stack.grow_top(&SyncIo, size))?;
         // The grow ended the record of changes (the next backup is a full one).

@@ -257,7 +257,8 @@ impl Disk {
     }
 
     /// Create a disk directory as `ploop init` does: `DIR/root.hds`, an
-    /// empty expandable image, and its descriptor.
+    /// empty expandable image, and its descriptor (the size as given: the
+    /// command line rounds it up to whole clusters, as ploop's tool does).
     pub async fn init<I: Io>(io: &I, dir: &Path, size: u64, cluster: u64) -> Result<Disk> {
         let desc = Descriptor::new(size, cluster, BASE_FILE, ImageType::Compressed)?;
         io.create_dir_all(dir).map_err(|e| Error::io(e, dir.display()))?;

@@ -958,7 +958,8 @@ scenario_resize() {
 	dd if=/dev/urandom of="$mnt/before" bs=1M count=40 status=none
 	sum=$(sha256sum <"$mnt/before"); sync
 	"$BIN" snapshot -n "$id" >/dev/null
-	if out=$("$BIN" resize -n "$id" --size 384M 2>&1); then
+	# 393000K is not whole clusters: rounded up to 384 MiB, as ploop does.
+	if out=$("$BIN" resize -n "$id" --size 393000K 2>&1); then
 		[ "$(blockdev --getsize64 "$dev")" = $((384 << 20)) ] || die "the device did not grow: $(blockdev --getsize64 "$dev")"
 		resize2fs "$dev" >/dev/null 2>&1 || die "resize2fs on the mounted filesystem"
 		size_kb=$(df -k --output=size "$mnt" | tail -1)
@@ -970,7 +971,7 @@ scenario_resize() {
 		grep -q "must be restarted" <<<"$out" || die "no clear refusal on a kernel without UPDATE_SIZE: $out"
 		log "SKIP online grow: this kernel's ublk has no UPDATE_SIZE ($out)"
 		umount "$mnt"; "$BIN" del -n "$id"
-		"$BIN" resize "$dir" --size 384M >/dev/null || die "offline resize"
+		"$BIN" resize "$dir" --size 393000K >/dev/null || die "offline resize"
 		dev=$("$BIN" add --image "$dir"); wait_dev "$dev"; id=$(dev_id "$dev")
 		[ "$(blockdev --getsize64 "$dev")" = $((384 << 20)) ] || die "the device did not grow offline"
 		mount "$dev" "$mnt"; resize2fs "$dev" >/dev/null 2>&1 || die "resize2fs after the offline resize"

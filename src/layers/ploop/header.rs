@@ -23,6 +23,17 @@ pub const FLAG_EMPTY: u32 = 1;
 /// of the table to put back: the table in place may be half converted.
 pub const FLAG_VERSION_CONVERT: u32 = 2;
 pub const DEFAULT_CLUSTER: u64 = 1 << 20;
+
+/// A new disk size in whole clusters, rounded up as ploop's tool rounds
+/// every size it is given (`round_bdsize`): its merge copies whole clusters
+/// only, so the last part of a partial one would be lost to it.
+pub fn whole_clusters(size: u64, cluster: u64) -> Result<u64> {
+    if size == 0 || size % SECTOR != 0 {
+        return Err(Error::invalid(format!("size {size} must be a non-zero multiple of 512 bytes")));
+    }
+    size.checked_next_multiple_of(cluster.max(1))
+        .ok_or_else(|| Error::invalid(format!("size {size} rounded up to whole clusters of {cluster} bytes is too large")))
+}
 pub const MIN_CLUSTER: u64 = 512;
 pub const MAX_CLUSTER: u64 = 256 << 20;
 

@@ -48,6 +48,14 @@ pub async fn resize<I: Io>(io: &I, path: &Path, new_size: u64, apply: bool) -> R
     resize_locked(io, &file, new_size, apply).await
 }
 
+/// The cluster size of the image at `path` (a frontend rounds a size the
+/// user gives up to whole clusters of it, as ploop's tool does).
+pub async fn cluster_of<I: Io>(io: &I, path: &Path) -> Result<u64> {
+    let name = path.display().to_string();
+    let file = open_image_file_in(io, path, false, Direct::Off)?;
+    Ok(load::read_header(io, file.fd(), &name).await.map_err(|e| e.context(&name))?.header.cluster_bytes())
+}
+
 /// The same on an image open for writing in `file`, whose lock the caller
 /// holds (a served top, closed clean, that opens again on `file`).
 pub async fn resize_locked<I: Io>(io: &I, file: &ImageFile, new_size: u64, apply: bool) -> Result<Resized> {
