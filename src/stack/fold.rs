@@ -176,8 +176,8 @@ impl Stack {
             return Err(e);
         }
         shape.fold = None;
-        // The old top's log is empty (settled before the fold, nothing
-        // logged during it) and its file goes: so does the log.
+        // The old top's log holds only settled records (settled before the
+        // fold, nothing logged during it) and its file goes: so does the log.
         shape.top().remove_link_log(io);
         let parent_index = shape.layers.len() - 2;
         shape.layers.truncate(parent_index);
