@@ -362,14 +362,13 @@ impl Report<'_> {
                 cfg.secs / SLICES as f64
             );
             for r in rows {
-                if let (Some(e), Some(Ok(same)), Some(Ok(raw))) = (&r.engine, &r.fio, &r.fio_raw_file) {
+                let placed = r.fio.as_ref().and_then(|f| f.as_ref().ok()).and_then(|same| ratio(Some(same), &r.fio_raw_file));
+                if let (Some(Ok(raw)), Some(a), Some(placed)) = (&r.fio_raw_file, ratio(r.engine.as_ref(), &r.fio_raw_file), placed) {
                     let _ = writeln!(
                         out,
-                        "      {}: fio on the separate raw file of the same data, in the same turns: {} IOPS; a/that {:.2},\n        fio on the image's blocks / fio on the raw file {:.2} (placement, not the engine)",
+                        "      {}: fio on the separate raw file of the same data, in the same turns: {} IOPS; a/that {a:.2},\n        fio on the image's blocks / fio on the raw file {placed:.2} (placement, not the engine)",
                         r.label,
                         fmt_iops(raw.iops()),
-                        e.iops() / raw.iops().max(1e-9),
-                        same.iops() / raw.iops().max(1e-9)
                     );
                 }
             }
