@@ -14,7 +14,11 @@ SCRATCH=${UBLK_PLOOP_SCRATCH:?run this inside the VM: tests/vm/run tests/vm/e2e.
 ALL="data_path basic_fs fio_verify stack_layers control_socket kill_recover kill_recover_links read_only serve_config snapshots merge_kill merge_steps track_copy mounts_frozen full_disk io_errors resize compact clones qcow2_base old_cli"
 
 log() { echo "e2e[${SCENARIO:-main}]: $*"; }
-die() { log "FAIL: $*"; exit 1; }
+# Why each failed scenario failed, said again after the summary: CI shows
+# only the end of the guest's console.
+WHY=${E2E_WHY:-/tmp/e2e-why.$$}
+export E2E_WHY=$WHY
+die() { log "FAIL: $*"; echo "${SCENARIO:-main}: $*" | cut -c1-600 >>"$WHY"; exit 1; }
 
 # shellcheck source=tests/vm/lib.sh
 . "$here/lib.sh"
@@ -657,7 +661,8 @@ $((100 << 20)) $((102 << 20))"
 	mkdir "$SCRATCH/tcp.disk"
 	"$BIN" receive --image "$SCRATCH/tcp.disk" --listen 127.0.0.1:7311 >"$SCRATCH/recv.out" 2>&1 &
 	recv_pid=$!
-	for _ in $(seq 50); do grep -q listening "$SCRATCH/recv.out" && break; sleep 0.1; done
+	# (Up to 30 s: a slow emulated guest on a busy host starts processes slowly.)
+	for _ in $(seq 300); do grep -q listening "$SCRATCH/recv.out" && break; sleep 0.1; done
 	"$BIN" copy -n "$id" --connect 127.0.0.1:7311 >"$SCRATCH/copy.out" || { cat "$SCRATCH/copy.out"; die "copy over TCP"; }
 	wait "$recv_pid" || { cat "$SCRATCH/recv.out"; die "receive over TCP"; }
 	grep -q 'checksums verified' "$SCRATCH/recv.out" || die "no checksums over TCP: $(cat "$SCRATCH/recv.out")"
@@ -728,7 +733,7 @@ $((100 << 20)) $((102 << 20))"
 	"$BIN" copy -n "$id" --stop --to "$SCRATCH/stop.stream" --json >"$SCRATCH/stop.json" || die "copy --stop"
 	log "copy --stop under writes: $(tr -d ' \n' <"$SCRATCH/stop.json" | grep -o '"frozen_ms":[0-9.]*')"
 	wait "$fio_pid" && log "(fio ended before the stop)"
-	for _ in $(seq 50); do [ -e "$dev" ] || break; sleep 0.1; done
+	for _ in $(seq 300); do [ -e "$dev" ] || break; sleep 0.1; done
 	[ ! -e "$dev" ] || die "copy --stop left the device"
 	"$BIN" receive --image "$SCRATCH/moved.hdd" --from "$SCRATCH/stop.stream" >/dev/null
 	rm -f "$SCRATCH/stop.stream"
@@ -1285,7 +1290,7 @@ if [ "${1:-}" = --scenario ]; then
 	# A command that fails outside a `|| die` ends the scenario too: say
 	# which, so that a failure in CI is never only "FAIL name".
 	# (Not in command substitutions: their failures may be allowed.)
-	trap 'e2e_rc=$?; [ "$BASH_SUBSHELL" != 0 ] || log "stopped at line $LINENO by \`$BASH_COMMAND\` (exit $e2e_rc)"' ERR
+	trap 'e2e_rc=$?; [ "$BASH_SUBSHELL" != 0 ] || { log "stopped at line $LINENO by \`$BASH_COMMAND\` (exit $e2e_rc)"; echo "$SCENARIO: stopped at line $LINENO by \`$BASH_COMMAND\` (exit $e2e_rc)" | cut -c1-600 >>"$WHY"; }' ERR
 	"scenario_$2"
 	exit 0
 fi
@@ -1304,6 +1309,7 @@ for s in ${*:-$ALL}; do
 	fi
 	rm -rf "$SCRATCH"/*.hdd "$SCRATCH"/pat.* "$SCRATCH"/read.* "$SCRATCH"/sums.* "$SCRATCH"/ct*
 done
-[ -z "$failed" ] || log "failed:$failed"
+[ -z "$failed" ] || { log "failed:$failed"; [ ! -s "$WHY" ] || sed 's/^/e2e: why: /' "$WHY"; }
+rm -f "$WHY"
 echo "e2e: $pass passed, $fail failed"
 [ "$fail" -eq 0 ]
