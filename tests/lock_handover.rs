@@ -14,7 +14,7 @@ use std::path::Path;
 use common::stripes::{pattern, Geometry};
 use common::{assert_ploop_clean, hold_layer, retry_busy, TempDir};
 use ublk_ploop::disk::ops;
-use ublk_ploop::disk::{Disk, Guid};
+use ublk_ploop::disk::{Disk, Guid, Temporary};
 use ublk_ploop::io::{block_on, AlignedBuf, Direct, SyncIo};
 use ublk_ploop::layers::{Format, Layer};
 use ublk_ploop::{Stack, StackOptions};
@@ -90,4 +90,57 @@ fn a_merge_of_the_top_hands_the_lock_to_the_parent_s_file() {
     block_on(stack.close(&SyncIo)).unwrap();
     drop(stack);
     assert_ploop_clean(&parent, "the merged top");
+}
+
+/// Whether ploop's tool would find the disk of `base` locked: it tests for
+/// a write lock on bytes [200, 205) of the base delta (F_GETLK, a POSIX
+/// lock; our OFD locks conflict with those, even in this process).
+fn ploop_sees_locked(base: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(base).unwrap();
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as _;
+    fl.l_whence = libc::SEEK_SET as _;
+    fl.l_start = 200;
+    fl.l_len = 5;
+    assert_eq!(unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETLK, &mut fl) }, 0, "F_GETLK on {}", base.display());
+    fl.l_type != libc::F_UNLCK as libc::c_short
+}
+
+#[test]
+fn a_held_disk_lock_follows_the_base_a_merge_makes() {
+    // A device holds ploop's lock for its whole life (`Disk::load_locked`)
+    // and runs every change under it. Merging the top into a base that
+    // ploop 9's reverse merge left swapped copies the base up into the top
+    // and removes the base's file: the top's file is the base then, and
+    // the lock must move there, or ploop's tool finds the disk free.
+    let g = Geometry { cluster: 64 << 10, clusters: 12, stripe: 16 << 10 };
+    let dir = TempDir::new("lock-follow");
+    let mut disk = block_on(Disk::init(&SyncIo, &dir.join("ct"), g.size(), g.cluster)).unwrap();
+    let stack = open(&disk);
+    let mut model = pattern(0xBA5E, 0, g.size() as usize).to_vec();
+    block_on(stack.write(&SyncIo, 0, &model)).unwrap();
+    let base_snap = block_on(ops::snapshot(&SyncIo, &stack, &mut disk, None)).unwrap().guid;
+    let data = pattern(7, 3 * g.cluster, 8192);
+    block_on(stack.write(&SyncIo, 3 * g.cluster, &data)).unwrap();
+    model[(3 * g.cluster) as usize..(3 * g.cluster) as usize + 8192].copy_from_slice(&data);
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    disk.desc.shots.iter_mut().filter(|s| s.guid == base_snap).for_each(|s| s.temporary = Temporary::ZeroSwap);
+    block_on(disk.store(&SyncIo)).unwrap();
+
+    let mut disk = Disk::load_locked(&disk.dir).unwrap();
+    let stack = open(&disk);
+    let before = disk.lock_path().unwrap();
+    assert!(ploop_sees_locked(&before), "the held lock is not where ploop looks");
+    block_on(ops::merge(&SyncIo, &stack, &mut disk, None, &|_, _| {})).expect("merge the top into the swapped base");
+    let after = disk.lock_path().unwrap();
+    assert_ne!(before, after, "the base's file stayed the base: the test no longer covers a move");
+    assert!(!before.exists(), "the old base's file is still there");
+    assert!(ploop_sees_locked(&after), "the lock did not follow the new base {}", after.display());
+    assert_reads(&stack, &model, "after the merge");
+    block_on(stack.close(&SyncIo)).unwrap();
+    drop(stack);
+    drop(disk);
+    assert!(!ploop_sees_locked(&after), "the lock outlived the disk that held it");
 }

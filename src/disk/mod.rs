@@ -355,7 +355,25 @@ impl Disk {
                 let _ = io.remove_file(&tmp);
             }
             (Error::io(e, format_args!("{}: storing the descriptor", xml.display())), renamed.get())
-        })
+        })?;
+        self.follow_base(io);
+        Ok(())
+    }
+
+    /// Move a lock this disk carries onto the base delta the descriptor
+    /// names now (a merge may have made another file the base): a device
+    /// holds it for its whole life, and ploop's tools look for it on the
+    /// base they read. A failure leaves it where it was, with a warning:
+    /// the descriptor is stored by then, and the next operation tries again.
+    fn follow_base<I: Io + ?Sized>(&self, io: &I) {
+        let Some(held) = &self.held else { return };
+        let Ok(base) = self.lock_path() else { return };
+        let mut lock = held.lock().unwrap();
+        if lock.base() != base {
+            if let Err(e) = lock.rebase(io, &base) {
+                tracing::warn!("{}: ploop's lock stays on {}: {e}", self.xml_path().display(), lock.base().display());
+            }
+        }
     }
 
     /// Resize a disk no device serves, as `ploop resize` does offline:
