@@ -185,3 +185,23 @@ fn our_devices() -> Vec<u32> {
         .map(|d| d.id)
         .collect()
 }
+
+/// Refuse an offline change of a disk directory one of our devices serves
+/// read-write, naming the device: its daemon holds ploop's lock on the
+/// disk, which the change would otherwise wait for and then fail on.
+pub(crate) fn refuse_if_served(dir: &std::path::Path) -> Result<()> {
+    let Ok(me) = std::fs::canonicalize(ublk_ploop::disk::Disk::descriptor_path(dir)) else { return Ok(()) };
+    let me = me.parent().map(|p| p.to_path_buf()).unwrap_or(me);
+    let served = list_devices().into_iter().find(|d| {
+        d.target == crate::ublk_control::TARGET_NAME
+            && d.snapshot.as_ref().map_or(true, |s| s.is_null())
+            && d.disk.as_ref().and_then(|v| v.as_str()).is_some_and(|s| std::fs::canonicalize(s).is_ok_and(|p| p == me))
+    });
+    match served {
+        Some(d) => Err(ublk_ploop::Error::new(
+            libc::EBUSY,
+            format!("{}: {} serves this disk; run the command on the device (-n {})", me.display(), d.device, d.id),
+        )),
+        None => Ok(()),
+    }
+}

@@ -128,6 +128,7 @@ fn check_cmd(image: PathBuf, repair: bool, format: FormatArg, json: bool) -> Res
     // descriptor read again once the lock is ours.
     let _lock = match (&disk, repair) {
         (Some(d), true) => {
+            super::device_cmd::refuse_if_served(&d.dir)?;
             let lock = d.lock()?;
             (disk, paths) = resolve::files(std::slice::from_ref(&image), &[])?;
             Some(lock)
@@ -214,6 +215,7 @@ fn resize_cmd(id: Option<u32>, image: Option<PathBuf>, size: u64, format: Format
         // In whole clusters, as ploop's resize rounds it (raw deltas too:
         // the disk's size is one for every delta).
         (Some(mut disk), _) => {
+            super::device_cmd::refuse_if_served(&disk.dir)?;
             let size = whole_clusters(size, disk.desc.cluster_size())?;
             block_on(disk.resize(&SyncIo, size))?
         }
@@ -259,6 +261,7 @@ fn compact(id: Option<u32>, target: Option<PathBuf>, step: Option<u64>, speed: O
             // directory is ever compacted.
             let (_disk, layers, unknown_below) = match resolve::name(std::slice::from_ref(&target), &[])? {
                 Named::Disk(dir) => {
+                    super::device_cmd::refuse_if_served(&dir)?;
                     let disk = Disk::load_locked(&dir)?;
                     let layers = block_on(disk.writable_layers(&SyncIo))?;
                     (Some(disk), layers, false)

@@ -50,6 +50,7 @@ enum Record {
 /// cleanly afterwards, whatever the outcome. Half-done merges a crash left
 /// are finished first; `op` is told which.
 fn offline<T>(dir: &std::path::Path, record: Record, op: impl FnOnce(&OwnRing, &Stack, &mut Disk, &[Merged]) -> Result<T>) -> Result<T> {
+    super::device_cmd::refuse_if_served(dir)?;
     let mut disk = Disk::load_locked(dir)?;
     let layers = block_on(disk.writable_layers(&SyncIo))?;
     // Nothing is served: a merge of the top folds it into its parent.

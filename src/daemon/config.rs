@@ -115,13 +115,20 @@ pub fn check_link_dir_kept(stored: &str, dir: &Path, id: u32) -> Result<()> {
 }
 
 impl DeviceConfig {
+    /// True when this device serves a disk directory read-write: it holds
+    /// ploop's lock on the disk for its whole life.
+    pub fn locks_disk(&self) -> bool {
+        self.disk.is_some() && !self.read_only && self.snapshot.is_none()
+    }
+
     /// The layers to open now: the descriptor's chain for a disk directory
-    /// (served read-write only if its top is the disk's own file).
-    pub fn layers(&self) -> Result<Vec<LayerSpec>> {
-        match &self.disk {
-            Some(dir) if !self.read_only && self.snapshot.is_none() => block_on(Disk::load(dir)?.writable_layers(&SyncIo)),
-            Some(dir) => Disk::load(dir)?.layers(self.snapshot),
-            None => Ok(self.images.clone()),
+    /// (served read-write only if its top is the disk's own file), read
+    /// from `locked` (the disk under the device's lock) when it locks one.
+    pub fn layers(&self, locked: Option<&Disk>) -> Result<Vec<LayerSpec>> {
+        match (&self.disk, locked) {
+            (Some(_), Some(disk)) if self.locks_disk() => block_on(disk.writable_layers(&SyncIo)),
+            (Some(dir), _) => Disk::load(dir)?.layers(self.snapshot),
+            (None, _) => Ok(self.images.clone()),
         }
     }
 

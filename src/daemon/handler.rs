@@ -335,8 +335,11 @@ impl DaemonHandler {
         if let Some(disk) = guard.as_mut() {
             // Only the top grew (lower deltas are frozen and may be served
             // elsewhere); the descriptor says the disk's size.
+            // Under the device's lock (the disk carries it): re-read, as
+            // another tool may have changed the descriptor since.
             let _lock = disk.lock()?;
-            let mut next = Disk::load(&disk.dir)?;
+            let mut next = disk.clone();
+            next.reload()?;
             next.desc.set_size(size)?;
             block_on(next.store(&SyncIo))?;
             *disk = next;

@@ -60,12 +60,19 @@ pub fn start(mut config: DeviceConfig, mode: Mode, foreground: bool) -> Result<i
     }
     config.link_dir_id = link_log.as_deref().and_then(config::link_dir_identity);
     let opts = StackOptions { read_only: config.read_only, direct: config.direct, offline: false, link_log };
-    let layers = config.layers()?;
+    // A disk served read-write is locked as ploop locks a disk it mounts,
+    // for the device's whole life: ploop's tools then see it in use, and
+    // every change the daemon makes goes through this one lock (a second
+    // one taken by the daemon would conflict with it).
+    let mut disk = match (&config.disk, config.locks_disk()) {
+        (Some(dir), true) => Some(Disk::load_locked(dir)?),
+        _ => None,
+    };
+    let layers = config.layers(disk.as_ref())?;
     let (stack, reports) = block_on(Stack::open_layers(&SyncIo, &layers, &opts))?;
-    if let (Some(dir), false) = (&config.disk, config.read_only) {
+    if let Some(disk) = disk.as_mut() {
         // A merge a crash interrupted is finished before serving.
-        let mut disk = Disk::load(dir)?;
-        let merged = block_on(ops::finish_merges(&SyncIo, &stack, &mut disk))?;
+        let merged = block_on(ops::finish_merges(&SyncIo, &stack, disk))?;
         for m in merged {
             tracing::warn!("finished merging {} into {} (interrupted before)", m.child, m.parent);
         }
@@ -79,9 +86,11 @@ pub fn start(mut config: DeviceConfig, mode: Mode, foreground: bool) -> Result<i
         }
     }
     if foreground {
-        return run(stack, config, mode, Ready::Foreground);
+        return run(stack, disk, config, mode, Ready::Foreground);
     }
-    process::fork_daemon(move |ready| match run(stack, config, mode, ready) {
+    // The lock lives in open file descriptions, which the forked daemon
+    // shares: it stays held when the parent exits.
+    process::fork_daemon(move |ready| match run(stack, disk, config, mode, ready) {
         Ok(code) => code,
         Err(e) => {
             tracing::error!("{e}");
@@ -90,10 +99,10 @@ pub fn start(mut config: DeviceConfig, mode: Mode, foreground: bool) -> Result<i
     })
 }
 
-fn run(stack: Stack, config: DeviceConfig, mode: Mode, ready: Ready) -> Result<i32> {
+fn run(stack: Stack, disk: Option<Disk>, config: DeviceConfig, mode: Mode, ready: Ready) -> Result<i32> {
     let mut ready = Some(ready);
     let device = Arc::new(Device { stack, counters: Counters::default() });
-    let result = run_inner(&device, config, mode, &mut ready);
+    let result = run_inner(&device, disk, config, mode, &mut ready);
     if let Err(e) = &result {
         report(&mut ready, Err(e.to_string()));
     }
@@ -104,17 +113,13 @@ fn run(stack: Stack, config: DeviceConfig, mode: Mode, ready: Ready) -> Result<i
     Ok(code)
 }
 
-fn run_inner(device: &Arc<Device>, config: DeviceConfig, mode: Mode, ready: &mut Option<Ready>) -> Result<i32> {
+fn run_inner(device: &Arc<Device>, disk: Option<Disk>, config: DeviceConfig, mode: Mode, ready: &mut Option<Ready>) -> Result<i32> {
     let ctrl = ublk_control::open_device(&mode, config.queues, config.depth, config.copy_mode)?;
     let dev_id = ctrl.dev_info().dev_id;
     // A recovered device keeps the data path it was created with.
     let data_path = data_path(ctrl.dev_info().flags);
     tracing::info!(data_path, "ublk device {dev_id}");
     install_stop_signals(dev_id);
-    let disk = match &config.disk {
-        Some(dir) if !config.read_only => Some(Disk::load(dir)?),
-        _ => None,
-    };
     // Changed-block tracking a clean stop kept: tracking goes on.
     let mut cbt = None;
     if !config.read_only {

@@ -412,10 +412,27 @@ snapshot_frozen() { # mnt id
 	cat "$SCRATCH/snap.out"
 }
 
+# Whether ploop's tool finds a disk locked (in use): it tests for a write
+# lock on bytes [200, 205) of the base delta with F_GETLK (lib/lock.c).
+ploop_locked() { # base delta
+	python3 - "$1" <<'PY'
+import fcntl, os, struct, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+probe = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 200, 5, 0)
+sys.exit(0 if struct.unpack("hhqqi4x", fcntl.fcntl(fd, fcntl.F_GETLK, probe))[0] != fcntl.F_UNLCK else 1)
+PY
+}
+
 scenario_snapshots() {
 	local d=$SCRATCH/ct1 mnt=/mnt/ct1 smnt=/mnt/ct1snap
 	"$BIN" init "$d" --size 512M
+	ploop_locked "$d/root.hds" && die "a disk no device serves is locked"
 	dev=$("$BIN" add --image "$d"); wait_dev "$dev"; id=$(dev_id "$dev")
+	# Served, the disk is locked as ploop locks a disk it mounts, for the
+	# device's life; an offline change of it names the device.
+	ploop_locked "$d/root.hds" || die "ploop's tool would find the served disk free"
+	"$BIN" snapshot "$d" 2>"$SCRATCH/off.err" && die "an offline snapshot of a served disk"
+	grep -q "/dev/ublkb$id serves this disk" "$SCRATCH/off.err" || die "offline snapshot refusal: $(cat "$SCRATCH/off.err")"
 	mkfs.ext4 -q -F "$dev"; mkdir -p "$mnt" "$smnt"; mount "$dev" "$mnt"
 	mkdir "$mnt/A" "$mnt/B"
 	for i in 1 2 3; do head -c 4M /dev/urandom >"$mnt/A/a$i"; done
@@ -459,7 +476,9 @@ scenario_snapshots() {
 	check_sums "$mnt" A
 	[ -z "$(ls "$mnt/B")" ] || die "set B survived the switch"
 	umount "$mnt"
+	ploop_locked "$d/root.hds" || die "the lock went with the snapshot commands"
 	"$BIN" del -n "$id"
+	ploop_locked "$d/root.hds" && die "the lock outlived the device"
 	check_disk "$d"
 }
 
@@ -488,6 +507,7 @@ scenario_merge_kill() {
 	log "killed daemon $pid in the middle of the merge: $(grep -E '"(state|done|total)"' <<<"$st" | tr -d ' \n')"
 	wait "$merge_pid" && log "(the merge finished before the kill)"
 	"$BIN" recover -n "$id"
+	ploop_locked "$d/root.hds" || die "the recovered device does not hold ploop's lock"
 	expect_data() { # what
 		dd if="$dev" of="$SCRATCH/read.0" bs=1M count=160 iflag=direct status=none
 		cmp "$SCRATCH/read.0" "$SCRATCH/pat.want" || die "the device's data differs $1"
