@@ -192,6 +192,47 @@ fn a_template_in_use_is_not_cloned() {
     ploop(["clone", p(&tmpl), p(&ct)]).expect_clean_failure().mentions(&["exists already"]);
 }
 
+/// A device serving the template holds ploop's byte-range lock for its
+/// life and the `.lck` flock for each change: a clone of a snapshot reads
+/// the chain between changes (the device keeps its lock), and waits while
+/// a change runs.
+#[test]
+fn a_snapshot_of_a_served_template_is_cloned_between_its_changes() {
+    let (root, tmpl, guid) = template_past_a_snapshot("clone-served");
+    // As the daemon holds it: the lock, then the chain open read-write.
+    let device = Disk::load_locked(&tmpl).unwrap();
+    device.keep_range_lock_only();
+    let served = open_disk(&tmpl);
+    let base = device.lock_path().unwrap();
+    assert!(ploop_sees_locked(&base));
+    let ct = root.join("ct");
+    ploop(["clone", p(&tmpl), p(&ct), "-u", &guid]).ok();
+    assert!(ploop_sees_locked(&base), "the clone took the device's lock away");
+    let c = open_disk(&ct);
+    assert!(read(&c, 5 * K64 as u64, K64).iter().all(|&b| b == 0x22), "the clone does not read the snapshot");
+    close(c);
+
+    // While the device changes the disk, a clone waits for it.
+    let change = device.lock().unwrap().expect("the device takes the .lck flock for a change");
+    let ct2 = root.join("ct2");
+    let mut child = std::process::Command::new(bin())
+        .args(["clone", p(&tmpl), p(&ct2), "-u", &guid])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    assert!(child.try_wait().unwrap().is_none(), "the clone did not wait for the device's change");
+    assert!(!ct2.join(DESCRIPTOR).exists(), "the clone went on during the device's change");
+    drop(change);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "the clone after the change: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(ploop_sees_locked(&base));
+    close(served);
+    drop(device);
+    assert!(!ploop_sees_locked(&base), "the device's lock outlived it");
+}
+
 /// A clone of a template's snapshot reads the template as it was then,
 /// whatever the template's top took afterwards; a template of two deltas
 /// is detached in two merges.

@@ -12,7 +12,7 @@ mod common;
 use std::path::Path;
 
 use common::stripes::{pattern, Geometry};
-use common::{assert_ploop_clean, hold_layer, retry_busy, TempDir};
+use common::{assert_ploop_clean, hold_layer, ploop_sees_locked, retry_busy, TempDir};
 use ublk_ploop::disk::ops;
 use ublk_ploop::disk::{Disk, Guid, Temporary};
 use ublk_ploop::io::{block_on, AlignedBuf, Direct, SyncIo};
@@ -90,21 +90,6 @@ fn a_merge_of_the_top_hands_the_lock_to_the_parent_s_file() {
     block_on(stack.close(&SyncIo)).unwrap();
     drop(stack);
     assert_ploop_clean(&parent, "the merged top");
-}
-
-/// Whether ploop's tool would find the disk of `base` locked: it tests for
-/// a write lock on bytes [200, 205) of the base delta (F_GETLK, a POSIX
-/// lock; our OFD locks conflict with those, even in this process).
-fn ploop_sees_locked(base: &Path) -> bool {
-    use std::os::fd::AsRawFd;
-    let file = std::fs::File::open(base).unwrap();
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = libc::F_WRLCK as _;
-    fl.l_whence = libc::SEEK_SET as _;
-    fl.l_start = 200;
-    fl.l_len = 5;
-    assert_eq!(unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETLK, &mut fl) }, 0, "F_GETLK on {}", base.display());
-    fl.l_type != libc::F_UNLCK as libc::c_short
 }
 
 #[test]

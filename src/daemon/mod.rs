@@ -76,6 +76,9 @@ pub fn start(mut config: DeviceConfig, mode: Mode, foreground: bool) -> Result<i
         for m in merged {
             tracing::warn!("finished merging {} into {} (interrupted before)", m.child, m.parent);
         }
+        // The byte-range lock for the device's life, the `.lck` flock for
+        // each change (a clone of a snapshot reads the chain in between).
+        disk.keep_range_lock_only();
     }
     for (spec, r) in layers.iter().zip(&reports) {
         if r.was_in_use {

@@ -36,8 +36,10 @@ pub struct Cloned {
 /// its files are read, never written.
 pub async fn clone_disk<I: Io>(io: &I, template: &Path, dir: &Path, at: Option<Guid>) -> Result<Cloned> {
     // Under the template's lock, so that no tool changes its chain while we
-    // read it; let go once the clone's descriptor is stored.
-    let tmpl = Disk::load_locked_in(io, template).await?;
+    // read it; let go once the clone's descriptor is stored. A device of
+    // ours serving the template keeps its part of the lock (only a
+    // snapshot of it can be cloned then: its top is marked in use).
+    let tmpl = Disk::load_beside_device_in(io, template).await?;
     let at = at.unwrap_or(tmpl.desc.top);
     if tmpl.desc.shot(at).is_none() {
         return Err(Error::new(libc::ENOENT, format!("{}: no snapshot {at}", tmpl.xml_path().display())));

@@ -15,16 +15,26 @@ use crate::io::{Handle, Io, LockHow, OpenHow};
 const RANGE: (u64, u64) = (200, 5);
 
 /// Held while a disk is being changed; dropping it releases both locks.
+/// A device holds the byte-range lock for its whole life and takes the
+/// `.lck` flock for each change ([`DiskLock::changes`]); a clone of a
+/// snapshot of a served template holds the flock alone
+/// ([`DiskLock::take_beside_device`]).
 pub struct DiskLock {
-    base: Handle,
-    base_path: std::path::PathBuf,
-    _lck: Option<Handle>,
+    range: Option<(Handle, std::path::PathBuf)>,
+    lck: Option<Handle>,
 }
 
 impl std::fmt::Debug for DiskLock {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DiskLock").field("base", &self.base_path).finish()
+        f.debug_struct("DiskLock").field("base", &self.base()).field("lck", &self.lck.is_some()).finish()
     }
+}
+
+/// Whether a holder of the byte-range lock, as `ofd_holder` names it, is
+/// an open file description (ours: the kernel gives no pid for those)
+/// rather than a process (ploop's POSIX lock).
+fn held_by_description(who: Option<i32>) -> bool {
+    who.is_some_and(|pid| pid < 0)
 }
 
 /// Take the byte-range read lock on an opened base delta, or say who
@@ -52,28 +62,64 @@ fn open_base<I: Io + ?Sized>(io: &I, base: &Path) -> Result<Handle> {
 /// How long to wait for another holder to let go (ploop waits 60 s).
 const WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Try `take` until it succeeds, fails otherwise than busy, or `WAIT` ends.
+fn waiting<I: Io + ?Sized>(io: &I, take: impl Fn() -> Result<DiskLock>) -> Result<DiskLock> {
+    let start = io.now();
+    loop {
+        match take() {
+            Err(e) if e.errno() == libc::EBUSY && io.now().duration_since(start) < WAIT => io.sleep_blocking(std::time::Duration::from_millis(50)),
+            other => return other,
+        }
+    }
+}
+
+fn busy_error(xml: &Path) -> impl Fn(Option<i32>, &str) -> Error + '_ {
+    move |who: Option<i32>, what: &str| {
+        let by = match who {
+            Some(pid) if pid > 0 => format!(", pid {pid}"),
+            _ => String::new(),
+        };
+        Error::new(libc::EBUSY, format!("{}: the disk is locked by another process ({what}{by})", xml.display()))
+    }
+}
+
 impl DiskLock {
     /// Take the lock, waiting a while if another process holds it.
     pub fn take<I: Io + ?Sized>(io: &I, xml: &Path, base: &Path) -> Result<DiskLock> {
-        let start = io.now();
-        loop {
-            match Self::try_take(io, xml, base) {
-                Err(e) if e.errno() == libc::EBUSY && io.now().duration_since(start) < WAIT => {
-                    io.sleep_blocking(std::time::Duration::from_millis(50))
-                }
-                other => return other,
-            }
-        }
+        waiting(io, || Self::try_take(io, xml, base, false))
     }
 
-    fn try_take<I: Io + ?Sized>(io: &I, xml: &Path, base: &Path) -> Result<DiskLock> {
-        let busy = |who: Option<i32>, what: &str| {
-            let by = match who {
-                Some(pid) if pid > 0 => format!(", pid {pid}"),
-                _ => String::new(),
-            };
-            Error::new(libc::EBUSY, format!("{}: the disk is locked by another process ({what}{by})", xml.display()))
-        };
+    /// The `.lck` flock alone, waiting a while: for each change a device
+    /// makes under the byte-range lock it holds for its life.
+    pub fn changes<I: Io + ?Sized>(io: &I, xml: &Path) -> Result<DiskLock> {
+        waiting(io, || Ok(DiskLock { range: None, lck: Self::try_lck(io, xml)? }))
+    }
+
+    /// The lock for reading a disk's chain that a device of ours may serve
+    /// (a clone of one of its snapshots): the `.lck` flock keeps the
+    /// device's changes and our other commands out meanwhile (each takes
+    /// it), and the byte-range lock too unless an open file description,
+    /// which only a command of ours takes, holds it: the device. A process
+    /// holding it (ploop's tool) is waited for, as by `take`.
+    pub fn take_beside_device<I: Io + ?Sized>(io: &I, xml: &Path, base: &Path) -> Result<DiskLock> {
+        waiting(io, || Self::try_take(io, xml, base, true))
+    }
+
+    /// Whether this lock holds the `.lck` flock (a device's life lock lets
+    /// go of it between changes).
+    pub fn holds_changes(&self) -> bool {
+        self.lck.is_some()
+    }
+
+    /// Let go of the `.lck` flock, keeping the byte-range lock: a device
+    /// holds that for its life and takes the flock for each change.
+    pub fn release_changes(&mut self) {
+        self.lck = None;
+    }
+
+    /// ploop 7's flock on `DiskDescriptor.xml.lck`.
+    fn try_lck<I: Io + ?Sized>(io: &I, xml: &Path) -> Result<Option<Handle>> {
+        let busy = busy_error(xml);
         let lck_path = xml.with_file_name(format!(
             "{}.lck",
             xml.file_name().and_then(|n| n.to_str()).unwrap_or(super::DESCRIPTOR)
@@ -104,14 +150,25 @@ impl DiskLock {
                 return Err(busy(None, "flock on the .lck file"));
             }
         }
-        let base_file = open_base(io, base)?;
-        lock_range(io, &base_file, base, busy)?;
-        Ok(DiskLock { base: base_file, base_path: base.to_path_buf(), _lck: lck })
+        Ok(lck)
     }
 
-    /// The base delta the byte-range lock is on.
-    pub fn base(&self) -> &Path {
-        &self.base_path
+    fn try_take<I: Io + ?Sized>(io: &I, xml: &Path, base: &Path, beside_device: bool) -> Result<DiskLock> {
+        let lck = Self::try_lck(io, xml)?;
+        let base_file = open_base(io, base)?;
+        if beside_device {
+            let who = io.ofd_holder(base_file.fd(), RANGE).map_err(|e| Error::io(e, base.display()))?;
+            if held_by_description(who) {
+                return Ok(DiskLock { range: None, lck });
+            }
+        }
+        lock_range(io, &base_file, base, busy_error(xml))?;
+        Ok(DiskLock { range: Some((base_file, base.to_path_buf())), lck })
+    }
+
+    /// The base delta the byte-range lock is on, if this lock holds it.
+    pub fn base(&self) -> Option<&Path> {
+        self.range.as_ref().map(|(_, p)| p.as_path())
     }
 
     /// Move the byte-range lock to another base delta (an operation under
@@ -124,8 +181,7 @@ impl DiskLock {
         };
         let file = open_base(io, base)?;
         lock_range(io, &file, base, busy)?;
-        self.base = file;
-        self.base_path = base.to_path_buf();
+        self.range = Some((file, base.to_path_buf()));
         Ok(())
     }
 }

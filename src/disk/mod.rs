@@ -113,12 +113,24 @@ impl Disk {
 
     /// The same through `io`.
     pub async fn load_locked_in<I: Io + ?Sized>(io: &I, path: &Path) -> Result<Disk> {
+        Disk::load_locked_with(io, path, false).await
+    }
+
+    /// `load_locked_in` for reading the chain of a disk a device of ours
+    /// may serve (a clone of one of its snapshots): the device keeps its
+    /// byte-range lock, and the `.lck` flock keeps its changes out.
+    pub async fn load_beside_device_in<I: Io + ?Sized>(io: &I, path: &Path) -> Result<Disk> {
+        Disk::load_locked_with(io, path, true).await
+    }
+
+    async fn load_locked_with<I: Io + ?Sized>(io: &I, path: &Path, beside_device: bool) -> Result<Disk> {
         // The lock lives on the base delta, which another tool may change
         // while we wait: read the descriptor again once the lock is held,
         // and start over if its base is not the file we locked.
         for _ in 0..3 {
             let seen = Disk::load_in(io, path).await?;
-            let lock = seen.lock_fresh(io)?;
+            let (xml, base) = (seen.xml_path(), seen.lock_path()?);
+            let lock = if beside_device { DiskLock::take_beside_device(io, &xml, &base)? } else { DiskLock::take(io, &xml, &base)? };
             let mut disk = Disk::load_in(io, path).await?;
             if disk.lock_path()? == seen.lock_path()? {
                 disk.held = Some(Arc::new(Mutex::new(lock)));
@@ -131,6 +143,26 @@ impl Disk {
     /// True when this disk carries a lock taken by `load_locked`.
     pub fn holds_lock(&self) -> bool {
         self.held.is_some()
+    }
+
+    /// Keep only the byte-range lock of the lock this disk carries, for a
+    /// device's life: ploop's tools find the disk locked, and each change
+    /// takes the `.lck` flock again (`lock_in`, the operations of `ops`),
+    /// which lets a clone of one of its snapshots read the chain between
+    /// changes.
+    pub fn keep_range_lock_only(&self) {
+        if let Some(held) = &self.held {
+            held.lock().unwrap().release_changes();
+        }
+    }
+
+    /// For a change under the lock this disk carries: the `.lck` flock
+    /// when that lock let go of it (a device's), else nothing more.
+    fn change_lock_in<I: Io + ?Sized>(&self, io: &I) -> Result<Option<DiskLock>> {
+        match &self.held {
+            Some(held) if !held.lock().unwrap().holds_changes() => DiskLock::changes(io, &self.xml_path()).map(Some),
+            _ => Ok(None),
+        }
     }
 
     /// Read the descriptor again, keeping a lock this disk carries (moved
@@ -148,7 +180,7 @@ impl Disk {
             Some(h) => {
                 let base = self.lock_path()?;
                 let mut lock = h.lock().unwrap();
-                if lock.base() != base {
+                if lock.base().is_some_and(|b| b != base) {
                     lock.rebase(io, &base)?;
                 }
                 Ok(())
@@ -369,9 +401,9 @@ impl Disk {
         let Some(held) = &self.held else { return };
         let Ok(base) = self.lock_path() else { return };
         let mut lock = held.lock().unwrap();
-        if lock.base() != base {
+        if let Some(old) = lock.base().filter(|&b| b != base).map(Path::to_path_buf) {
             if let Err(e) = lock.rebase(io, &base) {
-                tracing::warn!("{}: ploop's lock stays on {}: {e}", self.xml_path().display(), lock.base().display());
+                tracing::warn!("{}: ploop's lock stays on {}: {e}", self.xml_path().display(), old.display());
             }
         }
     }
@@ -433,7 +465,7 @@ impl Disk {
     /// The same through `io`.
     pub fn lock_in<I: Io + ?Sized>(&self, io: &I) -> Result<Option<DiskLock>> {
         if self.held.is_some() {
-            return Ok(None);
+            return self.change_lock_in(io);
         }
         self.lock_fresh(io).map(Some)
     }

@@ -63,12 +63,12 @@ pub enum Deleted {
 /// Re-read the descriptor under the lock and make sure it still describes
 /// the stack (another tool may have changed it).
 /// When the disk carries a lock its caller took for the whole session
-/// (`Disk::load_locked`, offline commands), that lock is used: the caller
-/// opened the stack from the descriptor it read under it.
+/// (`Disk::load_locked`: offline commands, a device's life), that lock is
+/// used: the caller opened the stack from the descriptor it read under it.
 async fn refresh<I: Io>(io: &I, disk: &mut Disk, stack: &Stack) -> Result<Option<super::DiskLock>> {
     let lock = if disk.holds_lock() {
-        disk.reload_in(io).await?;
-        None
+        let changes = disk.lock_in(io)?; // a device's lock: the `.lck` flock
+        disk.reload_in(io).await.map(|()| changes)?
     } else {
         // The lock lives on the base delta, and which file that is can
         // change (a merge into the base keeps the child's file): find it

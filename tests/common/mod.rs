@@ -792,3 +792,18 @@ impl std::io::Write for VecSink {
         Ok(())
     }
 }
+
+/// Whether ploop's tool would find the disk of `base` locked: it tests for
+/// a write lock on bytes [200, 205) of the base delta (F_GETLK, a POSIX
+/// lock; our OFD locks conflict with those, even in this process).
+pub fn ploop_sees_locked(base: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(base).unwrap();
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as _;
+    fl.l_whence = libc::SEEK_SET as _;
+    fl.l_start = 200;
+    fl.l_len = 5;
+    assert_eq!(unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETLK, &mut fl) }, 0, "F_GETLK on {}", base.display());
+    fl.l_type != libc::F_UNLCK as libc::c_short
+}

@@ -1085,7 +1085,20 @@ scenario_clones() {
 	mkdir -p "$mnt"; mount "$dev" "$mnt"
 	mkdir "$mnt/T"; for i in 1 2 3; do head -c 4M /dev/urandom >"$mnt/T/t$i"; done
 	sums_of "$mnt" "T/*" T
-	umount "$mnt"; "$BIN" del -n "$(dev_id "$dev")"
+	# A snapshot of the served template is cloned while the device goes
+	# on, keeping ploop's lock; the snapshot is merged back once the clone
+	# is gone.
+	local tid snap; tid=$(dev_id "$dev")
+	snap=$(snapshot_frozen "$mnt" "$tid" | grep -o '{[0-9a-f-]*}' | head -1)
+	"$BIN" clone "$t" "$SCRATCH/ct-live" -u "$snap" >/dev/null || die "clone of a snapshot of the served template"
+	ploop_locked "$t/root.hds" || die "cloning took the served template's lock away"
+	local cdev; cdev=$("$BIN" add --image "$SCRATCH/ct-live" --read-only); wait_dev "$cdev"
+	mkdir -p "$mnt-live"; mount -o ro,noload "$cdev" "$mnt-live"
+	check_sums "$mnt-live" T
+	umount "$mnt-live"; "$BIN" del -n "$(dev_id "$cdev")"
+	rm -rf "$SCRATCH/ct-live"
+	"$BIN" snapshot-merge -n "$tid" >/dev/null || die "merging the cloned snapshot back"
+	umount "$mnt"; "$BIN" del -n "$tid"
 	# A template on read-only storage clones, before any lock file exists
 	# there and after one does, and nothing is made beside it.
 	local ro=$SCRATCH/tmpl.ro
