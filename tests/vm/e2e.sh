@@ -1096,7 +1096,7 @@ scenario_clones() {
 	mkdir -p "$mnt-live"; mount -o ro,noload "$cdev" "$mnt-live"
 	check_sums "$mnt-live" T
 	umount "$mnt-live"; "$BIN" del -n "$(dev_id "$cdev")"
-	rm -rf "$SCRATCH/ct-live"
+	rm -rf "$SCRATCH/ct-live" "$t/ublk-ploop-clones"   # (the list named only that clone)
 	"$BIN" snapshot-merge -n "$tid" >/dev/null || die "merging the cloned snapshot back"
 	umount "$mnt"; "$BIN" del -n "$tid"
 	# A template on read-only storage clones, before any lock file exists
