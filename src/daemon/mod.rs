@@ -105,12 +105,16 @@ pub fn start(mut config: DeviceConfig, mode: Mode, foreground: bool) -> Result<i
 fn run(stack: Stack, disk: Option<Disk>, config: DeviceConfig, mode: Mode, ready: Ready) -> Result<i32> {
     let mut ready = Some(ready);
     let device = Arc::new(Device { stack, counters: Counters::default() });
+    // ploop's lock outlives the handler: it is let go only once the
+    // images are closed clean (a waiting ploop would find them in use).
+    let lock_until_closed = disk.clone();
     let result = run_inner(&device, disk, config, mode, &mut ready);
     if let Err(e) = &result {
         report(&mut ready, Err(e.to_string()));
     }
     // Whatever happened, the images are left consistent and marked clean.
     let closed = block_on(device.stack.close(&SyncIo));
+    drop(lock_until_closed);
     let code = result?;
     closed?;
     Ok(code)
