@@ -1106,13 +1106,13 @@ fn a_new_disk_keeps_its_file_once_its_descriptor_is_in_place() {
     // A clone is listed in its template's list of clones first: a failure
     // there makes nothing.
     let io = Trap::new(Kind::SyncDir).after(Kind::Rename).io();
-    let e = block_on(ublk_ploop::disk::clone::clone_disk(&io, &disk.dir, &dir.join("c"), None)).expect_err("clone succeeded although listing it failed");
+    let e = block_on(ublk_ploop::disk::clone::clone_disk(&io, &disk.dir, &dir.join("c"), None, false)).expect_err("clone succeeded although listing it failed");
     assert_eq!(io.failed(), 1, "the trap did not fire ({e})");
     assert!(e.to_string().contains("listing the clone"), "{e}");
     assert!(files_in(&dir.join("c")).is_empty(), "after {e}: {:?}", files_in(&dir.join("c")));
     // Then its own descriptor: the second directory sync after a rename.
     let io = Trap::new(Kind::SyncDir).after(Kind::Rename).skip(1).io();
-    let e = block_on(ublk_ploop::disk::clone::clone_disk(&io, &disk.dir, &dir.join("c"), None)).expect_err("clone succeeded although its directory sync failed");
+    let e = block_on(ublk_ploop::disk::clone::clone_disk(&io, &disk.dir, &dir.join("c"), None, false)).expect_err("clone succeeded although its directory sync failed");
     assert_eq!(io.failed(), 1, "the trap did not fire ({e})");
     assert!(!e.to_string().contains("listing the clone"), "{e}");
     let clone = Disk::load(&dir.join("c")).unwrap_or_else(|err| panic!("after {e}: the clone's descriptor does not load: {err}"));

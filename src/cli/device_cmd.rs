@@ -186,21 +186,32 @@ fn our_devices() -> Vec<u32> {
         .collect()
 }
 
+/// The live device of ours that serves the disk directory `dir`
+/// read-write: its daemon holds ploop's lock on the disk for its life.
+pub(crate) fn served_by(dir: &std::path::Path) -> Option<DeviceRow> {
+    let me = std::fs::canonicalize(ublk_ploop::disk::Disk::descriptor_path(dir)).ok()?;
+    let me = me.parent().map(|p| p.to_path_buf()).unwrap_or(me);
+    // What the daemon serves is in the device's target data (its config).
+    let read_only = |id: u32| {
+        let data = crate::ublk_control::open_ctrl(id).and_then(|c| c.get_target_data_from_json());
+        data.and_then(|d| d.get("read_only").and_then(|v| v.as_bool())).unwrap_or(true)
+    };
+    list_devices().into_iter().find(|d| {
+        d.target == crate::ublk_control::TARGET_NAME
+            && d.state == "live"
+            && d.disk.as_ref().and_then(|v| v.as_str()).is_some_and(|s| std::fs::canonicalize(s).is_ok_and(|p| p == me))
+            && !read_only(d.id)
+    })
+}
+
 /// Refuse an offline change of a disk directory one of our devices serves
 /// read-write, naming the device: its daemon holds ploop's lock on the
 /// disk, which the change would otherwise wait for and then fail on.
 pub(crate) fn refuse_if_served(dir: &std::path::Path) -> Result<()> {
-    let Ok(me) = std::fs::canonicalize(ublk_ploop::disk::Disk::descriptor_path(dir)) else { return Ok(()) };
-    let me = me.parent().map(|p| p.to_path_buf()).unwrap_or(me);
-    let served = list_devices().into_iter().find(|d| {
-        d.target == crate::ublk_control::TARGET_NAME
-            && d.snapshot.as_ref().map_or(true, |s| s.is_null())
-            && d.disk.as_ref().and_then(|v| v.as_str()).is_some_and(|s| std::fs::canonicalize(s).is_ok_and(|p| p == me))
-    });
-    match served {
+    match served_by(dir) {
         Some(d) => Err(ublk_ploop::Error::new(
             libc::EBUSY,
-            format!("{}: {} serves this disk; run the command on the device (-n {})", me.display(), d.device, d.id),
+            format!("{}: {} serves this disk; run the command on the device (-n {})", dir.display(), d.device, d.id),
         )),
         None => Ok(()),
     }

@@ -245,7 +245,11 @@ fn clone(template: PathBuf, dir: PathBuf, uuid: Option<Guid>, format: Option<For
         None if cluster.is_some() => {
             return Err(Error::invalid("--cluster-size is for a QCOW2 template; a disk directory's clone takes its template's"))
         }
-        None => block_on(clones::clone_disk(&SyncIo, &template, &dir, uuid))?,
+        None => {
+            // A device of ours serving it holds ploop's lock for its life.
+            let served = super::device_cmd::served_by(&template).is_some();
+            block_on(clones::clone_disk(&SyncIo, &template, &dir, uuid, served))?
+        }
     };
     let ms = start.elapsed().as_secs_f64() * 1e3;
     if json {

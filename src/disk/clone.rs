@@ -33,13 +33,17 @@ pub struct Cloned {
 /// Make `dir` a thin clone of the disk `template` as it stands at snapshot
 /// `at` (its top when None). The template must not be served read-write
 /// (its top would go on changing under the clones) nor be half merged;
-/// its files are read, never written.
-pub async fn clone_disk<I: Io>(io: &I, template: &Path, dir: &Path, at: Option<Guid>) -> Result<Cloned> {
+/// its files are read, never written. `served`: a device of ours serves
+/// the template (the caller looked), which keeps its part of the lock.
+pub async fn clone_disk<I: Io>(io: &I, template: &Path, dir: &Path, at: Option<Guid>, served: bool) -> Result<Cloned> {
     // Under the template's lock, so that no tool changes its chain while we
-    // read it; let go once the clone's descriptor is stored. A device of
-    // ours serving the template keeps its part of the lock (only a
-    // snapshot of it can be cloned then: its top is marked in use).
-    let tmpl = Disk::load_beside_device_in(io, template).await?;
+    // read it; let go once the clone's descriptor is stored. Beside a
+    // device, only a snapshot of the template can be cloned (its top is
+    // marked in use).
+    let tmpl = match served {
+        true => Disk::load_beside_device_in(io, template).await?,
+        false => Disk::load_locked_in(io, template).await?,
+    };
     let at = at.unwrap_or(tmpl.desc.top);
     if tmpl.desc.shot(at).is_none() {
         return Err(Error::new(libc::ENOENT, format!("{}: no snapshot {at}", tmpl.xml_path().display())));

@@ -95,12 +95,13 @@ impl DiskLock {
         waiting(io, || Ok(DiskLock { range: None, lck: Self::try_lck(io, xml)? }))
     }
 
-    /// The lock for reading a disk's chain that a device of ours may serve
-    /// (a clone of one of its snapshots): the `.lck` flock keeps the
-    /// device's changes and our other commands out meanwhile (each takes
-    /// it), and the byte-range lock too unless an open file description,
-    /// which only a command of ours takes, holds it: the device. A process
-    /// holding it (ploop's tool) is waited for, as by `take`.
+    /// The lock for reading a disk's chain that a device of ours serves
+    /// (the caller checked: a clone of one of its snapshots): the `.lck`
+    /// flock keeps the device's changes and our other commands out
+    /// meanwhile (each takes it). The byte-range lock is tested and taken
+    /// as by `take` unless an open file description holds it (the device:
+    /// ploop's are POSIX locks of a process); then a read lock is taken
+    /// beside it, untested.
     pub fn take_beside_device<I: Io + ?Sized>(io: &I, xml: &Path, base: &Path) -> Result<DiskLock> {
         waiting(io, || Self::try_take(io, xml, base, true))
     }
@@ -159,7 +160,11 @@ impl DiskLock {
         if beside_device {
             let who = io.ofd_holder(base_file.fd(), RANGE).map_err(|e| Error::io(e, base.display()))?;
             if held_by_description(who) {
-                return Ok(DiskLock { range: None, lck });
+                // A read lock beside the device's (read locks do not
+                // conflict), so that ploop finds the disk locked even if
+                // the device stops meanwhile.
+                io.ofd_lock(base_file.fd(), RANGE, LockHow::Shared).map_err(|e| Error::io(e, base.display()))?;
+                return Ok(DiskLock { range: Some((base_file, base.to_path_buf())), lck });
             }
         }
         lock_range(io, &base_file, base, busy_error(xml))?;

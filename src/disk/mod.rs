@@ -117,7 +117,7 @@ impl Disk {
     }
 
     /// `load_locked_in` for reading the chain of a disk a device of ours
-    /// may serve (a clone of one of its snapshots): the device keeps its
+    /// serves (a clone of one of its snapshots): the device keeps its
     /// byte-range lock, and the `.lck` flock keeps its changes out.
     pub async fn load_beside_device_in<I: Io + ?Sized>(io: &I, path: &Path) -> Result<Disk> {
         Disk::load_locked_with(io, path, true).await
@@ -366,6 +366,11 @@ impl Disk {
     /// `store`, saying with an error whether the rename had happened.
     async fn store_renamed<I: Io>(&self, io: &I) -> std::result::Result<(), (Error, bool)> {
         self.desc.validate().map_err(|e| (e, false))?;
+        // The base this descriptor names is locked before anyone can read
+        // the descriptor (a failed store leaves it there until the next
+        // reload moves it back; a `replace` stores the old one back, which
+        // moves it at once).
+        self.follow_base(io);
         let xml = self.xml_path();
         let tmp = self.dir.join(format!("{DESCRIPTOR}.tmp"));
         let text = self.desc.to_xml();
@@ -387,16 +392,14 @@ impl Disk {
                 let _ = io.remove_file(&tmp);
             }
             (Error::io(e, format_args!("{}: storing the descriptor", xml.display())), renamed.get())
-        })?;
-        self.follow_base(io);
-        Ok(())
+        })
     }
 
-    /// Move a lock this disk carries onto the base delta the descriptor
-    /// names now (a merge may have made another file the base): a device
+    /// Move a lock this disk carries onto the base delta this descriptor
+    /// names (a merge may have made another file the base): a device
     /// holds it for its whole life, and ploop's tools look for it on the
-    /// base they read. A failure leaves it where it was, with a warning:
-    /// the descriptor is stored by then, and the next operation tries again.
+    /// base they read. A failure leaves it where it was, with a warning;
+    /// the next operation's reload tries again.
     fn follow_base<I: Io + ?Sized>(&self, io: &I) {
         let Some(held) = &self.held else { return };
         let Ok(base) = self.lock_path() else { return };

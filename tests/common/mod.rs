@@ -807,3 +807,12 @@ pub fn ploop_sees_locked(base: &Path) -> bool {
     assert_eq!(unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETLK, &mut fl) }, 0, "F_GETLK on {}", base.display());
     fl.l_type != libc::F_UNLCK as libc::c_short
 }
+
+/// `!ploop_sees_locked`, allowing a moment for a lock just let go to leave
+/// a child another test thread is spawning (see `retry_busy`).
+pub fn ploop_sees_free_soon(base: &Path) -> bool {
+    (0..100).any(|_| !ploop_sees_locked(base) || {
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        false
+    })
+}
