@@ -14,11 +14,11 @@ use crate::io::{Handle, Io, LockHow, OpenHow};
 
 const RANGE: (u64, u64) = (200, 5);
 
-/// Held while a disk is being changed; dropping it releases both locks.
+/// Held while a disk is being changed; dropping it releases what it holds.
 /// A device holds the byte-range lock for its whole life and takes the
 /// `.lck` flock for each change ([`DiskLock::changes`]); a clone of a
-/// snapshot of a served template holds the flock alone
-/// ([`DiskLock::take_beside_device`]).
+/// snapshot of a served template takes the flock and a read lock beside
+/// the device's ([`DiskLock::take_beside_device`]).
 pub struct DiskLock {
     range: Option<(Handle, std::path::PathBuf)>,
     lck: Option<Handle>,
