@@ -11,7 +11,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::{assert_clean, assert_reads, assert_reads_all, for_each_seed, AnyIo, Rng, TempDir};
+use common::{assert_clean_driving, assert_reads, assert_reads_all, for_each_seed, AnyIo, Rng, TempDir};
 use ublk_ploop::io::{block_on, AlignedBuf, Direct, SyncIo};
 use ublk_ploop::layers::PloopLayer;
 use ublk_ploop::{LayerSpec, Stack, StackOptions};
@@ -169,7 +169,7 @@ fn run_seed(seed: u64) {
     // Independent checks on the files: our checker and qemu-img's.
     for spec in specs(&paths, raw_base) {
         let path = &spec.path;
-        assert_clean(path, spec.format, &ctx);
+        assert_clean_driving(path, spec.format, &ctx, &|| io.settle());
     }
     // Reopen read-only and verify once more: what close wrote is what we read.
     let (ro, _) = io.run(Stack::open_layers(&io, &specs(&paths, raw_base), &StackOptions { read_only: true, direct: Direct::Auto, offline: false, link_log: None })).unwrap();

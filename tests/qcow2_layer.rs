@@ -14,7 +14,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{assert_clean, assert_reads, assert_reads_all, for_each_seed, ploop, retry_busy, AnyIo, Rng, TempDir};
+use common::{assert_clean, assert_clean_driving, assert_reads, assert_reads_all, for_each_seed, ploop, retry_busy, AnyIo, Rng, TempDir};
 use ublk_ploop::io::{block_on, AlignedBuf, Direct, SyncIo};
 use ublk_ploop::layers::{Format, PloopLayer};
 use ublk_ploop::{LayerSpec, Stack, StackOptions};
@@ -231,7 +231,7 @@ fn run_seed(seed: u64) {
     drop(stack);
     for (path, format) in &paths {
         if *format == Format::Ploop {
-            assert_clean(path, *format, &ctx);
+            assert_clean_driving(path, *format, &ctx, &|| io.settle());
         }
     }
     let ro = open(&io, &paths, true);

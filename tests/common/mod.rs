@@ -621,6 +621,11 @@ impl AnyIo {
         }
     }
 
+    /// Enter the ring once to run its deferred work (nothing on `sync`).
+    pub fn settle(&self) {
+        self.run(async {})
+    }
+
     fn fixed(&self, staging: &ublk_ploop::io::AlignedBuf, len: usize) -> ublk_ploop::io::FixedBuf {
         assert!(len <= FIXED_STAGING, "request of {len} bytes is larger than the fixed buffer");
         ublk_ploop::io::FixedBuf { index: 0, base: staging.as_ptr() as u64, off: 0, len }
@@ -727,8 +732,15 @@ pub fn assert_undamaged(img: &Path, repair: bool, ctx: &str) -> ublk_ploop::laye
 /// As `assert_ploop_clean`, for a layer of either format (qemu-img checks
 /// only ploop ones).
 pub fn assert_clean(img: &Path, format: ublk_ploop::layers::Format, ctx: &str) {
-    let report = retry_busy(|| block_on(ublk_ploop::layers::ploop::check::check(&SyncIo, img, format, false)))
-        .unwrap_or_else(|e| panic!("{ctx}: check {}: {e}", img.display()));
+    assert_clean_driving(img, format, ctx, &|| {})
+}
+
+/// As `assert_clean`, running `drive` between tries while the image is
+/// busy: a ring's deferred work may still hold the file of an image just
+/// closed, and its lock. A lock that stays fails with who holds it.
+pub fn assert_clean_driving(img: &Path, format: ublk_ploop::layers::Format, ctx: &str, drive: &dyn Fn()) {
+    let check = || block_on(ublk_ploop::layers::ploop::check::check(&SyncIo, img, format, false)).inspect_err(|_| drive());
+    let report = retry_busy(check).unwrap_or_else(|e| panic!("{ctx}: check {}: {e}; {}", img.display(), lock_holders(img)));
     assert_eq!(report.exit_code(), 0, "{ctx}: check of {} not clean: {report:?}", img.display());
     if format == ublk_ploop::layers::Format::Ploop && have_qemu() {
         qemu_check_clean(img);
@@ -815,4 +827,18 @@ pub fn ploop_sees_free_soon(base: &Path) -> bool {
         std::thread::sleep(std::time::Duration::from_millis(30));
         false
     })
+}
+
+/// Who holds locks on `path`, for a failure message: the lines of
+/// /proc/locks for its inode, and this process's descriptors of it.
+pub fn lock_holders(path: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(ino) = fs::metadata(path).map(|m| m.ino()) else { return "(gone)".into() };
+    let locks = fs::read_to_string("/proc/locks").unwrap_or_default();
+    let held: Vec<&str> = locks.lines().filter(|l| l.split_whitespace().nth(5).is_some_and(|f| f.ends_with(&format!(":{ino}")))).collect();
+    let real = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let own: Vec<String> = fs::read_dir("/proc/self/fd")
+        .map(|d| d.flatten().filter(|e| fs::read_link(e.path()).is_ok_and(|t| t == real)).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    format!("locks on inode {ino}: {held:?}; this process's descriptors of it: {own:?}")
 }
